@@ -1,0 +1,13 @@
+"""otofx: Only-Train-Once structured pruning as torch.fx passes.
+
+``otofx.OTO(model, example_inputs)`` finds the zero-invariant groups of any traceable model;
+``oto.compress()`` returns a smaller GraphModule equal to the model with its zero rows removed.
+"""
+from otofx import passes  # noqa: F401  (registers the operator rules)
+from otofx.api import OTO, eval_mode, outputs_close
+from otofx.errors import CaptureError, InputError, OTOError, VerificationError
+from otofx.passes.zigs import ZIG, ZigSet
+
+__version__ = "0.1.0"
+__all__ = ["OTO", "ZIG", "ZigSet", "OTOError", "CaptureError", "InputError", "VerificationError",
+           "eval_mode", "outputs_close"]

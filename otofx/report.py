@@ -1,0 +1,42 @@
+"""Human-readable tables for ``OTO.report()`` and the command line (tabulate lives only here)."""
+from __future__ import annotations
+
+import math
+
+from tabulate import tabulate
+
+
+def _params_per_row(oto, zig) -> int:
+    total = 0
+    params = dict(oto.model.named_parameters())
+    for name, dim, index in zig.params:
+        shape = params[name].shape
+        other = math.prod(s for d, s in enumerate(shape) if d != dim)
+        total += index.shape[1] * other
+    return total
+
+
+def _short(names, limit: int = 3) -> str:
+    names = list(names)
+    if len(names) <= limit:
+        return ", ".join(names)
+    return ", ".join(names[:limit]) + f" (+{len(names) - limit})"
+
+
+def report(oto, max_groups: int | None = None) -> str:
+    rows = []
+    for i, z in enumerate(oto.groups):
+        if max_groups is not None and i >= max_groups:
+            break
+        producers = [n.rpartition(".")[0] for n, d, _ in z.params if d == 0 and n.endswith("weight")]
+        rows.append([i, _short(producers or z.layers), z.rows, _params_per_row(oto, z), len(z.params)])
+    total_rows = sum(z.rows for z in oto.groups)
+    out = [f"{type(oto.model).__name__}: {len(oto.groups)} groups, {total_rows} prunable rows "
+           f"(front-end: {oto.frontend})"]
+    out.append(tabulate(rows, headers=["group", "producers", "rows", "params/row", "slices"], tablefmt="github"))
+    if oto.pinned:
+        prow = [[p.node, p.op, p.reason, p.channels] for p in oto.pinned]
+        out.append("")
+        out.append("pinned (channels that cannot be removed, and why):")
+        out.append(tabulate(prow, headers=["node", "op", "reason", "channels"], tablefmt="github"))
+    return "\n".join(out)

@@ -1,0 +1,188 @@
+"""Channel labels: the abstract values that the group analysis propagates through a graph.
+
+Every tensor value in the graph gets a :class:`Lab`: for each axis, an array of channel ids (one per
+index along that axis) and a mask telling which indices are certainly zero when their row is zero.
+Ids live in one :class:`~otofx.passes.unionfind.UnionFind`; operator rules merge them, and the
+classes that remain are the rows of the zero-invariant groups.
+
+Internals:
+    * An axis whose ids are all ``PIN`` (id 0) cannot shrink: model inputs, spatial axes, anything
+      an unknown op touched. Merging a real channel with a ``PIN`` index pins that channel.
+    * Parameters and buffers get fresh ids on every axis of size > 1 the first time a rule reads
+      them, with an :class:`Owner` record per axis; a parameter read twice (tied weights, a layer
+      called twice) reuses its ids, so every use is merged automatically.
+    * Python values stay python values, except sizes read off a labelled axis, which become
+      :class:`SymSize` so that a later unknown use of the number can pin the axis it measures.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.fx as fx
+
+from .unionfind import PIN, UnionFind
+
+
+@dataclass(frozen=True)
+class Lab:
+    """Per-axis channel ids and zero masks of one tensor value."""
+
+    ids: tuple  # tuple[np.ndarray[int64], ...], one per axis
+    zero: tuple  # tuple[np.ndarray[bool], ...]
+
+    @property
+    def ndim(self) -> int:
+        return len(self.ids)
+
+    @property
+    def shape(self) -> tuple:
+        return tuple(len(a) for a in self.ids)
+
+    def axis(self, d: int) -> tuple:
+        return self.ids[d], self.zero[d]
+
+    def with_axis(self, d: int, ids: np.ndarray, zero: np.ndarray) -> "Lab":
+        i = list(self.ids)
+        z = list(self.zero)
+        i[d], z[d] = ids, zero
+        return Lab(tuple(i), tuple(z))
+
+
+@dataclass(frozen=True)
+class SymSize:
+    """An int read off the shape of a value; ``ids`` are the ids of the axes it measures."""
+
+    value: Any
+    ids: tuple = ()
+
+
+@dataclass(frozen=True)
+class Owner:
+    """Axis ``dim`` of parameter/buffer ``name`` has one channel id per index: ``ids``."""
+
+    name: str
+    dim: int
+    ids: np.ndarray
+    is_param: bool
+
+
+@dataclass(frozen=True)
+class Pin:
+    node: str
+    op: str
+    reason: str
+    channels: int  # how many channel classes this pin took out of play
+
+
+def pinned_axis(n: int) -> np.ndarray:
+    return np.zeros(n, dtype=np.int64)
+
+
+def false_mask(n: int) -> np.ndarray:
+    return np.zeros(n, dtype=bool)
+
+
+@dataclass
+class Ctx:
+    """Mutable state of one analysis run (internal to find_zigs)."""
+
+    root: torch.nn.Module
+    uf: UnionFind = field(default_factory=UnionFind)
+    owners: list = field(default_factory=list)
+    pins: list = field(default_factory=list)
+    tensor_labs: dict = field(default_factory=dict)  # qualified name -> Lab
+    node: fx.Node | None = None
+    op: str = ""
+    alias: dict = field(default_factory=dict)  # any name of a tensor -> its first name
+
+    def __post_init__(self):
+        first: dict[int, str] = {}
+        named = list(self.root.named_parameters(remove_duplicate=False))
+        named += list(self.root.named_buffers(remove_duplicate=False))
+        for name, t in named:
+            self.alias[name] = first.setdefault(id(t), name)
+
+    # -- constructors -------------------------------------------------------------------------
+    def pinned_lab(self, shape) -> Lab:
+        shape = tuple(int(s) for s in shape)
+        return Lab(tuple(pinned_axis(n) for n in shape), tuple(false_mask(n) for n in shape))
+
+    def fresh(self, n: int) -> np.ndarray:
+        return self.uf.new(n)
+
+    def tensor_lab(self, name: str) -> Lab:
+        """Lab of parameter/buffer ``name``; fresh owned ids on each axis of size > 1."""
+        name = self.alias.get(name, name)
+        lab = self.tensor_labs.get(name)
+        if lab is not None:
+            return lab
+        t = _get_tensor(self.root, name)
+        is_param = isinstance(t, torch.nn.Parameter)
+        ids, zeros = [], []
+        for d, n in enumerate(t.shape):
+            if n > 1:
+                a = self.fresh(n)
+                self.owners.append(Owner(name, d, a, is_param))
+                zeros.append(np.ones(n, dtype=bool))
+            else:
+                a = pinned_axis(n)
+                zeros.append(false_mask(n))
+            ids.append(a)
+        lab = Lab(tuple(ids), tuple(zeros))
+        self.tensor_labs[name] = lab
+        return lab
+
+    # -- merging ------------------------------------------------------------------------------
+    def tie(self, a: np.ndarray, b: np.ndarray) -> None:
+        self.uf.union(a, b)
+
+    def pin(self, ids, reason: str) -> None:
+        """Pin ``ids`` (an array, a Lab, a SymSize or a container of them) and record why."""
+        arrays = [a for a in _id_arrays(ids) if a.size]
+        if not arrays:
+            return
+        flat = np.concatenate(arrays)
+        roots = self.uf.find(flat)
+        live = np.unique(roots[roots != PIN])
+        if live.size == 0:
+            return
+        self.uf.pin(live)
+        name = self.node.name if self.node is not None else "<graph>"
+        self.pins.append(Pin(name, self.op, reason, int(live.size)))
+
+
+def _id_arrays(x):
+    if isinstance(x, np.ndarray):
+        yield x
+    elif isinstance(x, Lab):
+        yield from x.ids
+    elif isinstance(x, SymSize):
+        yield from x.ids
+    elif isinstance(x, (list, tuple)):
+        for v in x:
+            yield from _id_arrays(v)
+    elif isinstance(x, dict):
+        for v in x.values():
+            yield from _id_arrays(v)
+
+
+def labs_in(x):
+    """Every Lab inside a (nested) argument structure."""
+    if isinstance(x, Lab):
+        yield x
+    elif isinstance(x, (list, tuple)):
+        for v in x:
+            yield from labs_in(v)
+    elif isinstance(x, dict):
+        for v in x.values():
+            yield from labs_in(v)
+
+
+def _get_tensor(root: torch.nn.Module, name: str) -> torch.Tensor:
+    obj = root
+    for part in name.split("."):
+        obj = getattr(obj, part)
+    return obj

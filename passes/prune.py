@@ -1,0 +1,195 @@
+"""The rewrite: ``prune(gm, plan) -> GraphModule`` without the removed rows.
+
+``plan_zero_rows(zigset, module)`` finds the rows whose every listed slice is exactly zero;
+``prune`` deep-copies the graph module, slices every parameter and buffer along the axes whose
+channels were removed, lets each op's rule fix module attributes and literal arguments (conv
+groups, view sizes, split sizes), and recompiles.
+
+Internals:
+    * Keep masks come from the labels of ``find_zigs``: index i of an axis is kept unless its
+      class is removed. Every value's new shape is therefore known before the rewrite runs.
+    * # NB: a GraphModule shares submodules with the module it was traced from; the deep copy is
+      taken first, so the user's model is never touched.
+    * Tied tensors (one Parameter under several names) are sliced once and re-assigned under
+      every name, so they stay tied.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.fx as fx
+
+from .channels import Lab
+from .registry import RULES, arg_slot, bind, form_of, set_arg
+from .zigs import ZigSet
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Which rows to remove: ``rows[z]`` are the removed row indices of zig z."""
+
+    zigset: ZigSet
+    rows: tuple  # tuple[torch.LongTensor]
+    removed: np.ndarray  # root id -> removed
+
+    @property
+    def count(self) -> int:
+        return int(sum(len(r) for r in self.rows))
+
+
+def _tensor(root: torch.nn.Module, name: str) -> torch.Tensor:
+    obj = root
+    for part in name.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def row_norms(zigset: ZigSet, module: torch.nn.Module) -> list:
+    """Squared L2 norm of every row of every zig (float64 tensors)."""
+    out = []
+    with torch.no_grad():
+        for z in zigset.zigs:
+            acc = torch.zeros(z.rows, dtype=torch.float64)
+            for name, dim, index in z.params:
+                p = _tensor(module, name).detach()
+                sl = p.movedim(dim, 0)[index.reshape(-1)].to(torch.float64)
+                acc += sl.reshape(z.rows, -1).pow(2).sum(1)
+            out.append(acc)
+    return out
+
+
+def plan_zero_rows(zigset: ZigSet, module: torch.nn.Module) -> Plan:
+    """A plan removing every row whose listed parameter slices are all exactly zero."""
+    rows = tuple(torch.nonzero(n == 0).reshape(-1) for n in row_norms(zigset, module))
+    return plan_rows(zigset, rows)
+
+
+def plan_rows(zigset: ZigSet, rows) -> Plan:
+    removed = np.zeros(len(zigset.zig_of_root), dtype=bool)
+    roots = np.nonzero(zigset.zig_of_root >= 0)[0]
+    z = zigset.zig_of_root[roots]
+    r = zigset.row_of_root[roots]
+    sel = np.zeros(len(roots), dtype=bool)
+    for zi, rr in enumerate(rows):
+        if len(rr):
+            mask = z == zi
+            sel[mask] = np.isin(r[mask], np.asarray(rr))
+    removed[roots[sel]] = True
+    return Plan(zigset, tuple(torch.as_tensor(x, dtype=torch.long) for x in rows), removed)
+
+
+class Site:
+    """What a rule's ``fix`` sees of one node during the rewrite."""
+
+    def __init__(self, plan: Plan, node: fx.Node, module, form):
+        self.plan, self.node, self.module, self.form = plan, node, module, form
+        labels = plan.zigset.labels
+        out = labels.get(node.name)
+        self.out_old = self.old_of(out)
+        self.out_new = self.new_of(out)
+        self.out_old_list = [self.old_of(o) for o in out] if isinstance(out, (tuple, list)) else []
+
+    # shapes -----------------------------------------------------------------------------------
+    def _lab(self, v):
+        return self.plan.zigset.labels.get(v.name) if isinstance(v, fx.Node) else None
+
+    @staticmethod
+    def old_of(lab):
+        return lab.shape if isinstance(lab, Lab) else None
+
+    def new_of(self, lab):
+        if not isinstance(lab, Lab):
+            return None
+        return tuple(int(self._keep_ids(a).sum()) for a in lab.ids)
+
+    def _keep_ids(self, ids):
+        return ~self.plan.removed[self.plan.zigset.uf.find(ids)]
+
+    def old(self, v):
+        return self.old_of(self._lab(v))
+
+    def new(self, v):
+        return self.new_of(self._lab(v))
+
+    def keep(self, v, axis: int) -> np.ndarray:
+        return self._keep_ids(self._lab(v).ids[axis])
+
+    # edits ------------------------------------------------------------------------------------
+    def set(self, name: str, value) -> None:
+        set_arg(self.node, arg_slot(self.form, self.node, name), value)
+
+    def set_varargs(self, name: str, values) -> None:
+        """Replace a ``*name`` varargs tail (method forms) or the ``name`` argument."""
+        spec = self.form.spec
+        if f"*{name}" in spec:
+            i = spec.index(f"*{name}")
+            self.node.args = tuple(self.node.args[:i]) + tuple(values)
+        else:
+            self.set(name, values[0] if len(values) == 1 else tuple(values))
+
+    def replace_call(self, target, args, kwargs) -> None:
+        self.node.op = "call_function"
+        self.node.target = target
+        self.node.args = tuple(args)
+        self.node.kwargs = dict(kwargs)
+
+
+def _slice_tensors(new: fx.GraphModule, plan: Plan) -> None:
+    uf = plan.zigset.uf
+    per_tensor: dict[str, list] = {}
+    for o in plan.zigset.owners:
+        keep = ~plan.removed[uf.find(o.ids)]
+        if not keep.all():
+            per_tensor.setdefault(o.name, []).append((o.dim, torch.from_numpy(np.nonzero(keep)[0])))
+    if not per_tensor:
+        return
+    aliases: dict[int, list] = {}
+    for name, t in list(new.named_parameters(remove_duplicate=False)) + list(new.named_buffers(remove_duplicate=False)):
+        aliases.setdefault(id(t), []).append(name)
+    with torch.no_grad():
+        for name, cuts in per_tensor.items():
+            old = _tensor(new, name)
+            data = old.detach()
+            for dim, idx in cuts:
+                data = data.index_select(dim, idx)
+            data = data.clone()
+            if isinstance(old, torch.nn.Parameter):
+                repl = torch.nn.Parameter(data, requires_grad=old.requires_grad)
+            else:
+                repl = data
+            for alias in aliases.get(id(old), [name]):
+                mod_name, _, attr = alias.rpartition(".")
+                owner = new.get_submodule(mod_name) if mod_name else new
+                if isinstance(repl, torch.nn.Parameter):
+                    owner._parameters[attr] = repl
+                elif attr in owner._buffers:
+                    owner._buffers[attr] = repl
+                else:
+                    setattr(owner, attr, repl)
+
+
+def prune(gm: fx.GraphModule, plan: Plan) -> fx.GraphModule:
+    """A new GraphModule with the plan's rows removed (``gm`` is not modified)."""
+    new = copy.deepcopy(gm)
+    _slice_tensors(new, plan)
+    for node in list(new.graph.nodes):
+        if node.op not in ("call_module", "call_function", "call_method"):
+            continue
+        form = form_of(node, new)
+        if form is None:
+            continue
+        fix = RULES[form.rule].fix
+        if fix is None:
+            continue
+        module = new.get_submodule(node.target) if node.op == "call_module" else None
+        site = Site(plan, node, module, form)
+        if site.out_old is None and not site.out_old_list:
+            continue
+        kw = bind(form, node, node.args, node.kwargs, module)
+        fix(site, **kw)
+    new.graph.lint()
+    new.recompile()
+    return new

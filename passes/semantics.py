@@ -1,0 +1,1131 @@
+"""Operator semantics: one rule per op family, each stating its channel algebra in one line.
+
+A rule receives the channel labels (:class:`~otofx.passes.channels.Lab`) of its tensor arguments
+and returns its output's label, merging ids that must be removed together and pinning ids that
+cannot be removed. See ``../shared/OTO.md`` section 1 for what a row is and when it is exact.
+
+Internals:
+    * A parameter slice that reads channel c is in c's row, so a consumer (conv, linear, matmul
+      with a weight) needs nothing from its input: the row's zero weights cancel whatever flows in.
+      Only contractions *without* a weight slice (``sum`` over channels, ``matmul`` of two
+      activations) need the zero mask; indices where it is false are pinned.
+    * Mixing along an axis (softmax, layer norm, mean, max) pins that axis; an unknown op pins
+      everything it touches.
+    * Reshapes merge axes by repeating ids (a channel becomes a block of features) and split an
+      axis by keeping one factor as the row axis and tying the others together, so the kept set
+      always stays a grid that the rewritten shape constants can express.
+"""
+from __future__ import annotations
+
+import math
+import operator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .channels import Ctx, Lab, SymSize, false_mask, labs_in, pinned_axis
+from .registry import functions, methods, modules, rule, set_arg, arg_slot
+
+aten = torch.ops.aten
+
+
+@dataclass(frozen=True)
+class ParamRef:
+    """A module's parameter or buffer by qualified name (module forms bind these)."""
+
+    name: str
+
+
+def _ov(packet, *names):
+    """ATen overloads that exist in this torch build."""
+    out = []
+    for n in names:
+        try:
+            out.append(getattr(packet, n))
+        except AttributeError:
+            pass
+    return out
+
+
+def _ax(d: int, ndim: int) -> int:
+    return d + ndim if d < 0 else d
+
+
+def _out_shape(meta) -> tuple:
+    return tuple(int(s) for s in meta.shape)
+
+
+def _pass(x: Lab, shape, keep_axes) -> Lab:
+    """Label of ``shape`` whose axes in ``keep_axes`` (out axis -> in axis) come from x; rest pinned."""
+    ids, zero = [], []
+    for d, n in enumerate(shape):
+        src = keep_axes.get(d)
+        if src is not None and x.shape[src] == n:
+            ids.append(x.ids[src])
+            zero.append(x.zero[src])
+        else:
+            ids.append(pinned_axis(n))
+            zero.append(false_mask(n))
+    return Lab(tuple(ids), tuple(zero))
+
+
+def _tie_param(ctx: Ctx, p: Lab | None, axis_ids: np.ndarray, dim: int = 0) -> None:
+    """Tie a per-channel parameter/buffer's ``dim`` to ``axis_ids`` (a size-1 parameter broadcasts)."""
+    if p is None:
+        return
+    if p.shape[dim] == len(axis_ids):
+        ctx.tie(p.ids[dim], axis_ids)
+    for d in range(p.ndim):
+        if d != dim:
+            ctx.uf.pin(p.ids[d])
+
+
+def _pin_param(ctx: Ctx, p: Lab | None) -> None:
+    if p is not None:
+        for a in p.ids:
+            ctx.uf.pin(a)
+
+
+# ---------------------------------------------------------------------------------------------
+# Producers and consumers
+# ---------------------------------------------------------------------------------------------
+
+
+def _conv_fix(site, input, weight, groups=1, transposed=False, **_):
+    old_c, new_c = site.old(input)[1], site.new(input)[1]
+    g = groups if groups is not None else 1
+    new_g = g if g == 1 else g * new_c // old_c
+    new_out = site.out_new[1]
+    m = site.module
+    if m is not None:
+        m.in_channels, m.out_channels, m.groups = new_c, new_out, new_g
+    elif new_g != g:
+        site.set("groups", new_g)
+
+
+@rule("conv", fix=_conv_fix)
+def conv(ctx: Ctx, input, weight, bias=None, groups=1, transposed=False, out=None, **_):
+    """out channel o = sum over its conv group's input channels: weight dim 0 (dim 1 if transposed) owns out, the other dim reads in; groups > 1 ties each conv group's in and out channels into one row."""
+    x, w, b = input, weight, bias
+    g = int(groups or 1)
+    nsp = w.ndim - 2
+    cax = x.ndim - nsp - 1
+    in_ids = x.ids[cax]
+    o_dim, i_dim = (1, 0) if transposed else (0, 1)
+    for d in range(2, w.ndim):
+        ctx.uf.pin(w.ids[d])
+    shape = _out_shape(out)
+    if g == 1:
+        ctx.tie(w.ids[i_dim], in_ids)
+        out_ids = w.ids[o_dim]
+    else:
+        cin = len(in_ids)
+        in_g = in_ids.reshape(g, cin // g)
+        ctx.tie(in_g, in_g[:, :1])
+        if transposed:
+            ctx.tie(w.ids[0], in_ids)
+            cout = shape[cax]
+            out_ids = ctx.fresh(cout)
+        else:
+            out_ids = w.ids[0]
+            cout = len(out_ids)
+        ctx.uf.pin(w.ids[o_dim if transposed else 1])
+        ctx.tie(out_ids.reshape(g, cout // g), in_g[:, :1])
+    _tie_param(ctx, b, out_ids)
+    keep = {d: d for d in range(cax)}
+    lab = _pass(x, shape, keep)
+    return lab.with_axis(cax, out_ids, np.ones(len(out_ids), dtype=bool))
+
+
+def _conv_module(node, m, args, kwargs):
+    t = node.target
+    transposed = isinstance(m, nn.modules.conv._ConvTransposeNd)
+    return dict(
+        input=args[0] if args else kwargs["input"],
+        weight=ParamRef(f"{t}.weight"),
+        bias=ParamRef(f"{t}.bias") if m.bias is not None else None,
+        groups=m.groups,
+        transposed=transposed,
+    )
+
+
+modules("conv", [nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d], _conv_module)
+_CONV_SPEC = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+functions("conv", [F.conv1d, F.conv2d, F.conv3d] + _ov(aten.conv1d, "default") + _ov(aten.conv2d, "default")
+          + _ov(aten.conv3d, "default"), _CONV_SPEC, (("groups", 1),), transposed=False)
+_CONVT_SPEC = ("input", "weight", "bias", "stride", "padding", "output_padding", "groups", "dilation")
+functions("conv", [F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d]
+          + _ov(aten.conv_transpose1d, "default") + _ov(aten.conv_transpose2d, "input")
+          + _ov(aten.conv_transpose3d, "input"), _CONVT_SPEC, (("groups", 1),), transposed=True)
+functions("conv", _ov(aten.convolution, "default"),
+          ("input", "weight", "bias", "stride", "padding", "dilation", "transposed", "output_padding", "groups"))
+
+
+def _linear_fix(site, **_):
+    m = site.module
+    if m is not None:
+        m.out_features, m.in_features = m.weight.shape
+
+
+@rule("linear", fix=_linear_fix)
+def linear(ctx: Ctx, input, weight, bias=None, out=None, **_):
+    """y[..., o] = sum_i W[o, i] x[..., i] + b[o]: weight dim 1 reads the last axis, dim 0 and bias own the new last axis."""
+    x, w = input, weight
+    ctx.tie(w.ids[1], x.ids[-1])
+    _tie_param(ctx, bias, w.ids[0])
+    shape = _out_shape(out)
+    lab = _pass(x, shape, {d: d for d in range(x.ndim - 1)})
+    return lab.with_axis(len(shape) - 1, w.ids[0], np.ones(len(w.ids[0]), dtype=bool))
+
+
+def _linear_module(node, m, args, kwargs):
+    t = node.target
+    return dict(input=args[0] if args else kwargs["input"], weight=ParamRef(f"{t}.weight"),
+                bias=ParamRef(f"{t}.bias") if m.bias is not None else None)
+
+
+modules("linear", [nn.Linear], _linear_module)
+functions("linear", [F.linear] + _ov(aten.linear, "default"), ("input", "weight", "bias"))
+
+
+@rule("matmul")
+def matmul(ctx: Ctx, input, other, out=None, **_):
+    """c[..., m, n] = sum_k a[..., m, k] b[..., k, n]: k indices of a and b are one channel and must be zero on one side; m comes from a, n from b, batch axes broadcast."""
+    a, b = input, other
+    shape = _out_shape(out)
+    if not isinstance(a, Lab) or not isinstance(b, Lab) or a.ndim < 2 or b.ndim < 2:
+        for v in (a, b):
+            if isinstance(v, Lab):
+                ctx.pin(v, "matmul with a 1-D operand")
+        return ctx.pinned_lab(shape)
+    ka, kb = a.ids[-1], b.ids[-2]
+    ctx.tie(ka, kb)
+    zk = a.zero[-1] | b.zero[-2]
+    if not zk.all():
+        ctx.pin(ka[~zk], "contraction over a channel that is not zero when its row is")
+    ids, zero = [], []
+    nb = len(shape) - 2
+    for d in range(nb):
+        cands = []
+        for v in (a, b):
+            vd = d - (nb - (v.ndim - 2))
+            if vd >= 0 and v.shape[vd] == shape[d]:
+                cands.append((v.ids[vd], v.zero[vd]))
+        if cands:
+            for c in cands[1:]:
+                ctx.tie(cands[0][0], c[0])
+            ids.append(cands[0][0])
+            zero.append(np.logical_or.reduce([c[1] for c in cands]))
+        else:
+            ids.append(pinned_axis(shape[d]))
+            zero.append(false_mask(shape[d]))
+    ids += [a.ids[-2], b.ids[-1]]
+    zero += [a.zero[-2], b.zero[-1]]
+    return Lab(tuple(ids), tuple(zero))
+
+
+functions("matmul", [torch.matmul, operator.matmul, torch.bmm, torch.mm] + _ov(aten.matmul, "default")
+          + _ov(aten.bmm, "default") + _ov(aten.mm, "default"), ("input", "other"))
+methods("matmul", ["matmul", "bmm", "mm", "__matmul__"], ("input", "other"))
+
+
+def _embedding_fix(site, **_):
+    m = site.module
+    if m is not None:
+        m.embedding_dim = m.weight.shape[1]
+
+
+@rule("embedding", fix=_embedding_fix)
+def embedding(ctx: Ctx, input, weight, out=None, **_):
+    """y[..., j] = W[idx, j]: weight dim 1 owns the new last axis, dim 0 (the vocabulary) is pinned."""
+    ctx.uf.pin(weight.ids[0])
+    shape = _out_shape(out)
+    lab = _pass(input, shape, {d: d for d in range(input.ndim)})
+    return lab.with_axis(len(shape) - 1, weight.ids[1], np.ones(len(weight.ids[1]), dtype=bool))
+
+
+modules("embedding", [nn.Embedding],
+        lambda node, m, args, kwargs: dict(input=args[0], weight=ParamRef(f"{node.target}.weight")))
+functions("embedding", [F.embedding], ("input", "weight"))
+functions("embedding", _ov(aten.embedding, "default"), ("weight", "input"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Normalisation
+# ---------------------------------------------------------------------------------------------
+
+
+def _norm_fix(site, input=None, **_):
+    m = site.module
+    if m is not None:
+        m.num_features = site.new(input)[1]
+
+
+@rule("batch_norm", fix=_norm_fix)
+def batch_norm(ctx: Ctx, input, weight=None, bias=None, running_mean=None, running_var=None, out=None, **_):
+    """per channel (axis 1): weight, bias and running statistics are owned by the input channel; out is zero with its row when affine."""
+    x = input
+    c = x.ids[1]
+    for p in (weight, bias, running_mean, running_var):
+        _tie_param(ctx, p, c)
+    z = np.ones(len(c), dtype=bool) if weight is not None else false_mask(len(c))
+    return x.with_axis(1, c, z)
+
+
+def _bn_module(node, m, args, kwargs):
+    t = node.target
+    ref = lambda n: ParamRef(f"{t}.{n}") if getattr(m, n, None) is not None else None  # noqa: E731
+    return dict(input=args[0], weight=ref("weight"), bias=ref("bias"),
+                running_mean=ref("running_mean"), running_var=ref("running_var"))
+
+
+modules("batch_norm", [nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm,
+                       nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d], _bn_module)
+functions("batch_norm", [F.batch_norm], ("input", "running_mean", "running_var", "weight", "bias"))
+functions("batch_norm", [F.instance_norm], ("input", "running_mean", "running_var", "weight", "bias"))
+functions("batch_norm", _ov(aten.batch_norm, "default"),
+          ("input", "weight", "bias", "running_mean", "running_var"))
+functions("batch_norm", _ov(aten._native_batch_norm_legit_no_training, "default"),
+          ("input", "weight", "bias", "running_mean", "running_var"))
+
+
+def _group_norm_fix(site, input, num_groups, **_):
+    old_c, new_c = site.old(input)[1], site.new(input)[1]
+    new_g = num_groups * new_c // old_c
+    m = site.module
+    if m is not None:
+        m.num_channels, m.num_groups = new_c, new_g
+    elif new_g != num_groups:
+        site.set("num_groups", new_g)
+
+
+@rule("group_norm", fix=_group_norm_fix)
+def group_norm(ctx: Ctx, input, num_groups, weight=None, bias=None, out=None, **_):
+    """channels of one norm group are normalised together, so each group of C/G channels is one row; affine parameters are owned per channel."""
+    x = input
+    c = x.ids[1]
+    grouped = c.reshape(int(num_groups), -1)
+    ctx.tie(grouped, grouped[:, :1])
+    _tie_param(ctx, weight, c)
+    _tie_param(ctx, bias, c)
+    z = np.ones(len(c), dtype=bool) if weight is not None else x.zero[1]
+    return x.with_axis(1, c, z)
+
+
+modules("group_norm", [nn.GroupNorm], lambda node, m, args, kwargs: dict(
+    input=args[0], num_groups=m.num_groups,
+    weight=ParamRef(f"{node.target}.weight") if m.weight is not None else None,
+    bias=ParamRef(f"{node.target}.bias") if m.bias is not None else None))
+functions("group_norm", [F.group_norm] + _ov(aten.group_norm, "default"), ("input", "num_groups", "weight", "bias"))
+
+
+@rule("layer_norm")
+def layer_norm(ctx: Ctx, input, normalized_shape, weight=None, bias=None, out=None, **_):
+    """normalises over the trailing len(normalized_shape) axes: those axes are pinned (the divisor counts every channel)."""
+    x = input
+    k = len(normalized_shape) if isinstance(normalized_shape, (tuple, list, torch.Size)) else 1
+    for d in range(x.ndim - k, x.ndim):
+        ctx.pin(x.ids[d], "layer_norm normalises over this axis")
+    _pin_param(ctx, weight)
+    _pin_param(ctx, bias)
+    shape = _out_shape(out)
+    return _pass(x, shape, {d: d for d in range(x.ndim - k)})
+
+
+def _ln_module(node, m, args, kwargs):
+    t = node.target
+    return dict(input=args[0], normalized_shape=tuple(m.normalized_shape),
+                weight=ParamRef(f"{t}.weight") if getattr(m, "weight", None) is not None else None,
+                bias=ParamRef(f"{t}.bias") if getattr(m, "bias", None) is not None else None)
+
+
+modules("layer_norm", [nn.LayerNorm, getattr(nn, "RMSNorm", None)], _ln_module)
+functions("layer_norm", [F.layer_norm] + _ov(aten.layer_norm, "default"), ("input", "normalized_shape", "weight", "bias"))
+functions("layer_norm", [getattr(F, "rms_norm", None)] + _ov(getattr(aten, "rms_norm", aten.layer_norm), "default"),
+          ("input", "normalized_shape", "weight"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Elementwise
+# ---------------------------------------------------------------------------------------------
+
+
+@rule("unary")
+def unary(ctx: Ctx, input, zero_in=True, out=None, **_):
+    """y = f(x) elementwise: every axis keeps its ids; zero stays zero when f(0) = 0."""
+    x = input
+    if not isinstance(x, Lab):
+        return x
+    if zero_in:
+        return x
+    return Lab(x.ids, tuple(false_mask(len(a)) for a in x.ids))
+
+
+# f(0) == 0
+_ZERO_FNS = ["relu", "relu6", "gelu", "silu", "hardswish", "hardtanh", "tanh", "leaky_relu", "elu", "selu",
+             "celu", "mish", "softsign", "tanhshrink", "softshrink", "hardshrink", "abs", "neg", "rrelu",
+             "dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout", "feature_alpha_dropout",
+             "contiguous", "clone", "detach", "float", "half", "double", "bfloat16", "to", "type", "sqrt",
+             "square", "sin", "erf", "relu_", "silu_", "hardswish_", "hardtanh_", "leaky_relu_", "elu_", "selu_",
+             "celu_", "tanh_", "neg_", "abs_", "sin_", "dropout_", "gelu_", "mish_", "sign"]
+# finite but non-zero at 0
+_NONZERO_FNS = ["sigmoid", "hardsigmoid", "softplus", "exp", "cos", "logsigmoid", "sigmoid_", "hardsigmoid_",
+                "exp_", "cos_", "erfc"]
+
+
+def _unary_module(node, m, args, kwargs):
+    return dict(input=args[0] if args else kwargs.get("input"))
+
+
+def _register_unary(names, zero_in):
+    for n in names:
+        targets = [getattr(F, n, None), getattr(torch, n, None)]
+        for t in _ov(getattr(aten, n, None), "default") if hasattr(aten, n) else []:
+            targets.append(t)
+        functions("unary", [t for t in targets if t is not None], ("input",), zero_in=zero_in)
+        methods("unary", [n], ("input",), zero_in=zero_in)
+
+
+_register_unary(_ZERO_FNS, True)
+_register_unary(_NONZERO_FNS, False)
+functions("unary", _ov(aten.dropout, "default") + _ov(aten._to_copy, "default") + _ov(aten.alias, "default")
+          + _ov(aten.clone, "default") + _ov(aten.contiguous, "default") + _ov(aten.detach, "default")
+          + _ov(aten.lift_fresh_copy, "default") + _ov(aten.gelu, "default") + _ov(aten.leaky_relu, "default")
+          + _ov(aten.hardtanh, "default") + _ov(aten.to, "dtype", "dtype_layout", "device")
+          + _ov(aten.native_dropout, "default"), ("input",), zero_in=True)
+modules("unary", [nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Hardswish, nn.Hardtanh, nn.Tanh, nn.LeakyReLU, nn.ELU,
+                  nn.SELU, nn.CELU, nn.Mish, nn.Softsign, nn.Tanhshrink, nn.Softshrink, nn.Hardshrink, nn.RReLU,
+                  nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout,
+                  nn.Identity], _unary_module, zero_in=True)
+modules("unary", [nn.Sigmoid, nn.Hardsigmoid, nn.Softplus, nn.LogSigmoid], _unary_module, zero_in=False)
+
+try:  # torchvision's stochastic depth: a per-sample mask times the input
+    from torchvision.ops import StochasticDepth, stochastic_depth
+
+    modules("unary", [StochasticDepth], _unary_module, zero_in=True)
+    functions("unary", [stochastic_depth], ("input", "p", "mode", "training"), zero_in=True)
+except ImportError:  # pragma: no cover - torchvision is optional
+    StochasticDepth = stochastic_depth = None
+
+
+def _prelu_fix(site, **_):
+    m = site.module
+    if m is not None:
+        m.num_parameters = m.weight.numel()
+
+
+@rule("prelu", fix=_prelu_fix)
+def prelu(ctx: Ctx, input, weight, out=None, **_):
+    """y = max(0, x) + a[c] min(0, x): a per-channel slope is owned by channel axis 1; zero stays zero."""
+    x = input
+    if weight.shape[0] > 1:
+        _tie_param(ctx, weight, x.ids[1 if x.ndim > 1 else 0])
+    return x
+
+
+modules("prelu", [nn.PReLU], lambda node, m, args, kwargs: dict(input=args[0], weight=ParamRef(f"{node.target}.weight")))
+functions("prelu", [F.prelu] + _ov(aten.prelu, "default"), ("input", "weight"))
+
+
+def _scalar_zero(v) -> bool:
+    return isinstance(v, (int, float, bool)) and v == 0
+
+
+@rule("binary")
+def binary(ctx: Ctx, input, other, kind="add", out=None, **_):
+    """z = x (op) y with broadcasting: axes of equal size are the same channels (tied); zero when both are zero (add, sub) or either is (mul)."""
+    operands = [input, other]
+    if kind == "div" and isinstance(other, Lab):
+        ctx.pin(other, "divides by this channel")
+    if not any(isinstance(v, Lab) for v in operands):  # python arithmetic (sizes, lists)
+        sym = tuple(a for v in operands if isinstance(v, SymSize) for a in v.ids)
+        return SymSize(out, sym) if sym else out
+    shape = _out_shape(out)
+    n = len(shape)
+    labs = [v for v in operands if isinstance(v, Lab)]
+    ids, zero = [], []
+    for d in range(n):
+        full, part = [], []
+        for v in labs:
+            vd = d - (n - v.ndim)
+            if vd < 0 or v.shape[vd] != shape[d]:
+                part.append(v)
+            else:
+                full.append((v.ids[vd], v.zero[vd]))
+        if not full:
+            ids.append(pinned_axis(shape[d]))
+            zero.append(false_mask(shape[d]))
+            continue
+        for c in full[1:]:
+            ctx.tie(full[0][0], c[0])
+        zs = [c[1] for c in full]
+        scalars = [v for v in operands if not isinstance(v, Lab)]
+        if kind in ("mul",):
+            z = np.logical_or.reduce(zs)
+            if any(_scalar_zero(s) for s in scalars):
+                z = np.ones(shape[d], dtype=bool)
+        elif kind == "div":
+            z = full[0][1] if isinstance(input, Lab) and input.ndim > d - (n - input.ndim) >= 0 else false_mask(shape[d])
+        else:
+            z = np.logical_and.reduce(zs)
+            if part or not all(_scalar_zero(s) for s in scalars):
+                z = false_mask(shape[d])
+        ids.append(full[0][0])
+        zero.append(z)
+    return Lab(tuple(ids), tuple(zero))
+
+
+for _kind, _names, _ops in [
+    ("add", ["add", "add_", "__add__", "__radd__", "__iadd__"], [operator.add, operator.iadd, torch.add]),
+    ("sub", ["sub", "sub_", "__sub__", "__rsub__", "__isub__", "rsub"], [operator.sub, operator.isub, torch.sub, torch.rsub]),
+    ("mul", ["mul", "mul_", "__mul__", "__rmul__", "__imul__"], [operator.mul, operator.imul, torch.mul]),
+    ("div", ["div", "div_", "__truediv__", "__itruediv__", "true_divide"], [operator.truediv, operator.itruediv, torch.div, torch.true_divide]),
+]:
+    _aten = [o for n in ("add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "rsub")
+             if n.rstrip("_") in (_kind, "rsub" if _kind == "sub" else _kind) for o in _ov(getattr(aten, n), "Tensor", "Scalar")]
+    functions("binary", _ops + _aten, ("input", "other"), kind=_kind)
+    methods("binary", _names, ("input", "other"), kind=_kind)
+
+
+# ---------------------------------------------------------------------------------------------
+# Spatial ops: channels and batch pass, spatial axes are not channels
+# ---------------------------------------------------------------------------------------------
+
+
+@rule("pool")
+def pool(ctx: Ctx, input, nsp=2, out=None, **_):
+    """per channel over the trailing spatial axes (pooling, resampling): leading axes keep their ids, spatial axes are pinned."""
+    x = input
+    outs = out if isinstance(out, (tuple, list)) else (out,)
+    labs = []
+    for o in outs:
+        shape = _out_shape(o)
+        keep = {d: d for d in range(len(shape) - nsp)}
+        labs.append(_pass(x, shape, keep))
+    return tuple(labs) if isinstance(out, (tuple, list)) else labs[0]
+
+
+for _n in (1, 2, 3):
+    _pools = [f"max_pool{_n}d", f"avg_pool{_n}d", f"adaptive_max_pool{_n}d", f"adaptive_avg_pool{_n}d",
+              f"lp_pool{_n}d", f"max_pool{_n}d_with_indices", f"adaptive_max_pool{_n}d_with_indices",
+              f"fractional_max_pool{_n}d"]
+    _t = [getattr(F, p, None) for p in _pools] + [getattr(torch, p, None) for p in _pools]
+    _t += [o for p in _pools if hasattr(aten, p) for o in _ov(getattr(aten, p), "default")]
+    functions("pool", _t, ("input",), nsp=_n)
+    modules("pool", [getattr(nn, c, None) for c in (f"MaxPool{_n}d", f"AvgPool{_n}d", f"AdaptiveMaxPool{_n}d",
+                                                      f"AdaptiveAvgPool{_n}d", f"LPPool{_n}d", f"FractionalMaxPool{_n}d")],
+            _unary_module, nsp=_n)
+
+
+@rule("resample")
+def resample(ctx: Ctx, input, out=None, **_):
+    """interpolation over every axis after the channel axis: batch and channel keep their ids, spatial axes are pinned."""
+    return _pass(input, _out_shape(out), {0: 0, 1: 1})
+
+
+functions("resample", [F.interpolate, getattr(F, "upsample", None), getattr(F, "upsample_nearest", None),
+                       getattr(F, "upsample_bilinear", None)]
+          + [o for p in ("upsample_nearest2d", "upsample_bilinear2d", "upsample_nearest1d", "upsample_linear1d",
+                         "upsample_nearest3d", "upsample_trilinear3d", "upsample_bicubic2d", "_upsample_nearest_exact2d")
+             if hasattr(aten, p) for o in _ov(getattr(aten, p), "default", "vec")], ("input",))
+modules("resample", [nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d], _unary_module)
+
+
+# ---------------------------------------------------------------------------------------------
+# Structure: concat, split, index
+# ---------------------------------------------------------------------------------------------
+
+
+def _tie_aligned(ctx: Ctx, labs, skip: int | None):
+    """Tie axis d of every lab (except ``skip``); returns the ids/zeros of the first."""
+    first = labs[0]
+    for v in labs[1:]:
+        for d in range(first.ndim):
+            if d != skip and v.shape[d] == first.shape[d]:
+                ctx.tie(first.ids[d], v.ids[d])
+    return first
+
+
+@rule("cat")
+def cat(ctx: Ctx, tensors, dim=0, out=None, **_):
+    """concat along dim: the output axis is the inputs' ids end to end (a channel keeps its row at its new offset); other axes are tied."""
+    labs = [t for t in tensors if isinstance(t, Lab) and t.ndim > 0 and not (t.ndim == 1 and t.shape[0] == 0)]
+    shape = _out_shape(out)
+    d = _ax(dim, len(shape))
+    first = _tie_aligned(ctx, labs, d)
+    ids = np.concatenate([t.ids[d] for t in labs])
+    z = np.concatenate([t.zero[d] for t in labs])
+    return first.with_axis(d, ids, z)
+
+
+functions("cat", [torch.cat, torch.concat, getattr(torch, "concatenate", None)] + _ov(aten.cat, "default"),
+          ("tensors", "dim"), (("dim", 0),))
+
+
+@rule("stack")
+def stack(ctx: Ctx, tensors, dim=0, out=None, **_):
+    """stack along a new axis: the new axis is pinned, the others are tied across inputs."""
+    labs = [t for t in tensors if isinstance(t, Lab)]
+    shape = _out_shape(out)
+    d = _ax(dim, len(shape))
+    first = _tie_aligned(ctx, labs, None)
+    ids = list(first.ids)
+    zero = list(first.zero)
+    ids.insert(d, pinned_axis(shape[d]))
+    zero.insert(d, false_mask(shape[d]))
+    return Lab(tuple(ids), tuple(zero))
+
+
+functions("stack", [torch.stack] + _ov(aten.stack, "default"), ("tensors", "dim"), (("dim", 0),))
+
+
+def _split_fix(site, tensor=None, dim=0, kind="split", **kw):
+    old_in = site.old(tensor)
+    d = _ax(dim, len(old_in))
+    keep = site.keep(tensor, d)
+    sizes, start = [], 0
+    for o in site.out_old_list:
+        n = o[d]
+        sizes.append(int(keep[start:start + n].sum()))
+        start += n
+    old_sizes = [o[d] for o in site.out_old_list]
+    if sizes == old_sizes:
+        return
+    site.replace_call(torch.split, (tensor, sizes), {"dim": d})
+
+
+@rule("split", fix=_split_fix)
+def split(ctx: Ctx, tensor, dim=0, out=None, **_):
+    """split/chunk along dim: each piece takes its slice of the axis ids."""
+    x = tensor
+    d = _ax(dim, x.ndim)
+    res, start = [], 0
+    for o in out:
+        n = int(o.shape[d])
+        res.append(x.with_axis(d, x.ids[d][start:start + n], x.zero[d][start:start + n]))
+        start += n
+    return tuple(res)
+
+
+functions("split", [torch.split, torch.chunk, getattr(torch, "tensor_split", None)]
+          + _ov(aten.split, "Tensor") + _ov(aten.split_with_sizes, "default") + _ov(aten.chunk, "default"),
+          ("tensor", "split_size_or_sections", "dim"), (("dim", 0),))
+methods("split", ["split", "chunk", "split_with_sizes", "tensor_split"], ("tensor", "split_size_or_sections", "dim"),
+        (("dim", 0),))
+
+
+def _narrow_fix(site, input, dim, start, length, **_):
+    d = _ax(dim, len(site.old(input)))
+    keep = site.keep(input, d)
+    s = _ax(start, len(keep)) if isinstance(start, int) else start
+    if not isinstance(s, int) or not isinstance(length, int):
+        return
+    site.set("start", int(keep[:s].sum()))
+    site.set("length", int(keep[s:s + length].sum()))
+
+
+@rule("narrow", fix=_narrow_fix)
+def narrow(ctx: Ctx, input, dim, start, length, out=None, **_):
+    """narrow(dim, start, length): the output axis is that slice of the input ids; literal start/length are recounted."""
+    x = input
+    d = _ax(dim, x.ndim)
+    if not isinstance(start, int) or not isinstance(length, int):
+        ctx.pin(x.ids[d], "narrow with a computed start or length")
+        return _pass(x, _out_shape(out), {i: i for i in range(x.ndim)})
+    s = _ax(start, x.shape[d])
+    return x.with_axis(d, x.ids[d][s:s + length], x.zero[d][s:s + length])
+
+
+functions("narrow", [torch.narrow] + _ov(aten.narrow, "default"), ("input", "dim", "start", "length"))
+methods("narrow", ["narrow"], ("input", "dim", "start", "length"))
+
+
+def _slice_fix(site, input, dim=0, start=None, end=None, step=1, **_):
+    d = _ax(dim, len(site.old(input)))
+    keep = site.keep(input, d)
+    n = len(keep)
+    s, e, _st = slice(start, end, step).indices(n)
+    site.set("start", int(keep[:s].sum()))
+    site.set("end", int(keep[:e].sum()) if end is not None and end < n else end)
+
+
+@rule("slice", fix=_slice_fix)
+def slice_(ctx: Ctx, input, dim=0, start=None, end=None, step=1, out=None, **_):
+    """aten.slice(dim, start, end, step 1): the output axis is that slice of the ids."""
+    x = input
+    d = _ax(dim, x.ndim)
+    if step != 1 or not all(isinstance(v, (int, type(None))) for v in (start, end)):
+        ctx.pin(x.ids[d], "strided or computed slice")
+        return _pass(x, _out_shape(out), {i: i for i in range(x.ndim)})
+    s, e, _ = slice(start, end).indices(x.shape[d])
+    return x.with_axis(d, x.ids[d][s:e], x.zero[d][s:e])
+
+
+functions("slice", _ov(aten.slice, "Tensor"), ("input", "dim", "start", "end", "step"),
+          (("dim", 0), ("start", None), ("end", None), ("step", 1)))
+
+
+def _index_parts(idx, ndim):
+    """Expand a getitem index into per-input-axis parts; returns list of (in_axis|None, part)."""
+    parts = list(idx) if isinstance(idx, tuple) else [idx]
+    n_real = sum(1 for p in parts if p is not None and p is not Ellipsis)
+    out, d = [], 0
+    for p in parts:
+        if p is Ellipsis:
+            for _ in range(ndim - n_real):
+                out.append((d, slice(None)))
+                d += 1
+        elif p is None:
+            out.append((None, None))
+        else:
+            out.append((d, p))
+            d += 1
+    while d < ndim:
+        out.append((d, slice(None)))
+        d += 1
+    return out
+
+
+def _getitem_fix(site, input, index, **_):
+    if not isinstance(site.old(input), tuple):
+        return
+    ndim = len(site.old(input))
+    parts = _index_parts(index, ndim)
+    new_parts, changed = [], False
+    for axis, p in parts:
+        if isinstance(p, slice) and axis is not None and (p.start is not None or p.stop is not None):
+            keep = site.keep(input, axis)
+            n = len(keep)
+            s, e, _ = p.indices(n)
+            ns = int(keep[:s].sum()) if p.start is not None else None
+            ne = int(keep[:e].sum()) if p.stop is not None and e < n else p.stop
+            if (ns, ne) != (p.start, p.stop):
+                changed = True
+            new_parts.append(slice(ns, ne, p.step))
+        else:
+            new_parts.append(p)
+    if changed:
+        # keep the user's spelling: rebuild only the parts that were in the original index
+        orig = list(index) if isinstance(index, tuple) else [index]
+        it = iter(new_parts)
+        rebuilt = []
+        for p in orig:
+            if p is Ellipsis:
+                # skip the parts that the ellipsis expanded to
+                n_real = sum(1 for q in orig if q is not None and q is not Ellipsis)
+                for _ in range(ndim - n_real):
+                    next(it)
+                rebuilt.append(Ellipsis)
+            else:
+                rebuilt.append(next(it))
+        site.set("index", tuple(rebuilt) if isinstance(index, tuple) else rebuilt[0])
+
+
+@rule("getitem", fix=_getitem_fix)
+def getitem(ctx: Ctx, input, index, out=None, **_):
+    """x[idx]: a unit-step slice of an axis keeps that slice of ids (bounds recounted); None adds a pinned axis; an int or tensor index pins the axis it reads."""
+    x = input
+    if not isinstance(x, Lab):  # tuple/list/size: plain indexing of python values
+        if isinstance(x, (tuple, list)):
+            return x[index]
+        if isinstance(x, torch.Size):
+            return x[index]
+        return None
+    parts = _index_parts(index, x.ndim)
+    ids, zero = [], []
+    for axis, p in parts:
+        if axis is None:
+            ids.append(pinned_axis(1))
+            zero.append(false_mask(1))
+        elif isinstance(p, slice) and all(isinstance(v, (int, type(None))) for v in (p.start, p.stop, p.step)):
+            if p.step not in (None, 1):
+                ctx.pin(x.ids[axis], "strided slice")
+                ids.append(pinned_axis(len(range(*p.indices(x.shape[axis])))))
+                zero.append(false_mask(len(ids[-1])))
+            else:
+                s, e, _ = p.indices(x.shape[axis])
+                ids.append(x.ids[axis][s:e])
+                zero.append(x.zero[axis][s:e])
+        elif isinstance(p, int):
+            if x.shape[axis] > 1:
+                ctx.pin(x.ids[axis], "indexes a single channel")
+        else:
+            for lab in labs_in(p):
+                ctx.pin(lab, "used as an index")
+            ctx.pin(x, "indexed by a tensor or computed value")
+            return ctx.pinned_lab(_out_shape(out))
+    lab = Lab(tuple(ids), tuple(zero))
+    if lab.shape != _out_shape(out):
+        ctx.pin(x, "indexing this value was not understood")
+        return ctx.pinned_lab(_out_shape(out))
+    return lab
+
+
+functions("getitem", [operator.getitem], ("input", "index"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Shape: reshape, permute, flatten, squeeze, expand, channel shuffle
+# ---------------------------------------------------------------------------------------------
+
+
+def _groups_of(in_shape, out_shape):
+    """Pair runs of input axes with runs of output axes of equal product (size-1 axes alone)."""
+    groups, i, j = [], 0, 0
+    ni, no = len(in_shape), len(out_shape)
+    while i < ni or j < no:
+        if i < ni and in_shape[i] == 1 and (j >= no or out_shape[j] != 1):
+            groups.append(([i], []))
+            i += 1
+            continue
+        if j < no and out_shape[j] == 1 and (i >= ni or in_shape[i] != 1):
+            groups.append(([], [j]))
+            j += 1
+            continue
+        if i >= ni or j >= no:
+            raise ValueError("shapes do not match")
+        gi, gj = [i], [j]
+        pi, pj = in_shape[i], out_shape[j]
+        i += 1
+        j += 1
+        while pi != pj:
+            if pi < pj:
+                gi.append(i)
+                pi *= in_shape[i]
+                i += 1
+            else:
+                gj.append(j)
+                pj *= out_shape[j]
+                j += 1
+        groups.append((gi, gj))
+    return groups
+
+
+def _reshape_lab(ctx: Ctx, x: Lab, out_shape, hints=None) -> Lab:
+    """Label after a reshape from x.shape to out_shape. ``hints[j]`` is True for a computed/-1 size."""
+    in_shape = x.shape
+    ids = [None] * len(out_shape)
+    zero = [None] * len(out_shape)
+    for gi, gj in _groups_of(in_shape, tuple(out_shape)):
+        if not gj:
+            continue
+        if len(gi) == 1 and len(gj) == 1:
+            ids[gj[0]], zero[gj[0]] = x.ids[gi[0]], x.zero[gi[0]]
+            continue
+        sizes = [in_shape[i] for i in gi]
+        # merge: one id per merged index, the row of the one real channel axis inside
+        live = [i for i in gi if (ctx.uf.find(x.ids[i]) != 0).any()]
+        grid_ids = np.zeros(sizes, dtype=np.int64)
+        grid_z = np.zeros(sizes, dtype=bool)
+        if live:
+            for i in live[1:]:
+                ctx.tie(x.ids[live[0]][:1], x.ids[i])
+                ctx.tie(x.ids[live[0]], x.ids[i][:1])
+            k = gi.index(live[0])
+            shp = [1] * len(gi)
+            shp[k] = sizes[k]
+            grid_ids = np.broadcast_to(x.ids[live[0]].reshape(shp), sizes)
+            grid_z = np.broadcast_to(x.zero[live[0]].reshape(shp), sizes)
+        flat_ids, flat_z = grid_ids.reshape(-1), grid_z.reshape(-1)
+        if len(gj) == 1:
+            ids[gj[0]], zero[gj[0]] = np.ascontiguousarray(flat_ids), np.ascontiguousarray(flat_z)
+            continue
+        # split: keep one factor as the row axis, tie the rest so the kept set stays a grid
+        fsizes = [out_shape[j] for j in gj]
+        cand = [k for k, j in enumerate(gj) if out_shape[j] > 1]
+        if hints is not None:
+            dyn = [k for k in cand if hints[gj[k]]]
+            cand = dyn or cand
+        r = max(cand, key=lambda k: fsizes[k])
+        g_ids = flat_ids.reshape(fsizes)
+        g_z = flat_z.reshape(fsizes)
+        moved = np.moveaxis(g_ids, r, 0).reshape(fsizes[r], -1)
+        if live:
+            ctx.tie(moved, moved[:, :1])
+        for k, j in enumerate(gj):
+            if k == r:
+                ids[j] = np.ascontiguousarray(moved[:, 0])
+                zero[j] = np.ascontiguousarray(np.moveaxis(g_z, r, 0).reshape(fsizes[r], -1).all(axis=1))
+            else:
+                ids[j] = pinned_axis(out_shape[j])
+                zero[j] = false_mask(out_shape[j])
+    for j, n in enumerate(out_shape):
+        if ids[j] is None:
+            ids[j], zero[j] = pinned_axis(n), false_mask(n)
+    return Lab(tuple(ids), tuple(zero))
+
+
+def _shape_args(shape):
+    if len(shape) == 1 and isinstance(shape[0], (tuple, list, torch.Size)):
+        return tuple(shape[0])
+    return tuple(shape)
+
+
+def _is_dyn(v) -> bool:
+    return isinstance(v, (fx.Node, SymSize)) or (isinstance(v, int) and v == -1)
+
+
+def _reshape_fix(site, input, shape=(), **_):
+    new = site.out_new
+    old = site.out_old
+    raw = _shape_args(shape)
+    if len(raw) != len(new) or new == old:
+        return
+    vals = [n if isinstance(v, int) and v != -1 else v for v, n in zip(raw, new)]
+    packed = len(shape) == 1 and isinstance(shape[0], (tuple, list, torch.Size))
+    site.set_varargs("shape", [tuple(vals)] if packed else vals)
+
+
+@rule("reshape", fix=_reshape_fix)
+def reshape(ctx: Ctx, input, shape=(), out=None, **_):
+    """view/reshape: merged axes repeat the one channel's ids over the block; a split keeps one factor (a computed size first, else the largest) as the row axis and ties the rest."""
+    raw = _shape_args(shape)
+    hints = [_is_dyn(v) for v in raw] if len(raw) == len(out.shape) else None
+    return _reshape_lab(ctx, input, _out_shape(out), hints)
+
+
+functions("reshape", [torch.reshape] + _ov(aten.view, "default") + _ov(aten.reshape, "default")
+          + _ov(aten._unsafe_view, "default"), ("input", "shape"))
+methods("reshape", ["view", "reshape"], ("input", "*shape"))
+
+
+def _unflatten_fix(site, input, dim=None, sizes=None, **_):
+    if sizes is None:  # flatten/squeeze/unsqueeze: torch derives the sizes
+        return
+    old = site.out_old
+    new = site.out_new
+    if old == new:
+        return
+    d = _ax(dim, len(site.old(input)))
+    vals = [new[d + k] if isinstance(v, int) and v != -1 else v for k, v in enumerate(sizes)]
+    m = site.module
+    if m is not None:
+        m.unflattened_size = tuple(vals)
+    else:
+        site.set("sizes", tuple(vals))
+
+
+@rule("shape_merge", fix=_unflatten_fix)
+def shape_merge(ctx: Ctx, input, out=None, sizes=None, **_):
+    """flatten/unflatten/squeeze/unsqueeze: the same reshape algebra, with the sizes derived by torch."""
+    hints = None
+    if sizes is not None:
+        return _reshape_lab(ctx, input, _out_shape(out), None)
+    return _reshape_lab(ctx, input, _out_shape(out), hints)
+
+
+functions("shape_merge", [torch.flatten, torch.squeeze, torch.unsqueeze] + _ov(aten.flatten, "using_ints")
+          + _ov(aten.squeeze, "dim", "dims", "default") + _ov(aten.unsqueeze, "default"), ("input", "*rest"))
+functions("shape_merge", [torch.unflatten] + _ov(aten.unflatten, "int"), ("input", "dim", "sizes"))
+methods("shape_merge", ["flatten", "squeeze", "unsqueeze", "squeeze_", "unsqueeze_"], ("input", "*rest"))
+methods("shape_merge", ["unflatten"], ("input", "dim", "sizes"))
+modules("shape_merge", [nn.Flatten], _unary_module)
+modules("shape_merge", [nn.Unflatten], lambda node, m, args, kwargs: dict(
+    input=args[0], dim=m.dim, sizes=tuple(m.unflattened_size)))
+
+
+def _permute_dims(kind, x_ndim, dims):
+    if kind == "transpose":
+        a, b = (_ax(d, x_ndim) for d in dims[:2])
+        perm = list(range(x_ndim))
+        perm[a], perm[b] = perm[b], perm[a]
+        return perm
+    if kind == "t":
+        return list(range(x_ndim))[::-1]
+    if kind == "movedim":
+        src, dst = dims[0], dims[1]
+        src = [src] if isinstance(src, int) else list(src)
+        dst = [dst] if isinstance(dst, int) else list(dst)
+        return list(np.moveaxis(np.arange(x_ndim), [_ax(s, x_ndim) for s in src], [_ax(d, x_ndim) for d in dst]))
+    if len(dims) == 1 and isinstance(dims[0], (tuple, list)):
+        dims = dims[0]
+    return [_ax(d, x_ndim) for d in dims]
+
+
+@rule("permute")
+def permute(ctx: Ctx, input, dims=(), kind="permute", out=None, **_):
+    """permute/transpose/movedim: axis ids move with their axes."""
+    x = input
+    perm = _permute_dims(kind, x.ndim, tuple(dims))
+    return Lab(tuple(x.ids[p] for p in perm), tuple(x.zero[p] for p in perm))
+
+
+functions("permute", [torch.permute] + _ov(aten.permute, "default"), ("input", "*dims"), kind="permute")
+methods("permute", ["permute"], ("input", "*dims"), kind="permute")
+functions("permute", [torch.transpose, torch.swapaxes, torch.swapdims] + _ov(aten.transpose, "int"),
+          ("input", "*dims"), kind="transpose")
+methods("permute", ["transpose", "swapaxes", "swapdims", "transpose_"], ("input", "*dims"), kind="transpose")
+functions("permute", [torch.t] + _ov(aten.t, "default"), ("input", "*dims"), kind="t")
+methods("permute", ["t"], ("input", "*dims"), kind="t")
+functions("permute", [torch.movedim, torch.moveaxis] + _ov(aten.movedim, "int"), ("input", "*dims"), kind="movedim")
+methods("permute", ["movedim", "moveaxis"], ("input", "*dims"), kind="movedim")
+
+
+def _expand_fix(site, input, sizes=(), **_):
+    new, old = site.out_new, site.out_old
+    raw = _shape_args(sizes)
+    if new == old or len(raw) != len(new):
+        return
+    vals = [n if isinstance(v, int) and v != -1 else v for v, n in zip(raw, new)]
+    packed = len(sizes) == 1 and isinstance(sizes[0], (tuple, list, torch.Size))
+    site.set_varargs("sizes", [tuple(vals)] if packed else vals)
+
+
+@rule("expand", fix=_expand_fix)
+def expand(ctx: Ctx, input, sizes=(), out=None, **_):
+    """expand: axes of equal size keep their ids, broadcast (new or size-1) axes are pinned."""
+    x = input
+    shape = _out_shape(out)
+    off = len(shape) - x.ndim
+    return _pass(x, shape, {d + off: d for d in range(x.ndim)})
+
+
+methods("expand", ["expand"], ("input", "*sizes"))
+functions("expand", _ov(aten.expand, "default"), ("input", "sizes"))
+
+
+@rule("expand_as")
+def expand_as(ctx: Ctx, input, other, out=None, **_):
+    """x.expand_as(y): an axis x has in full is tied to y's; a broadcast axis takes y's ids (its size follows y)."""
+    x, y = input, other
+    off = y.ndim - x.ndim
+    ids, zero = list(y.ids), [false_mask(n) for n in y.shape]
+    for d in range(x.ndim):
+        if x.shape[d] == y.shape[d + off]:
+            ctx.tie(x.ids[d], y.ids[d + off])
+            ids[d + off], zero[d + off] = x.ids[d], x.zero[d]
+    return Lab(tuple(ids), tuple(zero))
+
+
+methods("expand_as", ["expand_as"], ("input", "other"))
+
+
+@rule("channel_shuffle")
+def channel_shuffle(ctx: Ctx, input, groups, out=None, **_):
+    """shuffle of g groups of C/g channels: channel j of every group is one row (the groups stay equal)."""
+    x = input
+    c = x.ids[1].reshape(int(groups), -1)
+    ctx.tie(c, c[:1])
+    perm = np.arange(len(x.ids[1])).reshape(int(groups), -1).T.reshape(-1)
+    return x.with_axis(1, x.ids[1][perm], x.zero[1][perm])
+
+
+functions("channel_shuffle", [getattr(F, "channel_shuffle", None), getattr(torch, "channel_shuffle", None),
+                              getattr(torch, "native_channel_shuffle", None)]
+          + _ov(aten.channel_shuffle, "default") + _ov(getattr(aten, "native_channel_shuffle", aten.channel_shuffle), "default"),
+          ("input", "groups"))
+modules("channel_shuffle", [nn.ChannelShuffle], lambda node, m, args, kwargs: dict(input=args[0], groups=m.groups))
+
+
+# ---------------------------------------------------------------------------------------------
+# Reductions and normalising maps
+# ---------------------------------------------------------------------------------------------
+
+
+def _reduce_axes(dim, ndim):
+    if dim is None or (isinstance(dim, (tuple, list)) and len(dim) == 0):
+        return list(range(ndim))
+    if isinstance(dim, int):
+        return [_ax(dim, ndim)]
+    return [_ax(d, ndim) for d in dim]
+
+
+@rule("reduce")
+def reduce(ctx: Ctx, input, dim=None, keepdim=False, kind="mean", out=None, **_):
+    """sum over an axis is a contraction (its channels must be zero with their rows); mean, var and max over an axis pin it; other axes keep their ids."""
+    x = input
+    if not isinstance(x, Lab):
+        return x
+    axes = _reduce_axes(dim, x.ndim)
+    for a in axes:
+        if kind == "sum":
+            bad = ~x.zero[a]
+            if bad.any():
+                ctx.pin(x.ids[a][bad], "sum over channels that are not zero with their rows")
+        else:
+            ctx.pin(x.ids[a], f"{kind} over this axis")
+    shape = _out_shape(out[0] if isinstance(out, (tuple, list)) else out)
+    ids, zero = [], []
+    for d in range(x.ndim):
+        if d in axes:
+            if keepdim:
+                ids.append(pinned_axis(1))
+                zero.append(false_mask(1))
+        else:
+            ids.append(x.ids[d])
+            zero.append(x.zero[d])
+    lab = Lab(tuple(ids), tuple(zero))
+    if lab.shape != shape:
+        ctx.pin(x, f"{kind} reduction was not understood")
+        lab = ctx.pinned_lab(shape)
+    if isinstance(out, (tuple, list)):
+        return tuple(lab for _ in out)
+    return lab
+
+
+for _kind, _fns in [("sum", ["sum", "nansum"]), ("mean", ["mean", "nanmean"]), ("var", ["var", "std"]),
+                    ("max", ["amax", "amin", "max", "min", "logsumexp", "norm", "prod"])]:
+    for _f in _fns:
+        functions("reduce", [getattr(torch, _f, None)] + (_ov(getattr(aten, _f), "dim", "dim_IntList", "correction", "default")
+                                                          if hasattr(aten, _f) else []),
+                  ("input", "dim", "keepdim"), kind=_kind)
+        methods("reduce", [_f], ("input", "dim", "keepdim"), kind=_kind)
+
+
+@rule("softmax")
+def softmax(ctx: Ctx, input, dim=None, out=None, **_):
+    """softmax over an axis: that axis is pinned (every channel is in the divisor); other axes keep their ids, not zero."""
+    x = input
+    d = _ax(dim if dim is not None else -1, x.ndim)
+    ctx.pin(x.ids[d], "softmax over this axis")
+    return Lab(x.ids, tuple(false_mask(len(a)) for a in x.ids))
+
+
+functions("softmax", [F.softmax, F.log_softmax, torch.softmax, torch.log_softmax]
+          + _ov(aten.softmax, "int") + _ov(aten._softmax, "default") + _ov(aten.log_softmax, "int")
+          + _ov(aten._log_softmax, "default"), ("input", "dim"))
+methods("softmax", ["softmax", "log_softmax"], ("input", "dim"))
+modules("softmax", [nn.Softmax, nn.LogSoftmax], lambda node, m, args, kwargs: dict(input=args[0], dim=m.dim))
+
+
+# ---------------------------------------------------------------------------------------------
+# Sizes
+# ---------------------------------------------------------------------------------------------
+
+
+@rule("size")
+def size(ctx: Ctx, input, dim=None, out=None, **_):
+    """x.size()/x.shape: the numbers remember which axes they measure, so that an unknown use pins them."""
+    x = input
+    if dim is None:
+        return tuple(SymSize(n, (x.ids[d],)) for d, n in enumerate(x.shape))
+    d = _ax(dim, x.ndim)
+    return SymSize(x.shape[d], (x.ids[d],))
+
+
+methods("size", ["size"], ("input", "dim"))
+functions("size", _ov(aten.sym_size, "int"), ("input", "dim"))
+
+
+@rule("numel")
+def numel(ctx: Ctx, input, out=None, **_):
+    """x.numel(): a number that measures every axis."""
+    return SymSize(math.prod(input.shape), tuple(input.ids))
+
+
+methods("numel", ["numel"], ("input",))
+functions("numel", [torch.numel], ("input",))
+
+
+@rule("arith")
+def arith(ctx: Ctx, input=None, other=None, out=None, **_):
+    """python arithmetic on sizes: the result measures what its operands measured."""
+    ids = tuple(a for v in (input, other) if isinstance(v, SymSize) for a in v.ids)
+    return SymSize(None, ids)
+
+
+functions("arith", [operator.floordiv, operator.mod, operator.neg, operator.pow], ("input", "other"))

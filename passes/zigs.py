@@ -1,0 +1,218 @@
+"""find_zigs: the zero-invariant groups of a shape-annotated GraphModule.
+
+``find_zigs(gm) -> ZigSet`` walks the graph once in topological order, asks each node's rule for
+its output label, and turns the surviving union-find classes into rows and groups.
+
+Internals:
+    * Cost is linear in the graph: each node does O(size of its labels) numpy work; grouping
+      classes into ZIGs hashes every class's (owner, count) signature in one vectorised pass.
+    * A class is a row only if it touches an activation axis and owns at least one parameter
+      slice; classes that met ``PIN`` are not rows. Rows with the same signature (same parameters,
+      same number of indices in each) form one ZIG.
+    * The labels of every node are kept in ``ZigSet.labels`` for the rewrite.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.fx as fx
+
+from .channels import Ctx, Lab, Owner, Pin, SymSize, labs_in
+from .registry import RULES, bind, canonical_name, form_of
+from .semantics import ParamRef
+from .unionfind import PIN, UnionFind
+
+log = logging.getLogger("otofx")
+
+
+@dataclass(frozen=True)
+class ZIG:
+    """A zero-invariant group: ``rows`` channels; ``params`` entries ``(name, dim, index[rows, k])``."""
+
+    rows: int
+    params: tuple
+
+    @property
+    def layers(self) -> tuple:
+        seen = []
+        for name, _, _ in self.params:
+            mod = name.rpartition(".")[0] or name
+            if mod not in seen:
+                seen.append(mod)
+        return tuple(seen)
+
+
+@dataclass(frozen=True)
+class ZigSet:
+    """Result of find_zigs: the groups, what was pinned, and the labels the rewrite needs."""
+
+    zigs: tuple
+    pinned: tuple
+    labels: dict = field(repr=False)  # node name -> abstract value (Lab, tuple, SymSize, python value)
+    owners: tuple = field(repr=False)  # every Owner, parameters and buffers
+    uf: UnionFind = field(repr=False)
+    zig_of_root: np.ndarray = field(repr=False)  # root id -> zig index, -1 if none
+    row_of_root: np.ndarray = field(repr=False)  # root id -> row index inside its zig
+
+    def roots(self, ids: np.ndarray) -> np.ndarray:
+        return self.uf.find(ids)
+
+
+def _unknown(ctx: Ctx, node: fx.Node, args, kwargs, out, reason: str):
+    ctx.pin((args, kwargs), reason)
+    return _pinned_like(ctx, out)
+
+
+def _pinned_like(ctx: Ctx, out):
+    if isinstance(out, torch.Tensor):
+        return ctx.pinned_lab(out.shape)
+    if isinstance(out, (tuple, list)):
+        return type(out)(_pinned_like(ctx, o) for o in out) if isinstance(out, tuple) else [_pinned_like(ctx, o) for o in out]
+    return out
+
+
+def _resolve(ctx: Ctx, v):
+    if isinstance(v, ParamRef):
+        return ctx.tensor_lab(v.name)
+    return v
+
+
+def _getattr_value(ctx: Ctx, node: fx.Node, obj, attr: str, out):
+    if isinstance(obj, Lab):
+        if attr == "shape":
+            return RULES["size"].analyze(ctx, input=obj)
+        if attr in ("ndim", "dtype", "device", "is_cuda", "requires_grad", "layout"):
+            return out
+        if attr == "T":
+            return RULES["permute"].analyze(ctx, input=obj, kind="t", out=out)
+        return _unknown(ctx, node, (obj,), {}, out, f"tensor attribute '{attr}' has no rule")
+    return out
+
+
+def find_zigs(gm: fx.GraphModule, pin: tuple = ()) -> ZigSet:
+    """Group analysis over a graph whose nodes carry ``meta['val']`` (see propagate_shapes).
+
+    ``pin``: module or parameter names whose channels must not be removed.
+    """
+    ctx = Ctx(gm)
+    env: dict = {}
+    load = lambda a: fx.node.map_arg(a, lambda n: env[n])  # noqa: E731
+    for node in gm.graph.nodes:
+        ctx.node = node
+        out = node.meta.get("val")
+        if node.op == "placeholder":
+            env[node] = _pinned_like(ctx, out)
+            continue
+        if node.op == "get_attr":
+            ctx.op = "get_attr"
+            env[node] = ctx.tensor_lab(node.target) if isinstance(out, torch.Tensor) else out
+            continue
+        if node.op == "output":
+            ctx.op = "output"
+            ctx.pin(load(node.args), "model output")
+            continue
+        args, kwargs = load(node.args), load(node.kwargs)
+        ctx.op = canonical_name(node, gm)
+        if node.op == "call_function" and node.target is getattr:
+            env[node] = _getattr_value(ctx, node, args[0], args[1], out)
+            continue
+        form = form_of(node, gm)
+        if form is None:
+            env[node] = _unknown(ctx, node, args, kwargs, out, f"no rule for '{ctx.op}'")
+            continue
+        module = gm.get_submodule(node.target) if node.op == "call_module" else None
+        try:
+            kw = bind(form, node, args, kwargs, module)
+            kw = {k: _resolve(ctx, v) for k, v in kw.items()}
+            if not any(isinstance(v, Lab) for v in labs_in(list(kw.values()))) and form.rule not in ("arith", "binary", "getitem"):
+                env[node] = _pinned_like(ctx, out)
+                continue
+            env[node] = RULES[form.rule].analyze(ctx, **kw, out=out)
+        except Exception as e:  # noqa: BLE001 - a rule that cannot handle a call pins it
+            log.debug("rule %s failed on %s: %s", form.rule, node.format_node(), e)
+            env[node] = _unknown(ctx, node, args, kwargs, out, f"rule '{form.rule}' cannot handle this call ({type(e).__name__}: {e})")
+    for name in pin:
+        ctx.node, ctx.op = None, "user"
+        hit = [o.ids for o in ctx.owners if o.name == name or o.name.startswith(name + ".")]
+        if not hit:
+            from otofx.errors import InputError
+
+            raise InputError(f"pin=[{name!r}]: no parameter or module of that name in the model")
+        ctx.pins.append(Pin(name, "user", "pinned by the user", 0))
+        ctx.uf.pin(np.concatenate(hit))
+    labels = {n.name: env.get(n) for n in gm.graph.nodes}
+    return _group(ctx, labels)
+
+
+def _act_ids(labels: dict) -> np.ndarray:
+    arrays = []
+
+    def visit(v):
+        if isinstance(v, Lab):
+            arrays.extend(v.ids)
+        elif isinstance(v, (tuple, list)):
+            for x in v:
+                visit(x)
+
+    for v in labels.values():
+        visit(v)
+    return np.concatenate(arrays) if arrays else np.zeros(0, dtype=np.int64)
+
+
+def _group(ctx: Ctx, labels: dict) -> ZigSet:
+    uf = ctx.uf
+    n = uf.size
+    act = np.zeros(n, dtype=bool)
+    act[uf.find(_act_ids(labels))] = True
+    act[PIN] = False
+    params = [o for o in ctx.owners if o.is_param]
+    rng = np.random.default_rng(0x07F0)
+    salts = rng.integers(1, 2**62, size=len(params), dtype=np.uint64) | np.uint64(1)
+    sig = np.zeros(n, dtype=np.uint64)
+    roots_of = []
+    for o, salt in zip(params, salts):
+        r = uf.find(o.ids)
+        roots_of.append(r)
+        u, c = np.unique(r[act[r]], return_counts=True)
+        if u.size:
+            with np.errstate(over="ignore"):
+                sig[u] += salt * (c.astype(np.uint64) + np.uint64(1))
+    classes = np.nonzero(sig)[0]
+    zig_of_root = np.full(n, -1, dtype=np.int64)
+    row_of_root = np.full(n, -1, dtype=np.int64)
+    if classes.size == 0:
+        return ZigSet((), tuple(ctx.pins), labels, tuple(ctx.owners), uf, zig_of_root, row_of_root)
+    uniq, inv = np.unique(sig[classes], return_inverse=True)
+    # order zigs by their first class (producer order), rows by class id inside a zig
+    first = np.full(len(uniq), np.iinfo(np.int64).max)
+    np.minimum.at(first, inv, classes)
+    order = np.argsort(first, kind="stable")
+    rank = np.empty_like(order)
+    rank[order] = np.arange(len(order))
+    zid = rank[inv]
+    zig_of_root[classes] = zid
+    counts = np.bincount(zid, minlength=len(uniq))
+    srt = np.lexsort((classes, zid))
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    row_of_root[classes[srt]] = np.arange(len(classes)) - np.repeat(starts, counts)
+    entries: list[list] = [[] for _ in range(len(uniq))]
+    for o, r in zip(params, roots_of):
+        z = zig_of_root[r]
+        valid = z >= 0
+        if not valid.any():
+            continue
+        pos = np.nonzero(valid)[0]
+        zz, rows = z[valid], row_of_root[r[valid]]
+        srt2 = np.lexsort((pos, rows, zz))
+        pos, zz, rows = pos[srt2], zz[srt2], rows[srt2]
+        bounds = np.nonzero(np.diff(zz))[0] + 1
+        for seg_pos, seg_z in zip(np.split(pos, bounds), np.split(zz, bounds)):
+            zi = int(seg_z[0])
+            nrows = int(counts[zi])
+            idx = torch.from_numpy(seg_pos.reshape(nrows, -1).copy())
+            entries[zi].append((o.name, o.dim, idx))
+    zigs = tuple(ZIG(int(counts[i]), tuple(entries[i])) for i in range(len(uniq)))
+    return ZigSet(zigs, tuple(ctx.pins), labels, tuple(ctx.owners), uf, zig_of_root, row_of_root)
