@@ -76,9 +76,9 @@ def outputs_close(a, b, rtol: float = 1e-4) -> tuple[bool, float]:
 class OTO:
     """Capture ``model`` and find its zero-invariant groups; ``compress()`` removes zero rows."""
 
-    def __init__(self, model: torch.nn.Module, example_inputs, *, pin=()):
+    def __init__(self, model: torch.nn.Module, example_inputs, *, pin=(), frontend: str = "auto"):
         _check_params(model)
-        cap = capture(model, example_inputs)
+        cap = capture(model, example_inputs, frontend)
         self.model = model
         self.frontend = cap.frontend
         self._args, self._kwargs = cap.args, cap.kwargs

@@ -76,14 +76,28 @@ def export(model: torch.nn.Module, args: tuple, kwargs: dict) -> fx.GraphModule:
     return gm
 
 
-def capture(model: torch.nn.Module, example_inputs) -> Captured:
+FRONTENDS = ("auto", "symbolic_trace", "export")
+
+
+def capture(model: torch.nn.Module, example_inputs, frontend: str = "auto") -> Captured:
+    """Capture ``model``: symbolic_trace first, torch.export if that fails (``frontend`` forces one)."""
     if not isinstance(model, torch.nn.Module):
         raise InputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if frontend not in FRONTENDS:
+        raise InputError(f"frontend={frontend!r}: choose one of {FRONTENDS}")
     args, kwargs = normalize_inputs(example_inputs)
+    if frontend == "export":
+        try:
+            return Captured(export(model, args, kwargs), args, kwargs, "export")
+        except Exception as e:  # noqa: BLE001
+            raise CaptureError(f"torch.export failed on {type(model).__name__}: {type(e).__name__}: {_first_line(e)}") from e
     try:
         return Captured(trace(model), args, kwargs, "symbolic_trace")
     except Exception as e:  # noqa: BLE001
         trace_err = e
+        if frontend == "symbolic_trace":
+            raise CaptureError(f"torch.fx.symbolic_trace failed on {type(model).__name__}: "
+                               f"{type(e).__name__}: {_first_line(e)}") from e
         log.info("symbolic_trace failed (%s: %s); trying torch.export", type(e).__name__, e)
     try:
         return Captured(export(model, args, kwargs), args, kwargs, "export")

@@ -25,10 +25,11 @@ def _short(names, limit: int = 3) -> str:
 
 def report(oto, max_groups: int | None = None) -> str:
     rows = []
+    params = dict(oto.model.named_parameters())
     for i, z in enumerate(oto.groups):
         if max_groups is not None and i >= max_groups:
             break
-        producers = [n.rpartition(".")[0] for n, d, _ in z.params if d == 0 and n.endswith("weight")]
+        producers = [n.rpartition(".")[0] for n, d, _ in z.params if d == 0 and params[n].ndim >= 2]
         rows.append([i, _short(producers or z.layers), z.rows, _params_per_row(oto, z), len(z.params)])
     total_rows = sum(z.rows for z in oto.groups)
     out = [f"{type(oto.model).__name__}: {len(oto.groups)} groups, {total_rows} prunable rows "

@@ -447,6 +447,7 @@ def binary(ctx: Ctx, input, other, kind="add", out=None, **_):
     shape = _out_shape(out)
     n = len(shape)
     labs = [v for v in operands if isinstance(v, Lab)]
+    ctx.pin([v for v in operands if isinstance(v, SymSize)], "a size read off this axis is used as a value")
     ids, zero = [], []
     for d in range(n):
         full, part = [], []

@@ -57,10 +57,13 @@ class MetaProp(fx.Interpreter):
         except OTOError:
             raise
         except Exception as e:  # noqa: BLE001 - any failure here is reported with its node
+            what = (f"module '{n.target}' ({type(self.fetch_attr(n.target)).__name__})" if n.op == "call_module"
+                    else f"{n.op} {getattr(n.target, '__name__', n.target)}")
+            msg = _real_error(self, n) or f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
             raise ShapePropError(
-                f"shape propagation failed at node '{n.name}' ({n.format_node()}): {type(e).__name__}: {e}. "
+                f"shape propagation failed at node '{n.name}', {what}: {msg}. "
                 "Check that the example inputs have the shapes and dtypes the model expects."
-            ) from e
+            ) from None
         n.meta["val"] = out
         return out
 
@@ -79,6 +82,30 @@ class MetaProp(fx.Interpreter):
             return args[0]
         state = {k: _meta(v) for k, v in list(mod.named_parameters()) + list(mod.named_buffers())}
         return functional_call(mod, state, tuple(args), dict(kwargs), tie_weights=False, strict=False)
+
+
+def _real_error(interp: "MetaProp", n: fx.Node) -> str | None:
+    """Re-run a failing node on real zeros (on a copy of its module) for torch's clearer message."""
+    import copy
+
+    def real(x):
+        if isinstance(x, torch.Tensor) and x.device.type == "meta":
+            return torch.zeros(x.shape, dtype=x.dtype)
+        return x
+
+    try:
+        args, kwargs = interp.fetch_args_kwargs_from_env(n)
+        args, kwargs = tree_map(real, args), tree_map(real, kwargs)
+        with torch.no_grad():
+            if n.op == "call_module":
+                copy.deepcopy(interp.fetch_attr(n.target))(*args, **kwargs)
+            elif n.op == "call_function":
+                n.target(*args, **kwargs)
+            else:
+                return None
+    except Exception as e:  # noqa: BLE001
+        return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    return None
 
 
 def propagate_shapes(gm: fx.GraphModule, args: tuple, kwargs: dict | None = None) -> fx.GraphModule:

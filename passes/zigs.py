@@ -61,6 +61,21 @@ class ZigSet:
         return self.uf.find(ids)
 
 
+# rules that take sizes as shapes (or just pass them on), so a changed size stays consistent
+_SIZE_CONSUMERS = {"reshape", "expand", "arith", "binary", "getitem", "size", "numel", "shape_merge", "split"}
+
+
+def _syms(x):
+    if isinstance(x, SymSize):
+        yield x
+    elif isinstance(x, (list, tuple)):
+        for v in x:
+            yield from _syms(v)
+    elif isinstance(x, dict):
+        for v in x.values():
+            yield from _syms(v)
+
+
 def _unknown(ctx: Ctx, node: fx.Node, args, kwargs, out, reason: str):
     ctx.pin((args, kwargs), reason)
     return _pinned_like(ctx, out)
@@ -127,6 +142,8 @@ def find_zigs(gm: fx.GraphModule, pin: tuple = ()) -> ZigSet:
         try:
             kw = bind(form, node, args, kwargs, module)
             kw = {k: _resolve(ctx, v) for k, v in kw.items()}
+            if form.rule not in _SIZE_CONSUMERS:
+                ctx.pin([v for v in _syms(kw)], "a size read off this axis is used as a value")
             if not any(isinstance(v, Lab) for v in labs_in(list(kw.values()))) and form.rule not in ("arith", "binary", "getitem"):
                 env[node] = _pinned_like(ctx, out)
                 continue
@@ -144,10 +161,12 @@ def find_zigs(gm: fx.GraphModule, pin: tuple = ()) -> ZigSet:
         ctx.pins.append(Pin(name, "user", "pinned by the user", 0))
         ctx.uf.pin(np.concatenate(hit))
     labels = {n.name: env.get(n) for n in gm.graph.nodes}
-    return _group(ctx, labels)
+    # NB: get_attr values are parameters, not activations: an unused parameter must not become a row
+    acts = [env.get(n) for n in gm.graph.nodes if n.op != "get_attr"]
+    return _group(ctx, labels, acts)
 
 
-def _act_ids(labels: dict) -> np.ndarray:
+def _act_ids(values: list) -> np.ndarray:
     arrays = []
 
     def visit(v):
@@ -157,16 +176,16 @@ def _act_ids(labels: dict) -> np.ndarray:
             for x in v:
                 visit(x)
 
-    for v in labels.values():
+    for v in values:
         visit(v)
     return np.concatenate(arrays) if arrays else np.zeros(0, dtype=np.int64)
 
 
-def _group(ctx: Ctx, labels: dict) -> ZigSet:
+def _group(ctx: Ctx, labels: dict, acts: list) -> ZigSet:
     uf = ctx.uf
     n = uf.size
     act = np.zeros(n, dtype=bool)
-    act[uf.find(_act_ids(labels))] = True
+    act[uf.find(_act_ids(acts))] = True
     act[PIN] = False
     params = [o for o in ctx.owners if o.is_param]
     rng = np.random.default_rng(0x07F0)

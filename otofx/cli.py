@@ -1,0 +1,117 @@
+"""The ``otofx`` command line.
+
+    otofx analyze torchvision:resnet50 --input 1,3,224,224
+    otofx analyze my_pkg.models:build_net --input 1,3,32,32 --pin fc
+    otofx rules
+
+A model spec is ``torchvision:NAME`` (random weights, nothing downloaded) or ``module:attr``, where
+attr is an nn.Module instance or a callable returning one.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+import time
+
+import torch
+
+from otofx.errors import OTOError
+
+_DTYPES = {"float32": torch.float32, "float64": torch.float64, "int64": torch.long, "long": torch.long}
+
+
+def load_model(spec: str) -> torch.nn.Module:
+    if ":" not in spec:
+        raise OTOError(f"model spec {spec!r}: expected 'torchvision:NAME' or 'module:attr'")
+    mod_name, _, attr = spec.partition(":")
+    if mod_name == "torchvision":
+        try:
+            import torchvision
+        except ImportError as e:
+            raise OTOError("torchvision is not installed: pip install torchvision") from e
+        if attr not in torchvision.models.list_models():
+            raise OTOError(f"torchvision has no model {attr!r}; see torchvision.models.list_models()")
+        kwargs = {"aux_logits": False, "init_weights": True} if attr in ("googlenet", "inception_v3") else {}
+        return torchvision.models.get_model(attr, weights=None, **kwargs).eval()
+    try:
+        module = importlib.import_module(mod_name)
+    except ImportError as e:
+        raise OTOError(f"cannot import {mod_name!r} from model spec {spec!r}: {e}") from e
+    obj = getattr(module, attr, None)
+    if obj is None:
+        raise OTOError(f"module {mod_name!r} has no attribute {attr!r}")
+    model = obj if isinstance(obj, torch.nn.Module) else obj()
+    if not isinstance(model, torch.nn.Module):
+        raise OTOError(f"{spec!r} did not give an nn.Module (got {type(model).__name__})")
+    return model
+
+
+def parse_shape(text: str) -> tuple:
+    try:
+        shape = tuple(int(s) for s in text.split(","))
+    except ValueError as e:
+        raise OTOError(f"--input {text!r}: expected comma-separated sizes such as 1,3,224,224") from e
+    if not shape or any(s <= 0 for s in shape):
+        raise OTOError(f"--input {text!r}: sizes must be positive")
+    return shape
+
+
+def _analyze(args) -> int:
+    from otofx import OTO
+
+    model = load_model(args.model)
+    dtype = _DTYPES[args.dtype]
+    inputs = []
+    for text in args.input:
+        shape = parse_shape(text)
+        inputs.append(torch.randn(shape) if dtype.is_floating_point else torch.randint(0, args.vocab, shape))
+    t0 = time.perf_counter()
+    oto = OTO(model, tuple(inputs), pin=tuple(args.pin))
+    dt = time.perf_counter() - t0
+    print(oto.report())
+    print(f"\nanalysis took {dt:.3f} s")
+    return 0
+
+
+def _rules(args) -> int:
+    from tabulate import tabulate
+
+    from otofx.passes import RULES
+    from otofx.passes.registry import FUNCTION_FORMS, METHOD_FORMS, MODULE_FORMS
+
+    counts = {}
+    for table in (MODULE_FORMS, FUNCTION_FORMS, METHOD_FORMS):
+        for form in table.values():
+            counts[form.rule] = counts.get(form.rule, 0) + 1
+    rows = [[name, counts.get(name, 0), r.doc] for name, r in sorted(RULES.items())]
+    print(tabulate(rows, headers=["rule", "forms", "channel algebra"], tablefmt="github"))
+    return 0
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="otofx", description="Only-Train-Once structured pruning on torch.fx")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    a = sub.add_parser("analyze", help="find the zero-invariant groups of a model and print them")
+    a.add_argument("model", help="torchvision:NAME or module:attr")
+    a.add_argument("--input", action="append", required=True, help="example input shape, e.g. 1,3,224,224 (repeatable)")
+    a.add_argument("--dtype", default="float32", choices=sorted(_DTYPES))
+    a.add_argument("--vocab", type=int, default=100, help="upper bound for integer inputs")
+    a.add_argument("--pin", action="append", default=[], help="module or parameter name to keep whole (repeatable)")
+    a.add_argument("-v", "--verbose", action="store_true")
+    a.set_defaults(fn=_analyze)
+    r = sub.add_parser("rules", help="list the operator rules and their channel algebra")
+    r.set_defaults(fn=_rules)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
+                        format="%(name)s: %(message)s")
+    try:
+        return args.fn(args)
+    except OTOError as e:
+        print(f"otofx: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

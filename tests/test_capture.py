@@ -1,0 +1,129 @@
+"""Front-ends and bad input: export fallback, clear errors, nothing half-done."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import otofx
+from helpers import assert_exact, randomize_stats, snapshot, zero_rows
+
+
+class ShapeBranch(nn.Module):
+    """Python control flow on a shape: symbolic_trace cannot take it, torch.export can."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 4, 3)
+
+    def forward(self, x):
+        y = self.bn(self.conv1(x))
+        if y.shape[0] > 1:
+            y = y * 2
+        return self.conv2(F.relu(y))
+
+
+class ValueBranch(ShapeBranch):
+    """Control flow on tensor values: no front-end can capture it."""
+
+    def forward(self, x):
+        y = self.conv1(x)
+        if y.sum() > 0:
+            y = -y
+        return self.conv2(y)
+
+
+def test_export_fallback_is_exact():
+    torch.manual_seed(0)
+    m = ShapeBranch().eval()
+    randomize_stats(m)
+    x = torch.randn(2, 3, 8, 8)
+    oto = otofx.OTO(m, x)
+    assert oto.frontend == "export"
+    assert [z.rows for z in oto.groups] == [8]
+    zero_rows(oto, 0.5, 0)
+    assert_exact(m, oto, x)
+
+
+@pytest.mark.parametrize("frontend", ["symbolic_trace", "export"])
+def test_frontends_agree(frontend):
+    torchvision = pytest.importorskip("torchvision")
+    m = torchvision.models.shufflenet_v2_x0_5().eval()
+    randomize_stats(m)
+    x = torch.randn(1, 3, 64, 64)
+    oto = otofx.OTO(m, x, frontend=frontend)
+    assert oto.frontend == frontend
+    ref = otofx.OTO(m, x)
+    assert [z.rows for z in oto.groups] == [z.rows for z in ref.groups]
+    zero_rows(oto, 0.5, 3)
+    assert_exact(m, oto, x)
+
+
+def test_untraceable_model_names_both_failures():
+    m = ValueBranch()
+    before = snapshot(m)
+    with pytest.raises(otofx.CaptureError) as e:
+        otofx.OTO(m, torch.randn(2, 3, 8, 8))
+    msg = str(e.value)
+    assert "symbolic_trace" in msg and "torch.export" in msg and "ValueBranch" in msg
+    assert snapshot(m) == before
+
+
+def test_wrong_input_shape_names_the_node():
+    m = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 2, 1))
+    with pytest.raises(otofx.OTOError, match=r"node '_0', module '0' \(Conv2d\).*3 channels.*example inputs"):
+        otofx.OTO(m, torch.randn(2, 5, 8, 8))
+    with pytest.raises(otofx.OTOError, match=r"node '_0'.*dtype"):
+        otofx.OTO(m, torch.randn(2, 3, 8, 8, dtype=torch.float64))
+
+
+def test_bad_example_inputs_type():
+    with pytest.raises(otofx.InputError, match="example_inputs"):
+        otofx.OTO(ShapeBranch(), [[1, 2]] and "not a tensor")
+
+
+def test_meta_model_is_refused():
+    with torch.device("meta"):
+        m = ShapeBranch()
+    with pytest.raises(otofx.InputError, match="meta"):
+        otofx.OTO(m, torch.randn(2, 3, 8, 8))
+
+
+def test_integer_parameters_are_refused():
+    m = ShapeBranch()
+    m.conv1.weight = nn.Parameter(torch.zeros(8, 3, 3, 3, dtype=torch.long), requires_grad=False)
+    with pytest.raises(otofx.InputError, match="conv1.weight"):
+        otofx.OTO(m, torch.randn(2, 3, 8, 8))
+
+
+def test_pin_by_name():
+    m = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.ReLU(), nn.Conv2d(8, 2, 1))
+    x = torch.randn(1, 3, 9, 9)
+    assert len(otofx.OTO(m, x).groups) == 2
+    oto = otofx.OTO(m, x, pin=["0"])
+    assert len(oto.groups) == 1 and oto.groups[0].layers[0] == "2"
+    assert any(p.reason == "pinned by the user" for p in oto.pinned)
+    with pytest.raises(otofx.InputError, match="nope"):
+        otofx.OTO(m, x, pin=["nope"])
+
+
+def test_keyword_inputs():
+    class KW(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(4, 6)
+            self.b = nn.Linear(6, 3)
+
+        def forward(self, x, scale=None):
+            return self.b(torch.relu(self.a(x))) * scale
+
+    m = KW()
+    x = {"x": torch.randn(2, 4), "scale": torch.randn(2, 3)}
+    oto = otofx.OTO(m, x)
+    assert [z.rows for z in oto.groups] == [6]
+    zero_rows(oto, 0.5, 0)
+    small = oto.compress()
+    torch.testing.assert_close(small(**x), m(**x))
