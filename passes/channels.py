@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.fx as fx
 
-from .unionfind import PIN, UnionFind
+from .unionfind import PIN, UnionFind, unique
 
 
 @dataclass(frozen=True)
@@ -77,6 +77,9 @@ class Pin:
     channels: int  # how many channel classes this pin took out of play
 
 
+PINNED = "pinned"  # marker for Ctx.tensor_lab: this axis of the tensor is not a channel
+
+
 def pinned_axis(n: int) -> np.ndarray:
     return np.zeros(n, dtype=np.int64)
 
@@ -97,6 +100,7 @@ class Ctx:
     node: fx.Node | None = None
     op: str = ""
     alias: dict = field(default_factory=dict)  # any name of a tensor -> its first name
+    tensors: dict = field(default_factory=dict)  # first name -> parameter or buffer
 
     def __post_init__(self):
         first: dict[int, str] = {}
@@ -104,6 +108,7 @@ class Ctx:
         named += list(self.root.named_buffers(remove_duplicate=False))
         for name, t in named:
             self.alias[name] = first.setdefault(id(t), name)
+            self.tensors.setdefault(self.alias[name], t)
 
     # -- constructors -------------------------------------------------------------------------
     def pinned_lab(self, shape) -> Lab:
@@ -113,27 +118,60 @@ class Ctx:
     def fresh(self, n: int) -> np.ndarray:
         return self.uf.new(n)
 
-    def tensor_lab(self, name: str) -> Lab:
-        """Lab of parameter/buffer ``name``; fresh owned ids on each axis of size > 1."""
+    def tensor_lab(self, name: str, given: dict | None = None) -> Lab:
+        """Lab of parameter/buffer ``name``.
+
+        The first read creates it: axis d takes ``given[d]`` when that is an id array of the
+        axis' length (the channel it is owned by, no union needed) or ``PINNED`` (not a channel),
+        and fresh owned ids otherwise (size-1 axes are pinned). Later reads tie ``given`` to it.
+        """
         name = self.alias.get(name, name)
         lab = self.tensor_labs.get(name)
+        given = given or {}
         if lab is not None:
+            for d, a in given.items():
+                if a is PINNED:
+                    self.uf.pin(lab.ids[d])
+                elif len(a) == lab.shape[d]:
+                    self.tie(lab.ids[d], a)
             return lab
-        t = _get_tensor(self.root, name)
+        t = self.tensors[name] if name in self.tensors else _get_tensor(self.root, name)
         is_param = isinstance(t, torch.nn.Parameter)
         ids, zeros = [], []
         for d, n in enumerate(t.shape):
-            if n > 1:
-                a = self.fresh(n)
-                self.owners.append(Owner(name, d, a, is_param))
-                zeros.append(np.ones(n, dtype=bool))
-            else:
-                a = pinned_axis(n)
+            a = given.get(d)
+            if a is PINNED or n == 1:
+                ids.append(pinned_axis(n))
                 zeros.append(false_mask(n))
+                continue
+            if a is None or len(a) != n:
+                a = self.fresh(n)
+            self.owners.append(Owner(name, d, a, is_param))
             ids.append(a)
+            zeros.append(np.ones(n, dtype=bool))
         lab = Lab(tuple(ids), tuple(zeros))
         self.tensor_labs[name] = lab
         return lab
+
+    def shape_of(self, p) -> tuple:
+        if isinstance(p, Lab):
+            return p.shape
+        name = self.alias.get(p.name, p.name)
+        t = self.tensors[name] if name in self.tensors else _get_tensor(self.root, name)
+        return tuple(t.shape)
+
+    def param(self, p, given: dict | None = None) -> Lab | None:
+        """A parameter argument (a ParamRef-like object with ``.name``, a Lab, or None) as a Lab."""
+        if p is None:
+            return None
+        if isinstance(p, Lab):
+            for d, a in (given or {}).items():
+                if a is PINNED:
+                    self.uf.pin(p.ids[d])
+                elif len(a) == p.shape[d]:
+                    self.tie(p.ids[d], a)
+            return p
+        return self.tensor_lab(p.name, given)
 
     # -- merging ------------------------------------------------------------------------------
     def tie(self, a: np.ndarray, b: np.ndarray) -> None:
@@ -146,7 +184,7 @@ class Ctx:
             return
         flat = np.concatenate(arrays)
         roots = self.uf.find(flat)
-        live = np.unique(roots[roots != PIN])
+        live = unique(roots[roots != PIN])
         if live.size == 0:
             return
         self.uf.pin(live)

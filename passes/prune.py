@@ -175,16 +175,17 @@ def prune(gm: fx.GraphModule, plan: Plan) -> fx.GraphModule:
     """A new GraphModule with the plan's rows removed (``gm`` is not modified)."""
     new = copy.deepcopy(gm)
     _slice_tensors(new, plan)
+    mods = dict(new.named_modules())
     for node in list(new.graph.nodes):
         if node.op not in ("call_module", "call_function", "call_method"):
             continue
-        form = form_of(node, new)
+        form = form_of(node, mods)
         if form is None:
             continue
         fix = RULES[form.rule].fix
         if fix is None:
             continue
-        module = new.get_submodule(node.target) if node.op == "call_module" else None
+        module = mods[node.target] if node.op == "call_module" else None
         site = Site(plan, node, module, form)
         if site.out_old is None and not site.out_old_list:
             continue

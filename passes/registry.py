@@ -79,10 +79,14 @@ def modules(rule_name: str, types, binder: Callable, **extra) -> None:
             MODULE_FORMS[t] = form
 
 
+def _submodule(root, target: str):
+    # ``root`` is a module or a ready {qualified name: module} dict (fast path for whole-graph walks)
+    return root[target] if isinstance(root, dict) else root.get_submodule(target)
+
+
 def form_of(node: fx.Node, root) -> Form | None:
     if node.op == "call_module":
-        mod = root.get_submodule(node.target)
-        return MODULE_FORMS.get(type(mod))
+        return MODULE_FORMS.get(type(_submodule(root, node.target)))
     if node.op == "call_function":
         try:
             return FUNCTION_FORMS.get(node.target)
@@ -99,7 +103,7 @@ def canonical_name(node: fx.Node, root) -> str:
     if form is not None:
         return form.rule
     if node.op == "call_module":
-        return type(root.get_submodule(node.target)).__name__
+        return type(_submodule(root, node.target)).__name__
     if node.op == "call_function":
         return getattr(node.target, "__name__", str(node.target))
     return str(node.target)

@@ -27,7 +27,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .channels import Ctx, Lab, SymSize, false_mask, labs_in, pinned_axis
+from .channels import PINNED, Ctx, Lab, SymSize, false_mask, labs_in, pinned_axis
 from .registry import functions, methods, modules, rule, set_arg, arg_slot
 
 aten = torch.ops.aten
@@ -73,23 +73,6 @@ def _pass(x: Lab, shape, keep_axes) -> Lab:
     return Lab(tuple(ids), tuple(zero))
 
 
-def _tie_param(ctx: Ctx, p: Lab | None, axis_ids: np.ndarray, dim: int = 0) -> None:
-    """Tie a per-channel parameter/buffer's ``dim`` to ``axis_ids`` (a size-1 parameter broadcasts)."""
-    if p is None:
-        return
-    if p.shape[dim] == len(axis_ids):
-        ctx.tie(p.ids[dim], axis_ids)
-    for d in range(p.ndim):
-        if d != dim:
-            ctx.uf.pin(p.ids[d])
-
-
-def _pin_param(ctx: Ctx, p: Lab | None) -> None:
-    if p is not None:
-        for a in p.ids:
-            ctx.uf.pin(a)
-
-
 # ---------------------------------------------------------------------------------------------
 # Producers and consumers
 # ---------------------------------------------------------------------------------------------
@@ -110,32 +93,26 @@ def _conv_fix(site, input, weight, groups=1, transposed=False, **_):
 @rule("conv", fix=_conv_fix)
 def conv(ctx: Ctx, input, weight, bias=None, groups=1, transposed=False, out=None, **_):
     """out channel o = sum over its conv group's input channels: weight dim 0 (dim 1 if transposed) owns out, the other dim reads in; groups > 1 ties each conv group's in and out channels into one row."""
-    x, w, b = input, weight, bias
+    x = input
     g = int(groups or 1)
-    nsp = w.ndim - 2
+    nsp = len(ctx.shape_of(weight)) - 2
     cax = x.ndim - nsp - 1
     in_ids = x.ids[cax]
-    o_dim, i_dim = (1, 0) if transposed else (0, 1)
-    for d in range(2, w.ndim):
-        ctx.uf.pin(w.ids[d])
+    kernel = {d: PINNED for d in range(2, 2 + nsp)}
     shape = _out_shape(out)
     if g == 1:
-        ctx.tie(w.ids[i_dim], in_ids)
-        out_ids = w.ids[o_dim]
+        w = ctx.param(weight, {(0 if transposed else 1): in_ids, **kernel})
+        out_ids = w.ids[1 if transposed else 0]
     else:
-        cin = len(in_ids)
-        in_g = in_ids.reshape(g, cin // g)
+        in_g = in_ids.reshape(g, len(in_ids) // g)
         ctx.tie(in_g, in_g[:, :1])
         if transposed:
-            ctx.tie(w.ids[0], in_ids)
-            cout = shape[cax]
-            out_ids = ctx.fresh(cout)
+            ctx.param(weight, {0: in_ids, 1: PINNED, **kernel})
+            out_ids = ctx.fresh(shape[cax])
         else:
-            out_ids = w.ids[0]
-            cout = len(out_ids)
-        ctx.uf.pin(w.ids[o_dim if transposed else 1])
-        ctx.tie(out_ids.reshape(g, cout // g), in_g[:, :1])
-    _tie_param(ctx, b, out_ids)
+            out_ids = ctx.param(weight, {1: PINNED, **kernel}).ids[0]
+        ctx.tie(out_ids.reshape(g, -1), in_g[:, :1])
+    ctx.param(bias, {0: out_ids})
     keep = {d: d for d in range(cax)}
     lab = _pass(x, shape, keep)
     return lab.with_axis(cax, out_ids, np.ones(len(out_ids), dtype=bool))
@@ -174,9 +151,9 @@ def _linear_fix(site, **_):
 @rule("linear", fix=_linear_fix)
 def linear(ctx: Ctx, input, weight, bias=None, out=None, **_):
     """y[..., o] = sum_i W[o, i] x[..., i] + b[o]: weight dim 1 reads the last axis, dim 0 and bias own the new last axis."""
-    x, w = input, weight
-    ctx.tie(w.ids[1], x.ids[-1])
-    _tie_param(ctx, bias, w.ids[0])
+    x = input
+    w = ctx.param(weight, {1: x.ids[-1]})
+    ctx.param(bias, {0: w.ids[0]})
     shape = _out_shape(out)
     lab = _pass(x, shape, {d: d for d in range(x.ndim - 1)})
     return lab.with_axis(len(shape) - 1, w.ids[0], np.ones(len(w.ids[0]), dtype=bool))
@@ -242,7 +219,7 @@ def _embedding_fix(site, **_):
 @rule("embedding", fix=_embedding_fix)
 def embedding(ctx: Ctx, input, weight, out=None, **_):
     """y[..., j] = W[idx, j]: weight dim 1 owns the new last axis, dim 0 (the vocabulary) is pinned."""
-    ctx.uf.pin(weight.ids[0])
+    weight = ctx.param(weight, {0: PINNED})
     shape = _out_shape(out)
     lab = _pass(input, shape, {d: d for d in range(input.ndim)})
     return lab.with_axis(len(shape) - 1, weight.ids[1], np.ones(len(weight.ids[1]), dtype=bool))
@@ -271,7 +248,7 @@ def batch_norm(ctx: Ctx, input, weight=None, bias=None, running_mean=None, runni
     x = input
     c = x.ids[1]
     for p in (weight, bias, running_mean, running_var):
-        _tie_param(ctx, p, c)
+        ctx.param(p, {0: c})
     z = np.ones(len(c), dtype=bool) if weight is not None else false_mask(len(c))
     return x.with_axis(1, c, z)
 
@@ -310,8 +287,8 @@ def group_norm(ctx: Ctx, input, num_groups, weight=None, bias=None, out=None, **
     c = x.ids[1]
     grouped = c.reshape(int(num_groups), -1)
     ctx.tie(grouped, grouped[:, :1])
-    _tie_param(ctx, weight, c)
-    _tie_param(ctx, bias, c)
+    ctx.param(weight, {0: c})
+    ctx.param(bias, {0: c})
     z = np.ones(len(c), dtype=bool) if weight is not None else x.zero[1]
     return x.with_axis(1, c, z)
 
@@ -330,8 +307,9 @@ def layer_norm(ctx: Ctx, input, normalized_shape, weight=None, bias=None, out=No
     k = len(normalized_shape) if isinstance(normalized_shape, (tuple, list, torch.Size)) else 1
     for d in range(x.ndim - k, x.ndim):
         ctx.pin(x.ids[d], "layer_norm normalises over this axis")
-    _pin_param(ctx, weight)
-    _pin_param(ctx, bias)
+    for p in (weight, bias):
+        if p is not None:
+            ctx.param(p, {d: PINNED for d in range(len(ctx.shape_of(p)))})
     shape = _out_shape(out)
     return _pass(x, shape, {d: d for d in range(x.ndim - k)})
 
@@ -422,8 +400,7 @@ def _prelu_fix(site, **_):
 def prelu(ctx: Ctx, input, weight, out=None, **_):
     """y = max(0, x) + a[c] min(0, x): a per-channel slope is owned by channel axis 1; zero stays zero."""
     x = input
-    if weight.shape[0] > 1:
-        _tie_param(ctx, weight, x.ids[1 if x.ndim > 1 else 0])
+    ctx.param(weight, {0: x.ids[1 if x.ndim > 1 else 0]})
     return x
 
 

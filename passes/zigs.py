@@ -23,7 +23,7 @@ import torch.fx as fx
 from .channels import Ctx, Lab, Owner, Pin, SymSize, labs_in
 from .registry import RULES, bind, canonical_name, form_of
 from .semantics import ParamRef
-from .unionfind import PIN, UnionFind
+from .unionfind import PIN, UnionFind, unique
 
 log = logging.getLogger("otofx")
 
@@ -65,6 +65,17 @@ class ZigSet:
 _SIZE_CONSUMERS = {"reshape", "expand", "arith", "binary", "getitem", "size", "numel", "shape_merge", "split"}
 
 
+def _flat(x):
+    if isinstance(x, (list, tuple)):
+        for v in x:
+            yield from _flat(v)
+    elif isinstance(x, dict):
+        for v in x.values():
+            yield from _flat(v)
+    else:
+        yield x
+
+
 def _syms(x):
     if isinstance(x, SymSize):
         yield x
@@ -89,9 +100,17 @@ def _pinned_like(ctx: Ctx, out):
     return out
 
 
+# rules that read their parameter arguments through ctx.param (lazy, no union for owned axes)
+_PARAM_AWARE = {"conv", "linear", "embedding", "batch_norm", "group_norm", "layer_norm", "prelu"}
+
+
 def _resolve(ctx: Ctx, v):
     if isinstance(v, ParamRef):
         return ctx.tensor_lab(v.name)
+    if isinstance(v, (list, tuple)):
+        return type(v)(_resolve(ctx, x) for x in v)
+    if isinstance(v, dict):
+        return {k: _resolve(ctx, x) for k, x in v.items()}
     return v
 
 
@@ -113,6 +132,7 @@ def find_zigs(gm: fx.GraphModule, pin: tuple = ()) -> ZigSet:
     ``pin``: module or parameter names whose channels must not be removed.
     """
     ctx = Ctx(gm)
+    mods = dict(gm.named_modules())
     env: dict = {}
     load = lambda a: fx.node.map_arg(a, lambda n: env[n])  # noqa: E731
     for node in gm.graph.nodes:
@@ -123,34 +143,35 @@ def find_zigs(gm: fx.GraphModule, pin: tuple = ()) -> ZigSet:
             continue
         if node.op == "get_attr":
             ctx.op = "get_attr"
-            env[node] = ctx.tensor_lab(node.target) if isinstance(out, torch.Tensor) else out
+            env[node] = ParamRef(node.target) if isinstance(out, torch.Tensor) else out
             continue
         if node.op == "output":
             ctx.op = "output"
-            ctx.pin(load(node.args), "model output")
+            ctx.pin(_resolve(ctx, load(node.args)), "model output")
             continue
         args, kwargs = load(node.args), load(node.kwargs)
-        ctx.op = canonical_name(node, gm)
+        ctx.op = canonical_name(node, mods)
         if node.op == "call_function" and node.target is getattr:
-            env[node] = _getattr_value(ctx, node, args[0], args[1], out)
+            env[node] = _getattr_value(ctx, node, _resolve(ctx, args[0]), args[1], out)
             continue
-        form = form_of(node, gm)
+        form = form_of(node, mods)
         if form is None:
-            env[node] = _unknown(ctx, node, args, kwargs, out, f"no rule for '{ctx.op}'")
+            env[node] = _unknown(ctx, node, _resolve(ctx, args), _resolve(ctx, kwargs), out, f"no rule for '{ctx.op}'")
             continue
-        module = gm.get_submodule(node.target) if node.op == "call_module" else None
+        module = mods[node.target] if node.op == "call_module" else None
         try:
             kw = bind(form, node, args, kwargs, module)
-            kw = {k: _resolve(ctx, v) for k, v in kw.items()}
+            if form.rule not in _PARAM_AWARE:
+                kw = _resolve(ctx, kw)
             if form.rule not in _SIZE_CONSUMERS:
                 ctx.pin([v for v in _syms(kw)], "a size read off this axis is used as a value")
-            if not any(isinstance(v, Lab) for v in labs_in(list(kw.values()))) and form.rule not in ("arith", "binary", "getitem"):
+            if not any(isinstance(v, (Lab, ParamRef)) for v in _flat(kw)) and form.rule not in ("arith", "binary", "getitem"):
                 env[node] = _pinned_like(ctx, out)
                 continue
             env[node] = RULES[form.rule].analyze(ctx, **kw, out=out)
         except Exception as e:  # noqa: BLE001 - a rule that cannot handle a call pins it
             log.debug("rule %s failed on %s: %s", form.rule, node.format_node(), e)
-            env[node] = _unknown(ctx, node, args, kwargs, out, f"rule '{form.rule}' cannot handle this call ({type(e).__name__}: {e})")
+            env[node] = _unknown(ctx, node, _resolve(ctx, args), _resolve(ctx, kwargs), out, f"rule '{form.rule}' cannot handle this call ({type(e).__name__}: {e})")
     for name in pin:
         ctx.node, ctx.op = None, "user"
         hit = [o.ids for o in ctx.owners if o.name == name or o.name.startswith(name + ".")]
@@ -188,50 +209,47 @@ def _group(ctx: Ctx, labels: dict, acts: list) -> ZigSet:
     act[uf.find(_act_ids(acts))] = True
     act[PIN] = False
     params = [o for o in ctx.owners if o.is_param]
-    rng = np.random.default_rng(0x07F0)
-    salts = rng.integers(1, 2**62, size=len(params), dtype=np.uint64) | np.uint64(1)
-    sig = np.zeros(n, dtype=np.uint64)
-    roots_of = []
-    for o, salt in zip(params, salts):
-        r = uf.find(o.ids)
-        roots_of.append(r)
-        u, c = np.unique(r[act[r]], return_counts=True)
-        if u.size:
-            with np.errstate(over="ignore"):
-                sig[u] += salt * (c.astype(np.uint64) + np.uint64(1))
-    classes = np.nonzero(sig)[0]
     zig_of_root = np.full(n, -1, dtype=np.int64)
     row_of_root = np.full(n, -1, dtype=np.int64)
+    empty = ZigSet((), tuple(ctx.pins), labels, tuple(ctx.owners), uf, zig_of_root, row_of_root)
+    if not params:
+        return empty
+    lens = np.array([len(o.ids) for o in params])
+    starts = np.concatenate([[0], np.cumsum(lens)[:-1]])
+    owner = np.repeat(np.arange(len(params)), lens)
+    pos = np.arange(int(lens.sum())) - np.repeat(starts, lens)
+    roots = uf.find(np.concatenate([o.ids for o in params]))
+    keep = act[roots]
+    owner, pos, roots = owner[keep], pos[keep], roots[keep]
+    # a class's signature: the (owner, count) pairs it holds, hashed; equal signatures = one zig
+    key, counts_of_key = unique(roots * len(params) + owner, return_counts=True)
+    salts = np.random.default_rng(0x07F0).integers(1, 2**62, size=len(params), dtype=np.uint64) | np.uint64(1)
+    sig = np.zeros(n, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        np.add.at(sig, key // len(params), salts[key % len(params)] * (counts_of_key.astype(np.uint64) + np.uint64(1)))
+    classes = np.nonzero(sig)[0]
     if classes.size == 0:
-        return ZigSet((), tuple(ctx.pins), labels, tuple(ctx.owners), uf, zig_of_root, row_of_root)
-    uniq, inv = np.unique(sig[classes], return_inverse=True)
+        return empty
+    uniq, inv = unique(sig[classes], return_inverse=True)
     # order zigs by their first class (producer order), rows by class id inside a zig
     first = np.full(len(uniq), np.iinfo(np.int64).max)
     np.minimum.at(first, inv, classes)
-    order = np.argsort(first, kind="stable")
-    rank = np.empty_like(order)
-    rank[order] = np.arange(len(order))
+    rank = np.empty(len(uniq), dtype=np.int64)
+    rank[np.argsort(first, kind="stable")] = np.arange(len(uniq))
     zid = rank[inv]
     zig_of_root[classes] = zid
     counts = np.bincount(zid, minlength=len(uniq))
     srt = np.lexsort((classes, zid))
-    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
-    row_of_root[classes[srt]] = np.arange(len(classes)) - np.repeat(starts, counts)
+    zstart = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    row_of_root[classes[srt]] = np.arange(len(classes)) - np.repeat(zstart, counts)
+    # every (zig, owner) segment, rows in order, positions in order inside a row
+    z, row = zig_of_root[roots], row_of_root[roots]
+    order = np.lexsort((pos, row, owner, z))
+    z, owner, pos = z[order], owner[order], pos[order]
+    cut = np.nonzero((np.diff(z) != 0) | (np.diff(owner) != 0))[0] + 1
     entries: list[list] = [[] for _ in range(len(uniq))]
-    for o, r in zip(params, roots_of):
-        z = zig_of_root[r]
-        valid = z >= 0
-        if not valid.any():
-            continue
-        pos = np.nonzero(valid)[0]
-        zz, rows = z[valid], row_of_root[r[valid]]
-        srt2 = np.lexsort((pos, rows, zz))
-        pos, zz, rows = pos[srt2], zz[srt2], rows[srt2]
-        bounds = np.nonzero(np.diff(zz))[0] + 1
-        for seg_pos, seg_z in zip(np.split(pos, bounds), np.split(zz, bounds)):
-            zi = int(seg_z[0])
-            nrows = int(counts[zi])
-            idx = torch.from_numpy(seg_pos.reshape(nrows, -1).copy())
-            entries[zi].append((o.name, o.dim, idx))
+    for a, b in zip(np.concatenate([[0], cut]), np.concatenate([cut, [len(z)]])):
+        zi, o = int(z[a]), params[int(owner[a])]
+        entries[zi].append((o.name, o.dim, torch.from_numpy(pos[a:b].reshape(int(counts[zi]), -1).copy())))
     zigs = tuple(ZIG(int(counts[i]), tuple(entries[i])) for i in range(len(uniq)))
     return ZigSet(zigs, tuple(ctx.pins), labels, tuple(ctx.owners), uf, zig_of_root, row_of_root)
