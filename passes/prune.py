@@ -78,7 +78,34 @@ def plan_rows(zigset: ZigSet, rows) -> Plan:
             mask = z == zi
             sel[mask] = np.isin(r[mask], np.asarray(rr))
     removed[roots[sel]] = True
-    return Plan(zigset, tuple(torch.as_tensor(x, dtype=torch.long) for x in rows), removed)
+    _keep_one_per_axis(zigset, removed)
+    rows = tuple(torch.from_numpy(np.sort(r[(z == zi) & removed[roots]])) for zi in range(len(zigset.zigs)))
+    return Plan(zigset, rows, removed)
+
+
+def _keep_one_per_axis(zigset: ZigSet, removed: np.ndarray) -> None:
+    """Give back one (zero) row to every axis that would lose all its channels.
+
+    # NB: torch has no zero-channel conv, and an emptied concat branch or split piece would change
+    # the graph's structure; one zero row keeps every layer in place and is exact by definition.
+    """
+    uf = zigset.uf
+    axes = [o.ids for o in zigset.owners]
+
+    def visit(v):
+        if isinstance(v, Lab):
+            axes.extend(v.ids)
+        elif isinstance(v, (tuple, list)):
+            for x in v:
+                visit(x)
+
+    for v in zigset.labels.values():
+        visit(v)
+    for ids in axes:
+        if len(ids) and removed[uf.find(ids[:1])[0]]:
+            r = uf.find(ids)
+            if removed[r].all():
+                removed[r[0]] = False
 
 
 class Site:

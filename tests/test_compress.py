@@ -1,0 +1,91 @@
+"""compress(): all-zero groups, repeated calls, saving, state_dict, export, the user's model untouched."""
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+
+import otofx
+from helpers import assert_exact, n_params, randomize_stats, snapshot, zero_rows
+
+torchvision = pytest.importorskip("torchvision")
+
+
+def _model(name):
+    kwargs = {"aux_logits": False, "init_weights": True} if name == "googlenet" else {}
+    m = torchvision.models.get_model(name, weights=None, **kwargs).eval()
+    randomize_stats(m)
+    return m
+
+
+@pytest.mark.parametrize("name", ["resnet18", "shufflenet_v2_x0_5", "googlenet", "regnet_y_400mf", "convnext_tiny"])
+def test_every_row_zero_keeps_a_working_model(name):
+    m = _model(name)
+    x = torch.randn(2, 3, 64, 64)
+    oto = otofx.OTO(m, x)
+    zero_rows(oto, fraction=1.0)
+    small = assert_exact(m, oto, x)
+    assert n_params(small) < n_params(m) // 2
+
+
+def test_compress_twice_and_after_more_zeros():
+    m = _model("resnet18")
+    x = torch.randn(1, 3, 32, 32)
+    oto = otofx.OTO(m, x)
+    zero_rows(oto, 0.25, seed=0)
+    first = assert_exact(m, oto, x)
+    again = assert_exact(m, oto, x)
+    assert n_params(first) == n_params(again)
+    zero_rows(oto, 0.25, seed=1)
+    third = assert_exact(m, oto, x)
+    assert n_params(third) < n_params(first)
+
+
+def test_no_zero_rows_is_identity():
+    m = _model("mobilenet_v3_small")
+    x = torch.randn(1, 3, 32, 32)
+    small = otofx.OTO(m, x).compress()
+    assert n_params(small) == n_params(m)
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), m(x), rtol=1e-5, atol=1e-6)
+
+
+def test_save_load_state_dict_and_export():
+    m = _model("resnet18")
+    x = torch.randn(1, 3, 32, 32)
+    oto = otofx.OTO(m, x)
+    zero_rows(oto, 0.5, seed=2)
+    before = snapshot(m)
+    small = oto.compress()
+    assert snapshot(m) == before, "compress() mutated the model"
+    with torch.no_grad():
+        ref = small(x)
+    buf = io.BytesIO()
+    torch.save(small, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), ref)
+    # the state_dict matches the module shapes: it loads into a fresh copy of itself
+    loaded.load_state_dict(small.state_dict())
+    conv = small.get_submodule("layer1.0.conv1")
+    assert conv.weight.shape == (conv.out_channels, conv.in_channels // conv.groups, 3, 3)
+    bn = small.get_submodule("layer1.0.bn1")
+    assert bn.running_mean.shape == (bn.num_features,) == (conv.out_channels,)
+    ep = torch.export.export(small, (x,))
+    with torch.no_grad():
+        torch.testing.assert_close(ep.module()(x), ref)
+
+
+def test_compressed_model_trains_further():
+    m = _model("resnet18").train()
+    x = torch.randn(4, 3, 32, 32)
+    oto = otofx.OTO(m, x)
+    zero_rows(oto, 0.5, seed=3)
+    small = oto.compress()
+    assert small.training
+    opt = torch.optim.SGD(small.parameters(), lr=0.1)
+    loss = small(x).logsumexp(1).mean()
+    loss.backward()
+    opt.step()
