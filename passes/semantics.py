@@ -59,17 +59,26 @@ def _out_shape(meta) -> tuple:
     return tuple(int(s) for s in meta.shape)
 
 
-def _pass(x: Lab, shape, keep_axes) -> Lab:
-    """Label of ``shape`` whose axes in ``keep_axes`` (out axis -> in axis) come from x; rest pinned."""
+def _pass(ctx: Ctx, x: Lab, shape, keep_axes, handled=()) -> Lab:
+    """Label of ``shape`` whose axes in ``keep_axes`` (out axis -> in axis) come from x; rest pinned.
+
+    # NB: an input axis that is neither passed through nor ``handled`` by the rule is mixed by the
+    # op (a conv's spatial axes, say); its channels are pinned, or they would silently vanish.
+    """
     ids, zero = [], []
+    passed = set()
     for d, n in enumerate(shape):
         src = keep_axes.get(d)
         if src is not None and x.shape[src] == n:
             ids.append(x.ids[src])
             zero.append(x.zero[src])
+            passed.add(src)
         else:
             ids.append(pinned_axis(n))
             zero.append(false_mask(n))
+    for d in range(x.ndim):
+        if d not in passed and d not in handled:
+            ctx.pin(x.ids[d], "the op mixes this axis")
     return Lab(tuple(ids), tuple(zero))
 
 
@@ -114,7 +123,7 @@ def conv(ctx: Ctx, input, weight, bias=None, groups=1, transposed=False, out=Non
         ctx.tie(out_ids.reshape(g, -1), in_g[:, :1])
     ctx.param(bias, {0: out_ids})
     keep = {d: d for d in range(cax)}
-    lab = _pass(x, shape, keep)
+    lab = _pass(ctx, x, shape, keep, handled=(cax,))
     return lab.with_axis(cax, out_ids, np.ones(len(out_ids), dtype=bool))
 
 
@@ -155,7 +164,7 @@ def linear(ctx: Ctx, input, weight, bias=None, out=None, **_):
     w = ctx.param(weight, {1: x.ids[-1]})
     ctx.param(bias, {0: w.ids[0]})
     shape = _out_shape(out)
-    lab = _pass(x, shape, {d: d for d in range(x.ndim - 1)})
+    lab = _pass(ctx, x, shape, {d: d for d in range(x.ndim - 1)}, handled=(x.ndim - 1,))
     return lab.with_axis(len(shape) - 1, w.ids[0], np.ones(len(w.ids[0]), dtype=bool))
 
 
@@ -221,7 +230,7 @@ def embedding(ctx: Ctx, input, weight, out=None, **_):
     """y[..., j] = W[idx, j]: weight dim 1 owns the new last axis, dim 0 (the vocabulary) is pinned."""
     weight = ctx.param(weight, {0: PINNED})
     shape = _out_shape(out)
-    lab = _pass(input, shape, {d: d for d in range(input.ndim)})
+    lab = _pass(ctx, input, shape, {d: d for d in range(input.ndim)})
     return lab.with_axis(len(shape) - 1, weight.ids[1], np.ones(len(weight.ids[1]), dtype=bool))
 
 
@@ -311,7 +320,7 @@ def layer_norm(ctx: Ctx, input, normalized_shape, weight=None, bias=None, out=No
         if p is not None:
             ctx.param(p, {d: PINNED for d in range(len(ctx.shape_of(p)))})
     shape = _out_shape(out)
-    return _pass(x, shape, {d: d for d in range(x.ndim - k)})
+    return _pass(ctx, x, shape, {d: d for d in range(x.ndim - k)}, handled=tuple(range(x.ndim - k, x.ndim)))
 
 
 def _ln_module(node, m, args, kwargs):
@@ -483,7 +492,7 @@ def pool(ctx: Ctx, input, nsp=2, out=None, **_):
     for o in outs:
         shape = _out_shape(o)
         keep = {d: d for d in range(len(shape) - nsp)}
-        labs.append(_pass(x, shape, keep))
+        labs.append(_pass(ctx, x, shape, keep))
     return tuple(labs) if isinstance(out, (tuple, list)) else labs[0]
 
 
@@ -502,7 +511,7 @@ for _n in (1, 2, 3):
 @rule("resample")
 def resample(ctx: Ctx, input, out=None, **_):
     """interpolation over every axis after the channel axis: batch and channel keep their ids, spatial axes are pinned."""
-    return _pass(input, _out_shape(out), {0: 0, 1: 1})
+    return _pass(ctx, input, _out_shape(out), {0: 0, 1: 1})
 
 
 functions("resample", [F.interpolate, getattr(F, "upsample", None), getattr(F, "upsample_nearest", None),
@@ -613,7 +622,7 @@ def narrow(ctx: Ctx, input, dim, start, length, out=None, **_):
     d = _ax(dim, x.ndim)
     if not isinstance(start, int) or not isinstance(length, int):
         ctx.pin(x.ids[d], "narrow with a computed start or length")
-        return _pass(x, _out_shape(out), {i: i for i in range(x.ndim)})
+        return _pass(ctx, x, _out_shape(out), {i: i for i in range(x.ndim)})
     s = _ax(start, x.shape[d])
     return x.with_axis(d, x.ids[d][s:s + length], x.zero[d][s:s + length])
 
@@ -638,7 +647,7 @@ def slice_(ctx: Ctx, input, dim=0, start=None, end=None, step=1, out=None, **_):
     d = _ax(dim, x.ndim)
     if step != 1 or not all(isinstance(v, (int, type(None))) for v in (start, end)):
         ctx.pin(x.ids[d], "strided or computed slice")
-        return _pass(x, _out_shape(out), {i: i for i in range(x.ndim)})
+        return _pass(ctx, x, _out_shape(out), {i: i for i in range(x.ndim)})
     s, e, _ = slice(start, end).indices(x.shape[d])
     return x.with_axis(d, x.ids[d][s:e], x.zero[d][s:e])
 
@@ -818,7 +827,7 @@ def _reshape_lab(ctx: Ctx, x: Lab, out_shape, hints=None) -> Lab:
         if hints is not None:
             dyn = [k for k in cand if hints[gj[k]]]
             cand = dyn or cand
-        r = max(cand, key=lambda k: fsizes[k])
+        r = cand[0]
         g_ids = flat_ids.reshape(fsizes)
         g_z = flat_z.reshape(fsizes)
         moved = np.moveaxis(g_ids, r, 0).reshape(fsizes[r], -1)
@@ -860,7 +869,7 @@ def _reshape_fix(site, input, shape=(), **_):
 
 @rule("reshape", fix=_reshape_fix)
 def reshape(ctx: Ctx, input, shape=(), out=None, **_):
-    """view/reshape: merged axes repeat the one channel's ids over the block; a split keeps one factor (a computed size first, else the largest) as the row axis and ties the rest."""
+    """view/reshape: merged axes repeat the one channel's ids over the block; a split keeps one factor (a computed size first, else the outermost) as the row axis and ties the rest."""
     raw = _shape_args(shape)
     hints = [_is_dyn(v) for v in raw] if len(raw) == len(out.shape) else None
     return _reshape_lab(ctx, input, _out_shape(out), hints)
@@ -959,7 +968,7 @@ def expand(ctx: Ctx, input, sizes=(), out=None, **_):
     x = input
     shape = _out_shape(out)
     off = len(shape) - x.ndim
-    return _pass(x, shape, {d + off: d for d in range(x.ndim)})
+    return _pass(ctx, x, shape, {d + off: d for d in range(x.ndim)})
 
 
 methods("expand", ["expand"], ("input", "*sizes"))
