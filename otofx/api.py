@@ -35,7 +35,8 @@ def eval_mode(module: torch.nn.Module):
     """Put every submodule in eval mode, restoring each one's own flag afterwards."""
     flags = [(m, m.training) for m in module.modules()]
     try:
-        module.eval()
+        for m, _ in flags:
+            m.training = False  # NB: not module.eval(): a torch.export GraphModule raises on eval()
         yield module
     finally:
         for m, f in flags:

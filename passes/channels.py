@@ -148,7 +148,8 @@ class Ctx:
                 a = self.fresh(n)
             self.owners.append(Owner(name, d, a, is_param))
             ids.append(a)
-            zeros.append(np.ones(n, dtype=bool))
+            # zeroing a row zeroes its parameters, never a buffer
+            zeros.append(np.ones(n, dtype=bool) if is_param else false_mask(n))
         lab = Lab(tuple(ids), tuple(zeros))
         self.tensor_labs[name] = lab
         return lab

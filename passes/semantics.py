@@ -342,11 +342,13 @@ functions("layer_norm", [getattr(F, "rms_norm", None)] + _ov(getattr(aten, "rms_
 
 
 @rule("unary")
-def unary(ctx: Ctx, input, zero_in=True, out=None, **_):
+def unary(ctx: Ctx, input, zero_in=True, min_val=None, max_val=None, out=None, **_):
     """y = f(x) elementwise: every axis keeps its ids; zero stays zero when f(0) = 0."""
     x = input
     if not isinstance(x, Lab):
         return x
+    if min_val is not None and max_val is not None and not (min_val <= 0 <= max_val):
+        zero_in = False  # hardtanh clamps 0 to a bound
     if zero_in:
         return x
     return Lab(x.ids, tuple(false_mask(len(a)) for a in x.ids))
@@ -389,6 +391,11 @@ modules("unary", [nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Hardswish, nn.Hardtanh
                   nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout,
                   nn.Identity], _unary_module, zero_in=True)
 modules("unary", [nn.Sigmoid, nn.Hardsigmoid, nn.Softplus, nn.LogSigmoid], _unary_module, zero_in=False)
+modules("unary", [nn.Hardtanh], lambda node, m, args, kwargs: dict(input=args[0], min_val=m.min_val,
+                                                                    max_val=m.max_val))
+functions("unary", [F.hardtanh, F.hardtanh_] + _ov(aten.hardtanh, "default"), ("input", "min_val", "max_val"),
+          (("min_val", -1.0), ("max_val", 1.0)))
+methods("unary", ["hardtanh", "hardtanh_"], ("input", "min_val", "max_val"), (("min_val", -1.0), ("max_val", 1.0)))
 
 try:  # torchvision's stochastic depth: a per-sample mask times the input
     from torchvision.ops import StochasticDepth, stochastic_depth
@@ -530,11 +537,13 @@ modules("resample", [nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2
 def _tie_aligned(ctx: Ctx, labs, skip: int | None):
     """Tie axis d of every lab (except ``skip``); returns the ids/zeros of the first."""
     first = labs[0]
+    zero = list(first.zero)
     for v in labs[1:]:
         for d in range(first.ndim):
             if d != skip and v.shape[d] == first.shape[d]:
                 ctx.tie(first.ids[d], v.ids[d])
-    return first
+                zero[d] = zero[d] & v.zero[d]  # zero only where every input is zero
+    return Lab(first.ids, tuple(zero))
 
 
 @rule("cat")
@@ -608,6 +617,8 @@ methods("split", ["split", "chunk", "split_with_sizes", "tensor_split"], ("tenso
 def _narrow_fix(site, input, dim, start, length, **_):
     d = _ax(dim, len(site.old(input)))
     keep = site.keep(input, d)
+    if keep.all():
+        return
     s = _ax(start, len(keep)) if isinstance(start, int) else start
     if not isinstance(s, int) or not isinstance(length, int):
         return
@@ -634,6 +645,8 @@ methods("narrow", ["narrow"], ("input", "dim", "start", "length"))
 def _slice_fix(site, input, dim=0, start=None, end=None, step=1, **_):
     d = _ax(dim, len(site.old(input)))
     keep = site.keep(input, d)
+    if keep.all():
+        return
     n = len(keep)
     s, e, _st = slice(start, end, step).indices(n)
     site.set("start", int(keep[:s].sum()))
@@ -686,6 +699,9 @@ def _getitem_fix(site, input, index, **_):
     for axis, p in parts:
         if isinstance(p, slice) and axis is not None and (p.start is not None or p.stop is not None):
             keep = site.keep(input, axis)
+            if keep.all():  # nothing removed on this axis: keep the user's bounds (negative ones too)
+                new_parts.append(p)
+                continue
             n = len(keep)
             s, e, _ = p.indices(n)
             ns = int(keep[:s].sum()) if p.start is not None else None
@@ -792,8 +808,8 @@ def _groups_of(in_shape, out_shape):
     return groups
 
 
-def _reshape_lab(ctx: Ctx, x: Lab, out_shape, hints=None) -> Lab:
-    """Label after a reshape from x.shape to out_shape. ``hints[j]`` is True for a computed/-1 size."""
+def _reshape_lab(ctx: Ctx, x: Lab, out_shape) -> Lab:
+    """Label after a reshape from x.shape to out_shape."""
     in_shape = x.shape
     ids = [None] * len(out_shape)
     zero = [None] * len(out_shape)
@@ -824,10 +840,10 @@ def _reshape_lab(ctx: Ctx, x: Lab, out_shape, hints=None) -> Lab:
         # split: keep one factor as the row axis, tie the rest so the kept set stays a grid
         fsizes = [out_shape[j] for j in gj]
         cand = [k for k, j in enumerate(gj) if out_shape[j] > 1]
-        if hints is not None:
-            dyn = [k for k in cand if hints[gj[k]]]
-            cand = dyn or cand
-        r = cand[0]
+        # NB: the choice must not depend on the front-end (export bakes every size into a literal),
+        # so it uses sizes only: the largest factor, the outermost on ties. Channel shuffle's
+        # (groups, C/groups) keeps C/groups; an unflatten (C, H, W) keeps C when C is the largest.
+        r = max(cand, key=lambda k: (fsizes[k], -k))
         g_ids = flat_ids.reshape(fsizes)
         g_z = flat_z.reshape(fsizes)
         moved = np.moveaxis(g_ids, r, 0).reshape(fsizes[r], -1)
@@ -852,10 +868,6 @@ def _shape_args(shape):
     return tuple(shape)
 
 
-def _is_dyn(v) -> bool:
-    return isinstance(v, (fx.Node, SymSize)) or (isinstance(v, int) and v == -1)
-
-
 def _reshape_fix(site, input, shape=(), **_):
     new = site.out_new
     old = site.out_old
@@ -869,10 +881,8 @@ def _reshape_fix(site, input, shape=(), **_):
 
 @rule("reshape", fix=_reshape_fix)
 def reshape(ctx: Ctx, input, shape=(), out=None, **_):
-    """view/reshape: merged axes repeat the one channel's ids over the block; a split keeps one factor (a computed size first, else the outermost) as the row axis and ties the rest."""
-    raw = _shape_args(shape)
-    hints = [_is_dyn(v) for v in raw] if len(raw) == len(out.shape) else None
-    return _reshape_lab(ctx, input, _out_shape(out), hints)
+    """view/reshape: merged axes repeat the one channel's ids over the block; a split keeps one factor (the largest) as the row axis and ties the rest."""
+    return _reshape_lab(ctx, input, _out_shape(out))
 
 
 functions("reshape", [torch.reshape] + _ov(aten.view, "default") + _ov(aten.reshape, "default")
@@ -899,10 +909,7 @@ def _unflatten_fix(site, input, dim=None, sizes=None, **_):
 @rule("shape_merge", fix=_unflatten_fix)
 def shape_merge(ctx: Ctx, input, out=None, sizes=None, **_):
     """flatten/unflatten/squeeze/unsqueeze: the same reshape algebra, with the sizes derived by torch."""
-    hints = None
-    if sizes is not None:
-        return _reshape_lab(ctx, input, _out_shape(out), None)
-    return _reshape_lab(ctx, input, _out_shape(out), hints)
+    return _reshape_lab(ctx, input, _out_shape(out))
 
 
 functions("shape_merge", [torch.flatten, torch.squeeze, torch.unsqueeze] + _ov(aten.flatten, "using_ints")
@@ -927,7 +934,13 @@ def _permute_dims(kind, x_ndim, dims):
         src, dst = dims[0], dims[1]
         src = [src] if isinstance(src, int) else list(src)
         dst = [dst] if isinstance(dst, int) else list(dst)
-        return list(np.moveaxis(np.arange(x_ndim), [_ax(s, x_ndim) for s in src], [_ax(d, x_ndim) for d in dst]))
+        src = [_ax(s, x_ndim) for s in src]
+        dst = [_ax(d, x_ndim) for d in dst]
+        perm = [None] * x_ndim
+        for s, d in zip(src, dst):
+            perm[d] = s
+        rest = iter(a for a in range(x_ndim) if a not in src)
+        return [p if p is not None else next(rest) for p in perm]
     if len(dims) == 1 and isinstance(dims[0], (tuple, list)):
         dims = dims[0]
     return [_ax(d, x_ndim) for d in dims]
@@ -1067,7 +1080,9 @@ for _kind, _fns in [("sum", ["sum", "nansum"]), ("mean", ["mean", "nanmean"]), (
 def softmax(ctx: Ctx, input, dim=None, out=None, **_):
     """softmax over an axis: that axis is pinned (every channel is in the divisor); other axes keep their ids, not zero."""
     x = input
-    d = _ax(dim if dim is not None else -1, x.ndim)
+    if dim is None:  # torch's legacy implicit dim (F._get_softmax_dim)
+        dim = 0 if x.ndim in (0, 1, 3) else 1
+    d = _ax(dim, x.ndim)
     ctx.pin(x.ids[d], "softmax over this axis")
     return Lab(x.ids, tuple(false_mask(len(a)) for a in x.ids))
 
@@ -1109,10 +1124,19 @@ functions("numel", [torch.numel], ("input",))
 
 
 @rule("arith")
-def arith(ctx: Ctx, input=None, other=None, out=None, **_):
+def arith(ctx: Ctx, input=None, other=None, kind="", out=None, **_):
     """python arithmetic on sizes: the result measures what its operands measured."""
+    if isinstance(input, Lab) or isinstance(other, Lab):  # -x, x ** 2, x // 2 on tensors
+        ctx.pin([v for v in (input, other) if isinstance(v, SymSize)], "a size read off this axis is used as a value")
+        if isinstance(input, Lab) and not isinstance(other, Lab):
+            keeps_zero = kind in ("neg", "floordiv", "mod") or (
+                kind == "pow" and isinstance(other, (int, float)) and other > 0)
+            return input if keeps_zero else Lab(input.ids, tuple(false_mask(len(a)) for a in input.ids))
+        ctx.pin([v for v in (input, other) if isinstance(v, Lab)], f"tensor {kind} by a tensor")
+        return ctx.pinned_lab(_out_shape(out))
     ids = tuple(a for v in (input, other) if isinstance(v, SymSize) for a in v.ids)
     return SymSize(None, ids)
 
 
-functions("arith", [operator.floordiv, operator.mod, operator.neg, operator.pow], ("input", "other"))
+for _kind in ("floordiv", "mod", "neg", "pow"):
+    functions("arith", [getattr(operator, _kind)], ("input", "other"), kind=_kind)

@@ -14,6 +14,7 @@ Internals:
 from __future__ import annotations
 
 import logging
+import operator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -126,6 +127,21 @@ def _getattr_value(ctx: Ctx, node: fx.Node, obj, attr: str, out):
     return out
 
 
+_INPLACE_OPERATORS = {operator.iadd, operator.isub, operator.imul, operator.itruediv}
+
+
+def _mutates_input(node: fx.Node, module) -> bool:
+    """Whether ``node`` writes its first argument in place (x.add_(1), torch.relu_(x), inplace=True)."""
+    if node.kwargs.get("inplace") is True:
+        return True
+    if node.op == "call_method":
+        return node.target.endswith("_") and not node.target.startswith("__")
+    if node.op == "call_function":
+        name = getattr(node.target, "__name__", "")
+        return node.target in _INPLACE_OPERATORS or (name.endswith("_") and not name.startswith("__"))
+    return module is not None and getattr(module, "inplace", False) is True
+
+
 def find_zigs(gm: fx.GraphModule, pin: tuple = ()) -> ZigSet:
     """Group analysis over a graph whose nodes carry ``meta['val']`` (see propagate_shapes).
 
@@ -169,6 +185,10 @@ def find_zigs(gm: fx.GraphModule, pin: tuple = ()) -> ZigSet:
                 env[node] = _pinned_like(ctx, out)
                 continue
             env[node] = RULES[form.rule].analyze(ctx, **kw, out=out)
+            src = node.args[0] if node.args else None
+            if (_mutates_input(node, module) and isinstance(src, fx.Node) and isinstance(env[node], Lab)
+                    and isinstance(env.get(src), Lab) and env[src].shape == env[node].shape):
+                env[src] = env[node]  # later reads of the mutated tensor see its new label
         except Exception as e:  # noqa: BLE001 - a rule that cannot handle a call pins it
             log.debug("rule %s failed on %s: %s", form.rule, node.format_node(), e)
             env[node] = _unknown(ctx, node, _resolve(ctx, args), _resolve(ctx, kwargs), out, f"rule '{form.rule}' cannot handle this call ({type(e).__name__}: {e})")

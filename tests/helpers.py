@@ -1,68 +1,198 @@
-"""Shared test helpers: non-trivial statistics, zeroing rows, exactness, snapshots."""
+"""Shared test helpers.
+
+* :func:`randomize` -- random BN statistics, norm affines, biases and constant-initialised
+  parameters, so an exactness check cannot pass on near-constant activations (OTO.md section 1).
+* :func:`zero_rows` / :func:`zero_random_rows` -- zero chosen rows of the ZIGs, or a random subset
+  of the rows of every group.
+* :func:`assert_exact` -- the zeroed full model and ``oto.compress()`` agree in eval mode to
+  ``1e-4 * max(1, max|y|)``, and the compressed model has strictly fewer parameters.
+* :func:`snapshot` -- a comparable fingerprint of a model's state_dict and training flags.
+"""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 
 import torch
+from torch.utils._pytree import tree_flatten
 
-import otofx
+RTOL = 1e-4
 
 
-def randomize_stats(model: torch.nn.Module, seed: int = 0) -> None:
-    """Random BN running stats, norm affines and biases, so exactness checks are not vacuous."""
+# ---------------------------------------------------------------------------------------------
+# Making checks non-vacuous
+# ---------------------------------------------------------------------------------------------
+
+
+def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Randomise what default initialisation leaves trivial, in place; returns ``model``.
+
+    * BN/InstanceNorm running statistics: mean in [-1, 1], var in [0.5, 2] (not 0 and 1);
+    * every bias: uniform in [-0.5, 0.5] (not 0);
+    * every parameter initialised to one constant (norm weights, PReLU slopes, layer-scale gammas):
+      uniform in [0.5, 1.5];
+    * every other parameter is left as initialised (already random).
+    """
     g = torch.Generator().manual_seed(seed)
 
     def u(t, lo, hi):
-        t.copy_(torch.rand(t.shape, generator=g, dtype=torch.float64).to(t.dtype) * (hi - lo) + lo)
+        t.copy_((torch.rand(t.shape, generator=g, dtype=torch.float64) * (hi - lo) + lo).to(t.dtype))
 
     with torch.no_grad():
         for m in model.modules():
-            if isinstance(m, torch.nn.modules.batchnorm._NormBase) and m.track_running_stats and m.running_mean is not None:
-                u(m.running_mean, -1, 1)
-                u(m.running_var, 0.5, 2)
+            rm, rv = getattr(m, "running_mean", None), getattr(m, "running_var", None)
+            if isinstance(rm, torch.Tensor) and rm.is_floating_point():
+                u(rm, -1.0, 1.0)
+            if isinstance(rv, torch.Tensor) and rv.is_floating_point():
+                u(rv, 0.5, 2.0)
             for name, p in m.named_parameters(recurse=False):
-                if name == "bias":
+                if not p.is_floating_point() or p.numel() == 0:
+                    continue
+                if name == "bias" or name.endswith("_bias") or name.startswith("bias"):
                     u(p, -0.5, 0.5)
-                elif name == "weight" and p.ndim == 1:
+                elif p.numel() == 1 or bool((p == p.reshape(-1)[0]).all()):
                     u(p, 0.5, 1.5)
+    return model
 
 
-def zero_rows(oto: otofx.OTO, fraction: float = 0.5, seed: int = 0) -> list:
-    """Zero a random ``fraction`` of the rows of every group; returns the chosen rows per group."""
-    g = torch.Generator().manual_seed(seed)
-    params = dict(oto.model.named_parameters())
-    chosen = []
+# ---------------------------------------------------------------------------------------------
+# Zeroing rows
+# ---------------------------------------------------------------------------------------------
+
+
+def _param(model: torch.nn.Module, name: str) -> torch.Tensor:
+    obj = model
+    for part in name.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def zero_rows(model: torch.nn.Module, oto, rows_per_group) -> int:
+    """Zero ``rows_per_group[z]`` (row indices) of every group z of ``oto``; returns how many rows."""
+    total = 0
     with torch.no_grad():
-        for z in oto.groups:
-            rows = torch.randperm(z.rows, generator=g)[: int(z.rows * fraction)]
-            chosen.append(rows)
-            for name, dim, index in z.params:
-                params[name].movedim(dim, 0)[index[rows].reshape(-1)] = 0
+        for zig, rows in zip(oto.groups, rows_per_group):
+            rows = torch.as_tensor(rows, dtype=torch.long).reshape(-1)
+            if rows.numel() == 0:
+                continue
+            total += int(rows.numel())
+            for name, dim, idx in zig.params:
+                p = _param(model, name)
+                p.data.movedim(dim, 0)[idx[rows].reshape(-1)] = 0
+    return total
+
+
+def zero_random_rows(model: torch.nn.Module, oto, seed: int = 0, fraction: float = 0.5) -> list:
+    """Zero a random ``floor(rows * fraction)`` rows of every group; returns the rows per group."""
+    g = torch.Generator().manual_seed(seed)
+    chosen = []
+    for zig in oto.groups:
+        k = int(zig.rows * fraction)
+        chosen.append(torch.randperm(zig.rows, generator=g)[:k].sort().values)
+    zero_rows(model, oto, chosen)
     return chosen
 
 
-def n_params(m: torch.nn.Module) -> int:
-    return sum(p.numel() for p in m.parameters())
+# ---------------------------------------------------------------------------------------------
+# Exactness
+# ---------------------------------------------------------------------------------------------
 
 
-def assert_exact(model: torch.nn.Module, oto: otofx.OTO, *inputs, smaller: bool = True):
-    """compress() equals the zeroed full model (OTO.md's tolerance) and is smaller; returns it."""
-    small = oto.compress(verify=False)
-    with torch.no_grad(), otofx.eval_mode(model), otofx.eval_mode(small):
-        ref = model(*inputs)
-        got = small(*inputs)
-    ok, err = otofx.outputs_close(ref, got)
-    assert ok, f"compressed model differs: relative error {err:.3g}"
+def n_params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+@contextlib.contextmanager
+def eval_flags(module: torch.nn.Module):
+    """Eval mode by setting every ``training`` flag directly, restored afterwards.
+
+    NB: not ``module.eval()``: a ``torch.export`` GraphModule raises on ``eval()``.
+    """
+    flags = [(m, m.training) for m in module.modules()]
+    try:
+        for m, _ in flags:
+            m.training = False
+        yield module
+    finally:
+        for m, f in flags:
+            m.training = f
+
+
+def _eval_outputs(module: torch.nn.Module, inputs):
+    with torch.no_grad(), eval_flags(module):
+        return module(*inputs)
+
+
+def max_rel_diff(ref, got) -> float:
+    """max|ref - got| / max(1, max|ref|) over all tensor leaves (inf on a structure/shape mismatch)."""
+    fr, _ = tree_flatten(ref)
+    fg, _ = tree_flatten(got)
+    assert len(fr) == len(fg), f"output structure differs: {len(fr)} vs {len(fg)} leaves"
+    worst = 0.0
+    for a, b in zip(fr, fg):
+        if not isinstance(a, torch.Tensor):
+            assert a == b
+            continue
+        got_shape = getattr(b, "shape", b)
+        assert isinstance(b, torch.Tensor) and a.shape == b.shape, f"output shape differs: {a.shape} vs {got_shape}"
+        if a.numel() == 0:
+            continue
+        if not a.is_floating_point():
+            assert torch.equal(a, b)
+            continue
+        a64, b64 = a.double(), b.double()
+        diff = (a64 - b64).abs().max().item()
+        worst = max(worst, diff / max(1.0, a64.abs().max().item()))
+    return worst
+
+
+def _as_inputs(x) -> tuple:
+    return tuple(x) if isinstance(x, (tuple, list)) else (x,)
+
+
+def assert_exact(model: torch.nn.Module, oto, x, *, smaller: bool = True, small=None):
+    """The zeroed full ``model`` and ``oto.compress()`` agree in eval mode on ``x``; returns the small model.
+
+    Tolerance is OTO.md's: max|diff| <= 1e-4 * max(1, max|y|). With ``smaller`` (the default) the
+    compressed model must have strictly fewer parameters than ``model``.
+    """
+    if small is None:
+        small = oto.compress()
+    inputs = _as_inputs(x)
+    ref = _eval_outputs(model, inputs)
+    got = _eval_outputs(small, inputs)
+    err = max_rel_diff(ref, got)
+    assert err <= RTOL, f"compressed model differs from the zeroed full model: relative error {err:.3g}"
+    # non-vacuous: the reference output must not be identically zero
+    leaves = [t for t in tree_flatten(ref)[0] if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    assert any(t.abs().max().item() > 0 for t in leaves if t.numel()), "reference output is all zero"
     if smaller:
-        assert n_params(small) < n_params(model), "compressed model is not smaller"
+        assert n_params(small) < n_params(model), (
+            f"compressed model is not smaller: {n_params(small)} vs {n_params(model)} parameters")
     return small
 
 
+def fresh_like(x, seed: int = 1):
+    """Another input of the same structure: new random floats; integer tensors (indices) are kept."""
+    g = torch.Generator().manual_seed(seed)
+    if isinstance(x, (tuple, list)):
+        return type(x)(fresh_like(v, seed + i) for i, v in enumerate(x))
+    if isinstance(x, torch.Tensor) and x.is_floating_point():
+        return torch.randn(x.shape, generator=g, dtype=x.dtype)
+    return x
+
+
+# ---------------------------------------------------------------------------------------------
+# Non-mutation
+# ---------------------------------------------------------------------------------------------
+
+
 def snapshot(model: torch.nn.Module) -> tuple:
-    """A comparable fingerprint of every parameter, buffer and training flag."""
+    """Every state_dict entry (name, dtype, shape, content hash) and every module's training flag."""
     out = []
     for name, t in model.state_dict(keep_vars=True).items():
-        data = t.detach().cpu().contiguous()
-        out.append((name, str(data.dtype), tuple(data.shape), hashlib.sha1(data.view(-1).view(torch.uint8).numpy().tobytes()).hexdigest()))
+        data = t.detach().cpu().contiguous().reshape(-1)
+        digest = hashlib.sha1(data.view(torch.uint8).numpy().tobytes()).hexdigest() if data.numel() else ""
+        out.append((name, str(data.dtype), tuple(t.shape), digest))
     out.extend((name, m.training) for name, m in model.named_modules())
     return tuple(out)

@@ -7,7 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import otofx
-from helpers import assert_exact, randomize_stats, snapshot, zero_rows
+from helpers import assert_exact, randomize, snapshot, zero_random_rows
 
 
 class ShapeBranch(nn.Module):
@@ -39,12 +39,12 @@ class ValueBranch(ShapeBranch):
 def test_export_fallback_is_exact():
     torch.manual_seed(0)
     m = ShapeBranch().eval()
-    randomize_stats(m)
+    randomize(m)
     x = torch.randn(2, 3, 8, 8)
     oto = otofx.OTO(m, x)
     assert oto.frontend == "export"
     assert [z.rows for z in oto.groups] == [8]
-    zero_rows(oto, 0.5, 0)
+    zero_random_rows(oto.model, oto, seed=0, fraction=0.5)
     assert_exact(m, oto, x)
 
 
@@ -52,13 +52,13 @@ def test_export_fallback_is_exact():
 def test_frontends_agree(frontend):
     torchvision = pytest.importorskip("torchvision")
     m = torchvision.models.shufflenet_v2_x0_5().eval()
-    randomize_stats(m)
+    randomize(m)
     x = torch.randn(1, 3, 64, 64)
     oto = otofx.OTO(m, x, frontend=frontend)
     assert oto.frontend == frontend
     ref = otofx.OTO(m, x)
     assert [z.rows for z in oto.groups] == [z.rows for z in ref.groups]
-    zero_rows(oto, 0.5, 3)
+    zero_random_rows(oto.model, oto, seed=3, fraction=0.5)
     assert_exact(m, oto, x)
 
 
@@ -124,6 +124,6 @@ def test_keyword_inputs():
     x = {"x": torch.randn(2, 4), "scale": torch.randn(2, 3)}
     oto = otofx.OTO(m, x)
     assert [z.rows for z in oto.groups] == [6]
-    zero_rows(oto, 0.5, 0)
+    zero_random_rows(oto.model, oto, seed=0, fraction=0.5)
     small = oto.compress()
     torch.testing.assert_close(small(**x), m(**x))

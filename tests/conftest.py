@@ -1,0 +1,47 @@
+"""Test configuration: environment before any import, hypothesis profiles, fixtures.
+
+Helpers shared by the tests live in ``helpers.py`` (``tests/`` is on ``sys.path``).
+"""
+from __future__ import annotations
+
+import os
+
+# Kernel tests run the Triton kernels on the CPU interpreter; this must be set before anything
+# imports otofx.kernels (and Triton reads it at import time).
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from hypothesis import settings  # noqa: E402
+
+# CI runs with HYPOTHESIS_PROFILE=ci: fixed examples, so a red run reproduces exactly.
+settings.register_profile("ci", derandomize=True, deadline=None, print_blob=True)
+settings.register_profile("dev", deadline=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Fixtures
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(autouse=True)
+def _deterministic_torch():
+    """Every test starts from the same global RNG state."""
+    torch.manual_seed(0)
+    yield
+
+
+@pytest.fixture
+def single_thread():
+    """One intra-op thread for the duration of a test.
+
+    The models under test are tiny: with two threads on two (shared) cores, thread hand-off costs
+    ~10x the compute of a 5x5 conv. Opt in with ``pytestmark = pytest.mark.usefixtures("single_thread")``.
+    """
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
