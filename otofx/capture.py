@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
+from torch.fx._lazy_graph_module import _LazyGraphModule
 
 from otofx.errors import CaptureError, InputError
 from otofx.passes.registry import FUNCTION_FORMS, MODULE_FORMS
@@ -66,8 +67,9 @@ def _autowrap_functions() -> tuple:
 def trace(model: torch.nn.Module) -> fx.GraphModule:
     tracer = LeafTracer(autowrap_functions=_autowrap_functions())
     graph = tracer.trace(model)
-    name = type(model).__name__
-    return fx.GraphModule(tracer.root, graph, name)
+    # NB: a lazy GraphModule generates its Python code on first call, not now: analysis never runs
+    # the traced graph, and codegen is about a third of the capture time
+    return _LazyGraphModule(tracer.root, graph, type(model).__name__)
 
 
 def export(model: torch.nn.Module, args: tuple, kwargs: dict) -> fx.GraphModule:

@@ -16,6 +16,7 @@ Internals:
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -80,12 +81,19 @@ class Pin:
 PINNED = "pinned"  # marker for Ctx.tensor_lab: this axis of the tensor is not a channel
 
 
+@functools.lru_cache(maxsize=4096)
 def pinned_axis(n: int) -> np.ndarray:
-    return np.zeros(n, dtype=np.int64)
+    """An axis that is not a channel: all ids PIN (shared, read-only: label arrays are never written)."""
+    a = np.zeros(n, dtype=np.int64)
+    a.flags.writeable = False
+    return a
 
 
+@functools.lru_cache(maxsize=4096)
 def false_mask(n: int) -> np.ndarray:
-    return np.zeros(n, dtype=bool)
+    a = np.zeros(n, dtype=bool)
+    a.flags.writeable = False
+    return a
 
 
 @dataclass

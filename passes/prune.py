@@ -219,5 +219,5 @@ def prune(gm: fx.GraphModule, plan: Plan) -> fx.GraphModule:
         kw = bind(form, node, node.args, node.kwargs, module)
         fix(site, **kw)
     new.graph.lint()
-    new.recompile()
-    return new
+    # a plain GraphModule (code generated now), whatever kind of module the front-end gave
+    return fx.GraphModule(new, new.graph, type(gm).__name__.replace("GraphModuleImpl", "GraphModule"))

@@ -67,6 +67,11 @@ class MetaProp(fx.Interpreter):
         n.meta["val"] = out
         return out
 
+    def _param_meta(self, name: str, t: torch.Tensor) -> torch.Tensor:
+        if name not in self._tensor_cache:
+            self._tensor_cache[name] = _meta(t)
+        return self._tensor_cache[name]
+
     def get_attr(self, target, args, kwargs):
         v = super().get_attr(target, args, kwargs)
         if isinstance(v, torch.Tensor):
@@ -80,8 +85,27 @@ class MetaProp(fx.Interpreter):
         if isinstance(mod, _SAME_SHAPE) and len(args) == 1 and isinstance(args[0], torch.Tensor):
             # NB: BatchNorm on meta runs a Python decomposition (~3 ms a call); its output is its input's shape
             return args[0]
+        fast = _fast_module_call(self, target, mod, args, kwargs)
+        if fast is not None:
+            return fast
         state = {k: _meta(v) for k, v in list(mod.named_parameters()) + list(mod.named_buffers())}
         return functional_call(mod, state, tuple(args), dict(kwargs), tie_weights=False, strict=False)
+
+
+def _fast_module_call(interp: "MetaProp", target: str, mod, args, kwargs):
+    """Conv and Linear on meta without functional_call's re-parametrisation (the common leaves)."""
+    if kwargs or len(args) != 1 or not isinstance(args[0], torch.Tensor):
+        return None
+    x = args[0]
+    if type(mod) in (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d):
+        w = interp._param_meta(f"{target}.weight", mod.weight)
+        b = interp._param_meta(f"{target}.bias", mod.bias) if mod.bias is not None else None
+        return mod._conv_forward(x, w, b)
+    if type(mod) is torch.nn.Linear:
+        w = interp._param_meta(f"{target}.weight", mod.weight)
+        b = interp._param_meta(f"{target}.bias", mod.bias) if mod.bias is not None else None
+        return torch.nn.functional.linear(x, w, b)
+    return None
 
 
 def _real_error(interp: "MetaProp", n: fx.Node) -> str | None:

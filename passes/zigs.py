@@ -77,17 +77,6 @@ def _flat(x):
         yield x
 
 
-def _syms(x):
-    if isinstance(x, SymSize):
-        yield x
-    elif isinstance(x, (list, tuple)):
-        for v in x:
-            yield from _syms(v)
-    elif isinstance(x, dict):
-        for v in x.values():
-            yield from _syms(v)
-
-
 def _unknown(ctx: Ctx, node: fx.Node, args, kwargs, out, reason: str):
     ctx.pin((args, kwargs), reason)
     return _pinned_like(ctx, out)
@@ -166,11 +155,11 @@ def find_zigs(gm: fx.GraphModule, pin: tuple = ()) -> ZigSet:
             ctx.pin(_resolve(ctx, load(node.args)), "model output")
             continue
         args, kwargs = load(node.args), load(node.kwargs)
-        ctx.op = canonical_name(node, mods)
+        form = form_of(node, mods)
+        ctx.op = form.rule if form is not None else canonical_name(node, mods)
         if node.op == "call_function" and node.target is getattr:
             env[node] = _getattr_value(ctx, node, _resolve(ctx, args[0]), args[1], out)
             continue
-        form = form_of(node, mods)
         if form is None:
             env[node] = _unknown(ctx, node, _resolve(ctx, args), _resolve(ctx, kwargs), out, f"no rule for '{ctx.op}'")
             continue
@@ -179,9 +168,12 @@ def find_zigs(gm: fx.GraphModule, pin: tuple = ()) -> ZigSet:
             kw = bind(form, node, args, kwargs, module)
             if form.rule not in _PARAM_AWARE:
                 kw = _resolve(ctx, kw)
+            flat = list(_flat(kw))
             if form.rule not in _SIZE_CONSUMERS:
-                ctx.pin([v for v in _syms(kw)], "a size read off this axis is used as a value")
-            if not any(isinstance(v, (Lab, ParamRef)) for v in _flat(kw)) and form.rule not in ("arith", "binary", "getitem"):
+                syms = [v for v in flat if isinstance(v, SymSize)]
+                if syms:
+                    ctx.pin(syms, "a size read off this axis is used as a value")
+            if not any(isinstance(v, (Lab, ParamRef)) for v in flat) and form.rule not in ("arith", "binary", "getitem"):
                 env[node] = _pinned_like(ctx, out)
                 continue
             env[node] = RULES[form.rule].analyze(ctx, **kw, out=out)
