@@ -36,24 +36,41 @@ def meta_like(tree):
     return tree_map(_meta, tree)
 
 
-_SAME_SHAPE = (
-    torch.nn.modules.batchnorm._BatchNorm, torch.nn.ReLU, torch.nn.ReLU6, torch.nn.SiLU, torch.nn.GELU,
-    torch.nn.Hardswish, torch.nn.Hardsigmoid, torch.nn.Sigmoid, torch.nn.Tanh, torch.nn.Dropout, torch.nn.Identity,
-    torch.nn.LeakyReLU,
-)
+# NB: norms on meta run Python decompositions (3-4 ms a call); ops whose rule keeps shape and dtype
+# get their input's meta value instead of being run
+_SAME_SHAPE_RULES = {"unary", "batch_norm", "group_norm", "layer_norm", "prelu"}
+# (contiguous and clone may change strides, which a later view depends on)
+_DTYPE_CHANGING = {"to", "float", "half", "double", "bfloat16", "type", "_to_copy", "contiguous", "clone"}
+
+
+def _keeps_shape(n: fx.Node, modules: dict) -> bool:
+    from otofx.passes.registry import form_of
+
+    form = form_of(n, modules)
+    if form is None or form.rule not in _SAME_SHAPE_RULES:
+        return False
+    name = n.target if isinstance(n.target, str) else getattr(n.target, "__name__", "")
+    return name.split(".")[0] not in _DTYPE_CHANGING  # aten overloads are "name.overload"
 
 
 class MetaProp(fx.Interpreter):
     """Interpreter that records ``node.meta['val']`` from a run on meta tensors."""
 
     def __init__(self, gm: fx.GraphModule):
-        super().__init__(gm, garbage_collect_values=True)
+        super().__init__(gm, garbage_collect_values=False)
         self._tensor_cache: dict[str, torch.Tensor] = {}
+        self._modules = dict(gm.named_modules())
 
     def run_node(self, n: fx.Node) -> Any:
         try:
             with torch.no_grad():
-                out = super().run_node(n)
+                if n.op in ("call_module", "call_function", "call_method") and n.args and \
+                        isinstance(n.args[0], fx.Node) and _keeps_shape(n, self._modules):
+                    out = self.env[n.args[0]]
+                    if not isinstance(out, torch.Tensor):
+                        out = super().run_node(n)
+                else:
+                    out = super().run_node(n)
         except OTOError:
             raise
         except Exception as e:  # noqa: BLE001 - any failure here is reported with its node
@@ -82,9 +99,6 @@ class MetaProp(fx.Interpreter):
 
     def call_module(self, target, args, kwargs):
         mod = self.fetch_attr(target)
-        if isinstance(mod, _SAME_SHAPE) and len(args) == 1 and isinstance(args[0], torch.Tensor):
-            # NB: BatchNorm on meta runs a Python decomposition (~3 ms a call); its output is its input's shape
-            return args[0]
         fast = _fast_module_call(self, target, mod, args, kwargs)
         if fast is not None:
             return fast
