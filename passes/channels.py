@@ -201,31 +201,29 @@ class Ctx:
         self.pins.append(Pin(name, self.op, reason, int(live.size)))
 
 
-def _id_arrays(x):
-    if isinstance(x, np.ndarray):
-        yield x
-    elif isinstance(x, Lab):
-        yield from x.ids
-    elif isinstance(x, SymSize):
-        yield from x.ids
-    elif isinstance(x, (list, tuple)):
+def leaves(x):
+    """Every non-container value inside a nested list/tuple/dict structure."""
+    if isinstance(x, (list, tuple)):
         for v in x:
-            yield from _id_arrays(v)
+            yield from leaves(v)
     elif isinstance(x, dict):
         for v in x.values():
-            yield from _id_arrays(v)
+            yield from leaves(v)
+    else:
+        yield x
+
+
+def _id_arrays(x):
+    for v in leaves(x):
+        if isinstance(v, np.ndarray):
+            yield v
+        elif isinstance(v, (Lab, SymSize)):
+            yield from v.ids
 
 
 def labs_in(x):
     """Every Lab inside a (nested) argument structure."""
-    if isinstance(x, Lab):
-        yield x
-    elif isinstance(x, (list, tuple)):
-        for v in x:
-            yield from labs_in(v)
-    elif isinstance(x, dict):
-        for v in x.values():
-            yield from labs_in(v)
+    return (v for v in leaves(x) if isinstance(v, Lab))
 
 
 def _get_tensor(root: torch.nn.Module, name: str) -> torch.Tensor:

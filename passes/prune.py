@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.fx as fx
 
-from .channels import Lab
+from .channels import Lab, labs_in
 from .registry import RULES, arg_slot, bind, form_of, set_arg
 from .zigs import ZigSet
 
@@ -91,16 +91,7 @@ def _keep_one_per_axis(zigset: ZigSet, removed: np.ndarray) -> None:
     """
     uf = zigset.uf
     axes = [o.ids for o in zigset.owners]
-
-    def visit(v):
-        if isinstance(v, Lab):
-            axes.extend(v.ids)
-        elif isinstance(v, (tuple, list)):
-            for x in v:
-                visit(x)
-
-    for v in zigset.labels.values():
-        visit(v)
+    axes += [a for lab in labs_in(list(zigset.labels.values())) for a in lab.ids]
     for ids in axes:
         if len(ids) and removed[uf.find(ids[:1])[0]]:
             r = uf.find(ids)

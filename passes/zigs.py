@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.fx as fx
 
-from .channels import Ctx, Lab, Owner, Pin, SymSize, labs_in
+from .channels import Ctx, Lab, Owner, Pin, SymSize, labs_in, leaves
 from .registry import RULES, bind, canonical_name, form_of
 from .semantics import ParamRef
 from .unionfind import PIN, UnionFind, unique
@@ -64,17 +64,6 @@ class ZigSet:
 
 # rules that take sizes as shapes (or just pass them on), so a changed size stays consistent
 _SIZE_CONSUMERS = {"reshape", "expand", "arith", "binary", "getitem", "size", "numel", "shape_merge", "split"}
-
-
-def _flat(x):
-    if isinstance(x, (list, tuple)):
-        for v in x:
-            yield from _flat(v)
-    elif isinstance(x, dict):
-        for v in x.values():
-            yield from _flat(v)
-    else:
-        yield x
 
 
 def _unknown(ctx: Ctx, node: fx.Node, args, kwargs, out, reason: str):
@@ -168,7 +157,7 @@ def find_zigs(gm: fx.GraphModule, pin: tuple = ()) -> ZigSet:
             kw = bind(form, node, args, kwargs, module)
             if form.rule not in _PARAM_AWARE:
                 kw = _resolve(ctx, kw)
-            flat = list(_flat(kw))
+            flat = list(leaves(kw))
             if form.rule not in _SIZE_CONSUMERS:
                 syms = [v for v in flat if isinstance(v, SymSize)]
                 if syms:
@@ -200,17 +189,7 @@ def find_zigs(gm: fx.GraphModule, pin: tuple = ()) -> ZigSet:
 
 
 def _act_ids(values: list) -> np.ndarray:
-    arrays = []
-
-    def visit(v):
-        if isinstance(v, Lab):
-            arrays.extend(v.ids)
-        elif isinstance(v, (tuple, list)):
-            for x in v:
-                visit(x)
-
-    for v in values:
-        visit(v)
+    arrays = [a for lab in labs_in(values) for a in lab.ids]
     return np.concatenate(arrays) if arrays else np.zeros(0, dtype=np.int64)
 
 
