@@ -79,6 +79,7 @@ class Pin:
 
 
 PINNED = "pinned"  # marker for Ctx.tensor_lab: this axis of the tensor is not a channel
+OWN = "own"  # marker for Ctx.tensor_lab: this axis is a channel the parameter creates, whatever its size
 
 
 @functools.lru_cache(maxsize=4096)
@@ -138,6 +139,8 @@ class Ctx:
         given = given or {}
         if lab is not None:
             for d, a in given.items():
+                if a is OWN:
+                    continue
                 if a is PINNED:
                     self.uf.pin(lab.ids[d])
                 elif len(a) == lab.shape[d]:
@@ -148,11 +151,13 @@ class Ctx:
         ids, zeros = [], []
         for d, n in enumerate(t.shape):
             a = given.get(d)
-            if a is PINNED or n == 1:
+            # a size-1 axis may broadcast (PReLU(1), a [C, 1, 1] scale): it is a channel only when the
+            # rule says the tensor owns it, or ties it to an axis of the same size
+            if a is PINNED or (n == 1 and a is not OWN and (a is None or len(a) != 1)):
                 ids.append(pinned_axis(n))
                 zeros.append(false_mask(n))
                 continue
-            if a is None or len(a) != n:
+            if a is None or a is OWN or len(a) != n:
                 a = self.fresh(n)
             self.owners.append(Owner(name, d, a, is_param))
             ids.append(a)
@@ -175,6 +180,8 @@ class Ctx:
             return None
         if isinstance(p, Lab):
             for d, a in (given or {}).items():
+                if a is OWN:
+                    continue
                 if a is PINNED:
                     self.uf.pin(p.ids[d])
                 elif len(a) == p.shape[d]:

@@ -27,7 +27,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .channels import PINNED, Ctx, Lab, SymSize, false_mask, labs_in, pinned_axis
+from .channels import OWN, PINNED, Ctx, Lab, SymSize, false_mask, labs_in, pinned_axis
 from .registry import functions, methods, modules, rule, set_arg, arg_slot
 
 aten = torch.ops.aten
@@ -110,7 +110,7 @@ def conv(ctx: Ctx, input, weight, bias=None, groups=1, transposed=False, out=Non
     kernel = {d: PINNED for d in range(2, 2 + nsp)}
     shape = _out_shape(out)
     if g == 1:
-        w = ctx.param(weight, {(0 if transposed else 1): in_ids, **kernel})
+        w = ctx.param(weight, {(0 if transposed else 1): in_ids, (1 if transposed else 0): OWN, **kernel})
         out_ids = w.ids[1 if transposed else 0]
     else:
         in_g = in_ids.reshape(g, len(in_ids) // g)
@@ -119,7 +119,7 @@ def conv(ctx: Ctx, input, weight, bias=None, groups=1, transposed=False, out=Non
             ctx.param(weight, {0: in_ids, 1: PINNED, **kernel})
             out_ids = ctx.fresh(shape[cax])
         else:
-            out_ids = ctx.param(weight, {1: PINNED, **kernel}).ids[0]
+            out_ids = ctx.param(weight, {0: OWN, 1: PINNED, **kernel}).ids[0]
         ctx.tie(out_ids.reshape(g, -1), in_g[:, :1])
     ctx.param(bias, {0: out_ids})
     keep = {d: d for d in range(cax)}
@@ -161,7 +161,7 @@ def _linear_fix(site, **_):
 def linear(ctx: Ctx, input, weight, bias=None, out=None, **_):
     """y[..., o] = sum_i W[o, i] x[..., i] + b[o]: weight dim 1 reads the last axis, dim 0 and bias own the new last axis."""
     x = input
-    w = ctx.param(weight, {1: x.ids[-1]})
+    w = ctx.param(weight, {0: OWN, 1: x.ids[-1]})
     ctx.param(bias, {0: w.ids[0]})
     shape = _out_shape(out)
     lab = _pass(ctx, x, shape, {d: d for d in range(x.ndim - 1)}, handled=(x.ndim - 1,))
@@ -228,7 +228,7 @@ def _embedding_fix(site, **_):
 @rule("embedding", fix=_embedding_fix)
 def embedding(ctx: Ctx, input, weight, out=None, **_):
     """y[..., j] = W[idx, j]: weight dim 1 owns the new last axis, dim 0 (the vocabulary) is pinned."""
-    weight = ctx.param(weight, {0: PINNED})
+    weight = ctx.param(weight, {0: PINNED, 1: OWN})
     shape = _out_shape(out)
     lab = _pass(ctx, input, shape, {d: d for d in range(input.ndim)})
     return lab.with_axis(len(shape) - 1, weight.ids[1], np.ones(len(weight.ids[1]), dtype=bool))
