@@ -50,7 +50,7 @@ from torch import nn
 
 __all__ = [
     "Built", "OtoCoverage", "TpGroups", "import_oto", "import_tp", "find_classifier",
-    "oto_build", "oto_coverage", "tp_build", "tp_groups",
+    "oto_build", "oto_coverage", "randomise_norms", "tp_build", "tp_groups", "tp_prune",
 ]
 
 _MOVED = {  # name only-train-once imports -> (module that now holds it, attribute or None)
@@ -77,6 +77,7 @@ class OtoCoverage:
     error: str | None = None        # first failure, build or subnet stage
     prunable_rows: int = 0          # rows (channels) over prunable, non-auxiliary, non-classifier groups
     groups: int = 0                 # number of such groups
+    prunable_params: tuple = ()     # names of the parameters in those groups (output-side slices)
     runs: bool = False              # compressed model loads and runs, output shape as the full model
     exact: bool = False             # compressed(x) == zeroed full(x) within 1e-4 * max(1, max|y|)
     max_diff: float = float("nan")
@@ -197,8 +198,12 @@ def _oto_prunable_groups(oto: Any, classifier_names: Sequence[str]) -> list[dict
     return out
 
 
-def _randomise_norms(model: nn.Module, gen: torch.Generator) -> None:
-    """Non-trivial norm statistics/affines and biases, so an exactness check is not vacuous."""
+def randomise_norms(model: nn.Module, gen: torch.Generator) -> None:
+    """Non-trivial norm statistics/affines, biases and layer scales, so an exactness check is not vacuous.
+
+    ConvNeXt initialises ``layer_scale`` to 1e-6: left alone, its blocks barely reach the output and
+    a wrong compression of them would still pass a 1e-4 check.
+    """
     def u(t: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
         return torch.rand(t.shape, generator=gen, dtype=t.dtype) * (hi - lo) + lo
 
@@ -215,6 +220,8 @@ def _randomise_norms(model: nn.Module, gen: torch.Generator) -> None:
                     m.bias.copy_(u(m.bias, -0.2, 0.2))
             elif isinstance(m, (nn.Conv2d, nn.Linear)) and m.bias is not None:
                 m.bias.copy_(u(m.bias, -0.1, 0.1))
+            if isinstance(getattr(m, "layer_scale", None), nn.Parameter):
+                m.layer_scale.copy_(u(m.layer_scale, 0.5, 1.5))
 
 
 def _nparams(m: nn.Module) -> int:
@@ -228,7 +235,7 @@ def oto_coverage(model: nn.Module, x: torch.Tensor, classifier_names: Sequence[s
 
     res = OtoCoverage()
     model = copy.deepcopy(model).eval()
-    _randomise_norms(model, torch.Generator().manual_seed(seed))
+    randomise_norms(model, torch.Generator().manual_seed(seed))
     built = oto_build(model, x)  # copies again; OTO prunes its own copy in place
     if not built.ok:
         res.error = built.error
@@ -237,6 +244,7 @@ def oto_coverage(model: nn.Module, x: torch.Tensor, classifier_names: Sequence[s
     try:
         pgs = _oto_prunable_groups(oto, classifier_names)
         res.groups, res.prunable_rows = len(pgs), sum(int(pg["num_groups"]) for pg in pgs)
+        res.prunable_params = tuple(dict.fromkeys(n for pg in pgs for n in pg["p_names"]))
     except Exception as e:  # noqa: BLE001
         res.error = f"groups: {_err(e)}"
         return res
@@ -319,6 +327,32 @@ def tp_groups(model: nn.Module, x: torch.Tensor,
     except Exception as e:  # noqa: BLE001
         res.error = f"groups: {_err(e)}"
     return res
+
+
+def tp_prune(model: nn.Module, x: torch.Tensor, pruning_ratio: float = 0.5,
+             classifier_names: Sequence[str] | None = None) -> Built:
+    """A copy of ``model`` pruned by ``tp.pruner.MagnitudePruner`` (L2 magnitude, one step).
+
+    ``obj`` is the pruned copy; ``seconds`` times pruner construction and ``step()``. The classifier
+    (``find_classifier`` when None) is ignored, so the output size is kept.
+    """
+    try:
+        tp = import_tp()
+    except ImportError as e:
+        return Built(error=_err(e))
+    model = copy.deepcopy(model)
+    mods = dict(model.named_modules())
+    names = find_classifier(model) if classifier_names is None else classifier_names
+    t0 = time.perf_counter()
+    try:
+        with _quiet(), torch.enable_grad():
+            pruner = tp.pruner.MagnitudePruner(
+                model, x, importance=tp.importance.MagnitudeImportance(p=2), pruning_ratio=pruning_ratio,
+                ignored_layers=[mods[n] for n in names])
+            pruner.step()
+    except Exception as e:  # noqa: BLE001
+        return Built(error=_err(e), seconds=time.perf_counter() - t0)
+    return Built(obj=model, seconds=time.perf_counter() - t0)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,107 @@
+"""Helpers shared by the bench/ scripts: model list, randomised norms, zeroing rows, timing.
+
+The scripts run as ``python bench/<name>.py``, so ``bench/`` is on ``sys.path`` and they import
+this module (and ``_peers``) by their bare names. Nothing here prints.
+"""
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import subprocess
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torchvision
+from torch import nn
+
+from _peers import randomise_norms  # noqa: F401  (re-exported: one definition for every script)
+
+EXCLUDED_FAMILIES = ("vit_", "swin_", "maxvit")           # transformers: not CNNs
+LARGE = ("regnet_y_128gf", "regnet_y_32gf", "regnet_y_16gf")  # skipped unless --include-large
+MODEL_KWARGS = {
+    "googlenet": {"aux_logits": False, "init_weights": True},
+    "inception_v3": {"aux_logits": False, "init_weights": True},
+}
+MIN_SIDE = {"inception_v3": 96}  # smallest input side the model accepts (75 for inception_v3)
+
+
+def cnn_names(include_large: bool = False) -> list[str]:
+    """Every torchvision classification CNN (transformers removed), in torchvision's order."""
+    names = torchvision.models.list_models(module=torchvision.models)
+    names = [n for n in names if not n.startswith(EXCLUDED_FAMILIES)]
+    return names if include_large else [n for n in names if n not in LARGE]
+
+
+def build(name: str, seed: int = 0) -> nn.Module:
+    """A torchvision model with random (seeded) weights, in eval mode."""
+    torch.manual_seed(seed)
+    return torchvision.models.get_model(name, weights=None, **MODEL_KWARGS.get(name, {})).eval()
+
+
+def example_input(name: str, side: int, batch: int = 1, seed: int = 0) -> torch.Tensor:
+    side = max(side, MIN_SIDE.get(name, 0))
+    return torch.randn(batch, 3, side, side, generator=torch.Generator().manual_seed(seed))
+
+
+def zero_half_rows(model: nn.Module, groups, seed: int = 0) -> int:
+    """Zero a random half (floor) of the rows of every group in ``model``; returns rows zeroed."""
+    gen = torch.Generator().manual_seed(seed)
+    params = dict(model.named_parameters())
+    total = 0
+    with torch.no_grad():
+        for z in groups:
+            rows = torch.randperm(z.rows, generator=gen)[: z.rows // 2]
+            total += len(rows)
+            for name, dim, idx in z.params:
+                params[name].data.movedim(dim, 0)[idx[rows].reshape(-1)] = 0
+    return total
+
+
+def nparams(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def wall(fn: Callable[[], object]) -> Callable[[], float]:
+    """A sampler for :func:`median_of`: the wall time of one ``fn()`` call."""
+    def sample() -> float:
+        t0 = time.perf_counter()
+        fn()
+        return time.perf_counter() - t0
+    return sample
+
+
+def median_of(sample: Callable[[], float], repeats: int, warmup: int = 1) -> float:
+    """Median of ``repeats`` calls of ``sample`` (which returns seconds) after ``warmup`` discarded calls."""
+    for _ in range(warmup):
+        sample()
+    return statistics.median(sample() for _ in range(repeats))
+
+
+def error_line(e: BaseException, limit: int = 90) -> str:
+    msg = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {msg[0][:limit] if msg else ''}".rstrip(": ")
+
+
+def otofx_revision() -> str:
+    """The commit of the otofx checkout, ``+dirty`` when its library sources have local changes."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        git = lambda *a: subprocess.run(["git", "-C", str(root), *a], capture_output=True, text=True,  # noqa: E731
+                                        check=True).stdout.strip()
+        dirty = git("status", "--porcelain", "--untracked-files=no", "--", "otofx", "passes", "kernels")
+        return git("rev-parse", "--short", "HEAD") + ("+dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def machine() -> str:
+    return (f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, "
+            f"torchvision {torchvision.__version__}, Python {platform.python_version()}, otofx {otofx_revision()}")
+
+
+def model_arg(parser: argparse.ArgumentParser, default: list[str]) -> None:
+    parser.add_argument("--models", nargs="+", default=default, metavar="NAME",
+                        help=f"torchvision model names (default: {' '.join(default) or 'all CNNs'})")
