@@ -462,8 +462,9 @@ def binary(ctx: Ctx, input, other, kind="add", out=None, **_):
             z = np.logical_or.reduce(zs)
             if any(_scalar_zero(s) for s in scalars):
                 z = np.ones(shape[d], dtype=bool)
-        elif kind == "div":
-            z = full[0][1] if isinstance(input, Lab) and input.ndim > d - (n - input.ndim) >= 0 else false_mask(shape[d])
+        elif kind == "div":  # zero where the numerator is (a pinned denominator is never zero with a row)
+            nd = d - (n - input.ndim) if isinstance(input, Lab) else -1
+            z = input.zero[nd] if nd >= 0 and input.shape[nd] == shape[d] else false_mask(shape[d])
         else:
             z = np.logical_and.reduce(zs)
             if part or not all(_scalar_zero(s) for s in scalars):
