@@ -138,15 +138,8 @@ class Ctx:
         lab = self.tensor_labs.get(name)
         given = given or {}
         if lab is not None:
-            for d, a in given.items():
-                if a is OWN:
-                    continue
-                if a is PINNED:
-                    self.uf.pin(lab.ids[d])
-                elif len(a) == lab.shape[d]:
-                    self.tie(lab.ids[d], a)
-            return lab
-        t = self.tensors[name] if name in self.tensors else _get_tensor(self.root, name)
+            return self._apply_given(lab, given)
+        t = self._tensor(name)
         is_param = isinstance(t, torch.nn.Parameter)
         ids, zeros = [], []
         for d, n in enumerate(t.shape):
@@ -170,24 +163,27 @@ class Ctx:
     def shape_of(self, p) -> tuple:
         if isinstance(p, Lab):
             return p.shape
-        name = self.alias.get(p.name, p.name)
-        t = self.tensors[name] if name in self.tensors else _get_tensor(self.root, name)
-        return tuple(t.shape)
+        return tuple(self._tensor(self.alias.get(p.name, p.name)).shape)
 
     def param(self, p, given: dict | None = None) -> Lab | None:
         """A parameter argument (a ParamRef-like object with ``.name``, a Lab, or None) as a Lab."""
         if p is None:
             return None
         if isinstance(p, Lab):
-            for d, a in (given or {}).items():
-                if a is OWN:
-                    continue
-                if a is PINNED:
-                    self.uf.pin(p.ids[d])
-                elif len(a) == p.shape[d]:
-                    self.tie(p.ids[d], a)
-            return p
+            return self._apply_given(p, given or {})
         return self.tensor_lab(p.name, given)
+
+    def _apply_given(self, lab: Lab, given: dict) -> Lab:
+        """Tie (or pin) the axes of an existing tensor label as ``given`` says."""
+        for d, a in given.items():
+            if a is PINNED:
+                self.uf.pin(lab.ids[d])
+            elif a is not OWN and len(a) == lab.shape[d]:
+                self.tie(lab.ids[d], a)
+        return lab
+
+    def _tensor(self, name: str) -> torch.Tensor:
+        return self.tensors[name] if name in self.tensors else _get_tensor(self.root, name)
 
     # -- merging ------------------------------------------------------------------------------
     def tie(self, a: np.ndarray, b: np.ndarray) -> None:
