@@ -908,7 +908,7 @@ def _unflatten_fix(site, input, dim=None, sizes=None, **_):
 
 
 @rule("shape_merge", fix=_unflatten_fix)
-def shape_merge(ctx: Ctx, input, out=None, sizes=None, **_):
+def shape_merge(ctx: Ctx, input, out=None, **_):
     """flatten/unflatten/squeeze/unsqueeze: the same reshape algebra, with the sizes derived by torch."""
     return _reshape_lab(ctx, input, _out_shape(out))
 

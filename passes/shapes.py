@@ -91,11 +91,7 @@ class MetaProp(fx.Interpreter):
 
     def get_attr(self, target, args, kwargs):
         v = super().get_attr(target, args, kwargs)
-        if isinstance(v, torch.Tensor):
-            if target not in self._tensor_cache:
-                self._tensor_cache[target] = _meta(v)
-            return self._tensor_cache[target]
-        return v
+        return self._param_meta(target, v) if isinstance(v, torch.Tensor) else v
 
     def call_module(self, target, args, kwargs):
         mod = self.fetch_attr(target)
@@ -110,16 +106,12 @@ def _fast_module_call(interp: "MetaProp", target: str, mod, args, kwargs):
     """Conv and Linear on meta without functional_call's re-parametrisation (the common leaves)."""
     if kwargs or len(args) != 1 or not isinstance(args[0], torch.Tensor):
         return None
-    x = args[0]
-    if type(mod) in (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d):
-        w = interp._param_meta(f"{target}.weight", mod.weight)
-        b = interp._param_meta(f"{target}.bias", mod.bias) if mod.bias is not None else None
-        return mod._conv_forward(x, w, b)
-    if type(mod) is torch.nn.Linear:
-        w = interp._param_meta(f"{target}.weight", mod.weight)
-        b = interp._param_meta(f"{target}.bias", mod.bias) if mod.bias is not None else None
-        return torch.nn.functional.linear(x, w, b)
-    return None
+    is_conv = type(mod) in (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
+    if not is_conv and type(mod) is not torch.nn.Linear:
+        return None
+    w = interp._param_meta(f"{target}.weight", mod.weight)
+    b = interp._param_meta(f"{target}.bias", mod.bias) if mod.bias is not None else None
+    return mod._conv_forward(args[0], w, b) if is_conv else torch.nn.functional.linear(args[0], w, b)
 
 
 def _real_error(interp: "MetaProp", n: fx.Node) -> str | None:

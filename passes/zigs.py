@@ -58,9 +58,6 @@ class ZigSet:
     zig_of_root: np.ndarray = field(repr=False)  # root id -> zig index, -1 if none
     row_of_root: np.ndarray = field(repr=False)  # root id -> row index inside its zig
 
-    def roots(self, ids: np.ndarray) -> np.ndarray:
-        return self.uf.find(ids)
-
 
 # rules that take sizes as shapes (or just pass them on), so a changed size stays consistent
 _SIZE_CONSUMERS = {"reshape", "expand", "arith", "binary", "getitem", "size", "numel", "shape_merge", "split"}
