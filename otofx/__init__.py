@@ -6,8 +6,9 @@
 from otofx import passes  # noqa: F401  (registers the operator rules)
 from otofx.api import OTO, eval_mode, outputs_close
 from otofx.errors import CaptureError, InputError, OTOError, VerificationError
+from otofx.optim import DHSPG, HESSO, NonFiniteGradError, OptimizerError
 from otofx.passes.zigs import ZIG, ZigSet
 
 __version__ = "0.1.0"
 __all__ = ["OTO", "ZIG", "ZigSet", "OTOError", "CaptureError", "InputError", "VerificationError",
-           "eval_mode", "outputs_close"]
+           "eval_mode", "outputs_close", "DHSPG", "HESSO", "OptimizerError", "NonFiniteGradError"]

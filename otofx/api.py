@@ -147,5 +147,22 @@ class OTO:
             )
         return err
 
+    # -- training -------------------------------------------------------------------------------
+    def dhspg(self, **kw):
+        """A :class:`otofx.optim.DHSPG` over ``self.model``'s parameters with the rows of ``self.groups``.
+
+        Keyword arguments are DHSPG's hyper-parameters (OTO.md section 2), e.g. ``lr``, ``variant``,
+        ``target_group_sparsity``, ``start_pruning_steps``.
+        """
+        from otofx.optim import DHSPG
+
+        return DHSPG(self.model.named_parameters(), self.groups, model=self.model, **kw)
+
+    def hesso(self, **kw):
+        """A :class:`otofx.optim.HESSO` over ``self.model``'s parameters (``pruning_steps`` is required)."""
+        from otofx.optim import HESSO
+
+        return HESSO(self.model.named_parameters(), self.groups, model=self.model, **kw)
+
 
 __all__ = ["OTO", "OTOError", "outputs_close", "eval_mode"]

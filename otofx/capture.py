@@ -13,6 +13,8 @@ Internals:
 from __future__ import annotations
 
 import logging
+import operator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -72,10 +74,86 @@ def trace(model: torch.nn.Module) -> fx.GraphModule:
     return _LazyGraphModule(tracer.root, graph, type(model).__name__)
 
 
-def export(model: torch.nn.Module, args: tuple, kwargs: dict) -> fx.GraphModule:
-    ep = torch.export.export(model, args, kwargs, strict=False)
-    gm = ep.module()
+@contextmanager
+def _no_kv_cache(model: torch.nn.Module, kwargs: dict):
+    """Hugging Face models return a KV cache object by default; capture the cache-free forward.
+
+    # NB: the cache holds every layer's keys and values, so as a model output it would pin every
+    # head; and a pruned model's cache has other shapes. ``config.use_cache`` is restored after.
+    """
+    config = getattr(model, "config", None)
+    if "use_cache" in kwargs or not getattr(config, "use_cache", False):
+        yield
+        return
+    log.info("capturing %s with config.use_cache=False (the compressed model returns no KV cache)",
+             type(model).__name__)
+    config.use_cache = False
+    try:
+        yield
+    finally:
+        config.use_cache = True
+
+
+def _inline_grad_regions(gm: fx.GraphModule) -> fx.GraphModule:
+    """Inline ``wrap_with_set_grad_enabled`` regions (a ``torch.no_grad()`` block in forward).
+
+    # NB: the region's ops join the main graph with grad mode left as the caller has it. The
+    # values are the same; only a training run of the compressed model could differ, by also
+    # differentiating through the region (in practice parameter-free code such as rotary tables).
+    """
+    hops = [n for n in gm.graph.nodes if n.op == "call_function"
+            and n.target is getattr(torch.ops.higher_order, "wrap_with_set_grad_enabled", None)]
+    for node in hops:
+        sub = getattr(gm, node.args[1].target)
+        inputs = [n for n in sub.graph.nodes if n.op == "placeholder"]
+        env = dict(zip(inputs, node.args[2:]))
+        with gm.graph.inserting_before(node):
+            for n in sub.graph.nodes:
+                if n.op == "placeholder":
+                    continue
+                if n.op == "output":
+                    result = fx.node.map_arg(n.args[0], lambda a: env[a])
+                    break
+                if n.op == "get_attr":
+                    name = f"{node.args[1].target}_{n.target}".replace(".", "_")
+                    gm.register_buffer(name, getattr(sub, n.target), persistent=False)
+                    env[n] = gm.graph.get_attr(name)
+                    env[n].meta = dict(n.meta)
+                    continue
+                env[n] = gm.graph.node_copy(n, lambda a: env[a])
+        for user in list(node.users):
+            if user.op == "call_function" and user.target is operator.getitem and isinstance(result, (tuple, list)):
+                user.replace_all_uses_with(result[user.args[1]])
+                gm.graph.erase_node(user)
+        if node.users:
+            node.replace_all_uses_with(result)
+        sub_name = node.args[1]
+        gm.graph.erase_node(node)
+        if not sub_name.users:
+            gm.graph.erase_node(sub_name)
+            delattr(gm, sub_name.target)
+    if hops:
+        gm.graph.lint()
+        gm.recompile()
     return gm
+
+
+def export(model: torch.nn.Module, args: tuple, kwargs: dict) -> fx.GraphModule:
+    with _no_kv_cache(model, kwargs):
+        ep = torch.export.export(model, args, kwargs, strict=False)
+    return _inline_grad_regions(ep.module())
+
+
+def _opaque_calls(gm: fx.GraphModule) -> set:
+    """Names of plain Python functions (fx.wrap'ed, not torch's) called in ``gm`` without a rule."""
+    out = set()
+    for n in gm.graph.nodes:
+        if n.op != "call_function" or n.target in FUNCTION_FORMS:
+            continue
+        mod = getattr(n.target, "__module__", None) or ""
+        if mod.split(".")[0] not in ("torch", "_operator", "operator", "builtins", "math"):
+            out.add(getattr(n.target, "__name__", str(n.target)))
+    return out
 
 
 FRONTENDS = ("auto", "symbolic_trace", "export")
@@ -94,7 +172,17 @@ def capture(model: torch.nn.Module, example_inputs, frontend: str = "auto") -> C
         except Exception as e:  # noqa: BLE001
             raise CaptureError(f"torch.export failed on {type(model).__name__}: {type(e).__name__}: {_first_line(e)}") from e
     try:
-        return Captured(trace(model), args, kwargs, "symbolic_trace")
+        gm = trace(model)
+        opaque = _opaque_calls(gm)
+        if opaque and frontend == "auto":
+            # NB: fx.wrap'ed Python functions (torchvision's shifted_window_attention) are single opaque
+            # nodes to symbolic_trace, which would pin everything they touch; export sees inside them
+            try:
+                log.info("symbolic_trace left %s opaque; trying torch.export", ", ".join(sorted(opaque)))
+                return Captured(export(model, args, kwargs), args, kwargs, "export")
+            except Exception as e:  # noqa: BLE001
+                log.info("torch.export failed (%s: %s); keeping the traced graph", type(e).__name__, _first_line(e))
+        return Captured(gm, args, kwargs, "symbolic_trace")
     except Exception as e:  # noqa: BLE001
         trace_err = e
         if frontend == "symbolic_trace":

@@ -110,6 +110,8 @@ class Ctx:
     op: str = ""
     alias: dict = field(default_factory=dict)  # any name of a tensor -> its first name
     tensors: dict = field(default_factory=dict)  # first name -> parameter or buffer
+    row_axes: dict = field(default_factory=dict)  # reshape node name -> output axes preferred as rows
+    extra_labels: dict = field(default_factory=dict)  # "<node>.<what>" -> ids a rule's fix needs later
 
     def __post_init__(self):
         first: dict[int, str] = {}

@@ -205,6 +205,7 @@ def prune(gm: fx.GraphModule, plan: Plan) -> fx.GraphModule:
             continue
         module = mods[node.target] if node.op == "call_module" else None
         site = Site(plan, node, module, form)
+        site.root = new
         if site.out_old is None and not site.out_old_list:
             continue
         kw = bind(form, node, node.args, node.kwargs, module)

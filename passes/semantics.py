@@ -219,6 +219,163 @@ functions("matmul", [torch.matmul, operator.matmul, torch.bmm, torch.mm] + _ov(a
 methods("matmul", ["matmul", "bmm", "mm", "__matmul__"], ("input", "other"))
 
 
+@rule("addmm")
+def addmm(ctx: Ctx, input, mat1, mat2, beta=1, alpha=1, out=None, **_):
+    """input + mat1 @ mat2 (HF Conv1D: a weight [in, out]): the matmul's algebra, then the add's broadcasting over its last axis."""
+    prod = matmul(ctx, mat1, mat2, out=out)
+    if isinstance(input, Lab):
+        return binary(ctx, input, prod, kind="add", out=out)
+    return prod
+
+
+functions("addmm", [torch.addmm] + _ov(aten.addmm, "default"), ("input", "mat1", "mat2"))
+methods("addmm", ["addmm"], ("input", "mat1", "mat2"))
+
+
+def _batch_ties(ctx: Ctx, shape, nb: int, ops, gqa: bool = False):
+    """Ids and zero masks of the ``nb`` leading (batch) axes of ``shape`` from right-aligned operands.
+
+    Axes of the full size are tied; a size-1 operand axis broadcasts. With ``gqa`` an operand
+    whose axis has ``n / r`` entries is read by ``r`` consecutive output entries each (grouped
+    heads), so each of its entries is tied to its ``r`` readers.
+    """
+    ids, zero = [], []
+    for d in range(nb):
+        n = shape[d]
+        cands = []
+        for v, zero_ok in ops:
+            vd = d - (nb - (v.ndim - 2))
+            if vd < 0:
+                continue
+            m = v.shape[vd]
+            if m == n:
+                cands.append((v.ids[vd], v.zero[vd] if zero_ok else false_mask(n)))
+            elif gqa and m > 1 and n % m == 0:
+                r = n // m
+                cands.append((np.repeat(v.ids[vd], r), np.repeat(v.zero[vd], r) if zero_ok else false_mask(n)))
+        if not cands:
+            ids.append(pinned_axis(n))
+            zero.append(false_mask(n))
+            continue
+        for c in cands[1:]:
+            ctx.tie(cands[0][0], c[0])
+        ids.append(cands[0][0])
+        zero.append(np.logical_or.reduce([c[1] for c in cands]))
+    return ids, zero
+
+
+def _attention_fix(site, query, key, value, scale=None, **_):
+    old, new = site.old(query), site.new(query)
+    if scale is None and old is not None and new is not None and old[-1] != new[-1]:
+        site.set("scale", 1.0 / math.sqrt(old[-1]))  # NB: the default scale reads head_dim, which shrank
+
+
+@rule("attention", fix=_attention_fix)
+def attention(ctx: Ctx, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+              enable_gqa=False, out=None, **_):
+    """softmax(q k^T + mask) v: q and k contract over head_dim (one channel, zero on one side); batch axes (heads) of q, k, v, mask are one channel; keys are mixed; v's last axis passes to the output."""
+    q, k, v = query, key, value
+    shape = _out_shape(out)
+    ctx.tie(q.ids[-1], k.ids[-1])
+    zk = q.zero[-1] | k.zero[-1]
+    if not zk.all():
+        ctx.pin(q.ids[-1][~zk], "contraction over a channel that is not zero when its row is")
+    ctx.pin([k.ids[-2], v.ids[-2]], "softmax over the keys")
+    ops = [(q, False), (k, False), (v, True)]
+    mask = attn_mask if isinstance(attn_mask, Lab) else None
+    if mask is not None:
+        ctx.pin(list(mask.ids[-2:]), "attention mask over queries and keys")
+        if mask.ndim > 2:
+            ops.append((mask, False))
+    nb = len(shape) - 2
+    ids, zero = _batch_ties(ctx, shape, nb, ops, gqa=bool(enable_gqa))
+    ids += [q.ids[-2], v.ids[-1]]
+    zero += [false_mask(shape[-2]), v.zero[-1]]
+    return Lab(tuple(ids), tuple(zero))
+
+
+functions("attention", [F.scaled_dot_product_attention] + _ov(aten.scaled_dot_product_attention, "default"),
+          ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa"))
+
+
+def _mha_fix(site, query, **_):
+    """Put a PrunedMultiheadAttention in place when any width of the attention changed."""
+    from .modules import PrunedMultiheadAttention
+
+    m = site.module
+    if m is None or isinstance(m, PrunedMultiheadAttention):
+        return
+    head_ids = site.plan.zigset.labels.get(site.node.name + ".heads")
+    keep = site._keep_ids(head_ids) if head_ids is not None else np.ones(m.num_heads, dtype=bool)
+    w = m.in_proj_weight if m._qkv_same_embed_dim else m.q_proj_weight
+    widths_same = (w.shape[1] == m.embed_dim and m.out_proj.weight.shape[0] == m.embed_dim and keep.all())
+    if widths_same:
+        return
+    new = PrunedMultiheadAttention(m, int(keep.sum()), m.head_dim, torch.from_numpy(np.nonzero(keep)[0]), m.num_heads)
+    parent, _, attr = site.node.target.rpartition(".")
+    setattr(site.root.get_submodule(parent) if parent else site.root, attr, new)
+
+
+@rule("multihead_attention", fix=_mha_fix)
+def multihead_attention(ctx: Ctx, query, key, value, module=None, key_padding_mask=None, need_weights=True,
+                        attn_mask=None, average_attn_weights=True, is_causal=False, out=None, **_):
+    """nn.MultiheadAttention: head h is one channel (its q, k, v rows of in_proj and its out_proj columns); the inputs' features are read by in_proj's columns, the output's by out_proj's rows; keys are mixed."""
+    m, name = module, ctx.node.target
+    H, hd, E = m.num_heads, m.head_dim, m.embed_dim
+    heads = ctx.fresh(H)
+    per_head = np.repeat(heads, hd)
+    if m._qkv_same_embed_dim:
+        ctx.tie(query.ids[-1], key.ids[-1])
+        ctx.tie(query.ids[-1], value.ids[-1])
+        ctx.tensor_lab(f"{name}.in_proj_weight", {0: np.concatenate([per_head] * 3), 1: query.ids[-1]})
+    else:
+        for part, x in (("q", query), ("k", key), ("v", value)):
+            ctx.tensor_lab(f"{name}.{part}_proj_weight", {0: per_head, 1: x.ids[-1]})
+    if m.in_proj_bias is not None:
+        ctx.tensor_lab(f"{name}.in_proj_bias", {0: np.concatenate([per_head] * 3)})
+    for b in ("bias_k", "bias_v"):
+        if getattr(m, b) is not None:
+            ctx.tensor_lab(f"{name}.{b}", {0: PINNED, 1: PINNED, 2: per_head})
+    w_out = ctx.tensor_lab(f"{name}.out_proj.weight", {0: OWN, 1: per_head})
+    if m.out_proj.bias is not None:
+        ctx.tensor_lab(f"{name}.out_proj.bias", {0: w_out.ids[0]})
+    batched = query.ndim == 3
+    seq_axis = (1 if m.batch_first else 0) if batched else 0
+    ctx.pin([key.ids[seq_axis], value.ids[seq_axis]], "attention mixes the keys")
+    ctx.pin([v for v in (key_padding_mask, attn_mask) if isinstance(v, Lab)], "attention mask")
+    if attn_mask is not None and isinstance(attn_mask, Lab) and attn_mask.ndim == 3:
+        ctx.pin(heads, "a per-head attention mask is given as an input")
+    o_shape = _out_shape(out[0])
+    lab = _pass(ctx, query, o_shape, {d: d for d in range(query.ndim - 1)}, handled=(query.ndim - 1,))
+    lab = lab.with_axis(len(o_shape) - 1, w_out.ids[0], np.ones(len(w_out.ids[0]), dtype=bool))
+    ctx.extra_labels[ctx.node.name + ".heads"] = heads
+    weights = None
+    if out[1] is not None:
+        wshape = _out_shape(out[1])
+        weights = ctx.pinned_lab(wshape)
+        used = any(u.op == "call_function" and u.target is operator.getitem and u.args[1] == 1 and u.users
+                   for u in ctx.node.users)
+        if used and average_attn_weights:
+            ctx.pin(heads, "attention weights averaged over heads are used")
+        elif not average_attn_weights:
+            ids = list(weights.ids)
+            ids[-3] = heads
+            weights = Lab(tuple(ids), weights.zero)
+    return (lab, weights)
+
+
+def _mha_module(node, m, args, kwargs):
+    names = ("query", "key", "value", "key_padding_mask", "need_weights", "attn_mask", "average_attn_weights",
+             "is_causal")
+    out = dict(zip(names, args))
+    out.update(kwargs)
+    out["module"] = m
+    return out
+
+
+modules("multihead_attention", [nn.MultiheadAttention], _mha_module)
+
+
 def _embedding_fix(site, **_):
     m = site.module
     if m is not None:
@@ -342,13 +499,21 @@ functions("layer_norm", [getattr(F, "rms_norm", None)] + _ov(getattr(aten, "rms_
 
 
 @rule("unary")
-def unary(ctx: Ctx, input, zero_in=True, min_val=None, max_val=None, out=None, **_):
+def unary(ctx: Ctx, input, zero_in=True, min_val=None, max_val=None, out=None, **kw):
     """y = f(x) elementwise: every axis keeps its ids; zero stays zero when f(0) = 0."""
     x = input
     if not isinstance(x, Lab):
         return x
-    if min_val is not None and max_val is not None and not (min_val <= 0 <= max_val):
-        zero_in = False  # hardtanh clamps 0 to a bound
+    lo = min_val if min_val is not None else kw.get("min")
+    hi = max_val if max_val is not None else kw.get("max")
+    for b in (lo, hi):
+        if isinstance(b, (Lab, SymSize)):
+            ctx.pin(b, "a clamp bound is a tensor")
+            zero_in = False
+    lo = lo if isinstance(lo, (int, float)) else float("-inf")
+    hi = hi if isinstance(hi, (int, float)) else float("inf")
+    if not (lo <= 0 <= hi):
+        zero_in = False  # hardtanh/clamp move 0 to a bound
     if zero_in:
         return x
     return Lab(x.ids, tuple(false_mask(len(a)) for a in x.ids))
@@ -360,7 +525,7 @@ _ZERO_FNS = ["relu", "relu6", "gelu", "silu", "hardswish", "hardtanh", "tanh", "
              "dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout", "feature_alpha_dropout",
              "contiguous", "clone", "detach", "float", "half", "double", "bfloat16", "to", "type", "sqrt",
              "square", "sin", "erf", "relu_", "silu_", "hardswish_", "hardtanh_", "leaky_relu_", "elu_", "selu_",
-             "celu_", "tanh_", "neg_", "abs_", "sin_", "dropout_", "gelu_", "mish_", "sign"]
+             "celu_", "tanh_", "neg_", "abs_", "sin_", "dropout_", "gelu_", "mish_", "sign", "zero_"]
 # finite but non-zero at 0
 _NONZERO_FNS = ["sigmoid", "hardsigmoid", "softplus", "exp", "cos", "logsigmoid", "sigmoid_", "hardsigmoid_",
                 "exp_", "cos_", "erfc"]
@@ -390,6 +555,13 @@ modules("unary", [nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Hardswish, nn.Hardtanh
                   nn.SELU, nn.CELU, nn.Mish, nn.Softsign, nn.Tanhshrink, nn.Softshrink, nn.Hardshrink, nn.RReLU,
                   nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout,
                   nn.Identity], _unary_module, zero_in=True)
+functions("unary", [torch.clamp, torch.clip] + _ov(aten.clamp, "default") + _ov(aten.clip, "default"),
+          ("input", "min_val", "max_val"))
+methods("unary", ["clamp", "clip", "clamp_", "clip_"], ("input", "min_val", "max_val"))
+functions("unary", [torch.clamp_min] + _ov(aten.clamp_min, "default"), ("input", "min_val"), (("max_val", float("inf")),))
+methods("unary", ["clamp_min", "clamp_min_"], ("input", "min_val"), (("max_val", float("inf")),))
+functions("unary", [torch.clamp_max] + _ov(aten.clamp_max, "default"), ("input", "max_val"), (("min_val", float("-inf")),))
+methods("unary", ["clamp_max", "clamp_max_"], ("input", "max_val"), (("min_val", float("-inf")),))
 modules("unary", [nn.Sigmoid, nn.Hardsigmoid, nn.Softplus, nn.LogSigmoid], _unary_module, zero_in=False)
 modules("unary", [nn.Hardtanh], lambda node, m, args, kwargs: dict(input=args[0], min_val=m.min_val,
                                                                     max_val=m.max_val))
@@ -428,11 +600,58 @@ def _scalar_zero(v) -> bool:
     return isinstance(v, (int, float, bool)) and v == 0
 
 
+_SHAPE_ONLY = {"expand", "expand_as", "reshape", "shape_merge", "permute", "unary_copy"}
+
+
+def _positive(node, depth: int = 8) -> bool:
+    """Whether ``node`` is > 0 everywhere by construction (clamp_min(x, eps), exp, x + eps after x >= 0).
+
+    A division by such a value cannot blow up when a row is zero, so the denominator is not pinned.
+    """
+    if not isinstance(node, fx.Node) or depth == 0 or node.op not in ("call_function", "call_method"):
+        return False
+    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+    name = name.split(".")[0]
+    args = node.args
+    if name in ("expand", "expand_as", "view", "reshape", "unsqueeze", "permute", "transpose", "contiguous",
+                "clone", "to", "_to_copy", "float", "alias", "detach"):
+        return _positive(args[0], depth - 1) if args else False
+    if name in ("exp", "softplus", "sigmoid"):
+        return True
+    if name in ("clamp_min", "clamp", "clamp_"):
+        lo = args[1] if len(args) > 1 else node.kwargs.get("min")
+        return isinstance(lo, (int, float)) and lo > 0
+    if name in ("add", "__add__", "add_") and len(args) > 1:
+        a, b = args[0], args[1]
+        if isinstance(b, (int, float)) and b > 0:
+            return _nonnegative(a, depth - 1)
+    if name in ("sqrt", "rsqrt"):
+        return _positive(args[0], depth - 1)
+    return False
+
+
+def _nonnegative(node, depth: int) -> bool:
+    if _positive(node, depth):
+        return True
+    if not isinstance(node, fx.Node) or depth == 0:
+        return False
+    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+    name = name.split(".")[0]
+    if name in ("abs", "relu", "square", "linalg_vector_norm", "norm", "sqrt"):
+        return True
+    if name in ("pow", "__pow__") and len(node.args) > 1 and node.args[1] == 2:
+        return True
+    if name in ("mean", "sum", "amax"):
+        return _nonnegative(node.args[0], depth - 1)
+    return False
+
+
 @rule("binary")
 def binary(ctx: Ctx, input, other, kind="add", out=None, **_):
     """z = x (op) y with broadcasting: axes of equal size are the same channels (tied); zero when both are zero (add, sub) or either is (mul)."""
     operands = [input, other]
-    if kind == "div" and isinstance(other, Lab):
+    if kind == "div" and isinstance(other, Lab) and not _positive(ctx.node.args[1] if ctx.node is not None
+                                                                  and len(ctx.node.args) > 1 else None):
         ctx.pin(other, "divides by this channel")
     if not any(isinstance(v, Lab) for v in operands):  # python arithmetic (sizes, lists)
         sym = tuple(a for v in operands if isinstance(v, SymSize) for a in v.ids)
@@ -484,6 +703,51 @@ for _kind, _names, _ops in [
              if n.rstrip("_") in (_kind, "rsub" if _kind == "sub" else _kind) for o in _ov(getattr(aten, n), "Tensor", "Scalar")]
     functions("binary", _ops + _aten, ("input", "other"), kind=_kind)
     methods("binary", _names, ("input", "other"), kind=_kind)
+
+
+@rule("where")
+def where(ctx: Ctx, condition, input, other, out=None, **_):
+    """where(c, x, y): elementwise choice with broadcasting; axes of full size are one channel across c, x, y; zero where x and y both are."""
+    shape = _out_shape(out)
+    n = len(shape)
+    vals = [v for v in (input, other)]
+    ids, zero = [], []
+    for d in range(n):
+        full = []
+        for v in (condition, input, other):
+            if isinstance(v, Lab):
+                vd = d - (n - v.ndim)
+                if vd >= 0 and v.shape[vd] == shape[d]:
+                    full.append((v, vd))
+        if not full:
+            ids.append(pinned_axis(shape[d]))
+            zero.append(false_mask(shape[d]))
+            continue
+        for v, vd in full[1:]:
+            ctx.tie(full[0][0].ids[full[0][1]], v.ids[vd])
+        z = np.ones(shape[d], dtype=bool)
+        for v in vals:
+            vd = d - (n - v.ndim) if isinstance(v, Lab) else -1
+            if isinstance(v, Lab) and vd >= 0 and v.shape[vd] == shape[d]:
+                z = z & v.zero[vd]
+            elif not _scalar_zero(v):
+                z = false_mask(shape[d])
+        ids.append(full[0][0].ids[full[0][1]])
+        zero.append(z)
+    return Lab(tuple(ids), tuple(zero))
+
+
+functions("where", [torch.where] + _ov(aten.where, "self", "ScalarOther", "ScalarSelf", "Scalar"),
+          ("condition", "input", "other"))
+
+
+@rule("check")
+def check(ctx: Ctx, input=None, out=None, **_):
+    """runtime assertions on a tensor's metadata (dtype, device, shape): no value, no channel effect."""
+    return None
+
+
+functions("check", _ov(aten._assert_tensor_metadata, "default"), ("input",))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -578,6 +842,21 @@ def stack(ctx: Ctx, tensors, dim=0, out=None, **_):
 
 
 functions("stack", [torch.stack] + _ov(aten.stack, "default"), ("tensors", "dim"), (("dim", 0),))
+
+
+@rule("unbind")
+def unbind(ctx: Ctx, input, dim=0, out=None, **_):
+    """unbind along dim: every piece has the other axes' ids; the removed axis is pinned (its entries become separate tensors)."""
+    x = input
+    d = _ax(dim, x.ndim)
+    ctx.pin(x.ids[d], "unbind separates this axis into tensors")
+    ids = x.ids[:d] + x.ids[d + 1:]
+    zero = x.zero[:d] + x.zero[d + 1:]
+    return tuple(Lab(ids, zero) for _ in out)
+
+
+functions("unbind", [torch.unbind] + _ov(aten.unbind, "int"), ("input", "dim"), (("dim", 0),))
+methods("unbind", ["unbind"], ("input", "dim"), (("dim", 0),))
 
 
 def _split_fix(site, tensor=None, dim=0, kind="split", **kw):
@@ -739,6 +1018,8 @@ def getitem(ctx: Ctx, input, index, out=None, **_):
         if isinstance(x, torch.Size):
             return x[index]
         return None
+    if isinstance(index, Lab) or (isinstance(index, tuple) and len(index) == 1 and isinstance(index[0], Lab)):
+        return _gather_first(ctx, x, index if isinstance(index, Lab) else index[0], out)
     parts = _index_parts(index, x.ndim)
     ids, zero = [], []
     for axis, p in parts:
@@ -770,6 +1051,118 @@ def getitem(ctx: Ctx, input, index, out=None, **_):
 
 
 functions("getitem", [operator.getitem], ("input", "index"))
+
+
+def _gather_first(ctx: Ctx, x: Lab, idx: Lab, out) -> Lab:
+    """x[idx] with one integer tensor: gathers along axis 0 (pinned); the trailing axes pass."""
+    shape = _out_shape(out)
+    if shape != idx.shape + x.shape[1:]:
+        ctx.pin([x, idx], "indexed by a tensor in a way that was not understood")
+        return ctx.pinned_lab(shape)
+    ctx.pin(x.ids[0], "gathered by an index tensor")
+    ctx.pin(idx, "used as an index")
+    lead = ctx.pinned_lab(idx.shape)
+    return Lab(lead.ids + x.ids[1:], lead.zero + x.zero[1:])
+
+
+@rule("index")
+def index(ctx: Ctx, input, indices, out=None, **_):
+    """aten.index(x, [idx]): one integer index tensor gathers along axis 0 (pinned), trailing axes pass; other forms pin."""
+    idx = [i for i in indices]
+    if len(idx) == 1 and isinstance(idx[0], Lab):
+        return _gather_first(ctx, input, idx[0], out)
+    ctx.pin([input] + [i for i in idx if isinstance(i, Lab)], "advanced indexing")
+    return ctx.pinned_lab(_out_shape(out))
+
+
+functions("index", _ov(aten.index, "Tensor"), ("input", "indices"))
+
+
+@rule("select")
+def select(ctx: Ctx, input, dim, index, out=None, **_):
+    """x.select(dim, i): the axis is removed; if it holds channels they are pinned (one is read), the rest pass."""
+    x = input
+    d = _ax(dim, x.ndim)
+    if x.shape[d] > 1:
+        ctx.pin(x.ids[d], "indexes a single channel")
+    return Lab(x.ids[:d] + x.ids[d + 1:], x.zero[:d] + x.zero[d + 1:])
+
+
+functions("select", [torch.select] + _ov(aten.select, "int"), ("input", "dim", "index"))
+methods("select", ["select"], ("input", "dim", "index"))
+
+
+@rule("roll")
+def roll(ctx: Ctx, input, shifts, dims=None, out=None, **_):
+    """roll along dims: rolled axes are pinned (positions move), the others keep their ids."""
+    x = input
+    if dims is None or (isinstance(dims, (tuple, list)) and len(dims) == 0):
+        ctx.pin(x, "roll of the flattened tensor")
+        return ctx.pinned_lab(x.shape)
+    dims = [dims] if isinstance(dims, int) else list(dims)
+    rolled = {_ax(d, x.ndim) for d in dims}
+    return _pass(ctx, x, x.shape, {d: d for d in range(x.ndim) if d not in rolled})
+
+
+functions("roll", [torch.roll] + _ov(aten.roll, "default"), ("input", "shifts", "dims"))
+methods("roll", ["roll"], ("input", "shifts", "dims"))
+
+
+def _einsum_parse(equation: str, n_ops: int):
+    eq = equation.replace(" ", "")
+    if "." in eq:
+        raise ValueError("einsum with ellipsis")
+    lhs, _, rhs = eq.partition("->")
+    ins = lhs.split(",")
+    if not _:
+        counts = {c: lhs.count(c) for c in set(lhs.replace(",", ""))}
+        rhs = "".join(sorted(c for c, k in counts.items() if k == 1))
+    if len(ins) != n_ops:
+        raise ValueError("einsum operand count")
+    return ins, rhs
+
+
+@rule("einsum")
+def einsum(ctx: Ctx, equation, operands=(), out=None, **_):
+    """einsum: a letter is one channel wherever it appears; letters kept in the output pass, summed letters contract (zero on one side, else pinned)."""
+    ops = list(operands[0]) if len(operands) == 1 and isinstance(operands[0], (tuple, list)) else list(operands)
+    ins, rhs = _einsum_parse(equation, len(ops))
+    first: dict = {}
+    zeros: dict = {}
+    for spec, v in zip(ins, ops):
+        if not isinstance(v, Lab) or len(spec) != v.ndim:
+            raise ValueError("einsum operand is not a tensor of the spec's rank")
+        for c, ids, z in zip(spec, v.ids, v.zero):
+            if len(ids) == 1:
+                continue  # broadcast axis
+            if c in first:
+                ctx.tie(first[c], ids)
+                zeros[c].append(z)
+            else:
+                first[c], zeros[c] = ids, [z]
+    shape = _out_shape(out)
+    for c in first:
+        if c in rhs:
+            continue
+        if len(zeros[c]) < 2:
+            ctx.pin(first[c], "einsum sums over this axis")
+            continue
+        zc = np.logical_or.reduce(zeros[c])
+        if not zc.all():
+            ctx.pin(first[c][~zc], "contraction over a channel that is not zero when its row is")
+    ids, zero = [], []
+    for c, n in zip(rhs, shape):
+        if c in first and len(first[c]) == n:
+            ids.append(first[c])
+            # a kept letter is zero where any product factor is (multiplication)
+            zero.append(np.logical_or.reduce(zeros[c]))
+        else:
+            ids.append(pinned_axis(n))
+            zero.append(false_mask(n))
+    return Lab(tuple(ids), tuple(zero))
+
+
+functions("einsum", [torch.einsum] + _ov(aten.einsum, "default"), ("equation", "*operands"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -844,7 +1237,9 @@ def _reshape_lab(ctx: Ctx, x: Lab, out_shape) -> Lab:
         # NB: the choice must not depend on the front-end (export bakes every size into a literal),
         # so it uses sizes only: the largest factor, the outermost on ties. Channel shuffle's
         # (groups, C/groups) keeps C/groups; an unflatten (C, H, W) keeps C when C is the largest.
-        r = max(cand, key=lambda k: (fsizes[k], -k))
+        # a factor that later indexes attention heads is kept instead (see passes/attention.py)
+        pref = ctx.row_axes.get(ctx.node.name, ()) if ctx.node is not None else ()
+        r = max([k for k in cand if gj[k] in pref] or cand, key=lambda k: (fsizes[k], -k))
         g_ids = flat_ids.reshape(fsizes)
         g_z = flat_z.reshape(fsizes)
         moved = np.moveaxis(g_ids, r, 0).reshape(fsizes[r], -1)
@@ -869,13 +1264,24 @@ def _shape_args(shape):
     return tuple(shape)
 
 
+def _sym_new(site, v):
+    """The pruned value of a size computed in the graph (a SymSize label), or None."""
+    lab = site.plan.zigset.labels.get(v.name) if isinstance(v, fx.Node) else None
+    if not isinstance(lab, SymSize) or lab.value is None or len(lab.ids) != 1:
+        return None
+    return int(site._keep_ids(lab.ids[0]).sum())
+
+
 def _reshape_fix(site, input, shape=(), **_):
     new = site.out_new
     old = site.out_old
     raw = _shape_args(shape)
     if len(raw) != len(new) or new == old:
         return
-    vals = [n if isinstance(v, int) and v != -1 else v for v, n in zip(raw, new)]
+    # NB: a size read off another tensor (``x.shape[-1]``) may measure channels other than the ones
+    # this axis now holds (attention heads merged back into a width): it becomes the literal new size
+    vals = [n if (isinstance(v, int) and v != -1) or (isinstance(v, fx.Node) and _sym_new(site, v) not in (None, n))
+            else v for v, n in zip(raw, new)]
     packed = len(shape) == 1 and isinstance(shape[0], (tuple, list, torch.Size))
     site.set_varargs("shape", [tuple(vals)] if packed else vals)
 
@@ -1003,6 +1409,7 @@ def expand_as(ctx: Ctx, input, other, out=None, **_):
 
 
 methods("expand_as", ["expand_as"], ("input", "other"))
+functions("expand_as", _ov(aten.expand_as, "default"), ("input", "other"))
 
 
 @rule("channel_shuffle")
@@ -1077,6 +1484,20 @@ for _kind, _fns in [("sum", ["sum", "nansum"]), ("mean", ["mean", "nanmean"]), (
         methods("reduce", [_f], ("input", "dim", "keepdim"), kind=_kind)
 
 
+@rule("normalize")
+def normalize(ctx: Ctx, input, p=2.0, dim=1, eps=1e-12, out=None, **_):
+    """x / max(||x||_p over dim, eps): that axis is mixed (pinned); other axes keep their ids and zeros (0 / eps = 0)."""
+    x = input
+    d = _ax(dim, x.ndim)
+    ctx.pin(x.ids[d], "normalised over this axis")
+    return x
+
+
+functions("normalize", [F.normalize], ("input", "p", "dim", "eps"))
+functions("reduce", [torch.linalg.vector_norm] + _ov(aten.linalg_vector_norm, "default"),
+          ("input", "ord", "dim", "keepdim"), kind="max")
+
+
 @rule("softmax")
 def softmax(ctx: Ctx, input, dim=None, out=None, **_):
     """softmax over an axis: that axis is pinned (every channel is in the divisor); other axes keep their ids, not zero."""
@@ -1114,6 +1535,16 @@ methods("size", ["size"], ("input", "dim"))
 functions("size", _ov(aten.sym_size, "int"), ("input", "dim"))
 
 
+@rule("ndim")
+def ndim(ctx: Ctx, input, out=None, **_):
+    """x.dim(): the rank, which pruning never changes."""
+    return out
+
+
+methods("ndim", ["dim", "ndimension"], ("input",))
+functions("ndim", _ov(aten.dim, "default"), ("input",))
+
+
 @rule("numel")
 def numel(ctx: Ctx, input, out=None, **_):
     """x.numel(): a number that measures every axis."""
@@ -1141,3 +1572,5 @@ def arith(ctx: Ctx, input=None, other=None, kind="", out=None, **_):
 
 for _kind in ("floordiv", "mod", "neg", "pow"):
     functions("arith", [getattr(operator, _kind)], ("input", "other"), kind=_kind)
+functions("arith", [torch.pow] + _ov(aten.pow, "Tensor_Scalar"), ("input", "other"), kind="pow")
+methods("arith", ["pow"], ("input", "other"), kind="pow")

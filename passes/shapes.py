@@ -26,6 +26,9 @@ class ShapePropError(OTOError):
     pass
 
 
+_META = torch.device("meta")
+
+
 def _meta(x):
     if isinstance(x, torch.Tensor) and x.device.type != "meta":
         return torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device="meta", requires_grad=False)
@@ -92,6 +95,15 @@ class MetaProp(fx.Interpreter):
     def get_attr(self, target, args, kwargs):
         v = super().get_attr(target, args, kwargs)
         return self._param_meta(target, v) if isinstance(v, torch.Tensor) else v
+
+    def call_function(self, target, args, kwargs):
+        # NB: exported graphs carry factory calls with ``device=cpu`` (arange, ones, scalar_tensor);
+        # on a meta run they must make meta tensors, or they meet meta operands and fail
+        if "device" in kwargs:
+            kwargs = {**kwargs, "device": "meta"}
+        if any(isinstance(a, torch.device) for a in args):  # aten.to.device(x, device, dtype)
+            args = tuple(_META if isinstance(a, torch.device) else a for a in args)
+        return super().call_function(target, args, kwargs)
 
     def call_module(self, target, args, kwargs):
         mod = self.fetch_attr(target)

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import torch.fx as fx
 
+from .attention import find_head_splits
 from .channels import Ctx, Lab, Owner, Pin, SymSize, labs_in, leaves
 from .registry import RULES, bind, canonical_name, form_of
 from .semantics import ParamRef
@@ -124,6 +125,7 @@ def find_zigs(gm: fx.GraphModule, pin: tuple = ()) -> ZigSet:
     """
     ctx = Ctx(gm)
     mods = dict(gm.named_modules())
+    ctx.row_axes = find_head_splits(gm, mods)
     env: dict = {}
     load = lambda a: fx.node.map_arg(a, lambda n: env[n])  # noqa: E731
     for node in gm.graph.nodes:
@@ -154,6 +156,8 @@ def find_zigs(gm: fx.GraphModule, pin: tuple = ()) -> ZigSet:
             kw = bind(form, node, args, kwargs, module)
             if form.rule not in _PARAM_AWARE:
                 kw = _resolve(ctx, kw)
+            elif isinstance(kw.get("input"), ParamRef):  # a layer applied to a parameter or buffer (a table)
+                kw["input"] = ctx.tensor_lab(kw["input"].name)
             flat = list(leaves(kw))
             if form.rule not in _SIZE_CONSUMERS:
                 syms = [v for v in flat if isinstance(v, SymSize)]
@@ -162,6 +166,7 @@ def find_zigs(gm: fx.GraphModule, pin: tuple = ()) -> ZigSet:
             if not any(isinstance(v, (Lab, ParamRef)) for v in flat) and form.rule not in ("arith", "binary", "getitem"):
                 env[node] = _pinned_like(ctx, out)
                 continue
+            kw.pop("out", None)  # NB: torch's ``out=`` argument (F.normalize has one) is not the rule's meta value
             env[node] = RULES[form.rule].analyze(ctx, **kw, out=out)
             src = node.args[0] if node.args else None
             if (_mutates_input(node, module) and isinstance(src, fx.Node) and isinstance(env[node], Lab)
@@ -179,10 +184,20 @@ def find_zigs(gm: fx.GraphModule, pin: tuple = ()) -> ZigSet:
             raise InputError(f"pin=[{name!r}]: no parameter or module of that name in the model")
         ctx.pins.append(Pin(name, "user", "pinned by the user", 0))
         ctx.uf.pin(np.concatenate(hit))
-    labels = {n.name: env.get(n) for n in gm.graph.nodes}
+    labels = {n.name: _tensor_label(ctx, env.get(n)) for n in gm.graph.nodes}
+    labels.update(ctx.extra_labels)
     # NB: get_attr values are parameters, not activations: an unused parameter must not become a row
     acts = [env.get(n) for n in gm.graph.nodes if n.op != "get_attr"]
+    # ids a rule keeps for the rewrite (an attention module's heads) are activation axes inside the op
+    acts += [Lab((a,), (np.zeros(len(a), dtype=bool),)) for a in ctx.extra_labels.values()]
     return _group(ctx, labels, acts)
+
+
+def _tensor_label(ctx: Ctx, v):
+    """A get_attr node's label: its tensor's Lab once a rule read it (the rewrite sizes it), else the ref."""
+    if isinstance(v, ParamRef):
+        return ctx.tensor_labs.get(ctx.alias.get(v.name, v.name), v)
+    return v
 
 
 def _act_ids(values: list) -> np.ndarray:

@@ -118,9 +118,9 @@ def eval_flags(module: torch.nn.Module):
             m.training = f
 
 
-def _eval_outputs(module: torch.nn.Module, inputs):
+def _eval_outputs(module: torch.nn.Module, inputs, kwargs=None):
     with torch.no_grad(), eval_flags(module):
-        return module(*inputs)
+        return module(*inputs, **(kwargs or {}))
 
 
 def max_rel_diff(ref, got) -> float:
@@ -150,16 +150,17 @@ def _as_inputs(x) -> tuple:
     return tuple(x) if isinstance(x, (tuple, list)) else (x,)
 
 
-def assert_exact(model: torch.nn.Module, oto, x, *, smaller: bool = True, small=None):
+def assert_exact(model: torch.nn.Module, oto, x, *, smaller: bool = True, small=None, ref_kwargs=None):
     """The zeroed full ``model`` and ``oto.compress()`` agree in eval mode on ``x``; returns the small model.
 
     Tolerance is OTO.md's: max|diff| <= 1e-4 * max(1, max|y|). With ``smaller`` (the default) the
-    compressed model must have strictly fewer parameters than ``model``.
+    compressed model must have strictly fewer parameters than ``model``. ``ref_kwargs`` go to the
+    full model's call only (``use_cache=False`` for a Hugging Face model, captured without its cache).
     """
     if small is None:
         small = oto.compress()
     inputs = _as_inputs(x)
-    ref = _eval_outputs(model, inputs)
+    ref = _eval_outputs(model, inputs, ref_kwargs)
     got = _eval_outputs(small, inputs)
     err = max_rel_diff(ref, got)
     assert err <= RTOL, f"compressed model differs from the zeroed full model: relative error {err:.3g}"

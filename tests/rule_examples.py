@@ -508,7 +508,18 @@ def bias_add_and_sub_param():
 
 @example("binary", pinned="divides by this channel")
 def div_by_channel():
-    """y / z ties y's and z's channels and pins z's (1/0 is not 0): nothing is prunable."""
+    """y / z ties y's and z's channels and pins z's (z may be 0, and 1/0 is not 0): nothing is prunable."""
+
+    def fwd(s, x):
+        return s.c3(torch.relu(s.c1(x)) / (s.c2(x) + 1.0))
+
+    m = Net(fwd, c1=conv(3, 8), c2=conv(3, 8), c3=conv(8, 4))
+    return m, img()
+
+
+@example("binary")
+def div_by_positive_channel():
+    """y / (sigmoid(z) + 1): the denominator is > 0 by construction, so the tied channels stay prunable."""
 
     def fwd(s, x):
         return s.c3(torch.relu(s.c1(x)) / (torch.sigmoid(s.c2(x)) + 1.0))
@@ -1010,3 +1021,259 @@ def size_driven_expand():
 
     m = Net(fwd, c1=conv(3, 8), g=nn.Conv2d(8, 8, 1), c2=conv(8, 4))
     return m, img()
+
+
+# =============================================================================================
+# attention: heads, sdpa, nn.MultiheadAttention, einsum, addmm
+# =============================================================================================
+
+H_, HD_ = 2, 4  # heads, head width
+E_ = H_ * HD_
+
+
+def _heads(s, t, x):
+    """[N, L, E] -> [N, H, L, hd]"""
+    return t.view(x.shape[0], x.shape[1], H_, HD_).transpose(1, 2)
+
+
+def _merge(o, x):
+    return o.transpose(1, 2).reshape(x.shape[0], x.shape[1], E_)
+
+
+def _qkvo():
+    return dict(q=nn.Linear(6, E_), k=nn.Linear(6, E_), v=nn.Linear(6, E_), o=nn.Linear(E_, 3))
+
+
+@example("attention", "reshape", "permute")
+def sdpa_heads():
+    def fwd(s, x):
+        q, k, v = (_heads(s, p(x), x) for p in (s.q, s.k, s.v))
+        return s.o(_merge(F.scaled_dot_product_attention(q, k, v), x))
+
+    return Net(fwd, **_qkvo()), torch.randn(N, 5, 6)
+
+
+@example("attention", frontend="export")
+def sdpa_heads_export():
+    def fwd(s, x):
+        _force_export(x)
+        q, k, v = (_heads(s, p(x), x) for p in (s.q, s.k, s.v))
+        return s.o(_merge(F.scaled_dot_product_attention(q, k, v, is_causal=True), x))
+
+    return Net(fwd, **_qkvo()), torch.randn(N, 5, 6)
+
+
+@example("attention")
+def sdpa_grouped_query_heads():
+    """4 query heads read 2 key/value heads (enable_gqa): each kv head and its 2 query heads are one row."""
+
+    def fwd(s, x):
+        q = s.q(x).view(N, 5, 4, HD_).transpose(1, 2)
+        k, v = (p(x).view(N, 5, 2, HD_).transpose(1, 2) for p in (s.k, s.v))
+        o = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+        return s.o(o.transpose(1, 2).reshape(N, 5, 4 * HD_))
+
+    m = Net(fwd, q=nn.Linear(6, 4 * HD_), k=nn.Linear(6, 2 * HD_), v=nn.Linear(6, 2 * HD_), o=nn.Linear(4 * HD_, 3))
+    return m, torch.randn(N, 5, 6)
+
+
+@example("matmul", "softmax")
+def eager_heads_matmul():
+    """Attention written out: q k^T / sqrt(hd), softmax, @ v, per head."""
+
+    def fwd(s, x):
+        q, k, v = (_heads(s, p(x), x) for p in (s.q, s.k, s.v))
+        a = torch.softmax(q @ k.transpose(-1, -2) * HD_ ** -0.5, dim=-1)
+        return s.o(_merge(a @ v, x))
+
+    return Net(fwd, **_qkvo()), torch.randn(N, 5, 6)
+
+
+@example("einsum", "split")
+def einsum_heads():
+    """Packed qkv, chunked, heads split and contracted with einsum (torchvision MaxViT's spelling)."""
+
+    def fwd(s, x):
+        c = torch.chunk(s.qkv(x), 3, dim=-1)
+        q, k, v = (c[i].reshape(N, 5, H_, HD_).permute(0, 2, 1, 3) for i in range(3))
+        a = torch.einsum("bhid,bhjd->bhij", q, k).softmax(-1)
+        o = torch.einsum("bhij,bhjd->bhid", a, v)
+        return s.o(o.permute(0, 2, 1, 3).reshape(N, 5, E_))
+
+    return Net(fwd, qkv=nn.Linear(6, 3 * E_), o=nn.Linear(E_, 3)), torch.randn(N, 5, 6)
+
+
+@example("einsum")
+def einsum_channel_mix():
+    """einsum with a weight: 'bci,co->boi' is a 1x1 conv; the output channels are the weight's."""
+
+    def fwd(s, x):
+        y = torch.relu(s.c1(x)).flatten(2)
+        z = torch.einsum("bci,co->boi", y, s.w)
+        return s.c2(z.unflatten(2, (HW, HW)))
+
+    return Net(fwd, c1=conv(3, 8), w=nn.Parameter(torch.randn(8, 6)), c2=conv(6, 4)), img()
+
+
+@example("unbind", "select", "getitem")
+def packed_qkv_unbind_select():
+    """[N, L, 3, H, hd] permuted to [3, N, H, L, hd], then q = t[0] / t.select(0, 1) / unbind."""
+
+    def fwd(s, x):
+        t = s.qkv(x).reshape(N, 5, 3, H_, HD_).permute(2, 0, 3, 1, 4)
+        q, k = t[0], t.select(0, 1)
+        v = t.unbind(0)[2]
+        a = (q @ k.transpose(-2, -1)).softmax(-1)
+        return s.o((a @ v).transpose(1, 2).reshape(N, 5, E_))
+
+    return Net(fwd, qkv=nn.Linear(6, 3 * E_), o=nn.Linear(E_, 3)), torch.randn(N, 5, 6)
+
+
+@example("index", "where", "check", frontend="export")
+def relative_bias_table_export():
+    """A per-head bias table gathered by a position index (Swin), masked with where: column h joins head h."""
+
+    def fwd(s, x):
+        _force_export(x)
+        x = x.to(torch.float32)  # export checks the dtype with _assert_tensor_metadata
+        q, k, v = (_heads(s, p(x), x) for p in (s.q, s.k, s.v))
+        bias = s.table[s.pos].permute(2, 0, 1)  # [H, L, L]
+        bias = torch.where(s.allowed, bias, -1e4)
+        a = (q @ k.transpose(-2, -1) + bias).softmax(-1)
+        return s.o(_merge(a @ v, x))
+
+    m = Net(fwd, table=nn.Parameter(torch.randn(9, H_)), **_qkvo())
+    m.register_buffer("pos", (torch.arange(5)[:, None] - torch.arange(5)[None, :] + 4))
+    m.register_buffer("allowed", torch.rand(5, 5) > 0.2)
+    return m, torch.randn(N, 5, 6)
+
+
+@example("getitem")
+def gather_rows_symbolic():
+    """table[idx] with a buffer index under symbolic_trace: the table's columns pass as channels."""
+
+    def fwd(s, x):
+        y = s.l1(x)  # [N, 5, 8]
+        return s.l2(y + s.table[s.idx])
+
+    m = Net(fwd, l1=nn.Linear(6, 8), table=nn.Parameter(torch.randn(7, 8)), l2=nn.Linear(8, 3))
+    m.register_buffer("idx", torch.tensor([0, 3, 3, 6, 1]))
+    return m, torch.randn(N, 5, 6)
+
+
+@example("roll")
+def roll_spatial():
+    m = Net(lambda s, x: s.c2(torch.roll(torch.relu(s.c1(x)), shifts=(1, -2), dims=(2, 3))), c1=conv(3, 8), c2=conv(8, 4))
+    return m, img()
+
+
+@example("addmm")
+def addmm_conv1d():
+    """Hugging Face's Conv1D: bias + x @ W with W [in, out]."""
+
+    def fwd(s, x):
+        y = torch.addmm(s.b1, x.view(-1, 6), s.w1).view(N, 5, 8)
+        return torch.addmm(s.b2, torch.relu(y).view(-1, 8), s.w2)
+
+    m = Net(fwd, w1=nn.Parameter(torch.randn(6, 8)), b1=nn.Parameter(torch.randn(8)),
+            w2=nn.Parameter(torch.randn(8, 3)), b2=nn.Parameter(torch.randn(3)))
+    return m, torch.randn(N, 5, 6)
+
+
+@example("ndim")
+def ndim_branch():
+    def fwd(s, x):
+        y = torch.relu(s.c1(x))
+        torch._assert(y.dim() == 4, "expected a batch of images")  # torchvision's rank checks
+        return s.c2(y)
+
+    return Net(fwd, c1=conv(3, 8), c2=conv(8, 4)), img()
+
+
+def _mha(batch_first=True, need_weights=False, average=True, kdim=None, bias_kv=False, mask=False, use_weights=False):
+    def fwd(s, x):
+        h = s.inp(x)  # [N, L, E] (or [L, N, E])
+        kv = s.kv(x) if kdim else h
+        o, w = s.mha(h, kv, kv, need_weights=need_weights, average_attn_weights=average,
+                     key_padding_mask=s.pad if mask else None)
+        y = s.out(o)
+        if use_weights:
+            # per-head weights are summed over heads through a per-head gate (zero with its head's row)
+            y = y + s.wl(w.transpose(-1, -2) if average else (w * s.g).sum(1))[..., :1].sum(-1, keepdim=True)
+        return y
+
+    x = torch.randn(N, 5, 6) if batch_first else torch.randn(5, N, 6)
+    members = dict(inp=nn.Linear(6, E_), mha=nn.MultiheadAttention(E_, H_, batch_first=batch_first, kdim=kdim,
+                                                                   vdim=kdim, add_bias_kv=bias_kv),
+                   out=nn.Linear(E_, 3))
+    if kdim:
+        members["kv"] = nn.Linear(6, kdim)
+    if use_weights:
+        members["wl"] = nn.Linear(5, 5)
+        if not average:
+            members["g"] = nn.Parameter(torch.rand(H_, 1, 1) + 0.5)
+    m = Net(fwd, **members)
+    m.register_buffer("pad", torch.tensor([[False, False, False, False, True]] * N))
+    return m, x
+
+
+@example("multihead_attention")
+def mha_batch_first():
+    return _mha()
+
+
+@example("multihead_attention")
+def mha_seq_first_need_weights_unused():
+    return _mha(batch_first=False, need_weights=True)
+
+
+@example("multihead_attention")
+def mha_kdim_bias_kv_padding_mask():
+    return _mha(kdim=5, bias_kv=True, mask=True)
+
+
+@example("multihead_attention", expect_pin="averaged over heads")
+def mha_averaged_weights_used():
+    return _mha(need_weights=True, use_weights=True)
+
+
+@example("multihead_attention")
+def mha_per_head_weights_used():
+    return _mha(need_weights=True, average=False, use_weights=True)
+
+
+@example("normalize", "binary")
+def cosine_attention_heads():
+    """Swin v2's cosine attention: q and k normalised over head_dim, a per-head logit scale (clamped, exp)."""
+
+    def fwd(s, x):
+        q, k, v = (_heads(s, p(x), x) for p in (s.q, s.k, s.v))
+        a = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)
+        a = (a * torch.clamp(s.scale, max=4.0).exp()).softmax(-1)
+        return s.o(_merge(a @ v, x))
+
+    return Net(fwd, scale=nn.Parameter(torch.rand(H_, 1, 1)), **_qkvo()), torch.randn(N, 5, 6)
+
+
+@example("binary", "reduce", "unary", frontend="export")
+def cosine_attention_heads_export():
+    """The same through torch.export: normalize decomposes into a norm, clamp_min(eps) and a division."""
+
+    def fwd(s, x):
+        _force_export(x)
+        q, k, v = (_heads(s, p(x), x) for p in (s.q, s.k, s.v))
+        a = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)
+        return s.o(_merge(a.softmax(-1) @ v, x))
+
+    return Net(fwd, **_qkvo()), torch.randn(N, 5, 6)
+
+
+@example("unary")
+def clamp_bounds():
+    """clamp(min=0.5) moves 0 to 0.5 (not zero-preserving); clamp(max=...) and clamp(-1, 1) keep 0."""
+
+    def fwd(s, x):
+        y = s.c1(x)
+        return s.c2(torch.clamp(y, min=0.5) + y.clamp(max=2.0) + y.clamp(-1.0, 1.0) + torch.clamp_min(y, 0.1))
+
+    return Net(fwd, c1=conv(3, 8), c2=conv(8, 4)), img()

@@ -1,0 +1,210 @@
+"""Triton kernels of the fused row step (the CUDA path); :mod:`kernels.reference` is their oracle.
+
+* ``_dhspg_rows_kernel`` (one program per row): walks the row's segments over every tensor it
+  spans, reduces ``||x||^2``, ``x.d``, ``||d||^2``, computes lambda, the coefficient and the
+  projection decision, writes three per-row values and counts zero rows.
+* ``_apply_kernel`` (one program per block of ``APPLY_BLOCK`` elements of one tensor): looks up
+  each element's rows through the per-axis position tables, gates the penalty on the zero-row count,
+  and writes ``x * (S * (1 - a*C)) + (-a * d) * S`` back in place.
+
+# NB: two launches, not one. Shared elements (conv2.weight[o, i] is in conv2's row o and conv1's
+# row i) need the coefficients of *all* their rows, and the group-sparsity gate needs the count
+# over all rows: both exist only after every row's reduction is done, and Triton has no grid-wide
+# barrier. A single launch would race on shared elements or need atomics on floats, which are
+# not deterministic (DDP ranks would drift apart).
+
+Internals:
+    * Tensors are reached through int64 tables of data pointers (one launch covers every tensor);
+      the element type is a compile-time constant, so all row tensors must share one dtype, and
+      they (and their directions) must be contiguous: :func:`supported` says whether a call fits.
+    * Reductions and the update run in float32 (float64 for float64 tensors).
+    * The zero-row count is an int32 ``atomic_add``: integer addition is order independent, so the
+      result is deterministic.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .layout import APPLY_BLOCK, MAX_AXES, RowLayout
+from .reference import DHSPGConfig
+
+ROW_BLOCK = 256
+
+_TL = {torch.float32: tl.float32, torch.float64: tl.float64, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+
+
+@triton.jit
+def _dhspg_rows_kernel(xtab, dtab, seg_ptr, segs, redundant, out, count, hp,
+                       WARM_UP: tl.constexpr, FIXED_ZERO: tl.constexpr,
+                       DT: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
+    r = tl.program_id(0)
+    lr = tl.load(hp)
+    lmbda = tl.load(hp + 1)
+    amplify = tl.load(hp + 2)
+    hat = tl.load(hp + 3)
+    eps = tl.load(hp + 4)
+    s0 = tl.load(seg_ptr + r)
+    s1 = tl.load(seg_ptr + r + 1)
+    axx = tl.zeros([BLOCK], dtype=ACC)
+    axd = tl.zeros([BLOCK], dtype=ACC)
+    add = tl.zeros([BLOCK], dtype=ACC)
+    lanes = tl.arange(0, BLOCK).to(tl.int64)
+    for s in range(s0, s1):
+        t = tl.load(segs + s * 5)
+        base = tl.load(segs + s * 5 + 1)
+        outer = tl.load(segs + s * 5 + 2)
+        ostride = tl.load(segs + s * 5 + 3)
+        inner = tl.load(segs + s * 5 + 4)
+        xp = tl.load(xtab + t).to(tl.pointer_type(DT))
+        dp = tl.load(dtab + t).to(tl.pointer_type(DT))
+        n = outer * inner
+        for i0 in range(0, n, BLOCK):
+            i = i0 + lanes
+            m = i < n
+            off = base + (i // inner) * ostride + i % inner
+            x = tl.load(xp + off, mask=m, other=0.0).to(ACC)
+            d = tl.load(dp + off, mask=m, other=0.0).to(ACC)
+            axx += x * x
+            axd += x * d
+            add += d * d
+    xx = tl.sum(axx, 0)
+    xd = tl.sum(axd, 0)
+    dd = tl.sum(add, 0)
+    norm = tl.sqrt(xx)
+    zero = xx == 0.0
+    safe = tl.where(zero, 1.0, norm)
+    in_r = (tl.load(redundant + r) != 0) & (xx != 0.0)
+    lam = lmbda + tl.zeros_like(xx)
+    if not WARM_UP:
+        neg = xd < 0.0
+        lb = -xd / safe
+        ub = -dd * norm / tl.where(neg, xd, -1.0)
+        ad = tl.minimum(tl.maximum(amplify * lb, lmbda), lmbda * hat)
+        ad = tl.where(ad >= ub, (lb + ub) / 2, ad)
+        lam = tl.where(neg, ad, lam)
+    coef = tl.where(in_r, lam / safe, 0.0)
+    s_gated = 1.0 + tl.zeros_like(xx)
+    if not WARM_UP:
+        proj = in_r & ((xx - lr * xd) - (lr * lam) * norm < eps * xx)
+        s_gated = tl.where(proj, 0.0, 1.0)
+    s_always = 1.0 + tl.zeros_like(xx)
+    if FIXED_ZERO:
+        s_always = tl.where(zero, 0.0, 1.0)
+    tl.store(out + r * 3, coef)
+    tl.store(out + r * 3 + 1, s_gated)
+    tl.store(out + r * 3 + 2, s_always)
+    tl.atomic_add(count, zero.to(tl.int32))
+
+
+@triton.jit
+def _apply_kernel(xtab, dtab, blocks, numels, axis_table, pos_row, rowvals, count, target, hp,
+                  DT: tl.constexpr, ACC: tl.constexpr, MAXD: tl.constexpr, BLOCK: tl.constexpr):
+    b = tl.program_id(0)
+    lr = tl.load(hp)
+    t = tl.load(blocks + b * 2)
+    start = tl.load(blocks + b * 2 + 1)
+    numel = tl.load(numels + t)
+    xp = tl.load(xtab + t).to(tl.pointer_type(DT))
+    dp = tl.load(dtab + t).to(tl.pointer_type(DT))
+    off = start + tl.arange(0, BLOCK).to(tl.int64)
+    m = off < numel
+    x = tl.load(xp + off, mask=m, other=0.0).to(ACC)
+    d = tl.load(dp + off, mask=m, other=0.0).to(ACC)
+    active = tl.load(count) < target
+    c = tl.zeros([BLOCK], dtype=ACC)
+    sg = 1.0 + tl.zeros([BLOCK], dtype=ACC)
+    sa = 1.0 + tl.zeros([BLOCK], dtype=ACC)
+    for j in tl.static_range(MAXD):
+        inner = tl.load(axis_table + (t * MAXD + j) * 3)
+        size = tl.load(axis_table + (t * MAXD + j) * 3 + 1)
+        poff = tl.load(axis_table + (t * MAXD + j) * 3 + 2)
+        if size > 0:
+            pos = (off // inner) % size
+            row = tl.load(pos_row + poff + pos, mask=m, other=0)
+            c += tl.load(rowvals + row * 3, mask=m, other=0.0)
+            sg = tl.minimum(sg, tl.load(rowvals + row * 3 + 1, mask=m, other=1.0))
+            sa = tl.minimum(sa, tl.load(rowvals + row * 3 + 2, mask=m, other=1.0))
+    c = tl.where(active, c, 0.0)
+    s = tl.where(active, tl.minimum(sa, sg), sa)
+    f = s * (1 - lr * c)
+    y = x * f + ((-lr) * d) * s
+    tl.store(xp + off, y.to(DT), mask=m)
+
+
+def supported(xs, ds) -> str | None:
+    """None when the Triton kernels can run on these tensors, else the reason they cannot."""
+    if not xs:
+        return "no tensors"
+    dt = xs[0].dtype
+    if dt not in _TL:
+        return f"dtype {dt}"
+    for x, d in zip(xs, ds):
+        if x.dtype != dt or d.dtype != dt:
+            return "row tensors of different dtypes"
+        if x.device != xs[0].device or d.device != x.device:
+            return "row tensors on different devices"
+        if not (x.is_contiguous() and d.is_contiguous()):
+            return "a non-contiguous row tensor"
+    return None
+
+
+def _acc(dt):
+    return torch.float64 if dt == torch.float64 else torch.float32
+
+
+def _tables(layout: RowLayout, xs, ds):
+    dev = xs[0].device
+    xt = torch.tensor([x.data_ptr() for x in xs], dtype=torch.int64).to(dev, non_blocking=True)
+    dt = torch.tensor([d.data_ptr() for d in ds], dtype=torch.int64).to(dev, non_blocking=True)
+    return xt, dt
+
+
+def _rowvals(layout: RowLayout, acc):
+    """Per-row (coef, gated scale, scale) with a sentinel row N = (0, 1, 1) for unowned positions."""
+    v = torch.empty((layout.n_rows + 1, 3), dtype=acc, device=layout.device)
+    v[layout.n_rows] = torch.tensor([0.0, 1.0, 1.0], dtype=acc)
+    return v
+
+
+def _hp(layout, acc, *values):
+    # NB: scalars go through a tensor: Triton passes Python floats as float32, float64 steps need them exact
+    return torch.tensor(values, dtype=acc).to(layout.device, non_blocking=True)
+
+
+def _apply(layout, xt, dt, dtype, rowvals, count, target: int, hp):
+    nb = layout.blocks.shape[0]
+    if nb:
+        _apply_kernel[(nb,)](xt, dt, layout.blocks, layout.numels, layout.axis_table, layout.pos_row_flat,
+                             rowvals, count, target, hp, DT=_TL[dtype], ACC=_TL[_acc(dtype)], MAXD=MAX_AXES,
+                             BLOCK=APPLY_BLOCK)
+
+
+def dhspg_step(layout: RowLayout, xs, ds, redundant: torch.Tensor, cfg: DHSPGConfig) -> torch.Tensor:
+    """The fused DHSPG row step in two launches; returns the zero-row count before the step."""
+    dtype = xs[0].dtype
+    acc = _acc(dtype)
+    xt, dt = _tables(layout, xs, ds)
+    rowvals = _rowvals(layout, acc)
+    count = torch.zeros(1, dtype=torch.int32, device=layout.device)
+    hp = _hp(layout, acc, cfg.lr, cfg.lmbda, cfg.lmbda_amplify, cfg.hat_lmbda_coeff, cfg.epsilon)
+    if layout.n_rows:
+        _dhspg_rows_kernel[(layout.n_rows,)](
+            xt, dt, layout.seg_ptr, layout.segs, redundant.to(torch.int8), rowvals, count, hp,
+            WARM_UP=bool(cfg.warm_up), FIXED_ZERO=bool(cfg.fixed_zero), DT=_TL[dtype], ACC=_TL[acc], BLOCK=ROW_BLOCK)
+    _apply(layout, xt, dt, dtype, rowvals, count, int(cfg.target_rows), hp)
+    return count[0]
+
+
+def scale_step(layout: RowLayout, xs, ds, lr: float, scale: torch.Tensor) -> None:
+    """``x <- (x - lr*d) * S`` (S: the minimum row scale of each element) in one launch (HESSO)."""
+    dtype = xs[0].dtype
+    acc = _acc(dtype)
+    xt, dt = _tables(layout, xs, ds)
+    rowvals = _rowvals(layout, acc)
+    rowvals[: layout.n_rows, 0] = 0
+    rowvals[: layout.n_rows, 1] = 1
+    rowvals[: layout.n_rows, 2] = scale.to(acc)
+    count = torch.zeros(1, dtype=torch.int32, device=layout.device)
+    _apply(layout, xt, dt, dtype, rowvals, count, 1, _hp(layout, acc, lr))

@@ -1,0 +1,564 @@
+"""DHSPG (OTOv2) and HESSO (OTOv3): optimizers that drive ZIG rows to exactly zero while training.
+
+``DHSPG(model.named_parameters(), oto.groups, **hp)`` (or ``oto.dhspg(**hp)``) is a
+``torch.optim.Optimizer``. Each step takes the base optimizer's direction d (SGD with momentum, Adam
+or AdamW) for every parameter; from ``start_pruning_steps`` on it partitions the rows once into a
+redundant set G_r and a kept set G_k, and applies to G_r the adaptive group-lasso penalty and the
+half-space projection of OTO.md section 2 until the group sparsity reaches its target. ``HESSO``
+replaces penalty and projection by OTO.md section 3's progressive scaling of the lowest-scoring rows.
+``group_sparsity`` is the fraction of rows whose every element is exactly zero.
+
+Shared elements (the Jacobi rule). A weight element can lie in two rows along different dims
+(conv2.weight[o, i] is in conv2's row o and in conv1's row i). Then:
+    * every per-row reduction (||x||^2, x.d, ||d||^2) is taken from x and d before the step;
+    * each row's lambda and projection decision use only its own reductions; its half-space test is
+      analytic: x_hat_i . x_i = ||x||^2 - a x.d - a lambda_i ||x|| with the penalty applied;
+    * an element becomes x - a d - a * sum_{rows r containing it} lambda_r x / ||x_r||, and is set
+      to zero if any row containing it is projected or is a fixed zero row (HESSO: it is multiplied
+      by the smallest scale among its rows).
+The result does not depend on the order of rows or groups, and every backend computes the same.
+
+Internals:
+    * The base direction is computed with ``torch._foreach_*`` ops per (param group, device, dtype);
+      parameters in no row take ``x -= lr * d`` the same way. The row tensors go through
+      ``otofx.kernels`` (Triton on CUDA, the torch reference elsewhere), whose layout is built once.
+    * The step counter, the partition (``redundant``, HESSO's ``pruned``/``current``) and the
+      moment buffers are in ``state_dict()``; a resumed optimizer continues bit-identically.
+    * # NB: the learning rate is read from ``param_groups`` at every step (schedulers work), but all
+      parameters holding rows must share one lr: a row's step uses a single a.
+    * # NB: a row is "zero" when its float32 (float64) sum of squares is 0: a row whose entries are
+      all below ~1e-23 in magnitude counts as zero and, with fixed_zero_groups, is set to exactly 0.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from collections import defaultdict
+from dataclasses import dataclass
+
+import torch
+
+from otofx import kernels
+from otofx.errors import OTOError
+
+log = logging.getLogger("otofx")
+
+VARIANTS = ("sgd", "adam", "adamw")
+_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+_ADAM_EPS = 1e-8
+
+# OTO.md section 2's defaults per variant
+_BASE_DEFAULTS = {
+    "sgd": dict(first_momentum=0.0, second_momentum=0.0, dampening=0.0, weight_decay=0.0),
+    "adam": dict(first_momentum=0.9, second_momentum=0.999, dampening=0.0, weight_decay=0.0),
+    "adamw": dict(first_momentum=0.9, second_momentum=0.999, dampening=0.0, weight_decay=1e-2),
+}
+_LAMBDA_DEFAULTS = {
+    "sgd": dict(lmbda=1e-3, lmbda_amplify=2.0, hat_lmbda_coeff=10.0),
+    "adam": dict(lmbda=1e-2, lmbda_amplify=20.0, hat_lmbda_coeff=1e3),
+    "adamw": dict(lmbda=1e-2, lmbda_amplify=20.0, hat_lmbda_coeff=1e3),
+}
+
+
+class OptimizerError(OTOError):
+    """An optimizer was built or used with arguments that cannot work."""
+
+
+class NonFiniteGradError(OptimizerError):
+    """A gradient holds NaN or inf; the step was not taken."""
+
+
+@dataclass(frozen=True)
+class Partition:
+    """DHSPG's partition of the rows: ``redundant[g]`` are the G_r row indices of group g."""
+
+    redundant: tuple
+    kept: tuple
+
+    @property
+    def n_redundant(self) -> int:
+        return int(sum(len(r) for r in self.redundant))
+
+
+def _resolve_base(variant: str, given: dict) -> dict:
+    if variant not in VARIANTS:
+        raise OptimizerError(f"variant={variant!r} is not supported: use one of {VARIANTS}")
+    out = dict(_BASE_DEFAULTS[variant])
+    out.update({k: v for k, v in given.items() if v is not None})
+    return out
+
+
+class _RowOptimizer(torch.optim.Optimizer):
+    """The base step, the row layout, checks and state shared by DHSPG and HESSO."""
+
+    _kind = "rows"
+
+    def __init__(self, params, groups, *, variant, lr, base: dict, model=None, backend=None,
+                 check_finite: bool = True):
+        if lr is None or lr < 0:
+            raise OptimizerError(f"lr={lr!r}: the learning rate must be a number >= 0")
+        base = _resolve_base(variant, base)
+        for k in ("first_momentum", "second_momentum"):
+            if not 0.0 <= base[k] < 1.0:
+                raise OptimizerError(f"{k}={base[k]!r} is out of range [0, 1)")
+        if not 0.0 <= base["dampening"] <= 1.0:
+            raise OptimizerError(f"dampening={base['dampening']!r} is out of range [0, 1]")
+        if base["weight_decay"] < 0:
+            raise OptimizerError(f"weight_decay={base['weight_decay']!r} must be >= 0")
+        if backend is not None and backend not in kernels.BACKENDS:
+            raise OptimizerError(f"backend={backend!r}: use one of {kernels.BACKENDS}")
+        self.variant = variant
+        self.backend = backend
+        self.check_finite = check_finite
+        super().__init__(params, dict(lr=lr, **base))
+        self._t = 0
+        for g in self.param_groups:
+            for p in g["params"]:
+                if p.dtype not in _DTYPES:
+                    raise OptimizerError(f"parameter {self._name(p)!r} has dtype {p.dtype}; {type(self).__name__} "
+                                         f"supports {', '.join(str(d) for d in _DTYPES)}: cast the model first")
+        self._build_layout(groups, model)
+
+    # -- setup ----------------------------------------------------------------------------------
+    def _name(self, p) -> str:
+        for g in self.param_groups:
+            names = g.get("param_names")
+            for q, n in zip(g["params"], names or ()):
+                if q is p:
+                    return n
+        return f"<unnamed parameter of shape {tuple(p.shape)}>"
+
+    def _build_layout(self, groups, model) -> None:
+        by_name, group_of = {}, {}
+        for gi, g in enumerate(self.param_groups):
+            for i, p in enumerate(g["params"]):
+                group_of[id(p)] = gi
+                if g.get("param_names"):
+                    by_name[g["param_names"][i]] = p
+        tensors, index, entries_of = [], {}, []
+        groups = tuple(groups)
+        for zi, zig in enumerate(groups):
+            rows, params = (zig.rows, zig.params) if hasattr(zig, "params") else zig
+            entries = []
+            for name, dim, idx in params:
+                p = by_name.get(name)
+                if p is None and model is not None:
+                    try:
+                        q = model.get_parameter(name)
+                    except AttributeError:
+                        q = None
+                    p = next((x for g in self.param_groups for x in g["params"] if x is q), None) if q is not None else None
+                if p is None:
+                    hint = ("pass model.named_parameters() (names are needed to place rows)" if not by_name else
+                            "pass every parameter of the model to the optimizer, or pin that layer in otofx.OTO(pin=...)")
+                    raise OptimizerError(f"group {zi} names parameter {name!r}, which this optimizer does not hold: {hint}")
+                if id(p) not in index:
+                    index[id(p)] = len(tensors)
+                    tensors.append(p)
+                entries.append((index[id(p)], dim, idx))
+            entries_of.append((rows, entries))
+        devices = {p.device for p in tensors}
+        if len(devices) > 1:
+            raise OptimizerError(f"row parameters are on several devices {sorted(map(str, devices))}: move the model to one")
+        self._row_params = tensors
+        self._row_index = index
+        self._row_lr_groups = sorted({group_of[id(p)] for p in tensors})
+        dev = tensors[0].device if tensors else torch.device("cpu")
+        self.layout = kernels.build_layout([p.shape for p in tensors], entries_of, device=dev)
+        self._group_sizes = tuple(int(r) for r, _ in entries_of)
+
+    # -- properties -----------------------------------------------------------------------------
+    @property
+    def n_rows(self) -> int:
+        return self.layout.n_rows
+
+    @property
+    def step_count(self) -> int:
+        return self._t
+
+    @torch.no_grad()
+    def row_stats(self) -> kernels.RowStats:
+        """Per-row ``||x||^2`` of the current parameters (``xd``, ``dd`` zero)."""
+        return kernels.row_stats(self.layout, [p.detach() for p in self._row_params])
+
+    @property
+    def group_sparsity(self) -> float:
+        """Fraction of rows whose every element is exactly zero (0.0 when there are no rows)."""
+        if not self.n_rows:
+            return 0.0
+        return float((self.row_stats().xx == 0).sum().item()) / self.n_rows
+
+    def _target_rows(self, target: float) -> int:
+        return math.ceil(target * self.n_rows - 1e-9)
+
+    # -- the base direction ---------------------------------------------------------------------
+    def _check_finite(self, grads_named) -> None:
+        by_key = defaultdict(list)
+        for p, g in grads_named:
+            by_key[(g.device, g.dtype)].append((p, g))
+        for items in by_key.values():
+            # NB: the L2 norm is the fast foreach reduction; NaN and inf propagate through it (an overflow of
+            # huge finite gradients to inf only costs the per-tensor scan below, which then finds nothing)
+            norms = torch._foreach_norm([g for _, g in items])
+            if bool(torch.stack(norms).isfinite().all()):
+                continue
+            for p, g in items:
+                if not bool(torch.isfinite(g).all()):
+                    raise NonFiniteGradError(
+                        f"the gradient of parameter {self._name(p)!r} holds NaN or inf; no parameter or state was "
+                        "changed. Lower the learning rate, clip gradients, or use torch.amp.GradScaler (which skips such steps)")
+
+    def _directions(self):
+        """(param, d, lr) for every parameter with a gradient; updates the moment buffers."""
+        out = []
+        t = self._t + 1
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            by_key = defaultdict(list)
+            for p in params:
+                if p.grad.is_sparse:
+                    raise OptimizerError(f"parameter {self._name(p)!r} has a sparse gradient; {type(self).__name__} needs dense ones")
+                by_key[(p.device, p.dtype)].append(p)
+            for ps in by_key.values():
+                ds = self._base_direction(group, ps, t)
+                out.extend((p, d, group["lr"]) for p, d in zip(ps, ds))
+        return out
+
+    def _base_direction(self, group, ps, t):
+        wd, b1, b2 = group["weight_decay"], group["first_momentum"], group["second_momentum"]
+        grads = [p.grad for p in ps]
+        if self.variant == "sgd":
+            if wd:
+                grads = torch._foreach_add(grads, ps, alpha=wd)
+            if not b1:
+                return grads
+            bufs, fresh = [], []
+            for p, g in zip(ps, grads):
+                st = self.state[p]
+                if "momentum_buffer" not in st:
+                    st["momentum_buffer"] = torch.clone(g).detach()
+                    fresh.append(True)
+                else:
+                    fresh.append(False)
+                bufs.append(st["momentum_buffer"])
+            old = [(b, g) for b, g, f in zip(bufs, grads, fresh) if not f]
+            if old:
+                ob, og = [b for b, _ in old], [g for _, g in old]
+                torch._foreach_mul_(ob, b1)
+                torch._foreach_add_(ob, og, alpha=1 - group["dampening"])
+            return bufs
+        if self.variant == "adam" and wd:
+            grads = torch._foreach_add(grads, ps, alpha=wd)
+        ms, vs = [], []
+        for p in ps:
+            st = self.state[p]
+            if "exp_avg" not in st:
+                st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            ms.append(st["exp_avg"])
+            vs.append(st["exp_avg_sq"])
+        torch._foreach_lerp_(ms, grads, 1 - b1)
+        torch._foreach_mul_(vs, b2)
+        torch._foreach_addcmul_(vs, grads, grads, value=1 - b2)
+        bc1, bc2 = 1 - b1 ** t, 1 - b2 ** t
+        denom = torch._foreach_sqrt(vs)
+        torch._foreach_div_(denom, math.sqrt(bc2))
+        torch._foreach_add_(denom, _ADAM_EPS)
+        ds = torch._foreach_div(ms, denom)
+        torch._foreach_div_(ds, bc1)
+        if self.variant == "adamw" and wd:
+            torch._foreach_add_(ds, ps, alpha=wd)
+        return ds
+
+    @staticmethod
+    def _plain_update(items) -> None:
+        """x -= lr * d over (param, d, lr) items, one foreach call per (lr, device, dtype)."""
+        by_key = defaultdict(list)
+        for p, d, lr in items:
+            by_key[(lr, p.device, p.dtype)].append((p, d))
+        for (lr, _, _), pd in by_key.items():
+            torch._foreach_add_([p for p, _ in pd], [d for _, d in pd], alpha=-lr)
+
+    def _row_lr(self) -> float:
+        lrs = {self.param_groups[g]["lr"] for g in self._row_lr_groups}
+        if len(lrs) > 1:
+            raise OptimizerError(f"the parameters holding rows have different learning rates {sorted(lrs)}: "
+                                 "a row's step needs one; give them one param group (or equal lrs)")
+        return lrs.pop() if lrs else 0.0
+
+    def _split(self, items):
+        """Row tensors with their directions (zeros for a row tensor without gradient), and the rest."""
+        d_of = {id(p): d for p, d, _ in items}
+        ds = [d_of.get(id(p)) for p in self._row_params]
+        ds = [d if d is not None else torch.zeros_like(p) for p, d in zip(self._row_params, ds)]
+        rest = [it for it in items if id(it[0]) not in self._row_index]
+        return [p.detach() for p in self._row_params], [d.detach() for d in ds], rest
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if self.check_finite:
+            self._check_finite([(p, p.grad) for g in self.param_groups for p in g["params"] if p.grad is not None])
+        lr = self._row_lr()
+        items = self._directions()
+        if not self._rows_step(items, lr):
+            self._plain_update(items)
+        self._t += 1
+        return loss
+
+    def _rows_step(self, items, lr) -> bool:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    # -- state ----------------------------------------------------------------------------------
+    def _extra_state(self) -> dict:
+        return {}
+
+    def _load_extra_state(self, extra: dict) -> None:
+        pass
+
+    def _signature(self) -> dict:
+        return {"n_rows": self.n_rows, "group_sizes": self._group_sizes,
+                "shapes": tuple(tuple(s) for s in self.layout.shapes)}
+
+    def state_dict(self):
+        sd = super().state_dict()
+        sd["otofx"] = {"kind": self._kind, "variant": self.variant, "step": self._t,
+                       "layout": self._signature(), **self._extra_state()}
+        return sd
+
+    def load_state_dict(self, state_dict) -> None:
+        extra = state_dict.get("otofx")
+        if extra is None or extra.get("kind") != self._kind:
+            raise OptimizerError(f"this state_dict was not saved by a {type(self).__name__}: load one from "
+                                 f"{type(self).__name__}.state_dict()")
+        if extra["layout"] != self._signature():
+            raise OptimizerError("the saved state belongs to a different row layout (other model or groups): build the "
+                                 "optimizer from the same model and otofx.OTO groups before loading")
+        if extra["variant"] != self.variant:
+            raise OptimizerError(f"the saved state is for variant {extra['variant']!r}, this optimizer is {self.variant!r}")
+        sd = {k: v for k, v in state_dict.items() if k != "otofx"}
+        super().load_state_dict(sd)
+        self._t = int(extra["step"])
+        self._load_extra_state(extra)
+
+    def _mask(self, t):
+        return None if t is None else t.to(self.layout.device, torch.bool).clone()
+
+
+class DHSPG(_RowOptimizer):
+    """Dual Half-Space Projected Gradient (OTOv2), OTO.md section 2.
+
+    ``params``: ``model.named_parameters()`` (or param-group dicts of named parameters); ``groups``:
+    ``oto.groups`` (ZIGs, or ``(rows, params)`` tuples of the same contract). Hyper-parameters left
+    None take OTO.md's defaults for ``variant``. ``backend``: kernel backend (see otofx.kernels).
+    """
+
+    _kind = "dhspg"
+
+    def __init__(self, params, groups=(), *, lr: float = 0.1, variant: str = "sgd",
+                 first_momentum=None, second_momentum=None, dampening=None, weight_decay=None,
+                 lmbda=None, lmbda_amplify=None, hat_lmbda_coeff=None, epsilon: float = 0.0,
+                 target_group_sparsity: float = 0.5, tolerance_group_sparsity: float = 0.05,
+                 start_pruning_steps: int = 0, warm_up_steps: int = 0, group_divisible: int = 1,
+                 fixed_zero_groups: bool = True, model=None, backend=None, check_finite: bool = True):
+        if variant not in VARIANTS:
+            raise OptimizerError(f"variant={variant!r} is not supported: use one of {VARIANTS}")
+        lam = dict(_LAMBDA_DEFAULTS[variant])
+        lam.update({k: v for k, v in dict(lmbda=lmbda, lmbda_amplify=lmbda_amplify,
+                                          hat_lmbda_coeff=hat_lmbda_coeff).items() if v is not None})
+        if lam["lmbda"] < 0 or lam["lmbda_amplify"] < 0 or lam["hat_lmbda_coeff"] < 1:
+            raise OptimizerError(f"lmbda, lmbda_amplify must be >= 0 and hat_lmbda_coeff >= 1 (got {lam})")
+        if not 0.0 <= target_group_sparsity < 1.0:
+            raise OptimizerError(f"target_group_sparsity={target_group_sparsity!r} must be in [0, 1)")
+        if tolerance_group_sparsity < 0:
+            raise OptimizerError(f"tolerance_group_sparsity={tolerance_group_sparsity!r} must be >= 0")
+        if int(group_divisible) != group_divisible or group_divisible < 1:
+            raise OptimizerError(f"group_divisible={group_divisible!r} must be an integer >= 1")
+        if start_pruning_steps < 0 or warm_up_steps < 0:
+            raise OptimizerError("start_pruning_steps and warm_up_steps must be >= 0")
+        self.lmbda, self.lmbda_amplify, self.hat_lmbda_coeff = lam["lmbda"], lam["lmbda_amplify"], lam["hat_lmbda_coeff"]
+        self.epsilon = float(epsilon)
+        self.target_group_sparsity = float(target_group_sparsity)
+        self.tolerance_group_sparsity = float(tolerance_group_sparsity)
+        self.start_pruning_steps = int(start_pruning_steps)
+        self.warm_up_steps = int(warm_up_steps)
+        self.group_divisible = int(group_divisible)
+        self.fixed_zero_groups = bool(fixed_zero_groups)
+        self._redundant = None
+        super().__init__(params, groups, variant=variant, lr=lr, model=model, backend=backend, check_finite=check_finite,
+                         base=dict(first_momentum=first_momentum, second_momentum=second_momentum,
+                                   dampening=dampening, weight_decay=weight_decay))
+
+    @property
+    def redundant(self):
+        """The G_r mask over all rows (group after group), or None before the partition."""
+        return self._redundant
+
+    @property
+    def partition(self) -> Partition | None:
+        if self._redundant is None:
+            return None
+        red, kept = [], []
+        s = self.layout.group_start
+        for g in range(self.layout.n_groups):
+            m = self._redundant[s[g]:s[g + 1]].cpu()
+            red.append(torch.nonzero(m).reshape(-1))
+            kept.append(torch.nonzero(~m).reshape(-1))
+        return Partition(tuple(red), tuple(kept))
+
+    def _partition(self, st: kernels.RowStats) -> torch.Tensor:
+        """OTO.md step 1: the redundant set from scores of x and d, rounded per group."""
+        lay = self.layout
+        n = lay.n_rows
+        norm, dnorm = st.xx.sqrt(), st.dd.sqrt()
+        den = norm * dnorm
+        cos = torch.where(den > 0, st.xd / torch.where(den > 0, den, torch.ones_like(den)), torch.zeros_like(den))
+        inv = 1.0 / (norm / lay.row_len.to(norm.dtype) + 1e-6)
+        nz = lambda v: v / v.norm() if bool(v.norm() > 0) else v  # noqa: E731
+        score = 0.5 * nz(cos) + 0.5 * nz(inv)
+        k = math.floor(n * min(self.target_group_sparsity + self.tolerance_group_sparsity, 0.999))
+        order = torch.argsort(score, descending=True, stable=True)
+        chosen = torch.zeros(n, dtype=torch.bool, device=score.device)
+        chosen[order[:k]] = True
+        g_of = lay.row_group
+        ng = torch.bincount(g_of, minlength=lay.n_groups)
+        rg = torch.bincount(g_of, weights=chosen.to(torch.float64), minlength=lay.n_groups).round().long()
+        gd = self.group_divisible
+        kept = torch.clamp(torch.maximum((ng - rg + gd - 1) // gd * gd, torch.full_like(ng, gd)), max=ng)
+        quota = ng - kept
+        by_group = order[torch.argsort(g_of[order], stable=True)]  # group order, score descending inside
+        starts = torch.tensor(lay.group_start[:-1], device=score.device)
+        rank = torch.arange(n, device=score.device) - starts[g_of[by_group]]
+        redundant = torch.zeros(n, dtype=torch.bool, device=score.device)
+        redundant[by_group] = rank < quota[g_of[by_group]]
+        log.info("DHSPG: partition at step %d: %d of %d rows redundant", self._t, int(redundant.sum()), n)
+        return redundant
+
+    def _rows_step(self, items, lr) -> bool:
+        t = self._t
+        if t < self.start_pruning_steps or not self.n_rows:
+            return False
+        xs, ds, rest = self._split(items)
+        if self._redundant is None:
+            self._redundant = self._partition(kernels.row_stats(self.layout, xs, ds))
+        cfg = kernels.DHSPGConfig(lr=lr, lmbda=self.lmbda, lmbda_amplify=self.lmbda_amplify,
+                                  hat_lmbda_coeff=self.hat_lmbda_coeff, epsilon=self.epsilon,
+                                  target_rows=self._target_rows(self.target_group_sparsity),
+                                  warm_up=t < self.start_pruning_steps + self.warm_up_steps,
+                                  fixed_zero=self.fixed_zero_groups)
+        kernels.dhspg_step(self.layout, xs, ds, self._redundant, cfg, backend=self.backend)
+        self._plain_update(rest)
+        return True
+
+    def _extra_state(self) -> dict:
+        return {"redundant": None if self._redundant is None else self._redundant.cpu().clone()}
+
+    def _load_extra_state(self, extra: dict) -> None:
+        self._redundant = self._mask(extra.get("redundant"))
+
+
+class HESSO(_RowOptimizer):
+    """Hybrid Efficient Structured Sparse Optimizer (OTOv3), OTO.md section 3.
+
+    Every ``D = pruning_steps // pruning_periods`` steps from ``start_pruning_step`` on, the
+    lowest-scoring rows not yet pruned (``floor(N * target)`` rows over all periods, split evenly) are
+    picked and scaled by ``(D-t-1)/(D-t)`` after the base step at step t of the period: exactly zero at
+    its end. Pruned rows stay zero.
+    """
+
+    _kind = "hesso"
+
+    def __init__(self, params, groups=(), *, lr: float = 0.1, variant: str = "sgd",
+                 first_momentum=None, second_momentum=None, dampening=None, weight_decay=None,
+                 target_group_sparsity: float = 0.5, start_pruning_step: int = 0, pruning_steps: int | None = None,
+                 pruning_periods: int = 1, model=None, backend=None, check_finite: bool = True):
+        if pruning_steps is None:
+            raise OptimizerError("HESSO needs pruning_steps (steps over which rows are driven to zero), e.g. 10% of training")
+        if int(pruning_periods) < 1 or int(pruning_steps) < int(pruning_periods):
+            raise OptimizerError(f"pruning_steps={pruning_steps!r} must be >= pruning_periods={pruning_periods!r} >= 1")
+        if not 0.0 <= target_group_sparsity < 1.0:
+            raise OptimizerError(f"target_group_sparsity={target_group_sparsity!r} must be in [0, 1)")
+        if start_pruning_step < 0:
+            raise OptimizerError("start_pruning_step must be >= 0")
+        self.target_group_sparsity = float(target_group_sparsity)
+        self.start_pruning_step = int(start_pruning_step)
+        self.pruning_steps = int(pruning_steps)
+        self.pruning_periods = int(pruning_periods)
+        self.period_length = self.pruning_steps // self.pruning_periods
+        self._pruned = None
+        self._current = None
+        super().__init__(params, groups, variant=variant, lr=lr, model=model, backend=backend, check_finite=check_finite,
+                         base=dict(first_momentum=first_momentum, second_momentum=second_momentum,
+                                   dampening=dampening, weight_decay=weight_decay))
+
+    @property
+    def pruned(self):
+        """Mask of the rows committed to zero (earlier periods and the current one), or None before start."""
+        if self._pruned is None:
+            return None
+        return self._pruned | self._current
+
+    def _scores(self, st: kernels.RowStats) -> torch.Tensor:
+        norm, dnorm = st.xx.sqrt(), st.dd.sqrt()
+        den = norm * dnorm
+        cos = torch.where(den > 0, st.xd / torch.where(den > 0, den, torch.ones_like(den)), torch.zeros_like(den))
+        feats = [norm, norm / self.layout.row_len.to(norm.dtype), cos + 1, st.xd.abs(), 0.5 * st.xd.square()]
+        score = torch.zeros_like(norm)
+        for f in feats:
+            nrm = f.norm()
+            if bool(nrm > 0):
+                score = score + f / nrm
+        return score
+
+    def _select(self, st: kernels.RowStats, period: int) -> None:
+        n = self.n_rows
+        total = math.floor(n * self.target_group_sparsity)
+        count = total * (period + 1) // self.pruning_periods - total * period // self.pruning_periods
+        self._pruned |= self._current
+        score = self._scores(st).masked_fill(self._pruned, float("inf"))
+        order = torch.argsort(score, stable=True)
+        self._current = torch.zeros_like(self._pruned)
+        self._current[order[:count]] = True
+        log.info("HESSO: period %d at step %d: %d rows picked", period, self._t, count)
+
+    def _rows_step(self, items, lr) -> bool:
+        rel = self._t - self.start_pruning_step
+        if rel < 0 or not self.n_rows:
+            return False
+        xs, ds, rest = self._split(items)
+        dev = self.layout.device
+        if self._pruned is None:
+            self._pruned = torch.zeros(self.n_rows, dtype=torch.bool, device=dev)
+            self._current = torch.zeros_like(self._pruned)
+        d_len = self.period_length
+        acc = torch.float64 if any(x.dtype == torch.float64 for x in xs) else torch.float32
+        if rel < self.pruning_periods * d_len:
+            period, k = divmod(rel, d_len)
+            if k == 0:
+                self._select(kernels.row_stats(self.layout, xs, ds), period)
+            f = (d_len - k - 1) / (d_len - k)
+            scale = torch.where(self._current, torch.full((self.n_rows,), f, dtype=acc, device=dev),
+                                torch.ones(self.n_rows, dtype=acc, device=dev))
+        else:
+            if bool(self._current.any()):
+                self._pruned |= self._current
+                self._current.zero_()
+            scale = torch.ones(self.n_rows, dtype=acc, device=dev)
+        scale = scale.masked_fill(self._pruned, 0.0)
+        kernels.scale_step(self.layout, xs, ds, lr, scale, backend=self.backend)
+        self._plain_update(rest)
+        return True
+
+    def _extra_state(self) -> dict:
+        return {"pruned": None if self._pruned is None else self._pruned.cpu().clone(),
+                "current": None if self._current is None else self._current.cpu().clone()}
+
+    def _load_extra_state(self, extra: dict) -> None:
+        self._pruned = self._mask(extra.get("pruned"))
+        self._current = self._mask(extra.get("current"))
+
+
+__all__ = ["DHSPG", "HESSO", "Partition", "OptimizerError", "NonFiniteGradError", "VARIANTS"]

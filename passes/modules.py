@@ -1,0 +1,140 @@
+"""Modules the rewrite puts in place of stock ones that cannot express a pruned shape.
+
+``nn.MultiheadAttention`` ties its q/k/v width to its input width (``embed_dim``) and its head
+width to ``embed_dim / num_heads``; after heads are removed neither holds. ``PrunedMultiheadAttention``
+computes exactly what ``nn.MultiheadAttention`` computes, with any number of heads of width
+``head_dim``, input width ``in_features`` and output width ``out_features``. Parameters keep the
+stock names (``in_proj_weight`` or ``q/k/v_proj_weight``, ``in_proj_bias``, ``out_proj``,
+``bias_k``, ``bias_v``), so the state_dict reads like the original's.
+
+Internals:
+    * ``kept_heads`` (a buffer) holds the original index of every remaining head: a per-head
+      ``attn_mask`` of shape ``[batch * num_heads_before, L, S]`` is sliced with it.
+    * Scores are scaled by ``1 / sqrt(head_dim)``, the original head width (unchanged by head pruning).
+    * ``need_weights=False`` runs ``scaled_dot_product_attention``; otherwise the weights are
+      computed explicitly, as the stock module does.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class PrunedMultiheadAttention(nn.Module):
+    """``nn.MultiheadAttention`` with ``num_heads`` heads of width ``head_dim`` (any count)."""
+
+    def __init__(self, src: nn.MultiheadAttention, num_heads: int, head_dim: int, kept_heads: torch.Tensor,
+                 heads_before: int):
+        super().__init__()
+        self.num_heads, self.head_dim, self.heads_before = num_heads, head_dim, heads_before
+        self.batch_first, self.dropout, self.add_zero_attn = src.batch_first, src.dropout, src.add_zero_attn
+        self.packed = src._qkv_same_embed_dim
+        if self.packed:
+            self.in_proj_weight = src.in_proj_weight
+        else:
+            self.q_proj_weight, self.k_proj_weight, self.v_proj_weight = (
+                src.q_proj_weight, src.k_proj_weight, src.v_proj_weight)
+        self.in_proj_bias = src.in_proj_bias
+        out = src.out_proj
+        self.out_proj = nn.Linear(out.in_features, out.out_features, bias=out.bias is not None)
+        self.out_proj.weight = out.weight
+        if out.bias is not None:
+            self.out_proj.bias = out.bias
+        self.bias_k, self.bias_v = src.bias_k, src.bias_v
+        self.register_buffer("kept_heads", kept_heads.clone(), persistent=True)
+
+    def _proj(self, x, part: int):
+        w = self.num_heads * self.head_dim
+        if self.packed:
+            weight = self.in_proj_weight[part * w:(part + 1) * w]
+        else:
+            weight = (self.q_proj_weight, self.k_proj_weight, self.v_proj_weight)[part]
+        bias = self.in_proj_bias[part * w:(part + 1) * w] if self.in_proj_bias is not None else None
+        return F.linear(x, weight, bias)
+
+    def forward(self, query, key, value, key_padding_mask=None, need_weights: bool = True, attn_mask=None,
+                average_attn_weights: bool = True, is_causal: bool = False):
+        batched = query.dim() == 3
+        if not batched:
+            query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
+            if key_padding_mask is not None:
+                key_padding_mask = key_padding_mask.unsqueeze(0)
+        elif self.batch_first:
+            query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
+        # now [L, B, E] as in the stock implementation
+        L, B = query.shape[0], query.shape[1]
+        H, hd = self.num_heads, self.head_dim
+        q, k, v = self._proj(query, 0), self._proj(key, 1), self._proj(value, 2)
+        if self.bias_k is not None:
+            k = torch.cat([k, self.bias_k.expand(1, B, -1)])
+            v = torch.cat([v, self.bias_v.expand(1, B, -1)])
+            if attn_mask is not None:
+                attn_mask = F.pad(attn_mask, (0, 1))
+            if key_padding_mask is not None:
+                key_padding_mask = F.pad(key_padding_mask, (0, 1))
+        q = q.reshape(L, B * H, hd).transpose(0, 1)
+        k = k.reshape(k.shape[0], B * H, hd).transpose(0, 1)
+        v = v.reshape(v.shape[0], B * H, hd).transpose(0, 1)
+        if self.add_zero_attn:
+            k = torch.cat([k, k.new_zeros(B * H, 1, hd)], dim=1)
+            v = torch.cat([v, v.new_zeros(B * H, 1, hd)], dim=1)
+            if attn_mask is not None:
+                attn_mask = F.pad(attn_mask, (0, 1))
+            if key_padding_mask is not None:
+                key_padding_mask = F.pad(key_padding_mask, (0, 1))
+        S = k.shape[1]
+        mask = self._merge_masks(attn_mask, key_padding_mask, B, L, S, query.dtype, is_causal)
+        q, k, v = q.view(B, H, L, hd), k.view(B, H, S, hd), v.view(B, H, S, hd)
+        p = self.dropout if self.training else 0.0
+        # NB: the scale is the original head width's, passed explicitly
+        scale = 1.0 / math.sqrt(hd)
+        if not need_weights:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, scale=scale)
+            weights = None
+        else:
+            scores = (q * scale) @ k.transpose(-2, -1)
+            if mask is not None:
+                scores = scores + mask
+            weights = scores.softmax(dim=-1)
+            if p > 0.0:
+                weights = F.dropout(weights, p=p)
+            out = weights @ v
+            if average_attn_weights:
+                weights = weights.mean(dim=1)
+            if not batched:
+                weights = weights.squeeze(0)
+        out = out.permute(2, 0, 1, 3).reshape(L * B, H * hd)
+        out = self.out_proj(out).view(L, B, -1)
+        if not batched:
+            out = out.squeeze(1)
+        elif self.batch_first:
+            out = out.transpose(0, 1)
+        return out, weights
+
+    def _merge_masks(self, attn_mask, key_padding_mask, B, L, S, dtype, is_causal):
+        def additive(m):
+            if m is None:
+                return None
+            if m.dtype == torch.bool:
+                return torch.zeros(m.shape, dtype=dtype, device=m.device).masked_fill(m, float("-inf"))
+            return m.to(dtype)
+
+        if attn_mask is None and is_causal:
+            attn_mask = torch.ones(L, S, dtype=torch.bool, device=self.kept_heads.device).triu(1)
+        mask = additive(attn_mask)
+        if mask is not None:
+            if mask.dim() == 2:
+                mask = mask.view(1, 1, L, S)
+            else:  # per (batch, head): keep the remaining heads' masks
+                mask = mask.view(B, self.heads_before, L, S).index_select(1, self.kept_heads)
+        kpm = additive(key_padding_mask)
+        if kpm is not None:
+            kpm = kpm.view(B, 1, 1, S)
+            mask = kpm if mask is None else mask + kpm
+        return mask
+
+    def extra_repr(self) -> str:
+        return f"num_heads={self.num_heads}, head_dim={self.head_dim}, batch_first={self.batch_first}"

@@ -1,0 +1,449 @@
+"""DHSPG and HESSO: the fused step equals a slow per-row oracle of OTO.md; training behaviour and API."""
+from __future__ import annotations
+
+import copy
+import io
+import math
+
+import pytest
+import torch
+from helpers import assert_exact, randomize
+from torch import nn
+
+import otofx
+from otofx.optim import DHSPG, HESSO, NonFiniteGradError, OptimizerError
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+# ---------------------------------------------------------------------------------------------
+# A slow, obvious per-row implementation of OTO.md section 2 (and the Jacobi rule for shared elements)
+# ---------------------------------------------------------------------------------------------
+
+
+def _row_elements(params, groups):
+    """rows[r] = (group, [(name, flat index), ...]) by brute force over every element."""
+    rows = []
+    for g, (n_rows, entries) in enumerate(groups):
+        for i in range(n_rows):
+            elems = []
+            for name, dim, idx in entries:
+                shape = params[name].shape
+                for flat in range(params[name].numel()):
+                    multi = torch.unravel_index(torch.tensor(flat), shape)
+                    if int(multi[dim]) in idx[i].tolist():
+                        elems.append((name, flat))
+            rows.append((g, elems))
+    return rows
+
+
+class Oracle:
+    def __init__(self, params, groups, hp):
+        self.x = {n: p.detach().clone().double() for n, p in params.items()}
+        self.groups, self.hp = groups, hp
+        self.rows = _row_elements(self.x, groups)
+        self.state, self.t, self.redundant = {}, 0, None
+
+    def direction(self, name, g):
+        hp, x = self.hp, self.x[name]
+        v = hp["variant"]
+        st = self.state.setdefault(name, {})
+        if v == "sgd":
+            g = g + hp["weight_decay"] * x
+            if not hp["first_momentum"]:
+                return g
+            if "buf" not in st:
+                st["buf"] = g.clone()
+            else:
+                st["buf"] = hp["first_momentum"] * st["buf"] + (1 - hp["dampening"]) * g
+            return st["buf"]
+        if v == "adam":
+            g = g + hp["weight_decay"] * x
+        b1, b2, t = hp["first_momentum"], hp["second_momentum"], self.t + 1
+        st["m"] = b1 * st.get("m", torch.zeros_like(x)) + (1 - b1) * g
+        st["v"] = b2 * st.get("v", torch.zeros_like(x)) + (1 - b2) * g * g
+        d = (st["m"] / (1 - b1 ** t)) / ((st["v"] / (1 - b2 ** t)).sqrt() + 1e-8)
+        return d + hp["weight_decay"] * x if v == "adamw" else d
+
+    def partition(self, xr, dr):
+        hp, n = self.hp, len(self.rows)
+        cos, inv = [], []
+        for xi, di in zip(xr, dr):
+            nx, nd = xi.norm().item(), di.norm().item()
+            cos.append(xi.dot(di).item() / (nx * nd) if nx * nd > 0 else 0.0)
+            inv.append(1.0 / (nx / len(xi) + 1e-6))
+        nc, ni = math.sqrt(sum(c * c for c in cos)), math.sqrt(sum(v * v for v in inv))
+        score = [0.5 * (c / nc if nc else c) + 0.5 * v / ni for c, v in zip(cos, inv)]
+        k = math.floor(n * min(hp["target_group_sparsity"] + hp["tolerance_group_sparsity"], 0.999))
+        chosen = set(sorted(range(n), key=lambda r: (-score[r], r))[:k])
+        redundant = [False] * n
+        for g, (ng, _) in enumerate(self.groups):
+            members = [r for r in range(n) if self.rows[r][0] == g]
+            kept = ng - sum(r in chosen for r in members)
+            gd = hp["group_divisible"]
+            kept = min(ng, max(gd, -(-kept // gd) * gd))
+            for r in sorted(members, key=lambda r: (-score[r], r))[: ng - kept]:
+                redundant[r] = True
+        return redundant
+
+    def step(self, grads):
+        hp, lr = self.hp, self.hp["lr"]
+        d = {n: self.direction(n, grads[n]) for n in self.x}
+        t, self.t = self.t, self.t + 1
+        if t < hp["start_pruning_steps"]:
+            for n in self.x:
+                self.x[n] = self.x[n] - lr * d[n]
+            return
+        xr = [torch.stack([self.x[n].reshape(-1)[i] for n, i in e]) for _, e in self.rows]
+        dr = [torch.stack([d[n].reshape(-1)[i] for n, i in e]) for _, e in self.rows]
+        if self.redundant is None:
+            self.redundant = self.partition(xr, dr)
+        warm = t < hp["start_pruning_steps"] + hp["warm_up_steps"]
+        zeros = sum(bool(xi.norm() == 0) for xi in xr)
+        active = zeros < math.ceil(hp["target_group_sparsity"] * len(self.rows) - 1e-9)
+        coef, drop = [0.0] * len(xr), [False] * len(xr)
+        for r, (xi, di) in enumerate(zip(xr, dr)):
+            nx = xi.norm().item()
+            if nx == 0:
+                drop[r] = hp["fixed_zero_groups"]
+                continue
+            if not (self.redundant[r] and active):
+                continue
+            xd, dd = xi.dot(di).item(), di.dot(di).item()
+            lam = hp["lmbda"]
+            if not warm and xd < 0:
+                lb, ub = -xd / nx, -dd * nx / xd
+                lam = min(max(hp["lmbda_amplify"] * lb, hp["lmbda"]), hp["lmbda"] * hp["hat_lmbda_coeff"])
+                if lam >= ub:
+                    lam = (lb + ub) / 2
+            coef[r] = lam / nx
+            if not warm and nx * nx - lr * xd - lr * lam * nx < hp["epsilon"] * nx * nx:
+                drop[r] = True
+        new = {n: self.x[n] - lr * d[n] for n in self.x}
+        for r, (_, elems) in enumerate(self.rows):
+            for n, i in elems:
+                new[n].view(-1)[i] -= lr * coef[r] * self.x[n].reshape(-1)[i]
+        for r, (_, elems) in enumerate(self.rows):
+            if drop[r]:
+                for n, i in elems:
+                    new[n].view(-1)[i] = 0.0
+        self.x = new
+
+
+# three tensors; rows span tensors and dims; w2 elements are shared between groups 0 and 1,
+# and w1 elements between groups 0 and 2
+def _toy():
+    g = torch.Generator().manual_seed(0)
+    params = {"w1": torch.randn(4, 3, 2, generator=g, dtype=torch.float64),
+              "b1": torch.randn(4, generator=g, dtype=torch.float64),
+              "w2": torch.randn(5, 4, generator=g, dtype=torch.float64),
+              "free": torch.randn(3, generator=g, dtype=torch.float64)}
+    ar = lambda n: torch.arange(n)[:, None]  # noqa: E731
+    groups = [(4, [("w1", 0, ar(4)), ("b1", 0, ar(4)), ("w2", 1, ar(4))]),
+              (5, [("w2", 0, ar(5))]),
+              (1, [("w1", 1, torch.tensor([[0, 2]]))]),
+              (0, [])]
+    return params, groups
+
+
+HP = dict(lr=0.2, variant="sgd", first_momentum=0.0, second_momentum=0.0, dampening=0.0, weight_decay=0.0,
+          lmbda=3.0, lmbda_amplify=2.0, hat_lmbda_coeff=10.0, epsilon=0.5, target_group_sparsity=0.5,
+          tolerance_group_sparsity=0.2, start_pruning_steps=0, warm_up_steps=0, group_divisible=1,
+          fixed_zero_groups=True)
+
+CASES = {
+    "sgd-plain": {},
+    "sgd-momentum-wd-start-warmup": dict(first_momentum=0.5, dampening=0.1, weight_decay=1e-2, start_pruning_steps=2,
+                                         warm_up_steps=2, lmbda=6.0),
+    "adam-divisible": dict(variant="adam", group_divisible=2, hat_lmbda_coeff=1e3, lmbda_amplify=20.0),
+    "adamw-no-fixed-zero": dict(variant="adamw", weight_decay=1e-2, fixed_zero_groups=False, target_group_sparsity=0.3),
+    # at most 7 of the 10 rows can be redundant: every group keeps one row
+    "sgd-eps0-high-target": dict(epsilon=0.0, target_group_sparsity=0.7, tolerance_group_sparsity=0.2, lr=0.3),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_fused_step_equals_per_row_oracle(case):
+    hp = {**HP, **CASES[case]}
+    params, groups = _toy()
+    oracle = Oracle(params, groups, hp)
+    ps = {n: nn.Parameter(t.clone()) for n, t in params.items()}
+    opt = DHSPG(list(ps.items()), groups, backend="torch",
+                **{k: v for k, v in hp.items()})
+    g = torch.Generator().manual_seed(1)
+    sparsities, fixed_zero_seen = [], False
+    for _ in range(16):
+        grads = {n: 0.3 * torch.randn(p.shape, generator=g, dtype=torch.float64) for n, p in ps.items()}
+        if hp["fixed_zero_groups"] and 0 < opt.group_sparsity:
+            fixed_zero_seen = True
+        for n, p in ps.items():
+            p.grad = grads[n].clone()
+        opt.step()
+        oracle.step(grads)
+        for n, p in ps.items():
+            torch.testing.assert_close(p.detach(), oracle.x[n], rtol=1e-10, atol=1e-12, msg=f"{case}: {n}")
+            assert torch.equal(p.detach() == 0, oracle.x[n] == 0)
+        sparsities.append(opt.group_sparsity)
+        if oracle.redundant is not None:
+            assert opt.redundant.tolist() == oracle.redundant
+    # the case is not vacuous: rows were projected, and the penalty stopped at the target
+    assert max(sparsities) >= hp["target_group_sparsity"], sparsities
+    if hp["fixed_zero_groups"]:
+        assert fixed_zero_seen and sparsities == sorted(sparsities)  # zero rows stay zero
+    if hp["group_divisible"] > 1:
+        kept0 = int((~opt.redundant[:4]).sum())
+        assert kept0 % hp["group_divisible"] == 0
+
+
+def test_partition_waits_for_start_and_warm_up_does_not_project():
+    params, groups = _toy()
+    ps = {n: nn.Parameter(t.clone()) for n, t in params.items()}
+    opt = DHSPG(list(ps.items()), groups, lr=0.3, lmbda=5.0, epsilon=0.9, start_pruning_steps=2, warm_up_steps=3)
+    g = torch.Generator().manual_seed(2)
+    for step in range(5):
+        for p in ps.values():
+            p.grad = torch.randn(p.shape, generator=g, dtype=torch.float64)
+        opt.step()
+        assert (opt.redundant is None) == (step < 2)
+        assert opt.group_sparsity == 0.0  # no projection before start + warm-up
+    for p in ps.values():
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    assert opt.group_sparsity > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Plain phase equals torch's optimizers
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("variant,torch_opt", [
+    ("sgd", lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, dampening=0.1, weight_decay=1e-3)),
+    ("adam", lambda ps: torch.optim.Adam(ps, lr=0.01, weight_decay=1e-3)),
+    ("adamw", lambda ps: torch.optim.AdamW(ps, lr=0.01)),
+])
+def test_base_step_matches_torch(variant, torch_opt):
+    kw = {"sgd": dict(lr=0.1, first_momentum=0.9, dampening=0.1, weight_decay=1e-3),
+          "adam": dict(lr=0.01, weight_decay=1e-3), "adamw": dict(lr=0.01)}[variant]
+    params, groups = _toy()
+    a = {n: nn.Parameter(t.clone()) for n, t in params.items()}
+    b = [nn.Parameter(t.clone()) for t in params.values()]
+    ours = DHSPG(list(a.items()), groups, variant=variant, start_pruning_steps=100, **kw)
+    ref = torch_opt(b)
+    g = torch.Generator().manual_seed(3)
+    for _ in range(5):
+        for p, q in zip(a.values(), b):
+            p.grad = torch.randn(p.shape, generator=g, dtype=torch.float64)
+            q.grad = p.grad.clone()
+        ours.step()
+        ref.step()
+    for p, q in zip(a.values(), b):
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------
+# Training a small CNN through otofx.OTO
+# ---------------------------------------------------------------------------------------------
+
+
+class SmallCNN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1, self.b1 = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.c2, self.b2 = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.c3 = nn.Conv2d(8, 12, 1)
+        self.fc = nn.Linear(12, 5)
+
+    def forward(self, x):
+        y = torch.relu(self.b1(self.c1(x)))
+        y = torch.relu(self.b2(self.c2(y)) + y)  # residual: c1 and c2 rows tied
+        y = torch.relu(self.c3(y))
+        return self.fc(y.mean((2, 3)))
+
+
+def _data(n=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, 6, 6, generator=g), torch.randint(0, 5, (n,), generator=g)
+
+
+def _train(model, opt, steps, x, y, check=None):
+    for i in range(steps):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        if check:
+            check(i)
+
+
+def _zero_rows(oto):
+    return [torch.nonzero(n == 0).reshape(-1) for n in oto.row_norms()]
+
+
+def test_dhspg_reaches_target_then_compress_is_exact():
+    model = randomize(SmallCNN())
+    x, y = _data()
+    oto = otofx.OTO(model, x[:2])
+    opt = oto.dhspg(lr=0.1, lmbda=0.5, epsilon=0.9, start_pruning_steps=3, target_group_sparsity=0.5)
+    assert opt.n_rows == sum(z.rows for z in oto.groups)
+    seen = []
+
+    def check(i):
+        zeros = _zero_rows(oto)
+        for before, now in zip(seen[-1] if seen else [], zeros):
+            assert set(before.tolist()) <= set(now.tolist()), "a zero row came back"
+        seen.append(zeros)
+
+    _train(model, opt, 80, x, y, check)
+    assert opt.group_sparsity >= 0.5
+    assert opt.group_sparsity <= 0.5 + 0.05 + 1e-9 + 1 / opt.n_rows
+    small = assert_exact(model, oto, x[:4])
+    # the small model trains further
+    out = small(x[:4])
+    out.sum().backward()
+
+
+def test_hesso_reaches_exactly_the_target():
+    model = randomize(SmallCNN())
+    x, y = _data()
+    oto = otofx.OTO(model, x[:2])
+    opt = oto.hesso(lr=0.05, first_momentum=0.9, target_group_sparsity=0.4, start_pruning_step=2,
+                    pruning_steps=6, pruning_periods=2)
+    n = opt.n_rows
+    total = math.floor(n * 0.4)
+    counts = []
+    _train(model, opt, 12, x, y, lambda i: counts.append(round(opt.group_sparsity * n)))
+    # period 1 (steps 2..4) ends with half the rows zero, period 2 (5..7) with all of them
+    assert counts[4] == total // 2 and counts[7] == total, counts
+    assert counts[2:4] == [0, 0]
+    assert counts[-1] == total
+    assert_exact(model, oto, x[:4])
+
+
+# ---------------------------------------------------------------------------------------------
+# state_dict, schedulers, GradScaler
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("variant", ["sgd", "adam"])
+@pytest.mark.parametrize("kind", ["dhspg", "hesso"])
+def test_state_dict_round_trip_resumes_identically(variant, kind):
+    kw = dict(lr=0.05, variant=variant, first_momentum=0.9)
+    kw.update(dict(lmbda=0.05, epsilon=0.9, start_pruning_steps=2) if kind == "dhspg"
+              else dict(start_pruning_step=2, pruning_steps=4, pruning_periods=2))
+    model = randomize(SmallCNN())
+    x, y = _data()
+    oto = otofx.OTO(model, x[:2])
+    opt = getattr(oto, kind)(**kw)
+    _train(model, opt, 4, x, y)  # the partition / first selection is in the saved state
+    buf = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buf)
+    _train(model, opt, 5, x, y)
+    want = copy.deepcopy(model.state_dict())
+
+    buf.seek(0)
+    saved = torch.load(buf, weights_only=False)
+    model2 = SmallCNN()
+    model2.load_state_dict(saved["model"])
+    oto2 = otofx.OTO(model2, x[:2])
+    opt2 = getattr(oto2, kind)(**kw)
+    opt2.load_state_dict(saved["opt"])
+    assert opt2.step_count == 4
+    _train(model2, opt2, 5, x, y)
+    for k, v in want.items():
+        assert torch.equal(model2.state_dict()[k], v), k
+
+
+def test_load_state_dict_rejects_other_layout():
+    x, _ = _data()
+    opt = otofx.OTO(SmallCNN(), x[:2]).dhspg()
+    other = DHSPG(nn.Linear(3, 2).named_parameters(), ())
+    with pytest.raises(OptimizerError, match="different row layout"):
+        other.load_state_dict(opt.state_dict())
+
+
+def test_scheduler_lr_is_read_each_step():
+    params, groups = _toy()
+    ps = {n: nn.Parameter(t.clone()) for n, t in params.items()}
+    opt = DHSPG(list(ps.items()), groups, lr=1.0, start_pruning_steps=100)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    for lr in (1.0, 0.5, 0.25):
+        before = {n: p.detach().clone() for n, p in ps.items()}
+        for p in ps.values():
+            p.grad = torch.ones_like(p)
+        opt.step()
+        sched.step()
+        for n, p in ps.items():
+            torch.testing.assert_close(p.detach(), before[n] - lr)
+
+
+def test_grad_scaler_skips_non_finite_steps():
+    model = SmallCNN()
+    x, y = _data()
+    oto = otofx.OTO(model, x[:2])
+    opt = oto.dhspg(lr=0.05, lmbda=0.05, epsilon=0.9)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8)
+    for i in range(4):
+        opt.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = nn.functional.cross_entropy(model(x), y)
+        scaler.scale(loss).backward()
+        before = copy.deepcopy(model.state_dict())
+        steps = opt.step_count
+        if i == 2:
+            model.c1.weight.grad[0, 0, 0, 0] = float("inf")
+        scale = scaler.get_scale()
+        scaler.step(opt)
+        scaler.update()
+        if i == 2:  # skipped: nothing changed, the scale backed off
+            assert opt.step_count == steps and scaler.get_scale() < scale
+            for k, v in model.state_dict().items():
+                if k.endswith("weight") or k.endswith("bias"):
+                    assert torch.equal(v, before[k]), k
+        else:
+            assert opt.step_count == steps + 1
+    assert opt.redundant is not None
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors
+# ---------------------------------------------------------------------------------------------
+
+
+def test_nan_gradient_raises_and_changes_nothing():
+    model = SmallCNN()
+    x, y = _data()
+    opt = otofx.OTO(model, x[:2]).dhspg(lr=0.05, first_momentum=0.9)
+    _train(model, opt, 2, x, y)
+    opt.zero_grad()
+    nn.functional.cross_entropy(model(x), y).backward()
+    params = {k: v.detach().clone() for k, v in model.named_parameters()}
+    state = copy.deepcopy(opt.state_dict())
+    model.b2.bias.grad[1] = float("nan")
+    with pytest.raises(NonFiniteGradError, match="'b2.bias'"):
+        opt.step()
+    for k, v in model.named_parameters():
+        assert torch.equal(v, params[k]), k
+    after = opt.state_dict()
+    assert after["otofx"]["step"] == state["otofx"]["step"]
+    for i, st in state["state"].items():
+        assert torch.equal(after["state"][i]["momentum_buffer"], st["momentum_buffer"])
+
+
+def test_unknown_parameter_and_unnamed_params():
+    params, groups = _toy()
+    ps = {n: nn.Parameter(t.clone()) for n, t in params.items()}
+    with pytest.raises(OptimizerError, match="'w2'.*does not hold"):
+        DHSPG([(n, p) for n, p in ps.items() if n != "w2"], groups)
+    with pytest.raises(OptimizerError, match="named_parameters"):
+        DHSPG(list(ps.values()), groups)
+    with pytest.raises(OptimizerError, match="variant"):
+        DHSPG(list(ps.items()), groups, variant="rmsprop")
+    with pytest.raises(OptimizerError, match="pruning_steps"):
+        HESSO(list(ps.items()), groups)
+
+
+def test_unsupported_dtype():
+    p = nn.Parameter(torch.zeros(3, dtype=torch.complex64))
+    with pytest.raises(OptimizerError, match="dtype"):
+        DHSPG([("p", p)], ())
+    assert issubclass(OptimizerError, otofx.OTOError)
