@@ -141,7 +141,13 @@ def _inline_grad_regions(gm: fx.GraphModule) -> fx.GraphModule:
 def export(model: torch.nn.Module, args: tuple, kwargs: dict) -> fx.GraphModule:
     with _no_kv_cache(model, kwargs):
         ep = torch.export.export(model, args, kwargs, strict=False)
-    return _inline_grad_regions(ep.module())
+    gm = _inline_grad_regions(ep.module())
+    # NB: export keeps values nothing reads (nn.MultiheadAttention's head-averaged weights when
+    # the caller drops them); an unused mean over heads must not pin the heads. The graph is
+    # functional aten, so fx's purity check is sound here (asserts and guards are kept).
+    if gm.graph.eliminate_dead_code():
+        gm.recompile()
+    return gm
 
 
 def _opaque_calls(gm: fx.GraphModule) -> set:

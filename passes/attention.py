@@ -170,9 +170,17 @@ def find_head_splits(gm: fx.GraphModule, mods: dict | None = None) -> dict:
         except (ValueError, IndexError):
             continue
         keep = set()
-        for gi, gj in groups:
-            factors = [j for j in gj if ov.shape[j] > 1]
-            if len(gi) != 1 or len(factors) < 2:
+        for k, (gi, gj) in enumerate(groups):
+            if len(gi) != 1 or len(gj) < 1:
+                continue
+            # size-1 axes split off just before this run (one head left) are candidates too
+            lead = []
+            for gi2, gj2 in reversed(groups[:k]):
+                if gi2 or len(gj2) != 1 or ov.shape[gj2[0]] != 1:
+                    break
+                lead.insert(0, gj2[0])
+            factors = lead + list(gj)
+            if len(factors) < 2 or iv.shape[gi[0]] == 1 and not lead:
                 continue
             keep.update(j for j in factors if _reaches_batch(node, j, mods))
         if keep:

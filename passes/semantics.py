@@ -1129,12 +1129,16 @@ def einsum(ctx: Ctx, equation, operands=(), out=None, **_):
     ins, rhs = _einsum_parse(equation, len(ops))
     first: dict = {}
     zeros: dict = {}
+    size: dict = {}
     for spec, v in zip(ins, ops):
         if not isinstance(v, Lab) or len(spec) != v.ndim:
             raise ValueError("einsum operand is not a tensor of the spec's rank")
+        for c, ids in zip(spec, v.ids):
+            size[c] = max(size.get(c, 1), len(ids))
+    for spec, v in zip(ins, ops):
         for c, ids, z in zip(spec, v.ids, v.zero):
-            if len(ids) == 1:
-                continue  # broadcast axis
+            if len(ids) == 1 and size[c] > 1:
+                continue  # broadcast axis (a letter of size 1 everywhere is a real axis: one head left)
             if c in first:
                 ctx.tie(first[c], ids)
                 zeros[c].append(z)
@@ -1170,8 +1174,11 @@ functions("einsum", [torch.einsum] + _ov(aten.einsum, "default"), ("equation", "
 # ---------------------------------------------------------------------------------------------
 
 
-def _groups_of(in_shape, out_shape):
-    """Pair runs of input axes with runs of output axes of equal product (size-1 axes alone)."""
+def _groups_of(in_shape, out_shape, glue=()):
+    """Pair runs of input axes with runs of output axes of equal product (size-1 axes alone).
+
+    A size-1 output axis in ``glue`` joins the run after it instead (a head axis down to one head).
+    """
     groups, i, j = [], 0, 0
     ni, no = len(in_shape), len(out_shape)
     while i < ni or j < no:
@@ -1179,7 +1186,7 @@ def _groups_of(in_shape, out_shape):
             groups.append(([i], []))
             i += 1
             continue
-        if j < no and out_shape[j] == 1 and (i >= ni or in_shape[i] != 1):
+        if j < no and out_shape[j] == 1 and (i >= ni or in_shape[i] != 1) and not (j in glue and i < ni):
             groups.append(([], [j]))
             j += 1
             continue
@@ -1202,12 +1209,20 @@ def _groups_of(in_shape, out_shape):
     return groups
 
 
+def _varies_alone(g_ids: np.ndarray, k: int) -> bool:
+    """Whether ``g_ids`` is constant along every axis but ``k`` and takes several values along ``k``."""
+    moved = np.moveaxis(g_ids, k, 0).reshape(g_ids.shape[k], -1)
+    return bool((moved == moved[:, :1]).all()) and len(np.unique(moved[:, 0])) > 1
+
+
 def _reshape_lab(ctx: Ctx, x: Lab, out_shape) -> Lab:
     """Label after a reshape from x.shape to out_shape."""
     in_shape = x.shape
     ids = [None] * len(out_shape)
     zero = [None] * len(out_shape)
-    for gi, gj in _groups_of(in_shape, tuple(out_shape)):
+    # a factor that later indexes attention heads is kept as the row axis (see passes/attention.py)
+    pref = ctx.row_axes.get(ctx.node.name, ()) if ctx.node is not None else ()
+    for gi, gj in _groups_of(in_shape, tuple(out_shape), glue=pref):
         if not gj:
             continue
         if len(gi) == 1 and len(gj) == 1:
@@ -1237,11 +1252,14 @@ def _reshape_lab(ctx: Ctx, x: Lab, out_shape) -> Lab:
         # NB: the choice must not depend on the front-end (export bakes every size into a literal),
         # so it uses sizes only: the largest factor, the outermost on ties. Channel shuffle's
         # (groups, C/groups) keeps C/groups; an unflatten (C, H, W) keeps C when C is the largest.
-        # a factor that later indexes attention heads is kept instead (see passes/attention.py)
-        pref = ctx.row_axes.get(ctx.node.name, ()) if ctx.node is not None else ()
-        r = max([k for k in cand if gj[k] in pref] or cand, key=lambda k: (fsizes[k], -k))
+        # NB: a head factor is kept even at size 1, so a model pruned to one head keeps its rows
         g_ids = flat_ids.reshape(fsizes)
         g_z = flat_z.reshape(fsizes)
+        # a factor along which the ids already vary alone (the others repeat them: heads merged with
+        # the batch, as nn.MultiheadAttention's decomposition does) is kept without any tie
+        choice = [k for k, j in enumerate(gj) if j in pref] or cand
+        choice = [k for k in choice if live and _varies_alone(g_ids, k)] or choice
+        r = max(choice, key=lambda k: (fsizes[k], -k))
         moved = np.moveaxis(g_ids, r, 0).reshape(fsizes[r], -1)
         if live:
             ctx.tie(moved, moved[:, :1])
@@ -1274,12 +1292,12 @@ def _sym_new(site, v):
 
 def _reshape_fix(site, input, shape=(), **_):
     new = site.out_new
-    old = site.out_old
     raw = _shape_args(shape)
-    if len(raw) != len(new) or new == old:
+    if len(raw) != len(new):
         return
     # NB: a size read off another tensor (``x.shape[-1]``) may measure channels other than the ones
-    # this axis now holds (attention heads merged back into a width): it becomes the literal new size
+    # this axis now holds (attention heads merged back into a width, or an unpruned output shaped by
+    # a pruned input's size): it becomes the literal new size, even where this output kept its shape
     vals = [n if (isinstance(v, int) and v != -1) or (isinstance(v, fx.Node) and _sym_new(site, v) not in (None, n))
             else v for v, n in zip(raw, new)]
     packed = len(shape) == 1 and isinstance(shape[0], (tuple, list, torch.Size))

@@ -12,6 +12,7 @@ Internals:
 """
 from __future__ import annotations
 
+import operator
 from typing import Any
 
 import torch
@@ -103,6 +104,9 @@ class MetaProp(fx.Interpreter):
             kwargs = {**kwargs, "device": "meta"}
         if any(isinstance(a, torch.device) for a in args):  # aten.to.device(x, device, dtype)
             args = tuple(_META if isinstance(a, torch.device) else a for a in args)
+        fast = _fast_binary(target, args, kwargs)
+        if fast is not None:
+            return fast
         return super().call_function(target, args, kwargs)
 
     def call_module(self, target, args, kwargs):
@@ -114,10 +118,41 @@ class MetaProp(fx.Interpreter):
         return functional_call(mod, state, tuple(args), dict(kwargs), tie_weights=False, strict=False)
 
 
+# NB: broadcasting arithmetic and adaptive pooling on meta go through Python reference
+# implementations (5-10 ms a call); their shapes are computed here when the answer is plain
+_BINARY = {operator.add, operator.sub, operator.mul, operator.truediv, torch.add, torch.sub, torch.mul, torch.div}
+
+
+def _contiguous_meta(x) -> bool:
+    return isinstance(x, torch.Tensor) and x.device.type == "meta" and x.is_contiguous()
+
+
+def _fast_binary(target, args, kwargs):
+    """``a + b`` (and -, *, /) on contiguous meta tensors or Python numbers: a contiguous result."""
+    if target not in _BINARY or kwargs or len(args) != 2:
+        return None
+    a, b = args
+    tensors = [t for t in (a, b) if isinstance(t, torch.Tensor)]
+    if not tensors or not all(_contiguous_meta(t) for t in tensors) or \
+            not all(isinstance(t, (torch.Tensor, int, float)) and not isinstance(t, bool) for t in (a, b)):
+        return None
+    if target in (operator.truediv, torch.div) and not all(t.is_floating_point() for t in tensors):
+        return None  # integer division promotes: leave it to torch
+    shape = torch.broadcast_shapes(*(t.shape for t in tensors))
+    return torch.empty(shape, dtype=torch.result_type(a, b), device=_META)
+
+
 def _fast_module_call(interp: "MetaProp", target: str, mod, args, kwargs):
-    """Conv and Linear on meta without functional_call's re-parametrisation (the common leaves)."""
+    """Conv, Linear and adaptive pooling on meta without functional_call or Python decompositions."""
     if kwargs or len(args) != 1 or not isinstance(args[0], torch.Tensor):
         return None
+    if type(mod) in (torch.nn.AdaptiveAvgPool2d, torch.nn.AdaptiveAvgPool1d) and _contiguous_meta(args[0]):
+        x, k = args[0], (2 if isinstance(mod, torch.nn.AdaptiveAvgPool2d) else 1)
+        size = mod.output_size if isinstance(mod.output_size, (tuple, list)) else (mod.output_size,) * k
+        if x.dim() < k + 1 or len(size) != k:
+            return None
+        size = tuple(x.shape[-k + i] if s is None else s for i, s in enumerate(size))
+        return torch.empty((*x.shape[:-k], *size), dtype=x.dtype, device=_META)
     is_conv = type(mod) in (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
     if not is_conv and type(mod) is not torch.nn.Linear:
         return None

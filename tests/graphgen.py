@@ -1,4 +1,4 @@
-"""Random small CNN-like DAGs for property tests of otofx.
+"""Random small CNN-like DAGs, with transformer blocks among them, for property tests of otofx.
 
 One builder, two sources of choices:
 
@@ -142,6 +142,8 @@ def _n_modules(op: Op) -> int:
         return 3
     if k == "head_gap":
         return 1
+    if k == "attn":
+        return (1 if a["form"] == "mha" else 4) + (2 if a["mlp"] else 0) + (1 if a["ln"] else 0) + (1 if a["form"] == "mha" else 0)
     return 0
 
 
@@ -196,6 +198,20 @@ class GenModel(nn.Module):
             L[n + "_fc2"] = nn.Linear(a["hidden"], a["classes"])
         elif k == "head_gap":
             L[n] = nn.Linear(cin, a["classes"])
+        elif k == "attn":
+            inner = a["heads"] * a["hd"]
+            if a["ln"]:
+                L[n + "_ln"] = nn.LayerNorm(cin)
+            if a["form"] == "mha":
+                L[n + "_mha"] = nn.MultiheadAttention(cin, a["heads"], batch_first=a["batch_first"])
+                L[n + "_o"] = nn.Linear(cin, cin)
+            else:
+                for p in ("q", "k", "v"):
+                    L[n + "_" + p] = nn.Linear(cin, inner)
+                L[n + "_o"] = nn.Linear(inner, cin)
+            if a["mlp"]:
+                L[n + "_fc1"] = nn.Linear(cin, a["mlp"])
+                L[n + "_fc2"] = nn.Linear(a["mlp"], cin)
 
     def forward(self, x):
         v = {0: x}
@@ -241,10 +257,39 @@ class GenModel(nn.Module):
                 t = ins[0]
                 s = t.mean((2, 3)) if a["pool"] == "mean" else F.adaptive_avg_pool2d(t, 1).flatten(1)
                 y = L[n](s)
+            elif k == "attn":
+                y = self._attn(op, ins[0])
             else:  # pragma: no cover
                 raise ValueError(f"unknown op kind {k!r}")
             v[op.id] = y
         return v[self.spec.output]
+
+    def _attn(self, op: Op, t):
+        """A transformer block over the H*W tokens of ``t`` [B, C, H, W]; returns the same shape."""
+        a, n, L = op.a, f"n{op.id}", self.layers
+        b, c, h, w = t.shape
+        x = t.flatten(2).transpose(1, 2)  # [B, T, C]
+        z = L[n + "_ln"](x) if a["ln"] else x
+        heads, hd = a["heads"], a["hd"]
+        if a["form"] == "mha":
+            zz = z if a["batch_first"] else z.transpose(0, 1)
+            o, _ = L[n + "_mha"](zz, zz, zz, need_weights=a["need_weights"])
+            o = o if a["batch_first"] else o.transpose(0, 1)
+        else:
+            q, k_, v_ = (L[n + "_" + p](z).view(b, h * w, heads, hd).transpose(1, 2) for p in ("q", "k", "v"))
+            if a["form"] == "sdpa":
+                o = F.scaled_dot_product_attention(q, k_, v_, is_causal=a["causal"])
+            elif a["form"] == "einsum":
+                s = torch.einsum("bhid,bhjd->bhij", q, k_) * hd ** -0.5
+                o = torch.einsum("bhij,bhjd->bhid", s.softmax(-1), v_)
+            else:
+                o = torch.softmax(q @ k_.transpose(-2, -1) / hd ** 0.5, dim=-1) @ v_
+            o = o.transpose(1, 2).reshape(b, h * w, heads * hd)
+        y = L[n + "_o"](o)
+        y = x + y if a["residual"] else y
+        if a["mlp"]:
+            y = y + L[n + "_fc2"](F.gelu(L[n + "_fc1"](y)))
+        return y.transpose(1, 2).reshape(b, c, h, w)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -299,7 +344,7 @@ class DrawChooser:
 
 # op kinds, simplest first (hypothesis shrinks towards the first); repeats weight the random draws
 KINDS = ("act", "conv", "bn", "conv", "add", "cat", "act", "pool", "conv", "split", "se", "gn", "convT",
-         "linear_cl", "ln_cl", "interp", "add", "conv", "cat", "bn")
+         "linear_cl", "ln_cl", "interp", "add", "conv", "cat", "bn", "attn", "attn")
 
 
 def _divisors(n: int) -> list:
@@ -489,6 +534,20 @@ class _Builder:
 
     def ln_cl(self, v):
         return self.emit("ln_cl", [v], self.shapes[v], affine=self.c.choice((True, False)))
+
+    def attn(self, v):
+        c, h, w = self.shapes[v]
+        ch = self.c
+        form = ch.choice(("sdpa", "eager", "mha", "einsum"))
+        if form == "mha":
+            heads, hd = ch.choice([d for d in _divisors(c) if d <= 8]), 0
+            hd = c // heads
+            extra = dict(batch_first=ch.bool(), need_weights=ch.bool())
+        else:
+            heads, hd = ch.int(1, 8), ch.int(1, 4)
+            extra = dict(causal=ch.bool()) if form == "sdpa" else {}
+        return self.emit("attn", [v], (c, h, w), form=form, heads=heads, hd=hd, ln=ch.bool(), residual=ch.bool(),
+                         mlp=ch.choice((0, ch.int(2, 8))), **extra)
 
     def interp(self, v):
         c, h, w = self.shapes[v]

@@ -1190,8 +1190,11 @@ def ndim_branch():
     return Net(fwd, c1=conv(3, 8), c2=conv(8, 4)), img()
 
 
-def _mha(batch_first=True, need_weights=False, average=True, kdim=None, bias_kv=False, mask=False, use_weights=False):
+def _mha(batch_first=True, need_weights=False, average=True, kdim=None, bias_kv=False, mask=False, use_weights=False,
+         force_export=False):
     def fwd(s, x):
+        if force_export:
+            _force_export(x)
         h = s.inp(x)  # [N, L, E] (or [L, N, E])
         kv = s.kv(x) if kdim else h
         o, w = s.mha(h, kv, kv, need_weights=need_weights, average_attn_weights=average,
@@ -1230,6 +1233,18 @@ def mha_seq_first_need_weights_unused():
 @example("multihead_attention")
 def mha_kdim_bias_kv_padding_mask():
     return _mha(kdim=5, bias_kv=True, mask=True)
+
+
+@example("attention", "reshape", frontend="export")
+def mha_batch_first_export():
+    """torch.export decomposes nn.MultiheadAttention: heads merged with the batch axis, then split out."""
+    return _mha(force_export=True)
+
+
+@example("matmul", "reshape", frontend="export")
+def mha_seq_first_export():
+    """need_weights=True: export spells the attention as bmm, softmax, bmm (its unused mean is dropped)."""
+    return _mha(batch_first=False, need_weights=True, force_export=True)
 
 
 @example("multihead_attention", expect_pin="averaged over heads")

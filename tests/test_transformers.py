@@ -190,7 +190,8 @@ def test_mha_averaged_weights_used_pins_heads_but_stays_exact():
 @pytest.mark.parametrize("factory", ["sdpa_heads", "sdpa_heads_export", "eager_heads_matmul", "einsum_heads",
                                      "packed_qkv_unbind_select", "relative_bias_table_export", "mha_batch_first",
                                      "cosine_attention_heads", "cosine_attention_heads_export",
-                                     "mha_per_head_weights_used", "mha_kdim_bias_kv_padding_mask"])
+                                     "mha_per_head_weights_used", "mha_kdim_bias_kv_padding_mask",
+                                     "mha_batch_first_export", "mha_seq_first_export"])
 def test_attention_spellings_find_whole_heads(factory):
     import rule_examples as R
 
