@@ -1,22 +1,28 @@
 """Time one DHSPG step over every parameter of a torchvision model against torch SGD.
 
-    python bench/optimizer.py [--model resnet50] [--repeats 15] [--threads N]
+    python bench/optimizer.py [--model resnet50] [--repeats 15] [--threads N] [--clock wall|cpu]
 
 Random gradients (fixed for the whole run); every optimizer steps the same parameters in the same
-run, and the table reports medians. Rows:
+run, interleaved, and the table reports medians. Rows:
 
 * ``SGD`` -- ``torch.optim.SGD(momentum=0.9, foreach=True)``, the baseline;
 * ``DHSPG plain`` -- before ``start_pruning_steps``: the base step alone (momentum 0.9, same as SGD);
-* ``DHSPG pruning`` -- after the partition, penalty and projection active on the redundant rows;
-* on CUDA also the pruning step with each kernel backend (Triton and the torch reference).
+* ``DHSPG pruning (auto: ...)`` -- after the partition, penalty and projection active on the
+  redundant rows, with the backend ``auto`` picks (named): the C kernel on CPU, Triton on CUDA;
+* the pruning step with each other backend: the torch reference, and on CUDA also Triton.
 
 Every DHSPG step includes the NaN/inf gradient check (``check_finite=True``, the default).
+``--clock cpu`` times process CPU time instead of wall time: on a shared machine, with
+``--threads 1``, it is not inflated by time spent waiting for a core (with several threads it would
+count the threads' spin-waits too).
 """
 from __future__ import annotations
 
 import argparse
 import copy
 import logging
+import os
+import time
 
 import torch
 from _common import build, example_input, machine, median_of
@@ -30,15 +36,13 @@ def _sync(dev):
         torch.cuda.synchronize()
 
 
-def _timer(opt, dev):
-    import time
-
+def _timer(opt, dev, clock):
     def sample():
         _sync(dev)
-        t0 = time.perf_counter()
+        t0 = clock()
         opt.step()
         _sync(dev)
-        return time.perf_counter() - t0
+        return clock() - t0
     return sample
 
 
@@ -48,6 +52,8 @@ def main(argv=None) -> None:
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave torch's default)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                    help="wall time, or process CPU time (use with --threads 1 on a shared machine)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     if args.threads:
@@ -73,13 +79,17 @@ def main(argv=None) -> None:
     runs["SGD (momentum 0.9, foreach)"] = torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9, foreach=True)
     m = clone()
     runs["DHSPG plain (base step)"] = otofx.DHSPG(m.named_parameters(), oto.groups, start_pruning_steps=10 ** 9, **hp)
-    backends = ["auto"] + (["triton", "torch"] if dev.type == "cuda" else [])
+    backends = ["auto"] + (["triton", "torch"] if dev.type == "cuda" else ["torch"])
     for b in backends:
         m = clone()
         opt = otofx.DHSPG(m.named_parameters(), oto.groups, backend=None if b == "auto" else b, **hp)
         opt.step()  # the partition happens here; the timed steps are penalty + projection steps
+        if b == "auto":
+            xs = [p.detach() for p in opt._row_params]
+            b = "auto: " + otofx.kernels.choose_backend(xs, [p.grad for p in opt._row_params], None, opt.layout)
         runs[f"DHSPG pruning ({b})"] = opt
-    samplers = {k: _timer(o, dev) for k, o in runs.items()}
+    clock = time.perf_counter if args.clock == "wall" else time.process_time
+    samplers = {k: _timer(o, dev, clock) for k, o in runs.items()}
     for s in samplers.values():  # warm-up (Triton compiles here)
         s()
     times = {k: [] for k in runs}
@@ -94,7 +104,8 @@ def main(argv=None) -> None:
     n_rows = sum(z.rows for z in oto.groups)
     dev_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"{args.model}: {n_params / 1e6:.1f}M parameters, {len(oto.groups)} groups, {n_rows} rows; device: {dev_name}")
-    print(f"{machine()}; median of {args.repeats} steps each, interleaved")
+    load = f"; load average {os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else ""
+    print(f"{machine()}; median of {args.repeats} steps each, interleaved; {args.clock} clock{load}")
     print(tabulate(rows, headers=["optimizer step", "median ms", "x SGD"], tablefmt="github", floatfmt=".2f"))
 
 

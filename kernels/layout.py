@@ -63,6 +63,10 @@ class RowLayout:
     pos_row_flat: torch.Tensor = field(repr=False)  # every axis's pos_row, concatenated
     blocks: torch.Tensor = field(repr=False)  # [B, 2]: tensor, first flat offset (APPLY_BLOCK each)
     numels: torch.Tensor = field(repr=False)  # [T]
+    # torch reference / CPU kernel views (plain Python, fixed with the layout)
+    views: tuple = field(repr=False, default=())  # per tensor: canonical shape, see canonical_view
+    pos_offsets: tuple = field(repr=False, default=())  # per axis: its offset into pos_row_flat
+    cache: dict = field(repr=False, compare=False, default_factory=dict)  # per-backend buffers, built on use
 
     @property
     def n_groups(self) -> int:
@@ -71,6 +75,28 @@ class RowLayout:
     @property
     def device(self) -> torch.device:
         return self.row_len.device
+
+
+def canonical_view(shape, dims) -> tuple:
+    """``shape`` with its row axes ``dims`` (sorted) kept and the dims between them collapsed.
+
+    ``(A, S1, C)`` for one axis, ``(A, S1, B, S2, C)`` for two, and so on: ``S_j`` the row axes'
+    sizes, the others products of the dims around them (1 when empty); ``()`` when ``dims`` is empty.
+    Every view of a contiguous tensor to this shape is free.
+    """
+    if not dims:
+        return ()
+    out, prev = [], 0
+    for d in dims:
+        n = 1
+        for s in shape[prev:d]:
+            n *= s
+        out += [n, shape[d]]
+        prev = d + 1
+    n = 1
+    for s in shape[prev:]:
+        n *= s
+    return tuple(out + [n])
 
 
 def build_layout(shapes, groups, device="cpu") -> RowLayout:
@@ -146,7 +172,7 @@ def build_layout(shapes, groups, device="cpu") -> RowLayout:
         seg_ptr = torch.zeros(n + 1, dtype=torch.long)
 
     axis_table = torch.zeros((len(shapes), MAX_AXES, 3), dtype=torch.long)
-    flat, offset = [], 0
+    flat, offset, pos_offsets = [], 0, [0] * len(axes)
     for t, ids in enumerate(tensor_axes):
         for j, a in enumerate(ids):
             ax = axes[a]
@@ -154,6 +180,7 @@ def build_layout(shapes, groups, device="cpu") -> RowLayout:
             for s in shapes[t][ax.dim + 1:]:
                 inner *= s
             axis_table[t, j] = torch.tensor([inner, shapes[t][ax.dim], offset])
+            pos_offsets[a] = offset
             flat.append(ax.pos_row)
             offset += ax.pos_row.numel()
     pos_row_flat = torch.cat(flat) if flat else torch.zeros(1, dtype=torch.long)
@@ -171,4 +198,6 @@ def build_layout(shapes, groups, device="cpu") -> RowLayout:
         tensor_axes=tuple(tuple(a) for a in tensor_axes),
         seg_ptr=to(seg_ptr), segs=to(segs.contiguous()), axis_table=to(axis_table), pos_row_flat=to(pos_row_flat),
         blocks=to(blocks.contiguous()), numels=to(numels),
+        views=tuple(canonical_view(shapes[t], [axes[a].dim for a in ids]) for t, ids in enumerate(tensor_axes)),
+        pos_offsets=tuple(pos_offsets),
     )

@@ -48,55 +48,119 @@ class DHSPGConfig:
     fixed_zero: bool  # zero rows stay zero
 
 
+@dataclass(frozen=True)
+class Momentum:
+    """The row tensors' SGD momentum update, left to the fused step: ``ds`` are the momentum buffers
+    and are updated in place first, ``d <- d * b1 + alpha * (g + wd * x)`` (torch.optim.SGD's order),
+    then the step uses them as the directions. ``grads`` are in the layout's tensor order."""
+
+    grads: tuple
+    b1: float
+    alpha: float  # 1 - dampening
+    wd: float
+
+
+def momentum_update(xs, ds, m: Momentum) -> None:
+    """:class:`Momentum`'s update with foreach ops (the torch and Triton backends do it first)."""
+    grads = list(m.grads)
+    if m.wd:
+        grads = torch._foreach_add(grads, list(xs), alpha=m.wd)
+    torch._foreach_mul_(list(ds), m.b1)
+    torch._foreach_add_(list(ds), grads, alpha=m.alpha)
+
+
 def acc_dtype(xs) -> torch.dtype:
     return torch.float64 if any(x.dtype == torch.float64 for x in xs) else torch.float32
 
 
-def _axis_sums(v, dims, square: bool):
-    """Per row axis j: the sum of v (of v**2 with ``square``) over every other dim, as float vectors.
+def _workspace(layout: RowLayout, key: str, like: torch.Tensor, shape) -> torch.Tensor:
+    """A reusable contiguous buffer of ``shape`` (at most the largest row tensor), cached on the layout.
 
-    # NB: written to read v as few times as possible: the non-row dims are reduced first, by a fused
-    # reduction (vector_norm for squares: no temporary), then the small partial per axis.
+    # NB: a fresh temporary the size of a weight costs page faults on every step (large allocations
+    # are mmap'ed and returned on free); the reference reuses a few buffers instead.
     """
-    other = [i for i in range(v.dim()) if i not in dims]
+    n = 1
+    for s in shape:
+        n *= s
+    k = (key, like.dtype, like.device)
+    buf = layout.cache.get(k)
+    if buf is None or buf.numel() < n:
+        most = max((sh.numel() for sh, ids in zip(layout.shapes, layout.tensor_axes) if ids), default=0)
+        buf = torch.empty(max(n, most), dtype=like.dtype, device=like.device)
+        layout.cache[k] = buf
+    return buf[:n].view(shape)
 
-    def red(u, over):
-        if not over:
-            return u.square() if square else u
-        return torch.linalg.vector_norm(u, 2, dim=over).square() if square else u.sum(over)
 
-    if other:
-        part = red(v, other)  # row dims only, in increasing order (dims are sorted)
-        return [part.sum([i for i in range(len(dims)) if i != j]) if len(dims) > 1 else part for j in range(len(dims))]
-    return [red(v, [i for i in range(v.dim()) if i != dj]) for dj in dims]
+def _as(t: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
+    return t if t.dtype == acc else t.to(acc)
+
+
+def _sums(w: torch.Tensor, v: tuple) -> list:
+    """For a contiguous ``w`` of canonical view ``v``: per row axis, the sum over every other dim.
+
+    # NB: only reductions torch runs at memory speed on CPU: over a contiguous inner run (``sum(1)``)
+    # or over the outermost dim (``sum(0)``); a reduction over a short inner dim (a 3x3 kernel) is
+    # done after the outer one, on the smaller partial.
+    """
+    nj = (len(v) - 1) // 2
+    if nj == 1:
+        a, n, c = v
+        if a == 1:
+            return [w.view(n, c).sum(1)]
+        if c == 1:
+            return [w.view(a, n).sum(0)]
+        return [w.view(a, n, c).sum((0, 2))]
+    if nj == 2 and v[0] == 1 and v[2] == 1:
+        _, n1, _, n2, c = v
+        m = w.view(n1, n2 * c)
+        cols = m.sum(0)
+        return [m.sum(1), cols.view(n2, c).sum(1) if c > 1 else cols]
+    q = w.view(v).sum(tuple(range(0, len(v), 2)))  # the row dims only: [S1, ..., SJ]
+    return [q.sum([i for i in range(nj) if i != j]) for j in range(nj)]
+
+
+def _product_sums(layout: RowLayout, a: torch.Tensor, b: torch.Tensor, v: tuple) -> list:
+    w = _workspace(layout, "prod", a, a.shape)
+    torch.mul(a, b, out=w)
+    return _sums(w, v)
 
 
 def row_stats(layout: RowLayout, xs, ds=None) -> RowStats:
-    """Per-row reductions; with ``ds`` None only ``xx`` is computed (``xd``, ``dd`` are zeros)."""
+    """Per-row reductions; with ``ds`` None only ``xx`` is computed (``xd``, ``dd`` are zeros).
+
+    Each tensor is reduced to per-position sums along each of its row axes (one vector per axis, in
+    ``pos_row_flat`` order); one ``index_add_`` then folds positions into rows.
+    """
     acc = acc_dtype(xs)
     n = layout.n_rows
     width = 1 if ds is None else 3
-    out = torch.zeros((n, width), dtype=acc, device=layout.device)
-    rows, items = [], []
+    parts = []
     for t, ids in enumerate(layout.tensor_axes):
         if not ids:
             continue
-        x = xs[t].to(acc)
-        dims = [layout.axes[a].dim for a in ids]
-        sums = [_axis_sums(x, dims, True)]
-        if ds is not None:
-            d = ds[t].to(acc)
-            sums += [_axis_sums(x * d, dims, False), _axis_sums(d, dims, True)]
-        for j, a in enumerate(ids):
-            ax = layout.axes[a]
-            items.append(torch.stack([q[j] for q in sums], -1)[ax.pos])
-            rows.append(ax.row)
-    if rows:
-        out.index_add_(0, torch.cat(rows), torch.cat(items))
+        v = layout.views[t]
+        x = _as(xs[t], acc)
+        d = None if ds is None else _as(ds[t], acc)
+        if len(ids) == 1 and v[0] == 1 and x.is_contiguous() and (d is None or d.is_contiguous()):
+            # rows along the leading dim: norms of contiguous slabs, no product needed for the squares
+            xm = x.view(v[1], v[2])
+            cols = [torch.linalg.vector_norm(xm, dim=1).square()]
+            if d is not None:
+                dm = d.view(v[1], v[2])
+                cols += [_product_sums(layout, xm, dm, (1, v[1], v[2]))[0], torch.linalg.vector_norm(dm, dim=1).square()]
+            parts.append(torch.stack(cols))
+            continue
+        sums = [_product_sums(layout, x, x, v)]
+        if d is not None:
+            sums += [_product_sums(layout, x, d, v), _product_sums(layout, d, d, v)]
+        parts += [torch.stack([q[j] for q in sums]) for j in range(len(ids))]
+    out = torch.zeros((width, n + 1), dtype=acc, device=layout.device)
+    if parts:
+        out.index_add_(1, layout.pos_row_flat, torch.cat(parts, 1))
     if ds is None:
         z = torch.zeros(n, dtype=acc, device=layout.device)
-        return RowStats(out[:, 0], z, z)
-    return RowStats(out[:, 0], out[:, 1], out[:, 2])
+        return RowStats(out[0, :n], z, z)
+    return RowStats(out[0, :n], out[1, :n], out[2, :n])
 
 
 def dhspg_rows(stats: RowStats, redundant: torch.Tensor, cfg: DHSPGConfig):
@@ -126,29 +190,59 @@ def dhspg_rows(stats: RowStats, redundant: torch.Tensor, cfg: DHSPGConfig):
     return coef, scale, zero_count
 
 
+def position_values(layout: RowLayout, coef: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``[2, P]``: the coefficient and scale of the row of every position in ``pos_row_flat`` order
+    (0 and 1 where no row owns the position)."""
+    n = layout.n_rows
+    cs = torch.empty((2, n + 1), dtype=coef.dtype, device=layout.device)
+    cs[0, :n] = coef
+    cs[1, :n] = scale
+    cs[0, n] = 0
+    cs[1, n] = 1
+    return cs[:, layout.pos_row_flat]
+
+
 def apply_rows(layout: RowLayout, xs, ds, lr: float, coef: torch.Tensor, scale: torch.Tensor) -> None:
     """In place: ``x <- x * (S * (1 - lr*C)) + (-lr * d) * S`` per element (C: sum, S: min over its rows)."""
     acc = coef.dtype
-    c = torch.cat([coef, coef.new_zeros(1)])  # sentinel row: no coefficient, scale 1
-    s = torch.cat([scale, scale.new_ones(1)])
+    pv = position_values(layout, coef, scale)
+    plain_x, plain_d = [], []
     for t, ids in enumerate(layout.tensor_axes):
         x, d = xs[t], ds[t]
         if not ids:  # a tensor no row reaches: the plain step
-            x.add_(d, alpha=-lr)
+            plain_x.append(x)
+            plain_d.append(d)
             continue
-        nd = x.dim()
-        cb = sb = None
-        for a in ids:
-            ax = layout.axes[a]
+        xa, da = _as(x, acc), _as(d, acc)
+        v = layout.views[t]
+        canon = xa.is_contiguous() and da.is_contiguous()
+        nd = len(v) if canon else x.dim()
+        vecs = []
+        for j, a in enumerate(ids):
+            off, size = layout.pos_offsets[a], layout.shapes[t][layout.axes[a].dim]
             shape = [1] * nd
-            shape[ax.dim] = -1
-            ca, sa = c[ax.pos_row].view(shape), s[ax.pos_row].view(shape)
-            cb = ca if cb is None else cb + ca
-            sb = sa if sb is None else torch.minimum(sb, sa)
-        f = sb * (1 - lr * cb)
-        if x.dtype == acc:
-            x.mul_(f).addcmul_(d, sb, value=-lr)
+            shape[2 * j + 1 if canon else layout.axes[a].dim] = size
+            vecs.append((pv[0, off:off + size].view(shape), pv[1, off:off + size].view(shape)))
+        if len(ids) == 2 and canon and v[0] == 1 and v[2] == 1:
+            # the common shared-element case (a weight's output and input channels): both factors are
+            # [S1, S2] matrices, built in reused buffers (as large as the weight for a 1x1 conv)
+            (c1, s1), (c2, s2) = vecs
+            fshape = [1, v[1], 1, v[3], 1]
+            f = _workspace(layout, "f", xa, fshape)
+            sb = _workspace(layout, "s", xa, fshape)
+            torch.add(c1, c2, out=f)
+            f.mul_(-lr).add_(1)
+            torch.minimum(s1, s2, out=sb)
+            f.mul_(sb)
         else:
-            xf = x.to(acc)
-            xf.mul_(f).addcmul_(d.to(acc), sb, value=-lr)
-            x.copy_(xf)
+            cb, sb = vecs[0]
+            for c, s in vecs[1:]:
+                cb = cb + c
+                sb = torch.minimum(sb, s)
+            f = sb * (1 - lr * cb)
+        xv, dv = (xa.view(v), da.view(v)) if canon else (xa, da)
+        xv.mul_(f).addcmul_(dv, sb, value=-lr)
+        if xa is not x:
+            x.copy_(xa)
+    if plain_x:
+        torch._foreach_add_(plain_x, plain_d, alpha=-lr)

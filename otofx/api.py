@@ -1,7 +1,8 @@
 """The public entry point: ``otofx.OTO(model, example_inputs)``.
 
-A thin layer over the passes: capture -> propagate_shapes -> find_zigs at construction, and
-plan_zero_rows -> prune -> verify on ``compress()``.
+A thin layer over :mod:`otofx.pipeline`: construction runs ``pipeline.analysis()`` (Capture ->
+propagate_shapes -> find_zigs), ``compress()`` runs plan_zero_rows -> prune
+(then any extra passes, e.g. ``pipeline.eliminate_dead_code``) and ``verify()``.
 
 Internals:
     * The user's model is never mutated: analysis runs on meta tensors, and verification runs the
@@ -9,38 +10,25 @@ Internals:
       module's training flag restored afterwards.
     * ``compress`` reads the *current* parameter values, so it can be called after any number of
       training steps.
+    * ``self.state`` is the analysis State (graph, groups, per-pass records); compress starts from
+      it with the current weights, so one analysis serves any number of compressions.
 """
 from __future__ import annotations
 
 import logging
-from contextlib import contextmanager
 
 import torch
 import torch.fx as fx
-from torch.utils._pytree import tree_flatten
 
-from otofx.capture import capture
+from otofx import pipeline
 from otofx.errors import InputError, OTOError, VerificationError
-from otofx.passes.prune import Plan, plan_zero_rows, prune, row_norms
-from otofx.passes.shapes import propagate_shapes
-from otofx.passes.zigs import ZIG, ZigSet, find_zigs
+from otofx.passes.prune import Plan, plan_rows, row_norms
+from otofx.passes.zigs import ZIG, ZigSet
+from otofx.pipeline import compare, eval_mode, outputs_close
 
 log = logging.getLogger("otofx")
 
 _FLOAT_TYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-
-
-@contextmanager
-def eval_mode(module: torch.nn.Module):
-    """Put every submodule in eval mode, restoring each one's own flag afterwards."""
-    flags = [(m, m.training) for m in module.modules()]
-    try:
-        for m, _ in flags:
-            m.training = False  # NB: not module.eval(): a torch.export GraphModule raises on eval()
-        yield module
-    finally:
-        for m, f in flags:
-            m.training = f
 
 
 def _check_params(model: torch.nn.Module) -> None:
@@ -52,42 +40,17 @@ def _check_params(model: torch.nn.Module) -> None:
             raise InputError(f"parameter '{name}' has dtype {p.dtype}; otofx supports floating-point parameters only")
 
 
-def outputs_close(a, b, rtol: float = 1e-4) -> tuple[bool, float]:
-    """OTO.md's exactness: max|a - b| <= rtol * max(1, max|a|) over every tensor leaf."""
-    fa, _ = tree_flatten(a)
-    fb, _ = tree_flatten(b)
-    if len(fa) != len(fb):
-        return False, float("inf")
-    worst, ok = 0.0, True
-    for x, y in zip(fa, fb):
-        if not isinstance(x, torch.Tensor):
-            continue
-        if x.shape != y.shape:
-            return False, float("inf")
-        if not x.is_floating_point():
-            ok &= bool(torch.equal(x, y))
-            continue
-        diff = (x.double() - y.double()).abs().max().item() if x.numel() else 0.0
-        scale = max(1.0, x.double().abs().max().item() if x.numel() else 0.0)
-        worst = max(worst, diff / scale)
-        ok &= diff <= rtol * scale
-    return ok, worst
-
-
 class OTO:
     """Capture ``model`` and find its zero-invariant groups; ``compress()`` removes zero rows."""
 
     def __init__(self, model: torch.nn.Module, example_inputs, *, pin=(), frontend: str = "auto"):
         _check_params(model)
-        cap = capture(model, example_inputs, frontend)
+        self.state: pipeline.State = pipeline.analysis(frontend).run(model, example_inputs, pin=tuple(pin))
         self.model = model
-        self.frontend = cap.frontend
-        self._args, self._kwargs = cap.args, cap.kwargs
-        self.graph_module: fx.GraphModule = cap.gm
-        propagate_shapes(cap.gm, cap.args, cap.kwargs)
-        self.zigset: ZigSet = find_zigs(cap.gm, pin=tuple(pin))
-        log.info("otofx: %d groups, %d rows, %d pins", len(self.groups), sum(z.rows for z in self.groups),
-                 len(self.pinned))
+        self.frontend = self.state.frontend
+        self._args, self._kwargs = self.state.args, self.state.kwargs
+        self.graph_module: fx.GraphModule = self.state.gm
+        self.zigset: ZigSet = self.state.zigset
 
     # -- analysis results -----------------------------------------------------------------------
     @property
@@ -120,14 +83,22 @@ class OTO:
         return gm
 
     def plan(self) -> Plan:
-        return plan_zero_rows(self.zigset, self.model)
+        return plan_rows(self.zigset, pipeline.zero_rows(self.zigset, self.model))
 
-    def compress(self, verify: bool = True, plan: Plan | None = None) -> fx.GraphModule:
-        """A new GraphModule without the rows whose parameters are all zero (or ``plan``'s rows)."""
+    def compress(self, verify: bool = True, plan: Plan | None = None, passes=()) -> fx.GraphModule:
+        """A new GraphModule without the rows whose parameters are all zero (or ``plan``'s rows).
+
+        ``passes``: extra pipeline passes run on the compressed graph before verification (e.g.
+        ``pipeline.GraphPass(torch.fx.experimental.optimization.fuse)`` to fold BN into conv).
+        """
         _check_params(self.model)
         gm = self._sync()
-        plan = plan if plan is not None else self.plan()
-        small = prune(gm, plan)
+        steps = [] if plan is not None else [pipeline.plan_zero_rows]  # a given plan replaces the search
+        # NB: no dead-code elimination by default: a layer whose output is unused keeps its
+        # parameters, so the compressed state_dict has the same keys as the model's
+        steps += [pipeline.prune, *passes]
+        state = pipeline.Pipeline(steps).run(self.state.replace(gm=gm, reference=gm, plan=plan, records=()))
+        small = state.gm
         small.train(self.model.training)
         if verify:
             self.verify(small)
@@ -135,17 +106,10 @@ class OTO:
 
     def verify(self, small: torch.nn.Module, rtol: float = 1e-4) -> float:
         """Check ``small`` against the full model on the example inputs; returns the relative error."""
-        gm = self._sync()
-        with torch.no_grad(), eval_mode(gm), eval_mode(small):
-            ref = gm(*self._args, **self._kwargs)
-            got = small(*self._args, **self._kwargs)
-        ok, err = outputs_close(ref, got, rtol)
-        if not ok:
-            raise VerificationError(
-                f"the compressed model differs from the full one on the example inputs (relative error {err:.3g}). "
-                "This is a bug in otofx: please report it with the model. `oto.compress(verify=False)` skips this check."
-            )
-        return err
+        try:
+            return compare(self._sync(), small, self._args, self._kwargs, rtol, "the compressed model")
+        except VerificationError as e:
+            raise VerificationError(f"{e} `oto.compress(verify=False)` skips this check.") from None
 
     # -- training -------------------------------------------------------------------------------
     def dhspg(self, **kw):

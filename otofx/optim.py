@@ -21,7 +21,12 @@ The result does not depend on the order of rows or groups, and every backend com
 Internals:
     * The base direction is computed with ``torch._foreach_*`` ops per (param group, device, dtype);
       parameters in no row take ``x -= lr * d`` the same way. The row tensors go through
-      ``otofx.kernels`` (Triton on CUDA, the torch reference elsewhere), whose layout is built once.
+      ``otofx.kernels`` (Triton on CUDA, a C kernel on CPU, the torch reference where neither fits),
+      whose layout is built once.
+    * DHSPG with SGD momentum, after the partition: the row tensors' momentum update is handed to the
+      fused row step (``kernels.Momentum``), which on CPU does it in the same pass as its reductions
+      (the other backends do the same foreach update first). The first step, which creates the
+      buffers, and any step where the row tensors' settings differ, take the unfused path.
     * The step counter, the partition (``redundant``, HESSO's ``pruned``/``current``) and the
       moment buffers are in ``state_dict()``; a resumed optimizer continues bit-identically.
     * # NB: the learning rate is read from ``param_groups`` at every step (schedulers work), but all
@@ -208,8 +213,12 @@ class _RowOptimizer(torch.optim.Optimizer):
                         f"the gradient of parameter {self._name(p)!r} holds NaN or inf; no parameter or state was "
                         "changed. Lower the learning rate, clip gradients, or use torch.amp.GradScaler (which skips such steps)")
 
-    def _directions(self):
-        """(param, d, lr) for every parameter with a gradient; updates the moment buffers."""
+    def _directions(self, deferred=frozenset()):
+        """(param, d, lr) for every parameter with a gradient; updates the moment buffers.
+
+        Parameters whose id is in ``deferred`` (SGD momentum only, buffers already there) keep their
+        buffer as it is: the fused row step updates it (see ``_fused_momentum``).
+        """
         out = []
         t = self._t + 1
         for group in self.param_groups:
@@ -218,6 +227,9 @@ class _RowOptimizer(torch.optim.Optimizer):
             for p in params:
                 if p.grad.is_sparse:
                     raise OptimizerError(f"parameter {self._name(p)!r} has a sparse gradient; {type(self).__name__} needs dense ones")
+                if id(p) in deferred:
+                    out.append((p, self.state[p]["momentum_buffer"], group["lr"]))
+                    continue
                 by_key[(p.device, p.dtype)].append(p)
             for ps in by_key.values():
                 ds = self._base_direction(group, ps, t)
@@ -303,13 +315,35 @@ class _RowOptimizer(torch.optim.Optimizer):
         if self.check_finite:
             self._check_finite([(p, p.grad) for g in self.param_groups for p in g["params"] if p.grad is not None])
         lr = self._row_lr()
-        items = self._directions()
-        if not self._rows_step(items, lr):
+        momentum = self._fused_momentum()
+        items = self._directions(frozenset(self._row_index) if momentum else frozenset())
+        if not self._rows_step(items, lr, momentum):
             self._plain_update(items)
         self._t += 1
         return loss
 
-    def _rows_step(self, items, lr) -> bool:  # pragma: no cover - abstract
+    def _fused_momentum(self):
+        """``(b1, 1 - dampening, weight_decay)`` when this step's row step takes the row tensors' SGD
+        momentum update over (one pass fewer over the weights on CPU), else None."""
+        return None
+
+    def _row_momentum(self):
+        """The row tensors' shared SGD momentum settings, if they can be fused at all, else None."""
+        if self.variant != "sgd" or not self._row_params:
+            return None
+        hp = {(self.param_groups[g]["first_momentum"], self.param_groups[g]["dampening"],
+               self.param_groups[g]["weight_decay"]) for g in self._row_lr_groups}
+        if len(hp) != 1:
+            return None
+        b1, damp, wd = hp.pop()
+        if not b1:
+            return None
+        for p in self._row_params:
+            if p.grad is None or p.grad.is_sparse or "momentum_buffer" not in self.state[p]:
+                return None  # the first step creates the buffers (torch's rule): the unfused path
+        return b1, 1 - damp, wd
+
+    def _rows_step(self, items, lr, momentum=None) -> bool:  # pragma: no cover - abstract
         raise NotImplementedError
 
     # -- state ----------------------------------------------------------------------------------
@@ -437,7 +471,13 @@ class DHSPG(_RowOptimizer):
         log.info("DHSPG: partition at step %d: %d of %d rows redundant", self._t, int(redundant.sum()), n)
         return redundant
 
-    def _rows_step(self, items, lr) -> bool:
+    def _fused_momentum(self):
+        # after the partition (which reads the updated directions), in the pruning phase
+        if self._redundant is None or self._t < self.start_pruning_steps or not self.n_rows:
+            return None
+        return self._row_momentum()
+
+    def _rows_step(self, items, lr, momentum=None) -> bool:
         t = self._t
         if t < self.start_pruning_steps or not self.n_rows:
             return False
@@ -449,7 +489,11 @@ class DHSPG(_RowOptimizer):
                                   target_rows=self._target_rows(self.target_group_sparsity),
                                   warm_up=t < self.start_pruning_steps + self.warm_up_steps,
                                   fixed_zero=self.fixed_zero_groups)
-        kernels.dhspg_step(self.layout, xs, ds, self._redundant, cfg, backend=self.backend)
+        fused = None
+        if momentum is not None:
+            b1, alpha, wd = momentum
+            fused = kernels.Momentum(tuple(p.grad.detach() for p in self._row_params), b1, alpha, wd)
+        kernels.dhspg_step(self.layout, xs, ds, self._redundant, cfg, backend=self.backend, momentum=fused)
         self._plain_update(rest)
         return True
 
@@ -524,7 +568,7 @@ class HESSO(_RowOptimizer):
         self._current[order[:count]] = True
         log.info("HESSO: period %d at step %d: %d rows picked", period, self._t, count)
 
-    def _rows_step(self, items, lr) -> bool:
+    def _rows_step(self, items, lr, momentum=None) -> bool:
         rel = self._t - self.start_pruning_step
         if rel < 0 or not self.n_rows:
             return False

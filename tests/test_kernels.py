@@ -12,8 +12,10 @@ from hypothesis import strategies as st
 
 from otofx import kernels as K
 from otofx.errors import OTOError
+from otofx.kernels import cpu_rows, reference
 
 needs_triton = pytest.mark.skipif(not K.triton_available(), reason="triton cannot be imported")
+needs_cpu_kernel = pytest.mark.skipif(not K.cpu_available(), reason="the C kernel cannot be built (no C compiler)")
 
 
 @st.composite
@@ -100,6 +102,115 @@ def test_scale_step_triton_equals_reference(lay, dtype, seed):
     _close(a, b, dtype)
 
 
+@needs_cpu_kernel
+@settings(max_examples=40)
+@given(layouts(), st.sampled_from([torch.float64, torch.float32]), st.booleans(), st.booleans(),
+       st.sampled_from([0.0, 0.5, 0.95]), st.integers(0, 10), st.integers(0, 2 ** 16))
+def test_dhspg_step_cpu_kernel_equals_reference(lay, dtype, warm_up, fixed_zero, eps, target, seed):
+    shapes, groups = lay
+    layout = K.build_layout(shapes, groups)
+    xs, ds, red = _data(shapes, layout.n_rows, dtype, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    _zero_some_rows(layout, xs, torch.rand(layout.n_rows, generator=g) < 0.3)
+    cfg = K.DHSPGConfig(lr=0.3, lmbda=0.5, lmbda_amplify=2.0, hat_lmbda_coeff=10.0, epsilon=eps,
+                        target_rows=target, warm_up=warm_up, fixed_zero=fixed_zero)
+    if cpu_rows.supported(layout, xs, ds) is not None:  # e.g. rows on dims 0 and 2: the dispatcher falls back
+        assert K.choose_backend(xs, ds, None, layout) == "torch"
+        return
+    a = [x.clone() for x in xs]
+    b = [x.clone() for x in xs]
+    sa, sb = K.row_stats(layout, xs, ds), cpu_rows.row_stats(layout, xs, ds)
+    for u, v in ((sa.xx, sb.xx), (sa.xd, sb.xd), (sa.dd, sb.dd)):
+        _close([u], [v], dtype)
+    ca = K.dhspg_step(layout, a, ds, red, cfg, backend="torch")
+    cb = K.dhspg_step(layout, b, ds, red, cfg, backend="cpu")
+    assert int(ca) == int(cb)
+    _close(a, b, dtype)
+    for u, v in zip(a, b):
+        assert torch.equal(u == 0, v == 0)
+    # with the same coefficients the write-back is the reference's expression (to an ulp: torch's CPU
+    # kernels may fuse a multiply-add, the C kernel never does)
+    coef = torch.rand(layout.n_rows, generator=g, dtype=dtype)
+    scale = (torch.rand(layout.n_rows, generator=g) < 0.7).to(dtype)
+    a = [x.clone() for x in xs]
+    b = [x.clone() for x in xs]
+    reference.apply_rows(layout, a, ds, 0.3, coef, scale)
+    cpu_rows.apply_rows(layout, b, ds, 0.3, coef, scale)
+    _close(a, b, dtype)
+    for u, v in zip(a, b):
+        assert torch.equal(u == 0, v == 0)
+
+
+@needs_cpu_kernel
+def test_cpu_kernel_large_tensors_split_into_units():
+    """Tensors larger than one work unit (partials over several units, 3x3 kernels, two row axes)."""
+    shapes = [(64, 48, 3, 3), (64,), (10, 64 * 48)]
+    ar = lambda n: torch.arange(n)[:, None]  # noqa: E731
+    groups = [(64, [(0, 0, ar(64)), (1, 0, ar(64))]), (48, [(0, 1, ar(48))]),
+              (32, [(2, 1, torch.arange(64 * 48).reshape(32, 96))])]
+    layout = K.build_layout(shapes, groups)
+    for dtype in (torch.float32, torch.float64):
+        xs, ds, red = _data(shapes, layout.n_rows, dtype, 5)
+        old = cpu_rows.CHUNK
+        try:
+            cpu_rows.CHUNK = 1000  # many units per tensor
+            layout.cache.clear()
+            got = cpu_rows.row_stats(layout, xs, ds)
+        finally:
+            cpu_rows.CHUNK = old
+            layout.cache.clear()
+        want = K.row_stats(layout, xs, ds)
+        # float32 sums of ~3000 terms in another order: errors scale with the terms, not with x.d
+        scale_of = (want.xx * want.dd).sqrt()
+        for u, v in ((got.xx, want.xx), (got.xd, want.xd), (got.dd, want.dd)):
+            err = (u - v).abs() / (scale_of + 1)
+            assert float(err.max()) < (1e-12 if dtype == torch.float64 else 1e-6)
+        scale = torch.rand(layout.n_rows, dtype=torch.float64)
+        a, b = [x.clone() for x in xs], [x.clone() for x in xs]
+        K.scale_step(layout, a, ds, 0.2, scale, backend="torch")
+        K.scale_step(layout, b, ds, 0.2, scale, backend="cpu")
+        _close(a, b, dtype)
+
+
+@needs_cpu_kernel
+def test_cpu_kernel_does_not_depend_on_the_thread_count():
+    """Work units depend on the shapes alone and partials are added in unit order (DDP ranks agree)."""
+    shapes = [(40, 30, 3, 3), (30, 500)]
+    ar = lambda n: torch.arange(n)[:, None]  # noqa: E731
+    groups = [(40, [(0, 0, ar(40))]), (30, [(0, 1, ar(30)), (1, 0, ar(30))]), (500, [(1, 1, ar(500))])]
+    layout = K.build_layout(shapes, groups)
+    xs, ds, red = _data(shapes, layout.n_rows, torch.float32, 9)
+    cfg = K.DHSPGConfig(0.1, 0.2, 2.0, 10.0, 0.5, 100, False, True)
+    old, outs = torch.get_num_threads(), []
+    try:
+        for n in (1, 3):
+            torch.set_num_threads(n)
+            a, d = [x.clone() for x in xs], [x.clone() for x in ds]
+            K.dhspg_step(layout, a, d, red, cfg, backend="cpu", momentum=K.Momentum(tuple(ds), 0.9, 1.0, 1e-2))
+            outs.append(a + d)
+    finally:
+        torch.set_num_threads(old)
+    for u, v in zip(*outs):
+        assert torch.equal(u, v)
+
+
+def test_cpu_kernel_without_compiler_falls_back(monkeypatch, tmp_path):
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("OTOFX_CACHE_DIR", str(tmp_path))
+    saved = dict(cpu_rows._state)
+    cpu_rows._state.clear()
+    try:
+        assert not K.cpu_available()
+        layout = K.build_layout([(2,)], [(2, [(0, 0, torch.arange(2)[:, None])])])
+        xs = [torch.ones(2)]
+        assert K.choose_backend(xs, xs, None, layout) == "torch"
+        with pytest.raises(OTOError, match="cannot be built"):
+            K.choose_backend(xs, xs, "cpu", layout)
+    finally:
+        cpu_rows._state.clear()
+        cpu_rows._state.update(saved)
+
+
 @settings(max_examples=30)
 @given(layouts(), st.integers(0, 2 ** 16))
 def test_row_stats_equal_per_row_sums(lay, seed):
@@ -145,8 +256,16 @@ def test_layout_rejects_overlapping_rows():
 
 def test_backend_override(monkeypatch):
     xs = [torch.zeros(2)]
-    assert K.choose_backend(xs, xs, "torch") == "torch"
-    assert K.choose_backend(xs, xs, None) == "torch"  # auto on CPU
+    layout = K.build_layout([(2,)], [(2, [(0, 0, torch.arange(2)[:, None])])])
+    assert K.choose_backend(xs, xs, "torch", layout) == "torch"
+    assert K.choose_backend(xs, xs, None) == "torch"  # auto on CPU without a layout
+    assert K.choose_backend(xs, xs, None, layout) == ("cpu" if K.cpu_available() else "torch")
+    half = [torch.zeros(2, dtype=torch.float16)]
+    assert K.choose_backend(half, half, None, layout) == "torch"  # the C kernel takes float32/float64
+    with pytest.raises(OTOError, match="backend 'cpu' cannot run"):
+        K.choose_backend(half, half, "cpu", layout)
+    monkeypatch.setenv("OTOFX_KERNEL", "torch")
+    assert K.choose_backend(xs, xs, None, layout) == "torch"
     monkeypatch.setenv("OTOFX_KERNEL", "nonsense")
     with pytest.raises(OTOError, match="unknown kernel backend"):
         K.choose_backend(xs, xs, None)

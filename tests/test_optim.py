@@ -162,13 +162,17 @@ CASES = {
 }
 
 
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
 @pytest.mark.parametrize("case", list(CASES))
-def test_fused_step_equals_per_row_oracle(case):
+def test_fused_step_equals_per_row_oracle(case, backend):
+    """Step by step; on "cpu" (the C kernel) the SGD momentum of the row tensors is fused into it."""
+    if backend == "cpu" and not otofx.kernels.cpu_available():
+        pytest.skip("the C kernel cannot be built (no C compiler)")
     hp = {**HP, **CASES[case]}
     params, groups = _toy()
     oracle = Oracle(params, groups, hp)
     ps = {n: nn.Parameter(t.clone()) for n, t in params.items()}
-    opt = DHSPG(list(ps.items()), groups, backend="torch",
+    opt = DHSPG(list(ps.items()), groups, backend=backend,
                 **{k: v for k, v in hp.items()})
     g = torch.Generator().manual_seed(1)
     sparsities, fixed_zero_seen = [], False

@@ -1,0 +1,694 @@
+"""``torch.compile(model, backend="otofx")``: run the compressed model without calling ``compress()``.
+
+For every graph dynamo captures, the backend lifts the module state (parameters and buffers) into
+the graph, finds the zero-invariant groups, removes every row whose parameters are *currently* all
+zero, checks the smaller graph against the original on the example inputs, and hands it to an
+inner compiler (inductor by default)::
+
+    small = torch.compile(model.eval(), backend="otofx")            # after DHSPG training
+    with torch.inference_mode():
+        y = small(x)                                                 # the compressed model's speed
+    torch.compile(model, backend="otofx", options={"inner": "aot_eager", "report": True})
+
+Options (``options={...}``): ``inner`` (a backend name or a compiler callable; default
+``"inductor"``), ``report`` (log the group table at INFO on the ``otofx`` logger), ``verify``
+(default True), ``rtol`` (1e-4), ``pin`` (parameter or module names kept whole, e.g.
+``("layer4.1.conv2",)``), ``pipeline`` (a :class:`otofx.pipeline.Pipeline` replacing
+:func:`pipeline`'s passes), ``on_change`` (``"recompile"`` or ``"dense"``: what a call does once
+the weights have changed since compile). ``mode=`` is passed on to inductor.
+
+When is a graph pruned? Only an inference graph: autograd off (``torch.no_grad()`` or
+``torch.inference_mode()``) or no state tensor requiring grad, no op in training mode, no state
+tensor written by the graph. Any other graph, and a graph with no zero row, goes to the inner
+compiler as dynamo gave it (parameters stay inputs, nothing is frozen). :func:`results` tells
+which fragments were pruned and why not.
+
+Stale weights. A pruned graph holds *copies* of the sliced weights as constants, so it is right
+only for the weights it was built from. The callable returned to dynamo therefore checks, on
+every call, that every state tensor is the same object, at the same address, with the same
+version counter as at compile time (0.3-1 us per tensor; mobilenet_v2 has 262); when one
+differs it rebuilds the pruned graph from the current weights and compiles it again
+(``on_change="recompile"``), or switches for good to the dense graph (``on_change="dense"``). In-place updates under
+``torch.no_grad()`` (optimizer steps, ``load_state_dict``, ``p.mul_()``) bump the version
+counter; # NB: writes through ``p.data[...] = ...`` do not, and are not seen: call
+``torch._dynamo.reset()`` after them.
+
+Internals:
+    * Dynamo passes parameters and buffers as placeholders (``inline_inbuilt_nn_modules``); the
+      example tensors *are* the module's tensors. A placeholder is state when its example is an
+      ``nn.Parameter`` or its dynamo source is a module buffer (``..._buffers['running_mean']``).
+      :func:`lift` turns each into a ``get_attr`` on a fresh root module that holds the original
+      tensor under its model name (``layer1.0.conv1.weight``, read off the source), which is the
+      graph shape ``find_zigs`` knows. Under ``torch._inductor.config.freezing`` dynamo already
+      emits ``get_attr`` nodes (named like ``L__self___conv1_weight``); they are kept.
+    * Dynamo inlines ``nn.MultiheadAttention`` into ``F.multi_head_attention_forward``, for which
+      otofx has no rule; :func:`attention_modules` (first pass of :func:`pipeline`) puts the
+      module back, over the same tensors and under the same names, so attention heads are rows.
+    * Fragments of a graph break see each other only through graph inputs and outputs, which
+      ``find_zigs`` pins (non-parameter placeholders and outputs): a channel that crosses a
+      fragment boundary is never removed.
+    * The graph handed to the inner compiler has the pruned tensors as attributes and only the
+      non-state placeholders as inputs; node meta is cleared (the analysis' meta-device values
+      must not reach inductor's passes).
+"""
+from __future__ import annotations
+
+import collections
+import inspect
+import itertools
+import logging
+import operator
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch._subclasses.fake_tensor import FakeTensor
+
+from otofx import pipeline as P
+from otofx.errors import InputError, OTOError, VerificationError
+
+log = logging.getLogger("otofx")
+
+NAME = "otofx"
+ON_CHANGE = ("recompile", "dense")
+
+
+# ---------------------------------------------------------------------------------------------
+# Options and results
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Options:
+    """The backend's options (``torch.compile(..., options={...})``); see the module docstring."""
+
+    inner: object = "inductor"
+    report: bool = False
+    verify: bool = True
+    rtol: float = 1e-4
+    pin: tuple = ()
+    pipeline: P.Pipeline | None = None
+    on_change: str = "recompile"
+    mode: str | None = None  # torch.compile's mode=, passed to inductor
+
+    @classmethod
+    def parse(cls, options: dict | None, mode: str | None = None) -> "Options":
+        options = dict(options or {})
+        known = {f for f in cls.__dataclass_fields__ if f != "mode"}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise InputError(f"torch.compile(backend='otofx', options=...): unknown option(s) {unknown}; "
+                             f"the otofx backend takes {sorted(known)}")
+        opts = cls(**options, mode=mode)
+        if not (isinstance(opts.inner, str) or callable(opts.inner)):
+            raise InputError(f"options['inner']={opts.inner!r}: give a backend name ('inductor', 'eager', "
+                             "'aot_eager', ...) or a compiler callable (gm, example_inputs) -> callable")
+        if opts.on_change not in ON_CHANGE:
+            raise InputError(f"options['on_change']={opts.on_change!r}: choose one of {ON_CHANGE}")
+        if opts.pipeline is not None and not isinstance(opts.pipeline, P.Pipeline):
+            raise InputError(f"options['pipeline'] is a {type(opts.pipeline).__name__}; give an "
+                             "otofx.pipeline.Pipeline, e.g. otofx.backend.pipeline().insert_after(...)")
+        pin = (opts.pin,) if isinstance(opts.pin, str) else tuple(opts.pin)
+        return cls(**{**opts.__dict__, "pin": pin})
+
+
+@dataclass(frozen=True)
+class FragmentResult:
+    """What the backend did with one captured graph (a fragment, when the model has graph breaks)."""
+
+    fragment: int  # running number, in compile order
+    pruned: bool  # a smaller graph went to the inner compiler
+    reason: str  # why not, or what was removed
+    groups: int = 0
+    rows_removed: int = 0
+    params_before: int = 0  # elements of the graph's parameters
+    params_after: int = 0
+    seconds: float = 0.0  # otofx's passes (the inner compiler not included)
+    error: float | None = None  # relative error of the verification
+    lifted: int = 0  # parameter/buffer placeholders turned into get_attr
+    attrs: int = 0  # tensors the graph already read through get_attr (freezing)
+    records: tuple = field(default=(), repr=False)  # PassRecord per pass
+
+
+_RESULTS: collections.deque = collections.deque(maxlen=256)
+_COUNTER = itertools.count()
+
+
+def results() -> tuple:
+    """The :class:`FragmentResult` of the most recent compilations (at most 256), oldest first."""
+    return tuple(_RESULTS)
+
+
+def clear_results() -> None:
+    _RESULTS.clear()
+
+
+# ---------------------------------------------------------------------------------------------
+# Lifting dynamo's state placeholders into the graph
+# ---------------------------------------------------------------------------------------------
+
+_SOURCE_PART = re.compile(r"\._(modules|parameters|buffers)\[['\"]([^'\"]+)['\"]\]")
+_KEEP_META = ("stack_trace", "nn_module_stack", "source_fn_stack")
+
+
+def _source_name(node: fx.Node) -> str:
+    src = getattr(node.meta.get("grapharg"), "source", None)
+    if src is None:
+        return ""
+    name = getattr(src, "name", "")
+    return name() if callable(name) else str(name)
+
+
+def _is_state(node: fx.Node, example) -> bool:
+    if not isinstance(example, torch.Tensor):
+        return False
+    return isinstance(example, torch.nn.Parameter) or "._buffers[" in _source_name(node)
+
+
+def _model_name(node: fx.Node) -> str | None:
+    """``layer1.0.conv1.weight`` from dynamo's ``L['self']._modules['layer1']...._parameters['weight']``."""
+    parts = _SOURCE_PART.findall(_source_name(node))
+    if not parts or parts[-1][0] == "modules":
+        return None
+    return ".".join(p for _, p in parts)
+
+
+def _set_path(root: torch.nn.Module, path: str, value) -> bool:
+    """Register ``value`` at dotted ``path`` under ``root`` (creating container modules); False on a clash."""
+    *mods, attr = path.split(".")
+    obj = root
+    for part in mods:
+        if not part.isidentifier() and not part.isdigit():
+            return False
+        nxt = obj._modules.get(part)
+        if nxt is None:
+            if hasattr(obj, part):
+                return False
+            nxt = torch.nn.Module()
+            obj.add_module(part, nxt)
+        obj = nxt
+    if not (attr.isidentifier() or attr.isdigit()) or hasattr(obj, attr):
+        return False
+    if isinstance(value, torch.nn.Parameter):
+        obj.register_parameter(attr, value)
+    elif isinstance(value, torch.Tensor):
+        obj.register_buffer(attr, value)
+    elif isinstance(value, torch.nn.Module):
+        obj.add_module(attr, value)
+    else:
+        setattr(obj, attr, value)
+    return True
+
+
+def _fetch(root: torch.nn.Module, target: str):
+    obj = root
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+@dataclass(frozen=True)
+class Lifted:
+    """A dynamo graph with its state as ``get_attr``: see :func:`lift`."""
+
+    gm: fx.GraphModule  # state as get_attr on a root that holds the original tensors
+    inputs: tuple  # positions, in dynamo's argument list, of the remaining placeholders
+    watched: tuple  # (position or None, tensor): the state the pruned graph depends on
+
+
+def state_names(gm: fx.GraphModule, example_inputs) -> tuple:
+    """Per placeholder: its model name (``""`` when dynamo's source gives none) if it is a
+    parameter or buffer, else None.
+
+    # NB: read once, at compile time: dynamo drops ``node.meta["grapharg"]`` after the backend
+    # returns, and a rebuild at call time must classify the placeholders the same way.
+    """
+    phs = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if len(phs) != len(example_inputs):
+        raise InputError(f"the graph has {len(phs)} placeholders but dynamo gave {len(example_inputs)} "
+                         "example inputs; please report this with the model")
+    return tuple((_model_name(n) or "") if _is_state(n, e) else None for n, e in zip(phs, example_inputs))
+
+
+def lift(gm: fx.GraphModule, example_inputs, names: tuple | None = None) -> Lifted:
+    """Turn dynamo's parameter and buffer placeholders into ``get_attr`` nodes on a new root module.
+
+    The root holds the *original* tensors (no copy) under their model names, plus every attribute
+    and submodule the graph already reads. ``names`` is :func:`state_names`'s answer (computed
+    here when not given). ``gm`` is not modified.
+    """
+    if names is None:
+        names = state_names(gm, example_inputs)
+    graph = fx.Graph()
+    root = torch.nn.Module()
+    env: dict = {}
+    watched, inputs = [], []
+    phs = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if len(phs) != len(example_inputs):
+        raise InputError(f"the graph has {len(phs)} placeholders but got {len(example_inputs)} inputs; "
+                         "please report this with the model")
+    where = {n: i for i, n in enumerate(phs)}
+    used: set = set()
+    for node in gm.graph.nodes:
+        if node.op == "placeholder" and names[where[node]] is not None:
+            i = where[node]
+            t, name = example_inputs[i], names[i]
+            if not name or name in used or not _set_path(root, name, t):
+                name = f"_state_{len(watched)}"
+                _set_path(root, name, t)
+            used.add(name)
+            watched.append((i, t))
+            new = graph.get_attr(name)
+        elif node.op in ("get_attr", "call_module"):
+            if node.target not in used:
+                value = _fetch(gm, node.target)
+                if not _set_path(root, node.target, value):
+                    raise InputError(f"node '{node.name}': cannot place '{node.target}' in the lifted graph; "
+                                     "please report this with the model")
+                used.add(node.target)
+                if isinstance(value, torch.Tensor):
+                    watched.append((None, value))
+                elif isinstance(value, torch.nn.Module):
+                    watched.extend((None, t) for t in list(value.parameters()) + list(value.buffers()))
+            new = graph.node_copy(node, lambda a: env[a])
+        elif node.op == "placeholder":
+            inputs.append(where[node])
+            new = graph.node_copy(node, lambda a: env[a])
+        else:
+            new = graph.node_copy(node, lambda a: env[a])
+        new.meta = {k: node.meta[k] for k in _KEEP_META if k in node.meta}
+        env[node] = new
+    graph._codegen = gm.graph._codegen
+    lifted = fx.GraphModule(root, graph, "OTOFragment")
+    return Lifted(lifted, tuple(inputs), tuple(watched))
+
+
+# ---------------------------------------------------------------------------------------------
+# Passes of the backend pipeline
+# ---------------------------------------------------------------------------------------------
+
+_MHA_ARGS = ("query", "key", "value", "embed_dim_to_check", "num_heads", "in_proj_weight", "in_proj_bias",
+             "bias_k", "bias_v", "add_zero_attn", "dropout_p", "out_proj_weight", "out_proj_bias")
+# F.multi_head_attention_forward's tensor arguments -> the nn.MultiheadAttention attribute holding them
+_MHA_TENSORS = {"in_proj_weight": "in_proj_weight", "in_proj_bias": "in_proj_bias", "bias_k": "bias_k",
+                "bias_v": "bias_v", "out_proj_weight": "out_proj.weight", "out_proj_bias": "out_proj.bias"}
+
+
+def _mha_call(node: fx.Node) -> dict | None:
+    if node.op != "call_function" or node.target is not F.multi_head_attention_forward:
+        return None
+    kw = dict(zip(_MHA_ARGS, node.args))
+    kw.update(node.kwargs)
+    return kw
+
+
+def attention_modules(state: P.State) -> P.State:
+    """``F.multi_head_attention_forward`` over get_attr weights -> a call of ``nn.MultiheadAttention``.
+
+    The module holds the same tensors (nothing is copied), so the analysis sees the op it has a
+    rule for. When the weights sit in one container module of :func:`lift`'s (``...self_attention
+    .in_proj_weight``), the module replaces that container and every name stays; otherwise
+    (freezing's flat attribute names) it is added as ``attention_<i>`` and the old attributes go.
+    Calls it cannot map exactly (separate q/k/v weights, static keys, training mode) are left as
+    they are, and the analysis pins them.
+    """
+    gm = P._need(state, "gm", "attention_modules", "capture")
+    if not any(_mha_call(n) is not None for n in gm.graph.nodes):
+        return state
+    graph = P.copy_graph(gm.graph)
+    new = fx.GraphModule(gm, graph, type(gm).__name__)
+    changed = False
+    for node in [n for n in graph.nodes if _mha_call(n) is not None]:
+        kw = _mha_call(node)
+        tensors = _mha_tensors(kw)
+        if tensors is None:
+            continue
+        prefix = _mha_container(new, tensors)
+        module = _build_mha(new, tensors, kw)
+        in_place = prefix is not None  # the same names now resolve into the module
+        if in_place:
+            parent, _, attr = prefix.rpartition(".")
+            setattr(new.get_submodule(parent) if parent else new, attr, module)
+        else:
+            prefix = next(f"attention_{i}" for i in itertools.count() if not hasattr(new, f"attention_{i}"))
+            new.add_module(prefix, module)
+        with graph.inserting_before(node):
+            call = graph.call_module(prefix, (kw["query"], kw["key"], kw["value"]), {
+                "key_padding_mask": kw.get("key_padding_mask"), "need_weights": kw.get("need_weights", True),
+                "attn_mask": kw.get("attn_mask"), "average_attn_weights": kw.get("average_attn_weights", True),
+                "is_causal": kw.get("is_causal", False)})
+        call.meta = dict(node.meta)
+        node.replace_all_uses_with(call)
+        graph.erase_node(node)
+        for n in tensors.values():
+            if not n.users:
+                graph.erase_node(n)
+                if not in_place and not any(m.op == "get_attr" and m.target == n.target for m in graph.nodes):
+                    owner, _, attr = n.target.rpartition(".")
+                    delattr(new.get_submodule(owner) if owner else new, attr)
+        changed = True
+    if not changed:
+        return state
+    new.recompile()
+    return state.replace(gm=new)
+
+
+def _mha_tensors(kw: dict) -> dict | None:
+    """The call's tensor arguments (get_attr nodes) by module attribute, or None if it cannot be mapped."""
+    if kw.get("training", True) or kw.get("use_separate_proj_weight", False) or kw.get("static_k") is not None \
+            or kw.get("static_v") is not None:
+        return None
+    out = {}
+    for arg, attr in _MHA_TENSORS.items():
+        v = kw.get(arg)
+        if v is None:
+            continue
+        if not (isinstance(v, fx.Node) and v.op == "get_attr"):
+            return None
+        out[attr] = v
+    return out if {"in_proj_weight", "out_proj.weight"} <= set(out) else None
+
+
+def _mha_container(gm: fx.GraphModule, tensors: dict) -> str | None:
+    """The path of a plain container module holding exactly these tensors under MHA's names, or None."""
+    prefix = tensors["in_proj_weight"].target.rpartition(".")[0]
+    if not prefix or any(n.target != f"{prefix}.{attr}" for attr, n in tensors.items()):
+        return None
+    owner = gm.get_submodule(prefix)
+    if type(owner) is not torch.nn.Module:  # only containers (lift's) are replaced, never a user module
+        return None
+    names = {n for n, _ in owner.named_parameters()} | {n for n, _ in owner.named_buffers()}
+    return prefix if names == set(tensors) else None
+
+
+def _build_mha(gm: fx.GraphModule, tensors: dict, kw: dict) -> torch.nn.MultiheadAttention:
+    t = {attr: _fetch(gm, n.target) for attr, n in tensors.items()}
+    w = t["in_proj_weight"]
+    m = torch.nn.MultiheadAttention(int(kw["embed_dim_to_check"]), int(kw["num_heads"]),
+                                    dropout=float(kw.get("dropout_p", 0.0)), bias="in_proj_bias" in t,
+                                    add_bias_kv="bias_k" in t, add_zero_attn=bool(kw.get("add_zero_attn", False)),
+                                    batch_first=False, device="meta", dtype=w.dtype)
+    for attr in ("in_proj_weight", "in_proj_bias", "bias_k", "bias_v"):
+        if attr in t:
+            setattr(m, attr, t[attr])
+    m.out_proj.weight = t["out_proj.weight"]
+    m.out_proj.bias = t.get("out_proj.bias")
+    m.train(False)
+    return m
+
+
+def pipeline(*, report: bool = False) -> P.Pipeline:
+    """The backend's passes over a lifted graph: attention_modules, propagate_shapes, find_zigs,
+    [report_pins,] plan_zero_rows, prune, eliminate_dead_code. (The backend verifies the result
+    itself, whatever the pipeline.)
+
+    Pass a modified copy as ``options={"pipeline": ...}``, e.g. ``pipeline().insert_after(
+    "eliminate_dead_code", otofx.pipeline.GraphPass(torch.fx.experimental.optimization.fuse))``.
+    """
+    passes = [attention_modules, P.propagate_shapes, P.find_zigs] + ([P.report_pins] if report else [])
+    passes += [P.plan_zero_rows, P.prune, P.eliminate_dead_code]
+    return P.Pipeline(passes)
+
+
+# ---------------------------------------------------------------------------------------------
+# When not to prune
+# ---------------------------------------------------------------------------------------------
+
+_SIGNATURES: dict = {}
+
+
+def _bound(node: fx.Node) -> dict:
+    """``node``'s arguments by parameter name, for Python-level functions (``F.batch_norm``...)."""
+    t = node.target
+    if t not in _SIGNATURES:
+        try:
+            _SIGNATURES[t] = inspect.signature(t)
+        except (TypeError, ValueError):
+            _SIGNATURES[t] = None
+    sig = _SIGNATURES[t]
+    if sig is None:
+        return dict(node.kwargs)
+    try:
+        bound = sig.bind(*node.args, **node.kwargs)
+        bound.apply_defaults()
+        return dict(bound.arguments)
+    except TypeError:
+        return dict(node.kwargs)
+
+
+def _writes(node: fx.Node) -> list:
+    """The nodes ``node`` writes in place (its first argument for in-place ops)."""
+    if node.op not in ("call_function", "call_method") or not node.args:
+        return []
+    return [node.args[0]] if P._impure(node) and isinstance(node.args[0], fx.Node) else []
+
+
+def why_dense(lifted: Lifted) -> str | None:
+    """Why this graph must not be pruned (a training graph, state written in place...), or None."""
+    if not lifted.watched:
+        return "no parameters or buffers in this graph"
+    if torch.is_grad_enabled() and any(t.requires_grad for _, t in lifted.watched):
+        return ("autograd is on and parameters require grad (a training graph); call the compiled model "
+                "under torch.inference_mode() or torch.no_grad() (or model.requires_grad_(False)) to prune")
+    nodes = lifted.gm.graph.nodes
+    for node in nodes:
+        if node.op == "call_function" and _bound(node).get("training") is True:
+            return (f"node '{node.name}' ({getattr(node.target, '__name__', node.target)}) runs in training "
+                    "mode; call model.eval() to prune")
+    state_nodes = {n for n in nodes if n.op == "get_attr"}
+    for node in nodes:
+        if any(w in state_nodes for w in _writes(node)):
+            return f"node '{node.name}' writes the parameter or buffer '{node.args[0].target}' in place"
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# The backend
+# ---------------------------------------------------------------------------------------------
+
+
+def _inner_compiler(opts: Options) -> Callable:
+    inner = opts.inner
+    if callable(inner):
+        return inner
+    if inner == NAME:
+        raise InputError("options['inner']='otofx' would prune twice; name another backend")
+    from torch._dynamo.backends.registry import lookup_backend
+
+    fn = lookup_backend(inner)
+    if inner == "inductor" and opts.mode not in (None, "default"):
+        from torch._inductor import list_mode_options
+
+        patches = list_mode_options(opts.mode)
+        return lambda gm, ex: fn(gm, ex, config_patches=patches)
+    return fn
+
+
+def _numel(gm: torch.nn.Module) -> int:
+    return sum(p.numel() for p in gm.parameters())
+
+
+class Compiled:
+    """The callable dynamo gets: the pruned graph, guarded against weight changes (or the dense one)."""
+
+    def __init__(self, fragment: "_Fragment"):
+        self._fragment = fragment
+        self._fn: Callable | None = None
+        self._take = None  # itemgetter of the non-state inputs; None: pass every argument
+        self._watch_pos: tuple = ()  # positions of placeholder state
+        self._watch_args: tuple = ()  # the tensors at those positions at compile time
+        self._watch_all: tuple = ()  # every watched tensor (placeholder and get_attr state)
+        self._stamp: tuple = ()
+        self.rebuilds = 0
+
+    @staticmethod
+    def _stamp_of(tensors) -> tuple:
+        return tuple(map(operator.attrgetter("_version"), tensors)) + tuple(map(torch.Tensor.data_ptr, tensors))
+
+    def _set_dense(self, fn: Callable) -> None:
+        # NB: a backend's callable takes dynamo's arguments unboxed (*args), whatever _boxed_call says
+        self._fn, self._take, self._watch_all = fn, None, ()
+
+    def _set_pruned(self, fn: Callable, lifted: Lifted) -> None:
+        self._fn = fn
+        idx = lifted.inputs
+        self._take = (lambda args: ()) if not idx else (
+            (lambda args, i=idx[0]: (args[i],)) if len(idx) == 1 else operator.itemgetter(*idx))
+        pos = tuple(p for p, _ in lifted.watched if p is not None)
+        self._watch_pos = pos
+        self._watch_args = tuple(t for p, t in lifted.watched if p is not None)
+        self._watch_all = tuple(t for _, t in lifted.watched)
+        self._stamp = self._stamp_of(self._watch_all)
+
+    def fresh(self, args) -> bool:
+        """Whether the state in ``args`` (and the graph's attributes) is what the pruned graph was built from."""
+        if not self._watch_all:
+            return True
+        current = tuple(args[i] for i in self._watch_pos)
+        if not all(map(operator.is_, current, self._watch_args)):
+            return False
+        return self._stamp_of(self._watch_all) == self._stamp
+
+    def __call__(self, *args):
+        if self._take is None:
+            return self._fn(*args)
+        if not self.fresh(args):
+            self._fragment.on_change(self, list(args))
+            if self._take is None:
+                return self._fn(*args)
+        return self._fn(*self._take(args))
+
+
+class _Fragment:
+    """One captured graph: lifts, prunes, compiles, and rebuilds on a weight change."""
+
+    def __init__(self, gm: fx.GraphModule, opts: Options):
+        self.gm, self.opts = gm, opts
+        self.number = next(_COUNTER)
+        self.inner = _inner_compiler(opts)
+        self.names: tuple | None = None  # state_names, read at the first build
+        self._freezing = _freezing()
+
+    def compile(self, example_inputs: list) -> Compiled:
+        out = Compiled(self)
+        self._build(out, example_inputs)
+        return out
+
+    def _dense(self, out: Compiled, example_inputs: list, result: FragmentResult) -> None:
+        _record(result)
+        out._set_dense(self._inner(self.gm, example_inputs))
+
+    def _inner(self, gm: fx.GraphModule, example_inputs: list):
+        if self._freezing is None:
+            return self.inner(gm, example_inputs)
+        import torch._inductor.config as inductor_config
+
+        # NB: a rebuild runs at call time, outside the torch._inductor.config.patch() of the compile
+        with inductor_config.patch(freezing=self._freezing):
+            return self.inner(gm, example_inputs)
+
+    def _build(self, out: Compiled, example_inputs: list) -> None:
+        t0 = time.perf_counter()
+        if any(isinstance(e, FakeTensor) for e in example_inputs):  # no values to read zero rows from
+            self._dense(out, example_inputs, FragmentResult(self.number, False, "the example inputs are fake tensors"))
+            return
+        if self.names is None:
+            self.names = state_names(self.gm, example_inputs)
+        lifted = lift(self.gm, example_inputs, self.names)
+        reason = why_dense(lifted)
+        if reason is not None:
+            self._dense(out, example_inputs, FragmentResult(self.number, False, reason))
+            return
+        args = tuple(example_inputs[i] for i in lifted.inputs)
+        passes = self.opts.pipeline or pipeline(report=self.opts.report)
+        try:
+            with torch.no_grad():
+                state = passes.run(lifted.gm, args, pin=_present(lifted.gm, self.opts.pin), frontend="dynamo")
+        except (VerificationError, InputError):
+            raise
+        except OTOError as e:  # an analysis that cannot handle this graph: run it unpruned
+            log.warning("otofx: fragment %d: not pruned: %s: %s", self.number, type(e).__name__, e)
+            self._dense(out, example_inputs, FragmentResult(self.number, False, f"{type(e).__name__}: {e}"))
+            return
+        small = state.gm
+        groups = len(state.zigset.zigs) if state.zigset is not None else 0
+        removed = state.plan.count if state.plan is not None else 0
+        before = _numel(lifted.gm)
+        lifted_n = sum(p is not None for p, _ in lifted.watched)
+        attrs_n = len(lifted.watched) - lifted_n
+        nothing = state.plan is not None and removed == 0 and self.opts.pipeline is None
+        if nothing or small is lifted.gm or (_same_code(small, lifted.gm) and _numel(small) == before):
+            why = "no row is all zero" if state.plan is not None else "the pipeline left the graph as it was"
+            self._dense(out, example_inputs, FragmentResult(self.number, False, why, groups, 0, before, before,
+                                                            time.perf_counter() - t0, None, lifted_n, attrs_n,
+                                                            state.records))
+            return
+        err = None
+        if self.opts.verify:
+            # NB: against dynamo's own graph and arguments, so that lift is checked too
+            ref = P.run_eval(self.gm, tuple(example_inputs))
+            err = P.compare(ref, small, args, None, self.opts.rtol, f"otofx fragment {self.number}")
+        result = FragmentResult(self.number, True, f"removed {removed} rows of {groups} groups", groups, removed,
+                                before, _numel(small), time.perf_counter() - t0, err, lifted_n, attrs_n,
+                                state.records)
+        _record(result)
+        out._set_pruned(self._inner(_for_inner(small), list(args)), lifted)
+
+    def on_change(self, out: Compiled, args: list) -> None:
+        out.rebuilds += 1
+        if self.opts.on_change == "dense":
+            log.info("otofx: fragment %d: weights changed since compile; using the dense graph from now on",
+                     self.number)
+            self._dense(out, args, FragmentResult(self.number, False, "weights changed (on_change='dense')"))
+            return
+        log.info("otofx: fragment %d: weights changed since compile; pruning and compiling again (rebuild %d)",
+                 self.number, out.rebuilds)
+        self._build(out, args)
+
+
+def _present(gm: fx.GraphModule, pin: tuple) -> tuple:
+    """The pins that name something in this fragment (a graph break puts the others elsewhere)."""
+    names = [n for n, _ in gm.named_parameters()] + [n for n, _ in gm.named_buffers()]
+    return tuple(p for p in pin if any(n == p or n.startswith(p + ".") for n in names))
+
+
+def _same_code(a: fx.GraphModule, b: fx.GraphModule) -> bool:
+    return a.graph.python_code("self").src == b.graph.python_code("self").src
+
+
+def _for_inner(gm: fx.GraphModule) -> fx.GraphModule:
+    """``gm`` as the inner compiler gets it: analysis meta dropped, code regenerated."""
+    for n in gm.graph.nodes:
+        n.meta = {k: n.meta[k] for k in _KEEP_META if k in n.meta}
+    gm.recompile()
+    return gm
+
+
+def _freezing():
+    """inductor's freezing flag at compile time (None when inductor was never imported)."""
+    import sys
+
+    cfg = sys.modules.get("torch._inductor.config")
+    return None if cfg is None else bool(cfg.freezing)
+
+
+def _record(result: FragmentResult) -> None:
+    _RESULTS.append(result)
+    if result.pruned:
+        log.info("otofx: fragment %d: %s; parameters %d -> %d (%.2fx), verified to %s, %.2f s", result.fragment,
+                 result.reason, result.params_before, result.params_after,
+                 result.params_before / max(1, result.params_after),
+                 "-" if result.error is None else f"{result.error:.1e}", result.seconds)
+    else:
+        log.info("otofx: fragment %d: not pruned: %s", result.fragment, result.reason)
+
+
+def otofx_backend(gm: fx.GraphModule, example_inputs, *, options: dict | None = None, mode: str | None = None,
+                  **unknown):
+    """The ``torch.compile`` backend (``backend="otofx"``); ``options`` as in the module docstring."""
+    if unknown:
+        raise InputError(f"the otofx backend got unexpected argument(s) {sorted(unknown)}; "
+                         "pass its settings as torch.compile(..., options={...})")
+    opts = Options.parse(options, mode)
+    return _Fragment(gm, opts).compile(list(example_inputs))
+
+
+def register() -> None:
+    """Register ``"otofx"`` with dynamo's backend registry (``import otofx`` calls this).
+
+    # NB: when dynamo found the ``torch_dynamo_backends`` entry point first, it loads this module
+    # itself and registers the name after the import; registering here too would be a duplicate.
+    """
+    from torch._dynamo.backends import registry
+
+    if NAME in registry._COMPILER_FNS or NAME in registry._BACKENDS:
+        return
+    registry.register_backend(otofx_backend, name=NAME)
+
+
+__all__ = ["otofx_backend", "register", "Options", "FragmentResult", "Compiled", "Lifted", "lift", "state_names",
+           "pipeline", "attention_modules", "why_dense", "results", "clear_results"]
