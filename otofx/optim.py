@@ -413,6 +413,10 @@ class DHSPG(_RowOptimizer):
             raise OptimizerError(f"group_divisible={group_divisible!r} must be an integer >= 1")
         if start_pruning_steps < 0 or warm_up_steps < 0:
             raise OptimizerError("start_pruning_steps and warm_up_steps must be >= 0")
+        if not 0.0 <= epsilon < 1.0:
+            # NB: epsilon >= 1 would project every redundant row at once, a negative one never
+            raise OptimizerError(f"epsilon={epsilon!r} must be in [0, 1): it is the share of a row a step may "
+                                 "shrink before the row is projected to zero")
         self.lmbda, self.lmbda_amplify, self.hat_lmbda_coeff = lam["lmbda"], lam["lmbda_amplify"], lam["hat_lmbda_coeff"]
         self.epsilon = float(epsilon)
         self.target_group_sparsity = float(target_group_sparsity)

@@ -444,6 +444,10 @@ def test_unknown_parameter_and_unnamed_params():
         DHSPG(list(ps.items()), groups, variant="rmsprop")
     with pytest.raises(OptimizerError, match="pruning_steps"):
         HESSO(list(ps.items()), groups)
+    for eps in (1.0, 1.5, -0.1):
+        with pytest.raises(OptimizerError, match="epsilon"):
+            DHSPG(list(ps.items()), groups, epsilon=eps)
+    DHSPG(list(ps.items()), groups, epsilon=0.95)
 
 
 def test_unsupported_dtype():
