@@ -303,10 +303,17 @@ def _mha_fix(site, query, **_):
     from .modules import PrunedMultiheadAttention
 
     m = site.module
-    if m is None or isinstance(m, PrunedMultiheadAttention):
+    if m is None:
         return
     head_ids = site.plan.zigset.labels.get(site.node.name + ".heads")
     keep = site._keep_ids(head_ids) if head_ids is not None else np.ones(m.num_heads, dtype=bool)
+    if isinstance(m, PrunedMultiheadAttention):
+        # its weights are already sliced (and it reads any width): only the head count and the
+        # original indices of the heads left change
+        if not keep.all():
+            m.num_heads = int(keep.sum())
+            m.kept_heads = m.kept_heads[torch.from_numpy(np.nonzero(keep)[0])]
+        return
     w = m.in_proj_weight if m._qkv_same_embed_dim else m.q_proj_weight
     widths_same = (w.shape[1] == m.embed_dim and m.out_proj.weight.shape[0] == m.embed_dim and keep.all())
     if widths_same:
@@ -321,10 +328,11 @@ def multihead_attention(ctx: Ctx, query, key, value, module=None, key_padding_ma
                         attn_mask=None, average_attn_weights=True, is_causal=False, out=None, **_):
     """nn.MultiheadAttention: head h is one channel (its q, k, v rows of in_proj and its out_proj columns); the inputs' features are read by in_proj's columns, the output's by out_proj's rows; keys are mixed."""
     m, name = module, ctx.node.target
-    H, hd, E = m.num_heads, m.head_dim, m.embed_dim
+    H, hd = m.num_heads, m.head_dim
     heads = ctx.fresh(H)
     per_head = np.repeat(heads, hd)
-    if m._qkv_same_embed_dim:
+    packed = m._qkv_same_embed_dim if isinstance(m, nn.MultiheadAttention) else m.packed  # or a pruned one
+    if packed:
         ctx.tie(query.ids[-1], key.ids[-1])
         ctx.tie(query.ids[-1], value.ids[-1])
         ctx.tensor_lab(f"{name}.in_proj_weight", {0: np.concatenate([per_head] * 3), 1: query.ids[-1]})
@@ -373,7 +381,15 @@ def _mha_module(node, m, args, kwargs):
     return out
 
 
-modules("multihead_attention", [nn.MultiheadAttention], _mha_module)
+def _mha_classes() -> list:
+    from .modules import PrunedMultiheadAttention
+
+    return [nn.MultiheadAttention, PrunedMultiheadAttention]
+
+
+# NB: the compressed model's PrunedMultiheadAttention goes through the same rule, so analysing a
+# compressed model finds the same (whole-head) rows as the original, whatever the front-end
+modules("multihead_attention", _mha_classes(), _mha_module)
 
 
 def _embedding_fix(site, **_):

@@ -60,11 +60,8 @@ def _close(a, b, dtype):
         torch.testing.assert_close(u, v, **tol)
 
 
-@needs_triton
-@settings(max_examples=30)
-@given(layouts(), st.sampled_from([torch.float64, torch.float32]), st.booleans(), st.booleans(),
-       st.sampled_from([0.0, 0.5, 0.95]), st.integers(0, 10), st.integers(0, 2 ** 16))
-def test_dhspg_step_triton_equals_reference(lay, dtype, warm_up, fixed_zero, eps, target, seed):
+def _step_case(lay, dtype, warm_up, fixed_zero, eps, target, seed):
+    """A layout, data with ~30% zero rows, and a config under which every DHSPG branch occurs."""
     shapes, groups = lay
     layout = K.build_layout(shapes, groups)
     xs, ds, red = _data(shapes, layout.n_rows, dtype, seed)
@@ -73,6 +70,15 @@ def test_dhspg_step_triton_equals_reference(lay, dtype, warm_up, fixed_zero, eps
     # a large lr and lambda so that projections and the adaptive-lambda branches all occur
     cfg = K.DHSPGConfig(lr=0.3, lmbda=0.5, lmbda_amplify=2.0, hat_lmbda_coeff=10.0, epsilon=eps,
                         target_rows=target, warm_up=warm_up, fixed_zero=fixed_zero)
+    return layout, xs, ds, red, cfg, g
+
+
+@needs_triton
+@settings(max_examples=30)
+@given(layouts(), st.sampled_from([torch.float64, torch.float32]), st.booleans(), st.booleans(),
+       st.sampled_from([0.0, 0.5, 0.95]), st.integers(0, 10), st.integers(0, 2 ** 16))
+def test_dhspg_step_triton_equals_reference(lay, dtype, warm_up, fixed_zero, eps, target, seed):
+    layout, xs, ds, red, cfg, _ = _step_case(lay, dtype, warm_up, fixed_zero, eps, target, seed)
     a = [x.clone() for x in xs]
     b = [x.clone() for x in xs]
     ca = K.dhspg_step(layout, a, ds, red, cfg, backend="torch")
@@ -107,13 +113,7 @@ def test_scale_step_triton_equals_reference(lay, dtype, seed):
 @given(layouts(), st.sampled_from([torch.float64, torch.float32]), st.booleans(), st.booleans(),
        st.sampled_from([0.0, 0.5, 0.95]), st.integers(0, 10), st.integers(0, 2 ** 16))
 def test_dhspg_step_cpu_kernel_equals_reference(lay, dtype, warm_up, fixed_zero, eps, target, seed):
-    shapes, groups = lay
-    layout = K.build_layout(shapes, groups)
-    xs, ds, red = _data(shapes, layout.n_rows, dtype, seed)
-    g = torch.Generator().manual_seed(seed + 1)
-    _zero_some_rows(layout, xs, torch.rand(layout.n_rows, generator=g) < 0.3)
-    cfg = K.DHSPGConfig(lr=0.3, lmbda=0.5, lmbda_amplify=2.0, hat_lmbda_coeff=10.0, epsilon=eps,
-                        target_rows=target, warm_up=warm_up, fixed_zero=fixed_zero)
+    layout, xs, ds, red, cfg, g = _step_case(lay, dtype, warm_up, fixed_zero, eps, target, seed)
     if cpu_rows.supported(layout, xs, ds) is not None:  # e.g. rows on dims 0 and 2: the dispatcher falls back
         assert K.choose_backend(xs, ds, None, layout) == "torch"
         return

