@@ -33,6 +33,7 @@ Run (about 20 min on 2 cores)::
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import torch
 from tabulate import tabulate
@@ -139,7 +140,17 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=64, help="input side (inception_v3: at least 96)")
     ap.add_argument("--no-peers", action="store_true", help="otofx columns only")
     ap.add_argument("--format", default="github", help="tabulate table format")
+    ap.add_argument("--transformers", action="store_true",
+                    help="the transformer models instead (ViT/Swin/MaxViT, Hugging Face): bench/transformers.py's "
+                         "coverage table, with its peers unless --no-peers")
     args = ap.parse_args()
+    if args.transformers:
+        import runpy
+        import sys
+
+        sys.argv = [sys.argv[0], "--no-latency", "--format", args.format] + (["--no-peers"] if args.no_peers else [])
+        runpy.run_path(str(Path(__file__).with_name("transformers.py")), run_name="__main__")
+        return
     names = args.models or (QUICK if args.quick else cnn_names(args.include_large))
     peers = not args.no_peers
 
