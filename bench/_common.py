@@ -105,3 +105,10 @@ def machine() -> str:
 def model_arg(parser: argparse.ArgumentParser, default: list[str]) -> None:
     parser.add_argument("--models", nargs="+", default=default, metavar="NAME",
                         help=f"torchvision model names (default: {' '.join(default) or 'all CNNs'})")
+
+
+def timing_args(parser: argparse.ArgumentParser, runs: int = 20, warmup: int = 3) -> None:
+    """``--runs`` (timed forward calls, median), ``--warmup`` and ``--format``, shared by the latency benches."""
+    parser.add_argument("--runs", type=int, default=runs, help=f"timed forward calls, median (default {runs})")
+    parser.add_argument("--warmup", type=int, default=warmup, help=f"untimed forward calls first (default {warmup})")
+    parser.add_argument("--format", default="github", help="tabulate table format")

@@ -38,7 +38,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import otofx
 import otofx.backend as otofx_backend
-from _common import build, machine, model_arg, randomise_norms, zero_half_rows
+from _common import build, machine, model_arg, randomise_norms, timing_args, zero_half_rows
 
 MODELS = ["resnet50", "mobilenet_v2"]
 
@@ -107,10 +107,8 @@ def rows_for(name: str, runs: int, warmup: int, freezing: bool) -> list[dict]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     model_arg(ap, MODELS)
-    ap.add_argument("--runs", type=int, default=20, help="timed calls, median (default 20)")
-    ap.add_argument("--warmup", type=int, default=3, help="untimed calls after the first (default 3)")
+    timing_args(ap)
     ap.add_argument("--freezing", action="store_true", help="torch._inductor.config.freezing for both inductors")
-    ap.add_argument("--format", default="github", help="tabulate table format")
     args = ap.parse_args()
     torch.set_num_threads(1)
 

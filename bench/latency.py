@@ -27,7 +27,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import otofx
-from _common import build, machine, median_of, model_arg, nparams, randomise_norms, wall, zero_half_rows
+from _common import build, machine, median_of, model_arg, nparams, timing_args, randomise_norms, wall, zero_half_rows
 from _peers import tp_prune
 
 MODELS = ["resnet50", "mobilenet_v2"]
@@ -69,10 +69,8 @@ def rows_for(name: str, runs: int, warmup: int) -> list[dict]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     model_arg(ap, MODELS)
-    ap.add_argument("--runs", type=int, default=20, help="timed forward calls, median (default 20)")
-    ap.add_argument("--warmup", type=int, default=3, help="untimed forward calls first (default 3)")
+    timing_args(ap)
     ap.add_argument("--quick", action="store_true", help="5 runs after 1 warm-up")
-    ap.add_argument("--format", default="github", help="tabulate table format")
     args = ap.parse_args()
     if args.quick:
         args.runs, args.warmup = 5, 1
