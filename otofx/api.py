@@ -22,7 +22,7 @@ import torch.fx as fx
 
 from otofx import pipeline
 from otofx.errors import InputError, OTOError, VerificationError
-from otofx.passes.prune import Plan, plan_rows, row_norms
+from otofx.passes.prune import Plan, plan_zero_rows, row_norms
 from otofx.passes.zigs import ZIG, ZigSet
 from otofx.pipeline import compare, eval_mode, outputs_close
 
@@ -83,7 +83,7 @@ class OTO:
         return gm
 
     def plan(self) -> Plan:
-        return plan_rows(self.zigset, pipeline.zero_rows(self.zigset, self.model))
+        return plan_zero_rows(self.zigset, self.model)
 
     def compress(self, verify: bool = True, plan: Plan | None = None, passes=()) -> fx.GraphModule:
         """A new GraphModule without the rows whose parameters are all zero (or ``plan``'s rows).
