@@ -38,8 +38,8 @@ class Lab:
     def ndim(self) -> int:
         return len(self.ids)
 
-    @property
-    def shape(self) -> tuple:
+    @functools.cached_property
+    def shape(self) -> tuple:  # NB: cached in the instance dict (a frozen dataclass allows it)
         return tuple(len(a) for a in self.ids)
 
     def axis(self, d: int) -> tuple:
@@ -193,7 +193,8 @@ class Ctx:
 
     def pin(self, ids, reason: str) -> None:
         """Pin ``ids`` (an array, a Lab, a SymSize or a container of them) and record why."""
-        arrays = [a for a in _id_arrays(ids) if a.size]
+        # NB: spatial and input axes are the one cached all-PIN array of their length: skipped
+        arrays = [a for a in _id_arrays(ids) if a.size and a is not pinned_axis(a.size)]
         if not arrays:
             return
         flat = np.concatenate(arrays)

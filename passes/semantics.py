@@ -819,11 +819,16 @@ def _tie_aligned(ctx: Ctx, labs, skip: int | None):
     """Tie axis d of every lab (except ``skip``); returns the ids/zeros of the first."""
     first = labs[0]
     zero = list(first.zero)
+    a, b = [], []  # NB: one union for all pairs: a densenet cat has dozens of inputs
     for v in labs[1:]:
         for d in range(first.ndim):
             if d != skip and v.shape[d] == first.shape[d]:
-                ctx.tie(first.ids[d], v.ids[d])
+                if v.ids[d] is not first.ids[d]:
+                    a.append(first.ids[d])
+                    b.append(v.ids[d])
                 zero[d] = zero[d] & v.zero[d]  # zero only where every input is zero
+    if a:
+        ctx.tie(np.concatenate(a), np.concatenate(b))
     return Lab(first.ids, tuple(zero))
 
 

@@ -47,14 +47,29 @@ _SAME_SHAPE_RULES = {"unary", "batch_norm", "group_norm", "layer_norm", "prelu"}
 _DTYPE_CHANGING = {"to", "float", "half", "double", "bfloat16", "type", "_to_copy", "contiguous", "clone"}
 
 
-def _keeps_shape(n: fx.Node, modules: dict) -> bool:
+def _keeps_shape(n: fx.Node, modules: dict) -> str | None:
+    """The rule of ``n`` when its output has its input's shape and dtype, else None."""
     from otofx.passes.registry import form_of
 
     form = form_of(n, modules)
     if form is None or form.rule not in _SAME_SHAPE_RULES:
-        return False
+        return None
     name = n.target if isinstance(n.target, str) else getattr(n.target, "__name__", "")
-    return name.split(".")[0] not in _DTYPE_CHANGING  # aten overloads are "name.overload"
+    return None if name.split(".")[0] in _DTYPE_CHANGING else form.rule  # aten overloads are "name.overload"
+
+
+def _same_shape_out(rule: str, x: torch.Tensor):
+    """The meta output of a shape-keeping op on ``x`` with torch's layout, or None to run the op.
+
+    # NB: layouts matter to later views: elementwise ops keep a dense input's layout, layer_norm
+    # always returns a contiguous tensor (a permuted input included), batch/group norm keep a
+    # contiguous one; anything else runs on meta
+    """
+    if rule == "layer_norm":
+        return x if x.is_contiguous() else torch.empty(x.shape, dtype=x.dtype, device=_META)
+    if rule in ("unary", "prelu"):
+        return x if _dense_strides(x) is not None else None
+    return x if x.is_contiguous() else None
 
 
 class MetaProp(fx.Interpreter):
@@ -68,12 +83,13 @@ class MetaProp(fx.Interpreter):
     def run_node(self, n: fx.Node) -> Any:
         try:
             with torch.no_grad():
+                out = None
                 if n.op in ("call_module", "call_function", "call_method") and n.args and \
-                        isinstance(n.args[0], fx.Node) and _keeps_shape(n, self._modules):
-                    out = self.env[n.args[0]]
-                    if not isinstance(out, torch.Tensor):
-                        out = super().run_node(n)
-                else:
+                        isinstance(n.args[0], fx.Node) and isinstance(self.env[n.args[0]], torch.Tensor):
+                    rule = _keeps_shape(n, self._modules)
+                    if rule is not None and self.env[n.args[0]].device.type == "meta":
+                        out = _same_shape_out(rule, self.env[n.args[0]])
+                if out is None:
                     out = super().run_node(n)
         except OTOError:
             raise
@@ -127,19 +143,52 @@ def _contiguous_meta(x) -> bool:
     return isinstance(x, torch.Tensor) and x.device.type == "meta" and x.is_contiguous()
 
 
+def _dense_strides(x: torch.Tensor) -> tuple | None:
+    """``x``'s strides if ``x`` is a permutation of a contiguous tensor (what an elementwise
+    result copies), else None."""
+    order = sorted(range(x.dim()), key=lambda d: -x.stride(d))
+    expect, acc = [0] * x.dim(), 1
+    for d in reversed(order):
+        expect[d] = acc
+        acc *= x.shape[d]
+    return x.stride() if tuple(expect) == x.stride() else None
+
+
+def _undeciding(t: torch.Tensor, shape: torch.Size) -> bool:
+    """Whether ``t`` broadcast to ``shape`` has at most one axis of size > 1: TensorIterator then
+    never takes its layout into account when it orders the result's axes (a stride of 0 on one
+    side of every comparison)."""
+    k = len(shape) - t.dim()
+    return sum(1 for d, s in enumerate(t.shape) if s != 1 and shape[k + d] != 1) <= 1
+
+
 def _fast_binary(target, args, kwargs):
-    """``a + b`` (and -, *, /) on contiguous meta tensors or Python numbers: a contiguous result."""
+    """``a + b`` (and -, *, /) on meta tensors or Python numbers, without Python decompositions.
+
+    Contiguous operands give a contiguous result. Operands of the full result shape with equal
+    strides that permute a contiguous layout give those strides to the result when every other
+    operand is a number or broadcasts along all but one axis (a layer scale, a bias); anything
+    else is left to torch.
+    """
     if target not in _BINARY or kwargs or len(args) != 2:
         return None
     a, b = args
     tensors = [t for t in (a, b) if isinstance(t, torch.Tensor)]
-    if not tensors or not all(_contiguous_meta(t) for t in tensors) or \
+    if not tensors or not all(isinstance(t, torch.Tensor) and t.device.type == "meta" for t in tensors) or \
             not all(isinstance(t, (torch.Tensor, int, float)) and not isinstance(t, bool) for t in (a, b)):
         return None
     if target in (operator.truediv, torch.div) and not all(t.is_floating_point() for t in tensors):
         return None  # integer division promotes: leave it to torch
     shape = torch.broadcast_shapes(*(t.shape for t in tensors))
-    return torch.empty(shape, dtype=torch.result_type(a, b), device=_META)
+    dtype = torch.result_type(a, b)
+    if all(t.is_contiguous() for t in tensors):
+        return torch.empty(shape, dtype=dtype, device=_META)
+    full = [t for t in tensors if t.shape == shape]
+    if not full or any(t.stride() != full[0].stride() for t in full) or \
+            not all(t.shape == shape or _undeciding(t, shape) for t in tensors):
+        return None
+    strides = _dense_strides(full[0])
+    return None if strides is None else torch.empty_strided(shape, strides, dtype=dtype, device=_META)
 
 
 def _fast_module_call(interp: "MetaProp", target: str, mod, args, kwargs):
@@ -153,12 +202,39 @@ def _fast_module_call(interp: "MetaProp", target: str, mod, args, kwargs):
             return None
         size = tuple(x.shape[-k + i] if s is None else s for i, s in enumerate(size))
         return torch.empty((*x.shape[:-k], *size), dtype=x.dtype, device=_META)
-    is_conv = type(mod) in (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
-    if not is_conv and type(mod) is not torch.nn.Linear:
-        return None
-    w = interp._param_meta(f"{target}.weight", mod.weight)
-    b = interp._param_meta(f"{target}.bias", mod.bias) if mod.bias is not None else None
-    return mod._conv_forward(args[0], w, b) if is_conv else torch.nn.functional.linear(args[0], w, b)
+    x = args[0]
+    if type(mod) is torch.nn.Linear:
+        if x.device.type != "meta" or x.dim() < 1 or x.shape[-1] != mod.in_features or x.dtype != mod.weight.dtype:
+            return None  # torch raises its own error
+        # NB: F.linear on meta decomposes into Python addmm/broadcast references (4 ms a call on a
+        # 4-d input); its result is always a fresh contiguous tensor
+        return torch.empty((*x.shape[:-1], mod.out_features), dtype=x.dtype, device=_META)
+    if type(mod) in (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d):
+        shape = _conv_shape(mod, x)
+        if shape is not None:
+            return torch.empty(shape, dtype=x.dtype, device=_META)
+        w = interp._param_meta(f"{target}.weight", mod.weight)
+        b = interp._param_meta(f"{target}.bias", mod.bias) if mod.bias is not None else None
+        return mod._conv_forward(x, w, b)
+    return None
+
+
+def _conv_shape(mod, x: torch.Tensor) -> tuple | None:
+    """Output shape of a Conv{1,2,3}d on a contiguous meta input of the right rank and channels, else None."""
+    k = len(mod.kernel_size)
+    if not _contiguous_meta(x) or x.dim() != k + 2 or x.shape[1] != mod.in_channels or \
+            x.dtype != mod.weight.dtype or not mod.weight.is_contiguous():
+        return None  # unbatched inputs, channels_last, mismatches: torch's meta kernel decides
+    if mod.padding == "same":
+        return (x.shape[0], mod.out_channels, *x.shape[2:])
+    pad = (0,) * k if mod.padding == "valid" else mod.padding
+    out = []
+    for i in range(k):
+        n = (x.shape[2 + i] + 2 * pad[i] - mod.dilation[i] * (mod.kernel_size[i] - 1) - 1) // mod.stride[i] + 1
+        if n <= 0:
+            return None  # input smaller than the kernel: torch's error
+        out.append(n)
+    return (x.shape[0], mod.out_channels, *out)
 
 
 def _real_error(interp: "MetaProp", n: fx.Node) -> str | None:

@@ -61,17 +61,24 @@ class UnionFind:
         ids = np.asarray(ids, dtype=np.int64)
         parent = self.parent
         r = parent[ids]
+        p = parent[r]
+        if (p == r).all():  # NB: the common case (paths already compressed): no write-back
+            return r
         while True:
-            p = parent[r]
-            if np.array_equal(p, r):
-                break
             r = p
+            p = parent[r]
+            if (p == r).all():
+                break
         parent[ids] = r
         return r
 
     def union(self, a, b) -> None:
         """Merge ``a[i]`` with ``b[i]`` for every i (a scalar side broadcasts)."""
-        a, b = np.broadcast_arrays(np.asarray(a, dtype=np.int64), np.asarray(b, dtype=np.int64))
+        if a is b:
+            return
+        a, b = np.asarray(a, dtype=np.int64), np.asarray(b, dtype=np.int64)
+        if a.shape != b.shape:
+            a, b = np.broadcast_arrays(a, b)
         a = a.ravel()
         b = b.ravel()
         while a.size:

@@ -201,7 +201,10 @@ def _tensor_label(ctx: Ctx, v):
 
 
 def _act_ids(values: list) -> np.ndarray:
-    arrays = [a for lab in labs_in(values) for a in lab.ids]
+    # NB: labels share id arrays (elementwise ops pass them on, pinned axes are one cached array
+    # per length): each array is taken once
+    seen: set = set()
+    arrays = [a for lab in labs_in(values) for a in lab.ids if id(a) not in seen and not seen.add(id(a))]
     return np.concatenate(arrays) if arrays else np.zeros(0, dtype=np.int64)
 
 
@@ -224,12 +227,12 @@ def _group(ctx: Ctx, labels: dict, acts: list) -> ZigSet:
     roots = uf.find(np.concatenate([o.ids for o in params]))
     keep = act[roots]
     owner, pos, roots = owner[keep], pos[keep], roots[keep]
-    # a class's signature: the (owner, count) pairs it holds, hashed; equal signatures = one zig
-    key, counts_of_key = unique(roots * len(params) + owner, return_counts=True)
+    # a class's signature: the (owner, count) pairs it holds, hashed as the sum of one random odd
+    # salt per owner over its positions (count x salt, wrapping); equal signatures = one zig
     salts = np.random.default_rng(0x07F0).integers(1, 2**62, size=len(params), dtype=np.uint64) | np.uint64(1)
     sig = np.zeros(n, dtype=np.uint64)
     with np.errstate(over="ignore"):
-        np.add.at(sig, key // len(params), salts[key % len(params)] * (counts_of_key.astype(np.uint64) + np.uint64(1)))
+        np.add.at(sig, roots, salts[owner])
     classes = np.nonzero(sig)[0]
     if classes.size == 0:
         return empty
@@ -247,12 +250,16 @@ def _group(ctx: Ctx, labels: dict, acts: list) -> ZigSet:
     row_of_root[classes[srt]] = np.arange(len(classes)) - np.repeat(zstart, counts)
     # every (zig, owner) segment, rows in order, positions in order inside a row
     z, row = zig_of_root[roots], row_of_root[roots]
-    order = np.lexsort((pos, row, owner, z))
+    # NB: (owner, pos) is already in order, so a stable sort on (z, owner, row) keeps pos ascending
+    order = np.argsort((z * len(params) + owner) * (int(counts.max()) + 1) + row, kind="stable")
     z, owner, pos = z[order], owner[order], pos[order]
-    cut = np.nonzero((np.diff(z) != 0) | (np.diff(owner) != 0))[0] + 1
+    cut = (np.nonzero((np.diff(z) != 0) | (np.diff(owner) != 0))[0] + 1).tolist()
     entries: list[list] = [[] for _ in range(len(uniq))]
-    for a, b in zip(np.concatenate([[0], cut]), np.concatenate([cut, [len(z)]])):
-        zi, o = int(z[a]), params[int(owner[a])]
-        entries[zi].append((o.name, o.dim, torch.from_numpy(pos[a:b].reshape(int(counts[zi]), -1).copy())))
+    heads = [0] + cut
+    rows_of = counts.tolist()
+    # NB: the index tensors are views of one fresh array (disjoint slices), made without a copy each
+    for zi, oi, a, b in zip(z[heads].tolist(), owner[heads].tolist(), heads, cut + [len(z)]):
+        o = params[oi]
+        entries[zi].append((o.name, o.dim, torch.from_numpy(pos[a:b].reshape(rows_of[zi], -1))))
     zigs = tuple(ZIG(int(counts[i]), tuple(entries[i])) for i in range(len(uniq)))
     return ZigSet(zigs, tuple(ctx.pins), labels, tuple(ctx.owners), uf, zig_of_root, row_of_root)

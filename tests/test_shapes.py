@@ -1,0 +1,136 @@
+"""propagate_shapes' fast paths agree with torch's own meta kernels (shape, dtype, layout).
+
+Strides are compared on axes of size > 1 only: a size-1 axis's stride never changes what a later
+view or reshape may do.
+"""
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.nn as nn
+from hypothesis import given
+from hypothesis import strategies as st
+
+import otofx
+from otofx.capture import LeafTracer
+from otofx.passes.shapes import _conv_shape, _fast_binary, propagate_shapes
+from otofx.capture import capture
+
+
+def _layout(t: torch.Tensor) -> tuple:
+    return tuple(s for s, n in zip(t.stride(), t.shape) if n > 1)
+
+
+@st.composite
+def _meta_operand(draw, shape):
+    """A meta tensor of ``shape`` (or a broadcastable part of it) stored in a random axis order."""
+    if draw(st.booleans()):
+        k = draw(st.integers(0, len(shape)))
+        shape = [draw(st.sampled_from([1, d])) for d in shape[k:]]
+    perm = draw(st.permutations(range(len(shape))))
+    base = torch.empty([shape[i] for i in perm], device="meta")
+    return base.permute([perm.index(i) for i in range(len(shape))])
+
+
+@st.composite
+def _binary_case(draw):
+    shape = draw(st.lists(st.integers(1, 3), min_size=1, max_size=4))
+    a = draw(_meta_operand(shape))
+    b = draw(st.one_of(_meta_operand(shape), st.sampled_from([2, 1.5])))
+    if draw(st.booleans()):
+        a, b = b, a
+    return draw(st.sampled_from([operator.add, operator.mul, operator.truediv, torch.sub])), a, b
+
+
+@given(_binary_case())
+def test_fast_binary_matches_torch(case):
+    op, a, b = case
+    fast = _fast_binary(op, (a, b), {})
+    if fast is None:
+        return
+    ref = op(a, b)
+    assert fast.shape == ref.shape and fast.dtype == ref.dtype
+    assert _layout(fast) == _layout(ref), (a.stride(), getattr(b, "stride", lambda: b)(), fast.stride(), ref.stride())
+
+
+def test_fast_binary_takes_the_common_layouts():
+    nhwc = torch.empty(1, 5, 6, 8, device="meta").permute(0, 3, 1, 2)
+    scale = torch.empty(8, 1, 1, device="meta")
+    assert _fast_binary(operator.mul, (scale, nhwc), {}) is not None  # convnext's layer scale
+    assert _fast_binary(operator.add, (nhwc, nhwc), {}) is not None
+    assert _fast_binary(operator.add, (nhwc, torch.empty(1, 8, 5, 6, device="meta")), {}) is None  # mixed: torch decides
+
+
+@given(st.integers(1, 3), st.sampled_from([0, 1, 2, "same", "valid"]), st.integers(1, 3), st.integers(1, 2),
+       st.integers(1, 3), st.booleans(), st.lists(st.integers(1, 9), min_size=3, max_size=3))
+def test_conv_shape_matches_meta_kernel(k, padding, stride, dilation, kernel, depthwise, sizes):
+    conv = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[k - 1]
+    stride = 1 if padding == "same" else stride
+    m = conv(4, 4 if depthwise else 6, kernel, stride=stride, padding=padding, dilation=dilation,
+             groups=4 if depthwise else 1).to("meta")
+    x = torch.empty(2, 4, *sizes[:k], device="meta")
+    shape = _conv_shape(m, x)
+    try:
+        ref = m(x)
+    except RuntimeError:
+        assert shape is None
+        return
+    if shape is not None:
+        assert tuple(ref.shape) == shape and ref.is_contiguous()
+
+
+def test_layer_scale_parameter_is_one_get_attr():
+    """A parameter read outside a leaf module (convnext's layer scale) is traced as one get_attr."""
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(4, 4, 1)
+            self.gamma = nn.Parameter(torch.ones(4, 1, 1))
+            self.register_buffer("shift", torch.zeros(4, 1, 1))
+
+        def forward(self, x):
+            return self.gamma * self.conv(x) + self.shift + self.gamma
+
+    model = nn.Sequential(Block(), Block())
+    gm = LeafTracer().trace(model)
+    attrs = sorted(n.target for n in gm.nodes if n.op == "get_attr")
+    assert attrs == ["0.gamma", "0.shift", "1.gamma", "1.shift"]
+
+
+def test_linear_on_permuted_input_and_convnext_shapes():
+    """Shapes on a LayerNorm2d-style block (permute, Linear, permute back, layer scale) equal a real run."""
+
+    class CN(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.dw = nn.Conv2d(8, 8, 7, padding=3, groups=8)
+            self.norm = nn.LayerNorm(8)
+            self.fc1 = nn.Linear(8, 16)
+            self.fc2 = nn.Linear(16, 8)
+            self.gamma = nn.Parameter(torch.ones(8, 1, 1))
+
+        def forward(self, x):
+            y = self.dw(x).permute(0, 2, 3, 1)
+            y = self.fc2(torch.relu(self.fc1(self.norm(y)))).permute(0, 3, 1, 2)
+            return (x + self.gamma * y).flatten(1).view(2, -1)
+
+    model, x = CN(), torch.randn(2, 8, 5, 5)
+    cap = capture(model, x)
+    propagate_shapes(cap.gm, cap.args, cap.kwargs)
+    real = {}
+    interp = torch.fx.Interpreter(cap.gm)
+    orig = interp.run_node
+
+    def record(n):
+        real[n.name] = out = orig(n)
+        return out
+
+    interp.run_node = record
+    interp.run(x)
+    for n in cap.gm.graph.nodes:
+        if isinstance(real.get(n.name), torch.Tensor):
+            v = n.meta["val"]
+            assert v.shape == real[n.name].shape and _layout(v) == _layout(real[n.name]), n.name
+    otofx.OTO(model, x)  # and the analysis runs on it
