@@ -17,6 +17,12 @@ variants alike); the first call (the compile) is timed separately. FLOPs come fr
 backend handed to inductor. ``x inductor`` is inductor dense ms / this row's ms; the target is
 ``x inductor >= (dense FLOPs / pruned FLOPs) / 1.5``.
 
+``bytes ratio`` is the memory traffic of the convolutions and matrix products (every tensor they
+read or write: activations in and out, weights), pruned over dense, counted per aten call like the
+FLOPs. At batch 1 on one CPU core a depthwise-separable network is memory-bound (a few FLOPs per
+byte), so ``1 / bytes ratio`` (``bound x``) is about the most that removing rows can buy with one
+kernel per layer, whatever the FLOPs ratio says.
+
 Run (about 7 min on the shared 2-core machine; inductor compiles dominate)::
 
     /work/venv/bin/python bench/compile.py
@@ -34,6 +40,8 @@ import torch._dynamo
 import torch._inductor.config as inductor_config
 from tabulate import tabulate
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import FlopCounterMode
 
 import otofx
@@ -48,6 +56,31 @@ def flops(model: nn.Module, x: torch.Tensor) -> int:
     with torch.inference_mode(), counter:
         model(x)
     return counter.get_total_flops()
+
+
+class _Traffic(TorchDispatchMode):
+    """Bytes read and written by convolutions and matrix products."""
+
+    OPS = {torch.ops.aten.convolution.default, torch.ops.aten.addmm.default, torch.ops.aten.mm.default,
+           torch.ops.aten.bmm.default}
+
+    def __init__(self):
+        super().__init__()
+        self.bytes = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func in self.OPS:
+            tensors = [t for t in tree_flatten((args, kwargs, out))[0] if isinstance(t, torch.Tensor)]
+            self.bytes += sum(t.numel() * t.element_size() for t in tensors)
+        return out
+
+
+def traffic(model: nn.Module, x: torch.Tensor) -> int:
+    mode = _Traffic()
+    with torch.inference_mode(), mode:
+        model(x)
+    return mode.bytes
 
 
 class Keep:
@@ -88,7 +121,7 @@ def rows_for(name: str, runs: int, warmup: int, freezing: bool) -> list[dict]:
                     samples[label].append(time.perf_counter() - t0)
     (res,) = otofx_backend.results()
     assert res.pruned, res.reason
-    dense_flops = flops(model, x)
+    dense_flops, dense_bytes = flops(model, x), traffic(model, x)
     graphs = {"otofx compress": small, "otofx backend": keep.graphs[-1]}
     ms = {label: 1e3 * statistics.median(v) for label, v in samples.items()}
     rows = []
@@ -96,10 +129,12 @@ def rows_for(name: str, runs: int, warmup: int, freezing: bool) -> list[dict]:
         g = graphs.get(label)
         rows.append({"model": name, "variant": label, "ms": ms[label], "x inductor": ms["inductor dense"] / ms[label],
                      "FLOPs ratio": 1.0 if g is None else flops(g, x) / dense_flops,
+                     "bytes ratio": 1.0 if g is None else traffic(g, x) / dense_bytes,
                      "compile s": compile_s[label] if label in ("inductor dense", "otofx backend") else None})
     backend = rows[-1]
     backend["target x"] = (1 / backend["FLOPs ratio"]) / 1.5
     backend["met"] = "yes" if backend["x inductor"] >= backend["target x"] else "no"
+    backend["bound x"] = 1 / backend["bytes ratio"]
     backend["rows removed"] = res.rows_removed
     return rows
 
@@ -116,7 +151,8 @@ def main() -> None:
     rows = [r for name in args.models for r in rows_for(name, args.runs, args.warmup, args.freezing)]
     print(f"{machine()}; batch 1, 3x224x224, median of {args.runs} after {args.warmup} warm-up; "
           f"inductor freezing {'on' if args.freezing else 'off'}; took {time.perf_counter() - t0:.0f} s\n")
-    headers = ["model", "variant", "ms", "x inductor", "FLOPs ratio", "target x", "met", "compile s", "rows removed"]
+    headers = ["model", "variant", "ms", "x inductor", "FLOPs ratio", "target x", "met", "bytes ratio", "bound x",
+               "compile s", "rows removed"]
     table = [[r.get(h) for h in headers] for r in rows]
     print(tabulate(table, headers=headers, tablefmt=args.format, floatfmt=".2f", missingval=""))
 

@@ -115,9 +115,14 @@ class Ctx:
 
     def __post_init__(self):
         first: dict[int, str] = {}
-        named = list(self.root.named_parameters(remove_duplicate=False))
-        named += list(self.root.named_buffers(remove_duplicate=False))
-        for name, t in named:
+        # NB: one walk over the modules (named_parameters and named_buffers walk them each, through
+        # generators): parameters before buffers, each in named_parameters' order
+        params, buffers = [], []
+        for prefix, m in self.root.named_modules(remove_duplicate=False):
+            dot = prefix + "." if prefix else ""
+            params += [(dot + k, t) for k, t in m._parameters.items() if t is not None]
+            buffers += [(dot + k, t) for k, t in m._buffers.items() if t is not None]
+        for name, t in params + buffers:
             self.alias[name] = first.setdefault(id(t), name)
             self.tensors.setdefault(self.alias[name], t)
 
