@@ -61,8 +61,10 @@ def flops(model: nn.Module, x: torch.Tensor) -> int:
 class _Traffic(TorchDispatchMode):
     """Bytes read and written by convolutions and matrix products."""
 
-    OPS = {torch.ops.aten.convolution.default, torch.ops.aten.addmm.default, torch.ops.aten.mm.default,
-           torch.ops.aten.bmm.default}
+    # NB: under inference_mode the mode sees composite ops (conv2d, linear) undecomposed; inside
+    # __torch_dispatch__ the mode is off, so nothing is counted twice
+    OPS = {getattr(torch.ops.aten, n).default for n in ("conv1d", "conv2d", "conv3d", "convolution", "linear",
+                                                         "addmm", "mm", "bmm", "matmul")}
 
     def __init__(self):
         super().__init__()

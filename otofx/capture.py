@@ -9,6 +9,9 @@ Internals:
     * The model is never mutated: tracing only reads it, and the GraphModule shares the model's
       submodules (``# NB:`` rewrites must deep-copy before touching them).
     * example inputs normalise to ``(args, kwargs)``; a dict means keyword tensors.
+    * ``LeafTracer`` trims fx's per-call bookkeeping that no pass reads (module scopes and the
+      ``nn_module_stack`` meta) and finds parameter attributes by a dict lookup: tracing is
+      about half of fx's default cost on a MobileNet.
 """
 from __future__ import annotations
 

@@ -6,6 +6,10 @@ costs only dispatch. Nothing of the model is mutated: submodules run through
 BatchNorm in train mode updates a meta buffer, never the real one.
 
 Internals:
+    Common ops skip torch's meta kernels, whose Python decompositions cost milliseconds a call:
+    Conv and Linear shapes by formula, broadcasting arithmetic, adaptive pooling, and ops that
+    keep their input's shape (activations, norms). Each fast path gives the layout torch would
+    (strides matter to later views) or falls back to running the op.
     Values that are not tensors (sizes, tuples) are stored as they are. A node whose meta run
     fails is re-run on real tensors built from the example inputs only when ``real_fallback`` is
     given; otherwise a ShapePropError names the node.

@@ -121,6 +121,26 @@ def test_lint_failure_raises_pipeline_error_naming_the_pass(zeroed):
         P.Pipeline([dangling_module]).run(fx.symbolic_trace(model), x)
 
 
+def test_analysis_pass_that_changes_the_graph_is_caught(zeroed):
+    """A pass marked ``analysis = True`` is not linted, but it must leave the graph as it was."""
+    model, x = zeroed
+
+    def sneaky(state):
+        gm = state.gm
+        out = next(n for n in gm.graph.nodes if n.op == "output")
+        with gm.graph.inserting_before(out):
+            gm.graph.call_function(torch.relu, (out.args[0],))  # a dead extra node
+        return state
+
+    sneaky.analysis = True
+    with pytest.raises(P.PipelineError, match="pass 'sneaky' is marked analysis = True but changed the graph"):
+        P.Pipeline([sneaky]).run(fx.symbolic_trace(model), x)
+    for p in (P.propagate_shapes, P.find_zigs, P.report_pins, P.plan_zero_rows):
+        assert P._is_analysis(p)
+    state = P.analysis().run(model, x)  # the built-in analysis passes keep their graph
+    assert [r.changed for r in state.records] == [True, False, False]
+
+
 def test_pass_must_return_a_state_or_graph(zeroed):
     model, x = zeroed
 
