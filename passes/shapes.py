@@ -82,7 +82,6 @@ class MetaProp(fx.Interpreter):
     def __init__(self, gm: fx.GraphModule):
         super().__init__(gm, garbage_collect_values=False)
         self._tensor_cache: dict[str, torch.Tensor] = {}
-        self._modules = dict(gm.named_modules())
 
     def run_node(self, n: fx.Node) -> Any:
         try:
@@ -90,7 +89,7 @@ class MetaProp(fx.Interpreter):
                 out = None
                 if n.op in ("call_module", "call_function", "call_method") and n.args and \
                         isinstance(n.args[0], fx.Node) and isinstance(self.env[n.args[0]], torch.Tensor):
-                    rule = _keeps_shape(n, self._modules)
+                    rule = _keeps_shape(n, self.submodules)  # fx.Interpreter's name -> module dict
                     if rule is not None and self.env[n.args[0]].device.type == "meta":
                         out = _same_shape_out(rule, self.env[n.args[0]])
                 if out is None:
