@@ -177,7 +177,7 @@ def _fast_binary(target, args, kwargs):
         return None
     a, b = args
     tensors = [t for t in (a, b) if isinstance(t, torch.Tensor)]
-    if not tensors or not all(isinstance(t, torch.Tensor) and t.device.type == "meta" for t in tensors) or \
+    if not tensors or not all(t.device.type == "meta" and t.dtype != torch.bool for t in tensors) or \
             not all(isinstance(t, (torch.Tensor, int, float)) and not isinstance(t, bool) for t in (a, b)):
         return None
     if target in (operator.truediv, torch.div) and not all(t.is_floating_point() for t in tensors):
