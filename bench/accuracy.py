@@ -3,7 +3,7 @@
 The model, data and training loop are the demo's (``otofx.demo``: ``DigitsNet(32, 32, 64, 64)``,
 digits upsampled to 16x16, fixed stratified 1437/360 split, batch 64, SGD momentum 0.9, weight decay
 1e-4, lr 0.1 constant then cosine to 0 over the last half of each run). One budget ``B = --epochs``
-epochs of optimizer steps (20 x 22 = 440 by default); for every seed and every target group sparsity:
+epochs of optimizer steps (30 x 22 = 660 by default); for every seed and every target group sparsity:
 
 * ``dense``: plain SGD for B epochs (the reference; one per seed).
 * ``DHSPG``: ``oto.dhspg`` (the demo's hyper-parameters) for B epochs from the same initialisation,
@@ -18,16 +18,20 @@ epochs of optimizer steps (20 x 22 = 440 by default); for every seed and every t
 * ``HESSO``: ``oto.hesso`` for B epochs (plain training for ``--hesso-start-epochs``, then rows
   driven to zero in ``--pruning-periods`` periods until the lr starts to decay), then
   ``oto.compress()``. Its widths are its own, so its FLOPs differ.
+* ``scratch`` (with ``--scratch``): a fresh ``DigitsNet`` with the widths of DHSPG's compressed model,
+  initialised from the seed and trained by plain SGD for B epochs: what those widths reach without
+  inheriting anything from the wide model (same FLOPs as DHSPG).
 
 Reported per (target, method): test accuracy mean ± sample std over seeds, the change vs the dense
 model of the same seed (mean ± std, and the worst seed), FLOPs and parameter ratios vs dense
 (FlopCounterMode, one 1x1x16x16 image), and the group sparsity reached. Every compressed model is
 verified by ``compress()`` against its full model.
 
-Run (about 20 min on the shared 2-core container with the defaults: 3 seeds, targets 0.5 and 0.7)::
+Run (about 30 min on the shared 2-core container with the defaults: 3 seeds, targets 0.5 and 0.7;
+``--scratch`` adds about a tenth)::
 
-    /work/venv/bin/python bench/accuracy.py
-    /work/venv/bin/python bench/accuracy.py --seeds 0 --targets 0.7 --epochs 10    # quick look
+    /work/venv/bin/python bench/accuracy.py --scratch
+    /work/venv/bin/python bench/accuracy.py --seeds 0 --targets 0.7 --no-hesso     # quick look (DHSPG, L1)
 
 Internals:
     * Seeds change the model initialisation and the batch order, not the train/test split.
@@ -77,6 +81,11 @@ def zero_rows(oto, model, rows_per_group) -> None:
                 params[name].movedim(dim, 0)[index[rows].reshape(-1)] = 0
 
 
+def conv_widths(model) -> tuple:
+    """Output channels of the model's convolutions, in module order (DigitsNet's block widths)."""
+    return tuple(m.out_channels for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+
+
 def zero_counts(oto, model) -> list[int]:
     from otofx.passes.prune import row_norms
 
@@ -89,7 +98,8 @@ class Runner:
         self.data = load_digits_split(16)
         self.cfg = DemoConfig(epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay,
                               epsilon=args.epsilon, lmbda=args.lmbda, decay_from=args.decay_from,
-                              start_pruning_epochs=args.start_epochs, warm_up_epochs=args.warm_up_epochs)
+                              start_pruning_epochs=args.start_epochs, warm_up_epochs=args.warm_up_epochs,
+                              tolerance_group_sparsity=args.tolerance)
         self.n = len(self.data.y_train)
         self.spe = self.cfg.steps_per_epoch(self.n)
         self.x1 = self.data.x_test[:1]
@@ -110,7 +120,7 @@ class Runner:
 
     def measure(self, model, ref=None, sparsity=None) -> dict:
         out = {"acc": evaluate(model, self.data.x_test, self.data.y_test), "flops": count_flops(model, self.x1),
-               "params": nparams(model), "sparsity": sparsity}
+               "params": nparams(model), "sparsity": sparsity, "widths": conv_widths(model)}
         if ref is not None:
             out["flops"] /= ref["flops"]
             out["params"] /= ref["params"]
@@ -143,6 +153,13 @@ class Runner:
             sp = group_sparsity(oto, model)
             small = oto.compress().eval()
             out.append({"seed": seed, "target": target, "method": "DHSPG", **self.measure(small, ref, sp)})
+            if a.scratch:
+                widths = conv_widths(small)
+                torch.manual_seed(seed)
+                fresh = DigitsNet(widths)
+                torch.manual_seed(seed)
+                self._train(fresh, self.sgd(fresh), a.epochs, seed, f"scratch {widths} s{seed}")
+                out.append({"seed": seed, "target": target, "method": "scratch", **self.measure(fresh, ref, None)})
 
             # conventional: L1 rows of the pre-trained model, DHSPG's per-group counts, compress, fine-tune
             conv = copy.deepcopy(pre)
@@ -216,17 +233,22 @@ def verdicts(rows: list[dict], targets) -> list[str]:
     out = []
     for t in targets:
         by = {m: {r["seed"]: r for r in rows if r["target"] == t and r["method"] == m}
-              for m in ("DHSPG", "L1 + fine-tune", "HESSO")}
+              for m in ("DHSPG", "L1 + fine-tune", "HESSO", "scratch")}
         d = by["DHSPG"]
         gaps = [100 * (d[s]["acc"] - dense[s]) for s in d]
         vs_l1 = [100 * (d[s]["acc"] - by["L1 + fine-tune"][s]["acc"]) for s in d if s in by["L1 + fine-tune"]]
+        vs_scratch = [100 * (d[s]["acc"] - by["scratch"][s]["acc"]) for s in d if s in by["scratch"]]
+        reached = [d[s]["sparsity"] >= t - 1e-9 for s in d]
         flops = statistics.mean(r["flops"] for r in d.values())
         line = (f"target {t}: DHSPG vs dense {statistics.mean(gaps):+.2f} points on average, worst seed "
                 f"{min(gaps):+.2f} -> {'within' if min(gaps) >= -1.0 else 'NOT within'} 1 point on every seed; "
-                f"FLOPs x{flops:.3f}")
+                f"FLOPs x{flops:.3f}; target sparsity reached on {sum(reached)} of {len(reached)} seeds")
         if vs_l1:
             line += (f"; DHSPG - (L1 + fine-tune) at equal FLOPs: {statistics.mean(vs_l1):+.2f} points on average "
                      f"(per seed {', '.join(f'{v:+.2f}' for v in vs_l1)})")
+        if vs_scratch:
+            line += (f"; DHSPG - scratch at DHSPG's widths: {statistics.mean(vs_scratch):+.2f} points on average "
+                     f"(per seed {', '.join(f'{v:+.2f}' for v in vs_scratch)})")
         out.append(line)
     return out
 
@@ -253,6 +275,8 @@ def main() -> None:
     ap.add_argument("--lmbda", type=float, default=DemoConfig.lmbda, help="DHSPG (default: the demo's)")
     ap.add_argument("--start-epochs", type=float, default=DemoConfig.start_pruning_epochs, help="DHSPG")
     ap.add_argument("--warm-up-epochs", type=float, default=DemoConfig.warm_up_epochs, help="DHSPG")
+    ap.add_argument("--tolerance", type=float, default=DemoConfig.tolerance_group_sparsity,
+                    help="DHSPG tolerance_group_sparsity (default: the demo's, else the optimizer's)")
     ap.add_argument("--hesso-start-epochs", type=float, default=1.0, help="HESSO: plain training before pruning")
     ap.add_argument("--pruning-epochs", type=float, default=None,
                     help="HESSO (default: from --hesso-start-epochs until the lr starts to decay)")
@@ -260,6 +284,8 @@ def main() -> None:
     ap.add_argument("--finetune-fraction", type=float, default=0.4, help="conventional pipeline's fine-tuning share")
     ap.add_argument("--finetune-lr", type=float, default=0.05, help="conventional pipeline's fine-tuning lr")
     ap.add_argument("--no-hesso", action="store_true")
+    ap.add_argument("--scratch", action="store_true",
+                    help="also train DHSPG's widths from scratch (plain SGD, B epochs)")
     ap.add_argument("--format", default="github", help="tabulate table format")
     ap.add_argument("-v", "--verbose", action="store_true", help="per-epoch progress")
     args = ap.parse_args()
@@ -295,9 +321,10 @@ def main() -> None:
     dense = {r["seed"]: r["acc"] for r in rows if r["method"] == "dense"}
     per_seed = [[r["seed"], "-" if r["target"] is None else r["target"], r["method"], f"{100 * r['acc']:.2f}",
                  f"{100 * (r['acc'] - dense[r['seed']]):+.2f}", f"{r['flops']:.3f}",
-                 "" if r["sparsity"] is None else f"{r['sparsity']:.3f}"] for r in rows]
+                 "" if r["sparsity"] is None else f"{r['sparsity']:.3f}",
+                 "-".join(map(str, r["widths"]))] for r in rows]
     print(tabulate(per_seed, headers=["seed", "target", "method", "test acc %", "vs dense", "FLOPs ratio",
-                                      "group sparsity"], tablefmt=args.format, disable_numparse=True))
+                                      "group sparsity", "widths"], tablefmt=args.format, disable_numparse=True))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """Analysis time: otofx.OTO(model, x) vs torch-pruning and only-train-once, and how otofx scales.
 
-Table 1, at 1x3x224x224 with torch's default thread count (printed), median of ``--repeats`` runs
-after one warm-up of each of:
+Table 1, at 1x3x224x224 with torch's default thread count (printed), median of ``--repeats`` rounds
+after one warm-up round; a round runs each of these once, in this order (interleaved, so that a
+stall of a shared machine falls on every tool alike):
 
 * ``otofx.OTO(model, x)`` (capture + propagate_shapes + find_zigs: the groups are ready to use),
   and each of those phases timed on its own;
@@ -33,7 +34,7 @@ from tabulate import tabulate
 from torch import nn
 
 import otofx
-from _common import build, machine, median_of, model_arg, wall
+from _common import build, machine, model_arg, wall
 from _peers import oto_build, tp_groups
 from otofx.capture import capture
 from otofx.passes import find_zigs, propagate_shapes
@@ -42,38 +43,48 @@ MODELS = ["resnet50", "densenet121", "convnext_tiny", "mobilenet_v3_large"]
 PHASES = ("capture", "shapes", "zigs")
 
 
+def phase_sample(model: nn.Module, x: torch.Tensor) -> dict[str, float]:
+    """Seconds of each otofx analysis phase, run back to back as ``OTO.__init__`` does."""
+    t = {}
+    t0 = time.perf_counter()
+    cap = capture(model, x)
+    t["capture"] = (t1 := time.perf_counter()) - t0
+    propagate_shapes(cap.gm, cap.args, cap.kwargs)
+    t["shapes"] = (t2 := time.perf_counter()) - t1
+    find_zigs(cap.gm)
+    t["zigs"] = time.perf_counter() - t2
+    return t
+
+
 def phase_times(model: nn.Module, x: torch.Tensor, repeats: int, warmup: int = 1) -> dict[str, float]:
-    """Median seconds of each otofx analysis phase, run back to back as ``OTO.__init__`` does."""
-    samples: dict[str, list[float]] = {p: [] for p in PHASES}
-    for i in range(warmup + repeats):
-        t = {}
-        t0 = time.perf_counter()
-        cap = capture(model, x)
-        t["capture"] = (t1 := time.perf_counter()) - t0
-        propagate_shapes(cap.gm, cap.args, cap.kwargs)
-        t["shapes"] = (t2 := time.perf_counter()) - t1
-        find_zigs(cap.gm)
-        t["zigs"] = time.perf_counter() - t2
-        if i >= warmup:
-            for p in PHASES:
-                samples[p].append(t[p])
-    return {p: statistics.median(v) for p, v in samples.items()}
+    """Median seconds of each otofx analysis phase over ``repeats`` runs after ``warmup``."""
+    samples = [phase_sample(model, x) for _ in range(warmup + repeats)][warmup:]
+    return {p: statistics.median(s[p] for s in samples) for p in PHASES}
 
 
 def peer_table(names: list[str], side: int, repeats: int) -> list[dict]:
     rows = []
     for name in names:
         model, x = build(name), torch.randn(1, 3, side, side)
-        ours = median_of(wall(lambda: otofx.OTO(model, x)), repeats)
-        ph = phase_times(model, x, repeats)
-        tp = [tp_groups(model, x) for _ in range(repeats + 1)][1:]
-        tp_build = statistics.median(t.build_seconds for t in tp)
-        tp_search = statistics.median(t.search_seconds for t in tp)
-        oto = median_of(lambda: oto_build(model, x).seconds, repeats)
-        rows.append({"model": name, "otofx s": ours, **{f"{p} s": ph[p] for p in PHASES},
-                     "TP build s": tp_build, "TP groups s": tp_search, "OTO s": oto,
-                     "otofx/TP build": ours / tp_build, "otofx/TP all": ours / (tp_build + tp_search),
-                     "OTO/otofx": oto / ours})
+        # NB: interleaved rounds (otofx, its phases, torch-pruning, only-train-once), the first a
+        # warm-up: a stall of the machine falls on every tool of a round alike
+        s: dict[str, list] = {k: [] for k in ("otofx", *PHASES, "tp build", "tp search", "oto")}
+        for i in range(repeats + 1):
+            ours = wall(lambda: otofx.OTO(model, x))()
+            ph = phase_sample(model, x)
+            tp = tp_groups(model, x)
+            oto = oto_build(model, x).seconds
+            if i == 0:
+                continue
+            for k, v in (("otofx", ours), *ph.items(), ("tp build", tp.build_seconds),
+                         ("tp search", tp.search_seconds), ("oto", oto)):
+                s[k].append(v)
+        m = {k: statistics.median(v) for k, v in s.items()}
+        rows.append({"model": name, "otofx s": m["otofx"], **{f"{p} s": m[p] for p in PHASES},
+                     "TP build s": m["tp build"], "TP groups s": m["tp search"], "OTO s": m["oto"],
+                     "otofx/TP build": m["otofx"] / m["tp build"],
+                     "otofx/TP all": m["otofx"] / (m["tp build"] + m["tp search"]),
+                     "OTO/otofx": m["oto"] / m["otofx"]})
         print(f"  {name} done", flush=True)
     return rows
 
