@@ -59,6 +59,20 @@ class LeafTracer(fx.Tracer):
             return True
         return super().is_leaf_module(m, qualname)
 
+    def create_arg(self, a):
+        # NB: the commonest arguments (a traced value, a plain number) skip fx's checks for
+        # parameters, modules and tensor constants; the result is the one fx would give
+        t = type(a)
+        if t is fx.Proxy:
+            return a.node
+        if t is int or t is float or t is bool or t is str or a is None:
+            return a
+        if t is tuple:  # a plain tuple (a NamedTuple's type is its own class)
+            return tuple([self.create_arg(e) for e in a])
+        if t is list:
+            return [self.create_arg(e) for e in a]
+        return super().create_arg(a)
+
     def call_module(self, m: torch.nn.Module, forward, args, kwargs):
         """A leaf becomes one ``call_module`` node; anything else is traced through.
 
@@ -110,10 +124,19 @@ def _autowrap_functions() -> tuple:
 
 def trace(model: torch.nn.Module) -> fx.GraphModule:
     tracer = LeafTracer(autowrap_functions=_autowrap_functions())
-    graph = tracer.trace(model)
-    # NB: a lazy GraphModule generates its Python code on first call, not now: analysis never runs
-    # the traced graph, and codegen is about a third of the capture time
-    return _LazyGraphModule(tracer.root, graph, type(model).__name__)
+    # NB: fx stores a tensor constant that is not a parameter or buffer (maxvit's relative position
+    # index, a plain tensor attribute) as a new ``_tensor_constantN`` attribute *of the traced
+    # model*; the GraphModule takes its own reference, and the model gets its attributes back
+    before = set(model.__dict__)
+    try:
+        graph = tracer.trace(model)
+        # a lazy GraphModule generates its Python code on first call, not now: analysis never runs
+        # the traced graph, and codegen is about a third of the capture time
+        return _LazyGraphModule(tracer.root, graph, type(model).__name__)
+    finally:
+        for k in set(model.__dict__) - before:
+            if k.startswith(("_tensor_constant", "_torchbind_obj")):
+                delattr(model, k)
 
 
 @contextmanager

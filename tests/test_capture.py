@@ -127,3 +127,30 @@ def test_keyword_inputs():
     zero_random_rows(oto.model, oto, seed=0, fraction=0.5)
     small = oto.compress()
     torch.testing.assert_close(small(**x), m(**x))
+
+
+def test_tensor_constants_do_not_land_on_the_model():
+    """fx stores a tensor made in forward without traced inputs (maxvit's relative position
+    index) as ``_tensor_constantN`` on the traced module; capture must leave the user's model as it
+    was (attributes included)."""
+
+    class Indexed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 1)
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, x):
+            order = torch.tensor([3, 1, 2, 0]) + 4  # a constant to the tracer
+            return self.fc(self.conv(x).mean((2, 3))[:, order])
+
+    model, x = randomize(Indexed().eval()), torch.randn(2, 3, 5, 5)
+    attrs = set(vars(model))
+    oto = otofx.OTO(model, x)
+    assert set(vars(model)) == attrs
+    assert any(n.op == "get_attr" and n.target.startswith("_tensor_constant") for n in oto.graph_module.graph.nodes)
+    small = oto.compress()
+    assert set(vars(model)) == attrs
+    torch.testing.assert_close(small(x), model(x))
+    otofx.OTO(model, x)  # a second capture finds the same names free
+    assert set(vars(model)) == attrs
