@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 import otofx
 from otofx.capture import LeafTracer
-from otofx.passes.shapes import _conv_shape, _fast_binary, propagate_shapes
+from otofx.passes.shapes import _conv_shape, _fast_binary, _fast_inplace, propagate_shapes
 from otofx.capture import capture
 
 
@@ -63,13 +63,15 @@ def test_fast_binary_takes_the_common_layouts():
 
 
 @given(st.integers(1, 3), st.sampled_from([0, 1, 2, "same", "valid"]), st.integers(1, 3), st.integers(1, 2),
-       st.integers(1, 3), st.booleans(), st.lists(st.integers(1, 9), min_size=3, max_size=3))
-def test_conv_shape_matches_meta_kernel(k, padding, stride, dilation, kernel, depthwise, sizes):
+       st.integers(1, 3), st.booleans(), st.lists(st.integers(1, 9), min_size=3, max_size=3), st.booleans())
+def test_conv_shape_matches_meta_kernel(k, padding, stride, dilation, kernel, depthwise, sizes, channels_last):
     conv = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[k - 1]
     stride = 1 if padding == "same" else stride
     m = conv(4, 4 if depthwise else 6, kernel, stride=stride, padding=padding, dilation=dilation,
              groups=4 if depthwise else 1).to("meta")
     x = torch.empty(2, 4, *sizes[:k], device="meta")
+    if k == 2 and channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
     shape = _conv_shape(m, x)
     try:
         ref = m(x)
@@ -78,6 +80,22 @@ def test_conv_shape_matches_meta_kernel(k, padding, stride, dilation, kernel, de
         return
     if shape is not None:
         assert tuple(ref.shape) == shape and ref.is_contiguous()
+
+
+@given(st.sampled_from([operator.iadd, operator.isub, operator.imul, operator.itruediv]),
+       st.sampled_from([torch.float32, torch.int64]), st.sampled_from([torch.float32, torch.int64]),
+       st.sampled_from([(2, 3), (3,), (1, 3), (2, 1), ()]), st.booleans())
+def test_fast_inplace_matches_torch(op, da, db, bshape, scalar):
+    a = torch.empty(2, 3, dtype=da, device="meta").t().contiguous().t()  # a non-contiguous target
+    b = (2 if da == torch.int64 else 1.5) if scalar else torch.empty(bshape, dtype=db, device="meta")
+    fast = _fast_inplace(op, (a, b), {})
+    try:
+        ref = op(a.clone(), b)
+    except RuntimeError:
+        assert fast is None
+        return
+    if fast is not None:
+        assert fast is a and ref.shape == a.shape and ref.dtype == a.dtype
 
 
 def test_layer_scale_parameter_is_one_get_attr():
