@@ -27,8 +27,8 @@ model of the same seed (mean ± std, and the worst seed), FLOPs and parameter ra
 (FlopCounterMode, one 1x1x16x16 image), and the group sparsity reached. Every compressed model is
 verified by ``compress()`` against its full model.
 
-Run (about 30 min on the shared 2-core container with the defaults: 3 seeds, targets 0.5 and 0.7;
-``--scratch`` adds about a tenth)::
+Run (11 min with ``--scratch`` on the shared 2-core container, 3 seeds and targets 0.5 and 0.7 by
+default; longer when other jobs load the machine)::
 
     /work/venv/bin/python bench/accuracy.py --scratch
     /work/venv/bin/python bench/accuracy.py --seeds 0 --targets 0.7 --no-hesso     # quick look (DHSPG, L1)
