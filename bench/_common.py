@@ -16,6 +16,7 @@ from typing import Callable
 import torch
 import torchvision
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from _peers import randomise_norms  # noqa: F401  (re-exported: one definition for every script)
 
@@ -62,6 +63,14 @@ def zero_half_rows(model: nn.Module, groups, seed: int = 0) -> int:
 
 def nparams(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def flops(model: nn.Module, x: torch.Tensor) -> int:
+    """FLOPs of one ``model(x)`` under ``inference_mode`` (FlopCounterMode: multiply-add = 2)."""
+    counter = FlopCounterMode(display=False)
+    with torch.inference_mode(), counter:
+        model(x)
+    return counter.get_total_flops()
 
 
 def wall(fn: Callable[[], object]) -> Callable[[], float]:

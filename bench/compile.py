@@ -42,20 +42,12 @@ from tabulate import tabulate
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
-from torch.utils.flop_counter import FlopCounterMode
 
 import otofx
 import otofx.backend as otofx_backend
-from _common import build, machine, model_arg, randomise_norms, timing_args, zero_half_rows
+from _common import build, flops, machine, model_arg, randomise_norms, timing_args, zero_half_rows
 
 MODELS = ["resnet50", "mobilenet_v2"]
-
-
-def flops(model: nn.Module, x: torch.Tensor) -> int:
-    counter = FlopCounterMode(display=False)
-    with torch.inference_mode(), counter:
-        model(x)
-    return counter.get_total_flops()
 
 
 class _Traffic(TorchDispatchMode):

@@ -24,20 +24,13 @@ import argparse
 import torch
 from tabulate import tabulate
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
 import otofx
-from _common import build, machine, median_of, model_arg, nparams, timing_args, randomise_norms, wall, zero_half_rows
+from _common import (build, flops, machine, median_of, model_arg, nparams, timing_args, randomise_norms, wall,
+                     zero_half_rows)
 from _peers import tp_prune
 
 MODELS = ["resnet50", "mobilenet_v2"]
-
-
-def flops(model: nn.Module, x: torch.Tensor) -> int:
-    counter = FlopCounterMode(display=False)
-    with torch.inference_mode(), counter:
-        model(x)
-    return counter.get_total_flops()
 
 
 def latency_ms(model: nn.Module, x: torch.Tensor, runs: int, warmup: int) -> float:

@@ -124,9 +124,10 @@ def _autowrap_functions() -> tuple:
 
 def trace(model: torch.nn.Module) -> fx.GraphModule:
     tracer = LeafTracer(autowrap_functions=_autowrap_functions())
-    # NB: fx stores a tensor constant that is not a parameter or buffer (maxvit's relative position
-    # index, a plain tensor attribute) as a new ``_tensor_constantN`` attribute *of the traced
-    # model*; the GraphModule takes its own reference, and the model gets its attributes back
+    # NB: fx stores a tensor that is neither a parameter, a buffer nor a tensor attribute (one
+    # made in forward from no traced input: maxvit_t has 24) as a new ``_tensor_constantN``
+    # attribute *of the traced model*; the GraphModule takes its own reference, and the model
+    # gets its attributes back
     before = set(model.__dict__)
     try:
         graph = tracer.trace(model)

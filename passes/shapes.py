@@ -87,11 +87,12 @@ class MetaProp(fx.Interpreter):
         try:
             with torch.no_grad():
                 out = None
-                if n.op in ("call_module", "call_function", "call_method") and n.args and \
-                        isinstance(n.args[0], fx.Node) and isinstance(self.env[n.args[0]], torch.Tensor):
+                x = self.env[n.args[0]] if n.args and isinstance(n.args[0], fx.Node) else None
+                if n.op in ("call_module", "call_function", "call_method") and \
+                        isinstance(x, torch.Tensor) and x.device.type == "meta":
                     rule = _keeps_shape(n, self.submodules)  # fx.Interpreter's name -> module dict
-                    if rule is not None and self.env[n.args[0]].device.type == "meta":
-                        out = _same_shape_out(rule, self.env[n.args[0]])
+                    if rule is not None:
+                        out = _same_shape_out(rule, x)
                 if out is None:
                     out = super().run_node(n)
         except OTOError:
@@ -183,6 +184,16 @@ def _undeciding(t: torch.Tensor, shape: torch.Size) -> bool:
     return sum(1 for d, s in enumerate(t.shape) if s != 1 and shape[k + d] != 1) <= 1
 
 
+def _meta_operands(a, b) -> list | None:
+    """The tensor operands of ``a (op) b`` when each operand is a non-bool meta tensor or a Python
+    int/float (not a bool), else None (torch then decides, and raises its own errors)."""
+    tensors = [t for t in (a, b) if isinstance(t, torch.Tensor)]
+    if not all(t.device.type == "meta" and t.dtype != torch.bool for t in tensors) or \
+            not all(isinstance(t, (torch.Tensor, int, float)) and not isinstance(t, bool) for t in (a, b)):
+        return None
+    return tensors
+
+
 def _fast_binary(target, args, kwargs):
     """``a + b`` (and -, *, /) on meta tensors or Python numbers, without Python decompositions.
 
@@ -194,9 +205,8 @@ def _fast_binary(target, args, kwargs):
     if target not in _BINARY or kwargs or len(args) != 2:
         return None
     a, b = args
-    tensors = [t for t in (a, b) if isinstance(t, torch.Tensor)]
-    if not tensors or not all(t.device.type == "meta" and t.dtype != torch.bool for t in tensors) or \
-            not all(isinstance(t, (torch.Tensor, int, float)) and not isinstance(t, bool) for t in (a, b)):
+    tensors = _meta_operands(a, b)
+    if not tensors:
         return None
     if target in (operator.truediv, torch.div) and not all(t.is_floating_point() for t in tensors):
         return None  # integer division promotes: leave it to torch
@@ -223,12 +233,9 @@ def _fast_inplace(target, args, kwargs):
     if target not in _INPLACE or kwargs or len(args) != 2:
         return None
     a, b = args
-    if not isinstance(a, torch.Tensor) or a.device.type != "meta" or a.dtype == torch.bool:
+    if not isinstance(a, torch.Tensor) or _meta_operands(a, b) is None:
         return None
-    if isinstance(b, torch.Tensor):
-        if b.device.type != "meta" or b.dtype == torch.bool or _broadcast(a.shape, b.shape) != tuple(a.shape):
-            return None
-    elif not isinstance(b, (int, float)) or isinstance(b, bool):
+    if isinstance(b, torch.Tensor) and _broadcast(a.shape, b.shape) != tuple(a.shape):
         return None
     if target is operator.itruediv and not a.is_floating_point():
         return None
@@ -264,7 +271,7 @@ def _fast_module_call(interp: "MetaProp", target: str, mod, args, kwargs):
 
 
 def _conv_shape(mod, x: torch.Tensor) -> tuple | None:
-    """Output shape of a Conv{1,2,3}d on a contiguous meta input of the right rank and channels, else None."""
+    """Output shape of a Conv{1,2,3}d on a meta input of the right rank and channels, else None."""
     k = len(mod.kernel_size)
     # NB: torch's meta kernel returns a contiguous result for any input layout (channels_last
     # included), so the formula's contiguous result is what running it would give
