@@ -73,6 +73,20 @@ class LeafTracer(fx.Tracer):
             return [self.create_arg(e) for e in a]
         return super().create_arg(a)
 
+    def create_node(self, kind, target, args, kwargs, name=None, type_expr=None):
+        """fx's ``create_node``, with the arguments attached after the node is made.
+
+        # NB: torch 2.14's ``Graph.create_node`` walks every argument with pytree looking for raw
+        # SymInts (a quarter of the tracing time on a MobileNet); symbolic tracing never makes
+        # them. Setting ``node.args``/``node.kwargs`` does the same use-def bookkeeping.
+        """
+        node = super().create_node(kind, target, (), {}, name, type_expr)
+        if args:
+            node.args = args
+        if kwargs:
+            node.kwargs = kwargs
+        return node
+
     def call_module(self, m: torch.nn.Module, forward, args, kwargs):
         """A leaf becomes one ``call_module`` node; anything else is traced through.
 
@@ -122,6 +136,58 @@ def _autowrap_functions() -> tuple:
     return tuple(out)
 
 
+def graph_module(root: torch.nn.Module, graph: fx.Graph, class_name: str) -> fx.GraphModule:
+    """``GraphModule(root, graph)``, with fx's module hierarchy built by dict operations.
+
+    The result is the one fx builds: fresh ``nn.Module``s on the paths to the targets, the
+    targets themselves shared with ``root``, a plain tensor target as a buffer (persistent unless
+    it is a non-persistent buffer of its module), anything else as an attribute.
+
+    # NB: fx's ``_copy_attr`` goes through ``Module.__getattr__``/``__setattr__`` for every
+    # path step of every target (about 4 ms of a MobileNet's capture). It is lazy: the Python
+    # code is generated on the first call, not now (analysis never runs the traced graph).
+    """
+    targets = [n.target for n in graph.nodes if n.op in ("get_attr", "call_module")]
+    gm = _LazyGraphModule(root, fx.Graph(), class_name)
+    tops = {t.partition(".")[0] for t in targets}
+    if any(k in gm.__dict__ or hasattr(type(gm), k) for k in tops):  # a name GraphModule uses itself
+        return _LazyGraphModule(root, graph, class_name)
+    for target in targets:
+        *prefix, field = target.split(".")
+        src, dst = root, gm
+        for item in prefix:
+            f = src._modules.get(item) if item in src._modules else getattr(src, item)
+            t = dst._modules.get(item)
+            if t is f:  # a parent already installed: the rest of the path comes with it
+                break
+            if t is None:
+                t = dst._modules[item] = torch.nn.Module()
+            src, dst = f, t
+        else:
+            for table in (src._modules, src._parameters, src._buffers):
+                if field in table:
+                    orig = table[field]
+                    break
+            else:
+                orig = getattr(src, field)
+            if isinstance(orig, torch.nn.Parameter):
+                dst._parameters[field] = orig
+            elif isinstance(orig, torch.Tensor):
+                dst._buffers[field] = orig
+                if field in src._non_persistent_buffers_set:
+                    dst._non_persistent_buffers_set.add(field)
+            elif isinstance(orig, torch.nn.Module):
+                dst._modules[field] = orig
+            else:
+                setattr(dst, field, orig)
+    gm.graph = graph
+    if graph._tracer_cls is not None and "<locals>" not in graph._tracer_cls.__qualname__:
+        gm._tracer_cls = graph._tracer_cls
+    if graph._tracer_extras:
+        gm._tracer_extras = graph._tracer_extras
+    return gm
+
+
 def trace(model: torch.nn.Module) -> fx.GraphModule:
     tracer = LeafTracer(autowrap_functions=_autowrap_functions())
     # NB: fx stores a tensor that is neither a parameter, a buffer nor a tensor attribute (one
@@ -131,9 +197,7 @@ def trace(model: torch.nn.Module) -> fx.GraphModule:
     before = set(model.__dict__)
     try:
         graph = tracer.trace(model)
-        # a lazy GraphModule generates its Python code on first call, not now: analysis never runs
-        # the traced graph, and codegen is about a third of the capture time
-        return _LazyGraphModule(tracer.root, graph, type(model).__name__)
+        return graph_module(tracer.root, graph, type(model).__name__)
     finally:
         for k in set(model.__dict__) - before:
             if k.startswith(("_tensor_constant", "_torchbind_obj")):

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -60,9 +60,12 @@ class SymSize:
     ids: tuple = ()
 
 
-@dataclass(frozen=True)
-class Owner:
-    """Axis ``dim`` of parameter/buffer ``name`` has one channel id per index: ``ids``."""
+class Owner(NamedTuple):
+    """Axis ``dim`` of parameter/buffer ``name`` has one channel id per index: ``ids``.
+
+    # NB: a NamedTuple, not a frozen dataclass: one is made per parameter axis, and a frozen
+    # dataclass's __init__ costs several times more
+    """
 
     name: str
     dim: int
@@ -97,6 +100,14 @@ def false_mask(n: int) -> np.ndarray:
     return a
 
 
+@functools.lru_cache(maxsize=4096)
+def true_mask(n: int) -> np.ndarray:
+    """All indices zero with their row (a parameter's own axis); shared and read-only like the others."""
+    a = np.ones(n, dtype=bool)
+    a.flags.writeable = False
+    return a
+
+
 @dataclass
 class Ctx:
     """Mutable state of one analysis run (internal to find_zigs)."""
@@ -113,15 +124,22 @@ class Ctx:
     row_axes: dict = field(default_factory=dict)  # reshape node name -> output axes preferred as rows
     extra_labels: dict = field(default_factory=dict)  # "<node>.<what>" -> ids a rule's fix needs later
 
+    modules: dict = field(default_factory=dict)  # every qualified name (aliases too) -> module
+
     def __post_init__(self):
         first: dict[int, str] = {}
-        # NB: one walk over the modules (named_parameters and named_buffers walk them each, through
-        # generators): parameters before buffers, each in named_parameters' order
+        # NB: one walk over the modules, in named_modules' pre-order (named_parameters and
+        # named_buffers walk them each, through nested generators): parameters before buffers,
+        # each in named_parameters' order, so a tensor's first name is the one torch gives it
         params, buffers = [], []
-        for prefix, m in self.root.named_modules(remove_duplicate=False):
+        stack = [("", self.root)]
+        while stack:
+            prefix, m = stack.pop()
+            self.modules[prefix] = m
             dot = prefix + "." if prefix else ""
             params += [(dot + k, t) for k, t in m._parameters.items() if t is not None]
             buffers += [(dot + k, t) for k, t in m._buffers.items() if t is not None]
+            stack += [(dot + k, c) for k, c in reversed(m._modules.items()) if c is not None]
         for name, t in params + buffers:
             self.alias[name] = first.setdefault(id(t), name)
             self.tensors.setdefault(self.alias[name], t)
@@ -162,7 +180,7 @@ class Ctx:
             self.owners.append(Owner(name, d, a, is_param))
             ids.append(a)
             # zeroing a row zeroes its parameters, never a buffer
-            zeros.append(np.ones(n, dtype=bool) if is_param else false_mask(n))
+            zeros.append(true_mask(n) if is_param else false_mask(n))
         lab = Lab(tuple(ids), tuple(zeros))
         self.tensor_labs[name] = lab
         return lab

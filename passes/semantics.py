@@ -27,7 +27,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .channels import OWN, PINNED, Ctx, Lab, SymSize, false_mask, labs_in, pinned_axis
+from .channels import OWN, PINNED, Ctx, Lab, SymSize, false_mask, labs_in, pinned_axis, true_mask
 from .registry import functions, methods, modules, rule, set_arg, arg_slot
 
 aten = torch.ops.aten
@@ -124,7 +124,7 @@ def conv(ctx: Ctx, input, weight, bias=None, groups=1, transposed=False, out=Non
     ctx.param(bias, {0: out_ids})
     keep = {d: d for d in range(cax)}
     lab = _pass(ctx, x, shape, keep, handled=(cax,))
-    return lab.with_axis(cax, out_ids, np.ones(len(out_ids), dtype=bool))
+    return lab.with_axis(cax, out_ids, true_mask(len(out_ids)))
 
 
 def _conv_module(node, m, args, kwargs):
@@ -165,7 +165,7 @@ def linear(ctx: Ctx, input, weight, bias=None, out=None, **_):
     ctx.param(bias, {0: w.ids[0]})
     shape = _out_shape(out)
     lab = _pass(ctx, x, shape, {d: d for d in range(x.ndim - 1)}, handled=(x.ndim - 1,))
-    return lab.with_axis(len(shape) - 1, w.ids[0], np.ones(len(w.ids[0]), dtype=bool))
+    return lab.with_axis(len(shape) - 1, w.ids[0], true_mask(len(w.ids[0])))
 
 
 def _linear_module(node, m, args, kwargs):
@@ -355,7 +355,7 @@ def multihead_attention(ctx: Ctx, query, key, value, module=None, key_padding_ma
         ctx.pin(heads, "a per-head attention mask is given as an input")
     o_shape = _out_shape(out[0])
     lab = _pass(ctx, query, o_shape, {d: d for d in range(query.ndim - 1)}, handled=(query.ndim - 1,))
-    lab = lab.with_axis(len(o_shape) - 1, w_out.ids[0], np.ones(len(w_out.ids[0]), dtype=bool))
+    lab = lab.with_axis(len(o_shape) - 1, w_out.ids[0], true_mask(len(w_out.ids[0])))
     ctx.extra_labels[ctx.node.name + ".heads"] = heads
     weights = None
     if out[1] is not None:
@@ -404,7 +404,7 @@ def embedding(ctx: Ctx, input, weight, out=None, **_):
     weight = ctx.param(weight, {0: PINNED, 1: OWN})
     shape = _out_shape(out)
     lab = _pass(ctx, input, shape, {d: d for d in range(input.ndim)})
-    return lab.with_axis(len(shape) - 1, weight.ids[1], np.ones(len(weight.ids[1]), dtype=bool))
+    return lab.with_axis(len(shape) - 1, weight.ids[1], true_mask(len(weight.ids[1])))
 
 
 modules("embedding", [nn.Embedding],
@@ -431,7 +431,7 @@ def batch_norm(ctx: Ctx, input, weight=None, bias=None, running_mean=None, runni
     c = x.ids[1]
     for p in (weight, bias, running_mean, running_var):
         ctx.param(p, {0: c})
-    z = np.ones(len(c), dtype=bool) if weight is not None else false_mask(len(c))
+    z = true_mask(len(c)) if weight is not None else false_mask(len(c))
     return x.with_axis(1, c, z)
 
 
@@ -471,7 +471,7 @@ def group_norm(ctx: Ctx, input, num_groups, weight=None, bias=None, out=None, **
     ctx.tie(grouped, grouped[:, :1])
     ctx.param(weight, {0: c})
     ctx.param(bias, {0: c})
-    z = np.ones(len(c), dtype=bool) if weight is not None else x.zero[1]
+    z = true_mask(len(c)) if weight is not None else x.zero[1]
     return x.with_axis(1, c, z)
 
 

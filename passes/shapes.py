@@ -83,18 +83,22 @@ class MetaProp(fx.Interpreter):
         super().__init__(gm, garbage_collect_values=False)
         self._tensor_cache: dict[str, torch.Tensor] = {}
 
+    def run(self, *args, **kwargs):
+        # NB: one no_grad for the whole run (entering it per node cost 10% of the pass)
+        with torch.no_grad():
+            return super().run(*args, **kwargs)
+
     def run_node(self, n: fx.Node) -> Any:
         try:
-            with torch.no_grad():
-                out = None
-                x = self.env[n.args[0]] if n.args and isinstance(n.args[0], fx.Node) else None
-                if n.op in ("call_module", "call_function", "call_method") and \
-                        isinstance(x, torch.Tensor) and x.device.type == "meta":
-                    rule = _keeps_shape(n, self.submodules)  # fx.Interpreter's name -> module dict
-                    if rule is not None:
-                        out = _same_shape_out(rule, x)
-                if out is None:
-                    out = super().run_node(n)
+            out = None
+            x = self.env[n.args[0]] if n.args and isinstance(n.args[0], fx.Node) else None
+            if n.op in ("call_module", "call_function", "call_method") and \
+                    isinstance(x, torch.Tensor) and x.device.type == "meta":
+                rule = _keeps_shape(n, self.submodules)  # fx.Interpreter's name -> module dict
+                if rule is not None:
+                    out = _same_shape_out(rule, x)
+            if out is None:
+                out = super().run_node(n)
         except OTOError:
             raise
         except Exception as e:  # noqa: BLE001 - any failure here is reported with its node
@@ -132,7 +136,8 @@ class MetaProp(fx.Interpreter):
         return super().call_function(target, args, kwargs)
 
     def call_module(self, target, args, kwargs):
-        mod = self.fetch_attr(target)
+        # fx.Interpreter's name -> module dict (fetch_attr walks the path with hasattr/getattr)
+        mod = self.submodules[target] if target in self.submodules else self.fetch_attr(target)
         fast = _fast_module_call(self, target, mod, args, kwargs)
         if fast is not None:
             return fast

@@ -124,7 +124,7 @@ def find_zigs(gm: fx.GraphModule, pin: tuple = ()) -> ZigSet:
     ``pin``: module or parameter names whose channels must not be removed.
     """
     ctx = Ctx(gm)
-    mods = dict(gm.named_modules())
+    mods = ctx.modules
     ctx.row_axes = find_head_splits(gm, mods)
     env: dict = {}
     load = lambda a: fx.node.map_arg(a, lambda n: env[n])  # noqa: E731
@@ -250,16 +250,40 @@ def _group(ctx: Ctx, labels: dict, acts: list) -> ZigSet:
     row_of_root[classes[srt]] = np.arange(len(classes)) - np.repeat(zstart, counts)
     # every (zig, owner) segment, rows in order, positions in order inside a row
     z, row = zig_of_root[roots], row_of_root[roots]
-    # NB: (owner, pos) is already in order, so a stable sort on (z, owner, row) keeps pos ascending
-    order = np.argsort((z * len(params) + owner) * (int(counts.max()) + 1) + row, kind="stable")
-    z, owner, pos = z[order], owner[order], pos[order]
-    cut = (np.nonzero((np.diff(z) != 0) | (np.diff(owner) != 0))[0] + 1).tolist()
+    segments, order = _segments(z, owner, row, int(counts.max()) + 1, len(params))
+    if order is not None:
+        pos = pos[order]
     entries: list[list] = [[] for _ in range(len(uniq))]
-    heads = [0] + cut
     rows_of = counts.tolist()
-    # NB: the index tensors are views of one fresh array (disjoint slices), made without a copy each
-    for zi, oi, a, b in zip(z[heads].tolist(), owner[heads].tolist(), heads, cut + [len(z)]):
+    # NB: the index tensors are views of one array (disjoint slices), made without a copy each
+    for zi, oi, sl in segments:
         o = params[oi]
-        entries[zi].append((o.name, o.dim, torch.from_numpy(pos[a:b].reshape(rows_of[zi], -1))))
+        entries[zi].append((o.name, o.dim, torch.from_numpy(pos[sl].reshape(rows_of[zi], -1))))
     zigs = tuple(ZIG(int(counts[i]), tuple(entries[i])) for i in range(len(uniq)))
     return ZigSet(zigs, tuple(ctx.pins), labels, tuple(ctx.owners), uf, zig_of_root, row_of_root)
+
+
+def _segments(z: np.ndarray, owner: np.ndarray, row: np.ndarray, nrows: int, nowners: int,
+              fast: bool = True) -> tuple[list, np.ndarray | None]:
+    """The (zig, owner) segments of the positions, zig by zig: ``([(zig, owner, slice)], order)``.
+
+    Positions come in (owner, pos) order. Segments follow a stable sort on (zig, owner, row):
+    owners in order inside a zig, rows ascending inside a segment, pos ascending inside a row.
+    The slices index the positions permuted by ``order`` (None: not permuted).
+    """
+    step = (np.diff(z) != 0) | (np.diff(row) < 0)
+    new_owner = np.diff(owner) != 0
+    if fast and not (step & ~new_owner).any():
+        # each owner's run lies in one zig with its rows ascending (the usual case): the sort only
+        # moves whole runs, so order one key per run instead of every position
+        heads = np.concatenate([[0], np.nonzero(new_owner)[0] + 1])
+        ends = np.append(heads[1:], len(z))
+        runs = np.argsort(z[heads], kind="stable")
+        return list(zip(z[heads][runs].tolist(), owner[heads][runs].tolist(),
+                        [slice(a, b) for a, b in zip(heads[runs].tolist(), ends[runs].tolist())])), None
+    order = np.argsort((z * nowners + owner) * nrows + row, kind="stable")
+    z, owner = z[order], owner[order]
+    cut = (np.nonzero((np.diff(z) != 0) | (np.diff(owner) != 0))[0] + 1).tolist()
+    heads = [0] + cut
+    return list(zip(z[heads].tolist(), owner[heads].tolist(),
+                    [slice(a, b) for a, b in zip(heads, cut + [len(z)])])), order

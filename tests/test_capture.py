@@ -154,3 +154,59 @@ def test_tensor_constants_do_not_land_on_the_model():
     torch.testing.assert_close(small(x), model(x))
     otofx.OTO(model, x)  # a second capture finds the same names free
     assert set(vars(model)) == attrs
+
+
+class _Attrs(nn.Module):
+    """Targets of every kind: nested leaves, a module called under two names, a nested parameter
+    and buffer read as attributes, a non-persistent buffer, a plain tensor attribute, and a
+    tensor constant made in forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU())
+        self.block = nn.Module()
+        self.block.scale = nn.Parameter(torch.rand(1, 8, 1, 1))
+        self.block.register_buffer("shift", torch.rand(1, 8, 1, 1), persistent=False)
+        self.block.register_buffer("bias", torch.rand(8))
+        self.block.plain = torch.rand(8)
+        self.alias = self.body[2]
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x):
+        y = self.alias(self.body(x) * self.block.scale + self.block.shift)
+        y = y.mean((2, 3)) + self.block.bias + self.block.plain + torch.arange(8.0)
+        return self.head(y)
+
+
+@pytest.mark.parametrize("name", ["attrs", "resnet18", "mobilenet_v3_small", "densenet121"])
+def test_graph_module_matches_fx(name):
+    """capture.graph_module builds the module hierarchy fx's GraphModule(root, graph) builds."""
+    import torchvision
+    from torch.fx._lazy_graph_module import _LazyGraphModule
+
+    from otofx.capture import LeafTracer, graph_module
+
+    model = _Attrs() if name == "attrs" else getattr(torchvision.models, name)()
+    tracer = LeafTracer()
+    graph = tracer.trace(model)
+    ours = graph_module(model, graph, "M")
+    ref = _LazyGraphModule(model, graph, "M")
+    kinds = lambda gm: [(n, type(m) if n else None) for n, m in gm.named_modules()]  # noqa: E731 (a class per GraphModule)
+    assert kinds(ours) == kinds(ref)
+    for get in ("named_parameters", "named_buffers"):
+        a, b = list(getattr(ours, get)()), list(getattr(ref, get)())
+        assert [n for n, _ in a] == [n for n, _ in b] and all(x is y for (_, x), (_, y) in zip(a, b)), get
+    leaves = {n for n, m in ref.named_modules() if not isinstance(m, torch.fx.GraphModule) and type(m) is not nn.Module}
+    assert all(ours.get_submodule(n) is model.get_submodule(n) for n in leaves)  # shared, as fx shares them
+    assert list(ours.state_dict()) == list(ref.state_dict())  # persistence of buffers included
+    for n, m in ours.named_modules():
+        other = ref.get_submodule(n)
+        assert m.training == other.training
+        assert {k: v for k, v in vars(m).items() if not k.startswith("_")}.keys() == \
+            {k: v for k, v in vars(other).items() if not k.startswith("_")}.keys()
+    assert ours.code == ref.code
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(ours.eval()(x), model.eval()(x))
+    for k in [k for k in vars(model) if k.startswith("_tensor_constant")]:
+        delattr(model, k)
