@@ -71,6 +71,8 @@ class LeafTracer(fx.Tracer):
             return tuple([self.create_arg(e) for e in a])
         if t is list:
             return [self.create_arg(e) for e in a]
+        if t is dict and all(type(k) is str for k in a):  # keyword arguments (fx's keys may not be Nodes)
+            return {k: self.create_arg(v) for k, v in a.items()}
         return super().create_arg(a)
 
     def create_node(self, kind, target, args, kwargs, name=None, type_expr=None):

@@ -77,7 +77,7 @@ def _pass(ctx: Ctx, x: Lab, shape, keep_axes, handled=()) -> Lab:
             ids.append(pinned_axis(n))
             zero.append(false_mask(n))
     for d in range(x.ndim):
-        if d not in passed and d not in handled:
+        if d not in passed and d not in handled and x.ids[d] is not pinned_axis(len(x.ids[d])):
             ctx.pin(x.ids[d], "the op mixes this axis")
     return Lab(tuple(ids), tuple(zero))
 
@@ -694,16 +694,16 @@ def binary(ctx: Ctx, input, other, kind="add", out=None, **_):
         zs = [c[1] for c in full]
         scalars = [v for v in operands if not isinstance(v, Lab)]
         if kind in ("mul",):
-            z = np.logical_or.reduce(zs)
+            z = zs[0] if len(zs) == 1 else np.logical_or.reduce(zs)
             if any(_scalar_zero(s) for s in scalars):
                 z = np.ones(shape[d], dtype=bool)
         elif kind == "div":  # zero where the numerator is (a pinned denominator is never zero with a row)
             nd = d - (n - input.ndim) if isinstance(input, Lab) else -1
             z = input.zero[nd] if nd >= 0 and input.shape[nd] == shape[d] else false_mask(shape[d])
+        elif part or not all(_scalar_zero(s) for s in scalars):
+            z = false_mask(shape[d])
         else:
-            z = np.logical_and.reduce(zs)
-            if part or not all(_scalar_zero(s) for s in scalars):
-                z = false_mask(shape[d])
+            z = zs[0] if len(zs) == 1 else np.logical_and.reduce(zs)
         ids.append(full[0][0])
         zero.append(z)
     return Lab(tuple(ids), tuple(zero))

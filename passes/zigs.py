@@ -22,7 +22,7 @@ import torch
 import torch.fx as fx
 
 from .attention import find_head_splits
-from .channels import Ctx, Lab, Owner, Pin, SymSize, labs_in, leaves
+from .channels import Ctx, Lab, Pin, SymSize, labs_in
 from .registry import RULES, bind, canonical_name, form_of
 from .semantics import ParamRef
 from .unionfind import PIN, UnionFind, unique
@@ -158,7 +158,7 @@ def find_zigs(gm: fx.GraphModule, pin: tuple = ()) -> ZigSet:
                 kw = _resolve(ctx, kw)
             elif isinstance(kw.get("input"), ParamRef):  # a layer applied to a parameter or buffer (a table)
                 kw["input"] = ctx.tensor_lab(kw["input"].name)
-            flat = list(leaves(kw))
+            flat = _flat(kw)
             if form.rule not in _SIZE_CONSUMERS:
                 syms = [v for v in flat if isinstance(v, SymSize)]
                 if syms:
@@ -191,6 +191,20 @@ def find_zigs(gm: fx.GraphModule, pin: tuple = ()) -> ZigSet:
     # ids a rule keeps for the rewrite (an attention module's heads) are activation axes inside the op
     acts += [Lab((a,), (np.zeros(len(a), dtype=bool),)) for a in ctx.extra_labels.values()]
     return _group(ctx, labels, acts)
+
+
+def _flat(kw: dict) -> list:
+    """The non-container values of a rule's arguments (``channels.leaves`` without nested generators)."""
+    out, todo = [], list(kw.values())
+    while todo:
+        v = todo.pop()
+        if isinstance(v, (list, tuple)):
+            todo += v
+        elif isinstance(v, dict):
+            todo += v.values()
+        else:
+            out.append(v)
+    return out
 
 
 def _tensor_label(ctx: Ctx, v):

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 import otofx
 from otofx.capture import LeafTracer
-from otofx.passes.shapes import _conv_shape, _fast_binary, _fast_inplace, propagate_shapes
+from otofx.passes.shapes import _conv_shape, _fast_binary, _fast_cat, _fast_inplace, propagate_shapes
 from otofx.capture import capture
 
 
@@ -152,3 +152,46 @@ def test_linear_on_permuted_input_and_convnext_shapes():
             v = n.meta["val"]
             assert v.shape == real[n.name].shape and _layout(v) == _layout(real[n.name]), n.name
     otofx.OTO(model, x)  # and the analysis runs on it
+
+
+@st.composite
+def _cat_case(draw):
+    nd = draw(st.integers(1, 4))
+    dim = draw(st.integers(-nd, nd - 1))
+    base = draw(st.lists(st.integers(1, 3), min_size=nd, max_size=nd))
+    tensors = []
+    shared = draw(st.permutations(range(nd)))  # one storage order for all (channels_last, say), or each its own
+    own = draw(st.booleans())
+    for _ in range(draw(st.integers(1, 4))):
+        shape = list(base)
+        shape[dim] = draw(st.integers(0, 3))
+        perm = draw(st.permutations(range(nd))) if own else shared
+        t = torch.empty([shape[i] for i in perm], device="meta").permute([perm.index(i) for i in range(nd)])
+        if draw(st.integers(0, 4)) == 0:
+            t = t.to(torch.float64)
+        tensors.append(t)
+    target = draw(st.sampled_from([torch.cat, torch.ops.aten.cat.default]))
+    return target, tensors, dim, draw(st.booleans())
+
+
+@given(_cat_case())
+def test_fast_cat_matches_torch(case):
+    target, tensors, dim, as_kwarg = case
+    args, kwargs = ((tensors,), {"dim": dim}) if as_kwarg else ((tensors, dim), {})
+    fast = _fast_cat(target, args, kwargs)
+    try:
+        ref = target(*args, **kwargs)
+    except (RuntimeError, IndexError):
+        assert fast is None  # torch refuses it: the fast path must leave it to torch's error
+        return
+    if fast is not None:
+        assert fast.shape == ref.shape and fast.dtype == ref.dtype and fast.stride() == ref.stride()
+
+
+def test_fast_cat_takes_densenet_concats():
+    a, b = torch.empty(1, 64, 7, 7, device="meta"), torch.empty(1, 32, 7, 7, device="meta")
+    out = _fast_cat(torch.cat, ([a, b], 1), {})
+    assert out is not None and tuple(out.shape) == (1, 96, 7, 7)
+    cl = [t.to(memory_format=torch.channels_last) for t in (a, b)]  # torch keeps this layout
+    out = _fast_cat(torch.cat, (cl, 1), {})
+    assert out is None or out.stride() == torch.cat(cl, 1).stride()
