@@ -15,6 +15,7 @@ Internals:
 """
 from __future__ import annotations
 
+import functools
 import logging
 import operator
 from contextlib import contextmanager
@@ -131,11 +132,14 @@ class LeafTracer(fx.Tracer):
 
 def _autowrap_functions() -> tuple:
     # torchvision's stochastic_depth reads input.ndim, which a Proxy cannot answer
-    out = []
-    for t in FUNCTION_FORMS:
-        if getattr(t, "__module__", "") .startswith("torchvision.ops") and callable(t):
-            out.append(t)
-    return tuple(out)
+    return _autowrap_scan(len(FUNCTION_FORMS))
+
+
+@functools.lru_cache(maxsize=8)
+def _autowrap_scan(n_forms: int) -> tuple:
+    # NB: keyed on the registry's size, so a rule registered later is seen
+    return tuple(t for t in list(FUNCTION_FORMS)
+                 if callable(t) and (getattr(t, "__module__", None) or "").startswith("torchvision.ops"))
 
 
 def graph_module(root: torch.nn.Module, graph: fx.Graph, class_name: str) -> fx.GraphModule:

@@ -22,7 +22,7 @@ import torch
 import torch.fx as fx
 
 from .attention import find_head_splits
-from .channels import Ctx, Lab, Pin, SymSize, labs_in
+from .channels import Ctx, Lab, Pin, SymSize
 from .registry import RULES, bind, canonical_name, form_of
 from .semantics import ParamRef
 from .unionfind import PIN, UnionFind, unique
@@ -218,7 +218,8 @@ def _act_ids(values: list) -> np.ndarray:
     # NB: labels share id arrays (elementwise ops pass them on, pinned axes are one cached array
     # per length): each array is taken once
     seen: set = set()
-    arrays = [a for lab in labs_in(values) for a in lab.ids if id(a) not in seen and not seen.add(id(a))]
+    arrays = [a for lab in _flat({0: values}) if isinstance(lab, Lab)
+              for a in lab.ids if id(a) not in seen and not seen.add(id(a))]
     return np.concatenate(arrays) if arrays else np.zeros(0, dtype=np.int64)
 
 
