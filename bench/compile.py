@@ -9,7 +9,13 @@ DHSPG training would leave them, and the *same* model is run as:
 * ``otofx compress``: ``otofx.OTO(model, x).compress()`` run eagerly (the explicit route);
 * ``otofx backend``: ``torch.compile(model, backend="otofx")`` (zero rows removed, inductor inside).
 
-``--freezing`` compiles both inductor variants under ``torch._inductor.config.freezing``.
+``--freezing`` compiles both inductor variants under ``torch._inductor.config.freezing``;
+``--cpp-wrapper`` under ``torch._inductor.config.cpp_wrapper`` (C++ instead of Python glue between
+kernels, for both). ``--kernel-time`` (needs ``--freezing``, where inductor runs every convolution
+through oneDNN) also reports, for the two inductor variants, the oneDNN primitives' own execution
+time per call (oneDNN's verbose log, summed over ``--kernel-calls`` calls): ``kernel ms``,
+``kernel x`` (inductor dense's over this row's) and ``other ms`` (``ms`` - ``kernel ms``: the
+per-op setup, glue and guards around the kernels, which removing rows does not shrink).
 Latency is the median of ``--runs`` calls after ``--warmup`` calls, under ``torch.inference_mode``,
 taken in rounds of one call per variant (interleaved: load from other processes falls on all
 variants alike); the first call (the compile) is timed separately. FLOPs come from
@@ -28,11 +34,16 @@ Run (about 7 min on the shared 2-core machine; inductor compiles dominate)::
     /work/venv/bin/python bench/compile.py
     /work/venv/bin/python bench/compile.py --models mobilenet_v2 --runs 10
     /work/venv/bin/python bench/compile.py --freezing
+    /work/venv/bin/python bench/compile.py --models mobilenet_v2 --freezing --cpp-wrapper --kernel-time
 """
 from __future__ import annotations
 
 import argparse
+import ctypes
+import os
 import statistics
+import sys
+import tempfile
 import time
 
 import torch
@@ -88,7 +99,33 @@ class Keep:
         return torch._dynamo.lookup_backend("inductor")(gm, example_inputs)
 
 
-def rows_for(name: str, runs: int, warmup: int, freezing: bool) -> list[dict]:
+def onednn_ms(fn, x: torch.Tensor, calls: int) -> tuple[float, int]:
+    """Mean oneDNN execution time (ms) and primitive count per call of ``fn(x)``, from oneDNN's verbose log.
+
+    # NB: oneDNN prints with C stdio, so the log is taken by pointing file descriptor 1 at a
+    # temporary file (and flushing C's buffer) while the calls run
+    """
+    libc = ctypes.CDLL(None)
+    sys.stdout.flush()
+    saved = os.dup(1)
+    with tempfile.TemporaryFile(mode="w+") as log:
+        os.dup2(log.fileno(), 1)
+        try:
+            with torch.backends.mkldnn.verbose(torch.backends.mkldnn.VERBOSE_ON):
+                for _ in range(calls):
+                    fn(x)
+            libc.fflush(None)
+        finally:
+            os.dup2(saved, 1)
+            os.close(saved)
+        log.seek(0)
+        lines = [ln.strip().split(",") for ln in log if ln.startswith("onednn_verbose") and ",exec," in ln]
+    total = sum(float(p[-1]) for p in lines)
+    return total / calls, len(lines) // calls
+
+
+def rows_for(name: str, runs: int, warmup: int, freezing: bool, cpp_wrapper: bool = False,
+             kernel_calls: int = 0) -> list[dict]:
     model, x = build(name), torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(0))
     randomise_norms(model, torch.Generator().manual_seed(0))
     oto = otofx.OTO(model, x)
@@ -99,7 +136,8 @@ def rows_for(name: str, runs: int, warmup: int, freezing: bool) -> list[dict]:
     fns = {"eager dense": model, "inductor dense": torch.compile(model),
            "otofx compress": small, "otofx backend": torch.compile(model, backend="otofx", options={"inner": keep})}
     compile_s = {}
-    with inductor_config.patch(freezing=freezing), torch.inference_mode():
+    kernel = {}
+    with inductor_config.patch(freezing=freezing, cpp_wrapper=cpp_wrapper), torch.inference_mode():
         for label, fn in fns.items():  # the first call compiles
             t0 = time.perf_counter()
             fn(x)
@@ -113,6 +151,8 @@ def rows_for(name: str, runs: int, warmup: int, freezing: bool) -> list[dict]:
                 fn(x)
                 if i >= warmup:
                     samples[label].append(time.perf_counter() - t0)
+        if kernel_calls:
+            kernel = {label: onednn_ms(fns[label], x, kernel_calls) for label in ("inductor dense", "otofx backend")}
     (res,) = otofx_backend.results()
     assert res.pruned, res.reason
     dense_flops, dense_bytes = flops(model, x), traffic(model, x)
@@ -125,6 +165,10 @@ def rows_for(name: str, runs: int, warmup: int, freezing: bool) -> list[dict]:
                      "FLOPs ratio": 1.0 if g is None else flops(g, x) / dense_flops,
                      "bytes ratio": 1.0 if g is None else traffic(g, x) / dense_bytes,
                      "compile s": compile_s[label] if label in ("inductor dense", "otofx backend") else None})
+        if label in kernel:
+            k_ms, prims = kernel[label]
+            rows[-1].update({"kernel ms": k_ms, "kernel x": kernel["inductor dense"][0] / k_ms,
+                             "other ms": ms[label] - k_ms, "oneDNN calls": prims})
     backend = rows[-1]
     backend["target x"] = (1 / backend["FLOPs ratio"]) / 1.5
     backend["met"] = "yes" if backend["x inductor"] >= backend["target x"] else "no"
@@ -138,15 +182,25 @@ def main() -> None:
     model_arg(ap, MODELS)
     timing_args(ap)
     ap.add_argument("--freezing", action="store_true", help="torch._inductor.config.freezing for both inductors")
+    ap.add_argument("--cpp-wrapper", action="store_true", help="torch._inductor.config.cpp_wrapper for both inductors")
+    ap.add_argument("--kernel-time", action="store_true",
+                    help="oneDNN kernel time per call of the inductor variants (needs --freezing)")
+    ap.add_argument("--kernel-calls", type=int, default=5, help="calls logged for --kernel-time (default 5)")
     args = ap.parse_args()
+    if args.kernel_time and not args.freezing:
+        ap.error("--kernel-time needs --freezing: without it inductor runs 1x1 convolutions outside oneDNN")
     torch.set_num_threads(1)
 
     t0 = time.perf_counter()
-    rows = [r for name in args.models for r in rows_for(name, args.runs, args.warmup, args.freezing)]
+    rows = [r for name in args.models for r in rows_for(name, args.runs, args.warmup, args.freezing, args.cpp_wrapper,
+                                                          args.kernel_calls if args.kernel_time else 0)]
     print(f"{machine()}; batch 1, 3x224x224, median of {args.runs} after {args.warmup} warm-up; "
-          f"inductor freezing {'on' if args.freezing else 'off'}; took {time.perf_counter() - t0:.0f} s\n")
+          f"inductor freezing {'on' if args.freezing else 'off'}, cpp_wrapper {'on' if args.cpp_wrapper else 'off'}; "
+          f"took {time.perf_counter() - t0:.0f} s\n")
     headers = ["model", "variant", "ms", "x inductor", "FLOPs ratio", "target x", "met", "bytes ratio", "bound x",
                "compile s", "rows removed"]
+    if args.kernel_time:
+        headers[3:3] = ["kernel ms", "kernel x", "other ms", "oneDNN calls"]
     table = [[r.get(h) for h in headers] for r in rows]
     print(tabulate(table, headers=headers, tablefmt=args.format, floatfmt=".2f", missingval=""))
 
