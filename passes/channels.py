@@ -146,7 +146,7 @@ class Ctx:
 
     # -- constructors -------------------------------------------------------------------------
     def pinned_lab(self, shape) -> Lab:
-        shape = tuple(int(s) for s in shape)
+        shape = tuple(map(int, shape))
         return Lab(tuple(pinned_axis(n) for n in shape), tuple(false_mask(n) for n in shape))
 
     def fresh(self, n: int) -> np.ndarray:

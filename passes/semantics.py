@@ -56,7 +56,7 @@ def _ax(d: int, ndim: int) -> int:
 
 
 def _out_shape(meta) -> tuple:
-    return tuple(int(s) for s in meta.shape)
+    return tuple(map(int, meta.shape))
 
 
 def _pass(ctx: Ctx, x: Lab, shape, keep_axes, handled=()) -> Lab:
@@ -114,13 +114,19 @@ def conv(ctx: Ctx, input, weight, bias=None, groups=1, transposed=False, out=Non
         out_ids = w.ids[1 if transposed else 0]
     else:
         in_g = in_ids.reshape(g, len(in_ids) // g)
-        ctx.tie(in_g, in_g[:, :1])
+        if in_g.shape[1] > 1:
+            ctx.tie(in_g, in_g[:, :1])
         if transposed:
             ctx.param(weight, {0: in_ids, 1: PINNED, **kernel})
             out_ids = ctx.fresh(shape[cax])
+        elif in_g.shape[1] == 1 and ctx.shape_of(weight)[0] == g:
+            # depthwise, one output per input channel: the weight's out axis is the input's
+            # channels (the same class the tie below would make, without a union)
+            out_ids = ctx.param(weight, {0: in_ids, 1: PINNED, **kernel}).ids[0]
         else:
             out_ids = ctx.param(weight, {0: OWN, 1: PINNED, **kernel}).ids[0]
-        ctx.tie(out_ids.reshape(g, -1), in_g[:, :1])
+        if out_ids is not in_ids:
+            ctx.tie(out_ids.reshape(g, -1), in_g[:, :1])
     ctx.param(bias, {0: out_ids})
     keep = {d: d for d in range(cax)}
     lab = _pass(ctx, x, shape, keep, handled=(cax,))
