@@ -12,6 +12,8 @@ Internals:
     * ``LeafTracer`` trims fx's per-call bookkeeping that no pass reads (module scopes and the
       ``nn_module_stack`` meta) and finds parameter attributes by a dict lookup: tracing is
       about half of fx's default cost on a MobileNet.
+    * :func:`graph_module` builds the module hierarchy fx's ``GraphModule(root, graph)`` builds,
+      with dict operations instead of ``Module.__getattr__``/``__setattr__`` per path step.
 """
 from __future__ import annotations
 
