@@ -221,7 +221,6 @@ def propagate_shapes(state: State) -> State:
     return state
 
 
-
 @_reads_graph
 def find_zigs(state: State) -> State:
     """The zero-invariant groups of ``state.gm`` (needs propagate_shapes); ``state.pin`` stays whole."""
@@ -231,7 +230,6 @@ def find_zigs(state: State) -> State:
     zs = _find_zigs(gm, pin=tuple(state.pin))
     log.info("otofx: %d groups, %d rows, %d pins", len(zs.zigs), sum(z.rows for z in zs.zigs), len(zs.pinned))
     return state.replace(zigset=zs)
-
 
 
 class _ReportView:
@@ -256,13 +254,11 @@ def report_pins(state: State) -> State:
     return state.replace(report=text)
 
 
-
 @_reads_graph
 def plan_zero_rows(state: State) -> State:
     """A plan removing every row whose parameter slices in ``state.gm`` are all exactly zero."""
     zs = _need(state, "zigset", "plan_zero_rows", "find_zigs")
     return state.replace(plan=_plan_rows(zs, zero_rows(zs, _need(state, "gm", "plan_zero_rows", "capture"))))
-
 
 
 def prune(state: State) -> State:

@@ -217,7 +217,9 @@ class Ctx:
     def pin(self, ids, reason: str) -> None:
         """Pin ``ids`` (an array, a Lab, a SymSize or a container of them) and record why."""
         # NB: spatial and input axes are the one cached all-PIN array of their length: skipped
-        arrays = [a for a in _id_arrays(ids) if a.size and a is not pinned_axis(a.size)]
+        # (a bare array, the common call from the rules, without the generator walk)
+        found = (ids,) if isinstance(ids, np.ndarray) else _id_arrays(ids)
+        arrays = [a for a in found if a.size and a is not pinned_axis(a.size)]
         if not arrays:
             return
         flat = np.concatenate(arrays)
@@ -230,16 +232,21 @@ class Ctx:
         self.pins.append(Pin(name, self.op, reason, int(live.size)))
 
 
-def leaves(x):
-    """Every non-container value inside a nested list/tuple/dict structure."""
-    if isinstance(x, (list, tuple)):
-        for v in x:
-            yield from leaves(v)
-    elif isinstance(x, dict):
-        for v in x.values():
-            yield from leaves(v)
-    else:
-        yield x
+def leaves(x) -> list:
+    """Every non-container value inside a nested list/tuple/dict structure, in order.
+
+    # NB: a stack, not nested generators: find_zigs flattens every node's arguments with it
+    """
+    out, todo = [], [x]
+    while todo:
+        v = todo.pop()
+        if isinstance(v, (list, tuple)):
+            todo += reversed(v)
+        elif isinstance(v, dict):
+            todo += reversed(v.values())
+        else:
+            out.append(v)
+    return out
 
 
 def _id_arrays(x):

@@ -77,7 +77,7 @@ def _pass(ctx: Ctx, x: Lab, shape, keep_axes, handled=()) -> Lab:
             ids.append(pinned_axis(n))
             zero.append(false_mask(n))
     for d in range(x.ndim):
-        if d not in passed and d not in handled and x.ids[d] is not pinned_axis(len(x.ids[d])):
+        if d not in passed and d not in handled:
             ctx.pin(x.ids[d], "the op mixes this axis")
     return Lab(tuple(ids), tuple(zero))
 

@@ -7,8 +7,8 @@ BatchNorm in train mode updates a meta buffer, never the real one.
 
 Internals:
     Common ops skip torch's meta kernels, whose Python decompositions cost milliseconds a call:
-    Conv and Linear shapes by formula, broadcasting arithmetic, adaptive pooling, and ops that
-    keep their input's shape (activations, norms). Each fast path gives the layout torch would
+    Conv and Linear shapes by formula, broadcasting arithmetic, concatenation, adaptive pooling,
+    and ops that keep their input's shape (activations, norms). Each fast path gives the layout torch would
     (strides matter to later views) or falls back to running the op.
     Values that are not tensors (sizes, tuples) are stored as they are. A node whose meta run
     fails is re-run on real tensors built from the example inputs only when ``real_fallback`` is
@@ -247,8 +247,8 @@ def _fast_cat(target, args, kwargs):
     if not isinstance(tensors, (list, tuple)) or not tensors or type(dim) is not int:
         return None
     first = tensors[0]
-    if not all(isinstance(t, torch.Tensor) and t.device.type == "meta" and t.dtype == first.dtype
-               and t.dim() == first.dim() and t.numel() > 0 and t.is_contiguous() for t in tensors):
+    if not all(_contiguous_meta(t) and t.dtype == first.dtype and t.dim() == first.dim() and t.numel() > 0
+               for t in tensors):
         return None
     nd = first.dim()
     if not -nd <= dim < nd:

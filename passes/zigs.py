@@ -22,7 +22,7 @@ import torch
 import torch.fx as fx
 
 from .attention import find_head_splits
-from .channels import Ctx, Lab, Pin, SymSize
+from .channels import Ctx, Lab, Pin, SymSize, labs_in, leaves
 from .registry import RULES, bind, canonical_name, form_of
 from .semantics import ParamRef
 from .unionfind import PIN, UnionFind, unique
@@ -158,7 +158,7 @@ def find_zigs(gm: fx.GraphModule, pin: tuple = ()) -> ZigSet:
                 kw = _resolve(ctx, kw)
             elif isinstance(kw.get("input"), ParamRef):  # a layer applied to a parameter or buffer (a table)
                 kw["input"] = ctx.tensor_lab(kw["input"].name)
-            flat = _flat(kw)
+            flat = leaves(kw)
             if form.rule not in _SIZE_CONSUMERS:
                 syms = [v for v in flat if isinstance(v, SymSize)]
                 if syms:
@@ -193,20 +193,6 @@ def find_zigs(gm: fx.GraphModule, pin: tuple = ()) -> ZigSet:
     return _group(ctx, labels, acts)
 
 
-def _flat(kw: dict) -> list:
-    """The non-container values of a rule's arguments (``channels.leaves`` without nested generators)."""
-    out, todo = [], list(kw.values())
-    while todo:
-        v = todo.pop()
-        if isinstance(v, (list, tuple)):
-            todo += v
-        elif isinstance(v, dict):
-            todo += v.values()
-        else:
-            out.append(v)
-    return out
-
-
 def _tensor_label(ctx: Ctx, v):
     """A get_attr node's label: its tensor's Lab once a rule read it (the rewrite sizes it), else the ref."""
     if isinstance(v, ParamRef):
@@ -218,8 +204,7 @@ def _act_ids(values: list) -> np.ndarray:
     # NB: labels share id arrays (elementwise ops pass them on, pinned axes are one cached array
     # per length): each array is taken once
     seen: set = set()
-    arrays = [a for lab in _flat({0: values}) if isinstance(lab, Lab)
-              for a in lab.ids if id(a) not in seen and not seen.add(id(a))]
+    arrays = [a for lab in labs_in(values) for a in lab.ids if id(a) not in seen and not seen.add(id(a))]
     return np.concatenate(arrays) if arrays else np.zeros(0, dtype=np.int64)
 
 
