@@ -10,6 +10,30 @@ import os
 # imports otofx.kernels (and Triton reads it at import time).
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+# NB: `python -m pytest` from the repository root puts the root on sys.path, and then
+# `import kernels` / `import passes` find our top-level folders (installed as otofx.kernels and
+# otofx.passes) instead of installed packages of those names: transformers imports Hugging
+# Face's `kernels`. Drop the root before anything else is imported, and any module already
+# taken from it under a bare name.
+_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _is_root(entry: str) -> bool:
+    try:
+        return Path(entry or os.getcwd()).resolve() == _ROOT
+    except OSError:
+        return False
+
+
+sys.path[:] = [entry for entry in sys.path if not _is_root(entry)]
+for _name in ("kernels", "passes"):
+    _mod = sys.modules.get(_name)
+    if _mod is not None and Path(getattr(_mod, "__file__", None) or "/").resolve().is_relative_to(_ROOT):
+        del sys.modules[_name]
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from hypothesis import settings  # noqa: E402
