@@ -20,6 +20,8 @@ default): auto picks Triton for CUDA tensors it supports, the C kernel for CPU t
 (when a compiler is there), and the torch reference otherwise.
 
 Internals:
+    * Backends are entries of :data:`TABLE` (name, device types served by ``auto``, availability,
+      per-call support, and the two steps); a new backend is one more entry.
     * The layout is described in :mod:`.layout`, the reference in :mod:`.reference`, the kernels in
       :mod:`.triton_rows` (imported lazily: the CPU path never needs Triton) and :mod:`.cpu_rows`.
 """
@@ -27,6 +29,8 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -37,7 +41,96 @@ from .reference import DHSPGConfig, Momentum, RowStats, apply_rows, dhspg_rows, 
 
 log = logging.getLogger("otofx")
 
-BACKENDS = ("auto", "triton", "cpu", "torch")
+# -- the backends, as table entries -------------------------------------------------------------
+#
+# Each entry says when it can run (``available``: None or why not; ``supported``: None or why this
+# call does not fit) and how (``dhspg``/``scale``, which take the same arguments on every backend).
+# ``auto`` walks the table in order and takes the first entry that serves the tensors' device type,
+# is available and supports the call; a forced backend must be available and support the call.
+
+
+def _torch_dhspg(layout, xs, ds, redundant, cfg, momentum):
+    if momentum is not None:
+        momentum_update(xs, ds, momentum)
+    stats = row_stats(layout, xs, ds)
+    coef, scale, count = dhspg_rows(stats, redundant, cfg)
+    apply_rows(layout, xs, ds, cfg.lr, coef, scale)
+    return count
+
+
+def _torch_scale(layout, xs, ds, lr, scale):
+    acc = torch.float64 if any(x.dtype == torch.float64 for x in xs) else torch.float32
+    apply_rows(layout, xs, ds, lr, torch.zeros(layout.n_rows, dtype=acc, device=layout.device), scale.to(acc))
+
+
+def _triton_available() -> str | None:
+    return None if triton_available() else "triton cannot be imported"
+
+
+def _triton_supported(xs, ds, layout, grads) -> str | None:
+    from .triton_rows import supported
+
+    why = supported(xs, ds)
+    if why is None and xs[0].device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        why = "CPU tensors need TRITON_INTERPRET=1 (the interpreter)"
+    return why
+
+
+def _triton_dhspg(layout, xs, ds, redundant, cfg, momentum):
+    from .triton_rows import dhspg_step as step
+
+    if momentum is not None:
+        momentum_update(xs, ds, momentum)
+    return step(layout, xs, ds, redundant, cfg)
+
+
+def _triton_scale(layout, xs, ds, lr, scale):
+    from .triton_rows import scale_step as step
+
+    step(layout, xs, ds, lr, scale)
+
+
+def _cpu_available() -> str | None:
+    return None if cpu_available() else "the C kernel cannot be built (no working C compiler, see the log)"
+
+
+def _cpu_supported(xs, ds, layout, grads) -> str | None:
+    from . import cpu_rows
+
+    return "no layout given" if layout is None else cpu_rows.supported(layout, xs, ds, grads)
+
+
+def _cpu_dhspg(layout, xs, ds, redundant, cfg, momentum):
+    from .cpu_rows import dhspg_step as step
+
+    return step(layout, xs, ds, redundant, cfg, momentum)  # the C kernel updates momentum itself
+
+
+def _cpu_scale(layout, xs, ds, lr, scale):
+    from .cpu_rows import scale_step as step
+
+    step(layout, xs, ds, lr, scale)
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One way to run the row steps."""
+
+    name: str
+    devices: tuple  # the device types ``auto`` picks it for
+    available: Callable[[], "str | None"]
+    supported: Callable[..., "str | None"]  # (xs, ds, layout, grads)
+    dhspg: Callable  # (layout, xs, ds, redundant, cfg, momentum) -> zero-row count before the step
+    scale: Callable  # (layout, xs, ds, lr, scale)
+
+
+TABLE: tuple = (
+    Backend("triton", ("cuda",), _triton_available, _triton_supported, _triton_dhspg, _triton_scale),
+    Backend("cpu", ("cpu",), _cpu_available, _cpu_supported, _cpu_dhspg, _cpu_scale),
+    Backend("torch", ("*",), lambda: None, lambda xs, ds, layout, grads: None, _torch_dhspg, _torch_scale),
+)
+_BY_NAME = {b.name: b for b in TABLE}
+BACKENDS = ("auto", *_BY_NAME)
 
 
 def triton_available() -> bool:
@@ -64,43 +157,25 @@ def choose_backend(xs, ds, backend: str | None = None, layout: RowLayout | None 
     backend = backend or os.environ.get("OTOFX_KERNEL", "auto")
     if backend not in BACKENDS:
         raise OTOError(f"unknown kernel backend {backend!r}: use one of {BACKENDS} (argument or OTOFX_KERNEL)")
-    if backend == "torch" or not xs:
+    if not xs:
         return "torch"
-    if backend == "cpu":
-        from . import cpu_rows
-
-        why = "no layout given" if layout is None else cpu_rows.supported(layout, xs, ds, grads)
+    if backend != "auto":
+        entry = _BY_NAME[backend]
+        why = entry.available()
         if why is not None:
-            raise OTOError(f"backend 'cpu' cannot run this step ({why}): use backend 'torch'")
-        if not cpu_rows.available():
-            raise OTOError("backend 'cpu' requested but the C kernel cannot be built (no working C compiler, "
-                           "see the log): use 'torch'")
-        return "cpu"
-    if backend == "triton":
-        if not triton_available():
-            raise OTOError("backend 'triton' requested but triton cannot be imported: install triton or use 'torch'")
-        from .triton_rows import supported
-
-        why = supported(xs, ds)
+            raise OTOError(f"backend {backend!r} requested but {why}: use 'torch'")
+        why = entry.supported(xs, ds, layout, grads)
         if why is not None:
-            raise OTOError(f"backend 'triton' cannot run this step ({why}): use backend 'torch'")
-        if xs[0].device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-            raise OTOError("backend 'triton' on CPU tensors needs TRITON_INTERPRET=1 (the interpreter); use 'torch'")
-        return "triton"
-    if xs[0].device.type == "cuda" and triton_available():
-        from .triton_rows import supported
-
-        why = supported(xs, ds)
+            raise OTOError(f"backend {backend!r} cannot run this step ({why}): use backend 'torch'")
+        return backend
+    device = xs[0].device.type
+    for entry in TABLE:
+        if device not in entry.devices and "*" not in entry.devices:
+            continue
+        why = entry.available() or entry.supported(xs, ds, layout, grads)
         if why is None:
-            return "triton"
-        log.debug("otofx.kernels: torch reference used (%s)", why)
-    if xs[0].device.type == "cpu" and layout is not None:
-        from . import cpu_rows
-
-        why = cpu_rows.supported(layout, xs, ds, grads)
-        if why is None and cpu_rows.available():
-            return "cpu"
-        log.debug("otofx.kernels: torch reference used (%s)", why or "no C compiler")
+            return entry.name
+        log.debug("otofx.kernels: %s not used (%s)", entry.name, why)
     return "torch"
 
 
@@ -108,38 +183,13 @@ def dhspg_step(layout: RowLayout, xs, ds, redundant: torch.Tensor, cfg: DHSPGCon
                backend: str | None = None, momentum: Momentum | None = None) -> torch.Tensor:
     """The fused DHSPG row step, in place; returns the number of zero rows before it (a tensor)."""
     chosen = choose_backend(xs, ds, backend, layout, () if momentum is None else momentum.grads)
-    if chosen == "cpu":
-        from .cpu_rows import dhspg_step as step
-
-        return step(layout, xs, ds, redundant, cfg, momentum)
-    if momentum is not None:
-        momentum_update(xs, ds, momentum)
-    if chosen == "triton":
-        from .triton_rows import dhspg_step as step
-
-        return step(layout, xs, ds, redundant, cfg)
-    stats = row_stats(layout, xs, ds)
-    coef, scale, count = dhspg_rows(stats, redundant, cfg)
-    apply_rows(layout, xs, ds, cfg.lr, coef, scale)
-    return count
+    return _BY_NAME[chosen].dhspg(layout, xs, ds, redundant, cfg, momentum)
 
 
 def scale_step(layout: RowLayout, xs, ds, lr: float, scale: torch.Tensor, backend: str | None = None) -> None:
     """``x <- (x - lr*d) * S`` in place, S the smallest ``scale`` among each element's rows."""
-    chosen = choose_backend(xs, ds, backend, layout)
-    if chosen == "triton":
-        from .triton_rows import scale_step as step
-
-        step(layout, xs, ds, lr, scale)
-        return
-    if chosen == "cpu":
-        from .cpu_rows import scale_step as step
-
-        step(layout, xs, ds, lr, scale)
-        return
-    acc = torch.float64 if any(x.dtype == torch.float64 for x in xs) else torch.float32
-    apply_rows(layout, xs, ds, lr, torch.zeros(layout.n_rows, dtype=acc, device=layout.device), scale.to(acc))
+    _BY_NAME[choose_backend(xs, ds, backend, layout)].scale(layout, xs, ds, lr, scale)
 
 
 __all__ = ["RowLayout", "RowStats", "DHSPGConfig", "Momentum", "LayoutError", "build_layout", "row_stats", "dhspg_step",
-           "scale_step", "choose_backend", "triton_available", "cpu_available", "BACKENDS"]
+           "scale_step", "choose_backend", "triton_available", "cpu_available", "BACKENDS", "Backend", "TABLE"]

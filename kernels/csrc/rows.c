@@ -1,0 +1,122 @@
+/* otofx CPU row kernels (see otofx/kernels/cpu_rows.py): per-row sums of x*x, x*d, d*d and the
+   in-place DHSPG/HESSO update, over tensors seen as [N1, N2, C]. Built once with the system C
+   compiler: cc -O3 -shared -fPIC -pthread -ffp-contract=off -fno-strict-aliasing rows.c */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <pthread.h>
+
+#define MAXT 64
+/* desc: per tensor 8 int64: tensor, n1, n2, c, h1, h2, pos1, pos2
+   unit: per unit 4 int64: desc, i1 begin, i1 end, scratch offset (h2 partials: 3 * n2 * c values)
+   fold: per h2 desc 3 int64: desc, first unit, number of units */
+enum { D_T, D_N1, D_N2, D_C, D_H1, D_H2, D_P1, D_P2, D_W };
+enum { U_D, U_B, U_E, U_S, U_W };
+
+typedef struct Job {
+    void (*fn)(struct Job *, int64_t);
+    int64_t n, next;
+    const int64_t *desc, *units, *fold, *xptr, *dptr, *gptr;
+    void *pos;     /* stats: [3, P] per-position sums; apply: [2, P] (coef, scale) */
+    void *scratch; /* stats: the h2 partials of every unit */
+    int64_t P, nrows;
+    const int64_t *pos_row; /* [P]: the row of every position (nrows: none) */
+    void *rows;             /* stats: [3, nrows + 1] per-row sums */
+    const void *coef, *scale; /* apply: [nrows] */
+    double lr, b1, alpha, wd; /* stats with gptr: d <- d * b1 + alpha * (g + wd * x) first */
+} Job;
+
+static void *worker(void *arg) {
+    Job *j = (Job *)arg;
+    for (;;) {
+        int64_t u = __atomic_fetch_add(&j->next, 1, __ATOMIC_RELAXED);
+        if (u >= j->n) break;
+        j->fn(j, u);
+    }
+    return 0;
+}
+
+static void run(Job *j, int nthreads) {
+    pthread_t th[MAXT];
+    int started[MAXT];
+    int k;
+    j->next = 0;
+    if (nthreads > MAXT) nthreads = MAXT;
+    if (nthreads > j->n) nthreads = (int)j->n;
+    for (k = 1; k < nthreads; k++) started[k] = pthread_create(&th[k], 0, worker, j) == 0;
+    worker(j);
+    for (k = 1; k < nthreads; k++)
+        if (started[k]) pthread_join(th[k], 0);
+}
+
+typedef float vf32 __attribute__((vector_size(32)));  /* 8 lanes */
+typedef double vf64 __attribute__((vector_size(64)));
+
+/* the streams run ahead of the hardware prefetcher on large tensors (4 KiB of floats ahead) */
+#define PREFETCH(p) __builtin_prefetch((const char *)(p) + 4096)
+#define BLK 32  /* elements per prefetch step of the write-back (two cache lines of floats) */
+#define LINE 16 /* a multiple of 8 elements spanning at least a 64-byte line */
+#define GATHER 16384  /* positions per work item of the gather */
+
+/* x86-64 Linux, GCC: an AVX2 copy of each loop besides the baseline one, picked when the library loads */
+#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__clang__)
+#define CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define CLONES
+#endif
+
+/* one copy of the body per element type */
+#define T float
+#define V vf32
+#define S f32
+#include "rows_body.h"
+#undef T
+#undef V
+#undef S
+
+#define T double
+#define V vf64
+#define S f64
+#include "rows_body.h"
+#undef T
+#undef V
+#undef S
+/* rows: [3, nrows + 1] zeros in, per-row sums out (row nrows: positions no row owns) */
+int otofx_rows_stats(int f64, const int64_t *desc, const int64_t *units, int64_t nunits,
+                     const int64_t *fold, int64_t nfold, const int64_t *xptr, const int64_t *dptr,
+                     const int64_t *gptr, double b1, double alpha, double wd,
+                     const int64_t *pos_row, int64_t P, int64_t nrows, void *pos, void *scratch, void *rows,
+                     int nthreads) {
+    Job j;
+    memset(&j, 0, sizeof j);
+    j.desc = desc; j.units = units; j.fold = fold; j.xptr = xptr; j.dptr = dptr; j.gptr = gptr;
+    j.b1 = b1; j.alpha = alpha; j.wd = wd;
+    j.pos_row = pos_row; j.P = P; j.nrows = nrows; j.pos = pos; j.scratch = scratch; j.rows = rows;
+    j.fn = f64 ? stats_unit_f64 : stats_unit_f32;
+    j.n = nunits;
+    run(&j, nthreads);
+    j.fn = f64 ? fold_f64 : fold_f32;  /* then the h2 partials, added in unit order */
+    j.n = nfold;
+    run(&j, nthreads);
+    j.fn = f64 ? rows_fold_f64 : rows_fold_f32;
+    j.n = 3;
+    run(&j, nthreads);
+    return 0;
+}
+
+/* pv: [2, P] scratch; coef, scale: [nrows] */
+int otofx_rows_apply(int f64, const int64_t *desc, const int64_t *units, int64_t nunits,
+                     const int64_t *xptr, const int64_t *dptr, const int64_t *pos_row, int64_t P, int64_t nrows,
+                     const void *coef, const void *scale, void *pv, double lr, int nthreads) {
+    Job j;
+    memset(&j, 0, sizeof j);
+    j.desc = desc; j.units = units; j.xptr = xptr; j.dptr = dptr; j.lr = lr;
+    j.pos_row = pos_row; j.P = P; j.nrows = nrows; j.coef = coef; j.scale = scale; j.pos = pv;
+    j.fn = f64 ? gather_f64 : gather_f32;
+    j.n = (P + GATHER - 1) / GATHER;
+    run(&j, nthreads);
+    j.fn = f64 ? apply_unit_f64 : apply_unit_f32;
+    j.n = nunits;
+    run(&j, nthreads);
+    return 0;
+}
