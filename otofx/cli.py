@@ -76,6 +76,13 @@ def _analyze(args) -> int:
     return 0
 
 
+def _rule_file(rule) -> str:
+    """Where a rule is written: ``passes/rules/<family>.py`` (installed as ``otofx.passes.rules.<family>``),
+    or the module of a rule registered with ``otofx.register_rule``."""
+    mod, prefix = rule.analyze.__module__, "otofx.passes.rules."
+    return f"passes/rules/{mod[len(prefix):]}.py" if mod.startswith(prefix) else mod
+
+
 def _rules(args) -> int:
     from tabulate import tabulate
 
@@ -86,8 +93,8 @@ def _rules(args) -> int:
     for table in (MODULE_FORMS, FUNCTION_FORMS, METHOD_FORMS):
         for form in table.values():
             counts[form.rule] = counts.get(form.rule, 0) + 1
-    rows = [[name, counts.get(name, 0), r.doc] for name, r in sorted(RULES.items())]
-    print(tabulate(rows, headers=["rule", "forms", "channel algebra"], tablefmt="github"))
+    rows = [[name, _rule_file(r), counts.get(name, 0), r.doc] for name, r in sorted(RULES.items())]
+    print(tabulate(rows, headers=["rule", "file", "forms", "channel algebra"], tablefmt="github"))
     return 0
 
 

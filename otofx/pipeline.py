@@ -48,7 +48,6 @@ import dataclasses
 import gc
 import hashlib
 import logging
-import operator
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -61,6 +60,7 @@ from torch.utils._pytree import tree_flatten
 from otofx.capture import capture as _capture
 from otofx.capture import normalize_inputs
 from otofx.errors import OTOError, VerificationError
+from otofx.passes.nodes import mutates_input
 from otofx.passes.prune import plan_rows as _plan_rows
 from otofx.passes.prune import zero_rows
 from otofx.passes.prune import prune as _prune
@@ -269,24 +269,9 @@ def prune(state: State) -> State:
     return state.replace(gm=_prune(gm, plan))
 
 
-_INPLACE_OPERATORS = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.setitem}
-
-
 def _impure(node: fx.Node) -> bool:
     """fx's notion of impure, plus in-place tensor ops (``x.add_(1)``, ``relu(inplace=True)``)."""
-    if node.is_impure():
-        return True
-    if node.kwargs.get("inplace") is True:
-        return True
-    if node.op == "call_module":
-        # NB: nn.ReLU(inplace=True) whose result is unused still rewrites its input for later readers
-        return getattr(node.graph.owning_module.get_submodule(node.target), "inplace", False) is True
-    if node.op == "call_method":
-        return node.target.endswith("_") and not node.target.startswith("__")
-    if node.op == "call_function":
-        name = getattr(node.target, "__name__", "")
-        return node.target in _INPLACE_OPERATORS or (name.endswith("_") and not name.startswith("__"))
-    return False
+    return node.is_impure() or mutates_input(node)
 
 
 def copy_graph(graph: fx.Graph) -> fx.Graph:

@@ -22,13 +22,11 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from .registry import bind, form_of
-from .semantics import _groups_of, _permute_dims
+from .registry import RULES, RuleDeclined, bind, form_of
+from .rules.linalg import _einsum_parse
+from .rules.shape import _groups_of, _permute_dims
 
 _MAX_STEPS = 64  # nodes visited per factor
-# rules whose output keeps the rank and the order of its (first) tensor input's axes
-_SAME_AXES = {"unary", "binary", "softmax", "slice", "narrow", "cat", "expand", "expand_as", "prelu",
-              "layer_norm", "group_norm", "batch_norm", "normalize", "where"}
 
 
 def _val(n):
@@ -78,14 +76,12 @@ def _next_positions(node: fx.Node, user: fx.Node, axis: int, mods) -> tuple[list
     rule = form.rule if form is not None else None
     nd = _ndim(node)
     if rule == "einsum":
-        from .semantics import _einsum_parse
-
         eq, ops = user.args[0], list(user.args[1:])
         if len(ops) == 1 and isinstance(ops[0], (tuple, list)):
             ops = list(ops[0])
         try:
             ins, rhs = _einsum_parse(eq, len(ops))
-        except ValueError:
+        except RuleDeclined:
             return [], False
         letters = [spec[axis] for spec, o in zip(ins, ops) if o is node and axis < len(spec)]
         # a letter every operand and the output carry is a batch axis (heads)
@@ -124,13 +120,13 @@ def _next_positions(node: fx.Node, user: fx.Node, axis: int, mods) -> tuple[list
         ins, outs = tuple(_val(node).shape), tuple(out.shape)
         try:
             groups = _groups_of(ins, outs)
-        except (ValueError, IndexError):
+        except (RuleDeclined, IndexError):
             return [], False
         for gi, gj in groups:
             if axis in gi and len(gj) == 1:  # kept or merged with neighbours: follow the merged axis
                 return [(user, gj[0])], False
         return [], False
-    if rule in _SAME_AXES or (rule is None and user.op == "call_method" and user.target in ("contiguous", "clone", "to")):
+    if rule is not None and RULES[rule].keeps_axes:
         if out.dim() >= nd:
             return [(user, axis + out.dim() - nd)], False
     return [], False
@@ -167,7 +163,7 @@ def find_head_splits(gm: fx.GraphModule, mods: dict | None = None) -> dict:
             continue
         try:
             groups = _groups_of(tuple(iv.shape), tuple(ov.shape))
-        except (ValueError, IndexError):
+        except (RuleDeclined, IndexError):
             continue
         keep = set()
         for k, (gi, gj) in enumerate(groups):

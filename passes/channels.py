@@ -1,7 +1,7 @@
 """Channel labels: the abstract values that the group analysis propagates through a graph.
 
-Every tensor value in the graph gets a :class:`Lab`: for each axis, an array of channel ids (one per
-index along that axis) and a mask telling which indices are certainly zero when their row is zero.
+Every tensor value in the graph gets an :class:`AxisLabels`: for each axis, an array of channel ids (one
+per index along that axis) and a mask telling which indices are certainly zero when their row is zero.
 Ids live in one :class:`~otofx.passes.unionfind.UnionFind`; operator rules merge them, and the
 classes that remain are the rows of the zero-invariant groups.
 
@@ -24,11 +24,12 @@ import numpy as np
 import torch
 import torch.fx as fx
 
+from .nodes import get_path
 from .unionfind import PIN, UnionFind, unique
 
 
 @dataclass(frozen=True)
-class Lab:
+class AxisLabels:
     """Per-axis channel ids and zero masks of one tensor value."""
 
     ids: tuple  # tuple[np.ndarray[int64], ...], one per axis
@@ -45,11 +46,18 @@ class Lab:
     def axis(self, d: int) -> tuple:
         return self.ids[d], self.zero[d]
 
-    def with_axis(self, d: int, ids: np.ndarray, zero: np.ndarray) -> "Lab":
+    def with_axis(self, d: int, ids: np.ndarray, zero: np.ndarray) -> "AxisLabels":
         i = list(self.ids)
         z = list(self.zero)
         i[d], z[d] = ids, zero
-        return Lab(tuple(i), tuple(z))
+        return AxisLabels(tuple(i), tuple(z))
+
+
+@dataclass(frozen=True)
+class ParamRef:
+    """A module's parameter or buffer by qualified name (module forms bind these; ``Ctx.param`` reads them)."""
+
+    name: str
 
 
 @dataclass(frozen=True)
@@ -116,7 +124,7 @@ class Ctx:
     uf: UnionFind = field(default_factory=UnionFind)
     owners: list = field(default_factory=list)
     pins: list = field(default_factory=list)
-    tensor_labs: dict = field(default_factory=dict)  # qualified name -> Lab
+    tensor_labs: dict = field(default_factory=dict)  # qualified name -> AxisLabels
     node: fx.Node | None = None
     op: str = ""
     alias: dict = field(default_factory=dict)  # any name of a tensor -> its first name
@@ -145,15 +153,15 @@ class Ctx:
             self.tensors.setdefault(self.alias[name], t)
 
     # -- constructors -------------------------------------------------------------------------
-    def pinned_lab(self, shape) -> Lab:
+    def pinned_lab(self, shape) -> AxisLabels:
         shape = tuple(map(int, shape))
-        return Lab(tuple(pinned_axis(n) for n in shape), tuple(false_mask(n) for n in shape))
+        return AxisLabels(tuple(pinned_axis(n) for n in shape), tuple(false_mask(n) for n in shape))
 
     def fresh(self, n: int) -> np.ndarray:
         return self.uf.new(n)
 
-    def tensor_lab(self, name: str, given: dict | None = None) -> Lab:
-        """Lab of parameter/buffer ``name``.
+    def tensor_lab(self, name: str, given: dict | None = None) -> AxisLabels:
+        """AxisLabels of parameter/buffer ``name``.
 
         The first read creates it: axis d takes ``given[d]`` when that is an id array of the
         axis' length (the channel it is owned by, no union needed) or ``PINNED`` (not a channel),
@@ -181,24 +189,24 @@ class Ctx:
             ids.append(a)
             # zeroing a row zeroes its parameters, never a buffer
             zeros.append(true_mask(n) if is_param else false_mask(n))
-        lab = Lab(tuple(ids), tuple(zeros))
+        lab = AxisLabels(tuple(ids), tuple(zeros))
         self.tensor_labs[name] = lab
         return lab
 
     def shape_of(self, p) -> tuple:
-        if isinstance(p, Lab):
+        if isinstance(p, AxisLabels):
             return p.shape
         return tuple(self._tensor(self.alias.get(p.name, p.name)).shape)
 
-    def param(self, p, given: dict | None = None) -> Lab | None:
-        """A parameter argument (a ParamRef-like object with ``.name``, a Lab, or None) as a Lab."""
+    def param(self, p, given: dict | None = None) -> AxisLabels | None:
+        """A parameter argument (a ParamRef, an AxisLabels, or None) as an AxisLabels."""
         if p is None:
             return None
-        if isinstance(p, Lab):
+        if isinstance(p, AxisLabels):
             return self._apply_given(p, given or {})
         return self.tensor_lab(p.name, given)
 
-    def _apply_given(self, lab: Lab, given: dict) -> Lab:
+    def _apply_given(self, lab: AxisLabels, given: dict) -> AxisLabels:
         """Tie (or pin) the axes of an existing tensor label as ``given`` says."""
         for d, a in given.items():
             if a is PINNED:
@@ -208,14 +216,14 @@ class Ctx:
         return lab
 
     def _tensor(self, name: str) -> torch.Tensor:
-        return self.tensors[name] if name in self.tensors else _get_tensor(self.root, name)
+        return self.tensors[name] if name in self.tensors else get_path(self.root, name)
 
     # -- merging ------------------------------------------------------------------------------
     def tie(self, a: np.ndarray, b: np.ndarray) -> None:
         self.uf.union(a, b)
 
     def pin(self, ids, reason: str) -> None:
-        """Pin ``ids`` (an array, a Lab, a SymSize or a container of them) and record why."""
+        """Pin ``ids`` (an array, a AxisLabels, a SymSize or a container of them) and record why."""
         # NB: spatial and input axes are the one cached all-PIN array of their length: skipped
         # (a bare array, the common call from the rules, without the generator walk)
         found = (ids,) if isinstance(ids, np.ndarray) else _id_arrays(ids)
@@ -253,17 +261,10 @@ def _id_arrays(x):
     for v in leaves(x):
         if isinstance(v, np.ndarray):
             yield v
-        elif isinstance(v, (Lab, SymSize)):
+        elif isinstance(v, (AxisLabels, SymSize)):
             yield from v.ids
 
 
 def labs_in(x):
-    """Every Lab inside a (nested) argument structure."""
-    return (v for v in leaves(x) if isinstance(v, Lab))
-
-
-def _get_tensor(root: torch.nn.Module, name: str) -> torch.Tensor:
-    obj = root
-    for part in name.split("."):
-        obj = getattr(obj, part)
-    return obj
+    """Every AxisLabels inside a (nested) argument structure."""
+    return (v for v in leaves(x) if isinstance(v, AxisLabels))

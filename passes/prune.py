@@ -22,7 +22,8 @@ import numpy as np
 import torch
 import torch.fx as fx
 
-from .channels import Lab, labs_in
+from .channels import AxisLabels, labs_in
+from .nodes import get_path
 from .registry import RULES, arg_slot, bind, form_of, set_arg
 from .zigs import ZigSet
 
@@ -40,13 +41,6 @@ class Plan:
         return int(sum(len(r) for r in self.rows))
 
 
-def _tensor(root: torch.nn.Module, name: str) -> torch.Tensor:
-    obj = root
-    for part in name.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
 def row_norms(zigset: ZigSet, module: torch.nn.Module) -> list:
     """Squared L2 norm of every row of every zig (float64 tensors)."""
     out = []
@@ -54,7 +48,7 @@ def row_norms(zigset: ZigSet, module: torch.nn.Module) -> list:
         for z in zigset.zigs:
             acc = torch.zeros(z.rows, dtype=torch.float64)
             for name, dim, index in z.params:
-                p = _tensor(module, name).detach()
+                p = get_path(module, name).detach()
                 sl = p.movedim(dim, 0)[index.reshape(-1)].to(torch.float64)
                 acc += sl.reshape(z.rows, -1).pow(2).sum(1)
             out.append(acc)
@@ -75,7 +69,7 @@ def zero_rows(zigset: ZigSet, module: torch.nn.Module) -> tuple:
             for name, dim, index in z.params:
                 key = (name, dim)
                 if key not in masks:
-                    masks[key] = (_tensor(module, name).detach() != 0).movedim(dim, 0)
+                    masks[key] = (get_path(module, name).detach() != 0).movedim(dim, 0)
                 hit = masks[key].index_select(0, index.reshape(-1).to(masks[key].device))
                 alive |= hit.reshape(z.rows, -1).any(1).cpu()
             out.append(torch.nonzero(~alive).reshape(-1))
@@ -136,10 +130,10 @@ class Site:
 
     @staticmethod
     def old_of(lab):
-        return lab.shape if isinstance(lab, Lab) else None
+        return lab.shape if isinstance(lab, AxisLabels) else None
 
     def new_of(self, lab):
-        if not isinstance(lab, Lab):
+        if not isinstance(lab, AxisLabels):
             return None
         return tuple(int(self._keep_ids(a).sum()) for a in lab.ids)
 
@@ -189,7 +183,7 @@ def _slice_tensors(new: fx.GraphModule, plan: Plan) -> None:
         aliases.setdefault(id(t), []).append(name)
     with torch.no_grad():
         for name, cuts in per_tensor.items():
-            old = _tensor(new, name)
+            old = get_path(new, name)
             data = old.detach()
             for dim, idx in cuts:
                 data = data.index_select(dim, idx)

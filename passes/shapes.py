@@ -25,6 +25,8 @@ from torch.func import functional_call
 from torch.utils._pytree import tree_map
 
 from otofx.errors import OTOError
+from otofx.passes.nodes import INPLACE_ARITHMETIC
+from otofx.passes.registry import CONTIGUOUS_OUT, ELEMENTWISE, RULES, form_of
 
 
 class ShapePropError(OTOError):
@@ -45,33 +47,30 @@ def meta_like(tree):
 
 
 # NB: norms on meta run Python decompositions (3-4 ms a call); ops whose rule keeps shape and dtype
-# get their input's meta value instead of being run
-_SAME_SHAPE_RULES = {"unary", "batch_norm", "group_norm", "layer_norm", "prelu"}
-# (contiguous and clone may change strides, which a later view depends on)
-_DTYPE_CHANGING = {"to", "float", "half", "double", "bfloat16", "type", "_to_copy", "contiguous", "clone"}
+# (``Rule.keeps_shape``) get their input's meta value instead of being run
 
 
 def _keeps_shape(n: fx.Node, modules: dict) -> str | None:
-    """The rule of ``n`` when its output has its input's shape and dtype, else None."""
-    from otofx.passes.registry import form_of
-
+    """How ``n``'s output layout follows its input (``Rule.keeps_shape``) when its output has its
+    input's shape, dtype and layout rule, else None."""
     form = form_of(n, modules)
-    if form is None or form.rule not in _SAME_SHAPE_RULES:
+    # NB: a copy that may change dtype or strides (to, float, contiguous, clone) is run: a later
+    # view depends on the strides
+    if form is None or form.changes_dtype_or_strides:
         return None
-    name = n.target if isinstance(n.target, str) else getattr(n.target, "__name__", "")
-    return None if name.split(".")[0] in _DTYPE_CHANGING else form.rule  # aten overloads are "name.overload"
+    return RULES[form.rule].keeps_shape
 
 
-def _same_shape_out(rule: str, x: torch.Tensor):
+def _same_shape_out(layout: str, x: torch.Tensor):
     """The meta output of a shape-keeping op on ``x`` with torch's layout, or None to run the op.
 
     # NB: layouts matter to later views: elementwise ops keep a dense input's layout, layer_norm
     # always returns a contiguous tensor (a permuted input included), batch/group norm keep a
     # contiguous one; anything else runs on meta
     """
-    if rule == "layer_norm":
+    if layout == CONTIGUOUS_OUT:
         return x if x.is_contiguous() else torch.empty(x.shape, dtype=x.dtype, device=_META)
-    if rule in ("unary", "prelu"):
+    if layout == ELEMENTWISE:
         return x if _dense_strides(x) is not None else None
     return x if x.is_contiguous() else None
 
@@ -94,9 +93,9 @@ class MetaProp(fx.Interpreter):
             x = self.env[n.args[0]] if n.args and isinstance(n.args[0], fx.Node) else None
             if n.op in ("call_module", "call_function", "call_method") and \
                     isinstance(x, torch.Tensor) and x.device.type == "meta":
-                rule = _keeps_shape(n, self.submodules)  # fx.Interpreter's name -> module dict
-                if rule is not None:
-                    out = _same_shape_out(rule, x)
+                layout = _keeps_shape(n, self.submodules)  # fx.Interpreter's name -> module dict
+                if layout is not None:
+                    out = _same_shape_out(layout, x)
             if out is None:
                 out = super().run_node(n)
         except OTOError:
@@ -261,13 +260,10 @@ def _fast_cat(target, args, kwargs):
     return torch.empty(shape, dtype=first.dtype, device=_META)
 
 
-_INPLACE = {operator.iadd, operator.isub, operator.imul, operator.itruediv}
-
-
 def _fast_inplace(target, args, kwargs):
     """``a += b`` (and -=, *=, /=) on a meta tensor: ``a`` itself, when ``b`` broadcasts to it and
     the result's dtype casts to ``a``'s (torch's own checks), else None."""
-    if target not in _INPLACE or kwargs or len(args) != 2:
+    if target not in INPLACE_ARITHMETIC or kwargs or len(args) != 2:
         return None
     a, b = args
     if not isinstance(a, torch.Tensor) or _meta_operands(a, b) is None:

@@ -14,7 +14,6 @@ Internals:
 from __future__ import annotations
 
 import logging
-import operator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -22,9 +21,9 @@ import torch
 import torch.fx as fx
 
 from .attention import find_head_splits
-from .channels import Ctx, Lab, Pin, SymSize, labs_in, leaves
-from .registry import RULES, bind, canonical_name, form_of
-from .semantics import ParamRef
+from .channels import AxisLabels, Ctx, ParamRef, Pin, SymSize, labs_in, leaves
+from .nodes import mutates_input
+from .registry import RULES, RuleDeclined, bind, canonical_name, form_of, strict_rules
 from .unionfind import PIN, UnionFind, unique
 
 log = logging.getLogger("otofx")
@@ -53,15 +52,11 @@ class ZigSet:
 
     zigs: tuple
     pinned: tuple
-    labels: dict = field(repr=False)  # node name -> abstract value (Lab, tuple, SymSize, python value)
+    labels: dict = field(repr=False)  # node name -> abstract value (AxisLabels, tuple, SymSize, python value)
     owners: tuple = field(repr=False)  # every Owner, parameters and buffers
     uf: UnionFind = field(repr=False)
     zig_of_root: np.ndarray = field(repr=False)  # root id -> zig index, -1 if none
     row_of_root: np.ndarray = field(repr=False)  # root id -> row index inside its zig
-
-
-# rules that take sizes as shapes (or just pass them on), so a changed size stays consistent
-_SIZE_CONSUMERS = {"reshape", "expand", "arith", "binary", "getitem", "size", "numel", "shape_merge", "split"}
 
 
 def _unknown(ctx: Ctx, node: fx.Node, args, kwargs, out, reason: str):
@@ -77,10 +72,6 @@ def _pinned_like(ctx: Ctx, out):
     return out
 
 
-# rules that read their parameter arguments through ctx.param (lazy, no union for owned axes)
-_PARAM_AWARE = {"conv", "linear", "embedding", "batch_norm", "group_norm", "layer_norm", "prelu"}
-
-
 def _resolve(ctx: Ctx, v):
     if isinstance(v, ParamRef):
         return ctx.tensor_lab(v.name)
@@ -92,30 +83,15 @@ def _resolve(ctx: Ctx, v):
 
 
 def _getattr_value(ctx: Ctx, node: fx.Node, obj, attr: str, out):
-    if isinstance(obj, Lab):
+    if isinstance(obj, AxisLabels):
         if attr == "shape":
             return RULES["size"].analyze(ctx, input=obj)
         if attr in ("ndim", "dtype", "device", "is_cuda", "requires_grad", "layout"):
             return out
         if attr == "T":
-            return RULES["permute"].analyze(ctx, input=obj, kind="t", out=out)
+            return RULES["permute"].analyze(ctx, input=obj, kind="t", meta=out)
         return _unknown(ctx, node, (obj,), {}, out, f"tensor attribute '{attr}' has no rule")
     return out
-
-
-_INPLACE_OPERATORS = {operator.iadd, operator.isub, operator.imul, operator.itruediv}
-
-
-def _mutates_input(node: fx.Node, module) -> bool:
-    """Whether ``node`` writes its first argument in place (x.add_(1), torch.relu_(x), inplace=True)."""
-    if node.kwargs.get("inplace") is True:
-        return True
-    if node.op == "call_method":
-        return node.target.endswith("_") and not node.target.startswith("__")
-    if node.op == "call_function":
-        name = getattr(node.target, "__name__", "")
-        return node.target in _INPLACE_OPERATORS or (name.endswith("_") and not name.startswith("__"))
-    return module is not None and getattr(module, "inplace", False) is True
 
 
 def find_zigs(gm: fx.GraphModule, pin: tuple = ()) -> ZigSet:
@@ -152,29 +128,39 @@ def find_zigs(gm: fx.GraphModule, pin: tuple = ()) -> ZigSet:
             env[node] = _unknown(ctx, node, _resolve(ctx, args), _resolve(ctx, kwargs), out, f"no rule for '{ctx.op}'")
             continue
         module = mods[node.target] if node.op == "call_module" else None
+        rule = RULES[form.rule]
         try:
             kw = bind(form, node, args, kwargs, module)
-            if form.rule not in _PARAM_AWARE:
+            if not rule.reads_params:
                 kw = _resolve(ctx, kw)
             elif isinstance(kw.get("input"), ParamRef):  # a layer applied to a parameter or buffer (a table)
                 kw["input"] = ctx.tensor_lab(kw["input"].name)
             flat = leaves(kw)
-            if form.rule not in _SIZE_CONSUMERS:
+            if not rule.takes_sizes:
                 syms = [v for v in flat if isinstance(v, SymSize)]
                 if syms:
                     ctx.pin(syms, "a size read off this axis is used as a value")
-            if not any(isinstance(v, (Lab, ParamRef)) for v in flat) and form.rule not in ("arith", "binary", "getitem"):
+            if not rule.python_values and not any(isinstance(v, (AxisLabels, ParamRef)) for v in flat):
                 env[node] = _pinned_like(ctx, out)
                 continue
-            kw.pop("out", None)  # NB: torch's ``out=`` argument (F.normalize has one) is not the rule's meta value
-            env[node] = RULES[form.rule].analyze(ctx, **kw, out=out)
+            # NB: torch's ``out=`` argument (F.normalize has one) is a tensor to write, not a value to label
+            kw.pop("out", None)
+            env[node] = rule.analyze(ctx, **kw, meta=out)
             src = node.args[0] if node.args else None
-            if (_mutates_input(node, module) and isinstance(src, fx.Node) and isinstance(env[node], Lab)
-                    and isinstance(env.get(src), Lab) and env[src].shape == env[node].shape):
+            if (mutates_input(node, module) and isinstance(src, fx.Node) and isinstance(env[node], AxisLabels)
+                    and isinstance(env.get(src), AxisLabels) and env[src].shape == env[node].shape):
                 env[src] = env[node]  # later reads of the mutated tensor see its new label
-        except Exception as e:  # noqa: BLE001 - a rule that cannot handle a call pins it
-            log.debug("rule %s failed on %s: %s", form.rule, node.format_node(), e)
-            env[node] = _unknown(ctx, node, _resolve(ctx, args), _resolve(ctx, kwargs), out, f"rule '{form.rule}' cannot handle this call ({type(e).__name__}: {e})")
+        except RuleDeclined as e:  # the call is outside the rule's algebra: its values are pinned
+            env[node] = _unknown(ctx, node, _resolve(ctx, args), _resolve(ctx, kwargs), out,
+                                 f"rule '{form.rule}' declines this call: {e}")
+        except Exception as e:
+            # NB: anything else is a bug in the rule; pinning keeps the result exact but costs rows
+            if strict_rules():
+                raise
+            log.warning("otofx: rule '%s' failed on node '%s' (%s); its channels are pinned. Please report this.",
+                        form.rule, node.format_node(), f"{type(e).__name__}: {e}")
+            env[node] = _unknown(ctx, node, _resolve(ctx, args), _resolve(ctx, kwargs), out,
+                                 f"rule '{form.rule}' cannot handle this call ({type(e).__name__}: {e})")
     for name in pin:
         ctx.node, ctx.op = None, "user"
         hit = [o.ids for o in ctx.owners if o.name == name or o.name.startswith(name + ".")]
@@ -189,12 +175,12 @@ def find_zigs(gm: fx.GraphModule, pin: tuple = ()) -> ZigSet:
     # NB: get_attr values are parameters, not activations: an unused parameter must not become a row
     acts = [env.get(n) for n in gm.graph.nodes if n.op != "get_attr"]
     # ids a rule keeps for the rewrite (an attention module's heads) are activation axes inside the op
-    acts += [Lab((a,), (np.zeros(len(a), dtype=bool),)) for a in ctx.extra_labels.values()]
+    acts += [AxisLabels((a,), (np.zeros(len(a), dtype=bool),)) for a in ctx.extra_labels.values()]
     return _group(ctx, labels, acts)
 
 
 def _tensor_label(ctx: Ctx, v):
-    """A get_attr node's label: its tensor's Lab once a rule read it (the rewrite sizes it), else the ref."""
+    """A get_attr node's label: its tensor's AxisLabels once a rule read it (the rewrite sizes it), else the ref."""
     if isinstance(v, ParamRef):
         return ctx.tensor_labs.get(ctx.alias.get(v.name, v.name), v)
     return v

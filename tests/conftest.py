@@ -9,6 +9,9 @@ import os
 # Kernel tests run the Triton kernels on the CPU interpreter; this must be set before anything
 # imports otofx.kernels (and Triton reads it at import time).
 os.environ.setdefault("TRITON_INTERPRET", "1")
+# A rule that raises anything but RuleDeclined is a bug: the tests make it fail instead of pinning
+# (passes/registry.py, strict_rules).
+os.environ.setdefault("OTOFX_STRICT_RULES", "1")
 
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402

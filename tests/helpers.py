@@ -16,6 +16,8 @@ import hashlib
 import torch
 from torch.utils._pytree import tree_flatten
 
+from otofx.passes.nodes import get_path
+
 RTOL = 1e-4
 
 
@@ -60,13 +62,6 @@ def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
 # ---------------------------------------------------------------------------------------------
 
 
-def _param(model: torch.nn.Module, name: str) -> torch.Tensor:
-    obj = model
-    for part in name.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
 def zero_rows(model: torch.nn.Module, oto, rows_per_group) -> int:
     """Zero ``rows_per_group[z]`` (row indices) of every group z of ``oto``; returns how many rows."""
     total = 0
@@ -77,7 +72,7 @@ def zero_rows(model: torch.nn.Module, oto, rows_per_group) -> int:
                 continue
             total += int(rows.numel())
             for name, dim, idx in zig.params:
-                p = _param(model, name)
+                p = get_path(model, name)
                 p.data.movedim(dim, 0)[idx[rows].reshape(-1)] = 0
     return total
 

@@ -6,12 +6,15 @@
     (with its own verification) and equals the zeroed full model on a fresh input, with fewer
     parameters;
 (c) targeted checks of group structure (which slices land in one row, at which offsets);
-(d) regressions for bugs this suite found, each a minimal repro.
+(d) regressions for bugs this suite found, each a minimal repro;
+(e) the registry: op identity beside the algebra, schema-bound ATen arguments, user rules,
+    declining versus crashing.
 """
 from __future__ import annotations
 
 import warnings
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -52,7 +55,7 @@ def param_ids(factories):
 
 def test_every_rule_has_examples():
     missing = sorted(set(otofx.passes.RULES) - set(EXAMPLES))
-    assert not missing, f"rules without examples in tests/rule_examples.py: {missing}"
+    assert not missing, f"rules without examples in tests/rule_examples/ (the rule's family file): {missing}"
     unknown = sorted(set(EXAMPLES) - set(otofx.passes.RULES))
     assert not unknown, f"examples filed under rules that do not exist: {unknown}"
 
@@ -503,3 +506,159 @@ def test_bug_negative_bounds_on_unpruned_axes_are_specialised(op):
     oto = otofx.OTO(model, img(hw=5))
     zero_random_rows(model, oto, seed=1)
     assert_exact(model, oto, img(hw=7))  # a fully convolutional model: any resolution is a valid input
+
+
+# =============================================================================================
+# (e) the registry
+# =============================================================================================
+
+
+def test_forms_say_what_the_op_is_beside_its_algebra():
+    from otofx.passes.registry import FUNCTION_FORMS, METHOD_FORMS, MODULE_FORMS
+
+    assert (MODULE_FORMS[nn.InstanceNorm2d].rule, MODULE_FORMS[nn.InstanceNorm2d].op) == ("batch_norm", "instance_norm")
+    assert (MODULE_FORMS[nn.BatchNorm2d].rule, MODULE_FORMS[nn.BatchNorm2d].op) == ("batch_norm", "batch_norm")
+    assert [MODULE_FORMS[c].op for c in (nn.ReLU, nn.Dropout, nn.LeakyReLU, nn.Conv2d)] == [
+        "relu", "dropout", "leaky_relu", "conv2d"]
+    assert METHOD_FORMS["to"].rule == "unary" and METHOD_FORMS["to"].op == "to"
+    assert METHOD_FORMS["__iadd__"].op == FUNCTION_FORMS[torch.ops.aten.add_.Tensor].op == "add"
+
+
+def test_aten_argument_names_come_from_the_schema():
+    from otofx.passes.registry import FUNCTION_FORMS
+
+    aten = torch.ops.aten
+    assert FUNCTION_FORMS[aten.embedding.default].spec[:2] == ("weight", "input")  # ATen's order, not F's
+    assert FUNCTION_FORMS[F.embedding].spec[:2] == ("input", "weight")
+    assert "eps" in FUNCTION_FORMS[F.batch_norm].spec  # no longer lost in the unnamed rest
+    assert FUNCTION_FORMS[aten.var.dim].spec == ("input", "dim", "unbiased", "keepdim")
+
+
+def test_a_target_bound_twice_raises():
+    from otofx.passes.registry import functions
+
+    with pytest.raises(ValueError, match="already bound"):
+        functions("unary", [torch.relu], ("input",))
+    with pytest.raises(ValueError, match="already bound"):
+        otofx.register_rule(nn.ReLU, "unary")
+
+
+def _glu(ctx, input, dim=-1, meta=None, **_):
+    """glu(x, dim) = a * sigmoid(b) for the halves a, b of dim: channels j and j + C/2 are one row; zero where a is."""
+    d = dim % input.ndim
+    a, b = np.split(input.ids[d], 2)
+    ctx.tie(a, b)
+    return input.with_axis(d, a, input.zero[d][: len(a)])
+
+
+class GatedConv(nn.Module):
+    """A user layer symbolic_trace cannot see into (a Python branch on a size)."""
+
+    def __init__(self, cin, cout):
+        super().__init__()
+        self.conv = conv(cin, 2 * cout)
+        self.dim = 1
+
+    def forward(self, x):
+        y = self.conv(x)
+        if y.shape[self.dim] % 2:  # a traced size is a Proxy: no Python branch on it
+            raise ValueError("GatedConv needs an even number of channels")
+        return F.glu(y, self.dim)
+
+
+@pytest.fixture
+def glu_rule():
+    """Registers the test's glu rule for F.glu, and forgets every registration afterwards."""
+    from otofx.passes import registry
+
+    made = []
+
+    def register(target, rule, **kw):
+        form = otofx.register_rule(target, rule, **kw)
+        made.append(target)
+        return form
+
+    try:
+        yield register
+    finally:
+        for t in made:
+            registry.unregister(t)
+        registry.RULES.pop("glu", None)
+
+
+def test_register_rule_for_a_function(glu_rule):
+    """F.glu has no built-in rule: its producer is pinned; with a rule, each pair of halves is one row."""
+    model = randomize(Net(lambda s, x: s.c2(F.glu(s.c1(x), 1)), c1=conv(3, 8), c2=conv(4, 4)))
+    assert not otofx.OTO(model, img()).groups
+    form = glu_rule(F.glu, _glu, name="glu", keeps_axes=True)
+    assert (form.rule, form.op, form.spec) == ("glu", "glu", ("input", "dim"))
+    oto = otofx.OTO(model, img())
+    assert [z.rows for z in oto.groups] == [4]
+    idx = index(oto.groups[0], "c1.weight", 0)
+    assert torch.equal(idx[:, 1] - idx[:, 0], torch.full((4,), 4))  # channel j with channel j + 4
+    zero_random_rows(model, oto, seed=1)
+    assert_exact(model, oto, fresh_like(img()))
+
+
+def test_register_rule_for_a_layer(glu_rule):
+    """A user layer bound to a rule becomes a graph leaf; its own parameters are bound by object."""
+
+    from otofx.passes.channels import OWN, PINNED
+
+    def gated(ctx, input, weight, bias, meta=None, **_):
+        """conv then glu over channels: out channel j reads conv rows j and j + C/2, one row per pair."""
+        w = ctx.param(weight, {0: OWN, 1: input.ids[1], 2: PINNED, 3: PINNED})
+        a, b = np.split(w.ids[0], 2)
+        ctx.tie(a, b)
+        ctx.param(bias, {0: w.ids[0]})
+        return input.with_axis(1, a, np.ones(len(a), dtype=bool))
+
+    model = randomize(Net(lambda s, x: s.c2(s.g(torch.relu(s.c1(x)))), c1=conv(3, 6), g=GatedConv(6, 4),
+                          c2=conv(4, 4)))
+    glu_rule(GatedConv, gated, name="glu", reads_params=True,
+             bind=lambda m, x: dict(input=x, weight=m.conv.weight, bias=m.conv.bias))
+    oto = otofx.OTO(model, img())
+    assert oto.frontend == "symbolic_trace"
+    assert sorted(z.rows for z in oto.groups) == [4, 6]
+    zero_random_rows(model, oto, seed=1)
+    assert_exact(model, oto, fresh_like(img()))
+
+
+@pytest.mark.parametrize("kind", ["declined", "crash-strict", "crash-lenient"])
+def test_declining_is_not_crashing(kind, glu_rule, monkeypatch, caplog):
+    from otofx.passes import RuleDeclined
+
+    def picky(ctx, input, dim=-1, meta=None, **_):
+        """a rule that declines (or crashes on) every call: its channels are pinned."""
+        if kind == "declined":
+            raise RuleDeclined("only the last axis")
+        return 1 / 0
+
+    glu_rule(F.glu, picky, name="glu")
+    model = randomize(Net(lambda s, x: s.c2(F.glu(s.c1(x), 1)), c1=conv(3, 8), c2=conv(4, 4)))
+    if kind == "crash-strict":
+        with pytest.raises(ZeroDivisionError):
+            otofx.OTO(model, img())
+        return
+    monkeypatch.setenv("OTOFX_STRICT_RULES", "0")
+    with caplog.at_level("WARNING", logger="otofx"):
+        oto = otofx.OTO(model, img())
+    assert not oto.groups
+    reasons = [p.reason for p in oto.pinned]
+    if kind == "declined":
+        assert any("declines this call: only the last axis" in r for r in reasons), reasons
+        assert not [r for r in caplog.records if r.levelname == "WARNING"]
+    else:
+        assert any("cannot handle this call (ZeroDivisionError" in r for r in reasons), reasons
+        assert any("rule 'glu' failed" in r.getMessage() for r in caplog.records if r.levelname == "WARNING")
+
+
+def test_a_rule_states_its_algebra():
+    def mute(ctx, input, meta=None, **_):
+        return input
+
+    with pytest.raises(ValueError, match="channel algebra"):
+        otofx.register_rule(F.glu, mute)
+    from otofx.passes.registry import FUNCTION_FORMS, RULES
+
+    assert "mute" not in RULES and F.glu not in FUNCTION_FORMS

@@ -1,0 +1,25 @@
+"""The operator rules, one file per op family; importing this package registers them all.
+
+=============== =====================================================================
+file            rules
+=============== =====================================================================
+linalg.py       conv, linear, embedding, matmul, addmm, einsum
+attention.py    attention (scaled_dot_product_attention), multihead_attention
+norm.py         batch_norm (and instance norm), group_norm, layer_norm (and RMSNorm)
+elementwise.py  unary (activations, dropout, copies, clamp), prelu, binary, where
+spatial.py      pool, resample
+shape.py        cat, stack, unbind, split, reshape, shape_merge, permute, expand,
+                expand_as, channel_shuffle
+indexing.py     narrow, slice, getitem, index, select, roll
+reduction.py    reduce, normalize, softmax
+sizes.py        size, ndim, numel, arith, check
+=============== =====================================================================
+
+Each rule sits with its binders and its ``fix``; its docstring's first line is its channel
+algebra, and its properties (``passes/registry.py``, :class:`Rule`) are declared where it is
+registered, so no pass keeps a list of rule names.
+
+Internals:
+    * Order matters only where one family calls another's rule (``addmm`` reuses ``binary``).
+"""
+from . import attention, elementwise, indexing, linalg, norm, reduction, shape, sizes, spatial  # noqa: F401

@@ -1,0 +1,262 @@
+"""Elementwise ops: activations and copies (``unary``), PReLU, arithmetic with broadcasting, where.
+
+Every axis keeps its channel ids; broadcasting ties equal-sized axes of the operands. What varies
+is whether a zero channel stays zero: ``f(0) = 0`` for relu or a copy (declared per form with
+``zero_in``), not for sigmoid or exp; a sum of channels is zero only where every term is, a
+product where any factor is.
+
+Internals:
+    * A division pins the channels of its denominator, unless the denominator is positive by
+      construction (``_positive``: clamp_min(x, eps), exp, x + eps of a non-negative x).
+"""
+from __future__ import annotations
+
+import operator
+
+import numpy as np
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..channels import AxisLabels, Ctx, ParamRef, SymSize, false_mask, pinned_axis
+from ..registry import ELEMENTWISE, functions, methods, modules, rule
+from .common import _bind_input, _ov, _out_shape, _scalar_zero
+
+aten = torch.ops.aten
+
+
+@rule("unary", keeps_shape=ELEMENTWISE, keeps_axes=True)
+def unary(ctx: Ctx, input, zero_in=True, min_val=None, max_val=None, meta=None, **kw):
+    """y = f(x) elementwise: every axis keeps its ids; zero stays zero when f(0) = 0."""
+    x = input
+    if not isinstance(x, AxisLabels):
+        return x
+    lo = min_val if min_val is not None else kw.get("min")
+    hi = max_val if max_val is not None else kw.get("max")
+    for b in (lo, hi):
+        if isinstance(b, (AxisLabels, SymSize)):
+            ctx.pin(b, "a clamp bound is a tensor")
+            zero_in = False
+    lo = lo if isinstance(lo, (int, float)) else float("-inf")
+    hi = hi if isinstance(hi, (int, float)) else float("inf")
+    if not (lo <= 0 <= hi):
+        zero_in = False  # hardtanh/clamp move 0 to a bound
+    if zero_in:
+        return x
+    return AxisLabels(x.ids, tuple(false_mask(len(a)) for a in x.ids))
+
+
+# f(0) == 0 (a zero channel stays zero: the form passes zero_in=True)
+_ZERO_FNS = ["relu", "relu6", "gelu", "silu", "hardswish", "tanh", "leaky_relu", "elu", "selu",
+             "celu", "mish", "softsign", "tanhshrink", "softshrink", "hardshrink", "abs", "neg", "rrelu",
+             "dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout", "feature_alpha_dropout",
+             "contiguous", "clone", "detach", "float", "half", "double", "bfloat16", "to", "type", "sqrt",
+             "square", "sin", "erf", "relu_", "silu_", "hardswish_", "leaky_relu_", "elu_", "selu_",
+             "celu_", "tanh_", "neg_", "abs_", "sin_", "dropout_", "gelu_", "mish_", "sign", "zero_"]
+# finite but non-zero at 0 (zero_in=False: the output is not zero with its row)
+_NONZERO_FNS = ["sigmoid", "hardsigmoid", "softplus", "exp", "cos", "logsigmoid", "sigmoid_", "hardsigmoid_",
+                "exp_", "cos_", "erfc"]
+# copies whose dtype or strides may differ from the input's (shape propagation runs them)
+_NEW_LAYOUT = {"to", "float", "half", "double", "bfloat16", "type", "_to_copy", "contiguous", "clone"}
+
+
+def _register_unary(names, zero_in):
+    for n in names:
+        aten_ops = _ov(getattr(aten, n, None), "default")
+        targets = [t for t in [getattr(F, n, None), getattr(torch, n, None)] + aten_ops if callable(t)]
+        functions("unary", targets, ("input",), zero_in=zero_in, changes_dtype_or_strides=n in _NEW_LAYOUT)
+        methods("unary", [n], ("input",), zero_in=zero_in, changes_dtype_or_strides=n in _NEW_LAYOUT)
+
+
+_register_unary(_ZERO_FNS, True)
+_register_unary(_NONZERO_FNS, False)
+functions("unary", _ov(aten.alias, "default") + _ov(aten.lift_fresh_copy, "default")
+          + _ov(aten.native_dropout, "default"), ("input",), zero_in=True)
+functions("unary", _ov(aten._to_copy, "default") + _ov(aten.to, "dtype", "dtype_layout", "device"), ("input",),
+          zero_in=True, changes_dtype_or_strides=True)
+modules("unary", [nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Hardswish, nn.Tanh, nn.LeakyReLU, nn.ELU,
+                  nn.SELU, nn.CELU, nn.Mish, nn.Softsign, nn.Tanhshrink, nn.Softshrink, nn.Hardshrink, nn.RReLU,
+                  nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout,
+                  nn.Identity], _bind_input, zero_in=True)
+functions("unary", [torch.clamp, torch.clip] + _ov(aten.clamp, "default") + _ov(aten.clip, "default"),
+          ("input", "min_val", "max_val"), rename={"min": "min_val", "max": "max_val"})
+methods("unary", ["clamp", "clip", "clamp_", "clip_"], ("input", "min_val", "max_val"))
+functions("unary", [torch.clamp_min] + _ov(aten.clamp_min, "default"), ("input", "min_val"), (("max_val", float("inf")),),
+          rename={"min": "min_val"})
+methods("unary", ["clamp_min", "clamp_min_"], ("input", "min_val"), (("max_val", float("inf")),))
+functions("unary", [torch.clamp_max] + _ov(aten.clamp_max, "default"), ("input", "max_val"), (("min_val", float("-inf")),),
+          rename={"max": "max_val"})
+methods("unary", ["clamp_max", "clamp_max_"], ("input", "max_val"), (("min_val", float("-inf")),))
+modules("unary", [nn.Sigmoid, nn.Hardsigmoid, nn.Softplus, nn.LogSigmoid], _bind_input, zero_in=False)
+# hardtanh: f(0) = 0 unless its bounds exclude 0, which the rule checks
+modules("unary", [nn.Hardtanh], lambda node, m, args, kwargs: dict(input=args[0], min_val=m.min_val,
+                                                                    max_val=m.max_val))
+functions("unary", [F.hardtanh, F.hardtanh_] + _ov(aten.hardtanh, "default"), ("input", "min_val", "max_val"),
+          (("min_val", -1.0), ("max_val", 1.0)))
+functions("unary", _ov(aten.hardtanh_, "default"), zero_in=True)
+methods("unary", ["hardtanh", "hardtanh_"], ("input", "min_val", "max_val"), (("min_val", -1.0), ("max_val", 1.0)))
+
+try:  # torchvision's stochastic depth: a per-sample mask times the input
+    from torchvision.ops import StochasticDepth, stochastic_depth
+
+    modules("unary", [StochasticDepth], _bind_input, zero_in=True)
+    functions("unary", [stochastic_depth], ("input", "p", "mode", "training"), zero_in=True)
+except ImportError:  # pragma: no cover - torchvision is optional
+    StochasticDepth = stochastic_depth = None
+
+
+def _prelu_fix(site, **_):
+    m = site.module
+    if m is not None:
+        m.num_parameters = m.weight.numel()
+
+
+@rule("prelu", fix=_prelu_fix, reads_params=True, keeps_shape=ELEMENTWISE, keeps_axes=True)
+def prelu(ctx: Ctx, input, weight, meta=None, **_):
+    """y = max(0, x) + a[c] min(0, x): a per-channel slope is owned by channel axis 1; zero stays zero."""
+    x = input
+    ctx.param(weight, {0: x.ids[1 if x.ndim > 1 else 0]})
+    return x
+
+
+modules("prelu", [nn.PReLU], lambda node, m, args, kwargs: dict(input=args[0], weight=ParamRef(f"{node.target}.weight")))
+functions("prelu", [F.prelu] + _ov(aten.prelu, "default"), ("input", "weight"))
+
+
+def _positive(node, depth: int = 8) -> bool:
+    """Whether ``node`` is > 0 everywhere by construction (clamp_min(x, eps), exp, x + eps after x >= 0).
+
+    A division by such a value cannot blow up when a row is zero, so the denominator is not pinned.
+    """
+    if not isinstance(node, fx.Node) or depth == 0 or node.op not in ("call_function", "call_method"):
+        return False
+    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+    name = name.split(".")[0]
+    args = node.args
+    if name in ("expand", "expand_as", "view", "reshape", "unsqueeze", "permute", "transpose", "contiguous",
+                "clone", "to", "_to_copy", "float", "alias", "detach"):
+        return _positive(args[0], depth - 1) if args else False
+    if name in ("exp", "softplus", "sigmoid"):
+        return True
+    if name in ("clamp_min", "clamp", "clamp_"):
+        lo = args[1] if len(args) > 1 else node.kwargs.get("min")
+        return isinstance(lo, (int, float)) and lo > 0
+    if name in ("add", "__add__", "add_") and len(args) > 1:
+        a, b = args[0], args[1]
+        if isinstance(b, (int, float)) and b > 0:
+            return _nonnegative(a, depth - 1)
+    if name in ("sqrt", "rsqrt"):
+        return _positive(args[0], depth - 1)
+    return False
+
+
+def _nonnegative(node, depth: int) -> bool:
+    if _positive(node, depth):
+        return True
+    if not isinstance(node, fx.Node) or depth == 0:
+        return False
+    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+    name = name.split(".")[0]
+    if name in ("abs", "relu", "square", "linalg_vector_norm", "norm", "sqrt"):
+        return True
+    if name in ("pow", "__pow__") and len(node.args) > 1 and node.args[1] == 2:
+        return True
+    if name in ("mean", "sum", "amax"):
+        return _nonnegative(node.args[0], depth - 1)
+    return False
+
+
+@rule("binary", takes_sizes=True, python_values=True, keeps_axes=True)
+def binary(ctx: Ctx, input, other, kind="add", meta=None, **_):
+    """z = x (op) y with broadcasting: axes of equal size are the same channels (tied); zero when both are zero (add, sub) or either is (mul)."""
+    operands = [input, other]
+    if kind == "div" and isinstance(other, AxisLabels) and not _positive(ctx.node.args[1] if ctx.node is not None
+                                                                  and len(ctx.node.args) > 1 else None):
+        ctx.pin(other, "divides by this channel")
+    if not any(isinstance(v, AxisLabels) for v in operands):  # python arithmetic (sizes, lists)
+        sym = tuple(a for v in operands if isinstance(v, SymSize) for a in v.ids)
+        return SymSize(meta, sym) if sym else meta
+    shape = _out_shape(meta)
+    n = len(shape)
+    labs = [v for v in operands if isinstance(v, AxisLabels)]
+    ctx.pin([v for v in operands if isinstance(v, SymSize)], "a size read off this axis is used as a value")
+    ids, zero = [], []
+    for d in range(n):
+        full, part = [], []
+        for v in labs:
+            vd = d - (n - v.ndim)
+            if vd < 0 or v.shape[vd] != shape[d]:
+                part.append(v)
+            else:
+                full.append((v.ids[vd], v.zero[vd]))
+        if not full:
+            ids.append(pinned_axis(shape[d]))
+            zero.append(false_mask(shape[d]))
+            continue
+        for c in full[1:]:
+            ctx.tie(full[0][0], c[0])
+        zs = [c[1] for c in full]
+        scalars = [v for v in operands if not isinstance(v, AxisLabels)]
+        if kind in ("mul",):
+            z = zs[0] if len(zs) == 1 else np.logical_or.reduce(zs)
+            if any(_scalar_zero(s) for s in scalars):
+                z = np.ones(shape[d], dtype=bool)
+        elif kind == "div":  # zero where the numerator is (a pinned denominator is never zero with a row)
+            nd = d - (n - input.ndim) if isinstance(input, AxisLabels) else -1
+            z = input.zero[nd] if nd >= 0 and input.shape[nd] == shape[d] else false_mask(shape[d])
+        elif part or not all(_scalar_zero(s) for s in scalars):
+            z = false_mask(shape[d])
+        else:
+            z = zs[0] if len(zs) == 1 else np.logical_and.reduce(zs)
+        ids.append(full[0][0])
+        zero.append(z)
+    return AxisLabels(tuple(ids), tuple(zero))
+
+
+for _kind, _names, _ops in [
+    ("add", ["add", "add_", "__add__", "__radd__", "__iadd__"], [operator.add, operator.iadd, torch.add]),
+    ("sub", ["sub", "sub_", "__sub__", "__rsub__", "__isub__", "rsub"], [operator.sub, operator.isub, torch.sub, torch.rsub]),
+    ("mul", ["mul", "mul_", "__mul__", "__rmul__", "__imul__"], [operator.mul, operator.imul, torch.mul]),
+    ("div", ["div", "div_", "__truediv__", "__itruediv__", "true_divide"], [operator.truediv, operator.itruediv, torch.div, torch.true_divide]),
+]:
+    _aten = [o for n in ("add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "rsub")
+             if n.rstrip("_") in (_kind, "rsub" if _kind == "sub" else _kind) for o in _ov(getattr(aten, n), "Tensor", "Scalar")]
+    functions("binary", _ops + _aten, ("input", "other"), kind=_kind)
+    methods("binary", _names, ("input", "other"), kind=_kind)
+
+
+@rule("where", keeps_axes=True)
+def where(ctx: Ctx, condition, input, other, meta=None, **_):
+    """where(c, x, y): elementwise choice with broadcasting; axes of full size are one channel across c, x, y; zero where x and y both are."""
+    shape = _out_shape(meta)
+    n = len(shape)
+    vals = [v for v in (input, other)]
+    ids, zero = [], []
+    for d in range(n):
+        full = []
+        for v in (condition, input, other):
+            if isinstance(v, AxisLabels):
+                vd = d - (n - v.ndim)
+                if vd >= 0 and v.shape[vd] == shape[d]:
+                    full.append((v, vd))
+        if not full:
+            ids.append(pinned_axis(shape[d]))
+            zero.append(false_mask(shape[d]))
+            continue
+        for v, vd in full[1:]:
+            ctx.tie(full[0][0].ids[full[0][1]], v.ids[vd])
+        z = np.ones(shape[d], dtype=bool)
+        for v in vals:
+            vd = d - (n - v.ndim) if isinstance(v, AxisLabels) else -1
+            if isinstance(v, AxisLabels) and vd >= 0 and v.shape[vd] == shape[d]:
+                z = z & v.zero[vd]
+            elif not _scalar_zero(v):
+                z = false_mask(shape[d])
+        ids.append(full[0][0].ids[full[0][1]])
+        zero.append(z)
+    return AxisLabels(tuple(ids), tuple(zero))
+
+
+functions("where", [torch.where] + _ov(aten.where, "self", "ScalarOther", "ScalarSelf", "Scalar"),
+          ("condition", "input", "other"))

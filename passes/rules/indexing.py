@@ -1,0 +1,230 @@
+"""Indexing: narrow, slice, getitem (``x[...]``), index, select, roll.
+
+A unit-step slice keeps its slice of the axis ids (a channel keeps its row at a new offset, and the
+literal bounds are recounted in the rewrite); an integer or tensor index reads single channels and
+pins the axis it reads; ``None`` adds an axis that is not a channel.
+"""
+from __future__ import annotations
+
+import operator
+
+import torch
+
+from ..channels import AxisLabels, Ctx, false_mask, labs_in, pinned_axis
+from ..registry import functions, methods, rule
+from .common import _ax, _ov, _out_shape, _passthrough
+
+aten = torch.ops.aten
+
+
+def _narrow_fix(site, input, dim, start, length, **_):
+    d = _ax(dim, len(site.old(input)))
+    keep = site.keep(input, d)
+    if keep.all():
+        return
+    s = _ax(start, len(keep)) if isinstance(start, int) else start
+    if not isinstance(s, int) or not isinstance(length, int):
+        return
+    site.set("start", int(keep[:s].sum()))
+    site.set("length", int(keep[s:s + length].sum()))
+
+
+@rule("narrow", fix=_narrow_fix, keeps_axes=True)
+def narrow(ctx: Ctx, input, dim, start, length, meta=None, **_):
+    """narrow(dim, start, length): the output axis is that slice of the input ids; literal start/length are recounted."""
+    x = input
+    d = _ax(dim, x.ndim)
+    if not isinstance(start, int) or not isinstance(length, int):
+        ctx.pin(x.ids[d], "narrow with a computed start or length")
+        return _passthrough(ctx, x, _out_shape(meta), {i: i for i in range(x.ndim)})
+    s = _ax(start, x.shape[d])
+    return x.with_axis(d, x.ids[d][s:s + length], x.zero[d][s:s + length])
+
+
+functions("narrow", [torch.narrow] + _ov(aten.narrow, "default"), ("input", "dim", "start", "length"))
+methods("narrow", ["narrow"], ("input", "dim", "start", "length"))
+
+
+def _slice_fix(site, input, dim=0, start=None, end=None, step=1, **_):
+    d = _ax(dim, len(site.old(input)))
+    keep = site.keep(input, d)
+    if keep.all():
+        return
+    n = len(keep)
+    s, e, _st = slice(start, end, step).indices(n)
+    site.set("start", int(keep[:s].sum()))
+    site.set("end", int(keep[:e].sum()) if end is not None and end < n else end)
+
+
+@rule("slice", fix=_slice_fix, keeps_axes=True)
+def slice_(ctx: Ctx, input, dim=0, start=None, end=None, step=1, meta=None, **_):
+    """aten.slice(dim, start, end, step 1): the output axis is that slice of the ids."""
+    x = input
+    d = _ax(dim, x.ndim)
+    if step != 1 or not all(isinstance(v, (int, type(None))) for v in (start, end)):
+        ctx.pin(x.ids[d], "strided or computed slice")
+        return _passthrough(ctx, x, _out_shape(meta), {i: i for i in range(x.ndim)})
+    s, e, _ = slice(start, end).indices(x.shape[d])
+    return x.with_axis(d, x.ids[d][s:e], x.zero[d][s:e])
+
+
+functions("slice", _ov(aten.slice, "Tensor"), defaults=(("dim", 0), ("start", None), ("end", None), ("step", 1)))
+
+
+def _index_parts(idx, ndim):
+    """Expand a getitem index into per-input-axis parts; returns list of (in_axis|None, part)."""
+    parts = list(idx) if isinstance(idx, tuple) else [idx]
+    n_real = sum(1 for p in parts if p is not None and p is not Ellipsis)
+    out, d = [], 0
+    for p in parts:
+        if p is Ellipsis:
+            for _ in range(ndim - n_real):
+                out.append((d, slice(None)))
+                d += 1
+        elif p is None:
+            out.append((None, None))
+        else:
+            out.append((d, p))
+            d += 1
+    while d < ndim:
+        out.append((d, slice(None)))
+        d += 1
+    return out
+
+
+def _getitem_fix(site, input, index, **_):
+    if not isinstance(site.old(input), tuple):
+        return
+    ndim = len(site.old(input))
+    parts = _index_parts(index, ndim)
+    new_parts, changed = [], False
+    for axis, p in parts:
+        if isinstance(p, slice) and axis is not None and (p.start is not None or p.stop is not None):
+            keep = site.keep(input, axis)
+            if keep.all():  # nothing removed on this axis: keep the user's bounds (negative ones too)
+                new_parts.append(p)
+                continue
+            n = len(keep)
+            s, e, _ = p.indices(n)
+            ns = int(keep[:s].sum()) if p.start is not None else None
+            ne = int(keep[:e].sum()) if p.stop is not None and e < n else p.stop
+            if (ns, ne) != (p.start, p.stop):
+                changed = True
+            new_parts.append(slice(ns, ne, p.step))
+        else:
+            new_parts.append(p)
+    if changed:
+        # keep the user's spelling: rebuild only the parts that were in the original index
+        orig = list(index) if isinstance(index, tuple) else [index]
+        it = iter(new_parts)
+        rebuilt = []
+        for p in orig:
+            if p is Ellipsis:
+                # skip the parts that the ellipsis expanded to
+                n_real = sum(1 for q in orig if q is not None and q is not Ellipsis)
+                for _ in range(ndim - n_real):
+                    next(it)
+                rebuilt.append(Ellipsis)
+            else:
+                rebuilt.append(next(it))
+        site.set("index", tuple(rebuilt) if isinstance(index, tuple) else rebuilt[0])
+
+
+@rule("getitem", fix=_getitem_fix, takes_sizes=True, python_values=True)
+def getitem(ctx: Ctx, input, index, meta=None, **_):
+    """x[idx]: a unit-step slice of an axis keeps that slice of ids (bounds recounted); None adds a pinned axis; an int or tensor index pins the axis it reads."""
+    x = input
+    if not isinstance(x, AxisLabels):  # tuple/list/size: plain indexing of python values
+        if isinstance(x, (tuple, list)):
+            return x[index]
+        if isinstance(x, torch.Size):
+            return x[index]
+        return None
+    if isinstance(index, AxisLabels) or (isinstance(index, tuple) and len(index) == 1 and isinstance(index[0], AxisLabels)):
+        return _gather_first(ctx, x, index if isinstance(index, AxisLabels) else index[0], meta)
+    parts = _index_parts(index, x.ndim)
+    ids, zero = [], []
+    for axis, p in parts:
+        if axis is None:
+            ids.append(pinned_axis(1))
+            zero.append(false_mask(1))
+        elif isinstance(p, slice) and all(isinstance(v, (int, type(None))) for v in (p.start, p.stop, p.step)):
+            if p.step not in (None, 1):
+                ctx.pin(x.ids[axis], "strided slice")
+                ids.append(pinned_axis(len(range(*p.indices(x.shape[axis])))))
+                zero.append(false_mask(len(ids[-1])))
+            else:
+                s, e, _ = p.indices(x.shape[axis])
+                ids.append(x.ids[axis][s:e])
+                zero.append(x.zero[axis][s:e])
+        elif isinstance(p, int):
+            if x.shape[axis] > 1:
+                ctx.pin(x.ids[axis], "indexes a single channel")
+        else:
+            for lab in labs_in(p):
+                ctx.pin(lab, "used as an index")
+            ctx.pin(x, "indexed by a tensor or computed value")
+            return ctx.pinned_lab(_out_shape(meta))
+    lab = AxisLabels(tuple(ids), tuple(zero))
+    if lab.shape != _out_shape(meta):
+        ctx.pin(x, "indexing this value was not understood")
+        return ctx.pinned_lab(_out_shape(meta))
+    return lab
+
+
+functions("getitem", [operator.getitem], ("input", "index"))
+
+
+def _gather_first(ctx: Ctx, x: AxisLabels, idx: AxisLabels, meta) -> AxisLabels:
+    """x[idx] with one integer tensor: gathers along axis 0 (pinned); the trailing axes pass."""
+    shape = _out_shape(meta)
+    if shape != idx.shape + x.shape[1:]:
+        ctx.pin([x, idx], "indexed by a tensor in a way that was not understood")
+        return ctx.pinned_lab(shape)
+    ctx.pin(x.ids[0], "gathered by an index tensor")
+    ctx.pin(idx, "used as an index")
+    lead = ctx.pinned_lab(idx.shape)
+    return AxisLabels(lead.ids + x.ids[1:], lead.zero + x.zero[1:])
+
+
+@rule("index")
+def index(ctx: Ctx, input, indices, meta=None, **_):
+    """aten.index(x, [idx]): one integer index tensor gathers along axis 0 (pinned), trailing axes pass; other forms pin."""
+    idx = [i for i in indices]
+    if len(idx) == 1 and isinstance(idx[0], AxisLabels):
+        return _gather_first(ctx, input, idx[0], meta)
+    ctx.pin([input] + [i for i in idx if isinstance(i, AxisLabels)], "advanced indexing")
+    return ctx.pinned_lab(_out_shape(meta))
+
+
+functions("index", _ov(aten.index, "Tensor"))
+
+
+@rule("select")
+def select(ctx: Ctx, input, dim, index, meta=None, **_):
+    """x.select(dim, i): the axis is removed; if it holds channels they are pinned (one is read), the rest pass."""
+    x = input
+    d = _ax(dim, x.ndim)
+    if x.shape[d] > 1:
+        ctx.pin(x.ids[d], "indexes a single channel")
+    return AxisLabels(x.ids[:d] + x.ids[d + 1:], x.zero[:d] + x.zero[d + 1:])
+
+
+functions("select", [torch.select] + _ov(aten.select, "int"), ("input", "dim", "index"))
+methods("select", ["select"], ("input", "dim", "index"))
+
+
+@rule("roll")
+def roll(ctx: Ctx, input, shifts, dims=None, meta=None, **_):
+    """roll along dims: rolled axes are pinned (positions move), the others keep their ids."""
+    x = input
+    if dims is None or (isinstance(dims, (tuple, list)) and len(dims) == 0):
+        ctx.pin(x, "roll of the flattened tensor")
+        return ctx.pinned_lab(x.shape)
+    dims = [dims] if isinstance(dims, int) else list(dims)
+    rolled = {_ax(d, x.ndim) for d in dims}
+    return _passthrough(ctx, x, x.shape, {d: d for d in range(x.ndim) if d not in rolled})
+
+
+functions("roll", [torch.roll] + _ov(aten.roll, "default"), ("input", "shifts", "dims"))
+methods("roll", ["roll"], ("input", "shifts", "dims"))

@@ -1,0 +1,259 @@
+"""Linear algebra: conv, linear, embedding (layers that own a channel axis), matmul, addmm, einsum.
+
+A parameter slice that reads channel c is in c's row, so a layer with a weight needs nothing from
+its input: the row's zero weights cancel whatever flows in. Contractions of two activations
+(``matmul``, ``einsum``) need the zero mask instead; where it is false the channel is pinned.
+
+Internals:
+    * ``groups > 1`` convs tie each conv group's input channels into one row, so the groups stay
+      equal-sized after pruning (``_conv_fix`` recomputes ``groups``); a depthwise conv's output
+      channel is its input channel.
+"""
+from __future__ import annotations
+
+import operator
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..channels import OWN, PINNED, AxisLabels, Ctx, ParamRef, false_mask, pinned_axis, true_mask
+from ..registry import RuleDeclined, functions, methods, modules, rule
+from .common import _ov, _out_shape, _passthrough
+from .elementwise import binary
+
+aten = torch.ops.aten
+
+
+def _conv_fix(site, input, weight, groups=1, transposed=False, **_):
+    old_c, new_c = site.old(input)[1], site.new(input)[1]
+    g = groups if groups is not None else 1
+    new_g = g if g == 1 else g * new_c // old_c
+    new_out = site.out_new[1]
+    m = site.module
+    if m is not None:
+        m.in_channels, m.out_channels, m.groups = new_c, new_out, new_g
+    elif new_g != g:
+        site.set("groups", new_g)
+
+
+@rule("conv", fix=_conv_fix, reads_params=True)
+def conv(ctx: Ctx, input, weight, bias=None, groups=1, transposed=False, meta=None, **_):
+    """out channel o = sum over its conv group's input channels: weight dim 0 (dim 1 if transposed) owns out, the other dim reads in; groups > 1 ties each conv group's in and out channels into one row."""
+    x = input
+    g = int(groups or 1)
+    nsp = len(ctx.shape_of(weight)) - 2
+    cax = x.ndim - nsp - 1
+    in_ids = x.ids[cax]
+    kernel = {d: PINNED for d in range(2, 2 + nsp)}
+    shape = _out_shape(meta)
+    if g == 1:
+        w = ctx.param(weight, {(0 if transposed else 1): in_ids, (1 if transposed else 0): OWN, **kernel})
+        out_ids = w.ids[1 if transposed else 0]
+    else:
+        in_g = in_ids.reshape(g, len(in_ids) // g)
+        if in_g.shape[1] > 1:
+            ctx.tie(in_g, in_g[:, :1])
+        if transposed:
+            ctx.param(weight, {0: in_ids, 1: PINNED, **kernel})
+            out_ids = ctx.fresh(shape[cax])
+        elif in_g.shape[1] == 1 and ctx.shape_of(weight)[0] == g:
+            # depthwise, one output per input channel: the weight's out axis is the input's
+            # channels (the same class the tie below would make, without a union)
+            out_ids = ctx.param(weight, {0: in_ids, 1: PINNED, **kernel}).ids[0]
+        else:
+            out_ids = ctx.param(weight, {0: OWN, 1: PINNED, **kernel}).ids[0]
+        if out_ids is not in_ids:
+            ctx.tie(out_ids.reshape(g, -1), in_g[:, :1])
+    ctx.param(bias, {0: out_ids})
+    keep = {d: d for d in range(cax)}
+    lab = _passthrough(ctx, x, shape, keep, handled=(cax,))
+    return lab.with_axis(cax, out_ids, true_mask(len(out_ids)))
+
+
+def _conv_module(node, m, args, kwargs):
+    t = node.target
+    transposed = isinstance(m, nn.modules.conv._ConvTransposeNd)
+    return dict(
+        input=args[0] if args else kwargs["input"],
+        weight=ParamRef(f"{t}.weight"),
+        bias=ParamRef(f"{t}.bias") if m.bias is not None else None,
+        groups=m.groups,
+        transposed=transposed,
+    )
+
+
+modules("conv", [nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d], _conv_module)
+_CONV_SPEC = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+functions("conv", [F.conv1d, F.conv2d, F.conv3d] + _ov(aten.conv1d, "default") + _ov(aten.conv2d, "default")
+          + _ov(aten.conv3d, "default"), _CONV_SPEC, (("groups", 1),), transposed=False)
+_CONVT_SPEC = ("input", "weight", "bias", "stride", "padding", "output_padding", "groups", "dilation")
+functions("conv", [F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d]
+          + _ov(aten.conv_transpose1d, "default") + _ov(aten.conv_transpose2d, "input")
+          + _ov(aten.conv_transpose3d, "input"), _CONVT_SPEC, (("groups", 1),), transposed=True)
+functions("conv", _ov(aten.convolution, "default"))
+
+
+def _linear_fix(site, **_):
+    m = site.module
+    if m is not None:
+        m.out_features, m.in_features = m.weight.shape
+
+
+@rule("linear", fix=_linear_fix, reads_params=True)
+def linear(ctx: Ctx, input, weight, bias=None, meta=None, **_):
+    """y[..., o] = sum_i W[o, i] x[..., i] + b[o]: weight dim 1 reads the last axis, dim 0 and bias own the new last axis."""
+    x = input
+    w = ctx.param(weight, {0: OWN, 1: x.ids[-1]})
+    ctx.param(bias, {0: w.ids[0]})
+    shape = _out_shape(meta)
+    lab = _passthrough(ctx, x, shape, {d: d for d in range(x.ndim - 1)}, handled=(x.ndim - 1,))
+    return lab.with_axis(len(shape) - 1, w.ids[0], true_mask(len(w.ids[0])))
+
+
+def _linear_module(node, m, args, kwargs):
+    t = node.target
+    return dict(input=args[0] if args else kwargs["input"], weight=ParamRef(f"{t}.weight"),
+                bias=ParamRef(f"{t}.bias") if m.bias is not None else None)
+
+
+modules("linear", [nn.Linear], _linear_module)
+functions("linear", [F.linear] + _ov(aten.linear, "default"), ("input", "weight", "bias"))
+
+
+@rule("matmul")
+def matmul(ctx: Ctx, input, other, meta=None, **_):
+    """c[..., m, n] = sum_k a[..., m, k] b[..., k, n]: k indices of a and b are one channel and must be zero on one side; m comes from a, n from b, batch axes broadcast."""
+    a, b = input, other
+    shape = _out_shape(meta)
+    if not isinstance(a, AxisLabels) or not isinstance(b, AxisLabels) or a.ndim < 2 or b.ndim < 2:
+        for v in (a, b):
+            if isinstance(v, AxisLabels):
+                ctx.pin(v, "matmul with a 1-D operand")
+        return ctx.pinned_lab(shape)
+    ka, kb = a.ids[-1], b.ids[-2]
+    ctx.tie(ka, kb)
+    zk = a.zero[-1] | b.zero[-2]
+    if not zk.all():
+        ctx.pin(ka[~zk], "contraction over a channel that is not zero when its row is")
+    ids, zero = [], []
+    nb = len(shape) - 2
+    for d in range(nb):
+        cands = []
+        for v in (a, b):
+            vd = d - (nb - (v.ndim - 2))
+            if vd >= 0 and v.shape[vd] == shape[d]:
+                cands.append((v.ids[vd], v.zero[vd]))
+        if cands:
+            for c in cands[1:]:
+                ctx.tie(cands[0][0], c[0])
+            ids.append(cands[0][0])
+            zero.append(np.logical_or.reduce([c[1] for c in cands]))
+        else:
+            ids.append(pinned_axis(shape[d]))
+            zero.append(false_mask(shape[d]))
+    ids += [a.ids[-2], b.ids[-1]]
+    zero += [a.zero[-2], b.zero[-1]]
+    return AxisLabels(tuple(ids), tuple(zero))
+
+
+functions("matmul", [torch.matmul, operator.matmul, torch.bmm, torch.mm] + _ov(aten.matmul, "default")
+          + _ov(aten.bmm, "default") + _ov(aten.mm, "default"), ("input", "other"), rename={"mat2": "other"})
+methods("matmul", ["matmul", "bmm", "mm", "__matmul__"], ("input", "other"))
+
+
+@rule("addmm")
+def addmm(ctx: Ctx, input, mat1, mat2, beta=1, alpha=1, meta=None, **_):
+    """input + mat1 @ mat2 (HF Conv1D: a weight [in, out]): the matmul's algebra, then the add's broadcasting over its last axis."""
+    prod = matmul(ctx, mat1, mat2, meta=meta)
+    if isinstance(input, AxisLabels):
+        return binary(ctx, input, prod, kind="add", meta=meta)
+    return prod
+
+
+functions("addmm", [torch.addmm] + _ov(aten.addmm, "default"), ("input", "mat1", "mat2"))
+methods("addmm", ["addmm"], ("input", "mat1", "mat2"))
+
+
+def _embedding_fix(site, **_):
+    m = site.module
+    if m is not None:
+        m.embedding_dim = m.weight.shape[1]
+
+
+@rule("embedding", fix=_embedding_fix, reads_params=True)
+def embedding(ctx: Ctx, input, weight, meta=None, **_):
+    """y[..., j] = W[idx, j]: weight dim 1 owns the new last axis, dim 0 (the vocabulary) is pinned."""
+    weight = ctx.param(weight, {0: PINNED, 1: OWN})
+    shape = _out_shape(meta)
+    lab = _passthrough(ctx, input, shape, {d: d for d in range(input.ndim)})
+    return lab.with_axis(len(shape) - 1, weight.ids[1], true_mask(len(weight.ids[1])))
+
+
+modules("embedding", [nn.Embedding],
+        lambda node, m, args, kwargs: dict(input=args[0], weight=ParamRef(f"{node.target}.weight")))
+# NB: ATen's embedding takes (weight, indices), F.embedding (input, weight): both come from the op
+functions("embedding", [F.embedding] + _ov(aten.embedding, "default"), rename={"indices": "input"})
+
+
+def _einsum_parse(equation: str, n_ops: int):
+    eq = equation.replace(" ", "")
+    if "." in eq:
+        raise RuleDeclined("einsum with an ellipsis")
+    lhs, _, rhs = eq.partition("->")
+    ins = lhs.split(",")
+    if not _:
+        counts = {c: lhs.count(c) for c in set(lhs.replace(",", ""))}
+        rhs = "".join(sorted(c for c, k in counts.items() if k == 1))
+    if len(ins) != n_ops:
+        raise RuleDeclined("einsum equation and operand count differ")
+    return ins, rhs
+
+
+@rule("einsum")
+def einsum(ctx: Ctx, equation, operands=(), meta=None, **_):
+    """einsum: a letter is one channel wherever it appears; letters kept in the output pass, summed letters contract (zero on one side, else pinned)."""
+    ops = list(operands[0]) if len(operands) == 1 and isinstance(operands[0], (tuple, list)) else list(operands)
+    ins, rhs = _einsum_parse(equation, len(ops))
+    first: dict = {}
+    zeros: dict = {}
+    size: dict = {}
+    for spec, v in zip(ins, ops):
+        if not isinstance(v, AxisLabels) or len(spec) != v.ndim:
+            raise RuleDeclined("einsum operand is not a tensor of the equation's rank")
+        for c, ids in zip(spec, v.ids):
+            size[c] = max(size.get(c, 1), len(ids))
+    for spec, v in zip(ins, ops):
+        for c, ids, z in zip(spec, v.ids, v.zero):
+            if len(ids) == 1 and size[c] > 1:
+                continue  # broadcast axis (a letter of size 1 everywhere is a real axis: one head left)
+            if c in first:
+                ctx.tie(first[c], ids)
+                zeros[c].append(z)
+            else:
+                first[c], zeros[c] = ids, [z]
+    shape = _out_shape(meta)
+    for c in first:
+        if c in rhs:
+            continue
+        if len(zeros[c]) < 2:
+            ctx.pin(first[c], "einsum sums over this axis")
+            continue
+        zc = np.logical_or.reduce(zeros[c])
+        if not zc.all():
+            ctx.pin(first[c][~zc], "contraction over a channel that is not zero when its row is")
+    ids, zero = [], []
+    for c, n in zip(rhs, shape):
+        if c in first and len(first[c]) == n:
+            ids.append(first[c])
+            # a kept letter is zero where any product factor is (multiplication)
+            zero.append(np.logical_or.reduce(zeros[c]))
+        else:
+            ids.append(pinned_axis(n))
+            zero.append(false_mask(n))
+    return AxisLabels(tuple(ids), tuple(zero))
+
+
+functions("einsum", [torch.einsum] + _ov(aten.einsum, "default"), ("equation", "*operands"),
+          rename={"tensors": "*operands"})

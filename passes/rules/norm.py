@@ -1,0 +1,110 @@
+"""Normalisation layers: batch and instance norm, group norm, layer norm and RMSNorm.
+
+Per-channel statistics (batch, instance, group norm over axis 1) are owned by their channel; a
+norm whose divisor counts channels (group norm's groups, layer norm's trailing axes) ties or pins
+them, since removing a channel would change the divisor.
+
+Internals:
+    * A norm without affine parameters maps a zero channel to a non-zero one (-mean / sqrt(var)
+      for batch norm's running statistics): its output is zero with its row only when affine.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..channels import PINNED, Ctx, ParamRef, false_mask, true_mask
+from ..registry import CONTIGUOUS_OUT, KEEPS_CONTIGUOUS, functions, modules, rule
+from .common import _ov, _out_shape, _passthrough
+
+aten = torch.ops.aten
+
+
+def _norm_fix(site, input=None, **_):
+    m = site.module
+    if m is not None:
+        m.num_features = site.new(input)[1]
+
+
+@rule("batch_norm", fix=_norm_fix, reads_params=True, keeps_shape=KEEPS_CONTIGUOUS, keeps_axes=True)
+def batch_norm(ctx: Ctx, input, weight=None, bias=None, running_mean=None, running_var=None, meta=None, **_):
+    """per channel (axis 1): weight, bias and running statistics are owned by the input channel; out is zero with its row when affine."""
+    x = input
+    c = x.ids[1]
+    for p in (weight, bias, running_mean, running_var):
+        ctx.param(p, {0: c})
+    z = true_mask(len(c)) if weight is not None else false_mask(len(c))
+    return x.with_axis(1, c, z)
+
+
+def _bn_module(node, m, args, kwargs):
+    t = node.target
+    ref = lambda n: ParamRef(f"{t}.{n}") if getattr(m, n, None) is not None else None  # noqa: E731
+    return dict(input=args[0], weight=ref("weight"), bias=ref("bias"),
+                running_mean=ref("running_mean"), running_var=ref("running_var"))
+
+
+# instance norm follows batch norm's algebra (per-channel affine and statistics): op instance_norm
+modules("batch_norm", [nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.InstanceNorm1d, nn.InstanceNorm2d,
+                       nn.InstanceNorm3d], _bn_module)
+modules("batch_norm", [nn.SyncBatchNorm], _bn_module, op="batch_norm")
+functions("batch_norm", [F.batch_norm, F.instance_norm] + _ov(aten.batch_norm, "default"))
+functions("batch_norm", _ov(aten._native_batch_norm_legit_no_training, "default"), op="batch_norm")
+
+
+def _group_norm_fix(site, input, num_groups, **_):
+    old_c, new_c = site.old(input)[1], site.new(input)[1]
+    new_g = num_groups * new_c // old_c
+    m = site.module
+    if m is not None:
+        m.num_channels, m.num_groups = new_c, new_g
+    elif new_g != num_groups:
+        site.set("num_groups", new_g)
+
+
+@rule("group_norm", fix=_group_norm_fix, reads_params=True, keeps_shape=KEEPS_CONTIGUOUS, keeps_axes=True)
+def group_norm(ctx: Ctx, input, num_groups, weight=None, bias=None, meta=None, **_):
+    """channels of one norm group are normalised together, so each group of C/G channels is one row; affine parameters are owned per channel."""
+    x = input
+    c = x.ids[1]
+    grouped = c.reshape(int(num_groups), -1)
+    ctx.tie(grouped, grouped[:, :1])
+    ctx.param(weight, {0: c})
+    ctx.param(bias, {0: c})
+    z = true_mask(len(c)) if weight is not None else x.zero[1]
+    return x.with_axis(1, c, z)
+
+
+modules("group_norm", [nn.GroupNorm], lambda node, m, args, kwargs: dict(
+    input=args[0], num_groups=m.num_groups,
+    weight=ParamRef(f"{node.target}.weight") if m.weight is not None else None,
+    bias=ParamRef(f"{node.target}.bias") if m.bias is not None else None))
+functions("group_norm", [F.group_norm] + _ov(aten.group_norm, "default"))
+
+
+@rule("layer_norm", reads_params=True, keeps_shape=CONTIGUOUS_OUT, keeps_axes=True)
+def layer_norm(ctx: Ctx, input, normalized_shape, weight=None, bias=None, meta=None, **_):
+    """normalises over the trailing len(normalized_shape) axes: those axes are pinned (the divisor counts every channel)."""
+    x = input
+    k = len(normalized_shape) if isinstance(normalized_shape, (tuple, list, torch.Size)) else 1
+    for d in range(x.ndim - k, x.ndim):
+        ctx.pin(x.ids[d], "layer_norm normalises over this axis")
+    for p in (weight, bias):
+        if p is not None:
+            ctx.param(p, {d: PINNED for d in range(len(ctx.shape_of(p)))})
+    shape = _out_shape(meta)
+    return _passthrough(ctx, x, shape, {d: d for d in range(x.ndim - k)}, handled=tuple(range(x.ndim - k, x.ndim)))
+
+
+def _ln_module(node, m, args, kwargs):
+    t = node.target
+    return dict(input=args[0], normalized_shape=tuple(m.normalized_shape),
+                weight=ParamRef(f"{t}.weight") if getattr(m, "weight", None) is not None else None,
+                bias=ParamRef(f"{t}.bias") if getattr(m, "bias", None) is not None else None)
+
+
+# RMSNorm follows layer norm's algebra (no bias): op rms_norm
+modules("layer_norm", [nn.LayerNorm, getattr(nn, "RMSNorm", None)], _ln_module)
+functions("layer_norm", [F.layer_norm, getattr(F, "rms_norm", None)] + _ov(aten.layer_norm, "default")
+          + _ov(getattr(aten, "rms_norm", None), "default"))

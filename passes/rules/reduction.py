@@ -1,0 +1,99 @@
+"""Reductions and normalising maps: sum, mean, var, max, norms, F.normalize, softmax.
+
+A sum over an axis is a contraction: its channels must be zero with their rows. Every other
+reduction (mean, var, max, a norm) and every map that divides by something computed over an axis
+(softmax, normalize) counts all of that axis's channels, so the axis is pinned.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..channels import AxisLabels, Ctx, false_mask, pinned_axis
+from ..registry import functions, methods, modules, rule
+from .common import _ax, _ov, _out_shape
+
+aten = torch.ops.aten
+
+
+def _reduce_axes(dim, ndim):
+    if dim is None or (isinstance(dim, (tuple, list)) and len(dim) == 0):
+        return list(range(ndim))
+    if isinstance(dim, int):
+        return [_ax(dim, ndim)]
+    return [_ax(d, ndim) for d in dim]
+
+
+@rule("reduce")
+def reduce(ctx: Ctx, input, dim=None, keepdim=False, kind="mean", meta=None, **_):
+    """sum over an axis is a contraction (its channels must be zero with their rows); mean, var and max over an axis pin it; other axes keep their ids."""
+    x = input
+    if not isinstance(x, AxisLabels):
+        return x
+    axes = _reduce_axes(dim, x.ndim)
+    for a in axes:
+        if kind == "sum":
+            bad = ~x.zero[a]
+            if bad.any():
+                ctx.pin(x.ids[a][bad], "sum over channels that are not zero with their rows")
+        else:
+            ctx.pin(x.ids[a], f"{kind} over this axis")
+    shape = _out_shape(meta[0] if isinstance(meta, (tuple, list)) else meta)
+    ids, zero = [], []
+    for d in range(x.ndim):
+        if d in axes:
+            if keepdim:
+                ids.append(pinned_axis(1))
+                zero.append(false_mask(1))
+        else:
+            ids.append(x.ids[d])
+            zero.append(x.zero[d])
+    lab = AxisLabels(tuple(ids), tuple(zero))
+    if lab.shape != shape:
+        ctx.pin(x, f"{kind} reduction was not understood")
+        lab = ctx.pinned_lab(shape)
+    if isinstance(meta, (tuple, list)):
+        return tuple(lab for _ in meta)
+    return lab
+
+
+for _kind, _fns in [("sum", ["sum", "nansum"]), ("mean", ["mean", "nanmean"]), ("var", ["var", "std"]),
+                    ("max", ["amax", "amin", "max", "min", "logsumexp", "norm", "prod"])]:
+    for _f in _fns:
+        functions("reduce", [getattr(torch, _f, None)] + (_ov(getattr(aten, _f), "dim", "dim_IntList", "correction", "default")
+                                                          if hasattr(aten, _f) else []),
+                  ("input", "dim", "keepdim"), kind=_kind)
+        methods("reduce", [_f], ("input", "dim", "keepdim"), kind=_kind)
+
+
+@rule("normalize", keeps_axes=True)
+def normalize(ctx: Ctx, input, p=2.0, dim=1, eps=1e-12, meta=None, **_):
+    """x / max(||x||_p over dim, eps): that axis is mixed (pinned); other axes keep their ids and zeros (0 / eps = 0)."""
+    x = input
+    d = _ax(dim, x.ndim)
+    ctx.pin(x.ids[d], "normalised over this axis")
+    return x
+
+
+functions("normalize", [F.normalize], ("input", "p", "dim", "eps"))
+functions("reduce", [torch.linalg.vector_norm] + _ov(aten.linalg_vector_norm, "default"),
+          ("input", "ord", "dim", "keepdim"), kind="max")
+
+
+@rule("softmax", keeps_axes=True)
+def softmax(ctx: Ctx, input, dim=None, meta=None, **_):
+    """softmax over an axis: that axis is pinned (every channel is in the divisor); other axes keep their ids, not zero."""
+    x = input
+    if dim is None:  # torch's legacy implicit dim (F._get_softmax_dim)
+        dim = 0 if x.ndim in (0, 1, 3) else 1
+    d = _ax(dim, x.ndim)
+    ctx.pin(x.ids[d], "softmax over this axis")
+    return AxisLabels(x.ids, tuple(false_mask(len(a)) for a in x.ids))
+
+
+functions("softmax", [F.softmax, F.log_softmax, torch.softmax, torch.log_softmax]
+          + _ov(aten.softmax, "int") + _ov(aten._softmax, "default") + _ov(aten.log_softmax, "int")
+          + _ov(aten._log_softmax, "default"), ("input", "dim"))
+methods("softmax", ["softmax", "log_softmax"], ("input", "dim"))
+modules("softmax", [nn.Softmax, nn.LogSoftmax], lambda node, m, args, kwargs: dict(input=args[0], dim=m.dim))

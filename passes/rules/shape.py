@@ -1,0 +1,400 @@
+"""Shape ops: concat, stack, split, unbind, reshape/view, flatten/squeeze, permute, expand, channel shuffle.
+
+Reshapes merge axes by repeating ids (a channel becomes a block of features) and split an axis by
+keeping one factor as the row axis and tying the others together, so the kept set always stays a
+grid that the rewritten shape constants can express. Concat and split move a channel to an offset.
+
+Internals:
+    * The split factor kept as rows depends on sizes only (the largest, outermost on ties), so both
+      front-ends agree; ``find_head_splits`` (passes/attention.py) may prefer a head factor.
+    * ``_reshape_fix``/``_expand_fix``/``_unflatten_fix`` rewrite literal sizes in the graph; a size
+      read off another tensor is replaced by the literal new size where it measured other channels.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..channels import AxisLabels, Ctx, SymSize, false_mask, pinned_axis
+from ..registry import RuleDeclined, functions, methods, modules, rule
+from .common import _ax, _bind_input, _ov, _out_shape, _passthrough
+
+aten = torch.ops.aten
+
+
+def _tie_aligned(ctx: Ctx, labs, skip: int | None):
+    """Tie axis d of every lab (except ``skip``); returns the ids/zeros of the first."""
+    first = labs[0]
+    zero = list(first.zero)
+    a, b = [], []  # NB: one union for all pairs: a densenet cat has dozens of inputs
+    for v in labs[1:]:
+        for d in range(first.ndim):
+            if d != skip and v.shape[d] == first.shape[d]:
+                if v.ids[d] is not first.ids[d]:
+                    a.append(first.ids[d])
+                    b.append(v.ids[d])
+                zero[d] = zero[d] & v.zero[d]  # zero only where every input is zero
+    if a:
+        ctx.tie(np.concatenate(a), np.concatenate(b))
+    return AxisLabels(first.ids, tuple(zero))
+
+
+@rule("cat", keeps_axes=True)
+def cat(ctx: Ctx, tensors, dim=0, meta=None, **_):
+    """concat along dim: the output axis is the inputs' ids end to end (a channel keeps its row at its new offset); other axes are tied."""
+    labs = [t for t in tensors if isinstance(t, AxisLabels) and t.ndim > 0 and not (t.ndim == 1 and t.shape[0] == 0)]
+    shape = _out_shape(meta)
+    d = _ax(dim, len(shape))
+    first = _tie_aligned(ctx, labs, d)
+    ids = np.concatenate([t.ids[d] for t in labs])
+    z = np.concatenate([t.zero[d] for t in labs])
+    return first.with_axis(d, ids, z)
+
+
+functions("cat", [torch.cat, torch.concat, getattr(torch, "concatenate", None)] + _ov(aten.cat, "default"),
+          ("tensors", "dim"), (("dim", 0),))
+
+
+@rule("stack")
+def stack(ctx: Ctx, tensors, dim=0, meta=None, **_):
+    """stack along a new axis: the new axis is pinned, the others are tied across inputs."""
+    labs = [t for t in tensors if isinstance(t, AxisLabels)]
+    shape = _out_shape(meta)
+    d = _ax(dim, len(shape))
+    first = _tie_aligned(ctx, labs, None)
+    ids = list(first.ids)
+    zero = list(first.zero)
+    ids.insert(d, pinned_axis(shape[d]))
+    zero.insert(d, false_mask(shape[d]))
+    return AxisLabels(tuple(ids), tuple(zero))
+
+
+functions("stack", [torch.stack] + _ov(aten.stack, "default"), ("tensors", "dim"), (("dim", 0),))
+
+
+@rule("unbind")
+def unbind(ctx: Ctx, input, dim=0, meta=None, **_):
+    """unbind along dim: every piece has the other axes' ids; the removed axis is pinned (its entries become separate tensors)."""
+    x = input
+    d = _ax(dim, x.ndim)
+    ctx.pin(x.ids[d], "unbind separates this axis into tensors")
+    ids = x.ids[:d] + x.ids[d + 1:]
+    zero = x.zero[:d] + x.zero[d + 1:]
+    return tuple(AxisLabels(ids, zero) for _ in meta)
+
+
+functions("unbind", [torch.unbind] + _ov(aten.unbind, "int"), ("input", "dim"), (("dim", 0),))
+methods("unbind", ["unbind"], ("input", "dim"), (("dim", 0),))
+
+
+def _split_fix(site, tensor=None, dim=0, kind="split", **kw):
+    old_in = site.old(tensor)
+    d = _ax(dim, len(old_in))
+    keep = site.keep(tensor, d)
+    sizes, start = [], 0
+    for o in site.out_old_list:
+        n = o[d]
+        sizes.append(int(keep[start:start + n].sum()))
+        start += n
+    old_sizes = [o[d] for o in site.out_old_list]
+    if sizes == old_sizes:
+        return
+    site.replace_call(torch.split, (tensor, sizes), {"dim": d})
+
+
+@rule("split", fix=_split_fix, takes_sizes=True)
+def split(ctx: Ctx, tensor, dim=0, meta=None, **_):
+    """split/chunk along dim: each piece takes its slice of the axis ids."""
+    x = tensor
+    d = _ax(dim, x.ndim)
+    res, start = [], 0
+    for o in meta:
+        n = int(o.shape[d])
+        res.append(x.with_axis(d, x.ids[d][start:start + n], x.zero[d][start:start + n]))
+        start += n
+    return tuple(res)
+
+
+functions("split", [torch.split, torch.chunk, getattr(torch, "tensor_split", None)]
+          + _ov(aten.split, "Tensor") + _ov(aten.split_with_sizes, "default") + _ov(aten.chunk, "default"),
+          ("tensor", "split_size_or_sections", "dim"), (("dim", 0),), rename={"self": "tensor"})
+methods("split", ["split", "chunk", "split_with_sizes", "tensor_split"], ("tensor", "split_size_or_sections", "dim"),
+        (("dim", 0),))
+
+
+def _groups_of(in_shape, out_shape, glue=()):
+    """Pair runs of input axes with runs of output axes of equal product (size-1 axes alone).
+
+    A size-1 output axis in ``glue`` joins the run after it instead (a head axis down to one head).
+    """
+    groups, i, j = [], 0, 0
+    ni, no = len(in_shape), len(out_shape)
+    while i < ni or j < no:
+        if i < ni and in_shape[i] == 1 and (j >= no or out_shape[j] != 1):
+            groups.append(([i], []))
+            i += 1
+            continue
+        if j < no and out_shape[j] == 1 and (i >= ni or in_shape[i] != 1) and not (j in glue and i < ni):
+            groups.append(([], [j]))
+            j += 1
+            continue
+        if i >= ni or j >= no:
+            raise RuleDeclined("the reshape's sizes do not match")
+        gi, gj = [i], [j]
+        pi, pj = in_shape[i], out_shape[j]
+        i += 1
+        j += 1
+        while pi != pj:
+            if pi < pj:
+                gi.append(i)
+                pi *= in_shape[i]
+                i += 1
+            else:
+                gj.append(j)
+                pj *= out_shape[j]
+                j += 1
+        groups.append((gi, gj))
+    return groups
+
+
+def _varies_alone(g_ids: np.ndarray, k: int) -> bool:
+    """Whether ``g_ids`` is constant along every axis but ``k`` and takes several values along ``k``."""
+    moved = np.moveaxis(g_ids, k, 0).reshape(g_ids.shape[k], -1)
+    return bool((moved == moved[:, :1]).all()) and len(np.unique(moved[:, 0])) > 1
+
+
+def _reshape_lab(ctx: Ctx, x: AxisLabels, out_shape) -> AxisLabels:
+    """Label after a reshape from x.shape to out_shape."""
+    in_shape = x.shape
+    ids = [None] * len(out_shape)
+    zero = [None] * len(out_shape)
+    # a factor that later indexes attention heads is kept as the row axis (see passes/attention.py)
+    pref = ctx.row_axes.get(ctx.node.name, ()) if ctx.node is not None else ()
+    for gi, gj in _groups_of(in_shape, tuple(out_shape), glue=pref):
+        if not gj:
+            continue
+        if len(gi) == 1 and len(gj) == 1:
+            ids[gj[0]], zero[gj[0]] = x.ids[gi[0]], x.zero[gi[0]]
+            continue
+        sizes = [in_shape[i] for i in gi]
+        # merge: one id per merged index, the row of the one real channel axis inside
+        live = [i for i in gi if (ctx.uf.find(x.ids[i]) != 0).any()]
+        grid_ids = np.zeros(sizes, dtype=np.int64)
+        grid_z = np.zeros(sizes, dtype=bool)
+        if live:
+            for i in live[1:]:
+                ctx.tie(x.ids[live[0]][:1], x.ids[i])
+                ctx.tie(x.ids[live[0]], x.ids[i][:1])
+            k = gi.index(live[0])
+            shp = [1] * len(gi)
+            shp[k] = sizes[k]
+            grid_ids = np.broadcast_to(x.ids[live[0]].reshape(shp), sizes)
+            grid_z = np.broadcast_to(x.zero[live[0]].reshape(shp), sizes)
+        flat_ids, flat_z = grid_ids.reshape(-1), grid_z.reshape(-1)
+        if len(gj) == 1:
+            ids[gj[0]], zero[gj[0]] = np.ascontiguousarray(flat_ids), np.ascontiguousarray(flat_z)
+            continue
+        # split: keep one factor as the row axis, tie the rest so the kept set stays a grid
+        fsizes = [out_shape[j] for j in gj]
+        cand = [k for k, j in enumerate(gj) if out_shape[j] > 1]
+        # NB: the choice must not depend on the front-end (export bakes every size into a literal),
+        # so it uses sizes only: the largest factor, the outermost on ties. Channel shuffle's
+        # (groups, C/groups) keeps C/groups; an unflatten (C, H, W) keeps C when C is the largest.
+        # NB: a head factor is kept even at size 1, so a model pruned to one head keeps its rows
+        g_ids = flat_ids.reshape(fsizes)
+        g_z = flat_z.reshape(fsizes)
+        # a factor along which the ids already vary alone (the others repeat them: heads merged with
+        # the batch, as nn.MultiheadAttention's decomposition does) is kept without any tie
+        choice = [k for k, j in enumerate(gj) if j in pref] or cand
+        choice = [k for k in choice if live and _varies_alone(g_ids, k)] or choice
+        r = max(choice, key=lambda k: (fsizes[k], -k))
+        moved = np.moveaxis(g_ids, r, 0).reshape(fsizes[r], -1)
+        if live:
+            ctx.tie(moved, moved[:, :1])
+        for k, j in enumerate(gj):
+            if k == r:
+                ids[j] = np.ascontiguousarray(moved[:, 0])
+                zero[j] = np.ascontiguousarray(np.moveaxis(g_z, r, 0).reshape(fsizes[r], -1).all(axis=1))
+            else:
+                ids[j] = pinned_axis(out_shape[j])
+                zero[j] = false_mask(out_shape[j])
+    for j, n in enumerate(out_shape):
+        if ids[j] is None:
+            ids[j], zero[j] = pinned_axis(n), false_mask(n)
+    return AxisLabels(tuple(ids), tuple(zero))
+
+
+def _shape_args(shape):
+    if len(shape) == 1 and isinstance(shape[0], (tuple, list, torch.Size)):
+        return tuple(shape[0])
+    return tuple(shape)
+
+
+def _sym_new(site, v):
+    """The pruned value of a size computed in the graph (a SymSize label), or None."""
+    lab = site.plan.zigset.labels.get(v.name) if isinstance(v, fx.Node) else None
+    if not isinstance(lab, SymSize) or lab.value is None or len(lab.ids) != 1:
+        return None
+    return int(site._keep_ids(lab.ids[0]).sum())
+
+
+def _reshape_fix(site, input, shape=(), **_):
+    new = site.out_new
+    raw = _shape_args(shape)
+    if len(raw) != len(new):
+        return
+    # NB: a size read off another tensor (``x.shape[-1]``) may measure channels other than the ones
+    # this axis now holds (attention heads merged back into a width, or an unpruned output shaped by
+    # a pruned input's size): it becomes the literal new size, even where this output kept its shape
+    vals = [n if (isinstance(v, int) and v != -1) or (isinstance(v, fx.Node) and _sym_new(site, v) not in (None, n))
+            else v for v, n in zip(raw, new)]
+    packed = len(shape) == 1 and isinstance(shape[0], (tuple, list, torch.Size))
+    site.set_varargs("shape", [tuple(vals)] if packed else vals)
+
+
+@rule("reshape", fix=_reshape_fix, takes_sizes=True)
+def reshape(ctx: Ctx, input, shape=(), meta=None, **_):
+    """view/reshape: merged axes repeat the one channel's ids over the block; a split keeps one factor (the largest) as the row axis and ties the rest."""
+    return _reshape_lab(ctx, input, _out_shape(meta))
+
+
+functions("reshape", [torch.reshape] + _ov(aten.view, "default") + _ov(aten.reshape, "default")
+          + _ov(aten._unsafe_view, "default"), ("input", "shape"), rename={"size": "shape"})
+methods("reshape", ["view", "reshape"], ("input", "*shape"))
+
+
+def _unflatten_fix(site, input, dim=None, sizes=None, **_):
+    if sizes is None:  # flatten/squeeze/unsqueeze: torch derives the sizes
+        return
+    old = site.out_old
+    new = site.out_new
+    if old == new:
+        return
+    d = _ax(dim, len(site.old(input)))
+    vals = [new[d + k] if isinstance(v, int) and v != -1 else v for k, v in enumerate(sizes)]
+    m = site.module
+    if m is not None:
+        m.unflattened_size = tuple(vals)
+    else:
+        site.set("sizes", tuple(vals))
+
+
+@rule("shape_merge", fix=_unflatten_fix, takes_sizes=True)
+def shape_merge(ctx: Ctx, input, meta=None, **_):
+    """flatten/unflatten/squeeze/unsqueeze: the same reshape algebra, with the sizes derived by torch."""
+    return _reshape_lab(ctx, input, _out_shape(meta))
+
+
+functions("shape_merge", [torch.flatten, torch.squeeze, torch.unsqueeze] + _ov(aten.flatten, "using_ints")
+          + _ov(aten.squeeze, "dim", "dims", "default") + _ov(aten.unsqueeze, "default"), ("input", "*rest"))
+functions("shape_merge", [torch.unflatten] + _ov(aten.unflatten, "int"), ("input", "dim", "sizes"))
+methods("shape_merge", ["flatten", "squeeze", "unsqueeze", "squeeze_", "unsqueeze_"], ("input", "*rest"))
+methods("shape_merge", ["unflatten"], ("input", "dim", "sizes"))
+modules("shape_merge", [nn.Flatten], _bind_input)
+modules("shape_merge", [nn.Unflatten], lambda node, m, args, kwargs: dict(
+    input=args[0], dim=m.dim, sizes=tuple(m.unflattened_size)))
+
+
+def _permute_dims(kind, x_ndim, dims):
+    if kind == "transpose":
+        a, b = (_ax(d, x_ndim) for d in dims[:2])
+        perm = list(range(x_ndim))
+        perm[a], perm[b] = perm[b], perm[a]
+        return perm
+    if kind == "t":
+        return list(range(x_ndim))[::-1]
+    if kind == "movedim":
+        src, dst = dims[0], dims[1]
+        src = [src] if isinstance(src, int) else list(src)
+        dst = [dst] if isinstance(dst, int) else list(dst)
+        src = [_ax(s, x_ndim) for s in src]
+        dst = [_ax(d, x_ndim) for d in dst]
+        perm = [None] * x_ndim
+        for s, d in zip(src, dst):
+            perm[d] = s
+        rest = iter(a for a in range(x_ndim) if a not in src)
+        return [p if p is not None else next(rest) for p in perm]
+    if len(dims) == 1 and isinstance(dims[0], (tuple, list)):
+        dims = dims[0]
+    return [_ax(d, x_ndim) for d in dims]
+
+
+@rule("permute")
+def permute(ctx: Ctx, input, dims=(), kind="permute", meta=None, **_):
+    """permute/transpose/movedim: axis ids move with their axes."""
+    x = input
+    perm = _permute_dims(kind, x.ndim, tuple(dims))
+    return AxisLabels(tuple(x.ids[p] for p in perm), tuple(x.zero[p] for p in perm))
+
+
+functions("permute", [torch.permute] + _ov(aten.permute, "default"), ("input", "*dims"), rename={"dims": "*dims"},
+          kind="permute")
+methods("permute", ["permute"], ("input", "*dims"), kind="permute")
+functions("permute", [torch.transpose, torch.swapaxes, torch.swapdims] + _ov(aten.transpose, "int"),
+          ("input", "*dims"), rename={"dim0": "*dims"}, kind="transpose")
+methods("permute", ["transpose", "swapaxes", "swapdims", "transpose_"], ("input", "*dims"), kind="transpose")
+functions("permute", [torch.t] + _ov(aten.t, "default"), ("input", "*dims"), kind="t")
+methods("permute", ["t"], ("input", "*dims"), kind="t")
+functions("permute", [torch.movedim, torch.moveaxis] + _ov(aten.movedim, "int"), ("input", "*dims"),
+          rename={"source": "*dims"}, kind="movedim")
+methods("permute", ["movedim", "moveaxis"], ("input", "*dims"), kind="movedim")
+
+
+def _expand_fix(site, input, sizes=(), **_):
+    new, old = site.out_new, site.out_old
+    raw = _shape_args(sizes)
+    if new == old or len(raw) != len(new):
+        return
+    vals = [n if isinstance(v, int) and v != -1 else v for v, n in zip(raw, new)]
+    packed = len(sizes) == 1 and isinstance(sizes[0], (tuple, list, torch.Size))
+    site.set_varargs("sizes", [tuple(vals)] if packed else vals)
+
+
+@rule("expand", fix=_expand_fix, takes_sizes=True, keeps_axes=True)
+def expand(ctx: Ctx, input, sizes=(), meta=None, **_):
+    """expand: axes of equal size keep their ids, broadcast (new or size-1) axes are pinned."""
+    x = input
+    shape = _out_shape(meta)
+    off = len(shape) - x.ndim
+    return _passthrough(ctx, x, shape, {d + off: d for d in range(x.ndim)})
+
+
+methods("expand", ["expand"], ("input", "*sizes"))
+functions("expand", _ov(aten.expand, "default"), rename={"size": "sizes"})
+
+
+@rule("expand_as", keeps_axes=True)
+def expand_as(ctx: Ctx, input, other, meta=None, **_):
+    """x.expand_as(y): an axis x has in full is tied to y's; a broadcast axis takes y's ids (its size follows y)."""
+    x, y = input, other
+    off = y.ndim - x.ndim
+    ids, zero = list(y.ids), [false_mask(n) for n in y.shape]
+    for d in range(x.ndim):
+        if x.shape[d] == y.shape[d + off]:
+            ctx.tie(x.ids[d], y.ids[d + off])
+            ids[d + off], zero[d + off] = x.ids[d], x.zero[d]
+    return AxisLabels(tuple(ids), tuple(zero))
+
+
+methods("expand_as", ["expand_as"], ("input", "other"))
+functions("expand_as", _ov(aten.expand_as, "default"))
+
+
+@rule("channel_shuffle")
+def channel_shuffle(ctx: Ctx, input, groups, meta=None, **_):
+    """shuffle of g groups of C/g channels: channel j of every group is one row (the groups stay equal)."""
+    x = input
+    c = x.ids[1].reshape(int(groups), -1)
+    ctx.tie(c, c[:1])
+    perm = np.arange(len(x.ids[1])).reshape(int(groups), -1).T.reshape(-1)
+    return x.with_axis(1, x.ids[1][perm], x.zero[1][perm])
+
+
+functions("channel_shuffle", [getattr(F, "channel_shuffle", None), getattr(torch, "channel_shuffle", None),
+                              getattr(torch, "native_channel_shuffle", None)]
+          + _ov(aten.channel_shuffle, "default") + _ov(getattr(aten, "native_channel_shuffle", None), "default"),
+          ("input", "groups"))
+modules("channel_shuffle", [nn.ChannelShuffle], lambda node, m, args, kwargs: dict(input=args[0], groups=m.groups))

@@ -1,0 +1,83 @@
+"""Sizes and metadata: ``x.size()``/``x.shape``, ``x.dim()``, ``x.numel()``, Python arithmetic on sizes, and
+runtime metadata checks.
+
+A number read off a tensor's shape remembers which axes it measures (``SymSize``): a rule that
+takes sizes (``Rule.takes_sizes``: reshape, expand...) keeps it consistent, and any other use of
+the number pins those axes, since pruning would change the value.
+"""
+from __future__ import annotations
+
+import math
+import operator
+
+import torch
+
+from ..channels import AxisLabels, Ctx, SymSize, false_mask
+from ..registry import functions, methods, rule
+from .common import _ax, _ov, _out_shape
+
+aten = torch.ops.aten
+
+
+@rule("size", takes_sizes=True)
+def size(ctx: Ctx, input, dim=None, meta=None, **_):
+    """x.size()/x.shape: the numbers remember which axes they measure, so that an unknown use pins them."""
+    x = input
+    if dim is None:
+        return tuple(SymSize(n, (x.ids[d],)) for d, n in enumerate(x.shape))
+    d = _ax(dim, x.ndim)
+    return SymSize(x.shape[d], (x.ids[d],))
+
+
+methods("size", ["size"], ("input", "dim"))
+functions("size", _ov(aten.sym_size, "int"))
+
+
+@rule("ndim")
+def ndim(ctx: Ctx, input, meta=None, **_):
+    """x.dim(): the rank, which pruning never changes."""
+    return meta
+
+
+methods("ndim", ["dim", "ndimension"], ("input",))
+functions("ndim", _ov(aten.dim, "default"))
+
+
+@rule("numel", takes_sizes=True)
+def numel(ctx: Ctx, input, meta=None, **_):
+    """x.numel(): a number that measures every axis."""
+    return SymSize(math.prod(input.shape), tuple(input.ids))
+
+
+methods("numel", ["numel"], ("input",))
+functions("numel", [torch.numel], ("input",))
+
+
+@rule("arith", takes_sizes=True, python_values=True)
+def arith(ctx: Ctx, input=None, other=None, kind="", meta=None, **_):
+    """python arithmetic on sizes: the result measures what its operands measured."""
+    if isinstance(input, AxisLabels) or isinstance(other, AxisLabels):  # -x, x ** 2, x // 2 on tensors
+        ctx.pin([v for v in (input, other) if isinstance(v, SymSize)], "a size read off this axis is used as a value")
+        if isinstance(input, AxisLabels) and not isinstance(other, AxisLabels):
+            keeps_zero = kind in ("neg", "floordiv", "mod") or (
+                kind == "pow" and isinstance(other, (int, float)) and other > 0)
+            return input if keeps_zero else AxisLabels(input.ids, tuple(false_mask(len(a)) for a in input.ids))
+        ctx.pin([v for v in (input, other) if isinstance(v, AxisLabels)], f"tensor {kind} by a tensor")
+        return ctx.pinned_lab(_out_shape(meta))
+    ids = tuple(a for v in (input, other) if isinstance(v, SymSize) for a in v.ids)
+    return SymSize(None, ids)
+
+
+for _kind in ("floordiv", "mod", "neg", "pow"):
+    functions("arith", [getattr(operator, _kind)], ("input", "other"), kind=_kind)
+functions("arith", [torch.pow] + _ov(aten.pow, "Tensor_Scalar"), ("input", "other"), rename={"exponent": "other"},
+          kind="pow")
+methods("arith", ["pow"], ("input", "other"), kind="pow")
+
+@rule("check")
+def check(ctx: Ctx, input=None, meta=None, **_):
+    """runtime assertions on a tensor's metadata (dtype, device, shape): no value, no channel effect."""
+    return None
+
+
+functions("check", _ov(aten._assert_tensor_metadata, "default"), rename={"a": "input"})

@@ -1,0 +1,56 @@
+"""Spatial ops: pooling and resampling. Batch and channel axes pass; spatial axes are not channels.
+
+Internals:
+    * ``nsp`` (1, 2 or 3, declared per form) is how many trailing axes are spatial; ``pool``
+      also covers the (values, indices) pair of the ``*_with_indices`` forms.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..channels import Ctx
+from ..registry import functions, modules, rule
+from .common import _bind_input, _ov, _out_shape, _passthrough
+
+aten = torch.ops.aten
+
+
+@rule("pool")
+def pool(ctx: Ctx, input, nsp=2, meta=None, **_):
+    """per channel over the trailing spatial axes (pooling, resampling): leading axes keep their ids, spatial axes are pinned."""
+    x = input
+    outs = meta if isinstance(meta, (tuple, list)) else (meta,)
+    labs = []
+    for o in outs:
+        shape = _out_shape(o)
+        keep = {d: d for d in range(len(shape) - nsp)}
+        labs.append(_passthrough(ctx, x, shape, keep))
+    return tuple(labs) if isinstance(meta, (tuple, list)) else labs[0]
+
+
+for _n in (1, 2, 3):
+    _pools = [f"max_pool{_n}d", f"avg_pool{_n}d", f"adaptive_max_pool{_n}d", f"adaptive_avg_pool{_n}d",
+              f"lp_pool{_n}d", f"max_pool{_n}d_with_indices", f"adaptive_max_pool{_n}d_with_indices",
+              f"fractional_max_pool{_n}d"]
+    _t = [getattr(F, p, None) for p in _pools] + [getattr(torch, p, None) for p in _pools]
+    _t += [o for p in _pools if hasattr(aten, p) for o in _ov(getattr(aten, p), "default")]
+    functions("pool", _t, ("input",), nsp=_n)
+    modules("pool", [getattr(nn, c, None) for c in (f"MaxPool{_n}d", f"AvgPool{_n}d", f"AdaptiveMaxPool{_n}d",
+                                                      f"AdaptiveAvgPool{_n}d", f"LPPool{_n}d", f"FractionalMaxPool{_n}d")],
+            _bind_input, nsp=_n)
+
+
+@rule("resample")
+def resample(ctx: Ctx, input, meta=None, **_):
+    """interpolation over every axis after the channel axis: batch and channel keep their ids, spatial axes are pinned."""
+    return _passthrough(ctx, input, _out_shape(meta), {0: 0, 1: 1})
+
+
+functions("resample", [F.interpolate, getattr(F, "upsample", None), getattr(F, "upsample_nearest", None),
+                       getattr(F, "upsample_bilinear", None)]
+          + [o for p in ("upsample_nearest2d", "upsample_bilinear2d", "upsample_nearest1d", "upsample_linear1d",
+                         "upsample_nearest3d", "upsample_trilinear3d", "upsample_bicubic2d", "_upsample_nearest_exact2d")
+             if hasattr(aten, p) for o in _ov(getattr(aten, p), "default", "vec")], ("input",))
+modules("resample", [nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d], _bind_input)

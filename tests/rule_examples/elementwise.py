@@ -1,0 +1,193 @@
+"""Examples for the elementwise rules (unary, prelu, binary, where): passes/rules/elementwise.py."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .common import _force_export, _heads, _merge, _qkvo, conv, example, img, N, Net
+
+
+@example("unary")
+def unary_forms():
+    """f(0) = 0 in module, functional, torch and method spellings."""
+
+    def fwd(s, x):
+        y = s.act(s.c1(x))
+        y = F.silu(y).tanh()
+        y = torch.nn.functional.hardswish(s.drop(y)).contiguous()
+        return s.c2(F.leaky_relu(y, 0.1).clone())
+
+    m = Net(fwd, c1=conv(3, 8), act=nn.GELU(), drop=nn.Dropout(0.5), c2=conv(8, 4))
+    return m, img()
+
+
+@example("unary")
+def unary_nonzero_absorbed():
+    """sigmoid(0) = 0.5 is not zero, but only a conv with a zero slice reads it."""
+    m = Net(lambda s, x: s.c2(torch.sigmoid(s.c1(x)).exp()), c1=conv(3, 8), c2=conv(8, 4))
+    return m, img()
+
+
+@example("unary", "reduce")
+def unary_zero_then_channel_sum():
+    """relu keeps zero channels zero, so a sum over channels (no weight) is still exact."""
+    m = Net(lambda s, x: s.c2(torch.relu(s.c1(x)).sum(1, keepdim=True)) + s.c3(x), c1=conv(3, 8), c2=conv(1, 4),
+            c3=conv(3, 4))
+    return m, img()
+
+
+@example("unary", "reduce", pinned="sum over channels")
+def unary_nonzero_then_channel_sum():
+    """sigmoid channels summed without a weight: removing one changes the sum -> pinned."""
+    m = Net(lambda s, x: torch.sigmoid(s.c1(x)).sum(1), c1=conv(3, 8))
+    return m, img()
+
+
+@example("prelu")
+def prelu_module():
+    m = Net(lambda s, x: s.c2(s.act(s.c1(x))), c1=conv(3, 8), act=nn.PReLU(8), c2=conv(8, 4))
+    return m, img()
+
+
+@example("prelu")
+def prelu_functional_and_shared():
+    def fwd(s, x):
+        return s.c2(s.shared(F.prelu(s.c1(x), s.a)))
+
+    m = Net(fwd, c1=conv(3, 8), a=nn.Parameter(torch.full((8,), 0.2)), shared=nn.PReLU(), c2=conv(8, 4))
+    return m, img()
+
+
+class BasicBlock(nn.Module):
+    """ResNet basic block with a projection shortcut."""
+
+    def __init__(self, cin=3, c=8):
+        super().__init__()
+        self.conv1 = conv(cin, c)
+        self.bn1 = nn.BatchNorm2d(c)
+        self.conv2 = conv(c, c)
+        self.bn2 = nn.BatchNorm2d(c)
+        self.down = nn.Conv2d(cin, c, 1)
+        self.bnd = nn.BatchNorm2d(c)
+        self.head = conv(c, 4)
+
+    def forward(self, x):
+        y = torch.relu(self.bn1(self.conv1(x)))
+        y = self.bn2(self.conv2(y))
+        y = y + self.bnd(self.down(x))
+        return self.head(torch.relu(y))
+
+
+@example("binary", "conv", "batch_norm")
+def residual_block():
+    return BasicBlock(), img()
+
+
+@example("binary")
+def binary_forms():
+    """torch.add, method add, in-place +=, sub, mul by a scalar, div by a scalar."""
+
+    def fwd(s, x):
+        a, b, c = s.a(x), s.b(x), s.c(x)
+        y = torch.add(a, b)
+        y = y.add(c, alpha=0.5)
+        y += s.d(x)
+        y = (y - s.e(x)) * 0.5
+        y = y.mul(2.0) / 3.0
+        return s.head(torch.relu(y))
+
+    m = Net(fwd, a=conv(3, 8), b=conv(3, 8), c=conv(3, 8), d=conv(3, 8), e=conv(3, 8), head=conv(8, 4))
+    return m, img()
+
+
+@example("binary")
+def layer_scale():
+    """ConvNeXt layer scale x * gamma[C, 1, 1]: gamma is owned by the channel."""
+    m = Net(lambda s, x: s.c2(torch.relu(s.c1(x) * s.gamma)), c1=conv(3, 8),
+            gamma=nn.Parameter(torch.full((8, 1, 1), 1e-1)), c2=conv(8, 4))
+    return m, img()
+
+
+@example("binary")
+def bias_add_and_sub_param():
+    m = Net(lambda s, x: s.c2(torch.relu(s.c1(x) + s.bias2 - s.shift)), c1=conv(3, 8, bias=False),
+            bias2=nn.Parameter(torch.zeros(8, 1, 1)), shift=nn.Parameter(torch.zeros(1, 8, 1, 1)), c2=conv(8, 4))
+    return m, img()
+
+
+@example("binary", pinned="divides by this channel")
+def div_by_channel():
+    """y / z ties y's and z's channels and pins z's (z may be 0, and 1/0 is not 0): nothing is prunable."""
+
+    def fwd(s, x):
+        return s.c3(torch.relu(s.c1(x)) / (s.c2(x) + 1.0))
+
+    m = Net(fwd, c1=conv(3, 8), c2=conv(3, 8), c3=conv(8, 4))
+    return m, img()
+
+
+@example("binary")
+def div_by_positive_channel():
+    """y / (sigmoid(z) + 1): the denominator is > 0 by construction, so the tied channels stay prunable."""
+
+    def fwd(s, x):
+        return s.c3(torch.relu(s.c1(x)) / (torch.sigmoid(s.c2(x)) + 1.0))
+
+    m = Net(fwd, c1=conv(3, 8), c2=conv(3, 8), c3=conv(8, 4))
+    return m, img()
+
+
+@example("binary")
+def div_by_spatial_map():
+    """y / z with z a [N, 1, H, W] map broadcast over channels: y's channels stay prunable."""
+
+    def fwd(s, x):
+        return s.c3(torch.relu(s.c1(x)) / (torch.sigmoid(s.c2(x)) + 1.0))
+
+    m = Net(fwd, c1=conv(3, 8), c2=conv(3, 1), c3=conv(8, 4))
+    return m, img()
+
+
+class SqueezeExcite(nn.Module):
+    def __init__(self, c=8, r=4):
+        super().__init__()
+        self.c1 = conv(3, c)
+        self.fc1 = nn.Conv2d(c, r, 1)
+        self.fc2 = nn.Conv2d(r, c, 1)
+        self.c2 = conv(c, 4)
+
+    def forward(self, x):
+        y = torch.relu(self.c1(x))
+        g = F.adaptive_avg_pool2d(y, 1)
+        g = torch.sigmoid(self.fc2(torch.relu(self.fc1(g))))
+        return self.c2(y * g)
+
+
+@example("binary", "pool", "unary")
+def squeeze_excitation():
+    return SqueezeExcite(), img()
+
+
+@example("binary", "reduce", "unary", frontend="export")
+def cosine_attention_heads_export():
+    """The same through torch.export: normalize decomposes into a norm, clamp_min(eps) and a division."""
+
+    def fwd(s, x):
+        _force_export(x)
+        q, k, v = (_heads(s, p(x), x) for p in (s.q, s.k, s.v))
+        a = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)
+        return s.o(_merge(a.softmax(-1) @ v, x))
+
+    return Net(fwd, **_qkvo()), torch.randn(N, 5, 6)
+
+
+@example("unary")
+def clamp_bounds():
+    """clamp(min=0.5) moves 0 to 0.5 (not zero-preserving); clamp(max=...) and clamp(-1, 1) keep 0."""
+
+    def fwd(s, x):
+        y = s.c1(x)
+        return s.c2(torch.clamp(y, min=0.5) + y.clamp(max=2.0) + y.clamp(-1.0, 1.0) + torch.clamp_min(y, 0.1))
+
+    return Net(fwd, c1=conv(3, 8), c2=conv(8, 4)), img()

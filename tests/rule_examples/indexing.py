@@ -1,0 +1,88 @@
+"""Examples for the indexing rules (narrow, slice, getitem, index, select, roll): passes/rules/indexing.py."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from .common import _force_export, _heads, _merge, _qkvo, conv, example, H_, img, N, Net
+
+
+@example("narrow")
+def narrow_forms():
+    def fwd(s, x):
+        y = torch.relu(s.c1(x))
+        return s.ca(y.narrow(1, 0, 3)) + s.cb(torch.narrow(y, 1, 3, 5))
+
+    m = Net(fwd, c1=conv(3, 8), ca=conv(3, 4), cb=conv(5, 4))
+    return m, img()
+
+
+@example("slice", "narrow", "batch_norm", frontend="export")
+def slice_export():
+    """torch.export turns x[:, a:b] into aten.slice.Tensor (and narrow into aten.narrow)."""
+
+    def fwd(s, x):
+        _force_export(x)
+        y = torch.relu(s.bn(s.c1(x)))
+        return s.ca(y[:, :3]) + s.cb(y[:, 3:-1]) + s.cc(y.narrow(1, 7, 1)) + s.cd(y[:, 2:6])
+
+    m = Net(fwd, c1=conv(3, 8), bn=nn.BatchNorm2d(8), ca=conv(3, 4), cb=conv(4, 4), cc=conv(1, 4), cd=conv(4, 4))
+    return m.eval(), img()
+
+
+@example("getitem")
+def getitem_slices():
+    def fwd(s, x):
+        y = torch.relu(s.c1(x))
+        return s.ca(y[:, :3]) + s.cb(y[:, 3:-2]) + s.cc(y[:, -2:]) + s.cd(y[..., 2:6, :, :])
+
+    m = Net(fwd, c1=conv(3, 8), ca=conv(3, 4), cb=conv(3, 4), cc=conv(2, 4), cd=conv(4, 4))
+    return m, img()
+
+
+@example("getitem", "split")
+def getitem_on_split_tuple():
+    def fwd(s, x):
+        parts = torch.relu(s.c1(x)).split([5, 3], dim=1)
+        return s.ca(parts[0]) + s.cb(parts[-1])
+
+    m = Net(fwd, c1=conv(3, 8), ca=conv(5, 4), cb=conv(3, 4))
+    return m, img()
+
+
+@example("index", "where", "check", frontend="export")
+def relative_bias_table_export():
+    """A per-head bias table gathered by a position index (Swin), masked with where: column h joins head h."""
+
+    def fwd(s, x):
+        _force_export(x)
+        x = x.to(torch.float32)  # export checks the dtype with _assert_tensor_metadata
+        q, k, v = (_heads(s, p(x), x) for p in (s.q, s.k, s.v))
+        bias = s.table[s.pos].permute(2, 0, 1)  # [H, L, L]
+        bias = torch.where(s.allowed, bias, -1e4)
+        a = (q @ k.transpose(-2, -1) + bias).softmax(-1)
+        return s.o(_merge(a @ v, x))
+
+    m = Net(fwd, table=nn.Parameter(torch.randn(9, H_)), **_qkvo())
+    m.register_buffer("pos", (torch.arange(5)[:, None] - torch.arange(5)[None, :] + 4))
+    m.register_buffer("allowed", torch.rand(5, 5) > 0.2)
+    return m, torch.randn(N, 5, 6)
+
+
+@example("getitem")
+def gather_rows_symbolic():
+    """table[idx] with a buffer index under symbolic_trace: the table's columns pass as channels."""
+
+    def fwd(s, x):
+        y = s.l1(x)  # [N, 5, 8]
+        return s.l2(y + s.table[s.idx])
+
+    m = Net(fwd, l1=nn.Linear(6, 8), table=nn.Parameter(torch.randn(7, 8)), l2=nn.Linear(8, 3))
+    m.register_buffer("idx", torch.tensor([0, 3, 3, 6, 1]))
+    return m, torch.randn(N, 5, 6)
+
+
+@example("roll")
+def roll_spatial():
+    m = Net(lambda s, x: s.c2(torch.roll(torch.relu(s.c1(x)), shifts=(1, -2), dims=(2, 3))), c1=conv(3, 8), c2=conv(8, 4))
+    return m, img()

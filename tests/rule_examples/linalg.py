@@ -1,0 +1,258 @@
+"""Examples for the linalg rules (conv, linear, embedding, matmul, addmm, einsum): passes/rules/linalg.py."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .common import (
+    _force_export, _heads, _merge, _mha, _qkvo, conv, E_, example,
+    H_, HD_, HW, img, N, Net,
+)
+
+
+@example("conv", "batch_norm", "unary")
+def conv_bn_relu_conv():
+    m = Net(lambda s, x: s.c2(s.act(s.bn(s.c1(x)))), c1=conv(3, 8), bn=nn.BatchNorm2d(8), act=nn.ReLU(), c2=conv(8, 4))
+    return m, img()
+
+
+@example("conv")
+def conv_functional():
+    def fwd(s, x):
+        y = F.conv2d(x, s.w, s.b, 1, 1)
+        return s.c2(F.relu(y))
+
+    m = Net(fwd, w=nn.Parameter(torch.randn(8, 3, 3, 3) * 0.3), b=nn.Parameter(torch.randn(8)), c2=conv(8, 4))
+    return m, img()
+
+
+@example("conv")
+def conv_functional_consumer():
+    def fwd(s, x):
+        return F.conv2d(torch.relu(s.c1(x)), s.w, None, padding=1)
+
+    m = Net(fwd, c1=conv(3, 8), w=nn.Parameter(torch.randn(4, 8, 3, 3) * 0.3))
+    return m, img()
+
+
+@example("conv")
+def conv_grouped():
+    """groups=2: a row is a whole conv group (4 in and 4 out channels)."""
+    m = Net(lambda s, x: s.c3(torch.relu(s.c2(torch.relu(s.c1(x))))), c1=conv(3, 8), c2=conv(8, 8, groups=2),
+            c3=conv(8, 4))
+    return m, img()
+
+
+@example("conv")
+def conv_grouped_functional():
+    """F.conv2d(groups=2): the rewrite must update the groups argument."""
+
+    def fwd(s, x):
+        y = F.conv2d(torch.relu(s.c1(x)), s.w, s.b, padding=1, groups=2)
+        return s.c3(torch.relu(y))
+
+    m = Net(fwd, c1=conv(3, 8), w=nn.Parameter(torch.randn(8, 4, 3, 3) * 0.3), b=nn.Parameter(torch.randn(8)),
+            c3=conv(8, 4))
+    return m, img()
+
+
+@example("conv", "batch_norm")
+def conv_depthwise():
+    m = Net(lambda s, x: s.pw(torch.relu(s.bn2(s.dw(torch.relu(s.bn1(s.c1(x))))))),
+            c1=conv(3, 8), bn1=nn.BatchNorm2d(8), dw=conv(8, 8, groups=8), bn2=nn.BatchNorm2d(8), pw=conv(8, 4, 1))
+    return m, img()
+
+
+@example("conv")
+def conv_depthwise_multiplier():
+    """groups=C with 2 outputs per group: one row is an input channel and its two outputs."""
+    m = Net(lambda s, x: s.pw(torch.relu(s.dw(torch.relu(s.c1(x))))), c1=conv(3, 4), dw=conv(4, 8, groups=4),
+            pw=conv(8, 4, 1))
+    return m, img()
+
+
+@example("conv", "batch_norm")
+def conv_transpose():
+    m = Net(lambda s, x: s.c2(torch.relu(s.bn(s.up(torch.relu(s.c1(x)))))),
+            c1=conv(3, 8), up=nn.ConvTranspose2d(8, 6, 2, stride=2), bn=nn.BatchNorm2d(6), c2=conv(6, 4))
+    return m, img()
+
+
+@example("conv")
+def conv_transpose_grouped():
+    m = Net(lambda s, x: s.c2(torch.relu(s.up(torch.relu(s.c1(x))))),
+            c1=conv(3, 8), up=nn.ConvTranspose2d(8, 6, 2, stride=2, groups=2), c2=conv(6, 4))
+    return m, img()
+
+
+@example("conv")
+def conv_transpose_functional():
+    def fwd(s, x):
+        y = F.conv_transpose2d(torch.relu(s.c1(x)), s.w, s.b, stride=2)
+        return s.c2(torch.relu(y))
+
+    m = Net(fwd, c1=conv(3, 8), w=nn.Parameter(torch.randn(8, 6, 2, 2) * 0.3), b=nn.Parameter(torch.randn(6)),
+            c2=conv(6, 4))
+    return m, img()
+
+
+@example("conv")
+def conv_transpose_functional_grouped():
+    def fwd(s, x):
+        y = F.conv_transpose2d(torch.relu(s.c1(x)), s.w, None, 2, 0, 0, 2)
+        return s.c2(torch.relu(y))
+
+    m = Net(fwd, c1=conv(3, 8), w=nn.Parameter(torch.randn(8, 3, 2, 2) * 0.3), c2=conv(6, 4))
+    return m, img()
+
+
+@example("conv")
+def conv1d_and_conv3d():
+    def fwd(s, x):
+        y = torch.relu(s.a(x))  # [N, 8, L]
+        z = torch.relu(s.b(y.unsqueeze(-1).unsqueeze(-1)))  # [N, 6, L, 1, 1]
+        return s.c(z.squeeze(-1).squeeze(-1))
+
+    m = Net(fwd, a=nn.Conv1d(3, 8, 3, padding=1), b=nn.Conv3d(8, 6, 1), c=nn.Conv1d(6, 4, 1))
+    return m, torch.randn(N, 3, 7)
+
+
+@example("conv", "linear", frontend="export")
+def conv_linear_export():
+    """ATen forms (aten.conv2d, aten.linear, aten.view) through torch.export."""
+
+    def fwd(s, x):
+        _force_export(x)
+        y = torch.relu(s.c2(torch.relu(s.c1(x))))
+        return s.fc(y.mean((2, 3)))
+
+    m = Net(fwd, c1=conv(3, 8), c2=conv(8, 6, groups=2), fc=nn.Linear(6, 4))
+    return m.eval(), img()
+
+
+@example("linear")
+def mlp():
+    m = Net(lambda s, x: s.l2(F.gelu(s.l1(x))), l1=nn.Linear(6, 8), l2=nn.Linear(8, 4))
+    return m, torch.randn(N, 6)
+
+
+@example("linear")
+def mlp_tokens_functional():
+    def fwd(s, x):
+        return F.linear(torch.relu(F.linear(x, s.w1, s.b1)), s.w2)
+
+    m = Net(fwd, w1=nn.Parameter(torch.randn(8, 6) * 0.3), b1=nn.Parameter(torch.randn(8)),
+            w2=nn.Parameter(torch.randn(4, 8) * 0.3))
+    return m, torch.randn(N, 5, 6)
+
+
+def _attention(op):
+    def fwd(s, x):  # x: [N, L, 6]
+        q, k, v = s.q(x), s.k(x), s.v(x)
+        a = torch.softmax(op(q, k.transpose(1, 2)), dim=-1)  # [N, L, L]
+        return s.o(op(a, v))
+
+    m = Net(fwd, q=nn.Linear(6, 8), k=nn.Linear(6, 8), v=nn.Linear(6, 4), o=nn.Linear(4, 3))
+    return m, torch.randn(N, 5, 6)
+
+
+@example("matmul", "softmax", "permute")
+def attention_matmul():
+    return _attention(torch.matmul)
+
+
+@example("matmul")
+def attention_operator():
+    return _attention(lambda a, b: a @ b)
+
+
+@example("matmul")
+def attention_bmm():
+    return _attention(torch.bmm)
+
+
+@example("matmul")
+def attention_method():
+    return _attention(lambda a, b: a.matmul(b))
+
+
+@example("matmul")
+def matmul_weight():
+    """x @ W with a registered weight: W's rows read the last axis, its columns own the output."""
+
+    def fwd(s, x):
+        return s.o(torch.relu(torch.relu(s.l1(x)) @ s.w))
+
+    m = Net(fwd, l1=nn.Linear(6, 8), w=nn.Parameter(torch.randn(8, 5) * 0.3), o=nn.Linear(5, 3))
+    return m, torch.randn(N, 4, 6)
+
+
+@example("embedding")
+def embedding_module():
+    m = Net(lambda s, i: s.l2(torch.relu(s.l1(s.emb(i)))), emb=nn.Embedding(10, 8), l1=nn.Linear(8, 6),
+            l2=nn.Linear(6, 3))
+    return m, torch.randint(0, 10, (N, 5))
+
+
+@example("embedding")
+def embedding_functional():
+    m = Net(lambda s, i: s.l(F.embedding(i, s.table)), table=nn.Parameter(torch.randn(10, 8)), l=nn.Linear(8, 3))
+    return m, torch.randint(0, 10, (N, 5))
+
+
+@example("matmul", "softmax")
+def eager_heads_matmul():
+    """Attention written out: q k^T / sqrt(hd), softmax, @ v, per head."""
+
+    def fwd(s, x):
+        q, k, v = (_heads(s, p(x), x) for p in (s.q, s.k, s.v))
+        a = torch.softmax(q @ k.transpose(-1, -2) * HD_ ** -0.5, dim=-1)
+        return s.o(_merge(a @ v, x))
+
+    return Net(fwd, **_qkvo()), torch.randn(N, 5, 6)
+
+
+@example("einsum", "split")
+def einsum_heads():
+    """Packed qkv, chunked, heads split and contracted with einsum (torchvision MaxViT's spelling)."""
+
+    def fwd(s, x):
+        c = torch.chunk(s.qkv(x), 3, dim=-1)
+        q, k, v = (c[i].reshape(N, 5, H_, HD_).permute(0, 2, 1, 3) for i in range(3))
+        a = torch.einsum("bhid,bhjd->bhij", q, k).softmax(-1)
+        o = torch.einsum("bhij,bhjd->bhid", a, v)
+        return s.o(o.permute(0, 2, 1, 3).reshape(N, 5, E_))
+
+    return Net(fwd, qkv=nn.Linear(6, 3 * E_), o=nn.Linear(E_, 3)), torch.randn(N, 5, 6)
+
+
+@example("einsum")
+def einsum_channel_mix():
+    """einsum with a weight: 'bci,co->boi' is a 1x1 conv; the output channels are the weight's."""
+
+    def fwd(s, x):
+        y = torch.relu(s.c1(x)).flatten(2)
+        z = torch.einsum("bci,co->boi", y, s.w)
+        return s.c2(z.unflatten(2, (HW, HW)))
+
+    return Net(fwd, c1=conv(3, 8), w=nn.Parameter(torch.randn(8, 6)), c2=conv(6, 4)), img()
+
+
+@example("addmm")
+def addmm_conv1d():
+    """Hugging Face's Conv1D: bias + x @ W with W [in, out]."""
+
+    def fwd(s, x):
+        y = torch.addmm(s.b1, x.view(-1, 6), s.w1).view(N, 5, 8)
+        return torch.addmm(s.b2, torch.relu(y).view(-1, 8), s.w2)
+
+    m = Net(fwd, w1=nn.Parameter(torch.randn(6, 8)), b1=nn.Parameter(torch.randn(8)),
+            w2=nn.Parameter(torch.randn(8, 3)), b2=nn.Parameter(torch.randn(3)))
+    return m, torch.randn(N, 5, 6)
+
+
+@example("matmul", "reshape", frontend="export")
+def mha_seq_first_export():
+    """need_weights=True: export spells the attention as bmm, softmax, bmm (its unused mean is dropped)."""
+    return _mha(batch_first=False, need_weights=True, force_export=True)

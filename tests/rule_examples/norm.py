@@ -1,0 +1,97 @@
+"""Examples for the norm rules (batch_norm, group_norm, layer_norm): passes/rules/norm.py."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .common import conv, example, HW, img, N, Net
+
+
+@example("batch_norm")
+def batch_norm_no_affine():
+    """BN without affine: the channel is not zero (-mean/std) but the consumer's zero slice absorbs it."""
+    m = Net(lambda s, x: s.c2(s.bn(s.c1(x))), c1=conv(3, 8), bn=nn.BatchNorm2d(8, affine=False), c2=conv(8, 4))
+    return m, img()
+
+
+@example("batch_norm")
+def batch_norm_functional():
+    def fwd(s, x):
+        y = F.batch_norm(s.c1(x), s.rm, s.rv, s.w, s.b, False)
+        return s.c2(torch.relu(y))
+
+    m = Net(fwd, c1=conv(3, 8), w=nn.Parameter(torch.ones(8)), b=nn.Parameter(torch.zeros(8)), c2=conv(8, 4))
+    m.register_buffer("rm", torch.zeros(8))
+    m.register_buffer("rv", torch.ones(8))
+    return m, img()
+
+
+@example("batch_norm")
+def batch_norm_1d_linear():
+    m = Net(lambda s, x: s.l2(torch.relu(s.bn(s.l1(x)))), l1=nn.Linear(6, 8), bn=nn.BatchNorm1d(8),
+            l2=nn.Linear(8, 4))
+    return m, torch.randn(4, 6)
+
+
+@example("batch_norm")
+def instance_norm_affine():
+    m = Net(lambda s, x: s.c2(torch.relu(s.inorm(s.c1(x)))), c1=conv(3, 8), inorm=nn.InstanceNorm2d(8, affine=True),
+            c2=conv(8, 4))
+    return m, img()
+
+
+@example("group_norm")
+def group_norm_module():
+    m = Net(lambda s, x: s.c2(torch.relu(s.gn(s.c1(x)))), c1=conv(3, 8), gn=nn.GroupNorm(4, 8), c2=conv(8, 4))
+    return m, img()
+
+
+@example("group_norm")
+def group_norm_functional():
+    def fwd(s, x):
+        return s.c2(torch.relu(F.group_norm(s.c1(x), 2, s.w, s.b)))
+
+    m = Net(fwd, c1=conv(3, 8), w=nn.Parameter(torch.ones(8)), b=nn.Parameter(torch.zeros(8)), c2=conv(8, 4))
+    return m, img()
+
+
+@example("group_norm")
+def group_norm_no_affine():
+    m = Net(lambda s, x: s.c2(s.gn(s.c1(x))), c1=conv(3, 8), gn=nn.GroupNorm(2, 8, affine=False), c2=conv(8, 4))
+    return m, img()
+
+
+@example("layer_norm", expect_pin="layer_norm")
+def layer_norm_tokens():
+    """LN over the features pins them; the hidden layer before it stays prunable."""
+    m = Net(lambda s, x: s.l3(s.ln(s.l2(F.gelu(s.l1(x))))), l1=nn.Linear(6, 8), l2=nn.Linear(8, 8),
+            ln=nn.LayerNorm(8), l3=nn.Linear(8, 4))
+    return m, torch.randn(N, 5, 6)
+
+
+@example("layer_norm", "permute", expect_pin="layer_norm")
+def layer_norm_channels_last():
+    """ConvNeXt-style LN over channels (permute, LN, permute back): the channels are pinned."""
+
+    def fwd(s, x):
+        y = s.c1(x).permute(0, 2, 3, 1)
+        y = s.ln(y).permute(0, 3, 1, 2)
+        return s.c3(torch.relu(s.c2(y)))
+
+    m = Net(fwd, c1=conv(3, 8), ln=nn.LayerNorm(8), c2=conv(8, 6), c3=conv(6, 4))
+    return m, img()
+
+
+@example("layer_norm")
+def layer_norm_spatial_functional():
+    """F.layer_norm over (H, W) does not mix channels: they stay prunable."""
+    m = Net(lambda s, x: s.c2(F.layer_norm(s.c1(x), (HW, HW))), c1=conv(3, 8), c2=conv(8, 4))
+    return m, img()
+
+
+@example("layer_norm", expect_pin="layer_norm")
+def rms_norm():
+    m = Net(lambda s, x: s.l3(s.n(s.l2(torch.relu(s.l1(x))))), l1=nn.Linear(6, 8), l2=nn.Linear(8, 8),
+            n=nn.RMSNorm(8), l3=nn.Linear(8, 4))
+    return m, torch.randn(N, 5, 6)

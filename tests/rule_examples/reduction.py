@@ -1,0 +1,75 @@
+"""Examples for the reduction rules (reduce, normalize, softmax): passes/rules/reduction.py."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .common import _heads, _merge, _qkvo, conv, example, H_, HW, img, N, Net
+
+
+@example("reduce")
+def mean_sum_amax_spatial():
+    def fwd(s, x):
+        y = torch.relu(s.c1(x))
+        z = y.mean((2, 3)) + torch.sum(y, dim=(-1, -2)) + y.amax(dim=(2, 3)) + y.std(dim=(2, 3))
+        return s.fc(z)
+
+    m = Net(fwd, c1=conv(3, 8), fc=nn.Linear(8, 3))
+    return m, img()
+
+
+@example("reduce")
+def max_over_spatial_tuple():
+    def fwd(s, x):
+        y = torch.relu(s.c1(x)).flatten(2)  # [N, 8, 25]
+        v, _ = y.max(dim=2)
+        return s.fc(v)
+
+    m = Net(fwd, c1=conv(3, 8), fc=nn.Linear(8, 3))
+    return m, img()
+
+
+@example("reduce", pinned="mean over this axis")
+def mean_over_channels():
+    """mean over channels: the divisor counts every channel -> pinned."""
+    m = Net(lambda s, x: s.c2(torch.relu(s.c1(x)).mean(1, keepdim=True)), c1=conv(3, 8), c2=conv(1, 4))
+    return m, img()
+
+
+@example("softmax", pinned="softmax over this axis")
+def softmax_over_channels():
+    m = Net(lambda s, x: s.c2(torch.softmax(s.c1(x), dim=1)), c1=conv(3, 8), c2=conv(8, 4))
+    return m, img()
+
+
+@example("softmax")
+def softmax_over_spatial():
+    """softmax over the flattened spatial axis does not touch channels."""
+
+    def fwd(s, x):
+        y = s.c1(x)
+        a = s.sm(y.flatten(2)).unflatten(2, (HW, HW))
+        return s.c2(y * a)
+
+    m = Net(fwd, c1=conv(3, 8), sm=nn.Softmax(dim=-1), c2=conv(8, 4))
+    return m, img()
+
+
+@example("softmax")
+def log_softmax_method_spatial():
+    m = Net(lambda s, x: s.c2(s.c1(x).log_softmax(-1)), c1=conv(3, 8), c2=conv(8, 4))
+    return m, img()
+
+
+@example("normalize", "binary")
+def cosine_attention_heads():
+    """Swin v2's cosine attention: q and k normalised over head_dim, a per-head logit scale (clamped, exp)."""
+
+    def fwd(s, x):
+        q, k, v = (_heads(s, p(x), x) for p in (s.q, s.k, s.v))
+        a = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)
+        a = (a * torch.clamp(s.scale, max=4.0).exp()).softmax(-1)
+        return s.o(_merge(a @ v, x))
+
+    return Net(fwd, scale=nn.Parameter(torch.rand(H_, 1, 1)), **_qkvo()), torch.randn(N, 5, 6)
