@@ -61,10 +61,11 @@ class OTO:
     def pinned(self):
         return self.zigset.pinned
 
-    def report(self) -> str:
+    def report(self, blocks=None) -> str:
+        """Groups and pins as tables; ``blocks`` (an ``otofx.admm.find_blocks`` result) adds the block groups."""
         from otofx.report import report
 
-        return report(self)
+        return report(self, blocks=blocks)
 
     def row_norms(self) -> list:
         return row_norms(self.zigset, self.model)

@@ -23,7 +23,8 @@ def _short(names, limit: int = 3) -> str:
     return ", ".join(names[:limit]) + f" (+{len(names) - limit})"
 
 
-def report(oto, max_groups: int | None = None) -> str:
+def report(oto, max_groups: int | None = None, blocks=None) -> str:
+    """The group table, what was pinned and why, and (given a ``BlockSet``) the block groups."""
     rows = []
     params = dict(oto.model.named_parameters())
     for i, z in enumerate(oto.groups):
@@ -40,4 +41,10 @@ def report(oto, max_groups: int | None = None) -> str:
         out.append("")
         out.append("pinned (channels that cannot be removed, and why):")
         out.append(tabulate(prow, headers=["node", "op", "reason", "channels"], tablefmt="github"))
+    if blocks is not None:
+        from otofx.admm import report as block_report
+
+        out.append("")
+        out.append("block groups (micro-structured: blocks inside weights, see otofx.admm):")
+        out.append(block_report(blocks))
     return "\n".join(out)

@@ -1,0 +1,519 @@
+"""Micro-structured weight unification and pruning, trained by ADMM (seed 002, Lin et al. 2021).
+
+Each Linear/Conv weight is tiled into small blocks (``otofx.passes.admm``). A block is either
+pruned (all zero), unified (one magnitude shared by its weights, each keeping its sign) or free.
+Training with the constraint is ADMM (the framework of Zhang et al. 2018; METHODS.md section 4 is
+our reconstruction, since the paper has no public code):
+
+* W-step: the base optimizer on ``f(W) + rho/2 ||W - Z + U||^2`` (the wrapper adds
+  ``rho (W - Z + U)`` to each blocked weight's gradient before the base step);
+* Z-step: ``Z = project(W + U)``, the closed-form greedy projection onto the constraint set;
+* U-step: ``U += W - Z``; rho grows geometrically from ``rho`` to ``rho_max`` over the rounds.
+
+Usage::
+
+    opt = otofx.admm.ADMM(model, torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9),
+                          block=(4, 4), prune=0.5, unify=0.25, rounds=10, steps_per_round=len(loader) * 2)
+    for x, y in loader:                        # an ordinary loop; lr schedulers work on `opt`
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad(); loss.backward(); opt.step()
+    small = otofx.admm.finish(model, opt)      # hard projection + a re-parametrisation that keeps it
+    ... retrain `small` (pruned blocks stay 0, one learnable magnitude per unified block) ...
+    print(otofx.admm.format_storage(otofx.admm.storage(small)))   # bits per weight, vs float32
+
+Baselines: :func:`finish` alone on a trained model is the one-shot projection (then retrain);
+:class:`BlockHESSO` is OTOv3's HESSO schedule with blocks as its groups.
+
+Internals:
+    * Z, U, rho and the round counter live in ``ADMM.admm_state``; ``state_dict()`` holds them
+      beside the base optimizer's state, so a run resumes exactly.
+    * ``param_groups`` *is* the base optimizer's list: learning-rate schedulers built on the
+      wrapper drive the base optimizer.
+    * :class:`BlockParam` is a ``torch.nn.utils.parametrize`` parametrisation: the module's weight
+      becomes ``W * free + sign * magnitude[block]``, so pruned blocks are constant zero and a
+      unified block's weights move together, whatever the optimizer does.
+    * # NB: HESSO's fused row kernels (``otofx.kernels``) describe rows as whole slices along one
+      dim; a block is a tile across two dims, so :class:`BlockHESSO` computes its block statistics
+      with torch ops over ``blocks_of`` views instead.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+from torch.nn.utils import parametrize
+
+from otofx.errors import InputError, OTOError
+from otofx.passes.admm import blocks as B
+from otofx.passes.admm.blocks import FREE, PRUNED, UNIFIED, BlockGroup, BlockSet, find_blocks, project
+
+log = logging.getLogger("otofx")
+
+
+def _pairs(params_or_model, block, layers, blocks: BlockSet | None):
+    """``(BlockSet, [(group, parameter)])`` for a model or named parameters."""
+    if isinstance(params_or_model, nn.Module):
+        blockset = blocks or find_blocks(params_or_model, block, layers)
+        return blockset, B.select_layers(params_or_model.named_parameters(), blockset)
+    named = list(params_or_model)
+    if not named or not all(isinstance(x, tuple) and len(x) == 2 and isinstance(x[0], str) for x in named):
+        raise InputError("ADMM takes a model or its named_parameters() (name, parameter) pairs")
+    if blocks is None:
+        pick = B._selector(layers)
+        groups = [B._group(n, tuple(p.shape), tuple(block)) for n, p in named if p.ndim >= 2 and pick(n, None)]
+        if not groups:
+            raise InputError("no parameter with 2 or more dims to block among the named parameters")
+        blocks = BlockSet(tuple(groups))
+    return blocks, B.select_layers(named, blocks)
+
+
+class ADMM(torch.optim.Optimizer):
+    """ADMM training of block-pruned / unified weights around any ``torch.optim`` optimizer.
+
+    ``params_or_model``: the model (its Linear/Conv weights are blocked; ``layers=`` selects) or
+    its ``named_parameters()`` (every parameter with two or more dims is blocked). ``prune`` and
+    ``unify``: fractions of each layer's blocks. ``rounds`` Z/U updates, one every
+    ``steps_per_round`` steps; rho goes geometrically from ``rho`` to ``rho_max``.
+    """
+
+    def __init__(self, params_or_model, base_optimizer: torch.optim.Optimizer, *, block=(4, 4),
+                 prune: float = 0.5, unify: float = 0.0, rho: float = 1e-4, rho_max: float = 1e-1,
+                 rounds: int = 10, steps_per_round: int | None = None, layers=None, blocks: BlockSet | None = None):
+        if not isinstance(base_optimizer, torch.optim.Optimizer):
+            raise InputError(f"base_optimizer must be a torch.optim.Optimizer, got {type(base_optimizer).__name__}")
+        if steps_per_round is None or int(steps_per_round) < 1:
+            raise InputError("ADMM needs steps_per_round >= 1 (optimizer steps between Z/U updates, e.g. 2 epochs)")
+        if int(rounds) < 1 or not 0 < rho <= rho_max:
+            raise InputError(f"need rounds >= 1 and 0 < rho <= rho_max (got rounds={rounds}, rho={rho}, rho_max={rho_max})")
+        B.counts_for(1, prune, unify)  # validates the fractions
+        self.blocks, self._pairs = _pairs(params_or_model, block, layers, blocks)
+        self.base = base_optimizer
+        self.prune, self.unify = float(prune), float(unify)
+        self.rho0, self.rho_max, self.rounds = float(rho), float(rho_max), int(rounds)
+        self.steps_per_round = int(steps_per_round)
+        base_ids = {id(p) for g in base_optimizer.param_groups for p in g["params"]}
+        outside = [g.name for g, p in self._pairs if id(p) not in base_ids]
+        if outside:
+            raise InputError(f"blocked parameters {outside[:3]} are not in base_optimizer: build it over the same model")
+        super().__init__([p for _, p in self._pairs], {})
+        self.param_groups = base_optimizer.param_groups  # schedulers on the wrapper drive the base
+        self.defaults = base_optimizer.defaults
+        self.admm_state = {"t": 0, "round": 0, "rho": self.rho0, "z": {}, "u": {}}
+        with torch.no_grad():
+            for g, p in self._pairs:
+                self.admm_state["z"][g.name] = project(p.detach(), g, self.prune, self.unify).z.clone()
+                self.admm_state["u"][g.name] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+
+    # -- the three steps ------------------------------------------------------------------------
+    @property
+    def rho(self) -> float:
+        return self.admm_state["rho"]
+
+    @property
+    def round(self) -> int:
+        return self.admm_state["round"]
+
+    def _rho_at(self, k: int) -> float:
+        if self.rounds == 1:
+            return self.rho0
+        return self.rho0 * (self.rho_max / self.rho0) ** (min(k, self.rounds - 1) / (self.rounds - 1))
+
+    @torch.no_grad()
+    def add_penalty_grad(self) -> None:
+        """``grad += rho (W - Z + U)`` for every blocked weight with a gradient."""
+        rho, z, u = self.rho, self.admm_state["z"], self.admm_state["u"]
+        for g, p in self._pairs:
+            if p.grad is not None:
+                p.grad.add_(p.detach() - z[g.name] + u[g.name], alpha=rho)
+
+    @torch.no_grad()
+    def zu_step(self) -> None:
+        """``Z = project(W + U)``, ``U += W - Z``, then the next round's rho."""
+        z, u = self.admm_state["z"], self.admm_state["u"]
+        for g, p in self._pairs:
+            w = p.detach()
+            z[g.name] = project(w + u[g.name], g, self.prune, self.unify).z
+            u[g.name].add_(w - z[g.name])
+        self.admm_state["round"] += 1
+        self.admm_state["rho"] = self._rho_at(self.admm_state["round"])
+        log.info("ADMM: round %d of %d done; primal residual %.3e, rho now %.3g", self.round, self.rounds,
+                 self.primal_residual(), self.rho)
+
+    @torch.no_grad()
+    def primal_residual(self) -> float:
+        """``||W - Z|| / ||W||`` over all blocked weights (0 once W satisfies the constraint)."""
+        num = sum(float((p.detach() - self.admm_state["z"][g.name]).double().square().sum()) for g, p in self._pairs)
+        den = sum(float(p.detach().double().square().sum()) for _, p in self._pairs)
+        return math.sqrt(num / den) if den else 0.0
+
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self.add_penalty_grad()
+        self.base.step()
+        self.admm_state["t"] += 1
+        if self.admm_state["t"] % self.steps_per_round == 0 and self.round < self.rounds:
+            self.zu_step()
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.base.zero_grad(set_to_none=set_to_none)
+
+    # -- state ----------------------------------------------------------------------------------
+    def state_dict(self):
+        st = self.admm_state
+        return {"base": self.base.state_dict(),
+                "admm": {"t": st["t"], "round": st["round"], "rho": st["rho"],
+                         "z": {k: v.clone() for k, v in st["z"].items()},
+                         "u": {k: v.clone() for k, v in st["u"].items()},
+                         "blocks": [(g.name, g.shape, g.block) for g in self.blocks],
+                         "prune": self.prune, "unify": self.unify}}
+
+    def load_state_dict(self, state_dict) -> None:
+        admm = state_dict.get("admm") if isinstance(state_dict, dict) else None
+        if admm is None or "base" not in state_dict:
+            raise OTOError("this state_dict was not saved by otofx.admm.ADMM.state_dict()")
+        mine = [(g.name, g.shape, g.block) for g in self.blocks]
+        if [tuple(x) for x in admm["blocks"]] != [tuple(x) for x in mine]:
+            raise OTOError("the saved ADMM state has other block groups: build ADMM over the same model and blocks")
+        self.base.load_state_dict(state_dict["base"])
+        self.prune, self.unify = admm["prune"], admm["unify"]
+        self.admm_state = {"t": admm["t"], "round": admm["round"], "rho": admm["rho"],
+                           "z": {k: v.clone() for k, v in admm["z"].items()},
+                           "u": {k: v.clone() for k, v in admm["u"].items()}}
+
+
+# ---------------------------------------------------------------------------------------------
+# Finishing: hard projection and a structure-keeping re-parametrisation
+# ---------------------------------------------------------------------------------------------
+
+
+class BlockParam(nn.Module):
+    """``W -> W * free + sign * magnitude[block]``: pruned blocks 0, unified blocks one magnitude each."""
+
+    def __init__(self, group: BlockGroup, proj: B.Projection):
+        super().__init__()
+        self.group = group
+        ones = torch.ones(group.shape, dtype=proj.z.dtype, device=proj.z.device)
+        state = B.from_blocks(proj.state[:, None].expand(-1, group.block[0] * group.block[1]).to(proj.z.dtype), group)
+        index = torch.arange(group.n_blocks, device=proj.z.device, dtype=proj.z.dtype)
+        index = B.from_blocks(index[:, None].expand(-1, group.block[0] * group.block[1]), group)
+        self.register_buffer("free", (state == FREE).to(proj.z.dtype) * ones)
+        self.register_buffer("sign", torch.sign(proj.z) * (state == UNIFIED).to(proj.z.dtype))
+        self.register_buffer("block_index", index.round().to(torch.int64))
+        self.register_buffer("state", proj.state.clone())
+        self.magnitude = nn.Parameter(proj.magnitude.clone())
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        return w * self.free + self.sign * self.magnitude[self.block_index]
+
+
+def _finish_args(opt, blocks, prune, unify):
+    if opt is not None:
+        blocks = blocks or opt.blocks
+        prune = opt.prune if prune is None else prune
+        unify = opt.unify if unify is None else unify
+    if prune is None:
+        raise InputError("finish needs prune= (and unify=), or the ADMM optimizer that trained the model")
+    return blocks, prune, 0.0 if unify is None else unify
+
+
+def finish(model: nn.Module, opt: ADMM | BlockHESSO | None = None, *, block=(4, 4), prune: float | None = None,
+           unify: float | None = None, layers=None, blocks: BlockSet | None = None) -> nn.Module:
+    """A copy of ``model`` with every blocked weight hard-projected and re-parametrised by :class:`BlockParam`.
+
+    The blocks, ``prune`` and ``unify`` come from ``opt`` when given. ``model`` is not modified.
+    Training the copy keeps the structure: pruned blocks stay zero, unified blocks keep one
+    magnitude (learnable) and their signs, free weights train as usual. ``plain()`` removes the
+    parametrisations.
+    """
+    blocks, prune, unify = _finish_args(opt, blocks, prune, unify)
+    blocks = blocks or find_blocks(model, block, layers)
+    new = copy.deepcopy(model)
+    params = dict(new.named_parameters())
+    for g in blocks:
+        if g.name not in params:
+            raise InputError(f"block group '{g.name}' names no parameter of the model")
+        mod_name, _, attr = g.name.rpartition(".")
+        module = new.get_submodule(mod_name)
+        if parametrize.is_parametrized(module, attr):
+            raise InputError(f"'{g.name}' is already parametrised: finish() a model that was not finished")
+        with torch.no_grad():
+            proj = project(params[g.name].detach(), g, prune, unify)
+            params[g.name].copy_(proj.z)
+        parametrize.register_parametrization(module, attr, BlockParam(g, proj))
+    return new
+
+
+def plain(model: nn.Module) -> nn.Module:
+    """A copy of a finished model with its parametrisations folded into plain weights.
+
+    # NB: a deep copy shares the parametrised modules' generated classes with the original, and
+    # ``parametrize.remove_parametrizations`` deletes the property from that class: it would break
+    # the original. The copy's modules are switched back to their own class by hand instead.
+    """
+    new = copy.deepcopy(model)
+    for _, m in list(new.named_modules()):
+        if not parametrize.is_parametrized(m):
+            continue
+        with torch.no_grad():
+            values = {attr: (getattr(m, attr).detach().clone(), plist.original.requires_grad)
+                      for attr, plist in m.parametrizations.items()}
+        base = type(m).__bases__[0]
+        del m._modules["parametrizations"]
+        m.__class__ = base
+        for attr, (value, grad) in values.items():
+            m._parameters[attr] = nn.Parameter(value, requires_grad=grad)
+    return new
+
+
+def _finished(model: nn.Module):
+    out = []
+    for mod_name, m in model.named_modules():
+        if parametrize.is_parametrized(m):
+            for attr, plist in m.parametrizations.items():
+                for pm in plist:
+                    if isinstance(pm, BlockParam):
+                        out.append((f"{mod_name}.{attr}" if mod_name else attr, getattr(m, attr), pm))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Storage format
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BlockStorage:
+    """One finished weight in the micro-structured format.
+
+    ``state`` (2 bits a block: free / pruned / unified), the free blocks' float32 values (real
+    elements only, block order), one sign bit per element of every unified block (packed, 1 =
+    positive) and one float32 magnitude per unified block. Pruned blocks store nothing.
+    """
+
+    group: BlockGroup
+    state: np.ndarray  # [n_blocks] uint8
+    free_values: np.ndarray  # float32, the real elements of the free blocks
+    sign_bits: np.ndarray  # uint8, packed
+    magnitudes: np.ndarray  # float32 [n_unified]
+
+    def bits(self) -> int:
+        counts = self.group.counts.numpy()
+        free = int(counts[self.state == FREE].sum())
+        unified_elems = int(counts[self.state == UNIFIED].sum())
+        return 32 * free + unified_elems + 32 * int((self.state == UNIFIED).sum()) + 2 * self.group.n_blocks
+
+    def pruning_only_bits(self) -> int:
+        """Plain block pruning of the same blocks: every unpruned block stored in float32, 1 bit a block."""
+        counts = self.group.counts.numpy()
+        return 32 * int(counts[self.state != PRUNED].sum()) + self.group.n_blocks
+
+    def to_dense(self) -> torch.Tensor:
+        """The weight these bits describe (float32)."""
+        g = self.group
+        m = g.block[0] * g.block[1]
+        mask = B.blocks_of(torch.ones(g.shape), g) > 0  # real cells of each block
+        out = torch.zeros(g.n_blocks, m)
+        st = torch.from_numpy(self.state.astype(np.int64))
+        free = (st == FREE)[:, None] & mask
+        out[free] = torch.from_numpy(self.free_values)
+        uni = (st == UNIFIED)[:, None] & mask
+        n_u = int(uni.sum())
+        signs = np.unpackbits(self.sign_bits)[:n_u].astype(np.float32) * 2 - 1
+        if n_u:
+            mag = torch.from_numpy(self.magnitudes)[(torch.cumsum((st == UNIFIED).long(), 0) - 1).clamp_min(0)]
+            out[uni] = torch.from_numpy(signs) * mag[:, None].expand(-1, m)[uni]
+        return B.from_blocks(out, g)
+
+    def bsr(self) -> torch.Tensor:
+        """The weight as a torch sparse BSR matrix ``[rows, cols]`` (pruned blocks absent).
+
+        Needs the blocks to divide the matrix (torch's BSR has no edge blocks).
+        """
+        g = self.group
+        if g.rows % g.block[0] or g.cols % g.block[1]:
+            raise InputError(f"'{g.name}': blocks {g.block} do not divide [{g.rows}, {g.cols}]; BSR needs whole blocks")
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Sparse BSR tensor support is in beta")
+            return self.to_dense().reshape(g.rows, g.cols).to_sparse_bsr(g.block)
+
+
+def export(model: nn.Module) -> dict:
+    """``{weight name: BlockStorage}`` for every finished weight of ``model``."""
+    out = {}
+    for name, w, pm in _finished(model):
+        g = pm.group
+        with torch.no_grad():
+            b = B.blocks_of(w.detach().float().cpu(), g)
+            mask = B.blocks_of(torch.ones(g.shape), g) > 0
+            st = pm.state.cpu()
+            free = b[(st == FREE)[:, None] & mask]
+            uni = (st == UNIFIED)[:, None] & mask
+            signs = (b[uni] > 0).numpy().astype(np.uint8)
+            mags = pm.magnitude.detach().float().cpu()[st == UNIFIED]
+        out[name] = BlockStorage(g, st.numpy().astype(np.uint8), free.numpy(), np.packbits(signs), mags.numpy())
+    if not out:
+        raise InputError("export found no finished weight: call otofx.admm.finish(model, ...) first")
+    return out
+
+
+@dataclass(frozen=True)
+class StorageRow:
+    layer: str
+    blocks: int
+    pruned: int
+    unified: int
+    weights: int
+    bits: int
+    pruning_only_bits: int
+
+    @property
+    def bits_per_weight(self) -> float:
+        return self.bits / self.weights
+
+    @property
+    def vs_float32(self) -> float:
+        return 32 * self.weights / self.bits
+
+    @property
+    def vs_pruning(self) -> float:
+        return self.pruning_only_bits / self.bits
+
+
+def storage(model_or_export) -> list:
+    """One :class:`StorageRow` per finished weight, and a ``"total"`` row."""
+    ex = model_or_export if isinstance(model_or_export, dict) else export(model_or_export)
+    rows = []
+    for name, s in ex.items():
+        rows.append(StorageRow(name, s.group.n_blocks, int((s.state == PRUNED).sum()), int((s.state == UNIFIED).sum()),
+                               s.group.numel, s.bits(), s.pruning_only_bits()))
+    rows.append(StorageRow("total", *(sum(getattr(r, f) for r in rows) for f in
+                                      ("blocks", "pruned", "unified", "weights", "bits", "pruning_only_bits"))))
+    return rows
+
+
+def format_storage(rows) -> str:
+    from tabulate import tabulate
+
+    return tabulate([[r.layer, r.blocks, r.pruned, r.unified, r.weights, f"{r.bits_per_weight:.2f}",
+                      f"{r.vs_float32:.2f}x", f"{r.vs_pruning:.2f}x"] for r in rows],
+                    headers=["layer", "blocks", "pruned", "unified", "weights", "bits/weight", "vs float32",
+                             "vs pruning only"], tablefmt="github")
+
+
+# ---------------------------------------------------------------------------------------------
+# Baseline: HESSO's schedule with blocks as groups
+# ---------------------------------------------------------------------------------------------
+
+
+class BlockHESSO(torch.optim.Optimizer):
+    """OTOv3's HESSO (OTO.md section 3) over block groups, around a base optimizer.
+
+    Every ``D = pruning_steps // pruning_periods`` steps from ``start_pruning_step`` on, each layer's
+    lowest-scoring blocks not yet pruned (``round(prune * n)`` over all periods, split evenly) are
+    picked and scaled by ``(D-k-1)/(D-k)`` after the base step at step k of the period: exactly zero
+    at its end. Score: HESSO's equal-weight sum of L2-normalised ``||x||``, ``||x||/len``,
+    ``cos(x, d) + 1``, ``|x.d|`` and ``(x.d)^2 / 2`` per block, with d the gradient (the base
+    optimizer's direction is internal to it). Counts are per layer, as ADMM's are.
+    """
+
+    def __init__(self, params_or_model, base_optimizer: torch.optim.Optimizer, *, block=(4, 4), prune: float = 0.5,
+                 pruning_steps: int, pruning_periods: int = 1, start_pruning_step: int = 0, layers=None,
+                 blocks: BlockSet | None = None):
+        if int(pruning_periods) < 1 or int(pruning_steps) < int(pruning_periods):
+            raise InputError(f"pruning_steps={pruning_steps!r} must be >= pruning_periods={pruning_periods!r} >= 1")
+        B.counts_for(1, prune, 0.0)
+        self.blocks, self._pairs = _pairs(params_or_model, block, layers, blocks)
+        self.base, self.prune, self.unify = base_optimizer, float(prune), 0.0
+        self.start, self.periods = int(start_pruning_step), int(pruning_periods)
+        self.period_length = int(pruning_steps) // self.periods
+        super().__init__([p for _, p in self._pairs], {})
+        self.param_groups = base_optimizer.param_groups
+        self.defaults = base_optimizer.defaults
+        self._t = 0
+        self._pruned = {g.name: torch.zeros(g.n_blocks, dtype=torch.bool, device=p.device) for g, p in self._pairs}
+        self._current = {k: torch.zeros_like(v) for k, v in self._pruned.items()}
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.base.zero_grad(set_to_none=set_to_none)
+
+    @staticmethod
+    def _scores(x: torch.Tensor, d: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        norm, dnorm, xd = x.norm(dim=1), d.norm(dim=1), (x * d).sum(1)
+        den = norm * dnorm
+        cos = torch.where(den > 0, xd / torch.where(den > 0, den, torch.ones_like(den)), torch.zeros_like(den))
+        score = torch.zeros_like(norm)
+        for f in (norm, norm / counts.to(norm), cos + 1, xd.abs(), 0.5 * xd.square()):
+            n = f.norm()
+            score = score + torch.where(n > 0, f / torch.where(n > 0, n, torch.ones_like(n)), f)
+        return score
+
+    def _select(self, period: int) -> None:
+        for g, p in self._pairs:
+            total = B.counts_for(g.n_blocks, self.prune, 0.0)[0]
+            count = total * (period + 1) // self.periods - total * period // self.periods
+            pruned = self._pruned[g.name] | self._current[g.name]
+            self._pruned[g.name] = pruned
+            x = B.blocks_of(p.detach(), g)
+            d = B.blocks_of(p.grad.detach(), g) if p.grad is not None else torch.zeros_like(x)
+            score = self._scores(x.double(), d.double(), g.counts.to(x.device)).masked_fill(pruned, float("inf"))
+            cur = torch.zeros_like(pruned)
+            cur[torch.argsort(score, stable=True)[:count]] = True
+            self._current[g.name] = cur
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        rel = self._t - self.start
+        if rel >= 0 and rel < self.periods * self.period_length and rel % self.period_length == 0:
+            self._select(rel // self.period_length)
+        self.base.step()
+        if rel >= 0:
+            k = rel % self.period_length if rel < self.periods * self.period_length else None
+            for g, p in self._pairs:
+                if k is None:
+                    self._pruned[g.name] |= self._current[g.name]
+                    self._current[g.name].zero_()
+                f = 0.0 if k is None else (self.period_length - k - 1) / (self.period_length - k)
+                scale = torch.ones(g.n_blocks, dtype=p.dtype, device=p.device)
+                scale = scale.masked_fill(self._current[g.name], f).masked_fill(self._pruned[g.name], 0.0)
+                b = B.blocks_of(p.detach(), g) * scale[:, None]
+                p.copy_(B.from_blocks(b, g))
+        self._t += 1
+        return loss
+
+    def block_sparsity(self) -> float:
+        """Fraction of blocks whose every weight is exactly zero."""
+        zero = total = 0
+        for g, p in self._pairs:
+            zero += int((B.blocks_of(p.detach(), g) == 0).all(1).sum())
+            total += g.n_blocks
+        return zero / max(total, 1)
+
+
+def report(blocks: BlockSet) -> str:
+    """The block groups as a table (layer, weight shape, matrix, block, grid, blocks)."""
+    from tabulate import tabulate
+
+    rows = [[g.name, "x".join(map(str, g.shape)), f"{g.rows}x{g.cols}", f"{g.block[0]}x{g.block[1]}",
+             f"{g.grid[0]}x{g.grid[1]}", g.n_blocks] for g in blocks]
+    head = f"{len(blocks)} block groups, {blocks.n_blocks} blocks"
+    return head + "\n" + tabulate(rows, headers=["weight", "shape", "matrix", "block", "grid", "blocks"],
+                                  tablefmt="github")
+
+
+__all__ = ["ADMM", "BlockHESSO", "BlockParam", "BlockStorage", "StorageRow", "BlockGroup", "BlockSet", "find_blocks",
+           "project", "finish", "plain", "export", "storage", "format_storage", "report"]

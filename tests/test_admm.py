@@ -1,0 +1,267 @@
+"""Micro-structured blocks trained by ADMM (seed 002): block groups, projection, penalty, finish, storage."""
+from __future__ import annotations
+
+import copy
+import itertools
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import otofx
+import otofx.admm as A
+from otofx.passes.admm import blocks as B
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+def _mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(12, 20), nn.BatchNorm1d(20), nn.ReLU(), nn.Linear(20, 6))
+
+
+def _cnn():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                         nn.Conv2d(8, 8, 3, padding=1, groups=2), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(8, 4))
+
+
+# -- block groups --------------------------------------------------------------------------------
+
+
+@settings(max_examples=40)
+@given(st.integers(1, 9), st.integers(1, 3), st.integers(1, 5), st.integers(1, 5), st.integers(1, 3))
+def test_blocks_round_trip_and_counts(rows, k, bo, bi, extra):
+    shape = (rows, extra, k)
+    g = B._group("w", shape, (bo, bi))
+    w = torch.randn(shape)
+    b = B.blocks_of(w, g)
+    assert b.shape == (g.n_blocks, g.block[0] * g.block[1])
+    assert torch.equal(B.from_blocks(b, g), w)
+    assert int(g.counts.sum()) == w.numel()
+    # each block holds exactly the elements of its tile
+    m = w.reshape(g.rows, g.cols)
+    for r, c in itertools.product(range(g.grid[0]), range(g.grid[1])):
+        tile = m[r * g.block[0]:(r + 1) * g.block[0], c * g.block[1]:(c + 1) * g.block[1]].reshape(-1)
+        blk = b[r * g.grid[1] + c]
+        assert torch.equal(blk[blk != 0].sort().values, tile[tile != 0].sort().values)
+        assert int(g.counts[r * g.grid[1] + c]) == tile.numel()
+
+
+def test_find_blocks_conv_is_out_by_in_times_kernel():
+    bs = A.find_blocks(_cnn(), block=(1, 9))
+    assert [g.name for g in bs] == ["0.weight", "3.weight", "7.weight"]
+    g = bs.by_name()["3.weight"]
+    assert (g.rows, g.cols, g.block, g.grid) == (8, 4 * 9, (1, 9), (8, 4))
+    per_layer = A.find_blocks(_cnn(), block={"*": (2, 2), "7": (4, 8)})
+    assert per_layer.by_name()["7.weight"].block == (4, 8)
+    assert A.find_blocks(_cnn(), layers=[nn.Linear]).by_name().keys() == {"7.weight"}
+
+
+def test_block_groups_in_the_report():
+    model = _cnn().eval()
+    oto = otofx.OTO(model, torch.randn(1, 3, 8, 8))
+    text = oto.report(blocks=A.find_blocks(model, (1, 9)))
+    assert "block groups" in text and "3.weight" in text and "8x36" in text
+
+
+def test_bad_blocks_are_clear_errors():
+    with pytest.raises(otofx.InputError, match="two positive ints"):
+        A.find_blocks(_mlp(), block=(0, 4))
+    with pytest.raises(otofx.InputError, match="prune \\+ unify <= 1"):
+        A.project(torch.randn(4, 4), B._group("w", (4, 4), (2, 2)), 0.8, 0.5)
+    m = _mlp()
+    with pytest.raises(otofx.InputError, match="not in base_optimizer"):
+        A.ADMM(m, torch.optim.SGD(m[0].parameters(), lr=0.1), steps_per_round=1)
+    with pytest.raises(otofx.InputError, match="steps_per_round"):
+        A.ADMM(m, torch.optim.SGD(m.parameters(), lr=0.1))
+
+
+# -- the projection ------------------------------------------------------------------------------
+
+
+@settings(max_examples=30)
+@given(st.integers(0, 2 ** 16), st.sampled_from([(0.5, 0.0), (0.75, 0.0), (0.5, 0.25), (0.0, 0.6), (0.3, 0.3)]),
+       st.sampled_from([(2, 2), (4, 4), (1, 3), (3, 2)]))
+def test_projection_exact(seed, pq, block):
+    prune, unify = pq
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(10, 7, generator=gen)
+    g = B._group("w", (10, 7), block)
+    p = A.project(w, g, prune, unify)
+    n_p, n_u = B.counts_for(g.n_blocks, prune, unify)
+    assert int((p.state == B.PRUNED).sum()) == n_p == math.floor(prune * g.n_blocks + 0.5)
+    assert int((p.state == B.UNIFIED).sum()) == n_u
+    zb = B.blocks_of(p.z, g)
+    assert torch.all(zb[p.state == B.PRUNED] == 0)
+    vb = B.blocks_of(w, g)
+    for i in torch.nonzero(p.state == B.UNIFIED).reshape(-1).tolist():
+        real = B.blocks_of(torch.ones(10, 7), g)[i] > 0
+        mags = zb[i][real].abs()
+        assert torch.allclose(mags, mags[0].expand_as(mags))
+        assert torch.allclose(mags[0], vb[i][real].abs().mean())
+        assert torch.equal(torch.sign(zb[i][real]), torch.sign(vb[i][real]))
+    free = p.state == B.FREE
+    assert torch.equal(zb[free], vb[free])
+    again = A.project(p.z, g, prune, unify)
+    assert torch.equal(again.z, p.z)  # idempotent
+
+
+def test_pruning_projection_is_the_nearest_point():
+    """With unify=0 the greedy choice is optimal: brute force over every choice of pruned blocks."""
+    gen = torch.Generator().manual_seed(3)
+    w = torch.randn(4, 6, generator=gen)
+    g = B._group("w", (4, 6), (2, 2))
+    p = A.project(w, g, 0.5)
+    vb = B.blocks_of(w, g)
+    best = min(float(vb[list(c)].square().sum()) for c in itertools.combinations(range(g.n_blocks), 3))
+    assert math.isclose(float((p.z - w).square().sum()), best, rel_tol=1e-6)
+
+
+# -- ADMM ----------------------------------------------------------------------------------------
+
+
+def test_penalty_gradient_is_that_of_the_augmented_term():
+    m = _mlp()
+    opt = A.ADMM(m, torch.optim.SGD(m.parameters(), lr=0.1), prune=0.5, unify=0.25, block=(2, 2), rho=0.3,
+                 rho_max=0.3, steps_per_round=1)
+    x, y = torch.randn(16, 12), torch.randint(0, 6, (16,))
+    for name in opt.admm_state["u"]:  # a non-trivial dual
+        opt.admm_state["u"][name].normal_()
+    F.cross_entropy(m(x), y).backward()
+    plain = {n: p.grad.clone() for n, p in m.named_parameters()}
+    opt.add_penalty_grad()
+    params = dict(m.named_parameters())
+    for g in opt.blocks:
+        w = params[g.name].detach().clone().requires_grad_()
+        z, u = opt.admm_state["z"][g.name], opt.admm_state["u"][g.name]
+        (0.3 / 2 * (w - z + u).square().sum()).backward()
+        torch.testing.assert_close(params[g.name].grad, plain[g.name] + w.grad)
+    assert torch.equal(params["0.bias"].grad, plain["0.bias"])
+
+
+def _train(model, opt, steps, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(64, 12, generator=gen)
+    y = (x[:, :6].argmax(1))
+    for _ in range(steps):
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return x, y
+
+
+def test_admm_rounds_converge_and_state_resumes():
+    m = _mlp()
+    opt = A.ADMM(m, torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9), prune=0.5, unify=0.25, block=(2, 2),
+                 rounds=6, steps_per_round=10, rho=1e-2, rho_max=1.0)
+    _train(m, opt, 30)
+    assert opt.round == 3
+    sd = copy.deepcopy(opt.state_dict())  # NB: torch's load_state_dict may alias the saved buffers
+    m2 = _mlp()
+    m2.load_state_dict(m.state_dict())
+    opt2 = A.ADMM(m2, torch.optim.SGD(m2.parameters(), lr=0.05, momentum=0.9), prune=0.5, unify=0.25, block=(2, 2),
+                  rounds=6, steps_per_round=10, rho=1e-2, rho_max=1.0)
+    opt2.load_state_dict(sd)
+    first = opt.primal_residual()
+    _train(m, opt, 30, seed=1)
+    _train(m2, opt2, 30, seed=1)
+    for a, b in zip(m.parameters(), m2.parameters()):
+        assert torch.equal(a, b)
+    assert opt.round == 6 and math.isclose(opt.rho, 1.0)
+    assert opt.primal_residual() < first
+
+
+def test_lr_scheduler_drives_the_base_optimizer():
+    m = _mlp()
+    base = torch.optim.SGD(m.parameters(), lr=0.1)
+    opt = A.ADMM(m, base, steps_per_round=5)
+    sched = torch.optim.lr_scheduler.StepLR(opt, 1, gamma=0.5)
+    _train(m, opt, 1)
+    sched.step()
+    assert base.param_groups[0]["lr"] == pytest.approx(0.05)
+
+
+# -- finish, storage -----------------------------------------------------------------------------
+
+
+def test_finish_keeps_the_structure_through_retraining():
+    m = _cnn()
+    x = torch.randn(8, 3, 6, 6)
+    small = A.finish(m, prune=0.5, unify=0.25, block=(1, 9))
+    assert not any(torch.nn.utils.parametrize.is_parametrized(mod) for mod in m.modules())  # user model untouched
+    opt = torch.optim.SGD(small.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
+    for _ in range(5):
+        loss = small(x).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    for name, w, pm in A._finished(small):
+        g = pm.group
+        b = B.blocks_of(w.detach(), g)
+        assert torch.all(b[pm.state == B.PRUNED] == 0), name
+        real = B.blocks_of(torch.ones(g.shape), g) > 0
+        for i in torch.nonzero(pm.state == B.UNIFIED).reshape(-1).tolist():
+            mags = b[i][real[i]].abs()
+            assert torch.allclose(mags, mags[0].expand_as(mags)), name
+        n_p, n_u = B.counts_for(g.n_blocks, 0.5, 0.25)
+        assert int((pm.state == B.PRUNED).sum()) == n_p and int((pm.state == B.UNIFIED).sum()) == n_u
+    flat = A.plain(small)
+    torch.testing.assert_close(flat.eval()(x), small.eval()(x))
+
+
+def test_storage_hand_computed():
+    w = torch.tensor([[0.1, -0.2, 3.0, 4.0],
+                      [0.1, 0.1, -5.0, 6.0],
+                      [1.0, -1.5, 7.0, 8.0],
+                      [2.0, 2.5, 9.0, -9.5]])
+    lin = nn.Linear(4, 4, bias=False)
+    lin.weight.data.copy_(w)
+    model = nn.Sequential(lin)
+    # blocks (2x2): b0 = [[.1,-.2],[.1,.1]] smallest norm -> pruned; unification costs: b1 (3,4,-5,6) 5,
+    # b2 (1,-1.5,2,2.5) 1.25, b3 (7,8,9,-9.5) 3.25 -> b2 unified (mean magnitude 1.75)
+    small = A.finish(model, prune=0.25, unify=0.25, block=(2, 2))
+    ex = A.export(small)
+    s = ex["0.weight"]
+    assert s.state.tolist() == [B.PRUNED, B.FREE, B.UNIFIED, B.FREE]
+    assert s.magnitudes.tolist() == [1.75]
+    # free: 8 float32; unified: 4 sign bits + one float32; state: 2 bits x 4 blocks
+    assert s.bits() == 8 * 32 + 4 + 32 + 2 * 4 == 300
+    assert s.pruning_only_bits() == 12 * 32 + 4
+    row = A.storage(ex)[0]
+    assert row.bits_per_weight == 300 / 16 and math.isclose(row.vs_float32, 512 / 300)
+    expected = torch.tensor([[0, 0, 3.0, 4.0], [0, 0, -5.0, 6.0], [1.75, -1.75, 7.0, 8.0], [1.75, 1.75, 9.0, -9.5]])
+    assert torch.equal(s.to_dense(), expected)
+    assert torch.equal(s.bsr().to_dense(), expected)
+    assert "vs float32" in A.format_storage(A.storage(small))
+
+
+def test_export_round_trips_ragged_blocks():
+    m = _mlp()
+    small = A.finish(m, prune=0.5, unify=0.25, block=(3, 7))  # edges: 20 % 3, 12 % 7, 6 % 3 == 0
+    for name, s in A.export(small).items():
+        w = small.get_submodule(name.rpartition(".")[0]).weight
+        torch.testing.assert_close(s.to_dense(), w.detach())
+
+
+# -- HESSO on blocks -----------------------------------------------------------------------------
+
+
+def test_block_hesso_reaches_exact_block_sparsity():
+    m = _mlp()
+    opt = A.BlockHESSO(m, torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9), prune=0.5, block=(2, 2),
+                       pruning_steps=12, pruning_periods=3)
+    _train(m, opt, 20)
+    expected = sum(B.counts_for(g.n_blocks, 0.5, 0.0)[0] for g in opt.blocks) / opt.blocks.n_blocks
+    assert opt.block_sparsity() == pytest.approx(expected)
+    small = A.finish(m, opt)  # already-zero blocks are the ones the projection prunes
+    for name, s in A.export(small).items():
+        w = dict(m.named_parameters())[name].detach()
+        torch.testing.assert_close(s.to_dense(), w)
