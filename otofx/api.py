@@ -1,8 +1,10 @@
 """The public entry point: ``otofx.OTO(model, example_inputs)``.
 
 A thin layer over :mod:`otofx.pipeline`: construction runs ``pipeline.analysis()`` (Capture ->
-propagate_shapes -> find_zigs), ``compress()`` runs plan_zero_rows -> prune
-(then any extra passes, e.g. ``pipeline.eliminate_dead_code``) and ``verify()``.
+propagate_shapes -> find_zigs), ``compress()`` runs plan_zero_rows, then either
+:func:`otofx.rebuild.rebuild` (the module form: a re-sized copy of the user's model, its own class)
+or prune (the graph form, then any extra passes, e.g. ``pipeline.eliminate_dead_code``), and
+``verify()``.
 
 Internals:
     * The user's model is never mutated: analysis runs on meta tensors, and verification runs the
@@ -10,6 +12,10 @@ Internals:
       module's training flag restored afterwards.
     * ``compress`` reads the *current* parameter values, so it can be called after any number of
       training steps.
+    * ``form="auto"`` tries the module form first and falls back to the graph form when the copy
+      cannot be made or its forward fails or differs on the example inputs (logged at WARNING).
+      The module form is compared with the captured graph with the KV cache off (as captured);
+      the returned model keeps the user's ``use_cache``.
     * ``self.state`` is the analysis State (graph, groups, per-pass records); compress starts from
       it with the current weights, so one analysis serves any number of compressions.
 """
@@ -135,7 +141,12 @@ class OTO:
         if plan is None:
             plan = plan_zero_rows(self.zigset, gm)
         log.info("otofx: removing %d rows from a copy of %s", plan.count, type(self.model).__name__)
-        small = rebuild(self.model, plan)
+        try:
+            small = rebuild(self.model, plan)
+        except RebuildError:
+            raise
+        except Exception as e:  # noqa: BLE001 - e.g. a model attribute that cannot be copied
+            raise RebuildError(f"a re-sized copy could not be made: {type(e).__name__}: {_first_line(e)}") from e
         if check:
             try:
                 self.verify(small, rtol=rtol)

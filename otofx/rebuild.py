@@ -160,6 +160,7 @@ def _resize_modules(new: nn.Module, cuts: dict, blocks: dict, old_shapes: dict) 
             if repl is not None:
                 replaced[mname] = repl
                 changed[mname] = {"class": type(repl).__name__}
+                changed[mname].update({k: v for k, v in _int_attrs(repl).items() if before.get(k) != v})
             diff = {k: v for k, v in _int_attrs(m).items() if before.get(k) != v}
             if diff:
                 changed.setdefault(mname, {}).update(diff)
