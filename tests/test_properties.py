@@ -276,7 +276,7 @@ def test_fuzz_seeded_graphs(capsys):
             model, x, oto, plan, small = _zero_and_compress(spec, fraction, seed)
             _check_exact(model, small, x)
             small.graph.lint()
-            if seed % 3 == 0:  # the default form: the model's own class re-sized, or the graph
+            if seed % 5 == 0:  # the default form (own class re-sized, or the graph), every fraction
                 _check_exact(model, oto.compress(verify=False), x)
         except Exception as e:  # noqa: BLE001 - every failure is reported with its seed
             mismatches.append((seed, f"{type(e).__name__}: {e}", spec))
