@@ -1,7 +1,8 @@
 """otofx: Only-Train-Once structured pruning as torch.fx passes.
 
 ``otofx.OTO(model, example_inputs)`` finds the zero-invariant groups of any traceable model;
-``oto.compress()`` returns a smaller GraphModule equal to the model with its zero rows removed.
+``oto.compress()`` returns a smaller copy of the model (its own class; ``form="graph"`` gives a
+GraphModule) equal to the model with its zero rows removed.
 """
 from otofx import passes  # noqa: F401  (registers the operator rules)
 from otofx.api import OTO, eval_mode, outputs_close

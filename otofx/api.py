@@ -1,8 +1,10 @@
 """The public entry point: ``otofx.OTO(model, example_inputs)``.
 
 A thin layer over :mod:`otofx.pipeline`: construction runs ``pipeline.analysis()`` (Capture ->
-propagate_shapes -> find_zigs), ``compress()`` runs plan_zero_rows -> prune
-(then any extra passes, e.g. ``pipeline.eliminate_dead_code``) and ``verify()``.
+propagate_shapes -> find_zigs), ``compress()`` runs plan_zero_rows, then either
+:func:`otofx.rebuild.rebuild` (the module form: a re-sized copy of the user's model, its own class)
+or prune (the graph form, then any extra passes, e.g. ``pipeline.eliminate_dead_code``), and
+``verify()``.
 
 Internals:
     * The user's model is never mutated: analysis runs on meta tensors, and verification runs the
@@ -10,6 +12,10 @@ Internals:
       module's training flag restored afterwards.
     * ``compress`` reads the *current* parameter values, so it can be called after any number of
       training steps.
+    * ``form="auto"`` tries the module form first and falls back to the graph form when the copy
+      cannot be made or its forward fails or differs on the example inputs (logged at WARNING).
+      The module form is compared with the captured graph with the KV cache off (as captured);
+      the returned model keeps the user's ``use_cache``.
     * ``self.state`` is the analysis State (graph, groups, per-pass records); compress starts from
       it with the current weights, so one analysis serves any number of compressions.
 """
@@ -21,13 +27,16 @@ import torch
 import torch.fx as fx
 
 from otofx import pipeline
+from otofx.capture import _first_line, _no_kv_cache
 from otofx.errors import InputError, OTOError, VerificationError
 from otofx.passes.prune import Plan, plan_zero_rows, row_norms
 from otofx.passes.zigs import ZIG, ZigSet
-from otofx.pipeline import compare, eval_mode, outputs_close
+from otofx.pipeline import compare, eval_mode, outputs_close, run_eval
+from otofx.rebuild import RebuildError, rebuild
 
 log = logging.getLogger("otofx")
 
+_FORMS = ("auto", "module", "graph")
 _FLOAT_TYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
@@ -86,13 +95,35 @@ class OTO:
     def plan(self) -> Plan:
         return plan_zero_rows(self.zigset, self.model)
 
-    def compress(self, verify: bool = True, plan: Plan | None = None, passes=()) -> fx.GraphModule:
-        """A new GraphModule without the rows whose parameters are all zero (or ``plan``'s rows).
+    def compress(self, verify: bool = True, plan: Plan | None = None, passes=(), form: str = "auto"):
+        """A smaller model without the rows whose parameters are all zero (or ``plan``'s rows).
 
+        ``form``: ``"module"`` gives an instance of the model's own class (a re-sized copy: its
+        ``forward``, ``generate`` and KV cache included), ``"graph"`` the compressed
+        ``torch.fx.GraphModule``, and ``"auto"`` (the default) the module when it passes
+        verification, else the graph (the reason is logged on the ``otofx`` logger).
         ``passes``: extra pipeline passes run on the compressed graph before verification (e.g.
-        ``pipeline.GraphPass(torch.fx.experimental.optimization.fuse)`` to fold BN into conv).
+        ``pipeline.GraphPass(torch.fx.experimental.optimization.fuse)`` to fold BN into conv); they
+        imply the graph form. ``verify=False`` skips the value check (``"auto"`` still runs the
+        module form once on the example inputs to choose).
         """
+        if form not in _FORMS:
+            raise InputError(f"compress(form={form!r}): choose one of {_FORMS}")
+        if passes and form == "module":
+            raise InputError("compress(passes=...) runs graph passes, which give the graph form: "
+                             "drop form='module' or the passes")
         _check_params(self.model)
+        if form != "graph" and not passes:
+            try:
+                return self._compress_module(verify or form == "auto", plan, rtol=1e-4 if verify else float("inf"))
+            except (RebuildError, VerificationError) as e:
+                if form == "module":
+                    raise
+                log.warning("otofx: compress() returns a torch.fx GraphModule, not a %s: %s",
+                            type(self.model).__name__, e)
+        return self._compress_graph(verify, plan, passes)
+
+    def _compress_graph(self, verify: bool, plan: Plan | None, passes) -> fx.GraphModule:
         gm = self._sync()
         steps = [] if plan is not None else [pipeline.plan_zero_rows]  # a given plan replaces the search
         # NB: no dead-code elimination by default: a layer whose output is unused keeps its
@@ -105,10 +136,37 @@ class OTO:
             self.verify(small)
         return small
 
-    def verify(self, small: torch.nn.Module, rtol: float = 1e-4) -> float:
-        """Check ``small`` against the full model on the example inputs; returns the relative error."""
+    def _compress_module(self, check: bool, plan: Plan | None, rtol: float) -> torch.nn.Module:
+        """The re-sized copy of the user's model (``otofx.rebuild``), checked on the example inputs."""
+        gm = self._sync()
+        if plan is None:
+            plan = plan_zero_rows(self.zigset, gm)
+        log.info("otofx: removing %d rows from a copy of %s", plan.count, type(self.model).__name__)
         try:
-            return compare(self._sync(), small, self._args, self._kwargs, rtol, "the compressed model")
+            small = rebuild(self.model, plan)
+        except RebuildError:
+            raise
+        except Exception as e:  # noqa: BLE001 - e.g. a model attribute that cannot be copied
+            raise RebuildError(f"a re-sized copy could not be made: {type(e).__name__}: {_first_line(e)}") from e
+        if check:
+            try:
+                self.verify(small, rtol=rtol)
+            except VerificationError:
+                raise
+            except Exception as e:  # noqa: BLE001 - the user's forward at the new widths
+                raise RebuildError(f"its forward fails at the new widths: {type(e).__name__}: "
+                                   f"{_first_line(e)}") from e
+        return small
+
+    def verify(self, small: torch.nn.Module, rtol: float = 1e-4) -> float:
+        """Check ``small`` (either form) against the full model on the example inputs; returns the relative error."""
+        try:
+            if isinstance(small, fx.GraphModule):
+                return compare(self._sync(), small, self._args, self._kwargs, rtol, "the compressed model")
+            ref = run_eval(self._sync(), self._args, self._kwargs)
+            # NB: the graph was captured without a KV cache (Hugging Face); so is the comparison
+            with _no_kv_cache(small, self._kwargs):
+                return compare(ref, small, self._args, self._kwargs, rtol, "the compressed model")
         except VerificationError as e:
             raise VerificationError(f"{e} `oto.compress(verify=False)` skips this check.") from None
 

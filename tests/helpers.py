@@ -150,13 +150,14 @@ def assert_exact(model: torch.nn.Module, oto, x, *, smaller: bool = True, small=
 
     Tolerance is OTO.md's: max|diff| <= 1e-4 * max(1, max|y|). With ``smaller`` (the default) the
     compressed model must have strictly fewer parameters than ``model``. ``ref_kwargs`` go to the
-    full model's call only (``use_cache=False`` for a Hugging Face model, captured without its cache).
+    full model's call (``use_cache=False`` for a Hugging Face model, captured without its cache), and
+    to the compressed model's too when it is the model's own class (``compress()``'s module form).
     """
     if small is None:
         small = oto.compress()
     inputs = _as_inputs(x)
     ref = _eval_outputs(model, inputs, ref_kwargs)
-    got = _eval_outputs(small, inputs)
+    got = _eval_outputs(small, inputs, None if isinstance(small, torch.fx.GraphModule) else ref_kwargs)
     err = max_rel_diff(ref, got)
     assert err <= RTOL, f"compressed model differs from the zeroed full model: relative error {err:.3g}"
     # non-vacuous: the reference output must not be identically zero

@@ -1,0 +1,263 @@
+"""The module form of ``compress()``: a smaller copy of the user's own model (its class, its forward).
+
+``rebuild(model, plan) -> nn.Module``: a copy of ``model`` (the model itself untouched) whose
+parameters and buffers are sliced to the rows the plan keeps, whose module attributes are re-synced
+with the new shapes (:mod:`otofx.passes.resize`), and whose Hugging Face config (a copy) describes
+the new widths. ``OTO.compress`` verifies it against the zeroed dense model and falls back to the
+GraphModule form when the user's ``forward`` cannot run at the new widths (a width written into
+the code, an attribute no rule knows).
+
+Internals:
+    * The plan's keep masks come from ``zigset.owners`` (every parameter/buffer axis and its channel
+      ids), as in ``passes.prune``: index i of an axis stays unless its class is removed. Owners are
+      named by the user's dotted names (both front-ends keep them).
+    * # NB: no deep copy of the weights: ``copy.deepcopy`` runs with a memo mapping every parameter
+      and buffer to a meta-device placeholder, and each placeholder is then replaced by the sliced
+      (or cloned) tensor, so memory stays within dense + compressed + one tensor. A tensor
+      reachable under several names (tied embeddings) has one placeholder, hence one new tensor:
+      ties survive.
+    * Modules are re-synced children first, so a parent (an attention block) sees its children's
+      final shapes; a rule may return a replacement module (``nn.MultiheadAttention``).
+    * The config: integer fields whose old value some changed width or head count had are tried
+      one at a time, each kept if building the class from the config (on the meta device) gets
+      more tensor shapes right; what the config still cannot express goes to
+      ``config.otofx_widths`` (module name -> {attribute: new value}).
+"""
+from __future__ import annotations
+
+import copy
+import logging
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from otofx.errors import OTOError
+from otofx.passes.prune import Plan
+from otofx.passes.resize import Change, ResizeError, Scope, resize, resync_counts
+
+log = logging.getLogger("otofx")
+
+
+class RebuildError(OTOError):
+    """The user's module tree cannot be re-sized to the plan (a tensor only the captured graph has,
+    part of an attention head, a forward that does not run at the new widths)."""
+
+
+def keep_indices(plan: Plan) -> dict:
+    """``{tensor name: {dim: kept indices (np.ndarray)}}`` for every tensor axis that loses entries."""
+    uf, out = plan.zigset.uf, {}
+    for o in plan.zigset.owners:
+        keep = ~plan.removed[uf.find(o.ids)]
+        if not keep.all():
+            out.setdefault(o.name, {})[o.dim] = np.nonzero(keep)[0]
+    return out
+
+
+def _blocks(plan: Plan) -> dict:
+    """``{(tensor name, dim): {entries per row}}`` over every group."""
+    out: dict = {}
+    for z in plan.zigset.zigs:
+        for name, dim, index in z.params:
+            out.setdefault((name, dim), set()).add(int(index.shape[1]) if index.dim() > 1 else 1)
+    return out
+
+
+def _tensors(model: nn.Module) -> dict:
+    named = dict(model.named_parameters(remove_duplicate=False))
+    named.update(model.named_buffers(remove_duplicate=False))
+    return named
+
+
+def _sliced(t: torch.Tensor, cuts: dict | None) -> torch.Tensor:
+    with torch.no_grad():
+        data = t.detach()
+        if cuts:
+            for dim, keep in sorted(cuts.items()):
+                data = data.index_select(dim, torch.from_numpy(keep).to(data.device))
+        else:
+            data = data.clone()
+    if isinstance(t, nn.Parameter):
+        return nn.Parameter(data, requires_grad=t.requires_grad)
+    return data
+
+
+def _copy_with_slices(model: nn.Module, cuts: dict) -> nn.Module:
+    named = _tensors(model)
+    by_id: dict = {}
+    for name, t in named.items():
+        entry = by_id.setdefault(id(t), [t, None])
+        if name in cuts:
+            if entry[1] is not None and _cut_key(entry[1]) != _cut_key(cuts[name]):
+                raise RebuildError(f"tensor '{name}' is tied to another name that the plan slices differently")
+            entry[1] = cuts[name]
+    memo, real = {}, {}
+    for key, (t, c) in by_id.items():
+        ph = torch.empty(t.shape, dtype=t.dtype, device="meta")
+        ph = nn.Parameter(ph, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else ph
+        memo[key] = ph
+        real[id(ph)] = (t, c)
+    new = copy.deepcopy(model, memo)
+    made: dict = {}
+
+    def fill(ph):
+        k = id(ph)
+        if k not in made:
+            t, c = real[k]
+            made[k] = _sliced(t, c)
+        return made[k]
+
+    for m in new.modules():
+        for table in (m._parameters, m._buffers):
+            for k, v in table.items():
+                if v is not None and id(v) in real:
+                    table[k] = fill(v)
+        for k, v in list(m.__dict__.items()):  # a tensor also kept as a plain attribute
+            if isinstance(v, torch.Tensor) and id(v) in real:
+                m.__dict__[k] = fill(v)
+    return new
+
+
+def _cut_key(c: dict) -> tuple:
+    return tuple((d, k.tobytes()) for d, k in sorted(c.items()))
+
+
+def rebuild(model: nn.Module, plan: Plan) -> nn.Module:
+    """A copy of ``model`` with the plan's rows removed and its modules (and config) re-sized."""
+    cuts = keep_indices(plan)
+    named = _tensors(model)
+    for name in cuts:
+        if name not in named:
+            raise RebuildError(f"the plan slices '{name}', which the captured graph has but "
+                               f"{type(model).__name__} has no parameter or buffer of that name")
+    new = _copy_with_slices(model, cuts)
+    blocks = _blocks(plan)
+    old_shapes = {n: tuple(t.shape) for n, t in named.items()}
+    changed = _resize_modules(new, cuts, blocks, old_shapes)
+    _update_config(new, model, changed, cuts, blocks, old_shapes)
+    return new
+
+
+def _resize_modules(new: nn.Module, cuts: dict, blocks: dict, old_shapes: dict) -> dict:
+    """Re-sync every module touched by ``cuts``, children first; returns {module: {attr: new}}."""
+    per_module: dict = {}
+    for name, c in cuts.items():
+        mod, _, attr = name.rpartition(".")
+        per_module.setdefault(mod, {})[attr] = c
+    modules = list(new.named_modules())
+    replaced: dict = {}
+    changed: dict = {}
+    for mname, m in reversed(modules):
+        own = per_module.get(mname)
+        if own:
+            old = {a: old_shapes[f"{mname}.{a}" if mname else a] for a, _ in
+                   list(m.named_parameters(recurse=False)) + list(m.named_buffers(recurse=False))}
+            before = _int_attrs(m)
+            try:
+                repl = resize(m, Change(old, own))
+            except ResizeError as e:
+                raise RebuildError(f"module '{mname}' ({type(m).__name__}): {e}") from None
+            if repl is not None:
+                replaced[mname] = repl
+                changed[mname] = {"class": type(repl).__name__}
+                changed[mname].update({k: v for k, v in _int_attrs(repl).items() if before.get(k) != v})
+            diff = {k: v for k, v in _int_attrs(m).items() if before.get(k) != v}
+            if diff:
+                changed.setdefault(mname, {}).update(diff)
+        scope = _scope(mname, m, cuts, blocks, old_shapes)
+        if scope.widths:
+            done = resync_counts(m, scope)
+            if done:
+                log.debug("otofx: %s: %s", mname or type(m).__name__, done)
+                changed.setdefault(mname, {}).update({k: v[1] for k, v in done.items()})
+    for mname, repl in replaced.items():
+        parent, _, attr = mname.rpartition(".")
+        setattr(new.get_submodule(parent) if parent else new, attr, repl)
+    return changed
+
+
+def _int_attrs(m: nn.Module) -> dict:
+    out = {}
+    for k, v in m.__dict__.items():
+        if type(v) is int:
+            out[k] = v
+        elif isinstance(v, tuple) and v and all(type(e) is int for e in v):
+            out[k] = list(v)
+    return out
+
+
+def _scope(mname: str, m: nn.Module, cuts: dict, blocks: dict, old_shapes: dict) -> Scope:
+    """Changed axes among ``m``'s own tensors and its direct children's, with their row blocks."""
+    prefix = f"{mname}." if mname else ""
+    names = [prefix + a for a, _ in list(m.named_parameters(recurse=False)) + list(m.named_buffers(recurse=False))]
+    for child, sub in m.named_children():
+        names += [f"{prefix}{child}.{a}" for a, _ in
+                  list(sub.named_parameters(recurse=False)) + list(sub.named_buffers(recurse=False))]
+    scope = Scope()
+    near = set()
+    for n in names:
+        for dim in range(len(old_shapes.get(n, ()))):
+            near |= blocks.get((n, dim), set())
+    for n in names:
+        for dim, keep in cuts.get(n, {}).items():
+            scope.add_axis(old_shapes[n][dim], len(keep), near)
+    return scope
+
+
+# ---------------------------------------------------------------------------------------------
+# Hugging Face configs
+# ---------------------------------------------------------------------------------------------
+
+
+def _shapes(model: nn.Module) -> dict:
+    return {n: tuple(t.shape) for n, t in model.state_dict(keep_vars=True).items()}
+
+
+def _mismatch(cls, config, want: dict) -> int:
+    """How many tensors of ``cls(config)`` (built on the meta device) differ from ``want``'s shapes."""
+    try:
+        with torch.device("meta"):
+            built = cls(config)
+    except Exception:  # noqa: BLE001 - a config that does not build counts as no match
+        return len(want) + 1
+    got = _shapes(built)
+    return sum(got.get(k) != v for k, v in want.items()) + sum(k not in want for k in got)
+
+
+def _update_config(new: nn.Module, model: nn.Module, changed: dict, cuts: dict, blocks: dict,
+                   old_shapes: dict) -> None:
+    """Make the copied config describe the new widths (see the module docstring)."""
+    config = getattr(new, "config", None)
+    if config is None or not hasattr(config, "to_dict") or config is getattr(model, "config", None):
+        return
+    if not changed:
+        return
+    pairs = set()
+    for mname, m in new.named_modules():
+        s = _scope(mname, m, cuts, blocks, old_shapes)
+        pairs |= s.widths | s.counts
+    want = _shapes(new)
+    best = _mismatch(type(new), config, want)
+    if best:
+        for key, value in config.to_dict().items():
+            if type(value) is not int or key.startswith("_"):
+                continue
+            news = {n for o, n in pairs if o == value}
+            if len(news) != 1:
+                continue
+            cand = news.pop()
+            setattr(config, key, cand)
+            score = _mismatch(type(new), config, want)
+            if score < best:
+                best = score
+                log.debug("otofx: config.%s = %d (was %d)", key, cand, value)
+            else:
+                setattr(config, key, value)
+            if not best:
+                break
+    if best:
+        # NB: per-layer widths the config's fields cannot express (a saver writes them beside it)
+        config.otofx_widths = {k: dict(v) for k, v in sorted(changed.items())}
+
+
+__all__ = ["rebuild", "keep_indices", "RebuildError"]

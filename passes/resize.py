@@ -1,0 +1,261 @@
+"""Module-form rewrite: re-sync module attributes with the shapes of their sliced tensors.
+
+``otofx.rebuild`` slices the parameters and buffers of a copy of the user's model; this pass then
+makes every module's attributes agree with its new tensors, so the user's own ``forward`` runs on
+the smaller model. ``resize(module, change)`` looks the module's type up in a small registry
+(``Linear.in_features``, ``Conv2d.groups``, ``BatchNorm2d.num_features`` ...) and may return a
+replacement module (``nn.MultiheadAttention`` cannot hold a pruned head count:
+``PrunedMultiheadAttention`` takes its place). ``resync_counts(module, scope)`` then updates the
+width and head-count attributes that attention and MLP blocks keep for their ``forward``
+(``num_heads``, ``split_size``, ``all_head_size``, ``inner_dim`` ...), from the widths that
+changed under the module and the head blocks the analysis found.
+
+Internals:
+    * A rule reads the new tensors on the module and the :class:`Change` (old shapes, kept
+      indices per dim of each of its own tensors); it never guesses from class names alone.
+    * Head counts come from the analysis: an axis of ``n`` entries whose rows own blocks of ``b``
+      entries holds ``n / b`` heads (``b`` is a block size of a row of the same group near the
+      module: GQA's query axis holds ``n / head_dim`` query heads and ``n / (g * head_dim)``
+      key/value heads). An attribute is set only when its name is one of the known width or
+      head-count names, its value is the old value of such a count, and every candidate agrees on
+      the new value; anything else is left alone (the caller verifies the result).
+    * Rules are keyed by type and found along the MRO (a subclass of ``nn.Linear`` is a Linear);
+      classes of optional libraries (Hugging Face's ``Conv1D``) are keyed by qualified name, so
+      nothing is imported here.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from otofx.errors import OTOError
+
+from .modules import PrunedMultiheadAttention
+
+
+class ResizeError(OTOError):
+    """A module's new tensors cannot be expressed by its class (e.g. part of an attention head)."""
+
+
+@dataclass(frozen=True)
+class Change:
+    """What slicing did to one module's own tensors (names local to the module)."""
+
+    old: dict  # tensor name -> old shape (tuple)
+    keep: dict = field(default_factory=dict)  # tensor name -> {dim: np.ndarray of kept indices}
+
+
+RESIZERS: dict = {}  # module type -> rule
+_BY_NAME: dict = {}  # "module.QualName" -> rule (optional libraries)
+
+
+def resizer(*types):
+    """Register ``fn(module, change) -> replacement or None`` for module types (or qualified class names)."""
+
+    def deco(fn: Callable) -> Callable:
+        for t in types:
+            (_BY_NAME if isinstance(t, str) else RESIZERS)[t] = fn
+        return fn
+
+    return deco
+
+
+def rule_for(module: nn.Module) -> Callable | None:
+    for cls in type(module).__mro__:
+        fn = RESIZERS.get(cls) or _BY_NAME.get(f"{cls.__module__}.{cls.__qualname__}")
+        if fn is not None:
+            return fn
+    return None
+
+
+def resize(module: nn.Module, change: Change):
+    """Re-sync ``module``'s attributes with its tensors; returns a replacement module or None."""
+    fn = rule_for(module)
+    return fn(module, change) if fn is not None else None
+
+
+# ---------------------------------------------------------------------------------------------
+# Rules by module type
+# ---------------------------------------------------------------------------------------------
+
+
+@resizer(nn.Linear)
+def linear(m: nn.Linear, change: Change):
+    """Linear: out_features and in_features from the weight's shape."""
+    m.out_features, m.in_features = m.weight.shape
+
+
+@resizer(nn.Bilinear)
+def bilinear(m: nn.Bilinear, change: Change):
+    """Bilinear: out, in1 and in2 features from the weight's shape."""
+    m.out_features, m.in1_features, m.in2_features = m.weight.shape
+
+
+@resizer("transformers.pytorch_utils.Conv1D")
+def hf_conv1d(m: nn.Module, change: Change):
+    """Hugging Face Conv1D (a transposed linear, weight [nx, nf]): nx and nf from the weight."""
+    m.nx, m.nf = m.weight.shape
+
+
+@resizer(nn.Conv1d, nn.Conv2d, nn.Conv3d)
+def conv(m: nn.modules.conv._ConvNd, change: Change):
+    """ConvNd: out_channels from the weight; groups > 1 lose whole conv groups (the analysis ties a group's channels into one row), depthwise included."""
+    old = change.old["weight"]
+    out = m.weight.shape[0]
+    if m.groups > 1:
+        if out * m.groups % old[0]:
+            raise ResizeError(f"conv groups of {m.groups} do not divide the {out} output channels left")
+        m.groups = out * m.groups // old[0]
+    m.out_channels, m.in_channels = out, m.weight.shape[1] * m.groups
+
+
+@resizer(nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+def conv_transpose(m: nn.modules.conv._ConvTransposeNd, change: Change):
+    """ConvTransposeNd (weight [in, out / groups, ...]): in_channels from the weight, groups from the input channels left."""
+    old = change.old["weight"]
+    cin = m.weight.shape[0]
+    if m.groups > 1:
+        if cin * m.groups % old[0]:
+            raise ResizeError(f"conv groups of {m.groups} do not divide the {cin} input channels left")
+        m.groups = cin * m.groups // old[0]
+    m.in_channels, m.out_channels = cin, m.weight.shape[1] * m.groups
+
+
+def _first(m: nn.Module, *names):
+    for n in names:
+        t = getattr(m, n, None)
+        if isinstance(t, torch.Tensor):
+            return t
+    return None
+
+
+@resizer(nn.modules.batchnorm._NormBase)
+def norm_base(m: nn.Module, change: Change):
+    """BatchNorm / InstanceNorm: num_features from the affine weight or the running statistics."""
+    t = _first(m, "weight", "running_mean", "bias", "running_var")
+    if t is not None:
+        m.num_features = t.shape[0]
+
+
+@resizer(nn.LayerNorm, nn.RMSNorm)
+def layer_norm(m: nn.Module, change: Change):
+    """LayerNorm / RMSNorm: normalized_shape from the elementwise weight (or bias)."""
+    t = _first(m, "weight", "bias")
+    if t is not None:
+        m.normalized_shape = tuple(t.shape)
+
+
+@resizer(nn.GroupNorm)
+def group_norm(m: nn.GroupNorm, change: Change):
+    """GroupNorm: num_channels from the affine weight; whole norm groups go (the analysis ties a group into one row)."""
+    t = _first(m, "weight", "bias")
+    if t is None:
+        return
+    old = change.old["weight" if m.weight is not None else "bias"][0]
+    c = t.shape[0]
+    if c * m.num_groups % old:
+        raise ResizeError(f"GroupNorm's {m.num_groups} groups do not divide the {c} channels left")
+    m.num_groups, m.num_channels = c * m.num_groups // old, c
+
+
+@resizer(nn.Embedding, nn.EmbeddingBag)
+def embedding(m: nn.Module, change: Change):
+    """Embedding / EmbeddingBag: num_embeddings and embedding_dim from the weight."""
+    m.num_embeddings, m.embedding_dim = m.weight.shape
+
+
+@resizer(nn.PReLU)
+def prelu(m: nn.PReLU, change: Change):
+    """PReLU: num_parameters from the slope vector."""
+    m.num_parameters = m.weight.numel()
+
+
+def _kept_heads(change: Change, name: str, width: int, heads: int) -> np.ndarray:
+    """Original indices of the heads left along the first ``width`` rows of ``name``'s dim 0."""
+    hd = width // heads
+    keep = change.keep.get(name, {}).get(0)
+    if keep is None:
+        return np.arange(heads)
+    q = keep[keep < width]
+    kept = np.unique(q // hd)
+    if len(q) != len(kept) * hd:
+        raise ResizeError(f"'{name}' keeps part of an attention head; heads are removed whole")
+    return kept
+
+
+@resizer(nn.MultiheadAttention)
+def multihead_attention(m: nn.MultiheadAttention, change: Change):
+    """nn.MultiheadAttention: replaced by PrunedMultiheadAttention (same parameters, any head count and widths) when a width changed."""
+    name = "in_proj_weight" if m._qkv_same_embed_dim else "q_proj_weight"
+    w = getattr(m, name)
+    kept = _kept_heads(change, name, m.embed_dim, m.num_heads)
+    if w.shape[1] == m.embed_dim and m.out_proj.weight.shape[0] == m.embed_dim and len(kept) == m.num_heads:
+        return None
+    return PrunedMultiheadAttention(m, len(kept), m.head_dim, torch.from_numpy(kept), m.num_heads)
+
+
+@resizer(PrunedMultiheadAttention)
+def pruned_multihead_attention(m: PrunedMultiheadAttention, change: Change):
+    """PrunedMultiheadAttention (a compressed model compressed again): num_heads and the original indices of the heads left."""
+    name = "in_proj_weight" if m.packed else "q_proj_weight"
+    kept = _kept_heads(change, name, m.num_heads * m.head_dim, m.num_heads)
+    if len(kept) != m.num_heads:
+        m.num_heads = len(kept)
+        m.kept_heads = m.kept_heads[torch.from_numpy(kept)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Width and head-count attributes of blocks (attention, MLP)
+# ---------------------------------------------------------------------------------------------
+
+# attributes that hold a count of heads (query or key/value)
+HEAD_COUNTS = ("num_heads", "num_attention_heads", "num_key_value_heads", "num_kv_heads", "n_head", "n_heads",
+               "n_kv_heads", "n_kv_head", "num_head", "heads")
+# attributes that hold a width computed from heads or an inner (MLP) width
+WIDTHS = ("all_head_size", "split_size", "inner_dim", "embed_dim", "intermediate_size", "inner_size", "ffn_dim",
+          "kv_dim", "q_dim", "hidden_dim_attn", "proj_size", "head_size_total")
+
+
+@dataclass
+class Scope:
+    """What changed among a module's own tensors and those of its direct children."""
+
+    widths: set = field(default_factory=set)  # {(old width, new width)} of every changed axis
+    counts: set = field(default_factory=set)  # {(old count, new count)}: changed axes over row block sizes
+
+    def add_axis(self, old: int, new: int, blocks) -> None:
+        self.widths.add((old, new))
+        for b in set(blocks) | {1}:
+            if b > 0 and old % b == 0 and new % b == 0:
+                self.counts.add((old // b, new // b))
+
+
+def _unique_new(pairs: set, value: int):
+    new = {n for o, n in pairs if o == value}
+    return new.pop() if len(new) == 1 else None
+
+
+def resync_counts(module: nn.Module, scope: Scope) -> dict:
+    """Set the known width and head-count attributes of ``module`` whose old value one changed axis determines.
+
+    Returns ``{attribute: (old, new)}`` of what was changed.
+    """
+    done = {}
+    for names, pairs in ((HEAD_COUNTS, scope.counts), (WIDTHS, scope.widths)):
+        for attr in names:
+            v = module.__dict__.get(attr)
+            if type(v) is not int:
+                continue
+            new = _unique_new(pairs, v)
+            if new is not None and new != v:
+                setattr(module, attr, new)
+                done[attr] = (v, new)
+    return done
+
+
+__all__ = ["Change", "Scope", "ResizeError", "RESIZERS", "resizer", "rule_for", "resize", "resync_counts",
+           "HEAD_COUNTS", "WIDTHS"]
