@@ -7,6 +7,11 @@ or prune (the graph form, then any extra passes, e.g. ``pipeline.eliminate_dead_
 ``verify()``.
 
 Internals:
+    * Analysis needs shapes only: a model built under ``torch.device("meta")`` (a 70B LLaMA config)
+      is analysed without any weight memory; ``compress``, ``verify``, ``plan`` and ``row_norms``
+      raise an InputError saying how to materialise it. # NB: torch.export's graph holds the
+      model's tensor objects; ``to_empty`` replaces them, so ``_sync`` re-points the graph at the
+      model's new (real) tensors.
     * The user's model is never mutated: analysis runs on meta tensors, and verification runs the
       captured graph (which shares the user's submodules) under ``no_grad`` in eval mode, with each
       module's training flag restored afterwards.
@@ -25,9 +30,10 @@ import logging
 
 import torch
 import torch.fx as fx
+from torch.utils._pytree import tree_flatten, tree_map
 
 from otofx import pipeline
-from otofx.capture import _first_line, _no_kv_cache
+from otofx.capture import _first_line, _no_kv_cache, normalize_inputs
 from otofx.errors import InputError, OTOError, VerificationError
 from otofx.passes.prune import Plan, plan_zero_rows, row_norms
 from otofx.passes.zigs import ZIG, ZigSet
@@ -41,12 +47,60 @@ _FLOAT_TYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
 def _check_params(model: torch.nn.Module) -> None:
+    """Floating-point parameters only; any device, the meta device included (analysis needs shapes only)."""
     for name, p in model.named_parameters():
-        if p.device.type == "meta":
-            raise InputError(f"parameter '{name}' is on the meta device: otofx needs real weights to compress; "
-                             "materialise the model (e.g. model.to_empty(device='cpu') and initialise) first")
         if p.dtype not in _FLOAT_TYPES:
             raise InputError(f"parameter '{name}' has dtype {p.dtype}; otofx supports floating-point parameters only")
+
+
+def _meta_tensor(model: torch.nn.Module) -> str | None:
+    """The name of the first parameter or buffer of ``model`` on the meta device, or None."""
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if t.device.type == "meta":
+            return name
+    return None
+
+
+def _need_weights(model: torch.nn.Module, what: str, inputs=()) -> None:
+    """Raise a clear InputError when ``what`` (compress, verify, plan ...) meets meta tensors."""
+    name = _meta_tensor(model)
+    if name is not None:
+        raise InputError(
+            f"{what} needs real weights, but '{name}' of {type(model).__name__} is on the meta device (the "
+            "model was analysed without weights, which is all OTO(model, x) needs). Materialise it first: "
+            "model.to_empty(device='cpu') and then load or initialise the weights (model.load_state_dict(sd, "
+            "assign=True), or build it with transformers' from_pretrained), then call this again.")
+    leaves = [t for t in tree_flatten(inputs)[0] if isinstance(t, torch.Tensor) and t.device.type == "meta"]
+    if leaves:
+        raise InputError(f"{what} runs the model on the example inputs, but they are on the meta device: give "
+                         "OTO real example inputs, or call compress(verify=False)")
+
+
+def _rebind(gm: torch.nn.Module, name: str, tensor: torch.Tensor) -> None:
+    """Point ``gm``'s parameter or buffer ``name`` at ``tensor`` (the model's, shared as the front-end shares it)."""
+    mod_name, _, attr = name.rpartition(".")
+    owner = gm.get_submodule(mod_name) if mod_name else gm
+    if attr in owner._parameters:
+        owner._parameters[attr] = tensor
+    else:
+        owner._buffers[attr] = tensor
+
+
+def _retarget_meta(gm: fx.GraphModule, device: torch.device) -> None:
+    """Replace the meta device that tracing baked into ``gm``'s nodes (``arange(..., device=meta)``,
+    export's tensor-metadata asserts) with ``device``, where the materialised weights live."""
+    def swap(a):
+        return device if isinstance(a, torch.device) and a.type == "meta" else a
+
+    changed = False
+    for n in gm.graph.nodes:
+        args, kwargs = fx.node.map_aggregate(n.args, swap), fx.node.map_aggregate(n.kwargs, swap)
+        if kwargs.get("device") == "meta":
+            kwargs = {**kwargs, "device": device}
+        if args != n.args or kwargs != n.kwargs:
+            n.args, n.kwargs, changed = tuple(args), dict(kwargs), True
+    if changed:
+        gm.recompile()
 
 
 class OTO:
@@ -54,7 +108,15 @@ class OTO:
 
     def __init__(self, model: torch.nn.Module, example_inputs, *, pin=(), frontend: str = "auto"):
         _check_params(model)
-        self.state: pipeline.State = pipeline.analysis(frontend).run(model, example_inputs, pin=tuple(pin))
+        self._on_meta = _meta_tensor(model) is not None  # analysed without weights
+        # NB: on a meta model, trace with meta inputs (a conv refuses meta weights with CPU inputs)
+        # and keep the user's inputs for verification once the model is materialised
+        inputs = tree_map(lambda t: t.to("meta") if isinstance(t, torch.Tensor) else t,
+                          example_inputs) if self._on_meta else example_inputs
+        self.state: pipeline.State = pipeline.analysis(frontend).run(model, inputs, pin=tuple(pin))
+        if self._on_meta:
+            args, kwargs = normalize_inputs(example_inputs)
+            self.state = self.state.replace(args=args, kwargs=kwargs)
         self.model = model
         self.frontend = self.state.frontend
         self._args, self._kwargs = self.state.args, self.state.kwargs
@@ -77,6 +139,7 @@ class OTO:
         return report(self, blocks=blocks)
 
     def row_norms(self) -> list:
+        _need_weights(self.model, "OTO.row_norms()")
         return row_norms(self.zigset, self.model)
 
     # -- compression ----------------------------------------------------------------------------
@@ -89,10 +152,17 @@ class OTO:
                 src.update(dict(self.model.named_buffers()))
                 for name, t in list(gm.named_parameters()) + list(gm.named_buffers()):
                     if name in src and src[name] is not t:
-                        t.copy_(src[name])
+                        if t.device.type == "meta" and src[name].device.type != "meta":
+                            _rebind(gm, name, src[name])  # analysed on meta, materialised since
+                        else:
+                            t.copy_(src[name])
+        if self._on_meta and _meta_tensor(self.model) is None:
+            _retarget_meta(gm, next((t.device for t in self.model.parameters()), torch.device("cpu")))
+            self._on_meta = False
         return gm
 
     def plan(self) -> Plan:
+        _need_weights(self.model, "OTO.plan()")
         return plan_zero_rows(self.zigset, self.model)
 
     def compress(self, verify: bool = True, plan: Plan | None = None, passes=(), form: str = "auto"):
@@ -113,6 +183,7 @@ class OTO:
             raise InputError("compress(passes=...) runs graph passes, which give the graph form: "
                              "drop form='module' or the passes")
         _check_params(self.model)
+        _need_weights(self.model, "OTO.compress()", (self._args, self._kwargs) if verify else ())
         if form != "graph" and not passes:
             try:
                 return self._compress_module(verify or form == "auto", plan, rtol=1e-4 if verify else float("inf"))
@@ -160,6 +231,7 @@ class OTO:
 
     def verify(self, small: torch.nn.Module, rtol: float = 1e-4) -> float:
         """Check ``small`` (either form) against the full model on the example inputs; returns the relative error."""
+        _need_weights(self.model, "OTO.verify()", (self._args, self._kwargs))
         try:
             if isinstance(small, fx.GraphModule):
                 return compare(self._sync(), small, self._args, self._kwargs, rtol, "the compressed model")

@@ -1,8 +1,8 @@
 """The rewrite: ``prune(gm, plan) -> GraphModule`` without the removed rows.
 
 ``plan_zero_rows(zigset, module)`` finds the rows whose every listed slice is exactly zero;
-``prune`` deep-copies the graph module, slices every parameter and buffer along the axes whose
-channels were removed, lets each op's rule fix module attributes and literal arguments (conv
+``prune`` deep-copies the graph module without its tensors, gives it every parameter and buffer
+sliced along the axes whose channels were removed (or a copy of it when none were), lets each op's rule fix module attributes and literal arguments (conv
 groups, view sizes, split sizes), and recompiles.
 
 Internals:
@@ -10,6 +10,10 @@ Internals:
       class is removed. Every value's new shape is therefore known before the rewrite runs.
     * # NB: a GraphModule shares submodules with the module it was traced from; the deep copy is
       taken first, so the user's model is never touched.
+    * Memory: the deep copy maps every parameter and buffer to a meta placeholder (``deepcopy``'s
+      memo), and each is then replaced by its slice or copy, one tensor at a time, so ``prune``
+      holds the dense weights (the user's), the compressed ones and one temporary slice, never a
+      second dense copy. Unchanged tensors are copied too (no aliasing of the user's model).
     * Tied tensors (one Parameter under several names) are sliced once and re-assigned under
       every name, so they stay tied.
 """
@@ -58,20 +62,24 @@ def row_norms(zigset: ZigSet, module: torch.nn.Module) -> list:
 def zero_rows(zigset: ZigSet, module: torch.nn.Module) -> tuple:
     """Per group, the indices of the rows whose every parameter slice in ``module`` is exactly zero.
 
-    The rows whose :func:`row_norms` are 0 (a NaN counts as non-zero), from ``p != 0`` masks
-    gathered with ``index_select``: no float64 copy of the weights, a third to half the time.
+    The rows whose :func:`row_norms` are 0 (a NaN counts as non-zero), from one "any non-zero"
+    flag per position along each (tensor, dim) that a group reads: no float64 copy of the weights,
+    and only one tensor's ``p != 0`` mask alive at a time.
     """
-    masks: dict = {}  # one nonzero mask per (tensor, dim), shared by the groups that read it
+    alive_at: dict = {}  # (tensor, dim) -> bool per position along dim, shared by the groups that read it
     out = []
     with torch.no_grad():
         for z in zigset.zigs:
             alive = torch.zeros(z.rows, dtype=torch.bool)
             for name, dim, index in z.params:
                 key = (name, dim)
-                if key not in masks:
-                    masks[key] = (get_path(module, name).detach() != 0).movedim(dim, 0)
-                hit = masks[key].index_select(0, index.reshape(-1).to(masks[key].device))
-                alive |= hit.reshape(z.rows, -1).any(1).cpu()
+                if key not in alive_at:
+                    p = get_path(module, name).detach()
+                    flat = (p != 0).movedim(dim, 0).reshape(p.shape[dim], -1) if p.numel() else None
+                    alive_at[key] = flat.any(1).cpu() if flat is not None else torch.zeros(p.shape[dim], dtype=torch.bool)
+                    del flat
+                hit = alive_at[key].index_select(0, index.reshape(-1))
+                alive |= hit.reshape(z.rows, -1).any(1)
             out.append(torch.nonzero(~alive).reshape(-1))
     return tuple(out)
 
@@ -169,30 +177,56 @@ class Site:
         self.node.kwargs = dict(kwargs)
 
 
-def _slice_tensors(new: fx.GraphModule, plan: Plan) -> None:
+def _placeholder(t: torch.Tensor) -> torch.Tensor:
+    """A meta stand-in of ``t`` (same class, shape and dtype; no storage)."""
+    meta = torch.empty_like(t, device="meta")
+    if isinstance(t, torch.nn.Parameter):
+        return torch.nn.Parameter(meta, requires_grad=t.requires_grad)
+    return meta
+
+
+def _copy_without_tensors(gm: fx.GraphModule) -> tuple[fx.GraphModule, dict]:
+    """A deep copy of ``gm`` whose parameters and buffers are meta placeholders.
+
+    Returns the copy and ``{id(placeholder): original tensor}``. Tied tensors (one object under
+    several names) get one placeholder, so they stay tied.
+    """
+    memo: dict = {}
+    originals: dict = {}
+    for _, t in list(gm.named_parameters(remove_duplicate=False)) + list(gm.named_buffers(remove_duplicate=False)):
+        if id(t) not in memo:
+            ph = _placeholder(t)
+            memo[id(t)] = ph
+            originals[id(ph)] = t
+    return copy.deepcopy(gm, memo), originals
+
+
+def _fill_tensors(new: fx.GraphModule, originals: dict, plan: Plan) -> None:
+    """Replace every placeholder of ``new`` with its original, sliced along the plan's removed rows
+    or cloned whole (one tensor at a time: the only temporary is one slice of one tensor)."""
     uf = plan.zigset.uf
-    per_tensor: dict[str, list] = {}
+    cuts: dict[str, list] = {}
     for o in plan.zigset.owners:
         keep = ~plan.removed[uf.find(o.ids)]
         if not keep.all():
-            per_tensor.setdefault(o.name, []).append((o.dim, torch.from_numpy(np.nonzero(keep)[0])))
-    if not per_tensor:
-        return
+            cuts.setdefault(o.name, []).append((o.dim, torch.from_numpy(np.nonzero(keep)[0])))
     aliases: dict[int, list] = {}
     for name, t in list(new.named_parameters(remove_duplicate=False)) + list(new.named_buffers(remove_duplicate=False)):
         aliases.setdefault(id(t), []).append(name)
     with torch.no_grad():
-        for name, cuts in per_tensor.items():
-            old = get_path(new, name)
+        for key, names in aliases.items():
+            old = originals[key]
             data = old.detach()
-            for dim, idx in cuts:
-                data = data.index_select(dim, idx)
-            data = data.clone()
-            if isinstance(old, torch.nn.Parameter):
-                repl = torch.nn.Parameter(data, requires_grad=old.requires_grad)
-            else:
-                repl = data
-            for alias in aliases.get(id(old), [name]):
+            steps = next((cuts[n] for n in names if n in cuts), ())
+            for dim, idx in steps:
+                data = data.index_select(dim, idx.to(data.device))  # a new tensor: no clone needed
+            if not steps:
+                # NB: unchanged tensors are copied, not shared: the compressed model is a new
+                # object (OTO.md section 4), and training it further in place must not change the
+                # user's model (nor the other way round)
+                data = data.clone()
+            repl = torch.nn.Parameter(data, requires_grad=old.requires_grad) if isinstance(old, torch.nn.Parameter) else data
+            for alias in names:
                 mod_name, _, attr = alias.rpartition(".")
                 owner = new.get_submodule(mod_name) if mod_name else new
                 if isinstance(repl, torch.nn.Parameter):
@@ -201,12 +235,14 @@ def _slice_tensors(new: fx.GraphModule, plan: Plan) -> None:
                     owner._buffers[attr] = repl
                 else:
                     setattr(owner, attr, repl)
+            del data, repl
 
 
 def prune(gm: fx.GraphModule, plan: Plan) -> fx.GraphModule:
     """A new GraphModule with the plan's rows removed (``gm`` is not modified)."""
-    new = copy.deepcopy(gm)
-    _slice_tensors(new, plan)
+    new, originals = _copy_without_tensors(gm)
+    _fill_tensors(new, originals, plan)
+    del originals
     mods = dict(new.named_modules())
     for node in list(new.graph.nodes):
         if node.op not in ("call_module", "call_function", "call_method"):
