@@ -9,9 +9,11 @@ from otofx.backend import register as _register_backend
 from otofx.errors import CaptureError, InputError, OTOError, VerificationError
 from otofx.optim import DHSPG, HESSO, NonFiniteGradError, OptimizerError
 from otofx.passes.zigs import ZIG, ZigSet
+from otofx.saveload import load, save
 
 _register_backend()  # torch.compile(model, backend="otofx")
 
 __version__ = "0.1.0"
 __all__ = ["OTO", "ZIG", "ZigSet", "OTOError", "CaptureError", "InputError", "VerificationError",
-           "eval_mode", "outputs_close", "DHSPG", "HESSO", "OptimizerError", "NonFiniteGradError"]
+           "eval_mode", "outputs_close", "DHSPG", "HESSO", "OptimizerError", "NonFiniteGradError",
+           "save", "load"]
