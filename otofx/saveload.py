@@ -258,10 +258,50 @@ def _read_manifest(folder: Path) -> dict:
         raise InputError(f"'{folder / MANIFEST}' is not valid JSON ({e})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise InputError(f"'{folder / MANIFEST}' was not written by otofx.save")
-    if manifest.get("format_version", 0) > FORMAT_VERSION:
-        raise InputError(f"'{folder}' has format version {manifest['format_version']} (otofx "
-                         f"{manifest.get('otofx_version')}); this otofx reads up to {FORMAT_VERSION}: upgrade otofx")
+    version = manifest.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise InputError(f"'{folder}' has format version {version!r} (otofx {manifest.get('otofx_version')}); "
+                         f"this otofx reads up to {FORMAT_VERSION}: upgrade otofx")
+    _check_manifest(folder / MANIFEST, manifest)
     return manifest
+
+
+def _check_manifest(where: Path, manifest: dict) -> None:
+    """The manifest has the shape ``save`` writes (so a damaged one is an InputError, not a KeyError)."""
+
+    def bad(what):
+        raise InputError(f"'{where}' is damaged: {what}")
+
+    def name_pair(v):
+        return isinstance(v, list) and len(v) == 2 and all(isinstance(x, str) for x in v)
+
+    if not name_pair(manifest.get("class")):
+        bad("no model class")
+    if not isinstance(manifest.get("modules"), list) or not isinstance(manifest.get("tensors"), list):
+        bad("no module or tensor list")
+    for e in manifest["modules"]:
+        if not (isinstance(e, dict) and isinstance(e.get("path"), str) and name_pair(e.get("type"))
+                and isinstance(e.get("attrs"), dict) and isinstance(e.get("init", {}), dict)):
+            bad(f"module entry {str(e)[:80]}")
+        for key in e["attrs"]:
+            if not key.isidentifier() or key.startswith("__"):  # NB: no __class__ / __dict__ via setattr
+                bad(f"attribute name {key!r} of module '{e['path']}'")
+    for t in manifest["tensors"]:
+        ok = (isinstance(t, dict) and t.get("kind") in ("parameter", "buffer", "tensor")
+              and all(isinstance(t.get(k), str) for k in ("name", "module", "attr")))
+        if ok and not t.get("none"):
+            ok = (isinstance(t.get("shape"), list) and all(isinstance(n, int) for n in t["shape"])
+                  and (t["kind"] != "parameter" or isinstance(t.get("requires_grad"), bool)))
+        if ok and t["kind"] == "buffer":
+            ok = isinstance(t.get("persistent"), bool)
+        if not ok or not t["attr"].isidentifier() or t["attr"].startswith("__"):
+            bad(f"tensor entry {str(t)[:80]}")
+    stored = set()
+    for t in manifest["tensors"]:
+        if "same_as" in t and t["same_as"] not in stored:
+            bad(f"tensor '{t['name']}' is the same as '{t['same_as']}', which is not stored before it")
+        if not t.get("none"):
+            stored.add(t["name"])
 
 
 def _check_weights(folder: Path, manifest: dict) -> None:
@@ -337,7 +377,11 @@ class _Plan:
                                      f"model but a {_fmt(saved)} in the saved one: the model was not built like the "
                                      f"saved model's dense original")
                 init = {k: _decode(v) for k, v in entry["init"].items()}
-                self.replaced[path] = rebuild[saved].empty(**init, device="meta")
+                try:
+                    self.replaced[path] = rebuild[saved].empty(**init, device="meta")
+                except (TypeError, ValueError, RuntimeError) as e:
+                    raise InputError(f"module '{path}' ({saved[1]}) cannot be rebuilt from its saved arguments "
+                                     f"{init}: {e}") from None
             mod = self.module(path, saved)
             for key in entry["attrs"]:
                 if key in mod._parameters or key in mod._buffers or key in mod._modules:

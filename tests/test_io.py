@@ -45,14 +45,16 @@ def _files(folder: Path) -> set:
     return {p.name for p in folder.iterdir()}
 
 
-def _resnet_folder(tmp_path):
+@pytest.fixture(scope="module")
+def resnet_saved(tmp_path_factory):
+    """(narrowed resnet18, input, its save folder); tests must not change the model."""
     model, x = H.resnet18()
-    folder = otofx.save(model, tmp_path / "small")
+    folder = otofx.save(model, tmp_path_factory.mktemp("io") / "small")
     return model, x, folder
 
 
-def test_resnet18_round_trip_into_fresh_dense_instance(tmp_path, no_unpickling):
-    model, x, folder = _resnet_folder(tmp_path)
+def test_resnet18_round_trip_into_fresh_dense_instance(resnet_saved, no_unpickling):
+    model, x, folder = resnet_saved
     assert _files(folder) == {"model.safetensors", "otofx.json"}
     fresh = torchvision.models.resnet18(num_classes=10)  # dense, training mode
     loaded = otofx.load(folder, fresh)
@@ -65,18 +67,19 @@ def test_resnet18_round_trip_into_fresh_dense_instance(tmp_path, no_unpickling):
     assert torch.equal(_out(loaded, x), _out(model, x))
 
 
-def test_resnet18_loads_into_meta_instance_on_device_and_dtype(tmp_path):
-    model, x, folder = _resnet_folder(tmp_path)
+def test_resnet18_loads_into_meta_instance_on_device_and_dtype(resnet_saved):
+    model, x, folder = resnet_saved
     with torch.device("meta"):
         fresh = torchvision.models.resnet18(num_classes=10)
     loaded = otofx.load(folder, fresh, device="cpu", dtype=torch.float64)
     assert all(p.dtype == torch.float64 and p.device.type == "cpu" for p in loaded.parameters())
     assert loaded.layer1[0].bn1.num_batches_tracked.dtype == torch.long  # only floating tensors are cast
-    assert torch.allclose(_out(loaded, x.double()), _out(model.double(), x.double()), rtol=1e-12, atol=1e-12)
+    model64 = H.resnet18()[0].double()
+    assert torch.allclose(_out(loaded, x.double()), _out(model64, x.double()), rtol=1e-12, atol=1e-12)
 
 
 def test_requires_grad_and_frozen_parameters_survive(tmp_path):
-    model, _, _ = _resnet_folder(tmp_path)
+    model, _ = H.resnet18()
     model.conv1.weight.requires_grad_(False)
     folder = otofx.save(model, tmp_path / "frozen")
     loaded = otofx.load(folder, torchvision.models.resnet18(num_classes=10))
@@ -199,14 +202,14 @@ def test_non_hugging_face_model_needs_model_argument(tmp_path):
         otofx.load(folder)
 
 
-def test_class_mismatch(tmp_path):
-    _, _, folder = _resnet_folder(tmp_path)
-    with pytest.raises(InputError, match=r"holds a torchvision\.models\.resnet\.ResNet but model= is a .*VGG"):
-        otofx.load(folder, torchvision.models.vgg11())
+def test_class_mismatch(resnet_saved):
+    folder = resnet_saved[2]
+    with pytest.raises(InputError, match=r"holds a torchvision\.models\.resnet\.ResNet but model= is a .*MobileNetV3"):
+        otofx.load(folder, torchvision.models.mobilenet_v3_small())
 
 
-def test_structure_mismatch_names_the_module_and_leaves_model_untouched(tmp_path):
-    _, _, folder = _resnet_folder(tmp_path)
+def test_structure_mismatch_names_the_module_and_leaves_model_untouched(resnet_saved):
+    folder = resnet_saved[2]
     fresh = torchvision.models.resnet18(num_classes=10)
     fresh.layer3[0].conv1 = nn.Linear(4, 4)
     before = snapshot(fresh)
@@ -242,3 +245,18 @@ def test_bad_save_targets_and_dtype(tmp_path):
     otofx.save(_SmallCNN(), folder)  # an earlier save's folder is overwritten
     with pytest.raises(InputError, match="floating-point"):
         otofx.load(folder, _SmallCNN(), dtype=torch.int8)
+
+
+def test_damaged_manifest(tmp_path):
+    import json
+
+    folder = otofx.save(_SmallCNN(), tmp_path / "cnn")
+    manifest = json.loads((folder / "otofx.json").read_text())
+    manifest["modules"][1]["attrs"]["__class__"] = "x"
+    (folder / "otofx.json").write_text(json.dumps(manifest))
+    with pytest.raises(InputError, match="damaged: attribute name '__class__' of module 'conv1'"):
+        otofx.load(folder, _SmallCNN())
+    manifest["format_version"] = 99
+    (folder / "otofx.json").write_text(json.dumps(manifest))
+    with pytest.raises(InputError, match="format version 99"):
+        otofx.load(folder, _SmallCNN())
