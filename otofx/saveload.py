@@ -151,6 +151,10 @@ def _describe(model: nn.Module):
                 "instead: `small = oto.compress()` (the model's own class; `form='graph'` gives the "
                 "GraphModule), then `otofx.save(small, path)`; the graph form is recovered by compressing "
                 "or tracing the loaded module")
+        if callable(vars(mod).get("forward")):
+            raise InputError(f"{'the model' if not path else f'submodule {path!r}'} has its own `forward` (an instance "
+                             "attribute, not its class's): otofx.save stores data, not code, and the loaded model "
+                             "would run its class's forward; save a model whose modules compute with their classes' code")
         entry = {"path": path, "type": list(_type_name(type(mod))), "attrs": {}}
         for key, value in vars(mod).items():
             if key in _MODULE_INTERNALS or isinstance(value, torch.Tensor):
@@ -466,11 +470,14 @@ def load(path, model: nn.Module | None = None, *, device=None, dtype: torch.dtyp
         raise InputError(f"'{folder}' holds a {_fmt(saved_cls)} but model= is a {_fmt(_type_name(type(model)))}: "
                          f"pass a freshly built {saved_cls[1]}")
     plan = _Plan(model, manifest)
-
+    data = load_file(str(folder / WEIGHTS), device="cpu")
+    if device is not None or dtype is not None:
+        try:
+            for k, v in data.items():  # one tensor at a time: at most one extra copy alive
+                data[k] = v.to(device=device, dtype=dtype if v.is_floating_point() else None)
+        except (RuntimeError, AssertionError) as e:  # an unknown or unavailable device
+            raise InputError(f"cannot place the saved tensors on device={device!r}: {e}") from None
     # -- from here on the model changes ----------------------------------------------------------
-    data = load_file(str(folder / WEIGHTS), device=str(torch.device(device) if device is not None else "cpu"))
-    if dtype is not None:
-        data = {k: v.to(dtype) if v.is_floating_point() else v for k, v in data.items()}
     for p in plan.replaced:  # parents first (the manifest lists modules in pre-order)
         parent_path, _, name = p.rpartition(".")
         plan.module(parent_path, None)._modules[name] = plan.replaced[p]

@@ -179,6 +179,13 @@ def test_graph_module_refused(tmp_path):
         otofx.save(fx.symbolic_trace(_SmallCNN()), tmp_path / "g")
 
 
+def test_instance_level_forward_refused(tmp_path):
+    model = _SmallCNN()
+    model.fc.forward = lambda x: x
+    with pytest.raises(InputError, match="submodule 'fc' has its own `forward`"):
+        otofx.save(model, tmp_path / "f")
+
+
 def test_missing_folder_and_files(tmp_path):
     with pytest.raises(InputError, match="is not a folder"):
         otofx.load(tmp_path / "nowhere", _SmallCNN())
@@ -245,6 +252,11 @@ def test_bad_save_targets_and_dtype(tmp_path):
     otofx.save(_SmallCNN(), folder)  # an earlier save's folder is overwritten
     with pytest.raises(InputError, match="floating-point"):
         otofx.load(folder, _SmallCNN(), dtype=torch.int8)
+    fresh = _SmallCNN()
+    before = snapshot(fresh)
+    with pytest.raises(InputError, match="device='nowhere'"):
+        otofx.load(folder, fresh, device="nowhere")
+    assert snapshot(fresh) == before
 
 
 def test_damaged_manifest(tmp_path):
