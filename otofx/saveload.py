@@ -154,7 +154,8 @@ def _describe(model: nn.Module):
         if callable(vars(mod).get("forward")):
             raise InputError(f"{'the model' if not path else f'submodule {path!r}'} has its own `forward` (an instance "
                              "attribute, not its class's): otofx.save stores data, not code, and the loaded model "
-                             "would run its class's forward; save a model whose modules compute with their classes' code")
+                             "would run its class's forward; save a model whose modules compute with their "
+                             "classes' code")
         entry = {"path": path, "type": list(_type_name(type(mod))), "attrs": {}}
         for key, value in vars(mod).items():
             if key in _MODULE_INTERNALS or isinstance(value, torch.Tensor):
@@ -225,8 +226,8 @@ def save(model: nn.Module, path) -> Path:
         "format": FORMAT, "format_version": FORMAT_VERSION, "otofx_version": __version__,
         "torch_version": torch.__version__.split("+")[0],
         "class": list(_type_name(type(model))),
-        "huggingface": ({"config": HF_CONFIG, "attn_implementation": getattr(model.config, "_attn_implementation", None)}
-                        if hf else None),
+        "huggingface": ({"config": HF_CONFIG,
+                         "attn_implementation": getattr(model.config, "_attn_implementation", None)} if hf else None),
         "modules": modules, "tensors": tensors,
     }
     folder.mkdir(parents=True, exist_ok=True)
@@ -320,7 +321,8 @@ def _check_weights(folder: Path, manifest: dict) -> None:
         raise InputError(f"'{folder / WEIGHTS}' cannot be read as safetensors ({e})") from None
     missing, extra = sorted(set(want) - set(have)), sorted(set(have) - set(want))
     if missing or extra:
-        raise InputError(f"'{folder / WEIGHTS}' does not match {MANIFEST}: missing {missing[:5]}, unexpected {extra[:5]}")
+        raise InputError(f"'{folder / WEIGHTS}' does not match {MANIFEST}: missing {missing[:5]}, "
+                         f"unexpected {extra[:5]}")
     for name, shape in want.items():
         if have[name] != shape:
             raise InputError(f"tensor '{name}' has shape {have[name]} in {WEIGHTS} but {shape} in {MANIFEST}")
@@ -408,7 +410,8 @@ class _Plan:
             cur = own.get(attr) if own is not None else getattr(mod, attr, None)
             if isinstance(cur, torch.Tensor) and "shape" in rec and cur.dim() != len(rec["shape"]):
                 raise InputError(f"{kind} '{rec['name']}' has {cur.dim()} dimensions in the given model "
-                                 f"({list(cur.shape)}) but the saved one has shape {rec['shape']}: {where} cannot take it")
+                                 f"({list(cur.shape)}) but the saved one has shape {rec['shape']}: {where} "
+                                 "cannot take it")
         for path, mod in self.walk():
             for attr, t in list(mod._parameters.items()) + list(mod._buffers.items()):
                 name = f"{path}.{attr}" if path else attr
@@ -465,7 +468,8 @@ def load(path, model: nn.Module | None = None, *, device=None, dtype: torch.dtyp
     if model is None:
         model = _build_hf(folder, manifest)
     elif not isinstance(model, nn.Module):
-        raise InputError(f"model= must be a torch.nn.Module (a freshly built {_fmt(saved_cls)}), got {type(model).__name__}")
+        raise InputError(f"model= must be a torch.nn.Module (a freshly built {_fmt(saved_cls)}), "
+                         f"got {type(model).__name__}")
     elif _type_name(type(model)) != saved_cls:
         raise InputError(f"'{folder}' holds a {_fmt(saved_cls)} but model= is a {_fmt(_type_name(type(model)))}: "
                          f"pass a freshly built {saved_cls[1]}")

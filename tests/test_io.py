@@ -236,7 +236,7 @@ def test_parameter_rank_mismatch_names_the_parameter(tmp_path):
         otofx.load(folder, fresh)
     missing = _SmallCNN()
     del missing.bn1.running_mean
-    with pytest.raises(InputError, match=r"module 'bn1' \(BatchNorm2d\) of the given model has no buffer 'running_mean'"):
+    with pytest.raises(InputError, match=r"'bn1' \(BatchNorm2d\) of the given model has no buffer 'running_mean'"):
         otofx.load(folder, missing)
 
 
