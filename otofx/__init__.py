@@ -11,10 +11,11 @@ from otofx.errors import CaptureError, InputError, OTOError, VerificationError
 from otofx.optim import DHSPG, HESSO, NonFiniteGradError, OptimizerError
 from otofx.passes.registry import RuleDeclined, register_rule
 from otofx.passes.zigs import ZIG, ZigSet
+from otofx.saveload import load, save
 
 _register_backend()  # torch.compile(model, backend="otofx")
 
 __version__ = "0.1.0"
 __all__ = ["OTO", "ZIG", "ZigSet", "OTOError", "CaptureError", "InputError", "VerificationError",
            "eval_mode", "outputs_close", "DHSPG", "HESSO", "OptimizerError", "NonFiniteGradError", "register_rule",
-           "RuleDeclined"]
+           "RuleDeclined", "save", "load"]

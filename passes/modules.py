@@ -13,6 +13,8 @@ Internals:
     * Scores are scaled by ``1 / sqrt(head_dim)``, the original head width (unchanged by head pruning).
     * ``need_weights=False`` runs ``scaled_dot_product_attention``; otherwise the weights are
       computed explicitly, as the stock module does.
+    * ``init_kwargs()`` / ``PrunedMultiheadAttention.empty(**kwargs)`` describe and rebuild one without a
+      source module (uninitialised tensors of the right shapes): ``otofx.load`` uses them.
 """
 from __future__ import annotations
 
@@ -45,6 +47,48 @@ class PrunedMultiheadAttention(nn.Module):
             self.out_proj.bias = out.bias
         self.bias_k, self.bias_v = src.bias_k, src.bias_v
         self.register_buffer("kept_heads", kept_heads.clone(), persistent=True)
+
+    @classmethod
+    def empty(cls, *, num_heads: int, head_dim: int, heads_before: int, in_features: int, kdim: int, vdim: int,
+              out_features: int, packed: bool, in_proj_bias: bool, out_proj_bias: bool, bias_kv: bool,
+              add_zero_attn: bool = False, dropout: float = 0.0, batch_first: bool = False, device=None,
+              dtype=None) -> "PrunedMultiheadAttention":
+        """A module of these widths with uninitialised tensors (``kept_heads`` included), ready for a state_dict."""
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        kw = {"device": device, "dtype": dtype}
+        width = num_heads * head_dim
+        self.num_heads, self.head_dim, self.heads_before = num_heads, head_dim, heads_before
+        self.batch_first, self.dropout, self.add_zero_attn = batch_first, dropout, add_zero_attn
+        self.packed = packed
+        if packed:
+            self.in_proj_weight = nn.Parameter(torch.empty(3 * width, in_features, **kw))
+        else:
+            self.q_proj_weight = nn.Parameter(torch.empty(width, in_features, **kw))
+            self.k_proj_weight = nn.Parameter(torch.empty(width, kdim, **kw))
+            self.v_proj_weight = nn.Parameter(torch.empty(width, vdim, **kw))
+        self.in_proj_bias = nn.Parameter(torch.empty(3 * width, **kw)) if in_proj_bias else None
+        self.out_proj = nn.Linear(width, out_features, bias=out_proj_bias, **kw)
+        if bias_kv:
+            self.bias_k = nn.Parameter(torch.empty(1, 1, width, **kw))
+            self.bias_v = nn.Parameter(torch.empty(1, 1, width, **kw))
+        else:
+            self.bias_k = self.bias_v = None
+        self.register_buffer("kept_heads", torch.empty(num_heads, dtype=torch.long, device=device), persistent=True)
+        return self
+
+    def init_kwargs(self) -> dict:
+        """The arguments of :meth:`empty` that rebuild this module's structure (simple values only)."""
+        if self.packed:
+            in_features = kdim = vdim = self.in_proj_weight.shape[1]
+        else:
+            in_features, kdim, vdim = (w.shape[1] for w in (self.q_proj_weight, self.k_proj_weight, self.v_proj_weight))
+        return {"num_heads": self.num_heads, "head_dim": self.head_dim, "heads_before": self.heads_before,
+                "in_features": int(in_features), "kdim": int(kdim), "vdim": int(vdim),
+                "out_features": int(self.out_proj.weight.shape[0]), "packed": bool(self.packed),
+                "in_proj_bias": self.in_proj_bias is not None, "out_proj_bias": self.out_proj.bias is not None,
+                "bias_kv": self.bias_k is not None, "add_zero_attn": bool(self.add_zero_attn),
+                "dropout": float(self.dropout), "batch_first": bool(self.batch_first)}
 
     def _proj(self, x, part: int):
         w = self.num_heads * self.head_dim
