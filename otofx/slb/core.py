@@ -103,7 +103,8 @@ def quantize(model: nn.Module, example_inputs, bits: int = 1, layers=None, *, sc
     options = dict(scale=scale, warm_start=warm_start, act_bits=act_bits, act_quant=act_quant)
     state = pipeline.Pipeline([pipeline.Capture(frontend), SLBPass(bits, layers, **options)]).run(model, example_inputs)
     q = state.gm
-    q.train(model.training)
+    for m in q.modules():  # NB: not q.train(): a torch.export GraphModule raises on train()/eval()
+        m.training = model.training
     return q
 
 

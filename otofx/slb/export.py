@@ -83,6 +83,7 @@ def to_torchao(frozen: nn.Module) -> nn.Module:
             target_dtype=getattr(torch, f"int{layer.bits}"), block_size=(1, *w.shape[1:]), dtype=w.dtype,
             activation_quantization=None)
         setattr(module, attr, nn.Parameter(t, requires_grad=False))
+    out.otofx_slb = dict(info)  # NB: GraphModule's deepcopy drops plain attributes
     log.info("otofx.slb: %d layers handed to torchao IntxUnpackedToInt8Tensor", len(info))
     return out
 

@@ -80,7 +80,8 @@ def ste_quantize(model: nn.Module, example_inputs, bits: int, layers=None, *, us
         cfg = QATConfig(weight_config=IntxFakeQuantizeConfig(getattr(torch, f"int{bits}"), granularity="per_channel",
                                                              is_symmetric=True), step="prepare")
         quantize_(new, cfg, filter_fn=lambda m, fqn: fqn in ao)
-    new.train(model.training)
+    for m in new.modules():  # NB: not new.train(): a torch.export GraphModule raises on train()/eval()
+        m.training = model.training
     log.info("otofx.slb.ste: %d-bit STE on %s (torchao) and %s (ours)", bits, sorted(ao), sorted(ours))
     return new
 
