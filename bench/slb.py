@@ -142,7 +142,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--bits", nargs="+", type=int, default=[1, 2, 4])
     ap.add_argument("--ablation-bits", nargs="*", type=int, default=[1])
-    ap.add_argument("--epochs", type=int, default=30)
+    ap.add_argument("--epochs", type=int, default=20)
     ap.add_argument("--lr", type=float, default=0.1)
     ap.add_argument("--logit-lr-mult", type=float, default=1.0, help="lr of SLB's logits / lr")
     ap.add_argument("--no-ste", action="store_true")
