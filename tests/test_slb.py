@@ -244,6 +244,9 @@ def test_quantize_a_compressed_model():
     frozen = slb.freeze(q)
     with torch.no_grad(), eval_flags(q), eval_flags(frozen):
         assert torch.equal(frozen(X), q(X))
+    # the same pass inside compress's pipeline (SLB changes outputs: no verification)
+    q2 = oto.compress(verify=False, passes=[SLBPass(1)])
+    assert [l.logits.shape for l in slb.slb_layers(q2)] == [l.logits.shape for l in layers]
 
 
 def test_to_torchao_matches_frozen():

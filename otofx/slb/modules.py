@@ -160,18 +160,22 @@ class ActFakeQuant(nn.Module):
             y = 0.5 * (x.abs() - (x - self.alpha).abs() + self.alpha)
             step = self.alpha / n
             return round_ste(y / step) * step
-        if self.training:
+        lo, hi = self.lo, self.hi
+        if self.training or not bool(self.seen):
             with torch.no_grad():
                 lo, hi = x.min().clamp_max(0), x.max().clamp_min(0)
-                if bool(self.seen):
-                    self.lo.lerp_(lo, self.momentum)
-                    self.hi.lerp_(hi, self.momentum)
-                else:
-                    self.lo.copy_(lo)
-                    self.hi.copy_(hi)
-                    self.seen.fill_(True)
-        step = ((self.hi - self.lo) / n).clamp_min(1e-8)
-        zero = torch.round(-self.lo / step)
+                if self.training:
+                    if bool(self.seen):
+                        self.lo.lerp_(lo, self.momentum)
+                        self.hi.lerp_(hi, self.momentum)
+                    else:
+                        self.lo.copy_(lo)
+                        self.hi.copy_(hi)
+                        self.seen.fill_(True)
+                    lo, hi = self.lo, self.hi
+                # NB: in eval mode before any training batch, the batch's own range (nothing stored)
+        step = ((hi - lo) / n).clamp_min(1e-8)
+        zero = torch.round(-lo / step)
         q = torch.clamp(round_ste(x / step) + zero, 0, n)
         return (q - zero) * step
 
