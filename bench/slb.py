@@ -30,6 +30,7 @@ Run (README)::
 
     python bench/slb.py            # 3 seeds, both models
     python bench/slb.py --quick    # 1 seed, 10 epochs: a smoke run
+    python bench/slb.py --models mlp --layers all --bits 1 2 --ablation-bits   # every layer low-bit
 
 Internals:
     * One intra-op thread; seeds change initialisation and batch order, not the split.
@@ -91,11 +92,11 @@ def run(model: str, method: str, bits: int | None, seed: int, args, anneal: bool
     example = data.x_train[:2]
     net.train()
     if method == "slb":
-        m = slb.quantize(net, example, bits=bits)
+        m = slb.quantize(net, example, bits=bits, layers=args.layers)
         sched = slb.Schedule(m, args.epochs, batches(data.x_train, data.y_train, 64) if sbn else None,
                              t_factor=1.2 if anneal else 1.0)
     elif method == "ste":
-        m, sched = ste_quantize(net, example, bits), None
+        m, sched = ste_quantize(net, example, bits, layers=args.layers), None
     else:
         m, sched = net, None
     logits = {id(layer.logits) for layer in slb.slb_layers(m)} if method == "slb" else set()
@@ -145,6 +146,8 @@ def main(argv=None) -> int:
     ap.add_argument("--epochs", type=int, default=20)
     ap.add_argument("--lr", type=float, default=0.1)
     ap.add_argument("--logit-lr-mult", type=float, default=1.0, help="lr of SLB's logits / lr")
+    ap.add_argument("--layers", default=None, choices=["all"],
+                    help="quantise every Conv/Linear (default: all but the first and the last)")
     ap.add_argument("--no-ste", action="store_true")
     ap.add_argument("--quick", action="store_true", help="1 seed, 10 epochs, W1 and W2")
     ap.add_argument("-q", "--quiet", action="store_true")
@@ -155,7 +158,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)
     t0 = time.time()
     print(f"bench/slb.py: otofx {otofx.__version__}, torch {torch.__version__}, seeds {args.seeds}, epochs {args.epochs}, "
-          f"lr {args.lr} (logits x{args.logit_lr_mult:g}), bits {args.bits}, ablations at {args.ablation_bits}; load average before "
+          f"lr {args.lr} (logits x{args.logit_lr_mult:g}), layers {args.layers or 'default'}, bits {args.bits}, ablations at {args.ablation_bits}; load average before "
           f"{' '.join(f'{v:.2f}' for v in os.getloadavg())}", flush=True)
     rows = []
     for model in args.models:
@@ -185,7 +188,8 @@ def main(argv=None) -> int:
             else:
                 row += [""] * 5
             rows.append(row)
-        print(f"{model}: quantised layers {qlayers} (first and last stay float)", flush=True)
+        print(f"{model}: quantised layers {qlayers}" + ("" if args.layers else " (first and last stay float)"),
+              flush=True)
     print(tabulate(rows, headers=["model", "method", "test acc %", "Δ vs FP", "worst Δ", "|frozen-eval|",
                                   "|torchao-frozen|", "distinct", "bits/w", "size vs fp32"], tablefmt="github"))
     print(f"took {time.time() - t0:.0f} s; load average after {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
