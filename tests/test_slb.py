@@ -13,7 +13,7 @@ import otofx
 import otofx.slb as slb
 from otofx import pipeline as P
 from otofx.errors import InputError
-from otofx.passes.slb import SLBPass, find_layers
+from otofx.passes.slb import SLBPass
 from otofx.slb.ste import STEWeight, ste_quantize
 
 

@@ -19,6 +19,7 @@ Internals:
 """
 from __future__ import annotations
 
+import copy
 import logging
 
 import torch
@@ -70,8 +71,6 @@ def ste_quantize(model: nn.Module, example_inputs, bits: int, layers=None, *, us
         else:
             ao = {c.owner for c in chosen if c.kind is nn.Linear and all(n.op == "call_module" for n in c.nodes)}
     ours = {c.owner for c in chosen} - ao
-    import copy
-
     if ours:
         new, _ = parametrize_layers(gm, lambda name, m: name in ours, lambda layer, w: STEWeight(bits).to(w.device))
     else:
