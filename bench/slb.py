@@ -1,0 +1,200 @@
+"""SLB low-bit weights on scikit-learn's digits: FP vs SLB W1/W2/W4 vs the STE baseline, ablations.
+
+Two models, both from ``otofx.demo``'s data (fixed stratified 1437/360 split):
+
+* ``cnn``: the demo's ``DigitsNet(32, 32, 64, 64)`` on 16x16 images;
+* ``mlp``: a 64-256-256-10 MLP (Linear-BatchNorm-ReLU twice, linear head) on the 8x8 images flattened.
+
+For every seed and model (same initialisation and batch order in every row of a seed):
+
+* ``FP``: float training;
+* ``SLB Wb``: ``otofx.slb.quantize(model, x, bits=b)`` (default layers: every Conv/Linear but the
+  first and the last; the layers named in the header), ``otofx.slb.Schedule`` (t_start 0.2,
+  t_end 0.6, t_factor 1.2, start 1.0, state BN over the training set after each epoch past t_start),
+  then ``otofx.slb.freeze`` and ``otofx.slb.to_torchao``;
+* ``STE Wb``: ``otofx.slb.ste.ste_quantize`` on the same layers (torchao's QAT fake quantiser for
+  Linear at b >= 2, ours for conv and one bit);
+* ablations (``--ablation-bits``): ``no anneal`` (t_factor 1: the temperature stays 1; the hard phase
+  still starts at t_end) and ``no SBN`` (no calibration loader: BatchNorm statistics are those of
+  training).
+
+Every run: ``--epochs`` epochs of batch 64, SGD momentum 0.9 (lr ``--lr``, constant then cosine to 0
+over the last 40%, ``otofx.demo.lr_factor``), weight decay 1e-4 on float parameters, none on SLB's
+logits. Reported per (model, method): test accuracy mean ± sample std over seeds; the change vs FP
+of the same seed (mean, worst); for SLB, the largest |frozen - last eval| over seeds (the eval-mode
+accuracy after the last epoch vs ``freeze(q)``), the largest |torchao - frozen|, the most distinct
+values in any frozen layer (per output channel where the layer has a scale), the bits per
+quantised weight and the model's packed size against float32 (``otofx.slb.size_report``).
+
+Run (README)::
+
+    python bench/slb.py            # 3 seeds, both models
+    python bench/slb.py --quick    # 1 seed, 10 epochs: a smoke run
+    python bench/slb.py --models mlp --layers all --bits 1 2 --ablation-bits   # every layer low-bit
+
+Internals:
+    * One intra-op thread; seeds change initialisation and batch order, not the split.
+    * The logits are trained by the same SGD as the float weights (the reference uses SGD on CIFAR).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from tabulate import tabulate
+from torch import nn
+
+import otofx
+import otofx.slb as slb
+from otofx.demo import DigitsNet, evaluate, load_digits_split, lr_factor
+from otofx.slb.ste import ste_quantize
+
+log = logging.getLogger("bench.slb")
+
+
+class BNMLP(nn.Module):
+    """64-256-256-10: Linear-BN-ReLU, Linear-BN-ReLU, Linear."""
+
+    def __init__(self, widths=(64, 256, 256), classes: int = 10):
+        super().__init__()
+        layers = []
+        for a, b in zip(widths[:-1], widths[1:]):
+            layers += [nn.Linear(a, b), nn.BatchNorm1d(b), nn.ReLU()]
+        self.body = nn.Sequential(*layers)
+        self.head = nn.Linear(widths[-1], classes)
+
+    def forward(self, x):
+        return self.head(self.body(x))
+
+
+def data_for(model: str):
+    if model == "cnn":
+        return load_digits_split(side=16), DigitsNet
+    d = load_digits_split(side=8)
+    flat = type(d)(d.x_train.flatten(1), d.y_train, d.x_test.flatten(1), d.y_test)
+    return flat, BNMLP
+
+
+def batches(x, y, size: int):
+    return [(x[i:i + size], y[i:i + size]) for i in range(0, len(x), size)]
+
+
+def run(model: str, method: str, bits: int | None, seed: int, args, anneal: bool = True, sbn: bool = True) -> dict:
+    data, cls = data_for(model)
+    torch.manual_seed(seed)
+    net = cls()
+    example = data.x_train[:2]
+    net.train()
+    if method == "slb":
+        m = slb.quantize(net, example, bits=bits, layers=args.layers)
+        sched = slb.Schedule(m, args.epochs, batches(data.x_train, data.y_train, 64) if sbn else None,
+                             t_factor=1.2 if anneal else 1.0)
+    elif method == "ste":
+        m, sched = ste_quantize(net, example, bits, layers=args.layers), None
+    else:
+        m, sched = net, None
+    logits = {id(layer.logits) for layer in slb.slb_layers(m)} if method == "slb" else set()
+    decay = [p for p in m.parameters() if id(p) not in logits]
+    groups = [{"params": decay, "weight_decay": 1e-4}]
+    if logits:
+        groups.append({"params": [p for p in m.parameters() if id(p) in logits], "weight_decay": 0.0,
+                       "lr": args.lr * args.logit_lr_mult})
+    opt = torch.optim.SGD(groups, lr=args.lr, momentum=0.9)
+    spe = len(data.y_train) // 64
+    total = args.epochs * spe
+    lr_sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, 0.6))
+    gen = torch.Generator().manual_seed(seed)
+    m.train()
+    for epoch in range(args.epochs):
+        perm = torch.randperm(len(data.y_train), generator=gen)
+        for b in range(spe):
+            idx = perm[b * 64:(b + 1) * 64]
+            loss = F.cross_entropy(m(data.x_train[idx]), data.y_train[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            lr_sched.step()
+        if sched is not None:
+            sched.step()
+    acc = evaluate(m, data.x_test, data.y_test)
+    out = {"acc": acc}
+    if method == "slb":
+        frozen = slb.freeze(m)
+        out["frozen"] = evaluate(frozen, data.x_test, data.y_test)
+        out["torchao"] = evaluate(slb.to_torchao(frozen), data.x_test, data.y_test)
+        rep = slb.size_report(frozen)
+        out["distinct"] = max(ls.distinct for ls in rep.layers)
+        out["bpw"], out["ratio"] = rep.bits_per_weight, rep.ratio
+        out["layers"] = [ls.name for ls in rep.layers]
+    log.info("%s %s W%s seed %d%s%s: test acc %.4f%s", model, method, bits, seed, "" if anneal else " no-anneal",
+             "" if sbn else " no-SBN", acc, f" frozen {out['frozen']:.4f}" if "frozen" in out else "")
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", nargs="+", default=["cnn", "mlp"], choices=["cnn", "mlp"])
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    ap.add_argument("--bits", nargs="+", type=int, default=[1, 2, 4])
+    ap.add_argument("--ablation-bits", nargs="*", type=int, default=[1])
+    ap.add_argument("--epochs", type=int, default=20)
+    ap.add_argument("--lr", type=float, default=0.1)
+    ap.add_argument("--logit-lr-mult", type=float, default=1.0, help="lr of SLB's logits / lr")
+    ap.add_argument("--layers", default=None, choices=["all"],
+                    help="quantise every Conv/Linear (default: all but the first and the last)")
+    ap.add_argument("--no-ste", action="store_true")
+    ap.add_argument("--quick", action="store_true", help="1 seed, 10 epochs, W1 and W2")
+    ap.add_argument("-q", "--quiet", action="store_true")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.seeds, args.epochs, args.bits = args.seeds[:1], 10, [1, 2]
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(name)s: %(message)s")
+    torch.set_num_threads(1)
+    t0 = time.time()
+    print(f"bench/slb.py: otofx {otofx.__version__}, torch {torch.__version__}, seeds {args.seeds}, epochs {args.epochs}, "
+          f"lr {args.lr} (logits x{args.logit_lr_mult:g}), layers {args.layers or 'default'}, bits {args.bits}, ablations at {args.ablation_bits}; load average before "
+          f"{' '.join(f'{v:.2f}' for v in os.getloadavg())}", flush=True)
+    rows = []
+    for model in args.models:
+        fp = {s: run(model, "fp", None, s, args)["acc"] for s in args.seeds}
+        configs = [("FP", "fp", None, True, True)]
+        for b in args.bits:
+            configs.append((f"SLB W{b}", "slb", b, True, True))
+            if not args.no_ste:
+                configs.append((f"STE W{b}", "ste", b, True, True))
+        for b in args.ablation_bits:
+            configs += [(f"SLB W{b} no anneal", "slb", b, False, True), (f"SLB W{b} no SBN", "slb", b, True, False)]
+        qlayers = None
+        for name, method, bits, anneal, sbn in configs:
+            res = {s: ({"acc": fp[s]} if method == "fp" else run(model, method, bits, s, args, anneal, sbn))
+                   for s in args.seeds}
+            accs = [100 * res[s]["acc"] for s in args.seeds]
+            deltas = [100 * (res[s]["acc"] - fp[s]) for s in args.seeds]
+            row = [model, name, f"{statistics.mean(accs):.2f} ± {statistics.stdev(accs) if len(accs) > 1 else 0:.2f}",
+                   "" if method == "fp" else f"{statistics.mean(deltas):+.2f}",
+                   "" if method == "fp" else f"{min(deltas):+.2f}"]
+            if method == "slb":
+                r = [res[s] for s in args.seeds]
+                qlayers = r[0]["layers"]
+                row += [f"{max(abs(100 * (x['frozen'] - x['acc'])) for x in r):.2f}",
+                        f"{max(abs(100 * (x['torchao'] - x['frozen'])) for x in r):.2f}",
+                        f"{max(x['distinct'] for x in r)} / {2 ** bits}", f"{r[0]['bpw']:.2f}", f"{r[0]['ratio']:.3f}"]
+            else:
+                row += [""] * 5
+            rows.append(row)
+        print(f"{model}: quantised layers {qlayers}" + ("" if args.layers else " (first and last stay float)"),
+              flush=True)
+    print(tabulate(rows, headers=["model", "method", "test acc %", "Δ vs FP", "worst Δ", "|frozen-eval|",
+                                  "|torchao-frozen|", "distinct", "bits/w", "size vs fp32"], tablefmt="github"))
+    print(f"took {time.time() - t0:.0f} s; load average after {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,299 @@
+"""SLB on otofx: ``quantize`` (the rewrite), ``Schedule`` (temperature, hard phase, state BN), ``freeze``.
+
+``quantize(model, example_inputs, bits=b)`` captures the model with otofx's front-ends and runs
+:class:`otofx.passes.slb.SLBPass` on the graph: the result is a new trainable GraphModule whose
+selected Conv/Linear weights are SLB parametrisations (the user's model is not touched). Train it
+with any optimizer, stepping a :class:`Schedule` once per epoch; then :func:`freeze` gives a model
+with plain discrete weights, and :func:`otofx.slb.to_torchao` hands them to torchao.
+
+Internals:
+    * :func:`slb_layers` finds the parametrised weights by walking the modules (``parametrize``
+      keeps them under ``module.parametrizations.<attr>``); nothing else is recorded on the model.
+    * The temperature follows the reference's ``TemperatureScheduler``; epochs are counted from 0:
+      epoch ``e`` trains at ``T(e) = start_val * t_factor ** (min(e, e1) - e0)`` when ``e > e0`` and
+      ``start_val`` before, with ``e0 = floor(t_start * E)`` and ``e1 = floor(t_end * E)``; from
+      epoch ``e1`` on the training forward uses the hard (argmax) weights and the logits stop
+      training (``requires_grad_(False)``; optimizers skip parameters whose ``grad`` is None, so
+      call ``zero_grad(set_to_none=True)``, torch's default).
+    * State BN (the reference's ``BNCalibrationCallback``): after every epoch ``e >= e0``, BatchNorm
+      running statistics are re-estimated (cumulative average, ``momentum=None`` while it runs)
+      with the model in eval mode (argmax weights) and only the BatchNorm modules in training mode.
+    * ``# NB:`` a parametrised module cannot be pickled whole (``torch.save(q)``); save
+      ``q.state_dict()``, or the frozen model, which holds plain tensors.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterable
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from otofx.errors import InputError
+from otofx.slb.modules import SLBWeight
+
+log = logging.getLogger("otofx")
+
+
+@dataclass(frozen=True)
+class SLBLayer:
+    """One parametrised weight of a model returned by :func:`quantize`."""
+
+    name: str  # the weight's qualified name ("features.3.weight")
+    module: nn.Module  # the module holding it
+    attr: str  # "weight"
+    slb: SLBWeight  # the parametrisation (bits, grid, temperature, scale)
+
+    @property
+    def logits(self) -> nn.Parameter:
+        return self.module.parametrizations[self.attr].original
+
+
+def slb_layers(model: nn.Module) -> list[SLBLayer]:
+    """Every SLB-parametrised weight of ``model``."""
+    out = []
+    for mname, m in model.named_modules():
+        if not parametrize.is_parametrized(m):
+            continue
+        for attr, plist in m.parametrizations.items():
+            for p in plist:
+                if isinstance(p, SLBWeight):
+                    out.append(SLBLayer(f"{mname}.{attr}" if mname else attr, m, attr, p))
+    return out
+
+
+def _need_slb(model: nn.Module, what: str) -> list[SLBLayer]:
+    if not isinstance(model, nn.Module):
+        raise InputError(f"{what} takes the model returned by otofx.slb.quantize, got {type(model).__name__}")
+    layers = slb_layers(model)
+    if not layers:
+        raise InputError(f"{what}: {type(model).__name__} has no SLB weights; pass the model returned by "
+                         "otofx.slb.quantize(model, example_inputs, bits=...)")
+    return layers
+
+
+def quantize(model: nn.Module, example_inputs, bits: int = 1, layers=None, *, scale: bool | None = None,
+             warm_start: float | None = None, act_bits: int | None = None, act_quant: str = "minmax",
+             frontend: str = "auto") -> torch.fx.GraphModule:
+    """A new trainable GraphModule with SLB weights (``bits`` per weight) on the selected layers.
+
+    ``layers``: None (default) takes every Conv/Linear but the first and the last in graph order
+    (the input layer and the classifier stay float, as in SLB's reference runs); ``"all"``; or a
+    name, glob pattern, ``nn.Module`` type, callable ``(name, module) -> bool``, or a list of them.
+    ``scale``: None gives a learned per-output-channel scale to layers whose output feeds no
+    normalisation (our addition: SLB relies on the BatchNorm after each layer); True/False forces it.
+    ``warm_start``: tau0 > 0 initialises the logits from the float weights,
+    ``A_j = -(W/s - v_j)**2 / tau0`` (our addition; SLB starts from random logits, the default).
+    ``act_bits``: optional activation fake quantisation of each selected layer's input
+    (``act_quant``: "minmax" EMA or "pact"), off by default.
+
+    Works on any model otofx can capture, ``oto.compress()``'s GraphModule included. The result is
+    in the model's training mode; eval mode uses the argmax (discrete) weights.
+    """
+    from otofx import pipeline
+    from otofx.passes.slb import SLBPass
+
+    if not isinstance(model, nn.Module):
+        raise InputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    options = dict(scale=scale, warm_start=warm_start, act_bits=act_bits, act_quant=act_quant)
+    state = pipeline.Pipeline([pipeline.Capture(frontend), SLBPass(bits, layers, **options)]).run(model, example_inputs)
+    q = state.gm
+    for m in q.modules():  # NB: not q.train(): a torch.export GraphModule raises on train()/eval()
+        m.training = model.training
+    return q
+
+
+@contextmanager
+def weights(model: nn.Module, mode: str):
+    """Force every SLB weight of ``model`` to ``mode`` ("soft", "hard") whatever the module's mode.
+
+    ``with otofx.slb.weights(q, "soft"): evaluate(q, ...)`` measures the continuous state.
+    """
+    if mode not in ("soft", "hard"):
+        raise InputError(f"mode={mode!r}: choose 'soft' (softmax(A*T)@v) or 'hard' (v[argmax A])")
+    layers = _need_slb(model, "otofx.slb.weights")
+    saved = [(layer.slb, layer.slb.force) for layer in layers]
+    try:
+        for slb, _ in saved:
+            slb.force = mode
+        yield model
+    finally:
+        for slb, force in saved:
+            slb.force = force
+
+
+def _batches(loader, limit: int | None):
+    for i, batch in enumerate(loader):
+        if limit is not None and i >= limit:
+            return
+        yield batch
+
+
+def _inputs(batch):
+    """The model inputs of a loader batch: ``x`` or the first element of ``(x, y, ...)``."""
+    if isinstance(batch, torch.Tensor):
+        return (batch,)
+    if isinstance(batch, (tuple, list)) and batch:
+        return (batch[0],)
+    if isinstance(batch, dict):
+        return batch
+    raise InputError(f"calibration loader yielded {type(batch).__name__}: give a tensor, (inputs, targets) or a dict")
+
+
+@torch.no_grad()
+def calibrate_bn(model: nn.Module, loader: Iterable, batches: int | None = None) -> int:
+    """Re-estimate every BatchNorm's running statistics with the discrete (argmax) weights.
+
+    Runs ``model`` in eval mode (argmax SLB weights, no dropout) with only its BatchNorm modules in
+    training mode over ``loader`` (batches of ``x`` or ``(x, y)``; the first ``batches`` only, if
+    given); the statistics are a cumulative average over the batches. Modes and momenta are
+    restored. Returns the number of batches used. Works on any model (SLB weights or not).
+    """
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not bns:
+        log.info("otofx.slb.calibrate_bn: %s has no BatchNorm module with running stats", type(model).__name__)
+        return 0
+    flags = [(m, m.training) for m in model.modules()]
+    momenta = [(m, m.momentum) for m in bns]
+    n = 0
+    try:
+        for m, _ in flags:
+            m.training = False
+        for m in bns:
+            m.reset_running_stats()
+            m.momentum = None
+            m.training = True
+        for batch in _batches(loader, batches):
+            x = _inputs(batch)
+            model(**x) if isinstance(x, dict) else model(*x)
+            n += 1
+    finally:
+        for m, f in flags:
+            m.training = f
+        for m, mom in momenta:
+            m.momentum = mom
+    if n == 0:
+        raise InputError("calibrate_bn: the calibration loader yielded no batch")
+    return n
+
+
+class Schedule:
+    """SLB's per-epoch schedule for a model from :func:`quantize`; call ``step()`` after each epoch.
+
+    Temperature: epoch ``e`` (from 0) trains at ``start_val * t_factor ** (min(e, e1) - e0)`` for
+    ``e > e0`` (``start_val`` before), ``e0 = floor(t_start * epochs)``, ``e1 = floor(t_end *
+    epochs)``. From epoch ``e1`` the training forward uses the hard one-hot weights and the logits
+    are frozen (BatchNorm and other float parameters still train). State BN: with a
+    ``calibration_loader``, after every epoch ``e >= e0`` the BatchNorm statistics are re-estimated
+    with the argmax weights (:func:`calibrate_bn`, ``calibration_batches`` batches or all).
+    """
+
+    def __init__(self, q: nn.Module, epochs: int, calibration_loader: Iterable | None = None, *,
+                 t_start: float = 0.2, t_end: float = 0.6, t_factor: float = 1.2, start_val: float = 1.0,
+                 calibration_batches: int | None = None):
+        self.layers = _need_slb(q, "otofx.slb.Schedule")
+        if not isinstance(epochs, int) or epochs < 1:
+            raise InputError(f"epochs={epochs!r}: give the number of training epochs (a positive integer)")
+        if not 0.0 <= t_start <= t_end <= 1.0:
+            raise InputError(f"t_start={t_start}, t_end={t_end}: need 0 <= t_start <= t_end <= 1 (fractions of epochs)")
+        if not (t_factor > 0 and start_val > 0):
+            raise InputError(f"t_factor={t_factor}, start_val={start_val}: both must be positive")
+        self.q, self.epochs, self.loader = q, epochs, calibration_loader
+        self.t_start, self.t_end, self.t_factor, self.start_val = t_start, t_end, t_factor, start_val
+        self.calibration_batches = calibration_batches
+        self.e0, self.e1 = math.floor(t_start * epochs), math.floor(t_end * epochs)
+        self.epoch = 0
+        self._apply()
+
+    def temperature(self, epoch: int) -> float:
+        if epoch <= self.e0:
+            return self.start_val
+        return self.start_val * self.t_factor ** (min(epoch, self.e1) - self.e0)
+
+    def hard(self, epoch: int) -> bool:
+        return epoch >= self.e1
+
+    def _apply(self) -> None:
+        t, hard = self.temperature(self.epoch), self.hard(self.epoch)
+        for layer in self.layers:
+            layer.slb.temperature.fill_(t)
+            layer.slb.hard.fill_(hard)
+            if hard:
+                layer.logits.requires_grad_(False)
+                layer.logits.grad = None
+
+    def step(self) -> None:
+        """End of epoch ``self.epoch``: state BN calibration if due, then the next epoch's settings."""
+        if self.loader is not None and self.epoch >= self.e0:
+            calibrate_bn(self.q, self.loader, self.calibration_batches)
+        self.epoch += 1
+        self._apply()
+        log.debug("otofx.slb: epoch %d: temperature %.4g, hard %s", self.epoch, self.temperature(self.epoch),
+                  self.hard(self.epoch))
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch = int(state["epoch"])
+        self._apply()
+
+
+@dataclass(frozen=True)
+class FrozenLayer:
+    """What :func:`freeze` recorded about one discrete weight (read by ``to_torchao`` and ``size_report``)."""
+
+    name: str  # the weight's qualified name
+    bits: int
+    scale: torch.Tensor | None  # per-output-channel scale ([O]) or None (grid values as they are)
+
+
+@torch.no_grad()
+def freeze(q: nn.Module, loader: Iterable | None = None, batches: int | None = None) -> nn.Module:
+    """A copy of ``q`` whose SLB weights are plain discrete tensors (``q`` is not modified).
+
+    Every frozen weight holds at most ``2**bits`` distinct values per layer (per output channel
+    when the layer has a scale): ``v[argmax A]`` (times the scale). With ``loader`` the copy's
+    BatchNorm statistics are first re-estimated with these weights (:func:`calibrate_bn`). The
+    result computes exactly what ``q`` computes in eval mode (after the same calibration). Its
+    ``otofx_slb`` attribute lists the frozen layers (:class:`FrozenLayer`).
+    """
+    layers = _need_slb(q, "otofx.slb.freeze")
+    f = copy.deepcopy(q)
+    if loader is not None:
+        calibrate_bn(f, loader, batches)
+    frozen = {}
+    for layer in slb_layers(f):
+        slb = layer.slb
+        logits = layer.logits
+        w = slb.discrete(logits).detach()
+        scale = None if slb.scale is None else slb.scale.detach().clone()
+        _strip(layer.module, layer.attr)
+        setattr(layer.module, layer.attr, nn.Parameter(w, requires_grad=False))
+        frozen[layer.name] = FrozenLayer(layer.name, slb.bits, scale)
+    f.otofx_slb = frozen
+    log.info("otofx.slb: froze %d layers", len(layers))
+    return f
+
+
+def _strip(module: nn.Module, attr: str) -> None:
+    """Drop ``module``'s parametrisation of ``attr`` (the module must have no other one).
+
+    # NB: not ``parametrize.remove_parametrizations``: a deep copy of a parametrised module shares
+    # its generated class with the original, and removal deletes the property from that class,
+    # which would break the original model (``q``) too. Restoring the base class touches neither.
+    """
+    others = [k for k in module.parametrizations if k != attr]
+    if others:
+        raise InputError(f"{type(module).__name__} has parametrisations of {others} besides SLB's on '{attr}': "
+                         "remove them (torch.nn.utils.parametrize.remove_parametrizations) before freeze")
+    del module._modules["parametrizations"]
+    module.__class__ = type(module).__bases__[0]
+
+
+__all__ = ["quantize", "Schedule", "calibrate_bn", "freeze", "slb_layers", "SLBLayer", "FrozenLayer", "weights"]

@@ -1,0 +1,185 @@
+"""SLB's building blocks: the weight parametrisation, the value grid, activation fake quantisers.
+
+:class:`SLBWeight` is a ``torch.nn.utils.parametrize`` parametrisation: registered on a Conv or
+Linear weight (``unsafe=True``, since it changes the stored tensor's shape), its ``original`` is the
+tensor of logits ``A`` of shape ``[*weight.shape, 2**bits]`` and reading ``module.weight`` gives
+
+* in training mode: the soft weights ``softmax(A * T, -1) @ v`` (convex combinations of the grid
+  values ``v``; ``T`` is SLB's inverse temperature), whose gradient reaches ``A`` exactly (no
+  straight-through estimator);
+* in eval mode, or in training once :attr:`SLBWeight.hard` is set (SLB's last phase): the grid value
+  of each weight's largest logit, ``v[argmax A]``.
+
+The grid is SLB's (Yang et al., NeurIPS 2020): ``{-1, +1}`` for one bit, ``linspace(-1, 1, 2**b)``
+for ``b >= 2``. SLB itself has no scale (the BatchNorm after each layer absorbs it).
+
+Our additions, not in the paper:
+
+* ``scale=True``: a learned per-output-channel scale ``s`` (a parameter of the parametrisation),
+  ``weight = s[o] * v[...]``; ``otofx.slb.quantize`` switches it on for layers whose output feeds no
+  normalisation layer, where no BatchNorm would absorb the grid's fixed range.
+* ``warm_start=tau0``: logits initialised from the float weight ``W`` as
+  ``A_j = -(W / s - v_j)**2 / tau0`` with ``s`` the per-output-channel max ``|W|`` (so the first
+  argmax is the nearest grid value); the default is SLB's random start (He-normal, fan_out).
+
+:class:`ActFakeQuant` is an optional activation quantiser (PACT's learned clip, or min/max EMA),
+8 bits by default, with straight-through rounding, as in the reference runs.
+
+Internals:
+    * ``right_inverse`` maps a float weight to logits; parametrize calls it on registration and on
+      ``module.weight = tensor``. It also sets ``scale`` from the weight (when warm starting).
+    * ``temperature`` and ``hard`` are buffers, so ``state_dict`` carries the schedule's state.
+    * ``# NB:`` the argmax of equal logits picks the lowest grid index (torch's ``argmax``), in
+      training-hard and eval mode alike, so :func:`otofx.slb.freeze` reproduces eval mode exactly.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from otofx.errors import InputError
+
+MAX_BITS = 8
+
+
+def grid(bits: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """SLB's value set: ``[-1, 1]`` for one bit, ``linspace(-1, 1, 2**bits)`` above."""
+    if not isinstance(bits, int) or isinstance(bits, bool) or not 1 <= bits <= MAX_BITS:
+        raise InputError(f"bits={bits!r}: SLB takes an integer number of weight bits from 1 to {MAX_BITS}")
+    return torch.linspace(-1.0, 1.0, 2 ** bits, dtype=dtype)
+
+
+def _channel_view(t: torch.Tensor, ndim: int) -> torch.Tensor:
+    """``t`` ([O]) shaped to broadcast along dim 0 of an ``ndim``-d weight."""
+    return t.reshape(-1, *([1] * (ndim - 1)))
+
+
+class SLBWeight(nn.Module):
+    """Parametrisation of one weight by logits over SLB's grid (see the module docstring)."""
+
+    def __init__(self, shape, bits: int, *, scale: bool = False, warm_start: float | None = None):
+        super().__init__()
+        self.bits = bits
+        self.shape = tuple(shape)
+        self.register_buffer("values", grid(bits))
+        self.register_buffer("temperature", torch.tensor(1.0))
+        self.register_buffer("hard", torch.tensor(False))
+        if warm_start is not None and not warm_start > 0:
+            raise InputError(f"warm_start={warm_start!r}: give a positive tau0 (e.g. 0.1) or None for SLB's random start")
+        self.warm_start = warm_start
+        self.scale = nn.Parameter(torch.ones(self.shape[0])) if scale else None
+        self.force: str | None = None  # "soft" / "hard" overrides the mode (otofx.slb.weights)
+
+    @property
+    def levels(self) -> int:
+        return self.values.numel()
+
+    def forward(self, logits: torch.Tensor) -> torch.Tensor:
+        soft = self.force == "soft" if self.force is not None else self.training and not bool(self.hard)
+        if soft:
+            w = torch.softmax(logits * self.temperature, dim=-1) @ self.values
+        else:
+            w = self.values[logits.argmax(dim=-1)]
+        if self.scale is not None:
+            w = w * _channel_view(self.scale, w.dim())
+        return w
+
+    def discrete(self, logits: torch.Tensor) -> torch.Tensor:
+        """The eval-mode weight ``v[argmax A]`` (times the scale), whatever the mode."""
+        w = self.values[logits.argmax(dim=-1)]
+        return w * _channel_view(self.scale, w.dim()) if self.scale is not None else w
+
+    def indices(self, logits: torch.Tensor) -> torch.Tensor:
+        """The grid index of every weight in eval mode (``argmax`` over the last dim)."""
+        return logits.argmax(dim=-1)
+
+    @torch.no_grad()
+    def right_inverse(self, weight: torch.Tensor) -> torch.Tensor:
+        """Logits for ``weight``: SLB's random start, or the warm start from ``weight``'s values."""
+        if tuple(weight.shape) != self.shape:
+            raise InputError(f"SLB weight of shape {tuple(weight.shape)} assigned where {self.shape} was registered")
+        v = self.values.to(weight.dtype)
+        if self.warm_start is None:
+            fan_out = self.shape[0] * math.prod(self.shape[2:])
+            return torch.randn(*self.shape, v.numel(), dtype=weight.dtype, device=weight.device) * math.sqrt(2.0 / fan_out)
+        dims = tuple(range(1, weight.dim()))
+        s = weight.abs().amax(dim=dims).clamp_min(torch.finfo(weight.dtype).tiny) if dims else weight.abs().clamp_min(1e-12)
+        if self.scale is not None:
+            self.scale.copy_(s)
+        return -((weight / _channel_view(s, weight.dim())).unsqueeze(-1) - v) ** 2 / self.warm_start
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, levels={self.levels}, scale={self.scale is not None}"
+
+
+class _RoundSTE(torch.autograd.Function):
+    """round() forward, identity backward (the straight-through estimator)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return torch.round(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    return _RoundSTE.apply(x)
+
+
+class ActFakeQuant(nn.Module):
+    """Uniform fake quantisation of an activation to ``bits`` (optional; off by default).
+
+    ``mode="minmax"``: asymmetric, range from an exponential moving average of the batch min/max
+    (updated in training mode only). ``mode="pact"``: PACT, ``clamp(x, 0, alpha)`` with a learned
+    clip ``alpha`` (for inputs after a ReLU). Rounding is straight-through in both.
+    """
+
+    def __init__(self, bits: int = 8, mode: str = "minmax", momentum: float = 0.1, alpha: float = 6.0):
+        super().__init__()
+        if mode not in ("minmax", "pact"):
+            raise InputError(f"act_quant={mode!r}: choose 'minmax' or 'pact'")
+        if not isinstance(bits, int) or not 2 <= bits <= 16:
+            raise InputError(f"act_bits={bits!r}: give an integer from 2 to 16")
+        self.bits, self.mode, self.momentum = bits, mode, momentum
+        if mode == "pact":
+            self.alpha = nn.Parameter(torch.tensor(float(alpha)))
+        else:
+            self.register_buffer("lo", torch.tensor(0.0))
+            self.register_buffer("hi", torch.tensor(0.0))
+            self.register_buffer("seen", torch.tensor(False))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n = 2 ** self.bits - 1
+        if self.mode == "pact":
+            # PACT: y = clamp(x, 0, alpha) as 0.5 * (|x| - |x - alpha| + alpha); d/dalpha flows
+            y = 0.5 * (x.abs() - (x - self.alpha).abs() + self.alpha)
+            step = self.alpha / n
+            return round_ste(y / step) * step
+        lo, hi = self.lo, self.hi
+        if self.training or not bool(self.seen):
+            with torch.no_grad():
+                lo, hi = x.min().clamp_max(0), x.max().clamp_min(0)
+                if self.training:
+                    if bool(self.seen):
+                        self.lo.lerp_(lo, self.momentum)
+                        self.hi.lerp_(hi, self.momentum)
+                    else:
+                        self.lo.copy_(lo)
+                        self.hi.copy_(hi)
+                        self.seen.fill_(True)
+                    lo, hi = self.lo, self.hi
+                # NB: in eval mode before any training batch, the batch's own range (nothing stored)
+        step = ((hi - lo) / n).clamp_min(1e-8)
+        zero = torch.round(-lo / step)
+        q = torch.clamp(round_ste(x / step) + zero, 0, n)
+        return (q - zero) * step
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, mode={self.mode}"
+
+
+__all__ = ["SLBWeight", "ActFakeQuant", "grid", "round_ste", "MAX_BITS"]

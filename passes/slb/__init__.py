@@ -1,0 +1,242 @@
+"""SLB's rewrite pass (installed as ``otofx.passes.slb``): Conv/Linear weights -> SLB parametrisations.
+
+``slb_parametrize(gm, bits, layers=...)`` finds every Conv1d/2d/3d and Linear weight of a captured
+graph, in either of otofx's graph forms (a ``call_module`` of an ``nn.Conv2d``/``nn.Linear`` after
+``symbolic_trace``; a ``conv2d``/``linear``/``convolution`` call reading a ``get_attr`` weight after
+``torch.export``), selects some of them, and returns a *new* GraphModule (deep copy) in which each
+selected weight is an :class:`otofx.slb.SLBWeight` parametrisation (``torch.nn.utils.parametrize``):
+logits over the grid instead of a float tensor. The graph code is unchanged except for optional
+activation quantisers inserted before the selected layers' inputs. :class:`SLBPass` is the same as a
+pipeline pass ``State -> State``.
+
+The graph is what decides two things:
+
+* the default selection (``layers=None``): every Conv/Linear weight except the first and the last
+  ones in graph order (the binary-network convention SLB's reference runs follow: the input layer
+  and the classifier stay float). ``layers="all"`` takes every one;
+* which layers get a per-output-channel scale (``scale=None``): those whose output feeds nothing
+  but a normalisation op (BatchNorm, LayerNorm, GroupNorm, InstanceNorm) need none, since the
+  normalisation absorbs the grid's fixed range; every other selected layer gets one (our addition).
+
+Internals:
+    * :func:`find_layers` walks the graph once; a weight read by several ops (or a module called
+      twice) is one layer, placed at its first use, "normalised" only if every use is.
+    * ``parametrize_layers`` is shared with the straight-through baseline (``otofx.slb.ste``): it
+      deep-copies the GraphModule, then registers a parametrisation per selected weight.
+    * ``# NB:`` the pass changes what the graph computes, so a pipeline that verifies (``verify=True``
+      or a later ``Verify``) would reject it: run it with ``verify=False``.
+"""
+from __future__ import annotations
+
+import copy
+import fnmatch
+import logging
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils import parametrize
+
+from otofx.errors import InputError
+
+log = logging.getLogger("otofx")
+
+_CONV_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+_FUNCTIONS = {F.conv1d: nn.Conv1d, F.conv2d: nn.Conv2d, F.conv3d: nn.Conv3d, F.linear: nn.Linear,
+              torch.conv1d: nn.Conv1d, torch.conv2d: nn.Conv2d, torch.conv3d: nn.Conv3d}
+_ATEN = {"conv1d": nn.Conv1d, "conv2d": nn.Conv2d, "conv3d": nn.Conv3d, "linear": nn.Linear, "convolution": None}
+_NORM_MODULES = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
+_NORM_NAMES = ("batch_norm", "layer_norm", "group_norm", "instance_norm")
+_CONV_BY_NDIM = {3: nn.Conv1d, 4: nn.Conv2d, 5: nn.Conv3d}
+
+
+@dataclass(frozen=True)
+class Layer:
+    """One Conv/Linear weight of a graph."""
+
+    name: str  # the weight's qualified name, e.g. "features.0.weight"
+    owner: str  # qualified name of the module holding it ("" for the root)
+    attr: str  # its attribute on that module ("weight")
+    kind: type  # nn.Conv1d / nn.Conv2d / nn.Conv3d / nn.Linear
+    nodes: tuple  # the graph nodes that read it (call_module or call_function)
+    normalised: bool  # every use feeds a normalisation op only
+
+    @property
+    def layer(self) -> str:
+        """The layer's name (the weight's name without ``.weight``)."""
+        return self.owner
+
+
+def _op_kind(node: fx.Node):
+    """(kind, weight node) when ``node`` is a functional conv/linear reading a ``get_attr`` weight."""
+    if node.op != "call_function":
+        return None
+    kind = _FUNCTIONS.get(node.target)
+    if kind is None:
+        packet = getattr(node.target, "_overloadpacket", None)
+        name = getattr(packet, "__name__", None)
+        if name not in _ATEN:
+            return None
+        kind = _ATEN[name]
+        if name == "convolution" and (len(node.args) > 6 and node.args[6]):
+            return None  # transposed: output channels are dim 1
+    w = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
+    if not isinstance(w, fx.Node) or w.op != "get_attr":
+        return None
+    if kind is None:
+        val = w.meta.get("val")
+        ndim = val.dim() if isinstance(val, torch.Tensor) else None
+        kind = _CONV_BY_NDIM.get(ndim, nn.Conv2d)
+    return kind, w
+
+
+def _is_norm(user: fx.Node, src: fx.Node, gm: fx.GraphModule) -> bool:
+    if not user.args or user.args[0] is not src:
+        return False
+    if user.op == "call_module":
+        return isinstance(gm.get_submodule(user.target), _NORM_MODULES)
+    if user.op in ("call_function", "call_method"):
+        name = getattr(user.target, "__name__", None) or str(user.target)
+        return any(k in name for k in _NORM_NAMES)
+    return False
+
+
+def find_layers(gm: fx.GraphModule) -> list[Layer]:
+    """Every Conv1d/2d/3d and Linear weight of ``gm``, in graph order of first use."""
+    found: dict[str, dict] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            mod = gm.get_submodule(node.target)
+            if type(mod) not in _CONV_MODULES or not isinstance(mod.weight, torch.Tensor):
+                continue
+            owner, attr, kind = node.target, "weight", type(mod)
+        else:
+            hit = _op_kind(node)
+            if hit is None:
+                continue
+            kind, w = hit
+            owner, _, attr = w.target.rpartition(".")
+        name = f"{owner}.{attr}" if owner else attr
+        entry = found.setdefault(name, {"owner": owner, "attr": attr, "kind": kind, "nodes": [], "norm": True})
+        entry["nodes"].append(node)
+        entry["norm"] &= bool(node.users) and all(_is_norm(u, node, gm) for u in node.users)
+    return [Layer(n, e["owner"], e["attr"], e["kind"], tuple(e["nodes"]), e["norm"]) for n, e in found.items()]
+
+
+def _matches(spec, layer: Layer, gm: fx.GraphModule) -> bool:
+    if isinstance(spec, str):
+        return spec in (layer.name, layer.owner) or fnmatch.fnmatchcase(layer.owner, spec) \
+            or fnmatch.fnmatchcase(layer.name, spec)
+    if isinstance(spec, type):
+        return issubclass(layer.kind, spec)
+    if callable(spec):
+        return bool(spec(layer.owner, gm.get_submodule(layer.owner)))
+    raise InputError(f"layers entry {spec!r}: give a layer name or glob pattern, an nn.Module type "
+                     "(nn.Conv2d, nn.Linear), or a callable (name, module) -> bool")
+
+
+def select_layers(gm: fx.GraphModule, layers=None) -> list[Layer]:
+    """The layers ``layers`` picks (see the module docstring for ``None`` and ``"all"``)."""
+    cands = find_layers(gm)
+    if not cands:
+        raise InputError(f"{type(gm).__name__} has no Conv1d/2d/3d or Linear weight to quantise")
+    if layers is None:
+        if len(cands) < 3:
+            raise InputError(f"layers=None quantises every Conv/Linear but the first and the last, and this model has "
+                             f"only {len(cands)} ({', '.join(c.layer for c in cands)}): pass layers='all' or names")
+        return cands[1:-1]
+    if isinstance(layers, str) and layers == "all":
+        return cands
+    specs = [layers] if isinstance(layers, (str, type)) or callable(layers) else list(layers)
+    chosen = [c for c in cands if any(_matches(s, c, gm) for s in specs)]
+    for s in specs:
+        if isinstance(s, str) and not any(_matches(s, c, gm) for c in cands):
+            raise InputError(f"layers: no Conv/Linear layer is named or matches {s!r}; the model's are "
+                             f"{', '.join(c.layer for c in cands)}")
+    if not chosen:
+        raise InputError(f"layers={layers!r} selects no Conv/Linear layer; the model's are "
+                         f"{', '.join(c.layer for c in cands)}")
+    return chosen
+
+
+def parametrize_layers(gm: fx.GraphModule, layers, make: Callable[[Layer, torch.Tensor], nn.Module],
+                       act: Callable[[], nn.Module] | None = None) -> tuple[fx.GraphModule, list[Layer]]:
+    """A deep copy of ``gm`` with ``make(layer, weight)`` registered on every selected weight.
+
+    ``act``: a factory of activation quantisers, inserted before each selected layer's input.
+    """
+    chosen = {c.name for c in select_layers(gm, layers)}
+    new = copy.deepcopy(gm)
+    picked = [c for c in find_layers(new) if c.name in chosen]
+    for layer in picked:
+        owner = new.get_submodule(layer.owner)
+        weight = getattr(owner, layer.attr)
+        if not weight.is_floating_point():
+            raise InputError(f"weight '{layer.name}' has dtype {weight.dtype}; SLB needs a floating-point weight")
+        parametrize.register_parametrization(owner, layer.attr, make(layer, weight.detach()), unsafe=True)
+    if act is not None:
+        for layer in picked:
+            name = "slb_act_" + layer.owner.replace(".", "_")
+            new.add_submodule(name, act())
+            for node in layer.nodes:
+                with new.graph.inserting_before(node):
+                    q = new.graph.call_module(name, (node.args[0],))
+                node.update_arg(0, q)
+        new.graph.lint()
+        new.recompile()
+    return new, picked
+
+
+def slb_parametrize(gm: fx.GraphModule, bits: int, layers=None, *, scale: bool | None = None,
+                    warm_start: float | None = None, act_bits: int | None = None,
+                    act_quant: str = "minmax") -> fx.GraphModule:
+    """A new GraphModule whose selected Conv/Linear weights are SLB parametrisations (``gm`` untouched).
+
+    ``scale``: None gives a per-output-channel scale to the layers with no normalisation after them,
+    True/False to all/none. ``warm_start``: tau0 of the warm start from the float weights (None: SLB's
+    random start). ``act_bits``: fake-quantise each selected layer's input (``act_quant`` "minmax"
+    or "pact"); off by default.
+    """
+    from otofx.slb.modules import ActFakeQuant, SLBWeight, grid
+
+    grid(bits)  # validates bits
+    if not isinstance(gm, fx.GraphModule):
+        raise InputError(f"slb_parametrize takes a torch.fx.GraphModule, got {type(gm).__name__}: "
+                         "use otofx.slb.quantize(model, example_inputs) for a model")
+
+    def make(layer: Layer, w: torch.Tensor) -> nn.Module:
+        s = (not layer.normalised) if scale is None else bool(scale)
+        return SLBWeight(w.shape, bits, scale=s, warm_start=warm_start).to(w.device)
+
+    act = None
+    if act_bits is not None:
+        ActFakeQuant(act_bits, act_quant)  # validates before copying
+
+        def act():
+            return ActFakeQuant(act_bits, act_quant)
+
+    new, picked = parametrize_layers(gm, layers, make, act)
+    log.info("otofx.slb: %d-bit SLB weights on %d layers (%s)", bits, len(picked), ", ".join(p.layer for p in picked))
+    return new
+
+
+class SLBPass:
+    """``slb_parametrize`` as a pipeline pass ``State -> State`` (run the pipeline with ``verify=False``)."""
+
+    name = "slb_parametrize"
+
+    def __init__(self, bits: int, layers=None, **options):
+        self.bits, self.layers, self.options = bits, layers, options
+
+    def __call__(self, state):
+        if state.gm is None:
+            from otofx.pipeline import PipelineError
+
+            raise PipelineError("pass 'slb_parametrize' needs state.gm: run 'capture' before it")
+        return state.replace(gm=slb_parametrize(state.gm, self.bits, self.layers, **self.options))
+
+
+__all__ = ["Layer", "find_layers", "select_layers", "parametrize_layers", "slb_parametrize", "SLBPass"]

@@ -1,0 +1,300 @@
+"""SLB (otofx.slb, otofx.passes.slb): soft/argmax weights, exact gradients, schedule, freeze, torchao."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import eval_flags, randomize, snapshot, zero_random_rows
+from torch import nn
+
+import otofx
+import otofx.slb as slb
+from otofx import pipeline as P
+from otofx.errors import InputError
+from otofx.passes.slb import SLBPass
+from otofx.slb.ste import STEWeight, ste_quantize
+
+
+class Net(nn.Module):
+    """conv-bn-relu, conv-bn-relu, conv-relu (no norm after: gets a scale), pool, linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.b1 = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.c2, self.b2 = nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+        self.c3 = nn.Conv2d(8, 6, 3, padding=1)
+        self.c4, self.b4 = nn.Conv2d(6, 8, 1), nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        x = F.relu(self.b1(self.c1(x)))
+        x = F.relu(self.b2(self.c2(x)))
+        x = F.relu(self.c3(x))
+        x = F.relu(self.b4(self.c4(x)))
+        return self.fc(x.mean((2, 3)))
+
+
+def _net(seed=0):
+    torch.manual_seed(seed)
+    return randomize(Net(), seed)
+
+
+X = torch.randn(4, 3, 6, 6, generator=torch.Generator().manual_seed(0))
+LOADER = [(torch.randn(8, 3, 6, 6, generator=torch.Generator().manual_seed(i)), None) for i in range(3)]
+
+
+def _scaled(layer):
+    return layer.slb.scale is not None
+
+
+def test_default_layers_scale_and_user_model_untouched():
+    m = _net()
+    before = snapshot(m)
+    ids = {n: id(p) for n, p in m.named_parameters()}
+    q = slb.quantize(m, X, bits=2)
+    assert snapshot(m) == before and {n: id(p) for n, p in m.named_parameters()} == ids
+    assert not any(torch.nn.utils.parametrize.is_parametrized(mod) for mod in m.modules())
+    layers = {layer.name: layer for layer in slb.slb_layers(q)}
+    assert sorted(layers) == ["c2.weight", "c3.weight", "c4.weight"]  # first (c1) and last (fc) stay float
+    assert [n for n, l in layers.items() if _scaled(l)] == ["c3.weight"]  # the only one with no norm after
+    assert layers["c2.weight"].logits.shape == (8, 8, 3, 3, 4)
+    torch.testing.assert_close(layers["c2.weight"].slb.values, torch.tensor([-1.0, -1 / 3, 1 / 3, 1.0]))
+    assert set(dict(q.named_parameters())) >= {"c1.weight", "fc.weight", "b2.weight"}
+    q.train()
+    q(X).sum().backward()  # the model is trainable; the user's weights get no gradient
+    assert all(p.grad is None for p in m.parameters())
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4])
+def test_soft_weights_are_convex_combinations_and_gradients_are_exact(bits):
+    q = slb.quantize(_net(), X, bits=bits, layers="all")
+    q.train()
+    g = torch.Generator().manual_seed(1)
+    for layer in slb.slb_layers(q):
+        layer.slb.temperature.fill_(1.7)
+        with torch.no_grad():
+            layer.logits.normal_(generator=g)
+        w = getattr(layer.module, layer.attr)
+        a = layer.logits.detach().clone().requires_grad_(True)
+        p = torch.softmax(a * 1.7, -1)
+        assert torch.all(p >= 0) and torch.allclose(p.sum(-1), torch.ones(()))
+        ref = p @ layer.slb.values
+        s = layer.slb.scale
+        if s is not None:
+            ref = ref * s.detach().reshape(-1, *[1] * (ref.dim() - 1))
+        torch.testing.assert_close(w, ref)
+        lo, hi = layer.slb.values.min(), layer.slb.values.max()
+        unscaled = w / s.reshape(-1, *[1] * (w.dim() - 1)) if s is not None else w
+        assert torch.all(unscaled >= lo - 1e-6) and torch.all(unscaled <= hi + 1e-6)
+        assert torch.unique(w).numel() > 2 ** bits  # soft: not on the grid
+        # the gradient reaching the logits is the exact one of softmax(A*T) @ v (no straight-through)
+        up = torch.randn(w.shape, generator=g)
+        (w * up).sum().backward()
+        (ref * up).sum().backward()
+        assert layer.logits.grad is not None and layer.logits.grad.abs().sum() > 0
+        torch.testing.assert_close(layer.logits.grad, a.grad)
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4])
+def test_argmax_on_grid_freeze_equals_eval_and_distinct_values(bits):
+    q = slb.quantize(_net(), X, bits=bits, layers="all")
+    with torch.no_grad():
+        for layer in slb.slb_layers(q):
+            layer.logits.normal_()
+            if layer.slb.scale is not None:
+                layer.slb.scale.uniform_(0.5, 2.0)
+    for m in q.modules():
+        m.training = False
+    for layer in slb.slb_layers(q):
+        w = getattr(layer.module, layer.attr)
+        vals = layer.slb.values
+        if layer.slb.scale is not None:
+            w = w / layer.slb.scale.reshape(-1, *[1] * (w.dim() - 1))
+        assert torch.isin(w, vals).all() if layer.slb.scale is None else \
+            torch.allclose(w, vals[(w.unsqueeze(-1) - vals).abs().argmin(-1)])
+        assert torch.equal(layer.slb.indices(layer.logits), layer.logits.argmax(-1))
+    assert slb.calibrate_bn(q, LOADER) == 3
+    frozen = slb.freeze(q)
+    assert not slb.slb_layers(frozen) and slb.slb_layers(q)  # q keeps its parametrisations
+    with torch.no_grad():
+        assert torch.equal(frozen(X), q(X))
+    for name, info in frozen.otofx_slb.items():
+        w = frozen.get_parameter(name)
+        rows = w.reshape(w.shape[0], -1)
+        if info.scale is None:
+            assert torch.unique(w).numel() <= 2 ** bits
+        else:
+            assert max(torch.unique(r).numel() for r in rows) <= 2 ** bits
+    rep = slb.size_report(frozen)
+    assert all(ls.distinct <= 2 ** bits for ls in rep.layers)
+    assert rep.quantised_weights == sum(p.numel() for n, p in frozen.named_parameters() if n in frozen.otofx_slb)
+    assert rep.packed_bytes < rep.float32_bytes
+
+
+def test_freeze_with_loader_calibrates_a_copy():
+    q = slb.quantize(_net(), X, bits=2)
+    q.train()
+    for _ in range(2):
+        q(X)  # training-state BN statistics (soft weights)
+    ref = copy.deepcopy(q)
+    frozen = slb.freeze(q, LOADER)
+    stats = [b.running_mean.clone() for b in (q.b1, q.b2, q.b4)]
+    assert all(torch.equal(a, b) for a, b in zip(stats, (ref.b1.running_mean, ref.b2.running_mean, ref.b4.running_mean)))
+    slb.calibrate_bn(ref, LOADER)
+    with torch.no_grad(), eval_flags(ref), eval_flags(frozen):
+        assert torch.equal(frozen(X), ref(X))
+        assert not torch.equal(frozen.b2.running_mean, q.b2.running_mean)
+
+
+def test_calibrate_bn_uses_argmax_weights():
+    q = slb.quantize(_net(), X, bits=1)
+    slb.calibrate_bn(q, LOADER)
+    # the BN after c2 saw c2's argmax output: its running mean is the batch mean of that output
+    means = []
+    with torch.no_grad(), eval_flags(q):
+        for x, _ in LOADER:  # during calibration b1 normalised with each batch's statistics
+            h = F.relu(F.batch_norm(q.c1(x), None, None, q.b1.weight, q.b1.bias, training=True, eps=q.b1.eps))
+            means.append(q.c2(h).mean((0, 2, 3)))
+    expect = torch.stack(means).mean(0)
+    torch.testing.assert_close(q.b2.running_mean, expect, rtol=1e-4, atol=1e-5)
+    assert q.training  # modes restored
+
+
+def test_schedule_temperature_hard_phase_and_state_bn():
+    q = slb.quantize(_net(), X, bits=2)
+    calls = []
+
+    class Loader:
+        def __iter__(self):
+            calls.append(sched.epoch)
+            return iter(LOADER)
+
+    sched = slb.Schedule(q, epochs=10, calibration_loader=Loader())  # e0 = 2, e1 = 6
+    temps, hard = [], []
+    for e in range(10):
+        layer = slb.slb_layers(q)[0]
+        temps.append(float(layer.slb.temperature))
+        hard.append(bool(layer.slb.hard))
+        assert layer.logits.requires_grad == (e < 6)
+        sched.step()
+    assert temps == pytest.approx([1, 1, 1, 1.2, 1.2 ** 2, 1.2 ** 3, 1.2 ** 4, 1.2 ** 4, 1.2 ** 4, 1.2 ** 4])
+    assert hard == [False] * 6 + [True] * 4
+    assert calls == list(range(2, 10))  # state BN after every epoch from e0 on
+    # hard phase: the training forward uses the argmax weights, float parameters still train
+    q.train()
+    layer = slb.slb_layers(q)[0]
+    w_train = getattr(layer.module, layer.attr)
+    with eval_flags(q):
+        assert torch.equal(w_train, getattr(layer.module, layer.attr))
+    q(X).sum().backward()
+    assert layer.logits.grad is None and q.b2.weight.grad is not None
+    with slb.weights(q, "soft"):
+        assert not torch.equal(getattr(layer.module, layer.attr), w_train)
+    with pytest.raises(InputError, match="epochs"):
+        slb.Schedule(q, epochs=0)
+
+
+def test_layer_selection_and_bad_input():
+    m = _net()
+    assert [l.name for l in slb.slb_layers(slb.quantize(m, X, 1, layers=nn.Linear))] == ["fc.weight"]
+    assert [l.name for l in slb.slb_layers(slb.quantize(m, X, 1, layers=["c1", "c4"]))] == ["c1.weight", "c4.weight"]
+    picked = slb.quantize(m, X, 1, layers=lambda name, mod: name.startswith("c") and mod.out_channels == 8)
+    assert [l.name for l in slb.slb_layers(picked)] == ["c1.weight", "c2.weight", "c4.weight"]
+    with pytest.raises(InputError, match="nope"):
+        slb.quantize(m, X, 1, layers=["nope"])
+    with pytest.raises(InputError, match="bits"):
+        slb.quantize(m, X, bits=0)
+    with pytest.raises(InputError, match="layers='all'"):
+        slb.quantize(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2)), torch.randn(2, 4), 1)
+    with pytest.raises(InputError, match="freeze"):
+        slb.to_torchao(m)
+    with pytest.raises(InputError, match="quantize"):
+        slb.freeze(m)
+
+
+def test_export_form_and_pipeline_pass():
+    m = _net().eval()  # NB: torch.export bakes BatchNorm's mode into the graph
+    q = slb.quantize(m, X, bits=2, frontend="export")
+    names = {l.name: _scaled(l) for l in slb.slb_layers(q)}
+    assert names == {"c2.weight": False, "c3.weight": True, "c4.weight": False}
+    q2 = P.Pipeline([P.Capture("symbolic_trace"), SLBPass(2, scale=False)]).run(m, X).gm
+    assert [l.name for l in slb.slb_layers(q2)] == ["c2.weight", "c3.weight", "c4.weight"]
+    assert not any(_scaled(l) for l in slb.slb_layers(q2))
+    # both forms compute the same discrete model from the same logits
+    for a, b in zip(slb.slb_layers(q), slb.slb_layers(q2)):
+        a.logits.data.copy_(b.logits.data)
+        if a.slb.scale is not None:
+            a.slb.scale.data.fill_(1.0)
+    with torch.no_grad(), eval_flags(q), eval_flags(q2):
+        torch.testing.assert_close(q(X), q2(X))
+
+
+def test_quantize_a_compressed_model():
+    torch.manual_seed(0)
+    m = randomize(Net())
+    oto = otofx.OTO(m, X)
+    zero_random_rows(m, oto, seed=0)
+    small = oto.compress()
+    q = slb.quantize(small, X, bits=1)
+    layers = slb.slb_layers(q)
+    assert [l.name for l in layers] == ["c2.weight", "c3.weight", "c4.weight"]
+    assert layers[0].logits.shape[:-1] == small.get_parameter("c2.weight").shape != m.c2.weight.shape
+    frozen = slb.freeze(q)
+    with torch.no_grad(), eval_flags(q), eval_flags(frozen):
+        assert torch.equal(frozen(X), q(X))
+    # the same pass inside compress's pipeline (SLB changes outputs: no verification)
+    q2 = oto.compress(verify=False, passes=[SLBPass(1)])
+    assert [l.logits.shape for l in slb.slb_layers(q2)] == [l.logits.shape for l in layers]
+
+
+def test_to_torchao_matches_frozen():
+    pytest.importorskip("torchao")
+    q = slb.quantize(_net(), X, bits=2, layers="all")
+    with torch.no_grad():
+        for layer in slb.slb_layers(q):
+            layer.logits.normal_()
+    for b in (1, 2, 4):
+        qb = slb.quantize(_net(), X, bits=b, layers="all")
+        frozen = slb.freeze(qb, LOADER)
+        ao = slb.to_torchao(frozen)
+        w = ao.get_parameter("c2.weight")
+        assert type(w).__name__ == "IntxUnpackedToInt8Tensor" and w.qdata.dtype == torch.int8
+        with torch.no_grad(), eval_flags(ao), eval_flags(frozen):
+            ref, got = frozen(X), ao(X)
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5 * max(1.0, ref.abs().max().item()))
+        assert slb.size_report(ao).layers == slb.size_report(frozen).layers
+    assert type(frozen.get_parameter("c2.weight")) is nn.Parameter  # the frozen model is not changed
+
+
+def test_activation_quant_and_warm_start():
+    m = _net()
+    q = slb.quantize(m, X, bits=4, act_bits=4)
+    acts = [mod for mod in q.modules() if isinstance(mod, slb.ActFakeQuant)]
+    assert len(acts) == 3
+    q.train()
+    q(X)
+    with torch.no_grad(), eval_flags(q):
+        seen = {}
+        hooks = [a.register_forward_hook(lambda mod, i, o: seen.setdefault(mod, o)) for a in acts]
+        q(X)
+        for h in hooks:
+            h.remove()
+    assert all(o.unique().numel() <= 16 for o in seen.values())
+    # warm start: the first argmax is the nearest grid value of w / max|w| per channel
+    w = slb.quantize(m, X, bits=2, layers=["c2"], warm_start=0.1)
+    layer = slb.slb_layers(w)[0]
+    s = m.c2.weight.detach().abs().amax((1, 2, 3), keepdim=True)
+    near = (m.c2.weight.detach() / s).unsqueeze(-1).sub(layer.slb.values).abs().argmin(-1)
+    assert torch.equal(layer.logits.argmax(-1), near)
+
+
+def test_ste_baseline():
+    q = ste_quantize(_net(), X, bits=2, use_torchao=False)
+    ste = [mod for mod in q.modules() if isinstance(mod, STEWeight)]
+    assert len(ste) == 3
+    q.train()
+    q(X).sum().backward()
+    assert q.c2.parametrizations.weight.original.grad.abs().sum() > 0
+    assert torch.unique(q.c2.weight[0]).numel() <= 4
