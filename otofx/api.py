@@ -24,7 +24,7 @@ from otofx import pipeline
 from otofx.errors import InputError, OTOError, VerificationError
 from otofx.passes.prune import Plan, plan_zero_rows, row_norms
 from otofx.passes.zigs import ZIG, ZigSet
-from otofx.pipeline import compare, eval_mode, outputs_close
+from otofx.pipeline import compare_all, eval_mode, input_sets, outputs_close
 
 log = logging.getLogger("otofx")
 
@@ -105,9 +105,10 @@ class OTO:
         return small
 
     def verify(self, small: torch.nn.Module, rtol: float = 1e-4) -> float:
-        """Check ``small`` against the full model on the example inputs; returns the relative error."""
+        """Check ``small`` against the full model on the example inputs and, for an export capture, a
+        second shape (``self.state.more_inputs``); returns the worst relative error."""
         try:
-            return compare(self._sync(), small, self._args, self._kwargs, rtol, "the compressed model")
+            return compare_all(self._sync(), small, input_sets(self.state), rtol, "the compressed model")
         except VerificationError as e:
             raise VerificationError(f"{e} `oto.compress(verify=False)` skips this check.") from None
 

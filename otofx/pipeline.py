@@ -121,16 +121,44 @@ def run_eval(module: torch.nn.Module, args: tuple, kwargs: dict | None = None):
         return module(*args, **(kwargs or {}))
 
 
-def compare(reference, candidate: torch.nn.Module, args: tuple, kwargs: dict | None, rtol: float, what: str) -> float:
-    """Relative error of ``candidate`` against ``reference`` (outputs or a module); raises on a mismatch."""
+def compare(reference, candidate: torch.nn.Module, args: tuple, kwargs: dict | None, rtol: float, what: str,
+            inputs: str = "the example inputs") -> float:
+    """Relative error of ``candidate`` against ``reference`` (outputs or a module); raises on a mismatch.
+
+    ``inputs`` names ``args``/``kwargs`` in the error (the example inputs or a second shape).
+    """
     ref = run_eval(reference, args, kwargs) if isinstance(reference, torch.nn.Module) else reference
     got = run_eval(candidate, args, kwargs)
     ok, err = outputs_close(ref, got, rtol)
     if not ok:
         raise VerificationError(
-            f"{what} differs from the reference graph on the example inputs (relative error {err:.3g} > {rtol:g}). "
+            f"{what} differs from the reference graph on {inputs} (relative error {err:.3g} > {rtol:g}). "
             "If the pass is otofx's, this is a bug in otofx: please report it with the model.")
     return err
+
+
+def input_sets(state: "State") -> list:
+    """``(args, kwargs, name)`` of every input set verification runs: the example inputs, then
+    ``state.more_inputs`` (the export front-end's second shape: see ``otofx.capture.second_inputs``)."""
+    out = [(tuple(state.args), dict(state.kwargs), "the example inputs")]
+    for a, k in state.more_inputs:
+        out.append((tuple(a), dict(k), f"second-shape inputs ({_shapes(a, k)})"))
+    return out
+
+
+def _shapes(args, kwargs) -> str:
+    leaves = tree_flatten((args, kwargs))[0]
+    return ", ".join("x".join(map(str, t.shape)) for t in leaves if isinstance(t, torch.Tensor))
+
+
+def compare_all(reference, candidate: torch.nn.Module, sets: list, rtol: float, what: str) -> float:
+    """:func:`compare` on every ``(args, kwargs, name)`` of ``sets`` (``reference``: a module, or
+    one output per set); the worst relative error."""
+    worst = 0.0
+    for i, (a, k, name) in enumerate(sets):
+        ref = reference[i] if isinstance(reference, list) else reference
+        worst = max(worst, compare(ref, candidate, a, k, rtol, what, name))
+    return worst
 
 
 # ---------------------------------------------------------------------------------------------
@@ -166,6 +194,7 @@ class State:
     reference: fx.GraphModule | None = None  # the graph outputs are verified against
     report: str | None = None  # report_pins' table
     records: tuple = ()  # PassRecord per pass run
+    more_inputs: tuple = ()  # more (args, kwargs) verification runs: the capture's second shape
 
     def replace(self, **changes) -> "State":
         return dataclasses.replace(self, **changes)
@@ -211,7 +240,8 @@ class Capture:
         model = _need(state, "model", self.name, "Pipeline.run(model, example_inputs)")
         inputs = dict(state.kwargs) if state.kwargs and not state.args else tuple(state.args)
         cap = _capture(model, inputs, self.frontend)
-        return state.replace(gm=cap.gm, args=cap.args, kwargs=cap.kwargs, frontend=cap.frontend)
+        return state.replace(gm=cap.gm, args=cap.args, kwargs=cap.kwargs, frontend=cap.frontend,
+                             more_inputs=cap.more_inputs)
 
 
 @_reads_graph
@@ -323,8 +353,7 @@ class Verify:
 
     def __call__(self, state: State) -> State:
         ref = _need(state, "reference", self.name, "Pipeline.run (it sets the reference)")
-        compare(ref, _need(state, "gm", self.name, "capture"), tuple(state.args), dict(state.kwargs), self.rtol,
-                "the graph")
+        compare_all(ref, _need(state, "gm", self.name, "capture"), input_sets(state), self.rtol, "the graph")
         return state
 
 
@@ -462,7 +491,7 @@ class Pipeline:
         if self.verify and state.reference is not None:
             # NB: computed before any pass runs: a pass that edits the reference graph in place
             # must not be able to make its own check pass
-            ref_out = run_eval(state.reference, tuple(state.args), dict(state.kwargs))
+            ref_out = [run_eval(state.reference, a, k) for a, k, _ in input_sets(state)]
         with _gc_paused():
             return self._run(state, ref_out)
 
@@ -493,10 +522,10 @@ class Pipeline:
                 if state.reference is None:  # the first graph of the run (Capture's)
                     state = state.replace(reference=state.gm)
                     if self.verify:
-                        ref_out = run_eval(state.reference, tuple(state.args), dict(state.kwargs))
+                        ref_out = [run_eval(state.reference, a, k) for a, k, _ in input_sets(state)]
                 elif self.verify and changed:
-                    err = compare(ref_out, state.gm, tuple(state.args), dict(state.kwargs), self.rtol,
-                                  f"the graph after pass '{name}'")
+                    err = compare_all(ref_out, state.gm, input_sets(state), self.rtol,
+                                      f"the graph after pass '{name}'")
             rec = PassRecord(name, seconds, time.perf_counter() - t1,
                              len(state.gm.graph.nodes) if state.gm is not None else 0, changed, err)
             log.debug("otofx pass %s: %.3f s, %d nodes%s", name, seconds, rec.nodes,
@@ -539,4 +568,4 @@ def default(frontend: str = "auto", verify: bool = True) -> Pipeline:
 __all__ = ["State", "PassRecord", "Pipeline", "PipelineError", "Capture", "propagate_shapes", "find_zigs",
            "report_pins", "plan_zero_rows", "zero_rows", "prune", "eliminate_dead_code", "Verify", "GraphPass", "copy_graph",
            "format_records", "analysis", "compression", "default", "eval_mode", "outputs_close", "compare",
-           "run_eval"]
+           "compare_all", "input_sets", "run_eval"]
