@@ -1326,9 +1326,10 @@ def _size_arg(site, v, old: int, new: int):
     """The argument that gives an output axis of ``old`` entries ``new`` entries after pruning.
 
     A literal becomes ``new``; a size read off another axis stays when it reads ``new`` and becomes
-    the literal otherwise; an expression of sizes (a dynamic ``batch * heads``) is scaled by the
-    kept fraction, a ``v * a // b`` computed in the graph (exact: the axis is a block of whole rows
-    repeated for every value of the dynamic factor).
+    the literal otherwise; an expression of sizes that keep all their rows times a literal (a
+    dynamic ``batch * heads``) is scaled by the kept fraction, a ``v * a // b`` computed in the
+    graph (exact: the axis is a block of whole rows repeated for every value of the dynamic
+    factor); any other expression stays.
     """
     if isinstance(v, int) and not isinstance(v, bool):
         return v if v == -1 else new
@@ -1337,8 +1338,9 @@ def _size_arg(site, v, old: int, new: int):
     s = _sym_new(site, v)
     if s is not None:
         return v if s == new else new
-    if old == new:
-        return v
+    lab = site.plan.zigset.labels.get(v.name)
+    if old == new or not isinstance(lab, SymSize) or any(not site._keep_ids(a).all() for a in lab.ids):
+        return v  # an expression of sizes that lose rows too follows them at run time (C // groups)
     f = Fraction(new, old)
     graph = site.node.graph
     with graph.inserting_before(site.node):
