@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 import logging
 import operator
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -412,7 +413,10 @@ def _flag_node(gm: fx.GraphModule, model: torch.nn.Module, path: str, cache: dic
         except AttributeError:  # a path export recorded that is not a submodule
             owner.training = model.training
         first = next(n for n in gm.graph.nodes if n.op != "placeholder") if gm.graph.nodes else None
-        with gm.graph.inserting_before(first):
+        # NB: fx warns on a get_attr of an attribute that is no parameter, buffer or module; a bool
+        # flag is read as any other attribute by the generated code
+        with gm.graph.inserting_before(first), warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
             node = gm.graph.get_attr(f"{path}.training" if path else "training")
         cache[path] = node
     return cache[path]
@@ -553,10 +557,14 @@ def export_captured(model: torch.nn.Module, args: tuple, kwargs: dict) -> Captur
         if stochastic:
             why = f"would hold {stochastic}'s random draws"
         else:
-            with _mode(model, True):
-                ep = _export_program(model, args, kwargs)
-            gm = _finish(ep, model, True)
-            why = _training_capture_problem(gm, model, args, kwargs)
+            try:
+                with _mode(model, True):
+                    ep = _export_program(model, args, kwargs)
+            except Exception as e:  # noqa: BLE001 - a training-only branch export cannot follow
+                why = f"failed ({type(e).__name__}: {_first_line(e)})"
+            else:
+                gm = _finish(ep, model, True)
+                why = _training_capture_problem(gm, model, args, kwargs)
         if why:
             log.info("%s: the training-mode capture %s; capturing in eval mode (its training mode keeps "
                      "dropout and batch statistics only)", type(model).__name__, why)
@@ -564,9 +572,9 @@ def export_captured(model: torch.nn.Module, args: tuple, kwargs: dict) -> Captur
                 ep = _export_program(model, args, kwargs)
             gm = _finish(ep, model, False)
     more = second_inputs(ep, args, kwargs)
-    dyn = [f"{n}" for n in sorted(map(str, ep.range_constraints))]
-    log.info("%s exported with %s", type(model).__name__,
-             f"dynamic sizes {', '.join(dyn)}" if dyn else "static shapes")
+    dyn = [f"input {i} dims {', '.join(str(k) for k, e in enumerate(d) if not isinstance(e, int))}"
+           for i, d in enumerate(_example_dims(ep)) if d is not None and not all(isinstance(e, int) for e in d)]
+    log.info("%s exported with %s", type(model).__name__, f"dynamic {'; '.join(dyn)}" if dyn else "static shapes")
     return Captured(gm, args, kwargs, "export", (more,) if more is not None else ())
 
 
