@@ -5,6 +5,13 @@ tracing with a leaf-aware tracer (modules with a registered rule stay single nod
 else is traced through). When tracing fails, ``torch.export`` (non-strict) is tried; both produce a
 GraphModule whose parameter names equal the model's, so passes never ask which one ran.
 
+The export front-end captures with a dynamic batch and sequence length (``Dim.AUTO``; see
+``_dynamic_dims``), so the graph, and the compressed model, run at any size the model does; it
+also returns a second example input set of another size along every dynamic dimension
+(:func:`second_inputs`), which verification runs too. It captures in training mode and makes
+dropout, batch norm and attention dropout read the modules' ``training`` flags, so the graph
+follows ``train()``/``eval()`` whatever mode the model was in (:func:`export_captured`).
+
 Internals:
     * The model is never mutated: tracing only reads it, and the GraphModule shares the model's
       submodules (``# NB:`` rewrites must deep-copy before touching them).
@@ -14,6 +21,12 @@ Internals:
       about half of fx's default cost on a MobileNet.
     * :func:`graph_module` builds the module hierarchy fx's ``GraphModule(root, graph)`` builds,
       with dict operations instead of ``Module.__getattr__``/``__setattr__`` per path step.
+    * Export: a batch of 1 is widened to 2 for the capture (export specialises sizes of 1); refusals
+      fall back to a dynamic batch only, then static shapes (INFO log). The analysis runs on the
+      example's concrete sizes (``sym_size`` nodes are ints on meta tensors); prune's size fixes
+      keep or scale the size expressions (``batch * heads``) in view arguments.
+    * Mode flags are ``get_attr`` nodes of ``<module path>.training`` (empty modules created where
+      export kept none), set to the user's flags at capture: a frozen submodule stays frozen.
 """
 from __future__ import annotations
 

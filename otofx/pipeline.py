@@ -34,6 +34,9 @@ Internals:
       whose outputs are computed once, as soon as it is known. Only passes whose graph changed
       (another GraphModule object, or other generated code) are run; a pass that edits weights
       in place without touching the graph is not detected: put ``Verify()`` after it.
+    * Verification runs every input set of :func:`input_sets`: the example inputs and
+      ``state.more_inputs`` (the export front-end's second shape: batch + 1 and length + 1 along
+      the dimensions it made dynamic, the example tiled to those sizes).
     * ``plan_zero_rows`` finds zero rows with ``passes.prune.zero_rows`` (``p != 0`` masks
       gathered per row, no float64 copy of the weights).
     * ``zigset`` and ``plan`` describe the graph they were computed on (``state.reference`` in
