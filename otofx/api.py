@@ -37,7 +37,7 @@ from otofx.capture import _first_line, _no_kv_cache, normalize_inputs
 from otofx.errors import InputError, OTOError, VerificationError
 from otofx.passes.prune import Plan, plan_zero_rows, row_norms
 from otofx.passes.zigs import ZIG, ZigSet
-from otofx.pipeline import compare, eval_mode, outputs_close, run_eval
+from otofx.pipeline import compare, compare_all, eval_mode, input_sets, outputs_close, run_eval
 from otofx.rebuild import RebuildError, rebuild
 
 log = logging.getLogger("otofx")
@@ -230,15 +230,20 @@ class OTO:
         return small
 
     def verify(self, small: torch.nn.Module, rtol: float = 1e-4) -> float:
-        """Check ``small`` (either form) against the full model on the example inputs; returns the relative error."""
+        """Check ``small`` (either form) against the full model on the example inputs and, for an
+        export capture, a second shape (``self.state.more_inputs``); returns the worst relative error."""
         _need_weights(self.model, "OTO.verify()", (self._args, self._kwargs))
         try:
+            sets = input_sets(self.state)
             if isinstance(small, fx.GraphModule):
-                return compare(self._sync(), small, self._args, self._kwargs, rtol, "the compressed model")
-            ref = run_eval(self._sync(), self._args, self._kwargs)
-            # NB: the graph was captured without a KV cache (Hugging Face); so is the comparison
-            with _no_kv_cache(small, self._kwargs):
-                return compare(ref, small, self._args, self._kwargs, rtol, "the compressed model")
+                return compare_all(self._sync(), small, sets, rtol, "the compressed model")
+            gm, worst = self._sync(), 0.0
+            for a, k, name in sets:
+                ref = run_eval(gm, a, k)
+                # NB: the graph was captured without a KV cache (Hugging Face); so is the comparison
+                with _no_kv_cache(small, k):
+                    worst = max(worst, compare(ref, small, a, k, rtol, "the compressed model", name))
+            return worst
         except VerificationError as e:
             raise VerificationError(f"{e} `oto.compress(verify=False)` skips this check.") from None
 

@@ -5,6 +5,13 @@ tracing with a leaf-aware tracer (modules with a registered rule stay single nod
 else is traced through). When tracing fails, ``torch.export`` (non-strict) is tried; both produce a
 GraphModule whose parameter names equal the model's, so passes never ask which one ran.
 
+The export front-end captures with a dynamic batch and sequence length (``Dim.AUTO``; see
+``_dynamic_dims``), so the graph, and the compressed model, run at any size the model does; it
+also returns a second example input set of another size along every dynamic dimension
+(:func:`second_inputs`), which verification runs too. It captures in training mode and makes
+dropout, batch norm and attention dropout read the modules' ``training`` flags, so the graph
+follows ``train()``/``eval()`` whatever mode the model was in (:func:`export_captured`).
+
 Internals:
     * The model is never mutated: tracing only reads it, and the GraphModule shares the model's
       submodules (``# NB:`` rewrites must deep-copy before touching them).
@@ -14,18 +21,26 @@ Internals:
       about half of fx's default cost on a MobileNet.
     * :func:`graph_module` builds the module hierarchy fx's ``GraphModule(root, graph)`` builds,
       with dict operations instead of ``Module.__getattr__``/``__setattr__`` per path step.
+    * Export: a batch of 1 is widened to 2 for the capture (export specialises sizes of 1); refusals
+      fall back to a dynamic batch only, then static shapes (INFO log). The analysis runs on the
+      example's concrete sizes (``sym_size`` nodes are ints on meta tensors); prune's size fixes
+      keep or scale the size expressions (``batch * heads``) in view arguments.
+    * Mode flags are ``get_attr`` nodes of ``<module path>.training`` (empty modules created where
+      export kept none), set to the user's flags at capture: a frozen submodule stays frozen.
 """
 from __future__ import annotations
 
 import functools
 import logging
 import operator
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
 from torch.fx._lazy_graph_module import _LazyGraphModule
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from otofx.errors import CaptureError, InputError
 from otofx.passes.registry import FUNCTION_FORMS, MODULE_FORMS
@@ -39,6 +54,9 @@ class Captured:
     args: tuple
     kwargs: dict
     frontend: str  # "symbolic_trace" or "export"
+    # other example inputs of another shape along every dimension the capture made dynamic
+    # (export: see :func:`second_inputs`); verification runs them too. () when none.
+    more_inputs: tuple = ()  # tuple of (args, kwargs)
 
 
 def normalize_inputs(example_inputs) -> tuple[tuple, dict]:
@@ -276,16 +294,342 @@ def _inline_grad_regions(gm: fx.GraphModule) -> fx.GraphModule:
     return gm
 
 
-def export(model: torch.nn.Module, args: tuple, kwargs: dict) -> fx.GraphModule:
+# ---------------------------------------------------------------------------------------------
+# torch.export: dynamic shapes and training mode
+# ---------------------------------------------------------------------------------------------
+
+_aten = torch.ops.aten
+# dropout ops whose third argument is ``train``
+_DROPOUTS = {_aten.dropout.default, _aten.feature_dropout.default, _aten.alpha_dropout.default,
+             _aten.feature_alpha_dropout.default}
+# ops that draw random numbers: a training graph still holding one after the mode rewrite (torchvision's
+# stochastic depth draws a bernoulli mask in Python) cannot serve eval mode
+_RANDOM = ("bernoulli", "rand", "randn", "randint", "randperm", "normal", "uniform", "exponential",
+           "multinomial", "native_dropout", "rrelu", "poisson", "geometric", "cauchy", "log_normal")
+
+
+# module classes (by name: torchvision's StochasticDepth, timm's DropPath) whose training forward
+# draws random numbers in Python, outside any dropout op
+_STOCHASTIC_MODULES = ("StochasticDepth", "DropPath")
+
+
+def _stochastic_module(model: torch.nn.Module) -> str | None:
+    for m in model.modules():
+        if type(m).__name__ in _STOCHASTIC_MODULES:
+            return type(m).__name__
+    return None
+
+
+def _is_random(node: fx.Node) -> bool:
+    if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
+        return False
+    base = node.target._schema.name.split("::")[-1].rstrip("_")
+    return base in _RANDOM or base.startswith(("rand_like", "randn_like", "randint_like"))
+
+
+@contextmanager
+def _mode(model: torch.nn.Module, training: bool):
+    """Every module's ``training`` flag set to ``training``; each module's own flag restored after."""
+    flags = [(m, m.training) for m in model.modules()]
+    try:
+        for m, _ in flags:
+            m.training = training
+        yield
+    finally:
+        for m, f in flags:
+            m.training = f
+
+
+def _batch_widened(args: tuple, kwargs: dict):
+    """The example inputs with a batch of 1 repeated to 2, or None when the batch is not 1.
+
+    # NB: torch.export specialises a dimension whose example size is 1 (its 0/1 specialisation):
+    # a model captured on one sample would run on one sample only. Every tensor of rank >= 2
+    # must have batch 1 (one batch dimension shared by all inputs).
+    """
+    leaves = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor) and t.dim() >= 2]
+    if not leaves or any(t.shape[0] != 1 for t in leaves):
+        return None
+    def widen(t):
+        return torch.cat([t, t]) if isinstance(t, torch.Tensor) and t.dim() >= 2 else t
+    return tree_map(widen, args), tree_map(widen, kwargs)
+
+
+def _dynamic_dims(t: torch.Tensor, dims: str) -> tuple:
+    """The dimensions of input ``t`` asked to be dynamic: the batch (dim 0) and, with ``dims ==
+    "all"``, the sequence: every dimension of an integer or bool tensor (token ids, masks,
+    positions) and dim 1 of a rank-3 float tensor (embeddings given as [batch, length, width]).
+
+    # NB: the spatial dimensions of images stay static: torch.export reasons symbolically about
+    # every padding and window partition, and swin_t at 64x64 took 448 s to export with dynamic
+    # height and width (10 s static), its graph then 8.7 s a forward for the size guards.
+    """
+    if dims != "all" or t.dim() < 2:
+        return (0,)
+    if not t.is_floating_point() and not t.is_complex():
+        return tuple(range(t.dim()))
+    return (0, 1) if t.dim() == 3 else (0,)
+
+
+def _dynamic_shapes(model, args, kwargs, dims: str):
+    """``dynamic_shapes`` for torch.export: ``Dim.AUTO`` on the dimensions of :func:`_dynamic_dims`
+    of every input tensor; export keeps static what the model pins (a width, a configured length)."""
+    spec = torch.export.ShapesCollection()
+    for t in tree_flatten((args, kwargs))[0]:
+        if isinstance(t, torch.Tensor) and t.dim() >= 1:
+            spec[t] = {d: torch.export.Dim.AUTO for d in _dynamic_dims(t, dims)}
+    return spec.dynamic_shapes(model, args, kwargs)
+
+
+def _export_program(model, args, kwargs):
+    """torch.export (non-strict) with dynamic sizes where export accepts them, static otherwise.
+
+    Attempts, first success wins: the example with a batch of 1 widened to 2, batch and sequence
+    dynamic; the example, batch and sequence dynamic; the example, batch dynamic; static.
+    """
+    widened = _batch_widened(args, kwargs)
+    attempts = ([(widened, "all")] if widened is not None else []) + [((args, kwargs), "all"),
+                                                                       ((args, kwargs), "batch"),
+                                                                       ((args, kwargs), None)]
+    for (a, k), dims in attempts:
+        shapes = _dynamic_shapes(model, a, k, dims) if dims else None
+        try:
+            ep = torch.export.export(model, a, k, dynamic_shapes=shapes, strict=False)
+        except Exception as e:  # noqa: BLE001
+            if dims is None:
+                raise
+            log.info("torch.export with %s dynamic failed (%s: %s); trying fewer dynamic dimensions",
+                     "batch and sequence" if dims == "all" else "the batch dimension", type(e).__name__,
+                     _first_line(e))
+            continue
+        if dims != "all":
+            log.info("%s captured with %s", type(model).__name__,
+                     "a dynamic batch only" if dims == "batch" else "static shapes")
+        return ep
+
+
+def _flag_node(gm: fx.GraphModule, model: torch.nn.Module, path: str, cache: dict, before: fx.Node) -> fx.Node:
+    """A ``get_attr`` of ``<path>.training`` in ``gm``: the flag of the module that ran the op.
+
+    The module at ``path`` is created in ``gm`` when missing (an empty ``nn.Module``; export keeps
+    modules with tensors only), with the user's module's flag at capture time.
+    """
+    if path not in cache:
+        owner = gm
+        for item in path.split(".") if path else ():
+            nxt = owner._modules.get(item)
+            if nxt is None:
+                nxt = owner._modules[item] = torch.nn.Module()
+            owner = nxt
+        try:
+            owner.training = model.get_submodule(path).training if path else model.training
+        except AttributeError:  # a path export recorded that is not a submodule
+            owner.training = model.training
+        first = next(n for n in gm.graph.nodes if n.op != "placeholder") if gm.graph.nodes else None
+        # NB: fx warns on a get_attr of an attribute that is no parameter, buffer or module; a bool
+        # flag is read as any other attribute by the generated code
+        with gm.graph.inserting_before(first), warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            node = gm.graph.get_attr(f"{path}.training" if path else "training")
+        cache[path] = node
+    return cache[path]
+
+
+def _module_path(node: fx.Node) -> str:
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return ""
+    return list(stack.values())[-1][0] or ""
+
+
+def _follow_mode(gm: fx.GraphModule, model: torch.nn.Module, captured_training: bool) -> list:
+    """Make the mode-dependent ops of a captured graph read their module's ``training`` flag.
+
+    ``captured_training``: the mode the graph was captured in; its literal flags are replaced.
+    Dropout (``train``), batch norm with running statistics (``training``; its
+    ``num_batches_tracked`` step adds the flag) and, from a training capture, the attention
+    dropout of ``scaled_dot_product_attention`` (``dropout_p * training``). Returns the nodes
+    rewritten.
+
+    # NB: a literal ``F.dropout(x, training=True)`` (Monte-Carlo dropout) in a training capture,
+    # or ``training=False`` in an eval capture, follows the mode too: the graph cannot tell it
+    # from ``training=self.training``. A BatchNorm with ``momentum=None`` (a cumulative average)
+    # keeps the factor of the capture-time step.
+    """
+    cache: dict = {}
+    done = []
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function":
+            continue
+        t = node.target
+        if t in _DROPOUTS and len(node.args) >= 3 and node.args[2] is captured_training:
+            node.update_arg(2, _flag_node(gm, model, _module_path(node), cache, node))
+        elif t is _aten.batch_norm.default and len(node.args) >= 6 and node.args[5] is captured_training \
+                and node.args[3] is not None:
+            node.update_arg(5, _flag_node(gm, model, _module_path(node), cache, node))
+        elif t is _aten.add_.Tensor and captured_training and node.args[1] == 1 and \
+                isinstance(node.args[0], fx.Node) and node.args[0].op == "get_attr" and \
+                node.args[0].target.endswith("num_batches_tracked"):
+            path = node.args[0].target.rpartition(".")[0]
+            node.update_arg(1, _flag_node(gm, model, path, cache, node))
+        elif t is _aten.scaled_dot_product_attention.default and captured_training:
+            i = 3 if len(node.args) > 3 else None
+            p = node.args[3] if i is not None else node.kwargs.get("dropout_p", 0.0)
+            if not isinstance(p, (int, float)) or not p:
+                continue
+            flag = _flag_node(gm, model, _module_path(node), cache, node)
+            with gm.graph.inserting_before(node):
+                scaled = gm.graph.call_function(operator.mul, (flag, float(p)))
+            if i is not None:
+                node.update_arg(3, scaled)
+            else:
+                node.update_kwarg("dropout_p", scaled)
+        else:
+            continue
+        done.append(node)
+    return done
+
+
+def _example_dims(ep) -> list:
+    """For every flattened example input of ``ep``: its size expressions (sympy) per dimension, or None."""
+    out = []
+    for n in ep.graph.nodes:
+        if n.op != "placeholder" or n.name not in ep.graph_signature.user_inputs:
+            continue
+        v = n.meta.get("val")
+        out.append(tuple(s.node.expr if isinstance(s, torch.SymInt) else int(s) for s in v.shape)
+                   if isinstance(v, torch.Tensor) else None)
+    return out
+
+
+def second_inputs(ep, args: tuple, kwargs: dict):
+    """Example inputs of another shape along every dimension ``ep`` made dynamic, or None.
+
+    Every free symbol of the input sizes takes its value in ``args``/``kwargs`` plus one (minus
+    one when that leaves export's range); each size expression is evaluated with those values.
+    Inputs are the examples tiled (indices wrap) to the new sizes, so token ids and masks stay
+    valid and floats stay non-trivial. Returns ``(args, kwargs)``.
+    """
+    in_spec = ep.call_spec.in_spec
+    try:  # export orders keyword inputs as the signature does
+        kwargs = {k: kwargs[k] for k in in_spec.child(1).context}
+    except (AttributeError, IndexError, KeyError, TypeError):
+        pass
+    flat, spec = tree_flatten((tuple(args), kwargs))
+    dims = _example_dims(ep)
+    tensors = [i for i, t in enumerate(flat) if isinstance(t, torch.Tensor)]
+    if len(dims) != len(flat) or any(dims[i] is None or len(dims[i]) != flat[i].dim() for i in tensors):
+        return None
+    symbols = {}
+    for i, d in enumerate(dims):
+        if d is None:
+            continue
+        for k, e in enumerate(d):
+            if not isinstance(e, int) and len(e.free_symbols) == 1 and e.is_Symbol:
+                symbols.setdefault(e, flat[i].shape[k])
+    if not symbols:
+        return None
+    new = {}
+    for s, v in symbols.items():
+        r = ep.range_constraints.get(s)
+        up = r.upper if r is not None else None
+        new[s] = v + 1 if up is None or bool(v + 1 <= up) else max(v - 1, 1)
+    out = list(flat)
+    for i in tensors:
+        d = dims[i]
+        t = flat[i]
+        sizes = []
+        for e in d:
+            if isinstance(e, int):
+                sizes.append(e)
+                continue
+            try:
+                sizes.append(int(e.subs(new)))
+            except (TypeError, ValueError):
+                return None
+        for k, n in enumerate(sizes):
+            if n != t.shape[k]:
+                t = t.index_select(k, torch.arange(n) % t.shape[k])
+        out[i] = t
+    a, k = tree_unflatten(out, spec)
+    return tuple(a), dict(k)
+
+
+def export_captured(model: torch.nn.Module, args: tuple, kwargs: dict) -> Captured:
+    """torch.export front-end: dynamic sizes, a graph that follows the training flags, dead code out.
+
+    The model is captured in training mode (every flag set, then restored) so that dropout and
+    batch statistics are in the graph; :func:`_follow_mode` makes them read the flags. If random
+    ops remain that no flag controls, or the graph in eval mode differs from the model in eval
+    mode (a Python branch on ``self.training`` that changes more than dropout), the capture is
+    redone in eval mode, where only dropout and batch norm can be made to follow the flags
+    (directly, for a model with a module known to draw such numbers: see ``_STOCHASTIC_MODULES``).
+    """
     with _no_kv_cache(model, kwargs):
-        ep = torch.export.export(model, args, kwargs, strict=False)
+        stochastic = _stochastic_module(model)
+        if stochastic:
+            why = f"would hold {stochastic}'s random draws"
+        else:
+            try:
+                with _mode(model, True):
+                    ep = _export_program(model, args, kwargs)
+            except Exception as e:  # noqa: BLE001 - a training-only branch export cannot follow
+                why = f"failed ({type(e).__name__}: {_first_line(e)})"
+            else:
+                gm = _finish(ep, model, True)
+                why = _training_capture_problem(gm, model, args, kwargs)
+        if why:
+            log.info("%s: the training-mode capture %s; capturing in eval mode (its training mode keeps "
+                     "dropout and batch statistics only)", type(model).__name__, why)
+            with _mode(model, False):
+                ep = _export_program(model, args, kwargs)
+            gm = _finish(ep, model, False)
+    more = second_inputs(ep, args, kwargs)
+    dyn = [f"input {i} dims {', '.join(str(k) for k, e in enumerate(d) if not isinstance(e, int))}"
+           for i, d in enumerate(_example_dims(ep)) if d is not None and not all(isinstance(e, int) for e in d)]
+    log.info("%s exported with %s", type(model).__name__, f"dynamic {'; '.join(dyn)}" if dyn else "static shapes")
+    return Captured(gm, args, kwargs, "export", (more,) if more is not None else ())
+
+
+def _finish(ep, model, captured_training: bool) -> fx.GraphModule:
     gm = _inline_grad_regions(ep.module())
+    _follow_mode(gm, model, captured_training)
     # NB: export keeps values nothing reads (nn.MultiheadAttention's head-averaged weights when
     # the caller drops them); an unused mean over heads must not pin the heads. The graph is
     # functional aten, so fx's purity check is sound here (asserts and guards are kept).
-    if gm.graph.eliminate_dead_code():
-        gm.recompile()
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
     return gm
+
+
+def _training_capture_problem(gm: fx.GraphModule, model, args, kwargs) -> str | None:
+    random = sorted({n.target._schema.name.split("::")[-1] for n in gm.graph.nodes if _is_random(n)})
+    if random:
+        return f"draws random numbers outside dropout ({', '.join(random)})"
+    with torch.no_grad(), _mode(model, False), _mode(gm, False):
+        ref = model(*args, **kwargs)
+        got = gm(*args, **kwargs)
+    fr, fg = tree_flatten(ref)[0], tree_flatten(got)[0]
+    if len(fr) != len(fg):
+        return "returns other outputs than the eval-mode model"
+    for a, b in zip(fr, fg):
+        if isinstance(a, torch.Tensor) != isinstance(b, torch.Tensor):
+            return "returns other outputs than the eval-mode model"
+        if isinstance(a, torch.Tensor):
+            if a.shape != b.shape:
+                return "returns other shapes than the eval-mode model"
+            if a.is_floating_point():
+                scale = max(1.0, a.double().abs().max().item() if a.numel() else 0.0)
+                if a.numel() and (a.double() - b.double()).abs().max().item() > 1e-4 * scale:
+                    return "differs from the eval-mode model in eval mode"
+            elif not torch.equal(a, b):
+                return "differs from the eval-mode model in eval mode"
+    return None
+
+
+def export(model: torch.nn.Module, args: tuple, kwargs: dict) -> fx.GraphModule:
+    """The GraphModule of :func:`export_captured`."""
+    return export_captured(model, args, kwargs).gm
 
 
 def _opaque_calls(gm: fx.GraphModule) -> set:
@@ -312,7 +656,7 @@ def capture(model: torch.nn.Module, example_inputs, frontend: str = "auto") -> C
     args, kwargs = normalize_inputs(example_inputs)
     if frontend == "export":
         try:
-            return Captured(export(model, args, kwargs), args, kwargs, "export")
+            return export_captured(model, args, kwargs)
         except Exception as e:  # noqa: BLE001
             raise CaptureError(f"torch.export failed on {type(model).__name__}: {type(e).__name__}: {_first_line(e)}") from e
     try:
@@ -323,7 +667,7 @@ def capture(model: torch.nn.Module, example_inputs, frontend: str = "auto") -> C
             # nodes to symbolic_trace, which would pin everything they touch; export sees inside them
             try:
                 log.info("symbolic_trace left %s opaque; trying torch.export", ", ".join(sorted(opaque)))
-                return Captured(export(model, args, kwargs), args, kwargs, "export")
+                return export_captured(model, args, kwargs)
             except Exception as e:  # noqa: BLE001
                 log.info("torch.export failed (%s: %s); keeping the traced graph", type(e).__name__, _first_line(e))
         return Captured(gm, args, kwargs, "symbolic_trace")
@@ -334,7 +678,7 @@ def capture(model: torch.nn.Module, example_inputs, frontend: str = "auto") -> C
                                f"{type(e).__name__}: {_first_line(e)}") from e
         log.info("symbolic_trace failed (%s: %s); trying torch.export", type(e).__name__, e)
     try:
-        return Captured(export(model, args, kwargs), args, kwargs, "export")
+        return export_captured(model, args, kwargs)
     except Exception as e:  # noqa: BLE001
         export_err = e
     raise CaptureError(

@@ -34,6 +34,9 @@ Internals:
       whose outputs are computed once, as soon as it is known. Only passes whose graph changed
       (another GraphModule object, or other generated code) are run; a pass that edits weights
       in place without touching the graph is not detected: put ``Verify()`` after it.
+    * Verification runs every input set of :func:`input_sets`: the example inputs and
+      ``state.more_inputs`` (the export front-end's second shape: batch + 1 and length + 1 along
+      the dimensions it made dynamic, the example tiled to those sizes).
     * ``plan_zero_rows`` finds zero rows with ``passes.prune.zero_rows`` (``p != 0`` masks
       gathered per row, no float64 copy of the weights).
     * ``zigset`` and ``plan`` describe the graph they were computed on (``state.reference`` in
@@ -219,11 +222,13 @@ def run_eval(module: torch.nn.Module, args: tuple, kwargs: dict | None = None):
         return module(*args, **(kwargs or {}))
 
 
-def compare(reference, candidate: torch.nn.Module, args: tuple, kwargs: dict | None, rtol: float, what: str) -> float:
+def compare(reference, candidate: torch.nn.Module, args: tuple, kwargs: dict | None, rtol: float, what: str,
+            inputs: str = "the example inputs") -> float:
     """Relative error of ``candidate`` against ``reference`` (outputs or a module); raises on a mismatch.
 
     ``rtol`` holds for float32 models; a model computing in float16/bfloat16 gets the dtype's
-    tolerance for its contraction depth (:func:`outputs_close`, :func:`fitted_rtol`).
+    tolerance for its contraction depth (:func:`outputs_close`, :func:`fitted_rtol`). ``inputs``
+    names ``args``/``kwargs`` in the error (the example inputs or a second shape).
     """
     ref = run_eval(reference, args, kwargs) if isinstance(reference, torch.nn.Module) else reference
     got = run_eval(candidate, args, kwargs)
@@ -235,9 +240,33 @@ def compare(reference, candidate: torch.nn.Module, args: tuple, kwargs: dict | N
         tol = fitted_rtol(rtol, dtype, depth)
         why = "" if tol == rtol else f" ({dtype}: 2 * unit roundoff * sqrt({depth} contractions deep))"
         raise VerificationError(
-            f"{what} differs from the reference graph on the example inputs (relative error {err:.3g} > {tol:.3g}"
+            f"{what} differs from the reference graph on {inputs} (relative error {err:.3g} > {tol:.3g}"
             f"{why}). If the pass is otofx's, this is a bug in otofx: please report it with the model.")
     return err
+
+
+def input_sets(state: "State") -> list:
+    """``(args, kwargs, name)`` of every input set verification runs: the example inputs, then
+    ``state.more_inputs`` (the export front-end's second shape: see ``otofx.capture.second_inputs``)."""
+    out = [(tuple(state.args), dict(state.kwargs), "the example inputs")]
+    for a, k in state.more_inputs:
+        out.append((tuple(a), dict(k), f"second-shape inputs ({_shapes(a, k)})"))
+    return out
+
+
+def _shapes(args, kwargs) -> str:
+    leaves = tree_flatten((args, kwargs))[0]
+    return ", ".join("x".join(map(str, t.shape)) for t in leaves if isinstance(t, torch.Tensor))
+
+
+def compare_all(reference, candidate: torch.nn.Module, sets: list, rtol: float, what: str) -> float:
+    """:func:`compare` on every ``(args, kwargs, name)`` of ``sets`` (``reference``: a module, or
+    one output per set); the worst relative error."""
+    worst = 0.0
+    for i, (a, k, name) in enumerate(sets):
+        ref = reference[i] if isinstance(reference, list) else reference
+        worst = max(worst, compare(ref, candidate, a, k, rtol, what, name))
+    return worst
 
 
 # ---------------------------------------------------------------------------------------------
@@ -273,6 +302,7 @@ class State:
     reference: fx.GraphModule | None = None  # the graph outputs are verified against
     report: str | None = None  # report_pins' table
     records: tuple = ()  # PassRecord per pass run
+    more_inputs: tuple = ()  # more (args, kwargs) verification runs: the capture's second shape
 
     def replace(self, **changes) -> "State":
         return dataclasses.replace(self, **changes)
@@ -318,7 +348,8 @@ class Capture:
         model = _need(state, "model", self.name, "Pipeline.run(model, example_inputs)")
         inputs = dict(state.kwargs) if state.kwargs and not state.args else tuple(state.args)
         cap = _capture(model, inputs, self.frontend)
-        return state.replace(gm=cap.gm, args=cap.args, kwargs=cap.kwargs, frontend=cap.frontend)
+        return state.replace(gm=cap.gm, args=cap.args, kwargs=cap.kwargs, frontend=cap.frontend,
+                             more_inputs=cap.more_inputs)
 
 
 @_reads_graph
@@ -415,8 +446,7 @@ class Verify:
 
     def __call__(self, state: State) -> State:
         ref = _need(state, "reference", self.name, "Pipeline.run (it sets the reference)")
-        compare(ref, _need(state, "gm", self.name, "capture"), tuple(state.args), dict(state.kwargs), self.rtol,
-                "the graph")
+        compare_all(ref, _need(state, "gm", self.name, "capture"), input_sets(state), self.rtol, "the graph")
         return state
 
 
@@ -554,7 +584,7 @@ class Pipeline:
         if self.verify and state.reference is not None:
             # NB: computed before any pass runs: a pass that edits the reference graph in place
             # must not be able to make its own check pass
-            ref_out = run_eval(state.reference, tuple(state.args), dict(state.kwargs))
+            ref_out = [run_eval(state.reference, a, k) for a, k, _ in input_sets(state)]
         with _gc_paused():
             return self._run(state, ref_out)
 
@@ -585,10 +615,10 @@ class Pipeline:
                 if state.reference is None:  # the first graph of the run (Capture's)
                     state = state.replace(reference=state.gm)
                     if self.verify:
-                        ref_out = run_eval(state.reference, tuple(state.args), dict(state.kwargs))
+                        ref_out = [run_eval(state.reference, a, k) for a, k, _ in input_sets(state)]
                 elif self.verify and changed:
-                    err = compare(ref_out, state.gm, tuple(state.args), dict(state.kwargs), self.rtol,
-                                  f"the graph after pass '{name}'")
+                    err = compare_all(ref_out, state.gm, input_sets(state), self.rtol,
+                                      f"the graph after pass '{name}'")
             rec = PassRecord(name, seconds, time.perf_counter() - t1,
                              len(state.gm.graph.nodes) if state.gm is not None else 0, changed, err)
             log.debug("otofx pass %s: %.3f s, %d nodes%s", name, seconds, rec.nodes,
@@ -631,4 +661,4 @@ def default(frontend: str = "auto", verify: bool = True) -> Pipeline:
 __all__ = ["State", "PassRecord", "Pipeline", "PipelineError", "Capture", "propagate_shapes", "find_zigs",
            "report_pins", "plan_zero_rows", "zero_rows", "prune", "eliminate_dead_code", "Verify", "GraphPass", "copy_graph",
            "format_records", "analysis", "compression", "default", "eval_mode", "outputs_close", "compare",
-           "run_eval", "fitted_rtol", "contraction_depth", "compute_dtype", "unit_roundoff"]
+           "run_eval", "fitted_rtol", "contraction_depth", "compute_dtype", "unit_roundoff", "compare_all", "input_sets"]

@@ -12,6 +12,9 @@ Internals:
 """
 from __future__ import annotations
 
+import operator
+from fractions import Fraction
+
 import numpy as np
 import torch
 import torch.fx as fx
@@ -234,11 +237,44 @@ def _shape_args(shape):
 
 
 def _sym_new(site, v):
-    """The pruned value of a size computed in the graph (a SymSize label), or None."""
+    """The pruned value of a size read in the graph (a SymSize label that is an axis's size), or None."""
     lab = site.plan.zigset.labels.get(v.name) if isinstance(v, fx.Node) else None
     if not isinstance(lab, SymSize) or lab.value is None or len(lab.ids) != 1:
         return None
+    # NB: an expression of a size (batch * windows in a dynamic-shape export) measures the axis
+    # but is not its size
+    if lab.value != len(lab.ids[0]):
+        return None
     return int(site._keep_ids(lab.ids[0]).sum())
+
+
+def _size_arg(site, v, old: int, new: int):
+    """The argument that gives an output axis of ``old`` entries ``new`` entries after pruning.
+
+    A literal becomes ``new``; a size read off another axis stays when it reads ``new`` and becomes
+    the literal otherwise; an expression of sizes that keep all their rows times a literal (a
+    dynamic ``batch * heads``) is scaled by the kept fraction, a ``v * a // b`` computed in the
+    graph (exact: the axis is a block of whole rows repeated for every value of the dynamic
+    factor); any other expression stays.
+    """
+    if isinstance(v, int) and not isinstance(v, bool):
+        return v if v == -1 else new
+    if not isinstance(v, fx.Node):
+        return v
+    s = _sym_new(site, v)
+    if s is not None:
+        return v if s == new else new
+    lab = site.plan.zigset.labels.get(v.name)
+    if old == new or not isinstance(lab, SymSize) or any(not site._keep_ids(a).all() for a in lab.ids):
+        return v  # an expression of sizes that lose rows too follows them at run time (C // groups)
+    f = Fraction(new, old)
+    graph = site.node.graph
+    with graph.inserting_before(site.node):
+        if f.numerator != 1:
+            v = graph.call_function(operator.mul, (v, f.numerator))
+        if f.denominator != 1:
+            v = graph.call_function(operator.floordiv, (v, f.denominator))
+    return v
 
 
 def _reshape_fix(site, input, shape=(), **_):
@@ -249,8 +285,7 @@ def _reshape_fix(site, input, shape=(), **_):
     # NB: a size read off another tensor (``x.shape[-1]``) may measure channels other than the ones
     # this axis now holds (attention heads merged back into a width, or an unpruned output shaped by
     # a pruned input's size): it becomes the literal new size, even where this output kept its shape
-    vals = [n if (isinstance(v, int) and v != -1) or (isinstance(v, fx.Node) and _sym_new(site, v) not in (None, n))
-            else v for v, n in zip(raw, new)]
+    vals = [_size_arg(site, v, o, n) for v, o, n in zip(raw, site.out_old, new)]
     packed = len(shape) == 1 and isinstance(shape[0], (tuple, list, torch.Size))
     site.set_varargs("shape", [tuple(vals)] if packed else vals)
 
@@ -348,7 +383,8 @@ def _expand_fix(site, input, sizes=(), **_):
     raw = _shape_args(sizes)
     if new == old or len(raw) != len(new):
         return
-    vals = [n if isinstance(v, int) and v != -1 else v for v, n in zip(raw, new)]
+    vals = [_size_arg(site, v, o, n) if not isinstance(v, fx.Node) or o != n else v
+            for v, o, n in zip(raw, old, new)]
     packed = len(sizes) == 1 and isinstance(sizes[0], (tuple, list, torch.Size))
     site.set_varargs("sizes", [tuple(vals)] if packed else vals)
 

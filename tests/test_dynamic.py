@@ -1,0 +1,273 @@
+"""Export captures: any batch size and length, and a graph that follows ``train()``/``eval()``.
+
+The export front-end captures with dynamic batch and sequence sizes, so the compressed model runs
+at every size the original runs at; verification also runs a second shape. Models captured in
+training mode (Hugging Face builds models in training mode) compress exactly after training, and
+the compressed model has dropout and batch statistics in training mode only.
+"""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+import otofx
+from helpers import RTOL, eval_flags, max_rel_diff, randomize, zero_random_rows
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+transformers = pytest.importorskip("transformers")
+T = transformers
+
+
+def _ids(batch=2, length=16, vocab=100, seed=0):
+    return torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def _model(name):
+    """(model, example input, other inputs to run); the models of test_transformers.py."""
+    if name == "bert":
+        c = T.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                         intermediate_size=64, max_position_embeddings=64)
+        return T.BertModel(c), _ids(), [_ids(3, 20), _ids(1, 7)]
+    if name == "gpt2":
+        c = T.GPT2Config(vocab_size=100, n_embd=32, n_layer=1, n_head=4, n_positions=64, bos_token_id=0,
+                         eos_token_id=0)
+        return T.GPT2Model(c), _ids(), [_ids(3, 20), _ids(1, 7)]
+    if name == "llama":  # issue 13's case: a causal LM captured on one sequence
+        c = T.LlamaConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                          num_key_value_heads=2, intermediate_size=64, max_position_embeddings=64)
+        return T.LlamaForCausalLM(c), _ids(1, 16), [_ids(3, 16), _ids(1, 20), _ids(2, 5)]
+    if name == "t5":
+        c = T.T5Config(vocab_size=100, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4)
+        return T.T5EncoderModel(c), _ids(), [_ids(3, 20), _ids(1, 7)]
+    if name == "distilbert":
+        c = T.DistilBertConfig(vocab_size=100, dim=32, n_layers=1, n_heads=4, hidden_dim=64,
+                               max_position_embeddings=64)
+        return T.DistilBertModel(c), _ids(), [_ids(3, 20), _ids(1, 7)]
+    if name == "vit":  # a configured image size: only the batch is dynamic
+        c = T.ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                        intermediate_size=64)
+        return T.ViTModel(c), torch.randn(2, 3, 32, 32), [torch.randn(3, 3, 32, 32), torch.randn(1, 3, 32, 32)]
+    raise KeyError(name)
+
+
+def _run(module, x, **kw):
+    with torch.no_grad(), eval_flags(module):
+        return module(x, **kw)
+
+
+@pytest.mark.parametrize("name", ["bert", "gpt2", "llama", "t5", "distilbert", "vit"])
+def test_compressed_export_model_runs_at_other_batch_sizes_and_lengths(name):
+    torch.manual_seed(0)
+    model, x, others = _model(name)
+    randomize(model.eval())
+    oto = otofx.OTO(model, x)
+    assert oto.frontend == "export"
+    (a2, _), = oto.state.more_inputs  # the second shape verification runs
+    assert a2[0].shape[0] == x.shape[0] + 1
+    if name == "llama":  # a batch of 1 (widened to 2 for the capture): batch 2, length 17, ids tiled
+        assert tuple(a2[0].shape) == (2, 17)
+        assert torch.equal(a2[0][0, :16], x[0]) and torch.equal(a2[0][1, :16], x[0]) and a2[0][0, 16] == x[0, 0]
+    zero_random_rows(model, oto, seed=3)
+    small = oto.compress()
+    kw = {"use_cache": False} if getattr(model.config, "use_cache", None) is not None else {}
+    for xi in others:
+        err = max_rel_diff(_run(model, xi, **kw), _run(small, xi))
+        assert err <= RTOL, f"{name} at input shape {tuple(xi.shape)}: relative error {err:.3g}"
+
+
+def test_verify_runs_the_second_shape():
+    torch.manual_seed(0)
+    model = randomize(_ConvBNDrop().eval())
+    x = torch.randn(2, 3, 8, 8)
+    oto = otofx.OTO(model, x, frontend="export")
+    (a2, _), = oto.state.more_inputs
+    assert tuple(a2[0].shape) == (3, 3, 8, 8)  # batch + 1 (the spatial sizes of images stay static)
+    zero_random_rows(model, oto, seed=1)
+    small = oto.compress()
+
+    class RightAtTheExampleShapeOnly(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.small = small
+
+        def forward(self, x_):
+            out = self.small(x_)
+            return out if x_.shape == x.shape else out * 1.5
+
+    oto.verify(small)
+    with pytest.raises(otofx.errors.VerificationError, match="second-shape inputs"):
+        oto.verify(RightAtTheExampleShapeOnly())
+
+
+def test_tiny_swin_any_batch():
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    model = torchvision.models.SwinTransformer(patch_size=[4, 4], embed_dim=16, depths=[2], num_heads=[2],
+                                               window_size=[4, 4], num_classes=10)
+    randomize(model.eval())
+    x = torch.randn(1, 3, 32, 32)
+    oto = otofx.OTO(model, x)
+    assert oto.frontend == "export"
+    zero_random_rows(model, oto, seed=2)
+    small = oto.compress()
+    for b in (3, 2):
+        xi = torch.randn(b, 3, 32, 32)
+        assert max_rel_diff(_run(model, xi), _run(small, xi)) <= RTOL
+
+
+# ---------------------------------------------------------------------------------------------
+# Training mode
+# ---------------------------------------------------------------------------------------------
+
+
+def _bert_classifier():
+    c = T.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                     intermediate_size=64, max_position_embeddings=64, num_labels=3)
+    return T.BertForSequenceClassification(c)
+
+
+def _gpt2():
+    c = T.GPT2Config(vocab_size=100, n_embd=32, n_layer=1, n_head=4, n_positions=64, bos_token_id=0, eos_token_id=0)
+    return T.GPT2Model(c)
+
+
+def _loss(name, out, y):
+    if name == "bert":
+        return nn.functional.cross_entropy(out.logits, y)
+    return out.last_hidden_state.pow(2).mean()
+
+
+@pytest.mark.parametrize("name", ["bert", "gpt2"])
+def test_train_mode_capture_hesso_then_eval_compress_is_exact(name):
+    torch.manual_seed(0)
+    model = _bert_classifier() if name == "bert" else _gpt2()
+    assert model.training  # as Hugging Face builds it
+    x = _ids()
+    oto = otofx.OTO(model, x)  # built in training mode, as the README's recipe does
+    assert model.training
+    opt = oto.hesso(lr=0.05, target_group_sparsity=0.5, pruning_steps=4, pruning_periods=2)
+    y = torch.tensor([0, 2])
+    for _ in range(6):
+        loss = _loss(name, model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    small = oto.compress()  # verified against the model in eval mode: raised before issue 13
+    assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in model.parameters())
+    kw = {"use_cache": False} if getattr(model.config, "use_cache", None) is not None else {}
+    for xi in (x, _ids(3, 11, seed=5)):
+        with torch.no_grad():
+            ref = model(xi, **kw)
+            small.eval()
+            a, b = small(xi), small(xi)
+        assert max_rel_diff(a, b) <= RTOL  # eval mode: no dropout (oneDNN's float noise only)
+        assert max_rel_diff(ref, a) <= RTOL
+    small.train()
+    with torch.no_grad():
+        a, b = small(x), small(x)
+    assert max_rel_diff(a, b) > 1e-3, "dropout is not active in the compressed model's training mode"
+
+
+def test_groups_do_not_depend_on_the_mode_at_construction():
+    torch.manual_seed(0)
+    model = _bert_classifier()
+    x = _ids()
+    train_groups = otofx.OTO(model.train(), x).groups
+    eval_groups = otofx.OTO(model.eval(), x).groups
+
+    def key(groups):
+        return sorted((z.rows, tuple(sorted((n, d, tuple(i.reshape(-1).tolist())) for n, d, i in z.params)))
+                      for z in groups)
+
+    assert key(train_groups) == key(eval_groups)
+
+
+class _ConvBNDrop(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.drop = nn.Dropout(0.3)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x):
+        y = self.drop(torch.relu(self.bn(self.conv(x))))
+        return self.head(y.mean((2, 3)))
+
+
+def test_export_batch_norm_uses_batch_statistics_in_training_only():
+    torch.manual_seed(0)
+    model = randomize(_ConvBNDrop())
+    model.drop.p = 0.0  # batch statistics alone: training outputs are deterministic
+    x = torch.randn(4, 3, 8, 8)
+    oto = otofx.OTO(model, x, frontend="export")
+    zero_random_rows(model, oto, seed=0)
+    model.train()
+    small = oto.compress()
+    full = copy.deepcopy(model)
+    small.train()
+    full.train()
+    with torch.no_grad():
+        err = max_rel_diff(full(x), small(x))  # batch statistics, running statistics updated
+    assert err <= RTOL
+    keep = small.bn.running_mean.shape[0]
+    assert keep < 8 and int(small.bn.num_batches_tracked) == int(full.bn.num_batches_tracked) == 1
+    kept = [i for i in range(8) if bool(model.conv.weight[i].any())]
+    assert torch.allclose(small.bn.running_mean, full.bn.running_mean[kept], atol=1e-6)
+    probe = copy.deepcopy(small)  # (every training call updates the running statistics)
+    with torch.no_grad():  # batch statistics: a sample's output depends on its batch
+        assert max_rel_diff(probe(x)[:1], probe(x[:1])) > 1e-3
+    small.eval()
+    full.eval()
+    with torch.no_grad():
+        assert max_rel_diff(full(x), small(x)) <= RTOL
+        assert max_rel_diff(small(x)[:1], small(x[:1])) <= RTOL  # running statistics
+
+
+def test_export_dropout_follows_mode_and_user_model_is_untouched():
+    from helpers import snapshot
+
+    torch.manual_seed(0)
+    model = randomize(_ConvBNDrop()).train()
+    x = torch.randn(4, 3, 8, 8)
+    before = snapshot(model)
+    oto = otofx.OTO(model, x, frontend="export")
+    assert snapshot(model) == before  # flags restored, running statistics untouched
+    small = oto.compress()
+    small.train()
+    with torch.no_grad():
+        assert max_rel_diff(small(x), small(x)) > 1e-3
+    small.eval()
+    with torch.no_grad():
+        assert max_rel_diff(small(x), small(x)) <= RTOL
+
+
+def test_symbolic_trace_capture_unchanged():
+    model = randomize(_ConvBNDrop().eval())
+    oto = otofx.OTO(model, torch.randn(2, 3, 8, 8))
+    assert oto.frontend == "symbolic_trace" and oto.state.more_inputs == ()
+    assert isinstance(oto.graph_module.get_submodule("drop"), nn.Dropout)
+
+
+@pytest.mark.parametrize("factory", ["mha_batch_first_export", "mha_seq_first_export"])
+def test_export_mha_heads_merged_with_a_dynamic_batch(factory):
+    """export spells nn.MultiheadAttention with a view to [L, batch * heads, head_dim]: with a
+    dynamic batch that size is an expression, scaled to the kept heads by prune."""
+    import rule_examples as R
+
+    torch.manual_seed(0)
+    model, x = getattr(R, factory)()
+    randomize(model.eval())
+    oto = otofx.OTO(model, x)
+    assert oto.frontend == "export" and oto.state.more_inputs
+    zero_random_rows(model, oto, seed=0)
+    small = oto.compress()
+    batch_first = factory == "mha_batch_first_export"
+    for n, length in ((3, 7), (1, 4)):
+        xi = torch.randn(n, length, 6) if batch_first else torch.randn(length, n, 6)
+        assert max_rel_diff(_run(model, xi), _run(small, xi)) <= RTOL
