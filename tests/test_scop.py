@@ -68,6 +68,18 @@ def test_selection_pass_is_identity_at_beta_one_and_knockoff_at_zero():
     by_name = dict(sel.producers)
     assert by_name["stem"] == by_name["conv2"]
     assert sel.gm.scop_beta.numel() == sum(z.rows for z in oto.groups)
+    # row r of group z scales the channel that z.params lists for row r, at each of its producers
+    mods = dict(sel.gm.named_modules())
+    checked = 0
+    for node in sel.gm.graph.nodes:
+        if node.op == "call_module" and isinstance(mods[node.target], SelectionLayer):
+            for zi, z in enumerate(oto.groups):
+                for name, dim, index in z.params:
+                    if name == f"{node.args[0].target}.weight" and dim == 0:
+                        want = sel.offsets[zi] + torch.arange(z.rows)
+                        assert torch.equal(mods[node.target].gather[index[:, 0]], want)
+                        checked += 1
+    assert checked == 4
     with torch.no_grad():
         ref, ref_k = model(x), model(xk)
         sel.gm.scop_beta.fill_(1.0)
@@ -230,3 +242,15 @@ def test_planted_copies_score_lowest():
     scop = oto.scop(loader, knockoff="permute", epochs=3)
     assert precision(scop) >= 0.75
     assert precision(scores.l1(oto)) <= 0.25 and precision(scores.bn_gamma(oto)) <= 0.25
+
+
+def test_cli_demo_scop_prints_the_comparison(capsys):
+    pytest.importorskip("sklearn")
+    from otofx import cli
+
+    rc = cli.main(["demo", "--method", "scop", "--epochs", "1", "--max-steps", "3", "--scop-epochs", "1",
+                   "--finetune-epochs", "1", "--latency-runs", "2", "--knockoff", "permute", "-q"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    for name in ("dense", "SCOP (permute)", "L1", "random", "acc fine-tuned"):
+        assert name in out

@@ -83,13 +83,14 @@ def _split_batch(batch):
 
 def train_betas(oto, loader, *, knockoff="gaussian", epochs: int = 10, lr: float = 0.004, adam_betas=(0.5, 0.9),
                 init: float = 0.5, loss_fn=None, max_steps: int | None = None, seed: int = 0,
-                knockoff_kwargs: dict | None = None) -> ScopResult:
+                knockoff_kwargs: dict | None = None, train_mode: bool = True) -> ScopResult:
     """SCOP's knockoff stage over ``oto``'s groups (see the module docstring); the model is not modified.
 
     ``knockoff``: ``"gaussian"`` (:class:`~otofx.scop.knockoffs.GaussianKnockoffs` fitted on
     ``loader``), ``"permute"`` (the batch in a random order) or a callable ``x -> x_knockoff`` of the
     same shape. ``loss_fn(outputs, targets)`` defaults to cross-entropy. ``max_steps`` caps the number
-    of optimizer steps (short runs).
+    of optimizer steps (short runs). ``train_mode=False`` runs the copy in eval mode (BatchNorm with
+    the trained running statistics) instead of the reference's train mode.
     """
     if epochs < 1 or lr <= 0 or not 0.0 <= init <= 1.0:
         raise InputError(f"scop: epochs={epochs!r} must be >= 1, lr={lr!r} > 0 and init={init!r} in [0, 1]")
@@ -104,7 +105,7 @@ def train_betas(oto, loader, *, knockoff="gaussian", epochs: int = 10, lr: float
     for p in gm.parameters():
         p.requires_grad_(p is beta)
     for m in gm.modules():
-        m.training = True  # NB: not gm.train(): a torch.export GraphModule raises on train()/eval()
+        m.training = bool(train_mode)  # NB: not gm.train(): a torch.export GraphModule raises on train()/eval()
     opt = torch.optim.Adam([beta], lr=lr, betas=tuple(adam_betas))
     losses, step = [], 0
     for epoch in range(epochs):
