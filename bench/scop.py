@@ -149,7 +149,7 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
     from _common import machine
     torch.set_num_threads(1)
-    start_load = load()
+    start_load, where = load(), machine()  # NB: the revision the run imported, before anyone commits
     t0 = time.perf_counter()
     data = load_digits_split(16)
     rows = []
@@ -158,7 +158,7 @@ def main() -> None:
         print(f"seed {seed} done at {time.perf_counter() - t0:.0f} s ({load()})", file=sys.stderr, flush=True)
     dt = time.perf_counter() - t0
     print(f"$ python {' '.join(sys.argv)}")
-    print(f"{machine()}; digits 16x16, {len(data.y_train)} train / {len(data.y_test)} test; seeds {args.seeds}; "
+    print(f"{where}; digits 16x16, {len(data.y_train)} train / {len(data.y_test)} test; seeds {args.seeds}; "
           f"dense {args.epochs} epochs, SCOP {args.scop_epochs} epochs, {100 * args.ratio:.0f}% of every group's rows "
           f"pruned, fine-tune {args.finetune_epochs} epochs at lr {args.finetune_lr}; took {dt:.0f} s")
     print(f"{start_load} at the start, {load()} at the end\n")
