@@ -93,6 +93,32 @@ def test_selection_pass_is_identity_at_beta_one_and_knockoff_at_zero():
     assert snapshot(model) == before
 
 
+class MatmulNet(nn.Module):
+    """A producer written as ``x @ w.t()``: the transpose of a parameter is no producer, the matmul is."""
+
+    def __init__(self):
+        super().__init__()
+        self.w1 = nn.Parameter(torch.randn(6, 4))
+        self.bn = nn.BatchNorm1d(6)
+        self.l2 = nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.l2(torch.relu(self.bn(x @ self.w1.t())))
+
+
+def test_selection_pass_finds_a_producer_behind_a_transposed_parameter():
+    model = randomize(MatmulNet()).eval()
+    x, xk = torch.randn(3, 4), torch.randn(3, 4)
+    oto = otofx.OTO(model, x)
+    sel = insert_selection(oto.graph_module, oto.zigset)
+    assert [name for name, _ in sel.producers] == ["matmul"]
+    with torch.no_grad():
+        sel.gm.scop_beta.fill_(1.0)
+        assert torch.allclose(sel.gm(torch.cat([x, xk]))[:3], model(x), atol=1e-5)
+    with pytest.raises(InputError, match="no prunable groups"):
+        train_betas(otofx.OTO(nn.Sequential(nn.BatchNorm1d(4), nn.Linear(4, 2)).eval(), x), [(x, torch.zeros(3).long())])
+
+
 def test_scores_have_one_value_per_row_and_model_is_untouched():
     model = _model()
     before = snapshot(model)

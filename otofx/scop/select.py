@@ -100,6 +100,9 @@ def train_betas(oto, loader, *, knockoff="gaussian", epochs: int = 10, lr: float
     gen = torch.Generator().manual_seed(seed)
     sampler = K.make(knockoff, loader, **(knockoff_kwargs or {}))
     sel = insert_selection(oto._sync(), oto.zigset, init=init)
+    if not sel.producers:
+        raise InputError("scop: no group has a conv or linear producer in the captured graph, so there is no place "
+                         "for a selection layer; SCOP scores channels that a layer's weight rows create")
     gm = sel.gm
     beta = getattr(gm, "scop_beta")
     for p in gm.parameters():

@@ -90,8 +90,19 @@ def producer_params(zigset: ZigSet, params: dict) -> dict:
     return out
 
 
+def _param_source(node: fx.Node, depth: int = 4):
+    """The parameter a value is computed from alone (``w``, ``w.t()``, ``w.to(...)``), else None."""
+    if node.op == "get_attr":
+        return node.target
+    if depth and node.op in ("call_function", "call_method"):
+        ins = node.all_input_nodes
+        if len(ins) == 1:
+            return _param_source(ins[0], depth - 1)
+    return None
+
+
 def _producer_nodes(gm: fx.GraphModule, weights: dict) -> list:
-    """(node, weight name) for every node that computes with a producer weight."""
+    """(node, weight name) for every node that computes on an activation with a producer weight."""
     mods = dict(gm.named_modules())
     found = []
     for node in gm.graph.nodes:
@@ -101,10 +112,13 @@ def _producer_nodes(gm: fx.GraphModule, weights: dict) -> list:
             if mod is not None and name in weights and getattr(mod, "weight", None) is not None:
                 found.append((node, name))
         elif node.op in ("call_function", "call_method"):
-            for a in node.all_input_nodes:
-                if a.op == "get_attr" and a.target in weights:
-                    found.append((node, a.target))
-                    break
+            sources = [_param_source(a) for a in node.all_input_nodes]
+            # NB: a node computed from parameters alone (``w.t()``) is no producer: its axis 0 is no batch
+            if all(s is not None for s in sources):
+                continue
+            hit = [s for s in sources if s in weights]
+            if hit:
+                found.append((node, hit[0]))
     return found
 
 
