@@ -264,5 +264,25 @@ class OTO:
 
         return HESSO(self.model.named_parameters(), self.groups, model=self.model, **kw)
 
+    # -- SCOP: pruning a trained model ------------------------------------------------------------
+    def scop(self, loader, *, knockoff="gaussian", epochs: int = 10, lr: float = 0.004, **kw) -> tuple:
+        """SCOP's per-row scores (one tensor per group, ``self.groups`` order; higher = keep).
+
+        Trains one selection scale per row on a copy of the captured graph with knockoff inputs
+        (``knockoff``: "gaussian", "permute" or a callable); the model is untouched. Other keywords:
+        :func:`otofx.scop.train_betas` (``adam_betas``, ``init``, ``loss_fn``, ``max_steps``, ``seed``,
+        ``knockoff_kwargs``).
+        """
+        from otofx.scop import train_betas
+
+        return train_betas(self, loader, knockoff=knockoff, epochs=epochs, lr=lr, **kw).scores
+
+    def prune_lowest(self, scores, *, ratio: float = 0.5, per_group: bool = True, loader=None, bn_batches: int = 10,
+                     **kw) -> fx.GraphModule:
+        """A new GraphModule without the lowest-scoring rows (:func:`otofx.scop.prune_lowest`)."""
+        from otofx.scop import prune_lowest
+
+        return prune_lowest(self, scores, ratio=ratio, per_group=per_group, loader=loader, bn_batches=bn_batches, **kw)
+
 
 __all__ = ["OTO", "OTOError", "outputs_close", "eval_mode"]

@@ -4,6 +4,7 @@
     otofx analyze my_pkg.models:build_net --input 1,3,32,32 --pin fc
     otofx rules
     otofx demo                    # DHSPG on scikit-learn's digits: train, compress, compare (< 3 min)
+    otofx demo --method scop      # SCOP: prune a trained CNN by knockoff scores, vs L1 and random
 
 A model spec is ``torchvision:NAME`` (random weights, nothing downloaded) or ``module:attr``, where
 attr is an nn.Module instance or a callable returning one.
@@ -103,6 +104,8 @@ def _demo(args) -> int:
 
     from otofx import demo
 
+    if args.method == "scop":
+        return _demo_scop(args)
     overrides = {k: v for k, v in (("epochs", args.epochs), ("max_steps", args.max_steps), ("seed", args.seed),
                                    ("target_group_sparsity", args.target), ("latency_runs", args.latency_runs))
                  if v is not None}
@@ -134,6 +137,43 @@ def _demo(args) -> int:
     return 0
 
 
+def _demo_scop(args) -> int:
+    from tabulate import tabulate
+
+    from otofx import demo
+
+    overrides = {k: v for k, v in (("epochs", args.epochs), ("max_steps", args.max_steps), ("seed", args.seed),
+                                   ("ratio", args.target), ("latency_runs", args.latency_runs),
+                                   ("knockoff", args.knockoff), ("scop_epochs", args.scop_epochs),
+                                   ("finetune_epochs", args.finetune_epochs)) if v is not None}
+    config = demo.ScopDemoConfig(**overrides)
+    loggers = [logging.getLogger("otofx.demo"), logging.getLogger("otofx")]
+    old_levels = [lg.level for lg in loggers]
+    if not args.quiet:
+        for lg in loggers:
+            lg.setLevel(logging.INFO)
+    t0 = time.perf_counter()
+    try:
+        result = demo.run_scop_demo(config)
+    finally:
+        for lg, lvl in zip(loggers, old_levels):
+            lg.setLevel(lvl)
+    dt = time.perf_counter() - t0
+    dense = result.rows[0]
+    rows = [[r["model"], f"{100 * r['acc before ft']:.2f}%", f"{100 * r['test acc']:.2f}%", f"{r['params']:,}",
+             f"{r['params'] / dense['params']:.3f}", f"{r['FLOPs'] / 1e6:.2f}", f"{r['FLOPs'] / dense['FLOPs']:.3f}",
+             f"{r['latency ms']:.3f}"] for r in result.rows]
+    print(tabulate(rows, headers=["model", "acc pruned", "acc fine-tuned", "params", "x dense", "MFLOPs", "x dense",
+                                  "latency ms"], tablefmt="github", colalign=("left",) + ("right",) * 7,
+                   disable_numparse=True))
+    print(f"\n{100 * config.ratio:.0f}% of every group's rows removed; BN re-estimated on {config.bn_batches} batches; "
+          f"fine-tuned {config.finetune_epochs} epochs (lr {config.finetune_lr}, cosine); SCOP: {config.knockoff} "
+          f"knockoffs, {config.scop_epochs} epochs")
+    print(f"latency: batch 1, one thread, median of {config.latency_runs}; FLOPs: FlopCounterMode, one image; "
+          f"took {dt:.0f} s")
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="otofx", description="Only-Train-Once structured pruning on torch.fx")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -152,9 +192,16 @@ def main(argv=None) -> int:
     d = sub.add_parser("demo", help=demo_help, description=demo_help)
     d.add_argument("--epochs", type=int, help="training epochs for each model (default: the README's run)")
     d.add_argument("--max-steps", type=int, help="cap on optimizer steps per model (quick smoke runs)")
-    d.add_argument("--target", type=float, help="DHSPG target group sparsity (default 0.7)")
+    d.add_argument("--target", type=float, help="DHSPG target group sparsity (default 0.7); scop: share of every "
+                                                  "group's rows removed (default 0.5)")
     d.add_argument("--seed", type=int, help="training seed (the train/test split is fixed)")
     d.add_argument("--latency-runs", type=int, help="timed forward calls per model")
+    d.add_argument("--method", choices=("dhspg", "scop"), default="dhspg",
+                   help="dhspg: train sparse with DHSPG and compress (default); scop: prune a trained model by "
+                        "SCOP's knockoff scores, next to L1 and random, then fine-tune")
+    d.add_argument("--knockoff", choices=("gaussian", "permute"), help="scop: knockoff inputs (default gaussian)")
+    d.add_argument("--scop-epochs", type=int, help="scop: epochs of the knockoff stage (default 10)")
+    d.add_argument("--finetune-epochs", type=int, help="scop: fine-tuning epochs after pruning (default 10)")
     d.add_argument("-q", "--quiet", action="store_true", help="no per-epoch progress lines")
     d.set_defaults(fn=_demo)
     args = p.parse_args(argv)

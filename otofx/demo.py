@@ -13,6 +13,11 @@ The whole OTO story in one command, on data that ships with scikit-learn (no dow
    trained model on the whole test set, then both are measured: test accuracy, parameters, FLOPs
    and CPU latency (batch 1, one thread, median).
 
+``otofx demo --method scop`` (:func:`run_scop_demo`) instead prunes a *trained* model: dense
+training, SCOP's knockoff stage (``oto.scop``), then the lowest half of every group's rows removed by
+SCOP's scores, by L1 norm and at random (``oto.prune_lowest``: the same widths), each fine-tuned
+(``otofx.scop.finetune``) and measured before and after.
+
 Everything here reports through ``logging`` (logger ``otofx.demo``) and returns plain data; the
 CLI (``otofx demo``) turns :class:`DemoResult` into a table.
 
@@ -397,6 +402,123 @@ def _run_demo(config: DemoConfig, data: Split | None) -> DemoResult:
     return DemoResult(config, rows, dense_hist, hist, dense, model, small, diff, same, len(data.y_test))
 
 
+# ---------------------------------------------------------------------------------------------
+# ``otofx demo --method scop``: prune a trained model by SCOP's scores, next to L1 and random
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ScopDemoConfig:
+    """The SCOP demo: train dense, score rows (SCOP, L1, random), prune ``ratio`` of every group, fine-tune."""
+
+    epochs: int = 20                    # dense training
+    max_steps: int | None = None        # cap on every stage's optimizer steps (tests)
+    scop_epochs: int = 10               # SCOP's knockoff stage (the betas only)
+    knockoff: str = "gaussian"          # "gaussian" or "permute"
+    ratio: float = 0.5                  # share of every group's rows removed
+    finetune_epochs: int = 10
+    finetune_lr: float = 0.05
+    bn_batches: int = 10                # BatchNorm re-estimation after pruning
+    batch_size: int = 64
+    side: int = 16
+    widths: tuple = (32, 32, 64, 64)
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    decay_from: float = 0.5
+    seed: int = 0
+    split_seed: int = 0
+    latency_runs: int = 200
+    threads: int = 1
+
+    def __post_init__(self):
+        checks = (("epochs", self.epochs >= 1), ("scop_epochs", self.scop_epochs >= 1),
+                  ("finetune_epochs", self.finetune_epochs >= 0), ("ratio", 0.0 <= self.ratio < 1.0),
+                  ("knockoff", self.knockoff in ("gaussian", "permute")),
+                  ("max_steps", self.max_steps is None or self.max_steps >= 1),
+                  ("latency_runs", self.latency_runs >= 1), ("threads", self.threads >= 1))
+        for name, ok in checks:
+            if not ok:
+                raise InputError(f"demo: {name}={getattr(self, name)!r} is out of range (see ScopDemoConfig)")
+
+
+SCOP_ROW_KEYS = ("model", "acc before ft", "test acc", "params", "FLOPs", "latency ms")
+
+
+@dataclass
+class ScopDemoResult:
+    config: ScopDemoConfig
+    rows: list                     # dicts with the keys of SCOP_ROW_KEYS (first: the dense model)
+    dense: nn.Module = field(repr=False)
+    pruned: dict = field(repr=False)   # criterion -> fine-tuned pruned GraphModule
+
+
+def batches(data: Split, batch_size: int, seed: int, max_batches: int | None = None):
+    """A re-iterable, seeded, shuffled loader of ``(x, y)`` training batches (last partial batch dropped)."""
+    ds = torch.utils.data.TensorDataset(data.x_train, data.y_train)
+    loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=True, drop_last=True,
+                                         generator=torch.Generator().manual_seed(seed))
+    if max_batches is None:
+        return loader
+    return [b for _, b in zip(range(max_batches), loader)]
+
+
+def prune_and_finetune(oto, scores, data: Split, config, seed: int, name: str) -> tuple:
+    """``oto.prune_lowest(scores)`` (BN re-estimated), then ``otofx.scop.finetune``; accuracy before and after."""
+    from otofx.scop import finetune
+
+    loader = batches(data, config.batch_size, seed, config.max_steps)
+    small = oto.prune_lowest(scores, ratio=config.ratio, loader=loader, bn_batches=config.bn_batches)
+    before = evaluate(small, data.x_test, data.y_test)
+    if config.finetune_epochs:
+        finetune(small, loader, config.finetune_epochs, config.finetune_lr, momentum=config.momentum,
+                 weight_decay=config.weight_decay)
+    after = evaluate(small, data.x_test, data.y_test)
+    log.info("%s: test acc %.4f after pruning, %.4f after fine-tuning", name, before, after)
+    return small.eval(), before, after
+
+
+def run_scop_demo(config: ScopDemoConfig = ScopDemoConfig(), data: Split | None = None) -> ScopDemoResult:
+    """Dense training, then SCOP / L1 / random pruning at the same widths, each fine-tuned; the comparison."""
+    with num_threads(config.threads):
+        return _run_scop_demo(config, data)
+
+
+def _run_scop_demo(config: ScopDemoConfig, data: Split | None) -> ScopDemoResult:
+    from otofx.api import OTO
+    from otofx.scop import scores as S
+
+    data = data if data is not None else load_digits_split(config.side, split_seed=config.split_seed)
+    n_train = len(data.y_train)
+    spe = max(n_train // config.batch_size, 1)
+    steps = config.epochs * spe if config.max_steps is None else min(config.epochs * spe, config.max_steps)
+    torch.manual_seed(config.seed)
+    dense = DigitsNet(config.widths)
+    opt = torch.optim.SGD(dense.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+    t0 = time.perf_counter()
+    train(dense, opt, data, steps=steps, steps_per_epoch=spe, batch_size=config.batch_size, seed=config.seed,
+          decay_from=config.decay_from, name="dense")
+    log.info("dense training took %.1f s", time.perf_counter() - t0)
+    dense.eval()
+    example = data.x_test[:1]
+    oto = OTO(dense, example)
+    t0 = time.perf_counter()
+    scop_scores = oto.scop(batches(data, config.batch_size, config.seed + 1, config.max_steps),
+                           knockoff=config.knockoff, epochs=config.scop_epochs, seed=config.seed)
+    log.info("SCOP knockoff stage took %.1f s", time.perf_counter() - t0)
+    acc = evaluate(dense, data.x_test, data.y_test)
+    rows = [dict(zip(SCOP_ROW_KEYS, ("dense", acc, acc, nparams(dense), count_flops(dense, example),
+                                     latency_ms(dense, example, config.latency_runs))))]
+    pruned = {}
+    for name, sc in ((f"SCOP ({config.knockoff})", scop_scores), ("L1", S.l1(oto)),
+                     ("random", S.random(oto, config.seed))):
+        small, before, after = prune_and_finetune(oto, sc, data, config, config.seed + 2, name)
+        pruned[name] = small
+        rows.append(dict(zip(SCOP_ROW_KEYS, (name, before, after, nparams(small), count_flops(small, example),
+                                             latency_ms(small, example, config.latency_runs)))))
+    return ScopDemoResult(config, rows, dense, pruned)
+
+
 def _row(name, model, data, example, runs, sparsity) -> dict:
     return dict(zip(ROW_KEYS, (name, evaluate(model, data.x_test, data.y_test), nparams(model),
                                count_flops(model, example), latency_ms(model, example, runs), sparsity)))
@@ -408,5 +530,6 @@ def _copy(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model)
 
 
-__all__ = ["DemoConfig", "DemoResult", "DigitsNet", "Split", "load_digits_split", "run_demo", "train",
+__all__ = ["ScopDemoConfig", "ScopDemoResult", "run_scop_demo", "batches", "prune_and_finetune",
+           "DemoConfig", "DemoResult", "DigitsNet", "Split", "load_digits_split", "run_demo", "train",
            "evaluate", "count_flops", "latency_ms", "group_sparsity", "lr_factor"]

@@ -1,0 +1,196 @@
+"""Knockoff inputs for SCOP: second-order Gaussian model-X knockoffs, and batch permutation.
+
+``GaussianKnockoffs.fit(loader)`` estimates the mean, the per-feature scale and the correlation
+matrix Sigma of the flattened inputs; calling the result on a batch ``x`` samples, on standardised
+features Z,
+
+    Z~ | Z ~ N(Z - Z Sigma^-1 D,  2D - D Sigma^-1 D),    D = diag(s),  s = min(1, 2 lambda_min(Sigma))
+
+(the equicorrelated construction of Candes et al. 2018), and maps back to the input's scale. For
+Gaussian X the pair is exactly exchangeable: cov([Z, Z~]) = [[Sigma, Sigma - D], [Sigma - D, Sigma]].
+``permute`` is golden-stick's knockoff: the same batch in a random order.
+
+Large inputs: with more than ``max_dim`` features (default 4096) the features are split into
+blocks of at most ``block_dim`` (default 1024) and each block gets its own knockoff, ignoring the
+correlation between blocks (Sigma is replaced by its block-diagonal part). For an image batch
+``[N, C, H, W]`` a block is a spatial tile (all channels of a ``p x p`` patch, ``C p^2 <= block_dim``);
+for other shapes, consecutive features of the flattened input. Exchangeability then holds for the
+block-diagonal Gaussian; each block costs one ``block_dim``-square eigendecomposition at fit time.
+
+Internals:
+    * Sigma is shrunk towards the identity before s is computed (``shrinkage="ledoit-wolf"``, the
+      default: the Ledoit-Wolf intensity on the standardised data; a float in [0, 1] fixes it; 0
+      keeps the sample correlation). # NB: without shrinkage an upsampled or otherwise low-rank
+      input has lambda_min(Sigma) = 0, hence s = 0 and X~ = X: the knockoff stage then learns nothing.
+    * Features whose standard deviation is (almost) zero are constants; their knockoff is the feature
+      itself, and they are left out of Sigma.
+    * The conditional covariance V = 2D - D Sigma^-1 D is singular at s = 2 lambda_min: its square
+      root is taken by eigendecomposition with negative eigenvalues clipped to 0, not by Cholesky.
+    * Everything is computed in float64 and the sample is cast to the input's dtype.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import torch
+
+from otofx.errors import InputError
+
+log = logging.getLogger("otofx")
+
+
+def batch_inputs(batch):
+    """The model input of a loader batch: ``x`` from ``(x, y, ...)`` or ``x`` itself."""
+    x = batch[0] if isinstance(batch, (tuple, list)) else batch
+    if not isinstance(x, torch.Tensor):
+        raise InputError(f"SCOP: a loader batch must be a tensor or (inputs, targets) with a tensor input; "
+                         f"got {type(x).__name__} as the input")
+    return x
+
+
+def permute(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """The batch in a random order (golden-stick's ``KfCallback`` knockoff)."""
+    return x[torch.randperm(x.shape[0], generator=generator, device="cpu").to(x.device)]
+
+
+def ledoit_wolf(z: torch.Tensor) -> float:
+    """Ledoit-Wolf shrinkage intensity of standardised data ``z`` [n, d] towards mu * I."""
+    n, d = z.shape
+    s = z.T @ z / n
+    mu = float(torch.diagonal(s).mean())
+    delta = float(((s - mu * torch.eye(d, dtype=s.dtype)) ** 2).sum()) / d
+    if delta <= 0:
+        return 0.0
+    # beta^2 = 1/n^2 sum_k ||z_k z_k^T - S||_F^2 / d, with ||z z^T||_F^2 = ||z||^4
+    sq = (z * z).sum(1)
+    beta = float((sq ** 2).sum() / n - (s ** 2).sum()) / (n * d)
+    return min(max(beta / delta, 0.0), 1.0)
+
+
+@dataclass(frozen=True)
+class _Block:
+    index: torch.Tensor  # feature positions (into the non-constant features)
+    mean_map: torch.Tensor  # A = I - s Sigma^-1: E[Z~ | Z] = Z A
+    root: torch.Tensor  # R with R R^T = V: Z~ = Z A + N(0, I) R^T
+    s: float
+    sigma: torch.Tensor  # the (shrunk) correlation of the block
+
+
+def _tiles(shape: tuple, block_dim: int) -> list:
+    """Feature positions of each block of a flattened input of per-sample ``shape``."""
+    d = math.prod(shape)
+    if len(shape) == 3:
+        c, h, w = shape
+        p = max(int(math.isqrt(max(block_dim // c, 1))), 1)
+        grid = torch.arange(d).reshape(c, h, w)
+        return [grid[:, i:i + p, j:j + p].reshape(-1) for i in range(0, h, p) for j in range(0, w, p)]
+    return [torch.arange(a, min(a + block_dim, d)) for a in range(0, d, block_dim)]
+
+
+class GaussianKnockoffs:
+    """Second-order Gaussian model-X knockoffs of the flattened input (see the module docstring)."""
+
+    def __init__(self, shape: tuple, mean: torch.Tensor, scale: torch.Tensor, active: torch.Tensor, blocks: list,
+                 shrinkage: float):
+        self.shape = tuple(shape)
+        self.mean, self.scale, self.active, self.blocks = mean, scale, active, blocks
+        self.shrinkage = shrinkage
+
+    @property
+    def s(self) -> tuple:
+        """The equicorrelated s of every block."""
+        return tuple(b.s for b in self.blocks)
+
+    @classmethod
+    def fit(cls, loader, *, max_samples: int = 20000, shrinkage="ledoit-wolf", max_dim: int = 4096,
+            block_dim: int = 1024) -> "GaussianKnockoffs":
+        xs, n, shape = [], 0, None
+        for batch in loader:
+            x = batch_inputs(batch).detach().to("cpu", torch.float64)
+            if shape is None:
+                shape = tuple(x.shape[1:])
+            elif tuple(x.shape[1:]) != shape:
+                raise InputError(f"SCOP knockoffs: the loader's inputs change shape ({shape} then {tuple(x.shape[1:])})")
+            xs.append(x.reshape(x.shape[0], -1))
+            n += x.shape[0]
+            if n >= max_samples:
+                break
+        if shape is None or n < 2:
+            raise InputError("SCOP knockoffs: the loader gave fewer than 2 samples; Gaussian knockoffs need the "
+                             "input distribution")
+        x = torch.cat(xs)[:max_samples]
+        mean, scale = x.mean(0), x.std(0)
+        active = scale > 1e-6 * max(float(scale.max()), 1e-300)
+        z = (x[:, active] - mean[active]) / scale[active]
+        d = z.shape[1]
+        pos = torch.full((math.prod(shape),), -1, dtype=torch.long)
+        pos[active] = torch.arange(d)
+        if math.prod(shape) <= max_dim:
+            parts = [torch.arange(d)]
+        else:
+            parts = [pos[t][pos[t] >= 0] for t in _tiles(shape, block_dim)]
+            parts = [p for p in parts if len(p)]
+        blocks = []
+        lw = []
+        for idx in parts:
+            zb = z[:, idx]
+            a = ledoit_wolf(zb) if shrinkage == "ledoit-wolf" else float(shrinkage)
+            if not 0.0 <= a <= 1.0:
+                raise InputError(f"SCOP knockoffs: shrinkage={shrinkage!r} must be 'ledoit-wolf' or in [0, 1]")
+            lw.append(a)
+            blocks.append(cls._block(zb, idx, a))
+        log.info("scop: Gaussian knockoffs of %d features (%d constant) from %d samples: %d block(s), s in "
+                 "[%.3g, %.3g], shrinkage %.3g", math.prod(shape), int((~active).sum()), len(x), len(blocks),
+                 min(b.s for b in blocks), max(b.s for b in blocks), max(lw))
+        return cls(shape, mean, scale, active, blocks, max(lw))
+
+    @staticmethod
+    def _block(zb: torch.Tensor, idx: torch.Tensor, shrink: float) -> _Block:
+        d = zb.shape[1]
+        cov = zb.T @ zb / zb.shape[0]
+        sd = torch.diagonal(cov).clamp_min(1e-12).sqrt()
+        corr = cov / sd[:, None] / sd[None, :]
+        eye = torch.eye(d, dtype=corr.dtype)
+        sigma = (1 - shrink) * corr + shrink * eye
+        sigma = 0.5 * (sigma + sigma.T)
+        lam_min = float(torch.linalg.eigvalsh(sigma)[0])
+        s = min(1.0, 2.0 * max(lam_min, 0.0))
+        inv = torch.linalg.inv(sigma)
+        mean_map = eye - s * inv
+        v = 2 * s * eye - s * s * inv
+        w, u = torch.linalg.eigh(0.5 * (v + v.T))
+        root = u * w.clamp_min(0).sqrt()
+        return _Block(idx, mean_map, root, s, sigma)
+
+    def __call__(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        if tuple(x.shape[1:]) != self.shape:
+            raise InputError(f"SCOP knockoffs were fitted on inputs of shape {self.shape}, got {tuple(x.shape[1:])}")
+        flat = x.detach().reshape(x.shape[0], -1).to("cpu", torch.float64)
+        out = flat.clone()
+        act = self.active
+        z = (flat[:, act] - self.mean[act]) / self.scale[act]
+        zk = torch.empty_like(z)
+        for b in self.blocks:
+            zb = z[:, b.index]
+            noise = torch.randn(zb.shape, generator=generator, dtype=zb.dtype)
+            zk[:, b.index] = zb @ b.mean_map + noise @ b.root.T
+        out[:, act] = zk * self.scale[act] + self.mean[act]
+        return out.reshape(x.shape).to(x.dtype).to(x.device)
+
+
+def make(knockoff, loader, **kw):
+    """The knockoff sampler ``fn(x, generator) -> x~`` for ``knockoff`` ("gaussian", "permute" or a callable)."""
+    if callable(knockoff):
+        def user(x, generator=None):
+            return knockoff(x)
+        return user
+    if knockoff == "gaussian":
+        return GaussianKnockoffs.fit(loader, **kw)
+    if knockoff == "permute":
+        return permute
+    raise InputError(f"knockoff={knockoff!r}: use 'gaussian', 'permute' or a callable x -> knockoff of x")
+
+
+__all__ = ["GaussianKnockoffs", "permute", "ledoit_wolf", "make", "batch_inputs"]

@@ -1,0 +1,282 @@
+"""SCOP (otofx.scop, otofx.passes.scop): the selection pass, knockoffs, scores and prune_lowest.
+
+Tiny nets and few steps: a residual conv net (rows tied across two convs by an add) for the pass and
+the pruning path; a small conv net trained for a few dozen steps on a synthetic task for the planted
+redundancy check.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import otofx
+from otofx.errors import InputError
+from otofx.passes.scop import SelectionLayer, insert_selection
+from otofx.scop import GaussianKnockoffs, choose_rows, finetune, scores, train_betas
+
+from helpers import n_params, randomize, snapshot
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+class ResNetish(nn.Module):
+    """stem conv -> block (two convs, BN) added back to the stem's output -> conv -> GAP -> linear."""
+
+    def __init__(self, c=6, d=5, classes=3):
+        super().__init__()
+        self.stem = nn.Conv2d(2, c, 3, padding=1)
+        self.bn0 = nn.BatchNorm2d(c)
+        self.conv1 = nn.Conv2d(c, d, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(d)
+        self.conv2 = nn.Conv2d(d, c, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c)
+        self.conv3 = nn.Conv2d(c, 4, 1)
+        self.head = nn.Linear(4, classes)
+
+    def forward(self, x):
+        s = torch.relu(self.bn0(self.stem(x)))
+        h = torch.relu(self.bn1(self.conv1(s)))
+        s = torch.relu(s + self.bn2(self.conv2(h)))
+        return self.head(torch.relu(self.conv3(s)).mean((2, 3)))
+
+
+def _model(seed=0):
+    torch.manual_seed(seed)
+    return randomize(ResNetish(), seed).eval()
+
+
+def _loader(n=48, batch=8, seed=0, shape=(2, 6, 6), classes=3):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, *shape, generator=g)
+    y = torch.randint(0, classes, (n,), generator=g)
+    return [(x[i:i + batch], y[i:i + batch]) for i in range(0, n, batch)]
+
+
+def test_selection_pass_is_identity_at_beta_one_and_knockoff_at_zero():
+    model = _model()
+    before = snapshot(model)
+    x = torch.randn(4, 2, 6, 6)
+    xk = torch.randn(4, 2, 6, 6)
+    oto = otofx.OTO(model, x[:1])
+    sel = insert_selection(oto.graph_module, oto.zigset)
+    layers = [m for m in sel.gm.modules() if isinstance(m, SelectionLayer)]
+    assert len(layers) == 4  # stem, conv1, conv2, conv3: every producer of a group
+    # the residual group's rows have one beta, used at both of its producers (stem and conv2)
+    by_name = dict(sel.producers)
+    assert by_name["stem"] == by_name["conv2"]
+    assert sel.gm.scop_beta.numel() == sum(z.rows for z in oto.groups)
+    # row r of group z scales the channel that z.params lists for row r, at each of its producers
+    mods = dict(sel.gm.named_modules())
+    checked = 0
+    for node in sel.gm.graph.nodes:
+        if node.op == "call_module" and isinstance(mods[node.target], SelectionLayer):
+            for zi, z in enumerate(oto.groups):
+                for name, dim, index in z.params:
+                    if name == f"{node.args[0].target}.weight" and dim == 0:
+                        want = sel.offsets[zi] + torch.arange(z.rows)
+                        assert torch.equal(mods[node.target].gather[index[:, 0]], want)
+                        checked += 1
+    assert checked == 4
+    with torch.no_grad():
+        ref, ref_k = model(x), model(xk)
+        sel.gm.scop_beta.fill_(1.0)
+        out = sel.gm(torch.cat([x, xk]))
+        assert torch.allclose(out[:4], ref, atol=1e-5) and torch.allclose(out[4:], ref_k, atol=1e-5)
+        sel.gm.scop_beta.fill_(0.0)
+        out = sel.gm(torch.cat([x, xk]))
+        assert torch.allclose(out[:4], ref_k, atol=1e-5)  # every channel of the real half replaced
+        sel.gm.scop_beta.fill_(0.5)
+        assert not torch.allclose(sel.gm(torch.cat([x, xk]))[:4], ref, atol=1e-3)
+    assert snapshot(model) == before
+
+
+class MatmulNet(nn.Module):
+    """A producer written as ``x @ w.t()``: the transpose of a parameter is no producer, the matmul is."""
+
+    def __init__(self):
+        super().__init__()
+        self.w1 = nn.Parameter(torch.randn(6, 4))
+        self.bn = nn.BatchNorm1d(6)
+        self.l2 = nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.l2(torch.relu(self.bn(x @ self.w1.t())))
+
+
+def test_selection_pass_finds_a_producer_behind_a_transposed_parameter():
+    model = randomize(MatmulNet()).eval()
+    x, xk = torch.randn(3, 4), torch.randn(3, 4)
+    oto = otofx.OTO(model, x)
+    sel = insert_selection(oto.graph_module, oto.zigset)
+    assert [name for name, _ in sel.producers] == ["matmul"]
+    with torch.no_grad():
+        sel.gm.scop_beta.fill_(1.0)
+        assert torch.allclose(sel.gm(torch.cat([x, xk]))[:3], model(x), atol=1e-5)
+    with pytest.raises(InputError, match="no prunable groups"):
+        train_betas(otofx.OTO(nn.Sequential(nn.BatchNorm1d(4), nn.Linear(4, 2)).eval(), x), [(x, torch.zeros(3).long())])
+
+
+def test_scores_have_one_value_per_row_and_model_is_untouched():
+    model = _model()
+    before = snapshot(model)
+    oto = otofx.OTO(model, torch.randn(1, 2, 6, 6))
+    loader = _loader()
+    result = train_betas(oto, loader, knockoff="permute", epochs=2, max_steps=4)
+    for got in (result.scores, result.betas, result.gammas, oto.scop(loader, knockoff="gaussian", max_steps=2),
+                scores.l1(oto), scores.bn_gamma(oto), scores.random(oto, 1)):
+        assert [tuple(s.shape) for s in got] == [(z.rows,) for z in oto.groups]
+    b = torch.cat(result.betas)
+    assert bool(((b >= 0) & (b <= 1)).all()) and not bool((b == 0.5).all())  # trained and clamped
+    for s, g, bt in zip(result.scores, result.gammas, result.betas):
+        assert torch.allclose(s, g * (2 * bt - 1), atol=1e-6)
+    # the user's callable knockoff is used as given
+    calls = []
+    oto.scop(loader, knockoff=lambda x: calls.append(x.shape) or -x, max_steps=2)
+    assert calls == [(8, 2, 6, 6)] * 2
+    assert snapshot(model) == before
+
+
+def test_gaussian_knockoffs_have_the_exchangeability_covariance():
+    g = torch.Generator().manual_seed(0)
+    d = 5
+    a = torch.randn(d, d, generator=g, dtype=torch.float64)
+    sigma = a @ a.T / d + 0.5 * torch.eye(d, dtype=torch.float64)
+    scale = torch.linspace(0.5, 3, d, dtype=torch.float64)
+    x = (torch.randn(60000, d, generator=g, dtype=torch.float64) @ torch.linalg.cholesky(sigma).T) * scale + 2.0
+    loader = [(x[i:i + 5000].float(), None) for i in range(0, len(x), 5000)]
+    ko = GaussianKnockoffs.fit(loader, max_samples=60000, shrinkage=0.0)
+    (blk,) = ko.blocks
+    corr = torch.corrcoef(x.T)
+    assert blk.s == pytest.approx(min(1.0, 2 * float(torch.linalg.eigvalsh(corr)[0])), rel=1e-2)
+    xk = ko(x.float(), generator=g).double()
+    z = (x - x.mean(0)) / x.std(0)
+    zk = (xk - x.mean(0)) / x.std(0)
+    joint = torch.cov(torch.cat([z, zk], 1).T)
+    s_mat = blk.s * torch.eye(d, dtype=torch.float64)
+    want = torch.cat([torch.cat([corr, corr - s_mat], 1), torch.cat([corr - s_mat, corr], 1)])
+    assert (joint - want).abs().max() < 0.03
+    # without the (Sigma - D) off-diagonal the check fails: the knockoff is not just a fresh sample
+    assert (torch.cov(torch.cat([z, zk], 1).T)[:d, d:] - corr).abs().max() > 0.1
+
+
+def test_gaussian_knockoffs_of_large_inputs_use_tiles_and_keep_constants():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(3000, 2, 4, 4, generator=g)
+    x[:, :, 0, 0] = 0.25  # constant pixels are their own knockoff
+    loader = [(x[i:i + 500], None) for i in range(0, 3000, 500)]
+    ko = GaussianKnockoffs.fit(loader, max_dim=16, block_dim=8)
+    assert len(ko.blocks) == 4 and max(len(b.index) for b in ko.blocks) <= 8
+    xk = ko(x[:100], generator=g)
+    assert xk.shape == (100, 2, 4, 4)
+    assert torch.equal(xk[:, :, 0, 0], x[:100, :, 0, 0])
+    assert not torch.allclose(xk, x[:100])
+
+
+def test_prune_lowest_keeps_the_requested_rows_and_runs():
+    model = _model()
+    before = snapshot(model)
+    x = torch.randn(1, 2, 6, 6)
+    oto = otofx.OTO(model, x)
+    rows = [z.rows for z in oto.groups]
+    # scores = row index: the lowest floor(rows / 2) rows of every group go
+    small = oto.prune_lowest([torch.arange(r, dtype=torch.float32) for r in rows], ratio=0.5)
+    widths = {m: getattr(small, m).out_channels for m in ("stem", "conv1", "conv2", "conv3")}
+    want = {z.layers[0]: r - math.floor(r / 2) for z, r in zip(oto.groups, rows)}
+    assert widths["stem"] == widths["conv2"] == want["stem"]
+    assert widths["conv1"] == want["conv1"] and widths["conv3"] == want["conv3"]
+    assert torch.equal(small.conv1.weight, model.conv1.weight[math.floor(model.conv1.out_channels / 2):][:, 3:])
+    assert n_params(small) < n_params(model)
+    assert small(torch.randn(3, 2, 6, 6)).shape == (3, 3)
+    # globally: floor(ratio * all rows) rows, from whichever groups score lowest
+    sc = [torch.full((r,), float(i)) for i, r in enumerate(rows)]
+    picked = choose_rows(oto, sc, 0.4, per_group=False)
+    assert sum(len(p) for p in picked) == math.floor(0.4 * sum(rows))
+    assert len(picked[0]) == rows[0] and len(picked[-1]) == 0
+    # BN re-estimation on a loader changes the pruned model's statistics, not the user's
+    small2 = oto.prune_lowest(scores.random(oto, 0), ratio=0.5, loader=_loader(), bn_batches=3)
+    assert not torch.allclose(small2.bn1.running_mean, model.bn1.running_mean[: small2.bn1.num_features])
+    assert snapshot(model) == before
+
+
+def test_prune_lowest_rejects_bad_scores():
+    oto = otofx.OTO(_model(), torch.randn(1, 2, 6, 6))
+    with pytest.raises(InputError, match="score tensors"):
+        oto.prune_lowest([torch.zeros(3)])
+    with pytest.raises(InputError, match=r"scores\[0\]"):
+        oto.prune_lowest([torch.zeros(z.rows + 1) for z in oto.groups])
+    with pytest.raises(InputError, match="ratio"):
+        oto.prune_lowest(scores.l1(oto), ratio=1.0)
+    with pytest.raises(InputError, match="knockoff"):
+        oto.scop(_loader(), knockoff="gan")
+
+
+class Small(nn.Module):
+    def __init__(self, c=8, classes=4):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, c, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c)
+        self.conv2 = nn.Conv2d(c, 8, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(8)
+        self.head = nn.Linear(8, classes)
+
+    def forward(self, x):
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = torch.relu(self.bn2(self.conv2(x)))
+        return self.head(x.mean((2, 3)))
+
+
+def _quadrants(n, g):
+    x = torch.randn(n, 1, 8, 8, generator=g)
+    q = torch.stack([x[:, 0, :4, :4].sum((1, 2)), x[:, 0, :4, 4:].sum((1, 2)), x[:, 0, 4:, :4].sum((1, 2)),
+                     x[:, 0, 4:, 4:].sum((1, 2))], 1)
+    return x, q.argmax(1)
+
+
+def test_planted_copies_score_lowest():
+    """Channels that copy others' filters (plus noise) but feed nothing score lowest; L1 and |gamma| miss them."""
+    g = torch.Generator().manual_seed(0)
+    x, y = _quadrants(1024, g)
+    loader = [(x[i:i + 64], y[i:i + 64]) for i in range(0, len(x), 64)]
+    torch.manual_seed(0)
+    net = Small()
+    finetune(net, loader, epochs=6, lr=0.05)
+    k = 4
+    planted = Small(c=8 + k)
+    with torch.no_grad():
+        src = torch.arange(k)
+        planted.conv1.weight.copy_(torch.cat([net.conv1.weight, net.conv1.weight[src] * 1.5
+                                              + 0.05 * torch.randn(k, 1, 3, 3, generator=g)]))
+        for name in ("weight", "bias", "running_mean", "running_var"):
+            t = getattr(net.bn1, name)
+            getattr(planted.bn1, name).copy_(torch.cat([t, t[src]]))
+        planted.conv2.weight.copy_(torch.cat([net.conv2.weight, torch.zeros(8, k, 3, 3)], 1))
+        planted.bn2.load_state_dict(net.bn2.state_dict())
+        planted.head.load_state_dict(net.head.state_dict())
+    planted.eval()
+    with torch.no_grad():
+        assert torch.allclose(planted(x[:64]), net.eval()(x[:64]), atol=1e-5)  # same function
+    oto = otofx.OTO(planted, x[:1])
+    (zi,) = [i for i, z in enumerate(oto.groups) if z.rows == 8 + k]
+    want = set(range(8, 8 + k))
+
+    def precision(sc):
+        return len(set(torch.argsort(sc[zi], stable=True)[:k].tolist()) & want) / k
+
+    scop = oto.scop(loader, knockoff="permute", epochs=3)
+    assert precision(scop) >= 0.75
+    assert precision(scores.l1(oto)) <= 0.25 and precision(scores.bn_gamma(oto)) <= 0.25
+
+
+def test_cli_demo_scop_prints_the_comparison(capsys):
+    pytest.importorskip("sklearn")
+    from otofx import cli
+
+    rc = cli.main(["demo", "--method", "scop", "--epochs", "1", "--max-steps", "3", "--scop-epochs", "1",
+                   "--finetune-epochs", "1", "--latency-runs", "2", "--knockoff", "permute", "-q"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    for name in ("dense", "SCOP (permute)", "L1", "random", "acc fine-tuned"):
+        assert name in out
