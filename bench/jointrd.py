@@ -18,6 +18,7 @@ networks run as captured GraphModules), each with its ratio to the teacher's, me
 
     python bench/jointrd.py            # both tasks, seeds 0 1 2 (about 15 min on 2 busy cores)
     python bench/jointrd.py --quick    # one seed, a few epochs: a smoke run
+    python bench/jointrd.py --latency-only   # no training: interleaved latency, ResNet vs plain twin
 """
 from __future__ import annotations
 
@@ -171,6 +172,36 @@ def latency_ms(model, x, runs) -> float:
     return 1e3 * statistics.median(ts)
 
 
+def latency_only(args) -> None:
+    """Batch-1 latency of each ResNet and its plain twin (random weights), interleaved in rounds."""
+    rows = []
+    for task, build, shape in (("digits", ResNet32, (1, 1, 8, 8)), ("mlp", ResMLP40, (1, 32))):
+        if task not in args.tasks:
+            continue
+        torch.manual_seed(0)
+        x = torch.randn(shape)
+        teacher = build().eval()
+        pair = {"ResNet teacher": capture(teacher, x).gm,
+                "plain twin": J.plain(J.remove_shortcuts(teacher, x)).eval()}
+        times = {k: [] for k in pair}
+        for _ in range(args.rounds):
+            for k, m in pair.items():
+                times[k].append(latency_ms(m, x, args.latency_runs))
+        t = statistics.median(times["ResNet teacher"])
+        for k in pair:
+            med = statistics.median(times[k])
+            mem = J.peak_activation_memory(pair[k], x).peak_bytes
+            rows.append([task, k, f"{med:.3f}", f"{min(times[k]):.3f}", f"{med / t:.2f}",
+                         f"{statistics.median(a / b for a, b in zip(times[k], times['ResNet teacher'])):.2f}",
+                         f"{mem / 1024:.1f}"])
+    print(f"$ python bench/{os.path.basename(sys.argv[0])} {' '.join(sys.argv[1:])}".rstrip())
+    print(f"{args.rounds} interleaved rounds of {args.latency_runs} batch-1 calls (median per round); "
+          f"load average {os.getloadavg()}")
+    print(tabulate(rows, headers=["task", "model", "latency ms (median of rounds)", "best round", "x teacher",
+                                  "x teacher (median per-round ratio)", "peak act KiB"],
+                   tablefmt=args.format, disable_numparse=True))
+
+
 def run_task(name, build, data, args, seed):
     x_tr, y_tr, x_te, y_te = data
     ex = x_tr[:2]
@@ -216,6 +247,9 @@ def main() -> None:
     ap.add_argument("--dirac", action="store_true", help="Dirac-parametrise the students (folded on export)")
     ap.add_argument("--latency-runs", type=int, default=200)
     ap.add_argument("--quick", action="store_true", help="one seed, 3 epochs, 50 latency runs")
+    ap.add_argument("--latency-only", action="store_true",
+                    help="no training: latency of each ResNet and its plain twin, interleaved in --rounds")
+    ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--format", default="github")
     args = ap.parse_args()
     if args.quick:
@@ -223,6 +257,11 @@ def main() -> None:
     torch.set_num_threads(1)
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from _common import machine
+
+    if args.latency_only:
+        print(machine())
+        latency_only(args)
+        return
 
     t0 = time.perf_counter()
     tasks = {"digits": (ResNet32, digits, 15), "mlp": (ResMLP40, synthetic, 20)}
