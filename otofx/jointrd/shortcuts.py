@@ -18,7 +18,6 @@ Internals:
 from __future__ import annotations
 
 import copy
-import logging
 
 import torch
 import torch.fx as fx
@@ -27,8 +26,6 @@ from otofx import pipeline as P
 from otofx.errors import InputError
 from otofx.passes.jointrd import apply_dirac, find_residual_adds, remove_residual_adds
 from otofx.passes.jointrd import fold_dirac as _fold_in_place
-
-log = logging.getLogger("otofx")
 
 
 def copy_modules(state: P.State) -> P.State:
