@@ -1,0 +1,312 @@
+"""JointRD: plain networks distilled from their ResNet, on two CPU tasks where plain networks degrade.
+
+Tasks: (a) scikit-learn's digits (8x8, 1437 train / 360 test) with a ResNet-32-like CNN (3 stages
+of 5 basic blocks, 16/32/64 channels, BN, 1x1 conv + BN projections); (b) a synthetic 10-class task
+(32 Gaussian features, labels from a random one-hidden-layer ReLU network; 4000 train / 2000
+test; a 256-wide one-hidden-layer MLP reaches about 66%) with a 40-layer
+residual MLP (20 blocks of two width-64 linear + BN layers). For each seed: the ResNet teacher, and
+its plain twin (``otofx.jointrd.remove_shortcuts``, projections kept; all students start from one
+random initialisation) trained (1) naively on cross-entropy, (2) with logit KD from the teacher
+(T = 4, alpha = 0.9), (3) with JointRD (``mode="paper"``: hybrid paths with m decaying 1 -> 0.5,
+MSE on the connector's features) and (4) JointRD as released (``mode="released"``: CE + margin
+feature loss). All runs use the same budget: SGD (nesterov 0.9, wd 5e-4), cosine lr, batch 64.
+
+Reported: test accuracy (mean over seeds, worst seed), its gap to the teacher, batch-1 CPU latency
+(one thread, median) and peak activation memory of one batch-1 forward
+(``otofx.jointrd.peak_activation_memory``: live bytes of the tensors the forward allocates, both
+networks run as captured GraphModules), each with its ratio to the teacher's, measured in this run.
+
+    python bench/jointrd.py            # both tasks, seeds 0 1 2 (about 15 min on 2 busy cores)
+    python bench/jointrd.py --quick    # one seed, a few epochs: a smoke run
+    python bench/jointrd.py --latency-only   # no training: interleaved latency, ResNet vs plain twin
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import os
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from tabulate import tabulate
+from torch import nn
+
+import otofx.jointrd as J
+from otofx.capture import capture
+
+
+# ---------------------------------------------------------------------------------------------
+# Models and data
+# ---------------------------------------------------------------------------------------------
+
+
+class Basic(nn.Module):
+    def __init__(self, cin, cout, stride):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout)
+        self.conv2, self.bn2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout)
+        self.proj = None
+        if stride != 1 or cin != cout:
+            self.proj = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + (x if self.proj is None else self.proj(x)))
+
+
+class ResNet32(nn.Module):
+    """CIFAR-style ResNet-(6n+2), n = 5: 31 convs + a linear head."""
+
+    def __init__(self, n=5, widths=(16, 32, 64), classes=10):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(1, widths[0], 3, 1, 1, bias=False), nn.BatchNorm2d(widths[0])
+        blocks, cin = [], widths[0]
+        for i, w in enumerate(widths):
+            for b in range(n):
+                blocks.append(Basic(cin, w, 2 if (i > 0 and b == 0) else 1))
+                cin = w
+        self.blocks = nn.Sequential(*blocks)
+        self.fc = nn.Linear(cin, classes)
+
+    def forward(self, x):
+        x = self.blocks(F.relu(self.bn(self.conv(x))))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+class ResMLP40(nn.Module):
+    """20 post-activation residual blocks of two linear + BN layers (40 hidden linear layers)."""
+
+    def __init__(self, d_in=32, width=64, blocks=20, classes=10):
+        super().__init__()
+        self.inp, self.bn = nn.Linear(d_in, width, bias=False), nn.BatchNorm1d(width)
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.Linear(width, width, bias=False), nn.BatchNorm1d(width), nn.ReLU(),
+                          nn.Linear(width, width, bias=False), nn.BatchNorm1d(width))
+            for _ in range(blocks))
+        self.fc = nn.Linear(width, classes)
+
+    def forward(self, x):
+        x = F.relu(self.bn(self.inp(x)))
+        for b in self.blocks:
+            x = F.relu(x + b(x))
+        return self.fc(x)
+
+
+def digits():
+    from otofx.demo import load_digits_split
+
+    s = load_digits_split(8)
+    return s.x_train, s.y_train, s.x_test, s.y_test
+
+
+def synthetic(n_train=4000, n_test=2000, d=32, classes=10, seed=1234):
+    """Labels from a fixed random one-hidden-layer ReLU network (argmax of its centred logits)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n_train + n_test, d, generator=g)
+    w1, b1 = torch.randn(d, 128, generator=g), torch.randn(128, generator=g)
+    logits = torch.relu(x @ w1 + b1) @ torch.randn(128, classes, generator=g)
+    y = (logits - logits.mean(0)).argmax(1)  # NB: centred, so that every class is some point's argmax
+    return x[:n_train], y[:n_train], x[n_train:], y[n_train:]
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------------
+
+
+def batches(x, y, bs, gen):
+    idx = torch.randperm(len(y), generator=gen)
+    for i in range(0, len(y) - bs + 1, bs):
+        j = idx[i:i + bs]
+        yield x[j], y[j]
+
+
+def fit(module, loss_fn, params, data, args, seed):
+    """SGD (nesterov 0.9, wd 5e-4), cosine lr over ``args.epochs``; ``loss_fn(x, y)`` -> loss."""
+    x, y = data[0], data[1]
+    opt = torch.optim.SGD(params, lr=args.lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    steps = args.epochs * (len(y) // args.batch)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 0.5 * (1 + math.cos(math.pi * t / steps)))
+    gen = torch.Generator().manual_seed(1000 + seed)
+    module.train()
+    for _ in range(args.epochs):
+        for xb, yb in batches(x, y, args.batch, gen):
+            loss = loss_fn(xb, yb)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+    module.eval()
+
+
+@torch.no_grad()
+def accuracy(model, x, y) -> float:
+    model.eval()
+    return (model(x).argmax(1) == y).float().mean().item()
+
+
+def kd_loss(student, teacher, T=4.0, alpha=0.9):
+    def loss(x, y):
+        with torch.no_grad():
+            t = teacher(x)
+        s = student(x)
+        kl = F.kl_div(F.log_softmax(s / T, 1), F.softmax(t / T, 1), reduction="batchmean")
+        return (1 - alpha) * F.cross_entropy(s, y) + alpha * T * T * kl
+    return loss
+
+
+def latency_ms(model, x, runs) -> float:
+    with torch.inference_mode():
+        for _ in range(5):
+            model(x)
+        ts = []
+        for _ in range(runs):
+            t0 = time.perf_counter()
+            model(x)
+            ts.append(time.perf_counter() - t0)
+    return 1e3 * statistics.median(ts)
+
+
+def latency_only(args) -> None:
+    """Batch-1 latency of each ResNet and its plain twin (random weights), interleaved in rounds."""
+    rows = []
+    for task, build, shape in (("digits", ResNet32, (1, 1, 8, 8)), ("mlp", ResMLP40, (1, 32))):
+        if task not in args.tasks:
+            continue
+        torch.manual_seed(0)
+        x = torch.randn(shape)
+        teacher = build().eval()
+        pair = {"ResNet teacher": capture(teacher, x).gm,
+                "plain twin": J.plain(J.remove_shortcuts(teacher, x)).eval()}
+        times = {k: [] for k in pair}
+        for _ in range(args.rounds):
+            for k, m in pair.items():
+                times[k].append(latency_ms(m, x, args.latency_runs))
+        t = statistics.median(times["ResNet teacher"])
+        for k in pair:
+            med = statistics.median(times[k])
+            mem = J.peak_activation_memory(pair[k], x).peak_bytes
+            rows.append([task, k, f"{med:.3f}", f"{min(times[k]):.3f}", f"{med / t:.2f}",
+                         f"{statistics.median(a / b for a, b in zip(times[k], times['ResNet teacher'])):.2f}",
+                         f"{mem / 1024:.1f}"])
+    print(f"$ python bench/{os.path.basename(sys.argv[0])} {' '.join(sys.argv[1:])}".rstrip())
+    print(f"{args.rounds} interleaved rounds of {args.latency_runs} batch-1 calls (median per round); "
+          f"load average {os.getloadavg()}")
+    print(tabulate(rows, headers=["task", "model", "latency ms (median of rounds)", "best round", "x teacher",
+                                  "x teacher (median per-round ratio)", "peak act KiB"],
+                   tablefmt=args.format, disable_numparse=True))
+
+
+def run_task(name, build, data, args, seed):
+    x_tr, y_tr, x_te, y_te = data
+    ex = x_tr[:2]
+    rows = []
+    torch.manual_seed(seed)
+    teacher = build()
+    fit(teacher, lambda a, b: F.cross_entropy(teacher(a), b), teacher.parameters(), (x_tr, y_tr), args, seed)
+    rows.append(("ResNet teacher", teacher, accuracy(teacher, x_te, y_te)))
+    torch.manual_seed(10_000 + seed)
+    init = J.remove_shortcuts(build(), ex, dirac=args.dirac)  # one plain initialisation for every student
+
+    def student():
+        return copy.deepcopy(init)
+
+    s = student()
+    fit(s, lambda a, b: F.cross_entropy(s(a), b), s.parameters(), (x_tr, y_tr), args, seed)
+    rows.append(("plain, naive (CE)", J.plain(s), accuracy(s, x_te, y_te)))
+    s = student()
+    teacher.eval()
+    fit(s, kd_loss(s, teacher), s.parameters(), (x_tr, y_tr), args, seed)
+    rows.append(("plain, KD (logits)", J.plain(s), accuracy(s, x_te, y_te)))
+    steps = args.epochs * (len(y_tr) // args.batch)
+    for mode, label in (("paper", "plain, JointRD (paper)"), ("released", "plain, JointRD (released TA)")):
+        if mode not in args.modes:
+            continue
+        s = student()
+        jrd = J.JointRD(s, teacher, mode=mode, dc=0.5, decay_steps=steps // 2)
+        fit(jrd, jrd.loss, [p for p in jrd.parameters() if p.requires_grad], (x_tr, y_tr), args, seed)
+        rows.append((label, jrd.export(), accuracy(s, x_te, y_te)))
+    print(f"  {name} seed {seed}: " + ", ".join(f"{r[0]} {100 * r[2]:.2f}" for r in rows), file=sys.stderr,
+          flush=True)
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--tasks", nargs="+", default=["digits", "mlp"], choices=["digits", "mlp"])
+    ap.add_argument("--epochs", type=int, default=None, help="default: 15 (digits), 20 (mlp)")
+    ap.add_argument("--lr", type=float, default=0.05)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--modes", nargs="+", default=["paper", "released"], choices=["paper", "released"])
+    ap.add_argument("--dirac", action="store_true", help="Dirac-parametrise the students (folded on export)")
+    ap.add_argument("--latency-runs", type=int, default=200)
+    ap.add_argument("--quick", action="store_true", help="one seed, 3 epochs, 50 latency runs")
+    ap.add_argument("--latency-only", action="store_true",
+                    help="no training: latency of each ResNet and its plain twin, interleaved in --rounds")
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--format", default="github")
+    args = ap.parse_args()
+    if args.quick:
+        args.seeds, args.latency_runs = args.seeds[:1], 50
+    torch.set_num_threads(1)
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from _common import machine
+
+    if args.latency_only:
+        print(machine())
+        latency_only(args)
+        return
+
+    t0 = time.perf_counter()
+    tasks = {"digits": (ResNet32, digits, 15), "mlp": (ResMLP40, synthetic, 20)}
+    out = []
+    for task in args.tasks:
+        build, load, default_epochs = tasks[task]
+        task_args = copy.copy(args)
+        task_args.epochs = 3 if args.quick else (args.epochs or default_epochs)
+        data = load()
+        per_seed = [run_task(task, build, data, task_args, seed) for seed in args.seeds]
+        x1 = data[2][:1]
+        teacher = per_seed[0][0][1]
+        t_graph = capture(teacher, x1).gm
+        t_lat = latency_ms(t_graph, x1, args.latency_runs)
+        t_mem = J.peak_activation_memory(t_graph, x1).peak_bytes
+        t_acc = statistics.mean(r[0][2] for r in per_seed)
+        for i, (label, model, _) in enumerate(per_seed[0]):
+            accs = [r[i][2] for r in per_seed]
+            graph = t_graph if i == 0 else model
+            lat = t_lat if i == 0 else latency_ms(graph, x1, args.latency_runs)
+            mem = t_mem if i == 0 else J.peak_activation_memory(graph, x1).peak_bytes
+            adds = J.residual_adds(graph, x1)
+            out.append([task, label, f"{100 * statistics.mean(accs):.2f}", f"{100 * min(accs):.2f}",
+                        "" if i == 0 else f"{100 * (statistics.mean(accs) - t_acc):+.2f}",
+                        f"{lat:.3f}", f"{lat / t_lat:.2f}", f"{mem / 1024:.1f}", f"{mem / t_mem:.2f}",
+                        f"{sum(a.kind == 'identity' for a in adds)}/{sum(a.kind == 'projection' for a in adds)}"])
+        print(f"{task} done at {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
+    dt = time.perf_counter() - t0
+    print(f"$ python bench/{os.path.basename(sys.argv[0])} {' '.join(sys.argv[1:])}".rstrip())
+    print(f"{machine()}; seeds {args.seeds}; epochs {'3' if args.quick else (args.epochs or '15 (digits) / 20 (mlp)')}, "
+          f"lr {args.lr}, batch {args.batch}; took {dt:.0f} s; load average {os.getloadavg()}")
+    print(tabulate(out, headers=["task", "model", "test acc % (mean)", "worst seed", "vs teacher (points)",
+                                 "latency ms (b=1)", "x teacher", "peak act KiB (b=1)", "x teacher",
+                                 "identity/proj adds"], tablefmt=args.format, disable_numparse=True))
+    print()
+    for task in args.tasks:
+        rows = {r[1]: r for r in out if r[0] == task}
+        gap = lambda k: float(rows[k][4]) if k in rows else float("nan")  # noqa: E731
+        naive, paper = gap("plain, naive (CE)"), gap("plain, JointRD (paper)")
+        mem = float(rows["plain, JointRD (paper)"][8]) if "plain, JointRD (paper)" in rows else float("nan")
+        print(f"{task}: naive plain {naive:+.2f} points vs teacher (target <= -2: "
+              f"{'met' if naive <= -2 else 'not met'}); JointRD (paper) {paper:+.2f} (target >= -0.5: "
+              f"{'met' if paper >= -0.5 else 'not met'}); plain peak activation memory x{mem:.2f} the ResNet's "
+              f"(target < 1: {'met' if mem < 1 else 'not met'})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,321 @@
+"""JointRD: shortcut removal, Dirac fold, hybrid-path training, OTO on the plain student, memory."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from helpers import randomize, snapshot
+from torch import nn
+
+import otofx
+import otofx.jointrd as J
+from otofx.errors import InputError
+from otofx.passes.jointrd import Dirac, StageError, find_residual_adds
+
+X32 = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+
+
+# ---------------------------------------------------------------------------------------------
+# Small models: a timm-style ResNet (in-place add, avg-pool downsample) and a residual MLP
+# ---------------------------------------------------------------------------------------------
+
+
+class TimmBlock(nn.Module):
+    def __init__(self, cin, cout, stride):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout)
+        self.act1 = nn.ReLU(inplace=True)
+        self.conv2, self.bn2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout)
+        self.act2 = nn.ReLU(inplace=True)
+        self.downsample = None
+        if stride != 1 or cin != cout:  # timm's avg_down: pool -> 1x1 conv -> bn
+            self.downsample = nn.Sequential(nn.AvgPool2d(stride, stride) if stride > 1 else nn.Identity(),
+                                            nn.Conv2d(cin, cout, 1, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        shortcut = x
+        x = self.act1(self.bn1(self.conv1(x)))
+        x = self.bn2(self.conv2(x))
+        if self.downsample is not None:
+            shortcut = self.downsample(shortcut)
+        x += shortcut
+        return self.act2(x)
+
+
+class TimmLikeResNet(nn.Module):
+    def __init__(self, widths=(8, 16, 32), blocks=2, num_classes=10):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, widths[0], 3, 1, 1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU())
+        layers, cin = [], widths[0]
+        for i, w in enumerate(widths):
+            for b in range(blocks):
+                layers.append(TimmBlock(cin, w, 2 if (b == 0 and i > 0) else 1))
+                cin = w
+        self.layers = nn.Sequential(*layers)
+        self.fc = nn.Linear(cin, num_classes)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(self.layers(self.stem(x)), 1), 1))
+
+
+class ResMLP(nn.Module):
+    """x = x + relu(bn(linear(x))) blocks: adds with no activation after them."""
+
+    def __init__(self, width=16, depth=6, num_classes=5):
+        super().__init__()
+        self.inp = nn.Linear(8, width)
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(width, width), nn.BatchNorm1d(width), nn.ReLU())
+                                    for _ in range(depth))
+        self.out = nn.Linear(width, num_classes)
+
+    def forward(self, x):
+        x = self.inp(x)
+        for b in self.blocks:
+            x = x + b(x)
+        return self.out(x)
+
+
+def _kinds(model, x):
+    # a remove_shortcuts output still has its shapes: read its graph instead of capturing it again
+    adds = find_residual_adds(model) if "jointrd" in getattr(model, "meta", {}) else J.residual_adds(model, x)
+    return sum(a.kind == "identity" for a in adds), sum(a.kind == "projection" for a in adds)
+
+
+# ---------------------------------------------------------------------------------------------
+# remove_shortcuts
+# ---------------------------------------------------------------------------------------------
+
+
+def _timm_resnet():
+    timm = pytest.importorskip("timm")
+    return timm.create_model("resnet26d", pretrained=False, num_classes=10)
+
+
+@pytest.mark.parametrize("build, identity, projections", [
+    (lambda: torchvision.models.resnet18(num_classes=10), 5, 3),
+    (lambda: torchvision.models.resnet50(num_classes=10), 12, 4),
+    (TimmLikeResNet, 4, 2),
+    (_timm_resnet, 4, 4),
+], ids=["resnet18", "resnet50", "timm_like", "timm_resnet26d"])
+def test_remove_shortcuts(build, identity, projections):
+    model = randomize(build().eval())
+    before = snapshot(model)
+    assert _kinds(model, X32) == (identity, projections)
+    student = J.remove_shortcuts(model, X32)
+    assert isinstance(student, torch.fx.GraphModule)
+    assert _kinds(student, X32) == (0, projections)  # the projection adds stay by default
+    assert len(student.meta["jointrd"].removed) == identity
+    bare = J.remove_shortcuts(model, X32, keep_projections=False)
+    assert _kinds(bare, X32) == (0, 0)
+    assert not any("downsample" in n for n, _ in bare.named_parameters())  # the projections' modules are gone
+    for s in (student, bare):
+        y = s(X32)
+        assert y.shape == (2, 10) and torch.isfinite(y).all()
+        assert not torch.allclose(y, model(X32))  # the function did change
+    assert snapshot(model) == before  # the user's model is untouched
+    y = model(X32)
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(1.0)
+    assert torch.equal(model(X32), y)  # the student's weights are copies
+
+
+def test_identity_add_is_the_branch():
+    """Removing x + f(x) leaves exactly f(x): the plain net equals the ResNet with skips zeroed."""
+    model = randomize(ResMLP().eval())
+    x = torch.randn(4, 8)
+    student = J.remove_shortcuts(model, x)
+    h = model.inp(x)
+    for b in model.blocks:
+        h = b(h)
+    torch.testing.assert_close(student(x), model.out(h))
+
+
+def test_non_residual_adds_stay():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
+            self.bias = nn.Parameter(torch.randn(4))
+
+        def forward(self, x, y):
+            # alpha 2, a broadcast bias, two branches of different inputs
+            return torch.add(self.a(x), self.b(x), alpha=2) + self.bias + self.a(y)
+
+    x, y = torch.randn(2, 4), torch.randn(2, 4)
+    assert J.residual_adds(Net(), (x, y)) == ()
+
+
+# ---------------------------------------------------------------------------------------------
+# Dirac
+# ---------------------------------------------------------------------------------------------
+
+
+def test_dirac_fold_is_exact():
+    model = randomize(TimmLikeResNet().eval())
+    student = J.remove_shortcuts(model, X32, dirac=True)
+    names = student.meta["jointrd"].dirac
+    # the 3x3 convs with equal widths: 2 per stage-1 block, then the second conv of each block and
+    # both convs of the stages' second blocks
+    assert len(names) == 4 + 3 + 3 and "layers.0.conv1.weight" in names
+    with torch.no_grad():
+        for m in student.modules():
+            if isinstance(m, Dirac):
+                m.alpha.uniform_(0.5, 1.5)
+                m.beta.uniform_(-0.5, 0.5)
+    student.eval()
+    y = student(X32)
+    folded = J.fold_dirac(student)
+    assert not any(torch.nn.utils.parametrize.is_parametrized(m) for m in folded.modules())
+    assert type(folded.get_submodule("layers.0.conv1")) is nn.Conv2d
+    assert (folded(X32) - y).abs().max().item() < 1e-5
+    assert torch.equal(student(X32), y)  # folding a copy leaves the parametrised student working
+    # the parametrisation is alpha * delta + beta * V
+    conv = student.get_submodule("layers.0.conv1")
+    d = conv.parametrizations.weight[0]
+    v = conv.parametrizations.weight.original
+    expect = d.alpha.view(-1, 1, 1, 1) * nn.init.dirac_(torch.empty_like(v)) + d.beta.view(-1, 1, 1, 1) * v
+    torch.testing.assert_close(folded.get_submodule("layers.0.conv1").weight, expect)
+
+
+def test_dirac_on_square_linear():
+    student = J.remove_shortcuts(ResMLP().eval(), torch.randn(4, 8), dirac=True)
+    assert len(student.meta["jointrd"].dirac) == 6  # the block linears (width -> width), not inp/out
+
+
+# ---------------------------------------------------------------------------------------------
+# JointRD training
+# ---------------------------------------------------------------------------------------------
+
+
+def _pair(seed=0):
+    torch.manual_seed(seed)
+    teacher = randomize(TimmLikeResNet().eval())
+    student = J.remove_shortcuts(teacher, X32, dirac=True)
+    return teacher, student
+
+
+def test_boundaries_and_hybrid_gradients():
+    teacher, student = _pair()
+    jrd = J.JointRD(student, teacher)
+    # the stream widens after stage 1 and stage 2: the inputs of the blocks that widen it
+    assert jrd.boundaries == ("layers_1_act2", "layers_3_act2")
+    assert jrd.student_boundaries == jrd.boundaries
+    y = torch.tensor([1, 2])
+    terms = jrd(X32, y)
+    assert len(terms.hybrid_ce) == 2 and terms.feature is not None
+    sum(terms.hybrid_ce).backward()
+    stem = student.get_submodule("stem.0").weight.grad
+    assert stem is not None and stem.abs().sum() > 0  # the hybrid paths reach the student's first stage
+    late = student.get_submodule("layers.5.conv2").parametrizations.weight.original.grad
+    assert late is None or late.abs().sum() == 0  # ... and not its last stage (after every boundary)
+    assert all(p.grad is None for p in jrd.teacher.parameters())
+
+
+def test_teacher_frozen_and_user_models_untouched():
+    teacher, student = _pair()
+    t_before = snapshot(teacher)
+    jrd = J.JointRD(student, teacher, decay_steps=4).train()
+    jt_before = snapshot(jrd.teacher)
+    s_before = snapshot(student)
+    opt = torch.optim.SGD(jrd.parameters(), lr=0.05, momentum=0.9)
+    y = torch.tensor([1, 2])
+    ms = []
+    for _ in range(3):
+        terms = jrd(X32, y)
+        ms.append(terms.m)
+        opt.zero_grad()
+        terms.total.backward()
+        opt.step()
+    assert snapshot(teacher) == t_before
+    assert snapshot(jrd.teacher) == jt_before  # frozen: weights, BN statistics and eval mode
+    assert snapshot(student) != s_before  # the student trains in place
+    assert ms[0] == 1.0 and ms[0] > ms[1] > ms[2] >= 0.5  # cosine decay of the hybrid weight
+
+
+def test_modes():
+    teacher, student = _pair()
+    y = torch.tensor([1, 2])
+    released = J.JointRD(student, teacher, mode="released")
+    t = released(X32, y)
+    assert t.hybrid_ce == () and t.teacher_ce is None
+    torch.testing.assert_close(t.total, t.student_ce + 1e-3 * t.feature)
+    joint = J.JointRD(student, teacher, mode="joint").train()
+    before = snapshot(joint.teacher)
+    t = joint(X32, y)
+    assert len(t.hybrid_ce) == 2 and t.teacher_ce is not None
+    torch.testing.assert_close(t.total, (t.student_ce + sum(t.hybrid_ce) + 1e-3 * t.feature) / 3 + t.teacher_ce)
+    opt = torch.optim.SGD(joint.parameters(), lr=0.05)
+    opt.zero_grad()
+    sum(t.hybrid_ce).backward(retain_graph=True)
+    assert all(p.grad is None or p.grad.abs().sum() == 0 for p in joint.teacher.parameters())  # hybrids: student only
+    opt.zero_grad()
+    t.total.backward()
+    opt.step()
+    assert snapshot(joint.teacher) != before  # trained jointly
+    assert snapshot(teacher) != () and snapshot(teacher) == snapshot(_pair()[0])  # the user's teacher is not
+
+
+def test_residual_mlp_boundaries_fall_back_to_equal_runs():
+    torch.manual_seed(0)
+    teacher = ResMLP(depth=8).eval()
+    x = torch.randn(4, 8)
+    student = J.remove_shortcuts(teacher, x)
+    jrd = J.JointRD(student, teacher, decay_steps=10)
+    assert len(jrd.boundaries) == 3  # a constant-width stream: 4 equal runs of blocks
+    # the boundaries are adds the student no longer has: matched through the removal record
+    assert all(b.startswith("add") for b in jrd.boundaries)
+    assert all(not s.startswith("add") for s in jrd.student_boundaries)
+    terms = jrd(x, torch.tensor([0, 1, 2, 3]))
+    assert len(terms.hybrid_ce) == 3
+    terms.total.backward()
+
+
+def test_bad_arguments():
+    teacher, student = _pair()
+    with pytest.raises(InputError, match="mode="):
+        J.JointRD(student, teacher, mode="nope")
+    with pytest.raises(StageError, match="not_a_node"):
+        J.JointRD(student, teacher, boundaries=["not_a_node"])
+    with pytest.raises(InputError, match="example_inputs"):
+        J.JointRD(TimmLikeResNet(), teacher)
+
+
+# ---------------------------------------------------------------------------------------------
+# The exported student: plain, an OTO input, less activation memory
+# ---------------------------------------------------------------------------------------------
+
+
+def test_export_is_plain_and_prunes_in_smaller_groups():
+    teacher, student = _pair()
+    jrd = J.JointRD(student, teacher)
+    plain = jrd.export()
+    assert _kinds(plain, X32)[0] == 0
+    assert not any(torch.nn.utils.parametrize.is_parametrized(m) for m in plain.modules())
+    assert "jointrd" not in plain.meta
+    res, pl = otofx.OTO(teacher, X32[:1]), otofx.OTO(plain, X32[:1])
+    assert len(pl.groups) > len(res.groups)
+    assert max(len(z.layers) for z in pl.groups) < max(len(z.layers) for z in res.groups)
+    # and it compresses exactly like any model
+    zeroed = randomize(plain).eval()
+    params = dict(zeroed.named_parameters())
+    with torch.no_grad():
+        for zig in pl.groups:
+            for name, dim, index in zig.params:
+                params[name].movedim(dim, 0)[index[: zig.rows // 2].reshape(-1)] = 0
+    small = pl.compress()
+    assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in zeroed.parameters())
+
+
+def test_plain_student_needs_less_activation_memory():
+    teacher = TimmLikeResNet().eval()
+    plain = J.remove_shortcuts(teacher, X32)
+    x = torch.randn(1, 3, 32, 32)
+    r, p = J.peak_activation_memory(teacher, x), J.peak_activation_memory(plain, x)
+    assert r.method == p.method == "dispatch"
+    # stage 1 (8 x 32 x 32 floats = 32 KiB a tensor): the ResNet holds the block input, conv1's and
+    # bn1's outputs; the plain net two of those
+    assert r.peak_bytes == 3 * 8 * 32 * 32 * 4
+    assert p.peak_bytes == 2 * 8 * 32 * 32 * 4
+    assert r.output_bytes == p.output_bytes == 10 * 4
