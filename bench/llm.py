@@ -19,7 +19,7 @@ Cases, each in a fresh subprocess (so its peak RSS is its own):
   8192, 64 / 8 heads, 28672) configs built under ``torch.device("meta")``; ``otofx.OTO`` time and the
   process's peak RSS (``ru_maxrss``), no weights allocated.
 
-Run (about 10 minutes on 2 cores)::
+Run (26 minutes on 2 cores at load average 15; 1.1B float32 compress needs ~8 GB of RAM)::
 
     python bench/llm.py
     python bench/llm.py --cases float32 meta70b --new-tokens 4
