@@ -34,6 +34,8 @@ Internals:
       whose outputs are computed once, as soon as it is known. Only passes whose graph changed
       (another GraphModule object, or other generated code) are run; a pass that edits weights
       in place without touching the graph is not detected: put ``Verify()`` after it.
+    * Verification holds float32 to ``rtol`` (1e-4); a float16/bfloat16 model gets
+      ``2 * unit roundoff * sqrt(contraction depth)`` (:func:`outputs_close` says why).
     * ``plan_zero_rows`` finds zero rows with ``passes.prune.zero_rows`` (``p != 0`` masks
       gathered per row, no float64 copy of the weights).
     * ``zigset`` and ``plan`` describe the graph they were computed on (``state.reference`` in
@@ -97,7 +99,7 @@ def eval_mode(module: torch.nn.Module):
 
 # NB: contractions (the ops whose reductions change length when rows go) by their op name: fx
 # functions and methods, leaf modules, and torch.export's aten overloads ("aten::addmm")
-_CONTRACTION = re.compile(r"_*(linear|bilinear|conv\w*|convolution\w*|matmul|r?matmul|mm|bmm|addmm|addbmm|baddbmm"
+_CONTRACTION = re.compile(r"_*(linear|bilinear|conv\w*|convolution\w*|r?matmul|mm|bmm|addmm|addbmm|baddbmm"
                           r"|einsum|tensordot|\w*scaled_dot_product\w*|\w*attention\w*)_*")
 _CONTRACTION_MODULES = (torch.nn.Linear, torch.nn.Bilinear, torch.nn.modules.conv._ConvNd)
 
