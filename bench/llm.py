@@ -245,7 +245,7 @@ def tables(results: list, fmt: str) -> str:
             _f(r["tok_s_small"] / r["tok_s_dense"] if "tok_s_dense" in r else None, ".2f"),
             {True: "yes", False: "no"}.get(r.get("same_tokens"), ""),
         ])
-    out = [tabulate(rows, headers=["dtype", "params", "weights GB", "analysis s", "analysis peak x weights",
+    out = [] if not rows else [tabulate(rows, headers=["dtype", "params", "weights GB", "analysis s", "analysis peak x weights",
                                    "compress s", "compress peak GB", "x weights", "extra x weights",
                                    "compressed x weights", "rel. error <= tol", "tok/s dense", "tok/s compressed",
                                    "x dense", "same tokens"], tablefmt=fmt)]
