@@ -19,7 +19,7 @@ Cases, each in a fresh subprocess (so its peak RSS is its own):
   8192, 64 / 8 heads, 28672) configs built under ``torch.device("meta")``; ``otofx.OTO`` time and the
   process's peak RSS (``ru_maxrss``), no weights allocated.
 
-Run (about 10 minutes on 2 cores)::
+Run (26 minutes on 2 cores at load average 15; 1.1B float32 compress needs ~8 GB of RAM)::
 
     python bench/llm.py
     python bench/llm.py --cases float32 meta70b --new-tokens 4
@@ -245,7 +245,7 @@ def tables(results: list, fmt: str) -> str:
             _f(r["tok_s_small"] / r["tok_s_dense"] if "tok_s_dense" in r else None, ".2f"),
             {True: "yes", False: "no"}.get(r.get("same_tokens"), ""),
         ])
-    out = [tabulate(rows, headers=["dtype", "params", "weights GB", "analysis s", "analysis peak x weights",
+    out = [] if not rows else [tabulate(rows, headers=["dtype", "params", "weights GB", "analysis s", "analysis peak x weights",
                                    "compress s", "compress peak GB", "x weights", "extra x weights",
                                    "compressed x weights", "rel. error <= tol", "tok/s dense", "tok/s compressed",
                                    "x dense", "same tokens"], tablefmt=fmt)]

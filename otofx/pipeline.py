@@ -37,6 +37,8 @@ Internals:
     * Verification runs every input set of :func:`input_sets`: the example inputs and
       ``state.more_inputs`` (the export front-end's second shape: batch + 1 and length + 1 along
       the dimensions it made dynamic, the example tiled to those sizes).
+    * Verification holds float32 to ``rtol`` (1e-4); a float16/bfloat16 model gets
+      ``2 * unit roundoff * sqrt(contraction depth)`` (:func:`outputs_close` says why).
     * ``plan_zero_rows`` finds zero rows with ``passes.prune.zero_rows`` (``p != 0`` masks
       gathered per row, no float64 copy of the weights).
     * ``zigset`` and ``plan`` describe the graph they were computed on (``state.reference`` in
@@ -101,7 +103,7 @@ def eval_mode(module: torch.nn.Module):
 
 # NB: contractions (the ops whose reductions change length when rows go) by their op name: fx
 # functions and methods, leaf modules, and torch.export's aten overloads ("aten::addmm")
-_CONTRACTION = re.compile(r"_*(linear|bilinear|conv\w*|convolution\w*|matmul|r?matmul|mm|bmm|addmm|addbmm|baddbmm"
+_CONTRACTION = re.compile(r"_*(linear|bilinear|conv\w*|convolution\w*|r?matmul|mm|bmm|addmm|addbmm|baddbmm"
                           r"|einsum|tensordot|\w*scaled_dot_product\w*|\w*attention\w*)_*")
 _CONTRACTION_MODULES = (torch.nn.Linear, torch.nn.Bilinear, torch.nn.modules.conv._ConvNd)
 
