@@ -33,7 +33,7 @@ from otofx.errors import InputError, VerificationError
 from otofx.passes.prune import plan_rows
 from otofx.pipeline import compare, run_eval
 
-from .knockoffs import batch_inputs
+from otofx.calibrate import reestimate_bn
 
 log = logging.getLogger("otofx")
 
@@ -95,36 +95,6 @@ def check_structure(oto, small: torch.nn.Module) -> None:
         if isinstance(a, torch.Tensor) and (not isinstance(b, torch.Tensor) or a.shape != b.shape):
             raise VerificationError(f"the pruned model's output {i} has shape "
                                     f"{getattr(b, 'shape', type(b).__name__)}, the full model's {tuple(a.shape)}")
-
-
-def reestimate_bn(model: torch.nn.Module, loader, batches: int = 10) -> int:
-    """Reset and re-estimate every BatchNorm's running statistics on ``batches`` batches; returns the batches used."""
-    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
-    if not bns:
-        log.warning("scop: no BatchNorm layer with running statistics in the pruned model; nothing re-estimated")
-        return 0
-    flags = [(m, m.training) for m in model.modules()]
-    moms = [(m, m.momentum) for m in bns]
-    used = 0
-    try:
-        for m in bns:
-            m.reset_running_stats()
-            m.momentum = None  # a cumulative average over the batches
-        for m, _ in flags:
-            m.training = True
-        with torch.no_grad():
-            for batch in loader:
-                if used >= batches:
-                    break
-                model(batch_inputs(batch))
-                used += 1
-    finally:
-        for m, mom in moms:
-            m.momentum = mom
-        for m, f in flags:
-            m.training = f
-    log.info("scop: BatchNorm statistics of %d layers re-estimated on %d batches", len(bns), used)
-    return used
 
 
 def prune_lowest(oto, scores, *, ratio: float = 0.5, per_group: bool = True, loader=None, bn_batches: int = 10,

@@ -34,6 +34,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from otofx.calibrate import reestimate_bn
 from otofx.errors import InputError
 from otofx.slb.modules import SLBWeight
 
@@ -127,59 +128,16 @@ def weights(model: nn.Module, mode: str):
             slb.force = force
 
 
-def _batches(loader, limit: int | None):
-    for i, batch in enumerate(loader):
-        if limit is not None and i >= limit:
-            return
-        yield batch
-
-
-def _inputs(batch):
-    """The model inputs of a loader batch: ``x`` or the first element of ``(x, y, ...)``."""
-    if isinstance(batch, torch.Tensor):
-        return (batch,)
-    if isinstance(batch, (tuple, list)) and batch:
-        return (batch[0],)
-    if isinstance(batch, dict):
-        return batch
-    raise InputError(f"calibration loader yielded {type(batch).__name__}: give a tensor, (inputs, targets) or a dict")
-
-
-@torch.no_grad()
 def calibrate_bn(model: nn.Module, loader: Iterable, batches: int | None = None) -> int:
     """Re-estimate every BatchNorm's running statistics with the discrete (argmax) weights.
 
     Runs ``model`` in eval mode (argmax SLB weights, no dropout) with only its BatchNorm modules in
     training mode over ``loader`` (batches of ``x`` or ``(x, y)``; the first ``batches`` only, if
     given); the statistics are a cumulative average over the batches. Modes and momenta are
-    restored. Returns the number of batches used. Works on any model (SLB weights or not).
+    restored. Returns the number of batches used. Works on any model (SLB weights or not); the
+    work is :func:`otofx.calibrate.reestimate_bn`'s.
     """
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
-    if not bns:
-        log.info("otofx.slb.calibrate_bn: %s has no BatchNorm module with running stats", type(model).__name__)
-        return 0
-    flags = [(m, m.training) for m in model.modules()]
-    momenta = [(m, m.momentum) for m in bns]
-    n = 0
-    try:
-        for m, _ in flags:
-            m.training = False
-        for m in bns:
-            m.reset_running_stats()
-            m.momentum = None
-            m.training = True
-        for batch in _batches(loader, batches):
-            x = _inputs(batch)
-            model(**x) if isinstance(x, dict) else model(*x)
-            n += 1
-    finally:
-        for m, f in flags:
-            m.training = f
-        for m, mom in momenta:
-            m.momentum = mom
-    if n == 0:
-        raise InputError("calibrate_bn: the calibration loader yielded no batch")
-    return n
+    return reestimate_bn(model, loader, batches)
 
 
 class Schedule:

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 import torch.fx as fx
 
-from ..channels import Lab
+from ..channels import AxisLabels
 from ..zigs import ZigSet
 
 log = logging.getLogger("otofx")
@@ -122,7 +122,7 @@ def _producer_nodes(gm: fx.GraphModule, weights: dict) -> list:
     return found
 
 
-def _channel_axis(lab: Lab, zigset: ZigSet, groups) -> tuple[int, np.ndarray, np.ndarray] | None:
+def _channel_axis(lab: AxisLabels, zigset: ZigSet, groups) -> tuple[int, np.ndarray, np.ndarray] | None:
     """The output axis holding the rows of ``groups``, with each position's (group, row)."""
     best = None
     for axis in range(1, len(lab.ids)):
@@ -152,7 +152,7 @@ def insert_selection(gm: fx.GraphModule, zigset: ZigSet, init: float = 0.5) -> S
     producers = []
     for k, (node, wname) in enumerate(_producer_nodes(new, weights)):
         lab = zigset.labels.get(node.name)
-        if not isinstance(lab, Lab) or len(lab.ids) < 2:
+        if not isinstance(lab, AxisLabels) or len(lab.ids) < 2:
             log.debug("scop: producer %s has no channel label; left unscaled", node.name)
             continue
         found = _channel_axis(lab, zigset, weights[wname])
