@@ -9,7 +9,7 @@ The whole OTO story in one command, on data that ships with scikit-learn (no dow
    same step budget and learning-rate schedule: once with plain SGD (the dense baseline), once with
    ``oto.dhspg`` (DHSPG, OTOv2), which drives whole zero-invariant rows to exactly zero while it
    trains.
-3. ``oto.compress()`` removes the zero rows; the compressed GraphModule is checked against the
+3. ``oto.compress()`` removes the zero rows; the compressed model (a DigitsNet) is checked against the
    trained model on the whole test set, then both are measured: test accuracy, parameters, FLOPs
    and CPU latency (batch 1, one thread, median).
 

@@ -171,7 +171,7 @@ def test_train_mode_capture_hesso_then_eval_compress_is_exact(name):
         assert max_rel_diff(ref, a) <= RTOL
     small.train()
     with torch.no_grad():
-        a, b = small(x), small(x)
+        a, b = small(x, **kw_small), small(x, **kw_small)
     assert max_rel_diff(a, b) > 1e-3, "dropout is not active in the compressed model's training mode"
 
 
