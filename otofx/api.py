@@ -30,7 +30,7 @@ import logging
 
 import torch
 import torch.fx as fx
-from torch.utils._pytree import tree_flatten, tree_map
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from otofx import pipeline
 from otofx.capture import _first_line, _no_kv_cache, normalize_inputs
@@ -103,6 +103,18 @@ def _retarget_meta(gm: fx.GraphModule, device: torch.device) -> None:
         gm.recompile()
 
 
+def _tiled_like(example, shaped):
+    """``example``'s tensors tiled to the shapes of ``shaped`` (same structure), as ``(args, kwargs)``."""
+    from otofx.capture import tile_to
+
+    flat, spec = tree_flatten(example)
+    like = tree_flatten(shaped)[0]
+    out = [tile_to(t, tuple(m.shape)) if isinstance(t, torch.Tensor) and isinstance(m, torch.Tensor) else m
+           for t, m in zip(flat, like)]
+    a, k = tree_unflatten(out, spec)
+    return tuple(a), dict(k)
+
+
 class OTO:
     """Capture ``model`` and find its zero-invariant groups; ``compress()`` removes zero rows."""
 
@@ -116,7 +128,9 @@ class OTO:
         self.state: pipeline.State = pipeline.analysis(frontend).run(model, inputs, pin=tuple(pin))
         if self._on_meta:
             args, kwargs = normalize_inputs(example_inputs)
-            self.state = self.state.replace(args=args, kwargs=kwargs)
+            # NB: the second-shape inputs were tiled from the meta copies; tile the user's own
+            more = tuple(_tiled_like((args, kwargs), m) for m in self.state.more_inputs)
+            self.state = self.state.replace(args=args, kwargs=kwargs, more_inputs=more)
         self.model = model
         self.frontend = self.state.frontend
         self._args, self._kwargs = self.state.args, self.state.kwargs

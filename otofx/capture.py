@@ -547,12 +547,17 @@ def second_inputs(ep, args: tuple, kwargs: dict):
                 sizes.append(int(e.subs(new)))
             except (TypeError, ValueError):
                 return None
-        for k, n in enumerate(sizes):
-            if n != t.shape[k]:
-                t = t.index_select(k, torch.arange(n) % t.shape[k])
-        out[i] = t
+        out[i] = tile_to(t, sizes)
     a, k = tree_unflatten(out, spec)
     return tuple(a), dict(k)
+
+
+def tile_to(t: torch.Tensor, sizes) -> torch.Tensor:
+    """``t`` tiled (indices wrap) to ``sizes``, dim by dim: the second-shape inputs' rule."""
+    for k, n in enumerate(sizes):
+        if n != t.shape[k]:
+            t = t.index_select(k, torch.arange(n, device=t.device) % t.shape[k])
+    return t
 
 
 def export_captured(model: torch.nn.Module, args: tuple, kwargs: dict) -> Captured:
@@ -585,12 +590,6 @@ def export_captured(model: torch.nn.Module, args: tuple, kwargs: dict) -> Captur
                 ep = _export_program(model, args, kwargs)
             gm = _finish(ep, model, False)
     more = second_inputs(ep, args, kwargs)
-    if more is not None and any(t.device.type == "meta" for t in (*model.parameters(), *model.buffers())):
-        # NB: a graph exported from a model on the meta device matched the materialised model at
-        # the example shape but not at the second one (tiny LLaMA, 3x17: relative error 0.6); until
-        # that is understood, such captures are verified at the example shape only
-        log.info("%s: captured on the meta device; compress() verifies at the example shape only", type(model).__name__)
-        more = None
     dyn = [f"input {i} dims {', '.join(str(k) for k, e in enumerate(d) if not isinstance(e, int))}"
            for i, d in enumerate(_example_dims(ep)) if d is not None and not all(isinstance(e, int) for e in d)]
     log.info("%s exported with %s", type(model).__name__, f"dynamic {'; '.join(dyn)}" if dyn else "static shapes")

@@ -73,6 +73,8 @@ def test_materialised_meta_model_compresses_exactly():
     real, meta = _pair()
     ids = torch.randint(0, 100, (2, 16))
     oto = otofx.OTO(meta, ids)
+    (a2, _), = oto.state.more_inputs  # the second shape is verified too, on the user's real ids tiled
+    assert a2[0].device.type == "cpu" and tuple(a2[0].shape) == (3, 17) and torch.equal(a2[0][:2, :16], ids)
     _materialise(meta, real)
     zero_random_rows(meta, oto, seed=3)
     assert_exact(meta, oto, ids, ref_kwargs={"use_cache": False})
