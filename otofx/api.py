@@ -103,6 +103,15 @@ def _retarget_meta(gm: fx.GraphModule, device: torch.device) -> None:
         gm.recompile()
 
 
+def _copy_training_flags(small: torch.nn.Module, model: torch.nn.Module) -> None:
+    """Each module of ``small`` takes the training flag of ``model``'s module of the same name (the
+    model's own flag where there is none): a submodule the user froze in eval mode stays frozen."""
+    mods = dict(model.named_modules())
+    for name, m in small.named_modules():
+        src = mods.get(name)
+        m.training = src.training if src is not None else model.training
+
+
 def _tiled_like(example, shaped):
     """``example``'s tensors tiled to the shapes of ``shaped`` (same structure), as ``(args, kwargs)``."""
     from otofx.capture import tile_to
@@ -216,7 +225,7 @@ class OTO:
         steps += [pipeline.prune, *passes]
         state = pipeline.Pipeline(steps).run(self.state.replace(gm=gm, reference=gm, plan=plan, records=()))
         small = state.gm
-        small.train(self.model.training)
+        _copy_training_flags(small, self.model)
         if verify:
             self.verify(small)
         return small

@@ -5,6 +5,7 @@ import io
 
 import pytest
 import torch
+import torch.nn as nn
 
 import otofx
 from helpers import assert_exact, n_params, randomize, snapshot, zero_random_rows
@@ -89,3 +90,19 @@ def test_compressed_model_trains_further():
     loss = small(x).logsumexp(1).mean()
     loss.backward()
     opt.step()
+
+
+def test_graph_form_keeps_per_module_training_flags():
+    """A BatchNorm the user froze in eval mode stays in eval mode in the compressed graph."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 3), nn.BatchNorm2d(4))
+    model.train()
+    model[1].eval()
+    oto = otofx.OTO(model, torch.randn(2, 3, 8, 8))
+    with torch.no_grad():
+        model[0].weight[:3] = 0
+        model[1].weight[:3] = 0
+        model[1].bias[:3] = 0
+    small = oto.compress(form="graph", verify=False)
+    flags = {n: m.training for n, m in small.named_modules()}
+    assert small.training and flags["1"] is False and flags["4"] is True
