@@ -35,6 +35,7 @@ from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 from otofx import pipeline
 from otofx.capture import _first_line, _no_kv_cache, normalize_inputs
 from otofx.errors import InputError, OTOError, VerificationError
+from otofx.passes.nodes import set_path
 from otofx.passes.prune import Plan, plan_zero_rows, row_norms
 from otofx.passes.zigs import ZIG, ZigSet
 from otofx.pipeline import compare, compare_all, eval_mode, input_sets, outputs_close, run_eval
@@ -74,16 +75,6 @@ def _need_weights(model: torch.nn.Module, what: str, inputs=()) -> None:
     if leaves:
         raise InputError(f"{what} runs the model on the example inputs, but they are on the meta device: give "
                          "OTO real example inputs, or call compress(verify=False)")
-
-
-def _rebind(gm: torch.nn.Module, name: str, tensor: torch.Tensor) -> None:
-    """Point ``gm``'s parameter or buffer ``name`` at ``tensor`` (the model's, shared as the front-end shares it)."""
-    mod_name, _, attr = name.rpartition(".")
-    owner = gm.get_submodule(mod_name) if mod_name else gm
-    if attr in owner._parameters:
-        owner._parameters[attr] = tensor
-    else:
-        owner._buffers[attr] = tensor
 
 
 def _retarget_meta(gm: fx.GraphModule, device: torch.device) -> None:
@@ -176,7 +167,7 @@ class OTO:
                 for name, t in list(gm.named_parameters()) + list(gm.named_buffers()):
                     if name in src and src[name] is not t:
                         if t.device.type == "meta" and src[name].device.type != "meta":
-                            _rebind(gm, name, src[name])  # analysed on meta, materialised since
+                            set_path(gm, name, src[name])  # analysed on meta, materialised since
                         else:
                             t.copy_(src[name])
         if self._on_meta and _meta_tensor(self.model) is None:

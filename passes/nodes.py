@@ -49,3 +49,15 @@ def mutates_input(node: fx.Node, module: torch.nn.Module | None = None) -> bool:
 def get_path(root: torch.nn.Module, name: str):
     """The attribute at dotted ``name`` under ``root`` (a parameter, buffer or submodule)."""
     return functools.reduce(getattr, name.split("."), root)
+
+
+def set_path(root: torch.nn.Module, name: str, tensor) -> None:
+    """Put ``tensor`` at dotted ``name`` under ``root``: in the parameter or buffer slot it names, else as a plain attribute."""
+    mod_name, _, attr = name.rpartition(".")
+    owner = root.get_submodule(mod_name) if mod_name else root
+    if attr in owner._parameters:
+        owner._parameters[attr] = tensor
+    elif attr in owner._buffers:
+        owner._buffers[attr] = tensor
+    else:
+        setattr(owner, attr, tensor)

@@ -27,7 +27,7 @@ import torch
 import torch.fx as fx
 
 from .channels import AxisLabels, labs_in
-from .nodes import get_path
+from .nodes import get_path, set_path
 from .registry import RULES, arg_slot, bind, form_of, set_arg
 from .zigs import ZigSet
 
@@ -227,14 +227,7 @@ def _fill_tensors(new: fx.GraphModule, originals: dict, plan: Plan) -> None:
                 data = data.clone()
             repl = torch.nn.Parameter(data, requires_grad=old.requires_grad) if isinstance(old, torch.nn.Parameter) else data
             for alias in names:
-                mod_name, _, attr = alias.rpartition(".")
-                owner = new.get_submodule(mod_name) if mod_name else new
-                if isinstance(repl, torch.nn.Parameter):
-                    owner._parameters[attr] = repl
-                elif attr in owner._buffers:
-                    owner._buffers[attr] = repl
-                else:
-                    setattr(owner, attr, repl)
+                set_path(new, alias, repl)
             del data, repl
 
 
