@@ -183,34 +183,6 @@ def choose_backend(xs, ds, backend: str | None = None, layout: RowLayout | None 
     return "torch"
 
 
-def nonfinite_flag(ts) -> torch.Tensor:
-    """A float32 0-dim flag on the tensors' device (one device): 1.0 when any of ``ts`` holds NaN or
-    inf, else 0.0; computed on the device (no synchronisation). CPU float32/float64 tensors go through
-    the C kernel when it is there (one pass at memory speed), others through ``torch._foreach_norm``.
-
-    # NB: the L2 norm propagates NaN and inf; half-precision norms are taken in float32, so only
-    # elements beyond ~1e19 (float32) count as non-finite without being NaN or inf.
-    """
-    dev = ts[0].device
-    by_dtype: dict = {}
-    for t in ts:
-        by_dtype.setdefault(t.dtype, []).append(t)
-    flag = torch.zeros((), dtype=torch.float32, device=dev)
-    sums = []
-    for dt, group in by_dtype.items():
-        if dev.type == "cpu" and cpu_available():
-            from . import cpu_rows
-
-            if cpu_rows.nonfinite_into(group, flag):
-                continue
-        norms = torch._foreach_norm(group, dtype=torch.float32 if dt in (torch.float16, torch.bfloat16) else None)
-        sums.append(torch.stack(norms).sum())
-    if not sums:
-        return flag
-    total = sums[0] if len(sums) == 1 else torch.stack([s.to(torch.float32) for s in sums]).sum()
-    return torch.maximum(flag, torch.isfinite(total).logical_not().to(torch.float32))
-
-
 def dhspg_step(layout: RowLayout, xs, ds, redundant: torch.Tensor, cfg: DHSPGConfig,
                backend: str | None = None, momentum: Momentum | None = None,
                skip: torch.Tensor | None = None) -> torch.Tensor:
@@ -232,4 +204,4 @@ def scale_step(layout: RowLayout, xs, ds, lr, scale: torch.Tensor, backend: str 
 
 
 __all__ = ["RowLayout", "RowStats", "DHSPGConfig", "Momentum", "LayoutError", "build_layout", "row_stats", "dhspg_step",
-           "scale_step", "nonfinite_flag", "choose_backend", "triton_available", "cpu_available", "BACKENDS", "Backend", "TABLE"]
+           "scale_step", "choose_backend", "triton_available", "cpu_available", "BACKENDS", "Backend", "TABLE"]

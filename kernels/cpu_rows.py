@@ -105,7 +105,6 @@ def _build() -> ctypes.CDLL:
                                          vp, i64, i64, vp, vp, vp, vp, ctypes.c_int]
         dll.otofx_rows_apply.argtypes = [ctypes.c_int, vp, vp, i64, vp, vp, vp, i64, i64, vp, vp, vp, dbl, vp, vp,
                                          ctypes.c_int]
-        dll.otofx_nonfinite.argtypes = [ctypes.c_int, vp, i64, vp, vp, ctypes.c_int]
         return dll
     raise RuntimeError(f"cannot build the CPU row kernel: {err}")
 
@@ -283,29 +282,3 @@ def dhspg_step(layout: RowLayout, xs, ds, redundant: torch.Tensor, cfg: DHSPGCon
 def scale_step(layout: RowLayout, xs, ds, lr, scale: torch.Tensor, skip=None) -> None:
     """``x <- (x - lr*d) * S`` in place (HESSO)."""
     apply_rows(layout, xs, ds, lr, torch.zeros(layout.n_rows, dtype=xs[0].dtype), scale, skip)
-
-
-_finite_plans: dict = {}
-
-
-def nonfinite_into(ts, flag: torch.Tensor) -> bool:
-    """Set the float32 CPU ``flag`` to 1 when a tensor of ``ts`` (float32 or float64, contiguous, on the
-    CPU, one dtype) holds NaN or inf, in one multi-threaded pass at memory speed; False (and nothing
-    done) when the tensors do not fit or the kernel is unavailable."""
-    if not ts or library() is None:
-        return False
-    dt = ts[0].dtype
-    if dt not in (torch.float32, torch.float64) or not all(t.dtype == dt and t.is_cpu and t.is_contiguous() for t in ts):
-        return False
-    key = tuple(t.numel() for t in ts)  # NB: the units depend on the sizes only (gradients are often new tensors)
-    units = _finite_plans.get(key)
-    if units is None:
-        rows = [[i, b, min(b + CHUNK, t.numel())] for i, t in enumerate(ts) for b in range(0, t.numel(), CHUNK)]
-        units = torch.tensor(rows, dtype=torch.int64).reshape(-1, 3).contiguous()
-        if len(_finite_plans) > 16:
-            _finite_plans.clear()
-        _finite_plans[key] = units
-    pt = torch.tensor([t.data_ptr() for t in ts], dtype=torch.int64)
-    library().otofx_nonfinite(int(dt == torch.float64), units.data_ptr(), units.shape[0], pt.data_ptr(),
-                              flag.data_ptr(), torch.get_num_threads())
-    return True

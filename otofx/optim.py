@@ -235,11 +235,18 @@ class _RowOptimizer(torch.optim.Optimizer):
             return found_inf.reshape(()).to(self._home, torch.float32)
         if self._check_mode == "off" or not grads:
             return None
-        by_dev = defaultdict(list)
+        by_key = defaultdict(list)
         for g in grads:
-            by_dev[g.device].append(g)
-        flags = [kernels.nonfinite_flag(gs).to(self._home) for gs in by_dev.values()]
-        return flags[0] if len(flags) == 1 else torch.stack(flags).amax()
+            by_key[(g.device, g.dtype)].append(g)
+        sums = []
+        for (_, dt), gs in by_key.items():
+            # NB: the L2 norm is the fast foreach reduction; NaN and inf propagate through it. Half-precision
+            # norms are taken in float32, so only gradients with elements beyond ~1e19 count as non-finite
+            # without holding NaN or inf.
+            norms = torch._foreach_norm(gs, dtype=torch.float32 if dt in (torch.float16, torch.bfloat16) else None)
+            sums.append(torch.stack(norms).sum().to(self._home, torch.float32))
+        total = sums[0] if len(sums) == 1 else torch.stack(sums).sum()
+        return torch.isfinite(total).logical_not().to(torch.float32)
 
     def _raise_non_finite(self, params, found_inf) -> None:
         for p in params:

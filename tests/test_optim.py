@@ -11,7 +11,6 @@ from helpers import assert_exact, randomize
 from torch import nn
 
 import otofx
-from otofx.kernels import cpu_rows
 from otofx.optim import DHSPG, HESSO, NonFiniteGradError, OptimizerError
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -555,15 +554,12 @@ SYNC_CASES = [
 
 @pytest.mark.parametrize("backend", ["torch", "cpu"])
 @pytest.mark.parametrize("kind,variant,kw", SYNC_CASES, ids=[f"{k}-{v}-{i}" for i, (k, v, _) in enumerate(SYNC_CASES)])
-def test_steady_steps_make_no_host_sync(kind, variant, kw, backend, monkeypatch):
+def test_steady_steps_make_no_host_sync(kind, variant, kw, backend):
     """After the first step and the partition (a HESSO selection), no step reads a device value on the
     host: the finite check, the sparsity gate and the schedule stay on the device (also with GradScaler's
-    grad_scale / found_inf handed over). The CUDA path shares this control flow: with the torch
-    reference, the finite check is also the foreach one CUDA uses (not the C kernel's)."""
+    grad_scale / found_inf handed over). The CUDA path shares this control flow."""
     if backend == "cpu" and not otofx.kernels.cpu_available():
         pytest.skip("the C kernel cannot be built (no C compiler)")
-    if backend == "torch":
-        monkeypatch.setattr(cpu_rows, "nonfinite_into", lambda ts, flag: False)
     params, groups = _toy()
     ps = {n: nn.Parameter(t.clone()) for n, t in params.items()}
     opt = (DHSPG if kind == "dhspg" else HESSO)(list(ps.items()), groups, lr=0.1, variant=variant, backend=backend, **kw)

@@ -24,7 +24,6 @@ typedef struct Job {
     void *rows;             /* stats: [3, nrows + 1] per-row sums */
     const void *coef, *scale; /* apply: [nrows] */
     double lr, b1, alpha, wd; /* stats with gptr: d <- d * b1 + alpha * (g + wd * x) first */
-    int bad;                  /* the non-finite check: set when a NaN or inf was seen */
 } Job;
 
 static void *worker(void *arg) {
@@ -125,17 +124,4 @@ int otofx_rows_apply(int f64, const int64_t *desc, const int64_t *units, int64_t
     j.n = nunits;
     run(&j, nthreads);
     return 0;
-}
-
-/* units: per unit 3 int64 (tensor, first element, end); ptrs: the tensors' data; flag: set to 1 when
-   any element is NaN or inf (left as it is otherwise) */
-int otofx_nonfinite(int f64, const int64_t *units, int64_t nunits, const int64_t *ptrs, float *flag, int nthreads) {
-    Job j;
-    memset(&j, 0, sizeof j);
-    j.units = units; j.xptr = ptrs;
-    j.fn = f64 ? finite_unit_f64 : finite_unit_f32;
-    j.n = nunits;
-    run(&j, nthreads);
-    if (j.bad) *flag = 1.0f;
-    return j.bad;
 }

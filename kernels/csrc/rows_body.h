@@ -211,24 +211,6 @@ CLONES static void NAME(apply_unit)(Job *j, int64_t u) {
     free(wide);
 }
 
-/* the non-finite check: units are (tensor, begin, end) element ranges; x * 0 is NaN exactly when x is
-   NaN or inf, and the sum of such products stays 0 otherwise */
-CLONES static void NAME(finite_unit)(Job *j, int64_t u) {
-    const int64_t *un = j->units + u * 3;
-    const T *g = (const T *)(intptr_t)j->xptr[un[0]];
-    const T zero = 0;
-    int64_t k = un[1];
-    const int64_t e = un[2];
-    V acc = {0};
-    T tail = 0;
-    for (; k + 8 <= e; k += 8) {
-        if ((k & (LINE - 1)) == 0) PREFETCH(g + k);
-        acc += NAME(load)(g + k) * zero;
-    }
-    for (; k < e; k++) tail += g[k] * zero;
-    if (NAME(lanes)(acc) + tail != 0) __atomic_store_n(&j->bad, 1, __ATOMIC_RELAXED);
-}
-
 #undef NAME
 #undef OTOFX_CAT
 #undef OTOFX_CAT_
