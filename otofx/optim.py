@@ -18,16 +18,38 @@ Shared elements (the Jacobi rule). A weight element can lie in two rows along di
       by the smallest scale among its rows).
 The result does not depend on the order of rows or groups, and every backend computes the same.
 
+Non-finite gradients, GradScaler, CUDA graphs. A steady step (any step but the first, DHSPG's
+partition and HESSO's selection steps) makes no device-to-host synchronisation:
+    * ``check_finite=True`` (the default): a step whose gradients hold NaN or inf changes nothing
+      (parameters, moment buffers, the step count), decided on the device by a float32 flag (torch's
+      ``found_inf`` convention) that every kernel honours; ``skipped_steps`` counts such steps.
+      ``check_finite="raise"`` raises :class:`NonFiniteGradError` instead, reading the check on the
+      host every step; ``False`` checks nothing.
+    * ``_step_supports_amp_scaling``: ``GradScaler.step(opt)`` sets ``opt.grad_scale``/``opt.found_inf``
+      and calls ``step()`` (as for torch's fused optimizers); the gradients are unscaled here and
+      ``found_inf`` is the skip flag.
+    * ``capturable=True`` allows capturing a steady step in a CUDA graph (DHSPG after its warm-up,
+      HESSO outside its pruning window, whose per-step scale the host sets); a step that cannot be
+      replayed is refused with an :class:`OptimizerError` while capturing.
+    * The first, partition and selection steps read the check on the host (a one-time decision from
+      NaN gradients would be permanent): such a step with NaN/inf is skipped and retried on the next
+      call.
+
 Internals:
-    * The base direction is computed with ``torch._foreach_*`` ops per (param group, device, dtype);
-      parameters in no row take ``x -= lr * d`` the same way. The row tensors go through
-      ``otofx.kernels`` (Triton on CUDA, a C kernel on CPU, the torch reference where neither fits),
-      whose layout is built once.
+    * Parameters in no row (all of them before the pruning starts) take torch's fused SGD, Adam or
+      AdamW kernels (``torch._fused_sgd_``/``_fused_adam_``/``_fused_adamw_``, with ``found_inf``): one
+      launch per (param group, device, dtype). The row tensors' direction d comes from the same
+      kernels (SGD momentum: ``lr=0``; Adam: a zeroed buffer stepped with ``lr=-1`` gives
+      ``m_hat / (sqrt(v_hat) + eps)``), and the row step goes through ``otofx.kernels`` (Triton on
+      CUDA, a C kernel on CPU, the torch reference where neither fits), whose layout is built once.
     * DHSPG with SGD momentum, after the partition: the row tensors' momentum update is handed to the
       fused row step (``kernels.Momentum``), which on CPU does it in the same pass as its reductions
-      (the other backends do the same foreach update first). The first step, which creates the
+      (the other backends run torch's fused SGD kernel first). The first step, which creates the
       buffers, and any step where the row tensors' settings differ, take the unfused path.
-    * The step counter, the partition (``redundant``, HESSO's ``pruned``/``current``) and the
+    * Two clocks: ``_t`` counts the calls that went through (the schedule: start, warm-up, HESSO
+      periods, known on the host), ``steps_taken`` the steps not skipped (a device tensor; Adam's bias
+      correction reads it). ``step_count`` reads the latter (a sync).
+    * The step counters, the partition (``redundant``, HESSO's ``pruned``/``current``) and the
       moment buffers are in ``state_dict()``; a resumed optimizer continues bit-identically.
     * # NB: the learning rate is read from ``param_groups`` at every step (schedulers work), but all
       parameters holding rows must share one lr: a row's step uses a single a.

@@ -582,3 +582,39 @@ def test_steady_steps_make_no_host_sync(kind, variant, kw, backend):
     assert counted >= 4 and opt.skipped_steps == 0
     if kind == "dhspg":
         assert opt.redundant is not None
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+@pytest.mark.parametrize("kind", ["dhspg", "hesso"])
+def test_learning_rate_as_a_tensor(kind, backend):
+    """A 0-dim tensor lr (read on the device: CUDA-graph replays with a scheduler) gives the float lr's steps."""
+    if backend == "cpu" and not otofx.kernels.cpu_available():
+        pytest.skip("the C kernel cannot be built (no C compiler)")
+    params, groups = _toy()
+    runs = []
+    for lr in (0.2, torch.tensor(0.2, dtype=torch.float64)):
+        ps = {n: nn.Parameter(t.clone()) for n, t in params.items()}
+        kw = dict(lmbda=3.0, epsilon=0.5) if kind == "dhspg" else dict(start_pruning_step=1, pruning_steps=4)
+        cls = DHSPG if kind == "dhspg" else HESSO
+        runs.append((ps, cls(list(ps.items()), groups, lr=lr, first_momentum=0.5, backend=backend, capturable=True, **kw)))
+    g = torch.Generator().manual_seed(4)
+    for _ in range(6):
+        grads = {n: torch.randn(t.shape, generator=g, dtype=torch.float64) for n, t in params.items()}
+        for ps, opt in runs:
+            for n, p in ps.items():
+                p.grad = grads[n].clone()
+            opt.step()
+    (a, oa), (b, ob) = runs
+    for n in a:
+        torch.testing.assert_close(a[n], b[n], rtol=1e-12, atol=1e-12)
+    assert oa.group_sparsity == ob.group_sparsity > 0
+
+
+def test_check_finite_and_capturable_arguments():
+    params, groups = _toy()
+    ps = list({n: nn.Parameter(t.clone()) for n, t in params.items()}.items())
+    with pytest.raises(OptimizerError, match="check_finite"):
+        DHSPG(ps, groups, check_finite="sometimes")
+    with pytest.raises(OptimizerError, match="capturable=True cannot be combined"):
+        HESSO(ps, groups, pruning_steps=2, capturable=True, check_finite="raise")
+    assert DHSPG(ps, groups, check_finite=False).skipped_steps == 0
