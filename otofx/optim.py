@@ -489,8 +489,11 @@ class _RowOptimizer(torch.optim.Optimizer):
         raise NotImplementedError
 
     def _fuse_momentum(self) -> bool:
-        """Whether this step's row step takes the row tensors' SGD momentum update over (one pass fewer
-        over the weights on CPU)."""
+        """Whether this step's row step takes the row tensors' SGD momentum update over (DHSPG: one pass
+        fewer over the weights on CPU); HESSO's row step does not."""
+        return False
+
+    def _momentum_fusable(self) -> bool:
         if self._row_momentum() is None:
             return False
         return all(p.grad is not None and "momentum_buffer" in self.state[p] for p in self._row_params)
@@ -659,7 +662,7 @@ class DHSPG(_RowOptimizer):
 
     def _fuse_momentum(self) -> bool:
         # after the partition (which reads the updated directions)
-        return self._redundant is not None and super()._fuse_momentum()
+        return self._redundant is not None and self._momentum_fusable()
 
     def _rows_step(self, xs, ds, lr, momentum, skip) -> None:
         t = self._t

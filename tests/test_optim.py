@@ -245,6 +245,29 @@ def test_base_step_matches_torch(variant, torch_opt):
         torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+@pytest.mark.parametrize("variant", ["sgd", "adam"])
+def test_hesso_without_rows_to_prune_steps_as_torch(variant, backend):
+    """Inside HESSO's pruning window with a zero target nothing is scaled: the steps are torch's."""
+    if backend == "cpu" and not otofx.kernels.cpu_available():
+        pytest.skip("the C kernel cannot be built (no C compiler)")
+    params, groups = _toy()
+    a = {n: nn.Parameter(t.clone()) for n, t in params.items()}
+    b = [nn.Parameter(t.clone()) for t in params.values()]
+    ours = HESSO(list(a.items()), groups, variant=variant, lr=0.05, first_momentum=0.9, target_group_sparsity=0.0,
+                 start_pruning_step=0, pruning_steps=4, backend=backend)
+    ref = (torch.optim.SGD(b, lr=0.05, momentum=0.9) if variant == "sgd" else torch.optim.Adam(b, lr=0.05))
+    g = torch.Generator().manual_seed(6)
+    for _ in range(6):
+        for p, q in zip(a.values(), b):
+            p.grad = torch.randn(p.shape, generator=g, dtype=torch.float64)
+            q.grad = p.grad.clone()
+        ours.step()
+        ref.step()
+    for p, q in zip(a.values(), b):
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-12)
+
+
 # ---------------------------------------------------------------------------------------------
 # Training a small CNN through otofx.OTO
 # ---------------------------------------------------------------------------------------------
