@@ -213,7 +213,12 @@ def position_values(layout: RowLayout, coef: torch.Tensor, scale: torch.Tensor) 
 
 def _write(x: torch.Tensor, new: torch.Tensor, keep: torch.Tensor | None) -> None:
     """``x <- new`` where ``keep`` (a 0-dim bool on x's device), else unchanged: no synchronisation."""
-    x.copy_(new if keep is None else torch.where(keep, new, x))
+    if keep is None:
+        x.copy_(new)
+    elif new.dtype == x.dtype:
+        torch.where(keep, new, x, out=x)
+    else:
+        x.copy_(torch.where(keep, new, x.to(new.dtype)))
 
 
 def apply_rows(layout: RowLayout, xs, ds, lr, coef: torch.Tensor, scale: torch.Tensor,
@@ -267,7 +272,13 @@ def apply_rows(layout: RowLayout, xs, ds, lr, coef: torch.Tensor, scale: torch.T
             if xa is not x:
                 x.copy_(xa)
         else:
-            new = xv * f + (dv * (-lr)) * sb if tensor_lr else torch.addcmul(xv * f, dv, sb, value=-lr)
+            # NB: into a reused buffer (a fresh weight-sized temporary costs page faults every step)
+            new = _workspace(layout, "new", xv, xv.shape)
+            torch.mul(xv, f, out=new)
+            if tensor_lr:
+                new.add_((dv * (-lr)) * sb)
+            else:
+                new.addcmul_(dv, sb, value=-lr)
             _write(x, new.view(x.shape), keep)
     if plain_x:
         plain_update(plain_x, plain_d, lr, keep)
