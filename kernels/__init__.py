@@ -4,12 +4,16 @@ Public API:
 
 * :func:`build_layout` ``(shapes, groups, device) -> RowLayout`` -- once per optimizer;
 * :func:`row_stats` ``(layout, xs, ds=None) -> RowStats`` -- per-row ``||x||^2``, ``x.d``, ``||d||^2``;
-* :func:`dhspg_step` ``(layout, xs, ds, redundant, cfg, backend=None, momentum=None) -> zero-row count``
+* :func:`dhspg_step` ``(layout, xs, ds, redundant, cfg, backend=None, momentum=None, skip=None) -> zero-row count``
   -- in place, ``x <- x - a*d`` plus OTO.md's penalty and half-space projection on the redundant
   rows; with a :class:`Momentum`, ``ds`` are SGD momentum buffers, updated first (the C kernel does
   it in its reduction pass, the others with foreach ops);
-* :func:`scale_step` ``(layout, xs, ds, lr, scale, backend=None)`` -- in place, ``x <- (x - a*d) * S``
-  with S the smallest scale among an element's rows (HESSO).
+* :func:`scale_step` ``(layout, xs, ds, lr, scale, backend=None, skip=None)`` -- in place,
+  ``x <- (x - a*d) * S`` with S the smallest scale among an element's rows (HESSO).
+
+Both steps take ``skip``, a float32 0-dim flag on the device (torch's ``found_inf``): non-zero means
+"change nothing", decided on the device, so a step never waits for the host. ``lr`` may be a float
+or a 0-dim tensor on the device (CUDA-graph capture with a changing learning rate).
 
 ``xs`` are the layout's tensors in order (updated in place), ``ds`` their search directions.
 
@@ -49,18 +53,18 @@ log = logging.getLogger("otofx")
 # is available and supports the call; a forced backend must be available and support the call.
 
 
-def _torch_dhspg(layout, xs, ds, redundant, cfg, momentum):
+def _torch_dhspg(layout, xs, ds, redundant, cfg, momentum, skip):
     if momentum is not None:
-        momentum_update(xs, ds, momentum)
+        momentum_update(xs, ds, momentum, skip)
     stats = row_stats(layout, xs, ds)
     coef, scale, count = dhspg_rows(stats, redundant, cfg)
-    apply_rows(layout, xs, ds, cfg.lr, coef, scale)
+    apply_rows(layout, xs, ds, cfg.lr, coef, scale, skip)
     return count
 
 
-def _torch_scale(layout, xs, ds, lr, scale):
+def _torch_scale(layout, xs, ds, lr, scale, skip):
     acc = torch.float64 if any(x.dtype == torch.float64 for x in xs) else torch.float32
-    apply_rows(layout, xs, ds, lr, torch.zeros(layout.n_rows, dtype=acc, device=layout.device), scale.to(acc))
+    apply_rows(layout, xs, ds, lr, torch.zeros(layout.n_rows, dtype=acc, device=layout.device), scale.to(acc), skip)
 
 
 def _triton_available() -> str | None:
@@ -76,18 +80,18 @@ def _triton_supported(xs, ds, layout, grads) -> str | None:
     return why
 
 
-def _triton_dhspg(layout, xs, ds, redundant, cfg, momentum):
+def _triton_dhspg(layout, xs, ds, redundant, cfg, momentum, skip):
     from .triton_rows import dhspg_step as step
 
     if momentum is not None:
-        momentum_update(xs, ds, momentum)
-    return step(layout, xs, ds, redundant, cfg)
+        momentum_update(xs, ds, momentum, skip)
+    return step(layout, xs, ds, redundant, cfg, skip)
 
 
-def _triton_scale(layout, xs, ds, lr, scale):
+def _triton_scale(layout, xs, ds, lr, scale, skip):
     from .triton_rows import scale_step as step
 
-    step(layout, xs, ds, lr, scale)
+    step(layout, xs, ds, lr, scale, skip)
 
 
 def _cpu_available() -> str | None:
@@ -100,16 +104,16 @@ def _cpu_supported(xs, ds, layout, grads) -> str | None:
     return "no layout given" if layout is None else cpu_rows.supported(layout, xs, ds, grads)
 
 
-def _cpu_dhspg(layout, xs, ds, redundant, cfg, momentum):
+def _cpu_dhspg(layout, xs, ds, redundant, cfg, momentum, skip):
     from .cpu_rows import dhspg_step as step
 
-    return step(layout, xs, ds, redundant, cfg, momentum)  # the C kernel updates momentum itself
+    return step(layout, xs, ds, redundant, cfg, momentum, skip)  # the C kernel updates momentum itself
 
 
-def _cpu_scale(layout, xs, ds, lr, scale):
+def _cpu_scale(layout, xs, ds, lr, scale, skip):
     from .cpu_rows import scale_step as step
 
-    step(layout, xs, ds, lr, scale)
+    step(layout, xs, ds, lr, scale, skip)
 
 
 @dataclass(frozen=True)
@@ -120,8 +124,8 @@ class Backend:
     devices: tuple  # the device types ``auto`` picks it for
     available: Callable[[], "str | None"]
     supported: Callable[..., "str | None"]  # (xs, ds, layout, grads)
-    dhspg: Callable  # (layout, xs, ds, redundant, cfg, momentum) -> zero-row count before the step
-    scale: Callable  # (layout, xs, ds, lr, scale)
+    dhspg: Callable  # (layout, xs, ds, redundant, cfg, momentum, skip) -> zero-row count before the step
+    scale: Callable  # (layout, xs, ds, lr, scale, skip)
 
 
 TABLE: tuple = (
@@ -180,15 +184,23 @@ def choose_backend(xs, ds, backend: str | None = None, layout: RowLayout | None 
 
 
 def dhspg_step(layout: RowLayout, xs, ds, redundant: torch.Tensor, cfg: DHSPGConfig,
-               backend: str | None = None, momentum: Momentum | None = None) -> torch.Tensor:
-    """The fused DHSPG row step, in place; returns the number of zero rows before it (a tensor)."""
+               backend: str | None = None, momentum: Momentum | None = None,
+               skip: torch.Tensor | None = None) -> torch.Tensor:
+    """The fused DHSPG row step, in place; returns the number of zero rows before it (a tensor).
+
+    ``skip``: None, or a float32 0-dim flag on the layout's device (GradScaler's ``found_inf``
+    convention); when it is non-zero the step changes nothing (x, and the momentum buffers), which
+    every backend decides on the device.
+    """
     chosen = choose_backend(xs, ds, backend, layout, () if momentum is None else momentum.grads)
-    return _BY_NAME[chosen].dhspg(layout, xs, ds, redundant, cfg, momentum)
+    return _BY_NAME[chosen].dhspg(layout, xs, ds, redundant, cfg, momentum, skip)
 
 
-def scale_step(layout: RowLayout, xs, ds, lr: float, scale: torch.Tensor, backend: str | None = None) -> None:
-    """``x <- (x - lr*d) * S`` in place, S the smallest ``scale`` among each element's rows."""
-    _BY_NAME[choose_backend(xs, ds, backend, layout)].scale(layout, xs, ds, lr, scale)
+def scale_step(layout: RowLayout, xs, ds, lr, scale: torch.Tensor, backend: str | None = None,
+               skip: torch.Tensor | None = None) -> None:
+    """``x <- (x - lr*d) * S`` in place, S the smallest ``scale`` among each element's rows (``skip``:
+    as in :func:`dhspg_step`)."""
+    _BY_NAME[choose_backend(xs, ds, backend, layout)].scale(layout, xs, ds, lr, scale, skip)
 
 
 __all__ = ["RowLayout", "RowStats", "DHSPGConfig", "Momentum", "LayoutError", "build_layout", "row_stats", "dhspg_step",

@@ -32,6 +32,8 @@ Internals:
       named by the hash of its source and flags;
       ``-ffp-contract=off`` keeps its rounding the same on every compiler and architecture. No
       compiler: :func:`available` is False and the reference runs.
+    * A ``skip`` flag (a float32 CPU tensor, GradScaler's found_inf convention) is read by the C side:
+      a skipped step returns before touching memory.
     * # NB: ctypes releases the GIL during the calls; the C side starts ``torch.get_num_threads()``
       pthreads per call (tens of microseconds), so no OpenMP runtime is mixed with torch's.
 """
@@ -50,7 +52,7 @@ from pathlib import Path
 import torch
 
 from .layout import RowLayout
-from .reference import DHSPGConfig, Momentum, RowStats, dhspg_rows
+from .reference import DHSPGConfig, Momentum, RowStats, dhspg_rows, plain_update
 
 log = logging.getLogger("otofx")
 
@@ -100,8 +102,9 @@ def _build() -> ctypes.CDLL:
         dll = ctypes.CDLL(str(lib))
         vp, dbl, i64 = ctypes.c_void_p, ctypes.c_double, ctypes.c_int64
         dll.otofx_rows_stats.argtypes = [ctypes.c_int, vp, vp, i64, vp, i64, vp, vp, vp, dbl, dbl, dbl,
-                                         vp, i64, i64, vp, vp, vp, ctypes.c_int]
-        dll.otofx_rows_apply.argtypes = [ctypes.c_int, vp, vp, i64, vp, vp, vp, i64, i64, vp, vp, vp, dbl, ctypes.c_int]
+                                         vp, i64, i64, vp, vp, vp, vp, ctypes.c_int]
+        dll.otofx_rows_apply.argtypes = [ctypes.c_int, vp, vp, i64, vp, vp, vp, i64, i64, vp, vp, vp, dbl, vp, vp,
+                                         ctypes.c_int]
         return dll
     raise RuntimeError(f"cannot build the CPU row kernel: {err}")
 
@@ -186,8 +189,22 @@ def _plan(layout: RowLayout):
     return plan
 
 
-def _ptrs(ts) -> torch.Tensor:
-    return torch.tensor([t.data_ptr() for t in ts], dtype=torch.int64)
+def _ptrs(layout: RowLayout, key: str, ts) -> torch.Tensor:
+    """The data pointers of ``ts`` as an int64 tensor, cached on the layout while they do not change."""
+    ptrs = tuple(t.data_ptr() for t in ts)
+    hit = layout.cache.get(("cpu_ptrs", key))
+    if hit is None or hit[0] != ptrs:
+        hit = (ptrs, torch.tensor(ptrs, dtype=torch.int64))
+        layout.cache[("cpu_ptrs", key)] = hit
+    return hit[1]
+
+
+def _flag_ptr(skip):
+    """The address of a float32 flag the C side reads (None: no flag)."""
+    if skip is None:
+        return None, None
+    f = skip if skip.dtype == torch.float32 and skip.is_contiguous() else skip.to(torch.float32).contiguous()
+    return f, f.data_ptr()
 
 
 def _buffer(layout: RowLayout, key: str, dtype, n: int) -> torch.Tensor:
@@ -200,10 +217,11 @@ def _buffer(layout: RowLayout, key: str, dtype, n: int) -> torch.Tensor:
     return buf
 
 
-def row_stats(layout: RowLayout, xs, ds, momentum: Momentum | None = None) -> RowStats:
+def row_stats(layout: RowLayout, xs, ds, momentum: Momentum | None = None, skip=None) -> RowStats:
     """Per-row ``||x||^2``, ``x.d``, ``||d||^2`` (the caller checked :func:`supported`).
 
-    With ``momentum``, ``ds`` (the buffers) are first updated in place, in the same pass.
+    With ``momentum``, ``ds`` (the buffers) are first updated in place, in the same pass. With a
+    non-zero ``skip`` flag nothing is read or written (the sums are zeros).
     """
     plan = _plan(layout)
     dtype = xs[0].dtype
@@ -212,49 +230,55 @@ def row_stats(layout: RowLayout, xs, ds, momentum: Momentum | None = None) -> Ro
     pos = _buffer(layout, "cpu_pos", dtype, 3 * P)
     scratch = _buffer(layout, "cpu_scratch", dtype, plan["scratch"])
     out = torch.zeros((3, n + 1), dtype=dtype)
-    xp, dp = _ptrs(xs), _ptrs(ds)
+    xp, dp = _ptrs(layout, "x", xs), _ptrs(layout, "d", ds)
     gp, b1, alpha, wd = None, 0.0, 0.0, 0.0
     if momentum is not None:
-        gp, b1, alpha, wd = _ptrs(momentum.grads), momentum.b1, momentum.alpha, momentum.wd
+        gp, b1, alpha, wd = _ptrs(layout, "g", momentum.grads), momentum.b1, momentum.alpha, momentum.wd
+    flag, fp = _flag_ptr(skip)
     library().otofx_rows_stats(int(dtype == torch.float64), plan["desc"].data_ptr(), plan["units"].data_ptr(),
                                plan["units"].shape[0], plan["fold"].data_ptr(), plan["fold"].shape[0],
                                xp.data_ptr(), dp.data_ptr(), None if gp is None else gp.data_ptr(),
                                float(b1), float(alpha), float(wd), layout.pos_row_flat.data_ptr(),
                                P if layout.axes else 0, n, pos.data_ptr(), scratch.data_ptr(), out.data_ptr(),
-                               torch.get_num_threads())
+                               fp, torch.get_num_threads())
     if momentum is not None and plan["plain"]:  # tensors no row reaches are not in the kernel's tables
         from .reference import momentum_update
 
         pl = plan["plain"]
         momentum_update([xs[t] for t in pl], [ds[t] for t in pl],
-                        Momentum(tuple(momentum.grads[t] for t in pl), b1, alpha, wd))
+                        Momentum(tuple(momentum.grads[t] for t in pl), b1, alpha, wd), skip)
     return RowStats(out[0, :n], out[1, :n], out[2, :n])
 
 
-def apply_rows(layout: RowLayout, xs, ds, lr: float, coef: torch.Tensor, scale: torch.Tensor) -> None:
-    """In place, as :func:`reference.apply_rows` (the caller checked :func:`supported`)."""
+def apply_rows(layout: RowLayout, xs, ds, lr, coef: torch.Tensor, scale: torch.Tensor, skip=None) -> None:
+    """In place, as :func:`reference.apply_rows` (the caller checked :func:`supported`); ``lr`` a float
+    or a 0-dim CPU tensor, ``skip`` a flag as in :func:`row_stats`."""
     plan = _plan(layout)
     dtype = xs[0].dtype
     coef, scale = coef.to(dtype).contiguous(), scale.to(dtype).contiguous()
     P = plan["P"]
     pv = _buffer(layout, "cpu_pv", dtype, 2 * P)
-    xp, dp = _ptrs(xs), _ptrs(ds)
+    xp, dp = _ptrs(layout, "x", xs), _ptrs(layout, "d", ds)
+    flag, fp = _flag_ptr(skip)
+    lrt = lr.to(torch.float64).contiguous() if isinstance(lr, torch.Tensor) else None
     library().otofx_rows_apply(int(dtype == torch.float64), plan["desc"].data_ptr(), plan["units"].data_ptr(),
                                plan["units"].shape[0], xp.data_ptr(), dp.data_ptr(), layout.pos_row_flat.data_ptr(),
                                P if layout.axes else 0, layout.n_rows, coef.data_ptr(), scale.data_ptr(),
-                               pv.data_ptr(), float(lr), torch.get_num_threads())
+                               pv.data_ptr(), 0.0 if lrt is not None else float(lr),
+                               None if lrt is None else lrt.data_ptr(), fp, torch.get_num_threads())
     if plan["plain"]:
-        torch._foreach_add_([xs[t] for t in plan["plain"]], [ds[t] for t in plan["plain"]], alpha=-lr)
+        plain_update([xs[t] for t in plan["plain"]], [ds[t] for t in plan["plain"]], lr,
+                     None if skip is None else skip == 0)
 
 
 def dhspg_step(layout: RowLayout, xs, ds, redundant: torch.Tensor, cfg: DHSPGConfig,
-               momentum: Momentum | None = None) -> torch.Tensor:
+               momentum: Momentum | None = None, skip=None) -> torch.Tensor:
     """The fused DHSPG row step; returns the number of zero rows before it (a tensor)."""
-    coef, scale, count = dhspg_rows(row_stats(layout, xs, ds, momentum), redundant, cfg)
-    apply_rows(layout, xs, ds, cfg.lr, coef, scale)
+    coef, scale, count = dhspg_rows(row_stats(layout, xs, ds, momentum, skip), redundant, cfg)
+    apply_rows(layout, xs, ds, cfg.lr, coef, scale, skip)
     return count
 
 
-def scale_step(layout: RowLayout, xs, ds, lr: float, scale: torch.Tensor) -> None:
+def scale_step(layout: RowLayout, xs, ds, lr, scale: torch.Tensor, skip=None) -> None:
     """``x <- (x - lr*d) * S`` in place (HESSO)."""
-    apply_rows(layout, xs, ds, lr, torch.zeros(layout.n_rows, dtype=xs[0].dtype), scale)
+    apply_rows(layout, xs, ds, lr, torch.zeros(layout.n_rows, dtype=xs[0].dtype), scale, skip)

@@ -13,6 +13,8 @@ Three pieces, each a few vectorised torch ops per tensor (a loop over tensors, n
 Internals:
     * Reductions accumulate in float32 (float64 when a tensor is float64); float16/bfloat16 tensors
       are updated in float32 and written back once.
+    * A step under a device-side ``skip`` flag (a non-finite gradient, GradScaler's found_inf) writes
+      ``torch.where(keep, new, x)``: slower, but no host synchronisation and NaN never leaks.
     * Shared elements follow the Jacobi rule (see ``otofx.optim``): every per-row quantity comes from
       x and d before the step, so the result does not depend on any order.
 """
@@ -60,13 +62,20 @@ class Momentum:
     wd: float
 
 
-def momentum_update(xs, ds, m: Momentum) -> None:
-    """:class:`Momentum`'s update with foreach ops (the torch and Triton backends do it first)."""
-    grads = list(m.grads)
-    if m.wd:
-        grads = torch._foreach_add(grads, list(xs), alpha=m.wd)
-    torch._foreach_mul_(list(ds), m.b1)
-    torch._foreach_add_(list(ds), grads, alpha=m.alpha)
+def momentum_update(xs, ds, m: Momentum, skip: torch.Tensor | None = None) -> None:
+    """:class:`Momentum`'s update in torch's fused SGD kernel (the torch and Triton backends do it first).
+
+    ``skip``: a float32 0-dim flag on the tensors' device; when it is non-zero nothing changes (read
+    on the device: no synchronisation). One ``_fused_sgd_`` call per (device, dtype), ``lr=0``: the
+    parameters are only read (for the weight decay).
+    """
+    by_key: dict = {}
+    for x, d, g in zip(xs, ds, m.grads):
+        by_key.setdefault((x.device, x.dtype), []).append((x, d, g))
+    for items in by_key.values():
+        torch._fused_sgd_([x for x, _, _ in items], [g for _, _, g in items], [d for _, d, _ in items],
+                          weight_decay=float(m.wd), momentum=float(m.b1), lr=0.0, dampening=1.0 - float(m.alpha),
+                          nesterov=False, maximize=False, is_first_step=False, grad_scale=None, found_inf=skip)
 
 
 def acc_dtype(xs) -> torch.dtype:
@@ -202,9 +211,26 @@ def position_values(layout: RowLayout, coef: torch.Tensor, scale: torch.Tensor) 
     return cs[:, layout.pos_row_flat]
 
 
-def apply_rows(layout: RowLayout, xs, ds, lr: float, coef: torch.Tensor, scale: torch.Tensor) -> None:
-    """In place: ``x <- x * (S * (1 - lr*C)) + (-lr * d) * S`` per element (C: sum, S: min over its rows)."""
+def _write(x: torch.Tensor, new: torch.Tensor, keep: torch.Tensor | None) -> None:
+    """``x <- new`` where ``keep`` (a 0-dim bool on x's device), else unchanged: no synchronisation."""
+    if keep is None:
+        x.copy_(new)
+    elif new.dtype == x.dtype:
+        torch.where(keep, new, x, out=x)
+    else:
+        x.copy_(torch.where(keep, new, x.to(new.dtype)))
+
+
+def apply_rows(layout: RowLayout, xs, ds, lr, coef: torch.Tensor, scale: torch.Tensor,
+               skip: torch.Tensor | None = None) -> None:
+    """In place: ``x <- x * (S * (1 - lr*C)) + (-lr * d) * S`` per element (C: sum, S: min over its rows).
+
+    ``lr``: a float or a 0-dim tensor on the layout's device. ``skip``: None, or a 0-dim flag on the
+    device; when it is non-zero no tensor changes (decided on the device, d may hold NaN then).
+    """
     acc = coef.dtype
+    keep = None if skip is None else skip == 0
+    tensor_lr = isinstance(lr, torch.Tensor)
     pv = position_values(layout, coef, scale)
     plain_x, plain_d = [], []
     for t, ids in enumerate(layout.tensor_axes):
@@ -241,8 +267,27 @@ def apply_rows(layout: RowLayout, xs, ds, lr: float, coef: torch.Tensor, scale: 
                 sb = torch.minimum(sb, s)
             f = sb * (1 - lr * cb)
         xv, dv = (xa.view(v), da.view(v)) if canon else (xa, da)
-        xv.mul_(f).addcmul_(dv, sb, value=-lr)
-        if xa is not x:
-            x.copy_(xa)
+        if keep is None and not tensor_lr:
+            xv.mul_(f).addcmul_(dv, sb, value=-lr)
+            if xa is not x:
+                x.copy_(xa)
+        else:
+            # NB: into a reused buffer (a fresh weight-sized temporary costs page faults every step)
+            new = _workspace(layout, "new", xv, xv.shape)
+            torch.mul(xv, f, out=new)
+            if tensor_lr:
+                new.add_((dv * (-lr)) * sb)
+            else:
+                new.addcmul_(dv, sb, value=-lr)
+            _write(x, new.view(x.shape), keep)
     if plain_x:
-        torch._foreach_add_(plain_x, plain_d, alpha=-lr)
+        plain_update(plain_x, plain_d, lr, keep)
+
+
+def plain_update(xs, ds, lr, keep: torch.Tensor | None = None) -> None:
+    """``x <- x - lr * d`` (one foreach call), or per tensor under a device-side ``keep`` flag."""
+    if keep is None and not isinstance(lr, torch.Tensor):
+        torch._foreach_add_(list(xs), list(ds), alpha=-lr)
+        return
+    for x, d in zip(xs, ds):
+        _write(x, x - lr * d, keep)

@@ -18,6 +18,10 @@ Internals:
       the element type is a compile-time constant, so all row tensors must share one dtype, and
       they (and their directions) must be contiguous: :func:`supported` says whether a call fits.
     * Reductions and the update run in float32 (float64 for float64 tensors).
+    * Nothing is copied from the host in a steady step: pointer tables, the hyper-parameters (unless
+      they change), the redundant mask and the row-value buffer are cached on the layout, ``lr`` may be
+      a device tensor, and a ``skip`` flag (found_inf) masks every store of the write-back. The step
+      can be captured in a CUDA graph.
     * The zero-row count is an int32 ``atomic_add``: integer addition is order independent, so the
       result is deterministic.
 """
@@ -99,13 +103,14 @@ def _dhspg_rows_kernel(xtab, dtab, seg_ptr, segs, redundant, out, count, hp,
 
 
 @triton.jit
-def _apply_kernel(xtab, dtab, blocks, numels, axis_table, pos_row, rowvals, count, target, hp,
+def _apply_kernel(xtab, dtab, blocks, numels, axis_table, pos_row, rowvals, count, target, hp, skip,
                   DT: tl.constexpr, ACC: tl.constexpr, MAXD: tl.constexpr, BLOCK: tl.constexpr):
     b = tl.program_id(0)
     lr = tl.load(hp)
+    skipped = tl.load(skip) != 0.0  # a skipped step (found_inf) loads and stores nothing
     t = tl.load(blocks + b * 2)
     start = tl.load(blocks + b * 2 + 1)
-    numel = tl.load(numels + t)
+    numel = tl.where(skipped, 0, tl.load(numels + t))
     xp = tl.load(xtab + t).to(tl.pointer_type(DT))
     dp = tl.load(dtab + t).to(tl.pointer_type(DT))
     off = start + tl.arange(0, BLOCK).to(tl.int64)
@@ -154,35 +159,79 @@ def _acc(dt):
     return torch.float64 if dt == torch.float64 else torch.float32
 
 
+def _cached(layout: RowLayout, key, make):
+    """``layout.cache[key]``, made once. # NB: what is cached here never changes between steps, so a
+    step captured in a CUDA graph replays with the same tables (and no host-to-device copy is made)."""
+    hit = layout.cache.get(key)
+    if hit is None:
+        hit = layout.cache[key] = make()
+    return hit
+
+
 def _tables(layout: RowLayout, xs, ds):
+    """Device tables of the data pointers (rebuilt only when a pointer changes)."""
     dev = xs[0].device
-    xt = torch.tensor([x.data_ptr() for x in xs], dtype=torch.int64).to(dev, non_blocking=True)
-    dt = torch.tensor([d.data_ptr() for d in ds], dtype=torch.int64).to(dev, non_blocking=True)
-    return xt, dt
+    px, pd = tuple(x.data_ptr() for x in xs), tuple(d.data_ptr() for d in ds)
+    hit = layout.cache.get("triton_ptrs")
+    if hit is None or hit[0] != (px, pd):
+        hit = ((px, pd), torch.tensor(px, dtype=torch.int64).to(dev), torch.tensor(pd, dtype=torch.int64).to(dev))
+        layout.cache["triton_ptrs"] = hit
+    return hit[1], hit[2]
 
 
 def _rowvals(layout: RowLayout, acc):
-    """Per-row (coef, gated scale, scale) with a sentinel row N = (0, 1, 1) for unowned positions."""
-    v = torch.empty((layout.n_rows + 1, 3), dtype=acc, device=layout.device)
-    v[layout.n_rows] = torch.tensor([0.0, 1.0, 1.0], dtype=acc)
-    return v
+    """Per-row (coef, gated scale, scale) with a sentinel row N = (0, 1, 1) for unowned positions
+    (a buffer reused by every step: the kernels rewrite rows 0..N-1)."""
+    def make():
+        v = torch.empty((layout.n_rows + 1, 3), dtype=acc, device=layout.device)
+        v[layout.n_rows] = torch.tensor([0.0, 1.0, 1.0], dtype=acc)
+        return v
+    return _cached(layout, ("triton_rowvals", acc), make)
 
 
-def _hp(layout, acc, *values):
+def _hp(layout, acc, lr, *values):
+    """``[lr, *values]`` on the device. A float lr is cached with the other values (a new tensor only
+    when a value changes); a tensor lr is read on the device.
+
     # NB: scalars go through a tensor: Triton passes Python floats as float32, float64 steps need them exact
-    return torch.tensor(values, dtype=acc).to(layout.device, non_blocking=True)
+    """
+    if isinstance(lr, torch.Tensor):
+        rest = _cached(layout, ("triton_hp", acc, values),
+                       lambda: torch.tensor(values, dtype=acc).to(layout.device))
+        return torch.cat([lr.reshape(1).to(layout.device, acc), rest])
+    return _cached(layout, ("triton_hp", acc, (lr, *values)),
+                   lambda: torch.tensor((lr, *values), dtype=acc).to(layout.device))
 
 
-def _apply(layout, xt, dt, dtype, rowvals, count, target: int, hp):
+def _skip(layout, skip):
+    if skip is not None:
+        return skip
+    return _cached(layout, "triton_noskip", lambda: torch.zeros((), dtype=torch.float32, device=layout.device))
+
+
+def _apply(layout, xt, dt, dtype, rowvals, count, target: int, hp, skip):
     nb = layout.blocks.shape[0]
     if nb:
         _apply_kernel[(nb,)](xt, dt, layout.blocks, layout.numels, layout.axis_table, layout.pos_row_flat,
-                             rowvals, count, target, hp, DT=_TL[dtype], ACC=_TL[_acc(dtype)], MAXD=MAX_AXES,
-                             BLOCK=APPLY_BLOCK)
+                             rowvals, count, target, hp, _skip(layout, skip), DT=_TL[dtype], ACC=_TL[_acc(dtype)],
+                             MAXD=MAX_AXES, BLOCK=APPLY_BLOCK)
 
 
-def dhspg_step(layout: RowLayout, xs, ds, redundant: torch.Tensor, cfg: DHSPGConfig) -> torch.Tensor:
-    """The fused DHSPG row step in two launches; returns the zero-row count before the step."""
+def _redundant8(layout: RowLayout, redundant: torch.Tensor) -> torch.Tensor:
+    """The redundant mask as int8, converted again only when the mask changed."""
+    key = (redundant.data_ptr(), redundant._version)
+    hit = layout.cache.get("triton_red8")
+    if hit is None or hit[0] != key:
+        hit = (key, redundant.to(torch.int8))
+        layout.cache["triton_red8"] = hit
+    return hit[1]
+
+
+def dhspg_step(layout: RowLayout, xs, ds, redundant: torch.Tensor, cfg: DHSPGConfig, skip=None) -> torch.Tensor:
+    """The fused DHSPG row step in two launches; returns the zero-row count before the step.
+
+    ``skip``: a float32 0-dim flag on the device; non-zero: the write-back stores nothing.
+    """
     dtype = xs[0].dtype
     acc = _acc(dtype)
     xt, dt = _tables(layout, xs, ds)
@@ -191,13 +240,13 @@ def dhspg_step(layout: RowLayout, xs, ds, redundant: torch.Tensor, cfg: DHSPGCon
     hp = _hp(layout, acc, cfg.lr, cfg.lmbda, cfg.lmbda_amplify, cfg.hat_lmbda_coeff, cfg.epsilon)
     if layout.n_rows:
         _dhspg_rows_kernel[(layout.n_rows,)](
-            xt, dt, layout.seg_ptr, layout.segs, redundant.to(torch.int8), rowvals, count, hp,
+            xt, dt, layout.seg_ptr, layout.segs, _redundant8(layout, redundant), rowvals, count, hp,
             WARM_UP=bool(cfg.warm_up), FIXED_ZERO=bool(cfg.fixed_zero), DT=_TL[dtype], ACC=_TL[acc], BLOCK=ROW_BLOCK)
-    _apply(layout, xt, dt, dtype, rowvals, count, int(cfg.target_rows), hp)
+    _apply(layout, xt, dt, dtype, rowvals, count, int(cfg.target_rows), hp, skip)
     return count[0]
 
 
-def scale_step(layout: RowLayout, xs, ds, lr: float, scale: torch.Tensor) -> None:
+def scale_step(layout: RowLayout, xs, ds, lr, scale: torch.Tensor, skip=None) -> None:
     """``x <- (x - lr*d) * S`` (S: the minimum row scale of each element) in one launch (HESSO)."""
     dtype = xs[0].dtype
     acc = _acc(dtype)
@@ -207,4 +256,4 @@ def scale_step(layout: RowLayout, xs, ds, lr: float, scale: torch.Tensor) -> Non
     rowvals[: layout.n_rows, 1] = 1
     rowvals[: layout.n_rows, 2] = scale.to(acc)
     count = torch.zeros(1, dtype=torch.int32, device=layout.device)
-    _apply(layout, xt, dt, dtype, rowvals, count, 1, _hp(layout, acc, lr))
+    _apply(layout, xt, dt, dtype, rowvals, count, 1, _hp(layout, acc, lr), skip)

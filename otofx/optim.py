@@ -18,16 +18,38 @@ Shared elements (the Jacobi rule). A weight element can lie in two rows along di
       by the smallest scale among its rows).
 The result does not depend on the order of rows or groups, and every backend computes the same.
 
+Non-finite gradients, GradScaler, CUDA graphs. A steady step (any step but the first, DHSPG's
+partition and HESSO's selection steps) makes no device-to-host synchronisation:
+    * ``check_finite=True`` (the default): a step whose gradients hold NaN or inf changes nothing
+      (parameters, moment buffers, the step count), decided on the device by a float32 flag (torch's
+      ``found_inf`` convention) that every kernel honours; ``skipped_steps`` counts such steps.
+      ``check_finite="raise"`` raises :class:`NonFiniteGradError` instead, reading the check on the
+      host every step; ``False`` checks nothing.
+    * ``_step_supports_amp_scaling``: ``GradScaler.step(opt)`` sets ``opt.grad_scale``/``opt.found_inf``
+      and calls ``step()`` (as for torch's fused optimizers); the gradients are unscaled here and
+      ``found_inf`` is the skip flag.
+    * ``capturable=True`` allows capturing a steady step in a CUDA graph (DHSPG after its warm-up,
+      HESSO outside its pruning window, whose per-step scale the host sets); a step that cannot be
+      replayed is refused with an :class:`OptimizerError` while capturing.
+    * The first, partition and selection steps read the check on the host (a one-time decision from
+      NaN gradients would be permanent): such a step with NaN/inf is skipped and retried on the next
+      call.
+
 Internals:
-    * The base direction is computed with ``torch._foreach_*`` ops per (param group, device, dtype);
-      parameters in no row take ``x -= lr * d`` the same way. The row tensors go through
-      ``otofx.kernels`` (Triton on CUDA, a C kernel on CPU, the torch reference where neither fits),
-      whose layout is built once.
+    * Parameters in no row (all of them before the pruning starts) take torch's fused SGD, Adam or
+      AdamW kernels (``torch._fused_sgd_``/``_fused_adam_``/``_fused_adamw_``, with ``found_inf``): one
+      launch per (param group, device, dtype). The row tensors' direction d comes from the same
+      kernels (SGD momentum: ``lr=0``; Adam: a zeroed buffer stepped with ``lr=-1`` gives
+      ``m_hat / (sqrt(v_hat) + eps)``), and the row step goes through ``otofx.kernels`` (Triton on
+      CUDA, a C kernel on CPU, the torch reference where neither fits), whose layout is built once.
     * DHSPG with SGD momentum, after the partition: the row tensors' momentum update is handed to the
       fused row step (``kernels.Momentum``), which on CPU does it in the same pass as its reductions
-      (the other backends do the same foreach update first). The first step, which creates the
+      (the other backends run torch's fused SGD kernel first). The first step, which creates the
       buffers, and any step where the row tensors' settings differ, take the unfused path.
-    * The step counter, the partition (``redundant``, HESSO's ``pruned``/``current``) and the
+    * Two clocks: ``_t`` counts the calls that went through (the schedule: start, warm-up, HESSO
+      periods, known on the host), ``steps_taken`` the steps not skipped (a device tensor; Adam's bias
+      correction reads it). ``step_count`` reads the latter (a sync).
+    * The step counters, the partition (``redundant``, HESSO's ``pruned``/``current``) and the
       moment buffers are in ``state_dict()``; a resumed optimizer continues bit-identically.
     * # NB: the learning rate is read from ``param_groups`` at every step (schedulers work), but all
       parameters holding rows must share one lr: a row's step uses a single a.
@@ -49,6 +71,7 @@ from otofx.errors import OTOError
 log = logging.getLogger("otofx")
 
 VARIANTS = ("sgd", "adam", "adamw")
+_CHECK_MODES = {True: "skip", "skip": "skip", False: "off", "raise": "raise"}
 _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 _ADAM_EPS = 1e-8
 
@@ -98,10 +121,21 @@ class _RowOptimizer(torch.optim.Optimizer):
 
     _kind = "rows"
 
+    # GradScaler hands its scale and found_inf to step() (as to torch's fused optimizers) instead of
+    # reading found_inf on the host and not calling step()
+    _step_supports_amp_scaling = True
+
     def __init__(self, params, groups, *, variant, lr, base: dict, model=None, backend=None,
-                 check_finite: bool = True):
-        if lr is None or lr < 0:
-            raise OptimizerError(f"lr={lr!r}: the learning rate must be a number >= 0")
+                 check_finite=True, capturable: bool = False):
+        if lr is None or (not isinstance(lr, torch.Tensor) and lr < 0):
+            raise OptimizerError(f"lr={lr!r}: the learning rate must be a number >= 0 (or a 0-dim tensor)")
+        mode = _CHECK_MODES.get(check_finite) if isinstance(check_finite, (bool, str)) else None
+        if mode is None:
+            raise OptimizerError(f"check_finite={check_finite!r}: use True (skip such steps on the device), "
+                                 "'raise' (raise NonFiniteGradError; reads the check on the host every step) or False")
+        if capturable and mode == "raise":
+            raise OptimizerError("capturable=True cannot be combined with check_finite='raise' (which reads the "
+                                 "check on the host): use check_finite=True and read opt.skipped_steps")
         base = _resolve_base(variant, base)
         for k in ("first_momentum", "second_momentum"):
             if not 0.0 <= base[k] < 1.0:
@@ -115,14 +149,22 @@ class _RowOptimizer(torch.optim.Optimizer):
         self.variant = variant
         self.backend = backend
         self.check_finite = check_finite
+        self._check_mode = mode
+        self.capturable = bool(capturable)
         super().__init__(params, dict(lr=lr, **base))
-        self._t = 0
+        self._t = 0  # step() calls that went through (the schedule's clock)
+        self._host_skipped = 0
+        self._dirs = {}  # Adam row directions, transient buffers
         for g in self.param_groups:
             for p in g["params"]:
                 if p.dtype not in _DTYPES:
                     raise OptimizerError(f"parameter {self._name(p)!r} has dtype {p.dtype}; {type(self).__name__} "
                                          f"supports {', '.join(str(d) for d in _DTYPES)}: cast the model first")
         self._build_layout(groups, model)
+        first = next((p for g in self.param_groups for p in g["params"]), None)
+        self._home = self.layout.device if self._row_params else (first.device if first is not None
+                                                                   else torch.device("cpu"))
+        self._taken = torch.zeros((), dtype=torch.float32, device=self._home)  # steps taken, on the device
 
     # -- setup ----------------------------------------------------------------------------------
     def _name(self, p) -> str:
@@ -179,7 +221,18 @@ class _RowOptimizer(torch.optim.Optimizer):
 
     @property
     def step_count(self) -> int:
-        return self._t
+        """Steps taken (skipped ones not counted). # NB: reads a device counter (a sync)."""
+        return int(self._taken.item())
+
+    @property
+    def steps_taken(self) -> torch.Tensor:
+        """The device counter of steps taken (a 0-dim float32 tensor, read without a sync)."""
+        return self._taken
+
+    @property
+    def skipped_steps(self) -> int:
+        """Steps skipped for a gradient with NaN or inf (or GradScaler's found_inf). # NB: a sync."""
+        return self._host_skipped + self._t - self.step_count
 
     @torch.no_grad()
     def row_stats(self) -> kernels.RowStats:
@@ -196,71 +249,92 @@ class _RowOptimizer(torch.optim.Optimizer):
     def _target_rows(self, target: float) -> int:
         return math.ceil(target * self.n_rows - 1e-9)
 
-    # -- the base direction ---------------------------------------------------------------------
-    def _check_finite(self, grads_named) -> None:
+    # -- the finite-gradient check ----------------------------------------------------------------
+    def _skip_flag(self, grads, found_inf):
+        """A float32 0-dim flag on the home device, 1.0 when this step must change nothing (a gradient
+        holds NaN or inf, or GradScaler's ``found_inf``), or None when no check applies. No sync."""
+        if found_inf is not None:  # GradScaler checked every gradient of this optimizer
+            return found_inf.reshape(()).to(self._home, torch.float32)
+        if self._check_mode == "off" or not grads:
+            return None
         by_key = defaultdict(list)
-        for p, g in grads_named:
-            by_key[(g.device, g.dtype)].append((p, g))
-        for items in by_key.values():
-            # NB: the L2 norm is the fast foreach reduction; NaN and inf propagate through it (an overflow of
-            # huge finite gradients to inf only costs the per-tensor scan below, which then finds nothing)
-            norms = torch._foreach_norm([g for _, g in items])
-            if bool(torch.stack(norms).isfinite().all()):
-                continue
-            for p, g in items:
-                if not bool(torch.isfinite(g).all()):
-                    raise NonFiniteGradError(
-                        f"the gradient of parameter {self._name(p)!r} holds NaN or inf; no parameter or state was "
-                        "changed. Lower the learning rate, clip gradients, or use torch.amp.GradScaler (which skips such steps)")
+        for g in grads:
+            by_key[(g.device, g.dtype)].append(g)
+        sums = []
+        for (_, dt), gs in by_key.items():
+            # NB: the L2 norm is the fast foreach reduction; NaN and inf propagate through it. Half-precision
+            # norms are taken in float32, so only gradients with elements beyond ~1e19 count as non-finite
+            # without holding NaN or inf.
+            norms = torch._foreach_norm(gs, dtype=torch.float32 if dt in (torch.float16, torch.bfloat16) else None)
+            sums.append(torch.stack(norms).sum().to(self._home, torch.float32))
+        total = sums[0] if len(sums) == 1 else torch.stack(sums).sum()
+        return torch.isfinite(total).logical_not().to(torch.float32)
 
-    def _directions(self, deferred=frozenset()):
-        """(param, d, lr) for every parameter with a gradient; updates the moment buffers.
+    def _raise_non_finite(self, params, found_inf) -> None:
+        for p in params:
+            if not bool(torch.isfinite(p.grad).all()):
+                raise NonFiniteGradError(
+                    f"the gradient of parameter {self._name(p)!r} holds NaN or inf; no parameter or state was "
+                    "changed. Lower the learning rate, clip gradients, or use torch.amp.GradScaler (which skips such "
+                    "steps), or check_finite=True (the default), which skips them on the device")
+        raise NonFiniteGradError("GradScaler found inf or NaN in the scaled gradients; no parameter or state was "
+                                 "changed (check_finite='raise' raises on every skipped step)")
 
-        Parameters whose id is in ``deferred`` (SGD momentum only, buffers already there) keep their
-        buffer as it is: the fused row step updates it (see ``_fused_momentum``).
-        """
-        out = []
-        t = self._t + 1
-        for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
-            by_key = defaultdict(list)
-            for p in params:
-                if p.grad.is_sparse:
-                    raise OptimizerError(f"parameter {self._name(p)!r} has a sparse gradient; {type(self).__name__} needs dense ones")
-                if id(p) in deferred:
-                    out.append((p, self.state[p]["momentum_buffer"], group["lr"]))
-                    continue
-                by_key[(p.device, p.dtype)].append(p)
-            for ps in by_key.values():
-                ds = self._base_direction(group, ps, t)
-                out.extend((p, d, group["lr"]) for p, d in zip(ps, ds))
+    # -- the base step ----------------------------------------------------------------------------
+    def _buckets(self, params):
+        """``params`` (with gradients) per (param group, device, dtype), in a fixed order."""
+        out = defaultdict(list)
+        for gi, group in enumerate(self.param_groups):
+            for p in group["params"]:
+                if id(p) in params:
+                    out[(gi, p.device, p.dtype)].append(p)
         return out
 
-    def _base_direction(self, group, ps, t):
-        wd, b1, b2 = group["weight_decay"], group["first_momentum"], group["second_momentum"]
-        grads = [p.grad for p in ps]
-        if self.variant == "sgd":
-            if wd:
-                grads = torch._foreach_add(grads, ps, alpha=wd)
-            if not b1:
-                return grads
-            bufs, fresh = [], []
-            for p, g in zip(ps, grads):
-                st = self.state[p]
-                if "momentum_buffer" not in st:
-                    st["momentum_buffer"] = torch.clone(g).detach()
-                    fresh.append(True)
-                else:
-                    fresh.append(False)
-                bufs.append(st["momentum_buffer"])
-            old = [(b, g) for b, g, f in zip(bufs, grads, fresh) if not f]
-            if old:
-                ob, og = [b for b, _ in old], [g for _, g in old]
-                torch._foreach_mul_(ob, b1)
-                torch._foreach_add_(ob, og, alpha=1 - group["dampening"])
-            return bufs
-        if self.variant == "adam" and wd:
-            grads = torch._foreach_add(grads, ps, alpha=wd)
+    def _unscale(self, params, grad_scale) -> None:
+        """Divide the gradients by GradScaler's scale (it hands the scale to optimizers that, like
+        torch's fused ones, take it over); on the device."""
+        by_dev = defaultdict(list)
+        for p in params:
+            by_dev[p.grad.device].append(p.grad)
+        inv = grad_scale.double().reciprocal().float()
+        for dev, gs in by_dev.items():
+            torch._foreach_mul_(gs, inv.to(dev))
+
+    def _steps_for(self, dev):
+        return self._taken if dev == self._home else self._taken.to(dev)
+
+    def _base_update(self, params, lr, skip) -> None:
+        """``x <- x - lr * d`` with the base optimizer's direction, in torch's fused SGD/Adam/AdamW kernels
+        (one launch per param group, device and dtype; the moment buffers are torch's). ``skip`` is passed
+        as their ``found_inf``: a skipped step changes nothing, decided on the device."""
+        for (gi, dev, _), ps in self._buckets({id(p) for p in params}).items():
+            group = self.param_groups[gi]
+            wd, b1, b2 = group["weight_decay"], group["first_momentum"], group["second_momentum"]
+            plr = group["lr"] if lr is None else lr
+            grads = [p.grad for p in ps]
+            fi = None if skip is None else skip.to(dev)
+            if self.variant == "sgd":
+                if not b1:
+                    torch._fused_sgd_(ps, grads, [], weight_decay=wd, momentum=0.0, lr=plr, dampening=0.0,
+                                      nesterov=False, maximize=False, is_first_step=False, found_inf=fi)
+                    continue
+                fresh = {id(p) for p in ps if "momentum_buffer" not in self.state[p]}
+                for p in ps:
+                    if id(p) in fresh:
+                        self.state[p]["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                for first in (True, False):
+                    sel = [p for p in ps if (id(p) in fresh) == first] if fresh else ([] if first else ps)
+                    if sel:
+                        torch._fused_sgd_(sel, [p.grad for p in sel], [self.state[p]["momentum_buffer"] for p in sel],
+                                          weight_decay=wd, momentum=b1, lr=plr, dampening=group["dampening"],
+                                          nesterov=False, maximize=False, is_first_step=first, found_inf=fi)
+                continue
+            ms, vs = self._moments(ps)
+            op = torch._fused_adamw_ if self.variant == "adamw" else torch._fused_adam_
+            op(ps, grads, ms, vs, [], [self._steps_for(dev)] * len(ps), lr=plr, beta1=b1, beta2=b2,
+               weight_decay=wd, eps=_ADAM_EPS, amsgrad=False, maximize=False, found_inf=fi)
+
+    def _moments(self, ps):
         ms, vs = [], []
         for p in ps:
             st = self.state[p]
@@ -269,66 +343,164 @@ class _RowOptimizer(torch.optim.Optimizer):
                 st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             ms.append(st["exp_avg"])
             vs.append(st["exp_avg_sq"])
-        torch._foreach_lerp_(ms, grads, 1 - b1)
-        torch._foreach_mul_(vs, b2)
-        torch._foreach_addcmul_(vs, grads, grads, value=1 - b2)
-        bc1, bc2 = 1 - b1 ** t, 1 - b2 ** t
-        denom = torch._foreach_sqrt(vs)
-        torch._foreach_div_(denom, math.sqrt(bc2))
-        torch._foreach_add_(denom, _ADAM_EPS)
-        ds = torch._foreach_div(ms, denom)
-        torch._foreach_div_(ds, bc1)
-        if self.variant == "adamw" and wd:
-            torch._foreach_add_(ds, ps, alpha=wd)
-        return ds
+        return ms, vs
 
-    @staticmethod
-    def _plain_update(items) -> None:
-        """x -= lr * d over (param, d, lr) items, one foreach call per (lr, device, dtype)."""
-        by_key = defaultdict(list)
-        for p, d, lr in items:
-            by_key[(lr, p.device, p.dtype)].append((p, d))
-        for (lr, _, _), pd in by_key.items():
-            torch._foreach_add_([p for p, _ in pd], [d for _, d in pd], alpha=-lr)
+    def _row_directions(self, skip, fuse: bool):
+        """The row tensors and their directions d; with ``fuse`` (SGD momentum, buffers there) the
+        momentum update is returned as a :class:`kernels.Momentum` for the row step to make (on the CPU
+        kernel in its reduction pass), else it is made here. Row tensors without gradient get d = 0."""
+        xs = [p.detach() for p in self._row_params]
+        ds = [None] * len(xs)
+        with_grad = {id(p) for p in self._row_params if p.grad is not None}
+        momentum = None
+        if fuse:
+            b1, alpha, wd = self._row_momentum()
+            momentum = kernels.Momentum(tuple(p.grad.detach() for p in self._row_params), b1, alpha, wd)
+            ds = [self.state[p]["momentum_buffer"] for p in self._row_params]
+            return xs, ds, momentum
+        for (gi, dev, _), ps in self._buckets(with_grad).items():
+            group = self.param_groups[gi]
+            wd, b1, b2 = group["weight_decay"], group["first_momentum"], group["second_momentum"]
+            grads = [p.grad for p in ps]
+            fi = None if skip is None else skip.to(dev)
+            if self.variant == "sgd":
+                if wd:
+                    grads = torch._foreach_add(grads, ps, alpha=wd)
+                if not b1:
+                    dirs = grads
+                else:
+                    old = [(p, g) for p, g in zip(ps, grads) if "momentum_buffer" in self.state[p]]
+                    for p, g in zip(ps, grads):
+                        if "momentum_buffer" not in self.state[p]:  # torch's rule: the first buffer is the gradient
+                            g = g.detach()
+                            self.state[p]["momentum_buffer"] = (g.clone() if fi is None else
+                                                                torch.where(fi == 0, g, torch.zeros_like(g)))
+                    if old:
+                        kernels.momentum_update([p for p, _ in old], [self.state[p]["momentum_buffer"] for p, _ in old],
+                                                kernels.Momentum(tuple(g for _, g in old), b1, 1 - group["dampening"], 0.0),
+                                                fi)
+                    dirs = [self.state[p]["momentum_buffer"] for p in ps]
+            else:
+                if self.variant == "adam" and wd:
+                    grads = torch._foreach_add(grads, ps, alpha=wd)
+                ms, vs = self._moments(ps)
+                dirs = [self._dirs.get(id(p)) for p in ps]
+                for i, p in enumerate(ps):
+                    if dirs[i] is None:
+                        dirs[i] = self._dirs[id(p)] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+                torch._foreach_zero_(dirs)
+                # the Adam direction m_hat / (sqrt(v_hat) + eps): torch's fused Adam stepping a zero buffer with lr=-1
+                torch._fused_adam_(dirs, grads, ms, vs, [], [self._steps_for(dev)] * len(ps), lr=-1.0, beta1=b1,
+                                   beta2=b2, weight_decay=0.0, eps=_ADAM_EPS, amsgrad=False, maximize=False,
+                                   found_inf=fi)
+                if self.variant == "adamw" and wd:
+                    # NB: on a skipped step d is wd*x, never used: the row step changes nothing then
+                    torch._foreach_add_(dirs, ps, alpha=wd)
+            for p, d in zip(ps, dirs):
+                ds[self._row_index[id(p)]] = d.detach()
+        ds = [d if d is not None else torch.zeros_like(x) for x, d in zip(xs, ds)]
+        return xs, ds, momentum
 
-    def _row_lr(self) -> float:
-        lrs = {self.param_groups[g]["lr"] for g in self._row_lr_groups}
-        if len(lrs) > 1:
-            raise OptimizerError(f"the parameters holding rows have different learning rates {sorted(lrs)}: "
+    def _row_lr(self):
+        lrs = [self.param_groups[g]["lr"] for g in self._row_lr_groups]
+        if not lrs:
+            return 0.0
+        if any(isinstance(v, torch.Tensor) for v in lrs):
+            if any(v is not lrs[0] for v in lrs):
+                raise OptimizerError("the parameters holding rows have different learning-rate tensors: a row's step "
+                                     "needs one; give them one param group (or the same lr tensor)")
+            return lrs[0]
+        if len(set(lrs)) > 1:
+            raise OptimizerError(f"the parameters holding rows have different learning rates {sorted(set(lrs))}: "
                                  "a row's step needs one; give them one param group (or equal lrs)")
-        return lrs.pop() if lrs else 0.0
+        return lrs[0]
 
-    def _split(self, items):
-        """Row tensors with their directions (zeros for a row tensor without gradient), and the rest."""
-        d_of = {id(p): d for p, d, _ in items}
-        ds = [d_of.get(id(p)) for p in self._row_params]
-        ds = [d if d is not None else torch.zeros_like(p) for p, d in zip(self._row_params, ds)]
-        rest = [it for it in items if id(it[0]) not in self._row_index]
-        return [p.detach() for p in self._row_params], [d.detach() for d in ds], rest
+    # -- the step ---------------------------------------------------------------------------------
+    def _event(self) -> bool:
+        """True on a step that creates state or makes a one-time decision from x and d (the first step,
+        DHSPG's partition, a HESSO selection): such a step checks the gradients on the host."""
+        return self._t == 0
+
+    def _capture_guard(self, capturing: bool, event: bool) -> None:
+        if not capturing:
+            return
+        if not self.capturable:
+            raise OptimizerError(f"{type(self).__name__}.step() is being captured in a CUDA graph but capturable=False: "
+                                 "build the optimizer with capturable=True")
+        if event or self._check_mode == "raise":
+            raise OptimizerError("this step cannot be captured in a CUDA graph: it is the first step, a partition or "
+                                 "selection step, or check_finite='raise' reads the check on the host; run such "
+                                 "steps eagerly and capture a later one")
+        why = self._uncapturable()
+        if why:
+            raise OptimizerError(f"this step cannot be captured in a CUDA graph: {why}")
+
+    def _uncapturable(self) -> str | None:
+        return None
 
     @torch.no_grad()
     def step(self, closure=None):
+        """One step. With GradScaler, ``scaler.step(opt)`` hands its scale and ``found_inf`` over (as to
+        torch's fused optimizers): the gradients are unscaled here and a step with inf/NaN changes nothing,
+        decided on the device."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if self.check_finite:
-            self._check_finite([(p, p.grad) for g in self.param_groups for p in g["params"] if p.grad is not None])
+        grad_scale = getattr(self, "grad_scale", None)
+        found_inf = getattr(self, "found_inf", None)
+        params = []
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise OptimizerError(f"parameter {self._name(p)!r} has a sparse gradient; {type(self).__name__} "
+                                         "needs dense ones")
+                params.append(p)
+        capturing = torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing()
+        event = self._event()
+        self._capture_guard(capturing, event)
+        if grad_scale is not None:
+            self._unscale(params, grad_scale)
+        skip = self._skip_flag([p.grad for p in params], found_inf)
+        if skip is not None and (event or self._check_mode == "raise"):
+            if bool(skip):  # NB: a host sync, on event steps and in check_finite="raise" mode only
+                if self._check_mode == "raise":
+                    self._raise_non_finite(params, found_inf)
+                self._host_skipped += 1
+                log.warning("%s: step %d skipped (a gradient holds NaN or inf)", type(self).__name__, self._t)
+                return loss
+            skip = None  # known finite
+        self._taken.add_(1.0 if skip is None else 1.0 - skip)
         lr = self._row_lr()
-        momentum = self._fused_momentum()
-        items = self._directions(frozenset(self._row_index) if momentum else frozenset())
-        if not self._rows_step(items, lr, momentum):
-            self._plain_update(items)
+        if self._rows_active():
+            fuse = self._fuse_momentum()
+            xs, ds, momentum = self._row_directions(skip, fuse)
+            self._rows_step(xs, ds, lr, momentum, skip)
+            rest = [p for p in params if id(p) not in self._row_index]
+        else:
+            rest = params
+        self._base_update(rest, None, skip)
         self._t += 1
         return loss
 
-    def _fused_momentum(self):
-        """``(b1, 1 - dampening, weight_decay)`` when this step's row step takes the row tensors' SGD
-        momentum update over (one pass fewer over the weights on CPU), else None."""
-        return None
+    def _rows_active(self) -> bool:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _fuse_momentum(self) -> bool:
+        """Whether this step's row step takes the row tensors' SGD momentum update over (DHSPG: one pass
+        fewer over the weights on CPU); HESSO's row step does not."""
+        return False
+
+    def _momentum_fusable(self) -> bool:
+        if self._row_momentum() is None:
+            return False
+        return all(p.grad is not None and "momentum_buffer" in self.state[p] for p in self._row_params)
 
     def _row_momentum(self):
-        """The row tensors' shared SGD momentum settings, if they can be fused at all, else None."""
+        """The row tensors' shared SGD momentum settings ``(b1, 1 - dampening, weight_decay)``, if they
+        can be fused at all, else None."""
         if self.variant != "sgd" or not self._row_params:
             return None
         hp = {(self.param_groups[g]["first_momentum"], self.param_groups[g]["dampening"],
@@ -338,12 +510,9 @@ class _RowOptimizer(torch.optim.Optimizer):
         b1, damp, wd = hp.pop()
         if not b1:
             return None
-        for p in self._row_params:
-            if p.grad is None or p.grad.is_sparse or "momentum_buffer" not in self.state[p]:
-                return None  # the first step creates the buffers (torch's rule): the unfused path
         return b1, 1 - damp, wd
 
-    def _rows_step(self, items, lr, momentum=None) -> bool:  # pragma: no cover - abstract
+    def _rows_step(self, xs, ds, lr, momentum, skip) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
 
     # -- state ----------------------------------------------------------------------------------
@@ -359,8 +528,8 @@ class _RowOptimizer(torch.optim.Optimizer):
 
     def state_dict(self):
         sd = super().state_dict()
-        sd["otofx"] = {"kind": self._kind, "variant": self.variant, "step": self._t,
-                       "layout": self._signature(), **self._extra_state()}
+        sd["otofx"] = {"kind": self._kind, "variant": self.variant, "step": self._t, "taken": float(self._taken),
+                       "host_skipped": self._host_skipped, "layout": self._signature(), **self._extra_state()}
         return sd
 
     def load_state_dict(self, state_dict) -> None:
@@ -376,6 +545,8 @@ class _RowOptimizer(torch.optim.Optimizer):
         sd = {k: v for k, v in state_dict.items() if k != "otofx"}
         super().load_state_dict(sd)
         self._t = int(extra["step"])
+        self._taken = torch.tensor(float(extra.get("taken", self._t)), dtype=torch.float32, device=self._home)
+        self._host_skipped = int(extra.get("host_skipped", 0))
         self._load_extra_state(extra)
 
     def _mask(self, t):
@@ -397,7 +568,8 @@ class DHSPG(_RowOptimizer):
                  lmbda=None, lmbda_amplify=None, hat_lmbda_coeff=None, epsilon: float = 0.0,
                  target_group_sparsity: float = 0.5, tolerance_group_sparsity: float = 0.05,
                  start_pruning_steps: int = 0, warm_up_steps: int = 0, group_divisible: int = 1,
-                 fixed_zero_groups: bool = True, model=None, backend=None, check_finite: bool = True):
+                 fixed_zero_groups: bool = True, model=None, backend=None, check_finite=True,
+                 capturable: bool = False):
         if variant not in VARIANTS:
             raise OptimizerError(f"variant={variant!r} is not supported: use one of {VARIANTS}")
         lam = dict(_LAMBDA_DEFAULTS[variant])
@@ -427,6 +599,7 @@ class DHSPG(_RowOptimizer):
         self.fixed_zero_groups = bool(fixed_zero_groups)
         self._redundant = None
         super().__init__(params, groups, variant=variant, lr=lr, model=model, backend=backend, check_finite=check_finite,
+                         capturable=capturable,
                          base=dict(first_momentum=first_momentum, second_momentum=second_momentum,
                                    dampening=dampening, weight_decay=weight_decay))
 
@@ -455,7 +628,7 @@ class DHSPG(_RowOptimizer):
         den = norm * dnorm
         cos = torch.where(den > 0, st.xd / torch.where(den > 0, den, torch.ones_like(den)), torch.zeros_like(den))
         inv = 1.0 / (norm / lay.row_len.to(norm.dtype) + 1e-6)
-        nz = lambda v: v / v.norm() if bool(v.norm() > 0) else v  # noqa: E731
+        nz = lambda v: v / torch.where(v.norm() > 0, v.norm(), 1.0)  # noqa: E731
         score = 0.5 * nz(cos) + 0.5 * nz(inv)
         k = math.floor(n * min(self.target_group_sparsity + self.tolerance_group_sparsity, 0.999))
         order = torch.argsort(score, descending=True, stable=True)
@@ -472,34 +645,36 @@ class DHSPG(_RowOptimizer):
         rank = torch.arange(n, device=score.device) - starts[g_of[by_group]]
         redundant = torch.zeros(n, dtype=torch.bool, device=score.device)
         redundant[by_group] = rank < quota[g_of[by_group]]
-        log.info("DHSPG: partition at step %d: %d of %d rows redundant", self._t, int(redundant.sum()), n)
+        if log.isEnabledFor(logging.INFO):
+            log.info("DHSPG: partition at step %d: %d of %d rows redundant", self._t, int(redundant.sum()), n)
         return redundant
 
-    def _fused_momentum(self):
-        # after the partition (which reads the updated directions), in the pruning phase
-        if self._redundant is None or self._t < self.start_pruning_steps or not self.n_rows:
-            return None
-        return self._row_momentum()
+    def _rows_active(self) -> bool:
+        return self._t >= self.start_pruning_steps and self.n_rows > 0
 
-    def _rows_step(self, items, lr, momentum=None) -> bool:
+    def _event(self) -> bool:
+        return self._t == 0 or (self._rows_active() and self._redundant is None)
+
+    def _uncapturable(self) -> str | None:
+        if self._t < self.start_pruning_steps + self.warm_up_steps:
+            return "it is before the end of start_pruning_steps + warm_up_steps (a replay would not move on)"
+        return None
+
+    def _fuse_momentum(self) -> bool:
+        # after the partition (which reads the updated directions)
+        return self._redundant is not None and self._momentum_fusable()
+
+    def _rows_step(self, xs, ds, lr, momentum, skip) -> None:
         t = self._t
-        if t < self.start_pruning_steps or not self.n_rows:
-            return False
-        xs, ds, rest = self._split(items)
-        if self._redundant is None:
+        if self._redundant is None:  # an event step: the gradients are known to be finite
             self._redundant = self._partition(kernels.row_stats(self.layout, xs, ds))
         cfg = kernels.DHSPGConfig(lr=lr, lmbda=self.lmbda, lmbda_amplify=self.lmbda_amplify,
                                   hat_lmbda_coeff=self.hat_lmbda_coeff, epsilon=self.epsilon,
                                   target_rows=self._target_rows(self.target_group_sparsity),
                                   warm_up=t < self.start_pruning_steps + self.warm_up_steps,
                                   fixed_zero=self.fixed_zero_groups)
-        fused = None
-        if momentum is not None:
-            b1, alpha, wd = momentum
-            fused = kernels.Momentum(tuple(p.grad.detach() for p in self._row_params), b1, alpha, wd)
-        kernels.dhspg_step(self.layout, xs, ds, self._redundant, cfg, backend=self.backend, momentum=fused)
-        self._plain_update(rest)
-        return True
+        kernels.dhspg_step(self.layout, xs, ds, self._redundant, cfg, backend=self.backend, momentum=momentum,
+                           skip=skip)
 
     def _extra_state(self) -> dict:
         return {"redundant": None if self._redundant is None else self._redundant.cpu().clone()}
@@ -522,7 +697,7 @@ class HESSO(_RowOptimizer):
     def __init__(self, params, groups=(), *, lr: float = 0.1, variant: str = "sgd",
                  first_momentum=None, second_momentum=None, dampening=None, weight_decay=None,
                  target_group_sparsity: float = 0.5, start_pruning_step: int = 0, pruning_steps: int | None = None,
-                 pruning_periods: int = 1, model=None, backend=None, check_finite: bool = True):
+                 pruning_periods: int = 1, model=None, backend=None, check_finite=True, capturable: bool = False):
         if pruning_steps is None:
             raise OptimizerError("HESSO needs pruning_steps (steps over which rows are driven to zero), e.g. 10% of training")
         if int(pruning_periods) < 1 or int(pruning_steps) < int(pruning_periods):
@@ -538,7 +713,9 @@ class HESSO(_RowOptimizer):
         self.period_length = self.pruning_steps // self.pruning_periods
         self._pruned = None
         self._current = None
+        self._merged = False
         super().__init__(params, groups, variant=variant, lr=lr, model=model, backend=backend, check_finite=check_finite,
+                         capturable=capturable,
                          base=dict(first_momentum=first_momentum, second_momentum=second_momentum,
                                    dampening=dampening, weight_decay=weight_decay))
 
@@ -557,8 +734,7 @@ class HESSO(_RowOptimizer):
         score = torch.zeros_like(norm)
         for f in feats:
             nrm = f.norm()
-            if bool(nrm > 0):
-                score = score + f / nrm
+            score = score + f / torch.where(nrm > 0, nrm, 1.0)  # f is all zero where nrm is
         return score
 
     def _select(self, st: kernels.RowStats, period: int) -> None:
@@ -572,11 +748,24 @@ class HESSO(_RowOptimizer):
         self._current[order[:count]] = True
         log.info("HESSO: period %d at step %d: %d rows picked", period, self._t, count)
 
-    def _rows_step(self, items, lr, momentum=None) -> bool:
+    def _rows_active(self) -> bool:
+        return self._t >= self.start_pruning_step and self.n_rows > 0
+
+    def _in_window(self) -> bool:
         rel = self._t - self.start_pruning_step
-        if rel < 0 or not self.n_rows:
-            return False
-        xs, ds, rest = self._split(items)
+        return 0 <= rel < self.pruning_periods * self.period_length
+
+    def _event(self) -> bool:
+        rel = self._t - self.start_pruning_step
+        return self._t == 0 or (self._in_window() and self.n_rows > 0 and rel % self.period_length == 0)
+
+    def _uncapturable(self) -> str | None:
+        if self._in_window():
+            return "it is inside the pruning window, whose per-step scale the host sets (capture after it)"
+        return None
+
+    def _rows_step(self, xs, ds, lr, momentum, skip) -> None:
+        rel = self._t - self.start_pruning_step
         dev = self.layout.device
         if self._pruned is None:
             self._pruned = torch.zeros(self.n_rows, dtype=torch.bool, device=dev)
@@ -585,20 +774,25 @@ class HESSO(_RowOptimizer):
         acc = torch.float64 if any(x.dtype == torch.float64 for x in xs) else torch.float32
         if rel < self.pruning_periods * d_len:
             period, k = divmod(rel, d_len)
-            if k == 0:
+            if k == 0:  # an event step: the gradients are known to be finite
                 self._select(kernels.row_stats(self.layout, xs, ds), period)
             f = (d_len - k - 1) / (d_len - k)
             scale = torch.where(self._current, torch.full((self.n_rows,), f, dtype=acc, device=dev),
                                 torch.ones(self.n_rows, dtype=acc, device=dev))
         else:
-            if bool(self._current.any()):
+            if not self._merged:  # once after the window: the last period's rows join the pruned ones
                 self._pruned |= self._current
                 self._current.zero_()
-            scale = torch.ones(self.n_rows, dtype=acc, device=dev)
+                self._merged = True
+            scale = self._ones(acc)
         scale = scale.masked_fill(self._pruned, 0.0)
-        kernels.scale_step(self.layout, xs, ds, lr, scale, backend=self.backend)
-        self._plain_update(rest)
-        return True
+        kernels.scale_step(self.layout, xs, ds, lr, scale, backend=self.backend, skip=skip)
+
+    def _ones(self, acc):
+        key = ("hesso_ones", acc)
+        if key not in self.layout.cache:
+            self.layout.cache[key] = torch.ones(self.n_rows, dtype=acc, device=self.layout.device)
+        return self.layout.cache[key]
 
     def _extra_state(self) -> dict:
         return {"pruned": None if self._pruned is None else self._pruned.cpu().clone(),

@@ -245,6 +245,29 @@ def test_base_step_matches_torch(variant, torch_opt):
         torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+@pytest.mark.parametrize("variant", ["sgd", "adam"])
+def test_hesso_without_rows_to_prune_steps_as_torch(variant, backend):
+    """Inside HESSO's pruning window with a zero target nothing is scaled: the steps are torch's."""
+    if backend == "cpu" and not otofx.kernels.cpu_available():
+        pytest.skip("the C kernel cannot be built (no C compiler)")
+    params, groups = _toy()
+    a = {n: nn.Parameter(t.clone()) for n, t in params.items()}
+    b = [nn.Parameter(t.clone()) for t in params.values()]
+    ours = HESSO(list(a.items()), groups, variant=variant, lr=0.05, first_momentum=0.9, target_group_sparsity=0.0,
+                 start_pruning_step=0, pruning_steps=4, backend=backend)
+    ref = (torch.optim.SGD(b, lr=0.05, momentum=0.9) if variant == "sgd" else torch.optim.Adam(b, lr=0.05))
+    g = torch.Generator().manual_seed(6)
+    for _ in range(6):
+        for p, q in zip(a.values(), b):
+            p.grad = torch.randn(p.shape, generator=g, dtype=torch.float64)
+            q.grad = p.grad.clone()
+        ours.step()
+        ref.step()
+    for p, q in zip(a.values(), b):
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-12)
+
+
 # ---------------------------------------------------------------------------------------------
 # Training a small CNN through otofx.OTO
 # ---------------------------------------------------------------------------------------------
@@ -413,24 +436,64 @@ def test_grad_scaler_skips_non_finite_steps():
 # ---------------------------------------------------------------------------------------------
 
 
+def _snapshot(model, opt):
+    return ({k: v.detach().clone() for k, v in model.named_parameters()},
+            {i: {k: v.clone() for k, v in st.items() if isinstance(v, torch.Tensor)}
+             for i, st in opt.state_dict()["state"].items()})
+
+
+def _assert_unchanged(model, opt, snap):
+    params, state = snap
+    for k, v in model.named_parameters():
+        assert torch.equal(v, params[k]), k
+    after = opt.state_dict()["state"]
+    for i, st in state.items():
+        for k, v in st.items():
+            assert torch.equal(after[i][k], v), (i, k)
+
+
 def test_nan_gradient_raises_and_changes_nothing():
+    """check_finite="raise": the opt-in mode that reads the check on the host and names the parameter."""
     model = SmallCNN()
     x, y = _data()
-    opt = otofx.OTO(model, x[:2]).dhspg(lr=0.05, first_momentum=0.9)
+    opt = otofx.OTO(model, x[:2]).dhspg(lr=0.05, first_momentum=0.9, check_finite="raise")
     _train(model, opt, 2, x, y)
     opt.zero_grad()
     nn.functional.cross_entropy(model(x), y).backward()
-    params = {k: v.detach().clone() for k, v in model.named_parameters()}
-    state = copy.deepcopy(opt.state_dict())
+    snap = _snapshot(model, opt)
     model.b2.bias.grad[1] = float("nan")
     with pytest.raises(NonFiniteGradError, match="'b2.bias'"):
         opt.step()
-    for k, v in model.named_parameters():
-        assert torch.equal(v, params[k]), k
-    after = opt.state_dict()
-    assert after["otofx"]["step"] == state["otofx"]["step"]
-    for i, st in state["state"].items():
-        assert torch.equal(after["state"][i]["momentum_buffer"], st["momentum_buffer"])
+    _assert_unchanged(model, opt, snap)
+    assert opt.step_count == 2
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+@pytest.mark.parametrize("kind,variant", [("dhspg", "sgd"), ("dhspg", "adamw"), ("hesso", "sgd"), ("hesso", "adam")])
+def test_non_finite_step_is_skipped_on_the_device(kind, variant, backend):
+    """The default: a NaN/inf gradient in a steady step changes no parameter or state, counts as skipped,
+    and training goes on (also an event step, the partition, is skipped and retried)."""
+    if backend == "cpu" and not otofx.kernels.cpu_available():
+        pytest.skip("the C kernel cannot be built (no C compiler)")
+    model = randomize(SmallCNN())
+    x, y = _data()
+    oto = otofx.OTO(model, x[:2])
+    kw = dict(lr=0.05, variant=variant, first_momentum=0.9, weight_decay=1e-3, backend=backend)
+    kw.update(dict(lmbda=0.05, epsilon=0.9, start_pruning_steps=2) if kind == "dhspg"
+              else dict(start_pruning_step=2, pruning_steps=6, pruning_periods=2))
+    opt = getattr(oto, kind)(**kw)
+    _train(model, opt, 2, x, y)
+    for poison in ("nan", "inf"):  # step 2 is the partition / first selection (an event), then a steady step
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        snap = _snapshot(model, opt)
+        model.c2.weight.grad[0, 0, 0, 0] = float(poison)
+        opt.step()
+        _assert_unchanged(model, opt, snap)
+        _train(model, opt, 1, x, y)
+    assert opt.skipped_steps == 2 and opt.step_count == 4
+    _train(model, opt, 3, x, y)
+    assert opt.step_count == 7 and all(torch.isfinite(p).all() for p in model.parameters())
 
 
 def test_unknown_parameter_and_unnamed_params():
@@ -455,3 +518,126 @@ def test_unsupported_dtype():
     with pytest.raises(OptimizerError, match="dtype"):
         DHSPG([("p", p)], ())
     assert issubclass(OptimizerError, otofx.OTOError)
+
+
+# ---------------------------------------------------------------------------------------------
+# No host round trips in steady steps
+# ---------------------------------------------------------------------------------------------
+
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+
+_aten = torch.ops.aten
+# ops that read a device value on the host, or whose output shape depends on the data
+_SYNCING = {_aten._local_scalar_dense, _aten.item, _aten.is_nonzero, _aten.nonzero, _aten.nonzero_static,
+            _aten.equal, _aten.allclose, _aten.masked_select, _aten.bincount, _aten._unique2, _aten.unique_dim,
+            _aten.unique_consecutive, _aten.argwhere, _aten.repeat_interleave, _aten.histc}
+
+
+class SyncCounter(TorchDispatchMode):
+    """Counts synchronising ops (and ``Tensor.tolist``, which reads memory without an aten op)."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func.overloadpacket in _SYNCING:
+            self.seen.append(str(func))
+        elif func.overloadpacket in (_aten.index, _aten.index_put, _aten.index_put_):
+            idx = args[1] if len(args) > 1 else kwargs.get("indices", ())
+            if any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in idx):
+                self.seen.append(f"{func} with a boolean mask")
+        return func(*args, **kwargs)
+
+    def __enter__(self):
+        counter, tolist = self, torch.Tensor.tolist
+
+        def counted(t, *a, **k):
+            counter.seen.append("Tensor.tolist")
+            return tolist(t, *a, **k)
+        self._tolist, torch.Tensor.tolist = tolist, counted
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        torch.Tensor.tolist = self._tolist
+        return super().__exit__(*exc)
+
+
+SYNC_CASES = [
+    ("dhspg", "sgd", dict(first_momentum=0.9, weight_decay=1e-3, start_pruning_steps=2, lmbda=0.05, epsilon=0.9)),
+    ("dhspg", "sgd", dict(first_momentum=0.0, dampening=0.0, start_pruning_steps=1, warm_up_steps=1)),
+    ("dhspg", "adam", dict(weight_decay=1e-3, start_pruning_steps=2, epsilon=0.9)),
+    ("dhspg", "adamw", dict(start_pruning_steps=2, epsilon=0.9)),
+    ("hesso", "sgd", dict(first_momentum=0.9, start_pruning_step=2, pruning_steps=4, pruning_periods=1)),
+    ("hesso", "adam", dict(start_pruning_step=2, pruning_steps=4, pruning_periods=2)),
+    ("hesso", "adamw", dict(start_pruning_step=1, pruning_steps=2, pruning_periods=1)),
+]
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+@pytest.mark.parametrize("kind,variant,kw", SYNC_CASES, ids=[f"{k}-{v}-{i}" for i, (k, v, _) in enumerate(SYNC_CASES)])
+def test_steady_steps_make_no_host_sync(kind, variant, kw, backend):
+    """After the first step and the partition (a HESSO selection), no step reads a device value on the
+    host: the finite check, the sparsity gate and the schedule stay on the device (also with GradScaler's
+    grad_scale / found_inf handed over). The CUDA path shares this control flow."""
+    if backend == "cpu" and not otofx.kernels.cpu_available():
+        pytest.skip("the C kernel cannot be built (no C compiler)")
+    params, groups = _toy()
+    ps = {n: nn.Parameter(t.clone()) for n, t in params.items()}
+    opt = (DHSPG if kind == "dhspg" else HESSO)(list(ps.items()), groups, lr=0.1, variant=variant, backend=backend, **kw)
+    g = torch.Generator().manual_seed(5)
+    counted = 0
+    for step in range(8):
+        for p in ps.values():
+            p.grad = torch.randn(p.shape, generator=g, dtype=torch.float64)
+        if step == 6:  # GradScaler's protocol: the scale and the flag are handed to step()
+            opt.grad_scale, opt.found_inf = torch.tensor(2.0), torch.tensor(0.0)
+        if opt._event():
+            opt.step()
+        else:
+            with SyncCounter() as sc:
+                opt.step()
+            assert sc.seen == [], f"step {step}: {sc.seen}"
+            counted += 1
+        if step == 6:
+            del opt.grad_scale, opt.found_inf
+    assert counted >= 4 and opt.skipped_steps == 0
+    if kind == "dhspg":
+        assert opt.redundant is not None
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+@pytest.mark.parametrize("kind", ["dhspg", "hesso"])
+def test_learning_rate_as_a_tensor(kind, backend):
+    """A 0-dim tensor lr (read on the device: CUDA-graph replays with a scheduler) gives the float lr's steps."""
+    if backend == "cpu" and not otofx.kernels.cpu_available():
+        pytest.skip("the C kernel cannot be built (no C compiler)")
+    params, groups = _toy()
+    runs = []
+    for lr in (0.2, torch.tensor(0.2, dtype=torch.float64)):
+        ps = {n: nn.Parameter(t.clone()) for n, t in params.items()}
+        kw = dict(lmbda=3.0, epsilon=0.5) if kind == "dhspg" else dict(start_pruning_step=1, pruning_steps=4)
+        cls = DHSPG if kind == "dhspg" else HESSO
+        runs.append((ps, cls(list(ps.items()), groups, lr=lr, first_momentum=0.5, backend=backend, capturable=True, **kw)))
+    g = torch.Generator().manual_seed(4)
+    for _ in range(6):
+        grads = {n: torch.randn(t.shape, generator=g, dtype=torch.float64) for n, t in params.items()}
+        for ps, opt in runs:
+            for n, p in ps.items():
+                p.grad = grads[n].clone()
+            opt.step()
+    (a, oa), (b, ob) = runs
+    for n in a:
+        torch.testing.assert_close(a[n], b[n], rtol=1e-12, atol=1e-12)
+    assert oa.group_sparsity == ob.group_sparsity > 0
+
+
+def test_check_finite_and_capturable_arguments():
+    params, groups = _toy()
+    ps = list({n: nn.Parameter(t.clone()) for n, t in params.items()}.items())
+    with pytest.raises(OptimizerError, match="check_finite"):
+        DHSPG(ps, groups, check_finite="sometimes")
+    with pytest.raises(OptimizerError, match="capturable=True cannot be combined"):
+        HESSO(ps, groups, pruning_steps=2, capturable=True, check_finite="raise")
+    assert DHSPG(ps, groups, check_finite=False).skipped_steps == 0

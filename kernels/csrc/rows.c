@@ -81,13 +81,15 @@ typedef double vf64 __attribute__((vector_size(64)));
 #undef T
 #undef V
 #undef S
-/* rows: [3, nrows + 1] zeros in, per-row sums out (row nrows: positions no row owns) */
+/* rows: [3, nrows + 1] zeros in, per-row sums out (row nrows: positions no row owns).
+   skip (may be null): a float flag; non-zero returns at once (GradScaler's found_inf convention) */
 int otofx_rows_stats(int f64, const int64_t *desc, const int64_t *units, int64_t nunits,
                      const int64_t *fold, int64_t nfold, const int64_t *xptr, const int64_t *dptr,
                      const int64_t *gptr, double b1, double alpha, double wd,
                      const int64_t *pos_row, int64_t P, int64_t nrows, void *pos, void *scratch, void *rows,
-                     int nthreads) {
+                     const float *skip, int nthreads) {
     Job j;
+    if (skip && *skip != 0) return 1;  /* a skipped step (found_inf): nothing is read or written */
     memset(&j, 0, sizeof j);
     j.desc = desc; j.units = units; j.fold = fold; j.xptr = xptr; j.dptr = dptr; j.gptr = gptr;
     j.b1 = b1; j.alpha = alpha; j.wd = wd;
@@ -107,8 +109,11 @@ int otofx_rows_stats(int f64, const int64_t *desc, const int64_t *units, int64_t
 /* pv: [2, P] scratch; coef, scale: [nrows] */
 int otofx_rows_apply(int f64, const int64_t *desc, const int64_t *units, int64_t nunits,
                      const int64_t *xptr, const int64_t *dptr, const int64_t *pos_row, int64_t P, int64_t nrows,
-                     const void *coef, const void *scale, void *pv, double lr, int nthreads) {
+                     const void *coef, const void *scale, void *pv, double lr, const double *lrp,
+                     const float *skip, int nthreads) {
     Job j;
+    if (skip && *skip != 0) return 1;
+    if (lrp) lr = *lrp;  /* a learning rate held in a tensor */
     memset(&j, 0, sizeof j);
     j.desc = desc; j.units = units; j.xptr = xptr; j.dptr = dptr; j.lr = lr;
     j.pos_row = pos_row; j.P = P; j.nrows = nrows; j.coef = coef; j.scale = scale; j.pos = pv;
