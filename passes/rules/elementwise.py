@@ -212,6 +212,10 @@ def binary(ctx: Ctx, input, other, kind="add", meta=None, **_):
                 part.append(v)
             else:
                 full.append((v.ids[vd], v.zero[vd]))
+        for v in part:  # NB: one channel broadcast over the axis (a [.., 1] gate times [.., n]) cannot go
+            vd = d - (n - v.ndim)
+            if vd >= 0:
+                ctx.pin(v.ids[vd], "broadcast over an axis of another size")
         if not full:
             ids.append(pinned_axis(shape[d]))
             zero.append(false_mask(shape[d]))
