@@ -216,7 +216,7 @@ def pruned_multihead_attention(m: PrunedMultiheadAttention, change: Change):
 HEAD_COUNTS = ("num_heads", "num_attention_heads", "num_key_value_heads", "num_kv_heads", "n_head", "n_heads",
                "n_kv_heads", "n_kv_head", "num_head", "heads")
 # attributes that hold a width computed from heads or an inner (MLP) width
-WIDTHS = ("all_head_size", "split_size", "inner_dim", "embed_dim", "intermediate_size", "inner_size", "ffn_dim",
+WIDTHS = ("all_head_size", "split_size", "inner_dim", "embed_dim", "intermediate_size", "intermediate_dim", "inner_size", "ffn_dim",
           "kv_dim", "q_dim", "hidden_dim_attn", "proj_size", "head_size_total")
 
 

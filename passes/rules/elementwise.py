@@ -286,3 +286,13 @@ def where(ctx: Ctx, condition, input, other, meta=None, **_):
 
 functions("where", [torch.where] + _ov(aten.where, "self", "ScalarOther", "ScalarSelf", "Scalar"),
           ("condition", "input", "other"))
+
+
+@rule("masked_fill", keeps_axes=True)
+def masked_fill(ctx: Ctx, input, mask, value, meta=None, **_):
+    """x.masked_fill(mask, v) = where(mask, v, x): where's algebra (broadcast axes tied; zero where x is and v == 0)."""
+    return where(ctx, mask, value, input, meta=meta)
+
+
+functions("masked_fill", [torch.masked_fill] + _ov(aten.masked_fill, "Scalar", "Tensor"), ("input", "mask", "value"))
+methods("masked_fill", ["masked_fill", "masked_fill_"], ("input", "mask", "value"))

@@ -402,6 +402,36 @@ methods("expand", ["expand"], ("input", "*sizes"))
 functions("expand", _ov(aten.expand, "default"), rename={"size": "sizes"})
 
 
+@rule("repeat")
+def repeat(ctx: Ctx, input, repeats=(), meta=None, **_):
+    """x.repeat(r...): an axis repeated r times holds its ids r times over (tiled blocks of whole rows); new leading axes and repeated size-1 axes are pinned."""
+    x = input
+    shape = _out_shape(meta)
+    off = len(shape) - x.ndim
+    ids, zero = [], []
+    for d, n in enumerate(shape):
+        src = d - off
+        if src < 0:
+            ids.append(pinned_axis(n))
+            zero.append(false_mask(n))
+            continue
+        m = x.shape[src]
+        if m == 1 and n != 1:
+            ctx.pin(x.ids[src], "a single channel repeated over the axis")
+            ids.append(pinned_axis(n))
+            zero.append(false_mask(n))
+            continue
+        if n % m:
+            raise RuleDeclined("repeated axis is not a whole number of copies")
+        ids.append(x.ids[src] if n == m else np.tile(x.ids[src], n // m))
+        zero.append(x.zero[src] if n == m else np.tile(x.zero[src], n // m))
+    return AxisLabels(tuple(ids), tuple(zero))
+
+
+functions("repeat", _ov(aten.repeat, "default"), rename={"repeats": "repeats"})
+methods("repeat", ["repeat"], ("input", "*repeats"))
+
+
 @rule("expand_as", keeps_axes=True)
 def expand_as(ctx: Ctx, input, other, meta=None, **_):
     """x.expand_as(y): an axis x has in full is tied to y's; a broadcast axis takes y's ids (its size follows y)."""
