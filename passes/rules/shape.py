@@ -287,6 +287,8 @@ def _reshape_fix(site, input, shape=(), **_):
     # a pruned input's size): it becomes the literal new size, even where this output kept its shape
     vals = [_size_arg(site, v, o, n) for v, o, n in zip(raw, site.out_old, new)]
     packed = len(shape) == 1 and isinstance(shape[0], (tuple, list, torch.Size))
+    # NB: a one-entry list (``reshape(x, [-1])``) stays a list where the op takes one list argument
+    packed = packed or "*shape" not in site.form.spec
     site.set_varargs("shape", [tuple(vals)] if packed else vals)
 
 
@@ -386,6 +388,7 @@ def _expand_fix(site, input, sizes=(), **_):
     vals = [_size_arg(site, v, o, n) if not isinstance(v, fx.Node) or o != n else v
             for v, o, n in zip(raw, old, new)]
     packed = len(sizes) == 1 and isinstance(sizes[0], (tuple, list, torch.Size))
+    packed = packed or "*sizes" not in site.form.spec
     site.set_varargs("sizes", [tuple(vals)] if packed else vals)
 
 
