@@ -53,7 +53,7 @@ TASKS = {
 }
 L, B, VOCAB, HIDDEN, HEADS, KV, HEAD_DIM, LAYERS, FFN = 16, 2, 128, 32, 4, 2, 8, 2, 64
 IMAGE, PATCH = 32, 8
-PEER_SECONDS = 60  # both peers together, per class
+PEER_SECONDS = 15  # each peer, per class (torch-pruning's group search on an LLM runs for minutes)
 
 # attribute -> tiny value, applied when the family's config has the attribute
 SIZES = {
@@ -279,9 +279,10 @@ def _err(e: BaseException) -> str:
 
 
 def _peers(row: Row, model, x: dict) -> None:
-    import copy
     import contextlib
+    import copy
     import io
+    import signal
     import warnings
 
     bench = os.path.dirname(os.path.abspath(__file__))
@@ -302,16 +303,19 @@ def _peers(row: Row, model, x: dict) -> None:
     w = Wrap(copy.deepcopy(model), key).eval()
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         warnings.simplefilter("ignore")
-        b = P.oto_build(w, t)
-        if b.ok:
-            try:
-                row.oto = str(len(P._oto_prunable_groups(b.obj, ())))
-            except Exception as e:  # noqa: BLE001 -- peer failures are data
-                row.oto = _err(e)
-        else:
-            row.oto = b.error[:80]
-        g = P.tp_groups(w, t, classifier_names=())
-        row.tp = str(g.groups) if g.ok else (g.error or "")[:80]
+        try:
+            signal.alarm(PEER_SECONDS)
+            b = P.oto_build(w, t)
+            row.oto = str(len(P._oto_prunable_groups(b.obj, ()))) if b.ok else b.error[:80]
+        except BaseException as e:  # noqa: BLE001 -- peer failures (and time-outs) are data
+            row.oto = _err(e)[:80]
+        try:
+            signal.alarm(PEER_SECONDS)
+            g = P.tp_groups(w, t, classifier_names=())
+            row.tp = str(g.groups) if g.ok else (g.error or "")[:80]
+        except BaseException as e:  # noqa: BLE001
+            row.tp = _err(e)[:80]
+        signal.alarm(0)
 
 
 def run_one(task: str, model_type: str, cls_name: str, peers: bool = True) -> Row:
@@ -375,7 +379,6 @@ def run_one(task: str, model_type: str, cls_name: str, peers: bool = True) -> Ro
             raise TimeoutError(f"over {PEER_SECONDS} s")
 
         old = signal.signal(signal.SIGALRM, _late)
-        signal.alarm(PEER_SECONDS)
         try:
             _peers(row, model, x)
         except BaseException as e:  # noqa: BLE001
@@ -509,7 +512,16 @@ def main(argv=None) -> int:
                 with open(a.save, "a") as f:
                     f.write(json.dumps(dataclasses.asdict(r)) + "\n")
 
-        rows = sweep(items, a.jobs, a.timeout, not a.no_peers, progress)
+        before = []
+        if a.save and os.path.exists(a.save):  # resume: classes already in the file are not run again
+            import json
+
+            with open(a.save) as f:
+                before = [Row(**json.loads(line)) for line in f if line.strip()]
+        have = {(r.task, r.model_type, r.cls) for r in before}
+        rows = before + sweep([it for it in items if it not in have], a.jobs, a.timeout, not a.no_peers, progress)
+        order = {it: i for i, it in enumerate(items)}
+        rows.sort(key=lambda r: order.get((r.task, r.model_type, r.cls), -1))
     out = [table(rows), "", "Not buildable from a tiny config:"]
     out += [f"- {r.task} {r.model_type} ({r.cls}): {r.why}" for r in rows if not r.built]
     out += ["", "Failures (analysis, compression or mismatch):"]
