@@ -172,6 +172,7 @@ def find_zigs(gm: fx.GraphModule, pin: tuple = ()) -> ZigSet:
             raise InputError(f"pin=[{name!r}]: no parameter or module of that name in the model")
         ctx.pins.append(Pin(name, "user", "pinned by the user", 0))
         ctx.uf.pin(np.concatenate(hit))
+    ctx.finish_deferred()
     labels = {n.name: _tensor_label(ctx, env.get(n)) for n in gm.graph.nodes}
     labels.update(ctx.extra_labels)
     # NB: get_attr values are parameters, not activations: an unused parameter must not become a row

@@ -163,6 +163,19 @@ functions("matmul", [torch.matmul, operator.matmul, torch.bmm, torch.mm] + _ov(a
 methods("matmul", ["matmul", "bmm", "mm", "__matmul__"], ("input", "other"))
 
 
+@rule("baddbmm")
+def baddbmm(ctx: Ctx, input, batch1, batch2, beta=1, alpha=1, meta=None, **_):
+    """beta * input + alpha * batch1 @ batch2 (BLOOM's ALiBi scores): the matmul's algebra, then the add's broadcasting."""
+    prod = matmul(ctx, batch1, batch2, meta=meta)
+    if isinstance(input, AxisLabels) and not (isinstance(beta, (int, float)) and beta == 0):
+        return binary(ctx, input, prod, kind="add", meta=meta)
+    return prod
+
+
+functions("baddbmm", [torch.baddbmm] + _ov(aten.baddbmm, "default"), ("input", "batch1", "batch2"))
+methods("baddbmm", ["baddbmm"], ("input", "batch1", "batch2"))
+
+
 @rule("grouped_mm")
 def grouped_mm(ctx: Ctx, input, other, offs=None, bias=None, meta=None, **_):
     """out[s, n] = sum_k x[s, k] w[g(s), k, n] with the group g(s) chosen by offs (fused experts): k of x and w's dim 1 are one channel (zero on one side); w's dim 2 owns n in every group alike (a fused [E, K, N] tensor keeps its groups equal-width, so channel n is one row across the groups); the group axis is pinned (selected by data)."""

@@ -405,6 +405,20 @@ methods("expand", ["expand"], ("input", "*sizes"))
 functions("expand", _ov(aten.expand, "default"), rename={"size": "sizes"})
 
 
+@rule("view_as")
+def view_as(ctx: Ctx, input, other, meta=None, **_):
+    """x.view_as(y) / reshape_as: the reshape algebra to y's shape, each output axis tied to y's axis (both keep the same sizes)."""
+    lab = _reshape_lab(ctx, input, _out_shape(meta))
+    if isinstance(other, AxisLabels) and other.shape == lab.shape:
+        for a, b in zip(lab.ids, other.ids):
+            ctx.tie(a, b)
+    return lab
+
+
+functions("view_as", _ov(aten.view_as, "default") + _ov(aten.reshape_as, "default"), rename={"other": "other"})
+methods("view_as", ["view_as", "reshape_as"], ("input", "other"))
+
+
 @rule("repeat")
 def repeat(ctx: Ctx, input, repeats=(), meta=None, **_):
     """x.repeat(r...): an axis repeated r times holds its ids r times over (tiled blocks of whole rows); new leading axes and repeated size-1 axes are pinned."""

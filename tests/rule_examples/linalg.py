@@ -289,3 +289,20 @@ def fused_experts_grouped_mm():
     """Channel i of every expert's [2I] and [I] slices is one row (the fused layout keeps experts
     equal-width); experts themselves are chosen by data and stay (a zero expert still takes a slot)."""
     return FusedExperts(), torch.randn(N, 5, 6)
+
+
+@example("baddbmm", frontend="export")
+def baddbmm_alibi_scores_keep_heads():
+    """BLOOM's scores: baddbmm(alibi [N * H, 1, L], q, k^T) with heads merged into the batch axis."""
+
+    def fwd(s, x):
+        n, l = x.shape[0], x.shape[1]
+        q, k, v = (_heads(s, p(x), x).reshape(n * H_, l, -1) for p in (s.q, s.k, s.v))
+        alibi = s.slopes.view(1, H_, 1, 1).expand(n, H_, 1, l).reshape(n * H_, 1, l) * s.pos
+        a = torch.baddbmm(alibi, q, k.transpose(1, 2), beta=1.0, alpha=0.5).softmax(-1)
+        return s.o(_merge(torch.bmm(a, v).view(n, H_, l, -1), x))
+
+    m = Net(fwd, **_qkvo())
+    m.register_buffer("slopes", torch.tensor([0.5, 0.25]))
+    m.register_buffer("pos", torch.arange(5.0))
+    return m, torch.randn(N, 5, 6)
