@@ -77,7 +77,7 @@ SIZES = {
     "decoder_ffn_dim": FFN, "ffn_hidden_size": FFN, "inner_hidden_size": FFN, "mlp_dim": FFN,
     "moe_intermediate_size": 16, "shared_expert_intermediate_size": 32, "expert_ffn_hidden_size": 16,
     "num_local_experts": 4, "num_experts": 4, "n_routed_experts": 4, "moe_num_experts": 4,
-    "num_experts_per_tok": 2, "moe_topk": 2, "n_shared_experts": 1, "n_group": 1, "topk_group": 1,
+    "num_experts_per_tok": 2, "moe_topk": 2, "moe_k": 2, "n_shared_experts": 1, "n_group": 1, "topk_group": 1,
     # tables
     "vocab_size": VOCAB, "max_position_embeddings": 64, "n_positions": 64, "n_ctx": 64,
     "max_seq_len": 64, "max_sequence_length": 64, "type_vocab_size": 2,
@@ -172,8 +172,8 @@ def tiny_config(model_type: str):
             setattr(cfg, k, 1)
         elif isinstance(v, list) and vocab:
             setattr(cfg, k, [t for t in v if 0 <= t < vocab] or 1)
-    if getattr(cfg, "pad_token_id", None) is None and hasattr(cfg, "pad_token_id"):
-        cfg.pad_token_id = 0  # sequence classification of a batch > 1 needs one
+    if getattr(cfg, "pad_token_id", None) is None:
+        cfg.pad_token_id = 0  # sequence classification of a batch > 1 needs one (some configs lack it)
     if hasattr(cfg, "use_cache"):
         cfg.use_cache = False
     return cfg
