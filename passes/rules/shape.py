@@ -408,6 +408,11 @@ functions("expand", _ov(aten.expand, "default"), rename={"size": "sizes"})
 @rule("view_as")
 def view_as(ctx: Ctx, input, other, meta=None, **_):
     """x.view_as(y) / reshape_as: the reshape algebra to y's shape, each output axis tied to y's axis (both keep the same sizes)."""
+    if isinstance(other, AxisLabels) and ctx.node is not None and ctx.node.name not in ctx.row_axes:
+        # a split keeps as rows the axes that are rows of ``other`` (Beam's gate viewed as the heads)
+        live = frozenset(d for d, a in enumerate(other.ids) if (ctx.uf.find(a) != 0).any())
+        if live:
+            ctx.row_axes[ctx.node.name] = live
     lab = _reshape_lab(ctx, input, _out_shape(meta))
     if isinstance(other, AxisLabels) and other.shape == lab.shape:
         for a, b in zip(lab.ids, other.ids):
