@@ -150,6 +150,10 @@ def _shrink_list(v):
     return [1 for _ in v] if all(isinstance(a, int) for a in v) else v
 
 
+def _tiny_kwargs(have: dict) -> dict:
+    return {k: v for k, v in SIZES.items() if k in have and have[k] is not None and not isinstance(have[k], (list, dict))}
+
+
 def tiny_config(model_type: str):
     """The family's config with every known size attribute set small (``SIZES``, ``OVERRIDES``)."""
     from transformers import CONFIG_MAPPING
@@ -157,7 +161,11 @@ def tiny_config(model_type: str):
     cls = CONFIG_MAPPING[model_type]
     default = cls()
     have = default.to_dict()
-    kw = {k: v for k, v in SIZES.items() if k in have and have[k] is not None and not isinstance(have[k], (list, dict))}
+    kw = _tiny_kwargs(have)
+    for k, v in have.items():  # multi-modal configs: their text / vision / audio sub-configs too
+        sub = getattr(default, k, None)
+        if isinstance(v, dict) and hasattr(sub, "to_dict") and getattr(sub, "model_type", None):
+            kw[k] = {"model_type": sub.model_type, **_tiny_kwargs(sub.to_dict())}
     for k in ("depths", "num_blocks", "layers_per_stage"):  # hierarchical vision models: one block a stage
         if isinstance(have.get(k), list):
             kw[k] = _shrink_list(have[k])
@@ -343,6 +351,8 @@ def run_one(task: str, model_type: str, cls_name: str, peers: bool = True) -> Ro
         row.why = "build: " + _err(e)
         return row
     row.built = True
+    if _STAGE is not None:
+        _STAGE.value = 1
     row.heads = _heads_of(cfg)
     try:
         oto = otofx.OTO(model, x)
@@ -390,7 +400,12 @@ def run_one(task: str, model_type: str, cls_name: str, peers: bool = True) -> Ro
     return row
 
 
-def _child(conn, args):
+_STAGE = None  # a shared int in the children: 1 once the model is built
+
+
+def _child(conn, args, stage):
+    global _STAGE
+    _STAGE = stage
     torch.set_num_threads(1)
     try:
         conn.send(dataclasses.asdict(run_one(*args)))
@@ -410,12 +425,13 @@ def sweep(items, jobs: int = 2, timeout: float = 120.0, peers: bool = True, prog
         while pending and len(running) < jobs:
             it = pending.pop(0)
             a, b = ctx.Pipe(duplex=False)
-            p = ctx.Process(target=_child, args=(b, (*it, peers)))
+            stage = ctx.Value("i", 0)
+            p = ctx.Process(target=_child, args=(b, (*it, peers), stage))
             p.start()
-            running.append((it, p, a, time.monotonic()))
+            running.append((it, p, a, time.monotonic(), stage))
         time.sleep(0.05)
         for rec in list(running):
-            it, p, conn, t = rec
+            it, p, conn, t, stage = rec
             done = conn.poll()
             if done or not p.is_alive() or time.monotonic() - t > timeout:
                 if done:
@@ -425,8 +441,10 @@ def sweep(items, jobs: int = 2, timeout: float = 120.0, peers: bool = True, prog
                         row.why = "crash: " + msg["error"][:160]
                 else:
                     row = Row(*it)
-                    row.why = "timeout" if p.is_alive() else f"crash: exit code {p.exitcode}"
-                    row.built = row.why == "timeout"
+                    built = stage.value == 1
+                    row.why = ("timeout" if built else "build: timeout (the tiny model did not build in time)") \
+                        if p.is_alive() else f"crash: exit code {p.exitcode}"
+                    row.built = built
                 if p.is_alive():
                     p.kill()
                 p.join()
@@ -457,7 +475,7 @@ def table(rows: list[Row], fmt: str = "github") -> str:
     return tabulate(body, head, tablefmt=fmt)
 
 
-def summary(rows: list[Row]) -> str:
+def summary(rows: list[Row], total: int | None = None) -> str:
     built = [r for r in rows if r.built]
     ok = [r for r in built if r.analysed and r.exact]
     mism = [r for r in built if r.why.startswith("mismatch")]
@@ -467,7 +485,8 @@ def summary(rows: list[Row]) -> str:
     oto_ok = sum(1 for r in built if r.oto.isdigit())
     tp_ok = sum(1 for r in built if r.tp.isdigit())
     return "\n".join([
-        f"classes in the four auto-mappings: {len(rows)}; buildable from a tiny config: {len(built)}",
+        f"classes in the auto-mappings asked for: {total or len(rows)}; run: {len(rows)} "
+        f"({len({r.model_type for r in rows})} families); buildable from a tiny config: {len(built)}",
         f"analysed and exact: {len(ok)} / {len(built)} ({pct(len(ok), len(built))}; target >= 90%)",
         f"mismatches: {len(mism)} (target 0)",
         f"heads found: {len(with_heads)} / {len(mha)} of those with multi-head attention "
@@ -526,7 +545,7 @@ def main(argv=None) -> int:
     out += [f"- {r.task} {r.model_type} ({r.cls}): {r.why}" for r in rows if not r.built]
     out += ["", "Failures (analysis, compression or mismatch):"]
     out += [f"- {r.task} {r.model_type} ({r.cls}): {r.why}" for r in rows if r.built and not (r.analysed and r.exact)]
-    out += ["", summary(rows)]
+    out += ["", summary(rows, len(items))]
     load = os.getloadavg()
     out += [f"took {time.time() - t0:.0f} s with {a.jobs} jobs; load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}"]
     text = "\n".join(out)
