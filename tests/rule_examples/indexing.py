@@ -114,7 +114,7 @@ def disentangled_attention_heads_export():
     return m, torch.randn(N, 5, 6)
 
 
-@example("gather", pinned="gathered along this axis")
+@example("gather", pinned="gathered along this axis", frontend="export")
 def gather_over_channels_pins_them():
     """Gathering along the channel axis reads channels by data: pinned."""
     m = Net(lambda s, x: torch.gather(s.c1(x), 1, s.idx.expand(x.shape[0], 4, 5, 5)).sum(1), c1=conv(3, 8))
