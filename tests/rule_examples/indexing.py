@@ -114,9 +114,14 @@ def disentangled_attention_heads_export():
     return m, torch.randn(N, 5, 6)
 
 
-@example("gather", pinned="gathered along this axis", frontend="export")
+@example("gather", expect_pin="gathered along this axis", frontend="export")
 def gather_over_channels_pins_them():
-    """Gathering along the channel axis reads channels by data: pinned."""
-    m = Net(lambda s, x: torch.gather(s.c1(x), 1, s.idx.expand(x.shape[0], 4, 5, 5)).sum(1), c1=conv(3, 8))
+    """Gathering along the channel axis reads channels by data: those are pinned (another conv's stay rows)."""
+
+    def fwd(s, x):
+        g = torch.gather(s.c1(x), 1, s.idx.expand(x.shape[0], 4, 5, 5)).sum(1, keepdim=True)
+        return s.c3(torch.relu(s.c2(x))) + g
+
+    m = Net(fwd, c1=conv(3, 8), c2=conv(3, 8), c3=conv(8, 4))
     m.register_buffer("idx", torch.tensor([0, 7, 3, 3]).view(1, 4, 1, 1))
     return m, img()
