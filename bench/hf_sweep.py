@@ -547,7 +547,8 @@ def main(argv=None) -> int:
     out += [f"- {r.task} {r.model_type} ({r.cls}): {r.why}" for r in rows if r.built and not (r.analysed and r.exact)]
     out += ["", summary(rows, len(items))]
     load = os.getloadavg()
-    out += [f"took {time.time() - t0:.0f} s with {a.jobs} jobs; load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}"]
+    took = "rows read from " + a.rows if a.rows else f"took {time.time() - t0:.0f} s with {a.jobs} jobs"
+    out += [f"{took}; load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}"]
     text = "\n".join(out)
     print(text)
     if a.markdown:
