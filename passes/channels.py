@@ -131,6 +131,9 @@ class Ctx:
     tensors: dict = field(default_factory=dict)  # first name -> parameter or buffer
     row_axes: dict = field(default_factory=dict)  # reshape node name -> output axes preferred as rows
     extra_labels: dict = field(default_factory=dict)  # "<node>.<what>" -> ids a rule's fix needs later
+    # (ids, node, op, reason): pinned at the end of the analysis unless every live row among the ids
+    # holds several of them (see Ctx.pin_unless_blocks)
+    deferred: list = field(default_factory=list)
 
     modules: dict = field(default_factory=dict)  # every qualified name (aliases too) -> module
 
@@ -221,6 +224,26 @@ class Ctx:
     # -- merging ------------------------------------------------------------------------------
     def tie(self, a: np.ndarray, b: np.ndarray) -> None:
         self.uf.union(a, b)
+
+    def pin_unless_blocks(self, ids: np.ndarray, reason: str) -> None:
+        """Pin ``ids`` at the end of the analysis unless each of their live rows spans several of
+        them (whole heads of head_dim positions); see ``finish_deferred``."""
+        name = self.node.name if self.node is not None else "<graph>"
+        self.deferred.append((ids, name, self.op, reason))
+
+    def finish_deferred(self) -> None:
+        for ids, name, op, reason in self.deferred:
+            roots = self.uf.find(ids)
+            live = roots[roots != PIN]
+            if live.size == 0:
+                continue
+            _, counts = unique(live, return_counts=True)
+            if (counts > 1).all():
+                continue
+            node, self.node = self.node, None
+            self.uf.pin(unique(live))
+            self.pins.append(Pin(name, op, reason, int(unique(live).size)))
+            self.node = node
 
     def pin(self, ids, reason: str) -> None:
         """Pin ``ids`` (an array, a AxisLabels, a SymSize or a container of them) and record why."""

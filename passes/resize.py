@@ -75,7 +75,26 @@ def rule_for(module: nn.Module) -> Callable | None:
 def resize(module: nn.Module, change: Change):
     """Re-sync ``module``'s attributes with its tensors; returns a replacement module or None."""
     fn = rule_for(module)
+    if fn is None:
+        _fused_experts(module)
     return fn(module, change) if fn is not None else None
+
+
+def _fused_experts(m: nn.Module) -> None:
+    """Hugging Face fused experts (``[E, 2I, H]`` / ``[E, H, I]`` parameters) run torch's grouped mm,
+    which needs every stride a multiple of 16 bytes; at a pruned width that is not, the model's
+    experts implementation becomes ``batched_mm`` (the same function: each token's expert weights
+    are gathered and multiplied in a batch).
+
+    # NB: the setting lives on the config, which every experts layer of the (copied) model shares
+    """
+    cfg = getattr(m, "config", None)
+    if getattr(cfg, "_experts_implementation", None) != "grouped_mm":
+        return
+    for p in m.parameters(recurse=False):
+        if p.dim() == 3 and any(n * p.element_size() % 16 for n in p.shape[1:]):
+            cfg._experts_implementation = "batched_mm"
+            return
 
 
 # ---------------------------------------------------------------------------------------------
@@ -216,7 +235,7 @@ def pruned_multihead_attention(m: PrunedMultiheadAttention, change: Change):
 HEAD_COUNTS = ("num_heads", "num_attention_heads", "num_key_value_heads", "num_kv_heads", "n_head", "n_heads",
                "n_kv_heads", "n_kv_head", "num_head", "heads")
 # attributes that hold a width computed from heads or an inner (MLP) width
-WIDTHS = ("all_head_size", "split_size", "inner_dim", "embed_dim", "intermediate_size", "inner_size", "ffn_dim",
+WIDTHS = ("all_head_size", "split_size", "inner_dim", "embed_dim", "intermediate_size", "intermediate_dim", "inner_size", "ffn_dim",
           "kv_dim", "q_dim", "hidden_dim_attn", "proj_size", "head_size_total")
 
 

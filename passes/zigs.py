@@ -21,6 +21,7 @@ import torch
 import torch.fx as fx
 
 from .attention import find_head_splits
+from .rules.linalg import bind_library_ops
 from .channels import AxisLabels, Ctx, ParamRef, Pin, SymSize, labs_in, leaves
 from .nodes import mutates_input
 from .registry import RULES, RuleDeclined, bind, canonical_name, form_of, strict_rules
@@ -99,6 +100,7 @@ def find_zigs(gm: fx.GraphModule, pin: tuple = ()) -> ZigSet:
 
     ``pin``: module or parameter names whose channels must not be removed.
     """
+    bind_library_ops()
     ctx = Ctx(gm)
     mods = ctx.modules
     ctx.row_axes = find_head_splits(gm, mods)
@@ -170,6 +172,7 @@ def find_zigs(gm: fx.GraphModule, pin: tuple = ()) -> ZigSet:
             raise InputError(f"pin=[{name!r}]: no parameter or module of that name in the model")
         ctx.pins.append(Pin(name, "user", "pinned by the user", 0))
         ctx.uf.pin(np.concatenate(hit))
+    ctx.finish_deferred()
     labels = {n.name: _tensor_label(ctx, env.get(n)) for n in gm.graph.nodes}
     labels.update(ctx.extra_labels)
     # NB: get_attr values are parameters, not activations: an unused parameter must not become a row

@@ -3,14 +3,15 @@
 =============== =====================================================================
 file            rules
 =============== =====================================================================
-linalg.py       conv, linear, embedding, matmul, addmm, einsum
+linalg.py       conv, linear, embedding, matmul, addmm, baddbmm, grouped_mm (fused experts), einsum
 attention.py    attention (scaled_dot_product_attention), multihead_attention
 norm.py         batch_norm (and instance norm), group_norm, layer_norm (and RMSNorm)
-elementwise.py  unary (activations, dropout, copies, clamp), prelu, binary, where
+elementwise.py  unary (activations, dropout, copies, clamp), singular (rsqrt, reciprocal, log), prelu,
+                binary, where, masked_fill
 spatial.py      pool, resample
-shape.py        cat, stack, unbind, split, reshape, shape_merge, permute, expand,
-                expand_as, channel_shuffle
-indexing.py     narrow, slice, getitem, index, select, roll
+shape.py        cat, stack, unbind, split, reshape, shape_merge, permute, expand, repeat,
+                view_as, expand_as, channel_shuffle
+indexing.py     narrow, slice, getitem, index, select, roll, gather
 reduction.py    reduce, normalize, softmax
 sizes.py        size, ndim, numel, arith, check
 =============== =====================================================================

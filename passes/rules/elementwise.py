@@ -53,10 +53,13 @@ _ZERO_FNS = ["relu", "relu6", "gelu", "silu", "hardswish", "tanh", "leaky_relu",
              "dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout", "feature_alpha_dropout",
              "contiguous", "clone", "detach", "float", "half", "double", "bfloat16", "to", "type", "sqrt",
              "square", "sin", "erf", "relu_", "silu_", "hardswish_", "leaky_relu_", "elu_", "selu_",
-             "celu_", "tanh_", "neg_", "abs_", "sin_", "dropout_", "gelu_", "mish_", "sign", "zero_"]
+             "celu_", "tanh_", "neg_", "abs_", "sin_", "dropout_", "gelu_", "mish_", "sign", "zero_",
+             "log1p", "expm1", "tan", "atan", "asin", "asinh", "atanh", "sinh", "erfinv", "trunc", "round",
+             "floor", "ceil", "frac", "sgn", "nan_to_num", "log1p_", "expm1_", "trunc_", "round_", "floor_",
+             "ceil_"]
 # finite but non-zero at 0 (zero_in=False: the output is not zero with its row)
 _NONZERO_FNS = ["sigmoid", "hardsigmoid", "softplus", "exp", "cos", "logsigmoid", "sigmoid_", "hardsigmoid_",
-                "exp_", "cos_", "erfc"]
+                "exp_", "cos_", "erfc", "cosh", "exp2"]
 # copies whose dtype or strides may differ from the input's (shape propagation runs them)
 _NEW_LAYOUT = {"to", "float", "half", "double", "bfloat16", "type", "_to_copy", "contiguous", "clone"}
 
@@ -73,6 +76,9 @@ _register_unary(_ZERO_FNS, True)
 _register_unary(_NONZERO_FNS, False)
 functions("unary", _ov(aten.alias, "default") + _ov(aten.lift_fresh_copy, "default")
           + _ov(aten.native_dropout, "default"), ("input",), zero_in=True)
+# x.type_as(other): a copy in other's dtype (other's values are not read)
+functions("unary", _ov(aten.type_as, "default"), ("input", "other"), zero_in=True, changes_dtype_or_strides=True)
+methods("unary", ["type_as"], ("input", "other"), zero_in=True, changes_dtype_or_strides=True)
 functions("unary", _ov(aten._to_copy, "default") + _ov(aten.to, "dtype", "dtype_layout", "device"), ("input",),
           zero_in=True, changes_dtype_or_strides=True)
 modules("unary", [nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Hardswish, nn.Tanh, nn.LeakyReLU, nn.ELU,
@@ -122,6 +128,22 @@ def prelu(ctx: Ctx, input, weight, meta=None, **_):
 
 modules("prelu", [nn.PReLU], lambda node, m, args, kwargs: dict(input=args[0], weight=ParamRef(f"{node.target}.weight")))
 functions("prelu", [F.prelu] + _ov(aten.prelu, "default"), ("input", "weight"))
+
+
+@rule("singular", keeps_shape=ELEMENTWISE, keeps_axes=True)
+def singular(ctx: Ctx, input, meta=None, **_):
+    """y = f(x) with f singular at 0 (rsqrt, reciprocal, log): channels are pinned unless x > 0 by construction (then kept, not zero with their rows)."""
+    x = input
+    if not isinstance(x, AxisLabels):
+        return x
+    if not _positive(ctx.node.args[0] if ctx.node is not None and ctx.node.args else None):
+        ctx.pin(x, "f(x) is singular at x = 0 (rsqrt, reciprocal, log) and x is not positive by construction")
+    return AxisLabels(x.ids, tuple(false_mask(len(a)) for a in x.ids))
+
+
+for _n in ("rsqrt", "reciprocal", "log", "log2", "log10"):
+    functions("singular", [getattr(torch, _n)] + _ov(getattr(aten, _n), "default"), ("input",))
+    methods("singular", [_n, _n + "_"], ("input",))
 
 
 def _positive(node, depth: int = 8) -> bool:
@@ -190,6 +212,10 @@ def binary(ctx: Ctx, input, other, kind="add", meta=None, **_):
                 part.append(v)
             else:
                 full.append((v.ids[vd], v.zero[vd]))
+        for v in part:  # NB: one channel broadcast over the axis (a [.., 1] gate times [.., n]) cannot go
+            vd = d - (n - v.ndim)
+            if vd >= 0:
+                ctx.pin(v.ids[vd], "broadcast over an axis of another size")
         if not full:
             ids.append(pinned_axis(shape[d]))
             zero.append(false_mask(shape[d]))
@@ -260,3 +286,13 @@ def where(ctx: Ctx, condition, input, other, meta=None, **_):
 
 functions("where", [torch.where] + _ov(aten.where, "self", "ScalarOther", "ScalarSelf", "Scalar"),
           ("condition", "input", "other"))
+
+
+@rule("masked_fill", keeps_axes=True)
+def masked_fill(ctx: Ctx, input, mask, value, meta=None, **_):
+    """x.masked_fill(mask, v) = where(mask, v, x): where's algebra (broadcast axes tied; zero where x is and v == 0)."""
+    return where(ctx, mask, value, input, meta=meta)
+
+
+functions("masked_fill", [torch.masked_fill] + _ov(aten.masked_fill, "Scalar", "Tensor"), ("input", "mask", "value"))
+methods("masked_fill", ["masked_fill", "masked_fill_"], ("input", "mask", "value"))

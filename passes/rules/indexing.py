@@ -1,8 +1,13 @@
-"""Indexing: narrow, slice, getitem (``x[...]``), index, select, roll.
+"""Indexing: narrow, slice, getitem (``x[...]``), index, select, roll, gather.
 
 A unit-step slice keeps its slice of the axis ids (a channel keeps its row at a new offset, and the
 literal bounds are recounted in the rewrite); an integer or tensor index reads single channels and
 pins the axis it reads; ``None`` adds an axis that is not a channel.
+
+Internals:
+    * gather's index must keep the input's size on every axis but the gathered one: an index that is
+      an expand of a size-1 axis there (DeBERTa's relative positions, expanded over batch x heads)
+      is constant along it, so the rewrite narrows it to the input's new size instead of pinning.
 """
 from __future__ import annotations
 
@@ -228,3 +233,78 @@ def roll(ctx: Ctx, input, shifts, dims=None, meta=None, **_):
 
 functions("roll", [torch.roll] + _ov(aten.roll, "default"), ("input", "shifts", "dims"))
 methods("roll", ["roll"], ("input", "shifts", "dims"))
+
+
+_COPIES = ("contiguous", "clone", "to", "_to_copy", "alias", "detach", "type_as")
+
+
+def _constant_along(node, axis: int, depth: int = 8) -> bool:
+    """Whether ``node``'s value is the same at every index of ``axis`` by construction (an expand of a
+    size-1 or new axis, through copies)."""
+    import torch.fx as fx
+
+    if not isinstance(node, fx.Node) or depth == 0 or node.op not in ("call_function", "call_method"):
+        return False
+    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+    name = name.split(".")[0]
+    src = node.args[0] if node.args else None
+    if name in _COPIES:
+        return _constant_along(src, axis, depth - 1)
+    if name == "expand" and isinstance(src, fx.Node):
+        out, inp = node.meta.get("val"), src.meta.get("val")
+        if not isinstance(out, torch.Tensor) or not isinstance(inp, torch.Tensor):
+            return False
+        a = axis - (out.dim() - inp.dim())
+        return a < 0 or (inp.shape[a] == 1 and out.shape[axis] != 1) or _constant_along(src, a, depth - 1)
+    return False
+
+
+def _gather_fix(site, input, dim, index, **_):
+    """Narrow an index that is constant along an axis the input lost rows on."""
+    old, new = site.old(input), site.new(input)
+    lab = site._lab(index)
+    if old is None or new is None or lab is None or old == new:
+        return
+    d = _ax(dim, len(old))
+    graph = site.node.graph
+    src = site.node.args[0] if site.node.args else site.node.kwargs["input"]
+    for a in range(len(old)):
+        if a != d and new[a] != old[a] and lab.shape[a] == old[a]:
+            # NB: the input's size read at run time, not the literal: the axis may also hold the batch
+            with graph.inserting_before(site.node):
+                n = graph.call_function(aten.sym_size.int, (src, a))
+                index = graph.call_function(aten.narrow.default, (index, a, 0, n))
+    site.set("index", index)
+
+
+@rule("gather", fix=_gather_fix, keeps_axes=True)
+def gather(ctx: Ctx, input, dim, index, meta=None, **_):
+    """out[.., i, ..] = x[.., i, .., idx[.., i, ..] along dim]: the gathered axis is pinned (its positions are data); every other axis of x passes to out (zero stays zero), tied to the index's axis, or kept free when the index is an expand constant along it."""
+    x, idx = input, index
+    shape = _out_shape(meta)
+    if not isinstance(x, AxisLabels) or not isinstance(idx, AxisLabels) or x.ndim != len(shape):
+        ctx.pin([v for v in (x, idx) if isinstance(v, AxisLabels)], "gather not understood")
+        return ctx.pinned_lab(shape)
+    d = _ax(dim, x.ndim)
+    ctx.pin(x.ids[d], "gathered along this axis by an index tensor")
+    node_idx = ctx.node.args[2] if ctx.node is not None and len(ctx.node.args) > 2 else ctx.node.kwargs.get("index")
+    ids, zero = [], []
+    for a, n in enumerate(shape):
+        live = a != d and x.shape[a] == n
+        if live and not (ctx.uf.find(idx.ids[a]) != 0).any() and not _constant_along(node_idx, a):
+            ctx.pin(x.ids[a], "the gather index does not follow this axis")
+            live = False
+        if not live:
+            if a != d:
+                ctx.pin(x.ids[a], "gathered over part of this axis")
+            ids.append(pinned_axis(n))
+            zero.append(false_mask(n))
+            continue
+        ctx.tie(x.ids[a], idx.ids[a]) if (ctx.uf.find(idx.ids[a]) != 0).any() else None
+        ids.append(x.ids[a])
+        zero.append(x.zero[a])
+    return AxisLabels(tuple(ids), tuple(zero))
+
+
+functions("gather", [torch.gather] + _ov(aten.gather, "default"), ("input", "dim", "index"))
+methods("gather", ["gather"], ("input", "dim", "index"))

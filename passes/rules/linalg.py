@@ -163,6 +163,64 @@ functions("matmul", [torch.matmul, operator.matmul, torch.bmm, torch.mm] + _ov(a
 methods("matmul", ["matmul", "bmm", "mm", "__matmul__"], ("input", "other"))
 
 
+@rule("baddbmm")
+def baddbmm(ctx: Ctx, input, batch1, batch2, beta=1, alpha=1, meta=None, **_):
+    """beta * input + alpha * batch1 @ batch2 (BLOOM's ALiBi scores): the matmul's algebra, then the add's broadcasting."""
+    prod = matmul(ctx, batch1, batch2, meta=meta)
+    if isinstance(input, AxisLabels) and not (isinstance(beta, (int, float)) and beta == 0):
+        return binary(ctx, input, prod, kind="add", meta=meta)
+    return prod
+
+
+functions("baddbmm", [torch.baddbmm] + _ov(aten.baddbmm, "default"), ("input", "batch1", "batch2"))
+methods("baddbmm", ["baddbmm"], ("input", "batch1", "batch2"))
+
+
+@rule("grouped_mm")
+def grouped_mm(ctx: Ctx, input, other, offs=None, bias=None, meta=None, **_):
+    """out[s, n] = sum_k x[s, k] w[g(s), k, n] with the group g(s) chosen by offs (fused experts): k of x and w's dim 1 are one channel (zero on one side); w's dim 2 owns n in every group alike (a fused [E, K, N] tensor keeps its groups equal-width, so channel n is one row across the groups); the group axis is pinned (selected by data)."""
+    x, w = input, other
+    shape = _out_shape(meta)
+    if not isinstance(x, AxisLabels) or not isinstance(w, AxisLabels) or x.ndim != 2 or w.ndim != 3:
+        ctx.pin([v for v in (x, w) if isinstance(v, AxisLabels)], "grouped mm other than [S, K] x [G, K, N]")
+        return ctx.pinned_lab(shape)
+    ctx.pin(w.ids[0], "the group (expert) of each row is chosen by data: removing one changes the routing")
+    ctx.pin(offs, "used as group offsets")
+    ctx.tie(x.ids[1], w.ids[1])
+    zk = x.zero[1] | w.zero[1]
+    if not zk.all():
+        ctx.pin(x.ids[1][~zk], "contraction over a channel that is not zero when its row is")
+    out = AxisLabels((x.ids[0], w.ids[2]), (x.zero[0], w.zero[2]))
+    if isinstance(bias, AxisLabels):  # [G, N] or [N]: n is the bias' last axis
+        ctx.tie(bias.ids[-1], w.ids[2])
+        if bias.ndim == 2:
+            ctx.pin(bias.ids[0], "the group (expert) of each row is chosen by data")
+        out = AxisLabels(out.ids, (out.zero[0], out.zero[1] & bias.zero[-1]))
+    return out
+
+
+functions("grouped_mm", [getattr(F, "grouped_mm", None), getattr(torch, "_grouped_mm", None)]
+          + _ov(getattr(aten, "_grouped_mm", None), "default"), ("input", "other"),
+          rename={"mat2": "other", "mat_b": "other", "mat_a": "input"})
+
+_LIBRARY_OPS = (("transformers", "grouped_mm_fallback", "grouped_mm", {"weight": "other"}),)
+
+
+def bind_library_ops() -> None:
+    """Bind ops that third-party libraries register when they are imported (after otofx is):
+    Hugging Face's ``transformers::grouped_mm_fallback`` (fused experts, [S, K] x [E, K, N])."""
+    from ..registry import FUNCTION_FORMS
+
+    for ns, name, rule_name, rename in _LIBRARY_OPS:
+        packet = getattr(getattr(torch.ops, ns, None), name, None) if hasattr(torch.ops, ns) else None
+        try:
+            ov = packet.default if packet is not None else None
+        except AttributeError:
+            ov = None
+        if ov is not None and ov not in FUNCTION_FORMS:
+            functions(rule_name, [ov], rename=rename)
+
+
 @rule("addmm")
 def addmm(ctx: Ctx, input, mat1, mat2, beta=1, alpha=1, meta=None, **_):
     """input + mat1 @ mat2 (HF Conv1D: a weight [in, out]): the matmul's algebra, then the add's broadcasting over its last axis."""

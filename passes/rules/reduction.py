@@ -6,6 +6,8 @@ reduction (mean, var, max, a norm) and every map that divides by something compu
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -25,14 +27,35 @@ def _reduce_axes(dim, ndim):
     return [_ax(d, ndim) for d in dim]
 
 
-@rule("reduce")
+def _reduce_fix(site, input, dim=None, keepdim=False, kind="mean", **_):
+    """A mean over an axis that lost (zero) rows keeps its old divisor: its input is scaled by new / old."""
+    old, new = site.old(input), site.new(input)
+    if kind != "mean" or old is None or new is None or old == new:
+        return
+    axes = _reduce_axes(dim, len(old))
+    n_old, n_new = math.prod(old[a] for a in axes), math.prod(new[a] for a in axes)
+    if n_old == n_new:
+        return
+    src = site.node.args[0] if site.node.args else site.node.kwargs["input"]
+    with site.node.graph.inserting_before(site.node):
+        scaled = site.node.graph.call_function(aten.mul.Tensor, (src, n_new / n_old))
+    site.set("input", scaled)
+
+
+@rule("reduce", fix=_reduce_fix)
 def reduce(ctx: Ctx, input, dim=None, keepdim=False, kind="mean", meta=None, **_):
-    """sum over an axis is a contraction (its channels must be zero with their rows); mean, var and max over an axis pin it; other axes keep their ids."""
+    """sum over an axis is a contraction (its channels must be zero with their rows); mean, var and max over an axis pin it, except a mean over rows of several positions each (whole heads) that are zero with their rows: it keeps its old divisor in the rewrite; other axes keep their ids."""
     x = input
     if not isinstance(x, AxisLabels):
         return x
     axes = _reduce_axes(dim, x.ndim)
     for a in axes:
+        if kind == "mean" and x.zero[a].all():
+            # NB: only heads (rows of several positions: OLMo 2's q/k norm over all heads, BitNet's
+            # norm of the merged heads); a mean over single channels (the residual stream's RMSNorm)
+            # stays pinned, so the model's own forward still runs at the new widths
+            ctx.pin_unless_blocks(x.ids[a], "mean over this axis")
+            continue
         if kind == "sum":
             bad = ~x.zero[a]
             if bad.any():

@@ -287,6 +287,8 @@ def _reshape_fix(site, input, shape=(), **_):
     # a pruned input's size): it becomes the literal new size, even where this output kept its shape
     vals = [_size_arg(site, v, o, n) for v, o, n in zip(raw, site.out_old, new)]
     packed = len(shape) == 1 and isinstance(shape[0], (tuple, list, torch.Size))
+    # NB: a one-entry list (``reshape(x, [-1])``) stays a list where the op takes one list argument
+    packed = packed or "*shape" not in site.form.spec
     site.set_varargs("shape", [tuple(vals)] if packed else vals)
 
 
@@ -386,6 +388,7 @@ def _expand_fix(site, input, sizes=(), **_):
     vals = [_size_arg(site, v, o, n) if not isinstance(v, fx.Node) or o != n else v
             for v, o, n in zip(raw, old, new)]
     packed = len(sizes) == 1 and isinstance(sizes[0], (tuple, list, torch.Size))
+    packed = packed or "*sizes" not in site.form.spec
     site.set_varargs("sizes", [tuple(vals)] if packed else vals)
 
 
@@ -400,6 +403,55 @@ def expand(ctx: Ctx, input, sizes=(), meta=None, **_):
 
 methods("expand", ["expand"], ("input", "*sizes"))
 functions("expand", _ov(aten.expand, "default"), rename={"size": "sizes"})
+
+
+@rule("view_as")
+def view_as(ctx: Ctx, input, other, meta=None, **_):
+    """x.view_as(y) / reshape_as: the reshape algebra to y's shape, each output axis tied to y's axis (both keep the same sizes)."""
+    if isinstance(other, AxisLabels) and ctx.node is not None and ctx.node.name not in ctx.row_axes:
+        # a split keeps as rows the axes that are rows of ``other`` (Beam's gate viewed as the heads)
+        live = frozenset(d for d, a in enumerate(other.ids) if (ctx.uf.find(a) != 0).any())
+        if live:
+            ctx.row_axes[ctx.node.name] = live
+    lab = _reshape_lab(ctx, input, _out_shape(meta))
+    if isinstance(other, AxisLabels) and other.shape == lab.shape:
+        for a, b in zip(lab.ids, other.ids):
+            ctx.tie(a, b)
+    return lab
+
+
+functions("view_as", _ov(aten.view_as, "default") + _ov(aten.reshape_as, "default"), rename={"other": "other"})
+methods("view_as", ["view_as", "reshape_as"], ("input", "other"))
+
+
+@rule("repeat")
+def repeat(ctx: Ctx, input, repeats=(), meta=None, **_):
+    """x.repeat(r...): an axis repeated r times holds its ids r times over (tiled blocks of whole rows); new leading axes and repeated size-1 axes are pinned."""
+    x = input
+    shape = _out_shape(meta)
+    off = len(shape) - x.ndim
+    ids, zero = [], []
+    for d, n in enumerate(shape):
+        src = d - off
+        if src < 0:
+            ids.append(pinned_axis(n))
+            zero.append(false_mask(n))
+            continue
+        m = x.shape[src]
+        if m == 1 and n != 1:
+            ctx.pin(x.ids[src], "a single channel repeated over the axis")
+            ids.append(pinned_axis(n))
+            zero.append(false_mask(n))
+            continue
+        if n % m:
+            raise RuleDeclined("repeated axis is not a whole number of copies")
+        ids.append(x.ids[src] if n == m else np.tile(x.ids[src], n // m))
+        zero.append(x.zero[src] if n == m else np.tile(x.zero[src], n // m))
+    return AxisLabels(tuple(ids), tuple(zero))
+
+
+functions("repeat", _ov(aten.repeat, "default"), rename={"repeats": "repeats"})
+methods("repeat", ["repeat"], ("input", "*repeats"))
 
 
 @rule("expand_as", keeps_axes=True)

@@ -191,3 +191,45 @@ def clamp_bounds():
         return s.c2(torch.clamp(y, min=0.5) + y.clamp(max=2.0) + y.clamp(-1.0, 1.0) + torch.clamp_min(y, 0.1))
 
     return Net(fwd, c1=conv(3, 8), c2=conv(8, 4)), img()
+
+
+def _rms_heads(s, t):
+    """Per-head RMSNorm over head_dim (Qwen3 / Gemma 3 q_norm, k_norm): rsqrt of a positive mean."""
+    t32 = t.to(torch.float32)
+    t32 = t32 * torch.rsqrt(t32.pow(2).mean(-1, keepdim=True) + 1e-6)
+    return (t32 * (1.0 + s.qn)).type_as(t)
+
+
+@example("singular", "unary", "reduce")
+def per_head_rms_norm_keeps_heads():
+    """q/k normalised per head over head_dim: the mean pins head_dim only, so whole heads stay rows
+    (rsqrt of mean(x^2) + eps is positive by construction; type_as is a copy)."""
+
+    def fwd(s, x):
+        q, k, v = (_heads(s, p(x), x) for p in (s.q, s.k, s.v))
+        q, k = _rms_heads(s, q), _rms_heads(s, k)
+        return s.o(_merge(F.scaled_dot_product_attention(q, k, v), x))
+
+    m = Net(fwd, qn=nn.Parameter(torch.zeros(4)), **_qkvo())
+    return m, torch.randn(N, 5, 6)
+
+
+@example("singular", pinned="singular at x = 0")
+def reciprocal_of_a_channel_pins_it():
+    """1 / x of a channel that may be zero: removing it is not exact (1 / 0), so it is pinned."""
+    m = Net(lambda s, x: torch.reciprocal(s.c1(x)).sum(1), c1=conv(3, 8))
+    return m, img()
+
+
+@example("masked_fill", "softmax")
+def masked_fill_scores_keep_heads():
+    """Attention scores masked with masked_fill (DeBERTa, BERT-style masks): the mask broadcasts over heads."""
+
+    def fwd(s, x):
+        q, k, v = (_heads(s, p(x), x) for p in (s.q, s.k, s.v))
+        a = (q @ k.transpose(-2, -1)).masked_fill(s.mask, -1e4).softmax(-1)
+        return s.o(_merge(a @ v, x))
+
+    m = Net(fwd, **_qkvo())
+    m.register_buffer("mask", torch.rand(1, 1, 5, 5) > 0.7)
+    return m, torch.randn(N, 5, 6)

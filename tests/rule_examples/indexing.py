@@ -86,3 +86,42 @@ def gather_rows_symbolic():
 def roll_spatial():
     m = Net(lambda s, x: s.c2(torch.roll(torch.relu(s.c1(x)), shifts=(1, -2), dims=(2, 3))), c1=conv(3, 8), c2=conv(8, 4))
     return m, img()
+
+
+def _disentangled(s, x):
+    """DeBERTa's disentangled attention, small: heads merged with the batch ([N * H, L, hd]), a
+    relative-position key table projected into heads and repeated over the batch, and content-to-
+    position scores gathered by relative distance with an index expanded over batch x heads."""
+    n, l = x.shape[0], x.shape[1]
+    q, k, v = (_heads(s, p(x), x).reshape(n * H_, l, -1) for p in (s.q, s.k, s.v))
+    pk = s.pk(s.rel).view(1, -1, H_, q.shape[-1]).permute(0, 2, 1, 3).reshape(H_, -1, q.shape[-1])
+    pk = pk.repeat(n, 1, 1)  # [N * H, 2P, hd]
+    c2p = torch.bmm(q, pk.transpose(-1, -2))  # [N * H, L, 2P]
+    idx = s.pos[:l, :l].unsqueeze(0).expand(q.size(0), l, l)
+    scores = torch.bmm(q, k.transpose(-1, -2)) + torch.gather(c2p, -1, idx)
+    o = torch.bmm(scores.softmax(-1), v).view(n, H_, l, -1)
+    return s.o(_merge(o, x))
+
+
+@example("repeat", "gather", frontend="export")
+def disentangled_attention_heads_export():
+    def fwd(s, x):
+        _force_export(x)
+        return _disentangled(s, x.to(torch.float32))
+
+    m = Net(fwd, rel=nn.Parameter(torch.randn(9, 6)), pk=nn.Linear(6, 8), **_qkvo())
+    m.register_buffer("pos", (torch.arange(5)[:, None] - torch.arange(5)[None, :] + 4).clamp(0, 8))
+    return m, torch.randn(N, 5, 6)
+
+
+@example("gather", expect_pin="gathered along this axis", frontend="export")
+def gather_over_channels_pins_them():
+    """Gathering along the channel axis reads channels by data: those are pinned (another conv's stay rows)."""
+
+    def fwd(s, x):
+        g = torch.gather(s.c1(x), 1, s.idx.expand(x.shape[0], 4, 5, 5)).sum(1, keepdim=True)
+        return s.c3(torch.relu(s.c2(x))) + g
+
+    m = Net(fwd, c1=conv(3, 8), c2=conv(3, 8), c3=conv(8, 4))
+    m.register_buffer("idx", torch.tensor([0, 7, 3, 3]).view(1, 4, 1, 1))
+    return m, img()

@@ -256,3 +256,53 @@ def addmm_conv1d():
 def mha_seq_first_export():
     """need_weights=True: export spells the attention as bmm, softmax, bmm (its unused mean is dropped)."""
     return _mha(batch_first=False, need_weights=True, force_export=True)
+
+
+class FusedExperts(nn.Module):
+    """Mixture of experts with fused [E, 2I, H] / [E, H, I] parameters and grouped mm (Hugging Face
+    transformers 5's layout): top-2 routing by data, each expert's width I one kind of row."""
+
+    def __init__(self, h=8, i=8, e=3):
+        super().__init__()
+        self.inp = nn.Linear(6, h)
+        self.router = nn.Linear(h, e, bias=False)
+        self.gate_up_proj = nn.Parameter(torch.randn(e, 2 * i, h) / h ** 0.5)
+        self.down_proj = nn.Parameter(torch.randn(e, h, i) / i ** 0.5)
+        self.out = nn.Linear(h, 3)
+        self.e = e
+
+    def forward(self, x):
+        h = self.inp(x).reshape(-1, self.inp.out_features)  # [T, H]
+        w, top = self.router(h).softmax(-1).topk(2, dim=-1)  # [T, 2]
+        ids, perm = torch.sort(top.reshape(-1))
+        hs = h[perm // 2]
+        offs = torch.cumsum(torch.histc(ids.float(), bins=self.e, min=0, max=self.e - 1), 0).to(torch.int32)
+        gate, up = F.grouped_mm(hs, self.gate_up_proj.transpose(-2, -1), offs=offs).chunk(2, dim=-1)
+        y = F.grouped_mm(F.silu(gate) * up, self.down_proj.transpose(-2, -1), offs=offs)
+        y = y * w.reshape(-1)[perm].unsqueeze(-1)
+        out = torch.zeros_like(h).index_add(0, perm // 2, y)
+        return self.out(out.reshape(x.shape[0], x.shape[1], -1))
+
+
+@example("grouped_mm")
+def fused_experts_grouped_mm():
+    """Channel i of every expert's [2I] and [I] slices is one row (the fused layout keeps experts
+    equal-width); experts themselves are chosen by data and stay (a zero expert still takes a slot)."""
+    return FusedExperts(), torch.randn(N, 5, 6)
+
+
+@example("baddbmm", frontend="export")
+def baddbmm_alibi_scores_keep_heads():
+    """BLOOM's scores: baddbmm(alibi [N * H, 1, L], q, k^T) with heads merged into the batch axis."""
+
+    def fwd(s, x):
+        n, l = x.shape[0], x.shape[1]
+        q, k, v = (_heads(s, p(x), x).reshape(n * H_, l, -1) for p in (s.q, s.k, s.v))
+        alibi = s.slopes.view(1, H_, 1, 1).expand(n, H_, 1, l).reshape(n * H_, 1, l) * s.pos
+        a = torch.baddbmm(alibi, q, k.transpose(1, 2), beta=1.0, alpha=0.5).softmax(-1)
+        return s.o(_merge(torch.bmm(a, v).view(n, H_, l, -1), x))
+
+    m = Net(fwd, **_qkvo())
+    m.register_buffer("slopes", torch.tensor([0.5, 0.25]))
+    m.register_buffer("pos", torch.arange(5.0))
+    return m, torch.randn(N, 5, 6)

@@ -310,3 +310,17 @@ def packed_qkv_unbind_select():
         return s.o((a @ v).transpose(1, 2).reshape(N, 5, E_))
 
     return Net(fwd, qkv=nn.Linear(6, 3 * E_), o=nn.Linear(E_, 3)), torch.randn(N, 5, 6)
+
+
+@example("view_as")
+def view_as_heads_merged_back():
+    """Heads merged back with view_as(the projection's output): both shapes shrink together."""
+
+    def fwd(s, x):
+        p = s.q(x)
+        q = p.view(x.shape[0], x.shape[1], H_, HD_).transpose(1, 2)
+        a = torch.relu(q).transpose(1, 2).contiguous().view_as(p)
+        return s.o(a * torch.sigmoid(p))
+
+    m = Net(fwd, q=nn.Linear(6, E_), o=nn.Linear(E_, 3))
+    return m, torch.randn(N, 5, 6)

@@ -1,0 +1,164 @@
+"""Today's model families: per-head q/k norms, norms over all heads, fused experts, disentangled attention.
+
+Tiny Hugging Face configs (hidden 32, 4 query heads of 8 over 2 key/value heads, one layer), random
+weights with random norm weights and biases (``helpers.randomize``). For each family: which groups
+are found (heads counted), and zeroing half of every group's rows compresses exactly (1e-4 relative,
+float32). The fixed subset of ``bench/hf_sweep.py`` runs here too.
+"""
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import otofx
+from helpers import assert_exact, randomize, zero_random_rows, zero_rows
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+transformers = pytest.importorskip("transformers")
+
+L = 12
+COMMON = dict(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+              intermediate_size=64, max_position_embeddings=64)
+
+
+def _ids():
+    return torch.randint(0, 100, (2, L), generator=torch.Generator().manual_seed(0))
+
+
+def _build(name):
+    T = transformers
+    if name == "qwen3":
+        return T.Qwen3ForCausalLM(T.Qwen3Config(**COMMON, head_dim=8))
+    if name == "gemma3":
+        return T.Gemma3ForCausalLM(T.Gemma3TextConfig(**COMMON, head_dim=8, sliding_window=8))
+    if name == "olmo2":
+        return T.Olmo2ForCausalLM(T.Olmo2Config(**COMMON, pad_token_id=0, bos_token_id=1, eos_token_id=2))
+    if name == "mixtral":
+        return T.MixtralForCausalLM(T.MixtralConfig(**COMMON, num_local_experts=4, num_experts_per_tok=2))
+    if name == "qwen2_moe":
+        return T.Qwen2MoeForCausalLM(T.Qwen2MoeConfig(**COMMON, moe_intermediate_size=16, num_experts=4,
+                                                      shared_expert_intermediate_size=48, num_experts_per_tok=2))
+    if name == "deberta_v2":
+        c = dict(COMMON, relative_attention=True, pos_att_type=["p2c", "c2p"], position_buckets=8,
+                 max_relative_positions=16)
+        c.pop("num_key_value_heads")
+        return T.DebertaV2Model(T.DebertaV2Config(**c))
+    raise KeyError(name)
+
+
+def _model(name):
+    torch.manual_seed(0)
+    return randomize(_build(name).eval())
+
+
+def _head_groups(oto, q_param):
+    """Groups holding the rows of ``q_param`` (dim 0): (rows, positions per row)."""
+    return [(z.rows, idx.shape[1]) for z in oto.groups for n, d, idx in z.params if n == q_param and d == 0]
+
+
+def _kwargs(model):
+    return {"use_cache": False} if getattr(model.config, "use_cache", None) is not None else None
+
+
+@pytest.mark.parametrize("name", ["qwen3", "gemma3", "olmo2"])
+def test_qk_norm_heads_found_and_exact(name):
+    """Per-head q/k norms (Qwen3, Gemma 3: over head_dim) and a norm over all heads (OLMo 2: over
+    num_heads * head_dim, before the split) keep whole heads as rows: each row is a key/value head
+    with its two query heads (2 rows of 16 query positions)."""
+    model = _model(name)
+    oto = otofx.OTO(model, _ids())
+    heads = _head_groups(oto, "model.layers.0.self_attn.q_proj.weight")
+    assert heads == [(2, 16)], heads
+    z = next(z for z in oto.groups if any(n.endswith("q_proj.weight") for n, _, _ in z.params))
+    names = {n for n, _, _ in z.params}
+    if name == "olmo2":  # the norm's weight spans every head: its slices belong to the head rows
+        assert {"model.layers.0.self_attn.q_norm.weight", "model.layers.0.self_attn.k_norm.weight"} <= names
+    else:  # one [head_dim] weight shared by every head: it stays whole
+        assert not any("norm" in n for n in names)
+    assert any(z.rows == 64 for z in oto.groups)  # the MLP width
+    zero_random_rows(model, oto, seed=3)
+    assert_exact(model, oto, _ids(), ref_kwargs=_kwargs(model))
+    if name == "olmo2":  # the mean keeps its old divisor: exact in the graph form too
+        assert_exact(model, oto, _ids(), small=oto.compress(form="graph"), ref_kwargs=_kwargs(model))
+
+
+def test_norm_over_one_channel_axis_stays_pinned():
+    """A mean over single channels (the residual stream's RMSNorm) is still pinned: no hidden-width group."""
+    model = _model("qwen3")
+    oto = otofx.OTO(model, _ids())
+    assert not any(n == "model.embed_tokens.weight" for z in oto.groups for n, _, _ in z.params)
+
+
+@pytest.mark.parametrize("name,width", [("mixtral", 64), ("qwen2_moe", 16)])
+def test_fused_experts_widths_found_exact_and_generate(name, width):
+    """Each expert's intermediate width is one group, tied across experts (the fused [E, 2I, H] and
+    [E, H, I] tensors keep experts equal-width: row i is channel i of every expert); experts are
+    pinned (routing picks them by data); Qwen2-MoE's shared expert is another group."""
+    model = _model(name)
+    oto = otofx.OTO(model, _ids())
+    ez = [z for z in oto.groups if any(n.endswith("experts.gate_up_proj") for n, _, _ in z.params)]
+    assert [z.rows for z in ez] == [width]
+    idx = {n.rsplit(".", 1)[-1]: (d, i.shape) for n, d, i in ez[0].params}
+    assert idx == {"gate_up_proj": (1, (width, 2)), "down_proj": (2, (width, 1))}  # gate row i and up row i
+    assert any("routing" in p.reason for p in oto.pinned)
+    if name == "qwen2_moe":
+        assert any(z.rows == 48 and any("shared_expert.gate_proj" in n for n, _, _ in z.params) for z in oto.groups)
+    zero_random_rows(model, oto, seed=1)
+    small = assert_exact(model, oto, _ids(), ref_kwargs=_kwargs(model))
+    assert isinstance(small, type(model))
+    x = _ids()[:1, :5]
+    full = model.generate(x, max_new_tokens=5, do_sample=False)
+    assert torch.equal(small.generate(x, max_new_tokens=5, do_sample=False), full)
+
+
+def test_fused_experts_odd_width_still_generates():
+    """A kept width grouped_mm cannot take (strides not a multiple of 16 bytes): the compressed model
+    runs its experts with batched_mm and still gives the full model's tokens."""
+    model = _model("mixtral")
+    oto = otofx.OTO(model, _ids())
+    rows = [torch.tensor([0, 5, 9]) if any("experts" in n for n, _, _ in z.params) else torch.tensor([], dtype=torch.long)
+            for z in oto.groups]
+    zero_rows(model, oto, rows)
+    small = oto.compress(form="module")
+    assert small.model.layers[0].mlp.experts.down_proj.shape[-1] == 61
+    x = _ids()[:1, :5]
+    assert torch.equal(small.generate(x, max_new_tokens=4, do_sample=False),
+                       model.generate(x, max_new_tokens=4, do_sample=False))
+
+
+def test_deberta_v2_heads_found_and_exact():
+    """Disentangled attention: each head is a row with its query/key/value and its relative-position
+    key/query projections; the c2p/p2c position indices (expanded over batch x heads) follow."""
+    model = _model("deberta_v2")
+    oto = otofx.OTO(model, _ids())
+    z = next(z for z in oto.groups if any(n.endswith("query_proj.weight") for n, _, _ in z.params))
+    assert z.rows == 4
+    names = {n.rsplit(".", 2)[-2] for n, _, _ in z.params}
+    assert {"query_proj", "key_proj", "value_proj", "pos_key_proj", "pos_query_proj", "dense"} <= names
+    zero_random_rows(model, oto, seed=2)
+    assert_exact(model, oto, _ids())
+    assert_exact(model, oto, _ids(), small=oto.compress(form="graph"))
+
+
+def _sweep():
+    path = Path(__file__).resolve().parent.parent / "bench" / "hf_sweep.py"
+    spec = importlib.util.spec_from_file_location("hf_sweep", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("hf_sweep", mod)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_sweep_subset():
+    """bench/hf_sweep.py's automatic config shrinker and checks on its fixed CI subset."""
+    sweep = _sweep()
+    task, family = sweep.CI_SUBSET[0]
+    cls = dict(((t, m), c) for t, m, c in sweep.entries((task,)))[(task, family)]
+    row = sweep.run_one(task, family, cls, peers=False)
+    assert row.built and row.analysed and row.exact, row
+    assert row.head_rows and row.mlp_rows
