@@ -158,15 +158,7 @@ class MetaProp(fx.Interpreter):
             fast = _grouped_mm_meta(target, args, kwargs)
         if fast is not None:
             return fast
-        try:
-            return super().call_function(target, args, kwargs)
-        except RuntimeError as e:
-            # NB: a meta kernel's strides can differ from the CPU kernel's (CPU attention returns
-            # [B, H, L, hd] laid out as [B, L, H, hd], so a later transpose + view works there): a view
-            # that only meta strides refuse is shaped as a reshape
-            if target is torch.ops.aten.view.default and "view size is not compatible" in str(e):
-                return torch.ops.aten.reshape.default(*args, **kwargs)
-            raise
+        return super().call_function(target, args, kwargs)  # a view refused by meta strides: run_node
 
     def call_module(self, target, args, kwargs):
         # fx.Interpreter's name -> module dict (fetch_attr walks the path with hasattr/getattr)
