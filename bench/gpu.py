@@ -7,7 +7,7 @@
 
 Sections, each owned by the bench script whose ``gpu_rows`` it calls (that script's docstring says
 what it measures and how):
-    * ``optimizer`` (bench/optimizer.py): Triton against the torch reference on CUDA (exactness), and
+    * ``optimizer`` (bench/optimizer.py, ``exactness_rows`` then ``gpu_rows``): Triton against the torch reference on CUDA (exactness), and
       DHSPG/HESSO step times against torch's fused SGD and AdamW on resnet50 and vit_b_16;
     * ``latency`` (bench/latency.py): dense against compressed latency, half of every group's rows
       zeroed, resnet50, vit_b_16 and a BERT-base, float32 and bfloat16, batch 64;
@@ -18,7 +18,7 @@ The first lines give the machine: device, torch/triton versions, the host load a
 ceilings measured in the same run (device-to-device copy bandwidth, a bf16 matrix product's rate).
 
 Internals:
-    * each ``gpu_rows`` gets only the keyword arguments its signature names (``device``, ``batch``);
+    * each function gets only the keyword arguments its signature names (``device``, ``batch``);
     * # NB: rows are printed as they come, so a section killed at the command's time limit still
       leaves the earlier tables in the log.
 """
@@ -40,7 +40,12 @@ from tabulate import tabulate
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-SECTIONS = ("optimizer", "latency", "compile")
+# section -> (bench script, its functions in order); each function returns a list of table rows
+SECTIONS = {
+    "optimizer": ("optimizer", ("exactness_rows", "gpu_rows")),
+    "latency": ("latency", ("gpu_rows",)),
+    "compile": ("compile", ("gpu_rows",)),
+}
 
 
 def machine_line(device: str) -> dict:
@@ -78,14 +83,16 @@ def ceilings(device: str) -> dict:
     return {"copy TB/s": round(2 * (1 << 30) / t_copy / 1e12, 2), "bf16 matmul TFLOP/s": round(2 * 8192 ** 3 / t_mm / 1e12)}
 
 
-def run_section(name: str, device: str, batch: int | None) -> list[dict]:
-    module = importlib.import_module(name)
-    fn = module.gpu_rows
-    params = inspect.signature(fn).parameters
-    kwargs = {"device": device}
-    if batch is not None and "batch" in params:
-        kwargs["batch"] = batch
-    return list(fn(**{k: v for k, v in kwargs.items() if k in params}))
+def run_section(name: str, device: str, batch: int | None) -> list[list[dict]]:
+    script, functions = SECTIONS[name]
+    module = importlib.import_module(script)
+    tables = []
+    for f in functions:
+        fn = getattr(module, f)
+        params = inspect.signature(fn).parameters
+        kwargs = {"device": device, "batch": batch}
+        tables.append(list(fn(**{k: v for k, v in kwargs.items() if k in params and v is not None})))
+    return tables
 
 
 def main(argv=None) -> int:
@@ -107,23 +114,25 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         print(f"\n## {name}", flush=True)
         try:
-            rows = run_section(name, args.device, args.batch)
+            tables = run_section(name, args.device, args.batch)
         except Exception:  # noqa: BLE001  (one broken section must not cost the others their lease time)
             traceback.print_exc()
             failed.append(name)
             results[name] = {"error": traceback.format_exc(limit=3)}
             continue
-        print(tabulate(rows, headers="keys", tablefmt="github", floatfmt=".3g"), flush=True)
+        for rows in tables:
+            print(tabulate(rows, headers="keys", tablefmt="github", floatfmt=".3g"), flush=True)
         print(f"({name}: {time.perf_counter() - t0:.0f} s)", flush=True)
-        results[name] = rows
+        results[name] = tables
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         (out / "gpu.json").write_text(json.dumps(results, indent=1, default=str))
         md = [tabulate([head], headers="keys", tablefmt="github")]
-        for name, rows in results.items():
-            if name != "machine" and isinstance(rows, list):
-                md += [f"\n### {name}\n", tabulate(rows, headers="keys", tablefmt="github", floatfmt=".3g")]
+        for name, tables in results.items():
+            if name != "machine" and isinstance(tables, list):
+                md += [f"\n### {name}\n"] + [tabulate(rows, headers="keys", tablefmt="github", floatfmt=".3g")
+                                              for rows in tables]
         (out / "gpu.md").write_text("\n".join(md) + "\n")
     if failed:
         print(f"\nfailed sections: {', '.join(failed)}", flush=True)
