@@ -239,7 +239,8 @@ def main() -> None:
     ap.add_argument("--dtype", nargs="+", choices=sorted(DTYPES), default=None,
                     help="fp32 and/or bf16 (default: fp32 on the CPU, both on a GPU)")
     ap.add_argument("--batch", type=int, default=None, help="batch size (default: 1 on the CPU, 64 on a GPU)")
-    ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch intra-op threads (default: 1 on the CPU, torch's default with a GPU)")
     ap.add_argument("--peers", action=argparse.BooleanOptionalAction, default=True,
                     help="torch-pruning beside otofx (CPU, float32 only)")
     args = ap.parse_args()
@@ -249,7 +250,8 @@ def main() -> None:
     batch = args.batch or (64 if gpu else 1)
     if args.quick:
         args.runs, args.warmup = 5, 1
-    torch.set_num_threads(args.threads)
+    if args.threads or not gpu:
+        torch.set_num_threads(args.threads or 1)
     device = machine()
     if gpu:
         device += f"; {torch.cuda.get_device_name(torch.device(args.device))}"

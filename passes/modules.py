@@ -11,8 +11,19 @@ Internals:
     * ``kept_heads`` (a buffer) holds the original index of every remaining head: a per-head
       ``attn_mask`` of shape ``[batch * num_heads_before, L, S]`` is sliced with it.
     * Scores are scaled by ``1 / sqrt(head_dim)``, the original head width (unchanged by head pruning).
-    * ``need_weights=False`` runs ``scaled_dot_product_attention``; otherwise the weights are
-      computed explicitly, as the stock module does.
+    * The fast path. Self-attention (``query is key is value``, packed weights) is one
+      ``F.linear`` to ``3 * num_heads * head_dim`` features, viewed as ``[3, B, H, L, head_dim]``
+      (no copy, either layout), ``scaled_dot_product_attention`` (flash/efficient kernels on a
+      GPU, flash on the CPU; they write ``[B, L, H, head_dim]``, so the batch-first output
+      ``transpose(1, 2).reshape`` is a view) and the out projection. ``key is value`` projects
+      twice, otherwise (or with separate kdim/vdim weights) three times; ``batch_first=False``
+      costs one copy of the attention output (as in the stock module).
+    * ``torch._native_multi_head_attention`` (the stock module's fused inference path) cannot
+      run a pruned module: it requires ``qkv_weight`` of ``3 * embed_dim`` rows and an
+      ``embed_dim`` equal to the input width.
+    * ``need_weights=True`` computes the weights explicitly (softmax of the scaled scores, then
+      dropout), as the stock module does; the ``is_causal`` hint follows the stock module (the
+      mask goes and the kernel masks, unless weights or a key padding mask are asked for).
     * ``init_kwargs()`` / ``PrunedMultiheadAttention.empty(**kwargs)`` describe and rebuild one without a
       source module (uninitialised tensors of the right shapes): ``otofx.load`` uses them.
 """
