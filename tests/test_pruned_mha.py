@@ -144,8 +144,8 @@ def _zero_and_slice(mha, drop):
             for part in ("q", "k", "v"):
                 w = getattr(dense, f"{part}_proj_weight")
                 w.view(H, HD, -1)[drop] = 0
-                setattr(src, f"{part}_proj_weight",
-                        nn.Parameter(getattr(mha, f"{part}_proj_weight").view(H, HD, -1)[keep].reshape(len(keep) * HD, -1)))
+                kept = getattr(mha, f"{part}_proj_weight").view(H, HD, -1)[keep]
+                setattr(src, f"{part}_proj_weight", nn.Parameter(kept.reshape(len(keep) * HD, -1)))
         dense.in_proj_bias.view(3, H, HD)[:, drop] = 0
         src.in_proj_bias = nn.Parameter(mha.in_proj_bias.view(3, H, HD)[:, keep].reshape(-1))
         dense.out_proj.weight.view(E, H, HD)[:, drop] = 0
