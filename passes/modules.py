@@ -132,7 +132,10 @@ class PrunedMultiheadAttention(nn.Module):
                 average_attn_weights: bool = True, is_causal: bool = False):
         batched = query.dim() == 3
         if not batched:  # one sequence: a batch of one, batch first
-            query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
+            same_k, same_v = key is query, value is key  # keep the identities the projection reads
+            query = query.unsqueeze(0)
+            key = query if same_k else key.unsqueeze(0)
+            value = key if same_v else value.unsqueeze(0)
             if key_padding_mask is not None:
                 key_padding_mask = key_padding_mask.unsqueeze(0)
         seq_first = batched and not self.batch_first

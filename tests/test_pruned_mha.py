@@ -193,11 +193,12 @@ class _Ops(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def test_self_attention_makes_no_copies():
+@pytest.mark.parametrize("shape", [(B, L, E), (L, E)], ids=["batched", "unbatched"])
+def test_self_attention_makes_no_copies(shape):
     """One packed projection, views, the attention kernel, the out projection: no clone/copy."""
     mha = _mha(batch_first=True)
     dense, small, _ = _zero_and_slice(mha, [0, 3])
-    x = torch.randn(B, L, E)
+    x = torch.randn(shape)
     with torch.no_grad(), _Ops() as seen:
         small(x, x, x, need_weights=False)
     copies = [op for op in seen.ops if op in ("clone", "copy_", "_to_copy", "contiguous", "cat")]
