@@ -11,8 +11,19 @@ Internals:
     * ``kept_heads`` (a buffer) holds the original index of every remaining head: a per-head
       ``attn_mask`` of shape ``[batch * num_heads_before, L, S]`` is sliced with it.
     * Scores are scaled by ``1 / sqrt(head_dim)``, the original head width (unchanged by head pruning).
-    * ``need_weights=False`` runs ``scaled_dot_product_attention``; otherwise the weights are
-      computed explicitly, as the stock module does.
+    * The fast path. Self-attention (``query is key is value``, packed weights) is one
+      ``F.linear`` to ``3 * num_heads * head_dim`` features, viewed as ``[3, B, H, L, head_dim]``
+      (no copy, either layout), ``scaled_dot_product_attention`` (flash/efficient kernels on a
+      GPU, flash on the CPU; they write ``[B, L, H, head_dim]``, so the batch-first output
+      ``transpose(1, 2).reshape`` is a view) and the out projection. ``key is value`` projects
+      twice, otherwise (or with separate kdim/vdim weights) three times; ``batch_first=False``
+      costs one copy of the attention output (as in the stock module).
+    * ``torch._native_multi_head_attention`` (the stock module's fused inference path) cannot
+      run a pruned module: it requires ``qkv_weight`` of ``3 * embed_dim`` rows and an
+      ``embed_dim`` equal to the input width.
+    * ``need_weights=True`` computes the weights explicitly (softmax of the scaled scores, then
+      dropout), as the stock module does; the ``is_causal`` hint follows the stock module (the
+      mask goes and the kernel masks, unless weights or a key padding mask are asked for).
     * ``init_kwargs()`` / ``PrunedMultiheadAttention.empty(**kwargs)`` describe and rebuild one without a
       source module (uninitialised tensors of the right shapes): ``otofx.load`` uses them.
 """
@@ -90,54 +101,72 @@ class PrunedMultiheadAttention(nn.Module):
                 "bias_kv": self.bias_k is not None, "add_zero_attn": bool(self.add_zero_attn),
                 "dropout": float(self.dropout), "batch_first": bool(self.batch_first)}
 
-    def _proj(self, x, part: int):
+    def _heads(self, t, parts: int, seq_first: bool):
+        """A projection output ``[B, L, parts * width]`` (``[L, B, ...]`` when ``seq_first``) as a
+        ``[parts, B, H, L, head_dim]`` view (no copy)."""
+        a, b = t.shape[0], t.shape[1]
+        t = t.view(a, b, parts, self.num_heads, self.head_dim)
+        return t.permute(2, 1, 3, 0, 4) if seq_first else t.permute(2, 0, 3, 1, 4)
+
+    def _project(self, query, key, value, seq_first: bool):
+        """q, k, v as ``[B, H, L|S, head_dim]`` views of as few projection outputs as the inputs allow."""
         w = self.num_heads * self.head_dim
+        bias = self.in_proj_bias
         if self.packed:
-            weight = self.in_proj_weight[part * w:(part + 1) * w]
+            weight = self.in_proj_weight
+            if query is key and key is value:  # self-attention: one packed projection
+                return self._heads(F.linear(query, weight, bias), 3, seq_first).unbind(0)
+            if key is value:
+                q = F.linear(query, weight[:w], bias[:w] if bias is not None else None)
+                kv = F.linear(key, weight[w:], bias[w:] if bias is not None else None)
+                k, v = self._heads(kv, 2, seq_first).unbind(0)
+                return self._heads(q, 1, seq_first)[0], k, v
+            weights = weight[:w], weight[w:2 * w], weight[2 * w:]
         else:
-            weight = (self.q_proj_weight, self.k_proj_weight, self.v_proj_weight)[part]
-        bias = self.in_proj_bias[part * w:(part + 1) * w] if self.in_proj_bias is not None else None
-        return F.linear(x, weight, bias)
+            weights = self.q_proj_weight, self.k_proj_weight, self.v_proj_weight
+        biases = (None,) * 3 if bias is None else (bias[:w], bias[w:2 * w], bias[2 * w:])
+        return tuple(self._heads(F.linear(x, wt, b), 1, seq_first)[0]
+                     for x, wt, b in zip((query, key, value), weights, biases))
 
     def forward(self, query, key, value, key_padding_mask=None, need_weights: bool = True, attn_mask=None,
                 average_attn_weights: bool = True, is_causal: bool = False):
         batched = query.dim() == 3
-        if not batched:
-            query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
+        if not batched:  # one sequence: a batch of one, batch first
+            same_k, same_v = key is query, value is key  # keep the identities the projection reads
+            query = query.unsqueeze(0)
+            key = query if same_k else key.unsqueeze(0)
+            value = key if same_v else value.unsqueeze(0)
             if key_padding_mask is not None:
                 key_padding_mask = key_padding_mask.unsqueeze(0)
-        elif self.batch_first:
-            query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
-        # now [L, B, E] as in the stock implementation
-        L, B = query.shape[0], query.shape[1]
+        seq_first = batched and not self.batch_first
+        B, L = (query.shape[1], query.shape[0]) if seq_first else (query.shape[0], query.shape[1])
         H, hd = self.num_heads, self.head_dim
-        q, k, v = self._proj(query, 0), self._proj(key, 1), self._proj(value, 2)
+        q, k, v = self._project(query, key, value, seq_first)  # [B, H, L|S, hd]
+        extra = 0  # key positions appended (bias_k/bias_v, add_zero_attn)
         if self.bias_k is not None:
-            k = torch.cat([k, self.bias_k.expand(1, B, -1)])
-            v = torch.cat([v, self.bias_v.expand(1, B, -1)])
-            if attn_mask is not None:
-                attn_mask = F.pad(attn_mask, (0, 1))
-            if key_padding_mask is not None:
-                key_padding_mask = F.pad(key_padding_mask, (0, 1))
-        q = q.reshape(L, B * H, hd).transpose(0, 1)
-        k = k.reshape(k.shape[0], B * H, hd).transpose(0, 1)
-        v = v.reshape(v.shape[0], B * H, hd).transpose(0, 1)
+            k = torch.cat([k, self.bias_k.view(1, H, 1, hd).expand(B, H, 1, hd)], dim=2)
+            v = torch.cat([v, self.bias_v.view(1, H, 1, hd).expand(B, H, 1, hd)], dim=2)
+            extra += 1
         if self.add_zero_attn:
-            k = torch.cat([k, k.new_zeros(B * H, 1, hd)], dim=1)
-            v = torch.cat([v, v.new_zeros(B * H, 1, hd)], dim=1)
-            if attn_mask is not None:
-                attn_mask = F.pad(attn_mask, (0, 1))
-            if key_padding_mask is not None:
-                key_padding_mask = F.pad(key_padding_mask, (0, 1))
-        S = k.shape[1]
-        mask = self._merge_masks(attn_mask, key_padding_mask, B, L, S, query.dtype, is_causal)
-        q, k, v = q.view(B, H, L, hd), k.view(B, H, S, hd), v.view(B, H, S, hd)
+            k = torch.cat([k, k.new_zeros(B, H, 1, hd)], dim=2)
+            v = torch.cat([v, v.new_zeros(B, H, 1, hd)], dim=2)
+            extra += 1
+        S = k.shape[2]
+        causal = False
+        if is_causal and key_padding_mask is None and not need_weights:
+            # as the stock module: the hint replaces the mask and goes to the kernel
+            attn_mask, causal = None, True
+        elif is_causal and attn_mask is None:
+            attn_mask = torch.ones(L, S - extra, dtype=torch.bool, device=query.device).triu(1)
+        mask = self._merge_masks(attn_mask, key_padding_mask, B, L, S, extra, query.dtype)
         p = self.dropout if self.training else 0.0
-        # NB: the scale is the original head width's, passed explicitly
+        # NB: the scale is the original head width's (head_dim does not change with head pruning)
         scale = 1.0 / math.sqrt(hd)
-        if not need_weights:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, scale=scale)
-            weights = None
+        weights = None
+        if H == 0:  # every head removed: the out projection reads nothing
+            out = q
+        elif not need_weights:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=causal, scale=scale)
         else:
             scores = (q * scale) @ k.transpose(-2, -1)
             if mask is not None:
@@ -150,15 +179,13 @@ class PrunedMultiheadAttention(nn.Module):
                 weights = weights.mean(dim=1)
             if not batched:
                 weights = weights.squeeze(0)
-        out = out.permute(2, 0, 1, 3).reshape(L * B, H * hd)
-        out = self.out_proj(out).view(L, B, -1)
-        if not batched:
-            out = out.squeeze(1)
-        elif self.batch_first:
-            out = out.transpose(0, 1)
-        return out, weights
+        # [B, H, L, hd] -> [B, L, H * hd] (a view when the kernel wrote [B, L, H, hd]) or [L, B, H * hd]
+        out = out.permute(2, 0, 1, 3).reshape(L, B, H * hd) if seq_first else out.transpose(1, 2).reshape(B, L, H * hd)
+        out = F.linear(out, self.out_proj.weight, self.out_proj.bias)
+        return (out if batched else out.squeeze(0)), weights
 
-    def _merge_masks(self, attn_mask, key_padding_mask, B, L, S, dtype, is_causal):
+    def _merge_masks(self, attn_mask, key_padding_mask, B, L, S, extra, dtype):
+        """One additive mask broadcastable to ``[B, H, L, S]`` (None when there is none)."""
         def additive(m):
             if m is None:
                 return None
@@ -166,16 +193,18 @@ class PrunedMultiheadAttention(nn.Module):
                 return torch.zeros(m.shape, dtype=dtype, device=m.device).masked_fill(m, float("-inf"))
             return m.to(dtype)
 
-        if attn_mask is None and is_causal:
-            attn_mask = torch.ones(L, S, dtype=torch.bool, device=self.kept_heads.device).triu(1)
         mask = additive(attn_mask)
         if mask is not None:
+            if extra:  # appended keys are never masked
+                mask = F.pad(mask, (0, extra))
             if mask.dim() == 2:
                 mask = mask.view(1, 1, L, S)
             else:  # per (batch, head): keep the remaining heads' masks
                 mask = mask.view(B, self.heads_before, L, S).index_select(1, self.kept_heads)
         kpm = additive(key_padding_mask)
         if kpm is not None:
+            if extra:
+                kpm = F.pad(kpm, (0, extra))
             kpm = kpm.view(B, 1, 1, S)
             mask = kpm if mask is None else mask + kpm
         return mask
