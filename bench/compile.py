@@ -212,13 +212,15 @@ def _sync(device: torch.device) -> None:
 
 
 def gpu_rows(device="cuda", batch: int = 64, models=tuple(MODELS), dtypes=(torch.float32, torch.bfloat16),
-             runs: int = 10, warmup: int = 3, side: int = 224) -> list[dict]:
+             runs: int = 10, warmup: int = 3, side: int = 224, progress=None) -> list[dict]:
     """torch.compile(backend="otofx") against inductor on the dense model, on ``device`` at ``batch``.
 
     Each model (random weights, random norm statistics, eval mode) has a random half of every
     group's rows zeroed, then is cast to each dtype and moved to ``device``. One dict per (model,
     dtype): latencies (ms), ``x inductor`` (dense inductor ms / otofx ms), ``FLOPs ratio`` (the
     graph otofx handed to inductor over the dense model), compile seconds (first call) of both.
+    ``progress`` (a callable) gets each dict as soon as it is measured. TF32 stays as torch has it
+    (cuDNN convolutions in TF32, matrix products not) for both variants.
     """
     device = torch.device(device)
     out = []
@@ -254,6 +256,8 @@ def gpu_rows(device="cuda", batch: int = 64, models=tuple(MODELS), dtypes=(torch
                         "FLOPs ratio": flops(keep.graphs[-1], x) / flops(model, x),
                         "inductor compile s": compile_s["inductor"], "otofx compile s": compile_s["otofx"],
                         "rows removed": sum(r.rows_removed for r in res)})
+            if progress is not None:
+                progress(out[-1])
             del fns, model, x, keep
             torch._dynamo.reset()
             if device.type == "cuda":
@@ -277,10 +281,12 @@ def main() -> None:
         ap.error("--kernel-time needs --freezing: without it inductor runs 1x1 convolutions outside oneDNN")
     if args.device != "cpu":
         t0 = time.perf_counter()
-        rows = gpu_rows(args.device, args.batch, tuple(args.models), runs=args.runs, warmup=args.warmup)
+        rows = gpu_rows(args.device, args.batch, tuple(args.models), runs=args.runs, warmup=args.warmup,
+                        progress=lambda r: print(r, file=sys.stderr, flush=True))
         gpu = torch.cuda.get_device_name(torch.device(args.device)) if torch.device(args.device).type == "cuda" else ""
         print(f"{machine()}; {gpu}; load average {os.getloadavg()[0]:.2f}; batch {args.batch}, 3x224x224, "
-              f"median of {args.runs} after {args.warmup} warm-up; inductor mode default; "
+              f"median of {args.runs} after {args.warmup} warm-up; inductor mode default; cuDNN TF32 "
+              f"{torch.backends.cudnn.allow_tf32}, matmul TF32 {torch.backends.cuda.matmul.allow_tf32}; "
               f"took {time.perf_counter() - t0:.0f} s\n")
         headers = list(rows[0])
         print(tabulate([[r[h] for h in headers] for r in rows], headers=headers, tablefmt=args.format, floatfmt=".3f"))

@@ -113,3 +113,16 @@ def test_load_onto_cuda_in_bf16(tmp_path):
     loaded = otofx.load(tmp_path / "small", torchvision.models.resnet18(num_classes=10), device="cuda",
                         dtype=torch.bfloat16)
     _close(small.to(CUDA, torch.bfloat16), loaded, x.to(CUDA, torch.bfloat16), torch.bfloat16, 18)
+
+
+def test_compress_cuda_float32_with_tf32_on():
+    """torch's default on CUDA runs float32 convolutions in TF32 (10 mantissa bits): verification
+    fits its tolerance to that (otofx.pipeline.tf32_in_use) instead of failing at 1e-4."""
+    torch.backends.cudnn.allow_tf32 = True
+    model, x = _resnet()
+    model, x = model.to(CUDA), x.to(CUDA)
+    oto = otofx.OTO(model, x)
+    zero_random_rows(model, oto, seed=1)
+    small = oto.compress(form="graph")
+    assert n_params(small) < n_params(model)
+    _close(model, small, x, torch.float16, contraction_depth(oto.graph_module))
