@@ -40,7 +40,8 @@ On a GPU, ``--device cuda`` (:func:`gpu_rows`) runs batch ``--batch`` (64) of 3x
 and bfloat16: for each model and dtype, inductor on the dense model against the otofx backend
 (inductor inside), same model, half of every group's rows zeroed, ``mode`` default, latency the
 median of ``--runs`` calls timed with CUDA events (each call synchronised), ``x inductor`` = inductor
-dense ms / otofx ms next to the FLOPs ratio (otofx's graph over the dense model)::
+dense ms / otofx ms next to the FLOPs ratio (otofx's graph over the dense model), and the same
+for one replay of each call captured in a CUDA graph (``graph ms``: no launch gaps)::
 
     python3 bench/compile.py --device cuda             # about 2 min on one H200, compiles included
 """
@@ -206,6 +207,27 @@ def _timed(fn, x, runs: int, warmup: int, device: torch.device) -> float:
     return statistics.median(samples)
 
 
+def _graph_ms(fn, x, runs: int, device: torch.device):
+    """Median ms of one replay of a CUDA graph captured from ``fn(x)``: the kernels' time without the
+    host's launch gaps (None off CUDA, or when capture fails)."""
+    if device.type != "cuda":
+        return None
+    try:
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                fn(x)
+        torch.cuda.current_stream(device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn(x)
+    except Exception as e:  # noqa: BLE001 - reported as a missing number
+        print(f"CUDA graph capture failed: {type(e).__name__}: {e}", file=sys.stderr)
+        return None
+    return _timed(lambda _: graph.replay(), x, runs, 2, device)
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -248,12 +270,16 @@ def gpu_rows(device="cuda", batch: int = 64, models=tuple(MODELS), dtypes=(torch
                     compile_s[label] = time.perf_counter() - t0
                 for label, fn in fns.items():
                     ms[label] = _timed(fn, x, runs, warmup, device)
+                graph_ms = {label: _graph_ms(fn, x, runs, device) for label, fn in fns.items()}
             res = otofx_backend.results()
             assert res and all(r.pruned for r in res), [r.reason for r in res]
             out.append({"model": name, "dtype": str(dtype).removeprefix("torch."), "batch": batch,
                         "inductor ms": ms["inductor"], "otofx ms": ms["otofx"],
                         "x inductor": ms["inductor"] / ms["otofx"],
                         "FLOPs ratio": flops(keep.graphs[-1], x) / flops(model, x),
+                        "inductor graph ms": graph_ms["inductor"], "otofx graph ms": graph_ms["otofx"],
+                        "graph x inductor": (graph_ms["inductor"] / graph_ms["otofx"]
+                                             if graph_ms["otofx"] and graph_ms["inductor"] else None),
                         "inductor compile s": compile_s["inductor"], "otofx compile s": compile_s["otofx"],
                         "rows removed": sum(r.rows_removed for r in res)})
             if progress is not None:
@@ -289,7 +315,8 @@ def main() -> None:
               f"{torch.backends.cudnn.allow_tf32}, matmul TF32 {torch.backends.cuda.matmul.allow_tf32}; "
               f"took {time.perf_counter() - t0:.0f} s\n")
         headers = list(rows[0])
-        print(tabulate([[r[h] for h in headers] for r in rows], headers=headers, tablefmt=args.format, floatfmt=".3f"))
+        print(tabulate([[r[h] for h in headers] for r in rows], headers=headers, tablefmt=args.format, floatfmt=".3f",
+                       missingval=""))
         return
     torch.set_num_threads(1)
 
