@@ -36,8 +36,8 @@ device and dtype into the graph wherever the code read them (``device=x.device``
       stays float32 and its ``x.to(input_dtype)`` follows the weights. A node with no stack trace
       (symbolic_trace graphs, where a dtype in the graph was written in the code) keeps its dtype;
     * tensors the graph reads that are plain attributes (export's lifted constants,
-      ``lifted_tensor_0``) become non-persistent buffers, so ``.to()`` moves (and, if floating,
-      casts) them like every other buffer.
+      ``lifted_tensor_0``) come out of prune's copy as non-persistent buffers, so ``.to()`` moves
+      (and, if floating, casts) them like every other buffer.
     # NB: a dtype that is the capture's default on a line that also spells it for another operand
     (``a.to(x.dtype) * b.float()``) is taken as literal; scalars computed from a dtype at capture
     (``torch.finfo(torch.float32).min``) stay numbers, as the capture evaluated them.
@@ -241,7 +241,15 @@ def _fill_tensors(new: fx.GraphModule, originals: dict, plan: Plan) -> None:
         aliases.setdefault(id(t), []).append(name)
     with torch.no_grad():
         for key, names in aliases.items():
-            old = originals[key]
+            old = originals.get(key)
+            if old is None:
+                # NB: GraphModule's deepcopy registers a plain tensor attribute that the graph reads
+                # (export's lifted constants) as a buffer: already a copy, never sliced; it moves
+                # with .to() as a buffer, and stays out of the state_dict as it was
+                for alias in names:
+                    mod_name, _, attr = alias.rpartition(".")
+                    (new.get_submodule(mod_name) if mod_name else new)._non_persistent_buffers_set.add(attr)
+                continue
             data = old.detach()
             steps = next((cuts[n] for n in names if n in cuts), ())
             for dim, idx in steps:
@@ -329,16 +337,6 @@ def _same_device(a: torch.device, b: torch.device) -> bool:
     return a.type == b.type and (a.index is None or b.index is None or a.index == b.index)
 
 
-def _as_buffer(gm: fx.GraphModule, target: str, t: torch.Tensor) -> None:
-    """Make the plain tensor attribute at ``target`` a non-persistent buffer (``.to()`` moves buffers)."""
-    mod_name, _, attr = target.rpartition(".")
-    owner = gm.get_submodule(mod_name) if mod_name else gm
-    if attr in owner._parameters or attr in owner._buffers or isinstance(t, torch.nn.Parameter):
-        return
-    owner.__dict__.pop(attr, None)
-    owner.register_buffer(attr, t, persistent=False)
-
-
 def follow_placement(gm: fx.GraphModule) -> bool:
     """Rewrite ``gm`` in place so that it follows ``.to(device)``/``.to(dtype)`` (see "Placement"
     in the module docstring); returns whether anything changed (the caller recompiles)."""
@@ -356,7 +354,6 @@ def follow_placement(gm: fx.GraphModule) -> bool:
                 continue
             if isinstance(t, torch.Tensor):
                 tensors[n] = t
-                _as_buffer(gm, n.target, t)
     if not tensors:
         return changed
     floats = [n for n, t in tensors.items() if t.is_floating_point()]

@@ -31,7 +31,7 @@ _aten = torch.ops.aten
 
 
 def _llama():
-    c = transformers.LlamaConfig(vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+    c = transformers.LlamaConfig(vocab_size=100, hidden_size=64, num_hidden_layers=1, num_attention_heads=4,
                                  num_key_value_heads=2, intermediate_size=128, max_position_embeddings=64,
                                  use_cache=False)
     return randomize(transformers.LlamaModel(c).eval()), torch.randint(0, 100, (2, 16))
@@ -54,8 +54,9 @@ class RMSNorm(nn.Module):
 class Net(nn.Module):
     """Factory ops on the input's device and dtype, a lifted constant, an RMSNorm, one MLP group."""
 
-    def __init__(self):
+    def __init__(self, constant: bool = True):
         super().__init__()
+        self.constant = constant
         self.pos = nn.Embedding(16, 8)
         self.norm = RMSNorm(8)
         self.up = nn.Linear(8, 32)
@@ -64,6 +65,8 @@ class Net(nn.Module):
     def forward(self, x):
         h = self.norm(x + self.pos(torch.arange(x.shape[1], device=x.device)))
         h = h + torch.zeros(x.shape[0], x.shape[1], 8, device=x.device, dtype=x.dtype)
+        if self.constant:  # export lifts it; dynamo cannot fake it on the meta device
+            h = h * torch.tensor([1.0, 0.5, 2.0, 1.0, 1.5, 1.0, 0.5, 2.0], device=x.device, dtype=x.dtype)
         y = self.down(torch.relu(self.up(h)))
         return y + torch.full((1,), 0.5, dtype=x.dtype, device=x.device)
 
@@ -100,8 +103,9 @@ def test_export_llama_graph_follows_dtype_and_device():
     nodes = list(small.graph.nodes)
     assert not [n for n in nodes if n.target is _aten._assert_tensor_metadata.default]
     assert not [n for n in nodes if any(isinstance(a, torch.device) for a in (*n.args, *n.kwargs.values()))]
-    # RMSNorm's upcasts (5: two per layer and the final norm) stay literal; the down-casts follow
-    assert len(_casts(small, torch.float32)) == 5 + 1  # + rotary's position_ids.float()
+    # RMSNorm's upcasts (3: two per layer and the final norm) stay literal; their down-casts follow
+    assert len(_casts(small, torch.float32)) == 3 + 1  # + rotary's position_ids.float()
+    assert len([n for n in nodes if n.target is _aten.to.dtype and isinstance(n.args[1], torch.fx.Node)]) == 3 + 2
     _check_moves(model, small, (ids,), contraction_depth(small))
 
 
@@ -129,6 +133,18 @@ def test_symbolic_trace_resnet18_graph_moves():
     zero_random_rows(model, oto, seed=1)
     small = oto.compress(form="graph")
     _check_moves(model, small, (x,), contraction_depth(small))
+
+
+def test_export_graph_constants_and_factories_move():
+    """Net through torch.export: arange/zeros/full on the capture device and a lifted constant."""
+    model, x = randomize(Net().eval()), torch.randn(2, 5, 8)
+    oto = otofx.OTO(model, x, frontend="export")
+    zero_random_rows(model, oto, seed=1)
+    small = oto.compress(form="graph")
+    assert n_params(small) < n_params(model)
+    assert [n for n, _ in small.named_buffers()] == ["lifted_tensor_0"]  # moves with .to()
+    assert set(small.state_dict()) == set(model.state_dict())
+    _check_moves(model, small, (x,), 2)
 
 
 class _Recorder:
@@ -167,7 +183,7 @@ def test_dynamo_lift_graph_moves():
 def test_backend_follows_a_cast_model():
     """The compiled model cast to bfloat16 is pruned again in bfloat16 and matches the dense model;
     on the meta device it runs dense (no values to read zero rows from)."""
-    model, x = randomize(Net().eval()), torch.randn(2, 5, 8)
+    model, x = randomize(Net(constant=False).eval()), torch.randn(2, 5, 8)
     oto = otofx.OTO(model, x)
     zero_random_rows(model, oto, seed=1)
     compiled = torch.compile(model, backend="otofx", options={"inner": "eager"})
