@@ -5,6 +5,33 @@
 sliced along the axes whose channels were removed (or a copy of it when none were), lets each op's rule fix module attributes and literal arguments (conv
 groups, view sizes, split sizes), and recompiles.
 
+Placement (:func:`follow_placement`, the last step of ``prune``): the pruned graph moves like a
+module. A front-end that runs the model's Python (torch.export, dynamo) bakes the capture's
+device and dtype into the graph wherever the code read them (``device=x.device``,
+``x.to(input_dtype)``), and export adds ``_assert_tensor_metadata`` checks of both. The rule:
+
+    * every ``_assert_tensor_metadata`` node is dropped (it asserts the capture's dtype/device);
+    * every ``torch.device`` argument equal to the device of the graph's weights (or ``meta``) is
+      replaced by ``getattr(W, "device")``, one helper node at the top of the graph reading a
+      weight W (the first floating parameter, else any tensor attribute; a graph with none is
+      left as it is): factory ops (``arange``, ``zeros``, ``full``, ``scalar_tensor`` ...),
+      ``to(device=...)``, ``_to_copy``;
+    * a ``torch.dtype`` argument equal to the dtype of W (the capture's default dtype) is
+      replaced by ``getattr(W, "dtype")`` unless the source line of the op (the node's
+      ``stack_trace``, narrowed to the expression dynamo's ``^^^`` marks) spells that dtype
+      literally (``torch.float32``, ``torch.float``, ``.float()``, ``bfloat16``, ``.half()`` ...).
+      So RMSNorm's ``x.to(torch.float32)`` upcast stays float32 and its ``x.to(input_dtype)``
+      follows the weights. A node with no stack trace (symbolic_trace graphs, where a dtype in the
+      graph was written in the code) keeps its dtype;
+    * tensors the graph reads that are plain attributes (export's lifted constants,
+      ``lifted_tensor_0``) come out of prune's copy as non-persistent buffers, so ``.to()`` moves
+      (and, if floating, casts) them like every other buffer.
+
+# NB: a restated dtype on a line that also spells it for another operand (``a.to(x.dtype) *
+b.float()`` in export's whole-line traces) is taken as literal (the graph keeps float32 there);
+scalars computed from a dtype at capture (``torch.finfo(torch.float32).min``) stay the numbers the
+capture evaluated; a device the code names literally and that equals the weights' follows them.
+
 Internals:
     * Keep masks come from the labels of ``find_zigs``: index i of an axis is kept unless its
       class is removed. Every value's new shape is therefore known before the rewrite runs.
@@ -18,29 +45,6 @@ Internals:
       every name, so they stay tied.
     * Index tensors (kept positions) are moved to each weight's device before slicing: a model on
       CUDA is sliced on CUDA; analysis and plans stay on the CPU (meta shapes, numpy masks).
-
-Placement (:func:`follow_placement`, the last step of ``prune``): the pruned graph moves like a
-module. A front-end that runs the model's Python (torch.export, dynamo) bakes the capture's
-device and dtype into the graph wherever the code read them (``device=x.device``,
-``x.to(input_dtype)``), and export adds ``_assert_tensor_metadata`` checks of both. The rule:
-
-    * every ``_assert_tensor_metadata`` node is dropped (it asserts the capture's dtype/device);
-    * every ``torch.device`` argument equal to the device of the graph's weights (or ``meta``) is
-      replaced by ``getattr(W, "device")``, one helper node reading a weight W of the graph (a
-      floating parameter; the first placeholder when the graph has no tensor attribute): factory
-      ops (``arange``, ``zeros``, ``full``, ``scalar_tensor`` ...), ``to(device=...)``, ``_to_copy``;
-    * a ``torch.dtype`` argument equal to the dtype of W (the capture's default dtype) is
-      replaced by ``getattr(W, "dtype")`` unless the source line of the op (the node's
-      ``stack_trace``, narrowed to the marked expression where the trace marks one) spells that dtype literally (``torch.float32``, ``torch.float``,
-      ``.float()``, ``bfloat16``, ``.half()`` ...). So RMSNorm's ``x.to(torch.float32)`` upcast
-      stays float32 and its ``x.to(input_dtype)`` follows the weights. A node with no stack trace
-      (symbolic_trace graphs, where a dtype in the graph was written in the code) keeps its dtype;
-    * tensors the graph reads that are plain attributes (export's lifted constants,
-      ``lifted_tensor_0``) come out of prune's copy as non-persistent buffers, so ``.to()`` moves
-      (and, if floating, casts) them like every other buffer.
-    # NB: a dtype that is the capture's default on a line that also spells it for another operand
-    (``a.to(x.dtype) * b.float()``) is taken as literal; scalars computed from a dtype at capture
-    (``torch.finfo(torch.float32).min``) stay numbers, as the capture evaluated them.
 """
 from __future__ import annotations
 
