@@ -35,10 +35,20 @@ Run (about 7 min on the shared 2-core machine; inductor compiles dominate)::
     /work/venv/bin/python bench/compile.py --models mobilenet_v2 --runs 10
     /work/venv/bin/python bench/compile.py --freezing
     /work/venv/bin/python bench/compile.py --models mobilenet_v2 --freezing --cpp-wrapper --kernel-time
+
+On a GPU, ``--device cuda`` (:func:`gpu_rows`) runs batch ``--batch`` (64) of 3x224x224 in float32
+and bfloat16: for each model and dtype, inductor on the dense model against the otofx backend
+(inductor inside), same model, half of every group's rows zeroed, ``mode`` default, latency the
+median of ``--runs`` calls timed with CUDA events (each call synchronised), ``x inductor`` = inductor
+dense ms / otofx ms next to the FLOPs ratio (otofx's graph over the dense model), and the same
+for one replay of each call captured in a CUDA graph (``graph ms``: no launch gaps)::
+
+    python3 bench/compile.py --device cuda             # about 2 min on one H200, compiles included
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import ctypes
 import os
 import statistics
@@ -177,10 +187,116 @@ def rows_for(name: str, runs: int, warmup: int, freezing: bool, cpp_wrapper: boo
     return rows
 
 
+def _timed(fn, x, runs: int, warmup: int, device: torch.device) -> float:
+    """Median ms of ``fn(x)`` over ``runs`` calls after ``warmup``: CUDA events on a GPU, wall clock elsewhere."""
+    for _ in range(warmup):
+        fn(x)
+    samples = []
+    for _ in range(runs):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn(x)
+            end.record()
+            end.synchronize()
+            samples.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn(x)
+            samples.append(1e3 * (time.perf_counter() - t0))
+    return statistics.median(samples)
+
+
+def _graph_ms(fn, x, runs: int, device: torch.device):
+    """Median ms of one replay of a CUDA graph captured from ``fn(x)``: the kernels' time without the
+    host's launch gaps (None off CUDA, or when capture fails)."""
+    if device.type != "cuda":
+        return None
+    try:
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                fn(x)
+        torch.cuda.current_stream(device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn(x)
+    except Exception as e:  # noqa: BLE001 - reported as a missing number
+        print(f"CUDA graph capture failed: {type(e).__name__}: {e}", file=sys.stderr)
+        return None
+    return _timed(lambda _: graph.replay(), x, runs, 2, device)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def gpu_rows(device="cuda", batch: int = 64, models=tuple(MODELS), dtypes=(torch.float32, torch.bfloat16),
+             runs: int = 10, warmup: int = 3, side: int = 224, progress=None) -> list[dict]:
+    """torch.compile(backend="otofx") against inductor on the dense model, on ``device`` at ``batch``.
+
+    Each model (random weights, random norm statistics, eval mode) has a random half of every
+    group's rows zeroed, then is cast to each dtype and moved to ``device``. One dict per (model,
+    dtype): latencies (ms), ``x inductor`` (dense inductor ms / otofx ms), ``FLOPs ratio`` (the
+    graph otofx handed to inductor over the dense model), compile seconds (first call) of both.
+    ``progress`` (a callable) gets each dict as soon as it is measured. TF32 stays as torch has it
+    (cuDNN convolutions in TF32, matrix products not) for both variants.
+    """
+    device = torch.device(device)
+    out = []
+    for name in models:
+        base = build(name)
+        randomise_norms(base, torch.Generator().manual_seed(0))
+        x0 = torch.randn(batch, 3, side, side, generator=torch.Generator().manual_seed(0))
+        oto = otofx.OTO(base, x0[:2])
+        zero_half_rows(base, oto.groups)
+        for dtype in dtypes:
+            model = copy.deepcopy(base).to(device=device, dtype=dtype)
+            x = x0.to(device=device, dtype=dtype)
+            torch._dynamo.reset()
+            otofx_backend.clear_results()
+            keep = Keep()
+            fns = {"inductor": torch.compile(model),
+                   "otofx": torch.compile(model, backend="otofx", options={"inner": keep})}
+            compile_s, ms = {}, {}
+            with torch.inference_mode():
+                for label, fn in fns.items():
+                    _sync(device)
+                    t0 = time.perf_counter()
+                    fn(x)
+                    _sync(device)
+                    compile_s[label] = time.perf_counter() - t0
+                for label, fn in fns.items():
+                    ms[label] = _timed(fn, x, runs, warmup, device)
+                graph_ms = {label: _graph_ms(fn, x, runs, device) for label, fn in fns.items()}
+            res = otofx_backend.results()
+            assert res and all(r.pruned for r in res), [r.reason for r in res]
+            out.append({"model": name, "dtype": str(dtype).removeprefix("torch."), "batch": batch,
+                        "inductor ms": ms["inductor"], "otofx ms": ms["otofx"],
+                        "x inductor": ms["inductor"] / ms["otofx"],
+                        "FLOPs ratio": flops(keep.graphs[-1], x) / flops(model, x),
+                        "inductor graph ms": graph_ms["inductor"], "otofx graph ms": graph_ms["otofx"],
+                        "graph x inductor": (graph_ms["inductor"] / graph_ms["otofx"]
+                                             if graph_ms["otofx"] and graph_ms["inductor"] else None),
+                        "inductor compile s": compile_s["inductor"], "otofx compile s": compile_s["otofx"],
+                        "rows removed": sum(r.rows_removed for r in res)})
+            if progress is not None:
+                progress(out[-1])
+            del fns, model, x, keep
+            torch._dynamo.reset()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     model_arg(ap, MODELS)
     timing_args(ap)
+    ap.add_argument("--device", default="cpu", help="cpu (the table above) or cuda (gpu_rows: batch --batch, fp32 and bf16)")
+    ap.add_argument("--batch", type=int, default=64, help="batch size for --device cuda (default 64)")
     ap.add_argument("--freezing", action="store_true", help="torch._inductor.config.freezing for both inductors")
     ap.add_argument("--cpp-wrapper", action="store_true", help="torch._inductor.config.cpp_wrapper for both inductors")
     ap.add_argument("--kernel-time", action="store_true",
@@ -189,6 +305,19 @@ def main() -> None:
     args = ap.parse_args()
     if args.kernel_time and not args.freezing:
         ap.error("--kernel-time needs --freezing: without it inductor runs 1x1 convolutions outside oneDNN")
+    if args.device != "cpu":
+        t0 = time.perf_counter()
+        rows = gpu_rows(args.device, args.batch, tuple(args.models), runs=args.runs, warmup=args.warmup,
+                        progress=lambda r: print(r, file=sys.stderr, flush=True))
+        gpu = torch.cuda.get_device_name(torch.device(args.device)) if torch.device(args.device).type == "cuda" else ""
+        print(f"{machine()}; {gpu}; load average {os.getloadavg()[0]:.2f}; batch {args.batch}, 3x224x224, "
+              f"median of {args.runs} after {args.warmup} warm-up; inductor mode default; cuDNN TF32 "
+              f"{torch.backends.cudnn.allow_tf32}, matmul TF32 {torch.backends.cuda.matmul.allow_tf32}; "
+              f"took {time.perf_counter() - t0:.0f} s\n")
+        headers = list(rows[0])
+        print(tabulate([[r[h] for h in headers] for r in rows], headers=headers, tablefmt=args.format, floatfmt=".3f",
+                       missingval=""))
+        return
     torch.set_num_threads(1)
 
     t0 = time.perf_counter()

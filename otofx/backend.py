@@ -451,6 +451,9 @@ def why_dense(lifted: Lifted) -> str | None:
     """Why this graph must not be pruned (a training graph, state written in place...), or None."""
     if not lifted.watched:
         return "no parameters or buffers in this graph"
+    meta = next((t for _, t in lifted.watched if t.device.type == "meta"), None)
+    if meta is not None:
+        return "the parameters are on the meta device (no values to find zero rows in)"
     if torch.is_grad_enabled() and any(t.requires_grad for _, t in lifted.watched):
         return ("autograd is on and parameters require grad (a training graph); call the compiled model "
                 "under torch.inference_mode() or torch.no_grad() (or model.requires_grad_(False)) to prune")

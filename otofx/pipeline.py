@@ -38,7 +38,9 @@ Internals:
       ``state.more_inputs`` (the export front-end's second shape: batch + 1 and length + 1 along
       the dimensions it made dynamic, the example tiled to those sizes).
     * Verification holds float32 to ``rtol`` (1e-4); a float16/bfloat16 model gets
-      ``2 * unit roundoff * sqrt(contraction depth)`` (:func:`outputs_close` says why).
+      ``2 * unit roundoff * sqrt(contraction depth)`` (:func:`outputs_close` says why), and so does
+      a float32 model on CUDA while TF32 is allowed (cuDNN's default for convolutions), with
+      float16's unit roundoff: TF32 keeps 10 mantissa bits (:func:`tf32_in_use`).
     * ``plan_zero_rows`` finds zero rows with ``passes.prune.zero_rows`` (``p != 0`` masks
       gathered per row, no float64 copy of the weights).
     * ``zigset`` and ``plan`` describe the graph they were computed on (``state.reference`` in
@@ -218,6 +220,14 @@ def outputs_close(a, b, rtol: float = 1e-4, *, dtype: torch.dtype | None = None,
     return ok, worst
 
 
+def tf32_in_use(outputs) -> bool:
+    """Whether float32 contractions that gave ``outputs`` may have run in TF32: a CUDA tensor among
+    them and TF32 allowed for cuDNN convolutions (torch's default) or cuBLAS matrix products."""
+    if not any(isinstance(t, torch.Tensor) and t.is_cuda for t in tree_flatten(outputs)[0]):
+        return False
+    return bool(torch.backends.cudnn.allow_tf32 or torch.backends.cuda.matmul.allow_tf32)
+
+
 def run_eval(module: torch.nn.Module, args: tuple, kwargs: dict | None = None):
     """``module(*args, **kwargs)`` in eval mode under ``no_grad`` (training flags restored)."""
     with torch.no_grad(), eval_mode(module):
@@ -235,12 +245,17 @@ def compare(reference, candidate: torch.nn.Module, args: tuple, kwargs: dict | N
     ref = run_eval(reference, args, kwargs) if isinstance(reference, torch.nn.Module) else reference
     got = run_eval(candidate, args, kwargs)
     dtype = compute_dtype(reference, candidate)
+    name = str(dtype)
+    if dtype == torch.float32 and tf32_in_use(got):
+        # NB: TF32 rounds the inputs of float32 convolutions and matrix products to a 10-bit
+        # mantissa, float16's: the float32 model computes with float16's unit roundoff there
+        dtype, name = torch.float16, "float32 with TF32 on CUDA"
     graph = reference if isinstance(reference, fx.GraphModule) else candidate
     depth = contraction_depth(graph) if dtype is not None and fitted_rtol(rtol, dtype) != rtol else 1
     ok, err = outputs_close(ref, got, rtol, dtype=dtype, depth=depth)
     if not ok:
         tol = fitted_rtol(rtol, dtype, depth)
-        why = "" if tol == rtol else f" ({dtype}: 2 * unit roundoff * sqrt({depth} contractions deep))"
+        why = "" if tol == rtol else f" ({name}: 2 * unit roundoff * sqrt({depth} contractions deep))"
         raise VerificationError(
             f"{what} differs from the reference graph on {inputs} (relative error {err:.3g} > {tol:.3g}"
             f"{why}). If the pass is otofx's, this is a bug in otofx: please report it with the model.")
@@ -663,4 +678,4 @@ def default(frontend: str = "auto", verify: bool = True) -> Pipeline:
 __all__ = ["State", "PassRecord", "Pipeline", "PipelineError", "Capture", "propagate_shapes", "find_zigs",
            "report_pins", "plan_zero_rows", "zero_rows", "prune", "eliminate_dead_code", "Verify", "GraphPass", "copy_graph",
            "format_records", "analysis", "compression", "default", "eval_mode", "outputs_close", "compare",
-           "run_eval", "fitted_rtol", "contraction_depth", "compute_dtype", "unit_roundoff", "compare_all", "input_sets"]
+           "run_eval", "tf32_in_use", "fitted_rtol", "contraction_depth", "compute_dtype", "unit_roundoff", "compare_all", "input_sets"]

@@ -5,6 +5,33 @@
 sliced along the axes whose channels were removed (or a copy of it when none were), lets each op's rule fix module attributes and literal arguments (conv
 groups, view sizes, split sizes), and recompiles.
 
+Placement (:func:`follow_placement`, the last step of ``prune``): the pruned graph moves like a
+module. A front-end that runs the model's Python (torch.export, dynamo) bakes the capture's
+device and dtype into the graph wherever the code read them (``device=x.device``,
+``x.to(input_dtype)``), and export adds ``_assert_tensor_metadata`` checks of both. The rule:
+
+    * every ``_assert_tensor_metadata`` node is dropped (it asserts the capture's dtype/device);
+    * every ``torch.device`` argument equal to the device of the graph's weights (or ``meta``) is
+      replaced by ``getattr(W, "device")``, one helper node at the top of the graph reading a
+      weight W (the first floating parameter, else any tensor attribute; a graph with none is
+      left as it is): factory ops (``arange``, ``zeros``, ``full``, ``scalar_tensor`` ...),
+      ``to(device=...)``, ``_to_copy``;
+    * a ``torch.dtype`` argument equal to the dtype of W (the capture's default dtype) is
+      replaced by ``getattr(W, "dtype")`` unless the source line of the op (the node's
+      ``stack_trace``, narrowed to the expression dynamo's ``^^^`` marks) spells that dtype
+      literally (``torch.float32``, ``torch.float``, ``.float()``, ``bfloat16``, ``.half()`` ...).
+      So RMSNorm's ``x.to(torch.float32)`` upcast stays float32 and its ``x.to(input_dtype)``
+      follows the weights. A node with no stack trace (symbolic_trace graphs, where a dtype in the
+      graph was written in the code) keeps its dtype;
+    * tensors the graph reads that are plain attributes (export's lifted constants,
+      ``lifted_tensor_0``) come out of prune's copy as non-persistent buffers, so ``.to()`` moves
+      (and, if floating, casts) them like every other buffer.
+
+# NB: a restated dtype on a line that also spells it for another operand (``a.to(x.dtype) *
+b.float()`` in export's whole-line traces) is taken as literal (the graph keeps float32 there);
+scalars computed from a dtype at capture (``torch.finfo(torch.float32).min``) stay the numbers the
+capture evaluated; a device the code names literally and that equals the weights' follows them.
+
 Internals:
     * Keep masks come from the labels of ``find_zigs``: index i of an axis is kept unless its
       class is removed. Every value's new shape is therefore known before the rewrite runs.
@@ -16,10 +43,13 @@ Internals:
       second dense copy. Unchanged tensors are copied too (no aliasing of the user's model).
     * Tied tensors (one Parameter under several names) are sliced once and re-assigned under
       every name, so they stay tied.
+    * Index tensors (kept positions) are moved to each weight's device before slicing: a model on
+      CUDA is sliced on CUDA; analysis and plans stay on the CPU (meta shapes, numpy masks).
 """
 from __future__ import annotations
 
 import copy
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -53,8 +83,8 @@ def row_norms(zigset: ZigSet, module: torch.nn.Module) -> list:
             acc = torch.zeros(z.rows, dtype=torch.float64)
             for name, dim, index in z.params:
                 p = get_path(module, name).detach()
-                sl = p.movedim(dim, 0)[index.reshape(-1)].to(torch.float64)
-                acc += sl.reshape(z.rows, -1).pow(2).sum(1)
+                sl = p.movedim(dim, 0).index_select(0, index.reshape(-1).to(p.device)).to(torch.float64)
+                acc += sl.reshape(z.rows, -1).pow(2).sum(1).cpu()
             out.append(acc)
     return out
 
@@ -215,7 +245,15 @@ def _fill_tensors(new: fx.GraphModule, originals: dict, plan: Plan) -> None:
         aliases.setdefault(id(t), []).append(name)
     with torch.no_grad():
         for key, names in aliases.items():
-            old = originals[key]
+            old = originals.get(key)
+            if old is None:
+                # NB: GraphModule's deepcopy registers a plain tensor attribute that the graph reads
+                # (export's lifted constants) as a buffer: already a copy, never sliced; it moves
+                # with .to() as a buffer, and stays out of the state_dict as it was
+                for alias in names:
+                    mod_name, _, attr = alias.rpartition(".")
+                    (new.get_submodule(mod_name) if mod_name else new)._non_persistent_buffers_set.add(attr)
+                continue
             data = old.detach()
             steps = next((cuts[n] for n in names if n in cuts), ())
             for dim, idx in steps:
@@ -253,6 +291,104 @@ def prune(gm: fx.GraphModule, plan: Plan) -> fx.GraphModule:
             continue
         kw = bind(form, node, node.args, node.kwargs, module)
         fix(site, **kw)
+    follow_placement(new)
     new.graph.lint()
     # a plain GraphModule (code generated now), whatever kind of module the front-end gave
     return fx.GraphModule(new, new.graph, type(gm).__name__.replace("GraphModuleImpl", "GraphModule"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Placement: the pruned graph follows .to(device) and .to(dtype) (module docstring: "Placement")
+# ---------------------------------------------------------------------------------------------
+
+_aten = torch.ops.aten
+# how code spells each dtype literally (the source line of a cast or factory op)
+_LITERAL = {
+    torch.float32: re.compile(r"float32|torch\.float\b|\.float\(\)"),
+    torch.float64: re.compile(r"float64|torch\.double\b|\.double\(\)"),
+    torch.float16: re.compile(r"(?<!b)float16|torch\.half\b|\.half\(\)"),
+    torch.bfloat16: re.compile(r"bfloat16"),
+}
+
+
+def _source_line(node: fx.Node) -> str | None:
+    """The innermost source of ``node``: its ``stack_trace``'s last code line, narrowed to the
+    expression its ``^^^^`` marker line (dynamo's traces) points at; None when there is none."""
+    lines = (node.meta.get("stack_trace") or "").splitlines()
+    files = [i for i, ln in enumerate(lines) if ln.lstrip().startswith('File "')]
+    if not files or files[-1] + 1 >= len(lines):
+        return None
+    code = lines[files[-1] + 1]
+    marks = lines[files[-1] + 2] if files[-1] + 2 < len(lines) else ""
+    if marks.strip() and set(marks.strip()) <= set("^~"):
+        start = len(marks) - len(marks.lstrip())
+        span = code[start:len(marks.rstrip())]
+        if span.strip():
+            return span.strip()
+    return code.strip() or None
+
+
+def _literal_dtype(node: fx.Node, dtype: torch.dtype) -> bool:
+    """Whether ``dtype`` in ``node``'s arguments was written in the code (True when unknown)."""
+    line = _source_line(node)
+    if line is None:
+        return True
+    pattern = _LITERAL.get(dtype)
+    return pattern is None or bool(pattern.search(line))
+
+
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    return a.type == b.type and (a.index is None or b.index is None or a.index == b.index)
+
+
+def follow_placement(gm: fx.GraphModule) -> bool:
+    """Rewrite ``gm`` in place so that it follows ``.to(device)``/``.to(dtype)`` (see "Placement"
+    in the module docstring); returns whether anything changed (the caller recompiles)."""
+    graph = gm.graph
+    changed = False
+    tensors = {}
+    for n in list(graph.nodes):
+        if n.op == "call_function" and n.target is _aten._assert_tensor_metadata.default and not n.users:
+            graph.erase_node(n)
+            changed = True
+        elif n.op == "get_attr":
+            try:
+                t = get_path(gm, n.target)
+            except AttributeError:
+                continue
+            if isinstance(t, torch.Tensor):
+                tensors[n] = t
+    if not tensors:
+        return changed
+    floats = [n for n, t in tensors.items() if t.is_floating_point()]
+    params = [n for n in floats if isinstance(tensors[n], torch.nn.Parameter)]
+    ref = (params or floats or list(tensors))[0]
+    device, dtype = tensors[ref].device, tensors[ref].dtype if floats else None
+    helpers: dict = {}
+    first = next(n for n in graph.nodes if n.op != "placeholder")
+
+    def helper(what: str) -> fx.Node:
+        # NB: read at the top of the graph (a get_attr of symbolic_trace sits at its first use)
+        if what not in helpers:
+            with graph.inserting_before(first):
+                if "weight" not in helpers:
+                    helpers["weight"] = graph.get_attr(ref.target)
+                helpers[what] = graph.call_function(getattr, (helpers["weight"], what))
+        return helpers[what]
+
+    for n in list(graph.nodes):
+        if n.op not in ("call_function", "call_method") or n in helpers.values():
+            continue
+
+        def swap(a, n=n):
+            if isinstance(a, torch.device) and (a.type == "meta" or _same_device(a, device)):
+                return helper("device")
+            if isinstance(a, torch.dtype) and a == dtype and not _literal_dtype(n, a):
+                return helper("dtype")
+            return a
+
+        args, kwargs = fx.node.map_aggregate(n.args, swap), fx.node.map_aggregate(n.kwargs, swap)
+        if args != n.args or kwargs != n.kwargs:
+            n.args, n.kwargs = tuple(args), dict(kwargs)
+            changed = True
+    return changed

@@ -214,7 +214,7 @@ def multihead_attention(m: nn.MultiheadAttention, change: Change):
     kept = _kept_heads(change, name, m.embed_dim, m.num_heads)
     if w.shape[1] == m.embed_dim and m.out_proj.weight.shape[0] == m.embed_dim and len(kept) == m.num_heads:
         return None
-    return PrunedMultiheadAttention(m, len(kept), m.head_dim, torch.from_numpy(kept), m.num_heads)
+    return PrunedMultiheadAttention(m, len(kept), m.head_dim, torch.from_numpy(kept).to(w.device), m.num_heads)
 
 
 @resizer(PrunedMultiheadAttention)

@@ -112,7 +112,8 @@ def _mha_fix(site, query, **_):
     widths_same = (w.shape[1] == m.embed_dim and m.out_proj.weight.shape[0] == m.embed_dim and keep.all())
     if widths_same:
         return
-    new = PrunedMultiheadAttention(m, int(keep.sum()), m.head_dim, torch.from_numpy(np.nonzero(keep)[0]), m.num_heads)
+    new = PrunedMultiheadAttention(m, int(keep.sum()), m.head_dim, torch.from_numpy(np.nonzero(keep)[0]).to(w.device),
+                                   m.num_heads)
     parent, _, attr = site.node.target.rpartition(".")
     setattr(site.root.get_submodule(parent) if parent else site.root, attr, new)
 
