@@ -18,7 +18,7 @@ The first lines give the machine: device, torch/triton versions, the host load a
 ceilings measured in the same run (device-to-device copy bandwidth, a bf16 matrix product's rate).
 
 Internals:
-    * each function gets only the keyword arguments its signature names (``device``, ``batch``);
+    * each function gets only the keyword arguments its signature names (``device``, ``batch``, ``runs``);
     * # NB: rows are printed as they come, so a section killed at the command's time limit still
       leaves the earlier tables in the log.
 """
@@ -83,14 +83,14 @@ def ceilings(device: str) -> dict:
     return {"copy TB/s": round(2 * (1 << 30) / t_copy / 1e12, 2), "bf16 matmul TFLOP/s": round(2 * 8192 ** 3 / t_mm / 1e12)}
 
 
-def run_section(name: str, device: str, batch: int | None) -> list[list[dict]]:
+def run_section(name: str, device: str, batch: int | None, runs: int | None = None) -> list[list[dict]]:
     script, functions = SECTIONS[name]
     module = importlib.import_module(script)
     tables = []
     for f in functions:
         fn = getattr(module, f)
         params = inspect.signature(fn).parameters
-        kwargs = {"device": device, "batch": batch}
+        kwargs = {"device": device, "batch": batch, "runs": runs}
         tables.append(list(fn(**{k: v for k, v in kwargs.items() if k in params and v is not None})))
     return tables
 
@@ -99,6 +99,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--batch", type=int, default=None, help="batch for the latency/compile sections (theirs by default)")
+    ap.add_argument("--runs", type=int, default=None, help="timed calls per model in the latency section (its default otherwise)")
     ap.add_argument("--only", default=",".join(SECTIONS), help="comma-separated sections: " + ", ".join(SECTIONS))
     ap.add_argument("--out", default=None, help="folder for gpu.json and gpu.md")
     args = ap.parse_args(argv)
@@ -114,7 +115,7 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         print(f"\n## {name}", flush=True)
         try:
-            tables = run_section(name, args.device, args.batch)
+            tables = run_section(name, args.device, args.batch, args.runs)
         except Exception:  # noqa: BLE001  (one broken section must not cost the others their lease time)
             traceback.print_exc()
             failed.append(name)

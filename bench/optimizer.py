@@ -127,7 +127,7 @@ _DHSPG_HP = dict(lr=0.01, lmbda=1e-3, epsilon=0.0, target_group_sparsity=0.9)
 
 def _analysed(name: str):
     model = build(name)
-    oto = otofx.OTO(model, example_input(name, 64))
+    oto = otofx.OTO(model, example_input(name, 224 if name.startswith(("vit_", "swin_")) else 64))
     return model, oto
 
 
