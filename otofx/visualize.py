@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 import torch.fx as fx
 
 from otofx.errors import OTOError
@@ -119,10 +120,19 @@ def _param_nodes(gm: fx.GraphModule, oto) -> set:
                     out.add(n.name)
             except AttributeError:
                 pass
-        elif n.op == "call_function" and any(a.op == "get_attr" or (a.op == "placeholder" and a.name in names)
+        elif n.op == "call_function" and any(_is_weight(gm, a) or (a.op == "placeholder" and a.name in names)
                                              for a in n.all_input_nodes):
             out.add(n.name)
     return out
+
+
+def _is_weight(gm: fx.GraphModule, a: fx.Node) -> bool:
+    if a.op != "get_attr":
+        return False
+    obj = gm
+    for part in str(a.target).split("."):
+        obj = getattr(obj, part, None)
+    return isinstance(obj, torch.Tensor) and obj.ndim >= 1
 
 
 def _kept(oto) -> list | None:
@@ -133,7 +143,40 @@ def _kept(oto) -> list | None:
         return None
 
 
-def to_dot(oto, *, compact: bool = True, depth: int = 3, rows: bool = True, title: str | None = None) -> str:
+def _collapse(nodes, drawn, infos) -> dict:
+    """node name -> block node name, for the drawn nodes of every block that repeats an earlier sibling
+    (and block node name -> the sibling it repeats).
+
+    A block is a module whose last path component is a number (``layer1.2``, ``encoder.layer.7``); it
+    repeats its sibling when the ops of its drawn nodes, in order, are the same.
+    """
+    blocks: dict = {}
+    for n in nodes:
+        if n.name not in drawn:
+            continue
+        parts = infos[n.name].module.split(".")
+        for k in range(len(parts), 0, -1):
+            if parts[k - 1].isdigit():
+                blocks.setdefault(".".join(parts[:k]), []).append(n)
+                break
+    first: dict = {}
+    out, twins = {}, {}
+    for path, members in blocks.items():
+        parent = path.rpartition(".")[0]
+        sig = tuple((n.op, str(n.target).removeprefix(path + ".") if n.op == "call_module" else str(n.target))
+                    for n in members)
+        key = (parent, sig)
+        if key not in first:
+            first[key] = path
+            continue
+        twins[f"block:{path}"] = first[key]
+        for n in members:
+            out[n.name] = f"block:{path}"
+    return out, twins
+
+
+def to_dot(oto, *, compact: bool = True, depth: int = 3, rows: bool = True, collapse: bool = True,
+           title: str | None = None) -> str:
     """The DOT source of the picture (see the module docstring)."""
     gm = oto.graph_module
     infos = {i.name: i for i in node_infos(oto)}
@@ -149,18 +192,22 @@ def to_dot(oto, *, compact: bool = True, depth: int = 3, rows: bool = True, titl
                 not n.name.startswith(("p_", "b_", "c_"))
         if n.op == "output" or not compact:
             return True
-        tensor_inputs = [a for a in n.all_input_nodes if a.op != "get_attr"]
+        tensor_inputs = [a for a in n.all_input_nodes if a.op != "get_attr" and infos[a.name].shape is not None]
         return n.name in params or infos[n.name].pin is not None or len(tensor_inputs) >= 2
-    drawn = {n.name for n in nodes if keep(n)}
+    drawn = {n.name for n in nodes if keep(n) and (n.op != "call_function" or infos[n.name].shape is not None
+                                                  or infos[n.name].pin is not None)}
+    # repeated blocks (encoder.layer.3 like encoder.layer.0, layer1.2 like layer1.1): one node each
+    merged, twins = _collapse(nodes, drawn, infos) if collapse else ({}, {})
     # edges, contracting the nodes not drawn
     src_of = {}
     edges = set()
     for n in nodes:
         srcs = set()
         for a in n.all_input_nodes:
-            srcs |= {a.name} if a.name in drawn else src_of.get(a.name, set())
+            srcs |= {merged.get(a.name, a.name)} if a.name in drawn else src_of.get(a.name, set())
         if n.name in drawn:
-            edges |= {(s, n.name) for s in srcs}
+            me = merged.get(n.name, n.name)
+            edges |= {(s, me) for s in srcs if s != me}
         else:
             src_of[n.name] = srcs
     groups = oto.groups
@@ -170,7 +217,31 @@ def to_dot(oto, *, compact: bool = True, depth: int = 3, rows: bool = True, titl
     if title:
         lines.append(f'  label="{_esc(title)}"; labelloc=t;')
 
+    def block_line(name: str) -> str:
+        members = [infos[m] for m in blocks[name]]
+        path = name.removeprefix("block:")
+        gs = sorted({g for i in members for g in i.groups})
+        pins = sorted({i.pin for i in members if i.pin})
+        twin = twins[name]
+        text = [f"{path}", f"(as {twin}: {len(members)} nodes)"]
+        if gs:
+            text.append(", ".join(f"g{k}" + (f" {groups[k].rows - zero[k]}/{groups[k].rows}" if zero else "")
+                                  for k in gs[:4]) + (f" +{len(gs) - 4}" if len(gs) > 4 else ""))
+        attrs = ['color="#333333"', 'penwidth=2']
+        if gs:
+            cols = [_hex(k) for k in gs[:4]]
+            attrs.append('style="striped"' if len(cols) > 1 else 'style="filled"')
+            attrs.append('fillcolor="' + ":".join(cols) + '"')
+        if pins:
+            text.append("pinned: " + "; ".join(pins))
+            attrs += [f'color="{_PINNED_COLOR}"', "penwidth=2"]
+        attrs.append(f'tooltip="{_esc(path + " groups=" + str(gs))}"')
+        label = "\\n".join(_esc(t) for t in text)
+        return f'"{_esc(name)}" [label="{label}", {", ".join(attrs)}];'
+
     def node_line(name: str) -> str:
+        if name.startswith("block:"):
+            return block_line(name)
         i = infos[name]
         text = [name]
         if i.groups:
@@ -180,11 +251,11 @@ def to_dot(oto, *, compact: bool = True, depth: int = 3, rows: bool = True, titl
             text.append(desc + (f" +{len(g) - 3}" if len(g) > 3 else ""))
         attrs = []
         if i.groups:
-            cols = [_color(k) for k in i.groups[:4]]
+            cols = [_hex(k) for k in i.groups[:4]]
             if len(cols) == 1:
                 attrs.append(f'fillcolor="{cols[0]}"')
             else:
-                attrs.append('style="filled,striped"')
+                attrs.append('style="striped"')
                 attrs.append('fillcolor="' + ":".join(cols) + '"')
         if i.pin:
             text.append(f"pinned: {i.pin}")
@@ -198,10 +269,21 @@ def to_dot(oto, *, compact: bool = True, depth: int = 3, rows: bool = True, titl
 
     # nested clusters by module path
     tree: dict = {}
+    blocks: dict = {}
     for n in nodes:
-        if n.name not in drawn:
+        if n.name in merged:
+            blocks.setdefault(merged[n.name], []).append(n.name)
+    for n in nodes:
+        if n.name not in drawn or (n.name in merged and blocks[merged[n.name]][0] != n.name):
             continue
         parts = infos[n.name].module.split(".") if infos[n.name].module else []
+        if n.name in merged:
+            parts = merged[n.name].removeprefix("block:").split(".")[:-1]
+            node = tree
+            for p in parts[:depth]:
+                node = node.setdefault(p, {})
+            node.setdefault("", []).append(merged[n.name])
+            continue
         if n.op == "call_module":
             parts = parts[:-1]  # the module itself is the node
         node = tree
@@ -284,14 +366,15 @@ def render_svg(dot: str) -> str:
                              "graphviz, brew install graphviz), or write a .dot file instead") from None
 
 
-def visualize(oto, path, *, compact: bool = True, depth: int = 3, rows: bool = True, title: str | None = None) -> Path:
+def visualize(oto, path, *, compact: bool = True, depth: int = 3, rows: bool = True, collapse: bool = True,
+              title: str | None = None) -> Path:
     """Write the picture of ``oto``'s groups to ``path`` (.svg, .html or .dot); returns the path."""
     path = Path(path)
     kind = path.suffix.lower()
     if kind not in (".svg", ".html", ".htm", ".dot", ".gv"):
         raise VisualizeError(f"visualize({str(path)!r}): the file must end in .svg, .html or .dot")
     title = title if title is not None else f"{type(oto.model).__name__}: zero-invariant groups"
-    dot = to_dot(oto, compact=compact, depth=depth, rows=rows, title=title)
+    dot = to_dot(oto, compact=compact, depth=depth, rows=rows, collapse=collapse, title=title)
     if kind in (".dot", ".gv"):
         text = dot
     else:
