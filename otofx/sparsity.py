@@ -25,7 +25,13 @@ of projection (``start_pruning_steps + warm_up_steps``), P the budget ``pruning_
    ``m <- clip(m * exp(gain * (S_t - Z) / T), 1, max_boost)`` with ``S_t = T * min(1, (t - t_s + 1) / P)``
    the scheduled zero rows and ``gain = 20 / P``: it rises while behind schedule and falls back to
    1 once on it.
-4. **Stop.** At Z = T the mask is empty: penalty and projection stop; zero rows stay zero
+4. **Overdue rows.** When the zero rows lag the schedule by more than the tolerance
+   (``ceil(S_t) - Z > ceil(tolerance * N)``), or by any row once the budget is spent, the mask is the
+   ``ceil(S_t) - Z`` live redundant rows with the smallest norm and epsilon is replaced by 1e30 for the
+   step: they are projected (they are near zero by then). NB: the rule's upper bound on lambda
+   (``||d|| / |cos(x, d)|`` when ``x.d < 0``) goes to zero with the gradient, so a row the loss has
+   abandoned (a dead ReLU unit) can otherwise sit just above zero for ever.
+5. **Stop.** At Z = T the mask is empty: penalty and projection stop; zero rows stay zero
    (``fixed_zero_groups``) and training goes on as the base optimizer.
 
 Budget: ``pruning_steps`` (DHSPG's argument). When None, it is taken from a learning-rate scheduler
@@ -255,8 +261,10 @@ class SparsityControl:
                        self.target_rows / self.n, z, self.target_rows)
         elif self.scheduled_rows(at) - z > self.tol_rows:
             self._warn("behind", "DHSPG: behind schedule at step %d: group sparsity %.3f, scheduled %.3f, target %.3f "
-                       "(by step %d); lambda is being raised. opt.status() tells where it stands", at, z / self.n,
-                       self.scheduled_rows(at) / self.n, self.target_rows / self.n, end)
+                       "(by step %d): the group lasso alone is not keeping up, so lambda is raised and the overdue "
+                       "rows closest to zero are projected. A larger lmbda or pruning_steps gives a gentler path; "
+                       "opt.status() tells where it stands", at, z / self.n, self.scheduled_rows(at) / self.n,
+                       self.target_rows / self.n, end)
 
     def state(self) -> dict:
         return {"m": float(self.m), "budget": self.budget, "start": self.start}
