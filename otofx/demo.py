@@ -278,7 +278,7 @@ class DemoConfig:
     lmbda: float | None = None          # group-lasso strength (None: the optimizer's default)
     lmbda_amplify: float | None = None  # adaptive-lambda knobs (None: the optimizer's defaults)
     hat_lmbda_coeff: float | None = None
-    pruning_fraction: float | None = 0.15  # DHSPG's pruning_steps as a share of the budget (None: it picks)
+    pruning_fraction: float | None = 0.3  # DHSPG's pruning_steps as a share of the budget (None: it picks)
     tolerance_group_sparsity: float | None = None  # extra rows in the redundant set (None: the optimizer's 0.05)
     start_pruning_epochs: float = 0.0   # plain training before the partition
     warm_up_epochs: float = 0.0         # after it: group-lasso penalty only, no projection yet
