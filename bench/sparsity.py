@@ -35,7 +35,6 @@ Internals:
 from __future__ import annotations
 
 import argparse
-import copy
 import logging
 import math
 import os
