@@ -218,7 +218,7 @@ def gpu_rows(device="cuda", models=GPU_MODELS, steps: int = 20) -> list[dict]:
             rows.append(dict(model=name, optimizer=label, ms=ms[label], baseline=base))
             del opt
         if dev.type == "cuda":
-            opt = _make("dhspg", "sgd", _with_grads(model, dev), oto, capturable=True)
+            opt = _make("dhspg", "sgd", _with_grads(model, dev), oto, capturable=True, control=False)
             rows.append(dict(model=name, optimizer="DHSPG sgd pruning, CUDA graph",
                              ms=_median_ms(_graphed(opt, dev), dev, steps), baseline="SGD fused"))
             del opt

@@ -48,6 +48,10 @@ class DHSPGConfig:
     target_rows: int  # penalty and projection act while fewer rows than this are zero
     warm_up: bool  # penalty with lambda = lmbda, no projection
     fixed_zero: bool  # zero rows stay zero
+    # otofx.sparsity's control, as 0-d device tensors (no host sync): a factor on lmbda, and an
+    # epsilon that replaces ``epsilon`` (None: not used)
+    lmbda_scale: "torch.Tensor | None" = None
+    epsilon_t: "torch.Tensor | None" = None
 
 
 @dataclass(frozen=True)
@@ -181,19 +185,21 @@ def dhspg_rows(stats: RowStats, redundant: torch.Tensor, cfg: DHSPGConfig):
     active = zero_count < cfg.target_rows
     safe = torch.where(zero, torch.ones_like(norm), norm)
     in_r = redundant & ~zero & active
-    lam = torch.full_like(xx, cfg.lmbda)
+    lmbda = cfg.lmbda if cfg.lmbda_scale is None else cfg.lmbda * cfg.lmbda_scale.to(xx.dtype)
+    lam = torch.full_like(xx, cfg.lmbda) if cfg.lmbda_scale is None else lmbda.expand_as(xx)
     if not cfg.warm_up:
         neg = xd < 0
         lb = -xd / safe
         ub = -dd * norm / torch.where(neg, xd, -torch.ones_like(xd))
-        ad = (cfg.lmbda_amplify * lb).clamp(cfg.lmbda, cfg.lmbda * cfg.hat_lmbda_coeff)
+        ad = (cfg.lmbda_amplify * lb).clamp(lmbda, lmbda * cfg.hat_lmbda_coeff)
         ad = torch.where(ad >= ub, (lb + ub) / 2, ad)
         lam = torch.where(neg, ad, lam)
     coef = torch.where(in_r, lam / safe, torch.zeros_like(xx))
     if cfg.warm_up:
         proj = torch.zeros_like(zero)
     else:
-        proj = in_r & ((xx - cfg.lr * xd) - (cfg.lr * lam) * norm < cfg.epsilon * xx)
+        eps = cfg.epsilon if cfg.epsilon_t is None else cfg.epsilon_t.to(xx.dtype)
+        proj = in_r & ((xx - cfg.lr * xd) - (cfg.lr * lam) * norm < eps * xx)
     drop = proj | (zero & cfg.fixed_zero)
     scale = torch.where(drop, torch.zeros_like(xx), torch.ones_like(xx))
     return coef, scale, zero_count

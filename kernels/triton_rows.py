@@ -238,6 +238,10 @@ def dhspg_step(layout: RowLayout, xs, ds, redundant: torch.Tensor, cfg: DHSPGCon
     rowvals = _rowvals(layout, acc)
     count = torch.zeros(1, dtype=torch.int32, device=layout.device)
     hp = _hp(layout, acc, cfg.lr, cfg.lmbda, cfg.lmbda_amplify, cfg.hat_lmbda_coeff, cfg.epsilon)
+    if cfg.lmbda_scale is not None:  # otofx.sparsity's control: device values, no host sync
+        hp[1:2].mul_(cfg.lmbda_scale.to(acc))
+    if cfg.epsilon_t is not None:
+        hp[4:5].copy_(cfg.epsilon_t)
     if layout.n_rows:
         _dhspg_rows_kernel[(layout.n_rows,)](
             xt, dt, layout.seg_ptr, layout.segs, _redundant8(layout, redundant), rowvals, count, hp,

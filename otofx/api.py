@@ -27,6 +27,7 @@ Internals:
 from __future__ import annotations
 
 import logging
+import weakref
 
 import torch
 import torch.fx as fx
@@ -136,6 +137,7 @@ class OTO:
         self._args, self._kwargs = self.state.args, self.state.kwargs
         self.graph_module: fx.GraphModule = self.state.gm
         self.zigset: ZigSet = self.state.zigset
+        self._optimizers = []  # weak references to the DHSPG optimizers made by self.dhspg()
 
     # -- analysis results -----------------------------------------------------------------------
     @property
@@ -151,6 +153,13 @@ class OTO:
         from otofx.report import report
 
         return report(self, blocks=blocks)
+
+    def visualize(self, path, **kw):
+        """Draw the captured graph with every group in its own colour, pinned nodes marked with the
+        reason and each group's zero rows (:func:`otofx.visualize.visualize`: .svg, .html or .dot)."""
+        from otofx.visualize import visualize
+
+        return visualize(self, path, **kw)
 
     def row_norms(self) -> list:
         _need_weights(self.model, "OTO.row_norms()")
@@ -198,6 +207,7 @@ class OTO:
                              "drop form='module' or the passes")
         _check_params(self.model)
         _need_weights(self.model, "OTO.compress()", (self._args, self._kwargs) if verify else ())
+        self._warn_below_target()
         if form != "graph" and not passes:
             try:
                 return self._compress_module(verify or form == "auto", plan, rtol=1e-4 if verify else float("inf"))
@@ -207,6 +217,20 @@ class OTO:
                 log.warning("otofx: compress() returns a torch.fx GraphModule, not a %s: %s",
                             type(self.model).__name__, e)
         return self._compress_graph(verify, plan, passes)
+
+    def _warn_below_target(self) -> None:
+        """A warning when a DHSPG optimizer made by ``self.dhspg()`` is below its target (issue: a
+        run that stalled used to give the dense model back without a word)."""
+        for ref in self._optimizers:
+            opt = ref()
+            if opt is None or not opt.n_rows:
+                continue
+            st = opt.status()
+            if not st.reached:
+                log.warning("otofx: compress() at group sparsity %.3f, below the DHSPG target %.3f (%d of %d rows "
+                            "zero%s): the model is less compressed than asked. See DHSPG.status() and the README's "
+                            "'Sparsity you can dial'", st.group_sparsity, st.target_group_sparsity, st.zero_rows,
+                            st.n_rows, "; it is the dense model" if st.zero_rows == 0 else "")
 
     def _compress_graph(self, verify: bool, plan: Plan | None, passes) -> fx.GraphModule:
         gm = self._sync()
@@ -266,11 +290,14 @@ class OTO:
         """A :class:`otofx.optim.DHSPG` over ``self.model``'s parameters with the rows of ``self.groups``.
 
         Keyword arguments are DHSPG's hyper-parameters (OTO.md section 2), e.g. ``lr``, ``variant``,
-        ``target_group_sparsity``, ``start_pruning_steps``.
+        ``target_group_sparsity``, ``start_pruning_steps``, ``pruning_steps``. ``compress()`` warns
+        when the optimizer is below its target.
         """
         from otofx.optim import DHSPG
 
-        return DHSPG(self.model.named_parameters(), self.groups, model=self.model, **kw)
+        opt = DHSPG(self.model.named_parameters(), self.groups, model=self.model, **kw)
+        self._optimizers = [r for r in self._optimizers if r() is not None] + [weakref.ref(opt)]
+        return opt
 
     def hesso(self, **kw):
         """A :class:`otofx.optim.HESSO` over ``self.model``'s parameters (``pruning_steps`` is required)."""

@@ -74,6 +74,8 @@ def _analyze(args) -> int:
     dt = time.perf_counter() - t0
     print(oto.report())
     print(f"\nanalysis took {dt:.3f} s")
+    if args.svg:
+        print(f"groups drawn in {oto.visualize(args.svg)}")
     return 0
 
 
@@ -183,6 +185,8 @@ def main(argv=None) -> int:
     a.add_argument("--dtype", default="float32", choices=sorted(_DTYPES))
     a.add_argument("--vocab", type=int, default=100, help="upper bound for integer inputs")
     a.add_argument("--pin", action="append", default=[], help="module or parameter name to keep whole (repeatable)")
+    a.add_argument("--svg", metavar="FILE", help="draw the graph with its groups to FILE (.svg, .html or .dot; "
+                                                 "needs Graphviz: pip install 'otofx[viz]')")
     a.add_argument("-v", "--verbose", action="store_true")
     a.set_defaults(fn=_analyze)
     r = sub.add_parser("rules", help="list the operator rules and their channel algebra")

@@ -559,6 +559,11 @@ class DHSPG(_RowOptimizer):
     ``params``: ``model.named_parameters()`` (or param-group dicts of named parameters); ``groups``:
     ``oto.groups`` (ZIGs, or ``(rows, params)`` tuples of the same contract). Hyper-parameters left
     None take OTO.md's defaults for ``variant``. ``backend``: kernel backend (see otofx.kernels).
+
+    ``control`` (default True): :mod:`otofx.sparsity` sets the rule's strength and stopping so that
+    the group sparsity rises to ``target_group_sparsity`` over ``pruning_steps`` steps (None: picked
+    and logged) and never passes it; ``status()`` says where it stands. ``control=False`` is OTO.md's
+    rule alone.
     """
 
     _kind = "dhspg"
@@ -568,8 +573,8 @@ class DHSPG(_RowOptimizer):
                  lmbda=None, lmbda_amplify=None, hat_lmbda_coeff=None, epsilon: float = 0.0,
                  target_group_sparsity: float = 0.5, tolerance_group_sparsity: float = 0.05,
                  start_pruning_steps: int = 0, warm_up_steps: int = 0, group_divisible: int = 1,
-                 fixed_zero_groups: bool = True, model=None, backend=None, check_finite=True,
-                 capturable: bool = False):
+                 fixed_zero_groups: bool = True, pruning_steps: int | None = None, control: bool = True,
+                 model=None, backend=None, check_finite=True, capturable: bool = False):
         if variant not in VARIANTS:
             raise OptimizerError(f"variant={variant!r} is not supported: use one of {VARIANTS}")
         lam = dict(_LAMBDA_DEFAULTS[variant])
@@ -585,6 +590,9 @@ class DHSPG(_RowOptimizer):
             raise OptimizerError(f"group_divisible={group_divisible!r} must be an integer >= 1")
         if start_pruning_steps < 0 or warm_up_steps < 0:
             raise OptimizerError("start_pruning_steps and warm_up_steps must be >= 0")
+        if pruning_steps is not None and (int(pruning_steps) != pruning_steps or pruning_steps < 1):
+            raise OptimizerError(f"pruning_steps={pruning_steps!r} must be an integer >= 1 (the steps over which the "
+                                 "sparsity rises to its target), or None to pick one")
         if not 0.0 <= epsilon < 1.0:
             # NB: epsilon >= 1 would project every redundant row at once, a negative one never
             raise OptimizerError(f"epsilon={epsilon!r} must be in [0, 1): it is the share of a row a step may "
@@ -597,7 +605,10 @@ class DHSPG(_RowOptimizer):
         self.warm_up_steps = int(warm_up_steps)
         self.group_divisible = int(group_divisible)
         self.fixed_zero_groups = bool(fixed_zero_groups)
+        self.pruning_steps = None if pruning_steps is None else int(pruning_steps)
+        self.control = bool(control)
         self._redundant = None
+        self._control = None  # otofx.sparsity.SparsityControl, built at the partition
         super().__init__(params, groups, variant=variant, lr=lr, model=model, backend=backend, check_finite=check_finite,
                          capturable=capturable,
                          base=dict(first_momentum=first_momentum, second_momentum=second_momentum,
@@ -658,6 +669,11 @@ class DHSPG(_RowOptimizer):
     def _uncapturable(self) -> str | None:
         if self._t < self.start_pruning_steps + self.warm_up_steps:
             return "it is before the end of start_pruning_steps + warm_up_steps (a replay would not move on)"
+        if self.control:
+            # NB: the controller's schedule (rows due by step t) is read from the host step counter,
+            # which a replay would not advance
+            return ("the sparsity controller (control=True) sets its schedule from the host's step counter: "
+                    "build the optimizer with control=False to capture its steps")
         return None
 
     def _fuse_momentum(self) -> bool:
@@ -668,19 +684,43 @@ class DHSPG(_RowOptimizer):
         t = self._t
         if self._redundant is None:  # an event step: the gradients are known to be finite
             self._redundant = self._partition(kernels.row_stats(self.layout, xs, ds))
+        warm = t < self.start_pruning_steps + self.warm_up_steps
+        # -- sparsity control (otofx/sparsity.py): which rows to act on, and lambda's scale --------
+        mask, scale, eps = self._redundant, None, None
+        if self.control and not warm:
+            mask, scale, eps = self._controller().decide(t, xs, lr, self._redundant)
+        # -------------------------------------------------------------------------------------------
         cfg = kernels.DHSPGConfig(lr=lr, lmbda=self.lmbda, lmbda_amplify=self.lmbda_amplify,
                                   hat_lmbda_coeff=self.hat_lmbda_coeff, epsilon=self.epsilon,
                                   target_rows=self._target_rows(self.target_group_sparsity),
-                                  warm_up=t < self.start_pruning_steps + self.warm_up_steps,
-                                  fixed_zero=self.fixed_zero_groups)
-        kernels.dhspg_step(self.layout, xs, ds, self._redundant, cfg, backend=self.backend, momentum=momentum,
-                           skip=skip)
+                                  warm_up=warm, fixed_zero=self.fixed_zero_groups, lmbda_scale=scale,
+                                  epsilon_t=eps)
+        kernels.dhspg_step(self.layout, xs, ds, mask, cfg, backend=self.backend, momentum=momentum, skip=skip)
+
+    def _controller(self, budget=None):
+        if self._control is None:
+            from otofx.sparsity import SparsityControl
+
+            self._control = SparsityControl(self, self._redundant, self.start_pruning_steps + self.warm_up_steps,
+                                            self.pruning_steps if budget is None else budget)
+        return self._control
+
+    def status(self):
+        """An :class:`otofx.sparsity.SparsityStatus`: group sparsity against the target and the schedule
+        (reads device values: call it between steps, not inside a captured region)."""
+        from otofx.sparsity import status
+
+        return status(self)
 
     def _extra_state(self) -> dict:
-        return {"redundant": None if self._redundant is None else self._redundant.cpu().clone()}
+        return {"redundant": None if self._redundant is None else self._redundant.cpu().clone(),
+                "control": None if self._control is None else self._control.state()}
 
     def _load_extra_state(self, extra: dict) -> None:
         self._redundant = self._mask(extra.get("redundant"))
+        self._control = None
+        if extra.get("control") is not None:
+            self._controller(extra["control"]["budget"]).load(extra["control"])
 
 
 class HESSO(_RowOptimizer):

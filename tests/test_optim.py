@@ -172,7 +172,7 @@ def test_fused_step_equals_per_row_oracle(case, backend):
     params, groups = _toy()
     oracle = Oracle(params, groups, hp)
     ps = {n: nn.Parameter(t.clone()) for n, t in params.items()}
-    opt = DHSPG(list(ps.items()), groups, backend=backend,
+    opt = DHSPG(list(ps.items()), groups, backend=backend, control=False,  # OTO.md's rule alone
                 **{k: v for k, v in hp.items()})
     g = torch.Generator().manual_seed(1)
     sparsities, fixed_zero_seen = [], False
@@ -310,7 +310,7 @@ def test_dhspg_reaches_target_then_compress_is_exact():
     model = randomize(SmallCNN())
     x, y = _data()
     oto = otofx.OTO(model, x[:2])
-    opt = oto.dhspg(lr=0.1, lmbda=0.5, epsilon=0.9, start_pruning_steps=3, target_group_sparsity=0.5)
+    opt = oto.dhspg(lr=0.1, lmbda=0.5, epsilon=0.9, start_pruning_steps=3, target_group_sparsity=0.5, pruning_steps=60)
     assert opt.n_rows == sum(z.rows for z in oto.groups)
     seen = []
 

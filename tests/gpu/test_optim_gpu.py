@@ -58,7 +58,8 @@ def _zero_rows(opt):
 def test_triton_equals_reference_on_cuda(kind, variant):
     model, oto, _ = _setup()
     kw = dict(lr=0.1 if variant == "sgd" else 0.01, variant=variant, first_momentum=0.9 if variant == "sgd" else None)
-    kw.update(dict(lmbda=0.5, epsilon=0.9, target_group_sparsity=0.5) if kind == "dhspg"
+    # DHSPG: control=False (the sparsity controller's schedule follows the host step counter)
+    kw.update(dict(lmbda=0.5, epsilon=0.9, target_group_sparsity=0.5, control=False) if kind == "dhspg"
               else dict(start_pruning_step=1, pruning_steps=6, pruning_periods=2, target_group_sparsity=0.5))
     pair = []
     for backend in ("triton", "torch"):
@@ -120,7 +121,8 @@ def test_capturable_step_replayed_from_a_cuda_graph_equals_eager(kind, variant):
     kw = dict(variant=variant, lr=0.05 if variant == "sgd" else 1e-3, capturable=True,
               first_momentum=0.9 if variant == "sgd" else None)
     # HESSO: captured after its pruning window (the window's per-step scale is set by the host)
-    kw.update(dict(lmbda=0.5, epsilon=0.9, target_group_sparsity=0.5) if kind == "dhspg"
+    # DHSPG: control=False (the sparsity controller's schedule follows the host step counter)
+    kw.update(dict(lmbda=0.5, epsilon=0.9, target_group_sparsity=0.5, control=False) if kind == "dhspg"
               else dict(start_pruning_step=0, pruning_steps=2, pruning_periods=1, target_group_sparsity=0.5))
     cls = otofx.DHSPG if kind == "dhspg" else otofx.HESSO
     runs = []
