@@ -684,6 +684,8 @@ class DHSPG(_RowOptimizer):
         t = self._t
         if self._redundant is None:  # an event step: the gradients are known to be finite
             self._redundant = self._partition(kernels.row_stats(self.layout, xs, ds))
+            if self.control:  # built here, on the event step: its set-up reads the partition on the host
+                self._controller()
         warm = t < self.start_pruning_steps + self.warm_up_steps
         # -- sparsity control (otofx/sparsity.py): which rows to act on, and lambda's scale --------
         mask, scale, eps = self._redundant, None, None
