@@ -311,8 +311,8 @@ class OTO:
 
         Trains one selection scale per row on a copy of the captured graph with knockoff inputs
         (``knockoff``: "gaussian", "permute" or a callable); the model is untouched. Other keywords:
-        :func:`otofx.scop.train_betas` (``adam_betas``, ``init``, ``loss_fn``, ``max_steps``, ``seed``,
-        ``knockoff_kwargs``).
+        :func:`otofx.scop.train_betas` (``optimizer``, ``momentum``, ``adam_betas``, ``init``, ``loss_fn``,
+        ``max_steps``, ``seed``, ``knockoff_kwargs``).
         """
         from otofx.scop import train_betas
 

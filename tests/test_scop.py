@@ -147,7 +147,7 @@ def test_gaussian_knockoffs_have_the_exchangeability_covariance():
     scale = torch.linspace(0.5, 3, d, dtype=torch.float64)
     x = (torch.randn(60000, d, generator=g, dtype=torch.float64) @ torch.linalg.cholesky(sigma).T) * scale + 2.0
     loader = [(x[i:i + 5000].float(), None) for i in range(0, len(x), 5000)]
-    ko = GaussianKnockoffs.fit(loader, max_samples=60000, shrinkage=0.0)
+    ko = GaussianKnockoffs.fit(loader, group="feature", max_samples=60000, shrinkage=0.0)
     (blk,) = ko.blocks
     corr = torch.corrcoef(x.T)
     assert blk.s == pytest.approx(min(1.0, 2 * float(torch.linalg.eigvalsh(corr)[0])), rel=1e-2)
@@ -160,6 +160,74 @@ def test_gaussian_knockoffs_have_the_exchangeability_covariance():
     assert (joint - want).abs().max() < 0.03
     # without the (Sigma - D) off-diagonal the check fails: the knockoff is not just a fresh sample
     assert (torch.cov(torch.cat([z, zk], 1).T)[:d, d:] - corr).abs().max() > 0.1
+
+
+def _correlated(n, d, seed):
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(d, d, generator=g, dtype=torch.float64)
+    sigma = a @ a.T / d + 0.3 * torch.eye(d, dtype=torch.float64)
+    return torch.randn(n, d, generator=g, dtype=torch.float64) @ torch.linalg.cholesky(sigma).T, g
+
+
+def _joint(ko, x, g):
+    xk = ko(x.float(), generator=g).double()
+    z, zk = (x - x.mean(0)) / x.std(0), (xk - x.mean(0)) / x.std(0)
+    return torch.cov(torch.cat([z, zk], 1).T), torch.corrcoef(x.T)
+
+
+def test_group_knockoffs_have_the_group_exchangeability_covariance():
+    """group="input" is an independent draw (S = Sigma); patch groups: S = gamma * blockdiag(Sigma_gg)."""
+    d = 6
+    x, g = _correlated(60000, d, 2)
+    loader = [(x[i:i + 6000].float(), None) for i in range(0, len(x), 6000)]
+    whole = GaussianKnockoffs.fit(loader, max_samples=60000, shrinkage=0.0)  # the default: group="input"
+    assert whole.s == (1.0,)
+    joint, corr = _joint(whole, x, g)
+    assert joint[:d, d:].abs().max() < 0.03 and (joint[d:, d:] - corr).abs().max() < 0.03  # independent, same law
+    pairs = GaussianKnockoffs.fit(loader, group=2, max_samples=60000, shrinkage=0.0)  # features (0,1), (2,3), (4,5)
+    (blk,) = pairs.blocks
+    assert [g_.tolist() for g_ in blk.groups] == [[0, 1], [2, 3], [4, 5]]
+    b = torch.block_diag(*[corr[2 * i:2 * i + 2, 2 * i:2 * i + 2] for i in range(3)])
+    w, u = torch.linalg.eigh(b)
+    bmh = (u * w.rsqrt()) @ u.T
+    gamma = min(1.0, 2 * float(torch.linalg.eigvalsh(bmh @ corr @ bmh)[0]))
+    assert 0.05 < blk.s < 1 and blk.s == pytest.approx(gamma, rel=2e-2)
+    joint, corr = _joint(pairs, x, g)
+    s_mat = blk.s * b
+    want = torch.cat([torch.cat([corr, corr - s_mat], 1), torch.cat([corr - s_mat, corr], 1)])
+    assert (joint - want).abs().max() < 0.03
+    # the within-group cross-covariance is not the per-feature one: the groups are used
+    assert (joint[:d, d:] - (corr - blk.s * torch.eye(d, dtype=torch.float64))).abs().max() > 0.05
+    with pytest.raises(InputError, match="group"):
+        GaussianKnockoffs.fit(loader, group="pixels")
+
+
+def _one_step_gradient(oto, x, y, xk):
+    sel = insert_selection(oto._sync(), oto.zigset, init=0.5)
+    for m in sel.gm.modules():
+        m.training = True
+    loss = torch.nn.functional.cross_entropy(sel.gm(torch.cat([x, xk]))[: len(x)], y)
+    (grad,) = torch.autograd.grad(loss, [sel.gm.scop_beta])
+    return grad
+
+
+def test_beta_optimizers_sgd_moves_by_the_gradient_adam_by_its_sign(caplog):
+    model = _model()
+    oto = otofx.OTO(model, torch.randn(1, 2, 6, 6))
+    loader = _loader()
+    x, y = loader[0]
+    grad = _one_step_gradient(oto, x, y, -x)
+    assert bool((grad != 0).all())
+    sgd = train_betas(oto, loader, knockoff=lambda t: -t, lr=0.01, max_steps=1)  # the default: optimizer="sgd"
+    assert torch.allclose(torch.cat(sgd.betas), 0.5 - 0.01 * grad, atol=1e-6)
+    assert sgd.saturated == 0
+    adam = train_betas(oto, loader, knockoff=lambda t: -t, lr=0.01, optimizer="adam", max_steps=1)
+    assert torch.allclose(torch.cat(adam.betas), 0.5 - 0.01 * grad.sign(), atol=1e-4)
+    with caplog.at_level("WARNING", logger="otofx"):
+        big = train_betas(oto, loader, knockoff=lambda t: -t, lr=1.0, optimizer="adam", max_steps=1)
+    assert big.saturated == grad.numel() and "ended at 0 or 1" in caplog.text
+    with pytest.raises(InputError, match="optimizer"):
+        train_betas(oto, loader, optimizer="lbfgs")
 
 
 def test_gaussian_knockoffs_of_large_inputs_use_tiles_and_keep_constants():

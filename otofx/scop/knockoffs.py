@@ -1,30 +1,45 @@
 """Knockoff inputs for SCOP: second-order Gaussian model-X knockoffs, and batch permutation.
 
-``GaussianKnockoffs.fit(loader)`` estimates the mean, the per-feature scale and the correlation
-matrix Sigma of the flattened inputs; calling the result on a batch ``x`` samples, on standardised
-features Z,
+``GaussianKnockoffs.fit(loader, group=...)`` estimates the mean, the per-feature scale and the
+correlation matrix Sigma of the flattened inputs; calling the result on a batch ``x`` samples, on
+standardised features Z,
 
-    Z~ | Z ~ N(Z - Z Sigma^-1 D,  2D - D Sigma^-1 D),    D = diag(s),  s = min(1, 2 lambda_min(Sigma))
+    Z~ | Z ~ N(Z - Z Sigma^-1 S,  2S - S Sigma^-1 S),     S = gamma * blockdiag(Sigma_gg),
+    gamma = min(1, 2 lambda_min(B^-1/2 Sigma B^-1/2)),    B = blockdiag(Sigma_gg)
 
-(the equicorrelated construction of Candes et al. 2018), and maps back to the input's scale. For
-Gaussian X the pair is exactly exchangeable: cov([Z, Z~]) = [[Sigma, Sigma - D], [Sigma - D, Sigma]].
+the group equicorrelated construction (Dai & Barber 2016; Candes et al. 2018 for single features),
+and maps back to the input's scale. For Gaussian X the pair is exactly exchangeable group by group:
+cov([Z, Z~]) = [[Sigma, Sigma - S], [Sigma - S, Sigma]]. ``gamma`` is the knockoff scale (``.s``):
+0 gives Z~ = Z, 1 the least correlated knockoff the groups allow. The groups (``group=``):
+
+* ``"input"`` (default): the whole input is one group. Then S = Sigma, gamma = 1 and Z~ is an
+  independent draw from N(mean, Sigma). This is what the reference code feeds SCOP: a generator's
+  sample G(z) with z independent of x (its supplement swaps "multiple pixels as a whole").
+* ``"feature"``: every feature is its own group, S = diag(s), s = min(1, 2 lambda_min(Sigma)).
+  # NB: on smooth or upsampled images neighbouring pixels are nearly collinear, so s is tiny
+  (0.045 on 16x16 digits) and the knockoffs are near copies of the input: the knockoff stage then
+  sees almost no contrast.
+* an int ``p``: spatial ``p x p`` patches (all channels) of ``[N, C, H, W]`` inputs, or runs of ``p``
+  consecutive features otherwise (gamma again small when patches are correlated with each other).
+
 ``permute`` is golden-stick's knockoff: the same batch in a random order.
 
 Large inputs: with more than ``max_dim`` features (default 4096) the features are split into
 blocks of at most ``block_dim`` (default 1024) and each block gets its own knockoff, ignoring the
-correlation between blocks (Sigma is replaced by its block-diagonal part). For an image batch
-``[N, C, H, W]`` a block is a spatial tile (all channels of a ``p x p`` patch, ``C p^2 <= block_dim``);
-for other shapes, consecutive features of the flattened input. Exchangeability then holds for the
-block-diagonal Gaussian; each block costs one ``block_dim``-square eigendecomposition at fit time.
+correlation between blocks (Sigma is replaced by its block-diagonal part; a group never spans two
+blocks). For an image batch ``[N, C, H, W]`` a block is a spatial tile (all channels of a ``p x p``
+patch, ``C p^2 <= block_dim``); for other shapes, consecutive features of the flattened input.
+Exchangeability then holds for the block-diagonal Gaussian; each block costs a few
+``block_dim``-square eigendecompositions at fit time.
 
 Internals:
-    * Sigma is shrunk towards the identity before s is computed (``shrinkage="ledoit-wolf"``, the
-      default: the Ledoit-Wolf intensity on the standardised data; a float in [0, 1] fixes it; 0
+    * Sigma is shrunk towards the identity before gamma is computed (``shrinkage="ledoit-wolf"``,
+      the default: the Ledoit-Wolf intensity on the standardised data; a float in [0, 1] fixes it; 0
       keeps the sample correlation). # NB: without shrinkage an upsampled or otherwise low-rank
-      input has lambda_min(Sigma) = 0, hence s = 0 and X~ = X: the knockoff stage then learns nothing.
+      input has lambda_min(Sigma) = 0, hence gamma = 0 and X~ = X for every grouping but "input".
     * Features whose standard deviation is (almost) zero are constants; their knockoff is the feature
       itself, and they are left out of Sigma.
-    * The conditional covariance V = 2D - D Sigma^-1 D is singular at s = 2 lambda_min: its square
+    * The conditional covariance V = 2S - S Sigma^-1 S is singular at the largest gamma: its square
       root is taken by eigendecomposition with negative eigenvalues clipped to 0, not by Cholesky.
     * Everything is computed in float64 and the sample is cast to the input's dtype.
 """
@@ -72,10 +87,19 @@ def ledoit_wolf(z: torch.Tensor) -> float:
 @dataclass(frozen=True)
 class _Block:
     index: torch.Tensor  # feature positions (into the non-constant features)
-    mean_map: torch.Tensor  # A = I - s Sigma^-1: E[Z~ | Z] = Z A
+    mean_map: torch.Tensor  # A = I - Sigma^-1 S: E[Z~ | Z] = Z A
     root: torch.Tensor  # R with R R^T = V: Z~ = Z A + N(0, I) R^T
-    s: float
+    s: float  # gamma, the knockoff scale: S = gamma * blockdiag(Sigma_gg)
     sigma: torch.Tensor  # the (shrunk) correlation of the block
+    groups: tuple  # the block's groups, as positions into ``index``
+
+    @property
+    def s_matrix(self) -> torch.Tensor:
+        """S = gamma * blockdiag(Sigma_gg): cov(Z, Z~) = Sigma - S."""
+        out = torch.zeros_like(self.sigma)
+        for g in self.groups:
+            out[g[:, None], g[None, :]] = self.s * self.sigma[g[:, None], g[None, :]]
+        return out
 
 
 def _tiles(shape: tuple, block_dim: int) -> list:
@@ -89,6 +113,24 @@ def _tiles(shape: tuple, block_dim: int) -> list:
     return [torch.arange(a, min(a + block_dim, d)) for a in range(0, d, block_dim)]
 
 
+def _group_ids(shape: tuple, group) -> torch.Tensor:
+    """The group of every feature of a flattened input of per-sample ``shape`` (see the module docstring)."""
+    d = math.prod(shape)
+    if group == "feature":
+        return torch.arange(d)
+    if group == "input":
+        return torch.zeros(d, dtype=torch.long)
+    if isinstance(group, int) and not isinstance(group, bool) and group >= 1:
+        if len(shape) == 3:
+            c, h, w = shape
+            rows = torch.arange(h)[:, None] // group
+            cols = torch.arange(w)[None, :] // group
+            return (rows * (-(-w // group)) + cols).expand(c, h, w).reshape(-1).clone()
+        return torch.arange(d) // group
+    raise InputError(f"SCOP knockoffs: group={group!r}: use 'input' (one group: an independent draw), 'feature' "
+                     "(every feature its own group) or a patch size >= 1")
+
+
 class GaussianKnockoffs:
     """Second-order Gaussian model-X knockoffs of the flattened input (see the module docstring)."""
 
@@ -100,13 +142,14 @@ class GaussianKnockoffs:
 
     @property
     def s(self) -> tuple:
-        """The equicorrelated s of every block."""
+        """The knockoff scale gamma of every block (S = gamma * blockdiag(Sigma_gg))."""
         return tuple(b.s for b in self.blocks)
 
     @classmethod
-    def fit(cls, loader, *, max_samples: int = 20000, shrinkage="ledoit-wolf", max_dim: int = 4096,
+    def fit(cls, loader, *, group="input", max_samples: int = 20000, shrinkage="ledoit-wolf", max_dim: int = 4096,
             block_dim: int = 1024) -> "GaussianKnockoffs":
         xs, n, shape = [], 0, None
+        _group_ids((1,), group)  # NB: a bad group is reported before the loader is read
         for batch in loader:
             x = batch_inputs(batch).detach().to("cpu", torch.float64)
             if shape is None:
@@ -132,6 +175,7 @@ class GaussianKnockoffs:
         else:
             parts = [pos[t][pos[t] >= 0] for t in _tiles(shape, block_dim)]
             parts = [p for p in parts if len(p)]
+        gid = _group_ids(shape, group)[active]
         blocks = []
         lw = []
         for idx in parts:
@@ -140,14 +184,16 @@ class GaussianKnockoffs:
             if not 0.0 <= a <= 1.0:
                 raise InputError(f"SCOP knockoffs: shrinkage={shrinkage!r} must be 'ledoit-wolf' or in [0, 1]")
             lw.append(a)
-            blocks.append(cls._block(zb, idx, a))
-        log.info("scop: Gaussian knockoffs of %d features (%d constant) from %d samples: %d block(s), s in "
-                 "[%.3g, %.3g], shrinkage %.3g", math.prod(shape), int((~active).sum()), len(x), len(blocks),
-                 min(b.s for b in blocks), max(b.s for b in blocks), max(lw))
+            local = gid[idx]
+            groups = tuple(torch.nonzero(local == v).reshape(-1) for v in torch.unique(local))
+            blocks.append(cls._block(zb, idx, a, groups))
+        log.info("scop: Gaussian knockoffs (group=%r) of %d features (%d constant) from %d samples: %d block(s), "
+                 "knockoff scale in [%.3g, %.3g], shrinkage %.3g", group, math.prod(shape), int((~active).sum()),
+                 len(x), len(blocks), min(b.s for b in blocks), max(b.s for b in blocks), max(lw))
         return cls(shape, mean, scale, active, blocks, max(lw))
 
     @staticmethod
-    def _block(zb: torch.Tensor, idx: torch.Tensor, shrink: float) -> _Block:
+    def _block(zb: torch.Tensor, idx: torch.Tensor, shrink: float, groups: tuple) -> _Block:
         d = zb.shape[1]
         cov = zb.T @ zb / zb.shape[0]
         sd = torch.diagonal(cov).clamp_min(1e-12).sqrt()
@@ -155,14 +201,26 @@ class GaussianKnockoffs:
         eye = torch.eye(d, dtype=corr.dtype)
         sigma = (1 - shrink) * corr + shrink * eye
         sigma = 0.5 * (sigma + sigma.T)
-        lam_min = float(torch.linalg.eigvalsh(sigma)[0])
-        s = min(1.0, 2.0 * max(lam_min, 0.0))
+        if len(groups) == 1:
+            gamma = 1.0  # B = Sigma: B^-1/2 Sigma B^-1/2 = I exactly
+        elif all(len(g) == 1 for g in groups):
+            gamma = min(1.0, 2.0 * max(float(torch.linalg.eigvalsh(sigma)[0]), 0.0))  # B = I (a correlation)
+        else:
+            b_inv_half = torch.zeros_like(sigma)
+            for g in groups:
+                w, u = torch.linalg.eigh(sigma[g[:, None], g[None, :]])
+                b_inv_half[g[:, None], g[None, :]] = (u * w.clamp_min(1e-12).rsqrt()) @ u.T
+            m = b_inv_half @ sigma @ b_inv_half
+            gamma = min(1.0, 2.0 * max(float(torch.linalg.eigvalsh(0.5 * (m + m.T))[0]), 0.0))
+        s_mat = torch.zeros_like(sigma)
+        for g in groups:
+            s_mat[g[:, None], g[None, :]] = gamma * sigma[g[:, None], g[None, :]]
         inv = torch.linalg.inv(sigma)
-        mean_map = eye - s * inv
-        v = 2 * s * eye - s * s * inv
+        mean_map = eye - inv @ s_mat
+        v = 2 * s_mat - s_mat @ inv @ s_mat
         w, u = torch.linalg.eigh(0.5 * (v + v.T))
         root = u * w.clamp_min(0).sqrt()
-        return _Block(idx, mean_map, root, s, sigma)
+        return _Block(idx, mean_map, root, gamma, sigma, groups)
 
     def __call__(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         if tuple(x.shape[1:]) != self.shape:
