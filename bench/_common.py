@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 import torchvision
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from _peers import randomise_norms  # noqa: F401  (re-exported: one definition for every script)
 
@@ -65,11 +65,25 @@ def nparams(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def _cpu_sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_flop_count(query_shape, key_shape, value_shape)  # torch's formula for the CUDA kernels
+
+
 def flops(model: nn.Module, x: torch.Tensor) -> int:
-    """FLOPs of one ``model(x)`` under ``inference_mode`` (FlopCounterMode: multiply-add = 2)."""
-    counter = FlopCounterMode(display=False)
-    with torch.inference_mode(), counter:
-        model(x)
+    """Conv/matmul/attention FLOPs of one ``model(x)`` under ``inference_mode`` (multiply-add = 2).
+
+    # NB: nn.MultiheadAttention's fused fast path is switched off while counting (FlopCounterMode does
+    # not see inside it), and the CPU flash-attention kernel is counted with torch's SDPA formula
+    """
+    counter = FlopCounterMode(display=False, custom_mapping={
+        torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops})
+    was = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with torch.inference_mode(), counter:
+            model(x)
+    finally:
+        torch.backends.mha.set_fastpath_enabled(was)
     return counter.get_total_flops()
 
 

@@ -48,10 +48,9 @@ import time
 import torch
 from tabulate import tabulate
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 import otofx
-from _common import build, error_line, machine, nparams, randomise_norms, timing_args, zero_half_rows
+from _common import build, error_line, flops, machine, nparams, randomise_norms, timing_args, zero_half_rows
 from _peers import tp_prune
 from otofx.pipeline import contraction_depth, fitted_rtol, outputs_close
 
@@ -86,24 +85,6 @@ def build_model(name: str, seed: int = 0) -> tuple[nn.Module, callable]:
                 p.copy_(0.02 * torch.randn(p.shape, generator=gen))
     randomise_norms(model, gen)
     return model, make
-
-
-def _cpu_sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
-    return sdpa_flop_count(query_shape, key_shape, value_shape)  # torch's formula for the CUDA kernels
-
-
-def flops(model: nn.Module, x: torch.Tensor) -> int:
-    """Conv/matmul/attention FLOPs of one ``model(x)`` (multiply-add = 2), MHA fused path off."""
-    counter = FlopCounterMode(display=False, custom_mapping={
-        torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops})
-    was = torch.backends.mha.get_fastpath_enabled()
-    torch.backends.mha.set_fastpath_enabled(False)
-    try:
-        with torch.inference_mode(), counter:
-            model(x)
-    finally:
-        torch.backends.mha.set_fastpath_enabled(was)
-    return counter.get_total_flops()
 
 
 def interleaved_ms(a: nn.Module, b: nn.Module, x: torch.Tensor, runs: int, warmup: int) -> tuple[float, float]:

@@ -95,10 +95,9 @@ import torch  # noqa: E402
 import torchvision  # noqa: E402
 from tabulate import tabulate  # noqa: E402
 from torch import nn  # noqa: E402
-from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count  # noqa: E402
 
 import otofx  # noqa: E402
-from _common import error_line, machine, nparams, zero_half_rows  # noqa: E402
+from _common import error_line, flops, machine, nparams, zero_half_rows  # noqa: E402
 from _peers import OtoCoverage, find_classifier, oto_coverage, tp_groups, tp_prune  # noqa: E402
 
 TOL = 1e-4
@@ -406,24 +405,6 @@ def coverage_row(label: str, model: nn.Module, x: torch.Tensor, head_dim: int, c
 
 
 # ---------------------------------------------------------------------------------------- latency
-def _cpu_sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
-    return sdpa_flop_count(query_shape, key_shape, value_shape)  # torch's formula for the CUDA kernels
-
-
-def flops(model: nn.Module, x: torch.Tensor) -> int:
-    """Conv/matmul/SDPA FLOPs of one call (2 per multiply-add); see the module docstring."""
-    counter = FlopCounterMode(display=False, custom_mapping={
-        torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops})
-    was = torch.backends.mha.get_fastpath_enabled()
-    torch.backends.mha.set_fastpath_enabled(False)
-    try:
-        with torch.inference_mode(), counter:
-            model(x)
-    finally:
-        torch.backends.mha.set_fastpath_enabled(was)
-    return counter.get_total_flops()
-
-
 def interleaved_ms(a: nn.Module, b: nn.Module, x: torch.Tensor, runs: int, warmup: int) -> tuple[float, float]:
     """Median ms of ``runs`` calls of ``a`` and of ``b``, alternating (a, b, a, b, ...) so that a change
     in the machine's load falls on both, after ``warmup`` calls of each."""
