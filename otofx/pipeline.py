@@ -70,7 +70,7 @@ from torch.utils._pytree import tree_flatten
 from otofx.capture import capture as _capture
 from otofx.capture import normalize_inputs
 from otofx.errors import OTOError, VerificationError
-from otofx.passes.nodes import mutates_input
+from otofx.passes.nodes import graph_module, mutates_input
 from otofx.passes.prune import plan_rows as _plan_rows
 from otofx.passes.prune import zero_rows
 from otofx.passes.prune import prune as _prune
@@ -446,7 +446,7 @@ def eliminate_dead_code(state: State) -> State:
     # NB: the new GraphModule shares submodules and tensors with the old one (no copy of weights);
     # attributes no longer used stay on the shared modules, harmlessly. It is built before the
     # elimination because fx's purity check of a call_module needs the graph's owning module.
-    new = fx.GraphModule(gm, copy_graph(gm.graph), type(gm).__name__)
+    new = graph_module(gm, copy_graph(gm.graph), type(gm).__name__)
     if not new.graph.eliminate_dead_code(is_impure_node=_impure):
         return state
     new.recompile()
@@ -482,7 +482,7 @@ class GraphPass:
 
     def __call__(self, state: State) -> State:
         gm = _need(state, "gm", self.name, "capture")
-        work = fx.GraphModule(gm, copy_graph(gm.graph), type(gm).__name__)
+        work = graph_module(gm, copy_graph(gm.graph), type(gm).__name__)
         out = self.fn(work)
         if out is None:
             work.recompile()

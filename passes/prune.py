@@ -57,7 +57,7 @@ import torch
 import torch.fx as fx
 
 from .channels import AxisLabels, labs_in
-from .nodes import get_path, set_path
+from .nodes import get_path, graph_module, set_path
 from .registry import RULES, arg_slot, bind, form_of, set_arg
 from .zigs import ZigSet
 
@@ -294,7 +294,7 @@ def prune(gm: fx.GraphModule, plan: Plan) -> fx.GraphModule:
     follow_placement(new)
     new.graph.lint()
     # a plain GraphModule (code generated now), whatever kind of module the front-end gave
-    return fx.GraphModule(new, new.graph, type(gm).__name__.replace("GraphModuleImpl", "GraphModule"))
+    return graph_module(new, new.graph, type(gm).__name__.replace("GraphModuleImpl", "GraphModule"))
 
 
 # ---------------------------------------------------------------------------------------------
