@@ -66,7 +66,7 @@ def _kwargs(model):
 
 
 @pytest.mark.parametrize("name", ["qwen3", "gemma3", "olmo2"])
-def test_qk_norm_heads_found_and_exact(name):
+def test_qk_norm_heads_found_and_exact(name, caplog):
     """Per-head q/k norms (Qwen3, Gemma 3: over head_dim) and a norm over all heads (OLMo 2: over
     num_heads * head_dim, before the split) keep whole heads as rows: each row is a key/value head
     with its two query heads (2 rows of 16 query positions)."""
@@ -85,6 +85,12 @@ def test_qk_norm_heads_found_and_exact(name):
     assert_exact(model, oto, _ids(), ref_kwargs=_kwargs(model))
     if name == "olmo2":  # the mean keeps its old divisor: exact in the graph form too
         assert_exact(model, oto, _ids(), small=oto.compress(form="graph"), ref_kwargs=_kwargs(model))
+        # the fallback from the model's own class says why, and does not call it an otofx bug
+        with caplog.at_level("WARNING", logger="otofx"):
+            small = oto.compress()
+        assert isinstance(small, torch.fx.GraphModule)
+        msg = " ".join(r.getMessage() for r in caplog.records if "returns a torch.fx GraphModule" in r.getMessage())
+        assert "its own forward at the new widths" in msg and "bug in otofx" not in msg, msg
 
 
 def test_norm_over_one_channel_axis_stays_pinned():
