@@ -120,28 +120,28 @@ def hf_conv1d(m: nn.Module, change: Change):
     m.nx, m.nf = m.weight.shape
 
 
+def _conv_groups_left(m: nn.Module, change: Change, what: str) -> int:
+    """The weight's dim-0 channels left, after setting ``m.groups`` to the whole conv groups they hold."""
+    left, old = m.weight.shape[0], change.old["weight"][0]
+    if m.groups > 1:
+        if left * m.groups % old:
+            raise ResizeError(f"conv groups of {m.groups} do not divide the {left} {what} channels left")
+        m.groups = left * m.groups // old
+    return left
+
+
 @resizer(nn.Conv1d, nn.Conv2d, nn.Conv3d)
 def conv(m: nn.modules.conv._ConvNd, change: Change):
     """ConvNd: out_channels from the weight; groups > 1 lose whole conv groups (the analysis ties a group's channels into one row), depthwise included."""
-    old = change.old["weight"]
-    out = m.weight.shape[0]
-    if m.groups > 1:
-        if out * m.groups % old[0]:
-            raise ResizeError(f"conv groups of {m.groups} do not divide the {out} output channels left")
-        m.groups = out * m.groups // old[0]
-    m.out_channels, m.in_channels = out, m.weight.shape[1] * m.groups
+    m.out_channels = _conv_groups_left(m, change, "output")
+    m.in_channels = m.weight.shape[1] * m.groups
 
 
 @resizer(nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 def conv_transpose(m: nn.modules.conv._ConvTransposeNd, change: Change):
     """ConvTransposeNd (weight [in, out / groups, ...]): in_channels from the weight, groups from the input channels left."""
-    old = change.old["weight"]
-    cin = m.weight.shape[0]
-    if m.groups > 1:
-        if cin * m.groups % old[0]:
-            raise ResizeError(f"conv groups of {m.groups} do not divide the {cin} input channels left")
-        m.groups = cin * m.groups // old[0]
-    m.in_channels, m.out_channels = cin, m.weight.shape[1] * m.groups
+    m.in_channels = _conv_groups_left(m, change, "input")
+    m.out_channels = m.weight.shape[1] * m.groups
 
 
 def _first(m: nn.Module, *names):

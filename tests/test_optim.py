@@ -229,13 +229,19 @@ def test_partition_waits_for_start_and_warm_up_does_not_project():
 def test_base_step_matches_torch(variant, torch_opt):
     kw = {"sgd": dict(lr=0.1, first_momentum=0.9, dampening=0.1, weight_decay=1e-3),
           "adam": dict(lr=0.01, weight_decay=1e-3), "adamw": dict(lr=0.01)}[variant]
+    _steps_as_torch(lambda a, groups: DHSPG(list(a.items()), groups, variant=variant, start_pruning_steps=100, **kw),
+                    torch_opt, steps=5, seed=3)
+
+
+def _steps_as_torch(make_ours, make_ref, steps: int, seed: int) -> None:
+    """Ours and a torch optimizer on copies of the toy parameters, fed the same float64 gradients for
+    ``steps`` steps, end with the same parameters."""
     params, groups = _toy()
     a = {n: nn.Parameter(t.clone()) for n, t in params.items()}
     b = [nn.Parameter(t.clone()) for t in params.values()]
-    ours = DHSPG(list(a.items()), groups, variant=variant, start_pruning_steps=100, **kw)
-    ref = torch_opt(b)
-    g = torch.Generator().manual_seed(3)
-    for _ in range(5):
+    ours, ref = make_ours(a, groups), make_ref(b)
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
         for p, q in zip(a.values(), b):
             p.grad = torch.randn(p.shape, generator=g, dtype=torch.float64)
             q.grad = p.grad.clone()
@@ -251,21 +257,11 @@ def test_hesso_without_rows_to_prune_steps_as_torch(variant, backend):
     """Inside HESSO's pruning window with a zero target nothing is scaled: the steps are torch's."""
     if backend == "cpu" and not otofx.kernels.cpu_available():
         pytest.skip("the C kernel cannot be built (no C compiler)")
-    params, groups = _toy()
-    a = {n: nn.Parameter(t.clone()) for n, t in params.items()}
-    b = [nn.Parameter(t.clone()) for t in params.values()]
-    ours = HESSO(list(a.items()), groups, variant=variant, lr=0.05, first_momentum=0.9, target_group_sparsity=0.0,
-                 start_pruning_step=0, pruning_steps=4, backend=backend)
-    ref = (torch.optim.SGD(b, lr=0.05, momentum=0.9) if variant == "sgd" else torch.optim.Adam(b, lr=0.05))
-    g = torch.Generator().manual_seed(6)
-    for _ in range(6):
-        for p, q in zip(a.values(), b):
-            p.grad = torch.randn(p.shape, generator=g, dtype=torch.float64)
-            q.grad = p.grad.clone()
-        ours.step()
-        ref.step()
-    for p, q in zip(a.values(), b):
-        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-12)
+    _steps_as_torch(
+        lambda a, groups: HESSO(list(a.items()), groups, variant=variant, lr=0.05, first_momentum=0.9,
+                                target_group_sparsity=0.0, start_pruning_step=0, pruning_steps=4, backend=backend),
+        lambda b: torch.optim.SGD(b, lr=0.05, momentum=0.9) if variant == "sgd" else torch.optim.Adam(b, lr=0.05),
+        steps=6, seed=6)
 
 
 # ---------------------------------------------------------------------------------------------
