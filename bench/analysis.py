@@ -37,7 +37,7 @@ import otofx
 from _common import build, machine, model_arg, wall
 from _peers import oto_build, tp_groups
 from otofx.capture import capture
-from otofx.passes import find_zigs, propagate_shapes
+from otofx.passes import annotate_shapes, zero_invariant_groups
 
 MODELS = ["resnet50", "densenet121", "convnext_tiny", "mobilenet_v3_large"]
 PHASES = ("capture", "shapes", "zigs")
@@ -49,9 +49,9 @@ def phase_sample(model: nn.Module, x: torch.Tensor) -> dict[str, float]:
     t0 = time.perf_counter()
     cap = capture(model, x)
     t["capture"] = (t1 := time.perf_counter()) - t0
-    propagate_shapes(cap.gm, cap.args, cap.kwargs)
+    annotate_shapes(cap.gm, cap.args, cap.kwargs)
     t["shapes"] = (t2 := time.perf_counter()) - t1
-    find_zigs(cap.gm)
+    zero_invariant_groups(cap.gm)
     t["zigs"] = time.perf_counter() - t2
     return t
 

@@ -37,9 +37,9 @@ from otofx import pipeline
 from otofx.capture import _first_line, _no_kv_cache, normalize_inputs
 from otofx.errors import InputError, OTOError, VerificationError
 from otofx.passes.nodes import set_path
-from otofx.passes.prune import Plan, plan_zero_rows, row_norms
+from otofx.passes.prune import Plan, row_norms, zero_row_plan
 from otofx.passes.zigs import ZIG, ZigSet
-from otofx.pipeline import compare, compare_all, eval_mode, input_sets, outputs_close, run_eval
+from otofx.verify import compare, compare_all, eval_mode, input_sets, outputs_close, run_eval
 from otofx.rebuild import RebuildError, rebuild
 
 log = logging.getLogger("otofx")
@@ -136,7 +136,7 @@ class OTO:
         self.frontend = self.state.frontend
         self._args, self._kwargs = self.state.args, self.state.kwargs
         self.graph_module: fx.GraphModule = self.state.gm
-        self.zigset: ZigSet = self.state.zigset
+        self.zigset: ZigSet = self.state.get(pipeline.ZIGSET)
         self._optimizers = []  # weak references to the DHSPG optimizers made by self.dhspg()
 
     # -- analysis results -----------------------------------------------------------------------
@@ -186,7 +186,7 @@ class OTO:
 
     def plan(self) -> Plan:
         _need_weights(self.model, "OTO.plan()")
-        return plan_zero_rows(self.zigset, self.model)
+        return zero_row_plan(self.zigset, self.model)
 
     def compress(self, verify: bool = True, plan: Plan | None = None, passes=(), form: str = "auto"):
         """A smaller model without the rows whose parameters are all zero (or ``plan``'s rows).
@@ -247,7 +247,8 @@ class OTO:
         # NB: no dead-code elimination by default: a layer whose output is unused keeps its
         # parameters, so the compressed state_dict has the same keys as the model's
         steps += [pipeline.prune, *passes]
-        state = pipeline.Pipeline(steps).run(self.state.replace(gm=gm, reference=gm, plan=plan, records=()))
+        start = self.state.replace(gm=gm, reference=gm, records=())
+        state = pipeline.Pipeline(steps).run(start if plan is None else start.put(pipeline.PLAN, plan))
         small = state.gm
         _copy_training_flags(small, self.model)
         if verify:
@@ -258,7 +259,7 @@ class OTO:
         """The re-sized copy of the user's model (``otofx.rebuild``), checked on the example inputs."""
         gm = self._sync()
         if plan is None:
-            plan = plan_zero_rows(self.zigset, gm)
+            plan = zero_row_plan(self.zigset, gm)
         log.info("otofx: removing %d rows from a copy of %s", plan.count, type(self.model).__name__)
         try:
             small = rebuild(self.model, plan)

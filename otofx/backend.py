@@ -34,22 +34,18 @@ counter; # NB: writes through ``p.data[...] = ...`` do not, and are not seen: ca
 ``torch._dynamo.reset()`` after them.
 
 Internals:
-    * Dynamo passes parameters and buffers as placeholders (``inline_inbuilt_nn_modules``); the
-      example tensors *are* the module's tensors. A placeholder is state when its example is an
-      ``nn.Parameter`` or its dynamo source is a module buffer (``..._buffers['running_mean']``).
-      :func:`lift` turns each into a ``get_attr`` on a fresh root module that holds the original
-      tensor under its model name (``layer1.0.conv1.weight``, read off the source), which is the
-      graph shape ``find_zigs`` knows. Under ``torch._inductor.config.freezing`` dynamo already
-      emits ``get_attr`` nodes (named like ``L__self___conv1_weight``); they are kept.
-    * Dynamo inlines ``nn.MultiheadAttention`` into ``F.multi_head_attention_forward``, for which
-      otofx has no rule; :func:`attention_modules` (first pass of :func:`pipeline`) puts the
-      module back, over the same tensors and under the same names, so attention heads are rows.
+    * The dynamo front-end (``otofx.capture_dynamo``) lifts each graph's parameter and buffer
+      placeholders into ``get_attr`` nodes named as in the model and puts inlined
+      ``nn.MultiheadAttention`` calls back as modules (:func:`attention_modules`, the first pass
+      of :func:`pipeline`), so the passes see the graph the other front-ends give.
     * Fragments of a graph break see each other only through graph inputs and outputs, which
       ``find_zigs`` pins (non-parameter placeholders and outputs): a channel that crosses a
       fragment boundary is never removed.
     * The graph handed to the inner compiler has the pruned tensors as attributes and only the
       non-state placeholders as inputs; node meta is cleared (the analysis' meta-device values
       must not reach inductor's passes).
+    * dynamo's and inductor's private names (backend registry, mode options, freezing flag) are
+      read through ``otofx.fxcompat``.
 """
 from __future__ import annotations
 
@@ -58,18 +54,20 @@ import inspect
 import itertools
 import logging
 import operator
-import re
 import time
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 import torch.fx as fx
-import torch.nn.functional as F
-from torch._subclasses.fake_tensor import FakeTensor
 
+from otofx import fxcompat
 from otofx import pipeline as P
+from otofx.capture_dynamo import _KEEP_META, Lifted, lift, restore_attention, state_names
 from otofx.errors import InputError, OTOError, VerificationError
+from otofx.fxcompat import FakeTensor
+from otofx.passes.nodes import impure
+from otofx.verify import compare, run_eval
 
 log = logging.getLogger("otofx")
 
@@ -148,257 +146,16 @@ def clear_results() -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Lifting dynamo's state placeholders into the graph
-# ---------------------------------------------------------------------------------------------
-
-_SOURCE_PART = re.compile(r"\._(modules|parameters|buffers)\[['\"]([^'\"]+)['\"]\]")
-_KEEP_META = ("stack_trace", "nn_module_stack", "source_fn_stack")
-
-
-def _source_name(node: fx.Node) -> str:
-    src = getattr(node.meta.get("grapharg"), "source", None)
-    if src is None:
-        return ""
-    name = getattr(src, "name", "")
-    return name() if callable(name) else str(name)
-
-
-def _is_state(node: fx.Node, example) -> bool:
-    if not isinstance(example, torch.Tensor):
-        return False
-    return isinstance(example, torch.nn.Parameter) or "._buffers[" in _source_name(node)
-
-
-def _model_name(node: fx.Node) -> str | None:
-    """``layer1.0.conv1.weight`` from dynamo's ``L['self']._modules['layer1']...._parameters['weight']``."""
-    parts = _SOURCE_PART.findall(_source_name(node))
-    if not parts or parts[-1][0] == "modules":
-        return None
-    return ".".join(p for _, p in parts)
-
-
-def _set_path(root: torch.nn.Module, path: str, value) -> bool:
-    """Register ``value`` at dotted ``path`` under ``root`` (creating container modules); False on a clash."""
-    *mods, attr = path.split(".")
-    obj = root
-    for part in mods:
-        if not part.isidentifier() and not part.isdigit():
-            return False
-        nxt = obj._modules.get(part)
-        if nxt is None:
-            if hasattr(obj, part):
-                return False
-            nxt = torch.nn.Module()
-            obj.add_module(part, nxt)
-        obj = nxt
-    if not (attr.isidentifier() or attr.isdigit()) or hasattr(obj, attr):
-        return False
-    if isinstance(value, torch.nn.Parameter):
-        obj.register_parameter(attr, value)
-    elif isinstance(value, torch.Tensor):
-        obj.register_buffer(attr, value)
-    elif isinstance(value, torch.nn.Module):
-        obj.add_module(attr, value)
-    else:
-        setattr(obj, attr, value)
-    return True
-
-
-def _fetch(root: torch.nn.Module, target: str):
-    obj = root
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
-@dataclass(frozen=True)
-class Lifted:
-    """A dynamo graph with its state as ``get_attr``: see :func:`lift`."""
-
-    gm: fx.GraphModule  # state as get_attr on a root that holds the original tensors
-    inputs: tuple  # positions, in dynamo's argument list, of the remaining placeholders
-    watched: tuple  # (position or None, tensor): the state the pruned graph depends on
-
-
-def state_names(gm: fx.GraphModule, example_inputs) -> tuple:
-    """Per placeholder: its model name (``""`` when dynamo's source gives none) if it is a
-    parameter or buffer, else None.
-
-    # NB: read once, at compile time: dynamo drops ``node.meta["grapharg"]`` after the backend
-    # returns, and a rebuild at call time must classify the placeholders the same way.
-    """
-    phs = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    if len(phs) != len(example_inputs):
-        raise InputError(f"the graph has {len(phs)} placeholders but dynamo gave {len(example_inputs)} "
-                         "example inputs; please report this with the model")
-    return tuple((_model_name(n) or "") if _is_state(n, e) else None for n, e in zip(phs, example_inputs))
-
-
-def lift(gm: fx.GraphModule, example_inputs, names: tuple | None = None) -> Lifted:
-    """Turn dynamo's parameter and buffer placeholders into ``get_attr`` nodes on a new root module.
-
-    The root holds the *original* tensors (no copy) under their model names, plus every attribute
-    and submodule the graph already reads. ``names`` is :func:`state_names`'s answer (computed
-    here when not given). ``gm`` is not modified.
-    """
-    if names is None:
-        names = state_names(gm, example_inputs)
-    graph = fx.Graph()
-    root = torch.nn.Module()
-    env: dict = {}
-    watched, inputs = [], []
-    phs = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    if len(phs) != len(example_inputs):
-        raise InputError(f"the graph has {len(phs)} placeholders but got {len(example_inputs)} inputs; "
-                         "please report this with the model")
-    where = {n: i for i, n in enumerate(phs)}
-    used: set = set()
-    for node in gm.graph.nodes:
-        if node.op == "placeholder" and names[where[node]] is not None:
-            i = where[node]
-            t, name = example_inputs[i], names[i]
-            if not name or name in used or not _set_path(root, name, t):
-                name = f"_state_{len(watched)}"
-                _set_path(root, name, t)
-            used.add(name)
-            watched.append((i, t))
-            new = graph.get_attr(name)
-        elif node.op in ("get_attr", "call_module"):
-            if node.target not in used:
-                value = _fetch(gm, node.target)
-                if not _set_path(root, node.target, value):
-                    raise InputError(f"node '{node.name}': cannot place '{node.target}' in the lifted graph; "
-                                     "please report this with the model")
-                used.add(node.target)
-                if isinstance(value, torch.Tensor):
-                    watched.append((None, value))
-                elif isinstance(value, torch.nn.Module):
-                    watched.extend((None, t) for t in list(value.parameters()) + list(value.buffers()))
-            new = graph.node_copy(node, lambda a: env[a])
-        elif node.op == "placeholder":
-            inputs.append(where[node])
-            new = graph.node_copy(node, lambda a: env[a])
-        else:
-            new = graph.node_copy(node, lambda a: env[a])
-        new.meta = {k: node.meta[k] for k in _KEEP_META if k in node.meta}
-        env[node] = new
-    graph._codegen = gm.graph._codegen
-    lifted = fx.GraphModule(root, graph, "OTOFragment")
-    return Lifted(lifted, tuple(inputs), tuple(watched))
-
-
-# ---------------------------------------------------------------------------------------------
 # Passes of the backend pipeline
 # ---------------------------------------------------------------------------------------------
 
-_MHA_ARGS = ("query", "key", "value", "embed_dim_to_check", "num_heads", "in_proj_weight", "in_proj_bias",
-             "bias_k", "bias_v", "add_zero_attn", "dropout_p", "out_proj_weight", "out_proj_bias")
-# F.multi_head_attention_forward's tensor arguments -> the nn.MultiheadAttention attribute holding them
-_MHA_TENSORS = {"in_proj_weight": "in_proj_weight", "in_proj_bias": "in_proj_bias", "bias_k": "bias_k",
-                "bias_v": "bias_v", "out_proj_weight": "out_proj.weight", "out_proj_bias": "out_proj.bias"}
 
-
-def _mha_call(node: fx.Node) -> dict | None:
-    if node.op != "call_function" or node.target is not F.multi_head_attention_forward:
-        return None
-    kw = dict(zip(_MHA_ARGS, node.args))
-    kw.update(node.kwargs)
-    return kw
-
-
+@P.contract(reads=(P.GRAPH,), writes=(P.GRAPH,))
 def attention_modules(state: P.State) -> P.State:
-    """``F.multi_head_attention_forward`` over get_attr weights -> a call of ``nn.MultiheadAttention``.
-
-    The module holds the same tensors (nothing is copied), so the analysis sees the op it has a
-    rule for. When the weights sit in one container module of :func:`lift`'s (``...self_attention
-    .in_proj_weight``), the module replaces that container and every name stays; otherwise
-    (freezing's flat attribute names) it is added as ``attention_<i>`` and the old attributes go.
-    Calls it cannot map exactly (separate q/k/v weights, static keys, training mode) are left as
-    they are, and the analysis pins them.
-    """
-    gm = P._need(state, "gm", "attention_modules", "capture")
-    if not any(_mha_call(n) is not None for n in gm.graph.nodes):
-        return state
-    graph = P.copy_graph(gm.graph)
-    new = fx.GraphModule(gm, graph, type(gm).__name__)
-    changed = False
-    for node in [n for n in graph.nodes if _mha_call(n) is not None]:
-        kw = _mha_call(node)
-        tensors = _mha_tensors(kw)
-        if tensors is None:
-            continue
-        prefix = _mha_container(new, tensors)
-        module = _build_mha(new, tensors, kw)
-        in_place = prefix is not None  # the same names now resolve into the module
-        if in_place:
-            parent, _, attr = prefix.rpartition(".")
-            setattr(new.get_submodule(parent) if parent else new, attr, module)
-        else:
-            prefix = next(f"attention_{i}" for i in itertools.count() if not hasattr(new, f"attention_{i}"))
-            new.add_module(prefix, module)
-        with graph.inserting_before(node):
-            call = graph.call_module(prefix, (kw["query"], kw["key"], kw["value"]), {
-                "key_padding_mask": kw.get("key_padding_mask"), "need_weights": kw.get("need_weights", True),
-                "attn_mask": kw.get("attn_mask"), "average_attn_weights": kw.get("average_attn_weights", True),
-                "is_causal": kw.get("is_causal", False)})
-        call.meta = dict(node.meta)
-        node.replace_all_uses_with(call)
-        graph.erase_node(node)
-        for n in tensors.values():
-            if not n.users:
-                graph.erase_node(n)
-                if not in_place and not any(m.op == "get_attr" and m.target == n.target for m in graph.nodes):
-                    owner, _, attr = n.target.rpartition(".")
-                    delattr(new.get_submodule(owner) if owner else new, attr)
-        changed = True
-    if not changed:
-        return state
-    new.recompile()
-    return state.replace(gm=new)
-
-
-def _mha_tensors(kw: dict) -> dict | None:
-    """The call's tensor arguments (get_attr nodes) by module attribute, or None if it cannot be mapped."""
-    if kw.get("training", True) or kw.get("use_separate_proj_weight", False) or kw.get("static_k") is not None \
-            or kw.get("static_v") is not None:
-        return None
-    out = {}
-    for arg, attr in _MHA_TENSORS.items():
-        v = kw.get(arg)
-        if v is None:
-            continue
-        if not (isinstance(v, fx.Node) and v.op == "get_attr"):
-            return None
-        out[attr] = v
-    return out if {"in_proj_weight", "out_proj.weight"} <= set(out) else None
-
-
-def _mha_container(gm: fx.GraphModule, tensors: dict) -> str | None:
-    """The path of a plain container module holding exactly these tensors under MHA's names, or None."""
-    prefix = tensors["in_proj_weight"].target.rpartition(".")[0]
-    if not prefix or any(n.target != f"{prefix}.{attr}" for attr, n in tensors.items()):
-        return None
-    owner = gm.get_submodule(prefix)
-    if type(owner) is not torch.nn.Module:  # only containers (lift's) are replaced, never a user module
-        return None
-    names = {n for n, _ in owner.named_parameters()} | {n for n, _ in owner.named_buffers()}
-    return prefix if names == set(tensors) else None
-
-
-def _build_mha(gm: fx.GraphModule, tensors: dict, kw: dict) -> torch.nn.MultiheadAttention:
-    t = {attr: _fetch(gm, n.target) for attr, n in tensors.items()}
-    w = t["in_proj_weight"]
-    m = torch.nn.MultiheadAttention(int(kw["embed_dim_to_check"]), int(kw["num_heads"]),
-                                    dropout=float(kw.get("dropout_p", 0.0)), bias="in_proj_bias" in t,
-                                    add_bias_kv="bias_k" in t, add_zero_attn=bool(kw.get("add_zero_attn", False)),
-                                    batch_first=False, device="meta", dtype=w.dtype)
-    for attr in ("in_proj_weight", "in_proj_bias", "bias_k", "bias_v"):
-        if attr in t:
-            setattr(m, attr, t[attr])
-    m.out_proj.weight = t["out_proj.weight"]
-    m.out_proj.bias = t.get("out_proj.bias")
-    m.train(False)
-    return m
+    """``F.multi_head_attention_forward`` over get_attr weights -> a call of ``nn.MultiheadAttention``
+    (the dynamo front-end's normalisation: ``otofx.capture_dynamo.restore_attention``)."""
+    gm = restore_attention(state.gm)
+    return state if gm is state.gm else state.replace(gm=gm)
 
 
 def pipeline(*, report: bool = False) -> P.Pipeline:
@@ -444,7 +201,7 @@ def _writes(node: fx.Node) -> list:
     """The nodes ``node`` writes in place (its first argument for in-place ops)."""
     if node.op not in ("call_function", "call_method") or not node.args:
         return []
-    return [node.args[0]] if P._impure(node) and isinstance(node.args[0], fx.Node) else []
+    return [node.args[0]] if impure(node) and isinstance(node.args[0], fx.Node) else []
 
 
 def why_dense(lifted: Lifted) -> str | None:
@@ -480,13 +237,9 @@ def _inner_compiler(opts: Options) -> Callable:
         return inner
     if inner == NAME:
         raise InputError("options['inner']='otofx' would prune twice; name another backend")
-    from torch._dynamo.backends.registry import lookup_backend
-
-    fn = lookup_backend(inner)
+    fn = fxcompat.lookup_backend(inner)
     if inner == "inductor" and opts.mode not in (None, "default"):
-        from torch._inductor import list_mode_options
-
-        patches = list_mode_options(opts.mode)
+        patches = fxcompat.inductor_mode_options(opts.mode)
         return lambda gm, ex: fn(gm, ex, config_patches=patches)
     return fn
 
@@ -554,7 +307,7 @@ class _Fragment:
         self.number = next(_COUNTER)
         self.inner = _inner_compiler(opts)
         self.names: tuple | None = None  # state_names, read at the first build
-        self._freezing = _freezing()
+        self._freezing = fxcompat.inductor_freezing()
 
     def compile(self, example_inputs: list) -> Compiled:
         out = Compiled(self)
@@ -568,10 +321,8 @@ class _Fragment:
     def _inner(self, gm: fx.GraphModule, example_inputs: list):
         if self._freezing is None:
             return self.inner(gm, example_inputs)
-        import torch._inductor.config as inductor_config
-
         # NB: a rebuild runs at call time, outside the torch._inductor.config.patch() of the compile
-        with inductor_config.patch(freezing=self._freezing):
+        with fxcompat.inductor_config().patch(freezing=self._freezing):
             return self.inner(gm, example_inputs)
 
     def _build(self, out: Compiled, example_inputs: list) -> None:
@@ -598,14 +349,15 @@ class _Fragment:
             self._dense(out, example_inputs, FragmentResult(self.number, False, f"{type(e).__name__}: {e}"))
             return
         small = state.gm
-        groups = len(state.zigset.zigs) if state.zigset is not None else 0
-        removed = state.plan.count if state.plan is not None else 0
+        zigset, plan = state.get(P.ZIGSET), state.get(P.PLAN)
+        groups = len(zigset.zigs) if zigset is not None else 0
+        removed = plan.count if plan is not None else 0
         before = _numel(lifted.gm)
         lifted_n = sum(p is not None for p, _ in lifted.watched)
         attrs_n = len(lifted.watched) - lifted_n
-        nothing = state.plan is not None and removed == 0 and self.opts.pipeline is None
+        nothing = plan is not None and removed == 0 and self.opts.pipeline is None
         if nothing or small is lifted.gm or (_same_code(small, lifted.gm) and _numel(small) == before):
-            why = "no row is all zero" if state.plan is not None else "the pipeline left the graph as it was"
+            why = "no row is all zero" if plan is not None else "the pipeline left the graph as it was"
             self._dense(out, example_inputs, FragmentResult(self.number, False, why, groups, 0, before, before,
                                                             time.perf_counter() - t0, None, lifted_n, attrs_n,
                                                             state.records))
@@ -613,8 +365,8 @@ class _Fragment:
         err = None
         if self.opts.verify:
             # NB: against dynamo's own graph and arguments, so that lift is checked too
-            ref = P.run_eval(self.gm, tuple(example_inputs))
-            err = P.compare(ref, small, args, None, self.opts.rtol, f"otofx fragment {self.number}")
+            ref = run_eval(self.gm, tuple(example_inputs))
+            err = compare(ref, small, args, None, self.opts.rtol, f"otofx fragment {self.number}")
         result = FragmentResult(self.number, True, f"removed {removed} rows of {groups} groups", groups, removed,
                                 before, _numel(small), time.perf_counter() - t0, err, lifted_n, attrs_n,
                                 state.records)
@@ -651,14 +403,6 @@ def _for_inner(gm: fx.GraphModule) -> fx.GraphModule:
     return gm
 
 
-def _freezing():
-    """inductor's freezing flag at compile time (None when inductor was never imported)."""
-    import sys
-
-    cfg = sys.modules.get("torch._inductor.config")
-    return None if cfg is None else bool(cfg.freezing)
-
-
 def _record(result: FragmentResult) -> None:
     _RESULTS.append(result)
     if result.pruned:
@@ -686,11 +430,7 @@ def register() -> None:
     # NB: when dynamo found the ``torch_dynamo_backends`` entry point first, it loads this module
     # itself and registers the name after the import; registering here too would be a duplicate.
     """
-    from torch._dynamo.backends import registry
-
-    if NAME in registry._COMPILER_FNS or NAME in registry._BACKENDS:
-        return
-    registry.register_backend(otofx_backend, name=NAME)
+    fxcompat.register_backend(otofx_backend, NAME)
 
 
 __all__ = ["otofx_backend", "register", "Options", "FragmentResult", "Compiled", "Lifted", "lift", "state_names",

@@ -1,29 +1,47 @@
 """The otofx pipeline: composable passes over a GraphModule, run with timing and checks.
 
-A pass is any callable ``State -> State``. The built-in ones cover what ``otofx.OTO`` and the
-``torch.compile`` backend do::
+A pass is any callable ``State -> State``. It declares what it reads and writes (its *contract*:
+``reads``/``writes``, tuples of :class:`Key`), and the runner checks the contract: a pass whose
+input nobody produced raises a ``PipelineError`` naming the pass that produces it, before any pass
+runs. The built-in passes, with their contracts::
 
-    Capture(frontend)    model -> GraphModule          (state.model, state.args -> state.gm)
-    propagate_shapes     meta shapes on every node     (node.meta["val"])
-    find_zigs            zero-invariant groups         (-> state.zigset; honours state.pin)
-    report_pins          group and pin table, logged   (-> state.report)
-    plan_zero_rows       rows whose slices are all 0   (-> state.plan; reads state.gm's tensors)
-    prune                the rewrite                   (-> state.gm, a new, smaller GraphModule)
-    eliminate_dead_code  cleanup                       (-> state.gm, a new GraphModule if changed)
-    Verify(rtol)         outputs equal the reference   (raises VerificationError)
+    Capture(frontend)    model -> GraphModule          reads MODEL;            writes GRAPH
+    propagate_shapes     meta shapes on every node     reads GRAPH             (node.meta["val"])
+    find_zigs            zero-invariant groups         reads GRAPH, PIN;       writes ZIGSET
+    report_pins          group and pin table, logged   reads GRAPH, ZIGSET;    writes REPORT
+    plan_zero_rows       rows whose slices are all 0   reads GRAPH, ZIGSET;    writes PLAN
+    prune                the rewrite                   reads GRAPH, PLAN;      writes GRAPH (a new, smaller one)
+    eliminate_dead_code  cleanup                       reads GRAPH;            writes GRAPH
+    Verify(rtol)         outputs equal the reference   reads GRAPH, REFERENCE  (raises VerificationError)
 
 ``Pipeline(passes, verify=False).run(model_or_gm, example_inputs)`` runs them in order and returns
 the final :class:`State`; ``state.records`` holds one :class:`PassRecord` (name, seconds, graph
 size, relative error) per pass, and :func:`format_records` turns them into a table. A user pass is
-just another callable in the list; :class:`GraphPass` adapts a ``GraphModule -> GraphModule``
-function (``torch.fx.experimental.optimization.fuse`` folds BN into conv) or a
-``torch.fx.passes.infra`` pass that returns a ``PassResult``. ``otofx.backend.pipeline()`` is the
-list the ``torch.compile`` backend runs.
+just another callable in the list (``@contract(reads=..., writes=...)`` declares its contract);
+:class:`GraphPass` adapts a ``GraphModule -> GraphModule`` function
+(``torch.fx.experimental.optimization.fuse`` folds BN into conv) or a ``torch.fx.passes.infra``
+pass that returns a ``PassResult``. ``otofx.backend.pipeline()`` is the list the ``torch.compile``
+backend runs. Verification helpers live in :mod:`otofx.verify` (re-exported here).
+
+Analysis results live in a typed store, not in ``State`` fields: ``state.get(ZIGSET)``,
+``state.put(PLAN, plan)``. A :class:`Key` carries the result's name, type and producing pass, so a
+method (SCOP, SLB, JointRD, ADMM ...) declares its own keys and passes without editing ``State``.
+``State`` itself holds only what every method shares: the graph, the example inputs, the model,
+the front-end's name, the verification reference, the records.
 
 Internals:
-    * ``State`` is a frozen dataclass; passes return ``state.replace(...)``. A pass may also
-      return a bare ``GraphModule`` or a ``PassResult``; the runner turns either into
-      ``state.replace(gm=...)``. Anything else is a ``PipelineError`` naming the pass.
+    * ``State`` is a frozen dataclass; passes return ``state.replace(...)`` or ``state.put(...)``.
+      A pass may also return a bare ``GraphModule`` or a ``PassResult``; the runner turns either
+      into ``state.replace(gm=...)``. Anything else is a ``PipelineError`` naming the pass.
+    * Contracts: before the run, the runner walks the passes with the keys the initial state has
+      and each contracted pass's ``writes``; a pass reading a key that is neither there nor written
+      by an earlier pass raises at once (nothing has run). A pass without a contract may read or
+      write anything, so the walk stops checking after it; each pass's ``reads`` is checked again
+      just before it runs. After a contracted pass, every store key it changed must be in its
+      ``writes``, and every key in its ``writes`` must be present.
+    * Keys are compared by identity and registered by name (a second key of the same name
+      raises). ``State.replace(pin=...)`` and the ``zigset``/``plan``/``pin``/``report``
+      properties are the OTO keys by name, kept for code written before the store.
     * After every pass the runner checks ``state.gm``: a pass marked ``analysis = True`` (the
       built-in ones that only read the graph) must leave the same GraphModule with the same node
       count, a cheap identity check; the front-end's graph (``Capture``) is linted when verifying
@@ -34,16 +52,12 @@ Internals:
       whose outputs are computed once, as soon as it is known. Only passes whose graph changed
       (another GraphModule object, or other generated code) are run; a pass that edits weights
       in place without touching the graph is not detected: put ``Verify()`` after it.
-    * Verification runs every input set of :func:`input_sets`: the example inputs and
-      ``state.more_inputs`` (the export front-end's second shape: batch + 1 and length + 1 along
-      the dimensions it made dynamic, the example tiled to those sizes).
-    * Verification holds float32 to ``rtol`` (1e-4); a float16/bfloat16 model gets
-      ``2 * unit roundoff * sqrt(contraction depth)`` (:func:`outputs_close` says why), and so does
-      a float32 model on CUDA while TF32 is allowed (cuDNN's default for convolutions), with
-      float16's unit roundoff: TF32 keeps 10 mantissa bits (:func:`tf32_in_use`).
+    * Verification runs every input set of :func:`otofx.verify.input_sets`: the example inputs
+      and ``state.more_inputs`` (the export front-end's second shape: batch + 1 and length + 1
+      along the dimensions it made dynamic, the example tiled to those sizes).
     * ``plan_zero_rows`` finds zero rows with ``passes.prune.zero_rows`` (``p != 0`` masks
       gathered per row, no float64 copy of the weights).
-    * ``zigset`` and ``plan`` describe the graph they were computed on (``state.reference`` in
+    * ``ZIGSET`` and ``PLAN`` describe the graph they were computed on (``state.reference`` in
       the usual order), not the pruned one; ``prune`` leaves them in the state for reporting.
     * ``torch.fx.passes.infra.pass_manager.PassManager`` runs ``GraphModule -> PassResult``
       passes only; otofx's analysis passes produce data (groups, plans), so this runner carries a
@@ -55,240 +69,159 @@ import dataclasses
 import gc
 import hashlib
 import logging
-import math
-import operator
-import re
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from types import MappingProxyType
+from typing import Callable, Generic, Iterable, TypeVar
 
 import torch
 import torch.fx as fx
-from torch.utils._pytree import tree_flatten
 
 from otofx.capture import capture as _capture
 from otofx.capture import normalize_inputs
-from otofx.errors import OTOError, VerificationError
-from otofx.passes.nodes import graph_module, mutates_input
-from otofx.passes.prune import plan_rows as _plan_rows
-from otofx.passes.prune import zero_rows
-from otofx.passes.prune import prune as _prune
-from otofx.passes.shapes import propagate_shapes as _propagate_shapes
-from otofx.passes.zigs import find_zigs as _find_zigs
+from otofx.errors import OTOError
+from otofx.fxcompat import copy_graph, graph_module_like
+from otofx.passes.nodes import impure
+from otofx.passes.prune import Plan, plan_rows, prune_graph, zero_rows
+from otofx.passes.shapes import annotate_shapes
+from otofx.passes.zigs import ZigSet, zero_invariant_groups
+from otofx.verify import (compare, compare_all, compute_dtype, contraction_depth, eval_mode, fitted_rtol, input_sets,
+                          outputs_close, run_eval, tf32_in_use, unit_roundoff)
 
 log = logging.getLogger("otofx")
 
+T = TypeVar("T")
+
 
 class PipelineError(OTOError):
-    """A pass is missing its input (e.g. prune before plan_zero_rows), returned something that is not
-    a State, or left an invalid graph."""
+    """A pass is missing its input (e.g. prune before plan_zero_rows), broke its contract, returned
+    something that is not a State, or left an invalid graph."""
 
 
 # ---------------------------------------------------------------------------------------------
-# Verification helpers (shared with otofx.api)
+# Typed keys and the State
 # ---------------------------------------------------------------------------------------------
 
-
-@contextmanager
-def eval_mode(module: torch.nn.Module):
-    """Put every submodule in eval mode, restoring each one's own flag afterwards."""
-    flags = [(m, m.training) for m in module.modules()]
-    try:
-        for m, _ in flags:
-            m.training = False  # NB: not module.eval(): a torch.export GraphModule raises on eval()
-        yield module
-    finally:
-        for m, f in flags:
-            m.training = f
+_KEYS: dict = {}  # name -> Key
+_MISSING = object()
 
 
-# NB: contractions (the ops whose reductions change length when rows go) by their op name: fx
-# functions and methods, leaf modules, and torch.export's aten overloads ("aten::addmm")
-_CONTRACTION = re.compile(r"_*(linear|bilinear|conv\w*|convolution\w*|r?matmul|mm|bmm|addmm|addbmm|baddbmm"
-                          r"|einsum|tensordot|\w*scaled_dot_product\w*|\w*attention\w*)_*")
-_CONTRACTION_MODULES = (torch.nn.Linear, torch.nn.Bilinear, torch.nn.modules.conv._ConvNd)
+@dataclass(frozen=True, eq=False)
+class Key(Generic[T]):
+    """A named, typed slot of the State: one analysis result, or one of the State's own fields.
 
-
-def unit_roundoff(dtype: torch.dtype) -> float:
-    """Half the machine epsilon of ``dtype``: the largest relative error of one rounding."""
-    return torch.finfo(dtype).eps / 2
-
-
-def _contractions_in(module: torch.nn.Module) -> int:
-    """How many contractions a leaf module runs in sequence (upper bound: all of them)."""
-    if isinstance(module, _CONTRACTION_MODULES):
-        return 1
-    if isinstance(module, torch.nn.MultiheadAttention) or "attention" in type(module).__name__.lower():
-        return 4  # input projection, q.k, weights.v, output projection
-    return sum(1 for m in module.modules() if isinstance(m, _CONTRACTION_MODULES))
-
-
-def contraction_depth(module: torch.nn.Module) -> int:
-    """The most contractions (matmul, linear, conv, attention ...) on one path from input to output.
-
-    From the graph of a GraphModule (longest path, nodes are in topological order); for another
-    module, the count of its Linear/Conv layers (an upper bound). At least 1.
+    ``type``: what ``state.put`` accepts (a type or a tuple of types). ``producer``: the pass that
+    writes it (named in the error when a pass needs it first). ``default``: what ``state.get``
+    gives when nothing was written (a key with a default is never missing). Keys compare by
+    identity; their names are unique (a second key of the same name raises ``ValueError``).
     """
-    if not isinstance(module, fx.GraphModule):
-        return max(1, _contractions_in(module))
-    depth: dict = {}
-    deepest = 0
-    for n in module.graph.nodes:
-        d = max((depth[a] for a in n.all_input_nodes), default=0)
-        if n.op == "call_module":
-            d += _contractions_in(module.get_submodule(n.target))
-        elif n.op in ("call_function", "call_method"):
-            t = n.target
-            name = t if isinstance(t, str) else (t._schema.name.split("::")[-1] if hasattr(t, "_schema")
-                                                  else getattr(t, "__name__", ""))
-            d += 1 if _CONTRACTION.fullmatch(name) else 0
-        depth[n] = d
-        deepest = max(deepest, d)
-    return max(1, deepest)
+
+    name: str
+    type: type | tuple
+    producer: str
+    doc: str = ""
+    default: object = _MISSING
+    field: bool = False  # a State field (gm, model, reference), not a store entry
+
+    def __post_init__(self):
+        if self.name in _KEYS:
+            raise ValueError(f"a key named {self.name!r} exists already ({_KEYS[self.name]!r}); pick another name")
+        _KEYS[self.name] = self
+
+    def __repr__(self) -> str:
+        t = self.type.__name__ if isinstance(self.type, type) else "|".join(x.__name__ for x in self.type)
+        return f"Key({self.name!r}: {t}, from {self.producer!r})"
 
 
-def compute_dtype(*modules) -> torch.dtype | None:
-    """The least precise floating dtype among the parameters and buffers of ``modules`` (None if none)."""
-    worst = None
-    for m in modules:
-        if not isinstance(m, torch.nn.Module):
-            continue
-        for t in list(m.parameters()) + list(m.buffers()):
-            if t.is_floating_point() and (worst is None or unit_roundoff(t.dtype) > unit_roundoff(worst)):
-                worst = t.dtype
-    return worst
+# what every method shares: State fields, readable as keys in contracts
+GRAPH = Key("gm", fx.GraphModule, "capture", "the current graph", field=True)
+MODEL = Key("model", torch.nn.Module, "Pipeline.run(model, example_inputs)", "what Capture reads", field=True)
+REFERENCE = Key("reference", fx.GraphModule, "Pipeline.run (it sets the reference)",
+                "the graph outputs are verified against", field=True)
+
+# OTO's results
+PIN = Key("pin", tuple, "Pipeline.run(..., pin=...)", "module or parameter names find_zigs keeps whole", default=())
+ZIGSET = Key("zigset", ZigSet, "find_zigs", "the zero-invariant groups of the analysed graph")
+PLAN = Key("plan", Plan, "plan_zero_rows", "the rows to remove")
+REPORT = Key("report", str, "report_pins", "report_pins' table")
 
 
-def fitted_rtol(rtol: float, dtype: torch.dtype | None, depth: int = 1) -> float:
-    """The tolerance for outputs computed in ``dtype`` through ``depth`` contractions in sequence.
+@dataclass(frozen=True, eq=False)
+class State:
+    """Everything a pass reads or writes. Build it with ``State(gm=..., args=...)`` or let
+    ``Pipeline.run`` build it; change it with ``state.replace(...)`` (fields) or
+    ``state.put(key, value)`` (analysis results); read results with ``state.get(key)``."""
 
-    ``rtol`` itself for float32 and float64 (and non-floating outputs); for a dtype less precise
-    than float32 (float16, bfloat16) ``max(rtol, 2 * u * sqrt(depth))``, ``u`` its unit roundoff.
-    See :func:`outputs_close` for why.
-    """
-    if dtype is None or not dtype.is_floating_point or unit_roundoff(dtype) <= unit_roundoff(torch.float32):
-        return rtol
-    return max(rtol, 2.0 * unit_roundoff(dtype) * math.sqrt(max(1, depth)))
+    gm: fx.GraphModule | None = None  # the current graph
+    args: tuple = ()  # example inputs (positional)
+    kwargs: dict = field(default_factory=dict)  # example inputs (keyword)
+    model: torch.nn.Module | None = None  # what Capture reads
+    frontend: str | None = None  # which front-end produced gm ("symbolic_trace", "export", "dynamo", ...)
+    reference: fx.GraphModule | None = None  # the graph outputs are verified against
+    records: tuple = ()  # PassRecord per pass run
+    more_inputs: tuple = ()  # more (args, kwargs) verification runs: the capture's second shape
+    results: MappingProxyType = field(default_factory=lambda: MappingProxyType({}))  # Key -> value
 
+    # -- the store ------------------------------------------------------------------------------
+    def has(self, key: Key) -> bool:
+        """Whether ``key`` has a value (written, a non-None field, or a default)."""
+        if key.field:
+            return getattr(self, key.name) is not None
+        return key in self.results or key.default is not _MISSING
 
-def outputs_close(a, b, rtol: float = 1e-4, *, dtype: torch.dtype | None = None, depth: int = 1) -> tuple[bool, float]:
-    """OTO.md's exactness: max|a - b| <= tol * max(1, max|a|) over every tensor leaf.
+    def get(self, key: Key[T], default=_MISSING) -> T:
+        """``key``'s value; ``default`` (else the key's own default, else ``None``) when there is none."""
+        if key.field:
+            v = getattr(self, key.name)
+            return v if v is not None or default is _MISSING else default
+        if key in self.results:
+            return self.results[key]
+        if default is not _MISSING:
+            return default
+        return None if key.default is _MISSING else key.default
 
-    ``tol`` is ``rtol`` (1e-4) for float32/float64 leaves: exact up to float32 reduction order.
-    Half precision cannot meet that: a compressed model sums the same non-zero terms as the full
-    one, but its contractions are shorter, so the kernels block and order the sums differently and
-    an output rounded to bfloat16 (unit roundoff u = 2^-8) or float16 (2^-11) lands one ulp apart now
-    and then; later layers carry those flips on. So for a leaf in half precision, or every leaf
-    when ``dtype`` (the dtype the model computes in, see :func:`compute_dtype`) is half precision,
-    ``tol = max(rtol, 2 * u * sqrt(depth))`` (:func:`fitted_rtol`), ``depth`` the number of
-    contractions on the longest path (:func:`contraction_depth`):
+    def put(self, key: Key[T], value: T) -> "State":
+        """A new State with ``value`` under ``key`` (checked against ``key.type``)."""
+        if not isinstance(value, key.type):
+            raise PipelineError(f"state.put({key.name!r}, ...): got a {type(value).__name__}, the key holds "
+                                f"{key!r}")
+        if key.field:
+            return dataclasses.replace(self, **{key.name: value})
+        return dataclasses.replace(self, results=MappingProxyType({**self.results, key: value}))
 
-    * one rounding of a contraction's output is off by at most u relative, and the differences of
-      successive contractions on a path add like a random walk (independent signs): sqrt(depth) u
-      is its standard deviation, 2x covers the max over the output elements. Measured on LLaMA
-      (1.1B, 22 layers, depth 111: error 0.02 = 0.49 u sqrt(depth); 4 layers: 0.33) and resnet18
-      (0.23), float16 0.12-0.40: the bound is 4x above the worst.
-    * It still catches wrong rewrites: removing a non-zero row or slicing the wrong indices moves
-      the outputs by far more than rounding does (removing the wrong half of each group's rows:
-      0.3-1.4 on the same models, against tolerances of 0.02-0.08); an error below the rounding
-      noise of the dtype cannot be told from it by any check in that dtype.
-    * Checking in float32 instead would need a float32 copy of the weights (2x a bfloat16 model,
-      against the memory bound of compress) and graphs captured with their dtype baked in
-      (``x.to(torch.bfloat16)`` in an exported graph) would round to half precision anyway.
-    """
-    fa, _ = tree_flatten(a)
-    fb, _ = tree_flatten(b)
-    if len(fa) != len(fb):
-        return False, float("inf")
-    worst, ok = 0.0, True
-    for x, y in zip(fa, fb):
-        if not isinstance(x, torch.Tensor):
-            continue
-        if not isinstance(y, torch.Tensor) or x.shape != y.shape:
-            return False, float("inf")
-        if not x.is_floating_point():
-            ok &= bool(torch.equal(x, y))
-            continue
-        tol = fitted_rtol(rtol, dtype if dtype is not None else x.dtype, depth)
-        if dtype is not None:
-            tol = max(tol, fitted_rtol(rtol, x.dtype, depth))
-        diff = (x.double() - y.double()).abs().max().item() if x.numel() else 0.0
-        scale = max(1.0, x.double().abs().max().item() if x.numel() else 0.0)
-        worst = max(worst, diff / scale)
-        ok &= diff <= tol * scale
-    return ok, worst
+    def replace(self, **changes) -> "State":
+        """A new State with fields changed; a registered key's name (``pin=``, ``zigset=`` ...) puts
+        that result."""
+        fields = {k: v for k, v in changes.items() if k in _FIELDS}
+        state = dataclasses.replace(self, **fields) if fields else self
+        for name in changes.keys() - fields.keys():
+            key = _KEYS.get(name)
+            if key is None:
+                raise PipelineError(f"state.replace({name}=...): State has no field {name!r} and no key of that "
+                                    f"name is registered; fields: {sorted(_FIELDS)}")
+            state = state.put(key, changes[name])
+        return state
 
+    # -- OTO's results by name (read-only; kept for code written before the store) ----------------
+    @property
+    def zigset(self) -> ZigSet | None:
+        return self.get(ZIGSET)
 
-def tf32_in_use(outputs) -> bool:
-    """Whether float32 contractions that gave ``outputs`` may have run in TF32: a CUDA tensor among
-    them and TF32 allowed for cuDNN convolutions (torch's default) or cuBLAS matrix products."""
-    if not any(isinstance(t, torch.Tensor) and t.is_cuda for t in tree_flatten(outputs)[0]):
-        return False
-    return bool(torch.backends.cudnn.allow_tf32 or torch.backends.cuda.matmul.allow_tf32)
+    @property
+    def plan(self) -> Plan | None:
+        return self.get(PLAN)
 
+    @property
+    def pin(self) -> tuple:
+        return self.get(PIN)
 
-def run_eval(module: torch.nn.Module, args: tuple, kwargs: dict | None = None):
-    """``module(*args, **kwargs)`` in eval mode under ``no_grad`` (training flags restored)."""
-    with torch.no_grad(), eval_mode(module):
-        return module(*args, **(kwargs or {}))
-
-
-def compare(reference, candidate: torch.nn.Module, args: tuple, kwargs: dict | None, rtol: float, what: str,
-            inputs: str = "the example inputs") -> float:
-    """Relative error of ``candidate`` against ``reference`` (outputs or a module); raises on a mismatch.
-
-    ``rtol`` holds for float32 models; a model computing in float16/bfloat16 gets the dtype's
-    tolerance for its contraction depth (:func:`outputs_close`, :func:`fitted_rtol`). ``inputs``
-    names ``args``/``kwargs`` in the error (the example inputs or a second shape).
-    """
-    ref = run_eval(reference, args, kwargs) if isinstance(reference, torch.nn.Module) else reference
-    got = run_eval(candidate, args, kwargs)
-    dtype = compute_dtype(reference, candidate)
-    name = str(dtype)
-    if dtype == torch.float32 and tf32_in_use(got):
-        # NB: TF32 rounds the inputs of float32 convolutions and matrix products to a 10-bit
-        # mantissa, float16's: the float32 model computes with float16's unit roundoff there
-        dtype, name = torch.float16, "float32 with TF32 on CUDA"
-    graph = reference if isinstance(reference, fx.GraphModule) else candidate
-    depth = contraction_depth(graph) if dtype is not None and fitted_rtol(rtol, dtype) != rtol else 1
-    ok, err = outputs_close(ref, got, rtol, dtype=dtype, depth=depth)
-    if not ok:
-        tol = fitted_rtol(rtol, dtype, depth)
-        why = "" if tol == rtol else f" ({name}: 2 * unit roundoff * sqrt({depth} contractions deep))"
-        raise VerificationError(
-            f"{what} differs from the reference graph on {inputs} (relative error {err:.3g} > {tol:.3g}"
-            f"{why}). If the pass is otofx's, this is a bug in otofx: please report it with the model.")
-    return err
+    @property
+    def report(self) -> str | None:
+        return self.get(REPORT)
 
 
-def input_sets(state: "State") -> list:
-    """``(args, kwargs, name)`` of every input set verification runs: the example inputs, then
-    ``state.more_inputs`` (the export front-end's second shape: see ``otofx.capture.second_inputs``)."""
-    out = [(tuple(state.args), dict(state.kwargs), "the example inputs")]
-    for a, k in state.more_inputs:
-        out.append((tuple(a), dict(k), f"second-shape inputs ({_shapes(a, k)})"))
-    return out
-
-
-def _shapes(args, kwargs) -> str:
-    leaves = tree_flatten((args, kwargs))[0]
-    return ", ".join("x".join(map(str, t.shape)) for t in leaves if isinstance(t, torch.Tensor))
-
-
-def compare_all(reference, candidate: torch.nn.Module, sets: list, rtol: float, what: str) -> float:
-    """:func:`compare` on every ``(args, kwargs, name)`` of ``sets`` (``reference``: a module, or
-    one output per set); the worst relative error."""
-    worst = 0.0
-    for i, (a, k, name) in enumerate(sets):
-        ref = reference[i] if isinstance(reference, list) else reference
-        worst = max(worst, compare(ref, candidate, a, k, rtol, what, name))
-    return worst
-
-
-# ---------------------------------------------------------------------------------------------
-# State and records
-# ---------------------------------------------------------------------------------------------
+_FIELDS = frozenset(f.name for f in dataclasses.fields(State))
 
 
 @dataclass(frozen=True)
@@ -303,26 +236,25 @@ class PassRecord:
     error: float | None = None  # relative error against the reference, when verified
 
 
-@dataclass(frozen=True, eq=False)
-class State:
-    """Everything a pass reads or writes. Build it with ``State(gm=..., args=...)`` or let
-    ``Pipeline.run`` build it; change it with ``state.replace(...)``."""
+# ---------------------------------------------------------------------------------------------
+# Contracts
+# ---------------------------------------------------------------------------------------------
 
-    gm: fx.GraphModule | None = None  # the current graph
-    args: tuple = ()  # example inputs (positional)
-    kwargs: dict = field(default_factory=dict)  # example inputs (keyword)
-    model: torch.nn.Module | None = None  # what Capture reads
-    frontend: str | None = None  # which front-end produced gm ("symbolic_trace", "export", "dynamo", ...)
-    pin: tuple = ()  # module or parameter names find_zigs keeps whole
-    zigset: object | None = None  # ZigSet of the analysed graph
-    plan: object | None = None  # Plan of rows to remove
-    reference: fx.GraphModule | None = None  # the graph outputs are verified against
-    report: str | None = None  # report_pins' table
-    records: tuple = ()  # PassRecord per pass run
-    more_inputs: tuple = ()  # more (args, kwargs) verification runs: the capture's second shape
 
-    def replace(self, **changes) -> "State":
-        return dataclasses.replace(self, **changes)
+def contract(*, reads: tuple = (), writes: tuple = (), analysis: bool = False) -> Callable:
+    """Declare a pass's contract: the keys it ``reads`` and ``writes``; ``analysis=True``: it only
+    reads the graph (the runner checks it left the same one)."""
+    for k in tuple(reads) + tuple(writes):
+        if not isinstance(k, Key):
+            raise PipelineError(f"contract: {k!r} is not a Key (otofx.pipeline.Key)")
+
+    def deco(p):
+        p.reads, p.writes = tuple(reads), tuple(writes)
+        if analysis:
+            p.analysis = True
+        return p
+
+    return deco
 
 
 def _name(p) -> str:
@@ -334,17 +266,14 @@ def _is_analysis(p) -> bool:
     return getattr(p, "analysis", False) is True
 
 
-def _reads_graph(fn: Callable) -> Callable:
-    """Mark ``fn`` ``analysis = True``: it reads the graph only (the runner checks it is unchanged)."""
-    fn.analysis = True
-    return fn
+def _has_contract(p) -> bool:
+    return hasattr(p, "reads") and hasattr(p, "writes")
 
 
-def _need(state: State, attr: str, pass_name: str, producer: str):
-    v = getattr(state, attr)
-    if v is None:
-        raise PipelineError(f"pass '{pass_name}' needs state.{attr}: run '{producer}' before it")
-    return v
+def _missing(pass_name: str, key: Key, later: str | None = None) -> PipelineError:
+    where = (f" ('{later}' runs after it in this pipeline: move it before)" if later
+             else "" if key.producer.startswith("Pipeline.run") else " (no pass of this pipeline produces it)")
+    return PipelineError(f"pass '{pass_name}' needs state.{key.name}: run '{key.producer}' before it{where}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -353,101 +282,93 @@ def _need(state: State, attr: str, pass_name: str, producer: str):
 
 
 class Capture:
-    """``state.model`` -> ``state.gm`` with the otofx front-ends (``frontend``: auto, symbolic_trace, export)."""
+    """``state.model`` -> ``state.gm`` with the otofx front-ends (``frontend``: auto, symbolic_trace,
+    export, dynamo). Each gives the same IR (``otofx.capture``, ``otofx.capture_dynamo``)."""
 
     name = "capture"
-    front_end = True  # its graph comes from fx's tracer or torch.export: linted only when verifying
+    front_end = True  # its graph comes from fx's tracer, torch.export or dynamo: linted only when verifying
+    reads = (MODEL,)
+    writes = (GRAPH,)
 
     def __init__(self, frontend: str = "auto"):
         self.frontend = frontend
 
     def __call__(self, state: State) -> State:
-        model = _need(state, "model", self.name, "Pipeline.run(model, example_inputs)")
+        model = state.model
         inputs = dict(state.kwargs) if state.kwargs and not state.args else tuple(state.args)
-        cap = _capture(model, inputs, self.frontend)
+        if self.frontend == "dynamo":
+            from otofx.capture_dynamo import capture as capture_dynamo
+
+            cap = capture_dynamo(model, inputs)
+        else:
+            cap = _capture(model, inputs, self.frontend)
         return state.replace(gm=cap.gm, args=cap.args, kwargs=cap.kwargs, frontend=cap.frontend,
                              more_inputs=cap.more_inputs)
 
 
-@_reads_graph
+@contract(reads=(GRAPH,), analysis=True)
 def propagate_shapes(state: State) -> State:
     """Annotate every node of ``state.gm`` with ``meta['val']`` from the example inputs (meta tensors)."""
-    _propagate_shapes(_need(state, "gm", "propagate_shapes", "capture"), tuple(state.args), dict(state.kwargs))
+    annotate_shapes(state.gm, tuple(state.args), dict(state.kwargs))
     return state
 
 
-@_reads_graph
+@contract(reads=(GRAPH, PIN), writes=(ZIGSET,), analysis=True)
 def find_zigs(state: State) -> State:
-    """The zero-invariant groups of ``state.gm`` (needs propagate_shapes); ``state.pin`` stays whole."""
-    gm = _need(state, "gm", "find_zigs", "capture")
+    """The zero-invariant groups of ``state.gm`` (needs propagate_shapes); the ``PIN`` names stay whole."""
+    gm = state.gm
     if not any("val" in n.meta for n in gm.graph.nodes if n.op != "output"):
         raise PipelineError("pass 'find_zigs' needs shapes on the graph: run 'propagate_shapes' before it")
-    zs = _find_zigs(gm, pin=tuple(state.pin))
+    zs = zero_invariant_groups(gm, pin=tuple(state.get(PIN)))
     log.info("otofx: %d groups, %d rows, %d pins", len(zs.zigs), sum(z.rows for z in zs.zigs), len(zs.pinned))
-    return state.replace(zigset=zs)
+    return state.put(ZIGSET, zs)
 
 
 class _ReportView:
     """What ``otofx.report.report`` reads of an OTO object, built from a State."""
 
     def __init__(self, state: State, model: torch.nn.Module):
+        zs = state.get(ZIGSET)
         self.model = model
-        self.groups = state.zigset.zigs
-        self.pinned = state.zigset.pinned
+        self.groups = zs.zigs
+        self.pinned = zs.pinned
         self.frontend = state.frontend or "graph"
 
 
-@_reads_graph
+@contract(reads=(GRAPH, ZIGSET), writes=(REPORT,), analysis=True)
 def report_pins(state: State) -> State:
-    """The group and pin table of ``state.zigset``: logged at INFO on the ``otofx`` logger, kept in
-    ``state.report``."""
+    """The group and pin table of ``ZIGSET``: logged at INFO on the ``otofx`` logger, kept as ``REPORT``."""
     from otofx.report import report
 
-    _need(state, "zigset", "report_pins", "find_zigs")
-    text = report(_ReportView(state, _need(state, "gm", "report_pins", "capture")))
+    text = report(_ReportView(state, state.gm))
     log.info("%s", text)
-    return state.replace(report=text)
+    return state.put(REPORT, text)
 
 
-@_reads_graph
+@contract(reads=(GRAPH, ZIGSET), writes=(PLAN,), analysis=True)
 def plan_zero_rows(state: State) -> State:
     """A plan removing every row whose parameter slices in ``state.gm`` are all exactly zero."""
-    zs = _need(state, "zigset", "plan_zero_rows", "find_zigs")
-    return state.replace(plan=_plan_rows(zs, zero_rows(zs, _need(state, "gm", "plan_zero_rows", "capture"))))
+    zs = state.get(ZIGSET)
+    return state.put(PLAN, plan_rows(zs, zero_rows(zs, state.gm)))
 
 
+@contract(reads=(GRAPH, PLAN), writes=(GRAPH,))
 def prune(state: State) -> State:
-    """The rewrite: a new GraphModule without ``state.plan``'s rows (``state.gm`` is not modified)."""
-    plan = _need(state, "plan", "prune", "plan_zero_rows")
-    gm = _need(state, "gm", "prune", "capture")
+    """The rewrite: a new GraphModule without ``PLAN``'s rows (``state.gm`` is not modified)."""
+    plan = state.get(PLAN)
     log.info("otofx: removing %d rows", plan.count)
-    return state.replace(gm=_prune(gm, plan))
+    return state.replace(gm=prune_graph(state.gm, plan))
 
 
-def _impure(node: fx.Node) -> bool:
-    """fx's notion of impure, plus in-place tensor ops (``x.add_(1)``, ``relu(inplace=True)``)."""
-    return node.is_impure() or mutates_input(node)
-
-
-def copy_graph(graph: fx.Graph) -> fx.Graph:
-    """A copy of ``graph`` (node meta copied shallowly: meta tensors and fake values are shared)."""
-    new = fx.Graph(tracer_cls=graph._tracer_cls)
-    out = new.graph_copy(graph, {})
-    new.output(out)
-    # NB: a torch.export graph flattens its inputs and outputs through a pytree codegen, which
-    # graph_copy does not carry over
-    new._codegen = graph._codegen
-    return new
-
-
+@contract(reads=(GRAPH,), writes=(GRAPH,))
 def eliminate_dead_code(state: State) -> State:
     """Drop nodes whose values are never used (a new GraphModule sharing ``state.gm``'s modules)."""
-    gm = _need(state, "gm", "eliminate_dead_code", "capture")
+    gm = state.gm
     # NB: the new GraphModule shares submodules and tensors with the old one (no copy of weights);
     # attributes no longer used stay on the shared modules, harmlessly. It is built before the
     # elimination because fx's purity check of a call_module needs the graph's owning module.
-    new = graph_module(gm, copy_graph(gm.graph), type(gm).__name__)
-    if not new.graph.eliminate_dead_code(is_impure_node=_impure):
+    new = graph_module_like(gm, copy_graph(gm.graph), type(gm).__name__)
+    if not new.graph.eliminate_dead_code(is_impure_node=impure):
         return state
     new.recompile()
     return state.replace(gm=new)
@@ -457,13 +378,14 @@ class Verify:
     """Raise ``VerificationError`` unless ``state.gm`` reproduces ``state.reference`` on the example inputs."""
 
     name = "verify"
+    reads = (GRAPH, REFERENCE)
+    writes = ()
 
     def __init__(self, rtol: float = 1e-4):
         self.rtol = rtol
 
     def __call__(self, state: State) -> State:
-        ref = _need(state, "reference", self.name, "Pipeline.run (it sets the reference)")
-        compare_all(ref, _need(state, "gm", self.name, "capture"), input_sets(state), self.rtol, "the graph")
+        compare_all(state.reference, state.gm, input_sets(state), self.rtol, "the graph")
         return state
 
 
@@ -476,13 +398,16 @@ class GraphPass:
     place (rather than replacing them) changes the reference too; such a pass must copy first.
     """
 
+    reads = (GRAPH,)
+    writes = (GRAPH,)
+
     def __init__(self, fn: Callable, name: str | None = None):
         self.fn = fn
         self.name = name or _name(fn)
 
     def __call__(self, state: State) -> State:
-        gm = _need(state, "gm", self.name, "capture")
-        work = graph_module(gm, copy_graph(gm.graph), type(gm).__name__)
+        gm = state.gm
+        work = graph_module_like(gm, copy_graph(gm.graph), type(gm).__name__)
         out = self.fn(work)
         if out is None:
             work.recompile()
@@ -591,7 +516,7 @@ class Pipeline:
                                     f"got {type(start).__name__}")
             args, kwargs = normalize_inputs(example_inputs if example_inputs is not None else ())
             gm = start if isinstance(start, fx.GraphModule) else None
-            state = State(gm=gm, args=args, kwargs=kwargs, model=start, **fields)
+            state = State(gm=gm, args=args, kwargs=kwargs, model=start).replace(**fields)
         if example_inputs is not None and isinstance(start, State):
             args, kwargs = normalize_inputs(example_inputs)
             state = state.replace(args=args, kwargs=kwargs)
@@ -605,15 +530,37 @@ class Pipeline:
         with _gc_paused():
             return self._run(state, ref_out)
 
+    def check(self, state: State) -> None:
+        """Raise ``PipelineError`` if a pass reads a key that neither ``state`` has nor an earlier
+        pass writes (after a pass without a contract, which may write anything, nothing is known)."""
+        have = {k for k in _KEYS.values() if state.has(k)}
+        for i, p in enumerate(self.passes):
+            if not _has_contract(p):
+                return
+            if GRAPH in have:
+                have.add(REFERENCE)  # the runner sets it from the first graph
+            for key in p.reads:
+                if key not in have:
+                    later = next((_name(q) for q in self.passes[i + 1:] if key in getattr(q, "writes", ())), None)
+                    raise _missing(_name(p), key, later)
+            have.update(p.writes)
+
     def _run(self, state: State, ref_out) -> State:
+        self.check(state)
         for p in self.passes:
             name = _name(p)
+            contracted = _has_contract(p)
+            for key in getattr(p, "reads", ()):
+                if not state.has(key):
+                    raise _missing(name, key)
             before = _fingerprint(state.gm, self.verify)
             t0 = time.perf_counter()
             out = p(state)
             seconds = time.perf_counter() - t0
             if not isinstance(out, State):
                 out = state.replace(gm=_as_gm(out, name))
+            if contracted:
+                _check_writes(p, name, state, out)
             state = out
             t1 = time.perf_counter()
             after = _fingerprint(state.gm, self.verify)
@@ -642,6 +589,21 @@ class Pipeline:
                       f", error {err:.2g}" if err is not None else "")
             state = state.replace(records=state.records + (rec,))
         return state
+
+
+
+
+def _check_writes(p, name: str, before: State, after: State) -> None:
+    """A contracted pass wrote exactly what it declares: every key it changed is in ``writes``, and
+    every store key in ``writes`` is there."""
+    writes = set(p.writes)
+    for key, value in after.results.items():
+        if key not in writes and before.results.get(key, _MISSING) is not value:
+            raise PipelineError(f"pass '{name}' wrote state.{key.name} but its contract does not declare it "
+                                f"(writes={tuple(k.name for k in p.writes)})")
+    for key in writes:
+        if not after.has(key):
+            raise PipelineError(f"pass '{name}' declares it writes state.{key.name} but did not")
 
 
 def format_records(records: Iterable[PassRecord]) -> str:
@@ -675,7 +637,10 @@ def default(frontend: str = "auto", verify: bool = True) -> Pipeline:
                      eliminate_dead_code] + ([Verify()] if verify else []))
 
 
-__all__ = ["State", "PassRecord", "Pipeline", "PipelineError", "Capture", "propagate_shapes", "find_zigs",
-           "report_pins", "plan_zero_rows", "zero_rows", "prune", "eliminate_dead_code", "Verify", "GraphPass", "copy_graph",
-           "format_records", "analysis", "compression", "default", "eval_mode", "outputs_close", "compare",
-           "run_eval", "tf32_in_use", "fitted_rtol", "contraction_depth", "compute_dtype", "unit_roundoff", "compare_all", "input_sets"]
+__all__ = ["State", "Key", "contract", "GRAPH", "MODEL", "REFERENCE", "PIN", "ZIGSET", "PLAN", "REPORT", "PassRecord",
+           "Pipeline", "PipelineError", "Capture", "propagate_shapes", "find_zigs", "report_pins", "plan_zero_rows",
+           "zero_rows", "prune", "eliminate_dead_code", "Verify", "GraphPass", "copy_graph", "format_records",
+           "analysis", "compression", "default",
+           # verification, re-exported from otofx.verify (its home) for code written before it
+           "eval_mode", "outputs_close", "compare", "run_eval", "tf32_in_use", "fitted_rtol", "contraction_depth",
+           "compute_dtype", "unit_roundoff", "compare_all", "input_sets"]

@@ -48,7 +48,7 @@ def keep_indices(plan: Plan) -> dict:
     """``{tensor name: {dim: kept indices (np.ndarray)}}`` for every tensor axis that loses entries."""
     uf, out = plan.zigset.uf, {}
     for o in plan.zigset.owners:
-        keep = ~plan.removed[uf.find(o.ids)]
+        keep = ~plan.removed_roots[uf.find(o.ids)]
         if not keep.all():
             out.setdefault(o.name, {})[o.dim] = np.nonzero(keep)[0]
     return out

@@ -1,8 +1,9 @@
 """Small facts about graph nodes and modules that several passes need, each defined once.
 
-``mutates_input(node)``: whether a node writes its first argument in place; ``get_path(root,
-name)``: a parameter, buffer or submodule by qualified name; ``set_path`` puts one there;
-``graph_module(root, graph, name)``: fx's GraphModule with root's buffer persistence kept.
+``mutates_input(node)``: whether a node writes its first argument in place (``impure(node)``:
+that, or fx's impure: a node dead-code elimination keeps); ``get_path(root,
+name)``: a parameter, buffer or submodule by qualified name (the one tensor lookup: every pass
+and front-end uses it); ``set_path`` puts one there.
 
 Internals:
     * In-place is read off the spelling: a method or function whose name ends in one ``_``
@@ -47,6 +48,12 @@ def mutates_input(node: fx.Node, module: torch.nn.Module | None = None) -> bool:
     return False
 
 
+def impure(node: fx.Node) -> bool:
+    """fx's notion of impure (``node.is_impure()``: placeholders, outputs, side effects) or
+    :func:`mutates_input`: a node dead-code elimination must keep, and whose first argument it writes."""
+    return node.is_impure() or mutates_input(node)
+
+
 def get_path(root: torch.nn.Module, name: str):
     """The attribute at dotted ``name`` under ``root`` (a parameter, buffer or submodule)."""
     return functools.reduce(getattr, name.split("."), root)
@@ -62,21 +69,3 @@ def set_path(root: torch.nn.Module, name: str, tensor) -> None:
         owner._buffers[attr] = tensor
     else:
         setattr(owner, attr, tensor)
-
-
-def graph_module(root: torch.nn.Module, graph: fx.Graph, class_name: str) -> fx.GraphModule:
-    """``fx.GraphModule(root, graph, class_name)`` that keeps which of root's buffers are persistent.
-
-    # NB: fx before torch 2.12 registers every buffer it copies from ``root`` as persistent, so a
-    # non-persistent buffer (an export graph's lifted constant) would enter the state_dict
-    """
-    gm = fx.GraphModule(root, graph, class_name)
-    for name, mod in root.named_modules():
-        if not mod._non_persistent_buffers_set:
-            continue
-        try:
-            dst = gm.get_submodule(name)
-        except AttributeError:
-            continue
-        dst._non_persistent_buffers_set.update(b for b in mod._non_persistent_buffers_set if b in dst._buffers)
-    return gm

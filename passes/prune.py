@@ -1,6 +1,7 @@
-"""The rewrite: ``prune(gm, plan) -> GraphModule`` without the removed rows.
+"""The rewrite: ``prune_graph(gm, plan) -> GraphModule`` without the removed rows (run by the
+``prune`` pass of ``otofx.pipeline``).
 
-``plan_zero_rows(zigset, module)`` finds the rows whose every listed slice is exactly zero;
+``zero_row_plan(zigset, module)`` finds the rows whose every listed slice is exactly zero;
 ``prune`` deep-copies the graph module without its tensors, gives it every parameter and buffer
 sliced along the axes whose channels were removed (or a copy of it when none were), lets each op's rule fix module attributes and literal arguments (conv
 groups, view sizes, split sizes), and recompiles.
@@ -56,23 +57,26 @@ import numpy as np
 import torch
 import torch.fx as fx
 
+from otofx.fxcompat import graph_module_like
+
 from .channels import AxisLabels, labs_in
-from .nodes import get_path, graph_module, set_path
+from .nodes import get_path, set_path
 from .registry import RULES, arg_slot, bind, form_of, set_arg
 from .zigs import ZigSet
 
 
 @dataclass(frozen=True)
 class Plan:
-    """Which rows to remove: ``rows[z]`` are the removed row indices of zig z."""
+    """Which rows to remove: ``removed[z]`` are the removed row indices of zig z (``ZIG.rows`` is
+    the count of its rows), ``removed_roots`` the same as a mask over union-find roots."""
 
     zigset: ZigSet
-    rows: tuple  # tuple[torch.LongTensor]
-    removed: np.ndarray  # root id -> removed
+    removed: tuple  # tuple[torch.LongTensor]: per zig, the indices of its removed rows
+    removed_roots: np.ndarray  # root id -> removed
 
     @property
     def count(self) -> int:
-        return int(sum(len(r) for r in self.rows))
+        return int(sum(len(r) for r in self.removed))
 
 
 def row_norms(zigset: ZigSet, module: torch.nn.Module) -> list:
@@ -114,7 +118,7 @@ def zero_rows(zigset: ZigSet, module: torch.nn.Module) -> tuple:
     return tuple(out)
 
 
-def plan_zero_rows(zigset: ZigSet, module: torch.nn.Module) -> Plan:
+def zero_row_plan(zigset: ZigSet, module: torch.nn.Module) -> Plan:
     """A plan removing every row whose listed parameter slices are all exactly zero."""
     return plan_rows(zigset, zero_rows(zigset, module))
 
@@ -176,7 +180,7 @@ class Site:
         return tuple(int(self._keep_ids(a).sum()) for a in lab.ids)
 
     def _keep_ids(self, ids):
-        return ~self.plan.removed[self.plan.zigset.uf.find(ids)]
+        return ~self.plan.removed_roots[self.plan.zigset.uf.find(ids)]
 
     def old(self, v):
         return self.old_of(self._lab(v))
@@ -237,7 +241,7 @@ def _fill_tensors(new: fx.GraphModule, originals: dict, plan: Plan) -> None:
     uf = plan.zigset.uf
     cuts: dict[str, list] = {}
     for o in plan.zigset.owners:
-        keep = ~plan.removed[uf.find(o.ids)]
+        keep = ~plan.removed_roots[uf.find(o.ids)]
         if not keep.all():
             cuts.setdefault(o.name, []).append((o.dim, torch.from_numpy(np.nonzero(keep)[0])))
     aliases: dict[int, list] = {}
@@ -269,7 +273,7 @@ def _fill_tensors(new: fx.GraphModule, originals: dict, plan: Plan) -> None:
             del data, repl
 
 
-def prune(gm: fx.GraphModule, plan: Plan) -> fx.GraphModule:
+def prune_graph(gm: fx.GraphModule, plan: Plan) -> fx.GraphModule:
     """A new GraphModule with the plan's rows removed (``gm`` is not modified)."""
     new, originals = _copy_without_tensors(gm)
     _fill_tensors(new, originals, plan)
@@ -294,7 +298,7 @@ def prune(gm: fx.GraphModule, plan: Plan) -> fx.GraphModule:
     follow_placement(new)
     new.graph.lint()
     # a plain GraphModule (code generated now), whatever kind of module the front-end gave
-    return graph_module(new, new.graph, type(gm).__name__.replace("GraphModuleImpl", "GraphModule"))
+    return graph_module_like(new, new.graph, type(gm).__name__.replace("GraphModuleImpl", "GraphModule"))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -390,7 +390,7 @@ def _real_error(interp: "MetaProp", n: fx.Node) -> str | None:
     return None
 
 
-def propagate_shapes(gm: fx.GraphModule, args: tuple, kwargs: dict | None = None) -> fx.GraphModule:
+def annotate_shapes(gm: fx.GraphModule, args: tuple, kwargs: dict | None = None) -> fx.GraphModule:
     """Annotate every node of ``gm`` with ``meta['val']`` (meta tensors) from example args/kwargs."""
     kwargs = kwargs or {}
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]

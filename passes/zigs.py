@@ -1,7 +1,8 @@
 """find_zigs: the zero-invariant groups of a shape-annotated GraphModule.
 
-``find_zigs(gm) -> ZigSet`` walks the graph once in topological order, asks each node's rule for
-its output label, and turns the surviving union-find classes into rows and groups.
+``zero_invariant_groups(gm) -> ZigSet`` (run by the ``find_zigs`` pass of ``otofx.pipeline``)
+walks the graph once in topological order, asks each node's rule for its output label, and turns
+the surviving union-find classes into rows and groups.
 
 Internals:
     * Cost is linear in the graph: each node does O(size of its labels) numpy work; grouping
@@ -95,7 +96,7 @@ def _getattr_value(ctx: Ctx, node: fx.Node, obj, attr: str, out):
     return out
 
 
-def find_zigs(gm: fx.GraphModule, pin: tuple = ()) -> ZigSet:
+def zero_invariant_groups(gm: fx.GraphModule, pin: tuple = ()) -> ZigSet:
     """Group analysis over a graph whose nodes carry ``meta['val']`` (see propagate_shapes).
 
     ``pin``: module or parameter names whose channels must not be removed.

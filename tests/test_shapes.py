@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 import otofx
 from otofx.capture import LeafTracer
-from otofx.passes.shapes import _conv_shape, _fast_binary, _fast_cat, _fast_inplace, propagate_shapes
+from otofx.passes.shapes import _conv_shape, _fast_binary, _fast_cat, _fast_inplace, annotate_shapes
 from otofx.capture import capture
 
 
@@ -136,7 +136,7 @@ def test_linear_on_permuted_input_and_convnext_shapes():
 
     model, x = CN(), torch.randn(2, 8, 5, 5)
     cap = capture(model, x)
-    propagate_shapes(cap.gm, cap.args, cap.kwargs)
+    annotate_shapes(cap.gm, cap.args, cap.kwargs)
     real = {}
     interp = torch.fx.Interpreter(cap.gm)
     orig = interp.run_node

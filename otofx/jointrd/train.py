@@ -54,8 +54,8 @@ from otofx.capture import capture, normalize_inputs
 from otofx.errors import InputError
 from otofx.passes.jointrd import (StageError, equal_boundaries, find_boundaries, find_residual_adds, stream_output,
                                   tail, tap)
-from otofx.passes.shapes import propagate_shapes
-from otofx.pipeline import eval_mode
+from otofx.passes.shapes import annotate_shapes
+from otofx.verify import eval_mode
 
 from .shortcuts import plain
 
@@ -193,8 +193,8 @@ class JointRD(nn.Module):
         if not self.train_teacher:
             self.teacher.eval().requires_grad_(False)
         t_gm = capture(self.teacher, args if not kwargs else kwargs, frontend).gm
-        propagate_shapes(t_gm, args, kwargs)
-        propagate_shapes(self.student, args, kwargs)
+        annotate_shapes(t_gm, args, kwargs)
+        annotate_shapes(self.student, args, kwargs)
         self._t_gm = t_gm
 
         adds = find_residual_adds(t_gm)

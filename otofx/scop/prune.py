@@ -31,7 +31,7 @@ from torch.utils._pytree import tree_flatten
 
 from otofx.errors import InputError, VerificationError
 from otofx.passes.prune import plan_rows
-from otofx.pipeline import compare, run_eval
+from otofx.verify import compare, run_eval
 
 from otofx.calibrate import reestimate_bn
 
@@ -73,7 +73,7 @@ def zeroed_copy(oto, plan) -> torch.nn.Module:
     ref = copy.deepcopy(oto._sync())
     params = dict(ref.named_parameters())
     with torch.no_grad():
-        for z, rows in zip(oto.groups, plan.rows):
+        for z, rows in zip(oto.groups, plan.removed):
             if len(rows):
                 for name, dim, index in z.params:
                     params[name].movedim(dim, 0)[index[rows].reshape(-1)] = 0
