@@ -39,10 +39,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
-from torch.fx._lazy_graph_module import _LazyGraphModule
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from otofx.errors import CaptureError, InputError
+from otofx.fxcompat import LazyGraphModule as _LazyGraphModule
 from otofx.passes.registry import FUNCTION_FORMS, MODULE_FORMS
 
 log = logging.getLogger("otofx")

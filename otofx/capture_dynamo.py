@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from otofx.capture import Captured, normalize_inputs
 from otofx.errors import CaptureError, InputError
@@ -290,7 +291,7 @@ def capture(model: torch.nn.Module, example_inputs) -> Captured:
         return gm.forward
 
     try:
-        torch.compile(model, backend=grab, fullgraph=True, dynamic=False)(*args, **kwargs)
+        out = torch.compile(model, backend=grab, fullgraph=True, dynamic=False)(*args, **kwargs)
     except Exception as e:  # noqa: BLE001 - dynamo raises many kinds; the message says what
         first = str(e).splitlines()[0] if str(e) else ""
         raise CaptureError(f"dynamo could not capture {type(model).__name__} as one graph: "
@@ -299,8 +300,36 @@ def capture(model: torch.nn.Module, example_inputs) -> Captured:
     if any(isinstance(e, FakeTensor) for e in example):
         raise CaptureError("dynamo gave fake example inputs; the dynamo front-end needs real ones")
     lifted = lift(gm, example, names)
+    _model_outputs(lifted.gm, out)
     inputs = tuple(example[i] for i in lifted.inputs)
     return Captured(restore_attention(lifted.gm), inputs, {}, "dynamo")
+
+
+def _model_outputs(gm: fx.GraphModule, out) -> None:
+    """Make ``gm`` return what the model returns (a tensor, a tuple, a dict ...) rather than dynamo's
+    flat tuple, when the model's outputs are plain containers of exactly the graph's outputs.
+
+    # NB: dynamo rebuilds the model's output structure in its own bytecode, outside the graph; a
+    # class it rebuilds there (a Hugging Face ModelOutput) cannot be a graph output: left flat
+    """
+    leaves, spec = tree_flatten(out)
+    node = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
+    flat = node.args[0]
+    if not isinstance(flat, (tuple, list)) or len(flat) != len(leaves) or not _plain(out):
+        return
+    node.args = (tree_unflatten(list(flat), spec),)
+    gm.recompile()
+
+
+def _plain(out) -> bool:
+    """Tensors in tuples, lists and dicts only (what an fx output node can hold)."""
+    if isinstance(out, torch.Tensor):
+        return True
+    if type(out) in (tuple, list):
+        return all(_plain(o) for o in out)
+    if type(out) is dict:
+        return all(_plain(o) for o in out.values())
+    return False
 
 
 __all__ = ["capture", "lift", "Lifted", "state_names", "restore_attention"]

@@ -367,7 +367,7 @@ def eliminate_dead_code(state: State) -> State:
     # NB: the new GraphModule shares submodules and tensors with the old one (no copy of weights);
     # attributes no longer used stay on the shared modules, harmlessly. It is built before the
     # elimination because fx's purity check of a call_module needs the graph's owning module.
-    new = graph_module_like(gm, copy_graph(gm.graph), type(gm).__name__)
+    new = working_copy(gm)
     if not new.graph.eliminate_dead_code(is_impure_node=impure):
         return state
     new.recompile()
@@ -406,13 +406,19 @@ class GraphPass:
         self.name = name or _name(fn)
 
     def __call__(self, state: State) -> State:
-        gm = state.gm
-        work = graph_module_like(gm, copy_graph(gm.graph), type(gm).__name__)
+        work = working_copy(state.gm)
         out = self.fn(work)
         if out is None:
             work.recompile()
             return state.replace(gm=work)
         return state.replace(gm=_as_gm(out, self.name))
+
+
+def working_copy(gm: fx.GraphModule) -> fx.GraphModule:
+    """A new GraphModule over a copy of ``gm``'s graph, sharing its submodules and tensors: a pass
+    edits it (nodes, new top-level attributes) and leaves ``gm``, maybe the verification reference,
+    as it was. # NB: a shared submodule or tensor must be replaced, not changed in place."""
+    return graph_module_like(gm, copy_graph(gm.graph), type(gm).__name__)
 
 
 def _as_gm(out, name: str) -> fx.GraphModule:
@@ -639,7 +645,7 @@ def default(frontend: str = "auto", verify: bool = True) -> Pipeline:
 
 __all__ = ["State", "Key", "contract", "GRAPH", "MODEL", "REFERENCE", "PIN", "ZIGSET", "PLAN", "REPORT", "PassRecord",
            "Pipeline", "PipelineError", "Capture", "propagate_shapes", "find_zigs", "report_pins", "plan_zero_rows",
-           "zero_rows", "prune", "eliminate_dead_code", "Verify", "GraphPass", "copy_graph", "format_records",
+           "zero_rows", "prune", "eliminate_dead_code", "Verify", "GraphPass", "working_copy", "copy_graph", "format_records",
            "analysis", "compression", "default",
            # verification, re-exported from otofx.verify (its home) for code written before it
            "eval_mode", "outputs_close", "compare", "run_eval", "tf32_in_use", "fitted_rtol", "contraction_depth",

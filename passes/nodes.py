@@ -3,7 +3,10 @@
 ``mutates_input(node)``: whether a node writes its first argument in place (``impure(node)``:
 that, or fx's impure: a node dead-code elimination keeps); ``get_path(root,
 name)``: a parameter, buffer or submodule by qualified name (the one tensor lookup: every pass
-and front-end uses it); ``set_path`` puts one there.
+and front-end uses it); ``set_path`` puts one there. ``call_arguments(node, root)``: a call's
+arguments by the names of its op's rule, the same for every front-end's spelling of the op
+(module call, torch function, ATen overload); ``constant(root, value)`` resolves one of them that
+is known without running the graph (a parameter, a buffer, a flag, a literal).
 
 Internals:
     * In-place is read off the spelling: a method or function whose name ends in one ``_``
@@ -69,3 +72,36 @@ def set_path(root: torch.nn.Module, name: str, tensor) -> None:
         owner._buffers[attr] = tensor
     else:
         setattr(owner, attr, tensor)
+
+
+def call_arguments(node: fx.Node, root: torch.nn.Module) -> dict | None:
+    """``node``'s arguments by the names its op's rule reads (``input``, ``weight``, ``running_mean``,
+    ``eps`` ...), or None when no rule knows the op.
+
+    The same names whichever front-end made the graph: ``nn.BatchNorm2d``'s module call
+    (symbolic_trace), ``F.batch_norm`` (dynamo) and ``aten.batch_norm`` (export) all give ``input``,
+    ``weight``, ``bias``, ``running_mean``, ``running_var``. Values are the node's own arguments
+    (nodes and literals; a module form gives its module's tensors as ``ParamRef``): pass them to
+    :func:`constant`. # NB: a module form binds what its rule reads only; its other settings
+    (``eps``) are attributes of ``root.get_submodule(node.target)``.
+    """
+    from .registry import bind, form_of
+
+    form = form_of(node, root)
+    if form is None:
+        return None
+    module = root.get_submodule(node.target) if node.op == "call_module" else None
+    return bind(form, node, node.args, node.kwargs, module)
+
+
+def constant(root: torch.nn.Module, value):
+    """What an argument of :func:`call_arguments` holds when that is known without running the
+    graph: the attribute a ``get_attr`` node or a ``ParamRef`` names (a parameter, buffer or flag),
+    a literal itself; None for any other node (a value computed by the graph)."""
+    from .channels import ParamRef
+
+    if isinstance(value, ParamRef):
+        return get_path(root, value.name)
+    if isinstance(value, fx.Node):
+        return get_path(root, value.target) if value.op == "get_attr" else None
+    return value
