@@ -3,16 +3,16 @@
 A pass is any callable ``State -> State``. It declares what it reads and writes (its *contract*:
 ``reads``/``writes``, tuples of :class:`Key`), and the runner checks the contract: a pass whose
 input nobody produced raises a ``PipelineError`` naming the pass that produces it, before any pass
-runs. The built-in passes, with their contracts::
+runs. The passes every method shares, with their contracts::
 
     Capture(frontend)    model -> GraphModule          reads MODEL;            writes GRAPH
     propagate_shapes     meta shapes on every node     reads GRAPH             (node.meta["val"])
-    find_zigs            zero-invariant groups         reads GRAPH, PIN;       writes ZIGSET
-    report_pins          group and pin table, logged   reads GRAPH, ZIGSET;    writes REPORT
-    plan_zero_rows       rows whose slices are all 0   reads GRAPH, ZIGSET;    writes PLAN
-    prune                the rewrite                   reads GRAPH, PLAN;      writes GRAPH (a new, smaller one)
     eliminate_dead_code  cleanup                       reads GRAPH;            writes GRAPH
     Verify(rtol)         outputs equal the reference   reads GRAPH, REFERENCE  (raises VerificationError)
+
+OTO's passes (``find_zigs``, ``report_pins``, ``plan_zero_rows``, ``prune``), its keys (``PIN``,
+``ZIGSET``, ``PLAN``, ``REPORT``) and standard pipelines (``analysis``, ``compression``,
+``default``) live in :mod:`otofx.oto_passes` and are re-exported here under the same names.
 
 ``Pipeline(passes, verify=False).run(model_or_gm, example_inputs)`` runs them in order and returns
 the final :class:`State`; ``state.records`` holds one :class:`PassRecord` (name, seconds, graph
@@ -40,8 +40,9 @@ Internals:
       just before it runs. After a contracted pass, every store key it changed must be in its
       ``writes``, and every key in its ``writes`` must be present.
     * Keys are compared by identity and registered by name (a second key of the same name
-      raises). ``State.replace(pin=...)`` and the ``zigset``/``plan``/``pin``/``report``
-      properties are the OTO keys by name, kept for code written before the store.
+      raises). ``State.replace(pin=...)`` puts a key's result by its name; the read-only
+      ``zigset``/``plan``/``pin``/``report`` properties read OTO's keys, kept for code written
+      before the store.
     * After every pass the runner checks ``state.gm``: a pass marked ``analysis = True`` (the
       built-in ones that only read the graph) must leave the same GraphModule with the same node
       count, a cheap identity check; the front-end's graph (``Capture``) is linted when verifying
@@ -55,10 +56,6 @@ Internals:
     * Verification runs every input set of :func:`otofx.verify.input_sets`: the example inputs
       and ``state.more_inputs`` (the export front-end's second shape: batch + 1 and length + 1
       along the dimensions it made dynamic, the example tiled to those sizes).
-    * ``plan_zero_rows`` finds zero rows with ``passes.prune.zero_rows`` (``p != 0`` masks
-      gathered per row, no float64 copy of the weights).
-    * ``ZIGSET`` and ``PLAN`` describe the graph they were computed on (``state.reference`` in
-      the usual order), not the pruned one; ``prune`` leaves them in the state for reporting.
     * ``torch.fx.passes.infra.pass_manager.PassManager`` runs ``GraphModule -> PassResult``
       passes only; otofx's analysis passes produce data (groups, plans), so this runner carries a
       State instead, and accepts PassManager-style passes through ``GraphPass``.
@@ -83,9 +80,7 @@ from otofx.capture import normalize_inputs
 from otofx.errors import OTOError
 from otofx.fxcompat import copy_graph, graph_module_like
 from otofx.passes.nodes import impure
-from otofx.passes.prune import Plan, plan_rows, prune_graph, zero_rows
 from otofx.passes.shapes import annotate_shapes
-from otofx.passes.zigs import ZigSet, zero_invariant_groups
 from otofx.verify import (compare, compare_all, compute_dtype, contraction_depth, eval_mode, fitted_rtol, input_sets,
                           outputs_close, run_eval, tf32_in_use, unit_roundoff)
 
@@ -139,12 +134,6 @@ GRAPH = Key("gm", fx.GraphModule, "capture", "the current graph", field=True)
 MODEL = Key("model", torch.nn.Module, "Pipeline.run(model, example_inputs)", "what Capture reads", field=True)
 REFERENCE = Key("reference", fx.GraphModule, "Pipeline.run (it sets the reference)",
                 "the graph outputs are verified against", field=True)
-
-# OTO's results
-PIN = Key("pin", tuple, "Pipeline.run(..., pin=...)", "module or parameter names find_zigs keeps whole", default=())
-ZIGSET = Key("zigset", ZigSet, "find_zigs", "the zero-invariant groups of the analysed graph")
-PLAN = Key("plan", Plan, "plan_zero_rows", "the rows to remove")
-REPORT = Key("report", str, "report_pins", "report_pins' table")
 
 
 @dataclass(frozen=True, eq=False)
@@ -204,21 +193,22 @@ class State:
         return state
 
     # -- OTO's results by name (read-only; kept for code written before the store) ----------------
+    # NB: looked up by name: the core does not import a method (otofx.oto_passes declares these keys)
     @property
-    def zigset(self) -> ZigSet | None:
-        return self.get(ZIGSET)
+    def zigset(self):
+        return self.get(_KEYS["zigset"])
 
     @property
-    def plan(self) -> Plan | None:
-        return self.get(PLAN)
+    def plan(self):
+        return self.get(_KEYS["plan"])
 
     @property
     def pin(self) -> tuple:
-        return self.get(PIN)
+        return self.get(_KEYS["pin"])
 
     @property
     def report(self) -> str | None:
-        return self.get(REPORT)
+        return self.get(_KEYS["report"])
 
 
 _FIELDS = frozenset(f.name for f in dataclasses.fields(State))
@@ -311,53 +301,6 @@ def propagate_shapes(state: State) -> State:
     """Annotate every node of ``state.gm`` with ``meta['val']`` from the example inputs (meta tensors)."""
     annotate_shapes(state.gm, tuple(state.args), dict(state.kwargs))
     return state
-
-
-@contract(reads=(GRAPH, PIN), writes=(ZIGSET,), analysis=True)
-def find_zigs(state: State) -> State:
-    """The zero-invariant groups of ``state.gm`` (needs propagate_shapes); the ``PIN`` names stay whole."""
-    gm = state.gm
-    if not any("val" in n.meta for n in gm.graph.nodes if n.op != "output"):
-        raise PipelineError("pass 'find_zigs' needs shapes on the graph: run 'propagate_shapes' before it")
-    zs = zero_invariant_groups(gm, pin=tuple(state.get(PIN)))
-    log.info("otofx: %d groups, %d rows, %d pins", len(zs.zigs), sum(z.rows for z in zs.zigs), len(zs.pinned))
-    return state.put(ZIGSET, zs)
-
-
-class _ReportView:
-    """What ``otofx.report.report`` reads of an OTO object, built from a State."""
-
-    def __init__(self, state: State, model: torch.nn.Module):
-        zs = state.get(ZIGSET)
-        self.model = model
-        self.groups = zs.zigs
-        self.pinned = zs.pinned
-        self.frontend = state.frontend or "graph"
-
-
-@contract(reads=(GRAPH, ZIGSET), writes=(REPORT,), analysis=True)
-def report_pins(state: State) -> State:
-    """The group and pin table of ``ZIGSET``: logged at INFO on the ``otofx`` logger, kept as ``REPORT``."""
-    from otofx.report import report
-
-    text = report(_ReportView(state, state.gm))
-    log.info("%s", text)
-    return state.put(REPORT, text)
-
-
-@contract(reads=(GRAPH, ZIGSET), writes=(PLAN,), analysis=True)
-def plan_zero_rows(state: State) -> State:
-    """A plan removing every row whose parameter slices in ``state.gm`` are all exactly zero."""
-    zs = state.get(ZIGSET)
-    return state.put(PLAN, plan_rows(zs, zero_rows(zs, state.gm)))
-
-
-@contract(reads=(GRAPH, PLAN), writes=(GRAPH,))
-def prune(state: State) -> State:
-    """The rewrite: a new GraphModule without ``PLAN``'s rows (``state.gm`` is not modified)."""
-    plan = state.get(PLAN)
-    log.info("otofx: removing %d rows", plan.count)
-    return state.replace(gm=prune_graph(state.gm, plan))
 
 
 @contract(reads=(GRAPH,), writes=(GRAPH,))
@@ -621,27 +564,10 @@ def format_records(records: Iterable[PassRecord]) -> str:
     return tabulate(rows, headers=["pass", "ms", "check ms", "nodes", "changed", "rel. error"], tablefmt="github")
 
 
-# ---------------------------------------------------------------------------------------------
-# Standard pipelines
-# ---------------------------------------------------------------------------------------------
-
-
-def analysis(frontend: str = "auto") -> Pipeline:
-    """capture -> propagate_shapes -> find_zigs (what ``otofx.OTO(model, x)`` runs)."""
-    return Pipeline([Capture(frontend), propagate_shapes, find_zigs])
-
-
-def compression(verify: bool = True, rtol: float = 1e-4) -> Pipeline:
-    """plan_zero_rows -> prune -> eliminate_dead_code [-> Verify] over an analysed State."""
-    passes = [plan_zero_rows, prune, eliminate_dead_code]
-    return Pipeline(passes + ([Verify(rtol)] if verify else []))
-
-
-def default(frontend: str = "auto", verify: bool = True) -> Pipeline:
-    """The whole pipeline, model to verified compressed GraphModule."""
-    return Pipeline([Capture(frontend), propagate_shapes, find_zigs, report_pins, plan_zero_rows, prune,
-                     eliminate_dead_code] + ([Verify()] if verify else []))
-
+# OTO's keys, passes and standard pipelines (their home: otofx.oto_passes), under their names here too
+# NB: imported last: otofx.oto_passes builds on the names above
+from otofx.oto_passes import (PIN, PLAN, REPORT, ZIGSET, analysis, compression, default, find_zigs,  # noqa: E402
+                              plan_zero_rows, prune, report_pins, zero_rows)
 
 __all__ = ["State", "Key", "contract", "GRAPH", "MODEL", "REFERENCE", "PIN", "ZIGSET", "PLAN", "REPORT", "PassRecord",
            "Pipeline", "PipelineError", "Capture", "propagate_shapes", "find_zigs", "report_pins", "plan_zero_rows",

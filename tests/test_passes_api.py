@@ -8,6 +8,7 @@ front-end made the graph.
 from __future__ import annotations
 
 import copy
+import types
 
 import pytest
 import torch
@@ -198,3 +199,17 @@ def test_typed_store():
         P.Key("folded_bn", tuple, "another")
     with pytest.raises(AttributeError):
         s.zigset = None  # read-only
+
+
+def test_each_pass_has_one_name():
+    """A pass name means one pass; the algorithms a pass runs have names of their own."""
+    import otofx.passes
+    from otofx import backend
+
+    seen: dict = {}
+    for p in P.default().passes + backend.pipeline(report=True).passes + [P.GraphPass(lambda gm: gm, "x")]:
+        what = p if isinstance(p, types.FunctionType) else type(p)  # a class's instances are one pass
+        seen.setdefault(getattr(p, "name", None) or p.__name__, set()).add(what)
+    assert all(len(v) == 1 for v in seen.values()), seen
+    functions = {n for n, v in vars(otofx.passes).items() if callable(v) and not isinstance(v, types.ModuleType)}
+    assert "zero_invariant_groups" in functions and not set(seen) & functions

@@ -1,0 +1,110 @@
+"""OTO's passes on the pipeline: its results (typed keys) and the passes that produce them.
+
+    find_zigs        zero-invariant groups         reads GRAPH, PIN;       writes ZIGSET
+    report_pins      group and pin table, logged   reads GRAPH, ZIGSET;    writes REPORT
+    plan_zero_rows   rows whose slices are all 0   reads GRAPH, ZIGSET;    writes PLAN
+    prune            the rewrite                   reads GRAPH, PLAN;      writes GRAPH (a new, smaller one)
+
+``analysis()``, ``compression()`` and ``default()`` are OTO's standard pipelines. This module is
+the pattern for a method's passes: its keys (``PIN``, ``ZIGSET``, ``PLAN``, ``REPORT``) and passes
+sit together, on the shared ``State``, contracts and runner of :mod:`otofx.pipeline` (which
+re-exports these names: ``otofx.pipeline.find_zigs`` is this module's pass).
+
+Internals:
+    * ``plan_zero_rows`` finds zero rows with ``passes.prune.zero_rows`` (``p != 0`` masks
+      gathered per row, no float64 copy of the weights).
+    * ``ZIGSET`` and ``PLAN`` describe the graph they were computed on (``state.reference`` in
+      the usual order), not the pruned one; ``prune`` leaves them in the state for reporting.
+    * The algorithms have their own names (``passes.zigs.zero_invariant_groups``,
+      ``passes.prune.zero_row_plan``/``prune_graph``): each pass has one name.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from otofx.passes.prune import Plan, plan_rows, prune_graph, zero_rows
+from otofx.passes.zigs import ZigSet, zero_invariant_groups
+from otofx.pipeline import (GRAPH, Capture, Key, Pipeline, PipelineError, State, Verify, contract,
+                            eliminate_dead_code, propagate_shapes)
+
+log = logging.getLogger("otofx")
+
+PIN = Key("pin", tuple, "Pipeline.run(..., pin=...)", "module or parameter names find_zigs keeps whole", default=())
+ZIGSET = Key("zigset", ZigSet, "find_zigs", "the zero-invariant groups of the analysed graph")
+PLAN = Key("plan", Plan, "plan_zero_rows", "the rows to remove")
+REPORT = Key("report", str, "report_pins", "report_pins' table")
+
+
+@contract(reads=(GRAPH, PIN), writes=(ZIGSET,), analysis=True)
+def find_zigs(state: State) -> State:
+    """The zero-invariant groups of ``state.gm`` (needs propagate_shapes); the ``PIN`` names stay whole."""
+    gm = state.gm
+    if not any("val" in n.meta for n in gm.graph.nodes if n.op != "output"):
+        raise PipelineError("pass 'find_zigs' needs shapes on the graph: run 'propagate_shapes' before it")
+    zs = zero_invariant_groups(gm, pin=tuple(state.get(PIN)))
+    log.info("otofx: %d groups, %d rows, %d pins", len(zs.zigs), sum(z.rows for z in zs.zigs), len(zs.pinned))
+    return state.put(ZIGSET, zs)
+
+
+class _ReportView:
+    """What ``otofx.report.report`` reads of an OTO object, built from a State."""
+
+    def __init__(self, state: State, model: torch.nn.Module):
+        zs = state.get(ZIGSET)
+        self.model = model
+        self.groups = zs.zigs
+        self.pinned = zs.pinned
+        self.frontend = state.frontend or "graph"
+
+
+@contract(reads=(GRAPH, ZIGSET), writes=(REPORT,), analysis=True)
+def report_pins(state: State) -> State:
+    """The group and pin table of ``ZIGSET``: logged at INFO on the ``otofx`` logger, kept as ``REPORT``."""
+    from otofx.report import report
+
+    text = report(_ReportView(state, state.gm))
+    log.info("%s", text)
+    return state.put(REPORT, text)
+
+
+@contract(reads=(GRAPH, ZIGSET), writes=(PLAN,), analysis=True)
+def plan_zero_rows(state: State) -> State:
+    """A plan removing every row whose parameter slices in ``state.gm`` are all exactly zero."""
+    zs = state.get(ZIGSET)
+    return state.put(PLAN, plan_rows(zs, zero_rows(zs, state.gm)))
+
+
+@contract(reads=(GRAPH, PLAN), writes=(GRAPH,))
+def prune(state: State) -> State:
+    """The rewrite: a new GraphModule without ``PLAN``'s rows (``state.gm`` is not modified)."""
+    plan = state.get(PLAN)
+    log.info("otofx: removing %d rows", plan.count)
+    return state.replace(gm=prune_graph(state.gm, plan))
+
+
+# ---------------------------------------------------------------------------------------------
+# Standard pipelines
+# ---------------------------------------------------------------------------------------------
+
+
+def analysis(frontend: str = "auto") -> Pipeline:
+    """capture -> propagate_shapes -> find_zigs (what ``otofx.OTO(model, x)`` runs)."""
+    return Pipeline([Capture(frontend), propagate_shapes, find_zigs])
+
+
+def compression(verify: bool = True, rtol: float = 1e-4) -> Pipeline:
+    """plan_zero_rows -> prune -> eliminate_dead_code [-> Verify] over an analysed State."""
+    passes = [plan_zero_rows, prune, eliminate_dead_code]
+    return Pipeline(passes + ([Verify(rtol)] if verify else []))
+
+
+def default(frontend: str = "auto", verify: bool = True) -> Pipeline:
+    """The whole pipeline, model to verified compressed GraphModule."""
+    return Pipeline([Capture(frontend), propagate_shapes, find_zigs, report_pins, plan_zero_rows, prune,
+                     eliminate_dead_code] + ([Verify()] if verify else []))
+
+
+__all__ = ["PIN", "ZIGSET", "PLAN", "REPORT", "find_zigs", "report_pins", "plan_zero_rows", "prune", "zero_rows",
+           "analysis", "compression", "default"]
