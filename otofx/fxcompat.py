@@ -10,6 +10,7 @@ looked at here first.
     keep_codegen(dst, src)           dst generates its code the way src does
     LazyGraphModule                  fx's GraphModule that generates its code on first call
     is_op_overload(target)           an ATen overload (``aten.conv2d.default``)
+    op_schema(op)                    an ATen overload's schema (argument names, ``aten::conv2d``)
     grapharg_source(node)            dynamo's source of a placeholder (``L['self']._modules[...]``)
     FakeTensor                       dynamo's fake example inputs
     register_backend(fn, name)       dynamo's backend registry, once per name
@@ -76,6 +77,11 @@ def is_op_overload(target) -> bool:
     return isinstance(target, torch._ops.OpOverload)
 
 
+def op_schema(op) -> torch.FunctionSchema:
+    """The schema of ATen overload ``op``: ``.name`` (``aten::conv2d``), ``.arguments`` (names, kwarg-only flags)."""
+    return op._schema
+
+
 def grapharg_source(node: fx.Node) -> str:
     """Dynamo's source of a placeholder as text (``L['self']._modules['fc']._parameters['weight']``), or ``""``.
 
@@ -130,5 +136,5 @@ def inductor_config():
 
 
 __all__ = ["SUPPORTED_TORCH", "torch_release", "graph_module_like", "keep_codegen", "copy_graph", "LazyGraphModule",
-           "is_op_overload", "grapharg_source", "FakeTensor", "register_backend", "lookup_backend",
+           "is_op_overload", "op_schema", "grapharg_source", "FakeTensor", "register_backend", "lookup_backend",
            "inductor_mode_options", "inductor_freezing", "inductor_config"]

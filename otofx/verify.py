@@ -33,6 +33,7 @@ import torch.fx as fx
 from torch.utils._pytree import tree_flatten
 
 from otofx.errors import VerificationError
+from otofx.fxcompat import is_op_overload, op_schema
 
 @contextmanager
 def eval_mode(module: torch.nn.Module):
@@ -84,7 +85,7 @@ def contraction_depth(module: torch.nn.Module) -> int:
             d += _contractions_in(module.get_submodule(n.target))
         elif n.op in ("call_function", "call_method"):
             t = n.target
-            name = t if isinstance(t, str) else (t._schema.name.split("::")[-1] if hasattr(t, "_schema")
+            name = t if isinstance(t, str) else (op_schema(t).name.split("::")[-1] if is_op_overload(t)
                                                   else getattr(t, "__name__", ""))
             d += 1 if _CONTRACTION.fullmatch(name) else 0
         depth[n] = d

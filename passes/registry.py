@@ -34,6 +34,8 @@ from typing import Any, Callable
 import torch
 import torch.fx as fx
 
+from otofx.fxcompat import is_op_overload, op_schema
+
 
 class RuleDeclined(Exception):
     """Raised by a rule for a call outside its algebra (the call's values are then pinned)."""
@@ -153,7 +155,7 @@ def op_name(spelling: str) -> str:
 
 
 def _target_op(t) -> str:
-    if isinstance(t, torch._ops.OpOverload):
+    if is_op_overload(t):
         return op_name(t.overloadpacket.__name__)
     return op_name(getattr(t, "__name__", None) or str(t))
 
@@ -185,7 +187,7 @@ def _bind_key(table: dict, key, form: Form, what: str) -> None:
 def _schema_spec(op, rename: dict) -> tuple:
     """Positional names of an ATen overload from its schema; a name renamed to ``*x`` takes the rest."""
     spec = []
-    for a in op._schema.arguments:
+    for a in op_schema(op).arguments:
         if a.kwarg_only:
             break
         n = rename.get(a.name, a.name)
@@ -228,7 +230,7 @@ def functions(rule_name: str, targets, spec=None, defaults=(), rename=None, op: 
     names = {"self": "input", **(rename or {})}
     kw_rename = tuple((k, v) for k, v in names.items() if not v.startswith("*"))
     for t in _unique(targets):
-        aten = isinstance(t, torch._ops.OpOverload)
+        aten = is_op_overload(t)
         s = _schema_spec(t, names) if aten else (tuple(spec) if spec is not None else _signature_spec(t))
         form = Form(rule_name, op or _target_op(t), s, tuple(defaults), tuple(extra.items()),
                     rename=kw_rename if aten else (), changes_dtype_or_strides=changes_dtype_or_strides)

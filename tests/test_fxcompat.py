@@ -54,6 +54,8 @@ def test_copy_graph_keeps_export_codegen_and_tracer():
 
 def test_op_overload_and_dynamo_names():
     assert fxcompat.is_op_overload(torch.ops.aten.conv2d.default) and not fxcompat.is_op_overload(torch.conv2d)
+    schema = fxcompat.op_schema(torch.ops.aten.conv2d.default)
+    assert schema.name == "aten::conv2d" and [a.name for a in schema.arguments][:3] == ["input", "weight", "bias"]
     assert callable(fxcompat.lookup_backend("eager"))
     assert isinstance(fxcompat.inductor_mode_options("max-autotune-no-cudagraphs"), dict)
     assert fxcompat.inductor_freezing() in (None, True, False)
