@@ -111,6 +111,26 @@ def _local_ranges(t, name: str):
     return tuple(ranges), contributes
 
 
+def restrict(entries_of, ranges, include=None):
+    """Row entries ``(rows, [(tensor, dim, index[rows, k])])`` over whole tensors, restricted to the
+    slices ``ranges[tensor][dim] = (start, length)``: positions inside become local (``- start``),
+    the others -1 (``kernels.build_layout(..., partial=True)``); ``include[tensor]`` False drops a
+    tensor's entries (a replica that does not enter the sums)."""
+    out = []
+    for rows, entries in entries_of:
+        loc = []
+        for t, dim, idx in entries:
+            if include is not None and not include[t]:
+                continue
+            dim = dim % len(ranges[t])
+            start, length = ranges[t][dim]
+            idx = torch.as_tensor(idx, dtype=torch.long).reshape(int(rows), -1)
+            inside = (idx >= start) & (idx < start + length)
+            loc.append((t, dim, torch.where(inside, idx - start, torch.full_like(idx, -1))))
+        out.append((rows, loc))
+    return out
+
+
 def mesh_group(mesh):
     """A process group over every rank of ``mesh`` (None: the default group)."""
     ranks = sorted(int(r) for r in mesh.mesh.flatten().tolist())
@@ -149,19 +169,7 @@ class Shards:
 
     def local_groups(self, entries_of, contributing_only: bool = False):
         """``entries_of`` (global positions) restricted to the local shards: positions held elsewhere are -1."""
-        out = []
-        for rows, entries in entries_of:
-            loc = []
-            for t, dim, idx in entries:
-                if contributing_only and not self.contributes[t]:
-                    continue
-                dim = dim % len(self.global_shapes[t])
-                start, length = self.ranges[t][dim]
-                idx = torch.as_tensor(idx, dtype=torch.long).reshape(int(rows), -1)
-                inside = (idx >= start) & (idx < start + length)
-                loc.append((t, dim, torch.where(inside, idx - start, torch.full_like(idx, -1))))
-            out.append((rows, loc))
-        return out
+        return restrict(entries_of, self.ranges, self.contributes if contributing_only else None)
 
     def layouts(self, entries_of, device):
         """``(layout, stats_layout, global_row_len)``: the shard's layout for the write-back (every local
@@ -271,12 +279,13 @@ _DIST_ATTRS = ("_is_fsdp_managed_module", "_fsdp_use_orig_params")
 
 
 @torch.no_grad()
-def unsharded_copy(model: nn.Module) -> nn.Module:
+def unsharded_copy(model: nn.Module, keep: bool = True) -> nn.Module | None:
     """A copy of ``model`` whose parameters are the full tensors (``DTensor.full_tensor()``), of the
     model's own classes (FSDP2's ``FSDP<Class>`` reverted), without hooks; buffers are copied.
 
     A collective: every rank of the parameters' meshes calls it, in the same order. Tensors shared
-    between modules stay shared. # NB: the copy shares the model's other attributes (configs, lists):
+    between modules stay shared. ``keep=False`` (the ranks that only help gather) drops each full
+    tensor as soon as it is gathered and returns None. # NB: the copy shares the model's other attributes (configs, lists):
     treat it as read-only, as compress does (it copies again).
     """
     memo: dict = {}
@@ -287,6 +296,8 @@ def unsharded_copy(model: nn.Module) -> nn.Module:
         if id(v) in memo:
             return memo[id(v)]
         full = v.full_tensor() if is_dtensor(v) else v
+        if not keep:
+            return None
         new = full.detach().clone()
         if param:
             new = nn.Parameter(new, requires_grad=v.requires_grad)
@@ -311,14 +322,17 @@ def unsharded_copy(model: nn.Module) -> nn.Module:
                 del new.__dict__[k]
         return new
 
-    return walk(model)
+    out = walk(model)
+    return out if keep else None
 
 
-def _unsharded_oto(oto):
-    """A shallow copy of ``oto`` over an unsharded copy of its model (a collective)."""
+def _unsharded_oto(oto, keep: bool = True):
+    """A shallow copy of ``oto`` over an unsharded copy of its model (a collective; None unless ``keep``)."""
     import torch.fx as fx
 
-    full = unsharded_copy(oto.model)
+    full = unsharded_copy(oto.model, keep)
+    if full is None:
+        return None
     view = copy.copy(oto)
     view.model = full
     view._optimizers = []  # their status would need collectives on the other ranks
@@ -340,8 +354,8 @@ def compress(oto, path=None, *, rank: int = 0, **kw):
     the compressed model there with ``otofx.save``. Every rank calls it; ``rank`` returns the
     compressed model, the others None."""
     oto._warn_below_target()
-    view = _unsharded_oto(oto)
-    if dist.get_rank() != rank:
+    view = _unsharded_oto(oto, keep=dist.get_rank() == rank)
+    if view is None:
         return None
     small = view.compress(**kw)
     if path is not None:

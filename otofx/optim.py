@@ -35,6 +35,14 @@ partition and HESSO's selection steps) makes no device-to-host synchronisation:
       NaN gradients would be permanent): such a step with NaN/inf is skipped and retried on the next
       call.
 
+Sharded parameters (FSDP2's ``fully_shard``, tensor parallelism: DTensors). The row layout is built
+over each rank's local shards from the placements (:mod:`otofx.distributed`); a step reduces the
+local shards to per-row sums, adds them up across ranks in one all-reduce of ``3 * n_rows`` numbers,
+decides (partition, lambda, projection, the sparsity controller; HESSO's selection) from the whole
+rows' sums, identically on every rank, and writes back to the local shards. The optimizer state stays
+DTensors (``torch.distributed.checkpoint``; see :func:`otofx.distributed.optimizer_state_dict`).
+Such a step synchronises (the all-reduce); the finite-gradient flag is reduced too.
+
 Internals:
     * Parameters in no row (all of them before the pruning starts) take torch's fused SGD, Adam or
       AdamW kernels (``torch._fused_sgd_``/``_fused_adam_``/``_fused_adamw_``, with ``found_inf``): one
