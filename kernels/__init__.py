@@ -10,6 +10,11 @@ Public API:
   it in its reduction pass, the others with foreach ops);
 * :func:`scale_step` ``(layout, xs, ds, lr, scale, backend=None, skip=None)`` -- in place,
   ``x <- (x - a*d) * S`` with S the smallest scale among an element's rows (HESSO).
+* the same steps in pieces, for rows whose elements are spread over several processes
+  (``otofx.distributed``: the per-row sums of every shard are added up between the pieces):
+  :func:`stats` ``(layout, xs, ds, backend=None) -> RowStats`` on the chosen backend,
+  :func:`dhspg_rows` ``(stats, redundant, cfg) -> (coef, scale, zero count)`` and
+  :func:`apply` ``(layout, xs, ds, lr, coef, scale, backend=None, skip=None)`` (the write-back).
 
 Both steps take ``skip``, a float32 0-dim flag on the device (torch's ``found_inf``): non-zero means
 "change nothing", decided on the device, so a step never waits for the host. ``lr`` may be a float
@@ -65,6 +70,38 @@ def _torch_dhspg(layout, xs, ds, redundant, cfg, momentum, skip):
 def _torch_scale(layout, xs, ds, lr, scale, skip):
     acc = torch.float64 if any(x.dtype == torch.float64 for x in xs) else torch.float32
     apply_rows(layout, xs, ds, lr, torch.zeros(layout.n_rows, dtype=acc, device=layout.device), scale.to(acc), skip)
+
+
+def _torch_stats(layout, xs, ds):
+    return row_stats(layout, xs, ds)
+
+
+def _torch_apply(layout, xs, ds, lr, coef, scale, skip):
+    apply_rows(layout, xs, ds, lr, coef, scale, skip)
+
+
+def _triton_stats(layout, xs, ds):
+    from .triton_rows import row_stats as stats
+
+    return stats(layout, xs, ds)
+
+
+def _triton_apply(layout, xs, ds, lr, coef, scale, skip):
+    from .triton_rows import apply_rows as app
+
+    app(layout, xs, ds, lr, coef, scale, skip)
+
+
+def _cpu_stats(layout, xs, ds):
+    from .cpu_rows import row_stats as stats
+
+    return stats(layout, xs, ds)
+
+
+def _cpu_apply(layout, xs, ds, lr, coef, scale, skip):
+    from .cpu_rows import apply_rows as app
+
+    app(layout, xs, ds, lr, coef, scale, skip)
 
 
 def _triton_available() -> str | None:
@@ -126,12 +163,16 @@ class Backend:
     supported: Callable[..., "str | None"]  # (xs, ds, layout, grads)
     dhspg: Callable  # (layout, xs, ds, redundant, cfg, momentum, skip) -> zero-row count before the step
     scale: Callable  # (layout, xs, ds, lr, scale, skip)
+    stats: Callable = None  # (layout, xs, ds) -> RowStats over these tensors only
+    apply: Callable = None  # (layout, xs, ds, lr, coef, scale, skip): the write-back of given row values
 
 
 TABLE: tuple = (
-    Backend("triton", ("cuda",), _triton_available, _triton_supported, _triton_dhspg, _triton_scale),
-    Backend("cpu", ("cpu",), _cpu_available, _cpu_supported, _cpu_dhspg, _cpu_scale),
-    Backend("torch", ("*",), lambda: None, lambda xs, ds, layout, grads: None, _torch_dhspg, _torch_scale),
+    Backend("triton", ("cuda",), _triton_available, _triton_supported, _triton_dhspg, _triton_scale,
+            _triton_stats, _triton_apply),
+    Backend("cpu", ("cpu",), _cpu_available, _cpu_supported, _cpu_dhspg, _cpu_scale, _cpu_stats, _cpu_apply),
+    Backend("torch", ("*",), lambda: None, lambda xs, ds, layout, grads: None, _torch_dhspg, _torch_scale,
+            _torch_stats, _torch_apply),
 )
 _BY_NAME = {b.name: b for b in TABLE}
 BACKENDS = ("auto", *_BY_NAME)
@@ -203,5 +244,18 @@ def scale_step(layout: RowLayout, xs, ds, lr, scale: torch.Tensor, backend: str 
     _BY_NAME[choose_backend(xs, ds, backend, layout)].scale(layout, xs, ds, lr, scale, skip)
 
 
+def stats(layout: RowLayout, xs, ds, backend: str | None = None) -> RowStats:
+    """Per-row ``||x||^2``, ``x.d``, ``||d||^2`` over ``xs``/``ds`` on the chosen backend (the first
+    piece of a step whose rows span several processes: these are one shard's partial sums)."""
+    return _BY_NAME[choose_backend(xs, ds, backend, layout)].stats(layout, xs, ds)
+
+
+def apply(layout: RowLayout, xs, ds, lr, coef: torch.Tensor, scale: torch.Tensor, backend: str | None = None,
+          skip: torch.Tensor | None = None) -> None:
+    """In place, ``x <- x * (S * (1 - lr*C)) + (-lr * d) * S`` (C: the sum of ``coef``, S: the minimum of
+    ``scale`` over an element's rows), on the chosen backend (``skip``: as in :func:`dhspg_step`)."""
+    _BY_NAME[choose_backend(xs, ds, backend, layout)].apply(layout, xs, ds, lr, coef, scale, skip)
+
+
 __all__ = ["RowLayout", "RowStats", "DHSPGConfig", "Momentum", "LayoutError", "build_layout", "row_stats", "dhspg_step",
-           "scale_step", "choose_backend", "triton_available", "cpu_available", "BACKENDS", "Backend", "TABLE"]
+           "scale_step", "stats", "apply", "dhspg_rows", "choose_backend", "triton_available", "cpu_available", "BACKENDS", "Backend", "TABLE"]

@@ -99,14 +99,19 @@ def canonical_view(shape, dims) -> tuple:
     return tuple(out + [n])
 
 
-def build_layout(shapes, groups, device="cpu") -> RowLayout:
+def build_layout(shapes, groups, device="cpu", *, partial: bool = False, row_len=None) -> RowLayout:
     """The layout of ``groups`` over tensors of ``shapes``.
 
     ``groups``: a sequence of ``(rows, entries)``; each entry ``(tensor, dim, index)`` with ``tensor``
     an index into ``shapes`` and ``index`` a LongTensor ``[rows, k]``: row i owns positions ``index[i]``
     along ``dim`` (OTO's ZIG contract). Raises :class:`LayoutError` on an invalid description.
+
+    ``partial=True`` (a shard's layout, see ``otofx.distributed``): ``index`` entries of -1 own
+    nothing (a row's positions held by another rank) and a row may own no element here; ``row_len``
+    (float64 ``[N]``, the rows' lengths in the whole tensors) then replaces the local counts.
     """
     shapes = tuple(torch.Size(s) for s in shapes)
+    given_len = row_len
     starts, total = [0], 0
     owned: dict = {}  # (tensor, dim) -> (positions, rows) chunks
     row_len = []
@@ -123,21 +128,26 @@ def build_layout(shapes, groups, device="cpu") -> RowLayout:
             dim = dim % len(shape)
             index = torch.as_tensor(index, dtype=torch.long).reshape(rows, -1)
             size = shape[dim]
-            if index.numel() and (int(index.min()) < 0 or int(index.max()) >= size):
+            if index.numel() and (int(index.min()) < (-1 if partial else 0) or int(index.max()) >= size):
                 raise LayoutError(f"group {g}: position out of range along dim {dim} of a tensor of shape {tuple(shape)}")
             inner = 1
             for s in shape[dim + 1:]:
                 inner *= s
             outer = shape.numel() // (size * inner) if size * inner else 0
             k = index.shape[1]
-            length += k * outer * inner
             row_ids = torch.arange(total, total + rows).repeat_interleave(k)
             pos = index.reshape(-1)
+            if partial:
+                valid = index >= 0
+                length += valid.sum(1).to(torch.float64) * (outer * inner)
+                row_ids, pos = row_ids[valid.reshape(-1)], pos[valid.reshape(-1)]
+            else:
+                length += k * outer * inner
             owned.setdefault((t, dim), []).append((pos, row_ids))
             seg = torch.stack([torch.full_like(pos, t), pos * inner, torch.full_like(pos, outer),
                                torch.full_like(pos, size * inner), torch.full_like(pos, inner)], 1)
             seg_parts.append((row_ids, seg))
-        if rows and bool((length == 0).any()):
+        if rows and not partial and bool((length == 0).any()):
             raise LayoutError(f"group {g}: a row owns no parameter elements")
         row_len.append(length)
         total += rows
@@ -193,7 +203,8 @@ def build_layout(shapes, groups, device="cpu") -> RowLayout:
     to = lambda x: x.to(dev)  # noqa: E731
     return RowLayout(
         shapes=shapes, n_rows=n, group_start=tuple(starts), row_group=to(row_group),
-        row_len=to(torch.cat(row_len) if row_len else torch.zeros(0, dtype=torch.float64)),
+        row_len=to(torch.as_tensor(given_len, dtype=torch.float64).reshape(n) if partial and given_len is not None
+                   else torch.cat(row_len) if row_len else torch.zeros(0, dtype=torch.float64)),
         axes=tuple(Axis(a.tensor, a.dim, to(a.pos_row), to(a.pos), to(a.row)) for a in axes),
         tensor_axes=tuple(tuple(a) for a in tensor_axes),
         seg_ptr=to(seg_ptr), segs=to(segs.contiguous()), axis_table=to(axis_table), pos_row_flat=to(pos_row_flat),

@@ -3,6 +3,8 @@
 * ``_dhspg_rows_kernel`` (one program per row): walks the row's segments over every tensor it
   spans, reduces ``||x||^2``, ``x.d``, ``||d||^2``, computes lambda, the coefficient and the
   projection decision, writes three per-row values and counts zero rows.
+* ``_stats_kernel``: the reductions alone (sharded rows: each process's partial sums, added up
+  across processes before :func:`reference.dhspg_rows` decides and :func:`apply_rows` writes back).
 * ``_apply_kernel`` (one program per block of ``APPLY_BLOCK`` elements of one tensor): looks up
   each element's rows through the per-axis position tables, gates the penalty on the zero-row count,
   and writes ``x * (S * (1 - a*C)) + (-a * d) * S`` back in place.
@@ -100,6 +102,40 @@ def _dhspg_rows_kernel(xtab, dtab, seg_ptr, segs, redundant, out, count, hp,
     tl.store(out + r * 3 + 1, s_gated)
     tl.store(out + r * 3 + 2, s_always)
     tl.atomic_add(count, zero.to(tl.int32))
+
+
+@triton.jit
+def _stats_kernel(xtab, dtab, seg_ptr, segs, out, n_rows, DT: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
+    """The reductions of ``_dhspg_rows_kernel`` alone: ``out[0|1|2, r]`` = this process's ``||x||^2``,
+    ``x.d``, ``||d||^2`` of row r (the decisions follow once every shard's sums are added)."""
+    r = tl.program_id(0)
+    s0 = tl.load(seg_ptr + r)
+    s1 = tl.load(seg_ptr + r + 1)
+    axx = tl.zeros([BLOCK], dtype=ACC)
+    axd = tl.zeros([BLOCK], dtype=ACC)
+    add = tl.zeros([BLOCK], dtype=ACC)
+    lanes = tl.arange(0, BLOCK).to(tl.int64)
+    for s in range(s0, s1):
+        t = tl.load(segs + s * 5)
+        base = tl.load(segs + s * 5 + 1)
+        outer = tl.load(segs + s * 5 + 2)
+        ostride = tl.load(segs + s * 5 + 3)
+        inner = tl.load(segs + s * 5 + 4)
+        xp = tl.load(xtab + t).to(tl.pointer_type(DT))
+        dp = tl.load(dtab + t).to(tl.pointer_type(DT))
+        n = outer * inner
+        for i0 in range(0, n, BLOCK):
+            i = i0 + lanes
+            m = i < n
+            off = base + (i // inner) * ostride + i % inner
+            x = tl.load(xp + off, mask=m, other=0.0).to(ACC)
+            d = tl.load(dp + off, mask=m, other=0.0).to(ACC)
+            axx += x * x
+            axd += x * d
+            add += d * d
+    tl.store(out + r, tl.sum(axx, 0))
+    tl.store(out + n_rows + r, tl.sum(axd, 0))
+    tl.store(out + 2 * n_rows + r, tl.sum(add, 0))
 
 
 @triton.jit
@@ -252,11 +288,34 @@ def dhspg_step(layout: RowLayout, xs, ds, redundant: torch.Tensor, cfg: DHSPGCon
 
 def scale_step(layout: RowLayout, xs, ds, lr, scale: torch.Tensor, skip=None) -> None:
     """``x <- (x - lr*d) * S`` (S: the minimum row scale of each element) in one launch (HESSO)."""
+    apply_rows(layout, xs, ds, lr, None, scale, skip)
+
+
+def row_stats(layout: RowLayout, xs, ds):
+    """Per-row ``||x||^2``, ``x.d``, ``||d||^2`` over these tensors (one launch, one program per row)."""
+    from .reference import RowStats
+
+    dtype = xs[0].dtype
+    acc = _acc(dtype)
+    n = layout.n_rows
+    out = torch.zeros((3, n), dtype=acc, device=layout.device)
+    if n:
+        xt, dt = _tables(layout, xs, ds)
+        _stats_kernel[(n,)](xt, dt, layout.seg_ptr, layout.segs, out, n, DT=_TL[dtype], ACC=_TL[acc], BLOCK=ROW_BLOCK)
+    return RowStats(out[0], out[1], out[2])
+
+
+def apply_rows(layout: RowLayout, xs, ds, lr, coef, scale: torch.Tensor, skip=None) -> None:
+    """The write-back ``x <- x * (S * (1 - lr*C)) + (-lr * d) * S`` of given per-row ``coef`` (None:
+    zeros) and ``scale``, in one launch."""
     dtype = xs[0].dtype
     acc = _acc(dtype)
     xt, dt = _tables(layout, xs, ds)
     rowvals = _rowvals(layout, acc)
-    rowvals[: layout.n_rows, 0] = 0
+    if coef is None:
+        rowvals[: layout.n_rows, 0] = 0
+    else:
+        rowvals[: layout.n_rows, 0] = coef.to(acc)
     rowvals[: layout.n_rows, 1] = 1
     rowvals[: layout.n_rows, 2] = scale.to(acc)
     count = torch.zeros(1, dtype=torch.int32, device=layout.device)

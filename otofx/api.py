@@ -200,6 +200,10 @@ class OTO:
         imply the graph form. ``verify=False`` skips the value check (``"auto"`` still runs the
         module form once on the example inputs to choose).
         """
+        from otofx import distributed
+
+        if distributed.is_sharded(self.model):  # FSDP2 / tensor parallel: gather full tensors (every rank calls)
+            return distributed.compress_sharded(self, verify=verify, plan=plan, passes=passes, form=form)
         if form not in _FORMS:
             raise InputError(f"compress(form={form!r}): choose one of {_FORMS}")
         if passes and form == "module":

@@ -35,6 +35,14 @@ partition and HESSO's selection steps) makes no device-to-host synchronisation:
       NaN gradients would be permanent): such a step with NaN/inf is skipped and retried on the next
       call.
 
+Sharded parameters (FSDP2's ``fully_shard``, tensor parallelism: DTensors). The row layout is built
+over each rank's local shards from the placements (:mod:`otofx.distributed`); a step reduces the
+local shards to per-row sums, adds them up across ranks in one all-reduce of ``3 * n_rows`` numbers,
+decides (partition, lambda, projection, the sparsity controller; HESSO's selection) from the whole
+rows' sums, identically on every rank, and writes back to the local shards. The optimizer state stays
+DTensors (``torch.distributed.checkpoint``; see :func:`otofx.distributed.optimizer_state_dict`).
+Such a step synchronises (the all-reduce); the finite-gradient flag is reduced too.
+
 Internals:
     * Parameters in no row (all of them before the pruning starts) take torch's fused SGD, Adam or
       AdamW kernels (``torch._fused_sgd_``/``_fused_adam_``/``_fused_adamw_``, with ``found_inf``): one
@@ -58,6 +66,7 @@ Internals:
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from collections import defaultdict
@@ -66,6 +75,7 @@ from dataclasses import dataclass
 import torch
 
 from otofx import kernels
+from otofx.distributed import is_dtensor, local
 from otofx.errors import OTOError
 
 log = logging.getLogger("otofx")
@@ -106,6 +116,13 @@ class Partition:
     @property
     def n_redundant(self) -> int:
         return int(sum(len(r) for r in self.redundant))
+
+
+def _like(p, t: torch.Tensor):
+    """A DTensor placed as ``p`` whose local shard is ``t`` (no copy, no communication)."""
+    from torch.distributed.tensor import DTensor
+
+    return DTensor.from_local(t, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride())
 
 
 def _resolve_base(variant: str, given: dict) -> dict:
@@ -155,6 +172,12 @@ class _RowOptimizer(torch.optim.Optimizer):
         self._t = 0  # step() calls that went through (the schedule's clock)
         self._host_skipped = 0
         self._dirs = {}  # Adam row directions, transient buffers
+        self._frozen = False  # True inside _no_init_step (torch.distributed.checkpoint's dummy step)
+        self._placeholder = False  # True while the state is _placeholder_state's zeros (a load template)
+        self._pending_extra = None  # the otofx state handed over by otofx.distributed.load_optimizer_state_dict
+        # DTensor parameters (FSDP2, tensor parallelism): every step works on the local shards
+        self._sharded = any(is_dtensor(p) for g in self.param_groups for p in g["params"])
+        self._shards = None  # otofx.distributed.Shards when rows span shards
         for g in self.param_groups:
             for p in g["params"]:
                 if p.dtype not in _DTYPES:
@@ -211,8 +234,17 @@ class _RowOptimizer(torch.optim.Optimizer):
         self._row_index = index
         self._row_lr_groups = sorted({group_of[id(p)] for p in tensors})
         dev = tensors[0].device if tensors else torch.device("cpu")
-        self.layout = kernels.build_layout([p.shape for p in tensors], entries_of, device=dev)
         self._group_sizes = tuple(int(r) for r, _ in entries_of)
+        self._shapes = tuple(torch.Size(p.shape) for p in tensors)  # the whole tensors' shapes
+        if any(is_dtensor(p) for p in tensors):
+            from otofx.distributed import Shards
+
+            names = [self._name(p) for p in tensors]
+            self._shards = Shards(tensors, names)
+            self.layout, self._stats_layout = self._shards.layouts(entries_of, dev)
+            return
+        self.layout = kernels.build_layout([p.shape for p in tensors], entries_of, device=dev)
+        self._stats_layout = self.layout
 
     # -- properties -----------------------------------------------------------------------------
     @property
@@ -236,8 +268,47 @@ class _RowOptimizer(torch.optim.Optimizer):
 
     @torch.no_grad()
     def row_stats(self) -> kernels.RowStats:
-        """Per-row ``||x||^2`` of the current parameters (``xd``, ``dd`` zero)."""
+        """Per-row ``||x||^2`` of the current parameters (``xd``, ``dd`` zero). # NB: with sharded
+        parameters, an all-reduce: call it on every rank."""
+        if self._shards is not None:
+            xs = [local(p.detach()) for p in self._row_params]
+            return self._shards.reduce_stats(kernels.row_stats(self._stats_layout, xs))
         return kernels.row_stats(self.layout, [p.detach() for p in self._row_params])
+
+    def _event_stats(self, xs, ds) -> kernels.RowStats:
+        """The per-row sums of x and d for a one-time decision (partition, selection): over whole rows."""
+        if self._shards is not None:
+            return self._shards.reduce_stats(kernels.stats(self._stats_layout, xs, ds, self.backend))
+        return kernels.row_stats(self.layout, xs, ds)
+
+    def _lt(self, ts) -> list:
+        """The local shards of ``ts`` (DTensors under FSDP2/TP), or ``ts`` itself."""
+        return [local(t) for t in ts] if self._sharded else ts
+
+    def _placeholder_state(self) -> None:
+        """On an optimizer that has not stepped: zero moment buffers for every parameter, the entries a
+        saved state_dict holds, so that a template for ``torch.distributed.checkpoint.load`` has them.
+        Dropped again at the first step if nothing was loaded over them (torch's first-step rules)."""
+        if self.state or self._t:
+            return
+        for g in self.param_groups:
+            for p in g["params"]:
+                if self.variant != "sgd":
+                    self.state[p]["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    self.state[p]["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                elif g["first_momentum"]:
+                    self.state[p]["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        self._placeholder = bool(self.state)
+
+    @contextlib.contextmanager
+    def _no_init_step(self):
+        """``step()`` does nothing inside (torch.distributed.checkpoint's state_dict helpers call step()
+        with zero gradients and lr 0 to create state; DHSPG's clock and decisions must not move)."""
+        self._frozen = True
+        try:
+            yield
+        finally:
+            self._frozen = False
 
     @property
     def group_sparsity(self) -> float:
@@ -272,7 +343,7 @@ class _RowOptimizer(torch.optim.Optimizer):
 
     def _raise_non_finite(self, params, found_inf) -> None:
         for p in params:
-            if not bool(torch.isfinite(p.grad).all()):
+            if not bool(torch.isfinite(local(p.grad)).all()):
                 raise NonFiniteGradError(
                     f"the gradient of parameter {self._name(p)!r} holds NaN or inf; no parameter or state was "
                     "changed. Lower the learning rate, clip gradients, or use torch.amp.GradScaler (which skips such "
@@ -295,7 +366,7 @@ class _RowOptimizer(torch.optim.Optimizer):
         torch's fused ones, take it over); on the device."""
         by_dev = defaultdict(list)
         for p in params:
-            by_dev[p.grad.device].append(p.grad)
+            by_dev[p.grad.device].append(local(p.grad))
         inv = grad_scale.double().reciprocal().float()
         for dev, gs in by_dev.items():
             torch._foreach_mul_(gs, inv.to(dev))
@@ -311,11 +382,11 @@ class _RowOptimizer(torch.optim.Optimizer):
             group = self.param_groups[gi]
             wd, b1, b2 = group["weight_decay"], group["first_momentum"], group["second_momentum"]
             plr = group["lr"] if lr is None else lr
-            grads = [p.grad for p in ps]
+            grads = self._lt([p.grad for p in ps])
             fi = None if skip is None else skip.to(dev)
             if self.variant == "sgd":
                 if not b1:
-                    torch._fused_sgd_(ps, grads, [], weight_decay=wd, momentum=0.0, lr=plr, dampening=0.0,
+                    torch._fused_sgd_(self._lt(ps), grads, [], weight_decay=wd, momentum=0.0, lr=plr, dampening=0.0,
                                       nesterov=False, maximize=False, is_first_step=False, found_inf=fi)
                     continue
                 fresh = {id(p) for p in ps if "momentum_buffer" not in self.state[p]}
@@ -325,13 +396,14 @@ class _RowOptimizer(torch.optim.Optimizer):
                 for first in (True, False):
                     sel = [p for p in ps if (id(p) in fresh) == first] if fresh else ([] if first else ps)
                     if sel:
-                        torch._fused_sgd_(sel, [p.grad for p in sel], [self.state[p]["momentum_buffer"] for p in sel],
+                        torch._fused_sgd_(self._lt(sel), self._lt([p.grad for p in sel]),
+                                          self._lt([self.state[p]["momentum_buffer"] for p in sel]),
                                           weight_decay=wd, momentum=b1, lr=plr, dampening=group["dampening"],
                                           nesterov=False, maximize=False, is_first_step=first, found_inf=fi)
                 continue
             ms, vs = self._moments(ps)
             op = torch._fused_adamw_ if self.variant == "adamw" else torch._fused_adam_
-            op(ps, grads, ms, vs, [], [self._steps_for(dev)] * len(ps), lr=plr, beta1=b1, beta2=b2,
+            op(self._lt(ps), grads, ms, vs, [], [self._steps_for(dev)] * len(ps), lr=plr, beta1=b1, beta2=b2,
                weight_decay=wd, eps=_ADAM_EPS, amsgrad=False, maximize=False, found_inf=fi)
 
     def _moments(self, ps):
@@ -343,13 +415,13 @@ class _RowOptimizer(torch.optim.Optimizer):
                 st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             ms.append(st["exp_avg"])
             vs.append(st["exp_avg_sq"])
-        return ms, vs
+        return self._lt(ms), self._lt(vs)
 
     def _row_directions(self, skip, fuse: bool):
         """The row tensors and their directions d; with ``fuse`` (SGD momentum, buffers there) the
         momentum update is returned as a :class:`kernels.Momentum` for the row step to make (on the CPU
         kernel in its reduction pass), else it is made here. Row tensors without gradient get d = 0."""
-        xs = [p.detach() for p in self._row_params]
+        xs = self._lt([p.detach() for p in self._row_params])
         ds = [None] * len(xs)
         with_grad = {id(p) for p in self._row_params if p.grad is not None}
         momentum = None
@@ -363,9 +435,12 @@ class _RowOptimizer(torch.optim.Optimizer):
             wd, b1, b2 = group["weight_decay"], group["first_momentum"], group["second_momentum"]
             grads = [p.grad for p in ps]
             fi = None if skip is None else skip.to(dev)
+            if self._sharded:  # the states stay DTensors (checkpoints); the arithmetic runs on the shards
+                grads = self._lt(grads)
+            lps = self._lt(ps)
             if self.variant == "sgd":
                 if wd:
-                    grads = torch._foreach_add(grads, ps, alpha=wd)
+                    grads = torch._foreach_add(grads, lps, alpha=wd)
                 if not b1:
                     dirs = grads
                 else:
@@ -373,21 +448,24 @@ class _RowOptimizer(torch.optim.Optimizer):
                     for p, g in zip(ps, grads):
                         if "momentum_buffer" not in self.state[p]:  # torch's rule: the first buffer is the gradient
                             g = g.detach()
-                            self.state[p]["momentum_buffer"] = (g.clone() if fi is None else
-                                                                torch.where(fi == 0, g, torch.zeros_like(g)))
+                            buf = (g.clone() if fi is None else torch.where(fi == 0, g, torch.zeros_like(g)))
+                            if self._sharded and is_dtensor(p):  # a DTensor like p (sharded checkpoints)
+                                buf = _like(p, buf)
+                            self.state[p]["momentum_buffer"] = buf
                     if old:
-                        kernels.momentum_update([p for p, _ in old], [self.state[p]["momentum_buffer"] for p, _ in old],
+                        kernels.momentum_update(self._lt([p for p, _ in old]),
+                                                self._lt([self.state[p]["momentum_buffer"] for p, _ in old]),
                                                 kernels.Momentum(tuple(g for _, g in old), b1, 1 - group["dampening"], 0.0),
                                                 fi)
-                    dirs = [self.state[p]["momentum_buffer"] for p in ps]
+                    dirs = self._lt([self.state[p]["momentum_buffer"] for p in ps])
             else:
                 if self.variant == "adam" and wd:
-                    grads = torch._foreach_add(grads, ps, alpha=wd)
+                    grads = torch._foreach_add(grads, lps, alpha=wd)
                 ms, vs = self._moments(ps)
                 dirs = [self._dirs.get(id(p)) for p in ps]
                 for i, p in enumerate(ps):
                     if dirs[i] is None:
-                        dirs[i] = self._dirs[id(p)] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+                        dirs[i] = self._dirs[id(p)] = torch.zeros_like(lps[i], memory_format=torch.contiguous_format)
                 torch._foreach_zero_(dirs)
                 # the Adam direction m_hat / (sqrt(v_hat) + eps): torch's fused Adam stepping a zero buffer with lr=-1
                 torch._fused_adam_(dirs, grads, ms, vs, [], [self._steps_for(dev)] * len(ps), lr=-1.0, beta1=b1,
@@ -395,7 +473,7 @@ class _RowOptimizer(torch.optim.Optimizer):
                                    found_inf=fi)
                 if self.variant == "adamw" and wd:
                     # NB: on a skipped step d is wd*x, never used: the row step changes nothing then
-                    torch._foreach_add_(dirs, ps, alpha=wd)
+                    torch._foreach_add_(dirs, lps, alpha=wd)
             for p, d in zip(ps, dirs):
                 ds[self._row_index[id(p)]] = d.detach()
         ds = [d if d is not None else torch.zeros_like(x) for x, d in zip(xs, ds)]
@@ -444,6 +522,11 @@ class _RowOptimizer(torch.optim.Optimizer):
         torch's fused optimizers): the gradients are unscaled here and a step with inf/NaN changes nothing,
         decided on the device."""
         loss = None
+        if self._frozen:  # inside _no_init_step: torch.distributed.checkpoint's state-creating call
+            return loss
+        if self._placeholder:  # a load template that nothing was loaded into
+            self.state.clear()
+            self._placeholder = False
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
@@ -463,7 +546,9 @@ class _RowOptimizer(torch.optim.Optimizer):
         self._capture_guard(capturing, event)
         if grad_scale is not None:
             self._unscale(params, grad_scale)
-        skip = self._skip_flag([p.grad for p in params], found_inf)
+        skip = self._skip_flag(self._lt([p.grad for p in params]), found_inf)
+        if skip is not None and self._sharded:  # one rank's shard may hold the NaN: every rank skips
+            skip = self._reduce_flag(skip)
         if skip is not None and (event or self._check_mode == "raise"):
             if bool(skip):  # NB: a host sync, on event steps and in check_finite="raise" mode only
                 if self._check_mode == "raise":
@@ -488,12 +573,26 @@ class _RowOptimizer(torch.optim.Optimizer):
     def _rows_active(self) -> bool:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def _reduce_flag(self, flag: torch.Tensor) -> torch.Tensor:
+        if self._shards is not None:
+            return self._shards.reduce_flag(flag)
+        import torch.distributed as dist
+
+        from otofx.distributed import mesh_group
+
+        first = next(p for g in self.param_groups for p in g["params"] if is_dtensor(p))
+        flag = flag.clone()
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=mesh_group(first.device_mesh))
+        return flag
+
     def _fuse_momentum(self) -> bool:
         """Whether this step's row step takes the row tensors' SGD momentum update over (DHSPG: one pass
         fewer over the weights on CPU); HESSO's row step does not."""
         return False
 
     def _momentum_fusable(self) -> bool:
+        if self._shards is not None:  # the sums are taken apart from the momentum update (then reduced)
+            return False
         if self._row_momentum() is None:
             return False
         return all(p.grad is not None and "momentum_buffer" in self.state[p] for p in self._row_params)
@@ -524,7 +623,7 @@ class _RowOptimizer(torch.optim.Optimizer):
 
     def _signature(self) -> dict:
         return {"n_rows": self.n_rows, "group_sizes": self._group_sizes,
-                "shapes": tuple(tuple(s) for s in self.layout.shapes)}
+                "shapes": tuple(tuple(s) for s in self._shapes)}
 
     def state_dict(self):
         sd = super().state_dict()
@@ -533,7 +632,7 @@ class _RowOptimizer(torch.optim.Optimizer):
         return sd
 
     def load_state_dict(self, state_dict) -> None:
-        extra = state_dict.get("otofx")
+        extra = state_dict.get("otofx", self._pending_extra)
         if extra is None or extra.get("kind") != self._kind:
             raise OptimizerError(f"this state_dict was not saved by a {type(self).__name__}: load one from "
                                  f"{type(self).__name__}.state_dict()")
@@ -544,6 +643,7 @@ class _RowOptimizer(torch.optim.Optimizer):
             raise OptimizerError(f"the saved state is for variant {extra['variant']!r}, this optimizer is {self.variant!r}")
         sd = {k: v for k, v in state_dict.items() if k != "otofx"}
         super().load_state_dict(sd)
+        self._placeholder = False
         self._t = int(extra["step"])
         self._taken = torch.tensor(float(extra.get("taken", self._t)), dtype=torch.float32, device=self._home)
         self._host_skipped = int(extra.get("host_skipped", 0))
@@ -682,21 +782,31 @@ class DHSPG(_RowOptimizer):
 
     def _rows_step(self, xs, ds, lr, momentum, skip) -> None:
         t = self._t
+        st = None
+        if self._shards is not None:
+            # sharded rows: this shard's sums, then ONE all-reduce of [xx; xd; dd] over the ranks; every
+            # decision below is made from the whole rows' sums, alike on every rank
+            st = self._shards.reduce_stats(kernels.stats(self._stats_layout, xs, ds, self.backend))
         if self._redundant is None:  # an event step: the gradients are known to be finite
-            self._redundant = self._partition(kernels.row_stats(self.layout, xs, ds))
+            self._redundant = self._partition(st if st is not None else kernels.row_stats(self.layout, xs, ds))
             if self.control:  # built here, on the event step: its set-up reads the partition on the host
                 self._controller()
         warm = t < self.start_pruning_steps + self.warm_up_steps
         # -- sparsity control (otofx/sparsity.py): which rows to act on, and lambda's scale --------
         mask, scale, eps = self._redundant, None, None
         if self.control and not warm:
-            mask, scale, eps = self._controller().decide(t, xs, lr, self._redundant)
+            mask, scale, eps = self._controller().decide(t, xs, lr, self._redundant,
+                                                         xx=None if st is None else st.xx)
         # -------------------------------------------------------------------------------------------
         cfg = kernels.DHSPGConfig(lr=lr, lmbda=self.lmbda, lmbda_amplify=self.lmbda_amplify,
                                   hat_lmbda_coeff=self.hat_lmbda_coeff, epsilon=self.epsilon,
                                   target_rows=self._target_rows(self.target_group_sparsity),
                                   warm_up=warm, fixed_zero=self.fixed_zero_groups, lmbda_scale=scale,
                                   epsilon_t=eps)
+        if st is not None:
+            coef, keep, _ = kernels.dhspg_rows(st, mask, cfg)
+            kernels.apply(self.layout, xs, ds, lr, coef, keep, backend=self.backend, skip=skip)
+            return
         kernels.dhspg_step(self.layout, xs, ds, mask, cfg, backend=self.backend, momentum=momentum, skip=skip)
 
     def _controller(self, budget=None):
@@ -817,7 +927,7 @@ class HESSO(_RowOptimizer):
         if rel < self.pruning_periods * d_len:
             period, k = divmod(rel, d_len)
             if k == 0:  # an event step: the gradients are known to be finite
-                self._select(kernels.row_stats(self.layout, xs, ds), period)
+                self._select(self._event_stats(xs, ds), period)
             f = (d_len - k - 1) / (d_len - k)
             scale = torch.where(self._current, torch.full((self.n_rows,), f, dtype=acc, device=dev),
                                 torch.ones(self.n_rows, dtype=acc, device=dev))

@@ -211,16 +211,19 @@ class SparsityControl:
         return self.target_rows * min(1.0, (t - self.start + 1) / self.budget)
 
     @torch.no_grad()
-    def decide(self, t: int, xs, lr: float, redundant: torch.Tensor):
+    def decide(self, t: int, xs, lr: float, redundant: torch.Tensor, xx: torch.Tensor | None = None):
         """The mask of rows to penalise (and maybe project) at step t, and the 0-d lambda scale.
 
-        ``xs`` are the row tensors before the step (the layout's order), ``redundant`` DHSPG's G_r.
+        ``xs`` are the row tensors before the step (the layout's order), ``redundant`` DHSPG's G_r;
+        ``xx``: the rows' ``||x||^2`` when the caller has them (sharded rows: summed over every rank,
+        so that every rank decides alike), else they are computed from ``xs``.
         """
         self._check(t)
         done = self._count.value
         if self.fixed_zero and done is not None and done >= self.target_rows:
             return torch.zeros_like(redundant), self.scale, self._eps  # reached: the mask would be empty
-        xx = kernels.row_stats(self.layout, xs).xx
+        if xx is None:
+            xx = kernels.row_stats(self.layout, xs).xx
         norm = xx.sqrt()
         zero = xx == 0
         z = zero.sum()
