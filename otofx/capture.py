@@ -6,13 +6,14 @@ else is traced through). When tracing fails, ``torch.export`` (non-strict) is tr
 GraphModule whose parameter names equal the model's, so passes never ask which one ran.
 
 The export front-end captures with a dynamic batch and sequence length (``Dim.AUTO``; see
-``_dynamic_dims``), and image sizes where that capture stays cheap (:func:`_spatial_capture`: within
-``SPATIAL_FACTOR`` times the first capture's time, at least ``SPATIAL_MIN_SECONDS``; otherwise they
-stay static, logged, and the graph form takes the example's image size only), so the graph, and the
-compressed model, run at any size the model does; it also returns a second example input set of
-another size along every dynamic dimension (:func:`second_inputs`), which verification runs too. It captures in training mode and makes
-dropout, batch norm and attention dropout read the modules' ``training`` flags, so the graph
-follows ``train()``/``eval()`` whatever mode the model was in (:func:`export_captured`).
+``_dynamic_dims``), and image sizes where that capture stays cheap (:func:`_spatial_capture`:
+within ``SPATIAL_FACTOR`` times the first capture's time, at least ``SPATIAL_MIN_SECONDS``;
+otherwise they stay static, logged, and the graph form takes the example's image size only), so
+the graph, and the compressed model, run at any size the model does; it also returns a second
+example input set of another size along every dynamic dimension (:func:`second_inputs`), which
+verification runs too. It captures in training mode and makes dropout, batch norm and attention
+dropout read the modules' ``training`` flags, so the graph follows ``train()``/``eval()`` whatever
+mode the model was in (:func:`export_captured`).
 
 Internals:
     * The model is never mutated: tracing only reads it, and the GraphModule shares the model's
@@ -30,9 +31,10 @@ Internals:
       export's own fallbacks do not swallow it; the first capture is kept when the second is late,
       fails, or gives a graph whose guards refuse a doubled image size (swin's window padding).
       # NB: the budget is wall time, so on a loaded machine a model near the budget can come out
-      static on one run and dynamic on another; both are exact, the log says which. The analysis runs on the
-      example's concrete sizes (``sym_size`` nodes are ints on meta tensors); prune's size fixes
-      keep or scale the size expressions (``batch * heads``) in view arguments.
+      static on one run and dynamic on another; both are exact, the log says which.
+    * The analysis runs on the example's concrete sizes (``sym_size`` nodes are ints on meta
+      tensors); prune's size fixes keep or scale the size expressions (``batch * heads``) in view
+      arguments.
     * Mode flags are ``get_attr`` nodes of ``<module path>.training`` (empty modules created where
       export kept none), set to the user's flags at capture: a frozen submodule stays frozen.
 """
@@ -494,17 +496,20 @@ def _spatial_capture(model, inputs, training: bool, budget: float, args, kwargs)
            for t in [*tree_flatten(inputs)[0], *model.parameters()]):
         return None, "the weights are on the meta device (the graph cannot be run to check the sizes)"
     a, k = inputs
-    with _deadline(budget) as armed:
-        if not armed:
-            return None, "no deadline can be set here (not the main thread, or no SIGALRM), so the cost is unbounded"
-        try:
+    # NB: the timeout is caught outside the deadline's context too: the alarm can fire between the
+    # end of the export and the timer's reset
+    try:
+        with _deadline(budget) as armed:
+            if not armed:
+                return None, ("no deadline can be set here (not the main thread, or no SIGALRM), so the cost "
+                              "is unbounded")
             with _mode(model, training):
                 ep = torch.export.export(model, a, k, dynamic_shapes=_dynamic_shapes(model, a, k, "spatial"),
                                          strict=False)
-        except _ExportTimeout:
-            return None, f"torch.export with dynamic image sizes took more than {budget:.1f} s"
-        except Exception as e:  # noqa: BLE001
-            return None, f"torch.export with dynamic image sizes failed ({type(e).__name__}: {_first_line(e)})"
+    except _ExportTimeout:
+        return None, f"torch.export with dynamic image sizes took more than {budget:.1f} s"
+    except Exception as e:  # noqa: BLE001
+        return None, f"torch.export with dynamic image sizes failed ({type(e).__name__}: {_first_line(e)})"
     if _static_image_dims(ep, inputs):
         return None, "torch.export keeps the image sizes static (the model fixes them)"
     gm = _finish(ep, model, training)
