@@ -6,8 +6,10 @@ digits upsampled to 16x16, fixed stratified 1437/360 split, batch 64, SGD moment
 epochs of optimizer steps (30 x 22 = 660 by default); for every seed and every target group sparsity:
 
 * ``dense``: plain SGD for B epochs (the reference; one per seed).
-* ``DHSPG``: ``oto.dhspg`` (the demo's hyper-parameters) for B epochs from the same initialisation,
-  then ``oto.compress()``; no fine-tuning.
+* ``DHSPG``: ``oto.dhspg`` for B epochs from the same initialisation, then ``oto.compress()``; no
+  fine-tuning. The demo's settings, which are the library's defaults (lmbda 1e-3, epsilon 0, tolerance
+  0.05, otofx.sparsity's control on) plus lr, momentum, weight decay, the target and the pruning
+  budget ``pruning_steps`` = 0.3 B (``DemoConfig.pruning_fraction``).
 * ``L1 + fine-tune`` (the conventional pipeline, same total number of steps): plain SGD for
   ``(1 - f) * B`` epochs (f = ``--finetune-fraction``), then in every group the rows with the
   lowest L1 norm (over all of the row's slices, as ``oto.groups`` lists them: filter, BN entries and
@@ -24,18 +26,22 @@ epochs of optimizer steps (30 x 22 = 660 by default); for every seed and every t
 
 Reported per (target, method): test accuracy mean ± sample std over seeds, the change vs the dense
 model of the same seed (mean ± std, and the worst seed), FLOPs and parameter ratios vs dense
-(FlopCounterMode, one 1x1x16x16 image), and the group sparsity reached. Every compressed model is
-verified by ``compress()`` against its full model.
+(FlopCounterMode, one 1x1x16x16 image), and the group sparsity reached (also per seed, for DHSPG and
+HESSO). Every compressed model is verified by ``compress()`` against its full model. ``--plot FILE``
+(default ``bench/accuracy_sparsity.png``; matplotlib, the bench extra) draws DHSPG's group sparsity
+after every optimizer step next to HESSO's, one panel per target, every seed.
 
 Run (11 min with ``--scratch`` on the shared 2-core container, 3 seeds and targets 0.5 and 0.7 by
 default; longer when other jobs load the machine)::
 
-    /work/venv/bin/python bench/accuracy.py --scratch
-    /work/venv/bin/python bench/accuracy.py --seeds 0 --targets 0.7 --no-hesso     # quick look (DHSPG, L1)
+    .venv/bin/python bench/accuracy.py --scratch
+    .venv/bin/python bench/accuracy.py --seeds 0 --targets 0.7 --no-hesso     # quick look (DHSPG, L1)
 
 Internals:
     * Seeds change the model initialisation and the batch order, not the train/test split.
     * One intra-op thread (tiny convs on shared cores; results do not depend on the core count).
+    * The trajectories come from a step post-hook reading ``opt.group_sparsity`` (a row reduction
+      per step: it changes no parameter, so the accuracies equal those of a run without it).
     * NB: the optimizers differ in what hyper-parameters they accept; the ones used are printed in
       the header, so a table can be reproduced from it.
 """
@@ -110,6 +116,13 @@ class Runner:
                      seed=seed, decay_from=self.cfg.decay_from if decay_from is None else decay_from, name=name,
                      sparsity=sparsity)
 
+    @staticmethod
+    def trace(opt) -> list:
+        """The group sparsity after every step of ``opt`` (DHSPG or HESSO), appended as it trains."""
+        traj = []
+        opt.register_step_post_hook(lambda o, args, kwargs: traj.append(o.group_sparsity))
+        return traj
+
     def sgd(self, model, lr=None):
         return torch.optim.SGD(model.parameters(), lr=self.cfg.lr if lr is None else lr,
                                momentum=self.cfg.momentum, weight_decay=self.cfg.weight_decay)
@@ -147,12 +160,14 @@ class Runner:
             torch.manual_seed(seed)
             kw = {**self.cfg.dhspg_kwargs(self.n), "target_group_sparsity": target}
             opt = oto.dhspg(**kw)
+            traj = self.trace(opt)
             self._train(model, opt, a.epochs, seed, f"dhspg t{target} s{seed}",
                         sparsity=lambda: group_sparsity(oto, model))
             counts = zero_counts(oto, model)
             sp = group_sparsity(oto, model)
             small = oto.compress().eval()
-            out.append({"seed": seed, "target": target, "method": "DHSPG", **self.measure(small, ref, sp)})
+            out.append({"seed": seed, "target": target, "method": "DHSPG", **self.measure(small, ref, sp),
+                        "traj": traj})
             if a.scratch:
                 widths = conv_widths(small)
                 torch.manual_seed(seed)
@@ -181,11 +196,13 @@ class Runner:
                 oto_h = otofx.OTO(model, self.x1)
                 torch.manual_seed(seed)
                 opt = oto_h.hesso(**self.hesso_kwargs(target))
+                traj = self.trace(opt)
                 self._train(model, opt, a.epochs, seed, f"hesso t{target} s{seed}",
                             sparsity=lambda: group_sparsity(oto_h, model))
                 sp = group_sparsity(oto_h, model)
                 small_h = oto_h.compress().eval()
-                out.append({"seed": seed, "target": target, "method": "HESSO", **self.measure(small_h, ref, sp)})
+                out.append({"seed": seed, "target": target, "method": "HESSO", **self.measure(small_h, ref, sp),
+                            "traj": traj})
         return out
 
     def hesso_kwargs(self, target) -> dict:
@@ -253,6 +270,51 @@ def verdicts(rows: list[dict], targets) -> list[str]:
     return out
 
 
+def sparsity_lines(rows: list[dict], targets) -> list[str]:
+    """Per target and optimizer: the group sparsity each seed ended at, and the largest seen at any step."""
+    out = []
+    for t in targets:
+        for m in ("DHSPG", "HESSO"):
+            rs = [r for r in rows if r["target"] == t and r["method"] == m]
+            if not rs:
+                continue
+            per = ", ".join(f"s{r['seed']} {r['sparsity']:.3f}" for r in rs)
+            peak = max(max(r["traj"], default=0.0) for r in rs)
+            out.append(f"group sparsity reached, target {t}, {m}: {per} (largest at any step {peak:.3f})")
+    return out
+
+
+def plot(rows: list[dict], targets, path: str, spe: int) -> bool:
+    """DHSPG's sparsity after every step next to HESSO's: one panel per target, one line per seed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("the plot needs matplotlib: pip install -e '.[bench]'", file=sys.stderr)
+        return False
+    fig, axes = plt.subplots(1, len(targets), figsize=(5.5 * len(targets), 3.8), squeeze=False, sharey=True)
+    colors = {"DHSPG": "tab:blue", "HESSO": "tab:orange"}
+    styles = ["-", "--", ":", "-."]
+    for ax, t in zip(axes[0], targets):
+        for m, c in colors.items():
+            rs = [r for r in rows if r["target"] == t and r["method"] == m]
+            for k, r in enumerate(rs):
+                x = [(i + 1) / spe for i in range(len(r["traj"]))]
+                ax.plot(x, r["traj"], styles[k % len(styles)], color=c, lw=1.2, label=f"{m} seed {r['seed']}")
+        ax.axhline(t, color="grey", lw=0.6)
+        ax.set_title(f"target {t}: group sparsity per step")
+        ax.set_xlabel("epoch")
+        ax.set_ylim(0, 1)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("group sparsity")
+    axes[0][-1].legend(fontsize=7, loc="lower right", ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return True
+
+
 def _backend() -> str:
     """The row-kernel backend the optimizers pick on CPU (the C kernel, when built, rounds differently)."""
     choice = os.environ.get("OTOFX_KERNEL", "auto")
@@ -286,6 +348,8 @@ def main() -> None:
     ap.add_argument("--no-hesso", action="store_true")
     ap.add_argument("--scratch", action="store_true",
                     help="also train DHSPG's widths from scratch (plain SGD, B epochs)")
+    ap.add_argument("--plot", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "accuracy_sparsity.png"),
+                    help="PNG of DHSPG's and HESSO's sparsity per step (matplotlib; '' for none)")
     ap.add_argument("--format", default="github", help="tabulate table format")
     ap.add_argument("-v", "--verbose", action="store_true", help="per-epoch progress")
     args = ap.parse_args()
@@ -296,6 +360,7 @@ def main() -> None:
     torch.set_num_threads(1)  # NB: as the demo: tiny convs, shared cores, core-count-independent floats
 
     t0 = time.perf_counter()
+    load0 = os.getloadavg()
     runner = Runner(args)
     rows = []
     for seed in args.seeds:
@@ -304,7 +369,8 @@ def main() -> None:
     dt = time.perf_counter() - t0
     print(f"$ python {' '.join(sys.argv)}")
     print(f"{machine()}; digits 16x16, {runner.n} train / {len(runner.data.y_test)} test, seeds {args.seeds}, "
-          f"budget {args.epochs} epochs x {runner.spe} steps; took {dt:.0f} s")
+          f"budget {args.epochs} epochs x {runner.spe} steps; took {dt:.0f} s; load average at the start "
+          f"{' '.join(f'{x:.2f}' for x in load0)}")
     print(f"row-kernel backend: {_backend()}")
     print(f"DHSPG: {dict(runner.cfg.dhspg_kwargs(runner.n), target_group_sparsity='<target>')}")
     if not args.no_hesso:
@@ -318,6 +384,11 @@ def main() -> None:
     for line in verdicts(rows, args.targets):
         print(line)
     print()
+    for line in sparsity_lines(rows, args.targets):
+        print(line)
+    if args.plot and plot(rows, args.targets, args.plot, runner.spe):
+        print(f"sparsity trajectories written to {args.plot}")
+    print()
     dense = {r["seed"]: r["acc"] for r in rows if r["method"] == "dense"}
     per_seed = [[r["seed"], "-" if r["target"] is None else r["target"], r["method"], f"{100 * r['acc']:.2f}",
                  f"{100 * (r['acc'] - dense[r['seed']]):+.2f}", f"{r['flops']:.3f}",
@@ -325,6 +396,7 @@ def main() -> None:
                  "-".join(map(str, r["widths"]))] for r in rows]
     print(tabulate(per_seed, headers=["seed", "target", "method", "test acc %", "vs dense", "FLOPs ratio",
                                       "group sparsity", "widths"], tablefmt=args.format, disable_numparse=True))
+    print(f"\nload average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
 
 if __name__ == "__main__":

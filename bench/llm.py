@@ -10,7 +10,10 @@ Cases, each in a fresh subprocess (so its peak RSS is its own):
   ``oto.compress()`` (which verifies: float32 to 1e-4, bfloat16 to its dtype tolerance). Peak RSS
   of analysis and of compress is the process's VmHWM, reset before each (``/proc/self/clear_refs``);
   "x weights" divides it by the dense weights' bytes (parameters and buffers), "extra" subtracts the
-  RSS before compress (the process, torch, the dense model) first. Generation: ``generate()``
+  RSS before compress (the process, torch, the dense model) first: what compress() itself adds, which
+  issue 13's rule bounds by the compressed weights plus the largest single tensor (the dense weights
+  are already there); the "targets" line checks it per run. ``--forms auto graph`` runs each dense
+  case with both ``compress(form=...)`` paths (the model's own class, the GraphModule). Generation: ``generate()``
   (greedy, KV cache) when the compressed model has it, else a greedy no-cache loop over a
   fixed 16-token window (the captured graph's input shape), the same loop for the dense model's
   captured graph and the compressed GraphModule; tokens/s over ``--new-tokens`` tokens, and whether
@@ -123,6 +126,10 @@ def generate(model, ids: torch.Tensor, new_tokens: int) -> tuple[float, list]:
     return time.perf_counter() - t0, seq[0, ids.shape[1]:].tolist()
 
 
+def largest_tensor(model: torch.nn.Module) -> int:
+    return max((t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers())), default=0)
+
+
 def run_dense(dtype_name: str, args) -> dict:
     import otofx
     from _common import zero_half_rows
@@ -131,8 +138,9 @@ def run_dense(dtype_name: str, args) -> dict:
     rss0 = _status("VmRSS")
     t0 = time.perf_counter()
     model = build_llama(dtype, args.layers)
-    res = {"case": dtype_name, "build_s": time.perf_counter() - t0, "weights": nbytes(model), "rss_process": rss0,
-           "params": sum(p.numel() for p in model.parameters())}
+    res = {"case": dtype_name, "form": args.form, "build_s": time.perf_counter() - t0, "weights": nbytes(model),
+           "rss_process": rss0, "params": sum(p.numel() for p in model.parameters()),
+           "largest": largest_tensor(model)}
     ids = torch.randint(0, TINYLLAMA["vocab_size"], (1, PROMPT), generator=torch.Generator().manual_seed(2))
 
     reset_peak()
@@ -147,7 +155,7 @@ def run_dense(dtype_name: str, args) -> dict:
     reset_peak()
     t0 = time.perf_counter()
     try:
-        small = oto.compress()
+        small = oto.compress(form=args.form)
     except otofx.OTOError as e:
         res["compress_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
         res["compress_peak"] = _status("VmHWM")
@@ -165,6 +173,8 @@ def run_dense(dtype_name: str, args) -> dict:
         res["tolerance"] = 1e-4
 
     torch.manual_seed(0)
+    if args.new_tokens <= 0:
+        return res
     if hasattr(small, "generate"):
         res["gen_method"] = "generate() (KV cache)"
         dense_s, dense_tok = generate(model, ids, args.new_tokens)
@@ -204,9 +214,9 @@ def run_meta(name: str, args) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 
-def child(case: str, args, python: str | None = None) -> dict:
+def child(case: str, args, python: str | None = None, form: str = "auto") -> dict:
     cmd = [python or sys.executable, os.path.abspath(__file__), "--child", case, "--layers", str(args.layers),
-           "--new-tokens", str(args.new_tokens), "--threads", str(args.threads)]
+           "--new-tokens", str(args.new_tokens), "--threads", str(args.threads), "--form", form]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     for line in proc.stdout.splitlines()[::-1]:
         if line.startswith("RESULT "):
@@ -216,7 +226,8 @@ def child(case: str, args, python: str | None = None) -> dict:
 
 
 def _label(r: dict) -> str:
-    return r["case"] + (" (baseline)" if r.get("baseline") else "")
+    form = f" form={r['form']}" if r.get("form", "auto") != "auto" else ""
+    return r["case"] + form + (" (baseline)" if r.get("baseline") else "")
 
 
 def _f(v, fmt):
@@ -273,7 +284,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cases", nargs="+", default=list(CASES), choices=CASES)
     ap.add_argument("--layers", type=int, default=TINYLLAMA["num_hidden_layers"], help="decoder layers of the 1.1B model")
-    ap.add_argument("--new-tokens", type=int, default=8, help="tokens generated per model (default 8)")
+    ap.add_argument("--new-tokens", type=int, default=8, help="tokens generated per model (default 8; 0: no generation)")
+    ap.add_argument("--forms", nargs="+", default=["auto"], choices=["auto", "graph"],
+                    help="compress(form=...) of the dense cases, one run each (default auto)")
+    ap.add_argument("--form", default="auto", help=argparse.SUPPRESS)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads (default: all cores)")
     ap.add_argument("--baseline-python", metavar="PYTHON",
                     help="also run the float32 case with this interpreter's otofx (e.g. an older checkout's venv)")
@@ -293,7 +307,9 @@ def main() -> None:
     results = []
     if args.baseline_python and "float32" in args.cases:
         results.append({**child("float32", args, args.baseline_python), "baseline": args.baseline_python})
-    results += [child(c, args) for c in args.cases]
+    for c in args.cases:
+        results += [child(c, args, form=f) for f in (args.forms if not c.startswith("meta") else ["auto"])]
+    print(f"$ python {' '.join(sys.argv)}")
     print(tables(results, args.format))
     print(f"\nload average (1/5/15 min) before {load0[0]:.2f} {load0[1]:.2f} {load0[2]:.2f}, after "
           + " ".join(f"{v:.2f}" for v in os.getloadavg()) + f"; {os.cpu_count()} cores; took {time.time() - t0:.0f} s")
@@ -304,6 +320,11 @@ def main() -> None:
             over = (r["compress_peak"] - r["rss_before_compress"] + r["weights"]) / r["weights"]
             targets.append(f"{_label(r)} compress peak {r['compress_peak'] / r['weights']:.2f}x weights, "
                            f"{over:.2f}x over the process before compress (target <= 1.6)")
+        if "compress_peak" in r and "small_bytes" in r and "largest" in r:
+            inc, bound = r["compress_peak"] - r["rss_before_compress"], r["small_bytes"] + r["largest"]
+            targets.append(f"{_label(r)} compress() increment {inc / GB:.2f} GB ({inc / r['weights']:.3f}x weights) "
+                           f"{'<=' if inc <= bound else '>'} compressed {r['small_bytes'] / GB:.2f} + largest tensor "
+                           f"{r['largest'] / GB:.3f} GB ({'met' if inc <= bound else 'NOT met'})")
         if r["case"] == "bfloat16":
             targets.append("bfloat16 compress " + ("succeeds" if "compress_s" in r else "FAILS"))
         if r["case"] == "meta70b" and "analysis_s" in r:

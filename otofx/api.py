@@ -34,7 +34,7 @@ import torch.fx as fx
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from otofx import pipeline
-from otofx.capture import _first_line, _no_kv_cache, normalize_inputs
+from otofx.capture import STATIC_IMAGE_SIZES, _first_line, _no_kv_cache, normalize_inputs
 from otofx.errors import InputError, OTOError, VerificationError
 from otofx.passes.nodes import set_path
 from otofx.passes.prune import Plan, row_norms, zero_row_plan
@@ -227,6 +227,10 @@ class OTO:
                            f"({detail}); the graph form is verified separately")
                 else:
                     why = str(e)
+                sizes = self.graph_module.meta.get(STATIC_IMAGE_SIZES)
+                if sizes:  # NB: the export capture could not make the image sizes dynamic cheaply
+                    why += (f"; this graph accepts image size {', '.join('x'.join(map(str, t)) for t in sizes)} "
+                            "only (any batch)")
                 log.warning("otofx: compress() returns a torch.fx GraphModule, not a %s: %s",
                             type(self.model).__name__, why)
         return self._compress_graph(verify, plan, passes)

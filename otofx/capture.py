@@ -6,11 +6,14 @@ else is traced through). When tracing fails, ``torch.export`` (non-strict) is tr
 GraphModule whose parameter names equal the model's, so passes never ask which one ran.
 
 The export front-end captures with a dynamic batch and sequence length (``Dim.AUTO``; see
-``_dynamic_dims``), so the graph, and the compressed model, run at any size the model does; it
-also returns a second example input set of another size along every dynamic dimension
-(:func:`second_inputs`), which verification runs too. It captures in training mode and makes
-dropout, batch norm and attention dropout read the modules' ``training`` flags, so the graph
-follows ``train()``/``eval()`` whatever mode the model was in (:func:`export_captured`).
+``_dynamic_dims``), and image sizes where that capture stays cheap (:func:`_spatial_capture`:
+within ``SPATIAL_FACTOR`` times the first capture's time, at least ``SPATIAL_MIN_SECONDS``;
+otherwise they stay static, logged, and the graph form takes the example's image size only), so
+the graph, and the compressed model, run at any size the model does; it also returns a second
+example input set of another size along every dynamic dimension (:func:`second_inputs`), which
+verification runs too. It captures in training mode and makes dropout, batch norm and attention
+dropout read the modules' ``training`` flags, so the graph follows ``train()``/``eval()`` whatever
+mode the model was in (:func:`export_captured`).
 
 Internals:
     * The model is never mutated: tracing only reads it, and the GraphModule shares the model's
@@ -22,9 +25,16 @@ Internals:
     * :func:`graph_module` builds the module hierarchy fx's ``GraphModule(root, graph)`` builds,
       with dict operations instead of ``Module.__getattr__``/``__setattr__`` per path step.
     * Export: a batch of 1 is widened to 2 for the capture (export specialises sizes of 1); refusals
-      fall back to a dynamic batch only, then static shapes (INFO log). The analysis runs on the
-      example's concrete sizes (``sym_size`` nodes are ints on meta tensors); prune's size fixes
-      keep or scale the size expressions (``batch * heads``) in view arguments.
+      fall back to a dynamic batch only, then static shapes (INFO log). Image sizes are a second
+      capture after the first (batch and sequence) one succeeded, under a SIGALRM deadline
+      (:func:`_deadline`; main thread only, else skipped) whose exception is a BaseException so that
+      export's own fallbacks do not swallow it; the first capture is kept when the second is late,
+      fails, or gives a graph whose guards refuse a doubled image size (swin's window padding).
+      # NB: the budget is wall time, so on a loaded machine a model near the budget can come out
+      static on one run and dynamic on another; both are exact, the log says which.
+    * The analysis runs on the example's concrete sizes (``sym_size`` nodes are ints on meta
+      tensors); prune's size fixes keep or scale the size expressions (``batch * heads``) in view
+      arguments.
     * Mode flags are ``get_attr`` nodes of ``<module path>.training`` (empty modules created where
       export kept none), set to the user's flags at capture: a frozen submodule stays frozen.
 """
@@ -33,6 +43,7 @@ from __future__ import annotations
 import functools
 import logging
 import operator
+import time
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -355,19 +366,27 @@ def _batch_widened(args: tuple, kwargs: dict):
     return tree_map(widen, args), tree_map(widen, kwargs)
 
 
-def _dynamic_dims(t: torch.Tensor, dims: str) -> tuple:
-    """The dimensions of input ``t`` asked to be dynamic: the batch (dim 0) and, with ``dims ==
-    "all"``, the sequence: every dimension of an integer or bool tensor (token ids, masks,
-    positions) and dim 1 of a rank-3 float tensor (embeddings given as [batch, length, width]).
+def _is_image(t) -> bool:
+    """A float input of rank >= 4 ([batch, channels, *spatial]): its dims 2.. are image sizes."""
+    return isinstance(t, torch.Tensor) and t.is_floating_point() and t.dim() >= 4
 
-    # NB: the spatial dimensions of images stay static: torch.export reasons symbolically about
-    # every padding and window partition, and swin_t at 64x64 took 448 s to export with dynamic
-    # height and width (10 s static), its graph then 8.7 s a forward for the size guards.
+
+def _dynamic_dims(t: torch.Tensor, dims: str) -> tuple:
+    """The dimensions of input ``t`` asked to be dynamic: the batch (dim 0); with ``dims == "all"``
+    also the sequence: every dimension of an integer or bool tensor (token ids, masks, positions)
+    and dim 1 of a rank-3 float tensor (embeddings given as [batch, length, width]); with ``dims ==
+    "spatial"`` also the image sizes (dims 2.. of a float tensor of rank >= 4).
+
+    # NB: image sizes are asked for in a separate, time-limited capture (:func:`_spatial_capture`):
+    # torch.export reasons symbolically about every padding and window partition, and swin_t at
+    # 64x64 took 448 s to export with dynamic height and width (10 s static).
     """
-    if dims != "all" or t.dim() < 2:
+    if dims not in ("all", "spatial") or t.dim() < 2:
         return (0,)
     if not t.is_floating_point() and not t.is_complex():
         return tuple(range(t.dim()))
+    if dims == "spatial" and t.dim() >= 4:
+        return (0, *range(2, t.dim()))
     return (0, 1) if t.dim() == 3 else (0,)
 
 
@@ -385,7 +404,8 @@ def _export_program(model, args, kwargs):
     """torch.export (non-strict) with dynamic sizes where export accepts them, static otherwise.
 
     Attempts, first success wins: the example with a batch of 1 widened to 2, batch and sequence
-    dynamic; the example, batch and sequence dynamic; the example, batch dynamic; static.
+    dynamic; the example, batch and sequence dynamic; the example, batch dynamic; static. Returns
+    ``(program, (args, kwargs) it was captured on, dims)`` with dims "all", "batch" or None.
     """
     widened = _batch_widened(args, kwargs)
     attempts = ([(widened, "all")] if widened is not None else []) + [((args, kwargs), "all"),
@@ -405,7 +425,109 @@ def _export_program(model, args, kwargs):
         if dims != "all":
             log.info("%s captured with %s", type(model).__name__,
                      "a dynamic batch only" if dims == "batch" else "static shapes")
-        return ep
+        return ep, (a, k), dims
+
+
+# The capture with dynamic image sizes may take this many times the first capture's time (at least
+# SPATIAL_MIN_SECONDS); past that it is abandoned and the image sizes stay static (logged). 0 turns it off.
+SPATIAL_FACTOR = 1.0
+SPATIAL_MIN_SECONDS = 5.0
+
+
+class _ExportTimeout(BaseException):
+    """Raised by the SIGALRM handler of :func:`_deadline` (a BaseException: export's own ``except
+    Exception`` fallbacks must not swallow it)."""
+
+
+@contextmanager
+def _deadline(seconds: float):
+    """Raise :class:`_ExportTimeout` in this thread after ``seconds`` (then every second until left).
+
+    Yields False, and sets no timer, where a deadline cannot be set: not the main thread, no
+    SIGALRM (Windows), or a timer the caller already runs.
+    """
+    import signal
+    import threading
+
+    if (not hasattr(signal, "SIGALRM") or threading.current_thread() is not threading.main_thread()
+            or signal.getitimer(signal.ITIMER_REAL)[0] > 0):
+        yield False
+        return
+
+    def _raise(signum, frame):
+        raise _ExportTimeout()
+
+    old = signal.signal(signal.SIGALRM, _raise)
+    signal.setitimer(signal.ITIMER_REAL, seconds, 1.0)
+    try:
+        yield True
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def _static_image_dims(ep, inputs) -> bool:
+    """Whether an image input (see :func:`_is_image`) of ``ep`` has a static size beyond its channels."""
+    flat = [t for t in tree_flatten(inputs)[0]]
+    dims = _example_dims(ep)
+    if len(dims) != len(flat):
+        return False
+    return any(_is_image(t) and d is not None and any(isinstance(e, int) for e in d[2:]) for t, d in zip(flat, dims))
+
+
+STATIC_IMAGE_SIZES = "otofx_static_image_sizes"  # gm.meta key: the image sizes a graph is fixed to
+
+
+def static_image_sizes(inputs) -> list:
+    """The sizes beyond batch and channels of the image inputs of ``inputs`` (what a graph with
+    static image dims accepts)."""
+    return [tuple(t.shape[2:]) for t in tree_flatten(inputs)[0] if _is_image(t)]
+
+
+def _spatial_capture(model, inputs, training: bool, budget: float, args, kwargs):
+    """A capture with dynamic image sizes too (``dims="spatial"``), or ``(None, why not)``.
+
+    Runs under a deadline of ``budget`` seconds; the graph must then run, in eval mode, at a second
+    size of every dynamic dimension (:func:`second_inputs`: image sizes doubled), or it is not used
+    (export's guards can admit only a few sizes: swin's window padding).
+    """
+    name = type(model).__name__
+    if any(isinstance(t, torch.Tensor) and t.device.type == "meta"
+           for t in [*tree_flatten(inputs)[0], *model.parameters()]):
+        return None, "the weights are on the meta device (the graph cannot be run to check the sizes)"
+    a, k = inputs
+    # NB: the timeout is caught outside the deadline's context too: the alarm can fire between the
+    # end of the export and the timer's reset
+    try:
+        with _deadline(budget) as armed:
+            if not armed:
+                return None, ("no deadline can be set here (not the main thread, or no SIGALRM), so the cost "
+                              "is unbounded")
+            with _mode(model, training):
+                ep = torch.export.export(model, a, k, dynamic_shapes=_dynamic_shapes(model, a, k, "spatial"),
+                                         strict=False)
+    except _ExportTimeout:
+        return None, f"torch.export with dynamic image sizes took more than {budget:.1f} s"
+    except Exception as e:  # noqa: BLE001
+        return None, f"torch.export with dynamic image sizes failed ({type(e).__name__}: {_first_line(e)})"
+    if _static_image_dims(ep, inputs):
+        return None, "torch.export keeps the image sizes static (the model fixes them)"
+    gm = _finish(ep, model, training)
+    more = second_inputs(ep, args, kwargs)
+    if more is None:
+        return None, "no second image size can be formed"
+    try:
+        with torch.no_grad(), _mode(gm, False):
+            gm(*more[0], **more[1])
+    except Exception as e:  # noqa: BLE001
+        shapes = [tuple(t.shape) for t in tree_flatten(more)[0] if _is_image(t)]
+        return None, f"its graph refuses the image size {shapes} ({type(e).__name__}: {_first_line(e)})"
+    if training:
+        why = _training_capture_problem(gm, model, args, kwargs)
+        if why:
+            return None, f"the training-mode capture with dynamic image sizes {why}"
+    log.debug("%s: captured with dynamic image sizes", name)
+    return (ep, gm), ""
 
 
 def _flag_node(gm: fx.GraphModule, model: torch.nn.Module, path: str, cache: dict, before: fx.Node) -> fx.Node:
@@ -506,7 +628,8 @@ def second_inputs(ep, args: tuple, kwargs: dict):
     """Example inputs of another shape along every dimension ``ep`` made dynamic, or None.
 
     Every free symbol of the input sizes takes its value in ``args``/``kwargs`` plus one (minus
-    one when that leaves export's range); each size expression is evaluated with those values.
+    one when that leaves export's range), an image size (:func:`_is_image`) twice its value (strides
+    and windows keep dividing it); each size expression is evaluated with those values.
     Inputs are the examples tiled (indices wrap) to the new sizes, so token ids and masks stay
     valid and floats stay non-trivial. Returns ``(args, kwargs)``.
     """
@@ -520,20 +643,23 @@ def second_inputs(ep, args: tuple, kwargs: dict):
     tensors = [i for i, t in enumerate(flat) if isinstance(t, torch.Tensor)]
     if len(dims) != len(flat) or any(dims[i] is None or len(dims[i]) != flat[i].dim() for i in tensors):
         return None
-    symbols = {}
+    symbols, image = {}, set()
     for i, d in enumerate(dims):
         if d is None:
             continue
         for k, e in enumerate(d):
             if not isinstance(e, int) and len(e.free_symbols) == 1 and e.is_Symbol:
                 symbols.setdefault(e, flat[i].shape[k])
+                if k >= 2 and _is_image(flat[i]):
+                    image.add(e)
     if not symbols:
         return None
     new = {}
     for s, v in symbols.items():
         r = ep.range_constraints.get(s)
         up = r.upper if r is not None else None
-        new[s] = v + 1 if up is None or bool(v + 1 <= up) else max(v - 1, 1)
+        step = v if s in image else 1
+        new[s] = v + step if up is None or bool(v + step <= up) else max(v - 1, 1)
     out = list(flat)
     for i in tensors:
         d = dims[i]
@@ -570,14 +696,16 @@ def export_captured(model: torch.nn.Module, args: tuple, kwargs: dict) -> Captur
     redone in eval mode, where only dropout and batch norm can be made to follow the flags
     (directly, for a model with a module known to draw such numbers: see ``_STOCHASTIC_MODULES``).
     """
+    t0 = time.perf_counter()
     with _no_kv_cache(model, kwargs):
         stochastic = _stochastic_module(model)
+        training = True
         if stochastic:
             why = f"would hold {stochastic}'s random draws"
         else:
             try:
                 with _mode(model, True):
-                    ep = _export_program(model, args, kwargs)
+                    ep, used, dims = _export_program(model, args, kwargs)
             except Exception as e:  # noqa: BLE001 - a training-only branch export cannot follow
                 why = f"failed ({type(e).__name__}: {_first_line(e)})"
             else:
@@ -586,9 +714,22 @@ def export_captured(model: torch.nn.Module, args: tuple, kwargs: dict) -> Captur
         if why:
             log.info("%s: the training-mode capture %s; capturing in eval mode (its training mode keeps "
                      "dropout and batch statistics only)", type(model).__name__, why)
+            training = False
             with _mode(model, False):
-                ep = _export_program(model, args, kwargs)
+                ep, used, dims = _export_program(model, args, kwargs)
             gm = _finish(ep, model, False)
+        if dims == "all" and SPATIAL_FACTOR > 0 and _static_image_dims(ep, used):
+            budget = max(SPATIAL_MIN_SECONDS, SPATIAL_FACTOR * (time.perf_counter() - t0))
+            got, why = _spatial_capture(model, used, training, budget, args, kwargs)
+            if got is not None:
+                ep, gm = got
+            else:
+                sizes = static_image_sizes(used)
+                gm.meta[STATIC_IMAGE_SIZES] = sizes
+                log.info("%s: image sizes stay static: %s. The graph form (compress(form='graph'), or form='auto' "
+                         "when the model's own class cannot be re-sized) accepts image size %s only; the model's "
+                         "own class accepts any size the model does", type(model).__name__, why,
+                         ", ".join("x".join(map(str, s)) for s in sizes))
     more = second_inputs(ep, args, kwargs)
     dyn = [f"input {i} dims {', '.join(str(k) for k, e in enumerate(d) if not isinstance(e, int))}"
            for i, d in enumerate(_example_dims(ep)) if d is not None and not all(isinstance(e, int) for e in d)]

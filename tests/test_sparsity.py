@@ -46,9 +46,9 @@ def _mlp():
 class _CNN(nn.Module):
     def __init__(self):
         super().__init__()
-        self.c1, self.b1 = nn.Conv2d(1, 12, 3, padding=1), nn.BatchNorm2d(12)
-        self.c2, self.b2 = nn.Conv2d(12, 16, 3, padding=1), nn.BatchNorm2d(16)
-        self.fc = nn.Linear(16, 10)
+        self.c1, self.b1 = nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16)
+        self.c2, self.b2 = nn.Conv2d(16, 24, 3, padding=1), nn.BatchNorm2d(24)
+        self.fc = nn.Linear(24, 10)
 
     def forward(self, x):
         x = torch.relu(self.b1(self.c1(x)))
@@ -98,7 +98,7 @@ def test_mlp_digits_lands_on_target_with_defaults(digits, target):
     assert opt.status().pruning_steps == 80
 
 
-@pytest.mark.parametrize("target", [0.5, 0.7])
+@pytest.mark.parametrize("target", [0.3, 0.5, 0.7, 0.9])
 def test_cnn_digits_lands_on_target_and_compresses_exactly(digits, target):
     model, oto, opt, seen = _run(_CNN, digits, target, 70, start_pruning_steps=10, pruning_steps=40)
     _check_landed(opt, seen, target)
