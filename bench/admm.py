@@ -132,7 +132,7 @@ def run_one(kind, seed, data, args):
             m = copy.deepcopy(dense)
             total = args.admm_epochs * spe
             opt = A.BlockHESSO(m, sgd(m, args.retrain_lr), block=block, prune=prune,
-                               pruning_steps=int(total * 0.6), pruning_periods=args.rounds)
+                               pruning_steps=int(total * 0.6), pruning_periods=args.hesso_periods)
             fit(m, opt, data, args.admm_epochs, seed + 1)
             f = A.finish(m, prune=prune, unify=unify, block=block)
             res["HESSO-blocks"] = (fit(f, sgd(f, args.retrain_lr), data, args.retrain_epochs, seed + 2), f, None)
@@ -338,7 +338,8 @@ def main(argv=None) -> int:
                          "the test set is not used")
     ap.add_argument("--dense-epochs", type=int, default=20)
     ap.add_argument("--admm-epochs", type=int, default=20, help="epochs of ADMM / HESSO training (W-steps)")
-    ap.add_argument("--rounds", type=int, default=10, help="ADMM Z/U rounds (and HESSO periods)")
+    ap.add_argument("--rounds", type=int, default=20, help="ADMM Z/U rounds")
+    ap.add_argument("--hesso-periods", type=int, default=10, help="HESSO's pruning periods")
     ap.add_argument("--retrain-epochs", type=int, default=10)
     ap.add_argument("--lr", type=float, default=0.1, help="dense training lr")
     ap.add_argument("--retrain-lr", type=float, default=0.02, help="lr of HESSO and of every retraining")
@@ -348,8 +349,8 @@ def main(argv=None) -> int:
                          "the whole ADMM phase")
     ap.add_argument("--rescale-dual", action=argparse.BooleanOptionalAction, default=True,
                     help="rescale U by rho_old/rho_new when rho grows (ADMM(rescale_dual=))")
-    ap.add_argument("--rho", type=float, default=1e-3)
-    ap.add_argument("--rho-max", type=float, default=1.0)
+    ap.add_argument("--rho", type=float, default=1e-2)
+    ap.add_argument("--rho-max", type=float, default=10.0)
     ap.add_argument("--quick", action="store_true", help="1 seed, 10/10/5 epochs")
     ap.add_argument("--kernels", choices=["yes", "no", "only"], default="yes",
                     help="also time torch's BSR product against dense on the CPU (cpu_rows); 'only': just that")
@@ -364,7 +365,7 @@ def main(argv=None) -> int:
           f"python {sys.version.split()[0]}")
     print(f"dense {args.dense_epochs} ep (lr {args.lr}); ADMM {args.admm_epochs} ep (lr {args.admm_lr}, "
           f"{args.admm_schedule} schedule), {args.rounds} rounds, rho {args.rho} -> {args.rho_max}, dual "
-          f"{'rescaled' if args.rescale_dual else 'not rescaled'}; HESSO {args.admm_epochs} ep; retrain "
+          f"{'rescaled' if args.rescale_dual else 'not rescaled'}; HESSO {args.admm_epochs} ep ({args.hesso_periods} periods); retrain "
           f"{args.retrain_epochs} ep (lr {args.retrain_lr}); one-shot retrains {args.admm_epochs + args.retrain_epochs} "
           f"ep; SGD momentum 0.9, wd 1e-4, batch {BATCH}")
     if args.kernels == "only":
