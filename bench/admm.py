@@ -7,25 +7,38 @@ Models: a 64-256-256-10 BN-MLP with 4x4 blocks, and the demo CNN (``otofx.demo.D
 
 * ``one-shot``: ``otofx.admm.finish`` (hard projection, structure kept by the re-parametrisation),
   then retraining for ``--admm-epochs + --retrain-epochs`` epochs (the same step budget as the others);
-* ``ADMM``: ``otofx.admm.ADMM`` around SGD for ``--admm-epochs`` (``--rounds`` Z/U rounds), then
-  ``finish`` and ``--retrain-epochs`` of retraining;
+* ``ADMM``: ``otofx.admm.ADMM`` around SGD for ``--admm-epochs`` (``--rounds`` Z/U rounds, rho from
+  ``--rho`` to ``--rho-max``, the dual rescaled as rho grows, the lr restarted every round by
+  ``ADMM.round_lr``), then ``finish`` and ``--retrain-epochs`` of retraining;
 * ``HESSO-blocks``: ``otofx.admm.BlockHESSO`` (HESSO's schedule with blocks as groups) pruning
   ``prune`` of the blocks over the same epochs, then ``finish`` (which also unifies) and retraining.
 
-Reported: test accuracy (mean ± std over seeds), its change from the dense model of the same seed,
-bits per weight of the blocked layers and the storage ratio against float32 (``otofx.admm.storage``).
-Targets (issue 20): at most 1 point below dense at 4x block compression (prune 0.75); ADMM at least
-as good as one-shot. No speed is claimed: 4x4 and 1x9 blocks are a storage result (METHODS.md
-section 5: torch's BSR kernels need blocks of 16 or more, on CUDA).
+Every method sees the same number of SGD steps after the dense phase. The ADMM settings (rounds, rho
+range, dual rescaling, schedule) were chosen with ``--val``, which scores on a stratified 20% of
+the training images and never reads the test set (RESULTS.md section 8 gives the sweep).
+
+Reported: test accuracy (mean ± std over seeds, and each seed), its change from the dense model of
+the same seed, bits per weight of the blocked layers, the storage ratio against float32
+(``otofx.admm.storage``) and the held-out cross-entropy. Targets (issue 20): at most 1 point below
+dense at 4x block compression (prune 0.75); ADMM at least as good as one-shot. No speed is claimed
+for 4x4 and 1x9 blocks, a storage result (METHODS.md section 5: torch's and torchao's block-sparse
+kernels need blocks of 16 or more, on CUDA). The last table times torch's BSR product against dense
+on the CPU (float32, a 1024x1024 Linear, blocks 16/32/64, block sparsity 0.5/0.75/0.9, the outputs
+checked against the masked dense ones); :func:`gpu_rows` is the same on CUDA in bf16/fp16 with
+torchao's kernel beside torch's, called by ``bench/gpu.py`` (section ``admm``).
 
 Run::
 
-    python bench/admm.py                 # 3 seeds, both models, the three settings
+    python bench/admm.py                 # 3 seeds, both models, the three settings, then the CPU kernel rows
+    python bench/admm.py --val           # the same on the validation split (for choosing settings)
+    python bench/admm.py --kernels only  # just the CPU BSR-vs-dense rows
     python bench/admm.py --quick         # 1 seed, shorter budgets
+    python bench/gpu.py --only admm      # on a GPU: the block-sparse kernel rows
 
 Internals:
-    * The training loop, schedule (lr constant, then cosine over the last 40%) and data split are the
-      demo's (``otofx.demo.train``, ``load_digits_split``); one intra-op thread.
+    * The data split and the lr schedule of dense training and retraining are the demo's
+      (``load_digits_split``, ``lr_factor``: constant, then a cosine over the last 40%); the loop is
+      a seeded copy of ``otofx.demo.train`` without its per-epoch test evaluation; one thread.
     * NNI's ADMMPruner (the maintained ADMM reference) is not run: see RESULTS.md for why.
 """
 from __future__ import annotations

@@ -8,18 +8,24 @@ our reconstruction, since the paper has no public code):
 * W-step: the base optimizer on ``f(W) + rho/2 ||W - Z + U||^2`` (the wrapper adds
   ``rho (W - Z + U)`` to each blocked weight's gradient before the base step);
 * Z-step: ``Z = project(W + U)``, the closed-form greedy projection onto the constraint set;
-* U-step: ``U += W - Z``; rho grows geometrically from ``rho`` to ``rho_max`` over the rounds.
+* U-step: ``U += W - Z``; rho grows geometrically from ``rho`` to ``rho_max`` over the rounds, and
+  the scaled dual is rescaled by ``rho_old / rho_new`` when it does (Boyd et al. 2011, section
+  3.4.1), so the unscaled dual ``rho U`` carries over. Without that (``rescale_dual=False``, as some
+  ADMM-pruning code does) every growth of rho multiplies the dual's pull too and W overshoots the
+  constraint set (on digits, bench/admm.py --val: 4x the primal residual at the same rho range).
 
 Usage::
 
     opt = otofx.admm.ADMM(model, torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9),
                           block=(4, 4), prune=0.5, unify=0.25, rounds=10, steps_per_round=len(loader) * 2)
-    for x, y in loader:                        # an ordinary loop; lr schedulers work on `opt`
+    sched = opt.round_lr()                     # optional: the lr restarts every round (any scheduler works)
+    for x, y in loader:                        # an ordinary loop
         loss = F.cross_entropy(model(x), y)
-        opt.zero_grad(); loss.backward(); opt.step()
+        opt.zero_grad(); loss.backward(); opt.step(); sched.step()
     small = otofx.admm.finish(model, opt)      # hard projection + a re-parametrisation that keeps it
     ... retrain `small` (pruned blocks stay 0, one learnable magnitude per unified block) ...
     print(otofx.admm.format_storage(otofx.admm.storage(small)))   # bits per weight, vs float32
+    fast, names = otofx.admm.to_bsr(small.cuda().half())   # finished Linears through torch's BSR product
 
 Baselines: :func:`finish` alone on a trained model is the one-shot projection (then retrain);
 :class:`BlockHESSO` is OTOv3's HESSO schedule with blocks as its groups.
@@ -78,7 +84,8 @@ class ADMM(torch.optim.Optimizer):
     ``params_or_model``: the model (its Linear/Conv weights are blocked; ``layers=`` selects) or
     its ``named_parameters()`` (every parameter with two or more dims is blocked). ``prune`` and
     ``unify``: fractions of each layer's blocks. ``rounds`` Z/U updates, one every
-    ``steps_per_round`` steps; rho goes geometrically from ``rho`` to ``rho_max``.
+    ``steps_per_round`` steps; rho goes geometrically from ``rho`` to ``rho_max``, the scaled dual
+    rescaled by ``rho_old / rho_new`` each time unless ``rescale_dual=False``.
     """
 
     def __init__(self, params_or_model, base_optimizer: torch.optim.Optimizer, *, block=(4, 4),
