@@ -249,6 +249,17 @@ def test_finish_keeps_the_structure_through_retraining():
     torch.testing.assert_close(flat.eval()(x), small.eval()(x))
 
 
+def test_finish_in_bfloat16_keeps_each_block_its_own_magnitude():
+    lin = nn.Linear(64, 64, bias=False).to(torch.bfloat16)  # 1024 blocks of 2x2: past bfloat16's exact integers
+    small = A.finish(nn.Sequential(lin), prune=0.25, unify=0.5, block=(2, 2))
+    pm = small[0].parametrizations.weight[0]
+    want = B.from_blocks(torch.arange(1024)[:, None].expand(-1, 4), pm.group)
+    assert torch.equal(pm.block_index, want)
+    b = B.blocks_of(small[0].weight.detach().float(), pm.group)
+    uni = pm.state == B.UNIFIED
+    torch.testing.assert_close(b[uni].abs().amax(1), pm.magnitude.detach().float()[uni])
+
+
 def test_storage_hand_computed():
     w = torch.tensor([[0.1, -0.2, 3.0, 4.0],
                       [0.1, 0.1, -5.0, 6.0],

@@ -227,11 +227,13 @@ class BlockParam(nn.Module):
         self.group = group
         ones = torch.ones(group.shape, dtype=proj.z.dtype, device=proj.z.device)
         state = B.from_blocks(proj.state[:, None].expand(-1, group.block[0] * group.block[1]).to(proj.z.dtype), group)
-        index = torch.arange(group.n_blocks, device=proj.z.device, dtype=proj.z.dtype)
+        # NB: the block index is built in int64: in the weight's dtype it would round in half
+        # precision (bfloat16 holds integers exactly only up to 256).
+        index = torch.arange(group.n_blocks, device=proj.z.device, dtype=torch.int64)
         index = B.from_blocks(index[:, None].expand(-1, group.block[0] * group.block[1]), group)
         self.register_buffer("free", (state == FREE).to(proj.z.dtype) * ones)
         self.register_buffer("sign", torch.sign(proj.z) * (state == UNIFIED).to(proj.z.dtype))
-        self.register_buffer("block_index", index.round().to(torch.int64))
+        self.register_buffer("block_index", index.contiguous())
         self.register_buffer("state", proj.state.clone())
         self.magnitude = nn.Parameter(proj.magnitude.clone())
 
