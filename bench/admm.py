@@ -194,9 +194,9 @@ def _block_masked(shape, block, sparsity, dtype, device, seed=0):
     nr, nc = shape[0] // block, shape[1] // block
     keep = torch.ones(nr * nc)
     keep[torch.randperm(nr * nc, generator=gen)[:round(sparsity * nr * nc)]] = 0
-    mask = keep.reshape(nr, nc).repeat_interleave(block, 0).repeat_interleave(block, 1)
-    w = torch.randn(shape, generator=gen) * 0.02 * mask
-    return w.to(device=device, dtype=dtype)
+    mask = keep.reshape(nr, nc).to(device).repeat_interleave(block, 0).repeat_interleave(block, 1)
+    w = torch.randn(shape, generator=torch.Generator(device).manual_seed(seed), device=device) * 0.02 * mask
+    return w.to(dtype)
 
 
 def _compare(device, fa, fb, runs, warmup, rounds=5):
