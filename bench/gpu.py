@@ -2,7 +2,7 @@
 
     python bench/gpu.py                      # every section, on cuda, tables to stdout
     python bench/gpu.py --out DIR            # also DIR/gpu.json and DIR/gpu.md
-    python bench/gpu.py --only optimizer     # one section (optimizer, latency, compile)
+    python bench/gpu.py --only optimizer     # one section (optimizer, latency, compile, admm)
     python bench/gpu.py --device cpu --batch 2   # a smoke run of the same code on the CPU
 
 Sections, each owned by the bench script whose ``gpu_rows`` it calls (that script's docstring says
@@ -12,7 +12,9 @@ what it measures and how):
     * ``latency`` (bench/latency.py): dense against compressed latency, half of every group's rows
       zeroed, resnet50, vit_b_16 and a BERT-base, float32 and bfloat16, batch 64;
     * ``compile`` (bench/compile.py): ``torch.compile(backend="otofx")`` against inductor on the dense
-      model, resnet50 and mobilenet_v2, with the FLOPs ratio beside the latency ratio.
+      model, resnet50 and mobilenet_v2, with the FLOPs ratio beside the latency ratio;
+    * ``admm`` (bench/admm.py): a 4096x4096 Linear with 16/32/64-blocks pruned at 0.5/0.75/0.9, dense
+      against torch's BSR and torchao's block-sparse kernel, bf16 and fp16, exactness checked (<= ~40 s).
 A section that fails prints its traceback and the others still run: one command, one GPU lease.
 The first lines give the machine: device, torch/triton versions, the host load average, and two
 ceilings measured in the same run (device-to-device copy bandwidth, a bf16 matrix product's rate).
@@ -45,6 +47,7 @@ SECTIONS = {
     "optimizer": ("optimizer", ("exactness_rows", "gpu_rows")),
     "latency": ("latency", ("gpu_rows",)),
     "compile": ("compile", ("gpu_rows",)),
+    "admm": ("admm", ("gpu_rows",)),
 }
 
 

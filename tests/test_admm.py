@@ -179,6 +179,38 @@ def test_admm_rounds_converge_and_state_resumes():
     assert opt.primal_residual() < first
 
 
+@pytest.mark.parametrize("rescale", [True, False])
+def test_dual_update_and_its_rescaling_when_rho_grows(rescale):
+    m = _mlp()
+    opt = A.ADMM(m, torch.optim.SGD(m.parameters(), lr=0.05), prune=0.5, block=(2, 2), rounds=3, steps_per_round=4,
+                 rho=1e-2, rho_max=1.0, rescale_dual=rescale)
+    _train(m, opt, 4)  # one round: u was 0, so U = W - Z_1 (scaled by rho_0 / rho_1 when rescaled)
+    assert math.isclose(opt.rho, 0.1)
+    _train(m, opt, 3)
+    params = dict(m.named_parameters())
+    before = {k: v.clone() for k, v in opt.admm_state["u"].items()}
+    opt.zu_step()  # the second round by hand: rho 0.1 -> 1
+    for g in opt.blocks:
+        w, z = params[g.name].detach(), opt.admm_state["z"][g.name]
+        assert torch.equal(z, A.project(w + before[g.name], g, 0.5).z)
+        step = before[g.name] + (w - z)
+        torch.testing.assert_close(opt.admm_state["u"][g.name], step * (0.1 if rescale else 1.0))
+
+
+def test_round_lr_restarts_every_round():
+    m = _mlp()
+    base = torch.optim.SGD(m.parameters(), lr=0.2)
+    opt = A.ADMM(m, base, steps_per_round=4, rounds=3)
+    sched = opt.round_lr()
+    lrs = []
+    for _ in range(9):
+        lrs.append(base.param_groups[0]["lr"])
+        _train(m, opt, 1)
+        sched.step()
+    want = [0.2 * 0.5 * (1 + math.cos(math.pi * (s % 4) / 4)) for s in range(9)]
+    assert lrs == pytest.approx(want) and lrs[4] == lrs[8] == pytest.approx(0.2)
+
+
 def test_lr_scheduler_drives_the_base_optimizer():
     m = _mlp()
     base = torch.optim.SGD(m.parameters(), lr=0.1)
@@ -217,6 +249,17 @@ def test_finish_keeps_the_structure_through_retraining():
     torch.testing.assert_close(flat.eval()(x), small.eval()(x))
 
 
+def test_finish_in_bfloat16_keeps_each_block_its_own_magnitude():
+    lin = nn.Linear(64, 64, bias=False).to(torch.bfloat16)  # 1024 blocks of 2x2: past bfloat16's exact integers
+    small = A.finish(nn.Sequential(lin), prune=0.25, unify=0.5, block=(2, 2))
+    pm = small[0].parametrizations.weight[0]
+    want = B.from_blocks(torch.arange(1024)[:, None].expand(-1, 4), pm.group)
+    assert torch.equal(pm.block_index, want)
+    b = B.blocks_of(small[0].weight.detach().float(), pm.group)
+    uni = pm.state == B.UNIFIED
+    torch.testing.assert_close(b[uni].abs().amax(1), pm.magnitude.detach().float()[uni])
+
+
 def test_storage_hand_computed():
     w = torch.tensor([[0.1, -0.2, 3.0, 4.0],
                       [0.1, 0.1, -5.0, 6.0],
@@ -241,6 +284,30 @@ def test_storage_hand_computed():
     assert torch.equal(s.to_dense(), expected)
     assert torch.equal(s.bsr().to_dense(), expected)
     assert "vs float32" in A.format_storage(A.storage(small))
+
+
+def test_bsr_export_computes_the_finished_model_on_cpu():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(24, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 6))
+    with torch.no_grad():
+        for lin in m[0], m[2], m[4]:
+            lin.bias.normal_()
+    small = A.finish(m, prune=0.5, unify=0.25, block=(4, 4)).eval()  # 6 % 4: the head keeps ragged blocks
+    fast, converted = A.to_bsr(small)
+    assert converted == ["0.weight", "2.weight"] and type(fast[4]) is nn.Linear
+    assert not any(torch.nn.utils.parametrize.is_parametrized(mod) for mod in fast.modules())
+    assert isinstance(small[0].parametrizations.weight[0], A.BlockParam)  # the finished model is untouched
+    for i in (0, 2):
+        w, g = fast[i].weight_bsr, A.find_blocks(m, (4, 4)).by_name()[f"{i}.weight"]
+        assert w.layout == torch.sparse_bsr and tuple(w.values().shape[1:]) == (4, 4)
+        assert w.values().shape[0] == g.n_blocks - B.counts_for(g.n_blocks, 0.5, 0.25)[0]
+        assert torch.equal(w.to_dense(), small[i].weight.detach())
+    x = torch.randn(3, 5, 24)  # leading dims are kept
+    with torch.no_grad():
+        ok, err = otofx.pipeline.outputs_close(small(x), fast(x))
+    assert ok, err
+    with pytest.raises(otofx.InputError, match="finish"):
+        A.to_bsr(m)
 
 
 def test_export_round_trips_ragged_blocks():

@@ -8,18 +8,24 @@ our reconstruction, since the paper has no public code):
 * W-step: the base optimizer on ``f(W) + rho/2 ||W - Z + U||^2`` (the wrapper adds
   ``rho (W - Z + U)`` to each blocked weight's gradient before the base step);
 * Z-step: ``Z = project(W + U)``, the closed-form greedy projection onto the constraint set;
-* U-step: ``U += W - Z``; rho grows geometrically from ``rho`` to ``rho_max`` over the rounds.
+* U-step: ``U += W - Z``; rho grows geometrically from ``rho`` to ``rho_max`` over the rounds, and
+  the scaled dual is rescaled by ``rho_old / rho_new`` when it does (Boyd et al. 2011, section
+  3.4.1), so the unscaled dual ``rho U`` carries over. Without that (``rescale_dual=False``, as some
+  ADMM-pruning code does) every growth of rho multiplies the dual's pull too and W overshoots the
+  constraint set (on digits, bench/admm.py --val: 4x the primal residual at the same rho range).
 
 Usage::
 
     opt = otofx.admm.ADMM(model, torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9),
                           block=(4, 4), prune=0.5, unify=0.25, rounds=10, steps_per_round=len(loader) * 2)
-    for x, y in loader:                        # an ordinary loop; lr schedulers work on `opt`
+    sched = opt.round_lr()                     # optional: the lr restarts every round (any scheduler works)
+    for x, y in loader:                        # an ordinary loop
         loss = F.cross_entropy(model(x), y)
-        opt.zero_grad(); loss.backward(); opt.step()
+        opt.zero_grad(); loss.backward(); opt.step(); sched.step()
     small = otofx.admm.finish(model, opt)      # hard projection + a re-parametrisation that keeps it
     ... retrain `small` (pruned blocks stay 0, one learnable magnitude per unified block) ...
     print(otofx.admm.format_storage(otofx.admm.storage(small)))   # bits per weight, vs float32
+    fast, names = otofx.admm.to_bsr(small.cuda().half())   # finished Linears through torch's BSR product
 
 Baselines: :func:`finish` alone on a trained model is the one-shot projection (then retrain);
 :class:`BlockHESSO` is OTOv3's HESSO schedule with blocks as its groups.
@@ -78,12 +84,14 @@ class ADMM(torch.optim.Optimizer):
     ``params_or_model``: the model (its Linear/Conv weights are blocked; ``layers=`` selects) or
     its ``named_parameters()`` (every parameter with two or more dims is blocked). ``prune`` and
     ``unify``: fractions of each layer's blocks. ``rounds`` Z/U updates, one every
-    ``steps_per_round`` steps; rho goes geometrically from ``rho`` to ``rho_max``.
+    ``steps_per_round`` steps; rho goes geometrically from ``rho`` to ``rho_max``, the scaled dual
+    rescaled by ``rho_old / rho_new`` each time unless ``rescale_dual=False``.
     """
 
     def __init__(self, params_or_model, base_optimizer: torch.optim.Optimizer, *, block=(4, 4),
                  prune: float = 0.5, unify: float = 0.0, rho: float = 1e-4, rho_max: float = 1e-1,
-                 rounds: int = 10, steps_per_round: int | None = None, layers=None, blocks: BlockSet | None = None):
+                 rounds: int = 10, steps_per_round: int | None = None, rescale_dual: bool = True, layers=None,
+                 blocks: BlockSet | None = None):
         if not isinstance(base_optimizer, torch.optim.Optimizer):
             raise InputError(f"base_optimizer must be a torch.optim.Optimizer, got {type(base_optimizer).__name__}")
         if steps_per_round is None or int(steps_per_round) < 1:
@@ -96,6 +104,7 @@ class ADMM(torch.optim.Optimizer):
         self.prune, self.unify = float(prune), float(unify)
         self.rho0, self.rho_max, self.rounds = float(rho), float(rho_max), int(rounds)
         self.steps_per_round = int(steps_per_round)
+        self.rescale_dual = bool(rescale_dual)
         base_ids = {id(p) for g in base_optimizer.param_groups for p in g["params"]}
         outside = [g.name for g, p in self._pairs if id(p) not in base_ids]
         if outside:
@@ -140,7 +149,10 @@ class ADMM(torch.optim.Optimizer):
             z[g.name] = project(w + u[g.name], g, self.prune, self.unify).z
             u[g.name].add_(w - z[g.name])
         self.admm_state["round"] += 1
-        self.admm_state["rho"] = self._rho_at(self.admm_state["round"])
+        old, self.admm_state["rho"] = self.rho, self._rho_at(self.admm_state["round"])
+        if self.rescale_dual and self.rho != old:
+            for v in u.values():  # the unscaled dual rho * U carries over unchanged
+                v.mul_(old / self.rho)
         log.info("ADMM: round %d of %d done; primal residual %.3e, rho now %.3g", self.round, self.rounds,
                  self.primal_residual(), self.rho)
 
@@ -165,6 +177,18 @@ class ADMM(torch.optim.Optimizer):
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.base.zero_grad(set_to_none=set_to_none)
+
+    def round_lr(self) -> torch.optim.lr_scheduler.LambdaLR:
+        """A scheduler (step it after every ``step()``) that restarts the lr at each round.
+
+        Within a round the lr follows a half cosine from the base lr down to 0, so every W-step
+        ends close to a minimiser of its augmented loss for that round's Z and U, and the late
+        rounds, where rho is largest, still get the full lr. This is the periodic schedule of the
+        ADMM pruning framework (Zhang et al. 2018): a decay across the whole ADMM phase would
+        leave the rounds that close the gap to the constraint set with almost no lr.
+        """
+        n = self.steps_per_round
+        return torch.optim.lr_scheduler.LambdaLR(self, lambda s: 0.5 * (1.0 + math.cos(math.pi * (s % n) / n)))
 
     # -- state ----------------------------------------------------------------------------------
     def state_dict(self):
@@ -203,11 +227,13 @@ class BlockParam(nn.Module):
         self.group = group
         ones = torch.ones(group.shape, dtype=proj.z.dtype, device=proj.z.device)
         state = B.from_blocks(proj.state[:, None].expand(-1, group.block[0] * group.block[1]).to(proj.z.dtype), group)
-        index = torch.arange(group.n_blocks, device=proj.z.device, dtype=proj.z.dtype)
+        # NB: the block index is built in int64: in the weight's dtype it would round in half
+        # precision (bfloat16 holds integers exactly only up to 256).
+        index = torch.arange(group.n_blocks, device=proj.z.device, dtype=torch.int64)
         index = B.from_blocks(index[:, None].expand(-1, group.block[0] * group.block[1]), group)
         self.register_buffer("free", (state == FREE).to(proj.z.dtype) * ones)
         self.register_buffer("sign", torch.sign(proj.z) * (state == UNIFIED).to(proj.z.dtype))
-        self.register_buffer("block_index", index.round().to(torch.int64))
+        self.register_buffer("block_index", index.contiguous())
         self.register_buffer("state", proj.state.clone())
         self.magnitude = nn.Parameter(proj.magnitude.clone())
 
@@ -367,6 +393,71 @@ def export(model: nn.Module) -> dict:
     return out
 
 
+class BSRLinear(nn.Module):
+    """A Linear whose weight is a torch sparse BSR matrix: ``y = (W_bsr @ x^T)^T + b``.
+
+    The weight lives in the ``weight_bsr`` buffer (pruned blocks absent; unified blocks are stored
+    as ordinary blocks of ``±u``). It computes in the weight's dtype on the weight's device: build
+    it after moving the finished model (:func:`to_bsr`). torch runs ``W_bsr @ dense`` with MKL on
+    the CPU (float32) and with cuSPARSE or its Triton kernels on CUDA (half precision needs blocks
+    of 16 or more there).
+    """
+
+    def __init__(self, weight_bsr: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        self.in_features, self.out_features = weight_bsr.shape[1], weight_bsr.shape[0]
+        self.register_buffer("weight_bsr", weight_bsr)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, self.in_features)
+        y = (self.weight_bsr @ flat.t()).t()
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        w = self.weight_bsr
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"blocksize={tuple(w.values().shape[-2:])}, blocks kept={w.values().shape[0]}")
+
+
+def to_bsr(model: nn.Module) -> tuple[nn.Module, list]:
+    """A copy of a finished model whose finished Linear layers compute through torch's BSR kernels.
+
+    Returns ``(model, converted names)``. Each finished ``nn.Linear`` whose blocks divide its weight
+    becomes a :class:`BSRLinear` holding the weight (from :func:`plain`, so in the model's dtype and
+    on its device) as a BSR matrix with the block's shape; the outputs equal the finished model's
+    up to summation order. Other layers (convolutions, and Linears with ragged edge blocks, which
+    torch's BSR cannot hold) stay dense, and are named in the log. ``model`` is not modified.
+    """
+    import warnings
+
+    finished = {name for name, _, _ in _finished(model)}
+    if not finished:
+        raise InputError("to_bsr found no finished weight: call otofx.admm.finish(model, ...) first")
+    groups = {name: pm.group for name, _, pm in _finished(model)}
+    new = plain(model)
+    converted, kept = [], []
+    for name in sorted(finished):
+        mod_name, _, attr = name.rpartition(".")
+        m = new.get_submodule(mod_name)
+        g = groups[name]
+        if type(m) is not nn.Linear or attr != "weight" or g.rows % g.block[0] or g.cols % g.block[1]:
+            kept.append(name)
+            continue
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Sparse BSR tensor support is in beta")
+            w = m.weight.detach().to_sparse_bsr(g.block)
+        parent_name, _, child = mod_name.rpartition(".")
+        parent = new.get_submodule(parent_name) if parent_name else new
+        setattr(parent, child, BSRLinear(w, m.bias))
+        converted.append(name)
+    if kept:
+        log.info("to_bsr: kept dense (not a Linear, or blocks that do not divide the weight): %s", ", ".join(kept))
+    return new, converted
+
+
 @dataclass(frozen=True)
 class StorageRow:
     layer: str
@@ -515,5 +606,5 @@ def report(blocks: BlockSet) -> str:
                                   tablefmt="github")
 
 
-__all__ = ["ADMM", "BlockHESSO", "BlockParam", "BlockStorage", "StorageRow", "BlockGroup", "BlockSet", "find_blocks",
+__all__ = ["ADMM", "BlockHESSO", "BlockParam", "BlockStorage", "BSRLinear", "to_bsr", "StorageRow", "BlockGroup", "BlockSet", "find_blocks",
            "project", "finish", "plain", "export", "storage", "format_storage", "report"]
