@@ -10,27 +10,39 @@ For every seed and model (same initialisation and batch order in every row of a 
 * ``FP``: float training;
 * ``SLB Wb``: ``otofx.slb.quantize(model, x, bits=b)`` (default layers: every Conv/Linear but the
   first and the last; the layers named in the header), ``otofx.slb.Schedule`` (t_start 0.2,
-  t_end 0.6, t_factor 1.2, start 1.0, state BN over the training set after each epoch past t_start),
-  then ``otofx.slb.freeze`` and ``otofx.slb.to_torchao``;
+  t_end 0.6, start 1.0, state BN over the training set after each epoch past t_start; the ramp
+  reaches ``--t-end-val``, by default ``otofx.slb.REFERENCE_T_END`` = 1.2**40, the temperature
+  golden-stick's factor 1.2 reaches at t_end of its 100 epochs; ``--t-end-val none`` keeps the
+  factor 1.2 per epoch, which reaches only 4.3 at 20 epochs), then ``otofx.slb.freeze`` and
+  ``otofx.slb.to_torchao``;
 * ``STE Wb``: ``otofx.slb.ste.ste_quantize`` on the same layers (torchao's QAT fake quantiser for
   Linear at b >= 2, ours for conv and one bit);
-* ablations (``--ablation-bits``): ``no anneal`` (t_factor 1: the temperature stays 1; the hard phase
+* ablations (``--ablation-bits``): ``no anneal`` (the temperature stays 1; the hard phase
   still starts at t_end) and ``no SBN`` (no calibration loader: BatchNorm statistics are those of
   training).
 
 Every run: ``--epochs`` epochs of batch 64, SGD momentum 0.9 (lr ``--lr``, constant then cosine to 0
-over the last 40%, ``otofx.demo.lr_factor``), weight decay 1e-4 on float parameters, none on SLB's
-logits. Reported per (model, method): test accuracy mean ± sample std over seeds; the change vs FP
+over the last 40%, ``otofx.demo.lr_factor``), weight decay 1e-4 on float parameters, ``--logit-wd``
+(0) on SLB's logits, whose lr is ``--logit-lr-mult`` (1) times the float parameters'. Reported per
+(model, method): test accuracy mean ± sample std over seeds, per seed, the mean test cross-entropy
+(a finer measure than accuracy on 360 images); the change vs FP
 of the same seed (mean, worst); for SLB, the largest |frozen - last eval| over seeds (the eval-mode
 accuracy after the last epoch vs ``freeze(q)``), the largest |torchao - frozen|, the most distinct
 values in any frozen layer (per output channel where the layer has a scale), the bits per
-quantised weight and the model's packed size against float32 (``otofx.slb.size_report``).
+quantised weight and the model's packed size against float32 (``otofx.slb.size_report``). A second
+table pairs SLB and STE by seed (same initialisation and batch order): the accuracy difference per
+seed, its mean, and the mean loss difference.
+
+``--val`` sets the test set aside and trains on three quarters of the training set, reporting on the
+remaining quarter (stratified, fixed): the split on which the default settings were chosen
+(``bench/RESULTS.md`` section 9).
 
 Run (README)::
 
     python bench/slb.py            # 3 seeds, both models
     python bench/slb.py --quick    # 1 seed, 10 epochs: a smoke run
     python bench/slb.py --models mlp --layers all --bits 1 2 --ablation-bits   # every layer low-bit
+    python bench/slb.py --val --models cnn --bits 1 2 --ablation-bits         # selection on validation data
 
 Internals:
     * One intra-op thread; seeds change initialisation and batch order, not the split.
@@ -157,7 +169,7 @@ def main(argv=None) -> int:
     ap.add_argument("--lr", type=float, default=0.1)
     ap.add_argument("--logit-lr-mult", type=float, default=1.0, help="lr of SLB's logits / lr")
     ap.add_argument("--logit-wd", type=float, default=0.0, help="weight decay on SLB's logits (golden-stick: 1e-4)")
-    ap.add_argument("--t-end-val", type=lambda v: None if v == "none" else float(v), default=None,
+    ap.add_argument("--t-end-val", type=lambda v: None if v == "none" else float(v), default=slb.REFERENCE_T_END,
                     help="temperature at t_end ('none': the per-epoch factor 1.2 whatever the budget)")
     ap.add_argument("--val", action="store_true",
                     help="choose settings: train on 3/4 of the training set, report on the other 1/4 (no test data)")
@@ -173,7 +185,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)
     t0 = time.time()
     print(f"bench/slb.py: otofx {otofx.__version__}, torch {torch.__version__}, seeds {args.seeds}, epochs {args.epochs}, "
-          f"lr {args.lr} (logits x{args.logit_lr_mult:g}, logit wd {args.logit_wd:g}), t_end_val {args.t_end_val}, "
+          f"lr {args.lr} (logits x{args.logit_lr_mult:g}, logit wd {args.logit_wd:g}), t_end_val {args.t_end_val if args.t_end_val is None else f'{args.t_end_val:.4g}'}, "
           f"{'validation split' if args.val else 'test split'}, layers {args.layers or 'default'}, bits {args.bits}, ablations at {args.ablation_bits}; load average before "
           f"{' '.join(f'{v:.2f}' for v in os.getloadavg())}", flush=True)
     rows, paired = [], []
