@@ -10,7 +10,7 @@ For every seed and model (same initialisation and batch order in every row of a 
 * ``FP``: float training;
 * ``SLB Wb``: ``otofx.slb.quantize(model, x, bits=b)`` (default layers: every Conv/Linear but the
   first and the last; the layers named in the header), ``otofx.slb.Schedule`` (t_start 0.2,
-  t_end 0.6, start 1.0, state BN over the training set after each epoch past t_start; the ramp
+  t_end 0.6 (``--t-start``, ``--t-end``), start 1.0, state BN over the training set after each epoch past t_start; the ramp
   reaches ``--t-end-val``, by default ``otofx.slb.REFERENCE_T_END`` = 1.2**40, the temperature
   golden-stick's factor 1.2 reaches at t_end of its 100 epochs; ``--t-end-val none`` keeps the
   factor 1.2 per epoch, which reaches only 4.3 at 20 epochs), then ``otofx.slb.freeze`` and
@@ -116,7 +116,7 @@ def run(model: str, method: str, bits: int | None, seed: int, args, anneal: bool
         m = slb.quantize(net, example, bits=bits, layers=args.layers)
         t_end_val = (args.t_end_val if anneal else 1.0) if args.t_end_val is not None or not anneal else None
         sched = slb.Schedule(m, args.epochs, batches(data.x_train, data.y_train, 64) if sbn else None,
-                             t_factor=1.2 if anneal else 1.0, t_end_val=t_end_val)
+                             t_factor=1.2 if anneal else 1.0, t_end_val=t_end_val, t_start=args.t_start, t_end=args.t_end)
     elif method == "ste":
         m, sched = ste_quantize(net, example, bits, layers=args.layers), None
     else:
@@ -171,6 +171,8 @@ def main(argv=None) -> int:
     ap.add_argument("--logit-wd", type=float, default=0.0, help="weight decay on SLB's logits (golden-stick: 1e-4)")
     ap.add_argument("--t-end-val", type=lambda v: None if v == "none" else float(v), default=slb.REFERENCE_T_END,
                     help="temperature at t_end ('none': the per-epoch factor 1.2 whatever the budget)")
+    ap.add_argument("--t-start", type=float, default=0.2, help="ramp start, a fraction of the epochs (golden-stick: 0.2)")
+    ap.add_argument("--t-end", type=float, default=0.6, help="ramp end and hard phase, a fraction of the epochs (0.6)")
     ap.add_argument("--val", action="store_true",
                     help="choose settings: train on 3/4 of the training set, report on the other 1/4 (no test data)")
     ap.add_argument("--layers", default=None, choices=["all"],
@@ -185,7 +187,8 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)
     t0 = time.time()
     print(f"bench/slb.py: otofx {otofx.__version__}, torch {torch.__version__}, seeds {args.seeds}, epochs {args.epochs}, "
-          f"lr {args.lr} (logits x{args.logit_lr_mult:g}, logit wd {args.logit_wd:g}), t_end_val {args.t_end_val if args.t_end_val is None else f'{args.t_end_val:.4g}'}, "
+          f"lr {args.lr} (logits x{args.logit_lr_mult:g}, logit wd {args.logit_wd:g}), t_end_val {args.t_end_val if args.t_end_val is None else f'{args.t_end_val:.4g}'} "
+          f"(ramp {args.t_start:g}-{args.t_end:g}), "
           f"{'validation split' if args.val else 'test split'}, layers {args.layers or 'default'}, bits {args.bits}, ablations at {args.ablation_bits}; load average before "
           f"{' '.join(f'{v:.2f}' for v in os.getloadavg())}", flush=True)
     rows, paired = [], []
