@@ -9,12 +9,12 @@ For every seed and model (same initialisation and batch order in every row of a 
 
 * ``FP``: float training;
 * ``SLB Wb``: ``otofx.slb.quantize(model, x, bits=b)`` (default layers: every Conv/Linear but the
-  first and the last; the layers named in the header), ``otofx.slb.Schedule`` (t_start 0.2,
-  t_end 0.6 (``--t-start``, ``--t-end``), start 1.0, state BN over the training set after each epoch past t_start; the ramp
-  reaches ``--t-end-val``, by default ``otofx.slb.REFERENCE_T_END`` = 1.2**40, the temperature
-  golden-stick's factor 1.2 reaches at t_end of its 100 epochs; ``--t-end-val none`` keeps the
-  factor 1.2 per epoch, which reaches only 4.3 at 20 epochs), then ``otofx.slb.freeze`` and
-  ``otofx.slb.to_torchao``;
+  first and the last; the layers named in the header), ``otofx.slb.Schedule`` (t_start 0.2, t_end
+  0.6 (``--t-start``, ``--t-end``), start 1.0, state BN over the training set after each epoch past
+  t_start; the ramp reaches ``--t-end-val``, by default ``otofx.slb.REFERENCE_T_END`` = 1.2**40,
+  the temperature golden-stick's factor 1.2 reaches at t_end of its 100 epochs; ``--t-end-val
+  none`` keeps the factor 1.2 per epoch, which reaches only 4.3 at 20 epochs), then
+  ``otofx.slb.freeze`` and ``otofx.slb.to_torchao``;
 * ``STE Wb``: ``otofx.slb.ste.ste_quantize`` on the same layers (torchao's QAT fake quantiser for
   Linear at b >= 2, ours for conv and one bit);
 * ablations (``--ablation-bits``): ``no anneal`` (the temperature stays 1; the hard phase
@@ -116,7 +116,8 @@ def run(model: str, method: str, bits: int | None, seed: int, args, anneal: bool
         m = slb.quantize(net, example, bits=bits, layers=args.layers)
         t_end_val = (args.t_end_val if anneal else 1.0) if args.t_end_val is not None or not anneal else None
         sched = slb.Schedule(m, args.epochs, batches(data.x_train, data.y_train, 64) if sbn else None,
-                             t_factor=1.2 if anneal else 1.0, t_end_val=t_end_val, t_start=args.t_start, t_end=args.t_end)
+                             t_factor=1.2 if anneal else 1.0, t_end_val=t_end_val, t_start=args.t_start,
+                             t_end=args.t_end)
     elif method == "ste":
         m, sched = ste_quantize(net, example, bits, layers=args.layers), None
     else:
@@ -171,7 +172,7 @@ def main(argv=None) -> int:
     ap.add_argument("--logit-wd", type=float, default=0.0, help="weight decay on SLB's logits (golden-stick: 1e-4)")
     ap.add_argument("--t-end-val", type=lambda v: None if v == "none" else float(v), default=slb.REFERENCE_T_END,
                     help="temperature at t_end ('none': the per-epoch factor 1.2 whatever the budget)")
-    ap.add_argument("--t-start", type=float, default=0.2, help="ramp start, a fraction of the epochs (golden-stick: 0.2)")
+    ap.add_argument("--t-start", type=float, default=0.2, help="ramp start, a fraction of the epochs (0.2)")
     ap.add_argument("--t-end", type=float, default=0.6, help="ramp end and hard phase, a fraction of the epochs (0.6)")
     ap.add_argument("--val", action="store_true",
                     help="choose settings: train on 3/4 of the training set, report on the other 1/4 (no test data)")
@@ -186,11 +187,13 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(name)s: %(message)s")
     torch.set_num_threads(1)
     t0 = time.time()
-    print(f"bench/slb.py: otofx {otofx.__version__}, torch {torch.__version__}, seeds {args.seeds}, epochs {args.epochs}, "
-          f"lr {args.lr} (logits x{args.logit_lr_mult:g}, logit wd {args.logit_wd:g}), t_end_val {args.t_end_val if args.t_end_val is None else f'{args.t_end_val:.4g}'} "
-          f"(ramp {args.t_start:g}-{args.t_end:g}), "
-          f"{'validation split' if args.val else 'test split'}, layers {args.layers or 'default'}, bits {args.bits}, ablations at {args.ablation_bits}; load average before "
-          f"{' '.join(f'{v:.2f}' for v in os.getloadavg())}", flush=True)
+    t_end_val = "none" if args.t_end_val is None else f"{args.t_end_val:.4g}"
+    print(f"bench/slb.py: otofx {otofx.__version__}, torch {torch.__version__}, seeds {args.seeds}, "
+          f"epochs {args.epochs}, lr {args.lr} (logits x{args.logit_lr_mult:g}, logit wd {args.logit_wd:g}), "
+          f"t_end_val {t_end_val} (ramp {args.t_start:g}-{args.t_end:g}), "
+          f"{'validation split' if args.val else 'test split'}, layers {args.layers or 'default'}, bits {args.bits}, "
+          f"ablations at {args.ablation_bits}; load average before {' '.join(f'{v:.2f}' for v in os.getloadavg())}",
+          flush=True)
     rows, paired = [], []
     split = "val" if args.val else "test"
     for model in args.models:
@@ -232,8 +235,8 @@ def main(argv=None) -> int:
         print(f"{model}: quantised layers {qlayers}" + ("" if args.layers else " (first and last stay float)"),
               flush=True)
     print(tabulate(rows, headers=["model", "method", f"{split} acc %", "per seed", f"{split} loss", "Δ vs FP",
-                                  "worst Δ", "|frozen-eval|", "|torchao-frozen|", "distinct", "bits/w", "size vs fp32"],
-                   tablefmt="github"))
+                                  "worst Δ", "|frozen-eval|", "|torchao-frozen|", "distinct", "bits/w",
+                                  "size vs fp32"], tablefmt="github"))
     if paired:
         print(f"\nSLB - STE, paired by seed (same initialisation and batch order); one {split} image is "
               f"{100 / len(data_for(args.models[0], args.val)[0].y_test):.2f} points:")

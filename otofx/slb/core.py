@@ -11,7 +11,8 @@ Internals:
       keeps them under ``module.parametrizations.<attr>``); nothing else is recorded on the model.
     * The temperature follows the reference's ``TemperatureScheduler``; epochs are counted from 0:
       epoch ``e`` trains at ``T(e) = start_val * t_factor ** (min(e, e1) - e0)`` when ``e > e0`` and
-      ``start_val`` before, with ``e0 = floor(t_start * E)`` and ``e1 = floor(t_end * E)``; from
+      ``start_val`` before, with ``e0 = floor(t_start * E)`` and ``e1 = floor(t_end * E)``
+      (``t_end_val`` replaces ``t_factor`` by ``(t_end_val / start_val) ** (1 / (e1 - e0))``); from
       epoch ``e1`` on the training forward uses the hard (argmax) weights and the logits stop
       training (``requires_grad_(False)``; optimizers skip parameters whose ``grad`` is None, so
       call ``zero_grad(set_to_none=True)``, torch's default).
@@ -267,4 +268,5 @@ def _strip(module: nn.Module, attr: str) -> None:
     module.__class__ = type(module).__bases__[0]
 
 
-__all__ = ["quantize", "Schedule", "REFERENCE_T_END", "calibrate_bn", "freeze", "slb_layers", "SLBLayer", "FrozenLayer", "weights"]
+__all__ = ["quantize", "Schedule", "REFERENCE_T_END", "calibrate_bn", "freeze", "slb_layers", "SLBLayer", "FrozenLayer",
+           "weights"]
