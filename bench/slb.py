@@ -9,28 +9,40 @@ For every seed and model (same initialisation and batch order in every row of a 
 
 * ``FP``: float training;
 * ``SLB Wb``: ``otofx.slb.quantize(model, x, bits=b)`` (default layers: every Conv/Linear but the
-  first and the last; the layers named in the header), ``otofx.slb.Schedule`` (t_start 0.2,
-  t_end 0.6, t_factor 1.2, start 1.0, state BN over the training set after each epoch past t_start),
-  then ``otofx.slb.freeze`` and ``otofx.slb.to_torchao``;
+  first and the last; the layers named in the header), ``otofx.slb.Schedule`` (t_start 0.2, t_end
+  0.6 (``--t-start``, ``--t-end``), start 1.0, state BN over the training set after each epoch past
+  t_start; the ramp reaches ``--t-end-val``, by default ``otofx.slb.REFERENCE_T_END`` = 1.2**40,
+  the temperature golden-stick's factor 1.2 reaches at t_end of its 100 epochs; ``--t-end-val
+  none`` keeps the factor 1.2 per epoch, which reaches only 4.3 at 20 epochs), then
+  ``otofx.slb.freeze`` and ``otofx.slb.to_torchao``;
 * ``STE Wb``: ``otofx.slb.ste.ste_quantize`` on the same layers (torchao's QAT fake quantiser for
   Linear at b >= 2, ours for conv and one bit);
-* ablations (``--ablation-bits``): ``no anneal`` (t_factor 1: the temperature stays 1; the hard phase
+* ablations (``--ablation-bits``): ``no anneal`` (the temperature stays 1; the hard phase
   still starts at t_end) and ``no SBN`` (no calibration loader: BatchNorm statistics are those of
   training).
 
 Every run: ``--epochs`` epochs of batch 64, SGD momentum 0.9 (lr ``--lr``, constant then cosine to 0
-over the last 40%, ``otofx.demo.lr_factor``), weight decay 1e-4 on float parameters, none on SLB's
-logits. Reported per (model, method): test accuracy mean ± sample std over seeds; the change vs FP
+over the last 40%, ``otofx.demo.lr_factor``), weight decay 1e-4 on float parameters, ``--logit-wd``
+(0) on SLB's logits, whose lr is ``--logit-lr-mult`` (1) times the float parameters'. Reported per
+(model, method): test accuracy mean ± sample std over seeds, per seed, the mean test cross-entropy
+(a finer measure than accuracy on 360 images); the change vs FP
 of the same seed (mean, worst); for SLB, the largest |frozen - last eval| over seeds (the eval-mode
 accuracy after the last epoch vs ``freeze(q)``), the largest |torchao - frozen|, the most distinct
 values in any frozen layer (per output channel where the layer has a scale), the bits per
-quantised weight and the model's packed size against float32 (``otofx.slb.size_report``).
+quantised weight and the model's packed size against float32 (``otofx.slb.size_report``). A second
+table pairs SLB and STE by seed (same initialisation and batch order): the accuracy difference per
+seed, its mean, and the mean loss difference.
+
+``--val`` sets the test set aside and trains on three quarters of the training set, reporting on the
+remaining quarter (stratified, fixed): the split on which the default settings were chosen
+(``bench/RESULTS.md`` section 9).
 
 Run (README)::
 
     python bench/slb.py            # 3 seeds, both models
     python bench/slb.py --quick    # 1 seed, 10 epochs: a smoke run
     python bench/slb.py --models mlp --layers all --bits 1 2 --ablation-bits   # every layer low-bit
+    python bench/slb.py --val --models cnn --bits 1 2 --ablation-bits         # selection on validation data
 
 Internals:
     * One intra-op thread; seeds change initialisation and batch order, not the split.
@@ -53,6 +65,7 @@ from torch import nn
 import otofx
 import otofx.slb as slb
 from otofx.demo import DigitsNet, evaluate, load_digits_split, lr_factor
+from otofx.demo import logits as logits_of
 from otofx.slb.ste import ste_quantize
 
 log = logging.getLogger("bench.slb")
@@ -73,12 +86,20 @@ class BNMLP(nn.Module):
         return self.head(self.body(x))
 
 
-def data_for(model: str):
-    if model == "cnn":
-        return load_digits_split(side=16), DigitsNet
-    d = load_digits_split(side=8)
-    flat = type(d)(d.x_train.flatten(1), d.y_train, d.x_test.flatten(1), d.y_test)
-    return flat, BNMLP
+def data_for(model: str, val: bool = False):
+    """The model's split; with ``val`` the test set is set aside and a stratified quarter of the
+    training set (fixed, ``random_state=1``) plays its part: the split used to choose settings."""
+    d = load_digits_split(side=16 if model == "cnn" else 8)
+    if model == "mlp":
+        d = type(d)(d.x_train.flatten(1), d.y_train, d.x_test.flatten(1), d.y_test)
+    if val:
+        from sklearn.model_selection import train_test_split
+
+        tr, va = train_test_split(torch.arange(len(d.y_train)).numpy(), test_size=0.25, random_state=1,
+                                  stratify=d.y_train.numpy())
+        tr, va = torch.from_numpy(tr), torch.from_numpy(va)
+        d = type(d)(d.x_train[tr], d.y_train[tr], d.x_train[va], d.y_train[va])
+    return d, (DigitsNet if model == "cnn" else BNMLP)
 
 
 def batches(x, y, size: int):
@@ -86,15 +107,17 @@ def batches(x, y, size: int):
 
 
 def run(model: str, method: str, bits: int | None, seed: int, args, anneal: bool = True, sbn: bool = True) -> dict:
-    data, cls = data_for(model)
+    data, cls = data_for(model, args.val)
     torch.manual_seed(seed)
     net = cls()
     example = data.x_train[:2]
     net.train()
     if method == "slb":
         m = slb.quantize(net, example, bits=bits, layers=args.layers)
+        t_end_val = (args.t_end_val if anneal else 1.0) if args.t_end_val is not None or not anneal else None
         sched = slb.Schedule(m, args.epochs, batches(data.x_train, data.y_train, 64) if sbn else None,
-                             t_factor=1.2 if anneal else 1.0)
+                             t_factor=1.2 if anneal else 1.0, t_end_val=t_end_val, t_start=args.t_start,
+                             t_end=args.t_end)
     elif method == "ste":
         m, sched = ste_quantize(net, example, bits, layers=args.layers), None
     else:
@@ -103,7 +126,7 @@ def run(model: str, method: str, bits: int | None, seed: int, args, anneal: bool
     decay = [p for p in m.parameters() if id(p) not in logits]
     groups = [{"params": decay, "weight_decay": 1e-4}]
     if logits:
-        groups.append({"params": [p for p in m.parameters() if id(p) in logits], "weight_decay": 0.0,
+        groups.append({"params": [p for p in m.parameters() if id(p) in logits], "weight_decay": args.logit_wd,
                        "lr": args.lr * args.logit_lr_mult})
     opt = torch.optim.SGD(groups, lr=args.lr, momentum=0.9)
     spe = len(data.y_train) // 64
@@ -123,7 +146,7 @@ def run(model: str, method: str, bits: int | None, seed: int, args, anneal: bool
         if sched is not None:
             sched.step()
     acc = evaluate(m, data.x_test, data.y_test)
-    out = {"acc": acc}
+    out = {"acc": acc, "loss": float(F.cross_entropy(logits_of(m, data.x_test), data.y_test))}
     if method == "slb":
         frozen = slb.freeze(m)
         out["frozen"] = evaluate(frozen, data.x_test, data.y_test)
@@ -146,6 +169,13 @@ def main(argv=None) -> int:
     ap.add_argument("--epochs", type=int, default=20)
     ap.add_argument("--lr", type=float, default=0.1)
     ap.add_argument("--logit-lr-mult", type=float, default=1.0, help="lr of SLB's logits / lr")
+    ap.add_argument("--logit-wd", type=float, default=0.0, help="weight decay on SLB's logits (golden-stick: 1e-4)")
+    ap.add_argument("--t-end-val", type=lambda v: None if v == "none" else float(v), default=slb.REFERENCE_T_END,
+                    help="temperature at t_end ('none': the per-epoch factor 1.2 whatever the budget)")
+    ap.add_argument("--t-start", type=float, default=0.2, help="ramp start, a fraction of the epochs (0.2)")
+    ap.add_argument("--t-end", type=float, default=0.6, help="ramp end and hard phase, a fraction of the epochs (0.6)")
+    ap.add_argument("--val", action="store_true",
+                    help="choose settings: train on 3/4 of the training set, report on the other 1/4 (no test data)")
     ap.add_argument("--layers", default=None, choices=["all"],
                     help="quantise every Conv/Linear (default: all but the first and the last)")
     ap.add_argument("--no-ste", action="store_true")
@@ -157,12 +187,17 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(name)s: %(message)s")
     torch.set_num_threads(1)
     t0 = time.time()
-    print(f"bench/slb.py: otofx {otofx.__version__}, torch {torch.__version__}, seeds {args.seeds}, epochs {args.epochs}, "
-          f"lr {args.lr} (logits x{args.logit_lr_mult:g}), layers {args.layers or 'default'}, bits {args.bits}, ablations at {args.ablation_bits}; load average before "
-          f"{' '.join(f'{v:.2f}' for v in os.getloadavg())}", flush=True)
-    rows = []
+    t_end_val = "none" if args.t_end_val is None else f"{args.t_end_val:.4g}"
+    print(f"bench/slb.py: otofx {otofx.__version__}, torch {torch.__version__}, seeds {args.seeds}, "
+          f"epochs {args.epochs}, lr {args.lr} (logits x{args.logit_lr_mult:g}, logit wd {args.logit_wd:g}), "
+          f"t_end_val {t_end_val} (ramp {args.t_start:g}-{args.t_end:g}), "
+          f"{'validation split' if args.val else 'test split'}, layers {args.layers or 'default'}, bits {args.bits}, "
+          f"ablations at {args.ablation_bits}; load average before {' '.join(f'{v:.2f}' for v in os.getloadavg())}",
+          flush=True)
+    rows, paired = [], []
+    split = "val" if args.val else "test"
     for model in args.models:
-        fp = {s: run(model, "fp", None, s, args)["acc"] for s in args.seeds}
+        fp = {s: run(model, "fp", None, s, args) for s in args.seeds}
         configs = [("FP", "fp", None, True, True)]
         for b in args.bits:
             configs.append((f"SLB W{b}", "slb", b, True, True))
@@ -170,13 +205,14 @@ def main(argv=None) -> int:
                 configs.append((f"STE W{b}", "ste", b, True, True))
         for b in args.ablation_bits:
             configs += [(f"SLB W{b} no anneal", "slb", b, False, True), (f"SLB W{b} no SBN", "slb", b, True, False)]
-        qlayers = None
+        qlayers, by_name = None, {}
         for name, method, bits, anneal, sbn in configs:
-            res = {s: ({"acc": fp[s]} if method == "fp" else run(model, method, bits, s, args, anneal, sbn))
-                   for s in args.seeds}
+            res = {s: (fp[s] if method == "fp" else run(model, method, bits, s, args, anneal, sbn)) for s in args.seeds}
+            by_name[name] = res
             accs = [100 * res[s]["acc"] for s in args.seeds]
-            deltas = [100 * (res[s]["acc"] - fp[s]) for s in args.seeds]
+            deltas = [100 * (res[s]["acc"] - fp[s]["acc"]) for s in args.seeds]
             row = [model, name, f"{statistics.mean(accs):.2f} ± {statistics.stdev(accs) if len(accs) > 1 else 0:.2f}",
+                   " ".join(f"{a:.2f}" for a in accs), f"{statistics.mean(res[s]['loss'] for s in args.seeds):.4f}",
                    "" if method == "fp" else f"{statistics.mean(deltas):+.2f}",
                    "" if method == "fp" else f"{min(deltas):+.2f}"]
             if method == "slb":
@@ -188,10 +224,24 @@ def main(argv=None) -> int:
             else:
                 row += [""] * 5
             rows.append(row)
+        for b in args.bits:
+            a, z = by_name.get(f"SLB W{b}"), by_name.get(f"STE W{b}")
+            if a is None or z is None:
+                continue
+            d = [100 * (a[s]["acc"] - z[s]["acc"]) for s in args.seeds]
+            paired.append([model, f"W{b}", " ".join(f"{x:+.2f}" for x in d), f"{statistics.mean(d):+.2f}",
+                           f"{sum(x > 0 for x in d)}/{sum(x == 0 for x in d)}/{sum(x < 0 for x in d)}",
+                           f"{statistics.mean(a[s]['loss'] - z[s]['loss'] for s in args.seeds):+.4f}"])
         print(f"{model}: quantised layers {qlayers}" + ("" if args.layers else " (first and last stay float)"),
               flush=True)
-    print(tabulate(rows, headers=["model", "method", "test acc %", "Δ vs FP", "worst Δ", "|frozen-eval|",
-                                  "|torchao-frozen|", "distinct", "bits/w", "size vs fp32"], tablefmt="github"))
+    print(tabulate(rows, headers=["model", "method", f"{split} acc %", "per seed", f"{split} loss", "Δ vs FP",
+                                  "worst Δ", "|frozen-eval|", "|torchao-frozen|", "distinct", "bits/w",
+                                  "size vs fp32"], tablefmt="github"))
+    if paired:
+        print(f"\nSLB - STE, paired by seed (same initialisation and batch order); one {split} image is "
+              f"{100 / len(data_for(args.models[0], args.val)[0].y_test):.2f} points:")
+        print(tabulate(paired, headers=["model", "bits", "Δ acc per seed", "mean Δ acc", "SLB ahead/tie/behind",
+                                        f"mean Δ {split} loss"], tablefmt="github"))
     print(f"took {time.time() - t0:.0f} s; load average after {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
     return 0
 

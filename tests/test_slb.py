@@ -196,6 +196,21 @@ def test_schedule_temperature_hard_phase_and_state_bn():
         slb.Schedule(q, epochs=0)
 
 
+def test_schedule_end_temperature_fixes_the_ramp_whatever_the_budget():
+    q = slb.quantize(_net(), X, bits=1)
+    for epochs, e0, e1 in [(10, 2, 6), (100, 20, 60)]:
+        sched = slb.Schedule(q, epochs=epochs, t_end_val=slb.REFERENCE_T_END)
+        temps = [sched.temperature(e) for e in range(epochs)]
+        assert temps[e0] == 1.0 and temps[e1] == pytest.approx(1.2 ** 40) and temps[-1] == temps[e1]
+        assert all(b > a for a, b in zip(temps[e0:e1], temps[e0 + 1:e1 + 1]))  # geometric ramp from e0 to e1
+        assert temps[e0 + 1] == pytest.approx(1.2 ** (40 / (e1 - e0)))
+    assert float(slb.slb_layers(q)[0].slb.temperature) == 1.0
+    sched = slb.Schedule(q, epochs=5, t_start=0.5, t_end=0.5, t_end_val=50.0)  # no ramp: e0 == e1
+    assert [sched.temperature(e) for e in range(5)] == [1.0] * 5
+    with pytest.raises(InputError, match="t_end_val"):
+        slb.Schedule(q, epochs=10, t_end_val=0.0)
+
+
 def test_layer_selection_and_bad_input():
     m = _net()
     assert [l.name for l in slb.slb_layers(slb.quantize(m, X, 1, layers=nn.Linear))] == ["fc.weight"]

@@ -18,8 +18,9 @@ Internals:
       ``ste``: the baseline. ``modules`` is imported first: the pass imports it.
 """
 from otofx.slb.modules import ActFakeQuant, SLBWeight, grid  # noqa: I001  (first: otofx.passes.slb reads it)
-from otofx.slb.core import FrozenLayer, Schedule, SLBLayer, calibrate_bn, freeze, quantize, slb_layers, weights
+from otofx.slb.core import (REFERENCE_T_END, FrozenLayer, Schedule, SLBLayer, calibrate_bn, freeze, quantize,
+                             slb_layers, weights)
 from otofx.slb.export import LayerSize, SizeReport, size_report, to_torchao
 
-__all__ = ["quantize", "Schedule", "freeze", "to_torchao", "calibrate_bn", "size_report", "SizeReport", "LayerSize",
-           "SLBWeight", "ActFakeQuant", "grid", "slb_layers", "SLBLayer", "FrozenLayer", "weights"]
+__all__ = ["quantize", "Schedule", "REFERENCE_T_END", "freeze", "to_torchao", "calibrate_bn", "size_report",
+           "SizeReport", "LayerSize", "SLBWeight", "ActFakeQuant", "grid", "slb_layers", "SLBLayer", "FrozenLayer", "weights"]

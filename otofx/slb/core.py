@@ -11,7 +11,8 @@ Internals:
       keeps them under ``module.parametrizations.<attr>``); nothing else is recorded on the model.
     * The temperature follows the reference's ``TemperatureScheduler``; epochs are counted from 0:
       epoch ``e`` trains at ``T(e) = start_val * t_factor ** (min(e, e1) - e0)`` when ``e > e0`` and
-      ``start_val`` before, with ``e0 = floor(t_start * E)`` and ``e1 = floor(t_end * E)``; from
+      ``start_val`` before, with ``e0 = floor(t_start * E)`` and ``e1 = floor(t_end * E)``
+      (``t_end_val`` replaces ``t_factor`` by ``(t_end_val / start_val) ** (1 / (e1 - e0))``); from
       epoch ``e1`` on the training forward uses the hard (argmax) weights and the logits stop
       training (``requires_grad_(False)``; optimizers skip parameters whose ``grad`` is None, so
       call ``zero_grad(set_to_none=True)``, torch's default).
@@ -39,6 +40,9 @@ from otofx.errors import InputError
 from otofx.slb.modules import SLBWeight
 
 log = logging.getLogger("otofx")
+
+
+REFERENCE_T_END = 1.2 ** 40  # golden-stick's temperature at t_end: 1.2 per epoch from 0.2 to 0.6 of 100 epochs
 
 
 @dataclass(frozen=True)
@@ -146,14 +150,20 @@ class Schedule:
     Temperature: epoch ``e`` (from 0) trains at ``start_val * t_factor ** (min(e, e1) - e0)`` for
     ``e > e0`` (``start_val`` before), ``e0 = floor(t_start * epochs)``, ``e1 = floor(t_end *
     epochs)``. From epoch ``e1`` the training forward uses the hard one-hot weights and the logits
-    are frozen (BatchNorm and other float parameters still train). State BN: with a
+    are frozen (BatchNorm and other float parameters still train). ``t_end_val``, if given, sets
+    the temperature reached at ``e1`` instead of ``t_factor`` (the factor becomes ``(t_end_val /
+    start_val) ** (1 / (e1 - e0))``): the reference's per-epoch 1.2 assumes its 100 epochs
+    (``1.2 ** 40``, about 1470, at ``e1``); over a short budget the same factor leaves the softmax
+    near uniform when the hard phase starts (at 20 epochs it reaches 4.3), so the switch to the
+    argmax is abrupt. ``t_end_val=REFERENCE_T_END`` keeps the reference's end point at any budget
+    (our addition: the reference fixes the factor, not the end point). State BN: with a
     ``calibration_loader``, after every epoch ``e >= e0`` the BatchNorm statistics are re-estimated
     with the argmax weights (:func:`calibrate_bn`, ``calibration_batches`` batches or all).
     """
 
     def __init__(self, q: nn.Module, epochs: int, calibration_loader: Iterable | None = None, *,
                  t_start: float = 0.2, t_end: float = 0.6, t_factor: float = 1.2, start_val: float = 1.0,
-                 calibration_batches: int | None = None):
+                 calibration_batches: int | None = None, t_end_val: float | None = None):
         self.layers = _need_slb(q, "otofx.slb.Schedule")
         if not isinstance(epochs, int) or epochs < 1:
             raise InputError(f"epochs={epochs!r}: give the number of training epochs (a positive integer)")
@@ -161,10 +171,14 @@ class Schedule:
             raise InputError(f"t_start={t_start}, t_end={t_end}: need 0 <= t_start <= t_end <= 1 (fractions of epochs)")
         if not (t_factor > 0 and start_val > 0):
             raise InputError(f"t_factor={t_factor}, start_val={start_val}: both must be positive")
+        if t_end_val is not None and not t_end_val > 0:
+            raise InputError(f"t_end_val={t_end_val!r}: give the positive temperature to reach at t_end, or None")
         self.q, self.epochs, self.loader = q, epochs, calibration_loader
         self.t_start, self.t_end, self.t_factor, self.start_val = t_start, t_end, t_factor, start_val
         self.calibration_batches = calibration_batches
         self.e0, self.e1 = math.floor(t_start * epochs), math.floor(t_end * epochs)
+        if t_end_val is not None and self.e1 > self.e0:
+            self.t_factor = (t_end_val / start_val) ** (1.0 / (self.e1 - self.e0))
         self.epoch = 0
         self._apply()
 
@@ -254,4 +268,5 @@ def _strip(module: nn.Module, attr: str) -> None:
     module.__class__ = type(module).__bases__[0]
 
 
-__all__ = ["quantize", "Schedule", "calibrate_bn", "freeze", "slb_layers", "SLBLayer", "FrozenLayer", "weights"]
+__all__ = ["quantize", "Schedule", "REFERENCE_T_END", "calibrate_bn", "freeze", "slb_layers", "SLBLayer", "FrozenLayer",
+           "weights"]
