@@ -18,7 +18,7 @@ parametrisation (``--student``): on digits the plain twin of a fresh ResNet as i
 released code's CIFAR students; on the MLP the same twin Dirac-parametrised (W = alpha * I +
 beta * V, alpha 1, beta 0.1, V the twin's weight; folded into plain weights on export), as the
 released code's deep (ImageNet) students: with the plain twin as it is, no 40-layer BN MLP
-student trains at all (about 25% whatever the loss or the learning rate; RESULTS section 11).
+student trains (25-37% whatever the loss; RESULTS section 11).
 All runs of a task use the same budget: SGD (nesterov 0.9, wd 5e-4, lr 0.05), cosine lr.
 
 Reported: test accuracy (mean over seeds, worst seed), its gap to the teacher, batch-1 CPU latency
@@ -26,7 +26,7 @@ Reported: test accuracy (mean over seeds, worst seed), its gap to the teacher, b
 (``otofx.jointrd.peak_activation_memory``: live bytes of the tensors the forward allocates, both
 networks run as captured GraphModules), each with its ratio to the teacher's, measured in this run.
 
-    python bench/jointrd.py            # both tasks, seeds 0 1 2 (about 25 min on 2 free cores)
+    python bench/jointrd.py            # both tasks, seeds 0 1 2 (over an hour on 2 busy cores; the MLP 32 min)
     python bench/jointrd.py --quick    # one seed, a few epochs: a smoke run
     python bench/jointrd.py --latency-only   # no training: interleaved latency, ResNet vs plain twin
 """
