@@ -47,6 +47,7 @@ from torch import nn
 
 import otofx.jointrd as J
 from otofx.capture import capture
+from otofx.passes.jointrd import Dirac
 
 
 # ---------------------------------------------------------------------------------------------
@@ -148,8 +149,16 @@ def batches(x, y, bs, gen):
 
 
 def fit(module, loss_fn, params, data, args, seed):
-    """SGD (nesterov 0.9, wd 5e-4), cosine lr over ``args.epochs``; ``loss_fn(x, y)`` -> loss."""
+    """SGD (nesterov 0.9, wd 5e-4), cosine lr over ``args.epochs``; ``loss_fn(x, y)`` -> loss.
+
+    With ``args.dirac_decay`` False, the Dirac alphas and betas get no weight decay (the released
+    code's optimiser for its TA / JOINT students)."""
     x, y = data[0], data[1]
+    params = list(params)
+    if not getattr(args, "dirac_decay", True):
+        free = {id(p) for m in module.modules() if isinstance(m, Dirac) for p in (m.alpha, m.beta)}
+        params = [{"params": [p for p in params if id(p) not in free]},
+                  {"params": [p for p in params if id(p) in free], "weight_decay": 0.0}]
     opt = torch.optim.SGD(params, lr=args.lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
     steps = args.epochs * (len(y) // args.batch)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 0.5 * (1 + math.cos(math.pi * t / steps)))
@@ -272,6 +281,9 @@ def main() -> None:
                     help="every student's parametrisation: the plain twin as initialised, or Dirac-parametrised "
                          "(folded on export); auto: plain on digits, Dirac on the 40-layer MLP")
     ap.add_argument("--dirac", action="store_true", help="same as --student dirac")
+    ap.add_argument("--no-dirac-decay", dest="dirac_decay", action="store_false",
+                    help="no weight decay on the Dirac alphas and betas (the released code's TA/JOINT optimiser), "
+                         "for every student row")
     ap.add_argument("--latency-runs", type=int, default=200)
     ap.add_argument("--quick", action="store_true", help="one seed, 3 epochs, 50 latency runs")
     ap.add_argument("--latency-only", action="store_true",
