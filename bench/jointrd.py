@@ -19,7 +19,9 @@ released code's CIFAR students; on the MLP the same twin Dirac-parametrised (W =
 beta * V, alpha 1, beta 0.1, V the twin's weight; folded into plain weights on export), as the
 released code's deep (ImageNet) students: with the plain twin as it is, no 40-layer BN MLP
 student trains (25-37% whatever the loss; RESULTS section 11).
-All runs of a task use the same budget: SGD (nesterov 0.9, wd 5e-4, lr 0.05), cosine lr.
+All runs of a task use the same budget: SGD (nesterov 0.9, wd 5e-4, lr 0.05), cosine lr
+(``--no-dirac-decay``: no weight decay on the Dirac alphas and betas, as the released code's
+TA/JOINT optimiser).
 
 Reported: test accuracy (mean over seeds, worst seed), its gap to the teacher, batch-1 CPU latency
 (one thread, median) and peak activation memory of one batch-1 forward
