@@ -275,7 +275,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--tasks", nargs="+", default=["digits", "mlp"], choices=["digits", "mlp"])
-    ap.add_argument("--epochs", type=int, default=None, help="default: 15 (digits), 20 (mlp)")
+    ap.add_argument("--epochs", type=int, default=None, help=f"default: 15 (digits), {MLP_EPOCHS} (mlp)")
     ap.add_argument("--lr", type=float, default=0.05)
     ap.add_argument("--batch", type=int, default=None, help="default: 64 (digits), 128 (mlp)")
     ap.add_argument("--modes", nargs="+", default=["paper", "released"], choices=["paper", "released"])
