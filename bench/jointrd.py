@@ -1,22 +1,34 @@
 """JointRD: plain networks distilled from their ResNet, on two CPU tasks where plain networks degrade.
 
 Tasks: (a) scikit-learn's digits (8x8, 1437 train / 360 test) with a ResNet-32-like CNN (3 stages
-of 5 basic blocks, 16/32/64 channels, BN, 1x1 conv + BN projections); (b) a synthetic 10-class task
-(32 Gaussian features, labels from a random one-hidden-layer ReLU network; 4000 train / 2000
-test; a 256-wide one-hidden-layer MLP reaches about 66%) with a 40-layer
-residual MLP (20 blocks of two width-64 linear + BN layers). For each seed: the ResNet teacher, and
-its plain twin (``otofx.jointrd.remove_shortcuts``, projections kept; all students start from one
-random initialisation) trained (1) naively on cross-entropy, (2) with logit KD from the teacher
+of 5 basic blocks, 16/32/64 channels, BN, 1x1 conv + BN projections), 15 epochs, batch 64;
+(b) a synthetic 10-class task with a 40-layer residual MLP (input linear + BN, 20 post-activation
+blocks of two width-64 linear + BN layers, a linear head), 10 epochs, batch 128. The task:
+x ~ N(0, I_16), labels the argmax of a fixed random one-hidden-layer ReLU network (32 hidden
+units, centred logits), noise-free; 20000 train / 2000 validation / 5000 test points, disjoint
+draws. The validation split chose the task's sizes and the budget (the test split is read only
+for the table); the per-seed validation accuracies go to stderr.
+
+For each seed: the ResNet teacher, and its plain twin (``otofx.jointrd.remove_shortcuts``,
+projections kept) trained (1) naively on cross-entropy, (2) with logit KD from the teacher
 (T = 4, alpha = 0.9), (3) with JointRD (``mode="paper"``: hybrid paths with m decaying 1 -> 0.5,
 MSE on the connector's features) and (4) JointRD as released (``mode="released"``: CE + margin
-feature loss). All runs use the same budget: SGD (nesterov 0.9, wd 5e-4), cosine lr, batch 64.
+feature loss). Every student of a task starts from one initialisation, and the same
+parametrisation (``--student``): on digits the plain twin of a fresh ResNet as it is, as the
+released code's CIFAR students; on the MLP the same twin Dirac-parametrised (W = alpha * I +
+beta * V, alpha 1, beta 0.1, V the twin's weight; folded into plain weights on export), as the
+released code's deep (ImageNet) students: with the plain twin as it is, no 40-layer BN MLP
+student trains (25-37% whatever the loss; RESULTS section 11).
+All runs of a task use the same budget: SGD (nesterov 0.9, wd 5e-4, lr 0.05), cosine lr
+(``--no-dirac-decay``: no weight decay on the Dirac alphas and betas, as the released code's
+TA/JOINT optimiser).
 
 Reported: test accuracy (mean over seeds, worst seed), its gap to the teacher, batch-1 CPU latency
 (one thread, median) and peak activation memory of one batch-1 forward
 (``otofx.jointrd.peak_activation_memory``: live bytes of the tensors the forward allocates, both
 networks run as captured GraphModules), each with its ratio to the teacher's, measured in this run.
 
-    python bench/jointrd.py            # both tasks, seeds 0 1 2 (about 15 min on 2 busy cores)
+    python bench/jointrd.py            # both tasks, seeds 0 1 2 (over an hour on 2 busy cores; the MLP 32 min)
     python bench/jointrd.py --quick    # one seed, a few epochs: a smoke run
     python bench/jointrd.py --latency-only   # no training: interleaved latency, ResNet vs plain twin
 """
@@ -37,6 +49,7 @@ from torch import nn
 
 import otofx.jointrd as J
 from otofx.capture import capture
+from otofx.passes.jointrd import Dirac
 
 
 # ---------------------------------------------------------------------------------------------
@@ -81,7 +94,7 @@ class ResNet32(nn.Module):
 class ResMLP40(nn.Module):
     """20 post-activation residual blocks of two linear + BN layers (40 hidden linear layers)."""
 
-    def __init__(self, d_in=32, width=64, blocks=20, classes=10):
+    def __init__(self, d_in=16, width=64, blocks=20, classes=10):
         super().__init__()
         self.inp, self.bn = nn.Linear(d_in, width, bias=False), nn.BatchNorm1d(width)
         self.blocks = nn.ModuleList(
@@ -97,21 +110,32 @@ class ResMLP40(nn.Module):
         return self.fc(x)
 
 
+MLP_EPOCHS = 10
+
+
 def digits():
     from otofx.demo import load_digits_split
 
     s = load_digits_split(8)
-    return s.x_train, s.y_train, s.x_test, s.y_test
+    return s.x_train, s.y_train, s.x_test, s.y_test, None, None  # no validation split
 
 
-def synthetic(n_train=4000, n_test=2000, d=32, classes=10, seed=1234):
-    """Labels from a fixed random one-hidden-layer ReLU network (argmax of its centred logits)."""
+def synthetic(n_train=20000, n_val=2000, n_test=5000, d=16, hidden=32, classes=10, seed=1234):
+    """Labels from a fixed random one-hidden-layer ReLU network: x ~ N(0, I_d), y = argmax of the
+    centred logits of relu(x W1 / sqrt(d) + b1) W2 (W1, W2 ~ N(0, 1), b1 ~ N(0, 0.25)).
+
+    Noise-free (a function of x), so every error is the model's; train / validation / test are
+    disjoint draws. The validation split chose the task's sizes and the budget; the test split is
+    read only for the table.
+    """
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n_train + n_test, d, generator=g)
-    w1, b1 = torch.randn(d, 128, generator=g), torch.randn(128, generator=g)
-    logits = torch.relu(x @ w1 + b1) @ torch.randn(128, classes, generator=g)
+    w1, b1 = torch.randn(d, hidden, generator=g) / math.sqrt(d), 0.5 * torch.randn(hidden, generator=g)
+    w2 = torch.randn(hidden, classes, generator=g)
+    x = torch.randn(n_train + n_val + n_test, d, generator=g)
+    logits = torch.relu(x @ w1 + b1) @ w2
     y = (logits - logits.mean(0)).argmax(1)  # NB: centred, so that every class is some point's argmax
-    return x[:n_train], y[:n_train], x[n_train:], y[n_train:]
+    a, b = n_train, n_train + n_val
+    return x[:a], y[:a], x[b:], y[b:], x[a:b], y[a:b]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -127,8 +151,16 @@ def batches(x, y, bs, gen):
 
 
 def fit(module, loss_fn, params, data, args, seed):
-    """SGD (nesterov 0.9, wd 5e-4), cosine lr over ``args.epochs``; ``loss_fn(x, y)`` -> loss."""
+    """SGD (nesterov 0.9, wd 5e-4), cosine lr over ``args.epochs``; ``loss_fn(x, y)`` -> loss.
+
+    With ``args.dirac_decay`` False, the Dirac alphas and betas get no weight decay (the released
+    code's optimiser for its TA / JOINT students)."""
     x, y = data[0], data[1]
+    params = list(params)
+    if not getattr(args, "dirac_decay", True):
+        free = {id(p) for m in module.modules() if isinstance(m, Dirac) for p in (m.alpha, m.beta)}
+        params = [{"params": [p for p in params if id(p) not in free]},
+                  {"params": [p for p in params if id(p) in free], "weight_decay": 0.0}]
     opt = torch.optim.SGD(params, lr=args.lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
     steps = args.epochs * (len(y) // args.batch)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 0.5 * (1 + math.cos(math.pi * t / steps)))
@@ -175,7 +207,7 @@ def latency_ms(model, x, runs) -> float:
 def latency_only(args) -> None:
     """Batch-1 latency of each ResNet and its plain twin (random weights), interleaved in rounds."""
     rows = []
-    for task, build, shape in (("digits", ResNet32, (1, 1, 8, 8)), ("mlp", ResMLP40, (1, 32))):
+    for task, build, shape in (("digits", ResNet32, (1, 1, 8, 8)), ("mlp", ResMLP40, (1, 16))):
         if task not in args.tasks:
             continue
         torch.manual_seed(0)
@@ -203,7 +235,7 @@ def latency_only(args) -> None:
 
 
 def run_task(name, build, data, args, seed):
-    x_tr, y_tr, x_te, y_te = data
+    x_tr, y_tr, x_te, y_te, x_va, y_va = data
     ex = x_tr[:2]
     rows = []
     torch.manual_seed(seed)
@@ -211,7 +243,8 @@ def run_task(name, build, data, args, seed):
     fit(teacher, lambda a, b: F.cross_entropy(teacher(a), b), teacher.parameters(), (x_tr, y_tr), args, seed)
     rows.append(("ResNet teacher", teacher, accuracy(teacher, x_te, y_te)))
     torch.manual_seed(10_000 + seed)
-    init = J.remove_shortcuts(build(), ex, dirac=args.dirac)  # one plain initialisation for every student
+    # one initialisation for every student: the plain twin of a fresh ResNet, Dirac-parametrised or not
+    init = J.remove_shortcuts(build(), ex, dirac=args.student == "dirac")
 
     def student():
         return copy.deepcopy(init)
@@ -231,8 +264,10 @@ def run_task(name, build, data, args, seed):
         jrd = J.JointRD(s, teacher, mode=mode, dc=0.5, decay_steps=steps // 2)
         fit(jrd, jrd.loss, [p for p in jrd.parameters() if p.requires_grad], (x_tr, y_tr), args, seed)
         rows.append((label, jrd.export(), accuracy(s, x_te, y_te)))
-    print(f"  {name} seed {seed}: " + ", ".join(f"{r[0]} {100 * r[2]:.2f}" for r in rows), file=sys.stderr,
-          flush=True)
+    val = "" if x_va is None else " (validation: " + ", ".join(
+        f"{100 * accuracy(r[1], x_va, y_va):.2f}" for r in rows) + ")"
+    print(f"  {name} seed {seed}, {args.student} students: " + ", ".join(f"{r[0]} {100 * r[2]:.2f}" for r in rows)
+          + val, file=sys.stderr, flush=True)
     return rows
 
 
@@ -240,11 +275,17 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--tasks", nargs="+", default=["digits", "mlp"], choices=["digits", "mlp"])
-    ap.add_argument("--epochs", type=int, default=None, help="default: 15 (digits), 20 (mlp)")
+    ap.add_argument("--epochs", type=int, default=None, help=f"default: 15 (digits), {MLP_EPOCHS} (mlp)")
     ap.add_argument("--lr", type=float, default=0.05)
-    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--batch", type=int, default=None, help="default: 64 (digits), 128 (mlp)")
     ap.add_argument("--modes", nargs="+", default=["paper", "released"], choices=["paper", "released"])
-    ap.add_argument("--dirac", action="store_true", help="Dirac-parametrise the students (folded on export)")
+    ap.add_argument("--student", choices=["auto", "plain", "dirac"], default="auto",
+                    help="every student's parametrisation: the plain twin as initialised, or Dirac-parametrised "
+                         "(folded on export); auto: plain on digits, Dirac on the 40-layer MLP")
+    ap.add_argument("--dirac", action="store_true", help="same as --student dirac")
+    ap.add_argument("--no-dirac-decay", dest="dirac_decay", action="store_false",
+                    help="no weight decay on the Dirac alphas and betas (the released code's TA/JOINT optimiser), "
+                         "for every student row")
     ap.add_argument("--latency-runs", type=int, default=200)
     ap.add_argument("--quick", action="store_true", help="one seed, 3 epochs, 50 latency runs")
     ap.add_argument("--latency-only", action="store_true",
@@ -254,6 +295,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.quick:
         args.seeds, args.latency_runs = args.seeds[:1], 50
+    if args.dirac:
+        args.student = "dirac"
     torch.set_num_threads(1)
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from _common import machine
@@ -264,12 +307,14 @@ def main() -> None:
         return
 
     t0 = time.perf_counter()
-    tasks = {"digits": (ResNet32, digits, 15), "mlp": (ResMLP40, synthetic, 20)}
+    tasks = {"digits": (ResNet32, digits, 15, 64, "plain"), "mlp": (ResMLP40, synthetic, MLP_EPOCHS, 128, "dirac")}
     out = []
     for task in args.tasks:
-        build, load, default_epochs = tasks[task]
+        build, load, default_epochs, default_batch, default_student = tasks[task]
         task_args = copy.copy(args)
         task_args.epochs = 3 if args.quick else (args.epochs or default_epochs)
+        task_args.batch = args.batch or default_batch
+        task_args.student = default_student if args.student == "auto" else args.student
         data = load()
         per_seed = [run_task(task, build, data, task_args, seed) for seed in args.seeds]
         x1 = data[2][:1]
@@ -284,24 +329,24 @@ def main() -> None:
             lat = t_lat if i == 0 else latency_ms(graph, x1, args.latency_runs)
             mem = t_mem if i == 0 else J.peak_activation_memory(graph, x1).peak_bytes
             adds = J.residual_adds(graph, x1)
-            out.append([task, label, f"{100 * statistics.mean(accs):.2f}", f"{100 * min(accs):.2f}",
+            out.append([task, label, "ResNet" if i == 0 else task_args.student, f"{100 * statistics.mean(accs):.2f}", f"{100 * min(accs):.2f}",
                         "" if i == 0 else f"{100 * (statistics.mean(accs) - t_acc):+.2f}",
                         f"{lat:.3f}", f"{lat / t_lat:.2f}", f"{mem / 1024:.1f}", f"{mem / t_mem:.2f}",
                         f"{sum(a.kind == 'identity' for a in adds)}/{sum(a.kind == 'projection' for a in adds)}"])
         print(f"{task} done at {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
     dt = time.perf_counter() - t0
     print(f"$ python bench/{os.path.basename(sys.argv[0])} {' '.join(sys.argv[1:])}".rstrip())
-    print(f"{machine()}; seeds {args.seeds}; epochs {'3' if args.quick else (args.epochs or '15 (digits) / 20 (mlp)')}, "
-          f"lr {args.lr}, batch {args.batch}; took {dt:.0f} s; load average {os.getloadavg()}")
-    print(tabulate(out, headers=["task", "model", "test acc % (mean)", "worst seed", "vs teacher (points)",
+    print(f"{machine()}; seeds {args.seeds}; epochs {'3' if args.quick else (args.epochs or f'15 (digits) / {MLP_EPOCHS} (mlp)')}, "
+          f"lr {args.lr}, batch {args.batch or '64 (digits) / 128 (mlp)'}; took {dt:.0f} s; load average {os.getloadavg()}")
+    print(tabulate(out, headers=["task", "model", "student", "test acc % (mean)", "worst seed", "vs teacher (points)",
                                  "latency ms (b=1)", "x teacher", "peak act KiB (b=1)", "x teacher",
                                  "identity/proj adds"], tablefmt=args.format, disable_numparse=True))
     print()
     for task in args.tasks:
         rows = {r[1]: r for r in out if r[0] == task}
-        gap = lambda k: float(rows[k][4]) if k in rows else float("nan")  # noqa: E731
+        gap = lambda k: float(rows[k][5]) if k in rows else float("nan")  # noqa: E731
         naive, paper = gap("plain, naive (CE)"), gap("plain, JointRD (paper)")
-        mem = float(rows["plain, JointRD (paper)"][8]) if "plain, JointRD (paper)" in rows else float("nan")
+        mem = float(rows["plain, JointRD (paper)"][9]) if "plain, JointRD (paper)" in rows else float("nan")
         print(f"{task}: naive plain {naive:+.2f} points vs teacher (target <= -2: "
               f"{'met' if naive <= -2 else 'not met'}); JointRD (paper) {paper:+.2f} (target >= -0.5: "
               f"{'met' if paper >= -0.5 else 'not met'}); plain peak activation memory x{mem:.2f} the ResNet's "

@@ -272,6 +272,33 @@ def test_residual_mlp_boundaries_fall_back_to_equal_runs():
     terms.total.backward()
 
 
+def test_dirac_mlp_student_trains_in_jointrd_and_exports_folded():
+    # the bench's MLP setting: a Dirac-parametrised plain residual MLP, paper loss
+    torch.manual_seed(0)
+    teacher = randomize(ResMLP(depth=8)).eval()
+    x, y = torch.randn(16, 8), torch.randint(0, 5, (16,))
+    student = J.remove_shortcuts(teacher, x, dirac=True)
+    jrd = J.JointRD(student, teacher, decay_steps=4).train()
+    terms = jrd(x, y)
+    assert len(terms.hybrid_ce) == 3
+    sum(terms.hybrid_ce).backward()
+    first = student.get_submodule("blocks.0.0").parametrizations.weight
+    assert first.original.grad.abs().sum() > 0  # the hybrid paths reach the first block's V ...
+    assert first[0].alpha.grad.abs().sum() > 0 and first[0].beta.grad.abs().sum() > 0  # ... and alpha, beta
+    opt = torch.optim.SGD([p for p in jrd.parameters() if p.requires_grad], lr=0.05, momentum=0.9)
+    for _ in range(3):
+        opt.zero_grad()
+        jrd.loss(x, y).backward()
+        opt.step()
+    assert (first[0].alpha != 1).any()  # alpha trains
+    plain = jrd.export().eval()
+    student.eval()
+    assert not any(torch.nn.utils.parametrize.is_parametrized(m) for m in plain.modules())
+    assert type(plain.get_submodule("blocks.0.0")) is nn.Linear
+    assert _kinds(plain, x) == (0, 0)
+    assert (plain(x) - student(x)).abs().max().item() < 1e-5
+
+
 def test_bad_arguments():
     teacher, student = _pair()
     with pytest.raises(InputError, match="mode="):
