@@ -732,7 +732,8 @@ class DHSPG(_RowOptimizer):
         return Partition(tuple(red), tuple(kept))
 
     def _partition(self, st: kernels.RowStats) -> torch.Tensor:
-        """OTO.md step 1: the redundant set from scores of x and d, rounded per group."""
+        """OTO.md step 1: the redundant set from scores of x and d, rounded per group; rows that the rounding
+        gives back go to groups with room (ours)."""
         lay = self.layout
         n = lay.n_rows
         norm, dnorm = st.xx.sqrt(), st.dd.sqrt()
@@ -756,6 +757,22 @@ class DHSPG(_RowOptimizer):
         rank = torch.arange(n, device=score.device) - starts[g_of[by_group]]
         redundant = torch.zeros(n, dtype=torch.bool, device=score.device)
         redundant[by_group] = rank < quota[g_of[by_group]]
+        # NB: ours, beyond OTO.md: the rounding per group (kept rounded up to a multiple of group_divisible, at
+        # least one multiple) gives rows of the top K back; without handing them on, a model with many small
+        # groups could never reach its target. They go to groups with room, in whole multiples of
+        # group_divisible, best mean score first (so inside a group the rows still go in score order).
+        short = k - int(quota.sum())  # the partition is an event step: one host read is allowed here
+        if short >= gd:
+            g_row = g_of[by_group]
+            extra = rank - quota[g_row]  # position among a group's rows that are not yet redundant
+            room = (kept - gd).clamp(min=0) // gd * gd  # rows a group can still give, keeping one multiple
+            ok = (extra >= 0) & (extra < room[g_row])
+            rows, unit = by_group[ok], g_row[ok] * (n + 1) + extra[ok] // gd
+            units, inv = torch.unique(unit, return_inverse=True)
+            mean = torch.zeros(len(units), dtype=score.dtype, device=score.device).index_add_(0, inv, score[rows]) / gd
+            pick = torch.zeros(len(units), dtype=torch.bool, device=score.device)
+            pick[torch.argsort(mean, descending=True, stable=True)[: short // gd]] = True
+            redundant[rows[pick[inv]]] = True
         if log.isEnabledFor(logging.INFO):
             log.info("DHSPG: partition at step %d: %d of %d rows redundant", self._t, int(redundant.sum()), n)
         return redundant

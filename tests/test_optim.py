@@ -77,13 +77,24 @@ class Oracle:
         k = math.floor(n * min(hp["target_group_sparsity"] + hp["tolerance_group_sparsity"], 0.999))
         chosen = set(sorted(range(n), key=lambda r: (-score[r], r))[:k])
         redundant = [False] * n
+        gd = hp["group_divisible"]
+        units = []  # (mean score, group, unit) of whole multiples of gd that a group can still give
         for g, (ng, _) in enumerate(self.groups):
-            members = [r for r in range(n) if self.rows[r][0] == g]
+            members = sorted((r for r in range(n) if self.rows[r][0] == g), key=lambda r: (-score[r], r))
             kept = ng - sum(r in chosen for r in members)
-            gd = hp["group_divisible"]
             kept = min(ng, max(gd, -(-kept // gd) * gd))
-            for r in sorted(members, key=lambda r: (-score[r], r))[: ng - kept]:
+            for r in members[: ng - kept]:
                 redundant[r] = True
+            rest = members[ng - kept:]
+            for u in range(max(kept - gd, 0) // gd):
+                unit = rest[u * gd:(u + 1) * gd]
+                units.append((sum(score[r] for r in unit) / gd, g, u, unit))
+        # the rows the rounding gave back go on, a whole unit at a time, best mean score first
+        short = k - sum(redundant)
+        if short >= gd:
+            for *_, unit in sorted(units, key=lambda e: (-e[0], e[1], e[2]))[: short // gd]:
+                for r in unit:
+                    redundant[r] = True
         return redundant
 
     def step(self, grads):
@@ -197,6 +208,29 @@ def test_fused_step_equals_per_row_oracle(case, backend):
     if hp["group_divisible"] > 1:
         kept0 = int((~opt.redundant[:4]).sum())
         assert kept0 % hp["group_divisible"] == 0
+
+
+@pytest.mark.parametrize("gd", [1, 2])
+def test_partition_hands_on_rows_the_rounding_gives_back(gd):
+    """Four one-row groups hold the best scores (the smallest rows): each must keep its row, so the
+    partition hands their places in the top K to the big group instead of dropping them."""
+    g = torch.Generator().manual_seed(0)
+    params = {"small": 1e-3 * torch.randn(4, 3, generator=g, dtype=torch.float64),
+              "big": torch.randn(8, 3, generator=g, dtype=torch.float64)}
+    groups = [(1, [("small", 0, torch.tensor([[i]]))]) for i in range(4)] + [(8, [("big", 0, torch.arange(8)[:, None])])]
+    hp = dict(HP, target_group_sparsity=0.5, tolerance_group_sparsity=0.05, group_divisible=gd)
+    ps = {n: nn.Parameter(t.clone()) for n, t in params.items()}
+    opt = DHSPG(list(ps.items()), groups, control=False, **hp)
+    oracle = Oracle(params, groups, hp)
+    grads = {n: torch.randn(t.shape, generator=g, dtype=torch.float64) for n, t in params.items()}
+    for n, p in ps.items():
+        p.grad = grads[n].clone()
+    opt.step()
+    oracle.step(grads)
+    k = math.floor(12 * 0.55)  # 6: the four one-row groups are among them, and keep their rows
+    assert opt.redundant[:4].sum() == 0
+    assert int(opt.redundant.sum()) == k // gd * gd  # all six places (in whole multiples of gd) went on
+    assert opt.redundant.tolist() == oracle.redundant
 
 
 def test_partition_waits_for_start_and_warm_up_does_not_project():
