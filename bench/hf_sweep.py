@@ -209,13 +209,17 @@ def _heads_of(cfg) -> int:
 
 
 def classify(oto, heads: int) -> tuple[int, int, int]:
-    """(head rows, MLP rows, expert rows) of ``oto.groups``."""
+    """(head rows, MLP rows, expert rows) of ``oto.groups``.
+
+    A head group has 2 to ``heads`` rows of an attention projection, each a slice of several positions;
+    a group of one row (every head of a layer tied into one: MQA's one key/value head, DiffLlama's
+    head pairs under GQA) is counted with the other rows, not as heads found."""
     h = m = e = 0
     shapes = {n: p.shape for n, p in oto.model.named_parameters()}
     for z in oto.groups:
         if any(len(shapes.get(n, ())) == 3 and "expert" in n for n, _, _ in z.params):
             e += z.rows
-        elif heads and z.rows <= heads and any(idx.shape[1] > 1 and any(w in n for w in _ATTN_WORDS)
+        elif heads and 2 <= z.rows <= heads and any(idx.shape[1] > 1 and any(w in n for w in _ATTN_WORDS)
                                                for n, _, idx in z.params):
             h += z.rows
         else:

@@ -126,6 +126,8 @@ def _next_positions(node: fx.Node, user: fx.Node, axis: int, mods) -> tuple[list
             if axis in gi and len(gj) == 1:  # kept or merged with neighbours: follow the merged axis
                 return [(user, gj[0])], False
         return [], False
+    if rule == "complex_view":  # view_as_complex / view_as_real: every axis but the (real, imaginary) pair stays
+        return ([(user, axis)] if axis < min(nd, out.dim()) - (1 if out.dim() < nd else 0) else []), False
     if rule == "repeat":  # tiles an axis in place (leading axes may be added): heads repeated over the batch
         return [(user, axis + out.dim() - nd)], False
     if rule is not None and RULES[rule].keeps_axes:
