@@ -452,10 +452,11 @@ def _repeat_fix(site, input, repeats=(), **_):
     raw = _shape_args(repeats)
     if new == old or len(raw) != len(new):
         return
-    inp = site.new(input)
+    inp = site.old(input)
     off = len(new) - len(inp)
-    vals = [r if o == n else n // (inp[d - off] if d >= off else 1)
-            for d, (r, o, n) in enumerate(zip(raw, old, new))]
+    # NB: only the copies of a single channel change count; a tiled axis loses whole rows from every
+    # tile, so its repeat count (a size read at run time, say) stays
+    vals = [n if o != n and d >= off and inp[d - off] == 1 else r for d, (r, o, n) in enumerate(zip(raw, old, new))]
     packed = len(repeats) == 1 and isinstance(repeats[0], (tuple, list, torch.Size))
     packed = packed or "*repeats" not in site.form.spec
     site.set_varargs("repeats", [tuple(vals)] if packed else vals)

@@ -344,3 +344,17 @@ def rotary_as_complex_heads():
     m = Net(fwd, **_qkvo())
     m.register_buffer("ang", torch.arange(5.0)[:, None] * torch.arange(1.0, HD_ // 2 + 1)[None])
     return m, torch.randn(N, 5, 6)
+
+
+@example("expand", "repeat")
+def multi_query_heads_copies():
+    """Multi-query attention (GPT-BigCode, Falcon): one key/value head (a size-1 axis) expanded or
+    repeated to every query head; each query head is a row of its own, with its copies of k and v."""
+
+    def fwd(s, x):
+        q = _heads(s, s.q(x), x)  # [N, H, L, hd]
+        k = s.k(x).unsqueeze(1).expand(-1, H_, -1, -1)  # [N, 1, L, hd] -> [N, H, L, hd]
+        v = s.v(x).unsqueeze(1).repeat(1, H_, 1, 1)
+        return s.o(_merge(F.scaled_dot_product_attention(q, k, v), x))
+
+    return Net(fwd, q=nn.Linear(6, E_), k=nn.Linear(6, HD_), v=nn.Linear(6, HD_), o=nn.Linear(E_, 3)), torch.randn(N, 5, 6)
