@@ -161,6 +161,8 @@ def _positive(node, depth: int = 8) -> bool:
         return _positive(args[0], depth - 1) if args else False
     if name in ("exp", "softplus", "sigmoid"):
         return True
+    if name == "pow" and args and isinstance(args[0], (int, float)) and args[0] > 0:  # 2 ** x (MPT's ALiBi slopes)
+        return True
     if name in ("clamp_min", "clamp", "clamp_"):
         lo = args[1] if len(args) > 1 else node.kwargs.get("min")
         return isinstance(lo, (int, float)) and lo > 0
@@ -231,7 +233,7 @@ def binary(ctx: Ctx, input, other, kind="add", meta=None, **_):
         elif kind == "div":  # zero where the numerator is (a pinned denominator is never zero with a row)
             nd = d - (n - input.ndim) if isinstance(input, AxisLabels) else -1
             z = input.zero[nd] if nd >= 0 and input.shape[nd] == shape[d] else false_mask(shape[d])
-        elif part or not all(_scalar_zero(s) for s in scalars):
+        elif kind == "pow" or part or not all(_scalar_zero(s) for s in scalars):  # NB: 0 ** 0 == 1
             z = false_mask(shape[d])
         else:
             z = zs[0] if len(zs) == 1 else np.logical_and.reduce(zs)
@@ -250,6 +252,9 @@ for _kind, _names, _ops in [
              if n.rstrip("_") in (_kind, "rsub" if _kind == "sub" else _kind) for o in _ov(getattr(aten, n), "Tensor", "Scalar")]
     functions("binary", _ops + _aten, ("input", "other"), kind=_kind)
     methods("binary", _names, ("input", "other"), kind=_kind)
+# a tensor power of a tensor or of a scalar (ALiBi slopes base ** arange): elementwise, never zero with its rows
+functions("binary", _ov(aten.pow, "Tensor_Tensor", "Scalar"), ("input", "other"), rename={"exponent": "other"},
+          kind="pow")
 
 
 @rule("where", keeps_axes=True)
