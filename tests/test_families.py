@@ -210,3 +210,37 @@ def test_sweep_subset():
     row = sweep.run_one(task, family, cls, peers=False)
     assert row.built and row.analysed and row.exact, row
     assert row.head_rows and row.mlp_rows
+
+
+@pytest.mark.parametrize("name", ["qwen3", "falcon"])
+def test_head_pruned_config_and_save_load(name, tmp_path):
+    """After head pruning, the compressed model's config describes the new widths where the
+    architecture reads them (Qwen3: num_attention_heads / num_key_value_heads, head_dim kept); where
+    it cannot (Falcon derives head_dim from hidden_size / num_attention_heads), the new per-module
+    counts go to ``config.otofx_widths``. otofx.save / otofx.load give the same model back."""
+    model = _model(name)
+    oto = otofx.OTO(model, _ids())
+    q = "self_attn.q_proj" if name == "qwen3" else "self_attention.query_key_value"
+    rows = [torch.tensor([1]) if z.rows > 1 and any(q in n for n, _, _ in z.params) else torch.tensor([], dtype=torch.long)
+            for z in oto.groups]
+    zero_rows(model, oto, rows)
+    small = oto.compress()
+    assert isinstance(small, type(model))
+    c = small.config
+    if name == "qwen3":  # one key/value head of two left, with its two query heads
+        assert (c.num_attention_heads, c.num_key_value_heads, c.head_dim) == (2, 1, 8)
+        assert not hasattr(c, "otofx_widths")
+        rebuilt = type(small)(c)
+        assert {n: p.shape for n, p in rebuilt.named_parameters()} == {n: p.shape for n, p in small.named_parameters()}
+    else:  # multi-query: three query heads over the one key/value head
+        assert c.num_attention_heads == 4
+        assert c.otofx_widths["transformer.h.0.self_attention"] == {"num_heads": 3, "split_size": 24,
+                                                                    "num_key_value_groups": 3}
+    otofx.save(small, tmp_path / "m")
+    back = otofx.load(tmp_path / "m")
+    kw = _kwargs(model)
+    with torch.no_grad():
+        assert torch.equal(back(_ids(), **kw).logits, small(_ids(), **kw).logits)
+    x = _ids()[:1, :5]
+    assert torch.equal(back.generate(x, max_new_tokens=4, do_sample=False),
+                       model.generate(x, max_new_tokens=4, do_sample=False))
