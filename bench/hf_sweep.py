@@ -103,6 +103,13 @@ OVERRIDES = {
     "levit": {"image_size": 64},
     "efficientformer": {"image_size": 64},
     "swiftformer": {"image_size": 64},
+    "hrm_text": {"num_layers_per_stack": 1, "H_cycles": 1, "L_cycles": 1, "L_bp_cycles": [1]},
+    "jamba": {"attn_layer_period": 2, "attn_layer_offset": 1, "expert_layer_period": 2, "expert_layer_offset": 1},
+}
+# families whose heads stay pinned for a reason the pins alone do not say (diagnosed by hand)
+NOTES = {
+    "diffllama": "differential attention pairs head h with head h + H/2 and GQA groups the query heads over the "
+                 "key/value heads: every head of a layer is tied into one row",
 }
 TOKEN_IDS = ("pad_token_id", "bos_token_id", "eos_token_id", "sep_token_id", "cls_token_id", "mask_token_id",
              "decoder_start_token_id", "unk_token_id", "image_token_id", "eoi_token_id", "boi_token_id")
@@ -166,6 +173,15 @@ def tiny_config(model_type: str):
         sub = getattr(default, k, None)
         if isinstance(v, dict) and hasattr(sub, "to_dict") and getattr(sub, "model_type", None):
             kw[k] = {"model_type": sub.model_type, **_tiny_kwargs(sub.to_dict())}
+    types = have.get("layer_types")
+    if isinstance(types, list) and len(set(map(str, types))) > 1 and "layer_types" not in OVERRIDES.get(model_type, {}):
+        # hybrids (convolution / linear attention / attention layers): one layer of each kind, so
+        # the tiny model keeps its attention layers (the first LAYERS of the list may have none)
+        kinds = list(dict.fromkeys(types))
+        kw["layer_types"] = kinds
+        for k in ("num_hidden_layers", "num_layers", "n_layers"):
+            if k in have:
+                kw[k] = len(kinds)
     for k in ("depths", "num_blocks", "layers_per_stage"):  # hierarchical vision models: one block a stage
         if isinstance(have.get(k), list):
             kw[k] = _shrink_list(have[k])
@@ -357,7 +373,9 @@ def run_one(task: str, model_type: str, cls_name: str, peers: bool = True) -> Ro
     row.built = True
     if _STAGE is not None:
         _STAGE.value = 1
-    row.heads = _heads_of(cfg)
+    # NB: a hybrid whose tiny config kept no attention layer has no heads to find
+    has_attn = any(w in n.rsplit(".", 1)[-1].lower() for n, _ in model.named_modules() for w in ("attn", "attention"))
+    row.heads = _heads_of(cfg) if has_attn else 0
     try:
         oto = otofx.OTO(model, x)
     except Exception as e:  # noqa: BLE001
@@ -368,7 +386,7 @@ def run_one(task: str, model_type: str, cls_name: str, peers: bool = True) -> Ro
     row.groups = len(oto.groups)
     row.head_rows, row.mlp_rows, row.expert_rows = classify(oto, row.heads)
     if row.heads and not row.head_rows:
-        row.why = _why_pinned(oto)
+        row.why = NOTES.get(model_type) or _why_pinned(oto)
     try:
         _zero_half(model, oto.groups)
         small = oto.compress()
