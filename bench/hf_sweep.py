@@ -374,7 +374,8 @@ def run_one(task: str, model_type: str, cls_name: str, peers: bool = True) -> Ro
     if _STAGE is not None:
         _STAGE.value = 1
     # NB: a hybrid whose tiny config kept no attention layer has no heads to find
-    has_attn = any(w in n.rsplit(".", 1)[-1].lower() for n, _ in model.named_modules() for w in ("attn", "attention"))
+    has_attn = any(w in n.rsplit(".", 1)[-1].lower() or w in type(m).__name__.lower()
+                   for n, m in model.named_modules() for w in ("attn", "attention"))
     row.heads = _heads_of(cfg) if has_attn else 0
     try:
         oto = otofx.OTO(model, x)
