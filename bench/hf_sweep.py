@@ -7,9 +7,10 @@ images 32x32 in patches of 8; per-family overrides in ``OVERRIDES``), the class 
 weights (eval mode; norm weights, biases and constant-initialised parameters randomised), and:
 
 * ``analysed``: ``otofx.OTO(model, x)`` (``x``: ``input_ids`` 2x16, or ``pixel_values`` 2x3xSxS);
-* head / MLP / expert rows: rows of the groups that hold attention heads (a parameter slice of
-  ``head_dim`` or a multiple of it per row, at most ``heads`` rows), fused experts (a 3-D
-  ``experts`` parameter), and the other groups (MLP widths, embedding tables' columns ...);
+* head / MLP / expert rows: rows of the groups that hold attention heads (2 to ``heads`` rows of an
+  attention projection, several positions each: a single row tying every head of a layer is not
+  counted), fused experts (a 3-D ``experts`` parameter), and the other groups (MLP widths,
+  embedding tables' columns ...); ``heads`` is 0 for a model without attention modules;
 * ``exact``: half (floor) of every group's rows zeroed, ``oto.compress()`` (the model's own class,
   or the graph where its forward cannot be re-sized), and max|diff| <= 1e-4 * max(1, max|y|)
   against the zeroed full model on the example input and a fresh draw of the same shape;
@@ -21,7 +22,9 @@ weights (eval mode; norm weights, biases and constant-initialised parameters ran
 Each class runs in its own forked process with a time limit (``--timeout``); ``--jobs`` at a time.
 ``python bench/hf_sweep.py`` runs them all and prints the table, the failures with their reasons,
 and the totals against the issue's targets; ``--only llama,bert`` picks model types, ``--no-peers``
-skips the peers, ``--markdown FILE`` also writes the table. ``CI_SUBSET`` is the fixed subset
+skips the peers, ``--markdown FILE`` also writes the table, ``--save FILE`` appends each row to a
+JSON-lines file (run again with the same file, it skips the classes already there), ``--rows FILE``
+prints the table of saved rows. ``CI_SUBSET`` is the fixed subset
 ``tests/test_families.py`` runs.
 
 Internals:
