@@ -14,6 +14,9 @@ Internals:
       (permutes, elementwise ops, slices, cat, getitem with ints/None/slices, split/chunk/unbind,
       reshapes that keep or merge it) until it reaches a contraction; the walk is bounded per
       factor, so the pass stays linear in the graph.
+    * A factor that reaches no contraction but meets, through elementwise ops, a position that an
+      attention output's head axis reaches (a per-head gate multiplied into the attention output,
+      HRM's and Qwen3-Next's ``sigmoid(gate) * attn``) is kept too.
     * The result is only a preference: the union-find rules still decide what is exact. A wrong
       hint costs rows (coarser or pinned groups), never exactness.
 """
@@ -70,7 +73,7 @@ def _getitem_axis(index, ndim: int, axis: int) -> int | None:
     return dst + axis - src if axis >= src else None
 
 
-def _next_positions(node: fx.Node, user: fx.Node, axis: int, mods) -> tuple[list, bool]:
+def _next_positions(node: fx.Node, user: fx.Node, axis: int, mods, merges: bool = True) -> tuple[list, bool]:
     """(node, axis) pairs ``axis`` of ``node`` reaches in ``user``, and whether it hit a batch axis."""
     form = form_of(user, mods)
     rule = form.rule if form is not None else None
@@ -123,9 +126,11 @@ def _next_positions(node: fx.Node, user: fx.Node, axis: int, mods) -> tuple[list
         except (RuleDeclined, IndexError):
             return [], False
         for gi, gj in groups:
-            if axis in gi and len(gj) == 1:  # kept or merged with neighbours: follow the merged axis
+            if axis in gi and len(gj) == 1 and (merges or len(gi) == 1):  # kept or merged: follow it
                 return [(user, gj[0])], False
         return [], False
+    if rule == "complex_view":  # view_as_complex / view_as_real: every axis but the (real, imaginary) pair stays
+        return ([(user, axis)] if axis < min(nd, out.dim()) - (1 if out.dim() < nd else 0) else []), False
     if rule == "repeat":  # tiles an axis in place (leading axes may be added): heads repeated over the batch
         return [(user, axis + out.dim() - nd)], False
     if rule is not None and RULES[rule].keeps_axes:
@@ -134,25 +139,50 @@ def _next_positions(node: fx.Node, user: fx.Node, axis: int, mods) -> tuple[list
     return [], False
 
 
-def _reaches_batch(node: fx.Node, axis: int, mods) -> bool:
+def _walk(node: fx.Node, axis: int, mods, stop=frozenset(), merges: bool = True) -> tuple[set, bool]:
+    """Positions ``(node, axis)`` reaches (bounded), and whether it hit a batch axis or a position in ``stop``."""
     todo, seen = [(node, axis)], set()
     while todo and len(seen) < _MAX_STEPS:
         n, a = todo.pop()
         if (n, a) in seen:
             continue
         seen.add((n, a))
+        if (n, a) in stop:
+            return seen, True
         for u in n.users:
-            nxt, hit = _next_positions(n, u, a, mods)
+            nxt, hit = _next_positions(n, u, a, mods, merges)
             if hit:
-                return True
+                return seen, True
             todo.extend(nxt)
-    return False
+    return seen, False
+
+
+def _reaches_batch(node: fx.Node, axis: int, mods, heads_at=frozenset()) -> bool:
+    return _walk(node, axis, mods, heads_at)[1]
+
+
+def _head_positions(gm: fx.GraphModule, mods) -> frozenset:
+    """Positions the batch (head) axes of every attention output reach: a split factor that meets one
+    there (a per-head output gate multiplied into the attention output) indexes heads too."""
+    out = set()
+    for node in gm.graph.nodes:
+        if node.op not in ("call_function", "call_method", "call_module"):
+            continue
+        form = form_of(node, mods)
+        nd = _ndim(node)
+        if form is None or form.rule not in ("attention", "matmul") or nd is None or nd < 4:
+            continue
+        for a in range(1, nd - 2):  # NB: axis 0 is the batch of samples, not heads
+            seen, _ = _walk(node, a, mods, merges=False)  # NB: a merged axis holds head_dim too
+            out |= seen
+    return frozenset(out)
 
 
 def find_head_splits(gm: fx.GraphModule, mods: dict | None = None) -> dict:
     """Reshape nodes that split an axis into heads: {node name: frozenset(output axes to keep as rows)}."""
     mods = mods if mods is not None else dict(gm.named_modules())
     hints: dict = {}
+    heads_at = None
     for node in gm.graph.nodes:
         if node.op not in ("call_function", "call_method", "call_module"):
             continue
@@ -181,6 +211,9 @@ def find_head_splits(gm: fx.GraphModule, mods: dict | None = None) -> dict:
             if len(factors) < 2 or iv.shape[gi[0]] == 1 and not lead:
                 continue
             keep.update(j for j in factors if _reaches_batch(node, j, mods))
+            if not keep:  # computed once, for the first split that no contraction explains
+                heads_at = _head_positions(gm, mods) if heads_at is None else heads_at
+                keep.update(j for j in factors if _reaches_batch(node, j, mods, heads_at))
         if keep:
             hints[node.name] = frozenset(keep)
     return hints

@@ -273,7 +273,26 @@ def resync_counts(module: nn.Module, scope: Scope) -> dict:
             if new is not None and new != v:
                 setattr(module, attr, new)
                 done[attr] = (v, new)
+    _resync_groups(module, done)
     return done
+
+
+def _resync_groups(module: nn.Module, done: dict) -> None:
+    """``num_key_value_groups`` (query heads per key/value head, read by Hugging Face's ``repeat_kv``)
+    follows the two counts it was computed from, when one of them changed here: multi-query
+    attention keeps its one key/value head and loses query heads."""
+    g = module.__dict__.get("num_key_value_groups")
+    if type(g) is not int:
+        return
+    q = next((a for a in ("num_heads", "num_attention_heads") if type(module.__dict__.get(a)) is int), None)
+    kv = next((a for a in ("num_key_value_heads", "num_kv_heads") if type(module.__dict__.get(a)) is int), None)
+    if q is None or kv is None or not ({q, kv} & set(done)):
+        return
+    old_q, new_q = done.get(q, (module.__dict__[q],) * 2)
+    old_kv, new_kv = done.get(kv, (module.__dict__[kv],) * 2)
+    if old_kv and new_kv and g * old_kv == old_q and new_q % new_kv == 0:
+        module.num_key_value_groups = new_q // new_kv
+        done["num_key_value_groups"] = (g, new_q // new_kv)
 
 
 __all__ = ["Change", "Scope", "ResizeError", "RESIZERS", "resizer", "rule_for", "resize", "resync_counts",

@@ -48,6 +48,25 @@ def _build(name):
                  max_relative_positions=16)
         c.pop("num_key_value_heads")
         return T.DebertaV2Model(T.DebertaV2Config(**c))
+    # heads through ops the sweep found pinning them (issue 14, second pass)
+    one = dict(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=4)
+    if name == "falcon":  # multi-query; the fused linear's weight is used as ``weight.T`` (numpy_T)
+        return T.FalconForCausalLM(T.FalconConfig(**one, multi_query=True, new_decoder_architecture=False))
+    if name == "gpt_bigcode":  # multi-query: one key/value head expanded to every query head
+        return T.GPTBigCodeForCausalLM(T.GPTBigCodeConfig(vocab_size=100, n_embd=32, n_layer=1, n_head=4,
+                                                          n_positions=64, multi_query=True))
+    if name == "bloom":  # ALiBi: per-head slopes computed in the graph from arange(1, H + 1)
+        return T.BloomForCausalLM(T.BloomConfig(vocab_size=100, hidden_size=32, n_layer=1, n_head=4))
+    if name == "mpt":  # ALiBi: slopes 1 / 2 ** (arange * c)
+        return T.MptForCausalLM(T.MptConfig(vocab_size=100, d_model=32, n_layers=1, n_heads=4, expansion_ratio=2,
+                                            max_seq_len=64))
+    if name == "llama4":  # rotary in complex numbers (view_as_complex), a top-k router
+        return T.Llama4ForCausalLM(T.Llama4TextConfig(
+            **COMMON, head_dim=8, intermediate_size_mlp=64, num_local_experts=4, num_experts_per_tok=1,
+            moe_layers=[0], layer_types=["full_attention"], no_rope_layers=[1], attention_chunk_size=16))
+    if name == "hrm":  # a per-head sigmoid gate multiplied into the attention output
+        return T.HrmTextForCausalLM(T.HrmTextConfig(**dict(COMMON, num_key_value_heads=4), head_dim=8,
+                                                    num_layers_per_stack=1, H_cycles=1, L_cycles=1, L_bp_cycles=[1]))
     raise KeyError(name)
 
 
@@ -151,6 +170,29 @@ def test_deberta_v2_heads_found_and_exact():
     assert_exact(model, oto, _ids(), small=oto.compress(form="graph"))
 
 
+@pytest.mark.parametrize("name,q,rows,form", [
+    ("falcon", "transformer.h.0.self_attention.query_key_value.weight", 4, "module"),
+    ("gpt_bigcode", "transformer.h.0.attn.c_attn.weight", 4, "module"),
+    ("bloom", "transformer.h.0.self_attention.query_key_value.weight", 4, "graph"),
+    ("mpt", "transformer.blocks.0.attn.Wqkv.weight", 4, "graph"),
+    ("llama4", "model.layers.0.self_attn.q_proj.weight", 2, "module"),
+    ("hrm", "model.L_module.layers.0.self_attn.q_proj.weight", 4, "module"),
+])
+def test_heads_found_and_exact(name, q, rows, form):
+    """Each family's heads are rows of whole heads (8 positions each, 24 where q, k and v interleave per head; multi-query: each query head alone, its
+    copies of the one key/value head are dropped with it; Llama 4: a key/value head with its two
+    query heads); zeroing half of them compresses exactly. The ALiBi families come back as graphs:
+    their own forward would compute slopes for the new head count, the graph keeps the old slopes
+    of the kept heads."""
+    model = _model(name)
+    oto = otofx.OTO(model, _ids())
+    heads = _head_groups(oto, q)  # (rows, positions of the projection per row)
+    assert any(r == rows and k % (8 * (4 // rows)) == 0 for r, k in heads), heads
+    zero_random_rows(model, oto, seed=4)
+    small = assert_exact(model, oto, _ids(), ref_kwargs=_kwargs(model))
+    assert isinstance(small, torch.fx.GraphModule) == (form == "graph")
+
+
 def _sweep():
     path = Path(__file__).resolve().parent.parent / "bench" / "hf_sweep.py"
     spec = importlib.util.spec_from_file_location("hf_sweep", path)
@@ -168,3 +210,37 @@ def test_sweep_subset():
     row = sweep.run_one(task, family, cls, peers=False)
     assert row.built and row.analysed and row.exact, row
     assert row.head_rows and row.mlp_rows
+
+
+@pytest.mark.parametrize("name", ["qwen3", "falcon"])
+def test_head_pruned_config_and_save_load(name, tmp_path):
+    """After head pruning, the compressed model's config describes the new widths where the
+    architecture reads them (Qwen3: num_attention_heads / num_key_value_heads, head_dim kept); where
+    it cannot (Falcon derives head_dim from hidden_size / num_attention_heads), the new per-module
+    counts go to ``config.otofx_widths``. otofx.save / otofx.load give the same model back."""
+    model = _model(name)
+    oto = otofx.OTO(model, _ids())
+    q = "self_attn.q_proj" if name == "qwen3" else "self_attention.query_key_value"
+    rows = [torch.tensor([1]) if z.rows > 1 and any(q in n for n, _, _ in z.params) else torch.tensor([], dtype=torch.long)
+            for z in oto.groups]
+    zero_rows(model, oto, rows)
+    small = oto.compress()
+    assert isinstance(small, type(model))
+    c = small.config
+    if name == "qwen3":  # one key/value head of two left, with its two query heads
+        assert (c.num_attention_heads, c.num_key_value_heads, c.head_dim) == (2, 1, 8)
+        assert not hasattr(c, "otofx_widths")
+        rebuilt = type(small)(c)
+        assert {n: p.shape for n, p in rebuilt.named_parameters()} == {n: p.shape for n, p in small.named_parameters()}
+    else:  # multi-query: three query heads over the one key/value head
+        assert c.num_attention_heads == 4
+        assert c.otofx_widths["transformer.h.0.self_attention"] == {"num_heads": 3, "split_size": 24,
+                                                                    "num_key_value_groups": 3}
+    otofx.save(small, tmp_path / "m")
+    back = otofx.load(tmp_path / "m")
+    kw = _kwargs(model)
+    with torch.no_grad():
+        assert torch.equal(back(_ids(), **kw).logits, small(_ids(), **kw).logits)
+    x = _ids()[:1, :5]
+    assert torch.equal(back.generate(x, max_new_tokens=4, do_sample=False),
+                       model.generate(x, max_new_tokens=4, do_sample=False))

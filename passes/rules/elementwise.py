@@ -59,7 +59,7 @@ _ZERO_FNS = ["relu", "relu6", "gelu", "silu", "hardswish", "tanh", "leaky_relu",
              "ceil_"]
 # finite but non-zero at 0 (zero_in=False: the output is not zero with its row)
 _NONZERO_FNS = ["sigmoid", "hardsigmoid", "softplus", "exp", "cos", "logsigmoid", "sigmoid_", "hardsigmoid_",
-                "exp_", "cos_", "erfc", "cosh", "exp2"]
+                "exp_", "cos_", "erfc", "cosh", "exp2", "acos", "log_sigmoid"]
 # copies whose dtype or strides may differ from the input's (shape propagation runs them)
 _NEW_LAYOUT = {"to", "float", "half", "double", "bfloat16", "type", "_to_copy", "contiguous", "clone"}
 
@@ -161,6 +161,8 @@ def _positive(node, depth: int = 8) -> bool:
         return _positive(args[0], depth - 1) if args else False
     if name in ("exp", "softplus", "sigmoid"):
         return True
+    if name == "pow" and args and isinstance(args[0], (int, float)) and args[0] > 0:  # 2 ** x (MPT's ALiBi slopes)
+        return True
     if name in ("clamp_min", "clamp", "clamp_"):
         lo = args[1] if len(args) > 1 else node.kwargs.get("min")
         return isinstance(lo, (int, float)) and lo > 0
@@ -231,7 +233,7 @@ def binary(ctx: Ctx, input, other, kind="add", meta=None, **_):
         elif kind == "div":  # zero where the numerator is (a pinned denominator is never zero with a row)
             nd = d - (n - input.ndim) if isinstance(input, AxisLabels) else -1
             z = input.zero[nd] if nd >= 0 and input.shape[nd] == shape[d] else false_mask(shape[d])
-        elif part or not all(_scalar_zero(s) for s in scalars):
+        elif kind == "pow" or part or not all(_scalar_zero(s) for s in scalars):  # NB: 0 ** 0 == 1
             z = false_mask(shape[d])
         else:
             z = zs[0] if len(zs) == 1 else np.logical_and.reduce(zs)
@@ -250,6 +252,16 @@ for _kind, _names, _ops in [
              if n.rstrip("_") in (_kind, "rsub" if _kind == "sub" else _kind) for o in _ov(getattr(aten, n), "Tensor", "Scalar")]
     functions("binary", _ops + _aten, ("input", "other"), kind=_kind)
     methods("binary", _names, ("input", "other"), kind=_kind)
+functions("binary", [torch.multiply] + _ov(aten.multiply, "Tensor", "Scalar"), ("input", "other"), kind="mul")
+# elementwise max / min of two tensors: zero where both are zero
+functions("binary", [torch.maximum, torch.minimum, torch.fmax, torch.fmin]
+          + _ov(aten.maximum, "default") + _ov(aten.minimum, "default") + _ov(aten.max, "other")
+          + _ov(aten.min, "other") + _ov(aten.fmax, "default") + _ov(aten.fmin, "default"), ("input", "other"),
+          kind="max")
+methods("binary", ["maximum", "minimum", "fmax", "fmin"], ("input", "other"), kind="max")
+# a tensor power of a tensor or of a scalar (ALiBi slopes base ** arange): elementwise, never zero with its rows
+functions("binary", _ov(aten.pow, "Tensor_Tensor", "Scalar"), ("input", "other"), rename={"exponent": "other"},
+          kind="pow")
 
 
 @rule("where", keeps_axes=True)
@@ -296,3 +308,21 @@ def masked_fill(ctx: Ctx, input, mask, value, meta=None, **_):
 
 functions("masked_fill", [torch.masked_fill] + _ov(aten.masked_fill, "Scalar", "Tensor"), ("input", "mask", "value"))
 methods("masked_fill", ["masked_fill", "masked_fill_"], ("input", "mask", "value"))
+
+
+@rule("like", keeps_shape=ELEMENTWISE, keeps_axes=True)
+def like(ctx: Ctx, input, zero_in=False, fill_value=None, meta=None, **_):
+    """zeros_like / ones_like / full_like / empty_like(x): a new tensor of x's shape, whose axes are x's (they shrink with x); zero for zeros_like (and full_like of 0), else not zero."""
+    x = input
+    if not isinstance(x, AxisLabels):
+        return x
+    if isinstance(fill_value, (AxisLabels, SymSize)):
+        ctx.pin(fill_value, "a size read off this axis is used as a value")
+    zero_in = zero_in or _scalar_zero(fill_value)
+    return AxisLabels(x.ids, tuple((np.ones if zero_in else np.zeros)(len(a), dtype=bool) for a in x.ids))
+
+
+functions("like", [torch.zeros_like] + _ov(aten.zeros_like, "default"), ("input",), zero_in=True)
+functions("like", [torch.ones_like, torch.empty_like] + _ov(aten.ones_like, "default") + _ov(aten.empty_like, "default"),
+          ("input",))
+functions("like", [torch.full_like] + _ov(aten.full_like, "default"), ("input", "fill_value"))

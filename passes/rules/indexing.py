@@ -219,6 +219,22 @@ functions("select", [torch.select] + _ov(aten.select, "int"), ("input", "dim", "
 methods("select", ["select"], ("input", "dim", "index"))
 
 
+@rule("index_select", keeps_axes=True)
+def index_select(ctx: Ctx, input, dim, index, meta=None, **_):
+    """x.index_select(dim, idx): entries of that axis are read by data (pinned: which ones stay is not known); the other axes keep their ids and zeros."""
+    x = input
+    d = _ax(dim, x.ndim)
+    ctx.pin(x.ids[d], "gathered along this axis by an index tensor")
+    shape = _out_shape(meta)
+    ids = tuple(x.ids[a] if a != d else pinned_axis(shape[a]) for a in range(x.ndim))
+    zero = tuple(x.zero[a] if a != d else false_mask(shape[a]) for a in range(x.ndim))
+    return AxisLabels(ids, zero)
+
+
+functions("index_select", [torch.index_select] + _ov(aten.index_select, "default"), ("input", "dim", "index"))
+methods("index_select", ["index_select"], ("input", "dim", "index"))
+
+
 @rule("roll")
 def roll(ctx: Ctx, input, shifts, dims=None, meta=None, **_):
     """roll along dims: rolled axes are pinned (positions move), the others keep their ids."""

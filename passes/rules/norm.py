@@ -28,9 +28,16 @@ def _norm_fix(site, input=None, **_):
 
 
 @rule("batch_norm", fix=_norm_fix, reads_params=True, keeps_shape=KEEPS_CONTIGUOUS, keeps_axes=True)
-def batch_norm(ctx: Ctx, input, weight=None, bias=None, running_mean=None, running_var=None, meta=None, **_):
-    """per channel (axis 1): weight, bias and running statistics are owned by the input channel; out is zero with its row when affine."""
+def batch_norm(ctx: Ctx, input, weight=None, bias=None, running_mean=None, running_var=None, training=False,
+               meta=None, **_):
+    """per channel (axis 1): weight, bias and running statistics are owned by the input channel; out is zero with its row when affine; statistics of the batch (training, or no running statistics) average over every other axis, which is pinned."""
     x = input
+    if training or running_mean is None:
+        # NB: BiT's weight standardisation: batch_norm(weight.reshape(1, out, -1), training=True)
+        # averages over the conv's input channels; removing one would change every mean
+        for d in range(x.ndim):
+            if d != 1:
+                ctx.pin(x.ids[d], "batch-norm statistics average over this axis")
     c = x.ids[1]
     for p in (weight, bias, running_mean, running_var):
         ctx.param(p, {0: c})
@@ -42,7 +49,8 @@ def _bn_module(node, m, args, kwargs):
     t = node.target
     ref = lambda n: ParamRef(f"{t}.{n}") if getattr(m, n, None) is not None else None  # noqa: E731
     return dict(input=args[0], weight=ref("weight"), bias=ref("bias"),
-                running_mean=ref("running_mean"), running_var=ref("running_var"))
+                running_mean=ref("running_mean"), running_var=ref("running_var"),
+                training=m.training or getattr(m, "running_mean", None) is None)
 
 
 # instance norm follows batch norm's algebra (per-channel affine and statistics): op instance_norm

@@ -1,4 +1,4 @@
-"""Reductions and normalising maps: sum, mean, var, max, norms, F.normalize, softmax.
+"""Reductions and normalising maps: sum, mean, var, max, norms, F.normalize, softmax, top-k and sort.
 
 A sum over an axis is a contraction: its channels must be zero with their rows. Every other
 reduction (mean, var, max, a norm) and every map that divides by something computed over an axis
@@ -120,3 +120,27 @@ functions("softmax", [F.softmax, F.log_softmax, torch.softmax, torch.log_softmax
           + _ov(aten._log_softmax, "default"), ("input", "dim"))
 methods("softmax", ["softmax", "log_softmax"], ("input", "dim"))
 modules("softmax", [nn.Softmax, nn.LogSoftmax], lambda node, m, args, kwargs: dict(input=args[0], dim=m.dim))
+
+
+@rule("select_k")
+def select_k(ctx: Ctx, input, dim=-1, meta=None, **_):
+    """topk / sort / argsort along an axis: that axis is pinned (which entries are picked, and their order, depends on all of its channels); other axes keep their ids (values of a zero slice are zero; indices are not)."""
+    x = input
+    d = _ax(dim, x.ndim)
+    ctx.pin(x.ids[d], "top-k or sort along this axis")
+    outs = meta if isinstance(meta, (tuple, list)) else (meta,)
+    labs = []
+    for k, m in enumerate(outs):
+        shape = _out_shape(m)
+        ids = tuple(x.ids[a] if a != d else pinned_axis(shape[a]) for a in range(x.ndim))
+        zero = tuple(x.zero[a] if a != d and k == 0 and m.is_floating_point() else false_mask(shape[a])
+                     for a in range(x.ndim))
+        labs.append(AxisLabels(ids, zero))
+    return tuple(labs) if isinstance(meta, (tuple, list)) else labs[0]
+
+
+functions("select_k", [torch.topk] + _ov(aten.topk, "default"), ("input", "k", "dim"))
+methods("select_k", ["topk"], ("input", "k", "dim"))
+functions("select_k", [torch.sort, torch.argsort] + _ov(aten.sort, "default", "stable") + _ov(aten.argsort, "default", "stable"),
+          ("input", "dim"))
+methods("select_k", ["sort", "argsort"], ("input", "dim"))

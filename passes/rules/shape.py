@@ -22,6 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..channels import AxisLabels, Ctx, SymSize, false_mask, pinned_axis
+from ..unionfind import PIN
 from ..registry import RuleDeclined, functions, methods, modules, rule
 from .common import _ax, _bind_input, _ov, _out_shape, _passthrough
 
@@ -188,9 +189,11 @@ def _reshape_lab(ctx: Ctx, x: AxisLabels, out_shape) -> AxisLabels:
         grid_ids = np.zeros(sizes, dtype=np.int64)
         grid_z = np.zeros(sizes, dtype=bool)
         if live:
+            # NB: several live axes merged (MQA: query heads times the shared value's own channels):
+            # each merged index belongs to its outermost channel, whose row keeps the whole block;
+            # the inner axes are pinned (tying them would make one row of every head)
             for i in live[1:]:
-                ctx.tie(x.ids[live[0]][:1], x.ids[i])
-                ctx.tie(x.ids[live[0]], x.ids[i][:1])
+                ctx.pin(x.ids[i], "merged inside the blocks of an outer axis")
             k = gi.index(live[0])
             shp = [1] * len(gi)
             shp[k] = sizes[k]
@@ -341,8 +344,10 @@ def _permute_dims(kind, x_ndim, dims):
         perm = list(range(x_ndim))
         perm[a], perm[b] = perm[b], perm[a]
         return perm
-    if kind == "t":
+    if kind == "t":  # t, numpy_T (x.T): every axis reversed
         return list(range(x_ndim))[::-1]
+    if kind == "mT":  # mT, adjoint (x.mT): the last two axes swapped
+        return list(range(x_ndim - 2)) + [x_ndim - 1, x_ndim - 2]
     if kind == "movedim":
         src, dst = dims[0], dims[1]
         src = [src] if isinstance(src, int) else list(src)
@@ -375,6 +380,9 @@ functions("permute", [torch.transpose, torch.swapaxes, torch.swapdims] + _ov(ate
 methods("permute", ["transpose", "swapaxes", "swapdims", "transpose_"], ("input", "*dims"), kind="transpose")
 functions("permute", [torch.t] + _ov(aten.t, "default"), ("input", "*dims"), kind="t")
 methods("permute", ["t"], ("input", "*dims"), kind="t")
+functions("permute", _ov(aten.numpy_T, "default"), ("input", "*dims"), kind="t")
+functions("permute", [torch.adjoint] + _ov(aten.mT, "default") + _ov(aten.adjoint, "default"), ("input", "*dims"),
+          kind="mT")
 functions("permute", [torch.movedim, torch.moveaxis] + _ov(aten.movedim, "int"), ("input", "*dims"),
           rename={"source": "*dims"}, kind="movedim")
 methods("permute", ["movedim", "moveaxis"], ("input", "*dims"), kind="movedim")
@@ -392,13 +400,28 @@ def _expand_fix(site, input, sizes=(), **_):
     site.set_varargs("sizes", [tuple(vals)] if packed else vals)
 
 
+def _copies(ctx: Ctx, src: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """Labels of ``n`` copies of a single channel that is pinned (it is never removed): each copy is
+    a channel of its own (fresh ids, not zero), so a consumer may drop copies one by one (MQA's one
+    key/value head expanded to every query head). None when the channel may still be removed."""
+    if n <= 1 or not (ctx.uf.find(src) == PIN).all():
+        return None
+    return ctx.fresh(n), false_mask(n)
+
+
 @rule("expand", fix=_expand_fix, takes_sizes=True, keeps_axes=True)
 def expand(ctx: Ctx, input, sizes=(), meta=None, **_):
-    """expand: axes of equal size keep their ids, broadcast (new or size-1) axes are pinned."""
+    """expand: axes of equal size keep their ids; a size-1 axis of a pinned channel broadcast to n holds n channels of its own (copies); other broadcast (new or size-1) axes are pinned."""
     x = input
     shape = _out_shape(meta)
     off = len(shape) - x.ndim
-    return _passthrough(ctx, x, shape, {d + off: d for d in range(x.ndim)})
+    lab = _passthrough(ctx, x, shape, {d + off: d for d in range(x.ndim)})
+    for d in range(x.ndim):
+        # NB: a copy dropped changes nothing else; the source stays (pinned), so copies never outlive it
+        c = _copies(ctx, x.ids[d], shape[d + off]) if x.shape[d] == 1 else None
+        if c is not None:
+            lab = lab.with_axis(d + off, *c)
+    return lab
 
 
 methods("expand", ["expand"], ("input", "*sizes"))
@@ -424,9 +447,24 @@ functions("view_as", _ov(aten.view_as, "default") + _ov(aten.reshape_as, "defaul
 methods("view_as", ["view_as", "reshape_as"], ("input", "other"))
 
 
-@rule("repeat")
+def _repeat_fix(site, input, repeats=(), **_):
+    new, old = site.out_new, site.out_old
+    raw = _shape_args(repeats)
+    if new == old or len(raw) != len(new):
+        return
+    inp = site.old(input)
+    off = len(new) - len(inp)
+    # NB: only the copies of a single channel change count; a tiled axis loses whole rows from every
+    # tile, so its repeat count (a size read at run time, say) stays
+    vals = [n if o != n and d >= off and inp[d - off] == 1 else r for d, (r, o, n) in enumerate(zip(raw, old, new))]
+    packed = len(repeats) == 1 and isinstance(repeats[0], (tuple, list, torch.Size))
+    packed = packed or "*repeats" not in site.form.spec
+    site.set_varargs("repeats", [tuple(vals)] if packed else vals)
+
+
+@rule("repeat", fix=_repeat_fix)
 def repeat(ctx: Ctx, input, repeats=(), meta=None, **_):
-    """x.repeat(r...): an axis repeated r times holds its ids r times over (tiled blocks of whole rows); new leading axes and repeated size-1 axes are pinned."""
+    """x.repeat(r...): an axis repeated r times holds its ids r times over (tiled blocks of whole rows); a pinned size-1 axis repeated holds n channels of its own (copies); new leading axes and other repeated size-1 axes are pinned."""
     x = input
     shape = _out_shape(meta)
     off = len(shape) - x.ndim
@@ -438,6 +476,11 @@ def repeat(ctx: Ctx, input, repeats=(), meta=None, **_):
             zero.append(false_mask(n))
             continue
         m = x.shape[src]
+        c = _copies(ctx, x.ids[src], n) if m == 1 else None
+        if c is not None:
+            ids.append(c[0])
+            zero.append(c[1])
+            continue
         if m == 1 and n != 1:
             ctx.pin(x.ids[src], "a single channel repeated over the axis")
             ids.append(pinned_axis(n))
@@ -486,3 +529,18 @@ functions("channel_shuffle", [getattr(F, "channel_shuffle", None), getattr(torch
           + _ov(aten.channel_shuffle, "default") + _ov(getattr(aten, "native_channel_shuffle", None), "default"),
           ("input", "groups"))
 modules("channel_shuffle", [nn.ChannelShuffle], lambda node, m, args, kwargs: dict(input=args[0], groups=m.groups))
+
+
+@rule("complex_view")
+def complex_view(ctx: Ctx, input, kind="as_complex", meta=None, **_):
+    """view_as_complex reads the last axis (a pair of real and imaginary parts: pinned) as one complex value, other axes keep their ids and zeros (0 + 0j is zero); view_as_real adds that pair axis (pinned) back."""
+    x = input
+    shape = _out_shape(meta)
+    if kind == "as_complex":
+        return _passthrough(ctx, x, shape, {d: d for d in range(x.ndim - 1)})
+    return AxisLabels(x.ids + (pinned_axis(shape[-1]),), x.zero + (false_mask(shape[-1]),))
+
+
+functions("complex_view", [torch.view_as_complex] + _ov(aten.view_as_complex, "default"), ("input",),
+          kind="as_complex")
+functions("complex_view", [torch.view_as_real] + _ov(aten.view_as_real, "default"), ("input",), kind="as_real")

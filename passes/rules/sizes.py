@@ -1,5 +1,5 @@
-"""Sizes and metadata: ``x.size()``/``x.shape``, ``x.dim()``, ``x.numel()``, Python arithmetic on sizes, and
-runtime metadata checks.
+"""Sizes and metadata: ``x.size()``/``x.shape``, ``x.dim()``, ``x.numel()``, Python arithmetic on sizes,
+runtime metadata checks, and ``arange`` over constant bounds.
 
 A number read off a tensor's shape remembers which axes it measures (``SymSize``): a rule that
 takes sizes (``Rule.takes_sizes``: reshape, expand...) keeps it consistent, and any other use of
@@ -10,9 +10,13 @@ from __future__ import annotations
 import math
 import operator
 
+import numpy as np
+
 import torch
 
-from ..channels import AxisLabels, Ctx, SymSize, false_mask
+import torch.fx as fx
+
+from ..channels import AxisLabels, Ctx, SymSize, false_mask, pinned_axis
 from ..registry import functions, methods, rule
 from .common import _ax, _ov, _out_shape
 
@@ -81,3 +85,34 @@ def check(ctx: Ctx, input=None, meta=None, **_):
 
 
 functions("check", _ov(aten._assert_tensor_metadata, "default"), rename={"a": "input"})
+
+
+def _arange_fix(site, **_):
+    """An arange that lost entries (per-head ALiBi slopes computed from ``arange(1, H + 1)``) keeps
+    the kept ones: the node becomes ``index_select`` of the full arange at the kept positions."""
+    old, new = site.out_old, site.out_new
+    if old is None or new == old:
+        return
+    node = site.node
+    kept = [int(i) for i in np.flatnonzero(site.keep(node, 0))]
+    graph = node.graph
+    with graph.inserting_before(node):
+        full = graph.call_function(node.target, node.args, dict(node.kwargs))
+        dev = graph.call_function(getattr, (full, "device"))
+        idx = graph.call_function(torch.tensor, (kept,), {"dtype": torch.long, "device": dev})
+    node.target, node.args, node.kwargs = aten.index_select.default, (full, 0, idx), {}
+
+
+@rule("arange", fix=_arange_fix, takes_sizes=True, python_values=True)
+def arange(ctx: Ctx, meta=None, **kw):
+    """arange over constant bounds: each entry is a channel of its own (a per-head constant such as an ALiBi slope is removed with its head), not zero; bounds read off an axis pin it and the output."""
+    n = int(meta.shape[0])
+    syms = [v for v in kw.values() if isinstance(v, SymSize)]
+    if syms or any(isinstance(v, (AxisLabels, fx.Node)) for v in kw.values()):
+        # NB: arange(L) of a size would give other values once the axis loses rows, not the kept ones
+        ctx.pin(syms, "a size read off this axis is used as a value")
+        return AxisLabels((pinned_axis(n),), (false_mask(n),))
+    return AxisLabels((ctx.fresh(n),), (false_mask(n),))
+
+
+functions("arange", [torch.arange] + _ov(aten.arange, "default", "start", "start_step"), ("start", "end", "step"))

@@ -233,3 +233,16 @@ def masked_fill_scores_keep_heads():
     m = Net(fwd, **_qkvo())
     m.register_buffer("mask", torch.rand(1, 1, 5, 5) > 0.7)
     return m, torch.randn(N, 5, 6)
+
+
+@example("like")
+def zeros_and_ones_like_channels():
+    """zeros_like / ones_like / full_like take x's channels (a zero state, Recurrent Gemma's; a mask of ones)."""
+
+    def fwd(s, x):
+        y = torch.relu(s.c1(x))
+        h = torch.zeros_like(y) + y * torch.ones_like(y) + torch.full_like(y, 0.0)
+        return s.c2(h)
+
+    return Net(fwd, c1=conv(3, 8), c2=conv(8, 4)), img()
+

@@ -125,3 +125,24 @@ def gather_over_channels_pins_them():
     m = Net(fwd, c1=conv(3, 8), c2=conv(3, 8), c3=conv(8, 4))
     m.register_buffer("idx", torch.tensor([0, 7, 3, 3]).view(1, 4, 1, 1))
     return m, img()
+
+
+@example("index_select")
+def index_select_positions_table():
+    """A sinusoidal position table read with index_select (XGLM, XLNet): the table's width passes, the positions are read by data."""
+
+    def fwd(s, x):
+        y = s.c1(x).flatten(2).transpose(1, 2)  # [N, 25, 8]
+        pos = s.table.index_select(0, s.pos)  # [25, 8]
+        return s.fc(y + pos)
+
+    m = Net(fwd, c1=conv(3, 8), fc=nn.Linear(8, 3), table=nn.Parameter(torch.randn(30, 8)))
+    m.register_buffer("pos", torch.arange(25))
+    return m, img()
+
+
+@example("index_select", pinned="gathered along this axis by an index tensor")
+def index_select_over_channels():
+    m = Net(lambda s, x: s.c2(s.c1(x).index_select(1, s.idx)), c1=conv(3, 8), c2=conv(4, 4))
+    m.register_buffer("idx", torch.tensor([0, 7, 3, 3]))
+    return m, img()

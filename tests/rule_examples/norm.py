@@ -95,3 +95,17 @@ def rms_norm():
     m = Net(lambda s, x: s.l3(s.n(s.l2(torch.relu(s.l1(x))))), l1=nn.Linear(6, 8), l2=nn.Linear(8, 8),
             n=nn.RMSNorm(8), l3=nn.Linear(8, 4))
     return m, torch.randn(N, 5, 6)
+
+
+@example("batch_norm", expect_pin="batch-norm statistics average over this axis")
+def weight_standardized_conv():
+    """BiT's weight standardisation: batch_norm(w.reshape(1, out, -1), training=True) averages each
+    output channel's weight over the input channels: those (c1's outputs) are pinned, c2's are rows."""
+
+    def fwd(s, x):
+        y = torch.relu(s.c1(x))
+        w = F.batch_norm(s.c2.weight.reshape(1, 8, -1), None, None, training=True, momentum=0.0, eps=1e-6)
+        z = torch.relu(F.conv2d(y, w.reshape_as(s.c2.weight), s.c2.bias, padding=1))
+        return s.c3(z)
+
+    return Net(fwd, c1=conv(3, 8), c2=conv(8, 8), c3=conv(8, 4)), img()

@@ -73,3 +73,24 @@ def cosine_attention_heads():
         return s.o(_merge(a @ v, x))
 
     return Net(fwd, scale=nn.Parameter(torch.rand(H_, 1, 1)), **_qkvo()), torch.randn(N, 5, 6)
+
+
+@example("select_k")
+def topk_and_sort_over_spatial():
+    """top-k and sort over the flattened spatial axis (a router's top-k over experts): channels keep their rows."""
+
+    def fwd(s, x):
+        y = torch.relu(s.c1(x)).flatten(2)  # [N, 8, 25]
+        v, _ = y.topk(5, dim=-1)
+        w = torch.sort(y, dim=2, descending=True)[0][..., :5]
+        return s.fc((v + w).sum(-1))
+
+    m = Net(fwd, c1=conv(3, 8), fc=nn.Linear(8, 3))
+    return m, img()
+
+
+@example("select_k", pinned="top-k or sort along this axis")
+def topk_over_channels():
+    m = Net(lambda s, x: s.fc(torch.topk(torch.relu(s.c1(x)).mean((2, 3)), 3, dim=1)[0]), c1=conv(3, 8),
+            fc=nn.Linear(3, 3))
+    return m, img()

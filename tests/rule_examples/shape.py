@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .common import conv, E_, example, H_, HD_, HW, img, N, Net
+from .common import _heads, _merge, _qkvo, conv, E_, example, H_, HD_, HW, img, N, Net
 
 
 @example("cat")
@@ -324,3 +324,37 @@ def view_as_heads_merged_back():
 
     m = Net(fwd, q=nn.Linear(6, E_), o=nn.Linear(E_, 3))
     return m, torch.randn(N, 5, 6)
+
+
+@example("complex_view", frontend="export")
+def rotary_as_complex_heads():
+    """Llama 4's rotary embedding: q and k's head_dim read as complex pairs, times a complex table, read back."""
+
+    def fwd(s, x):
+        q, k, v = (_heads(s, t, x) for t in (s.q(x), s.k(x), s.v(x)))  # [N, H, T, d]
+        rot = torch.polar(torch.ones_like(s.ang), s.ang)
+
+        def rope(t):
+            c = torch.view_as_complex(t.float().reshape(*t.shape[:-1], -1, 2))
+            return torch.view_as_real(c * rot).flatten(3)
+
+        a = F.scaled_dot_product_attention(rope(q), rope(k), v)
+        return s.o(_merge(a, x))
+
+    m = Net(fwd, **_qkvo())
+    m.register_buffer("ang", torch.arange(5.0)[:, None] * torch.arange(1.0, HD_ // 2 + 1)[None])
+    return m, torch.randn(N, 5, 6)
+
+
+@example("expand", "repeat")
+def multi_query_heads_copies():
+    """Multi-query attention (GPT-BigCode, Falcon): one key/value head (a size-1 axis) expanded or
+    repeated to every query head; each query head is a row of its own, with its copies of k and v."""
+
+    def fwd(s, x):
+        q = _heads(s, s.q(x), x)  # [N, H, L, hd]
+        k = s.k(x).unsqueeze(1).expand(-1, H_, -1, -1)  # [N, 1, L, hd] -> [N, H, L, hd]
+        v = s.v(x).unsqueeze(1).repeat(1, H_, 1, 1)
+        return s.o(_merge(F.scaled_dot_product_attention(q, k, v), x))
+
+    return Net(fwd, q=nn.Linear(6, E_), k=nn.Linear(6, HD_), v=nn.Linear(6, HD_), o=nn.Linear(E_, 3)), torch.randn(N, 5, 6)
