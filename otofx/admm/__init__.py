@@ -85,11 +85,13 @@ class ADMM(torch.optim.Optimizer):
     its ``named_parameters()`` (every parameter with two or more dims is blocked). ``prune`` and
     ``unify``: fractions of each layer's blocks. ``rounds`` Z/U updates, one every
     ``steps_per_round`` steps; rho goes geometrically from ``rho`` to ``rho_max``, the scaled dual
-    rescaled by ``rho_old / rho_new`` each time unless ``rescale_dual=False``.
+    rescaled by ``rho_old / rho_new`` each time unless ``rescale_dual=False``. The default range,
+    1e-2 -> 10, is the one chosen on a validation split for digits (bench/RESULTS.md section 8): rho
+    weighs against the loss, so a loss on another scale than cross-entropy needs its own range.
     """
 
     def __init__(self, params_or_model, base_optimizer: torch.optim.Optimizer, *, block=(4, 4),
-                 prune: float = 0.5, unify: float = 0.0, rho: float = 1e-4, rho_max: float = 1e-1,
+                 prune: float = 0.5, unify: float = 0.0, rho: float = 1e-2, rho_max: float = 10.0,
                  rounds: int = 10, steps_per_round: int | None = None, rescale_dual: bool = True, layers=None,
                  blocks: BlockSet | None = None):
         if not isinstance(base_optimizer, torch.optim.Optimizer):
