@@ -42,15 +42,8 @@ _TL = {torch.float32: tl.float32, torch.float64: tl.float64, torch.float16: tl.f
 
 
 @triton.jit
-def _dhspg_rows_kernel(xtab, dtab, seg_ptr, segs, redundant, out, count, hp,
-                       WARM_UP: tl.constexpr, FIXED_ZERO: tl.constexpr,
-                       DT: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
-    r = tl.program_id(0)
-    lr = tl.load(hp)
-    lmbda = tl.load(hp + 1)
-    amplify = tl.load(hp + 2)
-    hat = tl.load(hp + 3)
-    eps = tl.load(hp + 4)
+def _row_sums(xtab, dtab, seg_ptr, segs, r, DT: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
+    """``(||x||^2, x.d, ||d||^2)`` of row r over its segments (tensor, base, outer, outer stride, inner)."""
     s0 = tl.load(seg_ptr + r)
     s1 = tl.load(seg_ptr + r + 1)
     axx = tl.zeros([BLOCK], dtype=ACC)
@@ -75,9 +68,20 @@ def _dhspg_rows_kernel(xtab, dtab, seg_ptr, segs, redundant, out, count, hp,
             axx += x * x
             axd += x * d
             add += d * d
-    xx = tl.sum(axx, 0)
-    xd = tl.sum(axd, 0)
-    dd = tl.sum(add, 0)
+    return tl.sum(axx, 0), tl.sum(axd, 0), tl.sum(add, 0)
+
+
+@triton.jit
+def _dhspg_rows_kernel(xtab, dtab, seg_ptr, segs, redundant, out, count, hp,
+                       WARM_UP: tl.constexpr, FIXED_ZERO: tl.constexpr,
+                       DT: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
+    r = tl.program_id(0)
+    lr = tl.load(hp)
+    lmbda = tl.load(hp + 1)
+    amplify = tl.load(hp + 2)
+    hat = tl.load(hp + 3)
+    eps = tl.load(hp + 4)
+    xx, xd, dd = _row_sums(xtab, dtab, seg_ptr, segs, r, DT, ACC, BLOCK)
     norm = tl.sqrt(xx)
     zero = xx == 0.0
     safe = tl.where(zero, 1.0, norm)
@@ -109,33 +113,10 @@ def _stats_kernel(xtab, dtab, seg_ptr, segs, out, n_rows, DT: tl.constexpr, ACC:
     """The reductions of ``_dhspg_rows_kernel`` alone: ``out[0|1|2, r]`` = this process's ``||x||^2``,
     ``x.d``, ``||d||^2`` of row r (the decisions follow once every shard's sums are added)."""
     r = tl.program_id(0)
-    s0 = tl.load(seg_ptr + r)
-    s1 = tl.load(seg_ptr + r + 1)
-    axx = tl.zeros([BLOCK], dtype=ACC)
-    axd = tl.zeros([BLOCK], dtype=ACC)
-    add = tl.zeros([BLOCK], dtype=ACC)
-    lanes = tl.arange(0, BLOCK).to(tl.int64)
-    for s in range(s0, s1):
-        t = tl.load(segs + s * 5)
-        base = tl.load(segs + s * 5 + 1)
-        outer = tl.load(segs + s * 5 + 2)
-        ostride = tl.load(segs + s * 5 + 3)
-        inner = tl.load(segs + s * 5 + 4)
-        xp = tl.load(xtab + t).to(tl.pointer_type(DT))
-        dp = tl.load(dtab + t).to(tl.pointer_type(DT))
-        n = outer * inner
-        for i0 in range(0, n, BLOCK):
-            i = i0 + lanes
-            m = i < n
-            off = base + (i // inner) * ostride + i % inner
-            x = tl.load(xp + off, mask=m, other=0.0).to(ACC)
-            d = tl.load(dp + off, mask=m, other=0.0).to(ACC)
-            axx += x * x
-            axd += x * d
-            add += d * d
-    tl.store(out + r, tl.sum(axx, 0))
-    tl.store(out + n_rows + r, tl.sum(axd, 0))
-    tl.store(out + 2 * n_rows + r, tl.sum(add, 0))
+    xx, xd, dd = _row_sums(xtab, dtab, seg_ptr, segs, r, DT, ACC, BLOCK)
+    tl.store(out + r, xx)
+    tl.store(out + n_rows + r, xd)
+    tl.store(out + 2 * n_rows + r, dd)
 
 
 @triton.jit

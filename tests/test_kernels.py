@@ -16,18 +16,11 @@ from otofx import kernels as K
 from otofx.errors import OTOError
 from otofx.kernels import cpu_rows, reference
 
-needs_triton = pytest.mark.skipif(not K.triton_available(), reason="triton cannot be imported")
-if K.triton_available() and os.environ.get("TRITON_INTERPRET") == "1":
-    import numpy as np
-    import triton
+from helpers import triton_interpreter_unusable
 
-    # NB: triton 3.6's interpreter turns a loaded scalar (a 1-element array) into a Python int with
-    # int(array), which numpy 2.4 refuses; CI's torch-2.11 run installs numpy<2.4 to run these tests
-    _old = tuple(int(v) for v in triton.__version__.split(".")[:2]) < (3, 7)
-    _new_np = tuple(int(v) for v in np.__version__.split(".")[:2]) >= (2, 4)
-    if _old and _new_np:
-        needs_triton = pytest.mark.skip(reason=f"triton {triton.__version__}'s interpreter fails under numpy "
-                                               f"{np.__version__} (needs numpy<2.4); compiled Triton runs in tests/gpu")
+_no_triton = triton_interpreter_unusable() if os.environ.get("TRITON_INTERPRET") == "1" else None
+needs_triton = pytest.mark.skipif(
+    not K.triton_available() or _no_triton is not None, reason=_no_triton or "triton cannot be imported")
 needs_cpu_kernel = pytest.mark.skipif(not K.cpu_available(), reason="the C kernel cannot be built (no C compiler)")
 
 
