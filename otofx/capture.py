@@ -53,6 +53,7 @@ import torch.fx as fx
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from otofx.errors import CaptureError, InputError
+from otofx import fxcompat
 from otofx.fxcompat import LazyGraphModule as _LazyGraphModule
 from otofx.passes.registry import FUNCTION_FORMS, MODULE_FORMS
 
@@ -211,8 +212,8 @@ def graph_module(root: torch.nn.Module, graph: fx.Graph, class_name: str) -> fx.
                 dst._parameters[field] = orig
             elif isinstance(orig, torch.Tensor):
                 dst._buffers[field] = orig
-                if field in src._non_persistent_buffers_set:
-                    dst._non_persistent_buffers_set.add(field)
+                if not fxcompat.buffer_persistent(src, field):
+                    fxcompat.set_buffer_persistent(dst, field, False)
             elif isinstance(orig, torch.nn.Module):
                 dst._modules[field] = orig
             else:
@@ -332,9 +333,9 @@ def _stochastic_module(model: torch.nn.Module) -> str | None:
 
 
 def _is_random(node: fx.Node) -> bool:
-    if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
+    if node.op != "call_function" or not fxcompat.is_op_overload(node.target):
         return False
-    base = node.target._schema.name.split("::")[-1].rstrip("_")
+    base = fxcompat.op_schema(node.target).name.split("::")[-1].rstrip("_")
     return base in _RANDOM or base.startswith(("rand_like", "randn_like", "randint_like"))
 
 
@@ -749,7 +750,7 @@ def _finish(ep, model, captured_training: bool) -> fx.GraphModule:
 
 
 def _training_capture_problem(gm: fx.GraphModule, model, args, kwargs) -> str | None:
-    random = sorted({n.target._schema.name.split("::")[-1] for n in gm.graph.nodes if _is_random(n)})
+    random = sorted({fxcompat.op_schema(n.target).name.split("::")[-1] for n in gm.graph.nodes if _is_random(n)})
     if random:
         return f"draws random numbers outside dropout ({', '.join(random)})"
     tensors = [*tree_flatten((args, kwargs))[0], *model.parameters(), *model.buffers()]

@@ -82,6 +82,19 @@ def op_schema(op) -> torch.FunctionSchema:
     return op._schema
 
 
+def buffer_persistent(module: torch.nn.Module, name: str) -> bool:
+    """Whether ``module``'s buffer ``name`` enters its state_dict (``register_buffer(persistent=)``)."""
+    return name not in module._non_persistent_buffers_set
+
+
+def set_buffer_persistent(module: torch.nn.Module, name: str, persistent: bool) -> None:
+    """Mark ``module``'s buffer ``name`` persistent or not, as ``register_buffer(persistent=)`` would."""
+    if persistent:
+        module._non_persistent_buffers_set.discard(name)
+    else:
+        module._non_persistent_buffers_set.add(name)
+
+
 def grapharg_source(node: fx.Node) -> str:
     """Dynamo's source of a placeholder as text (``L['self']._modules['fc']._parameters['weight']``), or ``""``.
 

@@ -50,6 +50,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from otofx import fxcompat
 from otofx.errors import InputError
 
 log = logging.getLogger("otofx")
@@ -175,7 +176,7 @@ def _describe(model: nn.Module):
             name = f"{path}.{attr}" if path else attr
             rec = {"name": name, "module": path, "attr": attr, "kind": kind}
             if kind == "buffer":
-                rec["persistent"] = attr not in mod._non_persistent_buffers_set
+                rec["persistent"] = fxcompat.buffer_persistent(mod, attr)
             if t is None:
                 rec["none"] = True
                 tensors.append(rec)
@@ -509,10 +510,7 @@ def load(path, model: nn.Module | None = None, *, device=None, dtype: torch.dtyp
             mod._parameters[attr] = t
         elif kind == "buffer":
             mod._buffers[attr] = t
-            if rec["persistent"]:
-                mod._non_persistent_buffers_set.discard(attr)
-            else:
-                mod._non_persistent_buffers_set.add(attr)
+            fxcompat.set_buffer_persistent(mod, attr, rec["persistent"])
         else:
             mod.__dict__[attr] = t
     log.info("loaded %s from %s (%d tensors)", _fmt(saved_cls), folder, len(data))

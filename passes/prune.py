@@ -57,6 +57,7 @@ import numpy as np
 import torch
 import torch.fx as fx
 
+from otofx import fxcompat
 from otofx.fxcompat import graph_module_like
 
 from .channels import AxisLabels, labs_in
@@ -256,7 +257,7 @@ def _fill_tensors(new: fx.GraphModule, originals: dict, plan: Plan) -> None:
                 # with .to() as a buffer, and stays out of the state_dict as it was
                 for alias in names:
                     mod_name, _, attr = alias.rpartition(".")
-                    (new.get_submodule(mod_name) if mod_name else new)._non_persistent_buffers_set.add(attr)
+                    fxcompat.set_buffer_persistent(new.get_submodule(mod_name) if mod_name else new, attr, False)
                 continue
             data = old.detach()
             steps = next((cuts[n] for n in names if n in cuts), ())

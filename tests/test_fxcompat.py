@@ -78,3 +78,13 @@ def test_every_front_end_gives_the_models_output_structure(frontend):
     gm = P.Pipeline([P.Capture(frontend)]).run(m, x).gm
     out = P.run_eval(gm, (x,))
     assert isinstance(out, dict) and torch.allclose(out["y"], m(x)["y"])
+
+
+def test_buffer_persistence_round_trip():
+    m = torch.nn.Module()
+    m.register_buffer("a", torch.zeros(2))
+    m.register_buffer("b", torch.zeros(2), persistent=False)
+    assert fxcompat.buffer_persistent(m, "a") and not fxcompat.buffer_persistent(m, "b")
+    fxcompat.set_buffer_persistent(m, "a", False)
+    fxcompat.set_buffer_persistent(m, "b", True)
+    assert set(m.state_dict()) == {"b"}
