@@ -276,7 +276,8 @@ class _RowOptimizer(torch.optim.Optimizer):
         return kernels.row_stats(self.layout, [p.detach() for p in self._row_params])
 
     def _event_stats(self, xs, ds) -> kernels.RowStats:
-        """The per-row sums of x and d for a one-time decision (partition, selection): over whole rows."""
+        """The per-row sums of x and d over whole rows (one all-reduce when rows span shards): for the
+        one-time decisions (partition, selection), and for every DHSPG step on sharded rows."""
         if self._shards is not None:
             return self._shards.reduce_stats(kernels.stats(self._stats_layout, xs, ds, self.backend))
         return kernels.row_stats(self.layout, xs, ds)
@@ -799,13 +800,11 @@ class DHSPG(_RowOptimizer):
 
     def _rows_step(self, xs, ds, lr, momentum, skip) -> None:
         t = self._t
-        st = None
-        if self._shards is not None:
-            # sharded rows: this shard's sums, then ONE all-reduce of [xx; xd; dd] over the ranks; every
-            # decision below is made from the whole rows' sums, alike on every rank
-            st = self._shards.reduce_stats(kernels.stats(self._stats_layout, xs, ds, self.backend))
+        # sharded rows: this shard's sums, then ONE all-reduce of [xx; xd; dd] over the ranks; every
+        # decision below is made from the whole rows' sums, alike on every rank
+        st = self._event_stats(xs, ds) if self._shards is not None else None
         if self._redundant is None:  # an event step: the gradients are known to be finite
-            self._redundant = self._partition(st if st is not None else kernels.row_stats(self.layout, xs, ds))
+            self._redundant = self._partition(st if st is not None else self._event_stats(xs, ds))
             if self.control:  # built here, on the event step: its set-up reads the partition on the host
                 self._controller()
         warm = t < self.start_pruning_steps + self.warm_up_steps
