@@ -15,6 +15,10 @@ Public API:
   :func:`stats` ``(layout, xs, ds, backend=None) -> RowStats`` on the chosen backend,
   :func:`dhspg_rows` ``(stats, redundant, cfg) -> (coef, scale, zero count)`` and
   :func:`apply` ``(layout, xs, ds, lr, coef, scale, backend=None, skip=None)`` (the write-back).
+* :func:`rows_step` ``(layout, xs, ds, lr, rule, backend=None, momentum=None, skip=None, check=False) -> flag``
+  -- the row step with a decision ``rule(stats) -> (coef, scale)`` made between its reductions and
+  its write-back (the optimizers' sparsity controller reads the rows' norms there), and optionally
+  the NaN/inf check of the gradients (the C kernel does it in its reduction pass).
 
 Both steps take ``skip``, a float32 0-dim flag on the device (torch's ``found_inf``): non-zero means
 "change nothing", decided on the device, so a step never waits for the host. ``lr`` may be a float
@@ -153,6 +157,40 @@ def _cpu_scale(layout, xs, ds, lr, scale, skip):
     step(layout, xs, ds, lr, scale, skip)
 
 
+def _cpu_rows(layout, xs, ds, lr, rule, momentum, skip, check):
+    from .cpu_rows import rows_step as step
+
+    return step(layout, xs, ds, lr, rule, momentum, skip, check)
+
+
+def nonfinite_flag(ts, skip: torch.Tensor | None = None) -> torch.Tensor:
+    """A float32 0-dim flag on the tensors' device: 1.0 when some tensor of ``ts`` holds NaN or inf
+    (an L2 norm per (device, dtype) group: no sync), or when ``skip`` is non-zero."""
+    by_key: dict = {}
+    for t in ts:
+        by_key.setdefault((t.device, t.dtype), []).append(t)
+    dev = next(iter(by_key))[0] if by_key else (skip.device if skip is not None else torch.device("cpu"))
+    sums = [torch.stack(torch._foreach_norm(g, dtype=torch.float32 if k[1] in (torch.float16, torch.bfloat16)
+                                            else None)).sum().to(dev, torch.float32) for k, g in by_key.items()]
+    flag = (torch.isfinite(torch.stack(sums).sum()).logical_not().to(torch.float32) if sums
+            else torch.zeros((), dtype=torch.float32, device=dev))
+    return flag if skip is None else torch.maximum(flag, skip.reshape(()).to(dev, torch.float32))
+
+
+def _pieces_rows(entry_stats, entry_apply):
+    """A backend's rows step from its stats and apply pieces (the momentum update and the check first)."""
+    def rows(layout, xs, ds, lr, rule, momentum, skip, check):
+        flag = skip
+        if check:
+            flag = nonfinite_flag(momentum.grads if momentum is not None else ds, skip)
+        if momentum is not None:
+            momentum_update(xs, ds, momentum, flag)
+        coef, scale = rule(entry_stats(layout, xs, ds))
+        entry_apply(layout, xs, ds, lr, coef, scale, flag)
+        return flag
+    return rows
+
+
 @dataclass(frozen=True)
 class Backend:
     """One way to run the row steps."""
@@ -165,12 +203,15 @@ class Backend:
     scale: Callable  # (layout, xs, ds, lr, scale, skip)
     stats: Callable = None  # (layout, xs, ds) -> RowStats over these tensors only
     apply: Callable = None  # (layout, xs, ds, lr, coef, scale, skip): the write-back of given row values
+    # (layout, xs, ds, lr, rule, momentum, skip, check) -> flag: see rows_step (None: from stats and apply)
+    rows: Callable = None
 
 
 TABLE: tuple = (
     Backend("triton", ("cuda",), _triton_available, _triton_supported, _triton_dhspg, _triton_scale,
             _triton_stats, _triton_apply),
-    Backend("cpu", ("cpu",), _cpu_available, _cpu_supported, _cpu_dhspg, _cpu_scale, _cpu_stats, _cpu_apply),
+    Backend("cpu", ("cpu",), _cpu_available, _cpu_supported, _cpu_dhspg, _cpu_scale, _cpu_stats, _cpu_apply,
+            _cpu_rows),
     Backend("torch", ("*",), lambda: None, lambda xs, ds, layout, grads: None, _torch_dhspg, _torch_scale,
             _torch_stats, _torch_apply),
 )
@@ -244,6 +285,27 @@ def scale_step(layout: RowLayout, xs, ds, lr, scale: torch.Tensor, backend: str 
     _BY_NAME[choose_backend(xs, ds, backend, layout)].scale(layout, xs, ds, lr, scale, skip)
 
 
+def rows_step(layout: RowLayout, xs, ds, lr, rule: Callable, backend: str | None = None,
+              momentum: Momentum | None = None, skip: torch.Tensor | None = None, check: bool = False):
+    """The row step with the caller's decision between the reductions and the write-back, in place.
+
+    ``rule(stats) -> (coef, scale)`` gets the per-row sums of x and of the directions (with a
+    :class:`Momentum`, of the updated buffers) before the step and returns the row values that
+    :func:`apply` writes back. With ``check``, a NaN or inf in the gradients (``momentum.grads``;
+    without momentum, ``ds``) makes the step change nothing, as a non-zero ``skip`` does. Returns the
+    step's flag (``skip`` combined with the check; None when neither applies), decided on the device.
+
+    # NB: ``rule`` runs whether or not the step is skipped (the sums of x are right either way; those
+    # of the directions may hold NaN then). The C kernel checks in its reduction pass and stores the
+    # momentum buffers in its write-back pass, so a skipped step writes nothing and the gradients are
+    # read once for the check; the other backends check and update the buffers first.
+    """
+    grads = () if momentum is None else momentum.grads
+    entry = _BY_NAME[choose_backend(xs, ds, backend, layout, grads)]
+    rows = entry.rows or _pieces_rows(entry.stats, entry.apply)
+    return rows(layout, xs, ds, lr, rule, momentum, skip, check)
+
+
 def stats(layout: RowLayout, xs, ds, backend: str | None = None) -> RowStats:
     """Per-row ``||x||^2``, ``x.d``, ``||d||^2`` over ``xs``/``ds`` on the chosen backend (the first
     piece of a step whose rows span several processes: these are one shard's partial sums)."""
@@ -258,4 +320,4 @@ def apply(layout: RowLayout, xs, ds, lr, coef: torch.Tensor, scale: torch.Tensor
 
 
 __all__ = ["RowLayout", "RowStats", "DHSPGConfig", "Momentum", "LayoutError", "build_layout", "row_stats", "dhspg_step",
-           "scale_step", "stats", "apply", "dhspg_rows", "choose_backend", "triton_available", "cpu_available", "BACKENDS", "Backend", "TABLE"]
+           "scale_step", "stats", "apply", "rows_step", "nonfinite_flag", "dhspg_rows", "choose_backend", "triton_available", "cpu_available", "BACKENDS", "Backend", "TABLE"]

@@ -52,7 +52,7 @@ from pathlib import Path
 import torch
 
 from .layout import RowLayout
-from .reference import DHSPGConfig, Momentum, RowStats, dhspg_rows, plain_update
+from .reference import DHSPGConfig, Momentum, RowStats, dhspg_rows, momentum_update, plain_update
 
 log = logging.getLogger("otofx")
 
@@ -102,9 +102,9 @@ def _build() -> ctypes.CDLL:
         dll = ctypes.CDLL(str(lib))
         vp, dbl, i64 = ctypes.c_void_p, ctypes.c_double, ctypes.c_int64
         dll.otofx_rows_stats.argtypes = [ctypes.c_int, vp, vp, i64, vp, i64, vp, vp, vp, dbl, dbl, dbl,
-                                         vp, i64, i64, vp, vp, vp, vp, ctypes.c_int]
-        dll.otofx_rows_apply.argtypes = [ctypes.c_int, vp, vp, i64, vp, vp, vp, i64, i64, vp, vp, vp, dbl, vp, vp,
-                                         ctypes.c_int]
+                                         vp, i64, i64, vp, vp, vp, vp, vp, ctypes.c_int]
+        dll.otofx_rows_apply.argtypes = [ctypes.c_int, vp, vp, i64, vp, vp, vp, dbl, dbl, dbl, vp, i64, i64, vp, vp,
+                                         vp, dbl, vp, vp, ctypes.c_int]
         return dll
     raise RuntimeError(f"cannot build the CPU row kernel: {err}")
 
@@ -217,12 +217,14 @@ def _buffer(layout: RowLayout, key: str, dtype, n: int) -> torch.Tensor:
     return buf
 
 
-def row_stats(layout: RowLayout, xs, ds, momentum: Momentum | None = None, skip=None) -> RowStats:
-    """Per-row ``||x||^2``, ``x.d``, ``||d||^2`` (the caller checked :func:`supported`).
+def _momentum_args(layout: RowLayout, momentum: Momentum | None):
+    if momentum is None:
+        return None, 0.0, 0.0, 0.0
+    return (_ptrs(layout, "g", momentum.grads).data_ptr(), float(momentum.b1), float(momentum.alpha),
+            float(momentum.wd))
 
-    With ``momentum``, ``ds`` (the buffers) are first updated in place, in the same pass. With a
-    non-zero ``skip`` flag nothing is read or written (the sums are zeros).
-    """
+
+def _stats(layout: RowLayout, xs, ds, momentum: Momentum | None, skip, flag) -> RowStats:
     plan = _plan(layout)
     dtype = xs[0].dtype
     n, P = layout.n_rows, plan["P"]
@@ -231,51 +233,86 @@ def row_stats(layout: RowLayout, xs, ds, momentum: Momentum | None = None, skip=
     scratch = _buffer(layout, "cpu_scratch", dtype, plan["scratch"])
     out = torch.zeros((3, n + 1), dtype=dtype)
     xp, dp = _ptrs(layout, "x", xs), _ptrs(layout, "d", ds)
-    gp, b1, alpha, wd = None, 0.0, 0.0, 0.0
-    if momentum is not None:
-        gp, b1, alpha, wd = _ptrs(layout, "g", momentum.grads), momentum.b1, momentum.alpha, momentum.wd
-    flag, fp = _flag_ptr(skip)
+    gp, b1, alpha, wd = _momentum_args(layout, momentum)
+    held, fp = _flag_ptr(skip)
     library().otofx_rows_stats(int(dtype == torch.float64), plan["desc"].data_ptr(), plan["units"].data_ptr(),
                                plan["units"].shape[0], plan["fold"].data_ptr(), plan["fold"].shape[0],
-                               xp.data_ptr(), dp.data_ptr(), None if gp is None else gp.data_ptr(),
-                               float(b1), float(alpha), float(wd), layout.pos_row_flat.data_ptr(),
+                               xp.data_ptr(), dp.data_ptr(), gp, b1, alpha, wd, layout.pos_row_flat.data_ptr(),
                                P if layout.axes else 0, n, pos.data_ptr(), scratch.data_ptr(), out.data_ptr(),
-                               fp, torch.get_num_threads())
-    if momentum is not None and plan["plain"]:  # tensors no row reaches are not in the kernel's tables
-        from .reference import momentum_update
-
-        pl = plan["plain"]
-        momentum_update([xs[t] for t in pl], [ds[t] for t in pl],
-                        Momentum(tuple(momentum.grads[t] for t in pl), b1, alpha, wd), skip)
+                               fp, None if flag is None else flag.data_ptr(), torch.get_num_threads())
     return RowStats(out[0, :n], out[1, :n], out[2, :n])
 
 
-def apply_rows(layout: RowLayout, xs, ds, lr, coef: torch.Tensor, scale: torch.Tensor, skip=None) -> None:
+def row_stats(layout: RowLayout, xs, ds, momentum: Momentum | None = None) -> RowStats:
+    """Per-row ``||x||^2``, ``x.d``, ``||d||^2`` (the caller checked :func:`supported`); nothing is written.
+
+    With ``momentum``, the sums are of the updated buffers ``d * b1 + alpha * (g + wd * x)``, which
+    ``ds`` still hold the old values of: :func:`apply_rows` with the same ``momentum`` stores them.
+    """
+    return _stats(layout, xs, ds, momentum, None, None)
+
+
+def _nonfinite(ts) -> torch.Tensor:
+    """A float32 0-dim flag: 1.0 when some tensor of ``ts`` holds NaN or inf (no sync)."""
+    norms = torch._foreach_norm(list(ts))
+    return torch.isfinite(torch.stack(norms).sum()).logical_not().to(torch.float32)
+
+
+def apply_rows(layout: RowLayout, xs, ds, lr, coef: torch.Tensor, scale: torch.Tensor, skip=None,
+               momentum: Momentum | None = None) -> None:
     """In place, as :func:`reference.apply_rows` (the caller checked :func:`supported`); ``lr`` a float
-    or a 0-dim CPU tensor, ``skip`` a flag as in :func:`row_stats`."""
+    or a 0-dim CPU tensor, ``skip`` a float32 flag (non-zero: nothing is written). With ``momentum``
+    the buffers ``ds`` are first updated (as :func:`row_stats` with it computed them), in the same pass."""
     plan = _plan(layout)
     dtype = xs[0].dtype
     coef, scale = coef.to(dtype).contiguous(), scale.to(dtype).contiguous()
     P = plan["P"]
     pv = _buffer(layout, "cpu_pv", dtype, 2 * P)
     xp, dp = _ptrs(layout, "x", xs), _ptrs(layout, "d", ds)
-    flag, fp = _flag_ptr(skip)
+    gp, b1, alpha, wd = _momentum_args(layout, momentum)
+    held, fp = _flag_ptr(skip)
     lrt = lr.to(torch.float64).contiguous() if isinstance(lr, torch.Tensor) else None
     library().otofx_rows_apply(int(dtype == torch.float64), plan["desc"].data_ptr(), plan["units"].data_ptr(),
-                               plan["units"].shape[0], xp.data_ptr(), dp.data_ptr(), layout.pos_row_flat.data_ptr(),
-                               P if layout.axes else 0, layout.n_rows, coef.data_ptr(), scale.data_ptr(),
-                               pv.data_ptr(), 0.0 if lrt is not None else float(lr),
-                               None if lrt is None else lrt.data_ptr(), fp, torch.get_num_threads())
-    if plan["plain"]:
-        plain_update([xs[t] for t in plan["plain"]], [ds[t] for t in plan["plain"]], lr,
-                     None if skip is None else skip == 0)
+                               plan["units"].shape[0], xp.data_ptr(), dp.data_ptr(), gp, b1, alpha, wd,
+                               layout.pos_row_flat.data_ptr(), P if layout.axes else 0, layout.n_rows,
+                               coef.data_ptr(), scale.data_ptr(), pv.data_ptr(),
+                               0.0 if lrt is not None else float(lr), None if lrt is None else lrt.data_ptr(), fp,
+                               torch.get_num_threads())
+    pl = plan["plain"]
+    if pl:  # tensors no row reaches are not in the kernel's tables: torch's foreach ops, under the same flag
+        pxs, pds = [xs[t] for t in pl], [ds[t] for t in pl]
+        if momentum is not None:
+            momentum_update(pxs, pds, Momentum(tuple(momentum.grads[t] for t in pl), b1, alpha, wd), skip)
+        plain_update(pxs, pds, lr, None if skip is None else skip == 0)
+
+
+def rows_step(layout: RowLayout, xs, ds, lr, rule, momentum: Momentum | None = None, skip=None,
+              check: bool = False):
+    """See :func:`otofx.kernels.rows_step`: the reductions (with the momentum update computed, not
+    stored), ``rule``, then one write-back pass, which stores the buffers and x unless the flag is set.
+
+    With ``check``, the flag is set by the reduction pass itself when a sum of the directions' squares
+    is not finite (a NaN or inf in a gradient), so no separate pass over the gradients is needed.
+    """
+    flag = None
+    if check or skip is not None:
+        flag = torch.zeros((), dtype=torch.float32)
+    st = _stats(layout, xs, ds, momentum, skip, flag if check else None)
+    if flag is not None and not check:
+        flag.copy_(skip.reshape(()))
+    pl = _plan(layout)["plain"]
+    if check and pl:  # the few tensors outside the kernel's tables: checked in torch
+        flag = torch.maximum(flag, _nonfinite(momentum.grads[t] if momentum is not None else ds[t] for t in pl))
+    coef, scale = rule(st)
+    apply_rows(layout, xs, ds, lr, coef, scale, flag, momentum)
+    return flag
 
 
 def dhspg_step(layout: RowLayout, xs, ds, redundant: torch.Tensor, cfg: DHSPGConfig,
                momentum: Momentum | None = None, skip=None) -> torch.Tensor:
     """The fused DHSPG row step; returns the number of zero rows before it (a tensor)."""
-    coef, scale, count = dhspg_rows(row_stats(layout, xs, ds, momentum, skip), redundant, cfg)
-    apply_rows(layout, xs, ds, cfg.lr, coef, scale, skip)
+    coef, scale, count = dhspg_rows(row_stats(layout, xs, ds, momentum), redundant, cfg)
+    apply_rows(layout, xs, ds, cfg.lr, coef, scale, skip, momentum)
     return count
 
 

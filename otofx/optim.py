@@ -329,18 +329,10 @@ class _RowOptimizer(torch.optim.Optimizer):
             return found_inf.reshape(()).to(self._home, torch.float32)
         if self._check_mode == "off" or not grads:
             return None
-        by_key = defaultdict(list)
-        for g in grads:
-            by_key[(g.device, g.dtype)].append(g)
-        sums = []
-        for (_, dt), gs in by_key.items():
-            # NB: the L2 norm is the fast foreach reduction; NaN and inf propagate through it. Half-precision
-            # norms are taken in float32, so only gradients with elements beyond ~1e19 count as non-finite
-            # without holding NaN or inf.
-            norms = torch._foreach_norm(gs, dtype=torch.float32 if dt in (torch.float16, torch.bfloat16) else None)
-            sums.append(torch.stack(norms).sum().to(self._home, torch.float32))
-        total = sums[0] if len(sums) == 1 else torch.stack(sums).sum()
-        return torch.isfinite(total).logical_not().to(torch.float32)
+        # NB: the L2 norm is the fast foreach reduction; NaN and inf propagate through it. Half-precision
+        # norms are taken in float32, so only gradients with elements beyond ~1e19 count as non-finite
+        # without holding NaN or inf.
+        return kernels.nonfinite_flag(grads).to(self._home)
 
     def _raise_non_finite(self, params, found_inf) -> None:
         for p in params:
@@ -547,7 +539,10 @@ class _RowOptimizer(torch.optim.Optimizer):
         self._capture_guard(capturing, event)
         if grad_scale is not None:
             self._unscale(params, grad_scale)
-        skip = self._skip_flag(self._lt([p.grad for p in params]), found_inf)
+        # the row step checks the row tensors' gradients itself where that costs no pass of its own
+        rows_check = not event and self._check_mode == "skip" and self._rows_active() and self._checks_rows()
+        checked = [p for p in params if id(p) not in self._row_index] if rows_check else params
+        skip = self._skip_flag(self._lt([p.grad for p in checked]), found_inf)
         if skip is not None and self._sharded:  # one rank's shard may hold the NaN: every rank skips
             skip = self._reduce_flag(skip)
         if skip is not None and (event or self._check_mode == "raise"):
@@ -558,15 +553,18 @@ class _RowOptimizer(torch.optim.Optimizer):
                 log.warning("%s: step %d skipped (a gradient holds NaN or inf)", type(self).__name__, self._t)
                 return loss
             skip = None  # known finite
-        self._taken.add_(1.0 if skip is None else 1.0 - skip)
+        if not rows_check:
+            self._taken.add_(1.0 if skip is None else 1.0 - skip)
         lr = self._row_lr()
         if self._rows_active():
             fuse = self._fuse_momentum()
             xs, ds, momentum = self._row_directions(skip, fuse)
-            self._rows_step(xs, ds, lr, momentum, skip)
+            skip = self._rows_step(xs, ds, lr, momentum, skip, rows_check)
             rest = [p for p in params if id(p) not in self._row_index]
         else:
             rest = params
+        if rows_check:  # the flag now covers every gradient
+            self._taken.add_(1.0 if skip is None else 1.0 - skip)
         self._base_update(rest, None, skip)
         self._t += 1
         return loss
@@ -591,6 +589,17 @@ class _RowOptimizer(torch.optim.Optimizer):
         fewer over the weights on CPU); HESSO's row step does not."""
         return False
 
+    def _checks_rows(self) -> bool:
+        """Whether this (steady) step's row step checks the row tensors' gradients for NaN/inf itself:
+        DHSPG with its momentum fused into the C kernel, whose reduction pass reads every gradient
+        anyway (the separate check would be a pass of its own)."""
+        if self._sharded or not self._fuse_momentum():
+            return False
+        xs = [p.detach() for p in self._row_params]
+        ds = [self.state[p]["momentum_buffer"] for p in self._row_params]
+        grads = [p.grad.detach() for p in self._row_params]
+        return kernels.choose_backend(xs, ds, self.backend, self.layout, grads) == "cpu"
+
     def _momentum_fusable(self) -> bool:
         if self._shards is not None:  # the sums are taken apart from the momentum update (then reduced)
             return False
@@ -612,7 +621,9 @@ class _RowOptimizer(torch.optim.Optimizer):
             return None
         return b1, 1 - damp, wd
 
-    def _rows_step(self, xs, ds, lr, momentum, skip) -> None:  # pragma: no cover - abstract
+    def _rows_step(self, xs, ds, lr, momentum, skip, check: bool):  # pragma: no cover - abstract
+        """The row step; returns the step's skip flag (``skip``, combined with the row gradients' check
+        when ``check``: then every gradient is covered)."""
         raise NotImplementedError
 
     # -- state ----------------------------------------------------------------------------------
@@ -798,7 +809,7 @@ class DHSPG(_RowOptimizer):
         # after the partition (which reads the updated directions)
         return self._redundant is not None and self._momentum_fusable()
 
-    def _rows_step(self, xs, ds, lr, momentum, skip) -> None:
+    def _rows_step(self, xs, ds, lr, momentum, skip, check: bool = False):
         t = self._t
         # sharded rows: this shard's sums, then ONE all-reduce of [xx; xd; dd] over the ranks; every
         # decision below is made from the whole rows' sums, alike on every rank
@@ -808,22 +819,37 @@ class DHSPG(_RowOptimizer):
             if self.control:  # built here, on the event step: its set-up reads the partition on the host
                 self._controller()
         warm = t < self.start_pruning_steps + self.warm_up_steps
-        # -- sparsity control (otofx/sparsity.py): which rows to act on, and lambda's scale --------
-        mask, scale, eps = self._redundant, None, None
-        if self.control and not warm:
-            mask, scale, eps = self._controller().decide(t, xs, lr, self._redundant,
-                                                         xx=None if st is None else st.xx)
-        # -------------------------------------------------------------------------------------------
-        cfg = kernels.DHSPGConfig(lr=lr, lmbda=self.lmbda, lmbda_amplify=self.lmbda_amplify,
-                                  hat_lmbda_coeff=self.hat_lmbda_coeff, epsilon=self.epsilon,
-                                  target_rows=self._target_rows(self.target_group_sparsity),
-                                  warm_up=warm, fixed_zero=self.fixed_zero_groups, lmbda_scale=scale,
-                                  epsilon_t=eps)
+        controlled = self.control and not warm
+
+        def rule(st):
+            # -- sparsity control (otofx/sparsity.py): which rows to act on, and lambda's scale ------
+            mask, scale, eps = self._redundant, None, None
+            if controlled:  # NB: the rows' norms before the step, from the row step's own reductions
+                mask, scale, eps = self._controller().decide(t, xs, lr, self._redundant, xx=st.xx)
+            # ---------------------------------------------------------------------------------------
+            cfg = kernels.DHSPGConfig(lr=lr, lmbda=self.lmbda, lmbda_amplify=self.lmbda_amplify,
+                                      hat_lmbda_coeff=self.hat_lmbda_coeff, epsilon=self.epsilon,
+                                      target_rows=self._target_rows(self.target_group_sparsity),
+                                      warm_up=warm, fixed_zero=self.fixed_zero_groups, lmbda_scale=scale,
+                                      epsilon_t=eps)
+            return cfg, mask
+
         if st is not None:
+            cfg, mask = rule(st)
             coef, keep, _ = kernels.dhspg_rows(st, mask, cfg)
             kernels.apply(self.layout, xs, ds, lr, coef, keep, backend=self.backend, skip=skip)
-            return
-        kernels.dhspg_step(self.layout, xs, ds, mask, cfg, backend=self.backend, momentum=momentum, skip=skip)
+            return skip
+        if not controlled and not check:  # nothing to decide in between: the backend's whole step
+            cfg, mask = rule(None)
+            kernels.dhspg_step(self.layout, xs, ds, mask, cfg, backend=self.backend, momentum=momentum, skip=skip)
+            return skip
+
+        def coefficients(st):
+            cfg, mask = rule(st)
+            return kernels.dhspg_rows(st, mask, cfg)[:2]
+
+        return kernels.rows_step(self.layout, xs, ds, lr, coefficients, backend=self.backend, momentum=momentum,
+                                 skip=skip, check=check)
 
     def _controller(self, budget=None):
         if self._control is None:
@@ -932,7 +958,7 @@ class HESSO(_RowOptimizer):
             return "it is inside the pruning window, whose per-step scale the host sets (capture after it)"
         return None
 
-    def _rows_step(self, xs, ds, lr, momentum, skip) -> None:
+    def _rows_step(self, xs, ds, lr, momentum, skip, check: bool = False):
         rel = self._t - self.start_pruning_step
         dev = self.layout.device
         if self._pruned is None:
@@ -955,6 +981,7 @@ class HESSO(_RowOptimizer):
             scale = self._ones(acc)
         scale = scale.masked_fill(self._pruned, 0.0)
         kernels.scale_step(self.layout, xs, ds, lr, scale, backend=self.backend, skip=skip)
+        return skip
 
     def _ones(self, acc):
         key = ("hesso_ones", acc)

@@ -23,7 +23,7 @@ typedef struct Job {
     const int64_t *pos_row; /* [P]: the row of every position (nrows: none) */
     void *rows;             /* stats: [3, nrows + 1] per-row sums */
     const void *coef, *scale; /* apply: [nrows] */
-    double lr, b1, alpha, wd; /* stats with gptr: d <- d * b1 + alpha * (g + wd * x) first */
+    double lr, b1, alpha, wd; /* with gptr: d' = d * b1 + alpha * (g + wd * x) (stored by the write-back) */
 } Job;
 
 static void *worker(void *arg) {
@@ -81,15 +81,19 @@ typedef double vf64 __attribute__((vector_size(64)));
 #undef T
 #undef V
 #undef S
-/* rows: [3, nrows + 1] zeros in, per-row sums out (row nrows: positions no row owns).
-   skip (may be null): a float flag; non-zero returns at once (GradScaler's found_inf convention) */
+/* rows: [3, nrows + 1] zeros in, per-row sums out (row nrows: positions no row owns). With gptr, the
+   sums are of the updated momentum buffers (see stats_slab); nothing is written but the outputs.
+   flag (may be null): set to 1 when skip (may be null: a float flag, GradScaler's found_inf
+   convention) is non-zero or a sum of d*d is not finite (a NaN or inf among the directions, or
+   an overflow), else 0: the write-back's skip flag, known before anything is written */
 int otofx_rows_stats(int f64, const int64_t *desc, const int64_t *units, int64_t nunits,
                      const int64_t *fold, int64_t nfold, const int64_t *xptr, const int64_t *dptr,
                      const int64_t *gptr, double b1, double alpha, double wd,
                      const int64_t *pos_row, int64_t P, int64_t nrows, void *pos, void *scratch, void *rows,
-                     const float *skip, int nthreads) {
+                     const float *skip, float *flag, int nthreads) {
     Job j;
-    if (skip && *skip != 0) return 1;  /* a skipped step (found_inf): nothing is read or written */
+    int64_t r;
+    int bad;
     memset(&j, 0, sizeof j);
     j.desc = desc; j.units = units; j.fold = fold; j.xptr = xptr; j.dptr = dptr; j.gptr = gptr;
     j.b1 = b1; j.alpha = alpha; j.wd = wd;
@@ -103,19 +107,31 @@ int otofx_rows_stats(int f64, const int64_t *desc, const int64_t *units, int64_t
     j.fn = f64 ? rows_fold_f64 : rows_fold_f32;
     j.n = 3;
     run(&j, nthreads);
+    if (flag) {
+        bad = skip && *skip != 0;
+        for (r = 0; r <= nrows && !bad; r++) {
+            /* NB: v - v is 0 for a finite v and NaN for NaN or inf (no -ffast-math) */
+            if (f64) { const double v = ((const double *)rows)[2 * (nrows + 1) + r]; bad = !(v - v == 0); }
+            else { const float v = ((const float *)rows)[2 * (nrows + 1) + r]; bad = !(v - v == 0); }
+        }
+        *flag = bad ? 1.0f : 0.0f;
+    }
     return 0;
 }
 
-/* pv: [2, P] scratch; coef, scale: [nrows] */
+/* pv: [2, P] scratch; coef, scale: [nrows]; with gptr, the momentum buffers are updated first (in the
+   same pass, as in the stats). skip (may be null): non-zero returns before anything is written */
 int otofx_rows_apply(int f64, const int64_t *desc, const int64_t *units, int64_t nunits,
-                     const int64_t *xptr, const int64_t *dptr, const int64_t *pos_row, int64_t P, int64_t nrows,
+                     const int64_t *xptr, const int64_t *dptr, const int64_t *gptr, double b1, double alpha,
+                     double wd, const int64_t *pos_row, int64_t P, int64_t nrows,
                      const void *coef, const void *scale, void *pv, double lr, const double *lrp,
                      const float *skip, int nthreads) {
     Job j;
     if (skip && *skip != 0) return 1;
     if (lrp) lr = *lrp;  /* a learning rate held in a tensor */
     memset(&j, 0, sizeof j);
-    j.desc = desc; j.units = units; j.xptr = xptr; j.dptr = dptr; j.lr = lr;
+    j.desc = desc; j.units = units; j.xptr = xptr; j.dptr = dptr; j.gptr = gptr; j.lr = lr;
+    j.b1 = b1; j.alpha = alpha; j.wd = wd;
     j.pos_row = pos_row; j.P = P; j.nrows = nrows; j.coef = coef; j.scale = scale; j.pos = pv;
     j.fn = f64 ? gather_f64 : gather_f32;
     j.n = (P + GATHER - 1) / GATHER;

@@ -13,10 +13,12 @@ static inline __attribute__((always_inline)) T NAME(lanes)(V v) {
     return s;
 }
 
-/* one N1 slab: sums of x*x, x*d, d*d (and the h2 partials); with MOM, d is first updated in place
-   as an SGD momentum buffer (torch's order: g + wd*x, then d*b1, then + alpha*g) */
+/* one N1 slab: sums of x*x, x*d, d*d (and the h2 partials); with MOM, the sums are of the updated
+   SGD momentum buffer d' = d*b1 + alpha*(g + wd*x) (torch's order), computed here and not stored:
+   the write-back computes d' again, bit for bit, and stores it (nothing is written before the
+   step's finite check is known) */
 static inline __attribute__((always_inline)) void NAME(stats_slab)(
-        const T *restrict xr, T *restrict dr, const T *restrict gr, int64_t L,
+        const T *restrict xr, const T *restrict dr, const T *restrict gr, int64_t L,
         T *restrict s0, T *restrict s1, T *restrict s2, const int H2, const int MOM, const int WD,
         T b1, T al, T wd, T out[3]) {
     V axx = {0}, axd = {0}, add = {0};
@@ -34,7 +36,6 @@ static inline __attribute__((always_inline)) void NAME(stats_slab)(
             if (WD) gv = gv + wd * xv;
             dv = NAME(load)(dr + k) * b1;
             dv = dv + al * gv;
-            NAME(store)(dr + k, dv);
         } else {
             dv = NAME(load)(dr + k);
         }
@@ -53,7 +54,6 @@ static inline __attribute__((always_inline)) void NAME(stats_slab)(
             if (WD) gv = gv + wd * xv;
             dv = dr[k] * b1;
             dv = dv + al * gv;
-            dr[k] = dv;
         } else {
             dv = dr[k];
         }
@@ -66,15 +66,77 @@ static inline __attribute__((always_inline)) void NAME(stats_slab)(
     out[2] = NAME(lanes)(add) + tdd;
 }
 
+/* the direction of 8 elements: d, or with MOM the updated buffer (stats_slab's expression) */
+static inline __attribute__((always_inline)) V NAME(dir8)(V xv, const T *dr, const T *gr, const int MOM,
+                                                          const int WD, T b1, T al, T wd) {
+    if (!MOM) return NAME(load)(dr);
+    V gv = NAME(load)(gr), dv;
+    if (WD) gv = gv + wd * xv;
+    dv = NAME(load)(dr) * b1;
+    return dv + al * gv;
+}
+
+/* two adjacent N1 slabs at once (rows r and r + L): as two stats_slab calls, except that the h2
+   partials take (a_r + a_{r+1}) per element (half the partials' traffic) and six independent
+   accumulators run in parallel */
+static inline __attribute__((always_inline)) void NAME(stats_slab2)(
+        const T *restrict xr, const T *restrict dr, const T *restrict gr, int64_t L,
+        T *restrict s0, T *restrict s1, T *restrict s2, const int H2, const int MOM, const int WD,
+        T b1, T al, T wd, T out[6]) {
+    V axx0 = {0}, axd0 = {0}, add0 = {0}, axx1 = {0}, axd1 = {0}, add1 = {0};
+    T t[6] = {0, 0, 0, 0, 0, 0};
+    int64_t k;
+    for (k = 0; k + 8 <= L; k += 8) {
+        if ((k & (LINE - 1)) == 0) {
+            PREFETCH(xr + k); PREFETCH(xr + L + k);
+            PREFETCH(dr + k); PREFETCH(dr + L + k);
+            if (MOM) { PREFETCH(gr + k); PREFETCH(gr + L + k); }
+        }
+        V x0 = NAME(load)(xr + k), x1 = NAME(load)(xr + L + k);
+        V d0 = NAME(dir8)(x0, dr + k, MOM ? gr + k : 0, MOM, WD, b1, al, wd);
+        V d1 = NAME(dir8)(x1, dr + L + k, MOM ? gr + L + k : 0, MOM, WD, b1, al, wd);
+        V a0 = x0 * x0, b0 = x0 * d0, c0 = d0 * d0, a1 = x1 * x1, b1v = x1 * d1, c1 = d1 * d1;
+        if (H2) {
+            NAME(store)(s0 + k, NAME(load)(s0 + k) + (a0 + a1));
+            NAME(store)(s1 + k, NAME(load)(s1 + k) + (b0 + b1v));
+            NAME(store)(s2 + k, NAME(load)(s2 + k) + (c0 + c1));
+        }
+        axx0 += a0; axd0 += b0; add0 += c0;
+        axx1 += a1; axd1 += b1v; add1 += c1;
+    }
+    for (; k < L; k++) {
+        int r;
+        T a[2], b[2], c[2];
+        for (r = 0; r < 2; r++) {
+            T xv = xr[r * L + k], dv = dr[r * L + k];
+            if (MOM) {
+                T gv = gr[r * L + k];
+                if (WD) gv = gv + wd * xv;
+                dv = dv * b1;
+                dv = dv + al * gv;
+            }
+            a[r] = xv * xv; b[r] = xv * dv; c[r] = dv * dv;
+            t[3 * r] += a[r]; t[3 * r + 1] += b[r]; t[3 * r + 2] += c[r];
+        }
+        if (H2) { s0[k] += a[0] + a[1]; s1[k] += b[0] + b[1]; s2[k] += c[0] + c[1]; }
+    }
+    out[0] = NAME(lanes)(axx0) + t[0];
+    out[1] = NAME(lanes)(axd0) + t[1];
+    out[2] = NAME(lanes)(add0) + t[2];
+    out[3] = NAME(lanes)(axx1) + t[3];
+    out[4] = NAME(lanes)(axd1) + t[4];
+    out[5] = NAME(lanes)(add1) + t[5];
+}
+
 CLONES static void NAME(stats_unit)(Job *j, int64_t u) {
     const int64_t *un = j->units + u * U_W, *de = j->desc + un[U_D] * D_W;
     const int64_t L = de[D_N2] * de[D_C], P = j->P, h1 = de[D_H1], h2 = de[D_H2];
     const T *x = (const T *)(intptr_t)j->xptr[de[D_T]];
-    T *d = (T *)(intptr_t)j->dptr[de[D_T]];
+    const T *d = (const T *)(intptr_t)j->dptr[de[D_T]];
     const T *g = j->gptr ? (const T *)(intptr_t)j->gptr[de[D_T]] : 0;
     const T b1 = (T)j->b1, al = (T)j->alpha, wd = (T)j->wd;
-    const int mom = g != 0, wdf = mom && j->wd != 0;
-    T *pos = (T *)j->pos, *s0 = 0, *s1 = 0, *s2 = 0, out[3];
+    const int mom = g != 0, wdf = mom && j->wd != 0; /* NB: the write-back's condition, the same */
+    T *pos = (T *)j->pos, *s0 = 0, *s1 = 0, *s2 = 0, out[6];
     int64_t i1;
     if (h2) {
         s0 = (T *)j->scratch + un[U_S];
@@ -82,10 +144,22 @@ CLONES static void NAME(stats_unit)(Job *j, int64_t u) {
         s2 = s1 + L;
         memset(s0, 0, 3 * L * sizeof(T));
     }
-    for (i1 = un[U_B]; i1 < un[U_E]; i1++) {
+    for (i1 = un[U_B]; i1 < un[U_E]; ) {
         const T *xr = x + i1 * L, *gr = g ? g + i1 * L : 0;
-        T *dr = d + i1 * L;
-        if (h2) {
+        const T *dr = d + i1 * L;
+        const int two = i1 + 1 < un[U_E];  /* pairs within the unit: the split depends on the shapes only */
+        int r;
+        if (two) {
+            if (h2) {
+                if (wdf) NAME(stats_slab2)(xr, dr, gr, L, s0, s1, s2, 1, 1, 1, b1, al, wd, out);
+                else if (mom) NAME(stats_slab2)(xr, dr, gr, L, s0, s1, s2, 1, 1, 0, b1, al, wd, out);
+                else NAME(stats_slab2)(xr, dr, gr, L, s0, s1, s2, 1, 0, 0, b1, al, wd, out);
+            } else {
+                if (wdf) NAME(stats_slab2)(xr, dr, gr, L, s0, s1, s2, 0, 1, 1, b1, al, wd, out);
+                else if (mom) NAME(stats_slab2)(xr, dr, gr, L, s0, s1, s2, 0, 1, 0, b1, al, wd, out);
+                else NAME(stats_slab2)(xr, dr, gr, L, s0, s1, s2, 0, 0, 0, b1, al, wd, out);
+            }
+        } else if (h2) {
             if (wdf) NAME(stats_slab)(xr, dr, gr, L, s0, s1, s2, 1, 1, 1, b1, al, wd, out);
             else if (mom) NAME(stats_slab)(xr, dr, gr, L, s0, s1, s2, 1, 1, 0, b1, al, wd, out);
             else NAME(stats_slab)(xr, dr, gr, L, s0, s1, s2, 1, 0, 0, b1, al, wd, out);
@@ -95,10 +169,13 @@ CLONES static void NAME(stats_unit)(Job *j, int64_t u) {
             else NAME(stats_slab)(xr, dr, gr, L, s0, s1, s2, 0, 0, 0, b1, al, wd, out);
         }
         if (h1) {
-            pos[de[D_P1] + i1] = out[0];
-            pos[P + de[D_P1] + i1] = out[1];
-            pos[2 * P + de[D_P1] + i1] = out[2];
+            for (r = 0; r <= two; r++) {
+                pos[de[D_P1] + i1 + r] = out[3 * r];
+                pos[P + de[D_P1] + i1 + r] = out[3 * r + 1];
+                pos[2 * P + de[D_P1] + i1 + r] = out[3 * r + 2];
+            }
         }
+        i1 += 1 + two;
     }
 }
 
@@ -148,16 +225,70 @@ static void NAME(gather)(Job *j, int64_t chunk) {
     }
 }
 
-/* x <- x * f + ((-lr) * d) * s, f = s * (1 - lr * c): the reference's expression and order */
+/* the write-back of elements [k0, k1) of one slab: x <- x * f + ((-lr) * d) * s, f = s * (1 - lr * c)
+   (the reference's expression and order). MODE 0: c and s are constants (cc, ss); 1: per element
+   from cw/sw, combined with the slab's own row (c1 + cw, min(s1, sw)); 2: per element from cw/sw.
+   With MOM, d is first updated as in stats_slab (the same expression: the same bits) and stored */
+static inline __attribute__((always_inline)) void NAME(apply_span)(
+        T *restrict xr, T *restrict dr, const T *restrict gr, int64_t k0, int64_t k1,
+        const T *restrict cw, const T *restrict sw, T cc, T ss, const int MODE, const int MOM, const int WD,
+        T lr, T nlr, T b1, T al, T wd) {
+    const T one = 1, f0 = ss * (one - lr * cc);
+    int64_t k;
+    for (k = k0; k < k1; k++) {
+        T dv = dr[k];
+        if (MOM) {
+            T gv = gr[k];
+            if (WD) gv = gv + wd * xr[k];
+            dv = dv * b1;
+            dv = dv + al * gv;
+            dr[k] = dv;
+        }
+        if (MODE == 0) {
+            xr[k] = xr[k] * f0 + (nlr * dv) * ss;
+        } else if (MODE == 1) {
+            T c = cc + cw[k], s = sw[k] < ss ? sw[k] : ss, f = s * (one - lr * c);
+            xr[k] = xr[k] * f + (nlr * dv) * s;
+        } else {
+            T s = sw[k], f = s * (one - lr * cw[k]);
+            xr[k] = xr[k] * f + (nlr * dv) * s;
+        }
+    }
+}
+
+/* one slab in blocks of BLK elements (prefetching each stream ahead) */
+static inline __attribute__((always_inline)) void NAME(apply_slab)(
+        T *restrict xr, T *restrict dr, const T *restrict gr, int64_t L,
+        const T *restrict cw, const T *restrict sw, T cc, T ss, const int MODE, const int MOM, const int WD,
+        T lr, T nlr, T b1, T al, T wd) {
+    int64_t k0;
+    for (k0 = 0; k0 < L; k0 += BLK) {
+        const int64_t k1 = k0 + BLK < L ? k0 + BLK : L;
+        PREFETCH(xr + k0); PREFETCH(xr + k0 + BLK / 2); PREFETCH(dr + k0); PREFETCH(dr + k0 + BLK / 2);
+        if (MOM) { PREFETCH(gr + k0); PREFETCH(gr + k0 + BLK / 2); }
+        NAME(apply_span)(xr, dr, gr, k0, k1, cw, sw, cc, ss, MODE, MOM, WD, lr, nlr, b1, al, wd);
+    }
+}
+
+/* the three momentum cases of one call, each compiled with constant flags */
+#define OTOFX_APPLY(FN, ...)                                                        \
+    do {                                                                            \
+        if (wdf) FN(__VA_ARGS__, 1, 1, lr, nlr, b1, al, wd);                        \
+        else if (mom) FN(__VA_ARGS__, 1, 0, lr, nlr, b1, al, wd);                   \
+        else FN(__VA_ARGS__, 0, 0, lr, nlr, b1, al, wd);                            \
+    } while (0)
+
 CLONES static void NAME(apply_unit)(Job *j, int64_t u) {
     const int64_t *un = j->units + u * U_W, *de = j->desc + un[U_D] * D_W;
     const int64_t n2 = de[D_N2], C = de[D_C], L = n2 * C, P = j->P, h1 = de[D_H1], h2 = de[D_H2];
     T *x = (T *)(intptr_t)j->xptr[de[D_T]];
-    const T *d = (const T *)(intptr_t)j->dptr[de[D_T]], *pv = (const T *)j->pos;
-    const T lr = (T)j->lr, nlr = (T)(-j->lr), one = 1;
+    T *d = (T *)(intptr_t)j->dptr[de[D_T]];
+    const T *g = j->gptr ? (const T *)(intptr_t)j->gptr[de[D_T]] : 0, *pv = (const T *)j->pos;
+    const T lr = (T)j->lr, nlr = (T)(-j->lr), b1 = (T)j->b1, al = (T)j->alpha, wd = (T)j->wd;
+    const int mom = g != 0, wdf = mom && j->wd != 0; /* NB: stats_unit's condition, the same */
     const T *c2 = pv + de[D_P2], *sc2 = pv + P + de[D_P2];
     T *wide = 0;
-    int64_t i1, i2, k, k0, c;
+    int64_t i1, i2, c;
     if (h2 && C > 1) {  /* the N2 values repeated over their C elements: one contiguous loop per slab */
         wide = (T *)malloc(2 * L * sizeof(T));
         if (wide) {
@@ -169,8 +300,8 @@ CLONES static void NAME(apply_unit)(Job *j, int64_t u) {
         }
     }
     for (i1 = un[U_B]; i1 < un[U_E]; i1++) {
-        T *restrict xr = x + i1 * L;
-        const T *restrict dr = d + i1 * L;
+        T *restrict xr = x + i1 * L, *restrict dr = d + i1 * L;
+        const T *restrict gr = g ? g + i1 * L : 0;
         T c1 = 0, s1 = 1;
         if (h1) {
             c1 = pv[de[D_P1] + i1];
@@ -178,38 +309,20 @@ CLONES static void NAME(apply_unit)(Job *j, int64_t u) {
         }
         if (h2 && (C == 1 || wide)) {
             const T *restrict cw = wide ? wide : c2, *restrict sw = wide ? wide + L : sc2;
-            for (k0 = 0; k0 < L; k0 += BLK) {
-                const int64_t k1 = k0 + BLK < L ? k0 + BLK : L;
-                PREFETCH(xr + k0); PREFETCH(xr + k0 + BLK / 2); PREFETCH(dr + k0); PREFETCH(dr + k0 + BLK / 2);
-                if (h1) {
-                    for (k = k0; k < k1; k++) {
-                        T cc = c1 + cw[k], ss = sw[k] < s1 ? sw[k] : s1, f = ss * (one - lr * cc);
-                        xr[k] = xr[k] * f + (nlr * dr[k]) * ss;
-                    }
-                } else {
-                    for (k = k0; k < k1; k++) {
-                        T ss = sw[k], f = ss * (one - lr * cw[k]);
-                        xr[k] = xr[k] * f + (nlr * dr[k]) * ss;
-                    }
-                }
-            }
+            if (h1) OTOFX_APPLY(NAME(apply_slab), xr, dr, gr, L, cw, sw, c1, s1, 1);
+            else OTOFX_APPLY(NAME(apply_slab), xr, dr, gr, L, cw, sw, c1, s1, 2);
         } else if (h2) {  /* no memory for the expansion: per position */
             for (i2 = 0; i2 < n2; i2++) {
                 T cc = h1 ? c1 + c2[i2] : c2[i2], ss = h1 ? (sc2[i2] < s1 ? sc2[i2] : s1) : sc2[i2];
-                T f = ss * (one - lr * cc);
-                for (k = i2 * C; k < (i2 + 1) * C; k++) xr[k] = xr[k] * f + (nlr * dr[k]) * ss;
+                OTOFX_APPLY(NAME(apply_span), xr, dr, gr, i2 * C, (i2 + 1) * C, 0, 0, cc, ss, 0);
             }
         } else {
-            T f = s1 * (one - lr * c1);
-            for (k0 = 0; k0 < L; k0 += BLK) {
-                const int64_t k1 = k0 + BLK < L ? k0 + BLK : L;
-                PREFETCH(xr + k0); PREFETCH(xr + k0 + BLK / 2); PREFETCH(dr + k0); PREFETCH(dr + k0 + BLK / 2);
-                for (k = k0; k < k1; k++) xr[k] = xr[k] * f + (nlr * dr[k]) * s1;
-            }
+            OTOFX_APPLY(NAME(apply_slab), xr, dr, gr, L, 0, 0, c1, s1, 0);
         }
     }
     free(wide);
 }
+#undef OTOFX_APPLY
 
 #undef NAME
 #undef OTOFX_CAT
