@@ -148,6 +148,73 @@ def test_dhspg_step_cpu_kernel_equals_reference(lay, dtype, warm_up, fixed_zero,
 
 
 @needs_cpu_kernel
+@settings(max_examples=30)
+@given(layouts(), st.sampled_from([torch.float64, torch.float32]), st.sampled_from([0.0, 1e-2]),
+       st.sampled_from(["nan", "inf", "-inf"]), st.integers(0, 2 ** 16))
+def test_rows_step_checks_gradients_and_writes_nothing_on_a_bad_one(lay, dtype, wd, poison, seed):
+    """rows_step with a momentum and check=True: the C kernel (check in its reduction pass, buffers
+    stored in its write-back) equals the torch backend; one NaN/inf in any element of any gradient
+    (also of a tensor no row reaches) leaves every x and buffer bitwise unchanged, flag 1."""
+    layout, xs, ds, red, cfg, g = _step_case(lay, dtype, False, True, 0.5, 10, seed)
+    grads = [torch.randn(x.shape, generator=g, dtype=torch.float64).to(dtype) for x in xs]
+    if cpu_rows.supported(layout, xs, ds, grads) is not None:
+        return
+    mom = K.Momentum(tuple(grads), 0.9, 1.0, wd)
+    seen = []
+
+    def rule(stats):
+        seen.append(stats.xx.clone())
+        return K.dhspg_rows(stats, red, cfg)[:2]
+
+    runs = {}
+    for backend in ("torch", "cpu"):
+        a, d = [x.clone() for x in xs], [x.clone() for x in ds]
+        flag = K.rows_step(layout, a, d, cfg.lr, rule, backend=backend, momentum=mom, check=True)
+        assert float(flag) == 0.0
+        runs[backend] = (a, d)
+    _close(runs["torch"][0], runs["cpu"][0], dtype)
+    _close(runs["torch"][1], runs["cpu"][1], dtype)
+    _close([seen[0]], [seen[1]], dtype)
+    t = int(torch.randint(len(xs), (1,), generator=g))
+    if xs[t].numel() == 0:
+        return
+    bad = [q.clone() for q in grads]
+    bad[t].view(-1)[int(torch.randint(bad[t].numel(), (1,), generator=g))] = float(poison)
+    a, d = [x.clone() for x in xs], [x.clone() for x in ds]
+    flag = K.rows_step(layout, a, d, cfg.lr, rule, backend="cpu", momentum=K.Momentum(tuple(bad), 0.9, 1.0, wd),
+                       check=True)
+    assert float(flag) == 1.0
+    for u, v in zip(a + d, xs + ds):
+        assert torch.equal(u, v)
+    _close([seen[-1]], [seen[0]], dtype)  # the rule still saw the rows' norms of x (the sparsity controller)
+
+
+@needs_cpu_kernel
+def test_rows_step_check_covers_the_last_work_unit():
+    """A NaN in the last work unit of the last tensor (many units, rows on two axes) skips every tensor."""
+    shapes = [(64, 48, 3, 3), (64,), (48, 40)]
+    ar = lambda n: torch.arange(n)[:, None]  # noqa: E731
+    groups = [(64, [(0, 0, ar(64)), (1, 0, ar(64))]), (48, [(0, 1, ar(48)), (2, 0, ar(48))])]
+    layout = K.build_layout(shapes, groups)
+    xs, ds, red = _data(shapes, layout.n_rows, torch.float32, 4)
+    grads = [x * 0.5 for x in ds]
+    grads[0][-1, -1, -1, -1] = float("nan")
+    old = cpu_rows.CHUNK
+    try:
+        cpu_rows.CHUNK = 1000  # many units per tensor
+        layout.cache.clear()
+        a, d = [x.clone() for x in xs], [x.clone() for x in ds]
+        flag = K.rows_step(layout, a, d, 0.1, lambda s: (torch.zeros_like(s.xx), torch.ones_like(s.xx)),
+                           backend="cpu", momentum=K.Momentum(tuple(grads), 0.9, 1.0, 0.0), check=True)
+    finally:
+        cpu_rows.CHUNK = old
+        layout.cache.clear()
+    assert float(flag) == 1.0
+    for u, v in zip(a + d, xs + ds):
+        assert torch.equal(u, v)
+
+
+@needs_cpu_kernel
 def test_cpu_kernel_large_tensors_split_into_units():
     """Tensors larger than one work unit (partials over several units, 3x3 kernels, two row axes)."""
     shapes = [(64, 48, 3, 3), (64,), (10, 64 * 48)]
