@@ -7,12 +7,16 @@ the write-back, as the Triton kernels do on CUDA:
 * ``otofx_rows_stats`` -- per-position sums of ``x*x``, ``x*d``, ``d*d`` along each row axis of
   every tensor, folded into rows in position order (:func:`reference.dhspg_rows` then computes
   lambda, the coefficients and the projection decisions, as on every backend). With a
-  :class:`Momentum` it first updates d, the SGD momentum buffer, in the same pass
-  (``d <- d*b1 + alpha*(g + wd*x)``, torch's order), saving a read and a write of every buffer;
-* ``otofx_rows_apply`` -- looks up every position's row values, then ``x <- x * (S * (1 - a*C)) +
-  ((-a) * d) * S`` in place, the same
-  expression, evaluated in the same order, as :func:`reference.apply_rows` (results agree to an ulp:
-  torch's own CPU kernels may fuse a multiply-add).
+  :class:`Momentum` the sums are of the updated SGD momentum buffer ``d' = d*b1 + alpha*(g + wd*x)``
+  (torch's order), computed in the pass and not stored; it writes nothing but its outputs, and can
+  set a flag when a sum of ``d'*d'`` is not finite (a NaN or inf in a gradient): the step's
+  finite-gradient check, with no pass of its own;
+* ``otofx_rows_apply`` -- unless the flag is set, looks up every position's row values, then (with a
+  :class:`Momentum`) computes ``d'`` again, bit for bit, and stores it, and writes ``x <- x * (S *
+  (1 - a*C)) + ((-a) * d) * S`` in place, the same expression, evaluated in the same order, as
+  :func:`reference.apply_rows` (results agree to an ulp: torch's own CPU kernels may fuse a
+  multiply-add). Reductions 3 passes (x, d, g), write-back 5 (x, d, g read; x, d written): the 8 of
+  torch's foreach SGD, with the gradient check included.
 
 Every tensor is seen as ``[N1, N2, C]`` (contiguous), with rows along N1 (``h1``), along N2
 (``h2``), both, or neither: that covers one row axis at any dim and two adjacent row axes (a weight's
@@ -25,7 +29,8 @@ Internals:
       shapes; threads take units from an atomic counter. A unit writes its own outputs (its N1
       positions, its private N2 partial sums), and partials are added in unit order: the result
       does not depend on the thread count or the schedule (DDP ranks stay bit-identical).
-    * Accumulation is in the tensors' dtype (float32 or float64), in 8 independent lanes per slab.
+    * Accumulation is in the tensors' dtype (float32 or float64), in 16 independent lanes per slab
+      (two 8-lane vectors, then added).
     * The C source is ``csrc/rows.c`` (the per-type body ``csrc/rows_body.h``, included once for
       float and once for double), shipped as package data. The library is built with ``$CC``
       (default ``cc``) into ``$OTOFX_CACHE_DIR`` (default ``~/.cache/otofx``, else the temp dir),
@@ -33,7 +38,8 @@ Internals:
       ``-ffp-contract=off`` keeps its rounding the same on every compiler and architecture. No
       compiler: :func:`available` is False and the reference runs.
     * A ``skip`` flag (a float32 CPU tensor, GradScaler's found_inf convention) is read by the C side:
-      a skipped step returns before touching memory.
+      a skipped write-back returns before touching memory. The reductions always run (the sparsity
+      controller reads the rows' norms of x on a skipped step too).
     * # NB: ctypes releases the GIL during the calls; the C side starts ``torch.get_num_threads()``
       pthreads per call (tens of microseconds), so no OpenMP runtime is mixed with torch's.
 """
@@ -56,7 +62,7 @@ from .reference import DHSPGConfig, Momentum, RowStats, dhspg_rows, momentum_upd
 
 log = logging.getLogger("otofx")
 
-CHUNK = 1 << 16  # elements per work unit (at least one whole N1 slab)
+CHUNK = 1 << 18  # elements per work unit (at least one whole N1 slab); NB: the h2 partials cost 3 * slab per unit
 
 # NB: the C source lives in csrc/ (package data): rows.c includes rows_body.h once per element type
 _CSRC = Path(__file__).resolve().parent / "csrc"

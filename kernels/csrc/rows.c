@@ -55,7 +55,6 @@ typedef double vf64 __attribute__((vector_size(64)));
 /* the streams run ahead of the hardware prefetcher on large tensors (4 KiB of floats ahead) */
 #define PREFETCH(p) __builtin_prefetch((const char *)(p) + 4096)
 #define BLK 32  /* elements per prefetch step of the write-back (two cache lines of floats) */
-#define LINE 16 /* a multiple of 8 elements spanning at least a 64-byte line */
 #define GATHER 16384  /* positions per work item of the gather */
 
 /* x86-64 Linux, GCC: an AVX2 copy of each loop besides the baseline one, picked when the library loads */

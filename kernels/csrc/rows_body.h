@@ -13,6 +13,16 @@ static inline __attribute__((always_inline)) T NAME(lanes)(V v) {
     return s;
 }
 
+/* the direction of 8 elements: d, or with MOM the updated buffer (stats_slab's expression) */
+static inline __attribute__((always_inline)) V NAME(dir8)(V xv, const T *dr, const T *gr, const int MOM,
+                                                          const int WD, T b1, T al, T wd) {
+    if (!MOM) return NAME(load)(dr);
+    V gv = NAME(load)(gr), dv;
+    if (WD) gv = gv + wd * xv;
+    dv = NAME(load)(dr) * b1;
+    return dv + al * gv;
+}
+
 /* one N1 slab: sums of x*x, x*d, d*d (and the h2 partials); with MOM, the sums are of the updated
    SGD momentum buffer d' = d*b1 + alpha*(g + wd*x) (torch's order), computed here and not stored:
    the write-back computes d' again, bit for bit, and stores it (nothing is written before the
@@ -21,24 +31,32 @@ static inline __attribute__((always_inline)) void NAME(stats_slab)(
         const T *restrict xr, const T *restrict dr, const T *restrict gr, int64_t L,
         T *restrict s0, T *restrict s1, T *restrict s2, const int H2, const int MOM, const int WD,
         T b1, T al, T wd, T out[3]) {
-    V axx = {0}, axd = {0}, add = {0};
+    V axx = {0}, axd = {0}, add = {0}, bxx = {0}, bxd = {0}, bdd = {0};
     T txx = 0, txd = 0, tdd = 0;
     int64_t k;
-    for (k = 0; k + 8 <= L; k += 8) {
-        if ((k & (LINE - 1)) == 0) {  /* once per cache line and stream */
-            PREFETCH(xr + k);
-            PREFETCH(dr + k);
-            if (MOM) PREFETCH(gr + k);
+    for (k = 0; k + 16 <= L; k += 16) {  /* one cache line per stream and step: two independent halves */
+        PREFETCH(xr + k);
+        PREFETCH(dr + k);
+        if (MOM) PREFETCH(gr + k);
+        V x0 = NAME(load)(xr + k), x1 = NAME(load)(xr + k + 8);
+        V d0 = NAME(dir8)(x0, dr + k, MOM ? gr + k : 0, MOM, WD, b1, al, wd);
+        V d1 = NAME(dir8)(x1, dr + k + 8, MOM ? gr + k + 8 : 0, MOM, WD, b1, al, wd);
+        V a0 = x0 * x0, p0 = x0 * d0, c0 = d0 * d0, a1 = x1 * x1, p1 = x1 * d1, c1 = d1 * d1;
+        if (H2) {
+            NAME(store)(s0 + k, NAME(load)(s0 + k) + a0);
+            NAME(store)(s1 + k, NAME(load)(s1 + k) + p0);
+            NAME(store)(s2 + k, NAME(load)(s2 + k) + c0);
+            NAME(store)(s0 + k + 8, NAME(load)(s0 + k + 8) + a1);
+            NAME(store)(s1 + k + 8, NAME(load)(s1 + k + 8) + p1);
+            NAME(store)(s2 + k + 8, NAME(load)(s2 + k + 8) + c1);
         }
-        V xv = NAME(load)(xr + k), dv;
-        if (MOM) {
-            V gv = NAME(load)(gr + k);
-            if (WD) gv = gv + wd * xv;
-            dv = NAME(load)(dr + k) * b1;
-            dv = dv + al * gv;
-        } else {
-            dv = NAME(load)(dr + k);
-        }
+        axx += a0; axd += p0; add += c0;
+        bxx += a1; bxd += p1; bdd += c1;
+    }
+    axx += bxx; axd += bxd; add += bdd;
+    for (; k + 8 <= L; k += 8) {
+        V xv = NAME(load)(xr + k);
+        V dv = NAME(dir8)(xv, dr + k, MOM ? gr + k : 0, MOM, WD, b1, al, wd);
         V a = xv * xv, b = xv * dv, c = dv * dv;
         if (H2) {
             NAME(store)(s0 + k, NAME(load)(s0 + k) + a);
@@ -66,68 +84,6 @@ static inline __attribute__((always_inline)) void NAME(stats_slab)(
     out[2] = NAME(lanes)(add) + tdd;
 }
 
-/* the direction of 8 elements: d, or with MOM the updated buffer (stats_slab's expression) */
-static inline __attribute__((always_inline)) V NAME(dir8)(V xv, const T *dr, const T *gr, const int MOM,
-                                                          const int WD, T b1, T al, T wd) {
-    if (!MOM) return NAME(load)(dr);
-    V gv = NAME(load)(gr), dv;
-    if (WD) gv = gv + wd * xv;
-    dv = NAME(load)(dr) * b1;
-    return dv + al * gv;
-}
-
-/* two adjacent N1 slabs at once (rows r and r + L): as two stats_slab calls, except that the h2
-   partials take (a_r + a_{r+1}) per element (half the partials' traffic) and six independent
-   accumulators run in parallel */
-static inline __attribute__((always_inline)) void NAME(stats_slab2)(
-        const T *restrict xr, const T *restrict dr, const T *restrict gr, int64_t L,
-        T *restrict s0, T *restrict s1, T *restrict s2, const int H2, const int MOM, const int WD,
-        T b1, T al, T wd, T out[6]) {
-    V axx0 = {0}, axd0 = {0}, add0 = {0}, axx1 = {0}, axd1 = {0}, add1 = {0};
-    T t[6] = {0, 0, 0, 0, 0, 0};
-    int64_t k;
-    for (k = 0; k + 8 <= L; k += 8) {
-        if ((k & (LINE - 1)) == 0) {
-            PREFETCH(xr + k); PREFETCH(xr + L + k);
-            PREFETCH(dr + k); PREFETCH(dr + L + k);
-            if (MOM) { PREFETCH(gr + k); PREFETCH(gr + L + k); }
-        }
-        V x0 = NAME(load)(xr + k), x1 = NAME(load)(xr + L + k);
-        V d0 = NAME(dir8)(x0, dr + k, MOM ? gr + k : 0, MOM, WD, b1, al, wd);
-        V d1 = NAME(dir8)(x1, dr + L + k, MOM ? gr + L + k : 0, MOM, WD, b1, al, wd);
-        V a0 = x0 * x0, b0 = x0 * d0, c0 = d0 * d0, a1 = x1 * x1, b1v = x1 * d1, c1 = d1 * d1;
-        if (H2) {
-            NAME(store)(s0 + k, NAME(load)(s0 + k) + (a0 + a1));
-            NAME(store)(s1 + k, NAME(load)(s1 + k) + (b0 + b1v));
-            NAME(store)(s2 + k, NAME(load)(s2 + k) + (c0 + c1));
-        }
-        axx0 += a0; axd0 += b0; add0 += c0;
-        axx1 += a1; axd1 += b1v; add1 += c1;
-    }
-    for (; k < L; k++) {
-        int r;
-        T a[2], b[2], c[2];
-        for (r = 0; r < 2; r++) {
-            T xv = xr[r * L + k], dv = dr[r * L + k];
-            if (MOM) {
-                T gv = gr[r * L + k];
-                if (WD) gv = gv + wd * xv;
-                dv = dv * b1;
-                dv = dv + al * gv;
-            }
-            a[r] = xv * xv; b[r] = xv * dv; c[r] = dv * dv;
-            t[3 * r] += a[r]; t[3 * r + 1] += b[r]; t[3 * r + 2] += c[r];
-        }
-        if (H2) { s0[k] += a[0] + a[1]; s1[k] += b[0] + b[1]; s2[k] += c[0] + c[1]; }
-    }
-    out[0] = NAME(lanes)(axx0) + t[0];
-    out[1] = NAME(lanes)(axd0) + t[1];
-    out[2] = NAME(lanes)(add0) + t[2];
-    out[3] = NAME(lanes)(axx1) + t[3];
-    out[4] = NAME(lanes)(axd1) + t[4];
-    out[5] = NAME(lanes)(add1) + t[5];
-}
-
 CLONES static void NAME(stats_unit)(Job *j, int64_t u) {
     const int64_t *un = j->units + u * U_W, *de = j->desc + un[U_D] * D_W;
     const int64_t L = de[D_N2] * de[D_C], P = j->P, h1 = de[D_H1], h2 = de[D_H2];
@@ -136,7 +92,7 @@ CLONES static void NAME(stats_unit)(Job *j, int64_t u) {
     const T *g = j->gptr ? (const T *)(intptr_t)j->gptr[de[D_T]] : 0;
     const T b1 = (T)j->b1, al = (T)j->alpha, wd = (T)j->wd;
     const int mom = g != 0, wdf = mom && j->wd != 0; /* NB: the write-back's condition, the same */
-    T *pos = (T *)j->pos, *s0 = 0, *s1 = 0, *s2 = 0, out[6];
+    T *pos = (T *)j->pos, *s0 = 0, *s1 = 0, *s2 = 0, out[3];
     int64_t i1;
     if (h2) {
         s0 = (T *)j->scratch + un[U_S];
@@ -144,22 +100,9 @@ CLONES static void NAME(stats_unit)(Job *j, int64_t u) {
         s2 = s1 + L;
         memset(s0, 0, 3 * L * sizeof(T));
     }
-    for (i1 = un[U_B]; i1 < un[U_E]; ) {
-        const T *xr = x + i1 * L, *gr = g ? g + i1 * L : 0;
-        const T *dr = d + i1 * L;
-        const int two = i1 + 1 < un[U_E];  /* pairs within the unit: the split depends on the shapes only */
-        int r;
-        if (two) {
-            if (h2) {
-                if (wdf) NAME(stats_slab2)(xr, dr, gr, L, s0, s1, s2, 1, 1, 1, b1, al, wd, out);
-                else if (mom) NAME(stats_slab2)(xr, dr, gr, L, s0, s1, s2, 1, 1, 0, b1, al, wd, out);
-                else NAME(stats_slab2)(xr, dr, gr, L, s0, s1, s2, 1, 0, 0, b1, al, wd, out);
-            } else {
-                if (wdf) NAME(stats_slab2)(xr, dr, gr, L, s0, s1, s2, 0, 1, 1, b1, al, wd, out);
-                else if (mom) NAME(stats_slab2)(xr, dr, gr, L, s0, s1, s2, 0, 1, 0, b1, al, wd, out);
-                else NAME(stats_slab2)(xr, dr, gr, L, s0, s1, s2, 0, 0, 0, b1, al, wd, out);
-            }
-        } else if (h2) {
+    for (i1 = un[U_B]; i1 < un[U_E]; i1++) {
+        const T *xr = x + i1 * L, *dr = d + i1 * L, *gr = g ? g + i1 * L : 0;
+        if (h2) {
             if (wdf) NAME(stats_slab)(xr, dr, gr, L, s0, s1, s2, 1, 1, 1, b1, al, wd, out);
             else if (mom) NAME(stats_slab)(xr, dr, gr, L, s0, s1, s2, 1, 1, 0, b1, al, wd, out);
             else NAME(stats_slab)(xr, dr, gr, L, s0, s1, s2, 1, 0, 0, b1, al, wd, out);
@@ -169,13 +112,10 @@ CLONES static void NAME(stats_unit)(Job *j, int64_t u) {
             else NAME(stats_slab)(xr, dr, gr, L, s0, s1, s2, 0, 0, 0, b1, al, wd, out);
         }
         if (h1) {
-            for (r = 0; r <= two; r++) {
-                pos[de[D_P1] + i1 + r] = out[3 * r];
-                pos[P + de[D_P1] + i1 + r] = out[3 * r + 1];
-                pos[2 * P + de[D_P1] + i1 + r] = out[3 * r + 2];
-            }
+            pos[de[D_P1] + i1] = out[0];
+            pos[P + de[D_P1] + i1] = out[1];
+            pos[2 * P + de[D_P1] + i1] = out[2];
         }
-        i1 += 1 + two;
     }
 }
 
