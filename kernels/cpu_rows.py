@@ -223,14 +223,16 @@ def _buffer(layout: RowLayout, key: str, dtype, n: int) -> torch.Tensor:
     return buf
 
 
-def _momentum_args(layout: RowLayout, momentum: Momentum | None):
+def _args(layout: RowLayout, xs, ds, momentum: Momentum | None) -> tuple:
+    """The tensors' pointer tables (int64 tensors, held by the caller for the call) and the momentum
+    scalars of one call; one step's two calls share them."""
+    xp, dp = _ptrs(layout, "x", xs), _ptrs(layout, "d", ds)
     if momentum is None:
-        return None, 0.0, 0.0, 0.0
-    return (_ptrs(layout, "g", momentum.grads).data_ptr(), float(momentum.b1), float(momentum.alpha),
-            float(momentum.wd))
+        return xp, dp, None, 0.0, 0.0, 0.0
+    return xp, dp, _ptrs(layout, "g", momentum.grads), float(momentum.b1), float(momentum.alpha), float(momentum.wd)
 
 
-def _stats(layout: RowLayout, xs, ds, momentum: Momentum | None, skip, flag) -> RowStats:
+def _stats(layout: RowLayout, xs, ds, momentum: Momentum | None, skip, flag, args=None) -> RowStats:
     plan = _plan(layout)
     dtype = xs[0].dtype
     n, P = layout.n_rows, plan["P"]
@@ -238,12 +240,12 @@ def _stats(layout: RowLayout, xs, ds, momentum: Momentum | None, skip, flag) -> 
     pos = _buffer(layout, "cpu_pos", dtype, 3 * P)
     scratch = _buffer(layout, "cpu_scratch", dtype, plan["scratch"])
     out = torch.zeros((3, n + 1), dtype=dtype)
-    xp, dp = _ptrs(layout, "x", xs), _ptrs(layout, "d", ds)
-    gp, b1, alpha, wd = _momentum_args(layout, momentum)
+    xp, dp, gp, b1, alpha, wd = args or _args(layout, xs, ds, momentum)
     held, fp = _flag_ptr(skip)
     library().otofx_rows_stats(int(dtype == torch.float64), plan["desc"].data_ptr(), plan["units"].data_ptr(),
                                plan["units"].shape[0], plan["fold"].data_ptr(), plan["fold"].shape[0],
-                               xp.data_ptr(), dp.data_ptr(), gp, b1, alpha, wd, layout.pos_row_flat.data_ptr(),
+                               xp.data_ptr(), dp.data_ptr(), None if gp is None else gp.data_ptr(), b1, alpha,
+                               wd, layout.pos_row_flat.data_ptr(),
                                P if layout.axes else 0, n, pos.data_ptr(), scratch.data_ptr(), out.data_ptr(),
                                fp, None if flag is None else flag.data_ptr(), torch.get_num_threads())
     return RowStats(out[0, :n], out[1, :n], out[2, :n])
@@ -265,7 +267,7 @@ def _nonfinite(ts) -> torch.Tensor:
 
 
 def apply_rows(layout: RowLayout, xs, ds, lr, coef: torch.Tensor, scale: torch.Tensor, skip=None,
-               momentum: Momentum | None = None) -> None:
+               momentum: Momentum | None = None, args=None) -> None:
     """In place, as :func:`reference.apply_rows` (the caller checked :func:`supported`); ``lr`` a float
     or a 0-dim CPU tensor, ``skip`` a float32 flag (non-zero: nothing is written). With ``momentum``
     the buffers ``ds`` are first updated (as :func:`row_stats` with it computed them), in the same pass."""
@@ -274,12 +276,12 @@ def apply_rows(layout: RowLayout, xs, ds, lr, coef: torch.Tensor, scale: torch.T
     coef, scale = coef.to(dtype).contiguous(), scale.to(dtype).contiguous()
     P = plan["P"]
     pv = _buffer(layout, "cpu_pv", dtype, 2 * P)
-    xp, dp = _ptrs(layout, "x", xs), _ptrs(layout, "d", ds)
-    gp, b1, alpha, wd = _momentum_args(layout, momentum)
+    xp, dp, gp, b1, alpha, wd = args or _args(layout, xs, ds, momentum)
     held, fp = _flag_ptr(skip)
     lrt = lr.to(torch.float64).contiguous() if isinstance(lr, torch.Tensor) else None
     library().otofx_rows_apply(int(dtype == torch.float64), plan["desc"].data_ptr(), plan["units"].data_ptr(),
-                               plan["units"].shape[0], xp.data_ptr(), dp.data_ptr(), gp, b1, alpha, wd,
+                               plan["units"].shape[0], xp.data_ptr(), dp.data_ptr(),
+                               None if gp is None else gp.data_ptr(), b1, alpha, wd,
                                layout.pos_row_flat.data_ptr(), P if layout.axes else 0, layout.n_rows,
                                coef.data_ptr(), scale.data_ptr(), pv.data_ptr(),
                                0.0 if lrt is not None else float(lr), None if lrt is None else lrt.data_ptr(), fp,
@@ -303,14 +305,15 @@ def rows_step(layout: RowLayout, xs, ds, lr, rule, momentum: Momentum | None = N
     flag = None
     if check or skip is not None:
         flag = torch.zeros((), dtype=torch.float32)
-    st = _stats(layout, xs, ds, momentum, skip, flag if check else None)
+    args = _args(layout, xs, ds, momentum)
+    st = _stats(layout, xs, ds, momentum, skip, flag if check else None, args)
     if flag is not None and not check:
         flag.copy_(skip.reshape(()))
     pl = _plan(layout)["plain"]
     if check and pl:  # the few tensors outside the kernel's tables: checked in torch
         flag = torch.maximum(flag, _nonfinite(momentum.grads[t] if momentum is not None else ds[t] for t in pl))
     coef, scale = rule(st)
-    apply_rows(layout, xs, ds, lr, coef, scale, flag, momentum)
+    apply_rows(layout, xs, ds, lr, coef, scale, flag, momentum, args)
     return flag
 
 

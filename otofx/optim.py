@@ -539,8 +539,11 @@ class _RowOptimizer(torch.optim.Optimizer):
         self._capture_guard(capturing, event)
         if grad_scale is not None:
             self._unscale(params, grad_scale)
+        active = self._rows_active()
+        fuse = active and self._fuse_momentum()
+        fused = self._row_directions(None, True) if fuse else None  # needs no flag: the row step updates
         # the row step checks the row tensors' gradients itself where that costs no pass of its own
-        rows_check = not event and self._check_mode == "skip" and self._rows_active() and self._checks_rows()
+        rows_check = fused is not None and not event and self._check_mode == "skip" and self._checks_rows(*fused)
         checked = [p for p in params if id(p) not in self._row_index] if rows_check else params
         skip = self._skip_flag(self._lt([p.grad for p in checked]), found_inf)
         if skip is not None and self._sharded:  # one rank's shard may hold the NaN: every rank skips
@@ -556,9 +559,8 @@ class _RowOptimizer(torch.optim.Optimizer):
         if not rows_check:
             self._taken.add_(1.0 if skip is None else 1.0 - skip)
         lr = self._row_lr()
-        if self._rows_active():
-            fuse = self._fuse_momentum()
-            xs, ds, momentum = self._row_directions(skip, fuse)
+        if active:
+            xs, ds, momentum = fused if fused is not None else self._row_directions(skip, False)
             skip = self._rows_step(xs, ds, lr, momentum, skip, rows_check)
             rest = [p for p in params if id(p) not in self._row_index]
         else:
@@ -589,16 +591,13 @@ class _RowOptimizer(torch.optim.Optimizer):
         fewer over the weights on CPU); HESSO's row step does not."""
         return False
 
-    def _checks_rows(self) -> bool:
-        """Whether this (steady) step's row step checks the row tensors' gradients for NaN/inf itself:
-        DHSPG with its momentum fused into the C kernel, whose reduction pass reads every gradient
-        anyway (the separate check would be a pass of its own)."""
-        if self._sharded or not self._fuse_momentum():
+    def _checks_rows(self, xs, ds, momentum) -> bool:
+        """Whether this (steady, momentum-fused) step's row step checks the row tensors' gradients for
+        NaN/inf itself: on the C kernel, whose reduction pass reads every gradient anyway (the separate
+        check would be a pass of its own)."""
+        if self._sharded:
             return False
-        xs = [p.detach() for p in self._row_params]
-        ds = [self.state[p]["momentum_buffer"] for p in self._row_params]
-        grads = [p.grad.detach() for p in self._row_params]
-        return kernels.choose_backend(xs, ds, self.backend, self.layout, grads) == "cpu"
+        return kernels.choose_backend(xs, ds, self.backend, self.layout, momentum.grads) == "cpu"
 
     def _momentum_fusable(self) -> bool:
         if self._shards is not None:  # the sums are taken apart from the momentum update (then reduced)
