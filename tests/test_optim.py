@@ -526,6 +526,36 @@ def test_non_finite_step_is_skipped_on_the_device(kind, variant, backend):
     assert opt.step_count == 7 and all(torch.isfinite(p).all() for p in model.parameters())
 
 
+def test_c_kernel_checks_row_gradients_in_its_pass_and_the_rest_apart(monkeypatch):
+    """DHSPG (SGD momentum) on the C kernel: steady steps check the row tensors' gradients in the
+    kernel's reduction pass and the other gradients apart; a NaN in either kind changes nothing."""
+    if not otofx.kernels.cpu_available():
+        pytest.skip("the C kernel cannot be built (no C compiler)")
+    from otofx.kernels import cpu_rows
+
+    checked = []
+    real = cpu_rows.rows_step
+    monkeypatch.setattr(cpu_rows, "rows_step", lambda *a: checked.append(a[-1]) or real(*a))
+    model = randomize(SmallCNN())
+    x, y = _data()
+    oto = otofx.OTO(model, x[:2])
+    opt = oto.dhspg(lr=0.05, first_momentum=0.9, weight_decay=1e-3, lmbda=0.05, epsilon=0.9, backend="cpu")
+    _train(model, opt, 3, x, y)
+    assert checked[1:] and all(checked[1:])  # every steady step (not the partition) checked in the kernel
+    rows = {n for n, p in model.named_parameters() if id(p) in opt._row_index}
+    assert "fc.bias" not in rows and "c2.weight" in rows
+    for name in ("fc.bias", "c2.weight"):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        snap = _snapshot(model, opt)
+        dict(model.named_parameters())[name].grad.view(-1)[-1] = float("nan")
+        opt.step()
+        _assert_unchanged(model, opt, snap)
+    assert opt.skipped_steps == 2
+    _train(model, opt, 1, x, y)
+    assert opt.step_count == 4 and all(torch.isfinite(p).all() for p in model.parameters())
+
+
 def test_unknown_parameter_and_unnamed_params():
     params, groups = _toy()
     ps = {n: nn.Parameter(t.clone()) for n, t in params.items()}
