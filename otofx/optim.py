@@ -51,9 +51,16 @@ Internals:
       ``m_hat / (sqrt(v_hat) + eps)``), and the row step goes through ``otofx.kernels`` (Triton on
       CUDA, a C kernel on CPU, the torch reference where neither fits), whose layout is built once.
     * DHSPG with SGD momentum, after the partition: the row tensors' momentum update is handed to the
-      fused row step (``kernels.Momentum``), which on CPU does it in the same pass as its reductions
-      (the other backends run torch's fused SGD kernel first). The first step, which creates the
-      buffers, and any step where the row tensors' settings differ, take the unfused path.
+      fused row step (``kernels.Momentum``); on CPU the C kernel's reduction pass computes the updated
+      buffers without storing them and its write-back pass stores them (the other backends run
+      torch's fused SGD kernel first). There the kernel also makes the finite-gradient check of the
+      row tensors (a non-finite sum of the updated buffers' squares), known before anything is
+      written; the other gradients are checked apart. The first step, which creates the buffers, and
+      any step where the row tensors' settings differ, take the unfused path.
+    * With the sparsity controller (or the C kernel's check) a DHSPG row step goes reductions ->
+      decision -> write-back (``kernels.rows_step``): the controller reads the rows' norms from the
+      step's own reductions (no pass of its own); otherwise it is the backend's whole
+      ``kernels.dhspg_step``.
     * Two clocks: ``_t`` counts the calls that went through (the schedule: start, warm-up, HESSO
       periods, known on the host), ``steps_taken`` the steps not skipped (a device tensor; Adam's bias
       correction reads it). ``step_count`` reads the latter (a sync).
