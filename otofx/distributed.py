@@ -182,7 +182,7 @@ def restrict(entries_of, ranges, include=None):
     return out
 
 
-_GROUPS: dict = {}  # ranks -> process group, one per set of ranks (a new group is a new communicator)
+_GROUPS: dict = {}  # ranks -> (default group, process group): one per set of ranks (each is a communicator)
 
 
 def mesh_ranks(mesh) -> tuple:
@@ -212,9 +212,11 @@ def ranks_group(ranks: tuple, meshes=()):
     for m in meshes:
         if m.ndim == 1 and mesh_ranks(m) == ranks:
             return m.get_group()
-    if ranks not in _GROUPS:
-        _GROUPS[ranks] = dist.new_group(list(ranks), use_local_synchronization=True)
-    return _GROUPS[ranks]
+    world, group = _GROUPS.get(ranks, (None, None))
+    if world is not dist.group.WORLD:  # NB: a group made before the default group was re-initialised is dead
+        group = dist.new_group(list(ranks), use_local_synchronization=True)
+        _GROUPS[ranks] = (dist.group.WORLD, group)
+    return group
 
 
 def tensors_group(tensors):

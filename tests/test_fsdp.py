@@ -216,12 +216,19 @@ def _worker(rank: int, init: str, out: str) -> None:
         _run_all(rank, 4, init_device_mesh("cpu", (4,)), out, "torch")
         # 2-D meshes on the 4 ranks, the default kernels
         _run_2d(rank, out, None)
-        # 2 of them, the default kernels (the C kernel), then checkpoint, resume and compress
+        # 2 of them, the default kernels (the C kernel), then checkpoint, resume and compress; HSDP on
+        # a 1x2 mesh of those two (its sums reduce in a group of their own)
         pair = dist.new_group([0, 1])
+        mesh_1x2 = DeviceMesh("cpu", torch.tensor([[0, 1]]), mesh_dim_names=("replicate", "shard"))
         if rank < 2:
             mesh = DeviceMesh.from_group(pair, "cpu")
             _run_all(rank, 2, mesh, out, None)
             _checkpoint_and_compress(rank, mesh, out, None)
+            model, oto = _fresh()
+            _hsdp(model, mesh_1x2)
+            opt = OPTS["dhspg_sgd"](oto, None)
+            _train(model, opt, lambda t: _data(t, rank), range(STEPS))
+            torch.save(_record(model, opt), os.path.join(out, f"hsdp_1x2_{rank}.pt"))
         dist.barrier()
     finally:
         dist.destroy_process_group()
@@ -245,20 +252,31 @@ def _same(got: dict, ref: dict, what: str) -> None:
 
 
 def test_sharded_training_equals_one_process(tmp_path):
-    """One spawn of 4 processes (imports dominate the run time): 4 ranks, then 2 of them."""
+    """One spawn of 4 processes (imports dominate the run time): 4 ranks (a 1-D mesh, then 2x2 meshes), then
+    2 of them."""
     mp.spawn(_worker, args=(f"file://{tmp_path / 'rendezvous'}", str(tmp_path)), nprocs=4, join=True)
+    refs = {}
+
+    def single(name, world):  # the one-process references, shared by the 1-D and 2-D cases
+        if (name, world) not in refs:
+            refs[name, world] = _single(name, world)
+        return refs[name, world]
+
     for world in (4, 2):
         ranks = [torch.load(tmp_path / f"{world}_{r}.pt") for r in range(world)]
         for name in (*OPTS, "tp"):
-            ref = _single(name, world)
+            ref = single(name, world)
             for r, res in enumerate(ranks):
                 _same(res[name], ref, f"{name}, rank {r} of {world}")
     # 2-D: FSDP over TP sees the batch of its "dp" coordinate (2 batches), HSDP one per rank (4)
     ranks = [torch.load(tmp_path / f"2d_{r}.pt") for r in range(4)]
     for (how, name) in ranks[0]:
-        ref = _single(name, 2 if how == "fsdp_tp" else 4)
+        ref = single(name, 2 if how == "fsdp_tp" else 4)
         for r, res in enumerate(ranks):
             _same(res[how, name], ref, f"{how}, {name}, rank {r} of 4")
+    ref = single("dhspg_sgd", 2)
+    for r in range(2):
+        _same(torch.load(tmp_path / f"hsdp_1x2_{r}.pt"), ref, f"hsdp on 1x2, rank {r} of 2")
     ck = torch.load(tmp_path / "ckpt.pt")
     # resumed from the distributed checkpoint: bit-identical to the run that went on
     for k, v in ck["first"]["params"].items():
