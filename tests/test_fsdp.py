@@ -197,6 +197,16 @@ def _run_2d(rank, out, backend):
         opt = make(oto, backend)
         _train(model, opt, lambda t: _data(t, dp), range(STEPS))
         res["fsdp_tp", name] = _record(model, opt)
+    # a NaN in one rank's shard of a gradient: every rank skips the step (the max all-reduced flag)
+    before = res["fsdp_tp", name]["params"]
+    x, y = _data(STEPS, dp)
+    opt.zero_grad()
+    nn.functional.cross_entropy(model(x), y).backward()
+    if rank == 3:
+        otofx.distributed.local(model.fc1.weight.grad).view(-1)[0] = float("nan")
+    opt.step()
+    after = _record(model, opt)["params"]
+    res["nan_skipped"] = (opt.skipped_steps, all(torch.equal(after[k], v) for k, v in before.items()))
     for name in ("dhspg_adamw", "hesso"):
         model, oto = _fresh()
         _hsdp(model, mesh)
@@ -270,6 +280,8 @@ def test_sharded_training_equals_one_process(tmp_path):
                 _same(res[name], ref, f"{name}, rank {r} of {world}")
     # 2-D: FSDP over TP sees the batch of its "dp" coordinate (2 batches), HSDP one per rank (4)
     ranks = [torch.load(tmp_path / f"2d_{r}.pt") for r in range(4)]
+    for r, res in enumerate(ranks):
+        assert res.pop("nan_skipped") == (1, True), f"rank {r}: the NaN step was not skipped by every rank"
     for (how, name) in ranks[0]:
         ref = single(name, 2 if how == "fsdp_tp" else 4)
         for r, res in enumerate(ranks):
