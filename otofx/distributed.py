@@ -122,9 +122,9 @@ def _local_ranges(t, name: str):
         if kind is None:
             dim_name = f" ({mesh.mesh_dim_names[i]!r})" if mesh.mesh_dim_names else ""
             raise ShardingError(f"parameter {name!r} has placement {p!r} on mesh dim {i}{dim_name}: DHSPG/HESSO take "
-                                "parameters sharded with Shard(dim) or _StridedShard(dim) (fully_shard, ColwiseParallel/"
-                                "RowwiseParallel, FSDP over TP) or replicated (HSDP); redistribute it to Shard or "
-                                "Replicate first (DTensor.redistribute)")
+                                "parameters sharded with Shard(dim) or _StridedShard(dim) (fully_shard, "
+                                "ColwiseParallel/RowwiseParallel, FSDP over TP) or replicated (HSDP); redistribute it "
+                                "to Shard or Replicate first (DTensor.redistribute)")
         what, d, sf = kind
         if what == "replicate":
             contributes = contributes and coord[i] == 0
