@@ -22,19 +22,29 @@ tensor from its placements, the shard's row layout, the reductions) and the user
   ``otofx.save`` (``OTO.compress()`` on a sharded model gathers too, on every rank).
 
 Internals:
-    * The local slice of a DTensor follows its placements in mesh-dim order: ``Shard(d)`` on a mesh
-      dim of size n gives coordinate c the c-th of n chunks of ``ceil(L / n)`` (``torch.chunk``'s
-      split, as FSDP2 and DTensor use; trailing chunks may be empty); it is checked against the
-      local tensor's shape. ``Replicate`` copies add up once: only the copy at coordinate 0 enters
-      the sums (plain tensors: only the reduction group's first rank), but every copy is updated.
-      ``Partial`` and strided shards are refused with an :class:`ShardingError`.
+    * The local slice of a DTensor follows its placements in mesh-dim order, as a vector of global
+      indices per tensor dim: ``Shard(d)`` on a mesh dim of size n gives coordinate c the c-th of n
+      chunks of ``ceil(L / n)`` (``torch.chunk``'s split, as FSDP2 and DTensor use; trailing chunks
+      may be empty); ``_StridedShard(d, split_factor=sf)`` (FSDP on "dp" over TP's ``Shard(d)`` on
+      "tp", written left to right) cuts the vector in sf chunks, each in n, and gives coordinate c
+      the c-th piece of every one. Contiguous results become ``(start, length)``; the shape is
+      checked against the local tensor's. ``Replicate`` copies (HSDP's replica dim, TP's replicated
+      bias) add up once: only the copy at coordinate 0 enters the sums, but every copy is updated.
+      ``Partial`` and other placements are refused with a :class:`ShardingError` naming the
+      parameter, the placement and its mesh dim.
+    * 2-D meshes: the sums are reduced over the union of the row tensors' mesh ranks (the whole
+      2-D mesh). A tensor on a 1-D submesh (FSDP on ``mesh["dp"]`` over a layer TP left plain) has
+      identical copies on the sibling submeshes: only the submesh holding the first of those ranks
+      contributes; a plain tensor contributes on the first rank only.
     * The layouts are ``kernels.build_layout(..., partial=True)`` over the local shapes: positions
       held by another rank are -1, row lengths are the whole rows'. The global layout is built once
       on the CPU to validate the groups (so a bad group fails on every rank alike).
-    * The all-reduce runs over the ranks of the parameters' device mesh (the default group when
-      the mesh spans the world). NB: collectives need every rank: ``opt.group_sparsity``,
-      ``opt.status()`` and ``opt.row_stats()`` reduce too, so call them on every rank.
-    * A step's finite-gradient flag is reduced (max) before anything changes, since one rank's
+    * The all-reduce runs over those ranks (the default group when they span the world; else a 1-D
+      mesh's group, or a group made once per set of ranks among them). NB: collectives need every
+      rank: ``opt.group_sparsity``, ``opt.status()`` and ``opt.row_stats()`` reduce too, so call
+      them on every rank.
+    * A step's finite-gradient flag is reduced (max, :func:`reduce_flag`, the optimizers' only flag
+      reduction) over every DTensor parameter's ranks before anything changes, since one rank's
       shard may hold the NaN: a second, one-element all-reduce when ``check_finite`` is on.
 """
 from __future__ import annotations
@@ -74,48 +84,81 @@ def is_sharded(model: nn.Module) -> bool:
     return any(is_dtensor(p) for p in model.parameters())
 
 
-def _local_ranges(t, name: str):
-    """``(ranges, contributes)``: per dim ``(start, length)`` of ``t``'s local shard in the whole tensor,
-    and whether this copy enters the row sums (see the module docstring)."""
+def _chunks(held: torch.Tensor, n: int) -> list:
+    """``held`` in ``n`` pieces as ``torch.chunk`` splits it (pieces of ``ceil(len / n)``; the trailing
+    ones may be empty), always ``n`` of them."""
+    per = -(-held.numel() // n) if held.numel() else 0
+    return [held[min(c * per, held.numel()):min((c + 1) * per, held.numel())] for c in range(n)]
+
+
+def _placement_kind(p):
+    """``("strided", dim, split_factor)``, ``("shard", dim, 1)``, ``("replicate", None, 1)`` or None."""
     from torch.distributed.tensor.placement_types import Shard
 
+    sf = getattr(p, "split_factor", None)  # FSDP over TP: _StridedShard (a Shard subclass in older torch)
+    if sf is not None and hasattr(p, "dim"):
+        return "strided", p.dim, int(sf)
+    if isinstance(p, Shard):
+        return "shard", p.dim, 1
+    if p.is_replicate():
+        return "replicate", None, 1
+    return None
+
+
+def _local_ranges(t, name: str):
+    """``(held, contributes)``: per dim, the positions of ``t``'s local shard in the whole tensor
+    (``(start, length)`` when contiguous, else a LongTensor of global indices in local order), and
+    whether this copy enters the row sums within its mesh (see the module docstring)."""
     shape = tuple(t.shape)
     mesh = t.device_mesh
     coord = mesh.get_coordinate()
     if coord is None:
         raise ShardingError(f"parameter {name!r}: this rank is not in its device mesh; build the optimizer on the "
                             "mesh's ranks only")
-    ranges = [(0, s) for s in shape]
+    held = [torch.arange(s) for s in shape]
     contributes = True
     for i, p in enumerate(t.placements):
-        if type(p) is Shard:
-            d = p.dim % len(shape)
-            start, length = ranges[d]
-            n = mesh.size(i)
-            chunk = -(-length // n) if length else 0
-            s = min(coord[i] * chunk, length)
-            e = min(s + chunk, length)
-            ranges[d] = (start + s, e - s)
-        elif p.is_replicate():
+        kind = _placement_kind(p)
+        if kind is None:
+            dim_name = f" ({mesh.mesh_dim_names[i]!r})" if mesh.mesh_dim_names else ""
+            raise ShardingError(f"parameter {name!r} has placement {p!r} on mesh dim {i}{dim_name}: DHSPG/HESSO take "
+                                "parameters sharded with Shard(dim) or _StridedShard(dim) (fully_shard, "
+                                "ColwiseParallel/RowwiseParallel, FSDP over TP) or replicated (HSDP); redistribute it "
+                                "to Shard or Replicate first (DTensor.redistribute)")
+        what, d, sf = kind
+        if what == "replicate":
             contributes = contributes and coord[i] == 0
-        else:
-            raise ShardingError(f"parameter {name!r} has placement {p} on mesh dim {i}: DHSPG/HESSO take parameters "
-                                "sharded with Shard(dim) or replicated (FSDP2's fully_shard, ColwiseParallel/"
-                                "RowwiseParallel); redistribute it to Shard or Replicate first")
-    want = tuple(n for _, n in ranges)
+            continue
+        d = d % len(shape)
+        n = mesh.size(i)
+        if what == "shard":
+            held[d] = _chunks(held[d], n)[coord[i]]
+        else:  # right-to-left sharding written left to right: sf pieces, each in n; piece c of every one
+            held[d] = torch.cat([_chunks(piece, n)[coord[i]] for piece in _chunks(held[d], sf)])
+    want = tuple(h.numel() for h in held)
     got = tuple(t.to_local().shape)
     if want != got:
         raise ShardingError(f"parameter {name!r}: its local shard has shape {got}, but its placements "
                             f"{tuple(t.placements)} give {want} (torch.chunk's split): uneven custom shardings are "
                             "not understood")
-    return tuple(ranges), contributes
+    out = []
+    for h in held:
+        lo = int(h[0]) if h.numel() else 0
+        contiguous = h.numel() == 0 or bool(torch.equal(h, torch.arange(lo, lo + h.numel())))
+        out.append((lo, h.numel()) if contiguous else h)
+    return tuple(out), contributes
+
+
+def _length(r) -> int:
+    return r[1] if isinstance(r, tuple) else r.numel()
 
 
 def restrict(entries_of, ranges, include=None):
     """Row entries ``(rows, [(tensor, dim, index[rows, k])])`` over whole tensors, restricted to the
-    slices ``ranges[tensor][dim] = (start, length)``: positions inside become local (``- start``),
-    the others -1 (``kernels.build_layout(..., partial=True)``); ``include[tensor]`` False drops a
-    tensor's entries (a replica that does not enter the sums)."""
+    local shards ``ranges[tensor][dim]``: ``(start, length)``, or a LongTensor of the global indices
+    held, in local order (strided shards). Positions inside become local, the others -1
+    (``kernels.build_layout(..., partial=True)``); ``include[tensor]`` False drops a tensor's entries
+    (a replica that does not enter the sums)."""
     out = []
     for rows, entries in entries_of:
         loc = []
@@ -123,49 +166,102 @@ def restrict(entries_of, ranges, include=None):
             if include is not None and not include[t]:
                 continue
             dim = dim % len(ranges[t])
-            start, length = ranges[t][dim]
+            r = ranges[t][dim]
             idx = torch.as_tensor(idx, dtype=torch.long).reshape(int(rows), -1)
-            inside = (idx >= start) & (idx < start + length)
-            loc.append((t, dim, torch.where(inside, idx - start, torch.full_like(idx, -1))))
+            if isinstance(r, tuple):
+                start, length = r
+                inside = (idx >= start) & (idx < start + length)
+                loc.append((t, dim, torch.where(inside, idx - start, torch.full_like(idx, -1))))
+                continue
+            held = torch.as_tensor(r, dtype=torch.long)
+            inv = torch.full((max(int(idx.max()) + 1 if idx.numel() else 0, int(held.max()) + 1 if held.numel()
+                                  else 0),), -1, dtype=torch.long)  # global position -> local (-1: elsewhere)
+            inv[held] = torch.arange(held.numel())
+            loc.append((t, dim, inv[idx]))
         out.append((rows, loc))
     return out
 
 
-def mesh_group(mesh):
-    """A process group over every rank of ``mesh`` (None: the default group)."""
-    ranks = sorted(int(r) for r in mesh.mesh.flatten().tolist())
-    if ranks == list(range(dist.get_world_size())):
+_GROUPS: dict = {}  # ranks -> (default group, process group): one per set of ranks (each is a communicator)
+
+
+def mesh_ranks(mesh) -> tuple:
+    """The global ranks of ``mesh``, sorted."""
+    return tuple(sorted(int(r) for r in mesh.mesh.flatten().tolist()))
+
+
+def reduction_ranks(tensors) -> tuple:
+    """The ranks whose shards of ``tensors`` (DTensors, possibly on several meshes) add up to whole rows:
+    the union of their meshes' ranks on this rank. A tensor on a smaller mesh (a 1-D submesh of the
+    2-D mesh: FSDP on ``mesh["dp"]`` over a parameter that TP left plain) has its copies on the
+    sibling submeshes, which hold the other ranks."""
+    ranks = set()
+    for t in tensors:
+        if is_dtensor(t):
+            ranks.update(mesh_ranks(t.device_mesh))
+    return tuple(sorted(ranks))
+
+
+def ranks_group(ranks: tuple, meshes=()):
+    """A process group over ``ranks`` (None: the default group), made once per set of ranks: a
+    1-D mesh's own group when one of ``meshes`` spans them, else ``dist.new_group`` among those
+    ranks only (``use_local_synchronization``: the other ranks do not take part)."""
+    ranks = tuple(ranks)
+    if ranks == tuple(range(dist.get_world_size())):
         return None
-    if mesh.ndim == 1:
-        return mesh.get_group()
-    # NB: a collective over the whole world: every rank must build the optimizer (SPMD)
-    return dist.new_group(ranks)
+    for m in meshes:
+        if m.ndim == 1 and mesh_ranks(m) == ranks:
+            return m.get_group()
+    world, group = _GROUPS.get(ranks, (None, None))
+    if world is not dist.group.WORLD:  # NB: a group made before the default group was re-initialised is dead
+        group = dist.new_group(list(ranks), use_local_synchronization=True)
+        _GROUPS[ranks] = (dist.group.WORLD, group)
+    return group
+
+
+def tensors_group(tensors):
+    """The process group over :func:`reduction_ranks` of ``tensors``."""
+    return ranks_group(reduction_ranks(tensors), tuple({id(t.device_mesh): t.device_mesh for t in tensors
+                                                         if is_dtensor(t)}.values()))
+
+
+def reduce_flag(flag: torch.Tensor, group=None) -> torch.Tensor:
+    """A copy of ``flag`` all-reduced with max over ``group``: a skip flag set on any rank is set on
+    every rank (the one flag reduction of the optimizers, sharded rows or not)."""
+    flag = flag.clone()
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
+    return flag
 
 
 class Shards:
     """The local slices of an optimizer's row tensors and the reduction of per-row sums across ranks."""
 
     def __init__(self, tensors, names):
-        meshes = [t.device_mesh for t in tensors if is_dtensor(t)]
-        mesh = meshes[0]
-        for m in meshes[1:]:
-            if m != mesh:
-                raise ShardingError("the row parameters are DTensors on different device meshes: DHSPG/HESSO need "
-                                    "one mesh for them (shard the model with one mesh)")
-        ranks = sorted(int(r) for r in mesh.mesh.flatten().tolist())
-        self.group = mesh_group(mesh)
-        self.ranks = tuple(ranks)
-        first = dist.get_rank() == ranks[0]
+        ranks = reduction_ranks(tensors)
+        meshes = {}
+        for t, name in zip(tensors, names):
+            if is_dtensor(t):
+                mr = mesh_ranks(t.device_mesh)
+                if len(ranks) % len(mr):
+                    raise ShardingError(f"parameter {name!r} lives on a device mesh of ranks {list(mr)}, which does "
+                                        f"not tile the ranks {list(ranks)} of the other row parameters' meshes: "
+                                        "shard the model on one DeviceMesh and its submeshes")
+                meshes[id(t.device_mesh)] = t.device_mesh
+        self.group = ranks_group(ranks, tuple(meshes.values()))
+        self.ranks = ranks
+        me = dist.get_rank()
         self.ranges, self.contributes = [], []
         for t, name in zip(tensors, names):
             if is_dtensor(t):
                 r, c = _local_ranges(t, name)
+                # a submesh's copy counts on the submesh that holds the first rank (its siblings: replicas)
+                c = c and ranks[0] in mesh_ranks(t.device_mesh)
             else:
-                r, c = tuple((0, s) for s in t.shape), first  # a plain tensor: the same on every rank
+                r, c = tuple((0, s) for s in t.shape), me == ranks[0]  # a plain tensor: the same on every rank
             self.ranges.append(r)
             self.contributes.append(c)
         self.global_shapes = tuple(torch.Size(t.shape) for t in tensors)
-        self.local_shapes = tuple(torch.Size(n for _, n in r) for r in self.ranges)
+        self.local_shapes = tuple(torch.Size(_length(x) for x in r) for r in self.ranges)
 
     def local_groups(self, entries_of, contributing_only: bool = False):
         """``entries_of`` (global positions) restricted to the local shards: positions held elsewhere are -1."""
@@ -200,8 +296,8 @@ class Shards:
         return RowStats(buf[:n], buf[n:2 * n], buf[2 * n:])
 
     def reduce_flag(self, flag: torch.Tensor) -> torch.Tensor:
-        """A skip flag set on any rank is set on every rank (max)."""
-        return self.all_reduce(flag.clone(), dist.ReduceOp.MAX)
+        """A skip flag set on any rank is set on every rank (max): :func:`reduce_flag` over the rows' ranks."""
+        return reduce_flag(flag, self.group)
 
 
 # -- checkpoints ----------------------------------------------------------------------------------

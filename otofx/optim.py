@@ -185,6 +185,7 @@ class _RowOptimizer(torch.optim.Optimizer):
         # DTensor parameters (FSDP2, tensor parallelism): every step works on the local shards
         self._sharded = any(is_dtensor(p) for g in self.param_groups for p in g["params"])
         self._shards = None  # otofx.distributed.Shards when rows span shards
+        self._flag_group = None  # (process group,) of the skip flag's max all-reduce, set at its first use
         for g in self.param_groups:
             for p in g["params"]:
                 if p.dtype not in _DTYPES:
@@ -582,16 +583,11 @@ class _RowOptimizer(torch.optim.Optimizer):
         raise NotImplementedError
 
     def _reduce_flag(self, flag: torch.Tensor) -> torch.Tensor:
-        if self._shards is not None:
-            return self._shards.reduce_flag(flag)
-        import torch.distributed as dist
+        from otofx.distributed import reduce_flag, tensors_group
 
-        from otofx.distributed import mesh_group
-
-        first = next(p for g in self.param_groups for p in g["params"] if is_dtensor(p))
-        flag = flag.clone()
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=mesh_group(first.device_mesh))
-        return flag
+        if self._flag_group is None:  # over the ranks of every DTensor parameter's mesh, found once
+            self._flag_group = (tensors_group([p for g in self.param_groups for p in g["params"]]),)
+        return reduce_flag(flag, self._flag_group[0])
 
     def _fuse_momentum(self) -> bool:
         """Whether this step's row step takes the row tensors' SGD momentum update over (DHSPG: one pass
