@@ -251,15 +251,30 @@ class Shards:
         self.ranks = ranks
         me = dist.get_rank()
         self.ranges, self.contributes = [], []
-        for t, name in zip(tensors, names):
-            if is_dtensor(t):
-                r, c = _local_ranges(t, name)
-                # a submesh's copy counts on the submesh that holds the first rank (its siblings: replicas)
-                c = c and ranks[0] in mesh_ranks(t.device_mesh)
-            else:
-                r, c = tuple((0, s) for s in t.shape), me == ranks[0]  # a plain tensor: the same on every rank
-            self.ranges.append(r)
-            self.contributes.append(c)
+        # NB: a shard's shape can disagree with its placements on some ranks only (uneven FSDP over
+        # TP); a rank that raised alone would leave the others waiting in their next collective, so
+        # the ranks agree on failure (one max all-reduce) and every rank raises.
+        error = None
+        try:
+            for t, name in zip(tensors, names):
+                if is_dtensor(t):
+                    r, c = _local_ranges(t, name)
+                    # a submesh's copy counts on the submesh that holds the first rank (its siblings: replicas)
+                    c = c and ranks[0] in mesh_ranks(t.device_mesh)
+                else:
+                    r, c = tuple((0, s) for s in t.shape), me == ranks[0]  # a plain tensor: the same on every rank
+                self.ranges.append(r)
+                self.contributes.append(c)
+        except ShardingError as e:
+            error = e
+        if ranks:
+            device = next(local(t).device for t in tensors if is_dtensor(t))
+            failed = reduce_flag(torch.tensor([0.0 if error is None else 1.0], device=device), self.group)
+            if error is None and bool(failed.item()):
+                raise ShardingError(f"rank {me}: another rank of {list(ranks)} cannot read its shard of a row "
+                                    "parameter (its error names the parameter); every rank stops here")
+        if error is not None:
+            raise error
         self.global_shapes = tuple(torch.Size(t.shape) for t in tensors)
         self.local_shapes = tuple(torch.Size(_length(x) for x in r) for r in self.ranges)
 

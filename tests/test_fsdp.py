@@ -216,6 +216,24 @@ def _run_2d(rank, out, backend):
     torch.save(res, os.path.join(out, f"2d_{rank}.pt"))
 
 
+def _shape_disagrees_on_one_rank(rank, out):
+    """Rank 2's shard does not match its placements: every rank raises (none is left waiting)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Shard
+
+    from otofx.distributed import Shards, ShardingError
+
+    mesh = init_device_mesh("cpu", (4,))
+    t = DTensor.from_local(torch.zeros(3 if rank == 2 else 2, 3), mesh, [Shard(0)], run_check=False,
+                           shape=torch.Size([8, 3]), stride=(3, 1))
+    try:
+        Shards([t], ["blocks.0.w"])
+        got = None
+    except ShardingError as e:
+        got = str(e)
+    torch.save(got, os.path.join(out, f"disagree_{rank}.pt"))
+
+
 def _worker(rank: int, init: str, out: str) -> None:
     from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
@@ -226,6 +244,7 @@ def _worker(rank: int, init: str, out: str) -> None:
         _run_all(rank, 4, init_device_mesh("cpu", (4,)), out, "torch")
         # 2-D meshes on the 4 ranks, the default kernels
         _run_2d(rank, out, None)
+        _shape_disagrees_on_one_rank(rank, out)
         # 2 of them, the default kernels (the C kernel), then checkpoint, resume and compress; HSDP on
         # a 1x2 mesh of those two (its sums reduce in a group of their own)
         pair = dist.new_group([0, 1])
@@ -282,6 +301,9 @@ def test_sharded_training_equals_one_process(tmp_path):
     ranks = [torch.load(tmp_path / f"2d_{r}.pt") for r in range(4)]
     for r, res in enumerate(ranks):
         assert res.pop("nan_skipped") == (1, True), f"rank {r}: the NaN step was not skipped by every rank"
+    errors = [torch.load(tmp_path / f"disagree_{r}.pt") for r in range(4)]
+    assert all(errors), f"a rank went on while another could not read its shard: {errors}"
+    assert "'blocks.0.w'" in errors[2] and "(3, 3)" in errors[2] and "another rank" in errors[0]
     for (how, name) in ranks[0]:
         ref = single(name, 2 if how == "fsdp_tp" else 4)
         for r, res in enumerate(ranks):
