@@ -367,3 +367,67 @@ class PrunedWindowAttention(nn.Module):
     def extra_repr(self) -> str:
         return (f"num_heads={self.num_heads}, head_dim={self.head_dim}, window_size={self.window_size}, "
                 f"shift_size={self.shift_size}, cosine={self.cosine}")
+
+
+# ---------------------------------------------------------------------------------------------
+# MaxViT's relative-position attention (torchvision) with any head count
+# ---------------------------------------------------------------------------------------------
+
+
+class PrunedRelativeAttention(nn.Module):
+    """torchvision MaxViT's ``RelativePositionalMultiHeadAttention`` with ``n_heads`` heads of width
+    ``head_dim`` (any count): the stock module writes its attention output back at its input width,
+    which holds only while every head is there.
+
+    Input ``[B, G, P, D]`` (G windows or grid cells of P positions); the packed projection ``to_qkv``
+    holds q, k and v one after the other, each ``n_heads * head_dim`` wide; keys are scaled by
+    ``scale_factor`` (the stock ``D ** -0.5`` of the original width), the per-head bias table is
+    gathered by ``relative_position_index``, and ``merge`` reads the heads' outputs. Parameter names
+    are the stock ones.
+    """
+
+    def __init__(self, src: nn.Module, n_heads: int, head_dim: int, kept_heads: torch.Tensor, heads_before: int):
+        super().__init__()
+        self.n_heads, self.head_dim, self.heads_before = n_heads, head_dim, heads_before
+        self.size, self.max_seq_len, self.scale_factor = int(src.size), int(src.max_seq_len), float(src.scale_factor)
+        self.training = src.training
+        self.to_qkv, self.merge = src.to_qkv, src.merge
+        self.relative_position_bias_table = src.relative_position_bias_table
+        self.register_buffer("relative_position_index", src.relative_position_index)
+        self.register_buffer("kept_heads", kept_heads.clone(), persistent=True)
+
+    @classmethod
+    def empty(cls, *, n_heads: int, head_dim: int, heads_before: int, in_features: int, out_features: int, size: int,
+              max_seq_len: int, scale_factor: float, device=None, dtype=None) -> "PrunedRelativeAttention":
+        """A module of these widths with uninitialised tensors, ready for a state_dict."""
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        kw = {"device": device, "dtype": dtype}
+        n = n_heads * head_dim
+        self.n_heads, self.head_dim, self.heads_before = n_heads, head_dim, heads_before
+        self.size, self.max_seq_len, self.scale_factor = size, max_seq_len, scale_factor
+        self.to_qkv = nn.Linear(in_features, 3 * n, **kw)
+        self.merge = nn.Linear(n, out_features, **kw)
+        self.relative_position_bias_table = nn.Parameter(torch.empty((2 * size - 1) ** 2, n_heads, **kw))
+        self.register_buffer("relative_position_index", torch.empty(size * size, size * size, dtype=torch.long,
+                                                                    device=device))
+        self.register_buffer("kept_heads", torch.empty(n_heads, dtype=torch.long, device=device), persistent=True)
+        return self
+
+    def init_kwargs(self) -> dict:
+        """The arguments of :meth:`empty` that rebuild this module's structure (simple values only)."""
+        return {"n_heads": self.n_heads, "head_dim": self.head_dim, "heads_before": self.heads_before,
+                "in_features": int(self.to_qkv.weight.shape[1]), "out_features": int(self.merge.weight.shape[0]),
+                "size": self.size, "max_seq_len": self.max_seq_len, "scale_factor": self.scale_factor}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, G, P, _ = x.shape
+        H, DH = self.n_heads, self.head_dim
+        q, k, v = self.to_qkv(x).view(B, G, P, 3, H, DH).permute(3, 0, 1, 4, 2, 5)  # each [B, G, H, P, DH]
+        bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]
+        bias = bias.view(self.max_seq_len, self.max_seq_len, H).permute(2, 0, 1).unsqueeze(0)
+        attn = (q @ (k * self.scale_factor).transpose(-2, -1) + bias).softmax(dim=-1)
+        return self.merge((attn @ v).permute(0, 1, 3, 2, 4).reshape(B, G, P, H * DH))
+
+    def extra_repr(self) -> str:
+        return f"n_heads={self.n_heads}, head_dim={self.head_dim}, max_seq_len={self.max_seq_len}"

@@ -34,7 +34,7 @@ import torch.nn as nn
 
 from otofx.errors import OTOError
 
-from .modules import PrunedMultiheadAttention, PrunedWindowAttention
+from .modules import PrunedMultiheadAttention, PrunedRelativeAttention, PrunedWindowAttention
 
 
 class ResizeError(OTOError):
@@ -266,6 +266,39 @@ def pruned_window_attention(m: PrunedWindowAttention, change: Change):
             raise ResizeError(f"its q/k/v ({m.qkv.weight.shape[0]} rows) are not {len(kept)} whole heads of width "
                               f"{m.head_dim} (the heads left in '{name}')")
         m.num_heads = len(kept)
+        m.kept_heads = m.kept_heads[torch.from_numpy(kept).to(m.kept_heads.device)]
+
+
+def _table_heads(change: Change, heads: int) -> np.ndarray:
+    """Original indices of the heads left in a ``[table, heads]`` relative position bias table."""
+    keep = change.keep.get("relative_position_bias_table", {}).get(1)
+    return np.arange(heads) if keep is None else keep
+
+
+@resizer("torchvision.models.maxvit.RelativePositionalMultiHeadAttention")
+def relative_positional_attention(m: nn.Module, change: Change):
+    """torchvision MaxViT's attention: replaced by PrunedRelativeAttention when heads go (the stock
+    forward writes its output back at the input width)."""
+    before = change.old["relative_position_bias_table"][1]
+    kept = _table_heads(change, before)
+    width = m.to_qkv.weight.shape[0]
+    if len(kept) == before and width == 3 * before * m.head_dim:
+        return None
+    if width != 3 * len(kept) * m.head_dim or m.merge.weight.shape[1] != len(kept) * m.head_dim:
+        raise ResizeError(f"its q/k/v ({width} rows) and merge ({m.merge.weight.shape[1]} inputs) are not "
+                          f"{len(kept)} whole heads of width {m.head_dim} (the heads left in its bias table)")
+    return PrunedRelativeAttention(m, len(kept), m.head_dim, torch.from_numpy(kept).to(m.to_qkv.weight.device), before)
+
+
+@resizer(PrunedRelativeAttention)
+def pruned_relative_attention(m: PrunedRelativeAttention, change: Change):
+    """PrunedRelativeAttention (a compressed MaxViT compressed again): n_heads and the original indices of the heads left."""
+    kept = _table_heads(change, m.n_heads)
+    if len(kept) != m.n_heads:
+        if m.to_qkv.weight.shape[0] != 3 * len(kept) * m.head_dim:
+            raise ResizeError(f"its q/k/v ({m.to_qkv.weight.shape[0]} rows) are not {len(kept)} whole heads of width "
+                              f"{m.head_dim} (the heads left in its bias table)")
+        m.n_heads = len(kept)
         m.kept_heads = m.kept_heads[torch.from_numpy(kept).to(m.kept_heads.device)]
 
 

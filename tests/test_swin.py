@@ -160,3 +160,51 @@ def test_swin_compressed_again(compressed):
     for shape in (X, (2, 3, 96, 96)):
         x = torch.randn(shape)
         assert max_rel_diff(_out(small, x), _out(smaller, x)) <= RTOL
+
+
+# ---------------------------------------------------------------------------------------------
+# MaxViT: its attention writes its output back at the input width (PrunedRelativeAttention)
+# ---------------------------------------------------------------------------------------------
+
+
+def _maxvit(seed: int = 0):
+    from torchvision.models.maxvit import MaxVit
+
+    torch.manual_seed(seed)
+    model = MaxVit(input_size=(32, 32), stem_channels=8, partition_size=2, block_channels=[16, 32],
+                   block_layers=[1, 1], head_dim=8, stochastic_depth_prob=0.0, num_classes=10)
+    randomize(model.eval(), seed=seed)
+    with torch.no_grad():  # NB: std 0.02 tables cannot tell heads apart at 1e-4
+        for name, p in model.named_parameters():
+            if name.endswith("relative_position_bias_table"):
+                p.normal_()
+    return model
+
+
+def test_maxvit_is_its_own_class_exact_and_saveable(tmp_path):
+    from torchvision.models.maxvit import MaxVit
+
+    from otofx.passes.modules import PrunedRelativeAttention
+
+    model = _maxvit()
+    oto = otofx.OTO(model, torch.randn(1, 3, 32, 32))
+    _zero_first_half(model, oto)
+    small = oto.compress()
+    assert type(small) is MaxVit and n_params(small) < n_params(model)
+    attns = [m for m in small.modules() if isinstance(m, PrunedRelativeAttention)]
+    assert len(attns) == 4 and sorted(a.n_heads for a in attns) == [1, 1, 2, 2]
+    assert all(a.kept_heads.tolist() == list(range(a.heads_before // 2, a.heads_before)) for a in attns)
+    for shape in ((1, 3, 32, 32), (3, 3, 32, 32)):  # MaxViT takes the image size it was built for only
+        x = torch.randn(shape)
+        assert max_rel_diff(_out(model, x), _out(small, x)) <= RTOL
+    x16 = torch.randn(2, 3, 32, 32, dtype=torch.bfloat16)
+    err = max_rel_diff(_out(_copy(model).to(torch.bfloat16), x16), _out(_copy(small).to(torch.bfloat16), x16))
+    assert err <= fitted_rtol(RTOL, torch.bfloat16, 20)
+    otofx.save(small, tmp_path / "maxvit")
+    loaded = otofx.load(tmp_path / "maxvit", model=_maxvit(seed=3))
+    assert type(loaded.get_submodule(_path_of(small, attns[0]))) is PrunedRelativeAttention
+    assert max_rel_diff(_out(small, x), _out(loaded, x)) <= 1e-6
+
+
+def _path_of(root, module) -> str:
+    return next(n for n, m in root.named_modules() if m is module)
