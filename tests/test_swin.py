@@ -174,10 +174,14 @@ def _maxvit(seed: int = 0):
     model = MaxVit(input_size=(32, 32), stem_channels=8, partition_size=2, block_channels=[16, 32],
                    block_layers=[1, 1], head_dim=8, stochastic_depth_prob=0.0, num_classes=10)
     randomize(model.eval(), seed=seed)
-    with torch.no_grad():  # NB: std 0.02 tables cannot tell heads apart at 1e-4
+    # NB: at its initial scales the attention (std 0.02 bias tables, default-initialised projections)
+    # moves the logits by less than 1e-4: a wrong head would go unnoticed
+    with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("relative_position_bias_table"):
                 p.normal_()
+            elif name.endswith(("to_qkv.weight", "merge.weight", "classifier.5.weight")):
+                p.normal_(std=p.shape[1] ** -0.5 * 3)
     return model
 
 
