@@ -35,6 +35,9 @@ Internals:
     * The analysis runs on the example's concrete sizes (``sym_size`` nodes are ints on meta
       tensors); prune's size fixes keep or scale the size expressions (``batch * heads``) in view
       arguments.
+    * torch.export's input guards (the ``_guards_fn`` submodule) are wrapped in :class:`SizeGuards`:
+      an input of a size the capture left static raises :class:`otofx.errors.ShapeError` naming the
+      input, its size and the size the graph takes, not a bare ``AssertionError: Guard failed``.
     * Mode flags are ``get_attr`` nodes of ``<module path>.training`` (empty modules created where
       export kept none), set to the user's flags at capture: a frozen submodule stays frozen.
 """

@@ -7,6 +7,12 @@ computes exactly what ``nn.MultiheadAttention`` computes, with any number of hea
 stock names (``in_proj_weight`` or ``q/k/v_proj_weight``, ``in_proj_bias``, ``out_proj``,
 ``bias_k``, ``bias_v``), so the state_dict reads like the original's.
 
+torchvision's Swin window attention reads its head width as ``C // num_heads`` of its input width
+``C`` and writes ``C`` features back from the heads; MaxViT's attention writes its heads' output at
+its input width too. ``PrunedWindowAttention`` (Swin V1 and V2, :func:`window_attention`) and
+``PrunedRelativeAttention`` (MaxViT) compute the same functions with an explicit head count and head
+width, under the stock parameter names.
+
 Internals:
     * ``kept_heads`` (a buffer) holds the original index of every remaining head: a per-head
       ``attn_mask`` of shape ``[batch * num_heads_before, L, S]`` is sliced with it.
@@ -25,7 +31,16 @@ Internals:
       dropout), as the stock module does; the ``is_causal`` hint follows the stock module (the
       mask goes and the kernel masks, unless weights or a key padding mask are asked for).
     * ``init_kwargs()`` / ``PrunedMultiheadAttention.empty(**kwargs)`` describe and rebuild one without a
-      source module (uninitialised tensors of the right shapes): ``otofx.load`` uses them.
+      source module (uninitialised tensors of the right shapes): ``otofx.load`` uses them (so do the
+      window and relative attention modules).
+    * Window attention: eager Python on the input's own sizes, so any batch and image size runs
+      (padding to whole windows, the shift dropped along an axis one window covers, the shifted
+      windows' region mask built from the padded size). Swin V2's key bias is left out (the stock
+      function zeroes it on a copy), its logit scale is clamped at log(100) before ``exp``, and its
+      bias is ``16 * sigmoid`` of the position MLP's per-head output. # NB: the region mask adds
+      -100 (not -inf), as the stock function does: exactness needs the same finite value.
+    * ``kept_heads`` records the original index of each head left (a compressed model compressed
+      again keeps indexing the first model's heads).
 """
 from __future__ import annotations
 

@@ -5,7 +5,9 @@ makes every module's attributes agree with its new tensors, so the user's own ``
 the smaller model. ``resize(module, change)`` looks the module's type up in a small registry
 (``Linear.in_features``, ``Conv2d.groups``, ``BatchNorm2d.num_features`` ...) and may return a
 replacement module (``nn.MultiheadAttention`` cannot hold a pruned head count:
-``PrunedMultiheadAttention`` takes its place). ``resync_counts(module, scope)`` then updates the
+``PrunedMultiheadAttention`` takes its place; torchvision's Swin and MaxViT attention modules become
+``PrunedWindowAttention`` and ``PrunedRelativeAttention``, their heads read from the per-head bias
+table or logit scale the analysis sliced). ``resync_counts(module, scope)`` then updates the
 width and head-count attributes that attention and MLP blocks keep for their ``forward``
 (``num_heads``, ``split_size``, ``all_head_size``, ``inner_dim`` ...), from the widths that
 changed under the module and the head blocks the analysis found.
