@@ -234,10 +234,9 @@ class PrunedMultiheadAttention(nn.Module):
 
 
 def _window_regions(size: int, window: int, shift: int, device) -> torch.Tensor:
-    """Region label (0, 1, 2) of each position along one padded image axis of ``size`` after a cyclic
-    shift by ``shift``: the windows that the shift wraps around hold positions of two regions, which
-    must not attend to each other. Labels are constant within an unshifted-aligned window except in
-    the last one, which holds the wrapped-around positions."""
+    """Region label of each position along one padded, rolled image axis of ``size``: 0 before the last
+    window, 1 in the last window before the ``shift`` positions that the roll wrapped around, 2 in
+    those. Positions of a window with different labels (in either axis) must not attend to each other."""
     idx = torch.arange(size, device=device)
     return (idx >= size - window).long() + (idx >= size - shift).long()
 

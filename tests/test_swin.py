@@ -141,6 +141,19 @@ def test_swin_save_load_round_trip(compressed, tmp_path):
         assert max_rel_diff(_out(small, x), _out(loaded, x)) <= 1e-6
 
 
+def test_swin_graph_form_says_which_size_it_takes(compressed):
+    """The fixture's capture left the image sizes static: the graph form runs any batch at 64x64 and
+    refuses 96x96 with otofx's error, which points at the module form."""
+    _, model, oto, _ = compressed
+    graph = oto.compress(form="graph")
+    assert isinstance(graph, torch.fx.GraphModule)
+    x = torch.randn(3, 3, 64, 64)
+    assert max_rel_diff(_out(model, x), _out(graph, x)) <= RTOL
+    with pytest.raises(otofx.ShapeError, match=r"input 'x' has size \(2, 3, 96, 96\), but this graph takes 'x' of "
+                       r"size \(any, 3, 64, 64\) only.*oto.compress\(\)"):
+        _out(graph, torch.randn(2, 3, 96, 96))
+
+
 def test_swin_compressed_again(compressed):
     """A compressed Swin (PrunedWindowAttention inside) is analysed and compressed once more."""
     from otofx import capture
