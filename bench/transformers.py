@@ -29,7 +29,9 @@ Columns:
   ``oto.compress(verify=False)``, then max|diff| <= 1e-4 * max(1, max|y|) against the zeroed full
   model on the example input and on a fresh one of the same shape, and strictly fewer parameters.
   ``rel err``: the worse of the two; ``max|y|``: the reference output's scale (the check is not
-  vacuous); ``params``: compressed / full; ``otofx s``: ``otofx.OTO(model, x)``.
+  vacuous); ``params``: compressed / full; ``otofx s``: ``otofx.OTO(model, x)``. ``form``: what
+  ``compress()`` returned: ``module`` (the model's own class, which runs at any size the model does) or
+  ``graph`` (the GraphModule, when the own class could not be re-sized; the reason is logged).
 * ``OTO``: only-train-once 3.0.1 through ``_peers.oto_coverage`` (its own ``random_set_zero_groups``
   and ``construct_subnet``), first called as on a CNN (``OTO call`` ``default``); when that raises,
   once more (``retry``) with what its ONNX-based tracer can follow: Hugging Face models with eager
@@ -389,12 +391,15 @@ def coverage_row(label: str, model: nn.Module, x: torch.Tensor, head_dim: int, c
             ok, err, ymax = True, 0.0, 0.0
             for inp in (x, fresh(x)):
                 y = outputs(model, inp, **ref_kwargs(model))
-                good, e = otofx.outputs_close(y, outputs(small, inp), TOL)
+                # NB: the module form is the model's class: it is called as the model is (no KV cache)
+                own = {} if isinstance(small, torch.fx.GraphModule) else ref_kwargs(small)
+                good, e = otofx.outputs_close(y, outputs(small, inp, **own), TOL)
                 ok, err = ok and good, max(err, e)
                 ymax = max([ymax] + [float(t.abs().max()) for t in torch.utils._pytree.tree_leaves(y)
                                      if isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel()])
             fewer = nparams(small) < nparams(model)
-            row.update({"exact": "yes" if ok and fewer else ("no" if not ok else "no (params)"),
+            row.update({"form": "graph" if isinstance(small, torch.fx.GraphModule) else "module",
+                        "exact": "yes" if ok and fewer else ("no" if not ok else "no (params)"),
                         "rel err": f"{err:.1e}", "max|y|": f"{ymax:.2f}",
                         "params": f"{nparams(small) / nparams(model):.2f}", "otofx s": f"{seconds:.1f}"})
         except Exception as e:  # noqa: BLE001

@@ -7,7 +7,7 @@ GraphModule) equal to the model with its zero rows removed.
 from otofx import passes  # noqa: F401  (registers the operator rules)
 from otofx.api import OTO, eval_mode, outputs_close
 from otofx.backend import register as _register_backend
-from otofx.errors import CaptureError, InputError, OTOError, VerificationError
+from otofx.errors import CaptureError, InputError, OTOError, ShapeError, VerificationError
 from otofx.optim import DHSPG, HESSO, NonFiniteGradError, OptimizerError
 from otofx.passes.registry import RuleDeclined, register_rule
 from otofx.passes.zigs import ZIG, ZigSet
@@ -16,6 +16,6 @@ from otofx.saveload import load, save
 _register_backend()  # torch.compile(model, backend="otofx")
 
 __version__ = "0.1.0"
-__all__ = ["OTO", "ZIG", "ZigSet", "OTOError", "CaptureError", "InputError", "VerificationError",
+__all__ = ["OTO", "ZIG", "ZigSet", "OTOError", "CaptureError", "InputError", "ShapeError", "VerificationError",
            "eval_mode", "outputs_close", "DHSPG", "HESSO", "OptimizerError", "NonFiniteGradError", "register_rule",
            "RuleDeclined", "save", "load"]

@@ -35,6 +35,9 @@ Internals:
     * The analysis runs on the example's concrete sizes (``sym_size`` nodes are ints on meta
       tensors); prune's size fixes keep or scale the size expressions (``batch * heads``) in view
       arguments.
+    * torch.export's input guards (the ``_guards_fn`` submodule) are wrapped in :class:`SizeGuards`:
+      an input of a size the capture left static raises :class:`otofx.errors.ShapeError` naming the
+      input, its size and the size the graph takes, not a bare ``AssertionError: Guard failed``.
     * Mode flags are ``get_attr`` nodes of ``<module path>.training`` (empty modules created where
       export kept none), set to the user's flags at capture: a frozen submodule stays frozen.
 """
@@ -52,7 +55,7 @@ import torch
 import torch.fx as fx
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
-from otofx.errors import CaptureError, InputError
+from otofx.errors import CaptureError, InputError, ShapeError
 from otofx import fxcompat
 from otofx.fxcompat import LazyGraphModule as _LazyGraphModule
 from otofx.passes.registry import FUNCTION_FORMS, MODULE_FORMS
@@ -738,8 +741,65 @@ def export_captured(model: torch.nn.Module, args: tuple, kwargs: dict) -> Captur
     return Captured(gm, args, kwargs, "export", (more,) if more is not None else ())
 
 
+class SizeGuards(torch.nn.Module):
+    """torch.export's input guards (the graph's ``_guards_fn``), raising :class:`otofx.errors.ShapeError`
+    instead of torch's bare ``AssertionError: Guard failed ...`` when an input has a size the capture
+    left static: the error names the input, its size and the size the graph takes."""
+
+    _is_impure = True  # NB: fx's dead-code elimination keeps a call_module only if its module says so
+
+    def __init__(self, guards: torch.nn.Module, inputs: tuple):
+        super().__init__()
+        self.guards = guards
+        self.inputs = inputs  # per guarded input: (name, dims: int where static, None where dynamic) or None
+
+    def forward(self, *args):
+        try:
+            return self.guards(*args)
+        except AssertionError as e:
+            if not str(e).startswith("Guard failed"):
+                raise
+            raise ShapeError(self._message(args, str(e).removeprefix("Guard failed: "))) from None
+
+    def _message(self, args, guard: str) -> str:
+        def fmt(dims):
+            return "(" + ", ".join("any" if d is None else str(d) for d in dims) + ")"
+
+        what = None
+        for a, spec in zip(args, self.inputs):
+            if spec is None or not isinstance(a, torch.Tensor):
+                continue
+            name, dims = spec
+            if a.dim() != len(dims) or any(d is not None and d != s for d, s in zip(dims, a.shape)):
+                what = (f"input '{name}' has size {tuple(a.shape)}, but this graph takes '{name}' of size "
+                        f"{fmt(dims)} only ('any': a dimension the capture made dynamic)")
+                break
+        if what is None:
+            sizes = ", ".join(f"'{s[0]}' {tuple(a.shape)}" for a, s in zip(args, self.inputs)
+                              if s is not None and isinstance(a, torch.Tensor))
+            what = f"the inputs ({sizes}) fail the size condition the capture recorded"
+        return (f"{what} (torch.export's guard: {guard}). The graph form keeps the sizes its capture left "
+                "static. For a model that takes every size the original does, use the model's own class: "
+                "oto.compress() or oto.compress(form='module'); or let the capture make image sizes dynamic "
+                "(otofx.capture.SPATIAL_FACTOR and SPATIAL_MIN_SECONDS set its time budget) and compress again.")
+
+
+def _readable_guards(gm: fx.GraphModule, ep) -> None:
+    """Wrap ``gm._guards_fn`` (torch.export's input guards) in :class:`SizeGuards`."""
+    guards = getattr(gm, "_guards_fn", None)
+    call = next(iter(gm.graph.find_nodes(op="call_module", target="_guards_fn")), None)
+    if guards is None or call is None or isinstance(guards, SizeGuards):
+        return
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    dims = _example_dims(ep)
+    by_node = {n: (n.name, tuple(d if isinstance(d, int) else None for d in e)) if e is not None else None
+               for n, e in zip(placeholders, dims)} if len(dims) == len(placeholders) else {}
+    gm._guards_fn = SizeGuards(guards, tuple(by_node.get(a) for a in call.args))
+
+
 def _finish(ep, model, captured_training: bool) -> fx.GraphModule:
     gm = _inline_grad_regions(ep.module())
+    _readable_guards(gm, ep)
     _follow_mode(gm, model, captured_training)
     # NB: export keeps values nothing reads (nn.MultiheadAttention's head-averaged weights when
     # the caller drops them); an unused mean over heads must not pin the heads. The graph is

@@ -13,5 +13,9 @@ class InputError(OTOError):
     """The example inputs or arguments do not fit the model."""
 
 
+class ShapeError(InputError):
+    """An input of a size the graph was captured static for (a graph-form model from torch.export)."""
+
+
 class VerificationError(OTOError):
     """A rewritten graph did not reproduce the original's outputs (a bug in otofx: please report it)."""

@@ -68,9 +68,9 @@ _MODULE_INTERNALS = frozenset(nn.Module().__dict__) - {"training"}
 
 def _rebuildable() -> dict:
     """otofx modules that may replace a stock one, by (module, qualname): built from ``init_kwargs()``."""
-    from otofx.passes.modules import PrunedMultiheadAttention
+    from otofx.passes.modules import PrunedMultiheadAttention, PrunedRelativeAttention, PrunedWindowAttention
 
-    return {_type_name(PrunedMultiheadAttention): PrunedMultiheadAttention}
+    return {_type_name(c): c for c in (PrunedMultiheadAttention, PrunedWindowAttention, PrunedRelativeAttention)}
 
 
 def _type_name(cls: type) -> tuple[str, str]:

@@ -7,6 +7,12 @@ computes exactly what ``nn.MultiheadAttention`` computes, with any number of hea
 stock names (``in_proj_weight`` or ``q/k/v_proj_weight``, ``in_proj_bias``, ``out_proj``,
 ``bias_k``, ``bias_v``), so the state_dict reads like the original's.
 
+torchvision's Swin window attention reads its head width as ``C // num_heads`` of its input width
+``C`` and writes ``C`` features back from the heads; MaxViT's attention writes its heads' output at
+its input width too. ``PrunedWindowAttention`` (Swin V1 and V2, :func:`window_attention`) and
+``PrunedRelativeAttention`` (MaxViT) compute the same functions with an explicit head count and head
+width, under the stock parameter names.
+
 Internals:
     * ``kept_heads`` (a buffer) holds the original index of every remaining head: a per-head
       ``attn_mask`` of shape ``[batch * num_heads_before, L, S]`` is sliced with it.
@@ -25,7 +31,16 @@ Internals:
       dropout), as the stock module does; the ``is_causal`` hint follows the stock module (the
       mask goes and the kernel masks, unless weights or a key padding mask are asked for).
     * ``init_kwargs()`` / ``PrunedMultiheadAttention.empty(**kwargs)`` describe and rebuild one without a
-      source module (uninitialised tensors of the right shapes): ``otofx.load`` uses them.
+      source module (uninitialised tensors of the right shapes): ``otofx.load`` uses them (so do the
+      window and relative attention modules).
+    * Window attention: eager Python on the input's own sizes, so any batch and image size runs
+      (padding to whole windows, the shift dropped along an axis one window covers, the shifted
+      windows' region mask built from the padded size). Swin V2's key bias is left out (the stock
+      function zeroes it on a copy), its logit scale is clamped at log(100) before ``exp``, and its
+      bias is ``16 * sigmoid`` of the position MLP's per-head output. # NB: the region mask adds
+      -100 (not -inf), as the stock function does: exactness needs the same finite value.
+    * ``kept_heads`` records the original index of each head left (a compressed model compressed
+      again keeps indexing the first model's heads).
 """
 from __future__ import annotations
 
@@ -211,3 +226,222 @@ class PrunedMultiheadAttention(nn.Module):
 
     def extra_repr(self) -> str:
         return f"num_heads={self.num_heads}, head_dim={self.head_dim}, batch_first={self.batch_first}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Shifted window attention (torchvision's Swin V1 and V2 blocks) with any head count
+# ---------------------------------------------------------------------------------------------
+
+
+def _window_regions(size: int, window: int, shift: int, device) -> torch.Tensor:
+    """Region label of each position along one padded, rolled image axis of ``size``: 0 before the last
+    window, 1 in the last window before the ``shift`` positions that the roll wrapped around, 2 in
+    those. Positions of a window with different labels (in either axis) must not attend to each other."""
+    idx = torch.arange(size, device=device)
+    return (idx >= size - window).long() + (idx >= size - shift).long()
+
+
+def window_attention(x: torch.Tensor, qkv_weight: torch.Tensor, qkv_bias, proj_weight: torch.Tensor, proj_bias,
+                     position_bias: torch.Tensor, window_size, shift_size, num_heads: int, head_dim: int,
+                     logit_scale=None, attention_dropout: float = 0.0, dropout: float = 0.0,
+                     training: bool = False) -> torch.Tensor:
+    """Swin's (shifted) window attention on ``x`` ``[B, H, W, C]`` with ``num_heads`` heads of width
+    ``head_dim`` (neither read from ``C``); returns ``[B, H, W, proj_weight.shape[0]]``.
+
+    The image is padded at the bottom/right to whole windows; the shift is dropped along an axis that
+    one window covers; with a shift, the image is rolled back by it, and positions of different
+    regions of a wrapped-around window get -100 added to their scores. ``logit_scale`` (``[heads, 1, 1]``)
+    selects Swin V2's cosine attention (its key bias is not used); otherwise scores are scaled by
+    ``head_dim ** -0.5``. ``position_bias`` is ``[1, heads, window area, window area]``.
+    """
+    B, H, W, _ = x.shape
+    wh, ww = window_size
+    pad_b, pad_r = (-H) % wh, (-W) % ww
+    x = F.pad(x, (0, 0, 0, pad_r, 0, pad_b))
+    Hp, Wp = H + pad_b, W + pad_r
+    sh = shift_size[0] if wh < Hp else 0
+    sw = shift_size[1] if ww < Wp else 0
+    shifted = sh + sw > 0
+    if shifted:
+        x = torch.roll(x, shifts=(-sh, -sw), dims=(1, 2))
+    nh, nw = Hp // wh, Wp // ww
+    area = wh * ww
+
+    def windows(t):  # [B, Hp, Wp, ...] -> [B * nh * nw, area, ...]
+        rest = t.shape[3:]
+        return t.reshape(t.shape[0], nh, wh, nw, ww, *rest).transpose(2, 3).reshape(t.shape[0] * nh * nw, area, *rest)
+
+    x = windows(x)
+    n = num_heads * head_dim
+    if logit_scale is not None and qkv_bias is not None:  # V2: no key bias
+        qkv_bias = torch.cat([qkv_bias[:n], torch.zeros_like(qkv_bias[n:2 * n]), qkv_bias[2 * n:]])
+    q, k, v = F.linear(x, qkv_weight, qkv_bias).view(x.shape[0], area, 3, num_heads, head_dim).permute(2, 0, 3, 1, 4)
+    if logit_scale is not None:
+        scores = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)
+        scores = scores * torch.clamp(logit_scale, max=math.log(100.0)).exp()
+    else:
+        scores = (q * head_dim ** -0.5) @ k.transpose(-2, -1)
+    scores = scores + position_bias
+    if shifted:
+        rows = _window_regions(Hp, wh, sh, x.device)
+        cols = _window_regions(Wp, ww, sw, x.device)
+        label = windows((rows[:, None] * 3 + cols[None, :])[None, :, :, None])[..., 0]  # [nh * nw, area]
+        mask = (label[:, None, :] != label[:, :, None]).to(scores.dtype) * -100.0  # [nW, area, area]
+        scores = (scores.view(B, nh * nw, num_heads, area, area) + mask[None, :, None]).view(-1, num_heads, area, area)
+    attn = F.dropout(scores.softmax(dim=-1), p=attention_dropout, training=training)
+    out = (attn @ v).transpose(1, 2).reshape(x.shape[0], area, n)
+    out = F.dropout(F.linear(out, proj_weight, proj_bias), p=dropout, training=training)
+    c = out.shape[-1]
+    out = out.view(B, nh, nw, wh, ww, c).transpose(2, 3).reshape(B, Hp, Wp, c)
+    if shifted:
+        out = torch.roll(out, shifts=(sh, sw), dims=(1, 2))
+    return out[:, :H, :W, :].contiguous()
+
+
+class PrunedWindowAttention(nn.Module):
+    """torchvision's ``ShiftedWindowAttention`` (``cosine=False``) or ``ShiftedWindowAttentionV2``
+    (``cosine=True``) with ``num_heads`` heads of width ``head_dim`` (any count).
+
+    Parameters and buffers keep the stock names: ``qkv``, ``proj``, ``relative_position_index``, and
+    ``relative_position_bias_table`` (``[table, heads]``), or V2's ``logit_scale`` (``[heads, 1, 1]``),
+    ``cpb_mlp`` (its last layer has one output per head) and ``relative_coords_table``.
+    """
+
+    def __init__(self, src: nn.Module, num_heads: int, head_dim: int, kept_heads: torch.Tensor, heads_before: int):
+        super().__init__()
+        self.num_heads, self.head_dim, self.heads_before = num_heads, head_dim, heads_before
+        self.window_size, self.shift_size = list(src.window_size), list(src.shift_size)
+        self.attention_dropout, self.dropout = float(src.attention_dropout), float(src.dropout)
+        self.cosine = isinstance(getattr(src, "logit_scale", None), torch.Tensor)
+        self.training = src.training
+        self.qkv, self.proj = src.qkv, src.proj
+        if self.cosine:
+            self.logit_scale = src.logit_scale
+            self.cpb_mlp = src.cpb_mlp
+            self.register_buffer("relative_coords_table", src.relative_coords_table)
+        else:
+            self.relative_position_bias_table = src.relative_position_bias_table
+        self.register_buffer("relative_position_index", src.relative_position_index)
+        self.register_buffer("kept_heads", kept_heads.clone(), persistent=True)
+
+    @classmethod
+    def empty(cls, *, num_heads: int, head_dim: int, heads_before: int, in_features: int, out_features: int,
+              window_size, shift_size, cosine: bool, qkv_bias: bool, proj_bias: bool, cpb_hidden: int = 0,
+              attention_dropout: float = 0.0, dropout: float = 0.0, device=None, dtype=None) -> "PrunedWindowAttention":
+        """A module of these widths with uninitialised tensors, ready for a state_dict."""
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        kw = {"device": device, "dtype": dtype}
+        n = num_heads * head_dim
+        self.num_heads, self.head_dim, self.heads_before = num_heads, head_dim, heads_before
+        self.window_size, self.shift_size = list(window_size), list(shift_size)
+        self.attention_dropout, self.dropout, self.cosine = attention_dropout, dropout, cosine
+        self.qkv = nn.Linear(in_features, 3 * n, bias=qkv_bias, **kw)
+        self.proj = nn.Linear(n, out_features, bias=proj_bias, **kw)
+        table = (2 * window_size[0] - 1) * (2 * window_size[1] - 1)
+        if cosine:
+            self.logit_scale = nn.Parameter(torch.empty(num_heads, 1, 1, **kw))
+            self.cpb_mlp = nn.Sequential(nn.Linear(2, cpb_hidden, **kw), nn.ReLU(inplace=True),
+                                         nn.Linear(cpb_hidden, num_heads, bias=False, **kw))
+            self.register_buffer("relative_coords_table",
+                                 torch.empty(1, 2 * window_size[0] - 1, 2 * window_size[1] - 1, 2, **kw))
+        else:
+            self.relative_position_bias_table = nn.Parameter(torch.empty(table, num_heads, **kw))
+        area = window_size[0] * window_size[1]
+        self.register_buffer("relative_position_index", torch.empty(area * area, dtype=torch.long, device=device))
+        self.register_buffer("kept_heads", torch.empty(num_heads, dtype=torch.long, device=device), persistent=True)
+        return self
+
+    def init_kwargs(self) -> dict:
+        """The arguments of :meth:`empty` that rebuild this module's structure (simple values only)."""
+        return {"num_heads": self.num_heads, "head_dim": self.head_dim, "heads_before": self.heads_before,
+                "in_features": int(self.qkv.weight.shape[1]), "out_features": int(self.proj.weight.shape[0]),
+                "window_size": [int(s) for s in self.window_size], "shift_size": [int(s) for s in self.shift_size],
+                "cosine": bool(self.cosine), "qkv_bias": self.qkv.bias is not None,
+                "proj_bias": self.proj.bias is not None,
+                "cpb_hidden": int(self.cpb_mlp[0].weight.shape[0]) if self.cosine else 0,
+                "attention_dropout": float(self.attention_dropout), "dropout": float(self.dropout)}
+
+    def position_bias(self) -> torch.Tensor:
+        """``[1, heads, area, area]``: the table's (V1) or the position MLP's (V2, ``16 * sigmoid``) entry
+        of every query/key offset in a window."""
+        area = self.window_size[0] * self.window_size[1]
+        table = self.cpb_mlp(self.relative_coords_table).view(-1, self.num_heads) if self.cosine \
+            else self.relative_position_bias_table
+        bias = table[self.relative_position_index].view(area, area, self.num_heads).permute(2, 0, 1).unsqueeze(0)
+        return 16 * torch.sigmoid(bias) if self.cosine else bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return window_attention(x, self.qkv.weight, self.qkv.bias, self.proj.weight, self.proj.bias,
+                                self.position_bias(), self.window_size, self.shift_size, self.num_heads,
+                                self.head_dim, logit_scale=self.logit_scale if self.cosine else None,
+                                attention_dropout=self.attention_dropout, dropout=self.dropout,
+                                training=self.training)
+
+    def extra_repr(self) -> str:
+        return (f"num_heads={self.num_heads}, head_dim={self.head_dim}, window_size={self.window_size}, "
+                f"shift_size={self.shift_size}, cosine={self.cosine}")
+
+
+# ---------------------------------------------------------------------------------------------
+# MaxViT's relative-position attention (torchvision) with any head count
+# ---------------------------------------------------------------------------------------------
+
+
+class PrunedRelativeAttention(nn.Module):
+    """torchvision MaxViT's ``RelativePositionalMultiHeadAttention`` with ``n_heads`` heads of width
+    ``head_dim`` (any count): the stock module writes its attention output back at its input width,
+    which holds only while every head is there.
+
+    Input ``[B, G, P, D]`` (G windows or grid cells of P positions); the packed projection ``to_qkv``
+    holds q, k and v one after the other, each ``n_heads * head_dim`` wide; keys are scaled by
+    ``scale_factor`` (the stock ``D ** -0.5`` of the original width), the per-head bias table is
+    gathered by ``relative_position_index``, and ``merge`` reads the heads' outputs. Parameter names
+    are the stock ones.
+    """
+
+    def __init__(self, src: nn.Module, n_heads: int, head_dim: int, kept_heads: torch.Tensor, heads_before: int):
+        super().__init__()
+        self.n_heads, self.head_dim, self.heads_before = n_heads, head_dim, heads_before
+        self.size, self.max_seq_len, self.scale_factor = int(src.size), int(src.max_seq_len), float(src.scale_factor)
+        self.training = src.training
+        self.to_qkv, self.merge = src.to_qkv, src.merge
+        self.relative_position_bias_table = src.relative_position_bias_table
+        self.register_buffer("relative_position_index", src.relative_position_index)
+        self.register_buffer("kept_heads", kept_heads.clone(), persistent=True)
+
+    @classmethod
+    def empty(cls, *, n_heads: int, head_dim: int, heads_before: int, in_features: int, out_features: int, size: int,
+              max_seq_len: int, scale_factor: float, device=None, dtype=None) -> "PrunedRelativeAttention":
+        """A module of these widths with uninitialised tensors, ready for a state_dict."""
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        kw = {"device": device, "dtype": dtype}
+        n = n_heads * head_dim
+        self.n_heads, self.head_dim, self.heads_before = n_heads, head_dim, heads_before
+        self.size, self.max_seq_len, self.scale_factor = size, max_seq_len, scale_factor
+        self.to_qkv = nn.Linear(in_features, 3 * n, **kw)
+        self.merge = nn.Linear(n, out_features, **kw)
+        self.relative_position_bias_table = nn.Parameter(torch.empty((2 * size - 1) ** 2, n_heads, **kw))
+        self.register_buffer("relative_position_index", torch.empty(size * size, size * size, dtype=torch.long,
+                                                                    device=device))
+        self.register_buffer("kept_heads", torch.empty(n_heads, dtype=torch.long, device=device), persistent=True)
+        return self
+
+    def init_kwargs(self) -> dict:
+        """The arguments of :meth:`empty` that rebuild this module's structure (simple values only)."""
+        return {"n_heads": self.n_heads, "head_dim": self.head_dim, "heads_before": self.heads_before,
+                "in_features": int(self.to_qkv.weight.shape[1]), "out_features": int(self.merge.weight.shape[0]),
+                "size": self.size, "max_seq_len": self.max_seq_len, "scale_factor": self.scale_factor}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, G, P, _ = x.shape
+        H, DH = self.n_heads, self.head_dim
+        q, k, v = self.to_qkv(x).view(B, G, P, 3, H, DH).permute(3, 0, 1, 4, 2, 5)  # each [B, G, H, P, DH]
+        bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]
+        bias = bias.view(self.max_seq_len, self.max_seq_len, H).permute(2, 0, 1).unsqueeze(0)
+        attn = (q @ (k * self.scale_factor).transpose(-2, -1) + bias).softmax(dim=-1)
+        return self.merge((attn @ v).permute(0, 1, 3, 2, 4).reshape(B, G, P, H * DH))
+
+    def extra_repr(self) -> str:
+        return f"n_heads={self.n_heads}, head_dim={self.head_dim}, max_seq_len={self.max_seq_len}"

@@ -5,7 +5,9 @@ makes every module's attributes agree with its new tensors, so the user's own ``
 the smaller model. ``resize(module, change)`` looks the module's type up in a small registry
 (``Linear.in_features``, ``Conv2d.groups``, ``BatchNorm2d.num_features`` ...) and may return a
 replacement module (``nn.MultiheadAttention`` cannot hold a pruned head count:
-``PrunedMultiheadAttention`` takes its place). ``resync_counts(module, scope)`` then updates the
+``PrunedMultiheadAttention`` takes its place; torchvision's Swin and MaxViT attention modules become
+``PrunedWindowAttention`` and ``PrunedRelativeAttention``, their heads read from the per-head bias
+table or logit scale the analysis sliced). ``resync_counts(module, scope)`` then updates the
 width and head-count attributes that attention and MLP blocks keep for their ``forward``
 (``num_heads``, ``split_size``, ``all_head_size``, ``inner_dim`` ...), from the widths that
 changed under the module and the head blocks the analysis found.
@@ -34,7 +36,7 @@ import torch.nn as nn
 
 from otofx.errors import OTOError
 
-from .modules import PrunedMultiheadAttention
+from .modules import PrunedMultiheadAttention, PrunedRelativeAttention, PrunedWindowAttention
 
 
 class ResizeError(OTOError):
@@ -225,6 +227,81 @@ def pruned_multihead_attention(m: PrunedMultiheadAttention, change: Change):
     if len(kept) != m.num_heads:
         m.num_heads = len(kept)
         m.kept_heads = m.kept_heads[torch.from_numpy(kept)]
+
+
+def _window_heads(m: nn.Module, change: Change) -> tuple:
+    """(per-head tensor name, its head axis, original indices of the heads left) of a window attention
+    module: V2's ``logit_scale`` ``[heads, 1, 1]`` or V1's ``relative_position_bias_table`` ``[table, heads]``."""
+    name, dim = ("logit_scale", 0) if isinstance(getattr(m, "logit_scale", None), torch.Tensor) \
+        else ("relative_position_bias_table", 1)
+    keep = change.keep.get(name, {}).get(dim)
+    return name, dim, np.arange(change.old[name][dim]) if keep is None else keep
+
+
+@resizer("torchvision.models.swin_transformer.ShiftedWindowAttention",
+         "torchvision.models.swin_transformer.ShiftedWindowAttentionV2")
+def shifted_window_attention(m: nn.Module, change: Change):
+    """torchvision's Swin window attention (V1, V2): replaced by PrunedWindowAttention when heads go.
+
+    # NB: the stock function reads the head width as ``C // num_heads`` of its input width ``C`` and
+    # writes ``C`` features back from the heads, neither of which holds once heads are removed; the
+    # head width is the original one (the input width, a LayerNorm's, is never pruned)
+    """
+    name, _, kept = _window_heads(m, change)
+    before = m.num_heads
+    width, in_features = m.qkv.weight.shape
+    if len(kept) == before and width == 3 * in_features:
+        return None
+    head_dim = in_features // before
+    if in_features % before or width != 3 * len(kept) * head_dim or m.proj.weight.shape[1] != len(kept) * head_dim:
+        raise ResizeError(f"its q/k/v ({width} rows) and projection ({m.proj.weight.shape[1]} inputs) are not "
+                          f"{len(kept)} whole heads of width {head_dim} (the heads left in '{name}')")
+    return PrunedWindowAttention(m, len(kept), head_dim, torch.from_numpy(kept).to(m.qkv.weight.device), before)
+
+
+@resizer(PrunedWindowAttention)
+def pruned_window_attention(m: PrunedWindowAttention, change: Change):
+    """PrunedWindowAttention (a compressed Swin compressed again): num_heads and the original indices of the heads left."""
+    name, _, kept = _window_heads(m, change)
+    if len(kept) != m.num_heads:
+        if m.qkv.weight.shape[0] != 3 * len(kept) * m.head_dim:
+            raise ResizeError(f"its q/k/v ({m.qkv.weight.shape[0]} rows) are not {len(kept)} whole heads of width "
+                              f"{m.head_dim} (the heads left in '{name}')")
+        m.num_heads = len(kept)
+        m.kept_heads = m.kept_heads[torch.from_numpy(kept).to(m.kept_heads.device)]
+
+
+def _table_heads(change: Change, heads: int) -> np.ndarray:
+    """Original indices of the heads left in a ``[table, heads]`` relative position bias table."""
+    keep = change.keep.get("relative_position_bias_table", {}).get(1)
+    return np.arange(heads) if keep is None else keep
+
+
+@resizer("torchvision.models.maxvit.RelativePositionalMultiHeadAttention")
+def relative_positional_attention(m: nn.Module, change: Change):
+    """torchvision MaxViT's attention: replaced by PrunedRelativeAttention when heads go (the stock
+    forward writes its output back at the input width)."""
+    before = change.old["relative_position_bias_table"][1]
+    kept = _table_heads(change, before)
+    width = m.to_qkv.weight.shape[0]
+    if len(kept) == before and width == 3 * before * m.head_dim:
+        return None
+    if width != 3 * len(kept) * m.head_dim or m.merge.weight.shape[1] != len(kept) * m.head_dim:
+        raise ResizeError(f"its q/k/v ({width} rows) and merge ({m.merge.weight.shape[1]} inputs) are not "
+                          f"{len(kept)} whole heads of width {m.head_dim} (the heads left in its bias table)")
+    return PrunedRelativeAttention(m, len(kept), m.head_dim, torch.from_numpy(kept).to(m.to_qkv.weight.device), before)
+
+
+@resizer(PrunedRelativeAttention)
+def pruned_relative_attention(m: PrunedRelativeAttention, change: Change):
+    """PrunedRelativeAttention (a compressed MaxViT compressed again): n_heads and the original indices of the heads left."""
+    kept = _table_heads(change, m.n_heads)
+    if len(kept) != m.n_heads:
+        if m.to_qkv.weight.shape[0] != 3 * len(kept) * m.head_dim:
+            raise ResizeError(f"its q/k/v ({m.to_qkv.weight.shape[0]} rows) are not {len(kept)} whole heads of width "
+                              f"{m.head_dim} (the heads left in its bias table)")
+        m.n_heads = len(kept)
+        m.kept_heads = m.kept_heads[torch.from_numpy(kept).to(m.kept_heads.device)]
 
 
 # ---------------------------------------------------------------------------------------------
