@@ -741,12 +741,11 @@ def export_captured(model: torch.nn.Module, args: tuple, kwargs: dict) -> Captur
     return Captured(gm, args, kwargs, "export", (more,) if more is not None else ())
 
 
+@fxcompat.mark_impure  # NB: fx's dead-code elimination keeps a call_module only if its module says so
 class SizeGuards(torch.nn.Module):
     """torch.export's input guards (the graph's ``_guards_fn``), raising :class:`otofx.errors.ShapeError`
     instead of torch's bare ``AssertionError: Guard failed ...`` when an input has a size the capture
     left static: the error names the input, its size and the size the graph takes."""
-
-    _is_impure = True  # NB: fx's dead-code elimination keeps a call_module only if its module says so
 
     def __init__(self, guards: torch.nn.Module, inputs: tuple):
         super().__init__()
@@ -786,15 +785,14 @@ class SizeGuards(torch.nn.Module):
 
 def _readable_guards(gm: fx.GraphModule, ep) -> None:
     """Wrap ``gm._guards_fn`` (torch.export's input guards) in :class:`SizeGuards`."""
-    guards = getattr(gm, "_guards_fn", None)
-    call = next(iter(gm.graph.find_nodes(op="call_module", target="_guards_fn")), None)
+    guards, call = fxcompat.export_guards(gm)
     if guards is None or call is None or isinstance(guards, SizeGuards):
         return
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     dims = _example_dims(ep)
     by_node = {n: (n.name, tuple(d if isinstance(d, int) else None for d in e)) if e is not None else None
                for n, e in zip(placeholders, dims)} if len(dims) == len(placeholders) else {}
-    gm._guards_fn = SizeGuards(guards, tuple(by_node.get(a) for a in call.args))
+    fxcompat.set_export_guards(gm, SizeGuards(guards, tuple(by_node.get(a) for a in call.args)))
 
 
 def _finish(ep, model, captured_training: bool) -> fx.GraphModule:

@@ -95,6 +95,27 @@ def set_buffer_persistent(module: torch.nn.Module, name: str, persistent: bool) 
         module._non_persistent_buffers_set.add(name)
 
 
+EXPORT_GUARDS = "_guards_fn"  # torch.export's input-guard submodule of ``ExportedProgram.module()`` (2.9+)
+
+
+def export_guards(gm: fx.GraphModule):
+    """``(module, call_node)`` of an exported module's input guards, or ``(None, None)`` without them."""
+    call = next(iter(gm.graph.find_nodes(op="call_module", target=EXPORT_GUARDS)), None)
+    return getattr(gm, EXPORT_GUARDS, None), call
+
+
+def set_export_guards(gm: fx.GraphModule, guards: torch.nn.Module) -> None:
+    """Replace the input guards of an exported module by ``guards`` (called with the same arguments)."""
+    setattr(gm, EXPORT_GUARDS, guards)
+
+
+def mark_impure(cls: type) -> type:
+    """Make fx's dead-code elimination keep every ``call_module`` of ``cls`` (``Node.is_impure`` reads the
+    module's ``_is_impure``), as it keeps torch.export's own guard module."""
+    cls._is_impure = True
+    return cls
+
+
 def grapharg_source(node: fx.Node) -> str:
     """Dynamo's source of a placeholder as text (``L['self']._modules['fc']._parameters['weight']``), or ``""``.
 

@@ -88,3 +88,26 @@ def test_buffer_persistence_round_trip():
     fxcompat.set_buffer_persistent(m, "a", False)
     fxcompat.set_buffer_persistent(m, "b", True)
     assert set(m.state_dict()) == {"b"}
+
+
+def test_export_guards_are_found_and_kept_by_dead_code_elimination():
+    m = nn.Linear(4, 3)
+    gm = torch.export.export(m, (torch.randn(2, 4),)).module()
+    guards, call = fxcompat.export_guards(gm)
+    assert guards is not None and call is not None and call.target == fxcompat.EXPORT_GUARDS
+
+    @fxcompat.mark_impure
+    class Wrapped(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, *args):
+            return self.inner(*args)
+
+    fxcompat.set_export_guards(gm, Wrapped(guards))
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    assert isinstance(fxcompat.export_guards(gm)[0], Wrapped) and fxcompat.export_guards(gm)[1] is not None
+    with pytest.raises(AssertionError, match="Guard failed"):
+        gm(torch.randn(2, 5))
