@@ -383,6 +383,116 @@ class PrunedWindowAttention(nn.Module):
                 f"shift_size={self.shift_size}, cosine={self.cosine}")
 
 
+def window_attention_3d(x: torch.Tensor, qkv_weight: torch.Tensor, qkv_bias, proj_weight: torch.Tensor, proj_bias,
+                        table: torch.Tensor, index: torch.Tensor, window_size, shift_size, num_heads: int,
+                        head_dim: int, attention_dropout: float = 0.0, dropout: float = 0.0,
+                        training: bool = False) -> torch.Tensor:
+    """Video Swin's (shifted) window attention on ``x`` ``[B, T, H, W, C]`` with ``num_heads`` heads of
+    width ``head_dim`` (neither read from ``C``); returns ``[B, T, H, W, proj_weight.shape[0]]``.
+
+    Along an axis of at most one window, the window shrinks to the axis and does not shift; the
+    volume is padded at the end of each axis to whole windows and rolled back by the shift; positions
+    of different regions of a wrapped-around window get -100 added to their scores. The position bias
+    of a window of volume ``v`` is ``table[index[:v, :v]]`` per head (``table`` ``[entries, heads]``),
+    also for a shrunk window, as torchvision's video Swin reads it.
+    """
+    B, T, H, W, _ = x.shape
+    size = (T, H, W)
+    win = [s if s <= w else w for s, w in zip(size, window_size)]
+    shift = [0 if s <= w else sh for s, w, sh in zip(size, window_size, shift_size)]
+    pads = [(-s) % w for s, w in zip(size, win)]
+    x = F.pad(x, (0, 0, 0, pads[2], 0, pads[1], 0, pads[0]))
+    padded = [s + p for s, p in zip(size, pads)]
+    shifted = sum(shift) > 0
+    if shifted:
+        x = torch.roll(x, shifts=tuple(-s for s in shift), dims=(1, 2, 3))
+    n = [p // w for p, w in zip(padded, win)]
+    vol = win[0] * win[1] * win[2]
+
+    def windows(t):  # [B, T', H', W', ...] -> [B * windows, vol, ...]
+        rest = t.shape[4:]
+        t = t.reshape(t.shape[0], n[0], win[0], n[1], win[1], n[2], win[2], *rest)
+        t = t.permute(0, 1, 3, 5, 2, 4, 6, *range(7, 7 + len(rest)))
+        return t.reshape(t.shape[0] * n[0] * n[1] * n[2], vol, *rest)
+
+    x = windows(x)
+    width = num_heads * head_dim
+    q, k, v = F.linear(x, qkv_weight, qkv_bias).view(x.shape[0], vol, 3, num_heads, head_dim).permute(2, 0, 3, 1, 4)
+    scores = (q * head_dim ** -0.5) @ k.transpose(-2, -1)
+    scores = scores + table[index[:vol, :vol].flatten()].view(vol, vol, num_heads).permute(2, 0, 1).unsqueeze(0)
+    if shifted:
+        t, h, w = (_window_regions(p, wi, sh, x.device) for p, wi, sh in zip(padded, win, shift))
+        label = windows((t[:, None, None] * 9 + h[None, :, None] * 3 + w[None, None, :])[None, ..., None])[..., 0]
+        mask = (label[:, None, :] != label[:, :, None]).to(scores.dtype) * -100.0  # [windows, vol, vol]
+        scores = (scores.view(B, -1, num_heads, vol, vol) + mask[None, :, None]).view(-1, num_heads, vol, vol)
+    attn = F.dropout(scores.softmax(dim=-1), p=attention_dropout, training=training)
+    out = (attn @ v).transpose(1, 2).reshape(x.shape[0], vol, width)
+    out = F.dropout(F.linear(out, proj_weight, proj_bias), p=dropout, training=training)
+    c = out.shape[-1]
+    out = out.view(B, n[0], n[1], n[2], win[0], win[1], win[2], c).permute(0, 1, 4, 2, 5, 3, 6, 7)
+    out = out.reshape(B, padded[0], padded[1], padded[2], c)
+    if shifted:
+        out = torch.roll(out, shifts=tuple(shift), dims=(1, 2, 3))
+    return out[:, :T, :H, :W, :].contiguous()
+
+
+class PrunedWindowAttention3d(nn.Module):
+    """torchvision video Swin's ``ShiftedWindowAttention3d`` with ``num_heads`` heads of width ``head_dim``
+    (any count). Parameters and buffers keep the stock names: ``qkv``, ``proj``,
+    ``relative_position_bias_table`` (``[table, heads]``) and ``relative_position_index``
+    (``[volume, volume]``)."""
+
+    def __init__(self, src: nn.Module, num_heads: int, head_dim: int, kept_heads: torch.Tensor, heads_before: int):
+        super().__init__()
+        self.num_heads, self.head_dim, self.heads_before = num_heads, head_dim, heads_before
+        self.window_size, self.shift_size = list(src.window_size), list(src.shift_size)
+        self.attention_dropout, self.dropout = float(src.attention_dropout), float(src.dropout)
+        self.training = src.training
+        self.qkv, self.proj = src.qkv, src.proj
+        self.relative_position_bias_table = src.relative_position_bias_table
+        self.register_buffer("relative_position_index", src.relative_position_index)
+        self.register_buffer("kept_heads", kept_heads.clone(), persistent=True)
+
+    @classmethod
+    def empty(cls, *, num_heads: int, head_dim: int, heads_before: int, in_features: int, out_features: int,
+              window_size, shift_size, qkv_bias: bool, proj_bias: bool, attention_dropout: float = 0.0,
+              dropout: float = 0.0, device=None, dtype=None) -> "PrunedWindowAttention3d":
+        """A module of these widths with uninitialised tensors, ready for a state_dict."""
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        kw = {"device": device, "dtype": dtype}
+        n = num_heads * head_dim
+        self.num_heads, self.head_dim, self.heads_before = num_heads, head_dim, heads_before
+        self.window_size, self.shift_size = list(window_size), list(shift_size)
+        self.attention_dropout, self.dropout = attention_dropout, dropout
+        self.qkv = nn.Linear(in_features, 3 * n, bias=qkv_bias, **kw)
+        self.proj = nn.Linear(n, out_features, bias=proj_bias, **kw)
+        table = (2 * window_size[0] - 1) * (2 * window_size[1] - 1) * (2 * window_size[2] - 1)
+        self.relative_position_bias_table = nn.Parameter(torch.empty(table, num_heads, **kw))
+        vol = window_size[0] * window_size[1] * window_size[2]
+        self.register_buffer("relative_position_index", torch.empty(vol, vol, dtype=torch.long, device=device))
+        self.register_buffer("kept_heads", torch.empty(num_heads, dtype=torch.long, device=device), persistent=True)
+        return self
+
+    def init_kwargs(self) -> dict:
+        """The arguments of :meth:`empty` that rebuild this module's structure (simple values only)."""
+        return {"num_heads": self.num_heads, "head_dim": self.head_dim, "heads_before": self.heads_before,
+                "in_features": int(self.qkv.weight.shape[1]), "out_features": int(self.proj.weight.shape[0]),
+                "window_size": [int(s) for s in self.window_size], "shift_size": [int(s) for s in self.shift_size],
+                "qkv_bias": self.qkv.bias is not None, "proj_bias": self.proj.bias is not None,
+                "attention_dropout": float(self.attention_dropout), "dropout": float(self.dropout)}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return window_attention_3d(x, self.qkv.weight, self.qkv.bias, self.proj.weight, self.proj.bias,
+                                   self.relative_position_bias_table, self.relative_position_index,
+                                   self.window_size, self.shift_size, self.num_heads, self.head_dim,
+                                   attention_dropout=self.attention_dropout, dropout=self.dropout,
+                                   training=self.training)
+
+    def extra_repr(self) -> str:
+        return f"num_heads={self.num_heads}, head_dim={self.head_dim}, window_size={self.window_size}, shift_size={self.shift_size}"
+
+
 # ---------------------------------------------------------------------------------------------
 # MaxViT's relative-position attention (torchvision) with any head count
 # ---------------------------------------------------------------------------------------------

@@ -5,8 +5,8 @@ makes every module's attributes agree with its new tensors, so the user's own ``
 the smaller model. ``resize(module, change)`` looks the module's type up in a small registry
 (``Linear.in_features``, ``Conv2d.groups``, ``BatchNorm2d.num_features`` ...) and may return a
 replacement module (``nn.MultiheadAttention`` cannot hold a pruned head count:
-``PrunedMultiheadAttention`` takes its place; torchvision's Swin and MaxViT attention modules become
-``PrunedWindowAttention`` and ``PrunedRelativeAttention``, their heads read from the per-head bias
+``PrunedMultiheadAttention`` takes its place; torchvision's Swin (image and video) and MaxViT attention
+modules become ``PrunedWindowAttention`` (``PrunedWindowAttention3d``) and ``PrunedRelativeAttention``, their heads read from the per-head bias
 table or logit scale the analysis sliced). ``resync_counts(module, scope)`` then updates the
 width and head-count attributes that attention and MLP blocks keep for their ``forward``
 (``num_heads``, ``split_size``, ``all_head_size``, ``inner_dim`` ...), from the widths that
@@ -36,7 +36,7 @@ import torch.nn as nn
 
 from otofx.errors import OTOError
 
-from .modules import PrunedMultiheadAttention, PrunedRelativeAttention, PrunedWindowAttention
+from .modules import PrunedMultiheadAttention, PrunedRelativeAttention, PrunedWindowAttention, PrunedWindowAttention3d
 
 
 class ResizeError(OTOError):
@@ -239,7 +239,8 @@ def _window_heads(m: nn.Module, change: Change) -> tuple:
 
 
 @resizer("torchvision.models.swin_transformer.ShiftedWindowAttention",
-         "torchvision.models.swin_transformer.ShiftedWindowAttentionV2")
+         "torchvision.models.swin_transformer.ShiftedWindowAttentionV2",
+         "torchvision.models.video.swin_transformer.ShiftedWindowAttention3d")
 def shifted_window_attention(m: nn.Module, change: Change):
     """torchvision's Swin window attention (V1, V2): replaced by PrunedWindowAttention when heads go.
 
@@ -256,10 +257,11 @@ def shifted_window_attention(m: nn.Module, change: Change):
     if in_features % before or width != 3 * len(kept) * head_dim or m.proj.weight.shape[1] != len(kept) * head_dim:
         raise ResizeError(f"its q/k/v ({width} rows) and projection ({m.proj.weight.shape[1]} inputs) are not "
                           f"{len(kept)} whole heads of width {head_dim} (the heads left in '{name}')")
-    return PrunedWindowAttention(m, len(kept), head_dim, torch.from_numpy(kept).to(m.qkv.weight.device), before)
+    cls = PrunedWindowAttention3d if len(m.window_size) == 3 else PrunedWindowAttention
+    return cls(m, len(kept), head_dim, torch.from_numpy(kept).to(m.qkv.weight.device), before)
 
 
-@resizer(PrunedWindowAttention)
+@resizer(PrunedWindowAttention, PrunedWindowAttention3d)
 def pruned_window_attention(m: PrunedWindowAttention, change: Change):
     """PrunedWindowAttention (a compressed Swin compressed again): num_heads and the original indices of the heads left."""
     name, _, kept = _window_heads(m, change)

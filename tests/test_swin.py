@@ -225,3 +225,62 @@ def test_maxvit_is_its_own_class_exact_and_saveable(tmp_path):
 
 def _path_of(root, module) -> str:
     return next(n for n, m in root.named_modules() if m is module)
+
+
+# -- video Swin (torchvision's SwinTransformer3d) -----------------------------------------------------
+
+
+def _swin3d(seed: int = 0, stochastic_depth: float = 0.0):
+    from torchvision.models.video.swin_transformer import ShiftedWindowAttention3d, SwinTransformer3d
+
+    torch.manual_seed(seed)
+    model = SwinTransformer3d(patch_size=[2, 4, 4], embed_dim=16, depths=[2, 2], num_heads=[2, 4],
+                              window_size=[2, 4, 4], num_classes=10, stochastic_depth_prob=stochastic_depth)
+    randomize(model.eval(), seed=seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, ShiftedWindowAttention3d):
+                m.relative_position_bias_table.normal_()
+    return model
+
+
+def _features(model, x, train: bool = False):
+    """The normalised features before pooling (the pooled logits average a wrong head away)."""
+    out = {}
+    hook = model.norm.register_forward_hook(lambda mod, args, y: out.setdefault("y", y))
+    try:
+        _out(model, x, train)
+    finally:
+        hook.remove()
+    return out["y"]
+
+
+def test_video_swin_is_its_own_class_at_any_size_and_saveable(tmp_path):
+    """Clips of other lengths and sizes: padded, and along an axis of at most one window the window
+    shrinks to it (and the bias of its smaller volume is read), as torchvision's video Swin does."""
+    from torchvision.models.video.swin_transformer import SwinTransformer3d
+
+    from otofx import capture
+    from otofx.passes.modules import PrunedWindowAttention3d
+
+    model = _swin3d(stochastic_depth=0.5)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(capture, "SPATIAL_FACTOR", 0.0)
+        oto = otofx.OTO(model, torch.randn(1, 3, 8, 32, 32))
+        _zero_first_half(model, oto)
+        small = oto.compress()
+    assert type(small) is SwinTransformer3d and n_params(small) < n_params(model)
+    attns = [m for m in small.modules() if isinstance(m, PrunedWindowAttention3d)]
+    assert sorted(a.num_heads for a in attns) == [1, 1, 2, 2]
+    assert all(a.kept_heads.tolist() == list(range(a.heads_before // 2, a.heads_before)) for a in attns)
+    for shape in ((1, 3, 8, 32, 32), (2, 3, 8, 32, 32), (1, 3, 6, 40, 24), (1, 3, 2, 16, 16)):
+        x = torch.randn(shape)
+        assert max_rel_diff(_features(model, x), _features(small, x)) <= RTOL, shape
+    x = torch.randn(2, 3, 4, 32, 32)
+    train = _features(model, x, train=True)
+    assert max_rel_diff(train, _features(model, x)) > 1e-2  # stochastic depth is on
+    assert max_rel_diff(train, _features(small, x, train=True)) <= RTOL
+    otofx.save(small, tmp_path / "swin3d")
+    loaded = otofx.load(tmp_path / "swin3d", model=_swin3d(seed=5))
+    assert type(loaded.get_submodule(_path_of(small, attns[0]))) is PrunedWindowAttention3d
+    assert max_rel_diff(_features(small, x), _features(loaded, x)) <= 1e-6
