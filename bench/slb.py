@@ -33,6 +33,15 @@ quantised weight and the model's packed size against float32 (``otofx.slb.size_r
 table pairs SLB and STE by seed (same initialisation and batch order): the accuracy difference per
 seed, its mean, and the mean loss difference.
 
+Tuning options (all off by default; what they do is the same for SLB and STE unless named so):
+``--q-opt adam --q-lr LR`` trains the quantised layers' own tensors (SLB's logits, STE's latent float
+weights: ``latent_weights``) with Adam at LR (the reference's ImageNet recipe is Adam 1e-3) beside the
+float parameters' SGD, on the same lr schedule; ``--ste-q-opt``/``--ste-q-lr`` set STE's apart.
+``--warm-start TAU0`` starts SLB and STE from the FP model of the same seed (SLB's logits
+``A_j = -(W/s - v_j)^2 / TAU0``, our addition) and trains them ``--epochs`` more (``--warm-lr``):
+twice the epochs of a from-scratch run. ``--calibration-batches`` limits state BN. ``--no-slb``
+runs FP and STE only.
+
 ``--val`` sets the test set aside and trains on three quarters of the training set, reporting on the
 remaining quarter (stratified, fixed): the split on which the default settings were chosen
 (``bench/RESULTS.md`` section 9).
@@ -146,11 +155,14 @@ def run(model: str, method: str, bits: int | None, seed: int, args, anneal: bool
     qparams = [p for p in m.parameters() if id(p) in latent]
     # SLB's logits: --logit-wd, lr x --logit-lr-mult (SGD); STE's latent weights: those of the float layers
     q_wd, q_lr = (args.logit_wd, lr * args.logit_lr_mult) if method == "slb" else (1e-4, lr)
-    if args.q_lr is not None:
-        q_lr = args.q_lr
+    q_opt, given_lr = args.q_opt, args.q_lr
+    if method == "ste":
+        q_opt, given_lr = args.ste_q_opt or q_opt, args.ste_q_lr if args.ste_q_lr is not None else given_lr
+    if given_lr is not None:
+        q_lr = given_lr
     groups = [{"params": rest, "weight_decay": 1e-4}]
     opts = []
-    if qparams and args.q_opt == "adam":
+    if qparams and q_opt == "adam":
         opts.append(torch.optim.Adam(qparams, lr=q_lr, weight_decay=q_wd))
     elif qparams:
         groups.append({"params": qparams, "weight_decay": q_wd, "lr": q_lr})
@@ -210,6 +222,8 @@ def main(argv=None) -> int:
     ap.add_argument("--q-lr", type=float, default=None,
                     help="lr of SLB's logits and of STE's latent weights (default: as the float parameters, "
                          "the logits times --logit-lr-mult)")
+    ap.add_argument("--ste-q-opt", choices=["sgd", "adam"], default=None, help="STE's own --q-opt (default: --q-opt)")
+    ap.add_argument("--ste-q-lr", type=float, default=None, help="STE's own --q-lr (default: --q-lr)")
     ap.add_argument("--warm-start", type=float, default=None, metavar="TAU0",
                     help="start SLB and STE from the FP model of the same seed (trained --epochs first), "
                          "SLB's logits A_j = -(W/s - v_j)^2/TAU0; both then train --epochs more")
@@ -237,6 +251,7 @@ def main(argv=None) -> int:
           f"{'validation split' if args.val else 'test split'}, layers {args.layers or 'default'}, bits {args.bits}, "
           f"ablations at {args.ablation_bits}; latent weights {args.q_opt}"
           f"{'' if args.q_lr is None else f' lr {args.q_lr:g}'}"
+          f"{'' if args.ste_q_opt is None and args.ste_q_lr is None else f' (STE: {args.ste_q_opt or args.q_opt} lr {args.ste_q_lr if args.ste_q_lr is not None else args.q_lr})'}"
           f"{'' if args.warm_start is None else f', warm start from FP tau0 {args.warm_start:g} (lr {args.warm_lr or args.lr:g})'}"
           f"{'' if args.calibration_batches is None else f', state BN {args.calibration_batches} batches'}"
           f"; load average before {' '.join(f'{v:.2f}' for v in os.getloadavg())}",
