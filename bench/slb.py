@@ -52,6 +52,8 @@ Run (README)::
     python bench/slb.py --quick    # 1 seed, 10 epochs: a smoke run
     python bench/slb.py --models mlp --layers all --bits 1 2 --ablation-bits   # every layer low-bit
     python bench/slb.py --val --models cnn --bits 1 2 --ablation-bits         # selection on validation data
+    python bench/slb.py --models cnn --q-opt adam --q-lr 1e-3 --t-end 0.8 --ste-q-opt sgd --ste-q-lr 0.03
+        # the CNN's settings chosen on validation data for each method (RESULTS section 9)
 
 Internals:
     * One intra-op thread; seeds change initialisation and batch order, not the split.
