@@ -299,8 +299,9 @@ def main(argv=None) -> int:
             paired.append([model, f"W{b}", " ".join(f"{x:+.2f}" for x in d), f"{statistics.mean(d):+.2f}",
                            f"{sum(x > 0 for x in d)}/{sum(x == 0 for x in d)}/{sum(x < 0 for x in d)}",
                            f"{statistics.mean(a[s]['loss'] - z[s]['loss'] for s in args.seeds):+.4f}"])
-        print(f"{model}: quantised layers {qlayers}" + ("" if args.layers else " (first and last stay float)"),
-              flush=True)
+        if qlayers is not None:
+            print(f"{model}: quantised layers {qlayers}" + ("" if args.layers else " (first and last stay float)"),
+                  flush=True)
     print(tabulate(rows, headers=["model", "method", f"{split} acc %", "per seed", f"{split} loss", "Δ vs FP",
                                   "worst Δ", "|frozen-eval|", "|torchao-frozen|", "distinct", "bits/w",
                                   "size vs fp32"], tablefmt="github"))
