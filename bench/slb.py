@@ -33,6 +33,15 @@ quantised weight and the model's packed size against float32 (``otofx.slb.size_r
 table pairs SLB and STE by seed (same initialisation and batch order): the accuracy difference per
 seed, its mean, and the mean loss difference.
 
+Tuning options (all off by default; what they do is the same for SLB and STE unless named so):
+``--q-opt adam --q-lr LR`` trains the quantised layers' own tensors (SLB's logits, STE's latent float
+weights: ``latent_weights``) with Adam at LR (the reference's ImageNet recipe is Adam 1e-3) beside the
+float parameters' SGD, on the same lr schedule; ``--ste-q-opt``/``--ste-q-lr`` set STE's apart.
+``--warm-start TAU0`` starts SLB and STE from the FP model of the same seed (SLB's logits
+``A_j = -(W/s - v_j)^2 / TAU0``, our addition) and trains them ``--epochs`` more (``--warm-lr``):
+twice the epochs of a from-scratch run. ``--calibration-batches`` limits state BN. ``--no-slb``
+runs FP and STE only.
+
 ``--val`` sets the test set aside and trains on three quarters of the training set, reporting on the
 remaining quarter (stratified, fixed): the split on which the default settings were chosen
 (``bench/RESULTS.md`` section 9).
@@ -43,6 +52,8 @@ Run (README)::
     python bench/slb.py --quick    # 1 seed, 10 epochs: a smoke run
     python bench/slb.py --models mlp --layers all --bits 1 2 --ablation-bits   # every layer low-bit
     python bench/slb.py --val --models cnn --bits 1 2 --ablation-bits         # selection on validation data
+    python bench/slb.py --models cnn --q-opt adam --q-lr 1e-3 --t-end 0.8 --ste-q-opt sgd --ste-q-lr 0.03
+        # the CNN's settings chosen on validation data for each method (RESULTS section 9)
 
 Internals:
     * One intra-op thread; seeds change initialisation and batch order, not the split.
@@ -51,6 +62,7 @@ Internals:
 from __future__ import annotations
 
 import argparse
+import copy
 import logging
 import os
 import statistics
@@ -61,12 +73,13 @@ import torch
 import torch.nn.functional as F
 from tabulate import tabulate
 from torch import nn
+from torch.nn.utils import parametrize
 
 import otofx
 import otofx.slb as slb
 from otofx.demo import DigitsNet, evaluate, load_digits_split, lr_factor
 from otofx.demo import logits as logits_of
-from otofx.slb.ste import ste_quantize
+from otofx.slb.ste import STEWeight, ste_quantize
 
 log = logging.getLogger("bench.slb")
 
@@ -106,32 +119,59 @@ def batches(x, y, size: int):
     return [(x[i:i + size], y[i:i + size]) for i in range(0, len(x), size)]
 
 
-def run(model: str, method: str, bits: int | None, seed: int, args, anneal: bool = True, sbn: bool = True) -> dict:
+def latent_weights(m: nn.Module) -> list[nn.Parameter]:
+    """The trainable tensors that stand for the quantised weights: SLB's logits, or STE's latent float
+    weights (under an ``STEWeight`` parametrisation, or the ``weight`` of torchao's fake-quantised Linear)."""
+    out = [layer.logits for layer in slb.slb_layers(m)]
+    for mod in m.modules():
+        if parametrize.is_parametrized(mod):
+            out += [mod.parametrizations[a].original for a, pl in mod.parametrizations.items()
+                    if any(isinstance(p, STEWeight) for p in pl)]
+        elif type(mod).__name__ == "FakeQuantizedLinear":
+            out.append(mod.weight)
+    return out
+
+
+def run(model: str, method: str, bits: int | None, seed: int, args, anneal: bool = True, sbn: bool = True,
+        init: nn.Module | None = None) -> dict:
+    """One training; ``init``: start from this (FP-trained) model instead of a fresh one (``--warm-start``)."""
     data, cls = data_for(model, args.val)
     torch.manual_seed(seed)
-    net = cls()
+    net = cls() if init is None else copy.deepcopy(init)
     example = data.x_train[:2]
     net.train()
+    lr = args.lr if init is None or args.warm_lr is None else args.warm_lr
     if method == "slb":
-        m = slb.quantize(net, example, bits=bits, layers=args.layers)
+        m = slb.quantize(net, example, bits=bits, layers=args.layers,
+                         warm_start=args.warm_start if init is not None else None)
         t_end_val = (args.t_end_val if anneal else 1.0) if args.t_end_val is not None or not anneal else None
         sched = slb.Schedule(m, args.epochs, batches(data.x_train, data.y_train, 64) if sbn else None,
                              t_factor=1.2 if anneal else 1.0, t_end_val=t_end_val, t_start=args.t_start,
-                             t_end=args.t_end)
+                             t_end=args.t_end, calibration_batches=args.calibration_batches)
     elif method == "ste":
         m, sched = ste_quantize(net, example, bits, layers=args.layers), None
     else:
         m, sched = net, None
-    logits = {id(layer.logits) for layer in slb.slb_layers(m)} if method == "slb" else set()
-    decay = [p for p in m.parameters() if id(p) not in logits]
-    groups = [{"params": decay, "weight_decay": 1e-4}]
-    if logits:
-        groups.append({"params": [p for p in m.parameters() if id(p) in logits], "weight_decay": args.logit_wd,
-                       "lr": args.lr * args.logit_lr_mult})
-    opt = torch.optim.SGD(groups, lr=args.lr, momentum=0.9)
+    latent = {id(p) for p in latent_weights(m)}
+    rest = [p for p in m.parameters() if id(p) not in latent]
+    qparams = [p for p in m.parameters() if id(p) in latent]
+    # SLB's logits: --logit-wd, lr x --logit-lr-mult (SGD); STE's latent weights: those of the float layers
+    q_wd, q_lr = (args.logit_wd, lr * args.logit_lr_mult) if method == "slb" else (1e-4, lr)
+    q_opt, given_lr = args.q_opt, args.q_lr
+    if method == "ste":
+        q_opt, given_lr = args.ste_q_opt or q_opt, args.ste_q_lr if args.ste_q_lr is not None else given_lr
+    if given_lr is not None:
+        q_lr = given_lr
+    groups = [{"params": rest, "weight_decay": 1e-4}]
+    opts = []
+    if qparams and q_opt == "adam":
+        opts.append(torch.optim.Adam(qparams, lr=q_lr, weight_decay=q_wd))
+    elif qparams:
+        groups.append({"params": qparams, "weight_decay": q_wd, "lr": q_lr})
+    opts.insert(0, torch.optim.SGD(groups, lr=lr, momentum=0.9))
     spe = len(data.y_train) // 64
     total = args.epochs * spe
-    lr_sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, 0.6))
+    lr_scheds = [torch.optim.lr_scheduler.LambdaLR(o, lambda s: lr_factor(s, total, 0.6)) for o in opts]
     gen = torch.Generator().manual_seed(seed)
     m.train()
     for epoch in range(args.epochs):
@@ -139,14 +179,18 @@ def run(model: str, method: str, bits: int | None, seed: int, args, anneal: bool
         for b in range(spe):
             idx = perm[b * 64:(b + 1) * 64]
             loss = F.cross_entropy(m(data.x_train[idx]), data.y_train[idx])
-            opt.zero_grad(set_to_none=True)
+            for o in opts:
+                o.zero_grad(set_to_none=True)
             loss.backward()
-            opt.step()
-            lr_sched.step()
+            for o, ls in zip(opts, lr_scheds):
+                o.step()
+                ls.step()
         if sched is not None:
             sched.step()
     acc = evaluate(m, data.x_test, data.y_test)
     out = {"acc": acc, "loss": float(F.cross_entropy(logits_of(m, data.x_test), data.y_test))}
+    if method == "fp":
+        out["model"] = m
     if method == "slb":
         frozen = slb.freeze(m)
         out["frozen"] = evaluate(frozen, data.x_test, data.y_test)
@@ -174,11 +218,26 @@ def main(argv=None) -> int:
                     help="temperature at t_end ('none': the per-epoch factor 1.2 whatever the budget)")
     ap.add_argument("--t-start", type=float, default=0.2, help="ramp start, a fraction of the epochs (0.2)")
     ap.add_argument("--t-end", type=float, default=0.6, help="ramp end and hard phase, a fraction of the epochs (0.6)")
+    ap.add_argument("--q-opt", choices=["sgd", "adam"], default="sgd",
+                    help="optimizer of SLB's logits and of STE's latent weights, the same for both (sgd: the "
+                         "float parameters' SGD; adam: Adam, the reference's ImageNet recipe)")
+    ap.add_argument("--q-lr", type=float, default=None,
+                    help="lr of SLB's logits and of STE's latent weights (default: as the float parameters, "
+                         "the logits times --logit-lr-mult)")
+    ap.add_argument("--ste-q-opt", choices=["sgd", "adam"], default=None, help="STE's own --q-opt (default: --q-opt)")
+    ap.add_argument("--ste-q-lr", type=float, default=None, help="STE's own --q-lr (default: --q-lr)")
+    ap.add_argument("--warm-start", type=float, default=None, metavar="TAU0",
+                    help="start SLB and STE from the FP model of the same seed (trained --epochs first), "
+                         "SLB's logits A_j = -(W/s - v_j)^2/TAU0; both then train --epochs more")
+    ap.add_argument("--warm-lr", type=float, default=None, help="lr after a warm start (default --lr)")
+    ap.add_argument("--calibration-batches", type=int, default=None,
+                    help="state BN batches (of 64) after each epoch (default: the whole training set)")
     ap.add_argument("--val", action="store_true",
                     help="choose settings: train on 3/4 of the training set, report on the other 1/4 (no test data)")
     ap.add_argument("--layers", default=None, choices=["all"],
                     help="quantise every Conv/Linear (default: all but the first and the last)")
     ap.add_argument("--no-ste", action="store_true")
+    ap.add_argument("--no-slb", action="store_true", help="FP and STE only (STE's settings on the validation split)")
     ap.add_argument("--quick", action="store_true", help="1 seed, 10 epochs, W1 and W2")
     ap.add_argument("-q", "--quiet", action="store_true")
     args = ap.parse_args(argv)
@@ -192,22 +251,30 @@ def main(argv=None) -> int:
           f"epochs {args.epochs}, lr {args.lr} (logits x{args.logit_lr_mult:g}, logit wd {args.logit_wd:g}), "
           f"t_end_val {t_end_val} (ramp {args.t_start:g}-{args.t_end:g}), "
           f"{'validation split' if args.val else 'test split'}, layers {args.layers or 'default'}, bits {args.bits}, "
-          f"ablations at {args.ablation_bits}; load average before {' '.join(f'{v:.2f}' for v in os.getloadavg())}",
+          f"ablations at {args.ablation_bits}; latent weights {args.q_opt}"
+          f"{'' if args.q_lr is None else f' lr {args.q_lr:g}'}"
+          f"{'' if args.ste_q_opt is None and args.ste_q_lr is None else f' (STE: {args.ste_q_opt or args.q_opt} lr {args.ste_q_lr if args.ste_q_lr is not None else args.q_lr})'}"
+          f"{'' if args.warm_start is None else f', warm start from FP tau0 {args.warm_start:g} (lr {args.warm_lr or args.lr:g})'}"
+          f"{'' if args.calibration_batches is None else f', state BN {args.calibration_batches} batches'}"
+          f"; load average before {' '.join(f'{v:.2f}' for v in os.getloadavg())}",
           flush=True)
     rows, paired = [], []
     split = "val" if args.val else "test"
     for model in args.models:
         fp = {s: run(model, "fp", None, s, args) for s in args.seeds}
+        trained = {s: fp[s].pop("model") for s in args.seeds}
+        init = {s: trained[s] if args.warm_start is not None else None for s in args.seeds}
         configs = [("FP", "fp", None, True, True)]
         for b in args.bits:
-            configs.append((f"SLB W{b}", "slb", b, True, True))
+            if not args.no_slb:
+                configs.append((f"SLB W{b}", "slb", b, True, True))
             if not args.no_ste:
                 configs.append((f"STE W{b}", "ste", b, True, True))
         for b in args.ablation_bits:
             configs += [(f"SLB W{b} no anneal", "slb", b, False, True), (f"SLB W{b} no SBN", "slb", b, True, False)]
         qlayers, by_name = None, {}
         for name, method, bits, anneal, sbn in configs:
-            res = {s: (fp[s] if method == "fp" else run(model, method, bits, s, args, anneal, sbn)) for s in args.seeds}
+            res = {s: (fp[s] if method == "fp" else run(model, method, bits, s, args, anneal, sbn, init[s])) for s in args.seeds}
             by_name[name] = res
             accs = [100 * res[s]["acc"] for s in args.seeds]
             deltas = [100 * (res[s]["acc"] - fp[s]["acc"]) for s in args.seeds]
@@ -232,8 +299,9 @@ def main(argv=None) -> int:
             paired.append([model, f"W{b}", " ".join(f"{x:+.2f}" for x in d), f"{statistics.mean(d):+.2f}",
                            f"{sum(x > 0 for x in d)}/{sum(x == 0 for x in d)}/{sum(x < 0 for x in d)}",
                            f"{statistics.mean(a[s]['loss'] - z[s]['loss'] for s in args.seeds):+.4f}"])
-        print(f"{model}: quantised layers {qlayers}" + ("" if args.layers else " (first and last stay float)"),
-              flush=True)
+        if qlayers is not None:
+            print(f"{model}: quantised layers {qlayers}" + ("" if args.layers else " (first and last stay float)"),
+                  flush=True)
     print(tabulate(rows, headers=["model", "method", f"{split} acc %", "per seed", f"{split} loss", "Δ vs FP",
                                   "worst Δ", "|frozen-eval|", "|torchao-frozen|", "distinct", "bits/w",
                                   "size vs fp32"], tablefmt="github"))

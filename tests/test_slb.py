@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import importlib.util
 
 import pytest
 import torch
@@ -313,3 +314,29 @@ def test_ste_baseline():
     q(X).sum().backward()
     assert q.c2.parametrizations.weight.original.grad.abs().sum() > 0
     assert torch.unique(q.c2.weight[0]).numel() <= 4
+
+
+def _bench_slb():
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "bench" / "slb.py"
+    spec = importlib.util.spec_from_file_location("_bench_slb", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_bench_latent_weights_are_the_logits_or_the_ste_weights():
+    # bench/slb.py --q-opt/--q-lr give these (and only these) their own optimizer, for SLB and STE alike
+    bench = _bench_slb()
+    q = slb.quantize(_net(), X, bits=2)
+    assert [id(p) for p in bench.latent_weights(q)] == [id(layer.logits) for layer in slb.slb_layers(q)]
+    s = ste_quantize(_net(), X, bits=2, use_torchao=False)
+    want = {id(s.get_submodule(n).parametrizations.weight.original) for n in ("c2", "c3", "c4")}
+    assert {id(p) for p in bench.latent_weights(s)} == want and len(bench.latent_weights(s)) == 3
+    assert not bench.latent_weights(_net())
+    if importlib.util.find_spec("torchao") is not None:  # the Linear head gets torchao's fake quantiser
+        a = ste_quantize(_net(), X, bits=2, layers="all")
+        got = {id(p) for p in bench.latent_weights(a)}
+        assert id(a.get_submodule("fc").weight) in got and len(got) == 5
