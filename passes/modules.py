@@ -307,6 +307,8 @@ class PrunedWindowAttention(nn.Module):
     ``cpb_mlp`` (its last layer has one output per head) and ``relative_coords_table``.
     """
 
+    FLAT_INDEX = True  # relative_position_index: [area * area] (the video Swin's: [volume, volume])
+
     def __init__(self, src: nn.Module, num_heads: int, head_dim: int, kept_heads: torch.Tensor, heads_before: int):
         super().__init__()
         self.num_heads, self.head_dim, self.heads_before = num_heads, head_dim, heads_before
@@ -338,7 +340,7 @@ class PrunedWindowAttention(nn.Module):
         self.attention_dropout, self.dropout, self.cosine = attention_dropout, dropout, cosine
         self.qkv = nn.Linear(in_features, 3 * n, bias=qkv_bias, **kw)
         self.proj = nn.Linear(n, out_features, bias=proj_bias, **kw)
-        table = (2 * window_size[0] - 1) * (2 * window_size[1] - 1)
+        table = math.prod(2 * w - 1 for w in window_size)
         if cosine:
             self.logit_scale = nn.Parameter(torch.empty(num_heads, 1, 1, **kw))
             self.cpb_mlp = nn.Sequential(nn.Linear(2, cpb_hidden, **kw), nn.ReLU(inplace=True),
@@ -347,8 +349,9 @@ class PrunedWindowAttention(nn.Module):
                                  torch.empty(1, 2 * window_size[0] - 1, 2 * window_size[1] - 1, 2, **kw))
         else:
             self.relative_position_bias_table = nn.Parameter(torch.empty(table, num_heads, **kw))
-        area = window_size[0] * window_size[1]
-        self.register_buffer("relative_position_index", torch.empty(area * area, dtype=torch.long, device=device))
+        area = math.prod(window_size)
+        index = (area * area,) if cls.FLAT_INDEX else (area, area)
+        self.register_buffer("relative_position_index", torch.empty(index, dtype=torch.long, device=device))
         self.register_buffer("kept_heads", torch.empty(num_heads, dtype=torch.long, device=device), persistent=True)
         return self
 
@@ -436,51 +439,12 @@ def window_attention_3d(x: torch.Tensor, qkv_weight: torch.Tensor, qkv_bias, pro
     return out[:, :T, :H, :W, :].contiguous()
 
 
-class PrunedWindowAttention3d(nn.Module):
+class PrunedWindowAttention3d(PrunedWindowAttention):
     """torchvision video Swin's ``ShiftedWindowAttention3d`` with ``num_heads`` heads of width ``head_dim``
-    (any count). Parameters and buffers keep the stock names: ``qkv``, ``proj``,
-    ``relative_position_bias_table`` (``[table, heads]``) and ``relative_position_index``
-    (``[volume, volume]``)."""
+    (any count): :class:`PrunedWindowAttention`'s tensors (V1's, ``cosine=False``) over a 3-D window,
+    ``relative_position_index`` ``[volume, volume]``, and :func:`window_attention_3d` as its function."""
 
-    def __init__(self, src: nn.Module, num_heads: int, head_dim: int, kept_heads: torch.Tensor, heads_before: int):
-        super().__init__()
-        self.num_heads, self.head_dim, self.heads_before = num_heads, head_dim, heads_before
-        self.window_size, self.shift_size = list(src.window_size), list(src.shift_size)
-        self.attention_dropout, self.dropout = float(src.attention_dropout), float(src.dropout)
-        self.training = src.training
-        self.qkv, self.proj = src.qkv, src.proj
-        self.relative_position_bias_table = src.relative_position_bias_table
-        self.register_buffer("relative_position_index", src.relative_position_index)
-        self.register_buffer("kept_heads", kept_heads.clone(), persistent=True)
-
-    @classmethod
-    def empty(cls, *, num_heads: int, head_dim: int, heads_before: int, in_features: int, out_features: int,
-              window_size, shift_size, qkv_bias: bool, proj_bias: bool, attention_dropout: float = 0.0,
-              dropout: float = 0.0, device=None, dtype=None) -> "PrunedWindowAttention3d":
-        """A module of these widths with uninitialised tensors, ready for a state_dict."""
-        self = cls.__new__(cls)
-        nn.Module.__init__(self)
-        kw = {"device": device, "dtype": dtype}
-        n = num_heads * head_dim
-        self.num_heads, self.head_dim, self.heads_before = num_heads, head_dim, heads_before
-        self.window_size, self.shift_size = list(window_size), list(shift_size)
-        self.attention_dropout, self.dropout = attention_dropout, dropout
-        self.qkv = nn.Linear(in_features, 3 * n, bias=qkv_bias, **kw)
-        self.proj = nn.Linear(n, out_features, bias=proj_bias, **kw)
-        table = (2 * window_size[0] - 1) * (2 * window_size[1] - 1) * (2 * window_size[2] - 1)
-        self.relative_position_bias_table = nn.Parameter(torch.empty(table, num_heads, **kw))
-        vol = window_size[0] * window_size[1] * window_size[2]
-        self.register_buffer("relative_position_index", torch.empty(vol, vol, dtype=torch.long, device=device))
-        self.register_buffer("kept_heads", torch.empty(num_heads, dtype=torch.long, device=device), persistent=True)
-        return self
-
-    def init_kwargs(self) -> dict:
-        """The arguments of :meth:`empty` that rebuild this module's structure (simple values only)."""
-        return {"num_heads": self.num_heads, "head_dim": self.head_dim, "heads_before": self.heads_before,
-                "in_features": int(self.qkv.weight.shape[1]), "out_features": int(self.proj.weight.shape[0]),
-                "window_size": [int(s) for s in self.window_size], "shift_size": [int(s) for s in self.shift_size],
-                "qkv_bias": self.qkv.bias is not None, "proj_bias": self.proj.bias is not None,
-                "attention_dropout": float(self.attention_dropout), "dropout": float(self.dropout)}
+    FLAT_INDEX = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return window_attention_3d(x, self.qkv.weight, self.qkv.bias, self.proj.weight, self.proj.bias,
@@ -488,9 +452,6 @@ class PrunedWindowAttention3d(nn.Module):
                                    self.window_size, self.shift_size, self.num_heads, self.head_dim,
                                    attention_dropout=self.attention_dropout, dropout=self.dropout,
                                    training=self.training)
-
-    def extra_repr(self) -> str:
-        return f"num_heads={self.num_heads}, head_dim={self.head_dim}, window_size={self.window_size}, shift_size={self.shift_size}"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -261,16 +261,22 @@ def shifted_window_attention(m: nn.Module, change: Change):
     return cls(m, len(kept), head_dim, torch.from_numpy(kept).to(m.qkv.weight.device), before)
 
 
+def _heads_left(m: nn.Module, kept: np.ndarray, count: str, qkv: nn.Linear, where: str) -> None:
+    """An otofx attention module compressed again: its head count ``count`` and the original indices of
+    the heads left (``kept``: positions among its current heads, from the tensor named in ``where``)."""
+    if len(kept) != getattr(m, count):
+        if qkv.weight.shape[0] != 3 * len(kept) * m.head_dim:
+            raise ResizeError(f"its q/k/v ({qkv.weight.shape[0]} rows) are not {len(kept)} whole heads of width "
+                              f"{m.head_dim} (the heads left in {where})")
+        setattr(m, count, len(kept))
+        m.kept_heads = m.kept_heads[torch.from_numpy(kept).to(m.kept_heads.device)]
+
+
 @resizer(PrunedWindowAttention, PrunedWindowAttention3d)
 def pruned_window_attention(m: PrunedWindowAttention, change: Change):
     """PrunedWindowAttention (a compressed Swin compressed again): num_heads and the original indices of the heads left."""
     name, _, kept = _window_heads(m, change)
-    if len(kept) != m.num_heads:
-        if m.qkv.weight.shape[0] != 3 * len(kept) * m.head_dim:
-            raise ResizeError(f"its q/k/v ({m.qkv.weight.shape[0]} rows) are not {len(kept)} whole heads of width "
-                              f"{m.head_dim} (the heads left in '{name}')")
-        m.num_heads = len(kept)
-        m.kept_heads = m.kept_heads[torch.from_numpy(kept).to(m.kept_heads.device)]
+    _heads_left(m, kept, "num_heads", m.qkv, f"'{name}'")
 
 
 def _table_heads(change: Change, heads: int) -> np.ndarray:
@@ -297,13 +303,7 @@ def relative_positional_attention(m: nn.Module, change: Change):
 @resizer(PrunedRelativeAttention)
 def pruned_relative_attention(m: PrunedRelativeAttention, change: Change):
     """PrunedRelativeAttention (a compressed MaxViT compressed again): n_heads and the original indices of the heads left."""
-    kept = _table_heads(change, m.n_heads)
-    if len(kept) != m.n_heads:
-        if m.to_qkv.weight.shape[0] != 3 * len(kept) * m.head_dim:
-            raise ResizeError(f"its q/k/v ({m.to_qkv.weight.shape[0]} rows) are not {len(kept)} whole heads of width "
-                              f"{m.head_dim} (the heads left in its bias table)")
-        m.n_heads = len(kept)
-        m.kept_heads = m.kept_heads[torch.from_numpy(kept).to(m.kept_heads.device)]
+    _heads_left(m, _table_heads(change, m.n_heads), "n_heads", m.to_qkv, "its bias table")
 
 
 # ---------------------------------------------------------------------------------------------
