@@ -111,6 +111,16 @@ def _fresh(seed=0, cls=MLP):
     return model, otofx.OTO(model, torch.randn(2, 6))
 
 
+def _trained(name, backend, shard, batch, cls=MLP):
+    """(model, optimizer, record): a fresh model, sharded by ``shard(model)``, trained STEPS steps with
+    optimizer ``name`` on ``batch(step)``."""
+    model, oto = _fresh(cls=cls)
+    shard(model)
+    opt = OPTS[name](oto, backend)
+    _train(model, opt, batch, range(STEPS))
+    return model, opt, _record(model, opt)
+
+
 def _checkpoint_and_compress(rank, mesh, out, backend):
     """Train, save a distributed checkpoint, go on; a fresh run loads it and must continue alike."""
     import torch.distributed.checkpoint as dcp
@@ -148,18 +158,10 @@ def _checkpoint_and_compress(rank, mesh, out, backend):
 
 
 def _run_all(rank, world, mesh, out, backend):
-    res = {}
-    for name, make in OPTS.items():
-        model, oto = _fresh()
-        _shard(model, mesh)
-        opt = make(oto, backend)
-        _train(model, opt, lambda t: _data(t, rank), range(STEPS))
-        res[name] = _record(model, opt)
-    model, oto = _fresh(cls=TPNet)
-    _tensor_parallel(model, mesh)
-    opt = OPTS["dhspg_sgd"](oto, backend)
-    _train(model, opt, lambda t: _full_batch(t, world), range(STEPS))  # TP: every rank sees the batch
-    res["tp"] = _record(model, opt)
+    res = {name: _trained(name, backend, lambda m: _shard(m, mesh), lambda t: _data(t, rank))[2] for name in OPTS}
+    # TP: every rank sees the whole batch
+    res["tp"] = _trained("dhspg_sgd", backend, lambda m: _tensor_parallel(m, mesh), lambda t: _full_batch(t, world),
+                         cls=TPNet)[2]
     torch.save(res, os.path.join(out, f"{world}_{rank}.pt"))
 
 
@@ -191,12 +193,9 @@ def _run_2d(rank, out, backend):
     mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
     dp = mesh.get_coordinate()[0]
     res = {}
-    for name, make in OPTS.items():
-        model, oto = _fresh()
-        _fsdp_over_tp(model, mesh)
-        opt = make(oto, backend)
-        _train(model, opt, lambda t: _data(t, dp), range(STEPS))
-        res["fsdp_tp", name] = _record(model, opt)
+    for name in OPTS:
+        model, opt, res["fsdp_tp", name] = _trained(name, backend, lambda m: _fsdp_over_tp(m, mesh),
+                                                    lambda t: _data(t, dp))
     # a NaN in one rank's shard of a gradient: every rank skips the step (the max all-reduced flag)
     before = res["fsdp_tp", name]["params"]
     x, y = _data(STEPS, dp)
@@ -208,11 +207,7 @@ def _run_2d(rank, out, backend):
     after = _record(model, opt)["params"]
     res["nan_skipped"] = (opt.skipped_steps, all(torch.equal(after[k], v) for k, v in before.items()))
     for name in ("dhspg_adamw", "hesso"):
-        model, oto = _fresh()
-        _hsdp(model, mesh)
-        opt = OPTS[name](oto, backend)
-        _train(model, opt, lambda t: _data(t, rank), range(STEPS))
-        res["hsdp", name] = _record(model, opt)
+        res["hsdp", name] = _trained(name, backend, lambda m: _hsdp(m, mesh), lambda t: _data(t, rank))[2]
     torch.save(res, os.path.join(out, f"2d_{rank}.pt"))
 
 
@@ -253,21 +248,16 @@ def _worker(rank: int, init: str, out: str) -> None:
             mesh = DeviceMesh.from_group(pair, "cpu")
             _run_all(rank, 2, mesh, out, None)
             _checkpoint_and_compress(rank, mesh, out, None)
-            model, oto = _fresh()
-            _hsdp(model, mesh_1x2)
-            opt = OPTS["dhspg_sgd"](oto, None)
-            _train(model, opt, lambda t: _data(t, rank), range(STEPS))
-            torch.save(_record(model, opt), os.path.join(out, f"hsdp_1x2_{rank}.pt"))
+            rec = _trained("dhspg_sgd", None, lambda m: _hsdp(m, mesh_1x2), lambda t: _data(t, rank))[2]
+            torch.save(rec, os.path.join(out, f"hsdp_1x2_{rank}.pt"))
         dist.barrier()
     finally:
         dist.destroy_process_group()
 
 
 def _single(name: str, world: int) -> dict:
-    model, oto = _fresh(cls=TPNet if name == "tp" else MLP)
-    opt = OPTS["dhspg_sgd" if name == "tp" else name](oto, None)
-    _train(model, opt, lambda t: _full_batch(t, world), range(STEPS))
-    return _record(model, opt)
+    return _trained("dhspg_sgd" if name == "tp" else name, None, lambda m: None, lambda t: _full_batch(t, world),
+                    cls=TPNet if name == "tp" else MLP)[2]
 
 
 def _same(got: dict, ref: dict, what: str) -> None:
