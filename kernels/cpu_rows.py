@@ -260,12 +260,6 @@ def row_stats(layout: RowLayout, xs, ds, momentum: Momentum | None = None) -> Ro
     return _stats(layout, xs, ds, momentum, None, None)
 
 
-def _nonfinite(ts) -> torch.Tensor:
-    """A float32 0-dim flag: 1.0 when some tensor of ``ts`` holds NaN or inf (no sync)."""
-    norms = torch._foreach_norm(list(ts))
-    return torch.isfinite(torch.stack(norms).sum()).logical_not().to(torch.float32)
-
-
 def apply_rows(layout: RowLayout, xs, ds, lr, coef: torch.Tensor, scale: torch.Tensor, skip=None,
                momentum: Momentum | None = None, args=None) -> None:
     """In place, as :func:`reference.apply_rows` (the caller checked :func:`supported`); ``lr`` a float
@@ -311,7 +305,9 @@ def rows_step(layout: RowLayout, xs, ds, lr, rule, momentum: Momentum | None = N
         flag.copy_(skip.reshape(()))
     pl = _plan(layout)["plain"]
     if check and pl:  # the few tensors outside the kernel's tables: checked in torch
-        flag = torch.maximum(flag, _nonfinite(momentum.grads[t] if momentum is not None else ds[t] for t in pl))
+        from otofx.kernels import nonfinite_flag
+
+        flag = nonfinite_flag([momentum.grads[t] if momentum is not None else ds[t] for t in pl], flag)
     coef, scale = rule(st)
     apply_rows(layout, xs, ds, lr, coef, scale, flag, momentum, args)
     return flag
