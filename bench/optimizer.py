@@ -111,7 +111,8 @@ def main(argv=None) -> None:
     rows = [[k, statistics.median(v) * 1e3, statistics.median(v) / base] for k, v in times.items()]
     n_params = sum(p.numel() for p in model.parameters())
     n_rows = sum(z.rows for z in oto.groups)
-    dev_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    dev_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else (
+        f"CPU, {torch.get_num_threads()} threads (the C kernel's: {otofx.kernels.cpu_rows.thread_pool()})")
     print(f"{args.model}: {n_params / 1e6:.1f}M parameters, {len(oto.groups)} groups, {n_rows} rows; device: {dev_name}")
     load = f"; load average {os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else ""
     print(f"{machine()}; median of {args.repeats} steps each, interleaved; {args.clock} clock{load}")

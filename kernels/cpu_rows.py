@@ -40,8 +40,13 @@ Internals:
     * A ``skip`` flag (a float32 CPU tensor, GradScaler's found_inf convention) is read by the C side:
       a skipped write-back returns before touching memory. The reductions always run (the sparsity
       controller reads the rows' norms of x on a skipped step too).
-    * # NB: ctypes releases the GIL during the calls; the C side starts ``torch.get_num_threads()``
-      pthreads per call (tens of microseconds), so no OpenMP runtime is mixed with torch's.
+    * Threads: ``torch.get_num_threads()`` of them, from torch's own OpenMP team when torch runs on
+      OpenMP (the runtime's ``GOMP_parallel``, looked up among the loaded libraries; no second
+      runtime is loaded), else pthreads started per call (tens of microseconds).
+      # NB: not pthreads beside torch's team: its threads spin-wait for a while after each of
+      torch's parallel ops (the step's torch ops start some), and on 2 cores the kernel's second
+      thread then shared a core with a spinning one: 2 threads were no faster than 1.
+      ctypes releases the GIL during the calls.
 """
 from __future__ import annotations
 
@@ -111,8 +116,45 @@ def _build() -> ctypes.CDLL:
                                          vp, i64, i64, vp, vp, vp, vp, vp, ctypes.c_int]
         dll.otofx_rows_apply.argtypes = [ctypes.c_int, vp, vp, i64, vp, vp, vp, dbl, dbl, dbl, vp, i64, i64, vp, vp,
                                          vp, dbl, vp, vp, ctypes.c_int]
+        dll.otofx_set_team.argtypes = [vp]
+        team = _openmp_team()
+        dll.otofx_set_team(team)
+        _state["threads"] = "pthreads" if team is None else "openmp"
         return dll
     raise RuntimeError(f"cannot build the CPU row kernel: {err}")
+
+
+def _openmp_team() -> int | None:
+    """The address of ``GOMP_parallel`` in the OpenMP runtime torch's own threads run on, or None.
+
+    The runtime is found among the libraries this process has loaded (``/proc/self/maps``); None
+    where torch's parallel backend is not OpenMP, there is no ``/proc`` (macOS) or no loaded runtime
+    exports the entry point: the kernel then starts its own pthreads.
+    """
+    info = torch.__config__.parallel_info()
+    if "parallel backend: OpenMP" not in info:
+        return None
+    try:
+        with open("/proc/self/maps") as f:
+            paths = {line.split(None, 5)[-1].strip() for line in f if line.count(" ") >= 5}
+    except OSError:
+        return None
+    for path in sorted(paths):
+        name = os.path.basename(path)
+        if not name.startswith(("libgomp", "libomp", "libiomp5")) or ".so" not in name:
+            continue
+        try:  # NB: the library is loaded already: dlopen hands back the same copy, not a second runtime
+            fn = ctypes.CDLL(path).GOMP_parallel
+        except (OSError, AttributeError):
+            continue
+        return ctypes.cast(fn, ctypes.c_void_p).value
+    return None
+
+
+def thread_pool() -> str | None:
+    """Whose threads the kernel runs on when torch has more than one: ``"openmp"`` (torch's own
+    OpenMP team) or ``"pthreads"`` (threads the kernel starts per call); None without the kernel."""
+    return _state.get("threads") if library() is not None else None
 
 
 def library():

@@ -246,8 +246,19 @@ def test_cpu_kernel_large_tensors_split_into_units():
 
 
 @needs_cpu_kernel
-def test_cpu_kernel_does_not_depend_on_the_thread_count():
-    """Work units depend on the shapes alone and partials are added in unit order (DDP ranks agree)."""
+def test_cpu_kernel_runs_on_torchs_openmp_team():
+    """Where torch's threads are OpenMP's (Linux wheels), the kernel runs on that team, not on threads
+    of its own that would share the cores with torch's spinning ones."""
+    if "parallel backend: OpenMP" not in torch.__config__.parallel_info() or not os.path.exists("/proc/self/maps"):
+        pytest.skip("torch does not run on OpenMP here, or there is no /proc")
+    assert cpu_rows.thread_pool() == "openmp"
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("pool", ["default", "pthreads"])
+def test_cpu_kernel_does_not_depend_on_the_thread_count(pool):
+    """Work units depend on the shapes alone and partials are added in unit order (DDP ranks agree),
+    on torch's OpenMP team and on the kernel's own pthreads alike."""
     shapes = [(40, 30, 3, 3), (30, 500)]
     ar = lambda n: torch.arange(n)[:, None]  # noqa: E731
     groups = [(40, [(0, 0, ar(40))]), (30, [(0, 1, ar(30)), (1, 0, ar(30))]), (500, [(1, 1, ar(500))])]
@@ -255,6 +266,8 @@ def test_cpu_kernel_does_not_depend_on_the_thread_count():
     xs, ds, red = _data(shapes, layout.n_rows, torch.float32, 9)
     cfg = K.DHSPGConfig(0.1, 0.2, 2.0, 10.0, 0.5, 100, False, True)
     old, outs = torch.get_num_threads(), []
+    if pool == "pthreads":
+        cpu_rows.library().otofx_set_team(None)
     try:
         for n in (1, 3):
             torch.set_num_threads(n)
@@ -263,6 +276,8 @@ def test_cpu_kernel_does_not_depend_on_the_thread_count():
             outs.append(a + d)
     finally:
         torch.set_num_threads(old)
+        if pool == "pthreads":
+            cpu_rows.library().otofx_set_team(cpu_rows._openmp_team())
     for u, v in zip(*outs):
         assert torch.equal(u, v)
 

@@ -36,6 +36,13 @@ static void *worker(void *arg) {
     return 0;
 }
 
+/* the OpenMP runtime torch runs its own threads on (libgomp's GOMP_parallel entry point, which
+   LLVM's libomp also provides), set once by the loader; null: a pthread per thread and call */
+typedef void (*team_fn)(void (*)(void *), void *, unsigned, unsigned);
+static team_fn team = 0;
+void otofx_set_team(void *f) { team = (team_fn)f; }
+static void team_worker(void *arg) { worker(arg); }
+
 static void run(Job *j, int nthreads) {
     pthread_t th[MAXT];
     int started[MAXT];
@@ -43,6 +50,16 @@ static void run(Job *j, int nthreads) {
     j->next = 0;
     if (nthreads > MAXT) nthreads = MAXT;
     if (nthreads > j->n) nthreads = (int)j->n;
+    if (nthreads <= 1) {
+        worker(j);
+        return;
+    }
+    /* NB: torch's OpenMP threads spin for a while after each of its parallel ops; threads of our own
+       would share the cores with them (2 threads ran no faster than 1). Its team runs us instead. */
+    if (team) {
+        team(team_worker, j, (unsigned)nthreads, 0);
+        return;
+    }
     for (k = 1; k < nthreads; k++) started[k] = pthread_create(&th[k], 0, worker, j) == 0;
     worker(j);
     for (k = 1; k < nthreads; k++)
