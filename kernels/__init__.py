@@ -177,6 +177,28 @@ def nonfinite_flag(ts, skip: torch.Tensor | None = None) -> torch.Tensor:
     return flag if skip is None else torch.maximum(flag, skip.reshape(()).to(dev, torch.float32))
 
 
+def sort_rows(key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``torch.sort(key, stable=True)`` of a 1-D vector of non-negative values (inf and NaN allowed):
+    ``(values, order)``, ties in index order.
+
+    # NB: on the CPU, for float32, numpy's SIMD sort of 64-bit keys (the value's bits above the index)
+    # gives the same order about 10x faster than torch's CPU sort (11K rows: 30 us against 430 us,
+    # a cost the sparsity controller pays every step). The bits of non-negative floats order as the
+    # floats do (+inf above every finite value, NaN above +inf: torch's order too).
+    """
+    n = key.numel()
+    if key.device.type != "cpu" or key.dtype != torch.float32 or key.dim() != 1 or n >= 2 ** 31:
+        return torch.sort(key, stable=True)
+    import numpy as np
+
+    bits = key.contiguous().view(torch.int32).numpy().astype(np.int64)
+    if n and int(bits.min()) < 0:  # a negative value (or -0.0): not this function's case
+        return torch.sort(key, stable=True)
+    comp = np.sort((bits << 32) | np.arange(n, dtype=np.int64))
+    order = torch.from_numpy(comp & 0xFFFFFFFF)
+    return key[order], order
+
+
 def _pieces_rows(entry_stats, entry_apply):
     """A backend's rows step from its stats and apply pieces (the momentum update and the check first)."""
     def rows(layout, xs, ds, lr, rule, momentum, skip, check):
@@ -320,4 +342,4 @@ def apply(layout: RowLayout, xs, ds, lr, coef: torch.Tensor, scale: torch.Tensor
 
 
 __all__ = ["RowLayout", "RowStats", "DHSPGConfig", "Momentum", "LayoutError", "build_layout", "row_stats", "dhspg_step",
-           "scale_step", "stats", "apply", "rows_step", "nonfinite_flag", "dhspg_rows", "choose_backend", "triton_available", "cpu_available", "BACKENDS", "Backend", "TABLE"]
+           "scale_step", "stats", "apply", "rows_step", "nonfinite_flag", "sort_rows", "dhspg_rows", "choose_backend", "triton_available", "cpu_available", "BACKENDS", "Backend", "TABLE"]

@@ -422,13 +422,15 @@ class _RowOptimizer(torch.optim.Optimizer):
         """The row tensors and their directions d; with ``fuse`` (SGD momentum, buffers there) the
         momentum update is returned as a :class:`kernels.Momentum` for the row step to make (on the CPU
         kernel in its reduction pass), else it is made here. Row tensors without gradient get d = 0."""
-        xs = self._lt([p.detach() for p in self._row_params])
+        # NB: the parameters themselves, not .detach() views: the step runs under no_grad, and a detach
+        # per tensor and step is a dispatched op (host time that a CUDA step waits for)
+        xs = self._lt([p.detach() for p in self._row_params]) if self._sharded else list(self._row_params)
         ds = [None] * len(xs)
         with_grad = {id(p) for p in self._row_params if p.grad is not None}
         momentum = None
         if fuse:
             b1, alpha, wd = self._row_momentum()
-            momentum = kernels.Momentum(tuple(p.grad.detach() for p in self._row_params), b1, alpha, wd)
+            momentum = kernels.Momentum(tuple(p.grad for p in self._row_params), b1, alpha, wd)
             ds = [self.state[p]["momentum_buffer"] for p in self._row_params]
             return xs, ds, momentum
         for (gi, dev, _), ps in self._buckets(with_grad).items():
@@ -476,7 +478,7 @@ class _RowOptimizer(torch.optim.Optimizer):
                     # NB: on a skipped step d is wd*x, never used: the row step changes nothing then
                     torch._foreach_add_(dirs, lps, alpha=wd)
             for p, d in zip(ps, dirs):
-                ds[self._row_index[id(p)]] = d.detach()
+                ds[self._row_index[id(p)]] = d
         ds = [d if d is not None else torch.zeros_like(x) for x, d in zip(xs, ds)]
         return xs, ds, momentum
 

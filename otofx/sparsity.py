@@ -231,7 +231,7 @@ class SparsityControl:
         live = redundant & ~zero
         cap = (self.target_rows - z).clamp(min=0)
         key = torch.where(live, norm, torch.full_like(norm, math.inf))
-        vals, order = torch.sort(key, stable=True)
+        vals, order = kernels.sort_rows(key)
         rank = torch.empty_like(order)
         rank[order] = self._idx
         # overdue rows: more than the tolerance behind schedule, or any once the budget is spent

@@ -357,3 +357,16 @@ def test_backend_override(monkeypatch):
     monkeypatch.setenv("OTOFX_KERNEL", "nonsense")
     with pytest.raises(OTOError, match="unknown kernel backend"):
         K.choose_backend(xs, xs, None)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.sampled_from([0.0, 0.5, 1.0, 1e-30, 3.0e38, float("inf"), float("nan"), 2.0 ** -149]), max_size=300),
+       st.sampled_from([torch.float32, torch.float64]))
+def test_sort_rows_is_torchs_stable_sort(values, dtype):
+    """The controller's sort (numpy's SIMD sort of value-and-index keys on CPU float32) orders as
+    ``torch.sort(stable=True)``: ties in index order, inf above every finite value, NaN last."""
+    key = torch.tensor(values, dtype=dtype)
+    vals, order = K.sort_rows(key)
+    want_vals, want_order = torch.sort(key, stable=True)
+    assert torch.equal(order, want_order)
+    assert torch.equal(vals.nan_to_num(), want_vals.nan_to_num()) and torch.equal(vals.isnan(), want_vals.isnan())
