@@ -203,7 +203,8 @@ def gpu_rows(device="cuda", models=GPU_MODELS, steps: int = 20) -> list[dict]:
     ``model``, ``optimizer``, ``ms``, ``baseline`` (the fused torch optimizer it is compared with) and
     ``x_baseline`` (ms / the baseline's ms). Rows: torch SGD fused and AdamW fused (the baselines),
     DHSPG sgd and adamw pruning steps, HESSO sgd and adamw steps inside the pruning window, and on CUDA
-    the DHSPG sgd pruning step replayed from a CUDA graph (``capturable=True``). Parameters are
+    the DHSPG sgd pruning step replayed from a CUDA graph (``capturable=True``), with the sparsity
+    controller and without. Parameters are
     float32, gradients fixed random ones."""
     dev = torch.device(device)
     rows = []
@@ -218,11 +219,13 @@ def gpu_rows(device="cuda", models=GPU_MODELS, steps: int = 20) -> list[dict]:
             ms[label] = _median_ms(opt.step, dev, steps)
             rows.append(dict(model=name, optimizer=label, ms=ms[label], baseline=base))
             del opt
-        if dev.type == "cuda":
-            opt = _make("dhspg", "sgd", _with_grads(model, dev), oto, capturable=True, control=False)
-            rows.append(dict(model=name, optimizer="DHSPG sgd pruning, CUDA graph",
-                             ms=_median_ms(_graphed(opt, dev), dev, steps), baseline="SGD fused"))
-            del opt
+        if dev.type == "cuda":  # replayed from a CUDA graph, with the sparsity controller (as above) and without
+            for label, control in (("DHSPG sgd pruning, CUDA graph", True),
+                                   ("DHSPG sgd pruning, control off, CUDA graph", False)):
+                opt = _make("dhspg", "sgd", _with_grads(model, dev), oto, capturable=True, control=control)
+                rows.append(dict(model=name, optimizer=label, ms=_median_ms(_graphed(opt, dev), dev, steps),
+                                 baseline="SGD fused"))
+                del opt
         for r in rows:
             if r["model"] == name:
                 r["x_baseline"] = r["ms"] / ms[r["baseline"]]

@@ -29,8 +29,9 @@ partition and HESSO's selection steps) makes no device-to-host synchronisation:
       and calls ``step()`` (as for torch's fused optimizers); the gradients are unscaled here and
       ``found_inf`` is the skip flag.
     * ``capturable=True`` allows capturing a steady step in a CUDA graph (DHSPG after its warm-up,
-      HESSO outside its pruning window, whose per-step scale the host sets); a step that cannot be
-      replayed is refused with an :class:`OptimizerError` while capturing.
+      sparsity controller included: its schedule then reads a device copy of the step counter, which
+      the replay advances; HESSO outside its pruning window, whose per-step scale the host sets); a
+      step that cannot be replayed is refused with an :class:`OptimizerError` while capturing.
     * The first, partition and selection steps read the check on the host (a one-time decision from
       NaN gradients would be permanent): such a step with NaN/inf is skipped and retried on the next
       call.
@@ -196,6 +197,8 @@ class _RowOptimizer(torch.optim.Optimizer):
         self._home = self.layout.device if self._row_params else (first.device if first is not None
                                                                    else torch.device("cpu"))
         self._taken = torch.zeros((), dtype=torch.float32, device=self._home)  # steps taken, on the device
+        # capturable: the schedule's clock (self._t) on the device too, which a CUDA graph replay advances
+        self._clock = torch.zeros((), dtype=torch.float64, device=self._home) if self.capturable else None
 
     # -- setup ----------------------------------------------------------------------------------
     def _name(self, p) -> str:
@@ -579,6 +582,8 @@ class _RowOptimizer(torch.optim.Optimizer):
             self._taken.add_(1.0 if skip is None else 1.0 - skip)
         self._base_update(rest, None, skip)
         self._t += 1
+        if self._clock is not None:
+            self._clock.add_(1.0)
         return loss
 
     def _rows_active(self) -> bool:  # pragma: no cover - abstract
@@ -661,6 +666,8 @@ class _RowOptimizer(torch.optim.Optimizer):
         super().load_state_dict(sd)
         self._placeholder = False
         self._t = int(extra["step"])
+        if self._clock is not None:
+            self._clock.fill_(float(self._t))
         self._taken = torch.tensor(float(extra.get("taken", self._t)), dtype=torch.float32, device=self._home)
         self._host_skipped = int(extra.get("host_skipped", 0))
         self._load_extra_state(extra)
@@ -802,11 +809,6 @@ class DHSPG(_RowOptimizer):
     def _uncapturable(self) -> str | None:
         if self._t < self.start_pruning_steps + self.warm_up_steps:
             return "it is before the end of start_pruning_steps + warm_up_steps (a replay would not move on)"
-        if self.control:
-            # NB: the controller's schedule (rows due by step t) is read from the host step counter,
-            # which a replay would not advance
-            return ("the sparsity controller (control=True) sets its schedule from the host's step counter: "
-                    "build the optimizer with control=False to capture its steps")
         return None
 
     def _fuse_momentum(self) -> bool:
@@ -829,7 +831,9 @@ class DHSPG(_RowOptimizer):
             # -- sparsity control (otofx/sparsity.py): which rows to act on, and lambda's scale ------
             mask, scale, eps = self._redundant, None, None
             if controlled:  # NB: the rows' norms before the step, from the row step's own reductions
-                mask, scale, eps = self._controller().decide(t, xs, lr, self._redundant, xx=st.xx)
+                # NB: capturable: the schedule reads the device clock, which a CUDA graph replay advances
+                clock = self._clock if self._clock is not None else t
+                mask, scale, eps = self._controller().decide(clock, xs, lr, self._redundant, xx=st.xx, step=t)
             # ---------------------------------------------------------------------------------------
             cfg = kernels.DHSPGConfig(lr=lr, lmbda=self.lmbda, lmbda_amplify=self.lmbda_amplify,
                                       hat_lmbda_coeff=self.hat_lmbda_coeff, epsilon=self.epsilon,

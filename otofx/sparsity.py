@@ -50,7 +50,11 @@ Internals:
       come a step or two late; they never change a result.
     * Once the target is reached with ``fixed_zero_groups`` (known through the same lagged copy),
       the extra pass is skipped: the mask would be empty anyway, so results do not depend on when
-      the copy lands.
+      the copy lands. Not with a device clock (``capturable=True``): a replayed step cannot branch on
+      the host, so the decision is made every step (the same mask and results).
+    * ``capturable=True``: the step counter is a device tensor the optimizer advances in every step
+      (a CUDA graph replay included), the schedule is computed from it on the device with the host
+      path's dtypes (the same bits), and ``m`` and the scale are updated in place.
     * ``m``, the budget and the step of partition are in the optimizer's ``state_dict()``.
 """
 from __future__ import annotations
@@ -205,29 +209,41 @@ class SparsityControl:
                        opt.target_group_sparsity, self.target_rows, self.n_redundant, self.n_redundant / max(self.n, 1))
 
     # -- the per-step decision (device only) -------------------------------------------------------
-    def scheduled_rows(self, t: int) -> float:
+    def scheduled_rows(self, t):
+        """The zero rows due by step ``t`` (a float; a float64 device tensor for a device clock ``t``)."""
+        if isinstance(t, torch.Tensor):
+            return self.target_rows * ((t.to(torch.float64) - self.start + 1) / self.budget).clamp(0.0, 1.0)
         if t < self.start:
             return 0.0
         return self.target_rows * min(1.0, (t - self.start + 1) / self.budget)
 
     @torch.no_grad()
-    def decide(self, t: int, xs, lr: float, redundant: torch.Tensor, xx: torch.Tensor | None = None):
+    def decide(self, t, xs, lr: float, redundant: torch.Tensor, xx: torch.Tensor | None = None,
+               step: int | None = None):
         """The mask of rows to penalise (and maybe project) at step t, and the 0-d lambda scale.
 
+        ``t``: the step, an int, or a 0-d device tensor (a capturable optimizer's clock: the schedule is
+        then computed on the device, and ``step``, the host's count, only dates the diagnostics).
         ``xs`` are the row tensors before the step (the layout's order), ``redundant`` DHSPG's G_r;
         ``xx``: the rows' ``||x||^2`` when the caller has them (sharded rows: summed over every rank,
         so that every rank decides alike), else they are computed from ``xs``.
         """
-        self._check(t)
+        clock = isinstance(t, torch.Tensor)  # the optimizer's device step counter (capturable=True)
+        capturing = clock and t.is_cuda and torch.cuda.is_current_stream_capturing()
+        host_t = step if clock else t  # the diagnostics' step, on the host (None: no diagnostics)
+        diagnose = host_t is not None and not capturing  # NB: no host reads or events inside a CUDA graph
+        if diagnose:
+            self._check(host_t)
         done = self._count.value
-        if self.fixed_zero and done is not None and done >= self.target_rows:
+        if not clock and self.fixed_zero and done is not None and done >= self.target_rows:
             return torch.zeros_like(redundant), self.scale, self._eps  # reached: the mask would be empty
         if xx is None:
             xx = kernels.row_stats(self.layout, xs).xx
         norm = xx.sqrt()
         zero = xx == 0
         z = zero.sum()
-        self._count.push(z, t)
+        if diagnose:
+            self._count.push(z, host_t)
         live = redundant & ~zero
         cap = (self.target_rows - z).clamp(min=0)
         key = torch.where(live, norm, torch.full_like(norm, math.inf))
@@ -235,7 +251,13 @@ class SparsityControl:
         rank = torch.empty_like(order)
         rank[order] = self._idx
         # overdue rows: more than the tolerance behind schedule, or any once the budget is spent
-        overdue = (math.ceil(self.scheduled_rows(t) - 1e-9) - z).clamp(min=0)
+        # NB: with the device clock every value below is a device tensor (a CUDA graph replays it with
+        # the clock it reads); the dtypes follow the host path's, so both give the same bits
+        sched = self.scheduled_rows(t)
+        if clock:
+            overdue = (torch.ceil(sched - 1e-9).to(z.dtype) - z).clamp(min=0)
+        else:
+            overdue = (math.ceil(sched - 1e-9) - z).clamp(min=0)
         force = (overdue > self.tol_rows) | ((overdue > 0) & (t + 1 >= self.start + self.budget))
         mask = live & (rank < torch.where(force, overdue, cap))
         eps = torch.where(force, self._eps_force, self._eps)
@@ -249,10 +271,11 @@ class SparsityControl:
         else:
             lam_ff = peak / lr if lr > 0 else torch.zeros((), dtype=vals.dtype, device=vals.device)
         # feedback: m grows while behind schedule and falls back to 1 once on it
-        err = (self.scheduled_rows(t) - z) / max(self.target_rows, 1)
-        self.m = (self.m * torch.exp((FEEDBACK_GAIN / self.budget) * err.to(self.m.dtype))).clamp(1.0, MAX_BOOST)
+        err = ((sched.to(torch.float32) if clock else sched) - z) / max(self.target_rows, 1)
+        # NB: m and the scale are updated in place: a CUDA graph replays reads and writes of these tensors
+        self.m.copy_((self.m * torch.exp((FEEDBACK_GAIN / self.budget) * err.to(self.m.dtype))).clamp(1.0, MAX_BOOST))
         base = (lam_ff.to(self.m.dtype) / self.lmbda).clamp(min=1.0) if self.lmbda > 0 else torch.ones_like(self.m)
-        self.scale = (base * self.m).clamp(max=MAX_SCALE)
+        self.scale.copy_((base * self.m).clamp(max=MAX_SCALE))
         return mask, self.scale, eps
 
     # -- diagnostics (host, from the lagged zero count) --------------------------------------------
@@ -280,7 +303,7 @@ class SparsityControl:
         return {"m": float(self.m), "budget": self.budget, "start": self.start}
 
     def load(self, st: dict) -> None:
-        self.m = torch.tensor(float(st["m"]), dtype=torch.float64, device=self.layout.device)
+        self.m.fill_(float(st["m"]))
         self.budget, self.start = int(st["budget"]), int(st["start"])
 
     def _warn(self, key: str, msg: str, *args) -> None:

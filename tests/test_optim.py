@@ -628,6 +628,8 @@ SYNC_CASES = [
     ("dhspg", "sgd", dict(first_momentum=0.9, weight_decay=1e-3, start_pruning_steps=2, lmbda=0.05, epsilon=0.9)),
     ("dhspg", "sgd", dict(first_momentum=0.0, dampening=0.0, start_pruning_steps=1, warm_up_steps=1)),
     ("dhspg", "adam", dict(weight_decay=1e-3, start_pruning_steps=2, epsilon=0.9)),
+    # the sparsity controller on the device clock (capturable: the schedule a CUDA graph replays)
+    ("dhspg", "sgd", dict(first_momentum=0.9, start_pruning_steps=2, lmbda=0.05, epsilon=0.9, capturable=True)),
     ("dhspg", "adamw", dict(start_pruning_steps=2, epsilon=0.9)),
     ("hesso", "sgd", dict(first_momentum=0.9, start_pruning_step=2, pruning_steps=4, pruning_periods=1)),
     ("hesso", "adam", dict(start_pruning_step=2, pruning_steps=4, pruning_periods=2)),

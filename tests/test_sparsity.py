@@ -182,6 +182,33 @@ def test_state_dict_resumes_the_controller_identically(digits):
     assert oa.status() == ob.status()
 
 
+@pytest.mark.parametrize("build,steps", [(_mlp, 70), (_CNN, 45)])
+def test_device_clock_gives_the_host_clocks_steps(digits, build, steps):
+    """capturable=True runs the controller from the optimizer's device step counter (what a CUDA graph
+    replay advances): every decision, hence every parameter, equals the host-clock run's bit for bit,
+    through the budget's end and past the target, and after a save and load half way."""
+    kw = dict(lr=0.1, first_momentum=0.9, target_group_sparsity=0.5, start_pruning_steps=5, pruning_steps=25)
+    runs = []
+    for capturable in (False, True):
+        torch.manual_seed(0)
+        m = build()
+        oto = otofx.OTO(m, digits.x_train[:2])
+        opt = oto.dhspg(capturable=capturable, **kw)
+        _train(m, opt, digits, steps // 2)
+        if capturable:  # resume from a saved state: the clock comes back with the step count
+            sd = copy.deepcopy(opt.state_dict())
+            opt = oto.dhspg(capturable=True, **kw)
+            opt.load_state_dict(sd)
+            assert float(opt._clock) == opt.step_count == steps // 2
+        _train(m, opt, digits, steps - steps // 2, seed=1)
+        runs.append((m, opt))
+    (ma, oa), (mb, ob) = runs
+    for (n, p), q in zip(ma.named_parameters(), mb.parameters()):
+        assert torch.equal(p, q), n
+    assert oa.status() == ob.status() and ob.status().reached
+    assert float(ob._clock) == ob.step_count == steps
+
+
 def test_backends_agree_under_control(digits):
     if not otofx.kernels.cpu_available():
         pytest.skip("the C kernel cannot be built")

@@ -115,15 +115,17 @@ def test_grad_scaler_amp_skips_inf_steps_on_the_device(variant):
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
-@pytest.mark.parametrize("kind,variant", [("dhspg", "sgd"), ("dhspg", "adamw"), ("hesso", "sgd")])
-def test_capturable_step_replayed_from_a_cuda_graph_equals_eager(kind, variant):
+@pytest.mark.parametrize("kind,variant,control", [("dhspg", "sgd", True), ("dhspg", "sgd", False),
+                                                  ("dhspg", "adamw", True), ("hesso", "sgd", None)])
+def test_capturable_step_replayed_from_a_cuda_graph_equals_eager(kind, variant, control):
     model, oto, _ = _setup()
     kw = dict(variant=variant, lr=0.05 if variant == "sgd" else 1e-3, capturable=True,
               first_momentum=0.9 if variant == "sgd" else None)
     # HESSO: captured after its pruning window (the window's per-step scale is set by the host)
-    # DHSPG: control=False (the sparsity controller's schedule follows the host step counter)
-    kw.update(dict(lmbda=0.5, epsilon=0.9, target_group_sparsity=0.5, control=False) if kind == "dhspg"
-              else dict(start_pruning_step=0, pruning_steps=2, pruning_periods=1, target_group_sparsity=0.5))
+    # DHSPG with control: the controller's schedule reads the device clock the replay advances
+    kw.update(dict(lmbda=0.5, epsilon=0.9, target_group_sparsity=0.5, control=control, pruning_steps=6)
+              if kind == "dhspg" else dict(start_pruning_step=0, pruning_steps=2, pruning_periods=1,
+                                           target_group_sparsity=0.5))
     cls = otofx.DHSPG if kind == "dhspg" else otofx.HESSO
     runs = []
     for _ in range(2):
@@ -164,6 +166,8 @@ def test_capturable_step_replayed_from_a_cuda_graph_equals_eager(kind, variant):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
     assert int((oe.row_stats().xx == 0).sum()) == int((og.row_stats().xx == 0).sum())
     assert float(og.steps_taken) == float(oe.steps_taken)
+    if kind == "dhspg":  # the replays advanced the device clock the controller's schedule reads
+        assert float(og._clock) == oe.step_count == len(warm) + len(later)
 
 
 def test_capture_of_an_event_step_is_refused():
