@@ -50,7 +50,8 @@ import torch
 from otofx.errors import OTOError
 
 from .layout import LayoutError, RowLayout, build_layout
-from .reference import DHSPGConfig, Momentum, RowStats, apply_rows, dhspg_rows, momentum_update, row_stats
+from . import reference
+from .reference import DHSPGConfig, Momentum, RowStats, apply_rows, momentum_update, row_stats
 
 log = logging.getLogger("otofx")
 
@@ -66,7 +67,7 @@ def _torch_dhspg(layout, xs, ds, redundant, cfg, momentum, skip):
     if momentum is not None:
         momentum_update(xs, ds, momentum, skip)
     stats = row_stats(layout, xs, ds)
-    coef, scale, count = dhspg_rows(stats, redundant, cfg)
+    coef, scale, count = reference.dhspg_rows(stats, redundant, cfg)
     apply_rows(layout, xs, ds, cfg.lr, coef, scale, skip)
     return count
 
@@ -175,6 +176,18 @@ def nonfinite_flag(ts, skip: torch.Tensor | None = None) -> torch.Tensor:
     flag = (torch.isfinite(torch.stack(sums).sum()).logical_not().to(torch.float32) if sums
             else torch.zeros((), dtype=torch.float32, device=dev))
     return flag if skip is None else torch.maximum(flag, skip.reshape(()).to(dev, torch.float32))
+
+
+def dhspg_rows(stats: RowStats, redundant: torch.Tensor, cfg: DHSPGConfig, backend: str | None = None):
+    """OTO.md step 3 per row from given sums: ``(coef, scale, zero count)`` (see
+    :func:`reference.dhspg_rows`). On CUDA with Triton (``backend`` None, ``"auto"`` or ``"triton"``;
+    None reads ``OTOFX_KERNEL``) one kernel makes every decision; elsewhere the torch reference does."""
+    backend = backend or os.environ.get("OTOFX_KERNEL", "auto")
+    if backend in ("auto", "triton") and stats.xx.is_cuda and triton_available():
+        from .triton_rows import dhspg_rows as rows
+
+        return rows(stats, redundant, cfg)
+    return reference.dhspg_rows(stats, redundant, cfg)
 
 
 def sort_rows(key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

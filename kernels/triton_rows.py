@@ -3,6 +3,8 @@
 * ``_dhspg_rows_kernel`` (one program per row): walks the row's segments over every tensor it
   spans, reduces ``||x||^2``, ``x.d``, ``||d||^2``, computes lambda, the coefficient and the
   projection decision, writes three per-row values and counts zero rows.
+* ``_rule_kernel`` (one program per block of rows): the same decisions from given per-row sums
+  (the sparsity controller reads the sums first, then the rule runs; sharded rows' summed sums).
 * ``_stats_kernel``: the reductions alone (sharded rows: each process's partial sums, added up
   across processes before :func:`reference.dhspg_rows` decides and :func:`apply_rows` writes back).
 * ``_apply_kernel`` (one program per block of ``APPLY_BLOCK`` elements of one tensor): looks up
@@ -106,6 +108,52 @@ def _dhspg_rows_kernel(xtab, dtab, seg_ptr, segs, redundant, out, count, hp,
     tl.store(out + r * 3 + 1, s_gated)
     tl.store(out + r * 3 + 2, s_always)
     tl.atomic_add(count, zero.to(tl.int32))
+
+
+@triton.jit
+def _rule_kernel(stats, n, red, count, target, hp, lscale, eps_t, out,
+                 HAS_SCALE: tl.constexpr, HAS_EPS: tl.constexpr, WARM_UP: tl.constexpr, FIXED_ZERO: tl.constexpr,
+                 ACC: tl.constexpr, BLOCK: tl.constexpr):
+    """OTO.md step 3 from given per-row sums (``stats``: [3, n]), as :func:`reference.dhspg_rows`:
+    ``out[0, r]`` the coefficient, ``out[1, r]`` the scale (0: the row is zeroed). ``count``: the zero
+    rows (gates penalty and projection on ``target``); ``lscale``/``eps_t``: the sparsity controller's
+    lambda factor and epsilon (0-d tensors, read when HAS_*)."""
+    r = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = r < n
+    xx = tl.load(stats + r, mask=m, other=0.0).to(ACC)
+    xd = tl.load(stats + n + r, mask=m, other=0.0).to(ACC)
+    dd = tl.load(stats + 2 * n + r, mask=m, other=0.0).to(ACC)
+    lr = tl.load(hp)
+    lmbda = tl.load(hp + 1)
+    amplify = tl.load(hp + 2)
+    hat = tl.load(hp + 3)
+    eps = tl.load(hp + 4)
+    if HAS_SCALE:
+        lmbda = lmbda * tl.load(lscale).to(ACC)
+    if HAS_EPS:
+        eps = tl.load(eps_t).to(ACC)
+    active = tl.load(count) < target
+    norm = tl.sqrt(xx)
+    zero = xx == 0.0
+    safe = tl.where(zero, 1.0, norm)
+    in_r = (tl.load(red + r, mask=m, other=0) != 0) & (xx != 0.0) & active
+    lam = lmbda + tl.zeros_like(xx)
+    if not WARM_UP:
+        neg = xd < 0.0
+        lb = -xd / safe
+        ub = -dd * norm / tl.where(neg, xd, -1.0)
+        ad = tl.minimum(tl.maximum(amplify * lb, lmbda), lmbda * hat)
+        ad = tl.where(ad >= ub, (lb + ub) / 2, ad)
+        lam = tl.where(neg, ad, lam)
+    coef = tl.where(in_r, lam / safe, 0.0)
+    drop = zero & FIXED_ZERO
+    if not WARM_UP:
+        drop = drop | (in_r & ((xx - lr * xd) - (lr * lam) * norm < eps * xx))
+    tl.store(out + r, coef, mask=m)
+    tl.store(out + n + r, tl.where(drop, 0.0, 1.0), mask=m)
+
+
+RULE_BLOCK = 1024
 
 
 @triton.jit
@@ -265,6 +313,52 @@ def dhspg_step(layout: RowLayout, xs, ds, redundant: torch.Tensor, cfg: DHSPGCon
             WARM_UP=bool(cfg.warm_up), FIXED_ZERO=bool(cfg.fixed_zero), DT=_TL[dtype], ACC=_TL[acc], BLOCK=ROW_BLOCK)
     _apply(layout, xt, dt, dtype, rowvals, count, int(cfg.target_rows), hp, skip)
     return count[0]
+
+
+_VALUES: dict = {}
+
+
+def _device_values(dev, acc, values: tuple) -> torch.Tensor:
+    """``values`` as a tensor on ``dev``, made once per distinct tuple. # NB: no host-to-device copy in a
+    steady step (nor in a CUDA graph capture of one); a float lr that changes every step makes a new
+    entry each step, so the cache is cleared when it grows."""
+    key = (dev, acc, values)
+    hit = _VALUES.get(key)
+    if hit is None:
+        if len(_VALUES) > 256:
+            _VALUES.clear()
+        hit = _VALUES[key] = torch.tensor(values, dtype=acc).to(dev)
+    return hit
+
+
+def dhspg_rows(stats, redundant: torch.Tensor, cfg: DHSPGConfig):
+    """:func:`reference.dhspg_rows` in one launch (after the zero count): ``(coef, scale, zero count)``
+    from per-row sums on the device. The ~40 vector ops of the reference are ~40 launches, which an
+    eager CUDA step pays in host time, and a CUDA graph in kernel gaps."""
+    xx, xd, dd = stats.xx, stats.xd, stats.dd
+    n, acc, dev = xx.numel(), xx.dtype, xx.device
+    step = xx.element_size() * n
+    if (xx.is_contiguous() and xd.dtype == dd.dtype == acc and xd.data_ptr() == xx.data_ptr() + step
+            and dd.data_ptr() == xx.data_ptr() + 2 * step):
+        sums = xx  # the rows of one [3, n] buffer (row_stats'): read in place, no stack
+    else:
+        sums = torch.stack([xx, xd, dd]).to(acc)
+    count = (xx == 0).sum()
+    out = torch.empty((2, n), dtype=acc, device=dev)
+    rest = (cfg.lmbda, cfg.lmbda_amplify, cfg.hat_lmbda_coeff, cfg.epsilon)
+    if isinstance(cfg.lr, torch.Tensor):
+        hp = torch.cat([cfg.lr.reshape(1).to(dev, acc), _device_values(dev, acc, rest)])
+    else:
+        hp = _device_values(dev, acc, (cfg.lr, *rest))
+    red = redundant.contiguous()
+    red = red.view(torch.uint8) if red.dtype == torch.bool else red
+    if n:
+        _rule_kernel[(triton.cdiv(n, RULE_BLOCK),)](
+            sums, n, red, count, int(cfg.target_rows), hp,
+            cfg.lmbda_scale if cfg.lmbda_scale is not None else hp, cfg.epsilon_t if cfg.epsilon_t is not None else hp,
+            out, HAS_SCALE=cfg.lmbda_scale is not None, HAS_EPS=cfg.epsilon_t is not None,
+            WARM_UP=bool(cfg.warm_up), FIXED_ZERO=bool(cfg.fixed_zero), ACC=_TL[acc], BLOCK=RULE_BLOCK)
+    return out[0], out[1], count
 
 
 def scale_step(layout: RowLayout, xs, ds, lr, scale: torch.Tensor, skip=None) -> None:

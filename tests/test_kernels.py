@@ -370,3 +370,34 @@ def test_sort_rows_is_torchs_stable_sort(values, dtype):
     want_vals, want_order = torch.sort(key, stable=True)
     assert torch.equal(order, want_order)
     assert torch.equal(vals.nan_to_num(), want_vals.nan_to_num()) and torch.equal(vals.isnan(), want_vals.isnan())
+
+
+@needs_triton
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 3000), st.sampled_from([torch.float32, torch.float64]), st.booleans(), st.booleans(),
+       st.integers(0, 3000), st.booleans(), st.booleans(), st.booleans(), st.integers(0, 2 ** 16))
+def test_triton_rule_equals_reference(n, dtype, warm_up, fixed_zero, target, scaled, eps_t, lr_t, seed):
+    """The Triton rule kernel (the decisions of a CUDA step between its reductions and its write-back)
+    against the reference's vector ops: the same zero count and projections, coefficients to rounding."""
+    from otofx.kernels import triton_rows
+
+    g = torch.Generator().manual_seed(seed)
+    xx = torch.rand(n, generator=g, dtype=dtype) * 4
+    xx[torch.rand(n, generator=g) < 0.2] = 0.0
+    xd = torch.randn(n, generator=g, dtype=dtype) * xx.sqrt()
+    dd = torch.rand(n, generator=g, dtype=dtype) * 3
+    stats = K.RowStats(*torch.stack([xx, xd, dd]).unbind(0))
+    red = torch.rand(n, generator=g) < 0.6
+    cfg = K.DHSPGConfig(lr=torch.tensor(0.3, dtype=torch.float64) if lr_t else 0.3, lmbda=0.5, lmbda_amplify=2.0,
+                        hat_lmbda_coeff=10.0, epsilon=0.5, target_rows=target, warm_up=warm_up, fixed_zero=fixed_zero,
+                        lmbda_scale=torch.tensor(1.7, dtype=torch.float64) if scaled else None,
+                        epsilon_t=torch.tensor(0.9, dtype=torch.float64) if eps_t else None)
+    want = reference.dhspg_rows(stats, red, cfg)
+    got = triton_rows.dhspg_rows(stats, red, cfg)
+    assert int(got[2]) == int(want[2])
+    assert torch.equal(got[1], want[1])  # which rows are projected: exactly
+    tol = dict(rtol=1e-12, atol=0) if dtype == torch.float64 else dict(rtol=2e-6, atol=0)
+    torch.testing.assert_close(got[0], want[0], **tol)
+    # from separate (non-adjacent) vectors too
+    other = triton_rows.dhspg_rows(K.RowStats(xx.clone(), xd.clone(), dd.clone()), red, cfg)
+    assert all(torch.equal(a, b) for a, b in zip(other, got))
