@@ -74,6 +74,20 @@ def _row_sums(xtab, dtab, seg_ptr, segs, r, DT: tl.constexpr, ACC: tl.constexpr,
 
 
 @triton.jit
+def _lambda(xd, dd, norm, safe, lmbda, amplify, hat, WARM_UP: tl.constexpr):
+    """OTO.md's adaptive lambda of each row (``lmbda`` during the warm-up), the reference's order."""
+    lam = lmbda + tl.zeros_like(norm)
+    if not WARM_UP:
+        neg = xd < 0.0
+        lb = -xd / safe
+        ub = -dd * norm / tl.where(neg, xd, -1.0)
+        ad = tl.minimum(tl.maximum(amplify * lb, lmbda), lmbda * hat)
+        ad = tl.where(ad >= ub, (lb + ub) / 2, ad)
+        lam = tl.where(neg, ad, lam)
+    return lam
+
+
+@triton.jit
 def _dhspg_rows_kernel(xtab, dtab, seg_ptr, segs, redundant, out, count, hp,
                        WARM_UP: tl.constexpr, FIXED_ZERO: tl.constexpr,
                        DT: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
@@ -88,14 +102,7 @@ def _dhspg_rows_kernel(xtab, dtab, seg_ptr, segs, redundant, out, count, hp,
     zero = xx == 0.0
     safe = tl.where(zero, 1.0, norm)
     in_r = (tl.load(redundant + r) != 0) & (xx != 0.0)
-    lam = lmbda + tl.zeros_like(xx)
-    if not WARM_UP:
-        neg = xd < 0.0
-        lb = -xd / safe
-        ub = -dd * norm / tl.where(neg, xd, -1.0)
-        ad = tl.minimum(tl.maximum(amplify * lb, lmbda), lmbda * hat)
-        ad = tl.where(ad >= ub, (lb + ub) / 2, ad)
-        lam = tl.where(neg, ad, lam)
+    lam = _lambda(xd, dd, norm, safe, lmbda, amplify, hat, WARM_UP)
     coef = tl.where(in_r, lam / safe, 0.0)
     s_gated = 1.0 + tl.zeros_like(xx)
     if not WARM_UP:
@@ -137,14 +144,7 @@ def _rule_kernel(stats, n, red, count, target, hp, lscale, eps_t, out,
     zero = xx == 0.0
     safe = tl.where(zero, 1.0, norm)
     in_r = (tl.load(red + r, mask=m, other=0) != 0) & (xx != 0.0) & active
-    lam = lmbda + tl.zeros_like(xx)
-    if not WARM_UP:
-        neg = xd < 0.0
-        lb = -xd / safe
-        ub = -dd * norm / tl.where(neg, xd, -1.0)
-        ad = tl.minimum(tl.maximum(amplify * lb, lmbda), lmbda * hat)
-        ad = tl.where(ad >= ub, (lb + ub) / 2, ad)
-        lam = tl.where(neg, ad, lam)
+    lam = _lambda(xd, dd, norm, safe, lmbda, amplify, hat, WARM_UP)
     coef = tl.where(in_r, lam / safe, 0.0)
     drop = zero & FIXED_ZERO
     if not WARM_UP:
