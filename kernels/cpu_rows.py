@@ -139,7 +139,10 @@ def _openmp_team() -> int | None:
             paths = {line.split(None, 5)[-1].strip() for line in f if line.count(" ") >= 5}
     except OSError:
         return None
-    for path in sorted(paths):
+    # NB: the runtime torch ships (torch/lib, torch.libs) before any other a library may have loaded
+    home = os.path.dirname(os.path.dirname(os.path.abspath(torch.__file__)))
+    foreign = lambda p: not (p.startswith(os.path.join(home, "torch")) or "/torch.libs/" in p)  # noqa: E731
+    for path in sorted(paths, key=lambda p: (foreign(p), p)):
         name = os.path.basename(path)
         if not name.startswith(("libgomp", "libomp", "libiomp5")) or ".so" not in name:
             continue
