@@ -303,6 +303,8 @@ def dhspg_step(layout: RowLayout, xs, ds, redundant: torch.Tensor, cfg: DHSPGCon
     rowvals = _rowvals(layout, acc)
     count = torch.zeros(1, dtype=torch.int32, device=layout.device)
     hp = _hp(layout, acc, cfg.lr, cfg.lmbda, cfg.lmbda_amplify, cfg.hat_lmbda_coeff, cfg.epsilon)
+    if cfg.lmbda_scale is not None or cfg.epsilon_t is not None:
+        hp = hp.clone()  # NB: _hp's tensor is cached (shared by later steps): never changed in place
     if cfg.lmbda_scale is not None:  # otofx.sparsity's control: device values, no host sync
         hp[1:2].mul_(cfg.lmbda_scale.to(acc))
     if cfg.epsilon_t is not None:

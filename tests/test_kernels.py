@@ -401,3 +401,21 @@ def test_triton_rule_equals_reference(n, dtype, warm_up, fixed_zero, target, sca
     # from separate (non-adjacent) vectors too
     other = triton_rows.dhspg_rows(K.RowStats(xx.clone(), xd.clone(), dd.clone()), red, cfg)
     assert all(torch.equal(a, b) for a, b in zip(other, got))
+
+
+@needs_triton
+def test_triton_step_with_a_lambda_scale_leaves_the_next_step_alone():
+    """A controlled step's lambda factor and epsilon apply to that step only (the hyper-parameters'
+    device tensor is cached across steps), as on the reference."""
+    shapes = [(6, 5), (4, 6)]
+    ar = lambda n: torch.arange(n)[:, None]  # noqa: E731
+    layout = K.build_layout(shapes, [(6, [(0, 0, ar(6)), (1, 1, ar(6))])])
+    xs, ds, red = _data(shapes, layout.n_rows, torch.float32, 3)
+    plain = K.DHSPGConfig(0.1, 0.2, 2.0, 10.0, 0.5, 100, False, True)
+    scaled = K.DHSPGConfig(0.1, 0.2, 2.0, 10.0, 0.5, 100, False, True, lmbda_scale=torch.tensor(3.0, dtype=torch.float64),
+                           epsilon_t=torch.tensor(0.1, dtype=torch.float64))
+    a, b = [x.clone() for x in xs], [x.clone() for x in xs]
+    for cfg in (scaled, plain, plain):
+        K.dhspg_step(layout, a, ds, red, cfg, backend="torch")
+        K.dhspg_step(layout, b, ds, red, cfg, backend="triton")
+    _close(a, b, torch.float32)
