@@ -648,7 +648,9 @@ class _RowOptimizer(torch.optim.Optimizer):
 
     def state_dict(self):
         sd = super().state_dict()
-        sd["otofx"] = {"kind": self._kind, "variant": self.variant, "step": self._t, "taken": float(self._taken),
+        # NB: CUDA-graph replays advance the device clock, not the host's count: the clock is the step
+        step = self._t if self._clock is None else max(self._t, int(self._clock.item()))
+        sd["otofx"] = {"kind": self._kind, "variant": self.variant, "step": step, "taken": float(self._taken),
                        "host_skipped": self._host_skipped, "layout": self._signature(), **self._extra_state()}
         return sd
 

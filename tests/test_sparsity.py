@@ -207,6 +207,9 @@ def test_device_clock_gives_the_host_clocks_steps(digits, build, steps):
         assert torch.equal(p, q), n
     assert oa.status() == ob.status() and ob.status().reached
     assert float(ob._clock) == ob.step_count == steps
+    # replays advance the device clock alone (the host's count stays): a saved state keeps the clock
+    ob._clock.add_(3.0)
+    assert ob.state_dict()["otofx"]["step"] == steps + 3
 
 
 def test_backends_agree_under_control(digits):
