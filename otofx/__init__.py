@@ -15,6 +15,23 @@ from otofx.saveload import load, save
 
 _register_backend()  # torch.compile(model, backend="otofx")
 
+# the seed methods and the other subpackages, imported on first use: ``import otofx`` then
+# ``otofx.admm.ADMM(...)`` works without ``import otofx.admm`` (and without loading them up front)
+_LAZY = ("admm", "scop", "slb", "jointrd", "distributed", "sparsity", "kernels", "demo", "visualize")
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return importlib.import_module(f"otofx.{name}")
+    raise AttributeError(f"module 'otofx' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))
+
+
 __version__ = "0.1.0"
 __all__ = ["OTO", "ZIG", "ZigSet", "OTOError", "CaptureError", "InputError", "ShapeError", "VerificationError",
            "eval_mode", "outputs_close", "DHSPG", "HESSO", "OptimizerError", "NonFiniteGradError", "register_rule",

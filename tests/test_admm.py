@@ -249,6 +249,62 @@ def test_finish_keeps_the_structure_through_retraining():
     torch.testing.assert_close(flat.eval()(x), small.eval()(x))
 
 
+class _TiedLM(nn.Module):
+    """An embedding and an output head that share one weight (GPT-2, T5, most small LLMs)."""
+
+    def __init__(self, vocab=24, dim=16):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, dim)
+        self.mid = nn.Linear(dim, dim)
+        self.head = nn.Linear(dim, vocab, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, ids):
+        return self.head(torch.tanh(self.mid(self.emb(ids))))
+
+
+def test_tied_weights_are_blocked_once_and_stay_tied():
+    """A weight two modules share is one block group (named as named_parameters() names it), trained
+    by ADMM once, finished with one parametrisation that both modules compute with, stored once, and
+    still one tensor after plain()."""
+    torch.manual_seed(0)
+    m = _TiedLM()
+    ids = torch.randint(0, 24, (4, 7))
+    blocks = A.find_blocks(m, block=(4, 4))
+    assert sorted(g.name for g in blocks) == ["emb.weight", "mid.weight"]
+    opt = A.ADMM(m, torch.optim.SGD(m.parameters(), lr=0.05), block=(4, 4), prune=0.5, unify=0.25, rounds=2,
+                 steps_per_round=2)
+    for _ in range(4):
+        loss = m(ids).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    small = A.finish(m, opt)
+    torch.testing.assert_close(small.head.weight, small.emb.weight, rtol=0, atol=0)
+    pm = small.emb.parametrizations.weight[0]
+    assert small.head.parametrizations.weight[0] is pm
+    assert small.head.parametrizations.weight.original is small.emb.parametrizations.weight.original
+    # retraining keeps the structure in both uses (the head's gradient reaches the shared original)
+    sgd = torch.optim.SGD(small.parameters(), lr=0.1)
+    for _ in range(3):
+        loss = small(ids).square().mean()
+        sgd.zero_grad()
+        loss.backward()
+        sgd.step()
+    b = B.blocks_of(small.head.weight.detach(), pm.group)
+    assert torch.all(b[pm.state == B.PRUNED] == 0)
+    torch.testing.assert_close(small.head.weight, small.emb.weight, rtol=0, atol=0)
+    rows = A.storage(small)
+    assert [r.layer for r in rows] == ["emb.weight", "mid.weight", "total"]
+    assert rows[-1].weights == 24 * 16 + 16 * 16
+    flat = A.plain(small)
+    assert flat.head.weight is flat.emb.weight
+    torch.testing.assert_close(flat(ids), small(ids))
+    fast, names = A.to_bsr(small)  # the head through BSR, the embedding dense: the same outputs
+    assert "head.weight" in names and "emb.weight" not in names
+    torch.testing.assert_close(fast(ids), small(ids), rtol=1e-5, atol=1e-6)
+
+
 def test_finish_in_bfloat16_keeps_each_block_its_own_magnitude():
     lin = nn.Linear(64, 64, bias=False).to(torch.bfloat16)  # 1024 blocks of 2x2: past bfloat16's exact integers
     small = A.finish(nn.Sequential(lin), prune=0.25, unify=0.5, block=(2, 2))

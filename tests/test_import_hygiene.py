@@ -76,3 +76,17 @@ def test_no_bare_imports_of_our_folders():
             bad += [f"{rel}:{node.lineno}: {n}" for n in names
                     if n.split(".")[0] in OURS and path != Path(__file__).resolve()]
     assert not bad, bad
+
+
+def test_methods_are_attributes_of_otofx_loaded_on_first_use():
+    """`import otofx` then `otofx.admm.ADMM` (and the other seed methods) works without importing each
+    subpackage first, and `import otofx` does not load them up front."""
+    code = ("import sys, otofx\n"
+            "names = ('admm', 'scop', 'slb', 'jointrd')\n"
+            "assert not any(f'otofx.{n}' in sys.modules for n in names), [n for n in names if f'otofx.{n}' in sys.modules]\n"
+            "assert otofx.admm.ADMM and otofx.scop and otofx.slb and otofx.jointrd\n"
+            "assert set(names) <= set(dir(otofx))\n"
+            "try:\n    otofx.no_such_thing\nexcept AttributeError as e:\n    assert 'no_such_thing' in str(e)\n"
+            "else:\n    raise SystemExit('no AttributeError')\n")
+    run = subprocess.run([sys.executable, "-c", code], cwd=ROOT.parent, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]

@@ -266,18 +266,33 @@ def finish(model: nn.Module, opt: ADMM | BlockHESSO | None = None, *, block=(4, 
     blocks = blocks or find_blocks(model, block, layers)
     new = copy.deepcopy(model)
     params = dict(new.named_parameters())
+    holders = _holders(new)
     for g in blocks:
         if g.name not in params:
             raise InputError(f"block group '{g.name}' names no parameter of the model")
-        mod_name, _, attr = g.name.rpartition(".")
-        module = new.get_submodule(mod_name)
-        if parametrize.is_parametrized(module, attr):
-            raise InputError(f"'{g.name}' is already parametrised: finish() a model that was not finished")
+        for module, attr in holders[id(params[g.name])]:
+            if parametrize.is_parametrized(module, attr):
+                raise InputError(f"'{g.name}' is already parametrised: finish() a model that was not finished")
         with torch.no_grad():
             proj = project(params[g.name].detach(), g, prune, unify)
             params[g.name].copy_(proj.z)
-        parametrize.register_parametrization(module, attr, BlockParam(g, proj))
+        # NB: a tied weight gets the same parametrisation object in every module that holds it: one
+        # original, one magnitude per block, and every user computes the same constrained weight
+        pm = BlockParam(g, proj)
+        for module, attr in holders[id(params[g.name])]:
+            parametrize.register_parametrization(module, attr, pm)
     return new
+
+
+def _holders(model: nn.Module) -> dict:
+    """``{id(parameter): [(module, attribute), ...]}``: every place a parameter is registered (a tied
+    weight has several)."""
+    out: dict = {}
+    for m in model.modules():
+        for attr, p in m._parameters.items():
+            if p is not None:
+                out.setdefault(id(p), []).append((m, attr))
+    return out
 
 
 def plain(model: nn.Module) -> nn.Module:
@@ -288,17 +303,20 @@ def plain(model: nn.Module) -> nn.Module:
     # the original. The copy's modules are switched back to their own class by hand instead.
     """
     new = copy.deepcopy(model)
+    made: dict = {}  # id(original) -> its plain Parameter: tied weights stay tied
     for _, m in list(new.named_modules()):
         if not parametrize.is_parametrized(m):
             continue
         with torch.no_grad():
-            values = {attr: (getattr(m, attr).detach().clone(), plist.original.requires_grad)
+            values = {attr: (id(plist.original), getattr(m, attr).detach().clone(), plist.original.requires_grad)
                       for attr, plist in m.parametrizations.items()}
         base = type(m).__bases__[0]
         del m._modules["parametrizations"]
         m.__class__ = base
-        for attr, (value, grad) in values.items():
-            m._parameters[attr] = nn.Parameter(value, requires_grad=grad)
+        for attr, (key, value, grad) in values.items():
+            if key not in made:
+                made[key] = nn.Parameter(value, requires_grad=grad)
+            m._parameters[attr] = made[key]
     return new
 
 
@@ -378,8 +396,11 @@ class BlockStorage:
 
 def export(model: nn.Module) -> dict:
     """``{weight name: BlockStorage}`` for every finished weight of ``model``."""
-    out = {}
+    out, seen = {}, set()
     for name, w, pm in _finished(model):
+        if id(pm) in seen:  # a tied weight, stored once
+            continue
+        seen.add(id(pm))
         g = pm.group
         with torch.no_grad():
             b = B.blocks_of(w.detach().float().cpu(), g)

@@ -118,13 +118,17 @@ def find_blocks(model: nn.Module, block=(4, 4), layers=None) -> BlockSet:
     types, or a predicate ``(name, module) -> bool``.
     """
     pick = _selector(layers)
-    groups = []
+    # NB: a weight tied to another module's (a language model's head and its embedding) is one
+    # parameter: it is named as named_parameters() names it, and blocked once
+    canonical = {id(p): n for n, p in model.named_parameters()}
+    groups, seen = [], set()
     for mod_name, m in model.named_modules():
         if not isinstance(m, _LAYER_TYPES) or not pick(mod_name, m):
             continue
         w = getattr(m, "weight", None)
-        if not isinstance(w, torch.Tensor) or w.ndim < 2:
+        if not isinstance(w, torch.Tensor) or w.ndim < 2 or id(w) in seen:
             continue
+        seen.add(id(w))
         b = block
         if isinstance(block, dict):
             b = block.get(mod_name, block.get(type(m), block.get("*")))
@@ -132,7 +136,8 @@ def find_blocks(model: nn.Module, block=(4, 4), layers=None) -> BlockSet:
                 continue
         if len(b) != 2 or min(int(b[0]), int(b[1])) < 1:
             raise InputError(f"block {b!r} for layer '{mod_name}' must be two positive ints (b_o, b_i)")
-        groups.append(_group(f"{mod_name}.weight" if mod_name else "weight", tuple(w.shape), (int(b[0]), int(b[1]))))
+        name = canonical.get(id(w), f"{mod_name}.weight" if mod_name else "weight")
+        groups.append(_group(name, tuple(w.shape), (int(b[0]), int(b[1]))))
     if not groups:
         raise InputError("find_blocks found no Linear or Conv weight to block: check `layers=`")
     return BlockSet(tuple(groups))
