@@ -388,3 +388,34 @@ def test_block_hesso_reaches_exact_block_sparsity():
     for name, s in A.export(small).items():
         w = dict(m.named_parameters())[name].detach()
         torch.testing.assert_close(s.to_dense(), w)
+
+
+def test_gpt2_conv1d_weights_are_blocked_output_by_input():
+    """transformers' Conv1D (GPT-2's attention and MLP projections) holds a Linear's weight as
+    [in, out]: its blocks are (b_o, b_i) in output x input terms, i.e. (b_i, b_o) on the stored tensor;
+    the tied head is the embedding's group. ADMM, finish and the storage report run on the model."""
+    tr = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = tr.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=40, n_positions=16, bos_token_id=0, eos_token_id=0)
+    m = tr.GPT2LMHeadModel(cfg).eval()
+    blocks = A.find_blocks(m, block=(2, 8)).by_name()
+    assert blocks["transformer.h.0.attn.c_attn.weight"].shape == (16, 48)
+    assert blocks["transformer.h.0.attn.c_attn.weight"].block == (8, 2)  # stored [in, out]
+    assert blocks["transformer.h.0.mlp.c_proj.weight"].block == (8, 2)
+    assert "lm_head.weight" not in blocks and blocks["transformer.wte.weight"].block == (2, 8)
+    ids = torch.randint(0, 40, (2, 8))
+    opt = A.ADMM(m, torch.optim.SGD(m.parameters(), lr=0.01), block=(2, 8), prune=0.5, unify=0.25, rounds=2,
+                 steps_per_round=1)
+    for _ in range(2):
+        loss = m(ids).logits.square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    small = A.finish(m, opt)
+    for name, w, pm in A._finished(small):
+        b = B.blocks_of(w.detach(), pm.group)
+        assert torch.all(b[pm.state == B.PRUNED] == 0), name
+    names = [r.layer for r in A.storage(small)]
+    assert "transformer.h.0.attn.c_attn.weight" in names and names.count("transformer.wte.weight") == 1
+    with torch.no_grad():
+        torch.testing.assert_close(A.plain(small)(ids).logits, small(ids).logits)

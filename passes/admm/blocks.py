@@ -98,6 +98,13 @@ def _group(name: str, shape: tuple, block: tuple) -> BlockGroup:
     return BlockGroup(name, tuple(shape), rows, cols, (bo, bi), (-(-rows // bo), -(-cols // bi)))
 
 
+def _is_hf_conv1d(m: nn.Module) -> bool:
+    """transformers' ``Conv1D``: a Linear whose weight is stored transposed, ``[in, out]`` (``nf`` = out)."""
+    w = getattr(m, "weight", None)
+    return (type(m).__name__ == "Conv1D" and isinstance(getattr(m, "nf", None), int) and isinstance(w, torch.Tensor)
+            and w.ndim == 2 and w.shape[1] == m.nf)
+
+
 def _selector(layers) -> Callable[[str, nn.Module], bool]:
     if layers is None:
         return lambda name, m: True
@@ -111,7 +118,8 @@ def _selector(layers) -> Callable[[str, nn.Module], bool]:
 
 
 def find_blocks(model: nn.Module, block=(4, 4), layers=None) -> BlockSet:
-    """The block groups of ``model``'s Linear and ConvNd weights (``model`` is only read).
+    """The block groups of ``model``'s Linear and ConvNd weights, and transformers' ``Conv1D``
+    (``model`` is only read).
 
     ``block``: ``(b_o, b_i)``, or a dict from module name (or module type) to a block for per-layer
     shapes, ``"*"`` being the default. ``layers``: None (every Linear/Conv), module names, module
@@ -123,7 +131,8 @@ def find_blocks(model: nn.Module, block=(4, 4), layers=None) -> BlockSet:
     canonical = {id(p): n for n, p in model.named_parameters()}
     groups, seen = [], set()
     for mod_name, m in model.named_modules():
-        if not isinstance(m, _LAYER_TYPES) or not pick(mod_name, m):
+        hf = _is_hf_conv1d(m)
+        if not (isinstance(m, _LAYER_TYPES) or hf) or not pick(mod_name, m):
             continue
         w = getattr(m, "weight", None)
         if not isinstance(w, torch.Tensor) or w.ndim < 2 or id(w) in seen:
@@ -137,7 +146,10 @@ def find_blocks(model: nn.Module, block=(4, 4), layers=None) -> BlockSet:
         if len(b) != 2 or min(int(b[0]), int(b[1])) < 1:
             raise InputError(f"block {b!r} for layer '{mod_name}' must be two positive ints (b_o, b_i)")
         name = canonical.get(id(w), f"{mod_name}.weight" if mod_name else "weight")
-        groups.append(_group(name, tuple(w.shape), (int(b[0]), int(b[1]))))
+        # NB: transformers' Conv1D (GPT-2's projections) stores its weight as [in, out]: the block is
+        # (b_o, b_i) in output x input terms, so the stored tensor is tiled (b_i, b_o)
+        bb = (int(b[1]), int(b[0])) if hf else (int(b[0]), int(b[1]))
+        groups.append(_group(name, tuple(w.shape), bb))
     if not groups:
         raise InputError("find_blocks found no Linear or Conv weight to block: check `layers=`")
     return BlockSet(tuple(groups))
