@@ -69,8 +69,7 @@ def main(argv=None) -> None:
         print_gpu_tables(dev)
         return
 
-    model = build(args.model)
-    oto = otofx.OTO(model, example_input(args.model, 64))
+    model, oto = _analysed(args.model)
     model.to(dev)
     g = torch.Generator().manual_seed(0)
     grads = {n: (torch.randn(p.shape, generator=g) * 1e-2).to(dev) for n, p in model.named_parameters()}
