@@ -340,3 +340,34 @@ def test_bench_latent_weights_are_the_logits_or_the_ste_weights():
         a = ste_quantize(_net(), X, bits=2, layers="all")
         got = {id(p) for p in bench.latent_weights(a)}
         assert id(a.get_submodule("fc").weight) in got and len(got) == 5
+
+
+class _Projected(nn.Module):
+    """A Linear's weight read by torch.addmm as [in, out] (transformers' Conv1D, GPT-2's projections)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(5, 6)
+        self.proj = nn.Parameter(torch.randn(6, 4))
+        self.bias = nn.Parameter(torch.zeros(4))
+        self.out = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.out(torch.addmm(self.bias, torch.relu(self.fc(x)), self.proj))
+
+
+def test_weights_slb_cannot_quantise_are_named_not_silent(caplog):
+    """A weight feeding a matrix product that is not a Conv/Linear call stays float, and the log says
+    which; a model without one logs nothing of the kind."""
+    import logging
+
+    torch.manual_seed(0)
+    with caplog.at_level(logging.WARNING, logger="otofx"):
+        q = slb.quantize(_Projected(), torch.randn(2, 5), bits=2, layers="all")
+    said = [r.getMessage() for r in caplog.records if "does not quantise" in r.getMessage()]
+    assert len(said) == 1 and "proj" in said[0] and "fc.weight" not in said[0], said
+    assert {layer.name for layer in slb.slb_layers(q)} == {"fc.weight", "out.weight"}
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="otofx"):
+        slb.quantize(_net(), X, bits=2)
+    assert not [r for r in caplog.records if "does not quantise" in r.getMessage()]

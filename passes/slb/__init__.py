@@ -138,9 +138,50 @@ def _matches(spec, layer: Layer, gm: fx.GraphModule) -> bool:
                      "(nn.Conv2d, nn.Linear), or a callable (name, module) -> bool")
 
 
+_PRODUCTS = ("addmm", "mm", "matmul", "bmm", "baddbmm", "einsum")
+
+
+def unquantisable(gm: fx.GraphModule, found: list[Layer]) -> list[str]:
+    """Weights (``get_attr`` tensors of 2+ dims) that feed a matrix product other than a conv/linear
+    call, so that SLB leaves them float: e.g. transformers' ``Conv1D`` (GPT-2's projections), an
+    ``addmm`` with the weight stored ``[in, out]``."""
+    known = {c.name for c in found}
+    out = []
+    for node in gm.graph.nodes:
+        if node.op != "call_function":
+            continue
+        packet = getattr(node.target, "_overloadpacket", None)
+        name = getattr(packet, "__name__", None) or getattr(node.target, "__name__", "")
+        if name not in _PRODUCTS:
+            continue
+        for a in node.all_input_nodes:
+            if a.op != "get_attr" or a.target in known or a.target in out:
+                continue
+            w = a.meta.get("val")
+            if not isinstance(w, torch.Tensor):
+                w = _attr(gm, a)
+            if isinstance(w, torch.Tensor) and w.dim() >= 2 and w.is_floating_point():
+                out.append(a.target)
+    return out
+
+
+def _attr(gm: fx.GraphModule, node: fx.Node):
+    try:
+        owner, _, attr = node.target.rpartition(".")
+        return getattr(gm.get_submodule(owner), attr)
+    except AttributeError:
+        return None
+
+
 def select_layers(gm: fx.GraphModule, layers=None) -> list[Layer]:
     """The layers ``layers`` picks (see the module docstring for ``None`` and ``"all"``)."""
     cands = find_layers(gm)
+    skipped = unquantisable(gm, cands)
+    if skipped:
+        # NB: said, not silent: these weights stay float whatever ``layers`` asks for
+        log.warning("otofx.slb: %d weight(s) feed a matrix product that is not a Conv/Linear call (e.g. transformers' "
+                    "Conv1D, whose addmm reads the weight as [in, out]); SLB does not quantise them and they stay "
+                    "float: %s", len(skipped), ", ".join(skipped[:8]) + (" ..." if len(skipped) > 8 else ""))
     if not cands:
         raise InputError(f"{type(gm).__name__} has no Conv1d/2d/3d or Linear weight to quantise")
     if layers is None:
@@ -239,4 +280,4 @@ class SLBPass:
         return state.replace(gm=slb_parametrize(state.gm, self.bits, self.layers, **self.options))
 
 
-__all__ = ["Layer", "find_layers", "select_layers", "parametrize_layers", "slb_parametrize", "SLBPass"]
+__all__ = ["Layer", "find_layers", "unquantisable", "select_layers", "parametrize_layers", "slb_parametrize", "SLBPass"]
