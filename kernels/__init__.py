@@ -178,15 +178,17 @@ def nonfinite_flag(ts, skip: torch.Tensor | None = None) -> torch.Tensor:
     return flag if skip is None else torch.maximum(flag, skip.reshape(()).to(dev, torch.float32))
 
 
-def dhspg_rows(stats: RowStats, redundant: torch.Tensor, cfg: DHSPGConfig, backend: str | None = None):
+def dhspg_rows(stats: RowStats, redundant: torch.Tensor, cfg: DHSPGConfig, backend: str | None = None,
+               layout: RowLayout | None = None):
     """OTO.md step 3 per row from given sums: ``(coef, scale, zero count)`` (see
     :func:`reference.dhspg_rows`). On CUDA with Triton (``backend`` None, ``"auto"`` or ``"triton"``;
-    None reads ``OTOFX_KERNEL``) one kernel makes every decision; elsewhere the torch reference does."""
+    None reads ``OTOFX_KERNEL``) and the rows' ``layout`` (its cache holds the kernel's device
+    constants) one kernel makes every decision; elsewhere the torch reference does."""
     backend = backend or os.environ.get("OTOFX_KERNEL", "auto")
-    if backend in ("auto", "triton") and stats.xx.is_cuda and triton_available():
+    if layout is not None and backend in ("auto", "triton") and stats.xx.is_cuda and triton_available():
         from .triton_rows import dhspg_rows as rows
 
-        return rows(stats, redundant, cfg)
+        return rows(stats, redundant, cfg, layout)
     return reference.dhspg_rows(stats, redundant, cfg)
 
 

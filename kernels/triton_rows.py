@@ -317,26 +317,11 @@ def dhspg_step(layout: RowLayout, xs, ds, redundant: torch.Tensor, cfg: DHSPGCon
     return count[0]
 
 
-_VALUES: dict = {}
-
-
-def _device_values(dev, acc, values: tuple) -> torch.Tensor:
-    """``values`` as a tensor on ``dev``, made once per distinct tuple. # NB: no host-to-device copy in a
-    steady step (nor in a CUDA graph capture of one); a float lr that changes every step makes a new
-    entry each step, so the cache is cleared when it grows."""
-    key = (dev, acc, values)
-    hit = _VALUES.get(key)
-    if hit is None:
-        if len(_VALUES) > 256:
-            _VALUES.clear()
-        hit = _VALUES[key] = torch.tensor(values, dtype=acc).to(dev)
-    return hit
-
-
-def dhspg_rows(stats, redundant: torch.Tensor, cfg: DHSPGConfig):
+def dhspg_rows(stats, redundant: torch.Tensor, cfg: DHSPGConfig, layout: RowLayout):
     """:func:`reference.dhspg_rows` in one launch (after the zero count): ``(coef, scale, zero count)``
     from per-row sums on the device. The ~40 vector ops of the reference are ~40 launches, which an
-    eager CUDA step pays in host time, and a CUDA graph in kernel gaps."""
+    eager CUDA step pays in host time, and a CUDA graph in kernel gaps. The hyper-parameters' device
+    tensor is cached on ``layout`` (the rows' layout), as for the other kernels."""
     xx, xd, dd = stats.xx, stats.xd, stats.dd
     n, acc, dev = xx.numel(), xx.dtype, xx.device
     step = xx.element_size() * n
@@ -347,11 +332,7 @@ def dhspg_rows(stats, redundant: torch.Tensor, cfg: DHSPGConfig):
         sums = torch.stack([xx, xd, dd]).to(acc)
     count = (xx == 0).sum()
     out = torch.empty((2, n), dtype=acc, device=dev)
-    rest = (cfg.lmbda, cfg.lmbda_amplify, cfg.hat_lmbda_coeff, cfg.epsilon)
-    if isinstance(cfg.lr, torch.Tensor):
-        hp = torch.cat([cfg.lr.reshape(1).to(dev, acc), _device_values(dev, acc, rest)])
-    else:
-        hp = _device_values(dev, acc, (cfg.lr, *rest))
+    hp = _hp(layout, acc, cfg.lr, cfg.lmbda, cfg.lmbda_amplify, cfg.hat_lmbda_coeff, cfg.epsilon)
     red = redundant.contiguous()
     red = red.view(torch.uint8) if red.dtype == torch.bool else red
     if n:

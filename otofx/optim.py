@@ -846,7 +846,7 @@ class DHSPG(_RowOptimizer):
 
         if st is not None:
             cfg, mask = rule(st)
-            coef, keep, _ = kernels.dhspg_rows(st, mask, cfg, self.backend)
+            coef, keep, _ = kernels.dhspg_rows(st, mask, cfg, self.backend, self.layout)
             kernels.apply(self.layout, xs, ds, lr, coef, keep, backend=self.backend, skip=skip)
             return skip
         if not controlled and not check:  # nothing to decide in between: the backend's whole step
@@ -856,7 +856,7 @@ class DHSPG(_RowOptimizer):
 
         def coefficients(st):
             cfg, mask = rule(st)
-            return kernels.dhspg_rows(st, mask, cfg, self.backend)[:2]
+            return kernels.dhspg_rows(st, mask, cfg, self.backend, self.layout)[:2]
 
         return kernels.rows_step(self.layout, xs, ds, lr, coefficients, backend=self.backend, momentum=momentum,
                                  skip=skip, check=check)

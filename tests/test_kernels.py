@@ -393,13 +393,14 @@ def test_triton_rule_equals_reference(n, dtype, warm_up, fixed_zero, target, sca
                         lmbda_scale=torch.tensor(1.7, dtype=torch.float64) if scaled else None,
                         epsilon_t=torch.tensor(0.9, dtype=torch.float64) if eps_t else None)
     want = reference.dhspg_rows(stats, red, cfg)
-    got = triton_rows.dhspg_rows(stats, red, cfg)
+    layout = K.build_layout([(max(n, 1), 3)], [(n, [(0, 0, torch.arange(n)[:, None])])] if n else [])
+    got = triton_rows.dhspg_rows(stats, red, cfg, layout)
     assert int(got[2]) == int(want[2])
     assert torch.equal(got[1], want[1])  # which rows are projected: exactly
     tol = dict(rtol=1e-12, atol=0) if dtype == torch.float64 else dict(rtol=2e-6, atol=0)
     torch.testing.assert_close(got[0], want[0], **tol)
     # from separate (non-adjacent) vectors too
-    other = triton_rows.dhspg_rows(K.RowStats(xx.clone(), xd.clone(), dd.clone()), red, cfg)
+    other = triton_rows.dhspg_rows(K.RowStats(xx.clone(), xd.clone(), dd.clone()), red, cfg, layout)
     assert all(torch.equal(a, b) for a, b in zip(other, got))
 
 
