@@ -6,7 +6,8 @@ name)``: a parameter, buffer or submodule by qualified name (the one tensor look
 and front-end uses it); ``set_path`` puts one there. ``call_arguments(node, root)``: a call's
 arguments by the names of its op's rule, the same for every front-end's spelling of the op
 (module call, torch function, ATen overload); ``constant(root, value)`` resolves one of them that
-is known without running the graph (a parameter, a buffer, a flag, a literal).
+is known without running the graph (a parameter, a buffer, a flag, a literal). ``is_hf_conv1d``:
+Hugging Face's ``Conv1D``, a Linear that stores its weight transposed.
 
 Internals:
     * In-place is read off the spelling: a method or function whose name ends in one ``_``
@@ -55,6 +56,16 @@ def impure(node: fx.Node) -> bool:
     """fx's notion of impure (``node.is_impure()``: placeholders, outputs, side effects) or
     :func:`mutates_input`: a node dead-code elimination must keep, and whose first argument it writes."""
     return node.is_impure() or mutates_input(node)
+
+
+# Hugging Face's Conv1D (GPT-2's projections): a Linear whose weight is stored [in, out]
+HF_CONV1D = "transformers.pytorch_utils.Conv1D"
+
+
+def is_hf_conv1d(module: torch.nn.Module) -> bool:
+    """Whether ``module`` is a Hugging Face ``Conv1D`` (or a subclass), matched by qualified name
+    along the MRO so that transformers is never imported here."""
+    return any(f"{c.__module__}.{c.__qualname__}" == HF_CONV1D for c in type(module).__mro__)
 
 
 def get_path(root: torch.nn.Module, name: str):

@@ -37,6 +37,7 @@ import torch.nn as nn
 from otofx.errors import OTOError
 
 from .modules import PrunedMultiheadAttention, PrunedRelativeAttention, PrunedWindowAttention, PrunedWindowAttention3d
+from .nodes import HF_CONV1D
 
 
 class ResizeError(OTOError):
@@ -116,7 +117,7 @@ def bilinear(m: nn.Bilinear, change: Change):
     m.out_features, m.in1_features, m.in2_features = m.weight.shape
 
 
-@resizer("transformers.pytorch_utils.Conv1D")
+@resizer(HF_CONV1D)
 def hf_conv1d(m: nn.Module, change: Change):
     """Hugging Face Conv1D (a transposed linear, weight [nx, nf]): nx and nf from the weight."""
     m.nx, m.nf = m.weight.shape

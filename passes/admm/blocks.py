@@ -35,6 +35,7 @@ import torch
 import torch.nn as nn
 
 from otofx.errors import InputError
+from otofx.passes.nodes import is_hf_conv1d
 
 FREE, PRUNED, UNIFIED = 0, 1, 2
 
@@ -98,13 +99,6 @@ def _group(name: str, shape: tuple, block: tuple) -> BlockGroup:
     return BlockGroup(name, tuple(shape), rows, cols, (bo, bi), (-(-rows // bo), -(-cols // bi)))
 
 
-def _is_hf_conv1d(m: nn.Module) -> bool:
-    """transformers' ``Conv1D``: a Linear whose weight is stored transposed, ``[in, out]`` (``nf`` = out)."""
-    w = getattr(m, "weight", None)
-    return (type(m).__name__ == "Conv1D" and isinstance(getattr(m, "nf", None), int) and isinstance(w, torch.Tensor)
-            and w.ndim == 2 and w.shape[1] == m.nf)
-
-
 def _selector(layers) -> Callable[[str, nn.Module], bool]:
     if layers is None:
         return lambda name, m: True
@@ -131,7 +125,7 @@ def find_blocks(model: nn.Module, block=(4, 4), layers=None) -> BlockSet:
     canonical = {id(p): n for n, p in model.named_parameters()}
     groups, seen = [], set()
     for mod_name, m in model.named_modules():
-        hf = _is_hf_conv1d(m)
+        hf = is_hf_conv1d(m)
         if not (isinstance(m, _LAYER_TYPES) or hf) or not pick(mod_name, m):
             continue
         w = getattr(m, "weight", None)

@@ -41,6 +41,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from otofx.errors import InputError
+from otofx.passes.nodes import get_path
 
 log = logging.getLogger("otofx")
 
@@ -159,18 +160,10 @@ def unquantisable(gm: fx.GraphModule, found: list[Layer]) -> list[str]:
                 continue
             w = a.meta.get("val")
             if not isinstance(w, torch.Tensor):
-                w = _attr(gm, a)
+                w = get_path(gm, a.target)
             if isinstance(w, torch.Tensor) and w.dim() >= 2 and w.is_floating_point():
                 out.append(a.target)
     return out
-
-
-def _attr(gm: fx.GraphModule, node: fx.Node):
-    try:
-        owner, _, attr = node.target.rpartition(".")
-        return getattr(gm.get_submodule(owner), attr)
-    except AttributeError:
-        return None
 
 
 def select_layers(gm: fx.GraphModule, layers=None) -> list[Layer]:
