@@ -272,6 +272,9 @@ def test_tied_weights_are_blocked_once_and_stay_tied():
     ids = torch.randint(0, 24, (4, 7))
     blocks = A.find_blocks(m, block=(4, 4))
     assert sorted(g.name for g in blocks) == ["emb.weight", "mid.weight"]
+    pair = nn.ModuleDict(dict(a=nn.Linear(8, 8), b=nn.Linear(8, 8)))
+    pair["b"].weight = pair["a"].weight  # a block given for the second holder alone still blocks it
+    assert [(g.name, g.block) for g in A.find_blocks(pair, block={"b": (2, 4)})] == [("a.weight", (2, 4))]
     opt = A.ADMM(m, torch.optim.SGD(m.parameters(), lr=0.05), block=(4, 4), prune=0.5, unify=0.25, rounds=2,
                  steps_per_round=2)
     for _ in range(4):

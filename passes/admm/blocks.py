@@ -131,7 +131,6 @@ def find_blocks(model: nn.Module, block=(4, 4), layers=None) -> BlockSet:
         w = getattr(m, "weight", None)
         if not isinstance(w, torch.Tensor) or w.ndim < 2 or id(w) in seen:
             continue
-        seen.add(id(w))
         b = block
         if isinstance(block, dict):
             b = block.get(mod_name, block.get(type(m), block.get("*")))
@@ -143,6 +142,7 @@ def find_blocks(model: nn.Module, block=(4, 4), layers=None) -> BlockSet:
         # NB: transformers' Conv1D (GPT-2's projections) stores its weight as [in, out]: the block is
         # (b_o, b_i) in output x input terms, so the stored tensor is tiled (b_i, b_o)
         bb = (int(b[1]), int(b[0])) if hf else (int(b[0]), int(b[1]))
+        seen.add(id(w))  # NB: only once blocked: a holder the block dict skips leaves it to the next
         groups.append(_group(name, tuple(w.shape), bb))
     if not groups:
         raise InputError("find_blocks found no Linear or Conv weight to block: check `layers=`")
