@@ -35,6 +35,8 @@ import torch
 import triton
 import triton.language as tl
 
+from otofx.errors import OTOError
+
 from .layout import APPLY_BLOCK, MAX_AXES, RowLayout
 from .reference import DHSPGConfig
 
@@ -255,17 +257,32 @@ def _rowvals(layout: RowLayout, acc):
 
 
 def _hp(layout, acc, lr, *values):
-    """``[lr, *values]`` on the device. A float lr is cached with the other values (a new tensor only
-    when a value changes); a tensor lr is read on the device.
+    """``[lr, *values]`` on the device, from one tensor per (dtype, length) cached on ``layout``,
+    rewritten in place when a value changes (a scheduler's new float lr each step costs a small copy,
+    not a new tensor kept for good); a tensor lr is read on the device.
 
     # NB: scalars go through a tensor: Triton passes Python floats as float32, float64 steps need them exact
+    # NB: in place, so a CUDA graph that captured a step replays with the values of the latest eager
+    # call; the write is stream-ordered after every kernel already queued that reads the old values
     """
     if isinstance(lr, torch.Tensor):
-        rest = _cached(layout, ("triton_hp", acc, values),
-                       lambda: torch.tensor(values, dtype=acc).to(layout.device))
-        return torch.cat([lr.reshape(1).to(layout.device, acc), rest])
-    return _cached(layout, ("triton_hp", acc, (lr, *values)),
-                   lambda: torch.tensor((lr, *values), dtype=acc).to(layout.device))
+        return torch.cat([lr.reshape(1).to(layout.device, acc), _slot(layout, ("triton_hp_rest", acc), values)])
+    return _slot(layout, ("triton_hp", acc), (lr, *values))
+
+
+def _slot(layout: RowLayout, key, values: tuple) -> torch.Tensor:
+    """The cached device tensor holding ``values`` (see :func:`_hp`)."""
+    key = (*key, len(values))
+    hit = layout.cache.get(key)
+    if hit is None:
+        hit = layout.cache[key] = [values, torch.tensor(values, dtype=key[1]).to(layout.device)]
+    elif hit[0] != values:
+        if hit[1].is_cuda and torch.cuda.is_current_stream_capturing():
+            raise OTOError(f"a hyper-parameter changed to {values} while a CUDA graph is being captured: "
+                           "change it before the warm-up steps, or pass lr as a device tensor")
+        hit[1].copy_(torch.tensor(values, dtype=key[1]), non_blocking=True)
+        hit[0] = values
+    return hit[1]
 
 
 def _skip(layout, skip):

@@ -420,3 +420,27 @@ def test_triton_step_with_a_lambda_scale_leaves_the_next_step_alone():
         K.dhspg_step(layout, a, ds, red, cfg, backend="torch")
         K.dhspg_step(layout, b, ds, red, cfg, backend="triton")
     _close(a, b, torch.float32)
+
+
+@needs_triton
+def test_triton_hyper_parameters_follow_a_changing_lr_without_growing_the_cache():
+    """A scheduler's new float lr every step: each step uses its own lr (as the reference does), and the
+    layout keeps one device tensor of hyper-parameters per (dtype, length), not one per lr."""
+    shapes = [(6, 5), (4, 6)]
+    ar = lambda n: torch.arange(n)[:, None]  # noqa: E731
+    layout = K.build_layout(shapes, [(6, [(0, 0, ar(6)), (1, 1, ar(6))])])
+    xs, ds, red = _data(shapes, layout.n_rows, torch.float32, 4)
+    scale = torch.ones(layout.n_rows, dtype=torch.float64)
+    a, b = [x.clone() for x in xs], [x.clone() for x in xs]
+    for i in range(12):
+        lr = 0.1 / (1 + i)
+        cfg = K.DHSPGConfig(lr, 0.2, 2.0, 10.0, 0.5, 100, False, True)
+        K.dhspg_step(layout, a, ds, red, cfg, backend="torch")
+        K.dhspg_step(layout, b, ds, red, cfg, backend="triton")
+        K.scale_step(layout, a, ds, lr, scale, backend="torch")
+        K.scale_step(layout, b, ds, lr, scale, backend="triton")
+        K.scale_step(layout, a, ds, torch.tensor(lr / 2), scale, backend="torch")
+        K.scale_step(layout, b, ds, torch.tensor(lr / 2), scale, backend="triton")
+        _close(a, b, torch.float32)
+    hp = [k for k in layout.cache if isinstance(k, tuple) and str(k[0]).startswith("triton_hp")]
+    assert len(hp) <= 3, hp
