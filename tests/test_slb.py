@@ -271,12 +271,14 @@ def test_to_torchao_matches_frozen():
     with torch.no_grad():
         for layer in slb.slb_layers(q):
             layer.logits.normal_()
-    for b in (1, 2, 4):
-        qb = slb.quantize(_net(), X, bits=b, layers="all")
+    for b, frontend in ((1, "symbolic_trace"), (2, "symbolic_trace"), (4, "symbolic_trace"), (2, "export")):
+        qb = slb.quantize(_net(), X, bits=b, layers="all", frontend=frontend)
         frozen = slb.freeze(qb, LOADER)
         ao = slb.to_torchao(frozen)
         w = ao.get_parameter("c2.weight")
         assert type(w).__name__ == "IntxUnpackedToInt8Tensor" and w.qdata.dtype == torch.int8
+        # the convolutions and the Linear run on torchao's tensor, none on a dequantised copy
+        assert not [n for n in ao.graph.nodes if n.target == "dequantize"]
         with torch.no_grad(), eval_flags(ao), eval_flags(frozen):
             ref, got = frozen(X), ao(X)
         torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5 * max(1.0, ref.abs().max().item()))
@@ -343,31 +345,126 @@ def test_bench_latent_weights_are_the_logits_or_the_ste_weights():
 
 
 class _Projected(nn.Module):
-    """A Linear's weight read by torch.addmm as [in, out] (transformers' Conv1D, GPT-2's projections)."""
+    """A weight read by torch.addmm as [in, out] (transformers' Conv1D, GPT-2's projections), and one
+    read as the left operand of a product (W @ x), which SLB leaves float."""
 
     def __init__(self):
         super().__init__()
         self.fc = nn.Linear(5, 6)
         self.proj = nn.Parameter(torch.randn(6, 4))
         self.bias = nn.Parameter(torch.zeros(4))
-        self.out = nn.Linear(4, 3)
+        self.left = nn.Parameter(torch.randn(3, 4))
+        self.out = nn.Linear(3, 3)
 
     def forward(self, x):
-        return self.out(torch.addmm(self.bias, torch.relu(self.fc(x)), self.proj))
+        h = torch.addmm(self.bias, torch.relu(self.fc(x)), self.proj)
+        return self.out(torch.mm(self.left, h.t()).t())
 
 
 def test_weights_slb_cannot_quantise_are_named_not_silent(caplog):
-    """A weight feeding a matrix product that is not a Conv/Linear call stays float, and the log says
-    which; a model without one logs nothing of the kind."""
+    """A weight feeding a matrix product SLB does not take (W @ x) stays float, and the log says which;
+    a model without one logs nothing of the kind."""
     import logging
 
     torch.manual_seed(0)
     with caplog.at_level(logging.WARNING, logger="otofx"):
         q = slb.quantize(_Projected(), torch.randn(2, 5), bits=2, layers="all")
     said = [r.getMessage() for r in caplog.records if "does not quantise" in r.getMessage()]
-    assert len(said) == 1 and "proj" in said[0] and "fc.weight" not in said[0], said
-    assert {layer.name for layer in slb.slb_layers(q)} == {"fc.weight", "out.weight"}
+    assert len(said) == 1 and "left" in said[0] and "proj" not in said[0] and "fc.weight" not in said[0], said
+    assert {layer.name for layer in slb.slb_layers(q)} == {"fc.weight", "slb_proj.weight", "out.weight"}
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="otofx"):
         slb.quantize(_net(), X, bits=2)
     assert not [r for r in caplog.records if "does not quantise" in r.getMessage()]
+
+
+def _out(y):
+    return getattr(y, "logits", y)
+
+
+def _check_in_out_layer(q, name, bits, x, out_features):
+    """``name`` (stored [in, out]) has its scale per output column, at most 2**bits values per column,
+    a gradient reaching its logits, and freeze() equal to eval mode."""
+    layer = next(layer for layer in slb.slb_layers(q) if layer.name == name)
+    assert layer.slb.out_dim == 1 and layer.slb.scale is not None and layer.slb.scale.shape == (out_features,)
+    with torch.no_grad():
+        layer.slb.scale.uniform_(0.5, 2.0)
+    q.train()
+    _out(q(*x)).sum().backward()
+    assert layer.logits.grad is not None and layer.logits.grad.abs().sum() > 0
+    with torch.no_grad(), eval_flags(q):
+        w = getattr(layer.module, layer.attr)
+        assert w.shape[1] == out_features
+        assert max(torch.unique(w[:, j]).numel() for j in range(out_features)) <= 2 ** bits
+        assert torch.unique(w).numel() > 2 ** bits  # the columns' scales differ: not one grid for all
+    frozen = slb.freeze(q)
+    assert frozen.otofx_slb[name].out_dim == 1
+    with torch.no_grad(), eval_flags(q), eval_flags(frozen):
+        assert torch.equal(_out(frozen(*x)), _out(q(*x)))
+    return frozen
+
+
+def test_weights_stored_in_out_are_quantised_per_output_column():
+    torch.manual_seed(0)
+    x = (torch.randn(4, 5),)
+    for frontend in ("symbolic_trace", "export"):
+        q = slb.quantize(_Projected(), x, bits=2, layers="all", frontend=frontend, warm_start=0.1)
+        frozen = _check_in_out_layer(q, "slb_proj.weight", 2, x, 4)  # the root's weight, in a holder module
+        rep = slb.size_report(frozen)
+        proj = next(ls for ls in rep.layers if ls.name == "slb_proj.weight")
+        assert proj.packed_bytes == 6 * 4 * 2 // 8 + 4 * 4 and proj.distinct <= 4
+    # the warm start's first argmax is the nearest grid value of W / max|W| per output column
+    m = _Projected()
+    q = slb.quantize(m, x, bits=2, layers=["proj"], warm_start=0.1)
+    layer = slb.slb_layers(q)[0]
+    s = m.proj.detach().abs().amax(0, keepdim=True)
+    near = (m.proj.detach() / s).unsqueeze(-1).sub(layer.slb.values).abs().argmin(-1)
+    assert torch.equal(layer.logits.argmax(-1), near)
+
+
+def _gpt2():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=40, n_positions=16, bos_token_id=0,
+                                  eos_token_id=0, use_cache=False)
+    torch.manual_seed(0)
+    return transformers.GPT2LMHeadModel(cfg).eval(), (torch.randint(0, 40, (2, 8), generator=torch.Generator().manual_seed(1)),)
+
+
+def test_gpt2_projections_are_quantised():
+    """transformers' Conv1D (GPT-2's attention and MLP projections, addmm on an [in, out] weight):
+    every projection is an SLB layer with per-output scales; activation quantisers sit on addmm's
+    input; the type selects them; STE and torchao take them too."""
+    from transformers.pytorch_utils import Conv1D
+
+    m, ids = _gpt2()
+    projections = {f"transformer.h.{i}.{p}.weight" for i in range(2) for p in ("attn.c_attn", "attn.c_proj",
+                                                                                  "mlp.c_fc", "mlp.c_proj")}
+    q = slb.quantize(m, ids, bits=2, layers="all")
+    assert {layer.name for layer in slb.slb_layers(q)} == projections | {"lm_head.weight"}
+    frozen = _check_in_out_layer(q, "transformer.h.0.mlp.c_fc.weight", 2, ids, 64)
+    assert {layer.name for layer in slb.slb_layers(slb.quantize(m, ids, bits=2, layers=Conv1D))} == projections
+    a = slb.quantize(m, ids, bits=4, layers=Conv1D, act_bits=8)
+    acts = [n for n in a.graph.nodes if n.op == "call_module" and n.target.startswith("slb_act_")]
+    assert len(acts) == len(projections)
+    for n in acts:
+        (user,) = n.users
+        assert "addmm" in str(user.target) and user.args[1] is n
+    a.train()
+    a(*ids).logits.sum().backward()
+    s = ste_quantize(m, ids, bits=2, layers=Conv1D)
+    ws = [mod for mod in s.modules() if isinstance(mod, STEWeight)]
+    assert len(ws) == len(projections) and all(w.out_dim == 1 for w in ws)
+    w = s.get_submodule("transformer.h.1.attn.c_proj").weight
+    assert max(torch.unique(w[:, j]).numel() for j in range(w.shape[1])) <= 4 < torch.unique(w).numel()
+    if importlib.util.find_spec("torchao") is not None:
+        ao = slb.to_torchao(frozen)
+        t = ao.get_parameter("transformer.h.0.mlp.c_fc.weight")
+        assert type(t).__name__ == "IntxUnpackedToInt8Tensor" and tuple(t.shape) == (64, 16)
+        assert not [n for n in ao.graph.nodes if "addmm" in str(n.target)]
+        # only the tied embedding reads a dequantised copy; every product runs on torchao's tensor
+        deq = [n for n in ao.graph.nodes if n.target == "dequantize"]
+        assert len(deq) == 1 and [str(u.target) for u in deq[0].users] == ["aten.embedding.default"]
+        with torch.no_grad(), eval_flags(ao), eval_flags(frozen):
+            ref, got = frozen(*ids).logits, ao(*ids).logits
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5 * max(1.0, ref.abs().max().item()))
+        assert slb.size_report(ao).layers == slb.size_report(frozen).layers

@@ -223,6 +223,7 @@ class FrozenLayer:
     name: str  # the weight's qualified name
     bits: int
     scale: torch.Tensor | None  # per-output-channel scale ([O]) or None (grid values as they are)
+    out_dim: int = 0  # the output channels' dim (1: a weight stored [in, out], read as x @ W)
 
 
 @torch.no_grad()
@@ -247,7 +248,7 @@ def freeze(q: nn.Module, loader: Iterable | None = None, batches: int | None = N
         scale = None if slb.scale is None else slb.scale.detach().clone()
         _strip(layer.module, layer.attr)
         setattr(layer.module, layer.attr, nn.Parameter(w, requires_grad=False))
-        frozen[layer.name] = FrozenLayer(layer.name, slb.bits, scale)
+        frozen[layer.name] = FrozenLayer(layer.name, slb.bits, scale, slb.out_dim)
     f.otofx_slb = frozen
     log.info("otofx.slb: froze %d layers", len(layers))
     return f

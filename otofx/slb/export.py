@@ -10,6 +10,13 @@ SLB's grid ``s * linspace(-1, 1, K)`` (``K = 2**b``) is affine in the grid index
 ``[-K/2, K/2 - 1]``), ``scale = 2 s / (K - 1)`` per output channel and ``zero_point = -1/2``. One
 bit fits ``torch.int1`` this way (``q`` in ``{-1, 0}``).
 
+A weight stored ``[in, out]`` and read as ``x @ W`` (``addmm``/``mm``/``matmul``: transformers'
+``Conv1D``) is handed over transposed, ``[out, in]``, and its products become ``linear`` calls in
+the copy's graph (torchao's tensor implements ``linear``, not ``addmm``). Any other op that reads a
+handed-over weight in the graph (a tied embedding) reads its dequantised values, and an exported
+graph's ``aten.linear``/``aten.conv2d`` calls on them become ``F.linear``/``F.conv2d`` (the aten ops
+are composite: they would reach torchao's tensor already split into ops it does not implement).
+
 Internals:
     * The tensor is built with ``IntxUnpackedToInt8Tensor(qdata, scale, zero_point, ...)`` from the
       grid indices, not with ``from_hp(..., custom_scale=, custom_zero_point=)``: ``from_hp``
@@ -23,6 +30,7 @@ Internals:
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import math
 from dataclasses import dataclass
@@ -48,11 +56,14 @@ def _owner(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     return (model.get_submodule(owner) if owner else model), attr
 
 
-def grid_indices(w: torch.Tensor, bits: int, scale: torch.Tensor | None) -> torch.Tensor:
-    """The grid index of every weight of a frozen layer (``w = s * linspace(-1, 1, 2**b)[i]``)."""
+def grid_indices(w: torch.Tensor, bits: int, scale: torch.Tensor | None, out_dim: int = 0) -> torch.Tensor:
+    """The grid index of every weight of a frozen layer (``w = s * linspace(-1, 1, 2**b)[i]``, ``s``
+    along the output channels, dim ``out_dim``)."""
+    from otofx.slb.modules import _channel_view
+
     k = 2 ** bits
-    s = torch.ones(w.shape[0], dtype=w.dtype, device=w.device) if scale is None else scale.to(w.dtype)
-    sv = s.reshape(-1, *([1] * (w.dim() - 1)))
+    s = torch.ones(w.shape[out_dim], dtype=w.dtype, device=w.device) if scale is None else scale.to(w.dtype)
+    sv = _channel_view(s, w.dim(), out_dim)
     safe = torch.where(sv == 0, torch.ones_like(sv), sv)
     return torch.round((w / safe + 1) * (k - 1) / 2).clamp(0, k - 1).long()
 
@@ -70,6 +81,8 @@ def to_torchao(frozen: nn.Module) -> nn.Module:
     for name, layer in info.items():
         module, attr = _owner(out, name)
         w = getattr(module, attr).detach()
+        if layer.out_dim == 1:
+            w = w.t().contiguous()  # x @ W becomes linear(x, W.t()) below: torchao's tensor implements linear, not addmm/mm
         k = 2 ** layer.bits
         idx = grid_indices(w, layer.bits, layer.scale)
         s = torch.ones(w.shape[0], dtype=w.dtype) if layer.scale is None else layer.scale.to(w.dtype)
@@ -83,9 +96,85 @@ def to_torchao(frozen: nn.Module) -> nn.Module:
             target_dtype=getattr(torch, f"int{layer.bits}"), block_size=(1, *w.shape[1:]), dtype=w.dtype,
             activation_quantization=None)
         setattr(module, attr, nn.Parameter(t, requires_grad=False))
-    out.otofx_slb = dict(info)  # NB: GraphModule's deepcopy drops plain attributes
+    transposed = {name for name, layer in info.items() if layer.out_dim == 1}
+    if transposed:
+        _products_to_linear(out, transposed)
+    _torchao_reads(out, set(info))
+    out.otofx_slb = {name: dataclasses.replace(layer, out_dim=0) for name, layer in info.items()}
+    # NB: GraphModule's deepcopy drops plain attributes; the transposed weights are [out, in] now
     log.info("otofx.slb: %d layers handed to torchao IntxUnpackedToInt8Tensor", len(info))
     return out
+
+
+def _products_to_linear(gm: nn.Module, names: set) -> None:
+    """Rewrite every ``addmm(b, x, W)``, ``mm(x, W)``, ``matmul(x, W)`` of ``gm``'s graph whose ``W``
+    is one of ``names`` (now stored transposed, ``[out, in]``) as ``linear(x, W, b)``."""
+    from otofx.passes.slb import _product
+
+    graph = getattr(gm, "graph", None)
+    if graph is None:
+        raise InputError("otofx.slb.to_torchao: weights stored [in, out] (x @ W) need the GraphModule that "
+                         "otofx.slb.freeze returned, whose graph is rewritten to linear(x, W.t())")
+    for node in list(graph.nodes):
+        if node.op != "get_attr" or node.target not in names:
+            continue
+        for user in list(node.users):
+            hit = _product(user) if user.op == "call_function" else None
+            if hit is None or hit[0] is not node:
+                raise InputError(f"otofx.slb.to_torchao: node '{user.name}' ({user.target}) reads the [in, out] weight "
+                                 f"'{node.target}' other than as x @ W; quantise that weight with layers= excluding it")
+            x = user.args[hit[1]]
+            args = (x, node, user.args[0]) if hit[1] == 1 else (x, node)  # addmm's bias is args[0]
+            with graph.inserting_before(user):
+                new = graph.call_function(torch.nn.functional.linear, args)
+            new.meta = dict(user.meta)
+            user.replace_all_uses_with(new)
+            graph.erase_node(user)
+    graph.lint()
+    gm.recompile()
+
+
+# aten ops in an exported graph -> the functions torchao's tensor intercepts (``__torch_function__``)
+_AS_FUNCTION = {torch.ops.aten.linear.default: torch.nn.functional.linear,
+                torch.ops.aten.conv2d.default: torch.nn.functional.conv2d}
+_TORCHAO_OPS = (torch.nn.functional.linear, torch.nn.functional.conv2d)
+
+
+def _torchao_reads(gm: nn.Module, names: set) -> None:
+    """Make every graph read of a handed-over weight one that torchao's tensor runs:
+
+    * ``aten.linear``/``aten.conv2d`` (torch.export's graphs) become ``F.linear``/``F.conv2d``: the
+      aten ops are composite, so they reach the tensor already split into ``t``/``addmm`` or
+      ``convolution``, which it does not implement; the functions it intercepts whole;
+    * any other op (a tied embedding: GPT-2's ``wte`` is its head's weight) reads ``W.dequantize()``,
+      the same values. # NB: torchao 0.18's ``aten.embedding`` on its tensor takes the arguments in
+      ``F.embedding``'s order (indices first) and fails.
+    """
+    graph = getattr(gm, "graph", None)
+    if graph is None:
+        return
+    changed = False
+    for node in list(graph.nodes):
+        if node.op != "get_attr" or node.target not in names:
+            continue
+        others = []
+        for u in list(node.users):
+            if u.op == "call_function" and len(u.args) > 1 and u.args[1] is node and node not in u.args[:1]:
+                if u.target in _AS_FUNCTION:
+                    u.target = _AS_FUNCTION[u.target]
+                    changed = True
+                if u.target in _TORCHAO_OPS:
+                    continue
+            others.append(u)
+        if others:
+            with graph.inserting_after(node):
+                deq = graph.call_method("dequantize", (node,))
+            for u in others:
+                u.replace_input_with(node, deq)
+            changed = True
+    if changed:
+        graph.lint()
+        gm.recompile()
 
 
 @dataclass(frozen=True)
@@ -140,9 +229,9 @@ def size_report(frozen: nn.Module) -> SizeReport:
         w = getattr(module, attr).detach()
         if type(w) is not torch.Tensor and hasattr(w, "dequantize"):  # after to_torchao
             w = w.dequantize()
-        rows = w.reshape(w.shape[0], -1)
+        rows = w.movedim(layer.out_dim, 0).reshape(w.shape[layer.out_dim], -1)
         distinct = max(int(torch.unique(r).numel()) for r in rows) if layer.scale is not None else int(torch.unique(w).numel())
-        scales = 4 * w.shape[0] if layer.scale is not None else 0
+        scales = 4 * rows.shape[0] if layer.scale is not None else 0
         layers.append(LayerSize(name, w.numel(), layer.bits, distinct, math.ceil(w.numel() * layer.bits / 8) + scales))
         qnames.add(name)
     seen, other = set(), 0
@@ -153,13 +242,13 @@ def size_report(frozen: nn.Module) -> SizeReport:
         other += t.numel()
     nq = sum(ls.numel for ls in layers)
     fp32 = 4 * (nq + other)
-    int8 = sum(ls.numel + 8 * _channels(frozen, ls.name) for ls in layers)  # int8 + f32 scale and zero point
+    int8 = sum(ls.numel + 8 * _channels(frozen, ls.name, info[ls.name].out_dim) for ls in layers)  # + scale, zero point
     return SizeReport(tuple(layers), nq, other, fp32, sum(ls.packed_bytes for ls in layers) + 4 * other, int8 + 4 * other)
 
 
-def _channels(model: nn.Module, name: str) -> int:
+def _channels(model: nn.Module, name: str, out_dim: int = 0) -> int:
     module, attr = _owner(model, name)
-    return getattr(module, attr).shape[0]
+    return getattr(module, attr).shape[out_dim]
 
 
 __all__ = ["to_torchao", "size_report", "SizeReport", "LayerSize", "grid_indices"]

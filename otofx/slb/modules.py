@@ -16,8 +16,9 @@ for ``b >= 2``. SLB itself has no scale (the BatchNorm after each layer absorbs 
 Our additions, not in the paper:
 
 * ``scale=True``: a learned per-output-channel scale ``s`` (a parameter of the parametrisation),
-  ``weight = s[o] * v[...]``; ``otofx.slb.quantize`` switches it on for layers whose output feeds no
-  normalisation layer, where no BatchNorm would absorb the grid's fixed range.
+  ``weight = s[o] * v[...]`` along ``out_dim`` (0, or 1 for a weight stored ``[in, out]``);
+  ``otofx.slb.quantize`` switches it on for layers whose output feeds no normalisation layer, where
+  no BatchNorm would absorb the grid's fixed range.
 * ``warm_start=tau0``: logits initialised from the float weight ``W`` as
   ``A_j = -(W / s - v_j)**2 / tau0`` with ``s`` the per-output-channel max ``|W|`` (so the first
   argmax is the nearest grid value); the default is SLB's random start (He-normal, fan_out).
@@ -51,25 +52,31 @@ def grid(bits: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     return torch.linspace(-1.0, 1.0, 2 ** bits, dtype=dtype)
 
 
-def _channel_view(t: torch.Tensor, ndim: int) -> torch.Tensor:
-    """``t`` ([O]) shaped to broadcast along dim 0 of an ``ndim``-d weight."""
-    return t.reshape(-1, *([1] * (ndim - 1)))
+def _channel_view(t: torch.Tensor, ndim: int, dim: int = 0) -> torch.Tensor:
+    """``t`` ([O]) shaped to broadcast along dim ``dim`` of an ``ndim``-d weight."""
+    shape = [1] * ndim
+    shape[dim] = -1
+    return t.reshape(shape)
 
 
 class SLBWeight(nn.Module):
     """Parametrisation of one weight by logits over SLB's grid (see the module docstring)."""
 
-    def __init__(self, shape, bits: int, *, scale: bool = False, warm_start: float | None = None):
+    def __init__(self, shape, bits: int, *, scale: bool = False, warm_start: float | None = None, out_dim: int = 0):
         super().__init__()
         self.bits = bits
         self.shape = tuple(shape)
+        if out_dim not in (0, 1) or out_dim >= len(self.shape):
+            raise InputError(f"out_dim={out_dim!r}: the output channels of a weight of shape {self.shape} are dim 0, "
+                             "or dim 1 for a 2-D weight stored [in, out]")
+        self.out_dim = out_dim  # output channels: dim 0 ([out, in, ...]), or 1 ([in, out]: x @ W)
         self.register_buffer("values", grid(bits))
         self.register_buffer("temperature", torch.tensor(1.0))
         self.register_buffer("hard", torch.tensor(False))
         if warm_start is not None and not warm_start > 0:
             raise InputError(f"warm_start={warm_start!r}: give a positive tau0 (e.g. 0.1) or None for SLB's random start")
         self.warm_start = warm_start
-        self.scale = nn.Parameter(torch.ones(self.shape[0])) if scale else None
+        self.scale = nn.Parameter(torch.ones(self.shape[out_dim])) if scale else None
         self.force: str | None = None  # "soft" / "hard" overrides the mode (otofx.slb.weights)
 
     @property
@@ -83,13 +90,13 @@ class SLBWeight(nn.Module):
         else:
             w = self.values[logits.argmax(dim=-1)]
         if self.scale is not None:
-            w = w * _channel_view(self.scale, w.dim())
+            w = w * _channel_view(self.scale, w.dim(), self.out_dim)
         return w
 
     def discrete(self, logits: torch.Tensor) -> torch.Tensor:
         """The eval-mode weight ``v[argmax A]`` (times the scale), whatever the mode."""
         w = self.values[logits.argmax(dim=-1)]
-        return w * _channel_view(self.scale, w.dim()) if self.scale is not None else w
+        return w * _channel_view(self.scale, w.dim(), self.out_dim) if self.scale is not None else w
 
     def indices(self, logits: torch.Tensor) -> torch.Tensor:
         """The grid index of every weight in eval mode (``argmax`` over the last dim)."""
@@ -102,16 +109,17 @@ class SLBWeight(nn.Module):
             raise InputError(f"SLB weight of shape {tuple(weight.shape)} assigned where {self.shape} was registered")
         v = self.values.to(weight.dtype)
         if self.warm_start is None:
-            fan_out = self.shape[0] * math.prod(self.shape[2:])
+            fan_out = self.shape[self.out_dim] * math.prod(self.shape[2:])
             return torch.randn(*self.shape, v.numel(), dtype=weight.dtype, device=weight.device) * math.sqrt(2.0 / fan_out)
-        dims = tuple(range(1, weight.dim()))
+        dims = tuple(d for d in range(weight.dim()) if d != self.out_dim)
         s = weight.abs().amax(dim=dims).clamp_min(torch.finfo(weight.dtype).tiny) if dims else weight.abs().clamp_min(1e-12)
         if self.scale is not None:
             self.scale.copy_(s)
-        return -((weight / _channel_view(s, weight.dim())).unsqueeze(-1) - v) ** 2 / self.warm_start
+        return -((weight / _channel_view(s, weight.dim(), self.out_dim)).unsqueeze(-1) - v) ** 2 / self.warm_start
 
     def extra_repr(self) -> str:
-        return f"bits={self.bits}, levels={self.levels}, scale={self.scale is not None}"
+        extra = f", out_dim={self.out_dim}" if self.out_dim else ""
+        return f"bits={self.bits}, levels={self.levels}, scale={self.scale is not None}{extra}"
 
 
 class _RoundSTE(torch.autograd.Function):

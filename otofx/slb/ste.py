@@ -33,17 +33,17 @@ log = logging.getLogger("otofx")
 class STEWeight(nn.Module):
     """Fake quantisation of a latent float weight on SLB's grid, straight-through."""
 
-    def __init__(self, bits: int):
+    def __init__(self, bits: int, out_dim: int = 0):
         super().__init__()
-        self.bits = bits
+        self.bits, self.out_dim = bits, out_dim  # out_dim: the output channels' dim (1 for [in, out])
         self.register_buffer("values", grid(bits))
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         k = 2 ** self.bits
-        dims = tuple(range(1, w.dim()))
+        dims = tuple(d for d in range(w.dim()) if d != self.out_dim)
         a = w.abs()
         s = (a.mean(dim=dims) if self.bits == 1 else a.amax(dim=dims)).clamp_min(1e-8)
-        sv = _channel_view(s, w.dim())
+        sv = _channel_view(s, w.dim(), self.out_dim)
         u = torch.clamp(w / sv, -1.0, 1.0)
         q = round_ste((u + 1) * (k - 1) / 2)
         return sv * (2 * q / (k - 1) - 1)
@@ -69,10 +69,11 @@ def ste_quantize(model: nn.Module, example_inputs, bits: int, layers=None, *, us
         except ImportError:
             log.info("otofx.slb.ste: torchao not installed; our STE on every layer")
         else:
-            ao = {c.owner for c in chosen if c.kind is nn.Linear and all(n.op == "call_module" for n in c.nodes)}
+            ao = {c.owner for c in chosen if c.kind is nn.Linear and all(n.op == "call_module" for n in c.nodes)
+                  and isinstance(gm.get_submodule(c.owner), nn.Linear)}
     ours = {c.owner for c in chosen} - ao
     if ours:
-        new, _ = parametrize_layers(gm, lambda name, m: name in ours, lambda layer, w: STEWeight(bits).to(w.device))
+        new, _ = parametrize_layers(gm, lambda name, m: name in ours, lambda layer, w: STEWeight(bits, layer.out_dim).to(w.device))
     else:
         new = copy.deepcopy(gm)
     if ao:

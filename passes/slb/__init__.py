@@ -3,7 +3,9 @@
 ``slb_parametrize(gm, bits, layers=...)`` finds every Conv1d/2d/3d and Linear weight of a captured
 graph, in either of otofx's graph forms (a ``call_module`` of an ``nn.Conv2d``/``nn.Linear`` after
 ``symbolic_trace``; a ``conv2d``/``linear``/``convolution`` call reading a ``get_attr`` weight after
-``torch.export``), selects some of them, and returns a *new* GraphModule (deep copy) in which each
+``torch.export``), and every weight stored ``[in, out]`` that a matrix product reads as its right
+operand (``addmm(bias, x, W)``, ``mm(x, W)``, ``matmul(x, W)``: transformers' ``Conv1D``, GPT-2's
+projections; output channels on dim 1), selects some of them, and returns a *new* GraphModule (deep copy) in which each
 selected weight is an :class:`otofx.slb.SLBWeight` parametrisation (``torch.nn.utils.parametrize``):
 logits over the grid instead of a float tensor. The graph code is unchanged except for optional
 activation quantisers inserted before the selected layers' inputs. :class:`SLBPass` is the same as a
@@ -29,8 +31,10 @@ Internals:
 from __future__ import annotations
 
 import copy
+import dataclasses
 import fnmatch
 import logging
+import operator
 from dataclasses import dataclass
 from typing import Callable
 
@@ -61,9 +65,10 @@ class Layer:
     name: str  # the weight's qualified name, e.g. "features.0.weight"
     owner: str  # qualified name of the module holding it ("" for the root)
     attr: str  # its attribute on that module ("weight")
-    kind: type  # nn.Conv1d / nn.Conv2d / nn.Conv3d / nn.Linear
+    kind: type  # nn.Conv1d / nn.Conv2d / nn.Conv3d / nn.Linear (a matrix product's [in, out] weight too)
     nodes: tuple  # the graph nodes that read it (call_module or call_function)
     normalised: bool  # every use feeds a normalisation op only
+    out_dim: int = 0  # the weight's output-channel dim: 1 for an [in, out] weight (x @ W)
 
     @property
     def layer(self) -> str:
@@ -71,10 +76,44 @@ class Layer:
         return self.owner
 
 
+# matrix products ``x @ W`` of a 2-D weight stored [in, out]: name -> (weight arg, input arg)
+_PRODUCT_ARGS = {"addmm": (2, 1), "mm": (1, 0), "matmul": (1, 0)}
+_PRODUCT_FUNCTIONS = {torch.addmm: "addmm", torch.mm: "mm", torch.matmul: "matmul", operator.matmul: "matmul"}
+
+
+def _product(node: fx.Node):
+    """``(weight node, input arg)`` when ``node`` is ``x @ W`` with ``W`` a 2-D ``get_attr`` weight."""
+    name = _PRODUCT_FUNCTIONS.get(node.target)
+    if name is None:
+        name = getattr(getattr(node.target, "_overloadpacket", None), "__name__", None)
+    if name not in _PRODUCT_ARGS or node.kwargs:
+        return None
+    wi, xi = _PRODUCT_ARGS[name]
+    w = node.args[wi] if len(node.args) > wi else None
+    if not isinstance(w, fx.Node) or w.op != "get_attr" or any(a is w for i, a in enumerate(node.args) if i != wi):
+        return None
+    val = w.meta.get("val")
+    if not isinstance(val, torch.Tensor):
+        val = get_path(w.graph.owning_module, w.target)
+    if not isinstance(val, torch.Tensor) or val.dim() != 2:
+        return None
+    return w, xi
+
+
+def input_arg(node: fx.Node) -> int:
+    """The position of a conv/linear/product node's input activation among its args."""
+    hit = _product(node) if node.op == "call_function" else None
+    return hit[1] if hit is not None else 0
+
+
 def _op_kind(node: fx.Node):
-    """(kind, weight node) when ``node`` is a functional conv/linear reading a ``get_attr`` weight."""
+    """(kind, weight node, output dim) when ``node`` is a functional conv/linear reading a ``get_attr``
+    weight, or a matrix product ``x @ W`` (kind ``nn.Linear``, output dim 1)."""
     if node.op != "call_function":
         return None
+    hit = _product(node)
+    if hit is not None:
+        return nn.Linear, hit[0], 1
     kind = _FUNCTIONS.get(node.target)
     if kind is None:
         packet = getattr(node.target, "_overloadpacket", None)
@@ -91,7 +130,7 @@ def _op_kind(node: fx.Node):
         val = w.meta.get("val")
         ndim = val.dim() if isinstance(val, torch.Tensor) else None
         kind = _CONV_BY_NDIM.get(ndim, nn.Conv2d)
-    return kind, w
+    return kind, w, 0
 
 
 def _is_norm(user: fx.Node, src: fx.Node, gm: fx.GraphModule) -> bool:
@@ -113,18 +152,24 @@ def find_layers(gm: fx.GraphModule) -> list[Layer]:
             mod = gm.get_submodule(node.target)
             if type(mod) not in _CONV_MODULES or not isinstance(mod.weight, torch.Tensor):
                 continue
-            owner, attr, kind = node.target, "weight", type(mod)
+            owner, attr, kind, out_dim = node.target, "weight", type(mod), 0
         else:
             hit = _op_kind(node)
             if hit is None:
                 continue
-            kind, w = hit
+            kind, w, out_dim = hit
             owner, _, attr = w.target.rpartition(".")
         name = f"{owner}.{attr}" if owner else attr
-        entry = found.setdefault(name, {"owner": owner, "attr": attr, "kind": kind, "nodes": [], "norm": True})
+        entry = found.setdefault(name, {"owner": owner, "attr": attr, "kind": kind, "nodes": [], "norm": True,
+                                        "out_dim": out_dim})
+        if entry["out_dim"] != out_dim:
+            # NB: one weight read as [out, in] by one op and as [in, out] by another has no single
+            # output-channel axis for the scale; it stays float (unquantisable() names it)
+            entry["clash"] = True
         entry["nodes"].append(node)
         entry["norm"] &= bool(node.users) and all(_is_norm(u, node, gm) for u in node.users)
-    return [Layer(n, e["owner"], e["attr"], e["kind"], tuple(e["nodes"]), e["norm"]) for n, e in found.items()]
+    return [Layer(n, e["owner"], e["attr"], e["kind"], tuple(e["nodes"]), e["norm"], e["out_dim"])
+            for n, e in found.items() if not e.get("clash")]
 
 
 def _matches(spec, layer: Layer, gm: fx.GraphModule) -> bool:
@@ -132,27 +177,41 @@ def _matches(spec, layer: Layer, gm: fx.GraphModule) -> bool:
         return spec in (layer.name, layer.owner) or fnmatch.fnmatchcase(layer.owner, spec) \
             or fnmatch.fnmatchcase(layer.name, spec)
     if isinstance(spec, type):
-        return issubclass(layer.kind, spec)
+        return issubclass(layer.kind, spec) or isinstance(gm.get_submodule(layer.owner), spec) \
+            or f"{spec.__module__}.{spec.__qualname__}" in _source_types(layer)
     if callable(spec):
         return bool(spec(layer.owner, gm.get_submodule(layer.owner)))
     raise InputError(f"layers entry {spec!r}: give a layer name or glob pattern, an nn.Module type "
                      "(nn.Conv2d, nn.Linear), or a callable (name, module) -> bool")
 
 
-_PRODUCTS = ("addmm", "mm", "matmul", "bmm", "baddbmm", "einsum")
+def _source_types(layer: Layer) -> set:
+    """Qualified class names of the module that owned ``layer`` in the captured model (torch.export
+    records them in ``nn_module_stack``; its GraphModule holds plain modules in their place)."""
+    out = set()
+    for node in layer.nodes:
+        for path, cls in (node.meta.get("nn_module_stack") or {}).values():
+            if path == layer.owner:
+                out.add(cls if isinstance(cls, str) else f"{cls.__module__}.{cls.__qualname__}")
+    return out
+
+
+_PRODUCTS = ("addmm", "mm", "matmul", "bmm", "baddbmm", "einsum", "linear", "conv1d", "conv2d", "conv3d",
+             "convolution")
 
 
 def unquantisable(gm: fx.GraphModule, found: list[Layer]) -> list[str]:
-    """Weights (``get_attr`` tensors of 2+ dims) that feed a matrix product other than a conv/linear
-    call, so that SLB leaves them float: e.g. transformers' ``Conv1D`` (GPT-2's projections), an
-    ``addmm`` with the weight stored ``[in, out]``."""
+    """Weights (``get_attr`` tensors of 2+ dims) that feed a matrix product SLB does not take, so that
+    they stay float: the left operand ``W @ x``, ``bmm``/``einsum`` operands, a weight read with
+    output channels on different dims by different ops."""
     known = {c.name for c in found}
     out = []
     for node in gm.graph.nodes:
         if node.op != "call_function":
             continue
         packet = getattr(node.target, "_overloadpacket", None)
-        name = getattr(packet, "__name__", None) or getattr(node.target, "__name__", "")
+        name = getattr(packet, "__name__", None) or _PRODUCT_FUNCTIONS.get(node.target) \
+            or getattr(node.target, "__name__", "")
         if name not in _PRODUCTS:
             continue
         for a in node.all_input_nodes:
@@ -172,9 +231,8 @@ def select_layers(gm: fx.GraphModule, layers=None) -> list[Layer]:
     skipped = unquantisable(gm, cands)
     if skipped:
         # NB: said, not silent: these weights stay float whatever ``layers`` asks for
-        log.warning("otofx.slb: %d weight(s) feed a matrix product that is not a Conv/Linear call (e.g. transformers' "
-                    "Conv1D, whose addmm reads the weight as [in, out]); SLB does not quantise them and they stay "
-                    "float: %s", len(skipped), ", ".join(skipped[:8]) + (" ..." if len(skipped) > 8 else ""))
+        log.warning("otofx.slb: %d weight(s) feed a matrix product that is neither a Conv/Linear call nor x @ W "
+                    "(e.g. W @ x, bmm, einsum); SLB does not quantise them and they stay float: %s", len(skipped), ", ".join(skipped[:8]) + (" ..." if len(skipped) > 8 else ""))
     if not cands:
         raise InputError(f"{type(gm).__name__} has no Conv1d/2d/3d or Linear weight to quantise")
     if layers is None:
@@ -204,7 +262,7 @@ def parametrize_layers(gm: fx.GraphModule, layers, make: Callable[[Layer, torch.
     """
     chosen = {c.name for c in select_layers(gm, layers)}
     new = copy.deepcopy(gm)
-    picked = [c for c in find_layers(new) if c.name in chosen]
+    picked = [_off_the_root(new, c) if not c.owner else c for c in find_layers(new) if c.name in chosen]
     for layer in picked:
         owner = new.get_submodule(layer.owner)
         weight = getattr(owner, layer.attr)
@@ -216,12 +274,39 @@ def parametrize_layers(gm: fx.GraphModule, layers, make: Callable[[Layer, torch.
             name = "slb_act_" + layer.owner.replace(".", "_")
             new.add_submodule(name, act())
             for node in layer.nodes:
+                i = input_arg(node)
                 with new.graph.inserting_before(node):
-                    q = new.graph.call_module(name, (node.args[0],))
-                node.update_arg(0, q)
+                    q = new.graph.call_module(name, (node.args[i],))
+                node.update_arg(i, q)
         new.graph.lint()
         new.recompile()
     return new, picked
+
+
+def _off_the_root(gm: fx.GraphModule, layer: Layer) -> Layer:
+    """Move a weight the root module holds into a holder submodule ``slb_<attr>`` (as ``.weight``).
+
+    # NB: a parametrisation on the GraphModule itself would live in its class, which
+    # ``copy.deepcopy`` of a GraphModule does not carry (``freeze`` copies the model)
+    """
+    holder = f"slb_{layer.attr}"
+    while hasattr(gm, holder):
+        holder += "_"
+    w = getattr(gm, layer.attr)
+    delattr(gm, layer.attr)
+    box = nn.Module()
+    if isinstance(w, nn.Parameter):
+        box.weight = w
+    else:
+        box.register_buffer("weight", w)
+    gm.add_submodule(holder, box)
+    for node in gm.graph.nodes:
+        if node.op == "get_attr" and node.target == layer.attr:
+            node.target = f"{holder}.weight"
+    gm.recompile()
+    log.info("otofx.slb: the root's weight '%s' is now '%s.weight' (a parametrised weight lives in a submodule)",
+             layer.attr, holder)
+    return dataclasses.replace(layer, name=f"{holder}.weight", owner=holder, attr="weight")
 
 
 def slb_parametrize(gm: fx.GraphModule, bits: int, layers=None, *, scale: bool | None = None,
@@ -243,7 +328,7 @@ def slb_parametrize(gm: fx.GraphModule, bits: int, layers=None, *, scale: bool |
 
     def make(layer: Layer, w: torch.Tensor) -> nn.Module:
         s = (not layer.normalised) if scale is None else bool(scale)
-        return SLBWeight(w.shape, bits, scale=s, warm_start=warm_start).to(w.device)
+        return SLBWeight(w.shape, bits, scale=s, warm_start=warm_start, out_dim=layer.out_dim).to(w.device)
 
     act = None
     if act_bits is not None:
@@ -273,4 +358,4 @@ class SLBPass:
         return state.replace(gm=slb_parametrize(state.gm, self.bits, self.layers, **self.options))
 
 
-__all__ = ["Layer", "find_layers", "unquantisable", "select_layers", "parametrize_layers", "slb_parametrize", "SLBPass"]
+__all__ = ["Layer", "find_layers", "input_arg", "unquantisable", "select_layers", "parametrize_layers", "slb_parametrize", "SLBPass"]
