@@ -8,7 +8,8 @@
 Sections, each owned by the bench script whose ``gpu_rows`` it calls (that script's docstring says
 what it measures and how):
     * ``optimizer`` (bench/optimizer.py, ``exactness_rows`` then ``gpu_rows``): Triton against the torch reference on CUDA (exactness), and
-      DHSPG/HESSO step times against torch's fused SGD and AdamW on resnet50 and vit_b_16;
+      DHSPG/HESSO step times against torch's fused SGD and AdamW on resnet50 and vit_b_16, then
+      ``profile_rows``: where a step's time goes (kernels, launches, synchronising calls per step);
     * ``latency`` (bench/latency.py): dense against compressed latency, half of every group's rows
       zeroed, resnet50, vit_b_16 and a BERT-base, float32 and bfloat16, batch 64;
     * ``compile`` (bench/compile.py): ``torch.compile(backend="otofx")`` against inductor on the dense
@@ -44,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 # section -> (bench script, its functions in order); each function returns a list of table rows
 SECTIONS = {
-    "optimizer": ("optimizer", ("exactness_rows", "gpu_rows")),
+    "optimizer": ("optimizer", ("exactness_rows", "gpu_rows", "profile_rows")),
     "latency": ("latency", ("gpu_rows",)),
     "compile": ("compile", ("gpu_rows",)),
     "admm": ("admm", ("gpu_rows",)),

@@ -231,6 +231,60 @@ def gpu_rows(device="cuda", models=GPU_MODELS, steps: int = 20) -> list[dict]:
     return rows
 
 
+_SYNCS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "aten::_local_scalar_dense",
+          "aten::item", "aten::is_nonzero")
+
+
+def profile_rows(device="cuda", model: str = "resnet50", steps: int = 5, top: int = 10) -> list[dict]:
+    """Where one step's time goes (``torch.profiler`` over ``steps`` steps): for torch's fused SGD, the
+    DHSPG sgd pruning step, and on CUDA that step replayed from a CUDA graph, one ``total`` row
+    (wall ms per step, device-busy ms per step, kernels launched per step, synchronising calls per step)
+    and the ``top`` kernels by device time (on the CPU: aten ops by self CPU time), per step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    dev = torch.device(device)
+    cuda = dev.type == "cuda"
+    m, oto = _analysed(model)
+    runs = [("SGD fused", lambda: _make("sgd", "sgd", _with_grads(m, dev), oto).step),
+            ("DHSPG sgd pruning", lambda: _make("dhspg", "sgd", _with_grads(m, dev), oto).step)]
+    if cuda:
+        runs.append(("DHSPG sgd pruning, CUDA graph",
+                     lambda: _graphed(_make("dhspg", "sgd", _with_grads(m, dev), oto, capturable=True), dev)))
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    rows = []
+    for label, make in runs:
+        step = make()
+        for _ in range(3):
+            step()
+        _sync(dev)
+        with profile(activities=acts) as prof:
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                step()
+            _sync(dev)
+            wall = (time.perf_counter() - t0) / steps
+        evs = prof.key_averages()
+
+        def dev_us(e):
+            return (getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0) or 0)
+
+        if cuda:
+            kern = [e for e in evs if dev_us(e) > 0 and str(getattr(e, "device_type", "")).endswith("CUDA")]
+            key = dev_us
+        else:
+            kern = [e for e in evs if e.self_cpu_time_total > 0]
+            key = lambda e: e.self_cpu_time_total  # noqa: E731
+        syncs = sum(e.count for e in evs if e.key in _SYNCS)
+        rows.append(dict(model=model, run=label, what="total", per_step_ms=wall * 1e3,
+                         busy_ms=sum(key(e) for e in kern) / 1e3 / steps,
+                         calls=sum(e.count for e in kern) / steps, syncs=syncs / steps))
+        for e in sorted(kern, key=key, reverse=True)[:top]:
+            rows.append(dict(model=model, run=label, what=e.key[:60], per_step_ms=None, busy_ms=key(e) / 1e3 / steps,
+                             calls=e.count / steps, syncs=None))
+        del step
+    return rows
+
+
 def _zero_rows(opt) -> torch.Tensor:
     return (opt.row_stats().xx == 0).cpu()
 
