@@ -211,7 +211,26 @@ def sort_rows(key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return torch.sort(key, stable=True)
     comp = np.sort((bits << 32) | np.arange(n, dtype=np.int64))
     order = torch.from_numpy(comp & 0xFFFFFFFF)
-    return key[order], order
+    # the values are the keys' high halves (a gather through torch's index costs ~6x more)
+    values = torch.from_numpy((comp >> 32).astype(np.int32)).view(torch.float32)
+    return values, order
+
+
+def rank_rows(order: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
+    """The inverse permutation of ``order`` (``rank[order[i]] = i``: each row's place in the sort);
+    ``index``: ``arange(n)`` on order's device, if the caller keeps one.
+
+    # NB: on the CPU numpy's fancy assignment, ~4x cheaper than torch's index_put at 11K rows
+    """
+    if order.device.type == "cpu" and order.dtype == torch.int64 and order.dim() == 1:
+        import numpy as np
+
+        rank = torch.empty_like(order)
+        rank.numpy()[order.numpy()] = np.arange(order.numel(), dtype=np.int64)
+        return rank
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(order.numel(), device=order.device, dtype=order.dtype) if index is None else index
+    return rank
 
 
 def _pieces_rows(entry_stats, entry_apply):
@@ -357,4 +376,4 @@ def apply(layout: RowLayout, xs, ds, lr, coef: torch.Tensor, scale: torch.Tensor
 
 
 __all__ = ["RowLayout", "RowStats", "DHSPGConfig", "Momentum", "LayoutError", "build_layout", "row_stats", "dhspg_step",
-           "scale_step", "stats", "apply", "rows_step", "nonfinite_flag", "sort_rows", "dhspg_rows", "choose_backend", "triton_available", "cpu_available", "BACKENDS", "Backend", "TABLE"]
+           "scale_step", "stats", "apply", "rows_step", "nonfinite_flag", "sort_rows", "rank_rows", "dhspg_rows", "choose_backend", "triton_available", "cpu_available", "BACKENDS", "Backend", "TABLE"]

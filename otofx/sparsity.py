@@ -248,8 +248,7 @@ class SparsityControl:
         cap = (self.target_rows - z).clamp(min=0)
         key = torch.where(live, norm, torch.full_like(norm, math.inf))
         vals, order = kernels.sort_rows(key)
-        rank = torch.empty_like(order)
-        rank[order] = self._idx
+        rank = kernels.rank_rows(order, self._idx)
         # overdue rows: more than the tolerance behind schedule, or any once the budget is spent
         # NB: with the device clock every value below is a device tensor (a CUDA graph replays it with
         # the clock it reads); the dtypes follow the host path's, so both give the same bits

@@ -370,6 +370,10 @@ def test_sort_rows_is_torchs_stable_sort(values, dtype):
     want_vals, want_order = torch.sort(key, stable=True)
     assert torch.equal(order, want_order)
     assert torch.equal(vals.nan_to_num(), want_vals.nan_to_num()) and torch.equal(vals.isnan(), want_vals.isnan())
+    want_rank = torch.empty_like(want_order)
+    want_rank[want_order] = torch.arange(len(values))
+    assert torch.equal(K.rank_rows(order), want_rank)
+    assert torch.equal(K.rank_rows(order, torch.arange(len(values))), want_rank)
 
 
 @needs_triton
