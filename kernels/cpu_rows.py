@@ -62,7 +62,7 @@ from pathlib import Path
 
 import torch
 
-from .layout import RowLayout
+from .layout import RowLayout, uniform
 from .reference import DHSPGConfig, Momentum, RowStats, dhspg_rows, momentum_update, plain_update
 
 log = logging.getLogger("otofx")
@@ -184,8 +184,8 @@ def supported(layout: RowLayout, xs, ds, grads=()) -> str | None:
     if dt not in (torch.float32, torch.float64):
         return f"dtype {dt}"
     for ts in (xs, ds, grads):
-        # NB: one cheap pass over attributes (this runs every step); the reason only when it fails
-        if all(t.dtype == dt and t.is_cpu and t.is_contiguous() for t in ts):
+        # NB: one cheap check (this runs every step); the reason only when it fails
+        if not ts or (ts[0].is_cpu and ts[0].dtype == dt and uniform(ts)):
             continue
         for t in ts:
             if t.dtype != dt:
@@ -242,7 +242,7 @@ def _plan(layout: RowLayout):
 
 def _ptrs(layout: RowLayout, key: str, ts) -> torch.Tensor:
     """The data pointers of ``ts`` as an int64 tensor, cached on the layout while they do not change."""
-    ptrs = tuple(t.data_ptr() for t in ts)
+    ptrs = tuple(map(torch.Tensor.data_ptr, ts))
     hit = layout.cache.get(("cpu_ptrs", key))
     if hit is None or hit[0] != ptrs:
         hit = (ptrs, torch.tensor(ptrs, dtype=torch.int64))

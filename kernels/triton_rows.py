@@ -37,7 +37,7 @@ import triton.language as tl
 
 from otofx.errors import OTOError
 
-from .layout import APPLY_BLOCK, MAX_AXES, RowLayout
+from .layout import APPLY_BLOCK, MAX_AXES, RowLayout, uniform
 from .reference import DHSPGConfig
 
 ROW_BLOCK = 256
@@ -212,6 +212,8 @@ def supported(xs, ds) -> str | None:
     dt = xs[0].dtype
     if dt not in _TL:
         return f"dtype {dt}"
+    if uniform([*xs, *ds]):
+        return None
     for x, d in zip(xs, ds):
         if x.dtype != dt or d.dtype != dt:
             return "row tensors of different dtypes"
@@ -235,10 +237,13 @@ def _cached(layout: RowLayout, key, make):
     return hit
 
 
+_DATA_PTR = torch.Tensor.data_ptr
+
+
 def _tables(layout: RowLayout, xs, ds):
     """Device tables of the data pointers (rebuilt only when a pointer changes)."""
     dev = xs[0].device
-    px, pd = tuple(x.data_ptr() for x in xs), tuple(d.data_ptr() for d in ds)
+    px, pd = tuple(map(_DATA_PTR, xs)), tuple(map(_DATA_PTR, ds))
     hit = layout.cache.get("triton_ptrs")
     if hit is None or hit[0] != (px, pd):
         hit = ((px, pd), torch.tensor(px, dtype=torch.int64).to(dev), torch.tensor(pd, dtype=torch.int64).to(dev))
