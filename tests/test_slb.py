@@ -413,6 +413,18 @@ def test_weights_stored_in_out_are_quantised_per_output_column():
         rep = slb.size_report(frozen)
         proj = next(ls for ls in rep.layers if ls.name == "slb_proj.weight")
         assert proj.packed_bytes == 6 * 4 * 2 // 8 + 4 * 4 and proj.distinct <= 4
+    # a buffer read as x @ W (a fixed transform) is not a layer: nothing to train
+    class Fixed(_Projected):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("dct", torch.randn(3, 3))
+
+        def forward(self, x):
+            return torch.mm(super().forward(x), self.dct)
+
+    q = slb.quantize(Fixed(), x, bits=2, layers="all")
+    assert any(n.target == "dct" for n in q.graph.nodes)
+    assert {layer.name for layer in slb.slb_layers(q)} == {"fc.weight", "slb_proj.weight", "out.weight"}
     # the warm start's first argmax is the nearest grid value of W / max|W| per output column
     m = _Projected()
     q = slb.quantize(m, x, bits=2, layers=["proj"], warm_start=0.1)

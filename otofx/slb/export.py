@@ -82,7 +82,8 @@ def to_torchao(frozen: nn.Module) -> nn.Module:
         module, attr = _owner(out, name)
         w = getattr(module, attr).detach()
         if layer.out_dim == 1:
-            w = w.t().contiguous()  # x @ W becomes linear(x, W.t()) below: torchao's tensor implements linear, not addmm/mm
+            # x @ W becomes linear(x, W.t()) below: torchao's tensor implements linear, not addmm/mm
+            w = w.t().contiguous()
         k = 2 ** layer.bits
         idx = grid_indices(w, layer.bits, layer.scale)
         s = torch.ones(w.shape[0], dtype=w.dtype) if layer.scale is None else layer.scale.to(w.dtype)
@@ -119,7 +120,7 @@ def _products_to_linear(gm: nn.Module, names: set) -> None:
         if node.op != "get_attr" or node.target not in names:
             continue
         for user in list(node.users):
-            hit = _product(user) if user.op == "call_function" else None
+            hit = _product(user, parameter=False) if user.op == "call_function" else None
             if hit is None or hit[0] is not node:
                 raise InputError(f"otofx.slb.to_torchao: node '{user.name}' ({user.target}) reads the [in, out] weight "
                                  f"'{node.target}' other than as x @ W; quantise that weight with layers= excluding it")

@@ -73,7 +73,8 @@ def ste_quantize(model: nn.Module, example_inputs, bits: int, layers=None, *, us
                   and isinstance(gm.get_submodule(c.owner), nn.Linear)}
     ours = {c.owner for c in chosen} - ao
     if ours:
-        new, _ = parametrize_layers(gm, lambda name, m: name in ours, lambda layer, w: STEWeight(bits, layer.out_dim).to(w.device))
+        new, _ = parametrize_layers(gm, lambda name, m: name in ours,
+                                    lambda layer, w: STEWeight(bits, layer.out_dim).to(w.device))
     else:
         new = copy.deepcopy(gm)
     if ao:

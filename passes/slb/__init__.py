@@ -3,11 +3,11 @@
 ``slb_parametrize(gm, bits, layers=...)`` finds every Conv1d/2d/3d and Linear weight of a captured
 graph, in either of otofx's graph forms (a ``call_module`` of an ``nn.Conv2d``/``nn.Linear`` after
 ``symbolic_trace``; a ``conv2d``/``linear``/``convolution`` call reading a ``get_attr`` weight after
-``torch.export``), and every weight stored ``[in, out]`` that a matrix product reads as its right
-operand (``addmm(bias, x, W)``, ``mm(x, W)``, ``matmul(x, W)``: transformers' ``Conv1D``, GPT-2's
-projections; output channels on dim 1), selects some of them, and returns a *new* GraphModule (deep copy) in which each
-selected weight is an :class:`otofx.slb.SLBWeight` parametrisation (``torch.nn.utils.parametrize``):
-logits over the grid instead of a float tensor. The graph code is unchanged except for optional
+``torch.export``), and every parameter stored ``[in, out]`` that a matrix product reads as its
+right operand (``addmm(bias, x, W)``, ``mm(x, W)``, ``matmul(x, W)``: transformers' ``Conv1D``,
+GPT-2's projections; output channels on dim 1), selects some of them, and returns a *new*
+GraphModule (deep copy) in which each selected weight is an :class:`otofx.slb.SLBWeight`
+parametrisation (``torch.nn.utils.parametrize``): logits over the grid instead of a float tensor. The graph code is unchanged except for optional
 activation quantisers inserted before the selected layers' inputs. :class:`SLBPass` is the same as a
 pipeline pass ``State -> State``.
 
@@ -81,29 +81,36 @@ _PRODUCT_ARGS = {"addmm": (2, 1), "mm": (1, 0), "matmul": (1, 0)}
 _PRODUCT_FUNCTIONS = {torch.addmm: "addmm", torch.mm: "mm", torch.matmul: "matmul", operator.matmul: "matmul"}
 
 
-def _product(node: fx.Node):
-    """``(weight node, input arg)`` when ``node`` is ``x @ W`` with ``W`` a 2-D ``get_attr`` weight."""
+def _product_name(node: fx.Node) -> str | None:
     name = _PRODUCT_FUNCTIONS.get(node.target)
     if name is None:
         name = getattr(getattr(node.target, "_overloadpacket", None), "__name__", None)
-    if name not in _PRODUCT_ARGS or node.kwargs:
+    return name if name in _PRODUCT_ARGS else None
+
+
+def _product(node: fx.Node, parameter: bool = True):
+    """``(weight node, input arg)`` when ``node`` is ``x @ W`` with ``W`` a 2-D ``get_attr`` tensor,
+    a parameter when ``parameter`` (a buffer, such as a fixed transform, is not a layer to train)."""
+    name = _product_name(node)
+    if name is None or node.kwargs:
         return None
     wi, xi = _PRODUCT_ARGS[name]
     w = node.args[wi] if len(node.args) > wi else None
     if not isinstance(w, fx.Node) or w.op != "get_attr" or any(a is w for i, a in enumerate(node.args) if i != wi):
         return None
-    val = w.meta.get("val")
-    if not isinstance(val, torch.Tensor):
+    try:
         val = get_path(w.graph.owning_module, w.target)
-    if not isinstance(val, torch.Tensor) or val.dim() != 2:
+    except AttributeError:
+        return None
+    if not isinstance(val, nn.Parameter if parameter else torch.Tensor) or val.dim() != 2:
         return None
     return w, xi
 
 
 def input_arg(node: fx.Node) -> int:
     """The position of a conv/linear/product node's input activation among its args."""
-    hit = _product(node) if node.op == "call_function" else None
-    return hit[1] if hit is not None else 0
+    name = _product_name(node) if node.op == "call_function" else None
+    return _PRODUCT_ARGS[name][1] if name is not None else 0
 
 
 def _op_kind(node: fx.Node):
@@ -232,7 +239,8 @@ def select_layers(gm: fx.GraphModule, layers=None) -> list[Layer]:
     if skipped:
         # NB: said, not silent: these weights stay float whatever ``layers`` asks for
         log.warning("otofx.slb: %d weight(s) feed a matrix product that is neither a Conv/Linear call nor x @ W "
-                    "(e.g. W @ x, bmm, einsum); SLB does not quantise them and they stay float: %s", len(skipped), ", ".join(skipped[:8]) + (" ..." if len(skipped) > 8 else ""))
+                    "(e.g. W @ x, bmm, einsum); SLB does not quantise them and they stay float: %s", len(skipped),
+                    ", ".join(skipped[:8]) + (" ..." if len(skipped) > 8 else ""))
     if not cands:
         raise InputError(f"{type(gm).__name__} has no Conv1d/2d/3d or Linear weight to quantise")
     if layers is None:
