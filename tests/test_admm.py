@@ -422,3 +422,53 @@ def test_gpt2_conv1d_weights_are_blocked_output_by_input():
     assert "transformer.h.0.attn.c_attn.weight" in names and names.count("transformer.wte.weight") == 1
     with torch.no_grad():
         torch.testing.assert_close(A.plain(small)(ids).logits, small(ids).logits)
+
+
+@pytest.mark.parametrize("compressed", [False, True])
+def test_multihead_attention_input_projections_are_blocked(compressed):
+    """nn.MultiheadAttention (torchvision's ViT) keeps its input projections in ``in_proj_weight``, not
+    in a Linear: they are block groups too, trained, finished and stored; the attention module reads
+    them (and its out_proj's weight) itself, in training and on its eval fast path, so to_bsr keeps
+    them dense. The same holds for otofx's PrunedMultiheadAttention (a compressed ViT)."""
+    tv = pytest.importorskip("torchvision")
+    import otofx
+
+    torch.manual_seed(0)
+    m = tv.models.VisionTransformer(image_size=16, patch_size=4, num_layers=2, num_heads=2, hidden_dim=16,
+                                    mlp_dim=32, num_classes=5)
+    x = torch.randn(3, 3, 16, 16)
+    if compressed:
+        from helpers import zero_random_rows
+
+        oto = otofx.OTO(m.eval(), x)
+        zero_random_rows(m, oto)  # half of every group's rows, heads included
+        m = oto.compress()
+    attn = [n for n, mod in m.named_modules() if isinstance(mod, B.ATTENTION)]
+    assert len(attn) == 2
+    assert compressed == all(type(m.get_submodule(a)).__name__ == "PrunedMultiheadAttention" for a in attn)
+    names = {g.name for g in A.find_blocks(m, block=(4, 4))}
+    assert {f"{a}.in_proj_weight" for a in attn} <= names and {f"{a}.out_proj.weight" for a in attn} <= names
+    m.train()
+    opt = A.ADMM(m, torch.optim.SGD(m.parameters(), lr=0.05), block=(4, 4), prune=0.5, unify=0.25, rounds=2,
+                 steps_per_round=2)
+    for _ in range(4):
+        loss = m(x).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    small = A.finish(m, opt)
+    w = small.get_submodule(attn[0]).in_proj_weight
+    pm = small.get_submodule(attn[0]).parametrizations.in_proj_weight[0]
+    b = B.blocks_of(w.detach(), pm.group)
+    assert int((pm.state == B.PRUNED).sum()) == round(0.5 * pm.group.n_blocks)
+    assert torch.all(b[pm.state == B.PRUNED] == 0)
+    small(x).sum().backward()  # training mode: the gradient reaches the block magnitudes
+    assert pm.magnitude.grad is not None
+    assert {f"{a}.in_proj_weight" for a in attn} <= {r.layer for r in A.storage(small)}
+    small.eval()
+    with torch.no_grad():
+        ref = small(x)
+        torch.testing.assert_close(A.plain(small)(x), ref)
+        fast, converted = A.to_bsr(small)
+        assert not [c for c in converted if "self_attention" in c]
+        torch.testing.assert_close(fast(x), ref, rtol=1e-4, atol=1e-5)

@@ -451,8 +451,8 @@ def to_bsr(model: nn.Module) -> tuple[nn.Module, list]:
     Returns ``(model, converted names)``. Each finished ``nn.Linear`` whose blocks divide its weight
     becomes a :class:`BSRLinear` holding the weight (from :func:`plain`, so in the model's dtype and
     on its device) as a BSR matrix with the block's shape; the outputs equal the finished model's
-    up to summation order. Other layers (convolutions, and Linears with ragged edge blocks, which
-    torch's BSR cannot hold) stay dense, and are named in the log. ``model`` is not modified.
+    up to summation order. Other layers (convolutions, attention projections, and Linears with
+    ragged edge blocks, which torch's BSR cannot hold) stay dense, and are named in the log. ``model`` is not modified.
     """
     import warnings
 
@@ -466,18 +466,20 @@ def to_bsr(model: nn.Module) -> tuple[nn.Module, list]:
         mod_name, _, attr = name.rpartition(".")
         m = new.get_submodule(mod_name)
         g = groups[name]
-        if type(m) is not nn.Linear or attr != "weight" or g.rows % g.block[0] or g.cols % g.block[1]:
+        parent_name, _, child = mod_name.rpartition(".")
+        parent = new.get_submodule(parent_name) if parent_name else new
+        # NB: an attention module reads its out_proj's weight itself (it never calls the Linear)
+        if (type(m) is not nn.Linear or attr != "weight" or g.rows % g.block[0] or g.cols % g.block[1]
+                or isinstance(parent, B.ATTENTION)):
             kept.append(name)
             continue
         with torch.no_grad(), warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Sparse BSR tensor support is in beta")
             w = m.weight.detach().to_sparse_bsr(g.block)
-        parent_name, _, child = mod_name.rpartition(".")
-        parent = new.get_submodule(parent_name) if parent_name else new
         setattr(parent, child, BSRLinear(w, m.bias))
         converted.append(name)
     if kept:
-        log.info("to_bsr: kept dense (not a Linear, or blocks that do not divide the weight): %s", ", ".join(kept))
+        log.info("to_bsr: kept dense (not a Linear called as a module, or blocks that do not divide the weight): %s", ", ".join(kept))
     return new, converted
 
 

@@ -35,11 +35,23 @@ import torch
 import torch.nn as nn
 
 from otofx.errors import InputError
+from otofx.passes.modules import PrunedMultiheadAttention
 from otofx.passes.nodes import is_hf_conv1d
 
 FREE, PRUNED, UNIFIED = 0, 1, 2
 
 _LAYER_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+# attention modules whose input projections are [out, in] weights of their own (the output
+# projection is an ``out_proj`` Linear, found as a module of its own)
+ATTENTION = (nn.MultiheadAttention, PrunedMultiheadAttention)
+_IN_PROJECTIONS = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
+
+
+def _weights(m: nn.Module) -> list:
+    """``[(attribute, tensor)]``: the weights of a layer module that block groups tile."""
+    if isinstance(m, ATTENTION):
+        return [(a, getattr(m, a)) for a in _IN_PROJECTIONS if isinstance(getattr(m, a, None), torch.Tensor)]
+    return [("weight", getattr(m, "weight", None))]
 
 
 @dataclass(frozen=True)
@@ -112,8 +124,9 @@ def _selector(layers) -> Callable[[str, nn.Module], bool]:
 
 
 def find_blocks(model: nn.Module, block=(4, 4), layers=None) -> BlockSet:
-    """The block groups of ``model``'s Linear and ConvNd weights, and transformers' ``Conv1D``
-    (``model`` is only read).
+    """The block groups of ``model``'s Linear and ConvNd weights, transformers' ``Conv1D`` and the
+    input projections of ``nn.MultiheadAttention`` (``in_proj_weight``, or ``q/k/v_proj_weight``;
+    ``model`` is only read).
 
     ``block``: ``(b_o, b_i)``, or a dict from module name (or module type) to a block for per-layer
     shapes, ``"*"`` being the default. ``layers``: None (every Linear/Conv), module names, module
@@ -126,24 +139,24 @@ def find_blocks(model: nn.Module, block=(4, 4), layers=None) -> BlockSet:
     groups, seen = [], set()
     for mod_name, m in model.named_modules():
         hf = is_hf_conv1d(m)
-        if not (isinstance(m, _LAYER_TYPES) or hf) or not pick(mod_name, m):
+        if not (isinstance(m, _LAYER_TYPES + ATTENTION) or hf) or not pick(mod_name, m):
             continue
-        w = getattr(m, "weight", None)
-        if not isinstance(w, torch.Tensor) or w.ndim < 2 or id(w) in seen:
-            continue
-        b = block
-        if isinstance(block, dict):
-            b = block.get(mod_name, block.get(type(m), block.get("*")))
-            if b is None:
+        for attr, w in _weights(m):
+            if not isinstance(w, torch.Tensor) or w.ndim < 2 or id(w) in seen:
                 continue
-        if len(b) != 2 or min(int(b[0]), int(b[1])) < 1:
-            raise InputError(f"block {b!r} for layer '{mod_name}' must be two positive ints (b_o, b_i)")
-        name = canonical.get(id(w), f"{mod_name}.weight" if mod_name else "weight")
-        # NB: transformers' Conv1D (GPT-2's projections) stores its weight as [in, out]: the block is
-        # (b_o, b_i) in output x input terms, so the stored tensor is tiled (b_i, b_o)
-        bb = (int(b[1]), int(b[0])) if hf else (int(b[0]), int(b[1]))
-        seen.add(id(w))  # NB: only once blocked: a holder the block dict skips leaves it to the next
-        groups.append(_group(name, tuple(w.shape), bb))
+            b = block
+            if isinstance(block, dict):
+                b = block.get(mod_name, block.get(type(m), block.get("*")))
+                if b is None:
+                    continue
+            if len(b) != 2 or min(int(b[0]), int(b[1])) < 1:
+                raise InputError(f"block {b!r} for layer '{mod_name}' must be two positive ints (b_o, b_i)")
+            name = canonical.get(id(w), f"{mod_name}.{attr}" if mod_name else attr)
+            # NB: transformers' Conv1D (GPT-2's projections) stores its weight as [in, out]: the block is
+            # (b_o, b_i) in output x input terms, so the stored tensor is tiled (b_i, b_o)
+            bb = (int(b[1]), int(b[0])) if hf else (int(b[0]), int(b[1]))
+            seen.add(id(w))  # NB: only once blocked: a holder the block dict skips leaves it to the next
+            groups.append(_group(name, tuple(w.shape), bb))
     if not groups:
         raise InputError("find_blocks found no Linear or Conv weight to block: check `layers=`")
     return BlockSet(tuple(groups))
