@@ -516,3 +516,19 @@ class PrunedRelativeAttention(nn.Module):
 
     def extra_repr(self) -> str:
         return f"n_heads={self.n_heads}, head_dim={self.head_dim}, max_seq_len={self.max_seq_len}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention modules that hold their projections' weights themselves
+# ---------------------------------------------------------------------------------------------
+
+# the stock module and its pruned form read ``in_proj_weight`` (or ``q/k/v_proj_weight``) and their
+# ``out_proj``'s weight inside their own forward: the Linear ``out_proj`` is never called
+ATTENTION_MODULES = (nn.MultiheadAttention, PrunedMultiheadAttention)
+IN_PROJECTIONS = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
+
+
+def in_projections(m: nn.Module) -> list:
+    """``[(attribute, tensor)]``: the input projection weights an attention module holds (packed
+    ``in_proj_weight``, or the three separate ones)."""
+    return [(a, getattr(m, a)) for a in IN_PROJECTIONS if isinstance(getattr(m, a, None), torch.Tensor)]

@@ -480,3 +480,77 @@ def test_gpt2_projections_are_quantised():
             ref, got = frozen(*ids).logits, ao(*ids).logits
         torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5 * max(1.0, ref.abs().max().item()))
         assert slb.size_report(ao).layers == slb.size_report(frozen).layers
+
+
+class _CrossAttention(nn.Module):
+    """An nn.MultiheadAttention with its own key/value widths (separate q/k/v weights), called with
+    keyword arguments."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(6, 8)
+        self.attn = nn.MultiheadAttention(8, 2, kdim=5, vdim=3, batch_first=True)
+        self.out = nn.Linear(8, 4)
+
+    def forward(self, x, k, v):
+        h, _ = self.attn(query=self.inp(x), key=k, value=v, need_weights=False)
+        return self.out(h)
+
+
+def test_attention_projections_are_quantised():
+    """nn.MultiheadAttention holds its projections itself (torchvision's ViT): its in_proj_weight (or
+    q/k/v weights) and its out_proj's weight are SLB layers; activation quantisers sit on its query,
+    key and value inputs (one for self-attention's x, x, x); freeze() strips all of a module's SLB
+    weights; torchao's hand-off leaves them plain (the module's own kernels read them)."""
+    import logging
+
+    tv = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    vit = tv.models.VisionTransformer(image_size=16, patch_size=4, num_layers=2, num_heads=2, hidden_dim=16,
+                                      mlp_dim=32, num_classes=5)
+    x = torch.randn(3, 3, 16, 16)
+    attn = [f"encoder.layers.encoder_layer_{i}.self_attention" for i in range(2)]
+    q = slb.quantize(vit, x, bits=2, layers="all", act_bits=8)
+    names = {layer.name for layer in slb.slb_layers(q)}
+    assert {f"{a}.in_proj_weight" for a in attn} | {f"{a}.out_proj.weight" for a in attn} <= names
+    assert {layer.name for layer in slb.slb_layers(slb.quantize(vit, x, bits=2, layers=nn.MultiheadAttention))} \
+        == {f"{a}.{w}" for a in attn for w in ("in_proj_weight", "out_proj.weight")}
+    node = next(n for n in q.graph.nodes if n.target == attn[0])
+    assert node.args[0] is node.args[1] is node.args[2] and node.args[0].target.startswith("slb_act_")
+    q.train()
+    q(x).sum().backward()
+    layer = next(layer for layer in slb.slb_layers(q) if layer.name == f"{attn[0]}.in_proj_weight")
+    assert layer.logits.grad.abs().sum() > 0
+    frozen = slb.freeze(q)
+    for m in (q, frozen):
+        m.eval()
+    with torch.no_grad():
+        w = frozen.get_submodule(attn[0]).in_proj_weight
+        assert max(torch.unique(r).numel() for r in w) <= 4
+        torch.testing.assert_close(frozen(x), q(x), rtol=1e-5, atol=1e-6)
+    # separate q/k/v weights, keyword inputs
+    torch.manual_seed(1)
+    cross, args = _CrossAttention(), (torch.randn(2, 4, 6), torch.randn(2, 7, 5), torch.randn(2, 7, 3))
+    cq = slb.quantize(cross, args, bits=2, layers="all", act_bits=8, frontend="symbolic_trace")
+    assert {layer.name for layer in slb.slb_layers(cq)} == {"inp.weight", "out.weight", "attn.out_proj.weight"} | {
+        f"attn.{p}_proj_weight" for p in "qkv"}
+    node = next(n for n in cq.graph.nodes if n.target == "attn")
+    assert all(node.kwargs[k].target.startswith("slb_act_attn") for k in ("query", "key", "value"))
+    assert len({node.kwargs[k] for k in ("query", "key", "value")}) == 3
+    cf = slb.freeze(cq)
+    assert not torch.nn.utils.parametrize.is_parametrized(cf.attn)
+    for m in (cq, cf):
+        m.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(cf(*args), cq(*args), rtol=1e-5, atol=1e-6)
+    ste = ste_quantize(vit, x, bits=2, layers="all")
+    assert isinstance(ste.get_submodule(attn[0]).parametrizations.in_proj_weight[0], STEWeight)
+    assert isinstance(ste.get_submodule(f"{attn[0]}.out_proj").parametrizations.weight[0], STEWeight)
+    if importlib.util.find_spec("torchao") is not None:
+        ao = slb.to_torchao(frozen)
+        assert type(ao.get_parameter(f"{attn[0]}.in_proj_weight")) is nn.Parameter
+        assert type(ao.get_parameter("encoder.layers.encoder_layer_0.mlp.0.weight")).__name__ == \
+            "IntxUnpackedToInt8Tensor"
+        ao.eval()
+        with torch.no_grad():
+            torch.testing.assert_close(ao(x), frozen(x), rtol=1e-5, atol=1e-5)

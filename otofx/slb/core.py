@@ -240,30 +240,32 @@ def freeze(q: nn.Module, loader: Iterable | None = None, batches: int | None = N
     f = copy.deepcopy(q)
     if loader is not None:
         calibrate_bn(f, loader, batches)
-    frozen = {}
+    frozen, by_module = {}, {}
     for layer in slb_layers(f):
         slb = layer.slb
-        logits = layer.logits
-        w = slb.discrete(logits).detach()
+        w = slb.discrete(layer.logits).detach()
         scale = None if slb.scale is None else slb.scale.detach().clone()
-        _strip(layer.module, layer.attr)
-        setattr(layer.module, layer.attr, nn.Parameter(w, requires_grad=False))
+        by_module.setdefault(id(layer.module), (layer.module, []))[1].append((layer.attr, w))
         frozen[layer.name] = FrozenLayer(layer.name, slb.bits, scale, slb.out_dim)
+    for module, weights in by_module.values():  # an attention module may hold three (q, k, v)
+        _strip(module, [attr for attr, _ in weights])
+        for attr, w in weights:
+            setattr(module, attr, nn.Parameter(w, requires_grad=False))
     f.otofx_slb = frozen
     log.info("otofx.slb: froze %d layers", len(layers))
     return f
 
 
-def _strip(module: nn.Module, attr: str) -> None:
-    """Drop ``module``'s parametrisation of ``attr`` (the module must have no other one).
+def _strip(module: nn.Module, attrs: list) -> None:
+    """Drop ``module``'s parametrisations of ``attrs`` (the module must have no other one).
 
     # NB: not ``parametrize.remove_parametrizations``: a deep copy of a parametrised module shares
     # its generated class with the original, and removal deletes the property from that class,
     # which would break the original model (``q``) too. Restoring the base class touches neither.
     """
-    others = [k for k in module.parametrizations if k != attr]
+    others = [k for k in module.parametrizations if k not in attrs]
     if others:
-        raise InputError(f"{type(module).__name__} has parametrisations of {others} besides SLB's on '{attr}': "
+        raise InputError(f"{type(module).__name__} has parametrisations of {others} besides SLB's on {attrs}: "
                          "remove them (torch.nn.utils.parametrize.remove_parametrizations) before freeze")
     del module._modules["parametrizations"]
     module.__class__ = type(module).__bases__[0]

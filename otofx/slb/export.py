@@ -12,7 +12,9 @@ bit fits ``torch.int1`` this way (``q`` in ``{-1, 0}``).
 
 A weight stored ``[in, out]`` and read as ``x @ W`` (``addmm``/``mm``/``matmul``: transformers'
 ``Conv1D``) is handed over transposed, ``[out, in]``, and its products become ``linear`` calls in
-the copy's graph (torchao's tensor implements ``linear``, not ``addmm``). Any other op that reads a
+the copy's graph (torchao's tensor implements ``linear``, not ``addmm``). Weights an attention
+module reads itself (``nn.MultiheadAttention``'s projections) stay plain tensors, with a warning:
+its forward runs ops torchao's tensor does not implement. Any other op that reads a
 handed-over weight in the graph (a tied embedding) reads its dequantised values, and an exported
 graph's ``aten.linear``/``aten.conv2d`` calls on them become ``F.linear``/``F.conv2d`` (the aten ops
 are composite: they would reach torchao's tensor already split into ops it does not implement).
@@ -78,7 +80,15 @@ def to_torchao(frozen: nn.Module) -> nn.Module:
     from otofx.slb.modules import grid
 
     out = copy.deepcopy(frozen)
+    inside = sorted(name for name in info if _inside_attention(out, name))
+    if inside:
+        # NB: nn.MultiheadAttention runs F.multi_head_attention_forward (or its fused kernel) on its
+        # weights, which torchao's tensor does not implement: those stay plain tensors on the grid
+        log.warning("otofx.slb.to_torchao: %d weight(s) are read inside an attention module and stay plain "
+                    "tensors (their values are on the grid already): %s", len(inside), ", ".join(inside))
     for name, layer in info.items():
+        if name in inside:
+            continue
         module, attr = _owner(out, name)
         w = getattr(module, attr).detach()
         if layer.out_dim == 1:
@@ -100,11 +110,24 @@ def to_torchao(frozen: nn.Module) -> nn.Module:
     transposed = {name for name, layer in info.items() if layer.out_dim == 1}
     if transposed:
         _products_to_linear(out, transposed)
-    _torchao_reads(out, set(info))
+    _torchao_reads(out, set(info) - set(inside))
     out.otofx_slb = {name: dataclasses.replace(layer, out_dim=0) for name, layer in info.items()}
     # NB: GraphModule's deepcopy drops plain attributes; the transposed weights are [out, in] now
     log.info("otofx.slb: %d layers handed to torchao IntxUnpackedToInt8Tensor", len(info))
     return out
+
+
+def _inside_attention(model: nn.Module, name: str) -> bool:
+    """Whether the weight ``name`` is one an attention module reads itself (its input projections,
+    or its ``out_proj``'s weight)."""
+    from otofx.passes.modules import ATTENTION_MODULES
+
+    owner = name.rpartition(".")[0]
+    module = model.get_submodule(owner) if owner else model
+    if isinstance(module, ATTENTION_MODULES):
+        return True
+    parent, _, child = owner.rpartition(".")
+    return child == "out_proj" and isinstance(model.get_submodule(parent) if parent else model, ATTENTION_MODULES)
 
 
 def _products_to_linear(gm: nn.Module, names: set) -> None:

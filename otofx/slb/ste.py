@@ -69,8 +69,10 @@ def ste_quantize(model: nn.Module, example_inputs, bits: int, layers=None, *, us
         except ImportError:
             log.info("otofx.slb.ste: torchao not installed; our STE on every layer")
         else:
-            ao = {c.owner for c in chosen if c.kind is nn.Linear and all(n.op == "call_module" for n in c.nodes)
-                  and isinstance(gm.get_submodule(c.owner), nn.Linear)}
+            # NB: only Linear modules the graph calls: an attention module reads its out_proj's weight
+            # itself, so torchao's fake-quantising module would never run
+            ao = {c.owner for c in chosen if c.kind is nn.Linear and isinstance(gm.get_submodule(c.owner), nn.Linear)
+                  and all(n.op == "call_module" and n.target == c.owner for n in c.nodes)}
     ours = {c.owner for c in chosen} - ao
     if ours:
         new, _ = parametrize_layers(gm, lambda name, m: name in ours,

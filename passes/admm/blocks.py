@@ -35,22 +35,21 @@ import torch
 import torch.nn as nn
 
 from otofx.errors import InputError
-from otofx.passes.modules import PrunedMultiheadAttention
+from otofx.passes.modules import ATTENTION_MODULES as ATTENTION
+from otofx.passes.modules import in_projections
 from otofx.passes.nodes import is_hf_conv1d
 
 FREE, PRUNED, UNIFIED = 0, 1, 2
 
 _LAYER_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
-# attention modules whose input projections are [out, in] weights of their own (the output
-# projection is an ``out_proj`` Linear, found as a module of its own)
-ATTENTION = (nn.MultiheadAttention, PrunedMultiheadAttention)
-_IN_PROJECTIONS = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
 
 
 def _weights(m: nn.Module) -> list:
-    """``[(attribute, tensor)]``: the weights of a layer module that block groups tile."""
+    """``[(attribute, tensor)]``: the weights of a layer module that block groups tile (an attention
+    module's input projections are [out, in] weights of its own; its ``out_proj`` is a Linear, found
+    as a module of its own)."""
     if isinstance(m, ATTENTION):
-        return [(a, getattr(m, a)) for a in _IN_PROJECTIONS if isinstance(getattr(m, a, None), torch.Tensor)]
+        return in_projections(m)
     return [("weight", getattr(m, "weight", None))]
 
 

@@ -45,6 +45,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from otofx.errors import InputError
+from otofx.passes.modules import ATTENTION_MODULES, in_projections
 from otofx.passes.nodes import get_path
 
 log = logging.getLogger("otofx")
@@ -113,6 +114,23 @@ def input_arg(node: fx.Node) -> int:
     return _PRODUCT_ARGS[name][1] if name is not None else 0
 
 
+_ATTENTION_INPUTS = {"in_proj_weight": (0, 1, 2), "q_proj_weight": (0,), "k_proj_weight": (1,), "v_proj_weight": (2,)}
+_ATTENTION_ARGS = ("query", "key", "value")
+
+
+def _act_inputs(gm: fx.GraphModule, layer: Layer, node: fx.Node) -> list:
+    """Where the input activations of ``layer`` enter ``node``: ``[(position, keyword)]`` (one of the
+    two None); empty when they are computed inside the module (an attention module's out_proj)."""
+    if node.op == "call_module" and isinstance(gm.get_submodule(node.target), ATTENTION_MODULES):
+        if node.target != layer.owner:
+            return []
+        out = []
+        for i in _ATTENTION_INPUTS[layer.attr]:
+            out.append((i, None) if i < len(node.args) else (None, _ATTENTION_ARGS[i]))
+        return out
+    return [(input_arg(node), None)]
+
+
 def _op_kind(node: fx.Node):
     """(kind, weight node, output dim) when ``node`` is a functional conv/linear reading a ``get_attr``
     weight, or a matrix product ``x @ W`` (kind ``nn.Linear``, output dim 1)."""
@@ -151,30 +169,46 @@ def _is_norm(user: fx.Node, src: fx.Node, gm: fx.GraphModule) -> bool:
     return False
 
 
+def _module_weights(gm: fx.GraphModule, node: fx.Node) -> list:
+    """``[(owner, attr, kind)]``: the layer weights a ``call_module`` node computes with: a Conv/Linear
+    module's weight; an attention module's input projections and its ``out_proj``'s weight (which it
+    reads itself)."""
+    mod = gm.get_submodule(node.target)
+    if isinstance(mod, ATTENTION_MODULES):
+        out = [(node.target, attr, nn.Linear) for attr, _ in in_projections(mod)]
+        proj = getattr(mod, "out_proj", None)
+        if isinstance(getattr(proj, "weight", None), torch.Tensor):
+            out.append((f"{node.target}.out_proj", "weight", nn.Linear))
+        return out
+    if type(mod) in _CONV_MODULES and isinstance(mod.weight, torch.Tensor):
+        return [(node.target, "weight", type(mod))]
+    return []
+
+
 def find_layers(gm: fx.GraphModule) -> list[Layer]:
-    """Every Conv1d/2d/3d and Linear weight of ``gm``, in graph order of first use."""
+    """Every Conv1d/2d/3d and Linear weight of ``gm`` (attention modules' projections included), in
+    graph order of first use."""
     found: dict[str, dict] = {}
     for node in gm.graph.nodes:
         if node.op == "call_module":
-            mod = gm.get_submodule(node.target)
-            if type(mod) not in _CONV_MODULES or not isinstance(mod.weight, torch.Tensor):
-                continue
-            owner, attr, kind, out_dim = node.target, "weight", type(mod), 0
+            uses = [(owner, attr, kind, 0) for owner, attr, kind in _module_weights(gm, node)]
         else:
             hit = _op_kind(node)
             if hit is None:
                 continue
             kind, w, out_dim = hit
             owner, _, attr = w.target.rpartition(".")
-        name = f"{owner}.{attr}" if owner else attr
-        entry = found.setdefault(name, {"owner": owner, "attr": attr, "kind": kind, "nodes": [], "norm": True,
-                                        "out_dim": out_dim})
-        if entry["out_dim"] != out_dim:
-            # NB: one weight read as [out, in] by one op and as [in, out] by another has no single
-            # output-channel axis for the scale; it stays float (unquantisable() names it)
-            entry["clash"] = True
-        entry["nodes"].append(node)
-        entry["norm"] &= bool(node.users) and all(_is_norm(u, node, gm) for u in node.users)
+            uses = [(owner, attr, kind, out_dim)]
+        for owner, attr, kind, out_dim in uses:
+            name = f"{owner}.{attr}" if owner else attr
+            entry = found.setdefault(name, {"owner": owner, "attr": attr, "kind": kind, "nodes": [], "norm": True,
+                                            "out_dim": out_dim})
+            if entry["out_dim"] != out_dim:
+                # NB: one weight read as [out, in] by one op and as [in, out] by another has no single
+                # output-channel axis for the scale; it stays float (unquantisable() names it)
+                entry["clash"] = True
+            entry["nodes"].append(node)
+            entry["norm"] &= bool(node.users) and all(_is_norm(u, node, gm) for u in node.users)
     return [Layer(n, e["owner"], e["attr"], e["kind"], tuple(e["nodes"]), e["norm"], e["out_dim"])
             for n, e in found.items() if not e.get("clash")]
 
@@ -184,7 +218,10 @@ def _matches(spec, layer: Layer, gm: fx.GraphModule) -> bool:
         return spec in (layer.name, layer.owner) or fnmatch.fnmatchcase(layer.owner, spec) \
             or fnmatch.fnmatchcase(layer.name, spec)
     if isinstance(spec, type):
+        # the kind, the module holding the weight, the module the graph calls (an attention module for
+        # its out_proj), or the captured model's module (torch.export's nn_module_stack)
         return issubclass(layer.kind, spec) or isinstance(gm.get_submodule(layer.owner), spec) \
+            or any(n.op == "call_module" and isinstance(gm.get_submodule(n.target), spec) for n in layer.nodes) \
             or f"{spec.__module__}.{spec.__qualname__}" in _source_types(layer)
     if callable(spec):
         return bool(spec(layer.owner, gm.get_submodule(layer.owner)))
@@ -278,14 +315,32 @@ def parametrize_layers(gm: fx.GraphModule, layers, make: Callable[[Layer, torch.
             raise InputError(f"weight '{layer.name}' has dtype {weight.dtype}; SLB needs a floating-point weight")
         parametrize.register_parametrization(owner, layer.attr, make(layer, weight.detach()), unsafe=True)
     if act is not None:
+        inside = []
         for layer in picked:
-            name = "slb_act_" + layer.owner.replace(".", "_")
-            new.add_submodule(name, act())
+            base = "slb_act_" + layer.name.rpartition(".")[0].replace(".", "_")
+            if layer.attr != "weight":
+                base += "_" + layer.attr
+            made: dict = {}  # one quantiser per distinct input node (self-attention's x, x, x: one)
             for node in layer.nodes:
-                i = input_arg(node)
-                with new.graph.inserting_before(node):
-                    q = new.graph.call_module(name, (node.args[i],))
-                node.update_arg(i, q)
+                slots = _act_inputs(new, layer, node)
+                if not slots:
+                    inside.append(layer.name)
+                for i, kw in slots:
+                    src = node.args[i] if kw is None else node.kwargs.get(kw)
+                    if not isinstance(src, fx.Node):
+                        continue
+                    if src not in made:
+                        name = base if not made else f"{base}_{len(made)}"
+                        new.add_submodule(name, act())
+                        with new.graph.inserting_before(node):
+                            made[src] = new.graph.call_module(name, (src,))
+                    if kw is None:
+                        node.update_arg(i, made[src])
+                    else:
+                        node.update_kwarg(kw, made[src])
+        if inside:
+            log.warning("otofx.slb: act_bits: the input of %s is computed inside an attention module and is not "
+                        "fake-quantised (the weights are)", ", ".join(sorted(set(inside))))
         new.graph.lint()
         new.recompile()
     return new, picked
