@@ -373,6 +373,13 @@ def test_weights_slb_cannot_quantise_are_named_not_silent(caplog):
     assert len(said) == 1 and "left" in said[0] and "proj" not in said[0] and "fc.weight" not in said[0], said
     assert {layer.name for layer in slb.slb_layers(q)} == {"fc.weight", "slb_proj.weight", "out.weight"}
     caplog.clear()
+    up = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ConvTranspose2d(4, 4, 2, stride=2), nn.Conv2d(4, 2, 1))
+    with caplog.at_level(logging.WARNING, logger="otofx"):
+        q = slb.quantize(up, X, bits=2, layers="all")
+    said = [r.getMessage() for r in caplog.records if "does not quantise" in r.getMessage()]
+    assert len(said) == 1 and "1.weight" in said[0] and "0.weight" not in said[0], said
+    assert {layer.name for layer in slb.slb_layers(q)} == {"0.weight", "2.weight"}
+    caplog.clear()
     with caplog.at_level(logging.WARNING, logger="otofx"):
         slb.quantize(_net(), X, bits=2)
     assert not [r for r in caplog.records if "does not quantise" in r.getMessage()]

@@ -247,10 +247,19 @@ _PRODUCTS = ("addmm", "mm", "matmul", "bmm", "baddbmm", "einsum", "linear", "con
 def unquantisable(gm: fx.GraphModule, found: list[Layer]) -> list[str]:
     """Weights (``get_attr`` tensors of 2+ dims) that feed a matrix product SLB does not take, so that
     they stay float: the left operand ``W @ x``, ``bmm``/``einsum`` operands, a weight read with
-    output channels on different dims by different ops."""
+    output channels on different dims by different ops; and the weights of leaf modules it does not
+    take (``ConvTranspose``)."""
     known = {c.name for c in found}
     out = []
     for node in gm.graph.nodes:
+        if node.op == "call_module":  # a leaf with a weight SLB does not take (ConvTranspose: [in, out, k...])
+            mod = gm.get_submodule(node.target)
+            w = getattr(mod, "weight", None)
+            name = f"{node.target}.weight"
+            if (isinstance(w, torch.Tensor) and w.dim() >= 2 and w.is_floating_point() and name not in known
+                    and name not in out and not isinstance(mod, (nn.Embedding, nn.EmbeddingBag))):
+                out.append(name)
+            continue
         if node.op != "call_function":
             continue
         packet = getattr(node.target, "_overloadpacket", None)
@@ -275,8 +284,9 @@ def select_layers(gm: fx.GraphModule, layers=None) -> list[Layer]:
     skipped = unquantisable(gm, cands)
     if skipped:
         # NB: said, not silent: these weights stay float whatever ``layers`` asks for
-        log.warning("otofx.slb: %d weight(s) feed a matrix product that is neither a Conv/Linear call nor x @ W "
-                    "(e.g. W @ x, bmm, einsum); SLB does not quantise them and they stay float: %s", len(skipped),
+        log.warning("otofx.slb: %d weight(s) feed a product that is neither a Conv/Linear call, an attention "
+                    "module nor x @ W (e.g. W @ x, bmm, einsum, ConvTranspose); SLB does not quantise them and they "
+                    "stay float: %s", len(skipped),
                     ", ".join(skipped[:8]) + (" ..." if len(skipped) > 8 else ""))
     if not cands:
         raise InputError(f"{type(gm).__name__} has no Conv1d/2d/3d or Linear weight to quantise")
