@@ -369,6 +369,39 @@ def test_bsr_export_computes_the_finished_model_on_cpu():
         A.to_bsr(m)
 
 
+class _Reader(nn.Module):
+    """A parent that reads its child Linear's weight instead of calling it (torchvision's Swin attention)."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv, self.out = nn.Linear(16, 16), nn.Linear(16, 8)
+
+    def forward(self, x):
+        return self.out(torch.relu(F.linear(x, self.qkv.weight, self.qkv.bias)))
+
+
+def test_bsr_keeps_weights_read_by_their_parent_and_cpu_non_square_blocks_correct(caplog):
+    import logging
+
+    torch.manual_seed(0)
+    m = _Reader()
+    small = A.finish(m, prune=0.5, block=(4, 4)).eval()
+    x = torch.randn(3, 16)
+    with caplog.at_level(logging.WARNING, logger="otofx"):
+        fast, converted = A.to_bsr(small)
+        with torch.no_grad():
+            torch.testing.assert_close(fast(x), small(x), rtol=1e-5, atol=1e-6)
+    assert converted == ["out.weight", "qkv.weight"]
+    said = [r.getMessage() for r in caplog.records if "dense weight" in r.getMessage()]
+    assert len(said) == 1 and "'qkv'" in said[0], said
+    # MKL multiplies square blocks only: (4, 2) blocks stay dense on the CPU, the outputs unchanged
+    rect = A.finish(m, prune=0.5, block=(4, 2)).eval()
+    fast, converted = A.to_bsr(rect)
+    assert converted == []
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), rect(x))
+
+
 def test_export_round_trips_ragged_blocks():
     m = _mlp()
     small = A.finish(m, prune=0.5, unify=0.25, block=(3, 7))  # edges: 20 % 3, 12 % 7, 6 % 3 == 0

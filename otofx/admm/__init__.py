@@ -426,11 +426,23 @@ class BSRLinear(nn.Module):
     of 16 or more there).
     """
 
-    def __init__(self, weight_bsr: torch.Tensor, bias: torch.Tensor | None):
+    def __init__(self, weight_bsr: torch.Tensor, bias: torch.Tensor | None, name: str = ""):
         super().__init__()
         self.in_features, self.out_features = weight_bsr.shape[1], weight_bsr.shape[0]
         self.register_buffer("weight_bsr", weight_bsr)
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+        self.name, self._warned = name, False
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dense weight, for a parent module that reads ``.weight`` instead of calling this one
+        (torchvision's Swin attention passes ``self.qkv.weight`` to a function): correct, but no
+        block-sparse product there; said once in the log."""
+        if not self._warned:
+            self._warned = True
+            log.warning("to_bsr: '%s' is read as a dense weight by the module that holds it (it is not called): "
+                        "it computes densely there", self.name)
+        return self.weight_bsr.to_dense()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
@@ -451,8 +463,9 @@ def to_bsr(model: nn.Module) -> tuple[nn.Module, list]:
     Returns ``(model, converted names)``. Each finished ``nn.Linear`` whose blocks divide its weight
     becomes a :class:`BSRLinear` holding the weight (from :func:`plain`, so in the model's dtype and
     on its device) as a BSR matrix with the block's shape; the outputs equal the finished model's
-    up to summation order. Other layers (convolutions, attention projections, and Linears with
-    ragged edge blocks, which torch's BSR cannot hold) stay dense, and are named in the log. ``model`` is not modified.
+    up to summation order. Other layers (convolutions, attention projections, Linears with ragged
+    edge blocks, which torch's BSR cannot hold, and on the CPU non-square blocks, which MKL cannot
+    multiply) stay dense, and are named in the log. ``model`` is not modified.
     """
     import warnings
 
@@ -469,17 +482,19 @@ def to_bsr(model: nn.Module) -> tuple[nn.Module, list]:
         parent_name, _, child = mod_name.rpartition(".")
         parent = new.get_submodule(parent_name) if parent_name else new
         # NB: an attention module reads its out_proj's weight itself (it never calls the Linear)
+        # NB: MKL (torch's CPU BSR product) takes square blocks only
         if (type(m) is not nn.Linear or attr != "weight" or g.rows % g.block[0] or g.cols % g.block[1]
-                or isinstance(parent, B.ATTENTION)):
+                or isinstance(parent, B.ATTENTION) or (m.weight.device.type == "cpu" and g.block[0] != g.block[1])):
             kept.append(name)
             continue
         with torch.no_grad(), warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Sparse BSR tensor support is in beta")
             w = m.weight.detach().to_sparse_bsr(g.block)
-        setattr(parent, child, BSRLinear(w, m.bias))
+        setattr(parent, child, BSRLinear(w, m.bias, mod_name))
         converted.append(name)
     if kept:
-        log.info("to_bsr: kept dense (not a Linear called as a module, or blocks that do not divide the weight): %s", ", ".join(kept))
+        log.info("to_bsr: kept dense (not a Linear called as a module, blocks that do not divide the weight, or "
+                 "non-square blocks on the CPU): %s", ", ".join(kept))
     return new, converted
 
 
