@@ -159,6 +159,70 @@ RULE_BLOCK = 1024
 
 
 @triton.jit
+def _sqrt_ieee(x, F32: tl.constexpr):
+    """``sqrt`` correctly rounded, as torch's (Triton's fp32 ``sqrt`` is the fast approximation)."""
+    if F32:
+        return tl.sqrt_rn(x)
+    return tl.sqrt(x)
+
+
+@triton.jit
+def _div_ieee(a, b, F32: tl.constexpr):
+    """``a / b`` correctly rounded, as torch's (Triton's fp32 ``/`` is the fast approximation)."""
+    if F32:
+        return tl.div_rn(a, b)
+    return a / b
+
+
+@triton.jit(do_not_specialize=["n"])
+def _key_kernel(xx, red, key, count, n, F32: tl.constexpr, BLOCK: tl.constexpr):
+    """The sparsity controller's sort key: ``sqrt(xx)`` (IEEE) on live rows (redundant, non-zero),
+    +inf on the others; ``count`` += the zero rows (int32 atomics: order independent)."""
+    r = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = r < n
+    x = tl.load(xx + r, mask=m, other=1.0)
+    live = (tl.load(red + r, mask=m, other=0) != 0) & (x != 0.0)
+    tl.store(key + r, tl.where(live, _sqrt_ieee(x, F32), float("inf")), mask=m)
+    tl.atomic_add(count, tl.sum(((x == 0.0) & m).to(tl.int32), 0))
+
+
+@triton.jit(do_not_specialize=["t_host", "n", "start", "budget", "target", "tol"])
+def _decide_kernel(order, vals, xx, red, count, mask, peak, eps_out, clock, t_host, eps_val, eps_force, n,
+                   start, budget, target, tol, CLOCK: tl.constexpr, ACC: tl.constexpr, F32: tl.constexpr,
+                   BLOCK: tl.constexpr):
+    """The controller's decisions over the rows in sorted order (position i holds row ``order[i]``):
+    the mask (live rows among the first ``limit``), the feed-forward rate of every position (its max
+    into ``peak``: float atomics, but max is order independent) and the step's epsilon. Every
+    scalar follows :meth:`otofx.sparsity.SparsityControl.decide`'s torch ops and dtypes (float64
+    schedule, int counts, ``ACC`` rates; IEEE division)."""
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = i < n
+    z = tl.load(count).to(tl.int64)
+    if CLOCK:
+        t = tl.load(clock).to(tl.float64)
+    else:
+        t = t_host.to(tl.float64)
+    frac = tl.minimum(tl.maximum((t - start + 1) / budget.to(tl.float64), 0.0), 1.0)
+    sched = target.to(tl.float64) * frac
+    overdue = tl.maximum(tl.ceil(sched - 1e-9).to(tl.int64) - z, 0)
+    force = (overdue > tol) | ((overdue > 0) & (t + 1 >= (start + budget).to(tl.float64)))
+    cap = tl.maximum(target - z, 0)
+    limit = tl.where(force, overdue, cap)
+    rows = tl.load(order + i, mask=m, other=0)
+    live = (tl.load(red + rows, mask=m, other=0) != 0) & (tl.load(xx + rows, mask=m, other=0.0) != 0.0)
+    tl.store(mask + rows, (live & (i < limit)).to(tl.int8), mask=m)
+    j = (i + 1).to(ACC)
+    due = start.to(ACC) + _div_ieee(budget.to(ACC) * (z.to(ACC) + j), tl.maximum(target, 1).to(ACC) + tl.zeros_like(j), F32)
+    den = tl.maximum(due - t.to(ACC), 1.0)
+    v = tl.load(vals + i, mask=m, other=0.0)
+    ok = (j <= cap.to(ACC)) & (v == v) & (tl.abs(v) != float("inf")) & m
+    rate = tl.where(ok, _div_ieee(v, den, F32), 0.0)
+    tl.atomic_max(peak, tl.max(rate, 0))
+    if tl.program_id(0) == 0:
+        tl.store(eps_out, tl.where(force, tl.load(eps_force), tl.load(eps_val)))
+
+
+@triton.jit
 def _stats_kernel(xtab, dtab, seg_ptr, segs, out, n_rows, DT: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
     """The reductions of ``_dhspg_rows_kernel`` alone: ``out[0|1|2, r]`` = this process's ``||x||^2``,
     ``x.d``, ``||d||^2`` of row r (the decisions follow once every shard's sums are added)."""
@@ -364,6 +428,38 @@ def dhspg_rows(stats, redundant: torch.Tensor, cfg: DHSPGConfig, layout: RowLayo
             out, HAS_SCALE=cfg.lmbda_scale is not None, HAS_EPS=cfg.epsilon_t is not None,
             WARM_UP=bool(cfg.warm_up), FIXED_ZERO=bool(cfg.fixed_zero), ACC=_TL[acc], BLOCK=RULE_BLOCK)
     return out[0], out[1], count
+
+
+CONTROL_BLOCK = 1024
+
+
+def controller_rows(xx: torch.Tensor, redundant: torch.Tensor, t, start: int, budget: int, target: int, tol: int,
+                    eps: torch.Tensor, eps_force: torch.Tensor):
+    """The per-row part of the sparsity controller's step in two launches around the sort (about 25
+    vector ops, each a launch, on the torch path): ``(mask, eps, peak, zero count)``.
+
+    ``t``: the step (an int) or the device clock (a 0-d float64 tensor); ``eps``/``eps_force``: 0-d
+    float64 tensors. ``peak`` is the largest feed-forward rate (a 0-d tensor of ``xx``'s dtype)."""
+    from . import sort_rows
+
+    n, dev = xx.numel(), xx.device
+    xx = xx.contiguous()
+    red = redundant.contiguous()
+    red = red.view(torch.uint8) if red.dtype == torch.bool else red
+    count = torch.zeros((), dtype=torch.int32, device=dev)
+    key = torch.empty_like(xx)
+    grid = (triton.cdiv(n, CONTROL_BLOCK),)
+    f32 = xx.dtype != torch.float64
+    _key_kernel[grid](xx, red, key, count, n, F32=f32, BLOCK=CONTROL_BLOCK)
+    vals, order = sort_rows(key)
+    mask = torch.empty(n, dtype=torch.bool, device=dev)
+    peak = torch.zeros((), dtype=xx.dtype, device=dev)
+    eps_out = torch.empty((), dtype=torch.float64, device=dev)
+    clock = isinstance(t, torch.Tensor)
+    _decide_kernel[grid](order, vals, xx, red, count, mask.view(torch.int8), peak, eps_out, t if clock else eps,
+                         0 if clock else int(t), eps, eps_force, n, int(start), int(budget), int(target), int(tol),
+                         CLOCK=clock, ACC=_TL[xx.dtype], F32=f32, BLOCK=CONTROL_BLOCK)
+    return mask, eps_out, peak, count
 
 
 def scale_step(layout: RowLayout, xs, ds, lr, scale: torch.Tensor, skip=None) -> None:

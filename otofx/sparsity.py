@@ -55,6 +55,9 @@ Internals:
     * ``capturable=True``: the step counter is a device tensor the optimizer advances in every step
       (a CUDA graph replay included), the schedule is computed from it on the device with the host
       path's dtypes (the same bits), and ``m`` and the scale are updated in place.
+    * On CUDA the per-row work (key, zero count, mask, feed-forward rates) is two Triton kernels
+      around the sort (``kernels.triton_rows.controller_rows``) instead of about 25 vector ops, each a
+      launch; it decides what the ops decide (tests/test_sparsity.py, on the interpreter).
     * ``m``, the budget and the step of partition are in the optimizer's ``state_dict()``.
 """
 from __future__ import annotations
@@ -175,6 +178,12 @@ class _Lagged:
         return self.value
 
 
+def _fused(xx: torch.Tensor, n: int) -> bool:
+    """Whether the controller's per-row ops run as Triton kernels (CUDA rows; tests force it on the
+    CPU under the interpreter)."""
+    return n > 0 and xx.is_cuda and kernels.triton_available()
+
+
 class SparsityControl:
     """The controller of one DHSPG optimizer (built at its partition; see the module docstring)."""
 
@@ -239,32 +248,41 @@ class SparsityControl:
             return torch.zeros_like(redundant), self.scale, self._eps  # reached: the mask would be empty
         if xx is None:
             xx = kernels.row_stats(self.layout, xs).xx
-        norm = xx.sqrt()
-        zero = xx == 0
-        z = zero.sum()
-        if diagnose:
-            self._count.push(z, host_t)
-        live = redundant & ~zero
-        cap = (self.target_rows - z).clamp(min=0)
-        key = torch.where(live, norm, torch.full_like(norm, math.inf))
-        vals, order = kernels.sort_rows(key)
-        rank = kernels.rank_rows(order, self._idx)
-        # overdue rows: more than the tolerance behind schedule, or any once the budget is spent
-        # NB: with the device clock every value below is a device tensor (a CUDA graph replays it with
-        # the clock it reads); the dtypes follow the host path's, so both give the same bits
         sched = self.scheduled_rows(t)
-        if clock:
-            overdue = (torch.ceil(sched - 1e-9).to(z.dtype) - z).clamp(min=0)
+        if _fused(xx, self.n):  # CUDA: the per-row ops below in two Triton launches around the sort
+            from otofx.kernels.triton_rows import controller_rows
+
+            mask, eps, peak, z = controller_rows(xx, redundant, t, self.start, self.budget, self.target_rows,
+                                                 self.tol_rows, self._eps, self._eps_force)
+            if diagnose:
+                self._count.push(z, host_t)
         else:
-            overdue = (math.ceil(sched - 1e-9) - z).clamp(min=0)
-        force = (overdue > self.tol_rows) | ((overdue > 0) & (t + 1 >= self.start + self.budget))
-        mask = live & (rank < torch.where(force, overdue, cap))
-        eps = torch.where(force, self._eps_force, self._eps)
-        # feed-forward: the smallest lambda that zeroes every penalised row by its due step
-        j = self._j.to(vals.dtype)
-        due = self.start + self.budget * (z + j) / max(self.target_rows, 1)
-        rate = torch.where((j <= cap) & torch.isfinite(vals), vals / (due - t).clamp(min=1.0), torch.zeros_like(vals))
-        peak = rate.max() if self.n else rate.sum()
+            norm = xx.sqrt()
+            zero = xx == 0
+            z = zero.sum()
+            if diagnose:
+                self._count.push(z, host_t)
+            live = redundant & ~zero
+            cap = (self.target_rows - z).clamp(min=0)
+            key = torch.where(live, norm, torch.full_like(norm, math.inf))
+            vals, order = kernels.sort_rows(key)
+            rank = kernels.rank_rows(order, self._idx)
+            # overdue rows: more than the tolerance behind schedule, or any once the budget is spent
+            # NB: with the device clock every value below is a device tensor (a CUDA graph replays it with
+            # the clock it reads); the dtypes follow the host path's, so both give the same bits
+            if clock:
+                overdue = (torch.ceil(sched - 1e-9).to(z.dtype) - z).clamp(min=0)
+            else:
+                overdue = (math.ceil(sched - 1e-9) - z).clamp(min=0)
+            force = (overdue > self.tol_rows) | ((overdue > 0) & (t + 1 >= self.start + self.budget))
+            mask = live & (rank < torch.where(force, overdue, cap))
+            eps = torch.where(force, self._eps_force, self._eps)
+            # feed-forward: the smallest lambda that zeroes every penalised row by its due step
+            j = self._j.to(vals.dtype)
+            due = self.start + self.budget * (z + j) / max(self.target_rows, 1)
+            rate = torch.where((j <= cap) & torch.isfinite(vals), vals / (due - t).clamp(min=1.0),
+                               torch.zeros_like(vals))
+            peak = rate.max() if self.n else rate.sum()
         if isinstance(lr, torch.Tensor):  # a tensor lr (capturable steps): no host comparison
             lam_ff = torch.where(lr > 0, peak / torch.where(lr > 0, lr, torch.ones_like(lr)), torch.zeros_like(peak))
         else:

@@ -322,3 +322,69 @@ def test_cli_analyze_svg_flag(tmp_path, capsys):
     assert main(["analyze", "torchvision:resnet18", "--input", "1,3,32,32", "--svg", str(out)]) == 0
     assert "groups drawn in" in capsys.readouterr().out
     assert out.read_text().count("cluster_") > 10  # laid out by module
+
+
+def _controller(rows: int, target: float, tolerance: float, start: int, budget: int):
+    """A DHSPG controller over ``rows`` rows (an MLP's hidden units), right after its partition."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(3, rows // 2), nn.ReLU(), nn.Linear(rows // 2, rows - rows // 2), nn.ReLU(),
+                      nn.Linear(rows - rows // 2, 2))
+    oto = otofx.OTO(m, torch.randn(2, 3))
+    opt = oto.dhspg(lr=0.1, target_group_sparsity=target, tolerance_group_sparsity=tolerance,
+                    start_pruning_steps=start, pruning_steps=budget)
+    for _ in range(start + 1):
+        for p in m.parameters():
+            p.grad = torch.randn_like(p)
+        opt.step()
+    return opt._control
+
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from helpers import triton_interpreter_unusable  # noqa: E402
+
+_no_triton = triton_interpreter_unusable()
+
+
+@pytest.mark.skipif(_no_triton is not None, reason=str(_no_triton))
+@settings(max_examples=40, deadline=None)
+@given(st.sampled_from([40, 1500, 2100]), st.sampled_from([0.3, 0.9]), st.sampled_from([0.0, 0.05]),
+       st.integers(0, 3), st.integers(1, 40), st.integers(0, 60), st.booleans(), st.booleans(),
+       st.sampled_from([torch.float32, torch.float64]), st.sampled_from([0.0, 0.15, 0.28]), st.integers(0, 2 ** 16))
+def test_triton_controller_equals_the_torch_ops(rows, target, tolerance, start, budget, t, clock, lr_t, dtype, zeros,
+                                                seed):
+    """The controller's per-row work as two Triton kernels around the sort (the CUDA path; here on the
+    interpreter) decides what the torch ops decide, bit for bit: the mask, epsilon, the lambda scale
+    and the feedback factor, for host steps and the device clock, with zero, NaN and infinite rows
+    and ties, over one and several blocks of rows."""
+    import otofx.sparsity as S
+
+    ctl = _controller(rows, target, tolerance, start, budget)
+    g = torch.Generator().manual_seed(seed)
+    n = ctl.n
+    # NB: squares of multiples of 1/8, whose square roots are exact: torch's CPU sqrt (SLEEF, within
+    # 0.5001 ulp) and the kernel's correctly rounded one (as CUDA's) then agree to the bit
+    xx = ((torch.randint(1, 200, (n,), generator=g) / 8.0) ** 2).to(dtype)
+    pick = torch.rand(n, generator=g)
+    xx[pick < zeros] = 0.0  # 0.28: just short of a 0.3 target (overdue within the tolerance)
+    xx[(pick >= 0.3) & (pick < 0.35)] = 1.0  # ties
+    xx[(pick >= 0.35) & (pick < 0.37)] = float("nan")
+    xx[(pick >= 0.37) & (pick < 0.39)] = float("inf")
+    red = torch.rand(n, generator=g) < 0.7
+    lr = torch.tensor(0.05, dtype=torch.float64) if lr_t else 0.05
+    step = torch.tensor(float(t), dtype=torch.float64) if clock else t
+    out = []
+    for fused in (False, True):
+        c = copy.deepcopy(ctl)
+        S._fused, saved = (lambda xx, n: fused), S._fused
+        try:
+            mask, scale, eps = c.decide(step, None, lr, red, xx=xx, step=t if clock else None)
+        finally:
+            S._fused = saved
+        out.append((mask, scale.clone(), eps, c.m.clone()))
+    (ma, sa, ea, mma), (mb, sb, eb, mmb) = out
+    assert torch.equal(ma, mb)
+    assert torch.equal(ea, eb) and ea.dtype == eb.dtype
+    assert torch.equal(sa, sb), (float(sa), float(sb))
+    assert torch.equal(mma, mmb)
