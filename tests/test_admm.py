@@ -146,6 +146,15 @@ def test_penalty_gradient_is_that_of_the_augmented_term():
     assert torch.equal(params["0.bias"].grad, plain["0.bias"])
 
 
+def _square_steps(model, opt, x, steps: int, out=lambda y: y) -> None:
+    """``steps`` optimizer steps on the mean square of the model's output."""
+    for _ in range(steps):
+        loss = out(model(x)).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
 def _train(model, opt, steps, seed=0):
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(64, 12, generator=gen)
@@ -277,11 +286,7 @@ def test_tied_weights_are_blocked_once_and_stay_tied():
     assert [(g.name, g.block) for g in A.find_blocks(pair, block={"b": (2, 4)})] == [("a.weight", (2, 4))]
     opt = A.ADMM(m, torch.optim.SGD(m.parameters(), lr=0.05), block=(4, 4), prune=0.5, unify=0.25, rounds=2,
                  steps_per_round=2)
-    for _ in range(4):
-        loss = m(ids).square().mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    _square_steps(m, opt, ids, 4)
     small = A.finish(m, opt)
     torch.testing.assert_close(small.head.weight, small.emb.weight, rtol=0, atol=0)
     pm = small.emb.parametrizations.weight[0]
@@ -289,11 +294,7 @@ def test_tied_weights_are_blocked_once_and_stay_tied():
     assert small.head.parametrizations.weight.original is small.emb.parametrizations.weight.original
     # retraining keeps the structure in both uses (the head's gradient reaches the shared original)
     sgd = torch.optim.SGD(small.parameters(), lr=0.1)
-    for _ in range(3):
-        loss = small(ids).square().mean()
-        sgd.zero_grad()
-        loss.backward()
-        sgd.step()
+    _square_steps(small, sgd, ids, 3)
     b = B.blocks_of(small.head.weight.detach(), pm.group)
     assert torch.all(b[pm.state == B.PRUNED] == 0)
     torch.testing.assert_close(small.head.weight, small.emb.weight, rtol=0, atol=0)
@@ -442,11 +443,7 @@ def test_gpt2_conv1d_weights_are_blocked_output_by_input():
     ids = torch.randint(0, 40, (2, 8))
     opt = A.ADMM(m, torch.optim.SGD(m.parameters(), lr=0.01), block=(2, 8), prune=0.5, unify=0.25, rounds=2,
                  steps_per_round=1)
-    for _ in range(2):
-        loss = m(ids).logits.square().mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    _square_steps(m, opt, ids, 2, out=lambda y: y.logits)
     small = A.finish(m, opt)
     for name, w, pm in A._finished(small):
         b = B.blocks_of(w.detach(), pm.group)
@@ -484,11 +481,7 @@ def test_multihead_attention_input_projections_are_blocked(compressed):
     m.train()
     opt = A.ADMM(m, torch.optim.SGD(m.parameters(), lr=0.05), block=(4, 4), prune=0.5, unify=0.25, rounds=2,
                  steps_per_round=2)
-    for _ in range(4):
-        loss = m(x).square().mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    _square_steps(m, opt, x, 4)
     small = A.finish(m, opt)
     w = small.get_submodule(attn[0]).in_proj_weight
     pm = small.get_submodule(attn[0]).parametrizations.in_proj_weight[0]

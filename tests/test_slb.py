@@ -561,3 +561,101 @@ def test_attention_projections_are_quantised():
         ao.eval()
         with torch.no_grad():
             torch.testing.assert_close(ao(x), frozen(x), rtol=1e-5, atol=1e-5)
+
+
+def test_module_form_keeps_the_models_class_generate_and_ties():
+    """form='module': a copy of the model itself (a language model keeps generate()), the same function
+    as the graph form, the tied head and embedding one weight through quantize, freeze and torchao's
+    hand-off (Conv1D becomes the Linear it computes), activation quantisers run by pre-hooks and
+    saved in the state_dict."""
+    m, ids = _gpt2()
+    (ids,) = ids
+    q = slb.quantize(m, (ids,), bits=2, layers="all", warm_start=0.1, form="module")
+    g = slb.quantize(m, (ids,), bits=2, layers="all", warm_start=0.1)
+    assert type(q) is type(m) and type(g).__name__ == "GraphModule"
+    assert {layer.name for layer in slb.slb_layers(q)} == {layer.name for layer in slb.slb_layers(g)} - \
+        {"lm_head.weight"} | {"transformer.wte.weight"}  # the tied weight, named at its first holder
+    assert q.lm_head.parametrizations.weight.original is q.transformer.wte.parametrizations.weight.original
+    q.eval()
+    for mod in g.modules():
+        mod.training = False
+    with torch.no_grad():
+        torch.testing.assert_close(q(ids).logits, g(ids).logits, rtol=0, atol=0)
+    q.train()
+    q(ids).logits.sum().backward()
+    assert q.lm_head.parametrizations.weight.original.grad is not None  # one tensor: both uses' gradients
+    q.eval()
+    frozen = slb.freeze(q)
+    assert type(frozen) is type(m) and frozen.lm_head.weight is frozen.transformer.wte.weight
+    with torch.no_grad():
+        torch.testing.assert_close(frozen(ids).logits, q(ids).logits, rtol=0, atol=0)
+    out = frozen.generate(ids[:, :3], max_new_tokens=4, do_sample=False)
+    assert out.shape == (2, 7) and torch.equal(out, q.generate(ids[:, :3], max_new_tokens=4, do_sample=False))
+    # activation quantisers: submodules of the layers' modules (in the state_dict), run by a pre-hook
+    a = slb.quantize(m, (ids,), bits=2, layers="all", warm_start=0.1, act_bits=8, form="module")
+    assert isinstance(a.transformer.h[0].attn.c_attn.slb_act, slb.ActFakeQuant)
+    assert "transformer.h.0.attn.c_attn.slb_act.lo" in a.state_dict()
+    a.train()
+    a(ids)
+    assert float(a.transformer.h[0].attn.c_attn.slb_act.hi) > 0  # it saw the layer's input
+    b = slb.quantize(m, (ids,), bits=2, layers="all", act_bits=8, form="module")
+    b.load_state_dict(a.state_dict())
+    a.eval()
+    b.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(b(ids).logits, a(ids).logits, rtol=0, atol=0)
+    if importlib.util.find_spec("torchao") is not None:
+        fa = slb.freeze(a)
+        ao = slb.to_torchao(fa)
+        assert type(ao) is type(m) and type(ao.transformer.h[0].attn.c_attn) is nn.Linear
+        assert type(ao.transformer.h[0].attn.c_attn.weight).__name__ == "IntxUnpackedToInt8Tensor"
+        ao.eval()
+        fa.eval()
+        with torch.no_grad():
+            torch.testing.assert_close(ao(ids).logits, fa(ids).logits, rtol=1e-5, atol=1e-5)
+        assert torch.equal(ao.generate(ids[:, :3], max_new_tokens=4, do_sample=False),
+                           fa.generate(ids[:, :3], max_new_tokens=4, do_sample=False))
+
+
+def test_module_form_on_attention_and_where_it_cannot_go(caplog):
+    """nn.MultiheadAttention in the module form: its query/key/value quantised by a pre-hook (x, x, x
+    stays one tensor), the same function as the graph form. A weight its parent reads (not calling the
+    module) cannot get its input quantised by a hook: form='module' says so, 'auto' takes the graph."""
+    import logging
+
+    tv = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    vit = tv.models.VisionTransformer(image_size=16, patch_size=4, num_layers=2, num_heads=2, hidden_dim=16,
+                                      mlp_dim=32, num_classes=5)
+    x = torch.randn(3, 3, 16, 16)
+    forms = {}
+    for form in ("module", "graph"):
+        torch.manual_seed(1)
+        forms[form] = slb.quantize(vit, x, bits=2, layers="all", act_bits=8, form=form)
+        forms[form].train()
+        forms[form](x)
+        forms[form].eval()
+    q, g = forms["module"], forms["graph"]
+    assert type(q) is type(vit)
+    attn = q.encoder.layers[0].self_attention
+    assert isinstance(attn.slb_act_query, slb.ActFakeQuant) and attn._slb_act_slots[0][:2] == (0, "query")
+    with torch.no_grad():
+        torch.testing.assert_close(q(x), g(x), rtol=1e-6, atol=1e-6)
+
+    class Reader(nn.Module):  # the parent reads its child Linear's weight (torchvision's Swin attention)
+        def __init__(self):
+            super().__init__()
+            self.qkv, self.out = nn.Linear(6, 6), nn.Linear(6, 2)
+
+        def forward(self, x):
+            return self.out(torch.relu(F.linear(x, self.qkv.weight, self.qkv.bias)))
+
+    r = torch.randn(2, 6)
+    with pytest.raises(InputError, match="qkv"):
+        slb.quantize(Reader(), r, bits=2, layers="all", act_bits=8, form="module")
+    with caplog.at_level(logging.INFO, logger="otofx"):
+        auto = slb.quantize(Reader(), r, bits=2, layers="all", act_bits=8, form="auto")
+    assert type(auto).__name__ == "GraphModule" and any("graph form" in rec.getMessage() for rec in caplog.records)
+    assert type(slb.quantize(Reader(), r, bits=2, layers="all", form="auto")).__name__ == "Reader"
+    with pytest.raises(InputError, match="form"):
+        slb.quantize(Reader(), r, bits=2, form="modules")

@@ -1,6 +1,7 @@
 """SLB: Searching for Low-Bit Weights (Yang et al., NeurIPS 2020) on otofx's graph IR.
 
     q = otofx.slb.quantize(model, example_inputs, bits=2)      # new model: logits over the grid
+                                                               # (form="module": the model's own class)
     sched = otofx.slb.Schedule(q, epochs=E, calibration_loader=train_loader)
     for epoch in range(E):
         ...train q with any optimizer...

@@ -61,13 +61,16 @@ class SLBLayer:
 
 def slb_layers(model: nn.Module) -> list[SLBLayer]:
     """Every SLB-parametrised weight of ``model``."""
-    out = []
+    out, seen = [], set()
     for mname, m in model.named_modules():
         if not parametrize.is_parametrized(m):
             continue
         for attr, plist in m.parametrizations.items():
+            if id(plist.original) in seen:  # a tied weight (one original in several modules): listed once
+                continue
             for p in plist:
                 if isinstance(p, SLBWeight):
+                    seen.add(id(plist.original))
                     out.append(SLBLayer(f"{mname}.{attr}" if mname else attr, m, attr, p))
     return out
 
@@ -82,10 +85,20 @@ def _need_slb(model: nn.Module, what: str) -> list[SLBLayer]:
     return layers
 
 
+_FORMS = ("graph", "module", "auto")
+
+
 def quantize(model: nn.Module, example_inputs, bits: int = 1, layers=None, *, scale: bool | None = None,
              warm_start: float | None = None, act_bits: int | None = None, act_quant: str = "minmax",
-             frontend: str = "auto") -> torch.fx.GraphModule:
-    """A new trainable GraphModule with SLB weights (``bits`` per weight) on the selected layers.
+             frontend: str = "auto", form: str = "graph") -> nn.Module:
+    """A new trainable model with SLB weights (``bits`` per weight) on the selected layers.
+
+    ``form``: ``"graph"`` (the default) gives the captured ``torch.fx.GraphModule``; ``"module"`` a
+    copy of the model itself, its own class (a language model keeps ``generate()`` and
+    ``save_pretrained``), with the same parametrisations on its modules and the activation quantisers
+    run by forward pre-hooks; ``"auto"`` the module when every selected weight is a parameter of a
+    submodule (and, with ``act_bits``, every layer's input is its module's input), else the graph
+    (the reason is logged). ``"module"`` raises that reason. Both forms compute the same function.
 
     ``layers``: None (default) takes every Conv/Linear but the first and the last in graph order
     (the input layer and the classifier stay float, as in SLB's reference runs); ``"all"``; or a
@@ -101,13 +114,38 @@ def quantize(model: nn.Module, example_inputs, bits: int = 1, layers=None, *, sc
     in the model's training mode; eval mode uses the argmax (discrete) weights.
     """
     from otofx import pipeline
-    from otofx.passes.slb import SLBPass
+    from otofx.passes import slb as P
+    from otofx.slb.modules import ActFakeQuant, grid
 
     if not isinstance(model, nn.Module):
         raise InputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if form not in _FORMS:
+        raise InputError(f"form={form!r}: choose one of {_FORMS}")
     options = dict(scale=scale, warm_start=warm_start, act_bits=act_bits, act_quant=act_quant)
-    state = pipeline.Pipeline([pipeline.Capture(frontend), SLBPass(bits, layers, **options)]).run(model, example_inputs)
-    q = state.gm
+    if form == "graph":
+        state = pipeline.Pipeline([pipeline.Capture(frontend), P.SLBPass(bits, layers, **options)]).run(
+            model, example_inputs)
+        q = state.gm
+    else:
+        grid(bits)
+        act = None
+        if act_bits is not None:
+            ActFakeQuant(act_bits, act_quant)  # validates
+
+            def act():
+                return ActFakeQuant(act_bits, act_quant)
+        gm = pipeline.Pipeline([pipeline.Capture(frontend)]).run(model, example_inputs).gm
+        picked = P.select_layers(gm, layers)
+        why = P.module_form_blocker(model, gm, picked, act is not None)
+        if why is None:
+            q = P.parametrize_model(model, picked, P.weight_factory(bits, scale, warm_start), act)
+            log.info("otofx.slb: %d-bit SLB weights on %d layers of %s (its own class)", bits, len(picked),
+                     type(model).__name__)
+        elif form == "module":
+            raise InputError(f"otofx.slb.quantize(form='module'): {why}; use form='graph'")
+        else:
+            log.info("otofx.slb.quantize: the graph form (%s)", why)
+            q = P.slb_parametrize(gm, bits, picked, **options)
     for m in q.modules():  # NB: not q.train(): a torch.export GraphModule raises on train()/eval()
         m.training = model.training
     return q
@@ -240,17 +278,25 @@ def freeze(q: nn.Module, loader: Iterable | None = None, batches: int | None = N
     f = copy.deepcopy(q)
     if loader is not None:
         calibrate_bn(f, loader, batches)
-    frozen, by_module = {}, {}
-    for layer in slb_layers(f):
-        slb = layer.slb
-        w = slb.discrete(layer.logits).detach()
-        scale = None if slb.scale is None else slb.scale.detach().clone()
-        by_module.setdefault(id(layer.module), (layer.module, []))[1].append((layer.attr, w))
-        frozen[layer.name] = FrozenLayer(layer.name, slb.bits, scale, slb.out_dim)
+    frozen, by_module, made = {}, {}, {}
+    for mname, m in f.named_modules():
+        if not parametrize.is_parametrized(m):
+            continue
+        for attr, plist in m.parametrizations.items():
+            slb = next((p for p in plist if isinstance(p, SLBWeight)), None)
+            if slb is None:
+                continue
+            key = id(plist.original)
+            if key not in made:  # NB: a tied weight (one original in several modules) stays one tensor
+                name = f"{mname}.{attr}" if mname else attr
+                made[key] = nn.Parameter(slb.discrete(plist.original).detach(), requires_grad=False)
+                scale = None if slb.scale is None else slb.scale.detach().clone()
+                frozen[name] = FrozenLayer(name, slb.bits, scale, slb.out_dim)
+            by_module.setdefault(id(m), (m, []))[1].append((attr, made[key]))
     for module, weights in by_module.values():  # an attention module may hold three (q, k, v)
         _strip(module, [attr for attr, _ in weights])
         for attr, w in weights:
-            setattr(module, attr, nn.Parameter(w, requires_grad=False))
+            setattr(module, attr, w)
     f.otofx_slb = frozen
     log.info("otofx.slb: froze %d layers", len(layers))
     return f

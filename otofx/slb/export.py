@@ -107,14 +107,44 @@ def to_torchao(frozen: nn.Module) -> nn.Module:
             target_dtype=getattr(torch, f"int{layer.bits}"), block_size=(1, *w.shape[1:]), dtype=w.dtype,
             activation_quantization=None)
         setattr(module, attr, nn.Parameter(t, requires_grad=False))
-    transposed = {name for name, layer in info.items() if layer.out_dim == 1}
-    if transposed:
+    transposed = {name for name, layer in info.items() if layer.out_dim == 1 and name not in inside}
+    if transposed and getattr(out, "graph", None) is not None:
         _products_to_linear(out, transposed)
+    elif transposed:  # the module form: transformers' Conv1D modules become the Linear they compute
+        _conv1d_to_linear(out, transposed)
     _torchao_reads(out, set(info) - set(inside))
     out.otofx_slb = {name: dataclasses.replace(layer, out_dim=0) for name, layer in info.items()}
     # NB: GraphModule's deepcopy drops plain attributes; the transposed weights are [out, in] now
     log.info("otofx.slb: %d layers handed to torchao IntxUnpackedToInt8Tensor", len(info))
     return out
+
+
+def _conv1d_to_linear(model: nn.Module, names: set) -> None:
+    """Replace each transformers ``Conv1D`` holding one of ``names`` (its weight already the
+    transposed torchao tensor) by an ``nn.Linear``: ``addmm(b, x, W)`` is ``linear(x, W.t(), b)``."""
+    from otofx.passes.nodes import is_hf_conv1d
+
+    for name in sorted(names):
+        mod_name = name.rpartition(".")[0]
+        conv = model.get_submodule(mod_name)
+        if not is_hf_conv1d(conv):
+            raise InputError(f"otofx.slb.to_torchao: '{name}' is read as x @ W by {type(conv).__name__}, which "
+                             "cannot take torchao's tensor; quantise with form='graph' (its graph is rewritten)")
+        w = conv.weight
+        lin = nn.Linear(w.shape[1], w.shape[0], bias=conv.bias is not None, device="meta")
+        lin.weight = w
+        if conv.bias is not None:
+            lin.bias = conv.bias
+        slots = getattr(conv, "_slb_act_slots", None)
+        if slots is not None:  # the module form's activation quantisers go along (their pre-hook too)
+            from otofx.passes.slb import _quantise_inputs
+
+            for qname, q in conv.named_children():
+                lin.add_module(qname, q)
+            lin._slb_act_slots = [(pos, "input", qname) for pos, _, qname in slots]
+            lin.register_forward_pre_hook(_quantise_inputs, with_kwargs=True)
+        parent_name, _, child = mod_name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, lin)
 
 
 def _inside_attention(model: nn.Module, name: str) -> bool:
@@ -135,10 +165,7 @@ def _products_to_linear(gm: nn.Module, names: set) -> None:
     is one of ``names`` (now stored transposed, ``[out, in]``) as ``linear(x, W, b)``."""
     from otofx.passes.slb import _product
 
-    graph = getattr(gm, "graph", None)
-    if graph is None:
-        raise InputError("otofx.slb.to_torchao: weights stored [in, out] (x @ W) need the GraphModule that "
-                         "otofx.slb.freeze returned, whose graph is rewritten to linear(x, W.t())")
+    graph = gm.graph
     for node in list(graph.nodes):
         if node.op != "get_attr" or node.target not in names:
             continue

@@ -46,7 +46,7 @@ from torch.nn.utils import parametrize
 
 from otofx.errors import InputError
 from otofx.passes.modules import ATTENTION_MODULES, in_projections
-from otofx.passes.nodes import get_path
+from otofx.passes.nodes import get_path, is_hf_conv1d
 
 log = logging.getLogger("otofx")
 
@@ -279,7 +279,10 @@ def unquantisable(gm: fx.GraphModule, found: list[Layer]) -> list[str]:
 
 
 def select_layers(gm: fx.GraphModule, layers=None) -> list[Layer]:
-    """The layers ``layers`` picks (see the module docstring for ``None`` and ``"all"``)."""
+    """The layers ``layers`` picks (see the module docstring for ``None`` and ``"all"``); a list of
+    :class:`Layer` (a selection made before) is taken as it is."""
+    if isinstance(layers, (list, tuple)) and layers and all(isinstance(x, Layer) for x in layers):
+        return list(layers)
     cands = find_layers(gm)
     skipped = unquantisable(gm, cands)
     if skipped:
@@ -392,17 +395,14 @@ def slb_parametrize(gm: fx.GraphModule, bits: int, layers=None, *, scale: bool |
     random start). ``act_bits``: fake-quantise each selected layer's input (``act_quant`` "minmax"
     or "pact"); off by default.
     """
-    from otofx.slb.modules import ActFakeQuant, SLBWeight, grid
+    from otofx.slb.modules import ActFakeQuant, grid
 
     grid(bits)  # validates bits
     if not isinstance(gm, fx.GraphModule):
         raise InputError(f"slb_parametrize takes a torch.fx.GraphModule, got {type(gm).__name__}: "
                          "use otofx.slb.quantize(model, example_inputs) for a model")
 
-    def make(layer: Layer, w: torch.Tensor) -> nn.Module:
-        s = (not layer.normalised) if scale is None else bool(scale)
-        return SLBWeight(w.shape, bits, scale=s, warm_start=warm_start, out_dim=layer.out_dim).to(w.device)
-
+    make = weight_factory(bits, scale, warm_start)
     act = None
     if act_bits is not None:
         ActFakeQuant(act_bits, act_quant)  # validates before copying
@@ -413,6 +413,149 @@ def slb_parametrize(gm: fx.GraphModule, bits: int, layers=None, *, scale: bool |
     new, picked = parametrize_layers(gm, layers, make, act)
     log.info("otofx.slb: %d-bit SLB weights on %d layers (%s)", bits, len(picked), ", ".join(p.layer for p in picked))
     return new
+
+
+# -- the module form: the user's model, its own class ----------------------------------------------
+
+_ACT_NAMES = {0: "query", 1: "key", 2: "value"}
+
+
+def _quantise_inputs(module: nn.Module, args: tuple, kwargs: dict):
+    """Forward pre-hook of the module form: fake-quantise the inputs ``module._slb_act_slots`` names
+    (positions, or the keywords of an attention module's query/key/value), one quantiser each; an
+    input that is the same tensor as an earlier one (self-attention's x, x, x) reuses its result."""
+    args, done = list(args), {}
+    for pos, kw, qname in module._slb_act_slots:
+        if pos < len(args):
+            x = args[pos]
+        elif kw in kwargs:
+            x = kwargs[kw]
+        else:
+            continue
+        if not isinstance(x, torch.Tensor):
+            continue
+        y = done.get(id(x))
+        if y is None:
+            y = done[id(x)] = getattr(module, qname)(x)
+        if pos < len(args):
+            args[pos] = y
+        else:
+            kwargs[kw] = y
+    return tuple(args), kwargs
+
+
+def module_form_blocker(model: nn.Module, gm: fx.GraphModule, picked: list, act: bool) -> str | None:
+    """Why the selected layers cannot be parametrised on (a copy of) ``model`` itself, or None: each
+    weight must be a parameter of ``model`` under the graph's name, held by a submodule; with
+    activation quantisers, each layer's input must be its module's input (a Conv/Linear call, an
+    attention module's query/key/value, transformers' Conv1D)."""
+    for layer in picked:
+        if not layer.owner:
+            return f"'{layer.name}' is held by the model itself, not by a submodule"
+        try:
+            owner = model.get_submodule(layer.owner)
+        except AttributeError:
+            return f"the graph's '{layer.owner}' is not a submodule of {type(model).__name__}"
+        w = owner._parameters.get(layer.attr)
+        if not isinstance(w, nn.Parameter) or tuple(w.shape) != tuple(get_path(gm, layer.name).shape):
+            return f"'{layer.name}' is not a parameter of {type(model).__name__}'s module '{layer.owner}'"
+        if act and not _act_at_module(gm, layer, owner):
+            return f"the input of '{layer.name}' is not its module's input (activation quantisers need the graph)"
+    return None
+
+
+def _act_at_module(gm: fx.GraphModule, layer: Layer, owner: nn.Module) -> bool:
+    """Whether every op that reads ``layer``'s weight runs inside its module's own forward, on that
+    forward's input (a Conv/Linear, transformers' Conv1D, an attention module): a pre-hook on the
+    module then quantises what the graph form's quantiser would (elementwise, so before a view or a
+    zero padding alike). A weight its parent reads (torchvision's Swin ``F.linear(x, self.qkv.weight)``)
+    is not: the module's forward never runs."""
+    if layer.owner.endswith(".out_proj") and isinstance(gm.get_submodule(layer.owner.rpartition(".")[0]),
+                                                        ATTENTION_MODULES):
+        return True  # inside an attention module: no input of its own (warned)
+    if not (isinstance(owner, ATTENTION_MODULES) or is_hf_conv1d(owner) or type(owner) in _CONV_MODULES):
+        return False
+    return all(_runs_in(node, layer.owner) for node in layer.nodes)
+
+
+def _runs_in(node: fx.Node, path: str) -> bool:
+    """Whether ``node`` is a call of the module ``path``, or an op of its own forward (the innermost
+    module of its ``nn_module_stack``)."""
+    if node.op == "call_module":
+        return node.target == path
+    stack = node.meta.get("nn_module_stack") or {}
+    return bool(stack) and list(stack.values())[-1][0] == path
+
+
+def parametrize_model(model: nn.Module, picked: list, make: Callable[[Layer, torch.Tensor], nn.Module],
+                      act: Callable[[], nn.Module] | None = None) -> nn.Module:
+    """A deep copy of ``model`` (its own class) with ``make(layer, weight)`` registered on each picked
+    weight (a weight several modules hold, a tied head and embedding, gets one parametrisation and
+    one original in all of them) and, with ``act``, quantisers of the layers' inputs run by a forward
+    pre-hook on their modules."""
+    new = copy.deepcopy(model)
+    holders: dict = {}
+    for m in new.modules():
+        for attr, p in m._parameters.items():
+            if p is not None:
+                holders.setdefault(id(p), []).append((m, attr))
+    done, inside = set(), []
+    for layer in picked:
+        owner = new.get_submodule(layer.owner)
+        weight = owner._parameters[layer.attr]
+        if id(weight) in done:
+            continue
+        done.add(id(weight))
+        if not weight.is_floating_point():
+            raise InputError(f"weight '{layer.name}' has dtype {weight.dtype}; SLB needs a floating-point weight")
+        pm = make(layer, weight.detach())
+        value = weight.detach().clone()
+        first = None
+        for m, attr in holders[id(weight)]:
+            if first is not None:
+                # NB: registering set_() the shared Parameter to the logits in place (torch keeps the
+                # original's identity): the next holder registers on the float values, then takes the
+                # same original, so the tie stays (GPT-2's head and embedding)
+                m._parameters[attr] = nn.Parameter(value.clone(), requires_grad=weight.requires_grad)
+            parametrize.register_parametrization(m, attr, pm, unsafe=True)
+            if first is None:
+                first = m.parametrizations[attr].original
+            else:
+                m.parametrizations[attr].original = first
+        if act is None:
+            continue
+        if isinstance(owner, ATTENTION_MODULES):
+            slots = [(i, _ACT_NAMES[i]) for i in _ATTENTION_INPUTS[layer.attr]]
+        elif layer.owner.endswith(".out_proj"):
+            inside.append(layer.name)
+            continue
+        else:
+            slots = [(0, "input" if isinstance(owner, nn.modules.conv._ConvNd) or type(owner) is nn.Linear else "x")]
+        have = getattr(owner, "_slb_act_slots", None)
+        if have is None:
+            owner._slb_act_slots = []
+            owner.register_forward_pre_hook(_quantise_inputs, with_kwargs=True)
+        for pos, kw in slots:
+            qname = f"slb_act_{kw}" if isinstance(owner, ATTENTION_MODULES) else "slb_act"
+            if not hasattr(owner, qname):
+                owner.add_module(qname, act())
+                owner._slb_act_slots.append((pos, kw, qname))
+    if inside:
+        log.warning("otofx.slb: act_bits: the input of %s is computed inside an attention module and is not "
+                    "fake-quantised (the weights are)", ", ".join(sorted(set(inside))))
+    return new
+
+
+def weight_factory(bits: int, scale: bool | None, warm_start: float | None) -> Callable:
+    """``make(layer, weight)``: the :class:`otofx.slb.SLBWeight` of one layer (its scale by the
+    normalisation rule of the module docstring, unless ``scale`` says)."""
+    from otofx.slb.modules import SLBWeight
+
+    def make(layer: Layer, w: torch.Tensor) -> nn.Module:
+        s = (not layer.normalised) if scale is None else bool(scale)
+        return SLBWeight(w.shape, bits, scale=s, warm_start=warm_start, out_dim=layer.out_dim).to(w.device)
+
+    return make
 
 
 class SLBPass:
@@ -431,4 +574,4 @@ class SLBPass:
         return state.replace(gm=slb_parametrize(state.gm, self.bits, self.layers, **self.options))
 
 
-__all__ = ["Layer", "find_layers", "input_arg", "unquantisable", "select_layers", "parametrize_layers", "slb_parametrize", "SLBPass"]
+__all__ = ["Layer", "find_layers", "input_arg", "module_form_blocker", "parametrize_model", "weight_factory", "unquantisable", "select_layers", "parametrize_layers", "slb_parametrize", "SLBPass"]

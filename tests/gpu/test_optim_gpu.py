@@ -180,3 +180,43 @@ def test_capture_of_an_event_step_is_refused():
     with pytest.raises(otofx.OptimizerError, match="first step"):
         with torch.cuda.graph(graph):
             opt.step()
+
+
+@pytest.mark.skipif(not _compiled_triton(), reason="needs compiled Triton kernels (run with TRITON_INTERPRET=0)")
+@pytest.mark.parametrize("clock", [False, True])
+def test_controller_kernels_decide_as_the_torch_ops_on_cuda(clock):
+    """The sparsity controller's two Triton kernels (the CUDA path) against its torch ops on the same
+    CUDA rows: the same mask and epsilon; the lambda scale to rounding (torch's CUDA division by a
+    scalar multiplies by its reciprocal, the kernel divides)."""
+    import otofx.sparsity as S
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(3, 1200), nn.ReLU(), nn.Linear(1200, 900), nn.ReLU(), nn.Linear(900, 2)).to(DEV)
+    oto = otofx.OTO(m, torch.randn(2, 3, device=DEV))
+    opt = oto.dhspg(lr=0.1, target_group_sparsity=0.3, start_pruning_steps=1, pruning_steps=20)
+    for _ in range(2):
+        for p in m.parameters():
+            p.grad = torch.randn_like(p)
+        opt.step()
+    ctl = opt._control
+    g = torch.Generator().manual_seed(3)
+    xx = ((torch.randint(1, 200, (ctl.n,), generator=g) / 8.0) ** 2)
+    pick = torch.rand(ctl.n, generator=g)
+    xx[pick < 0.25] = 0.0
+    xx[(pick > 0.5) & (pick < 0.52)] = float("nan")
+    xx = xx.to(DEV)
+    red = (torch.rand(ctl.n, generator=g) < 0.7).to(DEV)
+    t = torch.tensor(9.0, dtype=torch.float64, device=DEV) if clock else 9
+    out = []
+    for fused in (False, True):
+        c = copy.deepcopy(ctl)
+        S._fused, saved = (lambda xx, n: fused), S._fused
+        try:
+            mask, scale, eps = c.decide(t, None, 0.05, red, xx=xx, step=9 if clock else None)
+        finally:
+            S._fused = saved
+        out.append((mask.cpu(), float(scale), float(eps)))
+    (ma, sa, ea), (mb, sb, eb) = out
+    assert torch.equal(ma, mb) and int(ma.sum()) > 0
+    assert ea == eb
+    assert abs(sa - sb) <= 1e-5 * abs(sa)
