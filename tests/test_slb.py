@@ -591,6 +591,13 @@ def test_module_form_keeps_the_models_class_generate_and_ties():
         torch.testing.assert_close(frozen(ids).logits, q(ids).logits, rtol=0, atol=0)
     out = frozen.generate(ids[:, :3], max_new_tokens=4, do_sample=False)
     assert out.shape == (2, 7) and torch.equal(out, q.generate(ids[:, :3], max_new_tokens=4, do_sample=False))
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:  # the frozen copy ships as the plain class
+        frozen.save_pretrained(d)
+        back = type(m).from_pretrained(d).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids).logits, frozen(ids).logits, rtol=0, atol=0)
     # activation quantisers: submodules of the layers' modules (in the state_dict), run by a pre-hook
     a = slb.quantize(m, (ids,), bits=2, layers="all", warm_start=0.1, act_bits=8, form="module")
     assert isinstance(a.transformer.h[0].attn.c_attn.slb_act, slb.ActFakeQuant)
