@@ -1,8 +1,9 @@
 """SLB on otofx: ``quantize`` (the rewrite), ``Schedule`` (temperature, hard phase, state BN), ``freeze``.
 
-``quantize(model, example_inputs, bits=b)`` captures the model with otofx's front-ends and runs
-:class:`otofx.passes.slb.SLBPass` on the graph: the result is a new trainable GraphModule whose
-selected Conv/Linear weights are SLB parametrisations (the user's model is not touched). Train it
+``quantize(model, example_inputs, bits=b)`` captures the model with otofx's front-ends, selects the
+layers on the graph (:mod:`otofx.passes.slb`) and parametrises them on a copy of the model (its own
+class) or, where that cannot be done, on the graph (:class:`otofx.passes.slb.SLBPass`): a new
+trainable model whose selected weights are SLB parametrisations (the user's model is not touched). Train it
 with any optimizer, stepping a :class:`Schedule` once per epoch; then :func:`freeze` gives a model
 with plain discrete weights, and :func:`otofx.slb.to_torchao` hands them to torchao.
 
@@ -60,18 +61,21 @@ class SLBLayer:
 
 
 def slb_layers(model: nn.Module) -> list[SLBLayer]:
-    """Every SLB-parametrised weight of ``model``."""
-    out, seen = [], set()
+    """Every SLB-parametrised weight of ``model``; a tied weight (one original in several modules)
+    once, under the name it was selected by (``SLBWeight.home``; else its first holder's)."""
+    found: dict = {}
     for mname, m in model.named_modules():
         if not parametrize.is_parametrized(m):
             continue
         for attr, plist in m.parametrizations.items():
-            if id(plist.original) in seen:  # a tied weight (one original in several modules): listed once
-                continue
             for p in plist:
                 if isinstance(p, SLBWeight):
-                    seen.add(id(plist.original))
-                    out.append(SLBLayer(f"{mname}.{attr}" if mname else attr, m, attr, p))
+                    found.setdefault(id(plist.original), []).append(
+                        SLBLayer(f"{mname}.{attr}" if mname else attr, m, attr, p))
+    out = []
+    for holders in found.values():
+        home = getattr(holders[0].slb, "home", None)
+        out.append(next((h for h in holders if h.name == home), holders[0]))
     return out
 
 
@@ -90,15 +94,15 @@ _FORMS = ("graph", "module", "auto")
 
 def quantize(model: nn.Module, example_inputs, bits: int = 1, layers=None, *, scale: bool | None = None,
              warm_start: float | None = None, act_bits: int | None = None, act_quant: str = "minmax",
-             frontend: str = "auto", form: str = "graph") -> nn.Module:
+             frontend: str = "auto", form: str = "auto") -> nn.Module:
     """A new trainable model with SLB weights (``bits`` per weight) on the selected layers.
 
-    ``form``: ``"graph"`` (the default) gives the captured ``torch.fx.GraphModule``; ``"module"`` a
-    copy of the model itself, its own class (a language model keeps ``generate()`` and
-    ``save_pretrained``), with the same parametrisations on its modules and the activation quantisers
-    run by forward pre-hooks; ``"auto"`` the module when every selected weight is a parameter of a
-    submodule (and, with ``act_bits``, every layer's input is its module's input), else the graph
-    (the reason is logged). ``"module"`` raises that reason. Both forms compute the same function.
+    ``form``: ``"module"`` gives a copy of the model itself, its own class (a language model keeps
+    ``generate()``), with the parametrisations on its modules and the activation quantisers run by
+    forward pre-hooks; ``"graph"`` the captured ``torch.fx.GraphModule``; ``"auto"`` (the default)
+    the module when every selected weight is a parameter of a submodule (and, with ``act_bits``,
+    every layer's input is its module's input), else the graph (the reason is logged). ``"module"``
+    raises that reason. Both forms compute the same function.
 
     ``layers``: None (default) takes every Conv/Linear but the first and the last in graph order
     (the input layer and the classifier stay float, as in SLB's reference runs); ``"all"``; or a
@@ -279,20 +283,17 @@ def freeze(q: nn.Module, loader: Iterable | None = None, batches: int | None = N
     if loader is not None:
         calibrate_bn(f, loader, batches)
     frozen, by_module, made = {}, {}, {}
-    for mname, m in f.named_modules():
+    for layer in slb_layers(f):  # NB: a tied weight (one original in several modules) stays one tensor
+        slb = layer.slb
+        made[id(layer.logits)] = nn.Parameter(slb.discrete(layer.logits).detach(), requires_grad=False)
+        scale = None if slb.scale is None else slb.scale.detach().clone()
+        frozen[layer.name] = FrozenLayer(layer.name, slb.bits, scale, slb.out_dim)
+    for m in f.modules():
         if not parametrize.is_parametrized(m):
             continue
         for attr, plist in m.parametrizations.items():
-            slb = next((p for p in plist if isinstance(p, SLBWeight)), None)
-            if slb is None:
-                continue
-            key = id(plist.original)
-            if key not in made:  # NB: a tied weight (one original in several modules) stays one tensor
-                name = f"{mname}.{attr}" if mname else attr
-                made[key] = nn.Parameter(slb.discrete(plist.original).detach(), requires_grad=False)
-                scale = None if slb.scale is None else slb.scale.detach().clone()
-                frozen[name] = FrozenLayer(name, slb.bits, scale, slb.out_dim)
-            by_module.setdefault(id(m), (m, []))[1].append((attr, made[key]))
+            if any(isinstance(p, SLBWeight) for p in plist):
+                by_module.setdefault(id(m), (m, []))[1].append((attr, made[id(plist.original)]))
     for module, weights in by_module.values():  # an attention module may hold three (q, k, v)
         _strip(module, [attr for attr, _ in weights])
         for attr, w in weights:

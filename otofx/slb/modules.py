@@ -78,6 +78,7 @@ class SLBWeight(nn.Module):
         self.warm_start = warm_start
         self.scale = nn.Parameter(torch.ones(self.shape[out_dim])) if scale else None
         self.force: str | None = None  # "soft" / "hard" overrides the mode (otofx.slb.weights)
+        self.home: str | None = None  # the weight's name when several modules hold it (a tied weight)
 
     @property
     def levels(self) -> int:

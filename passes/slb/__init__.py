@@ -509,9 +509,11 @@ def parametrize_model(model: nn.Module, picked: list, make: Callable[[Layer, tor
         if not weight.is_floating_point():
             raise InputError(f"weight '{layer.name}' has dtype {weight.dtype}; SLB needs a floating-point weight")
         pm = make(layer, weight.detach())
+        pm.home = layer.name  # the name it was selected by (slb_layers lists a tied weight under it)
         value = weight.detach().clone()
         first = None
-        for m, attr in holders[id(weight)]:
+        # the selected holder first (its original is the one every other holder takes)
+        for m, attr in sorted(holders[id(weight)], key=lambda h: h != (owner, layer.attr)):
             if first is not None:
                 # NB: registering set_() the shared Parameter to the logits in place (torch keeps the
                 # original's identity): the next holder registers on the float values, then takes the
