@@ -252,17 +252,22 @@ def _no_kv_cache(model: torch.nn.Module, kwargs: dict):
     # NB: the cache holds every layer's keys and values, so as a model output it would pin every
     # head; and a pruned model's cache has other shapes. ``config.use_cache`` is restored after.
     """
-    config = getattr(model, "config", None)
-    if "use_cache" in kwargs or not getattr(config, "use_cache", False):
+    # NB: every config object the model's modules hold, not only the top one: an encoder-decoder
+    # (T5) gives its decoder stack a copy of the config, which decides on the cache by itself
+    configs = {id(c): c for m in model.modules() for c in (getattr(m, "config", None),)
+               if c is not None and getattr(c, "use_cache", False) is True}
+    if "use_cache" in kwargs or not getattr(getattr(model, "config", None), "use_cache", False) or not configs:
         yield
         return
     log.info("capturing %s with config.use_cache=False (the compressed model returns no KV cache)",
              type(model).__name__)
-    config.use_cache = False
+    for c in configs.values():
+        c.use_cache = False
     try:
         yield
     finally:
-        config.use_cache = True
+        for c in configs.values():
+            c.use_cache = True
 
 
 def _inline_grad_regions(gm: fx.GraphModule) -> fx.GraphModule:

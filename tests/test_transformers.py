@@ -224,3 +224,39 @@ def test_user_model_is_not_mutated_by_hugging_face_capture():
     otofx.OTO(model, x)
     assert snapshot(model) == before and model.config.use_cache == use_cache
     assert n_params(model) > 0
+
+
+@pytest.mark.parametrize("family", ["t5", "bart"])
+def test_encoder_decoder_with_its_default_kv_cache_compresses_and_generates(family):
+    """T5 and BART as they come (``config.use_cache=True``): T5's decoder stack holds a copy of the
+    config and decides on the cache by itself, so capture turns the cache off in every config the
+    modules hold (and puts each back). The compressed model is the model's own class, exact, and
+    generates what the zeroed full model generates."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    if family == "t5":
+        cfg = transformers.T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                                    decoder_start_token_id=0)
+        m = transformers.T5ForConditionalGeneration(cfg)
+    else:
+        cfg = transformers.BartConfig(vocab_size=64, d_model=32, encoder_layers=2, decoder_layers=2,
+                                      encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64,
+                                      decoder_ffn_dim=64, max_position_embeddings=64)
+        m = transformers.BartForConditionalGeneration(cfg)
+    m = randomize(m.eval(), 0)
+    ids = torch.randint(2, 64, (2, 10), generator=torch.Generator().manual_seed(1))
+    configs = {id(mod.config): mod.config for mod in m.modules() if getattr(mod, "config", None) is not None}
+    before = {k: c.use_cache for k, c in configs.items()}
+    assert any(before.values())
+    oto = otofx.OTO(m, {"input_ids": ids, "decoder_input_ids": ids})
+    assert {k: c.use_cache for k, c in configs.items()} == before  # every config put back
+    zero_random_rows(m, oto)
+    small = oto.compress()
+    assert type(small) is type(m) and n_params(small) < n_params(m)
+    other = torch.randint(2, 64, (3, 7), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ref = m(input_ids=other, decoder_input_ids=other[:, :5]).logits
+        got = small(input_ids=other, decoder_input_ids=other[:, :5]).logits
+    assert (got - ref).abs().max() <= 1e-4 * max(1.0, ref.abs().max().item()) and ref.abs().max() > 0
+    assert torch.equal(m.generate(ids[:, :4], max_new_tokens=4, do_sample=False),
+                       small.generate(ids[:, :4], max_new_tokens=4, do_sample=False))
