@@ -1,12 +1,13 @@
 """Every Hugging Face architecture that builds from a tiny config: analysed, compressed, exact?
 
-For every class in the installed transformers' causal-LM, masked-LM, sequence-classification and
-image-classification auto-mappings, :func:`tiny_config` shrinks the family's default config (hidden
+For every class in the installed transformers' causal-LM, masked-LM, sequence-classification,
+image-classification and seq-to-seq (encoder-decoder) auto-mappings, :func:`tiny_config` shrinks the family's default config (hidden
 32, 4 heads of 8 over 2 key/value heads, 2 layers, MLP 64, vocabulary 128, 4 experts of width 16,
 images 32x32 in patches of 8; per-family overrides in ``OVERRIDES``), the class is built with random
 weights (eval mode; norm weights, biases and constant-initialised parameters randomised), and:
 
-* ``analysed``: ``otofx.OTO(model, x)`` (``x``: ``input_ids`` 2x16, or ``pixel_values`` 2x3xSxS);
+* ``analysed``: ``otofx.OTO(model, x)`` (``x``: ``input_ids`` 2x16, with ``decoder_input_ids`` 2x8 for
+  an encoder-decoder, or ``pixel_values`` 2x3xSxS);
 * head / MLP / expert rows: rows of the groups that hold attention heads (2 to ``heads`` rows of an
   attention projection, several positions each: a single row tying every head of a layer is not
   counted), fused experts (a 3-D ``experts`` parameter), and the other groups (MLP widths,
@@ -53,6 +54,7 @@ TASKS = {
     "masked-lm": "MODEL_FOR_MASKED_LM_MAPPING_NAMES",
     "seq-cls": "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES",
     "image-cls": "MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES",
+    "seq2seq-lm": "MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES",
 }
 L, B, VOCAB, HIDDEN, HEADS, KV, HEAD_DIM, LAYERS, FFN = 16, 2, 128, 32, 4, 2, 8, 2, 64
 IMAGE, PATCH = 32, 8
@@ -214,7 +216,10 @@ def example_input(task: str, cfg, seed: int = 0) -> dict:
         ch = getattr(cfg, "num_channels", 3)
         return {"pixel_values": torch.randn(B, ch, side, side, generator=g)}
     vocab = getattr(cfg, "vocab_size", VOCAB) or VOCAB
-    return {"input_ids": torch.randint(3, min(vocab, VOCAB), (B, L), generator=g)}
+    ids = torch.randint(3, min(vocab, VOCAB), (B, L), generator=g)
+    if task == "seq2seq-lm":  # an encoder-decoder: the decoder reads a shorter target prefix
+        return {"input_ids": ids, "decoder_input_ids": torch.randint(3, min(vocab, VOCAB), (B, L // 2), generator=g)}
+    return {"input_ids": ids}
 
 
 def _heads_of(cfg) -> int:
@@ -523,7 +528,7 @@ def summary(rows: list[Row], total: int | None = None) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--tasks", default=",".join(TASKS), help="comma-separated: " + ", ".join(TASKS))
+    ap.add_argument("--tasks", default=",".join(TASKS), help="comma-separated: " + ", ".join(TASKS) + " (default: all)")
     ap.add_argument("--only", default="", help="comma-separated model types (default: all)")
     ap.add_argument("--jobs", type=int, default=max(1, min(4, (os.cpu_count() or 2))))
     ap.add_argument("--timeout", type=float, default=180.0, help="seconds per class")

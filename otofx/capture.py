@@ -253,10 +253,11 @@ def _no_kv_cache(model: torch.nn.Module, kwargs: dict):
     # head; and a pruned model's cache has other shapes. ``config.use_cache`` is restored after.
     """
     # NB: every config object the model's modules hold, not only the top one: an encoder-decoder
-    # (T5) gives its decoder stack a copy of the config, which decides on the cache by itself
+    # (T5) gives its decoder stack a copy of the config, which decides on the cache by itself, and
+    # T5Gemma's decoder config says use_cache when the top one does not
     configs = {id(c): c for m in model.modules() for c in (getattr(m, "config", None),)
                if c is not None and getattr(c, "use_cache", False) is True}
-    if "use_cache" in kwargs or not getattr(getattr(model, "config", None), "use_cache", False) or not configs:
+    if "use_cache" in kwargs or not configs:
         yield
         return
     log.info("capturing %s with config.use_cache=False (the compressed model returns no KV cache)",

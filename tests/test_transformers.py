@@ -226,15 +226,16 @@ def test_user_model_is_not_mutated_by_hugging_face_capture():
     assert n_params(model) > 0
 
 
-@pytest.mark.parametrize("family", ["t5", "bart"])
+@pytest.mark.parametrize("family", ["t5", "t5-top-off", "bart"])
 def test_encoder_decoder_with_its_default_kv_cache_compresses_and_generates(family):
     """T5 and BART as they come (``config.use_cache=True``): T5's decoder stack holds a copy of the
     config and decides on the cache by itself, so capture turns the cache off in every config the
-    modules hold (and puts each back). The compressed model is the model's own class, exact, and
-    generates what the zeroed full model generates."""
+    modules hold (and puts each back), also when the top config says no cache but the decoder's
+    says one (T5Gemma's configs; "t5-top-off"). The compressed model is the model's own class,
+    exact, and generates what the zeroed full model generates."""
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
-    if family == "t5":
+    if family.startswith("t5"):
         cfg = transformers.T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
                                     decoder_start_token_id=0)
         m = transformers.T5ForConditionalGeneration(cfg)
@@ -244,6 +245,8 @@ def test_encoder_decoder_with_its_default_kv_cache_compresses_and_generates(fami
                                       decoder_ffn_dim=64, max_position_embeddings=64)
         m = transformers.BartForConditionalGeneration(cfg)
     m = randomize(m.eval(), 0)
+    if family == "t5-top-off":
+        m.config.use_cache = False  # the decoder stack's own copy still says True
     ids = torch.randint(2, 64, (2, 10), generator=torch.Generator().manual_seed(1))
     configs = {id(mod.config): mod.config for mod in m.modules() if getattr(mod, "config", None) is not None}
     before = {k: c.use_cache for k, c in configs.items()}
