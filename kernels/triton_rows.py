@@ -335,21 +335,21 @@ def _hp(layout, acc, lr, *values):
     # call; the write is stream-ordered after every kernel already queued that reads the old values
     """
     if isinstance(lr, torch.Tensor):
-        return torch.cat([lr.reshape(1).to(layout.device, acc), _slot(layout, ("triton_hp_rest", acc), values)])
-    return _slot(layout, ("triton_hp", acc), (lr, *values))
+        return torch.cat([lr.reshape(1).to(layout.device, acc), _slot(layout, acc, values)])
+    return _slot(layout, acc, (lr, *values))
 
 
-def _slot(layout: RowLayout, key, values: tuple) -> torch.Tensor:
-    """The cached device tensor holding ``values`` (see :func:`_hp`)."""
-    key = (*key, len(values))
+def _slot(layout: RowLayout, acc, values: tuple) -> torch.Tensor:
+    """The cached device tensor of dtype ``acc`` holding ``values`` (see :func:`_hp`), one per length."""
+    key = ("triton_hp", acc, len(values))
     hit = layout.cache.get(key)
     if hit is None:
-        hit = layout.cache[key] = [values, torch.tensor(values, dtype=key[1]).to(layout.device)]
+        hit = layout.cache[key] = [values, torch.tensor(values, dtype=acc).to(layout.device)]
     elif hit[0] != values:
         if hit[1].is_cuda and torch.cuda.is_current_stream_capturing():
             raise OTOError(f"a hyper-parameter changed to {values} while a CUDA graph is being captured: "
                            "change it before the warm-up steps, or pass lr as a device tensor")
-        hit[1].copy_(torch.tensor(values, dtype=key[1]), non_blocking=True)
+        hit[1].copy_(torch.tensor(values, dtype=acc), non_blocking=True)
         hit[0] = values
     return hit[1]
 
@@ -366,6 +366,12 @@ def _apply(layout, xt, dt, dtype, rowvals, count, target: int, hp, skip):
         _apply_kernel[(nb,)](xt, dt, layout.blocks, layout.numels, layout.axis_table, layout.pos_row_flat,
                              rowvals, count, target, hp, _skip(layout, skip), DT=_TL[dtype], ACC=_TL[_acc(dtype)],
                              MAXD=MAX_AXES, BLOCK=APPLY_BLOCK)
+
+
+def _bytes(mask: torch.Tensor) -> torch.Tensor:
+    """A row mask as the kernels read it: contiguous, a bool mask viewed as bytes (no copy)."""
+    mask = mask.contiguous()
+    return mask.view(torch.uint8) if mask.dtype == torch.bool else mask
 
 
 def _redundant8(layout: RowLayout, redundant: torch.Tensor) -> torch.Tensor:
@@ -419,8 +425,7 @@ def dhspg_rows(stats, redundant: torch.Tensor, cfg: DHSPGConfig, layout: RowLayo
     count = (xx == 0).sum()
     out = torch.empty((2, n), dtype=acc, device=dev)
     hp = _hp(layout, acc, cfg.lr, cfg.lmbda, cfg.lmbda_amplify, cfg.hat_lmbda_coeff, cfg.epsilon)
-    red = redundant.contiguous()
-    red = red.view(torch.uint8) if red.dtype == torch.bool else red
+    red = _bytes(redundant)
     if n:
         _rule_kernel[(triton.cdiv(n, RULE_BLOCK),)](
             sums, n, red, count, int(cfg.target_rows), hp,
@@ -444,8 +449,7 @@ def controller_rows(xx: torch.Tensor, redundant: torch.Tensor, t, start: int, bu
 
     n, dev = xx.numel(), xx.device
     xx = xx.contiguous()
-    red = redundant.contiguous()
-    red = red.view(torch.uint8) if red.dtype == torch.bool else red
+    red = _bytes(redundant)
     count = torch.zeros((), dtype=torch.int32, device=dev)
     key = torch.empty_like(xx)
     grid = (triton.cdiv(n, CONTROL_BLOCK),)
