@@ -528,6 +528,17 @@ ATTENTION_MODULES = (nn.MultiheadAttention, PrunedMultiheadAttention)
 IN_PROJECTIONS = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
 
 
+def attention_reader(root: nn.Module, path: str) -> nn.Module | None:
+    """The attention module that reads the weights of the module at ``path`` itself (that module, or
+    the one whose ``out_proj`` it is), or None."""
+    mod = root.get_submodule(path) if path else root
+    if isinstance(mod, ATTENTION_MODULES):
+        return mod
+    parent, _, child = path.rpartition(".")
+    holder = root.get_submodule(parent) if parent else root
+    return holder if child == "out_proj" and isinstance(holder, ATTENTION_MODULES) else None
+
+
 def in_projections(m: nn.Module) -> list:
     """``[(attribute, tensor)]``: the input projection weights an attention module holds (packed
     ``in_proj_weight``, or the three separate ones)."""

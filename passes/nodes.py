@@ -7,7 +7,8 @@ and front-end uses it); ``set_path`` puts one there. ``call_arguments(node, root
 arguments by the names of its op's rule, the same for every front-end's spelling of the op
 (module call, torch function, ATen overload); ``constant(root, value)`` resolves one of them that
 is known without running the graph (a parameter, a buffer, a flag, a literal). ``is_hf_conv1d``:
-Hugging Face's ``Conv1D``, a Linear that stores its weight transposed.
+Hugging Face's ``Conv1D``, a Linear that stores its weight transposed. ``parameter_holders(root)``:
+every module and attribute each parameter is registered under (tied weights have several).
 
 Internals:
     * In-place is read off the spelling: a method or function whose name ends in one ``_``
@@ -66,6 +67,17 @@ def is_hf_conv1d(module: torch.nn.Module) -> bool:
     """Whether ``module`` is a Hugging Face ``Conv1D`` (or a subclass), matched by qualified name
     along the MRO so that transformers is never imported here."""
     return any(f"{c.__module__}.{c.__qualname__}" == HF_CONV1D for c in type(module).__mro__)
+
+
+def parameter_holders(root: torch.nn.Module) -> dict:
+    """``{id(parameter): [(module, attribute), ...]}``: every place a parameter is registered (a tied
+    weight, a language model's head and its embedding, has several)."""
+    out: dict = {}
+    for m in root.modules():
+        for attr, p in m._parameters.items():
+            if p is not None:
+                out.setdefault(id(p), []).append((m, attr))
+    return out
 
 
 def get_path(root: torch.nn.Module, name: str):

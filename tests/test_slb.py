@@ -625,6 +625,20 @@ def test_module_form_keeps_the_models_class_generate_and_ties():
                            fa.generate(ids[:, :3], max_new_tokens=4, do_sample=False))
 
 
+def _both_forms(model, x):
+    """The module and the graph form of ``model`` (2 bits, every layer, 8-bit activations) from the
+    same random start, after one training batch (the activation ranges), in eval mode."""
+    out = []
+    for form in ("module", "graph"):
+        torch.manual_seed(1)
+        q = slb.quantize(model, x, bits=2, layers="all", act_bits=8, form=form)
+        q.train()
+        q(x)
+        q.eval()
+        out.append(q)
+    return out
+
+
 def test_module_form_on_attention_and_where_it_cannot_go(caplog):
     """nn.MultiheadAttention in the module form: its query/key/value quantised by a pre-hook (x, x, x
     stays one tensor), the same function as the graph form. A weight its parent reads (not calling the
@@ -636,14 +650,7 @@ def test_module_form_on_attention_and_where_it_cannot_go(caplog):
     vit = tv.models.VisionTransformer(image_size=16, patch_size=4, num_layers=2, num_heads=2, hidden_dim=16,
                                       mlp_dim=32, num_classes=5)
     x = torch.randn(3, 3, 16, 16)
-    forms = {}
-    for form in ("module", "graph"):
-        torch.manual_seed(1)
-        forms[form] = slb.quantize(vit, x, bits=2, layers="all", act_bits=8, form=form)
-        forms[form].train()
-        forms[form](x)
-        forms[form].eval()
-    q, g = forms["module"], forms["graph"]
+    q, g = _both_forms(vit, x)
     assert type(q) is type(vit)
     attn = q.encoder.layers[0].self_attention
     assert isinstance(attn.slb_act_query, slb.ActFakeQuant) and attn._slb_act_slots[0][:2] == (0, "query")
@@ -667,3 +674,32 @@ def test_module_form_on_attention_and_where_it_cannot_go(caplog):
     assert type(slb.quantize(Reader(), r, bits=2, layers="all", form="auto")).__name__ == "Reader"
     with pytest.raises(InputError, match="form"):
         slb.quantize(Reader(), r, bits=2, form="modules")
+
+
+def test_module_form_quantises_an_out_proj_that_its_parent_calls():
+    """A Linear named ``out_proj`` under a module that calls it (OPT's and BART's attention, not
+    nn.MultiheadAttention) is an ordinary layer: its input gets a quantiser in the module form, as in
+    the graph form, and the two forms compute the same function."""
+
+    class Attn(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q, self.out_proj = nn.Linear(6, 6), nn.Linear(6, 6)
+
+        def forward(self, x):
+            return self.out_proj(torch.tanh(self.q(x)))
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp, self.attn, self.head = nn.Linear(4, 6), Attn(), nn.Linear(6, 3)
+
+        def forward(self, x):
+            return self.head(self.attn(self.inp(x)))
+
+    torch.manual_seed(0)
+    m, x = Net(), torch.randn(5, 4)
+    q, g = _both_forms(m, x)
+    assert isinstance(q.attn.out_proj.slb_act, slb.ActFakeQuant)
+    with torch.no_grad():
+        torch.testing.assert_close(q(x), g(x), rtol=0, atol=0)

@@ -57,6 +57,8 @@ from torch.nn.utils import parametrize
 from otofx.errors import InputError, OTOError
 from otofx.passes.admm import blocks as B
 from otofx.passes.admm.blocks import FREE, PRUNED, UNIFIED, BlockGroup, BlockSet, find_blocks, project
+from otofx.passes.modules import attention_reader
+from otofx.passes.nodes import parameter_holders
 
 log = logging.getLogger("otofx")
 
@@ -266,7 +268,7 @@ def finish(model: nn.Module, opt: ADMM | BlockHESSO | None = None, *, block=(4, 
     blocks = blocks or find_blocks(model, block, layers)
     new = copy.deepcopy(model)
     params = dict(new.named_parameters())
-    holders = _holders(new)
+    holders = parameter_holders(new)
     for g in blocks:
         if g.name not in params:
             raise InputError(f"block group '{g.name}' names no parameter of the model")
@@ -282,17 +284,6 @@ def finish(model: nn.Module, opt: ADMM | BlockHESSO | None = None, *, block=(4, 
         for module, attr in holders[id(params[g.name])]:
             parametrize.register_parametrization(module, attr, pm)
     return new
-
-
-def _holders(model: nn.Module) -> dict:
-    """``{id(parameter): [(module, attribute), ...]}``: every place a parameter is registered (a tied
-    weight has several)."""
-    out: dict = {}
-    for m in model.modules():
-        for attr, p in m._parameters.items():
-            if p is not None:
-                out.setdefault(id(p), []).append((m, attr))
-    return out
 
 
 def plain(model: nn.Module) -> nn.Module:
@@ -479,18 +470,18 @@ def to_bsr(model: nn.Module) -> tuple[nn.Module, list]:
         mod_name, _, attr = name.rpartition(".")
         m = new.get_submodule(mod_name)
         g = groups[name]
-        parent_name, _, child = mod_name.rpartition(".")
-        parent = new.get_submodule(parent_name) if parent_name else new
         # NB: an attention module reads its out_proj's weight itself (it never calls the Linear)
         # NB: MKL (torch's CPU BSR product) takes square blocks only
         if (type(m) is not nn.Linear or attr != "weight" or g.rows % g.block[0] or g.cols % g.block[1]
-                or isinstance(parent, B.ATTENTION) or (m.weight.device.type == "cpu" and g.block[0] != g.block[1])):
+                or attention_reader(new, mod_name) is not None
+                or (m.weight.device.type == "cpu" and g.block[0] != g.block[1])):
             kept.append(name)
             continue
         with torch.no_grad(), warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Sparse BSR tensor support is in beta")
             w = m.weight.detach().to_sparse_bsr(g.block)
-        setattr(parent, child, BSRLinear(w, m.bias, mod_name))
+        parent_name, _, child = mod_name.rpartition(".")
+        setattr(new.get_submodule(parent_name) if parent_name else new, child, BSRLinear(w, m.bias, mod_name))
         converted.append(name)
     if kept:
         log.info("to_bsr: kept dense (not a Linear called as a module, blocks that do not divide the weight, or "

@@ -119,7 +119,7 @@ def quantize(model: nn.Module, example_inputs, bits: int = 1, layers=None, *, sc
     """
     from otofx import pipeline
     from otofx.passes import slb as P
-    from otofx.slb.modules import ActFakeQuant, grid
+    from otofx.slb.modules import grid
 
     if not isinstance(model, nn.Module):
         raise InputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -132,12 +132,7 @@ def quantize(model: nn.Module, example_inputs, bits: int = 1, layers=None, *, sc
         q = state.gm
     else:
         grid(bits)
-        act = None
-        if act_bits is not None:
-            ActFakeQuant(act_bits, act_quant)  # validates
-
-            def act():
-                return ActFakeQuant(act_bits, act_quant)
+        act = P.act_factory(act_bits, act_quant)
         gm = pipeline.Pipeline([pipeline.Capture(frontend)]).run(model, example_inputs).gm
         picked = P.select_layers(gm, layers)
         why = P.module_form_blocker(model, gm, picked, act is not None)

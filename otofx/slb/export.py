@@ -150,14 +150,9 @@ def _conv1d_to_linear(model: nn.Module, names: set) -> None:
 def _inside_attention(model: nn.Module, name: str) -> bool:
     """Whether the weight ``name`` is one an attention module reads itself (its input projections,
     or its ``out_proj``'s weight)."""
-    from otofx.passes.modules import ATTENTION_MODULES
+    from otofx.passes.modules import attention_reader
 
-    owner = name.rpartition(".")[0]
-    module = model.get_submodule(owner) if owner else model
-    if isinstance(module, ATTENTION_MODULES):
-        return True
-    parent, _, child = owner.rpartition(".")
-    return child == "out_proj" and isinstance(model.get_submodule(parent) if parent else model, ATTENTION_MODULES)
+    return attention_reader(model, name.rpartition(".")[0]) is not None
 
 
 def _products_to_linear(gm: nn.Module, names: set) -> None:

@@ -45,8 +45,8 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from otofx.errors import InputError
-from otofx.passes.modules import ATTENTION_MODULES, in_projections
-from otofx.passes.nodes import get_path, is_hf_conv1d
+from otofx.passes.modules import ATTENTION_MODULES, attention_reader, in_projections
+from otofx.passes.nodes import get_path, is_hf_conv1d, parameter_holders
 
 log = logging.getLogger("otofx")
 
@@ -351,9 +351,7 @@ def parametrize_layers(gm: fx.GraphModule, layers, make: Callable[[Layer, torch.
                         node.update_arg(i, made[src])
                     else:
                         node.update_kwarg(kw, made[src])
-        if inside:
-            log.warning("otofx.slb: act_bits: the input of %s is computed inside an attention module and is not "
-                        "fake-quantised (the weights are)", ", ".join(sorted(set(inside))))
+        _warn_inside(inside)
         new.graph.lint()
         new.recompile()
     return new, picked
@@ -395,30 +393,20 @@ def slb_parametrize(gm: fx.GraphModule, bits: int, layers=None, *, scale: bool |
     random start). ``act_bits``: fake-quantise each selected layer's input (``act_quant`` "minmax"
     or "pact"); off by default.
     """
-    from otofx.slb.modules import ActFakeQuant, grid
+    from otofx.slb.modules import grid
 
     grid(bits)  # validates bits
     if not isinstance(gm, fx.GraphModule):
         raise InputError(f"slb_parametrize takes a torch.fx.GraphModule, got {type(gm).__name__}: "
                          "use otofx.slb.quantize(model, example_inputs) for a model")
 
-    make = weight_factory(bits, scale, warm_start)
-    act = None
-    if act_bits is not None:
-        ActFakeQuant(act_bits, act_quant)  # validates before copying
-
-        def act():
-            return ActFakeQuant(act_bits, act_quant)
-
-    new, picked = parametrize_layers(gm, layers, make, act)
+    new, picked = parametrize_layers(gm, layers, weight_factory(bits, scale, warm_start),
+                                     act_factory(act_bits, act_quant))
     log.info("otofx.slb: %d-bit SLB weights on %d layers (%s)", bits, len(picked), ", ".join(p.layer for p in picked))
     return new
 
 
 # -- the module form: the user's model, its own class ----------------------------------------------
-
-_ACT_NAMES = {0: "query", 1: "key", 2: "value"}
-
 
 def _quantise_inputs(module: nn.Module, args: tuple, kwargs: dict):
     """Forward pre-hook of the module form: fake-quantise the inputs ``module._slb_act_slots`` names
@@ -470,9 +458,9 @@ def _act_at_module(gm: fx.GraphModule, layer: Layer, owner: nn.Module) -> bool:
     module then quantises what the graph form's quantiser would (elementwise, so before a view or a
     zero padding alike). A weight its parent reads (torchvision's Swin ``F.linear(x, self.qkv.weight)``)
     is not: the module's forward never runs."""
-    if layer.owner.endswith(".out_proj") and isinstance(gm.get_submodule(layer.owner.rpartition(".")[0]),
-                                                        ATTENTION_MODULES):
-        return True  # inside an attention module: no input of its own (warned)
+    reader = attention_reader(gm, layer.owner)
+    if reader is not None and reader is not gm.get_submodule(layer.owner):
+        return True  # an attention module's out_proj: no input of its own (warned)
     if not (isinstance(owner, ATTENTION_MODULES) or is_hf_conv1d(owner) or type(owner) in _CONV_MODULES):
         return False
     return all(_runs_in(node, layer.owner) for node in layer.nodes)
@@ -494,11 +482,7 @@ def parametrize_model(model: nn.Module, picked: list, make: Callable[[Layer, tor
     one original in all of them) and, with ``act``, quantisers of the layers' inputs run by a forward
     pre-hook on their modules."""
     new = copy.deepcopy(model)
-    holders: dict = {}
-    for m in new.modules():
-        for attr, p in m._parameters.items():
-            if p is not None:
-                holders.setdefault(id(p), []).append((m, attr))
+    holders = parameter_holders(new)
     done, inside = set(), []
     for layer in picked:
         owner = new.get_submodule(layer.owner)
@@ -527,14 +511,13 @@ def parametrize_model(model: nn.Module, picked: list, make: Callable[[Layer, tor
         if act is None:
             continue
         if isinstance(owner, ATTENTION_MODULES):
-            slots = [(i, _ACT_NAMES[i]) for i in _ATTENTION_INPUTS[layer.attr]]
-        elif layer.owner.endswith(".out_proj"):
+            slots = [(i, _ATTENTION_ARGS[i]) for i in _ATTENTION_INPUTS[layer.attr]]
+        elif attention_reader(new, layer.owner) is not None:  # an attention module's out_proj
             inside.append(layer.name)
             continue
         else:
             slots = [(0, "input" if isinstance(owner, nn.modules.conv._ConvNd) or type(owner) is nn.Linear else "x")]
-        have = getattr(owner, "_slb_act_slots", None)
-        if have is None:
+        if not hasattr(owner, "_slb_act_slots"):
             owner._slb_act_slots = []
             owner.register_forward_pre_hook(_quantise_inputs, with_kwargs=True)
         for pos, kw in slots:
@@ -542,10 +525,29 @@ def parametrize_model(model: nn.Module, picked: list, make: Callable[[Layer, tor
             if not hasattr(owner, qname):
                 owner.add_module(qname, act())
                 owner._slb_act_slots.append((pos, kw, qname))
-    if inside:
-        log.warning("otofx.slb: act_bits: the input of %s is computed inside an attention module and is not "
-                    "fake-quantised (the weights are)", ", ".join(sorted(set(inside))))
+    _warn_inside(inside)
     return new
+
+
+def _warn_inside(names: list) -> None:
+    if names:
+        log.warning("otofx.slb: act_bits: the input of %s is computed inside an attention module and is not "
+                    "fake-quantised (the weights are)", ", ".join(sorted(set(names))))
+
+
+def act_factory(act_bits: int | None, act_quant: str) -> Callable[[], nn.Module] | None:
+    """A maker of activation quantisers (:class:`otofx.slb.ActFakeQuant`), or None without
+    ``act_bits``; the arguments are checked here, before any copy is made."""
+    from otofx.slb.modules import ActFakeQuant
+
+    if act_bits is None:
+        return None
+    ActFakeQuant(act_bits, act_quant)  # validates
+
+    def act() -> nn.Module:
+        return ActFakeQuant(act_bits, act_quant)
+
+    return act
 
 
 def weight_factory(bits: int, scale: bool | None, warm_start: float | None) -> Callable:
@@ -576,4 +578,4 @@ class SLBPass:
         return state.replace(gm=slb_parametrize(state.gm, self.bits, self.layers, **self.options))
 
 
-__all__ = ["Layer", "find_layers", "input_arg", "module_form_blocker", "parametrize_model", "weight_factory", "unquantisable", "select_layers", "parametrize_layers", "slb_parametrize", "SLBPass"]
+__all__ = ["Layer", "find_layers", "input_arg", "module_form_blocker", "parametrize_model", "weight_factory", "act_factory", "unquantisable", "select_layers", "parametrize_layers", "slb_parametrize", "SLBPass"]
