@@ -72,7 +72,7 @@ SIZES = {
     "num_key_value_heads": KV, "num_kv_heads": KV, "n_kv_heads": KV, "multi_query_group_num": KV,
     "head_dim": HEAD_DIM, "d_kv": HEAD_DIM, "kv_channels": HEAD_DIM, "attention_head_size": HEAD_DIM,
     "qk_nope_head_dim": HEAD_DIM, "qk_rope_head_dim": HEAD_DIM, "v_head_dim": HEAD_DIM,
-    "q_lora_rank": 16, "kv_lora_rank": 16, "qk_head_dim": 2 * HEAD_DIM,
+    "q_lora_rank": 16, "kv_lora_rank": 16, "qk_head_dim": 2 * HEAD_DIM, "rotary_dim": HEAD_DIM // 2,
     # depth
     "num_hidden_layers": LAYERS, "n_layer": LAYERS, "n_layers": LAYERS, "num_layers": LAYERS,
     "encoder_layers": LAYERS, "decoder_layers": LAYERS, "num_decoder_layers": LAYERS,
@@ -110,7 +110,18 @@ OVERRIDES = {
     "swiftformer": {"image_size": 64},
     "hrm_text": {"num_layers_per_stack": 1, "H_cycles": 1, "L_cycles": 1, "L_bp_cycles": [1]},
     "jamba": {"attn_layer_period": 2, "attn_layer_offset": 1, "expert_layer_period": 2, "expert_layer_offset": 1},
+    "gpt_neo": {"attention_types": [[["global", "local"], 1]]},
+    "mamba2": {"num_heads": 2 * HIDDEN // HEAD_DIM, "n_groups": 1},
+    "convnext": {"image_size": 64},
+    "convnextv2": {"image_size": 64},
 }
+# multi-head latent attention (DeepSeek V2/V3 and their descendants) has as many key/value heads as heads
+for _mla in ("deepseek_v2", "deepseek_v3", "deepseek_v32", "glm4_moe_lite", "glm_moe_dsa", "minicpm3",
+             "longcat_flash", "youtu", "axk1", "axk2", "kimi_linear", "mistral4", "sarvam_mla"):
+    OVERRIDES.setdefault(_mla, {})["num_key_value_heads"] = HEADS
+OVERRIDES["deepseek_v2"]["num_experts_per_tok"] = 2
+# sizes set even where the family's default is None ("derive it"): the tiny value is the derived one
+DERIVED = ("head_dim", "num_key_value_heads")
 # families whose heads stay pinned for a reason the pins alone do not say (diagnosed by hand)
 NOTES = {
     "diffllama": "differential attention pairs head h with head h + H/2 and GQA groups the query heads over the "
@@ -163,14 +174,22 @@ def _shrink_list(v):
 
 
 def _tiny_kwargs(have: dict) -> dict:
-    return {k: v for k, v in SIZES.items() if k in have and have[k] is not None and not isinstance(have[k], (list, dict))}
+    return {k: v for k, v in SIZES.items()
+            if k in have and (have[k] is not None or k in DERIVED) and not isinstance(have[k], (list, dict))}
 
 
-def tiny_config(model_type: str):
-    """The family's config with every known size attribute set small (``SIZES``, ``OVERRIDES``)."""
+def tiny_config(model_type: str, cls_name: str | None = None):
+    """The family's config with every known size attribute set small (``SIZES``, ``OVERRIDES``).
+
+    With ``cls_name``, the config class that model class takes (a text-only class of a multi-modal
+    family, as ``Llama4ForCausalLM``, takes the text config, not the family's)."""
+    import transformers
     from transformers import CONFIG_MAPPING
 
     cls = CONFIG_MAPPING[model_type]
+    own = getattr(getattr(transformers, cls_name, None), "config_class", None) if cls_name else None
+    if isinstance(own, type) and own is not cls and getattr(own, "model_type", None):
+        cls = own
     default = cls()
     have = default.to_dict()
     kw = _tiny_kwargs(have)
@@ -217,6 +236,9 @@ def example_input(task: str, cfg, seed: int = 0) -> dict:
         return {"pixel_values": torch.randn(B, ch, side, side, generator=g)}
     vocab = getattr(cfg, "vocab_size", VOCAB) or VOCAB
     ids = torch.randint(3, min(vocab, VOCAB), (B, L), generator=g)
+    eos = getattr(cfg, "eos_token_id", None)
+    if task == "seq-cls" and getattr(cfg, "is_encoder_decoder", False) and isinstance(eos, int):
+        ids[:, -1] = eos  # BART-style classifiers read the hidden state at each example's <eos>
     if task == "seq2seq-lm":  # an encoder-decoder: the decoder reads a shorter target prefix
         return {"input_ids": ids, "decoder_input_ids": torch.randint(3, min(vocab, VOCAB), (B, L // 2), generator=g)}
     return {"input_ids": ids}
@@ -368,7 +390,7 @@ def run_one(task: str, model_type: str, cls_name: str, peers: bool = True) -> Ro
     row = Row(task, model_type, cls_name)
     t0 = time.perf_counter()
     try:
-        cfg = tiny_config(model_type)
+        cfg = tiny_config(model_type, cls_name)
         model = getattr(transformers, cls_name)(cfg).eval()
         _randomize(model)
         x = example_input(task, cfg)

@@ -59,6 +59,7 @@ from otofx.errors import CaptureError, InputError, ShapeError
 from otofx import fxcompat
 from otofx.fxcompat import LazyGraphModule as _LazyGraphModule
 from otofx.passes.registry import FUNCTION_FORMS, MODULE_FORMS
+from otofx.passes.functionalize import functionalize_slice_writes
 
 log = logging.getLogger("otofx")
 
@@ -523,7 +524,7 @@ def _spatial_capture(model, inputs, training: bool, budget: float, args, kwargs)
     if _static_image_dims(ep, inputs):
         return None, "torch.export keeps the image sizes static (the model fixes them)"
     gm = _finish(ep, model, training)
-    more = second_inputs(ep, args, kwargs)
+    more = second_inputs(ep, args, kwargs, gm)
     if more is None:
         return None, "no second image size can be formed"
     try:
@@ -634,12 +635,13 @@ def _example_dims(ep) -> list:
     return out
 
 
-def second_inputs(ep, args: tuple, kwargs: dict):
+def second_inputs(ep, args: tuple, kwargs: dict, gm: fx.GraphModule | None = None):
     """Example inputs of another shape along every dimension ``ep`` made dynamic, or None.
 
     Every free symbol of the input sizes takes its value in ``args``/``kwargs`` plus one (minus
     one when that leaves export's range), an image size (:func:`_is_image`) twice its value (strides
-    and windows keep dividing it); each size expression is evaluated with those values.
+    and windows keep dividing it); each size expression is evaluated with those values. With ``gm``,
+    the inputs must pass its guards, or the next step of ``_STEPS`` (2, 3, 4...) is tried instead.
     Inputs are the examples tiled (indices wrap) to the new sizes, so token ids and masks stay
     valid and floats stay non-trivial. Returns ``(args, kwargs)``.
     """
@@ -664,18 +666,30 @@ def second_inputs(ep, args: tuple, kwargs: dict):
                     image.add(e)
     if not symbols:
         return None
+    for step in _STEPS:
+        got = _inputs_at(ep, symbols, image, step, flat, dims, tensors, spec)
+        if got is not None and _pass_guards(gm, got):
+            return got
+    return None
+
+
+# NB: a size can be tied to others by a relation export records as a guard, not as a range (DeepSeek
+# V4 compresses the sequence in blocks of 4: 16 * L == 64 * (L // 4)); the first of these steps whose
+# inputs pass the graph's guards is taken
+_STEPS = (1, 2, 3, 4, 8, 16)
+
+
+def _inputs_at(ep, symbols: dict, image: set, step: int, flat: list, dims: list, tensors: list, spec):
     new = {}
     for s, v in symbols.items():
         r = ep.range_constraints.get(s)
         up = r.upper if r is not None else None
-        step = v if s in image else 1
-        new[s] = v + step if up is None or bool(v + step <= up) else max(v - 1, 1)
+        d = v if s in image else step
+        new[s] = v + d if up is None or bool(v + d <= up) else max(v - d, 1)
     out = list(flat)
     for i in tensors:
-        d = dims[i]
-        t = flat[i]
         sizes = []
-        for e in d:
+        for e in dims[i]:
             if isinstance(e, int):
                 sizes.append(e)
                 continue
@@ -683,9 +697,26 @@ def second_inputs(ep, args: tuple, kwargs: dict):
                 sizes.append(int(e.subs(new)))
             except (TypeError, ValueError):
                 return None
-        out[i] = tile_to(t, sizes)
+        out[i] = tile_to(flat[i], sizes)
     a, k = tree_unflatten(out, spec)
     return tuple(a), dict(k)
+
+
+def _pass_guards(gm: fx.GraphModule | None, inputs) -> bool:
+    """Whether ``inputs`` (args, kwargs) pass ``gm``'s input guards (True without a graph or guards)."""
+    guards, call = fxcompat.export_guards(gm) if gm is not None else (None, None)
+    if guards is None or call is None:
+        return True
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    flat = tree_flatten(inputs)[0]
+    if len(flat) != len(placeholders):
+        return True
+    env = dict(zip(placeholders, flat))
+    try:
+        guards(*[env.get(a, a) for a in call.args])
+    except (AssertionError, ShapeError):
+        return False
+    return True
 
 
 def tile_to(t: torch.Tensor, sizes) -> torch.Tensor:
@@ -740,7 +771,7 @@ def export_captured(model: torch.nn.Module, args: tuple, kwargs: dict) -> Captur
                          "when the model's own class cannot be re-sized) accepts image size %s only; the model's "
                          "own class accepts any size the model does", type(model).__name__, why,
                          ", ".join("x".join(map(str, s)) for s in sizes))
-    more = second_inputs(ep, args, kwargs)
+    more = second_inputs(ep, args, kwargs, gm)
     dyn = [f"input {i} dims {', '.join(str(k) for k, e in enumerate(d) if not isinstance(e, int))}"
            for i, d in enumerate(_example_dims(ep)) if d is not None and not all(isinstance(e, int) for e in d)]
     log.info("%s exported with %s", type(model).__name__, f"dynamic {'; '.join(dyn)}" if dyn else "static shapes")
@@ -803,6 +834,7 @@ def _readable_guards(gm: fx.GraphModule, ep) -> None:
 
 def _finish(ep, model, captured_training: bool) -> fx.GraphModule:
     gm = _inline_grad_regions(ep.module())
+    functionalize_slice_writes(gm)
     _readable_guards(gm, ep)
     _follow_mode(gm, model, captured_training)
     # NB: export keeps values nothing reads (nn.MultiheadAttention's head-averaged weights when

@@ -13,7 +13,8 @@ every module and attribute each parameter is registered under (tied weights have
 Internals:
     * In-place is read off the spelling: a method or function whose name ends in one ``_``
       (``x.add_``, ``torch.relu_``), the augmented operators (``+=``...), ``operator.setitem``,
-      an ``inplace=True`` argument, or a module whose ``inplace`` attribute is True.
+      an ``inplace=True`` argument, or a module whose ``inplace`` attribute is True. An ATen
+      overload (``aten.add_.Tensor``) is read off its schema: its first argument is written.
 """
 from __future__ import annotations
 
@@ -44,6 +45,10 @@ def mutates_input(node: fx.Node, module: torch.nn.Module | None = None) -> bool:
     if node.op == "call_method":
         return _inplace_name(node.target)
     if node.op == "call_function":
+        schema = getattr(node.target, "_schema", None)
+        if isinstance(schema, torch._C.FunctionSchema):  # an ATen overload (``aten.add_.Tensor``) says so itself
+            first = schema.arguments[0].alias_info if schema.arguments else None
+            return bool(first is not None and first.is_write)
         return node.target in _WRITES_FIRST or _inplace_name(getattr(node.target, "__name__", ""))
     if node.op == "call_module":
         if module is None:

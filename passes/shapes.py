@@ -10,12 +10,16 @@ Internals:
     Conv and Linear shapes by formula, broadcasting arithmetic, concatenation, adaptive pooling,
     and ops that keep their input's shape (activations, norms). Each fast path gives the layout torch would
     (strides matter to later views) or falls back to running the op.
-    Values that are not tensors (sizes, tuples) are stored as they are. A node whose meta run
-    fails is re-run on real tensors built from the example inputs only when ``real_fallback`` is
-    given; otherwise a ShapePropError names the node.
+    Values that are not tensors (sizes, tuples) are stored as they are. When the meta run fails
+    at an op that needs values (``.item()``, ``unique_consecutive``: a check on the input's
+    contents, a count read back to size an output), the graph is run once on the real example
+    inputs and weights instead (:class:`RealProp`, buffers read as copies: the model is not
+    changed); a model on the meta device, or a failure there too, gives a ShapePropError that
+    names the node of the meta run.
 """
 from __future__ import annotations
 
+import logging
 import operator
 from typing import Any
 
@@ -33,6 +37,7 @@ class ShapePropError(OTOError):
     pass
 
 
+log = logging.getLogger(__name__)
 _META = torch.device("meta")
 
 
@@ -167,6 +172,36 @@ class MetaProp(fx.Interpreter):
         if fast is not None:
             return fast
         state = {k: _meta(v) for k, v in list(mod.named_parameters()) + list(mod.named_buffers())}
+        return functional_call(mod, state, tuple(args), dict(kwargs), tie_weights=False, strict=False)
+
+
+class RealProp(fx.Interpreter):
+    """Records ``node.meta['val']`` (meta copies) from a run on the real inputs and weights.
+
+    # NB: buffers are read as copies, so a batch norm in training mode or any in-place update of
+    # a buffer leaves the model's own buffers as they were
+    """
+
+    def __init__(self, gm: fx.GraphModule):
+        super().__init__(gm)
+        self._params = {id(p) for p in gm.parameters()}
+
+    def run(self, *args, **kwargs):
+        with torch.no_grad():
+            return super().run(*args, **kwargs)
+
+    def run_node(self, n: fx.Node) -> Any:
+        out = super().run_node(n)
+        n.meta["val"] = meta_like(out)
+        return out
+
+    def get_attr(self, target, args, kwargs):
+        v = super().get_attr(target, args, kwargs)
+        return v.clone() if isinstance(v, torch.Tensor) and id(v) not in self._params else v
+
+    def call_module(self, target, args, kwargs):
+        mod = self.submodules[target] if target in self.submodules else self.fetch_attr(target)
+        state = {k: v.clone() for k, v in mod.named_buffers()}
         return functional_call(mod, state, tuple(args), dict(kwargs), tie_weights=False, strict=False)
 
 
@@ -402,5 +437,21 @@ def annotate_shapes(gm: fx.GraphModule, args: tuple, kwargs: dict | None = None)
             flat.append(n.args[0])
         else:
             raise ShapePropError(f"no example value for input '{n.target}': pass it in example_inputs")
-    MetaProp(gm).run(*meta_like(tuple(flat)))
+    try:
+        MetaProp(gm).run(*meta_like(tuple(flat)))
+    except ShapePropError as e:
+        if not _real_run_possible(gm, flat):
+            raise
+        try:
+            RealProp(gm).run(*flat)
+        except Exception:  # noqa: BLE001 - the meta run's error names the node and says what to check
+            raise e from None
+        log.info("shape propagation ran on the real inputs and weights: the meta run stopped at %s",
+                 str(e).split(": ", 1)[0])
     return gm
+
+
+def _real_run_possible(gm: fx.GraphModule, flat: list) -> bool:
+    tensors = [t for t in flat if isinstance(t, torch.Tensor)]
+    tensors += list(gm.parameters()) + list(gm.buffers())
+    return not any(t.device.type == "meta" for t in tensors)

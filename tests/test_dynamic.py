@@ -365,3 +365,33 @@ def test_export_mha_heads_merged_with_a_dynamic_batch(factory):
     for n, length in ((3, 7), (1, 4)):
         xi = torch.randn(n, length, 6) if batch_first else torch.randn(length, n, 6)
         assert max_rel_diff(_run(model, xi), _run(small, xi)) <= RTOL
+
+
+class _Blocks4(nn.Module):
+    """Mixes the sequence in blocks of 4 positions: torch.export keeps the length dynamic with the
+    guard that it is a multiple of 4 (a relation, not a range), as DeepSeek V4's compressed attention."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(6, 8), nn.Linear(8, 6)
+
+    def forward(self, x):
+        b, n, d = x.shape
+        blocks = x.reshape(b, n // 4, 4, d).mean(2)
+        return self.b(torch.relu(self.a(x + blocks.repeat_interleave(4, dim=1))))
+
+
+def test_second_shape_satisfies_the_guards():
+    """The second shape keeps every guard the capture recorded: length 16 + 4, not 17 (which the
+    graph refuses); verification runs there."""
+    torch.manual_seed(0)
+    model = _Blocks4().eval()
+    x = torch.randn(2, 16, 6)
+    oto = otofx.OTO(model, x, frontend="export")
+    (a2, _), = oto.state.more_inputs
+    assert a2[0].shape[1] % 4 == 0 and a2[0].shape[1] != 16 and a2[0].shape[0] != 2, a2[0].shape
+    zero_random_rows(model, oto, seed=1)
+    small = oto.compress(form="graph")
+    for n in (8, 24):
+        xi = torch.randn(3, n, 6)
+        assert max_rel_diff(_run(model, xi), _run(small, xi)) <= RTOL

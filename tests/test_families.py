@@ -67,6 +67,12 @@ def _build(name):
     if name == "hrm":  # a per-head sigmoid gate multiplied into the attention output
         return T.HrmTextForCausalLM(T.HrmTextConfig(**dict(COMMON, num_key_value_heads=4), head_dim=8,
                                                     num_layers_per_stack=1, H_cycles=1, L_cycles=1, L_bp_cycles=[1]))
+    if name == "deepseek_v3":  # multi-head latent attention (keys built by slice writes), routed + shared experts
+        return T.DeepseekV3ForCausalLM(T.DeepseekV3Config(
+            vocab_size=100, hidden_size=32, num_hidden_layers=2, first_k_dense_replace=1, num_attention_heads=4,
+            num_key_value_heads=4, intermediate_size=64, moe_intermediate_size=16, n_routed_experts=4,
+            num_experts_per_tok=2, n_shared_experts=1, n_group=1, topk_group=1, q_lora_rank=16, kv_lora_rank=16,
+            qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, max_position_embeddings=64))
     raise KeyError(name)
 
 
@@ -191,6 +197,33 @@ def test_heads_found_and_exact(name, q, rows, form):
     zero_random_rows(model, oto, seed=4)
     small = assert_exact(model, oto, _ids(), ref_kwargs=_kwargs(model))
     assert isinstance(small, torch.fx.GraphModule) == (form == "graph")
+
+
+def test_latent_attention_heads_found_exact_generate_and_save(tmp_path):
+    """DeepSeek V3's multi-head latent attention writes each head's keys into a fresh buffer (its
+    no-position part from kv_b_proj, then the one shared rotary part): capture turns the writes into
+    the ``cat`` they compute, so each head is a row of q_b_proj and kv_b_proj rows and o_proj
+    columns (16 query positions, 16 key/value positions, 8 output columns). Half of them zeroed: the
+    own class is exact, generates the same tokens with its cache, and saves and loads back."""
+    model = _model("deepseek_v3")
+    oto = otofx.OTO(model, _ids())
+    for layer in (0, 1):
+        a = f"model.layers.{layer}.self_attn."
+        z = next(z for z in oto.groups if any(n == a + "q_b_proj.weight" for n, _, _ in z.params))
+        assert z.rows == 4
+        shapes = {n[len(a):]: (d, i.shape[1]) for n, d, i in z.params}
+        assert shapes == {"q_b_proj.weight": (0, 16), "kv_b_proj.weight": (0, 16), "o_proj.weight": (1, 8)}
+    assert not any(p.op in ("new_empty.default", "copy_.default") for p in oto.pinned)
+    zero_random_rows(model, oto, seed=3)
+    small = assert_exact(model, oto, _ids(), ref_kwargs=_kwargs(model))
+    assert isinstance(small, type(model))
+    assert small.model.layers[0].self_attn.q_b_proj.out_features < 64
+    x = _ids()[:1, :5]
+    full = model.generate(x, max_new_tokens=5, do_sample=False)
+    assert torch.equal(small.generate(x, max_new_tokens=5, do_sample=False), full)
+    otofx.save(small, tmp_path / "m")
+    back = otofx.load(tmp_path / "m")
+    assert torch.equal(back.generate(x, max_new_tokens=5, do_sample=False), full)
 
 
 def _sweep():

@@ -16,6 +16,7 @@ import otofx
 from otofx.capture import LeafTracer
 from otofx.passes.shapes import _conv_shape, _fast_binary, _fast_cat, _fast_inplace, annotate_shapes
 from otofx.capture import capture
+from helpers import zero_rows
 
 
 def _layout(t: torch.Tensor) -> tuple:
@@ -195,3 +196,49 @@ def test_fast_cat_takes_densenet_concats():
     cl = [t.to(memory_format=torch.channels_last) for t in (a, b)]  # torch keeps this layout
     out = _fast_cat(torch.cat, (cl, 1), {})
     assert out is None or out.stride() == torch.cat(cl, 1).stride()
+
+
+class _ChecksValues(nn.Module):
+    """Reads a value of its input (``.item()``: torch.export keeps it for the check) before the layers; a
+    batch norm in training mode would update its statistics on any real run."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.bn, self.b = nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Linear(6, 2)
+
+    def forward(self, x):
+        n = (x[:, 0] > -1e9).sum().item()
+        torch._check(n >= 1)
+        return self.b(torch.relu(self.bn(self.a(x))))
+
+
+def test_values_read_fall_back_to_a_real_run_that_changes_nothing():
+    """``.item()`` cannot run on meta tensors: the shapes come from one run on the real inputs and
+    weights, and the model's buffers (batch statistics in training mode) stay as they were."""
+    torch.manual_seed(0)
+    m = _ChecksValues().train()
+    with torch.no_grad():
+        m.bn.running_mean.uniform_(-1, 1)
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    x = torch.randn(8, 4)
+    oto = otofx.OTO(m, x)
+    assert [z.rows for z in oto.groups] == [6]
+    assert all(torch.equal(v, before[k]) for k, v in m.state_dict().items())
+    zero_rows(m, oto, [torch.arange(3)])
+    small = oto.compress()
+    m.eval(), small.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), m(x), rtol=1e-5, atol=1e-6)
+    assert small.get_parameter("b.weight").shape == (2, 3)
+
+
+def test_values_read_on_meta_weights_name_the_node():
+    """Without weights (the meta device) there is nothing to run for real: the error names the node."""
+    with torch.device("meta"):
+        m = _ChecksValues()
+    try:
+        otofx.OTO(m, torch.randn(8, 4))
+    except Exception as e:  # noqa: BLE001
+        assert "item" in str(e), e
+    else:
+        raise AssertionError("a graph reading a value analysed on the meta device")

@@ -306,7 +306,8 @@ def masked_fill(ctx: Ctx, input, mask, value, meta=None, **_):
     return where(ctx, mask, value, input, meta=meta)
 
 
-functions("masked_fill", [torch.masked_fill] + _ov(aten.masked_fill, "Scalar", "Tensor"), ("input", "mask", "value"))
+functions("masked_fill", [torch.masked_fill] + _ov(aten.masked_fill, "Scalar", "Tensor")
+          + _ov(aten.masked_fill_, "Scalar", "Tensor"), ("input", "mask", "value"))
 methods("masked_fill", ["masked_fill", "masked_fill_"], ("input", "mask", "value"))
 
 
