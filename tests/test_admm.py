@@ -427,6 +427,82 @@ def test_block_hesso_reaches_exact_block_sparsity():
         torch.testing.assert_close(s.to_dense(), w)
 
 
+@settings(max_examples=30)
+@given(st.integers(1, 4), st.integers(1, 7), st.integers(1, 6), st.integers(1, 4), st.integers(1, 4))
+def test_expert_blocks_round_trip_and_stay_in_their_expert(experts, rows, cols, bo, bi):
+    """A fused experts tensor [E, rows, cols] is E matrices, each tiled on its own: every block holds
+    the elements of one tile of one expert, edge blocks included."""
+    g = B._group("w", (experts, rows, cols), (bo, bi), batch=True)
+    w = torch.randn(experts, rows, cols)
+    b = B.blocks_of(w, g)
+    assert b.shape == (g.n_blocks, g.block[0] * g.block[1]) and g.n_blocks == experts * g.grid[0] * g.grid[1]
+    assert torch.equal(B.from_blocks(b, g), w)
+    assert int(g.counts.sum()) == w.numel() == g.numel
+    per = g.grid[0] * g.grid[1]
+    for e, r, c in itertools.product(range(experts), range(g.grid[0]), range(g.grid[1])):
+        tile = w[e, r * g.block[0]:(r + 1) * g.block[0], c * g.block[1]:(c + 1) * g.block[1]].reshape(-1)
+        blk = b[e * per + r * g.grid[1] + c]
+        assert torch.equal(blk[blk != 0].sort().values, tile[tile != 0].sort().values)
+        assert int(g.counts[e * per + r * g.grid[1] + c]) == tile.numel()
+    p = B.project(w, g, 0.5, 0.25)
+    assert torch.equal(B.project(p.z, g, 0.5, 0.25).z, p.z)
+    assert int((p.state == B.PRUNED).sum()) == B.counts_for(g.n_blocks, 0.5, 0.25)[0]
+
+
+def _moe(name):
+    tr = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    common = dict(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                  max_position_embeddings=32)
+    if name == "mixtral":  # experts stored [E, out, in]
+        return tr.MixtralForCausalLM(tr.MixtralConfig(**common, intermediate_size=24, num_local_experts=4,
+                                                      num_experts_per_tok=2))
+    # GPT-OSS: experts stored [E, in, out] (is_transposed), with biases
+    return tr.GptOssForCausalLM(tr.GptOssConfig(**common, intermediate_size=24, num_local_experts=4,
+                                                num_experts_per_tok=2, head_dim=8, layer_types=["full_attention"]))
+
+
+@pytest.mark.parametrize("name", ["mixtral", "gpt_oss"])
+def test_fused_experts_are_block_groups(name):
+    """transformers' fused experts (Mixtral [E, 2I, H] and [E, H, I]; GPT-OSS stored [E, in, out]) are
+    block groups of E matrices, with (b_o, b_i) blocks in output x input terms. ADMM trains them, finish
+    keeps the exact pruned fraction, the finished model generates as its plain and BSR copies do (the
+    experts stay dense there), and the storage report counts them."""
+    m = _moe(name)
+    e = m.model.layers[0].mlp.experts
+    blocks = A.find_blocks(m, block=(4, 2)).by_name()
+    up = "model.layers.0.mlp.experts.gate_up_proj"
+    down = "model.layers.0.mlp.experts.down_proj"
+    assert blocks[up].batch == blocks[down].batch == 4
+    transposed = name == "gpt_oss"
+    assert e.is_transposed == transposed
+    assert blocks[up].block == ((2, 4) if transposed else (4, 2))
+    assert (blocks[up].rows, blocks[up].cols) == tuple(e.gate_up_proj.shape[1:])
+    assert "4 x " in A.report(A.find_blocks(m, block=(4, 2)))  # the matrix column: experts x rows x cols
+    ids = torch.randint(0, 64, (2, 8))
+    m.train()
+    opt = A.ADMM(m, torch.optim.SGD(m.parameters(), lr=0.01), block=(4, 2), prune=0.5, unify=0.25, rounds=2,
+                 steps_per_round=1)
+    _square_steps(m, opt, ids, 2, out=lambda y: y.logits)
+    small = A.finish(m, opt).eval()
+    fin = {n: (w, pm) for n, w, pm in A._finished(small)}
+    for name_ in (up, down):
+        w, pm = fin[name_]
+        assert int((pm.state == B.PRUNED).sum()) == B.counts_for(pm.group.n_blocks, 0.5, 0.25)[0]
+        assert torch.all(B.blocks_of(w.detach(), pm.group)[pm.state == B.PRUNED] == 0)
+    rows = {r.layer: r for r in A.storage(small)}
+    assert rows[up].weights == e.gate_up_proj.numel() and rows[up].bits < 32 * rows[up].weights
+    x = ids[:1, :4]
+    with torch.no_grad():
+        ref = small(ids).logits
+        torch.testing.assert_close(A.plain(small)(ids).logits, ref)
+        fast, converted = A.to_bsr(small)
+        assert up not in converted
+        torch.testing.assert_close(fast(ids).logits, ref, rtol=1e-4, atol=1e-5)
+    assert torch.equal(fast.generate(x, max_new_tokens=4, do_sample=False),
+                       small.generate(x, max_new_tokens=4, do_sample=False))
+
+
 def test_gpt2_conv1d_weights_are_blocked_output_by_input():
     """transformers' Conv1D (GPT-2's attention and MLP projections) holds a Linear's weight as
     [in, out]: its blocks are (b_o, b_i) in output x input terms, i.e. (b_i, b_o) on the stored tensor;

@@ -703,3 +703,75 @@ def test_module_form_quantises_an_out_proj_that_its_parent_calls():
     assert isinstance(q.attn.out_proj.slb_act, slb.ActFakeQuant)
     with torch.no_grad():
         torch.testing.assert_close(q(x), g(x), rtol=0, atol=0)
+
+
+class _Router(nn.Module):
+    """An MoE router's shape: its own weight, read by F.linear on its reshaped input."""
+
+    def __init__(self, scale_input=False):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(4, 6) * 0.3)
+        self.scale_input = scale_input
+
+    def forward(self, hidden_states):
+        x = hidden_states.reshape(-1, hidden_states.shape[-1])
+        if self.scale_input:
+            x = x * 2
+        return F.linear(x, self.weight)
+
+
+class _Routed(nn.Module):
+    def __init__(self, scale_input=False):
+        super().__init__()
+        self.inp, self.gate, self.head = nn.Linear(5, 6), _Router(scale_input), nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.gate(self.inp(x))))
+
+
+def test_module_form_quantises_a_router_reading_its_reshaped_input():
+    """A module that is not a Linear but computes F.linear(reshape(input), self.weight) (Mixtral's and
+    Qwen-MoE's routers) takes its activation quantiser by a pre-hook, since one range for the tensor
+    commutes with the reshape: the module form is the graph form's function. Anything else done to the
+    input before the product (x * 2) keeps it in the graph. (Read off torch.export's module stack: the
+    symbolic tracer does not record one, and its graphs keep such a layer in the graph form.)"""
+    torch.manual_seed(0)
+    m, x = _Routed(), torch.randn(2, 3, 5)
+    forms = []
+    for form in ("module", "graph"):
+        torch.manual_seed(1)
+        q = slb.quantize(m, x, bits=2, layers="all", act_bits=8, form=form, frontend="export")
+        q.train()
+        q(x)
+        forms.append(q.eval())
+    q, g = forms
+    assert type(q) is _Routed and isinstance(q.gate.slb_act, slb.ActFakeQuant)
+    assert q.gate._slb_act_slots == [(0, "hidden_states", "slb_act")]
+    with torch.no_grad():
+        torch.testing.assert_close(q(x), g(x), rtol=0, atol=0)
+    with pytest.raises(InputError, match="gate.weight"):
+        slb.quantize(_Routed(scale_input=True), x, bits=2, layers="all", act_bits=8, form="module", frontend="export")
+
+
+def test_mixtral_module_form_and_experts_named_as_float(caplog):
+    """Mixtral (a router module, fused experts read by grouped_mm) quantises in its own class with
+    activation quantisers, generate() kept; the fused experts, which SLB does not quantise, are named in
+    a warning rather than left float silently."""
+    import logging
+
+    tr = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    m = tr.MixtralForCausalLM(tr.MixtralConfig(vocab_size=64, hidden_size=32, intermediate_size=24, num_hidden_layers=1,
+                                               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
+                                               num_local_experts=4, num_experts_per_tok=2)).eval()
+    ids = torch.randint(1, 64, (2, 8))
+    with caplog.at_level(logging.WARNING, logger="otofx"):
+        q = slb.quantize(m, (ids,), bits=2, act_bits=8, warm_start=0.1)
+    assert type(q) is type(m) and isinstance(q.model.layers[0].mlp.gate.slb_act, slb.ActFakeQuant)
+    warned = " ".join(r.getMessage() for r in caplog.records)
+    assert "model.layers.0.mlp.experts.gate_up_proj" in warned and "model.layers.0.mlp.experts.down_proj" in warned
+    q.train()
+    q(ids)
+    q.eval()
+    out = q.generate(ids[:, :3], max_new_tokens=3, do_sample=False)
+    assert torch.equal(slb.freeze(q).generate(ids[:, :3], max_new_tokens=3, do_sample=False), out)

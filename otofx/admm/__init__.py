@@ -376,6 +376,9 @@ class BlockStorage:
         Needs the blocks to divide the matrix (torch's BSR has no edge blocks).
         """
         g = self.group
+        if g.batch > 1:
+            raise InputError(f"'{g.name}' holds {g.batch} matrices (fused experts); a BSR matrix is 2-D: "
+                             "use to_dense(), or the bits and block states")
         if g.rows % g.block[0] or g.cols % g.block[1]:
             raise InputError(f"'{g.name}': blocks {g.block} do not divide [{g.rows}, {g.cols}]; BSR needs whole blocks")
         import warnings
@@ -484,8 +487,8 @@ def to_bsr(model: nn.Module) -> tuple[nn.Module, list]:
         setattr(new.get_submodule(parent_name) if parent_name else new, child, BSRLinear(w, m.bias, mod_name))
         converted.append(name)
     if kept:
-        log.info("to_bsr: kept dense (not a Linear called as a module, blocks that do not divide the weight, or "
-                 "non-square blocks on the CPU): %s", ", ".join(kept))
+        log.info("to_bsr: kept dense (not a Linear called as a module, such as fused experts; blocks that do not "
+                 "divide the weight; or non-square blocks on the CPU): %s", ", ".join(kept))
     return new, converted
 
 
@@ -630,7 +633,8 @@ def report(blocks: BlockSet) -> str:
     """The block groups as a table (layer, weight shape, matrix, block, grid, blocks)."""
     from tabulate import tabulate
 
-    rows = [[g.name, "x".join(map(str, g.shape)), f"{g.rows}x{g.cols}", f"{g.block[0]}x{g.block[1]}",
+    rows = [[g.name, "x".join(map(str, g.shape)), (f"{g.batch} x " if g.batch > 1 else "") + f"{g.rows}x{g.cols}",
+             f"{g.block[0]}x{g.block[1]}",
              f"{g.grid[0]}x{g.grid[1]}", g.n_blocks] for g in blocks]
     head = f"{len(blocks)} block groups, {blocks.n_blocks} blocks"
     return head + "\n" + tabulate(rows, headers=["weight", "shape", "matrix", "block", "grid", "blocks"],

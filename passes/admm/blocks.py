@@ -3,7 +3,10 @@
 A layer's weight ``W`` is read as a matrix ``[rows, cols]`` (Linear: ``[out, in]``; ConvNd:
 ``[out, in/groups * k...]``) and tiled into ``(b_o, b_i)`` blocks in row-major block order. Edge
 blocks are smaller when ``b_o`` or ``b_i`` do not divide the matrix: every statistic counts real
-elements only (``BlockGroup.counts``).
+elements only (``BlockGroup.counts``). The fused experts of a mixture-of-experts layer (transformers'
+experts modules: ``gate_up_proj`` ``[E, out, in]``, or ``[E, in, out]`` where the module says
+``is_transposed``) are ``E`` matrices, each tiled on its own (``BlockGroup.batch``): no block spans
+two experts, and the fractions pruned and unified are those of the whole tensor.
 
 For ``V`` and one block ``b`` with ``n_b`` elements:
 
@@ -63,14 +66,15 @@ class BlockGroup:
     cols: int  # matrix columns (in/groups * kernel elements)
     block: tuple  # (b_o, b_i), clipped to the matrix
     grid: tuple  # (blocks along rows, blocks along cols)
+    batch: int = 1  # matrices in the tensor (a fused experts tensor [E, rows, cols]: E)
 
     @property
     def n_blocks(self) -> int:
-        return self.grid[0] * self.grid[1]
+        return self.batch * self.grid[0] * self.grid[1]
 
     @property
     def numel(self) -> int:
-        return self.rows * self.cols
+        return self.batch * self.rows * self.cols
 
     @property
     def counts(self) -> torch.Tensor:
@@ -81,7 +85,7 @@ class BlockGroup:
         r[-1] = self.rows - bo * (nr - 1)
         c = torch.full((nc,), bi, dtype=torch.int64)
         c[-1] = self.cols - bi * (nc - 1)
-        return (r[:, None] * c[None, :]).reshape(-1)
+        return (r[:, None] * c[None, :]).reshape(-1).repeat(self.batch)
 
 
 @dataclass(frozen=True)
@@ -104,10 +108,21 @@ class BlockSet:
         return {g.name: g for g in self.groups}
 
 
-def _group(name: str, shape: tuple, block: tuple) -> BlockGroup:
-    rows, cols = shape[0], math.prod(shape[1:])
+def _group(name: str, shape: tuple, block: tuple, batch: bool = False) -> BlockGroup:
+    """``batch``: the leading dim counts matrices (fused experts), each tiled on its own."""
+    lead = shape[0] if batch else 1
+    mat = shape[1:] if batch else shape
+    rows, cols = mat[0], math.prod(mat[1:])
     bo, bi = min(block[0], rows), min(block[1], cols)
-    return BlockGroup(name, tuple(shape), rows, cols, (bo, bi), (-(-rows // bo), -(-cols // bi)))
+    return BlockGroup(name, tuple(shape), rows, cols, (bo, bi), (-(-rows // bo), -(-cols // bi)), lead)
+
+
+def _experts(m: nn.Module) -> list:
+    """``[(attribute, tensor)]``: the fused [E, ., .] weights of a transformers experts module (its
+    ``use_experts_implementation`` marks it with ``is_transposed``), or []."""
+    if not isinstance(getattr(m, "is_transposed", None), bool) or not hasattr(m, "is_concatenated"):
+        return []
+    return [(n, p) for n, p in m.named_parameters(recurse=False) if p.ndim == 3 and p.is_floating_point()]
 
 
 def _selector(layers) -> Callable[[str, nn.Module], bool]:
@@ -123,9 +138,9 @@ def _selector(layers) -> Callable[[str, nn.Module], bool]:
 
 
 def find_blocks(model: nn.Module, block=(4, 4), layers=None) -> BlockSet:
-    """The block groups of ``model``'s Linear and ConvNd weights, transformers' ``Conv1D`` and the
-    input projections of ``nn.MultiheadAttention`` (``in_proj_weight``, or ``q/k/v_proj_weight``;
-    ``model`` is only read).
+    """The block groups of ``model``'s Linear and ConvNd weights, transformers' ``Conv1D``, the
+    input projections of ``nn.MultiheadAttention`` (``in_proj_weight``, or ``q/k/v_proj_weight``)
+    and the fused weights of transformers' experts modules (``model`` is only read).
 
     ``block``: ``(b_o, b_i)``, or a dict from module name (or module type) to a block for per-layer
     shapes, ``"*"`` being the default. ``layers``: None (every Linear/Conv), module names, module
@@ -138,9 +153,12 @@ def find_blocks(model: nn.Module, block=(4, 4), layers=None) -> BlockSet:
     groups, seen = [], set()
     for mod_name, m in model.named_modules():
         hf = is_hf_conv1d(m)
-        if not (isinstance(m, _LAYER_TYPES + ATTENTION) or hf) or not pick(mod_name, m):
+        experts = _experts(m)
+        if not (isinstance(m, _LAYER_TYPES + ATTENTION) or hf or experts) or not pick(mod_name, m):
             continue
-        for attr, w in _weights(m):
+        # NB: an experts module stored [E, in, out] (is_transposed) is tiled as Conv1D is
+        swap = hf or (bool(experts) and m.is_transposed)
+        for attr, w in experts or _weights(m):
             if not isinstance(w, torch.Tensor) or w.ndim < 2 or id(w) in seen:
                 continue
             b = block
@@ -153,9 +171,9 @@ def find_blocks(model: nn.Module, block=(4, 4), layers=None) -> BlockSet:
             name = canonical.get(id(w), f"{mod_name}.{attr}" if mod_name else attr)
             # NB: transformers' Conv1D (GPT-2's projections) stores its weight as [in, out]: the block is
             # (b_o, b_i) in output x input terms, so the stored tensor is tiled (b_i, b_o)
-            bb = (int(b[1]), int(b[0])) if hf else (int(b[0]), int(b[1]))
+            bb = (int(b[1]), int(b[0])) if swap else (int(b[0]), int(b[1]))
             seen.add(id(w))  # NB: only once blocked: a holder the block dict skips leaves it to the next
-            groups.append(_group(name, tuple(w.shape), bb))
+            groups.append(_group(name, tuple(w.shape), bb, batch=bool(experts)))
     if not groups:
         raise InputError("find_blocks found no Linear or Conv weight to block: check `layers=`")
     return BlockSet(tuple(groups))
@@ -167,19 +185,19 @@ def blocks_of(w: torch.Tensor, g: BlockGroup) -> torch.Tensor:
         raise InputError(f"tensor of shape {tuple(w.shape)} given for block group '{g.name}' of shape {g.shape}")
     bo, bi = g.block
     nr, nc = g.grid
-    m = w.reshape(g.rows, g.cols)
+    m = w.reshape(g.batch, g.rows, g.cols)
     pr, pc = nr * bo - g.rows, nc * bi - g.cols
     if pr or pc:
         m = torch.nn.functional.pad(m, (0, pc, 0, pr))
-    return m.reshape(nr, bo, nc, bi).permute(0, 2, 1, 3).reshape(nr * nc, bo * bi)
+    return m.reshape(g.batch, nr, bo, nc, bi).permute(0, 1, 3, 2, 4).reshape(g.batch * nr * nc, bo * bi)
 
 
 def from_blocks(b: torch.Tensor, g: BlockGroup) -> torch.Tensor:
     """The inverse of :func:`blocks_of`: a tensor of the weight's shape."""
     bo, bi = g.block
     nr, nc = g.grid
-    m = b.reshape(nr, nc, bo, bi).permute(0, 2, 1, 3).reshape(nr * bo, nc * bi)
-    return m[:g.rows, :g.cols].reshape(g.shape)
+    m = b.reshape(g.batch, nr, nc, bo, bi).permute(0, 1, 3, 2, 4).reshape(g.batch, nr * bo, nc * bi)
+    return m[:, :g.rows, :g.cols].reshape(g.shape)
 
 
 def block_stats(v: torch.Tensor, g: BlockGroup):

@@ -241,14 +241,30 @@ def _source_types(layer: Layer) -> set:
 
 
 _PRODUCTS = ("addmm", "mm", "matmul", "bmm", "baddbmm", "einsum", "linear", "conv1d", "conv2d", "conv3d",
-             "convolution")
+             "convolution", "_grouped_mm", "grouped_mm", "grouped_mm_fallback", "batched_mm")
+# ops through which a weight reaches a product unchanged in value (a transposed expert weight)
+_WEIGHT_VIEWS = ("transpose", "t", "permute", "view", "reshape", "expand", "unsqueeze", "contiguous", "to", "_to_copy",
+                 "numpy_T")
+
+
+def _op_name(node: fx.Node) -> str:
+    packet = getattr(node.target, "_overloadpacket", None)
+    return getattr(packet, "__name__", None) or _PRODUCT_FUNCTIONS.get(node.target) or getattr(node.target, "__name__", "")
+
+
+def _weight_behind(a: fx.Node) -> fx.Node | None:
+    """The ``get_attr`` that ``a`` is, or views of (``W.transpose(-2, -1)``), or None."""
+    while a.op == "call_function" and _op_name(a) in _WEIGHT_VIEWS and a.args and isinstance(a.args[0], fx.Node):
+        a = a.args[0]
+    return a if a.op == "get_attr" else None
 
 
 def unquantisable(gm: fx.GraphModule, found: list[Layer]) -> list[str]:
-    """Weights (``get_attr`` tensors of 2+ dims) that feed a matrix product SLB does not take, so that
-    they stay float: the left operand ``W @ x``, ``bmm``/``einsum`` operands, a weight read with
-    output channels on different dims by different ops; and the weights of leaf modules it does not
-    take (``ConvTranspose``)."""
+    """Weights (``get_attr`` tensors of 2+ dims, or views of them) that feed a matrix product SLB does
+    not take, so that they stay float: the left operand ``W @ x``, ``bmm``/``einsum`` operands, the
+    fused experts of a mixture-of-experts layer (``grouped_mm``), a weight read with output channels
+    on different dims by different ops; and the weights of leaf modules it does not take
+    (``ConvTranspose``)."""
     known = {c.name for c in found}
     out = []
     for node in gm.graph.nodes:
@@ -260,15 +276,11 @@ def unquantisable(gm: fx.GraphModule, found: list[Layer]) -> list[str]:
                     and name not in out and not isinstance(mod, (nn.Embedding, nn.EmbeddingBag))):
                 out.append(name)
             continue
-        if node.op != "call_function":
-            continue
-        packet = getattr(node.target, "_overloadpacket", None)
-        name = getattr(packet, "__name__", None) or _PRODUCT_FUNCTIONS.get(node.target) \
-            or getattr(node.target, "__name__", "")
-        if name not in _PRODUCTS:
+        if node.op != "call_function" or _op_name(node) not in _PRODUCTS:
             continue
         for a in node.all_input_nodes:
-            if a.op != "get_attr" or a.target in known or a.target in out:
+            a = _weight_behind(a)
+            if a is None or a.target in known or a.target in out:
                 continue
             w = a.meta.get("val")
             if not isinstance(w, torch.Tensor):
@@ -288,8 +300,8 @@ def select_layers(gm: fx.GraphModule, layers=None) -> list[Layer]:
     if skipped:
         # NB: said, not silent: these weights stay float whatever ``layers`` asks for
         log.warning("otofx.slb: %d weight(s) feed a product that is neither a Conv/Linear call, an attention "
-                    "module nor x @ W (e.g. W @ x, bmm, einsum, ConvTranspose); SLB does not quantise them and they "
-                    "stay float: %s", len(skipped),
+                    "module nor x @ W (e.g. W @ x, bmm, einsum, fused experts, ConvTranspose); SLB does not quantise "
+                    "them and they stay float: %s", len(skipped),
                     ", ".join(skipped[:8]) + (" ..." if len(skipped) > 8 else ""))
     if not cands:
         raise InputError(f"{type(gm).__name__} has no Conv1d/2d/3d or Linear weight to quantise")
@@ -436,7 +448,9 @@ def module_form_blocker(model: nn.Module, gm: fx.GraphModule, picked: list, act:
     """Why the selected layers cannot be parametrised on (a copy of) ``model`` itself, or None: each
     weight must be a parameter of ``model`` under the graph's name, held by a submodule; with
     activation quantisers, each layer's input must be its module's input (a Conv/Linear call, an
-    attention module's query/key/value, transformers' Conv1D)."""
+    attention module's query/key/value, transformers' Conv1D, or the one input of a module that only
+    reshapes it before the product, as an MoE router; the last is read off torch.export's module
+    stack, which the symbolic tracer does not record)."""
     for layer in picked:
         if not layer.owner:
             return f"'{layer.name}' is held by the model itself, not by a submodule"
@@ -454,16 +468,55 @@ def module_form_blocker(model: nn.Module, gm: fx.GraphModule, picked: list, act:
 
 def _act_at_module(gm: fx.GraphModule, layer: Layer, owner: nn.Module) -> bool:
     """Whether every op that reads ``layer``'s weight runs inside its module's own forward, on that
-    forward's input (a Conv/Linear, transformers' Conv1D, an attention module): a pre-hook on the
-    module then quantises what the graph form's quantiser would (elementwise, so before a view or a
-    zero padding alike). A weight its parent reads (torchvision's Swin ``F.linear(x, self.qkv.weight)``)
-    is not: the module's forward never runs."""
+    forward's input (a Conv/Linear, transformers' Conv1D, an attention module; or a module whose
+    forward takes one input and only reshapes it before the product, as an MoE router does): a
+    pre-hook on the module then quantises what the graph form's quantiser would (elementwise with
+    one range for the tensor, so before a view or a zero padding alike). A weight its parent reads
+    (torchvision's Swin ``F.linear(x, self.qkv.weight)``) is not: the module's forward never runs."""
     reader = attention_reader(gm, layer.owner)
     if reader is not None and reader is not gm.get_submodule(layer.owner):
         return True  # an attention module's out_proj: no input of its own (warned)
-    if not (isinstance(owner, ATTENTION_MODULES) or is_hf_conv1d(owner) or type(owner) in _CONV_MODULES):
+    if not all(_runs_in(node, layer.owner) for node in layer.nodes):
         return False
-    return all(_runs_in(node, layer.owner) for node in layer.nodes)
+    if isinstance(owner, ATTENTION_MODULES) or is_hf_conv1d(owner) or type(owner) in _CONV_MODULES:
+        return True
+    if _forward_input(owner) is None:
+        return False
+    return all(_reshaped_input(node, layer.owner) for node in layer.nodes)
+
+
+# ops that move a tensor's elements without changing any (a per-tensor quantiser commutes with them)
+_RESHAPES = ("view", "reshape", "_unsafe_view", "flatten", "unsqueeze", "squeeze", "contiguous", "clone", "alias")
+
+
+def _reshaped_input(node: fx.Node, path: str) -> bool:
+    """Whether the input activation of ``node`` is the value that enters module ``path``, reshaped by
+    ops of that module's forward only (a cast to the dtype it has already counts as a reshape)."""
+    if node.op != "call_function":
+        return False
+    x = node.args[input_arg(node)] if len(node.args) > input_arg(node) else node.kwargs.get("input")
+    while isinstance(x, fx.Node) and x.op in ("call_function", "call_method") and _runs_in(x, path):
+        name = x.target if x.op == "call_method" else _op_name(x)
+        src = x.args[0] if x.args else None
+        same = isinstance(src, fx.Node) and isinstance(src.meta.get("val"), torch.Tensor) \
+            and isinstance(x.meta.get("val"), torch.Tensor) and src.meta["val"].dtype == x.meta["val"].dtype
+        if not isinstance(src, fx.Node) or not (name in _RESHAPES or (name in ("to", "_to_copy") and same)):
+            return False
+        x = src
+    return isinstance(x, fx.Node)
+
+
+def _forward_input(owner: nn.Module) -> str | None:
+    """The name of the one input of ``owner.forward`` (besides arguments with defaults), or None."""
+    import inspect
+
+    try:
+        params = list(inspect.signature(owner.forward).parameters.values())
+    except (TypeError, ValueError):
+        return None
+    need = [p for p in params if p.default is inspect.Parameter.empty
+            and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return need[0].name if len(need) == 1 and params[0] is need[0] else None
 
 
 def _runs_in(node: fx.Node, path: str) -> bool:
@@ -516,7 +569,7 @@ def parametrize_model(model: nn.Module, picked: list, make: Callable[[Layer, tor
             inside.append(layer.name)
             continue
         else:
-            slots = [(0, "input" if isinstance(owner, nn.modules.conv._ConvNd) or type(owner) is nn.Linear else "x")]
+            slots = [(0, _forward_input(owner) or "input")]
         if not hasattr(owner, "_slb_act_slots"):
             owner._slb_act_slots = []
             owner.register_forward_pre_hook(_quantise_inputs, with_kwargs=True)
