@@ -753,25 +753,70 @@ def test_module_form_quantises_a_router_reading_its_reshaped_input():
         slb.quantize(_Routed(scale_input=True), x, bits=2, layers="all", act_bits=8, form="module", frontend="export")
 
 
-def test_mixtral_module_form_and_experts_named_as_float(caplog):
-    """Mixtral (a router module, fused experts read by grouped_mm) quantises in its own class with
-    activation quantisers, generate() kept; the fused experts, which SLB does not quantise, are named in
-    a warning rather than left float silently."""
-    import logging
-
+def _moe(name):
     tr = pytest.importorskip("transformers")
     torch.manual_seed(0)
-    m = tr.MixtralForCausalLM(tr.MixtralConfig(vocab_size=64, hidden_size=32, intermediate_size=24, num_hidden_layers=1,
-                                               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
-                                               num_local_experts=4, num_experts_per_tok=2)).eval()
+    common = dict(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                  max_position_embeddings=32, intermediate_size=24, num_local_experts=4, num_experts_per_tok=2)
+    if name == "mixtral":  # a router module; experts stored [E, out, in], read transposed by grouped_mm
+        return tr.MixtralForCausalLM(tr.MixtralConfig(**common)).eval()
+    # GPT-OSS: experts stored [E, in, out] (is_transposed), with biases
+    return tr.GptOssForCausalLM(tr.GptOssConfig(**common, head_dim=8, layer_types=["full_attention"])).eval()
+
+
+@pytest.mark.parametrize("name,out_dim", [("mixtral", 1), ("gpt_oss", 2)])
+def test_fused_experts_are_quantised_in_the_models_own_class(name, out_dim, caplog):
+    """An MoE layer's fused experts ([E, 2I, H] and [E, H, I]; GPT-OSS [E, in, out]) are SLB layers with
+    one scale per expert and output channel. The module form (the default: the model's own class, so
+    generate() stays) computes what the graph form computes, activation quantisers included: the
+    tokens entering the experts are quantised by a pre-hook on the experts module, as the graph form
+    quantises the gathered tokens (top-k routing reads every token, so the range is the same); the
+    input of the second product, computed inside the experts, is said to stay float. freeze keeps
+    4 values per expert and channel; the size report and the STE baseline take them too."""
+    import logging
+
+    m = _moe(name)
     ids = torch.randint(1, 64, (2, 8))
-    with caplog.at_level(logging.WARNING, logger="otofx"):
-        q = slb.quantize(m, (ids,), bits=2, act_bits=8, warm_start=0.1)
-    assert type(q) is type(m) and isinstance(q.model.layers[0].mlp.gate.slb_act, slb.ActFakeQuant)
-    warned = " ".join(r.getMessage() for r in caplog.records)
-    assert "model.layers.0.mlp.experts.gate_up_proj" in warned and "model.layers.0.mlp.experts.down_proj" in warned
-    q.train()
-    q(ids)
-    q.eval()
-    out = q.generate(ids[:, :3], max_new_tokens=3, do_sample=False)
-    assert torch.equal(slb.freeze(q).generate(ids[:, :3], max_new_tokens=3, do_sample=False), out)
+    forms = []
+    for form in ("module", "graph"):
+        torch.manual_seed(1)
+        with caplog.at_level(logging.WARNING, logger="otofx"):
+            q = slb.quantize(m, (ids,), bits=2, layers="all", act_bits=8, warm_start=0.1, form=form)
+        q.train()
+        q(ids)
+        forms.append(q.eval())
+    q, g = forms
+    assert type(q) is type(m)
+    layers = {layer.name: layer for layer in slb.slb_layers(q)}
+    up, down = "model.layers.0.mlp.experts.gate_up_proj", "model.layers.0.mlp.experts.down_proj"
+    e = q.model.layers[0].mlp.experts
+    for n in (up, down):
+        w = layers[n].slb
+        assert w.batch and w.out_dim == out_dim
+        assert tuple(w.scale.shape) == (4, e.parametrizations[n.rsplit(".", 1)[1]].original.shape[out_dim])
+    assert isinstance(e.slb_act, slb.ActFakeQuant) and float(e.slb_act.hi) > 0
+    assert "experts.down_proj is computed inside" in caplog.text and "stay float" not in caplog.text
+    with torch.no_grad():
+        torch.testing.assert_close(q(ids).logits, g(ids).logits, rtol=0, atol=0)
+    frozen = slb.freeze(q)
+    w = frozen.model.layers[0].mlp.experts.gate_up_proj
+    rows = w.movedim(out_dim, 1).reshape(w.shape[0] * w.shape[out_dim], -1)
+    assert max(int(torch.unique(r).numel()) for r in rows) <= 4
+    with torch.no_grad():
+        torch.testing.assert_close(frozen(ids).logits, q(ids).logits, rtol=0, atol=0)
+    x = ids[:, :3]
+    assert torch.equal(frozen.generate(x, max_new_tokens=3, do_sample=False), q.generate(x, max_new_tokens=3, do_sample=False))
+    report = {ls.name: ls for ls in slb.size_report(frozen).layers}
+    assert report[up].numel == w.numel() and report[up].distinct <= 4
+    ste = ste_quantize(m, (ids,), bits=2, layers="all", use_torchao=False)
+    sw = [mod for mod in ste.get_submodule("model.layers.0.mlp.experts").modules() if isinstance(mod, STEWeight)]
+    assert len(sw) == 2 and all(mod.batch and mod.out_dim == out_dim for mod in sw)
+    with torch.no_grad():
+        assert ste(ids)[0].shape == (2, 8, 64)
+    if importlib.util.find_spec("torchao") is not None:
+        with caplog.at_level(logging.WARNING, logger="otofx"):
+            ao = slb.to_torchao(frozen)
+        assert "fused expert" in caplog.text and type(ao.model.layers[0].mlp.experts.gate_up_proj) is nn.Parameter
+        assert type(ao.model.layers[0].self_attn.q_proj.weight).__name__ == "IntxUnpackedToInt8Tensor"
+        with torch.no_grad():
+            torch.testing.assert_close(ao(ids).logits, frozen(ids).logits, rtol=1e-5, atol=1e-5)

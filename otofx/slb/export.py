@@ -80,6 +80,11 @@ def to_torchao(frozen: nn.Module) -> nn.Module:
     from otofx.slb.modules import grid
 
     out = copy.deepcopy(frozen)
+    experts = sorted(name for name, layer in info.items() if layer.batch)
+    if experts:
+        # NB: torchao's tensor implements linear, not the grouped products fused experts run
+        log.warning("otofx.slb.to_torchao: %d fused expert weight(s) stay plain tensors (their values are on the "
+                    "grid already): %s", len(experts), ", ".join(experts))
     inside = sorted(name for name in info if _inside_attention(out, name))
     if inside:
         # NB: nn.MultiheadAttention runs F.multi_head_attention_forward (or its fused kernel) on its
@@ -87,7 +92,7 @@ def to_torchao(frozen: nn.Module) -> nn.Module:
         log.warning("otofx.slb.to_torchao: %d weight(s) are read inside an attention module and stay plain "
                     "tensors (their values are on the grid already): %s", len(inside), ", ".join(inside))
     for name, layer in info.items():
-        if name in inside:
+        if name in inside or layer.batch:
             continue
         module, attr = _owner(out, name)
         w = getattr(module, attr).detach()
@@ -107,13 +112,13 @@ def to_torchao(frozen: nn.Module) -> nn.Module:
             target_dtype=getattr(torch, f"int{layer.bits}"), block_size=(1, *w.shape[1:]), dtype=w.dtype,
             activation_quantization=None)
         setattr(module, attr, nn.Parameter(t, requires_grad=False))
-    transposed = {name for name, layer in info.items() if layer.out_dim == 1 and name not in inside}
+    transposed = {name for name, layer in info.items() if layer.out_dim == 1 and name not in inside and not layer.batch}
     if transposed and getattr(out, "graph", None) is not None:
         _products_to_linear(out, transposed)
     elif transposed:  # the module form: transformers' Conv1D modules become the Linear they compute
         _conv1d_to_linear(out, transposed)
-    _torchao_reads(out, set(info) - set(inside))
-    out.otofx_slb = {name: dataclasses.replace(layer, out_dim=0) for name, layer in info.items()}
+    _torchao_reads(out, set(info) - set(inside) - set(experts))
+    out.otofx_slb = {name: layer if layer.batch else dataclasses.replace(layer, out_dim=0) for name, layer in info.items()}
     # NB: GraphModule's deepcopy drops plain attributes; the transposed weights are [out, in] now
     log.info("otofx.slb: %d layers handed to torchao IntxUnpackedToInt8Tensor", len(info))
     return out
@@ -275,7 +280,7 @@ def size_report(frozen: nn.Module) -> SizeReport:
         w = getattr(module, attr).detach()
         if type(w) is not torch.Tensor and hasattr(w, "dequantize"):  # after to_torchao
             w = w.dequantize()
-        rows = w.movedim(layer.out_dim, 0).reshape(w.shape[layer.out_dim], -1)
+        rows = _rows(w, layer)
         distinct = max(int(torch.unique(r).numel()) for r in rows) if layer.scale is not None else int(torch.unique(w).numel())
         scales = 4 * rows.shape[0] if layer.scale is not None else 0
         layers.append(LayerSize(name, w.numel(), layer.bits, distinct, math.ceil(w.numel() * layer.bits / 8) + scales))
@@ -288,13 +293,21 @@ def size_report(frozen: nn.Module) -> SizeReport:
         other += t.numel()
     nq = sum(ls.numel for ls in layers)
     fp32 = 4 * (nq + other)
-    int8 = sum(ls.numel + 8 * _channels(frozen, ls.name, info[ls.name].out_dim) for ls in layers)  # + scale, zero point
+    int8 = sum(ls.numel + 8 * _channels(frozen, ls.name, info[ls.name]) for ls in layers)  # + scale, zero point
     return SizeReport(tuple(layers), nq, other, fp32, sum(ls.packed_bytes for ls in layers) + 4 * other, int8 + 4 * other)
 
 
-def _channels(model: nn.Module, name: str, out_dim: int = 0) -> int:
+def _rows(w: torch.Tensor, layer) -> torch.Tensor:
+    """``w`` as one row per output channel (per expert and channel for fused experts)."""
+    if layer.batch:
+        return w.movedim(layer.out_dim, 1).reshape(w.shape[0] * w.shape[layer.out_dim], -1)
+    return w.movedim(layer.out_dim, 0).reshape(w.shape[layer.out_dim], -1)
+
+
+def _channels(model: nn.Module, name: str, layer) -> int:
     module, attr = _owner(model, name)
-    return getattr(module, attr).shape[out_dim]
+    w = getattr(module, attr)
+    return w.shape[0] * w.shape[layer.out_dim] if layer.batch else w.shape[layer.out_dim]
 
 
 __all__ = ["to_torchao", "size_report", "SizeReport", "LayerSize", "grid_indices"]

@@ -16,7 +16,9 @@ for ``b >= 2``. SLB itself has no scale (the BatchNorm after each layer absorbs 
 Our additions, not in the paper:
 
 * ``scale=True``: a learned per-output-channel scale ``s`` (a parameter of the parametrisation),
-  ``weight = s[o] * v[...]`` along ``out_dim`` (0, or 1 for a weight stored ``[in, out]``);
+  ``weight = s[o] * v[...]`` along ``out_dim`` (0, or 1 for a weight stored ``[in, out]``; for the
+  fused experts of an MoE layer, ``batch=True``, a weight ``[E, ., .]`` with its output channels on
+  dim 1 or 2 and one scale per expert and channel, ``s[e, o]``);
   ``otofx.slb.quantize`` switches it on for layers whose output feeds no normalisation layer, where
   no BatchNorm would absorb the grid's fixed range.
 * ``warm_start=tau0``: logits initialised from the float weight ``W`` as
@@ -53,30 +55,51 @@ def grid(bits: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
 
 
 def _channel_view(t: torch.Tensor, ndim: int, dim: int = 0) -> torch.Tensor:
-    """``t`` ([O]) shaped to broadcast along dim ``dim`` of an ``ndim``-d weight."""
+    """``t`` ([O], or [E, O] for fused experts) shaped to broadcast along dim ``dim`` (and dim 0, the
+    experts) of an ``ndim``-d weight."""
     shape = [1] * ndim
-    shape[dim] = -1
+    if t.dim() == 2:
+        shape[0] = t.shape[0]
+        shape[dim] = t.shape[1]
+    else:
+        shape[dim] = -1
     return t.reshape(shape)
+
+
+def channel_dims(out_dim: int, batch: bool) -> tuple:
+    """The dims a per-channel statistic keeps: the output channels, and the experts for ``batch``."""
+    return (0, out_dim) if batch else (out_dim,)
+
+
+def check_channels(shape: tuple, out_dim: int, batch: bool) -> None:
+    if batch:
+        if len(shape) != 3 or out_dim not in (1, 2):
+            raise InputError(f"batch=True (fused experts) takes a weight [E, out, in] or [E, in, out] (out_dim 1 or 2), "
+                             f"got shape {tuple(shape)} with out_dim={out_dim!r}")
+    elif out_dim not in (0, 1) or out_dim >= len(shape):
+        raise InputError(f"out_dim={out_dim!r}: the output channels of a weight of shape {tuple(shape)} are dim 0, "
+                         "or dim 1 for a 2-D weight stored [in, out]")
 
 
 class SLBWeight(nn.Module):
     """Parametrisation of one weight by logits over SLB's grid (see the module docstring)."""
 
-    def __init__(self, shape, bits: int, *, scale: bool = False, warm_start: float | None = None, out_dim: int = 0):
+    def __init__(self, shape, bits: int, *, scale: bool = False, warm_start: float | None = None, out_dim: int = 0,
+                 batch: bool = False):
         super().__init__()
         self.bits = bits
         self.shape = tuple(shape)
-        if out_dim not in (0, 1) or out_dim >= len(self.shape):
-            raise InputError(f"out_dim={out_dim!r}: the output channels of a weight of shape {self.shape} are dim 0, "
-                             "or dim 1 for a 2-D weight stored [in, out]")
+        check_channels(self.shape, out_dim, batch)
         self.out_dim = out_dim  # output channels: dim 0 ([out, in, ...]), or 1 ([in, out]: x @ W)
+        self.batch = batch  # fused experts [E, ., .]: dim 0 counts experts, each with its own scales
         self.register_buffer("values", grid(bits))
         self.register_buffer("temperature", torch.tensor(1.0))
         self.register_buffer("hard", torch.tensor(False))
         if warm_start is not None and not warm_start > 0:
             raise InputError(f"warm_start={warm_start!r}: give a positive tau0 (e.g. 0.1) or None for SLB's random start")
         self.warm_start = warm_start
-        self.scale = nn.Parameter(torch.ones(self.shape[out_dim])) if scale else None
+        channels = tuple(self.shape[d] for d in channel_dims(out_dim, batch))
+        self.scale = nn.Parameter(torch.ones(channels)) if scale else None
         self.force: str | None = None  # "soft" / "hard" overrides the mode (otofx.slb.weights)
         self.home: str | None = None  # the weight's name when several modules hold it (a tied weight)
 
@@ -110,9 +133,10 @@ class SLBWeight(nn.Module):
             raise InputError(f"SLB weight of shape {tuple(weight.shape)} assigned where {self.shape} was registered")
         v = self.values.to(weight.dtype)
         if self.warm_start is None:
-            fan_out = self.shape[self.out_dim] * math.prod(self.shape[2:])
+            fan_out = self.shape[self.out_dim] * (1 if self.batch else math.prod(self.shape[2:]))
             return torch.randn(*self.shape, v.numel(), dtype=weight.dtype, device=weight.device) * math.sqrt(2.0 / fan_out)
-        dims = tuple(d for d in range(weight.dim()) if d != self.out_dim)
+        keep = channel_dims(self.out_dim, self.batch)
+        dims = tuple(d for d in range(weight.dim()) if d not in keep)
         s = weight.abs().amax(dim=dims).clamp_min(torch.finfo(weight.dtype).tiny) if dims else weight.abs().clamp_min(1e-12)
         if self.scale is not None:
             self.scale.copy_(s)
@@ -120,6 +144,7 @@ class SLBWeight(nn.Module):
 
     def extra_repr(self) -> str:
         extra = f", out_dim={self.out_dim}" if self.out_dim else ""
+        extra += ", experts" if self.batch else ""
         return f"bits={self.bits}, levels={self.levels}, scale={self.scale is not None}{extra}"
 
 

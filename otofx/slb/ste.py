@@ -25,7 +25,7 @@ import logging
 import torch
 from torch import nn
 
-from otofx.slb.modules import _channel_view, grid, round_ste
+from otofx.slb.modules import _channel_view, channel_dims, grid, round_ste
 
 log = logging.getLogger("otofx")
 
@@ -33,14 +33,16 @@ log = logging.getLogger("otofx")
 class STEWeight(nn.Module):
     """Fake quantisation of a latent float weight on SLB's grid, straight-through."""
 
-    def __init__(self, bits: int, out_dim: int = 0):
+    def __init__(self, bits: int, out_dim: int = 0, batch: bool = False):
         super().__init__()
         self.bits, self.out_dim = bits, out_dim  # out_dim: the output channels' dim (1 for [in, out])
+        self.batch = batch  # fused experts [E, ., .]: one scale per expert and channel
         self.register_buffer("values", grid(bits))
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         k = 2 ** self.bits
-        dims = tuple(d for d in range(w.dim()) if d != self.out_dim)
+        keep = channel_dims(self.out_dim, self.batch)
+        dims = tuple(d for d in range(w.dim()) if d not in keep)
         a = w.abs()
         s = (a.mean(dim=dims) if self.bits == 1 else a.amax(dim=dims)).clamp_min(1e-8)
         sv = _channel_view(s, w.dim(), self.out_dim)
@@ -76,7 +78,7 @@ def ste_quantize(model: nn.Module, example_inputs, bits: int, layers=None, *, us
     ours = {c.owner for c in chosen} - ao
     if ours:
         new, _ = parametrize_layers(gm, lambda name, m: name in ours,
-                                    lambda layer, w: STEWeight(bits, layer.out_dim).to(w.device))
+                                    lambda layer, w: STEWeight(bits, layer.out_dim, layer.batch).to(w.device))
     else:
         new = copy.deepcopy(gm)
     if ao:

@@ -70,6 +70,7 @@ class Layer:
     nodes: tuple  # the graph nodes that read it (call_module or call_function)
     normalised: bool  # every use feeds a normalisation op only
     out_dim: int = 0  # the weight's output-channel dim: 1 for an [in, out] weight (x @ W)
+    batch: bool = False  # fused experts [E, ., .] read by a grouped product: dim 0 counts experts
 
     @property
     def layer(self) -> str:
@@ -120,7 +121,10 @@ _ATTENTION_ARGS = ("query", "key", "value")
 
 def _act_inputs(gm: fx.GraphModule, layer: Layer, node: fx.Node) -> list:
     """Where the input activations of ``layer`` enter ``node``: ``[(position, keyword)]`` (one of the
-    two None); empty when they are computed inside the module (an attention module's out_proj)."""
+    two None); empty when they are computed inside the module (an attention module's out_proj, the
+    second product of fused experts)."""
+    if layer.batch:
+        return [(input_arg(node), None)] if _reshaped_input(node, layer.owner, gathers=True) else []
     if node.op == "call_module" and isinstance(gm.get_submodule(node.target), ATTENTION_MODULES):
         if node.target != layer.owner:
             return []
@@ -131,14 +135,45 @@ def _act_inputs(gm: fx.GraphModule, layer: Layer, node: fx.Node) -> list:
     return [(input_arg(node), None)]
 
 
+_GROUPED = ("_grouped_mm", "grouped_mm", "grouped_mm_fallback")
+
+
+def _grouped(node: fx.Node):
+    """``(weight node, output dim)`` when ``node`` is a grouped product ``grouped_mm(x, W', offsets)``
+    of an MoE layer's fused experts: ``W'`` is a 3-D parameter ``[E, in, out]``, or its transpose
+    (``[E, out, in]`` stored, transformers' usual layout), read as ``[E, in, out]``."""
+    if node.op != "call_function" or _op_name(node) not in _GROUPED or len(node.args) < 2:
+        return None
+    a, swaps = node.args[1], 0
+    while isinstance(a, fx.Node) and a.op == "call_function" and _op_name(a) == "transpose" and a.args:
+        dims = {d % 3 for d in a.args[1:3] if isinstance(d, int)}
+        if dims != {1, 2}:
+            return None
+        swaps += 1
+        a = a.args[0]
+    if not isinstance(a, fx.Node) or a.op != "get_attr":
+        return None
+    try:
+        val = get_path(a.graph.owning_module, a.target)
+    except AttributeError:
+        return None
+    if not isinstance(val, nn.Parameter) or val.dim() != 3:
+        return None
+    return a, (1 if swaps % 2 else 2)
+
+
 def _op_kind(node: fx.Node):
-    """(kind, weight node, output dim) when ``node`` is a functional conv/linear reading a ``get_attr``
-    weight, or a matrix product ``x @ W`` (kind ``nn.Linear``, output dim 1)."""
+    """(kind, weight node, output dim, batch) when ``node`` is a functional conv/linear reading a
+    ``get_attr`` weight, a matrix product ``x @ W`` (kind ``nn.Linear``, output dim 1), or a grouped
+    product of fused experts (``batch``)."""
     if node.op != "call_function":
         return None
     hit = _product(node)
     if hit is not None:
-        return nn.Linear, hit[0], 1
+        return nn.Linear, hit[0], 1, False
+    hit = _grouped(node)
+    if hit is not None:
+        return nn.Linear, hit[0], hit[1], True
     kind = _FUNCTIONS.get(node.target)
     if kind is None:
         packet = getattr(node.target, "_overloadpacket", None)
@@ -155,7 +190,7 @@ def _op_kind(node: fx.Node):
         val = w.meta.get("val")
         ndim = val.dim() if isinstance(val, torch.Tensor) else None
         kind = _CONV_BY_NDIM.get(ndim, nn.Conv2d)
-    return kind, w, 0
+    return kind, w, 0, False
 
 
 def _is_norm(user: fx.Node, src: fx.Node, gm: fx.GraphModule) -> bool:
@@ -191,25 +226,25 @@ def find_layers(gm: fx.GraphModule) -> list[Layer]:
     found: dict[str, dict] = {}
     for node in gm.graph.nodes:
         if node.op == "call_module":
-            uses = [(owner, attr, kind, 0) for owner, attr, kind in _module_weights(gm, node)]
+            uses = [(owner, attr, kind, 0, False) for owner, attr, kind in _module_weights(gm, node)]
         else:
             hit = _op_kind(node)
             if hit is None:
                 continue
-            kind, w, out_dim = hit
+            kind, w, out_dim, batch = hit
             owner, _, attr = w.target.rpartition(".")
-            uses = [(owner, attr, kind, out_dim)]
-        for owner, attr, kind, out_dim in uses:
+            uses = [(owner, attr, kind, out_dim, batch)]
+        for owner, attr, kind, out_dim, batch in uses:
             name = f"{owner}.{attr}" if owner else attr
             entry = found.setdefault(name, {"owner": owner, "attr": attr, "kind": kind, "nodes": [], "norm": True,
-                                            "out_dim": out_dim})
+                                            "out_dim": out_dim, "batch": batch})
             if entry["out_dim"] != out_dim:
                 # NB: one weight read as [out, in] by one op and as [in, out] by another has no single
                 # output-channel axis for the scale; it stays float (unquantisable() names it)
                 entry["clash"] = True
             entry["nodes"].append(node)
             entry["norm"] &= bool(node.users) and all(_is_norm(u, node, gm) for u in node.users)
-    return [Layer(n, e["owner"], e["attr"], e["kind"], tuple(e["nodes"]), e["norm"], e["out_dim"])
+    return [Layer(n, e["owner"], e["attr"], e["kind"], tuple(e["nodes"]), e["norm"], e["out_dim"], e["batch"])
             for n, e in found.items() if not e.get("clash")]
 
 
@@ -478,8 +513,8 @@ def _act_at_module(gm: fx.GraphModule, layer: Layer, owner: nn.Module) -> bool:
         return True  # an attention module's out_proj: no input of its own (warned)
     if not all(_runs_in(node, layer.owner) for node in layer.nodes):
         return False
-    if isinstance(owner, ATTENTION_MODULES) or is_hf_conv1d(owner) or type(owner) in _CONV_MODULES:
-        return True
+    if isinstance(owner, ATTENTION_MODULES) or is_hf_conv1d(owner) or type(owner) in _CONV_MODULES or layer.batch:
+        return True  # fused experts: their input (a hook) or none, as the graph form (_act_inputs)
     if _forward_input(owner) is None:
         return False
     return all(_reshaped_input(node, layer.owner) for node in layer.nodes)
@@ -489,21 +524,36 @@ def _act_at_module(gm: fx.GraphModule, layer: Layer, owner: nn.Module) -> bool:
 _RESHAPES = ("view", "reshape", "_unsafe_view", "flatten", "unsqueeze", "squeeze", "contiguous", "clone", "alias")
 
 
-def _reshaped_input(node: fx.Node, path: str) -> bool:
+def _reshaped_input(node: fx.Node, path: str, gathers: bool = False) -> bool:
     """Whether the input activation of ``node`` is the value that enters module ``path``, reshaped by
-    ops of that module's forward only (a cast to the dtype it has already counts as a reshape)."""
+    ops of that module's forward only (a cast to the dtype it has already counts as a reshape).
+
+    ``gathers``: row gathers count too (``index``: fused experts read each token once per expert it
+    is routed to; with top-k routing every token is read, so one range over the gathered rows is the
+    range of the module's input, and quantising before or after the gather is the same)."""
     if node.op != "call_function":
         return False
     x = node.args[input_arg(node)] if len(node.args) > input_arg(node) else node.kwargs.get("input")
+    moves = _RESHAPES + (("index", "index_select") if gathers else ())
     while isinstance(x, fx.Node) and x.op in ("call_function", "call_method") and _runs_in(x, path):
         name = x.target if x.op == "call_method" else _op_name(x)
         src = x.args[0] if x.args else None
         same = isinstance(src, fx.Node) and isinstance(src.meta.get("val"), torch.Tensor) \
             and isinstance(x.meta.get("val"), torch.Tensor) and src.meta["val"].dtype == x.meta["val"].dtype
-        if not isinstance(src, fx.Node) or not (name in _RESHAPES or (name in ("to", "_to_copy") and same)):
+        if not isinstance(src, fx.Node) or not (name in moves or (name in ("to", "_to_copy") and same)):
             return False
         x = src
     return isinstance(x, fx.Node)
+
+
+def _first_input(owner: nn.Module) -> str:
+    """The name of the first parameter of ``owner.forward`` ("input" when it cannot be read)."""
+    import inspect
+
+    try:
+        return next(iter(inspect.signature(owner.forward).parameters))
+    except (TypeError, ValueError, StopIteration):
+        return "input"
 
 
 def _forward_input(owner: nn.Module) -> str | None:
@@ -568,6 +618,11 @@ def parametrize_model(model: nn.Module, picked: list, make: Callable[[Layer, tor
         elif attention_reader(new, layer.owner) is not None:  # an attention module's out_proj
             inside.append(layer.name)
             continue
+        elif layer.batch:  # fused experts: the tokens entering the experts, or a product inside them
+            if not all(_reshaped_input(node, layer.owner, gathers=True) for node in layer.nodes):
+                inside.append(layer.name)
+                continue
+            slots = [(0, _first_input(owner))]
         else:
             slots = [(0, _forward_input(owner) or "input")]
         if not hasattr(owner, "_slb_act_slots"):
@@ -584,8 +639,8 @@ def parametrize_model(model: nn.Module, picked: list, make: Callable[[Layer, tor
 
 def _warn_inside(names: list) -> None:
     if names:
-        log.warning("otofx.slb: act_bits: the input of %s is computed inside an attention module and is not "
-                    "fake-quantised (the weights are)", ", ".join(sorted(set(names))))
+        log.warning("otofx.slb: act_bits: the input of %s is computed inside an attention or experts module and "
+                    "is not fake-quantised (the weights are)", ", ".join(sorted(set(names))))
 
 
 def act_factory(act_bits: int | None, act_quant: str) -> Callable[[], nn.Module] | None:
@@ -610,7 +665,8 @@ def weight_factory(bits: int, scale: bool | None, warm_start: float | None) -> C
 
     def make(layer: Layer, w: torch.Tensor) -> nn.Module:
         s = (not layer.normalised) if scale is None else bool(scale)
-        return SLBWeight(w.shape, bits, scale=s, warm_start=warm_start, out_dim=layer.out_dim).to(w.device)
+        return SLBWeight(w.shape, bits, scale=s, warm_start=warm_start, out_dim=layer.out_dim,
+                         batch=layer.batch).to(w.device)
 
     return make
 
