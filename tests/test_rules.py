@@ -230,6 +230,24 @@ def test_cat_places_channels_at_offsets():
     assert torch.equal(index(zb, "c3.weight", 1), index(zb, "b.weight", 0) + 4)
 
 
+def test_strided_slices_keep_aligned_blocks_as_rows():
+    """y[:, r::3]: each aligned block of 3 channels is one row (its r-th channel goes to the r-th
+    reader), so removing rows keeps the residues; a partial last block (8 channels) is a row too."""
+    model, x = build(R.strided_slices_export)
+    oto = otofx.OTO(model, x)
+    z = zig_with(oto, "c1.weight", 0)
+    assert z.rows == 4 and torch.equal(index(z, "c1.weight", 0), torch.arange(12).reshape(4, 3))
+    for n, r in (("ca.weight", 0), ("cb.weight", 1), ("cc.weight", 2)):
+        assert torch.equal(index(z, n, 1).reshape(-1), torch.arange(4)), n
+    z2 = [zz for zz in oto.groups if any(n == "c2.weight" for n, _, _ in zz.params)]
+    assert sorted(index(zz, "c2.weight", 0).tolist() for zz in z2) == [[[0, 1, 2], [3, 4, 5]], [[6, 7]]]
+    rows = {id(z): torch.tensor([1])}  # c1's channels 3-5; c2's first block and its partial last one
+    rows.update({id(zz): torch.tensor([0]) for zz in z2})
+    zero_rows(model, oto, [rows.get(id(zz), torch.tensor([], dtype=torch.long)) for zz in oto.groups])
+    small = assert_exact(model, oto, x)
+    assert small.get_parameter("c1.weight").shape[0] == 9 and small.get_parameter("c2.weight").shape[0] == 3
+
+
 def test_cat_with_model_input_pins_only_its_slice():
     model, x = build(R.cat_with_input_and_concat_spelling)
     oto = otofx.OTO(model, x)

@@ -1,7 +1,8 @@
 """Indexing: narrow, slice, getitem (``x[...]``), index, select, roll, gather.
 
-A unit-step slice keeps its slice of the axis ids (a channel keeps its row at a new offset, and the
-literal bounds are recounted in the rewrite); an integer or tensor index reads single channels and
+A slice keeps its slice of the axis ids (a channel keeps its row at a new offset, and the literal
+bounds are recounted in the rewrite; a step > 1 ties each aligned block of ``step`` positions, so that
+the kept positions keep their residues and the same step selects them); an integer or tensor index reads single channels and
 pins the axis it reads; ``None`` adds an axis that is not a channel.
 
 Internals:
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import operator
 
+import numpy as np
 import torch
 
 from ..channels import AxisLabels, Ctx, false_mask, labs_in, pinned_axis
@@ -56,21 +58,48 @@ def _slice_fix(site, input, dim=0, start=None, end=None, step=1, **_):
     if keep.all():
         return
     n = len(keep)
-    s, e, _st = slice(start, end, step).indices(n)
+    s, e, st = slice(start, end, step).indices(n)
+    if st != 1:
+        # NB: the rule tied each aligned block of ``step`` positions, so whole blocks go and every kept
+        # position keeps its residue mod step: the selected ones are again a progression of ``step``
+        new = np.cumsum(keep) - 1
+        pos = np.arange(s, e, st)
+        kept = pos[keep[pos]]
+        if kept.size == 0:
+            site.set("start", 0)
+            site.set("end", 0)
+            return
+        at = new[kept]
+        if kept.size > 1 and not (np.diff(at) == st).all():
+            raise AssertionError(f"strided slice: kept positions {kept.tolist()} are not a progression of {st}")
+        site.set("start", int(at[0]))
+        site.set("end", int(at[-1]) + 1)
+        return
     site.set("start", int(keep[:s].sum()))
     site.set("end", int(keep[:e].sum()) if end is not None and end < n else end)
 
 
 @rule("slice", fix=_slice_fix, keeps_axes=True)
 def slice_(ctx: Ctx, input, dim=0, start=None, end=None, step=1, meta=None, **_):
-    """aten.slice(dim, start, end, step 1): the output axis is that slice of the ids."""
+    """aten.slice(dim, start, end, step): the output axis is that slice of the ids; a step > 1 ties each aligned block of step positions."""
     x = input
     d = _ax(dim, x.ndim)
-    if step != 1 or not all(isinstance(v, (int, type(None))) for v in (start, end)):
+    if not isinstance(step, int) or step < 1 or not all(isinstance(v, (int, type(None))) for v in (start, end)):
         ctx.pin(x.ids[d], "strided or computed slice")
         return _passthrough(ctx, x, _out_shape(meta), {i: i for i in range(x.ndim)})
-    s, e, _ = slice(start, end).indices(x.shape[d])
-    return x.with_axis(d, x.ids[d][s:e], x.zero[d][s:e])
+    n = x.shape[d]
+    s, e, st = slice(start, end, step).indices(n)
+    if st > 1 and n > 1:
+        # NB: removing whole aligned blocks of ``step`` positions keeps every position's residue, so
+        # the rewrite can select the kept ones with the same step (interleaved q/k/v, rotary pairs)
+        full = (n // st) * st
+        if full:
+            blocks = x.ids[d][:full].reshape(-1, st)
+            ctx.tie(blocks, np.broadcast_to(blocks[:, :1], blocks.shape))
+        if full < n:
+            tail = x.ids[d][full:]
+            ctx.tie(tail, np.broadcast_to(tail[:1], tail.shape))
+    return x.with_axis(d, x.ids[d][s:e:st], x.zero[d][s:e:st])
 
 
 functions("slice", _ov(aten.slice, "Tensor"), defaults=(("dim", 0), ("start", None), ("end", None), ("step", 1)))

@@ -30,6 +30,21 @@ def slice_export():
     return m.eval(), img()
 
 
+@example("slice", frontend="export")
+def strided_slices_export():
+    """Interleaved channels read by step: y[:, 0::3], y[:, 1::3], y[:, 2::3] of 12, and y[:, 1::3] of 8
+    (a partial last block); each aligned block of 3 channels goes or stays as one."""
+
+    def fwd(s, x):
+        _force_export(x)
+        y = torch.relu(s.c1(x))
+        z = torch.relu(s.c2(x))
+        return s.ca(y[:, 0::3]) + s.cb(y[:, 1::3]) * s.cc(y[:, 2::3]) + s.cd(z[:, 1::3])
+
+    m = Net(fwd, c1=conv(3, 12), c2=conv(3, 8), ca=conv(4, 4), cb=conv(4, 4), cc=conv(4, 4), cd=conv(3, 4))
+    return m, img()
+
+
 @example("getitem")
 def getitem_slices():
     def fwd(s, x):
