@@ -34,7 +34,7 @@ import torch.fx as fx
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from otofx import pipeline
-from otofx.capture import STATIC_IMAGE_SIZES, _first_line, _no_kv_cache, normalize_inputs
+from otofx.capture import DATA_BRANCHES, STATIC_IMAGE_SIZES, _first_line, _no_kv_cache, normalize_inputs
 from otofx.errors import InputError, OTOError, VerificationError
 from otofx.passes.nodes import set_path
 from otofx.passes.prune import Plan, row_norms, zero_row_plan
@@ -212,6 +212,21 @@ class OTO:
         _check_params(self.model)
         _need_weights(self.model, "OTO.compress()", (self._args, self._kwargs) if verify else ())
         self._warn_below_target()
+        branches = self.graph_module.meta.get(DATA_BRANCHES)
+        if branches:
+            # NB: the analysis saw the example's branch only: the graph raises on another, the model's
+            # own class would run it unchecked (a layer of another branch may read pruned channels)
+            said = "; ".join(f"{c} is {v}" for c, v in branches)
+            if form == "auto":
+                log.warning("otofx: compress() returns the graph: %s branches on tensor values (%s), the analysis "
+                            "saw the example's branch, and the graph raises on an input that takes another. "
+                            "form='module' gives the model's own class, exact on inputs that take the same branch.",
+                            type(self.model).__name__, said)
+                form = "graph"
+            elif form == "module":
+                log.warning("otofx: %s branches on tensor values (%s): its compressed class is exact on inputs that "
+                            "take the example's branch; other branches were not analysed", type(self.model).__name__,
+                            said)
         if form != "graph" and not passes:
             try:
                 return self._compress_module(verify or form == "auto", plan, rtol=1e-4 if verify else float("inf"))

@@ -427,16 +427,193 @@ def _export_program(model, args, kwargs):
         try:
             ep = torch.export.export(model, a, k, dynamic_shapes=shapes, strict=False)
         except Exception as e:  # noqa: BLE001
-            if dims is None:
-                raise
-            log.info("torch.export with %s dynamic failed (%s: %s); trying fewer dynamic dimensions",
-                     "batch and sequence" if dims == "all" else "the batch dimension", type(e).__name__,
-                     _first_line(e))
-            continue
+            ep = _draft(model, a, k, shapes) if _data_dependent(e) else None
+            if ep is None:
+                if dims is None:
+                    raise
+                log.info("torch.export with %s dynamic failed (%s: %s); trying fewer dynamic dimensions",
+                         "batch and sequence" if dims == "all" else "the batch dimension", type(e).__name__,
+                         _first_line(e))
+                continue
         if dims != "all":
             log.info("%s captured with %s", type(model).__name__,
                      "a dynamic batch only" if dims == "batch" else "static shapes")
         return ep, (a, k), dims
+
+
+# --- branches on tensor values ----------------------------------------------------------------------
+# NB: torch.export cannot capture a Python branch on a tensor's value (``if mask.any():`` in
+# Longformer, LED, FSMT). torch.export.draft_export takes the branch the example takes and reports
+# each decision; the graph then holds a DataBranchGuard per decision, which raises when an input
+# would take another branch, so the graph never computes a branch it does not hold.
+
+
+def _data_dependent(e: BaseException) -> bool:
+    while e is not None:
+        if "data-dependent" in str(e) or "DataDependent" in type(e).__name__:
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def _draft(model, args, kwargs, shapes):
+    """``torch.export.draft_export`` when its only issues are branches on data (else None)."""
+    draft = getattr(torch.export, "draft_export", None)
+    if draft is None:
+        return None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ep = draft(model, args, kwargs, dynamic_shapes=shapes, strict=False)
+    except Exception as e:  # noqa: BLE001
+        log.info("torch.export.draft_export failed too (%s: %s)", type(e).__name__, _first_line(e))
+        return None
+    failures = list(getattr(getattr(ep, "_report", None), "failures", ()))
+    branches = [f for f in failures if getattr(f.failure_type, "name", "") == "DATA_DEPENDENT_ERROR"]
+    if len(branches) != len(failures) or not branches or not all("expr" in f.data for f in branches):
+        log.info("torch.export.draft_export reports other issues than branches on data: %s",
+                 ", ".join(sorted({str(f.failure_type) for f in failures})) or "none")
+        return None
+    ep.otofx_branches = [(str(f.data["expr"]), str(f.data.get("result"))) for f in branches]
+    by_symbol, by_expr, sizes = _scalars(ep.graph)
+    asserted = _asserted(ep.graph)
+    for cond, _ in ep.otofx_branches:
+        # NB: with dynamic sizes, draft_export may fix a size it branched on (the report still names
+        # its symbol): such a capture cannot check the branch; fewer dynamic sizes are tried next
+        if not _checkable(cond, by_symbol, by_expr, sizes, asserted):
+            log.info("torch.export.draft_export: the branch %s cannot be checked on this graph", cond)
+            return None
+    return ep
+
+
+def _asserted(graph: fx.Graph) -> set:
+    """Unbacked symbols (``u0``) the graph's own runtime assertions constrain: draft_export asserts the
+    values it decided a branch with (``u0 >= 1``, ``u0 <= 1`` for a True condition)."""
+    import re
+
+    out = set()
+    for n in graph.nodes:
+        if n.op == "call_function" and "_assert_scalar" in str(n.target) and len(n.args) > 1:
+            out.update(re.findall(r"\bu\d+\b", str(n.args[1])))
+    return out
+
+
+def _checkable(cond: str, by_symbol: dict, by_expr: dict, sizes: dict, asserted: set) -> bool:
+    names = _symbols_of(cond)
+    if cond in by_expr or (names and all(x in by_symbol or x in sizes for x in names)):
+        return True
+    unbacked = [x for x in names if x.startswith("u")]
+    return bool(unbacked) and all(x in asserted for x in unbacked)
+
+
+def _symbols_of(cond: str) -> tuple:
+    import re
+
+    return tuple(sorted(set(re.findall(r"\b[usf]\d+\b", cond))))
+
+
+def _scalars(graph: fx.Graph):
+    """``(symbol -> node, expression text -> node, symbol -> (placeholder, dim))`` of a captured graph."""
+    import sympy
+
+    by_symbol, by_expr, sizes = {}, {}, {}
+    for n in graph.nodes:
+        v = n.meta.get("val")
+        expr = getattr(getattr(v, "node", None), "expr", None)
+        if isinstance(expr, sympy.Symbol):
+            by_symbol.setdefault(str(expr), n)
+        if isinstance(expr, sympy.Basic):
+            by_expr.setdefault(str(expr), n)  # a scalar that is the condition itself (item() of a bool)
+        if n.op == "placeholder" and isinstance(v, torch.Tensor):
+            for d, size in enumerate(v.shape):  # an input's size: read with sym_size where a guard needs it
+                e = getattr(getattr(size, "node", None), "expr", None)
+                if isinstance(e, sympy.Symbol):
+                    sizes.setdefault(str(e), (n, d))
+    return by_symbol, by_expr, sizes
+
+
+DATA_BRANCHES = "otofx_data_branches"  # gm.meta key: the (condition, value) pairs the graph assumes
+
+
+@fxcompat.mark_impure
+class DataBranchGuard(torch.nn.Module):
+    """Raises :class:`otofx.errors.ShapeError` when the values a branch of the model depends on give
+    another outcome than on the example the graph was captured with (the graph holds that branch only)."""
+
+    def __init__(self, expr: str, names: tuple, expected: str, label: str | None = None):
+        super().__init__()
+        self.expr, self.names, self.expected = expr, tuple(names), expected
+        self.label = label or expr  # the condition as torch.export states it
+
+    def _parsed(self):
+        got = self.__dict__.get("_fn")
+        if got is None:
+            import sympy
+            import torch.utils._sympy.functions as F
+
+            symbols = [sympy.Symbol(n, integer=True) for n in self.names]
+            scope = {n: getattr(F, n) for n in dir(F) if not n.startswith("_")}
+            scope.update(dict(zip(self.names, symbols)))
+            got = self.__dict__["_fn"] = (sympy.sympify(self.expr, locals=scope), symbols)
+        return got
+
+    def forward(self, *values):
+        expr, symbols = self._parsed()
+        v = expr.subs({s: (int(x) if not isinstance(x, float) else x) for s, x in zip(symbols, values)})
+        got = str(bool(v)) if self.expected in ("True", "False") else str(v)
+        if got != self.expected:
+            raise ShapeError(f"this input takes another branch of the model than the example it was captured with "
+                             f"({self.label} is {got}, was {self.expected}); {_BRANCH_HELP}")
+
+    def extra_repr(self) -> str:
+        return f"{self.label} == {self.expected}"
+
+
+_BRANCH_HELP = ("the graph holds the example's branch only, as the analysis did: capture with an example that "
+                "takes the branch you need")
+
+
+@torch.fx.node.has_side_effect
+def branch_assert(ok, message: str) -> None:
+    """draft_export's runtime assertion on a value a branch was decided by, raising an otofx error."""
+    if not ok:
+        raise ShapeError(f"this input takes another branch of the model than the example it was captured with "
+                         f"({message}); {_BRANCH_HELP}")
+
+
+def _guard_branches(gm: fx.GraphModule, branches: list) -> None:
+    """Insert a :class:`DataBranchGuard` for each ``(condition, value)`` after the scalars it reads."""
+    by_symbol, by_expr, sizes = _scalars(gm.graph)
+    asserted = _asserted(gm.graph)
+    last_input = [n for n in gm.graph.nodes if n.op == "placeholder"][-1]
+    for i, (cond, value) in enumerate(branches):
+        if not _checkable(cond, by_symbol, by_expr, sizes, asserted):
+            raise CaptureError(f"the capture assumes {cond} == {value} but the graph holds no value it can check "
+                               "that on")
+        if cond not in by_expr and not all(x in by_symbol or x in sizes for x in _symbols_of(cond)):
+            continue  # draft_export's own runtime assertions check it
+        if cond in by_expr:
+            names, nodes, expr = ("c",), [by_expr[cond]], "c"
+        else:
+            names = _symbols_of(cond)
+            for x in names:
+                if x not in by_symbol:  # an input's size
+                    with gm.graph.inserting_after(last_input):
+                        by_symbol[x] = gm.graph.call_function(torch.ops.aten.sym_size.int, sizes[x])
+            nodes, expr = [by_symbol[x] for x in names], cond
+        order = {n: j for j, n in enumerate(gm.graph.nodes)}
+        name = f"_otofx_branch_{i}"
+        gm.add_submodule(name, DataBranchGuard(expr, names, value, label=cond))
+        with gm.graph.inserting_after(max(nodes, key=order.__getitem__)):
+            gm.graph.call_module(name, tuple(nodes))
+    import re
+
+    for n in gm.graph.nodes:  # draft_export's own assertions on the branch values: otofx's error
+        if n.op == "call_function" and "_assert_scalar" in str(n.target) and len(n.args) > 1 \
+                and re.search(r"\bu\d+\b", str(n.args[1])):
+            n.target = branch_assert
+    gm.meta[DATA_BRANCHES] = list(branches)
+    gm.recompile()
 
 
 # The capture with dynamic image sizes may take this many times the first capture's time (at least
@@ -750,8 +927,12 @@ def export_captured(model: torch.nn.Module, args: tuple, kwargs: dict) -> Captur
             except Exception as e:  # noqa: BLE001 - a training-only branch export cannot follow
                 why = f"failed ({type(e).__name__}: {_first_line(e)})"
             else:
-                gm = _finish(ep, model, True)
-                why = _training_capture_problem(gm, model, args, kwargs)
+                try:
+                    gm = _finish(ep, model, True)
+                except CaptureError as e:  # a branch on data the graph cannot check
+                    why = f"cannot be checked ({_first_line(e)})"
+                else:
+                    why = _training_capture_problem(gm, model, args, kwargs)
         if why:
             log.info("%s: the training-mode capture %s; capturing in eval mode (its training mode keeps "
                      "dropout and batch statistics only)", type(model).__name__, why)
@@ -834,6 +1015,12 @@ def _readable_guards(gm: fx.GraphModule, ep) -> None:
 
 def _finish(ep, model, captured_training: bool) -> fx.GraphModule:
     gm = _inline_grad_regions(ep.module())
+    branches = getattr(ep, "otofx_branches", None)
+    if branches:
+        _guard_branches(gm, branches)
+        log.warning("%s branches on tensor values (%s); the graph follows the example's branch and raises on an "
+                    "input that takes another. The analysis sees that branch only.", type(model).__name__,
+                    "; ".join(f"{c} is {v}" for c, v in branches))
     functionalize_slice_writes(gm)
     _readable_guards(gm, ep)
     _follow_mode(gm, model, captured_training)

@@ -151,8 +151,8 @@ def _describe(model: nn.Module):
             raise InputError(
                 f"{where} is a torch.fx.GraphModule: its forward is generated code, which otofx.save does not "
                 "store (loading it would run code from the file, as a pickle does). Save the module form "
-                "instead: `small = oto.compress()` (the model's own class; `form='graph'` gives the "
-                "GraphModule), then `otofx.save(small, path)`; the graph form is recovered by compressing "
+                "instead: `small = oto.compress(form='module')` (the model's own class), then "
+                "`otofx.save(small, path)`; the graph form is recovered by compressing "
                 "or tracing the loaded module")
         if callable(vars(mod).get("forward")):
             raise InputError(f"{'the model' if not path else f'submodule {path!r}'} has its own `forward` (an instance "

@@ -26,13 +26,13 @@ class ShapeBranch(nn.Module):
         return self.conv2(F.relu(y))
 
 
-class ValueBranch(ShapeBranch):
-    """Control flow on tensor values: no front-end can capture it."""
+class LeavesTorch(ShapeBranch):
+    """Computes through numpy: no front-end can follow it (a branch on values is captured along the
+    example's branch: test_a_branch_on_data_is_captured_and_guarded)."""
 
     def forward(self, x):
         y = self.conv1(x)
-        if y.sum() > 0:
-            y = -y
+        y = torch.from_numpy(y.detach().numpy() * 2)
         return self.conv2(y)
 
 
@@ -63,12 +63,12 @@ def test_frontends_agree(frontend):
 
 
 def test_untraceable_model_names_both_failures():
-    m = ValueBranch()
+    m = LeavesTorch()
     before = snapshot(m)
     with pytest.raises(otofx.CaptureError) as e:
         otofx.OTO(m, torch.randn(2, 3, 8, 8))
     msg = str(e.value)
-    assert "symbolic_trace" in msg and "torch.export" in msg and "ValueBranch" in msg
+    assert "symbolic_trace" in msg and "torch.export" in msg and "LeavesTorch" in msg
     assert snapshot(m) == before
 
 
@@ -216,3 +216,58 @@ def test_graph_module_matches_fx(name):
         torch.testing.assert_close(ours.eval()(x), model.eval()(x))
     for k in [k for k in vars(model) if k.startswith("_tensor_constant")]:
         delattr(model, k)
+
+
+class _BranchesOnData(nn.Module):
+    """Takes one of two paths by a value of its input (``if x.mean() > 0``: Longformer's global
+    attention, FSMT's padding mask): torch.export alone cannot capture it."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.head = nn.Linear(4, 8), nn.Linear(4, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        if x.mean() > 0:
+            h = torch.relu(self.a(x))
+        else:
+            h = torch.tanh(self.b(x))
+        return self.head(h)
+
+
+@pytest.mark.parametrize("sign", [1, -1])
+def test_a_branch_on_data_is_captured_and_guarded(caplog, sign):
+    """The capture follows the example's branch (torch.export.draft_export) and says so; only that
+    branch is analysed (a's rows are a group, b is never read, and head's columns follow a). So
+    compress() gives the graph, which raises an otofx ShapeError on an input that takes the other
+    branch; form='module' gives the own class, exact on the example's branch, with a warning."""
+    import logging
+
+    torch.manual_seed(0)
+    m = _BranchesOnData().eval()
+    x = sign * (torch.randn(5, 4).abs() + 0.1)  # sign 1: mean > 0, the first branch (a); -1: b
+    taken, other = ("a", "b") if sign > 0 else ("b", "a")
+    with caplog.at_level(logging.WARNING, logger="otofx"):
+        oto = otofx.OTO(m, x, frontend="export")
+    assert "branches on tensor values" in caplog.text
+    z = [g for g in oto.groups if any(n == f"{taken}.weight" for n, _, _ in g.params)]
+    assert len(z) == 1 and z[0].rows == 8
+    assert not any(n.startswith(f"{other}.") for g in oto.groups for n, _, _ in g.params)
+    with torch.no_grad():
+        getattr(m, taken).weight[:4] = 0
+        getattr(m, taken).bias[:4] = 0
+        m.head.weight[:, :4] = 0
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="otofx"):
+        small = oto.compress()
+    assert isinstance(small, torch.fx.GraphModule) and "returns the graph" in caplog.text
+    assert small.get_parameter(f"{taken}.weight").shape == (4, 4)
+    x2 = sign * (torch.randn(3, 4).abs() + 0.5)
+    with torch.no_grad():
+        torch.testing.assert_close(small(x2), m(x2), rtol=1e-5, atol=1e-6)
+        with pytest.raises(otofx.errors.ShapeError, match="another branch"):
+            small(-x2)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="otofx"):
+            own = oto.compress(form="module")
+        assert type(own) is _BranchesOnData and "other branches were not analysed" in caplog.text
+        torch.testing.assert_close(own(x2), m(x2), rtol=1e-5, atol=1e-6)

@@ -175,7 +175,7 @@ def test_what_compress_returns(tmp_path):
 
 
 def test_graph_module_refused(tmp_path):
-    with pytest.raises(InputError, match=r"GraphModule.*oto\.compress\(\)"):
+    with pytest.raises(InputError, match=r"GraphModule.*oto\.compress\(form='module'\)"):
         otofx.save(fx.symbolic_trace(_SmallCNN()), tmp_path / "g")
 
 
