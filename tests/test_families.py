@@ -226,6 +226,38 @@ def test_latent_attention_heads_found_exact_generate_and_save(tmp_path):
     assert torch.equal(back.generate(x, max_new_tokens=5, do_sample=False), full)
 
 
+def test_multimodal_gemma3_with_images_compresses_both_towers():
+    """Gemma 3 as it ships for 4B and up (Gemma3ForConditionalGeneration) on text and an image: the
+    vision tower's heads and MLP widths and the language model's are groups (the projector between
+    them is pinned by its norm); half of each zeroed, the own class is exact on both inputs and
+    generates the same tokens from the same image."""
+    T = transformers
+    cfg = T.Gemma3Config(
+        text_config=dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                         num_key_value_heads=2, head_dim=8, max_position_embeddings=64),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                           image_size=32, patch_size=8),
+        mm_tokens_per_image=4)
+    torch.manual_seed(0)
+    model = randomize(T.Gemma3ForConditionalGeneration(cfg).eval())
+    ids = torch.randint(3, 100, (2, 12), generator=torch.Generator().manual_seed(0))
+    ids[:, 1:5] = cfg.image_token_id
+    x = {"input_ids": ids, "pixel_values": torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))}
+    oto = otofx.OTO(model, x)
+    towers = {n.split(".")[1] for z in oto.groups for n, _, _ in z.params}
+    assert towers == {"vision_tower", "language_model"}
+    assert sorted(z.rows for z in oto.groups) == [2, 4, 64, 64]  # text: 2 key/value heads; vision: 4 heads
+    zero_random_rows(model, oto, seed=5)
+    small = oto.compress()
+    assert isinstance(small, type(model))
+    kw = {"use_cache": False}
+    with torch.no_grad():
+        torch.testing.assert_close(small(**x, **kw).logits, model(**x, **kw).logits, rtol=1e-4, atol=1e-5)
+    one = {"input_ids": ids[:1, :8], "pixel_values": x["pixel_values"][:1]}
+    assert torch.equal(small.generate(**one, max_new_tokens=4, do_sample=False),
+                       model.generate(**one, max_new_tokens=4, do_sample=False))
+
+
 def _sweep():
     path = Path(__file__).resolve().parent.parent / "bench" / "hf_sweep.py"
     spec = importlib.util.spec_from_file_location("hf_sweep", path)
