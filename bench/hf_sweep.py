@@ -112,6 +112,13 @@ OVERRIDES = {
     "jamba": {"attn_layer_period": 2, "attn_layer_offset": 1, "expert_layer_period": 2, "expert_layer_offset": 1},
     "gpt_neo": {"attention_types": [[["global", "local"], 1]]},
     "mamba2": {"num_heads": 2 * HIDDEN // HEAD_DIM, "n_groups": 1},
+    # Mamba-2 hybrids: heads x head width = expand x hidden; one Mamba layer and one attention layer
+    "granitemoehybrid": {"mamba_n_heads": 8, "mamba_d_head": 8, "mamba_d_state": 16, "mamba_chunk_size": 16,
+                         "layer_types": ["linear_attention", "full_attention"], "num_hidden_layers": 2},
+    "bamba": {"mamba_n_heads": 8, "mamba_d_head": 8, "mamba_d_state": 16, "mamba_chunk_size": 16,
+              "attn_layer_indices": [1]},
+    "dory": {"layer_types": ["sliding_attention", "full_attention"], "num_hidden_layers": 2, "n_input_layers": 1,
+             "n_output_layers": 1},
     "convnext": {"image_size": 64},
     "convnextv2": {"image_size": 64},
 }
@@ -178,6 +185,14 @@ def _tiny_kwargs(have: dict) -> dict:
             if k in have and (have[k] is not None or k in DERIVED) and not isinstance(have[k], (list, dict))}
 
 
+def _readable(cfg, k: str) -> bool:
+    try:
+        getattr(cfg, k)
+    except Exception:  # noqa: BLE001 -- transformers' per-layer attributes raise when read globally
+        return False
+    return True
+
+
 def tiny_config(model_type: str, cls_name: str | None = None):
     """The family's config with every known size attribute set small (``SIZES``, ``OVERRIDES``).
 
@@ -187,15 +202,20 @@ def tiny_config(model_type: str, cls_name: str | None = None):
     from transformers import CONFIG_MAPPING
 
     cls = CONFIG_MAPPING[model_type]
-    own = getattr(getattr(transformers, cls_name, None), "config_class", None) if cls_name else None
-    if isinstance(own, type) and own is not cls and getattr(own, "model_type", None):
-        cls = own
     default = cls()
+    own = getattr(getattr(transformers, cls_name, None), "config_class", None) if cls_name else None
+    if isinstance(own, type) and own is not cls and getattr(own, "model_type", None) \
+            and isinstance(default.to_dict().get("text_config"), dict):
+        cls = own  # a composite family config (text + vision) given to a text-only class
+        default = cls()
     have = default.to_dict()
     kw = _tiny_kwargs(have)
+    for k in DERIVED:  # NB: a size the family keeps per layer (Gemma 4's head_dim) cannot be set globally
+        if k in kw and have.get(k) is None and not _readable(default, k):
+            del kw[k]
     for k, v in have.items():  # multi-modal configs: their text / vision / audio sub-configs too
-        sub = getattr(default, k, None)
-        if isinstance(v, dict) and hasattr(sub, "to_dict") and getattr(sub, "model_type", None):
+        sub = getattr(default, k, None) if isinstance(v, dict) else None
+        if hasattr(sub, "to_dict") and getattr(sub, "model_type", None):
             kw[k] = {"model_type": sub.model_type, **_tiny_kwargs(sub.to_dict())}
     types = have.get("layer_types")
     if isinstance(types, list) and len(set(map(str, types))) > 1 and "layer_types" not in OVERRIDES.get(model_type, {}):
