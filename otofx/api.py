@@ -352,8 +352,8 @@ class OTO:
         return train_betas(self, loader, knockoff=knockoff, epochs=epochs, lr=lr, **kw).scores
 
     def prune_lowest(self, scores, *, ratio: float = 0.5, per_group: bool = True, loader=None, bn_batches: int = 10,
-                     **kw) -> fx.GraphModule:
-        """A new GraphModule without the lowest-scoring rows (:func:`otofx.scop.prune_lowest`)."""
+                     **kw) -> torch.nn.Module:
+        """A new model without the lowest-scoring rows (:func:`otofx.scop.prune_lowest`): the own class where it can."""
         from otofx.scop import prune_lowest
 
         return prune_lowest(self, scores, ratio=ratio, per_group=per_group, loader=loader, bn_batches=bn_batches, **kw)

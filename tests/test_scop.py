@@ -230,6 +230,58 @@ def test_beta_optimizers_sgd_moves_by_the_gradient_adam_by_its_sign(caplog):
         train_betas(oto, loader, optimizer="lbfgs")
 
 
+def test_sgd_lr_is_a_cosine_over_the_steps():
+    """SGD's learning rate follows lr * (1 + cos(pi t / T)) / 2 over T = epochs x batches, whatever the
+    losses are (a running loss sum once stood in for T)."""
+    from otofx.scop import select
+
+    oto = otofx.OTO(_model(), torch.randn(1, 2, 6, 6))
+    loader = _loader()  # 6 batches
+    seen = []
+    real = select._set_lr
+
+    def record(opt, lr, t, total):
+        seen.append((t, total))
+        real(opt, lr, t, total)
+
+    import unittest.mock as mock
+
+    with mock.patch.object(select, "_set_lr", record):
+        train_betas(oto, loader, knockoff=lambda t: -t, lr=0.01, epochs=2)
+    assert seen == [(t, 12) for t in range(12)]
+
+
+def _doubled_outputs_model():
+    class TwoHeads(nn.Module):  # a dict and a tuple out, as a language model's outputs
+        def __init__(self):
+            super().__init__()
+            self.body, self.a, self.b = nn.Linear(5, 8), nn.Linear(8, 3), nn.Linear(8, 2)
+
+        def forward(self, x):
+            h = torch.relu(self.body(x))
+            return {"logits": self.a(h), "extra": (self.b(h), 7)}
+
+    torch.manual_seed(0)
+    return TwoHeads().eval()
+
+
+def test_outputs_of_any_structure_are_cut_to_the_real_half():
+    """The real and knockoff halves run as one batch; every tensor of the outputs (a dict, a tuple)
+    is cut to the real half before loss_fn sees it."""
+    m = _doubled_outputs_model()
+    oto = otofx.OTO(m, torch.randn(2, 5))
+    g = torch.Generator().manual_seed(0)
+    loader = [(torch.randn(4, 5, generator=g), torch.randint(0, 3, (4,), generator=g)) for _ in range(2)]
+    shapes = []
+
+    def loss_fn(out, y):
+        shapes.append((tuple(out["logits"].shape), tuple(out["extra"][0].shape), out["extra"][1]))
+        return torch.nn.functional.cross_entropy(out["logits"], y)
+
+    res = train_betas(oto, loader, knockoff="permute", lr=0.01, epochs=1, loss_fn=loss_fn)
+    assert shapes == [((4, 3), (4, 2), 7)] * 2 and len(res.scores) == len(oto.groups)
+
+
 def test_gaussian_knockoffs_of_large_inputs_use_tiles_and_keep_constants():
     g = torch.Generator().manual_seed(1)
     x = torch.randn(3000, 2, 4, 4, generator=g)
@@ -348,3 +400,26 @@ def test_cli_demo_scop_prints_the_comparison(capsys):
     assert rc == 0
     for name in ("dense", "SCOP (permute)", "L1", "random", "acc fine-tuned"):
         assert name in out
+
+
+def test_scop_on_a_language_model_keeps_its_class_and_generates():
+    """SCOP on a causal LM (Qwen3, tiny): token batches with permuted knockoffs (the other sequences of
+    the batch), a loss on the logits of the real half; prune_lowest gives the model's own class,
+    checked against the full model with those rows zeroed, and it generates."""
+    tr = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    m = tr.Qwen3ForCausalLM(tr.Qwen3Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                           num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                           max_position_embeddings=32)).eval()
+    g = torch.Generator().manual_seed(0)
+    loader = [(torch.randint(1, 64, (4, 10), generator=g), torch.randint(1, 64, (4, 10), generator=g)) for _ in range(2)]
+    oto = otofx.OTO(m, loader[0][0][:2])
+
+    def loss_fn(out, y):
+        return torch.nn.functional.cross_entropy(out["logits"].flatten(0, 1), y.flatten())
+
+    s = oto.scop(loader, knockoff="permute", epochs=1, loss_fn=loss_fn)
+    small = oto.prune_lowest(s, ratio=0.5)
+    assert type(small) is type(m) and n_params(small) < n_params(m)
+    out = small.generate(loader[0][0][:1, :4], max_new_tokens=3, do_sample=False)
+    assert out.shape == (1, 7)

@@ -26,9 +26,9 @@ import logging
 import math
 
 import torch
-import torch.fx as fx
 from torch.utils._pytree import tree_flatten
 
+from otofx.capture import _no_kv_cache
 from otofx.errors import InputError, VerificationError
 from otofx.passes.prune import plan_rows
 from otofx.verify import compare, run_eval
@@ -84,7 +84,9 @@ def check_structure(oto, small: torch.nn.Module) -> None:
     """``small`` runs on the example inputs and gives outputs of the full model's structure and shapes."""
     full = run_eval(oto._sync(), oto._args, oto._kwargs)
     try:
-        got = run_eval(small, oto._args, oto._kwargs)
+        # NB: the graph was captured without a KV cache (Hugging Face); so is the model's own class here
+        with _no_kv_cache(small, oto._kwargs):
+            got = run_eval(small, oto._args, oto._kwargs)
     except Exception as e:  # noqa: BLE001
         raise VerificationError(f"the pruned model does not run on the example inputs: {type(e).__name__}: {e}") from e
     fa, sa = tree_flatten(full)
@@ -98,15 +100,17 @@ def check_structure(oto, small: torch.nn.Module) -> None:
 
 
 def prune_lowest(oto, scores, *, ratio: float = 0.5, per_group: bool = True, loader=None, bn_batches: int = 10,
-                 verify: bool = True, rtol: float = 1e-4) -> fx.GraphModule:
-    """A new GraphModule without each group's lowest-scoring rows (see the module docstring)."""
+                 verify: bool = True, rtol: float = 1e-4) -> torch.nn.Module:
+    """A new model without each group's lowest-scoring rows (see the module docstring): the model's own
+    class where ``oto.compress()`` gives it, else the GraphModule."""
     rows = choose_rows(oto, scores, ratio, per_group)
     plan = plan_rows(oto.zigset, rows)
     small = oto.compress(plan=plan, verify=False)
     check_structure(oto, small)
     if verify:
-        err = compare(zeroed_copy(oto, plan), small, oto._args, oto._kwargs, rtol,
-                      "the pruned model (against the full model with those rows zeroed)")
+        with _no_kv_cache(small, oto._kwargs):
+            err = compare(zeroed_copy(oto, plan), small, oto._args, oto._kwargs, rtol,
+                          "the pruned model (against the full model with those rows zeroed)")
         log.info("scop: pruned model equals the zeroed full model to %.2g (relative)", err)
     log.info("scop: removed %d of %d rows (%s)", plan.count, sum(z.rows for z in oto.groups),
              "per group" if per_group else "globally")

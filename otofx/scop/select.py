@@ -42,6 +42,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.utils._pytree import tree_map
 
 from otofx.errors import InputError
 from otofx.passes.scop import insert_selection
@@ -147,7 +148,7 @@ def train_betas(oto, loader, *, knockoff="gaussian", epochs: int = 10, lr: float
     for epoch in range(epochs):
         if optimizer == "sgd" and total is None:
             _set_lr(opt, lr, epoch, epochs)
-        t0, total, seen = time.perf_counter(), 0.0, 0
+        t0, loss_sum, seen = time.perf_counter(), 0.0, 0
         for batch in loader:
             if max_steps is not None and step >= max_steps:
                 break
@@ -160,7 +161,11 @@ def train_betas(oto, loader, *, knockoff="gaussian", epochs: int = 10, lr: float
                                  f"of shape {tuple(torch.cat([x, xk]).shape)}: {type(e).__name__}: {e}. SCOP runs the "
                                  "real and knockoff halves as one batch; capture with a batch-independent front-end "
                                  "(frontend='symbolic_trace')") from e
-            loss = loss_fn(out[: x.shape[0]], y)
+            n = x.shape[0]
+            # NB: every output of the doubled batch (a language model's logits in a tuple or a dict) is
+            # cut to the real half
+            loss = loss_fn(tree_map(lambda t: t[:n] if isinstance(t, torch.Tensor) and t.dim() and t.shape[0] == 2 * n
+                                    else t, out), y)
             if optimizer == "sgd" and total is not None:
                 _set_lr(opt, lr, step, total)
             opt.zero_grad(set_to_none=True)
@@ -169,11 +174,11 @@ def train_betas(oto, loader, *, knockoff="gaussian", epochs: int = 10, lr: float
             with torch.no_grad():
                 beta.clamp_(0.0, 1.0)
             step += 1
-            total += float(loss.detach()) * x.shape[0]
+            loss_sum += float(loss.detach()) * x.shape[0]
             seen += x.shape[0]
         if seen == 0:
             break
-        losses.append(total / seen)
+        losses.append(loss_sum / seen)
         b = beta.detach()
         log.info("scop epoch %d/%d: loss %.4f, beta mean %.3f, > 0.5: %d, at 0 or 1: %d of %d rows (%.1f s)",
                  epoch + 1, epochs, losses[-1], float(b.mean()), int((b > 0.5).sum()),
