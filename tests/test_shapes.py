@@ -186,7 +186,9 @@ def test_fast_cat_matches_torch(case):
         assert fast is None  # torch refuses it: the fast path must leave it to torch's error
         return
     if fast is not None:
-        assert fast.shape == ref.shape and fast.dtype == ref.dtype and fast.stride() == ref.stride()
+        assert fast.shape == ref.shape and fast.dtype == ref.dtype
+        # NB: the stride of a size-1 dim is free (torch 2.11 and 2.14 give it differently); no view reads it
+        assert [s for s, n in zip(fast.stride(), fast.shape) if n > 1] == [s for s, n in zip(ref.stride(), ref.shape) if n > 1]
 
 
 def test_fast_cat_takes_densenet_concats():
