@@ -46,6 +46,7 @@ from __future__ import annotations
 import functools
 import logging
 import operator
+import re
 import time
 import warnings
 from contextlib import contextmanager
@@ -489,8 +490,6 @@ def _draft(model, args, kwargs, shapes):
 def _asserted(graph: fx.Graph) -> set:
     """Unbacked symbols (``u0``) the graph's own runtime assertions constrain: draft_export asserts the
     values it decided a branch with (``u0 >= 1``, ``u0 <= 1`` for a True condition)."""
-    import re
-
     out = set()
     for n in graph.nodes:
         if n.op == "call_function" and "_assert_scalar" in str(n.target) and len(n.args) > 1:
@@ -507,8 +506,6 @@ def _checkable(cond: str, by_symbol: dict, by_expr: dict, sizes: dict, asserted:
 
 
 def _symbols_of(cond: str) -> tuple:
-    import re
-
     return tuple(sorted(set(re.findall(r"\b[usf]\d+\b", cond))))
 
 
@@ -606,8 +603,6 @@ def _guard_branches(gm: fx.GraphModule, branches: list) -> None:
         gm.add_submodule(name, DataBranchGuard(expr, names, value, label=cond))
         with gm.graph.inserting_after(max(nodes, key=order.__getitem__)):
             gm.graph.call_module(name, tuple(nodes))
-    import re
-
     for n in gm.graph.nodes:  # draft_export's own assertions on the branch values: otofx's error
         if n.op == "call_function" and "_assert_scalar" in str(n.target) and len(n.args) > 1 \
                 and re.search(r"\bu\d+\b", str(n.args[1])):
