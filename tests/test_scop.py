@@ -418,6 +418,8 @@ def test_scop_on_a_language_model_keeps_its_class_and_generates():
     def loss_fn(out, y):
         return torch.nn.functional.cross_entropy(out["logits"].flatten(0, 1), y.flatten())
 
+    with pytest.raises(InputError, match="permute"):
+        oto.scop(loader, knockoff="gaussian", epochs=1, loss_fn=loss_fn)  # token ids: no Gaussian model
     s = oto.scop(loader, knockoff="permute", epochs=1, loss_fn=loss_fn)
     small = oto.prune_lowest(s, ratio=0.5)
     assert type(small) is type(m) and n_params(small) < n_params(m)

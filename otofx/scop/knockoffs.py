@@ -151,7 +151,12 @@ class GaussianKnockoffs:
         xs, n, shape = [], 0, None
         _group_ids((1,), group)  # NB: a bad group is reported before the loader is read
         for batch in loader:
-            x = batch_inputs(batch).detach().to("cpu", torch.float64)
+            x = batch_inputs(batch).detach()
+            if not (x.is_floating_point() or x.is_complex()):
+                raise InputError(f"SCOP's Gaussian knockoffs model a real-valued input; the loader gives {x.dtype} "
+                                 "(token ids?). Use knockoff='permute' (the other samples of the batch) or a callable "
+                                 "x -> knockoff of x")
+            x = x.to("cpu", torch.float64)
             if shape is None:
                 shape = tuple(x.shape[1:])
             elif tuple(x.shape[1:]) != shape:
