@@ -43,6 +43,7 @@ Internals:
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import operator
@@ -426,7 +427,8 @@ def _export_program(model, args, kwargs):
     for (a, k), dims in attempts:
         shapes = _dynamic_shapes(model, a, k, dims) if dims else None
         try:
-            ep = torch.export.export(model, a, k, dynamic_shapes=shapes, strict=False)
+            with _quiet_torch():
+                ep = torch.export.export(model, a, k, dynamic_shapes=shapes, strict=False)
         except Exception as e:  # noqa: BLE001
             ep = _draft(model, a, k, shapes) if _data_dependent(e) else None
             if ep is None:
@@ -449,6 +451,25 @@ def _export_program(model, args, kwargs):
 # would take another branch, so the graph never computes a branch it does not hold.
 
 
+@contextlib.contextmanager
+def _quiet_torch():
+    """torch's export loggers at ERROR, and what torch.export prints to stderr kept (a failed export
+    prints its partial graph; draft_export logs a banner per issue); otofx says what happened once, in
+    its own words (the ``otofx`` logger at INFO has each attempt's error)."""
+    import io
+
+    quiet = [logging.getLogger(n) for n in ("torch.export._draft_export", "torch.fx.experimental.symbolic_shapes")]
+    levels = [q.level for q in quiet]
+    for q in quiet:
+        q.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            yield
+    finally:
+        for q, level in zip(quiet, levels):
+            q.setLevel(level)
+
+
 def _data_dependent(e: BaseException) -> bool:
     while e is not None:
         if "data-dependent" in str(e) or "DataDependent" in type(e).__name__:
@@ -463,7 +484,7 @@ def _draft(model, args, kwargs, shapes):
     if draft is None:
         return None
     try:
-        with warnings.catch_warnings():
+        with _quiet_torch(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             ep = draft(model, args, kwargs, dynamic_shapes=shapes, strict=False)
     except Exception as e:  # noqa: BLE001
