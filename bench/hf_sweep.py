@@ -476,19 +476,22 @@ def run_one(task: str, model_type: str, cls_name: str, peers: bool = True) -> Ro
 _STAGE = None  # a shared int in the children: 1 once the model is built
 
 
-def _child(conn, args, stage):
+def _child(conn, args, stage, fn=None):
     global _STAGE
     _STAGE = stage
     torch.set_num_threads(1)
     try:
-        conn.send(dataclasses.asdict(run_one(*args)))
+        conn.send(dataclasses.asdict((fn or run_one)(*args)))
     except BaseException as e:  # noqa: BLE001
         conn.send({"error": _err(e) + " " + traceback.format_exc()[-200:]})
     conn.close()
 
 
-def sweep(items, jobs: int = 2, timeout: float = 120.0, peers: bool = True, progress=None) -> list[Row]:
-    """Run :func:`run_one` over ``items`` in forked children, ``jobs`` at a time, ``timeout`` seconds each."""
+def sweep(items, jobs: int = 2, timeout: float = 120.0, peers: bool = True, progress=None, fn=None,
+          row_cls=None) -> list:
+    """Run :func:`run_one` (or ``fn(task, model_type, cls, peers)``, whose rows are ``row_cls``) over
+    ``items`` in forked children, ``jobs`` at a time, ``timeout`` seconds each."""
+    Row_ = row_cls or Row
     import otofx  # noqa: F401  (imported once, before forking: every child runs the same code)
 
     ctx = mp.get_context("fork")
@@ -499,21 +502,26 @@ def sweep(items, jobs: int = 2, timeout: float = 120.0, peers: bool = True, prog
             it = pending.pop(0)
             a, b = ctx.Pipe(duplex=False)
             stage = ctx.Value("i", 0)
-            p = ctx.Process(target=_child, args=(b, (*it, peers), stage))
+            p = ctx.Process(target=_child, args=(b, (*it, peers), stage, fn))
             p.start()
             running.append((it, p, a, time.monotonic(), stage))
         time.sleep(0.05)
         for rec in list(running):
             it, p, conn, t, stage = rec
             done = conn.poll()
+            msg = None
+            if done:
+                try:
+                    msg = conn.recv()
+                except EOFError:  # NB: the child died without a word (a crash in native code): poll() sees the EOF
+                    done = False
             if done or not p.is_alive() or time.monotonic() - t > timeout:
                 if done:
-                    msg = conn.recv()
-                    row = Row(*it) if "error" in msg else Row(**msg)
+                    row = Row_(*it) if "error" in msg else Row_(**msg)
                     if "error" in msg:
                         row.why = "crash: " + msg["error"][:160]
                 else:
-                    row = Row(*it)
+                    row = Row_(*it)
                     built = stage.value == 1
                     row.why = ("timeout" if built else "build: timeout (the tiny model did not build in time)") \
                         if p.is_alive() else f"crash: exit code {p.exitcode}"

@@ -9,6 +9,8 @@ arguments by the names of its op's rule, the same for every front-end's spelling
 is known without running the graph (a parameter, a buffer, a flag, a literal). ``is_hf_conv1d``:
 Hugging Face's ``Conv1D``, a Linear that stores its weight transposed. ``parameter_holders(root)``:
 every module and attribute each parameter is registered under (tied weights have several).
+``copy_module(model)``: ``copy.deepcopy`` that also copies tensors a forward left in module
+attributes with their autograd history (a recurrent state), which deepcopy refuses.
 
 Internals:
     * In-place is read off the spelling: a method or function whose name ends in one ``_``
@@ -133,3 +135,27 @@ def constant(root: torch.nn.Module, value):
     if isinstance(value, fx.Node):
         return get_path(root, value.target) if value.op == "get_attr" else None
     return value
+
+
+def copy_module(model: torch.nn.Module) -> torch.nn.Module:
+    """``copy.deepcopy(model)``, with the non-leaf tensors held in module attributes (a state a
+    training forward stored, as RecurrentGemma's recurrent layers do) copied detached: torch's
+    deepcopy refuses tensors with autograd history."""
+    import copy
+
+    memo: dict = {}
+
+    def note(v):
+        if isinstance(v, torch.Tensor) and not v.is_leaf and id(v) not in memo:
+            memo[id(v)] = v.detach().clone()
+        elif isinstance(v, (list, tuple)):
+            for e in v:
+                note(e)
+        elif isinstance(v, dict):
+            for e in v.values():
+                note(e)
+
+    for m in model.modules():
+        for v in vars(m).values():
+            note(v)
+    return copy.deepcopy(model, memo)

@@ -820,3 +820,41 @@ def test_fused_experts_are_quantised_in_the_models_own_class(name, out_dim, capl
         assert type(ao.model.layers[0].self_attn.q_proj.weight).__name__ == "IntxUnpackedToInt8Tensor"
         with torch.no_grad():
             torch.testing.assert_close(ao(ids).logits, frozen(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+class _KeepsState(nn.Module):
+    """Stores a state computed in forward, with its autograd history (RecurrentGemma's recurrent
+    layers do): torch's deepcopy refuses such a module."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.head = nn.Linear(4, 6), nn.Linear(6, 6), nn.Linear(6, 2)
+        self.state = None
+
+    def forward(self, x):
+        h = torch.relu(self.b(torch.relu(self.a(x))))
+        self.state = h.mean(0)
+        return self.head(h)
+
+
+def test_a_model_holding_a_forward_state_can_be_frozen_and_finished():
+    """SLB's freeze and ADMM's finish copy the model after a training step, which left a non-leaf
+    tensor in a module attribute: the copy holds it detached."""
+    import otofx.admm as A
+
+    torch.manual_seed(0)
+    m, x = _KeepsState(), torch.randn(5, 4)
+    q = slb.quantize(m, x, bits=2, layers="all", warm_start=0.1)
+    q.train()
+    q(x).sum().backward()
+    assert q.state.grad_fn is not None
+    q.eval()
+    frozen = slb.freeze(q)
+    with torch.no_grad():
+        torch.testing.assert_close(frozen(x), q(x), rtol=0, atol=0)
+    m.train()
+    opt = A.ADMM(m, torch.optim.SGD(m.parameters(), lr=0.01), block=(2, 2), prune=0.5, rounds=1, steps_per_round=1)
+    m(x).square().mean().backward()
+    opt.step()
+    small = A.finish(m, opt)
+    assert small.state is not None and small.state.grad_fn is None

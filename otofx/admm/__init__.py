@@ -44,7 +44,6 @@ Internals:
 """
 from __future__ import annotations
 
-import copy
 import logging
 import math
 from dataclasses import dataclass
@@ -58,7 +57,7 @@ from otofx.errors import InputError, OTOError
 from otofx.passes.admm import blocks as B
 from otofx.passes.admm.blocks import FREE, PRUNED, UNIFIED, BlockGroup, BlockSet, find_blocks, project
 from otofx.passes.modules import attention_reader
-from otofx.passes.nodes import parameter_holders
+from otofx.passes.nodes import copy_module, parameter_holders
 
 log = logging.getLogger("otofx")
 
@@ -266,7 +265,7 @@ def finish(model: nn.Module, opt: ADMM | BlockHESSO | None = None, *, block=(4, 
     """
     blocks, prune, unify = _finish_args(opt, blocks, prune, unify)
     blocks = blocks or find_blocks(model, block, layers)
-    new = copy.deepcopy(model)
+    new = copy_module(model)
     params = dict(new.named_parameters())
     holders = parameter_holders(new)
     for g in blocks:
@@ -293,7 +292,7 @@ def plain(model: nn.Module) -> nn.Module:
     # ``parametrize.remove_parametrizations`` deletes the property from that class: it would break
     # the original. The copy's modules are switched back to their own class by hand instead.
     """
-    new = copy.deepcopy(model)
+    new = copy_module(model)
     made: dict = {}  # id(original) -> its plain Parameter: tied weights stay tied
     for _, m in list(new.named_modules()):
         if not parametrize.is_parametrized(m):
@@ -434,13 +433,15 @@ class BSRLinear(nn.Module):
         block-sparse product there; said once in the log."""
         if not self._warned:
             self._warned = True
-            log.warning("to_bsr: '%s' is read as a dense weight by the module that holds it (it is not called): "
-                        "it computes densely there", self.name)
+            log.warning("to_bsr: '%s.weight' is read as a dense tensor (by the module that holds it, or by code "
+                        "that reads the weight instead of calling the layer): it computes densely there", self.name)
         return self.weight_bsr.to_dense()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
-        y = (self.weight_bsr @ flat.t()).t()
+        # NB: contiguous, as a Linear's output is: a caller may view it (view_as_complex in Llama 4's
+        # rotary needs the last dim's stride to be 1)
+        y = (self.weight_bsr @ flat.t()).t().contiguous()
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*x.shape[:-1], self.out_features)

@@ -25,7 +25,6 @@ Internals:
 """
 from __future__ import annotations
 
-import copy
 import logging
 import math
 from contextlib import contextmanager
@@ -38,6 +37,7 @@ from torch.nn.utils import parametrize
 
 from otofx.calibrate import reestimate_bn
 from otofx.errors import InputError
+from otofx.passes.nodes import copy_module
 from otofx.slb.modules import SLBWeight
 
 log = logging.getLogger("otofx")
@@ -275,7 +275,7 @@ def freeze(q: nn.Module, loader: Iterable | None = None, batches: int | None = N
     ``otofx_slb`` attribute lists the frozen layers (:class:`FrozenLayer`).
     """
     layers = _need_slb(q, "otofx.slb.freeze")
-    f = copy.deepcopy(q)
+    f = copy_module(q)
     if loader is not None:
         calibrate_bn(f, loader, batches)
     frozen, by_module, made = {}, {}, {}

@@ -31,7 +31,6 @@ Internals:
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import logging
 import math
@@ -41,6 +40,7 @@ import torch
 from torch import nn
 
 from otofx.errors import InputError, OTOError
+from otofx.passes.nodes import copy_module
 
 log = logging.getLogger("otofx")
 
@@ -79,7 +79,7 @@ def to_torchao(frozen: nn.Module) -> nn.Module:
         raise OTOError('otofx.slb.to_torchao needs torchao (>= 0.18): pip install -e ".[quant]"') from e
     from otofx.slb.modules import grid
 
-    out = copy.deepcopy(frozen)
+    out = copy_module(frozen)
     experts = sorted(name for name, layer in info.items() if layer.batch)
     if experts:
         # NB: torchao's tensor implements linear, not the grouped products fused experts run

@@ -159,8 +159,8 @@ def find_blocks(model: nn.Module, block=(4, 4), layers=None) -> BlockSet:
         # NB: an experts module stored [E, in, out] (is_transposed) is tiled as Conv1D is
         swap = hf or (bool(experts) and m.is_transposed)
         for attr, w in experts or _weights(m):
-            if not isinstance(w, torch.Tensor) or w.ndim < 2 or id(w) in seen:
-                continue
+            if not isinstance(w, torch.Tensor) or w.ndim < 2 or w.numel() == 0 or id(w) in seen:
+                continue  # NB: an empty weight (MobileBERT's [0, 128] head at a tiny size) has no block
             b = block
             if isinstance(block, dict):
                 b = block.get(mod_name, block.get(type(m), block.get("*")))

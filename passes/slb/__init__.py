@@ -46,7 +46,7 @@ from torch.nn.utils import parametrize
 
 from otofx.errors import InputError
 from otofx.passes.modules import ATTENTION_MODULES, attention_reader, in_projections
-from otofx.passes.nodes import get_path, is_hf_conv1d, parameter_holders
+from otofx.passes.nodes import copy_module, get_path, is_hf_conv1d, parameter_holders
 
 log = logging.getLogger("otofx")
 
@@ -584,7 +584,7 @@ def parametrize_model(model: nn.Module, picked: list, make: Callable[[Layer, tor
     weight (a weight several modules hold, a tied head and embedding, gets one parametrisation and
     one original in all of them) and, with ``act``, quantisers of the layers' inputs run by a forward
     pre-hook on their modules."""
-    new = copy.deepcopy(model)
+    new = copy_module(model)
     holders = parameter_holders(new)
     done, inside = set(), []
     for layer in picked:
