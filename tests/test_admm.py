@@ -574,3 +574,19 @@ def test_multihead_attention_input_projections_are_blocked(compressed):
         fast, converted = A.to_bsr(small)
         assert not [c for c in converted if "self_attention" in c]
         torch.testing.assert_close(fast(x), ref, rtol=1e-4, atol=1e-5)
+
+
+def test_bsr_linear_output_is_contiguous():
+    """A BSR Linear returns a contiguous output, as nn.Linear does (a caller may view it: Llama 4's
+    rotary takes view_as_complex of a projection, which needs the last dim's stride to be 1)."""
+    import warnings
+
+    w = torch.randn(8, 4)
+    w[:4, :2] = 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        lin = A.BSRLinear(w.to_sparse_bsr((2, 2)), torch.randn(8))
+    for x in (torch.randn(3, 4), torch.randn(2, 3, 4)):
+        y = lin(x)
+        assert y.is_contiguous()
+        torch.view_as_complex(y.reshape(*y.shape[:-1], 4, 2))
