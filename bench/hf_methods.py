@@ -134,27 +134,15 @@ def _admm(row: MethodRow, model, x: dict, kw: dict) -> None:
 def run_methods(task: str, model_type: str, cls_name: str, peers: bool = False) -> MethodRow:
     import copy
 
-    import transformers
-
     logging.getLogger("otofx").setLevel(logging.WARNING)
-    transformers.logging.set_verbosity_error()
-    torch.manual_seed(0)
     row = MethodRow(task, model_type, cls_name)
     t0 = time.perf_counter()
     try:
-        cfg = H.tiny_config(model_type, cls_name)
-        model = getattr(transformers, cls_name)(cfg).eval()
-        H._randomize(model)
-        x = H.example_input(task, cfg)
-        kw = {"use_cache": False} if hasattr(model.config, "use_cache") else {}
-        with torch.no_grad():
-            model(**x, **kw)
+        _, model, x, kw = H.build(task, model_type, cls_name)
     except Exception as e:  # noqa: BLE001 -- a failure is a row of the table
         row.why = "build: " + H._err(e)
         return row
     row.built = True
-    if H._STAGE is not None:
-        H._STAGE.value = 1
     for name, fn in (("slb", _slb), ("admm", _admm)):
         try:
             fn(row, copy.deepcopy(model), x, kw)

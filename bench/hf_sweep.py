@@ -396,33 +396,41 @@ def _peers(row: Row, model, x: dict) -> None:
         signal.alarm(0)
 
 
+def build(task: str, model_type: str, cls_name: str):
+    """``(config, model, example input, call kwargs)`` of one class: its tiny config, random weights
+    (``_randomize``, seed 0), one forward run (so a class that does not build fails here); a child of
+    :func:`sweep` then counts as built (its time-out is then the class's, not the build's)."""
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    torch.manual_seed(0)
+    cfg = tiny_config(model_type, cls_name)
+    model = getattr(transformers, cls_name)(cfg).eval()
+    _randomize(model)
+    x = example_input(task, cfg)
+    kwargs = {"use_cache": False} if hasattr(model.config, "use_cache") else {}
+    with torch.no_grad():
+        model(**x, **kwargs)
+    if _STAGE is not None:
+        _STAGE.value = 1
+    return cfg, model, x, kwargs
+
+
 def run_one(task: str, model_type: str, cls_name: str, peers: bool = True) -> Row:
     """Build, analyse, zero half of every group, compress and check one architecture."""
     import logging
 
-    import transformers
-
     import otofx
 
     logging.getLogger("otofx").setLevel(logging.ERROR)
-    transformers.logging.set_verbosity_error()
-    torch.manual_seed(0)
     row = Row(task, model_type, cls_name)
     t0 = time.perf_counter()
     try:
-        cfg = tiny_config(model_type, cls_name)
-        model = getattr(transformers, cls_name)(cfg).eval()
-        _randomize(model)
-        x = example_input(task, cfg)
-        kwargs = {"use_cache": False} if hasattr(model.config, "use_cache") else {}
-        with torch.no_grad():
-            model(**x, **kwargs)
+        cfg, model, x, kwargs = build(task, model_type, cls_name)
     except Exception as e:  # noqa: BLE001 -- a failure is a row of the table
         row.why = "build: " + _err(e)
         return row
     row.built = True
-    if _STAGE is not None:
-        _STAGE.value = 1
     # NB: a hybrid whose tiny config kept no attention layer has no heads to find
     has_attn = any(w in n.rsplit(".", 1)[-1].lower() or w in type(m).__name__.lower()
                    for n, m in model.named_modules() for w in ("attn", "attention"))
