@@ -502,28 +502,35 @@ def _draft(model, args, kwargs, shapes):
     for cond, _ in ep.otofx_branches:
         # NB: with dynamic sizes, draft_export may fix a size it branched on (the report still names
         # its symbol): such a capture cannot check the branch; fewer dynamic sizes are tried next
-        if not _checkable(cond, by_symbol, by_expr, sizes, asserted):
+        if _how_checked(cond, by_symbol, by_expr, sizes, asserted) is None:
             log.info("torch.export.draft_export: the branch %s cannot be checked on this graph", cond)
             return None
     return ep
 
 
+_UNBACKED = re.compile(r"\bu\d+\b")
+
+
+def _branch_asserts(graph: fx.Graph) -> list:
+    """The graph's own runtime assertions on unbacked values (``u0``): draft_export asserts the values it
+    decided a branch with (``u0 >= 1``, ``u0 <= 1`` for a True condition)."""
+    return [n for n in graph.nodes if n.op == "call_function" and "_assert_scalar" in str(n.target)
+            and len(n.args) > 1 and _UNBACKED.search(str(n.args[1]))]
+
+
 def _asserted(graph: fx.Graph) -> set:
-    """Unbacked symbols (``u0``) the graph's own runtime assertions constrain: draft_export asserts the
-    values it decided a branch with (``u0 >= 1``, ``u0 <= 1`` for a True condition)."""
-    out = set()
-    for n in graph.nodes:
-        if n.op == "call_function" and "_assert_scalar" in str(n.target) and len(n.args) > 1:
-            out.update(re.findall(r"\bu\d+\b", str(n.args[1])))
-    return out
+    """The unbacked symbols :func:`_branch_asserts` constrain."""
+    return {u for n in _branch_asserts(graph) for u in _UNBACKED.findall(str(n.args[1]))}
 
 
-def _checkable(cond: str, by_symbol: dict, by_expr: dict, sizes: dict, asserted: set) -> bool:
+def _how_checked(cond: str, by_symbol: dict, by_expr: dict, sizes: dict, asserted: set) -> str | None:
+    """"graph" when the graph holds the values ``cond`` reads (a guard can be inserted), "asserted"
+    when draft_export's own assertions constrain them, else None."""
     names = _symbols_of(cond)
     if cond in by_expr or (names and all(x in by_symbol or x in sizes for x in names)):
-        return True
+        return "graph"
     unbacked = [x for x in names if x.startswith("u")]
-    return bool(unbacked) and all(x in asserted for x in unbacked)
+    return "asserted" if unbacked and all(x in asserted for x in unbacked) else None
 
 
 def _symbols_of(cond: str) -> tuple:
@@ -605,11 +612,12 @@ def _guard_branches(gm: fx.GraphModule, branches: list) -> None:
     asserted = _asserted(gm.graph)
     last_input = [n for n in gm.graph.nodes if n.op == "placeholder"][-1]
     for i, (cond, value) in enumerate(branches):
-        if not _checkable(cond, by_symbol, by_expr, sizes, asserted):
+        how = _how_checked(cond, by_symbol, by_expr, sizes, asserted)
+        if how is None:
             raise CaptureError(f"the capture assumes {cond} == {value} but the graph holds no value it can check "
                                "that on")
-        if cond not in by_expr and not all(x in by_symbol or x in sizes for x in _symbols_of(cond)):
-            continue  # draft_export's own runtime assertions check it
+        if how == "asserted":
+            continue  # draft_export's own runtime assertions check it (made otofx errors below)
         if cond in by_expr:
             names, nodes, expr = ("c",), [by_expr[cond]], "c"
         else:
@@ -624,10 +632,8 @@ def _guard_branches(gm: fx.GraphModule, branches: list) -> None:
         gm.add_submodule(name, DataBranchGuard(expr, names, value, label=cond))
         with gm.graph.inserting_after(max(nodes, key=order.__getitem__)):
             gm.graph.call_module(name, tuple(nodes))
-    for n in gm.graph.nodes:  # draft_export's own assertions on the branch values: otofx's error
-        if n.op == "call_function" and "_assert_scalar" in str(n.target) and len(n.args) > 1 \
-                and re.search(r"\bu\d+\b", str(n.args[1])):
-            n.target = branch_assert
+    for n in _branch_asserts(gm.graph):  # draft_export's own assertions on the branch values: otofx's error
+        n.target = branch_assert
     gm.meta[DATA_BRANCHES] = list(branches)
     gm.recompile()
 
