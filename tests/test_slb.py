@@ -345,8 +345,9 @@ def test_bench_latent_weights_are_the_logits_or_the_ste_weights():
 
 
 class _Projected(nn.Module):
-    """A weight read by torch.addmm as [in, out] (transformers' Conv1D, GPT-2's projections), and one
-    read as the left operand of a product (W @ x), which SLB leaves float."""
+    """A weight read by torch.addmm as [in, out] (transformers' Conv1D, GPT-2's projections), one read
+    as the left operand of a product (W @ x, output channels on its rows), and one read by einsum,
+    which SLB leaves float."""
 
     def __init__(self):
         super().__init__()
@@ -354,24 +355,28 @@ class _Projected(nn.Module):
         self.proj = nn.Parameter(torch.randn(6, 4))
         self.bias = nn.Parameter(torch.zeros(4))
         self.left = nn.Parameter(torch.randn(3, 4))
+        self.mix = nn.Parameter(torch.randn(3, 3))
         self.out = nn.Linear(3, 3)
 
     def forward(self, x):
         h = torch.addmm(self.bias, torch.relu(self.fc(x)), self.proj)
-        return self.out(torch.mm(self.left, h.t()).t())
+        return self.out(torch.einsum("bi,ij->bj", torch.mm(self.left, h.t()).t(), self.mix))
 
 
 def test_weights_slb_cannot_quantise_are_named_not_silent(caplog):
-    """A weight feeding a matrix product SLB does not take (W @ x) stays float, and the log says which;
-    a model without one logs nothing of the kind."""
+    """A weight feeding a product SLB does not take (einsum) stays float, and the log says which; W @ x
+    is a layer with its channels on W's rows; a model without such a weight logs nothing of the kind."""
     import logging
 
     torch.manual_seed(0)
     with caplog.at_level(logging.WARNING, logger="otofx"):
         q = slb.quantize(_Projected(), torch.randn(2, 5), bits=2, layers="all")
     said = [r.getMessage() for r in caplog.records if "does not quantise" in r.getMessage()]
-    assert len(said) == 1 and "left" in said[0] and "proj" not in said[0] and "fc.weight" not in said[0], said
-    assert {layer.name for layer in slb.slb_layers(q)} == {"fc.weight", "slb_proj.weight", "out.weight"}
+    assert len(said) == 1 and "mix" in said[0] and "left" not in said[0] and "fc.weight" not in said[0], said
+    layers = {layer.name: layer.slb for layer in slb.slb_layers(q)}
+    assert set(layers) == {"fc.weight", "slb_proj.weight", "slb_left.weight", "out.weight"}
+    left = layers["slb_left.weight"]
+    assert left.out_dim == 0 and not left.plain and left.scale.shape == (3,) and layers["slb_proj.weight"].plain
     caplog.clear()
     up = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ConvTranspose2d(4, 4, 2, stride=2), nn.Conv2d(4, 2, 1))
     with caplog.at_level(logging.WARNING, logger="otofx"):
@@ -431,7 +436,7 @@ def test_weights_stored_in_out_are_quantised_per_output_column():
 
     q = slb.quantize(Fixed(), x, bits=2, layers="all")
     assert any(n.target == "dct" for n in q.graph.nodes)
-    assert {layer.name for layer in slb.slb_layers(q)} == {"fc.weight", "slb_proj.weight", "out.weight"}
+    assert {layer.name for layer in slb.slb_layers(q)} == {"fc.weight", "slb_proj.weight", "slb_left.weight", "out.weight"}
     # the warm start's first argmax is the nearest grid value of W / max|W| per output column
     m = _Projected()
     q = slb.quantize(m, x, bits=2, layers=["proj"], warm_start=0.1)
@@ -447,6 +452,74 @@ def _gpt2():
                                   eos_token_id=0, use_cache=False)
     torch.manual_seed(0)
     return transformers.GPT2LMHeadModel(cfg).eval(), (torch.randint(0, 40, (2, 8), generator=torch.Generator().manual_seed(1)),)
+
+
+class _TLinear(nn.Linear):
+    """Falcon's Linear: ``x @ W.T`` in its own forward, not F.linear."""
+
+    def forward(self, x):
+        y = x @ self.weight.T
+        return y if self.bias is None else y + self.bias
+
+
+class _TNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(5, 8), _TLinear(8, 8), _TLinear(8, 3, bias=False)
+
+    def forward(self, x):
+        return self.c(torch.relu(self.b(torch.relu(self.a(x)))))
+
+
+def test_weights_read_transposed_are_layers_in_both_forms(caplog):
+    """``x @ W.T`` (Falcon's Linear) is a layer with its channels on W's rows, in the module form (the
+    model's own class, its input quantised by the pre-hook) and the graph form alike, bit for bit;
+    freeze is exact. to_torchao hands the graph form's products over as linear calls on torchao's
+    tensor; the module form's own forward cannot take that tensor, so those weights stay plain, said."""
+    import logging
+
+    torch.manual_seed(0)
+    m, x = _TNet().eval(), torch.randn(6, 5)
+    forms = []
+    for form in ("module", "graph"):
+        torch.manual_seed(1)
+        q = slb.quantize(m, (x,), bits=2, layers="all", act_bits=8, warm_start=0.1, form=form, frontend="export")
+        q.train()
+        q(x)
+        forms.append(q.eval())
+    q, g = forms
+    assert type(q) is _TNet and isinstance(q.b.slb_act, slb.ActFakeQuant)
+    for model in (q, g):
+        layers = {layer.name: layer.slb for layer in slb.slb_layers(model)}
+        assert set(layers) == {"a.weight", "b.weight", "c.weight"}
+        assert layers["b.weight"].out_dim == 0 and not layers["b.weight"].plain and layers["a.weight"].plain
+        assert layers["c.weight"].scale.shape == (3,)
+    with torch.no_grad():
+        torch.testing.assert_close(q(x), g(x), rtol=0, atol=0)
+    frozen = [slb.freeze(model) for model in (q, g)]
+    with torch.no_grad():
+        for f, model in zip(frozen, (q, g)):
+            torch.testing.assert_close(f(x), model(x), rtol=0, atol=0)
+            assert int(torch.unique(f.c.weight).numel()) <= 4 * 3
+    if importlib.util.find_spec("torchao") is None:
+        return
+    fq, fg = frozen
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="otofx"):
+        aq = slb.to_torchao(fq)
+    assert "stay plain" in caplog.text and "b.weight" in caplog.text and "form='graph'" in caplog.text
+    assert type(aq.b.weight) is nn.Parameter and type(aq.a.weight).__name__ == "IntxUnpackedToInt8Tensor"
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="otofx"):
+        ag = slb.to_torchao(fg)
+    assert "stay plain" not in caplog.text
+    assert all(type(get_weight).__name__ == "IntxUnpackedToInt8Tensor" for get_weight in (ag.b.weight, ag.c.weight))
+    reads = [n for n in ag.graph.nodes if n.op == "call_function" and n.target is F.linear]
+    assert len(reads) == 3  # a (aten.linear) and b, c (x @ W.T) are linear calls now
+    with torch.no_grad():
+        for a, f in ((aq, fq), (ag, fg)):
+            torch.testing.assert_close(a(x), f(x), rtol=1e-5, atol=1e-5)
+    assert slb.size_report(ag).quantised_weights == slb.size_report(fg).quantised_weights
 
 
 def test_gpt2_projections_are_quantised():
@@ -760,13 +833,18 @@ def _moe(name):
                   max_position_embeddings=32, intermediate_size=24, num_local_experts=4, num_experts_per_tok=2)
     if name == "mixtral":  # a router module; experts stored [E, out, in], read transposed by grouped_mm
         return tr.MixtralForCausalLM(tr.MixtralConfig(**common)).eval()
+    if name == "llama4":  # experts stored [E, in, out], read by torch.bmm, no is_transposed flag
+        cfg = tr.Llama4TextConfig(**{k: v for k, v in common.items() if k != "num_experts_per_tok"}, head_dim=8,
+                                  intermediate_size_mlp=24, num_experts_per_tok=1)
+        return tr.Llama4ForCausalLM(cfg).eval()
     # GPT-OSS: experts stored [E, in, out] (is_transposed), with biases
     return tr.GptOssForCausalLM(tr.GptOssConfig(**common, head_dim=8, layer_types=["full_attention"])).eval()
 
 
-@pytest.mark.parametrize("name,out_dim", [("mixtral", 1), ("gpt_oss", 2)])
+@pytest.mark.parametrize("name,out_dim", [("mixtral", 1), ("gpt_oss", 2), ("llama4", 2)])
 def test_fused_experts_are_quantised_in_the_models_own_class(name, out_dim, caplog):
-    """An MoE layer's fused experts ([E, 2I, H] and [E, H, I]; GPT-OSS [E, in, out]) are SLB layers with
+    """An MoE layer's fused experts ([E, 2I, H] and [E, H, I]; GPT-OSS [E, in, out]; Llama 4's read by
+    torch.bmm) are SLB layers with
     one scale per expert and output channel. The module form (the default: the model's own class, so
     generate() stays) computes what the graph form computes, activation quantisers included: the
     tokens entering the experts are quantised by a pre-hook on the experts module, as the graph form
@@ -788,8 +866,9 @@ def test_fused_experts_are_quantised_in_the_models_own_class(name, out_dim, capl
     q, g = forms
     assert type(q) is type(m)
     layers = {layer.name: layer for layer in slb.slb_layers(q)}
-    up, down = "model.layers.0.mlp.experts.gate_up_proj", "model.layers.0.mlp.experts.down_proj"
-    e = q.model.layers[0].mlp.experts
+    ffn = "feed_forward" if name == "llama4" else "mlp"
+    up, down = f"model.layers.0.{ffn}.experts.gate_up_proj", f"model.layers.0.{ffn}.experts.down_proj"
+    e = q.get_submodule(f"model.layers.0.{ffn}.experts")
     for n in (up, down):
         w = layers[n].slb
         assert w.batch and w.out_dim == out_dim
@@ -799,7 +878,7 @@ def test_fused_experts_are_quantised_in_the_models_own_class(name, out_dim, capl
     with torch.no_grad():
         torch.testing.assert_close(q(ids).logits, g(ids).logits, rtol=0, atol=0)
     frozen = slb.freeze(q)
-    w = frozen.model.layers[0].mlp.experts.gate_up_proj
+    w = frozen.get_submodule(f"model.layers.0.{ffn}.experts").gate_up_proj
     rows = w.movedim(out_dim, 1).reshape(w.shape[0] * w.shape[out_dim], -1)
     assert max(int(torch.unique(r).numel()) for r in rows) <= 4
     with torch.no_grad():
@@ -809,14 +888,14 @@ def test_fused_experts_are_quantised_in_the_models_own_class(name, out_dim, capl
     report = {ls.name: ls for ls in slb.size_report(frozen).layers}
     assert report[up].numel == w.numel() and report[up].distinct <= 4
     ste = ste_quantize(m, (ids,), bits=2, layers="all", use_torchao=False)
-    sw = [mod for mod in ste.get_submodule("model.layers.0.mlp.experts").modules() if isinstance(mod, STEWeight)]
+    sw = [mod for mod in ste.get_submodule(f"model.layers.0.{ffn}.experts").modules() if isinstance(mod, STEWeight)]
     assert len(sw) == 2 and all(mod.batch and mod.out_dim == out_dim for mod in sw)
     with torch.no_grad():
         assert ste(ids)[0].shape == (2, 8, 64)
     if importlib.util.find_spec("torchao") is not None:
         with caplog.at_level(logging.WARNING, logger="otofx"):
             ao = slb.to_torchao(frozen)
-        assert "fused expert" in caplog.text and type(ao.model.layers[0].mlp.experts.gate_up_proj) is nn.Parameter
+        assert "fused expert" in caplog.text and type(ao.get_submodule(f"model.layers.0.{ffn}.experts").gate_up_proj) is nn.Parameter
         assert type(ao.model.layers[0].self_attn.q_proj.weight).__name__ == "IntxUnpackedToInt8Tensor"
         with torch.no_grad():
             torch.testing.assert_close(ao(ids).logits, frozen(ids).logits, rtol=1e-5, atol=1e-5)

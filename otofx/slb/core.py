@@ -262,6 +262,7 @@ class FrozenLayer:
     scale: torch.Tensor | None  # per-output-channel scale ([O]; [E, O] for fused experts) or None (grid values as they are)
     out_dim: int = 0  # the output channels' dim (1: a weight stored [in, out], read as x @ W)
     batch: bool = False  # fused experts [E, ., .]: dim 0 counts experts
+    plain: bool = True  # read only as torchao's tensor runs it (see otofx.passes.slb.Layer.plain)
 
 
 @torch.no_grad()
@@ -283,7 +284,8 @@ def freeze(q: nn.Module, loader: Iterable | None = None, batches: int | None = N
         slb = layer.slb
         made[id(layer.logits)] = nn.Parameter(slb.discrete(layer.logits).detach(), requires_grad=False)
         scale = None if slb.scale is None else slb.scale.detach().clone()
-        frozen[layer.name] = FrozenLayer(layer.name, slb.bits, scale, slb.out_dim, slb.batch)
+        frozen[layer.name] = FrozenLayer(layer.name, slb.bits, scale, slb.out_dim, slb.batch,
+                                        getattr(slb, "plain", True))
     for m in f.modules():
         if not parametrize.is_parametrized(m):
             continue

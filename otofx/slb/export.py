@@ -10,7 +10,9 @@ SLB's grid ``s * linspace(-1, 1, K)`` (``K = 2**b``) is affine in the grid index
 ``[-K/2, K/2 - 1]``), ``scale = 2 s / (K - 1)`` per output channel and ``zero_point = -1/2``. One
 bit fits ``torch.int1`` this way (``q`` in ``{-1, 0}``).
 
-A weight stored ``[in, out]`` and read as ``x @ W`` (``addmm``/``mm``/``matmul``: transformers'
+A weight read as ``x @ W.T`` (Falcon's Linear) becomes a ``linear`` call in the graph form; one read
+by other products (``W @ x``, ``bmm``), or by a module's own forward in the module form, stays a
+plain tensor on the grid, with a warning. A weight stored ``[in, out]`` and read as ``x @ W`` (``addmm``/``mm``/``matmul``: transformers'
 ``Conv1D``) is handed over transposed, ``[out, in]``, and its products become ``linear`` calls in
 the copy's graph (torchao's tensor implements ``linear``, not ``addmm``). Weights an attention
 module reads itself (``nn.MultiheadAttention``'s projections) stay plain tensors, with a warning:
@@ -91,8 +93,19 @@ def to_torchao(frozen: nn.Module) -> nn.Module:
         # weights, which torchao's tensor does not implement: those stay plain tensors on the grid
         log.warning("otofx.slb.to_torchao: %d weight(s) are read inside an attention module and stay plain "
                     "tensors (their values are on the grid already): %s", len(inside), ", ".join(inside))
+    graph = getattr(out, "graph", None)
+    # NB: x @ W.T (Falcon's Linear), W @ x, bmm: torchao's tensor runs none of them. A graph's
+    # x @ W.T becomes linear(x, W) and any other read takes W.dequantize(); a module's own forward
+    # cannot be rewritten, nor a weight stored [in, out] that is not read as x @ W
+    loose = sorted(name for name, layer in info.items() if not getattr(layer, "plain", True) and not layer.batch
+                   and name not in inside and (graph is None or layer.out_dim != 0))
+    if loose:
+        log.warning("otofx.slb.to_torchao: %d weight(s) are read by products torchao's tensor does not run (x @ W.T, "
+                    "W @ x, bmm) and stay plain tensors (their values are on the grid already)%s: %s", len(loose),
+                    "; quantise with form='graph' to hand over x @ W.T as linear" if graph is None else "",
+                    ", ".join(loose))
     for name, layer in info.items():
-        if name in inside or layer.batch:
+        if name in inside or layer.batch or name in loose:
             continue
         module, attr = _owner(out, name)
         w = getattr(module, attr).detach()
@@ -112,13 +125,19 @@ def to_torchao(frozen: nn.Module) -> nn.Module:
             target_dtype=getattr(torch, f"int{layer.bits}"), block_size=(1, *w.shape[1:]), dtype=w.dtype,
             activation_quantization=None)
         setattr(module, attr, nn.Parameter(t, requires_grad=False))
-    transposed = {name for name, layer in info.items() if layer.out_dim == 1 and name not in inside and not layer.batch}
-    if transposed and getattr(out, "graph", None) is not None:
+    transposed = {name for name, layer in info.items() if layer.out_dim == 1 and name not in inside and not layer.batch
+                  and name not in loose}
+    if transposed and graph is not None:
         _products_to_linear(out, transposed)
     elif transposed:  # the module form: transformers' Conv1D modules become the Linear they compute
         _conv1d_to_linear(out, transposed)
-    _torchao_reads(out, set(info) - set(inside) - set(experts))
-    out.otofx_slb = {name: layer if layer.batch else dataclasses.replace(layer, out_dim=0) for name, layer in info.items()}
+    swapped = {name for name, layer in info.items() if not getattr(layer, "plain", True) and not layer.batch
+               and name not in inside and name not in loose}
+    if swapped:
+        _swapped_products_to_linear(out, swapped)
+    _torchao_reads(out, set(info) - set(inside) - set(experts) - set(loose))
+    out.otofx_slb = {name: dataclasses.replace(layer, out_dim=0) if name in transposed else layer
+                     for name, layer in info.items()}
     # NB: GraphModule's deepcopy drops plain attributes; the transposed weights are [out, in] now
     log.info("otofx.slb: %d layers handed to torchao IntxUnpackedToInt8Tensor", len(info))
     return out
@@ -171,18 +190,52 @@ def _products_to_linear(gm: nn.Module, names: set) -> None:
             continue
         for user in list(node.users):
             hit = _product(user, parameter=False) if user.op == "call_function" else None
-            if hit is None or hit[0] is not node:
+            if hit is None or hit.weight is not node or not hit.plain:
                 raise InputError(f"otofx.slb.to_torchao: node '{user.name}' ({user.target}) reads the [in, out] weight "
                                  f"'{node.target}' other than as x @ W; quantise that weight with layers= excluding it")
-            x = user.args[hit[1]]
-            args = (x, node, user.args[0]) if hit[1] == 1 else (x, node)  # addmm's bias is args[0]
-            with graph.inserting_before(user):
-                new = graph.call_function(torch.nn.functional.linear, args)
-            new.meta = dict(user.meta)
-            user.replace_all_uses_with(new)
-            graph.erase_node(user)
+            _as_linear(graph, user, node, hit)
     graph.lint()
     gm.recompile()
+
+
+def _as_linear(graph, user, node, hit) -> None:
+    """Replace the product ``user`` (``x @ W`` or ``x @ W.T``, as :func:`_product` read it) by
+    ``linear(x, W, b)`` on the weight ``node`` (``[out, in]``); addmm's bias is its first argument."""
+    x = user.args[hit.input]
+    args = (x, node, user.args[0]) if hit.input == 1 else (x, node)
+    with graph.inserting_before(user):
+        new = graph.call_function(torch.nn.functional.linear, args)
+    new.meta = dict(user.meta)
+    user.replace_all_uses_with(new)
+    graph.erase_node(user)
+
+
+def _swapped_products_to_linear(gm: nn.Module, names: set) -> None:
+    """Rewrite every ``x @ W.T`` of ``gm``'s graph (``matmul``/``mm(x, t(W))``, ``addmm(b, x, t(W))``)
+    whose ``W`` is one of ``names`` (stored ``[out, in]``) as ``linear(x, W, b)``; the swap goes when
+    nothing else reads it. Other reads are left to :func:`_torchao_reads` (dequantised values)."""
+    from otofx.passes.slb import _product, _swaps
+
+    graph, changed = gm.graph, False
+    for node in list(graph.nodes):
+        if node.op != "get_attr" or node.target not in names:
+            continue
+        for swap in list(node.users):
+            if swap.op not in ("call_function", "call_method") or swap.args[:1] != (node,) or _swaps(swap, 2) != 1:
+                continue
+            for user in list(swap.users):
+                hit = _product(user, parameter=False) if user.op == "call_function" else None
+                if hit is None or hit.weight is not node or hit.out_dim != 0 or hit.batch or swap not in user.args:
+                    continue
+                if user.args.index(swap) != hit.input + 1:
+                    continue  # the weight on the left: W.T @ x is no linear
+                _as_linear(graph, user, node, hit)
+                changed = True
+            if not swap.users:
+                graph.erase_node(swap)
+    if changed:
+        graph.lint()
+        gm.recompile()
 
 
 # aten ops in an exported graph -> the functions torchao's tensor intercepts (``__torch_function__``)

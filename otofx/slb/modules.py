@@ -85,13 +85,14 @@ class SLBWeight(nn.Module):
     """Parametrisation of one weight by logits over SLB's grid (see the module docstring)."""
 
     def __init__(self, shape, bits: int, *, scale: bool = False, warm_start: float | None = None, out_dim: int = 0,
-                 batch: bool = False):
+                 batch: bool = False, plain: bool = True):
         super().__init__()
         self.bits = bits
         self.shape = tuple(shape)
         check_channels(self.shape, out_dim, batch)
         self.out_dim = out_dim  # output channels: dim 0 ([out, in, ...]), or 1 ([in, out]: x @ W)
         self.batch = batch  # fused experts [E, ., .]: dim 0 counts experts, each with its own scales
+        self.plain = plain  # read as a Conv/Linear reads it (False: x @ W.T, W @ x, bmm; see to_torchao)
         self.register_buffer("values", grid(bits))
         self.register_buffer("temperature", torch.tensor(1.0))
         self.register_buffer("hard", torch.tensor(False))

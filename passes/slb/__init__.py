@@ -3,9 +3,10 @@
 ``slb_parametrize(gm, bits, layers=...)`` finds every Conv1d/2d/3d and Linear weight of a captured
 graph, in either of otofx's graph forms (a ``call_module`` of an ``nn.Conv2d``/``nn.Linear`` after
 ``symbolic_trace``; a ``conv2d``/``linear``/``convolution`` call reading a ``get_attr`` weight after
-``torch.export``), and every parameter stored ``[in, out]`` that a matrix product reads as its
-right operand (``addmm(bias, x, W)``, ``mm(x, W)``, ``matmul(x, W)``: transformers' ``Conv1D``,
-GPT-2's projections; output channels on dim 1), selects some of them, and returns a *new*
+``torch.export``), and every parameter a matrix product reads with an activation (``x @ W``
+on a weight stored ``[in, out]``: transformers' ``Conv1D``, GPT-2's projections, output channels
+on dim 1; ``x @ W.T``: Falcon's Linear; ``W @ x``; ``bmm``/``matmul``/``grouped_mm`` of a 3-D
+weight, fused MoE experts, one scale per expert and channel), selects some of them, and returns a *new*
 GraphModule (deep copy) in which each selected weight is an :class:`otofx.slb.SLBWeight`
 parametrisation (``torch.nn.utils.parametrize``): logits over the grid instead of a float tensor. The graph code is unchanged except for optional
 activation quantisers inserted before the selected layers' inputs. :class:`SLBPass` is the same as a
@@ -70,7 +71,10 @@ class Layer:
     nodes: tuple  # the graph nodes that read it (call_module or call_function)
     normalised: bool  # every use feeds a normalisation op only
     out_dim: int = 0  # the weight's output-channel dim: 1 for an [in, out] weight (x @ W)
-    batch: bool = False  # fused experts [E, ., .] read by a grouped product: dim 0 counts experts
+    batch: bool = False  # fused experts [E, ., .] read by a batched product: dim 0 counts experts
+    # every read is a Conv/Linear call, F.linear/F.conv, or x @ W on the stored [in, out] weight (the
+    # reads torchao's tensor runs, the last after to_torchao's rewrite); False: x @ W.T, W @ x, bmm
+    plain: bool = True
 
     @property
     def layer(self) -> str:
@@ -78,9 +82,28 @@ class Layer:
         return self.owner
 
 
-# matrix products ``x @ W`` of a 2-D weight stored [in, out]: name -> (weight arg, input arg)
-_PRODUCT_ARGS = {"addmm": (2, 1), "mm": (1, 0), "matmul": (1, 0)}
-_PRODUCT_FUNCTIONS = {torch.addmm: "addmm", torch.mm: "mm", torch.matmul: "matmul", operator.matmul: "matmul"}
+# matrix products: name -> (left operand, right operand) positions among the args
+_PRODUCT_ARGS = {"addmm": (1, 2), "mm": (0, 1), "matmul": (0, 1), "bmm": (0, 1), "baddbmm": (1, 2),
+                 "_grouped_mm": (0, 1), "grouped_mm": (0, 1), "grouped_mm_fallback": (0, 1)}
+_PRODUCT_FUNCTIONS = {torch.addmm: "addmm", torch.mm: "mm", torch.matmul: "matmul", operator.matmul: "matmul",
+                      torch.bmm: "bmm", torch.baddbmm: "baddbmm"}
+_GROUPED = ("_grouped_mm", "grouped_mm", "grouped_mm_fallback")
+# ops a weight may pass through on its way to a product, values and layout unchanged
+_SAME = ("contiguous", "clone", "alias", "detach")
+
+
+@dataclass(frozen=True)
+class Read:
+    """How a matrix product reads a weight: the ``get_attr`` node, the other operand's position
+    (the input activation), the output channels' dim in the *stored* weight, whether dim 0 counts
+    matrices (fused experts), and whether the product reads the stored tensor as it is on the
+    right (``x @ W``, the form ``to_torchao`` rewrites as ``linear(x, W.t())``)."""
+
+    weight: fx.Node
+    input: int
+    out_dim: int
+    batch: bool
+    plain: bool
 
 
 def _product_name(node: fx.Node) -> str | None:
@@ -90,29 +113,99 @@ def _product_name(node: fx.Node) -> str | None:
     return name if name in _PRODUCT_ARGS else None
 
 
-def _product(node: fx.Node, parameter: bool = True):
-    """``(weight node, input arg)`` when ``node`` is ``x @ W`` with ``W`` a 2-D ``get_attr`` tensor,
-    a parameter when ``parameter`` (a buffer, such as a fixed transform, is not a layer to train)."""
-    name = _product_name(node)
-    if name is None or node.kwargs:
-        return None
-    wi, xi = _PRODUCT_ARGS[name]
-    w = node.args[wi] if len(node.args) > wi else None
-    if not isinstance(w, fx.Node) or w.op != "get_attr" or any(a is w for i, a in enumerate(node.args) if i != wi):
+def _swaps(a: fx.Node, nd: int) -> int | None:
+    """1 when ``a`` swaps the last two dims of its ``nd``-dim input (``t``, ``.T``, ``.mT``,
+    ``transpose(-2, -1)``, a ``permute`` doing only that), 0 when it changes nothing (``contiguous``,
+    ``transpose(d, d)``), None for any other op."""
+    name = a.target if a.op == "call_method" else _op_name(a)
+    rest = list(a.args[1:])
+    if name == "getattr" and rest:
+        name, rest = rest[0], []
+    if name in _SAME:
+        return 0
+    if name in ("t", "T", "numpy_T"):
+        return 1 if nd == 2 else None
+    if name in ("mT", "adjoint"):
+        return 1
+    if name in ("transpose", "swapaxes", "swapdims"):
+        dims = rest[:2] or [a.kwargs.get("dim0"), a.kwargs.get("dim1")]
+        if len(dims) != 2 or not all(isinstance(d, int) for d in dims):
+            return None
+        d = {x % nd for x in dims}
+        return 0 if len(d) == 1 else (1 if d == {nd - 2, nd - 1} else None)
+    if name == "permute":
+        dims = rest[0] if len(rest) == 1 and isinstance(rest[0], (list, tuple)) else rest
+        if len(dims) != nd or not all(isinstance(d, int) for d in dims):
+            return None
+        dims = [x % nd for x in dims]
+        if dims == list(range(nd)):
+            return 0
+        return 1 if dims == list(range(nd - 2)) + [nd - 1, nd - 2] else None
+    return None
+
+
+def _operand(a, parameter: bool):
+    """``(get_attr node, swaps)`` when ``a`` is a parameter (any tensor unless ``parameter``) of 2 or
+    3 dims, as stored or with its last two dims swapped, else None."""
+    chain = []
+    while isinstance(a, fx.Node) and a.op in ("call_function", "call_method") and a.args:
+        chain.append(a)
+        a = a.args[0]
+    if not isinstance(a, fx.Node) or a.op != "get_attr":
         return None
     try:
-        val = get_path(w.graph.owning_module, w.target)
+        val = get_path(a.graph.owning_module, a.target)
     except AttributeError:
         return None
-    if not isinstance(val, nn.Parameter if parameter else torch.Tensor) or val.dim() != 2:
+    if not isinstance(val, nn.Parameter if parameter else torch.Tensor) or val.dim() not in (2, 3):
         return None
-    return w, xi
+    swaps = 0
+    for op in chain:
+        s = _swaps(op, val.dim())
+        if s is None:
+            return None
+        swaps += s
+    return a, swaps % 2
+
+
+def _product(node: fx.Node, parameter: bool = True) -> Read | None:
+    """How ``node`` reads a weight when it is a matrix product of an activation and a weight:
+    ``x @ W`` (``mm``/``matmul``/``addmm``: a 2-D weight stored ``[in, out]``, transformers'
+    ``Conv1D``), ``x @ W.T`` (Falcon's Linear), ``W @ x`` (output channels on the weight's rows),
+    ``bmm``/``matmul``/``grouped_mm`` of a 3-D weight (fused experts ``[E, in, out]`` or
+    ``[E, out, in]``). The weight is a parameter when ``parameter`` (a buffer, such as a fixed
+    transform, is not a layer to train); a product of two weights is no layer."""
+    if node.op != "call_function":
+        return None
+    name = _product_name(node)
+    if name is None or (node.kwargs and name not in _GROUPED):
+        return None
+    left, right = _PRODUCT_ARGS[name]
+    if len(node.args) <= right:
+        return None
+    ops = {i: _operand(node.args[i], parameter) for i in (left, right)}
+    if ops[left] is not None and ops[right] is not None:
+        return None  # W1 @ W2 (or W @ W)
+    if name in _GROUPED:
+        ops[left] = None  # grouped products take the experts on the right
+    for i, hit in ops.items():
+        if hit is None:
+            continue
+        w, swapped = hit
+        nd = get_path(w.graph.owning_module, w.target).dim()
+        if nd == 3 and name in ("mm", "addmm") or nd == 2 and name in ("bmm", "baddbmm") + _GROUPED:
+            return None
+        on_right = i == right
+        out = (nd - 1 if on_right else nd - 2) if not swapped else (nd - 2 if on_right else nd - 1)
+        plain = on_right and not swapped and nd == 2 and node.args[i] is w
+        return Read(w, left if on_right else right, out, nd == 3, plain)
+    return None
 
 
 def input_arg(node: fx.Node) -> int:
     """The position of a conv/linear/product node's input activation among its args."""
-    name = _product_name(node) if node.op == "call_function" else None
-    return _PRODUCT_ARGS[name][1] if name is not None else 0
+    hit = _product(node, parameter=False) if node.op == "call_function" else None
+    return hit.input if hit is not None else 0
 
 
 _ATTENTION_INPUTS = {"in_proj_weight": (0, 1, 2), "q_proj_weight": (0,), "k_proj_weight": (1,), "v_proj_weight": (2,)}
@@ -135,45 +228,14 @@ def _act_inputs(gm: fx.GraphModule, layer: Layer, node: fx.Node) -> list:
     return [(input_arg(node), None)]
 
 
-_GROUPED = ("_grouped_mm", "grouped_mm", "grouped_mm_fallback")
-
-
-def _grouped(node: fx.Node):
-    """``(weight node, output dim)`` when ``node`` is a grouped product ``grouped_mm(x, W', offsets)``
-    of an MoE layer's fused experts: ``W'`` is a 3-D parameter ``[E, in, out]``, or its transpose
-    (``[E, out, in]`` stored, transformers' usual layout), read as ``[E, in, out]``."""
-    if node.op != "call_function" or _op_name(node) not in _GROUPED or len(node.args) < 2:
-        return None
-    a, swaps = node.args[1], 0
-    while isinstance(a, fx.Node) and a.op == "call_function" and _op_name(a) == "transpose" and a.args:
-        dims = {d % 3 for d in a.args[1:3] if isinstance(d, int)}
-        if dims != {1, 2}:
-            return None
-        swaps += 1
-        a = a.args[0]
-    if not isinstance(a, fx.Node) or a.op != "get_attr":
-        return None
-    try:
-        val = get_path(a.graph.owning_module, a.target)
-    except AttributeError:
-        return None
-    if not isinstance(val, nn.Parameter) or val.dim() != 3:
-        return None
-    return a, (1 if swaps % 2 else 2)
-
-
 def _op_kind(node: fx.Node):
-    """(kind, weight node, output dim, batch) when ``node`` is a functional conv/linear reading a
-    ``get_attr`` weight, a matrix product ``x @ W`` (kind ``nn.Linear``, output dim 1), or a grouped
-    product of fused experts (``batch``)."""
+    """(kind, weight node, output dim, batch, plain) when ``node`` is a functional conv/linear reading
+    a ``get_attr`` weight, or a matrix product reading one (kind ``nn.Linear``; see :func:`_product`)."""
     if node.op != "call_function":
         return None
     hit = _product(node)
     if hit is not None:
-        return nn.Linear, hit[0], 1, False
-    hit = _grouped(node)
-    if hit is not None:
-        return nn.Linear, hit[0], hit[1], True
+        return nn.Linear, hit.weight, hit.out_dim, hit.batch, hit.plain or hit.batch
     kind = _FUNCTIONS.get(node.target)
     if kind is None:
         packet = getattr(node.target, "_overloadpacket", None)
@@ -190,7 +252,7 @@ def _op_kind(node: fx.Node):
         val = w.meta.get("val")
         ndim = val.dim() if isinstance(val, torch.Tensor) else None
         kind = _CONV_BY_NDIM.get(ndim, nn.Conv2d)
-    return kind, w, 0, False
+    return kind, w, 0, False, True
 
 
 def _is_norm(user: fx.Node, src: fx.Node, gm: fx.GraphModule) -> bool:
@@ -226,26 +288,27 @@ def find_layers(gm: fx.GraphModule) -> list[Layer]:
     found: dict[str, dict] = {}
     for node in gm.graph.nodes:
         if node.op == "call_module":
-            uses = [(owner, attr, kind, 0, False) for owner, attr, kind in _module_weights(gm, node)]
+            uses = [(owner, attr, kind, 0, False, True) for owner, attr, kind in _module_weights(gm, node)]
         else:
             hit = _op_kind(node)
             if hit is None:
                 continue
-            kind, w, out_dim, batch = hit
+            kind, w, out_dim, batch, plain = hit
             owner, _, attr = w.target.rpartition(".")
-            uses = [(owner, attr, kind, out_dim, batch)]
-        for owner, attr, kind, out_dim, batch in uses:
+            uses = [(owner, attr, kind, out_dim, batch, plain)]
+        for owner, attr, kind, out_dim, batch, plain in uses:
             name = f"{owner}.{attr}" if owner else attr
             entry = found.setdefault(name, {"owner": owner, "attr": attr, "kind": kind, "nodes": [], "norm": True,
-                                            "out_dim": out_dim, "batch": batch})
-            if entry["out_dim"] != out_dim:
+                                            "out_dim": out_dim, "batch": batch, "plain": True})
+            if entry["out_dim"] != out_dim or entry["batch"] != batch:
                 # NB: one weight read as [out, in] by one op and as [in, out] by another has no single
                 # output-channel axis for the scale; it stays float (unquantisable() names it)
                 entry["clash"] = True
             entry["nodes"].append(node)
+            entry["plain"] &= plain
             entry["norm"] &= bool(node.users) and all(_is_norm(u, node, gm) for u in node.users)
-    return [Layer(n, e["owner"], e["attr"], e["kind"], tuple(e["nodes"]), e["norm"], e["out_dim"], e["batch"])
-            for n, e in found.items() if not e.get("clash")]
+    return [Layer(n, e["owner"], e["attr"], e["kind"], tuple(e["nodes"]), e["norm"], e["out_dim"], e["batch"],
+                  e["plain"]) for n, e in found.items() if not e.get("clash")]
 
 
 def _matches(spec, layer: Layer, gm: fx.GraphModule) -> bool:
@@ -295,11 +358,10 @@ def _weight_behind(a: fx.Node) -> fx.Node | None:
 
 
 def unquantisable(gm: fx.GraphModule, found: list[Layer]) -> list[str]:
-    """Weights (``get_attr`` tensors of 2+ dims, or views of them) that feed a matrix product SLB does
-    not take, so that they stay float: the left operand ``W @ x``, ``bmm``/``einsum`` operands, the
-    fused experts of a mixture-of-experts layer (``grouped_mm``), a weight read with output channels
-    on different dims by different ops; and the weights of leaf modules it does not take
-    (``ConvTranspose``)."""
+    """Weights (``get_attr`` tensors of 2+ dims, or views of them) that feed a product SLB does not
+    take, so that they stay float: ``einsum`` operands, a weight cast or reshaped before its product,
+    a product of two weights, a weight read with output channels on different dims by different
+    ops; and the weights of leaf modules it does not take (``ConvTranspose``)."""
     known = {c.name for c in found}
     out = []
     for node in gm.graph.nodes:
@@ -317,10 +379,9 @@ def unquantisable(gm: fx.GraphModule, found: list[Layer]) -> list[str]:
             a = _weight_behind(a)
             if a is None or a.target in known or a.target in out:
                 continue
-            w = a.meta.get("val")
-            if not isinstance(w, torch.Tensor):
-                w = get_path(gm, a.target)
-            if isinstance(w, torch.Tensor) and w.dim() >= 2 and w.is_floating_point():
+            w = get_path(gm, a.target)
+            # NB: a buffer (a fixed transform) is no weight to train: not named
+            if isinstance(w, nn.Parameter) and w.dim() >= 2 and w.is_floating_point():
                 out.append(a.target)
     return out
 
@@ -334,9 +395,10 @@ def select_layers(gm: fx.GraphModule, layers=None) -> list[Layer]:
     skipped = unquantisable(gm, cands)
     if skipped:
         # NB: said, not silent: these weights stay float whatever ``layers`` asks for
-        log.warning("otofx.slb: %d weight(s) feed a product that is neither a Conv/Linear call, an attention "
-                    "module nor x @ W (e.g. W @ x, bmm, einsum, fused experts, ConvTranspose); SLB does not quantise "
-                    "them and they stay float: %s", len(skipped),
+        log.warning("otofx.slb: %d weight(s) feed a product SLB does not take (neither a Conv/Linear call, an "
+                    "attention module, nor a matrix product of the weight or its transpose: e.g. einsum, a weight "
+                    "cast or reshaped first, ConvTranspose); SLB does not quantise them and they stay float: %s",
+                    len(skipped),
                     ", ".join(skipped[:8]) + (" ..." if len(skipped) > 8 else ""))
     if not cands:
         raise InputError(f"{type(gm).__name__} has no Conv1d/2d/3d or Linear weight to quantise")
@@ -666,7 +728,7 @@ def weight_factory(bits: int, scale: bool | None, warm_start: float | None) -> C
     def make(layer: Layer, w: torch.Tensor) -> nn.Module:
         s = (not layer.normalised) if scale is None else bool(scale)
         return SLBWeight(w.shape, bits, scale=s, warm_start=warm_start, out_dim=layer.out_dim,
-                         batch=layer.batch).to(w.device)
+                         batch=layer.batch, plain=layer.plain).to(w.device)
 
     return make
 
