@@ -457,25 +457,33 @@ def _moe(name):
     if name == "mixtral":  # experts stored [E, out, in]
         return tr.MixtralForCausalLM(tr.MixtralConfig(**common, intermediate_size=24, num_local_experts=4,
                                                       num_experts_per_tok=2))
+    if name == "llama4":  # experts stored [E, in, out], read by torch.bmm; the module does not say so
+        return tr.Llama4ForCausalLM(tr.Llama4TextConfig(**common, intermediate_size=24, intermediate_size_mlp=24,
+                                                        num_local_experts=4, num_experts_per_tok=1, head_dim=8))
     # GPT-OSS: experts stored [E, in, out] (is_transposed), with biases
     return tr.GptOssForCausalLM(tr.GptOssConfig(**common, intermediate_size=24, num_local_experts=4,
                                                 num_experts_per_tok=2, head_dim=8, layer_types=["full_attention"]))
 
 
-@pytest.mark.parametrize("name", ["mixtral", "gpt_oss"])
-def test_fused_experts_are_block_groups(name):
+@pytest.mark.parametrize("name", ["mixtral", "gpt_oss", "llama4"])
+def test_fused_experts_are_block_groups(name, caplog):
     """transformers' fused experts (Mixtral [E, 2I, H] and [E, H, I]; GPT-OSS stored [E, in, out]) are
-    block groups of E matrices, with (b_o, b_i) blocks in output x input terms. ADMM trains them, finish
-    keeps the exact pruned fraction, the finished model generates as its plain and BSR copies do (the
-    experts stay dense there), and the storage report counts them."""
+    block groups of E matrices, with (b_o, b_i) blocks in output x input terms; Llama 4's experts (read
+    by bmm, with no layout flag) are tiled as stored, and a non-square block says so. ADMM trains them,
+    finish keeps the exact pruned fraction, the finished model generates as its plain and BSR copies do
+    (the experts stay dense there), and the storage report counts them."""
+    import logging
+
     m = _moe(name)
-    e = m.model.layers[0].mlp.experts
-    blocks = A.find_blocks(m, block=(4, 2)).by_name()
-    up = "model.layers.0.mlp.experts.gate_up_proj"
-    down = "model.layers.0.mlp.experts.down_proj"
+    path = "model.layers.0.feed_forward.experts" if name == "llama4" else "model.layers.0.mlp.experts"
+    e = m.get_submodule(path)
+    with caplog.at_level(logging.WARNING, logger="otofx"):
+        blocks = A.find_blocks(m, block=(4, 2)).by_name()
+    up, down = f"{path}.gate_up_proj", f"{path}.down_proj"
     assert blocks[up].batch == blocks[down].batch == 4
     transposed = name == "gpt_oss"
-    assert e.is_transposed == transposed
+    assert getattr(e, "is_transposed", False) == transposed
+    assert ("does not say whether" in caplog.text and up in caplog.text) == (name == "llama4")
     assert blocks[up].block == ((2, 4) if transposed else (4, 2))
     assert (blocks[up].rows, blocks[up].cols) == tuple(e.gate_up_proj.shape[1:])
     assert "4 x " in A.report(A.find_blocks(m, block=(4, 2)))  # the matrix column: experts x rows x cols

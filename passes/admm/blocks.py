@@ -5,7 +5,7 @@ A layer's weight ``W`` is read as a matrix ``[rows, cols]`` (Linear: ``[out, in]
 blocks are smaller when ``b_o`` or ``b_i`` do not divide the matrix: every statistic counts real
 elements only (``BlockGroup.counts``). The fused experts of a mixture-of-experts layer (transformers'
 experts modules: ``gate_up_proj`` ``[E, out, in]``, or ``[E, in, out]`` where the module says
-``is_transposed``) are ``E`` matrices, each tiled on its own (``BlockGroup.batch``): no block spans
+``is_transposed``; the 3-D parameters of a module with ``num_experts`` of them, tiled as stored) are ``E`` matrices, each tiled on its own (``BlockGroup.batch``): no block spans
 two experts, and the fractions pruned and unified are those of the whole tensor.
 
 For ``V`` and one block ``b`` with ``n_b`` elements:
@@ -30,6 +30,7 @@ Internals:
 """
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from typing import Callable, Iterable
@@ -43,6 +44,7 @@ from otofx.passes.modules import in_projections
 from otofx.passes.nodes import is_hf_conv1d
 
 FREE, PRUNED, UNIFIED = 0, 1, 2
+log = logging.getLogger("otofx")
 
 _LAYER_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -118,11 +120,20 @@ def _group(name: str, shape: tuple, block: tuple, batch: bool = False) -> BlockG
 
 
 def _experts(m: nn.Module) -> list:
-    """``[(attribute, tensor)]``: the fused [E, ., .] weights of a transformers experts module (its
-    ``use_experts_implementation`` marks it with ``is_transposed``), or []."""
-    if not isinstance(getattr(m, "is_transposed", None), bool) or not hasattr(m, "is_concatenated"):
-        return []
-    return [(n, p) for n, p in m.named_parameters(recurse=False) if p.ndim == 3 and p.is_floating_point()]
+    """``[(attribute, tensor)]``: the fused [E, ., .] weights of an experts module, or []: a
+    transformers experts module (its ``use_experts_implementation`` marks it with ``is_transposed``),
+    or any module whose ``num_experts`` (or ``num_local_experts``) is the leading dim of its 3-D
+    parameters (Llama 4's experts, read by ``torch.bmm``; JetMoE's)."""
+    found = [(n, p) for n, p in m.named_parameters(recurse=False) if p.ndim == 3 and p.is_floating_point()]
+    if isinstance(getattr(m, "is_transposed", None), bool) and hasattr(m, "is_concatenated"):
+        return found
+    e = getattr(m, "num_experts", getattr(m, "num_local_experts", None))
+    return [(n, p) for n, p in found if p.shape[0] == e] if isinstance(e, int) and e > 0 else []
+
+
+def _layout_stated(m: nn.Module) -> bool:
+    """Whether an experts module says how its matrices are stored (transformers' ``is_transposed``)."""
+    return isinstance(getattr(m, "is_transposed", None), bool)
 
 
 def _selector(layers) -> Callable[[str, nn.Module], bool]:
@@ -156,8 +167,9 @@ def find_blocks(model: nn.Module, block=(4, 4), layers=None) -> BlockSet:
         experts = _experts(m)
         if not (isinstance(m, _LAYER_TYPES + ATTENTION) or hf or experts) or not pick(mod_name, m):
             continue
-        # NB: an experts module stored [E, in, out] (is_transposed) is tiled as Conv1D is
-        swap = hf or (bool(experts) and m.is_transposed)
+        # NB: an experts module stored [E, in, out] (is_transposed) is tiled as Conv1D is; one that does
+        # not say is tiled as stored, its dim 1 taken as rows (see the warning below)
+        swap = hf or (bool(experts) and _layout_stated(m) and m.is_transposed)
         for attr, w in experts or _weights(m):
             if not isinstance(w, torch.Tensor) or w.ndim < 2 or w.numel() == 0 or id(w) in seen:
                 continue  # NB: an empty weight (MobileBERT's [0, 128] head at a tiny size) has no block
@@ -173,6 +185,10 @@ def find_blocks(model: nn.Module, block=(4, 4), layers=None) -> BlockSet:
             # (b_o, b_i) in output x input terms, so the stored tensor is tiled (b_i, b_o)
             bb = (int(b[1]), int(b[0])) if swap else (int(b[0]), int(b[1]))
             seen.add(id(w))  # NB: only once blocked: a holder the block dict skips leaves it to the next
+            if experts and not _layout_stated(m) and bb[0] != bb[1]:
+                log.warning("otofx.admm: %s does not say whether '%s' is stored [E, out, in] or [E, in, out]; its "
+                            "%sx%s blocks are laid on the stored dims 1 x 2 (for the other way give this module "
+                            "the block (%s, %s) in a block dict)", type(m).__name__, name, bb[0], bb[1], bb[1], bb[0])
             groups.append(_group(name, tuple(w.shape), bb, batch=bool(experts)))
     if not groups:
         raise InputError("find_blocks found no Linear or Conv weight to block: check `layers=`")
