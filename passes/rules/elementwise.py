@@ -192,8 +192,8 @@ def _nonnegative(node, depth: int) -> bool:
 
 
 @rule("binary", takes_sizes=True, python_values=True, keeps_axes=True)
-def binary(ctx: Ctx, input, other, kind="add", meta=None, **_):
-    """z = x (op) y with broadcasting: axes of equal size are the same channels (tied); zero when both are zero (add, sub) or either is (mul)."""
+def binary(ctx: Ctx, input, other, kind="add", cmp=None, meta=None, **_):
+    """z = x (op) y with broadcasting (arithmetic, comparisons): axes of equal size are the same channels (tied); zero when both are zero (add, sub) or either is (mul)."""
     operands = [input, other]
     if kind == "div" and isinstance(other, AxisLabels) and not _positive(ctx.node.args[1] if ctx.node is not None
                                                                   and len(ctx.node.args) > 1 else None):
@@ -233,6 +233,9 @@ def binary(ctx: Ctx, input, other, kind="add", meta=None, **_):
         elif kind == "div":  # zero where the numerator is (a pinned denominator is never zero with a row)
             nd = d - (n - input.ndim) if isinstance(input, AxisLabels) else -1
             z = input.zero[nd] if nd >= 0 and input.shape[nd] == shape[d] else false_mask(shape[d])
+        elif kind == "compare":  # zero with its rows where the comparison of zeros is False
+            z = _compare_zero(cmp, input, other, zs, part)
+            z = false_mask(shape[d]) if z is None else z
         elif kind == "pow" or part or not all(_scalar_zero(s) for s in scalars):  # NB: 0 ** 0 == 1
             z = false_mask(shape[d])
         else:
@@ -240,6 +243,19 @@ def binary(ctx: Ctx, input, other, kind="add", meta=None, **_):
         ids.append(full[0][0])
         zero.append(z)
     return AxisLabels(tuple(ids), tuple(zero))
+
+
+def _compare_zero(cmp, input, other, zs, part):
+    """The zero mask of a comparison's output on one axis, or None (not zero): where the operands'
+    zeros compare False (x > 0.1 is False at 0; x == 0 is True)."""
+    fn = getattr(operator, cmp or "", None)
+    if fn is None or part:
+        return None
+    a = 0 if isinstance(input, AxisLabels) else input
+    b = 0 if isinstance(other, AxisLabels) else other
+    if not all(isinstance(v, (int, float, bool)) for v in (a, b)) or fn(a, b):
+        return None
+    return zs[0] if len(zs) == 1 else np.logical_and.reduce(zs)
 
 
 for _kind, _names, _ops in [
@@ -253,6 +269,11 @@ for _kind, _names, _ops in [
     functions("binary", _ops + _aten, ("input", "other"), kind=_kind)
     methods("binary", _names, ("input", "other"), kind=_kind)
 functions("binary", [torch.multiply] + _ov(aten.multiply, "Tensor", "Scalar"), ("input", "other"), kind="mul")
+# comparisons (a mask from activations): elementwise, a bool zero with its rows where 0 (op) c is False
+for _n in ("eq", "ne", "lt", "le", "gt", "ge"):
+    functions("binary", [getattr(torch, _n)] + _ov(getattr(aten, _n), "Tensor", "Scalar"), ("input", "other"),
+              kind="compare", cmp=_n)
+    methods("binary", [_n], ("input", "other"), kind="compare", cmp=_n)
 # elementwise max / min of two tensors: zero where both are zero
 functions("binary", [torch.maximum, torch.minimum, torch.fmax, torch.fmin]
           + _ov(aten.maximum, "default") + _ov(aten.minimum, "default") + _ov(aten.max, "other")

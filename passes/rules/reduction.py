@@ -1,8 +1,11 @@
-"""Reductions and normalising maps: sum, mean, var, max, norms, F.normalize, softmax, top-k and sort.
+"""Reductions and normalising maps: sum, mean, var, max, norms, F.normalize, softmax, top-k and sort;
+scans along an axis: cumsum, cumprod, logcumsumexp, cummax, cummin, diff.
 
 A sum over an axis is a contraction: its channels must be zero with their rows. Every other
 reduction (mean, var, max, a norm) and every map that divides by something computed over an axis
-(softmax, normalize) counts all of that axis's channels, so the axis is pinned.
+(softmax, normalize) counts all of that axis's channels, so the axis is pinned. A scan mixes the
+entries along its axis (each output reads a run of them), so that axis is pinned too; it acts on
+every other axis entry by entry.
 """
 from __future__ import annotations
 
@@ -13,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..channels import AxisLabels, Ctx, false_mask, pinned_axis
-from ..registry import functions, methods, modules, rule
+from ..registry import RuleDeclined, functions, methods, modules, rule
 from .common import _ax, _ov, _out_shape
 
 aten = torch.ops.aten
@@ -144,3 +147,45 @@ methods("select_k", ["topk"], ("input", "k", "dim"))
 functions("select_k", [torch.sort, torch.argsort] + _ov(aten.sort, "default", "stable") + _ov(aten.argsort, "default", "stable"),
           ("input", "dim"))
 methods("select_k", ["sort", "argsort"], ("input", "dim"))
+
+
+@rule("scan", keeps_axes=True)
+def scan(ctx: Ctx, input, dim=-1, prepend=None, append=None, zero_in=True, meta=None, **_):
+    """cumsum/cumprod/logcumsumexp/cummax/cummin/diff along dim: that axis is pinned (each output reads a run of its entries); other axes keep their ids (diff's prepend/append tied to them), zero where f(0) = 0."""
+    x = input
+    if not isinstance(x, AxisLabels):
+        return x
+    d = _ax(dim, x.ndim)
+    ctx.pin(x.ids[d], "a scan (cumsum, diff, ...) mixes the entries along this axis")
+    zero = list(x.zero)
+    for extra in (prepend, append):
+        if isinstance(extra, AxisLabels):
+            if extra.ndim != x.ndim:
+                raise RuleDeclined("diff's prepend/append must have the input's rank")
+            ctx.pin(extra.ids[d], "a scan (cumsum, diff, ...) mixes the entries along this axis")
+            for a in range(x.ndim):
+                if a != d:
+                    ctx.tie(x.ids[a], extra.ids[a])
+                    zero[a] = zero[a] & extra.zero[a]
+        elif extra is not None:
+            zero_in = False  # a scalar or a constant tensor: its entries are not zero with the channels
+    outs = meta if isinstance(meta, (tuple, list)) else (meta,)
+    labs = []
+    for k, m in enumerate(outs):
+        shape = _out_shape(m)
+        ids = tuple(x.ids[a] if a != d else pinned_axis(shape[a]) for a in range(x.ndim))
+        keep = zero_in and k == 0  # cummax/cummin's second output holds indices
+        z = tuple(zero[a] if a != d and keep else false_mask(shape[a]) for a in range(x.ndim))
+        labs.append(AxisLabels(ids, z))
+    return tuple(labs) if isinstance(meta, (tuple, list)) else labs[0]
+
+
+functions("scan", [torch.cumsum, torch.cumprod, torch.cummax, torch.cummin]
+          + _ov(aten.cumsum, "default") + _ov(aten.cumprod, "default") + _ov(aten.cummax, "default")
+          + _ov(aten.cummin, "default"), ("input", "dim"))
+methods("scan", ["cumsum", "cumprod", "cummax", "cummin"], ("input", "dim"))
+functions("scan", [torch.logcumsumexp] + _ov(aten.logcumsumexp, "default"), ("input", "dim"), zero_in=False)
+methods("scan", ["logcumsumexp"], ("input", "dim"), zero_in=False)
+functions("scan", [torch.diff] + _ov(aten.diff, "default"), ("input", "n", "dim", "prepend", "append"),
+          (("dim", -1),))
+methods("scan", ["diff"], ("input", "n", "dim", "prepend", "append"), (("dim", -1),))

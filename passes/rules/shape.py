@@ -123,7 +123,9 @@ def split(ctx: Ctx, tensor, dim=0, meta=None, **_):
 
 
 functions("split", [torch.split, torch.chunk, getattr(torch, "tensor_split", None)]
-          + _ov(aten.split, "Tensor") + _ov(aten.split_with_sizes, "default") + _ov(aten.chunk, "default"),
+          + _ov(aten.split, "Tensor") + _ov(aten.split_with_sizes, "default") + _ov(aten.chunk, "default")
+          + _ov(aten.tensor_split, "indices", "sections") + _ov(aten.unsafe_split, "Tensor")
+          + _ov(aten.unsafe_split_with_sizes, "default"),
           ("tensor", "split_size_or_sections", "dim"), (("dim", 0),), rename={"self": "tensor"})
 methods("split", ["split", "chunk", "split_with_sizes", "tensor_split"], ("tensor", "split_size_or_sections", "dim"),
         (("dim", 0),))
@@ -495,6 +497,40 @@ def repeat(ctx: Ctx, input, repeats=(), meta=None, **_):
 
 functions("repeat", _ov(aten.repeat, "default"), rename={"repeats": "repeats"})
 methods("repeat", ["repeat"], ("input", "*repeats"))
+
+
+def _repeat_interleave_fix(site, input, repeats=1, dim=None, output_size=None, **_):
+    new, old = site.out_new, site.out_old
+    if new == old:
+        return
+    d = _ax(dim, len(old))
+    if site.old(input)[d] == 1:  # copies of one channel: as many as are left
+        site.set("repeats", new[d])
+    if output_size is not None:
+        site.set("output_size", new[d])
+
+
+@rule("repeat_interleave", fix=_repeat_interleave_fix, keeps_axes=True)
+def repeat_interleave(ctx: Ctx, input, repeats=1, dim=None, output_size=None, meta=None, **_):
+    """x.repeat_interleave(r, dim): each channel of the axis becomes r adjacent copies with its id (removed with it); a size-1 axis is pinned and gives n channels of its own (copies); no dim (flattened) or tensor repeats pin."""
+    x = input
+    if dim is None or not isinstance(repeats, int):
+        raise RuleDeclined("repeat_interleave without dim, or with per-entry (tensor) repeats")
+    d = _ax(dim, x.ndim)
+    n = _out_shape(meta)[d]
+    if x.shape[d] == 1 and n > 1:
+        # NB: as expand does: the one channel stays (pinned) and each copy is a channel of its own, so
+        # a consumer drops copies one by one (Mamba 2's one group of B/C read by every head)
+        ctx.pin(x.ids[d], "a single channel repeated over the axis")
+        return x.with_axis(d, *_copies(ctx, x.ids[d], n))
+    if n != x.shape[d] * repeats:
+        raise RuleDeclined("repeat_interleave's output size is not r times the axis")
+    return x.with_axis(d, np.repeat(x.ids[d], repeats), np.repeat(x.zero[d], repeats))
+
+
+functions("repeat_interleave", [torch.repeat_interleave] + _ov(aten.repeat_interleave, "self_int"),
+          ("input", "repeats", "dim", "output_size"))
+methods("repeat_interleave", ["repeat_interleave"], ("input", "repeats", "dim", "output_size"))
 
 
 @rule("expand_as", keeps_axes=True)

@@ -1,4 +1,6 @@
-"""Spatial ops: pooling and resampling. Batch and channel axes pass; spatial axes are not channels.
+"""Spatial ops: pooling, resampling and padding. Batch and channel axes pass pooling and resampling;
+spatial axes are not channels. Padding keeps every axis's entries in order and adds constants at its
+ends, on whatever axis it pads.
 
 Internals:
     * ``nsp`` (1, 2 or 3, declared per form) is how many trailing axes are spatial; ``pool``
@@ -6,12 +8,13 @@ Internals:
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..channels import Ctx
-from ..registry import functions, modules, rule
+from ..channels import AxisLabels, Ctx, false_mask, pinned_axis
+from ..registry import RuleDeclined, functions, modules, rule
 from .common import _bind_input, _ov, _out_shape, _passthrough
 
 aten = torch.ops.aten
@@ -54,3 +57,35 @@ functions("resample", [F.interpolate, getattr(F, "upsample", None), getattr(F, "
                          "upsample_nearest3d", "upsample_trilinear3d", "upsample_bicubic2d", "_upsample_nearest_exact2d")
              if hasattr(aten, p) for o in _ov(getattr(aten, p), "default", "vec")], ("input",))
 modules("resample", [nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d], _bind_input)
+
+
+@rule("pad", keeps_axes=True)
+def pad(ctx: Ctx, input, pad=(), mode="constant", value=None, meta=None, **_):
+    """F.pad: a constant pad adds pinned entries at an axis's ends, the others keep their ids and zeros; reflect/replicate/circular pads (copies of edge entries), crops and widths computed at run time pin the axis."""
+    x = input
+    if not isinstance(x, AxisLabels):
+        return x
+    widths = list(pad) if isinstance(pad, (tuple, list)) else []
+    if len(widths) % 2 or len(widths) > 2 * x.ndim:
+        raise RuleDeclined("pad widths are not a list in pairs")
+    shape = _out_shape(meta)
+    ids, zero = list(x.ids), list(x.zero)
+    for k in range(len(widths) // 2):
+        d, lo, hi = x.ndim - 1 - k, widths[2 * k], widths[2 * k + 1]
+        if lo == hi == 0:
+            continue
+        if not (isinstance(lo, int) and isinstance(hi, int)):  # a width computed at run time (a sequence to whole chunks)
+            ctx.pin(x.ids[d], "padded by a width computed at run time")
+            ids[d], zero[d] = pinned_axis(shape[d]), false_mask(shape[d])
+            continue
+        if mode != "constant" or lo < 0 or hi < 0:
+            ctx.pin(x.ids[d], f"{mode} padding copies or crops entries along this axis")
+            ids[d], zero[d] = pinned_axis(shape[d]), false_mask(shape[d])
+            continue
+        ids[d] = np.concatenate([pinned_axis(lo), x.ids[d], pinned_axis(hi)])
+        zero[d] = np.concatenate([false_mask(lo), x.zero[d], false_mask(hi)])
+    return AxisLabels(tuple(ids), tuple(zero))
+
+
+functions("pad", [F.pad] + _ov(aten.pad, "default"), ("input", "pad", "mode", "value"))
+functions("pad", _ov(aten.constant_pad_nd, "default"), ("input", "pad", "value"))

@@ -246,3 +246,30 @@ def zeros_and_ones_like_channels():
 
     return Net(fwd, c1=conv(3, 8), c2=conv(8, 4)), img()
 
+
+
+@example("binary")
+def comparisons_make_masks():
+    """A mask compared from activations (x > t, x != 0) gates them: tied to their channels, zero with them
+    where 0 (op) t is False (0 > 0.1, 0 != 0, 0 <= -0.2)."""
+
+    def fwd(s, x):
+        y = s.c1(x)
+        return s.c2(y * torch.gt(y, 0.1) + torch.ne(y, 0).float() * 0.5 - y.le(-0.2).to(y.dtype))
+
+    m = Net(fwd, c1=conv(3, 8), c2=conv(8, 4))
+    return m, img()
+
+
+@example("binary", frontend="export")
+def comparison_of_two_tensors_exported():
+    """The ATen forms (aten.lt.Tensor, aten.gt.Scalar): comparing two tensors ties their channels, and
+    lt(0, 0) is False, so the mask is zero where both rows are."""
+
+    def fwd(s, x):
+        _force_export(x)
+        y = torch.relu(s.c1(x))
+        return s.c2(y * torch.lt(y, s.c3(x)) + torch.gt(y, 0.3).float())
+
+    m = Net(fwd, c1=conv(3, 8), c2=conv(8, 4), c3=conv(3, 8))
+    return m, img()

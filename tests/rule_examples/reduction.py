@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .common import _heads, _merge, _qkvo, conv, example, H_, HW, img, N, Net
+from .common import _force_export, _heads, _merge, _qkvo, conv, example, H_, HW, img, N, Net
 
 
 @example("reduce")
@@ -93,4 +93,37 @@ def topk_and_sort_over_spatial():
 def topk_over_channels():
     m = Net(lambda s, x: s.fc(torch.topk(torch.relu(s.c1(x)).mean((2, 3)), 3, dim=1)[0]), c1=conv(3, 8),
             fc=nn.Linear(3, 3))
+    return m, img()
+
+
+@example("scan")
+def cumsum_and_diff_over_spatial():
+    """Scans along a spatial axis (an SSM's cumulative decay, positions from a mask) leave the channels free."""
+
+    def fwd(s, x):
+        y = torch.relu(s.c1(x))
+        z = torch.cumsum(y, dim=3) + y.cumprod(2) * 0.1 + torch.diff(y, dim=-1, prepend=y[..., :1])
+        v, _ = torch.cummax(y, dim=2)
+        return s.c2(z + v - torch.logcumsumexp(y, 3))
+
+    m = Net(fwd, c1=conv(3, 8), c2=conv(8, 4))
+    return m, img()
+
+
+@example("scan", frontend="export")
+def diff_and_cumsum_exported():
+    """The ATen forms (torch.export) of the same scans."""
+
+    def fwd(s, x):
+        _force_export(x)
+        y = torch.relu(s.c1(x))
+        return s.c2(torch.diff(y, n=2, dim=2, append=y[:, :, -2:]) + y.cumsum(-1))
+
+    m = Net(fwd, c1=conv(3, 8), c2=conv(8, 4))
+    return m, img()
+
+
+@example("scan", pinned="a scan (cumsum, diff, ...) mixes the entries along this axis")
+def cumsum_over_channels():
+    m = Net(lambda s, x: s.c2(torch.cumsum(s.c1(x), dim=1)), c1=conv(3, 8), c2=conv(8, 4))
     return m, img()

@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .common import _heads, _merge, _qkvo, conv, E_, example, H_, HD_, HW, img, N, Net
+from .common import _force_export, _heads, _merge, _qkvo, conv, E_, example, H_, HD_, HW, img, N, Net
 
 
 @example("cat")
@@ -92,6 +92,21 @@ def split_method_and_torch_chunk():
         return s.ca(parts[0]) + s.cb(parts[1]) + s.cc(parts[2]) + s.cd(a) + s.ce(b)
 
     m = Net(fwd, c1=conv(3, 8), c2=conv(3, 8), ca=conv(3, 4), cb=conv(3, 4), cc=conv(2, 4), cd=conv(4, 4),
+            ce=conv(4, 4))
+    return m, img()
+
+
+@example("split", frontend="export")
+def tensor_split_indices_exported():
+    """torch.tensor_split at indices (Mamba 2 splits its input projection so): aten.tensor_split.indices."""
+
+    def fwd(s, x):
+        _force_export(x)
+        a, b, c = torch.tensor_split(torch.relu(s.c1(x)), [2, 6], dim=1)
+        d, e = torch.relu(s.c2(x)).tensor_split(2, dim=1)
+        return s.ca(a) + s.cb(b) + s.cc(c) + s.cd(d) + s.ce(e)
+
+    m = Net(fwd, c1=conv(3, 8), c2=conv(3, 8), ca=conv(2, 4), cb=conv(4, 4), cc=conv(2, 4), cd=conv(4, 4),
             ce=conv(4, 4))
     return m, img()
 
@@ -358,3 +373,31 @@ def multi_query_heads_copies():
         return s.o(_merge(F.scaled_dot_product_attention(q, k, v), x))
 
     return Net(fwd, q=nn.Linear(6, E_), k=nn.Linear(6, HD_), v=nn.Linear(6, HD_), o=nn.Linear(E_, 3)), torch.randn(N, 5, 6)
+
+
+@example("repeat_interleave")
+def repeat_interleave_channels():
+    """Each channel repeated r times in place (grouped-query heads expanded): a channel goes with its copies."""
+
+    def fwd(s, x):
+        y = torch.relu(s.c1(x))
+        return s.c2(y.repeat_interleave(2, dim=1)) + s.c3(torch.repeat_interleave(y, 3, dim=1))
+
+    m = Net(fwd, c1=conv(3, 4), c2=conv(8, 4), c3=conv(12, 4))
+    return m, img()
+
+
+@example("repeat_interleave", frontend="export")
+def repeat_interleave_one_group_to_heads():
+    """Mamba 2's B/C: one group (a pinned size-1 axis) repeated to every head; each head drops its copy
+    (the repeat count follows), the heads' own channels stay groups."""
+
+    def fwd(s, x):
+        _force_export(x)
+        y = torch.relu(s.c1(x)).view(x.shape[0], 4, 2, HW, HW)  # 4 heads of 2
+        b = s.c2(x).unsqueeze(1)  # [N, 1, 2, H, W]: one group
+        z = (y * b.repeat_interleave(4, dim=1)).flatten(1, 2)
+        return s.c3(z)
+
+    m = Net(fwd, c1=conv(3, 8), c2=conv(3, 2), c3=conv(8, 4))
+    return m, img()
