@@ -285,7 +285,7 @@ class OTO:
             plan = zero_row_plan(self.zigset, gm)
         log.info("otofx: removing %d rows from a copy of %s", plan.count, type(self.model).__name__)
         try:
-            small = rebuild(self.model, plan)
+            small = rebuild(self.model, plan, gm)
         except RebuildError:
             raise
         except Exception as e:  # noqa: BLE001 - e.g. a model attribute that cannot be copied

@@ -18,6 +18,9 @@ Internals:
       ties survive.
     * Modules are re-synced children first, so a parent (an attention block) sees its children's
       final shapes; a rule may return a replacement module (``nn.MultiheadAttention``).
+    * An RMS norm over an axis that lost entries (``passes.resize.rms_folds``, read off the graph)
+      gets eps times old/new and its weight times sqrt(old/new): its own forward, dividing by the
+      new width, then computes what the graph's old divisor computes.
     * The config: integer fields whose old value some changed width or head count had are tried
       one at a time, each kept if building the class from the config (on the meta device) gets
       more tensor shapes right; what the config still cannot express goes to
@@ -34,7 +37,7 @@ import torch.nn as nn
 
 from otofx.errors import OTOError
 from otofx.passes.prune import Plan
-from otofx.passes.resize import Change, ResizeError, Scope, resize, resync_counts
+from otofx.passes.resize import Change, ResizeError, Scope, apply_rms_fold, resize, resync_counts, rms_folds
 
 log = logging.getLogger("otofx")
 
@@ -122,8 +125,9 @@ def _cut_key(c: dict) -> tuple:
     return tuple((d, k.tobytes()) for d, k in sorted(c.items()))
 
 
-def rebuild(model: nn.Module, plan: Plan) -> nn.Module:
-    """A copy of ``model`` with the plan's rows removed and its modules (and config) re-sized."""
+def rebuild(model: nn.Module, plan: Plan, gm: torch.fx.GraphModule | None = None) -> nn.Module:
+    """A copy of ``model`` with the plan's rows removed and its modules (and config) re-sized; with
+    ``gm`` (the captured graph the plan is of), RMS norms over a narrowed axis are refolded."""
     cuts = keep_indices(plan)
     named = _tensors(model)
     for name in cuts:
@@ -134,6 +138,13 @@ def rebuild(model: nn.Module, plan: Plan) -> nn.Module:
     blocks = _blocks(plan)
     old_shapes = {n: tuple(t.shape) for n, t in named.items()}
     changed = _resize_modules(new, cuts, blocks, old_shapes)
+    if gm is not None:
+        # NB: a norm's own forward divides by the new width; the graph form keeps the old divisor
+        # (the mean's fix): eps and the weight absorb the ratio (OLMo 2's q/k norms, Mamba 2's
+        # gated norm over every head)
+        for fold in rms_folds(gm, plan, model):
+            changed.setdefault(fold.module, {}).update(apply_rms_fold(new.get_submodule(fold.module), fold))
+            log.debug("otofx: %s: RMS norm over %d of %d entries refolded", fold.module, fold.new, fold.old)
     _update_config(new, model, changed, cuts, blocks, old_shapes)
     return new
 
@@ -224,6 +235,15 @@ def _mismatch(cls, config, want: dict) -> int:
     return sum(got.get(k) != v for k, v in want.items()) + sum(k not in want for k in got)
 
 
+def _valid(config) -> bool:
+    """Whether ``config`` passes its class's checks (strict configs run them when built, not on setattr)."""
+    try:
+        type(config).from_dict(config.to_dict())
+    except Exception:  # noqa: BLE001 - any validator's error
+        return False
+    return True
+
+
 def _update_config(new: nn.Module, model: nn.Module, changed: dict, cuts: dict, blocks: dict,
                    old_shapes: dict) -> None:
     """Make the copied config describe the new widths (see the module docstring)."""
@@ -248,6 +268,8 @@ def _update_config(new: nn.Module, model: nn.Module, changed: dict, cuts: dict, 
             cand = news.pop()
             setattr(config, key, cand)
             score = _mismatch(type(new), config, want)
+            if score < best and not _valid(config):
+                score = best  # NB: a strict config (Mamba 2: heads * head_dim == expand * hidden) refuses it on load
             if score < best:
                 best = score
                 log.debug("otofx: config.%s = %d (was %d)", key, cand, value)
@@ -255,8 +277,9 @@ def _update_config(new: nn.Module, model: nn.Module, changed: dict, cuts: dict, 
                 setattr(config, key, value)
             if not best:
                 break
-    if best:
-        # NB: per-layer widths the config's fields cannot express (a saver writes them beside it)
+    if best or any(type(v) is float for c in changed.values() for v in c.values()):
+        # NB: per-layer widths (and refolded norm eps) the config's fields cannot express (a saver
+        # writes them beside it)
         config.otofx_widths = {k: dict(v) for k, v in sorted(changed.items())}
 
 

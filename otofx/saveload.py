@@ -363,7 +363,10 @@ def _build_hf(folder: Path, manifest: dict) -> nn.Module:
     if cls is None:
         raise InputError(f"'{folder}' holds a {_fmt(cls_name)}, which transformers does not provide: pass a "
                          f"freshly built instance as otofx.load(path, model=...)")
-    config = cls.config_class.from_dict(cfg)
+    # NB: transformers writes inf/nan as {"__float__": "Infinity"} (Mamba 2's time_step_limit); its
+    # own reader decodes them, from_dict alone does not
+    decode = getattr(cls.config_class, "_decode_special_floats", None)
+    config = cls.config_class.from_dict(decode(cfg) if callable(decode) else cfg)
     if hf.get("attn_implementation"):
         config._attn_implementation = hf["attn_implementation"]
     with torch.device("meta"):

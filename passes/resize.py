@@ -21,6 +21,10 @@ Internals:
       key/value heads). An attribute is set only when its name is one of the known width or
       head-count names, its value is the old value of such a count, and every candidate agrees on
       the new value; anything else is left alone (the caller verifies the result).
+    * :func:`rms_folds` reads RMS norms over a narrowed axis off the captured graph (``mean`` of a
+      square, ``+ eps``, ``rsqrt``, times a weight of the model) and :func:`apply_rms_fold` makes
+      the module's own forward, which divides by the new width, compute the old one: eps times
+      old/new, the weight times sqrt(old/new).
     * Rules are keyed by type and found along the MRO (a subclass of ``nn.Linear`` is a Linear);
       classes of optional libraries (Hugging Face's ``Conv1D``) are keyed by qualified name, so
       nothing is imported here.
@@ -32,9 +36,12 @@ from typing import Callable
 
 import numpy as np
 import torch
+import torch.fx as fx
 import torch.nn as nn
 
 from otofx.errors import OTOError
+
+from .channels import AxisLabels as AxisLabelsT
 
 from .modules import PrunedMultiheadAttention, PrunedRelativeAttention, PrunedWindowAttention, PrunedWindowAttention3d
 from .nodes import HF_CONV1D
@@ -316,7 +323,8 @@ HEAD_COUNTS = ("num_heads", "num_attention_heads", "num_key_value_heads", "num_k
                "n_kv_heads", "n_kv_head", "num_head", "heads")
 # attributes that hold a width computed from heads or an inner (MLP) width
 WIDTHS = ("all_head_size", "split_size", "inner_dim", "embed_dim", "intermediate_size", "intermediate_dim", "inner_size", "ffn_dim",
-          "kv_dim", "q_dim", "hidden_dim_attn", "proj_size", "head_size_total")
+          "kv_dim", "q_dim", "hidden_dim_attn", "proj_size", "head_size_total", "conv_dim", "d_inner",
+          "group_size")
 
 
 @dataclass
@@ -375,5 +383,173 @@ def _resync_groups(module: nn.Module, done: dict) -> None:
         done["num_key_value_groups"] = (g, new_q // new_kv)
 
 
+
+
+# ---------------------------------------------------------------------------------------------
+# RMS norms over an axis that lost channels
+# ---------------------------------------------------------------------------------------------
+
+_CASTS = ("to", "_to_copy", "float", "type_as", "type", "contiguous", "clone", "alias")
+
+
+@dataclass(frozen=True)
+class RmsFold:
+    """An RMS norm of module ``module`` over an axis that went from ``old`` to ``new`` entries (the
+    removed ones zero): its own forward divides by ``new``; with ``eps`` (an attribute) times
+    ``old / new`` and its weight scaled by ``sqrt(old / new)`` (``one_plus``: the weight is read as
+    ``1 + w``) it computes what it computed at ``old``."""
+
+    module: str
+    eps_attr: str
+    eps: float
+    weight: str
+    one_plus: bool
+    old: int
+    new: int
+
+
+def _name(n) -> str:
+    if n.op == "call_method":
+        return n.target
+    packet = getattr(n.target, "_overloadpacket", None)
+    return getattr(packet, "__name__", None) or getattr(n.target, "__name__", "")
+
+
+def _users(n) -> list:
+    """``n``'s users that read its value (not torch.export's dtype assertions)."""
+    return [u for u in n.users if _name(u) != "_assert_tensor_metadata"]
+
+
+def _through_casts(n, forward: bool):
+    """Follow value-preserving casts from ``n``: to its one user (``forward``) or to its input."""
+    while True:
+        if forward:
+            users = _users(n)
+            if len(users) != 1 or users[0].op not in ("call_function", "call_method") or _name(users[0]) not in _CASTS:
+                return n
+            n = users[0]
+        else:
+            if n.op not in ("call_function", "call_method") or _name(n) not in _CASTS or not n.args:
+                return n
+            n = n.args[0]
+
+
+def _squared(n):
+    """``h`` when ``n`` is ``h ** 2``, ``h * h`` or ``square(h)``, else None."""
+    if n.op not in ("call_function", "call_method"):
+        return None
+    name, args = _name(n), n.args
+    if name in ("pow", "__pow__") and len(args) == 2 and args[1] == 2:
+        return args[0]
+    if name in ("mul", "__mul__") and len(args) == 2 and args[0] is args[1]:
+        return args[0]
+    if name == "square" and args:
+        return args[0]
+    return None
+
+
+_RESHAPES = ("view", "reshape", "_unsafe_view", "flatten")
+
+
+def _next(n, also=()):
+    """The one user of ``n`` past value-preserving casts (and ``also``), or None."""
+    n = _through_casts(n, forward=True)
+    while True:
+        users = _users(n)
+        if len(users) != 1 or users[0].op not in ("call_function", "call_method"):
+            return None
+        u = users[0]
+        if _name(u) in _CASTS + also:
+            n = u
+            continue
+        return u
+
+
+def _other(n, known):
+    """The argument of the binary op ``n`` that is not ``known`` (or a cast of it)."""
+    a = [x for x in n.args[:2] if x is not known]
+    return a[0] if len(a) == 1 else None
+
+
+def _norm_weight(nrm):
+    """``(weight get_attr, one_plus)`` when the normalised ``nrm`` is multiplied by a weight ``w``
+    (or ``1 + w``) read from the model, past casts and reshapes; else None."""
+    u = _next(nrm, _RESHAPES)
+    if u is None or _name(u) not in ("mul", "__mul__", "__rmul__"):
+        return None
+    prev = nrm
+    while prev not in u.args:  # the arg of u that the walk from nrm arrived by
+        prev = _users(prev)[0]
+    w = _through_casts(_other(u, prev), forward=False) if _other(u, prev) is not None else None
+    if isinstance(w, fx.Node) and w.op == "get_attr":
+        return w, False
+    if isinstance(w, fx.Node) and _name(w) in ("add", "__add__", "__radd__") and len(w.args) == 2:
+        consts = [a for a in w.args if not isinstance(a, fx.Node)]
+        nodes = [_through_casts(a, forward=False) for a in w.args if isinstance(a, fx.Node)]
+        if consts == [1] or consts == [1.0]:
+            if len(nodes) == 1 and nodes[0].op == "get_attr":
+                return nodes[0], True
+    return None
+
+
+def rms_folds(gm, plan, model: nn.Module) -> list:
+    """The :class:`RmsFold` of every RMS norm of ``gm`` (``w * h * rsqrt(mean(h ** 2) + eps)``, the
+    mean over one axis with entries removed by ``plan``, ``w`` a 1-D parameter of ``model`` whose
+    module holds ``eps`` as a float attribute). A norm read any other way has no fold (its module
+    form then fails verification, as before)."""
+    labels, uf = plan.zigset.labels, plan.zigset.uf
+    out, seen = [], set()
+    for m in gm.graph.nodes:
+        if m.op not in ("call_function", "call_method") or _name(m) != "mean" or len(m.args) < 2:
+            continue
+        h = _squared(_through_casts(m.args[0], forward=False))
+        dim, keep = m.args[1], (m.args[2] if len(m.args) > 2 else m.kwargs.get("keepdim", False))
+        dim = dim[0] if isinstance(dim, (list, tuple)) and len(dim) == 1 else dim
+        lab = labels.get(getattr(h, "name", None))
+        if h is None or not isinstance(dim, int) or not keep or not isinstance(lab, AxisLabelsT):
+            continue
+        ids = lab.ids[dim % len(lab.ids)]
+        new = int((~plan.removed_roots[uf.find(ids)]).sum())
+        if new == len(ids) or new == 0:
+            continue
+        add = _next(m)
+        eps = _other(add, next(a for a in add.args if isinstance(a, fx.Node))) if add is not None and \
+            _name(add) in ("add", "__add__") and len(add.args) == 2 else None
+        r = _next(add) if isinstance(eps, float) else None
+        nrm = _next(r) if r is not None and _name(r) == "rsqrt" else None
+        if nrm is None or _name(nrm) not in ("mul", "__mul__", "__rmul__"):
+            continue
+        hit = _norm_weight(nrm)
+        if hit is None:
+            continue
+        w, one_plus = hit
+        path, _, attr = w.target.rpartition(".")
+        try:
+            mod = model.get_submodule(path)
+        except AttributeError:
+            continue
+        p = mod._parameters.get(attr)
+        attrs = [k for k, v in mod.__dict__.items() if type(v) is float and v == eps]
+        if path in seen or p is None or p.dim() != 1 or p.shape[0] != len(ids) or len(attrs) != 1:
+            continue
+        seen.add(path)
+        out.append(RmsFold(path, attrs[0], eps, attr, one_plus, len(ids), new))
+    return out
+
+
+def apply_rms_fold(module: nn.Module, fold: RmsFold) -> dict:
+    """Set ``fold``'s eps and scale its (already sliced) weight in place; returns {attribute: new value}."""
+    scale = (fold.old / fold.new) ** 0.5
+    eps = fold.eps * fold.old / fold.new
+    setattr(module, fold.eps_attr, eps)
+    w = getattr(module, fold.weight)
+    with torch.no_grad():
+        if fold.one_plus:
+            w.copy_((1 + w.double()) * scale - 1)
+        else:
+            w.copy_(w.double() * scale)
+    return {fold.eps_attr: eps}
+
+
 __all__ = ["Change", "Scope", "ResizeError", "RESIZERS", "resizer", "rule_for", "resize", "resync_counts",
-           "HEAD_COUNTS", "WIDTHS"]
+           "HEAD_COUNTS", "WIDTHS", "RmsFold", "rms_folds", "apply_rms_fold"]

@@ -113,6 +113,64 @@ def test_hard_coded_width_falls_back_to_the_graph(caplog):
         oto.compress(form="module")
 
 
+class _RMS(nn.Module):
+    """An RMS norm over its input's last axis: ``w * x * rsqrt(mean(x ** 2) + eps)`` (``one_plus``:
+    Gemma's ``(1 + w)``; ``centred``: a LayerNorm without bias, which subtracts the mean first)."""
+
+    def __init__(self, n, one_plus=False, centred=False):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(n))
+        self.variance_epsilon, self.one_plus, self.centred = 1e-2, one_plus, centred
+
+    def forward(self, x):
+        if self.centred:
+            x = x - x.mean(-1, keepdim=True)
+        y = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        return y * ((1 + self.weight) if self.one_plus else self.weight)
+
+
+class _NormedMLP(nn.Module):
+    """Four rows of four positions each (as heads are), then an RMS norm over all of them."""
+
+    def __init__(self, **kw):
+        super().__init__()
+        self.up, self.norm, self.down = nn.Linear(6, 4), _RMS(16, **kw), nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.down(self.norm(torch.relu(self.up(x)).repeat_interleave(4, dim=-1)))
+
+
+@pytest.mark.parametrize("one_plus", [False, True])
+def test_rms_norm_over_a_pruned_width_is_refolded_in_the_own_class(one_plus, tmp_path):
+    """An RMS norm over rows of several entries (OLMo 2's q/k norms over all heads, Mamba 2's gated norm): the graph keeps the
+    mean's old divisor; the own class divides by the new width, so its eps becomes eps * old/new and
+    its weight w * sqrt(old/new) ((1 + w) likewise): exact in its own class, and otofx.save keeps the
+    new eps. A norm that subtracts the mean first is not an RMS norm: no fold, the graph comes back."""
+    torch.manual_seed(0)
+    model = randomize(_NormedMLP(one_plus=one_plus).eval())
+    x = torch.randn(5, 6)
+    oto = otofx.OTO(model, x)
+    assert [z.rows for z in oto.groups] == [4]
+    zero_random_rows(model, oto, seed=1)  # 2 rows of 4: 8 of the norm's 16 entries
+    small = oto.compress()
+    assert type(small) is _NormedMLP and small.norm.weight.shape == (8,)
+    assert small.norm.variance_epsilon == pytest.approx(2e-2) and model.norm.variance_epsilon == 1e-2
+    assert_exact(model, oto, x, small=small)
+    otofx.save(small, tmp_path / "m")
+    back = otofx.load(tmp_path / "m", model=_NormedMLP(one_plus=one_plus))
+    assert back.norm.variance_epsilon == pytest.approx(2e-2)
+    torch.testing.assert_close(back(x), small(x), rtol=0, atol=0)
+
+    centred = randomize(_NormedMLP(centred=True).eval())
+    oto = otofx.OTO(centred, x)
+    if oto.groups:  # the mean subtracted pins the width, or it is exact in the graph only
+        zero_random_rows(centred, oto, seed=1)
+        got = oto.compress()
+        assert_exact(centred, oto, x, small=got)
+        if type(got) is _NormedMLP:
+            assert got.norm.variance_epsilon == 1e-2
+
+
 # ---------------------------------------------------------------------------------------------
 # Hugging Face
 # ---------------------------------------------------------------------------------------------

@@ -73,6 +73,9 @@ def _build(name):
             num_key_value_heads=4, intermediate_size=64, moe_intermediate_size=16, n_routed_experts=4,
             num_experts_per_tok=2, n_shared_experts=1, n_group=1, topk_group=1, q_lora_rank=16, kv_lora_rank=16,
             qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, max_position_embeddings=64))
+    if name == "mamba2":  # state-space heads: in_proj splits by tensor_split, one B/C group repeated to every head
+        return T.Mamba2ForCausalLM(T.Mamba2Config(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_heads=8,
+                                                  head_dim=8, state_size=16, n_groups=1, expand=2, chunk_size=8))
     raise KeyError(name)
 
 
@@ -108,14 +111,17 @@ def test_qk_norm_heads_found_and_exact(name, caplog):
     assert any(z.rows == 64 for z in oto.groups)  # the MLP width
     zero_random_rows(model, oto, seed=3)
     assert_exact(model, oto, _ids(), ref_kwargs=_kwargs(model))
-    if name == "olmo2":  # the mean keeps its old divisor: exact in the graph form too
+    if name == "olmo2":
+        # the graph keeps the mean's old divisor; the own class divides by the new width, so the
+        # norm's eps and weight absorb the ratio (eps * 16/8, weight * sqrt(16/8) on kept heads)
         assert_exact(model, oto, _ids(), small=oto.compress(form="graph"), ref_kwargs=_kwargs(model))
-        # the fallback from the model's own class says why, and does not call it an otofx bug
-        with caplog.at_level("WARNING", logger="otofx"):
-            small = oto.compress()
-        assert isinstance(small, torch.fx.GraphModule)
-        msg = " ".join(r.getMessage() for r in caplog.records if "returns a torch.fx GraphModule" in r.getMessage())
-        assert "its own forward at the new widths" in msg and "bug in otofx" not in msg, msg
+        small = oto.compress()
+        assert isinstance(small, type(model))
+        full, q = model.model.layers[0].self_attn.q_norm, small.model.layers[0].self_attn.q_norm
+        assert q.weight.shape == (16,) and q.variance_epsilon == pytest.approx(full.variance_epsilon * 2)
+        x = _ids()[:1, :5]
+        assert torch.equal(small.generate(x, max_new_tokens=4, do_sample=False),
+                           model.generate(x, max_new_tokens=4, do_sample=False))
 
 
 def test_norm_over_one_channel_axis_stays_pinned():
@@ -184,7 +190,7 @@ def test_deberta_v2_heads_found_and_exact():
     ("llama4", "model.layers.0.self_attn.q_proj.weight", 2, "module"),
     ("hrm", "model.L_module.layers.0.self_attn.q_proj.weight", 4, "module"),
 ])
-def test_heads_found_and_exact(name, q, rows, form):
+def test_heads_found_and_exact(name, q, rows, form, caplog):
     """Each family's heads are rows of whole heads (8 positions each, 24 where q, k and v interleave per head; multi-query: each query head alone, its
     copies of the one key/value head are dropped with it; Llama 4: a key/value head with its two
     query heads); zeroing half of them compresses exactly. The ALiBi families come back as graphs:
@@ -195,8 +201,41 @@ def test_heads_found_and_exact(name, q, rows, form):
     heads = _head_groups(oto, q)  # (rows, positions of the projection per row)
     assert any(r == rows and k % (8 * (4 // rows)) == 0 for r, k in heads), heads
     zero_random_rows(model, oto, seed=4)
-    small = assert_exact(model, oto, _ids(), ref_kwargs=_kwargs(model))
+    with caplog.at_level("WARNING", logger="otofx"):
+        small = assert_exact(model, oto, _ids(), ref_kwargs=_kwargs(model))
     assert isinstance(small, torch.fx.GraphModule) == (form == "graph")
+    if form == "graph":  # the fallback from the model's own class says why, and does not call it an otofx bug
+        msg = " ".join(r.getMessage() for r in caplog.records if "returns a torch.fx GraphModule" in r.getMessage())
+        assert "forward fails at the new widths" in msg and "bug in otofx" not in msg, msg
+
+
+def test_state_space_heads_found_and_exact(tmp_path):
+    """Mamba 2 (and the hybrids built on its mixer: Bamba, Granite 4, Nemotron-H, Falcon-H1): each SSM
+    head is a row (its x and z rows of in_proj, its conv channels, dt, A_log, D and norm weight, its
+    out_proj columns). The input projection is cut by ``tensor_split``, the sequence padded to whole
+    chunks (``F.pad`` by a width computed at run time), the decay summed by ``cumsum`` along the
+    sequence, and the one group of B/C repeated to every head by ``repeat_interleave`` (each head's
+    copy dropped with it). Half the heads zeroed: the model's own class is exact (the gated norm
+    over all heads divides by the new width: its eps and weight absorb the ratio), generates the
+    same tokens, and saves and loads back; the graph is exact too."""
+    model = _model("mamba2")
+    oto = otofx.OTO(model, _ids())
+    z = next(z for z in oto.groups if any(n.endswith("mixer.A_log") for n, _, _ in z.params))
+    assert z.rows == 8
+    shapes = {n.rsplit("mixer.", 1)[1]: (d, i.shape[1]) for n, d, i in z.params}
+    assert shapes["in_proj.weight"] == (0, 8 + 8 + 1) and shapes["out_proj.weight"] == (1, 8), shapes
+    assert shapes["A_log"] == (0, 1) and shapes["conv1d.weight"] == (0, 8)
+    assert not [p for p in oto.pinned if "no rule" in p.reason]
+    zero_random_rows(model, oto, seed=2)
+    small = assert_exact(model, oto, _ids(), ref_kwargs=_kwargs(model))
+    assert isinstance(small, type(model)) and small.backbone.layers[0].mixer.A_log.shape == (4,)
+    assert small.backbone.layers[0].mixer.num_heads == 4
+    assert_exact(model, oto, _ids(), small=oto.compress(form="graph"), ref_kwargs=_kwargs(model))
+    x = _ids()[:1, :5]
+    full = model.generate(x, max_new_tokens=4, do_sample=False)
+    assert torch.equal(small.generate(x, max_new_tokens=4, do_sample=False), full)
+    otofx.save(small, tmp_path / "m")
+    assert torch.equal(otofx.load(tmp_path / "m").generate(x, max_new_tokens=4, do_sample=False), full)
 
 
 def test_latent_attention_heads_found_exact_generate_and_save(tmp_path):
