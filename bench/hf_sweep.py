@@ -121,6 +121,9 @@ OVERRIDES = {
              "n_output_layers": 1},
     "convnext": {"image_size": 64},
     "convnextv2": {"image_size": 64},
+    # Perceiver keeps a 1280-wide latent array over 26 self-attention layers (260M parameters) otherwise
+    "perceiver": {"d_latents": HIDDEN, "num_latents": 16, "num_self_attends_per_block": 2,
+                  "num_self_attention_heads": HEADS, "num_cross_attention_heads": 1},
 }
 # multi-head latent attention (DeepSeek V2/V3 and their descendants) has as many key/value heads as heads
 for _mla in ("deepseek_v2", "deepseek_v3", "deepseek_v32", "glm4_moe_lite", "glm_moe_dsa", "minicpm3",
@@ -260,7 +263,10 @@ def example_input(task: str, cfg, seed: int = 0) -> dict:
     if task == "seq-cls" and getattr(cfg, "is_encoder_decoder", False) and isinstance(eos, int):
         ids[:, -1] = eos  # BART-style classifiers read the hidden state at each example's <eos>
     if task == "seq2seq-lm":  # an encoder-decoder: the decoder reads a shorter target prefix
-        return {"input_ids": ids, "decoder_input_ids": torch.randint(3, min(vocab, VOCAB), (B, L // 2), generator=g)}
+        # NB: with the encoder's attention mask, as a tokenizer gives it (SwitchTransformers and LongT5
+        # index it, and transformers builds no default one under torch.export)
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+                "decoder_input_ids": torch.randint(3, min(vocab, VOCAB), (B, L // 2), generator=g)}
     return {"input_ids": ids}
 
 

@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import logging
 import operator
 import re
@@ -1116,7 +1117,9 @@ def capture(model: torch.nn.Module, example_inputs, frontend: str = "auto") -> C
         try:
             return export_captured(model, args, kwargs)
         except Exception as e:  # noqa: BLE001
-            raise CaptureError(f"torch.export failed on {type(model).__name__}: {type(e).__name__}: {_first_line(e)}") from e
+            hint = _missing_masks_hint(model, kwargs, e)
+            raise CaptureError(f"torch.export failed on {type(model).__name__}: {type(e).__name__}: {_first_line(e)}"
+                               + (f"\n{hint}" if hint else "")) from e
     try:
         gm = trace(model)
         opaque = _opaque_calls(gm)
@@ -1143,10 +1146,29 @@ def capture(model: torch.nn.Module, example_inputs, frontend: str = "auto") -> C
         f"otofx could not capture {type(model).__name__}.\n"
         f"  torch.fx.symbolic_trace failed: {type(trace_err).__name__}: {_first_line(trace_err)}\n"
         f"  torch.export (non-strict) failed: {type(export_err).__name__}: {_first_line(export_err)}\n"
-        "Python control flow that depends on tensor values cannot be captured: move it out of forward, "
-        "make it depend on shapes or module attributes only, or wrap the offending submodule so that "
-        "it is called as a leaf (it will then be pinned)."
+        + (_missing_masks_hint(model, kwargs, export_err) or
+           "Python control flow that depends on tensor values cannot be captured: move it out of forward, "
+           "make it depend on shapes or module attributes only, or wrap the offending submodule so that "
+           "it is called as a leaf (it will then be pinned).")
     ) from export_err
+
+
+def _missing_masks_hint(model: torch.nn.Module, kwargs: dict, err: Exception) -> str | None:
+    """What to pass when the export failed on a None value and ``forward`` has mask arguments the
+    example left out (transformers builds its default attention mask only outside of torch.export,
+    so e.g. SwitchTransformers and LongT5 then index None), or None."""
+    if not isinstance(err, (TypeError, AttributeError)) or "NoneType" not in str(err):
+        return None
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return None
+    missing = [n for n, p in params.items() if n.endswith("mask") and p.default is None and n not in kwargs]
+    if not missing:
+        return None
+    return (f"The export ran {type(model).__name__}.forward with {', '.join(missing)} left None and failed on a "
+            "None value: pass them in the example inputs (e.g. attention_mask=torch.ones_like(input_ids); "
+            "transformers builds its default mask only outside of torch.export).")
 
 
 def _first_line(e: Exception) -> str:

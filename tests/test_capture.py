@@ -72,6 +72,32 @@ def test_untraceable_model_names_both_failures():
     assert snapshot(m) == before
 
 
+class _MaskUnderExport(nn.Module):
+    """transformers' pattern: a default mask built only outside of torch.export, then indexed."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.out = nn.Linear(4, 4), nn.Linear(4, 2)
+
+    def forward(self, x, attention_mask=None):
+        if x.shape[0] > 8:  # symbolic_trace cannot take a branch on a size
+            x = x * 2
+        if attention_mask is None and not torch.compiler.is_compiling():
+            attention_mask = torch.ones(x.shape[:2])
+        return self.out(torch.relu(self.fc(x)) * attention_mask[:, :, None])
+
+
+def test_a_mask_left_none_under_export_is_named():
+    """A forward that fails under export on a mask argument the example left None: the error says to
+    pass it (SwitchTransformers, LongT5); with the mask the model is captured."""
+    x = torch.randn(2, 3, 4)
+    for frontend in ("auto", "export"):
+        with pytest.raises(otofx.CaptureError, match=r"attention_mask left None.*pass them in the example inputs"):
+            otofx.OTO(_MaskUnderExport(), {"x": x}, frontend=frontend)
+    oto = otofx.OTO(_MaskUnderExport(), {"x": x, "attention_mask": torch.ones(2, 3)})
+    assert oto.frontend == "export" and [z.rows for z in oto.groups] == [4]
+
+
 def test_wrong_input_shape_names_the_node():
     m = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 2, 1))
     with pytest.raises(otofx.OTOError, match=r"node '_0', module '0' \(Conv2d\).*3 channels.*example inputs"):
