@@ -90,6 +90,8 @@ _PRODUCT_FUNCTIONS = {torch.addmm: "addmm", torch.mm: "mm", torch.matmul: "matmu
 _GROUPED = ("_grouped_mm", "grouped_mm", "grouped_mm_fallback")
 # ops a weight may pass through on its way to a product, values and layout unchanged
 _SAME = ("contiguous", "clone", "alias", "detach")
+# ops that may swap a weight's last two dims (:func:`_swaps` checks their arguments)
+_SWAPS = ("t", "T", "numpy_T", "mT", "adjoint", "transpose", "swapaxes", "swapdims", "permute")
 
 
 @dataclass(frozen=True)
@@ -149,6 +151,9 @@ def _operand(a, parameter: bool):
     3 dims, as stored or with its last two dims swapped, else None."""
     chain = []
     while isinstance(a, fx.Node) and a.op in ("call_function", "call_method") and a.args:
+        name = a.target if a.op == "call_method" else _op_name(a)
+        if name not in _SAME + _SWAPS and not (name == "getattr" and a.args[1:2] in (("T",), ("mT",))):
+            return None  # NB: not a weight (an activation's chain is not walked back to the input)
         chain.append(a)
         a = a.args[0]
     if not isinstance(a, fx.Node) or a.op != "get_attr":
