@@ -117,6 +117,7 @@ OVERRIDES = {
                          "layer_types": ["linear_attention", "full_attention"], "num_hidden_layers": 2},
     "bamba": {"mamba_n_heads": 8, "mamba_d_head": 8, "mamba_d_state": 16, "mamba_chunk_size": 16,
               "attn_layer_indices": [1]},
+    "nemotron_h": {"mamba_num_heads": 8, "mamba_head_dim": 8, "ssm_state_size": 16, "n_groups": 2, "chunk_size": 16},
     "dory": {"layer_types": ["sliding_attention", "full_attention"], "num_hidden_layers": 2, "n_input_layers": 1,
              "n_output_layers": 1},
     "convnext": {"image_size": 64},

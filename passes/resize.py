@@ -318,13 +318,14 @@ def pruned_relative_attention(m: PrunedRelativeAttention, change: Change):
 # Width and head-count attributes of blocks (attention, MLP)
 # ---------------------------------------------------------------------------------------------
 
-# attributes that hold a count of heads (query or key/value)
+# attributes that hold a count of heads (query or key/value; a state-space mixer's B/C groups of heads)
 HEAD_COUNTS = ("num_heads", "num_attention_heads", "num_key_value_heads", "num_kv_heads", "n_head", "n_heads",
-               "n_kv_heads", "n_kv_head", "num_head", "heads")
+               "n_kv_heads", "n_kv_head", "num_head", "heads", "n_groups")
 # attributes that hold a width computed from heads or an inner (MLP) width
-WIDTHS = ("all_head_size", "split_size", "inner_dim", "embed_dim", "intermediate_size", "intermediate_dim", "inner_size", "ffn_dim",
-          "kv_dim", "q_dim", "hidden_dim_attn", "proj_size", "head_size_total", "conv_dim", "d_inner",
-          "group_size")
+WIDTHS = ("all_head_size", "split_size", "inner_dim", "embed_dim", "intermediate_size", "intermediate_dim", "inner_size",
+          "ffn_dim", "kv_dim", "q_dim", "hidden_dim_attn", "proj_size", "head_size_total",
+          # state-space mixers (Mamba, Mamba 2 and their hybrids)
+          "conv_dim", "d_inner", "time_step_rank", "dt_rank", "group_size")
 
 
 @dataclass

@@ -73,9 +73,10 @@ def _build(name):
             num_key_value_heads=4, intermediate_size=64, moe_intermediate_size=16, n_routed_experts=4,
             num_experts_per_tok=2, n_shared_experts=1, n_group=1, topk_group=1, q_lora_rank=16, kv_lora_rank=16,
             qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, max_position_embeddings=64))
-    if name == "mamba2":  # state-space heads: in_proj splits by tensor_split, one B/C group repeated to every head
+    if name.startswith("mamba2"):  # state-space heads: in_proj split by tensor_split, B/C groups repeated to heads
+        groups = 2 if name == "mamba2_groups" else 1
         return T.Mamba2ForCausalLM(T.Mamba2Config(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_heads=8,
-                                                  head_dim=8, state_size=16, n_groups=1, expand=2, chunk_size=8))
+                                                  head_dim=8, state_size=16, n_groups=groups, expand=2, chunk_size=8))
     raise KeyError(name)
 
 
@@ -236,6 +237,20 @@ def test_state_space_heads_found_and_exact(tmp_path):
     assert torch.equal(small.generate(x, max_new_tokens=4, do_sample=False), full)
     otofx.save(small, tmp_path / "m")
     assert torch.equal(otofx.load(tmp_path / "m").generate(x, max_new_tokens=4, do_sample=False), full)
+
+
+def test_state_space_groups_of_heads_are_rows():
+    """Mamba 2 with 2 groups of B/C (4 heads each): a group's B/C channels are read by its 4 heads, so
+    a row is a group with its heads; half of them zeroed, the own class holds one group (n_groups
+    and the widths re-synced) and is exact."""
+    model = _model("mamba2_groups")
+    oto = otofx.OTO(model, _ids())
+    z = next(z for z in oto.groups if any(n.endswith("mixer.A_log") for n, _, _ in z.params))
+    assert z.rows == 2 and dict((n.rsplit("mixer.", 1)[1], i.shape[1]) for n, _, i in z.params)["A_log"] == 4
+    zero_random_rows(model, oto, seed=2)
+    small = assert_exact(model, oto, _ids(), ref_kwargs=_kwargs(model))
+    mixer = small.backbone.layers[0].mixer
+    assert isinstance(small, type(model)) and (mixer.n_groups, mixer.num_heads) == (1, 4)
 
 
 def test_latent_attention_heads_found_exact_generate_and_save(tmp_path):
