@@ -271,8 +271,10 @@ for _kind, _names, _ops in [
 functions("binary", [torch.multiply] + _ov(aten.multiply, "Tensor", "Scalar"), ("input", "other"), kind="mul")
 # comparisons (a mask from activations): elementwise, a bool zero with its rows where 0 (op) c is False
 for _n in ("eq", "ne", "lt", "le", "gt", "ge"):
-    functions("binary", [getattr(torch, _n)] + _ov(getattr(aten, _n), "Tensor", "Scalar"), ("input", "other"),
-              kind="compare", cmp=_n)
+    # NB: operator.gt is also Python's comparison of sizes: without a tensor the rule gives the sizes
+    # it measured back (binary's python_values), so an assertion on them pins what it measures
+    functions("binary", [getattr(torch, _n), getattr(operator, _n)] + _ov(getattr(aten, _n), "Tensor", "Scalar"),
+              ("input", "other"), kind="compare", cmp=_n)
     methods("binary", [_n], ("input", "other"), kind="compare", cmp=_n)
 # elementwise max / min of two tensors: zero where both are zero
 functions("binary", [torch.maximum, torch.minimum, torch.fmax, torch.fmin]

@@ -251,11 +251,12 @@ def zeros_and_ones_like_channels():
 @example("binary")
 def comparisons_make_masks():
     """A mask compared from activations (x > t, x != 0) gates them: tied to their channels, zero with them
-    where 0 (op) t is False (0 > 0.1, 0 != 0, 0 <= -0.2)."""
+    where 0 (op) t is False (0 > 0.1, 0 != 0, 0 <= -0.2); Python's operators and torch's alike (a leaky
+    activation written with where)."""
 
     def fwd(s, x):
         y = s.c1(x)
-        return s.c2(y * torch.gt(y, 0.1) + torch.ne(y, 0).float() * 0.5 - y.le(-0.2).to(y.dtype))
+        return s.c2(y * (y > 0.1) + torch.ne(y, 0).float() * 0.5 - y.le(-0.2).to(y.dtype) + torch.where(y >= 0, y, 0.1 * y))
 
     m = Net(fwd, c1=conv(3, 8), c2=conv(8, 4))
     return m, img()
