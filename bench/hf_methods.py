@@ -24,9 +24,7 @@ Internals:
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
-import math
 import os
 import sys
 import time
@@ -177,8 +175,6 @@ def summary(rows: list) -> str:
 
 
 def main(argv=None) -> int:
-    import json
-
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tasks", default="causal-lm,masked-lm,seq-cls,image-cls")
     ap.add_argument("--only", default="", help="comma-separated model types (default: all)")
@@ -189,22 +185,17 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     t0 = time.time()
     if a.rows:
-        with open(a.rows) as f:
-            rows = [MethodRow(**json.loads(line)) for line in f if line.strip()]
+        rows = H.read_rows(a.rows, MethodRow)
     else:
         items = H.entries(tuple(filter(None, a.tasks.split(","))), set(filter(None, a.only.split(","))) or None)
-        before = []
-        if a.save and os.path.exists(a.save):
-            with open(a.save) as f:
-                before = [MethodRow(**json.loads(line)) for line in f if line.strip()]
+        before = H.read_rows(a.save, MethodRow) if a.save and os.path.exists(a.save) else []
         have = {(r.task, r.model_type, r.cls) for r in before}
 
         def progress(r):
             print(f"{r.task} {r.cls}: slb {r.slb[:60] or '-'} | admm {r.admm[:60] or '-'} {r.why[:60]}", file=sys.stderr,
                   flush=True)
             if a.save:
-                with open(a.save, "a") as f:
-                    f.write(json.dumps(dataclasses.asdict(r)) + "\n")
+                H.save_row(a.save, r)
 
         rows = before + H.sweep([it for it in items if it not in have], a.jobs, a.timeout, False, progress,
                                 fn=run_methods, row_cls=MethodRow)

@@ -45,7 +45,7 @@ import sys
 import time
 import traceback
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -591,6 +591,22 @@ def summary(rows: list[Row], total: int | None = None) -> str:
     ])
 
 
+def read_rows(path: str, cls) -> list:
+    """The rows a ``--save`` file holds (JSON lines), as ``cls`` instances."""
+    import json
+
+    with open(path) as f:
+        return [cls(**json.loads(line)) for line in f if line.strip()]
+
+
+def save_row(path: str, row) -> None:
+    """Append one finished row to a ``--save`` file."""
+    import json
+
+    with open(path, "a") as f:
+        f.write(json.dumps(dataclasses.asdict(row)) + "\n")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tasks", default=",".join(TASKS), help="comma-separated: " + ", ".join(TASKS) + " (default: all)")
@@ -611,10 +627,7 @@ def main(argv=None) -> int:
     t0 = time.time()
     done = []
     if a.rows:
-        import json
-
-        with open(a.rows) as f:
-            rows = [Row(**json.loads(line)) for line in f if line.strip()]
+        rows = read_rows(a.rows, Row)
     else:
         def progress(r: Row):
             done.append(r)
@@ -622,17 +635,10 @@ def main(argv=None) -> int:
                   f"{'exact' if r.exact else 'built' if r.built else 'not built'} {r.why[:100]}", file=sys.stderr,
                   flush=True)
             if a.save:
-                import json
+                save_row(a.save, r)
 
-                with open(a.save, "a") as f:
-                    f.write(json.dumps(dataclasses.asdict(r)) + "\n")
-
-        before = []
-        if a.save and os.path.exists(a.save):  # resume: classes already in the file are not run again
-            import json
-
-            with open(a.save) as f:
-                before = [Row(**json.loads(line)) for line in f if line.strip()]
+        # resume: classes already in the file are not run again
+        before = read_rows(a.save, Row) if a.save and os.path.exists(a.save) else []
         have = {(r.task, r.model_type, r.cls) for r in before}
         rows = before + sweep([it for it in items if it not in have], a.jobs, a.timeout, not a.no_peers, progress)
         order = {it: i for i, it in enumerate(items)}

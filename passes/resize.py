@@ -41,10 +41,10 @@ import torch.nn as nn
 
 from otofx.errors import OTOError
 
-from .channels import AxisLabels as AxisLabelsT
-
+from .channels import AxisLabels
 from .modules import PrunedMultiheadAttention, PrunedRelativeAttention, PrunedWindowAttention, PrunedWindowAttention3d
 from .nodes import HF_CONV1D
+from .registry import op_of
 
 
 class ResizeError(OTOError):
@@ -384,8 +384,6 @@ def _resync_groups(module: nn.Module, done: dict) -> None:
         done["num_key_value_groups"] = (g, new_q // new_kv)
 
 
-
-
 # ---------------------------------------------------------------------------------------------
 # RMS norms over an axis that lost channels
 # ---------------------------------------------------------------------------------------------
@@ -409,40 +407,24 @@ class RmsFold:
     new: int
 
 
-def _name(n) -> str:
-    if n.op == "call_method":
-        return n.target
-    packet = getattr(n.target, "_overloadpacket", None)
-    return getattr(packet, "__name__", None) or getattr(n.target, "__name__", "")
+def _op(n) -> str:
+    """What ``n`` computes, by the registry's canonical name (``__rmul__`` and ``aten.mul`` are ``mul``)."""
+    return op_of(n, n.graph.owning_module) if n.op in ("call_function", "call_method") else n.op
 
 
-def _users(n) -> list:
-    """``n``'s users that read its value (not torch.export's dtype assertions)."""
-    return [u for u in n.users if _name(u) != "_assert_tensor_metadata"]
-
-
-def _through_casts(n, forward: bool):
-    """Follow value-preserving casts from ``n``: to its one user (``forward``) or to its input."""
-    while True:
-        if forward:
-            users = _users(n)
-            if len(users) != 1 or users[0].op not in ("call_function", "call_method") or _name(users[0]) not in _CASTS:
-                return n
-            n = users[0]
-        else:
-            if n.op not in ("call_function", "call_method") or _name(n) not in _CASTS or not n.args:
-                return n
-            n = n.args[0]
+def _before_casts(n):
+    """``n``'s input while ``n`` is a value-preserving cast."""
+    while _op(n) in _CASTS and n.args:
+        n = n.args[0]
+    return n
 
 
 def _squared(n):
     """``h`` when ``n`` is ``h ** 2``, ``h * h`` or ``square(h)``, else None."""
-    if n.op not in ("call_function", "call_method"):
-        return None
-    name, args = _name(n), n.args
-    if name in ("pow", "__pow__") and len(args) == 2 and args[1] == 2:
+    name, args = _op(n), n.args
+    if name == "pow" and len(args) == 2 and args[1] == 2:
         return args[0]
-    if name in ("mul", "__mul__") and len(args) == 2 and args[0] is args[1]:
+    if name == "mul" and len(args) == 2 and args[0] is args[1]:
         return args[0]
     if name == "square" and args:
         return args[0]
@@ -453,21 +435,20 @@ _RESHAPES = ("view", "reshape", "_unsafe_view", "flatten")
 
 
 def _next(n, also=()):
-    """The one user of ``n`` past value-preserving casts (and ``also``), or None."""
-    n = _through_casts(n, forward=True)
+    """``(user, via)``: the one op reading ``n`` past value-preserving casts (and ``also``), and the
+    node it reads; (None, None) when ``n`` (or a cast of it) has several readers. torch.export's
+    dtype assertions are not readers."""
     while True:
-        users = _users(n)
+        users = [u for u in n.users if _op(u) != "_assert_tensor_metadata"]
         if len(users) != 1 or users[0].op not in ("call_function", "call_method"):
-            return None
-        u = users[0]
-        if _name(u) in _CASTS + also:
-            n = u
-            continue
-        return u
+            return None, None
+        if _op(users[0]) not in _CASTS + also:
+            return users[0], n
+        n = users[0]
 
 
 def _other(n, known):
-    """The argument of the binary op ``n`` that is not ``known`` (or a cast of it)."""
+    """The argument of the binary op ``n`` that is not ``known``."""
     a = [x for x in n.args[:2] if x is not known]
     return a[0] if len(a) == 1 else None
 
@@ -475,21 +456,16 @@ def _other(n, known):
 def _norm_weight(nrm):
     """``(weight get_attr, one_plus)`` when the normalised ``nrm`` is multiplied by a weight ``w``
     (or ``1 + w``) read from the model, past casts and reshapes; else None."""
-    u = _next(nrm, _RESHAPES)
-    if u is None or _name(u) not in ("mul", "__mul__", "__rmul__"):
+    u, via = _next(nrm, _RESHAPES)
+    if u is None or _op(u) != "mul" or not isinstance(_other(u, via), fx.Node):
         return None
-    prev = nrm
-    while prev not in u.args:  # the arg of u that the walk from nrm arrived by
-        prev = _users(prev)[0]
-    w = _through_casts(_other(u, prev), forward=False) if _other(u, prev) is not None else None
-    if isinstance(w, fx.Node) and w.op == "get_attr":
+    w = _before_casts(_other(u, via))
+    if w.op == "get_attr":
         return w, False
-    if isinstance(w, fx.Node) and _name(w) in ("add", "__add__", "__radd__") and len(w.args) == 2:
-        consts = [a for a in w.args if not isinstance(a, fx.Node)]
-        nodes = [_through_casts(a, forward=False) for a in w.args if isinstance(a, fx.Node)]
-        if consts == [1] or consts == [1.0]:
-            if len(nodes) == 1 and nodes[0].op == "get_attr":
-                return nodes[0], True
+    consts = [a for a in w.args if not isinstance(a, fx.Node)] if _op(w) == "add" and len(w.args) == 2 else []
+    nodes = [_before_casts(a) for a in w.args if isinstance(a, fx.Node)]
+    if consts in ([1], [1.0]) and len(nodes) == 1 and nodes[0].op == "get_attr":
+        return nodes[0], True
     return None
 
 
@@ -501,24 +477,23 @@ def rms_folds(gm, plan, model: nn.Module) -> list:
     labels, uf = plan.zigset.labels, plan.zigset.uf
     out, seen = [], set()
     for m in gm.graph.nodes:
-        if m.op not in ("call_function", "call_method") or _name(m) != "mean" or len(m.args) < 2:
+        if _op(m) != "mean" or len(m.args) < 2:
             continue
-        h = _squared(_through_casts(m.args[0], forward=False))
+        h = _squared(_before_casts(m.args[0]))
         dim, keep = m.args[1], (m.args[2] if len(m.args) > 2 else m.kwargs.get("keepdim", False))
         dim = dim[0] if isinstance(dim, (list, tuple)) and len(dim) == 1 else dim
         lab = labels.get(getattr(h, "name", None))
-        if h is None or not isinstance(dim, int) or not keep or not isinstance(lab, AxisLabelsT):
+        if h is None or not isinstance(dim, int) or not keep or not isinstance(lab, AxisLabels):
             continue
         ids = lab.ids[dim % len(lab.ids)]
         new = int((~plan.removed_roots[uf.find(ids)]).sum())
         if new == len(ids) or new == 0:
             continue
-        add = _next(m)
-        eps = _other(add, next(a for a in add.args if isinstance(a, fx.Node))) if add is not None and \
-            _name(add) in ("add", "__add__") and len(add.args) == 2 else None
-        r = _next(add) if isinstance(eps, float) else None
-        nrm = _next(r) if r is not None and _name(r) == "rsqrt" else None
-        if nrm is None or _name(nrm) not in ("mul", "__mul__", "__rmul__"):
+        add, via = _next(m)  # + eps, then rsqrt, then times the normalised input
+        eps = _other(add, via) if add is not None and _op(add) == "add" else None
+        r = _next(add)[0] if isinstance(eps, float) else None
+        nrm = _next(r)[0] if r is not None and _op(r) == "rsqrt" else None
+        if nrm is None or _op(nrm) != "mul":
             continue
         hit = _norm_weight(nrm)
         if hit is None:

@@ -95,10 +95,11 @@ def to_torchao(frozen: nn.Module) -> nn.Module:
                     "tensors (their values are on the grid already): %s", len(inside), ", ".join(inside))
     graph = getattr(out, "graph", None)
     # NB: x @ W.T (Falcon's Linear), W @ x, bmm: torchao's tensor runs none of them. A graph's
-    # x @ W.T becomes linear(x, W) and any other read takes W.dequantize(); a module's own forward
-    # cannot be rewritten, nor a weight stored [in, out] that is not read as x @ W
-    loose = sorted(name for name, layer in info.items() if not getattr(layer, "plain", True) and not layer.batch
-                   and name not in inside and (graph is None or layer.out_dim != 0))
+    # x @ W.T becomes linear(x, W) (``swapped``) and any other read takes W.dequantize(); a module's
+    # own forward cannot be rewritten, nor a weight stored [in, out] that is not read as x @ W
+    unplain = {name for name, layer in info.items() if not layer.plain and not layer.batch and name not in inside}
+    loose = sorted(name for name in unplain if graph is None or info[name].out_dim != 0)
+    swapped = unplain - set(loose)
     if loose:
         log.warning("otofx.slb.to_torchao: %d weight(s) are read by products torchao's tensor does not run (x @ W.T, "
                     "W @ x, bmm) and stay plain tensors (their values are on the grid already)%s: %s", len(loose),
@@ -131,8 +132,6 @@ def to_torchao(frozen: nn.Module) -> nn.Module:
         _products_to_linear(out, transposed)
     elif transposed:  # the module form: transformers' Conv1D modules become the Linear they compute
         _conv1d_to_linear(out, transposed)
-    swapped = {name for name, layer in info.items() if not getattr(layer, "plain", True) and not layer.batch
-               and name not in inside and name not in loose}
     if swapped:
         _swapped_products_to_linear(out, swapped)
     _torchao_reads(out, set(info) - set(inside) - set(experts) - set(loose))

@@ -125,7 +125,7 @@ def _experts(m: nn.Module) -> list:
     or any module whose ``num_experts`` (or ``num_local_experts``) is the leading dim of its 3-D
     parameters (Llama 4's experts, read by ``torch.bmm``; JetMoE's)."""
     found = [(n, p) for n, p in m.named_parameters(recurse=False) if p.ndim == 3 and p.is_floating_point()]
-    if isinstance(getattr(m, "is_transposed", None), bool) and hasattr(m, "is_concatenated"):
+    if _layout_stated(m) and hasattr(m, "is_concatenated"):
         return found
     e = getattr(m, "num_experts", getattr(m, "num_local_experts", None))
     return [(n, p) for n, p in found if p.shape[0] == e] if isinstance(e, int) and e > 0 else []

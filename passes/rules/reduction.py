@@ -156,13 +156,14 @@ def scan(ctx: Ctx, input, dim=-1, prepend=None, append=None, zero_in=True, meta=
     if not isinstance(x, AxisLabels):
         return x
     d = _ax(dim, x.ndim)
-    ctx.pin(x.ids[d], "a scan (cumsum, diff, ...) mixes the entries along this axis")
+    why = "a scan (cumsum, diff, ...) mixes the entries along this axis"
+    ctx.pin(x.ids[d], why)
     zero = list(x.zero)
     for extra in (prepend, append):
         if isinstance(extra, AxisLabels):
             if extra.ndim != x.ndim:
                 raise RuleDeclined("diff's prepend/append must have the input's rank")
-            ctx.pin(extra.ids[d], "a scan (cumsum, diff, ...) mixes the entries along this axis")
+            ctx.pin(extra.ids[d], why)
             for a in range(x.ndim):
                 if a != d:
                     ctx.tie(x.ids[a], extra.ids[a])

@@ -115,14 +115,20 @@ def _product_name(node: fx.Node) -> str | None:
     return name if name in _PRODUCT_ARGS else None
 
 
+def _view_op(a: fx.Node) -> tuple:
+    """``(name, arguments after the input)`` of a call node; an attribute read (``W.T``) by its name."""
+    name = a.target if a.op == "call_method" else _op_name(a)
+    rest = list(a.args[1:])
+    if name == "getattr" and rest:
+        return rest[0], []
+    return name, rest
+
+
 def _swaps(a: fx.Node, nd: int) -> int | None:
     """1 when ``a`` swaps the last two dims of its ``nd``-dim input (``t``, ``.T``, ``.mT``,
     ``transpose(-2, -1)``, a ``permute`` doing only that), 0 when it changes nothing (``contiguous``,
     ``transpose(d, d)``), None for any other op."""
-    name = a.target if a.op == "call_method" else _op_name(a)
-    rest = list(a.args[1:])
-    if name == "getattr" and rest:
-        name, rest = rest[0], []
+    name, rest = _view_op(a)
     if name in _SAME:
         return 0
     if name in ("t", "T", "numpy_T"):
@@ -147,12 +153,11 @@ def _swaps(a: fx.Node, nd: int) -> int | None:
 
 
 def _operand(a, parameter: bool):
-    """``(get_attr node, swaps)`` when ``a`` is a parameter (any tensor unless ``parameter``) of 2 or
-    3 dims, as stored or with its last two dims swapped, else None."""
+    """``(get_attr node, swaps, ndim)`` when ``a`` is a parameter (any tensor unless ``parameter``) of
+    2 or 3 dims, as stored or with its last two dims swapped, else None."""
     chain = []
     while isinstance(a, fx.Node) and a.op in ("call_function", "call_method") and a.args:
-        name = a.target if a.op == "call_method" else _op_name(a)
-        if name not in _SAME + _SWAPS and not (name == "getattr" and a.args[1:2] in (("T",), ("mT",))):
+        if _view_op(a)[0] not in _SAME + _SWAPS:
             return None  # NB: not a weight (an activation's chain is not walked back to the input)
         chain.append(a)
         a = a.args[0]
@@ -170,7 +175,7 @@ def _operand(a, parameter: bool):
         if s is None:
             return None
         swaps += s
-    return a, swaps % 2
+    return a, swaps % 2, val.dim()
 
 
 def _product(node: fx.Node, parameter: bool = True) -> Read | None:
@@ -196,8 +201,7 @@ def _product(node: fx.Node, parameter: bool = True) -> Read | None:
     for i, hit in ops.items():
         if hit is None:
             continue
-        w, swapped = hit
-        nd = get_path(w.graph.owning_module, w.target).dim()
+        w, swapped, nd = hit
         if nd == 3 and name in ("mm", "addmm") or nd == 2 and name in ("bmm", "baddbmm") + _GROUPED:
             return None
         on_right = i == right
@@ -240,7 +244,7 @@ def _op_kind(node: fx.Node):
         return None
     hit = _product(node)
     if hit is not None:
-        return nn.Linear, hit.weight, hit.out_dim, hit.batch, hit.plain or hit.batch
+        return nn.Linear, hit.weight, hit.out_dim, hit.batch, hit.plain
     kind = _FUNCTIONS.get(node.target)
     if kind is None:
         packet = getattr(node.target, "_overloadpacket", None)
