@@ -8,10 +8,12 @@ weights (eval mode; norm weights, biases and constant-initialised parameters ran
 
 * ``analysed``: ``otofx.OTO(model, x)`` (``x``: ``input_ids`` 2x16, with ``decoder_input_ids`` 2x8 for
   an encoder-decoder, or ``pixel_values`` 2x3xSxS);
-* head / MLP / expert rows: rows of the groups that hold attention heads (2 to ``heads`` rows of an
-  attention projection, several positions each: a single row tying every head of a layer is not
-  counted), fused experts (a 3-D ``experts`` parameter), and the other groups (MLP widths,
-  embedding tables' columns ...); ``heads`` is 0 for a model without attention modules;
+* head / MLP / expert / hidden rows: rows of the groups that hold attention heads (2 to ``heads``
+  rows of an attention projection, several positions each: a single row tying every head of a layer
+  is not counted), fused experts (a 3-D ``experts`` parameter), the other groups (MLP widths ...),
+  and the hidden width (a group holding a token embedding table's columns: the residual stream,
+  removable when every norm on it is an RMS norm); ``heads`` is 0 for a model without attention
+  modules;
 * ``exact``: half (floor) of every group's rows zeroed, ``oto.compress()`` (the model's own class,
   or the graph where its forward cannot be re-sized), and max|diff| <= 1e-4 * max(1, max|y|)
   against the zeroed full model on the example input and a fresh draw of the same shape;
@@ -159,6 +161,7 @@ class Row:
     head_rows: int = 0
     mlp_rows: int = 0
     expert_rows: int = 0
+    stream_rows: int = 0  # the hidden width (token embedding columns): older saved rows lack it
     groups: int = 0
     why: str = ""  # failure or pin reason
     seconds: float = 0.0
@@ -281,23 +284,28 @@ def _heads_of(cfg) -> int:
     return 0
 
 
-def classify(oto, heads: int) -> tuple[int, int, int]:
-    """(head rows, MLP rows, expert rows) of ``oto.groups``.
+def classify(oto, heads: int) -> tuple[int, int, int, int]:
+    """(head rows, MLP rows, expert rows, stream rows) of ``oto.groups``.
 
     A head group has 2 to ``heads`` rows of an attention projection, each a slice of several positions;
     a group of one row (every head of a layer tied into one: MQA's one key/value head, DiffLlama's
-    head pairs under GQA) is counted with the other rows, not as heads found."""
-    h = m = e = 0
+    head pairs under GQA) is counted with the other rows, not as heads found. A stream group holds the
+    columns of a token embedding table (the residual stream's width: the hidden size)."""
+    h = m = e = s = 0
     shapes = {n: p.shape for n, p in oto.model.named_parameters()}
+    tables = {f"{mn}.weight" if mn else "weight" for mn, mod in oto.model.named_modules()
+              if isinstance(mod, torch.nn.Embedding)}
     for z in oto.groups:
         if any(len(shapes.get(n, ())) == 3 and "expert" in n for n, _, _ in z.params):
             e += z.rows
+        elif any(n in tables and d == 1 for n, d, _ in z.params):
+            s += z.rows
         elif heads and 2 <= z.rows <= heads and any(idx.shape[1] > 1 and any(w in n for w in _ATTN_WORDS)
                                                for n, _, idx in z.params):
             h += z.rows
         else:
             m += z.rows
-    return h, m, e
+    return h, m, e, s
 
 
 def _why_pinned(oto) -> str:
@@ -450,7 +458,7 @@ def run_one(task: str, model_type: str, cls_name: str, peers: bool = True) -> Ro
         return row
     row.analysed = True
     row.groups = len(oto.groups)
-    row.head_rows, row.mlp_rows, row.expert_rows = classify(oto, row.heads)
+    row.head_rows, row.mlp_rows, row.expert_rows, row.stream_rows = classify(oto, row.heads)
     if row.heads and not row.head_rows:
         row.why = NOTES.get(model_type) or _why_pinned(oto)
     try:
@@ -563,10 +571,10 @@ def table(rows: list[Row], fmt: str = "github") -> str:
     from tabulate import tabulate
 
     head = ["task", "family", "class", "analysed", "exact", "rel err", "form", "heads", "head rows", "MLP rows",
-            "expert rows", "s", "only-train-once", "torch-pruning", "why (failure / heads pinned)"]
+            "expert rows", "hidden rows", "s", "only-train-once", "torch-pruning", "why (failure / heads pinned)"]
     body = [[r.task, r.model_type, r.cls, _cell(r.analysed), _cell(r.exact),
              f"{r.err:.1e}" if r.err is not None else "", r.form, r.heads or "", r.head_rows, r.mlp_rows,
-             r.expert_rows, f"{r.seconds:.1f}", r.oto, r.tp, r.why.replace("|", "/")]
+             r.expert_rows, r.stream_rows, f"{r.seconds:.1f}", r.oto, r.tp, r.why.replace("|", "/")]
             for r in rows if r.built]
     return tabulate(body, head, tablefmt=fmt)
 
@@ -587,6 +595,8 @@ def summary(rows: list[Row], total: int | None = None) -> str:
         f"mismatches: {len(mism)} (target 0)",
         f"heads found: {len(with_heads)} / {len(mha)} of those with multi-head attention "
         f"({pct(len(with_heads), len(mha))}; target >= 90%)",
+        f"hidden width (residual stream) removable: {sum(1 for r in ok if r.stream_rows)} / {len(ok)}, "
+        f"{sum(1 for r in ok if r.stream_rows and r.form == 'module')} of them in the model's own class",
         f"only-train-once built a graph on {oto_ok} / {len(built)}; torch-pruning on {tp_ok} / {len(built)}",
     ])
 

@@ -29,6 +29,7 @@ Internals:
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 
 import numpy as np
@@ -37,7 +38,8 @@ import torch.nn as nn
 
 from otofx.errors import OTOError
 from otofx.passes.prune import Plan
-from otofx.passes.resize import Change, ResizeError, Scope, apply_rms_fold, resize, resync_counts, rms_folds
+from otofx.passes.resize import (STREAM_WIDTHS, Change, ResizeError, Scope, apply_rms_fold, resize, resync_counts,
+                                 rms_folds)
 
 log = logging.getLogger("otofx")
 
@@ -146,7 +148,22 @@ def rebuild(model: nn.Module, plan: Plan, gm: torch.fx.GraphModule | None = None
             changed.setdefault(fold.module, {}).update(apply_rms_fold(new.get_submodule(fold.module), fold))
             log.debug("otofx: %s: RMS norm over %d of %d entries refolded", fold.module, fold.new, fold.old)
     _update_config(new, model, changed, cuts, blocks, old_shapes)
+    _resync_stream_width(new, model)
     return new
+
+
+def _resync_stream_width(new: nn.Module, model: nn.Module) -> None:
+    """Modules that keep ``config.hidden_size`` as an attribute (``STREAM_WIDTHS``) follow the
+    config's new hidden size, once the config update has matched it to the new shapes."""
+    old_cfg, new_cfg = getattr(model, "config", None), getattr(new, "config", None)
+    old, now = getattr(old_cfg, "hidden_size", None), getattr(new_cfg, "hidden_size", None)
+    if type(old) is not int or type(now) is not int or old == now:
+        return
+    for mname, m in new.named_modules():
+        for attr in STREAM_WIDTHS:
+            if m.__dict__.get(attr) == old and type(m.__dict__[attr]) is int:
+                setattr(m, attr, now)
+                log.debug("otofx: %s.%s = %d (was %d)", mname or type(new).__name__, attr, now, old)
 
 
 def _resize_modules(new: nn.Module, cuts: dict, blocks: dict, old_shapes: dict) -> dict:
@@ -224,15 +241,88 @@ def _shapes(model: nn.Module) -> dict:
     return {n: tuple(t.shape) for n, t in model.state_dict(keep_vars=True).items()}
 
 
-def _mismatch(cls, config, want: dict) -> int:
-    """How many tensors of ``cls(config)`` (built on the meta device) differ from ``want``'s shapes."""
+@dataclasses.dataclass(frozen=True)
+class _Want:
+    """What a config must build: the tensors' shapes and the int attributes its modules take from it."""
+
+    shapes: dict
+    attrs: dict  # module name -> {attribute: value}
+
+
+def _want(new: nn.Module, model: nn.Module) -> _Want:
+    """``new``'s shapes and the int attributes that ``model``'s own config gives ``model`` (an
+    attribute a config build does not reproduce, set later, is not the config's to match)."""
+    try:
+        with torch.device("meta"):
+            base = dict(type(model)(copy.deepcopy(model.config)).named_modules())
+    except Exception:  # noqa: BLE001 - a model its config does not rebuild: shapes only
+        base = {}
+    attrs = {}
+    for name, m in model.named_modules():
+        b = base.get(name)
+        if b is None or type(b) is not type(m):
+            continue
+        same = {k for k, v in _int_attrs(m).items() if _int_attrs(b).get(k) == v}
+        if same:
+            attrs[name] = same
+    news = dict(new.named_modules())
+    return _Want(_shapes(new), {n: {k: _int_attrs(news[n])[k] for k in ks if k in _int_attrs(news[n])}
+                                for n, ks in attrs.items() if n in news})
+
+
+def _mismatch(cls, config, want: _Want) -> int:
+    """How many tensors of ``cls(config)`` (built on the meta device) differ from ``want``'s shapes,
+    plus how many of its modules' config-given int attributes differ from ``want``'s (Phi-3's
+    head_dim: 4 heads of 4 and 2 heads of 8 build the same shapes)."""
     try:
         with torch.device("meta"):
             built = cls(config)
     except Exception:  # noqa: BLE001 - a config that does not build counts as no match
-        return len(want) + 1
+        return len(want.shapes) + 1
     got = _shapes(built)
-    return sum(got.get(k) != v for k, v in want.items()) + sum(k not in want for k in got)
+    bad = sum(got.get(k) != v for k, v in want.shapes.items()) + sum(k not in want.shapes for k in got)
+    mods = dict(built.named_modules())
+    for name, attrs in want.attrs.items():
+        have = _int_attrs(mods[name]) if name in mods else {}
+        bad += sum(have.get(k) != v for k, v in attrs.items())
+    return bad
+
+
+def _fit(cls, config, pairs: set, want: _Want) -> int:
+    """Set ``config``'s int fields, one at a time, to the new value of a changed width or count they
+    held, keeping each change that lowers :func:`_mismatch`; returns the mismatch left."""
+    best = _mismatch(cls, config, want)
+    if not best:
+        return best
+    for key, value in config.to_dict().items():
+        if type(value) is not int or key.startswith("_"):
+            continue
+        news = {n for o, n in pairs if o == value}
+        if len(news) != 1:
+            continue
+        cand = news.pop()
+        setattr(config, key, cand)
+        score = _mismatch(cls, config, want)
+        if score < best and not _valid(config):
+            score = best  # NB: a strict config (Mamba 2: heads * head_dim == expand * hidden) refuses it on load
+        if score < best:
+            best = score
+            log.debug("otofx: config.%s = %d (was %d)", key, cand, value)
+        else:
+            setattr(config, key, value)
+        if not best:
+            break
+    return best
+
+
+def _derived_head_dim(model: nn.Module) -> int | None:
+    """``hidden_size // num_attention_heads`` of a config that has no ``head_dim`` field, else None."""
+    c = getattr(model, "config", None)
+    d = c.to_dict() if c is not None and hasattr(c, "to_dict") else {}
+    h, n = d.get("hidden_size"), d.get("num_attention_heads")
+    if "head_dim" in d or hasattr(type(c), "head_dim") or type(h) is not int or type(n) is not int or n <= 0 or h % n:
+        return None  # NB: Falcon's config derives head_dim in a read-only property
+    return h // n
 
 
 def _valid(config) -> bool:
@@ -256,27 +346,21 @@ def _update_config(new: nn.Module, model: nn.Module, changed: dict, cuts: dict, 
     for mname, m in new.named_modules():
         s = _scope(mname, m, cuts, blocks, old_shapes)
         pairs |= s.widths | s.counts
-    want = _shapes(new)
-    best = _mismatch(type(new), config, want)
-    if best:
-        for key, value in config.to_dict().items():
-            if type(value) is not int or key.startswith("_"):
-                continue
-            news = {n for o, n in pairs if o == value}
-            if len(news) != 1:
-                continue
-            cand = news.pop()
-            setattr(config, key, cand)
-            score = _mismatch(type(new), config, want)
-            if score < best and not _valid(config):
-                score = best  # NB: a strict config (Mamba 2: heads * head_dim == expand * hidden) refuses it on load
-            if score < best:
-                best = score
-                log.debug("otofx: config.%s = %d (was %d)", key, cand, value)
-            else:
-                setattr(config, key, value)
-            if not best:
-                break
+    want = _want(new, model)
+    best = _fit(type(new), config, pairs, want)
+    derived = _derived_head_dim(model)
+    if best and derived is not None:
+        # NB: a config without head_dim whose model reads getattr(config, "head_dim", hidden_size //
+        # num_attention_heads) (Phi-3) changes its head width with the head count: fix it first
+        trial = copy.deepcopy(config)
+        for key, value in model.config.to_dict().items():
+            if type(value) is int and not key.startswith("_"):
+                setattr(trial, key, value)
+        trial.head_dim = derived
+        score = _fit(type(new), trial, pairs, want)
+        if score < best:
+            best = score
+            config.__dict__.update(trial.__dict__)
     if best or any(type(v) is float for c in changed.values() for v in c.values()):
         # NB: per-layer widths (and refolded norm eps) the config's fields cannot express (a saver
         # writes them beside it)

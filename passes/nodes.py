@@ -11,6 +11,8 @@ Hugging Face's ``Conv1D``, a Linear that stores its weight transposed. ``paramet
 every module and attribute each parameter is registered under (tied weights have several).
 ``copy_module(model)``: ``copy.deepcopy`` that also copies tensors a forward left in module
 attributes with their autograd history (a recurrent state), which deepcopy refuses.
+``rms_norm_of(mean)``: the RMS norm a ``mean`` node belongs to, as written out by hand
+(``w * h * rsqrt(mean(h ** 2) + eps)``: LLaMA's and most of today's LLMs'), or None.
 
 Internals:
     * In-place is read off the spelling: a method or function whose name ends in one ``_``
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import operator
+from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
@@ -159,3 +162,113 @@ def copy_module(model: torch.nn.Module) -> torch.nn.Module:
         for v in vars(m).values():
             note(v)
     return copy.deepcopy(model, memo)
+
+
+# ---------------------------------------------------------------------------------------------
+# RMS norms written out by hand
+# ---------------------------------------------------------------------------------------------
+
+_CASTS = ("to", "_to_copy", "float", "type_as", "type", "contiguous", "clone", "alias")
+_RESHAPES = ("view", "reshape", "_unsafe_view", "flatten")
+
+
+@dataclass(frozen=True)
+class RmsNorm:
+    """``w * h * rsqrt(mean(h ** 2, dim, keepdim=True) + eps)`` in a graph: ``weight`` is the
+    ``get_attr`` node of ``w`` (read as ``1 + w`` when ``one_plus``)."""
+
+    mean: fx.Node
+    input: fx.Node
+    dim: int
+    eps: float
+    weight: fx.Node
+    one_plus: bool
+
+
+def _op(n) -> str:
+    """What ``n`` computes, by the registry's canonical name (``__rmul__`` and ``aten.mul`` are ``mul``)."""
+    from .registry import op_of
+
+    return op_of(n, n.graph.owning_module) if n.op in ("call_function", "call_method") else n.op
+
+
+def _before_casts(n):
+    """``n``'s input while ``n`` is a value-preserving cast."""
+    while isinstance(n, fx.Node) and _op(n) in _CASTS and n.args:
+        n = n.args[0]
+    return n
+
+
+def _squared(n):
+    """``h`` when ``n`` is ``h ** 2``, ``h * h`` or ``square(h)``, else None."""
+    if not isinstance(n, fx.Node) or n.op not in ("call_function", "call_method"):
+        return None
+    name, args = _op(n), n.args
+    if name == "pow" and len(args) == 2 and args[1] == 2:
+        return args[0]
+    if name == "mul" and len(args) == 2 and args[0] is args[1]:
+        return args[0]
+    if name == "square" and args:
+        return args[0]
+    return None
+
+
+def _next(n, also=()):
+    """``(user, via)``: the one op reading ``n`` past value-preserving casts (and ``also``), and the
+    node it reads; (None, None) when ``n`` (or a cast of it) has several readers. torch.export's
+    dtype assertions are not readers."""
+    while True:
+        users = [u for u in n.users if _op(u) != "_assert_tensor_metadata"]
+        if len(users) != 1 or users[0].op not in ("call_function", "call_method"):
+            return None, None
+        if _op(users[0]) not in _CASTS + also:
+            return users[0], n
+        n = users[0]
+
+
+def _other(n, known):
+    """The argument of the binary op ``n`` that is not ``known``."""
+    a = [x for x in n.args[:2] if x is not known]
+    return a[0] if len(a) == 1 else None
+
+
+def _norm_weight(nrm):
+    """``(weight get_attr, one_plus)`` when the normalised ``nrm`` is multiplied by a weight ``w``
+    (or ``1 + w``) read from the model, past casts and reshapes; else None."""
+    u, via = _next(nrm, _RESHAPES)
+    if u is None or _op(u) != "mul" or not isinstance(_other(u, via), fx.Node):
+        return None
+    w = _before_casts(_other(u, via))
+    if w.op == "get_attr":
+        return w, False
+    consts = [a for a in w.args if not isinstance(a, fx.Node)] if _op(w) == "add" and len(w.args) == 2 else []
+    nodes = [_before_casts(a) for a in w.args if isinstance(a, fx.Node)]
+    if consts in ([1], [1.0]) and len(nodes) == 1 and nodes[0].op == "get_attr":
+        return nodes[0], True
+    return None
+
+
+def rms_norm_of(mean: fx.Node) -> RmsNorm | None:
+    """The RMS norm whose ``mean`` node this is (the mean of a square over one axis, kept, plus a
+    float eps, rsqrt, times the squared value, times a 1-D weight of the model), or None."""
+    if mean.op not in ("call_function", "call_method") or _op(mean) != "mean" or len(mean.args) < 2:
+        return None
+    sq = _before_casts(mean.args[0])
+    if _op(sq) == "mul" and len(sq.args) == 2 and isinstance(sq.args[1], float):
+        sq = _before_casts(sq.args[0])  # the compressed graph's old divisor (a scaled mean of squares)
+    h = _squared(sq)
+    dim = mean.args[1]
+    keep = mean.args[2] if len(mean.args) > 2 else mean.kwargs.get("keepdim", False)
+    dim = dim[0] if isinstance(dim, (list, tuple)) and len(dim) == 1 else dim
+    if h is None or not isinstance(dim, int) or not keep:
+        return None
+    add, via = _next(mean)  # + eps, then rsqrt, then times the normalised input
+    eps = _other(add, via) if add is not None and _op(add) == "add" else None
+    r = _next(add)[0] if isinstance(eps, float) else None
+    nrm = _next(r)[0] if r is not None and _op(r) == "rsqrt" else None
+    if nrm is None or _op(nrm) != "mul" or _before_casts(_other(nrm, _next(r)[1])) is not _before_casts(h):
+        return None
+    hit = _norm_weight(nrm)
+    if hit is None:
+        return None
+    return RmsNorm(mean, h, dim, eps, hit[0], hit[1])

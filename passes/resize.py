@@ -43,7 +43,7 @@ from otofx.errors import OTOError
 
 from .channels import AxisLabels
 from .modules import PrunedMultiheadAttention, PrunedRelativeAttention, PrunedWindowAttention, PrunedWindowAttention3d
-from .nodes import HF_CONV1D
+from .nodes import HF_CONV1D, call_arguments, rms_norm_of
 from .registry import op_of
 
 
@@ -325,7 +325,12 @@ HEAD_COUNTS = ("num_heads", "num_attention_heads", "num_key_value_heads", "num_k
 WIDTHS = ("all_head_size", "split_size", "inner_dim", "embed_dim", "intermediate_size", "intermediate_dim", "inner_size",
           "ffn_dim", "kv_dim", "q_dim", "hidden_dim_attn", "proj_size", "head_size_total",
           # state-space mixers (Mamba, Mamba 2 and their hybrids)
-          "conv_dim", "d_inner", "time_step_rank", "dt_rank", "group_size")
+          "conv_dim", "d_inner", "time_step_rank", "dt_rank", "group_size",
+          # multi-head latent attention's low ranks (each behind an RMS norm: DeepSeek V2/V3, Kimi)
+          "q_lora_rank", "kv_lora_rank")
+# attributes that hold the residual stream's width, config.hidden_size (Mixtral's router, Llama 4's
+# experts reshape by it): re-synced from the config, since a head width is often the same number
+STREAM_WIDTHS = ("hidden_size", "hidden_dim")
 
 
 @dataclass
@@ -388,9 +393,6 @@ def _resync_groups(module: nn.Module, done: dict) -> None:
 # RMS norms over an axis that lost channels
 # ---------------------------------------------------------------------------------------------
 
-_CASTS = ("to", "_to_copy", "float", "type_as", "type", "contiguous", "clone", "alias")
-
-
 @dataclass(frozen=True)
 class RmsFold:
     """An RMS norm of module ``module`` over an axis that went from ``old`` to ``new`` entries (the
@@ -407,110 +409,74 @@ class RmsFold:
     new: int
 
 
-def _op(n) -> str:
-    """What ``n`` computes, by the registry's canonical name (``__rmul__`` and ``aten.mul`` are ``mul``)."""
-    return op_of(n, n.graph.owning_module) if n.op in ("call_function", "call_method") else n.op
-
-
-def _before_casts(n):
-    """``n``'s input while ``n`` is a value-preserving cast."""
-    while _op(n) in _CASTS and n.args:
-        n = n.args[0]
-    return n
-
-
-def _squared(n):
-    """``h`` when ``n`` is ``h ** 2``, ``h * h`` or ``square(h)``, else None."""
-    name, args = _op(n), n.args
-    if name == "pow" and len(args) == 2 and args[1] == 2:
-        return args[0]
-    if name == "mul" and len(args) == 2 and args[0] is args[1]:
-        return args[0]
-    if name == "square" and args:
-        return args[0]
-    return None
-
-
-_RESHAPES = ("view", "reshape", "_unsafe_view", "flatten")
-
-
-def _next(n, also=()):
-    """``(user, via)``: the one op reading ``n`` past value-preserving casts (and ``also``), and the
-    node it reads; (None, None) when ``n`` (or a cast of it) has several readers. torch.export's
-    dtype assertions are not readers."""
-    while True:
-        users = [u for u in n.users if _op(u) != "_assert_tensor_metadata"]
-        if len(users) != 1 or users[0].op not in ("call_function", "call_method"):
-            return None, None
-        if _op(users[0]) not in _CASTS + also:
-            return users[0], n
-        n = users[0]
-
-
-def _other(n, known):
-    """The argument of the binary op ``n`` that is not ``known``."""
-    a = [x for x in n.args[:2] if x is not known]
-    return a[0] if len(a) == 1 else None
-
-
-def _norm_weight(nrm):
-    """``(weight get_attr, one_plus)`` when the normalised ``nrm`` is multiplied by a weight ``w``
-    (or ``1 + w``) read from the model, past casts and reshapes; else None."""
-    u, via = _next(nrm, _RESHAPES)
-    if u is None or _op(u) != "mul" or not isinstance(_other(u, via), fx.Node):
-        return None
-    w = _before_casts(_other(u, via))
-    if w.op == "get_attr":
-        return w, False
-    consts = [a for a in w.args if not isinstance(a, fx.Node)] if _op(w) == "add" and len(w.args) == 2 else []
-    nodes = [_before_casts(a) for a in w.args if isinstance(a, fx.Node)]
-    if consts in ([1], [1.0]) and len(nodes) == 1 and nodes[0].op == "get_attr":
-        return nodes[0], True
-    return None
-
-
 def rms_folds(gm, plan, model: nn.Module) -> list:
-    """The :class:`RmsFold` of every RMS norm of ``gm`` (``w * h * rsqrt(mean(h ** 2) + eps)``, the
-    mean over one axis with entries removed by ``plan``, ``w`` a 1-D parameter of ``model`` whose
-    module holds ``eps`` as a float attribute). A norm read any other way has no fold (its module
-    form then fails verification, as before)."""
+    """The :class:`RmsFold` of every RMS norm of ``gm`` over one axis with entries removed by
+    ``plan``, whose module holds its ``eps`` as a float attribute: written out
+    (``w * h * rsqrt(mean(h ** 2) + eps)``, :func:`rms_norm_of`) or torch's own (``nn.RMSNorm``,
+    ``F.rms_norm``; an ``eps`` of None is the weight dtype's machine epsilon, as torch reads it). A
+    norm read any other way has no fold (its module form then fails verification)."""
     labels, uf = plan.zigset.labels, plan.zigset.uf
     out, seen = [], set()
-    for m in gm.graph.nodes:
-        if _op(m) != "mean" or len(m.args) < 2:
+    for n in gm.graph.nodes:
+        hit = _rms_site(n, gm)
+        if hit is None:
             continue
-        h = _squared(_before_casts(m.args[0]))
-        dim, keep = m.args[1], (m.args[2] if len(m.args) > 2 else m.kwargs.get("keepdim", False))
-        dim = dim[0] if isinstance(dim, (list, tuple)) and len(dim) == 1 else dim
+        h, dim, path, eps, weight, one_plus = hit
         lab = labels.get(getattr(h, "name", None))
-        if h is None or not isinstance(dim, int) or not keep or not isinstance(lab, AxisLabels):
+        if not isinstance(lab, AxisLabels) or (path, weight) in seen:
             continue
         ids = lab.ids[dim % len(lab.ids)]
         new = int((~plan.removed_roots[uf.find(ids)]).sum())
         if new == len(ids) or new == 0:
             continue
-        add, via = _next(m)  # + eps, then rsqrt, then times the normalised input
-        eps = _other(add, via) if add is not None and _op(add) == "add" else None
-        r = _next(add)[0] if isinstance(eps, float) else None
-        nrm = _next(r)[0] if r is not None and _op(r) == "rsqrt" else None
-        if nrm is None or _op(nrm) != "mul":
-            continue
-        hit = _norm_weight(nrm)
-        if hit is None:
-            continue
-        w, one_plus = hit
-        path, _, attr = w.target.rpartition(".")
         try:
             mod = model.get_submodule(path)
         except AttributeError:
             continue
-        p = mod._parameters.get(attr)
-        attrs = [k for k, v in mod.__dict__.items() if type(v) is float and v == eps]
-        if path in seen or p is None or p.dim() != 1 or p.shape[0] != len(ids) or len(attrs) != 1:
+        p = mod._parameters.get(weight)
+        if p is None or p.dim() != 1 or p.shape[0] != len(ids):
             continue
-        seen.add(path)
-        out.append(RmsFold(path, attrs[0], eps, attr, one_plus, len(ids), new))
-    return out
+        if isinstance(mod, nn.RMSNorm) and eps is _MODULE_EPS:
+            eps_attr, eps = "eps", mod.eps if mod.eps is not None else torch.finfo(p.dtype).eps
+        else:
+            attrs = [k for k, v in mod.__dict__.items() if type(v) is float and v == eps]
+            if len(attrs) != 1:
+                continue
+            eps_attr = attrs[0]
+        seen.add((path, weight))
+        out.append(RmsFold(path, eps_attr, float(eps), weight, one_plus, len(ids), new))
+    # NB: norms of one module may share its eps (one per module, read by each): it is set once, so
+    # they fold only when their axes shrank alike
+    ratio = {}
+    for f in out:
+        ratio.setdefault((f.module, f.eps_attr), set()).add(f.old * 1.0 / f.new)
+    return [f for f in out if len(ratio[(f.module, f.eps_attr)]) == 1]
+
+
+_MODULE_EPS = object()  # the eps of an nn.RMSNorm module call: its attribute
+
+
+def _rms_site(n, gm):
+    """``(input, dim, module path, eps, weight attribute, one_plus)`` of the RMS norm ``n`` computes
+    or ends (a written-out norm's mean; an ``rms_norm`` op over the last axis with a weight), else None."""
+    rms = rms_norm_of(n)
+    if rms is not None:
+        path, _, attr = rms.weight.target.rpartition(".")
+        return rms.input, rms.dim, path, rms.eps, attr, rms.one_plus
+    if n.op == "call_module" and isinstance(gm.get_submodule(n.target), nn.RMSNorm):
+        m = gm.get_submodule(n.target)
+        if len(m.normalized_shape) == 1 and m.weight is not None and n.args:
+            return n.args[0], -1, n.target, _MODULE_EPS, "weight", False
+        return None
+    if n.op != "call_function" or op_of(n, gm) != "rms_norm":
+        return None
+    args = call_arguments(n, gm)
+    w, shape = args.get("weight"), args.get("normalized_shape")
+    if not isinstance(w, fx.Node) or w.op != "get_attr" or not isinstance(shape, (list, tuple)) or len(shape) != 1:
+        return None
+    eps = args.get("eps")
+    path, _, attr = w.target.rpartition(".")
+    return args["input"], -1, path, _MODULE_EPS if eps is None else eps, attr, False
 
 
 def apply_rms_fold(module: nn.Module, fold: RmsFold) -> dict:
@@ -528,4 +494,4 @@ def apply_rms_fold(module: nn.Module, fold: RmsFold) -> dict:
 
 
 __all__ = ["Change", "Scope", "ResizeError", "RESIZERS", "resizer", "rule_for", "resize", "resync_counts",
-           "HEAD_COUNTS", "WIDTHS", "RmsFold", "rms_folds", "apply_rms_fold"]
+           "HEAD_COUNTS", "WIDTHS", "STREAM_WIDTHS", "RmsFold", "rms_folds", "apply_rms_fold"]

@@ -147,6 +147,23 @@ def _n_modules(op: Op) -> int:
     return 0
 
 
+class WrittenRMSNorm(nn.Module):
+    """An RMS norm as transformers writes it (``w * h * rsqrt(mean(h ** 2) + eps)`` in float32)."""
+
+    def __init__(self, c: int, eps: float = 1e-2):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(c))
+        self.variance_epsilon = eps
+
+    def forward(self, h):
+        v = h.to(torch.float32).pow(2).mean(-1, keepdim=True)
+        return self.weight * (h * torch.rsqrt(v + self.variance_epsilon)).to(h.dtype)
+
+
+# the attention block's pre-norm: LayerNorm pins the tokens' width; the RMS norms leave it free
+_PRE_NORMS = {"layer": nn.LayerNorm, "rms": lambda c: nn.RMSNorm(c, eps=1e-2), "written": WrittenRMSNorm}
+
+
 class GenModel(nn.Module):
     """A DAG of ``spec.ops``: ``forward`` walks the records (no branching on tensor values)."""
 
@@ -201,7 +218,7 @@ class GenModel(nn.Module):
         elif k == "attn":
             inner = a["heads"] * a["hd"]
             if a["ln"]:
-                L[n + "_ln"] = nn.LayerNorm(cin)
+                L[n + "_ln"] = _PRE_NORMS[a["ln"]](cin)
             if a["form"] == "mha":
                 L[n + "_mha"] = nn.MultiheadAttention(cin, a["heads"], batch_first=a["batch_first"])
                 L[n + "_o"] = nn.Linear(cin, cin)
@@ -546,7 +563,8 @@ class _Builder:
         else:
             heads, hd = ch.int(1, 8), ch.int(1, 4)
             extra = dict(causal=ch.bool()) if form == "sdpa" else {}
-        return self.emit("attn", [v], (c, h, w), form=form, heads=heads, hd=hd, ln=ch.bool(), residual=ch.bool(),
+        return self.emit("attn", [v], (c, h, w), form=form, heads=heads, hd=hd, ln=ch.choice((False, *_PRE_NORMS)),
+                         residual=ch.bool(),
                          mlp=ch.choice((0, ch.int(2, 8))), **extra)
 
     def interp(self, v):

@@ -67,6 +67,8 @@ def _build(name):
     if name == "hrm":  # a per-head sigmoid gate multiplied into the attention output
         return T.HrmTextForCausalLM(T.HrmTextConfig(**dict(COMMON, num_key_value_heads=4), head_dim=8,
                                                     num_layers_per_stack=1, H_cycles=1, L_cycles=1, L_bp_cycles=[1]))
+    if name == "phi3":  # q, k and v in one fused projection under GQA; the config has no head_dim field
+        return T.Phi3ForCausalLM(T.Phi3Config(**COMMON, pad_token_id=0, bos_token_id=0, eos_token_id=0))
     if name == "deepseek_v3":  # multi-head latent attention (keys built by slice writes), routed + shared experts
         return T.DeepseekV3ForCausalLM(T.DeepseekV3Config(
             vocab_size=100, hidden_size=32, num_hidden_layers=2, first_k_dense_replace=1, num_attention_heads=4,
@@ -103,7 +105,7 @@ def test_qk_norm_heads_found_and_exact(name, caplog):
     oto = otofx.OTO(model, _ids())
     heads = _head_groups(oto, "model.layers.0.self_attn.q_proj.weight")
     assert heads == [(2, 16)], heads
-    z = next(z for z in oto.groups if any(n.endswith("q_proj.weight") for n, _, _ in z.params))
+    z = next(z for z in oto.groups if any(n.endswith("q_proj.weight") and d == 0 for n, d, _ in z.params))
     names = {n for n, _, _ in z.params}
     if name == "olmo2":  # the norm's weight spans every head: its slices belong to the head rows
         assert {"model.layers.0.self_attn.q_norm.weight", "model.layers.0.self_attn.k_norm.weight"} <= names
@@ -125,11 +127,38 @@ def test_qk_norm_heads_found_and_exact(name, caplog):
                            model.generate(x, max_new_tokens=4, do_sample=False))
 
 
-def test_norm_over_one_channel_axis_stays_pinned():
-    """A mean over single channels (the residual stream's RMSNorm) is still pinned: no hidden-width group."""
-    model = _model("qwen3")
+@pytest.mark.parametrize("name", ["qwen3", "gemma3"])
+def test_residual_stream_of_rms_norms_is_a_group(name):
+    """Every norm on the residual stream is an RMS norm: the hidden width is one group (the embedding's
+    columns, every o_proj/down_proj row, every norm weight entry, every reader's input column); the
+    model comes back as its own class at the new hidden size, each norm's eps and weight refolded
+    (Gemma's weight read as 1 + w), with the full model's greedy tokens."""
+    model = _model(name)
     oto = otofx.OTO(model, _ids())
+    stream = [z for z in oto.groups if any(n == "model.embed_tokens.weight" and d == 1 for n, d, _ in z.params)]
+    assert [z.rows for z in stream] == [32]
+    names = {n for n, _, _ in stream[0].params}
+    assert {"model.norm.weight", "model.layers.0.post_attention_layernorm.weight",
+            "model.layers.0.mlp.down_proj.weight", "model.layers.0.self_attn.k_proj.weight"} <= names
+    assert not any("q_norm" in n for n in names)  # the per-head norms over head_dim are not on the stream
+    zero_random_rows(model, oto, seed=5)
+    small = assert_exact(model, oto, _ids(), ref_kwargs=_kwargs(model))
+    assert isinstance(small, type(model)) and small.config.hidden_size == 16
+    full, new = model.model.norm, small.model.norm
+    assert new.weight.shape == (16,)
+    assert getattr(new, "eps", getattr(new, "variance_epsilon", None)) == pytest.approx(
+        getattr(full, "eps", getattr(full, "variance_epsilon", None)) * 2)
+    x = _ids()[:1, :5]
+    assert torch.equal(small.generate(x, max_new_tokens=4, do_sample=False),
+                       model.generate(x, max_new_tokens=4, do_sample=False))
+
+
+def test_residual_stream_pinned_by_request():
+    """``pin=`` naming the embedding keeps the hidden width whole; heads and MLP widths stay rows."""
+    model = _model("qwen3")
+    oto = otofx.OTO(model, _ids(), pin=("model.embed_tokens",))
     assert not any(n == "model.embed_tokens.weight" for z in oto.groups for n, _, _ in z.params)
+    assert _head_groups(oto, "model.layers.0.self_attn.q_proj.weight") == [(2, 16)]
 
 
 @pytest.mark.parametrize("name,width", [("mixtral", 64), ("qwen2_moe", 16)])
@@ -139,7 +168,7 @@ def test_fused_experts_widths_found_exact_and_generate(name, width):
     pinned (routing picks them by data); Qwen2-MoE's shared expert is another group."""
     model = _model(name)
     oto = otofx.OTO(model, _ids())
-    ez = [z for z in oto.groups if any(n.endswith("experts.gate_up_proj") for n, _, _ in z.params)]
+    ez = [z for z in oto.groups if any(n.endswith("experts.gate_up_proj") and d == 1 for n, d, _ in z.params)]
     assert [z.rows for z in ez] == [width]
     idx = {n.rsplit(".", 1)[-1]: (d, i.shape) for n, d, i in ez[0].params}
     assert idx == {"gate_up_proj": (1, (width, 2)), "down_proj": (2, (width, 1))}  # gate row i and up row i
@@ -159,8 +188,8 @@ def test_fused_experts_odd_width_still_generates():
     runs its experts with batched_mm and still gives the full model's tokens."""
     model = _model("mixtral")
     oto = otofx.OTO(model, _ids())
-    rows = [torch.tensor([0, 5, 9]) if any("experts" in n for n, _, _ in z.params) else torch.tensor([], dtype=torch.long)
-            for z in oto.groups]
+    rows = [torch.tensor([0, 5, 9]) if any(n.endswith("experts.down_proj") and d == 2 for n, d, _ in z.params)
+            else torch.tensor([], dtype=torch.long) for z in oto.groups]
     zero_rows(model, oto, rows)
     small = oto.compress(form="module")
     assert small.model.layers[0].mlp.experts.down_proj.shape[-1] == 61
@@ -190,6 +219,7 @@ def test_deberta_v2_heads_found_and_exact():
     ("mpt", "transformer.blocks.0.attn.Wqkv.weight", 4, "graph"),
     ("llama4", "model.layers.0.self_attn.q_proj.weight", 2, "module"),
     ("hrm", "model.L_module.layers.0.self_attn.q_proj.weight", 4, "module"),
+    ("phi3", "model.layers.0.self_attn.qkv_proj.weight", 2, "module"),
 ])
 def test_heads_found_and_exact(name, q, rows, form, caplog):
     """Each family's heads are rows of whole heads (8 positions each, 24 where q, k and v interleave per head; multi-query: each query head alone, its
@@ -205,6 +235,12 @@ def test_heads_found_and_exact(name, q, rows, form, caplog):
     with caplog.at_level("WARNING", logger="otofx"):
         small = assert_exact(model, oto, _ids(), ref_kwargs=_kwargs(model))
     assert isinstance(small, torch.fx.GraphModule) == (form == "graph")
+    if name == "phi3":  # its forward reads config.num_attention_heads; head_dim (hidden // heads) is written down
+        c = small.config
+        assert (c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.hidden_size) == (2, 1, 8, 16)
+        x = _ids()[:1, :5]
+        assert torch.equal(small.generate(x, max_new_tokens=4, do_sample=False),
+                           model.generate(x, max_new_tokens=4, do_sample=False))
     if form == "graph":  # the fallback from the model's own class says why, and does not call it an otofx bug
         msg = " ".join(r.getMessage() for r in caplog.records if "returns a torch.fx GraphModule" in r.getMessage())
         assert "forward fails at the new widths" in msg and "bug in otofx" not in msg, msg
@@ -263,15 +299,20 @@ def test_latent_attention_heads_found_exact_generate_and_save(tmp_path):
     oto = otofx.OTO(model, _ids())
     for layer in (0, 1):
         a = f"model.layers.{layer}.self_attn."
-        z = next(z for z in oto.groups if any(n == a + "q_b_proj.weight" for n, _, _ in z.params))
+        z = next(z for z in oto.groups if any(n == a + "q_b_proj.weight" and d == 0 for n, d, _ in z.params))
         assert z.rows == 4
         shapes = {n[len(a):]: (d, i.shape[1]) for n, d, i in z.params}
         assert shapes == {"q_b_proj.weight": (0, 16), "kv_b_proj.weight": (0, 16), "o_proj.weight": (1, 8)}
+        # the low ranks sit behind RMS norms (q_a_layernorm, kv_a_layernorm): each is a group too
+        for proj, rank in (("q_a_proj", 16), ("kv_a_proj_with_mqa", 16)):
+            assert any(z.rows == rank and any(n == a + proj + ".weight" and d == 0 for n, d, _ in z.params)
+                       for z in oto.groups), proj
     assert not any(p.op in ("new_empty.default", "copy_.default") for p in oto.pinned)
     zero_random_rows(model, oto, seed=3)
     small = assert_exact(model, oto, _ids(), ref_kwargs=_kwargs(model))
     assert isinstance(small, type(model))
-    assert small.model.layers[0].self_attn.q_b_proj.out_features < 64
+    attn = small.model.layers[0].self_attn
+    assert attn.q_b_proj.out_features < 64 and attn.kv_lora_rank == 8 and attn.q_a_layernorm.weight.shape == (8,)
     x = _ids()[:1, :5]
     full = model.generate(x, max_new_tokens=5, do_sample=False)
     assert torch.equal(small.generate(x, max_new_tokens=5, do_sample=False), full)
@@ -340,8 +381,8 @@ def test_head_pruned_config_and_save_load(name, tmp_path):
     model = _model(name)
     oto = otofx.OTO(model, _ids())
     q = "self_attn.q_proj" if name == "qwen3" else "self_attention.query_key_value"
-    rows = [torch.tensor([1]) if z.rows > 1 and any(q in n for n, _, _ in z.params) else torch.tensor([], dtype=torch.long)
-            for z in oto.groups]
+    rows = [torch.tensor([1]) if z.rows > 1 and any(q in n and d == 0 for n, d, _ in z.params)
+            else torch.tensor([], dtype=torch.long) for z in oto.groups]
     zero_rows(model, oto, rows)
     small = oto.compress()
     assert isinstance(small, type(model))

@@ -214,6 +214,13 @@ def binary(ctx: Ctx, input, other, kind="add", cmp=None, meta=None, **_):
                 part.append(v)
             else:
                 full.append((v.ids[vd], v.zero[vd]))
+        if shape[d] == 1 and len(full) > 1 and any(c[0].any() for c in full):
+            # NB: a size-1 axis that is no channel (a keepdim reduction's: an RMS norm's
+            # rsqrt(mean(x ** 2)) times x) against a channel left alone broadcasts; it is not tied
+            keep = [c[0].any() for c in full]
+            part += [v for v in labs if d - (n - v.ndim) >= 0 and v.shape[d - (n - v.ndim)] == 1
+                     and not v.ids[d - (n - v.ndim)].any()]
+            full = [c for c, k in zip(full, keep) if k]
         for v in part:  # NB: one channel broadcast over the axis (a [.., 1] gate times [.., n]) cannot go
             vd = d - (n - v.ndim)
             if vd >= 0:

@@ -10,11 +10,13 @@ Internals:
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..channels import PINNED, Ctx, ParamRef, false_mask, true_mask
+from ..channels import PINNED, Ctx, ParamRef, SymSize, false_mask, true_mask
 from ..registry import CONTIGUOUS_OUT, KEEPS_CONTIGUOUS, functions, modules, rule
 from .common import _ov, _out_shape, _passthrough
 
@@ -97,7 +99,7 @@ def layer_norm(ctx: Ctx, input, normalized_shape, weight=None, bias=None, meta=N
     x = input
     k = len(normalized_shape) if isinstance(normalized_shape, (tuple, list, torch.Size)) else 1
     for d in range(x.ndim - k, x.ndim):
-        ctx.pin(x.ids[d], "layer_norm normalises over this axis")
+        ctx.pin(x.ids[d], f"{ctx.op} normalises over this axis")
     for p in (weight, bias):
         if p is not None:
             ctx.param(p, {d: PINNED for d in range(len(ctx.shape_of(p)))})
@@ -112,7 +114,57 @@ def _ln_module(node, m, args, kwargs):
                 bias=ParamRef(f"{t}.bias") if getattr(m, "bias", None) is not None else None)
 
 
-# RMSNorm follows layer norm's algebra (no bias): op rms_norm
-modules("layer_norm", [nn.LayerNorm, getattr(nn, "RMSNorm", None)], _ln_module)
-functions("layer_norm", [F.layer_norm, getattr(F, "rms_norm", None)] + _ov(aten.layer_norm, "default")
-          + _ov(getattr(aten, "rms_norm", None), "default"))
+modules("layer_norm", [nn.LayerNorm], _ln_module)
+functions("layer_norm", [F.layer_norm] + _ov(aten.layer_norm, "default"))
+
+
+def rms_norm_kept_divisor(input, normalized_shape, weight=None, eps=None, old: int = 1, new: int = 1):
+    """``F.rms_norm`` over a last axis narrowed from ``old`` to ``new`` entries whose removed entries
+    were zero: the values the norm gave at ``old`` (the compressed graph's form of an RMS norm)."""
+    # NB: rms(c * x) over new entries with c**2 = new / old is rms(x) over old ones, whatever eps is
+    # (None: the dtype's epsilon), so scaling in and out keeps torch's own kernel
+    c = math.sqrt(new / old)
+    return F.rms_norm(input * c, normalized_shape, weight, eps) / c
+
+
+def _rms_norm_fix(site, input, normalized_shape, weight=None, eps=None, old=None, **_):
+    # NB: a compressed graph's norm (rms_norm_kept_divisor) compressed again keeps its first width
+    first = old
+    old, new = site.old(input), site.new(input)
+    if old is None or new is None or old[-1] == new[-1]:
+        return
+    shape = [new[-1]]
+    if site.module is not None:
+        site.module.normalized_shape = tuple(shape)
+        g = site.node.graph
+        with g.inserting_before(site.node):
+            w = g.get_attr(f"{site.node.target}.weight") if site.module.weight is not None else None
+        eps = site.module.eps
+        src = site.node.args[0] if site.node.args else site.node.kwargs["input"]
+    else:
+        src, w = input, weight
+    site.replace_call(rms_norm_kept_divisor, (src, shape, w, eps), {"old": first or old[-1], "new": new[-1]})
+
+
+@rule("rms_norm", fix=_rms_norm_fix, reads_params=True, takes_sizes=True, keeps_shape=CONTIGUOUS_OUT,
+      keeps_axes=True)
+def rms_norm(ctx: Ctx, input, normalized_shape, weight=None, eps=None, meta=None, **_):
+    """over one last axis whose channels are zero with their rows: each channel is a row (its weight entry with it) and the rewrite keeps the old divisor; any other normalised axis is pinned, as layer_norm's."""
+    x = input
+    shape = tuple(normalized_shape) if isinstance(normalized_shape, (tuple, list, torch.Size)) else (normalized_shape,)
+    syms = [v for v in shape if isinstance(v, SymSize)]
+    ids = x.ids[-1]
+    # NB: a width read off the shapes (symbolic_trace's ``weight.shape``) must measure this axis
+    if len(shape) != 1 or not x.zero[-1].all() or any(len(v.ids) != 1 or len(v.ids[0]) != len(ids) for v in syms):
+        ctx.pin(syms, "a size read off this axis is used as a value")
+        return layer_norm(ctx, input, shape, weight, None, meta)
+    for v in syms:
+        ctx.tie(v.ids[0], ids)
+    if weight is not None:
+        ctx.param(weight, {0: ids})
+    z = true_mask(len(ids)) if weight is not None else x.zero[-1]
+    return x.with_axis(x.ndim - 1, ids, z)
+
+
+modules("rms_norm", [getattr(nn, "RMSNorm", None)], _ln_module)
+functions("rms_norm", [getattr(F, "rms_norm", None), rms_norm_kept_divisor] + _ov(getattr(aten, "rms_norm", None), "default"))

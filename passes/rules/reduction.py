@@ -3,7 +3,8 @@ scans along an axis: cumsum, cumprod, logcumsumexp, cummax, cummin, diff.
 
 A sum over an axis is a contraction: its channels must be zero with their rows. Every other
 reduction (mean, var, max, a norm) and every map that divides by something computed over an axis
-(softmax, normalize) counts all of that axis's channels, so the axis is pinned. A scan mixes the
+(softmax, normalize) counts all of that axis's channels, so the axis is pinned; except the mean of
+an RMS norm written out by hand (and a mean over whole heads), whose rewrite keeps the old divisor. A scan mixes the
 entries along its axis (each output reads a run of them), so that axis is pinned too; it acts on
 every other axis entry by entry.
 """
@@ -16,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..channels import AxisLabels, Ctx, false_mask, pinned_axis
+from ..nodes import rms_norm_of
 from ..registry import RuleDeclined, functions, methods, modules, rule
 from .common import _ax, _ov, _out_shape
 
@@ -47,17 +49,20 @@ def _reduce_fix(site, input, dim=None, keepdim=False, kind="mean", **_):
 
 @rule("reduce", fix=_reduce_fix)
 def reduce(ctx: Ctx, input, dim=None, keepdim=False, kind="mean", meta=None, **_):
-    """sum over an axis is a contraction (its channels must be zero with their rows); mean, var and max over an axis pin it, except a mean over rows of several positions each (whole heads) that are zero with their rows: it keeps its old divisor in the rewrite; other axes keep their ids."""
+    """sum over an axis is a contraction (its channels must be zero with their rows); mean, var and max over an axis pin it, except a mean of channels zero with their rows in an RMS norm, or over rows of several positions each (whole heads): it keeps its old divisor in the rewrite; other axes keep their ids."""
     x = input
     if not isinstance(x, AxisLabels):
         return x
     axes = _reduce_axes(dim, x.ndim)
     for a in axes:
         if kind == "mean" and x.zero[a].all():
-            # NB: only heads (rows of several positions: OLMo 2's q/k norm over all heads, BitNet's
-            # norm of the merged heads); a mean over single channels (the residual stream's RMSNorm)
-            # stays pinned, so the model's own forward still runs at the new widths
-            ctx.pin_unless_blocks(x.ids[a], "mean over this axis")
+            # NB: the rewrite keeps the old divisor; the model's own forward divides by the new
+            # width, which only an RMS norm's refold (passes.resize.rms_folds) makes the same
+            # function. So single channels are free in an RMS norm (the residual stream of
+            # LLaMA-style models); elsewhere only heads (rows of several positions: OLMo 2's q/k
+            # norm over all heads) are, or a channel mean (CBAM) would give up the own class
+            if ctx.node is None or rms_norm_of(ctx.node) is None:
+                ctx.pin_unless_blocks(x.ids[a], "mean over this axis")
             continue
         if kind == "sum":
             bad = ~x.zero[a]

@@ -1,11 +1,11 @@
-"""Examples for the norm rules (batch_norm, group_norm, layer_norm): passes/rules/norm.py."""
+"""Examples for the norm rules (batch_norm, group_norm, layer_norm, rms_norm): passes/rules/norm.py."""
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .common import conv, example, HW, img, N, Net
+from .common import _force_export, conv, example, HW, img, N, Net
 
 
 @example("batch_norm")
@@ -90,10 +90,61 @@ def layer_norm_spatial_functional():
     return m, img()
 
 
-@example("layer_norm", expect_pin="layer_norm")
-def rms_norm():
+def _residual_rms(norm):
+    """A residual stream of width 8 read through RMS norms (a LLaMA block in small): l1 writes it,
+    an MLP adds to it, ``norm(s, h)`` normalises it before each reader."""
+
+    def fwd(s, x):
+        h = s.l1(x)
+        h = h + s.down(torch.relu(s.up(norm(s, h, 0))))
+        return s.head(norm(s, h, 1))
+
+    return fwd
+
+
+def _rms_net(fwd, **norms):
+    return Net(fwd, l1=nn.Linear(6, 8), up=nn.Linear(8, 12), down=nn.Linear(12, 8), head=nn.Linear(8, 4), **norms)
+
+
+@example("rms_norm")
+def rms_norm_residual_stream():
+    """nn.RMSNorm over a residual stream of zero-invariant channels: each is a row (its weight entry
+    with it); the rewrite keeps the old divisor, the model's own class refolds eps and the weight."""
+    m = _rms_net(_residual_rms(lambda s, h, i: (s.n0, s.n1)[i](h)), n0=nn.RMSNorm(8), n1=nn.RMSNorm(8, eps=1e-2))
+    return m, torch.randn(N, 5, 6)
+
+
+@example("rms_norm", frontend="export")
+def rms_norm_residual_stream_aten():
+    """The same through torch.export (``aten.rms_norm``; an eps of None is the dtype's epsilon)."""
+    def norm(s, h, i):
+        _force_export(h)
+        return (s.n0, s.n1)[i](h)
+
+    m = _rms_net(_residual_rms(norm), n0=nn.RMSNorm(8), n1=nn.RMSNorm(8, eps=1e-2))
+    return m, torch.randn(N, 5, 6)
+
+
+@example("rms_norm")
+def rms_norm_functional_width_from_weight():
+    """F.rms_norm with its width read off the weight (``w.shape``): that size measures the axis."""
+    m = _rms_net(_residual_rms(lambda s, h, i: F.rms_norm(h, s.w[i].shape, s.w[i], s.eps)),
+                 w=nn.ParameterList([nn.Parameter(torch.ones(8)), nn.Parameter(torch.ones(8))]), eps=1e-3)
+    return m, torch.randn(N, 5, 6)
+
+
+@example("rms_norm", pinned="rms_norm normalises over this axis")
+def rms_norm_of_nonzero_channels():
+    """relu(x) + 1 is not zero when its row is: removing it would change the norm's sum -> pinned."""
+    m = Net(lambda s, x: s.l3(s.n(torch.relu(s.l2(x)) + 1)), l2=nn.Linear(6, 8), n=nn.RMSNorm(8), l3=nn.Linear(8, 4))
+    return m, torch.randn(N, 5, 6)
+
+
+@example("rms_norm", expect_pin="rms_norm normalises over this axis")
+def rms_norm_two_axes():
+    """RMSNorm over (tokens, features) mixes both axes: pinned; the layer before it keeps its rows."""
     m = Net(lambda s, x: s.l3(s.n(s.l2(torch.relu(s.l1(x))))), l1=nn.Linear(6, 8), l2=nn.Linear(8, 8),
-            n=nn.RMSNorm(8), l3=nn.Linear(8, 4))
+            n=nn.RMSNorm((5, 8)), l3=nn.Linear(8, 4))
     return m, torch.randn(N, 5, 6)
 
 

@@ -37,6 +37,49 @@ def mean_over_channels():
     return m, img()
 
 
+def _rms_written_out(one_plus=False, export=False):
+    """LLaMA's RMSNorm as transformers writes it (Gemma's reads its weight as ``1 + w``), over a
+    residual stream of width 8."""
+
+    def norm(s, h, w):
+        if export:
+            _force_export(h)
+        v = h.float().pow(2).mean(-1, keepdim=True)
+        y = (h * torch.rsqrt(v + s.eps)).to(h.dtype)
+        return y * (1.0 + w) if one_plus else w * y
+
+    def fwd(s, x):
+        h = s.l1(x)
+        h = h + s.down(torch.relu(s.up(norm(s, h, s.w0))))
+        return s.head(norm(s, h, s.w1))
+
+    return Net(fwd, l1=nn.Linear(6, 8), up=nn.Linear(8, 12), down=nn.Linear(12, 8), head=nn.Linear(8, 4),
+               w0=nn.Parameter(torch.ones(8)), w1=nn.Parameter(torch.ones(8)), eps=1e-2)
+
+
+@example("reduce")
+def rms_norm_written_out():
+    """The mean of an RMS norm: each channel of the stream is a row; the rewrite keeps the old
+    divisor, the own class refolds eps and the weight."""
+    return _rms_written_out(), torch.randn(N, 5, 6)
+
+
+@example("reduce", frontend="export")
+def rms_norm_written_out_one_plus_aten():
+    return _rms_written_out(one_plus=True, export=True), torch.randn(N, 5, 6)
+
+
+@example("reduce", pinned="mean over this axis")
+def mean_of_square_without_weight():
+    """x * rsqrt(mean(x ** 2) + eps) with no weight: the own class could not be refolded -> pinned."""
+
+    def fwd(s, x):
+        h = s.l1(x)
+        return s.head(h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-2) + s.l2(torch.relu(h)))
+
+    return Net(fwd, l1=nn.Linear(6, 8), l2=nn.Linear(8, 8), head=nn.Linear(8, 4)), torch.randn(N, 5, 6)
+
+
 @example("softmax", pinned="softmax over this axis")
 def softmax_over_channels():
     m = Net(lambda s, x: s.c2(torch.softmax(s.c1(x), dim=1)), c1=conv(3, 8), c2=conv(8, 4))
