@@ -290,16 +290,19 @@ def classify(oto, heads: int) -> tuple[int, int, int, int]:
     A head group has 2 to ``heads`` rows of an attention projection, each a slice of several positions;
     a group of one row (every head of a layer tied into one: MQA's one key/value head, DiffLlama's
     head pairs under GQA) is counted with the other rows, not as heads found. A stream group holds the
-    columns of a token embedding table (the residual stream's width: the hidden size)."""
+    columns of the token embedding (``get_input_embeddings()``: the residual stream's width, the hidden size)."""
     h = m = e = s = 0
     shapes = {n: p.shape for n, p in oto.model.named_parameters()}
-    tables = {f"{mn}.weight" if mn else "weight" for mn, mod in oto.model.named_modules()
-              if isinstance(mod, torch.nn.Embedding)}
+    try:
+        emb = oto.model.get_input_embeddings()
+    except (NotImplementedError, AttributeError):
+        emb = None
+    tables = {f"{mn}.weight" if mn else "weight" for mn, mod in oto.model.named_modules() if mod is emb and emb is not None}
     for z in oto.groups:
-        if any(len(shapes.get(n, ())) == 3 and "expert" in n for n, _, _ in z.params):
-            e += z.rows
-        elif any(n in tables and d == 1 for n, d, _ in z.params):
+        if any(n in tables and d == 1 for n, d, _ in z.params):
             s += z.rows
+        elif any(len(shapes.get(n, ())) == 3 and "expert" in n for n, _, _ in z.params):
+            e += z.rows
         elif heads and 2 <= z.rows <= heads and any(idx.shape[1] > 1 and any(w in n for w in _ATTN_WORDS)
                                                for n, _, idx in z.params):
             h += z.rows

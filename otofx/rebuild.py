@@ -68,6 +68,32 @@ def _blocks(plan: Plan) -> dict:
     return out
 
 
+def _axis_groups(plan: Plan) -> dict:
+    """``{(tensor name, dim): {(group index, entries per row)}}`` over every group."""
+    out: dict = {}
+    for g, z in enumerate(plan.zigset.zigs):
+        for name, dim, index in z.params:
+            out.setdefault((name, dim), set()).add((g, int(index.shape[1]) if index.dim() > 1 else 1))
+    return out
+
+
+def _stream_axes(plan: Plan, model: nn.Module) -> set:
+    """``{(tensor name, dim)}`` of the groups that hold the columns of the model's token embedding
+    (``get_input_embeddings()``, a Hugging Face model's): the residual stream, whose width is
+    ``config.hidden_size`` and no head count or inner width."""
+    get = getattr(model, "get_input_embeddings", None)
+    try:
+        emb = get() if callable(get) else None
+    except (NotImplementedError, AttributeError):
+        emb = None
+    tables = {f"{n}.weight" if n else "weight" for n, m in model.named_modules() if m is emb and emb is not None}
+    out = set()
+    for z in plan.zigset.zigs:
+        if any(name in tables and dim == 1 for name, dim, _ in z.params):
+            out |= {(name, dim) for name, dim, _ in z.params}
+    return out
+
+
 def _tensors(model: nn.Module) -> dict:
     named = dict(model.named_parameters(remove_duplicate=False))
     named.update(model.named_buffers(remove_duplicate=False))
@@ -139,7 +165,9 @@ def rebuild(model: nn.Module, plan: Plan, gm: torch.fx.GraphModule | None = None
     new = _copy_with_slices(model, cuts)
     blocks = _blocks(plan)
     old_shapes = {n: tuple(t.shape) for n, t in named.items()}
-    changed = _resize_modules(new, cuts, blocks, old_shapes)
+    stream = frozenset(_stream_axes(plan, model))
+    groups = _axis_groups(plan)
+    changed = _resize_modules(new, cuts, blocks, old_shapes, stream, groups)
     if gm is not None:
         # NB: a norm's own forward divides by the new width; the graph form keeps the old divisor
         # (the mean's fix): eps and the weight absorb the ratio (OLMo 2's q/k norms, Mamba 2's
@@ -147,7 +175,7 @@ def rebuild(model: nn.Module, plan: Plan, gm: torch.fx.GraphModule | None = None
         for fold in rms_folds(gm, plan, model):
             changed.setdefault(fold.module, {}).update(apply_rms_fold(new.get_submodule(fold.module), fold))
             log.debug("otofx: %s: RMS norm over %d of %d entries refolded", fold.module, fold.new, fold.old)
-    _update_config(new, model, changed, cuts, blocks, old_shapes)
+    _update_config(new, model, changed, cuts, blocks, old_shapes, stream, groups)
     _resync_stream_width(new, model)
     return new
 
@@ -159,6 +187,13 @@ def _resync_stream_width(new: nn.Module, model: nn.Module) -> None:
     old, now = getattr(old_cfg, "hidden_size", None), getattr(new_cfg, "hidden_size", None)
     if type(old) is not int or type(now) is not int or old == now:
         return
+    get = getattr(new, "get_input_embeddings", None)
+    try:
+        emb = get() if callable(get) else None
+    except (NotImplementedError, AttributeError):
+        emb = None
+    if getattr(emb, "embedding_dim", now) != now:
+        return  # NB: the config's hidden_size moved with a coincidence of sizes, not with the stream
     for mname, m in new.named_modules():
         for attr in STREAM_WIDTHS:
             if m.__dict__.get(attr) == old and type(m.__dict__[attr]) is int:
@@ -166,7 +201,8 @@ def _resync_stream_width(new: nn.Module, model: nn.Module) -> None:
                 log.debug("otofx: %s.%s = %d (was %d)", mname or type(new).__name__, attr, now, old)
 
 
-def _resize_modules(new: nn.Module, cuts: dict, blocks: dict, old_shapes: dict) -> dict:
+def _resize_modules(new: nn.Module, cuts: dict, blocks: dict, old_shapes: dict, stream: frozenset = frozenset(),
+                    groups: dict | None = None) -> dict:
     """Re-sync every module touched by ``cuts``, children first; returns {module: {attr: new}}."""
     per_module: dict = {}
     for name, c in cuts.items():
@@ -192,7 +228,7 @@ def _resize_modules(new: nn.Module, cuts: dict, blocks: dict, old_shapes: dict) 
             diff = {k: v for k, v in _int_attrs(m).items() if before.get(k) != v}
             if diff:
                 changed.setdefault(mname, {}).update(diff)
-        scope = _scope(mname, m, cuts, blocks, old_shapes)
+        scope = _scope(mname, m, cuts, blocks, old_shapes, stream, groups)
         if scope.widths:
             done = resync_counts(m, scope)
             if done:
@@ -214,8 +250,13 @@ def _int_attrs(m: nn.Module) -> dict:
     return out
 
 
-def _scope(mname: str, m: nn.Module, cuts: dict, blocks: dict, old_shapes: dict) -> Scope:
-    """Changed axes among ``m``'s own tensors and its direct children's, with their row blocks."""
+def _scope(mname: str, m: nn.Module, cuts: dict, blocks: dict, old_shapes: dict, stream: frozenset = frozenset(),
+           groups: dict | None = None) -> Scope:
+    """Changed axes among ``m``'s own tensors and its direct children's, with their row blocks. The
+    residual stream's axes (``stream``) are kept apart, and with ``groups`` (:func:`_axis_groups`) an
+    axis counts heads only when a group on it has rows of several entries in this scope (whole
+    heads); otherwise it is a width only: a low rank that equals a head count (DSA's indexer heads)
+    must not move it."""
     prefix = f"{mname}." if mname else ""
     names = [prefix + a for a, _ in list(m.named_parameters(recurse=False)) + list(m.named_buffers(recurse=False))]
     for child, sub in m.named_children():
@@ -226,9 +267,18 @@ def _scope(mname: str, m: nn.Module, cuts: dict, blocks: dict, old_shapes: dict)
     for n in names:
         for dim in range(len(old_shapes.get(n, ()))):
             near |= blocks.get((n, dim), set())
+    multi = None
+    if groups is not None:
+        multi = {g for n in names for dim in range(len(old_shapes.get(n, ())))
+                 for g, b in groups.get((n, dim), ()) if b > 1}
     for n in names:
         for dim, keep in cuts.get(n, {}).items():
-            scope.add_axis(old_shapes[n][dim], len(keep), near)
+            if (n, dim) in stream:
+                scope.stream.add((old_shapes[n][dim], len(keep)))
+            elif multi is not None and not {g for g, _ in groups.get((n, dim), ())} & multi:
+                scope.widths.add((old_shapes[n][dim], len(keep)))
+            else:
+                scope.add_axis(old_shapes[n][dim], len(keep), near)
     return scope
 
 
@@ -335,7 +385,7 @@ def _valid(config) -> bool:
 
 
 def _update_config(new: nn.Module, model: nn.Module, changed: dict, cuts: dict, blocks: dict,
-                   old_shapes: dict) -> None:
+                   old_shapes: dict, stream: frozenset = frozenset(), groups: dict | None = None) -> None:
     """Make the copied config describe the new widths (see the module docstring)."""
     config = getattr(new, "config", None)
     if config is None or not hasattr(config, "to_dict") or config is getattr(model, "config", None):
@@ -344,22 +394,27 @@ def _update_config(new: nn.Module, model: nn.Module, changed: dict, cuts: dict, 
         return
     pairs = set()
     for mname, m in new.named_modules():
-        s = _scope(mname, m, cuts, blocks, old_shapes)
-        pairs |= s.widths | s.counts
+        s = _scope(mname, m, cuts, blocks, old_shapes, stream, groups)
+        pairs |= s.widths | s.counts | s.stream
     want = _want(new, model)
-    best = _fit(type(new), config, pairs, want)
     derived = _derived_head_dim(model)
-    if best and derived is not None:
+    best = None
+    if derived is not None:
         # NB: a config without head_dim whose model reads getattr(config, "head_dim", hidden_size //
-        # num_attention_heads) (Phi-3) changes its head width with the head count: fix it first
+        # num_attention_heads) (Phi-3, Granite MoE) changes its head width with the head count or the
+        # hidden size, and 4 heads of 4 build the shapes of 2 heads of 8: try it written down first
         trial = copy.deepcopy(config)
-        for key, value in model.config.to_dict().items():
-            if type(value) is int and not key.startswith("_"):
-                setattr(trial, key, value)
         trial.head_dim = derived
-        score = _fit(type(new), trial, pairs, want)
-        if score < best:
+        best = _fit(type(new), trial, pairs, want)
+        if best == 0:
+            config.__dict__.update(trial.__dict__)
+    if best != 0:
+        plain = copy.deepcopy(config)
+        score = _fit(type(new), plain, pairs, want)
+        if best is None or score < best:
             best = score
+            config.__dict__.update(plain.__dict__)
+        else:
             config.__dict__.update(trial.__dict__)
     if best or any(type(v) is float for c in changed.values() for v in c.values()):
         # NB: per-layer widths (and refolded norm eps) the config's fields cannot express (a saver

@@ -330,7 +330,7 @@ WIDTHS = ("all_head_size", "split_size", "inner_dim", "embed_dim", "intermediate
           "q_lora_rank", "kv_lora_rank")
 # attributes that hold the residual stream's width, config.hidden_size (Mixtral's router, Llama 4's
 # experts reshape by it): re-synced from the config, since a head width is often the same number
-STREAM_WIDTHS = ("hidden_size", "hidden_dim")
+STREAM_WIDTHS = ("hidden_size", "hidden_dim", "input_size", "embed_dim", "d_model", "n_embd", "dim_norm")
 
 
 @dataclass
@@ -339,6 +339,7 @@ class Scope:
 
     widths: set = field(default_factory=set)  # {(old width, new width)} of every changed axis
     counts: set = field(default_factory=set)  # {(old count, new count)}: changed axes over row block sizes
+    stream: set = field(default_factory=set)  # {(old width, new width)} of the residual stream's axes
 
     def add_axis(self, old: int, new: int, blocks) -> None:
         self.widths.add((old, new))
