@@ -176,25 +176,35 @@ def rebuild(model: nn.Module, plan: Plan, gm: torch.fx.GraphModule | None = None
             changed.setdefault(fold.module, {}).update(apply_rms_fold(new.get_submodule(fold.module), fold))
             log.debug("otofx: %s: RMS norm over %d of %d entries refolded", fold.module, fold.new, fold.old)
     _update_config(new, model, changed, cuts, blocks, old_shapes, stream, groups)
-    _resync_stream_width(new, model)
+    _resync_stream_width(new, model, stream)
     return new
 
 
-def _resync_stream_width(new: nn.Module, model: nn.Module) -> None:
-    """Modules that keep ``config.hidden_size`` as an attribute (``STREAM_WIDTHS``) follow the
-    config's new hidden size, once the config update has matched it to the new shapes."""
-    old_cfg, new_cfg = getattr(model, "config", None), getattr(new, "config", None)
-    old, now = getattr(old_cfg, "hidden_size", None), getattr(new_cfg, "hidden_size", None)
-    if type(old) is not int or type(now) is not int or old == now:
-        return
-    get = getattr(new, "get_input_embeddings", None)
+def _input_width(model: nn.Module) -> int | None:
+    """The width of ``model``'s token embedding (``get_input_embeddings()``), or None."""
+    get = getattr(model, "get_input_embeddings", None)
     try:
         emb = get() if callable(get) else None
     except (NotImplementedError, AttributeError):
-        emb = None
-    if getattr(emb, "embedding_dim", now) != now:
-        return  # NB: the config's hidden_size moved with a coincidence of sizes, not with the stream
+        return None
+    w = getattr(emb, "weight", None)
+    return int(w.shape[1]) if isinstance(w, torch.Tensor) and w.dim() == 2 else None
+
+
+def _resync_stream_width(new: nn.Module, model: nn.Module, stream: frozenset) -> None:
+    """Modules that keep the residual stream's width as an attribute (``STREAM_WIDTHS``: Mixtral's
+    router, Granite's MoE output view) follow the token embedding's new width, where they or their
+    children hold a tensor of the stream (``stream``: a vision tower of the same width keeps its own)."""
+    old, now = _input_width(model), _input_width(new)
+    if old is None or now is None or old == now:
+        return
+    on_stream = set()
+    for name, _ in stream:
+        parts = name.split(".")[:-1]
+        on_stream |= {".".join(parts[:k]) for k in (len(parts), len(parts) - 1) if k >= 0}
     for mname, m in new.named_modules():
+        if mname not in on_stream:
+            continue
         for attr in STREAM_WIDTHS:
             if m.__dict__.get(attr) == old and type(m.__dict__[attr]) is int:
                 setattr(m, attr, now)
