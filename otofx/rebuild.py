@@ -37,7 +37,7 @@ import torch
 import torch.nn as nn
 
 from otofx.errors import OTOError
-from otofx.passes.prune import Plan
+from otofx.passes.prune import Plan, take
 from otofx.passes.resize import (STREAM_WIDTHS, Change, ResizeError, Scope, apply_rms_fold, resize, resync_counts,
                                  rms_folds)
 
@@ -104,8 +104,7 @@ def _sliced(t: torch.Tensor, cuts: dict | None) -> torch.Tensor:
     with torch.no_grad():
         data = t.detach()
         if cuts:
-            for dim, keep in sorted(cuts.items()):
-                data = data.index_select(dim, torch.from_numpy(keep).to(data.device))
+            data = take(data, [(dim, torch.from_numpy(keep)) for dim, keep in cuts.items()])
         else:
             data = data.clone()
     if isinstance(t, nn.Parameter):

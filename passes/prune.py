@@ -261,9 +261,9 @@ def _fill_tensors(new: fx.GraphModule, originals: dict, plan: Plan) -> None:
                 continue
             data = old.detach()
             steps = next((cuts[n] for n in names if n in cuts), ())
-            for dim, idx in steps:
-                data = data.index_select(dim, idx.to(data.device))  # a new tensor: no clone needed
-            if not steps:
+            if steps:
+                data = take(data, steps)  # a new tensor: no clone needed
+            else:
                 # NB: unchanged tensors are copied, not shared: the compressed model is a new
                 # object (OTO.md section 4), and training it further in place must not change the
                 # user's model (nor the other way round)
@@ -272,6 +272,21 @@ def _fill_tensors(new: fx.GraphModule, originals: dict, plan: Plan) -> None:
             for alias in names:
                 set_path(new, alias, repl)
             del data, repl
+
+
+def take(t: torch.Tensor, steps) -> torch.Tensor:
+    """A new tensor of the entries of ``t`` that ``steps`` (``[(dim, kept indices)]``) keep. Cuts on
+    adjacent dims are one gather, with no intermediate of the partly cut tensor (an embedding cut
+    in both its rows and its columns)."""
+    steps = sorted((d % t.dim(), i.to(t.device)) for d, i in steps)
+    dims = [d for d, _ in steps]
+    if len(steps) > 1 and dims == list(range(dims[0], dims[0] + len(dims))):
+        n = len(steps)
+        idx = tuple(i.reshape([-1] + [1] * (n - 1 - k)) for k, (_, i) in enumerate(steps))
+        return t[(slice(None),) * dims[0] + idx]
+    for d, i in steps:
+        t = t.index_select(d, i)
+    return t
 
 
 def prune_graph(gm: fx.GraphModule, plan: Plan) -> fx.GraphModule:

@@ -205,18 +205,20 @@ def _group(ctx: Ctx, labels: dict, acts: list) -> ZigSet:
     act[uf.find(_act_ids(acts))] = True
     act[PIN] = False
     params = [o for o in ctx.owners if o.is_param]
-    zig_of_root = np.full(n, -1, dtype=np.int64)
-    row_of_root = np.full(n, -1, dtype=np.int64)
+    # NB: int32 owners, zigs and rows (a 70B LLaMA's hidden width alone is 6M kept
+    # positions; int64 arrays of them set the analysis's peak memory)
+    zig_of_root = np.full(n, -1, dtype=np.int32)
+    row_of_root = np.full(n, -1, dtype=np.int32)
     empty = ZigSet((), tuple(ctx.pins), labels, tuple(ctx.owners), uf, zig_of_root, row_of_root)
     if not params:
         return empty
-    lens = np.array([len(o.ids) for o in params])
-    starts = np.concatenate([[0], np.cumsum(lens)[:-1]])
-    owner = np.repeat(np.arange(len(params)), lens)
-    pos = np.arange(int(lens.sum())) - np.repeat(starts, lens)
+    lens = np.array([len(o.ids) for o in params], dtype=np.int64)
     roots = uf.find(np.concatenate([o.ids for o in params]))
     keep = act[roots]
-    owner, pos, roots = owner[keep], pos[keep], roots[keep]
+    roots = roots[keep]
+    owner = np.repeat(np.arange(len(params), dtype=np.int32), lens)[keep]
+    pos = np.concatenate([np.arange(k, dtype=np.int64) for k in lens.tolist()])[keep]  # index tensors: int64
+    del keep
     # a class's signature: the (owner, count) pairs it holds, hashed as the sum of one random odd
     # salt per owner over its positions (count x salt, wrapping); equal signatures = one zig
     salts = np.random.default_rng(0x07F0).integers(1, 2**62, size=len(params), dtype=np.uint64) | np.uint64(1)
@@ -230,7 +232,7 @@ def _group(ctx: Ctx, labels: dict, acts: list) -> ZigSet:
     # order zigs by their first class (producer order), rows by class id inside a zig
     first = np.full(len(uniq), np.iinfo(np.int64).max)
     np.minimum.at(first, inv, classes)
-    rank = np.empty(len(uniq), dtype=np.int64)
+    rank = np.empty(len(uniq), dtype=np.int32)
     rank[np.argsort(first, kind="stable")] = np.arange(len(uniq))
     zid = rank[inv]
     zig_of_root[classes] = zid
