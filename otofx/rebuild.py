@@ -21,9 +21,16 @@ Internals:
     * An RMS norm over an axis that lost entries (``passes.resize.rms_folds``, read off the graph)
       gets eps times old/new and its weight times sqrt(old/new): its own forward, dividing by the
       new width, then computes what the graph's old divisor computes.
+    * Head counts and widths come from the changed axes near each module; the residual stream's
+      axes (the groups holding the token embedding's columns) are kept apart, and an axis whose
+      groups have single-channel rows only is a width, never a head count: a hidden size or a low
+      rank that equals some head count must not move it. Attributes that hold the stream's width
+      (``passes.resize.STREAM_WIDTHS``) follow the embedding's new width, in the modules that hold
+      a tensor of the stream.
     * The config: integer fields whose old value some changed width or head count had are tried
       one at a time, each kept if building the class from the config (on the meta device) gets
-      more tensor shapes right; what the config still cannot express goes to
+      more tensor shapes and config-given module attributes right (a config without ``head_dim``
+      is also tried with it written down); what the config still cannot express goes to
       ``config.otofx_widths`` (module name -> {attribute: new value}).
 """
 from __future__ import annotations

@@ -2,7 +2,9 @@
 
 Per-channel statistics (batch, instance, group norm over axis 1) are owned by their channel; a
 norm whose divisor counts channels (group norm's groups, layer norm's trailing axes) ties or pins
-them, since removing a channel would change the divisor.
+them, since removing a channel would change the divisor. An RMS norm is the exception: a zero
+channel adds nothing to its sum of squares, so channels that are zero with their rows stay rows
+and the rewrite keeps the old divisor (``rms_norm_kept_divisor``).
 
 Internals:
     * A norm without affine parameters maps a zero channel to a non-zero one (-mean / sqrt(var)
