@@ -254,6 +254,8 @@ def rms_norm_of(mean: fx.Node) -> RmsNorm | None:
     if mean.op not in ("call_function", "call_method") or _op(mean) != "mean" or len(mean.args) < 2:
         return None
     sq = _before_casts(mean.args[0])
+    if not isinstance(sq, fx.Node):
+        return None
     if _op(sq) == "mul" and len(sq.args) == 2 and isinstance(sq.args[1], float):
         sq = _before_casts(sq.args[0])  # the compressed graph's old divisor (a scaled mean of squares)
     h = _squared(sq)

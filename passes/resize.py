@@ -328,8 +328,9 @@ WIDTHS = ("all_head_size", "split_size", "inner_dim", "embed_dim", "intermediate
           "conv_dim", "d_inner", "time_step_rank", "dt_rank", "group_size",
           # multi-head latent attention's low ranks (each behind an RMS norm: DeepSeek V2/V3, Kimi)
           "q_lora_rank", "kv_lora_rank")
-# attributes that hold the residual stream's width, config.hidden_size (Mixtral's router, Llama 4's
-# experts reshape by it): re-synced from the config, since a head width is often the same number
+# attributes that hold the residual stream's width, config.hidden_size (Mixtral's router and Granite
+# MoE's output reshape by it): re-synced from the token embedding's new width by otofx.rebuild, in
+# the modules that hold a tensor of the stream, since a head width is often the same number
 STREAM_WIDTHS = ("hidden_size", "hidden_dim", "input_size", "embed_dim", "d_model", "n_embd", "dim_norm")
 
 
