@@ -66,15 +66,6 @@ def keep_indices(plan: Plan) -> dict:
     return out
 
 
-def _blocks(plan: Plan) -> dict:
-    """``{(tensor name, dim): {entries per row}}`` over every group."""
-    out: dict = {}
-    for z in plan.zigset.zigs:
-        for name, dim, index in z.params:
-            out.setdefault((name, dim), set()).add(int(index.shape[1]) if index.dim() > 1 else 1)
-    return out
-
-
 def _axis_groups(plan: Plan) -> dict:
     """``{(tensor name, dim): {(group index, entries per row)}}`` over every group."""
     out: dict = {}
@@ -84,15 +75,20 @@ def _axis_groups(plan: Plan) -> dict:
     return out
 
 
-def _stream_axes(plan: Plan, model: nn.Module) -> set:
-    """``{(tensor name, dim)}`` of the groups that hold the columns of the model's token embedding
-    (``get_input_embeddings()``, a Hugging Face model's): the residual stream, whose width is
-    ``config.hidden_size`` and no head count or inner width."""
+def _input_embedding(model: nn.Module) -> nn.Module | None:
+    """``model.get_input_embeddings()`` (a Hugging Face model's token embedding), or None."""
     get = getattr(model, "get_input_embeddings", None)
     try:
-        emb = get() if callable(get) else None
+        return get() if callable(get) else None
     except (NotImplementedError, AttributeError):
-        emb = None
+        return None
+
+
+def _stream_axes(plan: Plan, model: nn.Module) -> set:
+    """``{(tensor name, dim)}`` of the groups that hold the columns of the model's token embedding
+    (:func:`_input_embedding`): the residual stream, whose width is ``config.hidden_size`` and no
+    head count or inner width."""
+    emb = _input_embedding(model)
     tables = {f"{n}.weight" if n else "weight" for n, m in model.named_modules() if m is emb and emb is not None}
     out = set()
     for z in plan.zigset.zigs:
@@ -169,11 +165,10 @@ def rebuild(model: nn.Module, plan: Plan, gm: torch.fx.GraphModule | None = None
             raise RebuildError(f"the plan slices '{name}', which the captured graph has but "
                                f"{type(model).__name__} has no parameter or buffer of that name")
     new = _copy_with_slices(model, cuts)
-    blocks = _blocks(plan)
     old_shapes = {n: tuple(t.shape) for n, t in named.items()}
     stream = frozenset(_stream_axes(plan, model))
     groups = _axis_groups(plan)
-    changed = _resize_modules(new, cuts, blocks, old_shapes, stream, groups)
+    changed = _resize_modules(new, cuts, old_shapes, stream, groups)
     if gm is not None:
         # NB: a norm's own forward divides by the new width; the graph form keeps the old divisor
         # (the mean's fix): eps and the weight absorb the ratio (OLMo 2's q/k norms, Mamba 2's
@@ -181,19 +176,14 @@ def rebuild(model: nn.Module, plan: Plan, gm: torch.fx.GraphModule | None = None
         for fold in rms_folds(gm, plan, model):
             changed.setdefault(fold.module, {}).update(apply_rms_fold(new.get_submodule(fold.module), fold))
             log.debug("otofx: %s: RMS norm over %d of %d entries refolded", fold.module, fold.new, fold.old)
-    _update_config(new, model, changed, cuts, blocks, old_shapes, stream, groups)
+    _update_config(new, model, changed, cuts, old_shapes, stream, groups)
     _resync_stream_width(new, model, stream)
     return new
 
 
 def _input_width(model: nn.Module) -> int | None:
-    """The width of ``model``'s token embedding (``get_input_embeddings()``), or None."""
-    get = getattr(model, "get_input_embeddings", None)
-    try:
-        emb = get() if callable(get) else None
-    except (NotImplementedError, AttributeError):
-        return None
-    w = getattr(emb, "weight", None)
+    """The width of ``model``'s token embedding (:func:`_input_embedding`), or None."""
+    w = getattr(_input_embedding(model), "weight", None)
     return int(w.shape[1]) if isinstance(w, torch.Tensor) and w.dim() == 2 else None
 
 
@@ -217,8 +207,7 @@ def _resync_stream_width(new: nn.Module, model: nn.Module, stream: frozenset) ->
                 log.debug("otofx: %s.%s = %d (was %d)", mname or type(new).__name__, attr, now, old)
 
 
-def _resize_modules(new: nn.Module, cuts: dict, blocks: dict, old_shapes: dict, stream: frozenset = frozenset(),
-                    groups: dict | None = None) -> dict:
+def _resize_modules(new: nn.Module, cuts: dict, old_shapes: dict, stream: frozenset, groups: dict) -> dict:
     """Re-sync every module touched by ``cuts``, children first; returns {module: {attr: new}}."""
     per_module: dict = {}
     for name, c in cuts.items():
@@ -244,7 +233,7 @@ def _resize_modules(new: nn.Module, cuts: dict, blocks: dict, old_shapes: dict, 
             diff = {k: v for k, v in _int_attrs(m).items() if before.get(k) != v}
             if diff:
                 changed.setdefault(mname, {}).update(diff)
-        scope = _scope(mname, m, cuts, blocks, old_shapes, stream, groups)
+        scope = _scope(mname, m, cuts, old_shapes, stream, groups)
         if scope.widths:
             done = resync_counts(m, scope)
             if done:
@@ -266,11 +255,10 @@ def _int_attrs(m: nn.Module) -> dict:
     return out
 
 
-def _scope(mname: str, m: nn.Module, cuts: dict, blocks: dict, old_shapes: dict, stream: frozenset = frozenset(),
-           groups: dict | None = None) -> Scope:
-    """Changed axes among ``m``'s own tensors and its direct children's, with their row blocks. The
-    residual stream's axes (``stream``) are kept apart, and with ``groups`` (:func:`_axis_groups`) an
-    axis counts heads only when a group on it has rows of several entries in this scope (whole
+def _scope(mname: str, m: nn.Module, cuts: dict, old_shapes: dict, stream: frozenset, groups: dict) -> Scope:
+    """Changed axes among ``m``'s own tensors and its direct children's, with their row blocks
+    (``groups``: :func:`_axis_groups`). The residual stream's axes (``stream``) are kept apart, and
+    an axis counts heads only when a group on it has rows of several entries in this scope (whole
     heads); otherwise it is a width only: a low rank that equals a head count (DSA's indexer heads)
     must not move it."""
     prefix = f"{mname}." if mname else ""
@@ -279,19 +267,18 @@ def _scope(mname: str, m: nn.Module, cuts: dict, blocks: dict, old_shapes: dict,
         names += [f"{prefix}{child}.{a}" for a, _ in
                   list(sub.named_parameters(recurse=False)) + list(sub.named_buffers(recurse=False))]
     scope = Scope()
-    near = set()
+    near, multi = set(), set()
     for n in names:
         for dim in range(len(old_shapes.get(n, ()))):
-            near |= blocks.get((n, dim), set())
-    multi = None
-    if groups is not None:
-        multi = {g for n in names for dim in range(len(old_shapes.get(n, ())))
-                 for g, b in groups.get((n, dim), ()) if b > 1}
+            for g, b in groups.get((n, dim), ()):
+                near.add(b)
+                if b > 1:
+                    multi.add(g)
     for n in names:
         for dim, keep in cuts.get(n, {}).items():
             if (n, dim) in stream:
                 scope.stream.add((old_shapes[n][dim], len(keep)))
-            elif multi is not None and not {g for g, _ in groups.get((n, dim), ())} & multi:
+            elif not {g for g, _ in groups.get((n, dim), ())} & multi:
                 scope.widths.add((old_shapes[n][dim], len(keep)))
             else:
                 scope.add_axis(old_shapes[n][dim], len(keep), near)
@@ -323,17 +310,18 @@ def _want(new: nn.Module, model: nn.Module) -> _Want:
             base = dict(type(model)(copy.deepcopy(model.config)).named_modules())
     except Exception:  # noqa: BLE001 - a model its config does not rebuild: shapes only
         base = {}
+    news = dict(new.named_modules())
     attrs = {}
     for name, m in model.named_modules():
         b = base.get(name)
-        if b is None or type(b) is not type(m):
+        if b is None or type(b) is not type(m) or name not in news:
             continue
-        same = {k for k, v in _int_attrs(m).items() if _int_attrs(b).get(k) == v}
+        given = _int_attrs(b)
+        now = _int_attrs(news[name])
+        same = {k: now[k] for k, v in _int_attrs(m).items() if given.get(k) == v and k in now}
         if same:
             attrs[name] = same
-    news = dict(new.named_modules())
-    return _Want(_shapes(new), {n: {k: _int_attrs(news[n])[k] for k in ks if k in _int_attrs(news[n])}
-                                for n, ks in attrs.items() if n in news})
+    return _Want(_shapes(new), attrs)
 
 
 def _mismatch(cls, config, want: _Want) -> int:
@@ -400,8 +388,8 @@ def _valid(config) -> bool:
     return True
 
 
-def _update_config(new: nn.Module, model: nn.Module, changed: dict, cuts: dict, blocks: dict,
-                   old_shapes: dict, stream: frozenset = frozenset(), groups: dict | None = None) -> None:
+def _update_config(new: nn.Module, model: nn.Module, changed: dict, cuts: dict, old_shapes: dict,
+                   stream: frozenset, groups: dict) -> None:
     """Make the copied config describe the new widths (see the module docstring)."""
     config = getattr(new, "config", None)
     if config is None or not hasattr(config, "to_dict") or config is getattr(model, "config", None):
@@ -410,7 +398,7 @@ def _update_config(new: nn.Module, model: nn.Module, changed: dict, cuts: dict, 
         return
     pairs = set()
     for mname, m in new.named_modules():
-        s = _scope(mname, m, cuts, blocks, old_shapes, stream, groups)
+        s = _scope(mname, m, cuts, old_shapes, stream, groups)
         pairs |= s.widths | s.counts | s.stream
     want = _want(new, model)
     derived = _derived_head_dim(model)

@@ -465,9 +465,9 @@ def _rms_site(n, gm):
     if rms is not None:
         path, _, attr = rms.weight.target.rpartition(".")
         return rms.input, rms.dim, path, rms.eps, attr, rms.one_plus
-    if n.op == "call_module" and isinstance(gm.get_submodule(n.target), nn.RMSNorm):
+    if n.op == "call_module":
         m = gm.get_submodule(n.target)
-        if len(m.normalized_shape) == 1 and m.weight is not None and n.args:
+        if isinstance(m, nn.RMSNorm) and len(m.normalized_shape) == 1 and m.weight is not None and n.args:
             return n.args[0], -1, n.target, _MODULE_EPS, "weight", False
         return None
     if n.op != "call_function" or op_of(n, gm) != "rms_norm":
