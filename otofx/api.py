@@ -36,7 +36,7 @@ from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 from otofx import pipeline
 from otofx.capture import DATA_BRANCHES, STATIC_IMAGE_SIZES, _first_line, _no_kv_cache, normalize_inputs
 from otofx.errors import InputError, OTOError, VerificationError
-from otofx.passes.nodes import set_path
+from otofx.passes.nodes import set_path, unread_parameters
 from otofx.passes.prune import Plan, row_norms, zero_row_plan
 from otofx.passes.zigs import ZIG, ZigSet
 from otofx.verify import compare, compare_all, eval_mode, input_sets, outputs_close, run_eval
@@ -137,6 +137,9 @@ class OTO:
         self._args, self._kwargs = self.state.args, self.state.kwargs
         self.graph_module: fx.GraphModule = self.state.gm
         self.zigset: ZigSet = self.state.get(pipeline.ZIGSET)
+        # NB: parameters the example input never reached (a vision tower under a text-only input):
+        # no rule saw them, so the groups do not include them and compress() leaves them as they are
+        self.unread = unread_parameters(self.graph_module, model)
         self._optimizers = []  # weak references to the DHSPG optimizers made by self.dhspg()
 
     # -- analysis results -----------------------------------------------------------------------
@@ -212,6 +215,7 @@ class OTO:
         _check_params(self.model)
         _need_weights(self.model, "OTO.compress()", (self._args, self._kwargs) if verify else ())
         self._warn_below_target()
+        self._warn_unread()
         branches = self.graph_module.meta.get(DATA_BRANCHES)
         if branches:
             # NB: the analysis saw the example's branch only: the graph raises on another, the model's
@@ -263,6 +267,17 @@ class OTO:
                             "zero%s): the model is less compressed than asked. See DHSPG.status() and the README's "
                             "'Sparsity you can dial'", st.group_sparsity, st.target_group_sparsity, st.zero_rows,
                             st.n_rows, "; it is the dense model" if st.zero_rows == 0 else "")
+
+    def _warn_unread(self) -> None:
+        """A warning naming the modules whose parameters the example input never reached."""
+        if not self.unread:
+            return
+        said = ", ".join(f"{u.module or type(self.model).__name__} ({u.numel:,} parameters)" for u in self.unread[:4])
+        more = f" and {len(self.unread) - 4} more" if len(self.unread) > 4 else ""
+        log.warning("otofx: the example input never reached %s%s: the analysis did not see them, they keep their "
+                    "shapes, and the compressed model is exact on inputs that leave them unused. An input that "
+                    "uses them (images for a vision tower) may fail there; to compress with them, pass example "
+                    "inputs that reach them (OTO.unread lists them)", said, more)
 
     def _compress_graph(self, verify: bool, plan: Plan | None, passes) -> fx.GraphModule:
         gm = self._sync()

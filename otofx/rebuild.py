@@ -176,8 +176,8 @@ def rebuild(model: nn.Module, plan: Plan, gm: torch.fx.GraphModule | None = None
         for fold in rms_folds(gm, plan, model):
             changed.setdefault(fold.module, {}).update(apply_rms_fold(new.get_submodule(fold.module), fold))
             log.debug("otofx: %s: RMS norm over %d of %d entries refolded", fold.module, fold.new, fold.old)
+    _resync_stream_width(new, model, stream)  # NB: before the config fit, which compares these attributes
     _update_config(new, model, changed, cuts, old_shapes, stream, groups)
-    _resync_stream_width(new, model, stream)
     return new
 
 
@@ -348,33 +348,78 @@ def _fit(cls, config, pairs: set, want: _Want) -> int:
     best = _mismatch(cls, config, want)
     if not best:
         return best
-    for key, value in config.to_dict().items():
-        if type(value) is not int or key.startswith("_"):
-            continue
+    for where, owner, key, value in _int_fields(config):
         news = {n for o, n in pairs if o == value}
         if len(news) != 1:
             continue
         cand = news.pop()
-        setattr(config, key, cand)
+        setattr(owner, key, cand)
         score = _mismatch(cls, config, want)
         if score < best and not _valid(config):
             score = best  # NB: a strict config (Mamba 2: heads * head_dim == expand * hidden) refuses it on load
         if score < best:
             best = score
-            log.debug("otofx: config.%s = %d (was %d)", key, cand, value)
+            log.debug("otofx: config.%s%s = %d (was %d)", where, key, cand, value)
         else:
-            setattr(config, key, value)
+            setattr(owner, key, value)
         if not best:
             break
     return best
 
 
+def _int_fields(config, where: str = ""):
+    """``(path, owner, key, value)`` of every int field of ``config`` and of the configs nested in it
+    (a multi-modal model's ``text_config``)."""
+    for key, value in config.to_dict().items():
+        if key.startswith("_"):
+            continue
+        if type(value) is int:
+            yield where, config, key, value
+        elif isinstance(value, dict) and hasattr(getattr(config, key, None), "to_dict"):
+            yield from _int_fields(getattr(config, key), f"{where}{key}.")
+
+
+def _follow_config(new: nn.Module, model: nn.Module, config, want: _Want, changed: dict, pairs: set) -> int:
+    """When ``config`` builds exactly ``new``'s tensor shapes and only module int attributes differ,
+    each by a change of width or count the plan made (``pairs``): the attributes the old config gave
+    ``model`` that no rule re-synced (Gemma 4's ``hidden_size_per_layer_input`` on the text model,
+    which reshapes by it) take the value the new config gives them, as ``cls(config)`` (and so
+    ``from_pretrained`` of the saved model) would have it. All or nothing. Returns the mismatch left."""
+    try:
+        with torch.device("meta"):
+            built = dict(type(new)(config).named_modules())
+            base = dict(type(model)(copy.deepcopy(model.config)).named_modules())
+    except Exception:  # noqa: BLE001 - a config that does not build: nothing to follow
+        return _mismatch(type(new), config, want)
+    if _shapes(built[""]) != want.shapes:
+        return _mismatch(type(new), config, want)
+    olds, follow = dict(model.named_modules()), []
+    for name, m in new.named_modules():
+        b, o, a = built.get(name), base.get(name), olds.get(name)
+        if b is None or o is None or a is None or not type(m) is type(b) is type(o) is type(a):
+            continue
+        given, now, fresh = _int_attrs(o), _int_attrs(m), _int_attrs(b)
+        for k, v in _int_attrs(a).items():
+            # NB: only what the old config gave (fresh == model's), untouched since, that the new config moves
+            if given.get(k) == v and now.get(k) == v and k in fresh and fresh[k] != v:
+                follow.append((name, m, k, v, fresh[k]))
+    # NB: a move no changed axis explains is a config that fits the shapes by coincidence (2 heads
+    # of 8 read as 4 heads of 4 at the new hidden size): then nothing follows
+    if not follow or any(type(v) is not int or (v, f) not in pairs for _, _, _, v, f in follow):
+        return _mismatch(type(new), config, want)
+    for name, m, k, v, f in follow:
+        setattr(m, k, f)
+        changed.setdefault(name, {})[k] = f
+        log.debug("otofx: %s.%s = %d (was %d), as the new config builds it", name or type(new).__name__, k, f, v)
+    return _mismatch(type(new), config, _want(new, model))
+
+
 def _derived_head_dim(model: nn.Module) -> int | None:
-    """``hidden_size // num_attention_heads`` of a config that has no ``head_dim`` field, else None."""
+    """``hidden_size // num_attention_heads`` of a config that has no ``head_dim`` (or None: Mixtral), else None."""
     c = getattr(model, "config", None)
     d = c.to_dict() if c is not None and hasattr(c, "to_dict") else {}
     h, n = d.get("hidden_size"), d.get("num_attention_heads")
-    if "head_dim" in d or hasattr(type(c), "head_dim") or type(h) is not int or type(n) is not int or n <= 0 or h % n:
+    if d.get("head_dim") is not None or isinstance(getattr(type(c), "head_dim", None), property) or type(h) is not int or type(n) is not int or n <= 0 or h % n:
         return None  # NB: Falcon's config derives head_dim in a read-only property
     return h // n
 
@@ -420,6 +465,8 @@ def _update_config(new: nn.Module, model: nn.Module, changed: dict, cuts: dict, 
             config.__dict__.update(plain.__dict__)
         else:
             config.__dict__.update(trial.__dict__)
+    if best:
+        best = _follow_config(new, model, config, want, changed, pairs)
     if best or any(type(v) is float for c in changed.values() for v in c.values()):
         # NB: per-layer widths (and refolded norm eps) the config's fields cannot express (a saver
         # writes them beside it)

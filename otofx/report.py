@@ -41,6 +41,11 @@ def report(oto, max_groups: int | None = None, blocks=None) -> str:
         out.append("")
         out.append("pinned (channels that cannot be removed, and why):")
         out.append(tabulate(prow, headers=["node", "op", "reason", "channels"], tablefmt="github"))
+    if getattr(oto, "unread", ()):
+        out.append("")
+        out.append("not reached by the example input (no group includes them; they keep their shapes):")
+        out.append(tabulate([[u.module or "(root)", u.count, u.numel] for u in oto.unread],
+                            headers=["module", "parameters", "numel"], tablefmt="github"))
     if blocks is not None:
         from otofx.admm import report as block_report
 

@@ -12,7 +12,8 @@ every module and attribute each parameter is registered under (tied weights have
 ``copy_module(model)``: ``copy.deepcopy`` that also copies tensors a forward left in module
 attributes with their autograd history (a recurrent state), which deepcopy refuses.
 ``rms_norm_of(mean)``: the RMS norm a ``mean`` node belongs to, as written out by hand
-(``w * h * rsqrt(mean(h ** 2) + eps)``: LLaMA's and most of today's LLMs'), or None.
+(``w * h * rsqrt(mean(h ** 2) + eps)``: LLaMA's and most of today's LLMs'; ``** -0.5``: Gemma 4's),
+or None. ``unread_parameters(gm, model)``: the modules whose parameters a captured graph never reads.
 
 Internals:
     * In-place is read off the spelling: a method or function whose name ends in one ``_``
@@ -88,6 +89,50 @@ def parameter_holders(root: torch.nn.Module) -> dict:
             if p is not None:
                 out.setdefault(id(p), []).append((m, attr))
     return out
+
+
+@dataclass(frozen=True)
+class Unread:
+    """Parameters of a model the captured graph never reads: ``module`` (the outermost module all of
+    whose parameters are unread, "" for the root), their ``count`` and ``numel``."""
+
+    module: str
+    count: int
+    numel: int
+
+
+def unread_parameters(gm: fx.GraphModule, model: torch.nn.Module) -> tuple:
+    """The :class:`Unread` modules of ``model``: parameters that no ``get_attr`` of ``gm`` names and
+    no called module of ``gm`` holds (a tensor tied under several names is read when one is)."""
+    read = set()
+    for n in gm.graph.nodes:
+        if n.op == "get_attr":
+            read.add(str(n.target))
+        elif n.op == "call_module":
+            read.update(f"{n.target}.{k}" for k, _ in gm.get_submodule(n.target).named_parameters())
+    named = dict(model.named_parameters(remove_duplicate=False))
+    seen = {id(t) for k, t in named.items() if k in read}
+    unread = {k for k, t in named.items() if id(t) not in seen}
+    if not unread:
+        return ()
+    total: dict = {}
+    missing: dict = {}
+    for k in named:
+        parts = k.split(".")[:-1]
+        for depth in range(len(parts) + 1):
+            prefix = ".".join(parts[:depth])
+            total[prefix] = total.get(prefix, 0) + 1
+            missing[prefix] = missing.get(prefix, 0) + (k in unread)
+    owners: dict = {}
+    for k in unread:  # the outermost module whose parameters are all unread (else the parameter itself)
+        parts = k.split(".")[:-1]
+        top = next((p for p in (".".join(parts[:d]) for d in range(len(parts) + 1)) if missing[p] == total[p]), k)
+        owners.setdefault(top, set()).add(k)
+    out = []
+    for mod, names in sorted(owners.items()):
+        ts = {id(named[n]): named[n] for n in names}
+        out.append(Unread(mod, len(ts), sum(t.numel() for t in ts.values())))
+    return tuple(out)
 
 
 def get_path(root: torch.nn.Module, name: str):
@@ -226,6 +271,15 @@ def _next(n, also=()):
         n = users[0]
 
 
+def _inverse_sqrt(n) -> bool:
+    """Whether ``n`` is ``rsqrt(x)`` or ``x ** -0.5`` (Gemma 4's norms avoid rsqrt)."""
+    name = _op(n)
+    if name == "rsqrt":
+        return True
+    exponent = n.args[1] if len(n.args) > 1 else n.kwargs.get("exponent")
+    return name == "pow" and isinstance(exponent, (int, float)) and exponent == -0.5
+
+
 def _other(n, known):
     """The argument of the binary op ``n`` that is not ``known``."""
     a = [x for x in n.args[:2] if x is not known]
@@ -250,7 +304,7 @@ def _norm_weight(nrm):
 
 def rms_norm_of(mean: fx.Node) -> RmsNorm | None:
     """The RMS norm whose ``mean`` node this is (the mean of a square over one axis, kept, plus a
-    float eps, rsqrt, times the squared value, times a 1-D weight of the model), or None."""
+    float eps, rsqrt or ``** -0.5``, times the squared value, times a 1-D weight of the model), or None."""
     if mean.op not in ("call_function", "call_method") or _op(mean) != "mean" or len(mean.args) < 2:
         return None
     sq = _before_casts(mean.args[0])
@@ -267,7 +321,7 @@ def rms_norm_of(mean: fx.Node) -> RmsNorm | None:
     add, via = _next(mean)  # + eps, then rsqrt, then times the normalised input
     eps = _other(add, via) if add is not None and _op(add) == "add" else None
     r = _next(add)[0] if isinstance(eps, float) else None
-    nrm = _next(r)[0] if r is not None and _op(r) == "rsqrt" else None
+    nrm = _next(r)[0] if r is not None and _inverse_sqrt(r) else None
     if nrm is None or _op(nrm) != "mul" or _before_casts(_other(nrm, _next(r)[1])) is not _before_casts(h):
         return None
     hit = _norm_weight(nrm)

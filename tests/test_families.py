@@ -178,9 +178,48 @@ def test_fused_experts_widths_found_exact_and_generate(name, width):
     zero_random_rows(model, oto, seed=1)
     small = assert_exact(model, oto, _ids(), ref_kwargs=_kwargs(model))
     assert isinstance(small, type(model))
+    if name == "mixtral":
+        # a config with head_dim None derives it from hidden_size // num_attention_heads: the hidden
+        # width and the head count both halved, so head_dim is written down and the config is exact
+        c = small.config
+        assert (c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim) == (16, 2, 1, 8)
+        with torch.device("meta"):
+            rebuilt = type(small)(c)
+        assert {n: p.shape for n, p in rebuilt.named_parameters()} == {n: p.shape for n, p in small.named_parameters()}
+        assert rebuilt.model.layers[0].self_attn.head_dim == small.model.layers[0].self_attn.head_dim == 8
     x = _ids()[:1, :5]
     full = model.generate(x, max_new_tokens=5, do_sample=False)
     assert torch.equal(small.generate(x, max_new_tokens=5, do_sample=False), full)
+
+
+def test_gemma4_hidden_and_per_layer_widths(tmp_path):
+    """Gemma 4: norms written as ``h * (mean(h ** 2) + eps) ** -0.5``, per-layer input embeddings
+    (PLE) reshaped by ``hidden_size_per_layer_input``, a full-attention layer of wider heads. The
+    hidden width, the PLE width, the heads and the MLP widths are groups; the own class comes back
+    at the new sizes with a config that builds it (the text model's reshape width follows the
+    config), generates the full model's tokens and survives otofx.save/load."""
+    T = transformers
+    cfg = T.Gemma4TextConfig(**dict(COMMON, num_hidden_layers=2), head_dim=8, hidden_size_per_layer_input=8,
+                             vocab_size_per_layer_input=100, layer_types=["sliding_attention", "full_attention"],
+                             sliding_window=8, global_head_dim=16)
+    torch.manual_seed(0)
+    model = randomize(T.Gemma4ForCausalLM(cfg).eval())
+    oto = otofx.OTO(model, _ids())
+    rows = {n: z.rows for z in oto.groups for n, d, _ in z.params if d == 1 and n in (
+        "model.embed_tokens.weight", "model.embed_tokens_per_layer.weight")}
+    assert rows == {"model.embed_tokens.weight": 32, "model.embed_tokens_per_layer.weight": 8}
+    assert _head_groups(oto, "model.layers.1.self_attn.q_proj.weight") == [(2, 32)]
+    zero_random_rows(model, oto, seed=2)
+    small = assert_exact(model, oto, _ids(), ref_kwargs=_kwargs(model))
+    assert isinstance(small, type(model))
+    c = small.config
+    assert (c.hidden_size, c.hidden_size_per_layer_input, c.num_attention_heads, c.intermediate_size) == (16, 4, 2, 32)
+    assert small.model.hidden_size_per_layer_input == 4
+    x = _ids()[:1, :5]
+    full = model.generate(x, max_new_tokens=5, do_sample=False)
+    assert torch.equal(small.generate(x, max_new_tokens=5, do_sample=False), full)
+    otofx.save(small, tmp_path / "m")
+    assert torch.equal(otofx.load(tmp_path / "m").generate(x, max_new_tokens=5, do_sample=False), full)
 
 
 def test_fused_experts_odd_width_still_generates():
@@ -351,6 +390,56 @@ def test_multimodal_gemma3_with_images_compresses_both_towers():
     one = {"input_ids": ids[:1, :8], "pixel_values": x["pixel_values"][:1]}
     assert torch.equal(small.generate(**one, max_new_tokens=4, do_sample=False),
                        model.generate(**one, max_new_tokens=4, do_sample=False))
+
+
+def test_multimodal_text_only_capture_names_what_it_did_not_reach(caplog):
+    """Gemma 3 as a vision-language model captured on text alone: the vision tower and the projector
+    are never reached. The report lists them, compress() warns by name, and the language model is
+    compressed (hidden width in the nested text_config) and exact on text."""
+    T = transformers
+    cfg = T.Gemma3Config(
+        text_config=dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                         num_key_value_heads=2, head_dim=8, max_position_embeddings=64),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                           image_size=32, patch_size=8),
+        mm_tokens_per_image=4)
+    torch.manual_seed(0)
+    model = randomize(T.Gemma3ForConditionalGeneration(cfg).eval())
+    ids = torch.randint(3, 100, (2, 12), generator=torch.Generator().manual_seed(0))
+    oto = otofx.OTO(model, {"input_ids": ids})
+    vision = sum(p.numel() for p in model.model.vision_tower.parameters())
+    assert {(u.module, u.numel) for u in oto.unread} == {
+        ("model.vision_tower", vision),
+        ("model.multi_modal_projector", sum(p.numel() for p in model.model.multi_modal_projector.parameters()))}
+    text = oto.report()
+    assert "not reached by the example input" in text and "model.vision_tower" in text
+    zero_random_rows(model, oto, seed=5)
+    with caplog.at_level("WARNING", logger="otofx"):
+        small = assert_exact(model, oto, ids, ref_kwargs={"use_cache": False})
+    said = " ".join(r.getMessage() for r in caplog.records if "never reached" in r.getMessage())
+    assert "model.vision_tower" in said and "model.multi_modal_projector" in said
+    assert isinstance(small, type(model)) and small.config.text_config.hidden_size == 16
+
+
+def test_unread_parameters_are_named_and_kept():
+    """A module the forward never calls is listed (outermost module, numel); a tied weight read under
+    one name is read."""
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(4, 8), torch.nn.Linear(8, 4)
+            self.spare = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Linear(3, 2))
+            self.tied = torch.nn.Linear(4, 8)
+            self.tied.weight = self.a.weight
+
+        def forward(self, x):
+            return self.b(torch.relu(self.a(x)))
+
+    model = Net().eval()
+    oto = otofx.OTO(model, torch.randn(2, 4))
+    assert [(u.module, u.count, u.numel) for u in oto.unread] == [("spare", 4, 9 + 3 + 6 + 2), ("tied.bias", 1, 8)]
+    small = oto.compress()
+    assert small.spare[0].weight.shape == (3, 3)
 
 
 def _sweep():

@@ -19,6 +19,7 @@ import torch.fx as fx
 from ..channels import AxisLabels, Ctx, SymSize, false_mask, pinned_axis
 from ..registry import functions, methods, rule
 from .common import _ax, _ov, _out_shape
+from .elementwise import _positive
 
 aten = torch.ops.aten
 
@@ -65,6 +66,10 @@ def arith(ctx: Ctx, input=None, other=None, kind="", meta=None, **_):
         if isinstance(input, AxisLabels) and not isinstance(other, AxisLabels):
             keeps_zero = kind in ("neg", "floordiv", "mod") or (
                 kind == "pow" and isinstance(other, (int, float)) and other > 0)
+            if kind == "pow" and isinstance(other, (int, float)) and other < 0 and not _positive(
+                    ctx.node.args[0] if ctx.node is not None and ctx.node.args else None):
+                # NB: x ** -0.5 is rsqrt: infinite on a zero channel, as the singular rule says
+                ctx.pin(input, "x ** p with p < 0 is singular at x = 0 and x is not positive by construction")
             return input if keeps_zero else AxisLabels(input.ids, tuple(false_mask(len(a)) for a in input.ids))
         ctx.pin([v for v in (input, other) if isinstance(v, AxisLabels)], f"tensor {kind} by a tensor")
         return ctx.pinned_lab(_out_shape(meta))

@@ -37,15 +37,15 @@ def mean_over_channels():
     return m, img()
 
 
-def _rms_written_out(one_plus=False, export=False):
-    """LLaMA's RMSNorm as transformers writes it (Gemma's reads its weight as ``1 + w``), over a
-    residual stream of width 8."""
+def _rms_written_out(one_plus=False, export=False, power=False):
+    """LLaMA's RMSNorm as transformers writes it (Gemma's reads its weight as ``1 + w``; Gemma 4's
+    divides by ``(...) ** -0.5``, not rsqrt), over a residual stream of width 8."""
 
     def norm(s, h, w):
         if export:
             _force_export(h)
         v = h.float().pow(2).mean(-1, keepdim=True)
-        y = (h * torch.rsqrt(v + s.eps)).to(h.dtype)
+        y = (h * (torch.pow(v + s.eps, -0.5) if power else torch.rsqrt(v + s.eps))).to(h.dtype)
         return y * (1.0 + w) if one_plus else w * y
 
     def fwd(s, x):
@@ -67,6 +67,16 @@ def rms_norm_written_out():
 @example("reduce", frontend="export")
 def rms_norm_written_out_one_plus_aten():
     return _rms_written_out(one_plus=True, export=True), torch.randn(N, 5, 6)
+
+
+@example("reduce", "arith")
+def rms_norm_written_out_power():
+    return _rms_written_out(power=True), torch.randn(N, 5, 6)
+
+
+@example("reduce", "arith", frontend="export")
+def rms_norm_written_out_power_aten():
+    return _rms_written_out(power=True, export=True), torch.randn(N, 5, 6)
 
 
 @example("reduce", pinned="mean over this axis")

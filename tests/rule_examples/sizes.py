@@ -52,6 +52,20 @@ def alibi_slopes_reciprocal_of_power():
     return Net(lambda s, x: _alibi(s, x, True), **_qkvo()), torch.randn(2, 5, 6)
 
 
+@example("arith", pinned="x ** p with p < 0 is singular at x = 0")
+def negative_power_of_channels():
+    """x ** -1 of a channel that may be zero is infinite there (as rsqrt): pinned (tanh(y) + 2 is
+    positive, but not by a construction the rule knows)."""
+    return Net(lambda s, x: s.c2((torch.tanh(s.c1(x)) + 2.0) ** -1.0), c1=conv(3, 8), c2=conv(8, 4)), img()
+
+
+@example("arith")
+def negative_power_of_a_positive_value():
+    """(x ** 2 + 1) ** -0.5 is finite wherever x is zero: the channels stay free."""
+    return Net(lambda s, x: s.c2(torch.pow(torch.relu(s.c1(x)) ** 2 + 1.0, -0.5) * s.c1(x)),
+               c1=conv(3, 8), c2=conv(8, 4)), img()
+
+
 @example("arange", pinned="a size read off this axis is used as a value")
 def arange_of_a_channel_count():
     """arange(C) of a size read off a channel axis: that axis would give other values once smaller."""
