@@ -84,7 +84,7 @@ SIZES = {
     "decoder_ffn_dim": FFN, "ffn_hidden_size": FFN, "inner_hidden_size": FFN, "mlp_dim": FFN,
     "moe_intermediate_size": 16, "shared_expert_intermediate_size": 32, "expert_ffn_hidden_size": 16,
     "num_local_experts": 4, "num_experts": 4, "n_routed_experts": 4, "moe_num_experts": 4,
-    "num_experts_per_tok": 2, "moe_topk": 2, "moe_k": 2, "n_shared_experts": 1, "n_group": 1, "topk_group": 1,
+    "num_experts_per_tok": 2, "num_experts_per_token": 2, "moe_topk": 2, "moe_k": 2, "n_shared_experts": 1, "n_group": 1, "topk_group": 1,
     # tables
     "vocab_size": VOCAB, "max_position_embeddings": 64, "n_positions": 64, "n_ctx": 64,
     "max_seq_len": 64, "max_sequence_length": 64, "type_vocab_size": 2,
@@ -127,7 +127,17 @@ OVERRIDES = {
     # Perceiver keeps a 1280-wide latent array over 26 self-attention layers (260M parameters) otherwise
     "perceiver": {"d_latents": HIDDEN, "num_latents": 16, "num_self_attends_per_block": 2,
                   "num_self_attention_heads": HEADS, "num_cross_attention_heads": 1},
+    # Gemma 3n: per-layer MLP widths (a list), no key/value sharing across the two tiny layers
+    "gemma3n_text": {"num_kv_shared_layers": 0, "intermediate_size": [FFN] * LAYERS, "vocab_size_per_layer_input": VOCAB},
+    # Qwen4-Exp's indexed attention needs its indexer sizes (none by default); hyper-connections' rank
+    "qwen4_exp_text": {"indexer_n_heads": 2, "indexer_kv_heads": 1, "indexer_head_dim": HEAD_DIM, "indexer_budget": 8,
+                       "indexer_compress_ratio": 2, "hc_lowrank": 8},
+    "lfm2_moe": {"layer_types": ["conv", "full_attention"], "num_hidden_layers": 2, "num_dense_layers": 1},
+    "dots1": {"n_routed_experts": 4, "n_shared_experts": 1, "num_experts_per_tok": 2},
+    "zamba2": {"layers_block_type": ["linear_attention", "hybrid"], "hybrid_layer_ids": [1], "num_hidden_layers": 2,
+               "mamba_headdim": HEAD_DIM, "n_mamba_heads": 8, "mamba_d_state": 16},
 }
+OVERRIDES["qwen4_exp"] = OVERRIDES["qwen4_exp_text"]
 # multi-head latent attention (DeepSeek V2/V3 and their descendants) has as many key/value heads as heads
 for _mla in ("deepseek_v2", "deepseek_v3", "deepseek_v32", "glm4_moe_lite", "glm_moe_dsa", "minicpm3",
              "longcat_flash", "youtu", "axk1", "axk2", "kimi_linear", "mistral4", "sarvam_mla"):

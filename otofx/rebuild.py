@@ -343,37 +343,42 @@ def _mismatch(cls, config, want: _Want) -> int:
 
 
 def _fit(cls, config, pairs: set, want: _Want) -> int:
-    """Set ``config``'s int fields, one at a time, to the new value of a changed width or count they
-    held, keeping each change that lowers :func:`_mismatch`; returns the mismatch left."""
+    """Set ``config``'s int fields (and the entries of its per-layer lists of ints), one at a time,
+    to the new value of a changed width or count they held, keeping each change that lowers
+    :func:`_mismatch`; returns the mismatch left."""
     best = _mismatch(cls, config, want)
     if not best:
         return best
     for where, owner, key, value in _int_fields(config):
-        news = {n for o, n in pairs if o == value}
-        if len(news) != 1:
-            continue
-        cand = news.pop()
-        setattr(owner, key, cand)
-        score = _mismatch(cls, config, want)
-        if score < best and not _valid(config):
-            score = best  # NB: a strict config (Mamba 2: heads * head_dim == expand * hidden) refuses it on load
-        if score < best:
-            best = score
-            log.debug("otofx: config.%s%s = %d (was %d)", where, key, cand, value)
-        else:
-            setattr(owner, key, value)
-        if not best:
-            break
+        # NB: ints are written, never read back: a per-layer config (Gemma 4) refuses a global read
+        current = value if type(value) is int else list(value)
+        for i in [None] if type(value) is int else range(len(value)):
+            old = current if i is None else current[i]
+            for cand in sorted({n for o, n in pairs if o == old}):
+                trial = cand if i is None else [cand if j == i else v for j, v in enumerate(current)]
+                was = current
+                setattr(owner, key, trial)
+                score = _mismatch(cls, config, want)
+                if score < best and not _valid(config):
+                    score = best  # NB: a strict config (Mamba 2: heads * head_dim == expand * hidden) refuses it on load
+                if score < best:
+                    best, current = score, trial
+                    log.debug("otofx: config.%s%s%s = %d (was %d)", where, key, "" if i is None else f"[{i}]", cand, old)
+                    break
+                setattr(owner, key, was)
+            if not best:
+                return best
     return best
 
 
 def _int_fields(config, where: str = ""):
-    """``(path, owner, key, value)`` of every int field of ``config`` and of the configs nested in it
-    (a multi-modal model's ``text_config``)."""
+    """``(path, owner, key, value)`` of every int field (or list of ints: Gemma 3n's per-layer
+    ``intermediate_size``) of ``config`` and of the configs nested in it (a multi-modal model's
+    ``text_config``)."""
     for key, value in config.to_dict().items():
         if key.startswith("_"):
             continue
-        if type(value) is int:
+        if type(value) is int or (isinstance(value, list) and value and all(type(v) is int for v in value)):
             yield where, config, key, value
         elif isinstance(value, dict) and hasattr(getattr(config, key, None), "to_dict"):
             yield from _int_fields(getattr(config, key), f"{where}{key}.")

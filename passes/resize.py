@@ -327,7 +327,9 @@ WIDTHS = ("all_head_size", "split_size", "inner_dim", "embed_dim", "intermediate
           # state-space mixers (Mamba, Mamba 2 and their hybrids)
           "conv_dim", "d_inner", "time_step_rank", "dt_rank", "group_size",
           # multi-head latent attention's low ranks (each behind an RMS norm: DeepSeek V2/V3, Kimi)
-          "q_lora_rank", "kv_lora_rank")
+          "q_lora_rank", "kv_lora_rank",
+          # per-layer input embeddings' width (Gemma 3n, Gemma 4: the text model reshapes by it)
+          "hidden_size_per_layer_input")
 # attributes that hold the residual stream's width, config.hidden_size (Mixtral's router and Granite
 # MoE's output reshape by it): re-synced from the token embedding's new width by otofx.rebuild, in
 # the modules that hold a tensor of the stream, since a head width is often the same number

@@ -222,6 +222,43 @@ def test_gemma4_hidden_and_per_layer_widths(tmp_path):
     assert torch.equal(otofx.load(tmp_path / "m").generate(x, max_new_tokens=5, do_sample=False), full)
 
 
+def test_gemma3n_per_layer_widths_in_its_config(tmp_path):
+    """Gemma 3n keeps one MLP width per layer (``intermediate_size`` is a list) and reshapes its
+    per-layer inputs by ``hidden_size_per_layer_input``: layers pruned to different widths come back
+    as the own class with the list fitted entry by entry and the PLE width re-synced."""
+    T = transformers
+    cfg = T.Gemma3nTextConfig(**dict(COMMON, num_hidden_layers=2, intermediate_size=[64, 64]), head_dim=8,
+                              num_kv_shared_layers=0, vocab_size_per_layer_input=100, hidden_size_per_layer_input=8,
+                              layer_types=["sliding_attention", "full_attention"], sliding_window=8, laurel_rank=8)
+    torch.manual_seed(0)
+    model = randomize(T.Gemma3nForCausalLM(cfg).eval())
+    oto = otofx.OTO(model, _ids())
+
+    def rows(z):
+        names = {n for n, _, _ in z.params}
+        if "model.layers.0.mlp.gate_proj.weight" in names:
+            return torch.tensor([0])
+        if "model.layers.1.mlp.gate_proj.weight" in names:
+            return torch.tensor([1, 2, 3])
+        if "model.embed_tokens_per_layer.weight" in names:
+            return torch.tensor([0, 5])
+        return torch.tensor([], dtype=torch.long)
+
+    zero_rows(model, oto, [rows(z) for z in oto.groups])
+    small = assert_exact(model, oto, _ids(), ref_kwargs=_kwargs(model))
+    assert isinstance(small, type(model))
+    assert small.config.intermediate_size == [63, 61] and small.config.hidden_size_per_layer_input == 6
+    assert small.model.hidden_size_per_layer_input == small.model.layers[1].hidden_size_per_layer_input == 6
+    with torch.device("meta"):
+        rebuilt = type(small)(small.config)
+    assert {n: p.shape for n, p in rebuilt.named_parameters()} == {n: p.shape for n, p in small.named_parameters()}
+    x = _ids()[:1, :5]
+    full = model.generate(x, max_new_tokens=4, do_sample=False)
+    assert torch.equal(small.generate(x, max_new_tokens=4, do_sample=False), full)
+    otofx.save(small, tmp_path / "m")
+    assert torch.equal(otofx.load(tmp_path / "m").generate(x, max_new_tokens=4, do_sample=False), full)
+
+
 def test_fused_experts_odd_width_still_generates():
     """A kept width grouped_mm cannot take (strides not a multiple of 16 bytes): the compressed model
     runs its experts with batched_mm and still gives the full model's tokens."""
