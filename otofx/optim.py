@@ -678,6 +678,38 @@ class _RowOptimizer(torch.optim.Optimizer):
         return None if t is None else t.to(self.layout.device, torch.bool).clone()
 
 
+def _per_group_targets(target, groups) -> tuple | None:
+    """``target_group_sparsity`` as one fraction per group (a sequence, or a function of the group),
+    each checked to lie in [0, 1); None for a single fraction."""
+    if isinstance(target, (int, float)) and not isinstance(target, bool) and 0.0 <= target < 1.0:
+        return None
+    if callable(target):
+        try:
+            target = [target(z) for z in groups]
+        except Exception as e:  # noqa: BLE001 - the user's function
+            raise OptimizerError(f"target_group_sparsity: the function failed on a group: {type(e).__name__}: {e}") from e
+    elif isinstance(target, torch.Tensor):
+        target = target.tolist()
+    try:
+        out = tuple(float(t) for t in target)
+    except (TypeError, ValueError):
+        out = None
+    if out is None or not out:
+        raise OptimizerError(f"target_group_sparsity={target!r} must be in [0, 1), or one such fraction per group "
+                             "(a sequence, or a function of the group)")
+    bad = [(i, t) for i, t in enumerate(out) if not 0.0 <= t < 1.0]
+    if bad:
+        i, t = bad[0]
+        raise OptimizerError(f"target_group_sparsity for group {i} is {t!r}: each fraction must be in [0, 1)")
+    return out
+
+
+def _check_group_count(per_group: tuple, sizes: tuple) -> None:
+    if len(per_group) != len(sizes):
+        raise OptimizerError(f"target_group_sparsity has {len(per_group)} fractions for {len(sizes)} groups: "
+                             "give one per group, in the groups' order")
+
+
 class DHSPG(_RowOptimizer):
     """Dual Half-Space Projected Gradient (OTOv2), OTO.md section 2.
 
@@ -689,6 +721,14 @@ class DHSPG(_RowOptimizer):
     the group sparsity rises to ``target_group_sparsity`` over ``pruning_steps`` steps (None: picked
     and logged) and never passes it; ``status()`` says where it stands. ``control=False`` is OTO.md's
     rule alone.
+
+    ``target_group_sparsity``: one fraction for all rows (the redundant rows are then the best-scored
+    ones over every group), or one per group (a sequence in ``groups``' order, or a function of the
+    group: ``lambda z: 0.25 if ... else 0.5``), for a model whose widths should shrink unevenly (an
+    LLM's hidden width less than its heads and MLP widths). Per group, each group's redundant rows
+    are its own best-scored ``ceil(target * rows)`` (``group_divisible`` as above, and
+    ``tolerance_group_sparsity`` unused; a group keeps at least one row): every group lands on its
+    own target, and ``self.target_group_sparsity`` is the overall fraction they make.
     """
 
     _kind = "dhspg"
@@ -702,13 +742,13 @@ class DHSPG(_RowOptimizer):
                  model=None, backend=None, check_finite=True, capturable: bool = False):
         if variant not in VARIANTS:
             raise OptimizerError(f"variant={variant!r} is not supported: use one of {VARIANTS}")
+        groups = tuple(groups)  # NB: read twice (a per-group target function, then the layout)
         lam = dict(_LAMBDA_DEFAULTS[variant])
         lam.update({k: v for k, v in dict(lmbda=lmbda, lmbda_amplify=lmbda_amplify,
                                           hat_lmbda_coeff=hat_lmbda_coeff).items() if v is not None})
         if lam["lmbda"] < 0 or lam["lmbda_amplify"] < 0 or lam["hat_lmbda_coeff"] < 1:
             raise OptimizerError(f"lmbda, lmbda_amplify must be >= 0 and hat_lmbda_coeff >= 1 (got {lam})")
-        if not 0.0 <= target_group_sparsity < 1.0:
-            raise OptimizerError(f"target_group_sparsity={target_group_sparsity!r} must be in [0, 1)")
+        per_group = _per_group_targets(target_group_sparsity, groups)
         if tolerance_group_sparsity < 0:
             raise OptimizerError(f"tolerance_group_sparsity={tolerance_group_sparsity!r} must be >= 0")
         if int(group_divisible) != group_divisible or group_divisible < 1:
@@ -724,7 +764,8 @@ class DHSPG(_RowOptimizer):
                                  "shrink before the row is projected to zero")
         self.lmbda, self.lmbda_amplify, self.hat_lmbda_coeff = lam["lmbda"], lam["lmbda_amplify"], lam["hat_lmbda_coeff"]
         self.epsilon = float(epsilon)
-        self.target_group_sparsity = float(target_group_sparsity)
+        self.target_group_sparsity = float(target_group_sparsity) if per_group is None else 0.0
+        self.group_targets = per_group  # one fraction per group, or None (one for all rows)
         self.tolerance_group_sparsity = float(tolerance_group_sparsity)
         self.start_pruning_steps = int(start_pruning_steps)
         self.warm_up_steps = int(warm_up_steps)
@@ -738,6 +779,14 @@ class DHSPG(_RowOptimizer):
                          capturable=capturable,
                          base=dict(first_momentum=first_momentum, second_momentum=second_momentum,
                                    dampening=dampening, weight_decay=weight_decay))
+        if per_group is not None:
+            _check_group_count(per_group, self._group_sizes)
+            # NB: the rows each group must zero (kept rounded up to a multiple of group_divisible, at
+            # least one multiple, as the partition rounds), then the overall fraction every other use reads
+            gd = self.group_divisible
+            self._group_rows = [n - min(n, max(gd, -(-(n - math.ceil(t * n - 1e-9)) // gd) * gd))
+                                for t, n in zip(per_group, self._group_sizes)]
+            self.target_group_sparsity = sum(self._group_rows) / max(self.n_rows, 1)
 
     @property
     def redundant(self):
@@ -767,13 +816,17 @@ class DHSPG(_RowOptimizer):
         inv = 1.0 / (norm / lay.row_len.to(norm.dtype) + 1e-6)
         nz = lambda v: v / torch.where(v.norm() > 0, v.norm(), 1.0)  # noqa: E731
         score = 0.5 * nz(cos) + 0.5 * nz(inv)
-        k = math.floor(n * min(self.target_group_sparsity + self.tolerance_group_sparsity, 0.999))
         order = torch.argsort(score, descending=True, stable=True)
-        chosen = torch.zeros(n, dtype=torch.bool, device=score.device)
-        chosen[order[:k]] = True
         g_of = lay.row_group
         ng = torch.bincount(g_of, minlength=lay.n_groups)
-        rg = torch.bincount(g_of, weights=chosen.to(torch.float64), minlength=lay.n_groups).round().long()
+        if self.group_targets is None:  # the top K over every row, then counted per group
+            k = math.floor(n * min(self.target_group_sparsity + self.tolerance_group_sparsity, 0.999))
+            chosen = torch.zeros(n, dtype=torch.bool, device=score.device)
+            chosen[order[:k]] = True
+            rg = torch.bincount(g_of, weights=chosen.to(torch.float64), minlength=lay.n_groups).round().long()
+        else:  # each group's own count
+            k = sum(self._group_rows)
+            rg = torch.tensor(self._group_rows, dtype=torch.long, device=score.device)
         gd = self.group_divisible
         kept = torch.clamp(torch.maximum((ng - rg + gd - 1) // gd * gd, torch.full_like(ng, gd)), max=ng)
         quota = ng - kept
@@ -787,7 +840,7 @@ class DHSPG(_RowOptimizer):
         # groups could never reach its target. They go to groups with room, in whole multiples of
         # group_divisible, best mean score first (so inside a group the rows still go in score order).
         short = k - int(quota.sum())  # the partition is an event step: one host read is allowed here
-        if short >= gd:
+        if short >= gd and self.group_targets is None:
             g_row = g_of[by_group]
             extra = rank - quota[g_row]  # position among a group's rows that are not yet redundant
             room = (kept - gd).clamp(min=0) // gd * gd  # rows a group can still give, keeping one multiple
@@ -893,7 +946,9 @@ class HESSO(_RowOptimizer):
     Every ``D = pruning_steps // pruning_periods`` steps from ``start_pruning_step`` on, the
     lowest-scoring rows not yet pruned (``floor(N * target)`` rows over all periods, split evenly) are
     picked and scaled by ``(D-t-1)/(D-t)`` after the base step at step t of the period: exactly zero at
-    its end. Pruned rows stay zero.
+    its end. Pruned rows stay zero. ``target_group_sparsity`` may be one fraction per group (a
+    sequence, or a function of the group, as for :class:`DHSPG`): each group then loses its own
+    lowest-scoring ``floor(rows * target)`` rows, split evenly over the periods.
     """
 
     _kind = "hesso"
@@ -906,11 +961,12 @@ class HESSO(_RowOptimizer):
             raise OptimizerError("HESSO needs pruning_steps (steps over which rows are driven to zero), e.g. 10% of training")
         if int(pruning_periods) < 1 or int(pruning_steps) < int(pruning_periods):
             raise OptimizerError(f"pruning_steps={pruning_steps!r} must be >= pruning_periods={pruning_periods!r} >= 1")
-        if not 0.0 <= target_group_sparsity < 1.0:
-            raise OptimizerError(f"target_group_sparsity={target_group_sparsity!r} must be in [0, 1)")
+        groups = tuple(groups)  # NB: read twice (a per-group target function, then the layout)
+        per_group = _per_group_targets(target_group_sparsity, groups)
         if start_pruning_step < 0:
             raise OptimizerError("start_pruning_step must be >= 0")
-        self.target_group_sparsity = float(target_group_sparsity)
+        self.target_group_sparsity = float(target_group_sparsity) if per_group is None else 0.0
+        self.group_targets = per_group
         self.start_pruning_step = int(start_pruning_step)
         self.pruning_steps = int(pruning_steps)
         self.pruning_periods = int(pruning_periods)
@@ -922,6 +978,10 @@ class HESSO(_RowOptimizer):
                          capturable=capturable,
                          base=dict(first_momentum=first_momentum, second_momentum=second_momentum,
                                    dampening=dampening, weight_decay=weight_decay))
+        if per_group is not None:
+            _check_group_count(per_group, self._group_sizes)
+            self._group_rows = [math.floor(n * t) for t, n in zip(per_group, self._group_sizes)]
+            self.target_group_sparsity = sum(self._group_rows) / max(self.n_rows, 1)
 
     @property
     def pruned(self):
@@ -942,14 +1002,23 @@ class HESSO(_RowOptimizer):
         return score
 
     def _select(self, st: kernels.RowStats, period: int) -> None:
-        n = self.n_rows
-        total = math.floor(n * self.target_group_sparsity)
-        count = total * (period + 1) // self.pruning_periods - total * period // self.pruning_periods
+        P = self.pruning_periods
+        share = lambda total: total * (period + 1) // P - total * period // P  # noqa: E731 - this period's part
         self._pruned |= self._current
         score = self._scores(st).masked_fill(self._pruned, float("inf"))
         order = torch.argsort(score, stable=True)
         self._current = torch.zeros_like(self._pruned)
-        self._current[order[:count]] = True
+        if self.group_targets is None:
+            count = share(math.floor(self.n_rows * self.target_group_sparsity))
+            self._current[order[:count]] = True
+        else:  # each group's lowest-scoring rows, its own count
+            g_of = self.layout.row_group
+            by_group = order[torch.argsort(g_of[order], stable=True)]  # group order, score ascending inside
+            starts = torch.tensor(self.layout.group_start[:-1], device=order.device)
+            rank = torch.arange(self.n_rows, device=order.device) - starts[g_of[by_group]]
+            quota = torch.tensor([share(t) for t in self._group_rows], dtype=torch.long, device=order.device)
+            self._current[by_group[rank < quota[g_of[by_group]]]] = True
+            count = int(quota.sum())
         log.info("HESSO: period %d at step %d: %d rows picked", period, self._t, count)
 
     def _rows_active(self) -> bool:

@@ -397,11 +397,8 @@ def test_latent_attention_heads_found_exact_generate_and_save(tmp_path):
     assert torch.equal(back.generate(x, max_new_tokens=5, do_sample=False), full)
 
 
-def test_multimodal_gemma3_with_images_compresses_both_towers():
-    """Gemma 3 as it ships for 4B and up (Gemma3ForConditionalGeneration) on text and an image: the
-    vision tower's heads and MLP widths and the language model's are groups (the projector between
-    them is pinned by its norm); half of each zeroed, the own class is exact on both inputs and
-    generates the same tokens from the same image."""
+def _gemma3_vlm():
+    """A tiny Gemma3ForConditionalGeneration (text and vision towers of width 32), random weights, and text ids."""
     T = transformers
     cfg = T.Gemma3Config(
         text_config=dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
@@ -411,7 +408,15 @@ def test_multimodal_gemma3_with_images_compresses_both_towers():
         mm_tokens_per_image=4)
     torch.manual_seed(0)
     model = randomize(T.Gemma3ForConditionalGeneration(cfg).eval())
-    ids = torch.randint(3, 100, (2, 12), generator=torch.Generator().manual_seed(0))
+    return cfg, model, torch.randint(3, 100, (2, 12), generator=torch.Generator().manual_seed(0))
+
+
+def test_multimodal_gemma3_with_images_compresses_both_towers():
+    """Gemma 3 as it ships for 4B and up (Gemma3ForConditionalGeneration) on text and an image: the
+    vision tower's heads and MLP widths and the language model's are groups (the projector between
+    them is pinned by its norm); half of each zeroed, the own class is exact on both inputs and
+    generates the same tokens from the same image."""
+    cfg, model, ids = _gemma3_vlm()
     ids[:, 1:5] = cfg.image_token_id
     x = {"input_ids": ids, "pixel_values": torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))}
     oto = otofx.OTO(model, x)
@@ -433,16 +438,7 @@ def test_multimodal_text_only_capture_names_what_it_did_not_reach(caplog):
     """Gemma 3 as a vision-language model captured on text alone: the vision tower and the projector
     are never reached. The report lists them, compress() warns by name, and the language model is
     compressed (hidden width in the nested text_config) and exact on text."""
-    T = transformers
-    cfg = T.Gemma3Config(
-        text_config=dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
-                         num_key_value_heads=2, head_dim=8, max_position_embeddings=64),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
-                           image_size=32, patch_size=8),
-        mm_tokens_per_image=4)
-    torch.manual_seed(0)
-    model = randomize(T.Gemma3ForConditionalGeneration(cfg).eval())
-    ids = torch.randint(3, 100, (2, 12), generator=torch.Generator().manual_seed(0))
+    cfg, model, ids = _gemma3_vlm()
     oto = otofx.OTO(model, {"input_ids": ids})
     vision = sum(p.numel() for p in model.model.vision_tower.parameters())
     assert {(u.module, u.numel) for u in oto.unread} == {

@@ -376,6 +376,23 @@ def test_hesso_reaches_exactly_the_target():
     assert_exact(model, oto, x[:4])
 
 
+def test_hesso_per_group_targets_each_land():
+    """HESSO with one target per group: each group loses exactly floor(rows * its target) rows, half
+    in each period, and compresses exactly."""
+    model = randomize(SmallCNN())
+    x, y = _data()
+    oto = otofx.OTO(model, x[:2])
+    targets = [0.25 if i % 2 else 0.6 for i in range(len(oto.groups))]
+    opt = oto.hesso(lr=0.05, first_momentum=0.9, target_group_sparsity=targets, start_pruning_step=2,
+                    pruning_steps=6, pruning_periods=2)
+    want = [math.floor(z.rows * t) for z, t in zip(oto.groups, targets)]
+    assert opt.target_group_sparsity == pytest.approx(sum(want) / opt.n_rows)
+    per_group = []
+    _train(model, opt, 12, x, y, lambda i: per_group.append([len(r) for r in _zero_rows(oto)]))
+    assert per_group[4] == [w // 2 for w in want] and per_group[-1] == want, per_group
+    assert_exact(model, oto, x[:4])
+
+
 # ---------------------------------------------------------------------------------------------
 # state_dict, schedulers, GradScaler
 # ---------------------------------------------------------------------------------------------

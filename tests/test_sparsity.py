@@ -145,6 +145,48 @@ def test_behind_schedule_warns_once_and_status_says_so(digits, caplog):
     _check_landed(opt, seen, 0.7)  # the overdue rows were projected: it still lands
 
 
+@pytest.mark.parametrize("form", ["sequence", "function"])
+def test_per_group_targets_each_land(digits, form):
+    """One target per group: each group zeroes exactly its own ceil(target * rows) (the first layer's
+    width 0.25, the second's 0.75), never more at any step, and the model compresses exactly."""
+    torch.manual_seed(0)
+    model = _CNN()
+    oto = otofx.OTO(model, digits.x_train[:2])
+    by_rows = {16: 0.25, 24: 0.75}
+    assert sorted(z.rows for z in oto.groups) == [16, 24]
+    target = [by_rows[z.rows] for z in oto.groups] if form == "sequence" else (lambda z: by_rows[z.rows])
+    opt = oto.dhspg(lr=0.1, first_momentum=0.9, target_group_sparsity=target, start_pruning_steps=10,
+                    pruning_steps=40)
+    assert opt.group_targets == tuple(by_rows[z.rows] for z in oto.groups)
+    assert opt.target_group_sparsity == pytest.approx((4 + 18) / 40)
+    per_group = []
+
+    def zeros(_):
+        xx = opt.row_stats().xx
+        s = opt.layout.group_start
+        per_group.append([int((xx[s[g]:s[g + 1]] == 0).sum()) for g in range(len(oto.groups))])
+
+    _train(model, opt, digits, 70, each=zeros)
+    want = [math.ceil(by_rows[z.rows] * z.rows) for z in oto.groups]
+    assert per_group[-1] == want
+    assert all(c <= w for step in per_group for c, w in zip(step, want))
+    assert opt.status().reached
+    model.eval()
+    small = assert_exact(model, oto, digits.x_test[:8])
+    assert (small.c1.out_channels, small.c2.out_channels) == (12, 6)
+
+
+def test_per_group_targets_are_checked(digits):
+    model = _mlp()
+    oto = otofx.OTO(model, digits.x_train[:2])
+    with pytest.raises(OptimizerError, match="2 fractions for 1 groups|fractions for"):
+        oto.dhspg(lr=0.1, target_group_sparsity=[0.5] * (len(oto.groups) + 1))
+    with pytest.raises(OptimizerError, match="for group 0 is 1.5"):
+        oto.dhspg(lr=0.1, target_group_sparsity=lambda z: 1.5)
+    with pytest.raises(OptimizerError, match="must be in \\[0, 1\\)"):
+        oto.dhspg(lr=0.1, target_group_sparsity="half")
+
+
 def test_unreachable_target_is_diagnosed(digits, caplog):
     # group_divisible=48: every group keeps all 48 rows, nothing can be redundant
     with caplog.at_level(logging.WARNING, logger="otofx"):
