@@ -27,11 +27,14 @@ Internals:
       rank that equals some head count must not move it. Attributes that hold the stream's width
       (``passes.resize.STREAM_WIDTHS``) follow the embedding's new width, in the modules that hold
       a tensor of the stream.
-    * The config: integer fields whose old value some changed width or head count had are tried
-      one at a time, each kept if building the class from the config (on the meta device) gets
-      more tensor shapes and config-given module attributes right (a config without ``head_dim``
-      is also tried with it written down); what the config still cannot express goes to
-      ``config.otofx_widths`` (module name -> {attribute: new value}).
+    * The config: integer fields (and entries of per-layer lists of ints, and the fields of
+      nested configs such as ``text_config``) whose old value some changed width or head count had
+      are tried one at a time, each kept if building the class from the config (on the meta
+      device) gets more tensor shapes and config-given module attributes right (a config without
+      ``head_dim``, or with None, is also tried with it written down). When the config then builds
+      exactly the new shapes, config-given module attributes no rule re-synced follow it, if every
+      such move is one of the plan's width changes (:func:`_follow_config`). What the config still
+      cannot express goes to ``config.otofx_widths`` (module name -> {attribute: new value}).
 """
 from __future__ import annotations
 
