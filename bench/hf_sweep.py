@@ -136,8 +136,14 @@ OVERRIDES = {
     "dots1": {"n_routed_experts": 4, "n_shared_experts": 1, "num_experts_per_tok": 2},
     "zamba2": {"layers_block_type": ["linear_attention", "hybrid"], "hybrid_layer_ids": [1], "num_hidden_layers": 2,
                "mamba_headdim": HEAD_DIM, "n_mamba_heads": 8, "mamba_d_state": 16},
+    # ESM (protein LM): no vocabulary by default
+    "esm": {"vocab_size": VOCAB, "pad_token_id": 1, "mask_token_id": 2},
 }
 OVERRIDES["qwen4_exp"] = OVERRIDES["qwen4_exp_text"]
+# Swin's stages: one head count per stage (the defaults do not divide the tiny width), num_layers = stages
+for _swin in ("swin", "swinv2", "donut-swin"):
+    OVERRIDES[_swin] = {"num_heads": [2, 4], "depths": [1, 1], "num_layers": 2, "window_size": 4, "image_size": IMAGE,
+                        "patch_size": 4}
 # multi-head latent attention (DeepSeek V2/V3 and their descendants) has as many key/value heads as heads
 for _mla in ("deepseek_v2", "deepseek_v3", "deepseek_v32", "glm4_moe_lite", "glm_moe_dsa", "minicpm3",
              "longcat_flash", "youtu", "axk1", "axk2", "kimi_linear", "mistral4", "sarvam_mla"):
