@@ -140,6 +140,7 @@ OVERRIDES = {
     "esm": {"vocab_size": VOCAB, "pad_token_id": 1, "mask_token_id": 2},
 }
 OVERRIDES["qwen4_exp"] = OVERRIDES["qwen4_exp_text"]
+OVERRIDES["gemma3n"] = {"text_config": OVERRIDES["gemma3n_text"]}
 # Swin's stages: one head count per stage (the defaults do not divide the tiny width), num_layers = stages
 for _swin in ("swin", "swinv2", "donut-swin"):
     OVERRIDES[_swin] = {"num_heads": [2, 4], "depths": [1, 1], "num_layers": 2, "window_size": 4, "image_size": IMAGE,
@@ -254,7 +255,8 @@ def tiny_config(model_type: str, cls_name: str | None = None):
             kw[k] = _shrink_list(have[k])
     if isinstance(have.get("image_size"), (list, tuple)):
         kw["image_size"] = [IMAGE, IMAGE]
-    kw.update(OVERRIDES.get(model_type, {}))
+    for k, v in OVERRIDES.get(model_type, {}).items():  # a dict for a sub-config is merged into it
+        kw[k] = {**kw[k], **v} if isinstance(v, dict) and isinstance(kw.get(k), dict) else v
     cfg = cls(**kw)
     vocab = getattr(cfg, "vocab_size", None)
     for k in TOKEN_IDS:
