@@ -97,11 +97,16 @@ class SparsityStatus:
     reachable: bool  # the redundant set holds at least T rows
     behind_schedule: bool  # more than the tolerance below the schedule
     reached: bool  # at least T rows are zero
+    # with one target per group: (zero rows, rows to zero, rows) of each group, in the groups' order
+    per_group: tuple | None = None
 
     def __str__(self) -> str:
         state = "reached" if self.reached else ("behind schedule" if self.behind_schedule else "on schedule")
-        return (f"step {self.step}: group sparsity {self.group_sparsity:.3f} of target {self.target_group_sparsity:.3f} "
-                f"(scheduled {self.scheduled_group_sparsity:.3f}, {state}; {self.zero_rows}/{self.n_rows} rows zero)")
+        out = (f"step {self.step}: group sparsity {self.group_sparsity:.3f} of target {self.target_group_sparsity:.3f} "
+               f"(scheduled {self.scheduled_group_sparsity:.3f}, {state}; {self.zero_rows}/{self.n_rows} rows zero)")
+        if self.per_group is not None:
+            out += "; per group (zero/target of rows): " + ", ".join(f"{z}/{t} of {n}" for z, t, n in self.per_group)
+        return out
 
 
 def scheduler_horizon(opt) -> tuple[int | None, str]:
@@ -333,8 +338,14 @@ class SparsityControl:
 def status(opt) -> SparsityStatus:
     """``DHSPG.status()``: reads the current zero rows (a host sync) and the controller's state."""
     n = opt.n_rows
-    zero = int((opt.row_stats().xx == 0).sum()) if n else 0
+    is_zero = opt.row_stats().xx == 0 if n else None
+    zero = int(is_zero.sum()) if n else 0
     target_rows = opt._target_rows(opt.target_group_sparsity)
+    per_group = None
+    if n and getattr(opt, "group_targets", None) is not None:
+        s = opt.layout.group_start
+        per_group = tuple((int(is_zero[s[g]:s[g + 1]].sum()), t, int(s[g + 1] - s[g]))
+                          for g, t in enumerate(opt._group_rows))
     ctl = opt._control
     start = None if opt.redundant is None else opt.start_pruning_steps + opt.warm_up_steps
     sched = ctl.scheduled_rows(opt.step_count) if ctl is not None else 0.0
@@ -347,4 +358,5 @@ def status(opt) -> SparsityStatus:
         pruning_steps=None if ctl is None else ctl.budget,
         lmbda_scale=1.0 if ctl is None else float(ctl.scale),
         reachable=n > 0 and (n_red is None or n_red >= target_rows),
-        behind_schedule=zero < target_rows and sched - zero > tol_rows, reached=n > 0 and zero >= target_rows)
+        behind_schedule=zero < target_rows and sched - zero > tol_rows, reached=n > 0 and zero >= target_rows,
+        per_group=per_group)

@@ -170,7 +170,9 @@ def test_per_group_targets_each_land(digits, form):
     want = [math.ceil(by_rows[z.rows] * z.rows) for z in oto.groups]
     assert per_group[-1] == want
     assert all(c <= w for step in per_group for c, w in zip(step, want))
-    assert opt.status().reached
+    st = opt.status()
+    assert st.reached and st.per_group == tuple((w, w, z.rows) for w, z in zip(want, oto.groups))
+    assert "per group (zero/target of rows): " in str(st)
     model.eval()
     small = assert_exact(model, oto, digits.x_test[:8])
     assert (small.c1.out_channels, small.c2.out_channels) == (12, 6)
