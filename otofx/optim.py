@@ -687,7 +687,8 @@ def _per_group_targets(target, groups) -> tuple | None:
         try:
             target = [target(z) for z in groups]
         except Exception as e:  # noqa: BLE001 - the user's function
-            raise OptimizerError(f"target_group_sparsity: the function failed on a group: {type(e).__name__}: {e}") from e
+            raise OptimizerError(f"target_group_sparsity: the function failed on a group: "
+                                 f"{type(e).__name__}: {e}") from e
     elif isinstance(target, torch.Tensor):
         target = target.tolist()
     try:
@@ -702,6 +703,15 @@ def _per_group_targets(target, groups) -> tuple | None:
         i, t = bad[0]
         raise OptimizerError(f"target_group_sparsity for group {i} is {t!r}: each fraction must be in [0, 1)")
     return out
+
+
+def _group_ranks(order: torch.Tensor, layout) -> tuple:
+    """``(by_group, rank)``: the rows of ``order`` regrouped group after group (``order`` kept inside
+    each group), and each one's position within its group."""
+    g_of = layout.row_group
+    by_group = order[torch.argsort(g_of[order], stable=True)]
+    starts = torch.tensor(layout.group_start[:-1], device=order.device)
+    return by_group, torch.arange(len(order), device=order.device) - starts[g_of[by_group]]
 
 
 def _check_group_count(per_group: tuple, sizes: tuple) -> None:
@@ -830,9 +840,7 @@ class DHSPG(_RowOptimizer):
         gd = self.group_divisible
         kept = torch.clamp(torch.maximum((ng - rg + gd - 1) // gd * gd, torch.full_like(ng, gd)), max=ng)
         quota = ng - kept
-        by_group = order[torch.argsort(g_of[order], stable=True)]  # group order, score descending inside
-        starts = torch.tensor(lay.group_start[:-1], device=score.device)
-        rank = torch.arange(n, device=score.device) - starts[g_of[by_group]]
+        by_group, rank = _group_ranks(order, lay)  # group order, score descending inside
         redundant = torch.zeros(n, dtype=torch.bool, device=score.device)
         redundant[by_group] = rank < quota[g_of[by_group]]
         # NB: ours, beyond OTO.md: the rounding per group (kept rounded up to a multiple of group_divisible, at
@@ -1013,9 +1021,7 @@ class HESSO(_RowOptimizer):
             self._current[order[:count]] = True
         else:  # each group's lowest-scoring rows, its own count
             g_of = self.layout.row_group
-            by_group = order[torch.argsort(g_of[order], stable=True)]  # group order, score ascending inside
-            starts = torch.tensor(self.layout.group_start[:-1], device=order.device)
-            rank = torch.arange(self.n_rows, device=order.device) - starts[g_of[by_group]]
+            by_group, rank = _group_ranks(order, self.layout)  # group order, score ascending inside
             quota = torch.tensor([share(t) for t in self._group_rows], dtype=torch.long, device=order.device)
             self._current[by_group[rank < quota[g_of[by_group]]]] = True
             count = int(quota.sum())

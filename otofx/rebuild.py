@@ -303,6 +303,7 @@ class _Want:
 
     shapes: dict
     attrs: dict  # module name -> {attribute: value}
+    given: dict  # module name -> {attribute: the value the model's own config gave it}
 
 
 def _want(new: nn.Module, model: nn.Module) -> _Want:
@@ -314,27 +315,36 @@ def _want(new: nn.Module, model: nn.Module) -> _Want:
     except Exception:  # noqa: BLE001 - a model its config does not rebuild: shapes only
         base = {}
     news = dict(new.named_modules())
-    attrs = {}
+    attrs, olds = {}, {}
     for name, m in model.named_modules():
         b = base.get(name)
         if b is None or type(b) is not type(m) or name not in news:
             continue
         given = _int_attrs(b)
         now = _int_attrs(news[name])
-        same = {k: now[k] for k, v in _int_attrs(m).items() if given.get(k) == v and k in now}
+        same = {k: v for k, v in _int_attrs(m).items() if given.get(k) == v and k in now}
         if same:
-            attrs[name] = same
-    return _Want(_shapes(new), attrs)
+            attrs[name] = {k: now[k] for k in same}
+            if type(news[name]) is type(m):  # NB: a replaced module (PrunedMultiheadAttention) follows no config
+                olds[name] = same
+    return _Want(_shapes(new), attrs, olds)
 
 
-def _mismatch(cls, config, want: _Want) -> int:
-    """How many tensors of ``cls(config)`` (built on the meta device) differ from ``want``'s shapes,
-    plus how many of its modules' config-given int attributes differ from ``want``'s (Phi-3's
-    head_dim: 4 heads of 4 and 2 heads of 8 build the same shapes)."""
+def _build(cls, config) -> nn.Module | None:
+    """``cls(config)`` on the meta device, or None when the config does not build."""
     try:
         with torch.device("meta"):
-            built = cls(config)
-    except Exception:  # noqa: BLE001 - a config that does not build counts as no match
+            return cls(config)
+    except Exception:  # noqa: BLE001 - any error of the user's class
+        return None
+
+
+def _mismatch(cls, config, want: _Want, built: nn.Module | None = None) -> int:
+    """How many tensors of ``cls(config)`` (built on the meta device, unless ``built`` is it) differ
+    from ``want``'s shapes, plus how many of its modules' config-given int attributes differ from
+    ``want``'s (Phi-3's head_dim: 4 heads of 4 and 2 heads of 8 build the same shapes)."""
+    built = built if built is not None else _build(cls, config)
+    if built is None:  # a config that does not build counts as no match
         return len(want.shapes) + 1
     got = _shapes(built)
     bad = sum(got.get(k) != v for k, v in want.shapes.items()) + sum(k not in want.shapes for k in got)
@@ -359,7 +369,6 @@ def _fit(cls, config, pairs: set, want: _Want) -> int:
             old = current if i is None else current[i]
             for cand in sorted({n for o, n in pairs if o == old}):
                 trial = cand if i is None else [cand if j == i else v for j, v in enumerate(current)]
-                was = current
                 setattr(owner, key, trial)
                 score = _mismatch(cls, config, want)
                 if score < best and not _valid(config):
@@ -368,7 +377,7 @@ def _fit(cls, config, pairs: set, want: _Want) -> int:
                     best, current = score, trial
                     log.debug("otofx: config.%s%s%s = %d (was %d)", where, key, "" if i is None else f"[{i}]", cand, old)
                     break
-                setattr(owner, key, was)
+                setattr(owner, key, current)
             if not best:
                 return best
     return best
@@ -387,39 +396,36 @@ def _int_fields(config, where: str = ""):
             yield from _int_fields(getattr(config, key), f"{where}{key}.")
 
 
-def _follow_config(new: nn.Module, model: nn.Module, config, want: _Want, changed: dict, pairs: set) -> int:
+def _follow_config(new: nn.Module, config, want: _Want, changed: dict, pairs: set) -> int:
     """When ``config`` builds exactly ``new``'s tensor shapes and only module int attributes differ,
     each by a change of width or count the plan made (``pairs``): the attributes the old config gave
-    ``model`` that no rule re-synced (Gemma 4's ``hidden_size_per_layer_input`` on the text model,
-    which reshapes by it) take the value the new config gives them, as ``cls(config)`` (and so
-    ``from_pretrained`` of the saved model) would have it. All or nothing. Returns the mismatch left."""
-    try:
-        with torch.device("meta"):
-            built = dict(type(new)(config).named_modules())
-            base = dict(type(model)(copy.deepcopy(model.config)).named_modules())
-    except Exception:  # noqa: BLE001 - a config that does not build: nothing to follow
-        return _mismatch(type(new), config, want)
-    if _shapes(built[""]) != want.shapes:
-        return _mismatch(type(new), config, want)
-    olds, follow = dict(model.named_modules()), []
-    for name, m in new.named_modules():
-        b, o, a = built.get(name), base.get(name), olds.get(name)
-        if b is None or o is None or a is None or not type(m) is type(b) is type(o) is type(a):
+    the model (``want.given``) that no rule re-synced (Gemma 4's ``hidden_size_per_layer_input`` on
+    the text model, which reshapes by it) take the value the new config gives them, as
+    ``cls(config)`` (and so ``from_pretrained`` of the saved model) would have it. All or nothing.
+    Returns the mismatch left."""
+    built = _build(type(new), config)
+    if built is None or _shapes(built) != want.shapes:
+        return _mismatch(type(new), config, want, built)
+    mods, news, follow = dict(built.named_modules()), dict(new.named_modules()), []
+    for name, given in want.given.items():
+        b = mods.get(name)
+        if b is None or type(b) is not type(news[name]):
             continue
-        given, now, fresh = _int_attrs(o), _int_attrs(m), _int_attrs(b)
-        for k, v in _int_attrs(a).items():
-            # NB: only what the old config gave (fresh == model's), untouched since, that the new config moves
-            if given.get(k) == v and now.get(k) == v and k in fresh and fresh[k] != v:
-                follow.append((name, m, k, v, fresh[k]))
+        fresh = _int_attrs(b)
+        for k, v in given.items():
+            # NB: only what is untouched since (still the old config's value) and the new config moves
+            if want.attrs[name][k] == v and k in fresh and fresh[k] != v:
+                follow.append((name, k, v, fresh[k]))
     # NB: a move no changed axis explains is a config that fits the shapes by coincidence (2 heads
     # of 8 read as 4 heads of 4 at the new hidden size): then nothing follows
-    if not follow or any(type(v) is not int or (v, f) not in pairs for _, _, _, v, f in follow):
-        return _mismatch(type(new), config, want)
-    for name, m, k, v, f in follow:
-        setattr(m, k, f)
-        changed.setdefault(name, {})[k] = f
+    if not follow or any(type(v) is not int or (v, f) not in pairs for _, _, v, f in follow):
+        return _mismatch(type(new), config, want, built)
+    attrs = {n: dict(a) for n, a in want.attrs.items()}
+    for name, k, v, f in follow:
+        setattr(news[name], k, f)
+        attrs[name][k] = changed.setdefault(name, {})[k] = f
         log.debug("otofx: %s.%s = %d (was %d), as the new config builds it", name or type(new).__name__, k, f, v)
-    return _mismatch(type(new), config, _want(new, model))
+    return _mismatch(type(new), config, _Want(want.shapes, attrs, want.given), built)
 
 
 def _derived_head_dim(model: nn.Module) -> int | None:
@@ -427,8 +433,10 @@ def _derived_head_dim(model: nn.Module) -> int | None:
     c = getattr(model, "config", None)
     d = c.to_dict() if c is not None and hasattr(c, "to_dict") else {}
     h, n = d.get("hidden_size"), d.get("num_attention_heads")
-    if d.get("head_dim") is not None or isinstance(getattr(type(c), "head_dim", None), property) or type(h) is not int or type(n) is not int or n <= 0 or h % n:
+    if d.get("head_dim") is not None or isinstance(getattr(type(c), "head_dim", None), property):
         return None  # NB: Falcon's config derives head_dim in a read-only property
+    if type(h) is not int or type(n) is not int or n <= 0 or h % n:
+        return None
     return h // n
 
 
@@ -474,7 +482,7 @@ def _update_config(new: nn.Module, model: nn.Module, changed: dict, cuts: dict, 
         else:
             config.__dict__.update(trial.__dict__)
     if best:
-        best = _follow_config(new, model, config, want, changed, pairs)
+        best = _follow_config(new, config, want, changed, pairs)
     if best or any(type(v) is float for c in changed.values() for v in c.values()):
         # NB: per-layer widths (and refolded norm eps) the config's fields cannot express (a saver
         # writes them beside it)
