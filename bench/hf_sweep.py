@@ -17,6 +17,10 @@ weights (eval mode; norm weights, biases and constant-initialised parameters ran
 * ``exact``: half (floor) of every group's rows zeroed, ``oto.compress()`` (the model's own class,
   or the graph where its forward cannot be re-sized), and max|diff| <= 1e-4 * max(1, max|y|)
   against the zeroed full model on the example input and a fresh draw of the same shape;
+* ``from_pretrained``: for an exact result in the model's own class, ``small.save_pretrained`` then
+  the class's ``from_pretrained``, against the zeroed full model on the example input: ``exact``,
+  ``refused`` (loading raises: the config cannot express the new shapes, ``config.otofx_widths``
+  says which), or ``OFF <error>`` (loaded, silently different: target none);
 * ``why pinned``: for a model with multi-head attention whose heads were not found, the first pins
   ``oto.pinned`` reports on an attention projection's output (else the most frequent ones);
 * the peers, in the same run: only-train-once 3.0.1 ``OTO(model, x)`` (groups found, or its error)
@@ -184,6 +188,7 @@ class Row:
     seconds: float = 0.0
     oto: str = ""  # only-train-once: groups or error
     tp: str = ""  # torch-pruning: groups or error
+    hub: str = ""  # save_pretrained + from_pretrained of an own-class result: exact / refused / OFF <err>
 
 
 def entries(tasks=tuple(TASKS), only=None) -> list[tuple[str, str, str]]:
@@ -387,6 +392,25 @@ def _rel(ref: list, got: list) -> float:
     return worst
 
 
+def _hub_round_trip(model, small, x: dict, kwargs: dict) -> str:
+    """``small.save_pretrained`` then its class's ``from_pretrained``: "exact" when the loaded model
+    computes what ``model`` (zeroed) does, "refused" when loading raises (the config cannot express
+    the model and says so in ``otofx_widths``), else "OFF <error>" (loaded, silently different)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        try:
+            small.save_pretrained(d)
+        except Exception as e:  # noqa: BLE001
+            return "save: " + _err(e)[:60]
+        try:
+            back = type(small).from_pretrained(d).eval()
+        except Exception:  # noqa: BLE001 - the shapes the config builds differ: a loud refusal
+            return "refused"
+    err = _rel(_outputs(model, x, kwargs), _outputs(back, x, kwargs))
+    return "exact" if err <= 1e-4 else f"OFF {err:.1e}"
+
+
 def _err(e: BaseException) -> str:
     line = (str(e).strip().splitlines() or [""])[0]
     return f"{type(e).__name__}: {line}"[:160]
@@ -495,6 +519,8 @@ def run_one(task: str, model_type: str, cls_name: str, peers: bool = True) -> Ro
         row.exact = row.err <= 1e-4
         if not row.exact:
             row.why = f"mismatch {row.err:.2g}"
+        elif row.form == "module" and hasattr(small, "save_pretrained"):
+            row.hub = _hub_round_trip(model, small, example_input(task, cfg, 0), kwargs)
     except Exception as e:  # noqa: BLE001
         row.exact = False
         row.why = "compress: " + _err(e)
@@ -592,10 +618,11 @@ def table(rows: list[Row], fmt: str = "github") -> str:
     from tabulate import tabulate
 
     head = ["task", "family", "class", "analysed", "exact", "rel err", "form", "heads", "head rows", "MLP rows",
-            "expert rows", "hidden rows", "s", "only-train-once", "torch-pruning", "why (failure / heads pinned)"]
+            "expert rows", "hidden rows", "from_pretrained", "s", "only-train-once", "torch-pruning",
+            "why (failure / heads pinned)"]
     body = [[r.task, r.model_type, r.cls, _cell(r.analysed), _cell(r.exact),
              f"{r.err:.1e}" if r.err is not None else "", r.form, r.heads or "", r.head_rows, r.mlp_rows,
-             r.expert_rows, r.stream_rows, f"{r.seconds:.1f}", r.oto, r.tp, r.why.replace("|", "/")]
+             r.expert_rows, r.stream_rows, r.hub, f"{r.seconds:.1f}", r.oto, r.tp, r.why.replace("|", "/")]
             for r in rows if r.built]
     return tabulate(body, head, tablefmt=fmt)
 
@@ -607,6 +634,7 @@ def summary(rows: list[Row], total: int | None = None) -> str:
     mha = [r for r in ok if r.heads > 1]
     with_heads = [r for r in mha if r.head_rows]
     pct = lambda a, b: f"{100 * a / b:.1f}%" if b else "n/a"  # noqa: E731
+    hub = [r for r in ok if r.hub]
     oto_ok = sum(1 for r in built if r.oto.isdigit())
     tp_ok = sum(1 for r in built if r.tp.isdigit())
     return "\n".join([
@@ -619,6 +647,10 @@ def summary(rows: list[Row], total: int | None = None) -> str:
         f"hidden width (residual stream) removable: {sum(1 for r in ok if r.stream_rows)} / {len(ok)}, "
         f"{sum(1 for r in ok if r.stream_rows and r.form == 'module')} of them in the model's own class",
         f"only-train-once built a graph on {oto_ok} / {len(built)}; torch-pruning on {tp_ok} / {len(built)}",
+        f"save_pretrained + from_pretrained of the own-class results: exact on "
+        f"{sum(1 for r in hub if r.hub == 'exact')} / {len(hub)}, refused (config.otofx_widths: use otofx.save) on "
+        f"{sum(1 for r in hub if r.hub == 'refused')}, loaded but different on "
+        f"{sum(1 for r in hub if r.hub.startswith('OFF'))} (target 0)",
     ])
 
 

@@ -308,11 +308,20 @@ class OTO:
         if check:
             try:
                 self.verify(small, rtol=rtol)
-            except VerificationError:
-                raise
             except Exception as e:  # noqa: BLE001 - the user's forward at the new widths
-                raise RebuildError(f"its forward fails at the new widths: {type(e).__name__}: "
-                                   f"{_first_line(e)}") from e
+                # NB: the weight folds that let floats follow the config (rebuild._follow_floats)
+                # assume the class's forward; a copy without them is the one to keep when they fail
+                plain = rebuild(self.model, plan, gm, follow_floats=False)
+                try:
+                    self.verify(plain, rtol=rtol)
+                except Exception:  # noqa: BLE001 - the first error is the one to report
+                    if isinstance(e, VerificationError):
+                        raise e from None
+                    raise RebuildError(f"its forward fails at the new widths: {type(e).__name__}: "
+                                       f"{_first_line(e)}") from e
+                log.info("otofx: %s: kept without the config's floats (%s)", type(self.model).__name__,
+                         _first_line(e))
+                small = plain
         return small
 
     def verify(self, small: torch.nn.Module, rtol: float = 1e-4) -> float:

@@ -33,8 +33,15 @@ Internals:
       device) gets more tensor shapes and config-given module attributes right (a config without
       ``head_dim``, or with None, is also tried with it written down). When the config then builds
       exactly the new shapes, config-given module attributes no rule re-synced follow it, if every
-      such move is one of the plan's width changes (:func:`_follow_config`). What the config still
-      cannot express goes to ``config.otofx_widths`` (module name -> {attribute: new value}).
+      such move is one of the plan's width changes (:func:`_follow_config`).
+    * Floats the config gives (a norm's eps, Gemma's embedding scale) then follow it, so that
+      ``save_pretrained`` + ``from_pretrained`` build the same function: the config's float fields
+      move to the new values, and each module attribute still off takes the config's value while a
+      weight absorbs the difference (:func:`_follow_floats`, :func:`_float_fold`), all or nothing.
+      # NB: the folds read the class's forward off the graph; ``OTO.compress`` verifies the copy and
+      rebuilds without them (``follow_floats=False``) when they were wrong.
+    * What the config still cannot express goes to ``config.otofx_widths`` (module name ->
+      {attribute: new value}); with it absent, the config describes the model in full.
 """
 from __future__ import annotations
 
@@ -49,7 +56,8 @@ import torch.nn as nn
 from otofx.errors import OTOError
 from otofx.passes.prune import Plan, take
 from otofx.passes.resize import (STREAM_WIDTHS, Change, ResizeError, Scope, apply_rms_fold, resize, resync_counts,
-                                 rms_folds)
+                                 constant_scale_sources, norm_sites, rms_folds, rms_input_producer,
+                                 scale_parameter, tied_head_norms)
 
 log = logging.getLogger("otofx")
 
@@ -158,9 +166,12 @@ def _cut_key(c: dict) -> tuple:
     return tuple((d, k.tobytes()) for d, k in sorted(c.items()))
 
 
-def rebuild(model: nn.Module, plan: Plan, gm: torch.fx.GraphModule | None = None) -> nn.Module:
+def rebuild(model: nn.Module, plan: Plan, gm: torch.fx.GraphModule | None = None,
+            follow_floats: bool = True) -> nn.Module:
     """A copy of ``model`` with the plan's rows removed and its modules (and config) re-sized; with
-    ``gm`` (the captured graph the plan is of), RMS norms over a narrowed axis are refolded."""
+    ``gm`` (the captured graph the plan is of), RMS norms over a narrowed axis are refolded, and
+    (``follow_floats``) float attributes the config gives are made to follow it where a weight
+    fold allows (:func:`_follow_floats`)."""
     cuts = keep_indices(plan)
     named = _tensors(model)
     for name in cuts:
@@ -180,7 +191,7 @@ def rebuild(model: nn.Module, plan: Plan, gm: torch.fx.GraphModule | None = None
             changed.setdefault(fold.module, {}).update(apply_rms_fold(new.get_submodule(fold.module), fold))
             log.debug("otofx: %s: RMS norm over %d of %d entries refolded", fold.module, fold.new, fold.old)
     _resync_stream_width(new, model, stream)  # NB: before the config fit, which compares these attributes
-    _update_config(new, model, changed, cuts, old_shapes, stream, groups)
+    _update_config(new, model, changed, cuts, old_shapes, stream, groups, gm if follow_floats else None)
     return new
 
 
@@ -248,6 +259,10 @@ def _resize_modules(new: nn.Module, cuts: dict, old_shapes: dict, stream: frozen
     return changed
 
 
+def _float_attrs(m: nn.Module) -> dict:
+    return {k: v for k, v in m.__dict__.items() if type(v) is float}
+
+
 def _int_attrs(m: nn.Module) -> dict:
     out = {}
     for k, v in m.__dict__.items():
@@ -304,6 +319,7 @@ class _Want:
     shapes: dict
     attrs: dict  # module name -> {attribute: value}
     given: dict  # module name -> {attribute: the value the model's own config gave it}
+    floats: dict = dataclasses.field(default_factory=dict)  # module -> {attribute: (config-given old, new)}
 
 
 def _want(new: nn.Module, model: nn.Module) -> _Want:
@@ -315,11 +331,15 @@ def _want(new: nn.Module, model: nn.Module) -> _Want:
     except Exception:  # noqa: BLE001 - a model its config does not rebuild: shapes only
         base = {}
     news = dict(new.named_modules())
-    attrs, olds = {}, {}
+    attrs, olds, floats = {}, {}, {}
     for name, m in model.named_modules():
         b = base.get(name)
         if b is None or type(b) is not type(m) or name not in news:
             continue
+        fgiven, fnow = _float_attrs(b), _float_attrs(news[name])
+        fsame = {k: (v, fnow[k]) for k, v in _float_attrs(m).items() if fgiven.get(k) == v and k in fnow}
+        if fsame:
+            floats[name] = fsame
         given = _int_attrs(b)
         now = _int_attrs(news[name])
         same = {k: v for k, v in _int_attrs(m).items() if given.get(k) == v and k in now}
@@ -327,7 +347,7 @@ def _want(new: nn.Module, model: nn.Module) -> _Want:
             attrs[name] = {k: now[k] for k in same}
             if type(news[name]) is type(m):  # NB: a replaced module (PrunedMultiheadAttention) follows no config
                 olds[name] = same
-    return _Want(_shapes(new), attrs, olds)
+    return _Want(_shapes(new), attrs, olds, floats)
 
 
 def _build(cls, config) -> nn.Module | None:
@@ -362,7 +382,11 @@ def _fit(cls, config, pairs: set, want: _Want) -> int:
     best = _mismatch(cls, config, want)
     if not best:
         return best
-    for where, owner, key, value in _int_fields(config):
+    # NB: head widths last: pruning removes whole heads, and a head width tried early can fit more
+    # shapes on its own (GPT-OSS: head_dim 4 for 4 heads builds 2 heads of 8's q_proj) and leave
+    # the fit where no single move improves it
+    fields = sorted(_int_fields(config), key=lambda f: f[2].endswith("head_dim"))
+    for where, owner, key, value in fields:
         # NB: ints are written, never read back: a per-layer config (Gemma 4) refuses a global read
         current = value if type(value) is int else list(value)
         for i in [None] if type(value) is int else range(len(value)):
@@ -383,17 +407,150 @@ def _fit(cls, config, pairs: set, want: _Want) -> int:
     return best
 
 
-def _int_fields(config, where: str = ""):
+def _int_fields(config, where: str = "", kind: type = int):
     """``(path, owner, key, value)`` of every int field (or list of ints: Gemma 3n's per-layer
     ``intermediate_size``) of ``config`` and of the configs nested in it (a multi-modal model's
-    ``text_config``)."""
+    ``text_config``); of every float field with ``kind=float``."""
     for key, value in config.to_dict().items():
         if key.startswith("_"):
             continue
-        if type(value) is int or (isinstance(value, list) and value and all(type(v) is int for v in value)):
+        if type(value) is kind or (kind is int and isinstance(value, list) and value
+                                   and all(type(v) is int for v in value)):
             yield where, config, key, value
         elif isinstance(value, dict) and hasattr(getattr(config, key, None), "to_dict"):
-            yield from _int_fields(getattr(config, key), f"{where}{key}.")
+            yield from _int_fields(getattr(config, key), f"{where}{key}.", kind)
+
+
+def _float_mismatch(built: nn.Module | None, want: _Want) -> int:
+    """How many config-given float attributes (``want.floats``) of ``built`` differ from the new model's."""
+    if built is None:
+        return sum(map(len, want.floats.values())) + 1
+    mods = dict(built.named_modules())
+    return sum(_float_attrs(mods[n]).get(k) != new if n in mods else True
+               for n, a in want.floats.items() for k, (_, new) in a.items())
+
+
+def _fit_float_fields(cls, config, want: _Want) -> list:
+    """Set ``config``'s float fields, one at a time, from an old value to the new value of an
+    attribute that held it, keeping each change that gets more of ``want.floats`` right (LLaMA's
+    ``rms_norm_eps`` times old/new when every norm it gives lost the same share of the hidden
+    width); returns the ``(owner, key, old value)`` changed, to undo."""
+    moves = {(o, n) for a in want.floats.values() for o, n in a.values() if o != n}
+    best = _float_mismatch(_build(cls, config), want)
+    done = []
+    for where, owner, key, value in list(_int_fields(config, kind=float)):
+        if not best:
+            break
+        for cand in sorted({n for o, n in moves if o == value}):
+            setattr(owner, key, cand)
+            score = _float_mismatch(_build(cls, config), want)
+            if score < best and _valid(config):
+                best = score
+                done.append((owner, key, value))
+                log.debug("otofx: config.%s%s = %g (was %g)", where, key, cand, value)
+                break
+            setattr(owner, key, value)
+    return done
+
+
+def _float_fold(new: nn.Module, gm, name: str, attr: str, have: float, want: float, cuts: dict,
+                sites: dict | None = None):
+    """A function that lets module ``name``'s float ``attr`` take the config's value ``want``
+    instead of ``have``, its weights absorbing the difference, or None when no fold is known:
+
+    * an RMS norm's eps whose input a linear layer alone produces (Qwen 3's q/k norms when the
+      config's eps follows the hidden norms' refolded one): that layer scaled by sqrt(want/have);
+    * an embedding's output scale held as an attribute and a 0-d buffer (Gemma's ``hidden_size **
+      0.5``): the table scaled by have/want; a tied LM head is then scaled back through the weight
+      of the RMS norm that alone feeds it (:func:`otofx.passes.resize.tied_head_norms`);
+    * a float the forward multiplies a layer's output by (Gemma 4's ``per_layer_model_projection_scale
+      = hidden_size ** -0.5``): that layer's parameters scaled by have/want
+      (:func:`otofx.passes.resize.constant_scale_sources`)."""
+    m = new.get_submodule(name)
+    if gm is None or not have or not want:
+        return None
+    if isinstance(m, nn.Embedding):
+        bufs = [b for b, t in m._buffers.items() if isinstance(t, torch.Tensor) and t.dim() == 0
+                and t.is_floating_point() and abs(float(t) - have) <= 1e-6 * abs(have)]
+        if len(bufs) != 1 or m.weight is None:
+            return None
+        tied = {n for n, p in new.named_parameters(remove_duplicate=False) if p is m.weight}
+        heads = tied_head_norms(gm, tied) if len(tied) > 1 else []
+        if heads is None or (len(tied) > 1 and not heads):
+            return None
+
+        def fold():
+            scale_parameter(new, f"{name}.weight" if name else "weight", have / want)
+            for w, one_plus in heads:
+                scale_parameter(new, w, want / have, one_plus)
+            setattr(m, attr, want)
+            with torch.no_grad():
+                m._buffers[bufs[0]].fill_(want)
+        return fold
+    params = rms_input_producer(gm, name, sites)
+    if params and want / have > 0:
+        def fold():
+            for p, rows in params:
+                keep = cuts.get(p, {}).get(0)
+                if rows is not None and keep is not None:  # NB: the graph's rows are the old model's
+                    rows = (int((keep < rows[0]).sum()), int((keep < rows[1]).sum()))
+                scale_parameter(new, p, (want / have) ** 0.5, rows=rows)
+            setattr(m, attr, want)
+        return fold
+    params = constant_scale_sources(gm, have, name)
+    if params:
+        def fold():
+            for p in params:
+                scale_parameter(new, p, have / want)
+            setattr(m, attr, want)
+        return fold
+    return None
+
+
+def _follow_floats(new: nn.Module, config, want: _Want, gm, cuts: dict) -> dict:
+    """Make every config-given float attribute of ``new`` what ``cls(config)`` gives it, so that
+    ``save_pretrained`` + ``from_pretrained`` build the same function: first the config's float
+    fields (:func:`_fit_float_fields`), then, for each attribute still off, a fold of the model's
+    weights (:func:`_float_fold`). All or nothing: when an attribute has no fold, the config's
+    fields are restored and the model is left as it is. Returns the attributes still off,
+    ``{module: {attribute: value}}`` (empty when all match)."""
+    if not want.floats:
+        return {}
+    cls = type(new)
+    done = _fit_float_fields(cls, config, want)
+    built = _build(cls, config)
+    mods = dict(built.named_modules()) if built is not None else {}
+    folds, sites, missing = [], None, False
+    for name, attrs in want.floats.items():
+        for k, (_, have) in attrs.items():
+            got = _float_attrs(mods[name]).get(k) if name in mods else None
+            if got == have:
+                continue
+            if sites is None:
+                sites = norm_sites(gm) if gm is not None else {}
+            f = _float_fold(new, gm, name, k, have, got, cuts, sites) if type(got) is float else None
+            if f is None:
+                log.debug("otofx: %s.%s = %r, but the config gives %r: no fold", name, k, have, got)
+                missing = True
+                break
+            folds.append((name, k, have, got, f))
+        if missing:
+            break
+    if missing:
+        for owner, key, value in reversed(done):
+            setattr(owner, key, value)
+        built = _build(cls, config)
+        mods = dict(built.named_modules()) if built is not None else {}
+        off: dict = {}
+        for name, attrs in want.floats.items():
+            for k, (_, have) in attrs.items():
+                if (_float_attrs(mods[name]).get(k) if name in mods else None) != have:
+                    off.setdefault(name, {})[k] = have
+        return off
+    for name, k, have, got, f in folds:
+        f()
+        log.debug("otofx: %s.%s = %g (was %g), as the config gives it; weights rescaled", name, k, got, have)
+    return {}
 
 
 def _follow_config(new: nn.Module, config, want: _Want, changed: dict, pairs: set) -> int:
@@ -450,7 +607,7 @@ def _valid(config) -> bool:
 
 
 def _update_config(new: nn.Module, model: nn.Module, changed: dict, cuts: dict, old_shapes: dict,
-                   stream: frozenset, groups: dict) -> None:
+                   stream: frozenset, groups: dict, gm=None) -> None:
     """Make the copied config describe the new widths (see the module docstring)."""
     config = getattr(new, "config", None)
     if config is None or not hasattr(config, "to_dict") or config is getattr(model, "config", None):
@@ -483,10 +640,20 @@ def _update_config(new: nn.Module, model: nn.Module, changed: dict, cuts: dict, 
             config.__dict__.update(trial.__dict__)
     if best:
         best = _follow_config(new, config, want, changed, pairs)
-    if best or any(type(v) is float for c in changed.values() for v in c.values()):
-        # NB: per-layer widths (and refolded norm eps) the config's fields cannot express (a saver
-        # writes them beside it)
-        config.otofx_widths = {k: dict(v) for k, v in sorted(changed.items())}
+    off = {} if best else _follow_floats(new, config, want, gm, cuts)
+    if best or off:
+        # NB: per-layer widths (and floats no fold reaches) the config's fields cannot express (a
+        # saver writes them beside it)
+        every = {k: dict(v) for k, v in changed.items()}
+        for name, attrs in off.items():
+            every.setdefault(name, {}).update(attrs)
+        config.otofx_widths = dict(sorted(every.items()))
+    if off:
+        name, attrs = next(iter(off.items()))
+        log.warning("otofx: %s's config builds the new shapes but not %d float attribute(s) (%s.%s = %r): "
+                    "from_pretrained of its save_pretrained folder would load a slightly different model; "
+                    "save it with otofx.save (config.otofx_widths lists them)", type(new).__name__,
+                    sum(map(len, off.values())), name, *next(iter(attrs.items())))
 
 
 __all__ = ["rebuild", "keep_indices", "RebuildError"]

@@ -230,7 +230,10 @@ def save(model: nn.Module, path) -> Path:
         "torch_version": torch.__version__.split("+")[0],
         "class": list(_type_name(type(model))),
         "huggingface": ({"config": HF_CONFIG,
-                         "attn_implementation": getattr(model.config, "_attn_implementation", None)} if hf else None),
+                         "attn_implementation": getattr(model.config, "_attn_implementation", None),
+                         # NB: a build on the meta device picks grouped_mm for experts, which needs
+                         # 16-byte strides that pruned expert widths need not have
+                         "experts_implementation": _experts_implementation(model.config)} if hf else None),
         "modules": modules, "tensors": tensors,
     }
     folder.mkdir(parents=True, exist_ok=True)
@@ -369,8 +372,19 @@ def _build_hf(folder: Path, manifest: dict) -> nn.Module:
     config = cls.config_class.from_dict(decode(cfg) if callable(decode) else cfg)
     if hf.get("attn_implementation"):
         config._attn_implementation = hf["attn_implementation"]
+    if hf.get("experts_implementation"):
+        config._experts_implementation = hf["experts_implementation"]
     with torch.device("meta"):
         return cls(config)
+
+
+def _experts_implementation(config) -> str | None:
+    """The mixture-of-experts kernel a Hugging Face config runs (``batched_mm``, ``grouped_mm`` ...), or None."""
+    try:
+        value = getattr(config, "_experts_implementation", None)
+    except Exception:  # noqa: BLE001 - a config class without the property
+        return None
+    return value if isinstance(value, str) else None
 
 
 class _Plan:

@@ -25,6 +25,11 @@ Internals:
       square, ``+ eps``, ``rsqrt``, times a weight of the model) and :func:`apply_rms_fold` makes
       the module's own forward, which divides by the new width, compute the old one: eps times
       old/new, the weight times sqrt(old/new).
+    * Scale folds read, off the graph, which parameters scale a value the module form must keep
+      when one of its floats changes: the linear layer alone feeding an RMS norm
+      (:func:`rms_input_producer`: eps times c**2 is cancelled by an input times c), the final norm
+      alone feeding a tied head (:func:`tied_head_norms`), the layer whose output a literal float
+      multiplies (:func:`constant_scale_sources`); :func:`scale_parameter` applies one.
     * Rules are keyed by type and found along the MRO (a subclass of ``nn.Linear`` is a Linear);
       classes of optional libraries (Hugging Face's ``Conv1D``) are keyed by qualified name, so
       nothing is imported here.
@@ -43,7 +48,7 @@ from otofx.errors import OTOError
 
 from .channels import AxisLabels
 from .modules import PrunedMultiheadAttention, PrunedRelativeAttention, PrunedWindowAttention, PrunedWindowAttention3d
-from .nodes import HF_CONV1D, call_arguments, rms_norm_of
+from .nodes import _CASTS, _RESHAPES, HF_CONV1D, _before_casts, _op, _squared, call_arguments, rms_norm_of
 from .registry import op_of
 
 
@@ -460,6 +465,297 @@ def rms_folds(gm, plan, model: nn.Module) -> list:
 _MODULE_EPS = object()  # the eps of an nn.RMSNorm module call: its attribute
 
 
+# ---------------------------------------------------------------------------------------------
+# Scale folds: a module takes the float its config gives, its weights absorb the difference
+# ---------------------------------------------------------------------------------------------
+
+_SHAPE_READS = ("size", "_assert_tensor_metadata", "sym_numel", "dim")
+_PASS_BACK = _CASTS + _RESHAPES + ("transpose", "permute", "unsqueeze", "squeeze", "expand")
+
+
+def _readers(n: fx.Node) -> list:
+    """The nodes that read ``n``'s values (shape queries, export's dtype asserts and ``y.type_as(n)``
+    are not readers)."""
+    return [u for u in n.users if u.op == "output" or (_op(u) not in _SHAPE_READS
+                                                       and not (_op(u) == "type_as" and u.args[0] is not n))]
+
+
+def _back_to_source(n, also=()):
+    """From ``n`` back past casts, reshapes and transposes (and ``also``), each read by nothing else
+    than the next: the first other node, or None when a node on the way has another reader."""
+    while isinstance(n, fx.Node) and n.op in ("call_function", "call_method") and _op(n) in _PASS_BACK + also \
+            and n.args and isinstance(n.args[0], fx.Node):
+        if len(_readers(n.args[0])) != 1:
+            return None
+        n = n.args[0]
+    return n if isinstance(n, fx.Node) else None
+
+
+def _linear_params(n: fx.Node, gm) -> tuple | None:
+    """``(input, weight name, bias name or None)`` when ``n`` is a linear layer reading parameters of the model."""
+    if n.op == "call_module":
+        m = gm.get_submodule(n.target)
+        if isinstance(m, nn.Linear) and n.args:
+            return n.args[0], f"{n.target}.weight", f"{n.target}.bias" if m.bias is not None else None
+        return None
+    if n.op != "call_function" or _op(n) != "linear":
+        return None
+    args = call_arguments(n, gm) or {}
+    w, b = args.get("weight"), args.get("bias")
+    if not isinstance(w, fx.Node) or w.op != "get_attr" or (b is not None and (not isinstance(b, fx.Node)
+                                                                             or b.op != "get_attr")):
+        return None
+    return args.get("input"), w.target, b.target if b is not None else None
+
+
+def _module_path(n: fx.Node) -> str | None:
+    """The dotted name of the innermost module whose forward made ``n`` (``nn_module_stack``), or None."""
+    stack = n.meta.get("nn_module_stack")
+    if not stack:
+        return None
+    fqn = list(stack.values())[-1][0]
+    return fqn if isinstance(fqn, str) else None
+
+
+def _plain_rms_input(mean: fx.Node):
+    """``h`` when ``mean`` is ``mean(h ** 2, dim, keepdim=True)`` read only by ``+ eps`` (a float): an
+    RMS norm, with or without a weight; else None."""
+    if mean.op not in ("call_function", "call_method") or _op(mean) != "mean" or not mean.args:
+        return None
+    h = _squared(_before_casts(mean.args[0]))
+    users = _readers(mean)
+    if h is None or len(users) != 1 or _op(users[0]) != "add" or not any(type(a) is float for a in users[0].args):
+        return None
+    return h
+
+
+# ops whose output is c times its first input's when that input is scaled by c
+_HOMOGENEOUS = _CASTS + _RESHAPES + ("transpose", "permute", "unsqueeze", "squeeze", "expand", "neg", "slice",
+                                     "select", "narrow", "view_as_complex", "view_as_real", "repeat",
+                                     "repeat_interleave", "getitem")
+
+
+def _depends_on(n, nodes: set) -> bool:
+    """Whether value ``n`` is computed from any of ``nodes``."""
+    if not isinstance(n, fx.Node):
+        return False
+    stack, seen = [n], set()
+    while stack:
+        m = stack.pop()
+        if m in nodes:
+            return True
+        if m in seen or m.op in ("placeholder", "get_attr"):
+            continue
+        seen.add(m)
+        stack.extend(m.all_input_nodes)
+    return False
+
+
+def _merge(a: dict | None, b: dict | None) -> dict | None:
+    if a is None or b is None or any(a[k] != b[k] for k in a.keys() & b.keys()):
+        return None
+    return {**a, **b}
+
+
+def _scaled_by(n, gm, inside: set) -> dict | None:
+    """``{linear node: output rows (start, stop) of the old model, or None for all}``: scaling those
+    layers' outputs by c scales ``n`` by c, through reshapes, casts, slices, rotary embeddings (sums of
+    products with values computed from elsewhere) and the split of a fused projection (DeepSeek's
+    ``kv_a_proj_with_mqa`` into the latent and the rotary key). The nodes on the way join ``inside``."""
+    if not isinstance(n, fx.Node):
+        return None
+    if _linear_params(n, gm) is not None:
+        inside.add(n)
+        return {n: None}
+    if n.op not in ("call_function", "call_method"):
+        return None
+    op = _op(n)
+    src = n.args[0] if n.args else None
+    if op == "getitem" and isinstance(src, fx.Node) and src.op in ("call_function", "call_method") \
+            and _op(src) in ("split", "split_with_sizes") and _linear_params(src.args[0], gm) is not None:
+        sizes, dim = src.args[1] if len(src.args) > 1 else None, src.args[2] if len(src.args) > 2 else \
+            src.kwargs.get("dim", 0)
+        if dim != -1 or not isinstance(n.args[1], int) or not isinstance(sizes, (int, list, tuple)):
+            return None
+        lin = src.args[0]
+        if isinstance(sizes, int):
+            start, stop = n.args[1] * sizes, (n.args[1] + 1) * sizes
+        else:
+            start, stop = sum(sizes[: n.args[1]]), sum(sizes[: n.args[1] + 1])
+        inside.update((n, src, lin))
+        return {lin: (start, stop)}
+    if op in _HOMOGENEOUS:
+        got = _scaled_by(src, gm, inside)
+        if got is not None:
+            inside.add(n)
+        return got
+    if op == "cat" and isinstance(src, (list, tuple)) and src:
+        got = {}
+        for part in src:
+            got = _merge(got, _scaled_by(part, gm, inside))
+        if got:
+            inside.add(n)
+        return got or None
+    tensors = [a for a in n.args[:2] if isinstance(a, fx.Node)]
+    if op in ("add", "sub") and len(n.args) >= 2 and len(tensors) == 2 and len(n.args) == 2:
+        got = _merge(_scaled_by(tensors[0], gm, inside), _scaled_by(tensors[1], gm, inside))
+        if got:
+            inside.add(n)
+        return got
+    if op in ("mul", "div") and len(n.args) == 2:
+        for i, side in enumerate(n.args):
+            if op == "div" and i == 1:
+                break
+            other = n.args[1 - i]
+            if not isinstance(side, fx.Node) or (isinstance(other, fx.Node) and other in inside):
+                continue
+            trial = set()
+            got = _scaled_by(side, gm, trial)
+            if got and not _depends_on(other, trial):
+                inside.update(trial)
+                inside.add(n)
+                return got
+    return None
+
+
+def rms_input_producer(gm, path: str, sites: dict | None = None) -> tuple | None:
+    """``((parameter name, rows), ...)``: the weights and biases of the linear layers whose outputs
+    (their rows ``(start, stop)`` of the old model, or all when None) feed the RMS norm of module
+    ``path`` and nothing else, through reshapes, rotary embeddings and splits (Qwen 3's ``q_proj``
+    before ``q_norm``, HunYuan's query norm after RoPE, DeepSeek's latent norm after the fused
+    ``kv_a_proj_with_mqa``), or None. Scaling them by c scales the norm's input by c, which its eps
+    times c**2 cancels: ``x / sqrt(mean(x**2) + eps) == c x / sqrt(mean((c x)**2) + c**2 eps)``.
+    ``sites``: :func:`norm_sites` of ``gm``, when asked for many modules."""
+    found: dict = {}
+    for n, h, written in (sites if sites is not None else norm_sites(gm)).get(path, ()):
+        # NB: a norm module called on several inputs (Llama 4's qk_norm on q and on k): each call's
+        # input must scale, since its one eps serves them all
+        found = _merge(found, _norm_input_sources(n, h, written, gm))
+        if not found:
+            return None
+    out = []
+    for lin, rows in (found or {}).items():
+        _, w, b = _linear_params(lin, gm)
+        out += [(t, rows) for t in (w, b) if t is not None]
+    return tuple(out) or None
+
+
+def norm_sites(gm) -> dict:
+    """``{module path: [(node, input, written out)]}``: every RMS norm call of ``gm`` (with a weight,
+    or written out without one: Gemma 4's v_norm, found by the module that made it)."""
+    out: dict = {}
+    for n in gm.graph.nodes:
+        hit = _rms_site(n, gm)
+        if hit is not None:
+            out.setdefault(hit[2], []).append((n, hit[0], rms_norm_of(n) is not None))
+        elif _plain_rms_input(n) is not None and _module_path(n) is not None:
+            out.setdefault(_module_path(n), []).append((n, _plain_rms_input(n), True))
+    return out
+
+
+def _norm_input_sources(n, h, written: bool, gm) -> dict | None:
+    """:func:`_scaled_by` of the input ``h`` of the norm at ``n``, when nothing else reads a value on the way."""
+    if not isinstance(h, fx.Node):
+        return None
+    norm = [u for u in _readers(h) if _op(u) in ("pow", "mul", "square")] if written else [n]
+    if len(norm) != len(_readers(h)):
+        return None  # NB: the input read by something beside the norm
+    inside: set = set()
+    got = _scaled_by(h, gm, inside)
+    if not got:
+        return None
+    allowed = inside | set(norm)
+    for m in inside:
+        if m in got and got[m] is not None:
+            continue  # a fused projection: its split's other pieces read other rows
+        if m.op in ("call_function", "call_method") and _op(m) in ("split", "split_with_sizes"):
+            continue
+        if any(u not in allowed for u in _readers(m)):
+            return None  # NB: a value on the way read by something else (q before RoPE returned)
+    return got
+
+
+def tied_head_norms(gm, names: set) -> list | None:
+    """``[(norm weight name, one_plus)]``: the RMS norm whose output alone feeds each linear layer
+    that reads one of ``names`` (the tied LM head reading the token embedding, past casts and the
+    slice of positions to keep); scaling that weight by c scales the head's logits by c. None when a
+    reader of the tied weight is neither an embedding lookup nor such a head."""
+    sites = {}
+    for n in gm.graph.nodes:
+        hit = _rms_site(n, gm)
+        if hit is not None:
+            sites[f"{hit[2]}.{hit[4]}" if hit[2] else hit[4]] = hit[5]
+    out = []
+    for n in gm.graph.nodes:
+        lin = _linear_params(n, gm)
+        if lin is None or lin[1] not in names:
+            continue
+        if lin[2] is not None:
+            return None  # NB: a head with a bias: its bias does not scale with the norm
+        src = _back_to_source(lin[0], ("slice", "select", "getitem"))
+        if src is None or len(_readers(src)) != 1:
+            return None
+        weight = None
+        if src.op == "call_module" or _op(src) == "rms_norm":
+            hit = _rms_site(src, gm)
+            weight = f"{hit[2]}.{hit[4]}" if hit is not None else None
+        elif _op(src) == "mul":
+            for a in src.args[:2]:
+                a = _before_casts(a)
+                if isinstance(a, fx.Node) and _op(a) == "add":  # 1 + w
+                    a = next((_before_casts(b) for b in a.args if isinstance(b, fx.Node)), None)
+                if isinstance(a, fx.Node) and a.op == "get_attr" and a.target in sites:
+                    weight = a.target
+        if weight is None:
+            return None
+        out.append((weight, sites[weight]))
+    return out
+
+
+def constant_scale_sources(gm, value: float, owner: str) -> list | None:
+    """The parameters whose scaling by c scales, by c, every product of the graph with the literal
+    ``value`` (a float attribute the forward multiplies by: Gemma 4's
+    ``per_layer_model_projection(x) * per_layer_model_projection_scale``), among the products whose
+    other factor comes from a parameter of module ``owner``: that factor is a linear layer's output
+    (its weight and bias) or a product with a parameter, read by nothing else. None when there is
+    no such product, or when one has no such source."""
+    prefix = f"{owner}." if owner else ""
+    out, found = [], False
+    for n in gm.graph.nodes:
+        if n.op not in ("call_function", "call_method") or _op(n) != "mul" or len(n.args) != 2:
+            continue
+        lits = [a for a in n.args if type(a) is float and a == value]
+        nodes = [a for a in n.args if isinstance(a, fx.Node)]
+        if len(lits) != 1 or len(nodes) != 1:
+            continue
+        src = _back_to_source(nodes[0])
+        if src is None or len(_readers(src)) != 1:
+            continue
+        lin = _linear_params(src, gm)
+        if lin is not None:
+            names = [t for t in lin[1:] if t is not None]
+        elif _op(src) == "mul" and len(src.args) == 2:
+            ps = [a for a in map(_before_casts, src.args) if isinstance(a, fx.Node) and a.op == "get_attr"]
+            names = [ps[0].target] if len(ps) == 1 and len(_readers(ps[0])) == 1 else []
+        else:
+            names = []
+        if not names or not all(t.startswith(prefix) for t in names):
+            continue
+        found = True
+        out += [t for t in names if t not in out]
+    return out if found else None
+
+
+def scale_parameter(model: nn.Module, name: str, factor: float, one_plus: bool = False, rows=None) -> None:
+    """Multiply parameter ``name`` of ``model`` by ``factor`` in place (``one_plus``: the value read
+    is ``1 + w``, so ``1 + w`` is scaled; ``rows``: only rows ``start:stop`` of its first axis), in
+    double precision."""
+    p = model.get_parameter(name)
+    with torch.no_grad():
+        t = p if rows is None else p.narrow(0, rows[0], rows[1] - rows[0])
+        t.copy_((1 + t.double()) * factor - 1 if one_plus else t.double() * factor)
+
+
 def _rms_site(n, gm):
     """``(input, dim, module path, eps, weight attribute, one_plus)`` of the RMS norm ``n`` computes
     or ends (a written-out norm's mean; an ``rms_norm`` op over the last axis with a weight), else None."""
@@ -498,4 +794,5 @@ def apply_rms_fold(module: nn.Module, fold: RmsFold) -> dict:
 
 
 __all__ = ["Change", "Scope", "ResizeError", "RESIZERS", "resizer", "rule_for", "resize", "resync_counts",
-           "HEAD_COUNTS", "WIDTHS", "STREAM_WIDTHS", "RmsFold", "rms_folds", "apply_rms_fold"]
+           "HEAD_COUNTS", "WIDTHS", "STREAM_WIDTHS", "RmsFold", "rms_folds", "apply_rms_fold", "rms_input_producer",
+           "norm_sites", "tied_head_norms", "constant_scale_sources", "scale_parameter"]

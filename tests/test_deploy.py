@@ -15,7 +15,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 import otofx
-from helpers import assert_exact, n_params, randomize, snapshot, zero_random_rows
+from helpers import assert_exact, n_params, randomize, snapshot, zero_random_rows, zero_rows
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -218,14 +218,12 @@ def test_hugging_face_returns_its_own_class(name):
     shapes = {k: tuple(v.shape) for k, v in small.state_dict().items()}
     widths = getattr(small.config, "otofx_widths", None)
     rebuilt = _meta_shapes(type(small), small.config) == shapes
-    # NB: a refolded RMS norm's eps (the residual stream's, LLaMA) is a float the config cannot hold
-    refolded = any(type(v) is float for attrs in (widths or {}).values() for v in attrs.values())
-    assert (widths is None) == (rebuilt and not refolded)
-    if name == "llama":
-        assert rebuilt and refolded
+    assert (widths is None) == rebuilt
+    if name == "llama":  # the refolded eps of every norm on the residual stream: the config's rms_norm_eps
+        assert rebuilt and widths is None
         assert (small.config.num_attention_heads, small.config.num_key_value_heads) == (2, 1)
         assert small.config.intermediate_size == 32 and small.config.hidden_size == 16
-        assert widths["model.norm"]["variance_epsilon"] == pytest.approx(model.config.rms_norm_eps * 2)
+        assert small.config.rms_norm_eps == model.config.rms_norm_eps * 2 == small.model.norm.variance_epsilon
     if name == "bert":
         assert small.config.intermediate_size == 32 and small.classifier.out_features == 3
         assert small.bert.encoder.layer[0].attention.self.all_head_size == 16
@@ -255,3 +253,224 @@ def test_compressed_llm_generates_with_kv_cache(name):
     got = small.generate(prompt, attention_mask=mask, max_new_tokens=8, do_sample=False, use_cache=True)
     assert got.shape == (2, 14) and torch.equal(ref, got)
     assert n_params(small) < n_params(model)
+
+
+def _round_trip_model(name):
+    T = pytest.importorskip("transformers")
+    small = dict(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, intermediate_size=64, max_position_embeddings=64)
+    if name == "qwen3":  # q/k norms over head_dim take the same rms_norm_eps as the hidden norms
+        return T.Qwen3ForCausalLM(T.Qwen3Config(head_dim=8, **small))
+    if name == "gemma":  # (1 + w) norms, a scaled embedding, tied head
+        return T.GemmaForCausalLM(T.GemmaConfig(head_dim=8, **small))
+    if name == "mistral":
+        return T.MistralForCausalLM(T.MistralConfig(**small))
+    if name == "gpt_oss":  # attention sinks (one per head), experts; head_dim given, as wide as hidden / heads
+        return T.GptOssForCausalLM(T.GptOssConfig(**dict(small, intermediate_size=16), head_dim=8, num_local_experts=4,
+                                                  num_experts_per_tok=2, layer_types=["sliding_attention",
+                                                                                      "full_attention"]))
+    return _hf(name)
+
+
+@pytest.mark.parametrize("name", ["llama", "mistral", "gemma", "qwen3", "gpt_oss", "gpt2", "bert"])
+@pytest.mark.parametrize("uniform", [True, False])
+def test_save_pretrained_round_trips_when_the_config_describes_the_model(name, uniform, tmp_path):
+    """``config.otofx_widths`` absent means the config describes the compressed model in full:
+    ``save_pretrained`` + the class's ``from_pretrained`` give it back exactly. The floats the config
+    gives follow it: the hidden norms' refolded eps is ``rms_norm_eps``; Qwen 3's q/k norms, over
+    unchanged head widths, take it too, their projections scaled by sqrt(new eps / old); Gemma's
+    embedding scale ``sqrt(hidden_size)`` is folded into the table and its tied head through the
+    final norm. GPT-OSS's config is fitted head counts first (its head_dim, tried early, fits the
+    q projection of 2 heads of 8 as 4 of 4 and then the attention sinks never fit). Present, it names what the config cannot hold (per-layer widths; GPT-2's and BERT's
+    head counts, whose head width is hidden / heads): ``from_pretrained`` refuses the shapes, and
+    ``otofx.save`` / ``otofx.load`` give the model back exactly (GPT-OSS's experts with the kernel
+    they ran: the default grouped_mm refuses widths that are not a multiple of 16 bytes)."""
+    torch.manual_seed(0)
+    model = randomize(_round_trip_model(name).eval())
+    ids = torch.randint(1, 100, (2, 12))
+    oto = otofx.OTO(model, ids)
+    if uniform:
+        zero_random_rows(model, oto, seed=4)
+    else:  # a different number of rows in each group
+        g = torch.Generator().manual_seed(4)
+        zero_rows(model, oto, [torch.randperm(z.rows, generator=g)[: 1 + i % max(z.rows - 1, 1)].sort().values
+                               for i, z in enumerate(oto.groups)])
+    small = oto.compress()
+    assert type(small) is type(model)
+    with torch.no_grad():
+        want = small(ids)[0]
+        torch.testing.assert_close(want, model(ids)[0], rtol=1e-4, atol=1e-5)
+    widths = getattr(small.config, "otofx_widths", None)
+    small.save_pretrained(tmp_path / "hf")
+    if uniform and name not in ("gpt2", "bert"):
+        assert widths is None, widths
+        back = type(model).from_pretrained(tmp_path / "hf").eval()
+        with torch.no_grad():
+            torch.testing.assert_close(back(ids)[0], want, rtol=1e-5, atol=1e-6)
+        assert small.config.rms_norm_eps == 2 * model.config.rms_norm_eps
+        if name == "qwen3":
+            attn, old = small.model.layers[1].self_attn, model.model.layers[1].self_attn
+            assert attn.q_norm.variance_epsilon == small.config.rms_norm_eps
+            kept = attn.q_proj.weight.abs().sum(1) > 0
+            assert torch.allclose(attn.q_proj.weight.abs().sum(), old.q_proj.weight.abs().sum() * 2 ** 0.5)
+            assert kept.all()
+        if name == "gemma":
+            emb = small.model.embed_tokens
+            assert emb.scalar_embed_scale == small.config.hidden_size ** 0.5 == float(emb.embed_scale)
+            assert small.lm_head.weight is emb.weight
+    else:
+        assert widths is not None
+        with pytest.raises(Exception, match="(?i)size|shape"):
+            type(model).from_pretrained(tmp_path / "hf")
+    otofx.save(small, tmp_path / "otofx")
+    again = otofx.load(tmp_path / "otofx")
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids)[0], want, rtol=0, atol=0)
+
+
+def test_floats_left_alone_when_their_fold_breaks_the_forward(monkeypatch, caplog):
+    """The weight folds that make floats follow the config assume the class's forward; when the
+    result fails verification, ``compress()`` keeps the copy without them (the eps refolded, named
+    in ``config.otofx_widths``) and says so."""
+    import otofx.rebuild as rb
+
+    real = rb._float_fold
+
+    def broken(new, gm, name, attr, have, want, cuts, sites=None):
+        fold = real(new, gm, name, attr, have, want, cuts, sites)
+        if fold is None:
+            return None
+
+        def worse():
+            fold()
+            with torch.no_grad():
+                next(new.parameters()).mul_(3)
+        return worse
+
+    monkeypatch.setattr(rb, "_float_fold", broken)
+    torch.manual_seed(0)
+    model = randomize(_round_trip_model("qwen3").eval())
+    ids = torch.randint(1, 100, (2, 12))
+    oto = otofx.OTO(model, ids)
+    zero_random_rows(model, oto, seed=4)
+    with caplog.at_level(logging.INFO, logger="otofx"):
+        small = oto.compress()
+    assert type(small) is type(model) and "without the config's floats" in caplog.text
+    with torch.no_grad():
+        torch.testing.assert_close(small(ids)[0], model(ids)[0], rtol=1e-4, atol=1e-5)
+    eps = {k for a in small.config.otofx_widths.values() for k, v in a.items() if type(v) is float}
+    assert eps == {"variance_epsilon"} and small.config.rms_norm_eps == model.config.rms_norm_eps
+
+
+class _QNorm(nn.Module):
+    """q_proj, a view into heads, a per-head RMS norm (Qwen 3's q_norm); ``leak`` also returns q."""
+
+    def __init__(self, leak=False):
+        super().__init__()
+        self.q = nn.Linear(8, 8)
+        self.norm_w = nn.Parameter(torch.ones(4))
+        self.eps, self.leak = 1e-6, leak
+
+    def forward(self, x):
+        q = self.q(x).view(x.shape[0], 2, 4)
+        h = q.float()
+        out = self.norm_w * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps))
+        return (out, q) if self.leak else out
+
+
+class _TiedLM(nn.Module):
+    """An embedding scaled by a float, a final RMS norm, a head tied to the embedding; ``leak``
+    also returns the final norm's output; ``scale`` multiplies a projection's output by a float."""
+
+    def __init__(self, leak=False):
+        super().__init__()
+        self.embed = nn.Embedding(10, 8)
+        self.proj = nn.Linear(8, 8)
+        self.norm_w = nn.Parameter(torch.ones(8))
+        self.s, self.leak = 0.25, leak
+
+    def forward(self, ids):
+        h = self.proj(self.embed(ids)) * self.s
+        n = self.norm_w * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6))
+        logits = nn.functional.linear(n[:, -2:], self.embed.weight)
+        return (logits, n) if self.leak else logits
+
+
+def test_scale_fold_sources_are_read_off_the_graph():
+    """The three readings behind the float folds, and their refusals when a value has another reader."""
+    from otofx.passes.resize import constant_scale_sources, rms_input_producer, tied_head_norms
+
+    gm = fx.symbolic_trace(_QNorm())
+    assert rms_input_producer(gm, "") == (("q.weight", None), ("q.bias", None))
+    assert rms_input_producer(fx.symbolic_trace(_QNorm(leak=True)), "") is None  # q is also an output
+    gm = fx.symbolic_trace(_TiedLM())
+    assert tied_head_norms(gm, {"embed.weight"}) == [("norm_w", False)]
+    assert tied_head_norms(fx.symbolic_trace(_TiedLM(leak=True)), {"embed.weight"}) is None
+    assert constant_scale_sources(gm, 0.25, "") == ["proj.weight", "proj.bias"]
+    assert constant_scale_sources(gm, 0.25, "embed") is None  # not a parameter of that module
+    assert constant_scale_sources(gm, 0.5, "") is None  # no product with that literal
+
+    # each reading is exact when applied: the norm's eps times c**2 and its input times c
+    torch.manual_seed(0)
+    m, x = _QNorm(), torch.randn(3, 8) * 1e-3
+    want = m(x)
+    with torch.no_grad():
+        m.q.weight.mul_(3.0)
+        m.q.bias.mul_(3.0)
+    m.eps *= 9.0
+    torch.testing.assert_close(m(x), want, rtol=1e-5, atol=1e-6)
+
+
+class _RmsNoWeight(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.eps = 1e-6
+
+    def forward(self, h):
+        return h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+
+
+class _NormInputs(nn.Module):
+    """A weightless norm module fed by: a fused projection's first piece (DeepSeek's latent), a rotary
+    embedding of q (HunYuan), and both q and k (Llama 4's one qk_norm for both)."""
+
+    def __init__(self, mode):
+        super().__init__()
+        self.mode = mode
+        self.q, self.k, self.kv = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 12)
+        self.norm = _RmsNoWeight()
+        self.register_buffer("cos", torch.rand(8))
+        self.register_buffer("sin", torch.rand(8))
+
+    def forward(self, x):
+        if self.mode == "fused":
+            a, b = self.kv(x).split([8, 4], dim=-1)
+            return self.norm(a), b * 2
+        if self.mode == "rope":
+            q = self.q(x)
+            rot = torch.cat([-q[..., 4:], q[..., :4]], dim=-1)
+            return self.norm(q * self.cos + rot * self.sin)
+        return self.norm(self.q(x)) + self.norm(self.k(x))
+
+
+@pytest.mark.parametrize("mode, want", [
+    ("fused", (("kv.weight", (0, 8)), ("kv.bias", (0, 8)))),
+    ("rope", (("q.weight", None), ("q.bias", None))),
+    ("twice", (("q.weight", None), ("q.bias", None), ("k.weight", None), ("k.bias", None))),
+])
+def test_norm_inputs_scale_through_splits_rotary_and_repeated_calls(mode, want):
+    """The layers whose outputs feed a norm, found through a fused projection's split (its rows
+    only), a rotary embedding and a norm module called twice; scaling them by c with the eps times
+    c**2 leaves every output as it was."""
+    from otofx.passes.resize import rms_input_producer, scale_parameter
+
+    torch.manual_seed(0)
+    m = _NormInputs(mode)
+    got = rms_input_producer(fx.symbolic_trace(m), "norm")
+    assert got == want
+    x = torch.randn(3, 8) * 1e-3
+    before = m(x)
+    for name, rows in got:
+        scale_parameter(m, name, 2.0, rows=rows)
+    m.norm.eps *= 4.0
+    torch.testing.assert_close(m(x), before, rtol=1e-5, atol=1e-6)

@@ -220,6 +220,16 @@ def test_gemma4_hidden_and_per_layer_widths(tmp_path):
     assert torch.equal(small.generate(x, max_new_tokens=5, do_sample=False), full)
     otofx.save(small, tmp_path / "m")
     assert torch.equal(otofx.load(tmp_path / "m").generate(x, max_new_tokens=5, do_sample=False), full)
+    # the config describes it in full: the embedding scales sqrt(hidden), the per-layer projection's
+    # hidden ** -0.5 and every norm's eps follow it, so the plain class's from_pretrained gives it back
+    assert not hasattr(c, "otofx_widths")
+    assert small.model.per_layer_model_projection_scale == 16 ** -0.5
+    assert small.model.embed_tokens.scalar_embed_scale == 16 ** 0.5
+    small.save_pretrained(tmp_path / "hf")
+    back = T.Gemma4ForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(back(_ids()).logits, small(_ids()).logits, rtol=0, atol=0)
+    assert torch.equal(back.generate(x, max_new_tokens=5, do_sample=False), full)
 
 
 def test_gemma3n_per_layer_widths_in_its_config(tmp_path):
@@ -492,6 +502,7 @@ def test_sweep_subset():
     row = sweep.run_one(task, family, cls, peers=False)
     assert row.built and row.analysed and row.exact, row
     assert row.head_rows and row.mlp_rows
+    assert row.hub == "exact", row  # Qwen 3, its hidden width halved: save_pretrained + from_pretrained
 
 
 @pytest.mark.parametrize("name", ["qwen3", "falcon"])
