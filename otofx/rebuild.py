@@ -416,6 +416,12 @@ def _int_fields(config, where: str = "", kind: type = int):
             continue
         if type(value) is kind or (kind is int and isinstance(value, list) and value
                                    and all(type(v) is int for v in value)):
+            try:
+                now = getattr(config, key)
+            except Exception:  # noqa: BLE001 - a per-layer config (Gemma 4) refuses a global read
+                now = value
+            if (list(now) if isinstance(now, tuple) else now) != value:
+                continue  # NB: serialised otherwise than held (Dory writes twice its num_hidden_layers)
             yield where, config, key, value
         elif isinstance(value, dict) and hasattr(getattr(config, key, None), "to_dict"):
             yield from _int_fields(getattr(config, key), f"{where}{key}.", kind)

@@ -717,7 +717,7 @@ def constant_scale_sources(gm, value: float, owner: str) -> list | None:
     ``value`` (a float attribute the forward multiplies by: Gemma 4's
     ``per_layer_model_projection(x) * per_layer_model_projection_scale``), among the products whose
     other factor comes from a parameter of module ``owner``: that factor is a linear layer's output
-    (its weight and bias) or a product with a parameter, read by nothing else. None when there is
+    (its weight and bias), a product with a parameter, or the parameter itself, read by nothing else. None when there is
     no such product, or when one has no such source."""
     prefix = f"{owner}." if owner else ""
     out, found = [], False
@@ -734,6 +734,8 @@ def constant_scale_sources(gm, value: float, owner: str) -> list | None:
         lin = _linear_params(src, gm)
         if lin is not None:
             names = [t for t in lin[1:] if t is not None]
+        elif src.op == "get_attr":  # the parameter itself (Dory's s_gate * s_gate_scale)
+            names = [src.target]
         elif _op(src) == "mul" and len(src.args) == 2:
             ps = [a for a in map(_before_casts, src.args) if isinstance(a, fx.Node) and a.op == "get_attr"]
             names = [ps[0].target] if len(ps) == 1 and len(_readers(ps[0])) == 1 else []

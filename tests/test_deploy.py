@@ -356,6 +356,7 @@ def test_floats_left_alone_when_their_fold_breaks_the_forward(monkeypatch, caplo
     with caplog.at_level(logging.INFO, logger="otofx"):
         small = oto.compress()
     assert type(small) is type(model) and "without the config's floats" in caplog.text
+    assert "from_pretrained of its save_pretrained folder would load a slightly different model" in caplog.text
     with torch.no_grad():
         torch.testing.assert_close(small(ids)[0], model(ids)[0], rtol=1e-4, atol=1e-5)
     eps = {k for a in small.config.otofx_widths.values() for k, v in a.items() if type(v) is float}
@@ -409,6 +410,16 @@ def test_scale_fold_sources_are_read_off_the_graph():
     assert constant_scale_sources(gm, 0.25, "") == ["proj.weight", "proj.bias"]
     assert constant_scale_sources(gm, 0.25, "embed") is None  # not a parameter of that module
     assert constant_scale_sources(gm, 0.5, "") is None  # no product with that literal
+
+    class Gate(nn.Module):  # Dory's sigmoid(x * (s_gate * s_gate_scale) ** 2): the parameter itself
+        def __init__(self):
+            super().__init__()
+            self.g, self.scale = nn.Parameter(torch.rand(8)), 3.0
+
+        def forward(self, x):
+            return torch.sigmoid(x * (self.g * self.scale).square())
+
+    assert constant_scale_sources(fx.symbolic_trace(Gate()), 3.0, "") == ["g"]
 
     # each reading is exact when applied: the norm's eps times c**2 and its input times c
     torch.manual_seed(0)
