@@ -612,6 +612,20 @@ def _valid(config) -> bool:
     return True
 
 
+def _assign(config, fitted) -> None:
+    """Give ``config`` the fields of ``fitted`` (a fitted copy of it) in place, nested configs too.
+
+    # NB: modules keep their own references to nested configs (T5Gemma's encoder reads
+    ``config.encoder.hidden_size`` in its forward); replacing the nested objects would leave those
+    modules reading the old widths while ``save_pretrained`` writes the new ones."""
+    for key, value in fitted.__dict__.items():
+        here = config.__dict__.get(key)
+        if here is not value and hasattr(here, "to_dict") and type(here) is type(value):
+            _assign(here, value)
+        else:
+            config.__dict__[key] = value
+
+
 def _update_config(new: nn.Module, model: nn.Module, changed: dict, cuts: dict, old_shapes: dict,
                    stream: frozenset, groups: dict, gm=None) -> None:
     """Make the copied config describe the new widths (see the module docstring)."""
@@ -635,15 +649,15 @@ def _update_config(new: nn.Module, model: nn.Module, changed: dict, cuts: dict, 
         trial.head_dim = derived
         best = _fit(type(new), trial, pairs, want)
         if best == 0:
-            config.__dict__.update(trial.__dict__)
+            _assign(config, trial)
     if best != 0:
         plain = copy.deepcopy(config)
         score = _fit(type(new), plain, pairs, want)
         if best is None or score < best:
             best = score
-            config.__dict__.update(plain.__dict__)
+            _assign(config, plain)
         else:
-            config.__dict__.update(trial.__dict__)
+            _assign(config, trial)
     if best:
         best = _follow_config(new, config, want, changed, pairs)
     off = {} if best else _follow_floats(new, config, want, gm, cuts)

@@ -462,6 +462,10 @@ def test_multimodal_text_only_capture_names_what_it_did_not_reach(caplog):
     said = " ".join(r.getMessage() for r in caplog.records if "never reached" in r.getMessage())
     assert "model.vision_tower" in said and "model.multi_modal_projector" in said
     assert isinstance(small, type(model)) and small.config.text_config.hidden_size == 16
+    # the language model reads the fitted nested config itself, not a stale copy of the old one
+    assert small.model.language_model.config is small.config.text_config
+    assert model.model.language_model.config is model.config.text_config
+    assert model.config.text_config.hidden_size == 32
 
 
 def test_unread_parameters_are_named_and_kept():
