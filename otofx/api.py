@@ -299,8 +299,9 @@ class OTO:
         if plan is None:
             plan = zero_row_plan(self.zigset, gm)
         log.info("otofx: removing %d rows from a copy of %s", plan.count, type(self.model).__name__)
+        folds: list = []
         try:
-            small = rebuild(self.model, plan, gm)
+            small = rebuild(self.model, plan, gm, folds=folds)
         except RebuildError:
             raise
         except Exception as e:  # noqa: BLE001 - e.g. a model attribute that cannot be copied
@@ -311,16 +312,20 @@ class OTO:
             except Exception as e:  # noqa: BLE001 - the user's forward at the new widths
                 # NB: the weight folds that let floats follow the config (rebuild._follow_floats)
                 # assume the class's forward; a copy without them is the one to keep when they fail
-                plain = rebuild(self.model, plan, gm, follow_floats=False)
-                try:
-                    self.verify(plain, rtol=rtol)
-                except Exception:  # noqa: BLE001 - the first error is the one to report
+                plain = None
+                if folds:
+                    plain = rebuild(self.model, plan, gm, follow_floats=False)
+                    try:
+                        self.verify(plain, rtol=rtol)
+                    except Exception:  # noqa: BLE001 - the first error is the one to report
+                        plain = None
+                if plain is None:
                     if isinstance(e, VerificationError):
-                        raise e from None
+                        raise
                     raise RebuildError(f"its forward fails at the new widths: {type(e).__name__}: "
                                        f"{_first_line(e)}") from e
-                log.info("otofx: %s: kept without the config's floats (%s)", type(self.model).__name__,
-                         _first_line(e))
+                log.info("otofx: %s: kept without the config's floats (%d weight folds: %s)",
+                         type(self.model).__name__, len(folds), _first_line(e))
                 small = plain
         return small
 

@@ -167,11 +167,12 @@ def _cut_key(c: dict) -> tuple:
 
 
 def rebuild(model: nn.Module, plan: Plan, gm: torch.fx.GraphModule | None = None,
-            follow_floats: bool = True) -> nn.Module:
+            follow_floats: bool = True, folds: list | None = None) -> nn.Module:
     """A copy of ``model`` with the plan's rows removed and its modules (and config) re-sized; with
     ``gm`` (the captured graph the plan is of), RMS norms over a narrowed axis are refolded, and
     (``follow_floats``) float attributes the config gives are made to follow it where a weight
-    fold allows (:func:`_follow_floats`)."""
+    fold allows (:func:`_follow_floats`); ``folds``, when given, gets ``(module, attribute)`` of
+    each such fold."""
     cuts = keep_indices(plan)
     named = _tensors(model)
     for name in cuts:
@@ -191,7 +192,7 @@ def rebuild(model: nn.Module, plan: Plan, gm: torch.fx.GraphModule | None = None
             changed.setdefault(fold.module, {}).update(apply_rms_fold(new.get_submodule(fold.module), fold))
             log.debug("otofx: %s: RMS norm over %d of %d entries refolded", fold.module, fold.new, fold.old)
     _resync_stream_width(new, model, stream)  # NB: before the config fit, which compares these attributes
-    _update_config(new, model, changed, cuts, old_shapes, stream, groups, gm if follow_floats else None)
+    _update_config(new, model, changed, cuts, old_shapes, stream, groups, gm if follow_floats else None, folds)
     return new
 
 
@@ -385,7 +386,7 @@ def _fit(cls, config, pairs: set, want: _Want) -> int:
     # NB: head widths last: pruning removes whole heads, and a head width tried early can fit more
     # shapes on its own (GPT-OSS: head_dim 4 for 4 heads builds 2 heads of 8's q_proj) and leave
     # the fit where no single move improves it
-    fields = sorted(_int_fields(config), key=lambda f: f[2].endswith("head_dim"))
+    fields = sorted(_config_fields(config), key=lambda f: f[2].endswith("head_dim"))
     for where, owner, key, value in fields:
         # NB: ints are written, never read back: a per-layer config (Gemma 4) refuses a global read
         current = value if type(value) is int else list(value)
@@ -407,7 +408,7 @@ def _fit(cls, config, pairs: set, want: _Want) -> int:
     return best
 
 
-def _int_fields(config, where: str = "", kind: type = int):
+def _config_fields(config, where: str = "", kind: type = int):
     """``(path, owner, key, value)`` of every int field (or list of ints: Gemma 3n's per-layer
     ``intermediate_size``) of ``config`` and of the configs nested in it (a multi-modal model's
     ``text_config``); of every float field with ``kind=float``."""
@@ -424,16 +425,20 @@ def _int_fields(config, where: str = "", kind: type = int):
                 continue  # NB: serialised otherwise than held (Dory writes twice its num_hidden_layers)
             yield where, config, key, value
         elif isinstance(value, dict) and hasattr(getattr(config, key, None), "to_dict"):
-            yield from _int_fields(getattr(config, key), f"{where}{key}.", kind)
+            yield from _config_fields(getattr(config, key), f"{where}{key}.", kind)
 
 
-def _float_mismatch(built: nn.Module | None, want: _Want) -> int:
-    """How many config-given float attributes (``want.floats``) of ``built`` differ from the new model's."""
-    if built is None:
-        return sum(map(len, want.floats.values())) + 1
-    mods = dict(built.named_modules())
-    return sum(_float_attrs(mods[n]).get(k) != new if n in mods else True
-               for n, a in want.floats.items() for k, (_, new) in a.items())
+def _floats_off(built: nn.Module | None, want: _Want) -> list:
+    """``[(module, attribute, new model's value, built's value or None)]``: the config-given float
+    attributes (``want.floats``) that ``built`` (a model built from a config) gives otherwise."""
+    mods = dict(built.named_modules()) if built is not None else {}
+    out = []
+    for name, attrs in want.floats.items():
+        for k, (_, have) in attrs.items():
+            got = _float_attrs(mods[name]).get(k) if name in mods else None
+            if got != have:
+                out.append((name, k, have, got))
+    return out
 
 
 def _fit_float_fields(cls, config, want: _Want) -> list:
@@ -442,14 +447,14 @@ def _fit_float_fields(cls, config, want: _Want) -> list:
     ``rms_norm_eps`` times old/new when every norm it gives lost the same share of the hidden
     width); returns the ``(owner, key, old value)`` changed, to undo."""
     moves = {(o, n) for a in want.floats.values() for o, n in a.values() if o != n}
-    best = _float_mismatch(_build(cls, config), want)
+    best = len(_floats_off(_build(cls, config), want))
     done = []
-    for where, owner, key, value in list(_int_fields(config, kind=float)):
+    for where, owner, key, value in list(_config_fields(config, kind=float)):
         if not best:
             break
         for cand in sorted({n for o, n in moves if o == value}):
             setattr(owner, key, cand)
-            score = _float_mismatch(_build(cls, config), want)
+            score = len(_floats_off(_build(cls, config), want))
             if score < best and _valid(config):
                 best = score
                 done.append((owner, key, value))
@@ -481,7 +486,7 @@ def _float_fold(new: nn.Module, gm, name: str, attr: str, have: float, want: flo
         if len(bufs) != 1 or m.weight is None:
             return None
         tied = {n for n, p in new.named_parameters(remove_duplicate=False) if p is m.weight}
-        heads = tied_head_norms(gm, tied) if len(tied) > 1 else []
+        heads = tied_head_norms(gm, tied, sites) if len(tied) > 1 else []
         if heads is None or (len(tied) > 1 and not heads):
             return None
 
@@ -513,48 +518,36 @@ def _float_fold(new: nn.Module, gm, name: str, attr: str, have: float, want: flo
     return None
 
 
-def _follow_floats(new: nn.Module, config, want: _Want, gm, cuts: dict) -> dict:
+def _follow_floats(new: nn.Module, config, want: _Want, gm, cuts: dict, folds: list | None = None) -> dict:
     """Make every config-given float attribute of ``new`` what ``cls(config)`` gives it, so that
     ``save_pretrained`` + ``from_pretrained`` build the same function: first the config's float
     fields (:func:`_fit_float_fields`), then, for each attribute still off, a fold of the model's
     weights (:func:`_float_fold`). All or nothing: when an attribute has no fold, the config's
     fields are restored and the model is left as it is. Returns the attributes still off,
-    ``{module: {attribute: value}}`` (empty when all match)."""
+    ``{module: {attribute: value}}`` (empty when all match); ``folds`` gets ``(module, attribute)``
+    of each fold applied."""
     if not want.floats:
         return {}
     cls = type(new)
     done = _fit_float_fields(cls, config, want)
-    built = _build(cls, config)
-    mods = dict(built.named_modules()) if built is not None else {}
-    folds, sites, missing = [], None, False
-    for name, attrs in want.floats.items():
-        for k, (_, have) in attrs.items():
-            got = _float_attrs(mods[name]).get(k) if name in mods else None
-            if got == have:
-                continue
-            if sites is None:
-                sites = norm_sites(gm) if gm is not None else {}
-            f = _float_fold(new, gm, name, k, have, got, cuts, sites) if type(got) is float else None
-            if f is None:
-                log.debug("otofx: %s.%s = %r, but the config gives %r: no fold", name, k, have, got)
-                missing = True
-                break
-            folds.append((name, k, have, got, f))
-        if missing:
-            break
-    if missing:
-        for owner, key, value in reversed(done):
-            setattr(owner, key, value)
-        built = _build(cls, config)
-        mods = dict(built.named_modules()) if built is not None else {}
-        off: dict = {}
-        for name, attrs in want.floats.items():
-            for k, (_, have) in attrs.items():
-                if (_float_attrs(mods[name]).get(k) if name in mods else None) != have:
-                    off.setdefault(name, {})[k] = have
-        return off
-    for name, k, have, got, f in folds:
+    todo, sites = [], None
+    for name, k, have, got in _floats_off(_build(cls, config), want):
+        if sites is None:
+            sites = norm_sites(gm) if gm is not None else {}
+        f = _float_fold(new, gm, name, k, have, got, cuts, sites) if type(got) is float else None
+        if f is None:
+            log.debug("otofx: %s.%s = %r, but the config gives %r: no fold", name, k, have, got)
+            for owner, key, value in reversed(done):
+                setattr(owner, key, value)
+            off: dict = {}
+            for n, a, h, _ in _floats_off(_build(cls, config), want):
+                off.setdefault(n, {})[a] = h
+            return off
+        todo.append((name, k, have, got, f))
+    for name, k, have, got, f in todo:
         f()
+        if folds is not None:
+            folds.append((name, k))
         log.debug("otofx: %s.%s = %g (was %g), as the config gives it; weights rescaled", name, k, got, have)
     return {}
 
@@ -627,7 +620,7 @@ def _assign(config, fitted) -> None:
 
 
 def _update_config(new: nn.Module, model: nn.Module, changed: dict, cuts: dict, old_shapes: dict,
-                   stream: frozenset, groups: dict, gm=None) -> None:
+                   stream: frozenset, groups: dict, gm=None, folds: list | None = None) -> None:
     """Make the copied config describe the new widths (see the module docstring)."""
     config = getattr(new, "config", None)
     if config is None or not hasattr(config, "to_dict") or config is getattr(model, "config", None):
@@ -660,7 +653,7 @@ def _update_config(new: nn.Module, model: nn.Module, changed: dict, cuts: dict, 
             _assign(config, trial)
     if best:
         best = _follow_config(new, config, want, changed, pairs)
-    off = {} if best else _follow_floats(new, config, want, gm, cuts)
+    off = {} if best else _follow_floats(new, config, want, gm, cuts, folds)
     if best or off:
         # NB: per-layer widths (and floats no fold reaches) the config's fields cannot express (a
         # saver writes them beside it)

@@ -530,9 +530,8 @@ def _plain_rms_input(mean: fx.Node):
 
 
 # ops whose output is c times its first input's when that input is scaled by c
-_HOMOGENEOUS = _CASTS + _RESHAPES + ("transpose", "permute", "unsqueeze", "squeeze", "expand", "neg", "slice",
-                                     "select", "narrow", "view_as_complex", "view_as_real", "repeat",
-                                     "repeat_interleave", "getitem")
+_HOMOGENEOUS = _PASS_BACK + ("neg", "slice", "select", "narrow", "view_as_complex", "view_as_real", "repeat",
+                             "repeat_interleave", "getitem")
 
 
 def _depends_on(n, nodes: set) -> bool:
@@ -597,7 +596,7 @@ def _scaled_by(n, gm, inside: set) -> dict | None:
             inside.add(n)
         return got or None
     tensors = [a for a in n.args[:2] if isinstance(a, fx.Node)]
-    if op in ("add", "sub") and len(n.args) >= 2 and len(tensors) == 2 and len(n.args) == 2:
+    if op in ("add", "sub") and len(n.args) == 2 and len(tensors) == 2:
         got = _merge(_scaled_by(tensors[0], gm, inside), _scaled_by(tensors[1], gm, inside))
         if got:
             inside.add(n)
@@ -627,7 +626,7 @@ def rms_input_producer(gm, path: str, sites: dict | None = None) -> tuple | None
     times c**2 cancels: ``x / sqrt(mean(x**2) + eps) == c x / sqrt(mean((c x)**2) + c**2 eps)``.
     ``sites``: :func:`norm_sites` of ``gm``, when asked for many modules."""
     found: dict = {}
-    for n, h, written in (sites if sites is not None else norm_sites(gm)).get(path, ()):
+    for n, h, written, _, _ in (sites if sites is not None else norm_sites(gm)).get(path, ()):
         # NB: a norm module called on several inputs (Llama 4's qk_norm on q and on k): each call's
         # input must scale, since its one eps serves them all
         found = _merge(found, _norm_input_sources(n, h, written, gm))
@@ -641,15 +640,19 @@ def rms_input_producer(gm, path: str, sites: dict | None = None) -> tuple | None
 
 
 def norm_sites(gm) -> dict:
-    """``{module path: [(node, input, written out)]}``: every RMS norm call of ``gm`` (with a weight,
-    or written out without one: Gemma 4's v_norm, found by the module that made it)."""
+    """``{module path: [(node, input, written out, weight name or None, one_plus)]}``: every RMS norm
+    call of ``gm`` (with a weight, or written out without one: Gemma 4's v_norm, found by the module
+    that made it)."""
     out: dict = {}
     for n in gm.graph.nodes:
         hit = _rms_site(n, gm)
         if hit is not None:
-            out.setdefault(hit[2], []).append((n, hit[0], rms_norm_of(n) is not None))
-        elif _plain_rms_input(n) is not None and _module_path(n) is not None:
-            out.setdefault(_module_path(n), []).append((n, _plain_rms_input(n), True))
+            weight = f"{hit[2]}.{hit[4]}" if hit[2] else hit[4]
+            out.setdefault(hit[2], []).append((n, hit[0], rms_norm_of(n) is not None, weight, hit[5]))
+            continue
+        h, path = _plain_rms_input(n), _module_path(n)
+        if h is not None and path is not None:
+            out.setdefault(path, []).append((n, h, True, None, False))
     return out
 
 
@@ -675,16 +678,14 @@ def _norm_input_sources(n, h, written: bool, gm) -> dict | None:
     return got
 
 
-def tied_head_norms(gm, names: set) -> list | None:
+def tied_head_norms(gm, names: set, sites: dict | None = None) -> list | None:
     """``[(norm weight name, one_plus)]``: the RMS norm whose output alone feeds each linear layer
     that reads one of ``names`` (the tied LM head reading the token embedding, past casts and the
     slice of positions to keep); scaling that weight by c scales the head's logits by c. None when a
-    reader of the tied weight is neither an embedding lookup nor such a head."""
-    sites = {}
-    for n in gm.graph.nodes:
-        hit = _rms_site(n, gm)
-        if hit is not None:
-            sites[f"{hit[2]}.{hit[4]}" if hit[2] else hit[4]] = hit[5]
+    reader of the tied weight is neither an embedding lookup nor such a head. ``sites``:
+    :func:`norm_sites` of ``gm``."""
+    weights = {w: one_plus for calls in (sites if sites is not None else norm_sites(gm)).values()
+               for _, _, _, w, one_plus in calls if w is not None}
     out = []
     for n in gm.graph.nodes:
         lin = _linear_params(n, gm)
@@ -704,11 +705,11 @@ def tied_head_norms(gm, names: set) -> list | None:
                 a = _before_casts(a)
                 if isinstance(a, fx.Node) and _op(a) == "add":  # 1 + w
                     a = next((_before_casts(b) for b in a.args if isinstance(b, fx.Node)), None)
-                if isinstance(a, fx.Node) and a.op == "get_attr" and a.target in sites:
+                if isinstance(a, fx.Node) and a.op == "get_attr" and a.target in weights:
                     weight = a.target
         if weight is None:
             return None
-        out.append((weight, sites[weight]))
+        out.append((weight, weights[weight]))
     return out
 
 
@@ -717,8 +718,8 @@ def constant_scale_sources(gm, value: float, owner: str) -> list | None:
     ``value`` (a float attribute the forward multiplies by: Gemma 4's
     ``per_layer_model_projection(x) * per_layer_model_projection_scale``), among the products whose
     other factor comes from a parameter of module ``owner``: that factor is a linear layer's output
-    (its weight and bias), a product with a parameter, or the parameter itself, read by nothing else. None when there is
-    no such product, or when one has no such source."""
+    (its weight and bias), a product with a parameter, or the parameter itself, read by nothing
+    else. None when there is no such product, or when one has no such source."""
     prefix = f"{owner}." if owner else ""
     out, found = [], False
     for n in gm.graph.nodes:
