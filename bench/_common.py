@@ -47,14 +47,22 @@ def example_input(name: str, side: int, batch: int = 1, seed: int = 0) -> torch.
     return torch.randn(batch, 3, side, side, generator=torch.Generator().manual_seed(seed))
 
 
-def zero_half_rows(model: nn.Module, groups, seed: int = 0) -> int:
-    """Zero a random half (floor) of the rows of every group in ``model``; returns rows zeroed."""
+def zero_half_rows(model: nn.Module, groups, seed: int = 0, layer_norm_widths: bool = True) -> int:
+    """Zero a random half (floor) of the rows of every group in ``model``; returns rows zeroed.
+
+    ``layer_norm_widths=False`` leaves the groups a LayerNorm normalises alone (the residual stream
+    of BERT and ViT, pinned before otofx kept a layer norm's divisor): heads and MLP widths only,
+    as the earlier tables measured."""
     gen = torch.Generator().manual_seed(seed)
     params = dict(model.named_parameters())
+    normed = set() if layer_norm_widths else {
+        f"{n}.{a}" for n, m in model.named_modules() if isinstance(m, nn.LayerNorm) for a in ("weight", "bias")}
     total = 0
     with torch.no_grad():
         for z in groups:
             rows = torch.randperm(z.rows, generator=gen)[: z.rows // 2]
+            if any(name in normed for name, _, _ in z.params):
+                continue
             total += len(rows)
             for name, dim, idx in z.params:
                 params[name].data.movedim(dim, 0)[idx[rows].reshape(-1)] = 0

@@ -36,8 +36,8 @@ from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 from otofx import pipeline
 from otofx.capture import DATA_BRANCHES, STATIC_IMAGE_SIZES, _first_line, _no_kv_cache, normalize_inputs
 from otofx.errors import InputError, OTOError, VerificationError
-from otofx.passes.nodes import set_path, unread_parameters
-from otofx.passes.prune import Plan, row_norms, zero_row_plan
+from otofx.passes.nodes import layer_norm_params, set_path, unread_parameters
+from otofx.passes.prune import Plan, plan_rows, row_norms, zero_row_plan
 from otofx.passes.zigs import ZIG, ZigSet
 from otofx.verify import compare, compare_all, eval_mode, input_sets, outputs_close, run_eval
 from otofx.rebuild import RebuildError, rebuild
@@ -232,9 +232,13 @@ class OTO:
                             "take the example's branch; other branches were not analysed", type(self.model).__name__,
                             said)
         if form != "graph" and not passes:
+            check, rtol = verify or form == "auto", 1e-4 if verify else float("inf")
             try:
-                return self._compress_module(verify or form == "auto", plan, rtol=1e-4 if verify else float("inf"))
+                return self._compress_module(check, plan, rtol=rtol)
             except (RebuildError, VerificationError) as e:
+                small = self._module_keeping_layer_norm_widths(e, check, plan, rtol)
+                if small is not None:
+                    return small
                 if form == "module":
                     raise
                 if isinstance(e, VerificationError):
@@ -291,6 +295,30 @@ class OTO:
         _copy_training_flags(small, self.model)
         if verify:
             self.verify(small)
+        return small
+
+    def _module_keeping_layer_norm_widths(self, error: Exception, check: bool, plan: Plan | None,
+                                          rtol: float) -> torch.nn.Module | None:
+        """The model's own class with the zero rows of every width a LayerNorm normalises kept, when
+        the copy without them failed (``error``: a LayerNorm subclass that divides by its new width, a
+        module the example never reached that reads the hidden width); None when that fails too or
+        keeps nothing. Those widths were pinned before otofx kept a layer norm's divisor; the graph
+        form removes them."""
+        gm = self._sync()
+        plan = plan if plan is not None else zero_row_plan(self.zigset, gm)
+        normed = layer_norm_params(gm)
+        keep = {i for i, z in enumerate(plan.zigset.zigs)
+                if len(plan.removed[i]) and any(name in normed for name, _, _ in z.params)}
+        if not keep:
+            return None
+        kept = plan_rows(plan.zigset, [r[:0] if i in keep else r for i, r in enumerate(plan.removed)])
+        try:
+            small = self._compress_module(check, kept, rtol)
+        except (RebuildError, VerificationError):
+            return None
+        log.warning("otofx: compress() keeps the %d zero row(s) of the width(s) LayerNorms normalise in the %s it "
+                    "returns: removed, %s; form='graph' removes them", plan.count - kept.count,
+                    type(self.model).__name__, _first_line(error))
         return small
 
     def _compress_module(self, check: bool, plan: Plan | None, rtol: float) -> torch.nn.Module:

@@ -170,15 +170,18 @@ class LeafTracer(fx.Tracer):
 
 
 def _autowrap_functions() -> tuple:
-    # torchvision's stochastic_depth reads input.ndim, which a Proxy cannot answer
+    # torchvision's stochastic_depth reads input.ndim, which a Proxy cannot answer; a kept-divisor
+    # norm's reductions have no rule of their own
     return _autowrap_scan(len(FUNCTION_FORMS))
 
 
 @functools.lru_cache(maxsize=8)
 def _autowrap_scan(n_forms: int) -> tuple:
-    # NB: keyed on the registry's size, so a rule registered later is seen
+    # NB: keyed on the registry's size, so a rule registered later is seen. otofx's own functions (a
+    # compressed graph's norms with a kept divisor) stay one call when a compressed graph is traced again
     return tuple(t for t in list(FUNCTION_FORMS)
-                 if callable(t) and (getattr(t, "__module__", None) or "").startswith("torchvision.ops"))
+                 if callable(t) and (getattr(t, "__module__", None) or "").startswith(("torchvision.ops",
+                                                                                     "otofx.passes")))
 
 
 def graph_module(root: torch.nn.Module, graph: fx.Graph, class_name: str) -> fx.GraphModule:
@@ -806,15 +809,16 @@ def _follow_mode(gm: fx.GraphModule, model: torch.nn.Module, captured_training: 
             path = node.args[0].target.rpartition(".")[0]
             node.update_arg(1, _flag_node(gm, model, path, cache, node))
         elif t is _aten.scaled_dot_product_attention.default and captured_training:
-            i = 3 if len(node.args) > 3 else None
-            p = node.args[3] if i is not None else node.kwargs.get("dropout_p", 0.0)
+            # NB: (query, key, value, attn_mask, dropout_p, ...): dropout_p is the fifth argument
+            i = 4 if len(node.args) > 4 else None
+            p = node.args[4] if i is not None else node.kwargs.get("dropout_p", 0.0)
             if not isinstance(p, (int, float)) or not p:
                 continue
             flag = _flag_node(gm, model, _module_path(node), cache, node)
             with gm.graph.inserting_before(node):
                 scaled = gm.graph.call_function(operator.mul, (flag, float(p)))
             if i is not None:
-                node.update_arg(3, scaled)
+                node.update_arg(i, scaled)
             else:
                 node.update_kwarg("dropout_p", scaled)
         else:

@@ -40,6 +40,10 @@ Internals:
       weight absorbs the difference (:func:`_follow_floats`, :func:`_float_fold`), all or nothing.
       # NB: the folds read the class's forward off the graph; ``OTO.compress`` verifies the copy and
       rebuilds without them (``follow_floats=False``) when they were wrong.
+    * A LayerNorm over a narrowed axis is replaced by ``PrunedLayerNorm`` (it keeps the old
+      divisor), which no config builds: the widths it lost are not written into the config, and
+      the module's class counts as a mismatch, so ``from_pretrained`` refuses the checkpoint's shapes
+      rather than build ``nn.LayerNorm`` at the new width.
     * What the config still cannot express goes to ``config.otofx_widths`` (module name ->
       {attribute: new value}); with it absent, the config describes the model in full.
 """
@@ -54,6 +58,7 @@ import torch
 import torch.nn as nn
 
 from otofx.errors import OTOError
+from otofx.passes.modules import PrunedLayerNorm
 from otofx.passes.prune import Plan, take
 from otofx.passes.resize import (STREAM_WIDTHS, Change, ResizeError, Scope, apply_rms_fold, resize, resync_counts,
                                  constant_scale_sources, norm_sites, rms_folds, rms_input_producer,
@@ -224,6 +229,9 @@ def _resync_stream_width(new: nn.Module, model: nn.Module, stream: frozenset) ->
 
 def _resize_modules(new: nn.Module, cuts: dict, old_shapes: dict, stream: frozenset, groups: dict) -> dict:
     """Re-sync every module touched by ``cuts``, children first; returns {module: {attr: new}}."""
+    # NB: a model without a token embedding (torchvision's ViT) has no stream kept apart, and its
+    # stream's width names (``hidden_dim``) are widths like any other
+    plain = _input_embedding(new) is None
     per_module: dict = {}
     for name, c in cuts.items():
         mod, _, attr = name.rpartition(".")
@@ -250,7 +258,7 @@ def _resize_modules(new: nn.Module, cuts: dict, old_shapes: dict, stream: frozen
                 changed.setdefault(mname, {}).update(diff)
         scope = _scope(mname, m, cuts, old_shapes, stream, groups)
         if scope.widths:
-            done = resync_counts(m, scope)
+            done = resync_counts(m, scope, stream_widths=plain)
             if done:
                 log.debug("otofx: %s: %s", mname or type(m).__name__, done)
                 changed.setdefault(mname, {}).update({k: v[1] for k, v in done.items()})
@@ -321,6 +329,7 @@ class _Want:
     attrs: dict  # module name -> {attribute: value}
     given: dict  # module name -> {attribute: the value the model's own config gave it}
     floats: dict = dataclasses.field(default_factory=dict)  # module -> {attribute: (config-given old, new)}
+    classes: dict = dataclasses.field(default_factory=dict)  # module -> the class that replaced the config's
 
 
 def _want(new: nn.Module, model: nn.Module) -> _Want:
@@ -332,11 +341,13 @@ def _want(new: nn.Module, model: nn.Module) -> _Want:
     except Exception:  # noqa: BLE001 - a model its config does not rebuild: shapes only
         base = {}
     news = dict(new.named_modules())
-    attrs, olds, floats = {}, {}, {}
+    attrs, olds, floats, classes = {}, {}, {}, {}
     for name, m in model.named_modules():
         b = base.get(name)
         if b is None or type(b) is not type(m) or name not in news:
             continue
+        if type(news[name]) is not type(m):
+            classes[name] = type(news[name])
         fgiven, fnow = _float_attrs(b), _float_attrs(news[name])
         fsame = {k: (v, fnow[k]) for k, v in _float_attrs(m).items() if fgiven.get(k) == v and k in fnow}
         if fsame:
@@ -348,7 +359,7 @@ def _want(new: nn.Module, model: nn.Module) -> _Want:
             attrs[name] = {k: now[k] for k in same}
             if type(news[name]) is type(m):  # NB: a replaced module (PrunedMultiheadAttention) follows no config
                 olds[name] = same
-    return _Want(_shapes(new), attrs, olds, floats)
+    return _Want(_shapes(new), attrs, olds, floats, classes)
 
 
 def _build(cls, config) -> nn.Module | None:
@@ -373,7 +384,8 @@ def _mismatch(cls, config, want: _Want, built: nn.Module | None = None) -> int:
     for name, attrs in want.attrs.items():
         have = _int_attrs(mods[name]) if name in mods else {}
         bad += sum(have.get(k) != v for k, v in attrs.items())
-    return bad
+    # NB: a module otofx replaced (PrunedLayerNorm keeps its old divisor) is one no config builds
+    return bad + sum(type(mods.get(name)) is not cls for name, cls in want.classes.items())
 
 
 def _fit(cls, config, pairs: set, want: _Want) -> int:
@@ -581,7 +593,7 @@ def _follow_config(new: nn.Module, config, want: _Want, changed: dict, pairs: se
         setattr(news[name], k, f)
         attrs[name][k] = changed.setdefault(name, {})[k] = f
         log.debug("otofx: %s.%s = %d (was %d), as the new config builds it", name or type(new).__name__, k, f, v)
-    return _mismatch(type(new), config, _Want(want.shapes, attrs, want.given), built)
+    return _mismatch(type(new), config, dataclasses.replace(want, attrs=attrs), built)
 
 
 def _derived_head_dim(model: nn.Module) -> int | None:
@@ -631,6 +643,10 @@ def _update_config(new: nn.Module, model: nn.Module, changed: dict, cuts: dict, 
     for mname, m in new.named_modules():
         s = _scope(mname, m, cuts, old_shapes, stream, groups)
         pairs |= s.widths | s.counts | s.stream
+    # NB: a layer norm that keeps its old divisor is built by no config: the widths it lost stay
+    # unwritten, so from_pretrained refuses the checkpoint's shapes rather than load nn.LayerNorm,
+    # which would divide by the new width
+    pairs -= {(m.full_width, m.normalized_shape[-1]) for m in new.modules() if isinstance(m, PrunedLayerNorm)}
     want = _want(new, model)
     derived = _derived_head_dim(model)
     best = None

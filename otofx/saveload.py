@@ -68,11 +68,11 @@ _MODULE_INTERNALS = frozenset(nn.Module().__dict__) - {"training"}
 
 def _rebuildable() -> dict:
     """otofx modules that may replace a stock one, by (module, qualname): built from ``init_kwargs()``."""
-    from otofx.passes.modules import (PrunedMultiheadAttention, PrunedRelativeAttention, PrunedWindowAttention,
-                                      PrunedWindowAttention3d)
+    from otofx.passes.modules import (PrunedLayerNorm, PrunedLayerNorm2d, PrunedMultiheadAttention,
+                                      PrunedRelativeAttention, PrunedWindowAttention, PrunedWindowAttention3d)
 
     return {_type_name(c): c for c in (PrunedMultiheadAttention, PrunedWindowAttention, PrunedWindowAttention3d,
-                                       PrunedRelativeAttention)}
+                                       PrunedRelativeAttention, PrunedLayerNorm, PrunedLayerNorm2d)}
 
 
 def _type_name(cls: type) -> tuple[str, str]:

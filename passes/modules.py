@@ -7,6 +7,12 @@ computes exactly what ``nn.MultiheadAttention`` computes, with any number of hea
 stock names (``in_proj_weight`` or ``q/k/v_proj_weight``, ``in_proj_bias``, ``out_proj``,
 ``bias_k``, ``bias_v``), so the state_dict reads like the original's.
 
+``nn.LayerNorm`` divides its mean and variance by its width; over a residual stream that lost
+channels (zero in the dense model, so they added nothing to either sum) the compressed norm must
+still divide by the old width. ``PrunedLayerNorm`` (an ``nn.LayerNorm``, state_dict unchanged) does,
+through :func:`layer_norm_kept_divisor`; ``PrunedLayerNorm2d`` is its channels-first form
+(torchvision's and timm's ConvNeXt ``LayerNorm2d``).
+
 torchvision's Swin window attention reads its head width as ``C // num_heads`` of its input width
 ``C`` and writes ``C`` features back from the heads; MaxViT's attention writes its heads' output at
 its input width too. ``PrunedWindowAttention`` (Swin V1 and V2, :func:`window_attention`) and
@@ -49,6 +55,71 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+
+def layer_norm_kept_divisor(input, normalized_shape, weight=None, bias=None, eps: float = 1e-5, old: int = 1,
+                            new: int = 1):
+    """``F.layer_norm`` over a last axis narrowed from ``old`` to ``new`` entries whose removed entries
+    were zero: the mean and variance of all ``old`` entries (a compressed layer norm's function)."""
+    # NB: with r = new / old, the old mean is r * m and the old mean square r * (v + m**2), so the old
+    # variance is r * v + r * (1 - r) * m**2: two non-negative terms, no cancellation. Half inputs
+    # are normalised in float32, as torch's kernel does.
+    x = input.float() if input.dtype in (torch.float16, torch.bfloat16) else input
+    var, mean = torch.var_mean(x, dim=-1, keepdim=True, correction=0)
+    r = new / old
+    y = (x - mean * r) * torch.rsqrt(var * r + mean.square() * (r * (1.0 - r)) + eps)
+    if weight is not None:
+        y = y * weight.to(y.dtype)
+    if bias is not None:
+        y = y + bias.to(y.dtype)
+    return y.to(input.dtype)
+
+
+# NB: symbolic tracing keeps a call to it as one node (the layer_norm rule's), not its reductions,
+# so a compressed model compressed again sees a layer norm
+torch.fx.wrap("layer_norm_kept_divisor")
+
+
+class PrunedLayerNorm(nn.LayerNorm):
+    """``nn.LayerNorm`` over ``normalized_shape`` entries that were ``full_width`` before pruning: the
+    removed entries were zero, and the mean and variance still divide by ``full_width``."""
+
+    def __init__(self, src: nn.LayerNorm, full_width: int):
+        nn.Module.__init__(self)
+        self.normalized_shape = tuple(src.normalized_shape)
+        self.eps, self.elementwise_affine, self.full_width = src.eps, src.elementwise_affine, int(full_width)
+        self.weight, self.bias = src.weight, src.bias
+        self.train(src.training)
+
+    @classmethod
+    def empty(cls, *, width: int, full_width: int, eps: float, bias: bool, device=None, dtype=None):
+        """Uninitialised, of the given structure (``otofx.load`` fills the tensors)."""
+        return cls(nn.LayerNorm(width, eps=eps, bias=bias, device=device, dtype=dtype), full_width)
+
+    def init_kwargs(self) -> dict:
+        """The arguments of :meth:`empty` that rebuild this module's structure."""
+        return {"width": int(self.normalized_shape[-1]), "full_width": self.full_width, "eps": float(self.eps),
+                "bias": self.bias is not None}
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return layer_norm_kept_divisor(input, self.normalized_shape, self.weight, self.bias, self.eps,
+                                       old=self.full_width, new=self.normalized_shape[-1])
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, full_width={self.full_width}"
+
+
+class PrunedLayerNorm2d(PrunedLayerNorm):
+    """A channels-first ``LayerNorm2d`` (torchvision's and timm's ConvNeXt: permute to channels-last,
+    ``F.layer_norm``, permute back) over channels that were ``full_width`` before pruning."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return super().forward(input.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+# NB: these classes normalise the channel axis of NCHW input by permuting around F.layer_norm; their
+# pruned form is PrunedLayerNorm2d
+CHANNELS_FIRST_LAYER_NORMS = ("torchvision.models.convnext.LayerNorm2d", "timm.layers.norm.LayerNorm2d")
 
 
 class PrunedMultiheadAttention(nn.Module):

@@ -328,3 +328,22 @@ def rms_norm_of(mean: fx.Node) -> RmsNorm | None:
     if hit is None:
         return None
     return RmsNorm(mean, h, dim, eps, hit[0], hit[1])
+
+
+def layer_norm_params(gm: fx.GraphModule) -> set:
+    """Names of the parameters the layer norms of ``gm`` read as their weight or bias (through casts),
+    whichever front-end made the graph (``nn.LayerNorm`` calls, ``F.layer_norm``, ``aten.layer_norm``)."""
+    from .registry import op_of
+
+    out = set()
+    for n in gm.graph.nodes:
+        if n.op not in ("call_module", "call_function") or op_of(n, gm) != "layer_norm":
+            continue
+        args = call_arguments(n, gm) or {}
+        for v in (args.get("weight"), args.get("bias")):
+            v = _before_casts(v)
+            if isinstance(v, fx.Node) and v.op == "get_attr":
+                out.add(v.target)
+            elif hasattr(v, "name") and not isinstance(v, fx.Node):
+                out.add(v.name)  # a module form's ParamRef
+    return out

@@ -5,7 +5,8 @@ makes every module's attributes agree with its new tensors, so the user's own ``
 the smaller model. ``resize(module, change)`` looks the module's type up in a small registry
 (``Linear.in_features``, ``Conv2d.groups``, ``BatchNorm2d.num_features`` ...) and may return a
 replacement module (``nn.MultiheadAttention`` cannot hold a pruned head count:
-``PrunedMultiheadAttention`` takes its place; torchvision's Swin (image and video) and MaxViT attention
+``PrunedMultiheadAttention`` takes its place; an ``nn.LayerNorm`` over a narrowed width becomes
+``PrunedLayerNorm``, which keeps the old divisor; torchvision's Swin (image and video) and MaxViT attention
 modules become ``PrunedWindowAttention`` (``PrunedWindowAttention3d``) and ``PrunedRelativeAttention``, their heads read from the per-head bias
 table or logit scale the analysis sliced). ``resync_counts(module, scope)`` then updates the
 width and head-count attributes that attention and MLP blocks keep for their ``forward``
@@ -47,7 +48,8 @@ import torch.nn as nn
 from otofx.errors import OTOError
 
 from .channels import AxisLabels
-from .modules import PrunedMultiheadAttention, PrunedRelativeAttention, PrunedWindowAttention, PrunedWindowAttention3d
+from .modules import (CHANNELS_FIRST_LAYER_NORMS, PrunedLayerNorm, PrunedLayerNorm2d, PrunedMultiheadAttention, PrunedRelativeAttention, PrunedWindowAttention,
+                      PrunedWindowAttention3d)
 from .nodes import _CASTS, _RESHAPES, HF_CONV1D, _before_casts, _op, _squared, call_arguments, rms_norm_of
 from .registry import op_of
 
@@ -175,12 +177,32 @@ def norm_base(m: nn.Module, change: Change):
         m.num_features = t.shape[0]
 
 
-@resizer(nn.LayerNorm, nn.RMSNorm)
-def layer_norm(m: nn.Module, change: Change):
-    """LayerNorm / RMSNorm: normalized_shape from the elementwise weight (or bias)."""
+@resizer(nn.RMSNorm, PrunedLayerNorm, PrunedLayerNorm2d)
+def rms_norm(m: nn.Module, change: Change):
+    """RMSNorm (its eps and weight refolded from the graph), PrunedLayerNorm (its divisor kept):
+    normalized_shape from the elementwise weight (or bias)."""
     t = _first(m, "weight", "bias")
     if t is not None:
         m.normalized_shape = tuple(t.shape)
+
+
+@resizer(nn.LayerNorm, *CHANNELS_FIRST_LAYER_NORMS)
+def layer_norm(m: nn.LayerNorm, change: Change):
+    """nn.LayerNorm over a narrowed last axis: replaced by PrunedLayerNorm (its mean and variance
+    still divide by the old width, as the removed zero entries counted); ConvNeXt's channels-first
+    LayerNorm2d by PrunedLayerNorm2d; another subclass with its own forward cannot keep the divisor."""
+    t = _first(m, "weight", "bias")
+    if t is None or tuple(t.shape) == tuple(m.normalized_shape):
+        return None
+    if len(m.normalized_shape) != 1 or t.dim() != 1:
+        raise ResizeError(f"a LayerNorm over {tuple(m.normalized_shape)} lost entries of more than its last axis")
+    named = f"{type(m).__module__}.{type(m).__qualname__}"
+    if type(m).forward is not nn.LayerNorm.forward and named not in CHANNELS_FIRST_LAYER_NORMS:
+        raise ResizeError(f"{type(m).__name__}'s own forward divides by its width, {t.shape[0]} now, not by the "
+                          f"old {m.normalized_shape[-1]}")
+    full = m.normalized_shape[-1]
+    m.normalized_shape = tuple(t.shape)
+    return (PrunedLayerNorm2d if named in CHANNELS_FIRST_LAYER_NORMS else PrunedLayerNorm)(m, full)
 
 
 @resizer(nn.GroupNorm)
@@ -361,13 +383,16 @@ def _unique_new(pairs: set, value: int):
     return new.pop() if len(new) == 1 else None
 
 
-def resync_counts(module: nn.Module, scope: Scope) -> dict:
-    """Set the known width and head-count attributes of ``module`` whose old value one changed axis determines.
+def resync_counts(module: nn.Module, scope: Scope, stream_widths: bool = False) -> dict:
+    """Set the known width and head-count attributes of ``module`` whose old value one changed axis
+    determines; with ``stream_widths`` (a model whose residual stream no token embedding names:
+    torchvision's ViT reshapes its patches by ``hidden_dim``), the stream's width names too.
 
     Returns ``{attribute: (old, new)}`` of what was changed.
     """
     done = {}
-    for names, pairs in ((HEAD_COUNTS, scope.counts), (WIDTHS, scope.widths)):
+    names = WIDTHS + tuple(a for a in STREAM_WIDTHS if a not in WIDTHS) if stream_widths else WIDTHS
+    for names, pairs in ((HEAD_COUNTS, scope.counts), (names, scope.widths)):
         for attr in names:
             v = module.__dict__.get(attr)
             if type(v) is not int:

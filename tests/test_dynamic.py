@@ -395,3 +395,38 @@ def test_second_shape_satisfies_the_guards():
     for n in (8, 24):
         xi = torch.randn(3, n, 6)
         assert max_rel_diff(_run(model, xi), _run(small, xi)) <= RTOL
+
+
+class _MaskedAttention(nn.Module):
+    """Self-attention with a mask passed positionally and dropout only in training (Hugging Face's
+    ``dropout=0.0 if not self.training else p``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv, self.out = nn.Linear(8, 24), nn.Linear(8, 8)
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).view(x.shape[0], x.shape[1], 3, 2, 4).permute(2, 0, 3, 1, 4)
+        mask = torch.ones(x.shape[1], x.shape[1], dtype=torch.bool).tril()
+        o = nn.functional.scaled_dot_product_attention(q, k, v, mask, 0.5 if self.training else 0.0)
+        return self.out(o.transpose(1, 2).reshape(x.shape))
+
+
+def test_export_attention_dropout_after_a_positional_mask_follows_the_mode():
+    """A training capture holds the attention's dropout_p (the fifth argument, after the mask) as a
+    literal; the graph scales it by the module's flag, so in eval mode it computes the model's eval
+    function and does not draw (before, the mask was taken for dropout_p and 0.5 stayed)."""
+    torch.manual_seed(0)
+    model = _MaskedAttention().train()
+    x = torch.randn(2, 6, 8)
+    oto = otofx.OTO(model, x, frontend="export")
+    gm = oto.graph_module
+    sdpa = [n for n in gm.graph.nodes if n.target is torch.ops.aten.scaled_dot_product_attention.default]
+    assert sdpa and all(isinstance(n.args[4], torch.fx.Node) for n in sdpa)
+    from otofx.verify import run_eval
+
+    with torch.no_grad():
+        assert max_rel_diff(gm(x), gm(x)) > 1e-3, "attention dropout is not active in training mode"
+        got = run_eval(gm, (x,), {})
+        torch.testing.assert_close(got, model.eval()(x), rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(run_eval(gm, (x,), {}), got, rtol=0, atol=0)

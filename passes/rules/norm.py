@@ -1,14 +1,18 @@
 """Normalisation layers: batch and instance norm, group norm, layer norm and RMSNorm.
 
 Per-channel statistics (batch, instance, group norm over axis 1) are owned by their channel; a
-norm whose divisor counts channels (group norm's groups, layer norm's trailing axes) ties or pins
-them, since removing a channel would change the divisor. An RMS norm is the exception: a zero
-channel adds nothing to its sum of squares, so channels that are zero with their rows stay rows
-and the rewrite keeps the old divisor (``rms_norm_kept_divisor``).
+norm whose divisor counts channels (group norm's groups, a layer norm over several axes) ties or
+pins them, since removing a channel would change the divisor. Layer and RMS norms over one last
+axis are the exception: a zero channel adds nothing to the sums of values and squares, so channels
+that are zero with their rows stay rows and the rewrite keeps the old divisor
+(``layer_norm_kept_divisor``, ``rms_norm_kept_divisor``; the module form swaps in
+``PrunedLayerNorm``, or refolds an RMS norm's eps and weight).
 
 Internals:
     * A norm without affine parameters maps a zero channel to a non-zero one (-mean / sqrt(var)
       for batch norm's running statistics): its output is zero with its row only when affine.
+    * A layer norm's removed channel gives ``(0 - mean) / std * w + b``: zero when its weight and
+      bias entries are (they are in its row); without a weight it is not, and the axis is pinned.
 """
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..modules import layer_norm_kept_divisor
 from ..channels import PINNED, Ctx, ParamRef, SymSize, false_mask, true_mask
 from ..registry import CONTIGUOUS_OUT, KEEPS_CONTIGUOUS, functions, modules, rule
 from .common import _ov, _out_shape, _passthrough
@@ -95,11 +100,28 @@ modules("group_norm", [nn.GroupNorm], lambda node, m, args, kwargs: dict(
 functions("group_norm", [F.group_norm] + _ov(aten.group_norm, "default"))
 
 
-@rule("layer_norm", reads_params=True, keeps_shape=CONTIGUOUS_OUT, keeps_axes=True)
-def layer_norm(ctx: Ctx, input, normalized_shape, weight=None, bias=None, meta=None, **_):
-    """normalises over the trailing len(normalized_shape) axes: those axes are pinned (the divisor counts every channel)."""
-    x = input
-    k = len(normalized_shape) if isinstance(normalized_shape, (tuple, list, torch.Size)) else 1
+def _layer_norm_fix(site, input, normalized_shape, weight=None, bias=None, eps=1e-5, old=None, **_):
+    # NB: a compressed graph's norm (layer_norm_kept_divisor) compressed again keeps its first width
+    first = old
+    old, new = site.old(input), site.new(input)
+    if old is None or new is None or old[-1] == new[-1]:
+        return
+    shape = [new[-1]]
+    if site.module is not None:
+        m = site.module
+        m.normalized_shape = tuple(shape)
+        g = site.node.graph
+        with g.inserting_before(site.node):
+            w = g.get_attr(f"{site.node.target}.weight") if m.weight is not None else None
+            b = g.get_attr(f"{site.node.target}.bias") if m.bias is not None else None
+        eps = m.eps
+        src = site.node.args[0] if site.node.args else site.node.kwargs["input"]
+    else:
+        src, w, b = input, weight, bias
+    site.replace_call(layer_norm_kept_divisor, (src, shape, w, b, eps), {"old": first or old[-1], "new": new[-1]})
+
+
+def _pin_normalised(ctx: Ctx, x, k: int, weight, bias, meta):
     for d in range(x.ndim - k, x.ndim):
         ctx.pin(x.ids[d], f"{ctx.op} normalises over this axis")
     for p in (weight, bias):
@@ -107,6 +129,27 @@ def layer_norm(ctx: Ctx, input, normalized_shape, weight=None, bias=None, meta=N
             ctx.param(p, {d: PINNED for d in range(len(ctx.shape_of(p)))})
     shape = _out_shape(meta)
     return _passthrough(ctx, x, shape, {d: d for d in range(x.ndim - k)}, handled=tuple(range(x.ndim - k, x.ndim)))
+
+
+@rule("layer_norm", fix=_layer_norm_fix, reads_params=True, takes_sizes=True, keeps_shape=CONTIGUOUS_OUT,
+      keeps_axes=True)
+def layer_norm(ctx: Ctx, input, normalized_shape, weight=None, bias=None, eps=1e-5, meta=None, **_):
+    """over one last axis whose channels are zero with their rows and an affine weight: each channel is a row (its weight and bias entries with it) and the rewrite keeps the old divisor of the mean and variance; any other normalised axis is pinned (the divisor counts every channel)."""
+    x = input
+    shape = tuple(normalized_shape) if isinstance(normalized_shape, (tuple, list, torch.Size)) else (normalized_shape,)
+    syms = [v for v in shape if isinstance(v, SymSize)]
+    ids = x.ids[-1]
+    # NB: without a weight a removed channel's output is -mean / std, not zero: pinned
+    if (len(shape) != 1 or weight is None or not x.zero[-1].all()
+            or any(len(v.ids) != 1 or len(v.ids[0]) != len(ids) for v in syms)):
+        ctx.pin(syms, "a size read off this axis is used as a value")
+        return _pin_normalised(ctx, x, len(shape), weight, bias, meta)
+    for v in syms:
+        ctx.tie(v.ids[0], ids)
+    ctx.param(weight, {0: ids})
+    if bias is not None:
+        ctx.param(bias, {0: ids})
+    return x.with_axis(x.ndim - 1, ids, true_mask(len(ids)))
 
 
 def _ln_module(node, m, args, kwargs):
@@ -117,7 +160,7 @@ def _ln_module(node, m, args, kwargs):
 
 
 modules("layer_norm", [nn.LayerNorm], _ln_module)
-functions("layer_norm", [F.layer_norm] + _ov(aten.layer_norm, "default"))
+functions("layer_norm", [F.layer_norm, layer_norm_kept_divisor] + _ov(aten.layer_norm, "default"))
 
 
 def rms_norm_kept_divisor(input, normalized_shape, weight=None, eps=None, old: int = 1, new: int = 1):
@@ -159,7 +202,7 @@ def rms_norm(ctx: Ctx, input, normalized_shape, weight=None, eps=None, meta=None
     # NB: a width read off the shapes (symbolic_trace's ``weight.shape``) must measure this axis
     if len(shape) != 1 or not x.zero[-1].all() or any(len(v.ids) != 1 or len(v.ids[0]) != len(ids) for v in syms):
         ctx.pin(syms, "a size read off this axis is used as a value")
-        return layer_norm(ctx, input, shape, weight, None, meta)
+        return _pin_normalised(ctx, x, len(shape), weight, None, meta)
     for v in syms:
         ctx.tie(v.ids[0], ids)
     if weight is not None:

@@ -62,17 +62,48 @@ def group_norm_no_affine():
     return m, img()
 
 
-@example("layer_norm", expect_pin="layer_norm")
+@example("layer_norm")
 def layer_norm_tokens():
-    """LN over the features pins them; the hidden layer before it stays prunable."""
+    """LN over features that are zero with their rows: each feature is a row (its weight and bias
+    entries with it); the rewrite keeps the old divisor of the mean and variance."""
     m = Net(lambda s, x: s.l3(s.ln(s.l2(F.gelu(s.l1(x))))), l1=nn.Linear(6, 8), l2=nn.Linear(8, 8),
             ln=nn.LayerNorm(8), l3=nn.Linear(8, 4))
     return m, torch.randn(N, 5, 6)
 
 
-@example("layer_norm", "permute", expect_pin="layer_norm")
+@example("layer_norm")
+def layer_norm_residual_stream():
+    """A pre-norm residual stream read through LayerNorms (a ViT block in small) and a functional
+    LN without a bias: the stream's width is one group."""
+
+    def fwd(s, x):
+        h = s.l1(x)
+        h = h + s.down(F.gelu(s.up(s.n0(h))))
+        return s.head(F.layer_norm(h, (8,), s.w, None, 1e-6))
+
+    m = Net(fwd, l1=nn.Linear(6, 8), up=nn.Linear(8, 12), down=nn.Linear(12, 8), head=nn.Linear(8, 4),
+            n0=nn.LayerNorm(8), w=nn.Parameter(torch.ones(8)))
+    return m, torch.randn(N, 5, 6)
+
+
+@example("layer_norm", frontend="export")
+def layer_norm_residual_stream_aten():
+    """The same through torch.export (``aten.layer_norm``)."""
+
+    def fwd(s, x):
+        _force_export(x)
+        h = s.l1(x)
+        h = h + s.down(F.gelu(s.up(s.n0(h))))
+        return s.head(s.n1(h))
+
+    m = Net(fwd, l1=nn.Linear(6, 8), up=nn.Linear(8, 12), down=nn.Linear(12, 8), head=nn.Linear(8, 4),
+            n0=nn.LayerNorm(8), n1=nn.LayerNorm(8, bias=False))
+    return m, torch.randn(N, 5, 6)
+
+
+@example("layer_norm", "permute")
 def layer_norm_channels_last():
-    """ConvNeXt-style LN over channels (permute, LN, permute back): the channels are pinned."""
+    """ConvNeXt-style LN over channels (permute, LN, permute back): the channels are rows."""
 
     def fwd(s, x):
         y = s.c1(x).permute(0, 2, 3, 1)
@@ -81,6 +112,30 @@ def layer_norm_channels_last():
 
     m = Net(fwd, c1=conv(3, 8), ln=nn.LayerNorm(8), c2=conv(8, 6), c3=conv(6, 4))
     return m, img()
+
+
+@example("layer_norm", expect_pin="layer_norm")
+def layer_norm_without_affine():
+    """LN without a weight maps a removed zero feature to -mean / std: the features are pinned."""
+    m = Net(lambda s, x: s.l3(s.ln(s.l2(F.gelu(s.l1(x))))), l1=nn.Linear(6, 8), l2=nn.Linear(8, 8),
+            ln=nn.LayerNorm(8, elementwise_affine=False), l3=nn.Linear(8, 4))
+    return m, torch.randn(N, 5, 6)
+
+
+@example("layer_norm", expect_pin="layer_norm")
+def layer_norm_two_axes():
+    """LN over (tokens, features) averages over both axes: both are pinned."""
+    m = Net(lambda s, x: s.l3(s.ln(s.l2(F.gelu(s.l1(x))))), l1=nn.Linear(6, 8), l2=nn.Linear(8, 8),
+            ln=nn.LayerNorm((5, 8)), l3=nn.Linear(8, 4))
+    return m, torch.randn(N, 5, 6)
+
+
+@example("layer_norm", expect_pin="layer_norm")
+def layer_norm_of_nonzero_features():
+    """A feature that is not zero with its row (a constant added after the producer) pins the axis."""
+    m = Net(lambda s, x: s.l3(s.ln(s.l2(F.gelu(s.l1(x))) + 1.0)), l1=nn.Linear(6, 8), l2=nn.Linear(8, 8),
+            ln=nn.LayerNorm(8), l3=nn.Linear(8, 4))
+    return m, torch.randn(N, 5, 6)
 
 
 @example("layer_norm")
