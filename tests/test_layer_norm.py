@@ -49,13 +49,10 @@ def _vit():
 
 def _hf(name):
     T = pytest.importorskip("transformers")
-    if name == "bert":
-        return T.BertForSequenceClassification(T.BertConfig(
-            vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-            max_position_embeddings=64, num_labels=3))
-    if name == "gpt2":
-        return T.GPT2LMHeadModel(T.GPT2Config(vocab_size=100, n_embd=32, n_layer=2, n_head=4, n_positions=64,
-                                              bos_token_id=0, eos_token_id=0, pad_token_id=0))
+    if name != "distilbert":
+        from test_deploy import _hf as tiny  # BERT's classifier, GPT-2's LM head
+
+        return tiny(name)
     return T.DistilBertForMaskedLM(T.DistilBertConfig(vocab_size=100, dim=32, n_layers=2, n_heads=4, hidden_dim=64,
                                                       max_position_embeddings=64))
 

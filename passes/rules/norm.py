@@ -100,25 +100,32 @@ modules("group_norm", [nn.GroupNorm], lambda node, m, args, kwargs: dict(
 functions("group_norm", [F.group_norm] + _ov(aten.group_norm, "default"))
 
 
-def _layer_norm_fix(site, input, normalized_shape, weight=None, bias=None, eps=1e-5, old=None, **_):
-    # NB: a compressed graph's norm (layer_norm_kept_divisor) compressed again keeps its first width
-    first = old
-    old, new = site.old(input), site.new(input)
-    if old is None or new is None or old[-1] == new[-1]:
-        return
-    shape = [new[-1]]
-    if site.module is not None:
-        m = site.module
-        m.normalized_shape = tuple(shape)
-        g = site.node.graph
-        with g.inserting_before(site.node):
-            w = g.get_attr(f"{site.node.target}.weight") if m.weight is not None else None
-            b = g.get_attr(f"{site.node.target}.bias") if m.bias is not None else None
-        eps = m.eps
-        src = site.node.args[0] if site.node.args else site.node.kwargs["input"]
-    else:
-        src, w, b = input, weight, bias
-    site.replace_call(layer_norm_kept_divisor, (src, shape, w, b, eps), {"old": first or old[-1], "new": new[-1]})
+def _narrowed_norm_fix(kept, names: tuple):
+    """The fix of a norm over a last axis that lost entries: the call becomes ``kept`` (a
+    ``*_kept_divisor`` function: the old width's divisor) with ``names`` (its affine tensors)."""
+
+    def fix(site, input, normalized_shape, weight=None, bias=None, eps=None, old=None, **_):
+        # NB: a compressed graph's norm (already a kept-divisor call) compressed again keeps its first width
+        first = old
+        old, new = site.old(input), site.new(input)
+        if old is None or new is None or old[-1] == new[-1]:
+            return
+        shape = [new[-1]]
+        tensors = {"weight": weight, "bias": bias}
+        src = input
+        if site.module is not None:
+            m = site.module
+            m.normalized_shape = tuple(shape)
+            g = site.node.graph
+            with g.inserting_before(site.node):
+                tensors = {k: g.get_attr(f"{site.node.target}.{k}") if getattr(m, k, None) is not None else None
+                           for k in names}
+            eps = m.eps
+            src = site.node.args[0] if site.node.args else site.node.kwargs["input"]
+        site.replace_call(kept, (src, shape, *(tensors[k] for k in names), eps),
+                          {"old": first or old[-1], "new": new[-1]})
+
+    return fix
 
 
 def _pin_normalised(ctx: Ctx, x, k: int, weight, bias, meta):
@@ -131,7 +138,7 @@ def _pin_normalised(ctx: Ctx, x, k: int, weight, bias, meta):
     return _passthrough(ctx, x, shape, {d: d for d in range(x.ndim - k)}, handled=tuple(range(x.ndim - k, x.ndim)))
 
 
-@rule("layer_norm", fix=_layer_norm_fix, reads_params=True, takes_sizes=True, keeps_shape=CONTIGUOUS_OUT,
+@rule("layer_norm", fix=_narrowed_norm_fix(layer_norm_kept_divisor, ("weight", "bias")), reads_params=True, takes_sizes=True, keeps_shape=CONTIGUOUS_OUT,
       keeps_axes=True)
 def layer_norm(ctx: Ctx, input, normalized_shape, weight=None, bias=None, eps=1e-5, meta=None, **_):
     """over one last axis whose channels are zero with their rows and an affine weight: each channel is a row (its weight and bias entries with it) and the rewrite keeps the old divisor of the mean and variance; any other normalised axis is pinned (the divisor counts every channel)."""
@@ -172,23 +179,7 @@ def rms_norm_kept_divisor(input, normalized_shape, weight=None, eps=None, old: i
     return F.rms_norm(input * c, normalized_shape, weight, eps) / c
 
 
-def _rms_norm_fix(site, input, normalized_shape, weight=None, eps=None, old=None, **_):
-    # NB: a compressed graph's norm (rms_norm_kept_divisor) compressed again keeps its first width
-    first = old
-    old, new = site.old(input), site.new(input)
-    if old is None or new is None or old[-1] == new[-1]:
-        return
-    shape = [new[-1]]
-    if site.module is not None:
-        site.module.normalized_shape = tuple(shape)
-        g = site.node.graph
-        with g.inserting_before(site.node):
-            w = g.get_attr(f"{site.node.target}.weight") if site.module.weight is not None else None
-        eps = site.module.eps
-        src = site.node.args[0] if site.node.args else site.node.kwargs["input"]
-    else:
-        src, w = input, weight
-    site.replace_call(rms_norm_kept_divisor, (src, shape, w, eps), {"old": first or old[-1], "new": new[-1]})
+_rms_norm_fix = _narrowed_norm_fix(rms_norm_kept_divisor, ("weight",))
 
 
 @rule("rms_norm", fix=_rms_norm_fix, reads_params=True, takes_sizes=True, keeps_shape=CONTIGUOUS_OUT,
