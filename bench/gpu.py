@@ -11,7 +11,8 @@ what it measures and how):
       DHSPG/HESSO step times against torch's fused SGD and AdamW on resnet50 and vit_b_16, then
       ``profile_rows``: where a step's time goes (kernels, launches, synchronising calls per step);
     * ``latency`` (bench/latency.py): dense against compressed latency, half of every group's rows
-      zeroed, resnet50, vit_b_16 and a BERT-base, float32 and bfloat16, batch 64;
+      zeroed but the widths LayerNorms normalise (heads and MLP widths, as issue 15 states its target),
+      resnet50, vit_b_16 and a BERT-base, float32 and bfloat16, batch 64;
     * ``compile`` (bench/compile.py): ``torch.compile(backend="otofx")`` against inductor on the dense
       model, resnet50 and mobilenet_v2, with the FLOPs ratio beside the latency ratio;
     * ``admm`` (bench/admm.py): a 4096x4096 Linear with 16/32/64-blocks pruned at 0.5/0.75/0.9, dense

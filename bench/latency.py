@@ -195,8 +195,8 @@ def gpu_rows(device: str = "cuda", batch: int = 64, *, models=GPU_MODELS, runs: 
     """Dense vs compressed latency on one device in float32 and bfloat16, as a list of table rows.
 
     For resnet50, vit_b_16 (3x224x224) and a BERT-base-sized ``BertModel`` (``input_ids`` of length
-    128), random weights: a random half of every otofx group's rows is zeroed (analysis on the CPU
-    on a batch of one), ``oto.compress()``, then both models are moved to ``device`` and timed on
+    128), random weights: a random half of every otofx group's rows is zeroed, but for the widths
+    LayerNorms normalise (analysis on the CPU on a batch of one), ``oto.compress()``, then both models are moved to ``device`` and timed on
     ``batch`` with CUDA events (the wall clock on the CPU), ``runs`` calls each after ``warmup``,
     alternating. Each row (one per model and dtype): model, device, dtype, batch, dense ms, pruned
     ms, speedup (dense / pruned), FLOPs ratio, params ratio, dense GFLOPs, rel err (dense vs

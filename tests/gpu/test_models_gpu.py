@@ -3,7 +3,8 @@
 Full-size torchvision ``vit_b_16`` (input 3x224x224; the dense model keeps ``nn.MultiheadAttention``'s
 fused inference path, the compressed one runs ``PrunedMultiheadAttention`` on the flash/efficient
 SDPA kernels) and a BERT-base-sized Hugging Face ``BertForSequenceClassification`` (random weights,
-``input_ids`` 4x128 with padding in ``attention_mask``). Half of every group's rows is zeroed, the
+``input_ids`` 4x128 with padding in ``attention_mask``). Half of every group's rows is zeroed (the
+hidden width too: the compressed LayerNorms are ``PrunedLayerNorm``s, which keep the old divisor), the
 analysis and ``compress()`` run on the CPU in float32, then both models move to CUDA in the dtype
 and must agree within the pipeline's dtype-fitting tolerance (``otofx.pipeline.outputs_close``:
 1e-4 in float32, ``2 u sqrt(depth)`` in bfloat16).
@@ -20,7 +21,7 @@ import torch
 
 import otofx
 from helpers import n_params, randomize, zero_random_rows
-from otofx.passes.modules import PrunedMultiheadAttention
+from otofx.passes.modules import PrunedLayerNorm, PrunedMultiheadAttention
 from otofx.pipeline import contraction_depth, outputs_close
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -102,11 +103,13 @@ def test_vit_b_16_on_cuda(vit, dtype):
     dense, small, args, kwargs = vit
     attn = small.get_submodule("encoder.layers.encoder_layer_0.self_attention")
     assert isinstance(attn, PrunedMultiheadAttention) and attn.num_heads == 6
+    assert isinstance(small.encoder.ln, PrunedLayerNorm) and small.hidden_dim == 384  # the residual stream too
     check_on("cuda", dense, small, args, kwargs, DTYPES[dtype])
 
 
 @pytest.mark.parametrize("dtype", sorted(DTYPES))
 def test_bert_base_on_cuda(bert, dtype):
     dense, small, args, kwargs = bert
-    assert small.bert.encoder.layer[0].attention.self.query.weight.shape[0] == 384
+    assert small.bert.encoder.layer[0].attention.self.query.weight.shape == (384, 384)
+    assert isinstance(small.bert.embeddings.LayerNorm, PrunedLayerNorm)  # the hidden width, under LayerNorms
     check_on("cuda", dense, small, args, kwargs, DTYPES[dtype])
