@@ -117,7 +117,10 @@ def _tiled_like(example, shaped):
 
 
 class OTO:
-    """Capture ``model`` and find its zero-invariant groups; ``compress()`` removes zero rows."""
+    """Capture ``model`` and find its zero-invariant groups; ``compress()`` removes zero rows.
+
+    ``pin``: names of parameters or modules whose channels stay whole, or module types
+    (``torch.nn.LayerNorm``) standing for every module of that type."""
 
     def __init__(self, model: torch.nn.Module, example_inputs, *, pin=(), frontend: str = "auto"):
         _check_params(model)

@@ -24,6 +24,7 @@ import logging
 
 import torch
 
+from otofx.errors import InputError
 from otofx.passes.prune import Plan, plan_rows, prune_graph, zero_rows
 from otofx.passes.zigs import ZigSet, zero_invariant_groups
 from otofx.pipeline import (GRAPH, Capture, Key, Pipeline, PipelineError, State, Verify, contract,
@@ -37,13 +38,28 @@ PLAN = Key("plan", Plan, "plan_zero_rows", "the rows to remove")
 REPORT = Key("report", str, "report_pins", "report_pins' table")
 
 
+def pin_names(pin, model: torch.nn.Module) -> tuple:
+    """``pin`` as names: a module type in it (``torch.nn.LayerNorm``) stands for every module of
+    ``model`` of that type (subclasses included)."""
+    out = []
+    for p in pin:
+        if isinstance(p, type):
+            hits = [n for n, m in model.named_modules() if isinstance(m, p) and n]
+            if not hits:
+                raise InputError(f"pin=[{p.__name__}]: {type(model).__name__} has no module of that type")
+            out += hits
+        else:
+            out.append(p)
+    return tuple(out)
+
+
 @contract(reads=(GRAPH, PIN), writes=(ZIGSET,), analysis=True)
 def find_zigs(state: State) -> State:
     """The zero-invariant groups of ``state.gm`` (needs propagate_shapes); the ``PIN`` names stay whole."""
     gm = state.gm
     if not any("val" in n.meta for n in gm.graph.nodes if n.op != "output"):
         raise PipelineError("pass 'find_zigs' needs shapes on the graph: run 'propagate_shapes' before it")
-    zs = zero_invariant_groups(gm, pin=tuple(state.get(PIN)))
+    zs = zero_invariant_groups(gm, pin=pin_names(state.get(PIN), state.model if state.model is not None else gm))
     log.info("otofx: %d groups, %d rows, %d pins", len(zs.zigs), sum(z.rows for z in zs.zigs), len(zs.pinned))
     return state.put(ZIGSET, zs)
 

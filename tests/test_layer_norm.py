@@ -201,3 +201,35 @@ def test_layer_norm_subclass_with_its_own_forward_keeps_its_width_in_the_own_cla
     zero_random_rows(plain, oto, seed=1)
     small = oto.compress()
     assert type(small) is _Block and isinstance(small.n0, PrunedLayerNorm) and small.n0.weight.shape == (8,)
+
+
+def test_pinning_the_layer_norms_keeps_a_model_from_pretrained_can_load(tmp_path):
+    """``pin=(torch.nn.LayerNorm,)`` pins every LayerNorm's width (a type stands for every module of
+    it): Phi keeps its hidden width, its config describes the compressed model, and
+    ``from_pretrained`` of its ``save_pretrained`` folder gives it back exactly. Without the pin its
+    hidden width is a group, and loading refuses the shapes."""
+    T = pytest.importorskip("transformers")
+    config = T.PhiConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, max_position_embeddings=64)
+    ids = torch.randint(1, 100, (2, 9))
+    for pin in ((), (nn.LayerNorm,)):
+        torch.manual_seed(0)
+        model = randomize(T.PhiForCausalLM(config).eval())
+        oto = otofx.OTO(model, ids, pin=pin)
+        stream = [z for z in oto.groups if any(n == "model.embed_tokens.weight" for n, _, _ in z.params)]
+        assert bool(stream) == (not pin)
+        zero_random_rows(model, oto, seed=3)
+        small = oto.compress()
+        assert type(small) is type(model)
+        folder = tmp_path / f"hf{len(pin)}"
+        small.save_pretrained(folder)
+        if pin:
+            assert getattr(small.config, "otofx_widths", None) is None
+            back = type(model).from_pretrained(folder).eval()
+            with torch.no_grad():
+                torch.testing.assert_close(back(ids).logits, small(ids).logits, rtol=1e-5, atol=1e-6)
+        else:
+            with pytest.raises(Exception, match="(?i)size|shape"):
+                type(model).from_pretrained(folder)
+    with pytest.raises(otofx.OTOError, match="pin=\\[GroupNorm\\]: PhiForCausalLM has no module of that type"):
+        otofx.OTO(model, ids, pin=(nn.GroupNorm,))
