@@ -333,6 +333,7 @@ def rms_norm_of(mean: fx.Node) -> RmsNorm | None:
 def layer_norm_params(gm: fx.GraphModule) -> set:
     """Names of the parameters the layer norms of ``gm`` read as their weight or bias (through casts),
     whichever front-end made the graph (``nn.LayerNorm`` calls, ``F.layer_norm``, ``aten.layer_norm``)."""
+    from .channels import ParamRef
     from .registry import op_of
 
     out = set()
@@ -342,8 +343,8 @@ def layer_norm_params(gm: fx.GraphModule) -> set:
         args = call_arguments(n, gm) or {}
         for v in (args.get("weight"), args.get("bias")):
             v = _before_casts(v)
-            if isinstance(v, fx.Node) and v.op == "get_attr":
+            if isinstance(v, ParamRef):  # a module form's tensor
+                out.add(v.name)
+            elif isinstance(v, fx.Node) and v.op == "get_attr":
                 out.add(v.target)
-            elif hasattr(v, "name") and not isinstance(v, fx.Node):
-                out.add(v.name)  # a module form's ParamRef
     return out

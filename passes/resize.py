@@ -48,8 +48,8 @@ import torch.nn as nn
 from otofx.errors import OTOError
 
 from .channels import AxisLabels
-from .modules import (CHANNELS_FIRST_LAYER_NORMS, PrunedLayerNorm, PrunedLayerNorm2d, PrunedMultiheadAttention, PrunedRelativeAttention, PrunedWindowAttention,
-                      PrunedWindowAttention3d)
+from .modules import (CHANNELS_FIRST_LAYER_NORMS, PrunedLayerNorm, PrunedLayerNorm2d, PrunedMultiheadAttention,
+                      PrunedRelativeAttention, PrunedWindowAttention, PrunedWindowAttention3d)
 from .nodes import _CASTS, _RESHAPES, HF_CONV1D, _before_casts, _op, _squared, call_arguments, rms_norm_of
 from .registry import op_of
 
@@ -178,7 +178,7 @@ def norm_base(m: nn.Module, change: Change):
 
 
 @resizer(nn.RMSNorm, PrunedLayerNorm, PrunedLayerNorm2d)
-def rms_norm(m: nn.Module, change: Change):
+def normalized_shape(m: nn.Module, change: Change):
     """RMSNorm (its eps and weight refolded from the graph), PrunedLayerNorm (its divisor kept):
     normalized_shape from the elementwise weight (or bias)."""
     t = _first(m, "weight", "bias")
@@ -391,8 +391,8 @@ def resync_counts(module: nn.Module, scope: Scope, stream_widths: bool = False) 
     Returns ``{attribute: (old, new)}`` of what was changed.
     """
     done = {}
-    names = WIDTHS + tuple(a for a in STREAM_WIDTHS if a not in WIDTHS) if stream_widths else WIDTHS
-    for names, pairs in ((HEAD_COUNTS, scope.counts), (names, scope.widths)):
+    widths = WIDTHS + tuple(a for a in STREAM_WIDTHS if a not in WIDTHS) if stream_widths else WIDTHS
+    for names, pairs in ((HEAD_COUNTS, scope.counts), (widths, scope.widths)):
         for attr in names:
             v = module.__dict__.get(attr)
             if type(v) is not int:

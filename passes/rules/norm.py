@@ -138,25 +138,34 @@ def _pin_normalised(ctx: Ctx, x, k: int, weight, bias, meta):
     return _passthrough(ctx, x, shape, {d: d for d in range(x.ndim - k)}, handled=tuple(range(x.ndim - k, x.ndim)))
 
 
-@rule("layer_norm", fix=_narrowed_norm_fix(layer_norm_kept_divisor, ("weight", "bias")), reads_params=True, takes_sizes=True, keeps_shape=CONTIGUOUS_OUT,
-      keeps_axes=True)
-def layer_norm(ctx: Ctx, input, normalized_shape, weight=None, bias=None, eps=1e-5, meta=None, **_):
-    """over one last axis whose channels are zero with their rows and an affine weight: each channel is a row (its weight and bias entries with it) and the rewrite keeps the old divisor of the mean and variance; any other normalised axis is pinned (the divisor counts every channel)."""
-    x = input
+def _last_axis_rows(ctx: Ctx, x, normalized_shape, weight, bias, meta, needs_weight: bool):
+    """A norm over one last axis whose channels are zero with their rows: each channel is a row (its
+    weight and bias entries with it), the rewrite keeping the old divisor; otherwise (several axes,
+    a size read off the axis as a value, no weight where a removed channel would not stay zero)
+    the normalised axes are pinned."""
     shape = tuple(normalized_shape) if isinstance(normalized_shape, (tuple, list, torch.Size)) else (normalized_shape,)
     syms = [v for v in shape if isinstance(v, SymSize)]
     ids = x.ids[-1]
-    # NB: without a weight a removed channel's output is -mean / std, not zero: pinned
-    if (len(shape) != 1 or weight is None or not x.zero[-1].all()
+    # NB: a width read off the shapes (symbolic_trace's ``weight.shape``) must measure this axis
+    if (len(shape) != 1 or (needs_weight and weight is None) or not x.zero[-1].all()
             or any(len(v.ids) != 1 or len(v.ids[0]) != len(ids) for v in syms)):
         ctx.pin(syms, "a size read off this axis is used as a value")
         return _pin_normalised(ctx, x, len(shape), weight, bias, meta)
     for v in syms:
         ctx.tie(v.ids[0], ids)
-    ctx.param(weight, {0: ids})
-    if bias is not None:
-        ctx.param(bias, {0: ids})
-    return x.with_axis(x.ndim - 1, ids, true_mask(len(ids)))
+    for p in (weight, bias):
+        if p is not None:
+            ctx.param(p, {0: ids})
+    z = true_mask(len(ids)) if weight is not None else x.zero[-1]
+    return x.with_axis(x.ndim - 1, ids, z)
+
+
+@rule("layer_norm", fix=_narrowed_norm_fix(layer_norm_kept_divisor, ("weight", "bias")), reads_params=True,
+      takes_sizes=True, keeps_shape=CONTIGUOUS_OUT, keeps_axes=True)
+def layer_norm(ctx: Ctx, input, normalized_shape, weight=None, bias=None, eps=1e-5, meta=None, **_):
+    """over one last axis whose channels are zero with their rows and an affine weight: each channel is a row (its weight and bias entries with it) and the rewrite keeps the old divisor of the mean and variance; any other normalised axis is pinned (the divisor counts every channel)."""
+    # NB: without a weight a removed channel's output is -mean / std, not zero: pinned
+    return _last_axis_rows(ctx, input, normalized_shape, weight, bias, meta, needs_weight=True)
 
 
 def _ln_module(node, m, args, kwargs):
@@ -186,20 +195,7 @@ _rms_norm_fix = _narrowed_norm_fix(rms_norm_kept_divisor, ("weight",))
       keeps_axes=True)
 def rms_norm(ctx: Ctx, input, normalized_shape, weight=None, eps=None, meta=None, **_):
     """over one last axis whose channels are zero with their rows: each channel is a row (its weight entry with it) and the rewrite keeps the old divisor; any other normalised axis is pinned, as layer_norm's."""
-    x = input
-    shape = tuple(normalized_shape) if isinstance(normalized_shape, (tuple, list, torch.Size)) else (normalized_shape,)
-    syms = [v for v in shape if isinstance(v, SymSize)]
-    ids = x.ids[-1]
-    # NB: a width read off the shapes (symbolic_trace's ``weight.shape``) must measure this axis
-    if len(shape) != 1 or not x.zero[-1].all() or any(len(v.ids) != 1 or len(v.ids[0]) != len(ids) for v in syms):
-        ctx.pin(syms, "a size read off this axis is used as a value")
-        return _pin_normalised(ctx, x, len(shape), weight, None, meta)
-    for v in syms:
-        ctx.tie(v.ids[0], ids)
-    if weight is not None:
-        ctx.param(weight, {0: ids})
-    z = true_mask(len(ids)) if weight is not None else x.zero[-1]
-    return x.with_axis(x.ndim - 1, ids, z)
+    return _last_axis_rows(ctx, input, normalized_shape, weight, None, meta, needs_weight=False)
 
 
 modules("rms_norm", [getattr(nn, "RMSNorm", None)], _ln_module)

@@ -62,13 +62,34 @@ def group_norm_no_affine():
     return m, img()
 
 
+def _through_norm(norm: nn.Module, act=F.gelu):
+    """Tokens through l1, ``act``, l2, ``norm`` and l3: l1's features stay rows, l2's reach l3
+    through the norm."""
+    return Net(lambda s, x: s.l3(s.n(s.l2(act(s.l1(x))))), l1=nn.Linear(6, 8), l2=nn.Linear(8, 8), n=norm,
+               l3=nn.Linear(8, 4))
+
+
+def _residual_stream(norm):
+    """A residual stream of width 8 read through norms (a LLaMA or ViT block in small): l1 writes
+    it, an MLP adds to it, ``norm(s, h, i)`` normalises it before each reader."""
+
+    def fwd(s, x):
+        h = s.l1(x)
+        h = h + s.down(torch.relu(s.up(norm(s, h, 0))))
+        return s.head(norm(s, h, 1))
+
+    return fwd
+
+
+def _stream_net(fwd, **norms):
+    return Net(fwd, l1=nn.Linear(6, 8), up=nn.Linear(8, 12), down=nn.Linear(12, 8), head=nn.Linear(8, 4), **norms)
+
+
 @example("layer_norm")
 def layer_norm_tokens():
     """LN over features that are zero with their rows: each feature is a row (its weight and bias
     entries with it); the rewrite keeps the old divisor of the mean and variance."""
-    m = Net(lambda s, x: s.l3(s.ln(s.l2(F.gelu(s.l1(x))))), l1=nn.Linear(6, 8), l2=nn.Linear(8, 8),
-            ln=nn.LayerNorm(8), l3=nn.Linear(8, 4))
-    return m, torch.randn(N, 5, 6)
+    return _through_norm(nn.LayerNorm(8)), torch.randn(N, 5, 6)
 
 
 @example("layer_norm")
@@ -76,13 +97,10 @@ def layer_norm_residual_stream():
     """A pre-norm residual stream read through LayerNorms (a ViT block in small) and a functional
     LN without a bias: the stream's width is one group."""
 
-    def fwd(s, x):
-        h = s.l1(x)
-        h = h + s.down(F.gelu(s.up(s.n0(h))))
-        return s.head(F.layer_norm(h, (8,), s.w, None, 1e-6))
+    def norm(s, h, i):
+        return s.n0(h) if i == 0 else F.layer_norm(h, (8,), s.w, None, 1e-6)
 
-    m = Net(fwd, l1=nn.Linear(6, 8), up=nn.Linear(8, 12), down=nn.Linear(12, 8), head=nn.Linear(8, 4),
-            n0=nn.LayerNorm(8), w=nn.Parameter(torch.ones(8)))
+    m = _stream_net(_residual_stream(norm), n0=nn.LayerNorm(8), w=nn.Parameter(torch.ones(8)))
     return m, torch.randn(N, 5, 6)
 
 
@@ -90,14 +108,11 @@ def layer_norm_residual_stream():
 def layer_norm_residual_stream_aten():
     """The same through torch.export (``aten.layer_norm``)."""
 
-    def fwd(s, x):
-        _force_export(x)
-        h = s.l1(x)
-        h = h + s.down(F.gelu(s.up(s.n0(h))))
-        return s.head(s.n1(h))
+    def norm(s, h, i):
+        _force_export(h)
+        return (s.n0, s.n1)[i](h)
 
-    m = Net(fwd, l1=nn.Linear(6, 8), up=nn.Linear(8, 12), down=nn.Linear(12, 8), head=nn.Linear(8, 4),
-            n0=nn.LayerNorm(8), n1=nn.LayerNorm(8, bias=False))
+    m = _stream_net(_residual_stream(norm), n0=nn.LayerNorm(8), n1=nn.LayerNorm(8, bias=False))
     return m, torch.randn(N, 5, 6)
 
 
@@ -117,17 +132,13 @@ def layer_norm_channels_last():
 @example("layer_norm", expect_pin="layer_norm")
 def layer_norm_without_affine():
     """LN without a weight maps a removed zero feature to -mean / std: the features are pinned."""
-    m = Net(lambda s, x: s.l3(s.ln(s.l2(F.gelu(s.l1(x))))), l1=nn.Linear(6, 8), l2=nn.Linear(8, 8),
-            ln=nn.LayerNorm(8, elementwise_affine=False), l3=nn.Linear(8, 4))
-    return m, torch.randn(N, 5, 6)
+    return _through_norm(nn.LayerNorm(8, elementwise_affine=False)), torch.randn(N, 5, 6)
 
 
 @example("layer_norm", expect_pin="layer_norm")
 def layer_norm_two_axes():
     """LN over (tokens, features) averages over both axes: both are pinned."""
-    m = Net(lambda s, x: s.l3(s.ln(s.l2(F.gelu(s.l1(x))))), l1=nn.Linear(6, 8), l2=nn.Linear(8, 8),
-            ln=nn.LayerNorm((5, 8)), l3=nn.Linear(8, 4))
-    return m, torch.randn(N, 5, 6)
+    return _through_norm(nn.LayerNorm((5, 8))), torch.randn(N, 5, 6)
 
 
 @example("layer_norm", expect_pin="layer_norm")
@@ -145,27 +156,12 @@ def layer_norm_spatial_functional():
     return m, img()
 
 
-def _residual_rms(norm):
-    """A residual stream of width 8 read through RMS norms (a LLaMA block in small): l1 writes it,
-    an MLP adds to it, ``norm(s, h)`` normalises it before each reader."""
-
-    def fwd(s, x):
-        h = s.l1(x)
-        h = h + s.down(torch.relu(s.up(norm(s, h, 0))))
-        return s.head(norm(s, h, 1))
-
-    return fwd
-
-
-def _rms_net(fwd, **norms):
-    return Net(fwd, l1=nn.Linear(6, 8), up=nn.Linear(8, 12), down=nn.Linear(12, 8), head=nn.Linear(8, 4), **norms)
-
-
 @example("rms_norm")
 def rms_norm_residual_stream():
     """nn.RMSNorm over a residual stream of zero-invariant channels: each is a row (its weight entry
     with it); the rewrite keeps the old divisor, the model's own class refolds eps and the weight."""
-    m = _rms_net(_residual_rms(lambda s, h, i: (s.n0, s.n1)[i](h)), n0=nn.RMSNorm(8), n1=nn.RMSNorm(8, eps=1e-2))
+    m = _stream_net(_residual_stream(lambda s, h, i: (s.n0, s.n1)[i](h)), n0=nn.RMSNorm(8),
+                    n1=nn.RMSNorm(8, eps=1e-2))
     return m, torch.randn(N, 5, 6)
 
 
@@ -176,14 +172,14 @@ def rms_norm_residual_stream_aten():
         _force_export(h)
         return (s.n0, s.n1)[i](h)
 
-    m = _rms_net(_residual_rms(norm), n0=nn.RMSNorm(8), n1=nn.RMSNorm(8, eps=1e-2))
+    m = _stream_net(_residual_stream(norm), n0=nn.RMSNorm(8), n1=nn.RMSNorm(8, eps=1e-2))
     return m, torch.randn(N, 5, 6)
 
 
 @example("rms_norm")
 def rms_norm_functional_width_from_weight():
     """F.rms_norm with its width read off the weight (``w.shape``): that size measures the axis."""
-    m = _rms_net(_residual_rms(lambda s, h, i: F.rms_norm(h, s.w[i].shape, s.w[i], s.eps)),
+    m = _stream_net(_residual_stream(lambda s, h, i: F.rms_norm(h, s.w[i].shape, s.w[i], s.eps)),
                  w=nn.ParameterList([nn.Parameter(torch.ones(8)), nn.Parameter(torch.ones(8))]), eps=1e-3)
     return m, torch.randn(N, 5, 6)
 
@@ -198,9 +194,7 @@ def rms_norm_of_nonzero_channels():
 @example("rms_norm", expect_pin="rms_norm normalises over this axis")
 def rms_norm_two_axes():
     """RMSNorm over (tokens, features) mixes both axes: pinned; the layer before it keeps its rows."""
-    m = Net(lambda s, x: s.l3(s.n(s.l2(torch.relu(s.l1(x))))), l1=nn.Linear(6, 8), l2=nn.Linear(8, 8),
-            n=nn.RMSNorm((5, 8)), l3=nn.Linear(8, 4))
-    return m, torch.randn(N, 5, 6)
+    return _through_norm(nn.RMSNorm((5, 8)), torch.relu), torch.randn(N, 5, 6)
 
 
 @example("batch_norm", expect_pin="batch-norm statistics average over this axis")
