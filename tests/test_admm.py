@@ -5,7 +5,6 @@ import copy
 import itertools
 import math
 
-import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -598,3 +597,284 @@ def test_bsr_linear_output_is_contiguous():
         y = lin(x)
         assert y.is_contiguous()
         torch.view_as_complex(y.reshape(*y.shape[:-1], 4, 2))
+
+
+# -- audit fixes ---------------------------------------------------------------------------------
+
+
+def test_unified_blocks_keep_their_signs_and_export_is_the_weight_after_retraining():
+    """Retraining toward the negated weight drives the learnable magnitudes below zero: the weight
+    uses |magnitude|, so no unified weight changes sign, and export()/to_dense()/bsr() give exactly
+    the weight the model computes with (magnitudes stored >= 0)."""
+    torch.manual_seed(0)
+    small = A.finish(nn.Sequential(nn.Linear(8, 8, bias=False)), prune=0.25, unify=0.5, block=(2, 2))
+    pm = small[0].parametrizations.weight[0]
+    w0 = small[0].weight.detach().clone()
+    opt = torch.optim.SGD(small.parameters(), lr=0.05)
+    uni, negative = pm.sign != 0, False
+    for _ in range(6):
+        loss = (small[0].weight + w0).square().sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        negative |= bool((pm.magnitude.detach()[pm.state == B.UNIFIED] < 0).any())
+        w = small[0].weight.detach()
+        assert torch.equal(torch.sign(w[uni]), torch.sign(w0[uni]))
+        s = A.export(small)["0.weight"]
+        assert (s.magnitudes >= 0).all()
+        assert torch.equal(s.to_dense(), w) and torch.equal(s.bsr().to_dense(), w)
+    assert negative  # the optimizer did take the learnable magnitudes below zero
+
+
+def test_an_exact_zero_in_a_unified_block_gets_the_block_magnitude():
+    """project([1, 0, 2, 3]) unifies to [1.5] * 4 (not [1.5, 0, 1.5, 1.5], outside the set and not
+    idempotent), the finished weight round-trips through export, and a zero-initialised layer's
+    unified blocks train their magnitudes."""
+    g = B._group("w", (2, 4), (1, 4))
+    v = torch.tensor([[1.0, 0.0, 2.0, 3.0], [5.0, -6.0, 7.0, 8.0]])
+    p = A.project(v, g, 0.0, 0.5)
+    assert p.z[0].tolist() == [1.5] * 4 and torch.equal(p.z[1], v[1])
+    assert torch.equal(A.project(p.z, g, 0.0, 0.5).z, p.z)
+    lin = nn.Linear(4, 2, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(v)
+    small = A.finish(nn.Sequential(lin), prune=0.0, unify=0.5, block=(1, 4))
+    assert torch.equal(A.export(small)["0.weight"].to_dense(), small[0].weight.detach())
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8))
+    nn.init.zeros_(m[2].weight)
+    small = A.finish(m, prune=0.0, unify=0.5, block=(2, 2))
+    pm = small[2].parametrizations.weight[0]
+    assert torch.all(pm.sign.abs()[B.from_blocks((pm.state == B.UNIFIED)[:, None].expand(-1, 4), pm.group)] == 1)
+    opt = torch.optim.SGD(small.parameters(), lr=0.5)
+    x, y = torch.randn(16, 8), torch.randn(16, 8)
+    for _ in range(3):
+        opt.zero_grad()
+        (small(x) - y).square().mean().backward()
+        opt.step()
+    assert bool((pm.block_magnitude().detach()[pm.state == B.UNIFIED] > 0).all())
+    assert torch.equal(A.export(small)["2.weight"].to_dense(), small[2].weight.detach())
+
+
+def test_load_state_dict_keeps_the_wrapper_on_the_base_param_groups():
+    m = _mlp()
+    base = torch.optim.SGD(m.parameters(), lr=0.1)
+    opt = A.ADMM(m, base, block=(2, 2), prune=0.5, rounds=4, steps_per_round=3)
+    opt.load_state_dict(copy.deepcopy(opt.state_dict()))
+    assert opt.param_groups is base.param_groups
+    sched = torch.optim.lr_scheduler.StepLR(opt, 1, gamma=0.5)
+    _train(m, opt, 1)
+    sched.step()
+    assert base.param_groups[0]["lr"] == pytest.approx(0.05)
+
+
+def test_block_hesso_state_dict_resumes_exactly():
+    def make(model):
+        return A.BlockHESSO(model, torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), prune=0.5, block=(2, 2),
+                            pruning_steps=8, pruning_periods=2)
+
+    m = _mlp()
+    opt = make(m)
+    _train(m, opt, 5)
+    sd = copy.deepcopy(opt.state_dict())
+    m2 = _mlp()
+    m2.load_state_dict(m.state_dict())
+    opt2 = make(m2)
+    opt2.load_state_dict(sd)
+    assert opt2.param_groups is opt2.base.param_groups
+    _train(m, opt, 6, seed=1)
+    _train(m2, opt2, 6, seed=1)
+    for a, b in zip(m.parameters(), m2.parameters()):
+        assert torch.equal(a, b)
+    assert opt2.block_sparsity() == opt.block_sparsity() > 0.4
+    with pytest.raises(otofx.OTOError, match="BlockHESSO.state_dict"):
+        opt2.load_state_dict({"state": {}, "param_groups": []})
+
+
+def test_conv_transpose_weights_are_blocked_output_by_input():
+    """A ConvTranspose weight [in, out/groups, k...] is read as a conv's, [out, in/groups * k...]:
+    the block's rows run along output channels; ADMM, finish, export, plain and HESSO handle it."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.ConvTranspose2d(4, 6, 3, groups=2), nn.ReLU(), nn.ConvTranspose1d(6, 2, 2))
+    bs = A.find_blocks(m, block=(2, 3)).by_name()
+    assert (bs["2.weight"].rows, bs["2.weight"].cols) == (2, 6 * 2)
+    g = bs["0.weight"]
+    assert (g.rows, g.cols, g.transposed_groups) == (6, 2 * 9, 2)
+    w = torch.zeros(4, 3, 3, 3)
+    for o in range(6):  # output channel o = group * 3 + j lives in weight[group * 2:(group + 1) * 2, j]
+        w[(o // 3) * 2:(o // 3 + 1) * 2, o % 3] = o
+    mat = B.matrices_of(w, g)[0]
+    assert all(bool((mat[o] == o).all()) for o in range(6))
+    assert torch.equal(B.from_blocks(B.blocks_of(w, g), g), w)
+    dec = nn.Sequential(nn.ConvTranspose2d(4, 6, 3, groups=2), nn.ReLU(), nn.ConvTranspose2d(6, 2, 2))
+    x = torch.randn(2, 4, 5, 5)
+    opt = A.ADMM(dec, torch.optim.SGD(dec.parameters(), lr=0.05), block=(2, 3), prune=0.5, unify=0.25, rounds=2,
+                 steps_per_round=2)
+    _square_steps(dec, opt, x, 4)
+    small = A.finish(dec, opt)
+    for name, s in A.export(small).items():
+        torch.testing.assert_close(s.to_dense(), small.get_submodule(name[:-7]).weight.detach(), rtol=0, atol=0)
+    s = A.export(small)["0.weight"]
+    assert torch.equal(s.bsr().to_dense(), B.matrices_of(small[0].weight.detach(), g)[0])
+    assert int((s.state == B.PRUNED).sum()) == B.counts_for(g.n_blocks, 0.5, 0.25)[0]
+    torch.testing.assert_close(A.plain(small)(x), small(x))
+    hesso = A.BlockHESSO(dec, torch.optim.SGD(dec.parameters(), lr=0.05), block=(2, 3), prune=0.5, pruning_steps=2)
+    _square_steps(dec, hesso, x, 3)
+    assert hesso.block_sparsity() == pytest.approx(
+        sum(B.counts_for(g.n_blocks, 0.5, 0.0)[0] for g in hesso.blocks) / hesso.blocks.n_blocks)
+
+
+def test_parametrised_weights_are_skipped_and_finished_ones_refused(caplog):
+    """A weight computed by a parametrisation (weight_norm: Wav2Vec2's positional conv) is no
+    parameter: find_blocks skips it and says so, and ADMM and finish run on the rest. A weight
+    finish() parametrised is an error that says so, for finish and ADMM alike."""
+    import logging
+
+    from torch.nn.utils.parametrizations import weight_norm
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), weight_norm(nn.Conv1d(8, 8, 3)))
+    with caplog.at_level(logging.WARNING, logger="otofx"):
+        assert [g.name for g in A.find_blocks(m, (2, 2))] == ["0.weight"]
+    assert "'2.weight'" in caplog.text and "_WeightNorm" in caplog.text
+    opt = A.ADMM(m, torch.optim.SGD(m.parameters(), lr=0.1), block=(2, 2), steps_per_round=1)
+    small = A.finish(m, opt)
+    assert [n for n, _, _ in A._finished(small)] == ["0.weight"]
+    with pytest.raises(otofx.InputError, match="'2.weight'.*weight_norm|skipped: '2.weight'"):
+        A.find_blocks(m, (2, 2), layers=["2"])
+    for again in (lambda f: A.finish(f, prune=0.5, block=(2, 2)), lambda f: A.finish(f, opt),
+                  lambda f: A.ADMM(f, torch.optim.SGD(f.parameters(), lr=0.1), block=(2, 2), steps_per_round=1)):
+        with pytest.raises(otofx.InputError, match="'0.weight' is already parametrised by otofx.admm.finish"):
+            again(small)
+
+
+def test_layers_takes_one_name_or_type_and_weight_names():
+    m = nn.Sequential(*[nn.Linear(4, 4) for _ in range(12)])
+    assert [g.name for g in A.find_blocks(m, layers="10")] == ["10.weight"]
+    assert [g.name for g in A.find_blocks(m, layers="10.weight")] == ["10.weight"]
+    assert len(A.find_blocks(m, layers=nn.Linear)) == 12
+    with pytest.raises(otofx.InputError, match="layers= names \\['12'\\] match no"):
+        A.find_blocks(m, layers=["1", "12"])
+    with pytest.raises(otofx.InputError, match="layers= holds 3"):
+        A.find_blocks(m, layers=["1", 3])
+
+
+@pytest.mark.parametrize("named", [False, True])
+@pytest.mark.parametrize("block, says", [((0, 4), "two positive ints"), ((-1, 4), "two positive ints"),
+                                         ((4.5, 4), "two positive ints"), ((4,), "two positive ints"),
+                                         (None, "two positive ints"), ("44", "two positive ints"),
+                                         (4, "ambiguous"), ({"*": 4}, "ambiguous"), ({3: (4, 4)}, "dict keys"),
+                                         ({"*": (0, 4)}, "two positive ints")])
+def test_bad_block_values_are_clear_errors(named, block, says):
+    m = _mlp()
+    with pytest.raises(otofx.InputError, match=f"block.*{says}|{says}.*block"):
+        A.ADMM(m.named_parameters() if named else m, torch.optim.SGD(m.parameters(), lr=0.1), block=block,
+               steps_per_round=1)
+
+
+def test_bad_numbers_are_clear_errors():
+    m = _mlp()
+
+    def admm(**kw):
+        return A.ADMM(m, torch.optim.SGD(m.parameters(), lr=0.1), **{"steps_per_round": 1, **kw})
+
+    assert admm(block=(2.0, 2)).blocks.groups[0].block == (2, 2)  # a whole float is no truncation
+    for kw, says in [({"prune": "0.5"}, "prune='0.5'"), ({"unify": None}, "unify=None"),
+                     ({"rho_max": float("inf")}, "rho_max=inf"), ({"rho": 0}, "rho=0"), ({"rho": float("nan")}, "rho=nan"),
+                     ({"rho": 1.0, "rho_max": 0.5}, "rho=1.0 must be <= rho_max"),
+                     ({"steps_per_round": 2.5}, "steps_per_round=2.5"), ({"rounds": 0}, "rounds=0")]:
+        with pytest.raises(otofx.InputError, match=says.replace("(", "\\(").replace("[", "\\[")):
+            admm(**kw)
+    with pytest.raises(otofx.InputError, match="prune='0.5'"):
+        A.finish(m, prune="0.5")
+
+
+def test_layers_and_block_dicts_on_named_parameters():
+    m = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+    sgd = torch.optim.SGD(m.parameters(), lr=0.1)
+    for layers in ("0", ["0"], ["0.weight"]):
+        assert [g.name for g in A.ADMM(m.named_parameters(), sgd, layers=layers, steps_per_round=1).blocks] == ["0.weight"]
+    opt = A.ADMM(m.named_parameters(), sgd, block={"*": (2, 2), "2": (4, 8)}, steps_per_round=1)
+    assert [g.block for g in opt.blocks] == [(2, 2), (4, 8)]
+    with pytest.raises(otofx.InputError, match="needs the model"):
+        A.ADMM(m.named_parameters(), sgd, layers=[nn.Linear], steps_per_round=1)
+    with pytest.raises(otofx.InputError, match="needs the model"):
+        A.ADMM(m.named_parameters(), sgd, block={nn.Linear: (2, 2)}, steps_per_round=1)
+
+
+def test_step_hands_the_closure_to_the_base_optimizer():
+    """LBFGS needs the closure; each of its evaluations includes the ADMM term (gradient and value).
+    With SGD a closure step is the plain step."""
+    torch.manual_seed(0)
+    x, y = torch.randn(32, 12), torch.randint(0, 6, (32,))
+    m = _mlp()
+    opt = A.ADMM(m, torch.optim.LBFGS(m.parameters(), lr=0.5, max_iter=4), block=(2, 2), prune=0.5, rho=1.0,
+                 rho_max=1.0, steps_per_round=2, rounds=2)
+    calls = []
+
+    def closure():
+        calls.append(1)
+        opt.zero_grad()
+        loss = F.cross_entropy(m(x), y)
+        loss.backward()
+        return loss
+
+    first = opt.step(closure)
+    assert len(calls) > 1 and torch.is_tensor(first)
+    opt.step(closure)
+    assert opt.round == 1
+    ms = [_mlp(), _mlp()]
+    opts = [A.ADMM(k, torch.optim.SGD(k.parameters(), lr=0.1), block=(2, 2), prune=0.5, steps_per_round=2) for k in ms]
+    for _ in range(3):
+        opts[0].zero_grad()
+        F.cross_entropy(ms[0](x), y).backward()
+        opts[0].step()
+        opts[1].step(lambda: (opts[1].zero_grad(), F.cross_entropy(ms[1](x), y).backward())[0])
+    for a, b in zip(ms[0].parameters(), ms[1].parameters()):
+        assert torch.equal(a, b)
+
+
+def test_finish_keeps_a_frozen_layer_frozen():
+    m = _mlp()
+    m[0].requires_grad_(False)
+    small = A.finish(m, prune=0.25, unify=0.5, block=(2, 2))
+    assert not [n for n, p in small.named_parameters() if n.startswith("0.") and p.requires_grad]
+    assert small[3].parametrizations.weight[0].magnitude.requires_grad
+    w0 = small[0].weight.detach().clone()
+    opt = torch.optim.SGD([p for p in small.parameters() if p.requires_grad], lr=0.1)
+    _square_steps(small, opt, torch.randn(16, 12), 2)
+    assert torch.equal(small[0].weight.detach(), w0)
+
+
+def test_bsr_keeps_half_precision_dense_on_cpu(caplog):
+    import logging
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 16, bias=False))
+    small = A.finish(m, prune=0.5, unify=0.25, block=(16, 16)).eval().to(torch.bfloat16)
+    with caplog.at_level(logging.WARNING, logger="otofx"):
+        fast, converted = A.to_bsr(small)
+    assert converted == [] and "torch.bfloat16 on the CPU" in caplog.text and "0.weight, 2.weight" in caplog.text
+    x = torch.randn(5, 32, dtype=torch.bfloat16)
+    with torch.no_grad():
+        assert torch.equal(fast(x), small(x))
+
+
+def test_block_dict_keyed_by_type_matches_subclasses_most_specific_first():
+    m = nn.Sequential(nn.Linear(8, 8), nn.MultiheadAttention(8, 2))  # out_proj: a Linear subclass
+    assert [g.name for g in A.find_blocks(m, block={nn.Linear: (2, 2)})] == ["0.weight", "1.out_proj.weight"]
+    out_proj = type(m[1].out_proj)
+    assert out_proj is not nn.Linear
+    got = {g.name: g.block for g in A.find_blocks(m, block={nn.Linear: (2, 2), out_proj: (1, 4)})}
+    assert got == {"0.weight": (2, 2), "1.out_proj.weight": (1, 4)}
+
+
+def test_a_layer_pruned_entirely_is_a_warning(caplog):
+    import logging
+
+    m = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 16))
+    with caplog.at_level(logging.WARNING, logger="otofx"):
+        small = A.finish(m, prune=0.5, block=(4, 4))  # '0' is one block: round(0.5) = 1 of 1
+    said = [r.getMessage() for r in caplog.records if "zeroed entirely" in r.getMessage()]
+    assert len(said) == 1 and "'0.weight'" in said[0]
+    assert bool((small[0].weight == 0).all()) and not bool((small[2].weight == 0).all())

@@ -36,8 +36,12 @@ Internals:
     * ``param_groups`` *is* the base optimizer's list: learning-rate schedulers built on the
       wrapper drive the base optimizer.
     * :class:`BlockParam` is a ``torch.nn.utils.parametrize`` parametrisation: the module's weight
-      becomes ``W * free + sign * magnitude[block]``, so pruned blocks are constant zero and a
-      unified block's weights move together, whatever the optimizer does.
+      becomes ``W * free + sign * |magnitude|[block]``, so pruned blocks are constant zero and a
+      unified block's weights move together and keep their signs, whatever the optimizer does
+      (:func:`export` stores those signs and ``|magnitude|``: ``to_dense()`` is the model's weight).
+    * ``ADMM.step(closure)`` hands the base optimizer a closure that adds the ADMM term to every
+      evaluation (LBFGS); :class:`BlockHESSO` saves its pruning progress in ``state_dict()`` too, and
+      both re-share the base's ``param_groups`` after ``load_state_dict`` (torch replaces the list).
     * # NB: HESSO's fused row kernels (``otofx.kernels``) describe rows as whole slices along one
       dim; a block is a tile across two dims, so :class:`BlockHESSO` computes its block statistics
       with torch ops over ``blocks_of`` views instead.
@@ -46,6 +50,7 @@ from __future__ import annotations
 
 import logging
 import math
+import numbers
 from dataclasses import dataclass
 
 import numpy as np
@@ -66,24 +71,94 @@ def _pairs(params_or_model, block, layers, blocks: BlockSet | None):
     """``(BlockSet, [(group, parameter)])`` for a model or named parameters."""
     if isinstance(params_or_model, nn.Module):
         blockset = blocks or find_blocks(params_or_model, block, layers)
+        _refuse_missing(params_or_model, blockset)
         return blockset, B.select_layers(params_or_model.named_parameters(), blockset)
     named = list(params_or_model)
     if not named or not all(isinstance(x, tuple) and len(x) == 2 and isinstance(x[0], str) for x in named):
         raise InputError("ADMM takes a model or its named_parameters() (name, parameter) pairs")
     if blocks is None:
-        pick = B._selector(layers)
-        groups = [B._group(n, tuple(p.shape), tuple(block)) for n, p in named if p.ndim >= 2 and pick(n, None)]
-        if not groups:
-            raise InputError("no parameter with 2 or more dims to block among the named parameters")
-        blocks = BlockSet(tuple(groups))
+        blocks = _named_blocks(named, block, layers)
     return blocks, B.select_layers(named, blocks)
+
+
+def _named_blocks(named: list, block, layers) -> BlockSet:
+    """The block groups of named parameters: every one with two or more dims, tiled as stored.
+
+    There are no modules here: ``layers=`` and a ``block=`` dict match a parameter's name or its
+    module's name (the name less its last part), and a module type is an error.
+    """
+    B.check_blocks(block)
+    if isinstance(block, dict) and any(isinstance(k, type) for k in block):
+        raise InputError("a block= dict keyed by module type needs the model: pass ADMM the model, not its "
+                         "named_parameters() (or key the dict by name)")
+    pick = B.Layers(layers)
+    if pick.types:
+        raise InputError(f"layers={layers!r} selects module types, which needs the model: pass ADMM the model, not "
+                         "its named_parameters() (or select by parameter or module name)")
+    groups = []
+    for n, p in named:
+        if p.ndim < 2 or p.numel() == 0:
+            continue
+        mod_name = n.rpartition(".")[0]
+        sel = pick(n, None) if pick.pred is not None else pick(mod_name, None, (n,))
+        if not sel:
+            continue
+        b = B.block_for(block, (n, mod_name), None)
+        if b is not None:
+            groups.append(B._group(n, tuple(p.shape), B.check_block(b, f"block for '{n}'")))
+    pick.check_names("parameter (or module of one) with 2 or more dims")
+    if not groups:
+        raise InputError("no parameter with 2 or more dims to block among the named parameters"
+                         + (": check `layers=` and `block=`" if layers is not None or isinstance(block, dict) else ""))
+    return BlockSet(tuple(groups))
+
+
+def _refuse_missing(model: nn.Module, blockset: BlockSet) -> None:
+    """An InputError that says why a block group names no parameter of ``model`` (a parametrised weight)."""
+    params = dict(model.named_parameters())
+    for g in blockset:
+        if g.name in params:
+            continue
+        mod_name, _, attr = g.name.rpartition(".")
+        try:
+            m = model.get_submodule(mod_name)
+        except AttributeError:
+            m = None
+        if m is not None and parametrize.is_parametrized(m, attr):
+            if any(isinstance(p, BlockParam) for p in m.parametrizations[attr]):
+                raise InputError(f"'{g.name}' is already parametrised by otofx.admm.finish(): finish() and ADMM take "
+                                 "a model that was not finished (otofx.admm.plain(model) folds the blocks into plain "
+                                 "weights)")
+            kinds = ", ".join(type(p).__name__ for p in m.parametrizations[attr])
+            raise InputError(f"'{g.name}' is already parametrised ({kinds}): it is computed, not a parameter; leave it "
+                             "out of the blocks (find_blocks skips it) or remove its parametrisation")
+        raise InputError(f"block group '{g.name}' names no parameter of the model: find_blocks on the same model")
+
+
+def _warn_zeroed(blocks, prune: float, unify: float, who: str) -> None:
+    """A warning for each layer whose every block ``prune`` prunes (the counts round to whole blocks)."""
+    for g in blocks:
+        if prune > 0 and B.counts_for(g.n_blocks, prune, unify)[0] == g.n_blocks:
+            log.warning("otofx.admm.%s: prune=%g prunes all %d block(s) of '%s' (counts round to whole blocks): the "
+                        "layer is zeroed entirely; give it smaller blocks (a block dict) or leave it out (layers=)",
+                        who, prune, g.n_blocks, g.name)
+
+
+def _rho_range(rho, rho_max) -> tuple[float, float]:
+    for name, x in (("rho", rho), ("rho_max", rho_max)):
+        if isinstance(x, bool) or not isinstance(x, numbers.Real) or not math.isfinite(x) or x <= 0:
+            raise InputError(f"{name}={x!r} must be a finite number > 0 (the ADMM penalty weight)")
+    if rho > rho_max:
+        raise InputError(f"rho={rho!r} must be <= rho_max={rho_max!r} (rho grows from rho to rho_max over the rounds)")
+    return float(rho), float(rho_max)
 
 
 class ADMM(torch.optim.Optimizer):
     """ADMM training of block-pruned / unified weights around any ``torch.optim`` optimizer.
 
     ``params_or_model``: the model (its Linear/Conv weights are blocked; ``layers=`` selects) or
-    its ``named_parameters()`` (every parameter with two or more dims is blocked). ``prune`` and
+    its ``named_parameters()`` (every parameter with two or more dims is blocked, tiled as stored;
+    ``layers=`` and a ``block=`` dict match parameter or module names there, not types). ``prune`` and
     ``unify``: fractions of each layer's blocks. ``rounds`` Z/U updates, one every
     ``steps_per_round`` steps; rho goes geometrically from ``rho`` to ``rho_max``, the scaled dual
     rescaled by ``rho_old / rho_new`` each time unless ``rescale_dual=False``. The default range,
@@ -97,24 +172,23 @@ class ADMM(torch.optim.Optimizer):
                  blocks: BlockSet | None = None):
         if not isinstance(base_optimizer, torch.optim.Optimizer):
             raise InputError(f"base_optimizer must be a torch.optim.Optimizer, got {type(base_optimizer).__name__}")
-        if steps_per_round is None or int(steps_per_round) < 1:
+        if steps_per_round is None:
             raise InputError("ADMM needs steps_per_round >= 1 (optimizer steps between Z/U updates, e.g. 2 epochs)")
-        if int(rounds) < 1 or not 0 < rho <= rho_max:
-            raise InputError(f"need rounds >= 1 and 0 < rho <= rho_max (got rounds={rounds}, rho={rho}, rho_max={rho_max})")
+        self.steps_per_round = B.whole("steps_per_round", steps_per_round)
+        self.rounds = B.whole("rounds", rounds)
+        self.rho0, self.rho_max = _rho_range(rho, rho_max)
         B.counts_for(1, prune, unify)  # validates the fractions
         self.blocks, self._pairs = _pairs(params_or_model, block, layers, blocks)
         self.base = base_optimizer
         self.prune, self.unify = float(prune), float(unify)
-        self.rho0, self.rho_max, self.rounds = float(rho), float(rho_max), int(rounds)
-        self.steps_per_round = int(steps_per_round)
         self.rescale_dual = bool(rescale_dual)
         base_ids = {id(p) for g in base_optimizer.param_groups for p in g["params"]}
         outside = [g.name for g, p in self._pairs if id(p) not in base_ids]
         if outside:
             raise InputError(f"blocked parameters {outside[:3]} are not in base_optimizer: build it over the same model")
         super().__init__([p for _, p in self._pairs], {})
-        self.param_groups = base_optimizer.param_groups  # schedulers on the wrapper drive the base
-        self.defaults = base_optimizer.defaults
+        _share_groups(self)
+        _warn_zeroed(self.blocks, self.prune, self.unify, "ADMM")
         self.admm_state = {"t": 0, "round": 0, "rho": self.rho0, "z": {}, "u": {}}
         with torch.no_grad():
             for g, p in self._pairs:
@@ -144,6 +218,13 @@ class ADMM(torch.optim.Optimizer):
                 p.grad.add_(p.detach() - z[g.name] + u[g.name], alpha=rho)
 
     @torch.no_grad()
+    def penalty(self) -> float:
+        """``rho/2 sum ||W - Z + U||^2`` over the blocked weights: the term ADMM adds to the loss."""
+        z, u = self.admm_state["z"], self.admm_state["u"]
+        return 0.5 * self.rho * sum(float((p.detach() - z[g.name] + u[g.name]).double().square().sum())
+                                    for g, p in self._pairs)
+
+    @torch.no_grad()
     def zu_step(self) -> None:
         """``Z = project(W + U)``, ``U += W - Z``, then the next round's rho."""
         z, u = self.admm_state["z"], self.admm_state["u"]
@@ -167,12 +248,30 @@ class ADMM(torch.optim.Optimizer):
         return math.sqrt(num / den) if den else 0.0
 
     def step(self, closure=None):
+        """One base step on the augmented loss; every ``steps_per_round`` steps a Z/U round.
+
+        With a ``closure`` (which zeroes the gradients, computes the loss and calls backward), the
+        base optimizer gets a closure that adds the ADMM term's gradient and value to each
+        evaluation (LBFGS evaluates several times, and its line search needs both); the returned
+        loss is the first evaluation's, without the ADMM term.
+        """
         loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        self.add_penalty_grad()
-        self.base.step()
+        if closure is None:
+            self.add_penalty_grad()
+            self.base.step()
+        else:
+            first = []
+
+            def augmented():
+                with torch.enable_grad():
+                    value = closure()
+                self.add_penalty_grad()
+                if not first:
+                    first.append(value)
+                return value if value is None else value + self.penalty()
+
+            self.base.step(augmented)
+            loss = first[0] if first else None
         self.admm_state["t"] += 1
         if self.admm_state["t"] % self.steps_per_round == 0 and self.round < self.rounds:
             self.zu_step()
@@ -211,10 +310,18 @@ class ADMM(torch.optim.Optimizer):
         if [tuple(x) for x in admm["blocks"]] != [tuple(x) for x in mine]:
             raise OTOError("the saved ADMM state has other block groups: build ADMM over the same model and blocks")
         self.base.load_state_dict(state_dict["base"])
+        _share_groups(self)  # NB: torch's load_state_dict gave the base a new param_groups list
         self.prune, self.unify = admm["prune"], admm["unify"]
+        params = {g.name: p for g, p in self._pairs}
         self.admm_state = {"t": admm["t"], "round": admm["round"], "rho": admm["rho"],
-                           "z": {k: v.clone() for k, v in admm["z"].items()},
-                           "u": {k: v.clone() for k, v in admm["u"].items()}}
+                           "z": {k: v.to(params[k]).clone() for k, v in admm["z"].items()},
+                           "u": {k: v.to(params[k]).clone() for k, v in admm["u"].items()}}
+
+
+def _share_groups(opt) -> None:
+    """The wrapper's ``param_groups`` *is* its base's list, so schedulers on the wrapper drive the base."""
+    opt.param_groups = opt.base.param_groups
+    opt.defaults = opt.base.defaults
 
 
 # ---------------------------------------------------------------------------------------------
@@ -223,9 +330,18 @@ class ADMM(torch.optim.Optimizer):
 
 
 class BlockParam(nn.Module):
-    """``W -> W * free + sign * magnitude[block]``: pruned blocks 0, unified blocks one magnitude each."""
+    """``W -> W * free + sign * |magnitude|[block]``: pruned blocks 0, unified blocks one magnitude each.
 
-    def __init__(self, group: BlockGroup, proj: B.Projection):
+    ``sign`` is +1 or -1 on every unified weight (the projection's, an exact zero's being +1) and 0
+    elsewhere. The weight uses ``|magnitude|`` (:meth:`block_magnitude`): an optimizer may drive the
+    learnable ``magnitude`` below zero, and each weight still keeps its sign, as the method's unified
+    blocks do and the storage format (one sign bit per weight, one magnitude per block) assumes.
+    ``magnitude`` trains only if the finished weight did (``requires_grad``).
+    """
+
+    otofx_block_param = True  # find_blocks refuses a weight this parametrises (no import cycle)
+
+    def __init__(self, group: BlockGroup, proj: B.Projection, requires_grad: bool = True):
         super().__init__()
         self.group = group
         ones = torch.ones(group.shape, dtype=proj.z.dtype, device=proj.z.device)
@@ -235,13 +351,24 @@ class BlockParam(nn.Module):
         index = torch.arange(group.n_blocks, device=proj.z.device, dtype=torch.int64)
         index = B.from_blocks(index[:, None].expand(-1, group.block[0] * group.block[1]), group)
         self.register_buffer("free", (state == FREE).to(proj.z.dtype) * ones)
-        self.register_buffer("sign", torch.sign(proj.z) * (state == UNIFIED).to(proj.z.dtype))
+        # NB: +1 for an exact zero, as project() gives it +u (torch.sign's 0 left it out of its block)
+        sign = torch.where(proj.z < 0, -1.0, 1.0).to(proj.z.dtype)
+        self.register_buffer("sign", sign * (state == UNIFIED).to(proj.z.dtype))
         self.register_buffer("block_index", index.contiguous())
         self.register_buffer("state", proj.state.clone())
-        self.magnitude = nn.Parameter(proj.magnitude.clone())
+        self.magnitude = nn.Parameter(proj.magnitude.clone(), requires_grad=requires_grad)
+
+    def block_magnitude(self) -> torch.Tensor:
+        """``|magnitude|`` per block: what the weight uses.
+
+        # NB: ``torch.where``, not ``abs``: abs has gradient 0 at 0, so a unified block that starts
+        at magnitude 0 (a zero-initialised layer) would never train; here it is +1 there.
+        """
+        m = self.magnitude
+        return torch.where(m < 0, -m, m)
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
-        return w * self.free + self.sign * self.magnitude[self.block_index]
+        return w * self.free + self.sign * self.block_magnitude()[self.block_index]
 
 
 def _finish_args(opt, blocks, prune, unify):
@@ -260,17 +387,19 @@ def finish(model: nn.Module, opt: ADMM | BlockHESSO | None = None, *, block=(4, 
 
     The blocks, ``prune`` and ``unify`` come from ``opt`` when given. ``model`` is not modified.
     Training the copy keeps the structure: pruned blocks stay zero, unified blocks keep one
-    magnitude (learnable) and their signs, free weights train as usual. ``plain()`` removes the
-    parametrisations.
+    magnitude (learnable, and non-negative as the weight uses it) and their signs, free weights
+    train as usual; a frozen weight (``requires_grad=False``) stays frozen. ``plain()`` removes the
+    parametrisations. A layer whose every block ``prune`` prunes is zeroed, and the log warns.
     """
     blocks, prune, unify = _finish_args(opt, blocks, prune, unify)
+    B.counts_for(1, prune, unify)  # validates the fractions before any work
     blocks = blocks or find_blocks(model, block, layers)
+    _refuse_missing(model, blocks)
+    _warn_zeroed(blocks, prune, unify, "finish")
     new = copy_module(model)
     params = dict(new.named_parameters())
     holders = parameter_holders(new)
     for g in blocks:
-        if g.name not in params:
-            raise InputError(f"block group '{g.name}' names no parameter of the model")
         for module, attr in holders[id(params[g.name])]:
             if parametrize.is_parametrized(module, attr):
                 raise InputError(f"'{g.name}' is already parametrised: finish() a model that was not finished")
@@ -279,7 +408,7 @@ def finish(model: nn.Module, opt: ADMM | BlockHESSO | None = None, *, block=(4, 
             params[g.name].copy_(proj.z)
         # NB: a tied weight gets the same parametrisation object in every module that holds it: one
         # original, one magnitude per block, and every user computes the same constrained weight
-        pm = BlockParam(g, proj)
+        pm = BlockParam(g, proj, requires_grad=params[g.name].requires_grad)
         for module, attr in holders[id(params[g.name])]:
             parametrize.register_parametrization(module, attr, pm)
     return new
@@ -332,7 +461,8 @@ class BlockStorage:
 
     ``state`` (2 bits a block: free / pruned / unified), the free blocks' float32 values (real
     elements only, block order), one sign bit per element of every unified block (packed, 1 =
-    positive) and one float32 magnitude per unified block. Pruned blocks store nothing.
+    positive) and one float32 magnitude (>= 0) per unified block. Pruned blocks store nothing.
+    :meth:`to_dense` gives back exactly the weight the finished model computes with.
     """
 
     group: BlockGroup
@@ -372,7 +502,8 @@ class BlockStorage:
     def bsr(self) -> torch.Tensor:
         """The weight as a torch sparse BSR matrix ``[rows, cols]`` (pruned blocks absent).
 
-        Needs the blocks to divide the matrix (torch's BSR has no edge blocks).
+        Needs the blocks to divide the matrix (torch's BSR has no edge blocks). The matrix is the one
+        the blocks tile: a conv's ``[out, in/groups * k...]``, a transposed conv's too.
         """
         g = self.group
         if g.batch > 1:
@@ -384,11 +515,15 @@ class BlockStorage:
 
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Sparse BSR tensor support is in beta")
-            return self.to_dense().reshape(g.rows, g.cols).to_sparse_bsr(g.block)
+            return B.matrices_of(self.to_dense(), g)[0].to_sparse_bsr(g.block)
 
 
 def export(model: nn.Module) -> dict:
-    """``{weight name: BlockStorage}`` for every finished weight of ``model``."""
+    """``{weight name: BlockStorage}`` for every finished weight of ``model``.
+
+    Unified blocks store the parametrisation's signs and ``|magnitude|``, the values the weight is
+    computed from, so ``to_dense()`` equals the model's weight whatever retraining did.
+    """
     out, seen = {}, set()
     for name, w, pm in _finished(model):
         if id(pm) in seen:  # a tied weight, stored once
@@ -401,8 +536,8 @@ def export(model: nn.Module) -> dict:
             st = pm.state.cpu()
             free = b[(st == FREE)[:, None] & mask]
             uni = (st == UNIFIED)[:, None] & mask
-            signs = (b[uni] > 0).numpy().astype(np.uint8)
-            mags = pm.magnitude.detach().float().cpu()[st == UNIFIED]
+            signs = (B.blocks_of(pm.sign.detach().float().cpu(), g)[uni] > 0).numpy().astype(np.uint8)
+            mags = pm.block_magnitude().detach().float().cpu()[st == UNIFIED]
         out[name] = BlockStorage(g, st.numpy().astype(np.uint8), free.numpy(), np.packbits(signs), mags.numpy())
     if not out:
         raise InputError("export found no finished weight: call otofx.admm.finish(model, ...) first")
@@ -459,8 +594,9 @@ def to_bsr(model: nn.Module) -> tuple[nn.Module, list]:
     becomes a :class:`BSRLinear` holding the weight (from :func:`plain`, so in the model's dtype and
     on its device) as a BSR matrix with the block's shape; the outputs equal the finished model's
     up to summation order. Other layers (convolutions, attention projections, Linears with ragged
-    edge blocks, which torch's BSR cannot hold, and on the CPU non-square blocks, which MKL cannot
-    multiply) stay dense, and are named in the log. ``model`` is not modified.
+    edge blocks, which torch's BSR cannot hold, and on the CPU non-square blocks or half precision,
+    which MKL cannot multiply) stay dense, and are named in the log with the reason (half precision
+    on the CPU as a warning). ``model`` is not modified.
     """
     import warnings
 
@@ -469,27 +605,35 @@ def to_bsr(model: nn.Module) -> tuple[nn.Module, list]:
         raise InputError("to_bsr found no finished weight: call otofx.admm.finish(model, ...) first")
     groups = {name: pm.group for name, _, pm in _finished(model)}
     new = plain(model)
-    converted, kept = [], []
+    converted, kept = [], {}
     for name in sorted(finished):
         mod_name, _, attr = name.rpartition(".")
         m = new.get_submodule(mod_name)
         g = groups[name]
+        w = getattr(m, attr)
         # NB: an attention module reads its out_proj's weight itself (it never calls the Linear)
-        # NB: MKL (torch's CPU BSR product) takes square blocks only
-        if (type(m) is not nn.Linear or attr != "weight" or g.rows % g.block[0] or g.cols % g.block[1]
-                or attention_reader(new, mod_name) is not None
-                or (m.weight.device.type == "cpu" and g.block[0] != g.block[1])):
-            kept.append(name)
+        # NB: MKL (torch's CPU BSR product) takes square blocks only, in float32 or float64
+        why, level = None, logging.INFO
+        if type(m) is not nn.Linear or attr != "weight" or attention_reader(new, mod_name) is not None:
+            why = "not a Linear called as a module (fused experts, convolutions, attention projections)"
+        elif g.rows % g.block[0] or g.cols % g.block[1]:
+            why = "blocks that do not divide the weight"
+        elif w.device.type == "cpu" and g.block[0] != g.block[1]:
+            why = "non-square blocks on the CPU"
+        elif w.device.type == "cpu" and w.dtype not in (torch.float32, torch.float64):
+            why, level = (f"{w.dtype} on the CPU, where torch's BSR product (MKL) takes float32 and float64 only: "
+                          "move the model to CUDA or to float32 before to_bsr"), logging.WARNING
+        if why is not None:
+            kept.setdefault((level, why), []).append(name)
             continue
         with torch.no_grad(), warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Sparse BSR tensor support is in beta")
-            w = m.weight.detach().to_sparse_bsr(g.block)
+            w = w.detach().to_sparse_bsr(g.block)
         parent_name, _, child = mod_name.rpartition(".")
         setattr(new.get_submodule(parent_name) if parent_name else new, child, BSRLinear(w, m.bias, mod_name))
         converted.append(name)
-    if kept:
-        log.info("to_bsr: kept dense (not a Linear called as a module, such as fused experts; blocks that do not "
-                 "divide the weight; or non-square blocks on the CPU): %s", ", ".join(kept))
+    for (level, why), names in kept.items():
+        log.log(level, "to_bsr: kept dense (%s): %s", why, ", ".join(names))
     return new, converted
 
 
@@ -556,22 +700,51 @@ class BlockHESSO(torch.optim.Optimizer):
     def __init__(self, params_or_model, base_optimizer: torch.optim.Optimizer, *, block=(4, 4), prune: float = 0.5,
                  pruning_steps: int, pruning_periods: int = 1, start_pruning_step: int = 0, layers=None,
                  blocks: BlockSet | None = None):
-        if int(pruning_periods) < 1 or int(pruning_steps) < int(pruning_periods):
+        if not isinstance(base_optimizer, torch.optim.Optimizer):
+            raise InputError(f"base_optimizer must be a torch.optim.Optimizer, got {type(base_optimizer).__name__}")
+        periods = B.whole("pruning_periods", pruning_periods)
+        steps = B.whole("pruning_steps", pruning_steps)
+        if steps < periods:
             raise InputError(f"pruning_steps={pruning_steps!r} must be >= pruning_periods={pruning_periods!r} >= 1")
         B.counts_for(1, prune, 0.0)
         self.blocks, self._pairs = _pairs(params_or_model, block, layers, blocks)
         self.base, self.prune, self.unify = base_optimizer, float(prune), 0.0
-        self.start, self.periods = int(start_pruning_step), int(pruning_periods)
-        self.period_length = int(pruning_steps) // self.periods
+        self.start, self.periods = B.whole("start_pruning_step", start_pruning_step, 0), periods
+        self.period_length = steps // self.periods
         super().__init__([p for _, p in self._pairs], {})
-        self.param_groups = base_optimizer.param_groups
-        self.defaults = base_optimizer.defaults
+        _share_groups(self)
+        _warn_zeroed(self.blocks, self.prune, 0.0, "BlockHESSO")
         self._t = 0
         self._pruned = {g.name: torch.zeros(g.n_blocks, dtype=torch.bool, device=p.device) for g, p in self._pairs}
         self._current = {k: torch.zeros_like(v) for k, v in self._pruned.items()}
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.base.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self):
+        """The base optimizer's state and the pruning progress (step, pruned and pruning blocks)."""
+        return {"base": self.base.state_dict(),
+                "hesso": {"t": self._t, "prune": self.prune, "start": self.start, "periods": self.periods,
+                          "period_length": self.period_length,
+                          "pruned": {k: v.clone() for k, v in self._pruned.items()},
+                          "current": {k: v.clone() for k, v in self._current.items()},
+                          "blocks": [(g.name, g.shape, g.block) for g in self.blocks]}}
+
+    def load_state_dict(self, state_dict) -> None:
+        hesso = state_dict.get("hesso") if isinstance(state_dict, dict) else None
+        if hesso is None or "base" not in state_dict:
+            raise OTOError("this state_dict was not saved by otofx.admm.BlockHESSO.state_dict()")
+        mine = [(g.name, g.shape, g.block) for g in self.blocks]
+        if [tuple(x) for x in hesso["blocks"]] != [tuple(x) for x in mine]:
+            raise OTOError("the saved BlockHESSO state has other block groups: build BlockHESSO over the same model "
+                           "and blocks")
+        self.base.load_state_dict(state_dict["base"])
+        _share_groups(self)  # NB: torch's load_state_dict gave the base a new param_groups list
+        self._t, self.prune = int(hesso["t"]), float(hesso["prune"])
+        self.start, self.periods, self.period_length = hesso["start"], hesso["periods"], hesso["period_length"]
+        dev = {g.name: p.device for g, p in self._pairs}
+        self._pruned = {k: v.to(dev[k]).clone() for k, v in hesso["pruned"].items()}
+        self._current = {k: v.to(dev[k]).clone() for k, v in hesso["current"].items()}
 
     @staticmethod
     def _scores(x: torch.Tensor, d: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
@@ -606,7 +779,21 @@ class BlockHESSO(torch.optim.Optimizer):
         rel = self._t - self.start
         if rel >= 0 and rel < self.periods * self.period_length and rel % self.period_length == 0:
             self._select(rel // self.period_length)
-        self.base.step()
+        if closure is None:
+            self.base.step()
+        else:
+            # NB: the closure ran above (the block scores need its gradients): the base's first
+            # evaluation reuses it, later ones (LBFGS) call the closure again
+            calls = []
+
+            def again():
+                calls.append(1)
+                if len(calls) == 1:
+                    return loss
+                with torch.enable_grad():
+                    return closure()
+
+            self.base.step(again)
         if rel >= 0:
             k = rel % self.period_length if rel < self.periods * self.period_length else None
             for g, p in self._pairs:
