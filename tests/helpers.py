@@ -57,6 +57,18 @@ def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     return model
 
 
+def build(factory, seed: int = 0):
+    """A rule example ``(model, input)`` from ``factory``, its warnings silenced, with randomised weights."""
+    import warnings
+
+    torch.manual_seed(seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model, x = factory()
+    randomize(model, seed)
+    return model, x
+
+
 # ---------------------------------------------------------------------------------------------
 # Zeroing rows
 # ---------------------------------------------------------------------------------------------

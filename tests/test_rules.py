@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import otofx
-from helpers import assert_exact, fresh_like, n_params, randomize, snapshot, zero_random_rows, zero_rows
+from helpers import assert_exact, build, fresh_like, n_params, randomize, snapshot, zero_random_rows, zero_rows
 from rule_examples import EXAMPLES, HW, Net, conv, img
 import rule_examples as R
 
@@ -33,15 +33,6 @@ for _rule, _fns in EXAMPLES.items():
     for _fn in _fns:
         _FACTORIES.setdefault(_fn, []).append(_rule)
 FACTORIES = list(_FACTORIES)
-
-
-def build(factory, seed: int = 0):
-    torch.manual_seed(seed)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model, x = factory()
-    randomize(model, seed)
-    return model, x
 
 
 def param_ids(factories):

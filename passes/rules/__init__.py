@@ -8,9 +8,9 @@ attention.py    attention (scaled_dot_product_attention), multihead_attention
 norm.py         batch_norm (and instance norm), group_norm, layer_norm (and RMSNorm)
 elementwise.py  unary (activations, dropout, copies, clamp), singular (rsqrt, reciprocal, log), prelu,
                 binary (arithmetic, comparisons), where, masked_fill
-spatial.py      pool, resample, pad
+spatial.py      pool, resample (interpolation), grid_sample, pad
 shape.py        cat, stack, unbind, split, reshape, shape_merge, permute, expand, repeat,
-                repeat_interleave, view_as, expand_as, channel_shuffle
+                repeat_interleave, view_as, expand_as, channel_shuffle, pixel_shuffle (and unshuffle)
 indexing.py     narrow, slice, getitem, index, select, roll, gather
 reduction.py    reduce, normalize, softmax, select_k, scan (cumsum, cumprod, cummax, diff)
 sizes.py        size, ndim, numel, arith, check

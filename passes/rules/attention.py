@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from ..channels import OWN, PINNED, AxisLabels, Ctx, false_mask, pinned_axis, true_mask
 from ..registry import functions, modules, rule
-from .common import _ov, _out_shape, _passthrough
+from .common import _ov, _out_shape, _passthrough, _plus_constant
 
 aten = torch.ops.aten
 
@@ -150,6 +150,8 @@ def multihead_attention(ctx: Ctx, query, key, value, module=None, key_padding_ma
         ctx.pin(heads, "a per-head attention mask is given as an input")
     o_shape = _out_shape(meta[0])
     lab = _passthrough(ctx, query, o_shape, {d: d for d in range(query.ndim - 1)}, handled=(query.ndim - 1,))
+    # NB: a zero query token still attends: softmax(b_q k^T) v + b_out is not zero
+    lab = _plus_constant(lab)
     lab = lab.with_axis(len(o_shape) - 1, w_out.ids[0], true_mask(len(w_out.ids[0])))
     ctx.extra_labels[ctx.node.name + ".heads"] = heads
     weights = None

@@ -51,6 +51,12 @@ def _passthrough(ctx: Ctx, x: AxisLabels, shape, keep_axes, handled=()) -> AxisL
     return AxisLabels(tuple(ids), tuple(zero))
 
 
+def _plus_constant(lab: AxisLabels) -> AxisLabels:
+    """``lab`` with no entry zero with its row: the op adds a constant (a bias, a norm's -mean/std) to
+    every entry of the axes it passes through, so a zero entry there comes out as the constant."""
+    return AxisLabels(lab.ids, tuple(false_mask(len(a)) for a in lab.ids))
+
+
 def _scalar_zero(v) -> bool:
     return isinstance(v, (int, float, bool)) and v == 0
 

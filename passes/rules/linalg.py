@@ -8,6 +8,10 @@ Internals:
     * ``groups > 1`` convs tie each conv group's input channels into one row, so the groups stay
       equal-sized after pruning (``_conv_fix`` recomputes ``groups``); a depthwise conv's output
       channel is its input channel.
+    * A bias is a constant added along every axis the layer passes through (a Linear over the
+      tokens of [B, C, T]: channel c comes out as the bias): ``_plus_constant`` clears their zero
+      masks, so a norm or a sum over them keeps those channels. ``addmm``/``baddbmm`` get the same
+      from ``binary``'s broadcasting.
 """
 from __future__ import annotations
 
@@ -20,7 +24,7 @@ import torch.nn.functional as F
 
 from ..channels import OWN, PINNED, AxisLabels, Ctx, ParamRef, false_mask, pinned_axis, true_mask
 from ..registry import RuleDeclined, functions, methods, modules, rule
-from .common import _ov, _out_shape, _passthrough
+from .common import _ov, _out_shape, _passthrough, _plus_constant
 from .elementwise import binary
 
 aten = torch.ops.aten
@@ -69,6 +73,8 @@ def conv(ctx: Ctx, input, weight, bias=None, groups=1, transposed=False, meta=No
     ctx.param(bias, {0: out_ids})
     keep = {d: d for d in range(cax)}
     lab = _passthrough(ctx, x, shape, keep, handled=(cax,))
+    if bias is not None:  # NB: out[n, o] = conv(x[n])[o] + b[o]: a zero batch entry n comes out as b
+        lab = _plus_constant(lab)
     return lab.with_axis(cax, out_ids, true_mask(len(out_ids)))
 
 
@@ -103,12 +109,17 @@ def _linear_fix(site, **_):
 
 @rule("linear", fix=_linear_fix, reads_params=True)
 def linear(ctx: Ctx, input, weight, bias=None, meta=None, **_):
-    """y[..., o] = sum_i W[o, i] x[..., i] + b[o]: weight dim 1 reads the last axis, dim 0 and bias own the new last axis."""
+    """y[..., o] = sum_i W[o, i] x[..., i] + b[o]: weight dim 1 reads the last axis, dim 0 and bias own the new last axis; the other axes pass, zero with their rows only without a bias."""
     x = input
     w = ctx.param(weight, {0: OWN, 1: x.ids[-1]})
     ctx.param(bias, {0: w.ids[0]})
     shape = _out_shape(meta)
     lab = _passthrough(ctx, x, shape, {d: d for d in range(x.ndim - 1)}, handled=(x.ndim - 1,))
+    if bias is not None:
+        # NB: a Linear over a non-channel axis (MLP-Mixer's token mixing: [B, C, T] -> Linear(T, T))
+        # maps a zero channel c to y[b, c, :] = W 0 + b = b: its zeros do not pass (a norm over C,
+        # a sum over C must then keep the channel)
+        lab = _plus_constant(lab)
     return lab.with_axis(len(shape) - 1, w.ids[0], true_mask(len(w.ids[0])))
 
 
@@ -178,7 +189,7 @@ methods("baddbmm", ["baddbmm"], ("input", "batch1", "batch2"))
 
 @rule("grouped_mm")
 def grouped_mm(ctx: Ctx, input, other, offs=None, bias=None, meta=None, **_):
-    """out[s, n] = sum_k x[s, k] w[g(s), k, n] with the group g(s) chosen by offs (fused experts): k of x and w's dim 1 are one channel (zero on one side); w's dim 2 owns n in every group alike (a fused [E, K, N] tensor keeps its groups equal-width, so channel n is one row across the groups); the group axis is pinned (selected by data)."""
+    """out[s, n] = sum_k x[s, k] w[g(s), k, n] with the group g(s) chosen by offs (fused experts): k of x and w's dim 1 are one channel (zero on one side); w's dim 2 owns n in every group alike (a fused [E, K, N] tensor keeps its groups equal-width, so channel n is one row across the groups); the group axis and the rows of x (cut into groups by offs) are pinned."""
     x, w = input, other
     shape = _out_shape(meta)
     if not isinstance(x, AxisLabels) or not isinstance(w, AxisLabels) or x.ndim != 2 or w.ndim != 3:
@@ -186,6 +197,8 @@ def grouped_mm(ctx: Ctx, input, other, offs=None, bias=None, meta=None, **_):
         return ctx.pinned_lab(shape)
     ctx.pin(w.ids[0], "the group (expert) of each row is chosen by data: removing one changes the routing")
     ctx.pin(offs, "used as group offsets")
+    # NB: offs cut the rows into groups by position: removing a row would move the rows after it
+    ctx.pin(x.ids[0], "grouped mm assigns rows to groups by their position (offs)")
     ctx.tie(x.ids[1], w.ids[1])
     zk = x.zero[1] | w.zero[1]
     if not zk.all():
@@ -195,7 +208,8 @@ def grouped_mm(ctx: Ctx, input, other, offs=None, bias=None, meta=None, **_):
         ctx.tie(bias.ids[-1], w.ids[2])
         if bias.ndim == 2:
             ctx.pin(bias.ids[0], "the group (expert) of each row is chosen by data")
-        out = AxisLabels(out.ids, (out.zero[0], out.zero[1] & bias.zero[-1]))
+        # NB: the bias is added to every row s: a zero row of x comes out as the bias
+        out = AxisLabels(out.ids, (false_mask(len(out.ids[0])), out.zero[1] & bias.zero[-1]))
     return out
 
 
@@ -242,10 +256,11 @@ def _embedding_fix(site, **_):
 
 @rule("embedding", fix=_embedding_fix, reads_params=True)
 def embedding(ctx: Ctx, input, weight, meta=None, **_):
-    """y[..., j] = W[idx, j]: weight dim 1 owns the new last axis, dim 0 (the vocabulary) is pinned."""
+    """y[..., j] = W[idx, j]: weight dim 1 owns the new last axis, dim 0 (the vocabulary) is pinned; the index axes pass, never zero with their rows."""
     weight = ctx.param(weight, {0: PINNED, 1: OWN})
     shape = _out_shape(meta)
-    lab = _passthrough(ctx, input, shape, {d: d for d in range(input.ndim)})
+    # NB: a zero index reads the table's row 0, not zeros
+    lab = _plus_constant(_passthrough(ctx, input, shape, {d: d for d in range(input.ndim)}))
     return lab.with_axis(len(shape) - 1, weight.ids[1], true_mask(len(weight.ids[1])))
 
 

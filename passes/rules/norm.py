@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from ..modules import layer_norm_kept_divisor
 from ..channels import PINNED, Ctx, ParamRef, SymSize, false_mask, true_mask
 from ..registry import CONTIGUOUS_OUT, KEEPS_CONTIGUOUS, functions, modules, rule
-from .common import _ov, _out_shape, _passthrough
+from .common import _ov, _out_shape, _passthrough, _plus_constant
 
 aten = torch.ops.aten
 
@@ -51,6 +51,8 @@ def batch_norm(ctx: Ctx, input, weight=None, bias=None, running_mean=None, runni
     for p in (weight, bias, running_mean, running_var):
         ctx.param(p, {0: c})
     z = true_mask(len(c)) if weight is not None else false_mask(len(c))
+    # NB: a zero entry of any other axis comes out as b - mean * w / std, not zero
+    x = _plus_constant(x)
     return x.with_axis(1, c, z)
 
 
@@ -68,6 +70,17 @@ modules("batch_norm", [nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.Instan
 modules("batch_norm", [nn.SyncBatchNorm], _bn_module, op="batch_norm")
 functions("batch_norm", [F.batch_norm, F.instance_norm] + _ov(aten.batch_norm, "default"))
 functions("batch_norm", _ov(aten._native_batch_norm_legit_no_training, "default"), op="batch_norm")
+
+try:  # torchvision's FrozenBatchNorm2d (detection backbones): batch norm in eval mode, its tensors buffers
+    from torchvision.ops import FrozenBatchNorm2d
+
+    def _frozen_bn_module(node, m, args, kwargs):
+        # NB: traced through, its buffers' arithmetic would be folded into unnamed constants
+        return {**_bn_module(node, m, args, kwargs), "training": False}
+
+    modules("batch_norm", [FrozenBatchNorm2d], _frozen_bn_module, op="batch_norm")
+except ImportError:  # pragma: no cover - torchvision is optional
+    pass
 
 
 def _group_norm_fix(site, input, num_groups, **_):
@@ -90,6 +103,8 @@ def group_norm(ctx: Ctx, input, num_groups, weight=None, bias=None, meta=None, *
     ctx.param(weight, {0: c})
     ctx.param(bias, {0: c})
     z = true_mask(len(c)) if weight is not None else x.zero[1]
+    if bias is not None:  # NB: a zero entry of any other axis comes out as the bias
+        x = _plus_constant(x)
     return x.with_axis(1, c, z)
 
 
@@ -135,7 +150,8 @@ def _pin_normalised(ctx: Ctx, x, k: int, weight, bias, meta):
         if p is not None:
             ctx.param(p, {d: PINNED for d in range(len(ctx.shape_of(p)))})
     shape = _out_shape(meta)
-    return _passthrough(ctx, x, shape, {d: d for d in range(x.ndim - k)}, handled=tuple(range(x.ndim - k, x.ndim)))
+    lab = _passthrough(ctx, x, shape, {d: d for d in range(x.ndim - k)}, handled=tuple(range(x.ndim - k, x.ndim)))
+    return _plus_constant(lab) if bias is not None else lab
 
 
 def _last_axis_rows(ctx: Ctx, x, normalized_shape, weight, bias, meta, needs_weight: bool):
@@ -157,6 +173,8 @@ def _last_axis_rows(ctx: Ctx, x, normalized_shape, weight, bias, meta, needs_wei
         if p is not None:
             ctx.param(p, {0: ids})
     z = true_mask(len(ids)) if weight is not None else x.zero[-1]
+    if bias is not None:  # NB: a zero token (every entry of the normalised axis 0) comes out as the bias
+        x = _plus_constant(x)
     return x.with_axis(x.ndim - 1, ids, z)
 
 

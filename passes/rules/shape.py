@@ -1,4 +1,5 @@
-"""Shape ops: concat, stack, split, unbind, reshape/view, flatten/squeeze, permute, expand, channel shuffle.
+"""Shape ops: concat, stack, split, unbind, reshape/view, flatten/squeeze, permute, expand, channel and
+pixel shuffle.
 
 Reshapes merge axes by repeating ids (a channel becomes a block of features) and split an axis by
 keeping one factor as the row axis and tying the others together, so the kept set always stays a
@@ -565,6 +566,36 @@ functions("channel_shuffle", [getattr(F, "channel_shuffle", None), getattr(torch
           + _ov(aten.channel_shuffle, "default") + _ov(getattr(aten, "native_channel_shuffle", None), "default"),
           ("input", "groups"))
 modules("channel_shuffle", [nn.ChannelShuffle], lambda node, m, args, kwargs: dict(input=args[0], groups=m.groups))
+
+
+@rule("pixel_shuffle")
+def pixel_shuffle(ctx: Ctx, input, upscale_factor=None, downscale_factor=None, meta=None, **_):
+    """pixel_shuffle(r): out channel c is in channels c*r*r .. c*r*r + r*r - 1 (the block is one row, zero when all of it is); pixel_unshuffle(r): in channel c becomes out channels c*r*r .. c*r*r + r*r - 1 (one row); leading axes pass, H and W mix with the block (pinned)."""
+    x = input
+    shape = _out_shape(meta)
+    r = upscale_factor if upscale_factor is not None else downscale_factor
+    if not isinstance(r, int) or x.ndim < 3:
+        raise RuleDeclined("pixel shuffle factor is not a literal int, or the input has no (C, H, W) axes")
+    cax = x.ndim - 3
+    lab = _passthrough(ctx, x, shape, {d: d for d in range(cax)}, handled=(cax,))
+    c, z = x.ids[cax], x.zero[cax]
+    if upscale_factor is not None:
+        # NB: every out pixel of channel c reads one of its block's r*r channels: removing fewer than
+        # the whole block would change the channel count by a non-multiple of r*r and shift the rest
+        blocks = c.reshape(-1, r * r)
+        ctx.tie(blocks, blocks[:, :1])
+        ids, zero = blocks[:, 0], z.reshape(-1, r * r).all(axis=1)
+    else:
+        ids, zero = np.repeat(c, r * r), np.repeat(z, r * r)
+    return lab.with_axis(cax, ids, zero)
+
+
+functions("pixel_shuffle", [F.pixel_shuffle] + _ov(aten.pixel_shuffle, "default"), ("input", "upscale_factor"))
+functions("pixel_shuffle", [F.pixel_unshuffle] + _ov(aten.pixel_unshuffle, "default"), ("input", "downscale_factor"))
+modules("pixel_shuffle", [nn.PixelShuffle],
+        lambda node, m, args, kwargs: dict(input=args[0] if args else kwargs["input"], upscale_factor=m.upscale_factor))
+modules("pixel_shuffle", [nn.PixelUnshuffle],
+        lambda node, m, args, kwargs: dict(input=args[0] if args else kwargs["input"], downscale_factor=m.downscale_factor))
 
 
 @rule("complex_view")

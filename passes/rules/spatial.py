@@ -1,6 +1,6 @@
-"""Spatial ops: pooling, resampling and padding. Batch and channel axes pass pooling and resampling;
-spatial axes are not channels. Padding keeps every axis's entries in order and adds constants at its
-ends, on whatever axis it pads.
+"""Spatial ops: pooling, resampling (interpolation, grid sampling) and padding. Batch and channel axes
+pass pooling and resampling; spatial axes are not channels. Padding keeps every axis's entries in
+order and adds constants at its ends, on whatever axis it pads.
 
 Internals:
     * ``nsp`` (1, 2 or 3, declared per form) is how many trailing axes are spatial; ``pool``
@@ -53,10 +53,34 @@ def resample(ctx: Ctx, input, meta=None, **_):
 
 functions("resample", [F.interpolate, getattr(F, "upsample", None), getattr(F, "upsample_nearest", None),
                        getattr(F, "upsample_bilinear", None)]
-          + [o for p in ("upsample_nearest2d", "upsample_bilinear2d", "upsample_nearest1d", "upsample_linear1d",
-                         "upsample_nearest3d", "upsample_trilinear3d", "upsample_bicubic2d", "_upsample_nearest_exact2d")
+          + [o for p in ("upsample_nearest1d", "upsample_nearest2d", "upsample_nearest3d", "_upsample_nearest_exact1d",
+                         "_upsample_nearest_exact2d", "_upsample_nearest_exact3d", "upsample_linear1d",
+                         "upsample_bilinear2d", "upsample_bicubic2d", "upsample_trilinear3d",
+                         # F.interpolate(antialias=True) under torch.export (timm's resample_abs_pos_embed)
+                         "_upsample_bilinear2d_aa", "_upsample_bicubic2d_aa", "_upsample_lanczos2d_aa")
              if hasattr(aten, p) for o in _ov(getattr(aten, p), "default", "vec")], ("input",))
 modules("resample", [nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d], _bind_input)
+
+
+@rule("grid_sample")
+def grid_sample(ctx: Ctx, input, grid, meta=None, **_):
+    """out[n, c] = input[n, c] sampled at the points grid[n] (nearest, bilinear or bicubic, any padding mode): the channel axis keeps its ids and zeros; the grid's values are coordinates (every axis pinned, the batch axis it shares with the input too); the sampled spatial axes are pinned."""
+    x = input
+    if not isinstance(x, AxisLabels) or x.ndim < 3:
+        raise RuleDeclined("grid sample of an input without (N, C, spatial) axes")
+    if isinstance(grid, AxisLabels):
+        # NB: input n is sampled at grid n: removing a batch entry would need the grid's too
+        if grid.shape[0] == x.shape[0]:
+            ctx.tie(grid.ids[0], x.ids[0])
+        ctx.pin(grid, "grid sample reads these values as sampling coordinates")
+    return _passthrough(ctx, x, _out_shape(meta), {0: 0, 1: 1})
+
+
+functions("grid_sample", [F.grid_sample], ("input", "grid"))
+functions("grid_sample", [getattr(torch, n, None) for n in ("grid_sampler", "grid_sampler_2d", "grid_sampler_3d")]
+          + [o for p in ("grid_sampler", "grid_sampler_2d", "grid_sampler_3d", "cudnn_grid_sampler",
+                         "_grid_sampler_2d_cpu_fallback") if hasattr(aten, p) for o in _ov(getattr(aten, p), "default")],
+          ("input", "grid"))
 
 
 @rule("pad", keeps_axes=True)

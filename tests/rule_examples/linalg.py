@@ -306,3 +306,125 @@ def baddbmm_alibi_scores_keep_heads():
     m.register_buffer("slopes", torch.tensor([0.5, 0.25]))
     m.register_buffer("pos", torch.arange(5.0))
     return m, torch.randn(N, 5, 6)
+
+
+def _token_mixer(mix, norm=None, tok=None):
+    """MLP-Mixer's token mixing: ``mix`` (a layer ``tok`` along the token axis of [N, C, T]) between a
+    channel producer and a norm over C; the head's hidden layer keeps a group either way."""
+
+    def fwd(s, x):  # x: [N, T, 6]
+        h = s.a(x)  # [N, T, 8]: a's rows
+        h = mix(s, h)  # [N, T, 8], tokens mixed; with a bias a zero channel comes out as the bias
+        if norm is not None:
+            h = s.norm(h)
+        return s.o(torch.relu(s.b(h)))
+
+    members = dict(a=nn.Linear(6, 8), tok=tok if tok is not None else nn.Linear(5, 5), b=nn.Linear(8, 6),
+                   o=nn.Linear(6, 3))
+    if norm is not None:
+        members["norm"] = norm
+    return Net(fwd, **members), torch.randn(N, 5, 6)
+
+
+@example("linear", "rms_norm", expect_pin="rms_norm normalises over this axis")
+def token_mixing_linear_bias_rms_norm():
+    """Linear(T, T) with a bias on the transposed tensor: channel c comes out as tok.bias, not zero, so
+    the RMS norm over C keeps every channel (its kept-divisor rewrite would be inexact)."""
+    return _token_mixer(lambda s, h: s.tok(h.transpose(1, 2)).transpose(1, 2), nn.RMSNorm(8))
+
+
+@example("linear", "layer_norm", expect_pin="layer_norm normalises over this axis")
+def token_mixing_linear_bias_layer_norm():
+    return _token_mixer(lambda s, h: s.tok(h.transpose(1, 2)).transpose(1, 2), nn.LayerNorm(8))
+
+
+@example("linear", "rms_norm", expect_pin="rms_norm normalises over this axis")
+def token_mixing_linear_bias_functional():
+    """F.linear over the last axis of [N, C, T] with a bias (the Mixer's own layout, no transpose)."""
+    return _token_mixer(lambda s, h: F.linear(h.transpose(1, 2), s.tok.weight, s.tok.bias).transpose(1, 2),
+                        nn.RMSNorm(8))
+
+
+@example("linear", "rms_norm")
+def token_mixing_linear_no_bias_rms_norm():
+    """Without a bias a zero channel stays zero through the token mixing: the RMS norm keeps a's rows."""
+    return _token_mixer(lambda s, h: F.linear(h.transpose(1, 2), s.tok.weight).transpose(1, 2), nn.RMSNorm(8),
+                        nn.Linear(5, 5, bias=False))
+
+
+@example("linear")
+def token_mixing_linear_bias_rows_stay():
+    """With a bias but no norm after it, a's channels stay rows: the bias reaches b only through b's
+    zeroed columns."""
+    return _token_mixer(lambda s, h: s.tok(h.transpose(1, 2)).transpose(1, 2))
+
+
+@example("linear", "rms_norm", frontend="export", expect_pin="rms_norm normalises over this axis")
+def token_mixing_linear_bias_export():
+    """aten.linear with a bias along the token axis (torch.export)."""
+
+    def mix(s, h):
+        _force_export(h)
+        return s.tok(h.transpose(1, 2)).transpose(1, 2)
+
+    return _token_mixer(mix, nn.RMSNorm(8))
+
+
+@example("addmm", "rms_norm", expect_pin="rms_norm normalises over this axis")
+def addmm_token_mixing_bias():
+    """HF Conv1D's addmm along the token axis: bias [T] broadcast over the channel rows."""
+
+    def mix(s, h):
+        t = torch.addmm(s.tok.bias, h.transpose(1, 2).reshape(-1, 5), s.tok.weight.t())
+        return t.view(N, 8, 5).transpose(1, 2)
+
+    return _token_mixer(mix, nn.RMSNorm(8))
+
+
+@example("baddbmm", "rms_norm", expect_pin="rms_norm normalises over this axis")
+def baddbmm_token_mixing_bias():
+    def mix(s, h):
+        return torch.baddbmm(s.tok.bias, h.transpose(1, 2), s.tok.weight.t().expand(N, 5, 5)).transpose(1, 2)
+
+    return _token_mixer(mix, nn.RMSNorm(8))
+
+
+@example("conv", "rms_norm", expect_pin="rms_norm normalises over this axis")
+def conv_bias_over_channel_batch_axis():
+    """A Conv1d whose batch axis is a's channels ([8, N, T]): its bias makes a zero channel the bias."""
+
+    def mix(s, h):
+        return s.tok(h.permute(2, 0, 1)).permute(1, 2, 0)  # [8, N, T] -> conv over N -> [N, T, 8]
+
+    return _token_mixer(mix, nn.RMSNorm(8), nn.Conv1d(N, N, 3, padding=1))
+
+
+@example("embedding", "rms_norm", expect_pin="rms_norm normalises over this axis")
+def embedding_of_channel_indices():
+    """Indices computed from a's channels (a quantiser's codes): a zero channel reads the table's row 0,
+    not zeros, so the RMS norm over those channels keeps them all."""
+
+    def fwd(s, x):
+        codes = (torch.relu(s.a(x)) * 3).to(torch.long).clamp(0, 9)  # [N, T, 8]
+        e = s.emb(codes).sum(-1)  # [N, T, 8]
+        return s.o(torch.relu(s.b(s.norm(e))))
+
+    m = Net(fwd, a=nn.Linear(6, 8), emb=nn.Embedding(10, 4), norm=nn.RMSNorm(8), b=nn.Linear(8, 6), o=nn.Linear(6, 3))
+    return m, torch.randn(N, 5, 6)
+
+
+@example("grouped_mm", expect_pin="grouped mm assigns rows to groups by their position")
+def grouped_mm_rows_are_channels():
+    """x's rows are a's output channels ([16, K] after a transpose), cut into two groups by fixed offs:
+    removing a row would move the rows after it to another group's weight, so they are pinned (the
+    input layer's rows stay)."""
+
+    def fwd(s, x):  # x: [8, 6]
+        h = s.a(torch.relu(s.inp(x))).t()  # [16, 8]: rows are a's channels
+        y = F.grouped_mm(h, s.w, offs=s.offs)  # [16, 8]
+        return s.o(torch.relu(y).t())  # o reads the rows
+
+    m = Net(fwd, inp=nn.Linear(6, 6), a=nn.Linear(6, 16), w=nn.Parameter(torch.randn(2, 8, 8) / 8 ** 0.5),
+            o=nn.Linear(16, 3))
+    m.register_buffer("offs", torch.tensor([8, 16], dtype=torch.int32))
+    return m, torch.randn(8, 6)

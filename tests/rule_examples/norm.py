@@ -41,6 +41,21 @@ def instance_norm_affine():
     return m, img()
 
 
+@example("batch_norm")
+def frozen_batch_norm():
+    """torchvision's FrozenBatchNorm2d (detection backbones): a leaf with batch norm's algebra, its
+    buffers sliced with the channel (traced through, they would be folded into unnamed constants)."""
+    from torchvision.ops import FrozenBatchNorm2d
+
+    bn = FrozenBatchNorm2d(8)
+    with torch.no_grad():
+        for t in (bn.weight, bn.bias, bn.running_mean):
+            t.copy_(torch.randn(8))
+        bn.running_var.copy_(torch.rand(8) + 0.5)
+    m = Net(lambda s, x: s.c2(torch.relu(s.bn(s.c1(x)))), c1=conv(3, 8), bn=bn, c2=conv(8, 4))
+    return m, img()
+
+
 @example("group_norm")
 def group_norm_module():
     m = Net(lambda s, x: s.c2(torch.relu(s.gn(s.c1(x)))), c1=conv(3, 8), gn=nn.GroupNorm(4, 8), c2=conv(8, 4))

@@ -1,5 +1,5 @@
 """Examples for the shape rules (cat, stack, unbind, split, reshape, shape_merge, permute, expand,
-expand_as, channel_shuffle): passes/rules/shape.py."""
+expand_as, channel_shuffle, pixel_shuffle): passes/rules/shape.py."""
 from __future__ import annotations
 
 import torch
@@ -401,3 +401,48 @@ def repeat_interleave_one_group_to_heads():
 
     m = Net(fwd, c1=conv(3, 8), c2=conv(3, 2), c3=conv(8, 4))
     return m, img()
+
+
+@example("pixel_shuffle")
+def pixel_shuffle_upsampler():
+    """ESPCN's sub-pixel upsampler: conv to 4 * 4 channels, PixelShuffle(2); a row is a block of 4 of
+    the conv's channels (one output channel)."""
+    m = Net(lambda s, x: s.c3(s.ps(torch.relu(s.c2(torch.relu(s.c1(x)))))), c1=conv(3, 8), c2=conv(8, 16),
+            ps=nn.PixelShuffle(2), c3=conv(4, 3))
+    return m, img()
+
+
+@example("pixel_shuffle")
+def pixel_unshuffle_downsampler():
+    """PixelUnshuffle(2): one input channel becomes 4 consecutive output channels (one row of 4 of c2's
+    input columns)."""
+    m = Net(lambda s, x: s.c2(s.pu(torch.relu(s.c1(x)))), c1=conv(3, 6), pu=nn.PixelUnshuffle(2), c2=conv(24, 4))
+    return m, torch.randn(N, 3, 6, 6)
+
+
+@example("pixel_shuffle")
+def pixel_shuffle_functional_round_trip():
+    """F.pixel_shuffle(3) then F.pixel_unshuffle(3) (keyword factor): blocks of 9 channels, spread and
+    gathered back, between two prunable convs; a residual ties the round trip to its input."""
+
+    def fwd(s, x):
+        y = torch.relu(s.c1(x))  # [N, 18, 5, 5]
+        z = F.pixel_unshuffle(torch.relu(F.pixel_shuffle(y, upscale_factor=3)), downscale_factor=3)
+        return s.c2(z + y)
+
+    m = Net(fwd, c1=conv(3, 18), c2=conv(18, 4))
+    return m, img()
+
+
+@example("pixel_shuffle", frontend="export")
+def pixel_shuffle_exported():
+    """aten.pixel_shuffle / aten.pixel_unshuffle (torch.export), with a batch-norm on the shuffled channels."""
+
+    def fwd(s, x):
+        _force_export(x)
+        y = s.bn(s.ps(torch.relu(s.c1(x))))  # [N, 2, 10, 10]
+        return s.c3(torch.relu(s.c2(s.pu(torch.relu(y)))))
+
+    m = Net(fwd, c1=conv(3, 8), ps=nn.PixelShuffle(2), bn=nn.BatchNorm2d(2), pu=nn.PixelUnshuffle(2),
+            c2=conv(8, 6), c3=conv(6, 4))
+    return m.eval(), img()

@@ -1,11 +1,11 @@
-"""Examples for the spatial rules (pool, resample): passes/rules/spatial.py."""
+"""Examples for the spatial rules (pool, resample, grid_sample, pad): passes/rules/spatial.py."""
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .common import _force_export, conv, example, img, N, Net
+from .common import _force_export, conv, example, HW, img, N, Net
 
 
 @example("pool")
@@ -81,3 +81,99 @@ def replicate_pad_over_channels():
 
     m = Net(fwd, c1=conv(3, 8), fc=nn.Linear(10, 4))
     return m, img()
+
+
+def _resampled(nd: int, modes, export: bool = True):
+    """c1 -> F.interpolate in each (mode, keyword arguments) of ``modes`` -> c2, in ``nd`` spatial dims."""
+    layer = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[nd]
+
+    def fwd(s, x):
+        if export:
+            _force_export(x)
+        y = torch.relu(s.c1(x))
+        for mode, kw in modes:
+            y = F.interpolate(y, mode=mode, **kw)
+        return s.c2(y)
+
+    m = Net(fwd, c1=layer(3, 8, 3, padding=1), c2=layer(8, 4, 3, padding=1))
+    return m, torch.randn(N, 3, *([4] * nd))
+
+
+@example("resample", frontend="export")
+def interpolate_exported_2d():
+    """Every 2-D ATen resample torch.export emits: upsample_nearest2d, _upsample_nearest_exact2d,
+    upsample_bilinear2d, upsample_bicubic2d and the antialiased _upsample_bilinear2d_aa /
+    _upsample_bicubic2d_aa (timm's resample_abs_pos_embed)."""
+    return _resampled(2, [("nearest", dict(scale_factor=2)), ("nearest-exact", dict(size=(7, 9))),
+                          ("bilinear", dict(scale_factor=1.5)), ("bicubic", dict(size=(10, 10))),
+                          ("bilinear", dict(scale_factor=0.5, antialias=True)),
+                          ("bicubic", dict(size=(3, 4), antialias=True))])
+
+
+@example("resample", frontend="export")
+def interpolate_exported_1d():
+    """upsample_nearest1d, _upsample_nearest_exact1d, upsample_linear1d."""
+    return _resampled(1, [("nearest", dict(scale_factor=2)), ("nearest-exact", dict(size=11)),
+                          ("linear", dict(size=6, align_corners=True))])
+
+
+@example("resample", frontend="export")
+def interpolate_exported_3d():
+    """upsample_nearest3d, _upsample_nearest_exact3d, upsample_trilinear3d."""
+    return _resampled(3, [("nearest", dict(scale_factor=2)), ("nearest-exact", dict(size=(3, 5, 6))),
+                          ("trilinear", dict(size=(4, 4, 5)))])
+
+
+@example("resample")
+def interpolate_antialias_traced():
+    """F.interpolate(antialias=True) under symbolic_trace (one call_function F.interpolate)."""
+    return _resampled(2, [("bilinear", dict(scale_factor=0.5, antialias=True)),
+                          ("bicubic", dict(size=(3, 4), antialias=True))], export=False)
+
+
+def _sampled(export: bool, flow: bool = False, nd: int = 2):
+    """c1 -> F.grid_sample at a fixed grid (a buffer) or at a flow field predicted by a conv -> c2."""
+    layer = {2: nn.Conv2d, 3: nn.Conv3d}[nd]
+
+    def fwd(s, x):
+        if export:
+            _force_export(x)
+        y = torch.relu(s.c1(x))
+        g = s.grid
+        if flow:  # a conv's 2 output channels, moved last, are the sampling coordinates
+            g = torch.tanh(s.flow(y)).movedim(1, -1)
+        z = F.grid_sample(y, g, mode="bilinear", padding_mode="border" if flow else "zeros", align_corners=False)
+        return s.c2(z)
+
+    members = dict(c1=layer(3, 8, 3, padding=1), c2=layer(8, 4, 3, padding=1))
+    if flow:
+        members["flow"] = layer(8, nd, 3, padding=1)
+    m = Net(fwd, **members)
+    shape = (N, *([HW] * nd), nd) if flow else (N, *([3] * nd), nd)
+    m.register_buffer("grid", torch.rand(shape) * 2.2 - 1.1)  # some points outside [-1, 1]
+    return m, torch.randn(N, 3, *([HW] * nd))
+
+
+@example("grid_sample", expect_pin="grid sample reads these values as sampling coordinates")
+def grid_sample_fixed_grid():
+    """F.grid_sample at a fixed grid (a buffer): the sampled channels stay rows, the grid is pinned."""
+    return _sampled(export=False)
+
+
+@example("grid_sample", expect_pin="grid sample reads these values as sampling coordinates")
+def grid_sample_flow_field():
+    """The grid is a flow conv's 2 output channels (a spatial transformer): those are pinned, the
+    sampled features (c1's rows, read by the flow conv too) stay rows."""
+    return _sampled(export=False, flow=True)
+
+
+@example("grid_sample", frontend="export", expect_pin="grid sample reads these values as sampling coordinates")
+def grid_sample_exported():
+    """aten.grid_sampler (torch.export) at a fixed 2-D grid."""
+    return _sampled(export=True)
+
+
+@example("grid_sample", frontend="export", expect_pin="grid sample reads these values as sampling coordinates")
+def grid_sample_exported_3d():
+    """aten.grid_sampler at a 3-D flow field (a Conv3d's 3 output channels, moved last)."""
+    return _sampled(export=True, flow=True, nd=3)
