@@ -61,6 +61,7 @@ import threading
 from pathlib import Path
 
 import torch
+from torch.autograd.graph import increment_version
 
 from .layout import RowLayout, uniform
 from .reference import DHSPGConfig, Momentum, RowStats, dhspg_rows, momentum_update, plain_update
@@ -325,6 +326,9 @@ def apply_rows(layout: RowLayout, xs, ds, lr, coef: torch.Tensor, scale: torch.T
                                coef.data_ptr(), scale.data_ptr(), pv.data_ptr(),
                                0.0 if lrt is not None else float(lr), None if lrt is None else lrt.data_ptr(), fp,
                                torch.get_num_threads())
+    # NB: the kernel writes through raw pointers, which torch does not see: the version counters say
+    # it (the compile backend rebuilds a pruned graph when a watched tensor's version moved)
+    increment_version([t for t in (*xs, *ds) if t is not None])
     pl = plan["plain"]
     if pl:  # tensors no row reaches are not in the kernel's tables: torch's foreach ops, under the same flag
         pxs, pds = [xs[t] for t in pl], [ds[t] for t in pl]

@@ -34,13 +34,13 @@ import torch.fx as fx
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from otofx import pipeline
-from otofx.capture import DATA_BRANCHES, STATIC_IMAGE_SIZES, _first_line, _no_kv_cache, normalize_inputs
+from otofx.capture import DATA_BRANCHES, SIZE_BOUNDS, STATIC_IMAGE_SIZES, _first_line, _no_kv_cache, normalize_inputs
 from otofx.errors import InputError, OTOError, VerificationError
 from otofx.passes.nodes import layer_norm_params, set_path, unread_parameters
 from otofx.passes.prune import Plan, plan_rows, row_norms, zero_row_plan
 from otofx.passes.zigs import ZIG, ZigSet
 from otofx.verify import compare, compare_all, eval_mode, input_sets, outputs_close, run_eval
-from otofx.rebuild import RebuildError, rebuild
+from otofx.rebuild import RebuildError, copy_training_flags, rebuild
 
 log = logging.getLogger("otofx")
 
@@ -49,10 +49,23 @@ _FLOAT_TYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
 def _check_params(model: torch.nn.Module) -> None:
-    """Floating-point parameters only; any device, the meta device included (analysis needs shapes only)."""
+    """Floating-point parameters only; any device, the meta device included (analysis needs shapes only).
+    No weight recomputed by a hook (``torch.nn.utils.weight_norm``, deprecated): the graph would read a
+    tensor that is no parameter, and the copy could not be made."""
     for name, p in model.named_parameters():
         if p.dtype not in _FLOAT_TYPES:
             raise InputError(f"parameter '{name}' has dtype {p.dtype}; otofx supports floating-point parameters only")
+    for name, m in model.named_modules():
+        hooks = [h for h in m._forward_pre_hooks.values() if type(h).__name__ in ("WeightNorm", "SpectralNorm")
+                 and type(h).__module__.startswith("torch.nn.utils")]
+        if hooks:
+            what = type(hooks[0]).__name__
+            undo = "remove_weight_norm" if what == "WeightNorm" else "remove_spectral_norm"
+            raise InputError(
+                f"module '{name or type(model).__name__}' uses torch.nn.utils.{undo.removeprefix('remove_')} (a hook "
+                f"recomputes its '{hooks[0].name}' before each call, so it is no parameter otofx can slice): fold it "
+                f"with torch.nn.utils.{undo}(module) first; torch.nn.utils.parametrizations' form is kept whole "
+                f"(pinned, and the report names it)")
 
 
 def _meta_tensor(model: torch.nn.Module) -> str | None:
@@ -93,15 +106,6 @@ def _retarget_meta(gm: fx.GraphModule, device: torch.device) -> None:
             n.args, n.kwargs, changed = tuple(args), dict(kwargs), True
     if changed:
         gm.recompile()
-
-
-def _copy_training_flags(small: torch.nn.Module, model: torch.nn.Module) -> None:
-    """Each module of ``small`` takes the training flag of ``model``'s module of the same name (the
-    model's own flag where there is none): a submodule the user froze in eval mode stays frozen."""
-    mods = dict(model.named_modules())
-    for name, m in small.named_modules():
-        src = mods.get(name)
-        m.training = src.training if src is not None else model.training
 
 
 def _tiled_like(example, shaped):
@@ -237,7 +241,16 @@ class OTO:
         if form != "graph" and not passes:
             check, rtol = verify or form == "auto", 1e-4 if verify else float("inf")
             try:
-                return self._compress_module(check, plan, rtol=rtol)
+                small = self._compress_module(check, plan, rtol=rtol)
+                bad = self._other_size_branch(small, rtol) if check else None
+                if bad is None:
+                    return small
+                if form == "module":
+                    log.warning("otofx: the compressed %s is exact on the sizes the capture admits; %s",
+                                type(self.model).__name__, bad)
+                    return small
+                raise VerificationError(f"{bad}. The graph refuses sizes the capture did not admit "
+                                        f"(ShapeError); form='module' gives the model's own class anyway")
             except (RebuildError, VerificationError) as e:
                 small = self._module_keeping_layer_norm_widths(e, check, plan, rtol)
                 if small is not None:
@@ -295,7 +308,7 @@ class OTO:
         start = self.state.replace(gm=gm, reference=gm, records=())
         state = pipeline.Pipeline(steps).run(start if plan is None else start.put(pipeline.PLAN, plan))
         small = state.gm
-        _copy_training_flags(small, self.model)
+        copy_training_flags(small, self.model)
         if verify:
             self.verify(small)
         return small
@@ -360,6 +373,32 @@ class OTO:
                 small = plain
         return small
 
+    def _other_size_branch(self, small: torch.nn.Module, rtol: float) -> str | None:
+        """What the model's own class gets wrong at an input size just outside the ranges the export
+        capture admits (``capture.outside_inputs``: its code takes a branch there that the analysis
+        never saw), checked against the model itself (its zeroed rows included); None when nothing
+        (or when the model itself refuses those sizes)."""
+        for what, inputs in self.graph_module.meta.get(SIZE_BOUNDS) or ():
+            if self._on_meta:
+                inputs = _tiled_like((self._args, self._kwargs), inputs)
+            a, k = inputs
+            try:
+                with _no_kv_cache(self.model, k):
+                    ref = run_eval(self.model, a, k)
+            except Exception:  # noqa: BLE001 - the model refuses that size itself: nothing to check
+                continue
+            try:
+                with _no_kv_cache(small, k):
+                    got = run_eval(small, a, k)
+                ok, err = outputs_close(ref, got, rtol)
+            except Exception as e:  # noqa: BLE001 - the compressed class's forward at that size
+                return (f"at {what} (the model's code branches on it), its own class fails: "
+                        f"{type(e).__name__}: {_first_line(e)}")
+            if not ok:
+                return (f"at {what} (the model's code branches on it), its own class differs from the "
+                        f"model by {err:.2g}: the analysis saw the example's branch only")
+        return None
+
     def verify(self, small: torch.nn.Module, rtol: float = 1e-4) -> float:
         """Check ``small`` (either form) against the full model on the example inputs and, for an
         export capture, a second shape (``self.state.more_inputs``); returns the worst relative error."""
@@ -388,7 +427,8 @@ class OTO:
         """
         from otofx.optim import DHSPG
 
-        opt = DHSPG(self.model.named_parameters(), self.groups, model=self.model, **kw)
+        groups, kw = self._trainable_groups("dhspg", kw)
+        opt = DHSPG(self.model.named_parameters(), groups, model=self.model, **kw)
         self._optimizers = [r for r in self._optimizers if r() is not None] + [weakref.ref(opt)]
         return opt
 
@@ -396,7 +436,25 @@ class OTO:
         """A :class:`otofx.optim.HESSO` over ``self.model``'s parameters (``pruning_steps`` is required)."""
         from otofx.optim import HESSO
 
-        return HESSO(self.model.named_parameters(), self.groups, model=self.model, **kw)
+        groups, kw = self._trainable_groups("hesso", kw)
+        return HESSO(self.model.named_parameters(), groups, model=self.model, **kw)
+
+    def _trainable_groups(self, what: str, kw: dict) -> tuple:
+        """``self.groups`` less those holding a tensor training cannot zero (a frozen parameter, a
+        buffer), with a warning naming them; a per-group ``target_group_sparsity`` sequence follows."""
+        frozen = [z.frozen(self.model) for z in self.groups]
+        if not any(frozen):
+            return self.groups, kw
+        keep = [i for i, f in enumerate(frozen) if not f]
+        names = sorted({n for f in frozen for n in f})
+        log.warning("otofx: %s() leaves out %d of %d group(s) holding tensors it must not write (frozen parameters "
+                    "or buffers: %s%s); their rows stay. Unfreeze them (requires_grad_(True)) to prune those groups",
+                    what, len(self.groups) - len(keep), len(self.groups), ", ".join(names[:4]),
+                    f" and {len(names) - 4} more" if len(names) > 4 else "")
+        target = kw.get("target_group_sparsity")
+        if isinstance(target, (list, tuple)) and len(target) == len(self.groups):
+            kw = {**kw, "target_group_sparsity": type(target)(target[i] for i in keep)}
+        return tuple(self.groups[i] for i in keep), kw
 
     # -- SCOP: pruning a trained model ------------------------------------------------------------
     def scop(self, loader, *, knockoff="gaussian", epochs: int = 10, lr: float = 0.004, **kw) -> tuple:

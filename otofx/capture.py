@@ -38,6 +38,10 @@ Internals:
     * torch.export's input guards (the ``_guards_fn`` submodule) are wrapped in :class:`SizeGuards`:
       an input of a size the capture left static raises :class:`otofx.errors.ShapeError` naming the
       input, its size and the size the graph takes, not a bare ``AssertionError: Guard failed``.
+    * torch's transformer blocks (``TRACED_FORWARDS``) are traced along their reference path, not
+      kept as leaves: their fast-path checks branch on the input, which a Proxy cannot answer.
+    * ``outside_inputs``: inputs just outside the size ranges an export capture admits (a branch on
+      a size narrows them), kept in ``gm.meta[SIZE_BOUNDS]`` for ``OTO.compress`` to try the own class on.
     * Mode flags are ``get_attr`` nodes of ``<module path>.training`` (empty modules created where
       export kept none), set to the user's flags at capture: a frozen submodule stays frozen.
 """
@@ -55,6 +59,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+import torch.nn as nn
 import torch.fx as fx
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
@@ -89,6 +94,63 @@ def normalize_inputs(example_inputs) -> tuple[tuple, dict]:
         f"example_inputs must be a tensor, a tuple of tensors or a dict of keyword tensors, got "
         f"{type(example_inputs).__name__}"
     )
+
+
+def _encoder_layer(m: nn.TransformerEncoderLayer, src, src_mask=None, src_key_padding_mask=None, is_causal=False):
+    x = src
+    if m.norm_first:
+        x = x + m._sa_block(m.norm1(x), src_mask, src_key_padding_mask, is_causal=is_causal)
+        return x + m._ff_block(m.norm2(x))
+    x = m.norm1(x + m._sa_block(x, src_mask, src_key_padding_mask, is_causal=is_causal))
+    return m.norm2(x + m._ff_block(x))
+
+
+def _decoder_layer(m: nn.TransformerDecoderLayer, tgt, memory, tgt_mask=None, memory_mask=None,
+                   tgt_key_padding_mask=None, memory_key_padding_mask=None, tgt_is_causal=False,
+                   memory_is_causal=False):
+    x = tgt
+    if m.norm_first:
+        x = x + m._sa_block(m.norm1(x), tgt_mask, tgt_key_padding_mask, tgt_is_causal)
+        x = x + m._mha_block(m.norm2(x), memory, memory_mask, memory_key_padding_mask, memory_is_causal)
+        return x + m._ff_block(m.norm3(x))
+    x = m.norm1(x + m._sa_block(x, tgt_mask, tgt_key_padding_mask, tgt_is_causal))
+    x = m.norm2(x + m._mha_block(x, memory, memory_mask, memory_key_padding_mask, memory_is_causal))
+    return m.norm3(x + m._ff_block(x))
+
+
+def _encoder(m: nn.TransformerEncoder, src, mask=None, src_key_padding_mask=None, is_causal=None):
+    x = src
+    for layer in m.layers:
+        x = layer(x, src_mask=mask, is_causal=bool(is_causal), src_key_padding_mask=src_key_padding_mask)
+    return m.norm(x) if m.norm is not None else x
+
+
+def _decoder(m: nn.TransformerDecoder, tgt, memory, tgt_mask=None, memory_mask=None, tgt_key_padding_mask=None,
+             memory_key_padding_mask=None, tgt_is_causal=None, memory_is_causal=False):
+    x = tgt
+    for layer in m.layers:
+        x = layer(x, memory, tgt_mask=tgt_mask, memory_mask=memory_mask, tgt_key_padding_mask=tgt_key_padding_mask,
+                  memory_key_padding_mask=memory_key_padding_mask, tgt_is_causal=bool(tgt_is_causal),
+                  memory_is_causal=memory_is_causal)
+    return m.norm(x) if m.norm is not None else x
+
+
+def _transformer(m: nn.Transformer, src, tgt, src_mask=None, tgt_mask=None, memory_mask=None,
+                 src_key_padding_mask=None, tgt_key_padding_mask=None, memory_key_padding_mask=None,
+                 src_is_causal=None, tgt_is_causal=None, memory_is_causal=False):
+    memory = m.encoder(src, mask=src_mask, src_key_padding_mask=src_key_padding_mask, is_causal=src_is_causal)
+    return m.decoder(tgt, memory, tgt_mask=tgt_mask, memory_mask=memory_mask,
+                     tgt_key_padding_mask=tgt_key_padding_mask, memory_key_padding_mask=memory_key_padding_mask,
+                     tgt_is_causal=tgt_is_causal, memory_is_causal=memory_is_causal)
+
+
+# NB: torch's transformer blocks branch on their inputs (src.dim(), the fused fast path's checks, the
+# nested-tensor conversion), which a Proxy cannot answer: the tracer follows their reference path
+# (the one training and export take), built from the same submodules and their private blocks. A
+# boolean is_causal stays a Python bool; a tensor mask is passed on as it is (the attention
+# canonicalises it).
+TRACED_FORWARDS = {nn.TransformerEncoderLayer: _encoder_layer, nn.TransformerDecoderLayer: _decoder_layer,
+                   nn.TransformerEncoder: _encoder, nn.TransformerDecoder: _decoder, nn.Transformer: _transformer}
 
 
 class LeafTracer(fx.Tracer):
@@ -136,6 +198,9 @@ class LeafTracer(fx.Tracer):
         # ``nn_module_stack`` meta (a third of the tracing time on a MobileNet); no pass reads it
         """
         qualname = self.path_of_module(m)
+        traced = TRACED_FORWARDS.get(type(m))
+        if traced is not None and type(m) not in MODULE_FORMS:
+            return traced(m, *args, **kwargs)
         if not self.is_leaf_module(m, qualname):
             return forward(*args, **kwargs)
         return self.create_proxy("call_module", qualname, args, kwargs)
@@ -562,6 +627,7 @@ def _scalars(graph: fx.Graph):
 
 
 DATA_BRANCHES = "otofx_data_branches"  # gm.meta key: the (condition, value) pairs the graph assumes
+SIZE_BOUNDS = "otofx_size_bounds"  # gm.meta key: inputs just outside the sizes the graph admits (outside_inputs)
 
 
 @fxcompat.mark_impure
@@ -839,6 +905,22 @@ def _example_dims(ep) -> list:
     return out
 
 
+def _flat_examples(ep, args: tuple, kwargs: dict) -> tuple:
+    """``(flat inputs, their spec, size expressions per input, indices of the tensors)`` in export's
+    input order, or Nones when the examples do not match ``ep``'s inputs."""
+    in_spec = ep.call_spec.in_spec
+    try:  # export orders keyword inputs as the signature does
+        kwargs = {k: kwargs[k] for k in in_spec.child(1).context}
+    except (AttributeError, IndexError, KeyError, TypeError):
+        pass
+    flat, spec = tree_flatten((tuple(args), kwargs))
+    dims = _example_dims(ep)
+    tensors = [i for i, t in enumerate(flat) if isinstance(t, torch.Tensor)]
+    if len(dims) != len(flat) or any(dims[i] is None or len(dims[i]) != flat[i].dim() for i in tensors):
+        return None, None, None, None
+    return flat, spec, dims, tensors
+
+
 def second_inputs(ep, args: tuple, kwargs: dict, gm: fx.GraphModule | None = None):
     """Example inputs of another shape along every dimension ``ep`` made dynamic, or None.
 
@@ -849,15 +931,8 @@ def second_inputs(ep, args: tuple, kwargs: dict, gm: fx.GraphModule | None = Non
     Inputs are the examples tiled (indices wrap) to the new sizes, so token ids and masks stay
     valid and floats stay non-trivial. Returns ``(args, kwargs)``.
     """
-    in_spec = ep.call_spec.in_spec
-    try:  # export orders keyword inputs as the signature does
-        kwargs = {k: kwargs[k] for k in in_spec.child(1).context}
-    except (AttributeError, IndexError, KeyError, TypeError):
-        pass
-    flat, spec = tree_flatten((tuple(args), kwargs))
-    dims = _example_dims(ep)
-    tensors = [i for i, t in enumerate(flat) if isinstance(t, torch.Tensor)]
-    if len(dims) != len(flat) or any(dims[i] is None or len(dims[i]) != flat[i].dim() for i in tensors):
+    flat, spec, dims, tensors = _flat_examples(ep, args, kwargs)
+    if flat is None:
         return None
     symbols, image = {}, set()
     for i, d in enumerate(dims):
@@ -877,6 +952,39 @@ def second_inputs(ep, args: tuple, kwargs: dict, gm: fx.GraphModule | None = Non
     return None
 
 
+def outside_inputs(ep, args: tuple, kwargs: dict) -> list:
+    """``[(what, (args, kwargs))]``: for every input size whose range ``ep`` narrowed (a branch on it:
+    ``if x.shape[-1] > 32`` gives 33..inf), the examples tiled to the size just outside the range,
+    every other size as in the example. The graph refuses them (its guards); the model's own class
+    runs its other branch there, which the analysis never saw (``OTO.compress`` checks it against
+    the model). A range of 2..inf is export's default; an upper bound more than 4 times the example's
+    size (a position table's length) is not tried."""
+    flat, spec, dims, tensors = _flat_examples(ep, args, kwargs)
+    if flat is None:
+        return []
+    symbols = {}
+    for i, d in enumerate(dims):
+        for k, e in enumerate(d or ()):
+            if not isinstance(e, int) and e.is_Symbol:
+                symbols.setdefault(e, flat[i].shape[k])
+    out = []
+    for s, v in symbols.items():
+        r = ep.range_constraints.get(s)
+        if r is None:
+            continue
+        lo, hi = r.lower, r.upper
+        # NB: torch's int_oo says is_finite; a bound is a number when it is an int or a sympy Integer
+        finite = lambda b: isinstance(b, int) or getattr(b, "is_Integer", False)  # noqa: E731
+        tries = [int(lo) - 1] if finite(lo) and int(lo) > 2 else []
+        if finite(hi) and int(hi) + 1 <= 4 * max(int(v), 1):
+            tries.append(int(hi) + 1)
+        for value in tries:
+            got = _tiled_at({**symbols, s: value}, flat, dims, tensors, spec)
+            if got is not None:
+                out.append((f"a size of {value} where the capture admits {lo}..{hi}", got))
+    return out
+
+
 # NB: a size can be tied to others by a relation export records as a guard, not as a range (DeepSeek
 # V4 compresses the sequence in blocks of 4: 16 * L == 64 * (L // 4)); the first of these steps whose
 # inputs pass the graph's guards is taken
@@ -890,6 +998,11 @@ def _inputs_at(ep, symbols: dict, image: set, step: int, flat: list, dims: list,
         up = r.upper if r is not None else None
         d = v if s in image else step
         new[s] = v + d if up is None or bool(v + d <= up) else max(v - d, 1)
+    return _tiled_at(new, flat, dims, tensors, spec)
+
+
+def _tiled_at(new: dict, flat: list, dims: list, tensors: list, spec):
+    """The flat example inputs tiled to the sizes their size expressions take at symbol values ``new``."""
     out = list(flat)
     for i in tensors:
         sizes = []
@@ -980,6 +1093,9 @@ def export_captured(model: torch.nn.Module, args: tuple, kwargs: dict) -> Captur
                          "own class accepts any size the model does", type(model).__name__, why,
                          ", ".join("x".join(map(str, s)) for s in sizes))
     more = second_inputs(ep, args, kwargs, gm)
+    outside = outside_inputs(ep, args, kwargs)
+    if outside:
+        gm.meta[SIZE_BOUNDS] = outside
     dyn = [f"input {i} dims {', '.join(str(k) for k, e in enumerate(d) if not isinstance(e, int))}"
            for i, d in enumerate(_example_dims(ep)) if d is not None and not all(isinstance(e, int) for e in d)]
     log.info("%s exported with %s", type(model).__name__, f"dynamic {'; '.join(dyn)}" if dyn else "static shapes")

@@ -233,6 +233,11 @@ class _RowOptimizer(torch.optim.Optimizer):
                     hint = ("pass model.named_parameters() (names are needed to place rows)" if not by_name else
                             "pass every parameter of the model to the optimizer, or pin that layer in otofx.OTO(pin=...)")
                     raise OptimizerError(f"group {zi} names parameter {name!r}, which this optimizer does not hold: {hint}")
+                if not p.requires_grad:
+                    raise OptimizerError(
+                        f"group {zi} holds parameter {name!r}, which is frozen (requires_grad=False): the row step "
+                        f"would write it. Leave the group out (otofx.OTO.dhspg() and .hesso() do: "
+                        f"[z for z in oto.groups if not z.frozen(model)]) or unfreeze the parameter")
                 if id(p) not in index:
                     index[id(p)] = len(tensors)
                     tensors.append(p)
@@ -378,6 +383,26 @@ class _RowOptimizer(torch.optim.Optimizer):
     def _steps_for(self, dev):
         return self._taken if dev == self._home else self._taken.to(dev)
 
+    def _adam_steps(self, ps, dev, skip) -> list:
+        """Each parameter's own step count, advanced by this step and on ``dev`` (as torch's Adam: a
+        parameter without a gradient in a step does not count it, so its bias correction starts with
+        its first gradient); the skip flag is added on the device."""
+        steps = []
+        for p in ps:
+            st = self.state[p]
+            step = st.get("step")
+            if step is None:
+                step = st["step"] = torch.zeros((), dtype=torch.float32, device=dev)
+            elif step.device != dev or step.dtype != torch.float32:  # NB: torch's load_state_dict keeps it on the CPU
+                step = st["step"] = step.to(device=dev, dtype=torch.float32)
+            steps.append(step)
+        if steps and skip is None:
+            torch._foreach_add_(steps, 1.0)
+        elif steps:  # NB: a list, not a 0-d tensor, which the scalar overload would read on the host
+            inc = 1.0 - skip.to(device=dev, dtype=torch.float32)
+            torch._foreach_add_(steps, [inc] * len(steps))
+        return [self.state[p]["step"] for p in ps]
+
     def _base_update(self, params, lr, skip) -> None:
         """``x <- x - lr * d`` with the base optimizer's direction, in torch's fused SGD/Adam/AdamW kernels
         (one launch per param group, device and dtype; the moment buffers are torch's). ``skip`` is passed
@@ -407,7 +432,7 @@ class _RowOptimizer(torch.optim.Optimizer):
                 continue
             ms, vs = self._moments(ps)
             op = torch._fused_adamw_ if self.variant == "adamw" else torch._fused_adam_
-            op(self._lt(ps), grads, ms, vs, [], [self._steps_for(dev)] * len(ps), lr=plr, beta1=b1, beta2=b2,
+            op(self._lt(ps), grads, ms, vs, [], self._adam_steps(ps, dev, fi), lr=plr, beta1=b1, beta2=b2,
                weight_decay=wd, eps=_ADAM_EPS, amsgrad=False, maximize=False, found_inf=fi)
 
     def _moments(self, ps):
@@ -474,7 +499,7 @@ class _RowOptimizer(torch.optim.Optimizer):
                         dirs[i] = self._dirs[id(p)] = torch.zeros_like(lps[i], memory_format=torch.contiguous_format)
                 torch._foreach_zero_(dirs)
                 # the Adam direction m_hat / (sqrt(v_hat) + eps): torch's fused Adam stepping a zero buffer with lr=-1
-                torch._fused_adam_(dirs, grads, ms, vs, [], [self._steps_for(dev)] * len(ps), lr=-1.0, beta1=b1,
+                torch._fused_adam_(dirs, grads, ms, vs, [], self._adam_steps(ps, dev, fi), lr=-1.0, beta1=b1,
                                    beta2=b2, weight_decay=0.0, eps=_ADAM_EPS, amsgrad=False, maximize=False,
                                    found_inf=fi)
                 if self.variant == "adamw" and wd:
@@ -671,6 +696,9 @@ class _RowOptimizer(torch.optim.Optimizer):
         if self._clock is not None:
             self._clock.fill_(float(self._t))
         self._taken = torch.tensor(float(extra.get("taken", self._t)), dtype=torch.float32, device=self._home)
+        for st in self.state.values():
+            if "exp_avg" in st and "step" not in st:  # NB: saved before per-parameter counts: the shared one
+                st["step"] = self._taken.clone()
         self._host_skipped = int(extra.get("host_skipped", 0))
         self._load_extra_state(extra)
 

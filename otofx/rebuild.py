@@ -37,7 +37,9 @@ Internals:
     * Floats the config gives (a norm's eps, Gemma's embedding scale) then follow it, so that
       ``save_pretrained`` + ``from_pretrained`` build the same function: the config's float fields
       move to the new values, and each module attribute still off takes the config's value while a
-      weight absorbs the difference (:func:`_follow_floats`, :func:`_float_fold`), all or nothing.
+      weight absorbs the difference (:func:`_follow_floats`, :func:`_float_fold`), all or nothing;
+      when the config cannot take the hidden norms' refolded eps (Qwen 3.5's linear-attention norms
+      share it), the eps stay the config's and the residual stream is scaled (:func:`_stream_fold`).
       # NB: the folds read the class's forward off the graph; ``OTO.compress`` verifies the copy and
       rebuilds without them (``follow_floats=False``) when they were wrong.
     * A LayerNorm over a narrowed axis is replaced by ``PrunedLayerNorm`` (it keeps the old
@@ -58,10 +60,10 @@ import torch
 import torch.nn as nn
 
 from otofx.errors import OTOError
-from otofx.passes.modules import PrunedLayerNorm
+from otofx.passes.modules import PrunedLayerNorm, PrunedMultiheadAttention
 from otofx.passes.prune import Plan, take
 from otofx.passes.resize import (STREAM_WIDTHS, Change, ResizeError, Scope, apply_rms_fold, resize, resync_counts,
-                                 constant_scale_sources, norm_sites, rms_folds, rms_input_producer,
+                                 constant_scale_sources, norm_sites, rms_folds, rms_input_producer, stream_scale_sources,
                                  scale_parameter, tied_head_norms)
 
 log = logging.getLogger("otofx")
@@ -198,7 +200,18 @@ def rebuild(model: nn.Module, plan: Plan, gm: torch.fx.GraphModule | None = None
             log.debug("otofx: %s: RMS norm over %d of %d entries refolded", fold.module, fold.new, fold.old)
     _resync_stream_width(new, model, stream)  # NB: before the config fit, which compares these attributes
     _update_config(new, model, changed, cuts, old_shapes, stream, groups, gm if follow_floats else None, folds)
+    # NB: a replacement module (PrunedMultiheadAttention, PrunedLayerNorm) is built in training mode
+    copy_training_flags(new, model)
     return new
+
+
+def copy_training_flags(small: nn.Module, model: nn.Module) -> None:
+    """Each module of ``small`` takes the training flag of ``model``'s module of the same name (the
+    model's own flag where there is none): a submodule the user froze in eval mode stays frozen."""
+    mods = dict(model.named_modules())
+    for name, m in small.named_modules():
+        src = mods.get(name)
+        m.training = src.training if src is not None else model.training
 
 
 def _input_width(model: nn.Module) -> int | None:
@@ -265,6 +278,12 @@ def _resize_modules(new: nn.Module, cuts: dict, old_shapes: dict, stream: frozen
     for mname, repl in replaced.items():
         parent, _, attr = mname.rpartition(".")
         setattr(new.get_submodule(parent) if parent else new, attr, repl)
+    # NB: torch's encoder chooses its nested-tensor path (padding masks in eval) once, when built; a
+    # pruned attention takes no nested tensor
+    for m in new.modules():
+        if isinstance(m, nn.TransformerEncoder) and getattr(m, "use_nested_tensor", False) and \
+                any(isinstance(a, PrunedMultiheadAttention) for a in m.modules()):
+            m.use_nested_tensor = False
     return changed
 
 
@@ -530,32 +549,99 @@ def _float_fold(new: nn.Module, gm, name: str, attr: str, have: float, want: flo
     return None
 
 
+def _stream_fold(new: nn.Module, gm, items: list, sites: dict):
+    """A function that lets the RMS norms of a residual stream (``items``: ``(module, attribute, have,
+    want)``, each an eps) take the config's eps, or None: the layers writing the stream are scaled by
+    c = sqrt(want / have) (:func:`otofx.passes.resize.stream_scale_sources`), which the norms' eps times
+    c**2 cancels (Qwen 3.5's linear-attention norms share ``rms_norm_eps`` with the hidden norms but not
+    their width, so the config cannot follow the hidden norms' refolded eps); a tied LM head is scaled
+    back through the norm that alone feeds it."""
+    ratios: dict = {}
+    for name, k, have, want in items:
+        ratios.setdefault(round(want / have, 9), []).append((name, k, want))
+    plan, taken = [], set()
+    for ratio, norms in ratios.items():
+        found = stream_scale_sources(gm, sorted({n for n, _, _ in norms}), sites)
+        if not found:
+            return None
+        sources, heads = found[0], dict(found[1])
+        params = {}
+        for name in sources:
+            p = new.get_parameter(name)
+            if id(p) in taken:
+                return None  # NB: two streams share a layer
+            taken.add(id(p))
+            params.setdefault(id(p), name)
+            tied = {n for n, q in new.named_parameters(remove_duplicate=False) if q is p}
+            if len(tied) > 1:  # NB: tied under another name the graph reads apart
+                more = tied_head_norms(gm, tied, sites)
+                if not more:
+                    return None
+                heads.update(more)
+        plan.append((ratio ** 0.5, sorted(params.values()), sorted(heads.items()), norms))
+
+    def fold():
+        for c, names, heads, norms in plan:
+            for name in names:
+                scale_parameter(new, name, c)
+            for w, one_plus in heads:
+                scale_parameter(new, w, 1 / c, one_plus)
+            for name, k, want in norms:
+                setattr(new.get_submodule(name), k, want)
+    return fold
+
+
+def _float_plan(new: nn.Module, config, want: _Want, gm, cuts: dict, sites: dict) -> list | None:
+    """``[(module, attribute, have, want, fold)]`` for every config-given float attribute that
+    ``cls(config)`` gives otherwise, or None when one has no fold. RMS norm eps no single fold reaches
+    are folded together when they are a residual stream's (:func:`_stream_fold`)."""
+    todo, stream = [], []
+    for name, k, have, got in _floats_off(_build(type(new), config), want):
+        f = _float_fold(new, gm, name, k, have, got, cuts, sites) if type(got) is float else None
+        if f is None and type(got) is float and name in sites and have > 0 and got > 0:
+            stream.append((name, k, have, got))
+            continue
+        if f is None:
+            log.debug("otofx: %s.%s = %r, but the config gives %r: no fold", name, k, have, got)
+            return None
+        todo.append((name, k, have, got, f))
+    if stream:
+        f = _stream_fold(new, gm, stream, sites) if gm is not None else None
+        if f is None:
+            log.debug("otofx: %d norm eps off the config's (%s.%s = %r) and no residual stream to scale",
+                      len(stream), *stream[0][:3])
+            return None
+        todo.append(("the residual stream", f"{len(stream)} norm eps", stream[0][2], stream[0][3], f))
+    return todo
+
+
 def _follow_floats(new: nn.Module, config, want: _Want, gm, cuts: dict, folds: list | None = None) -> dict:
     """Make every config-given float attribute of ``new`` what ``cls(config)`` gives it, so that
     ``save_pretrained`` + ``from_pretrained`` build the same function: first the config's float
     fields (:func:`_fit_float_fields`), then, for each attribute still off, a fold of the model's
-    weights (:func:`_float_fold`). All or nothing: when an attribute has no fold, the config's
-    fields are restored and the model is left as it is. Returns the attributes still off,
-    ``{module: {attribute: value}}`` (empty when all match); ``folds`` gets ``(module, attribute)``
-    of each fold applied."""
+    weights (:func:`_float_plan`). When that fails, the config's fields as they were, the weights
+    folding to them (the residual stream scaled rather than ``rms_norm_eps`` moved). All or nothing:
+    else the config's fields are restored and the model is left as it is. Returns the attributes
+    still off, ``{module: {attribute: value}}`` (empty when all match); ``folds`` gets ``(module,
+    attribute)`` of each fold applied."""
     if not want.floats:
         return {}
     cls = type(new)
+    sites = norm_sites(gm) if gm is not None else {}
     done = _fit_float_fields(cls, config, want)
-    todo, sites = [], None
-    for name, k, have, got in _floats_off(_build(cls, config), want):
-        if sites is None:
-            sites = norm_sites(gm) if gm is not None else {}
-        f = _float_fold(new, gm, name, k, have, got, cuts, sites) if type(got) is float else None
-        if f is None:
-            log.debug("otofx: %s.%s = %r, but the config gives %r: no fold", name, k, have, got)
-            for owner, key, value in reversed(done):
-                setattr(owner, key, value)
-            off: dict = {}
-            for n, a, h, _ in _floats_off(_build(cls, config), want):
-                off.setdefault(n, {})[a] = h
-            return off
-        todo.append((name, k, have, got, f))
+    todo = _float_plan(new, config, want, gm, cuts, sites)
+    if todo is None and done:
+        for owner, key, value in reversed(done):
+            setattr(owner, key, value)
+        done = []
+        todo = _float_plan(new, config, want, gm, cuts, sites)
+    if todo is None:
+        for owner, key, value in reversed(done):
+            setattr(owner, key, value)
+        off: dict = {}
+        for n, a, h, _ in _floats_off(_build(cls, config), want):
+            off.setdefault(n, {})[a] = h
+        return off
     for name, k, have, got, f in todo:
         f()
         if folds is not None:
@@ -685,4 +771,4 @@ def _update_config(new: nn.Module, model: nn.Module, changed: dict, cuts: dict, 
                     sum(map(len, off.values())), name, *next(iter(attrs.items())))
 
 
-__all__ = ["rebuild", "keep_indices", "RebuildError"]
+__all__ = ["rebuild", "keep_indices", "copy_training_flags", "RebuildError"]

@@ -120,6 +120,9 @@ class PrunedLayerNorm2d(PrunedLayerNorm):
 # NB: these classes normalise the channel axis of NCHW input by permuting around F.layer_norm; their
 # pruned form is PrunedLayerNorm2d
 CHANNELS_FIRST_LAYER_NORMS = ("torchvision.models.convnext.LayerNorm2d", "timm.layers.norm.LayerNorm2d")
+# subclasses of nn.LayerNorm whose forward is F.layer_norm of the same tensors (timm's, with its
+# optional fused kernel): PrunedLayerNorm takes their place as it takes nn.LayerNorm's
+PLAIN_LAYER_NORMS = ("timm.layers.norm.LayerNorm",)
 
 
 class PrunedMultiheadAttention(nn.Module):
@@ -173,6 +176,12 @@ class PrunedMultiheadAttention(nn.Module):
             self.bias_k = self.bias_v = None
         self.register_buffer("kept_heads", torch.empty(num_heads, dtype=torch.long, device=device), persistent=True)
         return self
+
+    @property
+    def _qkv_same_embed_dim(self) -> bool:
+        """False: torch's encoder and decoder layers read this to choose their fused fast path,
+        which needs the full head count; they then call this module's forward."""
+        return False
 
     def init_kwargs(self) -> dict:
         """The arguments of :meth:`empty` that rebuild this module's structure (simple values only)."""

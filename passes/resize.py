@@ -30,7 +30,9 @@ Internals:
       when one of its floats changes: the linear layer alone feeding an RMS norm
       (:func:`rms_input_producer`: eps times c**2 is cancelled by an input times c), the final norm
       alone feeding a tied head (:func:`tied_head_norms`), the layer whose output a literal float
-      multiplies (:func:`constant_scale_sources`); :func:`scale_parameter` applies one.
+      multiplies (:func:`constant_scale_sources`), the layers writing a residual stream that only
+      RMS norms read (:func:`stream_scale_sources`: embedding, output projections, stacked experts,
+      sums and routing products on the way); :func:`scale_parameter` applies one.
     * Rules are keyed by type and found along the MRO (a subclass of ``nn.Linear`` is a Linear);
       classes of optional libraries (Hugging Face's ``Conv1D``) are keyed by qualified name, so
       nothing is imported here.
@@ -48,7 +50,7 @@ import torch.nn as nn
 from otofx.errors import OTOError
 
 from .channels import AxisLabels
-from .modules import (CHANNELS_FIRST_LAYER_NORMS, PrunedLayerNorm, PrunedLayerNorm2d, PrunedMultiheadAttention,
+from .modules import (CHANNELS_FIRST_LAYER_NORMS, PLAIN_LAYER_NORMS, PrunedLayerNorm, PrunedLayerNorm2d, PrunedMultiheadAttention,
                       PrunedRelativeAttention, PrunedWindowAttention, PrunedWindowAttention3d)
 from .nodes import _CASTS, _RESHAPES, HF_CONV1D, _before_casts, _op, _squared, call_arguments, rms_norm_of
 from .registry import op_of
@@ -197,7 +199,7 @@ def layer_norm(m: nn.LayerNorm, change: Change):
     if len(m.normalized_shape) != 1 or t.dim() != 1:
         raise ResizeError(f"a LayerNorm over {tuple(m.normalized_shape)} lost entries of more than its last axis")
     named = f"{type(m).__module__}.{type(m).__qualname__}"
-    if type(m).forward is not nn.LayerNorm.forward and named not in CHANNELS_FIRST_LAYER_NORMS:
+    if type(m).forward is not nn.LayerNorm.forward and named not in CHANNELS_FIRST_LAYER_NORMS + PLAIN_LAYER_NORMS:
         raise ResizeError(f"{type(m).__name__}'s own forward divides by its width, {t.shape[0]} now, not by the "
                           f"old {m.normalized_shape[-1]}")
     full = m.normalized_shape[-1]
@@ -349,7 +351,7 @@ def pruned_relative_attention(m: PrunedRelativeAttention, change: Change):
 HEAD_COUNTS = ("num_heads", "num_attention_heads", "num_key_value_heads", "num_kv_heads", "n_head", "n_heads",
                "n_kv_heads", "n_kv_head", "num_head", "heads", "n_groups")
 # attributes that hold a width computed from heads or an inner (MLP) width
-WIDTHS = ("all_head_size", "split_size", "inner_dim", "embed_dim", "intermediate_size", "intermediate_dim", "inner_size",
+WIDTHS = ("all_head_size", "split_size", "inner_dim", "attn_dim", "embed_dim", "intermediate_size", "intermediate_dim", "inner_size",
           "ffn_dim", "kv_dim", "q_dim", "hidden_dim_attn", "proj_size", "head_size_total",
           # state-space mixers (Mamba, Mamba 2 and their hybrids)
           "conv_dim", "d_inner", "time_step_rank", "dt_rank", "group_size",
@@ -370,9 +372,11 @@ class Scope:
     widths: set = field(default_factory=set)  # {(old width, new width)} of every changed axis
     counts: set = field(default_factory=set)  # {(old count, new count)}: changed axes over row block sizes
     stream: set = field(default_factory=set)  # {(old width, new width)} of the residual stream's axes
+    heads: set = field(default_factory=set)  # {(old width, new width)} of axes that lost whole heads
 
     def add_axis(self, old: int, new: int, blocks) -> None:
         self.widths.add((old, new))
+        self.heads.add((old, new))
         for b in set(blocks) | {1}:
             if b > 0 and old % b == 0 and new % b == 0:
                 self.counts.add((old // b, new // b))
@@ -398,6 +402,11 @@ def resync_counts(module: nn.Module, scope: Scope, stream_widths: bool = False) 
             if type(v) is not int:
                 continue
             new = _unique_new(pairs, v)
+            if new is None and names is widths:
+                # NB: a model with no token embedding keeps no stream apart: a stream that shrank from
+                # the width the heads had (timm's ViT: attn_dim 192 -> 128, its dim 192 -> 96) leaves
+                # the head width to the axes that lost whole heads
+                new = _unique_new(scope.heads, v) if attr in WIDTHS else None
             if new is not None and new != v:
                 setattr(module, attr, new)
                 done[attr] = (v, new)
@@ -774,6 +783,216 @@ def constant_scale_sources(gm, value: float, owner: str) -> list | None:
     return out if found else None
 
 
+# ops that give c times their output when their first input is scaled by c (besides _HOMOGENEOUS)
+_STREAM_PASS = _HOMOGENEOUS + ("dropout", "sum", "index", "index_select", "expand_as", "view_as", "roll")
+# ops whose every floating operand is scaled by c gives c times the output (an MoE's combine of experts)
+_STREAM_ZEROS = ("zeros", "zeros_like", "new_zeros", "empty_like")
+_STREAM_SCATTER = {"index_add": (0, 3), "index_add_": (0, 3), "scatter_add": (0, 3), "scatter_add_": (0, 3),
+                   "index_put": (0, 2), "index_put_": (0, 2)}
+# what a parameter passes through before a matrix product reads it (an expert's slice of a stacked weight)
+_PARAM_VIEWS = _CASTS + ("getitem", "select", "slice", "index", "transpose", "t", "permute", "narrow")
+
+
+def _param_behind(n) -> str | None:
+    """The parameter ``n`` is (or a slice, transpose or cast of, along its first argument), else None."""
+    while isinstance(n, fx.Node) and n.op in ("call_function", "call_method") and _op(n) in _PARAM_VIEWS \
+            and n.args:
+        n = n.args[0]
+    return n.target if isinstance(n, fx.Node) and n.op == "get_attr" else None
+
+
+def _stream_source(n: fx.Node, gm):
+    """``(parameter names, the other operands)`` when ``n`` writes a value that scaling those
+    parameters by c scales by c: a linear layer (its weight and bias), an embedding lookup (its table),
+    a matrix product or linear map with one parameter operand (a fused expert's stacked weight, whole);
+    else None."""
+    lin = _linear_params(n, gm)
+    if lin is not None:
+        return [t for t in lin[1:] if t is not None], []
+    if n.op == "call_module":
+        m = gm.get_submodule(n.target)
+        if isinstance(m, nn.Embedding):
+            return [f"{n.target}.weight"], []
+        return None
+    if n.op not in ("call_function", "call_method"):
+        return None
+    op = _op(n)
+    if op == "embedding":
+        w = call_arguments(n, gm).get("weight")
+        return ([w.target], []) if isinstance(w, fx.Node) and w.op == "get_attr" else None
+    if op in ("linear", "matmul", "mm", "bmm", "einsum", "_grouped_mm", "grouped_mm", "grouped_mm_fallback"):
+        operands = [a for a in (n.args[1:] if op == "einsum" else n.args) if isinstance(a, fx.Node)]
+        params = [_param_behind(a) for a in operands]
+        if op == "linear" and len(operands) == 3 and params[1] and params[2]:
+            return params[1:], [operands[0]]  # NB: weight and bias both scale
+        if sum(p is not None for p in params) == 1:
+            i = next(i for i, p in enumerate(params) if p is not None)
+            return [params[i]], [a for j, a in enumerate(operands) if j != i]
+    return None
+
+
+def stream_scale_sources(gm, paths, sites: dict | None = None) -> tuple | None:
+    """``(parameters, heads)``: scaling ``parameters`` by c scales, by c, the input of every RMS norm
+    call of modules ``paths`` (the norms of a residual stream; :func:`norm_sites` ``sites``), and
+    scaling the norm weights ``heads`` (``(name, one_plus)``) by 1/c then changes nothing else the
+    graph computes. The parameters are the layers that write the stream (the token embedding, the
+    output projections of attention and MLP blocks, stacked expert weights), when the stream is a sum
+    of their outputs (times factors computed elsewhere: routing weights, gates, constants) and
+    nothing reads it but those norms; ``heads`` feed an LM head tied to the embedding
+    (:func:`tied_head_norms`). None when no such set is found. Each norm then sees c times its
+    input: with its eps times c**2 it computes what it did (:func:`rms_input_producer` for one
+    layer's output)."""
+    sites = sites if sites is not None else norm_sites(gm)
+    ends, todo = set(), []
+    for path in paths:
+        calls = sites.get(path)
+        if not calls:
+            return None
+        for n, h, written, _, _ in calls:
+            if not isinstance(h, fx.Node):
+                return None
+            # NB: the norm's input may also be the next residual sum's (checked with the stream's readers)
+            if written:
+                squares = {u for u in _readers(h) if _op(u) in ("pow", "square") or (_op(u) == "mul" and u.args[0] is u.args[1])}
+                ends.update(squares)
+                ends.update(u for u in _readers(h) if _op(u) == "mul" and u not in squares
+                            and any(_depends_on(a, squares) for a in u.args if a is not h))
+            else:
+                ends.add(n)
+            todo.append(h)
+    inside: set = set()
+    found = _stream_values(todo, gm, inside)
+    if found is None:
+        return None
+    sources, writers, others = found
+    # NB: a factor multiplying the stream must not be computed from it but through the norms (an
+    # MoE's routing weights read the normed stream): else it would scale too
+    clean: set = set()
+    for o in others:
+        if _reaches(o, inside | writers, ends, clean):
+            return None
+    for v in inside:
+        if any(u not in inside and u not in ends for u in _readers(v)):
+            return None  # NB: the stream read raw (a model output, a layer without a norm)
+    # NB: a source parameter read anywhere but by the writers would scale there too, but for a tied
+    # LM head, which the norm feeding it scales back
+    heads: dict = {}
+    for n in gm.graph.nodes:
+        if n.op == "get_attr" and n.target in sources and not _reads_only(n, writers):
+            found = tied_head_norms(gm, {n.target}, sites)
+            if not found:
+                return None
+            heads.update(found)
+        if n.op == "call_module" and n not in writers and any(s.startswith(f"{n.target}.") for s in sources):
+            return None
+    return sorted(sources), sorted(heads.items())
+
+
+def _stream_values(todo: list, gm, inside: set):
+    """Walk back from the values ``todo`` that must scale by c: ``(source parameter names, writer
+    nodes, factors that must not scale)``, or None when a value on the way is neither a writer, a
+    sum of scaled values, a product with a factor, nor an op that passes a scale on."""
+    sources, writers, others = set(), set(), []
+    while todo:
+        v = todo.pop()
+        if v in inside or v in writers:
+            continue
+        if not isinstance(v, fx.Node):
+            return None
+        src = _stream_source(v, gm)
+        if src is not None:
+            writers.add(v)
+            sources.update(src[0])
+            others += src[1]
+            continue
+        if v.op not in ("call_function", "call_method"):
+            return None
+        op, args = _op(v), v.args
+        inside.add(v)
+        if op in _STREAM_ZEROS:
+            continue
+        if op in _STREAM_SCATTER:
+            scaled = [args[i] for i in _STREAM_SCATTER[op] if i < len(args)]
+            if len(scaled) != 2 or not all(isinstance(a, fx.Node) for a in scaled):
+                return None
+            todo += scaled
+            others += [a for i, a in enumerate(args) if isinstance(a, fx.Node) and i not in _STREAM_SCATTER[op]]
+            continue
+        if op in _STREAM_PASS and args and isinstance(args[0], fx.Node):
+            todo.append(args[0])
+            others += [a for a in list(args[1:]) + list(v.kwargs.values()) if isinstance(a, fx.Node)]
+            continue
+        if op == "cat" and isinstance(args[0], (list, tuple)):
+            todo += list(args[0])
+            continue
+        nodes = [a for a in args[:2] if isinstance(a, fx.Node)]
+        if op in ("add", "sub") and len(nodes) == 2 and "alpha" not in v.kwargs:
+            todo += nodes
+            continue
+        if op in ("mul", "div") and len(args) == 2 and nodes:
+            side = _scaled_side(v, gm, inside, writers)
+            if side is None:
+                return None
+            todo.append(args[side])
+            if isinstance(args[1 - side], fx.Node):
+                others.append(args[1 - side])
+            continue
+        return None
+    return sources, writers, others
+
+
+def _scaled_side(v, gm, inside: set, writers: set) -> int | None:
+    """Which operand of the product ``v`` carries the stream: the one already known to, else the one
+    (the first for a quotient) whose own walk back finds writers (the other is a gate, a routing
+    weight, a constant)."""
+    args = v.args
+    sides = [i for i in (0, 1) if isinstance(args[i], fx.Node) and (_op(v) == "mul" or i == 0)]
+    for i in sides:
+        if args[i] in inside or args[i] in writers:
+            return i
+    for i in sides:
+        trial_inside = set(inside)
+        got = _stream_values([args[i]], gm, trial_inside)
+        if got is not None and got[1]:
+            return i
+    return None
+
+
+def _reaches(n, nodes: set, stops: set, clean: set) -> bool:
+    """Whether value ``n`` is computed from any of ``nodes`` other than through ``stops``; ``clean``
+    caches the nodes found not to."""
+    stack = [n] if isinstance(n, fx.Node) else []
+    seen = set()
+    while stack:
+        m = stack.pop()
+        if m in nodes:
+            return True
+        if m in seen or m in clean or m in stops or m.op in ("placeholder", "get_attr"):
+            continue
+        seen.add(m)
+        op = _op(m) if m.op in ("call_function", "call_method") else None
+        if op in _SHAPE_READS:
+            continue  # NB: a shape does not scale
+        # NB: y.type_as(x) reads x's dtype only
+        stack.extend(m.all_input_nodes if op != "type_as" else [a for a in m.args[:1] if isinstance(a, fx.Node)])
+    clean |= seen
+    return False
+
+
+def _reads_only(n: fx.Node, writers: set) -> bool:
+    """Whether every reader of parameter node ``n``, past slices, transposes and casts, is one of ``writers``."""
+    stack = list(n.users)
+    while stack:
+        u = stack.pop()
+        if u in writers:
+            continue
+        if u.op in ("call_function", "call_method") and _op(u) in _PARAM_VIEWS:
+            stack.extend(u.users)
+            continue
+        return False
+    return True
+
+
 def scale_parameter(model: nn.Module, name: str, factor: float, one_plus: bool = False, rows=None) -> None:
     """Multiply parameter ``name`` of ``model`` by ``factor`` in place (``one_plus``: the value read
     is ``1 + w``, so ``1 + w`` is scaled; ``rows``: only rows ``start:stop`` of its first axis), in
@@ -823,4 +1042,4 @@ def apply_rms_fold(module: nn.Module, fold: RmsFold) -> dict:
 
 __all__ = ["Change", "Scope", "ResizeError", "RESIZERS", "resizer", "rule_for", "resize", "resync_counts",
            "HEAD_COUNTS", "WIDTHS", "STREAM_WIDTHS", "RmsFold", "rms_folds", "apply_rms_fold", "rms_input_producer",
-           "norm_sites", "tied_head_norms", "constant_scale_sources", "scale_parameter"]
+           "norm_sites", "tied_head_norms", "stream_scale_sources", "constant_scale_sources", "scale_parameter"]

@@ -38,6 +38,12 @@ class ZIG:
     rows: int
     params: tuple
 
+    def frozen(self, model) -> tuple:
+        """The names among ``params`` that training cannot zero in ``model``: parameters with
+        ``requires_grad=False`` and buffers (torchvision's FrozenBatchNorm2d holds its weight as one)."""
+        params = dict(model.named_parameters(remove_duplicate=False))
+        return tuple(name for name, _, _ in self.params if name not in params or not params[name].requires_grad)
+
     @property
     def layers(self) -> tuple:
         seen = []
@@ -62,8 +68,20 @@ class ZigSet:
 
 
 def _unknown(ctx: Ctx, node: fx.Node, args, kwargs, out, reason: str):
+    before = len(ctx.pins)
     ctx.pin((args, kwargs), reason)
+    if len(ctx.pins) == before and node.op == "call_module" and _holds_parameters(ctx.root, node.target):
+        # NB: its inputs were pinned already (an LSTM before it), but the module's own widths are kept
+        # all the same: the report names it
+        ctx.pins.append(Pin(node.name, ctx.op, reason, 0))
     return _pinned_like(ctx, out)
+
+
+def _holds_parameters(root: torch.nn.Module, target: str) -> bool:
+    try:
+        return next(root.get_submodule(target).parameters(), None) is not None
+    except AttributeError:
+        return False
 
 
 def _pinned_like(ctx: Ctx, out):

@@ -1,6 +1,7 @@
 """Unusual but valid models: each gives a correct result or a clear otofx error, never a wrong model."""
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn as nn
 
@@ -95,3 +96,26 @@ def test_buffers_that_are_not_bn_statistics():
     oto = _check(Offsets(), torch.randn(2, 3, 6, 6), expect_rows=[8])
     small = oto.compress()
     assert small.shift.shape[1] == small.scale.shape[1] == small.c1.out_channels
+
+
+def test_deprecated_weight_norm_is_a_clear_error_and_parametrizations_are_reported():
+    from otofx.errors import InputError
+
+    """torch.nn.utils.weight_norm recomputes the weight in a hook (no parameter to slice): a clear
+    error naming the module and the fold; the parametrizations form is kept whole, and the pin report
+    names every such module (an unknown module used to go unreported once its input was pinned)."""
+    import warnings
+
+    from torch.nn.utils import parametrizations
+
+    def net(wrap):
+        return nn.Sequential(wrap(nn.Conv1d(1, 8, 3, padding=1)), nn.ReLU(), wrap(nn.Conv1d(8, 1, 3, padding=1)))
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        old = net(torch.nn.utils.weight_norm)
+    with pytest.raises(InputError, match=r"module '0' uses torch.nn.utils.weight_norm.*remove_weight_norm"):
+        otofx.OTO(old, torch.randn(1, 1, 16))
+    oto = otofx.OTO(net(parametrizations.weight_norm), torch.randn(1, 1, 16))
+    assert [(p.node, p.reason) for p in oto.pinned if p.node != "output"] == [
+        ("_0", "no rule for 'ParametrizedConv1d'"), ("_2", "no rule for 'ParametrizedConv1d'")]

@@ -485,3 +485,47 @@ def test_norm_inputs_scale_through_splits_rotary_and_repeated_calls(mode, want):
         scale_parameter(m, name, 2.0, rows=rows)
     m.norm.eps *= 4.0
     torch.testing.assert_close(m(x), before, rtol=1e-5, atol=1e-6)
+
+
+def _hybrid(name, tie):
+    T = pytest.importorskip("transformers")
+    cfg = dict(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, head_dim=8, max_position_embeddings=64, linear_conv_kernel_dim=4,
+               linear_key_head_dim=8, linear_value_head_dim=8, linear_num_key_heads=2, linear_num_value_heads=4,
+               layer_types=["linear_attention", "full_attention"], tie_word_embeddings=tie, use_cache=False)
+    if name == "qwen3_next":  # experts, a gated shared expert
+        return T.Qwen3NextForCausalLM(T.Qwen3NextConfig(**cfg, moe_intermediate_size=16, num_experts=4,
+                                                        num_experts_per_tok=2, shared_expert_intermediate_size=32))
+    if not hasattr(T, "Qwen3_5ForCausalLM"):
+        pytest.skip("no Qwen 3.5 in this transformers")
+    return T.Qwen3_5ForCausalLM(T.Qwen3_5TextConfig(**cfg))
+
+
+# NB: one model (the capture of a linear-attention model takes ~20 s); Qwen 3.5 (no experts, untied)
+# takes the same path, and bench/hf_sweep.py's from_pretrained column checks it
+@pytest.mark.parametrize("name,tie", [("qwen3_next", True)])
+def test_hybrid_linear_attention_round_trips_with_the_stream_scaled(name, tie, tmp_path):
+    """Qwen 3.5 and Qwen3-Next: the linear-attention norms share ``rms_norm_eps`` with the hidden
+    norms but keep their width, so the config cannot take the hidden norms' refolded eps. The layers
+    that write the residual stream (embedding, output projections, experts, the gated shared expert)
+    are scaled by sqrt(new / old) instead, the eps stay the config's, and ``from_pretrained`` of the
+    ``save_pretrained`` folder gives the model back (a tied head is scaled back through the final norm)."""
+    torch.manual_seed(0)
+    model = randomize(_hybrid(name, tie).eval())
+    ids = torch.randint(1, 100, (2, 12))
+    oto = otofx.OTO(model, ids)
+    zero_random_rows(model, oto, seed=4)
+    small = oto.compress()
+    assert type(small) is type(model)
+    assert small.model.embed_tokens.weight.shape[1] < 32  # the stream is narrower
+    assert getattr(small.config, "otofx_widths", None) is None
+    assert small.config.rms_norm_eps == model.config.rms_norm_eps
+    with torch.no_grad():
+        want = small(ids)[0]
+        torch.testing.assert_close(want, model(ids)[0], rtol=1e-4, atol=1e-5)
+    if tie:
+        assert small.lm_head.weight is small.model.embed_tokens.weight
+    small.save_pretrained(tmp_path / "hf")
+    back = type(model).from_pretrained(tmp_path / "hf").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids)[0], want, rtol=1e-5, atol=1e-6)

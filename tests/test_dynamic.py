@@ -430,3 +430,47 @@ def test_export_attention_dropout_after_a_positional_mask_follows_the_mode():
         got = run_eval(gm, (x,), {})
         torch.testing.assert_close(got, model.eval()(x), rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(run_eval(gm, (x,), {}), got, rtol=0, atol=0)
+
+
+class _SizeBranch(nn.Module):
+    """``if x.shape[-1] > 32``: the export capture sees one branch and admits sizes on its side."""
+
+    def __init__(self):
+        super().__init__()
+        block = lambda i, o, s=1: nn.Sequential(nn.Conv2d(i, o, 3, s, 1, bias=False), nn.BatchNorm2d(o),  # noqa: E731
+                                                nn.ReLU())
+        self.c1, self.c2, self.big = block(3, 16), block(16, 16), block(16, 16, 2)
+        self.fc = nn.Linear(16, 4)
+
+    def forward(self, x):
+        x = self.c2(self.c1(x))
+        if x.shape[-1] > 32:
+            x = self.big(x)
+        return self.fc(x.mean((2, 3)))
+
+
+@pytest.mark.parametrize("example,other", [(40, 16), (16, 40)])
+def test_a_branch_on_an_input_size_gives_the_graph(example, other, caplog):
+    """The model's own class would run the branch the analysis never saw (silently wrong at 16 after
+    a 40 example: fc reads c2's channels where big's were kept); compress() checks it just outside the
+    sizes the capture admits, against the model, and returns the graph, which refuses those sizes."""
+    from otofx.errors import ShapeError
+
+    torch.manual_seed(0)
+    model = randomize(_SizeBranch()).eval()
+    oto = otofx.OTO(model, torch.randn(1, 3, example, example))
+    assert oto.frontend == "export"
+    zero_random_rows(model, oto)
+    with caplog.at_level("WARNING", logger="otofx"):
+        small = oto.compress()
+    assert isinstance(small, torch.fx.GraphModule)
+    assert any("branches on it" in r.getMessage() for r in caplog.records)
+    with pytest.raises(ShapeError):
+        small(torch.randn(2, 3, other, other))
+    x = torch.randn(2, 3, example + 8, example + 8) if example > 32 else torch.randn(2, 3, example - 4, example - 4)
+    with eval_flags(model), torch.no_grad():
+        assert max_rel_diff(model(x), small(x)) <= RTOL
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="otofx"):
+        own = oto.compress(form="module")
+    assert type(own) is _SizeBranch and any("branches on it" in r.getMessage() for r in caplog.records)

@@ -720,3 +720,72 @@ def test_check_finite_and_capturable_arguments():
     with pytest.raises(OptimizerError, match="capturable=True cannot be combined"):
         HESSO(ps, groups, pruning_steps=2, capturable=True, check_finite="raise")
     assert DHSPG(ps, groups, check_finite=False).skipped_steps == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Adam's per-parameter steps, frozen groups, the C kernel's version counters
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cls", [DHSPG, HESSO])
+@pytest.mark.parametrize("variant,ref_cls", [("adam", torch.optim.Adam), ("adamw", torch.optim.AdamW)])
+def test_adam_counts_each_parameters_own_steps(cls, variant, ref_cls):
+    """A parameter whose first gradient comes at step 3 gets torch's bias correction for step 1 (a
+    shared count used to give it step 3's); its step count also survives a state_dict round trip."""
+    a, b = nn.Parameter(torch.ones(3, dtype=torch.float64)), nn.Parameter(torch.ones(3, dtype=torch.float64))
+    a2, b2 = nn.Parameter(a.detach().clone()), nn.Parameter(b.detach().clone())
+    kw = dict(pruning_steps=1) if cls is HESSO else {}
+    ours = cls([("a", a), ("b", b)], (), variant=variant, lr=0.1, weight_decay=0.01, **kw)
+    ref = ref_cls([a2, b2], lr=0.1, weight_decay=0.01, foreach=False)
+    for step in range(5):
+        if step == 3:  # resume from a checkpoint
+            sd = ours.state_dict()
+            ours = cls([("a", a), ("b", b)], (), variant=variant, lr=0.1, weight_decay=0.01, **kw)
+            ours.load_state_dict(sd)
+        a.grad, a2.grad = torch.full((3,), 0.5, dtype=torch.float64), torch.full((3,), 0.5, dtype=torch.float64)
+        b.grad = b2.grad = None
+        if step >= 2:
+            b.grad, b2.grad = torch.full((3,), -0.3, dtype=torch.float64), torch.full((3,), -0.3, dtype=torch.float64)
+        ours.step()
+        ref.step()
+        torch.testing.assert_close((a, b), (a2, b2), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["dhspg", "hesso"])
+def test_groups_holding_a_frozen_parameter_are_left_out(kind, caplog):
+    """torch's optimizers never write a parameter without gradient; neither do otofx's: oto.dhspg()
+    leaves a group with a frozen parameter out (a warning names it), the class refuses it."""
+    torch.manual_seed(0)
+    model = randomize(SmallCNN())
+    oto = otofx.OTO(model, torch.randn(1, 3, 6, 6))
+    model.b1.weight.requires_grad_(False)
+    frozen = [z for z in oto.groups if z.frozen(model)]
+    assert len(frozen) == 1 and frozen[0].frozen(model) == ("b1.weight",)
+    before = model.b1.weight.detach().clone()
+    kw = dict(pruning_steps=4) if kind == "hesso" else dict(pruning_steps=4, lmbda=0.1)
+    with caplog.at_level("WARNING", logger="otofx"):
+        opt = getattr(oto, kind)(lr=0.05, target_group_sparsity=0.5, **kw)
+    assert "b1.weight" in caplog.text
+    assert opt.n_rows == sum(z.rows for z in oto.groups) - frozen[0].rows
+    x, y = _data()
+    _train(model, opt, 8, x, y)
+    assert torch.equal(model.b1.weight, before)
+    with pytest.raises(OptimizerError, match="frozen"):
+        (DHSPG if kind == "dhspg" else HESSO)(model.named_parameters(), oto.groups, pruning_steps=4)
+
+
+def test_c_kernel_step_moves_the_version_counters():
+    """The C kernel writes through raw pointers; the version counters still move, so the compile
+    backend (which watches them) rebuilds its pruned graph after a step."""
+    if not otofx.kernels.cpu_available():
+        pytest.skip("the C kernel cannot be built (no C compiler)")
+    params, groups = _toy()
+    ps = {n: nn.Parameter(t.clone()) for n, t in params.items()}
+    opt = DHSPG(list(ps.items()), groups, lr=0.1, backend="cpu", start_pruning_steps=0, lmbda=0.05)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        for p in ps.values():
+            p.grad = torch.randn(p.shape, generator=g, dtype=p.dtype)
+        versions = {n: p._version for n, p in ps.items()}
+        opt.step()
+        assert all(ps[n]._version > v for n, v in versions.items() if id(ps[n]) in opt._row_index)

@@ -1,0 +1,65 @@
+"""timm models compress to their own class (random weights, small configs; no download).
+
+* ViT and DeiT: timm's ``LayerNorm`` subclass (its forward is ``F.layer_norm``) becomes
+  ``PrunedLayerNorm`` like ``nn.LayerNorm``, and ``Attention.attn_dim`` follows the heads left even
+  when the model width shrank from the same number (no token embedding keeps the stream apart).
+* A torchvision detection-style ResNet with ``FrozenBatchNorm2d`` (buffers only) compresses to its
+  own class: the norm is a leaf with batch norm's algebra, its buffers sliced with the channel.
+"""
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+import otofx
+from helpers import assert_exact, randomize, zero_random_rows
+from otofx.passes.modules import PrunedLayerNorm
+
+timm = pytest.importorskip("timm")
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+@pytest.mark.parametrize("name", ["vit_tiny_patch16_224", "deit_tiny_patch16_224"])
+def test_timm_vit_compresses_to_its_own_class(name, caplog, tmp_path):
+    torch.manual_seed(0)
+    model = randomize(timm.create_model(name, pretrained=False, num_classes=10, img_size=32, depth=2)).eval()
+    x = torch.randn(2, 3, 32, 32)
+    oto = otofx.OTO(model, x)
+    assert model.embed_dim in [z.rows for z in oto.groups]  # the model width is a group
+    zero_random_rows(model, oto, seed=1)
+    with caplog.at_level(logging.WARNING, logger="otofx"):
+        small = assert_exact(model, oto, torch.randn(3, 3, 32, 32))
+    assert type(small) is type(model) and not caplog.records, [r.message for r in caplog.records]
+    assert any(isinstance(m, PrunedLayerNorm) for m in small.modules())
+    attn = small.blocks[0].attn
+    assert attn.attn_dim == attn.num_heads * attn.head_dim < model.blocks[0].attn.attn_dim
+    otofx.save(small, tmp_path / "vit")
+    back = otofx.load(tmp_path / "vit", model=timm.create_model(name, pretrained=False, num_classes=10, img_size=32,
+                                                                depth=2).eval())
+    with torch.no_grad():
+        assert torch.equal(back(x), small(x))
+
+
+def test_frozen_batch_norm_resnet_compresses_to_its_own_class():
+    torchvision = pytest.importorskip("torchvision")
+    from torchvision.ops import FrozenBatchNorm2d
+
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10, norm_layer=FrozenBatchNorm2d).eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, FrozenBatchNorm2d):
+                for t in (m.weight, m.bias, m.running_mean):
+                    t.copy_(torch.randn_like(t) * 0.5)
+                m.running_var.copy_(torch.rand_like(m.running_var) + 0.5)
+    x = torch.randn(1, 3, 32, 32)
+    oto = otofx.OTO(model, x)
+    assert len(oto.groups) >= 8
+    zero_random_rows(model, oto, seed=2)
+    # NB: the zeroed rows include the frozen norm's weight and bias, buffers the groups name
+    small = assert_exact(model, oto, torch.randn(2, 3, 48, 40))
+    assert type(small) is type(model)
+    assert small.bn1.weight.shape[0] < 64
