@@ -440,15 +440,15 @@ class OTO:
         return HESSO(self.model.named_parameters(), groups, model=self.model, **kw)
 
     def _trainable_groups(self, what: str, kw: dict) -> tuple:
-        """``self.groups`` less those holding a tensor training cannot zero (a frozen parameter, a
-        buffer), with a warning naming them; a per-group ``target_group_sparsity`` sequence follows."""
+        """``self.groups`` less those holding a frozen parameter (the row step would write it), with a
+        warning naming them; a per-group ``target_group_sparsity`` sequence follows."""
         frozen = [z.frozen(self.model) for z in self.groups]
         if not any(frozen):
             return self.groups, kw
         keep = [i for i, f in enumerate(frozen) if not f]
         names = sorted({n for f in frozen for n in f})
-        log.warning("otofx: %s() leaves out %d of %d group(s) holding tensors it must not write (frozen parameters "
-                    "or buffers: %s%s); their rows stay. Unfreeze them (requires_grad_(True)) to prune those groups",
+        log.warning("otofx: %s() leaves out %d of %d group(s) holding frozen parameters, which it must not write "
+                    "(%s%s); their rows stay. Unfreeze them (requires_grad_(True)) to prune those groups",
                     what, len(self.groups) - len(keep), len(self.groups), ", ".join(names[:4]),
                     f" and {len(names) - 4} more" if len(names) > 4 else "")
         target = kw.get("target_group_sparsity")

@@ -39,8 +39,8 @@ class ZIG:
     params: tuple
 
     def frozen(self, model) -> tuple:
-        """The names among ``params`` that training cannot zero in ``model``: parameters with
-        ``requires_grad=False`` and buffers (torchvision's FrozenBatchNorm2d holds its weight as one)."""
+        """The names among ``params`` that training must not write in ``model``: parameters with
+        ``requires_grad=False`` (and any name that is no parameter of ``model``)."""
         params = dict(model.named_parameters(remove_duplicate=False))
         return tuple(name for name, _, _ in self.params if name not in params or not params[name].requires_grad)
 

@@ -4,7 +4,8 @@
   ``PrunedLayerNorm`` like ``nn.LayerNorm``, and ``Attention.attn_dim`` follows the heads left even
   when the model width shrank from the same number (no token embedding keeps the stream apart).
 * A torchvision detection-style ResNet with ``FrozenBatchNorm2d`` (buffers only) compresses to its
-  own class: the norm is a leaf with batch norm's algebra, its buffers sliced with the channel.
+  own class: the norm is a leaf with batch norm's algebra, its buffers sliced with the channel (traced
+  through, they were folded into unnamed constants).
 """
 from __future__ import annotations
 
@@ -59,7 +60,8 @@ def test_frozen_batch_norm_resnet_compresses_to_its_own_class():
     oto = otofx.OTO(model, x)
     assert len(oto.groups) >= 8
     zero_random_rows(model, oto, seed=2)
-    # NB: the zeroed rows include the frozen norm's weight and bias, buffers the groups name
+    # NB: the frozen norm's weight and bias are buffers, not zeroed with the rows: its channel is not
+    # zero, and the consumers' zeroed columns make the removal exact
     small = assert_exact(model, oto, torch.randn(2, 3, 48, 40))
     assert type(small) is type(model)
     assert small.bn1.weight.shape[0] < 64

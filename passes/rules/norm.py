@@ -48,9 +48,12 @@ def batch_norm(ctx: Ctx, input, weight=None, bias=None, running_mean=None, runni
             if d != 1:
                 ctx.pin(x.ids[d], "batch-norm statistics average over this axis")
     c = x.ids[1]
-    for p in (weight, bias, running_mean, running_var):
+    w, b = [ctx.param(p, {0: c}) for p in (weight, bias)]
+    for p in (running_mean, running_var):
         ctx.param(p, {0: c})
-    z = true_mask(len(c)) if weight is not None else false_mask(len(c))
+    # NB: zero with its row when the weight and bias entries are: parameters in the row, not the buffers
+    # of torchvision's FrozenBatchNorm2d (no training zeroes them; its channel gives b - mean * w / std)
+    z = w.zero[0] & (b.zero[0] if b is not None else true_mask(len(c))) if w is not None else false_mask(len(c))
     # NB: a zero entry of any other axis comes out as b - mean * w / std, not zero
     x = _plus_constant(x)
     return x.with_axis(1, c, z)
