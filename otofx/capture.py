@@ -967,14 +967,14 @@ def outside_inputs(ep, args: tuple, kwargs: dict) -> list:
         for k, e in enumerate(d or ()):
             if not isinstance(e, int) and e.is_Symbol:
                 symbols.setdefault(e, flat[i].shape[k])
+    # NB: torch's int_oo says is_finite; a bound is a number when it is an int or a sympy Integer
+    finite = lambda b: isinstance(b, int) or getattr(b, "is_Integer", False)  # noqa: E731
     out = []
     for s, v in symbols.items():
         r = ep.range_constraints.get(s)
         if r is None:
             continue
         lo, hi = r.lower, r.upper
-        # NB: torch's int_oo says is_finite; a bound is a number when it is an int or a sympy Integer
-        finite = lambda b: isinstance(b, int) or getattr(b, "is_Integer", False)  # noqa: E731
         tries = [int(lo) - 1] if finite(lo) and int(lo) > 2 else []
         if finite(hi) and int(hi) + 1 <= 4 * max(int(v), 1):
             tries.append(int(hi) + 1)

@@ -401,7 +401,7 @@ class _RowOptimizer(torch.optim.Optimizer):
         elif steps:  # NB: a list, not a 0-d tensor, which the scalar overload would read on the host
             inc = 1.0 - skip.to(device=dev, dtype=torch.float32)
             torch._foreach_add_(steps, [inc] * len(steps))
-        return [self.state[p]["step"] for p in ps]
+        return steps
 
     def _base_update(self, params, lr, skip) -> None:
         """``x <- x - lr * d`` with the base optimizer's direction, in torch's fused SGD/Adam/AdamW kernels

@@ -635,9 +635,7 @@ def _follow_floats(new: nn.Module, config, want: _Want, gm, cuts: dict, folds: l
             setattr(owner, key, value)
         done = []
         todo = _float_plan(new, config, want, gm, cuts, sites)
-    if todo is None:
-        for owner, key, value in reversed(done):
-            setattr(owner, key, value)
+    if todo is None:  # NB: the config's fields are as they were (restored above, or never moved)
         off: dict = {}
         for n, a, h, _ in _floats_off(_build(cls, config), want):
             off.setdefault(n, {})[a] = h

@@ -41,8 +41,16 @@ class ZIG:
     def frozen(self, model) -> tuple:
         """The names among ``params`` that training must not write in ``model``: parameters with
         ``requires_grad=False`` (and any name that is no parameter of ``model``)."""
-        params = dict(model.named_parameters(remove_duplicate=False))
-        return tuple(name for name, _, _ in self.params if name not in params or not params[name].requires_grad)
+        # NB: looked up by path, not through a dict of every parameter: OTO.dhspg() asks every group
+        out = []
+        for name, _, _ in self.params:
+            try:
+                frozen = not model.get_parameter(name).requires_grad
+            except AttributeError:
+                frozen = True
+            if frozen:
+                out.append(name)
+        return tuple(out)
 
     @property
     def layers(self) -> tuple:

@@ -299,23 +299,35 @@ class ADMM(torch.optim.Optimizer):
                 "admm": {"t": st["t"], "round": st["round"], "rho": st["rho"],
                          "z": {k: v.clone() for k, v in st["z"].items()},
                          "u": {k: v.clone() for k, v in st["u"].items()},
-                         "blocks": [(g.name, g.shape, g.block) for g in self.blocks],
+                         "blocks": _layout(self),
                          "prune": self.prune, "unify": self.unify}}
 
     def load_state_dict(self, state_dict) -> None:
-        admm = state_dict.get("admm") if isinstance(state_dict, dict) else None
-        if admm is None or "base" not in state_dict:
-            raise OTOError("this state_dict was not saved by otofx.admm.ADMM.state_dict()")
-        mine = [(g.name, g.shape, g.block) for g in self.blocks]
-        if [tuple(x) for x in admm["blocks"]] != [tuple(x) for x in mine]:
-            raise OTOError("the saved ADMM state has other block groups: build ADMM over the same model and blocks")
-        self.base.load_state_dict(state_dict["base"])
-        _share_groups(self)  # NB: torch's load_state_dict gave the base a new param_groups list
+        admm = _load_base(self, state_dict, "admm")
         self.prune, self.unify = admm["prune"], admm["unify"]
         params = {g.name: p for g, p in self._pairs}
         self.admm_state = {"t": admm["t"], "round": admm["round"], "rho": admm["rho"],
                            "z": {k: v.to(params[k]).clone() for k, v in admm["z"].items()},
                            "u": {k: v.to(params[k]).clone() for k, v in admm["u"].items()}}
+
+
+def _layout(opt) -> list:
+    """``opt``'s block groups as ``(name, shape, block)``, as its state_dict records them."""
+    return [(g.name, g.shape, g.block) for g in opt.blocks]
+
+
+def _load_base(opt, state_dict, key: str) -> dict:
+    """The part ``key`` of ``state_dict`` (saved by ``opt``'s class, over the same block groups), after
+    the base optimizer's part is loaded into ``opt.base``, whose ``param_groups`` ``opt`` shares again."""
+    name = type(opt).__name__
+    saved = state_dict.get(key) if isinstance(state_dict, dict) else None
+    if saved is None or "base" not in state_dict:
+        raise OTOError(f"this state_dict was not saved by otofx.admm.{name}.state_dict()")
+    if [tuple(x) for x in saved["blocks"]] != [tuple(x) for x in _layout(opt)]:
+        raise OTOError(f"the saved {name} state has other block groups: build {name} over the same model and blocks")
+    opt.base.load_state_dict(state_dict["base"])
+    _share_groups(opt)  # NB: torch's load_state_dict gave the base a new param_groups list
+    return saved
 
 
 def _share_groups(opt) -> None:
@@ -728,18 +740,10 @@ class BlockHESSO(torch.optim.Optimizer):
                           "period_length": self.period_length,
                           "pruned": {k: v.clone() for k, v in self._pruned.items()},
                           "current": {k: v.clone() for k, v in self._current.items()},
-                          "blocks": [(g.name, g.shape, g.block) for g in self.blocks]}}
+                          "blocks": _layout(self)}}
 
     def load_state_dict(self, state_dict) -> None:
-        hesso = state_dict.get("hesso") if isinstance(state_dict, dict) else None
-        if hesso is None or "base" not in state_dict:
-            raise OTOError("this state_dict was not saved by otofx.admm.BlockHESSO.state_dict()")
-        mine = [(g.name, g.shape, g.block) for g in self.blocks]
-        if [tuple(x) for x in hesso["blocks"]] != [tuple(x) for x in mine]:
-            raise OTOError("the saved BlockHESSO state has other block groups: build BlockHESSO over the same model "
-                           "and blocks")
-        self.base.load_state_dict(state_dict["base"])
-        _share_groups(self)  # NB: torch's load_state_dict gave the base a new param_groups list
+        hesso = _load_base(self, state_dict, "hesso")
         self._t, self.prune = int(hesso["t"]), float(hesso["prune"])
         self.start, self.periods, self.period_length = hesso["start"], hesso["periods"], hesso["period_length"]
         dev = {g.name: p.device for g, p in self._pairs}
