@@ -330,12 +330,17 @@ class _Fragment:
         if any(isinstance(e, FakeTensor) for e in example_inputs):  # no values to read zero rows from
             self._dense(out, example_inputs, FragmentResult(self.number, False, "the example inputs are fake tensors"))
             return
+        symbolic = example_inputs
+        example_inputs = _concrete(example_inputs)
+        if example_inputs is None:
+            self._dense(out, symbolic, FragmentResult(self.number, False, "a symbolic size has no example value"))
+            return
         if self.names is None:
             self.names = state_names(self.gm, example_inputs)
         lifted = lift(self.gm, example_inputs, self.names)
         reason = why_dense(lifted)
         if reason is not None:
-            self._dense(out, example_inputs, FragmentResult(self.number, False, reason))
+            self._dense(out, symbolic, FragmentResult(self.number, False, reason))
             return
         args = tuple(example_inputs[i] for i in lifted.inputs)
         passes = self.opts.pipeline or pipeline(report=self.opts.report)
@@ -346,7 +351,7 @@ class _Fragment:
             raise
         except OTOError as e:  # an analysis that cannot handle this graph: run it unpruned
             log.warning("otofx: fragment %d: not pruned: %s: %s", self.number, type(e).__name__, e)
-            self._dense(out, example_inputs, FragmentResult(self.number, False, f"{type(e).__name__}: {e}"))
+            self._dense(out, symbolic, FragmentResult(self.number, False, f"{type(e).__name__}: {e}"))
             return
         small = state.gm
         zigset, plan = state.get(P.ZIGSET), state.get(P.PLAN)
@@ -358,7 +363,7 @@ class _Fragment:
         nothing = plan is not None and removed == 0 and self.opts.pipeline is None
         if nothing or small is lifted.gm or (_same_code(small, lifted.gm) and _numel(small) == before):
             why = "no row is all zero" if plan is not None else "the pipeline left the graph as it was"
-            self._dense(out, example_inputs, FragmentResult(self.number, False, why, groups, 0, before, before,
+            self._dense(out, symbolic, FragmentResult(self.number, False, why, groups, 0, before, before,
                                                             time.perf_counter() - t0, None, lifted_n, attrs_n,
                                                             state.records))
             return
@@ -371,7 +376,8 @@ class _Fragment:
                                 before, _numel(small), time.perf_counter() - t0, err, lifted_n, attrs_n,
                                 state.records)
         _record(result)
-        out._set_pruned(self._inner(_for_inner(small), list(args)), lifted)
+        # NB: the inner compiler gets dynamo's own values (SymInts included), so a dynamic graph stays dynamic
+        out._set_pruned(self._inner(_for_inner(small), [symbolic[i] for i in lifted.inputs]), lifted)
 
     def on_change(self, out: Compiled, args: list) -> None:
         out.rebuilds += 1
@@ -383,6 +389,25 @@ class _Fragment:
         log.info("otofx: fragment %d: weights changed since compile; pruning and compiling again (rebuild %d)",
                  self.number, out.rebuilds)
         self._build(out, args)
+
+
+def _concrete(example_inputs) -> list | None:
+    """dynamo's example inputs with each symbolic size (a graph compiled with dynamic shapes takes
+    the batch and spatial sizes as SymInt arguments) replaced by the value it stands for, or None
+    when one has no such value.
+
+    # NB: analysis runs the graph on these values (shapes on meta, a real run where an op needs
+    # values); a SymInt there makes views with symbolic sizes that neither run can take
+    """
+    out = []
+    for e in example_inputs:
+        if isinstance(e, (torch.SymInt, torch.SymFloat, torch.SymBool)):
+            hint = getattr(e.node, "hint", None)
+            if hint is None:
+                return None
+            e = hint
+        out.append(e)
+    return out
 
 
 def _present(gm: fx.GraphModule, pin: tuple) -> tuple:

@@ -154,6 +154,12 @@ def lift(gm: fx.GraphModule, example_inputs, names: tuple | None = None) -> Lift
         elif node.op == "placeholder":
             inputs.append(where[node])
             new = graph.node_copy(node, lambda a: env[a])
+        elif _size_literal(node):
+            # NB: a shape built from symbolic sizes, ``torch.Size([s0, s1, 128])`` (dynamic shapes), is
+            # inlined into its readers as the tuple it is: the reshape rules read and rewrite literal
+            # shapes in their own arguments, not inside another node
+            env[node] = tuple(fx.node.map_arg(node.args[0], lambda a: env[a]))
+            continue
         else:
             new = graph.node_copy(node, lambda a: env[a])
         new.meta = {k: node.meta[k] for k in _KEEP_META if k in node.meta}
@@ -161,6 +167,15 @@ def lift(gm: fx.GraphModule, example_inputs, names: tuple | None = None) -> Lift
     keep_codegen(graph, gm.graph)
     lifted = fx.GraphModule(root, graph, "OTOFragment")
     return Lifted(lifted, tuple(inputs), tuple(watched))
+
+
+def _size_literal(node: fx.Node) -> bool:
+    """``torch.Size(list)`` read only as an argument of other calls (never returned, never the
+    object of a method call), so that the plain tuple can stand in for it."""
+    if node.op != "call_function" or node.target is not torch.Size or node.kwargs or len(node.args) != 1 \
+            or not isinstance(node.args[0], (list, tuple)):
+        return False
+    return all(u.op == "call_function" or (u.op == "call_method" and u.args[0] is not node) for u in node.users)
 
 
 # ---------------------------------------------------------------------------------------------

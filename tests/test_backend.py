@@ -41,10 +41,11 @@ class Recorder:
     """An inner compiler that keeps every graph it gets and runs it as it is."""
 
     def __init__(self):
-        self.graphs = []
+        self.graphs, self.inputs = [], []
 
     def __call__(self, gm, example_inputs):
         self.graphs.append(gm)
+        self.inputs.append(list(example_inputs))
         return gm.forward
 
 
@@ -121,6 +122,68 @@ def test_inductor_resnet18(freezing):
     assert res.pruned and res.rows_removed == zeroed_rows
     assert res.params_after < n_params(model) / 2
     assert (res.lifted == 0 and res.attrs > 0) if freezing else (res.lifted > 0 and res.attrs == 0)
+
+
+class Shuffle(nn.Module):
+    """ShuffleNet's unit in small: a chunk, a channel shuffle whose view reads the batch size, and
+    batch norms (dynamo hands their momentum and eps in as tensors read by ``.item()`` under
+    ``dynamic=True``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU())
+        self.branch = nn.Sequential(nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 1))
+        self.head = nn.Linear(16, 5)
+
+    def forward(self, x):
+        x = self.stem(x)
+        a, b = x.chunk(2, dim=1)
+        x = torch.cat((a, self.branch(b)), 1)
+        n, c, h, w = x.shape
+        x = x.view(n, 2, c // 2, h, w).transpose(1, 2).reshape(n, c, h, w)
+        return self.head(x.mean((2, 3)))
+
+
+def _gpt2():
+    import transformers
+
+    config = transformers.GPT2Config(n_embd=32, n_head=4, n_layer=2, vocab_size=100, n_positions=64)
+    return transformers.GPT2Model(config), lambda n, c, h, w: torch.randint(0, 100, (n, h + w))
+
+
+@pytest.mark.parametrize("dynamic", [True, None], ids=["dynamic", "automatic"])
+@pytest.mark.parametrize("name", ["shuffle", "gpt2"])
+def test_dynamic_shapes_stay_pruned(name, dynamic):
+    # a graph with symbolic sizes (SymInt inputs) is analysed at the sizes they stand for and is
+    # handed on symbolic: one graph serves every batch and image (or sequence) size under dynamic=True.
+    # GPT-2's Conv1D reshapes to torch.Size([s0, s1, 4 * width]), a node of its own in such a graph
+    torch.manual_seed(0)
+    model, make = (Shuffle(), torch.randn) if name == "shuffle" else _gpt2()
+    model = randomize(model.eval())
+    oto = otofx.OTO(model, make(2, 3, 8, 6))
+    zeroed = zero_random_rows(model, oto)
+    rows = sum(len(r) for r in zeroed)
+    assert rows > 0
+    rec = Recorder()
+    compiled = torch.compile(model, backend="otofx", options={"inner": rec}, dynamic=dynamic)
+    for shape in ((2, 3, 8, 6), (5, 3, 8, 6), (3, 3, 12, 10)):  # not square: no duck-sized h == w guard
+        x = make(*shape)
+        ref, got = run(model, x), run(compiled, x)
+        if name == "gpt2":
+            ref, got = ref.last_hidden_state, got.last_hidden_state
+        assert max_rel_diff(ref, got) <= TOL
+    results = B.results()
+    assert len(results) == len(rec.graphs)
+    assert len(results) == 1 if dynamic else len(results) >= 2  # automatic: static, then dynamic
+    assert all(r.pruned for r in results), [r.reason for r in results]
+    assert any(isinstance(e, torch.SymInt) for e in rec.inputs[-1])
+    if name == "shuffle":
+        assert all(r.rows_removed == rows for r in results)
+        assert n_params(rec.graphs[-1]) == n_params(oto.compress()) < n_params(model)
+    else:  # the MLP widths (dynamo's graph gives the heads no groups)
+        mlp = sum(len(r) for r, z in zip(zeroed, oto.groups) if z.rows == 128)
+        assert all(r.rows_removed == mlp > 0 for r in results)
+        assert n_params(rec.graphs[-1]) < n_params(model)
 
 
 class Broken(nn.Module):
