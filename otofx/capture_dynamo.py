@@ -215,7 +215,8 @@ def restore_attention(gm: fx.GraphModule) -> fx.GraphModule:
     for node in [n for n in graph.nodes if _mha_call(n) is not None]:
         kw = _mha_call(node)
         tensors = _mha_tensors(kw)
-        if tensors is None:
+        if tensors is None or any(isinstance(kw.get(k), fx.Node) for k in ("embed_dim_to_check", "num_heads",
+                                                                            "add_zero_attn")):
             continue
         prefix = _mha_container(new, tensors)
         module = _build_mha(new, tensors, kw)
@@ -278,8 +279,11 @@ def _mha_container(gm: fx.GraphModule, tensors: dict) -> str | None:
 def _build_mha(gm: fx.GraphModule, tensors: dict, kw: dict) -> torch.nn.MultiheadAttention:
     t = {attr: get_path(gm, n.target) for attr, n in tensors.items()}
     w = t["in_proj_weight"]
+    # NB: under dynamic=True dynamo passes a float as a graph input (dropout_p is then a node); the call
+    # is in eval mode (_mha_tensors), where the module never reads its dropout
+    p = kw.get("dropout_p", 0.0)
     m = torch.nn.MultiheadAttention(int(kw["embed_dim_to_check"]), int(kw["num_heads"]),
-                                    dropout=float(kw.get("dropout_p", 0.0)), bias="in_proj_bias" in t,
+                                    dropout=0.0 if isinstance(p, fx.Node) else float(p), bias="in_proj_bias" in t,
                                     add_bias_kv="bias_k" in t, add_zero_attn=bool(kw.get("add_zero_attn", False)),
                                     batch_first=False, device="meta", dtype=w.dtype)
     for attr in ("in_proj_weight", "in_proj_bias", "bias_k", "bias_v"):

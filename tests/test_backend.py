@@ -186,6 +186,20 @@ def test_dynamic_shapes_stay_pruned(name, dynamic):
         assert n_params(rec.graphs[-1]) < n_params(model)
 
 
+def test_dynamic_shapes_restore_attention():
+    # under dynamic=True dynamo passes floats as graph inputs: nn.MultiheadAttention's dropout_p is a
+    # node, and the attention module is still restored (it crashed the backend)
+    model, x, oto, zeroed_rows = zeroed("vit")
+    rec = Recorder()
+    compiled = torch.compile(model, backend="otofx", options={"inner": rec}, dynamic=True)
+    for n in (2, 3):
+        xs = torch.randn(n, *x.shape[1:])
+        assert max_rel_diff(run(model, xs), run(compiled, xs)) <= TOL
+    (res,) = B.results()
+    assert res.pruned and res.rows_removed == zeroed_rows
+    assert n_params(rec.graphs[0]) == n_params(oto.compress())
+
+
 class Broken(nn.Module):
     """Two fragments: a graph break between two conv blocks."""
 
