@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 import torch.fx as fx
+from torch.utils._pytree import tree_map_only
 
 from .attention import find_head_splits
 from .rules.linalg import bind_library_ops
@@ -93,16 +94,16 @@ def _holds_parameters(root: torch.nn.Module, target: str) -> bool:
 
 
 def _pinned_like(ctx: Ctx, out):
-    if isinstance(out, torch.Tensor):
-        return ctx.pinned_lab(out.shape)
-    if isinstance(out, (tuple, list)):
-        return type(out)(_pinned_like(ctx, o) for o in out) if isinstance(out, tuple) else [_pinned_like(ctx, o) for o in out]
-    return out
+    """``out`` with every tensor in it replaced by pinned labels of its shape (containers kept: a
+    dict or named-tuple input's entries are read by ``getitem``/``getattr`` like any other value)."""
+    return tree_map_only(torch.Tensor, lambda t: ctx.pinned_lab(t.shape), out)
 
 
 def _resolve(ctx: Ctx, v):
     if isinstance(v, ParamRef):
         return ctx.tensor_lab(v.name)
+    if isinstance(v, tuple) and hasattr(v, "_fields"):  # a named tuple takes its fields as arguments
+        return type(v)(*(_resolve(ctx, x) for x in v))
     if isinstance(v, (list, tuple)):
         return type(v)(_resolve(ctx, x) for x in v)
     if isinstance(v, dict):
@@ -119,7 +120,10 @@ def _getattr_value(ctx: Ctx, node: fx.Node, obj, attr: str, out):
         if attr == "T":
             return RULES["permute"].analyze(ctx, input=obj, kind="t", meta=out)
         return _unknown(ctx, node, (obj,), {}, out, f"tensor attribute '{attr}' has no rule")
-    return out
+    if isinstance(obj, tuple) and attr in getattr(obj, "_fields", ()):  # a named tuple's field
+        return getattr(obj, attr)
+    # NB: a tensor read off an object the analysis does not follow is pinned, never a bare meta tensor
+    return _pinned_like(ctx, out)
 
 
 def zero_invariant_groups(gm: fx.GraphModule, pin: tuple = ()) -> ZigSet:

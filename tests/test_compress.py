@@ -106,3 +106,41 @@ def test_graph_form_keeps_per_module_training_flags():
     small = oto.compress(form="graph", verify=False)
     flags = {n: m.training for n, m in small.named_modules()}
     assert small.training and flags["1"] is False and flags["4"] is True
+
+
+
+class DictInput(nn.Module):
+    """Reads its image out of a dict (a data loader's batch): the first conv's channels are a group
+    like every other."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.b1 = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.c2, self.fc = nn.Conv2d(8, 8, 3, padding=1), nn.Linear(8, 4)
+
+    def features(self, image):
+        return torch.relu(self.c2(torch.relu(self.b1(self.c1(image))))).mean((2, 3))
+
+    def forward(self, batch):
+        return {"logits": self.fc(self.features(batch["image"])) * batch["scale"]}
+
+
+class TupleInput(DictInput):
+    def forward(self, batch):
+        return self.fc(self.features(batch.image))
+
+
+def test_container_inputs_leave_no_channel_pinned(caplog):
+    from collections import namedtuple
+
+    Pair = namedtuple("Pair", "image label")
+    x = torch.randn(2, 3, 8, 8)
+    for cls, batch in ((DictInput, {"image": x, "scale": torch.tensor(2.0)}), (TupleInput, Pair(x, torch.zeros(2)))):
+        torch.manual_seed(0)
+        m = randomize(cls().eval())
+        with caplog.at_level("WARNING", logger="otofx"):
+            oto = otofx.OTO(m, (batch,))
+        assert "Please report" not in caplog.text
+        assert sorted(z.rows for z in oto.groups) == [8, 8], oto.pinned
+        zero_random_rows(oto.model, oto, seed=0)
+        assert_exact(m, oto, (batch,))

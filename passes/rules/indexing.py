@@ -168,8 +168,8 @@ def _getitem_fix(site, input, index, **_):
 def getitem(ctx: Ctx, input, index, meta=None, **_):
     """x[idx]: a unit-step slice of an axis keeps that slice of ids (bounds recounted); None adds a pinned axis; an int or tensor index pins the axis it reads."""
     x = input
-    if not isinstance(x, AxisLabels):  # tuple/list/size: plain indexing of python values
-        if isinstance(x, (tuple, list)):
+    if not isinstance(x, AxisLabels):  # tuple/list/dict/size: plain indexing of python values
+        if isinstance(x, (tuple, list, dict)):
             return x[index]
         if isinstance(x, torch.Size):
             return x[index]
