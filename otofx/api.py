@@ -327,6 +327,16 @@ class OTO:
                 if len(plan.removed[i]) and any(name in normed for name, _, _ in z.params)}
         if not keep:
             return None
+        # NB: keeping a row is exact only where the model has it zero; a plan of rows that are not
+        # (SCOP's prune_lowest) must remove them, which the graph form does
+        params = dict(gm.named_parameters())
+        with torch.no_grad():
+            live = [i for i in keep for name, dim, index in plan.zigset.zigs[i].params if name in params
+                    and params[name].movedim(dim, 0)[index[plan.removed[i]].reshape(-1)].any()]
+        if live:
+            log.info("otofx: the plan removes rows that are not zero in %s (group %d), which the own class cannot "
+                     "keep: %s", type(self.model).__name__, live[0], _first_line(error))
+            return None
         kept = plan_rows(plan.zigset, [r[:0] if i in keep else r for i, r in enumerate(plan.removed)])
         try:
             small = self._compress_module(check, kept, rtol)

@@ -284,3 +284,24 @@ def test_video_swin_is_its_own_class_at_any_size_and_saveable(tmp_path):
     loaded = otofx.load(tmp_path / "swin3d", model=_swin3d(seed=5))
     assert type(loaded.get_submodule(_path_of(small, attns[0]))) is PrunedWindowAttention3d
     assert max_rel_diff(_features(small, x), _features(loaded, x)) <= 1e-6
+
+
+def test_a_plan_of_rows_that_are_not_zero_is_removed_not_kept():
+    # compress(plan=...) removes the plan's rows whatever their values (SCOP's prune_lowest). Where the
+    # own class cannot take a width LayerNorms normalise (part of a window attention's heads), it
+    # may keep only rows that are zero; these are not, so the graph form removes them (the own class
+    # used to keep them with their values: 3e-2 off the model with the plan's rows zeroed)
+    from otofx.passes.prune import plan_rows
+    from otofx.scop import scores
+    from otofx.scop.prune import choose_rows, zeroed_copy
+
+    torch.manual_seed(0)
+    model = SwinTransformer(patch_size=[4, 4], embed_dim=16, depths=[2, 2], num_heads=[2, 4], window_size=[4, 4],
+                            num_classes=5).eval()
+    x = torch.randn(1, 3, 32, 32)
+    oto = otofx.OTO(model, x)
+    plan = plan_rows(oto.zigset, [r.numpy() for r in choose_rows(oto, scores.l1(oto), 0.5)])
+    small = oto.compress(plan=plan, verify=False)  # verify compares with the model, whose rows are not zero
+    assert n_params(small) < n_params(model)
+    with torch.no_grad():
+        assert max_rel_diff(zeroed_copy(oto, plan)(x), small(x)) <= RTOL
