@@ -425,3 +425,183 @@ def test_scop_on_a_language_model_keeps_its_class_and_generates():
     assert type(small) is type(m) and n_params(small) < n_params(m)
     out = small.generate(loader[0][0][:1, :4], max_new_tokens=3, do_sample=False)
     assert out.shape == (1, 7)
+
+
+class SeqFirst(nn.Module):
+    """Batch-first at the interface, sequence-first inside (torch's nn.Transformer* default)."""
+
+    def __init__(self, flatten=False, per_token=False):
+        super().__init__()
+        self.flatten, self.per_token = flatten, per_token
+        self.inp = nn.Linear(6, 16)
+        self.fc1, self.fc2 = nn.Linear(16, 32), nn.Linear(32, 16)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x):  # x: [B, T, 6]
+        h = self.inp(x).transpose(0, 1)  # [T, B, 16]
+        if self.flatten:  # [T * B, 16]: the halves of axis 0 mix the samples
+            t, b = h.shape[0], h.shape[1]
+            h = h + self.fc2(torch.relu(self.fc1(h.reshape(t * b, 16)))).reshape(t, b, 16)
+        else:
+            h = h + self.fc2(torch.relu(self.fc1(h)))
+        return self.head(h) if self.per_token else self.head(h.mean(0))
+
+
+def test_selection_layers_split_a_sequence_first_output_on_its_batch_axis(caplog):
+    """The halves are taken along each producer's batch axis (axis 1 of a [T, B, C] output), so at
+    beta = 0 the real half is exactly the model on the knockoff; a [T * B, C] output has no such axis
+    and gets no selection layer (a warning names it); a [T, B, classes] output is cut on axis 1."""
+    torch.manual_seed(0)
+    m = SeqFirst().eval()
+    oto = otofx.OTO(m, torch.randn(2, 4, 6))
+    sel = insert_selection(oto._sync(), oto.zigset, init=0.0)
+    layers = {n: mod for n, mod in sel.gm.named_modules() if isinstance(mod, SelectionLayer)}
+    assert sorted(lay.batch for lay in layers.values()) == [0, 1, 1]  # inp (before the transpose), fc1, fc2
+    x, xk = torch.randn(3, 4, 6), torch.randn(3, 4, 6)
+    with torch.no_grad():
+        # NB: the old split on axis 0 (the sequence) gave 0.056 here
+        assert torch.allclose(sel.gm(torch.cat([x, xk]))[:3], m(xk), atol=1e-6)
+        sel.gm.scop_beta.fill_(1.0)
+        assert torch.allclose(sel.gm(torch.cat([x, xk]))[:3], m(x), atol=1e-6)
+    flat = SeqFirst(flatten=True).eval()
+    oto_f = otofx.OTO(flat, torch.randn(2, 4, 6))
+    with caplog.at_level("WARNING", logger="otofx"):
+        sel_f = insert_selection(oto_f._sync(), oto_f.zigset, init=0.0)
+    assert set(sel_f.refused) == {"fc1", "fc2"} and "no batch axis" in caplog.text
+    (mid,) = [i for i, z in enumerate(oto_f.groups) if z.layers == ("fc1", "fc2")]
+    assert mid in sel_f.uncovered
+    with torch.no_grad():  # the residual rows are still mixed at inp, before the flattening
+        assert torch.allclose(sel_f.gm(torch.cat([x, xk]))[:3], flat(xk), atol=1e-6)
+    g = torch.Generator().manual_seed(0)
+    loader = [(torch.randn(3, 4, 6, generator=g), torch.randint(0, 3, (4, 3), generator=g)) for _ in range(2)]
+    seen = []
+
+    def loss_fn(out, y):  # out: [T, B, classes]
+        seen.append(tuple(out.shape))
+        return torch.nn.functional.cross_entropy(out.flatten(0, 1), y.flatten())
+
+    with caplog.at_level("WARNING", logger="otofx"):
+        res = train_betas(otofx.OTO(SeqFirst(flatten=True, per_token=True).eval(), torch.randn(2, 4, 6)), loader,
+                          knockoff="permute", epochs=1, loss_fn=loss_fn)
+    assert seen == [(4, 3, 3)] * 2 and res.unscored == (mid,) and "score them another way" in caplog.text
+
+
+class InOut(nn.Module):
+    """nn.Linear next to a parameter stored [in, out] and read as ``x @ W``."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(8, 16)
+        self.W = nn.Parameter(torch.randn(16, 12) / 4)
+        self.fc3 = nn.Linear(12, 3)
+
+    def forward(self, x):
+        return self.fc3(torch.relu(torch.relu(self.fc1(x)) @ self.W))
+
+
+def test_weights_stored_in_out_are_producers_along_their_output_dim():
+    """``x @ W`` with W [in, out] creates W's dim-1 channels: that group gets a selection layer and
+    trained betas (its scores were exactly 0 before, with no warning)."""
+    torch.manual_seed(0)
+    m = InOut().eval()
+    oto = otofx.OTO(m, torch.randn(2, 8))
+    sel = insert_selection(oto._sync(), oto.zigset, init=0.0)
+    assert sorted(name for name, _ in sel.producers) == ["fc1", "matmul"] and sel.uncovered == ()
+    x, xk = torch.randn(3, 8), torch.randn(3, 8)
+    with torch.no_grad():
+        assert torch.allclose(sel.gm(torch.cat([x, xk]))[:3], m(xk), atol=1e-6)
+    g = torch.Generator().manual_seed(0)
+    loader = [(torch.randn(16, 8, generator=g), torch.randint(0, 3, (16,), generator=g)) for _ in range(2)]
+    res = train_betas(oto, loader, knockoff="permute", epochs=2, lr=0.05)
+    assert res.unscored == () and all(bool((b != 0.5).any()) for b in res.betas)
+
+
+def test_scop_runs_on_gpt2_conv1d_weights():
+    """transformers' Conv1D (GPT-2) stores [in, out] and is read by addmm: every group is scored."""
+    tr = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    m = tr.GPT2LMHeadModel(tr.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=32, n_positions=16)).eval()
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1, 32, (4, 6), generator=g)
+    oto = otofx.OTO(m, ids[:2])
+
+    def loss_fn(out, y):
+        return torch.nn.functional.cross_entropy(out["logits"].flatten(0, 1), y.flatten())
+
+    res = train_betas(oto, [(ids, ids)], knockoff="permute", epochs=2, lr=0.05, loss_fn=loss_fn)
+    assert res.unscored == () and all(bool((b != 0.5).any()) for b in res.betas)
+
+
+def test_loaders_read_once_or_empty_and_zero_steps_are_refused():
+    """A generator / iter(DataLoader) would be used up by the knockoff fit, an empty loader or
+    max_steps=0 runs no step: each left every score 0 (prune_lowest then cut the first rows)."""
+    oto = otofx.OTO(_model(), torch.randn(1, 2, 6, 6))
+    loader = _loader(n=16)
+    with pytest.raises(InputError, match="one-shot iterator"):
+        oto.scop((b for b in loader), max_steps=2)
+    with pytest.raises(InputError, match="one-shot iterator"):
+        oto.scop(iter(loader), knockoff="permute")
+    with pytest.raises(InputError, match="no batch"):
+        oto.scop([], knockoff="permute")
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(InputError, match="max_steps"):
+            oto.scop(loader, knockoff="permute", max_steps=bad)
+    with pytest.raises(InputError, match="epochs"):
+        oto.scop(loader, knockoff="permute", epochs=2.5)
+    with pytest.raises(InputError, match="no beta step"):
+        oto.scop(_Empty(loader), knockoff="permute")  # the first read has a batch, the epochs none
+    data = torch.utils.data.TensorDataset(*(torch.cat(t) for t in zip(*loader)))
+    dl = torch.utils.data.DataLoader(data, batch_size=8)
+    assert [tuple(s.shape) for s in oto.scop(dl, max_steps=2)] == [(z.rows,) for z in oto.groups]
+
+
+class _Empty:
+    """A loader whose first pass gives a batch and every later pass none."""
+
+    def __init__(self, batches):
+        self.batches, self.reads = batches, 0
+
+    def __iter__(self):
+        self.reads += 1
+        return iter(self.batches if self.reads == 1 else [])
+
+
+def test_bad_arguments_are_input_errors_naming_them():
+    oto = otofx.OTO(_model(), torch.randn(1, 2, 6, 6))
+    loader = _loader(n=16)
+    with pytest.raises(InputError, match="scores"):
+        oto.prune_lowest(None)
+    with pytest.raises(InputError, match="scores"):
+        oto.prune_lowest(torch.zeros(6))
+    with pytest.raises(InputError, match=r"scores\[0\]"):
+        oto.prune_lowest(["x"] + list(scores.l1(oto))[1:])
+    with pytest.raises(InputError, match="ratio"):
+        oto.prune_lowest(scores.l1(oto), ratio="0.5")
+    with pytest.raises(InputError, match="bn_batches"):
+        oto.prune_lowest(scores.l1(oto), loader=loader, bn_batches=-1)
+    with pytest.raises(InputError, match="'bogus'.*group"):
+        oto.scop(loader, knockoff_kwargs={"bogus": 1})
+    with pytest.raises(InputError, match="only apply to knockoff='gaussian'"):
+        oto.scop(loader, knockoff="permute", knockoff_kwargs={"group": 2})
+    with pytest.raises(InputError, match="lr"):
+        oto.scop(loader, lr="0.1")
+    with pytest.raises(InputError, match="knockoff"):
+        oto.scop(loader, knockoff=lambda x: x[:1])
+
+
+def test_tiles_of_large_inputs_keep_patch_groups_whole():
+    """With group=p the blocks are cut on patch (run) boundaries: no group spans two blocks."""
+    from otofx.scop.knockoffs import _group_ids
+
+    g = torch.Generator().manual_seed(0)
+    for shape, group in (((2, 12, 12), 3), ((50,), 4)):
+        loader = [(torch.randn(64, *shape, generator=g), None)]
+        ko = GaussianKnockoffs.fit(loader, group=group, max_dim=32, block_dim=40)
+        gid = _group_ids(shape, group)[ko.active]
+        blocks_of = {}
+        for bi, b in enumerate(ko.blocks):
+            for v in torch.unique(gid[b.index]).tolist():
+                blocks_of.setdefault(v, set()).add(bi)
+        assert len(ko.blocks) > 1 and all(len(s) == 1 for s in blocks_of.values())
+        assert max(len(b.index) for b in ko.blocks) <= 40
+        assert ko(loader[0][0][:2], generator=g).shape == (2, *shape)

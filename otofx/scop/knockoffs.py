@@ -25,12 +25,17 @@ cov([Z, Z~]) = [[Sigma, Sigma - S], [Sigma - S, Sigma]]. ``gamma`` is the knocko
 ``permute`` is golden-stick's knockoff: the same batch in a random order.
 
 Large inputs: with more than ``max_dim`` features (default 4096) the features are split into
-blocks of at most ``block_dim`` (default 1024) and each block gets its own knockoff, ignoring the
-correlation between blocks (Sigma is replaced by its block-diagonal part; a group never spans two
-blocks). For an image batch ``[N, C, H, W]`` a block is a spatial tile (all channels of a ``p x p``
-patch, ``C p^2 <= block_dim``); for other shapes, consecutive features of the flattened input.
-Exchangeability then holds for the block-diagonal Gaussian; each block costs a few
-``block_dim``-square eigendecompositions at fit time.
+blocks of about ``block_dim`` (default 1024) and each block gets its own knockoff, ignoring the
+correlation between blocks (Sigma is replaced by its block-diagonal part). For an image batch
+``[N, C, H, W]`` a block is a spatial tile (all channels of a ``t x t`` patch, ``C t^2 <= block_dim``);
+for other shapes, consecutive features of the flattened input. With an int ``group`` the blocks are
+cut on group boundaries (the tile side ``t`` a multiple of the patch side, a run a multiple of the
+run length), so a patch group never spans two blocks; a single group of more than ``block_dim``
+features is a block of its own. ``"feature"`` groups never span blocks either. # NB: the
+``"input"`` group is the whole input, so it is split: each block is then an independent draw of
+its own part of the input, and the knockoff as a whole is a draw from the block-diagonal Gaussian,
+not from N(mean, Sigma). Exchangeability holds for the block-diagonal Gaussian; each block costs a
+few ``block_dim``-square eigendecompositions at fit time.
 
 Internals:
     * Sigma is shrunk towards the identity before gamma is computed (``shrinkage="ledoit-wolf"``,
@@ -45,6 +50,7 @@ Internals:
 """
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 from dataclasses import dataclass
@@ -102,15 +108,22 @@ class _Block:
         return out
 
 
-def _tiles(shape: tuple, block_dim: int) -> list:
-    """Feature positions of each block of a flattened input of per-sample ``shape``."""
+def _tiles(shape: tuple, block_dim: int, group="input") -> list:
+    """Feature positions of each block of a flattened input of per-sample ``shape``.
+
+    For an int ``group`` (p x p patches of an image, runs of p features otherwise) the blocks are cut
+    on group boundaries, so a group never spans two blocks; a single group larger than ``block_dim``
+    is a block of its own."""
     d = math.prod(shape)
+    g = group if isinstance(group, int) and not isinstance(group, bool) and group >= 1 else 1
     if len(shape) == 3:
         c, h, w = shape
         p = max(int(math.isqrt(max(block_dim // c, 1))), 1)
+        p = max(p // g, 1) * g  # NB: a tile side that is a multiple of the patch side keeps every patch whole
         grid = torch.arange(d).reshape(c, h, w)
         return [grid[:, i:i + p, j:j + p].reshape(-1) for i in range(0, h, p) for j in range(0, w, p)]
-    return [torch.arange(a, min(a + block_dim, d)) for a in range(0, d, block_dim)]
+    step = max(block_dim // g, 1) * g
+    return [torch.arange(a, min(a + step, d)) for a in range(0, d, step)]
 
 
 def _group_ids(shape: tuple, group) -> torch.Tensor:
@@ -178,7 +191,7 @@ class GaussianKnockoffs:
         if math.prod(shape) <= max_dim:
             parts = [torch.arange(d)]
         else:
-            parts = [pos[t][pos[t] >= 0] for t in _tiles(shape, block_dim)]
+            parts = [pos[t][pos[t] >= 0] for t in _tiles(shape, block_dim, group)]
             parts = [p for p in parts if len(p)]
         gid = _group_ids(shape, group)[active]
         blocks = []
@@ -243,6 +256,26 @@ class GaussianKnockoffs:
         return out.reshape(x.shape).to(x.dtype).to(x.device)
 
 
+def check_kwargs(knockoff, kwargs) -> dict:
+    """``knockoff_kwargs`` checked against :meth:`GaussianKnockoffs.fit`'s keywords (an InputError naming
+    the unknown ones); they only apply to ``knockoff="gaussian"``."""
+    if kwargs is None:
+        return {}
+    if not isinstance(kwargs, dict):
+        raise InputError(f"scop: knockoff_kwargs={kwargs!r} must be a dict of GaussianKnockoffs.fit keywords or None")
+    if not kwargs:
+        return {}
+    allowed = [name for name in inspect.signature(GaussianKnockoffs.fit).parameters if name not in ("cls", "loader")]
+    if not (isinstance(knockoff, str) and knockoff == "gaussian"):
+        raise InputError(f"scop: knockoff_kwargs={kwargs!r} only apply to knockoff='gaussian' (keywords of "
+                         f"GaussianKnockoffs.fit: {', '.join(allowed)}); knockoff={knockoff!r} takes none")
+    bad = sorted(k for k in kwargs if k not in allowed)
+    if bad:
+        raise InputError(f"scop: knockoff_kwargs has unknown keyword(s) {', '.join(map(repr, bad))}; "
+                         f"GaussianKnockoffs.fit takes {', '.join(allowed)}")
+    return dict(kwargs)
+
+
 def make(knockoff, loader, **kw):
     """The knockoff sampler ``fn(x, generator) -> x~`` for ``knockoff`` ("gaussian", "permute" or a callable)."""
     if callable(knockoff):
@@ -256,4 +289,4 @@ def make(knockoff, loader, **kw):
     raise InputError(f"knockoff={knockoff!r}: use 'gaussian', 'permute' or a callable x -> knockoff of x")
 
 
-__all__ = ["GaussianKnockoffs", "permute", "ledoit_wolf", "make", "batch_inputs"]
+__all__ = ["GaussianKnockoffs", "permute", "ledoit_wolf", "make", "check_kwargs", "batch_inputs"]

@@ -24,6 +24,8 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import numbers
+from collections.abc import Iterable
 
 import torch
 from torch.utils._pytree import tree_flatten
@@ -41,8 +43,8 @@ log = logging.getLogger("otofx")
 def choose_rows(oto, scores, ratio: float, per_group: bool = True) -> tuple:
     """The row indices to remove per group (the lowest scores; ties broken by row order)."""
     scores = _check_scores(oto, scores)
-    if not 0.0 <= ratio < 1.0:
-        raise InputError(f"prune_lowest: ratio={ratio!r} must be in [0, 1)")
+    if isinstance(ratio, bool) or not isinstance(ratio, numbers.Real) or not 0.0 <= ratio < 1.0:
+        raise InputError(f"prune_lowest: ratio={ratio!r} must be a number in [0, 1) (the fraction of rows to remove)")
     if per_group:
         return tuple(torch.argsort(s, stable=True)[: math.floor(ratio * len(s))].sort().values for s in scores)
     flat = torch.cat(scores)
@@ -53,13 +55,19 @@ def choose_rows(oto, scores, ratio: float, per_group: bool = True) -> tuple:
 
 
 def _check_scores(oto, scores) -> list:
+    if scores is None or isinstance(scores, (torch.Tensor, str, bytes, dict)) or not isinstance(scores, Iterable):
+        raise InputError(f"prune_lowest: scores={type(scores).__name__} must be a list or tuple of one score tensor "
+                         "per group, in oto.groups order (oto.scop(loader), otofx.scop.scores.l1(oto), ...)")
     scores = list(scores)
     if len(scores) != len(oto.groups):
         raise InputError(f"prune_lowest: {len(scores)} score tensors for {len(oto.groups)} groups; give one per group "
                          "in oto.groups order")
     out = []
     for i, (s, z) in enumerate(zip(scores, oto.groups)):
-        s = torch.as_tensor(s).detach().reshape(-1).to("cpu", torch.float64)
+        try:
+            s = torch.as_tensor(s).detach().reshape(-1).to("cpu", torch.float64)
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise InputError(f"prune_lowest: scores[{i}] ({type(s).__name__}) is not a tensor of numbers: {e}") from None
         if len(s) != z.rows:
             raise InputError(f"prune_lowest: scores[{i}] has {len(s)} values; group {i} has {z.rows} rows")
         if not bool(torch.isfinite(s).all()):
@@ -103,6 +111,8 @@ def prune_lowest(oto, scores, *, ratio: float = 0.5, per_group: bool = True, loa
                  verify: bool = True, rtol: float = 1e-4) -> torch.nn.Module:
     """A new model without each group's lowest-scoring rows (see the module docstring): the model's own
     class where ``oto.compress()`` gives it, else the GraphModule."""
+    if isinstance(bn_batches, bool) or not isinstance(bn_batches, numbers.Integral) or bn_batches < 0:
+        raise InputError(f"prune_lowest: bn_batches={bn_batches!r} must be an int >= 0 (0: no BatchNorm re-estimation)")
     rows = choose_rows(oto, scores, ratio, per_group)
     plan = plan_rows(oto.zigset, rows)
     small = oto.compress(plan=plan, verify=False)
