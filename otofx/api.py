@@ -26,6 +26,7 @@ Internals:
 """
 from __future__ import annotations
 
+import inspect
 import logging
 import weakref
 
@@ -477,6 +478,10 @@ class OTO:
         """
         from otofx.scop import train_betas
 
+        unknown = sorted(set(kw) - set(inspect.signature(train_betas).parameters) - {"oto", "loader"})
+        if unknown:
+            raise InputError(f"OTO.scop(): unknown keyword(s) {', '.join(unknown)}; it takes those of "
+                             "otofx.scop.train_betas")
         return train_betas(self, loader, knockoff=knockoff, epochs=epochs, lr=lr, **kw).scores
 
     def prune_lowest(self, scores, *, ratio: float = 0.5, per_group: bool = True, loader=None, bn_batches: int = 10,

@@ -587,6 +587,8 @@ def test_bad_arguments_are_input_errors_naming_them():
         oto.scop(loader, lr="0.1")
     with pytest.raises(InputError, match="knockoff"):
         oto.scop(loader, knockoff=lambda x: x[:1])
+    with pytest.raises(InputError, match="unknown keyword.*bogus"):
+        oto.scop(loader, bogus=1)
 
 
 def test_tiles_of_large_inputs_keep_patch_groups_whole():
