@@ -301,7 +301,7 @@ def graph_module(root: torch.nn.Module, graph: fx.Graph, class_name: str) -> fx.
     return gm
 
 
-def trace(model: torch.nn.Module) -> fx.GraphModule:
+def trace(model: torch.nn.Module, concrete_args: dict | None = None) -> fx.GraphModule:
     tracer = LeafTracer(autowrap_functions=_autowrap_functions())
     # NB: fx stores a tensor that is neither a parameter, a buffer nor a tensor attribute (one
     # made in forward from no traced input: maxvit_t has 24) as a new ``_tensor_constantN``
@@ -309,7 +309,13 @@ def trace(model: torch.nn.Module) -> fx.GraphModule:
     # gets its attributes back
     before = set(model.__dict__)
     try:
-        graph = tracer.trace(model)
+        graph = tracer.trace(model, concrete_args=concrete_args)
+        if concrete_args:
+            # NB: fx renames a specialised argument's placeholder (``mask_1``); the graph takes it
+            # under its own name, as the model does
+            for n in graph.nodes:
+                if n.op == "placeholder" and n.target.rpartition("_")[0] in concrete_args:
+                    n.target = n.target.rpartition("_")[0]
         return graph_module(tracer.root, graph, type(model).__name__)
     finally:
         for k in set(model.__dict__) - before:
@@ -1242,6 +1248,15 @@ def capture(model: torch.nn.Module, example_inputs, frontend: str = "auto") -> C
                                + (f"\n{hint}" if hint else "")) from e
     try:
         gm = trace(model)
+        nones = _none_arguments(model, args, kwargs)
+        if nones:
+            # NB: a proxy is never None, so ``if mask is not None:`` traced the branch the example does not
+            # take; the graph is traced again with those arguments fixed at None (it raises on another value)
+            try:
+                gm = trace(model, nones)
+            except Exception as e:  # noqa: BLE001 - the first graph stands
+                log.info("symbolic_trace with %s fixed at None failed (%s: %s)", ", ".join(nones), type(e).__name__,
+                         _first_line(e))
         opaque = _opaque_calls(gm)
         if opaque and frontend == "auto":
             # NB: fx.wrap'ed Python functions (torchvision's shifted_window_attention) are single opaque
@@ -1271,6 +1286,22 @@ def capture(model: torch.nn.Module, example_inputs, frontend: str = "auto") -> C
            "make it depend on shapes or module attributes only, or wrap the offending submodule so that "
            "it is called as a leaf (it will then be pinned).")
     ) from export_err
+
+
+def _none_arguments(model: torch.nn.Module, args: tuple, kwargs: dict) -> dict:
+    """The arguments of ``model.forward`` the example gives as None or leaves at a None default."""
+    try:
+        sig = inspect.signature(model.forward)
+        bound = sig.bind_partial(*args, **kwargs).arguments
+    except (TypeError, ValueError):
+        return {}
+    out = {}
+    for name, p in sig.parameters.items():
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            continue
+        if (bound[name] if name in bound else p.default) is None:
+            out[name] = None
+    return out
 
 
 def _missing_masks_hint(model: torch.nn.Module, kwargs: dict, err: Exception) -> str | None:

@@ -297,3 +297,42 @@ def test_a_branch_on_data_is_captured_and_guarded(caplog, sign):
             own = oto.compress(form="module")
         assert type(own) is _BranchesOnData and "other branches were not analysed" in caplog.text
         torch.testing.assert_close(own(x2), m(x2), rtol=1e-5, atol=1e-6)
+
+
+class OptionalInputs(torch.nn.Module):
+    """``if extra is not None:``: a proxy is never None, so symbolic_trace took the branch the example
+    leaves out and the analysis failed on the None it then read."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.bn = torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8)
+        self.c2, self.fc, self.side = torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.Linear(8, 4), torch.nn.Linear(5, 4)
+
+    def forward(self, x, extra=None, scale=1.0, *, mask=None):
+        y = self.fc(torch.relu(self.c2(torch.relu(self.bn(self.c1(x))))).mean((2, 3))) * scale
+        if extra is not None:
+            y = y + self.side(extra)
+        if mask is not None:
+            y = y * mask
+        return y
+
+
+@pytest.mark.parametrize("example", ["omitted", "given None", "given", "keywords"])
+def test_arguments_left_none_are_traced_as_none(example):
+    torch.manual_seed(0)
+    model = randomize(OptionalInputs().eval())
+    x, extra = torch.randn(2, 3, 8, 8), torch.randn(2, 5)
+    inputs = {"omitted": (x,), "given None": (x, None, 2.0), "given": (x, extra),
+              "keywords": {"x": x, "mask": torch.rand(4)}}[example]
+    oto = otofx.OTO(model, inputs)
+    assert sorted(z.rows for z in oto.groups) == [8, 8]
+    assert ("side" in {u.module for u in oto.unread}) == (example != "given")
+    zero_random_rows(model, oto)
+    if isinstance(inputs, dict):
+        assert_exact(model, oto, (x,), ref_kwargs={"mask": inputs["mask"]})
+    else:
+        assert_exact(model, oto, inputs)
+    graph = oto.compress(form="graph")
+    if example in ("omitted", "given None"):  # specialised: another value is refused, not ignored
+        with pytest.raises(AssertionError, match="extra has been specialized"):
+            graph(x, extra)
