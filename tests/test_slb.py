@@ -937,3 +937,159 @@ def test_a_model_holding_a_forward_state_can_be_frozen_and_finished():
     opt.step()
     small = A.finish(m, opt)
     assert small.state is not None and small.state.grad_fn is None
+
+
+def _eval_weights(q):
+    with torch.no_grad(), slb.weights(q, "hard"):
+        return {layer.name: getattr(layer.module, layer.attr).clone() for layer in slb.slb_layers(q)}
+
+
+@pytest.mark.parametrize("form", ["module", "graph"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_model_quantises_trains_and_freezes(dtype, form):
+    """A bf16/fp16 model: every SLB tensor (logits, grid, scale, activation quantiser) in its dtype;
+    the quantised weights are the fp32 path's up to the dtype's rounding; a step trains; freeze runs."""
+    m = _net().to(dtype)
+    x = X.to(dtype)
+    q = slb.quantize(m, x, bits=2, warm_start=0.1, act_bits=8, form=form)
+    assert {t.dtype for t in list(q.parameters()) + list(q.buffers()) if t.is_floating_point()} == {dtype}
+    # the fp32 path on the same logits and scales (both exact in fp32)
+    q32 = slb.quantize(m.float(), X, bits=2, warm_start=0.1, form=form)
+    with torch.no_grad():
+        for a, b in zip(slb.slb_layers(q), slb.slb_layers(q32)):
+            assert a.name == b.name
+            b.logits.copy_(a.logits)
+            if a.slb.scale is not None:
+                b.slb.scale.copy_(a.slb.scale)
+    w, w32 = _eval_weights(q), _eval_weights(q32)
+    # NB: the bound: a grid value rounded to the dtype (at most eps/2 relative), times the scale and
+    # rounded again (eps/2 more): |w - w32| <= eps * |w32| (+1% for fp32's own rounding); a layer with
+    # no scale is exactly the fp32 weight rounded to the dtype
+    eps = torch.finfo(dtype).eps
+    for layer in slb.slb_layers(q):
+        a, b = w[layer.name], w32[layer.name]
+        assert a.dtype == dtype and b.dtype == torch.float32
+        if layer.slb.scale is None:
+            assert torch.equal(a, b.to(dtype))
+        else:
+            assert ((a.float() - b).abs() <= 1.01 * eps * b.abs()).all()
+    assert any(layer.slb.scale is not None for layer in slb.slb_layers(q))  # c3: both cases covered
+    # a training step, then the schedule's hard phase, freeze and the hand-off
+    q.train()
+    before = [layer.logits.detach().clone() for layer in slb.slb_layers(q)]
+    opt = torch.optim.SGD(q.parameters(), lr=0.1)
+    q(x).float().square().mean().backward()
+    opt.step()
+    assert all(layer.logits.grad.dtype == dtype for layer in slb.slb_layers(q))
+    assert any(not torch.equal(b, layer.logits) for b, layer in zip(before, slb.slb_layers(q)))
+    for mod in q.modules():
+        mod.training = False
+    frozen = slb.freeze(q)
+    with torch.no_grad():
+        y = q(x)
+        assert y.dtype == dtype and torch.isfinite(y).all() and torch.equal(frozen(x), y)
+    if importlib.util.find_spec("torchao") is not None:
+        ao = slb.to_torchao(frozen)
+        with torch.no_grad():
+            torch.testing.assert_close(ao(x), frozen(x))
+
+
+class _TwoHeads(nn.Module):
+    """One weight tied between two Linears (aux.weight = head.weight), both called."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.head, self.aux = nn.Linear(8, 8), nn.Linear(8, 4), nn.Linear(8, 4)
+        self.aux.weight = self.head.weight
+
+    def forward(self, x):
+        v = torch.relu(self.fc(x))
+        return self.head(v) + self.aux(v)
+
+
+@pytest.mark.parametrize("form,layers,frontend", [("module", "all", "auto"), ("module", None, "auto"),
+                                                  ("graph", "all", "auto"), ("graph", None, "auto"),
+                                                  ("graph", "all", "export")])
+def test_a_weight_tied_between_two_linears_is_one_slb_weight(form, layers, frontend):
+    torch.manual_seed(0)
+    x = torch.randn(3, 8)
+    q = slb.quantize(_TwoHeads(), x, bits=2, layers=layers, form=form, frontend=frontend)
+    assert q.head.parametrizations.weight.original is q.aux.parametrizations.weight.original
+    names = [layer.name for layer in slb.slb_layers(q)]
+    assert len([n for n in names if n in ("head.weight", "aux.weight")]) == 1  # one SLB weight
+    q.train()
+    q(x).sum().backward()
+    assert q.head.parametrizations.weight.original.grad is not None
+    for mod in q.modules():
+        mod.training = False
+    assert torch.equal(q.head.weight, q.aux.weight)
+    frozen = slb.freeze(q)
+    assert frozen.head.weight is frozen.aux.weight
+    with torch.no_grad():
+        assert torch.equal(frozen(x), q(x))
+    if importlib.util.find_spec("torchao") is not None:
+        ao = slb.to_torchao(frozen)
+        assert ao.head.weight is ao.aux.weight  # torchao's tensor in both Linears
+        with torch.no_grad():
+            torch.testing.assert_close(ao(x), frozen(x), rtol=1e-5, atol=1e-5)
+
+
+def test_a_short_schedule_trains_the_logits_in_its_first_epoch(caplog):
+    """epochs=1 (floor(0.6 * 1) = 0) used to start hard, the logits frozen before the first step."""
+    q = slb.quantize(_net(), X, bits=2)
+    with caplog.at_level("WARNING", logger="otofx"):
+        sched = slb.Schedule(q, epochs=1)
+    assert "no soft epoch" in caplog.text
+    assert (sched.e0, sched.e1) == (0, 1) and not sched.hard(0)
+    layer = slb.slb_layers(q)[0]
+    assert layer.logits.requires_grad and not bool(layer.slb.hard)
+    before = layer.logits.detach().clone()
+    q.train()
+    q(X).square().mean().backward()
+    torch.optim.SGD(q.parameters(), lr=0.1).step()
+    assert not torch.equal(before, layer.logits)
+    sched.step()
+    assert bool(layer.slb.hard) and not layer.logits.requires_grad
+    sched = slb.Schedule(q, epochs=2)  # floor(1.2) = 1: one soft epoch, one hard, as before
+    assert [sched.hard(e) for e in range(2)] == [False, True]
+    for kwargs, arg in [(dict(epochs=True), "epochs"), (dict(epochs=2.0), "epochs"), (dict(epochs=-1), "epochs"),
+                        (dict(epochs=5, t_end=0.0, t_start=0.0), "t_end"), (dict(epochs=5, t_start="0.2"), "t_start"),
+                        (dict(epochs=5, t_factor=float("nan")), "t_factor"),
+                        (dict(epochs=5, calibration_batches=0), "calibration_batches")]:
+        with pytest.raises(InputError, match=arg):
+            slb.Schedule(q, **kwargs)
+
+
+def test_non_finite_frozen_weights_are_named(caplog):
+    """A diverged run: freeze warns and to_torchao raises, naming the layer (was an IndexError)."""
+    q = slb.quantize(_net(), X, bits=2)
+    bad = next(layer for layer in slb.slb_layers(q) if layer.slb.scale is not None)
+    with torch.no_grad():
+        bad.slb.scale[0] = float("nan")
+    q.eval()
+    with caplog.at_level("WARNING", logger="otofx"):
+        frozen = slb.freeze(q)
+    assert bad.name in caplog.text and "non-finite" in caplog.text
+    if importlib.util.find_spec("torchao") is not None:
+        with pytest.raises(InputError, match=rf"'{bad.name}' \(scale and weights\)"):
+            slb.to_torchao(frozen)
+
+
+def test_bad_arguments_raise_input_errors_naming_them():
+    m = _net()
+    cases = [(dict(layers=5), "layers=5"), (dict(layers=[5]), "layers entry 5"), (dict(layers=[]), r"layers=\[\]"),
+             (dict(layers=True), "layers=True"), (dict(bits=True), "bits"), (dict(bits=2.0), "bits"),
+             (dict(bits=9), "bits"), (dict(scale="yes"), "scale"), (dict(warm_start="0.1"), "warm_start"),
+             (dict(warm_start=True), "warm_start"), (dict(warm_start=float("inf")), "warm_start"),
+             (dict(act_quant="max"), "act_quant"), (dict(act_bits=True), "act_bits"), (dict(form=1), "form")]
+    for form in ("graph", "auto"):
+        for kwargs, match in cases:
+            with pytest.raises(InputError, match=match):
+                slb.quantize(m, X, **{"bits": 2, "form": form, **kwargs})
+    q = slb.quantize(m, X, bits=2)
+    with pytest.raises(InputError, match="batches"):
+        slb.freeze(q, LOADER, batches=0)
+    with pytest.raises(InputError, match="batches"):
+        slb.calibrate_bn(q, LOADER, batches="2")
+    with pytest.raises(InputError, match="layers=5"):
+        ste_quantize(m, X, 2, layers=5)

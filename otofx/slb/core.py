@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import math
+import numbers
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterable
@@ -38,6 +39,7 @@ from torch.nn.utils import parametrize
 from otofx.calibrate import reestimate_bn
 from otofx.errors import InputError
 from otofx.passes.nodes import copy_module
+from otofx.slb.export import nonfinite
 from otofx.slb.modules import SLBWeight
 
 log = logging.getLogger("otofx")
@@ -114,30 +116,34 @@ def quantize(model: nn.Module, example_inputs, bits: int = 1, layers=None, *, sc
     ``act_bits``: optional activation fake quantisation of each selected layer's input
     (``act_quant``: "minmax" EMA or "pact"), off by default.
 
-    Works on any model otofx can capture, ``oto.compress()``'s GraphModule included. The result is
-    in the model's training mode; eval mode uses the argmax (discrete) weights.
+    Works on any model otofx can capture, ``oto.compress()``'s GraphModule included, in float32,
+    bfloat16 or float16 (the logits, grid, scales and activation quantisers take each weight's dtype
+    and device). A weight several modules hold (``aux.weight = head.weight``) is one SLB weight. The
+    result is in the model's training mode; eval mode uses the argmax (discrete) weights. Every
+    argument is checked before the capture (:class:`otofx.errors.InputError` names it).
     """
     from otofx import pipeline
     from otofx.passes import slb as P
-    from otofx.slb.modules import grid
 
     if not isinstance(model, nn.Module):
         raise InputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if form not in _FORMS:
+    if not isinstance(form, str) or form not in _FORMS:
         raise InputError(f"form={form!r}: choose one of {_FORMS}")
+    # every argument checked before the capture (the slow part)
+    make = P.weight_factory(bits, scale, warm_start)  # bits, scale, warm_start
+    act = P.act_factory(act_bits, act_quant)
+    P.check_layers(layers)
     options = dict(scale=scale, warm_start=warm_start, act_bits=act_bits, act_quant=act_quant)
     if form == "graph":
         state = pipeline.Pipeline([pipeline.Capture(frontend), P.SLBPass(bits, layers, **options)]).run(
             model, example_inputs)
         q = state.gm
     else:
-        grid(bits)
-        act = P.act_factory(act_bits, act_quant)
         gm = pipeline.Pipeline([pipeline.Capture(frontend)]).run(model, example_inputs).gm
         picked = P.select_layers(gm, layers)
         why = P.module_form_blocker(model, gm, picked, act is not None)
         if why is None:
-            q = P.parametrize_model(model, picked, P.weight_factory(bits, scale, warm_start), act)
+            q = P.parametrize_model(model, picked, make, act)
             log.info("otofx.slb: %d-bit SLB weights on %d layers of %s (its own class)", bits, len(picked),
                      type(model).__name__)
         elif form == "module":
@@ -178,7 +184,17 @@ def calibrate_bn(model: nn.Module, loader: Iterable, batches: int | None = None)
     restored. Returns the number of batches used. Works on any model (SLB weights or not); the
     work is :func:`otofx.calibrate.reestimate_bn`'s.
     """
+    _check_batches(batches, "batches")
     return reestimate_bn(model, loader, batches)
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _check_batches(batches, arg: str) -> None:
+    if batches is not None and (not _is_int(batches) or batches < 1):
+        raise InputError(f"{arg}={batches!r}: give a positive number of batches, or None for the whole loader")
 
 
 class Schedule:
@@ -196,24 +212,46 @@ class Schedule:
     (our addition: the reference fixes the factor, not the end point). State BN: with a
     ``calibration_loader``, after every epoch ``e >= e0`` the BatchNorm statistics are re-estimated
     with the argmax weights (:func:`calibrate_bn`, ``calibration_batches`` batches or all).
+
+    A short run keeps one soft epoch: when ``floor(t_end * epochs)`` is 0 (``epochs=1`` at the
+    default ``t_end``), ``e1`` is 1 (warned), so the logits train in epoch 0. The schedule counts
+    ``step()`` calls: for a fine-tune of a single epoch, call ``step()`` every few batches and give
+    ``epochs`` as the number of those calls.
     """
 
     def __init__(self, q: nn.Module, epochs: int, calibration_loader: Iterable | None = None, *,
                  t_start: float = 0.2, t_end: float = 0.6, t_factor: float = 1.2, start_val: float = 1.0,
                  calibration_batches: int | None = None, t_end_val: float | None = None):
         self.layers = _need_slb(q, "otofx.slb.Schedule")
-        if not isinstance(epochs, int) or epochs < 1:
-            raise InputError(f"epochs={epochs!r}: give the number of training epochs (a positive integer)")
-        if not 0.0 <= t_start <= t_end <= 1.0:
-            raise InputError(f"t_start={t_start}, t_end={t_end}: need 0 <= t_start <= t_end <= 1 (fractions of epochs)")
+        if not _is_int(epochs) or epochs < 1:
+            raise InputError(f"epochs={epochs!r}: give the number of training epochs (a positive integer; the "
+                             "number of step() calls the run makes)")
+        for arg, v in (("t_start", t_start), ("t_end", t_end), ("t_factor", t_factor), ("start_val", start_val)) + (
+                (("t_end_val", t_end_val),) if t_end_val is not None else ()):
+            if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):
+                raise InputError(f"{arg}={v!r}: give a finite number")
+        if not 0.0 <= t_start <= t_end <= 1.0 or t_end == 0:
+            raise InputError(f"t_start={t_start}, t_end={t_end}: need 0 <= t_start <= t_end <= 1 and t_end > 0 "
+                             "(fractions of epochs; the hard phase starts at t_end, and t_end=0 would freeze the "
+                             "logits before they train)")
         if not (t_factor > 0 and start_val > 0):
             raise InputError(f"t_factor={t_factor}, start_val={start_val}: both must be positive")
         if t_end_val is not None and not t_end_val > 0:
             raise InputError(f"t_end_val={t_end_val!r}: give the positive temperature to reach at t_end, or None")
+        _check_batches(calibration_batches, "calibration_batches")
         self.q, self.epochs, self.loader = q, epochs, calibration_loader
         self.t_start, self.t_end, self.t_factor, self.start_val = t_start, t_end, t_factor, start_val
         self.calibration_batches = calibration_batches
         self.e0, self.e1 = math.floor(t_start * epochs), math.floor(t_end * epochs)
+        if self.e1 == 0:
+            # NB: floor(t_end * epochs) is 0 for a short run (epochs < 1 / t_end: one epoch at the default
+            # 0.6), which would start in the hard phase with the logits frozen before the first step: the
+            # soft phase gets the first epoch (e1 = 1), and the hard phase starts at the second, if any
+            self.e1 = 1
+            log.warning("otofx.slb.Schedule: epochs=%d with t_end=%s leaves no soft epoch (floor(t_end * epochs) = "
+                        "0); the logits train in epoch 0 and the hard phase starts at epoch 1%s; for a short "
+                        "fine-tune, step() every few batches with epochs counting those steps", epochs, t_end,
+                        " (after the run: eval and freeze use the argmax weights)" if epochs == 1 else "")
         if t_end_val is not None and self.e1 > self.e0:
             self.t_factor = (t_end_val / start_val) ** (1.0 / (self.e1 - self.e0))
         self.epoch = 0
@@ -273,15 +311,20 @@ def freeze(q: nn.Module, loader: Iterable | None = None, batches: int | None = N
     when the layer has a scale): ``v[argmax A]`` (times the scale). With ``loader`` the copy's
     BatchNorm statistics are first re-estimated with these weights (:func:`calibrate_bn`). The
     result computes exactly what ``q`` computes in eval mode (after the same calibration). Its
-    ``otofx_slb`` attribute lists the frozen layers (:class:`FrozenLayer`).
+    ``otofx_slb`` attribute lists the frozen layers (:class:`FrozenLayer`). Logits or scales holding
+    NaN or inf (a diverged run) are named in a warning; :func:`otofx.slb.to_torchao` refuses them.
     """
     layers = _need_slb(q, "otofx.slb.freeze")
+    _check_batches(batches, "batches")
     f = copy_module(q)
     if loader is not None:
         calibrate_bn(f, loader, batches)
-    frozen, by_module, made = {}, {}, {}
+    frozen, by_module, made, bad = {}, {}, {}, []
     for layer in slb_layers(f):  # NB: a tied weight (one original in several modules) stays one tensor
         slb = layer.slb
+        parts = nonfinite({"logits": layer.logits, "scale": slb.scale})
+        if parts:
+            bad.append(f"'{layer.name}' ({parts})")
         made[id(layer.logits)] = nn.Parameter(slb.discrete(layer.logits).detach(), requires_grad=False)
         scale = None if slb.scale is None else slb.scale.detach().clone()
         frozen[layer.name] = FrozenLayer(layer.name, slb.bits, scale, slb.out_dim, slb.batch,
@@ -297,6 +340,12 @@ def freeze(q: nn.Module, loader: Iterable | None = None, batches: int | None = N
         for attr, w in weights:
             setattr(module, attr, w)
     f.otofx_slb = frozen
+    if bad:
+        # NB: warned, not raised: the frozen model still computes what q computes in eval mode (NaN
+        # included), to be inspected; to_torchao refuses it
+        log.warning("otofx.slb.freeze: non-finite (NaN or inf) values in %s: the training diverged, and these "
+                    "weights are meaningless (otofx.slb.to_torchao refuses them); train again with a lower learning "
+                    "rate (or clipped gradients)", ", ".join(bad))
     log.info("otofx.slb: froze %d layers", len(layers))
     return f
 

@@ -21,6 +21,11 @@ handed-over weight in the graph (a tied embedding) reads its dequantised values,
 graph's ``aten.linear``/``aten.conv2d`` calls on them become ``F.linear``/``F.conv2d`` (the aten ops
 are composite: they would reach torchao's tensor already split into ops it does not implement).
 
+A weight tied between modules (``aux.weight = head.weight``) is one torchao tensor in every
+Linear/Conv2d holder (and every holder a graph reads); an embedding holding it keeps the frozen
+values. Frozen weights or scales that are not finite (a diverged run) raise an
+:class:`otofx.errors.InputError` naming them (``freeze`` warns).
+
 Internals:
     * The tensor is built with ``IntxUnpackedToInt8Tensor(qdata, scale, zero_point, ...)`` from the
       grid indices, not with ``from_hp(..., custom_scale=, custom_zero_point=)``: ``from_hp``
@@ -42,7 +47,7 @@ import torch
 from torch import nn
 
 from otofx.errors import InputError, OTOError
-from otofx.passes.nodes import copy_module
+from otofx.passes.nodes import copy_module, parameter_holders
 
 log = logging.getLogger("otofx")
 
@@ -72,6 +77,30 @@ def grid_indices(w: torch.Tensor, bits: int, scale: torch.Tensor | None, out_dim
     return torch.round((w / safe + 1) * (k - 1) / 2).clamp(0, k - 1).long()
 
 
+def nonfinite(parts: dict) -> str:
+    """``"scale and weights"``-like: the names of ``parts`` (``{name: tensor or None}``) holding NaN or
+    inf ("" when none does)."""
+    return " and ".join(k for k, t in parts.items() if t is not None and not bool(torch.isfinite(t.detach()).all()))
+
+
+def _check_finite(model: nn.Module, info: dict, what: str) -> None:
+    """Raise :class:`InputError` naming the frozen weights (or scales) of ``model`` that hold NaN or
+    inf: a diverged run, whose weights have no grid index to hand over."""
+    bad = []
+    for name, layer in info.items():
+        module, attr = _owner(model, name)
+        w = getattr(module, attr)
+        if type(w) is not torch.Tensor and hasattr(w, "dequantize"):
+            w = w.dequantize()
+        parts = nonfinite({"scale": layer.scale, "weights": w})
+        if parts:
+            bad.append(f"'{name}' ({parts})")
+    if bad:
+        raise InputError(f"{what}: non-finite (NaN or inf) frozen values in {', '.join(bad)}: the training diverged; "
+                         "train again with a lower learning rate (or clipped gradients), or leave those layers out "
+                         "(layers=)")
+
+
 def to_torchao(frozen: nn.Module) -> nn.Module:
     """A copy of ``frozen`` whose SLB weights are torchao ``IntxUnpackedToInt8Tensor`` parameters."""
     info = _frozen(frozen, "otofx.slb.to_torchao")
@@ -81,7 +110,11 @@ def to_torchao(frozen: nn.Module) -> nn.Module:
         raise OTOError('otofx.slb.to_torchao needs torchao (>= 0.18): pip install -e ".[quant]"') from e
     from otofx.slb.modules import grid
 
+    _check_finite(frozen, info, "otofx.slb.to_torchao")
     out = copy_module(frozen)
+    holders = parameter_holders(out)
+    module_names = {id(m): n for n, m in out.named_modules(remove_duplicate=False)}
+    aliases: set = set()  # other names of handed-over tied weights, read in the graph
     experts = sorted(name for name, layer in info.items() if layer.batch)
     if experts:
         # NB: torchao's tensor implements linear, not the grouped products fused experts run
@@ -114,18 +147,33 @@ def to_torchao(frozen: nn.Module) -> nn.Module:
             # x @ W becomes linear(x, W.t()) below: torchao's tensor implements linear, not addmm/mm
             w = w.t().contiguous()
         k = 2 ** layer.bits
-        idx = grid_indices(w, layer.bits, layer.scale)
-        s = torch.ones(w.shape[0], dtype=w.dtype) if layer.scale is None else layer.scale.to(w.dtype)
+        scale = None if layer.scale is None else layer.scale.to(w.device)
+        idx = grid_indices(w, layer.bits, scale)
+        s = torch.ones(w.shape[0], dtype=w.dtype, device=w.device) if scale is None else scale.to(w.dtype)
         shape = (-1, *([1] * (w.dim() - 1)))
-        back = grid(layer.bits, w.dtype)[idx] * s.reshape(shape)
-        if not torch.allclose(back, w, rtol=0, atol=1e-6 * max(1.0, float(s.abs().max()))):
+        back = grid(layer.bits, w.dtype).to(w.device)[idx] * s.reshape(shape)
+        # NB: a bf16/fp16 weight is the grid value times the scale rounded in its dtype
+        tol = max(1e-6, 2 * torch.finfo(w.dtype).eps) * max(1.0, float(s.abs().max()))
+        if not torch.allclose(back, w, rtol=0, atol=tol):
             raise InputError(f"weight '{name}' is not on its {layer.bits}-bit SLB grid: was it changed after freeze()?")
         t = IntxUnpackedToInt8Tensor(
             qdata=(idx - k // 2).to(torch.int8), scale=(2 * s / (k - 1)).reshape(shape),
-            zero_point=torch.full((w.shape[0], *([1] * (w.dim() - 1))), -0.5, dtype=w.dtype),
+            zero_point=torch.full((w.shape[0], *([1] * (w.dim() - 1))), -0.5, dtype=w.dtype, device=w.device),
             target_dtype=getattr(torch, f"int{layer.bits}"), block_size=(1, *w.shape[1:]), dtype=w.dtype,
             activation_quantization=None)
-        setattr(module, attr, nn.Parameter(t, requires_grad=False))
+        p = nn.Parameter(t, requires_grad=False)
+        tied = holders.get(id(module._parameters.get(attr)), []) if layer.out_dim == 0 else []
+        setattr(module, attr, p)
+        for m, a in tied:
+            # a weight tied between modules (aux.weight = head.weight): every Linear/Conv2d holder takes
+            # the same tensor (torchao's runs linear and conv2d), and in a graph every holder its reads
+            # are (a torch.export graph's plain modules; _torchao_reads makes them reads torchao runs);
+            # any other (an embedding's forward) keeps the frozen values
+            if m._parameters.get(a) is not p and (type(m) in (nn.Linear, nn.Conv2d) or
+                                                 graph is not None and type(m) is nn.Module):
+                m._parameters[a] = p
+                if graph is not None:
+                    aliases.add(f"{module_names[id(m)]}.{a}" if module_names[id(m)] else a)
     transposed = {name for name, layer in info.items() if layer.out_dim == 1 and name not in inside and not layer.batch
                   and name not in loose}
     if transposed and graph is not None:
@@ -134,7 +182,7 @@ def to_torchao(frozen: nn.Module) -> nn.Module:
         _conv1d_to_linear(out, transposed)
     if swapped:
         _swapped_products_to_linear(out, swapped)
-    _torchao_reads(out, set(info) - set(inside) - set(experts) - set(loose))
+    _torchao_reads(out, (set(info) | aliases) - set(inside) - set(experts) - set(loose))
     out.otofx_slb = {name: dataclasses.replace(layer, out_dim=0) if name in transposed else layer
                      for name, layer in info.items()}
     # NB: GraphModule's deepcopy drops plain attributes; the transposed weights are [out, in] now
@@ -362,4 +410,4 @@ def _channels(model: nn.Module, name: str, layer) -> int:
     return w.shape[0] * w.shape[layer.out_dim] if layer.batch else w.shape[layer.out_dim]
 
 
-__all__ = ["to_torchao", "size_report", "SizeReport", "LayerSize", "grid_indices"]
+__all__ = ["to_torchao", "size_report", "SizeReport", "LayerSize", "grid_indices", "nonfinite"]

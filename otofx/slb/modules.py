@@ -38,6 +38,7 @@ Internals:
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 from torch import nn
@@ -52,6 +53,14 @@ def grid(bits: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     if not isinstance(bits, int) or isinstance(bits, bool) or not 1 <= bits <= MAX_BITS:
         raise InputError(f"bits={bits!r}: SLB takes an integer number of weight bits from 1 to {MAX_BITS}")
     return torch.linspace(-1.0, 1.0, 2 ** bits, dtype=dtype)
+
+
+def check_warm_start(warm_start) -> None:
+    """Raise :class:`InputError` unless ``warm_start`` is None or a positive finite number (tau0)."""
+    if warm_start is None:
+        return
+    if isinstance(warm_start, bool) or not isinstance(warm_start, numbers.Real) or not 0 < warm_start < math.inf:
+        raise InputError(f"warm_start={warm_start!r}: give a positive tau0 (e.g. 0.1) or None for SLB's random start")
 
 
 def _channel_view(t: torch.Tensor, ndim: int, dim: int = 0) -> torch.Tensor:
@@ -96,8 +105,7 @@ class SLBWeight(nn.Module):
         self.register_buffer("values", grid(bits))
         self.register_buffer("temperature", torch.tensor(1.0))
         self.register_buffer("hard", torch.tensor(False))
-        if warm_start is not None and not warm_start > 0:
-            raise InputError(f"warm_start={warm_start!r}: give a positive tau0 (e.g. 0.1) or None for SLB's random start")
+        check_warm_start(warm_start)
         self.warm_start = warm_start
         channels = tuple(self.shape[d] for d in channel_dims(out_dim, batch))
         self.scale = nn.Parameter(torch.ones(channels)) if scale else None
@@ -110,18 +118,23 @@ class SLBWeight(nn.Module):
 
     def forward(self, logits: torch.Tensor) -> torch.Tensor:
         soft = self.force == "soft" if self.force is not None else self.training and not bool(self.hard)
+        # NB: the weight has the logits' dtype (the model's); ``otofx.slb.quantize`` makes the grid and
+        # scale in it too, so the casts are no-ops there (they cover a hand-registered SLBWeight)
+        values = self.values.to(logits.dtype)
         if soft:
-            w = torch.softmax(logits * self.temperature, dim=-1) @ self.values
+            w = torch.softmax(logits * self.temperature.to(logits.dtype), dim=-1) @ values
         else:
-            w = self.values[logits.argmax(dim=-1)]
-        if self.scale is not None:
-            w = w * _channel_view(self.scale, w.dim(), self.out_dim)
-        return w
+            w = values[logits.argmax(dim=-1)]
+        return self._scaled(w)
+
+    def _scaled(self, w: torch.Tensor) -> torch.Tensor:
+        if self.scale is None:
+            return w
+        return w * _channel_view(self.scale.to(w.dtype), w.dim(), self.out_dim)
 
     def discrete(self, logits: torch.Tensor) -> torch.Tensor:
         """The eval-mode weight ``v[argmax A]`` (times the scale), whatever the mode."""
-        w = self.values[logits.argmax(dim=-1)]
-        return w * _channel_view(self.scale, w.dim(), self.out_dim) if self.scale is not None else w
+        return self._scaled(self.values.to(logits.dtype)[logits.argmax(dim=-1)])
 
     def indices(self, logits: torch.Tensor) -> torch.Tensor:
         """The grid index of every weight in eval mode (``argmax`` over the last dim)."""
@@ -138,7 +151,7 @@ class SLBWeight(nn.Module):
             return torch.randn(*self.shape, v.numel(), dtype=weight.dtype, device=weight.device) * math.sqrt(2.0 / fan_out)
         keep = channel_dims(self.out_dim, self.batch)
         dims = tuple(d for d in range(weight.dim()) if d not in keep)
-        s = weight.abs().amax(dim=dims).clamp_min(torch.finfo(weight.dtype).tiny) if dims else weight.abs().clamp_min(1e-12)
+        s = (weight.abs().amax(dim=dims) if dims else weight.abs()).clamp_min(torch.finfo(weight.dtype).tiny)
         if self.scale is not None:
             self.scale.copy_(s)
         return -((weight / _channel_view(s, weight.dim(), self.out_dim)).unsqueeze(-1) - v) ** 2 / self.warm_start
@@ -177,7 +190,7 @@ class ActFakeQuant(nn.Module):
         super().__init__()
         if mode not in ("minmax", "pact"):
             raise InputError(f"act_quant={mode!r}: choose 'minmax' or 'pact'")
-        if not isinstance(bits, int) or not 2 <= bits <= 16:
+        if not isinstance(bits, int) or isinstance(bits, bool) or not 2 <= bits <= 16:
             raise InputError(f"act_bits={bits!r}: give an integer from 2 to 16")
         self.bits, self.mode, self.momentum = bits, mode, momentum
         if mode == "pact":
@@ -197,7 +210,8 @@ class ActFakeQuant(nn.Module):
         lo, hi = self.lo, self.hi
         if self.training or not bool(self.seen):
             with torch.no_grad():
-                lo, hi = x.min().clamp_max(0), x.max().clamp_min(0)
+                # NB: in the quantiser's dtype (lerp_ takes one dtype; an fp32 quantiser on a bf16 input)
+                lo, hi = x.min().clamp_max(0).to(self.lo.dtype), x.max().clamp_min(0).to(self.hi.dtype)
                 if self.training:
                     if bool(self.seen):
                         self.lo.lerp_(lo, self.momentum)
@@ -208,7 +222,8 @@ class ActFakeQuant(nn.Module):
                         self.seen.fill_(True)
                     lo, hi = self.lo, self.hi
                 # NB: in eval mode before any training batch, the batch's own range (nothing stored)
-        step = ((hi - lo) / n).clamp_min(1e-8)
+        # NB: 1e-8 is 0 in fp16: the floor is at least the dtype's smallest normal number
+        step = ((hi - lo) / n).clamp_min(max(1e-8, torch.finfo(hi.dtype).tiny))
         zero = torch.round(-lo / step)
         q = torch.clamp(round_ste(x / step) + zero, 0, n)
         return (q - zero) * step
@@ -217,4 +232,4 @@ class ActFakeQuant(nn.Module):
         return f"bits={self.bits}, mode={self.mode}"
 
 
-__all__ = ["SLBWeight", "ActFakeQuant", "grid", "round_ste", "MAX_BITS"]
+__all__ = ["SLBWeight", "ActFakeQuant", "grid", "round_ste", "MAX_BITS", "check_warm_start"]

@@ -44,7 +44,8 @@ class STEWeight(nn.Module):
         keep = channel_dims(self.out_dim, self.batch)
         dims = tuple(d for d in range(w.dim()) if d not in keep)
         a = w.abs()
-        s = (a.mean(dim=dims) if self.bits == 1 else a.amax(dim=dims)).clamp_min(1e-8)
+        # NB: the floor in the weight's dtype (1e-8 is 0 in fp16: an all-zero channel would give 0/0)
+        s = (a.mean(dim=dims) if self.bits == 1 else a.amax(dim=dims)).clamp_min(max(1e-8, torch.finfo(w.dtype).tiny))
         sv = _channel_view(s, w.dim(), self.out_dim)
         u = torch.clamp(w / sv, -1.0, 1.0)
         q = round_ste((u + 1) * (k - 1) / 2)
@@ -77,8 +78,10 @@ def ste_quantize(model: nn.Module, example_inputs, bits: int, layers=None, *, us
                   and all(n.op == "call_module" and n.target == c.owner for n in c.nodes)}
     ours = {c.owner for c in chosen} - ao
     if ours:
-        new, _ = parametrize_layers(gm, lambda name, m: name in ours,
-                                    lambda layer, w: STEWeight(bits, layer.out_dim, layer.batch).to(w.device))
+        def make(layer, w):  # NB: on the weight's device and in its dtype
+            return STEWeight(bits, layer.out_dim, layer.batch).to(device=w.device, dtype=w.dtype)
+
+        new, _ = parametrize_layers(gm, lambda name, m: name in ours, make)
     else:
         new = copy.deepcopy(gm)
     if ao:

@@ -26,6 +26,11 @@ Internals:
       twice) is one layer, placed at its first use, "normalised" only if every use is.
     * ``parametrize_layers`` is shared with the straight-through baseline (``otofx.slb.ste``): it
       deep-copies the GraphModule, then registers a parametrisation per selected weight.
+    * A parameter several modules hold (``aux.weight = head.weight``, a tied head and embedding) is
+      one parametrisation with one original (the logits) in every holder (:func:`register_tied`),
+      in both forms, whichever of its names is selected; a second selected name of it is skipped.
+    * The parametrisations and activation quantisers are made in the weight's dtype and on its
+      device (a bf16 model computes its SLB weights in bf16).
     * ``# NB:`` the pass changes what the graph computes, so a pipeline that verifies (``verify=True``
       or a later ``Verify``) would reject it: run it with ``verify=False``.
 """
@@ -395,11 +400,29 @@ def unquantisable(gm: fx.GraphModule, found: list[Layer]) -> list[str]:
     return out
 
 
+_LAYERS_HELP = ("None (every Conv/Linear but the first and the last), 'all', a layer name or glob pattern, an "
+                "nn.Module type, a callable (name, module) -> bool, or a list of them")
+
+
+def check_layers(layers) -> None:
+    """Raise :class:`InputError` unless ``layers`` is a selection :func:`select_layers` takes (the
+    entries' types only: names are checked against the graph there)."""
+    if layers is None or isinstance(layers, (str, type)) or callable(layers):
+        return
+    if not isinstance(layers, (list, tuple, set, frozenset)):
+        raise InputError(f"layers={layers!r} ({type(layers).__name__}): give {_LAYERS_HELP}")
+    for spec in layers:
+        if not (isinstance(spec, (str, type, Layer)) or callable(spec)):
+            raise InputError(f"layers entry {spec!r} ({type(spec).__name__}): give a layer name or glob pattern, "
+                             "an nn.Module type (nn.Conv2d, nn.Linear), or a callable (name, module) -> bool")
+
+
 def select_layers(gm: fx.GraphModule, layers=None) -> list[Layer]:
     """The layers ``layers`` picks (see the module docstring for ``None`` and ``"all"``); a list of
     :class:`Layer` (a selection made before) is taken as it is."""
     if isinstance(layers, (list, tuple)) and layers and all(isinstance(x, Layer) for x in layers):
         return list(layers)
+    check_layers(layers)
     cands = find_layers(gm)
     skipped = unquantisable(gm, cands)
     if skipped:
@@ -419,6 +442,9 @@ def select_layers(gm: fx.GraphModule, layers=None) -> list[Layer]:
     if isinstance(layers, str) and layers == "all":
         return cands
     specs = [layers] if isinstance(layers, (str, type)) or callable(layers) else list(layers)
+    if not specs:
+        raise InputError("layers=[] selects no layer: give None (the default selection), 'all', or layer names, "
+                         "patterns, nn.Module types or callables")
     chosen = [c for c in cands if any(_matches(s, c, gm) for s in specs)]
     for s in specs:
         if isinstance(s, str) and not any(_matches(s, c, gm) for c in cands):
@@ -439,15 +465,24 @@ def parametrize_layers(gm: fx.GraphModule, layers, make: Callable[[Layer, torch.
     chosen = {c.name for c in select_layers(gm, layers)}
     new = copy.deepcopy(gm)
     picked = [_off_the_root(new, c) if not c.owner else c for c in find_layers(new) if c.name in chosen]
+    _untie_the_root(new, picked)
+    holders, done = parameter_holders(new), set()
     for layer in picked:
         owner = new.get_submodule(layer.owner)
+        if (id(owner), layer.attr) in done:
+            continue  # a tied weight: parametrised with the layer it is tied to (one original)
+        if parametrize.is_parametrized(owner, layer.attr):
+            raise InputError(f"weight '{layer.name}' already has a parametrisation: remove it "
+                             "(torch.nn.utils.parametrize.remove_parametrizations) before SLB")
         weight = getattr(owner, layer.attr)
         if not weight.is_floating_point():
             raise InputError(f"weight '{layer.name}' has dtype {weight.dtype}; SLB needs a floating-point weight")
-        parametrize.register_parametrization(owner, layer.attr, make(layer, weight.detach()), unsafe=True)
+        pm = make(layer, weight.detach())
+        done |= register_tied(holders, owner, layer.attr, weight, pm, layer.name)
     if act is not None:
         inside = []
         for layer in picked:
+            like = new.get_submodule(layer.owner).parametrizations[layer.attr].original
             base = "slb_act_" + layer.name.rpartition(".")[0].replace(".", "_")
             if layer.attr != "weight":
                 base += "_" + layer.attr
@@ -462,7 +497,7 @@ def parametrize_layers(gm: fx.GraphModule, layers, make: Callable[[Layer, torch.
                         continue
                     if src not in made:
                         name = base if not made else f"{base}_{len(made)}"
-                        new.add_submodule(name, act())
+                        new.add_submodule(name, act(like))
                         with new.graph.inserting_before(node):
                             made[src] = new.graph.call_module(name, (src,))
                     if kw is None:
@@ -499,6 +534,53 @@ def _off_the_root(gm: fx.GraphModule, layer: Layer) -> Layer:
     log.info("otofx.slb: the root's weight '%s' is now '%s.weight' (a parametrised weight lives in a submodule)",
              layer.attr, holder)
     return dataclasses.replace(layer, name=f"{holder}.weight", owner=holder, attr="weight")
+
+
+def _untie_the_root(gm: fx.GraphModule, picked: list) -> None:
+    """Point the graph's reads of a root attribute that is a picked weight under another name (a
+    parameter tied between the root and a submodule) at the picked name, and drop the root's alias.
+
+    # NB: the root cannot hold a parametrisation (see :func:`_off_the_root`); read through the
+    # submodule, the tie is the one parametrised weight
+    """
+    names = {id(getattr(gm.get_submodule(c.owner), c.attr)): c.name for c in picked}
+    changed = False
+    for attr, p in list(gm._parameters.items()):
+        if p is None or id(p) not in names:
+            continue
+        for node in gm.graph.nodes:
+            if node.op == "get_attr" and node.target == attr:
+                node.target = names[id(p)]
+        del gm._parameters[attr]
+        changed = True
+        log.info("otofx.slb: the root's '%s' is '%s' (tied); the graph reads it there", attr, names[id(p)])
+    if changed:
+        gm.recompile()
+
+
+def register_tied(holders: dict, owner: nn.Module, attr: str, weight: torch.Tensor, pm: nn.Module,
+                  home: str) -> set:
+    """Register the parametrisation ``pm`` on ``owner.attr`` and on every other module holding the same
+    parameter (``holders``: :func:`otofx.passes.nodes.parameter_holders`), all with one original (the
+    logits): a tied weight stays one tensor, which every holder reads quantised. Returns the holders
+    as ``{(id(module), attr)}``."""
+    pm.home = home  # the name it was selected by (slb_layers lists a tied weight under it)
+    value = weight.detach().clone()
+    first, done = None, set()
+    # the selected holder first (its original is the one every other holder takes)
+    for m, a in sorted(holders.get(id(weight), [(owner, attr)]), key=lambda h: h != (owner, attr)):
+        if first is not None:
+            # NB: registering set_() the shared Parameter to the logits in place (torch keeps the
+            # original's identity): the next holder registers on the float values, then takes the
+            # same original, so the tie stays (GPT-2's head and embedding, aux.weight = head.weight)
+            m._parameters[a] = nn.Parameter(value.clone(), requires_grad=weight.requires_grad)
+        parametrize.register_parametrization(m, a, pm, unsafe=True)
+        if first is None:
+            first = m.parametrizations[a].original
+        else:
+            m.parametrizations[a].original = first
+        done.add((id(m), a))
+    return done
 
 
 def slb_parametrize(gm: fx.GraphModule, bits: int, layers=None, *, scale: bool | None = None,
@@ -660,30 +742,17 @@ def parametrize_model(model: nn.Module, picked: list, make: Callable[[Layer, tor
     done, inside = set(), []
     for layer in picked:
         owner = new.get_submodule(layer.owner)
-        weight = owner._parameters[layer.attr]
-        if id(weight) in done:
-            continue
-        done.add(id(weight))
-        if not weight.is_floating_point():
-            raise InputError(f"weight '{layer.name}' has dtype {weight.dtype}; SLB needs a floating-point weight")
-        pm = make(layer, weight.detach())
-        pm.home = layer.name  # the name it was selected by (slb_layers lists a tied weight under it)
-        value = weight.detach().clone()
-        first = None
-        # the selected holder first (its original is the one every other holder takes)
-        for m, attr in sorted(holders[id(weight)], key=lambda h: h != (owner, layer.attr)):
-            if first is not None:
-                # NB: registering set_() the shared Parameter to the logits in place (torch keeps the
-                # original's identity): the next holder registers on the float values, then takes the
-                # same original, so the tie stays (GPT-2's head and embedding)
-                m._parameters[attr] = nn.Parameter(value.clone(), requires_grad=weight.requires_grad)
-            parametrize.register_parametrization(m, attr, pm, unsafe=True)
-            if first is None:
-                first = m.parametrizations[attr].original
-            else:
-                m.parametrizations[attr].original = first
+        if (id(owner), layer.attr) not in done:  # else tied to a layer parametrised before (one original)
+            if parametrize.is_parametrized(owner, layer.attr):
+                raise InputError(f"weight '{layer.name}' already has a parametrisation: remove it "
+                                 "(torch.nn.utils.parametrize.remove_parametrizations) before SLB")
+            weight = owner._parameters[layer.attr]
+            if not weight.is_floating_point():
+                raise InputError(f"weight '{layer.name}' has dtype {weight.dtype}; SLB needs a floating-point weight")
+            done |= register_tied(holders, owner, layer.attr, weight, make(layer, weight.detach()), layer.name)
         if act is None:
             continue
+        like = owner.parametrizations[layer.attr].original
         if isinstance(owner, ATTENTION_MODULES):
             slots = [(i, _ATTENTION_ARGS[i]) for i in _ATTENTION_INPUTS[layer.attr]]
         elif attention_reader(new, layer.owner) is not None:  # an attention module's out_proj
@@ -702,7 +771,7 @@ def parametrize_model(model: nn.Module, picked: list, make: Callable[[Layer, tor
         for pos, kw in slots:
             qname = f"slb_act_{kw}" if isinstance(owner, ATTENTION_MODULES) else "slb_act"
             if not hasattr(owner, qname):
-                owner.add_module(qname, act())
+                owner.add_module(qname, act(like))
                 owner._slb_act_slots.append((pos, kw, qname))
     _warn_inside(inside)
     return new
@@ -719,12 +788,16 @@ def act_factory(act_bits: int | None, act_quant: str) -> Callable[[], nn.Module]
     ``act_bits``; the arguments are checked here, before any copy is made."""
     from otofx.slb.modules import ActFakeQuant
 
+    if not isinstance(act_quant, str) or act_quant not in ("minmax", "pact"):
+        raise InputError(f"act_quant={act_quant!r}: choose 'minmax' or 'pact' (used with act_bits)")
     if act_bits is None:
         return None
     ActFakeQuant(act_bits, act_quant)  # validates
 
-    def act() -> nn.Module:
-        return ActFakeQuant(act_bits, act_quant)
+    def act(like: torch.Tensor | None = None) -> nn.Module:
+        q = ActFakeQuant(act_bits, act_quant)
+        # NB: on the layer's device and in its dtype (``like``: its weight), as its SLB weight is
+        return q if like is None else q.to(device=like.device, dtype=like.dtype)
 
     return act
 
@@ -732,12 +805,20 @@ def act_factory(act_bits: int | None, act_quant: str) -> Callable[[], nn.Module]
 def weight_factory(bits: int, scale: bool | None, warm_start: float | None) -> Callable:
     """``make(layer, weight)``: the :class:`otofx.slb.SLBWeight` of one layer (its scale by the
     normalisation rule of the module docstring, unless ``scale`` says)."""
-    from otofx.slb.modules import SLBWeight
+    from otofx.slb.modules import SLBWeight, check_warm_start, grid
+
+    grid(bits)  # validates bits
+    if scale is not None and not isinstance(scale, bool):
+        raise InputError(f"scale={scale!r}: give None (a learned scale where no normalisation follows the layer), "
+                         "True (every layer) or False (none)")
+    check_warm_start(warm_start)
 
     def make(layer: Layer, w: torch.Tensor) -> nn.Module:
         s = (not layer.normalised) if scale is None else bool(scale)
+        # NB: the grid, temperature and scale in the weight's dtype and on its device (a bf16/fp16
+        # model computes its SLB weights in its own dtype; the logits follow the weight too)
         return SLBWeight(w.shape, bits, scale=s, warm_start=warm_start, out_dim=layer.out_dim,
-                         batch=layer.batch, plain=layer.plain).to(w.device)
+                         batch=layer.batch, plain=layer.plain).to(device=w.device, dtype=w.dtype)
 
     return make
 
@@ -758,4 +839,6 @@ class SLBPass:
         return state.replace(gm=slb_parametrize(state.gm, self.bits, self.layers, **self.options))
 
 
-__all__ = ["Layer", "find_layers", "input_arg", "module_form_blocker", "parametrize_model", "weight_factory", "act_factory", "unquantisable", "select_layers", "parametrize_layers", "slb_parametrize", "SLBPass"]
+__all__ = ["Layer", "find_layers", "input_arg", "module_form_blocker", "parametrize_model", "weight_factory",
+           "act_factory", "unquantisable", "select_layers", "check_layers", "register_tied", "parametrize_layers",
+           "slb_parametrize", "SLBPass"]
