@@ -346,3 +346,198 @@ def test_plain_student_needs_less_activation_memory():
     assert r.peak_bytes == 3 * 8 * 32 * 32 * 4
     assert p.peak_bytes == 2 * 8 * 32 * 32 * 4
     assert r.output_bytes == p.output_bytes == 10 * 4
+
+
+# ---------------------------------------------------------------------------------------------
+# Audit fixes: arithmetic adds, modes, drop-path, measurement mode, dtype, tails, arguments
+# ---------------------------------------------------------------------------------------------
+
+
+class TanhGELU(nn.Module):
+    """GPT-2's ``gelu_new``: its ``x + 0.044715 * x**3`` is x + f(x) with no layer in f."""
+
+    def forward(self, x):
+        return 0.5 * x * (1.0 + torch.tanh(0.7978845608 * (x + 0.044715 * torch.pow(x, 3.0))))
+
+
+class GeluNet(nn.Module):
+    def __init__(self, residual: bool):
+        super().__init__()
+        self.residual = residual
+        self.c1, self.c2 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+        self.act, self.fc = TanhGELU(), nn.Linear(8, 4)
+
+    def forward(self, x):
+        h = self.act(self.c1(x))
+        h = h + self.act(self.c2(h)) if self.residual else self.act(self.c2(h))
+        return self.fc(h.mean((2, 3)))
+
+
+def test_arithmetic_add_is_not_a_residual_add():
+    x = torch.randn(2, 3, 8, 8)
+    plain = GeluNet(residual=False).eval()
+    assert J.residual_adds(plain, x) == ()
+    student = J.remove_shortcuts(plain, x).eval()
+    with torch.no_grad():
+        assert torch.equal(student(x), plain(x))  # nothing to remove: the function is the model's
+    # the one real block is still found, and only it (its branch holds a conv)
+    adds = J.residual_adds(GeluNet(residual=True).eval(), x)
+    assert [a.kind for a in adds] == ["identity"]
+
+
+def test_student_trains_whatever_mode_it_was_made_in():
+    teacher, student = _pair()  # an eval-mode teacher gives an eval-mode student
+    assert not student.training
+    jrd = J.JointRD(student, teacher)
+    assert jrd.training and all(m.training for m in jrd.student.modules())
+    assert not any(m.training for m in jrd.teacher.modules())  # frozen: eval
+    bn = student.get_submodule("stem.1")
+    before = bn.running_mean.clone()
+    jrd(X32, torch.tensor([1, 2]))
+    assert not torch.equal(bn.running_mean, before)  # batch statistics, as in training
+    joint = J.JointRD(J.remove_shortcuts(teacher, X32), teacher, mode="joint")
+    assert all(m.training for m in joint.student.modules()) and all(m.training for m in joint.teacher.modules())
+    jrd.eval()
+    assert not any(m.training for m in jrd.student.modules())
+
+
+class DropPath(nn.Module):
+    """A hand-written drop-path (timm's, traced through: ``x * bernoulli mask / keep``)."""
+
+    def __init__(self, p):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):
+        if not self.training or self.p == 0:
+            return x
+        keep = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(1 - self.p)
+        return x * keep / (1 - self.p)
+
+
+class DropMLP(nn.Module):
+    """Residual blocks ending in stochastic depth: torchvision's module (a graph node), its function and
+    a hand-written module (traced into ``x * mask`` ops)."""
+
+    def __init__(self, width=8, p=0.9):
+        super().__init__()
+        self.inp, self.out = nn.Linear(8, width), nn.Linear(width, 3)
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(width, width), nn.Tanh()) for _ in range(3))
+        self.drops = nn.ModuleList([torchvision.ops.StochasticDepth(p, "row"), nn.Identity(), DropPath(p)])
+        self.p = p
+
+    def forward(self, x):
+        x = self.inp(x)
+        for i, (b, d) in enumerate(zip(self.blocks, self.drops)):
+            h = torchvision.ops.stochastic_depth(b(x), self.p, "row", self.training) if i == 1 else d(b(x))
+            x = x + h
+        return self.out(x)
+
+
+def test_drop_path_leaves_the_plain_student():
+    torch.manual_seed(0)
+    model = DropMLP().train()
+    x = torch.randn(16, 8)
+    student = J.remove_shortcuts(model, x)
+    record = student.meta["jointrd"]
+    assert len(record.removed) == 3 and len(record.dropped) == 3
+    assert not any(type(m).__name__ in ("StochasticDepth", "DropPath") for m in student.modules())
+    assert not any("bernoulli" in str(n.target) for n in student.graph.nodes)  # the masks are gone too
+    student.train()
+    h = model.inp(x)
+    for b in model.blocks:
+        h = b(h)
+    # in training too, every sample's logits are the plain stack's (no block, so no stream, dropped)
+    torch.testing.assert_close(student(x), model.out(h))
+    # NB: an eval-mode trace drops the functional forms itself; the module stays a node, and goes
+    model.eval()
+    student = J.remove_shortcuts(model, x)
+    assert student.meta["jointrd"].dropped == ("drops_0",)
+    jrd = J.JointRD(student, model, stages=3, feature_loss="mse")  # boundaries resolve past it
+    assert len(jrd(x, torch.zeros(16, dtype=torch.long)).hybrid_ce) == 2
+
+
+def test_peak_memory_is_measured_in_eval_mode_with_plain_weights():
+    torch.manual_seed(0)
+    x = torch.randn(4, 8)
+    model = ResMLP().train()
+    for b in model.blocks:
+        b.append(nn.Dropout(0.5))
+    ref = J.peak_activation_memory(model.eval(), x)
+    model.train()
+    stats = snapshot(model)
+    assert J.peak_activation_memory(model, x) == ref  # no batch statistics nor dropout masks
+    assert model.training and all(m.training for m in model.modules())  # flags restored
+    assert snapshot(model) == stats  # running statistics untouched
+    student = J.remove_shortcuts(model, x, dirac=True)
+    assert J.peak_activation_memory(student, x) == J.peak_activation_memory(J.fold_dirac(student), x)
+
+
+def test_connector_follows_the_students_dtype():
+    teacher = TimmLikeResNet(widths=(4, 8), blocks=1).eval().to(torch.bfloat16)
+    x = X32.to(torch.bfloat16)
+    jrd = J.JointRD(J.remove_shortcuts(teacher, x), teacher)
+    assert {p.dtype for p in jrd.connector.parameters()} == {torch.bfloat16}
+    assert jrd(x, torch.tensor([1, 2])).total.dtype == torch.bfloat16
+
+
+def test_tail_carries_inputs_that_do_not_feed_the_cut():
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    teacher = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=5, img_size=32, patch_size=8,
+                                depth=4, embed_dim=32, num_heads=2).eval()
+    student = J.remove_shortcuts(teacher, X32)
+    # attn_mask=None and is_causal=False are graph inputs every block reads
+    assert [n.name for n in student.graph.nodes if n.op == "placeholder"] == ["x", "attn_mask", "is_causal"]
+    jrd = J.JointRD(student, teacher)
+    assert len(jrd.boundaries) == 3
+    terms = jrd(X32, torch.tensor([1, 2]))
+    assert len(terms.hybrid_ce) == 3
+    terms.total.backward()
+
+
+def test_tail_reads_sizes_of_the_input_not_its_values():
+    from otofx.passes.jointrd import tail
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
+
+    net = Net()
+    g = torch.fx.Graph()
+    x = g.placeholder("x")
+    h = g.call_module("a", (x,))
+    n = g.call_function(torch.ops.aten.sym_size.int, (x, 0))  # torch.export's batch size, as in a Swin
+    out = g.call_function(torch.reshape, (g.call_module("b", (h,)), (n, -1)))
+    g.output(out)
+    gm = torch.fx.GraphModule(net, g)
+    t = tail(gm, h.name)
+    assert t.meta["tail_inputs"] == ("x",)
+    xv = torch.randn(3, 4)
+    torch.testing.assert_close(t(net.a(xv), x=xv), gm(xv))
+    # reading x's values past the cut is no cut: the error says what to do
+    g2 = torch.fx.Graph()
+    x2 = g2.placeholder("x")
+    h2 = g2.call_module("a", (x2,))
+    g2.output(g2.call_function(torch.add, (g2.call_module("b", (h2,)), x2)))
+    with pytest.raises(StageError, match="boundaries=.*hybrid=False"):
+        tail(torch.fx.GraphModule(net, g2), h2.name)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(teacher=None), "teacher must be a torch.nn.Module"),
+    (dict(student=None), "student must be a torch.nn.Module"),
+    (dict(dc=2.0), "dc=2.0: .*from 0 to 1"),
+    (dict(dis_weight=-1), "dis_weight=-1: .*>= 0"),
+    (dict(stages=0), "stages=0: .*>= 1"),
+    (dict(boundaries=0), "boundaries=0: .*integer >= 1"),
+    (dict(boundaries="layers_1_act2"), "boundaries='layers_1_act2': .*list of str"),
+    (dict(decay_steps=0), "decay_steps=0"),
+], ids=["teacher", "student", "dc", "dis_weight", "stages", "boundaries_int", "boundaries_str", "decay_steps"])
+def test_bad_jointrd_arguments(kwargs, match):
+    teacher, student = _pair()
+    args = dict(student=student, teacher=teacher)
+    args.update(kwargs)
+    with pytest.raises(InputError, match=match):
+        J.JointRD(**args)

@@ -589,6 +589,10 @@ def test_bad_arguments_are_input_errors_naming_them():
         oto.scop(loader, knockoff=lambda x: x[:1])
     with pytest.raises(InputError, match="unknown keyword.*bogus"):
         oto.scop(loader, bogus=1)
+    with pytest.raises(InputError, match="epochs=2.5"):
+        finetune(_model(), loader, epochs=2.5)
+    with pytest.raises(InputError, match="lr="):
+        finetune(_model(), loader, lr="0.1")
 
 
 def test_tiles_of_large_inputs_keep_patch_groups_whole():

@@ -14,6 +14,12 @@ network each layer's input can be freed as soon as the layer has run.
   right after its last use, the way a deployment runtime plans memory.
 * CUDA: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``, minus what was
   allocated before the forward (the weights and inputs), over the same forward.
+* The forward runs in eval mode (every module's ``training`` flag False, each restored after):
+  inference, whatever mode the model was handed in (``jrd.export()`` keeps the training flag;
+  train-mode dropout masks and batch statistics are not what a deployed network holds).
+* Parametrised weights (``torch.nn.utils.parametrize``: a Dirac student before its fold) are
+  computed once before the forward, under ``parametrize.cached()``, and count as weights: the
+  network is measured as its folded, plain twin would be.
 
 Internals:
     * ``# NB:`` the dispatch mode sees ATen ops, below autograd, so a module's forward and a fused
@@ -24,6 +30,7 @@ Internals:
 """
 from __future__ import annotations
 
+import contextlib
 import weakref
 from dataclasses import dataclass
 
@@ -32,6 +39,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 import torch.fx as fx
+
+from torch.nn.utils import parametrize
 
 from otofx.capture import capture, normalize_inputs
 
@@ -72,8 +81,36 @@ class _LiveStorages(TorchDispatchMode):
         return out
 
 
+@contextlib.contextmanager
+def _eval_flags(model: torch.nn.Module):
+    """Every module's ``training`` flag False; each one's own flag restored after."""
+    flags = [(m, m.training) for m in model.modules()]
+    try:
+        for m, _ in flags:
+            m.training = False  # NB: flags, not eval(): a torch.export GraphModule refuses eval()
+        yield
+    finally:
+        for m, f in flags:
+            m.training = f
+
+
+@contextlib.contextmanager
+def _weights_computed(model: torch.nn.Module):
+    """Parametrised weights computed now, outside the measurement, and read from the cache after."""
+    with parametrize.cached():
+        with torch.no_grad():
+            for m in model.modules():
+                if parametrize.is_parametrized(m):
+                    for name in m.parametrizations:
+                        getattr(m, name)
+        yield
+
+
 def peak_activation_memory(model: torch.nn.Module, example_inputs, as_graph: bool = True) -> MemoryPeak:
     """Peak bytes of activations during one inference forward of ``model`` on ``example_inputs``.
+
+    The forward runs in eval mode, with parametrised weights computed beforehand (module doc);
+    ``model``'s flags are restored after.
 
     ``as_graph``: run ``model`` as otofx captures it (a GraphModule, which drops every value after
     its last use) rather than eagerly. # NB: eager nn.Modules keep each call's arguments alive until
@@ -81,8 +118,15 @@ def peak_activation_memory(model: torch.nn.Module, example_inputs, as_graph: boo
     and its plain twin for the framework's bookkeeping rather than for their shortcuts.
     """
     args, kwargs = normalize_inputs(example_inputs)
-    if as_graph and not isinstance(model, fx.GraphModule):
-        model = capture(model, args if not kwargs else kwargs).gm
+    with _eval_flags(model):
+        if as_graph and not isinstance(model, fx.GraphModule):
+            model = capture(model, args if not kwargs else kwargs).gm
+        # NB: the capture's own modules too (an export graph's mode flags)
+        with _eval_flags(model), _weights_computed(model):
+            return _measure(model, args, kwargs)
+
+
+def _measure(model: torch.nn.Module, args: tuple, kwargs: dict) -> MemoryPeak:
     flat = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
     device = flat[0].device if flat else next((p.device for p in model.parameters()), torch.device("cpu"))
     if device.type == "cuda":

@@ -18,6 +18,7 @@ Internals:
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import torch
 import torch.fx as fx
@@ -64,7 +65,7 @@ class DiracPass:
         names = apply_dirac(gm, self.alpha, self.beta)
         rec = gm.meta.get("jointrd")
         if rec is not None:
-            gm.meta["jointrd"] = type(rec)(rec.removed, rec.kept, rec.replaced, names)
+            gm.meta["jointrd"] = dataclasses.replace(rec, dirac=names)
         return state
 
 

@@ -36,13 +36,19 @@ Internals:
     * The student is trained in place: a GraphModule (``remove_shortcuts``'s output) is used as
       it is; another module is captured (symbolic_trace, sharing its modules).
     * Taps and tails (``otofx.passes.jointrd.tap``/``tail``) are GraphModules that share the
-      student's and the teacher's modules; they are rebuilt after ``.to()``/``.cuda()``.
+      student's and the teacher's modules; they are rebuilt after ``.to()``/``.cuda()``. A tail
+      that reads graph inputs besides its feature (timm's ``attn_mask``/``is_causal``, the batch
+      size of a Swin's input) gets them by name from the step's inputs.
+    * ``__init__`` ends with ``self.train(self.training)``: the student (and a ``joint`` teacher)
+      train from the first step whatever mode they were handed in; a frozen teacher stays in eval.
+    * The connector is made on the student's device and in its dtype.
 """
 from __future__ import annotations
 
 import copy
 import logging
 import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -122,6 +128,16 @@ def margin_loss(source: torch.Tensor, target: torch.Tensor, margin: torch.Tensor
     return loss.sum() / source.shape[0]
 
 
+def _real(v) -> bool:
+    """A real number (not a bool, not NaN)."""
+    return isinstance(v, numbers.Real) and not isinstance(v, bool) and v == v
+
+
+def _count(v) -> bool:
+    """An integer >= 1 (not a bool)."""
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+
 def _nodes(gm: fx.GraphModule) -> dict:
     return {n.name: n for n in gm.graph.nodes}
 
@@ -129,6 +145,37 @@ def _nodes(gm: fx.GraphModule) -> dict:
 def _shape(n: fx.Node):
     v = n.meta.get("val")
     return tuple(v.shape) if isinstance(v, torch.Tensor) else None
+
+
+def _logits(out):
+    """The logits tensor of a graph's output: a torch.export graph returns its outputs flat, ``(logits,)``."""
+    while isinstance(out, (tuple, list)) and len(out) == 1:
+        out = out[0]
+    return out
+
+
+def _set_mode(module: nn.Module, mode: bool) -> None:
+    """``module.train(mode)``; every submodule's flag set directly where ``train()`` is refused.
+
+    # NB: a torch.export GraphModule (the export front-end's student or teacher graph) raises
+    # NotImplementedError on ``train()``/``eval()``; its ops read the modules' flags all the same
+    """
+    try:
+        module.train(mode)
+    except NotImplementedError:
+        for m in module.modules():
+            m.training = mode
+
+
+def _placement(module: nn.Module, feature: fx.Node) -> dict:
+    """``device``/``dtype`` of ``module``'s floating-point weights (else of the feature's value, if floating)."""
+    p = next((p for p in module.parameters() if p.is_floating_point()), None)
+    if p is not None:
+        return dict(device=p.device, dtype=p.dtype)
+    v = feature.meta.get("val")
+    if isinstance(v, torch.Tensor) and v.is_floating_point():
+        return dict(dtype=v.dtype) if v.device.type == "meta" else dict(device=v.device, dtype=v.dtype)
+    return {}
 
 
 def _bn_before(gm: fx.GraphModule, name: str, adds: tuple) -> nn.Module:
@@ -161,6 +208,26 @@ class JointRD(nn.Module):
                  decay_steps: int | None = None, train_teacher: bool | None = None, stages: int = 4,
                  frontend: str = "auto"):
         super().__init__()
+        for what, m in (("student", student), ("teacher", teacher)):
+            if not isinstance(m, nn.Module):
+                raise InputError(f"{what} must be a torch.nn.Module (the {what} network), got {type(m).__name__}")
+        if not _real(dc) or not 0.0 <= dc <= 1.0:
+            raise InputError(f"dc={dc!r}: the hybrid terms' final weight m, a number from 0 to 1")
+        if dis_weight is not None and (not _real(dis_weight) or not 0.0 <= dis_weight < math.inf):
+            raise InputError(f"dis_weight={dis_weight!r}: the feature term's weight, a finite number >= 0 "
+                             "(or None for the mode's default)")
+        if not _count(stages):
+            raise InputError(f"stages={stages!r}: the number of runs of blocks a constant-width stream is cut "
+                             "into, an integer >= 1")
+        if boundaries is not None and not _count(boundaries):
+            names = tuple(boundaries) if not isinstance(boundaries, (str, bytes)) and hasattr(boundaries, "__iter__") \
+                else None
+            if names is None or not all(isinstance(b, str) for b in names):
+                raise InputError(f"boundaries={boundaries!r}: give node names (a list of str), a number of stages "
+                                 "(an integer >= 1), or None to find them")
+            boundaries = names
+        if decay_steps is not None and not (_real(decay_steps) and 0 < decay_steps < math.inf):
+            raise InputError(f"decay_steps={decay_steps!r}: give a positive number of steps, or None for m = 1")
         if mode not in MODES:
             raise InputError(f"mode={mode!r}: choose one of {tuple(MODES)}")
         cfg = dict(MODES[mode])
@@ -171,8 +238,6 @@ class JointRD(nn.Module):
             cfg["feature_loss"] = feature_loss
         if cfg["feature_loss"] not in FEATURE_LOSSES:
             raise InputError(f"feature_loss={cfg['feature_loss']!r}: choose one of {FEATURE_LOSSES}")
-        if decay_steps is not None and decay_steps <= 0:
-            raise InputError(f"decay_steps={decay_steps}: give a positive number of steps, or None for m = 1")
         self.mode, self.hybrid, self.feature_loss = mode, bool(cfg["hybrid"]), cfg["feature_loss"]
         self.dis_weight, self.train_teacher, self.average = float(cfg["dis_weight"]), bool(cfg["train_teacher"]), cfg["average"]
         self.dc, self.decay_steps = float(dc), decay_steps
@@ -230,9 +295,15 @@ class JointRD(nn.Module):
                                  f"{list(_shape(s_nodes[s_name]))}, the teacher's {list(_shape(t_nodes[t_name]))}; "
                                  "a hybrid path needs them equal")
         s_shape, t_shape = _shape(s_nodes[self.student_feature]), _shape(t_nodes[t_feature])
-        self.connector = connector(s_shape, t_shape[1]) if self.feature_loss else None
+        self.connector = None
+        if self.feature_loss:
+            # NB: on the student's device and dtype (a bf16 student on a GPU feeds it bf16 CUDA features)
+            self.connector = connector(s_shape, t_shape[1]).to(**_placement(self.student, s_nodes[self.student_feature]))
         self._margin_bn = _bn_before(t_gm, t_feature, adds) if self.feature_loss == "margin" else None
         self._build()
+        # NB: the student (and a 'joint' teacher) take this module's mode now: a student made from an
+        # eval-mode teacher is in eval mode, and training it so would freeze its BatchNorm statistics
+        self.train(self.training)
         log.info("otofx.jointrd: mode %s, boundaries %s, feature %s (student %s)", mode, self.boundaries,
                  t_feature, self.student_feature)
 
@@ -243,6 +314,7 @@ class JointRD(nn.Module):
                   tap(self._t_gm, (self.teacher_feature,)),
                   tuple(tail(self._t_gm, b) for b in self.boundaries) if self.hybrid else ())
         self.__dict__["_pieces"] = pieces
+        self.__dict__["_t_inputs"] = tuple(n.target for n in self._t_gm.graph.nodes if n.op == "placeholder")
         self.__dict__["_tail_params"] = tuple(tuple(k for k, _ in tl.named_parameters()) for tl in pieces[2])
 
     def _apply(self, fn, *args, **kwargs):
@@ -252,9 +324,16 @@ class JointRD(nn.Module):
         return out
 
     def train(self, mode: bool = True):
-        super().train(mode)
+        if not isinstance(mode, bool):
+            raise InputError(f"train(mode={mode!r}): mode is True or False")
+        self.training = mode
+        for child in self.children():
+            _set_mode(child, mode)
         if not self.train_teacher:
-            self.teacher.eval()
+            # NB: the teacher's captured graph can hold modules of its own (an export capture's
+            # mode flags); they follow the frozen teacher, not this module
+            _set_mode(self.teacher, False)
+            _set_mode(self._t_gm, False)
         return self
 
     @property
@@ -273,20 +352,25 @@ class JointRD(nn.Module):
         teacher_ce = None
         if self.train_teacher and self.training:
             t_logits, (t_feat,) = t_tap(*args)
+            t_logits = _logits(t_logits)
             teacher_ce = F.cross_entropy(t_logits, y)
         else:
             with torch.no_grad():
                 t_logits, (t_feat,) = t_tap(*args)
         t_feat = t_feat.detach()
         logits, feats = s_tap(*args)
+        logits = _logits(logits)
         s_ce = F.cross_entropy(logits, y)
         hybrid_logits, hybrid_ce = [], []
         if tails:
-            with eval_mode(self.teacher):
+            with eval_mode(self.teacher), eval_mode(self._t_gm):  # NB: the graph's own flag modules too
                 frozen = {k: v.detach() for k, v in self.teacher.named_parameters()}
+                given = dict(zip(self._t_inputs, args))  # the graph inputs a tail reads besides the feature
                 for f, tl, names in zip(feats[:-1], tails, self._tail_params):
-                    z = torch.func.functional_call(tl, {k: frozen[k] for k in names}, (f,)) \
-                        if self.train_teacher else tl(f)
+                    kw = {k: given[k] for k in tl.meta.get("tail_inputs", ()) if k in given}
+                    z = torch.func.functional_call(tl, {k: frozen[k] for k in names}, (f,), kw) \
+                        if self.train_teacher else tl(f, **kw)
+                    z = _logits(z)
                     hybrid_logits.append(z)
                     hybrid_ce.append(F.cross_entropy(z, y))
         feature = None

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
+import numbers
 import time
 
 import torch
@@ -26,8 +27,10 @@ log = logging.getLogger("otofx")
 
 def finetune(model: torch.nn.Module, loader, epochs: int = 10, lr: float = 0.05, *, momentum: float = 0.9,
              weight_decay: float = 1e-4, nesterov: bool = True, loss_fn=None) -> list:
-    if epochs < 1 or lr <= 0:
-        raise InputError(f"finetune: epochs={epochs!r} must be >= 1 and lr={lr!r} > 0")
+    if isinstance(epochs, bool) or not isinstance(epochs, numbers.Integral) or epochs < 1:
+        raise InputError(f"finetune: epochs={epochs!r} must be an int >= 1")
+    if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not math.isfinite(lr) or lr <= 0:
+        raise InputError(f"finetune: lr={lr!r} must be a finite number > 0")
     loss_fn = loss_fn or F.cross_entropy
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay,

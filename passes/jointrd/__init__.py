@@ -9,9 +9,10 @@ Internals:
       and rewrites the GraphModule it is given in place; ``otofx.jointrd`` copies first.
 """
 from .dirac import Dirac, apply_dirac, dirac_sites, fold_dirac
-from .residual import ResidualAdd, ShortcutRecord, classify, find_residual_adds, is_add, remove_residual_adds
+from .residual import (ResidualAdd, ShortcutRecord, classify, find_residual_adds, is_add, is_drop_path,
+                       remove_residual_adds)
 from .stages import StageError, equal_boundaries, find_boundaries, stream_output, tail, tap
 
 __all__ = ["Dirac", "apply_dirac", "dirac_sites", "fold_dirac", "ResidualAdd", "ShortcutRecord", "classify",
-           "find_residual_adds", "is_add", "remove_residual_adds", "StageError", "equal_boundaries",
+           "find_residual_adds", "is_add", "is_drop_path", "remove_residual_adds", "StageError", "equal_boundaries",
            "find_boundaries", "stream_output", "tail", "tap"]
