@@ -62,6 +62,21 @@ def test_frontends_agree(frontend):
     assert_exact(m, oto, x)
 
 
+def test_dynamo_frontend_captures_a_language_model_without_its_kv_cache():
+    # the cache's keys and values are outputs of a graph captured with it: they pinned every head
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
+                                      intermediate_size=64, num_hidden_layers=1, vocab_size=100)
+    torch.manual_seed(0)
+    m = randomize(transformers.LlamaModel(config).eval())
+    ids = torch.randint(0, 100, (2, 8))
+    oto = otofx.OTO(m, ids, frontend="dynamo")
+    assert [z.rows for z in oto.groups] == [z.rows for z in otofx.OTO(m, ids).groups] == [2, 64]
+    assert m.config.use_cache is True  # restored
+    zero_random_rows(oto.model, oto, seed=0)
+    assert_exact(m, oto, ids, ref_kwargs={"use_cache": False})
+
+
 def test_untraceable_model_names_both_failures():
     m = LeavesTorch()
     before = snapshot(m)
