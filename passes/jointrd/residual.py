@@ -164,11 +164,9 @@ def _parametrised(n: fx.Node, gm) -> bool:
     return False
 
 
-def _computes_layer(source: fx.Node, branch: fx.Node, index: dict, anc: dict) -> bool:
-    """Some node on the paths from ``source`` (exclusive) to ``branch`` (inclusive) is parametrised."""
-    gm = branch.graph.owning_module
-    if gm is None:
-        return True  # a bare Graph: no modules to look at
+def _on_branch(branch: fx.Node, source: fx.Node, index: dict, anc: dict, hit) -> fx.Node | None:
+    """The first node found on the paths from ``source`` (exclusive) to ``branch`` (inclusive) for
+    which ``hit(node)`` holds, or None."""
     bit = index[source]
     stack, seen = [branch], set()
     while stack:
@@ -176,10 +174,18 @@ def _computes_layer(source: fx.Node, branch: fx.Node, index: dict, anc: dict) ->
         if n in seen:
             continue
         seen.add(n)
-        if _parametrised(n, gm):
-            return True
+        if hit(n):
+            return n
         stack.extend(a for a in n.all_input_nodes if a is not source and anc[a] >> bit & 1)
-    return False
+    return None
+
+
+def _computes_layer(source: fx.Node, branch: fx.Node, index: dict, anc: dict) -> bool:
+    """Some node on the paths from ``source`` (exclusive) to ``branch`` (inclusive) is parametrised."""
+    gm = branch.graph.owning_module
+    if gm is None:
+        return True  # a bare Graph: no modules to look at
+    return _on_branch(branch, source, index, anc, lambda n: _parametrised(n, gm)) is not None
 
 
 def _depth(a: fx.Node, b: fx.Node, index: dict, anc: dict) -> int:
@@ -314,17 +320,8 @@ def _erase_mask(gm: fx.GraphModule, dropped: list, value: fx.Node, index: dict, 
 
 def _random_on_branch(branch: fx.Node, source: fx.Node, index: dict, anc: dict) -> str | None:
     """The name of a random-draw node (``bernoulli``, ``rand``) on the paths from ``source`` to ``branch``."""
-    bit = index[source]
-    stack, seen = [branch], set()
-    while stack:
-        n = stack.pop()
-        if n in seen:
-            continue
-        seen.add(n)
-        if _is_draw(n):
-            return n.name
-        stack.extend(a for a in n.all_input_nodes if a is not source and anc[a] >> bit & 1)
-    return None
+    n = _on_branch(branch, source, index, anc, _is_draw)
+    return None if n is None else n.name
 
 
 def _drop_paths(gm: fx.GraphModule, removed: list, nodes: dict, replaced: dict) -> tuple:
