@@ -60,6 +60,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 import torch.fx as fx
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
@@ -899,6 +900,50 @@ def _follow_mode(gm: fx.GraphModule, model: torch.nn.Module, captured_training: 
     return done
 
 
+# torch.nn.functional's mode-dependent calls in a symbolic trace: name -> position of ``training``
+_TRACED_MODE_ARGS = {F.batch_norm: 5, F.dropout: 2, F.dropout1d: 2, F.dropout2d: 2, F.dropout3d: 2,
+                     F.alpha_dropout: 2, F.feature_alpha_dropout: 2}
+
+
+def _follow_mode_traced(gm: fx.GraphModule, model: torch.nn.Module) -> list:
+    """:func:`_follow_mode` for a symbolic trace: ``F.batch_norm``/``F.dropout`` calls whose ``training``
+    became a literal in the trace (a module's own forward traced through, as timm's ``BatchNormAct2d``
+    and its ``F.dropout(x, p, self.training)`` heads) read their module's flag instead.
+
+    # NB: without it the graph form ran batch norm with running statistics (and no dropout) in train
+    # mode too. Only a literal equal to the module's flag at capture time is replaced: a different one
+    # was written so on purpose. A batch norm without running statistics is left as it is.
+    """
+    cache: dict = {}
+    done = []
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target not in _TRACED_MODE_ARGS:
+            continue
+        i = _TRACED_MODE_ARGS[node.target]
+        in_args = len(node.args) > i
+        flag = node.args[i] if in_args else node.kwargs.get("training")
+        if not isinstance(flag, bool):
+            continue
+        if node.target is F.batch_norm and (node.args[1] if len(node.args) > 1 else node.kwargs.get("running_mean")) is None:
+            continue
+        path = _module_path(node)
+        try:
+            owner = model.get_submodule(path) if path else model
+        except AttributeError:
+            continue
+        if flag is not owner.training:
+            continue
+        new = _flag_node(gm, model, path, cache, node)
+        if in_args:
+            node.update_arg(i, new)
+        else:
+            node.update_kwarg("training", new)
+        done.append(node)
+    if done:
+        gm.recompile()
+    return done
+
+
 def _example_dims(ep) -> list:
     """For every flattened example input of ``ep``: its size expressions (sympy) per dimension, or None."""
     out = []
@@ -1266,6 +1311,7 @@ def capture(model: torch.nn.Module, example_inputs, frontend: str = "auto") -> C
                 return export_captured(model, args, kwargs)
             except Exception as e:  # noqa: BLE001
                 log.info("torch.export failed (%s: %s); keeping the traced graph", type(e).__name__, _first_line(e))
+        _follow_mode_traced(gm, model)
         return Captured(gm, args, kwargs, "symbolic_trace")
     except Exception as e:  # noqa: BLE001
         trace_err = e

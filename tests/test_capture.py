@@ -1,6 +1,8 @@
 """Front-ends and bad input: export fallback, clear errors, nothing half-done."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn as nn
@@ -351,3 +353,45 @@ def test_arguments_left_none_are_traced_as_none(example):
     if example in ("omitted", "given None"):  # specialised: another value is refused, not ignored
         with pytest.raises(AssertionError, match="extra has been specialized"):
             graph(x, extra)
+
+
+class _BatchNormAct(nn.BatchNorm2d):
+    """timm's BatchNormAct2d in small: its own forward calls F.batch_norm with the mode it reads."""
+
+    def forward(self, x):
+        return torch.relu(F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
+                                       self.training, self.momentum, self.eps))
+
+
+class _TracedThrough(nn.Module):
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+        self.c1, self.bn1 = nn.Conv2d(3, 8, 3, padding=1), _BatchNormAct(8)
+        self.c2, self.bn2 = nn.Conv2d(8, 8, 3, padding=1), _BatchNormAct(8)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        y = self.bn2(self.c2(self.bn1(self.c1(x)))).mean((2, 3))
+        return self.fc(F.dropout(y, self.p, self.training))
+
+
+@pytest.mark.parametrize("p", [0.0, 1.0])  # 1.0: dropout zeroes everything in train mode, deterministically
+def test_graph_form_follows_the_mode_of_modules_traced_through(p):
+    # the trace of a forward that reads self.training baked the capture's flag into F.batch_norm and
+    # F.dropout: the graph form ran batch norm with running statistics in train mode (0.9 off on timm's
+    # RexNet)
+    torch.manual_seed(0)
+    model = randomize(_TracedThrough(p).eval())
+    x = torch.randn(4, 3, 8, 8)
+    oto = otofx.OTO(model, x)
+    assert oto.frontend == "symbolic_trace"
+    zero_random_rows(oto.model, oto, seed=0)
+    graph = oto.compress(form="graph")
+    ref, got = copy.deepcopy(model).train(), copy.deepcopy(graph).train()
+    with torch.no_grad():
+        assert torch.allclose(ref(x), got(x), rtol=1e-4, atol=1e-5)
+        ref.eval(), got.eval()
+        assert torch.allclose(ref(x), got(x), rtol=1e-4, atol=1e-5)
+    # the running statistics moved in train mode, as the model's did
+    assert not torch.equal(got.get_buffer("bn1.running_mean"), graph.get_buffer("bn1.running_mean"))
