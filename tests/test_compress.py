@@ -144,3 +144,44 @@ def test_container_inputs_leave_no_channel_pinned(caplog):
         assert sorted(z.rows for z in oto.groups) == [8, 8], oto.pinned
         zero_random_rows(oto.model, oto, seed=0)
         assert_exact(m, oto, (batch,))
+
+
+class SharedDepthwise(nn.Module):
+    """One depthwise conv called on two tensors (coat's shared conv_list): the rewrite fixes it at
+    both call sites, and its groups were shrunk twice."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 16, 1), nn.Conv2d(3, 16, 1)
+        self.dw = nn.Conv2d(16, 16, 3, padding=1, groups=16)
+        self.head = nn.Conv2d(16, 4, 1)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.dw(self.a(x))) + torch.relu(self.dw(self.b(x)))).mean((2, 3))
+
+
+class SizeOfAnother(nn.Module):
+    """``q.reshape(B, N, heads, C // heads)`` with C read off another tensor (twins, volo): C's tensor
+    loses rows, q does not, so the reshape needs the literal width."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp, self.out, self.q = nn.Linear(3, 16), nn.Linear(16, 5), nn.Linear(3, 16)
+
+    def forward(self, x):
+        h = torch.relu(self.inp(x))
+        b, n, c = h.shape
+        return self.out(h), self.q(x).reshape(b, n, 4, c // 4)
+
+
+@pytest.mark.parametrize("cls, shape", [(SharedDepthwise, (2, 3, 8, 8)), (SizeOfAnother, (2, 6, 3))])
+def test_rewrites_of_shared_modules_and_borrowed_sizes(cls, shape):
+    torch.manual_seed(0)
+    m = randomize(cls().eval())
+    x = torch.randn(shape)
+    oto = otofx.OTO(m, x)
+    zero_random_rows(oto.model, oto, seed=0)
+    for form in ("auto", "graph"):
+        small = oto.compress(form=form)
+        assert_exact(m, oto, x, small=small)
+        assert_exact(m, oto, torch.randn(3, *shape[1:]), small=small)

@@ -611,3 +611,20 @@ def test_tiles_of_large_inputs_keep_patch_groups_whole():
         assert len(ko.blocks) > 1 and all(len(s) == 1 for s in blocks_of.values())
         assert max(len(b.index) for b in ko.blocks) <= 40
         assert ko(loader[0][0][:2], generator=g).shape == (2, *shape)
+
+
+def test_the_batch_axis_probe_leaves_a_shuffling_loaders_order_alone():
+    # the probe reads the loader's first batch; a DataLoader with its own generator draws an epoch's
+    # order on every iter(), so the probe moved every epoch's order (bench/scop.py's scores changed)
+    x, y = torch.cat([b[0] for b in _loader()]), torch.cat([b[1] for b in _loader()])
+
+    def loader():
+        return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8, shuffle=True,
+                                           generator=torch.Generator().manual_seed(3))
+
+    used = loader()
+    train_betas(otofx.OTO(_model(), x[:1]), used, knockoff="permute", epochs=2)
+    ref = loader()
+    for _ in range(2):  # the epochs' draws, nothing more
+        list(ref)
+    assert torch.equal(used.generator.get_state(), ref.generator.get_state())

@@ -183,7 +183,14 @@ def train_betas(oto, loader, *, knockoff="gaussian", epochs: int = 10, lr: float
     loss_fn = loss_fn or F.cross_entropy
     gen = torch.Generator().manual_seed(seed)
     sampler = K.make(knockoff, loader, **knockoff_kwargs)
+    # NB: a shuffling DataLoader draws its order on iter() from its own generator, or from torch's
+    # global one: the probe's batch must not move the streams the epochs' orders come from
+    own = getattr(loader, "generator", None)
+    states = (torch.random.get_rng_state(), own.get_state() if isinstance(own, torch.Generator) else None)
     first = next(iter(loader), None)
+    torch.random.set_rng_state(states[0])
+    if states[1] is not None:
+        own.set_state(states[1])
     if first is None:
         raise InputError("scop: the loader gave no batch; the knockoff stage trains the betas on (inputs, targets) "
                          "batches")

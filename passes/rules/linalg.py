@@ -37,6 +37,11 @@ def _conv_fix(site, input, weight, groups=1, transposed=False, **_):
     new_out = site.out_new[1]
     m = site.module
     if m is not None:
+        # NB: a module called at two sites (coat's shared depthwise convs) is fixed twice, and its
+        # ``groups`` then already reads the new count: the sliced weight's per-group width decides
+        per = m.weight.shape[1] if getattr(m, "weight", None) is not None else 0
+        if g != 1 and per:
+            new_g = (new_out if transposed else new_c) // per
         m.in_channels, m.out_channels, m.groups = new_c, new_out, new_g
     elif new_g != g:
         site.set("groups", new_g)

@@ -271,7 +271,14 @@ def _size_arg(site, v, old: int, new: int):
     if s is not None:
         return v if s == new else new
     lab = site.plan.zigset.labels.get(v.name)
-    if old == new or not isinstance(lab, SymSize) or any(not site._keep_ids(a).all() for a in lab.ids):
+    if not isinstance(lab, SymSize):
+        return v
+    loses = any(not site._keep_ids(a).all() for a in lab.ids)
+    if old == new:
+        # NB: an expression of sizes that lose rows changes at run time though this axis keeps its
+        # size (twins' ``q.reshape(B, N, heads, C // heads)``, C read off the pruned stream, q pinned)
+        return new if loses else v
+    if loses:
         return v  # an expression of sizes that lose rows too follows them at run time (C // groups)
     f = Fraction(new, old)
     graph = site.node.graph
