@@ -311,7 +311,15 @@ class OTO:
         small = state.gm
         copy_training_flags(small, self.model)
         if verify:
-            self.verify(small)
+            try:
+                self.verify(small)
+            except OTOError:
+                raise
+            except Exception as e:  # noqa: BLE001 - a rewrite otofx got wrong: say so, in otofx's terms
+                raise VerificationError(
+                    f"the compressed graph does not run on the example inputs: {type(e).__name__}: {_first_line(e)}. "
+                    "This is a bug in otofx: please report it with the model. `oto.compress(verify=False)` skips "
+                    "this check; the model's own class (form='module') may still work") from e
         return small
 
     def _module_keeping_layer_norm_widths(self, error: Exception, check: bool, plan: Plan | None,
