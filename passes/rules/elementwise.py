@@ -294,6 +294,19 @@ functions("binary", _ov(aten.pow, "Tensor_Tensor", "Scalar"), ("input", "other")
           kind="pow")
 
 
+@rule("addcmul", keeps_axes=True)
+def addcmul(ctx: Ctx, input, tensor1, tensor2, value=1, meta=None, **_):
+    """input + value * tensor1 * tensor2, broadcast: binary's mul of the two tensors, then its add (zero where input is and either factor is)."""
+    shape = torch.broadcast_shapes(*(tuple(t.shape) for t in (tensor1, tensor2) if isinstance(t, (AxisLabels, torch.Tensor))))
+    prod = binary(ctx, tensor1, tensor2, kind="mul", meta=torch.empty(shape, device="meta"))
+    return binary(ctx, input, prod, kind="add", meta=meta)
+
+
+functions("addcmul", [torch.addcmul] + _ov(aten.addcmul, "default"), ("input", "tensor1", "tensor2", "value"),
+          (("value", 1),))
+methods("addcmul", ["addcmul", "addcmul_"], ("input", "tensor1", "tensor2", "value"), (("value", 1),))
+
+
 @rule("where", keeps_axes=True)
 def where(ctx: Ctx, condition, input, other, meta=None, **_):
     """where(c, x, y): elementwise choice with broadcasting; axes of full size are one channel across c, x, y; zero where x and y both are."""

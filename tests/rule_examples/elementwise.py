@@ -274,3 +274,33 @@ def comparison_of_two_tensors_exported():
 
     m = Net(fwd, c1=conv(3, 8), c2=conv(8, 4), c3=conv(3, 8))
     return m, img()
+
+
+@example("addcmul")
+def addcmul_affine_and_gated_response():
+    """timm's ``Affine`` (``torch.addcmul(beta, alpha, x)``: ResMLP) and a gated response
+    (``y.addcmul(g, y * n)``, ConvNeXt V2's GRN): a per-channel shift plus a product, the channels tied
+    through both factors and the shift."""
+
+    def fwd(s, x):
+        y = torch.relu(s.c1(x))
+        y = torch.addcmul(s.beta, s.alpha, y)
+        y = y.addcmul(s.gamma, y * y.mean((2, 3), keepdim=True), value=0.5)
+        return s.c2(y)
+
+    m = Net(fwd, c1=conv(3, 8), c2=conv(8, 4), alpha=nn.Parameter(torch.randn(1, 8, 1, 1)),
+            beta=nn.Parameter(torch.randn(1, 8, 1, 1)), gamma=nn.Parameter(torch.randn(1, 8, 1, 1)))
+    return m, img()
+
+
+@example("addcmul", frontend="export")
+def addcmul_exported():
+    """The ATen form (aten.addcmul.default)."""
+
+    def fwd(s, x):
+        _force_export(x)
+        y = torch.relu(s.c1(x))
+        return s.c2(torch.addcmul(s.beta, y, s.c3(x)))
+
+    m = Net(fwd, c1=conv(3, 8), c2=conv(8, 4), c3=conv(3, 8), beta=nn.Parameter(torch.randn(1, 8, 1, 1)))
+    return m, img()
