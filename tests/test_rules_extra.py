@@ -249,3 +249,15 @@ def test_constant_adding_ops_clear_passed_zero_masks(mid):
     oto = otofx.OTO(model, x)
     zero_random_rows(model, oto, seed=1)
     assert_exact(model, oto, fresh_like(x), small=oto.compress(form="graph", verify=False), smaller=False)
+
+
+def test_a_crop_at_a_run_time_bound_pins_only_the_cropped_axes():
+    # x[:, :, :h, :w - 1] with h, w read off a shape: the channels pass (timm's Swin, DaViT and PiT lost
+    # every width to "indexed by a tensor or computed value")
+    from otofx.passes.rules.indexing import getitem  # noqa: F401 - the rule under test
+
+    m, x = R.indexing.slice_at_a_size_read_at_run_time()
+    oto = otofx.OTO(randomize(m.eval()), x)
+    assert [z.rows for z in oto.groups] == [8]
+    zero_random_rows(oto.model, oto, seed=0)
+    assert_exact(m, oto, x)

@@ -17,7 +17,7 @@ import operator
 import numpy as np
 import torch
 
-from ..channels import AxisLabels, Ctx, false_mask, labs_in, pinned_axis
+from ..channels import AxisLabels, Ctx, SymSize, false_mask, labs_in, pinned_axis
 from ..registry import functions, methods, rule
 from .common import _ax, _ov, _out_shape, _passthrough
 
@@ -194,6 +194,16 @@ def getitem(ctx: Ctx, input, index, meta=None, **_):
         elif isinstance(p, int):
             if x.shape[axis] > 1:
                 ctx.pin(x.ids[axis], "indexes a single channel")
+        elif isinstance(p, slice) and all(v is None or (isinstance(v, (int, SymSize)) and not isinstance(v, bool))
+                                          for v in (p.start, p.stop, p.step)):
+            # a slice bounded by sizes read at run time (timm's Swin crops its padding: x[:, :H, :W, :]):
+            # that axis is pinned and the others pass, as they do beside a literal slice
+            ctx.pin([v for v in (p.start, p.stop, p.step) if isinstance(v, SymSize)],
+                    "a size read off this axis is used as a value")
+            ctx.pin(x.ids[axis], "sliced at a bound computed at run time")
+            n = _out_shape(meta)[len(ids)]
+            ids.append(pinned_axis(n))
+            zero.append(false_mask(n))
         else:
             for lab in labs_in(p):
                 ctx.pin(lab, "used as an index")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from .common import _force_export, _heads, _merge, _qkvo, conv, example, H_, img, N, Net
 
@@ -161,3 +162,16 @@ def index_select_over_channels():
     m = Net(lambda s, x: s.c2(s.c1(x).index_select(1, s.idx)), c1=conv(3, 8), c2=conv(4, 4))
     m.register_buffer("idx", torch.tensor([0, 7, 3, 3]))
     return m, img()
+
+
+@example("getitem")
+def slice_at_a_size_read_at_run_time():
+    """A crop at a bound computed from sizes (timm's Swin removes its window padding with
+    x[:, :H, :W, :]): the cropped axes are pinned, the channels pass."""
+
+    def fwd(s, x):
+        y = F.pad(torch.relu(s.c1(x)), (0, 2, 0, 2))
+        h, w = x.shape[2], x.shape[3]
+        return s.c2(y[:, :, :h, : w - 1])
+
+    return Net(fwd, c1=conv(3, 8), c2=conv(8, 4)), img()
