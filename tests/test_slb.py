@@ -991,7 +991,10 @@ def test_half_precision_model_quantises_trains_and_freezes(dtype, form):
     if importlib.util.find_spec("torchao") is not None:
         ao = slb.to_torchao(frozen)
         with torch.no_grad():
-            torch.testing.assert_close(ao(x), frozen(x))
+            # NB: torchao's kernels round in another order (torch 2.11's float16 path: 1.8 eps apart);
+            # the bound is a few units of the dtype's rounding at the outputs' scale
+            ref = frozen(x)
+            torch.testing.assert_close(ao(x), ref, rtol=8 * eps, atol=8 * eps * float(ref.abs().max()))
 
 
 class _TwoHeads(nn.Module):
