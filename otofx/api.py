@@ -38,7 +38,7 @@ from otofx import pipeline
 from otofx.capture import DATA_BRANCHES, SIZE_BOUNDS, STATIC_IMAGE_SIZES, _first_line, _no_kv_cache, normalize_inputs
 from otofx.errors import InputError, OTOError, VerificationError
 from otofx.passes.nodes import layer_norm_params, set_path, unread_parameters
-from otofx.passes.prune import Plan, plan_rows, row_norms, zero_row_plan
+from otofx.passes.prune import Plan, plan_rows, row_norms, zero_row_plan, zero_rows
 from otofx.passes.zigs import ZIG, ZigSet
 from otofx.verify import compare, compare_all, eval_mode, input_sets, outputs_close, run_eval
 from otofx.rebuild import RebuildError, copy_training_flags, rebuild
@@ -338,10 +338,8 @@ class OTO:
             return None
         # NB: keeping a row is exact only where the model has it zero; a plan of rows that are not
         # (SCOP's prune_lowest) must remove them, which the graph form does
-        params = dict(gm.named_parameters())
-        with torch.no_grad():
-            live = [i for i in keep for name, dim, index in plan.zigset.zigs[i].params if name in params
-                    and params[name].movedim(dim, 0)[index[plan.removed[i]].reshape(-1)].any()]
+        zero = zero_rows(plan.zigset, gm)
+        live = [i for i in keep if not torch.isin(plan.removed[i], zero[i]).all()]
         if live:
             log.info("otofx: the plan removes rows that are not zero in %s (group %d), which the own class cannot "
                      "keep: %s", type(self.model).__name__, live[0], _first_line(error))

@@ -471,14 +471,7 @@ def parametrize_layers(gm: fx.GraphModule, layers, make: Callable[[Layer, torch.
         owner = new.get_submodule(layer.owner)
         if (id(owner), layer.attr) in done:
             continue  # a tied weight: parametrised with the layer it is tied to (one original)
-        if parametrize.is_parametrized(owner, layer.attr):
-            raise InputError(f"weight '{layer.name}' already has a parametrisation: remove it "
-                             "(torch.nn.utils.parametrize.remove_parametrizations) before SLB")
-        weight = getattr(owner, layer.attr)
-        if not weight.is_floating_point():
-            raise InputError(f"weight '{layer.name}' has dtype {weight.dtype}; SLB needs a floating-point weight")
-        pm = make(layer, weight.detach())
-        done |= register_tied(holders, owner, layer.attr, weight, pm, layer.name)
+        done |= _parametrise(holders, owner, layer, make)
     if act is not None:
         inside = []
         for layer in picked:
@@ -556,6 +549,18 @@ def _untie_the_root(gm: fx.GraphModule, picked: list) -> None:
         log.info("otofx.slb: the root's '%s' is '%s' (tied); the graph reads it there", attr, names[id(p)])
     if changed:
         gm.recompile()
+
+
+def _parametrise(holders: dict, owner: nn.Module, layer: "Layer", make) -> set:
+    """``layer``'s weight (a plain floating-point parameter of ``owner``) as the SLB weight ``make``
+    builds, in every module holding it (:func:`register_tied`); returns those holders."""
+    if parametrize.is_parametrized(owner, layer.attr):
+        raise InputError(f"weight '{layer.name}' already has a parametrisation: remove it "
+                         "(torch.nn.utils.parametrize.remove_parametrizations) before SLB")
+    weight = getattr(owner, layer.attr)
+    if not weight.is_floating_point():
+        raise InputError(f"weight '{layer.name}' has dtype {weight.dtype}; SLB needs a floating-point weight")
+    return register_tied(holders, owner, layer.attr, weight, make(layer, weight.detach()), layer.name)
 
 
 def register_tied(holders: dict, owner: nn.Module, attr: str, weight: torch.Tensor, pm: nn.Module,
@@ -743,13 +748,7 @@ def parametrize_model(model: nn.Module, picked: list, make: Callable[[Layer, tor
     for layer in picked:
         owner = new.get_submodule(layer.owner)
         if (id(owner), layer.attr) not in done:  # else tied to a layer parametrised before (one original)
-            if parametrize.is_parametrized(owner, layer.attr):
-                raise InputError(f"weight '{layer.name}' already has a parametrisation: remove it "
-                                 "(torch.nn.utils.parametrize.remove_parametrizations) before SLB")
-            weight = owner._parameters[layer.attr]
-            if not weight.is_floating_point():
-                raise InputError(f"weight '{layer.name}' has dtype {weight.dtype}; SLB needs a floating-point weight")
-            done |= register_tied(holders, owner, layer.attr, weight, make(layer, weight.detach()), layer.name)
+            done |= _parametrise(holders, owner, layer, make)
         if act is None:
             continue
         like = owner.parametrizations[layer.attr].original
