@@ -64,7 +64,8 @@ from otofx.passes.modules import PrunedLayerNorm, PrunedMultiheadAttention
 from otofx.passes.prune import Plan, take
 from otofx.passes.resize import (STREAM_WIDTHS, Change, ResizeError, Scope, apply_rms_fold, resize, resync_counts,
                                  constant_scale_sources, norm_sites, rms_folds, rms_input_producer, stream_scale_sources,
-                                 scale_parameter, tied_head_norms)
+                                 scale_parameter, tied_head_norms, weightless_stream_fold,
+                                 resize_weightless_norms)
 
 log = logging.getLogger("otofx")
 
@@ -198,6 +199,11 @@ def rebuild(model: nn.Module, plan: Plan, gm: torch.fx.GraphModule | None = None
         for fold in rms_folds(gm, plan, model):
             changed.setdefault(fold.module, {}).update(apply_rms_fold(new.get_submodule(fold.module), fold))
             log.debug("otofx: %s: RMS norm over %d of %d entries refolded", fold.module, fold.new, fold.old)
+        # NB: a norm without a weight has no float or weight to refold: the layers around it scale
+        for name, factor in (weightless_stream_fold(gm, plan, model) or {}).items():
+            scale_parameter(new, name, factor)
+            log.debug("otofx: %s scaled by %g around RMS norms without a weight", name, factor)
+        resize_weightless_norms(new, gm, plan)
     _resync_stream_width(new, model, stream)  # NB: before the config fit, which compares these attributes
     _update_config(new, model, changed, cuts, old_shapes, stream, groups, gm if follow_floats else None, folds)
     # NB: a replacement module (PrunedMultiheadAttention, PrunedLayerNorm) is built in training mode

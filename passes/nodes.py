@@ -220,14 +220,16 @@ _RESHAPES = ("view", "reshape", "_unsafe_view", "flatten")
 @dataclass(frozen=True)
 class RmsNorm:
     """``w * h * rsqrt(mean(h ** 2, dim, keepdim=True) + eps)`` in a graph: ``weight`` is the
-    ``get_attr`` node of ``w`` (read as ``1 + w`` when ``one_plus``)."""
+    ``get_attr`` node of ``w`` (read as ``1 + w`` when ``one_plus``), or None for a norm without one
+    (NanoChat's, HRM's); ``out`` is the node of ``h * rsqrt(...)``, before any weight."""
 
     mean: fx.Node
     input: fx.Node
     dim: int
     eps: float
-    weight: fx.Node
+    weight: fx.Node | None
     one_plus: bool
+    out: fx.Node | None = None
 
 
 def _op(n) -> str:
@@ -304,7 +306,8 @@ def _norm_weight(nrm):
 
 def rms_norm_of(mean: fx.Node) -> RmsNorm | None:
     """The RMS norm whose ``mean`` node this is (the mean of a square over one axis, kept, plus a
-    float eps, rsqrt or ``** -0.5``, times the squared value, times a 1-D weight of the model), or None."""
+    float eps, rsqrt or ``** -0.5``, times the squared value, then maybe times a 1-D weight of the
+    model), or None."""
     if mean.op not in ("call_function", "call_method") or _op(mean) != "mean" or len(mean.args) < 2:
         return None
     sq = _before_casts(mean.args[0])
@@ -326,8 +329,8 @@ def rms_norm_of(mean: fx.Node) -> RmsNorm | None:
         return None
     hit = _norm_weight(nrm)
     if hit is None:
-        return None
-    return RmsNorm(mean, h, dim, eps, hit[0], hit[1])
+        return RmsNorm(mean, h, dim, eps, None, False, nrm)
+    return RmsNorm(mean, h, dim, eps, hit[0], hit[1], nrm)
 
 
 def layer_norm_params(gm: fx.GraphModule) -> set:

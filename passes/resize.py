@@ -888,10 +888,12 @@ def stream_scale_sources(gm, paths, sites: dict | None = None) -> tuple | None:
     return sorted(sources), sorted(heads.items())
 
 
-def _stream_values(todo: list, gm, inside: set):
+def _stream_values(todo: list, gm, inside: set, passes: dict | None = None, raw: bool = False):
     """Walk back from the values ``todo`` that must scale by c: ``(source parameter names, writer
     nodes, factors that must not scale)``, or None when a value on the way is neither a writer, a
-    sum of scaled values, a product with a factor, nor an op that passes a scale on."""
+    sum of scaled values, a product with a factor, nor an op that passes a scale on. ``passes``:
+    ``{output: input}`` of norms that give c times their output when their input is scaled by c;
+    ``raw``: a parameter read as it is (HRM's initial state added to the stream) is a writer too."""
     sources, writers, others = set(), set(), []
     while todo:
         v = todo.pop()
@@ -899,6 +901,14 @@ def _stream_values(todo: list, gm, inside: set):
             continue
         if not isinstance(v, fx.Node):
             return None
+        if passes and v in passes:
+            inside.add(v)
+            todo.append(passes[v])
+            continue
+        if raw and v.op == "get_attr" and isinstance(_attr(gm, v.target), nn.Parameter):
+            writers.add(v)
+            sources.add(v.target)
+            continue
         src = _stream_source(v, gm)
         if src is not None:
             writers.add(v)
@@ -920,7 +930,8 @@ def _stream_values(todo: list, gm, inside: set):
             continue
         if op in _STREAM_PASS and args and isinstance(args[0], fx.Node):
             todo.append(args[0])
-            others += [a for a in list(args[1:]) + list(v.kwargs.values()) if isinstance(a, fx.Node)]
+            if op not in ("type_as", "expand_as", "view_as"):  # NB: these read the other's dtype or shape only
+                others += [a for a in list(args[1:]) + list(v.kwargs.values()) if isinstance(a, fx.Node)]
             continue
         if op == "cat" and isinstance(args[0], (list, tuple)):
             todo += list(args[0])
@@ -939,6 +950,15 @@ def _stream_values(todo: list, gm, inside: set):
             continue
         return None
     return sources, writers, others
+
+
+def _attr(root: nn.Module, target: str):
+    """The attribute a ``get_attr`` target names, or None."""
+    path, _, name = target.rpartition(".")
+    try:
+        return getattr(root.get_submodule(path), name, None)
+    except AttributeError:
+        return None
 
 
 def _scaled_side(v, gm, inside: set, writers: set) -> int | None:
@@ -993,6 +1013,165 @@ def _reads_only(n: fx.Node, writers: set) -> bool:
     return True
 
 
+# ---------------------------------------------------------------------------------------------
+# RMS norms without a weight over an axis that lost entries
+# ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class WeightlessSite:
+    """An RMS norm without a weight (written out, ``F.rms_norm`` or ``nn.RMSNorm`` without one)
+    over an axis that went from ``old`` to ``new`` entries: ``input`` is what it squares, ``out``
+    its normalised value, ``ends`` its nodes that read ``input``."""
+
+    input: fx.Node
+    out: fx.Node
+    ends: tuple
+    old: int
+    new: int
+
+
+def weightless_sites(gm, plan) -> list:
+    """The :class:`WeightlessSite` of every RMS norm without a weight in ``gm`` over one axis that
+    ``plan`` narrows."""
+    labels, uf = plan.zigset.labels, plan.zigset.uf
+    out = []
+    for n in gm.graph.nodes:
+        site = None
+        rms = rms_norm_of(n)
+        if rms is not None and rms.weight is None:
+            square = _before_casts(n.args[0])
+            site = (rms.input, rms.dim, rms.out, (square, rms.out))
+        elif n.op == "call_module" and n.args:
+            m = gm.get_submodule(n.target)
+            if isinstance(m, nn.RMSNorm) and m.weight is None and len(m.normalized_shape) == 1:
+                site = (n.args[0], -1, n, (n,))
+        elif n.op == "call_function" and op_of(n, gm) == "rms_norm":
+            args = call_arguments(n, gm) or {}
+            shape = args.get("normalized_shape")
+            if args.get("weight") is None and isinstance(shape, (list, tuple)) and len(shape) == 1:
+                site = (args.get("input"), -1, n, (n,))
+        if site is None or not isinstance(site[0], fx.Node):
+            continue
+        lab = labels.get(site[0].name)
+        if not isinstance(lab, AxisLabels):
+            continue
+        ids = lab.ids[site[1] % len(lab.ids)]
+        new = int((~plan.removed_roots[uf.find(ids)]).sum())
+        if 0 < new < len(ids):
+            out.append(WeightlessSite(site[0], site[2], site[3], len(ids), new))
+    return out
+
+
+def resize_weightless_norms(new_model: nn.Module, gm, plan) -> None:
+    """``nn.RMSNorm`` modules without a weight hold no tensor for the rebuild to slice: their
+    ``normalized_shape`` takes the narrowed width the graph gives them."""
+    for site in weightless_sites(gm, plan):
+        if site.out.op == "call_module":
+            m = new_model.get_submodule(site.out.target)
+            if isinstance(m, nn.RMSNorm) and tuple(m.normalized_shape) == (site.old,):
+                m.normalized_shape = (site.new,)
+
+
+def _linear_consumers(u: fx.Node, v: fx.Node, gm) -> list | None:
+    """``[(linear node, weight name)]``: the linear layers reading value ``v`` through its reader
+    ``u`` (past casts and slices of positions, each read by nothing else), or None when ``u`` leads
+    anywhere else."""
+    out, todo = [], [(u, v)]
+    while todo:
+        u, v = todo.pop()
+        if u.op in ("call_function", "call_method") and _op(u) in _CASTS + ("slice", "select", "getitem") \
+                and u.args and u.args[0] is v:
+            todo += [(w, u) for w in _readers(u)]
+            continue
+        lin = _linear_params(u, gm)
+        if lin is None or lin[0] is not v:
+            return None
+        out.append((u, lin[1]))
+    return out
+
+
+def weightless_stream_fold(gm, plan, model: nn.Module) -> dict | None:
+    """``{parameter name: factor}`` that makes the module form's RMS norms without a weight over a
+    narrowed axis (:func:`weightless_sites`; their own forward divides by the new width) compute
+    what they did, with their eps unchanged; ``{}`` when there are none; None when no such scaling
+    is found (the module form then fails verification and the graph form is returned).
+
+    With c = sqrt(new / old), a norm whose input is scaled by c gives c times its old output:
+    ``c x / sqrt(mean_new((c x)**2) + eps) == c x / sqrt(mean_old(x**2) + eps)``. So the layers that
+    write the norms' inputs (a residual stream's embedding and output projections, or the norm's
+    own producer) are scaled by c (:func:`_stream_values`; a norm whose output feeds another's
+    input, post-norm or a norm after the embedding, passes c on), and every linear layer reading a
+    scaled value from outside (q/k/v and MLP inputs, the LM head) takes 1/c on its weight. Fails
+    when a scaled value is read by anything else (a norm with a weight, a model output), when a
+    factor multiplying it is computed from it, or when a scaled parameter is read elsewhere or
+    tied to another name."""
+    sites = weightless_sites(gm, plan)
+    if not sites:
+        return {}
+    ratios = {s.new / s.old for s in sites}
+    if len(ratios) != 1:
+        return None  # NB: two streams of different widths: one scale per value would not serve both
+    c = ratios.pop() ** 0.5
+    ends = {e for s in sites for e in s.ends}
+    passes = {s.out: s.input for s in sites}
+    inside: set = set()
+    sources, writers, others = set(), set(), []
+    consumers: dict = {}  # linear node -> weight name
+    todo, checked = [s.input for s in sites], set()
+    while todo:
+        found = _stream_values(todo, gm, inside, passes, raw=True)
+        if found is None:
+            return None
+        sources |= found[0]
+        writers |= found[1]
+        others += found[2]
+        todo = []
+        for v in (inside | set(passes) | writers) - checked:
+            checked.add(v)
+            for u in _readers(v):
+                if u in inside or u in ends or u in todo:
+                    continue
+                if u.op in ("call_function", "call_method") and (_op(u) in ("add", "sub", "mul", "cat")
+                                                                 or (_op(u) == "div" and u.args[0] is v)):
+                    todo.append(u)  # NB: the stream goes on past its last norm (a sum the head reads)
+                    continue
+                lins = _linear_consumers(u, v, gm)
+                if lins is None:
+                    return None  # NB: the scaled value read raw (a model output, a norm with a weight)
+                consumers.update(lins)
+    # NB: a layer called at several places scales once: every call must play the same part (a
+    # linear both reading and writing the stream, x + W x, keeps W and scales its bias)
+    read = set(consumers.values())
+    for name in read & sources:
+        if any((u in writers) != (u in consumers) for u in writers | set(consumers)
+               if consumers.get(u) == name or name in (_stream_source(u, gm) or ((), ()))[0]):
+            return None
+    factors = {name: c for name in sources}
+    for name in read:
+        factors[name] = factors.get(name, 1.0) / c
+    consumers = set(consumers)
+    clean: set = set()
+    for o in others:
+        if _reaches(o, inside | writers, ends | consumers, clean):
+            return None
+    # NB: a parameter scaled here must be read by its writer or consumer alone, under one name
+    layers = writers | consumers
+    for n in gm.graph.nodes:
+        if n.op == "get_attr" and n.target in factors and n not in writers and not _reads_only(n, layers):
+            return None
+        if n.op == "call_module" and n not in layers and any(k.startswith(f"{n.target}.") for k in factors):
+            return None
+    named = list(model.named_parameters(remove_duplicate=False))
+    for name in factors:
+        try:
+            p = model.get_parameter(name)
+        except AttributeError:
+            return None
+        if sum(q is p for _, q in named) != 1:
+            return None
+    return {k: f for k, f in factors.items() if f != 1.0}
+
+
 def scale_parameter(model: nn.Module, name: str, factor: float, one_plus: bool = False, rows=None) -> None:
     """Multiply parameter ``name`` of ``model`` by ``factor`` in place (``one_plus``: the value read
     is ``1 + w``, so ``1 + w`` is scaled; ``rows``: only rows ``start:stop`` of its first axis), in
@@ -1007,6 +1186,8 @@ def _rms_site(n, gm):
     """``(input, dim, module path, eps, weight attribute, one_plus)`` of the RMS norm ``n`` computes
     or ends (a written-out norm's mean; an ``rms_norm`` op over the last axis with a weight), else None."""
     rms = rms_norm_of(n)
+    if rms is not None and rms.weight is None:
+        return None  # NB: a norm without a weight has nothing to refold: weightless_stream_fold scales around it
     if rms is not None:
         path, _, attr = rms.weight.target.rpartition(".")
         return rms.input, rms.dim, path, rms.eps, attr, rms.one_plus
@@ -1042,4 +1223,5 @@ def apply_rms_fold(module: nn.Module, fold: RmsFold) -> dict:
 
 __all__ = ["Change", "Scope", "ResizeError", "RESIZERS", "resizer", "rule_for", "resize", "resync_counts",
            "HEAD_COUNTS", "WIDTHS", "STREAM_WIDTHS", "RmsFold", "rms_folds", "apply_rms_fold", "rms_input_producer",
-           "norm_sites", "tied_head_norms", "stream_scale_sources", "constant_scale_sources", "scale_parameter"]
+           "norm_sites", "tied_head_norms", "stream_scale_sources", "constant_scale_sources", "scale_parameter",
+           "WeightlessSite", "weightless_sites", "weightless_stream_fold", "resize_weightless_norms"]

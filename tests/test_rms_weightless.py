@@ -1,0 +1,179 @@
+"""RMS norms without a weight (NanoChat, modded-nanoGPT, HRM) leave the residual stream prunable.
+
+``x / sqrt(mean(x ** 2) + eps)`` of a zero feature is zero, so the stream's features are rows. The
+graph keeps the old divisor. The model's own forward divides by the new width; with c = sqrt(new / old)
+it computes the old function when the layers writing the norms' inputs are scaled by c and the linear
+layers reading the normalised values by 1 / c, eps untouched (``passes.resize.weightless_stream_fold``).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import otofx
+from helpers import max_rel_diff, n_params, randomize, zero_random_rows
+
+
+class Norm(nn.Module):
+    """One RMS norm without a weight, spelled ``kind``."""
+
+    def __init__(self, kind: str, eps: float = 1e-3):
+        super().__init__()
+        self.kind, self.eps = kind, eps
+        self.rms = nn.RMSNorm(16, eps=eps, elementwise_affine=False) if kind == "module" else None
+
+    def forward(self, x):
+        if self.kind == "written":  # NanoChat's: in float32, then back
+            h = x.float()
+            return (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x)
+        if self.kind == "literal":  # eps a literal of the forward, held by no attribute
+            return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5)
+        if self.kind == "functional":  # modded-nanoGPT's: eps None (the dtype's machine epsilon)
+            return F.rms_norm(x, (x.size(-1),))
+        return self.rms(x)
+
+
+class Block(nn.Module):
+    def __init__(self, kind: str, post: bool):
+        super().__init__()
+        self.post = post
+        self.norm = Norm(kind)
+        self.q, self.k, self.v = nn.Linear(16, 16), nn.Linear(16, 16), nn.Linear(16, 16)
+        self.o = nn.Linear(16, 16)
+        self.up, self.down = nn.Linear(16, 48), nn.Linear(48, 16)
+        self.norm2 = Norm(kind)
+
+    def attend(self, x):
+        a = torch.softmax(self.q(x) @ self.k(x).transpose(-1, -2) / 4, -1)
+        return self.o(a @ self.v(x))
+
+    def forward(self, x):
+        if self.post:  # HRM's: the norm's output is the stream
+            x = self.norm(x + self.attend(x))
+            return self.norm2(x + self.down(F.gelu(self.up(x))))
+        x = x + self.attend(self.norm(x))
+        return x + self.down(F.gelu(self.up(self.norm2(x))))
+
+
+class LM(nn.Module):
+    def __init__(self, kind: str, post: bool = False, embed_norm: bool = False, final_norm: bool = True,
+                 tied: bool = False):
+        super().__init__()
+        self.emb = nn.Embedding(40, 16)
+        self.start = nn.Parameter(torch.zeros(16))  # an initial state added to the stream (HRM's z_L_init)
+        self.embed_norm = Norm(kind) if embed_norm else None
+        self.blocks = nn.ModuleList([Block(kind, post) for _ in range(2)])
+        self.final = Norm(kind) if final_norm else None
+        self.head = nn.Linear(16, 40, bias=False)
+        if tied:
+            self.head.weight = self.emb.weight
+
+    def forward(self, ids):
+        x = self.emb(ids) + self.start
+        if self.embed_norm is not None:  # NanoChat's norm right after the embedding
+            x = self.embed_norm(x)
+        for b in self.blocks:
+            x = b(x)
+        if self.final is not None:
+            x = self.final(x)
+        return self.head(x[:, -5:])  # the positions an LM head keeps
+
+
+def _ids(batch=2, seq=9, seed=0):
+    return torch.randint(0, 40, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+def _stream_rows(oto):
+    return sum(z.rows for z in oto.groups if any(name == "emb.weight" and d == 1 for name, d, _ in z.params))
+
+
+@pytest.mark.parametrize("kind", ["written", "literal", "functional", "module"])
+@pytest.mark.parametrize("shape", ["pre", "post", "embed_norm", "no_final"])
+def test_stream_under_weightless_norms_is_pruned_in_its_own_class(kind, shape, recwarn):
+    torch.manual_seed(0)
+    model = LM(kind, post=shape == "post", embed_norm=shape == "embed_norm", final_norm=shape != "no_final").eval()
+    randomize(model)
+    oto = otofx.OTO(model, _ids())
+    assert _stream_rows(oto) == 16, oto.report()
+    zero_random_rows(model, oto, seed=1)
+    small = oto.compress()
+    assert type(small) is LM, [str(w.message) for w in recwarn]
+    assert small.emb.weight.shape[1] < 16 and n_params(small) < n_params(model)
+    for ids in (_ids(), _ids(3, 14, seed=5)):  # another batch and length than the example's
+        with torch.no_grad():
+            assert max_rel_diff(model(ids), small(ids)) < 1e-4
+    # train mode (no dropout, no batch statistics here): the same function, gradients flow
+    model.train(), small.train()
+    out = small(_ids(seed=7))
+    assert max_rel_diff(model(_ids(seed=7)), out) < 1e-4
+    out.sum().backward()
+    assert small.emb.weight.grad is not None
+
+
+def test_the_users_model_is_left_alone():
+    torch.manual_seed(0)
+    model = LM("written", embed_norm=True).eval()
+    randomize(model)
+    oto = otofx.OTO(model, _ids())
+    zero_random_rows(model, oto, seed=1)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    oto.compress()
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+class Returns(LM):
+    """Also returns the stream before its final norm."""
+
+    def forward(self, ids):
+        x = self.emb(ids) + self.start
+        for b in self.blocks:
+            x = b(x)
+        return self.head(self.final(x)), x
+
+
+@pytest.mark.parametrize("case", ["tied", "stream_returned"])
+def test_no_scaling_exists_so_the_graph_form_is_exact(case, caplog):
+    """A head tied to the embedding would need the table scaled by c and by 1 / c at once; a stream
+    returned raw cannot scale at all: the own class is given up (with a warning), the graph is exact."""
+    torch.manual_seed(0)
+    model = (Returns("written") if case == "stream_returned" else LM("written", tied=True)).eval()
+    randomize(model)
+    oto = otofx.OTO(model, _ids())
+    if case == "stream_returned":  # the raw stream is a model output: pinned
+        assert _stream_rows(oto) == 0
+        return
+    assert _stream_rows(oto) == 16
+    zero_random_rows(model, oto, seed=1)
+    with caplog.at_level("WARNING", logger="otofx"):
+        small = oto.compress()
+    assert isinstance(small, torch.fx.GraphModule)
+    assert any("own forward" in r.getMessage() for r in caplog.records)
+    with torch.no_grad():
+        assert max_rel_diff(model(_ids(3, 11)), small(_ids(3, 11))) < 1e-4
+
+
+def test_nanochat_hidden_width_is_pruned_and_loads_from_pretrained(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    if not hasattr(transformers, "NanoChatForCausalLM"):
+        pytest.skip("this transformers has no NanoChat")
+    cfg = transformers.NanoChatConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=4, intermediate_size=64, max_position_embeddings=64)
+    torch.manual_seed(0)
+    model = transformers.NanoChatForCausalLM(cfg).eval()
+    randomize(model)
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(0))
+    oto = otofx.OTO(model, ids)
+    hidden = [z for z in oto.groups if any(n == "model.embed_tokens.weight" and d == 1 for n, d, _ in z.params)]
+    assert sum(z.rows for z in hidden) == 32
+    zero_random_rows(model, oto, seed=1)
+    small = oto.compress()
+    assert type(small) is type(model) and small.config.hidden_size < 32
+    other = torch.randint(0, 64, (3, 7), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ref = model(other).logits
+        assert max_rel_diff(ref, small(other).logits) < 1e-4
+        small.save_pretrained(tmp_path)
+        again = type(model).from_pretrained(tmp_path).eval()
+        assert max_rel_diff(ref, again(other).logits) < 1e-4
