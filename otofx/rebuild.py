@@ -60,7 +60,7 @@ import torch
 import torch.nn as nn
 
 from otofx.errors import OTOError
-from otofx.passes.modules import PrunedLayerNorm, PrunedMultiheadAttention
+from otofx.passes.modules import PrunedLayerNorm, PrunedMultiheadAttention, PrunedRNN, refresh_rnn_weights
 from otofx.passes.prune import Plan, take
 from otofx.passes.resize import (STREAM_WIDTHS, Change, ResizeError, Scope, apply_rms_fold, resize, resync_counts,
                                  constant_scale_sources, norm_sites, rms_folds, rms_input_producer, stream_scale_sources,
@@ -68,6 +68,8 @@ from otofx.passes.resize import (STREAM_WIDTHS, Change, ResizeError, Scope, appl
                                  resize_weightless_norms)
 
 log = logging.getLogger("otofx")
+
+RECURRENT = (nn.RNNBase, PrunedRNN)
 
 
 class RebuildError(OTOError):
@@ -188,6 +190,7 @@ def rebuild(model: nn.Module, plan: Plan, gm: torch.fx.GraphModule | None = None
             raise RebuildError(f"the plan slices '{name}', which the captured graph has but "
                                f"{type(model).__name__} has no parameter or buffer of that name")
     new = _copy_with_slices(model, cuts)
+    refresh_rnn_weights(new)
     old_shapes = {n: tuple(t.shape) for n, t in named.items()}
     stream = frozenset(_stream_axes(plan, model))
     groups = _axis_groups(plan)
@@ -275,6 +278,10 @@ def _resize_modules(new: nn.Module, cuts: dict, old_shapes: dict, stream: frozen
             diff = {k: v for k, v in _int_attrs(m).items() if before.get(k) != v}
             if diff:
                 changed.setdefault(mname, {}).update(diff)
+        # NB: a recurrent layer's resizer set its sizes from its own tensors; its hidden_size and
+        # input_size are also names resync_counts moves by any changed width that had the same value
+        if isinstance(m, RECURRENT):
+            continue
         scope = _scope(mname, m, cuts, old_shapes, stream, groups)
         if scope.widths:
             done = resync_counts(m, scope, stream_widths=plain)

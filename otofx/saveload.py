@@ -69,10 +69,10 @@ _MODULE_INTERNALS = frozenset(nn.Module().__dict__) - {"training"}
 def _rebuildable() -> dict:
     """otofx modules that may replace a stock one, by (module, qualname): built from ``init_kwargs()``."""
     from otofx.passes.modules import (PrunedLayerNorm, PrunedLayerNorm2d, PrunedMultiheadAttention,
-                                      PrunedRelativeAttention, PrunedWindowAttention, PrunedWindowAttention3d)
+                                      PrunedRelativeAttention, PrunedRNN, PrunedWindowAttention, PrunedWindowAttention3d)
 
     return {_type_name(c): c for c in (PrunedMultiheadAttention, PrunedWindowAttention, PrunedWindowAttention3d,
-                                       PrunedRelativeAttention, PrunedLayerNorm, PrunedLayerNorm2d)}
+                                       PrunedRelativeAttention, PrunedLayerNorm, PrunedLayerNorm2d, PrunedRNN)}
 
 
 def _type_name(cls: type) -> tuple[str, str]:
@@ -532,6 +532,9 @@ def load(path, model: nn.Module | None = None, *, device=None, dtype: torch.dtyp
             fxcompat.set_buffer_persistent(mod, attr, rec["persistent"])
         else:
             mod.__dict__[attr] = t
+    from otofx.passes.modules import refresh_rnn_weights
+
+    refresh_rnn_weights(model)  # NB: a stock LSTM reads its weights through a list the slots above bypass
     log.info("loaded %s from %s (%d tensors)", _fmt(saved_cls), folder, len(data))
     return model
 

@@ -19,7 +19,20 @@ its input width too. ``PrunedWindowAttention`` (Swin V1 and V2, :func:`window_at
 ``PrunedRelativeAttention`` (MaxViT) compute the same functions with an explicit head count and head
 width, under the stock parameter names.
 
+``nn.LSTM``/``nn.GRU``/``nn.RNN`` have one ``hidden_size`` for every layer and direction; once their
+units are pruned apart, ``PrunedRNN`` computes the same function with a hidden size per layer and
+direction, under the stock parameter names, one single-layer ``torch._VF`` kernel call per layer and
+direction (cuDNN's on a GPU).
+
 Internals:
+    * ``PrunedRNN``: the reverse direction runs its kernel on the time-flipped sequence and flips its
+      output back; dropout between layers is ``F.dropout`` on each layer's output but the last, as the
+      stock layer applies it (its random draws differ from the fused kernel's). Each slot's units keep
+      their original indices (``units_l{k}[_reverse]``), and the state is written at the indices
+      ``state_index`` lists (``searchsorted``), zeros elsewhere, so ``h_n``/``c_n`` keep their layout.
+      # NB: a stock layer reads its weights through ``_flat_weights``, a list that writes into
+      ``_parameters`` bypass: :func:`refresh_rnn_weights` re-points it (the rewrite, rebuild and load
+      call it).
     * ``kept_heads`` (a buffer) holds the original index of every remaining head: a per-head
       ``attn_mask`` of shape ``[batch * num_heads_before, L, S]`` is sliced with it.
     * Scores are scaled by ``1 / sqrt(head_dim)``, the original head width (unchanged by head pruning).
@@ -623,3 +636,180 @@ def in_projections(m: nn.Module) -> list:
     """``[(attribute, tensor)]``: the input projection weights an attention module holds (packed
     ``in_proj_weight``, or the three separate ones)."""
     return [(a, getattr(m, a)) for a in IN_PROJECTIONS if isinstance(getattr(m, a, None), torch.Tensor)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Recurrent layers whose layers and directions keep different numbers of hidden units
+# ---------------------------------------------------------------------------------------------
+
+RNN_GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}
+
+
+def rnn_slot_suffix(layer: int, reverse: bool) -> str:
+    """``l{layer}`` or ``l{layer}_reverse``: the suffix of one layer and direction's tensors (stock names)."""
+    return f"l{layer}{'_reverse' if reverse else ''}"
+
+
+def rnn_slots(num_layers: int, bidirectional: bool) -> list:
+    """``[(layer, reverse)]`` in the order of ``h_n``'s first axis (layer-major, forward first)."""
+    return [(k, bool(d)) for k in range(num_layers) for d in range(2 if bidirectional else 1)]
+
+
+def refresh_rnn_weights(root: nn.Module) -> None:
+    """Point every stock recurrent layer's ``_flat_weights`` (what its forward reads) at its current
+    parameters.
+
+    # NB: nn.RNNBase keeps its weights in a list beside ``_parameters``; a tensor written into
+    # ``_parameters`` directly (the rewrite's slicing, deepcopy with a memo, ``otofx.load``) leaves that
+    # list pointing at the old (user's, or meta) tensors
+    """
+    for m in root.modules():
+        if isinstance(m, nn.RNNBase):
+            m._init_flat_weights()
+
+
+class PrunedRNN(nn.Module):
+    """``nn.LSTM`` / ``nn.GRU`` / ``nn.RNN`` whose layers and directions have their own hidden sizes.
+
+    Same call and results as the stock module: ``forward(input, hx=None)`` returns ``(output, (h_n, c_n))``
+    (LSTM) or ``(output, h_n)``, batch-first or not, batched or not. Layer ``k``, direction ``d`` has
+    ``hidden_sizes[slot]`` units (slot ``k * dirs + d``) whose original indices are the buffer
+    ``units_l{k}[_reverse]``; ``output``'s features are each direction's units of the last layer, side
+    by side. The state (``h0``/``c0`` read, ``h_n``/``c_n`` written) has ``state_size`` entries whose
+    original indices are the buffer ``state_index``: a slot's units sit at their own indices there
+    (positions never written are zero, as the pruned units were).
+    """
+
+    def __init__(self, mode: str, input_size: int, hidden_sizes, num_layers: int, bias: bool = True,
+                 batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False, state_size: int = 0,
+                 device=None, dtype=None):
+        super().__init__()
+        if mode not in RNN_GATES:
+            raise ValueError(f"mode must be one of {sorted(RNN_GATES)}, got {mode!r}")
+        slots = rnn_slots(num_layers, bidirectional)
+        if len(hidden_sizes) != len(slots):
+            raise ValueError(f"{len(slots)} layers x directions need as many hidden sizes, got {list(hidden_sizes)}")
+        self.mode, self.input_size, self.num_layers = mode, int(input_size), int(num_layers)
+        self.hidden_sizes = [int(h) for h in hidden_sizes]
+        self.bias, self.batch_first, self.dropout = bool(bias), bool(batch_first), float(dropout)
+        self.bidirectional, self.state_size = bool(bidirectional), int(state_size)
+        kw = {"device": device, "dtype": dtype}
+        gates = RNN_GATES[mode]
+        dirs = 2 if bidirectional else 1
+        for s, (k, rev) in enumerate(slots):
+            h = self.hidden_sizes[s]
+            width = self.input_size if k == 0 else sum(self.hidden_sizes[k * dirs - dirs:k * dirs])
+            sfx = rnn_slot_suffix(k, rev)
+            setattr(self, f"weight_ih_{sfx}", nn.Parameter(torch.empty(gates * h, width, **kw)))
+            setattr(self, f"weight_hh_{sfx}", nn.Parameter(torch.empty(gates * h, h, **kw)))
+            if bias:
+                setattr(self, f"bias_ih_{sfx}", nn.Parameter(torch.empty(gates * h, **kw)))
+                setattr(self, f"bias_hh_{sfx}", nn.Parameter(torch.empty(gates * h, **kw)))
+            self.register_buffer(f"units_{sfx}", torch.empty(h, dtype=torch.long, device=device))
+        self.register_buffer("state_index", torch.empty(self.state_size, dtype=torch.long, device=device))
+
+    @classmethod
+    def from_module(cls, src: nn.RNNBase, units: list) -> "PrunedRNN":
+        """``src`` (its tensors already narrowed to the units kept) as a PrunedRNN; ``units[slot]`` are
+        the original indices of each slot's units. Its tensors are taken, not copied."""
+        self = cls.empty(mode=src.mode, input_size=int(src.weight_ih_l0.shape[1]),
+                         hidden_sizes=[len(u) for u in units], num_layers=src.num_layers, bias=src.bias,
+                         batch_first=src.batch_first, dropout=src.dropout, bidirectional=src.bidirectional,
+                         state_size=src.hidden_size, device="meta")
+        for name in src._flat_weights_names:
+            self._parameters[name] = src._parameters[name]
+        dev = src.weight_ih_l0.device
+        for (k, rev), u in zip(rnn_slots(src.num_layers, src.bidirectional), units):
+            self._buffers[f"units_{rnn_slot_suffix(k, rev)}"] = torch.as_tensor(u, dtype=torch.long, device=dev)
+        self._buffers["state_index"] = torch.arange(src.hidden_size, device=dev)
+        self.train(src.training)
+        return self
+
+    @classmethod
+    def empty(cls, *, mode: str, input_size: int, hidden_sizes, num_layers: int, bias: bool, batch_first: bool,
+              dropout: float, bidirectional: bool, state_size: int, device=None, dtype=None) -> "PrunedRNN":
+        """Uninitialised, of the given structure (``otofx.load`` fills the tensors)."""
+        return cls(mode, input_size, hidden_sizes, num_layers, bias, batch_first, dropout, bidirectional, state_size,
+                   device=device, dtype=dtype)
+
+    def init_kwargs(self) -> dict:
+        """The arguments of :meth:`empty` that rebuild this module's structure."""
+        return {"mode": self.mode, "input_size": self.input_size, "hidden_sizes": list(self.hidden_sizes),
+                "num_layers": self.num_layers, "bias": self.bias, "batch_first": self.batch_first,
+                "dropout": self.dropout, "bidirectional": self.bidirectional, "state_size": self.state_size}
+
+    def resync(self) -> None:
+        """Sizes from the tensors (after the rewrite sliced them)."""
+        self.input_size = int(self.weight_ih_l0.shape[1])
+        self.hidden_sizes = [int(getattr(self, f"units_{rnn_slot_suffix(k, rev)}").shape[0])
+                             for k, rev in rnn_slots(self.num_layers, self.bidirectional)]
+        self.state_size = int(self.state_index.shape[0])
+
+    def _weights(self, sfx: str) -> list:
+        names = [f"weight_ih_{sfx}", f"weight_hh_{sfx}"] + ([f"bias_ih_{sfx}", f"bias_hh_{sfx}"] if self.bias else [])
+        return [self._parameters[n] for n in names]
+
+    def _run(self, x: torch.Tensor, state, weights: list):
+        """One layer and direction, time-major ``x``: (output, final state tuple)."""
+        if self.mode == "LSTM":
+            out, h, c = torch._VF.lstm(x, state, weights, self.bias, 1, 0.0, self.training, False, False)
+            return out, (h, c)
+        fn = {"GRU": torch._VF.gru, "RNN_TANH": torch._VF.rnn_tanh, "RNN_RELU": torch._VF.rnn_relu}[self.mode]
+        out, h = fn(x, state[0], weights, self.bias, 1, 0.0, self.training, False, False)
+        return out, (h,)
+
+    def forward(self, input: torch.Tensor, hx=None):
+        if isinstance(input, nn.utils.rnn.PackedSequence):
+            raise TypeError("PrunedRNN takes a padded tensor, not a PackedSequence (a packed input was never "
+                            "analysed: the stock layer is kept for it)")
+        batched = input.dim() == 3
+        x = (input.transpose(0, 1) if self.batch_first else input) if batched else input.unsqueeze(1)
+        states = None
+        if hx is not None:
+            states = tuple(hx) if self.mode == "LSTM" else (hx,)
+            states = tuple(s if batched else s.unsqueeze(1) for s in states)
+        B = x.shape[1]
+        dirs = 2 if self.bidirectional else 1
+        finals = []
+        for k in range(self.num_layers):
+            outs = []
+            for d in range(dirs):
+                s = k * dirs + d
+                sfx = rnn_slot_suffix(k, bool(d))
+                pos = torch.searchsorted(self.state_index, self._buffers[f"units_{sfx}"])
+                if states is None:
+                    zero = x.new_zeros(1, B, self.hidden_sizes[s])
+                    state = (zero, zero) if self.mode == "LSTM" else (zero,)
+                else:
+                    state = tuple(t[s:s + 1].index_select(2, pos) for t in states)
+                seq = x.flip(0) if d else x
+                out, fin = self._run(seq, list(state) if self.mode == "LSTM" else state, self._weights(sfx))
+                outs.append(out.flip(0) if d else out)
+                finals.append((pos, fin))
+            x = torch.cat(outs, 2) if dirs == 2 else outs[0]
+            if self.dropout and self.training and k < self.num_layers - 1:
+                x = F.dropout(x, self.dropout, True)
+        n_state = 2 if self.mode == "LSTM" else 1
+        full = []
+        for i in range(n_state):
+            rows = [x.new_zeros(B, self.state_size).index_copy(1, pos, fin[i][0]) for pos, fin in finals]
+            full.append(torch.stack(rows) if batched else torch.stack(rows).squeeze(1))
+        out = (x.transpose(0, 1) if self.batch_first else x) if batched else x.squeeze(1)
+        return out, (tuple(full) if self.mode == "LSTM" else full[0])
+
+    def extra_repr(self) -> str:
+        return (f"{self.mode}, {self.input_size}, hidden_sizes={self.hidden_sizes}, num_layers={self.num_layers}, "
+                f"state_size={self.state_size}, bias={self.bias}, batch_first={self.batch_first}, "
+                f"dropout={self.dropout}, bidirectional={self.bidirectional}")
+
+
+def resize_stock_rnn(m: nn.RNNBase, units: list):
+    """A stock recurrent layer whose tensors were narrowed to ``units[slot]`` (original indices kept per
+    layer and direction): re-synced in place when every slot keeps as many units (returns None), else
+    a :class:`PrunedRNN` holding its tensors."""
+    m._init_flat_weights()
+    sizes = {len(u) for u in units}
+    if len(sizes) > 1:
+        return PrunedRNN.from_module(m, units)
+    m.hidden_size, m.input_size = sizes.pop(), int(m.weight_ih_l0.shape[1])
+    return None

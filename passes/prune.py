@@ -61,6 +61,7 @@ from otofx import fxcompat
 from otofx.fxcompat import graph_module_like
 
 from .channels import AxisLabels, labs_in
+from .modules import refresh_rnn_weights
 from .nodes import get_path, set_path
 from .registry import RULES, arg_slot, bind, form_of, set_arg
 from .zigs import ZigSet
@@ -294,6 +295,7 @@ def prune_graph(gm: fx.GraphModule, plan: Plan) -> fx.GraphModule:
     new, originals = _copy_without_tensors(gm)
     _fill_tensors(new, originals, plan)
     del originals
+    refresh_rnn_weights(new)
     mods = dict(new.named_modules())
     for node in list(new.graph.nodes):
         if node.op not in ("call_module", "call_function", "call_method"):

@@ -8,7 +8,8 @@ replacement module (``nn.MultiheadAttention`` cannot hold a pruned head count:
 ``PrunedMultiheadAttention`` takes its place; an ``nn.LayerNorm`` over a narrowed width becomes
 ``PrunedLayerNorm``, which keeps the old divisor; torchvision's Swin (image and video) and MaxViT attention
 modules become ``PrunedWindowAttention`` (``PrunedWindowAttention3d``) and ``PrunedRelativeAttention``, their heads read from the per-head bias
-table or logit scale the analysis sliced). ``resync_counts(module, scope)`` then updates the
+table or logit scale the analysis sliced; an ``nn.LSTM``/``GRU``/``RNN`` whose layers and directions keep
+different numbers of units becomes ``PrunedRNN``). ``resync_counts(module, scope)`` then updates the
 width and head-count attributes that attention and MLP blocks keep for their ``forward``
 (``num_heads``, ``split_size``, ``all_head_size``, ``inner_dim`` ...), from the widths that
 changed under the module and the head blocks the analysis found.
@@ -51,7 +52,8 @@ from otofx.errors import OTOError
 
 from .channels import AxisLabels
 from .modules import (CHANNELS_FIRST_LAYER_NORMS, PLAIN_LAYER_NORMS, PrunedLayerNorm, PrunedLayerNorm2d, PrunedMultiheadAttention,
-                      PrunedRelativeAttention, PrunedWindowAttention, PrunedWindowAttention3d)
+                      PrunedRelativeAttention, PrunedRNN, PrunedWindowAttention, PrunedWindowAttention3d, resize_stock_rnn,
+                      rnn_slot_suffix, rnn_slots)
 from .nodes import _CASTS, _RESHAPES, HF_CONV1D, _before_casts, _op, _squared, call_arguments, rms_norm_of
 from .registry import op_of
 
@@ -341,6 +343,23 @@ def relative_positional_attention(m: nn.Module, change: Change):
 def pruned_relative_attention(m: PrunedRelativeAttention, change: Change):
     """PrunedRelativeAttention (a compressed MaxViT compressed again): n_heads and the original indices of the heads left."""
     _heads_left(m, _table_heads(change, m.n_heads), "n_heads", m.to_qkv, "its bias table")
+
+
+@resizer(nn.RNNBase)
+def recurrent(m: nn.RNNBase, change: Change):
+    """LSTM / GRU / RNN: hidden_size and input_size from the weights when every layer and direction keeps
+    as many units, else replaced by PrunedRNN (per layer and direction sizes, same call and results)."""
+    units = []
+    for k, rev in rnn_slots(m.num_layers, m.bidirectional):
+        keep = change.keep.get(f"weight_hh_{rnn_slot_suffix(k, rev)}", {}).get(1)
+        units.append(np.arange(m.hidden_size) if keep is None else keep)
+    return resize_stock_rnn(m, units)
+
+
+@resizer(PrunedRNN)
+def pruned_rnn(m: PrunedRNN, change: Change):
+    """PrunedRNN (a compressed model compressed again): sizes from its sliced tensors and unit indices."""
+    m.resync()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ shape.py        cat, stack, unbind, split, reshape, shape_merge, permute, expand
 indexing.py     narrow, slice, getitem, index, select, roll, gather
 reduction.py    reduce, normalize, softmax, select_k, scan (cumsum, cumprod, cummax, diff)
 sizes.py        size, ndim, numel, arith, check
+recurrent.py    recurrent (nn.LSTM, nn.GRU, nn.RNN and PrunedRNN)
 =============== =====================================================================
 
 Each rule sits with its binders and its ``fix``; its docstring's first line is its channel
@@ -23,4 +24,4 @@ registered, so no pass keeps a list of rule names.
 Internals:
     * Order matters only where one family calls another's rule (``addmm`` reuses ``binary``).
 """
-from . import attention, elementwise, indexing, linalg, norm, reduction, shape, sizes, spatial  # noqa: F401
+from . import attention, elementwise, indexing, linalg, norm, recurrent, reduction, shape, sizes, spatial  # noqa: F401

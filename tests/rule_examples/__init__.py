@@ -22,7 +22,8 @@ import importlib
 
 from .common import CIN, E_, EXAMPLES, HD_, HW, H_, N, Net, conv, example, img  # noqa: F401
 
-FAMILIES = ("attention", "elementwise", "indexing", "linalg", "norm", "reduction", "shape", "sizes", "spatial")
+FAMILIES = ("attention", "elementwise", "indexing", "linalg", "norm", "recurrent", "reduction", "shape", "sizes",
+            "spatial")
 
 # every factory and helper class is also reachable as ``rule_examples.<name>``
 for _family in FAMILIES:

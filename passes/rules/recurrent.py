@@ -1,0 +1,194 @@
+"""Recurrent layers: ``nn.LSTM``, ``nn.GRU``, ``nn.RNN`` (tanh and relu) and their pruned form ``PrunedRNN``.
+
+A hidden unit ``j`` of one layer and one direction is a row: its rows of ``weight_ih`` and
+``weight_hh`` in every gate block (LSTM i, f, g, o; GRU r, z, n; RNN one; blocks of ``hidden_size``
+stacked along dim 0), its entries of ``bias_ih`` and ``bias_hh``, and the columns that read it (its
+column of the same layer and direction's ``weight_hh``, of the next layer's ``weight_ih``, and of
+whatever reads ``output``). With those zero and a zero initial state the unit stays zero at every
+step: LSTM ``g = tanh(0) = 0`` so ``c`` stays 0 and ``h = o * tanh(c) = 0``; GRU ``n = tanh(0) = 0`` and
+``h' = (1 - z) n + z h = h / 2`` stays 0; RNN ``h = act(0) = 0``. Layer 0's ``weight_ih`` columns read
+the input's features (one channel each, zeroed with the producer's row).
+
+The state (``h_n``, ``c_n``, and a given ``h0``/``c0``) is ``[layers * dirs, batch, hidden]``: one
+hidden axis for every layer and direction. When the state is read or given, unit ``j`` of every
+layer and direction is one row (tied: they must go together for the state to stay one tensor);
+otherwise every layer and direction has its own rows, and the compressed layer (a ``PrunedRNN``
+when their sizes differ) writes its state at the original width, its pruned units zero as they
+were.
+
+Internals:
+    * Whether the state is read is read off the graph: the node's users other than ``getitem(., 0)``
+      (``output``), through ``getitem`` chains that end unused (``out, _ = lstm(x)``).
+    * A given initial state whose entry is not zero with its row (``h0`` from a constant, ``c0``) leaves
+      LSTM and GRU units non-zero (``c_1 = c0 / 2``, ``h_1 = h0 / 2``): the output's features are then
+      not zero with their rows (RNN units are: ``act(0 + 0)``, ``h0`` read only by the zeroed column).
+    * The time axis is mixed by the recurrence (pinned); the batch axis passes.
+    * Declined (pinned, with the reason): ``proj_size > 0`` LSTMs (``h`` has ``proj_size`` entries
+      written by ``weight_hr``, ``c`` has ``hidden_size``: two axes per unit this rule does not
+      model), ``PackedSequence`` inputs.
+    * Each slot's unit ids are kept in ``ctx.extra_labels`` (``<node>.units.<slot>``) for ``_rnn_fix``,
+      which resizes the stock layer (all slots keep as many units) or puts a ``PrunedRNN`` in place.
+"""
+from __future__ import annotations
+
+import operator
+
+import numpy as np
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from ..channels import AxisLabels, Ctx, false_mask, pinned_axis
+from ..modules import RNN_GATES, PrunedRNN, rnn_slot_suffix, rnn_slots
+from ..registry import RuleDeclined, modules, rule
+from ..unionfind import PIN
+from .common import _out_shape
+
+
+def _read_beyond(n: fx.Node) -> bool:
+    """Whether ``n``'s value reaches anything but ``getitem`` chains that end unused."""
+    for u in n.users:
+        if not (u.op == "call_function" and u.target is operator.getitem) or _read_beyond(u):
+            return True
+    return False
+
+
+def state_read(node: fx.Node) -> bool:
+    """Whether the final state (item 1 of a recurrent layer's result) is read."""
+    for u in node.users:
+        if u.op == "call_function" and u.target is operator.getitem and isinstance(u.args[1], int):
+            if u.args[1] % 2 == 0:  # output
+                continue
+            if _read_beyond(u):
+                return True
+            continue
+        return True  # the whole result escapes (returned, passed on)
+    return False
+
+
+def _slot_units(m: nn.Module, slots: list) -> list:
+    """A PrunedRNN's original unit indices per slot (numpy)."""
+    out = []
+    for k, rev in slots:
+        t = m.get_buffer(f"units_{rnn_slot_suffix(k, rev)}")
+        if t.device.type == "meta":
+            raise RuleDeclined("a PrunedRNN on the meta device: its unit indices cannot be read")
+        out.append(t.cpu().numpy())
+    return out
+
+
+def _rnn_fix(site, input, module=None, **_):
+    """Resize the stock layer when every layer and direction keeps as many units, else put a PrunedRNN
+    in its place (its tensors were sliced already)."""
+    from ..modules import PrunedRNN, resize_stock_rnn
+
+    m = site.module
+    if m is None:
+        return
+    if isinstance(m, PrunedRNN):
+        m.resync()
+        return
+    labels = site.plan.zigset.labels
+    units = []
+    for s, _ in enumerate(rnn_slots(m.num_layers, m.bidirectional)):
+        ids = labels.get(f"{site.node.name}.units.{s}")
+        units.append(np.nonzero(site._keep_ids(ids))[0] if ids is not None else np.arange(m.hidden_size))
+    new = resize_stock_rnn(m, units)
+    if new is not None:
+        parent, _, attr = site.node.target.rpartition(".")
+        setattr(site.root.get_submodule(parent) if parent else site.root, attr, new)
+
+
+@rule("recurrent", fix=_rnn_fix)
+def recurrent(ctx: Ctx, input, hx=None, module=None, meta=None, **_):
+    """LSTM/GRU/RNN: hidden unit j of one layer and direction is a channel (its rows of weight_ih, weight_hh and biases in every gate block; its weight_hh column and the next layer's weight_ih column read it); layer 0's weight_ih columns read the input's features; a read or given state ties unit j across layers and directions; time is mixed."""
+    m, name = module, ctx.node.target
+    x = input
+    if not isinstance(x, AxisLabels):
+        raise RuleDeclined("a PackedSequence input (its data and batch sizes are one flat tensor)")
+    if getattr(m, "proj_size", 0):
+        raise RuleDeclined("proj_size > 0: h has proj_size entries (weight_hr's rows), c has hidden_size")
+    pruned = isinstance(m, PrunedRNN)
+    slots = rnn_slots(m.num_layers, m.bidirectional)
+    dirs = 2 if m.bidirectional else 1
+    sizes = list(m.hidden_sizes) if pruned else [m.hidden_size] * len(slots)
+    width = m.state_size if pruned else m.hidden_size
+    lstm = m.mode == "LSTM"
+    states = [] if hx is None else list(hx) if isinstance(hx, (tuple, list)) else [hx]
+    if not all(isinstance(s, AxisLabels) for s in states):
+        raise RuleDeclined("an initial state that is not a tensor")
+    batched = x.ndim == 3
+    t_axis = (1 if m.batch_first else 0) if batched else 0
+    b_axis = (0 if m.batch_first else 1) if batched else None
+
+    if states or state_read(ctx.node):
+        state = ctx.fresh(width)
+        pos = [np.searchsorted(m.state_index.cpu().numpy(), u) for u in _slot_units(m, slots)] if pruned \
+            else [np.arange(width)] * len(slots)
+        if pruned:
+            ctx.tensor_lab(f"{name}.state_index", {0: state})
+        units = [state[p] for p in pos]
+        zero = np.ones(width, dtype=bool)
+        for s in states:
+            if (ctx.uf.find(s.ids[-1]) == PIN).any():
+                ctx.pin(state, "an initial state that is not a channel (a model input, a constant) is read by every unit")
+            ctx.tie(s.ids[-1], state)
+            ctx.pin(list(s.ids[:-1]), "an initial state's layer and batch axes")
+            if lstm or m.mode == "GRU":  # NB: h0 (GRU) and c0 (LSTM) reach a unit whose rows are zero
+                zero &= s.zero[-1]
+        unit_zero = [zero[p] for p in pos]
+        state_ids, state_zero = state, zero
+    else:
+        units = [ctx.fresh(h) for h in sizes]
+        unit_zero = [np.ones(h, dtype=bool) for h in sizes]
+        state_ids, state_zero = pinned_axis(width), false_mask(width)
+
+    gates = RNN_GATES[m.mode]
+    for s, (k, rev) in enumerate(slots):
+        sfx = rnn_slot_suffix(k, rev)
+        rows = np.tile(units[s], gates)
+        cols = x.ids[-1] if k == 0 else np.concatenate(units[(k - 1) * dirs:k * dirs])
+        ctx.tensor_lab(f"{name}.weight_ih_{sfx}", {0: rows, 1: cols})
+        ctx.tensor_lab(f"{name}.weight_hh_{sfx}", {0: rows, 1: units[s]})
+        if m.bias:
+            ctx.tensor_lab(f"{name}.bias_ih_{sfx}", {0: rows})
+            ctx.tensor_lab(f"{name}.bias_hh_{sfx}", {0: rows})
+        if pruned:
+            ctx.tensor_lab(f"{name}.units_{sfx}", {0: units[s]})
+        ctx.extra_labels[f"{ctx.node.name}.units.{s}"] = units[s]
+    ctx.pin(x.ids[t_axis], "the recurrence mixes time steps")
+
+    out_meta = meta[0]
+    shape = _out_shape(out_meta)
+    ids, zero = [], []
+    for d, n in enumerate(shape):
+        if d == len(shape) - 1:
+            ids.append(np.concatenate(units[-dirs:]))
+            zero.append(np.concatenate(unit_zero[-dirs:]))
+        elif d == b_axis:
+            ids.append(x.ids[b_axis])
+            zero.append(false_mask(n))
+        else:
+            ids.append(pinned_axis(n))
+            zero.append(false_mask(n))
+    out = AxisLabels(tuple(ids), tuple(zero))
+
+    def state_lab(t: torch.Tensor) -> AxisLabels:
+        sh = _out_shape(t)
+        ids = [pinned_axis(sh[0])] + ([x.ids[b_axis]] if batched else []) + [state_ids]
+        zero = [false_mask(sh[0])] + ([false_mask(sh[1])] if batched else []) + [state_zero]
+        return AxisLabels(tuple(ids), tuple(zero))
+
+    if lstm:
+        return (out, (state_lab(meta[1][0]), state_lab(meta[1][1])))
+    return (out, state_lab(meta[1]))
+
+
+def _rnn_module(node, m, args, kwargs):
+    return dict(input=args[0] if args else kwargs.get("input"),
+                hx=args[1] if len(args) > 1 else kwargs.get("hx"), module=m)
+
+
+# NB: the compressed model's PrunedRNN goes through the same rule, so a compressed model compressed
+# again finds the same kind of rows
+modules("recurrent", [nn.LSTM, nn.GRU, nn.RNN, PrunedRNN], _rnn_module)

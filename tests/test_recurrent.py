@@ -1,0 +1,408 @@
+"""Recurrent layers (nn.LSTM, nn.GRU, nn.RNN): hidden units are rows, compressed models are exact.
+
+(a) the groups: one per layer and direction when the state is not read; unit j tied across layers and
+    directions when h_n is read or h0 is given; an initial state that is a model input pins them;
+(b) numerical equivalence: uneven zeroing (a PrunedRNN) and even zeroing (the stock layer resized),
+    module and graph forms, eval and train (dropout 0), at another sequence length and batch;
+(c) end to end: a CRNN (conv -> BiLSTM -> linear), an embedding -> 2-layer LSTM model, save/load,
+    compressing a compressed model again, DHSPG, timm's sequencer2d_s;
+(d) what stays pinned: proj_size > 0.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+import otofx
+from helpers import max_rel_diff, n_params, randomize, zero_random_rows, zero_rows
+from otofx.passes.modules import PrunedRNN
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+RTOL = 1e-4
+F_IN, HID = 5, 8
+
+
+class Seq(nn.Module):
+    """Linear -> recurrent layer -> Linear on the output; optionally a head on h_n[-1] and h0 from a layer."""
+
+    def __init__(self, rnn: nn.Module, read_state: bool = False, h0: str | None = None):
+        super().__init__()
+        dirs = 2 if rnn.bidirectional else 1
+        self.inp, self.rnn, self.out = nn.Linear(F_IN, rnn.input_size), rnn, nn.Linear(HID * dirs, 3)
+        self.read_state, self.h0, self.slots = read_state, h0, rnn.num_layers * dirs
+        if read_state:
+            self.head = nn.Linear(HID, 3)
+        if h0 == "layer":
+            self.init = nn.Linear(F_IN, HID)
+
+    def forward(self, x, h0=None):
+        t = 1 if self.rnn.batch_first else 0
+        if self.h0 == "layer":
+            h0 = self.init(x.mean(t)).unsqueeze(0).expand(self.slots, -1, -1).contiguous()
+        hx = None
+        if h0 is not None:
+            hx = (h0, torch.tanh(h0)) if isinstance(self.rnn, nn.LSTM) else h0
+        o, st = self.rnn(self.inp(x), hx)
+        y = self.out(o)
+        if self.read_state:
+            h = st[0] if isinstance(self.rnn, nn.LSTM) else st
+            y = y + self.head(h[-1]).unsqueeze(t)
+        return y
+
+
+def seq_input(rnn: nn.Module, T: int, B: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn((B, T, F_IN) if rnn.batch_first else (T, B, F_IN), generator=g)
+
+
+def make(kind: str, **kw) -> nn.Module:
+    if kind == "LSTM":
+        return nn.LSTM(6, HID, **kw)
+    if kind == "GRU":
+        return nn.GRU(6, HID, **kw)
+    return nn.RNN(6, HID, nonlinearity=kind, **kw)
+
+
+def uneven_rows(oto, seed: int = 0) -> list:
+    """A different number of zero rows in each group (1, 2, 3, ... rows, never all)."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randperm(z.rows, generator=g)[:min(1 + i, z.rows - 1)] for i, z in enumerate(oto.groups)]
+
+
+def outputs(model, x, train: bool):
+    model.train(train)
+    with torch.no_grad():
+        return model(x)
+
+
+def check_exact(model, small, x):
+    """Eval and train mode, on ``x`` (another length and batch than the example)."""
+    for train in (False, True):
+        err = max_rel_diff(outputs(model, x, train), outputs(small, x, train))
+        assert err <= RTOL, f"{'train' if train else 'eval'}: relative error {err:.3g}"
+    model.eval()
+
+
+def rnn_params(oto) -> list:
+    """Per group, the set of recurrent-layer tensor names (and dims) it holds."""
+    return [{(n, d) for n, d, _ in z.params if n.startswith("rnn.")} for z in oto.groups]
+
+
+# =============================================================================================
+# (a) groups
+# =============================================================================================
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "GRU", "tanh"])
+def test_each_layer_and_direction_is_a_group(kind):
+    torch.manual_seed(0)
+    model = randomize(Seq(make(kind, num_layers=2, bidirectional=True)))
+    oto = otofx.OTO(model, seq_input(model.rnn, 7, 2))
+    for sfx in ("l0", "l0_reverse", "l1", "l1_reverse"):
+        hits = [z for z, names in zip(oto.groups, rnn_params(oto)) if (f"rnn.weight_hh_{sfx}", 0) in names]
+        assert len(hits) == 1 and hits[0].rows == HID, f"{sfx}: {[z.rows for z in hits]}"
+        names = {(n, d) for n, d, _ in hits[0].params}
+        assert {(f"rnn.weight_ih_{sfx}", 0), (f"rnn.weight_hh_{sfx}", 1), (f"rnn.bias_ih_{sfx}", 0),
+                (f"rnn.bias_hh_{sfx}", 0)} <= names
+    gates = {"LSTM": 4, "GRU": 3, "tanh": 1}[kind]
+    z = next(z for z in oto.groups if any(n == "rnn.weight_hh_l0" for n, _, _ in z.params))
+    rows = next(i for n, d, i in z.params if n == "rnn.weight_hh_l0" and d == 0)
+    assert rows.shape == (HID, gates)  # one row per gate block
+    assert torch.equal(rows[:, 1] - rows[:, 0], torch.full((HID,), HID)) if gates > 1 else True
+    # the next layer reads both directions of layer 0 (forward units first)
+    z_rev = next(z for z in oto.groups if any(n == "rnn.weight_hh_l0_reverse" for n, _, _ in z.params))
+    cols = next(i for n, d, i in z_rev.params if n == "rnn.weight_ih_l1" and d == 1)
+    assert torch.equal(cols.reshape(-1), torch.arange(HID, 2 * HID))
+    # the input's features are read by layer 0's columns of both directions
+    z_in = next(z for z in oto.groups if any(n == "inp.weight" for n, _, _ in z.params))
+    assert {("rnn.weight_ih_l0", 1), ("rnn.weight_ih_l0_reverse", 1)} <= {(n, d) for n, d, _ in z_in.params}
+
+
+def test_state_read_ties_units_across_layers_and_directions():
+    torch.manual_seed(0)
+    model = randomize(Seq(make("LSTM", num_layers=2, bidirectional=True), read_state=True))
+    oto = otofx.OTO(model, seq_input(model.rnn, 7, 2))
+    hits = [z for z, names in zip(oto.groups, rnn_params(oto)) if ("rnn.weight_hh_l0", 0) in names]
+    assert len(hits) == 1 and hits[0].rows == HID
+    names = {(n, d) for n, d, _ in hits[0].params}
+    for sfx in ("l0", "l0_reverse", "l1", "l1_reverse"):
+        assert (f"rnn.weight_hh_{sfx}", 0) in names
+    assert ("head.weight", 1) in names  # h_n[-1]'s reader is sliced with the units
+
+
+def test_initial_state_from_a_layer_joins_the_units():
+    torch.manual_seed(0)
+    model = randomize(Seq(make("GRU", num_layers=2), h0="layer"))
+    oto = otofx.OTO(model, seq_input(model.rnn, 7, 2))
+    z = next(z for z in oto.groups if any(n == "rnn.weight_hh_l1" for n, _, _ in z.params))
+    assert {("init.weight", 0), ("init.bias", 0), ("rnn.weight_hh_l0", 0)} <= {(n, d) for n, d, _ in z.params}
+
+
+def test_initial_state_given_as_input_pins_the_units():
+    torch.manual_seed(0)
+    model = randomize(Seq(make("LSTM", num_layers=2)))
+    x = seq_input(model.rnn, 7, 2)
+    oto = otofx.OTO(model, (x, torch.randn(2, 2, HID)))
+    assert not any(n.startswith("rnn.weight_hh") for z in oto.groups for n, _, _ in z.params)
+    assert any(n == "inp.weight" for z in oto.groups for n, _, _ in z.params)  # the input's features are not
+    assert any("initial state that is not a channel" in p.reason for p in oto.pinned)
+
+
+# =============================================================================================
+# (b) exactness
+# =============================================================================================
+
+CONFIGS = [
+    dict(num_layers=1),
+    dict(num_layers=2, bidirectional=True),
+    dict(num_layers=2, batch_first=True),
+    dict(num_layers=2, bidirectional=True, batch_first=True, bias=False),
+]
+
+
+@pytest.mark.parametrize("form", ["module", "graph"])
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
+@pytest.mark.parametrize("kind", ["LSTM", "GRU", "tanh", "relu"])
+def test_uneven_zeroing_is_exact(kind, config, form):
+    torch.manual_seed(0)
+    model = randomize(Seq(make(kind, **config)))
+    oto = otofx.OTO(model, seq_input(model.rnn, 7, 2))
+    zero_rows(model, oto, uneven_rows(oto))
+    small = oto.compress(form=form)
+    assert n_params(small) < n_params(model)
+    rnn = small.get_submodule("rnn")
+    slots = config["num_layers"] * (2 if config.get("bidirectional") else 1)
+    assert isinstance(rnn, PrunedRNN) == (slots > 1), type(rnn).__name__
+    check_exact(model, small, seq_input(model.rnn, 11, 3, seed=1))
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "GRU", "tanh"])
+def test_even_zeroing_keeps_the_stock_layer(kind):
+    torch.manual_seed(0)
+    model = randomize(Seq(make(kind, num_layers=2, bidirectional=True)))
+    oto = otofx.OTO(model, seq_input(model.rnn, 7, 2))
+    zero_random_rows(model, oto, seed=3)
+    small = oto.compress()
+    rnn = small.rnn
+    assert type(rnn) is type(model.rnn) and rnn.hidden_size == HID // 2 and rnn.input_size == 3
+    check_exact(model, small, seq_input(model.rnn, 4, 5, seed=2))
+
+
+@pytest.mark.parametrize("form", ["module", "graph"])
+@pytest.mark.parametrize("kind", ["LSTM", "GRU", "tanh"])
+def test_state_read_is_exact(kind, form):
+    torch.manual_seed(0)
+    model = randomize(Seq(make(kind, num_layers=2, bidirectional=True), read_state=True))
+    oto = otofx.OTO(model, seq_input(model.rnn, 7, 2))
+    zero_rows(model, oto, uneven_rows(oto))
+    small = oto.compress(form=form)
+    assert small.get_submodule("rnn").hidden_size < HID and n_params(small) < n_params(model)
+    check_exact(model, small, seq_input(model.rnn, 9, 4, seed=1))
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "GRU", "relu"])
+def test_initial_state_from_a_layer_is_exact(kind):
+    torch.manual_seed(0)
+    model = randomize(Seq(make(kind, num_layers=2, batch_first=True), h0="layer"))
+    oto = otofx.OTO(model, seq_input(model.rnn, 7, 2))
+    zero_rows(model, oto, uneven_rows(oto))
+    small = oto.compress()
+    assert n_params(small) < n_params(model)
+    check_exact(model, small, seq_input(model.rnn, 10, 3, seed=1))
+
+
+def test_dropout_between_layers():
+    """Eval is exact with dropout > 0; train mode compared with the same layer at dropout 0."""
+    torch.manual_seed(0)
+    model = randomize(Seq(make("LSTM", num_layers=3, bidirectional=True, dropout=0.3)))
+    oto = otofx.OTO(model, seq_input(model.rnn, 7, 2))
+    zero_rows(model, oto, uneven_rows(oto))
+    small = oto.compress()
+    assert isinstance(small.rnn, PrunedRNN) and small.rnn.dropout == 0.3
+    x = seq_input(model.rnn, 9, 3, seed=1)
+    assert max_rel_diff(outputs(model, x, False), outputs(small, x, False)) <= RTOL
+    model.rnn.dropout = small.rnn.dropout = 0.0
+    check_exact(model, small, x)
+
+
+def test_unbatched_input():
+    torch.manual_seed(0)
+    model = randomize(Seq(make("GRU", num_layers=2, bidirectional=True)))
+    oto = otofx.OTO(model, seq_input(model.rnn, 7, 2))
+    zero_rows(model, oto, uneven_rows(oto))
+    small = oto.compress()
+    assert isinstance(small.rnn, PrunedRNN)
+    x = torch.randn(6, F_IN)
+    assert max_rel_diff(outputs(model, x, False), outputs(small, x, False)) <= RTOL
+
+
+def test_half_precision():
+    torch.manual_seed(0)
+    model = randomize(Seq(make("LSTM", num_layers=2, bidirectional=True)))
+    oto = otofx.OTO(model, seq_input(model.rnn, 7, 2))
+    zero_rows(model, oto, uneven_rows(oto))
+    small = oto.compress()
+    assert isinstance(small.rnn, PrunedRNN)
+    x = seq_input(model.rnn, 9, 3, seed=1)
+    try:
+        ref = outputs(model.half(), x.half(), False)
+    except RuntimeError as e:  # a build without half LSTMs on this device
+        pytest.skip(f"the dense LSTM does not run in half precision here: {e}")
+    got = outputs(small.half(), x.half(), False)
+    assert got.dtype == torch.float16
+    assert max_rel_diff(ref.float(), got.float()) <= 1e-2
+
+
+# =============================================================================================
+# (c) models, save/load, compress again, DHSPG, timm
+# =============================================================================================
+
+
+class CRNN(nn.Module):
+    """conv stack -> columns as a sequence -> BiLSTM -> per-step classifier (OCR)."""
+
+    def __init__(self):
+        super().__init__()
+        self.convs = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2),
+                                   nn.Conv2d(8, 12, 3, padding=1), nn.BatchNorm2d(12), nn.ReLU(), nn.MaxPool2d((2, 1)))
+        self.rnn = nn.LSTM(12 * 2, 16, num_layers=2, bidirectional=True)
+        self.fc = nn.Linear(32, 11)
+
+    def forward(self, x):
+        f = self.convs(x)  # [B, C, 2, W]
+        b, c, h, w = f.shape
+        seq = f.permute(3, 0, 1, 2).reshape(w, b, c * h)
+        out, _ = self.rnn(seq)
+        return self.fc(out)
+
+
+class TextModel(nn.Module):
+    """embedding -> 2-layer LSTM -> linear on the output."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(20, 10)
+        self.rnn = nn.LSTM(10, 12, num_layers=2, batch_first=True)
+        self.fc = nn.Linear(12, 4)
+
+    def forward(self, tokens):
+        out, _ = self.rnn(self.emb(tokens))
+        return self.fc(out[:, -1])
+
+
+def test_crnn():
+    torch.manual_seed(0)
+    model = randomize(CRNN()).eval()
+    oto = otofx.OTO(model, torch.randn(2, 1, 8, 12))
+    conv_group = next(z for z in oto.groups if any(n == "convs.4.weight" and d == 0 for n, d, _ in z.params))
+    assert ("rnn.weight_ih_l0", 1) in {(n, d) for n, d, _ in conv_group.params}  # 2 features per channel
+    zero_rows(model, oto, uneven_rows(oto))
+    small = oto.compress()
+    assert isinstance(small, CRNN) and isinstance(small.rnn, PrunedRNN)
+    assert n_params(small) < 0.8 * n_params(model)
+    check_exact(model, small, torch.randn(3, 1, 8, 20))
+
+
+def test_text_model():
+    torch.manual_seed(0)
+    model = randomize(TextModel()).eval()
+    tokens = torch.randint(0, 20, (2, 7))
+    oto = otofx.OTO(model, tokens)
+    assert {("emb.weight", 1), ("rnn.weight_ih_l0", 1)} <= {(n, d) for z in oto.groups for n, d, _ in z.params}
+    zero_rows(model, oto, uneven_rows(oto))
+    small = oto.compress()
+    assert isinstance(small.rnn, PrunedRNN) and n_params(small) < n_params(model)
+    check_exact(model, small, torch.randint(0, 20, (4, 13)))
+
+
+@pytest.mark.parametrize("uneven", [True, False], ids=["pruned_rnn", "stock_resized"])
+def test_save_load(tmp_path, uneven):
+    torch.manual_seed(0)
+    model = randomize(CRNN()).eval()
+    oto = otofx.OTO(model, torch.randn(2, 1, 8, 12))
+    zero_rows(model, oto, uneven_rows(oto)) if uneven else zero_random_rows(model, oto)
+    small = oto.compress()
+    assert isinstance(small.rnn, PrunedRNN) == uneven
+    otofx.save(small, tmp_path / "m")
+    back = otofx.load(tmp_path / "m", model=CRNN())
+    assert type(back.rnn) is type(small.rnn) and n_params(back) == n_params(small)
+    assert isinstance(back.rnn, PrunedRNN) or back.rnn.hidden_size == 8
+    x = torch.randn(3, 1, 8, 16)
+    assert max_rel_diff(outputs(model, x, False), outputs(back, x, False)) <= RTOL
+    # the loaded layer reads its loaded weights (not the dense instance's)
+    with torch.no_grad():
+        for p in back.rnn.parameters():
+            p.mul_(0.5)
+    assert max_rel_diff(outputs(model, x, False), outputs(back, x, False)) > RTOL
+
+
+def test_compress_a_compressed_model_again():
+    torch.manual_seed(0)
+    model = randomize(Seq(make("LSTM", num_layers=2, bidirectional=True))).eval()
+    x = seq_input(model.rnn, 7, 2)
+    oto = otofx.OTO(model, x)
+    zero_rows(model, oto, uneven_rows(oto))
+    small = oto.compress()
+    assert isinstance(small.rnn, PrunedRNN)
+    oto2 = otofx.OTO(small, x)
+    assert all(any(n == f"rnn.weight_hh_{s}" for z in oto2.groups for n, _, _ in z.params)
+               for s in ("l0", "l0_reverse", "l1", "l1_reverse"))
+    zero_rows(small, oto2, [torch.tensor([0]) if z.rows > 1 else torch.tensor([], dtype=torch.long)
+                            for z in oto2.groups])
+    smaller = oto2.compress()
+    assert isinstance(smaller.rnn, PrunedRNN) and n_params(smaller) < n_params(small)
+    check_exact(small, smaller, seq_input(model.rnn, 10, 3, seed=1))
+
+
+def test_dhspg_prunes_hidden_units():
+    torch.manual_seed(0)
+    model = randomize(Seq(make("LSTM", num_layers=2, bidirectional=True)))
+    x = seq_input(model.rnn, 7, 4)
+    target = torch.randn(7, 4, 3)
+    oto = otofx.OTO(model, x)
+    opt = oto.dhspg(lr=0.05, target_group_sparsity=0.5, epsilon=0.95, lmbda=1.0)
+    for _ in range(12):
+        opt.zero_grad()
+        nn.functional.mse_loss(model(x), target).backward()
+        opt.step()
+    hh = [(n, i) for z in oto.groups for n, d, i in z.params if n.startswith("rnn.weight_hh") and d == 0]
+    assert hh
+    zero_units = sum(int((model.get_parameter(n).detach()[i.reshape(-1)].reshape(i.shape[0], -1) == 0).all(1).sum())
+                     for n, i in hh)
+    assert zero_units > 0, "DHSPG zeroed no hidden unit"
+    small = oto.compress()
+    assert n_params(small) < n_params(model)
+    check_exact(model, small, seq_input(model.rnn, 9, 3, seed=1))
+
+
+def test_timm_sequencer():
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = randomize(timm.create_model("sequencer2d_s", pretrained=False, num_classes=10)).eval()
+    x = torch.randn(1, 3, 64, 64)
+    oto = otofx.OTO(model, x)
+    assert not [p for p in oto.pinned if "no rule" in p.reason]
+    zero_random_rows(model, oto)
+    small = oto.compress()
+    assert n_params(small) / n_params(model) < 0.3  # 0.756 when the LSTMs were pinned
+    x2 = torch.randn(2, 3, 64, 64)
+    assert max_rel_diff(outputs(model, x2, False), outputs(small, x2, False)) <= RTOL
+
+
+# =============================================================================================
+# (d) pinned
+# =============================================================================================
+
+
+def test_projection_is_pinned_with_its_reason():
+    torch.manual_seed(0)
+    rnn = nn.LSTM(6, 12, proj_size=HID)  # h has proj_size = HID entries: Seq's readers fit
+    model = randomize(Seq(rnn))
+    oto = otofx.OTO(model, seq_input(rnn, 7, 2))
+    assert any("proj_size > 0" in p.reason for p in oto.pinned)
+    assert not any(n.startswith("rnn.") for z in oto.groups for n, _, _ in z.params)
+    small = oto.compress()
+    x = seq_input(rnn, 9, 3, seed=1)
+    assert max_rel_diff(outputs(model, x, False), outputs(small, x, False)) <= RTOL
