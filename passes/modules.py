@@ -93,6 +93,65 @@ def layer_norm_kept_divisor(input, normalized_shape, weight=None, bias=None, eps
 torch.fx.wrap("layer_norm_kept_divisor")
 
 
+def group_norm_kept_divisor(input, num_groups: int, weight=None, bias=None, eps: float = 1e-5, old: int = 1,
+                            new: int = 1):
+    """``F.group_norm`` with one group over channels narrowed from ``old`` to ``new`` whose removed
+    channels were zero: the mean and variance of all ``old`` channels (a compressed MetaFormer's
+    ``GroupNorm(1, C)``)."""
+    if num_groups != 1:
+        raise ValueError(f"group_norm_kept_divisor normalises one group, got num_groups={num_groups}")
+    # NB: the old mean and variance from the new ones as in layer_norm_kept_divisor: every position of a
+    # removed channel was zero, so r = new / old of the entries remain
+    x = input.float() if input.dtype in (torch.float16, torch.bfloat16) else input
+    dims = tuple(range(1, x.dim()))
+    var, mean = torch.var_mean(x, dim=dims, keepdim=True, correction=0)
+    r = new / old
+    y = (x - mean * r) * torch.rsqrt(var * r + mean.square() * (r * (1.0 - r)) + eps)
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    if weight is not None:
+        y = y * weight.to(y.dtype).reshape(shape)
+    if bias is not None:
+        y = y + bias.to(y.dtype).reshape(shape)
+    return y.to(input.dtype)
+
+
+torch.fx.wrap("group_norm_kept_divisor")
+
+
+class PrunedGroupNorm(nn.GroupNorm):
+    """``nn.GroupNorm`` with one group over ``num_channels`` channels that were ``full_channels``
+    before pruning: the removed channels were zero, and the mean and variance still divide by them."""
+
+    def __init__(self, src: nn.GroupNorm, full_channels: int):
+        nn.Module.__init__(self)
+        self.num_groups, self.num_channels = 1, int(src.num_channels)
+        self.eps, self.affine, self.full_channels = src.eps, src.affine, int(full_channels)
+        self.weight, self.bias = src.weight, src.bias
+        self.train(src.training)
+
+    @classmethod
+    def empty(cls, *, channels: int, full_channels: int, eps: float, affine: bool, device=None, dtype=None):
+        """Uninitialised, of the given structure (``otofx.load`` fills the tensors)."""
+        return cls(nn.GroupNorm(1, channels, eps=eps, affine=affine, device=device, dtype=dtype), full_channels)
+
+    def init_kwargs(self) -> dict:
+        """The arguments of :meth:`empty` that rebuild this module's structure."""
+        return {"channels": self.num_channels, "full_channels": self.full_channels, "eps": float(self.eps),
+                "affine": bool(self.affine)}
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return group_norm_kept_divisor(input, 1, self.weight, self.bias, self.eps, old=self.full_channels,
+                                       new=self.num_channels)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, full_channels={self.full_channels}"
+
+
+# subclasses of nn.GroupNorm whose forward is F.group_norm of the same tensors (timm's, with its optional
+# fused kernel): PrunedGroupNorm takes their place as it takes nn.GroupNorm's
+PLAIN_GROUP_NORMS = ("timm.layers.norm.GroupNorm1", "timm.layers.norm.GroupNorm")
+
+
 class PrunedLayerNorm(nn.LayerNorm):
     """``nn.LayerNorm`` over ``normalized_shape`` entries that were ``full_width`` before pruning: the
     removed entries were zero, and the mean and variance still divide by ``full_width``."""

@@ -51,7 +51,8 @@ import torch.nn as nn
 from otofx.errors import OTOError
 
 from .channels import AxisLabels
-from .modules import (CHANNELS_FIRST_LAYER_NORMS, PLAIN_LAYER_NORMS, PrunedLayerNorm, PrunedLayerNorm2d, PrunedMultiheadAttention,
+from .modules import (CHANNELS_FIRST_LAYER_NORMS, PLAIN_GROUP_NORMS, PLAIN_LAYER_NORMS, PrunedGroupNorm, PrunedLayerNorm,
+                      PrunedLayerNorm2d, PrunedMultiheadAttention,
                       PrunedRelativeAttention, PrunedRNN, PrunedWindowAttention, PrunedWindowAttention3d, resize_stock_rnn,
                       rnn_slot_suffix, rnn_slots)
 from .nodes import _CASTS, _RESHAPES, HF_CONV1D, _before_casts, _op, _squared, call_arguments, rms_norm_of
@@ -98,7 +99,25 @@ def resize(module: nn.Module, change: Change):
     fn = rule_for(module)
     if fn is None:
         _fused_experts(module)
+        _broadcast_shapes(module, change)
     return fn(module, change) if fn is not None else None
+
+
+def _broadcast_shapes(m: nn.Module, change: Change) -> None:
+    """A module of no known type whose 1-D tensors all went from ``old`` to ``new`` entries: a tuple
+    attribute that is a broadcast shape of them (``old`` once, every other entry 1: timm's layer
+    scale ``self.scale.view(self.shape)`` with ``shape = (dim, 1, 1)``) takes ``new``."""
+    sizes = {(change.old[k][0], t.shape[0]) for k, t in list(m._parameters.items()) + list(m._buffers.items())
+             if isinstance(t, torch.Tensor) and k in change.old and len(change.old[k]) == 1 and t.dim() == 1}
+    if len(sizes) != 1:
+        return
+    ((old, new),) = sizes
+    if old == new or old == 1:
+        return
+    for k, v in list(m.__dict__.items()):
+        if type(v) is tuple and all(type(e) is int for e in v) and v.count(old) == 1 \
+                and all(e in (1, old) for e in v):
+            setattr(m, k, tuple(new if e == old else e for e in v))
 
 
 def _fused_experts(m: nn.Module) -> None:
@@ -190,6 +209,13 @@ def normalized_shape(m: nn.Module, change: Change):
         m.normalized_shape = tuple(t.shape)
 
 
+def _forward_owner(m: nn.Module) -> str:
+    """The qualified name of the class whose ``forward`` ``m`` runs (timm's ``LayerNorm2dNoBias`` runs
+    ``LayerNorm2d``'s)."""
+    cls = next(c for c in type(m).__mro__ if "forward" in c.__dict__)
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
 @resizer(nn.LayerNorm, *CHANNELS_FIRST_LAYER_NORMS)
 def layer_norm(m: nn.LayerNorm, change: Change):
     """nn.LayerNorm over a narrowed last axis: replaced by PrunedLayerNorm (its mean and variance
@@ -200,7 +226,7 @@ def layer_norm(m: nn.LayerNorm, change: Change):
         return None
     if len(m.normalized_shape) != 1 or t.dim() != 1:
         raise ResizeError(f"a LayerNorm over {tuple(m.normalized_shape)} lost entries of more than its last axis")
-    named = f"{type(m).__module__}.{type(m).__qualname__}"
+    named = _forward_owner(m)
     if type(m).forward is not nn.LayerNorm.forward and named not in CHANNELS_FIRST_LAYER_NORMS + PLAIN_LAYER_NORMS:
         raise ResizeError(f"{type(m).__name__}'s own forward divides by its width, {t.shape[0]} now, not by the "
                           f"old {m.normalized_shape[-1]}")
@@ -209,14 +235,26 @@ def layer_norm(m: nn.LayerNorm, change: Change):
     return (PrunedLayerNorm2d if named in CHANNELS_FIRST_LAYER_NORMS else PrunedLayerNorm)(m, full)
 
 
-@resizer(nn.GroupNorm)
+@resizer(nn.GroupNorm, *PLAIN_GROUP_NORMS)
 def group_norm(m: nn.GroupNorm, change: Change):
-    """GroupNorm: num_channels from the affine weight; whole norm groups go (the analysis ties a group into one row)."""
+    """GroupNorm: num_channels from the affine weight; whole norm groups go (the analysis ties a group
+    into one row), or, with one group, single channels: replaced by PrunedGroupNorm (its mean and
+    variance still divide by the old channel count, as the removed zero channels counted)."""
     t = _first(m, "weight", "bias")
     if t is None:
         return
     old = change.old["weight" if m.weight is not None else "bias"][0]
     c = t.shape[0]
+    if m.num_groups == 1 and not isinstance(m, PrunedGroupNorm):
+        if c == old:
+            return None
+        if type(m).forward is not nn.GroupNorm.forward and _forward_owner(m) not in PLAIN_GROUP_NORMS:
+            raise ResizeError(f"{type(m).__name__}'s own forward divides by its {c} channels, not by the old {old}")
+        m.num_channels = c
+        return PrunedGroupNorm(m, old)
+    if isinstance(m, PrunedGroupNorm):  # NB: compressed again: the first width stays the divisor
+        m.num_channels = c
+        return None
     if c * m.num_groups % old:
         raise ResizeError(f"GroupNorm's {m.num_groups} groups do not divide the {c} channels left")
     m.num_groups, m.num_channels = c * m.num_groups // old, c

@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..modules import layer_norm_kept_divisor
+from ..modules import group_norm_kept_divisor, layer_norm_kept_divisor
 from ..channels import PINNED, Ctx, ParamRef, SymSize, false_mask, true_mask
 from ..registry import CONTIGUOUS_OUT, KEEPS_CONTIGUOUS, functions, modules, rule
 from .common import _ov, _out_shape, _passthrough, _plus_constant
@@ -86,10 +86,28 @@ except ImportError:  # pragma: no cover - torchvision is optional
     pass
 
 
-def _group_norm_fix(site, input, num_groups, **_):
+def _group_norm_fix(site, input, num_groups, weight=None, bias=None, eps=1e-5, old=None, **_):
     old_c, new_c = site.old(input)[1], site.new(input)[1]
-    new_g = num_groups * new_c // old_c
+    if old_c == new_c:
+        return
     m = site.module
+    if int(num_groups) == 1:
+        # NB: single channels went (zero ones): the graph keeps the old divisor; a compressed graph's
+        # norm (already a kept-divisor call) compressed again keeps its first width
+        first = old
+        tensors, src = {"weight": weight, "bias": bias}, input
+        if m is not None:
+            m.num_channels = new_c
+            g = site.node.graph
+            with g.inserting_before(site.node):
+                tensors = {k: g.get_attr(f"{site.node.target}.{k}") if getattr(m, k, None) is not None else None
+                           for k in ("weight", "bias")}
+            eps = m.eps
+            src = site.node.args[0] if site.node.args else site.node.kwargs["input"]
+        site.replace_call(group_norm_kept_divisor, (src, 1, tensors["weight"], tensors["bias"], eps),
+                          {"old": first or old_c, "new": new_c})
+        return
+    new_g = num_groups * new_c // old_c
     if m is not None:
         m.num_channels, m.num_groups = new_c, new_g
     elif new_g != num_groups:
@@ -98,11 +116,13 @@ def _group_norm_fix(site, input, num_groups, **_):
 
 @rule("group_norm", fix=_group_norm_fix, reads_params=True, keeps_shape=KEEPS_CONTIGUOUS, keeps_axes=True)
 def group_norm(ctx: Ctx, input, num_groups, weight=None, bias=None, meta=None, **_):
-    """channels of one norm group are normalised together, so each group of C/G channels is one row; affine parameters are owned per channel."""
+    """channels of one norm group are normalised together, so each group of C/G channels is one row; with one group (GroupNorm(1, C), MetaFormer's) whose channels are zero with their rows and an affine weight, each channel is a row and the rewrite keeps the old divisor; affine parameters are owned per channel."""
     x = input
     c = x.ids[1]
-    grouped = c.reshape(int(num_groups), -1)
-    ctx.tie(grouped, grouped[:, :1])
+    # NB: without a weight a removed channel's output is -mean / std, not zero: its group stays one row
+    if int(num_groups) != 1 or weight is None or not x.zero[1].all():
+        grouped = c.reshape(int(num_groups), -1)
+        ctx.tie(grouped, grouped[:, :1])
     ctx.param(weight, {0: c})
     ctx.param(bias, {0: c})
     z = true_mask(len(c)) if weight is not None else x.zero[1]
@@ -115,7 +135,7 @@ modules("group_norm", [nn.GroupNorm], lambda node, m, args, kwargs: dict(
     input=args[0], num_groups=m.num_groups,
     weight=ParamRef(f"{node.target}.weight") if m.weight is not None else None,
     bias=ParamRef(f"{node.target}.bias") if m.bias is not None else None))
-functions("group_norm", [F.group_norm] + _ov(aten.group_norm, "default"))
+functions("group_norm", [F.group_norm, group_norm_kept_divisor] + _ov(aten.group_norm, "default"))
 
 
 def _narrowed_norm_fix(kept, names: tuple):
