@@ -51,22 +51,21 @@ _FLOAT_TYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 def _check_params(model: torch.nn.Module) -> None:
     """Floating-point parameters only; any device, the meta device included (analysis needs shapes only).
-    No weight recomputed by a hook (``torch.nn.utils.weight_norm``, deprecated): the graph would read a
-    tensor that is no parameter, and the copy could not be made."""
+    No weight recomputed by a spectral-norm hook (``torch.nn.utils.spectral_norm``, deprecated): the
+    graph would read a tensor that is no parameter, and the copy could not be made (the deprecated
+    ``torch.nn.utils.weight_norm`` hook is followed: ``passes.weightnorm``)."""
     for name, p in model.named_parameters():
         if p.dtype not in _FLOAT_TYPES:
             raise InputError(f"parameter '{name}' has dtype {p.dtype}; otofx supports floating-point parameters only")
     for name, m in model.named_modules():
-        hooks = [h for h in m._forward_pre_hooks.values() if type(h).__name__ in ("WeightNorm", "SpectralNorm")
+        hooks = [h for h in m._forward_pre_hooks.values() if type(h).__name__ == "SpectralNorm"
                  and type(h).__module__.startswith("torch.nn.utils")]
         if hooks:
-            what = type(hooks[0]).__name__
-            undo = "remove_weight_norm" if what == "WeightNorm" else "remove_spectral_norm"
             raise InputError(
-                f"module '{name or type(model).__name__}' uses torch.nn.utils.{undo.removeprefix('remove_')} (a hook "
-                f"recomputes its '{hooks[0].name}' before each call, so it is no parameter otofx can slice): fold it "
-                f"with torch.nn.utils.{undo}(module) first; torch.nn.utils.parametrizations' form is kept whole "
-                f"(pinned, and the report names it)")
+                f"module '{name or type(model).__name__}' uses torch.nn.utils.spectral_norm (a hook recomputes its "
+                f"'{hooks[0].name}' before each call, so it is no parameter otofx can slice): fold it with "
+                f"torch.nn.utils.remove_spectral_norm(module) first; torch.nn.utils.parametrizations.spectral_norm "
+                f"is kept whole (pinned, and the report names it)")
 
 
 def _meta_tensor(model: torch.nn.Module) -> str | None:

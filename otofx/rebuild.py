@@ -16,6 +16,8 @@ Internals:
       (or cloned) tensor, so memory stays within dense + compressed + one tensor. A tensor
       reachable under several names (tied embeddings) has one placeholder, hence one new tensor:
       ties survive.
+    * A weight-normed layer (``passes.weightnorm``) keeps its weight norm: ``v`` and ``g`` are sliced,
+      ``g`` refit where ``v`` lost input columns, and the layer is re-synced from its computed weight.
     * Modules are re-synced children first, so a parent (an attention block) sees its children's
       final shapes; a rule may return a replacement module (``nn.MultiheadAttention``).
     * An RMS norm over an axis that lost entries (``passes.resize.rms_folds``, read off the graph)
@@ -62,6 +64,7 @@ import torch.nn as nn
 from otofx.errors import OTOError
 from otofx.passes.modules import PrunedLayerNorm, PrunedMultiheadAttention, PrunedRNN, refresh_rnn_weights
 from otofx.passes.prune import Plan, take
+from otofx.passes.weightnorm import computed_shapes, refit_gains, stale_weights
 from otofx.passes.resize import (STREAM_WIDTHS, Change, ResizeError, Scope, apply_rms_fold, resize, resync_counts,
                                  constant_scale_sources, norm_sites, rms_folds, rms_input_producer, stream_scale_sources,
                                  scale_parameter, tied_head_norms, weightless_stream_fold,
@@ -145,7 +148,7 @@ def _copy_with_slices(model: nn.Module, cuts: dict) -> nn.Module:
             if entry[1] is not None and _cut_key(entry[1]) != _cut_key(cuts[name]):
                 raise RebuildError(f"tensor '{name}' is tied to another name that the plan slices differently")
             entry[1] = cuts[name]
-    memo, real = {}, {}
+    memo, real = stale_weights(model), {}
     for key, (t, c) in by_id.items():
         ph = torch.empty(t.shape, dtype=t.dtype, device="meta")
         ph = nn.Parameter(ph, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else ph
@@ -191,6 +194,7 @@ def rebuild(model: nn.Module, plan: Plan, gm: torch.fx.GraphModule | None = None
                                f"{type(model).__name__} has no parameter or buffer of that name")
     new = _copy_with_slices(model, cuts)
     refresh_rnn_weights(new)
+    refit_gains(plan, model, new)
     old_shapes = {n: tuple(t.shape) for n, t in named.items()}
     stream = frozenset(_stream_axes(plan, model))
     groups = _axis_groups(plan)
@@ -259,13 +263,20 @@ def _resize_modules(new: nn.Module, cuts: dict, old_shapes: dict, stream: frozen
         mod, _, attr = name.rpartition(".")
         per_module.setdefault(mod, {})[attr] = c
     modules = list(new.named_modules())
+    computed = {}  # module -> {attribute: old shape} of the tensors its parametrisations or hooks compute
+    for mname, m in modules:
+        shapes = computed_shapes(m, mname, old_shapes)
+        if shapes and (not mname or any(n.startswith(f"{mname}.") for n in cuts)):
+            computed[mname] = shapes
+            per_module.setdefault(mname, {})
     replaced: dict = {}
     changed: dict = {}
     for mname, m in reversed(modules):
         own = per_module.get(mname)
-        if own:
+        if own or mname in computed:
             old = {a: old_shapes[f"{mname}.{a}" if mname else a] for a, _ in
                    list(m.named_parameters(recurse=False)) + list(m.named_buffers(recurse=False))}
+            old.update(computed.get(mname, {}))
             before = _int_attrs(m)
             try:
                 repl = resize(m, Change(old, own))

@@ -5,6 +5,8 @@ import math
 
 from tabulate import tabulate
 
+from otofx.passes.zigs import layer_of
+
 
 def _params_per_row(oto, zig) -> int:
     total = 0
@@ -30,7 +32,7 @@ def report(oto, max_groups: int | None = None, blocks=None) -> str:
     for i, z in enumerate(oto.groups):
         if max_groups is not None and i >= max_groups:
             break
-        producers = [n.rpartition(".")[0] for n, d, _ in z.params if d == 0 and params[n].ndim >= 2]
+        producers = [layer_of(n) for n, d, _ in z.params if d == 0 and params[n].ndim >= 2]
         rows.append([i, _short(producers or z.layers), z.rows, _params_per_row(oto, z), len(z.params)])
     total_rows = sum(z.rows for z in oto.groups)
     out = [f"{type(oto.model).__name__}: {len(oto.groups)} groups, {total_rows} prunable rows "

@@ -33,6 +33,7 @@ import torch
 import torch.fx as fx
 
 from otofx.errors import OTOError
+from otofx.passes.zigs import layer_of
 
 log = logging.getLogger("otofx")
 
@@ -314,7 +315,7 @@ def to_dot(oto, *, compact: bool = True, depth: int = 3, rows: bool = True, coll
     rows_html = ['<TR><TD><B>group</B></TD><TD><B>producers</B></TD><TD><B>rows</B></TD>'
                  + ('<TD><B>zero</B></TD>' if zero else '') + '</TR>']
     for k, z in enumerate(groups):
-        prods = [n.rpartition(".")[0] for n, d, _ in z.params if d == 0 and n in params_of and params_of[n].ndim >= 2]
+        prods = [layer_of(n) for n, d, _ in z.params if d == 0 and n in params_of and params_of[n].ndim >= 2]
         prods = prods or list(z.layers)
         prod = ", ".join(prods[:2]) + (f" (+{len(prods) - 2})" if len(prods) > 2 else "")
         rows_html.append(f'<TR><TD BGCOLOR="{_hex(k)}">g{k}</TD><TD ALIGN="LEFT">{html.escape(prod)}</TD>'

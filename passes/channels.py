@@ -61,6 +61,19 @@ class ParamRef:
 
 
 @dataclass(frozen=True)
+class WeightNormRef:
+    """A weight that weight norm computes from two parameters: ``W = g * v / ||v||``, the norm over
+    every axis of ``v`` but ``dim`` (over all of them when ``dim`` is None); ``g`` has ``v``'s shape
+    with size 1 on every other axis (a 0-d tensor when ``dim`` is None). ``g`` and ``v`` are
+    qualified parameter names; ``how`` names the API that registered it (for messages)."""
+
+    g: str
+    v: str
+    dim: int | None
+    how: str = "torch.nn.utils.parametrizations.weight_norm"
+
+
+@dataclass(frozen=True)
 class SymSize:
     """An int read off the shape of a value; ``ids`` are the ids of the axes it measures."""
 
@@ -131,6 +144,7 @@ class Ctx:
     tensors: dict = field(default_factory=dict)  # first name -> parameter or buffer
     row_axes: dict = field(default_factory=dict)  # reshape node name -> output axes preferred as rows
     extra_labels: dict = field(default_factory=dict)  # "<node>.<what>" -> ids a rule's fix needs later
+    weight_norms: list = field(default_factory=list)  # every WeightNormRef a rule read (the rewrite refits g)
     # (ids, node, op, reason): pinned at the end of the analysis unless every live row among the ids
     # holds several of them (see Ctx.pin_unless_blocks)
     deferred: list = field(default_factory=list)
@@ -163,12 +177,14 @@ class Ctx:
     def fresh(self, n: int) -> np.ndarray:
         return self.uf.new(n)
 
-    def tensor_lab(self, name: str, given: dict | None = None) -> AxisLabels:
+    def tensor_lab(self, name: str, given: dict | None = None, zeroable=None) -> AxisLabels:
         """AxisLabels of parameter/buffer ``name``.
 
         The first read creates it: axis d takes ``given[d]`` when that is an id array of the
         axis' length (the channel it is owned by, no union needed) or ``PINNED`` (not a channel),
         and fresh owned ids otherwise (size-1 axes are pinned). Later reads tie ``given`` to it.
+        ``zeroable``: the axes whose slices training may zero with their row (default: every axis
+        of a parameter, none of a buffer); the others are sliced with the row but not part of it.
         """
         name = self.alias.get(name, name)
         lab = self.tensor_labs.get(name)
@@ -176,7 +192,7 @@ class Ctx:
         if lab is not None:
             return self._apply_given(lab, given)
         t = self._tensor(name)
-        is_param = isinstance(t, torch.nn.Parameter)
+        param = isinstance(t, torch.nn.Parameter)
         ids, zeros = [], []
         for d, n in enumerate(t.shape):
             a = given.get(d)
@@ -188,6 +204,7 @@ class Ctx:
                 continue
             if a is None or a is OWN or len(a) != n:
                 a = self.fresh(n)
+            is_param = param and (zeroable is None or d in zeroable)
             self.owners.append(Owner(name, d, a, is_param))
             ids.append(a)
             # zeroing a row zeroes its parameters, never a buffer
@@ -199,15 +216,50 @@ class Ctx:
     def shape_of(self, p) -> tuple:
         if isinstance(p, AxisLabels):
             return p.shape
+        if isinstance(p, WeightNormRef):
+            p = ParamRef(p.v)
         return tuple(self._tensor(self.alias.get(p.name, p.name)).shape)
 
-    def param(self, p, given: dict | None = None) -> AxisLabels | None:
-        """A parameter argument (a ParamRef, an AxisLabels, or None) as an AxisLabels."""
+    def param(self, p, given: dict | None = None, out: int | None = None) -> AxisLabels | None:
+        """A parameter argument (a ParamRef, a WeightNormRef, an AxisLabels, or None) as an AxisLabels;
+        ``out``: the axis whose channel the layer creates (read for a WeightNormRef only)."""
         if p is None:
             return None
         if isinstance(p, AxisLabels):
             return self._apply_given(p, given or {})
+        if isinstance(p, WeightNormRef):
+            return self.weight_norm_lab(p, given or {}, out)
         return self.tensor_lab(p.name, given)
+
+    def weight_norm_lab(self, ref: WeightNormRef, given: dict, out: int | None) -> AxisLabels:
+        """The labels of a weight-normed weight ``g * v / ||v||`` (``given`` as for a plain weight;
+        ``out``: the axis whose channel the layer creates, so that a zero slice there is a zero output).
+
+        Axis ``dim`` belongs to ``g`` (zeroable: ``g_i = 0`` zeroes slice i of W). ``v`` is sliced with
+        every row but zeroable only along ``out`` when that is not ``dim`` (then slice o of W is zero
+        exactly when v's is). The label's zero mask is false along the other axes of ``v``: a layer
+        must then see its input zero there (``conv``/``linear`` check it), and the rewrite rescales
+        ``g`` by the norm ``v`` keeps (:mod:`otofx.passes.weightnorm`).
+
+        # NB: never zero v along ``dim``: v_i = 0 makes row i 0/0 = NaN
+        """
+        d = ref.dim
+        shape = self.shape_of(ParamRef(ref.v))
+        if d is not None:
+            gl = self.tensor_lab(ref.g, {a: (given.get(d, OWN) if a == d else PINNED) for a in range(len(shape))})
+            pinned = gl.ids[d] is pinned_axis(shape[d])
+            vgiven = {**given, d: PINNED if pinned else gl.ids[d]}
+        else:
+            gl = self.tensor_lab(ref.g, {})
+            vgiven = dict(given)
+        zeroable = {out} if out is not None and out != d else set()
+        vl = self.tensor_lab(ref.v, vgiven, zeroable=zeroable)
+        named = WeightNormRef(self.alias.get(ref.g, ref.g), self.alias.get(ref.v, ref.v), d, ref.how)
+        if named not in self.weight_norms:
+            self.weight_norms.append(named)
+        if d is None:
+            return vl
+        return vl.with_axis(d, gl.ids[d], gl.zero[d])
 
     def _apply_given(self, lab: AxisLabels, given: dict) -> AxisLabels:
         """Tie (or pin) the axes of an existing tensor label as ``given`` says."""

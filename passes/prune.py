@@ -44,6 +44,8 @@ Internals:
       second dense copy. Unchanged tensors are copied too (no aliasing of the user's model).
     * Tied tensors (one Parameter under several names) are sliced once and re-assigned under
       every name, so they stay tied.
+    * Weight-normed weights whose ``v`` lost non-zero entries (an input column) get ``g`` rescaled by
+      the norm ``v`` keeps (``passes.weightnorm.refit_gains``).
     * Index tensors (kept positions) are moved to each weight's device before slicing: a model on
       CUDA is sliced on CUDA; analysis and plans stay on the CPU (meta shapes, numpy masks).
 """
@@ -64,6 +66,7 @@ from .channels import AxisLabels, labs_in
 from .modules import refresh_rnn_weights
 from .nodes import get_path, set_path
 from .registry import RULES, arg_slot, bind, form_of, set_arg
+from .weightnorm import refit_gains, stale_weights
 from .zigs import ZigSet
 
 
@@ -227,7 +230,7 @@ def _copy_without_tensors(gm: fx.GraphModule) -> tuple[fx.GraphModule, dict]:
     Returns the copy and ``{id(placeholder): original tensor}``. Tied tensors (one object under
     several names) get one placeholder, so they stay tied.
     """
-    memo: dict = {}
+    memo: dict = stale_weights(gm)
     originals: dict = {}
     for _, t in list(gm.named_parameters(remove_duplicate=False)) + list(gm.named_buffers(remove_duplicate=False)):
         if id(t) not in memo:
@@ -296,6 +299,7 @@ def prune_graph(gm: fx.GraphModule, plan: Plan) -> fx.GraphModule:
     _fill_tensors(new, originals, plan)
     del originals
     refresh_rnn_weights(new)
+    refit_gains(plan, gm, new)  # NB: before the fixes, which read a weight-normed layer's new weight
     mods = dict(new.named_modules())
     for node in list(new.graph.nodes):
         if node.op not in ("call_module", "call_function", "call_method"):

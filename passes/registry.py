@@ -22,6 +22,8 @@ Internals:
       Python function's from ``spec`` or, when none is given, its signature; keyword-only names
       are read from ``node.kwargs``. Module forms have a binder ``(node, module, args, kwargs)``.
     * A target bound twice raises: a second spelling must be a deliberate ``unregister`` first.
+    * A layer whose weight weight norm computes (``passes/weightnorm.py``) is found through its
+      base class's form; other parametrised layers have none.
 """
 from __future__ import annotations
 
@@ -341,7 +343,14 @@ def _submodule(root, target: str):
 
 def form_of(node: fx.Node, root) -> Form | None:
     if node.op == "call_module":
-        return MODULE_FORMS.get(type(_submodule(root, node.target)))
+        m = _submodule(root, node.target)
+        form = MODULE_FORMS.get(type(m))
+        if (form is None and "parametrizations" in m._modules) or m._forward_pre_hooks:
+            # a weight-normed layer (a per-instance parametrised class, or the deprecated hook)
+            from .weightnorm import module_form
+
+            return module_form(m, form, MODULE_FORMS)
+        return form
     if node.op == "call_function":
         try:
             return FUNCTION_FORMS.get(node.target)

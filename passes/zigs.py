@@ -24,12 +24,22 @@ from torch.utils._pytree import tree_map_only
 
 from .attention import find_head_splits
 from .rules.linalg import bind_library_ops
-from .channels import AxisLabels, Ctx, ParamRef, Pin, SymSize, labs_in, leaves
+from .channels import AxisLabels, Ctx, ParamRef, Pin, SymSize, WeightNormRef, labs_in, leaves
 from .nodes import mutates_input
-from .registry import RULES, RuleDeclined, bind, canonical_name, form_of, strict_rules
+from .registry import MODULE_FORMS, RULES, RuleDeclined, bind, canonical_name, form_of, strict_rules
 from .unionfind import PIN, UnionFind, unique
+from .weightnorm import unknown_reason
 
 log = logging.getLogger("otofx")
+
+
+def layer_of(name: str) -> str:
+    """The layer a parameter belongs to: its module, or the parametrised module for a tensor a
+    parametrisation computes from (``conv.parametrizations.weight.original0`` -> ``conv``)."""
+    mod = name.rpartition(".")[0]
+    if mod == "parametrizations" or mod.startswith("parametrizations."):
+        return ""
+    return mod.split(".parametrizations.")[0]
 
 
 @dataclass(frozen=True)
@@ -57,7 +67,7 @@ class ZIG:
     def layers(self) -> tuple:
         seen = []
         for name, _, _ in self.params:
-            mod = name.rpartition(".")[0] or name
+            mod = layer_of(name) or name
             if mod not in seen:
                 seen.append(mod)
         return tuple(seen)
@@ -74,6 +84,7 @@ class ZigSet:
     uf: UnionFind = field(repr=False)
     zig_of_root: np.ndarray = field(repr=False)  # root id -> zig index, -1 if none
     row_of_root: np.ndarray = field(repr=False)  # root id -> row index inside its zig
+    weight_norms: tuple = field(default=(), repr=False)  # WeightNormRef of every weight-normed weight read
 
 
 def _unknown(ctx: Ctx, node: fx.Node, args, kwargs, out, reason: str):
@@ -102,6 +113,8 @@ def _pinned_like(ctx: Ctx, out):
 def _resolve(ctx: Ctx, v):
     if isinstance(v, ParamRef):
         return ctx.tensor_lab(v.name)
+    if isinstance(v, WeightNormRef):  # a weight-normed weight read by an op that owns no axis of it
+        return ctx.weight_norm_lab(v, {}, None)
     if isinstance(v, tuple) and hasattr(v, "_fields"):  # a named tuple takes its fields as arguments
         return type(v)(*(_resolve(ctx, x) for x in v))
     if isinstance(v, (list, tuple)):
@@ -158,7 +171,10 @@ def zero_invariant_groups(gm: fx.GraphModule, pin: tuple = ()) -> ZigSet:
             env[node] = _getattr_value(ctx, node, _resolve(ctx, args[0]), args[1], out)
             continue
         if form is None:
-            env[node] = _unknown(ctx, node, _resolve(ctx, args), _resolve(ctx, kwargs), out, f"no rule for '{ctx.op}'")
+            reason = f"no rule for '{ctx.op}'"
+            if node.op == "call_module":  # a parametrised layer: which parametrisation
+                reason = unknown_reason(mods[node.target], MODULE_FORMS) or reason
+            env[node] = _unknown(ctx, node, _resolve(ctx, args), _resolve(ctx, kwargs), out, reason)
             continue
         module = mods[node.target] if node.op == "call_module" else None
         rule = RULES[form.rule]
@@ -239,7 +255,8 @@ def _group(ctx: Ctx, labels: dict, acts: list) -> ZigSet:
     # positions; int64 arrays of them set the analysis's peak memory)
     zig_of_root = np.full(n, -1, dtype=np.int32)
     row_of_root = np.full(n, -1, dtype=np.int32)
-    empty = ZigSet((), tuple(ctx.pins), labels, tuple(ctx.owners), uf, zig_of_root, row_of_root)
+    empty = ZigSet((), tuple(ctx.pins), labels, tuple(ctx.owners), uf, zig_of_root, row_of_root,
+                   tuple(ctx.weight_norms))
     if not params:
         return empty
     lens = np.array([len(o.ids) for o in params], dtype=np.int64)
@@ -282,7 +299,8 @@ def _group(ctx: Ctx, labels: dict, acts: list) -> ZigSet:
         o = params[oi]
         entries[zi].append((o.name, o.dim, torch.from_numpy(pos[sl].reshape(rows_of[zi], -1))))
     zigs = tuple(ZIG(int(counts[i]), tuple(entries[i])) for i in range(len(uniq)))
-    return ZigSet(zigs, tuple(ctx.pins), labels, tuple(ctx.owners), uf, zig_of_root, row_of_root)
+    return ZigSet(zigs, tuple(ctx.pins), labels, tuple(ctx.owners), uf, zig_of_root, row_of_root,
+                  tuple(ctx.weight_norms))
 
 
 def _segments(z: np.ndarray, owner: np.ndarray, row: np.ndarray, nrows: int, nowners: int,

@@ -98,12 +98,13 @@ def test_buffers_that_are_not_bn_statistics():
     assert small.shift.shape[1] == small.scale.shape[1] == small.c1.out_channels
 
 
-def test_deprecated_weight_norm_is_a_clear_error_and_parametrizations_are_reported():
+def test_deprecated_spectral_norm_is_a_clear_error_and_parametrizations_are_reported():
     from otofx.errors import InputError
 
-    """torch.nn.utils.weight_norm recomputes the weight in a hook (no parameter to slice): a clear
+    """torch.nn.utils.spectral_norm recomputes the weight in a hook (no parameter to slice): a clear
     error naming the module and the fold; the parametrizations form is kept whole, and the pin report
-    names every such module (an unknown module used to go unreported once its input was pinned)."""
+    names every such module and its parametrisation (an unknown module used to go unreported once its
+    input was pinned). Weight norm, in either form, is followed (tests/test_weight_norm.py)."""
     import warnings
 
     from torch.nn.utils import parametrizations
@@ -113,9 +114,10 @@ def test_deprecated_weight_norm_is_a_clear_error_and_parametrizations_are_report
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
-        old = net(torch.nn.utils.weight_norm)
-    with pytest.raises(InputError, match=r"module '0' uses torch.nn.utils.weight_norm.*remove_weight_norm"):
+        old = net(torch.nn.utils.spectral_norm)
+    with pytest.raises(InputError, match=r"module '0' uses torch.nn.utils.spectral_norm.*remove_spectral_norm"):
         otofx.OTO(old, torch.randn(1, 1, 16))
-    oto = otofx.OTO(net(parametrizations.weight_norm), torch.randn(1, 1, 16))
-    assert [(p.node, p.reason) for p in oto.pinned if p.node != "output"] == [
-        ("_0", "no rule for 'ParametrizedConv1d'"), ("_2", "no rule for 'ParametrizedConv1d'")]
+    oto = otofx.OTO(net(parametrizations.spectral_norm), torch.randn(1, 1, 16))
+    reason = ("'weight' by _SpectralNorm: a parametrisation otofx has no rule for (it knows "
+              "torch.nn.utils.parametrizations.weight_norm and torch.nn.utils.weight_norm on conv and linear layers)")
+    assert [(p.node, p.reason) for p in oto.pinned if p.node != "output"] == [("_0", reason), ("_2", reason)]

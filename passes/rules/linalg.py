@@ -12,6 +12,9 @@ Internals:
       tokens of [B, C, T]: channel c comes out as the bias): ``_plus_constant`` clears their zero
       masks, so a norm or a sum over them keeps those channels. ``addmm``/``baddbmm`` get the same
       from ``binary``'s broadcasting.
+    * A weight-normed weight (``WeightNormRef``: a parametrised layer's binder, or ATen's
+      ``_weight_norm`` read as a conv or linear weight) has input slices of ``v``, which training
+      does not zero: ``_input_must_be_zero`` pins the input channels that are not zero with their row.
 """
 from __future__ import annotations
 
@@ -22,8 +25,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..channels import OWN, PINNED, AxisLabels, Ctx, ParamRef, false_mask, pinned_axis, true_mask
-from ..registry import RuleDeclined, functions, methods, modules, rule
+from ..channels import OWN, PINNED, AxisLabels, Ctx, ParamRef, WeightNormRef, false_mask, pinned_axis, true_mask
+from ..registry import RuleDeclined, form_of, functions, methods, modules, rule
+from ..weightnorm import RULES_WITH_WEIGHT_NORM, norm_dim
 from .common import _ov, _out_shape, _passthrough, _plus_constant
 from .elementwise import binary
 
@@ -57,22 +61,26 @@ def conv(ctx: Ctx, input, weight, bias=None, groups=1, transposed=False, meta=No
     in_ids = x.ids[cax]
     kernel = {d: PINNED for d in range(2, 2 + nsp)}
     shape = _out_shape(meta)
+    o_ax, i_ax = (1, 0) if transposed else (0, 1)
     if g == 1:
-        w = ctx.param(weight, {(0 if transposed else 1): in_ids, (1 if transposed else 0): OWN, **kernel})
-        out_ids = w.ids[1 if transposed else 0]
+        w = ctx.param(weight, {i_ax: in_ids, o_ax: OWN, **kernel}, out=o_ax)
+        out_ids = w.ids[o_ax]
+        _input_must_be_zero(ctx, weight, w, i_ax, x, cax)
     else:
         in_g = in_ids.reshape(g, len(in_ids) // g)
         if in_g.shape[1] > 1:
             ctx.tie(in_g, in_g[:, :1])
         if transposed:
-            ctx.param(weight, {0: in_ids, 1: PINNED, **kernel})
+            # NB: a conv group's outputs read only its inputs, which are in the group's row
+            w = ctx.param(weight, {0: in_ids, 1: PINNED, **kernel}, out=1)
+            _input_must_be_zero(ctx, weight, w, 0, x, cax)
             out_ids = ctx.fresh(shape[cax])
         elif in_g.shape[1] == 1 and ctx.shape_of(weight)[0] == g:
             # depthwise, one output per input channel: the weight's out axis is the input's
             # channels (the same class the tie below would make, without a union)
-            out_ids = ctx.param(weight, {0: in_ids, 1: PINNED, **kernel}).ids[0]
+            out_ids = ctx.param(weight, {0: in_ids, 1: PINNED, **kernel}, out=0).ids[0]
         else:
-            out_ids = ctx.param(weight, {0: OWN, 1: PINNED, **kernel}).ids[0]
+            out_ids = ctx.param(weight, {0: OWN, 1: PINNED, **kernel}, out=0).ids[0]
         if out_ids is not in_ids:
             ctx.tie(out_ids.reshape(g, -1), in_g[:, :1])
     ctx.param(bias, {0: out_ids})
@@ -81,6 +89,17 @@ def conv(ctx: Ctx, input, weight, bias=None, groups=1, transposed=False, meta=No
     if bias is not None:  # NB: out[n, o] = conv(x[n])[o] + b[o]: a zero batch entry n comes out as b
         lab = _plus_constant(lab)
     return lab.with_axis(cax, out_ids, true_mask(len(out_ids)))
+
+
+def _input_must_be_zero(ctx: Ctx, weight, w: AxisLabels, axis: int, x: AxisLabels, cax: int) -> None:
+    """A weight-normed weight's slices along ``axis`` (the input's channels) are v's, which are not
+    zeroed with their row: the layer cancels a channel only if the channel is zero itself."""
+    if not isinstance(weight, WeightNormRef):
+        return
+    bad = ~(w.zero[axis] | x.zero[cax])
+    if bad.any():
+        ctx.pin(x.ids[cax][bad], "weight norm's v is not zeroed with the row of the input channel it reads, "
+                "and this channel is not zero when its row is")
 
 
 def _conv_module(node, m, args, kwargs):
@@ -106,6 +125,29 @@ functions("conv", [F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d]
 functions("conv", _ov(aten.convolution, "default"))
 
 
+def _weight_argument_of(node, user, mods) -> bool:
+    """Whether ``user`` is a conv or linear layer reading ``node`` as its weight, and nothing else of it."""
+    form = form_of(user, mods)
+    if form is None or form.rule not in RULES_WITH_WEIGHT_NORM or form.module_binder is not None:
+        return False
+    at = [i for i, a in enumerate(user.args) if a is node] + [k for k, a in user.kwargs.items() if a is node]
+    return at == [form.spec.index("weight") if "weight" in form.spec else "weight"]
+
+
+@rule("weight_norm", reads_params=True)
+def weight_norm(ctx: Ctx, v, g, dim=0, meta=None, **_):
+    """W = g * v / ||v||, the norm over every axis of v but dim (all for dim -1): the weight of the conv or linear layer reading it, g owning dim; v is sliced with the rows but never zeroed along dim (see Ctx.weight_norm_lab); read by anything else it is pinned."""
+    if not isinstance(v, ParamRef) or not isinstance(g, ParamRef):
+        raise RuleDeclined("weight norm of tensors that are not parameters of the model")
+    users = list(ctx.node.users) if ctx.node is not None else []
+    if not users or not all(_weight_argument_of(ctx.node, u, ctx.modules) for u in users):
+        raise RuleDeclined("its weight is read by something other than a conv or linear layer's weight argument")
+    return WeightNormRef(g.name, v.name, norm_dim(dim, len(ctx.shape_of(v))), "torch._weight_norm")
+
+
+functions("weight_norm", [torch._weight_norm] + _ov(aten._weight_norm, "default"), ("v", "g", "dim"))
+
+
 def _linear_fix(site, **_):
     m = site.module
     if m is not None:
@@ -116,7 +158,8 @@ def _linear_fix(site, **_):
 def linear(ctx: Ctx, input, weight, bias=None, meta=None, **_):
     """y[..., o] = sum_i W[o, i] x[..., i] + b[o]: weight dim 1 reads the last axis, dim 0 and bias own the new last axis; the other axes pass, zero with their rows only without a bias."""
     x = input
-    w = ctx.param(weight, {0: OWN, 1: x.ids[-1]})
+    w = ctx.param(weight, {0: OWN, 1: x.ids[-1]}, out=0)
+    _input_must_be_zero(ctx, weight, w, 1, x, x.ndim - 1)
     ctx.param(bias, {0: w.ids[0]})
     shape = _out_shape(meta)
     lab = _passthrough(ctx, x, shape, {d: d for d in range(x.ndim - 1)}, handled=(x.ndim - 1,))

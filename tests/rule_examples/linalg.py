@@ -131,6 +131,71 @@ def conv_linear_export():
     return m.eval(), img()
 
 
+def _wn(module, dim=0):
+    from torch.nn.utils.parametrizations import weight_norm
+
+    return weight_norm(module, dim=dim)
+
+
+@example("conv", "unary")
+def conv_weight_norm():
+    """torch.nn.utils.parametrizations.weight_norm on both convs: g (original0) owns the rows, v is
+    sliced with them; the consumer's v columns stay non-zero and g is refit on removal."""
+    m = Net(lambda s, x: s.c2(F.leaky_relu(s.c1(x), 0.1)), c1=_wn(conv(3, 8)), c2=_wn(conv(8, 4)))
+    return m, img()
+
+
+@example("conv")
+def conv_transpose_weight_norm():
+    """ConvTranspose2d under weight_norm's default dim 0 (its input axis): g sits on the input
+    channels, v is the zeroable slice of each output channel."""
+    m = Net(lambda s, x: s.c2(torch.relu(s.t(torch.relu(s.c1(x))))), c1=_wn(conv(3, 8)),
+            t=_wn(nn.ConvTranspose2d(8, 6, 2, stride=2)), c2=_wn(conv(6, 4)))
+    return m, img()
+
+
+@example("linear")
+def mlp_weight_norm():
+    """Linear layers under weight_norm, dim 0, dim 1 and the whole-tensor norm (dim=None)."""
+    m = Net(lambda s, x: s.l3(F.gelu(s.l2(F.gelu(s.l1(x))))), l1=_wn(nn.Linear(6, 8)),
+            l2=_wn(nn.Linear(8, 8), dim=1), l3=_wn(nn.Linear(8, 4), dim=None))
+    return m, torch.randn(N, 5, 6)
+
+
+@example("weight_norm", "conv")
+def weight_norm_functional():
+    """torch._weight_norm(v, g, 0) feeding F.conv2d (the op the parametrisation calls)."""
+    def fwd(s, x):
+        return s.c2(torch.relu(F.conv2d(torch.relu(s.c1(x)), torch._weight_norm(s.v, s.g, 0), s.b, padding=1)))
+
+    v = torch.randn(6, 8, 3, 3) * 0.3
+    m = Net(fwd, c1=conv(3, 8), v=nn.Parameter(v), g=nn.Parameter(torch.rand(6, 1, 1, 1) + 0.5),
+            b=nn.Parameter(torch.randn(6)), c2=conv(6, 4))
+    return m, img()
+
+
+@example("weight_norm", "conv", frontend="export")
+def weight_norm_export():
+    """The parametrised layers through torch.export: aten._weight_norm on the two parameters."""
+    def fwd(s, x):
+        _force_export(x)
+        return s.c2(torch.relu(s.t(torch.relu(s.c1(x)))))
+
+    m = Net(fwd, c1=_wn(conv(3, 8)), t=_wn(nn.ConvTranspose2d(8, 6, 2, stride=2)), c2=_wn(conv(6, 4), dim=None))
+    return m, img()
+
+
+@example("weight_norm", "linear", expect_pin="read by something other than a conv or linear")
+def weight_norm_read_by_matmul():
+    """A weight-normed weight used in a matmul: pinned (v's rows are not zeroable there); the MLP around it prunes."""
+    def fwd(s, x):
+        return torch.relu(s.l2(torch.relu(s.l1(x)))) @ torch._weight_norm(s.v, s.g, 0).t()
+
+    m = Net(fwd, l1=nn.Linear(6, 8), l2=nn.Linear(8, 8), v=nn.Parameter(torch.randn(4, 8) * 0.3),
+            g=nn.Parameter(torch.rand(4, 1) + 0.5))
+    return m, torch.randn(N, 6)
+
+
 @example("linear")
 def mlp():
     m = Net(lambda s, x: s.l2(F.gelu(s.l1(x))), l1=nn.Linear(6, 8), l2=nn.Linear(8, 4))
