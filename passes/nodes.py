@@ -333,6 +333,35 @@ def rms_norm_of(mean: fx.Node) -> RmsNorm | None:
     return RmsNorm(mean, h, dim, eps, hit[0], hit[1], nrm)
 
 
+def read_as_stream_or_input(out: fx.Node) -> bool:
+    """Whether value ``out`` (an RMS norm's without a weight) is read, past casts and slices of
+    positions, only by linear layers as their input and by sums (a residual stream): the reads a
+    module-form rebuild can scale around (``passes.resize.weightless_stream_fold``)."""
+    import torch.nn as nn
+
+    todo = [out]
+    while todo:
+        v = todo.pop()
+        for u in v.users:
+            name = _op(u) if u.op in ("call_function", "call_method") else None
+            if name in _CASTS + ("slice", "select", "getitem") and u.args and u.args[0] is v:
+                todo.append(u)
+            elif name in ("add", "sub") or (name == "type_as" and u.args[0] is not v) \
+                    or name in ("size", "_assert_tensor_metadata"):
+                continue
+            elif name == "linear" and u.args and u.args[0] is v:
+                continue
+            elif (_squared(u) is v and any(_op(w) == "mean" for w in u.users)) or (name == "mul" and any(
+                    isinstance(a, fx.Node) and a.op != "placeholder" and _inverse_sqrt(a) for a in u.args)):
+                continue  # NB: the next RMS norm's square and normalising product (post-norm, a norm after another)
+            elif u.op == "call_module" and u.args and u.args[0] is v and \
+                    isinstance(u.graph.owning_module.get_submodule(u.target), nn.Linear):
+                continue
+            else:
+                return False
+    return True
+
+
 def layer_norm_params(gm: fx.GraphModule) -> set:
     """Names of the parameters the layer norms of ``gm`` read as their weight or bias (through casts),
     whichever front-end made the graph (``nn.LayerNorm`` calls, ``F.layer_norm``, ``aten.layer_norm``)."""
