@@ -8,7 +8,7 @@ attention.py    attention (scaled_dot_product_attention), multihead_attention
 norm.py         batch_norm (and instance norm), group_norm, layer_norm (and RMSNorm)
 elementwise.py  unary (activations, dropout, copies, clamp), singular (rsqrt, reciprocal, log), prelu,
                 binary (arithmetic, comparisons), where, masked_fill
-spatial.py      pool, resample (interpolation), grid_sample, pad
+spatial.py      pool, resample (interpolation), grid_sample, pad, im2col (F.unfold), col2im (F.fold), windows (x.unfold)
 shape.py        cat, stack, unbind, split, reshape, shape_merge, permute, expand, repeat,
                 repeat_interleave, view_as, expand_as, channel_shuffle, pixel_shuffle (and unshuffle)
 indexing.py     narrow, slice, getitem, index, select, roll, gather

@@ -1,6 +1,8 @@
-"""Spatial ops: pooling, resampling (interpolation, grid sampling) and padding. Batch and channel axes
-pass pooling and resampling; spatial axes are not channels. Padding keeps every axis's entries in
-order and adds constants at its ends, on whatever axis it pads.
+"""Spatial ops: pooling, resampling (interpolation, grid sampling), padding and sliding windows. Batch
+and channel axes pass pooling and resampling; spatial axes are not channels. Padding keeps every
+axis's entries in order and adds constants at its ends, on whatever axis it pads. ``F.unfold``
+(im2col) turns each channel into the block of its kernel positions and ``F.fold`` sums each block
+back into its channel; ``Tensor.unfold`` cuts windows out of one axis.
 
 Internals:
     * ``nsp`` (1, 2 or 3, declared per form) is how many trailing axes are spatial; ``pool``
@@ -13,8 +15,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..channels import AxisLabels, Ctx, false_mask, pinned_axis
-from ..registry import RuleDeclined, functions, modules, rule
+from ..channels import AxisLabels, Ctx, false_mask, pinned_axis, true_mask
+from ..registry import RuleDeclined, functions, methods, modules, rule
 from .common import _bind_input, _ov, _out_shape, _passthrough
 
 aten = torch.ops.aten
@@ -113,3 +115,76 @@ def pad(ctx: Ctx, input, pad=(), mode="constant", value=None, meta=None, **_):
 
 functions("pad", [F.pad] + _ov(aten.pad, "default"), ("input", "pad", "mode", "value"))
 functions("pad", _ov(aten.constant_pad_nd, "default"), ("input", "pad", "value"))
+
+
+def _batched(x: AxisLabels, spatial_in: int):
+    """``(batch ids, batch zero)`` of an (N, C, *spatial) input, or empties for an unbatched (C, *spatial) one."""
+    if x.ndim == spatial_in + 2:
+        return [x.ids[0]], [x.zero[0]], 1
+    if x.ndim == spatial_in + 1:
+        return [], [], 0
+    raise RuleDeclined(f"an input of {x.ndim} axes")
+
+
+@rule("im2col")
+def im2col(ctx: Ctx, input, meta=None, **_):
+    """F.unfold / nn.Unfold: (N, C, H, W) -> (N, C * kh * kw, L): channel c becomes the block of its kh * kw kernel positions (c-major), zero with it (padding adds zeros); the batch axis keeps its ids; the window axis L is pinned."""
+    x = input
+    if not isinstance(x, AxisLabels):
+        raise RuleDeclined("unfold of a non-tensor")
+    ids, zero, c = _batched(x, 2)
+    shape = _out_shape(meta)
+    k, rem = divmod(shape[c], len(x.ids[c]))
+    if rem:
+        raise RuleDeclined("unfolded channels are not whole blocks of the input's")
+    ids += [np.repeat(x.ids[c], k), pinned_axis(shape[c + 1])]
+    zero += [np.repeat(x.zero[c], k), false_mask(shape[c + 1])]
+    return AxisLabels(tuple(ids), tuple(zero))
+
+
+functions("im2col", [F.unfold] + _ov(aten.im2col, "default"), ("input",))
+modules("im2col", [nn.Unfold], _bind_input)
+
+
+@rule("col2im")
+def col2im(ctx: Ctx, input, output_size=None, meta=None, **_):
+    """F.fold / nn.Fold: (N, C * kh * kw, L) -> (N, C, H, W) sums each channel's block of kh * kw positions over the windows: a block's entries are one row (tied), the channel is zero when its whole block is; the batch axis keeps its ids; spatial axes are pinned."""
+    x = input
+    if not isinstance(x, AxisLabels):
+        raise RuleDeclined("fold of a non-tensor")
+    shape = _out_shape(meta)
+    ids, zero, c = _batched(x, 1)
+    channels = shape[c]
+    k, rem = divmod(len(x.ids[c]), channels)
+    if rem:
+        raise RuleDeclined("folded channels are not whole blocks of the input's")
+    ctx.pin(x.ids[c + 1], "fold sums over the windows of this axis")
+    blocks = x.ids[c].reshape(channels, k)
+    if k > 1:
+        ctx.tie(blocks, blocks[:, :1])
+    ids += [blocks[:, 0]] + [pinned_axis(n) for n in shape[c + 1:]]
+    zero += [x.zero[c].reshape(channels, k).all(1)] + [false_mask(n) for n in shape[c + 1:]]
+    return AxisLabels(tuple(ids), tuple(zero))
+
+
+functions("col2im", [F.fold] + _ov(aten.col2im, "default"), ("input", "output_size"))
+modules("col2im", [nn.Fold], _bind_input)
+
+
+@rule("windows")
+def windows(ctx: Ctx, input, dimension, size, step, meta=None, **_):
+    """x.unfold(d, size, step): axis d becomes the windows' starts and a new last axis their offsets (both pinned: a window mixes positions of d); the other axes keep their ids and zeros."""
+    x = input
+    if not isinstance(x, AxisLabels):
+        raise RuleDeclined("windows of a non-tensor")
+    d = int(dimension) % max(1, x.ndim)
+    shape = _out_shape(meta)
+    ctx.pin(x.ids[d], "cut into sliding windows along this axis")
+    ids = list(x.ids) + [pinned_axis(shape[-1])]
+    zero = list(x.zero) + [false_mask(shape[-1])]
+    ids[d], zero[d] = pinned_axis(shape[d]), false_mask(shape[d])
+    return AxisLabels(tuple(ids), tuple(zero))
+
+
+methods("windows", ["unfold"], ("input", "dimension", "size", "step"))
+functions("windows", _ov(aten.unfold, "default"), ("input", "dimension", "size", "step"))

@@ -177,3 +177,52 @@ def grid_sample_exported():
 def grid_sample_exported_3d():
     """aten.grid_sampler at a 3-D flow field (a Conv3d's 3 output channels, moved last)."""
     return _sampled(export=True, flow=True, nd=3)
+
+
+@example("im2col", "linear")
+def unfold_patches_linear():
+    """F.unfold / nn.Unfold (T2T-ViT's soft split, VOLO): each channel becomes the block of its kernel
+    positions; the linear reading the patches loses a channel's k*k columns with it."""
+
+    def fwd(s, x):
+        y = torch.relu(s.c1(x))
+        p = s.unfold(y) + F.unfold(y, 3, padding=1)  # (N, 8 * 9, L)
+        return s.fc(p.transpose(1, 2))
+
+    m = Net(fwd, c1=conv(3, 8), unfold=nn.Unfold(3, padding=1), fc=nn.Linear(8 * 9, 4))
+    return m, img()
+
+
+@example("im2col", "col2im")
+def unfold_fold_round_trip():
+    """F.fold sums each channel's block back into it (VOLO's outlook attention)."""
+
+    def fwd(s, x):
+        y = torch.relu(s.c1(x))
+        cols = F.unfold(y, 2, stride=2) * 2.0
+        return s.c2(F.fold(cols, (HW, HW), 2, stride=2))
+
+    return Net(fwd, c1=conv(3, 8), c2=conv(8, 4)), img()
+
+
+@example("col2im", "linear")
+def fold_of_a_linear_output():
+    """A fold of features a linear made: the block of a channel's positions is one row."""
+
+    def fwd(s, x):
+        cols = s.fc(x.flatten(2).transpose(1, 2)).transpose(1, 2)  # (N, 4 * 4, L=HW*HW)
+        return s.c2(F.fold(cols, (HW * 2, HW * 2), 2, stride=2))
+
+    return Net(fwd, fc=nn.Linear(3, 16), c2=conv(4, 4)), img()
+
+
+@example("windows")
+def tensor_unfold_windows():
+    """x.unfold over a spatial axis (HaloNet's blocks): channels pass, the windowed axis is pinned."""
+
+    def fwd(s, x):
+        y = torch.relu(s.c1(x))
+        w = y.unfold(2, 2, 2).unfold(3, 2, 2)  # (N, 8, H/2, W/2, 2, 2)
+        return s.c2(w.mean((-1, -2)))
+
+    return Net(fwd, c1=conv(3, 8), c2=conv(8, 4)), img()
