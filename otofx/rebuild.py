@@ -215,6 +215,10 @@ def rebuild(model: nn.Module, plan: Plan, gm: torch.fx.GraphModule | None = None
     _update_config(new, model, changed, cuts, old_shapes, stream, groups, gm if follow_floats else None, folds)
     # NB: a replacement module (PrunedMultiheadAttention, PrunedLayerNorm) is built in training mode
     copy_training_flags(new, model)
+    # NB: modules that cache what they compute from their tensors (timm's EfficientFormer and LeViT
+    # keep the gathered attention biases per device) drop the cache in their own _apply, as .to()
+    # must: an identity _apply makes the copy drop what the dense model had cached
+    new._apply(lambda t: t)
     return new
 
 

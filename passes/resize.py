@@ -410,6 +410,8 @@ HEAD_COUNTS = ("num_heads", "num_attention_heads", "num_key_value_heads", "num_k
 # attributes that hold a width computed from heads or an inner (MLP) width
 WIDTHS = ("all_head_size", "split_size", "inner_dim", "attn_dim", "embed_dim", "intermediate_size", "intermediate_dim", "inner_size",
           "ffn_dim", "kv_dim", "q_dim", "hidden_dim_attn", "proj_size", "head_size_total",
+          # timm's EfficientFormer, LeViT and TinyViT attention (heads times key or value width)
+          "key_attn_dim", "val_attn_dim", "dh", "nh_kd",
           # state-space mixers (Mamba, Mamba 2 and their hybrids)
           "conv_dim", "d_inner", "time_step_rank", "dt_rank", "group_size",
           # multi-head latent attention's low ranks (each behind an RMS norm: DeepSeek V2/V3, Kimi)

@@ -65,3 +65,23 @@ def test_frozen_batch_norm_resnet_compresses_to_its_own_class():
     small = assert_exact(model, oto, torch.randn(2, 3, 48, 40))
     assert type(small) is type(model)
     assert small.bn1.weight.shape[0] < 64
+
+
+def test_efficientformer_heads_go_and_its_cached_biases_are_dropped(caplog):
+    """EfficientFormer gathers a per-head bias table (``attention_biases[:, attention_bias_idxs]``):
+    its heads are rows, the own class follows (``val_attn_dim``), and the biases the dense model
+    cached in eval mode are dropped in the copy (its own ``_apply``), not served at the old head count."""
+    torch.manual_seed(0)
+    model = randomize(timm.create_model("efficientformer_l1", pretrained=False, num_classes=10)).eval()
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        model(x)  # fills attention_bias_cache
+    oto = otofx.OTO(model, x)
+    attn = model.stages[3].blocks[4].token_mixer  # its one attention block
+    heads = [z for z in oto.groups if any(n.endswith("attention_biases") for n, _, _ in z.params)]
+    assert heads and heads[0].rows == attn.num_heads
+    zero_random_rows(model, oto, seed=1)
+    with caplog.at_level(logging.WARNING, logger="otofx"):
+        small = assert_exact(model, oto, torch.randn(2, 3, 224, 224))
+    assert type(small) is type(model) and not caplog.records, [r.message for r in caplog.records]
+    assert small.stages[3].blocks[4].token_mixer.num_heads < attn.num_heads

@@ -166,7 +166,7 @@ def _getitem_fix(site, input, index, **_):
 
 @rule("getitem", fix=_getitem_fix, takes_sizes=True, python_values=True)
 def getitem(ctx: Ctx, input, index, meta=None, **_):
-    """x[idx]: a unit-step slice of an axis keeps that slice of ids (bounds recounted); None adds a pinned axis; an int or tensor index pins the axis it reads."""
+    """x[idx]: a unit-step slice of an axis keeps that slice of ids (bounds recounted); None adds a pinned axis; an int or tensor index pins the axis it reads (one tensor among literal slices: the others keep their ids)."""
     x = input
     if not isinstance(x, AxisLabels):  # tuple/list/dict/size: plain indexing of python values
         if isinstance(x, (tuple, list, dict)):
@@ -205,6 +205,9 @@ def getitem(ctx: Ctx, input, index, meta=None, **_):
             ids.append(pinned_axis(n))
             zero.append(false_mask(n))
         else:
+            lab = _gather_one_axis(ctx, x, parts, meta)
+            if lab is not None:
+                return lab
             for lab in labs_in(p):
                 ctx.pin(lab, "used as an index")
             ctx.pin(x, "indexed by a tensor or computed value")
@@ -217,6 +220,35 @@ def getitem(ctx: Ctx, input, index, meta=None, **_):
 
 
 functions("getitem", [operator.getitem], ("input", "index"))
+
+
+def _gather_one_axis(ctx: Ctx, x: AxisLabels, parts: list, meta) -> AxisLabels | None:
+    """x[:, idx, ...] with one integer tensor and unit-step literal slices elsewhere (LeViT's and
+    EfficientFormer's ``attention_biases[:, attention_bias_idxs]``): the gathered axis is replaced by
+    idx's axes (pinned, as the axis it read); the sliced axes keep their ids (a per-head table's heads
+    stay rows). None when the index is anything else or the result's shape says otherwise (a mask)."""
+    tensors = [(a, p) for a, p in parts if isinstance(p, AxisLabels)]
+    if len(tensors) != 1:
+        return None
+    ids, zero = [], []
+    for axis, p in parts:
+        if isinstance(p, AxisLabels):
+            ids += [pinned_axis(n) for n in p.shape]
+            zero += [false_mask(n) for n in p.shape]
+        elif axis is not None and isinstance(p, slice) and p.step in (None, 1) and \
+                all(isinstance(v, (int, type(None))) and not isinstance(v, bool) for v in (p.start, p.stop)):
+            s, e, _ = p.indices(x.shape[axis])
+            ids.append(x.ids[axis][s:e])
+            zero.append(x.zero[axis][s:e])
+        else:
+            return None
+    lab = AxisLabels(tuple(ids), tuple(zero))
+    if lab.shape != _out_shape(meta):
+        return None
+    axis, idx = tensors[0]
+    ctx.pin(x.ids[axis], "gathered by an index tensor")
+    ctx.pin(idx, "used as an index")
+    return lab
 
 
 def _gather_first(ctx: Ctx, x: AxisLabels, idx: AxisLabels, meta) -> AxisLabels:

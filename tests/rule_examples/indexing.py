@@ -175,3 +175,20 @@ def slice_at_a_size_read_at_run_time():
         return s.c2(y[:, :, :h, : w - 1])
 
     return Net(fwd, c1=conv(3, 8), c2=conv(8, 4)), img()
+
+
+@example("getitem", "matmul", "softmax")
+def per_head_bias_table_gathered_by_index():
+    """LeViT's and EfficientFormer's attention_biases[:, attention_bias_idxs]: one index tensor
+    among full slices gathers the positions; the table's head axis keeps its ids, so heads stay rows."""
+
+    def fwd(s, x):
+        q, k, v = _heads(s, s.q(x), x), _heads(s, s.k(x), x), _heads(s, s.v(x), x)
+        bias = s.table[:, s.idx]  # [H, L, L]
+        a = torch.softmax(q @ k.transpose(-1, -2) + bias, -1)
+        return s.o(_merge(a @ v, x))
+
+    m = Net(fwd, **_qkvo())
+    m.table = nn.Parameter(torch.randn(H_, 9))
+    m.register_buffer("idx", torch.randint(0, 9, (5, 5), generator=torch.Generator().manual_seed(0)))
+    return m, torch.randn(N, 5, 6)
