@@ -323,11 +323,11 @@ class OTO:
 
     def _module_keeping_layer_norm_widths(self, error: Exception, check: bool, plan: Plan | None,
                                           rtol: float) -> torch.nn.Module | None:
-        """The model's own class with the zero rows of every width a LayerNorm normalises kept, when
-        the copy without them failed (``error``: a LayerNorm subclass that divides by its new width, a
-        module the example never reached that reads the hidden width); None when that fails too or
-        keeps nothing. Those widths were pinned before otofx kept a layer norm's divisor; the graph
-        form removes them."""
+        """The model's own class with the zero rows of every width a LayerNorm or a GroupNorm(1, C)
+        normalises kept, when the copy without them failed (``error``: a norm subclass or a functional
+        norm in the model's forward that divides by its new width, a module the example never reached
+        that reads the hidden width); None when that fails too or keeps nothing. Those widths were
+        pinned before otofx kept a layer norm's (group norm's) divisor; the graph form removes them."""
         gm = self._sync()
         plan = plan if plan is not None else zero_row_plan(self.zigset, gm)
         normed = layer_norm_params(gm)
@@ -348,7 +348,7 @@ class OTO:
             small = self._compress_module(check, kept, rtol)
         except (RebuildError, VerificationError):
             return None
-        log.warning("otofx: compress() keeps the %d zero row(s) of the width(s) LayerNorms normalise in the %s it "
+        log.warning("otofx: compress() keeps the %d zero row(s) of the width(s) LayerNorms (GroupNorm(1)s) normalise in the %s it "
                     "returns: removed, %s; form='graph' removes them", plan.count - kept.count,
                     type(self.model).__name__, _first_line(error))
         return small

@@ -157,6 +157,12 @@ TRACED_FORWARDS = {nn.TransformerEncoderLayer: _encoder_layer, nn.TransformerDec
 class LeafTracer(fx.Tracer):
     """Keeps modules that have a semantic rule as leaves; traces through everything else."""
 
+    def __init__(self, *args, **kwargs):
+        # NB: fx re-traces a GraphModule's code with its graph's tracer class when it is unpickled
+        # (torch.save of the graph form): otofx's kept-divisor norms must stay one call there too
+        kwargs.setdefault("autowrap_functions", _autowrap_functions())
+        super().__init__(*args, **kwargs)
+
     def is_leaf_module(self, m: torch.nn.Module, qualname: str) -> bool:
         if type(m) in MODULE_FORMS:
             return True

@@ -64,6 +64,7 @@ import torch.nn as nn
 from otofx.errors import OTOError
 from otofx.passes.modules import PrunedLayerNorm, PrunedMultiheadAttention, PrunedRNN, refresh_rnn_weights
 from otofx.passes.prune import Plan, take
+from otofx.passes.nodes import viewed_shapes
 from otofx.passes.weightnorm import computed_shapes, refit_gains, stale_weights
 from otofx.passes.resize import (STREAM_WIDTHS, Change, ResizeError, Scope, apply_rms_fold, resize, resync_counts,
                                  constant_scale_sources, norm_sites, rms_folds, rms_input_producer, stream_scale_sources,
@@ -198,7 +199,8 @@ def rebuild(model: nn.Module, plan: Plan, gm: torch.fx.GraphModule | None = None
     old_shapes = {n: tuple(t.shape) for n, t in named.items()}
     stream = frozenset(_stream_axes(plan, model))
     groups = _axis_groups(plan)
-    changed = _resize_modules(new, cuts, old_shapes, stream, groups)
+    views = viewed_shapes(gm) if gm is not None else {}
+    changed = _resize_modules(new, cuts, old_shapes, stream, groups, views)
     if gm is not None:
         # NB: a norm's own forward divides by the new width; the graph form keeps the old divisor
         # (the mean's fix): eps and the weight absorb the ratio (OLMo 2's q/k norms, Mamba 2's
@@ -257,8 +259,10 @@ def _resync_stream_width(new: nn.Module, model: nn.Module, stream: frozenset) ->
                 log.debug("otofx: %s.%s = %d (was %d)", mname or type(new).__name__, attr, now, old)
 
 
-def _resize_modules(new: nn.Module, cuts: dict, old_shapes: dict, stream: frozenset, groups: dict) -> dict:
-    """Re-sync every module touched by ``cuts``, children first; returns {module: {attr: new}}."""
+def _resize_modules(new: nn.Module, cuts: dict, old_shapes: dict, stream: frozenset, groups: dict,
+                    views: dict | None = None) -> dict:
+    """Re-sync every module touched by ``cuts``, children first; returns {module: {attr: new}}.
+    ``views``: the constant shapes the captured graph views each tensor to (``nodes.viewed_shapes``)."""
     # NB: a model without a token embedding (torchvision's ViT) has no stream kept apart, and its
     # stream's width names (``hidden_dim``) are widths like any other
     plain = _input_embedding(new) is None
@@ -283,7 +287,8 @@ def _resize_modules(new: nn.Module, cuts: dict, old_shapes: dict, stream: frozen
             old.update(computed.get(mname, {}))
             before = _int_attrs(m)
             try:
-                repl = resize(m, Change(old, own))
+                seen = frozenset(v for a in old for v in (views or {}).get(f"{mname}.{a}" if mname else a, ()))
+                repl = resize(m, Change(old, own, seen))
             except ResizeError as e:
                 raise RebuildError(f"module '{mname}' ({type(m).__name__}): {e}") from None
             if repl is not None:

@@ -804,6 +804,10 @@ class PrunedRNN(nn.Module):
                              for k, rev in rnn_slots(self.num_layers, self.bidirectional)]
         self.state_size = int(self.state_index.shape[0])
 
+    def flatten_parameters(self) -> None:
+        """Nothing to do: the stock layer's call (model code calls it before each forward) packs one
+        cuDNN buffer, and each layer and direction here runs its own kernel on its own tensors."""
+
     def _weights(self, sfx: str) -> list:
         names = [f"weight_ih_{sfx}", f"weight_hh_{sfx}"] + ([f"bias_ih_{sfx}", f"bias_hh_{sfx}"] if self.bias else [])
         return [self._parameters[n] for n in names]

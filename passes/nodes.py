@@ -362,17 +362,49 @@ def read_as_stream_or_input(out: fx.Node) -> bool:
     return True
 
 
+_VIEWS = ("view", "reshape", "_unsafe_view")
+
+
+def viewed_shapes(gm: fx.GraphModule) -> dict:
+    """``{tensor name: {shape}}``: the constant shapes ``gm`` views or reshapes each of its parameters
+    and buffers to (through casts), whichever front-end made the graph (``t.view(shape)``,
+    ``torch.reshape``, ``aten.view``)."""
+    out: dict = {}
+    for n in gm.graph.nodes:
+        if n.op == "call_method":
+            name = n.target
+        elif n.op == "call_function":
+            name = getattr(n.target, "__name__", "").split(".")[0]
+        else:
+            continue
+        if name not in _VIEWS or not n.args:
+            continue
+        src = _before_casts(n.args[0])
+        if not (isinstance(src, fx.Node) and src.op == "get_attr"):
+            continue
+        rest = n.args[1:] or (n.kwargs.get("shape"),)
+        shape = rest[0] if len(rest) == 1 and isinstance(rest[0], (tuple, list)) else rest
+        if shape and all(type(e) is int for e in shape):
+            out.setdefault(src.target, set()).add(tuple(shape))
+    return out
+
+
 def layer_norm_params(gm: fx.GraphModule) -> set:
-    """Names of the parameters the layer norms of ``gm`` read as their weight or bias (through casts),
-    whichever front-end made the graph (``nn.LayerNorm`` calls, ``F.layer_norm``, ``aten.layer_norm``)."""
+    """Names of the parameters the layer norms and one-group group norms of ``gm`` read as their weight
+    or bias (through casts), whichever front-end made the graph (``nn.LayerNorm`` / ``nn.GroupNorm``
+    calls, ``F.layer_norm`` / ``F.group_norm``, their aten ops): the norms whose divisor counts
+    channels that may be removed."""
     from .channels import ParamRef
     from .registry import op_of
 
     out = set()
     for n in gm.graph.nodes:
-        if n.op not in ("call_module", "call_function") or op_of(n, gm) != "layer_norm":
+        op = op_of(n, gm) if n.op in ("call_module", "call_function") else None
+        if op not in ("layer_norm", "group_norm"):
             continue
         args = call_arguments(n, gm) or {}
+        if op == "group_norm" and not (isinstance(args.get("num_groups"), int) and args["num_groups"] == 1):
+            continue  # NB: several groups lose whole groups, and keep their divisor
         for v in (args.get("weight"), args.get("bias")):
             v = _before_casts(v)
             if isinstance(v, ParamRef):  # a module form's tensor

@@ -69,6 +69,7 @@ class Change:
 
     old: dict  # tensor name -> old shape (tuple)
     keep: dict = field(default_factory=dict)  # tensor name -> {dim: np.ndarray of kept indices}
+    views: frozenset = frozenset()  # the constant shapes the captured graph views its own tensors to
 
 
 RESIZERS: dict = {}  # module type -> rule
@@ -106,7 +107,11 @@ def resize(module: nn.Module, change: Change):
 def _broadcast_shapes(m: nn.Module, change: Change) -> None:
     """A module of no known type whose 1-D tensors all went from ``old`` to ``new`` entries: a tuple
     attribute that is a broadcast shape of them (``old`` once, every other entry 1: timm's layer
-    scale ``self.scale.view(self.shape)`` with ``shape = (dim, 1, 1)``) takes ``new``."""
+    scale ``self.scale.view(self.shape)`` with ``shape = (dim, 1, 1)``) takes ``new``.
+
+    # NB: only a tuple the captured graph views one of the module's tensors to (``change.views``): a
+    # tuple that holds the old width for another reason (a roll's shifts, a pool's kernel) stays
+    """
     sizes = {(change.old[k][0], t.shape[0]) for k, t in list(m._parameters.items()) + list(m._buffers.items())
              if isinstance(t, torch.Tensor) and k in change.old and len(change.old[k]) == 1 and t.dim() == 1}
     if len(sizes) != 1:
@@ -116,7 +121,7 @@ def _broadcast_shapes(m: nn.Module, change: Change) -> None:
         return
     for k, v in list(m.__dict__.items()):
         if type(v) is tuple and all(type(e) is int for e in v) and v.count(old) == 1 \
-                and all(e in (1, old) for e in v):
+                and all(e in (1, old) for e in v) and v in change.views:
             setattr(m, k, tuple(new if e == old else e for e in v))
 
 

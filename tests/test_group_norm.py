@@ -5,7 +5,9 @@ squares, so when the norm has an affine weight and every channel it normalises i
 each channel is a row: the graph keeps the old divisor (``group_norm_kept_divisor``) and the model's
 own class gets ``PrunedGroupNorm`` (an ``nn.GroupNorm`` that divides by its old channel count). With
 several groups, or no weight, a norm group stays one row. A layer scale kept as
-``self.scale.view(self.shape)`` follows the new width (``passes.resize._broadcast_shapes``).
+``self.scale.view(self.shape)`` follows the new width (``passes.resize._broadcast_shapes``), and only
+such a view shape; a model whose own forward divides by the new width keeps those zero rows in its own
+class; the graph form survives ``torch.save``.
 """
 from __future__ import annotations
 
@@ -160,3 +162,104 @@ def test_timm_metaformers_compress_to_their_own_class(name, caplog):
     other = torch.randn(2, 3, 96, 96)
     with torch.no_grad():
         assert max_rel_diff(model(other), small(other)) < 1e-4
+
+
+# =============================================================================================
+# held-out audit: functional norms, tuples that hold the width for another reason, pickling
+# =============================================================================================
+
+
+class FunctionalNormNet(nn.Module):
+    """conv -> F.group_norm(x, 1, w, b) in the model's own forward (or a GroupNorm subclass with its own) -> conv."""
+
+    def __init__(self, subclass: bool = False):
+        super().__init__()
+        self.a, self.c = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 5, 1)
+        self.norm = OwnForwardGroupNorm(1, 8) if subclass else None
+        if not subclass:
+            self.w, self.b = nn.Parameter(torch.ones(8)), nn.Parameter(torch.zeros(8))
+
+    def forward(self, x):
+        y = self.a(x)
+        y = self.norm(y) if self.norm is not None else F.group_norm(y, 1, self.w, self.b, 1e-5)
+        return self.c(F.gelu(y))
+
+
+class OwnForwardGroupNorm(nn.GroupNorm):
+    def forward(self, x):
+        return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+
+
+@pytest.mark.parametrize("subclass", [False, True], ids=["functional", "own_forward"])
+def test_a_norm_dividing_by_its_new_width_keeps_the_own_class(subclass, caplog):
+    """The own class cannot narrow a width its forward normalises with F.group_norm: it keeps those
+    zero rows (as before GroupNorm(1) channels were rows) instead of giving up on the class."""
+    torch.manual_seed(0)
+    model = randomize(FunctionalNormNet(subclass)).eval()
+    x = torch.randn(2, 3, 10, 10)
+    oto = otofx.OTO(model, x)
+    zero_random_rows(model, oto, seed=1)
+    with caplog.at_level("WARNING", logger="otofx"):
+        small = oto.compress()
+    assert type(small) is FunctionalNormNet, type(small).__name__
+    assert any("GroupNorm(1)" in r.getMessage() for r in caplog.records)
+    assert small.a.out_channels == 8  # the normalised width kept its zero rows
+    other = torch.randn(3, 3, 7, 9)
+    with torch.no_grad():
+        assert max_rel_diff(model(other), small(other)) < 1e-4
+    graph = oto.compress(form="graph")  # the graph form removes them
+    assert n_params(graph) < n_params(small)
+    with torch.no_grad():
+        assert max_rel_diff(model(other), graph(other)) < 1e-4
+
+
+class ScaleRoll(nn.Module):
+    """A channel scale, and a roll whose shifts tuple holds the channel count by coincidence."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(dim))
+        self.shifts = (dim, 1)
+
+    def forward(self, x):
+        return torch.roll(x * self.scale[:, None, None], self.shifts, (2, 3))
+
+
+class RollNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.s, self.b = nn.Conv2d(3, 4, 1), ScaleRoll(4), nn.Conv2d(4, 2, 1)
+
+    def forward(self, x):
+        return self.b(self.s(self.a(x)))
+
+
+def test_a_tuple_that_is_no_view_shape_keeps_its_value():
+    """Only a tuple the graph views one of the module's tensors to follows the width: a roll by
+    (4, 1) stays a roll by (4, 1) (on an example 2 rows high a roll by 2 looks the same)."""
+    torch.manual_seed(0)
+    model = randomize(RollNet()).eval()
+    x = torch.randn(1, 3, 2, 5)
+    oto = otofx.OTO(model, x)
+    z = next(i for i, g in enumerate(oto.groups) if any(n == "s.scale" for n, _, _ in g.params))
+    from helpers import zero_rows
+    zero_rows(model, oto, [torch.tensor([0, 1]) if i == z else torch.tensor([], dtype=torch.long)
+                           for i in range(len(oto.groups))])
+    small = oto.compress()
+    assert type(small) is RollNet and small.s.scale.shape == (2,) and small.s.shifts == (4, 1)
+    other = torch.randn(2, 3, 3, 5)
+    with torch.no_grad():
+        assert max_rel_diff(model(other), small(other)) < 1e-4
+
+
+def test_graph_form_survives_torch_save(tmp_path):
+    """fx re-traces an unpickled GraphModule's code: the kept-divisor norm stays one call."""
+    model = _model()
+    x = torch.randn(2, 3, 16, 16)
+    oto = otofx.OTO(model, x)
+    zero_random_rows(model, oto, seed=1)
+    small = oto.compress(form="graph")
+    torch.save(small, tmp_path / "g.pt")
+    back = torch.load(tmp_path / "g.pt", weights_only=False)
+    with torch.no_grad():
+        assert torch.equal(back(x), small(x)) and max_rel_diff(model(x), back(x)) < 1e-4

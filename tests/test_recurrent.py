@@ -5,7 +5,8 @@
 (b) numerical equivalence: uneven zeroing (a PrunedRNN) and even zeroing (the stock layer resized),
     module and graph forms, eval and train (dropout 0), at another sequence length and batch;
 (c) end to end: a CRNN (conv -> BiLSTM -> linear), an embedding -> 2-layer LSTM model, save/load,
-    compressing a compressed model again, DHSPG, timm's sequencer2d_s;
+    compressing a compressed model again, DHSPG, timm's sequencer2d_s, a forward that calls
+    ``flatten_parameters()``;
 (d) what stays pinned: proj_size > 0.
 """
 from __future__ import annotations
@@ -389,6 +390,30 @@ def test_timm_sequencer():
     assert n_params(small) / n_params(model) < 0.3  # 0.756 when the LSTMs were pinned
     x2 = torch.randn(2, 3, 64, 64)
     assert max_rel_diff(outputs(model, x2, False), outputs(small, x2, False)) <= RTOL
+
+
+class FlattensFirst(nn.Module):
+    """Calls the stock layer's flatten_parameters() before each forward (DataParallel-era code)."""
+
+    def __init__(self):
+        super().__init__()
+        self.rnn, self.fc = nn.LSTM(6, HID, num_layers=2, bidirectional=True), nn.Linear(2 * HID, 3)
+
+    def forward(self, x):
+        self.rnn.flatten_parameters()
+        out, _ = self.rnn(x)
+        return self.fc(out)
+
+
+def test_flatten_parameters_in_forward_keeps_the_own_class():
+    torch.manual_seed(0)
+    model = randomize(FlattensFirst()).eval()
+    x = torch.randn(7, 2, 6)
+    oto = otofx.OTO(model, x)
+    zero_rows(model, oto, uneven_rows(oto))
+    small = oto.compress()
+    assert type(small) is FlattensFirst and isinstance(small.rnn, PrunedRNN)
+    check_exact(model, small, torch.randn(9, 3, 6))
 
 
 # =============================================================================================
