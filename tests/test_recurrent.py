@@ -431,3 +431,55 @@ def test_projection_is_pinned_with_its_reason():
     small = oto.compress()
     x = seq_input(rnn, 9, 3, seed=1)
     assert max_rel_diff(outputs(model, x, False), outputs(small, x, False)) <= RTOL
+
+
+class Tutorial(nn.Module):
+    """The tutorial's classifier: a zero initial state built from the model's own attributes."""
+
+    def __init__(self, kind: str = "LSTM", spelling: str = "zeros"):
+        super().__init__()
+        self.hidden_size, self.num_layers, self.kind, self.spelling = 12, 2, kind, spelling
+        self.rnn = getattr(nn, kind)(F_IN, 12, 2, batch_first=True)
+        self.fc = nn.Linear(12, 3)
+
+    def forward(self, x):
+        if self.spelling == "zeros":
+            h0 = torch.zeros(self.num_layers, x.size(0), self.hidden_size)
+        else:
+            h0 = x.new_zeros(self.num_layers, x.size(0), self.rnn.hidden_size)
+        hx = (h0, torch.zeros_like(h0)) if self.kind == "LSTM" else h0
+        out, _ = self.rnn(x, hx)
+        return self.fc(out[:, -1, :])
+
+
+@pytest.mark.parametrize("kind,spelling", [("LSTM", "zeros"), ("GRU", "new_zeros"), ("LSTM", "new_zeros")])
+@pytest.mark.parametrize("form", ["auto", "graph"])
+def test_zero_initial_state_is_no_channel(kind, spelling, form, recwarn):
+    """h0 = torch.zeros(layers, batch, hidden) holds no channel: the units are rows (tied across the
+    layers, whose one state tensor it is), the state is made at the new width in the graph, and the
+    model's own attribute follows in its class."""
+    torch.manual_seed(0)
+    model = randomize(Tutorial(kind, spelling)).eval()
+    x = torch.randn(2, 6, F_IN)
+    oto = otofx.OTO(model, x)
+    assert [z.rows for z in oto.groups] == [12], oto.report()
+    zero_random_rows(model, oto, seed=1)
+    small = oto.compress(form=form)
+    assert (type(small) is Tutorial) == (form == "auto"), [str(w.message) for w in recwarn]
+    assert n_params(small) < 0.5 * n_params(model)
+    other = torch.randn(3, 11, F_IN)
+    with torch.no_grad():
+        assert max_rel_diff(model(other), small(other)) < RTOL
+
+
+def test_a_constant_initial_state_that_is_not_zero_still_pins():
+    class Ones(Tutorial):
+        def forward(self, x):
+            h0 = torch.ones(self.num_layers, x.size(0), self.hidden_size)
+            out, _ = self.rnn(x, (h0, h0))
+            return self.fc(out[:, -1, :])
+
+    model = randomize(Ones()).eval()
+    oto = otofx.OTO(model, torch.randn(2, 6, F_IN))
+    assert not oto.groups
+    assert any("initial state" in p.reason for p in oto.pinned)

@@ -77,9 +77,41 @@ def _slot_units(m: nn.Module, slots: list) -> list:
     return out
 
 
+_ZEROS = ("zeros", "new_zeros", "zeros_like")
+
+
+def zero_states(node: fx.Node) -> list:
+    """The nodes of the initial state ``node`` (a recurrent layer's call) is given, when every one of
+    them is made by ``torch.zeros`` / ``new_zeros`` / ``zeros_like`` (the tutorial's
+    ``h0 = torch.zeros(layers, batch, hidden)``); else ``[]``."""
+    from ..nodes import _op
+
+    hx = node.args[1] if len(node.args) > 1 else node.kwargs.get("hx")
+    states = list(hx) if isinstance(hx, (tuple, list)) else [hx] if hx is not None else []
+    if not states or not all(isinstance(s, fx.Node) and s.op in ("call_function", "call_method")
+                             and _op(s) in _ZEROS for s in states):
+        return []
+    return states
+
+
+def _narrow_zero_states(node: fx.Node, old: int, new: int) -> None:
+    """A zero initial state made at the old width (a literal last size) is made at the new one."""
+    for z in zero_states(node):
+        if z.kwargs.get("size") is not None or not z.args:
+            continue
+        sizes = z.args[0] if len(z.args) == 1 and isinstance(z.args[0], (tuple, list)) else z.args
+        first = 1 if z.op == "call_method" else 0  # NB: x.new_zeros(size): args[0] is x
+        if z.op == "call_method":
+            sizes = z.args[1] if len(z.args) == 2 and isinstance(z.args[1], (tuple, list)) else z.args[1:]
+        if sizes and sizes[-1] == old:
+            sizes = tuple(sizes[:-1]) + (new,)
+            packed = len(z.args) == first + 1 and isinstance(z.args[first], (tuple, list))
+            z.args = z.args[:first] + ((sizes,) if packed else sizes)
+
+
 def _rnn_fix(site, input, module=None, **_):
     """Resize the stock layer when every layer and direction keeps as many units, else put a PrunedRNN
-    in its place (its tensors were sliced already)."""
+    in its place (its tensors were sliced already); a zero initial state follows the new width."""
     from ..modules import PrunedRNN, resize_stock_rnn
 
     m = site.module
@@ -93,6 +125,9 @@ def _rnn_fix(site, input, module=None, **_):
     for s, _ in enumerate(rnn_slots(m.num_layers, m.bidirectional)):
         ids = labels.get(f"{site.node.name}.units.{s}")
         units.append(np.nonzero(site._keep_ids(ids))[0] if ids is not None else np.arange(m.hidden_size))
+    old = m.hidden_size
+    if len({len(u) for u in units}) == 1:  # NB: tied units (a state was given): one width for all
+        _narrow_zero_states(site.node, old, len(units[0]))
     new = resize_stock_rnn(m, units)
     if new is not None:
         parent, _, attr = site.node.target.rpartition(".")
@@ -129,7 +164,11 @@ def recurrent(ctx: Ctx, input, hx=None, module=None, meta=None, **_):
             ctx.tensor_lab(f"{name}.state_index", {0: state})
         units = [state[p] for p in pos]
         zero = np.ones(width, dtype=bool)
-        for s in states:
+        # NB: a zero initial state (torch.zeros) holds no channel: every unit reads 0 from it, as
+        # with no state; it still has one hidden axis for every layer and direction (tied above), and
+        # the rewrite makes it at the new width
+        zeros = bool(zero_states(ctx.node))
+        for s in ([] if zeros else states):
             if (ctx.uf.find(s.ids[-1]) == PIN).any():
                 ctx.pin(state, "an initial state that is not a channel (a model input, a constant) is read by every unit")
             ctx.tie(s.ids[-1], state)
