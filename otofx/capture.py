@@ -1332,7 +1332,8 @@ def capture(model: torch.nn.Module, example_inputs, frontend: str = "auto") -> C
     raise CaptureError(
         f"otofx could not capture {type(model).__name__}.\n"
         f"  torch.fx.symbolic_trace failed: {type(trace_err).__name__}: {_first_line(trace_err)}\n"
-        f"  torch.export (non-strict) failed: {type(export_err).__name__}: {_first_line(export_err)}\n"
+        f"  torch.export (non-strict) failed: {type(export_err).__name__}: {_first_line(export_err)}"
+        f"{_raised_at(export_err)}\n"
         + (_missing_masks_hint(model, kwargs, export_err) or
            "Python control flow that depends on tensor values cannot be captured: move it out of forward, "
            "make it depend on shapes or module attributes only, or wrap the offending submodule so that "
@@ -1377,3 +1378,22 @@ def _missing_masks_hint(model: torch.nn.Module, kwargs: dict, err: Exception) ->
 def _first_line(e: Exception) -> str:
     s = str(e).strip().splitlines()
     return s[0] if s else ""
+
+
+# torch's data-dependent guard errors end with the user's line that raised them
+_RAISED_AT = re.compile(r"The following call raised this error:\s*\n\s*"
+                        r"File \"([^\"]+)\", line (\d+), in (\S+)\n\s*(.*)")
+
+
+def _raised_at(e: BaseException) -> str:
+    """``" at file:line in function: `code`"`` where torch says a data-dependent guard was raised
+    (``e`` or its causes), else ``""``."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        hit = _RAISED_AT.search(str(e))
+        if hit:
+            path, line, fn, code = hit.groups()
+            return f" at {path}:{line} in {fn}: `{code.strip()}`"
+        e = e.__cause__ or e.__context__
+    return ""

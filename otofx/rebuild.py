@@ -65,7 +65,7 @@ from otofx.errors import OTOError
 from otofx.passes.modules import PrunedLayerNorm, PrunedMultiheadAttention, PrunedRNN, refresh_rnn_weights
 from otofx.passes.prune import Plan, take
 from otofx.passes.nodes import viewed_shapes
-from otofx.passes.weightnorm import computed_shapes, refit_gains, stale_weights
+from otofx.passes.weightnorm import computed_shapes, own_classes, refit_gains, stale_weights
 from otofx.passes.resize import (STREAM_WIDTHS, Change, ResizeError, Scope, apply_rms_fold, resize, resync_counts,
                                  constant_scale_sources, norm_sites, rms_folds, rms_input_producer, stream_scale_sources,
                                  scale_parameter, tied_head_norms, weightless_stream_fold,
@@ -155,7 +155,7 @@ def _copy_with_slices(model: nn.Module, cuts: dict) -> nn.Module:
         ph = nn.Parameter(ph, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else ph
         memo[key] = ph
         real[id(ph)] = (t, c)
-    new = copy.deepcopy(model, memo)
+    new = own_classes(copy.deepcopy(model, memo))
     made: dict = {}
 
     def fill(ph):

@@ -19,6 +19,8 @@ Internals:
       ``2 * unit roundoff * sqrt(contraction depth)``, and so does a float32 model on CUDA while
       TF32 is allowed (cuDNN's default for convolutions), with float16's unit roundoff: TF32
       keeps 10 mantissa bits (:func:`tf32_in_use`).
+    * Every run starts from the random state ``RUN_SEED``: a forward that draws noise draws the
+      same in the reference and the candidate (their draws follow the same order).
     * # NB: ``eval_mode`` sets ``training`` on every submodule instead of calling ``eval()``: a
       torch.export GraphModule raises on ``eval()``.
 """
@@ -173,9 +175,26 @@ def tf32_in_use(outputs) -> bool:
     return bool(torch.backends.cudnn.allow_tf32 or torch.backends.cuda.matmul.allow_tf32)
 
 
+# the random state every verification run starts from
+RUN_SEED = 0
+
+
+def _cuda_devices(module: torch.nn.Module, args: tuple, kwargs: dict | None) -> list:
+    leaves = tree_flatten((args, kwargs or {}))[0] + list(module.parameters()) + list(module.buffers())
+    return sorted({t.device.index or 0 for t in leaves if isinstance(t, torch.Tensor) and t.is_cuda})
+
+
 def run_eval(module: torch.nn.Module, args: tuple, kwargs: dict | None = None):
-    """``module(*args, **kwargs)`` in eval mode under ``no_grad`` (training flags restored)."""
-    with torch.no_grad(), eval_mode(module):
+    """``module(*args, **kwargs)`` in eval mode under ``no_grad`` (training flags restored), from the
+    random state ``RUN_SEED`` on the devices it runs on (the caller's state is left as it was)."""
+    devices = _cuda_devices(module, args, kwargs)
+    # NB: a forward that draws noise in eval mode (VITS's prior sample, a ``randn_like``) must draw
+    # the same numbers in the reference and in the candidate, or no compressed model verifies
+    with torch.random.fork_rng(devices=devices), torch.no_grad(), eval_mode(module):
+        torch.random.default_generator.manual_seed(RUN_SEED)
+        for d in devices:
+            with torch.cuda.device(d):
+                torch.cuda.manual_seed(RUN_SEED)
         return module(*args, **(kwargs or {}))
 
 

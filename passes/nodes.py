@@ -333,10 +333,25 @@ def rms_norm_of(mean: fx.Node) -> RmsNorm | None:
     return RmsNorm(mean, h, dim, eps, hit[0], hit[1], nrm)
 
 
+# the pin reason of an RMS norm without a weight whose output is read otherwise
+WEIGHTLESS_READ = ("RMS norm without a weight whose output is read by other than linear layers and sums "
+                   "(the own class could not scale around it)")
+
+
+def _one_number(a, v: fx.Node) -> bool:
+    """Whether operand ``a`` (of a product with ``v``) is one number: a Python scalar or a one-element
+    tensor not computed from ``v`` (a learnable scalar: modded-nanoGPT's ``lambdas[1] * x0``)."""
+    if isinstance(a, (int, float)):
+        return True
+    val = a.meta.get("val") if isinstance(a, fx.Node) else None
+    return a is not v and isinstance(val, torch.Tensor) and val.numel() == 1
+
+
 def read_as_stream_or_input(out: fx.Node) -> bool:
     """Whether value ``out`` (an RMS norm's without a weight) is read, past casts and slices of
-    positions, only by linear layers as their input and by sums (a residual stream): the reads a
-    module-form rebuild can scale around (``passes.resize.weightless_stream_fold``)."""
+    positions, only by linear layers as their input, by sums (a residual stream) and products with
+    one number, and by the next RMS norm: the reads a module-form rebuild can scale around
+    (``passes.resize.weightless_stream_fold``). The norm written out, ``F.rms_norm`` or ``nn.RMSNorm``."""
     import torch.nn as nn
 
     todo = [out]
@@ -347,15 +362,17 @@ def read_as_stream_or_input(out: fx.Node) -> bool:
             if name in _CASTS + ("slice", "select", "getitem") and u.args and u.args[0] is v:
                 todo.append(u)
             elif name in ("add", "sub") or (name == "type_as" and u.args[0] is not v) \
+                    or (name == "mul" and len(u.args) == 2 and any(a is v for a in u.args)
+                        and all(a is v or _one_number(a, v) for a in u.args) and u.args[0] is not u.args[1]) \
                     or name in ("size", "_assert_tensor_metadata"):
                 continue
-            elif name == "linear" and u.args and u.args[0] is v:
-                continue
+            elif name in ("linear", "rms_norm") and u.args and u.args[0] is v:
+                continue  # NB: rms_norm: the next norm (post-norm, a norm after the embedding's)
             elif (_squared(u) is v and any(_op(w) == "mean" for w in u.users)) or (name == "mul" and any(
                     isinstance(a, fx.Node) and a.op != "placeholder" and _inverse_sqrt(a) for a in u.args)):
                 continue  # NB: the next RMS norm's square and normalising product (post-norm, a norm after another)
             elif u.op == "call_module" and u.args and u.args[0] is v and \
-                    isinstance(u.graph.owning_module.get_submodule(u.target), nn.Linear):
+                    isinstance(u.graph.owning_module.get_submodule(u.target), (nn.Linear, nn.RMSNorm)):
                 continue
             else:
                 return False

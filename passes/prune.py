@@ -66,7 +66,7 @@ from .channels import AxisLabels, labs_in
 from .modules import refresh_rnn_weights
 from .nodes import get_path, set_path
 from .registry import RULES, arg_slot, bind, form_of, set_arg
-from .weightnorm import refit_gains, stale_weights
+from .weightnorm import own_classes, refit_gains, stale_weights
 from .zigs import ZigSet
 
 
@@ -237,7 +237,7 @@ def _copy_without_tensors(gm: fx.GraphModule) -> tuple[fx.GraphModule, dict]:
             ph = _placeholder(t)
             memo[id(t)] = ph
             originals[id(ph)] = t
-    return copy.deepcopy(gm, memo), originals
+    return own_classes(copy.deepcopy(gm, memo)), originals
 
 
 def _fill_tensors(new: fx.GraphModule, originals: dict, plan: Plan) -> None:

@@ -1005,7 +1005,7 @@ def _stream_values(todo: list, gm, inside: set, passes: dict | None = None, raw:
             todo += nodes
             continue
         if op in ("mul", "div") and len(args) == 2 and nodes:
-            side = _scaled_side(v, gm, inside, writers)
+            side = _scaled_side(v, gm, inside, writers, passes)
             if side is None:
                 return None
             todo.append(args[side])
@@ -1025,18 +1025,19 @@ def _attr(root: nn.Module, target: str):
         return None
 
 
-def _scaled_side(v, gm, inside: set, writers: set) -> int | None:
-    """Which operand of the product ``v`` carries the stream: the one already known to, else the one
-    (the first for a quotient) whose own walk back finds writers (the other is a gate, a routing
-    weight, a constant)."""
+def _scaled_side(v, gm, inside: set, writers: set, passes: dict | None = None) -> int | None:
+    """Which operand of the product ``v`` carries the stream: the one already known to (``passes``:
+    the outputs of norms that pass c on, not yet walked), else the one (the first for a quotient)
+    whose own walk back finds writers (the other is a gate, a routing weight, a constant)."""
     args = v.args
     sides = [i for i in (0, 1) if isinstance(args[i], fx.Node) and (_op(v) == "mul" or i == 0)]
     for i in sides:
-        if args[i] in inside or args[i] in writers:
+        # NB: modded-nanoGPT's ``lambdas[1] * x0`` with x0 = norm(embed(idx)): x0 is a norm's output
+        if args[i] in inside or args[i] in writers or (passes and args[i] in passes):
             return i
     for i in sides:
         trial_inside = set(inside)
-        got = _stream_values([args[i]], gm, trial_inside)
+        got = _stream_values([args[i]], gm, trial_inside, passes)
         if got is not None and got[1]:
             return i
     return None
@@ -1225,15 +1226,20 @@ def weightless_stream_fold(gm, plan, model: nn.Module) -> dict | None:
             return None
         if n.op == "call_module" and n not in layers and any(k.startswith(f"{n.target}.") for k in factors):
             return None
+    from .weightnorm import gain_of
+
     named = list(model.named_parameters(remove_duplicate=False))
-    for name in factors:
+    scaled = {}
+    for name, f in factors.items():
+        name = gain_of(model, name) or name  # NB: a weight-normed layer's weight scales with its g
         try:
             p = model.get_parameter(name)
         except AttributeError:
             return None
         if sum(q is p for _, q in named) != 1:
             return None
-    return {k: f for k, f in factors.items() if f != 1.0}
+        scaled[name] = f
+    return {k: f for k, f in scaled.items() if f != 1.0}
 
 
 def scale_parameter(model: nn.Module, name: str, factor: float, one_plus: bool = False, rows=None) -> None:

@@ -20,6 +20,8 @@ Internals:
     * A parametrised module's class is made per instance by ``torch.nn.utils.parametrize``
       (``ParametrizedConv1d``): :func:`module_form` derives its form from the base class's, with a
       binder that swaps the weight's ``ParamRef`` for the reference; a form per class, cached weakly.
+    * A deep copy of a parametrised module shares its class with the original: the compressed
+      model's copies get classes of their own (:func:`own_classes`).
     * The deprecated form keeps a stale ``weight`` tensor as a plain attribute of the module until
       its next forward: :func:`refit_gains` recomputes it after slicing, so ``fix`` hooks and
       resizers read the new shape.
@@ -178,11 +180,38 @@ def refit_gains(plan, old: nn.Module, new: nn.Module) -> None:
                     setattr(m, h.name, h.compute_weight(m))
 
 
+def gain_of(model: nn.Module, name: str) -> str | None:
+    """The qualified name of ``g`` when ``name`` is a weight-normed tensor of ``model`` (``W = g * v /
+    ||v||``: scaling ``g`` by f scales ``W`` by f, whatever ``dim``), else None."""
+    path, _, attr = name.rpartition(".")
+    try:
+        m = model.get_submodule(path)
+    except AttributeError:
+        return None
+    if not (parametrize.is_parametrized(m) or _hooks(m)):
+        return None
+    ref = (weight_norms(m, path) or {}).get(attr)
+    return ref.g if ref is not None else None
+
+
 def computed_shapes(m: nn.Module, name: str, shapes: dict) -> dict:
     """``{attribute: old shape}`` of the weight-normed tensors of module ``name`` (``shapes``: the old
     model's tensor shapes by qualified name), for resizers that compare a weight's old and new shapes."""
     refs = weight_norms(m, name) if parametrize.is_parametrized(m) or _hooks(m) else None
     return {attr: shapes[ref.v] for attr, ref in (refs or {}).items() if ref.v in shapes}
+
+
+def own_classes(root: nn.Module) -> nn.Module:
+    """Give every parametrised module of ``root`` (a deep copy) a class of its own, in place; returns
+    ``root``. ``torch.nn.utils.parametrize`` makes one class per module and ``copy.deepcopy`` keeps
+    it, so removing the copy's weight norm (``remove_parametrizations`` deletes the class's property,
+    as a vocoder does before inference) would break the user's model too."""
+    for m in root.modules():
+        if parametrize.is_parametrized(m):
+            cls = type(m)
+            body = {k: v for k, v in cls.__dict__.items() if k not in ("__dict__", "__weakref__")}
+            m.__class__ = type(cls.__name__, cls.__bases__, body)
+    return root
 
 
 def stale_weights(root: nn.Module) -> dict:

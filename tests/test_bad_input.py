@@ -121,3 +121,28 @@ def test_deprecated_spectral_norm_is_a_clear_error_and_parametrizations_are_repo
     reason = ("'weight' by _SpectralNorm: a parametrisation otofx has no rule for (it knows "
               "torch.nn.utils.parametrizations.weight_norm and torch.nn.utils.weight_norm on conv and linear layers)")
     assert [(p.node, p.reason) for p in oto.pinned if p.node != "output"] == [("_0", reason), ("_2", reason)]
+
+
+class _BranchOnData(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv1d(2, 4, 3)
+
+    def forward(self, x):
+        length = (x[0, 0] != 0).sum()
+        if length <= 3:  # the data-dependent branch (EnCodec's _pad1d)
+            return self.conv(torch.nn.functional.pad(x, (1, 1), mode="reflect"))
+        return self.conv(x)
+
+
+def test_capture_error_names_the_line_that_branches_on_data(monkeypatch):
+    """EnCodec's encoder: neither front-end captures it (draft_export fails there too); the error
+    names the user's line torch's guard was raised at, not only the symbolic condition."""
+    import otofx.capture as capture
+
+    monkeypatch.setattr(capture, "_draft", lambda *a, **k: None)  # NB: as on EnCodec's encoder
+    with pytest.raises(otofx.CaptureError) as info:
+        otofx.OTO(_BranchOnData(), torch.randn(2, 2, 8))
+    msg = str(info.value)
+    assert "could not capture _BranchOnData" in msg
+    assert "test_bad_input.py:" in msg and "in forward: `if length <= 3:" in msg, msg

@@ -394,3 +394,70 @@ def test_weight_norm_of_computed_tensors_is_pinned():
     oto = otofx.OTO(M(), torch.randn(2, 3, 9))
     assert not oto.groups
     assert any("weight norm of tensors that are not parameters" in p.reason for p in oto.pinned)
+
+
+# ---------------------------------------------------------------------------------------------
+# a forward that draws noise in eval mode (VITS: the prior sample fed to its weight-normed flow)
+# ---------------------------------------------------------------------------------------------
+
+
+class NoisyPrior(nn.Module):
+    """VITS in small: a weight-normed encoder gives mean and log-scale, a sample of the prior
+    (``torch.randn_like``, drawn in eval mode too) goes through a weight-normed decoder."""
+
+    def __init__(self):
+        super().__init__()
+        self.enc = _parametrized(nn.Conv1d(4, 16, 3, padding=1))
+        self.stats = _parametrized(nn.Conv1d(16, 8, 1))
+        self.dec1 = _parametrized(nn.Conv1d(4, 16, 3, padding=1))
+        self.dec2 = _parametrized(nn.Conv1d(16, 2, 1))
+
+    def forward(self, x):
+        mean, log_scale = self.stats(F.leaky_relu(self.enc(x), 0.1)).chunk(2, dim=1)
+        z = mean + torch.randn_like(mean) * torch.exp(log_scale) * 0.667
+        return self.dec2(F.leaky_relu(self.dec1(z), 0.1))
+
+
+def test_a_forward_that_draws_noise_verifies_and_leaves_the_callers_random_state():
+    """Verification runs the reference and the candidate from one random state: before, the two
+    runs drew different noise and compress() raised VerificationError on every such model."""
+    torch.manual_seed(0)
+    model = randomize(NoisyPrior()).eval()
+    x = torch.randn(2, 4, 10)
+    oto = otofx.OTO(model, x)
+    assert sorted(z.rows for z in oto.groups) == [16, 16]
+    zero_random_rows(model, oto, seed=1)
+    state = torch.random.get_rng_state()
+    small = oto.compress()
+    assert torch.equal(torch.random.get_rng_state(), state), "compress() moved the caller's random state"
+    assert type(small) is NoisyPrior and n_params(small) < n_params(model)
+    x2 = torch.randn(3, 4, 13)
+    with torch.no_grad():
+        torch.manual_seed(5)
+        ref = model(x2)
+        torch.manual_seed(5)
+        assert max_rel_diff(ref, small(x2)) <= RTOL
+
+
+@pytest.mark.parametrize("form", ["module", "graph"])
+def test_removing_the_compressed_models_weight_norm_leaves_the_users_model_alone(form):
+    """A vocoder drops its weight norm for inference (``remove_parametrizations``, which deletes the
+    property from the module's class). A deep copy shares that class with the original: the
+    compressed model's modules get classes of their own, or the user's model stops running."""
+    torch.manual_seed(0)
+    model = randomize(Vocoder(_parametrized)).eval()
+    x = torch.randn(2, 8, 12)
+    oto = otofx.OTO(model, x)
+    zero_random_rows(model, oto, seed=1)
+    small = oto.compress(form=form)
+    with torch.no_grad():
+        ref, before = model(x), small(x)
+    for m in small.modules():
+        if parametrize.is_parametrized(m, "weight"):
+            parametrize.remove_parametrizations(m, "weight", leave_parametrized=True)
+    assert not any(parametrize.is_parametrized(m) for m in small.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), before)
+        torch.testing.assert_close(model(x), ref)
+    assert all(parametrize.is_parametrized(m, "weight") for m in model.modules()
+               if isinstance(m, (nn.Conv1d, nn.ConvTranspose1d)))

@@ -23,6 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..modules import group_norm_kept_divisor, layer_norm_kept_divisor
+from ..nodes import WEIGHTLESS_READ, read_as_stream_or_input
 from ..channels import PINNED, Ctx, ParamRef, SymSize, false_mask, true_mask
 from ..registry import CONTIGUOUS_OUT, KEEPS_CONTIGUOUS, functions, modules, rule
 from .common import _ov, _out_shape, _passthrough, _plus_constant
@@ -190,6 +191,10 @@ def _last_axis_rows(ctx: Ctx, x, normalized_shape, weight, bias, meta, needs_wei
             or any(len(v.ids) != 1 or len(v.ids[0]) != len(ids) for v in syms)):
         ctx.pin(syms, "a size read off this axis is used as a value")
         return _pin_normalised(ctx, x, len(shape), weight, bias, meta)
+    if not needs_weight and weight is None and ctx.node is not None and not read_as_stream_or_input(ctx.node):
+        # NB: as a written-out norm's (rules.reduction): with no weight to refold, the own class
+        # scales the layers around the norm, which needs its output read by linear layers and sums
+        ctx.pin_unless_blocks(ids, WEIGHTLESS_READ)
     for v in syms:
         ctx.tie(v.ids[0], ids)
     for p in (weight, bias):

@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..channels import AxisLabels, Ctx, false_mask, pinned_axis
-from ..nodes import read_as_stream_or_input, rms_norm_of
+from ..nodes import WEIGHTLESS_READ, read_as_stream_or_input, rms_norm_of
 from ..registry import RuleDeclined, functions, methods, modules, rule
 from .common import _ax, _ov, _out_shape
 
@@ -64,8 +64,10 @@ def reduce(ctx: Ctx, input, dim=None, keepdim=False, kind="mean", meta=None, **_
             # NB: a norm without a weight has nothing to refold: the own class scales the layers
             # around it, which needs its output read by linear layers and sums only
             rms = rms_norm_of(ctx.node) if ctx.node is not None else None
-            if rms is None or (rms.weight is None and not read_as_stream_or_input(rms.out)):
+            if rms is None:
                 ctx.pin_unless_blocks(x.ids[a], "mean over this axis")
+            elif rms.weight is None and not read_as_stream_or_input(rms.out):
+                ctx.pin_unless_blocks(x.ids[a], WEIGHTLESS_READ)
             continue
         if kind == "sum":
             bad = ~x.zero[a]
