@@ -256,7 +256,17 @@ class OTO:
                 if small is not None:
                     return small
                 if form == "module":
-                    raise
+                    if not isinstance(e, VerificationError):
+                        raise
+                    # NB: asked for the own class: the mismatch is the model's code at the new widths,
+                    # not a wrong pass (the graph form is verified on its own)
+                    detail = str(e).split(" If the pass is otofx's")[0]
+                    raise VerificationError(
+                        f"compress(form='module'): {type(self.model).__name__}'s own forward at the new widths does "
+                        f"not compute what the model computes ({detail}). Its code keeps something the rewrite "
+                        "cannot follow (a width held as a plain int, a norm dividing by its new width, a head tied "
+                        "to a table that would need two scales); form='graph' (or 'auto') returns the exact graph, "
+                        "or pin those widths with otofx.OTO(model, x, pin=(...))") from e
                 if isinstance(e, VerificationError):
                     # NB: the module form runs the model's own forward at the new widths; a mismatch
                     # there is the model's code (a width read from its config, a divisor fixed at the

@@ -150,6 +150,9 @@ def test_no_scaling_exists_so_the_graph_form_is_exact(case, caplog):
         small = oto.compress()
     assert isinstance(small, torch.fx.GraphModule)
     assert any("own forward" in r.getMessage() for r in caplog.records)
+    with pytest.raises(otofx.VerificationError, match="form='graph'") as info:  # the own class asked for
+        oto.compress(form="module")
+    assert "bug in otofx" not in str(info.value)
     with torch.no_grad():
         assert max_rel_diff(model(_ids(3, 11)), small(_ids(3, 11))) < 1e-4
 
