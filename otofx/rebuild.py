@@ -62,13 +62,13 @@ import torch
 import torch.nn as nn
 
 from otofx.errors import OTOError
-from otofx.passes.modules import PrunedLayerNorm, PrunedMultiheadAttention, PrunedRNN, refresh_rnn_weights
+from otofx.passes.modules import PrunedLayerNorm, PrunedMultiheadAttention, PrunedRNN
 from otofx.passes.prune import Plan, take
 from otofx.passes.nodes import viewed_shapes
 from otofx.passes.weightnorm import computed_shapes, own_classes, refit_gains, stale_weights
 from otofx.passes.resize import (STREAM_WIDTHS, Change, ResizeError, Scope, apply_rms_fold, resize, resync_counts,
                                  constant_scale_sources, norm_sites, rms_folds, rms_input_producer, stream_scale_sources,
-                                 scale_parameter, tied_head_norms, weightless_stream_fold,
+                                 scale_parameter, tied_head_norms, weightless_sites, weightless_stream_fold,
                                  resize_weightless_norms)
 
 log = logging.getLogger("otofx")
@@ -194,7 +194,6 @@ def rebuild(model: nn.Module, plan: Plan, gm: torch.fx.GraphModule | None = None
             raise RebuildError(f"the plan slices '{name}', which the captured graph has but "
                                f"{type(model).__name__} has no parameter or buffer of that name")
     new = _copy_with_slices(model, cuts)
-    refresh_rnn_weights(new)
     refit_gains(plan, model, new)
     old_shapes = {n: tuple(t.shape) for n, t in named.items()}
     stream = frozenset(_stream_axes(plan, model))
@@ -209,17 +208,19 @@ def rebuild(model: nn.Module, plan: Plan, gm: torch.fx.GraphModule | None = None
             changed.setdefault(fold.module, {}).update(apply_rms_fold(new.get_submodule(fold.module), fold))
             log.debug("otofx: %s: RMS norm over %d of %d entries refolded", fold.module, fold.new, fold.old)
         # NB: a norm without a weight has no float or weight to refold: the layers around it scale
-        for name, factor in (weightless_stream_fold(gm, plan, model) or {}).items():
+        weightless = weightless_sites(gm, plan)
+        for name, factor in (weightless_stream_fold(gm, weightless, model) or {}).items():
             scale_parameter(new, name, factor)
             log.debug("otofx: %s scaled by %g around RMS norms without a weight", name, factor)
-        resize_weightless_norms(new, gm, plan)
+        resize_weightless_norms(new, weightless)
     _resync_stream_width(new, model, stream)  # NB: before the config fit, which compares these attributes
     _update_config(new, model, changed, cuts, old_shapes, stream, groups, gm if follow_floats else None, folds)
     # NB: a replacement module (PrunedMultiheadAttention, PrunedLayerNorm) is built in training mode
     copy_training_flags(new, model)
-    # NB: modules that cache what they compute from their tensors (timm's EfficientFormer and LeViT
-    # keep the gathered attention biases per device) drop the cache in their own _apply, as .to()
-    # must: an identity _apply makes the copy drop what the dense model had cached
+    # NB: modules that keep what they compute from their tensors re-derive it in their own _apply, as
+    # .to() needs: timm's EfficientFormer and LeViT drop their cached attention biases (per device),
+    # a stock LSTM re-points the weight list its forward reads (the slices were written past it). An
+    # identity _apply makes the copy do both.
     new._apply(lambda t: t)
     return new
 

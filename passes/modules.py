@@ -31,8 +31,8 @@ Internals:
       their original indices (``units_l{k}[_reverse]``), and the state is written at the indices
       ``state_index`` lists (``searchsorted``), zeros elsewhere, so ``h_n``/``c_n`` keep their layout.
       # NB: a stock layer reads its weights through ``_flat_weights``, a list that writes into
-      ``_parameters`` bypass: :func:`refresh_rnn_weights` re-points it (the rewrite, rebuild and load
-      call it).
+      ``_parameters`` bypass: :func:`refresh_rnn_weights` re-points it (the rewrite and load call it;
+      the rebuild's identity ``_apply`` does the same through ``RNNBase._apply``).
     * ``kept_heads`` (a buffer) holds the original index of every remaining head: a per-head
       ``attn_mask`` of shape ``[batch * num_heads_before, L, S]`` is sliced with it.
     * Scores are scaled by ``1 / sqrt(head_dim)``, the original head width (unchanged by head pruning).

@@ -388,13 +388,7 @@ def viewed_shapes(gm: fx.GraphModule) -> dict:
     ``torch.reshape``, ``aten.view``)."""
     out: dict = {}
     for n in gm.graph.nodes:
-        if n.op == "call_method":
-            name = n.target
-        elif n.op == "call_function":
-            name = getattr(n.target, "__name__", "").split(".")[0]
-        else:
-            continue
-        if name not in _VIEWS or not n.args:
+        if n.op not in ("call_function", "call_method") or _op(n) not in _VIEWS or not n.args:
             continue
         src = _before_casts(n.args[0])
         if not (isinstance(src, fx.Node) and src.op == "get_attr"):

@@ -40,6 +40,7 @@ Internals:
 """
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -1127,10 +1128,10 @@ def weightless_sites(gm, plan) -> list:
     return out
 
 
-def resize_weightless_norms(new_model: nn.Module, gm, plan) -> None:
+def resize_weightless_norms(new_model: nn.Module, sites: list) -> None:
     """``nn.RMSNorm`` modules without a weight hold no tensor for the rebuild to slice: their
-    ``normalized_shape`` takes the narrowed width the graph gives them."""
-    for site in weightless_sites(gm, plan):
+    ``normalized_shape`` takes the narrowed width the graph gives them (``sites``: :func:`weightless_sites`)."""
+    for site in sites:
         if site.out.op == "call_module":
             m = new_model.get_submodule(site.out.target)
             if isinstance(m, nn.RMSNorm) and tuple(m.normalized_shape) == (site.old,):
@@ -1155,9 +1156,9 @@ def _linear_consumers(u: fx.Node, v: fx.Node, gm) -> list | None:
     return out
 
 
-def weightless_stream_fold(gm, plan, model: nn.Module) -> dict | None:
+def weightless_stream_fold(gm, sites: list, model: nn.Module) -> dict | None:
     """``{parameter name: factor}`` that makes the module form's RMS norms without a weight over a
-    narrowed axis (:func:`weightless_sites`; their own forward divides by the new width) compute
+    narrowed axis (``sites``: :func:`weightless_sites`; their own forward divides by the new width) compute
     what they did, with their eps unchanged; ``{}`` when there are none; None when no such scaling
     is found (the module form then fails verification and the graph form is returned).
 
@@ -1170,7 +1171,6 @@ def weightless_stream_fold(gm, plan, model: nn.Module) -> dict | None:
     when a scaled value is read by anything else (a norm with a weight, a model output), when a
     factor multiplying it is computed from it, or when a scaled parameter is read elsewhere or
     tied to another name."""
-    sites = weightless_sites(gm, plan)
     if not sites:
         return {}
     ratios = {s.new / s.old for s in sites}
@@ -1228,7 +1228,7 @@ def weightless_stream_fold(gm, plan, model: nn.Module) -> dict | None:
             return None
     from .weightnorm import gain_of
 
-    named = list(model.named_parameters(remove_duplicate=False))
+    names = Counter(id(q) for _, q in model.named_parameters(remove_duplicate=False))
     scaled = {}
     for name, f in factors.items():
         name = gain_of(model, name) or name  # NB: a weight-normed layer's weight scales with its g
@@ -1236,7 +1236,7 @@ def weightless_stream_fold(gm, plan, model: nn.Module) -> dict | None:
             p = model.get_parameter(name)
         except AttributeError:
             return None
-        if sum(q is p for _, q in named) != 1:
+        if names[id(p)] != 1:
             return None
         scaled[name] = f
     return {k: f for k, f in scaled.items() if f != 1.0}

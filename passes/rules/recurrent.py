@@ -97,15 +97,14 @@ def zero_states(node: fx.Node) -> list:
 def _narrow_zero_states(node: fx.Node, old: int, new: int) -> None:
     """A zero initial state made at the old width (a literal last size) is made at the new one."""
     for z in zero_states(node):
-        if z.kwargs.get("size") is not None or not z.args:
+        if z.kwargs.get("size") is not None:
             continue
-        sizes = z.args[0] if len(z.args) == 1 and isinstance(z.args[0], (tuple, list)) else z.args
         first = 1 if z.op == "call_method" else 0  # NB: x.new_zeros(size): args[0] is x
-        if z.op == "call_method":
-            sizes = z.args[1] if len(z.args) == 2 and isinstance(z.args[1], (tuple, list)) else z.args[1:]
+        rest = z.args[first:]
+        packed = len(rest) == 1 and isinstance(rest[0], (tuple, list))  # zeros((a, b, c)), not zeros(a, b, c)
+        sizes = tuple(rest[0]) if packed else tuple(rest)
         if sizes and sizes[-1] == old:
-            sizes = tuple(sizes[:-1]) + (new,)
-            packed = len(z.args) == first + 1 and isinstance(z.args[first], (tuple, list))
+            sizes = sizes[:-1] + (new,)
             z.args = z.args[:first] + ((sizes,) if packed else sizes)
 
 
