@@ -17,8 +17,10 @@ Internals:
       module's training flag restored afterwards.
     * ``compress`` reads the *current* parameter values, so it can be called after any number of
       training steps.
-    * ``form="auto"`` tries the module form first and falls back to the graph form when the copy
-      cannot be made or its forward fails or differs on the example inputs (logged at WARNING).
+    * ``form="auto"`` tries the module form first; when its forward fails or differs on the example
+      inputs, a copy keeping the zero rows of the groups blamed for it (``_module_keeping_rows``),
+      if it removes at least ``OWN_CLASS_SHARE`` of what the graph removes; else the graph form
+      (logged at WARNING).
       The module form is compared with the captured graph with the KV cache off (as captured);
       the returned model keeps the user's ``use_cache``.
     * ``self.state`` is the analysis State (graph, groups, per-pass records); compress starts from
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import math
 import weakref
 
 import torch
@@ -37,16 +40,85 @@ from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 from otofx import pipeline
 from otofx.capture import DATA_BRANCHES, SIZE_BOUNDS, STATIC_IMAGE_SIZES, _first_line, _no_kv_cache, normalize_inputs
 from otofx.errors import InputError, OTOError, VerificationError
-from otofx.passes.nodes import layer_norm_params, set_path, unread_parameters
+from otofx.passes.nodes import get_path, layer_norm_params, set_path, unread_parameters
 from otofx.passes.prune import Plan, plan_rows, row_norms, zero_row_plan, zero_rows
+from otofx.passes.resize import inline_grn_groups
 from otofx.passes.zigs import ZIG, ZigSet
-from otofx.verify import compare, compare_all, eval_mode, input_sets, outputs_close, run_eval
+from otofx.verify import compare, compare_all, eval_mode, first_wrong_module, input_sets, outputs_close, run_eval
 from otofx.rebuild import RebuildError, copy_training_flags, rebuild
 
 log = logging.getLogger("otofx")
 
 _FORMS = ("auto", "module", "graph")
+# NB: each step of the own-class search rebuilds and runs the model: a bound on the cost of a model
+# whose own forward cannot take any new width (it returns the graph form after)
+_KEEP_SEARCH_STEPS = 24
+# compress(form="auto") returns the own class with rows kept when it removes at least this share of
+# the parameters the graph form removes (an LLM keeping its hidden width still keeps generate());
+# below it, the graph
+OWN_CLASS_SHARE = 0.5
 _FLOAT_TYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def _why(error: Exception) -> str:
+    """The first line of a failed own-class check, without verification's "a bug in otofx" tail (the
+    graph form is verified on its own)."""
+    return _first_line(error).split(" If the pass is otofx's")[0]
+
+
+def _count(plan: Plan, groups) -> int:
+    return sum(len(plan.removed[i]) for i in groups)
+
+
+def _groups_to_keep(zigs: tuple, removing: list, keep: set, blame) -> set:
+    """The groups to keep next when the own class goes wrong at ``blame`` (:class:`otofx.verify.Blame`):
+    the first of these that adds a group not in ``keep``: the groups with most of their parameter
+    slices inside the call the failing code read last (``blame.after``: the projection whose heads a
+    split cuts), inside the failing module (a head or MLP width of that block), every group with a
+    slice inside it (the residual stream it reads), then the same for its parent, up to (not
+    including) the top module."""
+    names = {i: [name for name, _, _ in zigs[i].params] for i in removing}
+
+    def share(scope: str) -> dict:
+        return {i: sum(n == scope or n.startswith(scope + ".") for n in ns) / max(len(ns), 1) for i, ns in names.items()}
+
+    def local(scope: str) -> set:
+        return {i for i, f in share(scope).items() if f >= 0.5}
+
+    levels = [local(blame.after)] if blame.after else []
+    scope = blame.module
+    while scope:
+        levels += [local(scope), {i for i, f in share(scope).items() if f > 0}]
+        scope = scope.rpartition(".")[0]
+    for level in levels:
+        if level - keep:
+            return level - keep
+    return set()
+
+
+def _removed_parameters(gm: torch.nn.Module, plan: Plan, skip=()) -> int:
+    """How many parameters of ``gm`` the plan's rows hold (less the groups ``skip``): each tensor
+    counted once, a weight losing rows and columns counted by what is left of it."""
+    cut: dict = {}
+    for i, (z, rows) in enumerate(zip(plan.zigset.zigs, plan.removed)):
+        if i in skip or not len(rows):
+            continue
+        for name, dim, index in z.params:
+            cut.setdefault(name, {}).setdefault(dim, set()).update(index[rows].flatten().tolist())
+    total = 0
+    for name, dims in cut.items():
+        try:
+            p = get_path(gm, name)
+        except AttributeError:
+            continue
+        if not isinstance(p, torch.nn.Parameter):  # NB: a buffer (a position table) is not a parameter
+            continue
+        shape = p.shape
+        kept = 1
+        for d, n in enumerate(shape):
+            kept *= n - len(dims.get(d, ()))
+        total += math.prod(shape) - kept
+    return total
 
 
 def _check_params(model: torch.nn.Module) -> None:
@@ -204,7 +276,9 @@ class OTO:
         ``form``: ``"module"`` gives an instance of the model's own class (a re-sized copy: its
         ``forward``, ``generate`` and KV cache included), ``"graph"`` the compressed
         ``torch.fx.GraphModule``, and ``"auto"`` (the default) the module when it passes
-        verification, else the graph (the reason is logged on the ``otofx`` logger).
+        verification, else the graph (the reason is logged on the ``otofx`` logger). A module whose
+        forward cannot take some widths keeps those groups' zero rows (a warning names where);
+        ``"auto"`` takes it when it removes at least ``OWN_CLASS_SHARE`` of what the graph removes.
         ``passes``: extra pipeline passes run on the compressed graph before verification (e.g.
         ``pipeline.GraphPass(torch.fx.experimental.optimization.fuse)`` to fold BN into conv); they
         imply the graph form. ``verify=False`` skips the value check (``"auto"`` still runs the
@@ -240,8 +314,9 @@ class OTO:
                             said)
         if form != "graph" and not passes:
             check, rtol = verify or form == "auto", 1e-4 if verify else float("inf")
+            failed: list = []
             try:
-                small = self._compress_module(check, plan, rtol=rtol)
+                small = self._compress_module(check, plan, rtol=rtol, failed=failed)
                 bad = self._other_size_branch(small, rtol) if check else None
                 if bad is None:
                     return small
@@ -252,7 +327,8 @@ class OTO:
                 raise VerificationError(f"{bad}. The graph refuses sizes the capture did not admit "
                                         f"(ShapeError); form='module' gives the model's own class anyway")
             except (RebuildError, VerificationError) as e:
-                small = self._module_keeping_layer_norm_widths(e, check, plan, rtol)
+                small = self._module_keeping_rows(e, check, plan, rtol, OWN_CLASS_SHARE if form == "auto" else 0.0,
+                                                  failed[-1] if failed else None)
                 if small is not None:
                     return small
                 if form == "module":
@@ -331,40 +407,126 @@ class OTO:
                     "this check; the model's own class (form='module') may still work") from e
         return small
 
-    def _module_keeping_layer_norm_widths(self, error: Exception, check: bool, plan: Plan | None,
-                                          rtol: float) -> torch.nn.Module | None:
-        """The model's own class with the zero rows of every width a LayerNorm or a GroupNorm(1, C)
-        normalises kept, when the copy without them failed (``error``: a norm subclass or a functional
-        norm in the model's forward that divides by its new width, a module the example never reached
-        that reads the hidden width); None when that fails too or keeps nothing. Those widths were
-        pinned before otofx kept a layer norm's (group norm's) divisor; the graph form removes them."""
+    def _module_keeping_rows(self, error: Exception, check: bool, plan: Plan | None, rtol: float,
+                             floor: float = 0.0, first: torch.nn.Module | None = None) -> torch.nn.Module | None:
+        """The model's own class with the zero rows of the groups its forward cannot take at the new
+        widths kept, when the copy without them failed (``error``); None when no such copy verifies.
+
+        First the widths of GRNs written into a forward (ConvNeXt V2's official class: the rebuild
+        refuses them), then with the widths that LayerNorms and GroupNorm(1, C)s normalise (a norm
+        subclass or a functional norm dividing by its new width). Then a search from the GRNs' widths: the copy is run beside the model,
+        the module where it first goes wrong (:func:`otofx.verify.first_wrong_module`: where it
+        raised, or the first module whose outputs differ) is blamed, and the groups that module holds
+        are kept: first those that live mostly in it (a head width, an MLP width), then every group
+        it touches (the residual stream), then its parent's; until the copy verifies or nothing is
+        left to keep; then each kept group goes again if the copy verifies without it. None when what
+        it keeps leaves less than ``floor`` of the parameters the plan removes. ``first``: the copy without any row kept that failed, if there is one. The graph
+        form removes every zero row."""
         gm = self._sync()
         plan = plan if plan is not None else zero_row_plan(self.zigset, gm)
-        normed = layer_norm_params(gm)
-        keep = {i for i, z in enumerate(plan.zigset.zigs)
-                if len(plan.removed[i]) and any(name in normed for name, _, _ in z.params)}
-        if not keep:
+        zigs = plan.zigset.zigs
+        removing = [i for i, r in enumerate(plan.removed) if len(r)]
+        if not removing:
             return None
         # NB: keeping a row is exact only where the model has it zero; a plan of rows that are not
         # (SCOP's prune_lowest) must remove them, which the graph form does
         zero = zero_rows(plan.zigset, gm)
-        live = [i for i in keep if not torch.isin(plan.removed[i], zero[i]).all()]
-        if live:
-            log.info("otofx: the plan removes rows that are not zero in %s (group %d), which the own class cannot "
-                     "keep: %s", type(self.model).__name__, live[0], _first_line(error))
-            return None
-        kept = plan_rows(plan.zigset, [r[:0] if i in keep else r for i, r in enumerate(plan.removed)])
-        try:
-            small = self._compress_module(check, kept, rtol)
-        except (RebuildError, VerificationError):
-            return None
-        log.warning("otofx: compress() keeps the %d zero row(s) of the width(s) LayerNorms (GroupNorm(1)s) normalise in the %s it "
-                    "returns: removed, %s; form='graph' removes them", plan.count - kept.count,
-                    type(self.model).__name__, _first_line(error))
-        return small
+        keepable = {i for i in removing if torch.isin(plan.removed[i], zero[i]).all()}
+        full = _removed_parameters(gm, plan)
 
-    def _compress_module(self, check: bool, plan: Plan | None, rtol: float) -> torch.nn.Module:
-        """The re-sized copy of the user's model (``otofx.rebuild``), checked on the example inputs."""
+        def too_much(keep: set) -> bool:
+            share = _removed_parameters(gm, plan, keep) / max(full, 1)
+            if share < floor:
+                log.info("otofx: %s's own class keeping group(s) %s removes %.2f of the parameters the graph form "
+                         "removes (below %.2f)", type(self.model).__name__, sorted(keep), share, floor)
+            return share < floor
+
+        # NB: a GRN written into a forward divides by its new width, and the rebuild refuses it (a
+        # zero gamma would pass verification): its widths are kept in every try
+        grns = inline_grn_groups(gm, self.model, plan.zigset) & set(removing)
+        normed = layer_norm_params(gm)
+        norms = {i for i in removing if any(name in normed for name, _, _ in zigs[i].params)}
+        tries = ([("GRNs written into a forward", grns)] if grns else []) + (
+            [("LayerNorms (GroupNorm(1)s, GRNs)", norms | grns)] if norms else [])
+        for what, groups in tries:
+            if too_much(groups):
+                continue
+            if not groups <= keepable:
+                log.info("otofx: the plan removes rows that are not zero in %s (group %d), which the own class "
+                         "cannot keep: %s", type(self.model).__name__, min(groups - keepable), _first_line(error))
+                return None
+            small = self._try_keeping(plan, groups, check, rtol)
+            if isinstance(small, torch.nn.Module):
+                log.warning("otofx: compress() keeps the %d zero row(s) of the width(s) %s normalise in the %s it "
+                            "returns: removed, %s; form='graph' removes them",
+                            _count(plan, groups), what, type(self.model).__name__, _why(error))
+                return small
+        if not grns <= keepable:
+            return None
+        keep, blamed, steps = set(grns), [], []
+        for _ in range(_KEEP_SEARCH_STEPS):
+            small = (first,) if first is not None and not keep else self._try_keeping(plan, keep, check, rtol)
+            if isinstance(small, torch.nn.Module):
+                if keep == grns:  # NB: it failed on something else (an input size outside the capture's)
+                    return None
+                # NB: a step may have kept more than it needed (the groups of a block whose norm, not
+                # whose widths, went wrong; a block's MLP width kept before its stream was blamed):
+                # each group of a step that kept several, or that blamed a module blamed before, goes
+                # (in the order they came) if the copy still verifies without it. A lone group kept
+                # at a module's first blame was what that copy lacked: it stays without a try
+                loose = [i for j, step in enumerate(steps) if len(step) > 1 or blamed[j] in blamed[:j]
+                         for i in sorted(step)]
+                for i in loose[:_KEEP_SEARCH_STEPS] if len(keep) > 1 else ():
+                    fewer = self._try_keeping(plan, keep - {i}, check, rtol)
+                    if isinstance(fewer, torch.nn.Module):
+                        keep, small = keep - {i}, fewer
+                if too_much(keep) or keep >= set(removing):  # NB: a copy that removes nothing is no answer
+                    return None
+                log.warning("otofx: compress() keeps the %d zero row(s) of %d group(s) in the %s it returns, removing "
+                            "%d of the %d parameters the graph form removes: its forward cannot take them removed (at "
+                            "%s; removed: %s); form='graph' removes them", _count(plan, keep), len(keep),
+                            type(self.model).__name__, _removed_parameters(gm, plan, keep), full,
+                            ", ".join(dict.fromkeys(b or type(self.model).__name__ for b in blamed)),
+                            _why(error))
+                return small
+            if small is None:  # NB: the copy could not be made: nothing to localise
+                return None
+            where = None
+            for a, k, _ in input_sets(self.state):
+                with _no_kv_cache(self.model, k), _no_kv_cache(small[0], k):
+                    where = first_wrong_module(self.model, small[0], a, k)
+                if where is not None:
+                    break
+            add = _groups_to_keep(zigs, removing, keep, where) if where is not None else set()
+            if not add:
+                log.info("otofx: no group left to keep in %s's own class (blamed: %s): %s", type(self.model).__name__,
+                         where, _first_line(error))
+                return None
+            if not add <= keepable:
+                log.info("otofx: %s's own class would need rows kept that are not zero (group %d, at %s)",
+                         type(self.model).__name__, min(add - keepable), where.module)
+                return None
+            log.info("otofx: %s's own class goes wrong at %s: keeping the zero rows of group(s) %s",
+                     type(self.model).__name__, where.module or "its top module", sorted(add))
+            keep |= add
+            steps.append(add)
+            blamed.append(where.module)
+        return None
+
+    def _try_keeping(self, plan: Plan, keep: set, check: bool, rtol: float):
+        """The own class without ``plan``'s rows except those of the groups ``keep``: the module when
+        it verifies, else ``(copy,)`` (the copy that failed, for the search), or None when no copy
+        could be made."""
+        kept = plan_rows(plan.zigset, [r[:0] if i in keep else r for i, r in enumerate(plan.removed)])
+        failed: list = []
+        try:
+            return self._compress_module(check, kept, rtol, failed=failed)
+        except (RebuildError, VerificationError):
+            return (failed[-1],) if failed else None
+
+    def _compress_module(self, check: bool, plan: Plan | None, rtol: float, failed: list | None = None) -> torch.nn.Module:
+        """The re-sized copy of the user's model (``otofx.rebuild``), checked on the example inputs;
+        a copy that fails the check is appended to ``failed`` (for ``_module_keeping_rows``)."""
         gm = self._sync()
         if plan is None:
             plan = zero_row_plan(self.zigset, gm)
@@ -390,6 +552,8 @@ class OTO:
                     except Exception:  # noqa: BLE001 - the first error is the one to report
                         plain = None
                 if plain is None:
+                    if failed is not None:
+                        failed.append(small)
                     if isinstance(e, VerificationError):
                         raise
                     raise RebuildError(f"its forward fails at the new widths: {type(e).__name__}: "

@@ -44,6 +44,9 @@ Internals:
       share it), the eps stay the config's and the residual stream is scaled (:func:`_stream_fold`).
       # NB: the folds read the class's forward off the graph; ``OTO.compress`` verifies the copy and
       rebuilds without them (``follow_floats=False``) when they were wrong.
+    * A GRN (ConvNeXt V2) over narrowed channels must be a module the resize replaced by
+      ``PrunedGlobalResponseNorm`` (it keeps the old divisor): one written into another module's
+      forward is refused (:func:`_check_grns`), and ``OTO.compress`` keeps those zero rows instead.
     * A LayerNorm over a narrowed axis is replaced by ``PrunedLayerNorm`` (it keeps the old
       divisor), which no config builds: the widths it lost are not written into the config, and
       the module's class counts as a mismatch, so ``from_pretrained`` refuses the checkpoint's shapes
@@ -62,14 +65,14 @@ import torch
 import torch.nn as nn
 
 from otofx.errors import OTOError
-from otofx.passes.modules import PrunedLayerNorm, PrunedMultiheadAttention, PrunedRNN
+from otofx.passes.modules import PrunedGlobalResponseNorm, PrunedLayerNorm, PrunedMultiheadAttention, PrunedRNN
 from otofx.passes.prune import Plan, take
 from otofx.passes.nodes import viewed_shapes
 from otofx.passes.weightnorm import computed_shapes, own_classes, refit_gains, stale_weights
 from otofx.passes.resize import (STREAM_WIDTHS, Change, ResizeError, Scope, apply_rms_fold, resize, resync_counts,
-                                 constant_scale_sources, norm_sites, rms_folds, rms_input_producer, stream_scale_sources,
-                                 scale_parameter, tied_head_norms, weightless_sites, weightless_stream_fold,
-                                 resize_weightless_norms)
+                                 constant_scale_sources, grn_sites, norm_sites, rms_folds, rms_input_producer,
+                                 stream_scale_sources, scale_parameter, tied_head_norms, weightless_sites,
+                                 weightless_stream_fold, resize_weightless_norms)
 
 log = logging.getLogger("otofx")
 
@@ -213,6 +216,7 @@ def rebuild(model: nn.Module, plan: Plan, gm: torch.fx.GraphModule | None = None
             scale_parameter(new, name, factor)
             log.debug("otofx: %s scaled by %g around RMS norms without a weight", name, factor)
         resize_weightless_norms(new, weightless)
+        _check_grns(new, gm, plan)
     _resync_stream_width(new, model, stream)  # NB: before the config fit, which compares these attributes
     _update_config(new, model, changed, cuts, old_shapes, stream, groups, gm if follow_floats else None, folds)
     # NB: a replacement module (PrunedMultiheadAttention, PrunedLayerNorm) is built in training mode
@@ -223,6 +227,34 @@ def rebuild(model: nn.Module, plan: Plan, gm: torch.fx.GraphModule | None = None
     # identity _apply makes the copy do both.
     new._apply(lambda t: t)
     return new
+
+
+def _check_grns(new: nn.Module, gm: torch.fx.GraphModule, plan: Plan) -> None:
+    """Every GRN of ``gm`` over channels the plan narrows (``passes.resize.grn_sites``) must be a
+    module the resize replaced by ``PrunedGlobalResponseNorm`` (timm's, Hugging Face's): a GRN written
+    into another forward (the official ConvNeXt V2's own class, a user's block) divides by the new
+    channel count. Each replacement takes the eps the graph adds (Hugging Face's is a literal).
+
+    # NB: structural, not left to the verification: a GRN whose gamma is zero (its initial value)
+    # computes x + beta whatever its divisor, and would pass it
+    """
+    eps: dict = {}
+    for site in grn_sites(gm, plan):
+        m = None
+        if site.module is not None:
+            try:
+                m = new.get_submodule(site.module)
+            except AttributeError:
+                m = None
+        where = f"module '{site.module}' ({type(m).__name__})" if m is not None else f"node '{site.node}'"
+        if not isinstance(m, PrunedGlobalResponseNorm):
+            raise RebuildError(f"{where} computes a Global Response Normalization in its own forward, which would "
+                               f"divide its channel mean by the {site.new} channels left, not the old {site.old}")
+        if m.channels_last is not site.channels_last or m.num_channels != site.new \
+                or eps.setdefault(site.module, site.eps) != site.eps:
+            raise RebuildError(f"{where}: the GRN the graph computes (channels_last={site.channels_last}, "
+                               f"{site.new} channels, eps {site.eps}) is not the one its class computes")
+        m.eps = site.eps
 
 
 def copy_training_flags(small: nn.Module, model: nn.Module) -> None:

@@ -68,12 +68,13 @@ _MODULE_INTERNALS = frozenset(nn.Module().__dict__) - {"training"}
 
 def _rebuildable() -> dict:
     """otofx modules that may replace a stock one, by (module, qualname): built from ``init_kwargs()``."""
-    from otofx.passes.modules import (PrunedGroupNorm, PrunedLayerNorm, PrunedLayerNorm2d, PrunedMultiheadAttention,
-                                      PrunedRelativeAttention, PrunedRNN, PrunedWindowAttention, PrunedWindowAttention3d)
+    from otofx.passes.modules import (PrunedGlobalResponseNorm, PrunedGroupNorm, PrunedLayerNorm, PrunedLayerNorm2d,
+                                      PrunedMultiheadAttention, PrunedRelativeAttention, PrunedRNN,
+                                      PrunedWindowAttention, PrunedWindowAttention3d)
 
     return {_type_name(c): c for c in (PrunedMultiheadAttention, PrunedWindowAttention, PrunedWindowAttention3d,
                                        PrunedRelativeAttention, PrunedLayerNorm, PrunedLayerNorm2d, PrunedRNN,
-                                       PrunedGroupNorm)}
+                                       PrunedGroupNorm, PrunedGlobalResponseNorm)}
 
 
 def _type_name(cls: type) -> tuple[str, str]:

@@ -10,6 +10,7 @@ rewrites with these helpers:
     compare(ref, candidate, ...)        relative error; VerificationError past the tolerance
     compare_all(ref, candidate, sets)   compare on every input set (the example, a second shape)
     input_sets(state)                   the input sets of a pipeline State
+    first_wrong_module(ref, cand, ...)  where a re-sized copy first goes wrong (a module's name)
     outputs_close(a, b, rtol)           the exactness test itself, over every tensor leaf
     fitted_rtol / contraction_depth / compute_dtype / unit_roundoff / tf32_in_use   its tolerance
     eval_mode(module)                   every submodule in eval mode, flags restored afterwards
@@ -21,6 +22,9 @@ Internals:
       keeps 10 mantissa bits (:func:`tf32_in_use`).
     * Every run starts from the random state ``RUN_SEED``: a forward that draws noise draws the
       same in the reference and the candidate (their draws follow the same order).
+    * ``first_wrong_module`` compares each module call's outputs by their sums of ``|x|`` and
+      ``x**2``, which removing channels that are zero in the reference leaves as they are: no
+      channel map is needed to compare a narrower activation with the full one.
     * # NB: ``eval_mode`` sets ``training`` on every submodule instead of calling ``eval()``: a
       torch.export GraphModule raises on ``eval()``.
 """
@@ -29,6 +33,7 @@ from __future__ import annotations
 import math
 import re
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
@@ -250,5 +255,88 @@ def compare_all(reference, candidate: torch.nn.Module, sets: list, rtol: float, 
     return worst
 
 
+def _module_calls(module: torch.nn.Module, args: tuple, kwargs: dict | None) -> tuple:
+    """Every submodule call of ``module(*args, **kwargs)`` (``run_eval``) in the order the calls
+    finish, as ``(name, sums)`` with ``sums`` the ``(sum |x|, sum x**2)`` of each floating tensor it
+    returns; and the name of the innermost call in progress when the forward raised (else None)."""
+    names: dict = {}
+    for name, m in module.named_modules(remove_duplicate=False):
+        names.setdefault(id(m), name)  # NB: a shared module answers to its first name
+    calls, stack, handles = [], [], []
+
+    def before(m, _args):
+        stack.append(names[id(m)])
+
+    def after(m, _args, out):
+        stack.pop()
+        sums = tuple((float(t.detach().double().abs().sum()), float(t.detach().double().square().sum()))
+                     for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor) and t.is_floating_point())
+        calls.append((names[id(m)], sums))
+
+    seen = set()
+    for m in module.modules():
+        if id(m) not in seen:
+            seen.add(id(m))
+            handles += [m.register_forward_pre_hook(before), m.register_forward_hook(after)]
+    raised = None
+    try:
+        run_eval(module, args, kwargs)
+    except Exception:  # noqa: BLE001 - where it raised is the answer
+        raised = stack[-1] if stack else ""
+    finally:
+        for h in handles:
+            h.remove()
+    return calls, raised
+
+
+@dataclass(frozen=True)
+class Blame:
+    """Where a re-sized copy first goes wrong: ``module`` (a submodule's name, ``""`` for the top
+    module), and ``after``, the last call inside it that finished before (its child whose output the
+    failing code read), or None."""
+
+    module: str
+    after: str | None = None
+
+
+def _inside(name: str, scope: str) -> bool:
+    return scope == "" or name.startswith(scope + ".")
+
+
+def first_wrong_module(reference: torch.nn.Module, candidate: torch.nn.Module, args: tuple,
+                       kwargs: dict | None = None, rtol: float = 1e-3) -> Blame | None:
+    """Where ``candidate`` (a re-sized copy of ``reference``, same module names) first goes wrong on
+    ``args``/``kwargs``: the innermost call in progress when its forward raises, else the first call
+    (in the order calls finish) whose outputs' sums of ``|x|`` and ``x**2`` differ from the
+    reference's by more than ``rtol``; None when every call agrees.
+
+    A heuristic for search, not a check: removed channels that are zero in the reference leave these
+    sums unchanged, so a narrower activation compares with the full one without a channel map; a
+    copy that rescales a width on purpose (a weightless RMS norm's refold) reads as wrong there."""
+    got, raised = _module_calls(candidate, args, kwargs)
+    if raised is not None:
+        last = got[-1][0] if got and got[-1][0] != raised and _inside(got[-1][0], raised) else None
+        return Blame(raised, last)
+    ref, _ = _module_calls(reference, args, kwargs)
+    count: dict = {}
+    at = {}
+    for name, sums in ref:
+        k = count[name] = count.get(name, 0) + 1
+        at[(name, k)] = sums
+    count.clear()
+    for j, (name, sums) in enumerate(got):
+        k = count[name] = count.get(name, 0) + 1
+        want = at.get((name, k))
+        wrong = want is None or len(want) != len(sums)
+        # NB: written so that a NaN on either side counts as wrong
+        wrong = wrong or any(not (abs(a1 - a2) <= rtol * max(a1, 1e-30) and abs(s1 - s2) <= rtol * max(s1, 1e-30))
+                             for (a1, s1), (a2, s2) in zip(want, sums))
+        if wrong:
+            last = got[j - 1][0] if j and _inside(got[j - 1][0], name) and got[j - 1][0] != name else None
+            return Blame(name, last)
+    return None
+
+
 __all__ = ["eval_mode", "unit_roundoff", "contraction_depth", "compute_dtype", "fitted_rtol", "outputs_close",
-           "tf32_in_use", "run_eval", "compare", "input_sets", "compare_all"]
+           "tf32_in_use", "run_eval", "compare", "input_sets", "compare_all",
+           "first_wrong_module", "Blame"]

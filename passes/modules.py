@@ -13,6 +13,10 @@ still divide by the old width. ``PrunedLayerNorm`` (an ``nn.LayerNorm``, state_d
 through :func:`layer_norm_kept_divisor`; ``PrunedLayerNorm2d`` is its channels-first form
 (torchvision's and timm's ConvNeXt ``LayerNorm2d``).
 
+ConvNeXt V2's Global Response Normalization divides each channel's spatial 2-norm by their mean over
+the channels; ``PrunedGlobalResponseNorm`` (timm's ``GlobalResponseNorm`` and Hugging Face's
+``ConvNextV2GRN``, either layout) keeps the old channel count as that mean's divisor.
+
 torchvision's Swin window attention reads its head width as ``C // num_heads`` of its input width
 ``C`` and writes ``C`` features back from the heads; MaxViT's attention writes its heads' output at
 its input width too. ``PrunedWindowAttention`` (Swin V1 and V2, :func:`window_attention`) and
@@ -152,6 +156,61 @@ class PrunedGroupNorm(nn.GroupNorm):
 PLAIN_GROUP_NORMS = ("timm.layers.norm.GroupNorm1", "timm.layers.norm.GroupNorm")
 
 
+class PrunedGlobalResponseNorm(nn.Module):
+    """ConvNeXt V2's Global Response Normalization over ``num_channels`` channels that were
+    ``full_channels`` before pruning: ``x + beta + gamma * x * Nx`` with ``Nx = Gx / (sum of Gx over
+    the channels / full_channels + eps)``, ``Gx`` the 2-norm of each channel over the spatial axes.
+    The removed channels were zero: their ``Gx`` added nothing to the sum, and still counts in the divisor.
+
+    ``channels_last``: NHWC input (timm's default, Hugging Face's), else NCHW; ``weight`` (gamma) and
+    ``bias`` (beta) keep the source's names and shapes (``[C]`` or ``[1, 1, 1, C]``)."""
+
+    def __init__(self, src: nn.Module, full_channels: int, *, channels_last: bool, eps: float):
+        super().__init__()
+        self.weight, self.bias = src.weight, src.bias
+        w = src.weight
+        self.num_channels = int(w.shape[1] if w.dim() == 4 and not channels_last else w.shape[-1])
+        self.full_channels = int(full_channels)
+        self.channels_last, self.eps = bool(channels_last), float(eps)
+        self.train(src.training)
+
+    @classmethod
+    def empty(cls, *, channels: int, full_channels: int, channels_last: bool, eps: float, param_dims: int = 1,
+              device=None, dtype=None):
+        """Uninitialised, of the given structure (``otofx.load`` fills the tensors)."""
+        shape = (channels,) if param_dims == 1 else (1, 1, 1, channels) if channels_last else (1, channels, 1, 1)
+        src = nn.Module()
+        src.weight = nn.Parameter(torch.empty(shape, device=device, dtype=dtype))
+        src.bias = nn.Parameter(torch.empty(shape, device=device, dtype=dtype))
+        return cls(src, full_channels, channels_last=channels_last, eps=eps)
+
+    def init_kwargs(self) -> dict:
+        """The arguments of :meth:`empty` that rebuild this module's structure."""
+        return {"channels": self.num_channels, "full_channels": self.full_channels,
+                "channels_last": self.channels_last, "eps": self.eps, "param_dims": int(self.weight.dim())}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        spatial, channel, shape = ((1, 2), -1, (1, 1, 1, -1)) if self.channels_last else ((2, 3), 1, (1, -1, 1, 1))
+        x_g = torch.linalg.vector_norm(x, ord=2, dim=spatial, keepdim=True)
+        # NB: written as the rewrite keeps a mean's old divisor (mean of Gx * new / old), which the
+        # analysis of a compressed model reads as a GRN again (passes.nodes.grn_of)
+        x_n = x_g / ((x_g * (self.num_channels / self.full_channels)).mean(dim=channel, keepdim=True) + self.eps)
+        return x + torch.addcmul(self.bias.view(shape), self.weight.view(shape), x * x_n)
+
+    def extra_repr(self) -> str:
+        return (f"{self.num_channels}, full_channels={self.full_channels}, eps={self.eps}, "
+                f"channels_last={self.channels_last}")
+
+
+# classes whose forward is ConvNeXt V2's GRN (``x + beta + gamma * x * Nx``), by qualified name: the
+# function reading ``(channels_last, eps)`` off an instance. PrunedGlobalResponseNorm takes their place
+GLOBAL_RESPONSE_NORMS = {
+    "timm.layers.grn.GlobalResponseNorm": lambda m: (m.channel_dim in (-1, 3), m.eps),
+    # NB: Hugging Face's writes its eps (1e-6) into the forward; the rebuild reads the graph's
+    "transformers.models.convnextv2.modeling_convnextv2.ConvNextV2GRN": lambda m: (True, 1e-6),
+}
+
+
 class PrunedLayerNorm(nn.LayerNorm):
     """``nn.LayerNorm`` over ``normalized_shape`` entries that were ``full_width`` before pruning: the
     removed entries were zero, and the mean and variance still divide by ``full_width``."""
@@ -195,6 +254,11 @@ CHANNELS_FIRST_LAYER_NORMS = ("torchvision.models.convnext.LayerNorm2d", "timm.l
 # subclasses of nn.LayerNorm whose forward is F.layer_norm of the same tensors (timm's, with its
 # optional fused kernel): PrunedLayerNorm takes their place as it takes nn.LayerNorm's
 PLAIN_LAYER_NORMS = ("timm.layers.norm.LayerNorm",)
+# Hugging Face's ConvNeXt layer norms: nn.LayerNorm's forward when ``data_format`` is "channels_last", permuted
+# around it over the channels of NCHW input when "channels_first" (PrunedLayerNorm2d's)
+DATA_FORMAT_LAYER_NORMS = ("transformers.models.convnext.modeling_convnext.ConvNextLayerNorm",
+                           "transformers.models.convnextv2.modeling_convnextv2.ConvNextV2LayerNorm",
+                           "transformers.models.dinov3_convnext.modeling_dinov3_convnext.DINOv3ConvNextLayerNorm")
 
 
 class PrunedMultiheadAttention(nn.Module):

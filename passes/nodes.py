@@ -13,13 +13,19 @@ every module and attribute each parameter is registered under (tied weights have
 attributes with their autograd history (a recurrent state), which deepcopy refuses.
 ``rms_norm_of(mean)``: the RMS norm a ``mean`` node belongs to, as written out by hand
 (``w * h * rsqrt(mean(h ** 2) + eps)``: LLaMA's and most of today's LLMs'; ``** -0.5``: Gemma 4's),
-or None. ``unread_parameters(gm, model)``: the modules whose parameters a captured graph never reads.
+or None; ``grn_of(mean)``: the Global Response Normalization (ConvNeXt V2's GRN: a spatial 2-norm
+divided by its mean over the channels) a ``mean`` node belongs to, or None. ``unread_parameters(gm,
+model)``: the modules whose parameters a captured graph never reads.
 
 Internals:
     * In-place is read off the spelling: a method or function whose name ends in one ``_``
       (``x.add_``, ``torch.relu_``), the augmented operators (``+=``...), ``operator.setitem``,
       an ``inplace=True`` argument, or a module whose ``inplace`` attribute is True. An ATen
       overload (``aten.add_.Tensor``) is read off its schema: its first argument is written.
+    * ``grn_of`` reads the channel mean's input past casts and the floats it is multiplied by (the
+      rewrite's kept divisor), a 2-norm over other axes, kept (``torch.norm``/``Tensor.norm`` with
+      p 2 or "fro", ``linalg.vector_norm``), then ``+ eps`` and the division of that same norm. The
+      sums after ``x * Nx`` (in any order, or timm's ``addcmul``) only name gamma, beta and their module.
 """
 from __future__ import annotations
 
@@ -377,6 +383,166 @@ def read_as_stream_or_input(out: fx.Node) -> bool:
             else:
                 return False
     return True
+
+
+# ---------------------------------------------------------------------------------------------
+# Global Response Normalization (ConvNeXt V2) written out
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Grn:
+    """ConvNeXt V2's Global Response Normalization in a graph: ``Gx = ||x||_2`` over the ``spatial``
+    axes (kept), ``Nx = Gx / (mean(Gx over the channel axis, kept) + eps)``, usually followed by
+    ``gamma * (x * Nx) + beta + x`` (timm's ``x + addcmul(beta, gamma, x * Nx)``).
+
+    ``mean``: the channel mean's node; ``norm``: Gx's; ``input``: x (before casts); ``channel`` and
+    ``spatial``: the axes, non-negative; ``eps``: the float added to the mean (None without one);
+    ``nx``: the node of Nx. ``weight`` and ``bias`` are the ``get_attr`` nodes of gamma and beta and
+    ``out`` the node of the whole output, when the output is that affine residual form (else None)."""
+
+    mean: fx.Node
+    norm: fx.Node
+    input: fx.Node
+    channel: int
+    spatial: tuple
+    eps: float | None
+    nx: fx.Node
+    weight: fx.Node | None = None
+    bias: fx.Node | None = None
+    out: fx.Node | None = None
+
+
+def _arg(n: fx.Node, i: int, name: str, default=None):
+    """Argument ``name`` of ``n``, at position ``i`` or by keyword."""
+    return n.args[i] if len(n.args) > i else n.kwargs.get(name, default)
+
+
+def _ndim(n: fx.Node) -> int | None:
+    val = n.meta.get("val") if isinstance(n, fx.Node) else None
+    return val.dim() if isinstance(val, torch.Tensor) else None
+
+
+def _axes(dim, ndim: int) -> tuple | None:
+    """``dim`` (an int or a sequence of them) as sorted non-negative axes of an ``ndim``-axis tensor."""
+    dims = (dim,) if isinstance(dim, int) else tuple(dim) if isinstance(dim, (tuple, list)) else None
+    if not dims or not all(type(d) is int and -ndim <= d < ndim for d in dims):
+        return None
+    return tuple(sorted({d % ndim for d in dims}))
+
+
+def _spatial_2_norm(n):
+    """``(x, axes)`` when ``n`` is the 2-norm of ``x`` over ``axes``, kept (``torch.norm``,
+    ``Tensor.norm``, ``torch.linalg.vector_norm``, their ATen op), else None."""
+    if not isinstance(n, fx.Node) or n.op not in ("call_function", "call_method"):
+        return None
+    name = _op(n)
+    if name not in ("norm", "linalg_vector_norm"):
+        return None
+    x = _arg(n, 0, "input", n.kwargs.get("self"))
+    p = _arg(n, 1, "p", "fro") if name == "norm" else _arg(n, 1, "ord", 2)
+    ndim = _ndim(x)
+    axes = _axes(_arg(n, 2, "dim"), ndim) if ndim is not None else None
+    # NB: torch.norm's default "fro" is the 2-norm over one or two axes
+    if axes is None or not _arg(n, 3, "keepdim", False) or not (
+            (type(p) in (int, float) and p == 2) or (p == "fro" and len(axes) <= 2)):
+        return None
+    return x, axes
+
+
+def _param(n):
+    """The ``get_attr`` node ``n`` reads, past casts and reshapes, else None."""
+    while isinstance(n, fx.Node) and _op(n) in _CASTS + _RESHAPES and n.args:
+        n = n.args[0]
+    return n if isinstance(n, fx.Node) and n.op == "get_attr" else None
+
+
+def _terms(n, via, x) -> list:
+    """The other operand of the sum ``n`` (read through ``via``); a sum of two nodes other than ``x``
+    (``x + beta`` added at once) opened into both."""
+    other = _other(n, via)
+    if isinstance(other, fx.Node) and _before_casts(other) is not x and _op(other) == "add" \
+            and len(other.args) == 2 and not other.kwargs and all(isinstance(a, fx.Node) for a in other.args):
+        return list(other.args)
+    return [other]
+
+
+def _summed(start: fx.Node, want: int, x):
+    """``(terms, last)``: the ``want`` other operands of the sums that ``start`` goes through alone,
+    and the last sum; None when they are not exactly ``want``."""
+    out, terms = start, []
+    while len(terms) < want:
+        s, via = _next(out)
+        if s is None or _op(s) != "add" or len(s.args) != 2 or s.kwargs:
+            return None
+        terms += _terms(s, via, x)
+        out = s
+    return (terms, out) if len(terms) == want else None
+
+
+def _grn_affine(nx: fx.Node, x: fx.Node):
+    """``(gamma, beta, out)`` when ``Nx`` (``nx``) ends in ``gamma * (x * Nx) + beta + x`` (the sums in
+    any order) or timm's ``x + addcmul(beta, gamma, x * Nx)``, gamma and beta read from one module;
+    else None."""
+    xn, via = _next(nx)
+    if xn is None or _op(xn) != "mul" or len(xn.args) != 2 or _before_casts(_other(xn, via)) is not x:
+        return None
+    u, via = _next(xn)
+    if u is not None and _op(u) == "addcmul" and len(u.args) >= 3 and _arg(u, 3, "value", 1) == 1 \
+            and via in u.args[1:3] and u.args[1] is not u.args[2]:
+        gamma, beta = _param(u.args[1] if u.args[2] is via else u.args[2]), _param(u.args[0])
+        hit = _summed(u, 1, x)
+        if hit is None or _before_casts(hit[0][0]) is not x:
+            return None
+    elif u is not None and _op(u) == "mul" and len(u.args) == 2:
+        gamma = _param(_other(u, via))
+        hit = _summed(u, 2, x)
+        if hit is None:
+            return None
+        rest = [t for t in hit[0] if _before_casts(t) is not x]
+        if len(rest) != 1:
+            return None
+        beta = _param(rest[0])
+    else:
+        return None
+    if gamma is None or beta is None or gamma is beta \
+            or gamma.target.rpartition(".")[0] != beta.target.rpartition(".")[0]:
+        return None
+    return gamma, beta, hit[1]
+
+
+def grn_of(mean: fx.Node) -> Grn | None:
+    """The Global Response Normalization whose channel ``mean`` node this is (the mean, kept, of a
+    spatial 2-norm ``Gx`` over one axis the norm keeps, maybe plus a float eps, dividing ``Gx``), or
+    None. A compressed graph's mean of ``Gx`` times a float (the old divisor kept) is one too."""
+    if mean.op not in ("call_function", "call_method") or _op(mean) != "mean":
+        return None
+    src = _before_casts(_arg(mean, 0, "input", mean.kwargs.get("self")))
+    # NB: the rewrite keeps the old divisor as mean(Gx * new / old), once per compression
+    while isinstance(src, fx.Node) and _op(src) == "mul" and len(src.args) == 2 \
+            and sum(isinstance(a, (int, float)) for a in src.args) == 1:
+        src = _before_casts(next(a for a in src.args if isinstance(a, fx.Node)))
+    hit = _spatial_2_norm(src)
+    if hit is None or not _arg(mean, 2, "keepdim", False):
+        return None
+    x, spatial = hit
+    ndim = _ndim(x)
+    ch = _axes(_arg(mean, 1, "dim"), ndim) if ndim is not None else None
+    if ch is None or len(ch) != 1 or ch[0] in spatial:
+        return None
+    add, via = _next(mean)
+    eps = _other(add, via) if add is not None and _op(add) == "add" and len(add.args) == 2 else None
+    if isinstance(eps, (int, float)) and not isinstance(eps, bool):
+        div, via = _next(add)
+    else:
+        eps, div = None, add
+    if div is None or _op(div) != "div" or len(div.args) != 2 or div.args[1] is not via \
+            or _before_casts(div.args[0]) is not src:
+        return None
+    x = _before_casts(x)
+    affine = _grn_affine(div, x)
+    gamma, beta, out = affine if affine is not None else (None, None, None)
+    return Grn(mean, src, x, ch[0], spatial, None if eps is None else float(eps), div, gamma, beta, out)
 
 
 _VIEWS = ("view", "reshape", "_unsafe_view")

@@ -6,7 +6,8 @@ the smaller model. ``resize(module, change)`` looks the module's type up in a sm
 (``Linear.in_features``, ``Conv2d.groups``, ``BatchNorm2d.num_features`` ...) and may return a
 replacement module (``nn.MultiheadAttention`` cannot hold a pruned head count:
 ``PrunedMultiheadAttention`` takes its place; an ``nn.LayerNorm`` over a narrowed width becomes
-``PrunedLayerNorm``, which keeps the old divisor; torchvision's Swin (image and video) and MaxViT attention
+``PrunedLayerNorm``, which keeps the old divisor, and ConvNeXt V2's GRN ``PrunedGlobalResponseNorm``;
+torchvision's Swin (image and video) and MaxViT attention
 modules become ``PrunedWindowAttention`` (``PrunedWindowAttention3d``) and ``PrunedRelativeAttention``, their heads read from the per-head bias
 table or logit scale the analysis sliced; an ``nn.LSTM``/``GRU``/``RNN`` whose layers and directions keep
 different numbers of units becomes ``PrunedRNN``). ``resync_counts(module, scope)`` then updates the
@@ -52,11 +53,11 @@ import torch.nn as nn
 from otofx.errors import OTOError
 
 from .channels import AxisLabels
-from .modules import (CHANNELS_FIRST_LAYER_NORMS, PLAIN_GROUP_NORMS, PLAIN_LAYER_NORMS, PrunedGroupNorm, PrunedLayerNorm,
-                      PrunedLayerNorm2d, PrunedMultiheadAttention,
-                      PrunedRelativeAttention, PrunedRNN, PrunedWindowAttention, PrunedWindowAttention3d, resize_stock_rnn,
-                      rnn_slot_suffix, rnn_slots)
-from .nodes import _CASTS, _RESHAPES, HF_CONV1D, _before_casts, _op, _squared, call_arguments, rms_norm_of
+from .modules import (CHANNELS_FIRST_LAYER_NORMS, DATA_FORMAT_LAYER_NORMS, GLOBAL_RESPONSE_NORMS, PLAIN_GROUP_NORMS,
+                      PLAIN_LAYER_NORMS, PrunedGlobalResponseNorm, PrunedGroupNorm, PrunedLayerNorm, PrunedLayerNorm2d,
+                      PrunedMultiheadAttention, PrunedRelativeAttention, PrunedRNN, PrunedWindowAttention,
+                      PrunedWindowAttention3d, resize_stock_rnn, rnn_slot_suffix, rnn_slots)
+from .nodes import _CASTS, _RESHAPES, HF_CONV1D, _before_casts, _op, _squared, call_arguments, grn_of, rms_norm_of
 from .registry import op_of
 
 
@@ -226,19 +227,23 @@ def _forward_owner(m: nn.Module) -> str:
 def layer_norm(m: nn.LayerNorm, change: Change):
     """nn.LayerNorm over a narrowed last axis: replaced by PrunedLayerNorm (its mean and variance
     still divide by the old width, as the removed zero entries counted); ConvNeXt's channels-first
-    LayerNorm2d by PrunedLayerNorm2d; another subclass with its own forward cannot keep the divisor."""
+    LayerNorm2d (Hugging Face's ConvNeXt norms with ``data_format="channels_first"``) by
+    PrunedLayerNorm2d; another subclass with its own forward cannot keep the divisor."""
     t = _first(m, "weight", "bias")
     if t is None or tuple(t.shape) == tuple(m.normalized_shape):
         return None
     if len(m.normalized_shape) != 1 or t.dim() != 1:
         raise ResizeError(f"a LayerNorm over {tuple(m.normalized_shape)} lost entries of more than its last axis")
     named = _forward_owner(m)
-    if type(m).forward is not nn.LayerNorm.forward and named not in CHANNELS_FIRST_LAYER_NORMS + PLAIN_LAYER_NORMS:
+    data_format = getattr(m, "data_format", None) if named in DATA_FORMAT_LAYER_NORMS else None
+    if type(m).forward is not nn.LayerNorm.forward and named not in CHANNELS_FIRST_LAYER_NORMS + PLAIN_LAYER_NORMS \
+            and data_format not in ("channels_last", "channels_first"):
         raise ResizeError(f"{type(m).__name__}'s own forward divides by its width, {t.shape[0]} now, not by the "
                           f"old {m.normalized_shape[-1]}")
     full = m.normalized_shape[-1]
     m.normalized_shape = tuple(t.shape)
-    return (PrunedLayerNorm2d if named in CHANNELS_FIRST_LAYER_NORMS else PrunedLayerNorm)(m, full)
+    first = named in CHANNELS_FIRST_LAYER_NORMS or data_format == "channels_first"
+    return (PrunedLayerNorm2d if first else PrunedLayerNorm)(m, full)
 
 
 @resizer(nn.GroupNorm, *PLAIN_GROUP_NORMS)
@@ -264,6 +269,26 @@ def group_norm(m: nn.GroupNorm, change: Change):
     if c * m.num_groups % old:
         raise ResizeError(f"GroupNorm's {m.num_groups} groups do not divide the {c} channels left")
     m.num_groups, m.num_channels = c * m.num_groups // old, c
+
+
+@resizer(*GLOBAL_RESPONSE_NORMS, PrunedGlobalResponseNorm)
+def global_response_norm(m: nn.Module, change: Change):
+    """ConvNeXt V2's GRN (timm's, Hugging Face's) over channels that lost entries: replaced by
+    PrunedGlobalResponseNorm (its channel mean still divides by the old count, as the removed zero
+    channels counted); a subclass with its own forward cannot keep the divisor."""
+    if isinstance(m, PrunedGlobalResponseNorm):  # NB: compressed again: the first width stays the divisor
+        w = m.weight
+        m.num_channels = int(w.shape[1] if w.dim() == 4 and not m.channels_last else w.shape[-1])
+        return None
+    named = _forward_owner(m)
+    if named not in GLOBAL_RESPONSE_NORMS:
+        raise ResizeError(f"{type(m).__name__}'s own forward divides by its new channel count, not the old one")
+    channels_last, eps = GLOBAL_RESPONSE_NORMS[named](m)
+    w, old = m.weight, change.old["weight"]
+    dim = 1 if w.dim() == 4 and not channels_last else -1
+    if w.shape[dim] == old[dim]:
+        return None
+    return PrunedGlobalResponseNorm(m, old[dim], channels_last=channels_last, eps=eps)
 
 
 @resizer(nn.Embedding, nn.EmbeddingBag)
@@ -562,6 +587,64 @@ def rms_folds(gm, plan, model: nn.Module) -> list:
 
 
 _MODULE_EPS = object()  # the eps of an nn.RMSNorm module call: its attribute
+
+
+@dataclass(frozen=True)
+class GrnSite:
+    """A Global Response Normalization of ``gm`` (:func:`otofx.passes.nodes.grn_of`) whose channels
+    went from ``old`` to ``new``: ``module`` holds its gamma and beta (None when its output is not
+    ``x + beta + gamma * x * Nx`` of one module's two tensors), ``channels_last`` is its layout
+    (None when it is no 4-D NHWC or NCHW one), ``eps`` the float added to the mean (0.0 without one)."""
+
+    node: str
+    module: str | None
+    channels_last: bool | None
+    eps: float
+    old: int
+    new: int
+
+
+def grn_sites(gm, plan) -> list:
+    """The :class:`GrnSite` of every GRN of ``gm`` over channels ``plan`` removes some of: the model's
+    own forward must divide by the old count there, which ``PrunedGlobalResponseNorm`` does."""
+    labels, uf = plan.zigset.labels, plan.zigset.uf
+    out = []
+    for n in gm.graph.nodes:
+        g = grn_of(n) if n.op in ("call_function", "call_method") else None
+        lab = labels.get(g.norm.name) if g is not None else None
+        if not isinstance(lab, AxisLabels):
+            continue
+        ids = lab.ids[g.channel]
+        new = int((~plan.removed_roots[uf.find(ids)]).sum())
+        if new == len(ids):
+            continue
+        layout = {(3, (1, 2)): True, (1, (2, 3)): False}.get((g.channel, g.spatial)) if lab.ndim == 4 else None
+        path = g.weight.target.rpartition(".")[0] if g.weight is not None else None
+        out.append(GrnSite(n.name, path, layout, 0.0 if g.eps is None else g.eps, len(ids), new))
+    return out
+
+
+def inline_grn_groups(gm, model: nn.Module, zigset) -> set:
+    """Indices of the groups of ``zigset`` whose channels a GRN of ``gm`` normalises that no module of
+    ``model`` computes as a class ``PrunedGlobalResponseNorm`` replaces (a GRN written into a block's
+    forward, the official ConvNeXt V2's own class): the widths whose zero rows the own class must keep."""
+    out = set()
+    for n in gm.graph.nodes:
+        g = grn_of(n) if n.op in ("call_function", "call_method") else None
+        lab = zigset.labels.get(g.norm.name) if g is not None else None
+        if not isinstance(lab, AxisLabels):
+            continue
+        m = None
+        if g.weight is not None:
+            try:
+                m = model.get_submodule(g.weight.target.rpartition(".")[0])
+            except AttributeError:
+                m = None
+        if m is not None and (isinstance(m, PrunedGlobalResponseNorm) or _forward_owner(m) in GLOBAL_RESPONSE_NORMS):
+            continue
+        zigs = zigset.zig_of_root[zigset.uf.find(lab.ids[g.channel])]
+        out |= {int(i) for i in np.unique(zigs) if i >= 0}
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1292,6 +1375,7 @@ def apply_rms_fold(module: nn.Module, fold: RmsFold) -> dict:
 
 
 __all__ = ["Change", "Scope", "ResizeError", "RESIZERS", "resizer", "rule_for", "resize", "resync_counts",
-           "HEAD_COUNTS", "WIDTHS", "STREAM_WIDTHS", "RmsFold", "rms_folds", "apply_rms_fold", "rms_input_producer",
+           "HEAD_COUNTS", "WIDTHS", "STREAM_WIDTHS", "RmsFold", "rms_folds", "GrnSite", "grn_sites",
+           "inline_grn_groups", "apply_rms_fold", "rms_input_producer",
            "norm_sites", "tied_head_norms", "stream_scale_sources", "constant_scale_sources", "scale_parameter",
            "WeightlessSite", "weightless_sites", "weightless_stream_fold", "resize_weightless_norms"]

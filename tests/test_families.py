@@ -301,8 +301,8 @@ def test_deberta_v2_heads_found_and_exact():
 @pytest.mark.parametrize("name,q,rows,form", [
     ("falcon", "transformer.h.0.self_attention.query_key_value.weight", 4, "module"),
     ("gpt_bigcode", "transformer.h.0.attn.c_attn.weight", 4, "module"),
-    ("bloom", "transformer.h.0.self_attention.query_key_value.weight", 4, "graph"),
-    ("mpt", "transformer.blocks.0.attn.Wqkv.weight", 4, "graph"),
+    ("bloom", "transformer.h.0.self_attention.query_key_value.weight", 4, "kept"),
+    ("mpt", "transformer.blocks.0.attn.Wqkv.weight", 4, "kept"),
     ("llama4", "model.layers.0.self_attn.q_proj.weight", 2, "module"),
     ("hrm", "model.L_module.layers.0.self_attn.q_proj.weight", 4, "module"),
     ("phi3", "model.layers.0.self_attn.qkv_proj.weight", 2, "module"),
@@ -310,9 +310,9 @@ def test_deberta_v2_heads_found_and_exact():
 def test_heads_found_and_exact(name, q, rows, form, caplog):
     """Each family's heads are rows of whole heads (8 positions each, 24 where q, k and v interleave per head; multi-query: each query head alone, its
     copies of the one key/value head are dropped with it; Llama 4: a key/value head with its two
-    query heads); zeroing half of them compresses exactly. The ALiBi families come back as graphs:
-    their own forward would compute slopes for the new head count, the graph keeps the old slopes
-    of the kept heads."""
+    query heads); zeroing half of them compresses exactly. The ALiBi families keep their heads in their
+    own class (its forward would compute slopes for the new head count), with a warning; the graph
+    form keeps the old slopes of the kept heads and removes the others."""
     model = _model(name)
     oto = otofx.OTO(model, _ids())
     heads = _head_groups(oto, q)  # (rows, positions of the projection per row)
@@ -321,6 +321,15 @@ def test_heads_found_and_exact(name, q, rows, form, caplog):
     with caplog.at_level("WARNING", logger="otofx"):
         small = assert_exact(model, oto, _ids(), ref_kwargs=_kwargs(model))
     assert isinstance(small, torch.fx.GraphModule) == (form == "graph")
+    if form == "kept":  # its own class, the heads' zero rows kept; generate() as the model's
+        msg = " ".join(r.getMessage() for r in caplog.records)
+        attn = q.rsplit(".", 2)[0]  # the attention module: blamed by name
+        assert "keeps the 2 zero row(s) of 1 group(s)" in msg and attn in msg and "bug in otofx" not in msg, msg
+        x = _ids()[:1, :5]
+        assert torch.equal(small.generate(x, max_new_tokens=4, do_sample=False),
+                           model.generate(x, max_new_tokens=4, do_sample=False))
+        graph = assert_exact(model, oto, _ids(), small=oto.compress(form="graph"), ref_kwargs=_kwargs(model))
+        assert sum(p.numel() for p in graph.parameters()) < sum(p.numel() for p in small.parameters())
     if name == "phi3":  # its forward reads config.num_attention_heads; head_dim (hidden // heads) is written down
         c = small.config
         assert (c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.hidden_size) == (2, 1, 8, 16)

@@ -136,7 +136,9 @@ class Returns(LM):
 @pytest.mark.parametrize("case", ["tied", "stream_returned"])
 def test_no_scaling_exists_so_the_graph_form_is_exact(case, caplog):
     """A head tied to the embedding would need the table scaled by c and by 1 / c at once; a stream
-    returned raw cannot scale at all: the own class is given up (with a warning), the graph is exact."""
+    returned raw cannot scale at all: the own class keeps the stream's zero rows (with a warning
+    naming the norm where it went wrong) and removes the heads and the MLP width; the graph form
+    removes the stream too, exactly."""
     torch.manual_seed(0)
     model = (Returns("written") if case == "stream_returned" else LM("written", tied=True)).eval()
     randomize(model)
@@ -147,14 +149,16 @@ def test_no_scaling_exists_so_the_graph_form_is_exact(case, caplog):
     assert _stream_rows(oto) == 16
     zero_random_rows(model, oto, seed=1)
     with caplog.at_level("WARNING", logger="otofx"):
-        small = oto.compress()
-    assert isinstance(small, torch.fx.GraphModule)
-    assert any("own forward" in r.getMessage() for r in caplog.records)
-    with pytest.raises(otofx.VerificationError, match="form='graph'") as info:  # the own class asked for
-        oto.compress(form="module")
-    assert "bug in otofx" not in str(info.value)
+        own = oto.compress()
+    assert type(own) is LM and "keeps the 8 zero row(s) of 1 group(s)" in caplog.text, caplog.text
+    assert "blocks.0.norm" in caplog.text and "bug in otofx" not in caplog.text
+    assert own.emb.weight.shape == (40, 16) and own.head.weight is own.emb.weight
+    graph = oto.compress(form="graph")
+    assert isinstance(graph, torch.fx.GraphModule)
+    assert sum(p.numel() for p in graph.parameters()) < sum(p.numel() for p in own.parameters())
     with torch.no_grad():
-        assert max_rel_diff(model(_ids(3, 11)), small(_ids(3, 11))) < 1e-4
+        for small in (own, graph):
+            assert max_rel_diff(model(_ids(3, 11)), small(_ids(3, 11))) < 1e-4
 
 
 def test_nanochat_hidden_width_is_pruned_and_loads_from_pretrained(tmp_path):

@@ -4,7 +4,8 @@ scans along an axis: cumsum, cumprod, logcumsumexp, cummax, cummin, diff.
 A sum over an axis is a contraction: its channels must be zero with their rows. Every other
 reduction (mean, var, max, a norm) and every map that divides by something computed over an axis
 (softmax, normalize) counts all of that axis's channels, so the axis is pinned; except the mean of
-an RMS norm written out by hand (and a mean over whole heads), whose rewrite keeps the old divisor. A scan mixes the
+an RMS norm written out by hand (and a mean over whole heads) and ConvNeXt V2's GRN channel mean of
+spatial 2-norms, whose rewrite keeps the old divisor. A scan mixes the
 entries along its axis (each output reads a run of them), so that axis is pinned too; it acts on
 every other axis entry by entry.
 """
@@ -17,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..channels import AxisLabels, Ctx, false_mask, pinned_axis
-from ..nodes import WEIGHTLESS_READ, read_as_stream_or_input, rms_norm_of
+from ..nodes import WEIGHTLESS_READ, grn_of, read_as_stream_or_input, rms_norm_of
 from ..registry import RuleDeclined, functions, methods, modules, rule
 from .common import _ax, _ov, _out_shape
 
@@ -49,7 +50,7 @@ def _reduce_fix(site, input, dim=None, keepdim=False, kind="mean", **_):
 
 @rule("reduce", fix=_reduce_fix)
 def reduce(ctx: Ctx, input, dim=None, keepdim=False, kind="mean", meta=None, **_):
-    """sum over an axis is a contraction (its channels must be zero with their rows); mean, var and max over an axis pin it, except a mean of channels zero with their rows in an RMS norm, or over rows of several positions each (whole heads): it keeps its old divisor in the rewrite; other axes keep their ids."""
+    """sum over an axis is a contraction (its channels must be zero with their rows); mean, var and max over an axis pin it, except a mean of channels zero with their rows in an RMS norm or a GRN (ConvNeXt V2), or over rows of several positions each (whole heads): it keeps its old divisor in the rewrite; other axes keep their ids."""
     x = input
     if not isinstance(x, AxisLabels):
         return x
@@ -63,6 +64,12 @@ def reduce(ctx: Ctx, input, dim=None, keepdim=False, kind="mean", meta=None, **_
             # norm over all heads) are, or a channel mean (CBAM) would give up the own class
             # NB: a norm without a weight has nothing to refold: the own class scales the layers
             # around it, which needs its output read by linear layers and sums only
+            # NB: a GRN's channel mean (ConvNeXt V2) is free too: its own class is replaced by one
+            # that keeps the old divisor (passes.modules.PrunedGlobalResponseNorm); the rebuild
+            # refuses a GRN written into another module's forward (otofx.rebuild._check_grns)
+            grn = grn_of(ctx.node) if ctx.node is not None else None
+            if grn is not None and grn.channel == a:
+                continue
             rms = rms_norm_of(ctx.node) if ctx.node is not None else None
             if rms is None:
                 ctx.pin_unless_blocks(x.ids[a], "mean over this axis")
@@ -97,10 +104,12 @@ def reduce(ctx: Ctx, input, dim=None, keepdim=False, kind="mean", meta=None, **_
 for _kind, _fns in [("sum", ["sum", "nansum"]), ("mean", ["mean", "nanmean"]), ("var", ["var", "std"]),
                     ("max", ["amax", "amin", "max", "min", "logsumexp", "norm", "prod"])]:
     for _f in _fns:
+        # NB: torch.norm and Tensor.norm take p before dim
+        _spec = ("input", "p", "dim", "keepdim") if _f == "norm" else ("input", "dim", "keepdim")
         functions("reduce", [getattr(torch, _f, None)] + (_ov(getattr(aten, _f), "dim", "dim_IntList", "correction", "default")
                                                           if hasattr(aten, _f) else []),
-                  ("input", "dim", "keepdim"), kind=_kind)
-        methods("reduce", [_f], ("input", "dim", "keepdim"), kind=_kind)
+                  _spec, kind=_kind)
+        methods("reduce", [_f], _spec, kind=_kind)
 
 
 @rule("normalize", keeps_axes=True)

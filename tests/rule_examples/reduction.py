@@ -37,6 +37,51 @@ def mean_over_channels():
     return m, img()
 
 
+def _grn_net(channels_last=True, export=False, divisor=True):
+    """conv -> fc1 -> ConvNeXt V2's GRN written into the forward -> fc2: NHWC as the official code and Hugging
+    Face write it (``gamma * (x * Nx) + beta + x``), NCHW as timm's (``x + addcmul(beta, gamma, x * Nx)``);
+    ``divisor=False`` adds the channel mean instead of dividing by it (no GRN)."""
+
+    def fwd(s, x):
+        y = s.c1(x)
+        if export:
+            _force_export(y)
+        if channels_last:
+            y = F.gelu(s.fc1(y.permute(0, 2, 3, 1)))
+            g = torch.norm(y, p=2, dim=(1, 2), keepdim=True)
+            n = g / (g.mean(dim=-1, keepdim=True) + 1e-6) if divisor else g + g.mean(dim=-1, keepdim=True)
+            y = s.gamma * (y * n) + s.beta + y
+            return s.fc2(y).permute(0, 3, 1, 2)
+        y = F.gelu(s.fc1(y))
+        g = y.norm(p=2, dim=(2, 3), keepdim=True)
+        n = g / (g.mean(dim=1, keepdim=True) + 1e-6)
+        return s.fc2(y + torch.addcmul(s.beta.view(1, -1, 1, 1), s.gamma.view(1, -1, 1, 1), y * n))
+
+    shape = (1, 1, 1, 16) if channels_last else (16,)
+    fc = (lambda i, o: nn.Linear(i, o)) if channels_last else (lambda i, o: conv(i, o, 1))
+    return Net(fwd, c1=conv(3, 8), fc1=fc(8, 16), fc2=fc(16, 4), gamma=nn.Parameter(torch.zeros(shape)),
+               beta=nn.Parameter(torch.zeros(shape)))
+
+
+@example("reduce")
+def grn_channels_last():
+    """ConvNeXt V2's GRN: the channel mean of spatial 2-norms divides them; a zero channel adds nothing
+    to it, so each channel is a row (gamma and beta in it) and the rewrite keeps the old divisor (the
+    own class keeps this GRN's width: its forward, not a GRN class, would divide by the new one)."""
+    return _grn_net(), img()
+
+
+@example("reduce", frontend="export")
+def grn_channels_first_aten():
+    return _grn_net(channels_last=False, export=True), img()
+
+
+@example("reduce", expect_pin="mean over this axis")
+def channel_mean_of_norms_added():
+    """The channel mean of spatial 2-norms added, not dividing them: no GRN, pinned."""
+    return _grn_net(divisor=False), img()
+
+
 def _rms_written_out(one_plus=False, export=False, power=False):
     """LLaMA's RMSNorm as transformers writes it (Gemma's reads its weight as ``1 + w``; Gemma 4's
     divides by ``(...) ** -0.5``, not rsqrt), over a residual stream of width 8."""
