@@ -53,9 +53,9 @@ _FORMS = ("auto", "module", "graph")
 # NB: each step of the own-class search rebuilds and runs the model: a bound on the cost of a model
 # whose own forward cannot take any new width (it returns the graph form after)
 _KEEP_SEARCH_STEPS = 24
-# compress(form="auto") returns the own class with rows kept when it removes at least this share of
-# the parameters the graph form removes (an LLM keeping its hidden width still keeps generate());
-# below it, the graph
+# compress(form="auto") returns the own class with the rows its search kept when it removes at least
+# this share of the parameters the graph form removes; below it, the graph (the widths layer norms
+# normalise are kept whatever they cost, as before the search: a language model keeps generate())
 OWN_CLASS_SHARE = 0.5
 _FLOAT_TYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
@@ -410,17 +410,17 @@ class OTO:
     def _module_keeping_rows(self, error: Exception, check: bool, plan: Plan | None, rtol: float,
                              floor: float = 0.0, first: torch.nn.Module | None = None) -> torch.nn.Module | None:
         """The model's own class with the zero rows of the groups its forward cannot take at the new
-        widths kept, when the copy without them failed (``error``); None when no such copy verifies.
+        widths kept, when the copy without them failed (``error``); None when no such copy verifies,
+        or when the search's copy removes less than ``floor`` of the parameters the plan removes.
 
         First the widths of GRNs written into a forward (ConvNeXt V2's official class: the rebuild
-        refuses them), then with the widths that LayerNorms and GroupNorm(1, C)s normalise (a norm
-        subclass or a functional norm dividing by its new width). Then a search from the GRNs' widths: the copy is run beside the model,
-        the module where it first goes wrong (:func:`otofx.verify.first_wrong_module`: where it
-        raised, or the first module whose outputs differ) is blamed, and the groups that module holds
-        are kept: first those that live mostly in it (a head width, an MLP width), then every group
-        it touches (the residual stream), then its parent's; until the copy verifies or nothing is
-        left to keep; then each kept group goes again if the copy verifies without it. None when what
-        it keeps leaves less than ``floor`` of the parameters the plan removes. ``first``: the copy without any row kept that failed, if there is one. The graph
+        refuses them), then with them the widths LayerNorms and GroupNorm(1, C)s normalise (a norm
+        subclass or a functional norm dividing by its new width). Then a search, from the GRNs'
+        widths: the copy is run beside the model, the module where it first goes wrong is blamed
+        (:func:`otofx.verify.first_wrong_module`: where it raised, or the first module whose outputs
+        differ), and the groups it holds are kept (:func:`_groups_to_keep`), until the copy verifies
+        or nothing is left to keep; then each group kept on a guess goes again if the copy verifies
+        without it. ``first``: the copy without any row kept, when it was made and failed. The graph
         form removes every zero row."""
         gm = self._sync()
         plan = plan if plan is not None else zero_row_plan(self.zigset, gm)
@@ -449,7 +449,9 @@ class OTO:
         tries = ([("GRNs written into a forward", grns)] if grns else []) + (
             [("LayerNorms (GroupNorm(1)s, GRNs)", norms | grns)] if norms else [])
         for what, groups in tries:
-            if too_much(groups):
+            # NB: the norms' widths are kept whatever they cost (a language model keeps generate());
+            # only a copy that removes nothing is no answer to form="auto"
+            if floor and groups >= set(removing):
                 continue
             if not groups <= keepable:
                 log.info("otofx: the plan removes rows that are not zero in %s (group %d), which the own class "
