@@ -535,7 +535,7 @@ class OTO:
         log.info("otofx: removing %d rows from a copy of %s", plan.count, type(self.model).__name__)
         folds: list = []
         try:
-            small = rebuild(self.model, plan, gm, folds=folds)
+            small = rebuild(self.model, plan, gm, folds=folds, inputs=(self._args, self._kwargs))
         except RebuildError:
             raise
         except Exception as e:  # noqa: BLE001 - e.g. a model attribute that cannot be copied
@@ -548,7 +548,7 @@ class OTO:
                 # assume the class's forward; a copy without them is the one to keep when they fail
                 plain = None
                 if folds:
-                    plain = rebuild(self.model, plan, gm, follow_floats=False)
+                    plain = rebuild(self.model, plan, gm, follow_floats=False, inputs=(self._args, self._kwargs))
                     try:
                         self.verify(plain, rtol=rtol)
                     except Exception:  # noqa: BLE001 - the first error is the one to report

@@ -97,7 +97,8 @@ def prune(state: State) -> State:
     """The rewrite: a new GraphModule without ``PLAN``'s rows (``state.gm`` is not modified)."""
     plan = state.get(PLAN)
     log.info("otofx: removing %d rows", plan.count)
-    return state.replace(gm=prune_graph(state.gm, plan))
+    # NB: the example inputs: a layer norm reading removed channels that hold constants gets their values
+    return state.replace(gm=prune_graph(state.gm, plan, (state.args, state.kwargs)))
 
 
 # ---------------------------------------------------------------------------------------------

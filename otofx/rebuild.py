@@ -48,9 +48,10 @@ Internals:
       ``PrunedGlobalResponseNorm`` (it keeps the old divisor): one written into another module's
       forward is refused (:func:`_check_grns`), and ``OTO.compress`` keeps those zero rows instead.
     * A LayerNorm over a narrowed axis is replaced by ``PrunedLayerNorm`` (it keeps the old
-      divisor), which no config builds: the widths it lost are not written into the config, and
-      the module's class counts as a mismatch, so ``from_pretrained`` refuses the checkpoint's shapes
-      rather than build ``nn.LayerNorm`` at the new width.
+      divisor, and gets ``fill``, the constants its removed channels held: :func:`_fill_layer_norms`),
+      which no config builds: the widths it lost are not written into the config, and the module's
+      class counts as a mismatch, so ``from_pretrained`` refuses the checkpoint's shapes rather than
+      build ``nn.LayerNorm`` at the new width.
     * What the config still cannot express goes to ``config.otofx_widths`` (module name ->
       {attribute: new value}); with it absent, the config describes the model in full.
 """
@@ -65,9 +66,9 @@ import torch
 import torch.nn as nn
 
 from otofx.errors import OTOError
-from otofx.passes.modules import PrunedGlobalResponseNorm, PrunedLayerNorm, PrunedMultiheadAttention, PrunedRNN
-from otofx.passes.prune import Plan, take
-from otofx.passes.nodes import viewed_shapes
+from otofx.passes.modules import PrunedGlobalResponseNorm, PrunedLayerNorm, PrunedMultiheadAttention, PrunedRNN, grow_fill
+from otofx.passes.prune import Plan, constant_fills, take
+from otofx.passes.nodes import call_arguments, viewed_shapes
 from otofx.passes.weightnorm import computed_shapes, own_classes, refit_gains, stale_weights
 from otofx.passes.resize import (STREAM_WIDTHS, Change, ResizeError, Scope, apply_rms_fold, resize, resync_counts,
                                  constant_scale_sources, grn_sites, norm_sites, rms_folds, rms_input_producer,
@@ -184,12 +185,13 @@ def _cut_key(c: dict) -> tuple:
 
 
 def rebuild(model: nn.Module, plan: Plan, gm: torch.fx.GraphModule | None = None,
-            follow_floats: bool = True, folds: list | None = None) -> nn.Module:
+            follow_floats: bool = True, folds: list | None = None, inputs=None) -> nn.Module:
     """A copy of ``model`` with the plan's rows removed and its modules (and config) re-sized; with
     ``gm`` (the captured graph the plan is of), RMS norms over a narrowed axis are refolded, and
     (``follow_floats``) float attributes the config gives are made to follow it where a weight
     fold allows (:func:`_follow_floats`); ``folds``, when given, gets ``(module, attribute)`` of
-    each such fold."""
+    each such fold. ``inputs`` (``(args, kwargs)``, the example inputs) let a layer norm whose
+    removed channels held constants get their values (``passes.prune.constant_fills``)."""
     cuts = keep_indices(plan)
     named = _tensors(model)
     for name in cuts:
@@ -203,6 +205,7 @@ def rebuild(model: nn.Module, plan: Plan, gm: torch.fx.GraphModule | None = None
     groups = _axis_groups(plan)
     views = viewed_shapes(gm) if gm is not None else {}
     changed = _resize_modules(new, cuts, old_shapes, stream, groups, views)
+    _fill_layer_norms(new, plan, gm, inputs)
     if gm is not None:
         # NB: a norm's own forward divides by the new width; the graph form keeps the old divisor
         # (the mean's fix): eps and the weight absorb the ratio (OLMo 2's q/k norms, Mamba 2's
@@ -255,6 +258,47 @@ def _check_grns(new: nn.Module, gm: torch.fx.GraphModule, plan: Plan) -> None:
             raise RebuildError(f"{where}: the GRN the graph computes (channels_last={site.channels_last}, "
                                f"{site.new} channels, eps {site.eps}) is not the one its class computes")
         m.eps = site.eps
+
+
+def _norm_module(gm: torch.fx.GraphModule, node: torch.fx.Node) -> str | None:
+    """The module a layer norm node of ``gm`` is: its call_module target, or the module holding the
+    weight it reads (a traced ``PrunedLayerNorm``, an export capture's ``aten.layer_norm``)."""
+    if node.op == "call_module":
+        return node.target
+    w = (call_arguments(node, gm) or {}).get("weight")
+    name = w.target if isinstance(w, torch.fx.Node) and w.op == "get_attr" else getattr(w, "name", None)
+    return name.rpartition(".")[0] if isinstance(name, str) and "." in name else None
+
+
+def _fill_layer_norms(new: nn.Module, plan: Plan, gm: torch.fx.GraphModule | None, inputs) -> None:
+    """Give each ``PrunedLayerNorm`` of ``new`` the constants its removed entries held (MLP-Mixer's
+    residual stream: ``passes.prune.constant_fills``), after those an earlier compression filled in
+    (zeros for the entries that were zero)."""
+    values = {}
+    if gm is not None:
+        nodes = {n.name: n for n in gm.graph.nodes}
+        for name, v in constant_fills(gm, plan, inputs).items():
+            path = _norm_module(gm, nodes[name])
+            if path is None:
+                raise RebuildError(f"the layer norm at node '{name}' reads removed channels that hold constants, "
+                                   "and no module of the model computes it to take them")
+            if path in values and not torch.equal(values[path], v):
+                # NB: one module called at two places, each reading other constants: one buffer cannot hold both
+                raise RebuildError(f"the layer norm '{path}' is called at two places whose removed channels hold "
+                                   "different constants")
+            values[path] = v
+    for path, m in new.named_modules():
+        if not isinstance(m, PrunedLayerNorm):
+            continue
+        have = 0 if m.fill is None else m.fill.shape[-1]
+        count = m.full_width - int(m.normalized_shape[-1]) - have
+        v = values.pop(path, None)
+        if count > 0:
+            m.fill = grow_fill(m.fill, v, count)
+    if values:
+        # NB: a functional norm in the model's forward, or a LayerNorm subclass with its own forward
+        raise RebuildError(f"the layer norm(s) {', '.join(sorted(values))} read removed channels that hold "
+                           "constants, and the model's own class has no PrunedLayerNorm there to fill them in")
 
 
 def copy_training_flags(small: nn.Module, model: nn.Module) -> None:

@@ -1,7 +1,8 @@
 """Channel labels: the abstract values that the group analysis propagates through a graph.
 
 Every tensor value in the graph gets an :class:`AxisLabels`: for each axis, an array of channel ids (one
-per index along that axis) and a mask telling which indices are certainly zero when their row is zero.
+per index along that axis) and a mask telling which indices are certainly zero when their row is zero
+(and, where a rule says so, a mask of those that are then a constant, zero or not: ``const``).
 Ids live in one :class:`~otofx.passes.unionfind.UnionFind`; operator rules merge them, and the
 classes that remain are the rows of the zero-invariant groups.
 
@@ -13,6 +14,11 @@ Internals:
       called twice) reuses its ids, so every use is merged automatically.
     * Python values stay python values, except sizes read off a labelled axis, which become
       :class:`SymSize` so that a later unknown use of the number can pin the axis it measures.
+    * ``const`` is opt-in: a rule that builds a label without it says nothing beyond ``zero`` (a zero
+      slice is constant), so a rule that does not know about constants loses rows, never exactness.
+      Parameters and buffers are constant on every axis; the rules that pass constants on are the
+      permutes, reshapes, splits, slices, concat, linear and pointwise conv layers, elementwise ops
+      (dropout with p > 0 stops them), binary ops with parameters or numbers, and reductions over other axes.
 """
 from __future__ import annotations
 
@@ -34,10 +40,22 @@ class AxisLabels:
 
     ids: tuple  # tuple[np.ndarray[int64], ...], one per axis
     zero: tuple  # tuple[np.ndarray[bool], ...]
+    # per axis, where a rule said so: index i's slice is the same for every input when its row is zero
+    # (a constant, not necessarily 0: MLP-Mixer's token MLP writes fc2(act(b1)) + b2 into a zero
+    # channel); None: no rule said, read as ``zero`` (a zero slice is constant)
+    const: tuple | None = None
 
     @property
     def ndim(self) -> int:
         return len(self.ids)
+
+    def fixed(self, d: int) -> np.ndarray:
+        """Axis ``d``'s mask of indices whose slice is constant (zero or not) when their row is zero."""
+        return self.zero[d] if self.const is None else self.const[d] | self.zero[d]
+
+    def consts(self) -> tuple | None:
+        """Every axis's :meth:`fixed` mask, or None when it is just ``zero``."""
+        return None if self.const is None else tuple(self.fixed(d) for d in range(self.ndim))
 
     @functools.cached_property
     def shape(self) -> tuple:  # NB: cached in the instance dict (a frozen dataclass allows it)
@@ -46,11 +64,21 @@ class AxisLabels:
     def axis(self, d: int) -> tuple:
         return self.ids[d], self.zero[d]
 
-    def with_axis(self, d: int, ids: np.ndarray, zero: np.ndarray) -> "AxisLabels":
+    def with_axis(self, d: int, ids: np.ndarray, zero: np.ndarray, const: np.ndarray | None = None) -> "AxisLabels":
+        """Axis ``d`` replaced. The other axes' ``const`` masks stay only when ``const`` (axis d's) is
+        given: the caller says the op takes slices along them as they are (a split, a concat).
+
+        # NB: a rule that passes zeros along an axis need not pass constants (a matmul maps a zero row
+        # of one operand to zero, a constant one to constant @ other): dropped unless asked for
+        """
         i = list(self.ids)
         z = list(self.zero)
         i[d], z[d] = ids, zero
-        return AxisLabels(tuple(i), tuple(z))
+        if const is None:
+            return AxisLabels(tuple(i), tuple(z))
+        c = list(self.consts() or self.zero)
+        c[d] = const
+        return AxisLabels(tuple(i), tuple(z), tuple(c))
 
 
 @dataclass(frozen=True)
@@ -148,8 +176,12 @@ class Ctx:
     # (ids, node, op, reason): pinned at the end of the analysis unless every live row among the ids
     # holds several of them (see Ctx.pin_unless_blocks)
     deferred: list = field(default_factory=list)
+    # node name -> last-axis mask of the channels a layer norm reads that are a constant other than 0
+    # when their row is zero: the rewrite fills their values back into its mean and variance
+    fills: dict = field(default_factory=dict)
 
     modules: dict = field(default_factory=dict)  # every qualified name (aliases too) -> module
+    _tensor_lab_ids: set = field(default_factory=set)  # id() of every tensor_labs value
 
     def __post_init__(self):
         first: dict[int, str] = {}
@@ -209,9 +241,15 @@ class Ctx:
             ids.append(a)
             # zeroing a row zeroes its parameters, never a buffer
             zeros.append(true_mask(n) if is_param else false_mask(n))
-        lab = AxisLabels(tuple(ids), tuple(zeros))
+        # a parameter or buffer is the same for every input: each of its slices is a constant
+        lab = AxisLabels(tuple(ids), tuple(zeros), tuple(true_mask(n) for n in t.shape))
         self.tensor_labs[name] = lab
+        self._tensor_lab_ids.add(id(lab))
         return lab
+
+    def is_tensor_lab(self, lab) -> bool:
+        """Whether ``lab`` is the label of a parameter or buffer as it is (the same for every input)."""
+        return id(lab) in self._tensor_lab_ids
 
     def shape_of(self, p) -> tuple:
         if isinstance(p, AxisLabels):

@@ -11,7 +11,8 @@ stock names (``in_proj_weight`` or ``q/k/v_proj_weight``, ``in_proj_bias``, ``ou
 channels (zero in the dense model, so they added nothing to either sum) the compressed norm must
 still divide by the old width. ``PrunedLayerNorm`` (an ``nn.LayerNorm``, state_dict unchanged) does,
 through :func:`layer_norm_kept_divisor`; ``PrunedLayerNorm2d`` is its channels-first form
-(torchvision's and timm's ConvNeXt ``LayerNorm2d``).
+(torchvision's and timm's ConvNeXt ``LayerNorm2d``). Where the removed channels held constants other
+than 0 (MLP-Mixer's stream), its ``fill`` buffer holds them and the mean and variance count them.
 
 ConvNeXt V2's Global Response Normalization divides each channel's spatial 2-norm by their mean over
 the channels; ``PrunedGlobalResponseNorm`` (timm's ``GlobalResponseNorm`` and Hugging Face's
@@ -75,16 +76,34 @@ import torch.nn.functional as F
 
 
 def layer_norm_kept_divisor(input, normalized_shape, weight=None, bias=None, eps: float = 1e-5, old: int = 1,
-                            new: int = 1):
+                            new: int = 1, fill=None):
     """``F.layer_norm`` over a last axis narrowed from ``old`` to ``new`` entries whose removed entries
-    were zero: the mean and variance of all ``old`` entries (a compressed layer norm's function)."""
-    # NB: with r = new / old, the old mean is r * m and the old mean square r * (v + m**2), so the old
-    # variance is r * v + r * (1 - r) * m**2: two non-negative terms, no cancellation. Half inputs
-    # are normalised in float32, as torch's kernel does.
+    were zero: the mean and variance of all ``old`` entries (a compressed layer norm's function).
+    ``fill``: the values the ``old - new`` removed entries held instead (constants the same for every
+    input, broadcast against the input's other axes: ``[..., old - new]``), None for zeros."""
     x = input.float() if input.dtype in (torch.float16, torch.bfloat16) else input
     var, mean = torch.var_mean(x, dim=-1, keepdim=True, correction=0)
-    r = new / old
-    y = (x - mean * r) * torch.rsqrt(var * r + mean.square() * (r * (1.0 - r)) + eps)
+    if fill is None:
+        # NB: with r = new / old, the old mean is r * m and the old mean square r * (v + m**2), so the
+        # old variance is r * v + r * (1 - r) * m**2: two non-negative terms, no cancellation. Half
+        # inputs are normalised in float32, as torch's kernel does.
+        r = new / old
+        y = (x - mean * r) * torch.rsqrt(var * r + mean.square() * (r * (1.0 - r)) + eps)
+    else:
+        if fill.shape[-1] != old - new:
+            raise ValueError(f"layer_norm_kept_divisor: fill holds {fill.shape[-1]} entries, {old - new} were removed")
+        if torch.broadcast_shapes(x.shape[:-1], fill.shape[:-1]) != x.shape[:-1]:
+            # NB: the constants were read at the example's sizes; one that varies along an axis (MLP-Mixer's
+            # tokens, fixed by its token MLP) fits inputs of that size only
+            raise ValueError(f"layer_norm_kept_divisor: the filled constants were read at sizes {tuple(fill.shape[:-1])}, "
+                             f"which do not broadcast to this input's {tuple(x.shape[:-1])}")
+        # NB: the two parts' mean and variance pooled (Chan et al.): every term is non-negative, so
+        # nothing cancels, whatever the filled constants are
+        f_var, f_mean = torch.var_mean(fill.to(x.dtype), dim=-1, keepdim=True, correction=0)
+        a, b = new / old, (old - new) / old
+        m = mean * a + f_mean * b
+        v = (var + (mean - m).square()) * a + (f_var + (f_mean - m).square()) * b
+        y = (x - m) * torch.rsqrt(v + eps)
     if weight is not None:
         y = y * weight.to(y.dtype)
     if bias is not None:
@@ -211,30 +230,65 @@ GLOBAL_RESPONSE_NORMS = {
 }
 
 
+def constant_fill(values: torch.Tensor) -> torch.Tensor:
+    """``values`` (``[..., r]``: what r removed entries of a norm's input held) with every leading axis
+    along which they do not vary cut to size 1 (the batch, a constant that is the same for every
+    token), so the fill broadcasts against inputs of other sizes there."""
+    out = values.detach()
+    for d in range(out.dim() - 1):
+        if out.shape[d] > 1 and bool((out == out.narrow(d, 0, 1)).all()):
+            out = out.narrow(d, 0, 1)
+    return out.contiguous()
+
+
+def grow_fill(fill: torch.Tensor | None, values: torch.Tensor | None, count: int) -> torch.Tensor | None:
+    """A norm's ``fill`` (None: nothing filled yet, or zeros only) followed by ``count`` more removed
+    entries holding ``values`` (``[..., count]``; None: zeros); None when nothing but zeros was ever
+    removed (the plain kept divisor)."""
+    if values is None:
+        if fill is None:
+            return None
+        values = torch.zeros((1,) * (fill.dim() - 1) + (count,), dtype=fill.dtype, device=fill.device)
+    elif values.shape[-1] != count:
+        raise ValueError(f"{values.shape[-1]} fill values for {count} removed entries")
+    if fill is None:
+        return constant_fill(values)
+    lead = torch.broadcast_shapes(fill.shape[:-1], values.shape[:-1])
+    parts = [t.expand(*lead, t.shape[-1]) for t in (fill.to(values), values)]
+    return constant_fill(torch.cat(parts, -1))
+
+
 class PrunedLayerNorm(nn.LayerNorm):
     """``nn.LayerNorm`` over ``normalized_shape`` entries that were ``full_width`` before pruning: the
-    removed entries were zero, and the mean and variance still divide by ``full_width``."""
+    removed entries were zero, and the mean and variance still divide by ``full_width``. ``fill`` (a
+    buffer, or None): the values the removed entries held where they were constants other than 0
+    (``[..., full_width - width]``, broadcast against the input: MLP-Mixer's residual stream)."""
 
-    def __init__(self, src: nn.LayerNorm, full_width: int):
+    def __init__(self, src: nn.LayerNorm, full_width: int, fill: torch.Tensor | None = None):
         nn.Module.__init__(self)
         self.normalized_shape = tuple(src.normalized_shape)
         self.eps, self.elementwise_affine, self.full_width = src.eps, src.elementwise_affine, int(full_width)
         self.weight, self.bias = src.weight, src.bias
+        self.register_buffer("fill", fill)
         self.train(src.training)
 
     @classmethod
-    def empty(cls, *, width: int, full_width: int, eps: float, bias: bool, device=None, dtype=None):
+    def empty(cls, *, width: int, full_width: int, eps: float, bias: bool, fill_shape=None, device=None, dtype=None):
         """Uninitialised, of the given structure (``otofx.load`` fills the tensors)."""
-        return cls(nn.LayerNorm(width, eps=eps, bias=bias, device=device, dtype=dtype), full_width)
+        fill = torch.empty(tuple(fill_shape), device=device, dtype=dtype) if fill_shape is not None else None
+        return cls(nn.LayerNorm(width, eps=eps, bias=bias, device=device, dtype=dtype), full_width, fill)
 
     def init_kwargs(self) -> dict:
         """The arguments of :meth:`empty` that rebuild this module's structure."""
-        return {"width": int(self.normalized_shape[-1]), "full_width": self.full_width, "eps": float(self.eps),
-                "bias": self.bias is not None}
+        out = {"width": int(self.normalized_shape[-1]), "full_width": self.full_width, "eps": float(self.eps),
+               "bias": self.bias is not None}
+        if self.fill is not None:
+            out["fill_shape"] = list(self.fill.shape)
+        return out
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         return layer_norm_kept_divisor(input, self.normalized_shape, self.weight, self.bias, self.eps,
-                                       old=self.full_width, new=self.normalized_shape[-1])
+                                       old=self.full_width, new=self.normalized_shape[-1], fill=self.fill)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, full_width={self.full_width}"

@@ -48,6 +48,9 @@ Internals:
       the norm ``v`` keeps (``passes.weightnorm.refit_gains``).
     * Index tensors (kept positions) are moved to each weight's device before slicing: a model on
       CUDA is sliced on CUDA; analysis and plans stay on the CPU (meta shapes, numpy masks).
+    * A layer norm reading removed channels that hold constants (``ZigSet.fills``) needs their
+      values: :func:`constant_fills` runs a copy of the graph (not of the weights) with a tap before
+      each such norm on the example inputs, once, before the fixes (``Site.fills``).
 """
 from __future__ import annotations
 
@@ -165,6 +168,8 @@ class Site:
 
     def __init__(self, plan: Plan, node: fx.Node, module, form):
         self.plan, self.node, self.module, self.form = plan, node, module, form
+        self.root: fx.GraphModule | None = None  # the new graph module (prune_graph sets it)
+        self.fills: dict = {}  # constant_fills' values, by node name
         labels = plan.zigset.labels
         out = labels.get(node.name)
         self.out_old = self.old_of(out)
@@ -293,8 +298,64 @@ def take(t: torch.Tensor, steps) -> torch.Tensor:
     return t
 
 
-def prune_graph(gm: fx.GraphModule, plan: Plan) -> fx.GraphModule:
-    """A new GraphModule with the plan's rows removed (``gm`` is not modified)."""
+def _norm_input(node: fx.Node):
+    return node.args[0] if node.args else node.kwargs.get("input")
+
+
+def constant_fills(gm: fx.GraphModule, plan: Plan, inputs=None) -> dict:
+    """``{layer norm node name: values}``: for each norm of ``gm`` that reads channels the plan
+    removes while they hold constants other than 0 (``ZigSet.fills``: MLP-Mixer's token MLP writes
+    its biases into a zero channel of the residual stream), the values its input holds at every
+    entry of the last axis the plan removes (``[..., r]``, :func:`~otofx.passes.modules.constant_fill`).
+
+    The analysis proved those entries the same for every input; they are read off one run of ``gm``
+    (the model with its rows zeroed) on ``inputs`` (``(args, kwargs)``: the example inputs)."""
+    from otofx.errors import OTOError
+    from otofx.verify import run_eval
+
+    from .modules import constant_fill
+
+    zs = plan.zigset
+    if not zs.fills:
+        return {}
+    want = {}
+    for node in gm.graph.nodes:
+        mask = zs.fills.get(node.name)
+        src = _norm_input(node) if mask is not None else None
+        lab = zs.labels.get(src.name) if isinstance(src, fx.Node) else None
+        if not isinstance(lab, AxisLabels):
+            continue
+        removed = plan.removed_roots[zs.uf.find(lab.ids[-1])]
+        if (removed & mask).any():
+            want[node.name] = torch.from_numpy(np.nonzero(removed)[0])
+    if not want:
+        return {}
+    if inputs is None:
+        raise OTOError(f"layer norm(s) {', '.join(sorted(want))} read channels the plan removes that hold constants "
+                       "other than 0: the rewrite reads them off a run of the model and needs its example inputs")
+    # NB: a copy of the graph (not of the weights) with a tap before each norm, reading its input there
+    graph = fxcompat.copy_graph(gm.graph)
+    got: dict = {}
+    # NB: the copy keeps the node names (a fresh namespace), so the taps find the analysed norms
+    for node in list(graph.nodes):
+        if node.name in want:
+            def tap(x, key=node.name):
+                got[key] = x.detach().index_select(-1, want[key].to(x.device))
+
+            with graph.inserting_before(node):
+                graph.call_function(tap, (_norm_input(node),))
+    args, kwargs = inputs
+    run_eval(graph_module_like(gm, graph, "ConstantFills"), tuple(args), dict(kwargs or {}))
+    if set(got) != set(want):
+        raise OTOError(f"the run of the model did not reach layer norm(s) {', '.join(sorted(set(want) - set(got)))}")
+    return {k: constant_fill(v) for k, v in got.items()}
+
+
+def prune_graph(gm: fx.GraphModule, plan: Plan, inputs=None) -> fx.GraphModule:
+    """A new GraphModule with the plan's rows removed (``gm`` is not modified); ``inputs``
+    (``(args, kwargs)``) are needed where a layer norm reads removed channels that hold constants
+    (:func:`constant_fills`)."""
+    fills = constant_fills(gm, plan, inputs)
     new, originals = _copy_without_tensors(gm)
     _fill_tensors(new, originals, plan)
     del originals
@@ -313,6 +374,7 @@ def prune_graph(gm: fx.GraphModule, plan: Plan) -> fx.GraphModule:
         module = mods[node.target] if node.op == "call_module" else None
         site = Site(plan, node, module, form)
         site.root = new
+        site.fills = fills
         if site.out_old is None and not site.out_old_list:
             continue
         kw = bind(form, node, node.args, node.kwargs, module)

@@ -85,6 +85,9 @@ class ZigSet:
     zig_of_root: np.ndarray = field(repr=False)  # root id -> zig index, -1 if none
     row_of_root: np.ndarray = field(repr=False)  # root id -> row index inside its zig
     weight_norms: tuple = field(default=(), repr=False)  # WeightNormRef of every weight-normed weight read
+    # layer norm node name -> last-axis mask of the channels that are a constant other than 0 when
+    # their row is zero (the rewrite fills them back in: ``passes.prune.constant_fills``)
+    fills: dict = field(default_factory=dict, repr=False)
 
 
 def _unknown(ctx: Ctx, node: fx.Node, args, kwargs, out, reason: str):
@@ -256,7 +259,7 @@ def _group(ctx: Ctx, labels: dict, acts: list) -> ZigSet:
     zig_of_root = np.full(n, -1, dtype=np.int32)
     row_of_root = np.full(n, -1, dtype=np.int32)
     empty = ZigSet((), tuple(ctx.pins), labels, tuple(ctx.owners), uf, zig_of_root, row_of_root,
-                   tuple(ctx.weight_norms))
+                   tuple(ctx.weight_norms), dict(ctx.fills))
     if not params:
         return empty
     lens = np.array([len(o.ids) for o in params], dtype=np.int64)
@@ -300,7 +303,7 @@ def _group(ctx: Ctx, labels: dict, acts: list) -> ZigSet:
         entries[zi].append((o.name, o.dim, torch.from_numpy(pos[sl].reshape(rows_of[zi], -1))))
     zigs = tuple(ZIG(int(counts[i]), tuple(entries[i])) for i in range(len(uniq)))
     return ZigSet(zigs, tuple(ctx.pins), labels, tuple(ctx.owners), uf, zig_of_root, row_of_root,
-                  tuple(ctx.weight_norms))
+                  tuple(ctx.weight_norms), dict(ctx.fills))
 
 
 def _segments(z: np.ndarray, owner: np.ndarray, row: np.ndarray, nrows: int, nowners: int,

@@ -6,6 +6,8 @@ is whether a zero channel stays zero: ``f(0) = 0`` for relu or a copy (declared 
 product where any factor is.
 
 Internals:
+    * Constants (``AxisLabels.const``) pass every deterministic op; dropout (any ``p > 0``), rrelu and
+      stochastic depth draw random numbers in training, so only zeros pass them.
     * A division pins the channels of its denominator, unless the denominator is positive by
       construction (``_positive``: clamp_min(x, eps), exp, x + eps of a non-negative x).
 """
@@ -27,24 +29,31 @@ aten = torch.ops.aten
 
 
 @rule("unary", keeps_shape=ELEMENTWISE, keeps_axes=True)
-def unary(ctx: Ctx, input, zero_in=True, min_val=None, max_val=None, meta=None, **kw):
-    """y = f(x) elementwise: every axis keeps its ids; zero stays zero when f(0) = 0."""
+def unary(ctx: Ctx, input, zero_in=True, min_val=None, max_val=None, random=False, p=None, meta=None, **kw):
+    """y = f(x) elementwise: every axis keeps its ids; zero stays zero when f(0) = 0; a constant stays constant unless f draws random numbers (dropout with p > 0)."""
     x = input
     if not isinstance(x, AxisLabels):
         return x
+    if random:
+        # NB: dropout of a constant is not constant (in training); with p == 0 it is the identity
+        rest = kw.get("_rest") or ()
+        p = p if p is not None else (rest[0] if rest else 0.5)
+        if not (isinstance(p, (int, float)) and p == 0):
+            x = AxisLabels(x.ids, x.zero)
     lo = min_val if min_val is not None else kw.get("min")
     hi = max_val if max_val is not None else kw.get("max")
     for b in (lo, hi):
         if isinstance(b, (AxisLabels, SymSize)):
             ctx.pin(b, "a clamp bound is a tensor")
             zero_in = False
+            x = AxisLabels(x.ids, x.zero)  # NB: clamped to another activation: not constant
     lo = lo if isinstance(lo, (int, float)) else float("-inf")
     hi = hi if isinstance(hi, (int, float)) else float("inf")
     if not (lo <= 0 <= hi):
         zero_in = False  # hardtanh/clamp move 0 to a bound
     if zero_in:
         return x
-    return AxisLabels(x.ids, tuple(false_mask(len(a)) for a in x.ids))
+    return AxisLabels(x.ids, tuple(false_mask(len(a)) for a in x.ids), x.consts() or x.zero)
 
 
 # f(0) == 0 (a zero channel stays zero: the form passes zero_in=True)
@@ -64,27 +73,49 @@ _NONZERO_FNS = ["sigmoid", "hardsigmoid", "softplus", "exp", "cos", "logsigmoid"
 _NEW_LAYOUT = {"to", "float", "half", "double", "bfloat16", "type", "_to_copy", "contiguous", "clone"}
 
 
+# draw random numbers (in training): a constant does not stay constant, unless the probability p is 0
+_RANDOM = {"dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout", "feature_alpha_dropout", "dropout_"}
+# NB: rrelu's slope is random in training whatever its bounds: read as dropout with p = 1
+_RANDOM_ALWAYS = {"rrelu": {"p": 1.0}}
+
+
+def _random_kw(n: str) -> dict:
+    if n in _RANDOM_ALWAYS:
+        return {"random": True, **_RANDOM_ALWAYS[n]}
+    return {"random": True} if n in _RANDOM else {}
+
+
 def _register_unary(names, zero_in):
     for n in names:
         aten_ops = _ov(getattr(aten, n, None), "default")
         targets = [t for t in [getattr(F, n, None), getattr(torch, n, None)] + aten_ops if callable(t)]
-        functions("unary", targets, ("input",), zero_in=zero_in, changes_dtype_or_strides=n in _NEW_LAYOUT)
-        methods("unary", [n], ("input",), zero_in=zero_in, changes_dtype_or_strides=n in _NEW_LAYOUT)
+        functions("unary", targets, ("input",), zero_in=zero_in, changes_dtype_or_strides=n in _NEW_LAYOUT,
+                  **_random_kw(n))
+        methods("unary", [n], ("input",), zero_in=zero_in, changes_dtype_or_strides=n in _NEW_LAYOUT,
+                **_random_kw(n))
 
 
 _register_unary(_ZERO_FNS, True)
 _register_unary(_NONZERO_FNS, False)
-functions("unary", _ov(aten.alias, "default") + _ov(aten.lift_fresh_copy, "default")
-          + _ov(aten.native_dropout, "default"), ("input",), zero_in=True)
+functions("unary", _ov(aten.alias, "default") + _ov(aten.lift_fresh_copy, "default"), ("input",), zero_in=True)
+functions("unary", _ov(aten.native_dropout, "default"), ("input",), zero_in=True, random=True)
 # x.type_as(other): a copy in other's dtype (other's values are not read)
 functions("unary", _ov(aten.type_as, "default"), ("input", "other"), zero_in=True, changes_dtype_or_strides=True)
 methods("unary", ["type_as"], ("input", "other"), zero_in=True, changes_dtype_or_strides=True)
 functions("unary", _ov(aten._to_copy, "default") + _ov(aten.to, "dtype", "dtype_layout", "device"), ("input",),
           zero_in=True, changes_dtype_or_strides=True)
 modules("unary", [nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Hardswish, nn.Tanh, nn.LeakyReLU, nn.ELU,
-                  nn.SELU, nn.CELU, nn.Mish, nn.Softsign, nn.Tanhshrink, nn.Softshrink, nn.Hardshrink, nn.RReLU,
-                  nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout,
+                  nn.SELU, nn.CELU, nn.Mish, nn.Softsign, nn.Tanhshrink, nn.Softshrink, nn.Hardshrink,
                   nn.Identity], _bind_input, zero_in=True)
+modules("unary", [nn.RReLU], _bind_input, zero_in=True, random=True, p=1.0)
+
+
+def _bind_dropout(node, m, args, kwargs):
+    return dict(input=args[0] if args else kwargs.get("input"), p=m.p)
+
+
+modules("unary", [nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout],
+        _bind_dropout, zero_in=True, random=True)
 functions("unary", [torch.clamp, torch.clip] + _ov(aten.clamp, "default") + _ov(aten.clip, "default"),
           ("input", "min_val", "max_val"), rename={"min": "min_val", "max": "max_val"})
 methods("unary", ["clamp", "clip", "clamp_", "clip_"], ("input", "min_val", "max_val"))
@@ -106,8 +137,8 @@ methods("unary", ["hardtanh", "hardtanh_"], ("input", "min_val", "max_val"), (("
 try:  # torchvision's stochastic depth: a per-sample mask times the input
     from torchvision.ops import StochasticDepth, stochastic_depth
 
-    modules("unary", [StochasticDepth], _bind_input, zero_in=True)
-    functions("unary", [stochastic_depth], ("input", "p", "mode", "training"), zero_in=True)
+    modules("unary", [StochasticDepth], _bind_dropout, zero_in=True, random=True)
+    functions("unary", [stochastic_depth], ("input", "p", "mode", "training"), zero_in=True, random=True)
 except ImportError:  # pragma: no cover - torchvision is optional
     StochasticDepth = stochastic_depth = None
 
@@ -193,7 +224,7 @@ def _nonnegative(node, depth: int) -> bool:
 
 @rule("binary", takes_sizes=True, python_values=True, keeps_axes=True)
 def binary(ctx: Ctx, input, other, kind="add", cmp=None, meta=None, **_):
-    """z = x (op) y with broadcasting (arithmetic, comparisons): axes of equal size are the same channels (tied); zero when both are zero (add, sub) or either is (mul)."""
+    """z = x (op) y with broadcasting (arithmetic, comparisons): axes of equal size are the same channels (tied); zero when both are zero (add, sub) or either is (mul); constant when every operand's slice is (an operand broadcast over the axis must be a parameter or a number)."""
     operands = [input, other]
     if kind == "div" and isinstance(other, AxisLabels) and not _positive(ctx.node.args[1] if ctx.node is not None
                                                                   and len(ctx.node.args) > 1 else None):
@@ -205,7 +236,8 @@ def binary(ctx: Ctx, input, other, kind="add", cmp=None, meta=None, **_):
     n = len(shape)
     labs = [v for v in operands if isinstance(v, AxisLabels)]
     ctx.pin([v for v in operands if isinstance(v, SymSize)], "a size read off this axis is used as a value")
-    ids, zero = [], []
+    sized = any(isinstance(v, SymSize) for v in operands)
+    ids, zero, const = [], [], []
     for d in range(n):
         full, part = [], []
         for v in labs:
@@ -213,7 +245,7 @@ def binary(ctx: Ctx, input, other, kind="add", cmp=None, meta=None, **_):
             if vd < 0 or v.shape[vd] != shape[d]:
                 part.append(v)
             else:
-                full.append((v.ids[vd], v.zero[vd]))
+                full.append((v.ids[vd], v.zero[vd], v.fixed(vd), v))
         if shape[d] == 1 and len(full) > 1 and any(c[0].any() for c in full):
             # NB: a size-1 axis that is no channel (a keepdim reduction's: an RMS norm's
             # rsqrt(mean(x ** 2)) times x) against a channel left alone broadcasts; it is not tied
@@ -228,9 +260,18 @@ def binary(ctx: Ctx, input, other, kind="add", cmp=None, meta=None, **_):
         if not full:
             ids.append(pinned_axis(shape[d]))
             zero.append(false_mask(shape[d]))
+            const.append(false_mask(shape[d]))
             continue
         for c in full[1:]:
             ctx.tie(full[0][0], c[0])
+        # NB: an operand that is not sliced along d (broadcast, or without the axis) enters every slice
+        # whole: constant only as a parameter or buffer (a number is; a size read off a tensor is not:
+        # a fill read at the example's sizes would be wrong at others)
+        sliced = [c[3] for c in full]
+        if not sized and all(ctx.is_tensor_lab(v) for v in labs if not any(v is u for u in sliced)):
+            cd = np.logical_and.reduce([c[2] for c in full])
+        else:
+            cd = false_mask(shape[d])
         zs = [c[1] for c in full]
         scalars = [v for v in operands if not isinstance(v, AxisLabels)]
         if kind in ("mul",):
@@ -249,7 +290,8 @@ def binary(ctx: Ctx, input, other, kind="add", cmp=None, meta=None, **_):
             z = zs[0] if len(zs) == 1 else np.logical_and.reduce(zs)
         ids.append(full[0][0])
         zero.append(z)
-    return AxisLabels(tuple(ids), tuple(zero))
+        const.append(cd | z)
+    return AxisLabels(tuple(ids), tuple(zero), tuple(const))
 
 
 def _compare_zero(cmp, input, other, zs, part):

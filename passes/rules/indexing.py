@@ -45,7 +45,8 @@ def narrow(ctx: Ctx, input, dim, start, length, meta=None, **_):
         ctx.pin(x.ids[d], "narrow with a computed start or length")
         return _passthrough(ctx, x, _out_shape(meta), {i: i for i in range(x.ndim)})
     s = _ax(start, x.shape[d])
-    return x.with_axis(d, x.ids[d][s:s + length], x.zero[d][s:s + length])
+    return x.with_axis(d, x.ids[d][s:s + length], x.zero[d][s:s + length],
+                       None if x.const is None else x.fixed(d)[s:s + length])
 
 
 functions("narrow", [torch.narrow] + _ov(aten.narrow, "default"), ("input", "dim", "start", "length"))
@@ -99,7 +100,7 @@ def slice_(ctx: Ctx, input, dim=0, start=None, end=None, step=1, meta=None, **_)
         if full < n:
             tail = x.ids[d][full:]
             ctx.tie(tail, np.broadcast_to(tail[:1], tail.shape))
-    return x.with_axis(d, x.ids[d][s:e:st], x.zero[d][s:e:st])
+    return x.with_axis(d, x.ids[d][s:e:st], x.zero[d][s:e:st], None if x.const is None else x.fixed(d)[s:e:st])
 
 
 functions("slice", _ov(aten.slice, "Tensor"), defaults=(("dim", 0), ("start", None), ("end", None), ("step", 1)))
@@ -177,20 +178,24 @@ def getitem(ctx: Ctx, input, index, meta=None, **_):
     if isinstance(index, AxisLabels) or (isinstance(index, tuple) and len(index) == 1 and isinstance(index[0], AxisLabels)):
         return _gather_first(ctx, x, index if isinstance(index, AxisLabels) else index[0], meta)
     parts = _index_parts(index, x.ndim)
-    ids, zero = [], []
+    ids, zero, const = [], [], []  # NB: a slice's entries are a part of each channel's slice
+    sized = False  # a slice bounded by a size read at run time: what it holds depends on the input's shape
     for axis, p in parts:
         if axis is None:
             ids.append(pinned_axis(1))
             zero.append(false_mask(1))
+            const.append(false_mask(1))
         elif isinstance(p, slice) and all(isinstance(v, (int, type(None))) for v in (p.start, p.stop, p.step)):
             if p.step not in (None, 1):
                 ctx.pin(x.ids[axis], "strided slice")
                 ids.append(pinned_axis(len(range(*p.indices(x.shape[axis])))))
                 zero.append(false_mask(len(ids[-1])))
+                const.append(zero[-1])
             else:
                 s, e, _ = p.indices(x.shape[axis])
                 ids.append(x.ids[axis][s:e])
                 zero.append(x.zero[axis][s:e])
+                const.append(x.fixed(axis)[s:e])
         elif isinstance(p, int):
             if x.shape[axis] > 1:
                 ctx.pin(x.ids[axis], "indexes a single channel")
@@ -204,6 +209,8 @@ def getitem(ctx: Ctx, input, index, meta=None, **_):
             n = _out_shape(meta)[len(ids)]
             ids.append(pinned_axis(n))
             zero.append(false_mask(n))
+            const.append(zero[-1])
+            sized = True
         else:
             lab = _gather_one_axis(ctx, x, parts, meta)
             if lab is not None:
@@ -212,7 +219,8 @@ def getitem(ctx: Ctx, input, index, meta=None, **_):
                 ctx.pin(lab, "used as an index")
             ctx.pin(x, "indexed by a tensor or computed value")
             return ctx.pinned_lab(_out_shape(meta))
-    lab = AxisLabels(tuple(ids), tuple(zero))
+    # NB: a table cut to the input's length (a position table's pe[:, :T]) is no constant a fill could hold
+    lab = AxisLabels(tuple(ids), tuple(zero), tuple(const) if x.const is not None and not sized else None)
     if lab.shape != _out_shape(meta):
         ctx.pin(x, "indexing this value was not understood")
         return ctx.pinned_lab(_out_shape(meta))

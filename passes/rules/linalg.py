@@ -10,8 +10,11 @@ Internals:
       channel is its input channel.
     * A bias is a constant added along every axis the layer passes through (a Linear over the
       tokens of [B, C, T]: channel c comes out as the bias): ``_plus_constant`` clears their zero
-      masks, so a norm or a sum over them keeps those channels. ``addmm``/``baddbmm`` get the same
-      from ``binary``'s broadcasting.
+      masks, so a sum over them keeps those channels; their ``const`` masks stay (a layer norm fills
+      the constant in). ``addmm``/``baddbmm`` get the same from ``binary``'s broadcasting.
+    * A pointwise conv (kernel 1, stride 1, no padding) passes its spatial axes as a linear layer
+      passes its leading ones: lucidrains' Mixer mixes tokens with ``Conv1d(T, T', 1)`` on ``[B, T, C]``,
+      so the stream's C is the conv's length axis.
     * A weight-normed weight (``WeightNormRef``: a parametrised layer's binder, or ATen's
       ``_weight_norm`` read as a conv or linear weight) has input slices of ``v``, which training
       does not zero: ``_input_must_be_zero`` pins the input channels that are not zero with their row.
@@ -51,9 +54,17 @@ def _conv_fix(site, input, weight, groups=1, transposed=False, **_):
         site.set("groups", new_g)
 
 
+def _pointwise(kernel, stride, padding, transposed) -> bool:
+    """Whether a conv reads each position alone: kernel 1, stride 1 and no padding along every axis."""
+    ones = lambda v: v is None or all(int(e) == 1 for e in (v if isinstance(v, (tuple, list)) else (v,)))  # noqa: E731
+    nopad = padding is None or padding in ("valid", "same") or all(
+        int(e) == 0 for e in (padding if isinstance(padding, (tuple, list)) else (padding,)))
+    return not transposed and all(k == 1 for k in kernel) and ones(stride) and nopad
+
+
 @rule("conv", fix=_conv_fix, reads_params=True)
-def conv(ctx: Ctx, input, weight, bias=None, groups=1, transposed=False, meta=None, **_):
-    """out channel o = sum over its conv group's input channels: weight dim 0 (dim 1 if transposed) owns out, the other dim reads in; groups > 1 ties each conv group's in and out channels into one row."""
+def conv(ctx: Ctx, input, weight, bias=None, groups=1, transposed=False, stride=None, padding=None, meta=None, **_):
+    """out channel o = sum over its conv group's input channels: weight dim 0 (dim 1 if transposed) owns out, the other dim reads in; groups > 1 ties each conv group's in and out channels into one row; a pointwise conv (kernel 1, stride 1, no padding) passes its spatial axes position by position (a Conv1d over the tokens of MLP-Mixer's [B, T, C])."""
     x = input
     g = int(groups or 1)
     nsp = len(ctx.shape_of(weight)) - 2
@@ -85,10 +96,15 @@ def conv(ctx: Ctx, input, weight, bias=None, groups=1, transposed=False, meta=No
             ctx.tie(out_ids.reshape(g, -1), in_g[:, :1])
     ctx.param(bias, {0: out_ids})
     keep = {d: d for d in range(cax)}
+    if _pointwise(ctx.shape_of(weight)[2:], stride, padding, transposed):
+        keep.update({d: d for d in range(cax + 1, x.ndim)})
     lab = _passthrough(ctx, x, shape, keep, handled=(cax,))
+    # a slice of a passed axis is W times the input's slice plus b: constant where the input's is
+    const = [x.fixed(d) if d in keep and lab.ids[d] is x.ids[d] else lab.zero[d] for d in range(len(shape))]
     if bias is not None:  # NB: out[n, o] = conv(x[n])[o] + b[o]: a zero batch entry n comes out as b
         lab = _plus_constant(lab)
-    return lab.with_axis(cax, out_ids, true_mask(len(out_ids)))
+    lab = AxisLabels(lab.ids, lab.zero, tuple(const))
+    return lab.with_axis(cax, out_ids, true_mask(len(out_ids)), true_mask(len(out_ids)))
 
 
 def _input_must_be_zero(ctx: Ctx, weight, w: AxisLabels, axis: int, x: AxisLabels, cax: int) -> None:
@@ -111,6 +127,8 @@ def _conv_module(node, m, args, kwargs):
         bias=ParamRef(f"{t}.bias") if m.bias is not None else None,
         groups=m.groups,
         transposed=transposed,
+        stride=m.stride,
+        padding=m.padding,  # NB: another padding_mode pads by the same amounts
     )
 
 
@@ -163,12 +181,16 @@ def linear(ctx: Ctx, input, weight, bias=None, meta=None, **_):
     ctx.param(bias, {0: w.ids[0]})
     shape = _out_shape(meta)
     lab = _passthrough(ctx, x, shape, {d: d for d in range(x.ndim - 1)}, handled=(x.ndim - 1,))
+    # a slice along a passed axis is W times the input's slice plus b: constant where the input's is
+    const = [x.fixed(d) if d < x.ndim - 1 and lab.ids[d] is x.ids[d] else lab.zero[d] for d in range(len(shape))]
     if bias is not None:
         # NB: a Linear over a non-channel axis (MLP-Mixer's token mixing: [B, C, T] -> Linear(T, T))
-        # maps a zero channel c to y[b, c, :] = W 0 + b = b: its zeros do not pass (a norm over C,
-        # a sum over C must then keep the channel)
+        # maps a zero channel c to y[b, c, :] = W 0 + b = b: its zeros do not pass (a sum over C must
+        # then keep the channel; a layer norm over C fills the constant in: rules.norm)
         lab = _plus_constant(lab)
-    return lab.with_axis(len(shape) - 1, w.ids[0], true_mask(len(w.ids[0])))
+    lab = AxisLabels(lab.ids, lab.zero, tuple(const))
+    out = len(shape) - 1
+    return lab.with_axis(out, w.ids[0], true_mask(len(w.ids[0])), true_mask(len(w.ids[0])))
 
 
 def _linear_module(node, m, args, kwargs):

@@ -6,24 +6,31 @@ pins them, since removing a channel would change the divisor. Layer and RMS norm
 axis are the exception: a zero channel adds nothing to the sums of values and squares, so channels
 that are zero with their rows stay rows and the rewrite keeps the old divisor
 (``layer_norm_kept_divisor``, ``rms_norm_kept_divisor``; the module form swaps in
-``PrunedLayerNorm``, or refolds an RMS norm's eps and weight).
+``PrunedLayerNorm``, or refolds an RMS norm's eps and weight). A layer norm also keeps channels
+that are a constant other than 0 with their rows (MLP-Mixer's stream after a token MLP's biases):
+the rewrite fills their values back into the mean and variance (``fill``, read off a run of the
+model by ``passes.prune.constant_fills``).
 
 Internals:
     * A norm without affine parameters maps a zero channel to a non-zero one (-mean / sqrt(var)
       for batch norm's running statistics): its output is zero with its row only when affine.
     * A layer norm's removed channel gives ``(0 - mean) / std * w + b``: zero when its weight and
       bias entries are (they are in its row); without a weight it is not, and the axis is pinned.
+    * A filled norm (``ctx.fills``: node -> mask of the constant channels) compressed again appends
+      the values of the channels removed then to its ``fill`` buffer (``_fill_argument``); its first
+      width stays the divisor. An RMS norm's constants are not filled (pinned as before).
 """
 from __future__ import annotations
 
 import math
 
 import torch
+import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..modules import group_norm_kept_divisor, layer_norm_kept_divisor
-from ..nodes import WEIGHTLESS_READ, read_as_stream_or_input
+from ..modules import group_norm_kept_divisor, grow_fill, layer_norm_kept_divisor
+from ..nodes import WEIGHTLESS_READ, get_path, read_as_stream_or_input, set_path
 from ..channels import PINNED, Ctx, ParamRef, SymSize, false_mask, true_mask
 from ..registry import CONTIGUOUS_OUT, KEEPS_CONTIGUOUS, functions, modules, rule
 from .common import _ov, _out_shape, _passthrough, _plus_constant
@@ -143,12 +150,14 @@ def _narrowed_norm_fix(kept, names: tuple):
     """The fix of a norm over a last axis that lost entries: the call becomes ``kept`` (a
     ``*_kept_divisor`` function: the old width's divisor) with ``names`` (its affine tensors)."""
 
-    def fix(site, input, normalized_shape, weight=None, bias=None, eps=None, old=None, **_):
+    def fix(site, input, normalized_shape, weight=None, bias=None, eps=None, old=None, fill=None, **_):
         # NB: a compressed graph's norm (already a kept-divisor call) compressed again keeps its first width
         first = old
         old, new = site.old(input), site.new(input)
         if old is None or new is None or old[-1] == new[-1]:
             return
+        extra = _fill_argument(site, fill, old[-1] - new[-1]) if "fill" in names else {}
+        affine = tuple(k for k in names if k != "fill")
         shape = [new[-1]]
         tensors = {"weight": weight, "bias": bias}
         src = input
@@ -158,13 +167,32 @@ def _narrowed_norm_fix(kept, names: tuple):
             g = site.node.graph
             with g.inserting_before(site.node):
                 tensors = {k: g.get_attr(f"{site.node.target}.{k}") if getattr(m, k, None) is not None else None
-                           for k in names}
+                           for k in affine}
             eps = m.eps
             src = site.node.args[0] if site.node.args else site.node.kwargs["input"]
-        site.replace_call(kept, (src, shape, *(tensors[k] for k in names), eps),
-                          {"old": first or old[-1], "new": new[-1]})
+        site.replace_call(kept, (src, shape, *(tensors[k] for k in affine), eps),
+                          {"old": first or old[-1], "new": new[-1], **extra})
 
     return fix
+
+
+def _fill_argument(site, fill, count: int) -> dict:
+    """``{"fill": get_attr node}`` of a layer norm losing ``count`` entries: the constants they held
+    (``site.fills``, read off a run of the model) after those an earlier compression removed (the
+    buffer ``fill`` already names), as one buffer of the new graph; empty when all were zeros."""
+    prior = get_path(site.root, fill.target) if isinstance(fill, fx.Node) and fill.op == "get_attr" else None
+    grown = grow_fill(prior, site.fills.get(site.node.name), count)
+    if grown is None:
+        return {}
+    if prior is not None:  # NB: the buffer keeps its name, now longer
+        set_path(site.root, fill.target, grown)
+        return {"fill": fill}
+    name = f"{site.node.name}_fill"
+    while hasattr(site.root, name):
+        name += "_"
+    site.root.register_buffer(name, grown)
+    with site.node.graph.inserting_before(site.node):
+        return {"fill": site.node.graph.get_attr(name)}
 
 
 def _pin_normalised(ctx: Ctx, x, k: int, weight, bias, meta):
@@ -178,19 +206,23 @@ def _pin_normalised(ctx: Ctx, x, k: int, weight, bias, meta):
     return _plus_constant(lab) if bias is not None else lab
 
 
-def _last_axis_rows(ctx: Ctx, x, normalized_shape, weight, bias, meta, needs_weight: bool):
+def _last_axis_rows(ctx: Ctx, x, normalized_shape, weight, bias, meta, needs_weight: bool, fills: bool = False):
     """A norm over one last axis whose channels are zero with their rows: each channel is a row (its
-    weight and bias entries with it), the rewrite keeping the old divisor; otherwise (several axes,
-    a size read off the axis as a value, no weight where a removed channel would not stay zero)
-    the normalised axes are pinned."""
+    weight and bias entries with it), the rewrite keeping the old divisor; with ``fills``, channels
+    that are a constant other than 0 are rows too, the rewrite filling their values back in
+    (``ctx.fills``); otherwise (several axes, a size read off the axis as a value, no weight where a
+    removed channel would not stay zero) the normalised axes are pinned."""
     shape = tuple(normalized_shape) if isinstance(normalized_shape, (tuple, list, torch.Size)) else (normalized_shape,)
     syms = [v for v in shape if isinstance(v, SymSize)]
     ids = x.ids[-1]
+    known = x.fixed(-1) if fills else x.zero[-1]
     # NB: a width read off the shapes (symbolic_trace's ``weight.shape``) must measure this axis
-    if (len(shape) != 1 or (needs_weight and weight is None) or not x.zero[-1].all()
+    if (len(shape) != 1 or (needs_weight and weight is None) or not known.all()
             or any(len(v.ids) != 1 or len(v.ids[0]) != len(ids) for v in syms)):
         ctx.pin(syms, "a size read off this axis is used as a value")
         return _pin_normalised(ctx, x, len(shape), weight, bias, meta)
+    if fills and not x.zero[-1].all() and ctx.node is not None:
+        ctx.fills[ctx.node.name] = ~x.zero[-1]
     if not needs_weight and weight is None and ctx.node is not None and not read_as_stream_or_input(ctx.node):
         # NB: as a written-out norm's (rules.reduction): with no weight to refold, the own class
         # scales the layers around the norm, which needs its output read by linear layers and sums
@@ -206,12 +238,14 @@ def _last_axis_rows(ctx: Ctx, x, normalized_shape, weight, bias, meta, needs_wei
     return x.with_axis(x.ndim - 1, ids, z)
 
 
-@rule("layer_norm", fix=_narrowed_norm_fix(layer_norm_kept_divisor, ("weight", "bias")), reads_params=True,
+@rule("layer_norm", fix=_narrowed_norm_fix(layer_norm_kept_divisor, ("weight", "bias", "fill")), reads_params=True,
       takes_sizes=True, keeps_shape=CONTIGUOUS_OUT, keeps_axes=True)
-def layer_norm(ctx: Ctx, input, normalized_shape, weight=None, bias=None, eps=1e-5, meta=None, **_):
-    """over one last axis whose channels are zero with their rows and an affine weight: each channel is a row (its weight and bias entries with it) and the rewrite keeps the old divisor of the mean and variance; any other normalised axis is pinned (the divisor counts every channel)."""
+def layer_norm(ctx: Ctx, input, normalized_shape, weight=None, bias=None, eps=1e-5, fill=None, meta=None, **_):
+    """over one last axis whose channels are zero with their rows and an affine weight: each channel is a row (its weight and bias entries with it) and the rewrite keeps the old divisor of the mean and variance; a channel that is a constant other than 0 (MLP-Mixer's token MLP writes its biases into a zero channel) is a row too, its values filled back into the mean and variance; any other normalised axis is pinned (the divisor counts every channel)."""
     # NB: without a weight a removed channel's output is -mean / std, not zero: pinned
-    return _last_axis_rows(ctx, input, normalized_shape, weight, bias, meta, needs_weight=True)
+    if fill is not None:  # a compressed norm's constant channels (a buffer: no channel of its own)
+        ctx.param(fill, {d: PINNED for d in range(len(ctx.shape_of(fill)))})
+    return _last_axis_rows(ctx, input, normalized_shape, weight, bias, meta, needs_weight=True, fills=True)
 
 
 def _ln_module(node, m, args, kwargs):

@@ -83,16 +83,18 @@ def reduce(ctx: Ctx, input, dim=None, keepdim=False, kind="mean", meta=None, **_
         else:
             ctx.pin(x.ids[a], f"{kind} over this axis")
     shape = _out_shape(meta[0] if isinstance(meta, (tuple, list)) else meta)
-    ids, zero = [], []
+    ids, zero, const = [], [], []  # NB: a slice of another axis is reduced on its own: constant stays constant
     for d in range(x.ndim):
         if d in axes:
             if keepdim:
                 ids.append(pinned_axis(1))
                 zero.append(false_mask(1))
+                const.append(false_mask(1))
         else:
             ids.append(x.ids[d])
             zero.append(x.zero[d])
-    lab = AxisLabels(tuple(ids), tuple(zero))
+            const.append(x.fixed(d))
+    lab = AxisLabels(tuple(ids), tuple(zero), tuple(const) if x.const is not None else None)
     if lab.shape != shape:
         ctx.pin(x, f"{kind} reduction was not understood")
         lab = ctx.pinned_lab(shape)

@@ -34,6 +34,7 @@ def _tie_aligned(ctx: Ctx, labs, skip: int | None):
     """Tie axis d of every lab (except ``skip``); returns the ids/zeros of the first."""
     first = labs[0]
     zero = list(first.zero)
+    const = [first.fixed(d) for d in range(first.ndim)]
     a, b = [], []  # NB: one union for all pairs: a densenet cat has dozens of inputs
     for v in labs[1:]:
         for d in range(first.ndim):
@@ -42,9 +43,13 @@ def _tie_aligned(ctx: Ctx, labs, skip: int | None):
                     a.append(first.ids[d])
                     b.append(v.ids[d])
                 zero[d] = zero[d] & v.zero[d]  # zero only where every input is zero
+                const[d] = const[d] & v.fixed(d)
+            elif d != skip:
+                const[d] = false_mask(first.shape[d])
     if a:
         ctx.tie(np.concatenate(a), np.concatenate(b))
-    return AxisLabels(first.ids, tuple(zero))
+    has = any(v.const is not None for v in labs)
+    return AxisLabels(first.ids, tuple(zero), tuple(const) if has else None)
 
 
 @rule("cat", keeps_axes=True)
@@ -56,7 +61,8 @@ def cat(ctx: Ctx, tensors, dim=0, meta=None, **_):
     first = _tie_aligned(ctx, labs, d)
     ids = np.concatenate([t.ids[d] for t in labs])
     z = np.concatenate([t.zero[d] for t in labs])
-    return first.with_axis(d, ids, z)
+    c = np.concatenate([t.fixed(d) for t in labs]) if first.const is not None else None
+    return first.with_axis(d, ids, z, c)
 
 
 functions("cat", [torch.cat, torch.concat, getattr(torch, "concatenate", None)] + _ov(aten.cat, "default"),
@@ -118,7 +124,8 @@ def split(ctx: Ctx, tensor, dim=0, meta=None, **_):
     res, start = [], 0
     for o in meta:
         n = int(o.shape[d])
-        res.append(x.with_axis(d, x.ids[d][start:start + n], x.zero[d][start:start + n]))
+        res.append(x.with_axis(d, x.ids[d][start:start + n], x.zero[d][start:start + n],
+                               None if x.const is None else x.fixed(d)[start:start + n]))
         start += n
     return tuple(res)
 
@@ -178,6 +185,8 @@ def _reshape_lab(ctx: Ctx, x: AxisLabels, out_shape) -> AxisLabels:
     in_shape = x.shape
     ids = [None] * len(out_shape)
     zero = [None] * len(out_shape)
+    xc = x.consts()
+    const = [None] * len(out_shape)  # NB: a slice of a merged block is part of its channel's slice
     # a factor that later indexes attention heads is kept as the row axis (see passes/attention.py)
     pref = ctx.row_axes.get(ctx.node.name, ()) if ctx.node is not None else ()
     for gi, gj in _groups_of(in_shape, tuple(out_shape), glue=pref):
@@ -185,12 +194,14 @@ def _reshape_lab(ctx: Ctx, x: AxisLabels, out_shape) -> AxisLabels:
             continue
         if len(gi) == 1 and len(gj) == 1:
             ids[gj[0]], zero[gj[0]] = x.ids[gi[0]], x.zero[gi[0]]
+            const[gj[0]] = xc[gi[0]] if xc is not None else None
             continue
         sizes = [in_shape[i] for i in gi]
         # merge: one id per merged index, the row of the one real channel axis inside
         live = [i for i in gi if (ctx.uf.find(x.ids[i]) != 0).any()]
         grid_ids = np.zeros(sizes, dtype=np.int64)
         grid_z = np.zeros(sizes, dtype=bool)
+        grid_c = grid_z
         if live:
             # NB: several live axes merged (MQA: query heads times the shared value's own channels):
             # each merged index belongs to its outermost channel, whose row keeps the whole block;
@@ -202,9 +213,11 @@ def _reshape_lab(ctx: Ctx, x: AxisLabels, out_shape) -> AxisLabels:
             shp[k] = sizes[k]
             grid_ids = np.broadcast_to(x.ids[live[0]].reshape(shp), sizes)
             grid_z = np.broadcast_to(x.zero[live[0]].reshape(shp), sizes)
+            grid_c = np.broadcast_to(xc[live[0]].reshape(shp), sizes) if xc is not None else grid_z
         flat_ids, flat_z = grid_ids.reshape(-1), grid_z.reshape(-1)
         if len(gj) == 1:
             ids[gj[0]], zero[gj[0]] = np.ascontiguousarray(flat_ids), np.ascontiguousarray(flat_z)
+            const[gj[0]] = np.ascontiguousarray(grid_c.reshape(-1))
             continue
         # split: keep one factor as the row axis, tie the rest so the kept set stays a grid
         fsizes = [out_shape[j] for j in gj]
@@ -227,13 +240,17 @@ def _reshape_lab(ctx: Ctx, x: AxisLabels, out_shape) -> AxisLabels:
             if k == r:
                 ids[j] = np.ascontiguousarray(moved[:, 0])
                 zero[j] = np.ascontiguousarray(np.moveaxis(g_z, r, 0).reshape(fsizes[r], -1).all(axis=1))
+                g_c = grid_c.reshape(fsizes)
+                const[j] = np.ascontiguousarray(np.moveaxis(g_c, r, 0).reshape(fsizes[r], -1).all(axis=1))
             else:
                 ids[j] = pinned_axis(out_shape[j])
                 zero[j] = false_mask(out_shape[j])
     for j, n in enumerate(out_shape):
         if ids[j] is None:
             ids[j], zero[j] = pinned_axis(n), false_mask(n)
-    return AxisLabels(tuple(ids), tuple(zero))
+        if const[j] is None:
+            const[j] = zero[j]
+    return AxisLabels(tuple(ids), tuple(zero), tuple(const) if xc is not None else None)
 
 
 def _shape_args(shape):
@@ -379,7 +396,9 @@ def permute(ctx: Ctx, input, dims=(), kind="permute", meta=None, **_):
     """permute/transpose/movedim: axis ids move with their axes."""
     x = input
     perm = _permute_dims(kind, x.ndim, tuple(dims))
-    return AxisLabels(tuple(x.ids[p] for p in perm), tuple(x.zero[p] for p in perm))
+    c = x.consts()
+    return AxisLabels(tuple(x.ids[p] for p in perm), tuple(x.zero[p] for p in perm),
+                      None if c is None else tuple(c[p] for p in perm))
 
 
 functions("permute", [torch.permute] + _ov(aten.permute, "default"), ("input", "*dims"), rename={"dims": "*dims"},

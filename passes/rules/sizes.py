@@ -70,6 +70,8 @@ def arith(ctx: Ctx, input=None, other=None, kind="", meta=None, **_):
                     ctx.node.args[0] if ctx.node is not None and ctx.node.args else None):
                 # NB: x ** -0.5 is rsqrt: infinite on a zero channel, as the singular rule says
                 ctx.pin(input, "x ** p with p < 0 is singular at x = 0 and x is not positive by construction")
+            if isinstance(other, SymSize):  # NB: x // T with T read off a shape: no constant at other sizes
+                input = AxisLabels(input.ids, input.zero)
             return input if keeps_zero else AxisLabels(input.ids, tuple(false_mask(len(a)) for a in input.ids))
         ctx.pin([v for v in (input, other) if isinstance(v, AxisLabels)], f"tensor {kind} by a tensor")
         return ctx.pinned_lab(_out_shape(meta))

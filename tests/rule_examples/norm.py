@@ -156,11 +156,21 @@ def layer_norm_two_axes():
     return _through_norm(nn.LayerNorm((5, 8))), torch.randn(N, 5, 6)
 
 
-@example("layer_norm", expect_pin="layer_norm")
+@example("layer_norm")
 def layer_norm_of_nonzero_features():
-    """A feature that is not zero with its row (a constant added after the producer) pins the axis."""
+    """A feature that is not zero with its row but a constant (1.0 added after the producer) stays a
+    row: the compressed norm fills the constant back into its mean and variance."""
     m = Net(lambda s, x: s.l3(s.ln(s.l2(F.gelu(s.l1(x))) + 1.0)), l1=nn.Linear(6, 8), l2=nn.Linear(8, 8),
             ln=nn.LayerNorm(8), l3=nn.Linear(8, 4))
+    return m, torch.randn(N, 5, 6)
+
+
+@example("layer_norm", expect_pin="layer_norm normalises over this axis")
+def layer_norm_of_input_dependent_features():
+    """A feature that is neither zero nor constant with its row (each token's sum of the input added
+    to every feature) pins the axis."""
+    m = Net(lambda s, x: s.l3(s.ln(s.l2(F.gelu(s.l1(x))) + x.sum(-1, keepdim=True))), l1=nn.Linear(6, 8),
+            l2=nn.Linear(8, 8), ln=nn.LayerNorm(8), l3=nn.Linear(8, 4))
     return m, torch.randn(N, 5, 6)
 
 
