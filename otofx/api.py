@@ -50,9 +50,10 @@ from otofx.rebuild import RebuildError, copy_training_flags, rebuild
 log = logging.getLogger("otofx")
 
 _FORMS = ("auto", "module", "graph")
-# NB: each step of the own-class search rebuilds and runs the model: a bound on the cost of a model
-# whose own forward cannot take any new width (it returns the graph form after)
-_KEEP_SEARCH_STEPS = 24
+# NB: each try of the own-class search (a step, or a kept group let go again) rebuilds and runs the
+# model: a bound on the cost for a model whose own forward cannot take any new width (it returns the
+# graph form after)
+_KEEP_SEARCH_TRIES = 16
 # compress(form="auto") returns the own class with the rows its search kept when it removes at least
 # this share of the parameters the graph form removes; below it, the graph (the widths layer norms
 # normalise are kept whatever they cost, as before the search: a language model keeps generate())
@@ -466,7 +467,7 @@ class OTO:
         if not grns <= keepable:
             return None
         keep, blamed, steps = set(grns), [], []
-        for _ in range(_KEEP_SEARCH_STEPS):
+        for tries in range(_KEEP_SEARCH_TRIES):
             small = (first,) if first is not None and not keep else self._try_keeping(plan, keep, check, rtol)
             if isinstance(small, torch.nn.Module):
                 if keep == grns:  # NB: it failed on something else (an input size outside the capture's)
@@ -478,7 +479,7 @@ class OTO:
                 # at a module's first blame was what that copy lacked: it stays without a try
                 loose = [i for j, step in enumerate(steps) if len(step) > 1 or blamed[j] in blamed[:j]
                          for i in sorted(step)]
-                for i in loose[:_KEEP_SEARCH_STEPS] if len(keep) > 1 else ():
+                for i in loose[:_KEEP_SEARCH_TRIES - tries] if len(keep) > 1 else ():
                     fewer = self._try_keeping(plan, keep - {i}, check, rtol)
                     if isinstance(fewer, torch.nn.Module):
                         keep, small = keep - {i}, fewer
@@ -513,6 +514,13 @@ class OTO:
             keep |= add
             steps.append(add)
             blamed.append(where.module)
+            # NB: a cost bound, not a proof: letting the guessed groups go again rarely brings a copy
+            # that removes less than half the floor back above it, so form="auto" stops there
+            share = _removed_parameters(gm, plan, keep) / max(full, 1)
+            if floor and share < floor / 2:
+                log.info("otofx: %s's own class keeping group(s) %s removes %.2f of the parameters the graph form "
+                         "removes (below %.2f on the way)", type(self.model).__name__, sorted(keep), share, floor / 2)
+                return None
         return None
 
     def _try_keeping(self, plan: Plan, keep: set, check: bool, rtol: float):
