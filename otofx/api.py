@@ -61,10 +61,14 @@ OWN_CLASS_SHARE = 0.5
 _FLOAT_TYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
+def _without_bug_tail(text: str) -> str:
+    """``text`` without verification's "a bug in otofx" tail: a failed own-class check is the model's
+    code at the new widths, and the graph form is verified on its own."""
+    return text.split(" If the pass is otofx's")[0]
+
+
 def _why(error: Exception) -> str:
-    """The first line of a failed own-class check, without verification's "a bug in otofx" tail (the
-    graph form is verified on its own)."""
-    return _first_line(error).split(" If the pass is otofx's")[0]
+    return _without_bug_tail(_first_line(error))
 
 
 def _count(plan: Plan, groups) -> int:
@@ -337,7 +341,7 @@ class OTO:
                         raise
                     # NB: asked for the own class: the mismatch is the model's code at the new widths,
                     # not a wrong pass (the graph form is verified on its own)
-                    detail = str(e).split(" If the pass is otofx's")[0]
+                    detail = _without_bug_tail(str(e))
                     raise VerificationError(
                         f"compress(form='module'): {type(self.model).__name__}'s own forward at the new widths does "
                         f"not compute what the model computes ({detail}). Its code keeps something the rewrite "
@@ -348,7 +352,7 @@ class OTO:
                     # NB: the module form runs the model's own forward at the new widths; a mismatch
                     # there is the model's code (a width read from its config, a divisor fixed at the
                     # old size, as OLMo 2's q/k norms), not a wrong pass: the graph form is exact
-                    detail = str(e).split(" If the pass is otofx's")[0]
+                    detail = _without_bug_tail(str(e))
                     why = (f"its own forward at the new widths does not compute what the model computes "
                            f"({detail}); the graph form is verified separately")
                 else:
@@ -435,12 +439,12 @@ class OTO:
         keepable = {i for i in removing if torch.isin(plan.removed[i], zero[i]).all()}
         full = _removed_parameters(gm, plan)
 
-        def too_much(keep: set) -> bool:
+        def below(keep: set, bound: float, when: str = "") -> bool:
             share = _removed_parameters(gm, plan, keep) / max(full, 1)
-            if share < floor:
+            if share < bound:
                 log.info("otofx: %s's own class keeping group(s) %s removes %.2f of the parameters the graph form "
-                         "removes (below %.2f)", type(self.model).__name__, sorted(keep), share, floor)
-            return share < floor
+                         "removes (below %.2f%s)", type(self.model).__name__, sorted(keep), share, bound, when)
+            return share < bound
 
         # NB: a GRN written into a forward divides by its new width, and the rebuild refuses it (a
         # zero gamma would pass verification): its widths are kept in every try
@@ -483,7 +487,7 @@ class OTO:
                     fewer = self._try_keeping(plan, keep - {i}, check, rtol)
                     if isinstance(fewer, torch.nn.Module):
                         keep, small = keep - {i}, fewer
-                if too_much(keep) or keep >= set(removing):  # NB: a copy that removes nothing is no answer
+                if below(keep, floor) or keep >= set(removing):  # NB: a copy that removes nothing is no answer
                     return None
                 log.warning("otofx: compress() keeps the %d zero row(s) of %d group(s) in the %s it returns, removing "
                             "%d of the %d parameters the graph form removes: its forward cannot take them removed (at "
@@ -516,10 +520,7 @@ class OTO:
             blamed.append(where.module)
             # NB: a cost bound, not a proof: letting the guessed groups go again rarely brings a copy
             # that removes less than half the floor back above it, so form="auto" stops there
-            share = _removed_parameters(gm, plan, keep) / max(full, 1)
-            if floor and share < floor / 2:
-                log.info("otofx: %s's own class keeping group(s) %s removes %.2f of the parameters the graph form "
-                         "removes (below %.2f on the way)", type(self.model).__name__, sorted(keep), share, floor / 2)
+            if floor and below(keep, floor / 2, " on the way"):
                 return None
         return None
 

@@ -604,16 +604,22 @@ class GrnSite:
     new: int
 
 
-def grn_sites(gm, plan) -> list:
-    """The :class:`GrnSite` of every GRN of ``gm`` over channels ``plan`` removes some of: the model's
-    own forward must divide by the old count there, which ``PrunedGlobalResponseNorm`` does."""
-    labels, uf = plan.zigset.labels, plan.zigset.uf
-    out = []
+def _labelled_grns(gm, labels: dict):
+    """``(node, Grn, labels of its norm)`` for every GRN of ``gm`` (:func:`otofx.passes.nodes.grn_of`)
+    whose norm the analysis labelled."""
     for n in gm.graph.nodes:
         g = grn_of(n) if n.op in ("call_function", "call_method") else None
         lab = labels.get(g.norm.name) if g is not None else None
-        if not isinstance(lab, AxisLabels):
-            continue
+        if isinstance(lab, AxisLabels):
+            yield n, g, lab
+
+
+def grn_sites(gm, plan) -> list:
+    """The :class:`GrnSite` of every GRN of ``gm`` over channels ``plan`` removes some of: the model's
+    own forward must divide by the old count there, which ``PrunedGlobalResponseNorm`` does."""
+    uf = plan.zigset.uf
+    out = []
+    for n, g, lab in _labelled_grns(gm, plan.zigset.labels):
         ids = lab.ids[g.channel]
         new = int((~plan.removed_roots[uf.find(ids)]).sum())
         if new == len(ids):
@@ -629,11 +635,7 @@ def inline_grn_groups(gm, model: nn.Module, zigset) -> set:
     ``model`` computes as a class ``PrunedGlobalResponseNorm`` replaces (a GRN written into a block's
     forward, the official ConvNeXt V2's own class): the widths whose zero rows the own class must keep."""
     out = set()
-    for n in gm.graph.nodes:
-        g = grn_of(n) if n.op in ("call_function", "call_method") else None
-        lab = zigset.labels.get(g.norm.name) if g is not None else None
-        if not isinstance(lab, AxisLabels):
-            continue
+    for _, g, lab in _labelled_grns(gm, zigset.labels):
         m = None
         if g.weight is not None:
             try:
