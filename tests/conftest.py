@@ -41,6 +41,11 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from hypothesis import settings  # noqa: E402
 
+# Under pytest-xdist (`-n N`, README's test command) the N workers share the cores: each takes its
+# share of torch's intra-op threads, or N x the cores' threads would contend.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+
 # CI runs with HYPOTHESIS_PROFILE=ci: fixed examples, so a red run reproduces exactly.
 settings.register_profile("ci", derandomize=True, deadline=None, print_blob=True)
 settings.register_profile("dev", deadline=None)
@@ -56,6 +61,18 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
 def _deterministic_torch():
     """Every test starts from the same global RNG state."""
     torch.manual_seed(0)
+    yield
+
+
+@pytest.fixture
+def spatial_capture_to_its_end(monkeypatch):
+    """The capture with dynamic image sizes runs to its end (a budget of 300 s, not one measured off the
+    first capture's time), for a test that runs the graph form at another image size: on a loaded
+    machine the timed budget can run out, and the graph form then takes the example's size only.
+    Not for every test: swin's dynamic capture takes minutes, and most graphs never see another size."""
+    from otofx import capture
+
+    monkeypatch.setattr(capture, "SPATIAL_MIN_SECONDS", 300.0)
     yield
 
 

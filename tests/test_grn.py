@@ -276,7 +276,7 @@ def _hf(cls_name: str):
 
 
 @pytest.mark.parametrize("cls_name,kept", [("ConvNextV2Model", 0.5), ("ConvNextV2ForImageClassification", 0.3)])
-def test_hf_convnextv2_compresses_to_its_own_class(cls_name, kept, caplog, tmp_path):
+def test_hf_convnextv2_compresses_to_its_own_class(cls_name, kept, caplog, tmp_path, spatial_capture_to_its_end):
     """Hugging Face's ConvNextV2GRN (NHWC, [1, 1, 1, C] tensors, eps written into its forward) becomes
     PrunedGlobalResponseNorm; its layer norms (``data_format``) become PrunedLayerNorm(2d). The bare
     model's last width is its output's (pinned). otofx.save/load rebuild it from its config."""
