@@ -42,7 +42,7 @@ from otofx.capture import DATA_BRANCHES, SIZE_BOUNDS, STATIC_IMAGE_SIZES, _first
 from otofx.errors import InputError, OTOError, VerificationError
 from otofx.passes.nodes import get_path, layer_norm_params, set_path, unread_parameters
 from otofx.passes.prune import Plan, plan_rows, row_norms, zero_row_plan, zero_rows
-from otofx.passes.resize import inline_grn_groups
+from otofx.passes.resize import inline_grn_groups, inline_standardisation_groups
 from otofx.passes.zigs import ZIG, ZigSet
 from otofx.verify import compare, compare_all, eval_mode, first_wrong_module, input_sets, outputs_close, run_eval
 from otofx.rebuild import RebuildError, copy_training_flags, rebuild
@@ -418,9 +418,10 @@ class OTO:
         widths kept, when the copy without them failed (``error``); None when no such copy verifies,
         or when the search's copy removes less than ``floor`` of the parameters the plan removes.
 
-        First the widths of GRNs written into a forward (ConvNeXt V2's official class: the rebuild
-        refuses them), then with them the widths LayerNorms and GroupNorm(1, C)s normalise (a norm
-        subclass or a functional norm dividing by its new width). Then a search, from the GRNs'
+        First the widths of GRNs and weight standardisations written into a forward (ConvNeXt V2's
+        official class, a user's standardised conv: the rebuild refuses them), then with them the
+        widths LayerNorms and GroupNorm(1, C)s normalise (a norm subclass or a functional norm
+        dividing by its new width). Then a search, from the GRNs'
         widths: the copy is run beside the model, the module where it first goes wrong is blamed
         (:func:`otofx.verify.first_wrong_module`: where it raised, or the first module whose outputs
         differ), and the groups it holds are kept (:func:`_groups_to_keep`), until the copy verifies
@@ -448,10 +449,12 @@ class OTO:
 
         # NB: a GRN written into a forward divides by its new width, and the rebuild refuses it (a
         # zero gamma would pass verification): its widths are kept in every try
-        grns = inline_grn_groups(gm, self.model, plan.zigset) & set(removing)
+        # NB: so is a weight standardisation written into a forward (a user's conv): it divides by its new fan-in
+        grns = (inline_grn_groups(gm, self.model, plan.zigset)
+                | inline_standardisation_groups(gm, self.model, plan.zigset)) & set(removing)
         normed = layer_norm_params(gm)
         norms = {i for i in removing if any(name in normed for name, _, _ in zigs[i].params)}
-        tries = ([("GRNs written into a forward", grns)] if grns else []) + (
+        tries = ([("GRNs and weight standardisations written into a forward", grns)] if grns else []) + (
             [("LayerNorms (GroupNorm(1)s, GRNs)", norms | grns)] if norms else [])
         for what, groups in tries:
             # NB: the norms' widths are kept whatever they cost (a language model keeps generate());

@@ -52,6 +52,10 @@ Internals:
       which no config builds: the widths it lost are not written into the config, and the module's
       class counts as a mismatch, so ``from_pretrained`` refuses the checkpoint's shapes rather than
       build ``nn.LayerNorm`` at the new width.
+    * A weight-standardised conv (timm's ``StdConv2d`` family) whose input channels go becomes
+      ``PrunedStdConv2d`` (the resize), which keeps the old fan-in, and gets ``fill``, the moments of
+      the removed columns (:func:`_fill_weight_standardisations`); a conv standardising its weight in
+      its own forward is refused (``OTO.compress`` keeps those zero rows instead).
     * What the config still cannot express goes to ``config.otofx_widths`` (module name ->
       {attribute: new value}); with it absent, the config describes the model in full.
 """
@@ -66,12 +70,14 @@ import torch
 import torch.nn as nn
 
 from otofx.errors import OTOError
-from otofx.passes.modules import PrunedGlobalResponseNorm, PrunedLayerNorm, PrunedMultiheadAttention, PrunedRNN, grow_fill
+from otofx.passes.modules import (PrunedGlobalResponseNorm, PrunedLayerNorm, PrunedMultiheadAttention, PrunedRNN,
+                                  PrunedStdConv2d, grow_fill, pool_moments, removed_moments)
 from otofx.passes.prune import Plan, constant_fills, take
 from otofx.passes.nodes import call_arguments, viewed_shapes
 from otofx.passes.weightnorm import computed_shapes, own_classes, refit_gains, stale_weights
 from otofx.passes.resize import (STREAM_WIDTHS, Change, ResizeError, Scope, apply_rms_fold, resize, resync_counts,
                                  constant_scale_sources, grn_sites, norm_sites, rms_folds, rms_input_producer,
+                                 batch_stats_sites, standardised_module,
                                  stream_scale_sources, scale_parameter, tied_head_norms, weightless_sites,
                                  weightless_stream_fold, resize_weightless_norms)
 
@@ -205,7 +211,9 @@ def rebuild(model: nn.Module, plan: Plan, gm: torch.fx.GraphModule | None = None
     groups = _axis_groups(plan)
     views = viewed_shapes(gm) if gm is not None else {}
     changed = _resize_modules(new, cuts, old_shapes, stream, groups, views)
-    _fill_layer_norms(new, plan, gm, inputs)
+    fills = constant_fills(gm, plan, inputs) if gm is not None else {}
+    _fill_layer_norms(new, plan, gm, fills)
+    _fill_weight_standardisations(new, plan, gm, fills)
     if gm is not None:
         # NB: a norm's own forward divides by the new width; the graph form keeps the old divisor
         # (the mean's fix): eps and the weight absorb the ratio (OLMo 2's q/k norms, Mamba 2's
@@ -270,14 +278,17 @@ def _norm_module(gm: torch.fx.GraphModule, node: torch.fx.Node) -> str | None:
     return name.rpartition(".")[0] if isinstance(name, str) and "." in name else None
 
 
-def _fill_layer_norms(new: nn.Module, plan: Plan, gm: torch.fx.GraphModule | None, inputs) -> None:
+def _fill_layer_norms(new: nn.Module, plan: Plan, gm: torch.fx.GraphModule | None, fills: dict) -> None:
     """Give each ``PrunedLayerNorm`` of ``new`` the constants its removed entries held (MLP-Mixer's
-    residual stream: ``passes.prune.constant_fills``), after those an earlier compression filled in
-    (zeros for the entries that were zero)."""
+    residual stream: ``passes.prune.constant_fills``, ``fills``), after those an earlier compression
+    filled in (zeros for the entries that were zero)."""
     values = {}
     if gm is not None:
         nodes = {n.name: n for n in gm.graph.nodes}
-        for name, v in constant_fills(gm, plan, inputs).items():
+        standardised = {n.name for n, _ in batch_stats_sites(gm, plan.zigset)}
+        for name, v in fills.items():
+            if name in standardised:
+                continue
             path = _norm_module(gm, nodes[name])
             if path is None:
                 raise RebuildError(f"the layer norm at node '{name}' reads removed channels that hold constants, "
@@ -299,6 +310,36 @@ def _fill_layer_norms(new: nn.Module, plan: Plan, gm: torch.fx.GraphModule | Non
         # NB: a functional norm in the model's forward, or a LayerNorm subclass with its own forward
         raise RebuildError(f"the layer norm(s) {', '.join(sorted(values))} read removed channels that hold "
                            "constants, and the model's own class has no PrunedLayerNorm there to fill them in")
+
+
+def _fill_weight_standardisations(new: nn.Module, plan: Plan, gm: torch.fx.GraphModule | None, fills: dict) -> None:
+    """Give each ``PrunedStdConv2d`` of ``new`` the moments of the weight entries its standardisation
+    lost (``fills``: what they held, read by ``passes.prune.constant_fills``), pooled with those of an
+    earlier compression. Every weight standardisation of ``gm`` whose input channels the plan removes
+    must be one: a conv standardising its weight in its own forward would divide by its new fan-in
+    (``OTO.compress`` keeps those rows: ``passes.resize.inline_standardisation_groups``)."""
+    if gm is None:
+        return
+    seen = set()
+    for node, lab in batch_stats_sites(gm, plan.zigset):
+        if node.name not in fills:
+            continue  # NB: its last axis keeps every entry
+        path = standardised_module(gm, node)
+        m = new.get_submodule(path) if path is not None else None
+        if not isinstance(m, PrunedStdConv2d):
+            if m is None:
+                raise RebuildError(f"the batch norm at node '{node.name}' averages over an axis the plan narrows in "
+                                   "the model's own forward, which would divide by the new count, not the old one")
+            raise RebuildError(f"module '{path}' ({type(m).__name__}) standardises its weight over input channels the "
+                               "plan removes in its own forward, which would divide by the new fan-in, not the old one")
+        if path in seen:  # NB: one module called at two places: its moments are filled in once
+            continue
+        seen.add(path)
+        uf, removed = plan.zigset.uf, plan.removed_roots
+        keep = np.nonzero(~removed[uf.find(lab.ids[1])])[0]
+        was, now = lab.shape[-1], int((~removed[uf.find(lab.ids[-1])]).sum())
+        moments = removed_moments(fills[node.name], lab.shape[1], keep)
+        m.fill = pool_moments(m.fill, m.full_fan_in - was, moments, was - now)
 
 
 def copy_training_flags(small: nn.Module, model: nn.Module) -> None:

@@ -14,6 +14,11 @@ through :func:`layer_norm_kept_divisor`; ``PrunedLayerNorm2d`` is its channels-f
 (torchvision's and timm's ConvNeXt ``LayerNorm2d``). Where the removed channels held constants other
 than 0 (MLP-Mixer's stream), its ``fill`` buffer holds them and the mean and variance count them.
 
+timm's weight-standardised convs (BiT's ``StdConv2d``, NF-nets' ``ScaledStdConv2d``, their ``*Same``
+forms) normalise each output channel's weight over its input entries; once input channels are pruned,
+``PrunedStdConv2d`` keeps the old fan-in and the removed entries' moments in those statistics
+(:func:`batch_norm_kept_divisor`, the graph form's function).
+
 ConvNeXt V2's Global Response Normalization divides each channel's spatial 2-norm by their mean over
 the channels; ``PrunedGlobalResponseNorm`` (timm's ``GlobalResponseNorm`` and Hugging Face's
 ``ConvNextV2GRN``, either layout) keeps the old channel count as that mean's divisor.
@@ -139,6 +144,78 @@ def group_norm_kept_divisor(input, num_groups: int, weight=None, bias=None, eps:
 
 
 torch.fx.wrap("group_norm_kept_divisor")
+
+
+def batch_norm_kept_divisor(input, running_mean=None, running_var=None, weight=None, bias=None, training: bool = True,
+                            momentum: float = 0.0, eps: float = 1e-5, old: int = 1, new: int = 1, fill=None):
+    """``F.batch_norm`` with the statistics of the batch (no running statistics) over an input whose
+    last axis was narrowed from ``old`` to ``new`` entries: per channel (axis 1), the mean and
+    variance of all ``old`` entries (a compressed weight standardisation,
+    ``batch_norm(w.reshape(1, out, -1), None, None, training=True)`` over a conv's pruned input
+    channels). ``fill``: the removed entries' mean and variance per channel (``[2, C]``,
+    :func:`removed_moments`), None where they were zeros."""
+    if running_mean is not None or running_var is not None or not training:
+        raise ValueError("batch_norm_kept_divisor normalises by the statistics of the batch: no running statistics")
+    x = input.float() if input.dtype in (torch.float16, torch.bfloat16) else input
+    dims = (0,) + tuple(range(2, x.dim()))
+    var, mean = torch.var_mean(x, dim=dims, keepdim=True, correction=0)
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    a, b = new / old, (old - new) / old
+    if fill is None:
+        # NB: as layer_norm_kept_divisor's: the old mean is a * m, the old variance a * v + a * b * m**2
+        y = (x - mean * a) * torch.rsqrt(var * a + mean.square() * (a * b) + eps)
+    else:
+        if fill.shape != (2, x.shape[1]):
+            raise ValueError(f"batch_norm_kept_divisor: fill is {tuple(fill.shape)}, not the [2, {x.shape[1]}] "
+                             "moments of the removed entries per channel")
+        f = fill.to(x.dtype)
+        f_mean, f_var = f[0].reshape(shape), f[1].reshape(shape)
+        # NB: the two parts' mean and variance pooled (Chan et al.): every term is non-negative
+        m = mean * a + f_mean * b
+        v = (var + (mean - m).square()) * a + (f_var + (f_mean - m).square()) * b
+        y = (x - m) * torch.rsqrt(v + eps)
+    if weight is not None:
+        y = y * weight.to(y.dtype).reshape(shape)
+    if bias is not None:
+        y = y + bias.to(y.dtype).reshape(shape)
+    return y.to(input.dtype)
+
+
+torch.fx.wrap("batch_norm_kept_divisor")
+
+
+def removed_moments(values: torch.Tensor, channels: int, keep=None) -> torch.Tensor | None:
+    """``[2, C]``: per channel (axis 1 of ``values``, what the removed entries of a batch-statistics
+    norm's input held, read by ``passes.prune.constant_fills``), their mean and (population) variance
+    (computed in float64), for the channels ``keep`` (indices; None: all ``channels``); None when every
+    value is zero.
+
+    # NB: ``constant_fill`` cut the axes the values do not vary along, which leaves their moments as
+    they are: axis 1 cut to one channel is expanded back to ``channels``
+    """
+    if not bool(values.ne(0).any()):
+        return None
+    if values.shape[1] != channels:
+        values = values.expand(values.shape[0], channels, *values.shape[2:])
+    v = values.detach().double().movedim(1, 0).reshape(channels, -1)
+    var, mean = torch.var_mean(v, dim=1, correction=0)
+    out = torch.stack([mean, var]).to(values.dtype)
+    return out if keep is None else out.index_select(1, torch.as_tensor(keep, dtype=torch.long, device=out.device))
+
+
+def pool_moments(first: torch.Tensor | None, n_first: int, then: torch.Tensor | None,
+                 n_then: int) -> torch.Tensor | None:
+    """The ``[2, C]`` moments of two sets of removed entries (``n_first`` and ``n_then`` per channel;
+    None: zeros) pooled, or None when both are zeros."""
+    if first is None and then is None:
+        return None
+    ref = first if first is not None else then
+    a = torch.zeros_like(ref, dtype=torch.float64) if first is None else first.double()
+    b = torch.zeros_like(ref, dtype=torch.float64) if then is None else then.to(ref.device).double()
+    wa, wb = n_first / (n_first + n_then), n_then / (n_first + n_then)
+    m = a[0] * wa + b[0] * wb
+    v = (a[1] + (a[0] - m).square()) * wa + (b[1] + (b[0] - m).square()) * wb
+    return torch.stack([m, v]).to(ref.dtype)
 
 
 class PrunedGroupNorm(nn.GroupNorm):
@@ -313,6 +390,89 @@ PLAIN_LAYER_NORMS = ("timm.layers.norm.LayerNorm",)
 DATA_FORMAT_LAYER_NORMS = ("transformers.models.convnext.modeling_convnext.ConvNextLayerNorm",
                            "transformers.models.convnextv2.modeling_convnextv2.ConvNextV2LayerNorm",
                            "transformers.models.dinov3_convnext.modeling_dinov3_convnext.DINOv3ConvNextLayerNorm")
+
+
+def _pad_same(x: torch.Tensor, kernel_size, stride, dilation) -> torch.Tensor:
+    """TensorFlow's SAME padding of ``x`` for a conv (timm's ``pad_same``): each spatial axis padded
+    so that it gives ceil(size / stride) outputs, the odd pixel at the end."""
+    pads = []
+    for size, k, s, d in zip(x.shape[-2:], kernel_size, stride, dilation):
+        p = max((math.ceil(size / s) - 1) * s + (k - 1) * d + 1 - size, 0)
+        pads = [p // 2, p - p // 2] + pads
+    return F.pad(x, pads)
+
+
+_CONV_ATTRS = ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "transposed",
+               "output_padding", "groups", "padding_mode", "_reversed_padding_repeated_twice")
+
+
+class PrunedStdConv2d(nn.Conv2d):
+    """timm's weight-standardised convs (``StdConv2d``, ``StdConv2dSame``: BiT; ``ScaledStdConv2d``,
+    ``ScaledStdConv2dSame``: NF-nets) whose input channels were pruned: each output channel's weight
+    is normalised by the mean and variance of its ``full_fan_in`` entries of before (in / groups *
+    kh * kw), the removed ones counted by their moments (``fill``: ``[2, out_channels]``, their mean
+    and variance per output channel; None where they were zeros, as zeroed rows leave them).
+
+    ``gain`` (a parameter, or None) times ``scale`` (the float the source computed from its first
+    fan-in) scales each output channel, as ScaledStdConv2d's; ``same_pad`` pads TensorFlow's SAME
+    way first, as the ``*Same`` classes' dynamic padding. Parameter names are the source's."""
+
+    def __init__(self, src: nn.Conv2d, full_fan_in: int, fill: torch.Tensor | None = None):
+        nn.Module.__init__(self)
+        for k in _CONV_ATTRS:
+            setattr(self, k, getattr(src, k))
+        self.weight = src.weight
+        self.register_parameter("bias", src.bias)  # NB: None is kept as nn.Conv2d keeps it, a parameter slot
+        if isinstance(getattr(src, "gain", None), torch.Tensor):
+            self.gain, self.scale = src.gain, float(src.scale)
+        else:
+            self.register_parameter("gain", None)
+            self.scale = 1.0
+        self.eps, self.same_pad = float(src.eps), bool(getattr(src, "same_pad", False))
+        self.full_fan_in = int(full_fan_in)
+        self.register_buffer("fill", fill)
+        self.train(src.training)
+
+    @classmethod
+    def empty(cls, *, in_channels: int, out_channels: int, kernel_size, stride, padding, dilation, groups: int,
+              bias: bool, eps: float, scale: float | None, same_pad: bool, full_fan_in: int, fill: bool = False,
+              device=None, dtype=None):
+        """Uninitialised, of the given structure (``otofx.load`` fills the tensors)."""
+        dd = {"device": device, "dtype": dtype}
+        src = nn.Conv2d(in_channels, out_channels, tuple(kernel_size), tuple(stride), tuple(padding)
+                        if isinstance(padding, (list, tuple)) else padding, tuple(dilation), groups, bias, **dd)
+        src.eps, src.same_pad = eps, same_pad
+        if scale is not None:
+            src.gain, src.scale = nn.Parameter(torch.empty(out_channels, 1, 1, 1, **dd)), scale
+        return cls(src, full_fan_in, torch.empty(2, out_channels, **dd) if fill else None)
+
+    def init_kwargs(self) -> dict:
+        """The arguments of :meth:`empty` that rebuild this module's structure."""
+        return {"in_channels": self.in_channels, "out_channels": self.out_channels,
+                "kernel_size": list(self.kernel_size), "stride": list(self.stride),
+                "padding": list(self.padding) if isinstance(self.padding, (tuple, list)) else self.padding,
+                "dilation": list(self.dilation), "groups": self.groups, "bias": self.bias is not None,
+                "eps": self.eps, "scale": self.scale if self.gain is not None else None, "same_pad": self.same_pad,
+                "full_fan_in": self.full_fan_in, "fill": self.fill is not None}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.same_pad:
+            x = _pad_same(x, self.kernel_size, self.stride, self.dilation)
+        gain = (self.gain * self.scale).view(-1) if self.gain is not None else None
+        fan_in = self.in_channels // self.groups * self.kernel_size[0] * self.kernel_size[1]
+        weight = batch_norm_kept_divisor(self.weight.reshape(1, self.out_channels, -1), None, None, gain, None, True,
+                                         0.0, self.eps, old=self.full_fan_in, new=fan_in, fill=self.fill)
+        return F.conv2d(x, weight.reshape_as(self.weight), self.bias, self.stride, self.padding, self.dilation,
+                        self.groups)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, eps={self.eps}, full_fan_in={self.full_fan_in}"
+
+
+# timm's weight-standardised convs, by qualified name (their forward: batch norm of the weight over its
+# input axis, then F.conv2d); PrunedStdConv2d takes their place once their input channels are pruned
+STD_CONVS = ("timm.layers.std_conv.StdConv2d", "timm.layers.std_conv.StdConv2dSame",
+             "timm.layers.std_conv.ScaledStdConv2d", "timm.layers.std_conv.ScaledStdConv2dSame")
 
 
 class PrunedMultiheadAttention(nn.Module):

@@ -48,9 +48,11 @@ Internals:
       the norm ``v`` keeps (``passes.weightnorm.refit_gains``).
     * Index tensors (kept positions) are moved to each weight's device before slicing: a model on
       CUDA is sliced on CUDA; analysis and plans stay on the CPU (meta shapes, numpy masks).
-    * A layer norm reading removed channels that hold constants (``ZigSet.fills``) needs their
-      values: :func:`constant_fills` runs a copy of the graph (not of the weights) with a tap before
-      each such norm on the example inputs, once, before the fixes (``Site.fills``).
+    * A layer norm reading removed channels that hold constants (``ZigSet.fills``), or a batch norm
+      averaging over them (weight standardisation), needs their values: :func:`constant_fills` runs a
+      copy of the graph (not of the weights) with a tap before each such norm on the example inputs,
+      once, before the fixes (``Site.fills``). A plan removing rows that are not zero is run with
+      them zeroed (a copy of the tensors they touch): the constants are the zeroed model's.
 """
 from __future__ import annotations
 
@@ -303,13 +305,15 @@ def _norm_input(node: fx.Node):
 
 
 def constant_fills(gm: fx.GraphModule, plan: Plan, inputs=None) -> dict:
-    """``{layer norm node name: values}``: for each norm of ``gm`` that reads channels the plan
-    removes while they hold constants other than 0 (``ZigSet.fills``: MLP-Mixer's token MLP writes
-    its biases into a zero channel of the residual stream), the values its input holds at every
-    entry of the last axis the plan removes (``[..., r]``, :func:`~otofx.passes.modules.constant_fill`).
+    """``{norm node name: values}``: for each norm of ``gm`` that reads channels the plan removes
+    while they hold constants other than 0 (``ZigSet.fills``: MLP-Mixer's token MLP writes its biases
+    into a zero channel of the residual stream; a weight-standardised conv's input columns), the values
+    its input holds at every entry of the last axis the plan removes (``[..., r]``,
+    :func:`~otofx.passes.modules.constant_fill`).
 
     The analysis proved those entries the same for every input; they are read off one run of ``gm``
-    (the model with its rows zeroed) on ``inputs`` (``(args, kwargs)``: the example inputs)."""
+    with the plan's rows zeroed (:func:`_rows_zeroed`) on ``inputs`` (``(args, kwargs)``: the example
+    inputs)."""
     from otofx.errors import OTOError
     from otofx.verify import run_eval
 
@@ -331,7 +335,7 @@ def constant_fills(gm: fx.GraphModule, plan: Plan, inputs=None) -> dict:
     if not want:
         return {}
     if inputs is None:
-        raise OTOError(f"layer norm(s) {', '.join(sorted(want))} read channels the plan removes that hold constants "
+        raise OTOError(f"norm(s) {', '.join(sorted(want))} read channels the plan removes that hold constants "
                        "other than 0: the rewrite reads them off a run of the model and needs its example inputs")
     # NB: a copy of the graph (not of the weights) with a tap before each norm, reading its input there
     graph = fxcompat.copy_graph(gm.graph)
@@ -345,10 +349,36 @@ def constant_fills(gm: fx.GraphModule, plan: Plan, inputs=None) -> dict:
             with graph.inserting_before(node):
                 graph.call_function(tap, (_norm_input(node),))
     args, kwargs = inputs
-    run_eval(graph_module_like(gm, graph, "ConstantFills"), tuple(args), dict(kwargs or {}))
+    run_eval(graph_module_like(_rows_zeroed(gm, plan), graph, "ConstantFills"), tuple(args), dict(kwargs or {}))
     if set(got) != set(want):
-        raise OTOError(f"the run of the model did not reach layer norm(s) {', '.join(sorted(set(want) - set(got)))}")
+        raise OTOError(f"the run of the model did not reach norm(s) {', '.join(sorted(set(want) - set(got)))}")
     return {k: constant_fill(v) for k, v in got.items()}
+
+
+def _rows_zeroed(gm: fx.GraphModule, plan: Plan) -> fx.GraphModule:
+    """``gm`` when every row the plan removes is zero in it; else a copy (sharing the tensors no such
+    row touches) with those rows set to zero: the model the compressed one must equal, whose constants
+    the fills are (SCOP's ``prune_lowest`` removes rows that are not zero; a weight-standardised conv's
+    removed input columns then count as the zeros they are in that model)."""
+    zs = plan.zigset
+    zero = zero_rows(zs, gm)
+    live = [i for i, r in enumerate(plan.removed) if len(r) and not bool(torch.isin(r, zero[i]).all())]
+    if not live:
+        return gm
+    memo = stale_weights(gm)
+    for _, t in list(gm.named_parameters(remove_duplicate=False)) + list(gm.named_buffers(remove_duplicate=False)):
+        memo.setdefault(id(t), t)
+    for name in {name for i in live for name, _, _ in zs.zigs[i].params}:
+        t = get_path(gm, name)
+        c = t.detach().clone()
+        memo[id(t)] = torch.nn.Parameter(c, requires_grad=False) if isinstance(t, torch.nn.Parameter) else c
+    ref = copy.deepcopy(gm, memo)
+    with torch.no_grad():
+        for i in live:
+            for name, dim, index in zs.zigs[i].params:
+                t = get_path(ref, name)
+                t.movedim(dim, 0)[index[plan.removed[i]].reshape(-1).to(t.device)] = 0
+    return ref
 
 
 def prune_graph(gm: fx.GraphModule, plan: Plan, inputs=None) -> fx.GraphModule:

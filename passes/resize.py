@@ -6,7 +6,8 @@ the smaller model. ``resize(module, change)`` looks the module's type up in a sm
 (``Linear.in_features``, ``Conv2d.groups``, ``BatchNorm2d.num_features`` ...) and may return a
 replacement module (``nn.MultiheadAttention`` cannot hold a pruned head count:
 ``PrunedMultiheadAttention`` takes its place; an ``nn.LayerNorm`` over a narrowed width becomes
-``PrunedLayerNorm``, which keeps the old divisor, and ConvNeXt V2's GRN ``PrunedGlobalResponseNorm``;
+``PrunedLayerNorm``, which keeps the old divisor, ConvNeXt V2's GRN ``PrunedGlobalResponseNorm``, and
+timm's weight-standardised convs over pruned input channels ``PrunedStdConv2d``;
 torchvision's Swin (image and video) and MaxViT attention
 modules become ``PrunedWindowAttention`` (``PrunedWindowAttention3d``) and ``PrunedRelativeAttention``, their heads read from the per-head bias
 table or logit scale the analysis sliced; an ``nn.LSTM``/``GRU``/``RNN`` whose layers and directions keep
@@ -55,10 +56,11 @@ from otofx.errors import OTOError
 from .channels import AxisLabels
 from .modules import (CHANNELS_FIRST_LAYER_NORMS, DATA_FORMAT_LAYER_NORMS, GLOBAL_RESPONSE_NORMS, PLAIN_GROUP_NORMS,
                       PLAIN_LAYER_NORMS, PrunedGlobalResponseNorm, PrunedGroupNorm, PrunedLayerNorm, PrunedLayerNorm2d,
-                      PrunedMultiheadAttention, PrunedRelativeAttention, PrunedRNN, PrunedWindowAttention,
-                      PrunedWindowAttention3d, resize_stock_rnn, rnn_slot_suffix, rnn_slots)
+                      PrunedMultiheadAttention, PrunedRelativeAttention, PrunedRNN, PrunedStdConv2d,
+                      PrunedWindowAttention, PrunedWindowAttention3d, STD_CONVS, resize_stock_rnn, rnn_slot_suffix,
+                      rnn_slots)
 from .nodes import _CASTS, _RESHAPES, HF_CONV1D, _before_casts, _op, _squared, call_arguments, grn_of, rms_norm_of
-from .registry import op_of
+from .registry import op_of, rule_of
 
 
 class ResizeError(OTOError):
@@ -182,6 +184,23 @@ def conv(m: nn.modules.conv._ConvNd, change: Change):
     """ConvNd: out_channels from the weight; groups > 1 lose whole conv groups (the analysis ties a group's channels into one row), depthwise included."""
     m.out_channels = _conv_groups_left(m, change, "output")
     m.in_channels = m.weight.shape[1] * m.groups
+
+
+@resizer(*STD_CONVS, PrunedStdConv2d)
+def std_conv(m: nn.Conv2d, change: Change):
+    """timm's weight-standardised convs (BiT's StdConv2d, NF-nets' ScaledStdConv2d, their *Same
+    forms): resized as Conv2d; once each output channel's weight lost input entries, replaced by
+    PrunedStdConv2d (its standardisation still counts the old fan-in, the removed entries by their
+    moments, which the rebuild fills in); a subclass with its own forward cannot keep it."""
+    conv(m, change)
+    old = change.old["weight"]
+    fan_in = int(np.prod(old[1:]))
+    if isinstance(m, PrunedStdConv2d) or m.weight[0].numel() == fan_in:
+        return None  # NB: compressed again, the first fan-in stays the divisor
+    if _forward_owner(m) not in STD_CONVS:
+        raise ResizeError(f"{type(m).__name__}'s own forward standardises its weight over its {m.weight[0].numel()} "
+                          f"input entries left, not the old {fan_in}")
+    return PrunedStdConv2d(m, fan_in)
 
 
 @resizer(nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
@@ -645,6 +664,50 @@ def inline_grn_groups(gm, model: nn.Module, zigset) -> set:
         if m is not None and (isinstance(m, PrunedGlobalResponseNorm) or _forward_owner(m) in GLOBAL_RESPONSE_NORMS):
             continue
         zigs = zigset.zig_of_root[zigset.uf.find(lab.ids[g.channel])]
+        out |= {int(i) for i in np.unique(zigs) if i >= 0}
+    return out
+
+
+def standardised_module(gm, node: fx.Node) -> str | None:
+    """The module whose ``weight`` a batch-statistics norm node of ``gm`` standardises (its input is
+    that weight, reshaped: timm's ``StdConv2d``), or None."""
+    src = node.args[0] if node.args else node.kwargs.get("input")
+    while isinstance(src, fx.Node) and src.op in ("call_method", "call_function") and \
+            op_of(src, gm) in ("reshape", "view", "flatten") and src.args:
+        src = src.args[0]
+    if not isinstance(src, fx.Node) or src.op != "get_attr":
+        return None
+    path, _, attr = str(src.target).rpartition(".")
+    return path if attr == "weight" and path else None
+
+
+def batch_stats_sites(gm, zigset):
+    """``(node, input labels)`` of every batch-statistics norm of ``gm`` whose last axis the analysis
+    left to the rewrite (``zigset.fills`` of the ``batch_norm`` rule: weight standardisation)."""
+    for n in gm.graph.nodes:
+        if n.name in zigset.fills and n.op in ("call_function", "call_method"):
+            r = rule_of(n, gm)
+            src = n.args[0] if n.args else n.kwargs.get("input")
+            lab = zigset.labels.get(src.name) if isinstance(src, fx.Node) else None
+            if r is not None and r.name == "batch_norm" and isinstance(lab, AxisLabels):
+                yield n, lab
+
+
+def inline_standardisation_groups(gm, model: nn.Module, zigset) -> set:
+    """Indices of the groups of ``zigset`` whose channels a batch-statistics norm of ``gm`` averages
+    over (weight standardisation: a conv's input channels) where no module of ``model`` computes it
+    as a class ``PrunedStdConv2d`` replaces (a user's conv standardising its weight in its own
+    forward, a functional batch norm): the widths whose zero rows the own class must keep."""
+    out = set()
+    for n, lab in batch_stats_sites(gm, zigset):
+        path = standardised_module(gm, n)
+        try:
+            m = model.get_submodule(path) if path is not None else None
+        except AttributeError:
+            m = None
+        if m is not None and (isinstance(m, PrunedStdConv2d) or _forward_owner(m) in STD_CONVS):
+            continue
+        zigs = zigset.zig_of_root[zigset.uf.find(lab.ids[-1])]
         out |= {int(i) for i in np.unique(zigs) if i >= 0}
     return out
 

@@ -17,7 +17,9 @@ Internals:
       so the stream's C is the conv's length axis.
     * A weight-normed weight (``WeightNormRef``: a parametrised layer's binder, or ATen's
       ``_weight_norm`` read as a conv or linear weight) has input slices of ``v``, which training
-      does not zero: ``_input_must_be_zero`` pins the input channels that are not zero with their row.
+      does not zero, and a weight computed in the graph (weight standardisation) may have input
+      slices that are not zero with their row: ``_input_must_be_zero`` pins the input channels that
+      are not zero with their row.
 """
 from __future__ import annotations
 
@@ -109,13 +111,17 @@ def conv(ctx: Ctx, input, weight, bias=None, groups=1, transposed=False, stride=
 
 def _input_must_be_zero(ctx: Ctx, weight, w: AxisLabels, axis: int, x: AxisLabels, cax: int) -> None:
     """A weight-normed weight's slices along ``axis`` (the input's channels) are v's, which are not
-    zeroed with their row: the layer cancels a channel only if the channel is zero itself."""
-    if not isinstance(weight, WeightNormRef):
+    zeroed with their row, and a weight computed in the graph may have slices that are not zero with
+    theirs (weight standardisation's ``(w - mean) / std``): the layer cancels a channel only if the
+    channel is zero itself."""
+    computed = isinstance(weight, AxisLabels) and not ctx.is_tensor_lab(weight)
+    if not isinstance(weight, WeightNormRef) and not computed:
         return
     bad = ~(w.zero[axis] | x.zero[cax])
     if bad.any():
-        ctx.pin(x.ids[cax][bad], "weight norm's v is not zeroed with the row of the input channel it reads, "
-                "and this channel is not zero when its row is")
+        what = ("weight norm's v is not zeroed with the row of the input channel it reads" if not computed else
+                "the computed weight's slice reading this channel is not zero with its row")
+        ctx.pin(x.ids[cax][bad], f"{what}, and this channel is not zero when its row is")
 
 
 def _conv_module(node, m, args, kwargs):

@@ -9,7 +9,11 @@ that are zero with their rows stay rows and the rewrite keeps the old divisor
 ``PrunedLayerNorm``, or refolds an RMS norm's eps and weight). A layer norm also keeps channels
 that are a constant other than 0 with their rows (MLP-Mixer's stream after a token MLP's biases):
 the rewrite fills their values back into the mean and variance (``fill``, read off a run of the
-model by ``passes.prune.constant_fills``).
+model by ``passes.prune.constant_fills``). A batch norm by the statistics of the batch over a last
+axis of constants (weight standardisation: ``batch_norm(w.reshape(1, out, -1), None, None,
+training=True)``, the conv's input channels in blocks of kh*kw) leaves that axis to the rewrite:
+``batch_norm_kept_divisor`` keeps the old count and the removed entries' moments per channel (the
+module form swaps in ``PrunedStdConv2d`` for timm's weight-standardised convs).
 
 Internals:
     * A norm without affine parameters maps a zero channel to a non-zero one (-mean / sqrt(var)
@@ -19,17 +23,24 @@ Internals:
     * A filled norm (``ctx.fills``: node -> mask of the constant channels) compressed again appends
       the values of the channels removed then to its ``fill`` buffer (``_fill_argument``); its first
       width stays the divisor. An RMS norm's constants are not filled (pinned as before).
+    * A batch norm's removed entries are reduced to their mean and variance per channel (``fill``,
+      ``[2, C]``, a buffer sliced with the channels: ``_moments_argument``), pooled with those an
+      earlier compression removed; none when they were zeros. Only functional calls (``F.batch_norm``,
+      ``aten.batch_norm``) without running statistics qualify (``batch_stats``): instance norm's
+      statistics are per sample.
 """
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..modules import group_norm_kept_divisor, grow_fill, layer_norm_kept_divisor
+from ..modules import (batch_norm_kept_divisor, group_norm_kept_divisor, grow_fill, layer_norm_kept_divisor,
+                       pool_moments, removed_moments)
 from ..nodes import WEIGHTLESS_READ, get_path, read_as_stream_or_input, set_path
 from ..channels import PINNED, Ctx, ParamRef, SymSize, false_mask, true_mask
 from ..registry import CONTIGUOUS_OUT, KEEPS_CONTIGUOUS, functions, modules, rule
@@ -38,24 +49,66 @@ from .common import _ov, _out_shape, _passthrough, _plus_constant
 aten = torch.ops.aten
 
 
-def _norm_fix(site, input=None, **_):
+def _norm_fix(site, input=None, weight=None, bias=None, running_mean=None, running_var=None, momentum=0.0,
+              eps=1e-5, old=None, fill=None, batch_stats=False, **_):
     m = site.module
     if m is not None:
         m.num_features = site.new(input)[1]
+        return
+    was, now = site.old(input), site.new(input)
+    if not batch_stats or was is None or now is None or len(was) < 3 or was[-1] == now[-1]:
+        return
+    # NB: the last axis lost entries (a weight-standardised conv's input channels): the statistics keep
+    # the old count and the removed entries' moments; a kept-divisor call compressed again keeps its first width
+    first = old or was[-1]
+    extra = _moments_argument(site, input, fill, first, was[-1], now[-1])
+    site.replace_call(batch_norm_kept_divisor, (input, None, None, weight, bias, True, momentum, eps),
+                      {"old": first, "new": now[-1], **extra})
+
+
+def _moments_argument(site, input, fill, first: int, was: int, now: int) -> dict:
+    """``{"fill": get_attr node}`` of a batch-statistics norm whose last axis goes from ``was`` to
+    ``now`` entries (``first`` at its first compression): the removed entries' moments per kept
+    channel (the values ``site.fills`` read off a run of the model), pooled with those an earlier
+    compression removed (the buffer ``fill`` already names, sliced to the kept channels), as one
+    buffer of the new graph; empty when every removed entry was zero."""
+    prior = get_path(site.root, fill.target) if isinstance(fill, fx.Node) and fill.op == "get_attr" else None
+    values = site.fills.get(site.node.name)
+    keep = np.nonzero(site.keep(input, 1))[0]
+    moments = None if values is None else removed_moments(values, site.old(input)[1], keep)
+    grown = pool_moments(prior, first - was, moments, was - now)
+    if grown is None:
+        return {}
+    if prior is not None:  # NB: the buffer keeps its name
+        set_path(site.root, fill.target, grown)
+        return {"fill": fill}
+    name = f"{site.node.name}_fill"
+    while hasattr(site.root, name):
+        name += "_"
+    site.root.register_buffer(name, grown)
+    with site.node.graph.inserting_before(site.node):
+        return {"fill": site.node.graph.get_attr(name)}
 
 
 @rule("batch_norm", fix=_norm_fix, reads_params=True, keeps_shape=KEEPS_CONTIGUOUS, keeps_axes=True)
 def batch_norm(ctx: Ctx, input, weight=None, bias=None, running_mean=None, running_var=None, training=False,
-               meta=None, **_):
-    """per channel (axis 1): weight, bias and running statistics are owned by the input channel; out is zero with its row when affine; statistics of the batch (training, or no running statistics) average over every other axis, which is pinned."""
+               fill=None, batch_stats=False, meta=None, **_):
+    """per channel (axis 1): weight, bias and running statistics are owned by the input channel; out is zero with its row when affine; statistics of the batch (training, or no running statistics) average over every other axis, which is pinned, except a last axis whose entries are constants (weight standardisation's batch_norm(w.reshape(1, out, -1)): a conv's input channels, in blocks of kh*kw), whose removal the rewrite makes up for with the old count and the removed entries' moments."""
     x = input
     if training or running_mean is None:
-        # NB: BiT's weight standardisation: batch_norm(weight.reshape(1, out, -1), training=True)
-        # averages over the conv's input channels; removing one would change every mean
+        # NB: BiT's and NF-nets' weight standardisation: batch_norm(weight.reshape(1, out, -1), training=True)
+        # averages over the conv's input channels, whose columns are constants read at compression
+        # (``ctx.fills``); any other axis (the batch of activations) is pinned
+        free = x.ndim - 1 if (batch_stats and running_mean is None and running_var is None and x.ndim >= 3
+                              and x.fixed(x.ndim - 1).all()) else None
         for d in range(x.ndim):
-            if d != 1:
+            if d != 1 and d != free:
                 ctx.pin(x.ids[d], "batch-norm statistics average over this axis")
+        if free is not None and ctx.node is not None:
+            ctx.fills[ctx.node.name] = true_mask(x.shape[free])
     c = x.ids[1]
+    if fill is not None:  # a compressed norm's removed entries' moments: per channel, sliced with it
+        ctx.param(fill, {0: PINNED, 1: c})
     w, b = [ctx.param(p, {0: c}) for p in (weight, bias)]
     for p in (running_mean, running_var):
         ctx.param(p, {0: c})
@@ -79,7 +132,10 @@ def _bn_module(node, m, args, kwargs):
 modules("batch_norm", [nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.InstanceNorm1d, nn.InstanceNorm2d,
                        nn.InstanceNorm3d], _bn_module)
 modules("batch_norm", [nn.SyncBatchNorm], _bn_module, op="batch_norm")
-functions("batch_norm", [F.batch_norm, F.instance_norm] + _ov(aten.batch_norm, "default"))
+# NB: batch_stats: the rewrite may narrow the last axis of a batch-statistics call (instance norm's
+# statistics are per sample; a module's forward is its own)
+functions("batch_norm", [F.batch_norm, batch_norm_kept_divisor] + _ov(aten.batch_norm, "default"), batch_stats=True)
+functions("batch_norm", [F.instance_norm])
 functions("batch_norm", _ov(aten._native_batch_norm_legit_no_training, "default"), op="batch_norm")
 
 try:  # torchvision's FrozenBatchNorm2d (detection backbones): batch norm in eval mode, its tensors buffers

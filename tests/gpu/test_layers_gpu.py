@@ -3,7 +3,8 @@
 Each model has a layer family whose compressed form is one of otofx's own modules or a kept constant:
 ``PrunedRNN`` (an LSTM and a GRU, two layers, bidirectional, cuDNN on CUDA), weight norm (a HiFi-GAN
 style vocoder with ``parametrizations.weight_norm``), ConvNeXt V2's ``PrunedGlobalResponseNorm``
-(timm ``convnextv2_atto``) and MLP-Mixer's ``PrunedLayerNorm.fill`` (timm ``mixer_s32_224``). Uneven
+(timm ``convnextv2_atto``), MLP-Mixer's ``PrunedLayerNorm.fill`` (timm ``mixer_s32_224``) and the
+NF-nets' weight-standardised ``PrunedStdConv2d`` (timm ``nf_regnet_b0``). Uneven
 rows of every group are zeroed (``zero_random_rows``), ``compress()`` runs on the CPU in float32,
 then both models move to CUDA. Checked: eval outputs within the dtype-fitting tolerance
 (``otofx.verify.outputs_close``) in float32, bfloat16 and float16, and in float32 a training step's
@@ -69,6 +70,7 @@ MODELS = {
     "weight_norm": _vocoder,
     "grn": _timm("convnextv2_atto"),
     "mixer_fill": _timm("mixer_s32_224", img_size=64, drop_rate=0.0),
+    "std_conv": _timm("nf_regnet_b0"),
 }
 
 _PAIRS: dict = {}

@@ -222,10 +222,12 @@ def rms_norm_two_axes():
     return _through_norm(nn.RMSNorm((5, 8)), torch.relu), torch.randn(N, 5, 6)
 
 
-@example("batch_norm", expect_pin="batch-norm statistics average over this axis")
+@example("batch_norm")
 def weight_standardized_conv():
     """BiT's weight standardisation: batch_norm(w.reshape(1, out, -1), training=True) averages each
-    output channel's weight over the input channels: those (c1's outputs) are pinned, c2's are rows."""
+    output channel's weight over its input entries (c1's outputs, in blocks of kh*kw): their columns
+    are constants, so c1's outputs are rows too, the rewrite keeping the old count and the removed
+    columns' moments (batch_norm_kept_divisor); c2's outputs are rows."""
 
     def fwd(s, x):
         y = torch.relu(s.c1(x))
@@ -234,3 +236,17 @@ def weight_standardized_conv():
         return s.c3(z)
 
     return Net(fwd, c1=conv(3, 8), c2=conv(8, 8), c3=conv(8, 4)), img()
+
+
+@example("batch_norm", expect_pin="the computed weight's slice reading this channel is not zero with its row")
+def weight_standardized_conv_input_not_zero():
+    """A standardised weight's column is not zero with its row ((0 - mean) / std): the channel it reads
+    must be zero itself; behind a batch norm without affine parameters (-mean / std) it is not, and is
+    pinned; c2's outputs stay rows."""
+
+    def fwd(s, x):
+        y = s.bn(s.c1(x))
+        w = F.batch_norm(s.c2.weight.reshape(1, 8, -1), None, None, training=True, momentum=0.0, eps=1e-6)
+        return s.c3(torch.relu(F.conv2d(y, w.reshape_as(s.c2.weight), s.c2.bias, padding=1)))
+
+    return Net(fwd, c1=conv(3, 8), bn=nn.BatchNorm2d(8, affine=False), c2=conv(8, 8), c3=conv(8, 4)), img()
