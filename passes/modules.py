@@ -121,6 +121,15 @@ def layer_norm_kept_divisor(input, normalized_shape, weight=None, bias=None, eps
 torch.fx.wrap("layer_norm_kept_divisor")
 
 
+def _channel_affine(y: torch.Tensor, weight, bias, shape) -> torch.Tensor:
+    """``y * weight + bias`` with both (either may be None) per channel, viewed as ``shape``."""
+    if weight is not None:
+        y = y * weight.to(y.dtype).reshape(shape)
+    if bias is not None:
+        y = y + bias.to(y.dtype).reshape(shape)
+    return y
+
+
 def group_norm_kept_divisor(input, num_groups: int, weight=None, bias=None, eps: float = 1e-5, old: int = 1,
                             new: int = 1):
     """``F.group_norm`` with one group over channels narrowed from ``old`` to ``new`` whose removed
@@ -136,11 +145,7 @@ def group_norm_kept_divisor(input, num_groups: int, weight=None, bias=None, eps:
     r = new / old
     y = (x - mean * r) * torch.rsqrt(var * r + mean.square() * (r * (1.0 - r)) + eps)
     shape = (1, -1) + (1,) * (x.dim() - 2)
-    if weight is not None:
-        y = y * weight.to(y.dtype).reshape(shape)
-    if bias is not None:
-        y = y + bias.to(y.dtype).reshape(shape)
-    return y.to(input.dtype)
+    return _channel_affine(y, weight, bias, shape).to(input.dtype)
 
 
 torch.fx.wrap("group_norm_kept_divisor")
@@ -174,11 +179,7 @@ def batch_norm_kept_divisor(input, running_mean=None, running_var=None, weight=N
         m = mean * a + f_mean * b
         v = (var + (mean - m).square()) * a + (f_var + (f_mean - m).square()) * b
         y = (x - m) * torch.rsqrt(v + eps)
-    if weight is not None:
-        y = y * weight.to(y.dtype).reshape(shape)
-    if bias is not None:
-        y = y + bias.to(y.dtype).reshape(shape)
-    return y.to(input.dtype)
+    return _channel_affine(y, weight, bias, shape).to(input.dtype)
 
 
 torch.fx.wrap("batch_norm_kept_divisor")

@@ -76,10 +76,16 @@ def _moments_argument(site, input, fill, first: int, was: int, now: int) -> dict
     values = site.fills.get(site.node.name)
     keep = np.nonzero(site.keep(input, 1))[0]
     moments = None if values is None else removed_moments(values, site.old(input)[1], keep)
-    grown = pool_moments(prior, first - was, moments, was - now)
+    return _fill_buffer(site, fill, pool_moments(prior, first - was, moments, was - now))
+
+
+def _fill_buffer(site, fill, grown) -> dict:
+    """``{"fill": get_attr node}`` holding ``grown`` (a norm's constants of removed entries): in the
+    buffer ``fill`` already names (it keeps its name), else in a new buffer of the graph; empty when
+    ``grown`` is None (every removed entry was zero)."""
     if grown is None:
         return {}
-    if prior is not None:  # NB: the buffer keeps its name
+    if isinstance(fill, fx.Node) and fill.op == "get_attr":
         set_path(site.root, fill.target, grown)
         return {"fill": fill}
     name = f"{site.node.name}_fill"
@@ -237,18 +243,7 @@ def _fill_argument(site, fill, count: int) -> dict:
     (``site.fills``, read off a run of the model) after those an earlier compression removed (the
     buffer ``fill`` already names), as one buffer of the new graph; empty when all were zeros."""
     prior = get_path(site.root, fill.target) if isinstance(fill, fx.Node) and fill.op == "get_attr" else None
-    grown = grow_fill(prior, site.fills.get(site.node.name), count)
-    if grown is None:
-        return {}
-    if prior is not None:  # NB: the buffer keeps its name, now longer
-        set_path(site.root, fill.target, grown)
-        return {"fill": fill}
-    name = f"{site.node.name}_fill"
-    while hasattr(site.root, name):
-        name += "_"
-    site.root.register_buffer(name, grown)
-    with site.node.graph.inserting_before(site.node):
-        return {"fill": site.node.graph.get_attr(name)}
+    return _fill_buffer(site, fill, grow_fill(prior, site.fills.get(site.node.name), count))
 
 
 def _pin_normalised(ctx: Ctx, x, k: int, weight, bias, meta):
