@@ -20,7 +20,10 @@ Internals:
     * ``form="auto"`` tries the module form first; when its forward fails or differs on the example
       inputs, a copy keeping the zero rows of the groups blamed for it (``_module_keeping_rows``),
       if it removes at least ``OWN_CLASS_SHARE`` of what the graph removes; else the graph form
-      (logged at WARNING).
+      (logged at WARNING). A blamed module's copies (same class, path pattern and tensor shapes: the
+      blocks of a stack) keep the same groups in the same step, the guess let go again in one try
+      when the copy verifies without it (``_let_go``); the layer norms' constant fills are read once
+      per ``compress()``.
       The module form is compared with the captured graph with the KV cache off (as captured);
       the returned model keeps the user's ``use_cache``.
     * ``self.state`` is the analysis State (graph, groups, per-pass records); compress starts from
@@ -28,6 +31,7 @@ Internals:
 """
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import logging
 import math
@@ -75,30 +79,98 @@ def _count(plan: Plan, groups) -> int:
     return sum(len(plan.removed[i]) for i in groups)
 
 
-def _groups_to_keep(zigs: tuple, removing: list, keep: set, blame) -> set:
+def _pattern(path: str) -> str:
+    """``path`` with each index of a ModuleList or Sequential written ``*``
+    (``stages.1.blocks.3.attn`` -> ``stages.*.blocks.*.attn``)."""
+    return ".".join("*" if part.isdigit() else part for part in path.split(".")) if path else path
+
+
+def _copies(model: torch.nn.Module, path: str) -> list:
+    """``path`` and the other modules of ``model`` of its class at a path of the same pattern
+    (:func:`_pattern`) whose tensors have the same names and shapes: the same block in each place
+    of a stack; just ``[path]`` when it has none.
+
+    # NB: the same class at another width is another case (a stage's attention with another head
+    # count or reduction: Twins' stages, DaViT's), whose code may take its new widths"""
+    if _pattern(path) == path:
+        return [path]
+    mods = dict(model.named_modules())
+    own = _copy_key(path, mods[path])
+    return [path] + [n for n, m in mods.items() if n != path and _copy_key(n, m) == own]
+
+
+def _copy_key(path: str, module: torch.nn.Module) -> tuple:
+    """What the copies of a module (:func:`_copies`) have in common: path pattern, class, and the
+    names and shapes of its tensors."""
+    return (_pattern(path), type(module),
+            tuple((n, tuple(t.shape)) for n, t in (*module.named_parameters(), *module.named_buffers())))
+
+
+def _kinds(zigs: tuple, groups: set) -> list:
+    """``groups`` split by what each is in its block: groups whose parameters have the same names but
+    for the indices of the blocks (:func:`_pattern`) are one kind (a block's MLP width in each copy
+    of the block); in the order of their first group."""
+    kinds: dict = {}
+    for i in sorted(groups):
+        key = frozenset((_pattern(name), dim) for name, dim, _ in zigs[i].params)
+        kinds.setdefault(key, set()).add(i)
+    return list(kinds.values())
+
+
+def _groups_to_keep(zigs: tuple, removing: list, keep: set, blame, copies=()) -> tuple:
     """The groups to keep next when the own class goes wrong at ``blame`` (:class:`otofx.verify.Blame`):
     the first of these that adds a group not in ``keep``: the groups with most of their parameter
     slices inside the call the failing code read last (``blame.after``: the projection whose heads a
     split cuts), inside the failing module (a head or MLP width of that block), every group with a
     slice inside it (the residual stream it reads), then the same for its parent, up to (not
-    including) the top module."""
+    including) the top module.
+
+    Returns ``(add, wide, level)``: ``add`` the groups of that level (``keep``'s among them), ``wide``
+    those and the groups of the same level in ``copies`` (the other modules of the blamed module's
+    class and path pattern, :func:`_copies`: the call, the module or the parent at the same place in
+    each), and the level's place in that order (0: the call read last, 1: the module, 2: its
+    groups, ...); nothing (and None) when every level is in ``keep``."""
     names = {i: [name for name, _, _ in zigs[i].params] for i in removing}
 
     def share(scope: str) -> dict:
         return {i: sum(n == scope or n.startswith(scope + ".") for n in ns) / max(len(ns), 1) for i, ns in names.items()}
 
-    def local(scope: str) -> set:
-        return {i for i, f in share(scope).items() if f >= 0.5}
+    def level(kind: str, scope: str) -> set:
+        if kind == "local":
+            return {i for i, f in share(scope).items() if f >= 0.5}
+        return {i for i, f in share(scope).items() if f > 0}
 
-    levels = [local(blame.after)] if blame.after else []
-    scope = blame.module
+    def moved(scope: str, copy: str) -> str:
+        """``scope`` (the blamed module, a call inside it, or a parent of it) at ``copy``'s place"""
+        if scope == blame.module or scope.startswith(blame.module + "."):
+            return copy + scope[len(blame.module):]
+        return ".".join(copy.split(".")[:scope.count(".") + 1])
+
+    levels = [(0, "local", blame.after)] if blame.after else []
+    scope, at = blame.module, 1
     while scope:
-        levels += [local(scope), {i for i, f in share(scope).items() if f > 0}]
-        scope = scope.rpartition(".")[0]
-    for level in levels:
-        if level - keep:
-            return level - keep
-    return set()
+        levels += [(at, "local", scope), (at + 1, "touching", scope)]
+        scope, at = scope.rpartition(".")[0], at + 2
+    for at, kind, scope in levels:
+        add = level(kind, scope)
+        if add - keep:
+            wide = set(add)
+            for copy in copies:
+                wide |= level(kind, moved(scope, copy))
+            return add, wide, at
+    return set(), set(), None
+
+
+@dataclasses.dataclass
+class _Step:
+    """One step of the own-class search: the groups kept at the blamed module (``add``), those kept in
+    all (``groups``: with the same level in its copies), what the blamed module has in common with
+    its copies (``kind``: :func:`_copy_key`) and the level (:func:`_groups_to_keep`)."""
+
+    add: set
+    groups: set
+    kind: tuple
+    level: int
 
 
 def _removed_parameters(gm: torch.nn.Module, plan: Plan, skip=()) -> int:
@@ -319,9 +391,24 @@ class OTO:
                             said)
         if form != "graph" and not passes:
             check, rtol = verify or form == "auto", 1e-4 if verify else float("inf")
-            failed: list = []
+            # NB: the layer norms' constant fills are read off one run of the graph, for every copy
+            # the search makes
+            failed, fills, moved = [], {}, []
             try:
-                small = self._compress_module(check, plan, rtol=rtol, failed=failed)
+                try:
+                    small = self._compress_module(check, plan, rtol=rtol, failed=failed, fills=fills, moved=moved)
+                except (RebuildError, VerificationError) as first_error:
+                    if not moved:
+                        raise
+                    # NB: the held sizes that followed the graph's literals are a guess: a copy that
+                    # verifies without them is the one to keep (the search keeps them otherwise)
+                    log.info("otofx: %s's copy with %d held size(s) following the graph (%s) fails; trying without "
+                             "them", type(self.model).__name__, len(moved),
+                             ", ".join(f"{m or type(self.model).__name__}.{a}" for m, a in moved[:3]))
+                    try:
+                        small = self._compress_module(check, plan, rtol=rtol, fills=fills, follow_literals=False)
+                    except (RebuildError, VerificationError):
+                        raise first_error from None
                 bad = self._other_size_branch(small, rtol) if check else None
                 if bad is None:
                     return small
@@ -333,7 +420,7 @@ class OTO:
                                         f"(ShapeError); form='module' gives the model's own class anyway")
             except (RebuildError, VerificationError) as e:
                 small = self._module_keeping_rows(e, check, plan, rtol, OWN_CLASS_SHARE if form == "auto" else 0.0,
-                                                  failed[-1] if failed else None)
+                                                  failed[-1] if failed else None, fills)
                 if small is not None:
                     return small
                 if form == "module":
@@ -413,7 +500,8 @@ class OTO:
         return small
 
     def _module_keeping_rows(self, error: Exception, check: bool, plan: Plan | None, rtol: float,
-                             floor: float = 0.0, first: torch.nn.Module | None = None) -> torch.nn.Module | None:
+                             floor: float = 0.0, first: torch.nn.Module | None = None,
+                             fills: dict | None = None) -> torch.nn.Module | None:
         """The model's own class with the zero rows of the groups its forward cannot take at the new
         widths kept, when the copy without them failed (``error``); None when no such copy verifies,
         or when the search's copy removes less than ``floor`` of the parameters the plan removes.
@@ -424,10 +512,14 @@ class OTO:
         dividing by its new width). Then a search, from the GRNs'
         widths: the copy is run beside the model, the module where it first goes wrong is blamed
         (:func:`otofx.verify.first_wrong_module`: where it raised, or the first module whose outputs
-        differ), and the groups it holds are kept (:func:`_groups_to_keep`), until the copy verifies
-        or nothing is left to keep; then each group kept on a guess goes again if the copy verifies
-        without it. ``first``: the copy without any row kept, when it was made and failed. The graph
-        form removes every zero row."""
+        differ), and the groups it holds are kept (:func:`_groups_to_keep`), with the same groups
+        of its copies (:func:`_copies`: the other blocks of a stack, where the same code at the same
+        widths goes wrong the same way), until the copy verifies or nothing is left to keep; then
+        the groups kept on a guess go again where the copy verifies without them (:meth:`_let_go`).
+        At most ``_KEEP_SEARCH_TRIES`` copies in all (compress()'s own, ``first``, not counted).
+        ``first``: the copy without any row kept, when
+        it was made and failed; ``fills``: the layer norms' constants read for it. The graph form
+        removes every zero row."""
         gm = self._sync()
         plan = plan if plan is not None else zero_row_plan(self.zigset, gm)
         zigs = plan.zigset.zigs
@@ -440,9 +532,9 @@ class OTO:
         keepable = {i for i in removing if torch.isin(plan.removed[i], zero[i]).all()}
         full = _removed_parameters(gm, plan)
 
-        def below(keep: set, bound: float, when: str = "") -> bool:
+        def below(keep: set, bound: float, when: str = "", quiet: bool = False) -> bool:
             share = _removed_parameters(gm, plan, keep) / max(full, 1)
-            if share < bound:
+            if share < bound and not quiet:
                 log.info("otofx: %s's own class keeping group(s) %s removes %.2f of the parameters the graph form "
                          "removes (below %.2f%s)", type(self.model).__name__, sorted(keep), share, bound, when)
             return share < bound
@@ -465,7 +557,7 @@ class OTO:
                 log.info("otofx: the plan removes rows that are not zero in %s (group %d), which the own class "
                          "cannot keep: %s", type(self.model).__name__, min(groups - keepable), _first_line(error))
                 return None
-            small = self._try_keeping(plan, groups, check, rtol)
+            small = self._try_keeping(plan, groups, check, rtol, fills)
             if isinstance(small, torch.nn.Module):
                 log.warning("otofx: compress() keeps the %d zero row(s) of the width(s) %s normalise in the %s it "
                             "returns: removed, %s; form='graph' removes them",
@@ -473,23 +565,24 @@ class OTO:
                 return small
         if not grns <= keepable:
             return None
-        keep, blamed, steps = set(grns), [], []
-        for tries in range(_KEEP_SEARCH_TRIES):
-            small = (first,) if first is not None and not keep else self._try_keeping(plan, keep, check, rtol)
+        keep, blamed, steps = set(grns), [], []  # NB: steps: [_Step], one per blame
+        tries = 0
+
+        def attempt(groups: set):
+            nonlocal tries
+            tries += 1
+            return self._try_keeping(plan, groups, check, rtol, fills)
+
+        while tries < _KEEP_SEARCH_TRIES:
+            if first is not None and not keep and not steps:
+                small = (first,)  # NB: compress()'s own copy (not counted: the search's tries are its own)
+            else:
+                small = attempt(keep)
             if isinstance(small, torch.nn.Module):
                 if keep == grns:  # NB: it failed on something else (an input size outside the capture's)
                     return None
-                # NB: a step may have kept more than it needed (the groups of a block whose norm, not
-                # whose widths, went wrong; a block's MLP width kept before its stream was blamed):
-                # each group of a step that kept several, or that blamed a module blamed before, goes
-                # (in the order they came) if the copy still verifies without it. A lone group kept
-                # at a module's first blame was what that copy lacked: it stays without a try
-                loose = [i for j, step in enumerate(steps) if len(step) > 1 or blamed[j] in blamed[:j]
-                         for i in sorted(step)]
-                for i in loose[:_KEEP_SEARCH_TRIES - tries] if len(keep) > 1 else ():
-                    fewer = self._try_keeping(plan, keep - {i}, check, rtol)
-                    if isinstance(fewer, torch.nn.Module):
-                        keep, small = keep - {i}, fewer
+                keep, small = self._let_go(plan, keep, small, steps, attempt, lambda: tries,
+                                           lambda k: below(k, floor, quiet=True) if floor else False)
                 if below(keep, floor) or keep >= set(removing):  # NB: a copy that removes nothing is no answer
                     return None
                 log.warning("otofx: compress() keeps the %d zero row(s) of %d group(s) in the %s it returns, removing "
@@ -498,6 +591,7 @@ class OTO:
                             type(self.model).__name__, _removed_parameters(gm, plan, keep), full,
                             ", ".join(dict.fromkeys(b or type(self.model).__name__ for b in blamed)),
                             _why(error))
+                log.info("otofx: the own-class search of %s made %d copies", type(self.model).__name__, tries)
                 return small
             if small is None:  # NB: the copy could not be made: nothing to localise
                 return None
@@ -507,19 +601,39 @@ class OTO:
                     where = first_wrong_module(self.model, small[0], a, k)
                 if where is not None:
                     break
-            add = _groups_to_keep(zigs, removing, keep, where) if where is not None else set()
-            if not add:
+            copies = _copies(self.model, where.module)[1:] if where is not None else []
+            add, wide, level = _groups_to_keep(zigs, removing, keep, where, copies) if where is not None \
+                else (set(), set(), None)
+            if not add - keep:
                 log.info("otofx: no group left to keep in %s's own class (blamed: %s): %s", type(self.model).__name__,
                          where, _first_line(error))
                 return None
-            if not add <= keepable:
+            if not add - keep <= keepable:
                 log.info("otofx: %s's own class would need rows kept that are not zero (group %d, at %s)",
-                         type(self.model).__name__, min(add - keepable), where.module)
+                         type(self.model).__name__, min(add - keep - keepable), where.module)
                 return None
-            log.info("otofx: %s's own class goes wrong at %s: keeping the zero rows of group(s) %s",
-                     type(self.model).__name__, where.module or "its top module", sorted(add))
-            keep |= add
-            steps.append(add)
+            # NB: a module (or one of its copies) blamed again at a deeper level: what its earlier steps
+            # kept was not (all) the fault; their guesses in the copies go (the blamed module's own
+            # groups stay, for _let_go to try), and the new level is kept in every copy
+            pattern = _pattern(where.module)
+            kind = _copy_key(where.module, self.model.get_submodule(where.module))
+            for step in steps:
+                if step.kind == kind and step.level < level:
+                    step.groups = step.add
+            keep = set(grns).union(*(step.groups for step in steps))
+            add, wide = add - keep, wide - keep
+            # NB: the same code at the same widths goes wrong the same way in each copy of the blamed
+            # module (the blocks of a stack): their groups of the same kind are kept in one step; only
+            # where that alone would fall below half the floor (while the blamed module's would not),
+            # or keep rows that are not zero, the blamed module's alone
+            if wide != add and (not wide <= keepable or (floor and below(keep | wide, floor / 2, quiet=True)
+                                                         and not below(keep | add, floor / 2, quiet=True))):
+                wide = add
+            log.info("otofx: %s's own class goes wrong at %s: keeping the zero rows of group(s) %s%s",
+                     type(self.model).__name__, where.module or "its top module", sorted(add),
+                     f" and of {sorted(wide - add)} in its {len(copies)} copies ({pattern})" if wide != add else "")
+            keep |= wide
+            steps.append(_Step(add, wide, kind, level))
             blamed.append(where.module)
             # NB: a cost bound, not a proof: letting the guessed groups go again rarely brings a copy
             # that removes less than half the floor back above it, so form="auto" stops there
@@ -527,27 +641,88 @@ class OTO:
                 return None
         return None
 
-    def _try_keeping(self, plan: Plan, keep: set, check: bool, rtol: float):
+    def _let_go(self, plan: Plan, keep: set, small, steps: list, attempt, used, short) -> tuple:
+        """``(keep, small)`` with the groups kept on a guess let go again where the copy still verifies
+        without them, in the order they came, while the tries last (``used()``: the tries made;
+        ``_KEEP_SEARCH_TRIES`` in all, and the one that lets all the guesses go):
+
+        * what the steps kept in the copies of the blamed modules (the same fault in each was a
+          guess: a stage whose head width the code cannot take where the others can), all in one
+          try, then (when that fails) each step's;
+        * a step may have kept more than it needed (the groups of a block whose norm, not whose
+          widths, went wrong; a block's MLP width kept before its stream was blamed): each kind of
+          group a step kept (the same group in each copy of a repeated block, :func:`_kinds`) goes in
+          one try, if the step kept several kinds or blamed a module (or a copy of one) blamed
+          before; a lone kind kept at a module's first blame was what that copy lacked;
+        * when the copy then removes less than the floor (``short(keep)``), the groups of those
+          that could not go as one, one at a time.
+
+        # NB: keeping a group is not always harmless: a head width kept while the head count goes
+        (DaViT's channel attention reshapes by both) breaks a module that took both removed, so the
+        guesses in the copies go together first"""
+        zigs = plan.zigset.zigs
+        patterns = [step.kind for step in steps]
+        guesses = [step.groups - step.add for step in steps if step.groups != step.add]
+        tries = [set().union(*guesses)] + (guesses if len(guesses) > 1 else []) if guesses else []
+        for j, step in enumerate(steps):
+            kinds = _kinds(zigs, step.groups)
+            if len(kinds) > 1 or patterns[j] in patterns[:j]:
+                tries += kinds
+        # NB: the try that lets all the guesses go is not counted (a step kept in the copies saved a
+        # step per copy at least)
+        bound = _KEEP_SEARCH_TRIES + (1 if guesses else 0)
+        finer, tried = [], []
+        for groups in tries:
+            groups = groups & keep
+            if groups in tried:
+                continue
+            tried.append(groups)
+            if used() >= bound or len(keep) <= 1:
+                break
+            if not groups:
+                continue
+            fewer = attempt(keep - groups)
+            if isinstance(fewer, torch.nn.Module):
+                keep, small = keep - groups, fewer
+            elif len(groups) > 1:
+                finer.append(groups)
+        if finer and short(keep):
+            for i in dict.fromkeys(i for groups in finer for i in sorted(groups)):
+                if used() >= bound or len(keep) <= 1:
+                    break
+                if i not in keep:
+                    continue
+                fewer = attempt(keep - {i})
+                if isinstance(fewer, torch.nn.Module):
+                    keep, small = keep - {i}, fewer
+        return keep, small
+
+    def _try_keeping(self, plan: Plan, keep: set, check: bool, rtol: float, fills: dict | None = None):
         """The own class without ``plan``'s rows except those of the groups ``keep``: the module when
         it verifies, else ``(copy,)`` (the copy that failed, for the search), or None when no copy
         could be made."""
         kept = plan_rows(plan.zigset, [r[:0] if i in keep else r for i, r in enumerate(plan.removed)])
         failed: list = []
         try:
-            return self._compress_module(check, kept, rtol, failed=failed)
+            return self._compress_module(check, kept, rtol, failed=failed, fills=fills)
         except (RebuildError, VerificationError):
             return (failed[-1],) if failed else None
 
-    def _compress_module(self, check: bool, plan: Plan | None, rtol: float, failed: list | None = None) -> torch.nn.Module:
+    def _compress_module(self, check: bool, plan: Plan | None, rtol: float, failed: list | None = None,
+                         fills: dict | None = None, follow_literals: bool = True,
+                         moved: list | None = None) -> torch.nn.Module:
         """The re-sized copy of the user's model (``otofx.rebuild``), checked on the example inputs;
-        a copy that fails the check is appended to ``failed`` (for ``_module_keeping_rows``)."""
+        a copy that fails the check is appended to ``failed`` (for ``_module_keeping_rows``).
+        ``fills``: the layer norms' constants read once per ``compress()``; ``follow_literals`` and
+        ``moved``: ``rebuild``'s."""
         gm = self._sync()
         if plan is None:
             plan = zero_row_plan(self.zigset, gm)
         log.info("otofx: removing %d rows from a copy of %s", plan.count, type(self.model).__name__)
         folds: list = []
         try:
-            small = rebuild(self.model, plan, gm, folds=folds, inputs=(self._args, self._kwargs))
+            small = rebuild(self.model, plan, gm, folds=folds, inputs=(self._args, self._kwargs), fills=fills,
+                            follow_literals=follow_literals, moved=moved)
         except RebuildError:
             raise
         except Exception as e:  # noqa: BLE001 - e.g. a model attribute that cannot be copied
@@ -560,7 +735,8 @@ class OTO:
                 # assume the class's forward; a copy without them is the one to keep when they fail
                 plain = None
                 if folds:
-                    plain = rebuild(self.model, plan, gm, follow_floats=False, inputs=(self._args, self._kwargs))
+                    plain = rebuild(self.model, plan, gm, follow_floats=False, inputs=(self._args, self._kwargs),
+                                    fills=fills, follow_literals=follow_literals)
                     try:
                         self.verify(plain, rtol=rtol)
                     except Exception:  # noqa: BLE001 - the first error is the one to report

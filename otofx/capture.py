@@ -19,9 +19,10 @@ Internals:
     * The model is never mutated: tracing only reads it, and the GraphModule shares the model's
       submodules (``# NB:`` rewrites must deep-copy before touching them).
     * example inputs normalise to ``(args, kwargs)``; a dict means keyword tensors.
-    * ``LeafTracer`` trims fx's per-call bookkeeping that no pass reads (module scopes and the
-      ``nn_module_stack`` meta) and finds parameter attributes by a dict lookup: tracing is
-      about half of fx's default cost on a MobileNet.
+    * ``LeafTracer`` trims fx's per-call bookkeeping that no pass reads (its module scopes and the
+      ``nn_module_stack`` meta: each node gets the one name of the module whose forward made it,
+      ``passes.nodes.MADE_IN``, which the rebuild reads) and finds parameter attributes by a dict
+      lookup: tracing is about half of fx's default cost on a MobileNet.
     * :func:`graph_module` builds the module hierarchy fx's ``GraphModule(root, graph)`` builds,
       with dict operations instead of ``Module.__getattr__``/``__setattr__`` per path step.
     * Export: a batch of 1 is widened to 2 for the capture (export specialises sizes of 1); refusals
@@ -67,6 +68,7 @@ from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 from otofx.errors import CaptureError, InputError, ShapeError
 from otofx import fxcompat
 from otofx.fxcompat import LazyGraphModule as _LazyGraphModule
+from otofx.passes.nodes import MADE_IN
 from otofx.passes.registry import FUNCTION_FORMS, MODULE_FORMS
 from otofx.passes.functionalize import functionalize_slice_writes
 
@@ -192,6 +194,8 @@ class LeafTracer(fx.Tracer):
         # them. Setting ``node.args``/``node.kwargs`` does the same use-def bookkeeping.
         """
         node = super().create_node(kind, target, (), {}, name, type_expr)
+        scope = self.__dict__.get("_scope")
+        node.meta[MADE_IN] = scope[-1] if scope else ""
         if args:
             node.args = args
         if kwargs:
@@ -199,18 +203,28 @@ class LeafTracer(fx.Tracer):
         return node
 
     def call_module(self, m: torch.nn.Module, forward, args, kwargs):
-        """A leaf becomes one ``call_module`` node; anything else is traced through.
+        """A leaf becomes one ``call_module`` node; anything else is traced through, each node it
+        makes labelled with the module's name (``passes.nodes.MADE_IN``).
 
         # NB: fx's version also keeps a module scope stack and copies it into every node's
-        # ``nn_module_stack`` meta (a third of the tracing time on a MobileNet); no pass reads it
+        # ``nn_module_stack`` meta (a third of the tracing time on a MobileNet); one name per node
+        # is what the rebuild reads (``passes.resize.literal_moves``)
         """
         qualname = self.path_of_module(m)
         traced = TRACED_FORWARDS.get(type(m))
         if traced is not None and type(m) not in MODULE_FORMS:
-            return traced(m, *args, **kwargs)
+            return self._inside(qualname, traced, m, *args, **kwargs)
         if not self.is_leaf_module(m, qualname):
-            return forward(*args, **kwargs)
+            return self._inside(qualname, forward, *args, **kwargs)
         return self.create_proxy("call_module", qualname, args, kwargs)
+
+    def _inside(self, path: str, fn, *args, **kwargs):
+        scope = self.__dict__.setdefault("_scope", [])
+        scope.append(path)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            scope.pop()
 
     def getattr(self, attr: str, attr_val, parameter_proxy_cache: dict):
         """fx's ``Tracer.getattr`` with the parameter and buffer names looked up in a dict.

@@ -29,6 +29,15 @@ Internals:
       rank that equals some head count must not move it. Attributes that hold the stream's width
       (``passes.resize.STREAM_WIDTHS``) follow the embedding's new width, in the modules that hold
       a tensor of the stream.
+    * Held sizes: an int attribute (or a tuple or list of ints) that gave the module's own forward
+      a literal size or position (a split's sizes, a slice's bound, a view's shape) takes the value
+      the graph form's rewrite gives that literal (:func:`_follow_literals`, from
+      ``passes.resize.literal_moves``): FasterNet's ``dim_conv3``/``dim_untouched``, InceptionNeXt's
+      ``split_indexes``, MambaOut's ``split_indices``, Res2Net's ``width`` (an int split size whose
+      pieces now differ becomes their list), ReXNet's ``in_channels``. Only an attribute no rule
+      re-synced, and only to the one new value of that literal in that module's forward; a guess
+      all the same (the attribute may also scale something): ``OTO.compress`` verifies the copy
+      and tries it without them when it fails.
     * The config: integer fields (and entries of per-layer lists of ints, and the fields of
       nested configs such as ``text_config``) whose old value some changed width or head count had
       are tried one at a time, each kept if building the class from the config (on the meta
@@ -75,7 +84,8 @@ from otofx.passes.modules import (PrunedGlobalResponseNorm, PrunedLayerNorm, Pru
 from otofx.passes.prune import Plan, constant_fills, take
 from otofx.passes.nodes import call_arguments, viewed_shapes
 from otofx.passes.weightnorm import computed_shapes, own_classes, refit_gains, stale_weights
-from otofx.passes.resize import (STREAM_WIDTHS, Change, ResizeError, Scope, apply_rms_fold, resize, resync_counts,
+from otofx.passes.resize import (STREAM_WIDTHS, Change, ResizeError, Scope, apply_rms_fold, literal_moves, resize,
+                                 resync_counts,
                                  constant_scale_sources, grn_sites, norm_sites, rms_folds, rms_input_producer,
                                  batch_stats_sites, standardised_module,
                                  stream_scale_sources, scale_parameter, tied_head_norms, weightless_sites,
@@ -191,13 +201,18 @@ def _cut_key(c: dict) -> tuple:
 
 
 def rebuild(model: nn.Module, plan: Plan, gm: torch.fx.GraphModule | None = None,
-            follow_floats: bool = True, folds: list | None = None, inputs=None) -> nn.Module:
+            follow_floats: bool = True, folds: list | None = None, inputs=None, fills: dict | None = None,
+            follow_literals: bool = True, moved: list | None = None) -> nn.Module:
     """A copy of ``model`` with the plan's rows removed and its modules (and config) re-sized; with
-    ``gm`` (the captured graph the plan is of), RMS norms over a narrowed axis are refolded, and
-    (``follow_floats``) float attributes the config gives are made to follow it where a weight
-    fold allows (:func:`_follow_floats`); ``folds``, when given, gets ``(module, attribute)`` of
-    each such fold. ``inputs`` (``(args, kwargs)``, the example inputs) let a layer norm whose
-    removed channels held constants get their values (``passes.prune.constant_fills``)."""
+    ``gm`` (the captured graph the plan is of), RMS norms over a narrowed axis are refolded,
+    (``follow_literals``) int attributes that gave the forward a literal size the graph form
+    recounts take its new value (:func:`_follow_literals`; ``moved``, when given, gets ``(module,
+    attribute)`` of each), and (``follow_floats``) float attributes the config gives are made to
+    follow it where a weight fold allows (:func:`_follow_floats`); ``folds``, when given, gets
+    ``(module, attribute)`` of each such fold. ``inputs`` (``(args, kwargs)``, the example inputs)
+    let a layer norm whose removed channels held constants get their values
+    (``passes.prune.constant_fills``; ``fills``, a dict kept across calls on the same weights, keeps
+    what its run read)."""
     cuts = keep_indices(plan)
     named = _tensors(model)
     for name in cuts:
@@ -211,7 +226,11 @@ def rebuild(model: nn.Module, plan: Plan, gm: torch.fx.GraphModule | None = None
     groups = _axis_groups(plan)
     views = viewed_shapes(gm) if gm is not None else {}
     changed = _resize_modules(new, cuts, old_shapes, stream, groups, views)
-    fills = constant_fills(gm, plan, inputs) if gm is not None else {}
+    if gm is not None:
+        done = _follow_literals(new, model, literal_moves(gm, plan), changed) if follow_literals else []
+        if moved is not None:
+            moved += done
+    fills = constant_fills(gm, plan, inputs, fills) if gm is not None else {}
     _fill_layer_norms(new, plan, gm, fills)
     _fill_weight_standardisations(new, plan, gm, fills)
     if gm is not None:
@@ -442,14 +461,75 @@ def _float_attrs(m: nn.Module) -> dict:
     return {k: v for k, v in m.__dict__.items() if type(v) is float}
 
 
-def _int_attrs(m: nn.Module) -> dict:
+def _int_attrs(m: nn.Module, lists: bool = False) -> dict:
+    """``m``'s int attributes and tuples of ints (as lists); with ``lists``, lists of ints too."""
     out = {}
     for k, v in m.__dict__.items():
         if type(v) is int:
             out[k] = v
-        elif isinstance(v, tuple) and v and all(type(e) is int for e in v):
+        elif (type(v) is tuple or (lists and type(v) is list)) and v and all(type(e) is int for e in v):
             out[k] = list(v)
     return out
+
+
+def _move_attrs(news: dict, follow: list, changed: dict, why: str) -> None:
+    """Set each ``(module, attribute, old value, new value)`` of ``follow`` on ``news`` (module name ->
+    module of the copy) and record it in ``changed``."""
+    for name, k, v, f in follow:
+        setattr(news[name], k, f)
+        changed.setdefault(name, {})[k] = f
+        log.debug("otofx: %s.%s = %s (was %s), %s", name or "the model", k, f, v, why)
+
+
+def _follow_literals(new: nn.Module, model: nn.Module, moves: dict, changed: dict) -> list:
+    """Int attributes (and tuples or lists of ints) of ``new``'s modules that gave their own forward a
+    literal size or position the graph form recounts (``moves``: :func:`otofx.passes.resize.literal_moves`)
+    take its new value: FasterNet's split sizes ``dim_conv3``/``dim_untouched``, InceptionNeXt's
+    ``split_indexes``, Res2Net's ``width`` (an int split size whose pieces now differ becomes their
+    list), ReXNet's ``in_channels`` (the slice of the output that the shortcut adds into).
+
+    As :func:`_follow_config`: only an attribute still at the model's value (no rule re-synced it), and
+    only a move one of the plan's changes made: each must be the one new value of that literal in the
+    module's forward; and all or nothing per module: one attribute whose number the rewrite recounts
+    differently in two places (or keeps in one) leaves every attribute of that module as it was.
+    # NB: a guess all the same (an attribute that also scales something, or equals a literal by
+    # coincidence): ``OTO.compress`` verifies the copy on the example inputs, rebuilds without the moves
+    # when it fails, and the own-class search keeps the groups of a module whose copy goes wrong (no
+    # literal moves where nothing is removed)
+
+    Returns ``(module, attribute)`` of each move.
+    """
+    olds, news, follow = dict(model.named_modules()), dict(new.named_modules()), []
+    for path, literals in moves.items():
+        m, old = news.get(path), olds.get(path)
+        if m is None or old is None or type(m) is not type(old):
+            continue
+        now, here = _int_attrs(m, lists=True), []
+        for k, v in _int_attrs(old, lists=True).items():
+            if now.get(k) != v:
+                continue  # NB: re-synced already (a rule, resync_counts)
+            key = tuple(v) if isinstance(v, list) else v
+            found = literals.get(key, set())
+            if not found - {key}:
+                continue  # NB: no literal of its value moved
+            if len(found) != 1:
+                # NB: a number the rewrite moves one way in one place and another way (or not at
+                # all) in another: no size to follow, and the module's other moves would leave its
+                # sizes at odds with each other (MiniCPM3's q split by two head widths of 8, one of
+                # which lost entries, viewed by their sum): none of them
+                here = None
+                break
+            f = next(iter(found))
+            held = m.__dict__[k]
+            if type(held) is int and isinstance(f, tuple):
+                f = f[0] if len(set(f)) == 1 else list(f)  # NB: torch.split takes an int or a list
+            elif isinstance(held, (tuple, list)):
+                f = type(held)(f) if isinstance(f, tuple) and len(f) == len(held) else None
+            if f is not None:
+                here.append((path, k, held, f))
+        follow += here or []
+    _move_attrs(news, follow, changed, "as the graph form recounts the literal it gave")
+    return [(name, k) for name, k, _, _ in follow]
 
 
 def _scope(mname: str, m: nn.Module, cuts: dict, old_shapes: dict, stream: frozenset, groups: dict) -> Scope:
@@ -824,10 +904,9 @@ def _follow_config(new: nn.Module, config, want: _Want, changed: dict, pairs: se
     if not follow or any(type(v) is not int or (v, f) not in pairs for _, _, v, f in follow):
         return _mismatch(type(new), config, want, built)
     attrs = {n: dict(a) for n, a in want.attrs.items()}
-    for name, k, v, f in follow:
-        setattr(news[name], k, f)
-        attrs[name][k] = changed.setdefault(name, {})[k] = f
-        log.debug("otofx: %s.%s = %d (was %d), as the new config builds it", name or type(new).__name__, k, f, v)
+    _move_attrs(news, follow, changed, "as the new config builds it")
+    for name, k, _, f in follow:
+        attrs[name][k] = f
     return _mismatch(type(new), config, dataclasses.replace(want, attrs=attrs), built)
 
 

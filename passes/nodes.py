@@ -36,6 +36,25 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
+# node meta: the name of the module whose own forward made the node (the symbolic tracer's; torch.export
+# and dynamo record ``nn_module_stack``): read by :func:`made_in`
+MADE_IN = "otofx_module"
+
+
+def made_in(node: fx.Node) -> str | None:
+    """The dotted name of the module whose own forward made ``node`` (``""``: the top module's), from
+    export's ``nn_module_stack`` (its innermost entry) or the symbolic tracer's ``MADE_IN``; None
+    when the node does not say (a node a pass added)."""
+    stack = node.meta.get("nn_module_stack")
+    if stack:
+        path = list(stack.values())[-1][0]
+        if not isinstance(path, str):
+            return None
+        # NB: dynamo names the top module L['self']
+        return "" if path in ("L['self']", "L__self__") else path.removeprefix("L['self'].").removeprefix("L__self__.")
+    return node.meta.get(MADE_IN)
+
+
 # x += y and friends: the python operators that write their left operand
 INPLACE_ARITHMETIC = frozenset({operator.iadd, operator.isub, operator.imul, operator.itruediv})
 _WRITES_FIRST = INPLACE_ARITHMETIC | {operator.setitem}

@@ -52,7 +52,9 @@ Internals:
       averaging over them (weight standardisation), needs their values: :func:`constant_fills` runs a
       copy of the graph (not of the weights) with a tap before each such norm on the example inputs,
       once, before the fixes (``Site.fills``). A plan removing rows that are not zero is run with
-      them zeroed (a copy of the tensors they touch): the constants are the zeroed model's.
+      them zeroed (a copy of the tensors they touch): the constants are the zeroed model's. ``read``
+      keeps what a run read, so that ``OTO.compress`` runs it once for every copy its own-class
+      search makes.
 """
 from __future__ import annotations
 
@@ -304,7 +306,7 @@ def _norm_input(node: fx.Node):
     return node.args[0] if node.args else node.kwargs.get("input")
 
 
-def constant_fills(gm: fx.GraphModule, plan: Plan, inputs=None) -> dict:
+def constant_fills(gm: fx.GraphModule, plan: Plan, inputs=None, read: dict | None = None) -> dict:
     """``{norm node name: values}``: for each norm of ``gm`` that reads channels the plan removes
     while they hold constants other than 0 (``ZigSet.fills``: MLP-Mixer's token MLP writes its biases
     into a zero channel of the residual stream; a weight-standardised conv's input columns), the values
@@ -313,7 +315,9 @@ def constant_fills(gm: fx.GraphModule, plan: Plan, inputs=None) -> dict:
 
     The analysis proved those entries the same for every input; they are read off one run of ``gm``
     with the plan's rows zeroed (:func:`_rows_zeroed`) on ``inputs`` (``(args, kwargs)``: the example
-    inputs)."""
+    inputs). ``read``: a dict that keeps what a run read (``{node name: (entries, values)}``) for later
+    calls on the same weights and inputs: a plan removing a subset of those entries (the own-class
+    search's tries, which keep some groups' rows) takes its values from there, without a run."""
     from otofx.errors import OTOError
     from otofx.verify import run_eval
 
@@ -334,6 +338,10 @@ def constant_fills(gm: fx.GraphModule, plan: Plan, inputs=None) -> dict:
             want[node.name] = torch.from_numpy(np.nonzero(removed)[0])
     if not want:
         return {}
+    if read is not None and all(k in read and np.isin(v.numpy(), read[k][0].numpy()).all() for k, v in want.items()):
+        # NB: entries are sorted (np.nonzero), so each wanted one is found by bisection
+        return {k: constant_fill(read[k][1].index_select(-1, torch.searchsorted(read[k][0], v).to(read[k][1].device)))
+                for k, v in want.items()}
     if inputs is None:
         raise OTOError(f"norm(s) {', '.join(sorted(want))} read channels the plan removes that hold constants "
                        "other than 0: the rewrite reads them off a run of the model and needs its example inputs")
@@ -352,6 +360,8 @@ def constant_fills(gm: fx.GraphModule, plan: Plan, inputs=None) -> dict:
     run_eval(graph_module_like(_rows_zeroed(gm, plan), graph, "ConstantFills"), tuple(args), dict(kwargs or {}))
     if set(got) != set(want):
         raise OTOError(f"the run of the model did not reach norm(s) {', '.join(sorted(set(want) - set(got)))}")
+    if read is not None:
+        read.update({k: (want[k], v) for k, v in got.items()})
     return {k: constant_fill(v) for k, v in got.items()}
 
 

@@ -16,6 +16,10 @@ width and head-count attributes that attention and MLP blocks keep for their ``f
 (``num_heads``, ``split_size``, ``all_head_size``, ``inner_dim`` ...), from the widths that
 changed under the module and the head blocks the analysis found.
 
+``literal_moves(gm, plan)`` reads, per module, how the graph form's rewrite recounts the literal
+sizes its own forward wrote into the graph (split sizes, slice bounds, view shapes), for the rebuild's
+held sizes (``otofx.rebuild._follow_literals``).
+
 Internals:
     * A rule reads the new tensors on the module and the :class:`Change` (old shapes, kept
       indices per dim of each of its own tensors); it never guesses from class names alone.
@@ -36,6 +40,10 @@ Internals:
       multiplies (:func:`constant_scale_sources`), the layers writing a residual stream that only
       RMS norms read (:func:`stream_scale_sources`: embedding, output projections, stacked experts,
       sums and routing products on the way); :func:`scale_parameter` applies one.
+    * ``literal_moves`` runs the graph rules' own ``fix`` (split, slice, narrow, getitem, reshape,
+      unflatten, expand) on a recording view of each node (prune's ``Site`` whose edits are kept as
+      ``(old, new)``): the graph is not changed, and the new values are the graph form's. The module
+      of a node is export's ``nn_module_stack`` or the symbolic tracer's ``MADE_IN``.
     * Rules are keyed by type and found along the MRO (a subclass of ``nn.Linear`` is a Linear);
       classes of optional libraries (Hugging Face's ``Conv1D``) are keyed by qualified name, so
       nothing is imported here.
@@ -59,8 +67,8 @@ from .modules import (CHANNELS_FIRST_LAYER_NORMS, DATA_FORMAT_LAYER_NORMS, GLOBA
                       PrunedMultiheadAttention, PrunedRelativeAttention, PrunedRNN, PrunedStdConv2d,
                       PrunedWindowAttention, PrunedWindowAttention3d, STD_CONVS, resize_stock_rnn, rnn_slot_suffix,
                       rnn_slots)
-from .nodes import _CASTS, _RESHAPES, HF_CONV1D, _before_casts, _op, _squared, call_arguments, grn_of, rms_norm_of
-from .registry import op_of, rule_of
+from .nodes import _CASTS, _RESHAPES, HF_CONV1D, _before_casts, _op, _squared, call_arguments, grn_of, made_in, rms_norm_of
+from .registry import RULES, bind, form_of, op_of, rule_of
 
 
 class ResizeError(OTOError):
@@ -539,6 +547,101 @@ def _resync_groups(module: nn.Module, done: dict) -> None:
     if old_kv and new_kv and g * old_kv == old_q and new_q % new_kv == 0:
         module.num_key_value_groups = new_q // new_kv
         done["num_key_value_groups"] = (g, new_q // new_kv)
+
+
+# ---------------------------------------------------------------------------------------------
+# Literal sizes in a module's own forward (split sizes, slice bounds, view shapes)
+# ---------------------------------------------------------------------------------------------
+
+# the rules whose rewrite of the graph recounts literal sizes and positions
+LITERAL_RULES = ("split", "slice", "narrow", "getitem", "reshape", "shape_merge", "expand")
+
+
+def _literal_pairs(old, new, out: set) -> None:
+    """Add to ``out`` each ``(old, new)`` literal of a rewritten argument: ints, whole tuples of ints
+    (a split's sizes), an int split size whose pieces now differ (-> the tuple of their sizes), and
+    the ints inside tuples, lists and slices; those the rewrite left as they were too (``(8, 8)``:
+    a number that stays in one place and moves in another is no size to follow)."""
+    if type(old) is int and type(new) is int:
+        out.add((old, new))
+    elif type(old) is int and isinstance(new, (list, tuple)) and new and all(type(v) is int for v in new):
+        out.add((old, tuple(new)))  # NB: torch.split(x, 14) whose pieces lost different counts
+    elif isinstance(old, slice) and isinstance(new, slice):
+        for a in ("start", "stop", "step"):
+            _literal_pairs(getattr(old, a), getattr(new, a), out)
+    elif isinstance(old, (list, tuple)) and isinstance(new, (list, tuple)) and len(old) == len(new):
+        if old and all(type(v) is int for v in (*old, *new)):
+            out.add((tuple(old), tuple(new)))
+        for a, b in zip(old, new):
+            _literal_pairs(a, b, out)
+
+
+# the arguments of LITERAL_RULES that hold no size or position along an axis
+_NOT_SIZES = frozenset({"dim", "step", "tensor", "input", "self", "_rest"})
+
+
+def _axis(d: int, n: int) -> int:
+    return d + n if d < 0 else d
+
+
+def literal_moves(gm: fx.GraphModule, plan) -> dict:
+    """``{module name: {old literal: {new literals}}}``: how the graph form's rewrite
+    (``passes.prune``, the rules of ``LITERAL_RULES``) recounts the literal sizes and positions of the
+    nodes each module's own forward made (``passes.nodes.made_in``): ``torch.split(x, [10, 30], 1)``
+    whose pieces keep 4 and 16 channels gives ``10 -> 4``, ``30 -> 16`` and ``(10, 30) -> (4, 16)``
+    (a literal the rewrite keeps where it rewrites others maps to itself).
+    The rules run on a recording view of each node (:class:`_Recorder`): the graph is not changed."""
+    from .prune import Site  # NB: prune's rewrite view; prune does not import this module
+
+    class _Recorder(Site):
+        """A rule's view of one node whose rewrites are recorded as ``(old value, new value)``."""
+
+        def __init__(self, node, form, kw):
+            super().__init__(plan, node, None, form)
+            self.kw, self.new = kw, {}
+
+        def set(self, name, value):
+            self.new[name] = value
+
+        def set_varargs(self, name, values):  # NB: as Site.set_varargs: the shape as the node spells it
+            self.new[name] = tuple(values) if f"*{name}" in self.form.spec else (
+                values[0] if len(values) == 1 else tuple(values))
+
+        def replace_call(self, target, args, kwargs):  # NB: the split's fix: torch.split(x, sizes, dim=d)
+            name = next((k for k in ("split_size_or_sections", "split_sizes", "split_size") if k in self.kw), None)
+            old = self.kw.get(name)
+            pieces = [o[_axis(kwargs["dim"], len(o))] for o in self.out_old_list]
+            # NB: the old sizes, not a count of chunks or the positions tensor_split cuts at
+            if (isinstance(old, (list, tuple)) and list(old) == pieces) or (
+                    type(old) is int and pieces and all(p == old for p in pieces[:-1]) and pieces[-1] <= old):
+                self.new[name] = args[1]
+            else:
+                self.new[name] = None  # NB: not sizes: nothing to read off it
+
+    out: dict = {}
+    for node in gm.graph.nodes:
+        if node.op not in ("call_function", "call_method"):
+            continue
+        path = made_in(node)
+        form = form_of(node, gm) if path is not None else None
+        if form is None or form.rule not in LITERAL_RULES or RULES[form.rule].fix is None:
+            continue
+        kw = bind(form, node, node.args, node.kwargs)
+        site = _Recorder(node, form, kw)
+        if site.out_old is None and not site.out_old_list:
+            continue
+        try:
+            RULES[form.rule].fix(site, **kw)
+        except Exception:  # noqa: BLE001 - a rewrite the graph form refuses too: nothing to follow
+            continue
+        pairs: set = set()
+        # NB: every size the node holds, moved or not (an axis is no size: left out)
+        for name, old in kw.items():
+            if name not in _NOT_SIZES:
+                _literal_pairs(old, site.new.get(name, old), pairs)
+        for old, new in pairs:
+            out.setdefault(path, {}).setdefault(old, set()).add(new)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 import otofx
 from otofx.verify import Blame, first_wrong_module
-from helpers import max_rel_diff, randomize, zero_random_rows
+from helpers import max_rel_diff, randomize, zero_random_rows, zero_rows
 
 
 def n_params(m: nn.Module) -> int:
@@ -86,8 +86,8 @@ def test_blame_ignores_removed_zero_channels():
 
 class PartialBlock(nn.Module):
     """FasterNet's partial convolution: the first ``part`` channels of the stream are convolved, the
-    rest pass; the split sizes are ints held by the module, so its own forward cannot take a stream
-    that lost channels unevenly between the two parts."""
+    rest pass; the split sizes are ints held by the module (``part``, ``rest``), which follow the
+    new widths in its own class (the rebuild's literal moves)."""
 
     def __init__(self, c: int, part: int, hidden: int):
         super().__init__()
@@ -97,6 +97,16 @@ class PartialBlock(nn.Module):
 
     def forward(self, x):
         a, b = torch.split(x, [self.part, self.rest], dim=1)
+        y = torch.cat([self.pconv(a), b], 1)
+        return x + self.mlp2(F.relu(self.mlp1(y)))
+
+
+class WrittenPartialBlock(PartialBlock):
+    """The same with the split sizes written into the code: its own forward cannot take a stream
+    that lost channels unevenly between the two parts."""
+
+    def forward(self, x):
+        a, b = torch.split(x, [4, 12], dim=1)
         y = torch.cat([self.pconv(a), b], 1)
         return x + self.mlp2(F.relu(self.mlp1(y)))
 
@@ -120,10 +130,10 @@ class HeadSplit(nn.Module):
 
 
 class PartialNet(nn.Module):
-    def __init__(self):
+    def __init__(self, block=PartialBlock):
         super().__init__()
         self.stem = nn.Conv2d(3, 16, 3, padding=1)
-        self.blocks = nn.Sequential(PartialBlock(16, 4, 96), PartialBlock(16, 4, 96))
+        self.blocks = nn.Sequential(block(16, 4, 96), block(16, 4, 96))
         self.head = nn.Linear(16, 5)
 
     def forward(self, x):
@@ -152,11 +162,37 @@ def _zeroed(model, x, seed=1):
     return oto
 
 
-def test_a_split_by_held_sizes_keeps_the_stream_in_the_own_class(caplog):
-    """The partial conv's split cannot take the stream narrowed: the own class keeps the stream's
-    zero rows (its two parts are two groups; blamed at the blocks) and removes the MLP and
-    partial-conv widths; the graph removes all. The widths kept along the way go again."""
+def _copies_made(caplog) -> int:
+    """How many re-sized copies ``compress()`` made (each is logged at INFO)."""
+    return sum(" rows from a copy of " in r.getMessage() for r in caplog.records)
+
+
+def test_a_split_by_held_sizes_follows_the_new_widths(caplog):
+    """FasterNet's partial conv splits the stream by two ints it holds: in the own class they take
+    the sizes of the two parts (as the graph form recounts the split), in the first copy, and the
+    own class removes every zero row the graph removes."""
     model, x = PartialNet(), torch.randn(2, 3, 8, 8)
+    oto = _zeroed(model, x)
+    with caplog.at_level(logging.INFO, logger="otofx"):
+        small = oto.compress()
+    assert type(small) is PartialNet, caplog.text
+    assert _copies_made(caplog) == 1, caplog.text
+    graph = oto.compress(form="graph")
+    assert n_params(small) == n_params(graph) < n_params(model)
+    for old, new in zip(model.blocks, small.blocks):
+        assert new.part == new.pconv.out_channels < old.part
+        assert new.part + new.rest == new.mlp1.in_channels < old.part + old.rest
+    other = torch.randn(3, 3, 11, 7)
+    with torch.no_grad():
+        assert max_rel_diff(model(other), small(other)) < 1e-4
+
+
+def test_a_split_by_sizes_in_the_code_keeps_the_stream_in_the_own_class(caplog):
+    """The partial conv's split by sizes written into the code cannot take the stream narrowed: the
+    own class keeps the stream's zero rows (its two parts are two groups; blamed at the blocks) and
+    removes the MLP and partial-conv widths; the graph removes all. The widths kept along the way
+    go again."""
+    model, x = PartialNet(WrittenPartialBlock), torch.randn(2, 3, 8, 8)
     oto = _zeroed(model, x)
     with caplog.at_level(logging.WARNING, logger="otofx"):
         small = oto.compress()
@@ -192,7 +228,7 @@ def test_heads_split_by_held_widths_keep_their_rows_and_the_rest_goes(caplog):
 def test_auto_gives_the_graph_when_the_own_class_would_keep_most_rows(caplog):
     """Below half of what the graph form removes, ``compress()`` returns the graph (and says what the
     own class would keep); ``form='module'`` returns the own class all the same."""
-    model = PartialNet()
+    model = PartialNet(WrittenPartialBlock)
     for b in model.blocks:  # a narrow MLP: the stream is most of what there is to remove
         b.mlp1, b.mlp2 = nn.Conv2d(16, 4, 1), nn.Conv2d(4, 16, 1)
     x = torch.randn(2, 3, 8, 8)
@@ -236,4 +272,202 @@ def test_timm_levit_keeps_its_own_class():
     assert n_params(small) < 0.4 * n_params(model)
     with torch.no_grad():
         y = torch.randn(3, 3, 128, 128)
+        assert max_rel_diff(model(y), small(y)) < 1e-4
+
+
+# ---------------------------------------------------------------------------------------------
+# held sizes that follow the new widths (the rebuild's literal moves)
+# ---------------------------------------------------------------------------------------------
+
+
+class InceptionMixer(nn.Module):
+    """InceptionNeXt's token mixer: a tuple of split sizes held by the module, three of them the same
+    number (``(c - 3 * g, g, g, g)``), each piece losing its own count of channels."""
+
+    def __init__(self, c: int = 16, g: int = 4):
+        super().__init__()
+        self.split_indexes = (c - 3 * g, g, g, g)
+        self.hw, self.w, self.h = (nn.Conv2d(g, g, k, padding=p, groups=g) for k, p in
+                                   ((3, 1), ((1, 5), (0, 2)), ((5, 1), (2, 0))))
+
+    def forward(self, x):
+        x_id, x_hw, x_w, x_h = torch.split(x, self.split_indexes, dim=1)
+        return torch.cat((x_id, self.hw(x_hw), self.w(x_w), self.h(x_h)), dim=1)
+
+
+class Res2Split(nn.Module):
+    """Res2Net's bottleneck: the expanded width split into ``scale`` pieces by one int held as
+    ``width``; each piece is its own group, so the pieces end up of different sizes (an int cannot
+    say that: it becomes their list)."""
+
+    def __init__(self, c: int = 16, width: int = 6, scale: int = 3):
+        super().__init__()
+        self.width, self.scale = width, scale
+        self.conv1 = nn.Conv2d(c, width * scale, 1)
+        self.convs = nn.ModuleList(nn.Conv2d(width, width, 3, padding=1) for _ in range(scale - 1))
+        self.conv3 = nn.Conv2d(width * scale, c, 1)
+
+    def forward(self, x):
+        spx = torch.split(F.relu(self.conv1(x)), self.width, 1)
+        out, sp = [], None
+        for i, conv in enumerate(self.convs):
+            sp = spx[i] if i == 0 else sp + spx[i]
+            sp = F.relu(conv(sp))
+            out.append(sp)
+        return x + self.conv3(torch.cat(out + [spx[-1]], 1))
+
+
+class PaddedShortcut(nn.Module):
+    """ReXNet's block: the shortcut (``in_channels``, held) is added into the first channels of a
+    wider output, the rest pass."""
+
+    def __init__(self, c_in: int = 16, c_out: int = 24):
+        super().__init__()
+        self.in_channels = c_in
+        self.conv = nn.Conv2d(c_in, c_out, 3, padding=1)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return torch.cat([y[:, 0:self.in_channels] + x, y[:, self.in_channels:]], dim=1)
+
+
+class HeldSizes(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.mixer, self.res2, self.pad = InceptionMixer(), Res2Split(), PaddedShortcut()
+        self.head = nn.Linear(24, 5)
+
+    def forward(self, x):
+        h = self.stem(x)
+        h = h + self.mixer(h)
+        return self.head(self.pad(self.res2(h)).mean((2, 3)))
+
+
+@pytest.mark.parametrize("frontend", ["symbolic_trace", "export", "dynamo"])
+def test_held_split_sizes_tuples_and_slice_bounds_follow_the_new_widths(caplog, frontend):
+    """A tuple of sizes whose equal entries move apart, an int split size whose pieces move apart
+    (-> a list), and a held slice bound: each follows, in the first copy, and the own class removes
+    what the graph removes (each front-end names the module whose forward made a node)."""
+    model, x = HeldSizes(), torch.randn(2, 3, 8, 8)
+    torch.manual_seed(0)
+    randomize(model.eval())
+    oto = otofx.OTO(model, x, frontend=frontend)
+    # NB: each piece of a split is a group of its own: 1, 2 or 3 rows zeroed, so that they differ
+    zero_rows(model, oto, [torch.arange(min(1 + i % 3, z.rows - 1)) for i, z in enumerate(oto.groups)])
+    with caplog.at_level(logging.INFO, logger="otofx"):
+        small = oto.compress()
+    assert type(small) is HeldSizes, caplog.text
+    assert _copies_made(caplog) == 1, caplog.text
+    assert n_params(small) == n_params(oto.compress(form="graph")) < n_params(model)
+    sizes = small.mixer.split_indexes
+    assert type(sizes) is tuple and sum(sizes) == small.stem.out_channels and len(set(sizes[1:])) > 1
+    assert sizes[1:] == (small.mixer.hw.out_channels, small.mixer.w.out_channels, small.mixer.h.out_channels)
+    width = small.res2.width
+    assert type(width) is list and sum(width) == small.res2.conv1.out_channels and len(set(width)) > 1
+    assert small.pad.in_channels == small.stem.out_channels
+    with torch.no_grad():
+        other = torch.randn(3, 3, 9, 7)
+        assert max_rel_diff(model(other), small(other)) < 1e-4
+
+
+class ScaledPartialBlock(PartialBlock):
+    """A held split size that also scales the output: following the split's new sizes changes the
+    scale, which verification must catch (the copy is wrong), so the search keeps those rows."""
+
+    def forward(self, x):
+        a, b = torch.split(x, [self.part, self.rest], dim=1)
+        y = torch.cat([self.pconv(a), b], 1) * self.part ** -0.5
+        return x + self.mlp2(F.relu(self.mlp1(y)))
+
+
+def test_a_held_size_that_is_also_a_number_is_never_taken_wrong(caplog):
+    """The split's sizes follow, the scale with them: the copy differs from the model, verification
+    refuses it, and the search keeps rows until the held size stays what it was."""
+    model, x = PartialNet(ScaledPartialBlock), torch.randn(2, 3, 8, 8)
+    oto = _zeroed(model, x)
+    with caplog.at_level(logging.INFO, logger="otofx"):
+        small = oto.compress(form="module")
+    assert type(small) is PartialNet
+    assert "goes wrong at blocks.0" in caplog.text, caplog.text
+    assert small.blocks[0].part == model.blocks[0].part
+    assert n_params(small) > n_params(oto.compress(form="graph"))
+    with torch.no_grad():
+        other = torch.randn(3, 3, 11, 7)
+        assert max_rel_diff(model(other), small(other)) < 1e-4
+
+
+# ---------------------------------------------------------------------------------------------
+# the search's cost on repeated blocks
+# ---------------------------------------------------------------------------------------------
+
+
+class GluBlock(nn.Module):
+    """A GLU MLP whose width is viewed as two halves by sizes written into the code: its own forward
+    cannot take the width narrowed (a fault no held size explains: the search keeps its rows)."""
+
+    def __init__(self, c: int = 8, half: int = 8):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(c, 2 * half), nn.Linear(half, c)
+
+    def forward(self, x):
+        h = self.fc1(x).unflatten(-1, (2, 8))
+        return x + self.fc2(F.gelu(h[..., 0, :]) * h[..., 1, :])
+
+
+class GluStack(nn.Module):
+    def __init__(self, depth: int = 8):
+        super().__init__()
+        self.emb = nn.Linear(6, 8)
+        self.blocks = nn.Sequential(*(GluBlock() for _ in range(depth)))
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.head(self.blocks(self.emb(x)))
+
+
+def test_repeated_blocks_keep_their_rows_in_one_step(caplog):
+    """The same fault in each of 8 blocks: blamed at the first, the rows of that group are kept in
+    every block of the same class, path pattern and shapes at once, and the own class removes the
+    stream. Three copies (the first, the one keeping the width in every block, and one without the
+    other blocks' widths, a guess that fails), where a search block by block makes nine."""
+    model, x = GluStack(), torch.randn(2, 5, 6)
+    oto = _zeroed(model, x)
+    with caplog.at_level(logging.INFO, logger="otofx"):
+        small = oto.compress()
+    assert type(small) is GluStack, caplog.text
+    assert _copies_made(caplog) == 3, caplog.text
+    assert "in its 7 copies (blocks.*)" in caplog.text, caplog.text
+    assert all(b.fc1.out_features == 16 for b in small.blocks) and small.emb.out_features == 4
+    with torch.no_grad():
+        y = torch.randn(3, 7, 6)
+        assert max_rel_diff(model(y), small(y)) < 1e-4
+
+
+def test_the_layer_norms_constants_are_read_once_per_compress(monkeypatch):
+    """MLP-Mixer's constant fills come from a run of the graph: one run serves every copy the search
+    makes (here three: the first, the layer norms' widths kept, the blocks' GLU widths kept)."""
+    from otofx import verify
+    from test_mixer import Block, Mixer, SIDE
+
+    class GluMixerBlock(Block):
+        def forward(self, x):
+            x = x + self.tokens(self.norm1(x).transpose(1, 2)).transpose(1, 2)
+            h = self.fc1(self.norm2(x)).unflatten(-1, (2, 16))
+            return x + self.fc2(F.gelu(h[..., 0, :]) * h[..., 1, :])
+
+    model = Mixer()
+    model.blocks = nn.Sequential(*(GluMixerBlock("timm") for _ in range(3)))
+    for b in model.blocks:
+        b.fc2 = nn.Linear(16, b.fc2.out_features)
+    x = torch.randn(2, 3, SIDE, SIDE)
+    oto = _zeroed(model, x)
+    runs, copies = [], []
+    run_eval = verify.run_eval
+    monkeypatch.setattr(verify, "run_eval", lambda m, *a, **k: (runs.append(type(m).__name__), run_eval(m, *a, **k))[1])
+    small = oto.compress(form="module")
+    assert type(small) is Mixer
+    assert runs.count("ConstantFills") == 1, runs
+    with torch.no_grad():
+        y = torch.randn(3, 3, SIDE, SIDE)
         assert max_rel_diff(model(y), small(y)) < 1e-4
