@@ -2,7 +2,7 @@
 CUDA), and ``torch.compile(backend="otofx")`` on CUDA models, each against the dense model.
 
 Skipped without CUDA. # NB: float32 comparisons turn TF32 off (cuDNN convolutions use it by
-default), which would otherwise put both models ~1e-3 apart for reasons unrelated to pruning.
+default; tests/gpu/conftest.py's ``no_tf32``), which would otherwise put both models ~1e-3 apart.
 """
 from __future__ import annotations
 
@@ -26,14 +26,11 @@ CUDA = torch.device("cuda")
 
 
 @pytest.fixture(autouse=True)
-def _no_tf32():
-    old = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+def _fresh_backend():
     torch._dynamo.reset()
     B.clear_results()
     yield
     torch._dynamo.reset()
-    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
 
 
 def _llama():
