@@ -22,8 +22,10 @@ Internals:
       if it removes at least ``OWN_CLASS_SHARE`` of what the graph removes; else the graph form
       (logged at WARNING). A blamed module's copies (same class, path pattern and tensor shapes: the
       blocks of a stack) keep the same groups in the same step, the guess let go again in one try
-      when the copy verifies without it (``_let_go``); the layer norms' constant fills are read once
-      per ``compress()``.
+      when the copy verifies without it (``_let_go``); where a blamed module's weights read widths
+      equal in the model (an attention reading its head width off its stream), one more copy keeps
+      only enough of the kept groups' zero rows to keep them equal (``_tied_rows``); the layer
+      norms' constant fills are read once per ``compress()``.
       The module form is compared with the captured graph with the KV cache off (as captured);
       the returned model keeps the user's ``use_cache``.
     * ``self.state`` is the analysis State (graph, groups, per-pass records); compress starts from
@@ -159,6 +161,74 @@ def _groups_to_keep(zigs: tuple, removing: list, keep: set, blame, copies=()) ->
                 wide |= level(kind, moved(scope, copy))
             return add, wide, at
     return set(), set(), None
+
+
+def _tied_rows(model: torch.nn.Module, plan: Plan, keep: set, blamed: list, keepable: set) -> tuple | None:
+    """The plan's rows with, instead of the groups ``keep`` whole, just enough of the zero rows of
+    the groups feeding the blamed modules kept that their weights' input widths which are equal in
+    the model are equal again: an attention whose own code reads its inner width off its input
+    (``reshape(B, N, C)`` with ``C = x.shape[-1]``: EVA's; ``C // num_heads`` as the head width:
+    CoaT's factorised attention) takes its stream and its heads removed only at one width. None
+    when no such width can be reached, or when the plan's widths are already equal there.
+
+    Each blamed module and its copies (:func:`_copies`: the blocks of a stack, which share the
+    stream) are visited until no width changes: a width below the widest of its class of equal
+    widths gets rows back (whole rows of its groups: a head is ``k`` channels, so a class may rise
+    to the next width its heads reach, and the other members follow).
+
+    # NB: only zero rows are kept (``keepable``): exact whatever the count; the copy is checked as
+    every try of the search is"""
+    mods = dict(model.named_modules())
+    paths = list(dict.fromkeys(c for b in blamed if b for c in _copies(model, b)))
+    at: dict = {}  # (param name, dim) -> [(group, channels a row holds there)]
+    for i, z in enumerate(plan.zigset.zigs):
+        for name, dim, index in z.params:
+            if dim == 1:
+                at.setdefault(name, []).append((i, index.shape[1]))
+    classes = []  # per module: {full width: [param name]}
+    for path in paths:
+        widths: dict = {}
+        for n, prm in mods[path].named_parameters():
+            name = f"{path}.{n}"
+            if prm.dim() >= 2 and name in at:
+                widths.setdefault(prm.shape[1], []).append(name)
+        classes += [(full, names) for full, names in widths.items() if len(names) > 1]
+    if not classes:
+        return None
+    involved = {i for _, names in classes for name in names for i, _ in at[name]}
+    cnt = {i: len(plan.removed[i]) for i in involved}
+
+    def width(full: int, name: str) -> int:
+        return full - sum(cnt[i] * k for i, k in at[name])
+
+    for _ in range(8 * len(classes) + 8):
+        changed = False
+        for full, names in classes:
+            target = max(width(full, n) for n in names)
+            for name in names:
+                need = target - width(full, name)
+                # NB: the widest rows first, then the narrowest rounds up (a head past the target:
+                # the class follows it on the next round)
+                for i, k in sorted(at[name], key=lambda ik: -ik[1]):
+                    if need <= 0:
+                        break
+                    if not cnt[i]:
+                        continue
+                    if i not in keepable:
+                        return None
+                    n = min(cnt[i], -(-need // k) if k == min(kk for _, kk in at[name]) else need // k)
+                    cnt[i] -= n
+                    need -= n * k
+                    changed |= n > 0
+                if need > 0:
+                    return None
+        if not changed:
+            break
+    else:
+        return None
+    if all(cnt[i] == len(plan.removed[i]) for i in involved):
+        return None
+    return tuple(r[:cnt[i]] if i in involved else r[:0] if i in keep else r for i, r in enumerate(plan.removed))
 
 
 @dataclasses.dataclass
@@ -419,8 +489,9 @@ class OTO:
                 raise VerificationError(f"{bad}. The graph refuses sizes the capture did not admit "
                                         f"(ShapeError); form='module' gives the model's own class anyway")
             except (RebuildError, VerificationError) as e:
+                short: list = []
                 small = self._module_keeping_rows(e, check, plan, rtol, OWN_CLASS_SHARE if form == "auto" else 0.0,
-                                                  failed[-1] if failed else None, fills)
+                                                  failed[-1] if failed else None, fills, short)
                 if small is not None:
                     return small
                 if form == "module":
@@ -444,6 +515,10 @@ class OTO:
                            f"({detail}); the graph form is verified separately")
                 else:
                     why = str(e)
+                if short:  # NB: the own class the search found, or the one it gave up on, removes too little
+                    why += (f"; its own class keeping the zero rows of the widths it cannot take removes "
+                            f"{short[-1]:.2f} of the parameters the graph form removes, below OWN_CLASS_SHARE "
+                            f"({OWN_CLASS_SHARE}): form='module' returns it")
                 sizes = self.graph_module.meta.get(STATIC_IMAGE_SIZES)
                 if sizes:  # NB: the export capture could not make the image sizes dynamic cheaply
                     why += (f"; this graph accepts image size {', '.join('x'.join(map(str, t)) for t in sizes)} "
@@ -501,7 +576,7 @@ class OTO:
 
     def _module_keeping_rows(self, error: Exception, check: bool, plan: Plan | None, rtol: float,
                              floor: float = 0.0, first: torch.nn.Module | None = None,
-                             fills: dict | None = None) -> torch.nn.Module | None:
+                             fills: dict | None = None, short: list | None = None) -> torch.nn.Module | None:
         """The model's own class with the zero rows of the groups its forward cannot take at the new
         widths kept, when the copy without them failed (``error``); None when no such copy verifies,
         or when the search's copy removes less than ``floor`` of the parameters the plan removes.
@@ -515,11 +590,16 @@ class OTO:
         differ), and the groups it holds are kept (:func:`_groups_to_keep`), with the same groups
         of its copies (:func:`_copies`: the other blocks of a stack, where the same code at the same
         widths goes wrong the same way), until the copy verifies or nothing is left to keep; then
-        the groups kept on a guess go again where the copy verifies without them (:meth:`_let_go`).
+        the groups kept on a guess go again where the copy verifies without them (:meth:`_let_go`),
+        and, where the blamed modules read widths that are equal in the model (an attention whose
+        code takes its inner width off its input), one more copy keeps only part of the kept
+        groups' zero rows, enough to keep those widths equal (:func:`_tied_rows`; also tried before
+        the search gives up below half the floor).
         At most ``_KEEP_SEARCH_TRIES`` copies in all (compress()'s own, ``first``, not counted).
         ``first``: the copy without any row kept, when
-        it was made and failed; ``fills``: the layer norms' constants read for it. The graph form
-        removes every zero row."""
+        it was made and failed; ``fills``: the layer norms' constants read for it; ``short``: gets the
+        share of the graph form's removal of each copy found (or tried) below ``floor``. The graph
+        form removes every zero row."""
         gm = self._sync()
         plan = plan if plan is not None else zero_row_plan(self.zigset, gm)
         zigs = plan.zigset.zigs
@@ -535,6 +615,8 @@ class OTO:
         def below(keep: set, bound: float, when: str = "", quiet: bool = False) -> bool:
             share = _removed_parameters(gm, plan, keep) / max(full, 1)
             if share < bound and not quiet:
+                if short is not None:
+                    short.append(share)
                 log.info("otofx: %s's own class keeping group(s) %s removes %.2f of the parameters the graph form "
                          "removes (below %.2f%s)", type(self.model).__name__, sorted(keep), share, bound, when)
             return share < bound
@@ -573,6 +655,38 @@ class OTO:
             tries += 1
             return self._try_keeping(plan, groups, check, rtol, fills)
 
+        def tie(keep: set, removed_n: int):
+            """``(copy, groups partly kept, parameters removed, rows kept)`` for the copy keeping just
+            enough of ``keep``'s zero rows that the blamed modules' tied widths are equal
+            (:func:`_tied_rows`), when it verifies and removes more than ``removed_n``; else None."""
+            nonlocal tries
+            # NB: a module reading one width off another (an attention's inner width off its
+            # stream's) takes both removed at one width: part of the kept groups' zero rows go
+            rows = _tied_rows(self.model, plan, keep, blamed, keepable) if keep else None
+            if rows is None or tries > _KEEP_SEARCH_TRIES:
+                return None
+            tied = plan_rows(plan.zigset, rows)
+            more = _removed_parameters(gm, tied)
+            if more <= removed_n:
+                return None
+            tries += 1
+            fewer = self._try_keeping(tied, set(), check, rtol, fills)
+            if not isinstance(fewer, torch.nn.Module):
+                return None
+            part = {i for i in keep if len(tied.removed[i]) < len(plan.removed[i])}
+            log.info("otofx: %s's own class takes its tied widths equal: keeping part of the zero rows of group(s) "
+                     "%s, the rest of them removed", type(self.model).__name__, sorted(part))
+            return fewer, part, more, sum(len(a) - len(b) for a, b in zip(plan.removed, tied.removed))
+
+        def found(small, keep: set, removed_n: int, kept_rows: int):
+            log.warning("otofx: compress() keeps the %d zero row(s) of %d group(s) in the %s it returns, removing "
+                        "%d of the %d parameters the graph form removes: its forward cannot take them removed (at "
+                        "%s; removed: %s); form='graph' removes them", kept_rows, len(keep),
+                        type(self.model).__name__, removed_n, full,
+                        ", ".join(dict.fromkeys(b or type(self.model).__name__ for b in blamed)), _why(error))
+            log.info("otofx: the own-class search of %s made %d copies", type(self.model).__name__, tries)
+            return small
+
         while tries < _KEEP_SEARCH_TRIES:
             if first is not None and not keep and not steps:
                 small = (first,)  # NB: compress()'s own copy (not counted: the search's tries are its own)
@@ -583,16 +697,19 @@ class OTO:
                     return None
                 keep, small = self._let_go(plan, keep, small, steps, attempt, lambda: tries,
                                            lambda k: below(k, floor, quiet=True) if floor else False)
-                if below(keep, floor) or keep >= set(removing):  # NB: a copy that removes nothing is no answer
+                kept_rows, removed_n = _count(plan, keep), _removed_parameters(gm, plan, keep)
+                got = tie(keep, removed_n)
+                if got is not None:
+                    small, keep, removed_n, kept_rows = got
+                # NB: a copy that removes nothing is no answer
+                if removed_n < floor * max(full, 1) or (got is None and keep >= set(removing)):
+                    if short is not None and removed_n < floor * max(full, 1):
+                        short.append(removed_n / max(full, 1))
+                    log.info("otofx: %s's own class keeping the zero rows of group(s) %s%s removes %.2f of the "
+                             "parameters the graph form removes (below %.2f)", type(self.model).__name__,
+                             sorted(keep), " in part" if got is not None else "", removed_n / max(full, 1), floor)
                     return None
-                log.warning("otofx: compress() keeps the %d zero row(s) of %d group(s) in the %s it returns, removing "
-                            "%d of the %d parameters the graph form removes: its forward cannot take them removed (at "
-                            "%s; removed: %s); form='graph' removes them", _count(plan, keep), len(keep),
-                            type(self.model).__name__, _removed_parameters(gm, plan, keep), full,
-                            ", ".join(dict.fromkeys(b or type(self.model).__name__ for b in blamed)),
-                            _why(error))
-                log.info("otofx: the own-class search of %s made %d copies", type(self.model).__name__, tries)
-                return small
+                return found(small, keep, removed_n, kept_rows)
             if small is None:  # NB: the copy could not be made: nothing to localise
                 return None
             where = None
@@ -638,7 +755,14 @@ class OTO:
             # NB: a cost bound, not a proof: letting the guessed groups go again rarely brings a copy
             # that removes less than half the floor back above it, so form="auto" stops there
             if floor and below(keep, floor / 2, " on the way"):
-                return None
+                # NB: the groups kept so far may be tied widths (a stream and the heads reading it)
+                # of which part can go: one try before giving up
+                got = tie(keep, _removed_parameters(gm, plan, keep))
+                if got is None or got[2] < floor * max(full, 1):
+                    if got is not None and short is not None:
+                        short.append(got[2] / max(full, 1))
+                    return None
+                return found(*got)
         return None
 
     def _let_go(self, plan: Plan, keep: set, small, steps: list, attempt, used, short) -> tuple:

@@ -227,7 +227,8 @@ def test_heads_split_by_held_widths_keep_their_rows_and_the_rest_goes(caplog):
 
 def test_auto_gives_the_graph_when_the_own_class_would_keep_most_rows(caplog):
     """Below half of what the graph form removes, ``compress()`` returns the graph (and says what the
-    own class would keep); ``form='module'`` returns the own class all the same."""
+    own class would keep, and in its warning the share it removes); ``form='module'`` returns the own
+    class all the same."""
     model = PartialNet(WrittenPartialBlock)
     for b in model.blocks:  # a narrow MLP: the stream is most of what there is to remove
         b.mlp1, b.mlp2 = nn.Conv2d(16, 4, 1), nn.Conv2d(4, 16, 1)
@@ -237,6 +238,9 @@ def test_auto_gives_the_graph_when_the_own_class_would_keep_most_rows(caplog):
         small = oto.compress()
     assert isinstance(small, torch.fx.GraphModule)
     assert "of the parameters the graph form removes (below 0." in caplog.text, caplog.text
+    # the warning that the graph comes back says why not the own class (it said only the first failure)
+    warned = [r.getMessage() for r in caplog.records if "returns a torch.fx GraphModule" in r.getMessage()]
+    assert warned and "below OWN_CLASS_SHARE (0.5): form='module' returns it" in warned[-1], warned
     own = oto.compress(form="module")
     assert type(own) is PartialNet and n_params(small) < n_params(own) < n_params(model)
     with torch.no_grad():

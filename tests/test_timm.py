@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import otofx
-from helpers import assert_exact, randomize, zero_random_rows
+from helpers import assert_exact, max_rel_diff, randomize, zero_random_rows
 from otofx.passes.modules import PrunedLayerNorm
 
 timm = pytest.importorskip("timm")
@@ -85,3 +85,57 @@ def test_efficientformer_heads_go_and_its_cached_biases_are_dropped(caplog):
         small = assert_exact(model, oto, torch.randn(2, 3, 224, 224))
     assert type(small) is type(model) and not caplog.records, [r.message for r in caplog.records]
     assert small.stages[3].blocks[4].token_mixer.num_heads < attn.num_heads
+
+
+def _halved(model, x):
+    """``model`` randomised, half of every group's rows zeroed; its OTO.
+
+    # NB: timm's linear weights (std 0.02) beside randomised biases leave the output almost the
+    same for any input (the check would pass on a wrong width): here they are of unit gain"""
+    torch.manual_seed(0)
+    for m in model.modules():
+        if isinstance(m, torch.nn.Linear):
+            torch.nn.init.normal_(m.weight, std=m.in_features ** -0.5)
+    randomize(model.eval())
+    with torch.no_grad():
+        assert max_rel_diff(model(x), model(torch.randn_like(x))) > 0.05
+    oto = otofx.OTO(model, x)
+    zero_random_rows(model, oto, seed=1)
+    return oto
+
+
+def test_eva_attention_reads_its_width_off_the_stream_and_keeps_its_own_class(caplog):
+    """EVA's attention (rotary embedding, SwiGLU MLP) reshapes its heads' output by its input's
+    width (``reshape(B, N, C)``, ``C = x.shape[-1]``): the own class takes the stream and the heads
+    removed only at one width. Three heads of 16 and a stream of 48 with half their rows zero: the
+    heads go to two, the stream to their 32 (8 of its 24 zero rows kept), the SwiGLU width goes whole."""
+    model = timm.models.eva.Eva(img_size=28, patch_size=14, embed_dim=48, depth=2, num_heads=3, mlp_ratio=8 / 3,
+                                swiglu_mlp=True, use_rot_pos_emb=True, ref_feat_shape=(2, 2), num_classes=10)
+    x = torch.randn(2, 3, 28, 28)
+    oto = _halved(model, x)
+    with caplog.at_level(logging.INFO, logger="otofx"):
+        small = assert_exact(model, oto, torch.randn(3, 3, 28, 28))
+    assert type(small) is type(model), caplog.text
+    assert "takes its tied widths equal" in caplog.text, caplog.text
+    for old, new in zip(model.blocks, small.blocks):
+        assert new.attn.num_heads == 2 and new.attn.qkv.in_features == 32 == new.attn.proj.in_features
+        assert new.mlp.fc1.out_features < old.mlp.fc1.out_features
+    assert small.patch_embed.proj.out_channels == 32
+
+
+def test_coat_factorised_attention_ties_its_head_width_to_the_stream(caplog):
+    """CoaT's factorised attention takes its head width as ``C // num_heads`` of its input's width,
+    and its conv position encoding splits the heads in groups by window (three groups, shared by the
+    blocks of a stage): the own class keeps just enough of the stream's zero rows to equal the heads
+    left (2 + 3 + 3 heads of 2, half zero: 1 + 2 + 2 heads, a stream of 10, not 8)."""
+    model = timm.models.coat.CoaT(img_size=32, patch_size=4, embed_dims=(16, 16, 16, 16), serial_depths=(1, 1, 1, 1),
+                                  num_heads=8, mlp_ratios=(2, 2, 2, 2), num_classes=10)
+    x = torch.randn(2, 3, 32, 32)
+    oto = _halved(model, x)
+    with caplog.at_level(logging.INFO, logger="otofx"):
+        small = assert_exact(model, oto, torch.randn(3, 3, 32, 32))
+    assert type(small) is type(model), caplog.text
+    assert "takes its tied widths equal" in caplog.text, caplog.text
+    attn = small.serial_blocks1[0].factoratt_crpe
+    assert attn.num_heads == 5 and attn.qkv.in_features == 10 == attn.proj.in_features
+    assert small.crpe1.channel_splits == [2, 4, 4]
