@@ -26,7 +26,10 @@ Internals:
     * :func:`graph_module` builds the module hierarchy fx's ``GraphModule(root, graph)`` builds,
       with dict operations instead of ``Module.__getattr__``/``__setattr__`` per path step.
     * Export: a batch of 1 is widened to 2 for the capture (export specialises sizes of 1); refusals
-      fall back to a dynamic batch only, then static shapes (INFO log). Image sizes are a second
+      fall back to a dynamic batch only, then static shapes (INFO log). After a failure on a branch
+      on tensor values the later attempts go to draft_export directly, and a dynamic sequence that
+      the failed export had already fixed is not asked for again (:func:`_export_program`); drafts
+      run without torch's per-expression provenance records (:func:`_no_expression_logs`). Image sizes are a second
       capture after the first (batch and sequence) one succeeded, under a SIGALRM deadline
       (:func:`_deadline`; main thread only, else skipped) whose exception is a BaseException so that
       export's own fallbacks do not swallow it; the first capture is kept when the second is late,
@@ -515,29 +518,123 @@ def _export_program(model, args, kwargs):
     Attempts, first success wins: the example with a batch of 1 widened to 2, batch and sequence
     dynamic; the example, batch and sequence dynamic; the example, batch dynamic; static. Returns
     ``(program, (args, kwargs) it was captured on, dims)`` with dims "all", "batch" or None.
+
+    Once an attempt fails on a branch on tensor values (:func:`_data_dependent`), the plain export of
+    the later attempts would fail on that branch again: they go to :func:`_draft` directly (the plain
+    export only when the draft gives nothing). An attempt whose dynamic dimensions beyond the batch
+    the failed export had already fixed (a Python loop over the sequence: :func:`_fixed_dims`) is
+    skipped: its draft could not make them dynamic either. An attempt asking for the same dynamic
+    dimensions as one that failed is skipped too.
     """
     widened = _batch_widened(args, kwargs)
     attempts = ([(widened, "all")] if widened is not None else []) + [((args, kwargs), "all"),
                                                                        ((args, kwargs), "batch"),
                                                                        ((args, kwargs), None)]
-    for (a, k), dims in attempts:
+    on_data = False  # an earlier attempt failed on a branch on tensor values
+    seq_fixed = False  # ... and had fixed every sequence size it was asked to keep dynamic
+    tried = set()  # (inputs, dynamic dims per input) of the failed attempts
+    i = -1
+    while i + 1 < len(attempts):
+        i += 1
+        (a, k), dims = attempts[i]
+        last = i == len(attempts) - 1
+        key = (widened is not None and a is widened[0], _dims_key(a, k, dims))
+        if dims == "all" and seq_fixed:
+            continue
+        if key in tried and not last:
+            log.debug("torch.export with %s dynamic: the same dimensions as a failed attempt; skipped", dims)
+            continue
+        tried.add(key)
         shapes = _dynamic_shapes(model, a, k, dims) if dims else None
-        try:
-            with _quiet_torch():
-                ep = torch.export.export(model, a, k, dynamic_shapes=shapes, strict=False)
-        except Exception as e:  # noqa: BLE001
-            ep = _draft(model, a, k, shapes) if _data_dependent(e) else None
+        ep, err = None, None
+        if on_data:
+            # NB: the plain export fails on the branch again (seconds to minutes on a large model)
+            ep = _draft(model, a, k, shapes)
+        if ep is None:
+            fixed: set = set()
+            try:
+                with _quiet_torch(), _fixed_dims(fixed):
+                    ep = torch.export.export(model, a, k, dynamic_shapes=shapes, strict=False)
+            except Exception as e:  # noqa: BLE001
+                err = e
+                if _data_dependent(e):
+                    first = not on_data
+                    on_data = True
+                    if first and dims == "all" and fixed:
+                        # NB: its draft would fix them too (minutes on Qwen4-Exp, whose indexer loops over
+                        # every query); the same inputs with a dynamic batch are next
+                        log.info("torch.export with batch and sequence dynamic failed on a branch on tensor "
+                                 "values (%s) and had fixed the sequence sizes before (%s); trying a dynamic "
+                                 "batch", _first_line(e), ", ".join(sorted(fixed)))
+                        seq_fixed = True
+                        attempts.insert(i + 1, ((a, k), "batch"))
+                        continue
+                    if first:
+                        ep = _draft(model, a, k, shapes)
             if ep is None:
                 if dims is None:
-                    raise
+                    raise err
                 log.info("torch.export with %s dynamic failed (%s: %s); trying fewer dynamic dimensions",
-                         "batch and sequence" if dims == "all" else "the batch dimension", type(e).__name__,
-                         _first_line(e))
+                         "batch and sequence" if dims == "all" else "the batch dimension", type(err).__name__,
+                         _first_line(err))
                 continue
         if dims != "all":
             log.info("%s captured with %s", type(model).__name__,
                      "a dynamic batch only" if dims == "batch" else "static shapes")
         return ep, (a, k), dims
+
+
+def _dims_key(args, kwargs, dims) -> tuple:
+    """The dimensions an attempt asks to be dynamic, per input tensor (see :func:`_dynamic_dims`)."""
+    if not dims:
+        return ()
+    return tuple(_dynamic_dims(t, dims) if isinstance(t, torch.Tensor) and t.dim() >= 1 else None
+                 for t in tree_flatten((args, kwargs))[0])
+
+
+_SIZE_SOURCE = re.compile(r"\.size\(\)\[(\d+)\]$")
+
+
+@contextmanager
+def _fixed_dims(out: set):
+    """Collect in ``out`` the input dimensions other than the batch (dim 0) that an export asked to be
+    dynamic and fixed to their example size before it ended (a guard such as ``for i in
+    range(seq_len)``): ``"input_ids.size()[1]"``. Filled only if every such dimension was fixed.
+
+    # NB: reads the export's ``ShapeEnv`` (recorded when it is made); a specialisation is a
+    # replacement of the dimension's symbol by an integer. Guards only accumulate along the code
+    # path, so a later capture along the same path (draft_export) fixes them too.
+    """
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    envs = []
+    init = ShapeEnv.__init__
+
+    @functools.wraps(init)
+    def record(self, *a, **k):
+        init(self, *a, **k)
+        envs.append(self)
+
+    ShapeEnv.__init__ = record
+    try:
+        yield
+    finally:
+        ShapeEnv.__init__ = init
+        try:
+            names, fixed = set(), set()
+            for env in envs:
+                for sym, sources in getattr(env, "var_to_sources", {}).items():
+                    for src in sources:
+                        name = src.name() if callable(getattr(src, "name", None)) else str(getattr(src, "name", src))
+                        hit = _SIZE_SOURCE.search(name)
+                        if hit and int(hit.group(1)) >= 1:
+                            names.add(name)
+                            if getattr(env.replacements.get(sym), "is_Integer", False):
+                                fixed.add(name)
+            if names and fixed == names:
+                out.update(fixed)
+        except Exception:  # noqa: BLE001 - torch internals changed: learn nothing
+            log.debug("could not read the failed export's fixed dimensions", exc_info=True)
 
 
 # --- branches on tensor values ----------------------------------------------------------------------
@@ -574,13 +671,42 @@ def _data_dependent(e: BaseException) -> bool:
     return False
 
 
+@contextmanager
+def _no_expression_logs():
+    """draft_export without its ``expression_created`` records (one per symbolic size operation).
+
+    # NB: draft_export turns on torch's structured trace, and every SymNode operation then logs its
+    # expression with the user's and torch's stacks and its printed sympy form: half of a draft's time
+    # on Qwen4-Exp (36k records; a tiny model took minutes). The records only explain a failure's
+    # provenance in draft_export's report; the failures themselves (``propagate_real_tensors_provenance``,
+    # ``guard_added``...) are separate records, and otofx reads the failures' ``expr`` and ``result``.
+    """
+    from torch.fx.experimental import sym_node
+
+    logged = getattr(sym_node, "dtrace_structured", None)
+    if logged is None:
+        yield
+        return
+
+    @functools.wraps(logged)
+    def dtrace(name, *a, **k):
+        if name != "expression_created":
+            logged(name, *a, **k)
+
+    sym_node.dtrace_structured = dtrace
+    try:
+        yield
+    finally:
+        sym_node.dtrace_structured = logged
+
+
 def _draft(model, args, kwargs, shapes):
     """``torch.export.draft_export`` when its only issues are branches on data (else None)."""
     draft = getattr(torch.export, "draft_export", None)
     if draft is None:
         return None
     try:
-        with _quiet_torch(), warnings.catch_warnings():
+        with _quiet_torch(), warnings.catch_warnings(), _no_expression_logs():
             warnings.simplefilter("ignore")
             ep = draft(model, args, kwargs, dynamic_shapes=shapes, strict=False)
     except Exception as e:  # noqa: BLE001

@@ -316,6 +316,92 @@ def test_a_branch_on_data_is_captured_and_guarded(caplog, sign):
         torch.testing.assert_close(own(x2), m(x2), rtol=1e-5, atol=1e-6)
 
 
+class _TokensThenBranch(nn.Module):
+    """Token ids, a branch on values (``if h.mean() > 0``), and with ``loop`` a Python loop over the
+    tokens before it (Qwen4-Exp's indexer loops over every query): the loop fixes the sequence length."""
+
+    def __init__(self, loop: bool):
+        super().__init__()
+        self.loop = loop
+        self.emb, self.a, self.b, self.head = nn.Embedding(16, 8), nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 3)
+
+    def forward(self, ids):
+        h = self.emb(ids)
+        if self.loop:
+            h = torch.stack([h[:, t] * (t + 1) for t in range(ids.shape[1])], 1)
+        if h.mean() > 0:
+            h = torch.relu(self.a(h))
+        else:
+            h = torch.tanh(self.b(h))
+        return self.head(h)
+
+
+def _record_exports(monkeypatch, refuse_sequence_drafts=False) -> list:
+    """Record ``("export" | "draft", dynamic dims per input)`` of every torch.export call."""
+    calls = []
+    export, draft = torch.export.export, torch.export.draft_export
+
+    def dims_of(shapes):
+        return {k: sorted(v) for k, v in (shapes or {}).items()} if isinstance(shapes, dict) else shapes
+
+    def rec_export(*a, dynamic_shapes=None, **k):
+        calls.append(("export", dims_of(dynamic_shapes)))
+        return export(*a, dynamic_shapes=dynamic_shapes, **k)
+
+    def rec_draft(*a, dynamic_shapes=None, **k):
+        calls.append(("draft", dims_of(dynamic_shapes)))
+        if refuse_sequence_drafts and any(1 in v for v in (dynamic_shapes or {}).values()):
+            # NB: as draft_export on Qwen4-Exp with a dynamic sequence (PendingUnbackedSymbolNotFound)
+            raise RuntimeError("Pending unbacked symbols {u0} not in returned outputs")
+        return draft(*a, dynamic_shapes=dynamic_shapes, **k)
+
+    monkeypatch.setattr(torch.export, "export", rec_export)
+    monkeypatch.setattr(torch.export, "draft_export", rec_draft)
+    return calls
+
+
+def test_a_branch_on_data_after_a_loop_over_tokens_skips_the_doomed_attempts(monkeypatch, caplog):
+    """The first export (batch and sequence dynamic) fails on the branch, having fixed the sequence
+    length for the loop: its draft could not keep the sequence dynamic, so the capture drafts with a
+    dynamic batch at once (one export, one draft; before, a draft with the sequence asked dynamic). The
+    graph keeps the dynamic batch and the branch guard, and is exact."""
+    import logging
+
+    from otofx import capture
+
+    torch.manual_seed(0)
+    m = _TokensThenBranch(loop=True).eval()
+    ids = torch.randint(0, 16, (2, 5))
+    calls = _record_exports(monkeypatch)
+    with caplog.at_level(logging.INFO, logger="otofx"):
+        cap = capture.capture(m, ids, frontend="export")
+    assert calls == [("export", {"ids": [0, 1]}), ("draft", {"ids": [0]})]
+    assert "had fixed the sequence sizes" in caplog.text and "a dynamic batch only" in caplog.text
+    assert cap.gm.meta[capture.DATA_BRANCHES]
+    (more_args, _), = cap.more_inputs
+    assert more_args[0].shape == (3, 5)  # a second batch size
+    with torch.no_grad():
+        for x in (ids, more_args[0]):
+            torch.testing.assert_close(cap.gm(x), m(x), rtol=0, atol=0)
+
+
+def test_a_branch_on_data_does_not_retry_the_plain_export(monkeypatch):
+    """After a failure on a branch on data, the attempts with fewer dynamic dimensions go to
+    draft_export directly: the plain export would fail on the same branch again. Here the draft with a
+    dynamic sequence fails (as on Qwen4-Exp), the one with a dynamic batch succeeds."""
+    from otofx import capture
+
+    torch.manual_seed(0)
+    m = _TokensThenBranch(loop=False).eval()
+    ids = torch.randint(0, 16, (2, 5))
+    calls = _record_exports(monkeypatch, refuse_sequence_drafts=True)
+    cap = capture.capture(m, ids, frontend="export")
+    assert calls == [("export", {"ids": [0, 1]}), ("draft", {"ids": [0, 1]}), ("draft", {"ids": [0]})]
+    assert cap.gm.meta[capture.DATA_BRANCHES]
+    with torch.no_grad():
+        torch.testing.assert_close(cap.gm(ids), m(ids), rtol=0, atol=0)
+
+
 class OptionalInputs(torch.nn.Module):
     """``if extra is not None:``: a proxy is never None, so symbolic_trace took the branch the example
     leaves out and the analysis failed on the None it then read."""
