@@ -137,6 +137,9 @@ OVERRIDES = {
     # Qwen4-Exp's indexed attention needs its indexer sizes (none by default); hyper-connections' rank
     "qwen4_exp_text": {"indexer_n_heads": 2, "indexer_kv_heads": 1, "indexer_head_dim": HEAD_DIM, "indexer_budget": 8,
                        "indexer_compress_ratio": 2, "hc_lowrank": 8},
+    # DeepSeek V4's heavily compressed attention compresses 128 tokens into one: below that its
+    # compressor's gate is computed and dropped, so the capture never sees it read the stream
+    "deepseek_v4": {"compress_rates": {"compressed_sparse_attention": 4, "heavily_compressed_attention": 8}},
     "lfm2_moe": {"layer_types": ["conv", "full_attention"], "num_hidden_layers": 2, "num_dense_layers": 1},
     "dots1": {"n_routed_experts": 4, "n_shared_experts": 1, "num_experts_per_tok": 2},
     "zamba2": {"layers_block_type": ["linear_attention", "hybrid"], "hybrid_layer_ids": [1], "num_hidden_layers": 2,
@@ -321,7 +324,9 @@ def classify(oto, heads: int) -> tuple[int, int, int, int]:
         emb = oto.model.get_input_embeddings()
     except (NotImplementedError, AttributeError):
         emb = None
-    tables = {f"{mn}.weight" if mn else "weight" for mn, mod in oto.model.named_modules() if mod is emb and emb is not None}
+    # NB: every name of the table: a tied LM head may be the name the analysis reads it by (RoBERTa's decoder)
+    table = getattr(emb, "weight", None)
+    tables = {n for n, p in oto.model.named_parameters(remove_duplicate=False) if table is not None and p is table}
     for z in oto.groups:
         if any(n in tables and d == 1 for n, d, _ in z.params):
             s += z.rows

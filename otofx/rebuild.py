@@ -89,7 +89,7 @@ from otofx.passes.resize import (STREAM_WIDTHS, Change, ResizeError, Scope, appl
                                  constant_scale_sources, grn_sites, norm_sites, rms_folds, rms_input_producer,
                                  batch_stats_sites, standardised_module,
                                  stream_scale_sources, scale_parameter, tied_head_norms, weightless_sites,
-                                 weightless_stream_fold, resize_weightless_norms)
+                                 weightless_stream_fold, resize_weightless_norms, magnitude_folds)
 
 log = logging.getLogger("otofx")
 
@@ -237,15 +237,31 @@ def rebuild(model: nn.Module, plan: Plan, gm: torch.fx.GraphModule | None = None
         # NB: a norm's own forward divides by the new width; the graph form keeps the old divisor
         # (the mean's fix): eps and the weight absorb the ratio (OLMo 2's q/k norms, Mamba 2's
         # gated norm over every head)
-        for fold in rms_folds(gm, plan, model):
-            changed.setdefault(fold.module, {}).update(apply_rms_fold(new.get_submodule(fold.module), fold))
+        folds_rms = rms_folds(gm, plan, model)
+        # NB: a norm without a weight that one linear layer alone reads refolds into that layer, unless
+        # the stream scaling below serves every such norm as it is (NanoChat's): one regime, not both
+        weightless = weightless_sites(gm, plan)
+        scaled = weightless_stream_fold(gm, weightless, model)
+        if scaled is not None:
+            folds_rms = [f for f in folds_rms if not f.weightless]
+        else:
+            weightless = weightless_sites(gm, plan, frozenset(f.mean for f in folds_rms if f.weightless))
+            scaled = weightless_stream_fold(gm, weightless, model)
+        for fold in folds_rms:
+            holder = new.get_submodule(fold.eps_module) if fold.eps_module else None
+            changed.setdefault(fold.eps_module or fold.module, {}).update(
+                apply_rms_fold(new.get_submodule(fold.module), fold, holder))
             log.debug("otofx: %s: RMS norm over %d of %d entries refolded", fold.module, fold.new, fold.old)
         # NB: a norm without a weight has no float or weight to refold: the layers around it scale
-        weightless = weightless_sites(gm, plan)
-        for name, factor in (weightless_stream_fold(gm, weightless, model) or {}).items():
+        for name, factor in (scaled or {}).items():
             scale_parameter(new, name, factor)
             log.debug("otofx: %s scaled by %g around RMS norms without a weight", name, factor)
         resize_weightless_norms(new, weightless)
+        # NB: a magnitude match (h * rms(g) / rms(h): Gemma 3n's AltUp) reads both roots at the new
+        # width: the layer producing h scales so that rms(h) and its clamp see what they did
+        for name, factor in magnitude_folds(gm, plan).items():
+            scale_parameter(new, name, factor)
+            log.debug("otofx: %s scaled by %g for a magnitude match", name, factor)
         _check_grns(new, gm, plan)
     _resync_stream_width(new, model, stream)  # NB: before the config fit, which compares these attributes
     _update_config(new, model, changed, cuts, old_shapes, stream, groups, gm if follow_floats else None, folds)

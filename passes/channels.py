@@ -171,6 +171,10 @@ class Ctx:
     alias: dict = field(default_factory=dict)  # any name of a tensor -> its first name
     tensors: dict = field(default_factory=dict)  # first name -> parameter or buffer
     row_axes: dict = field(default_factory=dict)  # reshape node name -> output axes preferred as rows
+    # reshape nodes whose merge of several channel axes keeps the innermost one as rows (the outermost
+    # by default), and every such merge made: (node name, ids of the axis kept)
+    merge_inner: frozenset = frozenset()
+    merges: list = field(default_factory=list)
     extra_labels: dict = field(default_factory=dict)  # "<node>.<what>" -> ids a rule's fix needs later
     weight_norms: list = field(default_factory=list)  # every WeightNormRef a rule read (the rewrite refits g)
     # (ids, node, op, reason): pinned at the end of the analysis unless every live row among the ids

@@ -11,9 +11,13 @@ Hugging Face's ``Conv1D``, a Linear that stores its weight transposed. ``paramet
 every module and attribute each parameter is registered under (tied weights have several).
 ``copy_module(model)``: ``copy.deepcopy`` that also copies tensors a forward left in module
 attributes with their autograd history (a recurrent state), which deepcopy refuses.
+``view_base(node)``: the node whose memory a node's value may share (a view, an in-place op's result,
+a cast that may return its input), where an in-place write also lands.
 ``rms_norm_of(mean)``: the RMS norm a ``mean`` node belongs to, as written out by hand
-(``w * h * rsqrt(mean(h ** 2) + eps)``: LLaMA's and most of today's LLMs'; ``** -0.5``: Gemma 4's),
-or None; ``grn_of(mean)``: the Global Response Normalization (ConvNeXt V2's GRN: a spatial 2-norm
+(``w * h * rsqrt(mean(h ** 2) + eps)``: LLaMA's and most of today's LLMs'; ``** -0.5``: Gemma 4's;
+``linear(h, W) * rsqrt(...)``: HY v4's, W its weight), or None; ``linear_after(out)``: the linear
+layer alone reading a norm without a weight (DeepSeek V4's); ``magnitude_matches_of(mean)``: the
+magnitude matches ``h * rms(g) / rms(h)`` a mean of squares belongs to (Gemma 3n's AltUp); ``grn_of(mean)``: the Global Response Normalization (ConvNeXt V2's GRN: a spatial 2-norm
 divided by its mean over the channels) a ``mean`` node belongs to, or None. ``unread_parameters(gm,
 model)``: the modules whose parameters a captured graph never reads.
 
@@ -87,6 +91,55 @@ def mutates_input(node: fx.Node, module: torch.nn.Module | None = None) -> bool:
         # NB: nn.ReLU(inplace=True) whose result is unused still rewrites its input for later readers
         return getattr(module, "inplace", False) is True
     return False
+
+
+# the spellings (methods, functions) of ops whose result may share its input's memory: views, and
+# casts and copies that return the input itself when nothing changes (``x.to(x.dtype)``)
+_MAY_ALIAS = frozenset({
+    "view", "reshape", "view_as", "reshape_as", "flatten", "unflatten", "squeeze", "unsqueeze", "permute",
+    "transpose", "t", "mT", "movedim", "moveaxis", "swapaxes", "swapdims", "narrow", "select", "expand",
+    "expand_as", "contiguous", "to", "type", "type_as", "float", "half", "double", "bfloat16", "detach", "alias",
+    "as_strided", "diagonal", "unfold", "real", "imag", "view_as_real", "view_as_complex", "chunk", "split",
+    "unbind", "tensor_split", "split_with_sizes", "getitem", "__getitem__",
+})
+# ATen ops that may return their input itself though their schema does not say so (CompositeImplicit casts)
+_ATEN_MAY_ALIAS = frozenset({"aten::type_as"})
+# the casts among them: the input itself only when dtype, device (and layout) stay
+_CAST_ALIASES = frozenset({"to", "type", "type_as", "float", "half", "double", "bfloat16", "contiguous"})
+
+
+def view_base(node: fx.Node) -> fx.Node | None:
+    """The node whose memory ``node``'s value may share (``node`` a view of it, or it itself: an
+    in-place op's result, a cast that changed nothing), or None: a write into ``node``'s value may
+    write that node's value too."""
+    if node.op not in ("call_function", "call_method") or not node.args or not isinstance(node.args[0], fx.Node):
+        return None
+    t = node.target
+    name = t if isinstance(t, str) else getattr(t, "__name__", "")
+    if name.split(".")[0] in _CAST_ALIASES:
+        # NB: a cast returns its input itself only when nothing changes: another dtype or device (or a
+        # strided input made contiguous) is a copy, which a write into the result does not reach
+        out, src = node.meta.get("val"), node.args[0].meta.get("val")
+        if isinstance(out, torch.Tensor) and isinstance(src, torch.Tensor) and (
+                out.dtype != src.dtype or out.device != src.device
+                or (name.startswith("contiguous") and not src.is_contiguous())):
+            return None
+    if node.op == "call_method":
+        return node.args[0] if t in _MAY_ALIAS or _inplace_name(t) else None
+    schema = getattr(t, "_schema", None)
+    if isinstance(schema, torch._C.FunctionSchema):
+        aliases = any(r.alias_info is not None for r in schema.returns) or schema.name in _ATEN_MAY_ALIAS
+        return node.args[0] if aliases else None
+    if t is operator.getitem:
+        # NB: an index tensor reads a copy (``x[idx]``); slices, ints, None and ellipsis read a view,
+        # and an entry of a split's tuple is a view of the split tensor
+        idx = node.args[1] if len(node.args) > 1 else None
+        parts = idx if isinstance(idx, (tuple, list)) else (idx,)
+        if any(isinstance(p, fx.Node) and isinstance(p.meta.get("val"), torch.Tensor) for p in parts):
+            return None
+        return node.args[0]
+    name = getattr(t, "__name__", "")
+    return node.args[0] if name in _MAY_ALIAS or t in _WRITES_FIRST or _inplace_name(name) else None
 
 
 def impure(node: fx.Node) -> bool:
@@ -255,6 +308,10 @@ class RmsNorm:
     weight: fx.Node | None
     one_plus: bool
     out: fx.Node | None = None
+    # the linear layer whose weight is ``weight``, applied to h before the normalising product:
+    # ``linear(h, W) * rsqrt(...)`` is ``linear(h * rsqrt(...), W)`` (HY v4's hyper-connections mix
+    # their streams so); None for a weight that multiplies the normalised value
+    linear: fx.Node | None = None
 
 
 def _op(n) -> str:
@@ -350,12 +407,153 @@ def rms_norm_of(mean: fx.Node) -> RmsNorm | None:
     eps = _other(add, via) if add is not None and _op(add) == "add" else None
     r = _next(add)[0] if isinstance(eps, float) else None
     nrm = _next(r)[0] if r is not None and _inverse_sqrt(r) else None
-    if nrm is None or _op(nrm) != "mul" or _before_casts(_other(nrm, _next(r)[1])) is not _before_casts(h):
+    if nrm is None or _op(nrm) != "mul":
         return None
+    other = _before_casts(_other(nrm, _next(r)[1]))
+    if other is not _before_casts(h):
+        w = _bias_free_linear_weight(other, h)
+        return RmsNorm(mean, h, dim, eps, w, False, nrm, linear=other) if w is not None else None
     hit = _norm_weight(nrm)
     if hit is None:
         return RmsNorm(mean, h, dim, eps, None, False, nrm)
     return RmsNorm(mean, h, dim, eps, hit[0], hit[1], nrm)
+
+
+@dataclass(frozen=True)
+class MagnitudeMatch:
+    """``y = h * rms(g) / rms(h)`` written out: ``h`` rescaled to the root mean square of ``g``
+    over the same axis (Gemma 3n's AltUp gives each stream it projects from the first the first's
+    magnitude). ``mean``: ``mean(h ** 2)``; ``target``: ``mean(g ** 2)``; ``rms(h)`` may hold an eps
+    (a clamp or a sum: ``sqrt(clamp(mean, eps))``), ``rms(g)`` none; ``out``: the node of y."""
+
+    mean: fx.Node
+    target: fx.Node
+    h: fx.Node
+    g: fx.Node
+    dim: int
+    out: fx.Node
+
+
+def _mean_of_square(mean: fx.Node):
+    """``(h, dim)`` when ``mean`` is ``mean(h ** 2, dim, keepdim=True)`` over one axis, else None."""
+    if mean.op not in ("call_function", "call_method") or _op(mean) != "mean" or not mean.args:
+        return None
+    sq = _before_casts(mean.args[0])
+    if isinstance(sq, fx.Node) and _op(sq) == "mul" and len(sq.args) == 2 and isinstance(sq.args[1], float):
+        sq = _before_casts(sq.args[0])  # the compressed graph's old divisor
+    h = _squared(sq)
+    dim = _arg(mean, 1, "dim")
+    keep = _arg(mean, 2, "keepdim", False)
+    dim = dim[0] if isinstance(dim, (list, tuple)) and len(dim) == 1 else dim
+    if h is None or not isinstance(dim, int) or not keep:
+        return None
+    return _before_casts(h), dim
+
+
+def _root(mean: fx.Node):
+    """``(r, with_eps)`` when ``mean`` is read by one root (past casts): ``sqrt(mean)``, ``mean ** 0.5``,
+    or the root of ``clamp(mean, min=eps)`` / ``mean + eps`` (``with_eps``); else None."""
+    u, _ = _next(mean)
+    eps = False
+    if u is not None and _op(u) in ("clamp", "clamp_min", "add"):
+        lo = u.args[1] if len(u.args) > 1 else u.kwargs.get("min")
+        if not isinstance(lo, float) or lo <= 0 or (_op(u) == "clamp" and (u.args[2:] or u.kwargs.get("max"))):
+            return None
+        eps, u = True, _next(u)[0]
+    if u is None:
+        return None
+    exponent = u.args[1] if len(u.args) > 1 else u.kwargs.get("exponent")
+    if _op(u) == "sqrt" or (_op(u) == "pow" and isinstance(exponent, (int, float)) and exponent == 0.5):
+        return u, eps
+    return None
+
+
+def _product(n, depth: int = 2):
+    """``(numerator factors, denominator factors)`` of ``n`` through products and quotients (past casts)."""
+    n = _before_casts(n)
+    if depth and isinstance(n, fx.Node) and n.op in ("call_function", "call_method") and len(n.args) == 2 \
+            and _op(n) in ("mul", "div") and all(isinstance(a, fx.Node) for a in n.args):
+        a_num, a_den = _product(n.args[0], depth - 1)
+        b_num, b_den = _product(n.args[1], depth - 1)
+        return (a_num + b_num, a_den + b_den) if _op(n) == "mul" else (a_num + b_den, a_den + b_num)
+    return [n], []
+
+
+def magnitude_match_at(n: fx.Node) -> MagnitudeMatch | None:
+    """The :class:`MagnitudeMatch` whose output is ``n`` (a product or quotient), or None."""
+    if n.op not in ("call_function", "call_method") or _op(n) not in ("mul", "div"):
+        return None
+    num, den = _product(n)
+    if len(num) != 2 or len(den) != 1:
+        return None
+    means = {}
+    for r in num + den:
+        if not isinstance(r, fx.Node) or _op(r) not in ("sqrt", "pow"):
+            continue
+        m = r.args[0]
+        while isinstance(m, fx.Node) and _op(m) in _CASTS + ("clamp", "clamp_min", "add") and m.args:
+            m = m.args[0]
+        if isinstance(m, fx.Node) and _mean_of_square(m) is not None and (_root(m) or (None,))[0] is r:
+            means[r] = m
+    r_h = den[0]
+    if r_h not in means:
+        return None
+    r_g = next((r for r in num if r in means), None)
+    h = next((x for x in num if x is not r_g), None)
+    if r_g is None or h is None or _root(means[r_g])[1]:
+        return None
+    (hh, dim), (g, gdim) = _mean_of_square(means[r_h]), _mean_of_square(means[r_g])
+    if hh is not h or dim != gdim or g is h:
+        return None
+    return MagnitudeMatch(means[r_h], means[r_g], h, g, dim, n)
+
+
+def magnitude_matches_of(mean: fx.Node) -> list | None:
+    """The :class:`MagnitudeMatch` es that read ``mean`` (as ``rms(h)`` or as ``rms(g)``), when every read
+    of its root is one (an ``rms(g)`` may serve several); else None."""
+    if _mean_of_square(mean) is None:
+        return None
+    root = _root(mean)
+    if root is None:
+        return None
+    out = []
+    todo = [u for u in root[0].users if _op(u) != "_assert_tensor_metadata"]
+    while todo:
+        u = todo.pop()
+        if u.op not in ("call_function", "call_method"):
+            return None
+        if _op(u) in _CASTS:
+            todo += list(u.users)
+            continue
+        # the match ends at this product or at the one after it
+        hit = magnitude_match_at(u)
+        if hit is None:
+            nxt = [w for w in u.users if _op(w) != "_assert_tensor_metadata"]
+            hit = magnitude_match_at(nxt[0]) if len(nxt) == 1 else None
+        if hit is None or mean not in (hit.mean, hit.target):
+            return None
+        out.append(hit)
+    return out or None
+
+
+def _bias_free_linear_weight(n, h):
+    """The ``get_attr`` node of ``W`` when ``n`` is ``linear(h, W)`` without a bias (past casts), else None."""
+    if not isinstance(n, fx.Node) or n.op != "call_function" or _op(n) != "linear" or len(n.args) < 2:
+        return None
+    bias = n.args[2] if len(n.args) > 2 else n.kwargs.get("bias")
+    w = _before_casts(n.args[1])
+    if bias is not None or _before_casts(n.args[0]) is not _before_casts(h) or not isinstance(w, fx.Node) \
+            or w.op != "get_attr":
+        return None
+    return w
+
+
+def linear_after(out: fx.Node) -> fx.Node | None:
+    """The linear layer without a bias that alone reads ``out`` (past casts): ``linear(out, W)``
+    after an RMS norm without a weight is the norm with ``W`` as its weight (DeepSeek V4's
+    hyper-connections mix their normed streams so); else None."""
+    u, via = _next(out)
+    return u if u is not None and _bias_free_linear_weight(u, via) is not None else None
 
 
 # the pin reason of an RMS norm without a weight whose output is read otherwise

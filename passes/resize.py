@@ -30,16 +30,18 @@ Internals:
       head-count names, its value is the old value of such a count, and every candidate agrees on
       the new value; anything else is left alone (the caller verifies the result).
     * :func:`rms_folds` reads RMS norms over a narrowed axis off the captured graph (``mean`` of a
-      square, ``+ eps``, ``rsqrt``, times a weight of the model) and :func:`apply_rms_fold` makes
-      the module's own forward, which divides by the new width, compute the old one: eps times
-      old/new, the weight times sqrt(old/new).
+      square, ``+ eps``, ``rsqrt``, times a weight of the model, or a linear layer's weight on either
+      side of the normalising product) and :func:`apply_rms_fold` makes the module's own forward,
+      which divides by the new width, compute the old one: eps times old/new (on the module that
+      computed the mean, where it holds the eps), the weight times sqrt(old/new).
     * Scale folds read, off the graph, which parameters scale a value the module form must keep
       when one of its floats changes: the linear layer alone feeding an RMS norm
       (:func:`rms_input_producer`: eps times c**2 is cancelled by an input times c), the final norm
       alone feeding a tied head (:func:`tied_head_norms`), the layer whose output a literal float
       multiplies (:func:`constant_scale_sources`), the layers writing a residual stream that only
       RMS norms read (:func:`stream_scale_sources`: embedding, output projections, stacked experts,
-      sums and routing products on the way); :func:`scale_parameter` applies one.
+      sums and routing products on the way), the layer producing a magnitude match's ``h``
+      (:func:`magnitude_folds`); :func:`scale_parameter` applies one.
     * ``literal_moves`` runs the graph rules' own ``fix`` (split, slice, narrow, getitem, reshape,
       unflatten, expand) on a recording view of each node (prune's ``Site`` whose edits are kept as
       ``(old, new)``): the graph is not changed, and the new values are the graph form's. The module
@@ -67,7 +69,8 @@ from .modules import (CHANNELS_FIRST_LAYER_NORMS, DATA_FORMAT_LAYER_NORMS, GLOBA
                       PrunedMultiheadAttention, PrunedRelativeAttention, PrunedRNN, PrunedStdConv2d,
                       PrunedWindowAttention, PrunedWindowAttention3d, STD_CONVS, resize_stock_rnn, rnn_slot_suffix,
                       rnn_slots)
-from .nodes import _CASTS, _RESHAPES, HF_CONV1D, _before_casts, _op, _squared, call_arguments, grn_of, made_in, rms_norm_of
+from .nodes import (_CASTS, _RESHAPES, HF_CONV1D, _before_casts, _op, _squared, call_arguments, grn_of,
+                    linear_after, magnitude_match_at, made_in, rms_norm_of)
 from .registry import RULES, bind, form_of, op_of, rule_of
 
 
@@ -478,8 +481,10 @@ WIDTHS = ("all_head_size", "split_size", "inner_dim", "attn_dim", "embed_dim", "
           "hidden_size_per_layer_input")
 # attributes that hold the residual stream's width, config.hidden_size (Mixtral's router and Granite
 # MoE's output reshape by it): re-synced from the token embedding's new width by otofx.rebuild, in
-# the modules that hold a tensor of the stream, since a head width is often the same number
-STREAM_WIDTHS = ("hidden_size", "hidden_dim", "input_size", "embed_dim", "d_model", "n_embd", "dim_norm")
+# the modules that hold a tensor of the stream, since a head width is often the same number; a norm
+# over groups of the stream's width (Qwen4-Exp's hyper-connection norms over hc_count copies of the
+# stream: group_size = hidden_size) reshapes by it too
+STREAM_WIDTHS = ("hidden_size", "hidden_dim", "input_size", "embed_dim", "d_model", "n_embd", "dim_norm", "group_size")
 
 
 @dataclass
@@ -662,6 +667,9 @@ class RmsFold:
     one_plus: bool
     old: int
     new: int
+    eps_module: str | None = None  # the module holding eps, when not ``module`` (HY v4's input_norm)
+    mean: str | None = None  # the graph node of a written-out norm's mean
+    weightless: bool = False  # a norm without a weight, folded into the linear layer alone reading it
 
 
 def rms_folds(gm, plan, model: nn.Module) -> list:
@@ -689,26 +697,65 @@ def rms_folds(gm, plan, model: nn.Module) -> list:
         except AttributeError:
             continue
         p = mod._parameters.get(weight)
-        if p is None or p.dim() != 1 or p.shape[0] != len(ids):
+        if p is not None and p.dim() == 2 and not _folds_alone(gm, model, f"{path}.{weight}" if path else weight):
+            continue  # NB: a linear layer's weight tied elsewhere (an LM head's table) cannot take the scale
+        # NB: a norm over groups of the axis (Qwen4-Exp's over each of hc_count copies of the stream)
+        # has its weight over all of them, after the groups are flattened back: the one scale serves all;
+        # a linear layer's weight applied before the normalising product (HY v4) reads the axis on its last
+        if p is None or p.dim() not in (1, 2) or p.shape[-1] % len(ids):
             continue
+        eps_module = None
         if isinstance(mod, nn.RMSNorm) and eps is _MODULE_EPS:
             eps_attr, eps = "eps", mod.eps if mod.eps is not None else torch.finfo(p.dtype).eps
         else:
-            attrs = [k for k, v in mod.__dict__.items() if type(v) is float and v == eps]
-            if len(attrs) != 1:
+            # the module that computed the mean holds eps (the norm's own), else the weight's, else
+            # one module under the weight's (a capture that does not record where a node was made)
+            eps_attr, eps_module = _eps_holder(model, _module_path(n) if n.op != "call_module" else None, path, eps)
+            if eps_attr is None:
                 continue
-            eps_attr = attrs[0]
         seen.add((path, weight))
-        out.append(RmsFold(path, eps_attr, float(eps), weight, one_plus, len(ids), new))
+        rms = rms_norm_of(n)
+        out.append(RmsFold(path, eps_attr, float(eps), weight, one_plus, len(ids), new, eps_module,
+                           n.name if _op(n) == "mean" else None, rms is not None and rms.weight is None))
     # NB: norms of one module may share its eps (one per module, read by each): it is set once, so
     # they fold only when their axes shrank alike
     ratio = {}
     for f in out:
-        ratio.setdefault((f.module, f.eps_attr), set()).add(f.old * 1.0 / f.new)
-    return [f for f in out if len(ratio[(f.module, f.eps_attr)]) == 1]
+        ratio.setdefault((f.eps_module or f.module, f.eps_attr), set()).add(f.old * 1.0 / f.new)
+    return [f for f in out if len(ratio[(f.eps_module or f.module, f.eps_attr)]) == 1]
 
 
 _MODULE_EPS = object()  # the eps of an nn.RMSNorm module call: its attribute
+
+
+def _eps_holder(model: nn.Module, where: str | None, path: str, eps: float) -> tuple:
+    """``(attribute, module path or None for ``path``)`` of the float ``eps`` an RMS norm adds: on the
+    module ``where`` that computed its mean, else on the weight's module ``path``, else on the one
+    module under ``path`` that holds it; ``(None, None)`` when none, or several, do."""
+    def floats(m):
+        return [k for k, v in m.__dict__.items() if type(v) is float and v == eps]
+
+    for m in dict.fromkeys(p for p in (where, path) if p is not None):
+        try:
+            attrs = floats(model.get_submodule(m))
+        except AttributeError:
+            continue
+        if len(attrs) == 1:
+            return attrs[0], (m if m != path else None)
+    try:
+        under = [(f"{path}.{k}" if path else k, a) for k, sub in model.get_submodule(path).named_modules()
+                 if k for a in floats(sub)]
+    except AttributeError:
+        return None, None
+    return under[0][::-1] if len(under) == 1 else (None, None)
+
+
+def _folds_alone(gm, model: nn.Module, name: str) -> bool:
+    """Whether parameter ``name`` is registered under that one name and read once in ``gm`` (a
+    linear layer's weight a norm's refold may scale)."""
+    names = [k for k, q in model.named_parameters(remove_duplicate=False) if q is _attr(model, name)]
+    reads = [n for n in gm.graph.nodes if n.op == "get_attr" and n.target == name]
+    return len(names) == 1 and len(reads) == 1 and len(_readers(reads[0])) == 1
 
 
 @dataclass(frozen=True)
@@ -851,7 +898,9 @@ def _linear_params(n: fx.Node, gm) -> tuple | None:
     if n.op != "call_function" or _op(n) != "linear":
         return None
     args = call_arguments(n, gm) or {}
-    w, b = args.get("weight"), args.get("bias")
+    # NB: past value-preserving casts (DeepSeek V4's hyper-connections read ``self.fn.float()``): a
+    # scale of the parameter is a scale of its cast
+    w, b = _before_casts(args.get("weight")), _before_casts(args.get("bias"))
     if not isinstance(w, fx.Node) or w.op != "get_attr" or (b is not None and (not isinstance(b, fx.Node)
                                                                              or b.op != "get_attr")):
         return None
@@ -989,6 +1038,72 @@ def rms_input_producer(gm, path: str, sites: dict | None = None) -> tuple | None
     return tuple(out) or None
 
 
+def magnitude_folds(gm, plan) -> dict:
+    """``{parameter name: factor}`` that makes the module form compute each magnitude match
+    (``y = h * rms(g) / rms(h)``, :class:`otofx.passes.nodes.MagnitudeMatch`) over a narrowed axis as
+    the graph does: with c = sqrt(new / old), the layers producing ``h`` (a linear layer, read by
+    nothing but the match) scaled by c make ``rms(h)`` what it was (its eps or clamp included) and
+    ``rms(g)``, read at the new width, is ``1/c`` times what it was: ``c h * rms(g) / c / rms(h)``
+    is ``y``. A match whose ``h`` and ``g`` lost different shares of their entries, or whose ``h``
+    has no such producer, gets nothing (the module form then fails verification)."""
+    labels, uf = plan.zigset.labels, plan.zigset.uf
+    out: dict = {}
+
+    def width(n, dim):
+        lab = labels.get(getattr(n, "name", None))
+        if not isinstance(lab, AxisLabels):
+            return None
+        ids = lab.ids[dim % len(lab.ids)]
+        return len(ids), int((~plan.removed_roots[uf.find(ids)]).sum())
+
+    seen = set()
+    for n in gm.graph.nodes:
+        hit = magnitude_match_at(n) if n.op in ("call_function", "call_method") else None
+        if hit is None or hit.mean in seen:
+            continue
+        seen.add(hit.mean)
+        wh, wg = width(hit.h, hit.dim), width(hit.g, hit.dim)
+        if wh is None or wg is None or wh[0] == wh[1] and wg[0] == wg[1]:
+            continue
+        if wh[1] * wg[0] != wg[1] * wh[0] or not wh[1]:
+            continue  # NB: different shares: no one scale serves both roots
+        inside: set = set()
+        got = _scaled_by(hit.h, gm, inside)
+        if not got:
+            continue
+        # h and its casts are read by the match alone: its square and its product
+        casts, todo = set(), [hit.h]
+        while todo:
+            v = todo.pop()
+            casts.add(v)
+            todo += [u for u in _readers(v) if u.op in ("call_function", "call_method") and _op(u) in _CASTS
+                     and u.args[0] is v]
+        square = {u for v in casts for u in _readers(v) if _squared(u) is v}
+        allowed = inside | casts | square | _product_nodes(hit.out)
+        if any(r not in allowed for v in inside | casts for r in _readers(v)):
+            continue  # NB: a value on the way read by something else
+        c = (wh[1] / wh[0]) ** 0.5
+        for lin, rows in got.items():
+            if rows is not None:
+                continue  # NB: part of a fused projection: not followed here
+            _, w, b = _linear_params(lin, gm)
+            for t in (w, b):
+                if t is not None:
+                    out[t] = out.get(t, 1.0) * c
+    return out
+
+
+def _product_nodes(n) -> set:
+    """The product and quotient nodes of a magnitude match's output ``n`` (past casts)."""
+    out, todo = set(), [n]
+    while todo:
+        m = _before_casts(todo.pop())
+        if isinstance(m, fx.Node) and m.op in ("call_function", "call_method") and _op(m) in ("mul", "div"):
+            out.add(m)
+            todo += [a for a in m.args if isinstance(a, fx.Node)]
+    return out
+
+
 def norm_sites(gm) -> dict:
     """``{module path: [(node, input, written out, weight name or None, one_plus)]}``: every RMS norm
     call of ``gm`` (with a weight, or written out without one: Gemma 4's v_norm, found by the module
@@ -998,7 +1113,13 @@ def norm_sites(gm) -> dict:
         hit = _rms_site(n, gm)
         if hit is not None:
             weight = f"{hit[2]}.{hit[4]}" if hit[2] else hit[4]
-            out.setdefault(hit[2], []).append((n, hit[0], rms_norm_of(n) is not None, weight, hit[5]))
+            call = (n, hit[0], rms_norm_of(n) is not None, weight, hit[5])
+            out.setdefault(hit[2], []).append(call)
+            # NB: a norm whose eps another module holds (HY v4's input_norm beside the hyper-connection's
+            # weight) is found under that module too, where the config's eps is read
+            where = _module_path(n) if n.op != "call_module" else None
+            if where is not None and where != hit[2] and where.startswith(f"{hit[2]}." if hit[2] else ""):
+                out.setdefault(where, []).append(call)
             continue
         h, path = _plain_rms_input(n), _module_path(n)
         if h is not None and path is not None:
@@ -1171,6 +1292,9 @@ def stream_scale_sources(gm, paths, sites: dict | None = None) -> tuple | None:
             if written:
                 squares = {u for u in _readers(h) if _op(u) in ("pow", "square") or (_op(u) == "mul" and u.args[0] is u.args[1])}
                 ends.update(squares)
+                rms = rms_norm_of(n)
+                if rms is not None and rms.linear is not None:
+                    ends.add(rms.linear)  # NB: its weight is the norm's (refolded): it reads the stream as the norm
                 ends.update(u for u in _readers(h) if _op(u) == "mul" and u not in squares
                             and any(_depends_on(a, squares) for a in u.args if a is not h))
             else:
@@ -1256,7 +1380,9 @@ def _stream_values(todo: list, gm, inside: set, passes: dict | None = None, raw:
         if op in ("add", "sub") and len(nodes) == 2 and "alpha" not in v.kwargs:
             todo += nodes
             continue
-        if op in ("mul", "div") and len(args) == 2 and nodes:
+        # NB: a matrix product of the stream with a factor (DeepSeek V4's hyper-connections mix their
+        # streams by comb^T @ streams, comb computed through the norms) is linear in the stream as a product is
+        if op in ("mul", "div", "matmul", "bmm") and len(args) == 2 and nodes:
             side = _scaled_side(v, gm, inside, writers, passes)
             if side is None:
                 return None
@@ -1282,7 +1408,7 @@ def _scaled_side(v, gm, inside: set, writers: set, passes: dict | None = None) -
     the outputs of norms that pass c on, not yet walked), else the one (the first for a quotient)
     whose own walk back finds writers (the other is a gate, a routing weight, a constant)."""
     args = v.args
-    sides = [i for i in (0, 1) if isinstance(args[i], fx.Node) and (_op(v) == "mul" or i == 0)]
+    sides = [i for i in (0, 1) if isinstance(args[i], fx.Node) and (_op(v) != "div" or i == 0)]
     for i in sides:
         # NB: modded-nanoGPT's ``lambdas[1] * x0`` with x0 = norm(embed(idx)): x0 is a norm's output
         if args[i] in inside or args[i] in writers or (passes and args[i] in passes):
@@ -1347,15 +1473,16 @@ class WeightlessSite:
     new: int
 
 
-def weightless_sites(gm, plan) -> list:
+def weightless_sites(gm, plan, folded=frozenset()) -> list:
     """The :class:`WeightlessSite` of every RMS norm without a weight in ``gm`` over one axis that
-    ``plan`` narrows."""
+    ``plan`` narrows, but those whose mean is in ``folded`` (refolded into the linear layer that
+    reads them: :func:`rms_folds`)."""
     labels, uf = plan.zigset.labels, plan.zigset.uf
     out = []
     for n in gm.graph.nodes:
         site = None
         rms = rms_norm_of(n)
-        if rms is not None and rms.weight is None:
+        if rms is not None and rms.weight is None and n.name not in folded:
             square = _before_casts(n.args[0])
             site = (rms.input, rms.dim, rms.out, (square, rms.out))
         elif n.op == "call_module" and n.args:
@@ -1447,7 +1574,7 @@ def weightless_stream_fold(gm, sites: list, model: nn.Module) -> dict | None:
             for u in _readers(v):
                 if u in inside or u in ends or u in todo:
                     continue
-                if u.op in ("call_function", "call_method") and (_op(u) in ("add", "sub", "mul", "cat")
+                if u.op in ("call_function", "call_method") and (_op(u) in ("add", "sub", "mul", "cat", "sum", "matmul", "bmm")
                                                                  or (_op(u) == "div" and u.args[0] is v)):
                     todo.append(u)  # NB: the stream goes on past its last norm (a sum the head reads)
                     continue
@@ -1508,7 +1635,14 @@ def _rms_site(n, gm):
     or ends (a written-out norm's mean; an ``rms_norm`` op over the last axis with a weight), else None."""
     rms = rms_norm_of(n)
     if rms is not None and rms.weight is None:
-        return None  # NB: a norm without a weight has nothing to refold: weightless_stream_fold scales around it
+        # NB: a norm without a weight read by one linear layer alone refolds into that layer's weight
+        # (rms_folds, when it finds the eps); any other has nothing to refold: weightless_stream_fold
+        # scales around it
+        lin = linear_after(rms.out)
+        if lin is None:
+            return None
+        path, _, attr = _before_casts(lin.args[1]).target.rpartition(".")
+        return rms.input, rms.dim, path, rms.eps, attr, False
     if rms is not None:
         path, _, attr = rms.weight.target.rpartition(".")
         return rms.input, rms.dim, path, rms.eps, attr, rms.one_plus
@@ -1528,11 +1662,12 @@ def _rms_site(n, gm):
     return args["input"], -1, path, _MODULE_EPS if eps is None else eps, attr, False
 
 
-def apply_rms_fold(module: nn.Module, fold: RmsFold) -> dict:
-    """Set ``fold``'s eps and scale its (already sliced) weight in place; returns {attribute: new value}."""
+def apply_rms_fold(module: nn.Module, fold: RmsFold, eps_module: nn.Module | None = None) -> dict:
+    """Set ``fold``'s eps (on ``eps_module``, the module ``fold.eps_module`` names, when given) and
+    scale its (already sliced) weight in place; returns {attribute: new value}."""
     scale = (fold.old / fold.new) ** 0.5
     eps = fold.eps * fold.old / fold.new
-    setattr(module, fold.eps_attr, eps)
+    setattr(eps_module if eps_module is not None else module, fold.eps_attr, eps)
     w = getattr(module, fold.weight)
     with torch.no_grad():
         if fold.one_plus:
@@ -1546,4 +1681,5 @@ __all__ = ["Change", "Scope", "ResizeError", "RESIZERS", "resizer", "rule_for", 
            "HEAD_COUNTS", "WIDTHS", "STREAM_WIDTHS", "RmsFold", "rms_folds", "GrnSite", "grn_sites",
            "inline_grn_groups", "apply_rms_fold", "rms_input_producer",
            "norm_sites", "tied_head_norms", "stream_scale_sources", "constant_scale_sources", "scale_parameter",
-           "WeightlessSite", "weightless_sites", "weightless_stream_fold", "resize_weightless_norms"]
+           "WeightlessSite", "weightless_sites", "weightless_stream_fold", "resize_weightless_norms",
+           "magnitude_folds"]

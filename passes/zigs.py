@@ -11,6 +11,12 @@ Internals:
       slice; classes that met ``PIN`` are not rows. Rows with the same signature (same parameters,
       same number of indices in each) form one ZIG.
     * The labels of every node are kept in ``ZigSet.labels`` for the rewrite.
+    * An in-place op (``add_``, ``copy_``) on a view (a slice, a select, a transpose, a cast that may
+      return its input) writes the view's base too: ``_write_back`` gives the base the written
+      entries' zeros, AND-ed with its own (sound whether the op shares the memory or not).
+    * A reshape merging several channel axes keeps one as rows (the outermost); when that one ends
+      pinned, the analysis runs again keeping the innermost there (``Ctx.merge_inner``, at most
+      ``_MERGE_RUNS`` runs), and the run whose groups hold the most parameters is returned.
 """
 from __future__ import annotations
 
@@ -24,8 +30,8 @@ from torch.utils._pytree import tree_map_only
 
 from .attention import find_head_splits
 from .rules.linalg import bind_library_ops
-from .channels import AxisLabels, Ctx, ParamRef, Pin, SymSize, WeightNormRef, labs_in, leaves
-from .nodes import mutates_input
+from .channels import AxisLabels, Ctx, ParamRef, Pin, SymSize, WeightNormRef, false_mask, labs_in, leaves
+from .nodes import mutates_input, view_base
 from .registry import MODULE_FORMS, RULES, RuleDeclined, bind, canonical_name, form_of, strict_rules
 from .unionfind import PIN, UnionFind, unique
 from .weightnorm import unknown_reason
@@ -146,9 +152,45 @@ def zero_invariant_groups(gm: fx.GraphModule, pin: tuple = ()) -> ZigSet:
     """Group analysis over a graph whose nodes carry ``meta['val']`` (see propagate_shapes).
 
     ``pin``: module or parameter names whose channels must not be removed.
+
+    A reshape that merges several channel axes keeps the outermost one's rows and pins the others;
+    where that axis ended pinned all the same, the analysis runs again keeping the innermost one
+    there (``Ctx.merge_inner``), and the run whose groups hold more parameters is the answer.
     """
     bind_library_ops()
-    ctx = Ctx(gm)
+    best, inner = None, frozenset()
+    for _ in range(_MERGE_RUNS):
+        zs, ctx = _analyse(gm, pin, inner)
+        score = _removable(zs, ctx)
+        if best is None or score > best[0]:
+            best = (score, zs)
+        # NB: each run only flips merges whose kept axis is pinned in the end: the flip gives up
+        # nothing that run kept, and what it frees may change other merges' outcome (hence a loop)
+        flips = {name for name, ids in ctx.merges if (ctx.uf.find(ids) == PIN).all()} - inner
+        if not flips:
+            break
+        log.debug("otofx: %d reshape(s) merged channel axes whose outer one ended pinned (%s): analysing again "
+                  "with the inner one kept", len(flips), ", ".join(sorted(flips)[:4]))
+        inner = inner | flips
+    return best[1]
+
+
+_MERGE_RUNS = 3  # analyses at most: the first, and runs that flip merges (zero_invariant_groups)
+
+
+def _removable(zs: ZigSet, ctx: Ctx) -> int:
+    """How many parameter entries the groups of ``zs`` hold (what compression can remove)."""
+    total = 0
+    for z in zs.zigs:
+        for name, dim, idx in z.params:
+            shape = ctx.shape_of(ParamRef(name))
+            total += idx.numel() * (int(np.prod(shape)) // max(int(shape[dim]), 1))
+    return total
+
+
+def _analyse(gm: fx.GraphModule, pin: tuple, merge_inner: frozenset) -> tuple:
+    """One analysis walk: ``(ZigSet, Ctx)``."""
+    ctx = Ctx(gm, merge_inner=merge_inner)
     mods = ctx.modules
     ctx.row_axes = find_head_splits(gm, mods)
     env: dict = {}
@@ -202,6 +244,7 @@ def zero_invariant_groups(gm: fx.GraphModule, pin: tuple = ()) -> ZigSet:
             if (mutates_input(node, module) and isinstance(src, fx.Node) and isinstance(env[node], AxisLabels)
                     and isinstance(env.get(src), AxisLabels) and env[src].shape == env[node].shape):
                 env[src] = env[node]  # later reads of the mutated tensor see its new label
+                _write_back(env, src, env[node], node)
         except RuleDeclined as e:  # the call is outside the rule's algebra: its values are pinned
             env[node] = _unknown(ctx, node, _resolve(ctx, args), _resolve(ctx, kwargs), out,
                                  f"rule '{form.rule}' declines this call: {e}")
@@ -229,7 +272,140 @@ def zero_invariant_groups(gm: fx.GraphModule, pin: tuple = ()) -> ZigSet:
     acts = [env.get(n) for n in gm.graph.nodes if n.op != "get_attr"]
     # ids a rule keeps for the rewrite (an attention module's heads) are activation axes inside the op
     acts += [AxisLabels((a,), (np.zeros(len(a), dtype=bool),)) for a in ctx.extra_labels.values()]
-    return _group(ctx, labels, acts)
+    return _group(ctx, labels, acts), ctx
+
+
+def _write_back(env: dict, node: fx.Node, lab: AxisLabels, writer: fx.Node) -> None:
+    """``node``'s value was written in place (by ``writer``) and is now ``lab``: the values it may
+    share memory with (the bases it is a view of: ``x[1:] += y`` writes ``x``) get the written
+    entries' zeros.
+
+    Every base a view was read from keeps its ids (the view's are a part of them, so the write's ties
+    reach the base already) and takes, on each axis, the entries zero (constant) both before and in
+    what was written: the mask of the positions the view selects (a slice or narrow, an axis moved
+    by a permute) is AND-ed with the written one, every other axis's with the written one as a
+    whole. A view that does not map positions so (a reshape, a strided or computed slice) leaves
+    nothing of the base zero, and its own bases neither.
+
+    Every other view of those values taken before the write (``t = x.mT`` read after ``x[1:] += y``)
+    shares the written memory too: nothing of it is zero any more (:func:`_forget_zeros`).
+
+    # NB: a may-alias (a cast that returns its input unchanged, ``type_as``) is taken as sharing: the
+    # AND is right whether it shares or copies
+    """
+    weak, chain = False, [node]
+    for _ in range(64):
+        base = view_base(node)
+        if base is None:
+            break
+        old = env.get(base)
+        if isinstance(old, AxisLabels):
+            new = None if weak else _written(old, node, lab)
+            if new is None:
+                weak, new = True, _no_zeros(old)
+            env[base] = lab = new
+        else:  # a split's tuple (its entries are views of its input) or a python value: nothing to map
+            weak = True
+        node = base
+        chain.append(node)
+    _forget_zeros(env, chain, writer)
+
+
+def _forget_zeros(env: dict, chain: list, writer: fx.Node) -> None:
+    """The views already labelled (in ``env``) of the values in ``chain`` (a written view and the bases
+    it was read from), but ``chain`` itself and ``writer`` (the in-place op), and their views in turn:
+    no channel of theirs is zero or constant any more.
+
+    # NB: the analysis follows the graph's edges, not its storages: a view read before the write and
+    # used after it would keep zeros the write undid (sound here by forgetting them all)
+    """
+    done = set(chain) | {writer}
+    todo = [u for c in chain for u in c.users if u not in done and view_base(u) is c]
+    while todo:
+        u = todo.pop()
+        if u in done or u not in env:
+            continue
+        done.add(u)
+        v = env[u]
+        env[u] = type(v)(map(_no_zeros, v)) if isinstance(v, (tuple, list)) else _no_zeros(v)
+        todo += [w for w in u.users if w not in done and view_base(w) is u]
+
+
+def _no_zeros(v):
+    """``v`` (a label) with the same ids and no channel zero or constant; anything else as it is."""
+    return AxisLabels(v.ids, tuple(false_mask(n) for n in v.shape)) if isinstance(v, AxisLabels) else v
+
+
+def _written(old: AxisLabels, view: fx.Node, lab: AxisLabels) -> AxisLabels | None:
+    """``old`` (a view's base) after the view's entries became ``lab``, or None when the view's
+    positions are not mapped here (see ``_write_back``)."""
+    from .rules.common import _ax
+
+    name = view.target if isinstance(view.target, str) else getattr(view.target, "__name__", "")
+    name = name.split(".")[0]
+    args = view.args
+    ndim = old.ndim
+    zero = [z.copy() for z in old.zero]
+    const = [old.fixed(d).copy() for d in range(ndim)]
+    axes = None  # base axis -> (view axis, positions along the base axis or None for all of it)
+    if name in ("slice", "narrow") and len(args) >= 2 and isinstance(args[1], int):
+        d = _ax(args[1], ndim)
+        if name == "slice":
+            start, end = (args[2] if len(args) > 2 else None), (args[3] if len(args) > 3 else None)
+            step = args[4] if len(args) > 4 else 1
+        else:
+            start = args[2] if len(args) > 2 else None
+            end = start + args[3] if isinstance(start, int) and len(args) > 3 and isinstance(args[3], int) else "?"
+            step = 1
+        if not all(isinstance(v, (int, type(None))) and not isinstance(v, bool) for v in (start, end, step)):
+            return None
+        pos = np.arange(*slice(start, end, step).indices(old.shape[d]))
+        axes = {a: (a, pos if a == d else None) for a in range(ndim)}
+    elif name == "select" and len(args) >= 3 and isinstance(args[1], int) and isinstance(args[2], int):
+        d = _ax(args[1], ndim)
+        i = _ax(args[2], old.shape[d])
+        zero[d][i] = const[d][i] = False  # NB: the written slice has no axis d: nothing says it is zero
+        axes = {a: (a - (a > d), None) for a in range(ndim) if a != d}
+    elif name in ("permute", "transpose", "t", "movedim", "swapaxes", "swapdims", "moveaxis"):
+        from .rules.shape import _permute_dims
+
+        kind = {"transpose": "transpose", "swapaxes": "transpose", "swapdims": "transpose", "t": "t",
+                "movedim": "movedim", "moveaxis": "movedim"}.get(name, "permute")
+        try:
+            perm = _permute_dims(kind, ndim, tuple(args[1:]))
+        except (TypeError, IndexError):
+            return None
+        axes = {p: (j, None) for j, p in enumerate(perm)}
+    elif name in ("getitem", "__getitem__") and len(args) >= 2:
+        from .rules.indexing import _index_parts
+
+        axes, v = {}, 0
+        for a, p in _index_parts(args[1], ndim):
+            if a is None:  # a new axis of the view
+                v += 1
+            elif isinstance(p, slice) and all(isinstance(e, (int, type(None))) and not isinstance(e, bool)
+                                              for e in (p.start, p.stop, p.step)):
+                axes[a] = (v, np.arange(*p.indices(old.shape[a])))
+                v += 1
+            elif isinstance(p, int) and not isinstance(p, bool):
+                zero[a][_ax(p, old.shape[a])] = const[a][_ax(p, old.shape[a])] = False
+            else:
+                return None
+    elif old.shape == lab.shape and name != "as_strided":
+        # the same positions: a cast, an in-place op's result, an alias, a view to the same shape
+        axes = {a: (a, None) for a in range(ndim)}
+    if axes is None or lab.ndim != len({v for v, _ in axes.values()}):
+        return None
+    for a, (v, pos) in axes.items():
+        if lab.shape[v] != (len(pos) if pos is not None else old.shape[a]):
+            return None
+        if pos is None:
+            zero[a] &= lab.zero[v]
+            const[a] &= lab.fixed(v)
+        else:
+            zero[a][pos] &= lab.zero[v]
+            const[a][pos] &= lab.fixed(v)
+    return AxisLabels(old.ids, tuple(zero), tuple(const) if old.const is not None or lab.const is not None else None)
 
 
 def _tensor_label(ctx: Ctx, v):

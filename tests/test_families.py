@@ -245,12 +245,13 @@ def test_gemma3n_per_layer_widths_in_its_config(tmp_path):
     oto = otofx.OTO(model, _ids())
 
     def rows(z):
-        names = {n for n, _, _ in z.params}
-        if "model.layers.0.mlp.gate_proj.weight" in names:
+        # NB: by the axis a group owns: the hidden width's group (a group too) reads every gate_proj
+        names = {(n, d) for n, d, _ in z.params}
+        if ("model.layers.0.mlp.gate_proj.weight", 0) in names:
             return torch.tensor([0])
-        if "model.layers.1.mlp.gate_proj.weight" in names:
+        if ("model.layers.1.mlp.gate_proj.weight", 0) in names:
             return torch.tensor([1, 2, 3])
-        if "model.embed_tokens_per_layer.weight" in names:
+        if any(n == "model.embed_tokens_per_layer.weight" for n, _ in names):
             return torch.tensor([0, 5])
         return torch.tensor([], dtype=torch.long)
 
@@ -550,3 +551,114 @@ def test_head_pruned_config_and_save_load(name, tmp_path):
     x = _ids()[:1, :5]
     assert torch.equal(back.generate(x, max_new_tokens=4, do_sample=False),
                        model.generate(x, max_new_tokens=4, do_sample=False))
+
+
+def _stream_group(oto, model):
+    """The group holding the token embedding's columns (the residual stream), or None."""
+    name = next(n for n, m in model.named_modules() if m is model.get_input_embeddings()) + ".weight"
+    hits = [z for z in oto.groups if any(n == name and d == 1 for n, d, _ in z.params)]
+    return hits[0] if hits else None
+
+
+@pytest.mark.parametrize("family,cls", [
+    ("hy_v4", "HYV4ForCausalLM"),  # hyper-connections: hc_mult copies of the stream flattened with it
+    ("deepseek_v4", "DeepseekV4ForCausalLM"),  # the same (mHC), with a weightless norm before the mixing
+    ("gemma3n_text", "Gemma3nForCausalLM"),  # AltUp: corrected[1:] += first (copy_), magnitude matching
+])
+def test_hidden_width_of_stream_copies(family, cls):
+    """Models that carry several copies of the residual stream (hyper-connections, AltUp) keep one row
+    per hidden channel: the merge of the copies with the hidden width keeps the hidden width's rows
+    (the copies are mixed by data), an in-place update of a slice of the copies follows its base, and
+    AltUp's magnitude matching (``h * rms(g) / rms(h)``) is scaled for in the own class. Half the rows
+    zeroed, the model's own class is exact, loads through ``from_pretrained`` where its config allows
+    (HY v4, DeepSeek V4: the hyper-connections' norms take their eps back and the stream scales), and
+    generates the full model's tokens."""
+    sweep = _sweep()
+    cfg, model, x, kwargs = sweep.build("causal-lm", family, cls)
+    oto = otofx.OTO(model, x)
+    stream = _stream_group(oto, model)
+    assert stream is not None and stream.rows == cfg.hidden_size, [p.reason for p in oto.pinned]
+    zero_random_rows(model, oto, seed=0)
+    small = oto.compress(form="module")
+    assert isinstance(small, type(model)) and small.config.hidden_size == cfg.hidden_size - cfg.hidden_size // 2
+    assert_exact(model, oto, x["input_ids"], small=small, ref_kwargs=kwargs)
+    assert_exact(model, oto, sweep.example_input("causal-lm", cfg, 1)["input_ids"], small=small, ref_kwargs=kwargs)
+    if family != "gemma3n_text":  # NB: no config field holds Gemma 3n's narrowed per-layer widths
+        assert sweep._hub_round_trip(model, small, x, kwargs) == "exact"
+    ids = x["input_ids"][:1, :5]
+    assert torch.equal(small.generate(ids, max_new_tokens=5, do_sample=False),
+                       model.generate(ids, max_new_tokens=5, do_sample=False))
+
+
+class _GroupedRMSNorm(torch.nn.Module):
+    """Qwen4-Exp's hyper-connection norm: an RMS norm over each group of ``group_size`` entries (one
+    per copy of the stream), its ``1 + w`` weight over all of them."""
+
+    def __init__(self, width, group_size, eps=1e-6):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(width))
+        self.group_size, self.eps = group_size, eps
+
+    def forward(self, x):
+        g = x.float().reshape(*x.shape[:-1], -1, self.group_size)
+        g = g * torch.rsqrt(g.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (g.flatten(-2) * (1.0 + self.weight.float())).type_as(x)
+
+
+class _HyperBlock(torch.nn.Module):
+    """Qwen4-Exp's gated residual around an MLP: the block reads the mean of the normed copies, and
+    its output is injected into each copy by a gate per copy (``out[..., None, :] * w[..., :, None]``
+    flattened back to ``hc_count * hidden_size``)."""
+
+    def __init__(self, hidden, hc):
+        super().__init__()
+        self.hc_count, self.hidden_size = hc, hidden
+        self.norm = _GroupedRMSNorm(hc * hidden, hidden)
+        self.inject = torch.nn.Linear(hc * hidden, hc, bias=False)
+        self.up, self.down = torch.nn.Linear(hidden, 2 * hidden), torch.nn.Linear(2 * hidden, hidden)
+
+    def forward(self, h):
+        n = self.norm(h)
+        mixed = n.unflatten(-1, (self.hc_count, self.hidden_size)).mean(-2)
+        out = self.down(torch.relu(self.up(mixed)))
+        w = torch.sigmoid(self.inject(n))
+        return h + (out.unsqueeze(-2) * w.unsqueeze(-1)).flatten(-2)
+
+
+class _HyperLM(torch.nn.Module):
+    def __init__(self, vocab=50, hidden=16, hc=4):
+        super().__init__()
+        self.hc = hc
+        self.embed = torch.nn.Embedding(vocab, hidden)
+        self.blocks = torch.nn.ModuleList([_HyperBlock(hidden, hc) for _ in range(2)])
+        self.head = torch.nn.Linear(hidden, vocab)
+
+    def get_input_embeddings(self):  # NB: as a Hugging Face model says which table is the stream's
+        return self.embed
+
+    def forward(self, ids):
+        h = self.embed(ids).repeat(1, 1, self.hc)
+        for b in self.blocks:
+            h = b(h)
+        return self.head(h.unflatten(-1, (self.hc, -1)).mean(-2))
+
+
+def test_hyper_connection_stream_of_grouped_norms():
+    """Qwen4-Exp's hyper-connections: the stream repeated over ``hc_count`` copies, each block's output
+    injected into every copy by a per-copy gate (the flatten merges the gates' axis, a channel axis of
+    the inject layer, with the hidden width). The analysis keeps the hidden width's rows there (the
+    gates' axis ends pinned: a first run kept it), and the own class re-syncs the grouped norms'
+    ``group_size`` (the hidden width) and refolds their eps and ``1 + w`` weight over all the copies."""
+    torch.manual_seed(0)
+    model = randomize(_HyperLM().eval())
+    ids = torch.randint(0, 50, (2, 7), generator=torch.Generator().manual_seed(0))
+    oto = otofx.OTO(model, ids)
+    stream = [z for z in oto.groups if any(n == "embed.weight" and d == 1 for n, d, _ in z.params)]
+    assert [z.rows for z in stream] == [16], [p.reason for p in oto.pinned]
+    assert any("merged around the channels of an inner axis" in p.reason for p in oto.pinned)
+    zero_random_rows(model, oto, seed=0)
+    small = oto.compress(form="module")
+    assert isinstance(small, _HyperLM) and small.embed.weight.shape[1] == 8
+    assert [b.norm.group_size for b in small.blocks] == [8, 8] and [b.hidden_size for b in small.blocks] == [8, 8]
+    assert_exact(model, oto, ids, small=small)
+    assert_exact(model, oto, torch.randint(0, 50, (3, 11), generator=torch.Generator().manual_seed(1)), small=small)

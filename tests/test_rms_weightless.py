@@ -294,3 +294,115 @@ def test_weight_normed_layers_around_the_norms_scale_their_gain(hooked):
     assert type(small) is LM and small.emb.weight.shape[1] < 16
     with torch.no_grad():
         assert max_rel_diff(model(_ids(3, 14, seed=5)), small(_ids(3, 14, seed=5))) < 1e-4
+
+
+class _Mixer(nn.Module):
+    """A hyper-connection's mixing weights from the stream (DeepSeek V4's, HY v4's): an RMS norm of the
+    stream whose weight is a linear layer's, read before (``after=True``: ``linear(norm(x), W)``) or
+    after the normalising product (``linear(x, W) * rsqrt(mean(x ** 2) + eps)``); eps on a child module."""
+
+    class _Inv(nn.Module):
+        def __init__(self, eps):
+            super().__init__()
+            self.variance_epsilon = eps
+
+        def forward(self, x, times):
+            r = torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+            return x * r if times else r
+
+    def __init__(self, after: bool, eps: float = 0.3):
+        super().__init__()
+        self.after = after
+        self.input_norm = self._Inv(eps)
+        self.fn = nn.Parameter(torch.randn(3, 16) * 0.3)
+
+    def forward(self, x):
+        if self.after:
+            return F.linear(self.input_norm(x, True), self.fn.float())
+        return F.linear(x, self.fn.float()) * self.input_norm(x, False)
+
+
+class _MixLM(nn.Module):
+    def __init__(self, after: bool):
+        super().__init__()
+        self.emb = nn.Embedding(40, 16)
+        self.mix = nn.ModuleList([_Mixer(after) for _ in range(2)])
+        self.ln = nn.ModuleList([nn.RMSNorm(16, eps=1e-5) for _ in range(2)])
+        self.up, self.down = nn.ModuleList([nn.Linear(16, 32) for _ in range(2)]), nn.ModuleList([nn.Linear(32, 16)
+                                                                                             for _ in range(2)])
+        self.head = nn.Linear(16, 40)
+
+    def get_input_embeddings(self):
+        return self.emb
+
+    def forward(self, ids):
+        x = self.emb(ids)
+        for mix, ln, up, down in zip(self.mix, self.ln, self.up, self.down):
+            g = torch.sigmoid(mix(x)).sum(-1, keepdim=True)  # a gate per token
+            x = x + g * down(torch.relu(up(ln(x))))
+        return self.head(x)
+
+
+@pytest.mark.parametrize("after", [True, False])
+def test_norm_folds_into_the_linear_layer_that_reads_it(after):
+    """A norm (without a weight of its own) whose output one linear layer alone reads, on either side
+    of the normalising product, is that linear layer's RMS norm: the own class refolds it (eps, on the
+    module that holds it, times old/new; the layer's weight times sqrt(old/new)). A norm with a weight
+    reads the stream too, so scaling the stream (the weightless fold) cannot serve it; eps 0.3 makes
+    the refold matter."""
+    torch.manual_seed(0)
+    model = randomize(_MixLM(after).eval())
+    oto = otofx.OTO(model, _ids())
+    assert _stream_rows(oto) == 16, [p.reason for p in oto.pinned]
+    zero_random_rows(model, oto, seed=0)
+    small = oto.compress(form="module")
+    assert type(small) is _MixLM and small.emb.weight.shape[1] == 8
+    assert small.mix[0].input_norm.variance_epsilon == pytest.approx(0.6)
+    for ids in (_ids(), _ids(3, 7, seed=1)):
+        with torch.no_grad():
+            assert max_rel_diff(model(ids), small(ids)) <= 1e-5
+
+
+class _AltUp(nn.Module):
+    """Gemma 3n's AltUp: copies of the stream projected from the first, each rescaled to the first's
+    root mean square (``p * rms(h0) / sqrt(clamp(mean(p ** 2), eps))``), summed back after a block."""
+
+    def __init__(self, eps: float = 0.05):
+        super().__init__()
+        self.eps = eps
+        self.emb = nn.Embedding(40, 16)
+        self.proj = nn.ModuleList([nn.Linear(16, 16, bias=False) for _ in range(2)])
+        self.up, self.down = nn.Linear(16, 32), nn.Linear(32, 16)
+        self.head = nn.Linear(16, 40)
+
+    def get_input_embeddings(self):
+        return self.emb
+
+    def forward(self, ids):
+        h0 = self.emb(ids)
+        target = torch.mean(h0 ** 2, dim=-1, keepdim=True) ** 0.5
+        copies = [h0]
+        for p in self.proj:
+            q = p(h0)
+            mag = torch.sqrt(torch.mean(q ** 2, dim=-1, keepdim=True).clamp(min=self.eps))
+            copies.append(q * target / mag)
+        s = torch.stack(copies).sum(0)
+        return self.head(s + self.down(torch.relu(self.up(s))))
+
+
+def test_magnitude_match_keeps_its_clamp_in_the_own_class():
+    """The two means of squares of a magnitude match are over the stream: the graph keeps their old
+    divisor, the own class scales the layer producing each projected copy by sqrt(new/old), so the
+    clamp (its threshold a literal) sees what it saw: exact where eps binds too (0.05 here)."""
+    torch.manual_seed(0)
+    model = randomize(_AltUp().eval())
+    with torch.no_grad():
+        model.proj[0].weight.mul_(0.2)  # NB: some tokens' copy below the clamp
+    oto = otofx.OTO(model, _ids())
+    assert _stream_rows(oto) == 16, [p.reason for p in oto.pinned]
+    zero_random_rows(model, oto, seed=0)
+    small = oto.compress(form="module")
+    assert type(small) is _AltUp and small.emb.weight.shape[1] == 8
+    for ids in (_ids(), _ids(3, 7, seed=1)):
+        with torch.no_grad():
+            assert max_rel_diff(model(ids), small(ids)) <= 1e-5

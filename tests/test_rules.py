@@ -507,6 +507,43 @@ def test_bug_inplace_op_stale_zero_mask(op):
     _zero_and_check(Net(fwd, c1=conv(3, 8), c2=conv(3, 1)), img())
 
 
+@pytest.mark.parametrize("export", [False, True])
+@pytest.mark.parametrize("view", ["slice", "select", "transpose"])
+def test_bug_inplace_op_on_a_view_writes_its_base(view, export):
+    """``y[..., 1:].add_(1)`` writes y through a view: a channel of y is no longer zero with its row, and
+    the sum over channels after it must keep them (the view's base takes the written zeros)."""
+    from rule_examples.common import _force_export
+
+    def fwd(s, x):
+        if export:
+            _force_export(x)
+        y = torch.relu(s.c1(x))
+        v = {"slice": lambda: y[:, :, 1:], "select": lambda: y[:, :, 2], "transpose": lambda: y.transpose(1, 3)}[view]()
+        v.add_(1.0)
+        return s.c2(x) + y.sum(1, keepdim=True)
+
+    oto = _zero_and_check(Net(fwd, c1=conv(3, 8), c2=conv(3, 1)), img())
+    assert not any(n == "c1.weight" and d == 0 for z in oto.groups for n, d, _ in z.params)
+
+
+@pytest.mark.parametrize("export", [False, True])
+def test_bug_inplace_op_on_a_view_writes_other_views_of_its_base(export):
+    """``t = y.transpose(1, 3)`` taken before ``y[:, :, 1:].add_(1)`` shares y's memory: read after the
+    write, its channels are no longer zero with their rows, so the sum over them must keep them."""
+    from rule_examples.common import _force_export
+
+    def fwd(s, x):
+        if export:
+            _force_export(x)
+        y = torch.relu(s.c1(x))
+        t = y.transpose(1, 3)
+        y[:, :, 1:].add_(1.0)
+        return s.c2(x) + t.sum(3, keepdim=True).transpose(1, 3)
+
+    oto = _zero_and_check(Net(fwd, c1=conv(3, 8), c2=conv(3, 1)), img())
+    assert not any(n == "c1.weight" and d == 0 for z in oto.groups for n, d, _ in z.params)
+
+
 @pytest.mark.parametrize("op", ["crop", "tail", "narrow"])
 def test_bug_negative_bounds_on_unpruned_axes_are_specialised(op):
     f = {"crop": lambda y: y[:, :, 1:-1, 1:-1], "tail": lambda y: y[..., -3:],

@@ -1,4 +1,5 @@
-"""Elementwise ops: activations and copies (``unary``), PReLU, arithmetic with broadcasting, where.
+"""Elementwise ops: activations and copies (``unary``), PReLU, arithmetic with broadcasting, where,
+in-place copies (``x.copy_(src)``).
 
 Every axis keeps its channel ids; broadcasting ties equal-sized axes of the operands. What varies
 is whether a zero channel stays zero: ``f(0) = 0`` for relu or a copy (declared per form with
@@ -10,6 +11,9 @@ Internals:
       stochastic depth draw random numbers in training, so only zeros pass them.
     * A division pins the channels of its denominator, unless the denominator is positive by
       construction (``_positive``: clamp_min(x, eps), exp, x + eps of a non-negative x).
+    * ``copy_`` writes into its first argument, often a view (``x[1:] += y`` exports as ``slice``,
+      ``add_``, ``copy_``): the analysis gives the view's base the written entries' zeros
+      (``zigs._write_back``); the rule itself only ties the copy's axes to the source's.
 """
 from __future__ import annotations
 
@@ -394,6 +398,36 @@ def masked_fill(ctx: Ctx, input, mask, value, meta=None, **_):
 functions("masked_fill", [torch.masked_fill] + _ov(aten.masked_fill, "Scalar", "Tensor")
           + _ov(aten.masked_fill_, "Scalar", "Tensor"), ("input", "mask", "value"))
 methods("masked_fill", ["masked_fill", "masked_fill_"], ("input", "mask", "value"))
+
+
+@rule("copy", keeps_axes=True)
+def copy(ctx: Ctx, input, src, meta=None, **_):
+    """x.copy_(src): x's entries become src's (broadcast to x's shape): each axis src has in full is tied to x's and takes src's zeros and constants; an axis src is broadcast over keeps x's ids, not zero with them (a live size-1 channel of src broadcast is pinned)."""
+    x = input
+    shape = _out_shape(meta)
+    if not isinstance(src, AxisLabels):  # a number written everywhere: constant, zero when it is 0
+        z = _scalar_zero(src)
+        return AxisLabels(x.ids, tuple((np.ones if z else np.zeros)(n, dtype=bool) for n in shape))
+    n = len(shape)
+    ids, zero, const = [], [], []
+    for d in range(n):
+        sd = d - (n - src.ndim)
+        if sd >= 0 and src.shape[sd] == shape[d]:
+            ctx.tie(x.ids[d], src.ids[sd])
+            ids.append(x.ids[d])
+            zero.append(src.zero[sd])
+            const.append(src.fixed(sd))
+            continue
+        if sd >= 0:  # NB: one channel of src written over the whole axis cannot go
+            ctx.pin(src.ids[sd], "broadcast over an axis of another size")
+        ids.append(x.ids[d])
+        zero.append(false_mask(shape[d]))
+        const.append(false_mask(shape[d]))
+    return AxisLabels(tuple(ids), tuple(zero), tuple(const) if src.const is not None else None)
+
+
+functions("copy", _ov(aten.copy_, "default") + _ov(aten.copy, "default"), ("input", "src"))
+methods("copy", ["copy_"], ("input", "src"))
 
 
 @rule("like", keeps_shape=ELEMENTWISE, keeps_axes=True)

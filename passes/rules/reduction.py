@@ -4,7 +4,8 @@ scans along an axis: cumsum, cumprod, logcumsumexp, cummax, cummin, diff.
 A sum over an axis is a contraction: its channels must be zero with their rows. Every other
 reduction (mean, var, max, a norm) and every map that divides by something computed over an axis
 (softmax, normalize) counts all of that axis's channels, so the axis is pinned; except the mean of
-an RMS norm written out by hand (and a mean over whole heads) and ConvNeXt V2's GRN channel mean of
+an RMS norm written out by hand (and a mean over whole heads), the two means of squares of a
+magnitude match (Gemma 3n's AltUp: ``h * rms(g) / rms(h)``) and ConvNeXt V2's GRN channel mean of
 spatial 2-norms, whose rewrite keeps the old divisor. A scan mixes the
 entries along its axis (each output reads a run of them), so that axis is pinned too; it acts on
 every other axis entry by entry.
@@ -18,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..channels import AxisLabels, Ctx, false_mask, pinned_axis
-from ..nodes import WEIGHTLESS_READ, grn_of, read_as_stream_or_input, rms_norm_of
+from ..nodes import WEIGHTLESS_READ, grn_of, magnitude_matches_of, read_as_stream_or_input, rms_norm_of
 from ..registry import RuleDeclined, functions, methods, modules, rule
 from .common import _ax, _ov, _out_shape
 
@@ -50,7 +51,7 @@ def _reduce_fix(site, input, dim=None, keepdim=False, kind="mean", **_):
 
 @rule("reduce", fix=_reduce_fix)
 def reduce(ctx: Ctx, input, dim=None, keepdim=False, kind="mean", meta=None, **_):
-    """sum over an axis is a contraction (its channels must be zero with their rows); mean, var and max over an axis pin it, except a mean of channels zero with their rows in an RMS norm or a GRN (ConvNeXt V2), or over rows of several positions each (whole heads): it keeps its old divisor in the rewrite; other axes keep their ids."""
+    """sum over an axis is a contraction (its channels must be zero with their rows); mean, var and max over an axis pin it, except a mean of channels zero with their rows in an RMS norm, a magnitude match (h * rms(g) / rms(h)) or a GRN (ConvNeXt V2), or over rows of several positions each (whole heads): it keeps its old divisor in the rewrite; other axes keep their ids."""
     x = input
     if not isinstance(x, AxisLabels):
         return x
@@ -71,6 +72,10 @@ def reduce(ctx: Ctx, input, dim=None, keepdim=False, kind="mean", meta=None, **_
             if grn is not None and grn.channel == a:
                 continue
             rms = rms_norm_of(ctx.node) if ctx.node is not None else None
+            # NB: a magnitude match (h * rms(g) / rms(h), Gemma 3n's AltUp) is free too: the own
+            # class scales the layer producing h by sqrt(new / old) (passes.resize.magnitude_folds)
+            if rms is None and ctx.node is not None and magnitude_matches_of(ctx.node):
+                continue
             if rms is None:
                 ctx.pin_unless_blocks(x.ids[a], "mean over this axis")
             elif rms.weight is None and not read_as_stream_or_input(rms.out):

@@ -3,7 +3,9 @@ pixel shuffle.
 
 Reshapes merge axes by repeating ids (a channel becomes a block of features) and split an axis by
 keeping one factor as the row axis and tying the others together, so the kept set always stays a
-grid that the rewritten shape constants can express. Concat and split move a channel to an offset.
+grid that the rewritten shape constants can express. Merged channel axes keep one of them as rows
+(the outermost; the innermost where a first analysis found the outermost pinned: hyper-connections'
+stream copies times the hidden width). Concat and split move a channel to an offset.
 
 Internals:
     * The split factor kept as rows depends on sizes only (the largest, outermost on ties), so both
@@ -65,7 +67,8 @@ def cat(ctx: Ctx, tensors, dim=0, meta=None, **_):
     return first.with_axis(d, ids, z, c)
 
 
-functions("cat", [torch.cat, torch.concat, getattr(torch, "concatenate", None)] + _ov(aten.cat, "default"),
+functions("cat", [torch.cat, torch.concat, getattr(torch, "concatenate", None)] + _ov(aten.cat, "default")
+          + _ov(aten.concatenate, "default") + _ov(aten.concat, "default"),
           ("tensors", "dim"), (("dim", 0),))
 
 
@@ -204,16 +207,24 @@ def _reshape_lab(ctx: Ctx, x: AxisLabels, out_shape) -> AxisLabels:
         grid_c = grid_z
         if live:
             # NB: several live axes merged (MQA: query heads times the shared value's own channels):
-            # each merged index belongs to its outermost channel, whose row keeps the whole block;
-            # the inner axes are pinned (tying them would make one row of every head)
-            for i in live[1:]:
-                ctx.pin(x.ids[i], "merged inside the blocks of an outer axis")
-            k = gi.index(live[0])
+            # each merged index belongs to one of them, whose row keeps it; the others are pinned
+            # (tying them would make one row of every head). The outermost keeps its blocks, unless a
+            # first analysis found it pinned in the end (hyper-connections' streams times the hidden
+            # width: the streams are mixed by data later): then the innermost (zero_invariant_groups)
+            name = ctx.node.name if ctx.node is not None else None
+            kept = live[-1] if name in ctx.merge_inner else live[0]
+            for i in live:
+                if i != kept:
+                    ctx.pin(x.ids[i], "merged inside the blocks of an outer axis" if i > kept
+                            else "merged around the channels of an inner axis")
+            if len(live) > 1 and name is not None:
+                ctx.merges.append((name, x.ids[kept]))
+            k = gi.index(kept)
             shp = [1] * len(gi)
             shp[k] = sizes[k]
-            grid_ids = np.broadcast_to(x.ids[live[0]].reshape(shp), sizes)
-            grid_z = np.broadcast_to(x.zero[live[0]].reshape(shp), sizes)
-            grid_c = np.broadcast_to(xc[live[0]].reshape(shp), sizes) if xc is not None else grid_z
+            grid_ids = np.broadcast_to(x.ids[kept].reshape(shp), sizes)
+            grid_z = np.broadcast_to(x.zero[kept].reshape(shp), sizes)
+            grid_c = np.broadcast_to(xc[kept].reshape(shp), sizes) if xc is not None else grid_z
         flat_ids, flat_z = grid_ids.reshape(-1), grid_z.reshape(-1)
         if len(gj) == 1:
             ids[gj[0]], zero[gj[0]] = np.ascontiguousarray(flat_ids), np.ascontiguousarray(flat_z)

@@ -304,3 +304,45 @@ def addcmul_exported():
 
     m = Net(fwd, c1=conv(3, 8), c2=conv(8, 4), c3=conv(3, 8), beta=nn.Parameter(torch.randn(1, 8, 1, 1)))
     return m, img()
+
+
+@example("copy", "slice", frontend="export")
+def slice_update_in_place_export():
+    """``h[:, 1:] += g`` (Gemma 3n's AltUp: ``corrected[1:] += first``) exports as ``slice``, ``add_`` and
+    ``copy_`` of the sum back into the slice: the copy's axes are tied to the source's, the write
+    reaches the sliced tensor, and the channels stay rows."""
+
+    def fwd(s, x):
+        _force_export(x)
+        h = s.a(x)
+        h[:, 1:] += s.b(x)[:, 1:]
+        return s.o(h)
+
+    return Net(fwd, a=nn.Linear(6, 8), b=nn.Linear(6, 8), o=nn.Linear(8, 3)), torch.randn(N, 5, 6)
+
+
+@example("copy")
+def copy_into_a_fresh_buffer():
+    """``buf.copy_(y)`` on a tensor of y's shape: the buffer's channels become y's (tied), zero where y's are."""
+
+    def fwd(s, x):
+        y = torch.relu(s.c1(x))
+        buf = torch.zeros_like(y)
+        buf.copy_(y)
+        return s.c2(buf)
+
+    return Net(fwd, c1=conv(3, 8), c2=conv(8, 4)), img()
+
+
+@example("copy")
+def copy_broadcast_over_positions():
+    """``buf.copy_(m)`` with m of size 1 on the spatial axes (a channel mean per image): m is written
+    over every position; the channels keep their rows, the broadcast axes take no zeros."""
+
+    def fwd(s, x):
+        y = torch.relu(s.c1(x))
+        buf = torch.zeros_like(y)
+        buf.copy_(y.mean((2, 3), keepdim=True))
+        return s.c2(buf + y)
+
+    return Net(fwd, c1=conv(3, 8), c2=conv(8, 4)), img()
