@@ -104,6 +104,17 @@ def _halved(model, x):
     return oto
 
 
+def _tied_own_class(model, side: int, caplog):
+    """``model`` with half of every group's rows zero, compressed: its own class, exact on another
+    batch, found by the search's tied-widths copy."""
+    oto = _halved(model, torch.randn(2, 3, side, side))
+    with caplog.at_level(logging.INFO, logger="otofx"):
+        small = assert_exact(model, oto, torch.randn(3, 3, side, side))
+    assert type(small) is type(model), caplog.text
+    assert "takes its tied widths equal" in caplog.text, caplog.text
+    return small
+
+
 def test_eva_attention_reads_its_width_off_the_stream_and_keeps_its_own_class(caplog):
     """EVA's attention (rotary embedding, SwiGLU MLP) reshapes its heads' output by its input's
     width (``reshape(B, N, C)``, ``C = x.shape[-1]``): the own class takes the stream and the heads
@@ -111,12 +122,7 @@ def test_eva_attention_reads_its_width_off_the_stream_and_keeps_its_own_class(ca
     heads go to two, the stream to their 32 (8 of its 24 zero rows kept), the SwiGLU width goes whole."""
     model = timm.models.eva.Eva(img_size=28, patch_size=14, embed_dim=48, depth=2, num_heads=3, mlp_ratio=8 / 3,
                                 swiglu_mlp=True, use_rot_pos_emb=True, ref_feat_shape=(2, 2), num_classes=10)
-    x = torch.randn(2, 3, 28, 28)
-    oto = _halved(model, x)
-    with caplog.at_level(logging.INFO, logger="otofx"):
-        small = assert_exact(model, oto, torch.randn(3, 3, 28, 28))
-    assert type(small) is type(model), caplog.text
-    assert "takes its tied widths equal" in caplog.text, caplog.text
+    small = _tied_own_class(model, 28, caplog)
     for old, new in zip(model.blocks, small.blocks):
         assert new.attn.num_heads == 2 and new.attn.qkv.in_features == 32 == new.attn.proj.in_features
         assert new.mlp.fc1.out_features < old.mlp.fc1.out_features
@@ -130,12 +136,7 @@ def test_coat_factorised_attention_ties_its_head_width_to_the_stream(caplog):
     left (2 + 3 + 3 heads of 2, half zero: 1 + 2 + 2 heads, a stream of 10, not 8)."""
     model = timm.models.coat.CoaT(img_size=32, patch_size=4, embed_dims=(16, 16, 16, 16), serial_depths=(1, 1, 1, 1),
                                   num_heads=8, mlp_ratios=(2, 2, 2, 2), num_classes=10)
-    x = torch.randn(2, 3, 32, 32)
-    oto = _halved(model, x)
-    with caplog.at_level(logging.INFO, logger="otofx"):
-        small = assert_exact(model, oto, torch.randn(3, 3, 32, 32))
-    assert type(small) is type(model), caplog.text
-    assert "takes its tied widths equal" in caplog.text, caplog.text
+    small = _tied_own_class(model, 32, caplog)
     attn = small.serial_blocks1[0].factoratt_crpe
     assert attn.num_heads == 5 and attn.qkv.in_features == 10 == attn.proj.in_features
     assert small.crpe1.channel_splits == [2, 4, 4]
