@@ -79,8 +79,8 @@ import torch
 import torch.nn as nn
 
 from otofx.errors import OTOError
-from otofx.passes.modules import (PrunedGlobalResponseNorm, PrunedLayerNorm, PrunedMultiheadAttention, PrunedRNN,
-                                  PrunedStdConv2d, grow_fill, pool_moments, removed_moments)
+from otofx.passes.modules import (PrunedGlobalResponseNorm, PrunedGroupNorm, PrunedLayerNorm, PrunedMultiheadAttention,
+                                  PrunedRNN, PrunedStdConv2d, grow_fill, pool_moments, removed_moments)
 from otofx.passes.prune import Plan, constant_fills, take
 from otofx.passes.nodes import call_arguments, viewed_shapes
 from otofx.passes.weightnorm import computed_shapes, own_classes, refit_gains, stale_weights
@@ -973,10 +973,11 @@ def _update_config(new: nn.Module, model: nn.Module, changed: dict, cuts: dict, 
     for mname, m in new.named_modules():
         s = _scope(mname, m, cuts, old_shapes, stream, groups)
         pairs |= s.widths | s.counts | s.stream
-    # NB: a layer norm that keeps its old divisor is built by no config: the widths it lost stay
-    # unwritten, so from_pretrained refuses the checkpoint's shapes rather than load nn.LayerNorm,
-    # which would divide by the new width
+    # NB: a layer or group norm that keeps its old divisor is built by no config: the widths it lost
+    # stay unwritten, so from_pretrained refuses the checkpoint's shapes rather than load
+    # nn.LayerNorm / nn.GroupNorm, which would divide by the new width (PoolFormer's GroupNorm(1, C))
     pairs -= {(m.full_width, m.normalized_shape[-1]) for m in new.modules() if isinstance(m, PrunedLayerNorm)}
+    pairs -= {(m.full_channels, m.num_channels) for m in new.modules() if isinstance(m, PrunedGroupNorm)}
     want = _want(new, model)
     derived = _derived_head_dim(model)
     best = None

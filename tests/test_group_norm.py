@@ -266,3 +266,31 @@ def test_graph_form_survives_torch_save(tmp_path):
     back = torch.load(tmp_path / "g.pt", weights_only=False)
     with torch.no_grad():
         assert torch.equal(back(x), small(x)) and max_rel_diff(model(x), back(x)) < 1e-4
+
+
+def test_hugging_face_poolformer_keeps_its_group_norms_and_from_pretrained_refuses(tmp_path):
+    """PoolFormer's norms are ``GroupNorm(1, C)``: in the own class each becomes ``PrunedGroupNorm``
+    (the old divisor). No config builds that norm, so its lost widths stay out of the config and
+    ``from_pretrained`` of the ``save_pretrained`` folder refuses the checkpoint's shapes instead of
+    loading ``nn.GroupNorm`` (which divides by the new width); ``otofx.save``/``load`` give it back."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.PoolFormerConfig(num_encoder_blocks=2, depths=[1, 1], hidden_sizes=[16, 32],
+                                           patch_sizes=[4, 2], strides=[4, 2], padding=[1, 0], num_labels=10)
+    torch.manual_seed(0)
+    model = randomize(transformers.PoolFormerForImageClassification(config).eval())
+    x = torch.randn(2, 3, 32, 32)
+    oto = otofx.OTO(model, x)
+    zero_random_rows(model, oto, seed=1)
+    small = oto.compress()
+    assert type(small) is type(model) and n_params(small) < n_params(model)
+    assert any(isinstance(m, PrunedGroupNorm) for m in small.modules())
+    other = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        assert max_rel_diff(small(other).logits, model(other).logits) < 1e-4
+    small.save_pretrained(tmp_path / "hf")
+    with pytest.raises(Exception, match="(?i)size|shape"):
+        type(model).from_pretrained(tmp_path / "hf")
+    otofx.save(small, tmp_path / "otofx")
+    back = otofx.load(tmp_path / "otofx")
+    with torch.no_grad():
+        torch.testing.assert_close(back(other).logits, small(other).logits, rtol=0, atol=0)
