@@ -317,8 +317,9 @@ def test_a_branch_on_data_is_captured_and_guarded(caplog, sign):
 
 
 class _TokensThenBranch(nn.Module):
-    """Token ids, a branch on values (``if h.mean() > 0``), and with ``loop`` a Python loop over the
-    tokens before it (Qwen4-Exp's indexer loops over every query): the loop fixes the sequence length."""
+    """Token ids, a branch on values (``if h.abs().mean() > 0``: every input takes it, so the graph's
+    branch guard passes on any other input), and with ``loop`` a Python loop over the tokens before it
+    (Qwen4-Exp's indexer loops over every query): the loop fixes the sequence length."""
 
     def __init__(self, loop: bool):
         super().__init__()
@@ -329,7 +330,7 @@ class _TokensThenBranch(nn.Module):
         h = self.emb(ids)
         if self.loop:
             h = torch.stack([h[:, t] * (t + 1) for t in range(ids.shape[1])], 1)
-        if h.mean() > 0:
+        if h.abs().mean() > 0:
             h = torch.relu(self.a(h))
         else:
             h = torch.tanh(self.b(h))
