@@ -650,16 +650,15 @@ class OTO:
         keep, blamed, steps = set(grns), [], []  # NB: steps: [_Step], one per blame
         tries = 0
 
-        def attempt(groups: set):
+        def attempt(groups: set, rows: Plan = plan):
             nonlocal tries
             tries += 1
-            return self._try_keeping(plan, groups, check, rtol, fills)
+            return self._try_keeping(rows, groups, check, rtol, fills)
 
         def tie(keep: set, removed_n: int):
             """``(copy, groups partly kept, parameters removed, rows kept)`` for the copy keeping just
             enough of ``keep``'s zero rows that the blamed modules' tied widths are equal
             (:func:`_tied_rows`), when it verifies and removes more than ``removed_n``; else None."""
-            nonlocal tries
             # NB: a module reading one width off another (an attention's inner width off its
             # stream's) takes both removed at one width: part of the kept groups' zero rows go
             rows = _tied_rows(self.model, plan, keep, blamed, keepable) if keep else None
@@ -669,8 +668,7 @@ class OTO:
             more = _removed_parameters(gm, tied)
             if more <= removed_n:
                 return None
-            tries += 1
-            fewer = self._try_keeping(tied, set(), check, rtol, fills)
+            fewer = attempt(set(), tied)
             if not isinstance(fewer, torch.nn.Module):
                 return None
             part = {i for i in keep if len(tied.removed[i]) < len(plan.removed[i])}

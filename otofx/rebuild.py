@@ -242,10 +242,11 @@ def rebuild(model: nn.Module, plan: Plan, gm: torch.fx.GraphModule | None = None
         # the stream scaling below serves every such norm as it is (NanoChat's): one regime, not both
         weightless = weightless_sites(gm, plan)
         scaled = weightless_stream_fold(gm, weightless, model)
+        folded = frozenset(f.mean for f in folds_rms if f.weightless)
         if scaled is not None:
             folds_rms = [f for f in folds_rms if not f.weightless]
-        else:
-            weightless = weightless_sites(gm, plan, frozenset(f.mean for f in folds_rms if f.weightless))
+        elif folded:
+            weightless = weightless_sites(gm, plan, folded)
             scaled = weightless_stream_fold(gm, weightless, model)
         for fold in folds_rms:
             holder = new.get_submodule(fold.eps_module) if fold.eps_module else None
