@@ -191,6 +191,23 @@ def fresh_like(x, seed: int = 1):
     return x
 
 
+def assert_hub_refuses_and_otofx_loads(model: torch.nn.Module, small: torch.nn.Module, folder, x) -> None:
+    """``small`` (a compressed Hugging Face model of ``model``'s class) saved by ``save_pretrained``:
+    ``from_pretrained`` refuses the checkpoint's shapes; ``otofx.save``/``otofx.load`` give back a
+    model whose first output on ``x`` is ``small``'s, bit for bit."""
+    import pytest
+
+    import otofx
+
+    small.save_pretrained(folder / "hf")
+    with pytest.raises(Exception, match="(?i)size|shape"):
+        type(model).from_pretrained(folder / "hf")
+    otofx.save(small, folder / "otofx")
+    back = otofx.load(folder / "otofx")
+    with torch.no_grad():
+        torch.testing.assert_close(back(x)[0], small(x)[0], rtol=0, atol=0)
+
+
 # ---------------------------------------------------------------------------------------------
 # Non-mutation
 # ---------------------------------------------------------------------------------------------

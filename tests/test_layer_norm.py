@@ -17,7 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import otofx
-from helpers import assert_exact, n_params, randomize, zero_random_rows
+from helpers import assert_exact, assert_hub_refuses_and_otofx_loads, n_params, randomize, zero_random_rows
 from otofx.passes.modules import PrunedLayerNorm, PrunedLayerNorm2d, layer_norm_kept_divisor
 
 
@@ -128,13 +128,7 @@ def test_hugging_face_stream_under_layer_norm_is_pruned_in_its_own_class(name, t
     assert norms and all(m.full_width == hidden for m in norms.values())
     widths = small.config.otofx_widths
     assert {widths[n]["class"] for n in norms} == {"PrunedLayerNorm"}
-    small.save_pretrained(tmp_path / "hf")
-    with pytest.raises(Exception, match="(?i)size|shape"):
-        type(model).from_pretrained(tmp_path / "hf")
-    otofx.save(small, tmp_path / "otofx")
-    back = otofx.load(tmp_path / "otofx")
-    with torch.no_grad():
-        torch.testing.assert_close(back(ids)[0], small(ids)[0], rtol=0, atol=0)
+    assert_hub_refuses_and_otofx_loads(model, small, tmp_path, ids)
     if name == "gpt2":
         prompt = ids[:, :5]
         ref = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=6, do_sample=False)
