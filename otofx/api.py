@@ -48,7 +48,7 @@ from otofx.capture import DATA_BRANCHES, SIZE_BOUNDS, STATIC_IMAGE_SIZES, _first
 from otofx.errors import InputError, OTOError, VerificationError
 from otofx.passes.nodes import get_path, layer_norm_params, set_path, unread_parameters
 from otofx.passes.prune import Plan, plan_rows, row_norms, zero_row_plan, zero_rows
-from otofx.passes.resize import inline_grn_groups, inline_standardisation_groups
+from otofx.passes.resize import inline_grn_groups, inline_layer_norm_groups, inline_standardisation_groups
 from otofx.passes.zigs import ZIG, ZigSet
 from otofx.verify import compare, compare_all, eval_mode, first_wrong_module, input_sets, outputs_close, run_eval
 from otofx.rebuild import RebuildError, copy_training_flags, rebuild
@@ -624,11 +624,13 @@ class OTO:
         # NB: a GRN written into a forward divides by its new width, and the rebuild refuses it (a
         # zero gamma would pass verification): its widths are kept in every try
         # NB: so is a weight standardisation written into a forward (a user's conv): it divides by its new fan-in
+        # NB: and a layer norm written into a larger forward (a block's): it divides by its new width
         grns = (inline_grn_groups(gm, self.model, plan.zigset)
-                | inline_standardisation_groups(gm, self.model, plan.zigset)) & set(removing)
+                | inline_standardisation_groups(gm, self.model, plan.zigset)
+                | inline_layer_norm_groups(gm, self.model, plan.zigset)) & set(removing)
         normed = layer_norm_params(gm)
         norms = {i for i in removing if any(name in normed for name, _, _ in zigs[i].params)}
-        tries = ([("GRNs and weight standardisations written into a forward", grns)] if grns else []) + (
+        tries = ([("GRNs, weight standardisations and layer norms written into a forward", grns)] if grns else []) + (
             [("LayerNorms (GroupNorm(1)s, GRNs)", norms | grns)] if norms else [])
         for what, groups in tries:
             # NB: the norms' widths are kept whatever they cost (a language model keeps generate());

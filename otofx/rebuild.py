@@ -61,6 +61,12 @@ Internals:
       which no config builds: the widths it lost are not written into the config, and the module's
       class counts as a mismatch, so ``from_pretrained`` refuses the checkpoint's shapes rather than
       build ``nn.LayerNorm`` at the new width.
+    * A module whose own forward computes a layer norm alone over a narrowed axis (written out:
+      ConvNeXt's and SAM's channels-first ``LayerNorm``, Cohere's; ``F.layer_norm`` of its tensors:
+      OLMo's; an ``nn.LayerNorm`` without weights) is replaced by ``PrunedOwnLayerNorm``
+      (:func:`_swap_own_layer_norms`; its axis, weight and bias are found by running a copy with random
+      weights: ``passes.resize.own_norm_replacement``). A written-out norm that no module computes alone
+      is refused; its widths stay out of the config, as ``PrunedLayerNorm``'s.
     * A weight-standardised conv (timm's ``StdConv2d`` family) whose input channels go becomes
       ``PrunedStdConv2d`` (the resize), which keeps the old fan-in, and gets ``fill``, the moments of
       the removed columns (:func:`_fill_weight_standardisations`); a conv standardising its weight in
@@ -80,7 +86,7 @@ import torch.nn as nn
 
 from otofx.errors import OTOError
 from otofx.passes.modules import (PrunedGlobalResponseNorm, PrunedGroupNorm, PrunedLayerNorm, PrunedMultiheadAttention,
-                                  PrunedRNN, PrunedStdConv2d, grow_fill, pool_moments, removed_moments)
+                                  PrunedOwnLayerNorm, PrunedRNN, PrunedStdConv2d, grow_fill, pool_moments, removed_moments)
 from otofx.passes.prune import Plan, constant_fills, take
 from otofx.passes.nodes import call_arguments, viewed_shapes
 from otofx.passes.weightnorm import computed_shapes, own_classes, refit_gains, stale_weights
@@ -89,7 +95,9 @@ from otofx.passes.resize import (STREAM_WIDTHS, Change, ResizeError, Scope, appl
                                  constant_scale_sources, grn_sites, norm_sites, rms_folds, rms_input_producer,
                                  batch_stats_sites, standardised_module,
                                  stream_scale_sources, scale_parameter, tied_head_norms, weightless_sites,
-                                 weightless_stream_fold, resize_weightless_norms, magnitude_folds)
+                                 weightless_stream_fold, resize_weightless_norms, magnitude_folds, own_norm_sites,
+                                 own_norm_replacement)
+from otofx.passes.resize import _module_input_shape
 
 log = logging.getLogger("otofx")
 
@@ -227,6 +235,8 @@ def rebuild(model: nn.Module, plan: Plan, gm: torch.fx.GraphModule | None = None
     views = viewed_shapes(gm) if gm is not None else {}
     changed = _resize_modules(new, cuts, old_shapes, stream, groups, views)
     if gm is not None:
+        _swap_own_layer_norms(new, model, gm, plan)
+    if gm is not None:
         done = _follow_literals(new, model, literal_moves(gm, plan), changed) if follow_literals else []
         if moved is not None:
             moved += done
@@ -274,6 +284,50 @@ def rebuild(model: nn.Module, plan: Plan, gm: torch.fx.GraphModule | None = None
     # identity _apply makes the copy do both.
     new._apply(lambda t: t)
     return new
+
+
+def _swap_own_layer_norms(new: nn.Module, model: nn.Module, gm: torch.fx.GraphModule, plan: Plan) -> None:
+    """Replace each module of ``new`` whose own forward computes a layer norm alone over an axis the plan
+    narrows (written out: ConvNeXt's and SAM's channels-first ``LayerNorm``, Cohere's; or ``F.layer_norm``
+    of its tensors) by ``PrunedOwnLayerNorm``, which keeps the old divisor. A written-out norm no module
+    computes alone (one written into a block's forward) is refused: it would divide by the new width
+    (``OTO.compress`` keeps those rows: ``passes.resize.inline_layer_norm_groups``). A functional norm in
+    a larger forward is left to the verification, as before."""
+    done: dict = {}
+    for site in own_norm_sites(gm, plan.zigset, plan):
+        m = new.get_submodule(site.module) if site.module is not None and _has_module(new, site.module) else None
+        if isinstance(m, PrunedOwnLayerNorm):  # NB: compressed again, or called twice: the first width divides
+            if done.get(site.module, site.new) != site.new:
+                raise RebuildError(f"module '{site.module}' normalises {done[site.module]} and {site.new} entries")
+            done[site.module] = m.width = site.new
+            continue
+        dense = model.get_submodule(site.module) if m is not None else None
+        shape = _module_input_shape(gm, site.module) if m is not None else None
+        how = own_norm_replacement(dense, shape, site.old, site.eps) if shape is not None else None
+        if how is None:
+            if site.written:
+                where = f"module '{site.module}' ({type(m).__name__})" if m is not None else f"node '{site.node}'"
+                raise RebuildError(f"{where} computes a layer norm in its own forward, which would divide by the "
+                                   f"{site.new} entries left, not the old {site.old}")
+            continue
+        set_module(new, site.module, PrunedOwnLayerNorm(m, width=site.new, full_width=site.old, **how))
+        done[site.module] = site.new
+        log.debug("otofx: %s: layer norm of its own forward over %d of %d entries replaced by PrunedOwnLayerNorm",
+                  site.module, site.new, site.old)
+
+
+def _has_module(root: nn.Module, path: str) -> bool:
+    try:
+        root.get_submodule(path)
+        return True
+    except AttributeError:
+        return False
+
+
+def set_module(root: nn.Module, path: str, module: nn.Module) -> None:
+    """Put ``module`` at dotted ``path`` under ``root`` (the top module itself cannot be replaced)."""
+    parent, _, name = path.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, name, module)
 
 
 def _check_grns(new: nn.Module, gm: torch.fx.GraphModule, plan: Plan) -> None:
@@ -977,7 +1031,8 @@ def _update_config(new: nn.Module, model: nn.Module, changed: dict, cuts: dict, 
     # NB: a layer or group norm that keeps its old divisor is built by no config: the widths it lost
     # stay unwritten, so from_pretrained refuses the checkpoint's shapes rather than load
     # nn.LayerNorm / nn.GroupNorm, which would divide by the new width (PoolFormer's GroupNorm(1, C))
-    pairs -= {(m.full_width, m.normalized_shape[-1]) for m in new.modules() if isinstance(m, PrunedLayerNorm)}
+    pairs -= {(m.full_width, m.normalized_shape[-1]) for m in new.modules()
+              if isinstance(m, (PrunedLayerNorm, PrunedOwnLayerNorm))}
     pairs -= {(m.full_channels, m.num_channels) for m in new.modules() if isinstance(m, PrunedGroupNorm)}
     want = _want(new, model)
     derived = _derived_head_dim(model)

@@ -69,12 +69,12 @@ _MODULE_INTERNALS = frozenset(nn.Module().__dict__) - {"training"}
 def _rebuildable() -> dict:
     """otofx modules that may replace a stock one, by (module, qualname): built from ``init_kwargs()``."""
     from otofx.passes.modules import (PrunedGlobalResponseNorm, PrunedGroupNorm, PrunedLayerNorm, PrunedLayerNorm2d,
-                                      PrunedMultiheadAttention, PrunedRelativeAttention, PrunedRNN, PrunedStdConv2d,
-                                      PrunedWindowAttention, PrunedWindowAttention3d)
+                                      PrunedMultiheadAttention, PrunedOwnLayerNorm, PrunedRelativeAttention, PrunedRNN,
+                                      PrunedStdConv2d, PrunedWindowAttention, PrunedWindowAttention3d)
 
     return {_type_name(c): c for c in (PrunedMultiheadAttention, PrunedWindowAttention, PrunedWindowAttention3d,
                                        PrunedRelativeAttention, PrunedLayerNorm, PrunedLayerNorm2d, PrunedRNN,
-                                       PrunedGroupNorm, PrunedGlobalResponseNorm, PrunedStdConv2d)}
+                                       PrunedGroupNorm, PrunedGlobalResponseNorm, PrunedStdConv2d, PrunedOwnLayerNorm)}
 
 
 def _type_name(cls: type) -> tuple[str, str]:

@@ -183,6 +183,9 @@ class Ctx:
     # node name -> last-axis mask of the channels a layer norm reads that are a constant other than 0
     # when their row is zero: the rewrite fills their values back into its mean and variance
     fills: dict = field(default_factory=dict)
+    # the mean nodes of layer norms written out (passes.nodes.layer_norm_of) whose input's channels are zero
+    # with their rows: their variance's mean of squares is free too (its input, x - u, is not zero there)
+    centred: set = field(default_factory=set)
 
     modules: dict = field(default_factory=dict)  # every qualified name (aliases too) -> module
     _tensor_lab_ids: set = field(default_factory=set)  # id() of every tensor_labs value

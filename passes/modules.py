@@ -380,6 +380,55 @@ class PrunedLayerNorm2d(PrunedLayerNorm):
         return super().forward(input.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
 
+class PrunedOwnLayerNorm(nn.Module):
+    """A layer norm module of the user's own class (its forward: a layer norm written out, or
+    ``F.layer_norm`` of its tensors) over axis ``dim`` of its input, whose ``width`` entries were
+    ``full_width`` before pruning: the removed entries were zero, and the mean and variance still divide
+    by ``full_width``. The weight and bias keep the names and shapes they had in the source module
+    (``weight``/``bias`` or ``gamma``/``beta``, ``[C]`` or ``[C, 1, 1]``), so the state dict keeps its keys."""
+
+    def __init__(self, src: nn.Module | None, *, dim: int, width: int, full_width: int, eps: float,
+                 weight: str | None = None, bias: str | None = None):
+        super().__init__()
+        self.dim, self.width, self.full_width, self.eps = int(dim), int(width), int(full_width), float(eps)
+        self.weight_name, self.bias_name = weight, bias
+        for name in (weight, bias):
+            if name is not None:
+                self.register_parameter(name, getattr(src, name))
+        if src is not None:
+            self.train(src.training)
+
+    @property
+    def normalized_shape(self) -> tuple:
+        return (self.width,)
+
+    @classmethod
+    def empty(cls, *, dim: int, width: int, full_width: int, eps: float, weight=None, bias=None,
+              shapes=None, device=None, dtype=None):
+        """Uninitialised, of the given structure (``otofx.load`` fills the tensors)."""
+        src = nn.Module()
+        for name, shape in zip((weight, bias), shapes or ((width,), (width,))):
+            if name is not None:
+                setattr(src, name, nn.Parameter(torch.empty(tuple(shape), device=device, dtype=dtype)))
+        return cls(src, dim=dim, width=width, full_width=full_width, eps=eps, weight=weight, bias=bias)
+
+    def init_kwargs(self) -> dict:
+        """The arguments of :meth:`empty` that rebuild this module's structure."""
+        shapes = [list(getattr(self, n).shape) if n is not None else None for n in (self.weight_name, self.bias_name)]
+        return {"dim": self.dim, "width": self.width, "full_width": self.full_width, "eps": self.eps,
+                "weight": self.weight_name, "bias": self.bias_name, "shapes": shapes}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = getattr(self, self.weight_name).reshape(-1) if self.weight_name is not None else None
+        b = getattr(self, self.bias_name).reshape(-1) if self.bias_name is not None else None
+        y = layer_norm_kept_divisor(x.movedim(self.dim, -1), (self.width,), w, b, self.eps,
+                                    old=self.full_width, new=self.width)
+        return y.movedim(-1, self.dim)
+
+    def extra_repr(self) -> str:
+        return f"{self.width}, full_width={self.full_width}, dim={self.dim}, eps={self.eps}"
+
+
 # NB: these classes normalise the channel axis of NCHW input by permuting around F.layer_norm; their
 # pruned form is PrunedLayerNorm2d
 CHANNELS_FIRST_LAYER_NORMS = ("torchvision.models.convnext.LayerNorm2d", "timm.layers.norm.LayerNorm2d")

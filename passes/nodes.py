@@ -18,7 +18,9 @@ a cast that may return its input), where an in-place write also lands.
 ``linear(h, W) * rsqrt(...)``: HY v4's, W its weight), or None; ``linear_after(out)``: the linear
 layer alone reading a norm without a weight (DeepSeek V4's); ``magnitude_matches_of(mean)``: the
 magnitude matches ``h * rms(g) / rms(h)`` a mean of squares belongs to (Gemma 3n's AltUp); ``grn_of(mean)``: the Global Response Normalization (ConvNeXt V2's GRN: a spatial 2-norm
-divided by its mean over the channels) a ``mean`` node belongs to, or None. ``unread_parameters(gm,
+divided by its mean over the channels) a ``mean`` node belongs to, or None. ``layer_norm_of(n)``:
+the layer norm written out (``u = mean(x)``, ``s = mean((x - u) ** 2)`` or ``var(x)``) whose mean or
+variance node ``n`` is, or None. ``unread_parameters(gm,
 model)``: the modules whose parameters a captured graph never reads.
 
 Internals:
@@ -760,6 +762,177 @@ def grn_of(mean: fx.Node) -> Grn | None:
     affine = _grn_affine(div, x)
     gamma, beta, out = affine if affine is not None else (None, None, None)
     return Grn(mean, src, x, ch[0], spatial, None if eps is None else float(eps), div, gamma, beta, out)
+
+
+# ---------------------------------------------------------------------------------------------
+# Layer norms written out by hand
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CentredNorm:
+    """A layer norm written out in a graph: ``u = mean(x, dim, keepdim=True)`` and ``s``, the variance of
+    ``x`` about it over the same axis: ``mean((x - u) ** 2, dim, keepdim=True)`` (``kind`` "centred"),
+    or ``var``/``std`` of ``x`` there, kept (``kind`` "var"/"std", with their ``correction``).
+    ConvNeXt's and SAM's channels-first ``LayerNorm``, Cohere's, Restormer's. What is made of ``x - u``
+    and ``s`` after (``/ sqrt(s + eps)``, ``* rsqrt``, an affine) is elementwise.
+
+    ``mean``: u's node; ``var``: s's; ``input``: x (before casts); ``dim``: the axis, non-negative;
+    ``subs``: the ``x - u`` nodes; ``scale``: the float a centred ``s``'s squares are already multiplied
+    by (a compressed graph's old divisor), 1.0 in a model's own graph."""
+
+    mean: fx.Node
+    var: fx.Node
+    input: fx.Node
+    dim: int
+    kind: str
+    correction: int = 0
+    subs: tuple = ()
+    scale: float = 1.0
+
+
+def _unscaled(n):
+    """``(m, f)``: ``n`` past casts and multiplications by a float (the rewrite's kept divisors), and the
+    product of those floats."""
+    f = 1.0
+    n = _before_casts(n)
+    while isinstance(n, fx.Node) and n.op in ("call_function", "call_method") and _op(n) == "mul" \
+            and len(n.args) == 2 and sum(type(a) in (int, float) for a in n.args) == 1:
+        f *= float(next(a for a in n.args if type(a) in (int, float)))
+        n = _before_casts(next(a for a in n.args if isinstance(a, fx.Node)))
+    return n, f
+
+
+def _one_axis(n: fx.Node, x) -> int | None:
+    """The one axis of ``x`` the reduction ``n`` runs over, kept, non-negative; else None."""
+    ndim = _ndim(x)
+    axes = _axes(_arg(n, 1, "dim"), ndim) if ndim is not None else None
+    return axes[0] if axes is not None and len(axes) == 1 else None
+
+
+def _var_correction(n: fx.Node) -> tuple | None:
+    """``(correction, keepdim)`` of a ``var``/``std`` node, however it is spelled (``unbiased=``,
+    ``correction=``, ATen's ``dim`` and ``correction`` overloads), or None when it cannot be read."""
+    target = n.target
+    if isinstance(target, torch._ops.OpOverload):
+        if target._overloadname == "dim":  # (self, dim, unbiased, keepdim)
+            return int(bool(_arg(n, 2, "unbiased", True))), bool(_arg(n, 3, "keepdim", False))
+        if target._overloadname == "correction":  # (self, dim, *, correction, keepdim)
+            c = n.kwargs.get("correction")
+            return (1 if c is None else c), bool(n.kwargs.get("keepdim", False))
+        return None
+    if len(n.args) > 2:  # NB: Tensor.var(dim, unbiased, keepdim) positionally: rare, and ambiguous
+        return None
+    if "correction" in n.kwargs:
+        c = n.kwargs["correction"]
+        c = 1 if c is None else c
+    else:
+        c = int(bool(n.kwargs.get("unbiased", True)))
+    return c, bool(n.kwargs.get("keepdim", False))
+
+
+def _centred_mean(u: fx.Node):
+    """``(x, dim)`` when ``u`` is ``mean(x, dim, keepdim=True)`` over one axis (past casts and the
+    rewrite's float scaling), else None."""
+    if u.op not in ("call_function", "call_method") or _op(u) != "mean" or not _arg(u, 2, "keepdim", False):
+        return None
+    x, _ = _unscaled(_arg(u, 0, "input", u.kwargs.get("self")))
+    if not isinstance(x, fx.Node):
+        return None
+    dim = _one_axis(u, x)
+    return (x, dim) if dim is not None else None
+
+
+def _subs_of(u: fx.Node, x: fx.Node) -> list:
+    """The ``x - u`` nodes reading ``u`` (past casts), ``x`` past casts too."""
+    out, todo = [], [u]
+    while todo:
+        n = todo.pop()
+        for r in n.users:
+            if r.op not in ("call_function", "call_method"):
+                continue
+            if _op(r) in _CASTS and r.args and r.args[0] is n:
+                todo.append(r)
+            elif _op(r) == "sub" and len(r.args) == 2 and r.args[1] is n and _before_casts(r.args[0]) is x \
+                    and not r.kwargs:
+                out.append(r)
+    return out
+
+
+def layer_norm_of(n: fx.Node) -> CentredNorm | None:
+    """The layer norm written out (:class:`CentredNorm`) whose mean ``u`` or variance ``s`` node ``n`` is,
+    or None."""
+    if not isinstance(n, fx.Node) or n.op not in ("call_function", "call_method"):
+        return None
+    name = _op(n)
+    if name == "mean":
+        hit = _centred_mean(n)
+        if hit is not None:  # n as u: its variance is a mean of squares of x - u, or var(x)
+            for s in _variances(n, *hit):
+                return s
+        sq, scale = _unscaled(_arg(n, 0, "input", n.kwargs.get("self")))
+        d = _before_casts(_squared(sq)) if isinstance(sq, fx.Node) else None
+        if isinstance(d, fx.Node) and _op(d) == "sub" and len(d.args) == 2 and isinstance(d.args[1], fx.Node):
+            u = _before_casts(d.args[1])
+            hit = _centred_mean(u) if isinstance(u, fx.Node) else None
+            if hit is not None:
+                return next((s for s in _variances(u, *hit) if s.var is n), None)
+        return None
+    if name in ("var", "std"):
+        x = _before_casts(_arg(n, 0, "input", n.kwargs.get("self")))
+        # NB: the mean may read x past a cast (Cohere's float32) or the rewrite's float scaling
+        for u in (_scaled_readers(x) if isinstance(x, fx.Node) else ()):
+            hit = _centred_mean(u) if u is not n and _op(u) == "mean" else None
+            if hit is not None and hit[0] is x:
+                s = next((s for s in _variances(u, *hit) if s.var is n), None)
+                if s is not None:
+                    return s
+    return None
+
+
+def _variances(u: fx.Node, x: fx.Node, dim: int):
+    """Every :class:`CentredNorm` of the mean ``u`` of ``x`` over ``dim``: the means of squares of its
+    ``x - u`` nodes over that axis, and the kept ``var``/``std`` of ``x`` there; none without an ``x - u``
+    (a mean alone is no layer norm)."""
+    subs = tuple(_subs_of(u, x))
+    if not subs:
+        return
+    for d in subs:
+        todo = [d]
+        while todo:
+            n = todo.pop()
+            for r in n.users:
+                if r.op not in ("call_function", "call_method"):
+                    continue
+                if _op(r) in _CASTS and r.args and r.args[0] is n:
+                    todo.append(r)
+                elif _squared(r) is n:
+                    for m in _scaled_readers(r):
+                        if _op(m) == "mean" and _arg(m, 2, "keepdim", False) and _one_axis(m, x) == dim:
+                            yield CentredNorm(u, m, x, dim, "centred", 0, subs, _unscaled(m.args[0])[1])
+    seen = {x} | {c for c in x.users if c.op in ("call_function", "call_method") and _op(c) in _CASTS}
+    for src in seen:
+        for r in src.users:
+            if r.op in ("call_function", "call_method") and _op(r) in ("var", "std") and r is not u \
+                    and _before_casts(_arg(r, 0, "input", r.kwargs.get("self"))) is x:
+                spec = _var_correction(r)
+                if spec is not None and spec[1] and _one_axis(r, x) == dim:
+                    yield CentredNorm(u, r, x, dim, _op(r), int(spec[0]), subs)
+
+
+def _scaled_readers(n: fx.Node) -> list:
+    """The readers of ``n`` past casts and multiplications by a float."""
+    out, todo = [], [n]
+    while todo:
+        m = todo.pop()
+        for r in m.users:
+            if r.op in ("call_function", "call_method") and (
+                    (_op(r) in _CASTS and r.args and r.args[0] is m)
+                    or (_op(r) == "mul" and len(r.args) == 2 and sum(type(a) in (int, float) for a in r.args) == 1)):
+                todo.append(r)
+            else:
+                out.append(r)
+    return out
 
 
 _VIEWS = ("view", "reshape", "_unsafe_view")

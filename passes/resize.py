@@ -46,6 +46,10 @@ Internals:
       unflatten, expand) on a recording view of each node (prune's ``Site`` whose edits are kept as
       ``(old, new)``): the graph is not changed, and the new values are the graph form's. The module
       of a node is export's ``nn_module_stack`` or the symbolic tracer's ``MADE_IN``.
+    * :func:`own_norm_sites` reads the layer norms a module's own forward computes (written out, or
+      ``F.layer_norm``) off the graph; :func:`own_norm_replacement` runs a copy of the module with random
+      weights against ``PrunedOwnLayerNorm`` for each axis of its width and each weight/bias naming, in
+      eval and training mode: the module is replaced only when one candidate computes what it computes.
     * Rules are keyed by type and found along the MRO (a subclass of ``nn.Linear`` is a Linear);
       classes of optional libraries (Hugging Face's ``Conv1D``) are keyed by qualified name, so
       nothing is imported here.
@@ -66,11 +70,11 @@ from otofx.errors import OTOError
 from .channels import AxisLabels
 from .modules import (CHANNELS_FIRST_LAYER_NORMS, DATA_FORMAT_LAYER_NORMS, GLOBAL_RESPONSE_NORMS, PLAIN_GROUP_NORMS,
                       PLAIN_LAYER_NORMS, PrunedGlobalResponseNorm, PrunedGroupNorm, PrunedLayerNorm, PrunedLayerNorm2d,
-                      PrunedMultiheadAttention, PrunedRelativeAttention, PrunedRNN, PrunedStdConv2d,
+                      PrunedMultiheadAttention, PrunedOwnLayerNorm, PrunedRelativeAttention, PrunedRNN, PrunedStdConv2d,
                       PrunedWindowAttention, PrunedWindowAttention3d, STD_CONVS, resize_stock_rnn, rnn_slot_suffix,
                       rnn_slots)
 from .nodes import (_CASTS, _RESHAPES, HF_CONV1D, _before_casts, _op, _squared, call_arguments, grn_of,
-                    linear_after, magnitude_match_at, made_in, rms_norm_of)
+                    layer_norm_of, linear_after, magnitude_match_at, made_in, rms_norm_of)
 from .registry import RULES, bind, form_of, op_of, rule_of
 
 
@@ -816,6 +820,175 @@ def inline_grn_groups(gm, model: nn.Module, zigset) -> set:
         zigs = zigset.zig_of_root[zigset.uf.find(lab.ids[g.channel])]
         out |= {int(i) for i in np.unique(zigs) if i >= 0}
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Layer norms in a module's own forward (written out, or F.layer_norm of its tensors)
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class OwnNormSite:
+    """A layer norm of ``gm`` that a module's own forward computes (``module``, its dotted name; None
+    when the graph does not say), over an axis narrowed from ``old`` to ``new`` entries: ``written``
+    (:func:`otofx.passes.nodes.layer_norm_of`) or ``F.layer_norm`` called on the module's tensors;
+    ``eps``: the float the graph adds to its variance (None when not found)."""
+
+    node: str
+    module: str | None
+    written: bool
+    eps: float | None
+    old: int
+    new: int
+
+
+def _eps_of(ln) -> float | None:
+    """The float a written layer norm adds to its variance before the root (``s + eps``), else None."""
+    todo = [ln.var]
+    while todo:
+        n = todo.pop()
+        for r in n.users:
+            if r.op not in ("call_function", "call_method"):
+                continue
+            if _op(r) in _CASTS or (_op(r) == "mul" and any(type(a) in (int, float) for a in r.args)):
+                todo.append(r)  # NB: casts, and the rewrite's own terms (a compressed graph's)
+            elif _op(r) == "add" and len(r.args) == 2:
+                eps = [a for a in r.args if type(a) in (int, float)]
+                if eps:
+                    return float(eps[0])
+                todo.append(r)  # the rewrite's u ** 2 term
+    return None
+
+
+def own_norm_sites(gm, zigset, plan=None):
+    """Every layer norm of ``gm`` computed in a module's own forward (not an ``nn.LayerNorm`` call) whose
+    axis ``plan`` narrows (every one with ``plan`` None: ``old == new`` then), as :class:`OwnNormSite`."""
+    labels, uf = zigset.labels, zigset.uf
+    for n in gm.graph.nodes:
+        # NB: an nn.LayerNorm call is the resizers' (PrunedLayerNorm), unless it has no weight or bias to
+        # read its width off
+        plain = n.op == "call_module" and isinstance(m := gm.get_submodule(n.target), nn.LayerNorm) \
+            and m.weight is None and m.bias is None and type(m).forward is nn.LayerNorm.forward
+        if n.op not in ("call_function", "call_method") and not plain:
+            continue
+        ln = layer_norm_of(n) if not plain and _op(n) == "mean" else None
+        if ln is not None and ln.mean is n:
+            lab, axis, eps = labels.get(ln.input.name), ln.dim, _eps_of(ln)
+        elif op_of(n, gm) == "layer_norm":
+            args = call_arguments(n, gm) or {}
+            src = args.get("input")
+            lab, axis = labels.get(src.name) if isinstance(src, fx.Node) else None, -1
+            eps = m.eps if plain else args.get("eps", 1e-5)
+            shape = args.get("normalized_shape")
+            if not isinstance(shape, (tuple, list, torch.Size)) and not isinstance(shape, int) or \
+                    (isinstance(shape, (tuple, list, torch.Size)) and len(shape) != 1):
+                continue
+        else:
+            continue
+        if not isinstance(lab, AxisLabels):
+            continue
+        ids = lab.ids[axis]
+        new = int((~plan.removed_roots[uf.find(ids)]).sum()) if plan is not None else len(ids)
+        if plan is not None and new == len(ids):
+            continue
+        path = n.target if plain else made_in(n)
+        yield OwnNormSite(n.name, path, ln is not None, None if eps is None else float(eps), len(ids), new)
+
+
+def _module_input_shape(gm, path: str):
+    """The shape of the tensor the nodes made in module ``path``'s forward read from outside it (the same at
+    every call), or None."""
+    outside = []
+    for n in gm.graph.nodes:
+        if n.op == "call_module" and n.target == path and n.args and isinstance(n.args[0], fx.Node):
+            outside.append(n.args[0])  # NB: a leaf module's call (an nn.LayerNorm without weights)
+        elif n.op in ("call_function", "call_method") and made_in(n) == path:
+            for a in n.all_input_nodes:
+                if a.op != "get_attr" and made_in(a) != path and a not in outside:
+                    outside.append(a)
+    vals = [a.meta.get("val") for a in outside]
+    if not vals or not all(isinstance(v, torch.Tensor) for v in vals):
+        return None
+    # NB: a dynamic size: any size works for a norm over another axis
+    shapes = {tuple(int(d) if isinstance(d, int) else 3 for d in v.shape) for v in vals}
+    # NB: a module called at several places reads one tensor at each (a shared norm); two inputs at one call
+    # (a module that is no norm alone) differ in their call, which the probe's one input refuses anyway
+    return shapes.pop() if len(shapes) == 1 else None
+
+
+def own_norm_replacement(module: nn.Module, shape: tuple, width: int, eps: float | None) -> dict | None:
+    """The :class:`PrunedOwnLayerNorm` arguments (``dim``, ``weight``, ``bias``, ``eps``) of a module that
+    computes a layer norm over one axis of an input of ``shape`` (``width`` entries) and nothing else,
+    found by running a copy of it with random weights against each candidate, in eval and training
+    mode; None when none matches (the module does more, or takes other inputs)."""
+    import copy
+
+    affine = isinstance(module, nn.LayerNorm) and (module.weight is not None or module.bias is not None)
+    if isinstance(module, PrunedOwnLayerNorm) or affine or eps is None or list(module.children()):
+        return None
+    mine = dict(module.named_parameters(recurse=False))
+    if list(module.buffers(recurse=False)) or any(p.numel() != width for p in mine.values()) or len(mine) > 2:
+        return None
+    probe = copy.deepcopy(module).float()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in probe.parameters():
+            p.copy_(torch.rand(p.shape, generator=g) + 0.5)
+        x = torch.randn(shape, generator=g) * 2 + 0.5
+    dims = sorted({d if d != len(shape) - 1 else -1 for d in range(len(shape)) if shape[d] == width}, reverse=True)
+    names = list(mine)
+    pairs = [(w, b) for w in [None, *names] for b in [None, *names] if w is None or w != b]
+    pairs.sort(key=lambda wb: -sum(v is not None for v in wb))  # NB: every tensor the module holds, first
+    for dim in dims:
+        for w, b in pairs:
+            if {w, b} - {None} != set(names):
+                continue
+            cand = PrunedOwnLayerNorm(probe, dim=dim, width=width, full_width=width, eps=eps, weight=w, bias=b)
+            ok = True
+            for training in (False, True):
+                probe.train(training)
+                try:
+                    with torch.no_grad():
+                        got, want = cand(x), probe(x)
+                except Exception:  # noqa: BLE001 - a forward that takes other inputs is not a norm alone
+                    return None
+                if not isinstance(got, torch.Tensor) or not isinstance(want, torch.Tensor) or got.shape != want.shape \
+                        or not torch.allclose(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max())):
+                    ok = False
+                    break
+            if ok:
+                return {"dim": dim, "weight": w, "bias": b, "eps": eps}
+    return None
+
+
+def inline_layer_norm_groups(gm, model: nn.Module, zigset) -> set:
+    """Indices of the groups of ``zigset`` whose channels a layer norm written out in ``gm`` normalises
+    where no module of ``model`` computes it alone (:func:`own_norm_replacement`): one written into a
+    block's forward divides by the new width in the own class, whose zero rows must stay."""
+    out = set()
+    for site in own_norm_sites(gm, zigset):
+        if not site.written:
+            continue
+        m = _submodule(model, site.module)
+        if isinstance(m, PrunedOwnLayerNorm):
+            continue
+        shape = _module_input_shape(gm, site.module) if m is not None else None
+        if shape is not None and own_norm_replacement(m, shape, site.old, site.eps) is not None:
+            continue
+        node = next(n for n in gm.graph.nodes if n.name == site.node)
+        ln = layer_norm_of(node)
+        zigs = zigset.zig_of_root[zigset.uf.find(zigset.labels[ln.input.name].ids[ln.dim])]
+        out |= {int(i) for i in np.unique(zigs) if i >= 0}
+    return out
+
+
+def _submodule(model: nn.Module, path: str | None):
+    if path is None:
+        return None
+    try:
+        return model.get_submodule(path)
+    except AttributeError:
+        return None
 
 
 def standardised_module(gm, node: fx.Node) -> str | None:
@@ -1682,4 +1855,4 @@ __all__ = ["Change", "Scope", "ResizeError", "RESIZERS", "resizer", "rule_for", 
            "inline_grn_groups", "apply_rms_fold", "rms_input_producer",
            "norm_sites", "tied_head_norms", "stream_scale_sources", "constant_scale_sources", "scale_parameter",
            "WeightlessSite", "weightless_sites", "weightless_stream_fold", "resize_weightless_norms",
-           "magnitude_folds"]
+           "magnitude_folds", "OwnNormSite", "own_norm_sites", "own_norm_replacement", "inline_layer_norm_groups"]

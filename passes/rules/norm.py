@@ -257,24 +257,25 @@ def _pin_normalised(ctx: Ctx, x, k: int, weight, bias, meta):
     return _plus_constant(lab) if bias is not None else lab
 
 
-def _last_axis_rows(ctx: Ctx, x, normalized_shape, weight, bias, meta, needs_weight: bool, fills: bool = False):
+def _last_axis_rows(ctx: Ctx, x, normalized_shape, weight, bias, meta, centred: bool, fills: bool = False):
     """A norm over one last axis whose channels are zero with their rows: each channel is a row (its
     weight and bias entries with it), the rewrite keeping the old divisor; with ``fills``, channels
     that are a constant other than 0 are rows too, the rewrite filling their values back in
-    (``ctx.fills``); otherwise (several axes, a size read off the axis as a value, no weight where a
-    removed channel would not stay zero) the normalised axes are pinned."""
+    (``ctx.fills``); otherwise (several axes, a size read off the axis as a value) the normalised axes
+    are pinned. ``centred`` (a layer norm): without a weight, a removed channel's output is
+    ``-mean / std``, not zero, which its readers must cancel (their labels say whether they do)."""
     shape = tuple(normalized_shape) if isinstance(normalized_shape, (tuple, list, torch.Size)) else (normalized_shape,)
     syms = [v for v in shape if isinstance(v, SymSize)]
     ids = x.ids[-1]
     known = x.fixed(-1) if fills else x.zero[-1]
     # NB: a width read off the shapes (symbolic_trace's ``weight.shape``) must measure this axis
-    if (len(shape) != 1 or (needs_weight and weight is None) or not known.all()
+    if (len(shape) != 1 or not known.all()
             or any(len(v.ids) != 1 or len(v.ids[0]) != len(ids) for v in syms)):
         ctx.pin(syms, "a size read off this axis is used as a value")
         return _pin_normalised(ctx, x, len(shape), weight, bias, meta)
     if fills and not x.zero[-1].all() and ctx.node is not None:
         ctx.fills[ctx.node.name] = ~x.zero[-1]
-    if not needs_weight and weight is None and ctx.node is not None and not read_as_stream_or_input(ctx.node):
+    if not centred and weight is None and ctx.node is not None and not read_as_stream_or_input(ctx.node):
         # NB: as a written-out norm's (rules.reduction): with no weight to refold, the own class
         # scales the layers around the norm, which needs its output read by linear layers and sums
         ctx.pin_unless_blocks(ids, WEIGHTLESS_READ)
@@ -283,7 +284,7 @@ def _last_axis_rows(ctx: Ctx, x, normalized_shape, weight, bias, meta, needs_wei
     for p in (weight, bias):
         if p is not None:
             ctx.param(p, {0: ids})
-    z = true_mask(len(ids)) if weight is not None else x.zero[-1]
+    z = true_mask(len(ids)) if weight is not None else false_mask(len(ids)) if centred else x.zero[-1]
     if bias is not None:  # NB: a zero token (every entry of the normalised axis 0) comes out as the bias
         x = _plus_constant(x)
     return x.with_axis(x.ndim - 1, ids, z)
@@ -292,11 +293,10 @@ def _last_axis_rows(ctx: Ctx, x, normalized_shape, weight, bias, meta, needs_wei
 @rule("layer_norm", fix=_narrowed_norm_fix(layer_norm_kept_divisor, ("weight", "bias", "fill")), reads_params=True,
       takes_sizes=True, keeps_shape=CONTIGUOUS_OUT, keeps_axes=True)
 def layer_norm(ctx: Ctx, input, normalized_shape, weight=None, bias=None, eps=1e-5, fill=None, meta=None, **_):
-    """over one last axis whose channels are zero with their rows and an affine weight: each channel is a row (its weight and bias entries with it) and the rewrite keeps the old divisor of the mean and variance; a channel that is a constant other than 0 (MLP-Mixer's token MLP writes its biases into a zero channel) is a row too, its values filled back into the mean and variance; any other normalised axis is pinned (the divisor counts every channel)."""
-    # NB: without a weight a removed channel's output is -mean / std, not zero: pinned
+    """over one last axis whose channels are zero with their rows: each channel is a row (its weight and bias entries with it) and the rewrite keeps the old divisor of the mean and variance; a channel that is a constant other than 0 (MLP-Mixer's token MLP writes its biases into a zero channel) is a row too, its values filled back into the mean and variance; without a weight a removed channel's output is -mean / std, not zero (its readers must cancel it); any other normalised axis is pinned (the divisor counts every channel)."""
     if fill is not None:  # a compressed norm's constant channels (a buffer: no channel of its own)
         ctx.param(fill, {d: PINNED for d in range(len(ctx.shape_of(fill)))})
-    return _last_axis_rows(ctx, input, normalized_shape, weight, bias, meta, needs_weight=True, fills=True)
+    return _last_axis_rows(ctx, input, normalized_shape, weight, bias, meta, centred=True, fills=True)
 
 
 def _ln_module(node, m, args, kwargs):
@@ -326,7 +326,7 @@ _rms_norm_fix = _narrowed_norm_fix(rms_norm_kept_divisor, ("weight",))
       keeps_axes=True)
 def rms_norm(ctx: Ctx, input, normalized_shape, weight=None, eps=None, meta=None, **_):
     """over one last axis whose channels are zero with their rows: each channel is a row (its weight entry with it) and the rewrite keeps the old divisor; any other normalised axis is pinned, as layer_norm's."""
-    return _last_axis_rows(ctx, input, normalized_shape, weight, None, meta, needs_weight=False)
+    return _last_axis_rows(ctx, input, normalized_shape, weight, None, meta, centred=False)
 
 
 modules("rms_norm", [getattr(nn, "RMSNorm", None)], _ln_module)

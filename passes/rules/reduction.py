@@ -6,7 +6,9 @@ reduction (mean, var, max, a norm) and every map that divides by something compu
 (softmax, normalize) counts all of that axis's channels, so the axis is pinned; except the mean of
 an RMS norm written out by hand (and a mean over whole heads), the two means of squares of a
 magnitude match (Gemma 3n's AltUp: ``h * rms(g) / rms(h)``) and ConvNeXt V2's GRN channel mean of
-spatial 2-norms, whose rewrite keeps the old divisor. A scan mixes the
+spatial 2-norms, whose rewrite keeps the old divisor; and the two means (or mean and ``var``/``std``)
+of a layer norm written out, whose rewrite also adds the removed channels' ``(0 - u) ** 2`` back into
+the variance. A scan mixes the
 entries along its axis (each output reads a run of them), so that axis is pinned too; it acts on
 every other axis entry by entry.
 """
@@ -19,7 +21,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..channels import AxisLabels, Ctx, false_mask, pinned_axis
-from ..nodes import WEIGHTLESS_READ, grn_of, magnitude_matches_of, read_as_stream_or_input, rms_norm_of
+from ..nodes import (WEIGHTLESS_READ, grn_of, layer_norm_of, magnitude_matches_of, read_as_stream_or_input,
+                     rms_norm_of)
 from ..registry import RuleDeclined, functions, methods, modules, rule
 from .common import _ax, _ov, _out_shape
 
@@ -35,18 +38,68 @@ def _reduce_axes(dim, ndim):
 
 
 def _reduce_fix(site, input, dim=None, keepdim=False, kind="mean", **_):
-    """A mean over an axis that lost (zero) rows keeps its old divisor: its input is scaled by new / old."""
+    """A mean over an axis that lost (zero) rows keeps its old divisor: its input is scaled by new / old.
+    The variance of a layer norm written out (:func:`otofx.passes.nodes.layer_norm_of`) also counts the
+    removed entries' ``(0 - u) ** 2``."""
     old, new = site.old(input), site.new(input)
-    if kind != "mean" or old is None or new is None or old == new:
+    if kind not in ("mean", "var") or old is None or new is None or old == new:
         return
     axes = _reduce_axes(dim, len(old))
     n_old, n_new = math.prod(old[a] for a in axes), math.prod(new[a] for a in axes)
     if n_old == n_new:
         return
+    ln = layer_norm_of(site.node) if len(axes) == 1 else None
+    ln = ln if ln is not None and ln.var is site.node else None
+    if ln is not None and ln.kind != "centred":
+        _variance_fix(site, ln, n_old, n_new)
+        return
+    if kind != "mean":
+        return
+    g = site.node.graph
     src = site.node.args[0] if site.node.args else site.node.kwargs["input"]
-    with site.node.graph.inserting_before(site.node):
-        scaled = site.node.graph.call_function(aten.mul.Tensor, (src, n_new / n_old))
+    with g.inserting_before(site.node):
+        scaled = g.call_function(aten.mul.Tensor, (src, n_new / n_old))
     site.set("input", scaled)
+    if ln is not None:
+        # NB: each removed entry's x - u is -u: u ** 2 over the divisor in force (n_old / scale when a
+        # compressed graph is compressed again), added after the mean
+        _add_after(site.node, ln.mean, ln.scale * (n_old - n_new) / n_old)
+
+
+def _add_after(s, u, q: float):
+    """Every reader of ``s`` reads ``s + q * u * u`` instead."""
+    g = s.graph
+    # NB: before the next node, not inserting_after(s), which would put each new node first
+    with g.inserting_before(s.next):
+        uu = g.call_function(aten.mul.Tensor, (u, u))
+        term = g.call_function(aten.mul.Tensor, (uu, q))
+        total = g.call_function(aten.add.Tensor, (s, term))
+    s.replace_all_uses_with(total, delete_user_cb=lambda n: n is not total)
+    return total
+
+
+def _variance_fix(site, ln, n_old: int, n_new: int) -> None:
+    """``var``/``std`` of a layer norm written out over an axis narrowed from ``n_old`` to ``n_new``: the
+    node becomes the old width's variance about the (kept-divisor) mean u, written as a centred layer
+    norm's (``mean((x - u) ** 2 * new / old) + u ** 2 * (old - new) / old``, which a compressed graph
+    compressed again reads as one), times ``old / (old - correction)``, its root for ``std``."""
+    node, g = site.node, site.node.graph
+    x = node.args[0] if node.args else node.kwargs.get("input", node.kwargs.get("self"))
+    if ln.correction >= n_old:
+        raise RuleDeclined(f"{node.name}: a variance with correction {ln.correction} over {n_old} entries")
+    with g.inserting_before(node):
+        d = g.call_function(aten.sub.Tensor, (x, ln.mean))
+        sq = g.call_function(aten.pow.Tensor_Scalar, (d, 2))
+        scaled = g.call_function(aten.mul.Tensor, (sq, n_new / n_old))
+        m = g.call_function(aten.mean.dim, (scaled, [ln.dim], True))
+    out = _add_after(m, ln.mean, (n_old - n_new) / n_old)
+    g = out.graph
+    with g.inserting_before(out.next):
+        if ln.correction:
+            out = g.call_function(aten.mul.Tensor, (out, n_old / (n_old - ln.correction)))
+        if ln.kind == "std":
+            out = g.call_function(aten.sqrt.default, (out,))
+    node.replace_all_uses_with(out)
 
 
 @rule("reduce", fix=_reduce_fix)
@@ -56,7 +109,19 @@ def reduce(ctx: Ctx, input, dim=None, keepdim=False, kind="mean", meta=None, **_
     if not isinstance(x, AxisLabels):
         return x
     axes = _reduce_axes(dim, x.ndim)
+    ln = layer_norm_of(ctx.node) if ctx.node is not None and kind in ("mean", "var") and len(axes) == 1 else None
     for a in axes:
+        # NB: a layer norm written out (ConvNeXt's channels-first LayerNorm, Cohere's): its mean u of channels
+        # zero with their rows and its variance about u keep the old divisor in the rewrite, the variance
+        # with the removed channels' (0 - u) ** 2 added back (_reduce_fix); the own class replaces a module
+        # that computes it alone (otofx.rebuild), and keeps the rows of one written into a larger forward
+        # NB: a centred variance reads x - u (not zero): it is free once its mean was; var(x) reads x itself
+        if ln is not None and ln.dim == a and (
+                (ln.mean is ctx.node and x.zero[a].all())
+                or (ln.var is ctx.node and (ln.mean.name in ctx.centred if ln.kind == "centred" else x.zero[a].all()))):
+            if ln.mean is ctx.node:
+                ctx.centred.add(ctx.node.name)
+            continue
         if kind == "mean" and x.zero[a].all():
             # NB: the rewrite keeps the old divisor; the model's own forward divides by the new
             # width, which only an RMS norm's refold (passes.resize.rms_folds) makes the same

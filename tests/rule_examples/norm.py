@@ -144,10 +144,18 @@ def layer_norm_channels_last():
     return m, img()
 
 
-@example("layer_norm", expect_pin="layer_norm")
+@example("layer_norm")
 def layer_norm_without_affine():
-    """LN without a weight maps a removed zero feature to -mean / std: the features are pinned."""
+    """LN without a weight maps a removed zero feature to -mean / std, not zero: l3, which reads it, has
+    that feature's column in the row, so the features are rows all the same."""
     return _through_norm(nn.LayerNorm(8, elementwise_affine=False)), torch.randn(N, 5, 6)
+
+
+@example("layer_norm", expect_pin="not zero with their rows")
+def layer_norm_without_affine_summed():
+    """... but a sum over the features after it reads the -mean / std of a removed feature: pinned."""
+    return Net(lambda s, x: s.l3(s.n(s.l2(F.gelu(s.l1(x)))).sum(-1, keepdim=True)), l1=nn.Linear(6, 8),
+               l2=nn.Linear(8, 8), n=nn.LayerNorm(8, elementwise_affine=False), l3=nn.Linear(1, 4)), torch.randn(N, 5, 6)
 
 
 @example("layer_norm", expect_pin="layer_norm")
