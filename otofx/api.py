@@ -28,6 +28,9 @@ Internals:
       norms' constant fills are read once per ``compress()``.
       The module form is compared with the captured graph with the KV cache off (as captured);
       the returned model keeps the user's ``use_cache``.
+    * A free output (``free_outputs``) comes back without the removed channels: verification
+      indexes the reference's at the kept positions under the plan each compressed model was made
+      with (``self._plans``, weak keys; ``passes.prune.output_keeps``), and compress() logs them.
     * ``self.state`` is the analysis State (graph, groups, per-pass records); compress starts from
       it with the current weights, so one analysis serves any number of compressions.
 """
@@ -47,10 +50,11 @@ from otofx import pipeline
 from otofx.capture import DATA_BRANCHES, SIZE_BOUNDS, STATIC_IMAGE_SIZES, _first_line, _no_kv_cache, normalize_inputs
 from otofx.errors import InputError, OTOError, VerificationError
 from otofx.passes.nodes import get_path, layer_norm_params, set_path, unread_parameters
-from otofx.passes.prune import Plan, plan_rows, row_norms, zero_row_plan, zero_rows
+from otofx.passes.prune import Plan, output_keeps, plan_rows, row_norms, zero_row_plan, zero_rows
 from otofx.passes.resize import inline_grn_groups, inline_layer_norm_groups, inline_standardisation_groups
 from otofx.passes.zigs import ZIG, ZigSet
-from otofx.verify import compare, compare_all, eval_mode, first_wrong_module, input_sets, outputs_close, run_eval
+from otofx.verify import (compare, compare_all, eval_mode, first_wrong_module, input_sets, narrow_outputs,
+                          outputs_close, run_eval)
 from otofx.rebuild import RebuildError, copy_training_flags, rebuild
 
 log = logging.getLogger("otofx")
@@ -343,16 +347,25 @@ class OTO:
     """Capture ``model`` and find its zero-invariant groups; ``compress()`` removes zero rows.
 
     ``pin``: names of parameters or modules whose channels stay whole, or module types
-    (``torch.nn.LayerNorm``) standing for every module of that type."""
+    (``torch.nn.LayerNorm``) standing for every module of that type.
 
-    def __init__(self, model: torch.nn.Module, example_inputs, *, pin=(), frontend: str = "auto"):
+    ``free_outputs``: keys of the model's output (a ModelOutput's or a dict's keys, a tuple's
+    indices) that the compressed model may return narrower: their channels that are zero with their
+    row go (the dense zeroed model returns zeros there), the others stay. ``"auto"`` (the default):
+    a Hugging Face encoder-decoder's ``encoder_last_hidden_state`` (its hidden width is then
+    removable); ``()`` keeps every output's width. Logits and every other output keep theirs."""
+
+    def __init__(self, model: torch.nn.Module, example_inputs, *, pin=(), frontend: str = "auto",
+                 free_outputs="auto"):
         _check_params(model)
         self._on_meta = _meta_tensor(model) is not None  # analysed without weights
         # NB: on a meta model, trace with meta inputs (a conv refuses meta weights with CPU inputs)
         # and keep the user's inputs for verification once the model is materialised
         inputs = tree_map(lambda t: t.to("meta") if isinstance(t, torch.Tensor) else t,
                           example_inputs) if self._on_meta else example_inputs
-        self.state: pipeline.State = pipeline.analysis(frontend).run(model, inputs, pin=tuple(pin))
+        free = free_outputs if isinstance(free_outputs, str) else tuple(free_outputs)
+        self.state: pipeline.State = pipeline.analysis(frontend).run(model, inputs, pin=tuple(pin),
+                                                                     free_outputs=free)
         if self._on_meta:
             args, kwargs = normalize_inputs(example_inputs)
             # NB: the second-shape inputs were tiled from the meta copies; tile the user's own
@@ -367,6 +380,8 @@ class OTO:
         # no rule saw them, so the groups do not include them and compress() leaves them as they are
         self.unread = unread_parameters(self.graph_module, model)
         self._optimizers = []  # weak references to the DHSPG optimizers made by self.dhspg()
+        # compressed model -> the plan it was made with (its free outputs' kept channels)
+        self._plans = weakref.WeakKeyDictionary()
 
     # -- analysis results -----------------------------------------------------------------------
     @property
@@ -376,6 +391,11 @@ class OTO:
     @property
     def pinned(self):
         return self.zigset.pinned
+
+    @property
+    def free_outputs(self) -> tuple:
+        """The outputs the compressed model may return narrower (``passes.zigs.FreeOutput``: key, index)."""
+        return self.zigset.free_outputs
 
     def report(self, blocks=None) -> str:
         """Groups and pins as tables; ``blocks`` (an ``otofx.admm.find_blocks`` result) adds the block groups."""
@@ -430,7 +450,16 @@ class OTO:
         ``pipeline.GraphPass(torch.fx.experimental.optimization.fuse)`` to fold BN into conv); they
         imply the graph form. ``verify=False`` skips the value check (``"auto"`` still runs the
         module form once on the example inputs to choose).
+
+        A free output (``OTO(..., free_outputs=...)``, by default a Hugging Face encoder-decoder's
+        ``encoder_last_hidden_state``) comes back without its removed channels (logged at INFO).
         """
+        small = self._compress(verify, plan, passes, form)
+        self._say_free(small)
+        return small
+
+    def _compress(self, verify: bool, plan: Plan | None, passes, form: str):
+        """:meth:`compress` itself."""
         from otofx import distributed
 
         if distributed.is_sharded(self.model):  # FSDP2 / tensor parallel: gather full tensors (every rank calls)
@@ -527,6 +556,42 @@ class OTO:
                             type(self.model).__name__, why)
         return self._compress_graph(verify, plan, passes)
 
+    def _say_free(self, small) -> None:
+        """Log which free outputs ``small`` returns narrower: N of their M channels, and how to keep them."""
+        if not self.zigset.free_outputs:
+            return
+        plan = self._plan_of(small)
+        if plan is None:
+            return
+        keep = output_keeps(plan)
+        for f in self.zigset.free_outputs:
+            for d, idx in keep.get(f.index, {}).items():
+                log.info("otofx: the compressed %s returns output %r with %d of its %d channels (axis %d): the "
+                         "removed ones are zero in the model. otofx.OTO(model, x, free_outputs=()) keeps its width",
+                         type(self.model).__name__, f.key, len(idx), f.label.shape[d], d)
+
+    def _plan_of(self, small) -> Plan | None:
+        """The plan ``small`` was made with (:meth:`_remember`), or None."""
+        try:
+            return self._plans.get(small)
+        except TypeError:
+            return None
+
+    def _remember(self, small, plan: Plan) -> None:
+        """Keep ``plan`` as the one ``small`` was made with (for its free outputs' kept channels)."""
+        try:
+            self._plans[small] = plan
+        except TypeError:  # NB: a class with __eq__ and no __hash__: verify() falls back on the zero rows
+            pass
+
+    def _output_keep(self, small) -> dict | None:
+        """The kept positions of the free outputs in ``small`` (``passes.prune.output_keeps``): under
+        the plan it was made with, else the plan of the model's current zero rows; None without any."""
+        if not self.zigset.free_outputs:
+            return None
+        plan = self._plan_of(small)
+        return output_keeps(plan if plan is not None else zero_row_plan(self.zigset, self._sync()))
+
     def _warn_below_target(self) -> None:
         """A warning when a DHSPG optimizer made by ``self.dhspg()`` is below its target (issue: a
         run that stalled used to give the dense model back without a word)."""
@@ -561,6 +626,7 @@ class OTO:
         start = self.state.replace(gm=gm, reference=gm, records=())
         state = pipeline.Pipeline(steps).run(start if plan is None else start.put(pipeline.PLAN, plan))
         small = state.gm
+        self._remember(small, state.get(pipeline.PLAN))
         copy_training_flags(small, self.model)
         if verify:
             try:
@@ -851,6 +917,7 @@ class OTO:
             raise
         except Exception as e:  # noqa: BLE001 - e.g. a model attribute that cannot be copied
             raise RebuildError(f"a re-sized copy could not be made: {type(e).__name__}: {_first_line(e)}") from e
+        self._remember(small, plan)
         if check:
             try:
                 self.verify(small, rtol=rtol)
@@ -861,6 +928,7 @@ class OTO:
                 if folds:
                     plain = rebuild(self.model, plan, gm, follow_floats=False, inputs=(self._args, self._kwargs),
                                     fills=fills, follow_literals=follow_literals)
+                    self._remember(plain, plan)
                     try:
                         self.verify(plain, rtol=rtol)
                     except Exception:  # noqa: BLE001 - the first error is the one to report
@@ -894,7 +962,7 @@ class OTO:
             try:
                 with _no_kv_cache(small, k):
                     got = run_eval(small, a, k)
-                ok, err = outputs_close(ref, got, rtol)
+                ok, err = outputs_close(narrow_outputs(ref, got, self._output_keep(small)), got, rtol)
             except Exception as e:  # noqa: BLE001 - the compressed class's forward at that size
                 return (f"at {what} (the model's code branches on it), its own class fails: "
                         f"{type(e).__name__}: {_first_line(e)}")
@@ -905,18 +973,20 @@ class OTO:
 
     def verify(self, small: torch.nn.Module, rtol: float = 1e-4) -> float:
         """Check ``small`` (either form) against the full model on the example inputs and, for an
-        export capture, a second shape (``self.state.more_inputs``); returns the worst relative error."""
+        export capture, a second shape (``self.state.more_inputs``); returns the worst relative error.
+        A free output is compared on the channels ``small`` keeps (the others are zero in the model)."""
         _need_weights(self.model, "OTO.verify()", (self._args, self._kwargs))
         try:
             sets = input_sets(self.state)
+            keep = self._output_keep(small)
             if isinstance(small, fx.GraphModule):
-                return compare_all(self._sync(), small, sets, rtol, "the compressed model")
+                return compare_all(self._sync(), small, sets, rtol, "the compressed model", keep)
             gm, worst = self._sync(), 0.0
             for a, k, name in sets:
                 ref = run_eval(gm, a, k)
                 # NB: the graph was captured without a KV cache (Hugging Face); so is the comparison
                 with _no_kv_cache(small, k):
-                    worst = max(worst, compare(ref, small, a, k, rtol, "the compressed model", name))
+                    worst = max(worst, compare(ref, small, a, k, rtol, "the compressed model", name, keep))
             return worst
         except VerificationError as e:
             raise VerificationError(f"{e} `oto.compress(verify=False)` skips this check.") from None

@@ -10,7 +10,7 @@ runs. The passes every method shares, with their contracts::
     eliminate_dead_code  cleanup                       reads GRAPH;            writes GRAPH
     Verify(rtol)         outputs equal the reference   reads GRAPH, REFERENCE  (raises VerificationError)
 
-OTO's passes (``find_zigs``, ``report_pins``, ``plan_zero_rows``, ``prune``), its keys (``PIN``,
+OTO's passes (``find_zigs``, ``report_pins``, ``plan_zero_rows``, ``prune``), its keys (``PIN``, ``FREE``,
 ``ZIGSET``, ``PLAN``, ``REPORT``) and standard pipelines (``analysis``, ``compression``,
 ``default``) live in :mod:`otofx.oto_passes` and are re-exported here under the same names.
 
@@ -53,6 +53,8 @@ Internals:
       whose outputs are computed once, as soon as it is known. Only passes whose graph changed
       (another GraphModule object, or other generated code) are run; a pass that edits weights
       in place without touching the graph is not detected: put ``Verify()`` after it.
+    * A free output (``free_outputs``) of a pruned graph is compared on the positions the state's
+      plan keeps (:func:`output_keep`).
     * Verification runs every input set of :func:`otofx.verify.input_sets`: the example inputs
       and ``state.more_inputs`` (the export front-end's second shape: batch + 1 and length + 1
       along the dimensions it made dynamic, the example tiled to those sizes).
@@ -328,8 +330,20 @@ class Verify:
         self.rtol = rtol
 
     def __call__(self, state: State) -> State:
-        compare_all(state.reference, state.gm, input_sets(state), self.rtol, "the graph")
+        compare_all(state.reference, state.gm, input_sets(state), self.rtol, "the graph", output_keep(state))
         return state
+
+
+def output_keep(state: State) -> dict | None:
+    """The kept positions of the free outputs under the state's plan (``passes.prune.output_keeps``:
+    a pruned graph returns them narrower), or None when there is no plan or no free output."""
+    key = _KEYS.get("plan")
+    plan = state.get(key) if key is not None else None
+    if plan is None or not plan.zigset.free_outputs:
+        return None
+    from otofx.passes.prune import output_keeps
+
+    return output_keeps(plan)
 
 
 class GraphPass:
@@ -531,7 +545,7 @@ class Pipeline:
                         ref_out = [run_eval(state.reference, a, k) for a, k, _ in input_sets(state)]
                 elif self.verify and changed:
                     err = compare_all(ref_out, state.gm, input_sets(state), self.rtol,
-                                      f"the graph after pass '{name}'")
+                                      f"the graph after pass '{name}'", output_keep(state))
             rec = PassRecord(name, seconds, time.perf_counter() - t1,
                              len(state.gm.graph.nodes) if state.gm is not None else 0, changed, err)
             log.debug("otofx pass %s: %.3f s, %d nodes%s", name, seconds, rec.nodes,
@@ -566,11 +580,12 @@ def format_records(records: Iterable[PassRecord]) -> str:
 
 # OTO's keys, passes and standard pipelines (their home: otofx.oto_passes), under their names here too
 # NB: imported last: otofx.oto_passes builds on the names above
-from otofx.oto_passes import (PIN, PLAN, REPORT, ZIGSET, analysis, compression, default, find_zigs,  # noqa: E402
+from otofx.oto_passes import (FREE, PIN, PLAN, REPORT, ZIGSET, analysis, compression, default, find_zigs,  # noqa: E402
                               plan_zero_rows, prune, report_pins, zero_rows)
 
-__all__ = ["State", "Key", "contract", "GRAPH", "MODEL", "REFERENCE", "PIN", "ZIGSET", "PLAN", "REPORT", "PassRecord",
-           "Pipeline", "PipelineError", "Capture", "propagate_shapes", "find_zigs", "report_pins", "plan_zero_rows",
+__all__ = ["State", "Key", "contract", "GRAPH", "MODEL", "REFERENCE", "PIN", "FREE", "ZIGSET", "PLAN", "REPORT",
+           "PassRecord", "Pipeline", "PipelineError", "Capture", "propagate_shapes", "find_zigs", "report_pins",
+           "plan_zero_rows", "output_keep",
            "zero_rows", "prune", "eliminate_dead_code", "Verify", "GraphPass", "working_copy", "copy_graph", "format_records",
            "analysis", "compression", "default",
            # verification, re-exported from otofx.verify (its home) for code written before it

@@ -43,6 +43,11 @@ def report(oto, max_groups: int | None = None, blocks=None) -> str:
         out.append("")
         out.append("pinned (channels that cannot be removed, and why):")
         out.append(tabulate(prow, headers=["node", "op", "reason", "channels"], tablefmt="github"))
+    free = getattr(oto, "free_outputs", ())
+    if free:
+        out.append("")
+        out.append("free outputs (returned without their removed channels, which are zero in the model; "
+                   "free_outputs=() keeps their widths): " + ", ".join(str(f.key) for f in free))
     if getattr(oto, "unread", ()):
         out.append("")
         out.append("not reached by the example input (no group includes them; they keep their shapes):")

@@ -9,6 +9,7 @@ rewrites with these helpers:
     run_eval(module, args, kwargs)      outputs in eval mode under no_grad (training flags restored)
     compare(ref, candidate, ...)        relative error; VerificationError past the tolerance
     compare_all(ref, candidate, sets)   compare on every input set (the example, a second shape)
+    narrow_outputs(ref, got, keep)      the reference's free outputs at the positions a compressed model keeps
     input_sets(state)                   the input sets of a pipeline State
     first_wrong_module(ref, cand, ...)  where a re-sized copy first goes wrong (a module's name)
     outputs_close(a, b, rtol)           the exactness test itself, over every tensor leaf
@@ -25,6 +26,10 @@ Internals:
     * ``first_wrong_module`` compares each module call's outputs by their sums of ``|x|`` and
       ``x**2``, which removing channels that are zero in the reference leaves as they are: no
       channel map is needed to compare a narrower activation with the full one.
+    * A free output (``OTO(..., free_outputs=...)``) comes back without its removed channels, which
+      are zero in the reference: ``keep`` (``passes.prune.output_keeps``: flat output index -> axis ->
+      kept positions) indexes the reference's leaf where the candidate's is that much narrower;
+      every other leaf is compared whole.
     * # NB: ``eval_mode`` sets ``training`` on every submodule instead of calling ``eval()``: a
       torch.export GraphModule raises on ``eval()``.
 """
@@ -37,7 +42,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
-from torch.utils._pytree import tree_flatten
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from otofx.errors import VerificationError
 from otofx.fxcompat import is_op_overload, op_schema
@@ -203,16 +208,39 @@ def run_eval(module: torch.nn.Module, args: tuple, kwargs: dict | None = None):
         return module(*args, **(kwargs or {}))
 
 
+def narrow_outputs(ref, got, keep: dict | None):
+    """``ref`` with each free output's leaf (``keep``: flat output index -> axis -> kept positions, see
+    ``passes.prune.output_keeps``) indexed to the kept positions along every axis where ``got``'s leaf
+    has exactly that many and ``ref``'s more; every other leaf as it is."""
+    if not keep:
+        return ref
+    fr, spec = tree_flatten(ref)
+    fg, _ = tree_flatten(got)
+    if len(fr) != len(fg):
+        return ref
+    for i, axes in keep.items():
+        if i >= len(fr) or not isinstance(fr[i], torch.Tensor) or not isinstance(fg[i], torch.Tensor):
+            continue
+        t = fr[i]
+        for d, idx in axes.items():
+            if d < min(t.dim(), fg[i].dim()) and fg[i].shape[d] == len(idx) != t.shape[d]:
+                t = t.index_select(d, idx.to(t.device))
+        fr[i] = t
+    return tree_unflatten(fr, spec)
+
+
 def compare(reference, candidate: torch.nn.Module, args: tuple, kwargs: dict | None, rtol: float, what: str,
-            inputs: str = "the example inputs") -> float:
+            inputs: str = "the example inputs", keep: dict | None = None) -> float:
     """Relative error of ``candidate`` against ``reference`` (outputs or a module); raises on a mismatch.
 
     ``rtol`` holds for float32 models; a model computing in float16/bfloat16 gets the dtype's
     tolerance for its contraction depth (:func:`outputs_close`, :func:`fitted_rtol`). ``inputs``
-    names ``args``/``kwargs`` in the error (the example inputs or a second shape).
+    names ``args``/``kwargs`` in the error (the example inputs or a second shape). ``keep``: the
+    free outputs' kept positions (:func:`narrow_outputs`).
     """
     ref = run_eval(reference, args, kwargs) if isinstance(reference, torch.nn.Module) else reference
     got = run_eval(candidate, args, kwargs)
+    ref = narrow_outputs(ref, got, keep)
     dtype = compute_dtype(reference, candidate)
     name = str(dtype)
     if dtype == torch.float32 and tf32_in_use(got):
@@ -245,13 +273,14 @@ def _shapes(args, kwargs) -> str:
     return ", ".join("x".join(map(str, t.shape)) for t in leaves if isinstance(t, torch.Tensor))
 
 
-def compare_all(reference, candidate: torch.nn.Module, sets: list, rtol: float, what: str) -> float:
+def compare_all(reference, candidate: torch.nn.Module, sets: list, rtol: float, what: str,
+                keep: dict | None = None) -> float:
     """:func:`compare` on every ``(args, kwargs, name)`` of ``sets`` (``reference``: a module, or
-    one output per set); the worst relative error."""
+    one output per set); the worst relative error. ``keep``: :func:`compare`'s."""
     worst = 0.0
     for i, (a, k, name) in enumerate(sets):
         ref = reference[i] if isinstance(reference, list) else reference
-        worst = max(worst, compare(ref, candidate, a, k, rtol, what, name))
+        worst = max(worst, compare(ref, candidate, a, k, rtol, what, name, keep))
     return worst
 
 
@@ -338,5 +367,5 @@ def first_wrong_module(reference: torch.nn.Module, candidate: torch.nn.Module, a
 
 
 __all__ = ["eval_mode", "unit_roundoff", "contraction_depth", "compute_dtype", "fitted_rtol", "outputs_close",
-           "tf32_in_use", "run_eval", "compare", "input_sets", "compare_all",
+           "tf32_in_use", "run_eval", "compare", "input_sets", "compare_all", "narrow_outputs",
            "first_wrong_module", "Blame"]

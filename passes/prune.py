@@ -91,6 +91,19 @@ class Plan:
         return int(sum(len(r) for r in self.removed))
 
 
+def output_keeps(plan: Plan) -> dict:
+    """``{flat output index: {axis: kept positions (LongTensor)}}`` of every free output
+    (``ZigSet.free_outputs``) that the plan narrows: the compressed model returns those positions
+    of the dense (zeroed) model's output, the others being zero there."""
+    uf, out = plan.zigset.uf, {}
+    for f in plan.zigset.free_outputs:
+        for d, ids in enumerate(f.label.ids):
+            keep = ~plan.removed_roots[uf.find(ids)]
+            if not keep.all():
+                out.setdefault(f.index, {})[d] = torch.from_numpy(np.nonzero(keep)[0])
+    return out
+
+
 def row_norms(zigset: ZigSet, module: torch.nn.Module) -> list:
     """Squared L2 norm of every row of every zig (float64 tensors)."""
     out = []

@@ -17,16 +17,22 @@ Internals:
     * A reshape merging several channel axes keeps one as rows (the outermost); when that one ends
       pinned, the analysis runs again keeping the innermost there (``Ctx.merge_inner``, at most
       ``_MERGE_RUNS`` runs), and the run whose groups hold the most parameters is returned.
+    * The model's outputs are pinned, except a *free* output's channels that are zero with their
+      row (``free_outputs``: keys of the output, :func:`output_leaves`): the compressed model returns
+      it without them (``ZigSet.free_outputs`` keeps its labels; ``passes.prune.output_keeps`` says
+      which positions stay). Output keys are read off the graph's pytree output spec (torch.export,
+      whose output node holds the flattened leaves) or off the output node's own structure (fx).
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 import torch.fx as fx
-from torch.utils._pytree import tree_map_only
+from torch.utils._pytree import tree_flatten, tree_map_only
 
 from .attention import find_head_splits
 from .rules.linalg import bind_library_ops
@@ -80,6 +86,17 @@ class ZIG:
 
 
 @dataclass(frozen=True)
+class FreeOutput:
+    """A model output that may come back narrower (``free_outputs``): the ``index``-th tensor of the
+    flattened outputs (``tree_flatten``), under top-level ``key`` (a ModelOutput or dict key, a tuple
+    index); ``label``: its channel labels (a position whose row is removed is zero, and dropped)."""
+
+    index: int
+    key: object
+    label: AxisLabels = field(repr=False)
+
+
+@dataclass(frozen=True)
 class ZigSet:
     """Result of find_zigs: the groups, what was pinned, and the labels the rewrite needs."""
 
@@ -94,6 +111,7 @@ class ZigSet:
     # layer norm node name -> last-axis mask of the channels that are a constant other than 0 when
     # their row is zero (the rewrite fills them back in: ``passes.prune.constant_fills``)
     fills: dict = field(default_factory=dict, repr=False)
+    free_outputs: tuple = field(default=(), repr=False)  # FreeOutput of every output that may narrow
 
 
 def _unknown(ctx: Ctx, node: fx.Node, args, kwargs, out, reason: str):
@@ -148,10 +166,12 @@ def _getattr_value(ctx: Ctx, node: fx.Node, obj, attr: str, out):
     return _pinned_like(ctx, out)
 
 
-def zero_invariant_groups(gm: fx.GraphModule, pin: tuple = ()) -> ZigSet:
+def zero_invariant_groups(gm: fx.GraphModule, pin: tuple = (), free_outputs: tuple = ()) -> ZigSet:
     """Group analysis over a graph whose nodes carry ``meta['val']`` (see propagate_shapes).
 
-    ``pin``: module or parameter names whose channels must not be removed.
+    ``pin``: module or parameter names whose channels must not be removed. ``free_outputs``: keys of
+    the model's output (:func:`output_leaves`) that may come back narrower: their channels that are
+    zero with their row are not pinned (every other output's are).
 
     A reshape that merges several channel axes keeps the outermost one's rows and pins the others;
     where that axis ended pinned all the same, the analysis runs again keeping the innermost one
@@ -160,7 +180,7 @@ def zero_invariant_groups(gm: fx.GraphModule, pin: tuple = ()) -> ZigSet:
     bind_library_ops()
     best, inner = None, frozenset()
     for _ in range(_MERGE_RUNS):
-        zs, ctx = _analyse(gm, pin, inner)
+        zs, ctx = _analyse(gm, pin, inner, tuple(free_outputs))
         score = _removable(zs, ctx)
         if best is None or score > best[0]:
             best = (score, zs)
@@ -188,9 +208,10 @@ def _removable(zs: ZigSet, ctx: Ctx) -> int:
     return total
 
 
-def _analyse(gm: fx.GraphModule, pin: tuple, merge_inner: frozenset) -> tuple:
+def _analyse(gm: fx.GraphModule, pin: tuple, merge_inner: frozenset, free_outputs: tuple = ()) -> tuple:
     """One analysis walk: ``(ZigSet, Ctx)``."""
     ctx = Ctx(gm, merge_inner=merge_inner)
+    free: tuple = ()
     mods = ctx.modules
     ctx.row_axes = find_head_splits(gm, mods)
     env: dict = {}
@@ -207,7 +228,7 @@ def _analyse(gm: fx.GraphModule, pin: tuple, merge_inner: frozenset) -> tuple:
             continue
         if node.op == "output":
             ctx.op = "output"
-            ctx.pin(_resolve(ctx, load(node.args)), "model output")
+            free = _pin_outputs(ctx, gm, node, load, free_outputs)
             continue
         args, kwargs = load(node.args), load(node.kwargs)
         form = form_of(node, mods)
@@ -272,7 +293,78 @@ def _analyse(gm: fx.GraphModule, pin: tuple, merge_inner: frozenset) -> tuple:
     acts = [env.get(n) for n in gm.graph.nodes if n.op != "get_attr"]
     # ids a rule keeps for the rewrite (an attention module's heads) are activation axes inside the op
     acts += [AxisLabels((a,), (np.zeros(len(a), dtype=bool),)) for a in ctx.extra_labels.values()]
-    return _group(ctx, labels, acts), ctx
+    zs = _group(ctx, labels, acts)
+    return (dataclasses.replace(zs, free_outputs=free) if free else zs), ctx
+
+
+def output_leaves(gm: fx.GraphModule, node: fx.Node | None = None) -> list:
+    """``(key, leaf, index)`` of every leaf of the graph's output: ``key`` the top-level key of the
+    model's output it sits under (a ModelOutput or dict key, a named-tuple field or a tuple index;
+    None for a single tensor), ``leaf`` the output node's argument (a Node, or a constant), and
+    ``index`` the position of its first value in the flattened output (``tree_flatten``).
+
+    # NB: torch.export's output node holds the flattened leaves; the structure (a ModelOutput's
+    # keys) is the graph's pytree output spec. fx's output node holds the structure itself.
+    """
+    node = node if node is not None else next(n for n in reversed(gm.graph.nodes) if n.op == "output")
+    info = getattr(gm.graph._codegen, "pytree_info", None)
+    spec = getattr(info, "out_spec", None)
+    if spec is not None:
+        flat = node.args[0] if isinstance(node.args[0], (tuple, list)) else (node.args[0],)
+        pairs = list(zip(_spec_keys(spec), flat))
+    else:
+        pairs = [(k, leaf) for k, v in _top_items(node.args[0]) for leaf in tree_flatten(v)[0]]
+    out, index = [], 0
+    for key, leaf in pairs:
+        out.append((key, leaf, index))
+        if isinstance(leaf, fx.Node) and "val" not in leaf.meta:
+            index += 1
+        else:
+            index += len(tree_flatten(leaf.meta["val"] if isinstance(leaf, fx.Node) else leaf)[0])
+    return out
+
+
+def _spec_keys(spec) -> list:
+    """The top-level key of every leaf of a pytree spec (see :func:`output_leaves`)."""
+    if spec.is_leaf():
+        return [None]
+    ctx = spec.context
+    if isinstance(ctx, (list, tuple)) and len(ctx) == spec.num_children:
+        names = list(ctx)  # a dict's or a ModelOutput's keys
+    elif hasattr(spec.type, "_fields"):
+        names = list(spec.type._fields)
+    else:
+        names = list(range(spec.num_children))
+    return [k for k, c in zip(names, spec.children()) for _ in range(c.num_leaves)]
+
+
+def _top_items(out) -> list:
+    """``(key, value)`` of the top level of an fx output structure (see :func:`output_leaves`)."""
+    if isinstance(out, dict):
+        return list(out.items())
+    if isinstance(out, tuple) and hasattr(out, "_fields"):
+        return list(zip(out._fields, out))
+    if isinstance(out, (tuple, list)):
+        return list(enumerate(out))
+    return [(None, out)]
+
+
+def _pin_outputs(ctx: Ctx, gm: fx.GraphModule, node: fx.Node, load, free_outputs: tuple) -> tuple:
+    """Pin the model's outputs but the channels of the ``free_outputs`` keys that are zero with their
+    row (those may be dropped); the :class:`FreeOutput` of each free output."""
+    kept, free = [], []
+    for key, leaf, index in output_leaves(gm, node):
+        val = _resolve(ctx, load(leaf))
+        if key is None or key not in free_outputs or not isinstance(val, AxisLabels):
+            kept.append(val)
+            continue
+        # NB: only a position that is zero whenever its row is zero can be dropped: the dense
+        # model (its rows zeroed) returns zeros there; any other keeps its row whole
+        ctx.pin([ids[~zero] for ids, zero in zip(val.ids, val.zero)],
+                "model output (free_outputs: channels that are not zero with their row)")
+        free.append(FreeOutput(index, key, val))
+    ctx.pin(kept, "model output")
+    return tuple(free)
 
 
 def _write_back(env: dict, node: fx.Node, lab: AxisLabels, writer: fx.Node) -> None:

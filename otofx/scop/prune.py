@@ -33,7 +33,7 @@ from torch.utils._pytree import tree_flatten
 from otofx.capture import _no_kv_cache
 from otofx.errors import InputError, VerificationError
 from otofx.passes.prune import plan_rows
-from otofx.verify import compare, run_eval
+from otofx.verify import compare, narrow_outputs, run_eval
 
 from otofx.calibrate import reestimate_bn
 
@@ -97,6 +97,8 @@ def check_structure(oto, small: torch.nn.Module) -> None:
             got = run_eval(small, oto._args, oto._kwargs)
     except Exception as e:  # noqa: BLE001
         raise VerificationError(f"the pruned model does not run on the example inputs: {type(e).__name__}: {e}") from e
+    # NB: a free output (OTO(free_outputs=...)) is narrower by design: its kept channels are compared
+    full = narrow_outputs(full, got, oto._output_keep(small))
     fa, sa = tree_flatten(full)
     fb, sb = tree_flatten(got)
     if sa != sb:
@@ -120,7 +122,8 @@ def prune_lowest(oto, scores, *, ratio: float = 0.5, per_group: bool = True, loa
     if verify:
         with _no_kv_cache(small, oto._kwargs):
             err = compare(zeroed_copy(oto, plan), small, oto._args, oto._kwargs, rtol,
-                          "the pruned model (against the full model with those rows zeroed)")
+                          "the pruned model (against the full model with those rows zeroed)",
+                          keep=oto._output_keep(small))
         log.info("scop: pruned model equals the zeroed full model to %.2g (relative)", err)
     log.info("scop: removed %d of %d rows (%s)", plan.count, sum(z.rows for z in oto.groups),
              "per group" if per_group else "globally")
