@@ -320,6 +320,13 @@ class Ctx:
 
     # -- merging ------------------------------------------------------------------------------
     def tie(self, a: np.ndarray, b: np.ndarray) -> None:
+        # NB: an axis tied to one that is no channel (a constant's, a table computed in forward, an input's)
+        # is pinned by the union: said as a pin, so that the report names where its channels went
+        pa, pb = a.size and a is pinned_axis(a.size), b.size and b is pinned_axis(b.size)
+        if pa != pb:
+            self.pin(b if pa else a, "combined with an axis that is not a channel (a constant, an input, a "
+                                     "table computed in forward)")
+            return
         self.uf.union(a, b)
 
     def pin_unless_blocks(self, ids: np.ndarray, reason: str) -> None:

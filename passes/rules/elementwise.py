@@ -442,7 +442,16 @@ def like(ctx: Ctx, input, zero_in=False, fill_value=None, meta=None, **_):
     return AxisLabels(x.ids, tuple((np.ones if zero_in else np.zeros)(len(a), dtype=bool) for a in x.ids))
 
 
+@rule("new_factory")
+def new_factory(ctx: Ctx, input, meta=None, **_):
+    """x.new_zeros / new_ones / new_full / new_empty(size): a new tensor of the given size that takes only x's dtype and device: no channel of x reaches it (its axes are not channels; a size read off x is a value, pinned as everywhere)."""
+    return ctx.pinned_lab(_out_shape(meta))
+
+
 functions("like", [torch.zeros_like] + _ov(aten.zeros_like, "default"), ("input",), zero_in=True)
 functions("like", [torch.ones_like, torch.empty_like] + _ov(aten.ones_like, "default") + _ov(aten.empty_like, "default"),
           ("input",))
 functions("like", [torch.full_like] + _ov(aten.full_like, "default"), ("input", "fill_value"))
+methods("new_factory", ["new_zeros", "new_ones", "new_full", "new_empty"], ("input",))
+functions("new_factory", _ov(aten.new_zeros, "default") + _ov(aten.new_ones, "default") + _ov(aten.new_full, "default")
+          + _ov(aten.new_empty, "default"), ("input",))

@@ -248,6 +248,19 @@ def zeros_and_ones_like_channels():
 
 
 
+@example("new_factory")
+def new_tensors_of_an_activation():
+    """x.new_ones / new_zeros / new_full(size) take only x's dtype and device: x's channels stay rows (a mask
+    of ones made from the hidden states, an accumulator of zeros)."""
+
+    def fwd(s, x):
+        y = torch.relu(s.c1(x))
+        mask = y.new_ones(y.shape[0], 1, 1, 1) + y.new_zeros(1) + y.new_full((1, 1, 1, 1), 0.5)
+        return s.c2(y * mask)
+
+    return Net(fwd, c1=conv(3, 8), c2=conv(8, 4)), img()
+
+
 @example("binary")
 def comparisons_make_masks():
     """A mask compared from activations (x > t, x != 0) gates them: tied to their channels, zero with them
