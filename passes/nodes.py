@@ -843,20 +843,24 @@ def _centred_mean(u: fx.Node):
     return (x, dim) if dim is not None else None
 
 
-def _subs_of(u: fx.Node, x: fx.Node) -> list:
-    """The ``x - u`` nodes reading ``u`` (past casts), ``x`` past casts too."""
-    out, todo = [], [u]
+def _cast_readers(n: fx.Node):
+    """``(reader, via)``: the calls reading ``n`` or a cast of it (``via``: the node they read), past casts."""
+    todo = [n]
     while todo:
-        n = todo.pop()
-        for r in n.users:
+        m = todo.pop()
+        for r in m.users:
             if r.op not in ("call_function", "call_method"):
                 continue
-            if _op(r) in _CASTS and r.args and r.args[0] is n:
+            if _op(r) in _CASTS and r.args and r.args[0] is m:
                 todo.append(r)
-            elif _op(r) == "sub" and len(r.args) == 2 and r.args[1] is n and _before_casts(r.args[0]) is x \
-                    and not r.kwargs:
-                out.append(r)
-    return out
+            else:
+                yield r, m
+
+
+def _subs_of(u: fx.Node, x: fx.Node) -> list:
+    """The ``x - u`` nodes reading ``u`` (past casts), ``x`` past casts too."""
+    return [r for r, via in _cast_readers(u) if _op(r) == "sub" and len(r.args) == 2 and r.args[1] is via
+            and _before_casts(r.args[0]) is x and not r.kwargs]
 
 
 def layer_norm_of(n: fx.Node) -> CentredNorm | None:
@@ -898,18 +902,12 @@ def _variances(u: fx.Node, x: fx.Node, dim: int):
     if not subs:
         return
     for d in subs:
-        todo = [d]
-        while todo:
-            n = todo.pop()
-            for r in n.users:
-                if r.op not in ("call_function", "call_method"):
-                    continue
-                if _op(r) in _CASTS and r.args and r.args[0] is n:
-                    todo.append(r)
-                elif _squared(r) is n:
-                    for m in _scaled_readers(r):
-                        if _op(m) == "mean" and _arg(m, 2, "keepdim", False) and _one_axis(m, x) == dim:
-                            yield CentredNorm(u, m, x, dim, "centred", 0, subs, _unscaled(m.args[0])[1])
+        for r, via in _cast_readers(d):
+            if _squared(r) is not via:
+                continue
+            for m in _scaled_readers(r):
+                if _op(m) == "mean" and _arg(m, 2, "keepdim", False) and _one_axis(m, x) == dim:
+                    yield CentredNorm(u, m, x, dim, "centred", 0, subs, _unscaled(m.args[0])[1])
     seen = {x} | {c for c in x.users if c.op in ("call_function", "call_method") and _op(c) in _CASTS}
     for src in seen:
         for r in src.users:
