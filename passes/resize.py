@@ -929,12 +929,17 @@ def own_norm_replacement(module: nn.Module, shape: tuple, width: int, eps: float
     mine = dict(module.named_parameters(recurse=False))
     if list(module.buffers(recurse=False)) or any(p.numel() != width for p in mine.values()) or len(mine) > 2:
         return None
-    probe = copy.deepcopy(module).float()
+    # NB: on the CPU in float32, whatever the model's device and dtype; a module whose weights are not
+    # materialised (the meta device) is replaced by its structure all the same: its weights are random here
     g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in probe.parameters():
-            p.copy_(torch.rand(p.shape, generator=g) + 0.5)
-        x = torch.randn(shape, generator=g) * 2 + 0.5
+    try:
+        probe = copy.deepcopy(module).to_empty(device="cpu").float()
+        with torch.no_grad():
+            for p in probe.parameters():
+                p.copy_(torch.rand(p.shape, generator=g) + 0.5)
+            x = torch.randn(shape, generator=g) * 2 + 0.5
+    except Exception:  # noqa: BLE001 - a module that cannot be copied is not probed
+        return None
     dims = sorted({d if d != len(shape) - 1 else -1 for d in range(len(shape)) if shape[d] == width}, reverse=True)
     names = list(mine)
     pairs = [(w, b) for w in [None, *names] for b in [None, *names] if w is None or w != b]

@@ -285,3 +285,16 @@ def test_a_layer_norm_without_weight_added_to_the_stream_keeps_it():
     small = oto.compress()
     with torch.no_grad():
         assert max_rel_diff(model(ids), small(ids)) <= 1e-4
+
+
+def test_the_probe_reads_a_module_on_another_device():
+    """own_norm_replacement runs its copy on the CPU: a module on the meta device (or a GPU) is read the same."""
+    from otofx.passes.resize import own_norm_replacement
+
+    want = {"dim": 1, "weight": "weight", "bias": "bias", "eps": 1e-6}
+    for m in (ConvNeXtLayerNorm(16, data_format="channels_first"),
+              ConvNeXtLayerNorm(16, data_format="channels_first").to("meta")):
+        assert own_norm_replacement(m, (2, 16, 5, 5), 16, 1e-6) == want
+    assert own_norm_replacement(VarLayerNorm(16).to(torch.bfloat16), (2, 3, 16), 16, 1e-5) == \
+        {"dim": -1, "weight": "gamma", "bias": "beta", "eps": 1e-5}
+    assert own_norm_replacement(StdPlusEps(16), (2, 16, 5, 5), 16, 1e-3) is None

@@ -4,7 +4,8 @@ Each model has a layer family whose compressed form is one of otofx's own module
 ``PrunedRNN`` (an LSTM and a GRU, two layers, bidirectional, cuDNN on CUDA), weight norm (a HiFi-GAN
 style vocoder with ``parametrizations.weight_norm``), ConvNeXt V2's ``PrunedGlobalResponseNorm``
 (timm ``convnextv2_atto``), MLP-Mixer's ``PrunedLayerNorm.fill`` (timm ``mixer_s32_224``) and the
-NF-nets' weight-standardised ``PrunedStdConv2d`` (timm ``nf_regnet_b0``). Uneven
+NF-nets' weight-standardised ``PrunedStdConv2d`` (timm ``nf_regnet_b0``), a user's layer norm module
+``PrunedOwnLayerNorm`` (the official ConvNeXt's, written out). Uneven
 rows of every group are zeroed (``zero_random_rows``), ``compress()`` runs on the CPU in float32,
 then both models move to CUDA. Checked: eval outputs within the dtype-fitting tolerance
 (``otofx.verify.outputs_close``) in float32, bfloat16 and float16, and in float32 a training step's
@@ -63,7 +64,16 @@ MODELS = {
     "grn": _timm("convnextv2_atto"),
     "mixer_fill": _timm("mixer_s32_224", img_size=64, drop_rate=0.0),
     "std_conv": _timm("nf_regnet_b0"),
+    "own_layer_norm": lambda: _own_layer_norm(),
 }
+
+
+def _own_layer_norm():
+    """The official ConvNeXt's hand-written LayerNorm (channels first) and its F.layer_norm class: PrunedOwnLayerNorm."""
+    from test_written_layer_norm import ConvNeXtish
+
+    g = torch.Generator().manual_seed(0)
+    return ConvNeXtish(), torch.randn(2, 3, 32, 32, generator=g), torch.randn(4, 3, 48, 48, generator=g)
 
 _PAIRS: dict = {}
 
