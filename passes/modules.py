@@ -13,6 +13,8 @@ still divide by the old width. ``PrunedLayerNorm`` (an ``nn.LayerNorm``, state_d
 through :func:`layer_norm_kept_divisor`; ``PrunedLayerNorm2d`` is its channels-first form
 (torchvision's and timm's ConvNeXt ``LayerNorm2d``). Where the removed channels held constants other
 than 0 (MLP-Mixer's stream), its ``fill`` buffer holds them and the mean and variance count them.
+``PrunedOwnLayerNorm`` takes the place of a user's own layer norm module (written out, or
+``F.layer_norm`` of its tensors) over any one axis, its weight and bias under their own names.
 
 timm's weight-standardised convs (BiT's ``StdConv2d``, NF-nets' ``ScaledStdConv2d``, their ``*Same``
 forms) normalise each output channel's weight over its input entries; once input channels are pruned,
