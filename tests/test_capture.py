@@ -317,9 +317,10 @@ def test_a_branch_on_data_is_captured_and_guarded(caplog, sign):
 
 
 class _TokensThenBranch(nn.Module):
-    """Token ids, a branch on values (``if h.abs().mean() > 0``: every input takes it, so the graph's
-    branch guard passes on any other input), and with ``loop`` a Python loop over the tokens before it
-    (Qwen4-Exp's indexer loops over every query): the loop fixes the sequence length."""
+    """Token ids, a branch on values (``if h.abs().mean() < 0``: no input takes it, so the graph's branch
+    guard passes on any other input, whether draft_export read the value or guessed it: torch 2.11's draft
+    guessed 0 for it in one CI run), and with ``loop`` a Python loop over the tokens before it (Qwen4-Exp's
+    indexer loops over every query): the loop fixes the sequence length."""
 
     def __init__(self, loop: bool):
         super().__init__()
@@ -330,10 +331,10 @@ class _TokensThenBranch(nn.Module):
         h = self.emb(ids)
         if self.loop:
             h = torch.stack([h[:, t] * (t + 1) for t in range(ids.shape[1])], 1)
-        if h.abs().mean() > 0:
-            h = torch.relu(self.a(h))
-        else:
+        if h.abs().mean() < 0:
             h = torch.tanh(self.b(h))
+        else:
+            h = torch.relu(self.a(h))
         return self.head(h)
 
 
