@@ -88,7 +88,7 @@ from otofx.errors import OTOError
 from otofx.passes.modules import (PrunedGlobalResponseNorm, PrunedGroupNorm, PrunedLayerNorm, PrunedMultiheadAttention,
                                   PrunedOwnLayerNorm, PrunedRNN, PrunedStdConv2d, grow_fill, pool_moments, removed_moments)
 from otofx.passes.prune import Plan, constant_fills, take
-from otofx.passes.nodes import call_arguments, viewed_shapes
+from otofx.passes.nodes import call_arguments, set_path, submodule, viewed_shapes
 from otofx.passes.weightnorm import computed_shapes, own_classes, refit_gains, stale_weights
 from otofx.passes.resize import (STREAM_WIDTHS, Change, ResizeError, Scope, apply_rms_fold, literal_moves, resize,
                                  resync_counts,
@@ -96,8 +96,7 @@ from otofx.passes.resize import (STREAM_WIDTHS, Change, ResizeError, Scope, appl
                                  batch_stats_sites, standardised_module,
                                  stream_scale_sources, scale_parameter, tied_head_norms, weightless_sites,
                                  weightless_stream_fold, resize_weightless_norms, magnitude_folds, own_norm_sites,
-                                 own_norm_replacement)
-from otofx.passes.resize import _module_input_shape
+                                 own_norm_replacement, module_input_shapes)
 
 log = logging.getLogger("otofx")
 
@@ -236,7 +235,6 @@ def rebuild(model: nn.Module, plan: Plan, gm: torch.fx.GraphModule | None = None
     changed = _resize_modules(new, cuts, old_shapes, stream, groups, views)
     if gm is not None:
         _swap_own_layer_norms(new, model, gm, plan)
-    if gm is not None:
         done = _follow_literals(new, model, literal_moves(gm, plan), changed) if follow_literals else []
         if moved is not None:
             moved += done
@@ -294,40 +292,29 @@ def _swap_own_layer_norms(new: nn.Module, model: nn.Module, gm: torch.fx.GraphMo
     (``OTO.compress`` keeps those rows: ``passes.resize.inline_layer_norm_groups``). A functional norm in
     a larger forward is left to the verification, as before."""
     done: dict = {}
+    shapes = None  # NB: read off the graph once, at the first site that needs them
     for site in own_norm_sites(gm, plan.zigset, plan):
-        m = new.get_submodule(site.module) if site.module is not None and _has_module(new, site.module) else None
+        m = submodule(new, site.module)
         if isinstance(m, PrunedOwnLayerNorm):  # NB: compressed again, or called twice: the first width divides
             if done.get(site.module, site.new) != site.new:
                 raise RebuildError(f"module '{site.module}' normalises {done[site.module]} and {site.new} entries")
             done[site.module] = m.width = site.new
             continue
-        dense = model.get_submodule(site.module) if m is not None else None
-        shape = _module_input_shape(gm, site.module) if m is not None else None
-        how = own_norm_replacement(dense, shape, site.old, site.eps) if shape is not None else None
+        if m is not None and shapes is None:
+            shapes = module_input_shapes(gm)
+        shape = shapes.get(site.module) if m is not None else None
+        how = own_norm_replacement(model.get_submodule(site.module), shape, site.old, site.eps) \
+            if shape is not None else None
         if how is None:
             if site.written:
                 where = f"module '{site.module}' ({type(m).__name__})" if m is not None else f"node '{site.node}'"
                 raise RebuildError(f"{where} computes a layer norm in its own forward, which would divide by the "
                                    f"{site.new} entries left, not the old {site.old}")
             continue
-        set_module(new, site.module, PrunedOwnLayerNorm(m, width=site.new, full_width=site.old, **how))
+        set_path(new, site.module, PrunedOwnLayerNorm(m, width=site.new, full_width=site.old, **how))
         done[site.module] = site.new
         log.debug("otofx: %s: layer norm of its own forward over %d of %d entries replaced by PrunedOwnLayerNorm",
                   site.module, site.new, site.old)
-
-
-def _has_module(root: nn.Module, path: str) -> bool:
-    try:
-        root.get_submodule(path)
-        return True
-    except AttributeError:
-        return False
-
-
-def set_module(root: nn.Module, path: str, module: nn.Module) -> None:
-    """Put ``module`` at dotted ``path`` under ``root`` (the top module itself cannot be replaced)."""
-    parent, _, name = path.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, name, module)
 
 
 def _check_grns(new: nn.Module, gm: torch.fx.GraphModule, plan: Plan) -> None:
@@ -341,12 +328,7 @@ def _check_grns(new: nn.Module, gm: torch.fx.GraphModule, plan: Plan) -> None:
     """
     eps: dict = {}
     for site in grn_sites(gm, plan):
-        m = None
-        if site.module is not None:
-            try:
-                m = new.get_submodule(site.module)
-            except AttributeError:
-                m = None
+        m = submodule(new, site.module)
         where = f"module '{site.module}' ({type(m).__name__})" if m is not None else f"node '{site.node}'"
         if not isinstance(m, PrunedGlobalResponseNorm):
             raise RebuildError(f"{where} computes a Global Response Normalization in its own forward, which would "
@@ -517,8 +499,7 @@ def _resize_modules(new: nn.Module, cuts: dict, old_shapes: dict, stream: frozen
                 log.debug("otofx: %s: %s", mname or type(m).__name__, done)
                 changed.setdefault(mname, {}).update({k: v[1] for k, v in done.items()})
     for mname, repl in replaced.items():
-        parent, _, attr = mname.rpartition(".")
-        setattr(new.get_submodule(parent) if parent else new, attr, repl)
+        set_path(new, mname, repl)
     # NB: torch's encoder chooses its nested-tensor path (padding masks in eval) once, when built; a
     # pruned attention takes no nested tensor
     for m in new.modules():

@@ -220,6 +220,17 @@ def get_path(root: torch.nn.Module, name: str):
     return functools.reduce(getattr, name.split("."), root)
 
 
+def submodule(root: torch.nn.Module, path: str | None) -> torch.nn.Module | None:
+    """The submodule at dotted ``path`` under ``root`` (``""``: root itself), or None when ``path`` is None
+    or names no module."""
+    if path is None:
+        return None
+    try:
+        return root.get_submodule(path)
+    except AttributeError:
+        return None
+
+
 def set_path(root: torch.nn.Module, name: str, tensor) -> None:
     """Put ``tensor`` at dotted ``name`` under ``root``: in the parameter or buffer slot it names, else as a plain attribute."""
     mod_name, _, attr = name.rpartition(".")
@@ -328,6 +339,18 @@ def _before_casts(n):
     while isinstance(n, fx.Node) and _op(n) in _CASTS and n.args:
         n = n.args[0]
     return n
+
+
+def _unscaled(n):
+    """``(m, f)``: ``n`` past casts and multiplications by a float (the rewrite's kept divisors), and the
+    product of those floats."""
+    f = 1.0
+    n = _before_casts(n)
+    while isinstance(n, fx.Node) and n.op in ("call_function", "call_method") and _op(n) == "mul" \
+            and len(n.args) == 2 and sum(isinstance(a, (int, float)) for a in n.args) == 1:
+        f *= float(next(a for a in n.args if isinstance(a, (int, float))))
+        n = _before_casts(next(a for a in n.args if isinstance(a, fx.Node)))
+    return n, f
 
 
 def _squared(n):
@@ -736,11 +759,8 @@ def grn_of(mean: fx.Node) -> Grn | None:
     None. A compressed graph's mean of ``Gx`` times a float (the old divisor kept) is one too."""
     if mean.op not in ("call_function", "call_method") or _op(mean) != "mean":
         return None
-    src = _before_casts(_arg(mean, 0, "input", mean.kwargs.get("self")))
     # NB: the rewrite keeps the old divisor as mean(Gx * new / old), once per compression
-    while isinstance(src, fx.Node) and _op(src) == "mul" and len(src.args) == 2 \
-            and sum(isinstance(a, (int, float)) for a in src.args) == 1:
-        src = _before_casts(next(a for a in src.args if isinstance(a, fx.Node)))
+    src, _ = _unscaled(_arg(mean, 0, "input", mean.kwargs.get("self")))
     hit = _spatial_2_norm(src)
     if hit is None or not _arg(mean, 2, "keepdim", False):
         return None
@@ -789,18 +809,6 @@ class CentredNorm:
     correction: int = 0
     subs: tuple = ()
     scale: float = 1.0
-
-
-def _unscaled(n):
-    """``(m, f)``: ``n`` past casts and multiplications by a float (the rewrite's kept divisors), and the
-    product of those floats."""
-    f = 1.0
-    n = _before_casts(n)
-    while isinstance(n, fx.Node) and n.op in ("call_function", "call_method") and _op(n) == "mul" \
-            and len(n.args) == 2 and sum(type(a) in (int, float) for a in n.args) == 1:
-        f *= float(next(a for a in n.args if type(a) in (int, float)))
-        n = _before_casts(next(a for a in n.args if isinstance(a, fx.Node)))
-    return n, f
 
 
 def _one_axis(n: fx.Node, x) -> int | None:

@@ -74,7 +74,7 @@ from .modules import (CHANNELS_FIRST_LAYER_NORMS, DATA_FORMAT_LAYER_NORMS, GLOBA
                       PrunedWindowAttention, PrunedWindowAttention3d, STD_CONVS, resize_stock_rnn, rnn_slot_suffix,
                       rnn_slots)
 from .nodes import (_CASTS, _RESHAPES, HF_CONV1D, _before_casts, _op, _squared, call_arguments, grn_of,
-                    layer_norm_of, linear_after, magnitude_match_at, made_in, rms_norm_of)
+                    layer_norm_of, linear_after, magnitude_match_at, made_in, rms_norm_of, submodule)
 from .registry import RULES, bind, form_of, op_of, rule_of
 
 
@@ -809,12 +809,7 @@ def inline_grn_groups(gm, model: nn.Module, zigset) -> set:
     forward, the official ConvNeXt V2's own class): the widths whose zero rows the own class must keep."""
     out = set()
     for _, g, lab in _labelled_grns(gm, zigset.labels):
-        m = None
-        if g.weight is not None:
-            try:
-                m = model.get_submodule(g.weight.target.rpartition(".")[0])
-            except AttributeError:
-                m = None
+        m = submodule(model, g.weight.target.rpartition(".")[0]) if g.weight is not None else None
         if m is not None and (isinstance(m, PrunedGlobalResponseNorm) or _forward_owner(m) in GLOBAL_RESPONSE_NORMS):
             continue
         zigs = zigset.zig_of_root[zigset.uf.find(lab.ids[g.channel])]
@@ -840,6 +835,7 @@ class OwnNormSite:
     eps: float | None
     old: int
     new: int
+    ids: np.ndarray = field(repr=False, compare=False, default=None)  # the normalised axis' channel ids
 
 
 def _eps_of(ln) -> float | None:
@@ -880,8 +876,8 @@ def own_norm_sites(gm, zigset, plan=None):
             lab, axis = labels.get(src.name) if isinstance(src, fx.Node) else None, -1
             eps = m.eps if plain else args.get("eps", 1e-5)
             shape = args.get("normalized_shape")
-            if not isinstance(shape, (tuple, list, torch.Size)) and not isinstance(shape, int) or \
-                    (isinstance(shape, (tuple, list, torch.Size)) and len(shape) != 1):
+            shape = (shape,) if isinstance(shape, int) else shape
+            if not isinstance(shape, (tuple, list, torch.Size)) or len(shape) != 1:
                 continue
         else:
             continue
@@ -892,28 +888,36 @@ def own_norm_sites(gm, zigset, plan=None):
         if plan is not None and new == len(ids):
             continue
         path = n.target if plain else made_in(n)
-        yield OwnNormSite(n.name, path, ln is not None, None if eps is None else float(eps), len(ids), new)
+        yield OwnNormSite(n.name, path, ln is not None, None if eps is None else float(eps), len(ids), new, ids)
 
 
-def _module_input_shape(gm, path: str):
-    """The shape of the tensor the nodes made in module ``path``'s forward read from outside it (the same at
-    every call), or None."""
-    outside = []
+def module_input_shapes(gm) -> dict:
+    """``{module path: shape}``: for each module whose forward made nodes of ``gm`` (or that a leaf call
+    runs: an ``nn.LayerNorm`` without weights), the shape of the tensor those nodes read from outside it,
+    the same at every call; None where there are several (a module that is no norm alone, or a shared one
+    called on other shapes). One pass over the graph."""
+    outside: dict = {}
     for n in gm.graph.nodes:
-        if n.op == "call_module" and n.target == path and n.args and isinstance(n.args[0], fx.Node):
-            outside.append(n.args[0])  # NB: a leaf module's call (an nn.LayerNorm without weights)
-        elif n.op in ("call_function", "call_method") and made_in(n) == path:
-            for a in n.all_input_nodes:
-                if a.op != "get_attr" and made_in(a) != path and a not in outside:
-                    outside.append(a)
-    vals = [a.meta.get("val") for a in outside]
-    if not vals or not all(isinstance(v, torch.Tensor) for v in vals):
-        return None
-    # NB: a dynamic size: any size works for a norm over another axis
-    shapes = {tuple(int(d) if isinstance(d, int) else 3 for d in v.shape) for v in vals}
-    # NB: a module called at several places reads one tensor at each (a shared norm); two inputs at one call
-    # (a module that is no norm alone) differ in their call, which the probe's one input refuses anyway
-    return shapes.pop() if len(shapes) == 1 else None
+        if n.op == "call_module" and n.args and isinstance(n.args[0], fx.Node):
+            outside.setdefault(n.target, []).append(n.args[0])  # NB: a leaf module's call
+        elif n.op in ("call_function", "call_method"):
+            path = made_in(n)
+            if path is None:
+                continue
+            seen = outside.setdefault(path, [])
+            seen += [a for a in n.all_input_nodes if a.op != "get_attr" and made_in(a) != path and a not in seen]
+    out = {}
+    for path, nodes in outside.items():
+        vals = [a.meta.get("val") for a in nodes]
+        if not vals or not all(isinstance(v, torch.Tensor) for v in vals):
+            out[path] = None
+            continue
+        # NB: a dynamic size: any size works for a norm over another axis
+        shapes = {tuple(int(d) if isinstance(d, int) else 3 for d in v.shape) for v in vals}
+        # NB: a module called at several places reads one tensor at each (a shared norm); two inputs at one
+        # call (a module that is no norm alone) differ in their call, which the probe's one input refuses anyway
+        out[path] = shapes.pop() if len(shapes) == 1 else None
+    return out
 
 
 def own_norm_replacement(module: nn.Module, shape: tuple, width: int, eps: float | None) -> dict | None:
@@ -970,30 +974,21 @@ def inline_layer_norm_groups(gm, model: nn.Module, zigset) -> set:
     """Indices of the groups of ``zigset`` whose channels a layer norm written out in ``gm`` normalises
     where no module of ``model`` computes it alone (:func:`own_norm_replacement`): one written into a
     block's forward divides by the new width in the own class, whose zero rows must stay."""
-    out = set()
+    out, shapes = set(), None
     for site in own_norm_sites(gm, zigset):
         if not site.written:
             continue
-        m = _submodule(model, site.module)
+        m = submodule(model, site.module)
         if isinstance(m, PrunedOwnLayerNorm):
             continue
-        shape = _module_input_shape(gm, site.module) if m is not None else None
+        if m is not None and shapes is None:
+            shapes = module_input_shapes(gm)
+        shape = shapes.get(site.module) if m is not None else None
         if shape is not None and own_norm_replacement(m, shape, site.old, site.eps) is not None:
             continue
-        node = next(n for n in gm.graph.nodes if n.name == site.node)
-        ln = layer_norm_of(node)
-        zigs = zigset.zig_of_root[zigset.uf.find(zigset.labels[ln.input.name].ids[ln.dim])]
+        zigs = zigset.zig_of_root[zigset.uf.find(site.ids)]
         out |= {int(i) for i in np.unique(zigs) if i >= 0}
     return out
-
-
-def _submodule(model: nn.Module, path: str | None):
-    if path is None:
-        return None
-    try:
-        return model.get_submodule(path)
-    except AttributeError:
-        return None
 
 
 def standardised_module(gm, node: fx.Node) -> str | None:
@@ -1028,11 +1023,7 @@ def inline_standardisation_groups(gm, model: nn.Module, zigset) -> set:
     forward, a functional batch norm): the widths whose zero rows the own class must keep."""
     out = set()
     for n, lab in batch_stats_sites(gm, zigset):
-        path = standardised_module(gm, n)
-        try:
-            m = model.get_submodule(path) if path is not None else None
-        except AttributeError:
-            m = None
+        m = submodule(model, standardised_module(gm, n))
         if m is not None and (isinstance(m, PrunedStdConv2d) or _forward_owner(m) in STD_CONVS):
             continue
         zigs = zigset.zig_of_root[zigset.uf.find(lab.ids[-1])]
@@ -1860,4 +1851,5 @@ __all__ = ["Change", "Scope", "ResizeError", "RESIZERS", "resizer", "rule_for", 
            "inline_grn_groups", "apply_rms_fold", "rms_input_producer",
            "norm_sites", "tied_head_norms", "stream_scale_sources", "constant_scale_sources", "scale_parameter",
            "WeightlessSite", "weightless_sites", "weightless_stream_fold", "resize_weightless_norms",
-           "magnitude_folds", "OwnNormSite", "own_norm_sites", "own_norm_replacement", "inline_layer_norm_groups"]
+           "magnitude_folds", "OwnNormSite", "own_norm_sites", "module_input_shapes", "own_norm_replacement",
+           "inline_layer_norm_groups"]

@@ -93,7 +93,6 @@ def _variance_fix(site, ln, n_old: int, n_new: int) -> None:
         scaled = g.call_function(aten.mul.Tensor, (sq, n_new / n_old))
         m = g.call_function(aten.mean.dim, (scaled, [ln.dim], True))
     out = _add_after(m, ln.mean, (n_old - n_new) / n_old)
-    g = out.graph
     with g.inserting_before(out.next):
         if ln.correction:
             out = g.call_function(aten.mul.Tensor, (out, n_old / (n_old - ln.correction)))
