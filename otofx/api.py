@@ -49,7 +49,7 @@ from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 from otofx import pipeline
 from otofx.capture import DATA_BRANCHES, SIZE_BOUNDS, STATIC_IMAGE_SIZES, _first_line, _no_kv_cache, normalize_inputs
 from otofx.errors import InputError, OTOError, VerificationError
-from otofx.passes.nodes import get_path, layer_norm_params, set_path, unread_parameters
+from otofx.passes.nodes import ModuleTensors, get_path, layer_norm_params, module_tensors, set_path, unread_parameters
 from otofx.passes.prune import Plan, output_keeps, plan_rows, row_norms, zero_row_plan, zero_rows
 from otofx.passes.resize import inline_grn_groups, inline_layer_norm_groups, inline_standardisation_groups
 from otofx.passes.zigs import ZIG, ZigSet
@@ -272,15 +272,18 @@ def _removed_parameters(gm: torch.nn.Module, plan: Plan, skip=()) -> int:
     return total
 
 
-def _check_params(model: torch.nn.Module) -> None:
+def _check_params(model: torch.nn.Module, held: ModuleTensors | None = None) -> None:
     """Floating-point parameters only; any device, the meta device included (analysis needs shapes only).
     No weight recomputed by a spectral-norm hook (``torch.nn.utils.spectral_norm``, deprecated): the
     graph would read a tensor that is no parameter, and the copy could not be made (the deprecated
     ``torch.nn.utils.weight_norm`` hook is followed: ``passes.weightnorm``)."""
-    for name, p in model.named_parameters():
+    held = held or module_tensors(model)
+    for name, p in held.params:
         if p.dtype not in _FLOAT_TYPES:
             raise InputError(f"parameter '{name}' has dtype {p.dtype}; otofx supports floating-point parameters only")
-    for name, m in model.named_modules():
+    for name, m in held.modules.items():
+        if not m._forward_pre_hooks:
+            continue
         hooks = [h for h in m._forward_pre_hooks.values() if type(h).__name__ == "SpectralNorm"
                  and type(h).__module__.startswith("torch.nn.utils")]
         if hooks:
@@ -291,9 +294,10 @@ def _check_params(model: torch.nn.Module) -> None:
                 f"is kept whole (pinned, and the report names it)")
 
 
-def _meta_tensor(model: torch.nn.Module) -> str | None:
+def _meta_tensor(model: torch.nn.Module, held: ModuleTensors | None = None) -> str | None:
     """The name of the first parameter or buffer of ``model`` on the meta device, or None."""
-    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+    held = held or module_tensors(model)
+    for name, t in held.params + held.buffers:
         if t.device.type == "meta":
             return name
     return None
@@ -357,8 +361,9 @@ class OTO:
 
     def __init__(self, model: torch.nn.Module, example_inputs, *, pin=(), frontend: str = "auto",
                  free_outputs="auto"):
-        _check_params(model)
-        self._on_meta = _meta_tensor(model) is not None  # analysed without weights
+        held = module_tensors(model)
+        _check_params(model, held)
+        self._on_meta = _meta_tensor(model, held) is not None  # analysed without weights
         # NB: on a meta model, trace with meta inputs (a conv refuses meta weights with CPU inputs)
         # and keep the user's inputs for verification once the model is materialised
         inputs = tree_map(lambda t: t.to("meta") if isinstance(t, torch.Tensor) else t,

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 import torch.fx as fx
 
-from .nodes import get_path
+from .nodes import get_path, module_tensors
 from .unionfind import PIN, UnionFind, unique
 
 
@@ -192,18 +192,9 @@ class Ctx:
 
     def __post_init__(self):
         first: dict[int, str] = {}
-        # NB: one walk over the modules, in named_modules' pre-order (named_parameters and
-        # named_buffers walk them each, through nested generators): parameters before buffers,
-        # each in named_parameters' order, so a tensor's first name is the one torch gives it
-        params, buffers = [], []
-        stack = [("", self.root)]
-        while stack:
-            prefix, m = stack.pop()
-            self.modules[prefix] = m
-            dot = prefix + "." if prefix else ""
-            params += [(dot + k, t) for k, t in m._parameters.items() if t is not None]
-            buffers += [(dot + k, t) for k, t in m._buffers.items() if t is not None]
-            stack += [(dot + k, c) for k, c in reversed(m._modules.items()) if c is not None]
+        # NB: parameters before buffers, each in named_parameters' order, so a tensor's first name is
+        # the one torch gives it
+        self.modules, params, buffers = module_tensors(self.root)
         for name, t in params + buffers:
             self.alias[name] = first.setdefault(id(t), name)
             self.tensors.setdefault(self.alias[name], t)

@@ -38,6 +38,7 @@ from __future__ import annotations
 import functools
 import operator
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.fx as fx
@@ -184,13 +185,10 @@ class Unread:
 def unread_parameters(gm: fx.GraphModule, model: torch.nn.Module) -> tuple:
     """The :class:`Unread` modules of ``model``: parameters that no ``get_attr`` of ``gm`` names and
     no called module of ``gm`` holds (a tensor tied under several names is read when one is)."""
-    read = set()
-    for n in gm.graph.nodes:
-        if n.op == "get_attr":
-            read.add(str(n.target))
-        elif n.op == "call_module":
-            read.update(f"{n.target}.{k}" for k, _ in gm.get_submodule(n.target).named_parameters())
-    named = dict(model.named_parameters(remove_duplicate=False))
+    read = {str(n.target) for n in gm.graph.nodes if n.op == "get_attr"}
+    for target in {str(n.target) for n in gm.graph.nodes if n.op == "call_module"}:
+        read.update(f"{target}.{k}" for k, _ in module_tensors(gm.get_submodule(target)).params)
+    named = dict(module_tensors(model).params)
     seen = {id(t) for k, t in named.items() if k in read}
     unread = {k for k, t in named.items() if id(t) not in seen}
     if not unread:
@@ -213,6 +211,33 @@ def unread_parameters(gm: fx.GraphModule, model: torch.nn.Module) -> tuple:
         ts = {id(named[n]): named[n] for n in names}
         out.append(Unread(mod, len(ts), sum(t.numel() for t in ts.values())))
     return tuple(out)
+
+
+class ModuleTensors(NamedTuple):
+    """One walk over a module tree (:func:`module_tensors`)."""
+
+    modules: dict  # qualified name -> module, every path to a shared module
+    params: list  # (qualified name, Parameter), in named_parameters' order, duplicates kept
+    buffers: list  # (qualified name, tensor), in named_buffers' order, duplicates kept
+
+
+def module_tensors(root: torch.nn.Module) -> ModuleTensors:
+    """Every module, parameter and buffer of ``root`` by qualified name, as ``named_modules``,
+    ``named_parameters`` and ``named_buffers`` with ``remove_duplicate=False`` list them.
+
+    # NB: one explicit walk in their pre-order; torch's three walk the tree each through nested
+    # generators, which costs tens of microseconds per module (a 10,000-layer model: a second)
+    """
+    modules, params, buffers = {}, [], []
+    stack = [("", root)]
+    while stack:
+        prefix, m = stack.pop()
+        modules[prefix] = m
+        dot = prefix + "." if prefix else ""
+        params += [(dot + k, t) for k, t in m._parameters.items() if t is not None]
+        buffers += [(dot + k, t) for k, t in m._buffers.items() if t is not None]
+        stack += [(dot + k, c) for k, c in reversed(m._modules.items()) if c is not None]
+    return ModuleTensors(modules, params, buffers)
 
 
 def get_path(root: torch.nn.Module, name: str):

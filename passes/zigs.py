@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -178,12 +179,10 @@ def zero_invariant_groups(gm: fx.GraphModule, pin: tuple = (), free_outputs: tup
     there (``Ctx.merge_inner``), and the run whose groups hold more parameters is the answer.
     """
     bind_library_ops()
-    best, inner = None, frozenset()
+    runs, inner = [], frozenset()
     for _ in range(_MERGE_RUNS):
         zs, ctx = _analyse(gm, pin, inner, tuple(free_outputs))
-        score = _removable(zs, ctx)
-        if best is None or score > best[0]:
-            best = (score, zs)
+        runs.append((zs, ctx))
         # NB: each run only flips merges whose kept axis is pinned in the end: the flip gives up
         # nothing that run kept, and what it frees may change other merges' outcome (hence a loop)
         flips = {name for name, ids in ctx.merges if (ctx.uf.find(ids) == PIN).all()} - inner
@@ -192,7 +191,10 @@ def zero_invariant_groups(gm: fx.GraphModule, pin: tuple = (), free_outputs: tup
         log.debug("otofx: %d reshape(s) merged channel axes whose outer one ended pinned (%s): analysing again "
                   "with the inner one kept", len(flips), ", ".join(sorted(flips)[:4]))
         inner = inner | flips
-    return best[1]
+    if len(runs) == 1:  # the common case: no merge to flip, nothing to compare
+        return runs[0][0]
+    # the first of the best: a later run wins only by freeing more
+    return max(runs, key=lambda r: _removable(*r))[0]
 
 
 _MERGE_RUNS = 3  # analyses at most: the first, and runs that flip merges (zero_invariant_groups)
@@ -204,7 +206,7 @@ def _removable(zs: ZigSet, ctx: Ctx) -> int:
     for z in zs.zigs:
         for name, dim, idx in z.params:
             shape = ctx.shape_of(ParamRef(name))
-            total += idx.numel() * (int(np.prod(shape)) // max(int(shape[dim]), 1))
+            total += idx.numel() * (math.prod(shape) // max(int(shape[dim]), 1))
     return total
 
 
