@@ -51,6 +51,9 @@ Internals:
       weight absorbs the difference (:func:`_follow_floats`, :func:`_float_fold`), all or nothing;
       when the config cannot take the hidden norms' refolded eps (Qwen 3.5's linear-attention norms
       share it), the eps stay the config's and the residual stream is scaled (:func:`_stream_fold`).
+      When some float stays off all the same (Zamba 2's gated Mamba norm has its own eps), the config
+      goes back to the old widths: ``from_pretrained`` then refuses the checkpoint's shapes rather
+      than load a model that computes something else.
       # NB: the folds read the class's forward off the graph; ``OTO.compress`` verifies the copy and
       rebuilds without them (``follow_floats=False``) when they were wrong.
     * A GRN (ConvNeXt V2) over narrowed channels must be a module the resize replaced by
@@ -1017,6 +1020,7 @@ def _update_config(new: nn.Module, model: nn.Module, changed: dict, cuts: dict, 
     pairs -= {(m.full_channels, m.num_channels) for m in new.modules() if isinstance(m, PrunedGroupNorm)}
     want = _want(new, model)
     derived = _derived_head_dim(model)
+    before = copy.deepcopy(config)
     best = None
     if derived is not None:
         # NB: a config without head_dim whose model reads getattr(config, "head_dim", hidden_size //
@@ -1046,11 +1050,19 @@ def _update_config(new: nn.Module, model: nn.Module, changed: dict, cuts: dict, 
             every.setdefault(name, {}).update(attrs)
         config.otofx_widths = dict(sorted(every.items()))
     if off:
+        # NB: a config that builds the new shapes but not these floats would let from_pretrained load a
+        # different model without a word: it goes back to the old widths, whose shapes the checkpoint's
+        # tensors do not have, so from_pretrained refuses them (as for any width the config cannot give)
+        every = config.otofx_widths
+        for key in set(config.__dict__) - set(before.__dict__):  # a head_dim written down
+            del config.__dict__[key]
+        _assign(config, before)
+        config.otofx_widths = every
         name, attrs = next(iter(off.items()))
-        log.warning("otofx: %s's config builds the new shapes but not %d float attribute(s) (%s.%s = %r): "
-                    "from_pretrained of its save_pretrained folder would load a slightly different model; "
-                    "save it with otofx.save (config.otofx_widths lists them)", type(new).__name__,
-                    sum(map(len, off.values())), name, *next(iter(attrs.items())))
+        log.warning("otofx: %s's config can give the new shapes but not %d float attribute(s) (%s.%s = %r): it "
+                    "keeps the old widths, so from_pretrained refuses its save_pretrained folder rather than load "
+                    "a different model; save it with otofx.save (config.otofx_widths lists them)",
+                    type(new).__name__, sum(map(len, off.values())), name, *next(iter(attrs.items())))
 
 
 __all__ = ["rebuild", "keep_indices", "copy_training_flags", "RebuildError"]

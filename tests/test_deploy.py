@@ -328,10 +328,11 @@ def test_save_pretrained_round_trips_when_the_config_describes_the_model(name, u
         torch.testing.assert_close(again(ids)[0], want, rtol=0, atol=0)
 
 
-def test_floats_left_alone_when_their_fold_breaks_the_forward(monkeypatch, caplog):
+def test_floats_left_alone_when_their_fold_breaks_the_forward(monkeypatch, caplog, tmp_path):
     """The weight folds that make floats follow the config assume the class's forward; when the
     result fails verification, ``compress()`` keeps the copy without them (the eps refolded, named
-    in ``config.otofx_widths``) and says so."""
+    in ``config.otofx_widths``) and says so. The config then keeps the old widths, so that
+    ``from_pretrained`` refuses the folder rather than load other eps."""
     import otofx.rebuild as rb
 
     real = rb._float_fold
@@ -356,11 +357,25 @@ def test_floats_left_alone_when_their_fold_breaks_the_forward(monkeypatch, caplo
     with caplog.at_level(logging.INFO, logger="otofx"):
         small = oto.compress()
     assert type(small) is type(model) and "without the config's floats" in caplog.text
-    assert "from_pretrained of its save_pretrained folder would load a slightly different model" in caplog.text
+    assert "from_pretrained refuses its save_pretrained folder rather than load a different model" in caplog.text
     with torch.no_grad():
         torch.testing.assert_close(small(ids)[0], model(ids)[0], rtol=1e-4, atol=1e-5)
     eps = {k for a in small.config.otofx_widths.values() for k, v in a.items() if type(v) is float}
     assert eps == {"variance_epsilon"} and small.config.rms_norm_eps == model.config.rms_norm_eps
+    # the config keeps the old widths: from_pretrained refuses the checkpoint rather than load other eps
+    assert small.config.hidden_size == model.config.hidden_size
+    assert small.model.embed_tokens.embedding_dim < model.config.hidden_size
+    small.save_pretrained(tmp_path / "hf")
+    with pytest.raises(Exception, match="ignore_mismatched_sizes|size mismatch|shape"):
+        type(small).from_pretrained(tmp_path / "hf")
+    otofx.save(small, tmp_path / "otofx")
+    again = otofx.load(tmp_path / "otofx")
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids)[0], small(ids)[0], rtol=0, atol=0)
+    # generate() reads the config for its cache: the old widths must not break it
+    small.config.use_cache = model.config.use_cache = True
+    want = model.generate(ids[:1], max_new_tokens=4, do_sample=False, pad_token_id=0)
+    torch.testing.assert_close(small.generate(ids[:1], max_new_tokens=4, do_sample=False, pad_token_id=0), want)
 
 
 class _QNorm(nn.Module):
