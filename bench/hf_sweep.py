@@ -91,7 +91,7 @@ SIZES = {
     "num_local_experts": 4, "num_experts": 4, "n_routed_experts": 4, "moe_num_experts": 4,
     "num_experts_per_tok": 2, "num_experts_per_token": 2, "moe_topk": 2, "moe_k": 2, "n_shared_experts": 1, "n_group": 1, "topk_group": 1,
     # tables
-    "vocab_size": VOCAB, "max_position_embeddings": 64, "n_positions": 64, "n_ctx": 64,
+    "vocab_size": VOCAB, "unpadded_vocab_size": VOCAB, "max_position_embeddings": 64, "n_positions": 64, "n_ctx": 64,
     "max_seq_len": 64, "max_sequence_length": 64, "type_vocab_size": 2,
     # images
     "image_size": IMAGE, "patch_size": PATCH, "num_channels": 3,

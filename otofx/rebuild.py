@@ -1049,20 +1049,41 @@ def _update_config(new: nn.Module, model: nn.Module, changed: dict, cuts: dict, 
         for name, attrs in off.items():
             every.setdefault(name, {}).update(attrs)
         config.otofx_widths = dict(sorted(every.items()))
-    if off:
-        # NB: a config that builds the new shapes but not these floats would let from_pretrained load a
-        # different model without a word: it goes back to the old widths, whose shapes the checkpoint's
-        # tensors do not have, so from_pretrained refuses them (as for any width the config cannot give)
+    if not (best or off):
+        return
+    built = _build(type(new), config) if best else None
+    if off or (built is not None and _shapes(built) == want.shapes):
+        # NB: a config that builds the new shapes but not the model (a float no fold reaches; 4 heads
+        # of 4 where the model has 2 of 8 and the class ignores head_dim) would let from_pretrained
+        # load a different model without a word: it goes back to the old widths, whose shapes the
+        # checkpoint's tensors do not have, so from_pretrained refuses them
         every = config.otofx_widths
         for key in set(config.__dict__) - set(before.__dict__):  # a head_dim written down
             del config.__dict__[key]
         _assign(config, before)
         config.otofx_widths = every
-        name, attrs = next(iter(off.items()))
-        log.warning("otofx: %s's config can give the new shapes but not %d float attribute(s) (%s.%s = %r): it "
-                    "keeps the old widths, so from_pretrained refuses its save_pretrained folder rather than load "
-                    "a different model; save it with otofx.save (config.otofx_widths lists them)",
-                    type(new).__name__, sum(map(len, off.values())), name, *next(iter(attrs.items())))
+        if off:
+            name, attrs = next(iter(off.items()))
+            what = f"{sum(map(len, off.values()))} float attribute(s) ({name}.{next(iter(attrs))} = {next(iter(attrs.values()))!r})"
+        else:
+            what = f"its modules' attributes ({_attr_off(built, want)})"
+        log.warning("otofx: %s's config can give the new shapes but not %s: it keeps the old widths, so "
+                    "from_pretrained refuses its save_pretrained folder rather than load a different model; save "
+                    "it with otofx.save (config.otofx_widths lists the widths)", type(new).__name__, what)
+
+
+def _attr_off(built: nn.Module, want: _Want) -> str:
+    """The first config-given attribute (or replaced module class) that ``built`` does not have as ``want`` says."""
+    mods = dict(built.named_modules())
+    for name, attrs in want.attrs.items():
+        have = _int_attrs(mods[name]) if name in mods else {}
+        for k, v in attrs.items():
+            if have.get(k) != v:
+                return f"{name}.{k} = {v}, the config gives {have.get(k)}"
+    for name, c in want.classes.items():
+        if type(mods.get(name)) is not c:
+            return f"{name} is a {c.__name__}"
+    return "a module attribute"
 
 
 __all__ = ["rebuild", "keep_indices", "copy_training_flags", "RebuildError"]

@@ -269,10 +269,12 @@ def _round_trip_model(name):
         return T.GptOssForCausalLM(T.GptOssConfig(**dict(small, intermediate_size=16), head_dim=8, num_local_experts=4,
                                                   num_experts_per_tok=2, layer_types=["sliding_attention",
                                                                                       "full_attention"]))
+    if name == "mllama":  # its attention ignores config.head_dim: 2 heads of 8 load as 4 heads of 4
+        return T.MllamaForCausalLM(T.MllamaTextConfig(**small, cross_attention_layers=[], pad_token_id=0))
     return _hf(name)
 
 
-@pytest.mark.parametrize("name", ["llama", "mistral", "gemma", "qwen3", "gpt_oss", "gpt2", "bert"])
+@pytest.mark.parametrize("name", ["llama", "mistral", "gemma", "qwen3", "gpt_oss", "gpt2", "bert", "mllama"])
 @pytest.mark.parametrize("uniform", [True, False])
 def test_save_pretrained_round_trips_when_the_config_describes_the_model(name, uniform, tmp_path):
     """``config.otofx_widths`` absent means the config describes the compressed model in full:
@@ -282,7 +284,8 @@ def test_save_pretrained_round_trips_when_the_config_describes_the_model(name, u
     embedding scale ``sqrt(hidden_size)`` is folded into the table and its tied head through the
     final norm. GPT-OSS's config is fitted head counts first (its head_dim, tried early, fits the
     q projection of 2 heads of 8 as 4 of 4 and then the attention sinks never fit). Present, it names what the config cannot hold (per-layer widths; GPT-2's and BERT's
-    head counts, whose head width is hidden / heads): ``from_pretrained`` refuses the shapes, and
+    head counts, whose head width is hidden / heads; Mllama's, whose attention ignores ``head_dim``, so
+    that a config giving the new shapes would build other heads): ``from_pretrained`` refuses the shapes, and
     ``otofx.save`` / ``otofx.load`` give the model back exactly (GPT-OSS's experts with the kernel
     they ran: the default grouped_mm refuses widths that are not a multiple of 16 bytes)."""
     torch.manual_seed(0)
@@ -302,7 +305,7 @@ def test_save_pretrained_round_trips_when_the_config_describes_the_model(name, u
         torch.testing.assert_close(want, model(ids)[0], rtol=1e-4, atol=1e-5)
     widths = getattr(small.config, "otofx_widths", None)
     small.save_pretrained(tmp_path / "hf")
-    if uniform and name not in ("gpt2", "bert"):
+    if uniform and name not in ("gpt2", "bert", "mllama"):
         assert widths is None, widths
         back = type(model).from_pretrained(tmp_path / "hf").eval()
         with torch.no_grad():
