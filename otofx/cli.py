@@ -70,7 +70,9 @@ def _analyze(args) -> int:
         shape = parse_shape(text)
         inputs.append(torch.randn(shape) if dtype.is_floating_point else torch.randint(0, args.vocab, shape))
     t0 = time.perf_counter()
-    oto = OTO(model, tuple(inputs), pin=tuple(args.pin))
+    # NB: a tuple output's keys are its indices
+    free = "auto" if args.free_output is None else tuple(int(k) if k.isdigit() else k for k in args.free_output if k)
+    oto = OTO(model, tuple(inputs), pin=tuple(args.pin), free_outputs=free)
     dt = time.perf_counter() - t0
     print(oto.report())
     print(f"\nanalysis took {dt:.3f} s")
@@ -185,6 +187,9 @@ def main(argv=None) -> int:
     a.add_argument("--dtype", default="float32", choices=sorted(_DTYPES))
     a.add_argument("--vocab", type=int, default=100, help="upper bound for integer inputs")
     a.add_argument("--pin", action="append", default=[], help="module or parameter name to keep whole (repeatable)")
+    a.add_argument("--free-output", action="append", metavar="KEY",
+                   help="output key that may come back narrower (repeatable; default: a Hugging Face "
+                        "encoder-decoder's encoder_last_hidden_state; --free-output '' frees none)")
     a.add_argument("--svg", metavar="FILE", help="draw the graph with its groups to FILE (.svg, .html or .dot; "
                                                  "needs Graphviz: pip install 'otofx[viz]')")
     a.add_argument("-v", "--verbose", action="store_true")

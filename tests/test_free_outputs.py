@@ -174,3 +174,21 @@ def test_pipeline_verifies_a_free_output_on_its_kept_channels():
     state = pipeline.Pipeline(pipeline.default().passes, verify=True).run(model, x, free_outputs=("hidden",))
     assert state.gm(x)["hidden"].shape == (5, 4)
     assert all(r.error is None or r.error <= 1e-6 for r in state.records)
+
+
+@pytest.mark.parametrize("as_tuple", [False, True])
+def test_cli_analyze_frees_the_outputs_it_is_given(as_tuple, capsys):
+    from otofx import cli
+
+    spec, key = ("test_free_outputs:_tuple_encoder", "1") if as_tuple else ("test_free_outputs:_Encoder", "hidden")
+    assert cli.main(["analyze", spec, "--input", "5,6", "--free-output", key]) == 0
+    freed = capsys.readouterr().out
+    assert cli.main(["analyze", spec, "--input", "5,6"]) == 0
+    kept = capsys.readouterr().out
+    assert "free output" in freed.lower() and "free output" not in kept.lower()
+    assert cli.main(["analyze", spec, "--input", "5,6", "--free-output", "nope"]) != 0
+    assert "nope" in capsys.readouterr().err
+
+
+def _tuple_encoder():
+    return _Encoder(as_tuple=True)
