@@ -578,6 +578,12 @@ def _export_program(model, args, kwargs):
                          "batch and sequence" if dims == "all" else "the batch dimension", type(err).__name__,
                          _first_line(err))
                 continue
+        if widened is not None and a is widened[0] and not _pass_guards(ep.module(), (args, kwargs)):
+            # NB: the program of a batch of 2 may guard sizes the example's batch of 1 fails (RAFT splits
+            # cat([image1, image2]) in halves: the guard reads the two batches' sum)
+            log.info("torch.export of the batch widened to 2: its size guards refuse the example's batch of 1; "
+                     "exporting the example itself")
+            continue
         if dims != "all":
             log.info("%s captured with %s", type(model).__name__,
                      "a dynamic batch only" if dims == "batch" else "static shapes")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import logging
 
 import pytest
 import torch
@@ -483,3 +484,39 @@ def test_graph_form_follows_the_mode_of_modules_traced_through(p):
         assert torch.allclose(ref(x), got(x), rtol=1e-4, atol=1e-5)
     # the running statistics moved in train mode, as the model's did
     assert not torch.equal(got.get_buffer("bn1.running_mean"), graph.get_buffer("bn1.running_mean"))
+
+
+class _PairOfImages(nn.Module):
+    """RAFT's feature encoder: both images in one batch, split in halves (``torch.chunk``), a branch on
+    data (so symbolic_trace fails and torch.export captures it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.enc = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.head = nn.Conv2d(8, 2, 1)
+
+    def forward(self, image1, image2):
+        f1, f2 = torch.chunk(self.enc(torch.cat([image1, image2], dim=0)), chunks=2, dim=0)
+        d = f1 - f2
+        if image1.abs().mean() < 0:  # taken by no input
+            d = -d
+        return self.head(d)
+
+
+def test_an_example_of_batch_1_whose_widened_capture_refuses_it(caplog):
+    """A batch of 1 is exported widened to 2 (torch.export specialises sizes of 1); when that program's
+    size guards refuse the example itself (the halves of cat([a, b]) guard the two batches' sum), the
+    capture exports the example instead of failing."""
+    model = randomize(_PairOfImages().eval(), 0)
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(1, 3, 8, 8, generator=g), torch.randn(1, 3, 8, 8, generator=g))
+    with caplog.at_level(logging.INFO, logger="otofx"):
+        oto = otofx.OTO(model, x)
+    assert oto.frontend == "export" and "refuse the example's batch of 1" in caplog.text
+    assert [z.rows for z in oto.groups] == [8]
+    zero_random_rows(model, oto)
+    for form in ("module", "graph"):
+        assert_exact(model, oto, x, small=oto.compress(form=form))
+    # the model's own class takes other batches too
+    y = (torch.randn(3, 3, 8, 8, generator=g), torch.randn(3, 3, 8, 8, generator=g))
+    assert_exact(model, oto, y, small=oto.compress(form="module"))
