@@ -1064,7 +1064,8 @@ def _update_config(new: nn.Module, model: nn.Module, changed: dict, cuts: dict, 
         config.otofx_widths = every
         if off:
             name, attrs = next(iter(off.items()))
-            what = f"{sum(map(len, off.values()))} float attribute(s) ({name}.{next(iter(attrs))} = {next(iter(attrs.values()))!r})"
+            key, value = next(iter(attrs.items()))
+            what = f"{sum(map(len, off.values()))} float attribute(s) ({name}.{key} = {value!r})"
         else:
             what = f"its modules' attributes ({_attr_off(built, want)})"
         log.warning("otofx: %s's config can give the new shapes but not %s: it keeps the old widths, so "
