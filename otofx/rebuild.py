@@ -685,12 +685,20 @@ def _mismatch(cls, config, want: _Want, built: nn.Module | None = None) -> int:
         return len(want.shapes) + 1
     got = _shapes(built)
     bad = sum(got.get(k) != v for k, v in want.shapes.items()) + sum(k not in want.shapes for k in got)
+    return bad + sum(1 for _ in _attrs_off(built, want))
+
+
+def _attrs_off(built: nn.Module, want: _Want):
+    """Each config-given int attribute of ``built``'s modules that differs from ``want``'s, as ``(module,
+    attribute, wanted, built's)``, then each module of a class otofx replaced, as ``(module, None, class,
+    built's class)``."""
     mods = dict(built.named_modules())
     for name, attrs in want.attrs.items():
         have = _int_attrs(mods[name]) if name in mods else {}
-        bad += sum(have.get(k) != v for k, v in attrs.items())
+        yield from ((name, k, v, have.get(k)) for k, v in attrs.items() if have.get(k) != v)
     # NB: a module otofx replaced (PrunedLayerNorm keeps its old divisor) is one no config builds
-    return bad + sum(type(mods.get(name)) is not cls for name, cls in want.classes.items())
+    yield from ((name, None, cls, type(mods.get(name))) for name, cls in want.classes.items()
+                if type(mods.get(name)) is not cls)
 
 
 def _fit(cls, config, pairs: set, want: _Want) -> int:
@@ -1074,17 +1082,11 @@ def _update_config(new: nn.Module, model: nn.Module, changed: dict, cuts: dict, 
 
 
 def _attr_off(built: nn.Module, want: _Want) -> str:
-    """The first config-given attribute (or replaced module class) that ``built`` does not have as ``want`` says."""
-    mods = dict(built.named_modules())
-    for name, attrs in want.attrs.items():
-        have = _int_attrs(mods[name]) if name in mods else {}
-        for k, v in attrs.items():
-            if have.get(k) != v:
-                return f"{name}.{k} = {v}, the config gives {have.get(k)}"
-    for name, c in want.classes.items():
-        if type(mods.get(name)) is not c:
-            return f"{name} is a {c.__name__}"
-    return "a module attribute"
+    """The first of :func:`_attrs_off`, in words."""
+    name, k, v, have = next(_attrs_off(built, want), (None, None, None, None))
+    if name is None:
+        return "a module attribute"
+    return f"{name} is a {v.__name__}" if k is None else f"{name}.{k} = {v}, the config gives {have}"
 
 
 __all__ = ["rebuild", "keep_indices", "copy_training_flags", "RebuildError"]
