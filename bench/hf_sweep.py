@@ -62,7 +62,14 @@ TASKS = {
     "seq-cls": "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES",
     "image-cls": "MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES",
     "seq2seq-lm": "MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES",
+    "token-cls": "MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES",
+    "qa": "MODEL_FOR_QUESTION_ANSWERING_MAPPING_NAMES",
+    "multiple-choice": "MODEL_FOR_MULTIPLE_CHOICE_MAPPING_NAMES",
+    "semantic-seg": "MODEL_FOR_SEMANTIC_SEGMENTATION_MAPPING_NAMES",
+    "depth": "MODEL_FOR_DEPTH_ESTIMATION_MAPPING_NAMES",
+    "backbone": "MODEL_FOR_BACKBONE_MAPPING_NAMES",
 }
+PIXEL_TASKS = ("image-cls", "semantic-seg", "depth", "backbone")
 L, B, VOCAB, HIDDEN, HEADS, KV, HEAD_DIM, LAYERS, FFN = 16, 2, 128, 32, 4, 2, 8, 2, 64
 IMAGE, PATCH = 32, 8
 PEER_SECONDS = 15  # each peer, per class (torch-pruning's group search on an LLM runs for minutes)
@@ -283,7 +290,7 @@ def tiny_config(model_type: str, cls_name: str | None = None):
 
 def example_input(task: str, cfg, seed: int = 0) -> dict:
     g = torch.Generator().manual_seed(seed)
-    if task == "image-cls":
+    if task in PIXEL_TASKS:
         side = getattr(cfg, "image_size", IMAGE)
         side = side[0] if isinstance(side, (list, tuple)) else side
         ch = getattr(cfg, "num_channels", 3)
@@ -298,6 +305,8 @@ def example_input(task: str, cfg, seed: int = 0) -> dict:
         # index it, and transformers builds no default one under torch.export)
         return {"input_ids": ids, "attention_mask": torch.ones_like(ids),
                 "decoder_input_ids": torch.randint(3, min(vocab, VOCAB), (B, L // 2), generator=g)}
+    if task == "multiple-choice":  # [batch, choices, length]
+        return {"input_ids": torch.stack([ids, ids.flip(0)], 1)}
     return {"input_ids": ids}
 
 
@@ -382,10 +391,13 @@ def _outputs(model, x: dict, kwargs: dict):
 
     with torch.no_grad():
         out = model(**x, **kwargs)
-    if isinstance(model, torch.fx.GraphModule):
-        return [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor) and t.is_floating_point()]
-    first = out[0] if isinstance(out, (tuple, list)) else (out.logits if hasattr(out, "logits") else out[0])
-    return [first]
+    if hasattr(out, "keys") and not isinstance(model, torch.fx.GraphModule):
+        # NB: the task's outputs (logits, QA's start and end, a backbone's feature maps, depth), not
+        # the hidden states: the own class returns those at its new widths
+        out = [v for k, v in out.items() if not any(w in k for w in ("hidden_state", "attention", "past_key", "cache"))]
+    elif not isinstance(model, torch.fx.GraphModule):
+        out = out[0] if isinstance(out, (tuple, list)) else out
+    return [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor) and t.is_floating_point()]
 
 
 def _rel(ref: list, got: list) -> float:
