@@ -46,6 +46,8 @@ Internals:
       kept as leaves: their fast-path checks branch on the input, which a Proxy cannot answer.
     * ``outside_inputs``: inputs just outside the size ranges an export capture admits (a branch on
       a size narrows them), kept in ``gm.meta[SIZE_BOUNDS]`` for ``OTO.compress`` to try the own class on.
+    * Hugging Face experts layers on their eager forward (a loop over the experts a batch hits) are
+      exported on ``batched_mm``, the setting restored after (:func:`_capturable_experts`).
     * Mode flags are ``get_attr`` nodes of ``<module path>.training`` (empty modules created where
       export kept none), set to the user's flags at capture: a frozen submodule stays frozen.
 """
@@ -371,6 +373,68 @@ def _no_kv_cache(model: torch.nn.Module, kwargs: dict):
     finally:
         for c in configs.values():
             c.use_cache = True
+
+
+def _eager_experts_configs(model: torch.nn.Module) -> list:
+    """The configs of Hugging Face experts layers (classes made by ``use_experts_implementation``) that
+    run their eager forward: ``config._experts_implementation`` ``"eager"`` or unset."""
+    out = {}
+    for m in model.modules():
+        cfg = getattr(m, "config", None)
+        if cfg is not None and hasattr(m, "is_concatenated") and hasattr(m, "has_gate") \
+                and getattr(cfg, "_experts_implementation", None) in (None, "eager"):
+            out[id(cfg)] = cfg
+    return list(out.values())
+
+
+@contextmanager
+def _capturable_experts(model: torch.nn.Module):
+    """Hugging Face mixture-of-experts layers on their eager forward are captured on ``batched_mm``.
+
+    # NB: the eager forward loops over the experts the batch hits (``for e in expert_hit``, a
+    # nonzero's length), which torch.export cannot follow; ``batched_mm`` computes the same sums
+    # with shapes that depend on the input's size only. The setting is restored after: the model's
+    # own class, compressed, keeps the user's choice.
+    """
+    configs = _eager_experts_configs(model)
+    try:
+        from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+    except ImportError:
+        configs = []
+    if not configs or "batched_mm" not in ALL_EXPERTS_FUNCTIONS:
+        yield
+        return
+    log.info("capturing %s's experts with experts_implementation='batched_mm' (their eager forward loops "
+             "over the experts a batch hits, which the capture cannot follow)", type(model).__name__)
+    before = [(c, _raw_experts(c)) for c in configs]
+    for c in configs:
+        _set_raw_experts(c, "batched_mm")
+    try:
+        yield
+    finally:
+        for c, v in before:
+            _set_raw_experts(c, v)
+
+
+# NB: transformers' config keeps the setting behind a property whose setter also writes every sub-config;
+# capture changes and restores exactly the configs the experts layers read, by the stored value
+_UNSET = object()
+
+
+def _experts_slot(c) -> str:
+    return "_experts_implementation_internal" \
+        if isinstance(getattr(type(c), "_experts_implementation", None), property) else "_experts_implementation"
+
+
+def _raw_experts(c):
+    return c.__dict__.get(_experts_slot(c), _UNSET)
+
+
+def _set_raw_experts(c, v) -> None:
+    if v is _UNSET:
+        c.__dict__.pop(_experts_slot(c), None)
+    else:
+        c.__dict__[_experts_slot(c)] = v
 
 
 def _inline_grad_regions(gm: fx.GraphModule) -> fx.GraphModule:
@@ -1258,7 +1322,7 @@ def export_captured(model: torch.nn.Module, args: tuple, kwargs: dict) -> Captur
     (directly, for a model with a module known to draw such numbers: see ``_STOCHASTIC_MODULES``).
     """
     t0 = time.perf_counter()
-    with _no_kv_cache(model, kwargs):
+    with _no_kv_cache(model, kwargs), _capturable_experts(model):
         stochastic = _stochastic_module(model)
         training = True
         if stochastic:

@@ -270,6 +270,26 @@ def test_gemma3n_per_layer_widths_in_its_config(tmp_path):
     assert torch.equal(otofx.load(tmp_path / "m").generate(x, max_new_tokens=4, do_sample=False), full)
 
 
+@pytest.mark.parametrize("name", ["mixtral", "qwen2_moe"])
+def test_eager_experts_are_captured_and_keep_the_users_setting(name):
+    """``experts_implementation="eager"`` loops over the experts a batch hits (data-dependent): the
+    capture runs the experts on batched_mm and finds the same groups; the user's model, and the
+    compressed own class, keep "eager" and give the full model's tokens."""
+    fused = otofx.OTO(_model(name), _ids())
+    model = _model(name)
+    model.config._experts_implementation = "eager"
+    oto = otofx.OTO(model, _ids())
+    assert model.config._experts_implementation == "eager"
+    assert sorted(z.rows for z in oto.groups) == sorted(z.rows for z in fused.groups)
+    zero_random_rows(model, oto, seed=3)
+    small = assert_exact(model, oto, _ids(), ref_kwargs=_kwargs(model))
+    assert isinstance(small, type(model)) and small.config._experts_implementation == "eager"
+    assert model.config._experts_implementation == "eager"
+    x = _ids()[:1, :5]
+    assert torch.equal(small.generate(x, max_new_tokens=4, do_sample=False),
+                       model.generate(x, max_new_tokens=4, do_sample=False))
+
+
 def test_fused_experts_odd_width_still_generates():
     """A kept width grouped_mm cannot take (strides not a multiple of 16 bytes): the compressed model
     runs its experts with batched_mm and still gives the full model's tokens."""
