@@ -103,7 +103,7 @@ from otofx.passes.resize import (STREAM_WIDTHS, Change, ResizeError, Scope, appl
 
 log = logging.getLogger("otofx")
 
-RECURRENT = (nn.RNNBase, PrunedRNN)
+RECURRENT = (nn.RNNBase, nn.RNNCellBase, PrunedRNN)
 
 
 class RebuildError(OTOError):

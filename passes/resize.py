@@ -459,6 +459,12 @@ def recurrent(m: nn.RNNBase, change: Change):
     return resize_stock_rnn(m, units)
 
 
+@resizer(nn.RNNCellBase)
+def recurrent_cell(m: nn.RNNCellBase, change: Change):
+    """LSTMCell / GRUCell / RNNCell: input_size and hidden_size from the sliced weights."""
+    m.input_size, m.hidden_size = m.weight_ih.shape[1], m.weight_hh.shape[1]
+
+
 @resizer(PrunedRNN)
 def pruned_rnn(m: PrunedRNN, change: Change):
     """PrunedRNN (a compressed model compressed again): sizes from its sliced tensors and unit indices."""

@@ -483,3 +483,107 @@ def test_a_constant_initial_state_that_is_not_zero_still_pins():
     oto = otofx.OTO(model, torch.randn(2, 6, F_IN))
     assert not oto.groups
     assert any("initial state" in p.reason for p in oto.pinned)
+
+
+# =============================================================================================
+# (e) cells stepped in a loop: nn.LSTMCell / GRUCell / RNNCell, ATen's lstm_cell / gru_cell / rnn_*_cell
+# =============================================================================================
+
+
+class Decoder(nn.Module):
+    """A cell stepped over time, h0 = 0 (``new_zeros``; LSTM's c0 its clone) or None, a Linear on each step's h.
+
+    ``loop="size"`` steps ``range(x.shape[1])`` (symbolic_trace cannot: torch.export unrolls it into
+    ATen cell calls); ``loop="fixed"`` steps 4 times (symbolic_trace keeps the cell a leaf)."""
+
+    def __init__(self, cell: nn.Module, loop: str, state: str = "zeros"):
+        super().__init__()
+        self.inp, self.cell, self.out = nn.Linear(F_IN, cell.input_size), cell, nn.Linear(cell.hidden_size, 3)
+        self.loop, self.state, self.lstm = loop, state, isinstance(cell, nn.LSTMCell)
+
+    def forward(self, x):
+        st = None
+        if self.state == "zeros":
+            h = x.new_zeros(x.shape[0], self.cell.hidden_size)
+            st = (h, h.clone()) if self.lstm else h
+        ys = []
+        for t in range(x.shape[1] if self.loop == "size" else 4):
+            st = self.cell(torch.relu(self.inp(x[:, t])), st)
+            ys.append(self.out(st[0] if self.lstm else st))
+        return torch.stack(ys, 1)
+
+
+CELLS = {"LSTMCell": lambda: nn.LSTMCell(6, HID), "GRUCell": lambda: nn.GRUCell(6, HID),
+         "RNNCell": lambda: nn.RNNCell(6, HID, nonlinearity="relu")}
+
+
+@pytest.mark.parametrize("state", ["zeros", "none"])
+@pytest.mark.parametrize("loop", ["size", "fixed"])
+@pytest.mark.parametrize("kind", sorted(CELLS))
+def test_cell_units_are_rows_and_the_own_class_steps_any_length(kind, loop, state):
+    """Unit j of the cell is one row (its rows of weight_ih/weight_hh/biases in every gate block, its
+    weight_hh column, the output layer's column), shared by every step; uneven zeroing gives the
+    model's own class with the cell at the new width, exact at another batch and sequence length
+    (the export graph unrolled 4 steps; the own class steps whatever it is given), eval and train."""
+    torch.manual_seed(0)
+    model = randomize(Decoder(CELLS[kind](), loop, state)).eval()
+    x = torch.randn(2, 4, F_IN)
+    oto = otofx.OTO(model, x)
+    assert oto.frontend == ("export" if loop == "size" else "symbolic_trace")
+    z = next(z for z in oto.groups if any(n == "cell.weight_hh" for n, _, _ in z.params))
+    gates = {"LSTMCell": 4, "GRUCell": 3, "RNNCell": 1}[kind]
+    assert z.rows == HID
+    rows = {(n, d): i for n, d, i in z.params}
+    assert rows[("cell.weight_ih", 0)].shape == (HID, gates) and ("cell.weight_hh", 1) in rows
+    assert ("out.weight", 1) in rows and ("cell.bias_hh", 0) in rows
+    assert any(("cell.weight_ih", 1) in {(n, d) for n, d, _ in g.params} for g in oto.groups)  # inp's rows
+    zero_rows(model, oto, uneven_rows(oto))
+    small = oto.compress()
+    assert type(small) is Decoder and small.cell.hidden_size < HID
+    assert small.cell.weight_hh.shape[1] == small.cell.hidden_size
+    check_exact(model, small, torch.randn(3, 7, F_IN))
+
+
+def test_cell_state_given_as_input_pins_the_units():
+    class Given(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.cell, self.out = nn.GRUCell(F_IN, HID), nn.Linear(HID, 3)
+
+        def forward(self, x, h):
+            for t in range(3):
+                h = self.cell(x[:, t], h)
+            return self.out(h)
+
+    oto = otofx.OTO(randomize(Given()), (torch.randn(2, 3, F_IN), torch.randn(2, HID)))
+    assert not any(n == "cell.weight_hh" for z in oto.groups for n, _, _ in z.params)
+    assert any("a state that is not a channel" in p.reason for p in oto.pinned)
+
+
+def test_stacked_cells_with_a_state_from_a_layer():
+    """Two stacked cells (the first's h is the second's input), h0 of the second from a Linear of
+    the input: each cell is a group, the Linear's rows join the second's units; exact, own class."""
+
+    class Stacked(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1, self.c2 = nn.LSTMCell(F_IN, HID), nn.GRUCell(HID, HID)
+            self.init, self.out = nn.Linear(F_IN, HID), nn.Linear(HID, 3)
+
+        def forward(self, x):
+            s1, h2 = None, torch.tanh(self.init(x.mean(1)))
+            for t in range(x.shape[1]):
+                s1 = self.c1(x[:, t], s1)
+                h2 = self.c2(s1[0], h2)
+            return self.out(h2)
+
+    torch.manual_seed(0)
+    model = randomize(Stacked()).eval()
+    oto = otofx.OTO(model, torch.randn(2, 5, F_IN))
+    names = [{n for n, _, _ in z.params} for z in oto.groups]
+    assert any({"c2.weight_hh", "init.weight", "out.weight"} <= s for s in names)
+    assert any({"c1.weight_hh", "c2.weight_ih"} <= s for s in names)
+    zero_random_rows(model, oto, seed=2)
+    small = oto.compress()
+    assert type(small) is Stacked and small.c1.hidden_size < HID and small.c2.hidden_size < HID
+    check_exact(model, small, torch.randn(3, 9, F_IN))

@@ -1,4 +1,6 @@
-"""Recurrent layers: ``nn.LSTM``, ``nn.GRU``, ``nn.RNN`` (tanh and relu) and their pruned form ``PrunedRNN``.
+"""Recurrent layers: ``nn.LSTM``, ``nn.GRU``, ``nn.RNN`` (tanh and relu) and their pruned form ``PrunedRNN``;
+one step of a cell (``nn.LSTMCell``, ``nn.GRUCell``, ``nn.RNNCell``, ATen's ``lstm_cell``, ``gru_cell``,
+``rnn_tanh_cell``, ``rnn_relu_cell``).
 
 A hidden unit ``j`` of one layer and one direction is a row: its rows of ``weight_ih`` and
 ``weight_hh`` in every gate block (LSTM i, f, g, o; GRU r, z, n; RNN one; blocks of ``hidden_size``
@@ -26,6 +28,10 @@ Internals:
     * Declined (pinned, with the reason): ``proj_size > 0`` LSTMs (``h`` has ``proj_size`` entries
       written by ``weight_hr``, ``c`` has ``hidden_size``: two axes per unit this rule does not
       model), ``PackedSequence`` inputs.
+    * A cell's step (``recurrent_cell``) has one slot: the units are fresh per call and tied to the
+      weights' rows, so every step of a loop (a leaf called T times, or T ATen calls an export unrolled)
+      is the same row; the state fed back ties its entries to them, as does a state from a layer.
+      ``_cell_fix`` narrows a zero state made at the old width; the resizer reads the sizes off the weights.
     * Each slot's unit ids are kept in ``ctx.extra_labels`` (``<node>.units.<slot>``) for ``_rnn_fix``,
       which resizes the stock layer (all slots keep as many units) or puts a ``PrunedRNN`` in place.
 """
@@ -38,11 +44,13 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from ..channels import AxisLabels, Ctx, false_mask, pinned_axis
+from ..channels import AxisLabels, Ctx, ParamRef, false_mask, pinned_axis
 from ..modules import RNN_GATES, PrunedRNN, rnn_slot_suffix, rnn_slots
-from ..registry import RuleDeclined, modules, rule
+from ..registry import RuleDeclined, functions, modules, rule
 from ..unionfind import PIN
-from .common import _out_shape
+from .common import _out_shape, _ov
+
+aten = torch.ops.aten
 
 
 def _read_beyond(n: fx.Node) -> bool:
@@ -84,22 +92,27 @@ def zero_states(node: fx.Node) -> list:
     """The nodes of the initial state ``node`` (a recurrent layer's call) is given, when every one of
     them is made by ``torch.zeros`` / ``new_zeros`` / ``zeros_like`` (the tutorial's
     ``h0 = torch.zeros(layers, batch, hidden)``); else ``[]``."""
-    from ..nodes import _op
+    from ..nodes import _before_casts, _op
 
     hx = node.args[1] if len(node.args) > 1 else node.kwargs.get("hx")
     states = list(hx) if isinstance(hx, (tuple, list)) else [hx] if hx is not None else []
+    states = [_before_casts(s) for s in states]  # NB: c0 = h0.clone() is zero too
+    # NB: ATen's zeros has no rule (its op name reads "zeros.default"): the overload's name is dropped
     if not states or not all(isinstance(s, fx.Node) and s.op in ("call_function", "call_method")
-                             and _op(s) in _ZEROS for s in states):
+                             and _op(s).split(".")[0] in _ZEROS for s in states):
         return []
     return states
 
 
 def _narrow_zero_states(node: fx.Node, old: int, new: int) -> None:
     """A zero initial state made at the old width (a literal last size) is made at the new one."""
+    from ..nodes import _op
+
     for z in zero_states(node):
         if z.kwargs.get("size") is not None:
             continue
-        first = 1 if z.op == "call_method" else 0  # NB: x.new_zeros(size): args[0] is x
+        # NB: x.new_zeros(size) and ATen's new_zeros(x, size): args[0] is x
+        first = 1 if z.op == "call_method" or _op(z) == "new_zeros" else 0
         rest = z.args[first:]
         packed = len(rest) == 1 and isinstance(rest[0], (tuple, list))  # zeros((a, b, c)), not zeros(a, b, c)
         sizes = tuple(rest[0]) if packed else tuple(rest)
@@ -230,3 +243,82 @@ def _rnn_module(node, m, args, kwargs):
 # NB: the compressed model's PrunedRNN goes through the same rule, so a compressed model compressed
 # again finds the same kind of rows
 modules("recurrent", [nn.LSTM, nn.GRU, nn.RNN, PrunedRNN], _rnn_module)
+
+
+# -- one step: LSTMCell / GRUCell / RNNCell and ATen's lstm_cell / gru_cell / rnn_*_cell ----------
+
+
+def _cell_fix(site, **_):
+    """A stock cell takes its sizes from its sliced weights; a zero initial state made at the old width
+    (a literal last size) is made at the new one."""
+    units = site.plan.zigset.labels.get(f"{site.node.name}.units")
+    if units is None:
+        return
+    old, new = len(units), int(site._keep_ids(units).sum())
+    if new != old:
+        _narrow_zero_states(site.node, old, new)
+    m = site.module
+    if isinstance(m, nn.RNNCellBase):
+        m.input_size, m.hidden_size = m.weight_ih.shape[1], m.weight_hh.shape[1]
+
+
+@rule("recurrent_cell", fix=_cell_fix, reads_params=True)
+def recurrent_cell(ctx: Ctx, input, hx=None, w_ih=None, w_hh=None, b_ih=None, b_hh=None, mode="LSTM", meta=None, **_):
+    """One LSTM/GRU/RNN step: hidden unit j is a channel (its rows of w_ih, w_hh and the biases in every gate block, its w_hh column, entry j of the state in and out: a state read back next step ties the steps' units); w_ih's columns read the input's features; the batch axis passes."""
+    x = input
+    if not isinstance(x, AxisLabels):
+        raise RuleDeclined("an input that is not a tensor")
+    states = [] if hx is None else list(hx) if isinstance(hx, (tuple, list)) else [hx]
+    if not all(isinstance(s, AxisLabels) for s in states):
+        raise RuleDeclined("a state that is not a tensor")
+    lstm = mode == "LSTM"
+    out_meta = meta[0] if lstm else meta
+    shape = _out_shape(out_meta)
+    units = ctx.fresh(shape[-1])
+    rows = np.tile(units, RNN_GATES[mode])
+    ctx.param(w_ih, {0: rows, 1: x.ids[-1]})
+    ctx.param(w_hh, {0: rows, 1: units})
+    ctx.param(b_ih, {0: rows})
+    ctx.param(b_hh, {0: rows})
+    ctx.extra_labels[f"{ctx.node.name}.units"] = units
+    # NB: a zero state (torch.zeros, new_zeros) holds no channel: unit j reads 0 from it; the
+    # rewrite makes it at the new width. Any other state's entry j is unit j's (w_hh's column j reads
+    # h_j; c_j and GRU's h_j carry on into unit j).
+    zero = np.ones(len(units), dtype=bool)
+    if not zero_states(ctx.node):
+        for i, s in enumerate(states):
+            if (ctx.uf.find(s.ids[-1]) == PIN).any():
+                ctx.pin(units, "a state that is not a channel (a model input, a constant) is read by every unit")
+            ctx.tie(s.ids[-1], units)
+            if s.ndim > 1:
+                ctx.tie(s.ids[0], x.ids[0]) if x.ndim > 1 else ctx.pin(list(s.ids[:-1]), "a state's leading axes")
+            # with its rows zero, unit j computes c'_j = c_j / 2 (LSTM; h'_j = tanh(c'_j) / 2),
+            # h'_j = h_j / 2 (GRU), act(0) = 0 (RNN): zero when the state's entry is
+            if (lstm and i == 1) or (mode == "GRU" and i == 0):
+                zero &= s.zero[-1]
+    batched = len(shape) > 1
+
+    def lab() -> AxisLabels:
+        if batched:
+            return AxisLabels((x.ids[0], units), (false_mask(shape[0]), zero.copy()))
+        return AxisLabels((units,), (zero.copy(),))
+
+    return (lab(), lab()) if lstm else lab()
+
+
+def _cell_module(node, m, args, kwargs):
+    t = node.target
+    mode = "LSTM" if isinstance(m, nn.LSTMCell) else "GRU" if isinstance(m, nn.GRUCell) else \
+        "RNN_TANH" if m.nonlinearity == "tanh" else "RNN_RELU"
+    bound = dict(input=args[0] if args else kwargs.get("input"), hx=args[1] if len(args) > 1 else kwargs.get("hx"),
+                 w_ih=ParamRef(f"{t}.weight_ih"), w_hh=ParamRef(f"{t}.weight_hh"), mode=mode, module=m)
+    if m.bias:
+        bound.update(b_ih=ParamRef(f"{t}.bias_ih"), b_hh=ParamRef(f"{t}.bias_hh"))
+    return bound
+
+
+modules("recurrent_cell", [nn.LSTMCell, nn.GRUCell, nn.RNNCell], _cell_module)
+functions("recurrent_cell", _ov(aten.lstm_cell, "default"), mode="LSTM")
+functions("recurrent_cell", _ov(aten.gru_cell, "default"), mode="GRU")
+functions("recurrent_cell", _ov(aten.rnn_tanh_cell, "default"), mode="RNN_TANH")
+functions("recurrent_cell", _ov(aten.rnn_relu_cell, "default"), mode="RNN_RELU")
