@@ -1322,7 +1322,10 @@ def export_captured(model: torch.nn.Module, args: tuple, kwargs: dict) -> Captur
     (directly, for a model with a module known to draw such numbers: see ``_STOCHASTIC_MODULES``).
     """
     t0 = time.perf_counter()
-    with _no_kv_cache(model, kwargs), _capturable_experts(model):
+    with _no_kv_cache(model, kwargs), _capturable_experts(model), warnings.catch_warnings():
+        # NB: export notes that nn.LSTM/GRU/RNN re-assign their ``_flat_weights`` list in forward;
+        # they are the layers' own parameters, restored after, and the graph reads them by name
+        warnings.filterwarnings("ignore", message=r"The tensor attributes .*_flat_weights\[")
         stochastic = _stochastic_module(model)
         training = True
         if stochastic:

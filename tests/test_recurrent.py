@@ -587,3 +587,59 @@ def test_stacked_cells_with_a_state_from_a_layer():
     small = oto.compress()
     assert type(small) is Stacked and small.c1.hidden_size < HID and small.c2.hidden_size < HID
     check_exact(model, small, torch.randn(3, 9, F_IN))
+
+
+# =============================================================================================
+# (f) recurrent layers in a graph torch.export made (ATen's lstm / gru / rnn_tanh / rnn_relu)
+# =============================================================================================
+
+
+class SizeCheckedCRNN(nn.Module):
+    """conv -> (asserts the height is 1, as CRNN code does: symbolic_trace cannot) -> recurrent -> Linear."""
+
+    def __init__(self, rnn: nn.Module, zero_state: bool = False):
+        super().__init__()
+        self.conv = nn.Sequential(nn.Conv2d(1, rnn.input_size, 3, padding=1), nn.BatchNorm2d(rnn.input_size),
+                                  nn.ReLU(), nn.MaxPool2d((4, 1)))
+        self.rnn, self.zero_state = rnn, zero_state
+        self.fc = nn.Linear(rnn.hidden_size * (2 if rnn.bidirectional else 1), 3)
+
+    def forward(self, x):
+        f = self.conv(x)
+        b, c, h, w = f.size()
+        assert h == 1, "the height must be 1"
+        f = f.squeeze(2).permute(0, 2, 1)
+        hx = None
+        if self.zero_state:
+            slots = self.rnn.num_layers * (2 if self.rnn.bidirectional else 1)
+            h0 = torch.zeros(slots, b, self.rnn.hidden_size)
+            hx = (h0, h0) if isinstance(self.rnn, nn.LSTM) else h0
+        out, _ = self.rnn(f, hx)
+        return self.fc(out)
+
+
+@pytest.mark.parametrize("zero_state", [False, True])
+@pytest.mark.parametrize("kind", ["LSTM", "GRU", "tanh"])
+def test_exported_recurrent_layer_is_rows_across_layers_and_directions(kind, zero_state):
+    """ATen's call runs one hidden size for every layer and direction: unit j of all four is one row;
+    the own class comes back with the stock layer at the new hidden_size, exact at another batch and
+    sequence length, and the graph with its zero state at the new width."""
+    torch.manual_seed(0)
+    model = randomize(SizeCheckedCRNN(make(kind, num_layers=2, bidirectional=True, batch_first=True), zero_state)).eval()
+    x = torch.randn(2, 1, 4, 10)
+    oto = otofx.OTO(model, x)
+    assert oto.frontend == "export"
+    hits = [z for z, names in zip(oto.groups, rnn_params(oto)) if ("rnn.weight_hh_l0", 0) in names]
+    assert len(hits) == 1 and hits[0].rows == HID
+    names = {(n, d) for n, d, _ in hits[0].params}
+    assert {(f"rnn.weight_hh_{sfx}", 0) for sfx in ("l0", "l0_reverse", "l1", "l1_reverse")} <= names
+    assert ("rnn.weight_ih_l1", 1) in names and ("fc.weight", 1) in names
+    zero_rows(model, oto, uneven_rows(oto))
+    small = oto.compress()
+    assert type(small) is SizeCheckedCRNN and type(small.rnn) is type(model.rnn) and small.rnn.hidden_size < HID
+    other = torch.randn(3, 1, 4, 13)
+    check_exact(model, small, other)
+    graph = oto.compress(form="graph")  # NB: the capture may keep the image size static: the example's
+    same = torch.randn(3, 1, 4, 10)
+    with torch.no_grad():
+        assert max_rel_diff(model(same), graph(same)) <= RTOL

@@ -32,12 +32,16 @@ Internals:
       weights' rows, so every step of a loop (a leaf called T times, or T ATen calls an export unrolled)
       is the same row; the state fed back ties its entries to them, as does a state from a layer.
       ``_cell_fix`` narrows a zero state made at the old width; the resizer reads the sizes off the weights.
+    * ATen's ``lstm``/``gru``/``rnn_*`` (``input`` overloads: a graph torch.export made) are read through
+      :class:`AtenRNN`, their weights the call's ``params`` (per layer and direction: w_ih, w_hh, b_ih,
+      b_hh); the call runs one hidden size, so unit j is tied across layers and directions.
     * Each slot's unit ids are kept in ``ctx.extra_labels`` (``<node>.units.<slot>``) for ``_rnn_fix``,
       which resizes the stock layer (all slots keep as many units) or puts a ``PrunedRNN`` in place.
 """
 from __future__ import annotations
 
 import operator
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -127,12 +131,15 @@ def _rnn_fix(site, input, module=None, **_):
     from ..modules import PrunedRNN, resize_stock_rnn
 
     m = site.module
-    if m is None:
+    labels = site.plan.zigset.labels
+    if m is None:  # ATen's call (torch.export): every layer and direction keeps as many units (tied)
+        units = labels.get(f"{site.node.name}.units.0")
+        if units is not None:
+            _narrow_zero_states(site.node, len(units), int(site._keep_ids(units).sum()))
         return
     if isinstance(m, PrunedRNN):
         m.resync()
         return
-    labels = site.plan.zigset.labels
     units = []
     for s, _ in enumerate(rnn_slots(m.num_layers, m.bidirectional)):
         ids = labels.get(f"{site.node.name}.units.{s}")
@@ -146,13 +153,42 @@ def _rnn_fix(site, input, module=None, **_):
         setattr(site.root.get_submodule(parent) if parent else site.root, attr, new)
 
 
+@dataclass(frozen=True)
+class AtenRNN:
+    """What an ATen ``lstm``/``gru``/``rnn_tanh``/``rnn_relu`` call says of its layer: the recurrent
+    rule's view of a module, for graphs torch.export made (the weights are the call's ``params``)."""
+
+    mode: str
+    num_layers: int
+    bidirectional: bool
+    batch_first: bool
+    bias: bool
+    hidden_size: int
+    proj_size: int = 0
+
+
+_FLAT = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")  # one layer and direction's tensors in ATen's params
+
+
+def _aten_layer(params, has_biases: bool, num_layers: int, bidirectional: bool, batch_first: bool,
+                mode: str) -> AtenRNN:
+    per = 4 if has_biases else 2
+    if not isinstance(params, (list, tuple)) or not all(isinstance(p, AxisLabels) for p in params):
+        raise RuleDeclined("weights that are not tensors")
+    proj = len(params) != num_layers * (2 if bidirectional else 1) * per
+    return AtenRNN(mode, num_layers, bidirectional, batch_first, has_biases, params[1].shape[1], int(proj))
+
+
 @rule("recurrent", fix=_rnn_fix)
-def recurrent(ctx: Ctx, input, hx=None, module=None, meta=None, **_):
-    """LSTM/GRU/RNN: hidden unit j of one layer and direction is a channel (its rows of weight_ih, weight_hh and biases in every gate block; its weight_hh column and the next layer's weight_ih column read it); layer 0's weight_ih columns read the input's features; a read or given state ties unit j across layers and directions; time is mixed."""
-    m, name = module, ctx.node.target
+def recurrent(ctx: Ctx, input, hx=None, module=None, params=None, has_biases=True, num_layers=1,
+              bidirectional=False, batch_first=False, mode=None, meta=None, **_):
+    """LSTM/GRU/RNN: hidden unit j of one layer and direction is a channel (its rows of weight_ih, weight_hh and biases in every gate block; its weight_hh column and the next layer's weight_ih column read it); layer 0's weight_ih columns read the input's features; a read or given state ties unit j across layers and directions (always, for ATen's call: one hidden size); time is mixed."""
     x = input
     if not isinstance(x, AxisLabels):
         raise RuleDeclined("a PackedSequence input (its data and batch sizes are one flat tensor)")
+    aten_call = module is None
+    m = _aten_layer(params, has_biases, num_layers, bidirectional, batch_first, mode) if aten_call else module
+    name = ctx.node.target
     if getattr(m, "proj_size", 0):
         raise RuleDeclined("proj_size > 0: h has proj_size entries (weight_hr's rows), c has hidden_size")
     pruned = isinstance(m, PrunedRNN)
@@ -168,7 +204,9 @@ def recurrent(ctx: Ctx, input, hx=None, module=None, meta=None, **_):
     t_axis = (1 if m.batch_first else 0) if batched else 0
     b_axis = (0 if m.batch_first else 1) if batched else None
 
-    if states or state_read(ctx.node):
+    # NB: ATen's call runs one hidden size for every layer and direction (its state is one tensor):
+    # the units are tied across them, so the call keeps working on the sliced weights
+    if states or aten_call or state_read(ctx.node):
         state = ctx.fresh(width)
         pos = [np.searchsorted(m.state_index.cpu().numpy(), u) for u in _slot_units(m, slots)] if pruned \
             else [np.arange(width)] * len(slots)
@@ -199,11 +237,14 @@ def recurrent(ctx: Ctx, input, hx=None, module=None, meta=None, **_):
         sfx = rnn_slot_suffix(k, rev)
         rows = np.tile(units[s], gates)
         cols = x.ids[-1] if k == 0 else np.concatenate(units[(k - 1) * dirs:k * dirs])
-        ctx.tensor_lab(f"{name}.weight_ih_{sfx}", {0: rows, 1: cols})
-        ctx.tensor_lab(f"{name}.weight_hh_{sfx}", {0: rows, 1: units[s]})
-        if m.bias:
-            ctx.tensor_lab(f"{name}.bias_ih_{sfx}", {0: rows})
-            ctx.tensor_lab(f"{name}.bias_hh_{sfx}", {0: rows})
+        given = {"weight_ih": {0: rows, 1: cols}, "weight_hh": {0: rows, 1: units[s]}, "bias_ih": {0: rows},
+                 "bias_hh": {0: rows}}
+        kinds = _FLAT if m.bias else _FLAT[:2]
+        for i, kind in enumerate(kinds):
+            if aten_call:
+                ctx.param(params[s * len(kinds) + i], given[kind])
+            else:
+                ctx.tensor_lab(f"{name}.{kind}_{sfx}", given[kind])
         if pruned:
             ctx.tensor_lab(f"{name}.units_{sfx}", {0: units[s]})
         ctx.extra_labels[f"{ctx.node.name}.units.{s}"] = units[s]
@@ -230,6 +271,8 @@ def recurrent(ctx: Ctx, input, hx=None, module=None, meta=None, **_):
         zero = [false_mask(sh[0])] + ([false_mask(sh[1])] if batched else []) + [state_zero]
         return AxisLabels(tuple(ids), tuple(zero))
 
+    if aten_call:  # (output, h_n, c_n) / (output, h_n)
+        return (out,) + tuple(state_lab(t) for t in meta[1:])
     if lstm:
         return (out, (state_lab(meta[1][0]), state_lab(meta[1][1])))
     return (out, state_lab(meta[1]))
@@ -243,6 +286,11 @@ def _rnn_module(node, m, args, kwargs):
 # NB: the compressed model's PrunedRNN goes through the same rule, so a compressed model compressed
 # again finds the same kind of rows
 modules("recurrent", [nn.LSTM, nn.GRU, nn.RNN, PrunedRNN], _rnn_module)
+# NB: the ``input`` overloads only: ``data`` ones take a PackedSequence's flat data and batch sizes
+functions("recurrent", _ov(aten.lstm, "input"), mode="LSTM")
+functions("recurrent", _ov(aten.gru, "input"), mode="GRU")
+functions("recurrent", _ov(aten.rnn_tanh, "input"), mode="RNN_TANH")
+functions("recurrent", _ov(aten.rnn_relu, "input"), mode="RNN_RELU")
 
 
 # -- one step: LSTMCell / GRUCell / RNNCell and ATen's lstm_cell / gru_cell / rnn_*_cell ----------

@@ -4,15 +4,18 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .common import N, Net, example
+from .common import N, Net, _force_export, example
 
 
-def _seq(rnn: nn.Module, read_state: bool = False):
-    """Linear -> ReLU -> Linear -> recurrent layer -> Linear on its output (and on the last layer's final state)."""
+def _seq(rnn: nn.Module, read_state: bool = False, export: bool = False):
+    """Linear -> ReLU -> Linear -> recurrent layer -> Linear on its output (and on the last layer's final
+    state); ``export``: a size test only torch.export takes (the layer becomes ATen's lstm/gru/rnn_* call)."""
     dirs = 2 if rnn.bidirectional else 1
     hidden = getattr(rnn, "proj_size", 0) or rnn.hidden_size
 
     def fwd(s, x):
+        if export:
+            _force_export(x)
         o, st = s.rnn(s.inp(x))
         y = s.out(o)
         if read_state:
@@ -51,6 +54,27 @@ def lstm_state_read():
 @example("recurrent", expect_pin="proj_size > 0")
 def lstm_projection_pinned():
     return _seq(nn.LSTM(6, 8, proj_size=4))
+
+
+@example("recurrent", frontend="export")
+def lstm_bidirectional_two_layers_export():
+    """ATen's lstm runs one hidden size: unit j of every layer and direction is one row."""
+    return _seq(nn.LSTM(6, 8, num_layers=2, bidirectional=True), read_state=True, export=True)
+
+
+@example("recurrent", frontend="export")
+def gru_batch_first_export():
+    return _seq(nn.GRU(6, 8, num_layers=2, batch_first=True), export=True)
+
+
+@example("recurrent", frontend="export")
+def rnn_tanh_no_bias_export():
+    return _seq(nn.RNN(6, 8, bias=False), export=True)
+
+
+@example("recurrent", frontend="export", expect_pin="proj_size > 0")
+def lstm_projection_pinned_export():
+    return _seq(nn.LSTM(6, 8, proj_size=4), export=True)
 
 
 def _steps(cell: nn.Module, state: str, steps=None):
