@@ -157,6 +157,9 @@ OVERRIDES = {
     # DPT (depth, segmentation): one reassembled feature map per backbone layer read, four of them
     "dpt": {"num_hidden_layers": 4, "backbone_out_indices": [0, 1, 2, 3], "neck_hidden_sizes": [8, 16, 32, 32],
             "fusion_hidden_size": 16, "head_hidden_size": 8},
+    "depth_anything": {"backbone_config": {"num_hidden_layers": 4, "out_indices": [1, 2, 3, 4], "reshape_hidden_states": False},
+                       "neck_hidden_sizes": [8, 16, 32, 32], "reassemble_hidden_size": 32, "fusion_hidden_size": 16,
+                       "head_hidden_size": 8},
 }
 OVERRIDES["qwen4_exp"] = OVERRIDES["qwen4_exp_text"]
 OVERRIDES["gemma3n"] = {"text_config": OVERRIDES["gemma3n_text"]}

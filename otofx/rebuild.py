@@ -719,7 +719,11 @@ def _fit(cls, config, pairs: set, want: _Want) -> int:
             old = current if i is None else current[i]
             for cand in sorted({n for o, n in pairs if o == old}):
                 trial = cand if i is None else [cand if j == i else v for j, v in enumerate(current)]
-                setattr(owner, key, trial)
+                try:
+                    setattr(owner, key, trial)
+                except Exception:  # noqa: BLE001 - a validating setter (a backbone's out_indices [1, 2, 3, 2])
+                    setattr(owner, key, current)
+                    continue
                 score = _mismatch(cls, config, want)
                 if score < best and not _valid(config):
                     score = best  # NB: a strict config (Mamba 2: heads * head_dim == expand * hidden) refuses it on load
@@ -778,7 +782,11 @@ def _fit_float_fields(cls, config, want: _Want) -> list:
         if not best:
             break
         for cand in sorted({n for o, n in moves if o == value}):
-            setattr(owner, key, cand)
+            try:
+                setattr(owner, key, cand)
+            except Exception:  # noqa: BLE001 - a validating setter refuses it
+                setattr(owner, key, value)
+                continue
             score = len(_floats_off(_build(cls, config), want))
             if score < best and _valid(config):
                 best = score

@@ -237,6 +237,26 @@ def test_hugging_face_returns_its_own_class(name):
         assert small.config.num_heads == 2 and small.encoder.block[1].layer[0].SelfAttention.n_heads == 2
 
 
+def test_backbone_model_whose_config_validates_on_set_returns_its_own_class(tmp_path):
+    """Depth Anything reads a DINOv2 backbone whose config checks ``out_indices`` when set: fitting the
+    config to the new widths tries its entries too (4 -> 2 when the heads went from 4 to 2) and must
+    pass over the values the setter refuses (duplicates), not fail the own class."""
+    T = pytest.importorskip("transformers")
+    backbone = T.Dinov2Config(hidden_size=32, num_hidden_layers=4, num_attention_heads=4, intermediate_size=64,
+                              image_size=32, patch_size=8, out_indices=[1, 2, 3, 4], reshape_hidden_states=False)
+    cfg = T.DepthAnythingConfig(backbone_config=backbone, neck_hidden_sizes=[8, 16, 32, 32], reassemble_hidden_size=32,
+                                fusion_hidden_size=16, head_hidden_size=8, patch_size=8)
+    torch.manual_seed(0)
+    model = randomize(T.DepthAnythingForDepthEstimation(cfg).eval())
+    x = torch.randn(2, 3, 32, 32)
+    _, small = _own_class_exact(model, x)
+    assert small.config.backbone_config.out_indices == [1, 2, 3, 4]
+    otofx.save(small, tmp_path / "m")
+    with torch.no_grad():
+        torch.testing.assert_close(otofx.load(tmp_path / "m")(x).predicted_depth, small(x).predicted_depth,
+                                   rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("name", ["gpt2", "llama"])
 def test_compressed_llm_generates_with_kv_cache(name):
     torch.manual_seed(0)
