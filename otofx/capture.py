@@ -642,12 +642,15 @@ def _export_program(model, args, kwargs):
                          "batch and sequence" if dims == "all" else "the batch dimension", type(err).__name__,
                          _first_line(err))
                 continue
-        if widened is not None and a is widened[0] and not _pass_guards(ep.module(), (args, kwargs)):
-            # NB: the program of a batch of 2 may guard sizes the example's batch of 1 fails (RAFT splits
-            # cat([image1, image2]) in halves: the guard reads the two batches' sum)
-            log.info("torch.export of the batch widened to 2: its size guards refuse the example's batch of 1; "
-                     "exporting the example itself")
-            continue
+        if widened is not None and a is widened[0]:
+            checked = ep.module()
+            if not _pass_guards(checked, (args, kwargs)):
+                # NB: the program of a batch of 2 may guard sizes the example's batch of 1 fails (RAFT splits
+                # cat([image1, image2]) in halves: the guard reads the two batches' sum)
+                log.info("torch.export of the batch widened to 2: its size guards refuse the example's batch of 1; "
+                         "exporting the example itself")
+                continue
+            ep.otofx_module = checked  # NB: _finish takes it (building it again costs 4-8% of an export)
         if dims != "all":
             log.info("%s captured with %s", type(model).__name__,
                      "a dynamic batch only" if dims == "batch" else "static shapes")
@@ -1427,7 +1430,9 @@ def _readable_guards(gm: fx.GraphModule, ep) -> None:
 
 
 def _finish(ep, model, captured_training: bool) -> fx.GraphModule:
-    gm = _inline_grad_regions(ep.module())
+    built = getattr(ep, "otofx_module", None)
+    ep.otofx_module = None  # NB: the module is the graph _finish edits: a second call builds its own
+    gm = _inline_grad_regions(built if built is not None else ep.module())
     branches = getattr(ep, "otofx_branches", None)
     if branches:
         _guard_branches(gm, branches)
