@@ -1203,6 +1203,10 @@ def resize_stock_rnn(m: nn.RNNBase, units: list):
     m._init_flat_weights()
     sizes = {len(u) for u in units}
     if len(sizes) > 1:
+        if m.proj_size:
+            raise ValueError("a projected LSTM keeps one hidden size for every layer and direction")
         return PrunedRNN.from_module(m, units)
     m.hidden_size, m.input_size = sizes.pop(), int(m.weight_ih_l0.shape[1])
+    if m.proj_size:
+        m.proj_size = int(m.weight_hr_l0.shape[0])
     return None

@@ -454,7 +454,8 @@ def recurrent(m: nn.RNNBase, change: Change):
     as many units, else replaced by PrunedRNN (per layer and direction sizes, same call and results)."""
     units = []
     for k, rev in rnn_slots(m.num_layers, m.bidirectional):
-        keep = change.keep.get(f"weight_hh_{rnn_slot_suffix(k, rev)}", {}).get(1)
+        # NB: a projected LSTM's weight_hh reads the projection: its hidden units are weight_hr's columns
+        keep = change.keep.get(f"{'weight_hr' if m.proj_size else 'weight_hh'}_{rnn_slot_suffix(k, rev)}", {}).get(1)
         units.append(np.arange(m.hidden_size) if keep is None else keep)
     return resize_stock_rnn(m, units)
 

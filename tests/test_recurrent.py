@@ -7,7 +7,8 @@
 (c) end to end: a CRNN (conv -> BiLSTM -> linear), an embedding -> 2-layer LSTM model, save/load,
     compressing a compressed model again, DHSPG, timm's sequencer2d_s, a forward that calls
     ``flatten_parameters()``;
-(d) what stays pinned: proj_size > 0.
+(d) LSTMs with proj_size > 0: hidden and projection units, tied across layers and directions;
+(e) cells stepped in a loop; (f) recurrent layers in graphs torch.export made.
 """
 from __future__ import annotations
 
@@ -421,16 +422,49 @@ def test_flatten_parameters_in_forward_keeps_the_own_class():
 # =============================================================================================
 
 
-def test_projection_is_pinned_with_its_reason():
+@pytest.mark.parametrize("zero_state", [False, True])
+@pytest.mark.parametrize("export", [False, True])
+def test_projected_lstm_hidden_and_projection_units_are_rows(export, zero_state):
+    """proj_size > 0: h has proj_size entries written by weight_hr, c has hidden_size. Hidden unit j
+    (gate rows, weight_hr's column j) and projection unit p (weight_hr's row p, weight_hh's column p,
+    the next layer's and the output's entry p) are two groups, each tied across layers and directions;
+    uneven zeroing gives the stock layer at the new hidden and projection sizes (a zero (h0, c0) made
+    at both), exact in eval and train at another batch and length, symbolic_trace and export alike."""
+
+    class Projected(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp, self.out, self.head = nn.Linear(F_IN, 6), nn.Linear(8, 3), nn.Linear(4, 3)
+            self.rnn = nn.LSTM(6, 12, num_layers=2, bidirectional=True, batch_first=True, proj_size=4)
+
+        def forward(self, x):
+            if export:
+                assert x.shape[-1] == F_IN  # NB: a size test symbolic_trace cannot take
+            hx = None
+            if zero_state:
+                hx = (torch.zeros(4, x.shape[0], self.rnn.proj_size), torch.zeros(4, x.shape[0], self.rnn.hidden_size))
+            o, (h, c) = self.rnn(torch.relu(self.inp(x)), hx)
+            return self.out(o) + self.head(h[-1]).unsqueeze(1)
+
     torch.manual_seed(0)
-    rnn = nn.LSTM(6, 12, proj_size=HID)  # h has proj_size = HID entries: Seq's readers fit
-    model = randomize(Seq(rnn))
-    oto = otofx.OTO(model, seq_input(rnn, 7, 2))
-    assert any("proj_size > 0" in p.reason for p in oto.pinned)
-    assert not any(n.startswith("rnn.") for z in oto.groups for n, _, _ in z.params)
+    model = randomize(Projected()).eval()
+    oto = otofx.OTO(model, torch.randn(2, 7, F_IN))
+    assert oto.frontend == ("export" if export else "symbolic_trace")
+    by = {frozenset((n, d) for n, d, _ in z.params if n.startswith("rnn.")): z.rows for z in oto.groups}
+    hidden = next(k for k in by if ("rnn.weight_hr_l1_reverse", 1) in k)
+    proj = next(k for k in by if ("rnn.weight_hr_l0", 0) in k)
+    assert by[hidden] == 12 and by[proj] == 4
+    assert {("rnn.weight_ih_l0", 0), ("rnn.weight_hh_l1", 0), ("rnn.bias_hh_l0_reverse", 0)} <= hidden
+    assert {("rnn.weight_hh_l0", 1), ("rnn.weight_ih_l1", 1), ("rnn.weight_hr_l1_reverse", 0)} <= proj
+    zero_rows(model, oto, uneven_rows(oto))
     small = oto.compress()
-    x = seq_input(rnn, 9, 3, seed=1)
-    assert max_rel_diff(outputs(model, x, False), outputs(small, x, False)) <= RTOL
+    assert type(small) is Projected and type(small.rnn) is nn.LSTM
+    assert small.rnn.hidden_size < 12 and small.rnn.proj_size < 4
+    check_exact(model, small, torch.randn(3, 9, F_IN))
+    graph = oto.compress(form="graph")
+    x = torch.randn(2, 7, F_IN)
+    with torch.no_grad():
+        assert max_rel_diff(model(x), graph(x)) <= RTOL
 
 
 class Tutorial(nn.Module):

@@ -25,9 +25,10 @@ Internals:
       LSTM and GRU units non-zero (``c_1 = c0 / 2``, ``h_1 = h0 / 2``): the output's features are then
       not zero with their rows (RNN units are: ``act(0 + 0)``, ``h0`` read only by the zeroed column).
     * The time axis is mixed by the recurrence (pinned); the batch axis passes.
-    * Declined (pinned, with the reason): ``proj_size > 0`` LSTMs (``h`` has ``proj_size`` entries
-      written by ``weight_hr``, ``c`` has ``hidden_size``: two axes per unit this rule does not
-      model), ``PackedSequence`` inputs.
+    * ``proj_size > 0`` LSTMs (:func:`_projected`): ``h`` has ``proj_size`` entries written by
+      ``weight_hr``, ``c`` has ``hidden_size``; two kinds of rows, each tied across layers and
+      directions, so the stock layer is resized (no PrunedRNN).
+    * Declined (pinned, with the reason): ``PackedSequence`` inputs.
     * A cell's step (``recurrent_cell``) has one slot: the units are fresh per call and tied to the
       weights' rows, so every step of a loop (a leaf called T times, or T ATen calls an export unrolled)
       is the same row; the state fed back ties its entries to them, as does a state from a layer.
@@ -108,11 +109,12 @@ def zero_states(node: fx.Node) -> list:
     return states
 
 
-def _narrow_zero_states(node: fx.Node, old: int, new: int) -> None:
-    """A zero initial state made at the old width (a literal last size) is made at the new one."""
+def _narrow_zero_states(node: fx.Node, old: int, new: int, states=None) -> None:
+    """A zero initial state made at the old width (a literal last size) is made at the new one
+    (``states``: those of :func:`zero_states` to narrow, default all)."""
     from ..nodes import _op
 
-    for z in zero_states(node):
+    for z in zero_states(node) if states is None else states:
         if z.kwargs.get("size") is not None:
             continue
         # NB: x.new_zeros(size) and ATen's new_zeros(x, size): args[0] is x
@@ -125,6 +127,16 @@ def _narrow_zero_states(node: fx.Node, old: int, new: int) -> None:
             z.args = z.args[:first] + ((sizes,) if packed else sizes)
 
 
+def _narrow_projected_states(site) -> None:
+    """A projected LSTM's zero ``(h0, c0)``: h0 at the new projection width, c0 at the new hidden width."""
+    units, proj = (site.plan.zigset.labels.get(f"{site.node.name}.{k}.0") for k in ("units", "proj"))
+    zs = zero_states(site.node)
+    if units is None or proj is None or len(zs) != 2 or zs[0] is zs[1]:
+        return
+    for z, ids in zip(zs, (proj, units)):
+        _narrow_zero_states(site.node, len(ids), int(site._keep_ids(ids).sum()), [z])
+
+
 def _rnn_fix(site, input, module=None, **_):
     """Resize the stock layer when every layer and direction keeps as many units, else put a PrunedRNN
     in its place (its tensors were sliced already); a zero initial state follows the new width."""
@@ -132,6 +144,12 @@ def _rnn_fix(site, input, module=None, **_):
 
     m = site.module
     labels = site.plan.zigset.labels
+    if f"{site.node.name}.proj.0" in labels:  # a projected LSTM: tied units, the stock layer resized
+        _narrow_projected_states(site)
+        if m is not None:
+            resize_stock_rnn(m, [np.nonzero(site._keep_ids(labels[f"{site.node.name}.units.0"]))[0]]
+                             * len(rnn_slots(m.num_layers, m.bidirectional)))
+        return
     if m is None:  # ATen's call (torch.export): every layer and direction keeps as many units (tied)
         units = labels.get(f"{site.node.name}.units.0")
         if units is not None:
@@ -175,8 +193,10 @@ def _aten_layer(params, has_biases: bool, num_layers: int, bidirectional: bool, 
     per = 4 if has_biases else 2
     if not isinstance(params, (list, tuple)) or not all(isinstance(p, AxisLabels) for p in params):
         raise RuleDeclined("weights that are not tensors")
-    proj = len(params) != num_layers * (2 if bidirectional else 1) * per
-    return AtenRNN(mode, num_layers, bidirectional, batch_first, has_biases, params[1].shape[1], int(proj))
+    if len(params) == num_layers * (2 if bidirectional else 1) * (per + 1):  # w_hr [proj, hidden] last
+        return AtenRNN(mode, num_layers, bidirectional, batch_first, has_biases, params[per].shape[1],
+                       params[per].shape[0])
+    return AtenRNN(mode, num_layers, bidirectional, batch_first, has_biases, params[1].shape[1])
 
 
 @rule("recurrent", fix=_rnn_fix)
@@ -190,7 +210,7 @@ def recurrent(ctx: Ctx, input, hx=None, module=None, params=None, has_biases=Tru
     m = _aten_layer(params, has_biases, num_layers, bidirectional, batch_first, mode) if aten_call else module
     name = ctx.node.target
     if getattr(m, "proj_size", 0):
-        raise RuleDeclined("proj_size > 0: h has proj_size entries (weight_hr's rows), c has hidden_size")
+        return _projected(ctx, m, x, hx, params, meta)
     pruned = isinstance(m, PrunedRNN)
     slots = rnn_slots(m.num_layers, m.bidirectional)
     dirs = 2 if m.bidirectional else 1
@@ -276,6 +296,63 @@ def recurrent(ctx: Ctx, input, hx=None, module=None, params=None, has_biases=Tru
     if lstm:
         return (out, (state_lab(meta[1][0]), state_lab(meta[1][1])))
     return (out, state_lab(meta[1]))
+
+
+def _projected(ctx: Ctx, m, x: AxisLabels, hx, params, meta):
+    """An LSTM with ``proj_size > 0``: hidden unit j (its rows of weight_ih, weight_hh and biases in every
+    gate block, weight_hr's column j, entry j of c) and projection unit p (weight_hr's row p, weight_hh's
+    column p, the next layer's and the output's entry p, entry p of h) are rows, each tied across layers
+    and directions (the stock layer takes one hidden and one projection size)."""
+    aten_call = params is not None
+    name = ctx.node.target
+    if m.mode != "LSTM":
+        raise RuleDeclined("proj_size on a layer that is not an LSTM")
+    states = [] if hx is None else list(hx)
+    if not all(isinstance(s, AxisLabels) for s in states):
+        raise RuleDeclined("an initial state that is not a tensor")
+    slots = rnn_slots(m.num_layers, m.bidirectional)
+    dirs = 2 if m.bidirectional else 1
+    hid, prj = ctx.fresh(m.hidden_size), ctx.fresh(m.proj_size)
+    # NB: with its rows zero, hidden unit j keeps c'_j = c_j / 2 (zero when c0's entry is); projection
+    # unit p writes h_p = weight_hr[p] . h_full = 0 whatever the state
+    c_zero = np.ones(m.hidden_size, dtype=bool)
+    if states and not zero_states(ctx.node):
+        for s, ids in zip(states, (prj, hid)):
+            if (ctx.uf.find(s.ids[-1]) == PIN).any():
+                ctx.pin(ids, "an initial state that is not a channel (a model input, a constant) is read by every unit")
+            ctx.tie(s.ids[-1], ids)
+            ctx.pin(list(s.ids[:-1]), "an initial state's layer and batch axes")
+        c_zero &= states[1].zero[-1]
+    rows = np.tile(hid, RNN_GATES["LSTM"])
+    kinds = ("weight_ih", "weight_hh") + (("bias_ih", "bias_hh") if m.bias else ()) + ("weight_hr",)
+    for s, (k, rev) in enumerate(slots):
+        cols = x.ids[-1] if k == 0 else np.concatenate([prj] * dirs)
+        given = {"weight_ih": {0: rows, 1: cols}, "weight_hh": {0: rows, 1: prj}, "bias_ih": {0: rows},
+                 "bias_hh": {0: rows}, "weight_hr": {0: prj, 1: hid}}
+        for i, kind in enumerate(kinds):
+            if aten_call:
+                ctx.param(params[s * len(kinds) + i], given[kind])
+            else:
+                ctx.tensor_lab(f"{name}.{kind}_{rnn_slot_suffix(k, rev)}", given[kind])
+        ctx.extra_labels[f"{ctx.node.name}.units.{s}"] = hid
+        ctx.extra_labels[f"{ctx.node.name}.proj.{s}"] = prj
+    batched = x.ndim == 3
+    b_axis = (0 if m.batch_first else 1) if batched else None
+    ctx.pin(x.ids[(1 if m.batch_first else 0) if batched else 0], "the recurrence mixes time steps")
+    shape = _out_shape(meta[0])
+    ids = [np.concatenate([prj] * dirs) if d == len(shape) - 1 else x.ids[b_axis] if d == b_axis
+           else pinned_axis(n) for d, n in enumerate(shape)]
+    zero = [np.ones(n, dtype=bool) if d == len(shape) - 1 else false_mask(n) for d, n in enumerate(shape)]
+    out = AxisLabels(tuple(ids), tuple(zero))
+
+    def state_lab(t: torch.Tensor, units: np.ndarray, z: np.ndarray) -> AxisLabels:
+        sh = _out_shape(t)
+        return AxisLabels(tuple([pinned_axis(sh[0])] + ([x.ids[b_axis]] if batched else []) + [units]),
+                          tuple([false_mask(sh[0])] + ([false_mask(sh[1])] if batched else []) + [z]))
+
+    h_meta, c_meta = (meta[1], meta[2]) if aten_call else meta[1]
+    h_n, c_n = state_lab(h_meta, prj, np.ones(len(prj), dtype=bool)), state_lab(c_meta, hid, c_zero)
+    return (out, h_n, c_n) if aten_call else (out, (h_n, c_n))
 
 
 def _rnn_module(node, m, args, kwargs):

@@ -51,9 +51,10 @@ def lstm_state_read():
     return _seq(nn.LSTM(6, 8, num_layers=2, bidirectional=True), read_state=True)
 
 
-@example("recurrent", expect_pin="proj_size > 0")
-def lstm_projection_pinned():
-    return _seq(nn.LSTM(6, 8, proj_size=4))
+@example("recurrent")
+def lstm_projection_two_layers_bidirectional():
+    """proj_size > 0: hidden units and projection units are rows, each tied across layers and directions."""
+    return _seq(nn.LSTM(6, 8, num_layers=2, bidirectional=True, proj_size=4), read_state=True)
 
 
 @example("recurrent", frontend="export")
@@ -72,9 +73,9 @@ def rnn_tanh_no_bias_export():
     return _seq(nn.RNN(6, 8, bias=False), export=True)
 
 
-@example("recurrent", frontend="export", expect_pin="proj_size > 0")
-def lstm_projection_pinned_export():
-    return _seq(nn.LSTM(6, 8, proj_size=4), export=True)
+@example("recurrent", frontend="export")
+def lstm_projection_export():
+    return _seq(nn.LSTM(6, 8, proj_size=4, bias=False), export=True)
 
 
 def _steps(cell: nn.Module, state: str, steps=None):
