@@ -1552,7 +1552,7 @@ def capture(model: torch.nn.Module, example_inputs, frontend: str = "auto") -> C
         f"  torch.fx.symbolic_trace failed: {type(trace_err).__name__}: {_first_line(trace_err)}\n"
         f"  torch.export (non-strict) failed: {type(export_err).__name__}: {_first_line(export_err)}"
         f"{_raised_at(export_err)}\n"
-        + (_missing_masks_hint(model, kwargs, export_err) or
+        + (_missing_masks_hint(model, kwargs, export_err) or _packed_sequence_hint(export_err, trace_err) or
            "Python control flow that depends on tensor values cannot be captured: move it out of forward, "
            "make it depend on shapes or module attributes only, or wrap the offending submodule so that "
            "it is called as a leaf (it will then be pinned).")
@@ -1591,6 +1591,22 @@ def _missing_masks_hint(model: torch.nn.Module, kwargs: dict, err: Exception) ->
     return (f"The export ran {type(model).__name__}.forward with {', '.join(missing)} left None and failed on a "
             "None value: pass them in the example inputs (e.g. attention_mask=torch.ones_like(input_ids); "
             "transformers builds its default mask only outside of torch.export).")
+
+
+def _packed_sequence_hint(*errors: BaseException) -> str | None:
+    """What to do when a capture failed inside ``torch.nn.utils.rnn`` (``pack_padded_sequence`` reads
+    its sizes off the lengths' values, which neither front-end can trace), or None."""
+    for e in errors:
+        tb = e.__traceback__
+        while tb is not None:
+            if tb.tb_frame.f_code.co_filename.replace("\\", "/").endswith("torch/nn/utils/rnn.py"):
+                return ("The capture failed in torch.nn.utils.rnn: pack_padded_sequence takes its sizes from the "
+                        "lengths' values, which neither symbolic_trace nor torch.export can follow. Packing changes "
+                        "no width: give forward a switch that skips it (the recurrent layer then runs on the padded "
+                        "batch), analyse with packing off, and set it back on the compressed model, its own class, "
+                        "which packs as before and is exact on packed input (tests/test_recurrent.py).")
+            tb = tb.tb_next
+    return None
 
 
 def _first_line(e: Exception) -> str:

@@ -677,3 +677,41 @@ def test_exported_recurrent_layer_is_rows_across_layers_and_directions(kind, zer
     same = torch.randn(3, 1, 4, 10)
     with torch.no_grad():
         assert max_rel_diff(model(same), graph(same)) <= RTOL
+
+
+class Packed(nn.Module):
+    """Embedding -> pack_padded_sequence -> BiLSTM -> pad_packed_sequence -> Linear; ``pack`` switches packing."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.fc, self.pack = nn.Embedding(50, 6), nn.Linear(2 * HID, 3), True
+        self.rnn = nn.LSTM(6, HID, num_layers=2, bidirectional=True, batch_first=True)
+
+    def forward(self, ids, lengths):
+        e = self.emb(ids)
+        if not self.pack:
+            return self.fc(self.rnn(e)[0])
+        p = nn.utils.rnn.pack_padded_sequence(e, lengths, batch_first=True, enforce_sorted=False)
+        o, _ = nn.utils.rnn.pad_packed_sequence(self.rnn(p)[0], batch_first=True, total_length=ids.shape[1])
+        return self.fc(o)
+
+
+def test_packed_sequences_cannot_be_captured_and_the_error_says_what_to_do():
+    """pack_padded_sequence reads its sizes off the lengths' values: no front-end captures it. The error
+    says so and gives the way round (analyse with packing off); that way gives the own class, which
+    packs as before and is exact on packed input."""
+    from otofx.errors import CaptureError
+
+    torch.manual_seed(0)
+    model = randomize(Packed()).eval()
+    ids, lengths = torch.randint(0, 50, (3, 7)), torch.tensor([7, 5, 3])
+    with pytest.raises(CaptureError, match="pack_padded_sequence takes its sizes from the lengths"):
+        otofx.OTO(model, (ids, lengths))
+    model.pack = False
+    oto = otofx.OTO(model, (ids, lengths))
+    zero_random_rows(model, oto, seed=1)
+    small = oto.compress()
+    model.pack = small.pack = True
+    assert type(small) is Packed and small.rnn.hidden_size < HID
+    with torch.no_grad():
+        assert max_rel_diff(model(ids, lengths), small(ids, lengths)) <= RTOL
