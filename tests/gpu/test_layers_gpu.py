@@ -1,7 +1,8 @@
 """The replacement layers that have only run on the CPU, on CUDA: compressed on the CPU, moved to the GPU.
 
 Each model has a layer family whose compressed form is one of otofx's own modules or a kept constant:
-``PrunedRNN`` (an LSTM and a GRU, two layers, bidirectional, cuDNN on CUDA), weight norm (a HiFi-GAN
+``PrunedRNN`` (an LSTM and a GRU, two layers, bidirectional, cuDNN on CUDA), a projected LSTM and an
+LSTMCell stepped in a loop (stock layers at the new sizes), weight norm (a HiFi-GAN
 style vocoder with ``parametrizations.weight_norm``), ConvNeXt V2's ``PrunedGlobalResponseNorm``
 (timm ``convnextv2_atto``), MLP-Mixer's ``PrunedLayerNorm.fill`` (timm ``mixer_s32_224``) and the
 NF-nets' weight-standardised ``PrunedStdConv2d`` (timm ``nf_regnet_b0``), a user's layer norm module
@@ -40,6 +41,16 @@ def _rnn(kind):
     return build
 
 
+def _example(name, other_shape):
+    """A rule example (tests/rule_examples) and a second input of another batch and length."""
+    def build():
+        import rule_examples
+
+        model, x = getattr(rule_examples, name)()
+        return model, x, torch.randn(*other_shape, generator=torch.Generator().manual_seed(1))
+    return build
+
+
 def _vocoder():
     from test_weight_norm import Vocoder, _parametrized
 
@@ -60,6 +71,8 @@ def _timm(name, **kw):
 MODELS = {
     "lstm": _rnn("LSTM"),
     "gru": _rnn("GRU"),
+    "lstm_projection": _example("lstm_projection_two_layers_bidirectional", (9, 3, 5)),
+    "lstm_cell_loop": _example("lstm_cell_loop_over_a_size_export", (3, 7, 5)),
     "weight_norm": _vocoder,
     "grn": _timm("convnextv2_atto"),
     "mixer_fill": _timm("mixer_s32_224", img_size=64, drop_rate=0.0),
