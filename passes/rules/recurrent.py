@@ -96,7 +96,7 @@ _ZEROS = ("zeros", "new_zeros", "zeros_like")
 def zero_states(node: fx.Node) -> list:
     """The nodes of the initial state ``node`` (a recurrent layer's call) is given, when every one of
     them is made by ``torch.zeros`` / ``new_zeros`` / ``zeros_like`` (the tutorial's
-    ``h0 = torch.zeros(layers, batch, hidden)``); else ``[]``."""
+    ``h0 = torch.zeros(layers, batch, hidden)``), ATen's or torch's, through clones and casts; else ``[]``."""
     from ..nodes import _before_casts, _op
 
     hx = node.args[1] if len(node.args) > 1 else node.kwargs.get("hx")
