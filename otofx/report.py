@@ -32,7 +32,8 @@ def report(oto, max_groups: int | None = None, blocks=None) -> str:
     for i, z in enumerate(oto.groups):
         if max_groups is not None and i >= max_groups:
             break
-        producers = [layer_of(n) for n, d, _ in z.params if d == 0 and params[n].ndim >= 2]
+        # NB: once per layer (a recurrent layer's weight_ih and weight_hh both own the unit's rows)
+        producers = list(dict.fromkeys(layer_of(n) for n, d, _ in z.params if d == 0 and params[n].ndim >= 2))
         rows.append([i, _short(producers or z.layers), z.rows, _params_per_row(oto, z), len(z.params)])
     total_rows = sum(z.rows for z in oto.groups)
     out = [f"{type(oto.model).__name__}: {len(oto.groups)} groups, {total_rows} prunable rows "
