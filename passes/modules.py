@@ -1196,6 +1196,11 @@ class PrunedRNN(nn.Module):
                 f"dropout={self.dropout}, bidirectional={self.bidirectional}")
 
 
+def resize_stock_cell(m: nn.RNNCellBase) -> None:
+    """A stock LSTMCell / GRUCell / RNNCell whose weights were sliced: input_size and hidden_size read off them."""
+    m.input_size, m.hidden_size = int(m.weight_ih.shape[1]), int(m.weight_hh.shape[1])
+
+
 def resize_stock_rnn(m: nn.RNNBase, units: list):
     """A stock recurrent layer whose tensors were narrowed to ``units[slot]`` (original indices kept per
     layer and direction): re-synced in place when every slot keeps as many units (returns None), else

@@ -71,8 +71,8 @@ from .channels import AxisLabels
 from .modules import (CHANNELS_FIRST_LAYER_NORMS, DATA_FORMAT_LAYER_NORMS, GLOBAL_RESPONSE_NORMS, PLAIN_GROUP_NORMS,
                       PLAIN_LAYER_NORMS, PrunedGlobalResponseNorm, PrunedGroupNorm, PrunedLayerNorm, PrunedLayerNorm2d,
                       PrunedMultiheadAttention, PrunedOwnLayerNorm, PrunedRelativeAttention, PrunedRNN, PrunedStdConv2d,
-                      PrunedWindowAttention, PrunedWindowAttention3d, STD_CONVS, resize_stock_rnn, rnn_slot_suffix,
-                      rnn_slots)
+                      PrunedWindowAttention, PrunedWindowAttention3d, STD_CONVS, resize_stock_cell, resize_stock_rnn,
+                      rnn_slot_suffix, rnn_slots)
 from .nodes import (_CASTS, _RESHAPES, HF_CONV1D, _before_casts, _op, _squared, call_arguments, grn_of,
                     layer_norm_of, linear_after, magnitude_match_at, made_in, rms_norm_of, submodule)
 from .registry import RULES, bind, form_of, op_of, rule_of
@@ -463,7 +463,7 @@ def recurrent(m: nn.RNNBase, change: Change):
 @resizer(nn.RNNCellBase)
 def recurrent_cell(m: nn.RNNCellBase, change: Change):
     """LSTMCell / GRUCell / RNNCell: input_size and hidden_size from the sliced weights."""
-    m.input_size, m.hidden_size = m.weight_ih.shape[1], m.weight_hh.shape[1]
+    resize_stock_cell(m)
 
 
 @resizer(PrunedRNN)

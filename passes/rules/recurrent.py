@@ -50,7 +50,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from ..channels import AxisLabels, Ctx, ParamRef, false_mask, pinned_axis
-from ..modules import RNN_GATES, PrunedRNN, rnn_slot_suffix, rnn_slots
+from ..modules import RNN_GATES, PrunedRNN, resize_stock_cell, rnn_slot_suffix, rnn_slots
 from ..registry import RuleDeclined, functions, modules, rule
 from ..unionfind import PIN
 from .common import _out_shape, _ov
@@ -199,6 +199,16 @@ def _aten_layer(params, has_biases: bool, num_layers: int, bidirectional: bool, 
     return AtenRNN(mode, num_layers, bidirectional, batch_first, has_biases, params[1].shape[1])
 
 
+def _slot_tensors(ctx: Ctx, kinds: tuple, slot: int, prefix: str, sfx: str, params, given: dict) -> None:
+    """Label one layer and direction's tensors (``kinds``, in ATen's order) by ``given``: the module's
+    ``<prefix><kind>_<sfx>``, or, for ATen's call (``params`` given), its entries of ``params``."""
+    for i, kind in enumerate(kinds):
+        if params is not None:
+            ctx.param(params[slot * len(kinds) + i], given[kind])
+        else:
+            ctx.tensor_lab(f"{prefix}{kind}_{sfx}", given[kind])
+
+
 @rule("recurrent", fix=_rnn_fix)
 def recurrent(ctx: Ctx, input, hx=None, module=None, params=None, has_biases=True, num_layers=1,
               bidirectional=False, batch_first=False, mode=None, meta=None, **_):
@@ -257,14 +267,9 @@ def recurrent(ctx: Ctx, input, hx=None, module=None, params=None, has_biases=Tru
         sfx = rnn_slot_suffix(k, rev)
         rows = np.tile(units[s], gates)
         cols = x.ids[-1] if k == 0 else np.concatenate(units[(k - 1) * dirs:k * dirs])
-        given = {"weight_ih": {0: rows, 1: cols}, "weight_hh": {0: rows, 1: units[s]}, "bias_ih": {0: rows},
-                 "bias_hh": {0: rows}}
-        kinds = _FLAT if m.bias else _FLAT[:2]
-        for i, kind in enumerate(kinds):
-            if aten_call:
-                ctx.param(params[s * len(kinds) + i], given[kind])
-            else:
-                ctx.tensor_lab(f"{name}.{kind}_{sfx}", given[kind])
+        _slot_tensors(ctx, _FLAT if m.bias else _FLAT[:2], s, f"{name}.", sfx, params,
+                      {"weight_ih": {0: rows, 1: cols}, "weight_hh": {0: rows, 1: units[s]}, "bias_ih": {0: rows},
+                       "bias_hh": {0: rows}})
         if pruned:
             ctx.tensor_lab(f"{name}.units_{sfx}", {0: units[s]})
         ctx.extra_labels[f"{ctx.node.name}.units.{s}"] = units[s]
@@ -327,13 +332,9 @@ def _projected(ctx: Ctx, m, x: AxisLabels, hx, params, meta):
     kinds = ("weight_ih", "weight_hh") + (("bias_ih", "bias_hh") if m.bias else ()) + ("weight_hr",)
     for s, (k, rev) in enumerate(slots):
         cols = x.ids[-1] if k == 0 else np.concatenate([prj] * dirs)
-        given = {"weight_ih": {0: rows, 1: cols}, "weight_hh": {0: rows, 1: prj}, "bias_ih": {0: rows},
-                 "bias_hh": {0: rows}, "weight_hr": {0: prj, 1: hid}}
-        for i, kind in enumerate(kinds):
-            if aten_call:
-                ctx.param(params[s * len(kinds) + i], given[kind])
-            else:
-                ctx.tensor_lab(f"{name}.{kind}_{rnn_slot_suffix(k, rev)}", given[kind])
+        _slot_tensors(ctx, kinds, s, f"{name}.", rnn_slot_suffix(k, rev), params,
+                      {"weight_ih": {0: rows, 1: cols}, "weight_hh": {0: rows, 1: prj}, "bias_ih": {0: rows},
+                       "bias_hh": {0: rows}, "weight_hr": {0: prj, 1: hid}})
         ctx.extra_labels[f"{ctx.node.name}.units.{s}"] = hid
         ctx.extra_labels[f"{ctx.node.name}.proj.{s}"] = prj
     batched = x.ndim == 3
@@ -382,9 +383,8 @@ def _cell_fix(site, **_):
     old, new = len(units), int(site._keep_ids(units).sum())
     if new != old:
         _narrow_zero_states(site.node, old, new)
-    m = site.module
-    if isinstance(m, nn.RNNCellBase):
-        m.input_size, m.hidden_size = m.weight_ih.shape[1], m.weight_hh.shape[1]
+    if isinstance(site.module, nn.RNNCellBase):
+        resize_stock_cell(site.module)
 
 
 @rule("recurrent_cell", fix=_cell_fix, reads_params=True)
