@@ -47,14 +47,17 @@ import torch.fx as fx
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from otofx import pipeline
-from otofx.capture import DATA_BRANCHES, SIZE_BOUNDS, STATIC_IMAGE_SIZES, _first_line, _no_kv_cache, normalize_inputs
-from otofx.errors import InputError, OTOError, VerificationError
+from otofx.capture import (DATA_BRANCHES, SIZE_BOUNDS, STATIC_IMAGE_SIZES, _first_line, _no_kv_cache, normalize_inputs,
+                           said_branches)
+from otofx.capture_parts import PARTS
+from otofx.errors import CaptureError, InputError, OTOError, VerificationError
 from otofx.passes.nodes import ModuleTensors, get_path, layer_norm_params, module_tensors, set_path, unread_parameters
 from otofx.passes.prune import Plan, output_keeps, plan_rows, row_norms, zero_row_plan, zero_rows
 from otofx.passes.resize import inline_grn_groups, inline_layer_norm_groups, inline_standardisation_groups
+from otofx.passes.shapes import ShapePropError
 from otofx.passes.zigs import ZIG, ZigSet
-from otofx.verify import (compare, compare_all, eval_mode, first_wrong_module, input_sets, narrow_outputs,
-                          outputs_close, run_eval)
+from otofx.verify import (collected_replays, compare, compare_all, eval_mode, first_wrong_module, input_sets,
+                          narrow_outputs, outputs_close, run_eval, say_replays)
 from otofx.rebuild import RebuildError, copy_training_flags, rebuild
 
 log = logging.getLogger("otofx")
@@ -335,6 +338,16 @@ def _retarget_meta(gm: fx.GraphModule, device: torch.device) -> None:
         gm.recompile()
 
 
+def _runs(model: torch.nn.Module, example_inputs) -> bool:
+    """Whether ``model`` runs on ``example_inputs`` in eval mode."""
+    args, kwargs = normalize_inputs(example_inputs)
+    try:
+        run_eval(model, args, kwargs)
+    except Exception:  # noqa: BLE001
+        return False
+    return True
+
+
 def _tiled_like(example, shaped):
     """``example``'s tensors tiled to the shapes of ``shaped`` (same structure), as ``(args, kwargs)``."""
     from otofx.capture import tile_to
@@ -369,8 +382,27 @@ class OTO:
         inputs = tree_map(lambda t: t.to("meta") if isinstance(t, torch.Tensor) else t,
                           example_inputs) if self._on_meta else example_inputs
         free = free_outputs if isinstance(free_outputs, str) else tuple(free_outputs)
-        self.state: pipeline.State = pipeline.analysis(frontend).run(model, inputs, pin=tuple(pin),
-                                                                     free_outputs=free)
+        try:
+            self.state: pipeline.State = pipeline.analysis(frontend).run(model, inputs, pin=tuple(pin),
+                                                                         free_outputs=free)
+        except ShapePropError as e:
+            # NB: a graph captured along the example's branch may not run that branch again (draft_export
+            # decided a count of boxes past a threshold on its own run: Faster R-CNN's 511 proposals, 512
+            # in the graph's); the parts around such code are analysed instead, when the model runs
+            if frontend != "auto" or self._on_meta or not _runs(model, inputs):
+                raise
+            self.state = pipeline.analysis("parts").run(model, inputs, pin=tuple(pin), free_outputs=free)
+            if not self.state.get(pipeline.ZIGSET).zigs:
+                raise
+            log.warning("otofx: the analysis of %s's captured graph failed (%s); captured in parts instead (%s), "
+                        "whose outputs keep their widths", type(model).__name__, _first_line(e),
+                        ", ".join(self.state.gm.meta[PARTS].paths))
+        parts = self.state.gm.meta.get(PARTS)
+        if parts is not None and not parts.asked and not self.state.get(pipeline.ZIGSET).zigs:
+            # NB: parts whose every channel crosses to another part (conv, NumPy, conv) teach nothing:
+            # the whole model's capture error says what to change
+            raise CaptureError(f"{parts.why}\n  In parts ({', '.join(parts.paths)}): no group either, every "
+                               "channel crosses between parts.")
         if self._on_meta:
             args, kwargs = normalize_inputs(example_inputs)
             # NB: the second-shape inputs were tiled from the meta copies; tile the user's own
@@ -459,7 +491,9 @@ class OTO:
         A free output (``OTO(..., free_outputs=...)``, by default a Hugging Face encoder-decoder's
         ``encoder_last_hidden_state``) comes back without its removed channels (logged at INFO).
         """
-        small = self._compress(verify, plan, passes, form)
+        with collected_replays() as replays:
+            small = self._compress(verify, plan, passes, form)
+        say_replays(replays)
         self._say_free(small)
         return small
 
@@ -478,11 +512,20 @@ class OTO:
         _need_weights(self.model, "OTO.compress()", (self._args, self._kwargs) if verify else ())
         self._warn_below_target()
         self._warn_unread()
+        parts = self.graph_module.meta.get(PARTS)
+        if parts is not None:
+            if form == "graph" or passes:
+                raise InputError(
+                    f"compress({'passes=...' if passes else 'form=' + repr(form)}): {type(self.model).__name__} was "
+                    f"captured in parts ({', '.join(parts.paths)}); its graph holds the parts side by side, not the "
+                    "forward that joins them, so there is no graph form: form='module' (or the default 'auto') "
+                    "gives the model's own class with the parts re-sized")
+            form = "module"
         branches = self.graph_module.meta.get(DATA_BRANCHES)
         if branches:
             # NB: the analysis saw the example's branch only: the graph raises on another, the model's
             # own class would run it unchecked (a layer of another branch may read pruned channels)
-            said = "; ".join(f"{c} is {v}" for c, v in branches)
+            said = said_branches(branches)
             if form == "auto":
                 log.warning("otofx: compress() returns the graph: %s branches on tensor values (%s), the analysis "
                             "saw the example's branch, and the graph raises on an input that takes another. "
@@ -639,11 +682,35 @@ class OTO:
             except OTOError:
                 raise
             except Exception as e:  # noqa: BLE001 - a rewrite otofx got wrong: say so, in otofx's terms
+                refused = self._graph_refuses()
+                if refused is not None:
+                    raise VerificationError(
+                        f"the captured graph itself refuses the example inputs at the model's current weights "
+                        f"({refused}): it asserts on a data-dependent size (how many boxes NMS keeps, how many "
+                        "entries are non-zero) that held for the weights it was captured with. The model's own "
+                        "class (form='module') has no such assertion; or capture again (otofx.OTO) with the "
+                        "current weights") from e
                 raise VerificationError(
                     f"the compressed graph does not run on the example inputs: {type(e).__name__}: {_first_line(e)}. "
                     "This is a bug in otofx: please report it with the model. `oto.compress(verify=False)` skips "
                     "this check; the model's own class (form='module') may still work") from e
         return small
+
+    def _model_sets(self) -> list:
+        """``(args, kwargs, name)`` the model itself runs for verification: the graph's input sets, or
+        the model's example inputs when it was captured in parts (the graph's inputs are the parts')."""
+        parts = self.graph_module.meta.get(PARTS)
+        if parts is not None:
+            return [(parts.args, parts.kwargs, "the example inputs")]
+        return input_sets(self.state)
+
+    def _graph_refuses(self) -> str | None:
+        """Why the captured graph, with the model's current weights, raises on the example inputs (else None)."""
+        try:
+            run_eval(self._sync(), self._args, self._kwargs)
+        except Exception as e:  # noqa: BLE001
+            return f"{type(e).__name__}: {_first_line(e)}"
+        return None
 
     def _module_keeping_rows(self, error: Exception, check: bool, plan: Plan | None, rtol: float,
                              floor: float = 0.0, first: torch.nn.Module | None = None,
@@ -784,7 +851,7 @@ class OTO:
             if small is None:  # NB: the copy could not be made: nothing to localise
                 return None
             where = None
-            for a, k, _ in input_sets(self.state):
+            for a, k, _ in self._model_sets():
                 with _no_kv_cache(self.model, k), _no_kv_cache(small[0], k):
                     where = first_wrong_module(self.model, small[0], a, k)
                 if where is not None:
@@ -982,16 +1049,33 @@ class OTO:
         A free output is compared on the channels ``small`` keeps (the others are zero in the model)."""
         _need_weights(self.model, "OTO.verify()", (self._args, self._kwargs))
         try:
+            parts = self.graph_module.meta.get(PARTS)
+            if parts is not None and not isinstance(small, fx.GraphModule):
+                # NB: the graph holds the parts, not the forward between them: the model itself is the reference
+                worst = 0.0
+                for a, k, name in self._model_sets():
+                    worst = max(worst, compare(self.model, small, a, k, rtol, "the compressed model", name))
+                return worst
             sets = input_sets(self.state)
             keep = self._output_keep(small)
             if isinstance(small, fx.GraphModule):
                 return compare_all(self._sync(), small, sets, rtol, "the compressed model", keep)
             gm, worst = self._sync(), 0.0
             for a, k, name in sets:
-                ref = run_eval(gm, a, k)
+                try:
+                    ref = run_eval(gm, a, k)
+                except Exception as e:  # noqa: BLE001
+                    # NB: the graph's assertions on data-dependent sizes (boxes NMS kept: u0 >= 2) held for the
+                    # weights it was captured with; the model itself has none
+                    log.info("otofx: the captured graph refuses %s at the current weights (%s: %s); the "
+                             "compressed model is checked against the model itself", name, type(e).__name__,
+                             _first_line(e))
+                    with _no_kv_cache(self.model, k):
+                        ref = run_eval(self.model, a, k)
+                    gm = self.model
                 # NB: the graph was captured without a KV cache (Hugging Face); so is the comparison
                 with _no_kv_cache(small, k):
-                    worst = max(worst, compare(ref, small, a, k, rtol, "the compressed model", name, keep))
+                    worst = max(worst, compare(ref, small, a, k, rtol, "the compressed model", name, keep, gm))
             return worst
         except VerificationError as e:
             raise VerificationError(f"{e} `oto.compress(verify=False)` skips this check.") from None

@@ -1289,6 +1289,19 @@ def _tiled_at(new: dict, flat: list, dims: list, tensors: list, spec):
     return tuple(a), dict(k)
 
 
+def _runs_on(gm: fx.GraphModule, more, model: torch.nn.Module):
+    """``more`` (second-shape inputs), or None when ``gm`` asserts on a data-dependent size (``u0 >= 2``:
+    a count of boxes NMS kept, of nonzero entries). Whether another input passes such an assertion
+    depends on the weights, which training and zeroed rows change: the graph may refuse the second
+    shape later though it runs now, so verification runs on the example inputs only."""
+    asserts = _branch_asserts(gm.graph)
+    if more is None or not asserts:
+        return more
+    log.info("%s: its graph asserts on data-dependent sizes (%s): verification runs on the example inputs only, "
+             "not on a second shape", type(model).__name__, _first_line(str(asserts[0].args[1])))
+    return None
+
+
 def _pass_guards(gm: fx.GraphModule | None, inputs) -> bool:
     """Whether ``inputs`` (args, kwargs) pass ``gm``'s input guards (True without a graph or guards)."""
     guards, call = fxcompat.export_guards(gm) if gm is not None else (None, None)
@@ -1329,6 +1342,8 @@ def export_captured(model: torch.nn.Module, args: tuple, kwargs: dict) -> Captur
         # NB: export notes that nn.LSTM/GRU/RNN re-assign their ``_flat_weights`` list in forward;
         # they are the layers' own parameters, restored after, and the graph reads them by name
         warnings.filterwarnings("ignore", message=r"The tensor attributes .*_flat_weights\[")
+        # NB: torchvision's fake NMS (a data-dependent count of boxes) calls a torch API it deprecates
+        warnings.filterwarnings("ignore", message=r"`create_unbacked_symint` is deprecated")
         stochastic = _stochastic_module(model)
         training = True
         if stochastic:
@@ -1365,7 +1380,7 @@ def export_captured(model: torch.nn.Module, args: tuple, kwargs: dict) -> Captur
                          "when the model's own class cannot be re-sized) accepts image size %s only; the model's "
                          "own class accepts any size the model does", type(model).__name__, why,
                          ", ".join("x".join(map(str, s)) for s in sizes))
-    more = second_inputs(ep, args, kwargs, gm)
+    more = _runs_on(gm, second_inputs(ep, args, kwargs, gm), model)
     outside = outside_inputs(ep, args, kwargs)
     if outside:
         gm.meta[SIZE_BOUNDS] = outside
@@ -1429,6 +1444,15 @@ def _readable_guards(gm: fx.GraphModule, ep) -> None:
     fxcompat.set_export_guards(gm, SizeGuards(guards, tuple(by_node.get(a) for a in call.args)))
 
 
+def said_branches(branches, width: int = 120) -> str:
+    """``"cond is value; ..."`` for a log line: the first four, each cut to about ``width`` characters (a
+    detector's may sum a hundred terms, one per class), and how many more."""
+    def short(c: str) -> str:
+        return c if len(c) <= width else f"{c[:width * 2 // 3]} ... {c[-(width // 3):]}"
+    said = "; ".join(f"{short(c)} is {v}" for c, v in branches[:4])
+    return said + (f"; and {len(branches) - 4} more" if len(branches) > 4 else "")
+
+
 def _finish(ep, model, captured_training: bool) -> fx.GraphModule:
     built = getattr(ep, "otofx_module", None)
     ep.otofx_module = None  # NB: the module is the graph _finish edits: a second call builds its own
@@ -1438,7 +1462,7 @@ def _finish(ep, model, captured_training: bool) -> fx.GraphModule:
         _guard_branches(gm, branches)
         log.warning("%s branches on tensor values (%s); the graph follows the example's branch and raises on an "
                     "input that takes another. The analysis sees that branch only.", type(model).__name__,
-                    "; ".join(f"{c} is {v}" for c, v in branches))
+                    said_branches(branches))
     functionalize_slice_writes(gm)
     _readable_guards(gm, ep)
     _follow_mode(gm, model, captured_training)
@@ -1498,7 +1522,7 @@ def _opaque_calls(gm: fx.GraphModule) -> set:
     return out
 
 
-FRONTENDS = ("auto", "symbolic_trace", "export")
+FRONTENDS = ("auto", "symbolic_trace", "export", "parts")
 
 
 def capture(model: torch.nn.Module, example_inputs, frontend: str = "auto") -> Captured:
@@ -1508,6 +1532,11 @@ def capture(model: torch.nn.Module, example_inputs, frontend: str = "auto") -> C
     if frontend not in FRONTENDS:
         raise InputError(f"frontend={frontend!r}: choose one of {FRONTENDS}")
     args, kwargs = normalize_inputs(example_inputs)
+    if frontend == "parts":
+        from otofx.capture_parts import parts_captured
+
+        return parts_captured(model, args, kwargs, f"otofx captures {type(model).__name__} in parts (frontend='parts').",
+                              asked=True)
     if frontend == "export":
         try:
             return export_captured(model, args, kwargs)
@@ -1547,16 +1576,24 @@ def capture(model: torch.nn.Module, example_inputs, frontend: str = "auto") -> C
         return export_captured(model, args, kwargs)
     except Exception as e:  # noqa: BLE001
         export_err = e
-    raise CaptureError(
-        f"otofx could not capture {type(model).__name__}.\n"
-        f"  torch.fx.symbolic_trace failed: {type(trace_err).__name__}: {_first_line(trace_err)}\n"
-        f"  torch.export (non-strict) failed: {type(export_err).__name__}: {_first_line(export_err)}"
-        f"{_raised_at(export_err)}\n"
-        + (_missing_masks_hint(model, kwargs, export_err) or _packed_sequence_hint(export_err, trace_err) or
-           "Python control flow that depends on tensor values cannot be captured: move it out of forward, "
-           "make it depend on shapes or module attributes only, or wrap the offending submodule so that "
-           "it is called as a leaf (it will then be pinned).")
-    ) from export_err
+    hint = _missing_masks_hint(model, kwargs, export_err) or _packed_sequence_hint(export_err, trace_err)
+    why = (f"otofx could not capture {type(model).__name__}.\n"
+           f"  torch.fx.symbolic_trace failed: {type(trace_err).__name__}: {_first_line(trace_err)}\n"
+           f"  torch.export (non-strict) failed: {type(export_err).__name__}: {_first_line(export_err)}"
+           f"{_raised_at(export_err)}\n"
+           + (hint or "Python control flow that depends on tensor values cannot be captured: move it out of "
+              "forward, make it depend on shapes or module attributes only, or wrap the offending submodule "
+              "so that it is called as a leaf (it will then be pinned)."))
+    if hint is None:
+        # NB: the submodules that hold the weights (a detector's backbone and heads) are often
+        # capturable where the forward around them is not
+        from otofx.capture_parts import parts_captured
+
+        try:
+            return parts_captured(model, args, kwargs, why)
+        except CaptureError as e:
+            raise e from export_err
+    raise CaptureError(why) from export_err
 
 
 def _none_arguments(model: torch.nn.Module, args: tuple, kwargs: dict) -> dict:

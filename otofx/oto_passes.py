@@ -109,6 +109,7 @@ class _ReportView:
         self.pinned = zs.pinned
         self.free_outputs = zs.free_outputs
         self.frontend = state.frontend or "graph"
+        self.graph_module = state.gm
 
 
 @contract(reads=(GRAPH, ZIGSET), writes=(REPORT,), analysis=True)

@@ -545,7 +545,7 @@ class Pipeline:
                         ref_out = [run_eval(state.reference, a, k) for a, k, _ in input_sets(state)]
                 elif self.verify and changed:
                     err = compare_all(ref_out, state.gm, input_sets(state), self.rtol,
-                                      f"the graph after pass '{name}'", output_keep(state))
+                                      f"the graph after pass '{name}'", output_keep(state), state.reference)
             rec = PassRecord(name, seconds, time.perf_counter() - t1,
                              len(state.gm.graph.nodes) if state.gm is not None else 0, changed, err)
             log.debug("otofx pass %s: %.3f s, %d nodes%s", name, seconds, rec.nodes,

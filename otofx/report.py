@@ -5,6 +5,7 @@ import math
 
 from tabulate import tabulate
 
+from otofx.capture_parts import PARTS
 from otofx.passes.zigs import layer_of
 
 
@@ -38,6 +39,10 @@ def report(oto, max_groups: int | None = None, blocks=None) -> str:
     total_rows = sum(z.rows for z in oto.groups)
     out = [f"{type(oto.model).__name__}: {len(oto.groups)} groups, {total_rows} prunable rows "
            f"(front-end: {oto.frontend})"]
+    parts = oto.graph_module.meta.get(PARTS)
+    if parts is not None:
+        out.append(f"captured in parts: {', '.join(parts.paths)}; each part's outputs (its 'model output' pins) "
+                   "keep their widths: Python code the analysis cannot see reads them")
     out.append(tabulate(rows, headers=["group", "producers", "rows", "params/row", "slices"], tablefmt="github"))
     if oto.pinned:
         prow = [[p.node, p.op, p.reason, p.channels] for p in oto.pinned]

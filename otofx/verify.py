@@ -9,6 +9,7 @@ rewrites with these helpers:
     run_eval(module, args, kwargs)      outputs in eval mode under no_grad (training flags restored)
     compare(ref, candidate, ...)        relative error; VerificationError past the tolerance
     compare_all(ref, candidate, sets)   compare on every input set (the example, a second shape)
+    replay_decisions(ref, cand, ...)    equal once decisions on tied values are taken as the reference took them
     narrow_outputs(ref, got, keep)      the reference's free outputs at the positions a compressed model keeps
     input_sets(state)                   the input sets of a pipeline State
     first_wrong_module(ref, cand, ...)  where a re-sized copy first goes wrong (a module's name)
@@ -35,6 +36,7 @@ Internals:
 """
 from __future__ import annotations
 
+import logging
 import math
 import re
 from contextlib import contextmanager
@@ -44,8 +46,12 @@ import torch
 import torch.fx as fx
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from torch.utils._python_dispatch import TorchDispatchMode
+
 from otofx.errors import VerificationError
 from otofx.fxcompat import is_op_overload, op_schema
+
+log = logging.getLogger("otofx")
 
 @contextmanager
 def eval_mode(module: torch.nn.Module):
@@ -230,17 +236,27 @@ def narrow_outputs(ref, got, keep: dict | None):
 
 
 def compare(reference, candidate: torch.nn.Module, args: tuple, kwargs: dict | None, rtol: float, what: str,
-            inputs: str = "the example inputs", keep: dict | None = None) -> float:
+            inputs: str = "the example inputs", keep: dict | None = None,
+            source: torch.nn.Module | None = None) -> float:
     """Relative error of ``candidate`` against ``reference`` (outputs or a module); raises on a mismatch.
 
     ``rtol`` holds for float32 models; a model computing in float16/bfloat16 gets the dtype's
     tolerance for its contraction depth (:func:`outputs_close`, :func:`fitted_rtol`). ``inputs``
     names ``args``/``kwargs`` in the error (the example inputs or a second shape). ``keep``: the
-    free outputs' kept positions (:func:`narrow_outputs`).
+    free outputs' kept positions (:func:`narrow_outputs`). Outputs that differ only by decisions taken
+    on values equal to rounding (a sort, top-k or NMS on tied scores) pass, with a warning: see
+    :func:`replay_decisions` (``source``: the reference module when ``reference`` is its outputs).
     """
-    ref = run_eval(reference, args, kwargs) if isinstance(reference, torch.nn.Module) else reference
-    got = run_eval(candidate, args, kwargs)
-    ref = narrow_outputs(ref, got, keep)
+    full = run_eval(reference, args, kwargs) if isinstance(reference, torch.nn.Module) else reference
+    source = reference if isinstance(reference, torch.nn.Module) else source
+    taken = ()
+    try:
+        got = run_eval(candidate, args, kwargs)
+    except Exception as e:
+        # NB: a decision that fell the other way on tied values may end in an assertion of the graph
+        # (export's on a data-dependent size): the candidate runs again with the reference's decisions
+        got, taken = _replayed_run(e, source, candidate, args, kwargs, rtol)
+    ref = narrow_outputs(full, got, keep)
     dtype = compute_dtype(reference, candidate)
     name = str(dtype)
     if dtype == torch.float32 and tf32_in_use(got):
@@ -250,6 +266,13 @@ def compare(reference, candidate: torch.nn.Module, args: tuple, kwargs: dict | N
     graph = reference if isinstance(reference, fx.GraphModule) else candidate
     depth = contraction_depth(graph) if dtype is not None and fitted_rtol(rtol, dtype) != rtol else 1
     ok, err = outputs_close(ref, got, rtol, dtype=dtype, depth=depth)
+    if not ok and source is not None and not taken:
+        replayed = replay_decisions(source, candidate, args, kwargs, rtol, dtype, depth)
+        if replayed is not None:
+            got, taken = replayed
+            ok, err = outputs_close(narrow_outputs(full, got, keep), got, rtol, dtype=dtype, depth=depth)
+    if ok and taken:
+        _replayed(what, inputs, err, taken)
     if not ok:
         tol = fitted_rtol(rtol, dtype, depth)
         why = "" if tol == rtol else f" ({name}: 2 * unit roundoff * sqrt({depth} contractions deep))"
@@ -257,6 +280,21 @@ def compare(reference, candidate: torch.nn.Module, args: tuple, kwargs: dict | N
             f"{what} differs from the reference graph on {inputs} (relative error {err:.3g} > {tol:.3g}"
             f"{why}). If the pass is otofx's, this is a bug in otofx: please report it with the model.")
     return err
+
+
+def _replayed_run(error: Exception, source, candidate, args, kwargs, rtol) -> tuple:
+    """``(outputs, ops replayed)`` of ``candidate`` run with ``source``'s decisions (see
+    :func:`replay_decisions`) after its own run raised ``error``, which is raised again when there is
+    no reference module to replay, no decision fell differently, or the replayed run raises too."""
+    replayed = None
+    if source is not None:
+        try:
+            replayed = replay_decisions(source, candidate, args, kwargs, rtol, compute_dtype(source, candidate))
+        except Exception:  # noqa: BLE001 - the candidate's own error is the one to report
+            replayed = None
+    if replayed is None:
+        raise error
+    return replayed
 
 
 def input_sets(state) -> list:
@@ -274,14 +312,153 @@ def _shapes(args, kwargs) -> str:
 
 
 def compare_all(reference, candidate: torch.nn.Module, sets: list, rtol: float, what: str,
-                keep: dict | None = None) -> float:
+                keep: dict | None = None, source: torch.nn.Module | None = None) -> float:
     """:func:`compare` on every ``(args, kwargs, name)`` of ``sets`` (``reference``: a module, or
-    one output per set); the worst relative error. ``keep``: :func:`compare`'s."""
+    one output per set); the worst relative error. ``keep``, ``source``: :func:`compare`'s."""
     worst = 0.0
     for i, (a, k, name) in enumerate(sets):
         ref = reference[i] if isinstance(reference, list) else reference
-        worst = max(worst, compare(ref, candidate, a, k, rtol, what, name, keep))
+        worst = max(worst, compare(ref, candidate, a, k, rtol, what, name, keep, source))
     return worst
+
+
+# ---------------------------------------------------------------------------------------------
+# Decisions on float values
+# ---------------------------------------------------------------------------------------------
+
+
+def _floats(tree) -> list:
+    return [t for t in tree_flatten(tree)[0] if isinstance(t, torch.Tensor) and t.is_floating_point()]
+
+
+def _is_decision(func, args, kwargs, out) -> bool:
+    """An op that turns float values into a discrete result: a comparison, an argmax, a sort's or
+    top-k's indices, NMS's kept boxes, a float cast to an integer, or a Python number read off a
+    float tensor (``.item()``, which Python code may branch on)."""
+    if func is torch.ops.aten._local_scalar_dense.default:
+        return bool(_floats(args))
+    if not _floats((args, kwargs)):
+        return False
+    return any(isinstance(t, torch.Tensor) and not t.is_floating_point() and not t.is_complex()
+               for t in tree_flatten(out)[0])
+
+
+def _same(a, b) -> bool:
+    fa, fb = tree_flatten(a)[0], tree_flatten(b)[0]
+    if len(fa) != len(fb):
+        return False
+    for x, y in zip(fa, fb):
+        if isinstance(x, torch.Tensor) != isinstance(y, torch.Tensor):
+            return False
+        if isinstance(x, torch.Tensor):
+            if x.shape != y.shape or x.dtype != y.dtype or not torch.equal(x, y):
+                return False
+        elif x != y:
+            return False
+    return True
+
+
+def _copy(tree):
+    flat, spec = tree_flatten(tree)
+    return tree_unflatten([t.clone() if isinstance(t, torch.Tensor) else t for t in flat], spec)
+
+
+class _Decisions(TorchDispatchMode):
+    """Records the decisions a forward takes on float values (``recorded`` None), or replays
+    recorded ones in another forward: where the op at the same place in the sequence reads float
+    values that agree with the recorded ones to the tolerance (``close``), the recorded result is
+    returned; ``taken`` names the ops whose own result differed."""
+
+    def __init__(self, recorded: list | None = None, close=None):
+        super().__init__()
+        self.replay = recorded is not None
+        self.recorded = recorded if recorded is not None else []
+        self.close = close
+        self.at = 0
+        self.taken: list = []
+        self.lost = False
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if not _is_decision(func, args, kwargs, out):
+            return out
+        if not self.replay:
+            self.recorded.append((func, _copy(_floats((args, kwargs))), _copy(out)))
+            return out
+        if self.lost or self.at >= len(self.recorded) or self.recorded[self.at][0] is not func:
+            self.lost = True  # NB: another sequence of decisions: nothing after this point is replayed
+            return out
+        _, inputs, before = self.recorded[self.at]
+        self.at += 1
+        if _same(before, out) or not self.close(inputs, _floats((args, kwargs))):
+            return out
+        self.taken.append(func.__name__.split(".")[0])
+        return _copy(before)
+
+
+_COLLECTORS: list = []
+
+
+@contextmanager
+def collected_replays():
+    """Collect what :func:`compare` says of replayed decisions (see :func:`say_replays`) instead of
+    logging each: one compression verifies several times (after each pass, then the model)."""
+    notes: list = []
+    _COLLECTORS.append(notes)
+    try:
+        yield notes
+    finally:
+        _COLLECTORS.remove(notes)
+
+
+def _replayed(what: str, inputs: str, err: float, taken: list) -> None:
+    if _COLLECTORS:
+        _COLLECTORS[-1].append((what, inputs, err, tuple(taken)))
+    else:
+        say_replays([(what, inputs, err, tuple(taken))])
+
+
+def say_replays(notes: list) -> None:
+    """One warning for the decisions :func:`compare` replayed (``(what, inputs, error, ops)`` each)."""
+    if not notes:
+        return
+    what, inputs, err, taken = notes[-1]
+    ops = sorted({op for *_, t in notes for op in t})
+    log.warning("otofx: %s agrees with the reference on %s (relative error %.2g) once %d decision(s) on float "
+                "values (%s) are taken as the reference took them. They fell the other way on values that agree "
+                "to rounding (ties or near-ties: several items scored alike), so on such inputs its own outputs "
+                "pick other, equally scored items than the full model's", what, inputs, err, len(taken),
+                ", ".join(ops))
+
+
+def replay_decisions(reference: torch.nn.Module, candidate: torch.nn.Module, args: tuple, kwargs: dict | None,
+                     rtol: float, dtype: torch.dtype | None = None, depth: int = 1) -> tuple | None:
+    """``(outputs, the ops replayed)`` of ``candidate`` run with every decision it takes on float values
+    that agree with the reference's to the tolerance taken as ``reference`` took it; None when no
+    decision fell differently. The caller compares those outputs with the reference's.
+
+    A detector's NMS, a top-k over scores or a sort picks among tied or near-tied values by their
+    last bits; a compressed model sums the same non-zero terms in another order and may pick other,
+    equally scored items, and then every box after that differs. Replaying the reference's
+    decisions tells such a model from a wrong one: the values each decision reads are still
+    compared (a decision on values off by more than rounding is not replayed), and so is everything
+    computed after it.
+    """
+    def close(a, b) -> bool:
+        if len(a) != len(b) or any(x.shape != y.shape for x, y in zip(a, b)):
+            return False
+        return outputs_close(a, b, rtol, dtype=dtype, depth=depth)[0]
+
+    record = _Decisions()
+    with record:
+        run_eval(reference, args, kwargs)
+    if not record.recorded:
+        return None
+    replay = _Decisions(record.recorded, close)
+    with replay:
+        got = run_eval(candidate, args, kwargs)
+    return (got, replay.taken) if replay.taken else None
 
 
 def _module_calls(module: torch.nn.Module, args: tuple, kwargs: dict | None) -> tuple:
