@@ -526,7 +526,15 @@ class OTO:
             # NB: the analysis saw the example's branch only: the graph raises on another, the model's
             # own class would run it unchecked (a layer of another branch may read pruned channels)
             said = said_branches(branches)
-            if form == "auto":
+            refused = self._graph_refuses() if form == "auto" and verify else None
+            if refused is not None:
+                # NB: the weights changed which branch the example takes (a count of boxes is now 0):
+                # the graph refuses its own example, the model's own class runs the branch it takes now
+                log.warning("otofx: compress() returns the model's own class: %s branches on tensor values (%s), "
+                            "and at the current weights the example takes another branch than the graph holds "
+                            "(%s). Its other branches were not analysed", type(self.model).__name__, said, refused)
+                form = "module"
+            elif form == "auto":
                 log.warning("otofx: compress() returns the graph: %s branches on tensor values (%s), the analysis "
                             "saw the example's branch, and the graph raises on an input that takes another. "
                             "form='module' gives the model's own class, exact on inputs that take the same branch.",

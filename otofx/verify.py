@@ -33,6 +33,11 @@ Internals:
       every other leaf is compared whole.
     * # NB: ``eval_mode`` sets ``training`` on every submodule instead of calling ``eval()``: a
       torch.export GraphModule raises on ``eval()``.
+    * Decisions (:func:`replay_decisions`): a ``TorchDispatchMode`` records every op that turns float
+      values into a discrete result (a comparison, argmax, a sort's or top-k's indices, NMS, a float
+      cast to an integer, ``.item()``) in the reference's run, and the candidate's run returns the
+      recorded result at the same place in the sequence where the values read agree to the
+      tolerance. Only after a mismatch (or a candidate that raised): a passing model pays nothing.
 """
 from __future__ import annotations
 

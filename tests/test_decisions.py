@@ -182,3 +182,40 @@ def test_long_branch_conditions_are_cut_in_messages():
     cond = " + ".join(f"4*Min(300, u{i})" for i in range(90)) + " > 4000"
     said = said_branches([(cond, "True"), ("Eq(u90, 0)", "False")])
     assert len(said) < 300 and said.endswith("Eq(u90, 0) is False") and "... " in said and "> 4000 is True" in said
+
+
+class Thresholded(nn.Module):
+    """A Python branch on whether any score passes a threshold (draft_export captures the example's)."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                                  nn.Conv2d(16, 8, 3, padding=1))
+        self.cls = nn.Conv2d(8, 1, 1)
+
+    def forward(self, x):
+        f = self.body(x)
+        s = self.cls(f).flatten()
+        if (s > 0).any():
+            return f.mean((2, 3)) + s.clamp(min=0).sum()
+        return f.mean((2, 3))
+
+
+def test_auto_gives_the_own_class_when_new_weights_take_another_branch(caplog):
+    torch.manual_seed(0)
+    m = Thresholded().eval()
+    randomize(m)
+    x = torch.randn(1, 3, 8, 8)
+    with torch.no_grad():
+        m.cls.bias.fill_(5.0)  # some score passes: the example's branch
+    oto = otofx.OTO(m, x)
+    assert oto.graph_module.meta.get("otofx_data_branches")
+    zero_random_rows(m, oto, seed=1, fraction=0.5)
+    with torch.no_grad():
+        m.cls.bias.fill_(-1e4)  # as training might leave it: no score passes now
+    with caplog.at_level(logging.WARNING, logger="otofx"):
+        small = oto.compress()
+    assert type(small) is Thresholded
+    assert any("takes another branch than the graph holds" in r.getMessage() for r in caplog.records)
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), m(x), rtol=1e-4, atol=1e-5)
