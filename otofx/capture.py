@@ -1289,7 +1289,7 @@ def _tiled_at(new: dict, flat: list, dims: list, tensors: list, spec):
     return tuple(a), dict(k)
 
 
-def _runs_on(gm: fx.GraphModule, more, model: torch.nn.Module):
+def _second_shape_unless_data_sized(gm: fx.GraphModule, more, model: torch.nn.Module):
     """``more`` (second-shape inputs), or None when ``gm`` asserts on a data-dependent size (``u0 >= 2``:
     a count of boxes NMS kept, of nonzero entries). Whether another input passes such an assertion
     depends on the weights, which training and zeroed rows change: the graph may refuse the second
@@ -1380,7 +1380,7 @@ def export_captured(model: torch.nn.Module, args: tuple, kwargs: dict) -> Captur
                          "when the model's own class cannot be re-sized) accepts image size %s only; the model's "
                          "own class accepts any size the model does", type(model).__name__, why,
                          ", ".join("x".join(map(str, s)) for s in sizes))
-    more = _runs_on(gm, second_inputs(ep, args, kwargs, gm), model)
+    more = _second_shape_unless_data_sized(gm, second_inputs(ep, args, kwargs, gm), model)
     outside = outside_inputs(ep, args, kwargs)
     if outside:
         gm.meta[SIZE_BOUNDS] = outside

@@ -49,14 +49,14 @@ from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
-from torch.utils._pytree import tree_flatten, tree_unflatten
-
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from otofx.errors import VerificationError
 from otofx.fxcompat import is_op_overload, op_schema
 
 log = logging.getLogger("otofx")
+
 
 @contextmanager
 def eval_mode(module: torch.nn.Module):
