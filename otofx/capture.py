@@ -596,8 +596,10 @@ def _export_program(model, args, kwargs):
                                                                        ((args, kwargs), None)]
     on_data = False  # an earlier attempt failed on a branch on tensor values
     seq_fixed = False  # ... and had fixed every sequence size it was asked to keep dynamic
+    drafts_raised: list = []  # exceptions of the drafts that raised
     tried = set()  # (inputs, dynamic dims per input) of the failed attempts
     i = -1
+    last_err = None
     while i + 1 < len(attempts):
         i += 1
         (a, k), dims = attempts[i]
@@ -605,6 +607,13 @@ def _export_program(model, args, kwargs):
         key = (widened is not None and a is widened[0], _dims_key(a, k, dims))
         if dims == "all" and seq_fixed:
             continue
+        if on_data and last_err is not None and any(_about_data_only(e) for e in drafts_raised):
+            # NB: the export failed on a branch on data and its draft raised on data-dependent sizes
+            # alone (torchvision's detectors: PendingUnbackedSymbolNotFound in the post-processing):
+            # fewer dynamic input sizes fail both the same way again (a minute on a detector)
+            log.info("torch.export and its draft failed on data-dependent sizes, not on the dynamic input sizes; "
+                     "no attempt with fewer dynamic dimensions")
+            raise last_err
         if key in tried and not last:
             log.debug("torch.export with %s dynamic: the same dimensions as a failed attempt; skipped", dims)
             continue
@@ -613,7 +622,7 @@ def _export_program(model, args, kwargs):
         ep, err = None, None
         if on_data:
             # NB: the plain export fails on the branch again (seconds to minutes on a large model)
-            ep = _draft(model, a, k, shapes)
+            ep = _draft(model, a, k, shapes, drafts_raised)
         if ep is None:
             fixed: set = set()
             try:
@@ -634,10 +643,11 @@ def _export_program(model, args, kwargs):
                         attempts.insert(i + 1, ((a, k), "batch"))
                         continue
                     if first:
-                        ep = _draft(model, a, k, shapes)
+                        ep = _draft(model, a, k, shapes, drafts_raised)
             if ep is None:
                 if dims is None:
                     raise err
+                last_err = err
                 log.info("torch.export with %s dynamic failed (%s: %s); trying fewer dynamic dimensions",
                          "batch and sequence" if dims == "all" else "the batch dimension", type(err).__name__,
                          _first_line(err))
@@ -724,7 +734,10 @@ def _quiet_torch():
     its own words (the ``otofx`` logger at INFO has each attempt's error)."""
     import io
 
-    quiet = [logging.getLogger(n) for n in ("torch.export._draft_export", "torch.fx.experimental.symbolic_shapes")]
+    # NB: torch._export.non_strict_utils warns of each dimension asked dynamic at size 1 (otofx widens or
+    # fixes such sizes itself, and says which sizes it captured dynamic)
+    quiet = [logging.getLogger(n) for n in ("torch.export._draft_export", "torch.fx.experimental.symbolic_shapes",
+                                            "torch._export.non_strict_utils")]
     levels = [q.level for q in quiet]
     for q in quiet:
         q.setLevel(logging.ERROR)
@@ -773,8 +786,9 @@ def _no_expression_logs():
         sym_node.dtrace_structured = logged
 
 
-def _draft(model, args, kwargs, shapes):
-    """``torch.export.draft_export`` when its only issues are branches on data (else None)."""
+def _draft(model, args, kwargs, shapes, raised: list | None = None):
+    """``torch.export.draft_export`` when its only issues are branches on data (else None); ``raised``,
+    when given, gets the exception of a draft that raised."""
     draft = getattr(torch.export, "draft_export", None)
     if draft is None:
         return None
@@ -784,6 +798,8 @@ def _draft(model, args, kwargs, shapes):
             ep = draft(model, args, kwargs, dynamic_shapes=shapes, strict=False)
     except Exception as e:  # noqa: BLE001
         log.info("torch.export.draft_export failed too (%s: %s)", type(e).__name__, _first_line(e))
+        if raised is not None:
+            raised.append(e)
         return None
     failures = list(getattr(getattr(ep, "_report", None), "failures", ()))
     branches = [f for f in failures if getattr(f.failure_type, "name", "") == "DATA_DEPENDENT_ERROR"]
@@ -804,6 +820,18 @@ def _draft(model, args, kwargs, shapes):
 
 
 _UNBACKED = re.compile(r"\bu\d+\b")
+_BACKED = re.compile(r"\bs\d+\b")
+
+
+def _about_data_only(e: BaseException) -> bool:
+    """Whether an export error (with its causes) names data-dependent sizes (``u0``) and no input size
+    (``s0``): fewer dynamic input sizes would not change it."""
+    names = []
+    while e is not None and len(names) < 8:
+        names.append(str(e))
+        e = e.__cause__ or e.__context__
+    text = "\n".join(names)
+    return bool(_UNBACKED.search(text)) and not _BACKED.search(text)
 
 
 def _branch_asserts(graph: fx.Graph) -> list:
@@ -1009,7 +1037,7 @@ def _spatial_capture(model, inputs, training: bool, budget: float, args, kwargs)
             if not armed:
                 return None, ("no deadline can be set here (not the main thread, or no SIGALRM), so the cost "
                               "is unbounded")
-            with _mode(model, training):
+            with _mode(model, training), _quiet_torch():
                 ep = torch.export.export(model, a, k, dynamic_shapes=_dynamic_shapes(model, a, k, "spatial"),
                                          strict=False)
     except _ExportTimeout:

@@ -339,8 +339,13 @@ class _TokensThenBranch(nn.Module):
         return self.head(h)
 
 
-def _record_exports(monkeypatch, refuse_sequence_drafts=False) -> list:
-    """Record ``("export" | "draft", dynamic dims per input)`` of every torch.export call."""
+# NB: draft_export's words on Qwen4-Exp with a dynamic sequence: the size names the sequence's symbol
+_SEQUENCE_REFUSAL = "Pending unbacked symbols {u0} not in returned outputs FakeTensor(..., size=(32*s72,), dtype=torch.int64)"
+
+
+def _record_exports(monkeypatch, refuse_sequence_drafts=False, refusal=_SEQUENCE_REFUSAL) -> list:
+    """Record ``("export" | "draft", dynamic dims per input)`` of every torch.export call; with
+    ``refuse_sequence_drafts``, a draft with a dynamic sequence raises ``refusal``."""
     calls = []
     export, draft = torch.export.export, torch.export.draft_export
 
@@ -354,8 +359,7 @@ def _record_exports(monkeypatch, refuse_sequence_drafts=False) -> list:
     def rec_draft(*a, dynamic_shapes=None, **k):
         calls.append(("draft", dims_of(dynamic_shapes)))
         if refuse_sequence_drafts and any(1 in v for v in (dynamic_shapes or {}).values()):
-            # NB: as draft_export on Qwen4-Exp with a dynamic sequence (PendingUnbackedSymbolNotFound)
-            raise RuntimeError("Pending unbacked symbols {u0} not in returned outputs")
+            raise RuntimeError(refusal)  # NB: PendingUnbackedSymbolNotFound
         return draft(*a, dynamic_shapes=dynamic_shapes, **k)
 
     monkeypatch.setattr(torch.export, "export", rec_export)
@@ -403,6 +407,26 @@ def test_a_branch_on_data_does_not_retry_the_plain_export(monkeypatch):
     assert cap.gm.meta[capture.DATA_BRANCHES]
     with torch.no_grad():
         torch.testing.assert_close(cap.gm(ids), m(ids), rtol=0, atol=0)
+
+
+def test_a_draft_failing_on_data_sizes_alone_is_not_retried_with_fewer_dynamic_sizes(monkeypatch):
+    """The export failed on a branch on data and its draft raised naming data-dependent sizes only
+    (torchvision's detectors: ``Pending unbacked symbols {u1} ... size=(Min(1000, u0),)``): drafts with
+    fewer dynamic input sizes would fail the same way (a minute on a detector), so none is tried and the
+    capture fails at once; a refusal naming an input size (``s72``) is retried (the test above). Here the
+    refusal is staged for the dynamic sequence alone, so the old code went on to a draft with a dynamic
+    batch."""
+    from otofx import capture
+
+    m = _TokensThenBranch(loop=False).eval()
+    ids = torch.randint(0, 16, (2, 5))
+    calls = _record_exports(monkeypatch, refuse_sequence_drafts=True,
+                            refusal="Pending unbacked symbols {u1} not in returned outputs FakeTensor(..., "
+                                    "size=(Min(1000, u0),), dtype=torch.int64)")
+    with pytest.raises(otofx.CaptureError, match="data-dependent"):
+        capture.capture(m, ids, frontend="export")
+    # NB: once in training mode, once in eval mode (a branch on data may be the training mode's alone)
+    assert calls == [("export", {"ids": [0, 1]}), ("draft", {"ids": [0, 1]})] * 2
 
 
 class OptionalInputs(torch.nn.Module):
