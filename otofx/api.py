@@ -126,6 +126,18 @@ def _kinds(zigs: tuple, groups: set) -> list:
     return list(kinds.values())
 
 
+def _owner(zig: ZIG) -> str:
+    """The innermost module holding every parameter of ``zig`` (``""``: the model)."""
+    paths = [name.rpartition(".")[0].split(".") for name, _, _ in zig.params]
+    common = paths[0] if paths else []
+    for p in paths[1:]:
+        n = 0
+        while n < min(len(common), len(p)) and common[n] == p[n]:
+            n += 1
+        common = common[:n]
+    return ".".join(c for c in common if c)
+
+
 def _groups_to_keep(zigs: tuple, removing: list, keep: set, blame, copies=()) -> tuple:
     """The groups to keep next when the own class goes wrong at ``blame`` (:class:`otofx.verify.Blame`):
     the first of these that adds a group not in ``keep``: the groups with most of their parameter
@@ -740,7 +752,10 @@ class OTO:
         and, where the blamed modules read widths that are equal in the model (an attention whose
         code takes its inner width off its input), one more copy keeps only part of the kept
         groups' zero rows, enough to keep those widths equal (:func:`_tied_rows`; also tried before
-        the search gives up below half the floor).
+        the search gives up below half the floor). When the blame leaves nothing to keep, or its
+        guesses fall below half the floor, the groups to keep are found once by elimination instead
+        (:meth:`_eliminate`: halving the groups kept until the fewest that verify are left), for a
+        fault no module call shows (a width the forward reads off a tensor between calls).
         At most ``_KEEP_SEARCH_TRIES`` copies in all (compress()'s own, ``first``, not counted).
         ``first``: the copy without any row kept, when
         it was made and failed; ``fills``: the layer norms' constants read for it; ``short``: gets the
@@ -833,8 +848,32 @@ class OTO:
             log.info("otofx: the own-class search of %s made %d copies", type(self.model).__name__, tries)
             return small
 
-        while tries < _KEEP_SEARCH_TRIES:
-            if first is not None and not keep and not steps:
+        eliminated, ready = False, None  # NB: ready: the copy the elimination verified for keep
+
+        def eliminate() -> bool:
+            """Once: ``keep`` (and ``ready``, its verified copy) from the norms' groups and the fewest
+            others that a copy must keep (:meth:`_eliminate`), the blame's guesses dropped."""
+            # NB: the fault is where no module call shows it (a width the forward reads off a tensor
+            # between calls: RAFT divides its correlation by the square root of the feature maps'
+            # width, in a method, not a call), or the blame's guesses went the wrong way
+            nonlocal eliminated, keep, ready
+            if eliminated:
+                return False
+            eliminated = True
+            got = self._eliminate(grns, sorted((set(removing) & keepable) - grns), attempt, lambda: tries)
+            if got is None:
+                return False
+            keep, ready = got
+            steps.clear()
+            blamed[:] = [_owner(zigs[i]) for i in sorted(keep - grns)]
+            log.info("otofx: %s's own class verifies keeping the zero rows of group(s) %s (found by elimination)",
+                     type(self.model).__name__, sorted(keep - grns))
+            return True
+
+        while tries < _KEEP_SEARCH_TRIES or ready is not None:
+            if ready is not None:
+                small, ready = ready, None
+            elif first is not None and not keep and not steps:
                 small = (first,)  # NB: compress()'s own copy (not counted: the search's tries are its own)
             else:
                 small = attempt(keep)
@@ -870,7 +909,9 @@ class OTO:
             if not add - keep:
                 log.info("otofx: no group left to keep in %s's own class (blamed: %s): %s", type(self.model).__name__,
                          where, _first_line(error))
-                return None
+                if not eliminate():
+                    return None
+                continue
             if not add - keep <= keepable:
                 log.info("otofx: %s's own class would need rows kept that are not zero (group %d, at %s)",
                          type(self.model).__name__, min(add - keep - keepable), where.module)
@@ -907,9 +948,44 @@ class OTO:
                 if got is None or got[2] < floor * max(full, 1):
                     if got is not None and short is not None:
                         short.append(got[2] / max(full, 1))
+                    if eliminate():
+                        continue
                     return None
                 return found(*got)
         return None
+
+    @staticmethod
+    def _eliminate(keep: set, candidates: list, attempt, used) -> tuple | None:
+        """``(groups, copy)``: ``keep`` with the fewest ``candidates`` whose zero rows a copy must keep
+        to verify, and that copy; None when none is found within the tries (``used()``: those made).
+
+        The shortest prefix of the candidates that verifies is found by halving (keeping more never
+        breaks a copy that verified: the kept rows are zero); its last group is needed, and the search
+        goes on among the groups before it, with that one kept. One needed group costs about
+        ``log2(len(candidates)) + 1`` copies."""
+        need, hi, ok = set(keep), len(candidates), None  # NB: ok: the copy verified for need | candidates[:hi]
+        # NB: all candidates kept is the model itself at the kept widths: taken as verifying, not tried
+        while hi > 0:
+            lo, top, top_copy = 0, hi, ok
+            while lo < top:
+                if used() >= _KEEP_SEARCH_TRIES:
+                    return None
+                mid = (lo + top) // 2
+                got = attempt(need | set(candidates[:mid]))
+                if isinstance(got, torch.nn.Module):
+                    top, top_copy = mid, got
+                else:
+                    lo = mid + 1
+            if top == 0:
+                return need, top_copy
+            need.add(candidates[top - 1])  # NB: need | candidates[:top - 1] is the set that verified
+            hi, ok = top - 1, top_copy
+        if ok is None:
+            if used() >= _KEEP_SEARCH_TRIES:
+                return None
+            got = attempt(need)
+            ok = got if isinstance(got, torch.nn.Module) else None
+        return (need, ok) if ok is not None else None
 
     def _let_go(self, plan: Plan, keep: set, small, steps: list, attempt, used, short) -> tuple:
         """``(keep, small)`` with the groups kept on a guess let go again where the copy still verifies

@@ -547,6 +547,9 @@ def _follow_literals(new: nn.Module, model: nn.Module, moves: dict, changed: dic
     only a move one of the plan's changes made: each must be the one new value of that literal in the
     module's forward; and all or nothing per module: one attribute whose number the rewrite recounts
     differently in two places (or keeps in one) leaves every attribute of that module as it was.
+    The attributes of the module's direct children that are not torch.nn's count as its own (a forward
+    reading ``self.update_block.hidden_state_size``: RAFT); an attribute two forwards move to different
+    values stays.
     # NB: a guess all the same (an attribute that also scales something, or equals a literal by
     # coincidence): ``OTO.compress`` verifies the copy on the example inputs, rebuilds without the moves
     # when it fails, and the own-class search keeps the groups of a module whose copy goes wrong (no
@@ -554,37 +557,65 @@ def _follow_literals(new: nn.Module, model: nn.Module, moves: dict, changed: dic
 
     Returns ``(module, attribute)`` of each move.
     """
-    olds, news, follow = dict(model.named_modules()), dict(new.named_modules()), []
+    olds, news, follow = dict(model.named_modules()), dict(new.named_modules()), {}
     for path, literals in moves.items():
         m, old = news.get(path), olds.get(path)
         if m is None or old is None or type(m) is not type(old):
             continue
-        now, here = _int_attrs(m, lists=True), []
-        for k, v in _int_attrs(old, lists=True).items():
-            if now.get(k) != v:
-                continue  # NB: re-synced already (a rule, resync_counts)
-            key = tuple(v) if isinstance(v, list) else v
-            found = literals.get(key, set())
-            if not found - {key}:
-                continue  # NB: no literal of its value moved
-            if len(found) != 1:
-                # NB: a number the rewrite moves one way in one place and another way (or not at
-                # all) in another: no size to follow, and the module's other moves would leave its
-                # sizes at odds with each other (MiniCPM3's q split by two head widths of 8, one of
-                # which lost entries, viewed by their sum): none of them
-                here = None
+        here: list | None = []
+        for name in [path] + [c for c in _attribute_children(path, m, old) if c in news and c in olds]:
+            # NB: a child registered under several names (CoaT's shared position encoding) has its first
+            # name only in named_modules(): it is followed there, not here
+            here = _literal_attrs(name, news[name], olds[name], literals, here)
+            if here is None:
                 break
-            f = next(iter(found))
-            held = m.__dict__[k]
-            if type(held) is int and isinstance(f, tuple):
-                f = f[0] if len(set(f)) == 1 else list(f)  # NB: torch.split takes an int or a list
-            elif isinstance(held, (tuple, list)):
-                f = type(held)(f) if isinstance(f, tuple) and len(f) == len(held) else None
-            if f is not None:
-                here.append((path, k, held, f))
-        follow += here or []
+        for name, k, held, f in here or []:
+            if follow.setdefault((name, k), (name, k, held, f))[3] != f:
+                follow[(name, k)] = None  # NB: two forwards recount it differently: neither
+    follow = [t for t in follow.values() if t is not None]
     _move_attrs(news, follow, changed, "as the graph form recounts the literal it gave")
     return [(name, k) for name, k, _, _ in follow]
+
+
+def _attribute_children(path: str, m: nn.Module, old: nn.Module) -> list:
+    """Names of the direct children of ``m`` (at ``path``) whose int attributes its forward may read as
+    sizes (RAFT's ``self.update_block.hidden_state_size``): the children of the user's or a library's
+    classes, not torch.nn's, whose attributes the resize rules own."""
+    prefix = f"{path}." if path else ""
+    out = []
+    for c, child in m.named_children():
+        was = getattr(old, c, None)
+        if type(child) is type(was) and not type(child).__module__.startswith("torch."):
+            out.append(prefix + c)
+    return out
+
+
+def _literal_attrs(name: str, m: nn.Module, old: nn.Module, literals: dict, here: list) -> list | None:
+    """``here`` with ``(name, attribute, held, new)`` for each int attribute of ``m`` (at ``name``) still at
+    ``old``'s value whose literal moved to one new value; None when one moved to several."""
+    now = _int_attrs(m, lists=True)
+    for k, v in _int_attrs(old, lists=True).items():
+        if now.get(k) != v:
+            continue  # NB: re-synced already (a rule, resync_counts)
+        key = tuple(v) if isinstance(v, list) else v
+        found = literals.get(key, set())
+        if not found - {key}:
+            continue  # NB: no literal of its value moved
+        if len(found) != 1:
+            # NB: a number the rewrite moves one way in one place and another way (or not at
+            # all) in another: no size to follow, and the module's other moves would leave its
+            # sizes at odds with each other (MiniCPM3's q split by two head widths of 8, one of
+            # which lost entries, viewed by their sum): none of them
+            return None
+        f = next(iter(found))
+        held = m.__dict__[k]
+        if type(held) is int and isinstance(f, tuple):
+            f = f[0] if len(set(f)) == 1 else list(f)  # NB: torch.split takes an int or a list
+        elif isinstance(held, (tuple, list)):
+            f = type(held)(f) if isinstance(f, tuple) and len(f) == len(held) else None
+        if f is not None:
+            here.append((name, k, held, f))
+    return here
 
 
 def _scope(mname: str, m: nn.Module, cuts: dict, old_shapes: dict, stream: frozenset, groups: dict) -> Scope:

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 import otofx
 from otofx.verify import Blame, first_wrong_module
-from helpers import max_rel_diff, randomize, zero_random_rows, zero_rows
+from helpers import assert_exact, max_rel_diff, randomize, zero_random_rows, zero_rows
 
 
 def n_params(m: nn.Module) -> int:
@@ -475,3 +475,69 @@ def test_the_layer_norms_constants_are_read_once_per_compress(monkeypatch):
     with torch.no_grad():
         y = torch.randn(3, 3, SIDE, SIDE)
         assert max_rel_diff(model(y), small(y)) < 1e-4
+
+
+class _Update(nn.Module):
+    """RAFT's update block: a recurrent state of ``hidden_size`` channels (the size its parent reads)."""
+
+    def __init__(self, hidden: int, ctx: int):
+        super().__init__()
+        self.hidden_size = hidden
+        self.gru = nn.Conv2d(hidden + ctx + 1, hidden, 3, padding=1)
+        self.head = nn.Conv2d(hidden, 2, 3, padding=1)
+
+    def forward(self, h, c, corr):
+        h = torch.tanh(self.gru(torch.cat([h, c, corr], 1)))
+        return h, self.head(h)
+
+
+class Flow(nn.Module):
+    """RAFT's two habits: its forward splits the context by ``self.update.hidden_size`` (an int of a
+    child), and it divides the correlation of two feature maps by the square root of their width, read
+    off the tensor between module calls. The feature maps' width is a group (a zero channel adds
+    nothing to the correlation); the graph keeps the old divisor, the own class would take the new
+    one, and no module call shows where: the own-class search finds that group by elimination."""
+
+    def __init__(self, feat: int = 8, hidden: int = 6, ctx: int = 4):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 12, 3, padding=1), nn.ReLU(), nn.Conv2d(12, feat, 1))
+        self.context = nn.Sequential(nn.Conv2d(3, 10, 3, padding=1), nn.ReLU(), nn.Conv2d(10, hidden + ctx, 1))
+        self.update = _Update(hidden, ctx)
+
+    def forward(self, a, b):
+        if a.shape[-1] % 2:  # NB: as RAFT's checks (symbolic_trace cannot take them; export reads the width as a number)
+            raise ValueError("even image widths only")
+        f = self.features(torch.cat([a, b], 0))
+        f1, f2 = torch.chunk(f, 2, 0)
+        corr = (f1 * f2).sum(1, keepdim=True) / torch.sqrt(torch.tensor(f1.shape[1], dtype=f1.dtype))
+        out = self.context(a)
+        size = self.update.hidden_size
+        h, c = torch.split(out, [size, out.shape[1] - size], dim=1)
+        h, c = torch.tanh(h), torch.relu(c)
+        flows = []
+        for _ in range(2):
+            h, d = self.update(h, c, corr)
+            flows.append(d)
+        return flows
+
+
+def test_a_width_read_between_calls_is_found_by_elimination(caplog):
+    torch.manual_seed(0)
+    model = randomize(Flow().eval())
+    x = (torch.randn(1, 3, 8, 8), torch.randn(1, 3, 8, 8))
+    oto = otofx.OTO(model, x)
+    zero_random_rows(model, oto, seed=1, fraction=0.5)
+    with caplog.at_level(logging.INFO, logger="otofx"):
+        small = oto.compress(form="module")
+    assert type(small) is Flow
+    assert_exact(model, oto, x, small=small)
+    assert_exact(model, oto, (torch.randn(2, 3, 12, 6), torch.randn(2, 3, 12, 6)), small=small)
+    # the held size of the child follows; the feature maps keep their width (the divisor's), and only they
+    assert small.update.hidden_size == small.update.gru.out_channels < 6
+    assert small.features[2].out_channels == 8
+    assert small.features[0].out_channels < 12 and small.context[0].out_channels < 10
+    assert "found by elimination" in caplog.text
+    assert any("keeps the" in r.getMessage() and r.levelno == logging.WARNING for r in caplog.records)
+    # form="auto" takes the own class too (it keeps 4 of the 20 zero rows, few of the parameters)
+    auto = oto.compress()
+    assert type(auto) is Flow and auto.features[2].out_channels == 8
