@@ -16,10 +16,11 @@ compressed model is the model's own class with its parts re-sized, verified agai
 itself on the example inputs.
 
 Internals:
-    * Parts are captured with torch.export (flat placeholders in the order of
+    * Parts are captured with ``symbolic_trace`` when they are called with tensors by position
+      alone and trace (a backbone), else with torch.export (flat placeholders in the order of
       ``tree_flatten((args, kwargs))``, the part's names for its parameters); get_attr and
-      call_module targets and ``nn_module_stack`` paths are prefixed with the part's path, so every
-      name in the graph is the model's own.
+      call_module targets, ``nn_module_stack`` paths and the tracer's ``MADE_IN`` labels are
+      prefixed with the part's path, so every name in the graph is the model's own.
     * ``gm.meta[PARTS]`` holds :class:`Parts`: the parts' paths, the model's example inputs, and
       what the capture of the whole model said.
     * # NB: a submodule called more than once (a head shared by the levels of a pyramid) is
@@ -35,6 +36,7 @@ import torch.fx as fx
 from torch.utils._pytree import tree_flatten
 
 from otofx.errors import CaptureError
+from otofx.passes.nodes import MADE_IN
 from otofx.verify import eval_mode
 
 log = logging.getLogger("otofx")
@@ -45,14 +47,16 @@ PARTS = "otofx_parts"  # gm.meta key: a Parts record when the model was captured
 @dataclass(frozen=True)
 class Parts:
     """What :func:`parts_captured` did: ``paths`` (the submodules captured, in call order),
-    ``args``/``kwargs`` (the model's example inputs), ``why`` (the whole model's capture error) and
-    ``asked`` (``frontend="parts"``; else the fallback of ``frontend="auto"``)."""
+    ``args``/``kwargs`` (the model's example inputs), ``why`` (the whole model's capture error),
+    ``asked`` (``frontend="parts"``; else the fallback of ``frontend="auto"``) and ``frontends`` (what
+    captured each part: ``symbolic_trace`` or ``export``)."""
 
     paths: tuple
     args: tuple
     kwargs: dict
     why: str
     asked: bool = False
+    frontends: tuple = ()
 
 
 @dataclass
@@ -101,6 +105,26 @@ def _flat_inputs(gm: fx.GraphModule, args: tuple, kwargs: dict) -> list:
     return tree_flatten((args, kwargs))[0]
 
 
+def _traced_part(module: torch.nn.Module, args: tuple, kwargs: dict):
+    """``Captured`` of a part by ``symbolic_trace`` (milliseconds, where torch.export takes seconds to
+    tens of seconds: a detector's backbone at the transform's 800-pixel images), when it is called with
+    tensors by position alone, its graph takes exactly those and calls no opaque function; else None
+    (the caller exports it)."""
+    from otofx.capture import Captured, _follow_mode_traced, _opaque_calls, trace
+
+    if kwargs or not args or not all(isinstance(a, torch.Tensor) for a in args):
+        return None
+    try:
+        gm = trace(module)
+    except Exception as e:  # noqa: BLE001 - torch.export is tried next
+        log.debug("otofx: symbolic_trace of part %s failed (%s: %s)", type(module).__name__, type(e).__name__, e)
+        return None
+    if sum(n.op == "placeholder" for n in gm.graph.nodes) != len(args) or _opaque_calls(gm):
+        return None
+    _follow_mode_traced(gm, module)
+    return Captured(gm, tuple(args), {}, "symbolic_trace")
+
+
 def _choose(model: torch.nn.Module, calls: dict) -> list:
     """``[(order, path, Captured)]``: the largest submodules with parameters that capture (top-down)."""
     from otofx.capture import export_captured
@@ -114,7 +138,8 @@ def _choose(model: torch.nn.Module, calls: dict) -> list:
         if call is None:
             return  # NB: the example never reached it: its parameters are unread, as in a whole capture
         try:
-            cap = export_captured(module, tuple(call.args), dict(call.kwargs))
+            cap = _traced_part(module, tuple(call.args), dict(call.kwargs)) \
+                or export_captured(module, tuple(call.args), dict(call.kwargs))
         except Exception as e:  # noqa: BLE001 - its children may still be captured
             log.info("otofx: part %s (%s) cannot be captured (%s: %s); trying its children", path,
                      type(module).__name__, type(e).__name__, str(e).splitlines()[0][:200] if str(e) else "")
@@ -180,6 +205,8 @@ def _stitch(model: torch.nn.Module, parts: list) -> tuple[fx.GraphModule, tuple]
                 new.target = f"{path}.{n.target}"
             if "nn_module_stack" in n.meta:
                 new.meta["nn_module_stack"] = _prefixed_stack(n.meta["nn_module_stack"], path)
+            if MADE_IN in n.meta:  # NB: a traced part's module labels
+                new.meta[MADE_IN] = f"{path}.{n.meta[MADE_IN]}" if n.meta[MADE_IN] else path
             env[n] = new
     graph.output(tuple(outputs))
     gm = graph_module(root, graph, type(model).__name__)
@@ -203,7 +230,7 @@ def parts_captured(model: torch.nn.Module, args: tuple, kwargs: dict, why: str, 
         raise CaptureError(f"{why}\n  In parts: no submodule with parameters could be captured either.")
     gm, values = _stitch(model, parts)
     paths = tuple(p for _, p, _ in parts)
-    gm.meta[PARTS] = Parts(paths, tuple(args), dict(kwargs), why, asked)
+    gm.meta[PARTS] = Parts(paths, tuple(args), dict(kwargs), why, asked, tuple(c.frontend for _, _, c in parts))
     left = [n for n, p in model.named_parameters()
             if not any(n == q or n.startswith(q + ".") for q in paths)]
     (log.info if asked else log.warning)("otofx: %s's forward cannot be captured as a whole; captured in %d parts (%s), whose outputs "

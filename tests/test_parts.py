@@ -16,6 +16,7 @@ import torch.nn as nn
 
 import otofx
 from helpers import n_params, randomize, snapshot, zero_random_rows
+from otofx.capture_parts import PARTS
 from otofx.errors import CaptureError, InputError
 
 
@@ -73,6 +74,48 @@ def test_numpy_postprocessing_is_captured_in_parts_and_comes_back_as_its_own_cla
         for images in (x, [torch.randn(3, 40, 32)]):
             _same(m(images), small(images))
     assert "captured in parts: backbone, head" in oto.report()
+    # NB: both parts take a tensor: traced (milliseconds), not exported
+    assert oto.graph_module.meta[PARTS].frontends == ("symbolic_trace", "symbolic_trace")
+
+
+class ListHead(nn.Module):
+    """A head over a list of feature maps (RetinaNet's): symbolic_trace cannot iterate the list."""
+
+    def __init__(self):
+        super().__init__()
+        self.tower, self.out = _cbr(32, 32), nn.Conv2d(32, 5, 1)
+
+    def forward(self, feats):
+        return [self.out(self.tower(f)) for f in feats]
+
+
+class PyramidDetector(NumpyDetector):
+    def __init__(self):
+        super().__init__()
+        self.head = ListHead()
+
+    def forward(self, images):
+        f = self.backbone(images[0].unsqueeze(0))
+        outs = self.head([f, torch.nn.functional.avg_pool2d(f, 2)])
+        scores = torch.cat([o[0, 0].flatten() for o in outs])
+        keep = np.flatnonzero(scores.detach().cpu().numpy() > 0)
+        return scores[torch.from_numpy(keep)]
+
+
+def test_a_part_over_a_list_is_exported_and_the_rest_traced():
+    torch.manual_seed(0)
+    m = randomize(PyramidDetector().eval())
+    x = [torch.randn(3, 24, 24)]
+    oto = otofx.OTO(m, (x,))
+    assert oto.graph_module.meta[PARTS].frontends == ("symbolic_trace", "export")
+    assert sorted(z.rows for z in oto.groups) == [16, 24, 32]
+    zero_random_rows(m, oto, seed=1, fraction=0.5)
+    small = oto.compress()
+    assert type(small) is PyramidDetector and n_params(small) < n_params(m)
+    assert small.head.tower[0].out_channels == 16
+    with torch.no_grad():
+        for images in (x, [torch.randn(3, 40, 32)]):
+            _same(m(images), small(images))
 
 
 def test_parts_have_no_graph_form():
