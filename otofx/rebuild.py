@@ -82,6 +82,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
+import re
 
 import numpy as np
 import torch
@@ -566,12 +567,13 @@ def _follow_literals(new: nn.Module, model: nn.Module, moves: dict, changed: dic
         for name in [path] + [c for c in _attribute_children(path, m, old) if c in news and c in olds]:
             # NB: a child registered under several names (CoaT's shared position encoding) has its first
             # name only in named_modules(): it is followed there, not here
-            here = _literal_attrs(name, news[name], olds[name], literals, here)
+            here = _literal_attrs(name, news[name], olds[name], literals, here, sizes_only=name != path)
             if here is None:
                 break
         for name, k, held, f in here or []:
-            if follow.setdefault((name, k), (name, k, held, f))[3] != f:
-                follow[(name, k)] = None  # NB: two forwards recount it differently: neither
+            was = follow.get((name, k), ())
+            # NB: two forwards that recount it differently: neither value
+            follow[(name, k)] = (name, k, held, f) if was == () or (was is not None and was[3] == f) else None
     follow = [t for t in follow.values() if t is not None]
     _move_attrs(news, follow, changed, "as the graph form recounts the literal it gave")
     return [(name, k) for name, k, _, _ in follow]
@@ -590,11 +592,19 @@ def _attribute_children(path: str, m: nn.Module, old: nn.Module) -> list:
     return out
 
 
-def _literal_attrs(name: str, m: nn.Module, old: nn.Module, literals: dict, here: list) -> list | None:
+_SIZE_NAME = re.compile(r"size|dim|width|channel|feature|hidden|head|split|inner", re.IGNORECASE)
+
+
+def _literal_attrs(name: str, m: nn.Module, old: nn.Module, literals: dict, here: list,
+                   sizes_only: bool = False) -> list | None:
     """``here`` with ``(name, attribute, held, new)`` for each int attribute of ``m`` (at ``name``) still at
-    ``old``'s value whose literal moved to one new value; None when one moved to several."""
+    ``old``'s value whose literal moved to one new value; None when one moved to several. ``sizes_only``
+    (a child's attributes, which its parent's forward may or may not read): only attributes named as
+    sizes (``hidden_state_size``, ``out_dim``...), not a ``layer_idx`` equal to a literal by chance."""
     now = _int_attrs(m, lists=True)
     for k, v in _int_attrs(old, lists=True).items():
+        if sizes_only and not _SIZE_NAME.search(k):
+            continue
         if now.get(k) != v:
             continue  # NB: re-synced already (a rule, resync_counts)
         key = tuple(v) if isinstance(v, list) else v
