@@ -1047,6 +1047,13 @@ def _spatial_capture(model, inputs, training: bool, budget: float, args, kwargs)
     if _static_image_dims(ep, inputs):
         return None, "torch.export keeps the image sizes static (the model fixes them)"
     gm = _finish(ep, model, training)
+    if not _pass_guards(gm, (args, kwargs)):
+        # NB: captured on the example widened to a batch of 2, the guards may refuse the batch of 1
+        # (YOLO12's area attention: ``4 * B * (h * w // 4) != h * w`` holds for B = 2 only): once more
+        # from the example itself
+        if inputs[0] is not args:
+            return _spatial_capture(model, (args, kwargs), training, budget, args, kwargs)
+        return None, "its graph refuses the example's own sizes"
     more = second_inputs(ep, args, kwargs, gm)
     if more is None:
         return None, "no second image size can be formed"

@@ -474,3 +474,53 @@ def test_a_branch_on_an_input_size_gives_the_graph(example, other, caplog):
     with caplog.at_level("WARNING", logger="otofx"):
         own = oto.compress(form="module")
     assert type(own) is _SizeBranch and any("branches on it" in r.getMessage() for r in caplog.records)
+
+
+class AreaAttention(nn.Module):
+    """YOLO12's area attention: the image's tokens cut into ``area`` groups along the batch."""
+
+    def __init__(self, c: int = 16, heads: int = 2, area: int = 4):
+        super().__init__()
+        self.area, self.heads, self.hd = area, heads, c // heads
+        self.qkv, self.proj = nn.Conv2d(c, 3 * c, 1), nn.Conv2d(c, c, 1)
+
+    def forward(self, x):
+        B, C, H, W = x.shape
+        N = H * W
+        qkv = self.qkv(x).flatten(2).transpose(1, 2)
+        qkv = qkv.reshape(B * self.area, N // self.area, C * 3)
+        B, N, _ = qkv.shape
+        q, k, v = qkv.view(B, N, self.heads, self.hd * 3).permute(0, 2, 3, 1).split([self.hd] * 3, dim=2)
+        a = torch.softmax((q.transpose(-2, -1) @ k) * self.hd ** -0.5, -1)
+        y = (v @ a.transpose(-2, -1)).permute(0, 3, 1, 2)
+        y = y.reshape(B // self.area, N * self.area, C)
+        B, N, _ = y.shape
+        return x + self.proj(y.reshape(B, H, W, C).permute(0, 3, 1, 2))
+
+
+class AreaNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem, self.attn, self.head = nn.Conv2d(3, 16, 3, padding=1), AreaAttention(), nn.Linear(16, 5)
+
+    def forward(self, x):
+        if x.shape[-1] % 2:  # NB: symbolic_trace cannot take it: exported
+            raise ValueError("even widths only")
+        return self.head(self.attn(torch.relu(self.stem(x))).mean((2, 3)))
+
+
+def test_a_batch_of_one_is_not_refused_by_the_widened_batchs_image_guards():
+    """Exported with the batch of 1 widened to 2 and the image sizes dynamic, YOLO12's area attention
+    records ``4 * B * (H * W // 4) != H * W``, false for the example's own batch of 1 (otofx.OTO raised a
+    CaptureError); the image-size capture is redone from the example itself."""
+    torch.manual_seed(0)
+    m = randomize(AreaNet().eval())
+    x = torch.randn(1, 3, 8, 8)
+    oto = otofx.OTO(m, (x,))
+    assert oto.frontend == "export"
+    zero_random_rows(m, oto, seed=1)
+    for form in ("module", "graph"):
+        small = oto.compress(form=form)
+        for inp in (x, torch.randn(1, 3, 12, 8)):
+            with torch.no_grad():
+                assert max_rel_diff(m(inp), small(inp)) <= RTOL
