@@ -524,3 +524,49 @@ def test_a_batch_of_one_is_not_refused_by_the_widened_batchs_image_guards():
         for inp in (x, torch.randn(1, 3, 12, 8)):
             with torch.no_grad():
                 assert max_rel_diff(m(inp), small(inp)) <= RTOL
+
+
+class ComputedAreaAttention(AreaAttention):
+    """The same with the head chunk computed from the input's width (``C * 3 // heads``, ``C // heads``):
+    symbolic_trace keeps those sizes as expressions of the stream's size, which shrink at run time when
+    the stream loses rows, while the qkv axis they cut loses whole heads instead."""
+
+    def forward(self, x):
+        B, C, H, W = x.shape
+        N = H * W
+        qkv = self.qkv(x).flatten(2).transpose(1, 2)
+        qkv = qkv.reshape(B * self.area, N // self.area, C * 3)
+        b, n, _ = qkv.shape
+        q, k, v = qkv.view(b, n, self.heads, C * 3 // self.heads).permute(0, 2, 3, 1).split(
+            [C // self.heads] * 3, dim=2)
+        a = torch.softmax((q.transpose(-2, -1) @ k) * self.hd ** -0.5, -1)
+        y = (v @ a.transpose(-2, -1)).permute(0, 3, 1, 2)
+        y = y.reshape(b // self.area, n * self.area, C)
+        return x + self.proj(y.reshape(B, H, W, C).permute(0, 3, 1, 2))
+
+
+class ComputedAreaNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem, self.attn, self.head = nn.Conv2d(3, 16, 3, padding=1), ComputedAreaAttention(), nn.Linear(16, 5)
+
+    def forward(self, x):
+        return self.head(self.attn(torch.relu(self.stem(x))).mean((2, 3)))
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_split_sizes_computed_from_a_pruned_width_become_the_pieces_sizes(seed):
+    """The graph form's split took ``[C // 2] * 3`` at run time (4 each once the stream lost half its
+    rows) of a head chunk of 24 that kept its size (``compress()`` raised "this is a bug in otofx"); the
+    pieces that keep their sizes now get them as numbers."""
+    torch.manual_seed(seed)
+    m = randomize(ComputedAreaNet().eval())
+    x = torch.randn(1, 3, 8, 8)
+    oto = otofx.OTO(m, (x,))
+    assert oto.frontend == "symbolic_trace"
+    zero_random_rows(m, oto, seed=seed)
+    small = oto.compress(form="graph")
+    assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in m.parameters())
+    for inp in (x, torch.randn(2, 3, 12, 8)):
+        with torch.no_grad():
+            assert max_rel_diff(m(inp), small(inp)) <= RTOL

@@ -114,9 +114,21 @@ def _split_fix(site, tensor=None, dim=0, kind="split", **kw):
         sizes.append(int(keep[start:start + n].sum()))
         start += n
     old_sizes = [o[d] for o in site.out_old_list]
-    if sizes == old_sizes:
+    # NB: sizes computed from a size that loses rows (``C // 2`` of a pruned stream ``C``) shrink at run
+    # time; pieces that keep their sizes (whole heads removed) then take them as literals
+    if sizes == old_sizes and not _moving_sizes(site, kw.get("split_size_or_sections")):
         return
     site.replace_call(torch.split, (tensor, sizes), {"dim": d})
+
+
+def _moving_sizes(site, arg) -> bool:
+    """Whether ``arg`` (sizes given to an op) holds a number computed from sizes that lose rows."""
+    labels = site.plan.zigset.labels
+    for v in fx.node.map_aggregate(arg, lambda a: a) if isinstance(arg, (list, tuple)) else (arg,):
+        lab = labels.get(v.name) if isinstance(v, fx.Node) else None
+        if isinstance(lab, SymSize) and any(not site._keep_ids(a).all() for a in lab.ids):
+            return True
+    return False
 
 
 @rule("split", fix=_split_fix, takes_sizes=True)
