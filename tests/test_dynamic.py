@@ -489,13 +489,15 @@ class AreaAttention(nn.Module):
         N = H * W
         qkv = self.qkv(x).flatten(2).transpose(1, 2)
         qkv = qkv.reshape(B * self.area, N // self.area, C * 3)
-        B, N, _ = qkv.shape
-        q, k, v = qkv.view(B, N, self.heads, self.hd * 3).permute(0, 2, 3, 1).split([self.hd] * 3, dim=2)
+        b, n, _ = qkv.shape
+        q, k, v = self.heads_of(qkv, b, n, C)
         a = torch.softmax((q.transpose(-2, -1) @ k) * self.hd ** -0.5, -1)
         y = (v @ a.transpose(-2, -1)).permute(0, 3, 1, 2)
-        y = y.reshape(B // self.area, N * self.area, C)
-        B, N, _ = y.shape
+        y = y.reshape(b // self.area, n * self.area, C)
         return x + self.proj(y.reshape(B, H, W, C).permute(0, 3, 1, 2))
+
+    def heads_of(self, qkv, b, n, c):
+        return qkv.view(b, n, self.heads, self.hd * 3).permute(0, 2, 3, 1).split([self.hd] * 3, dim=2)
 
 
 class AreaNet(nn.Module):
@@ -531,18 +533,8 @@ class ComputedAreaAttention(AreaAttention):
     symbolic_trace keeps those sizes as expressions of the stream's size, which shrink at run time when
     the stream loses rows, while the qkv axis they cut loses whole heads instead."""
 
-    def forward(self, x):
-        B, C, H, W = x.shape
-        N = H * W
-        qkv = self.qkv(x).flatten(2).transpose(1, 2)
-        qkv = qkv.reshape(B * self.area, N // self.area, C * 3)
-        b, n, _ = qkv.shape
-        q, k, v = qkv.view(b, n, self.heads, C * 3 // self.heads).permute(0, 2, 3, 1).split(
-            [C // self.heads] * 3, dim=2)
-        a = torch.softmax((q.transpose(-2, -1) @ k) * self.hd ** -0.5, -1)
-        y = (v @ a.transpose(-2, -1)).permute(0, 3, 1, 2)
-        y = y.reshape(b // self.area, n * self.area, C)
-        return x + self.proj(y.reshape(B, H, W, C).permute(0, 3, 1, 2))
+    def heads_of(self, qkv, b, n, c):
+        return qkv.view(b, n, self.heads, c * 3 // self.heads).permute(0, 2, 3, 1).split([c // self.heads] * 3, dim=2)
 
 
 class ComputedAreaNet(nn.Module):
