@@ -599,7 +599,6 @@ def _export_program(model, args, kwargs):
     drafts_raised: list = []  # exceptions of the drafts that raised
     tried = set()  # (inputs, dynamic dims per input) of the failed attempts
     i = -1
-    last_err = None
     while i + 1 < len(attempts):
         i += 1
         (a, k), dims = attempts[i]
@@ -607,13 +606,6 @@ def _export_program(model, args, kwargs):
         key = (widened is not None and a is widened[0], _dims_key(a, k, dims))
         if dims == "all" and seq_fixed:
             continue
-        if on_data and last_err is not None and any(_about_data_only(e) for e in drafts_raised):
-            # NB: the export failed on a branch on data and its draft raised on data-dependent sizes
-            # alone (torchvision's detectors: PendingUnbackedSymbolNotFound in the post-processing):
-            # fewer dynamic input sizes fail both the same way again (a minute on a detector)
-            log.info("torch.export and its draft failed on data-dependent sizes, not on the dynamic input sizes; "
-                     "no attempt with fewer dynamic dimensions")
-            raise last_err
         if key in tried and not last:
             log.debug("torch.export with %s dynamic: the same dimensions as a failed attempt; skipped", dims)
             continue
@@ -647,7 +639,14 @@ def _export_program(model, args, kwargs):
             if ep is None:
                 if dims is None:
                     raise err
-                last_err = err
+                if on_data and any(_about_data_only(e) for e in drafts_raised):
+                    # NB: the export failed on a branch on data and its draft raised on data-dependent
+                    # sizes alone (torchvision's detectors: PendingUnbackedSymbolNotFound in the
+                    # post-processing): fewer dynamic input sizes fail both the same way again (a minute
+                    # on a detector)
+                    log.info("torch.export and its draft failed on data-dependent sizes, not on the dynamic input "
+                             "sizes; no attempt with fewer dynamic dimensions")
+                    raise err
                 log.info("torch.export with %s dynamic failed (%s: %s); trying fewer dynamic dimensions",
                          "batch and sequence" if dims == "all" else "the batch dimension", type(err).__name__,
                          _first_line(err))

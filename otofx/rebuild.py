@@ -558,23 +558,25 @@ def _follow_literals(new: nn.Module, model: nn.Module, moves: dict, changed: dic
 
     Returns ``(module, attribute)`` of each move.
     """
-    olds, news, follow = dict(model.named_modules()), dict(new.named_modules()), {}
+    olds, news, found = dict(model.named_modules()), dict(new.named_modules()), {}
     for path, literals in moves.items():
         m, old = news.get(path), olds.get(path)
         if m is None or old is None or type(m) is not type(old):
             continue
-        here: list | None = []
+        here: list = []
         for name in [path] + [c for c in _attribute_children(path, m, old) if c in news and c in olds]:
             # NB: a child registered under several names (CoaT's shared position encoding) has its first
             # name only in named_modules(): it is followed there, not here
-            here = _literal_attrs(name, news[name], olds[name], literals, here, sizes_only=name != path)
-            if here is None:
+            got = _literal_attrs(news[name], olds[name], literals, sizes_only=name != path)
+            if got is None:
+                here = []
                 break
-        for name, k, held, f in here or []:
-            was = follow.get((name, k), ())
-            # NB: two forwards that recount it differently: neither value
-            follow[(name, k)] = (name, k, held, f) if was == () or (was is not None and was[3] == f) else None
-    follow = [t for t in follow.values() if t is not None]
+            here += [(name, k, held, f) for k, held, f in got]
+        for name, k, held, f in here:
+            found.setdefault((name, k), []).append((held, f))
+    # NB: an attribute two forwards recount differently takes neither value
+    follow = [(name, k, got[0][0], got[0][1]) for (name, k), got in found.items()
+              if all(f == got[0][1] for _, f in got)]
     _move_attrs(news, follow, changed, "as the graph form recounts the literal it gave")
     return [(name, k) for name, k, _, _ in follow]
 
@@ -595,13 +597,12 @@ def _attribute_children(path: str, m: nn.Module, old: nn.Module) -> list:
 _SIZE_NAME = re.compile(r"size|dim|width|channel|feature|hidden|head|split|inner", re.IGNORECASE)
 
 
-def _literal_attrs(name: str, m: nn.Module, old: nn.Module, literals: dict, here: list,
-                   sizes_only: bool = False) -> list | None:
-    """``here`` with ``(name, attribute, held, new)`` for each int attribute of ``m`` (at ``name``) still at
-    ``old``'s value whose literal moved to one new value; None when one moved to several. ``sizes_only``
+def _literal_attrs(m: nn.Module, old: nn.Module, literals: dict, sizes_only: bool = False) -> list | None:
+    """``(attribute, held, new)`` of each int attribute of ``m`` still at ``old``'s value whose literal
+    moved to one new value; None when one moved to several. ``sizes_only``
     (a child's attributes, which its parent's forward may or may not read): only attributes named as
     sizes (``hidden_state_size``, ``out_dim``...), not a ``layer_idx`` equal to a literal by chance."""
-    now = _int_attrs(m, lists=True)
+    now, here = _int_attrs(m, lists=True), []
     for k, v in _int_attrs(old, lists=True).items():
         if sizes_only and not _SIZE_NAME.search(k):
             continue
@@ -624,7 +625,7 @@ def _literal_attrs(name: str, m: nn.Module, old: nn.Module, literals: dict, here
         elif isinstance(held, (tuple, list)):
             f = type(held)(f) if isinstance(f, tuple) and len(f) == len(held) else None
         if f is not None:
-            here.append((name, k, held, f))
+            here.append((k, held, f))
     return here
 
 

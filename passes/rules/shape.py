@@ -124,11 +124,13 @@ def _split_fix(site, tensor=None, dim=0, kind="split", **kw):
 def _moving_sizes(site, arg) -> bool:
     """Whether ``arg`` (sizes given to an op) holds a number computed from sizes that lose rows."""
     labels = site.plan.zigset.labels
-    for v in fx.node.map_aggregate(arg, lambda a: a) if isinstance(arg, (list, tuple)) else (arg,):
-        lab = labels.get(v.name) if isinstance(v, fx.Node) else None
-        if isinstance(lab, SymSize) and any(not site._keep_ids(a).all() for a in lab.ids):
-            return True
-    return False
+    return any(_loses_rows(site, labels.get(v.name)) for v in (arg if isinstance(arg, (list, tuple)) else (arg,))
+               if isinstance(v, fx.Node))
+
+
+def _loses_rows(site, lab) -> bool:
+    """Whether ``lab`` is a size read (or computed) off axes of which the plan removes rows."""
+    return isinstance(lab, SymSize) and any(not site._keep_ids(a).all() for a in lab.ids)
 
 
 @rule("split", fix=_split_fix, takes_sizes=True)
@@ -313,7 +315,7 @@ def _size_arg(site, v, old: int, new: int):
     lab = site.plan.zigset.labels.get(v.name)
     if not isinstance(lab, SymSize):
         return v
-    loses = any(not site._keep_ids(a).all() for a in lab.ids)
+    loses = _loses_rows(site, lab)
     if old == new:
         # NB: an expression of sizes that lose rows changes at run time though this axis keeps its
         # size (twins' ``q.reshape(B, N, heads, C // heads)``, C read off the pruned stream, q pinned)
