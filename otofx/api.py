@@ -52,7 +52,9 @@ from otofx.capture import (DATA_BRANCHES, SIZE_BOUNDS, STATIC_IMAGE_SIZES, _firs
 from otofx.capture_parts import PARTS
 from otofx.errors import CaptureError, InputError, OTOError, VerificationError
 from otofx.passes.nodes import ModuleTensors, get_path, layer_norm_params, module_tensors, set_path, unread_parameters
-from otofx.passes.prune import Plan, output_keeps, plan_rows, row_norms, zero_row_plan, zero_rows
+from otofx.passes.modules import PrunedLayerNorm, PrunedOwnLayerNorm
+from otofx.passes.prune import (Plan, output_keeps, plan_rows, positional_fill_groups, row_norms, zero_row_plan,
+                                zero_rows)
 from otofx.passes.resize import inline_grn_groups, inline_layer_norm_groups, inline_standardisation_groups
 from otofx.passes.shapes import ShapePropError
 from otofx.passes.zigs import ZIG, ZigSet
@@ -360,6 +362,32 @@ def _runs(model: torch.nn.Module, example_inputs) -> bool:
     return True
 
 
+def _exported_instead(model: torch.nn.Module, inputs, pin, free, error: Exception):
+    """The analysis of ``model``'s torch.export capture, when its symbolic_trace graph (what the "auto"
+    front-end takes first) did not run the example (``error``); None when the graph was not symbolic_trace's
+    or the export's analysis fails too (the caller captures in parts then).
+
+    # NB: a proxy answers Python's questions its own way: ``if cond["shift"] is not None`` holds for the
+    # proxy of a dict whose entry is None (diffusers' PixArt: ``added_cond_kwargs={"resolution": None}``),
+    # and the trace takes a branch the example does not; export runs the model's code on the example
+    """
+    from otofx.capture import trace
+
+    try:
+        trace(model)
+    except Exception:  # noqa: BLE001 - the failing graph was not symbolic_trace's
+        return None
+    try:
+        state = pipeline.analysis("export").run(model, inputs, pin=tuple(pin), free_outputs=free)
+    except Exception as e:  # noqa: BLE001
+        log.info("otofx: the symbolic_trace graph of %s does not run the example (%s), nor does torch.export's "
+                 "analysis (%s: %s)", type(model).__name__, _first_line(error), type(e).__name__, _first_line(e))
+        return None
+    log.info("otofx: the symbolic_trace graph of %s does not run the example (%s); captured by torch.export",
+             type(model).__name__, _first_line(error))
+    return state
+
+
 def _tiled_like(example, shaped):
     """``example``'s tensors tiled to the shapes of ``shaped`` (same structure), as ``(args, kwargs)``."""
     from otofx.capture import tile_to
@@ -370,6 +398,42 @@ def _tiled_like(example, shaped):
            for t, m in zip(flat, like)]
     a, k = tree_unflatten(out, spec)
     return tuple(a), dict(k)
+
+
+def _resized_inputs(args: tuple, kwargs: dict) -> list:
+    """``[(what, (args, kwargs))]``: the example inputs at another size a model may take, for checking
+    an own class whose layer norms hold constants that differ from position to position: every image
+    (a float tensor of rank >= 4) at twice its sizes; without one, every sequence (dim 1 of an integer
+    or bool tensor of rank 2, of a float tensor of rank 3) at twice its length. Tensors are tiled."""
+    from otofx.capture import tile_to
+
+    flat, spec = tree_flatten((args, kwargs))
+    tensors = [t for t in flat if isinstance(t, torch.Tensor)]
+    images = any(t.is_floating_point() and t.dim() >= 4 for t in tensors)
+
+    def grown(t):
+        if not isinstance(t, torch.Tensor):
+            return t
+        if images:
+            return tile_to(t, (*t.shape[:2], *(2 * n for n in t.shape[2:]))) \
+                if t.is_floating_point() and t.dim() >= 4 else t
+        if (t.dim() == 2 and not t.is_floating_point()) or (t.dim() == 3 and t.is_floating_point()):
+            return tile_to(t, (t.shape[0], 2 * t.shape[1], *t.shape[2:]))
+        return t
+
+    out = [grown(t) for t in flat]
+    if all(o is t for o, t in zip(out, flat)):
+        return []
+    a, k = tree_unflatten(out, spec)
+    what = "twice the example's image size" if images else "twice the example's sequence length"
+    return [(what, (tuple(a), dict(k)))]
+
+
+def _positional_fills(model: torch.nn.Module) -> list:
+    """Names of ``model``'s pruned layer norms whose filled constants differ along an axis before the
+    last (from position to position)."""
+    return [name for name, m in model.named_modules() if isinstance(m, (PrunedLayerNorm, PrunedOwnLayerNorm))
+            and m.fill is not None and any(d > 1 for d in m.fill.shape[:-1])]
 
 
 class OTO:
@@ -403,12 +467,15 @@ class OTO:
             # in the graph's); the parts around such code are analysed instead, when the model runs
             if frontend != "auto" or self._on_meta or not _runs(model, inputs):
                 raise
-            self.state = pipeline.analysis("parts").run(model, inputs, pin=tuple(pin), free_outputs=free)
-            if not self.state.get(pipeline.ZIGSET).zigs:
-                raise
-            log.warning("otofx: the analysis of %s's captured graph failed (%s); captured in parts instead (%s), "
-                        "whose outputs keep their widths", type(model).__name__, _first_line(e),
-                        ", ".join(self.state.gm.meta[PARTS].paths))
+            state = _exported_instead(model, inputs, pin, free, e)
+            if state is None:
+                state = pipeline.analysis("parts").run(model, inputs, pin=tuple(pin), free_outputs=free)
+                if not state.get(pipeline.ZIGSET).zigs:
+                    raise
+                log.warning("otofx: the analysis of %s's captured graph failed (%s); captured in parts instead (%s), "
+                            "whose outputs keep their widths", type(model).__name__, _first_line(e),
+                            ", ".join(state.gm.meta[PARTS].paths))
+            self.state = state
         parts = self.state.gm.meta.get(PARTS)
         if parts is not None and not parts.asked and not self.state.get(pipeline.ZIGSET).zigs:
             # NB: parts whose every channel crosses to another part (conv, NumPy, conv) teach nothing:
@@ -789,10 +856,21 @@ class OTO:
         grns = (inline_grn_groups(gm, self.model, plan.zigset)
                 | inline_standardisation_groups(gm, self.model, plan.zigset)
                 | inline_layer_norm_groups(gm, self.model, plan.zigset)) & set(removing)
+        # NB: and the widths whose removed channels hold a position table the norms read (DiT's stream), when
+        # the model takes inputs of other sizes: a fill holds the example's positions only
+        positions = set().union(*positional_fill_groups(gm, plan.zigset, fills).values()) & set(removing) \
+            if fills and self._sizes_taken() else set()
+        grns |= positions
         normed = layer_norm_params(gm)
         norms = {i for i in removing if any(name in normed for name, _, _ in zigs[i].params)}
-        tries = ([("GRNs, weight standardisations and layer norms written into a forward", grns)] if grns else []) + (
-            [("LayerNorms (GroupNorm(1)s, GRNs)", norms | grns)] if norms else [])
+        what = "the width(s) GRNs, weight standardisations and layer norms written into a forward normalise"
+        if positions:
+            # NB: the model takes other sizes, where a fill read at the example's positions is wrong
+            where = ("the width(s) whose removed channels hold a position table that layer norms read (the model "
+                     "takes inputs of other sizes)")
+            what = f"{where}, and of {what}" if grns - positions else where
+        tries = ([(what, grns)] if grns else []) + (
+            [("the width(s) LayerNorms (GroupNorm(1)s, GRNs) normalise", norms | grns)] if norms else [])
         for what, groups in tries:
             # NB: the norms' widths are kept whatever they cost (a language model keeps generate());
             # only a copy that removes nothing is no answer to form="auto"
@@ -804,7 +882,7 @@ class OTO:
                 return None
             small = self._try_keeping(plan, groups, check, rtol, fills)
             if isinstance(small, torch.nn.Module):
-                log.warning("otofx: compress() keeps the %d zero row(s) of the width(s) %s normalise in the %s it "
+                log.warning("otofx: compress() keeps the %d zero row(s) of %s in the %s it "
                             "returns: removed, %s; form='graph' removes them",
                             _count(plan, groups), what, type(self.model).__name__, _why(error))
                 return small
@@ -842,9 +920,12 @@ class OTO:
         def found(small, keep: set, removed_n: int, kept_rows: int):
             log.warning("otofx: compress() keeps the %d zero row(s) of %d group(s) in the %s it returns, removing "
                         "%d of the %d parameters the graph form removes: its forward cannot take them removed (at "
-                        "%s; removed: %s); form='graph' removes them", kept_rows, len(keep),
+                        "%s; removed: %s)%s; form='graph' removes them", kept_rows, len(keep),
                         type(self.model).__name__, removed_n, full,
-                        ", ".join(dict.fromkeys(b or type(self.model).__name__ for b in blamed)), _why(error))
+                        ", ".join(dict.fromkeys(b or type(self.model).__name__ for b in blamed)), _why(error),
+                        f"; with them, the {_count(plan, positions & keep)} zero row(s) of group(s) {sorted(positions & keep)} "
+                        "whose removed channels hold a position table that layer norms read (the model takes inputs "
+                        "of other sizes, where those constants differ)" if positions & keep else "")
             log.info("otofx: the own-class search of %s made %d copies", type(self.model).__name__, tries)
             return small
 
@@ -1099,7 +1180,53 @@ class OTO:
                 log.info("otofx: %s: kept without the config's floats (%d weight folds: %s)",
                          type(self.model).__name__, len(folds), _first_line(e))
                 small = plain
+            try:
+                self._check_positions(small, rtol)
+            except RebuildError:
+                if failed is not None:
+                    failed.append(small)
+                raise
         return small
+
+    def _sizes_taken(self) -> list:
+        """``[(what, args, kwargs)]`` of :func:`_resized_inputs` that the model itself runs (once per OTO:
+        what sizes a model takes does not change with its weights); none for a model on the meta device."""
+        got = self.__dict__.get("_sizes_taken_cache")
+        if got is None:
+            got = []
+            if not self._on_meta:
+                for what, (a, k) in _resized_inputs(self._args, self._kwargs):
+                    try:
+                        with _no_kv_cache(self.model, k):
+                            run_eval(self.model, a, k)
+                    except Exception:  # noqa: BLE001 - the model refuses that size: nothing to check
+                        continue
+                    got.append((what, a, k))
+            self._sizes_taken_cache = got
+        return got
+
+    def _check_positions(self, small: torch.nn.Module, rtol: float) -> None:
+        """Raise RebuildError when ``small`` holds layer-norm constants read at the example's positions
+        (:func:`_positional_fills`: a position table added into removed channels, DiT's) and differs from
+        the model (or fails) at another size the model takes (:meth:`_sizes_taken`)."""
+        held = _positional_fills(small)
+        if not held:
+            return
+        for what, a, k in self._sizes_taken():
+            try:
+                with _no_kv_cache(self.model, k):
+                    ref = run_eval(self.model, a, k)
+                with _no_kv_cache(small, k):
+                    got = run_eval(small, a, k)
+                ok, err = outputs_close(narrow_outputs(ref, got, self._output_keep(small)), got, rtol)
+                why = f"differs from the model by {err:.2g}"
+            except Exception as e:  # noqa: BLE001 - the copy's forward at that size
+                ok, why = False, f"fails: {type(e).__name__}: {_first_line(e)}"
+            if not ok:
+                raise RebuildError(
+                    f"layer norm(s) {', '.join(held[:3])} hold the constants their removed channels had at the "
+                    f"example's positions (a position table added into them); at {what}, which the model takes, "
+                    f"its own class {why}")
 
     def _other_size_branch(self, small: torch.nn.Module, rtol: float) -> str | None:
         """What the model's own class gets wrong at an input size just outside the ranges the export

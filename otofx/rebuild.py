@@ -92,9 +92,10 @@ from otofx.errors import OTOError
 from otofx.passes.modules import (PrunedGlobalResponseNorm, PrunedGroupNorm, PrunedLayerNorm, PrunedMultiheadAttention,
                                   PrunedOwnLayerNorm, PrunedRNN, PrunedStdConv2d, grow_fill, pool_moments, removed_moments)
 from otofx.passes.prune import Plan, constant_fills, take
-from otofx.passes.nodes import call_arguments, set_path, submodule, viewed_shapes
+from otofx.passes.nodes import call_arguments, made_in, set_path, submodule, viewed_shapes
 from otofx.passes.weightnorm import computed_shapes, own_classes, refit_gains, stale_weights
-from otofx.passes.resize import (STREAM_WIDTHS, Change, ResizeError, Scope, apply_rms_fold, literal_moves, resize,
+from otofx.passes.resize import (IN_WIDTHS, OUT_WIDTHS, STREAM_WIDTHS, Change, ResizeError, Scope, unique_new,
+                                 apply_rms_fold, literal_moves, module_io_widths, resize,
                                  resync_counts,
                                  constant_scale_sources, grn_sites, norm_sites, rms_folds, rms_input_producer,
                                  batch_stats_sites, standardised_module,
@@ -240,6 +241,7 @@ def rebuild(model: nn.Module, plan: Plan, gm: torch.fx.GraphModule | None = None
     if gm is not None:
         _swap_own_layer_norms(new, model, gm, plan)
         done = _follow_literals(new, model, literal_moves(gm, plan), changed) if follow_literals else []
+        done += _follow_io_widths(new, model, gm, plan, changed) if follow_literals else []
         if moved is not None:
             moved += done
     fills = constant_fills(gm, plan, inputs, fills) if gm is not None else {}
@@ -366,6 +368,10 @@ def _fill_layer_norms(new: nn.Module, plan: Plan, gm: torch.fx.GraphModule | Non
             if name in standardised:
                 continue
             path = _norm_module(gm, nodes[name])
+            if path is None and isinstance(submodule(new, made_in(nodes[name]) or ""), PrunedOwnLayerNorm):
+                # NB: an nn.LayerNorm without weights (DiT's, over a stream holding its position table): no
+                # weight names it; the module whose forward made the node does, and took its place
+                path = made_in(nodes[name])
             if path is None:
                 raise RebuildError(f"the layer norm at node '{name}' reads removed channels that hold constants, "
                                    "and no module of the model computes it to take them")
@@ -375,11 +381,15 @@ def _fill_layer_norms(new: nn.Module, plan: Plan, gm: torch.fx.GraphModule | Non
                                    "different constants")
             values[path] = v
     for path, m in new.named_modules():
-        if not isinstance(m, PrunedLayerNorm):
+        if not isinstance(m, (PrunedLayerNorm, PrunedOwnLayerNorm)):
             continue
         have = 0 if m.fill is None else m.fill.shape[-1]
         count = m.full_width - int(m.normalized_shape[-1]) - have
         v = values.pop(path, None)
+        if v is not None and isinstance(m, PrunedOwnLayerNorm) and m.dim not in (-1, v.dim() - 1):
+            # NB: the constants are read along the graph norm's last axis
+            raise RebuildError(f"the layer norm '{path}' normalises axis {m.dim} of its input, whose removed "
+                               "channels hold constants read along its last axis")
         if count > 0:
             m.fill = grow_fill(m.fill, v, count)
     if values:
@@ -578,6 +588,35 @@ def _follow_literals(new: nn.Module, model: nn.Module, moves: dict, changed: dic
     follow = [(name, k, got[0][0], got[0][1]) for (name, k), got in found.items()
               if all(f == got[0][1] for _, f in got)]
     _move_attrs(news, follow, changed, "as the graph form recounts the literal it gave")
+    return [(name, k) for name, k, _, _ in follow]
+
+
+def _follow_io_widths(new: nn.Module, model: nn.Module, gm: torch.fx.GraphModule, plan: Plan, changed: dict) -> list:
+    """Int attributes named as a module's input or output width (``IN_WIDTHS``, ``OUT_WIDTHS``) of the
+    modules of the user's or a library's class (not torch.nn's, whose resizers own theirs) take the new
+    width of the channel axis of the tensors the module reads (or makes) that had their value, when
+    one new width is found (``passes.resize.module_io_widths``): diffusers' ``Upsample2D`` asserts
+    ``hidden_states.shape[1] == self.channels``, and its conv's input and output widths, both 64, do
+    not say which is ``channels``.
+
+    # NB: a guess, as :func:`_follow_literals`'s (which see): the copy is verified, and made again
+    # without these moves when it fails
+    Returns ``(module, attribute)`` of each move."""
+    ins, outs = module_io_widths(gm, plan.zigset, plan)
+    olds, follow = dict(model.named_modules()), []
+    for path, m in new.named_modules():
+        old = olds.get(path)
+        if not path or old is None or type(m) is not type(old) or type(m).__module__.startswith("torch."):
+            continue
+        for names, pairs in ((IN_WIDTHS, ins.get(path)), (OUT_WIDTHS, outs.get(path))):
+            for attr in names if pairs else ():
+                v = m.__dict__.get(attr)
+                if type(v) is not int or old.__dict__.get(attr) != v:
+                    continue  # NB: not a width, or re-synced already
+                f = unique_new(pairs, v)
+                if f is not None and f != v:
+                    follow.append((path, attr, v, f))
+    _move_attrs(dict(new.named_modules()), follow, changed, "as the width of what the module reads or makes")
     return [(name, k) for name, k, _, _ in follow]
 
 

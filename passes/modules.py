@@ -387,16 +387,20 @@ class PrunedOwnLayerNorm(nn.Module):
     ``F.layer_norm`` of its tensors) over axis ``dim`` of its input, whose ``width`` entries were
     ``full_width`` before pruning: the removed entries were zero, and the mean and variance still divide
     by ``full_width``. The weight and bias keep the names and shapes they had in the source module
-    (``weight``/``bias`` or ``gamma``/``beta``, ``[C]`` or ``[C, 1, 1]``), so the state dict keeps its keys."""
+    (``weight``/``bias`` or ``gamma``/``beta``, ``[C]`` or ``[C, 1, 1]``), so the state dict keeps its keys.
+    ``fill`` (a buffer, or None), as :class:`PrunedLayerNorm`'s: the constants other than 0 the removed
+    entries held (``[..., full_width - width]``, against the input with axis ``dim`` moved last: an
+    ``nn.LayerNorm`` without weights over DiT's stream, whose removed channels hold its position table)."""
 
     def __init__(self, src: nn.Module | None, *, dim: int, width: int, full_width: int, eps: float,
-                 weight: str | None = None, bias: str | None = None):
+                 weight: str | None = None, bias: str | None = None, fill: torch.Tensor | None = None):
         super().__init__()
         self.dim, self.width, self.full_width, self.eps = int(dim), int(width), int(full_width), float(eps)
         self.weight_name, self.bias_name = weight, bias
         for name in (weight, bias):
             if name is not None:
                 self.register_parameter(name, getattr(src, name))
+        self.register_buffer("fill", fill)
         if src is not None:
             self.train(src.training)
 
@@ -406,25 +410,29 @@ class PrunedOwnLayerNorm(nn.Module):
 
     @classmethod
     def empty(cls, *, dim: int, width: int, full_width: int, eps: float, weight=None, bias=None,
-              shapes=None, device=None, dtype=None):
+              shapes=None, fill_shape=None, device=None, dtype=None):
         """Uninitialised, of the given structure (``otofx.load`` fills the tensors)."""
         src = nn.Module()
         for name, shape in zip((weight, bias), shapes or ((width,), (width,))):
             if name is not None:
                 setattr(src, name, nn.Parameter(torch.empty(tuple(shape), device=device, dtype=dtype)))
-        return cls(src, dim=dim, width=width, full_width=full_width, eps=eps, weight=weight, bias=bias)
+        fill = torch.empty(tuple(fill_shape), device=device, dtype=dtype) if fill_shape is not None else None
+        return cls(src, dim=dim, width=width, full_width=full_width, eps=eps, weight=weight, bias=bias, fill=fill)
 
     def init_kwargs(self) -> dict:
         """The arguments of :meth:`empty` that rebuild this module's structure."""
         shapes = [list(getattr(self, n).shape) if n is not None else None for n in (self.weight_name, self.bias_name)]
-        return {"dim": self.dim, "width": self.width, "full_width": self.full_width, "eps": self.eps,
-                "weight": self.weight_name, "bias": self.bias_name, "shapes": shapes}
+        out = {"dim": self.dim, "width": self.width, "full_width": self.full_width, "eps": self.eps,
+               "weight": self.weight_name, "bias": self.bias_name, "shapes": shapes}
+        if self.fill is not None:
+            out["fill_shape"] = list(self.fill.shape)
+        return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = getattr(self, self.weight_name).reshape(-1) if self.weight_name is not None else None
         b = getattr(self, self.bias_name).reshape(-1) if self.bias_name is not None else None
         y = layer_norm_kept_divisor(x.movedim(self.dim, -1), (self.width,), w, b, self.eps,
-                                    old=self.full_width, new=self.width)
+                                    old=self.full_width, new=self.width, fill=self.fill)
         return y.movedim(-1, self.dim)
 
     def extra_repr(self) -> str:

@@ -72,7 +72,7 @@ from otofx.fxcompat import graph_module_like
 from .channels import AxisLabels, labs_in
 from .modules import refresh_rnn_weights
 from .nodes import get_path, set_path
-from .registry import RULES, arg_slot, bind, form_of, set_arg
+from .registry import RULES, arg_slot, bind, form_of, op_of, set_arg
 from .weightnorm import own_classes, refit_gains, stale_weights
 from .zigs import ZigSet
 
@@ -376,6 +376,36 @@ def constant_fills(gm: fx.GraphModule, plan: Plan, inputs=None, read: dict | Non
     if read is not None:
         read.update({k: (want[k], v) for k, v in got.items()})
     return {k: constant_fill(v) for k, v in got.items()}
+
+
+def positional_fill_groups(gm: fx.GraphModule, zigset, read: dict) -> dict:
+    """``{norm node name: group indices}``: the groups of the removed entries whose constants
+    (``read``: :func:`constant_fills`'s ``{node name: (entries, values)}``) differ along an axis
+    before the last (from token to token: DiT's position table in removed channels of its stream).
+
+    # NB: such a fill holds the example's positions: an input of another size (which the model may
+    # take) reads other constants there, so a module keeping it is exact at the example's size only
+    """
+    nodes = {n.name: n for n in gm.graph.nodes}
+    out: dict = {}
+    for name, (entries, values) in read.items():
+        node = nodes.get(name)
+        # NB: a weight standardisation's fills (its conv's removed input columns) differ per output channel
+        if node is None or op_of(node, gm) != "layer_norm":
+            continue
+        src = _norm_input(node)
+        lab = zigset.labels.get(src.name) if isinstance(src, fx.Node) else None
+        if not isinstance(lab, AxisLabels) or values.dim() < 2:
+            continue
+        # NB: constants are the same for every sample: along the batch too, so all leading axes are positions
+        lead = values.reshape(-1, values.shape[-1])
+        varies = (lead != lead[:1]).any(0).cpu().numpy()
+        ids = lab.ids[-1][entries.numpy()[varies]]
+        zigs = zigset.zig_of_root[zigset.uf.find(ids)] if len(ids) else np.zeros(0, dtype=np.int64)
+        got = {int(i) for i in np.unique(zigs) if i >= 0}
+        if got:
+            out[name] = got
+    return out
 
 
 def _rows_zeroed(gm: fx.GraphModule, plan: Plan) -> fx.GraphModule:

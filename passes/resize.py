@@ -515,7 +515,7 @@ class Scope:
                 self.counts.add((old // b, new // b))
 
 
-def _unique_new(pairs: set, value: int):
+def unique_new(pairs: set, value: int):
     new = {n for o, n in pairs if o == value}
     return new.pop() if len(new) == 1 else None
 
@@ -534,12 +534,12 @@ def resync_counts(module: nn.Module, scope: Scope, stream_widths: bool = False) 
             v = module.__dict__.get(attr)
             if type(v) is not int:
                 continue
-            new = _unique_new(pairs, v)
+            new = unique_new(pairs, v)
             if new is None and names is widths:
                 # NB: a model with no token embedding keeps no stream apart: a stream that shrank from
                 # the width the heads had (timm's ViT: attn_dim 192 -> 128, its dim 192 -> 96) leaves
                 # the head width to the axes that lost whole heads
-                new = _unique_new(scope.heads, v) if attr in WIDTHS else None
+                new = unique_new(scope.heads, v) if attr in WIDTHS else None
             if new is not None and new != v:
                 setattr(module, attr, new)
                 done[attr] = (v, new)
@@ -896,6 +896,64 @@ def own_norm_sites(gm, zigset, plan=None):
             continue
         path = n.target if plain else made_in(n)
         yield OwnNormSite(n.name, path, ln is not None, None if eps is None else float(eps), len(ids), new, ids)
+
+
+# attributes of a module of the user's (or a library's) class that hold the width of its input, or of its
+# output, as its own forward may check it (diffusers' ``Upsample2D``: ``assert x.shape[1] == self.channels``)
+IN_WIDTHS = ("channels", "in_channels", "in_features", "in_dim", "input_dim", "in_chans")
+OUT_WIDTHS = ("out_channels", "out_features", "out_dim", "output_dim")
+
+
+def _containers(path: str | None) -> list:
+    """The dotted names of the modules a node made in ``path`` is inside (``path`` and its parents; not
+    the top module, which holds everything)."""
+    if not path:
+        return []
+    parts = path.split(".")
+    return [".".join(parts[:k]) for k in range(1, len(parts) + 1)]
+
+
+def _node_home(n: fx.Node) -> str | None:
+    return n.target if n.op == "call_module" else made_in(n)
+
+
+def module_io_widths(gm, zigset, plan) -> tuple:
+    """``(inputs, outputs)``, each ``{module path: {(old, new)}}``: the sizes (before and after ``plan``) of
+    the channel axes (those holding a group's rows) of the tensors each module reads from outside it, and
+    of those read outside it that it made. One pass over the graph; the top module is left out."""
+    labels, uf = zigset.labels, zigset.uf
+    ins: dict = {}
+    outs: dict = {}
+
+    def widths(node: fx.Node) -> set:
+        lab = labels.get(node.name)
+        if not isinstance(lab, AxisLabels):
+            return set()
+        out = set()
+        for ids in lab.ids:
+            if not len(ids):
+                continue
+            roots = uf.find(ids)
+            if (zigset.zig_of_root[roots] >= 0).any():
+                out.add((len(ids), int((~plan.removed_roots[roots]).sum())))
+        return out
+
+    homes = {n: set(_containers(_node_home(n))) for n in gm.graph.nodes if n.op not in ("placeholder", "output")}
+    for n in gm.graph.nodes:
+        here = homes.get(n, set())
+        for a in n.all_input_nodes:
+            if a.op == "get_attr":
+                continue
+            there = homes.get(a, set())
+            into, out_of = here - there, there - here  # NB: modules n is inside and a is not, and back
+            if not into and not out_of:
+                continue
+            w = widths(a)
+            for path in into:
+                ins.setdefault(path, set()).update(w)
+            for path in out_of:
+                outs.setdefault(path, set()).update(w)
+    return ins, outs
 
 
 def module_input_shapes(gm) -> dict:

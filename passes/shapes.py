@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 import torch.fx as fx
+import torch.fx._pytree as fx_pytree
 from torch.func import functional_call
 from torch.utils._pytree import tree_map
 
@@ -425,18 +426,35 @@ def _real_error(interp: "MetaProp", n: fx.Node) -> str | None:
     return None
 
 
+def _spec_leaves(gm: fx.GraphModule, args: tuple, kwargs: dict, count: int) -> list | None:
+    """The example inputs flattened in the order of ``gm``'s placeholders by its pytree input spec (an export
+    capture's: a nested input, ``added_cond_kwargs={"resolution": None, ...}``, is one placeholder per
+    leaf), or None when ``gm`` has no such spec or the inputs do not fit it."""
+    info = getattr(gm.graph._codegen, "pytree_info", None)
+    spec = getattr(info, "in_spec", None)
+    if spec is None:
+        return None
+    try:
+        flat = fx_pytree.tree_flatten_spec((tuple(args), dict(kwargs)), spec)
+    except Exception:  # noqa: BLE001 - inputs of another structure: matched by name
+        return None
+    return list(flat) if len(flat) == count else None
+
+
 def annotate_shapes(gm: fx.GraphModule, args: tuple, kwargs: dict | None = None) -> fx.GraphModule:
     """Annotate every node of ``gm`` with ``meta['val']`` (meta tensors) from example args/kwargs."""
     kwargs = kwargs or {}
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    flat = list(args)
-    for n in placeholders[len(args):]:
-        if n.target in kwargs:
-            flat.append(kwargs[n.target])
-        elif n.args:
-            flat.append(n.args[0])
-        else:
-            raise ShapePropError(f"no example value for input '{n.target}': pass it in example_inputs")
+    flat = _spec_leaves(gm, args, kwargs, len(placeholders))
+    if flat is None:
+        flat = list(args)
+        for n in placeholders[len(args):]:
+            if n.target in kwargs:
+                flat.append(kwargs[n.target])
+            elif n.args:
+                flat.append(n.args[0])
+            else:
+                raise ShapePropError(f"no example value for input '{n.target}': pass it in example_inputs")
     try:
         MetaProp(gm).run(*meta_like(tuple(flat)))
     except ShapePropError as e:

@@ -175,6 +175,39 @@ def test_keyword_inputs():
     torch.testing.assert_close(small(**x), m(**x))
 
 
+class _Conditioned(nn.Module):
+    """Takes a dict of optional conditions (diffusers' PixArt: ``added_cond_kwargs={"resolution": None, ...}``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 6), nn.Linear(6, 3)
+
+    def forward(self, x, cond=None):
+        h = self.a(x)
+        if cond["scale"] is not None:
+            h = h * cond["scale"]
+        if cond["shift"] is not None:
+            h = h + cond["shift"]
+        return self.b(torch.relu(h))
+
+
+@pytest.mark.parametrize("frontend", ["auto", "export"])
+def test_a_nested_input_with_none_leaves(frontend):
+    """An export capture takes one placeholder per leaf of a nested input, None leaves included: the
+    shapes are propagated with the inputs flattened by the graph's own input spec. symbolic_trace's graph
+    (a proxy for the dict: ``cond["shift"] is not None`` holds) does not run the example: "auto" exports."""
+    torch.manual_seed(0)
+    m = randomize(_Conditioned().eval())
+    x = {"x": torch.randn(2, 4), "cond": {"scale": torch.rand(2, 1) + 0.5, "shift": None}}
+    oto = otofx.OTO(m, x, frontend=frontend)
+    assert [z.rows for z in oto.groups] == [6]
+    zero_random_rows(m, oto, seed=0, fraction=0.5)
+    for form in ("graph", "module"):
+        small = oto.compress(form=form)
+        with torch.no_grad():
+            torch.testing.assert_close(small(**x), m(**x))
+
+
 def test_tensor_constants_do_not_land_on_the_model():
     """fx stores a tensor made in forward without traced inputs (maxvit's relative position
     index) as ``_tensor_constantN`` on the traced module; capture must leave the user's model as it

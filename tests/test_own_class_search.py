@@ -541,3 +541,64 @@ def test_a_width_read_between_calls_is_found_by_elimination(caplog):
     # form="auto" takes the own class too (it keeps 4 of the 20 zero rows, few of the parameters)
     auto = oto.compress()
     assert type(auto) is Flow and auto.features[2].out_channels == 8
+
+
+# ---------------------------------------------------------------------------------------------
+# a width a module checks against what it reads or makes (diffusers' Upsample2D, Downsample1D)
+# ---------------------------------------------------------------------------------------------
+
+
+class _Resample(nn.Module):
+    """Up- or down-samples, then a conv; asserts its input's and output's widths against its attributes."""
+
+    def __init__(self, channels: int, out_channels: int, up: bool):
+        super().__init__()
+        self.channels, self.out_channels, self.up = channels, out_channels, up
+        self.conv = nn.Conv2d(channels, out_channels, 3, padding=1)
+
+    def forward(self, x):
+        assert x.shape[1] == self.channels
+        x = F.interpolate(x, scale_factor=2.0, mode="nearest") if self.up else F.avg_pool2d(x, 2)
+        y = self.conv(x)
+        assert y.shape[1] == self.out_channels
+        return y
+
+
+class _UNetish(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv_in = nn.Conv2d(3, 16, 3, padding=1)
+        self.norm1 = nn.GroupNorm(4, 16)
+        self.down = _Resample(16, 16, up=False)
+        self.norm2 = nn.GroupNorm(4, 16)
+        self.up = _Resample(16, 16, up=True)
+        self.norm3 = nn.GroupNorm(4, 16)
+        self.conv_out = nn.Conv2d(16, 3, 3, padding=1)
+
+    def forward(self, x):
+        h = F.silu(self.norm1(self.conv_in(x)))
+        h = F.silu(self.norm2(self.down(h)))
+        h = F.silu(self.norm3(self.up(h)))
+        return self.conv_out(h)
+
+
+def test_widths_a_module_asserts_follow_what_it_reads_and_makes():
+    """Each resampler's conv takes 16 channels and makes 16; the groups around it lose 1, 2 and 3 of their
+    4 rows (of 4 channels each, by the GroupNorms), so `channels` and `out_channels` take the widths of the
+    tensors the module reads and makes, not of any axis of 16 its conv has."""
+    torch.manual_seed(0)
+    model = randomize(_UNetish().eval())
+    x = torch.randn(1, 3, 16, 16)
+    oto = otofx.OTO(model, x)
+    assert sorted(z.rows for z in oto.groups) == [4, 4, 4]
+    lose = {"conv_in.bias": 1, "down.conv.bias": 3, "up.conv.bias": 2}
+    rows = [list(range(next(k for b, k in lose.items() if any(n == b for n, _, _ in z.params)))) for z in oto.groups]
+    zero_rows(model, oto, rows)
+    small = oto.compress(form="module")
+    assert type(small) is _UNetish
+    assert (small.down.channels, small.down.out_channels) == (12, 4)
+    assert (small.up.channels, small.up.out_channels) == (4, 8)
+    for shape in ((1, 3, 16, 16), (2, 3, 8, 24)):
+        xs = torch.randn(shape)
+        with torch.no_grad():
+            assert max_rel_diff(model(xs), small(xs)) <= 1e-4
