@@ -403,8 +403,9 @@ def _tiled_like(example, shaped):
 def _resized_inputs(args: tuple, kwargs: dict) -> list:
     """``[(what, (args, kwargs))]``: the example inputs at another size a model may take, for checking
     an own class whose layer norms hold constants that differ from position to position: every image
-    (a float tensor of rank >= 4) at twice its sizes; without one, every sequence (dim 1 of an integer
-    or bool tensor of rank 2, of a float tensor of rank 3) at twice its length. Tensors are tiled."""
+    (a float tensor of rank >= 4) at twice its height and width (its last two sizes: a clip's frames and
+    channels come before them, in either order); without one, every sequence (dim 1 of an integer or
+    bool tensor of rank 2, of a float tensor of rank 3) at twice its length. Tensors are tiled."""
     from otofx.capture import tile_to
 
     flat, spec = tree_flatten((args, kwargs))
@@ -415,7 +416,7 @@ def _resized_inputs(args: tuple, kwargs: dict) -> list:
         if not isinstance(t, torch.Tensor):
             return t
         if images:
-            return tile_to(t, (*t.shape[:2], *(2 * n for n in t.shape[2:]))) \
+            return tile_to(t, (*t.shape[:-2], 2 * t.shape[-2], 2 * t.shape[-1])) \
                 if t.is_floating_point() and t.dim() >= 4 else t
         if (t.dim() == 2 and not t.is_floating_point()) or (t.dim() == 3 and t.is_floating_point()):
             return tile_to(t, (t.shape[0], 2 * t.shape[1], *t.shape[2:]))

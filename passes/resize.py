@@ -64,6 +64,7 @@ import numpy as np
 import torch
 import torch.fx as fx
 import torch.nn as nn
+import torch.nn.functional as F
 
 from otofx.errors import OTOError
 
@@ -257,6 +258,34 @@ def _forward_owner(m: nn.Module) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
+def _computes_layer_norm(m: nn.LayerNorm, shape: tuple) -> bool:
+    """Whether ``m`` (an ``nn.LayerNorm`` subclass with its own forward) computes ``F.layer_norm`` of its
+    input with its own tensors, in eval and training mode (diffusers' ``FP32LayerNorm``: the same in
+    float32, cast back), found by running a copy at width ``shape`` with random weights; then
+    PrunedLayerNorm computes it at the old divisor (half inputs normalised in float32, as it does)."""
+    import copy
+
+    g = torch.Generator().manual_seed(0)
+    try:
+        probe = copy.deepcopy(m)
+        probe = (probe.to_empty(device="cpu") if any(t.is_meta for t in probe.parameters()) else probe.cpu()).float()
+        probe.normalized_shape = shape
+        with torch.no_grad():
+            for p in probe.parameters(recurse=False):
+                p.copy_(torch.rand(p.shape, generator=g) + 0.5)
+            x = torch.randn(3, 5, *shape, generator=g) * 2 + 0.5
+            for training in (False, True):
+                probe.train(training)
+                got = probe(x)
+                want = F.layer_norm(x, shape, probe.weight, probe.bias, probe.eps)
+                if not isinstance(got, torch.Tensor) or got.shape != want.shape or \
+                        not torch.allclose(got, want, rtol=1e-5, atol=1e-5):
+                    return False
+    except Exception:  # noqa: BLE001 - a forward that does more, or takes other inputs
+        return False
+    return True
+
+
 @resizer(nn.LayerNorm, *CHANNELS_FIRST_LAYER_NORMS)
 def layer_norm(m: nn.LayerNorm, change: Change):
     """nn.LayerNorm over a narrowed last axis: replaced by PrunedLayerNorm (its mean and variance
@@ -271,7 +300,7 @@ def layer_norm(m: nn.LayerNorm, change: Change):
     named = _forward_owner(m)
     data_format = getattr(m, "data_format", None) if named in DATA_FORMAT_LAYER_NORMS else None
     if type(m).forward is not nn.LayerNorm.forward and named not in CHANNELS_FIRST_LAYER_NORMS + PLAIN_LAYER_NORMS \
-            and data_format not in ("channels_last", "channels_first"):
+            and data_format not in ("channels_last", "channels_first") and not _computes_layer_norm(m, tuple(t.shape)):
         raise ResizeError(f"{type(m).__name__}'s own forward divides by its width, {t.shape[0]} now, not by the "
                           f"old {m.normalized_shape[-1]}")
     full = m.normalized_shape[-1]

@@ -154,10 +154,19 @@ def test_compressed_again_keeps_the_first_divisor():
 
 
 class _OwnNorm(nn.LayerNorm):
-    """A LayerNorm subclass with its own forward (an fp32 upcast): otofx cannot swap it."""
+    """A LayerNorm subclass with its own forward that is not F.layer_norm (the Annotated Transformer's: the
+    unbiased std, eps outside the root): otofx cannot swap it."""
 
     def forward(self, x):
-        return F.layer_norm(x.float(), self.normalized_shape, self.weight, self.bias, self.eps).to(x.dtype)
+        return (x - x.mean(-1, keepdim=True)) / (x.std(-1, keepdim=True) + self.eps) * self.weight + self.bias
+
+
+class _Fp32Norm(nn.LayerNorm):
+    """diffusers' FP32LayerNorm: F.layer_norm in float32, cast back. PrunedLayerNorm computes the same."""
+
+    def forward(self, x):
+        return F.layer_norm(x.float(), self.normalized_shape, self.weight.float(), self.bias.float(),
+                            self.eps).to(x.dtype)
 
 
 class _Block(nn.Module):
@@ -195,6 +204,23 @@ def test_layer_norm_subclass_with_its_own_forward_keeps_its_width_in_the_own_cla
     zero_random_rows(plain, oto, seed=1)
     small = oto.compress()
     assert type(small) is _Block and isinstance(small.n0, PrunedLayerNorm) and small.n0.weight.shape == (8,)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_layer_norm_subclass_computing_layer_norm_is_swapped(dtype):
+    """A subclass whose own forward computes F.layer_norm of its tensors (in float32 and cast back: diffusers'
+    FP32LayerNorm, Wan's) is found so by a probe and swapped for PrunedLayerNorm: its width goes too."""
+    torch.manual_seed(0)
+    model = randomize(_Block(_Fp32Norm).eval())
+    x = torch.randn(4, 5, 6)
+    oto = otofx.OTO(model, x)
+    zero_random_rows(model, oto, seed=1)
+    small = assert_exact(model, oto, x, small=oto.compress(form="module"))
+    assert type(small) is _Block and isinstance(small.n0, PrunedLayerNorm) and small.n0.weight.shape == (8,)
+    half, small_half = model.to(dtype), small.to(dtype)
+    with torch.no_grad():
+        ref, got = half(x.to(dtype)).float(), small_half(x.to(dtype)).float()
+    assert (ref - got).abs().max() <= 0.05 * ref.abs().max()
 
 
 def test_pinning_the_layer_norms_keeps_a_model_from_pretrained_can_load(tmp_path):

@@ -556,6 +556,8 @@ def _repeat_interleave_fix(site, input, repeats=1, dim=None, output_size=None, *
     if new == old:
         return
     d = _ax(dim, len(old))
+    if new[d] == old[d]:
+        return  # NB: another axis lost entries; the repeated one (a batch: UNet3D's frames) keeps its size expression
     if site.old(input)[d] == 1:  # copies of one channel: as many as are left
         site.set("repeats", new[d])
     if output_size is not None:
