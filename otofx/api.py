@@ -860,7 +860,9 @@ class OTO:
         # NB: and the widths whose removed channels hold a position table the norms read (DiT's stream), when
         # the model takes inputs of other sizes: a fill holds the example's positions only
         positions = set().union(*positional_fill_groups(gm, plan.zigset, fills).values()) & set(removing) \
-            if fills and self._sizes_taken() else set()
+            if fills else set()
+        if positions and not self._sizes_taken():  # NB: the model runs at a larger size only here
+            positions = set()
         grns |= positions
         normed = layer_norm_params(gm)
         norms = {i for i in removing if any(name in normed for name, _, _ in zigs[i].params)}
