@@ -675,10 +675,19 @@ def _scope(mname: str, m: nn.Module, cuts: dict, old_shapes: dict, stream: froze
     heads); otherwise it is a width only: a low rank that equals a head count (DSA's indexer heads)
     must not move it."""
     prefix = f"{mname}." if mname else ""
-    names = [prefix + a for a, _ in list(m.named_parameters(recurse=False)) + list(m.named_buffers(recurse=False))]
+
+    def held(sub: nn.Module) -> list:
+        return [a for a, _ in list(sub.named_parameters(recurse=False)) + list(sub.named_buffers(recurse=False))]
+
+    names = [prefix + a for a in held(m)]
     for child, sub in m.named_children():
-        names += [f"{prefix}{child}.{a}" for a, _ in
-                  list(sub.named_parameters(recurse=False)) + list(sub.named_buffers(recurse=False))]
+        names += [f"{prefix}{child}.{a}" for a in held(sub)]
+        if not held(sub):
+            # NB: a wrapper without tensors of its own (Ultralytics' and timm's conv-norm-act ``Conv``: its
+            # ``conv`` and ``bn``) counts with the leaves it wraps: YOLO11's attention reads its heads off
+            # ``qkv.conv``
+            names += [f"{prefix}{child}.{g}.{a}" for g, leaf in sub.named_children() if not list(leaf.children())
+                      for a in held(leaf)]
     scope = Scope()
     near, multi = set(), set()
     for n in names:

@@ -602,3 +602,65 @@ def test_widths_a_module_asserts_follow_what_it_reads_and_makes():
         xs = torch.randn(shape)
         with torch.no_grad():
             assert max_rel_diff(model(xs), small(xs)) <= 1e-4
+
+
+# ---------------------------------------------------------------------------------------------
+# head counts read off a conv inside a wrapper (Ultralytics' Conv: conv + bn, no tensors of its own)
+# ---------------------------------------------------------------------------------------------
+
+
+class _ConvBN(nn.Module):
+    def __init__(self, c1: int, c2: int, k: int = 1, g: int = 1):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(c1, c2, k, padding=k // 2, groups=g, bias=False), nn.BatchNorm2d(c2)
+
+    def forward(self, x):
+        return self.bn(self.conv(x))
+
+
+class _PSAAttention(nn.Module):
+    """YOLO11's position-sensitive attention: q, k, v of every head from one conv, viewed by the held sizes."""
+
+    def __init__(self, dim: int = 64, num_heads: int = 2):
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, dim // num_heads
+        self.key_dim = self.head_dim // 2
+        self.scale = self.key_dim ** -0.5
+        self.qkv = _ConvBN(dim, dim + 2 * self.key_dim * num_heads)
+        self.proj, self.pe = _ConvBN(dim, dim), _ConvBN(dim, dim, 3, g=dim)
+
+    def forward(self, x):
+        B, C, H, W = x.shape
+        q, k, v = self.qkv(x).view(B, self.num_heads, self.key_dim * 2 + self.head_dim, H * W).split(
+            [self.key_dim, self.key_dim, self.head_dim], dim=2)
+        attn = ((q * self.scale).transpose(-2, -1) @ k).softmax(dim=-1)
+        x = (v @ attn.transpose(-2, -1)).view(B, C, H, W) + self.pe(v.reshape(B, C, H, W))
+        return self.proj(x)
+
+
+class _PSANet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem, self.attn, self.head = _ConvBN(3, 64, 3), _PSAAttention(), nn.Linear(64, 5)
+
+    def forward(self, x):
+        h = torch.relu(self.stem(x))
+        return self.head((h + self.attn(h)).mean((2, 3)))
+
+
+def test_a_head_count_read_off_a_wrapped_conv_follows_the_heads_removed():
+    """The heads' group (one row per head of q, k, v and the position conv) loses a head and the stream
+    half its channels: the attention's ``num_heads`` follows ``qkv.conv``'s head axis inside its wrapper,
+    so no zero rows are kept (they were: YOLO11's and YOLOv10's PSA kept their heads and stream)."""
+    torch.manual_seed(0)
+    model = randomize(_PSANet().eval())
+    x = torch.randn(1, 3, 8, 8)
+    oto = otofx.OTO(model, x)
+    assert sorted(z.rows for z in oto.groups) == [2, 64]
+    zero_random_rows(model, oto, seed=1)
+    small = oto.compress(form="module")
+    assert type(small) is _PSANet and small.attn.num_heads == 1 and small.stem.conv.out_channels == 32
+    for shape in ((1, 3, 8, 8), (2, 3, 6, 10)):
+        xs = torch.randn(shape)
+        with torch.no_grad():
+            assert max_rel_diff(model(xs), small(xs)) <= 1e-4
