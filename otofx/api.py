@@ -926,9 +926,10 @@ class OTO:
                         "%s; removed: %s)%s; form='graph' removes them", kept_rows, len(keep),
                         type(self.model).__name__, removed_n, full,
                         ", ".join(dict.fromkeys(b or type(self.model).__name__ for b in blamed)), _why(error),
-                        f"; with them, the {_count(plan, positions & keep)} zero row(s) of group(s) {sorted(positions & keep)} "
-                        "whose removed channels hold a position table that layer norms read (the model takes inputs "
-                        "of other sizes, where those constants differ)" if positions & keep else "")
+                        f"; with them, the {_count(plan, positions & keep)} zero row(s) of group(s) "
+                        f"{sorted(positions & keep)} whose removed channels hold a position table that layer norms "
+                        "read (the model takes inputs of other sizes, where those constants differ)"
+                        if positions & keep else "")
             log.info("otofx: the own-class search of %s made %d copies", type(self.model).__name__, tries)
             return small
 

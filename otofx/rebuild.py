@@ -37,7 +37,11 @@ Internals:
       pieces now differ becomes their list), ReXNet's ``in_channels``. Only an attribute no rule
       re-synced, and only to the one new value of that literal in that module's forward; a guess
       all the same (the attribute may also scale something): ``OTO.compress`` verifies the copy
-      and tries it without them when it fails.
+      and tries it without them when it fails. Width attributes a module's forward checks rather
+      than writes (``Upsample2D.channels``: ``passes.resize.IN_WIDTHS``/``OUT_WIDTHS``) follow the
+      width of what the module reads or makes (:func:`_follow_io_widths`), with the literals.
+    * A wrapper child with no tensors of its own (a conv-norm ``Conv``) counts with the leaves it
+      wraps when a module's head counts and widths are read off its children (:func:`_scope`).
     * The config: integer fields (and entries of per-layer lists of ints, and the fields of
       nested configs such as ``text_config``) whose old value some changed width or head count had
       are tried one at a time, each kept if building the class from the config (on the meta
@@ -68,8 +72,11 @@ Internals:
       ConvNeXt's and SAM's channels-first ``LayerNorm``, Cohere's; ``F.layer_norm`` of its tensors:
       OLMo's; an ``nn.LayerNorm`` without weights) is replaced by ``PrunedOwnLayerNorm``
       (:func:`_swap_own_layer_norms`; its axis, weight and bias are found by running a copy with random
-      weights: ``passes.resize.own_norm_replacement``). A written-out norm that no module computes alone
-      is refused; its widths stay out of the config, as ``PrunedLayerNorm``'s.
+      weights: ``passes.resize.own_norm_replacement``; it takes ``fill`` as ``PrunedLayerNorm`` does). A
+      written-out norm that no module computes alone is refused; its widths stay out of the config, as
+      ``PrunedLayerNorm``'s. A fill that differs from position to position (a position table in the
+      removed channels) is right at the example's size only: ``OTO.compress`` checks the copy at another
+      size the model takes and keeps those widths where it fails (``OTO._check_positions``).
     * A weight-standardised conv (timm's ``StdConv2d`` family) whose input channels go becomes
       ``PrunedStdConv2d`` (the resize), which keeps the old fan-in, and gets ``fill``, the moments of
       the removed columns (:func:`_fill_weight_standardisations`); a conv standardising its weight in
