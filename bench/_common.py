@@ -1,14 +1,17 @@
 """Helpers shared by the bench/ scripts: model list, randomised norms, zeroing rows, timing.
 
 The scripts run as ``python bench/<name>.py``, so ``bench/`` is on ``sys.path`` and they import
-this module (and ``_peers``) by their bare names. Nothing here prints.
+this module (and ``_peers``) by their bare names. Nothing here prints but :func:`apart_args`'s child row.
 """
 from __future__ import annotations
 
 import argparse
+import json
+import logging
 import platform
 import statistics
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Callable
@@ -143,3 +146,39 @@ def timing_args(parser: argparse.ArgumentParser, runs: int = 20, warmup: int = 3
     parser.add_argument("--runs", type=int, default=runs, help=f"timed forward calls, median (default {runs})")
     parser.add_argument("--warmup", type=int, default=warmup, help=f"untimed forward calls first (default {warmup})")
     parser.add_argument("--format", default="github", help="tabulate table format")
+
+
+def rows_apart(script: str, names: list, timeout: float, key: str = "model", failed: str = "front-end"):
+    """Each name's row, from ``python script --one name`` run in its own process (it prints ``ROW <json>``),
+    as it comes; a process that prints no row gets ``{key: name, failed: "FAIL <its last stderr line>"}``,
+    one past ``timeout`` seconds ``{key: name, failed: "timeout (N s)"}``."""
+    for name in names:
+        try:
+            p = subprocess.run([sys.executable, script, "--one", name], capture_output=True, text=True,
+                               timeout=timeout)
+            got = [ln[4:] for ln in p.stdout.splitlines() if ln.startswith("ROW ")]
+            yield json.loads(got[-1]) if got else {key: name, failed: "FAIL " + (p.stderr.strip().splitlines()
+                                                                                  or ["?"])[-1][:160]}
+        except subprocess.TimeoutExpired:
+            yield {key: name, failed: f"timeout ({timeout:.0f} s)"}
+
+
+def otofx_messages() -> list:
+    """A list that gets every message otofx logs from now on (its warnings say where rows are kept)."""
+    said: list = []
+    handler = logging.Handler()
+    handler.emit = lambda r: said.append(r.getMessage())
+    logging.getLogger("otofx").addHandler(handler)
+    return said
+
+
+def apart_args(ap: argparse.ArgumentParser, one: Callable[[str], dict], timeout: float = 900):
+    """``ap``'s arguments with ``--timeout`` (per process of :func:`rows_apart`) and the hidden ``--one NAME``
+    it runs the children with; None in such a child, which has printed ``one(NAME)``'s row."""
+    ap.add_argument("--timeout", type=float, default=timeout)
+    ap.add_argument("--one", default="", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.one:
+        print("ROW " + json.dumps(one(a.one)), flush=True)  # NB: the child's one output line
+        return None
+    return a

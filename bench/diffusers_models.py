@@ -21,10 +21,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import re
-import subprocess
 import sys
 import time
 
@@ -145,15 +143,13 @@ def one(name: str) -> dict:
     import torch
 
     sys.path.insert(0, os.path.join(HERE, "..", "tests"))
+    from _common import otofx_messages
     from helpers import randomize, zero_random_rows
 
     import otofx
     from otofx.verify import compare
 
-    said: list = []
-    handler = logging.Handler()
-    handler.emit = lambda r: said.append(r.getMessage())
-    logging.getLogger("otofx").addHandler(handler)
+    said = otofx_messages()
     build, inputs = _models()[name]
     torch.manual_seed(0)
     m = build().eval()
@@ -199,13 +195,12 @@ def one(name: str) -> dict:
 
 
 def main() -> None:
+    from _common import apart_args, rows_apart
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only", default="", help="comma-separated model names (as in the table; a prefix will do)")
-    ap.add_argument("--timeout", type=float, default=900)
-    ap.add_argument("--one", default="", help=argparse.SUPPRESS)
-    a = ap.parse_args()
-    if a.one:
-        print("ROW " + json.dumps(one(a.one)))
+    a = apart_args(ap, one)
+    if a is None:
         return
     import diffusers
     from tabulate import tabulate
@@ -219,15 +214,7 @@ def main() -> None:
     print(f"torch {__import__('torch').__version__}, diffusers {diffusers.__version__}; "
           f"load average {os.getloadavg()[0]:.2f}", flush=True)
     rows = []
-    for name in names:
-        try:
-            p = subprocess.run([sys.executable, __file__, "--one", name], capture_output=True, text=True,
-                               timeout=a.timeout)
-            got = [ln[4:] for ln in p.stdout.splitlines() if ln.startswith("ROW ")]
-            row = json.loads(got[-1]) if got else {"model": name, "front-end": "FAIL " + (p.stderr.strip().splitlines()
-                                                                                       or ["?"])[-1][:160]}
-        except subprocess.TimeoutExpired:
-            row = {"model": name, "front-end": f"timeout ({a.timeout:.0f} s)"}
+    for row in rows_apart(__file__, names, a.timeout):
         print(json.dumps(row), flush=True)
         rows.append(row)
     keys = ["model", "class", "front-end", "groups", "auto", "module", "kept", "graph kept", "other input",

@@ -33,9 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
-import subprocess
 import sys
 import time
 
@@ -92,16 +90,14 @@ def one(name: str) -> dict:
     import torch
 
     sys.path.insert(0, os.path.join(HERE, "..", "tests"))
+    from _common import otofx_messages
     from helpers import randomize, zero_random_rows
 
     import otofx
     from otofx.capture_parts import PARTS
     from otofx.verify import compare
 
-    said: list = []
-    handler = logging.Handler()
-    handler.emit = lambda r: said.append(r.getMessage())
-    logging.getLogger("otofx").addHandler(handler)
+    said = otofx_messages()
     task = _task_of(name)
     torch.manual_seed(0)
     m = _build(name, task).eval()
@@ -137,14 +133,13 @@ def one(name: str) -> dict:
 
 
 def main() -> None:
+    from _common import apart_args, rows_apart
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tasks", default=",".join(TASKS), help="comma-separated: " + ", ".join(TASKS))
     ap.add_argument("--only", default="", help="comma-separated model names (overrides --tasks)")
-    ap.add_argument("--timeout", type=float, default=900)
-    ap.add_argument("--one", default="", help=argparse.SUPPRESS)
-    a = ap.parse_args()
-    if a.one:
-        print("ROW " + json.dumps(one(a.one)))
+    a = apart_args(ap, one)
+    if a is None:
         return
     import torchvision
     from tabulate import tabulate
@@ -160,15 +155,7 @@ def main() -> None:
     print(f"torch {__import__('torch').__version__}, torchvision {torchvision.__version__}; "
           f"load average {os.getloadavg()[0]:.2f}", flush=True)
     rows = []
-    for name in names:
-        try:
-            p = subprocess.run([sys.executable, __file__, "--one", name], capture_output=True, text=True,
-                               timeout=a.timeout)
-            got = [ln[4:] for ln in p.stdout.splitlines() if ln.startswith("ROW ")]
-            row = json.loads(got[-1]) if got else {"model": name, "front-end": "FAIL " + (p.stderr.strip().splitlines()
-                                                                                       or ["?"])[-1][:160]}
-        except subprocess.TimeoutExpired:
-            row = {"model": name, "front-end": f"timeout ({a.timeout:.0f} s)"}
+    for row in rows_apart(__file__, names, a.timeout):
         print(json.dumps(row), flush=True)
         rows.append(row)
     keys = ["task", "model", "front-end", "groups", "auto", "module", "kept", "other input", "replayed", "analysis s",
