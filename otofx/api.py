@@ -404,8 +404,9 @@ def _resized_inputs(args: tuple, kwargs: dict) -> list:
     """``[(what, (args, kwargs))]``: the example inputs at another size a model may take, for checking
     an own class whose layer norms hold constants that differ from position to position: every image
     (a float tensor of rank >= 4) at twice its height and width (its last two sizes: a clip's frames and
-    channels come before them, in either order); without one, every sequence (dim 1 of an integer or
-    bool tensor of rank 2, of a float tensor of rank 3) at twice its length. Tensors are tiled."""
+    channels come before them, in either order); without one, every sequence (an integer or bool tensor of
+    rank 2, a float tensor of rank 3) at twice its length and batch (its first two sizes: sequence-first
+    layouts, ``[L, B]``, as well as ``[B, L]``). Tensors are tiled."""
     from otofx.capture import tile_to
 
     flat, spec = tree_flatten((args, kwargs))
@@ -419,14 +420,14 @@ def _resized_inputs(args: tuple, kwargs: dict) -> list:
             return tile_to(t, (*t.shape[:-2], 2 * t.shape[-2], 2 * t.shape[-1])) \
                 if t.is_floating_point() and t.dim() >= 4 else t
         if (t.dim() == 2 and not t.is_floating_point()) or (t.dim() == 3 and t.is_floating_point()):
-            return tile_to(t, (t.shape[0], 2 * t.shape[1], *t.shape[2:]))
+            return tile_to(t, (2 * t.shape[0], 2 * t.shape[1], *t.shape[2:]))
         return t
 
     out = [grown(t) for t in flat]
     if all(o is t for o, t in zip(out, flat)):
         return []
     a, k = tree_unflatten(out, spec)
-    what = "twice the example's image size" if images else "twice the example's sequence length"
+    what = "twice the example's image size" if images else "twice the example's sequence length and batch"
     return [(what, (tuple(a), dict(k)))]
 
 
