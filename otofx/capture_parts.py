@@ -37,6 +37,7 @@ from torch.utils._pytree import tree_flatten
 
 from otofx.errors import CaptureError
 from otofx.passes.nodes import MADE_IN
+from otofx.passes.shapes import spec_leaves
 from otofx.verify import eval_mode
 
 log = logging.getLogger("otofx")
@@ -97,12 +98,8 @@ def _holds_weights(module: torch.nn.Module) -> bool:
 
 def _flat_inputs(gm: fx.GraphModule, args: tuple, kwargs: dict) -> list:
     """The values of ``gm``'s placeholders for ``gm(*args, **kwargs)`` (torch.export's flattening)."""
-    spec = getattr(getattr(gm.graph._codegen, "pytree_info", None), "in_spec", None)
-    if spec is not None:
-        from torch.fx._pytree import tree_flatten_spec
-
-        return list(tree_flatten_spec((args, kwargs), spec))
-    return tree_flatten((args, kwargs))[0]
+    flat = spec_leaves(gm, args, kwargs)
+    return flat if flat is not None else tree_flatten((args, kwargs))[0]
 
 
 def _traced_part(module: torch.nn.Module, args: tuple, kwargs: dict):

@@ -426,27 +426,25 @@ def _real_error(interp: "MetaProp", n: fx.Node) -> str | None:
     return None
 
 
-def _spec_leaves(gm: fx.GraphModule, args: tuple, kwargs: dict, count: int) -> list | None:
-    """The example inputs flattened in the order of ``gm``'s placeholders by its pytree input spec (an export
-    capture's: a nested input, ``added_cond_kwargs={"resolution": None, ...}``, is one placeholder per
-    leaf), or None when ``gm`` has no such spec or the inputs do not fit it."""
-    info = getattr(gm.graph._codegen, "pytree_info", None)
-    spec = getattr(info, "in_spec", None)
+def spec_leaves(gm: fx.GraphModule, args: tuple, kwargs: dict) -> list | None:
+    """The values of ``gm``'s placeholders for ``gm(*args, **kwargs)``, flattened by its pytree input spec
+    (torch.export's: a nested input, ``added_cond_kwargs={"resolution": None, ...}``, is one placeholder
+    per leaf), or None when ``gm`` has no such spec. Raises when the inputs do not fit the spec."""
+    spec = getattr(getattr(gm.graph._codegen, "pytree_info", None), "in_spec", None)
     if spec is None:
         return None
-    try:
-        flat = fx_pytree.tree_flatten_spec((tuple(args), dict(kwargs)), spec)
-    except Exception:  # noqa: BLE001 - inputs of another structure: matched by name
-        return None
-    return list(flat) if len(flat) == count else None
+    return list(fx_pytree.tree_flatten_spec((tuple(args), dict(kwargs)), spec))
 
 
 def annotate_shapes(gm: fx.GraphModule, args: tuple, kwargs: dict | None = None) -> fx.GraphModule:
     """Annotate every node of ``gm`` with ``meta['val']`` (meta tensors) from example args/kwargs."""
     kwargs = kwargs or {}
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    flat = _spec_leaves(gm, args, kwargs, len(placeholders))
-    if flat is None:
+    try:
+        flat = spec_leaves(gm, args, kwargs)
+    except Exception:  # noqa: BLE001 - inputs of another structure: matched by name below
+        flat = None
+    if flat is None or len(flat) != len(placeholders):
         flat = list(args)
         for n in placeholders[len(args):]:
             if n.target in kwargs:
