@@ -1215,33 +1215,21 @@ class OTO:
         (:func:`_positional_fills`: a position table added into removed channels, DiT's) and differs from
         the model (or fails) at another size the model takes (:meth:`_sizes_taken`)."""
         held = _positional_fills(small)
-        if not held:
-            return
-        for what, a, k in self._sizes_taken():
-            try:
-                with _no_kv_cache(self.model, k):
-                    ref = run_eval(self.model, a, k)
-                with _no_kv_cache(small, k):
-                    got = run_eval(small, a, k)
-                ok, err = outputs_close(narrow_outputs(ref, got, self._output_keep(small)), got, rtol)
-                why = f"differs from the model by {err:.2g}"
-            except Exception as e:  # noqa: BLE001 - the copy's forward at that size
-                ok, why = False, f"fails: {type(e).__name__}: {_first_line(e)}"
-            if not ok:
-                raise RebuildError(
-                    f"layer norm(s) {', '.join(held[:3])} hold the constants their removed channels had at the "
-                    f"example's positions (a position table added into them); at {what}, which the model takes, "
-                    f"its own class {why}")
+        off = self._first_difference(small, self._sizes_taken(), rtol) if held else None
+        if off is not None:
+            what, e, err = off
+            why = (f"fails: {type(e).__name__}: {_first_line(e)}" if e is not None
+                   else f"differs from the model by {err:.2g}")
+            raise RebuildError(
+                f"layer norm(s) {', '.join(held[:3])} hold the constants their removed channels had at the "
+                f"example's positions (a position table added into them); at {what}, which the model takes, "
+                f"its own class {why}")
 
-    def _other_size_branch(self, small: torch.nn.Module, rtol: float) -> str | None:
-        """What the model's own class gets wrong at an input size just outside the ranges the export
-        capture admits (``capture.outside_inputs``: its code takes a branch there that the analysis
-        never saw), checked against the model itself (its zeroed rows included); None when nothing
-        (or when the model itself refuses those sizes)."""
-        for what, inputs in self.graph_module.meta.get(SIZE_BOUNDS) or ():
-            if self._on_meta:
-                inputs = _tiled_like((self._args, self._kwargs), inputs)
-            a, k = inputs
+    def _first_difference(self, small: torch.nn.Module, sets, rtol: float) -> tuple | None:
+        """``(what, error, None)`` for the first ``(what, args, kwargs)`` of ``sets`` where ``small`` raises
+        (``error``), ``(what, None, relative difference)`` where it differs from the model (its zeroed rows
+        included); None when it matches on every set the model itself runs (a set it refuses is skipped)."""
+        for what, a, k in sets:
             try:
                 with _no_kv_cache(self.model, k):
                     ref = run_eval(self.model, a, k)
@@ -1252,12 +1240,30 @@ class OTO:
                     got = run_eval(small, a, k)
                 ok, err = outputs_close(narrow_outputs(ref, got, self._output_keep(small)), got, rtol)
             except Exception as e:  # noqa: BLE001 - the compressed class's forward at that size
-                return (f"at {what} (the model's code branches on it), its own class fails: "
-                        f"{type(e).__name__}: {_first_line(e)}")
+                return what, e, None
             if not ok:
-                return (f"at {what} (the model's code branches on it), its own class differs from the "
-                        f"model by {err:.2g}: the analysis saw the example's branch only")
+                return what, None, err
         return None
+
+    def _other_size_branch(self, small: torch.nn.Module, rtol: float) -> str | None:
+        """What the model's own class gets wrong at an input size just outside the ranges the export
+        capture admits (``capture.outside_inputs``: its code takes a branch there that the analysis
+        never saw), checked against the model itself (its zeroed rows included); None when nothing
+        (or when the model itself refuses those sizes)."""
+        sets = []
+        for what, inputs in self.graph_module.meta.get(SIZE_BOUNDS) or ():
+            if self._on_meta:
+                inputs = _tiled_like((self._args, self._kwargs), inputs)
+            sets.append((what, *inputs))
+        off = self._first_difference(small, sets, rtol)
+        if off is None:
+            return None
+        what, e, err = off
+        if e is not None:
+            return (f"at {what} (the model's code branches on it), its own class fails: "
+                    f"{type(e).__name__}: {_first_line(e)}")
+        return (f"at {what} (the model's code branches on it), its own class differs from the "
+                f"model by {err:.2g}: the analysis saw the example's branch only")
 
     def verify(self, small: torch.nn.Module, rtol: float = 1e-4) -> float:
         """Check ``small`` (either form) against the full model on the example inputs and, for an
