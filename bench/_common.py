@@ -1,13 +1,15 @@
 """Helpers shared by the bench/ scripts: model list, randomised norms, zeroing rows, timing.
 
 The scripts run as ``python bench/<name>.py``, so ``bench/`` is on ``sys.path`` and they import
-this module (and ``_peers``) by their bare names. Nothing here prints but :func:`apart_args`'s child row.
+this module (and ``_peers``) by their bare names. Nothing here prints but :func:`apart_args`'s child row
+and :func:`report_apart`'s table.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import os
 import platform
 import statistics
 import subprocess
@@ -182,3 +184,18 @@ def apart_args(ap: argparse.ArgumentParser, one: Callable[[str], dict], timeout:
         print("ROW " + json.dumps(one(a.one)), flush=True)  # NB: the child's one output line
         return None
     return a
+
+
+def report_apart(script: str, names: list, timeout: float, keys: list, versions: str) -> list:
+    """Run each name apart (:func:`rows_apart`), print ``versions`` and the load average, each row as JSON
+    as it comes, then the table of ``keys`` and the load average at the end; returns the rows."""
+    from tabulate import tabulate
+
+    print(f"{versions}; load average {os.getloadavg()[0]:.2f}", flush=True)
+    rows = []
+    for row in rows_apart(script, names, timeout):
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    print(tabulate([[r.get(k, "") for k in keys] for r in rows], headers=keys, tablefmt="github"))
+    print(f"load average at the end {os.getloadavg()[0]:.2f}")
+    return rows

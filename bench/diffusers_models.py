@@ -20,7 +20,6 @@ its own process (``--timeout``); ``--only dit,sd3`` picks models.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import sys
@@ -195,7 +194,7 @@ def one(name: str) -> dict:
 
 
 def main() -> None:
-    from _common import apart_args, rows_apart
+    from _common import apart_args, report_apart
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only", default="", help="comma-separated model names (as in the table; a prefix will do)")
@@ -203,7 +202,6 @@ def main() -> None:
     if a is None:
         return
     import diffusers
-    from tabulate import tabulate
 
     names = list(_models())
     if a.only:
@@ -211,16 +209,10 @@ def main() -> None:
         names = [n for n in names if any(n == w or n.startswith(w) for w in want)]
         if not names:
             raise SystemExit(f"--only: none of {a.only}; choose among {', '.join(_models())}")
-    print(f"torch {__import__('torch').__version__}, diffusers {diffusers.__version__}; "
-          f"load average {os.getloadavg()[0]:.2f}", flush=True)
-    rows = []
-    for row in rows_apart(__file__, names, a.timeout):
-        print(json.dumps(row), flush=True)
-        rows.append(row)
     keys = ["model", "class", "front-end", "groups", "auto", "module", "kept", "graph kept", "other input",
             "kept rows at", "analysis s", "compress s"]
-    print(tabulate([[r.get(k, "") for k in keys] for r in rows], headers=keys, tablefmt="github"))
-    print(f"load average at the end {os.getloadavg()[0]:.2f}")
+    report_apart(__file__, names, a.timeout, keys,
+                 f"torch {__import__('torch').__version__}, diffusers {diffusers.__version__}")
 
 
 if __name__ == "__main__":

@@ -32,7 +32,6 @@ every task; ``--tasks segmentation,video`` picks tasks, ``--only raft_small,s3d`
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -133,7 +132,7 @@ def one(name: str) -> dict:
 
 
 def main() -> None:
-    from _common import apart_args, rows_apart
+    from _common import apart_args, report_apart
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tasks", default=",".join(TASKS), help="comma-separated: " + ", ".join(TASKS))
@@ -142,7 +141,6 @@ def main() -> None:
     if a is None:
         return
     import torchvision
-    from tabulate import tabulate
 
     if a.only:
         names = a.only.split(",")
@@ -152,16 +150,10 @@ def main() -> None:
         if unknown:
             raise SystemExit(f"--tasks: unknown {', '.join(unknown)}; choose among {', '.join(TASKS)}")
         names = [n for t in tasks for n in torchvision.models.list_models(module=getattr(torchvision.models, t))]
-    print(f"torch {__import__('torch').__version__}, torchvision {torchvision.__version__}; "
-          f"load average {os.getloadavg()[0]:.2f}", flush=True)
-    rows = []
-    for row in rows_apart(__file__, names, a.timeout):
-        print(json.dumps(row), flush=True)
-        rows.append(row)
     keys = ["task", "model", "front-end", "groups", "auto", "module", "kept", "other input", "replayed", "analysis s",
             "compress s"]
-    print(tabulate([[r.get(k, "") for k in keys] for r in rows], headers=keys, tablefmt="github"))
-    print(f"load average at the end {os.getloadavg()[0]:.2f}")
+    report_apart(__file__, names, a.timeout, keys,
+                 f"torch {__import__('torch').__version__}, torchvision {torchvision.__version__}")
 
 
 if __name__ == "__main__":
