@@ -258,11 +258,13 @@ def _forward_owner(m: nn.Module) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
-def _computes_layer_norm(m: nn.LayerNorm, shape: tuple) -> bool:
-    """Whether ``m`` (an ``nn.LayerNorm`` subclass with its own forward) computes ``F.layer_norm`` of its
-    input with its own tensors, in eval and training mode (diffusers' ``FP32LayerNorm``: the same in
-    float32, cast back), found by running a copy at width ``shape`` with random weights; then
-    PrunedLayerNorm computes it at the old divisor (half inputs normalised in float32, as it does)."""
+def _layer_norm_layout(m: nn.LayerNorm, shape: tuple) -> str | None:
+    """How ``m`` (an ``nn.LayerNorm`` subclass with its own forward) normalises, found by running a copy at
+    width ``shape`` with random weights, in eval and training mode: ``"channels_last"`` where it computes
+    ``F.layer_norm`` of its input with its own tensors (diffusers' ``FP32LayerNorm``: the same in float32,
+    cast back), ``"channels_first"`` where it computes it over the channels of an NCHW input, permuted
+    around it (segmentation_models_pytorch's ``LayerNorm2d``), None otherwise. PrunedLayerNorm (or
+    PrunedLayerNorm2d) computes the same at the old divisor (half inputs normalised in float32, as it does)."""
     import copy
 
     g = torch.Generator().manual_seed(0)
@@ -273,17 +275,31 @@ def _computes_layer_norm(m: nn.LayerNorm, shape: tuple) -> bool:
         with torch.no_grad():
             for p in probe.parameters(recurse=False):
                 p.copy_(torch.rand(p.shape, generator=g) + 0.5)
-            x = torch.randn(3, 5, *shape, generator=g) * 2 + 0.5
-            for training in (False, True):
-                probe.train(training)
-                got = probe(x)
-                want = F.layer_norm(x, shape, probe.weight, probe.bias, probe.eps)
-                if not isinstance(got, torch.Tensor) or got.shape != want.shape or \
-                        not torch.allclose(got, want, rtol=1e-5, atol=1e-5):
-                    return False
-    except Exception:  # noqa: BLE001 - a forward that does more, or takes other inputs
-        return False
-    return True
+    except Exception:  # noqa: BLE001 - a module that cannot be copied: nothing is known of it
+        return None
+    last = torch.randn(3, 5, *shape, generator=g) * 2 + 0.5
+    first = torch.randn(3, shape[-1], 5, 4, generator=g) * 2 + 0.5 if len(shape) == 1 else None
+
+    def norm(x):
+        return F.layer_norm(x, shape, probe.weight, probe.bias, probe.eps)
+
+    forms = {"channels_last": (last, norm)}
+    if first is not None:
+        forms["channels_first"] = (first, lambda x: norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2))
+    for layout, (x, want_of) in forms.items():
+        try:
+            with torch.no_grad():
+                for training in (False, True):
+                    probe.train(training)
+                    got, want = probe(x), want_of(x)
+                    if not isinstance(got, torch.Tensor) or got.shape != want.shape or \
+                            not torch.allclose(got, want, rtol=1e-5, atol=1e-5):
+                        break
+                else:
+                    return layout
+        except Exception:  # noqa: BLE001 - a forward that does more, or takes other inputs
+            continue
+    return None
 
 
 @resizer(nn.LayerNorm, *CHANNELS_FIRST_LAYER_NORMS)
@@ -291,7 +307,8 @@ def layer_norm(m: nn.LayerNorm, change: Change):
     """nn.LayerNorm over a narrowed last axis: replaced by PrunedLayerNorm (its mean and variance
     still divide by the old width, as the removed zero entries counted); ConvNeXt's channels-first
     LayerNorm2d (Hugging Face's ConvNeXt norms with ``data_format="channels_first"``) by
-    PrunedLayerNorm2d; another subclass with its own forward cannot keep the divisor."""
+    PrunedLayerNorm2d; another subclass with its own forward is probed (:func:`_layer_norm_layout`) and
+    swapped for either where it computes one of the two, and cannot keep the divisor otherwise."""
     t = _first(m, "weight", "bias")
     if t is None or tuple(t.shape) == tuple(m.normalized_shape):
         return None
@@ -300,7 +317,10 @@ def layer_norm(m: nn.LayerNorm, change: Change):
     named = _forward_owner(m)
     data_format = getattr(m, "data_format", None) if named in DATA_FORMAT_LAYER_NORMS else None
     if type(m).forward is not nn.LayerNorm.forward and named not in CHANNELS_FIRST_LAYER_NORMS + PLAIN_LAYER_NORMS \
-            and data_format not in ("channels_last", "channels_first") and not _computes_layer_norm(m, tuple(t.shape)):
+            and data_format not in ("channels_last", "channels_first"):
+        data_format = _layer_norm_layout(m, tuple(t.shape))
+    if data_format is None and type(m).forward is not nn.LayerNorm.forward \
+            and named not in CHANNELS_FIRST_LAYER_NORMS + PLAIN_LAYER_NORMS:
         raise ResizeError(f"{type(m).__name__}'s own forward divides by its width, {t.shape[0]} now, not by the "
                           f"old {m.normalized_shape[-1]}")
     full = m.normalized_shape[-1]

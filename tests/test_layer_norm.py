@@ -223,6 +223,38 @@ def test_a_layer_norm_subclass_computing_layer_norm_is_swapped(dtype):
     assert (ref - got).abs().max() <= 0.05 * ref.abs().max()
 
 
+class _ChannelsFirstNorm(nn.LayerNorm):
+    """segmentation_models_pytorch's LayerNorm2d (UPerNet's feature norms): a LayerNorm subclass normalising the
+    channels of NCHW input, permuted to channels-last around F.layer_norm."""
+
+    def forward(self, x):
+        x = x.permute(0, 2, 3, 1)
+        return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps).permute(0, 3, 1, 2)
+
+
+class _ConvNormNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1, self.n, self.c2 = nn.Conv2d(3, 16, 3, padding=1), _ChannelsFirstNorm(16, eps=1e-6), nn.Conv2d(16, 4, 1)
+
+    def forward(self, x):
+        return self.c2(torch.relu(self.n(self.c1(x))))
+
+
+def test_a_channels_first_layer_norm_subclass_is_swapped():
+    """A subclass computing F.layer_norm over the channels of NCHW input (permuted around it) is found so by
+    the same probe and swapped for PrunedLayerNorm2d: its width goes in the model's own class, at any size."""
+    torch.manual_seed(0)
+    model = randomize(_ConvNormNet().eval())
+    x = torch.randn(2, 3, 8, 8)
+    oto = otofx.OTO(model, x)
+    zero_random_rows(model, oto, seed=1)
+    small = assert_exact(model, oto, x, small=oto.compress(form="module"))
+    assert type(small) is _ConvNormNet and isinstance(small.n, PrunedLayerNorm2d) and small.n.weight.shape == (8,)
+    other = torch.randn(3, 3, 11, 7)
+    assert_exact(model, oto, other, small=small)
+
+
 def test_pinning_the_layer_norms_keeps_a_model_from_pretrained_can_load(tmp_path):
     """``pin=(torch.nn.LayerNorm,)`` pins every LayerNorm's width (a type stands for every module of
     it): Phi keeps its hidden width, its config describes the compressed model, and
