@@ -128,6 +128,33 @@ def test_float32_tolerance_unchanged():
         compare(gm, Off(), (x,), None, 1e-4, "the candidate")
 
 
+def test_non_finite_and_integer_outputs():
+    """A NaN or infinity the reference computes (an uninitialised weight: open_clip's CoCa decoder
+    projection) matches the same at the same place; elsewhere, or a changed integer output, fails as such."""
+    y = torch.linspace(-2.0, 2.0, 8)
+    y[2], y[5] = float("nan"), float("-inf")
+    assert outputs_close(y, y.clone())[0] and outputs_close(y, y + 1e-6)[0]
+    assert outputs_close(y, y + 1e-2) == (False, pytest.approx(1e-2 / 2, rel=1e-3))
+    moved = y.clone()
+    moved[2], moved[3] = 0.0, float("nan")
+    assert outputs_close(y, moved) == (False, float("inf"))
+    labels = torch.arange(6)
+    assert outputs_close((y, labels), (y, labels + (labels == 4)))[1] == float("inf")
+    lin = nn.Linear(4, 4).eval()
+    with torch.no_grad():
+        lin.weight[0, 0] = float("nan")
+
+    class Off(nn.Module):
+        def forward(self, x):
+            out = lin(x)
+            return torch.where(torch.isnan(out), torch.zeros_like(out), out)
+
+    x = torch.randn(3, 4)
+    assert compare(lin, lin, (x,), None, 1e-4, "the same model") == 0.0
+    with pytest.raises(VerificationError, match="where it is NaN or infinite"):
+        compare(lin, Off(), (x,), None, 1e-4, "the candidate")
+
+
 def test_half_leaf_tolerance_without_a_model():
     """outputs_close on bare bfloat16 tensors: one ulp passes, ten percent does not."""
     y = torch.linspace(-2.0, 2.0, 64, dtype=torch.bfloat16)
