@@ -187,3 +187,85 @@ def _mha_classes() -> list:
 # NB: the compressed model's PrunedMultiheadAttention goes through the same rule, so analysing a
 # compressed model finds the same (whole-head) rows as the original, whatever the front-end
 modules("multihead_attention", _mha_classes(), _mha_module, op="multihead_attention")
+
+
+def _mha_function_fix(site, query, num_heads=None, embed_dim_to_check=None, **_):
+    """The function's head count (and its embedding width, where the graph gives it as a number) follow the
+    heads and channels removed."""
+    head_ids = site.plan.zigset.labels.get(site.node.name + ".heads")
+    if head_ids is None or not isinstance(num_heads, int):
+        return
+    keep = site._keep_ids(head_ids)
+    if not keep.all():
+        site.set("num_heads", int(keep.sum()))
+    new = site.new(query)
+    if isinstance(embed_dim_to_check, int) and new is not None and new[-1] != embed_dim_to_check:
+        site.set("embed_dim_to_check", int(new[-1]))
+
+
+@rule("multi_head_attention_forward", fix=_mha_function_fix, takes_sizes=True)
+def multi_head_attention_forward(ctx: Ctx, query, key, value, embed_dim_to_check=None, num_heads=None,
+                                 in_proj_weight=None, in_proj_bias=None, bias_k=None, bias_v=None,
+                                 add_zero_attn=False, dropout_p=0.0, out_proj_weight=None, out_proj_bias=None,
+                                 training=True, key_padding_mask=None, need_weights=True, attn_mask=None,
+                                 use_separate_proj_weight=False, q_proj_weight=None, k_proj_weight=None,
+                                 v_proj_weight=None, static_k=None, static_v=None, average_attn_weights=True,
+                                 is_causal=False, meta=None, **_):
+    """F.multi_head_attention_forward (CLIP's attention pool): head h is one channel, and so is the h-th block of the query's width (the function splits that width into heads: both shrink together); keys are mixed."""
+    q, k, v = query, key, value
+    out_shape = _out_shape(meta[0])
+    weights = ctx.pinned_lab(_out_shape(meta[1])) if meta[1] is not None else None
+    labs = [a for a in (q, k, v, in_proj_weight, in_proj_bias, out_proj_weight, out_proj_bias, q_proj_weight,
+                        k_proj_weight, v_proj_weight, bias_k, bias_v, static_k, static_v, key_padding_mask, attn_mask)
+            if isinstance(a, AxisLabels)]
+    E = q.shape[-1] if isinstance(q, AxisLabels) else 0
+    sep = bool(use_separate_proj_weight)
+    ws = (q_proj_weight, k_proj_weight, v_proj_weight) if sep else (in_proj_weight,)
+    plain = (isinstance(num_heads, int) and num_heads > 0 and E % num_heads == 0 and not add_zero_attn
+             and all(isinstance(w, AxisLabels) and w.ndim == 2 for w in ws)
+             and isinstance(out_proj_weight, AxisLabels) and out_proj_weight.ndim == 2
+             and all(a is None for a in (bias_k, bias_v, static_k, static_v))
+             and all(isinstance(a, AxisLabels) and a.ndim == 3 for a in (q, k, v)))
+    if not plain:
+        # NB: a bias_k/bias_v row, zero-attention padding or static keys are columns of no head; batched
+        # 3-D inputs and plain weights only
+        ctx.pin(labs, "multi_head_attention_forward in a form otofx does not follow (bias_k/bias_v, "
+                      "add_zero_attn, static keys or unbatched inputs)")
+        return (ctx.pinned_lab(out_shape), weights)
+    hd = E // num_heads
+    heads = ctx.fresh(num_heads)
+    per_head = np.repeat(heads, hd)
+    # NB: the function splits the query's width E into num_heads heads of E // num_heads: the projections'
+    # inner width is E too, so the query's channel block of head h goes (or stays) with head h
+    ctx.tie(q.ids[-1], per_head)
+    if sep:
+        for w, x in zip(ws, (q, k, v)):
+            ctx.tie(w.ids[0], per_head)
+            ctx.tie(w.ids[1], x.ids[-1])
+    else:
+        ctx.tie(in_proj_weight.ids[0], np.concatenate([per_head] * 3))
+        for x in (q, k, v):
+            ctx.tie(in_proj_weight.ids[1], x.ids[-1])
+    if isinstance(in_proj_bias, AxisLabels):
+        ctx.tie(in_proj_bias.ids[0], np.concatenate([per_head] * 3))
+    ctx.tie(out_proj_weight.ids[1], per_head)
+    if isinstance(out_proj_bias, AxisLabels):
+        ctx.tie(out_proj_bias.ids[0], out_proj_weight.ids[0])
+    ctx.pin([k.ids[0], v.ids[0]], "attention mixes the keys")
+    ctx.pin([a for a in (key_padding_mask, attn_mask) if isinstance(a, AxisLabels)], "attention mask")
+    if isinstance(attn_mask, AxisLabels) and attn_mask.ndim == 3:
+        ctx.pin(heads, "a per-head attention mask is given as an input")
+    if weights is not None and need_weights:
+        used = any(u.op == "call_function" and u.target is operator.getitem and u.args[1] == 1 and u.users
+                   for u in ctx.node.users)
+        if used:
+            ctx.pin(heads, "attention weights are used")
+    ctx.extra_labels[ctx.node.name + ".heads"] = heads
+    lab = _passthrough(ctx, q, out_shape, {0: 0, 1: 1}, handled=(2,))
+    # NB: a zero query token still attends: softmax(b_q k^T) v + b_out is not zero
+    lab = _plus_constant(lab)
+    lab = lab.with_axis(2, out_proj_weight.ids[0], true_mask(len(out_proj_weight.ids[0])))
+    return (lab, weights)
+
+
+functions("multi_head_attention_forward", [F.multi_head_attention_forward])

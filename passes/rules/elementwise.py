@@ -64,7 +64,7 @@ def unary(ctx: Ctx, input, zero_in=True, min_val=None, max_val=None, random=Fals
 _ZERO_FNS = ["relu", "relu6", "gelu", "silu", "hardswish", "tanh", "leaky_relu", "elu", "selu",
              "celu", "mish", "softsign", "tanhshrink", "softshrink", "hardshrink", "abs", "neg", "rrelu",
              "dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout", "feature_alpha_dropout",
-             "contiguous", "clone", "detach", "float", "half", "double", "bfloat16", "to", "type", "sqrt",
+             "feature_dropout", "feature_dropout_", "alpha_dropout_", "feature_alpha_dropout_", "contiguous", "clone", "detach", "float", "half", "double", "bfloat16", "to", "type", "sqrt",
              "square", "sin", "erf", "relu_", "silu_", "hardswish_", "leaky_relu_", "elu_", "selu_",
              "celu_", "tanh_", "neg_", "abs_", "sin_", "dropout_", "gelu_", "mish_", "sign", "zero_",
              "log1p", "expm1", "tan", "atan", "asin", "asinh", "atanh", "sinh", "erfinv", "trunc", "round",
@@ -78,7 +78,9 @@ _NEW_LAYOUT = {"to", "float", "half", "double", "bfloat16", "type", "_to_copy", 
 
 
 # draw random numbers (in training): a constant does not stay constant, unless the probability p is 0
-_RANDOM = {"dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout", "feature_alpha_dropout", "dropout_"}
+# (aten's ``feature_dropout`` is what ``F.dropout2d``/``dropout3d`` export to)
+_RANDOM = {"dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout", "feature_alpha_dropout", "dropout_",
+           "feature_dropout", "feature_dropout_", "alpha_dropout_", "feature_alpha_dropout_"}
 # NB: rrelu's slope is random in training whatever its bounds: read as dropout with p = 1
 _RANDOM_ALWAYS = {"rrelu": {"p": 1.0}}
 

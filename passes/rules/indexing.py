@@ -212,7 +212,7 @@ def getitem(ctx: Ctx, input, index, meta=None, **_):
             const.append(zero[-1])
             sized = True
         else:
-            lab = _gather_one_axis(ctx, x, parts, meta)
+            lab = _gather_axes(ctx, x, parts, meta)
             if lab is not None:
                 return lab
             for lab in labs_in(p):
@@ -230,19 +230,34 @@ def getitem(ctx: Ctx, input, index, meta=None, **_):
 functions("getitem", [operator.getitem], ("input", "index"))
 
 
-def _gather_one_axis(ctx: Ctx, x: AxisLabels, parts: list, meta) -> AxisLabels | None:
-    """x[:, idx, ...] with one integer tensor and unit-step literal slices elsewhere (LeViT's and
-    EfficientFormer's ``attention_biases[:, attention_bias_idxs]``): the gathered axis is replaced by
-    idx's axes (pinned, as the axis it read); the sliced axes keep their ids (a per-head table's heads
-    stay rows). None when the index is anything else or the result's shape says otherwise (a mask)."""
-    tensors = [(a, p) for a, p in parts if isinstance(p, AxisLabels)]
-    if len(tensors) != 1:
+def _gather_axes(ctx: Ctx, x: AxisLabels, parts: list, meta) -> AxisLabels | None:
+    """x[..., idx, ...] with integer index tensors and unit-step literal slices elsewhere (LeViT's and
+    EfficientFormer's ``attention_biases[:, attention_bias_idxs]``, CLIP's pooling
+    ``x[torch.arange(B), text.argmax(-1)]``): the gathered axes are replaced by the indices' broadcast
+    axes (pinned, as the axes they read), in place where the index tensors are adjacent and first
+    otherwise (NumPy's rule); the sliced axes keep their ids (a per-head table's heads stay rows, the
+    pooled tokens' features stay channels). None when the index is anything else or the result's shape
+    says otherwise (a mask)."""
+    tensors = [k for k, (_, p) in enumerate(parts) if isinstance(p, AxisLabels)]
+    if not tensors:
         return None
+    try:
+        lead = tuple(torch.broadcast_shapes(*(parts[k][1].shape for k in tensors)))
+    except RuntimeError:
+        return None
+    adjacent = tensors == list(range(tensors[0], tensors[-1] + 1))
     ids, zero = [], []
-    for axis, p in parts:
+
+    def gathered():
+        ids.extend(pinned_axis(n) for n in lead)
+        zero.extend(false_mask(n) for n in lead)
+
+    if not adjacent:
+        gathered()
+    for k, (axis, p) in enumerate(parts):
         if isinstance(p, AxisLabels):
-            ids += [pinned_axis(n) for n in p.shape]
-            zero += [false_mask(n) for n in p.shape]
+            if adjacent and k == tensors[0]:
+                gathered()
         elif axis is not None and isinstance(p, slice) and p.step in (None, 1) and \
                 all(isinstance(v, (int, type(None))) and not isinstance(v, bool) for v in (p.start, p.stop)):
             s, e, _ = p.indices(x.shape[axis])
@@ -253,9 +268,9 @@ def _gather_one_axis(ctx: Ctx, x: AxisLabels, parts: list, meta) -> AxisLabels |
     lab = AxisLabels(tuple(ids), tuple(zero))
     if lab.shape != _out_shape(meta):
         return None
-    axis, idx = tensors[0]
-    ctx.pin(x.ids[axis], "gathered by an index tensor")
-    ctx.pin(idx, "used as an index")
+    for k in tensors:
+        ctx.pin(x.ids[parts[k][0]], "gathered by an index tensor")
+        ctx.pin(parts[k][1], "used as an index")
     return lab
 
 
@@ -273,10 +288,17 @@ def _gather_first(ctx: Ctx, x: AxisLabels, idx: AxisLabels, meta) -> AxisLabels:
 
 @rule("index")
 def index(ctx: Ctx, input, indices, meta=None, **_):
-    """aten.index(x, [idx]): one integer index tensor gathers along axis 0 (pinned), trailing axes pass; other forms pin."""
+    """aten.index(x, [idx, ...]): integer index tensors gather along their axes (pinned), the other axes pass; other forms pin."""
     idx = [i for i in indices]
     if len(idx) == 1 and isinstance(idx[0], AxisLabels):
         return _gather_first(ctx, input, idx[0], meta)
+    if isinstance(input, AxisLabels) and len(idx) <= input.ndim:
+        # NB: a None entry is a full slice of its axis (``x[:, i]`` is ``index(x, [None, i])``)
+        parts = [(d, slice(None) if i is None else i) for d, i in enumerate(idx)]
+        parts += [(d, slice(None)) for d in range(len(idx), input.ndim)]
+        lab = _gather_axes(ctx, input, parts, meta)
+        if lab is not None:
+            return lab
     ctx.pin([input] + [i for i in idx if isinstance(i, AxisLabels)], "advanced indexing")
     return ctx.pinned_lab(_out_shape(meta))
 

@@ -22,6 +22,21 @@ def unary_forms():
     return m, img()
 
 
+@example("unary", frontend="export")
+def unary_channel_dropouts_exported():
+    """nn.Dropout2d/Dropout3d export to aten.feature_dropout, AlphaDropout to aten.alpha_dropout: zero stays zero."""
+
+    def fwd(s, x):
+        _force_export(x)
+        y = s.d2(s.c1(x))
+        y = s.a(s.c2(y))
+        return s.c3(s.fa(y))
+
+    m = Net(fwd, c1=conv(3, 8), d2=nn.Dropout2d(0.3), c2=conv(8, 6), a=nn.AlphaDropout(0.2), c3=conv(6, 4),
+            fa=nn.FeatureAlphaDropout(0.1))
+    return m, img()
+
+
 @example("unary")
 def unary_nonzero_absorbed():
     """sigmoid(0) = 0.5 is not zero, but only a conv with a zero slice reads it."""

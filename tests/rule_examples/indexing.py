@@ -192,3 +192,29 @@ def per_head_bias_table_gathered_by_index():
     m.table = nn.Parameter(torch.randn(H_, 9))
     m.register_buffer("idx", torch.randint(0, 9, (5, 5), generator=torch.Generator().manual_seed(0)))
     return m, torch.randn(N, 5, 6)
+
+
+def _pool_by_token(export: bool):
+    """CLIP's text pooling: x[torch.arange(B), tokens.argmax(-1)] picks one token per sample; the features
+    (and the stream's channels) pass."""
+
+    def fwd(s, x):
+        if export:
+            _force_export(x)
+        h = torch.relu(s.inp(x))  # [N, L, 8]
+        h = h + s.mix(h)
+        pooled = h[torch.arange(h.shape[0]), x[..., 0].argmax(dim=-1)]  # [N, 8]
+        return s.out(pooled)
+
+    m = Net(fwd, inp=nn.Linear(6, 8), mix=nn.Linear(8, 8), out=nn.Linear(8, 3))
+    return m, torch.randn(N, 5, 6)
+
+
+@example("getitem")
+def pool_one_token_per_sample():
+    return _pool_by_token(False)
+
+
+@example("index", frontend="export")
+def pool_one_token_per_sample_exported():
+    return _pool_by_token(True)
