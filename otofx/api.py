@@ -53,7 +53,8 @@ from otofx.capture_parts import PARTS
 from otofx.errors import CaptureError, InputError, OTOError, VerificationError
 from otofx.passes.nodes import ModuleTensors, get_path, layer_norm_params, module_tensors, set_path, unread_parameters
 from otofx.passes.modules import PrunedLayerNorm, PrunedOwnLayerNorm
-from otofx.passes.prune import (Plan, output_keeps, plan_rows, positional_fill_groups, row_norms, zero_row_plan,
+from otofx.passes.prune import (Plan, output_keeps, plan_rows, positional_fill_groups, row_norms, sized_tie_groups,
+                                zero_row_plan,
                                 zero_rows)
 from otofx.passes.resize import inline_grn_groups, inline_layer_norm_groups, inline_standardisation_groups
 from otofx.passes.shapes import ShapePropError
@@ -63,6 +64,11 @@ from otofx.verify import (collected_replays, compare, compare_all, eval_mode, fi
 from otofx.rebuild import RebuildError, copy_training_flags, rebuild
 
 log = logging.getLogger("otofx")
+
+
+class _SizedTieError(RebuildError):
+    """The own class differs at another input size where a reshape tied channels in blocks read at the
+    example's size (:meth:`OTO._check_sized_ties`); the search keeps those widths."""
 
 _FORMS = ("auto", "module", "graph")
 # NB: each try of the own-class search (a step, or a kept group let go again) rebuilds and runs the
@@ -864,6 +870,10 @@ class OTO:
             if fills else set()
         if positions and not self._sizes_taken():  # NB: the model runs at a larger size only here
             positions = set()
+        # NB: and the widths a reshape ties in blocks read at the example's size, when that is why the copy failed
+        sized = set().union(*sized_tie_groups(plan.zigset).values()) & set(removing) \
+            if isinstance(error, _SizedTieError) else set()
+        positions |= sized
         grns |= positions
         normed = layer_norm_params(gm)
         norms = {i for i in removing if any(name in normed for name, _, _ in zigs[i].params)}
@@ -871,7 +881,9 @@ class OTO:
         if positions:
             # NB: the model takes other sizes, where a fill read at the example's positions is wrong
             where = ("the width(s) whose removed channels hold a position table that layer norms read (the model "
-                     "takes inputs of other sizes)")
+                     "takes inputs of other sizes)") if positions - sized else (
+                "the width(s) a reshape ties in blocks read at the example's size (the model takes inputs of "
+                "other sizes)")
             what = f"{where}, and of {what}" if grns - positions else where
         tries = ([(what, grns)] if grns else []) + (
             [("the width(s) LayerNorms (GroupNorm(1)s, GRNs) normalise", norms | grns)] if norms else [])
@@ -1187,6 +1199,7 @@ class OTO:
                 small = plain
             try:
                 self._check_positions(small, rtol)
+                self._check_sized_ties(small, plan, rtol)
             except RebuildError:
                 if failed is not None:
                     failed.append(small)
@@ -1224,6 +1237,22 @@ class OTO:
                 f"layer norm(s) {', '.join(held[:3])} hold the constants their removed channels had at the "
                 f"example's positions (a position table added into them); at {what}, which the model takes, "
                 f"its own class {why}")
+
+    def _check_sized_ties(self, small: torch.nn.Module, plan: Plan, rtol: float) -> None:
+        """Raise :class:`_SizedTieError` when ``plan`` removes rows a reshape tied in blocks read at the
+        example's sizes (:func:`sized_tie_groups`: channels merged with a token or pixel axis, split along
+        other boundaries, MAnet's attention) and ``small`` differs from the model (or fails) at another
+        size the model takes (:meth:`_sizes_taken`)."""
+        removing = {i for i, r in enumerate(plan.removed) if len(r)}
+        hit = sorted(n for n, g in sized_tie_groups(plan.zigset).items() if g & removing)
+        off = self._first_difference(small, self._sizes_taken(), rtol) if hit else None
+        if off is not None:
+            what, e, err = off
+            why = (f"fails: {type(e).__name__}: {_first_line(e)}" if e is not None
+                   else f"differs from the model by {err:.2g}")
+            raise _SizedTieError(
+                f"reshape(s) {', '.join(hit[:3])} merge channels with a token or pixel axis and split them in "
+                f"blocks read at the example's size; at {what}, which the model takes, its own class {why}")
 
     def _first_difference(self, small: torch.nn.Module, sets, rtol: float) -> tuple | None:
         """``(what, error, None)`` for the first ``(what, args, kwargs)`` of ``sets`` where ``small`` raises

@@ -175,6 +175,9 @@ class Ctx:
     # by default), and every such merge made: (node name, ids of the axis kept)
     merge_inner: frozenset = frozenset()
     merges: list = field(default_factory=list)
+    # reshapes that tied channels merged with a token or pixel axis in blocks read at the example's
+    # sizes (which may differ at another size): (node name, ids of the channel axis)
+    sized_ties: list = field(default_factory=list)
     extra_labels: dict = field(default_factory=dict)  # "<node>.<what>" -> ids a rule's fix needs later
     weight_norms: list = field(default_factory=list)  # every WeightNormRef a rule read (the rewrite refits g)
     # (ids, node, op, reason): pinned at the end of the analysis unless every live row among the ids

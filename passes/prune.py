@@ -378,6 +378,19 @@ def constant_fills(gm: fx.GraphModule, plan: Plan, inputs=None, read: dict | Non
     return {k: constant_fill(v) for k, v in got.items()}
 
 
+def sized_tie_groups(zigset) -> dict:
+    """``{reshape node name: group indices}``: the groups of the channels a reshape tied in blocks read at
+    the example's sizes (``ZigSet.sized_ties``: channels merged with a token or pixel axis, split along
+    other boundaries); at another input size those blocks may differ."""
+    out: dict = {}
+    for name, ids in zigset.sized_ties:
+        zigs = zigset.zig_of_root[zigset.uf.find(ids)] if len(ids) else np.zeros(0, dtype=np.int64)
+        got = {int(i) for i in np.unique(zigs) if i >= 0}
+        if got:
+            out.setdefault(name, set()).update(got)
+    return out
+
+
 def positional_fill_groups(gm: fx.GraphModule, zigset, read: dict) -> dict:
     """``{norm node name: group indices}``: the groups of the removed entries whose constants
     (``read``: :func:`constant_fills`'s ``{node name: (entries, values)}``) differ along an axis

@@ -113,6 +113,9 @@ class ZigSet:
     # their row is zero (the rewrite fills them back in: ``passes.prune.constant_fills``)
     fills: dict = field(default_factory=dict, repr=False)
     free_outputs: tuple = field(default=(), repr=False)  # FreeOutput of every output that may narrow
+    # (reshape node name, channel ids) of every tie made in blocks read at the example's sizes
+    # (Ctx.sized_ties): the model's own class is checked at another size where they are removed
+    sized_ties: tuple = field(default=(), repr=False)
 
 
 def _unknown(ctx: Ctx, node: fx.Node, args, kwargs, out, reason: str):
@@ -529,7 +532,7 @@ def _group(ctx: Ctx, labels: dict, acts: list) -> ZigSet:
     zig_of_root = np.full(n, -1, dtype=np.int32)
     row_of_root = np.full(n, -1, dtype=np.int32)
     empty = ZigSet((), tuple(ctx.pins), labels, tuple(ctx.owners), uf, zig_of_root, row_of_root,
-                   tuple(ctx.weight_norms), dict(ctx.fills))
+                   tuple(ctx.weight_norms), dict(ctx.fills), sized_ties=tuple(ctx.sized_ties))
     if not params:
         return empty
     lens = np.array([len(o.ids) for o in params], dtype=np.int64)
@@ -573,7 +576,7 @@ def _group(ctx: Ctx, labels: dict, acts: list) -> ZigSet:
         entries[zi].append((o.name, o.dim, torch.from_numpy(pos[sl].reshape(rows_of[zi], -1))))
     zigs = tuple(ZIG(int(counts[i]), tuple(entries[i])) for i in range(len(uniq)))
     return ZigSet(zigs, tuple(ctx.pins), labels, tuple(ctx.owners), uf, zig_of_root, row_of_root,
-                  tuple(ctx.weight_norms), dict(ctx.fills))
+                  tuple(ctx.weight_norms), dict(ctx.fills), sized_ties=tuple(ctx.sized_ties))
 
 
 def _segments(z: np.ndarray, owner: np.ndarray, row: np.ndarray, nrows: int, nowners: int,

@@ -395,6 +395,14 @@ def test_softmax_over_channels_is_reported():
     assert pins and pins[0].op == "softmax" and pins[0].channels >= 1
 
 
+def test_channel_dropouts_pin_nothing_in_an_export_graph():
+    """Dropout2d exports to aten.feature_dropout: its channels stay in their group (not pinned as unknown)."""
+    model, x = build(R.unary_channel_dropouts_exported)
+    oto = otofx.OTO(model, x)
+    assert [p.reason for p in oto.pinned] == ["model output"]
+    assert sorted(z.rows for z in oto.groups) == [6, 8]
+
+
 def test_size_used_as_a_value_is_pinned():
     """x.sum(1) / x.size(1) is a mean over channels written by hand: the divisor changes if pruned."""
 
@@ -708,3 +716,28 @@ def test_a_rule_states_its_algebra():
     from otofx.passes.registry import FUNCTION_FORMS, RULES
 
     assert "mute" not in RULES and F.glu not in FUNCTION_FORMS
+
+
+@pytest.mark.parametrize("factory", ["pool_one_token_per_sample", "pool_one_token_per_sample_exported"])
+def test_tokens_picked_by_index_tensors_keep_their_features(factory):
+    """x[arange(B), idx] gathers the batch and token axes together; the stream's width stays one group."""
+    model, x = build(getattr(R, factory))
+    oto = otofx.OTO(model, x)
+    assert sorted(z.rows for z in oto.groups) == [8], [p.reason for p in oto.pinned]
+    assert not any("indexed by" in p.reason or "advanced indexing" in p.reason for p in oto.pinned)
+
+
+@pytest.mark.parametrize("factory", ["attention_pool_function", "attention_pool_function_packed"])
+def test_functional_attention_pool_rows_are_heads_with_their_stream_block(factory):
+    """F.multi_head_attention_forward splits the query's width into heads: each row is one head with its block
+    of the pooled stream's channels; removing one leaves the model's own class with one head, exact."""
+    model, x = build(getattr(R, factory))
+    oto = otofx.OTO(model, x)
+    assert sorted(z.rows for z in oto.groups) == [2], [(z.rows, [n for n, _, _ in z.params]) for z in oto.groups]
+    (zig,) = oto.groups
+    c1 = [i for n, d, i in zig.params if n == "c1.weight"][0]
+    assert [sorted(r.tolist()) for r in c1] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    zero_rows(model, oto, [torch.tensor([1])])
+    small = oto.compress(form="module")
+    assert small.pool.heads == 1 and small.c1.out_channels == 4
+    assert_exact(model, oto, fresh_like(x, 3), small=small)

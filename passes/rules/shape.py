@@ -197,8 +197,15 @@ def _varies_alone(g_ids: np.ndarray, k: int) -> bool:
     return bool((moved == moved[:, :1]).all()) and len(np.unique(moved[:, 0])) > 1
 
 
-def _reshape_lab(ctx: Ctx, x: AxisLabels, out_shape) -> AxisLabels:
-    """Label after a reshape from x.shape to out_shape."""
+def _reads_other_axis(ctx: Ctx, v) -> bool:
+    """Whether a reshape's size argument ``v`` is read off an axis that holds no channels (a batch, token or
+    pixel count: it takes another value at another input size)."""
+    return isinstance(v, SymSize) and bool(v.ids) and all((ctx.uf.find(a) == 0).all() for a in v.ids)
+
+
+def _reshape_lab(ctx: Ctx, x: AxisLabels, out_shape, args=None) -> AxisLabels:
+    """Label after a reshape from x.shape to out_shape (``args``: the size arguments, one per output axis,
+    where the op has them)."""
     in_shape = x.shape
     ids = [None] * len(out_shape)
     zero = [None] * len(out_shape)
@@ -259,6 +266,24 @@ def _reshape_lab(ctx: Ctx, x: AxisLabels, out_shape) -> AxisLabels:
         choice = [k for k in choice if live and _varies_alone(g_ids, k)] or choice
         r = max(choice, key=lambda k: (fsizes[k], -k))
         moved = np.moveaxis(g_ids, r, 0).reshape(fsizes[r], -1)
+        across = live and not _varies_alone(g_ids, r) and any(i not in live and in_shape[i] > 1 for i in gi)
+        if across and args is not None and any(_reads_other_axis(ctx, args[j]) for j in gj[1:]):
+            # NB: channels merged with an axis that holds no channels (tokens, pixels) and split into
+            # axes whose inner sizes are read off such an axis (MAnet's ``(B, HW, C).reshape(B, C, H, W)``):
+            # which channels share an output row depends on those sizes, so ties made at the example's
+            # size are wrong at another one; the channels are pinned instead. (Heads split out of a
+            # width merged with the batch, ``(N, E) -> (N * heads, head_dim)``, keep their ties: only the
+            # outermost size follows the batch.)
+            for i in live:
+                ctx.pin(x.ids[i], "mixed with a token or pixel axis by a reshape (which channels share "
+                                  "an output channel depends on its size)")
+            for j in gj:
+                ids[j], zero[j] = pinned_axis(out_shape[j]), false_mask(out_shape[j])
+            continue
+        if across and ctx.node is not None:
+            # NB: sizes given as literals (a static capture, a model's own numbers) do not say whether
+            # the blocks follow the input: the own class is checked at another size (OTO._check_sized_ties)
+            ctx.sized_ties.append((ctx.node.name, x.ids[kept]))
         if live:
             ctx.tie(moved, moved[:, :1])
         for k, j in enumerate(gj):
@@ -350,7 +375,9 @@ def _reshape_fix(site, input, shape=(), **_):
 @rule("reshape", fix=_reshape_fix, takes_sizes=True)
 def reshape(ctx: Ctx, input, shape=(), meta=None, **_):
     """view/reshape: merged axes repeat the one channel's ids over the block; a split keeps one factor (the largest) as the row axis and ties the rest."""
-    return _reshape_lab(ctx, input, _out_shape(meta))
+    out = _out_shape(meta)
+    args = _shape_args(shape) if isinstance(shape, (tuple, list)) else None
+    return _reshape_lab(ctx, input, out, args if args is not None and len(args) == len(out) else None)
 
 
 functions("reshape", [torch.reshape] + _ov(aten.view, "default") + _ov(aten.reshape, "default")

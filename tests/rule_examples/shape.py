@@ -183,6 +183,21 @@ def reshape_to_conv1d():
     return m, img()
 
 
+@example("reshape", "permute", "size", pinned="mixed with a token or pixel axis")
+def reshape_tokens_back_without_a_permute():
+    """MAnet's attention: [N, HW, C].reshape(N, C, H, W) (no permute) mixes channels with pixels, in blocks that
+    depend on H*W: the channels are pinned, not tied in the example's blocks."""
+
+    def fwd(s, x):
+        y = torch.relu(s.c1(x))
+        n, c, h, w = y.shape
+        t = y.flatten(2).transpose(1, 2)  # [N, HW, C]
+        return s.c2(y + t.reshape(n, c, h, w))
+
+    m = Net(fwd, c1=conv(3, 8), c2=conv(8, 4))
+    return m, img()
+
+
 @example("reshape", "permute", "size", "arith")
 def manual_channel_shuffle():
     """view(n, g, c // g, h, w).transpose(1, 2).reshape(n, c, h, w): channel j of every group is one row."""
