@@ -199,3 +199,85 @@ def report_apart(script: str, names: list, timeout: float, keys: list, versions:
     print(tabulate([[r.get(k, "") for k in keys] for r in rows], headers=keys, tablefmt="github"))
     print(f"load average at the end {os.getloadavg()[0]:.2f}")
     return rows
+
+
+# the columns of a library sweep (:func:`library_sweep`)
+LIBRARY_KEYS = ["model", "class", "front-end", "groups", "auto", "module", "kept", "graph kept", "other input",
+                "kept rows at", "analysis s", "compress s"]
+
+
+def compressed_row(name: str, build: Callable[[], nn.Module], inputs: Callable[[int, int], dict], side: int,
+                   other_side: int) -> dict:
+    """One row of a library sweep: ``build()`` (random weights, eval mode, norms and biases randomised as
+    in the tests) at ``inputs(1, side)``, half (floor) of every group's rows zeroed, then ``compress()``,
+    ``compress(form="module")`` (the own class) and ``compress(form="graph")``; the own class against the
+    zeroed model at ``inputs(2, other_side)`` (a batch of 2 at another size); where it keeps rows, as its
+    warning names them."""
+    import re
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+    from helpers import randomize, zero_random_rows
+
+    import otofx
+    from otofx.verify import compare
+
+    said = otofx_messages()
+    torch.manual_seed(0)
+    m = build().eval()
+    randomize(m)
+    torch.manual_seed(1)
+    x, other = inputs(1, side), inputs(2, other_side)
+    row = {"model": name, "class": type(m).__name__}
+    t0 = time.perf_counter()
+    oto = otofx.OTO(m, x)
+    row["analysis s"] = round(time.perf_counter() - t0, 1)
+    row["front-end"] = oto.frontend
+    row["groups"] = len(oto.groups)
+    zero_random_rows(m, oto, seed=1, fraction=0.5)
+    n = sum(p.numel() for p in m.parameters())
+    t0 = time.perf_counter()
+    small = None
+    for form in ("auto", "module", "graph"):
+        said.clear()
+        try:
+            got = oto.compress(form=form)
+        except Exception as e:  # noqa: BLE001 - the row says what failed
+            row[form] = f"FAIL {type(e).__name__}: {str(e)[:120]}"
+            continue
+        share = round(sum(p.numel() for p in got.parameters()) / n, 3)
+        if form == "graph":
+            row["graph kept"] = share
+            continue
+        row[form] = type(got).__name__
+        if form == "module":
+            small, row["kept"] = got, share
+            kept = [s for s in said if "keeps the" in s and "zero row" in s]
+            at = re.findall(r"\(at ([^;]+);", kept[0]) if kept else []
+            row["kept rows at"] = (at[0] if at else "") + (" + a position table" if kept and "position table" in kept[0]
+                                                           else "")
+    row["compress s"] = round(time.perf_counter() - t0, 1)
+    if small is not None:
+        try:
+            compare(m, small, (), other, 1e-4, "the own class", "another input")
+            row["other input"] = "exact"
+        except Exception as e:  # noqa: BLE001
+            row["other input"] = f"{type(e).__name__}: {str(e)[:120]}"
+    return row
+
+
+def library_sweep(script: str, doc: str, models: Callable[[], dict], side: int, other_side: int,
+                  versions: Callable[[], str]) -> None:
+    """The command line of a library sweep: ``models()`` is ``{name: (build, inputs)}``, each row
+    :func:`compressed_row` in its own process (``--timeout``); ``--only a,b`` picks names (a prefix will do)."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("--only", default="", help="comma-separated model names (as in the table; a prefix will do)")
+    a = apart_args(ap, lambda name: compressed_row(name, *models()[name], side, other_side))
+    if a is None:
+        return
+    names = list(models())
+    if a.only:
+        want = a.only.split(",")
+        names = [n for n in names if any(n == w or n.startswith(w) for w in want)]
+        if not names:
+            raise SystemExit(f"--only: none of {a.only}; choose among {', '.join(models())}")
+    report_apart(script, names, a.timeout, LIBRARY_KEYS, versions())

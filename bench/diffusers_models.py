@@ -19,14 +19,6 @@ its own process (``--timeout``); ``--only dit,sd3`` picks models.
 """
 from __future__ import annotations
 
-import argparse
-import os
-import re
-import sys
-import time
-
-HERE = os.path.dirname(os.path.abspath(__file__))
-
 
 def _models() -> dict:
     """``{name: (build, inputs)}``; ``inputs(batch, side)`` gives the keyword inputs at a latent side."""
@@ -138,81 +130,11 @@ def _models() -> dict:
 SIDE, OTHER_SIDE = 16, 8
 
 
-def one(name: str) -> dict:
-    import torch
-
-    sys.path.insert(0, os.path.join(HERE, "..", "tests"))
-    from _common import otofx_messages
-    from helpers import randomize, zero_random_rows
-
-    import otofx
-    from otofx.verify import compare
-
-    said = otofx_messages()
-    build, inputs = _models()[name]
-    torch.manual_seed(0)
-    m = build().eval()
-    randomize(m)
-    torch.manual_seed(1)
-    x, other = inputs(1, SIDE), inputs(2, OTHER_SIDE)
-    row = {"model": name, "class": type(m).__name__}
-    t0 = time.perf_counter()
-    oto = otofx.OTO(m, x)
-    row["analysis s"] = round(time.perf_counter() - t0, 1)
-    row["front-end"] = oto.frontend
-    row["groups"] = len(oto.groups)
-    zero_random_rows(m, oto, seed=1, fraction=0.5)
-    n = sum(p.numel() for p in m.parameters())
-    t0 = time.perf_counter()
-    small = None
-    for form in ("auto", "module", "graph"):
-        said.clear()
-        try:
-            got = oto.compress(form=form)
-        except Exception as e:  # noqa: BLE001 - the row says what failed
-            row[form] = f"FAIL {type(e).__name__}: {str(e)[:120]}"
-            continue
-        share = round(sum(p.numel() for p in got.parameters()) / n, 3)
-        if form == "graph":
-            row["graph kept"] = share
-            continue
-        row[form] = type(got).__name__
-        if form == "module":
-            small, row["kept"] = got, share
-            kept = [s for s in said if "keeps the" in s and "zero row" in s]
-            at = re.findall(r"\(at ([^;]+);", kept[0]) if kept else []
-            row["kept rows at"] = (at[0] if at else "") + (" + a position table" if kept and "position table" in kept[0]
-                                                           else "")
-    row["compress s"] = round(time.perf_counter() - t0, 1)
-    if small is not None:
-        try:
-            compare(m, small, (), other, 1e-4, "the own class", "another input")
-            row["other input"] = "exact"
-        except Exception as e:  # noqa: BLE001
-            row["other input"] = f"{type(e).__name__}: {str(e)[:120]}"
-    return row
-
-
 def main() -> None:
-    from _common import apart_args, report_apart
+    from _common import library_sweep
 
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--only", default="", help="comma-separated model names (as in the table; a prefix will do)")
-    a = apart_args(ap, one)
-    if a is None:
-        return
-    import diffusers
-
-    names = list(_models())
-    if a.only:
-        want = a.only.split(",")
-        names = [n for n in names if any(n == w or n.startswith(w) for w in want)]
-        if not names:
-            raise SystemExit(f"--only: none of {a.only}; choose among {', '.join(_models())}")
-    keys = ["model", "class", "front-end", "groups", "auto", "module", "kept", "graph kept", "other input",
-            "kept rows at", "analysis s", "compress s"]
-    report_apart(__file__, names, a.timeout, keys,
-                 f"torch {__import__('torch').__version__}, diffusers {diffusers.__version__}")
+    library_sweep(__file__, __doc__, _models, SIDE, OTHER_SIDE,
+                  lambda: f"torch {__import__('torch').__version__}, diffusers {__import__('diffusers').__version__}")
 
 
 if __name__ == "__main__":
