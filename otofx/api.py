@@ -1223,20 +1223,27 @@ class OTO:
             self._sizes_taken_cache = got
         return got
 
+    def _off_at_other_size(self, small: torch.nn.Module, rtol: float) -> tuple | None:
+        """``(what, why)``: the first other input size the model takes (:meth:`_sizes_taken`) where ``small``
+        fails or differs from the model, and how; None when it matches at every one."""
+        off = self._first_difference(small, self._sizes_taken(), rtol)
+        if off is None:
+            return None
+        what, e, err = off
+        return what, (f"fails: {type(e).__name__}: {_first_line(e)}" if e is not None
+                      else f"differs from the model by {err:.2g}")
+
     def _check_positions(self, small: torch.nn.Module, rtol: float) -> None:
         """Raise RebuildError when ``small`` holds layer-norm constants read at the example's positions
         (:func:`_positional_fills`: a position table added into removed channels, DiT's) and differs from
         the model (or fails) at another size the model takes (:meth:`_sizes_taken`)."""
         held = _positional_fills(small)
-        off = self._first_difference(small, self._sizes_taken(), rtol) if held else None
+        off = self._off_at_other_size(small, rtol) if held else None
         if off is not None:
-            what, e, err = off
-            why = (f"fails: {type(e).__name__}: {_first_line(e)}" if e is not None
-                   else f"differs from the model by {err:.2g}")
             raise RebuildError(
                 f"layer norm(s) {', '.join(held[:3])} hold the constants their removed channels had at the "
-                f"example's positions (a position table added into them); at {what}, which the model takes, "
-                f"its own class {why}")
+                f"example's positions (a position table added into them); at {off[0]}, which the model takes, "
+                f"its own class {off[1]}")
 
     def _check_sized_ties(self, small: torch.nn.Module, plan: Plan, rtol: float) -> None:
         """Raise :class:`_SizedTieError` when ``plan`` removes rows a reshape tied in blocks read at the
@@ -1245,14 +1252,11 @@ class OTO:
         size the model takes (:meth:`_sizes_taken`)."""
         removing = {i for i, r in enumerate(plan.removed) if len(r)}
         hit = sorted(n for n, g in sized_tie_groups(plan.zigset).items() if g & removing)
-        off = self._first_difference(small, self._sizes_taken(), rtol) if hit else None
+        off = self._off_at_other_size(small, rtol) if hit else None
         if off is not None:
-            what, e, err = off
-            why = (f"fails: {type(e).__name__}: {_first_line(e)}" if e is not None
-                   else f"differs from the model by {err:.2g}")
             raise _SizedTieError(
                 f"reshape(s) {', '.join(hit[:3])} merge channels with a token or pixel axis and split them in "
-                f"blocks read at the example's size; at {what}, which the model takes, its own class {why}")
+                f"blocks read at the example's size; at {off[0]}, which the model takes, its own class {off[1]}")
 
     def _first_difference(self, small: torch.nn.Module, sets, rtol: float) -> tuple | None:
         """``(what, error, None)`` for the first ``(what, args, kwargs)`` of ``sets`` where ``small`` raises
