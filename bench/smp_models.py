@@ -21,8 +21,9 @@ ARCHS = ("Unet", "UnetPlusPlus", "MAnet", "Linknet", "FPN", "PSPNet", "DeepLabV3
          "Segformer")
 ENCODERS = ("resnet18", "efficientnet-b0", "mobilenet_v2", "mit_b0", "densenet121", "vgg11_bn", "dpn68",
             "tu-convnext_atto", "se_resnet50", "xception")
-# pairs smp itself refuses (the encoder's depth or strides do not fit the decoder)
-REFUSED = {("UnetPlusPlus", "mit_b0"), ("Linknet", "mit_b0")}
+# pairs smp itself refuses (the encoder's depth does not fit the decoder; no dilated mode for DeepLab and PAN)
+REFUSED = {("UnetPlusPlus", "mit_b0"), ("Linknet", "mit_b0")} | {
+    (arch, enc) for arch in ("DeepLabV3", "DeepLabV3Plus", "PAN") for enc in ("densenet121", "vgg11_bn", "xception")}
 # PAN's feature pyramid attention pools its input to 1/256 of the image side: it takes 128x128 and up
 SIDES = {"PAN": (64, 80)}
 
