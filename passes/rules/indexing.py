@@ -292,9 +292,11 @@ def index(ctx: Ctx, input, indices, meta=None, **_):
     idx = [i for i in indices]
     if len(idx) == 1 and isinstance(idx[0], AxisLabels):
         return _gather_first(ctx, input, idx[0], meta)
-    if isinstance(input, AxisLabels) and len(idx) <= input.ndim:
-        # NB: a None entry is a full slice of its axis (``x[:, i]`` is ``index(x, [None, i])``)
-        parts = [(d, slice(None) if i is None else i) for d, i in enumerate(idx)]
+    if isinstance(input, AxisLabels) and len(idx) <= input.ndim and all(isinstance(i, AxisLabels) for i in idx):
+        # NB: leading index tensors only (CLIP's ``x[arange(B), ids.argmax(-1)]``). A table gathered after a
+        # full slice (``table[:, idx]``, ``index(table, [None, idx])``: TinyViT's per-head biases in an export
+        # graph) stays pinned: its heads as rows break TinyViT's own class (an inner width held as an int)
+        parts = [(d, i) for d, i in enumerate(idx)]
         parts += [(d, slice(None)) for d in range(len(idx), input.ndim)]
         lab = _gather_axes(ctx, input, parts, meta)
         if lab is not None:
