@@ -4,7 +4,7 @@
 file            rules
 =============== =====================================================================
 linalg.py       conv, linear, embedding, matmul, addmm, baddbmm, grouped_mm (fused experts), einsum
-attention.py    attention (scaled_dot_product_attention), multihead_attention
+attention.py    attention (scaled_dot_product_attention), multihead_attention, multi_head_attention_forward
 norm.py         batch_norm (and instance norm), group_norm, layer_norm (and RMSNorm)
 elementwise.py  unary (activations, dropout, copies, clamp), singular (rsqrt, reciprocal, log), prelu,
                 binary (arithmetic, comparisons), where, masked_fill

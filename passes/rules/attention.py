@@ -1,4 +1,5 @@
-"""Attention: ``F.scaled_dot_product_attention`` (and its ATen op) and ``nn.MultiheadAttention``.
+"""Attention: ``F.scaled_dot_product_attention`` (and its ATen op), ``nn.MultiheadAttention`` and
+``F.multi_head_attention_forward`` called with the weights (CLIP's ModifiedResNet attention pool).
 
 Heads are batch axes of the attention contraction: one head's q, k, v slices and its output
 projection's columns are one row. Keys are mixed by the softmax and are never a row.
@@ -7,7 +8,9 @@ Internals:
     * Which factor of a reshaped projection is the head axis is decided before the rules run
       (``passes/attention.py``, ``find_head_splits``); these rules only tie what reaches them.
     * ``multihead_attention`` keeps its head ids in ``ctx.extra_labels`` for ``_mha_fix``, which
-      swaps in a ``PrunedMultiheadAttention`` when heads or widths change.
+      swaps in a ``PrunedMultiheadAttention`` when heads or widths change; ``multi_head_attention_forward``
+      keeps them for ``_mha_function_fix``, which only rewrites ``num_heads`` (its weights are parameters
+      the prune pass slices where they live).
 """
 from __future__ import annotations
 

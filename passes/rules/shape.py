@@ -12,6 +12,9 @@ Internals:
       front-ends agree; ``find_head_splits`` (passes/attention.py) may prefer a head factor.
     * ``_reshape_fix``/``_expand_fix``/``_unflatten_fix`` rewrite literal sizes in the graph; a size
       read off another tensor is replaced by the literal new size where it measured other channels.
+    * Channels merged with a token or pixel axis and split along other boundaries are tied in blocks
+      that depend on that axis's size: pinned where the inner sizes are read off the input, recorded in
+      ``Ctx.sized_ties`` where they are literals (the own class is then checked at another size).
 """
 from __future__ import annotations
 
