@@ -873,18 +873,18 @@ class OTO:
         # NB: and the widths a reshape ties in blocks read at the example's size, when that is why the copy failed
         sized = set().union(*sized_tie_groups(plan.zigset).values()) & set(removing) \
             if isinstance(error, _SizedTieError) else set()
-        positions |= sized
-        grns |= positions
+        # NB: both hold only at the example's size, and the model takes inputs of other sizes
+        sizes = [where for groups, where in (
+            (positions, "the width(s) whose removed channels hold a position table that layer norms read"),
+            (sized, "the width(s) a reshape ties in blocks read at the example's size")) if groups]
+        held = positions | sized
+        grns |= held
         normed = layer_norm_params(gm)
         norms = {i for i in removing if any(name in normed for name, _, _ in zigs[i].params)}
         what = "the width(s) GRNs, weight standardisations and layer norms written into a forward normalise"
-        if positions:
-            # NB: the model takes other sizes, where a fill read at the example's positions is wrong
-            where = ("the width(s) whose removed channels hold a position table that layer norms read (the model "
-                     "takes inputs of other sizes)") if positions - sized else (
-                "the width(s) a reshape ties in blocks read at the example's size (the model takes inputs of "
-                "other sizes)")
-            what = f"{where}, and of {what}" if grns - positions else where
+        if held:
+            where = f"{', and '.join(sizes)} (the model takes inputs of other sizes)"
+            what = f"{where}, and of {what}" if grns - held else where
         tries = ([(what, grns)] if grns else []) + (
             [("the width(s) LayerNorms (GroupNorm(1)s, GRNs) normalise", norms | grns)] if norms else [])
         for what, groups in tries:
