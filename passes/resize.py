@@ -316,13 +316,13 @@ def layer_norm(m: nn.LayerNorm, change: Change):
         raise ResizeError(f"a LayerNorm over {tuple(m.normalized_shape)} lost entries of more than its last axis")
     named = _forward_owner(m)
     data_format = getattr(m, "data_format", None) if named in DATA_FORMAT_LAYER_NORMS else None
-    if type(m).forward is not nn.LayerNorm.forward and named not in CHANNELS_FIRST_LAYER_NORMS + PLAIN_LAYER_NORMS \
-            and data_format not in ("channels_last", "channels_first"):
+    own_forward = type(m).forward is not nn.LayerNorm.forward and named not in CHANNELS_FIRST_LAYER_NORMS + \
+        PLAIN_LAYER_NORMS
+    if own_forward and data_format not in ("channels_last", "channels_first"):
         data_format = _layer_norm_layout(m, tuple(t.shape))
-    if data_format is None and type(m).forward is not nn.LayerNorm.forward \
-            and named not in CHANNELS_FIRST_LAYER_NORMS + PLAIN_LAYER_NORMS:
-        raise ResizeError(f"{type(m).__name__}'s own forward divides by its width, {t.shape[0]} now, not by the "
-                          f"old {m.normalized_shape[-1]}")
+        if data_format is None:
+            raise ResizeError(f"{type(m).__name__}'s own forward divides by its width, {t.shape[0]} now, not by "
+                              f"the old {m.normalized_shape[-1]}")
     full = m.normalized_shape[-1]
     m.normalized_shape = tuple(t.shape)
     first = named in CHANNELS_FIRST_LAYER_NORMS or data_format == "channels_first"
