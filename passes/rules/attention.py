@@ -147,22 +147,13 @@ def multihead_attention(ctx: Ctx, query, key, value, module=None, key_padding_ma
         ctx.tensor_lab(f"{name}.out_proj.bias", {0: w_out.ids[0]})
     batched = query.ndim == 3
     seq_axis = (1 if m.batch_first else 0) if batched else 0
-    ctx.pin([key.ids[seq_axis], value.ids[seq_axis]], "attention mixes the keys")
-    ctx.pin([v for v in (key_padding_mask, attn_mask) if isinstance(v, AxisLabels)], "attention mask")
-    if attn_mask is not None and isinstance(attn_mask, AxisLabels) and attn_mask.ndim == 3:
-        ctx.pin(heads, "a per-head attention mask is given as an input")
-    o_shape = _out_shape(meta[0])
-    lab = _passthrough(ctx, query, o_shape, {d: d for d in range(query.ndim - 1)}, handled=(query.ndim - 1,))
-    # NB: a zero query token still attends: softmax(b_q k^T) v + b_out is not zero
-    lab = _plus_constant(lab)
-    lab = lab.with_axis(len(o_shape) - 1, w_out.ids[0], true_mask(len(w_out.ids[0])))
-    ctx.extra_labels[ctx.node.name + ".heads"] = heads
+    lab = _keys_masks_and_output(ctx, query, key, value, seq_axis, key_padding_mask, attn_mask, heads, w_out.ids[0],
+                                 _out_shape(meta[0]))
     weights = None
     if meta[1] is not None:
         wshape = _out_shape(meta[1])
         weights = ctx.pinned_lab(wshape)
-        used = any(u.op == "call_function" and u.target is operator.getitem and u.args[1] == 1 and u.users
-                   for u in ctx.node.users)
+        used = _weights_used(ctx.node)
         if used and average_attn_weights:
             ctx.pin(heads, "attention weights averaged over heads are used")
         elif not average_attn_weights:
@@ -170,6 +161,28 @@ def multihead_attention(ctx: Ctx, query, key, value, module=None, key_padding_ma
             ids[-3] = heads
             weights = AxisLabels(tuple(ids), weights.zero)
     return (lab, weights)
+
+
+def _keys_masks_and_output(ctx: Ctx, query, key, value, seq_axis: int, key_padding_mask, attn_mask, heads,
+                           out_ids, o_shape) -> AxisLabels:
+    """What multi-head attention does beside its projections (the module's and the function's): the keys
+    are mixed, the masks pinned (a per-head one pins the heads); the output keeps the query's leading axes
+    and has the output projection's rows (``out_ids``) as its channels. Keeps the head ids for the fix."""
+    ctx.pin([key.ids[seq_axis], value.ids[seq_axis]], "attention mixes the keys")
+    ctx.pin([v for v in (key_padding_mask, attn_mask) if isinstance(v, AxisLabels)], "attention mask")
+    if isinstance(attn_mask, AxisLabels) and attn_mask.ndim == 3:
+        ctx.pin(heads, "a per-head attention mask is given as an input")
+    ctx.extra_labels[ctx.node.name + ".heads"] = heads
+    lab = _passthrough(ctx, query, o_shape, {d: d for d in range(query.ndim - 1)}, handled=(query.ndim - 1,))
+    # NB: a zero query token still attends: softmax(b_q k^T) v + b_out is not zero
+    lab = _plus_constant(lab)
+    return lab.with_axis(len(o_shape) - 1, out_ids, true_mask(len(out_ids)))
+
+
+def _weights_used(node) -> bool:
+    """Whether the attention weights (output 1 of the node) are read."""
+    return any(u.op == "call_function" and u.target is operator.getitem and u.args[1] == 1 and u.users
+               for u in node.users)
 
 
 def _mha_module(node, m, args, kwargs):
@@ -254,20 +267,10 @@ def multi_head_attention_forward(ctx: Ctx, query, key, value, embed_dim_to_check
     ctx.tie(out_proj_weight.ids[1], per_head)
     if isinstance(out_proj_bias, AxisLabels):
         ctx.tie(out_proj_bias.ids[0], out_proj_weight.ids[0])
-    ctx.pin([k.ids[0], v.ids[0]], "attention mixes the keys")
-    ctx.pin([a for a in (key_padding_mask, attn_mask) if isinstance(a, AxisLabels)], "attention mask")
-    if isinstance(attn_mask, AxisLabels) and attn_mask.ndim == 3:
-        ctx.pin(heads, "a per-head attention mask is given as an input")
-    if weights is not None and need_weights:
-        used = any(u.op == "call_function" and u.target is operator.getitem and u.args[1] == 1 and u.users
-                   for u in ctx.node.users)
-        if used:
-            ctx.pin(heads, "attention weights are used")
-    ctx.extra_labels[ctx.node.name + ".heads"] = heads
-    lab = _passthrough(ctx, q, out_shape, {0: 0, 1: 1}, handled=(2,))
-    # NB: a zero query token still attends: softmax(b_q k^T) v + b_out is not zero
-    lab = _plus_constant(lab)
-    lab = lab.with_axis(2, out_proj_weight.ids[0], true_mask(len(out_proj_weight.ids[0])))
+    lab = _keys_masks_and_output(ctx, q, k, v, 0, key_padding_mask, attn_mask, heads, out_proj_weight.ids[0],
+                                 out_shape)
+    if weights is not None and need_weights and _weights_used(ctx.node):
+        ctx.pin(heads, "attention weights are used")
     return (lab, weights)
 
 
