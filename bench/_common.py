@@ -234,7 +234,7 @@ def compressed_row(name: str, build: Callable[[], nn.Module], inputs: Callable[[
     row["front-end"] = oto.frontend
     row["groups"] = len(oto.groups)
     zero_random_rows(m, oto, seed=1, fraction=0.5)
-    n = sum(p.numel() for p in m.parameters())
+    n = nparams(m)
     t0 = time.perf_counter()
     small = None
     for form in ("auto", "module", "graph"):
@@ -244,7 +244,7 @@ def compressed_row(name: str, build: Callable[[], nn.Module], inputs: Callable[[
         except Exception as e:  # noqa: BLE001 - the row says what failed
             row[form] = f"FAIL {type(e).__name__}: {str(e)[:120]}"
             continue
-        share = round(sum(p.numel() for p in got.parameters()) / n, 3)
+        share = round(nparams(got) / n, 3)
         if form == "graph":
             row["graph kept"] = share
             continue
