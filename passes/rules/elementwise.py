@@ -26,7 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..channels import AxisLabels, Ctx, ParamRef, SymSize, false_mask, pinned_axis
-from ..registry import ELEMENTWISE, functions, methods, modules, rule
+from ..registry import ELEMENTWISE, RuleDeclined, functions, methods, modules, rule
 from .common import _bind_input, _ov, _out_shape, _scalar_zero
 
 aten = torch.ops.aten
@@ -223,6 +223,8 @@ def _nonnegative(node, depth: int) -> bool:
         return True
     if name in ("pow", "__pow__") and len(node.args) > 1 and node.args[1] == 2:
         return True
+    if name in ("mul", "__mul__") and len(node.args) > 1 and node.args[0] is node.args[1]:
+        return True  # x * x (litgpt's RMSNorm)
     if name in ("mean", "sum", "amax"):
         return _nonnegative(node.args[0], depth - 1)
     return False
@@ -356,8 +358,11 @@ methods("addcmul", ["addcmul", "addcmul_"], ("input", "tensor1", "tensor2", "val
 
 
 @rule("where", keeps_axes=True)
-def where(ctx: Ctx, condition, input, other, meta=None, **_):
+def where(ctx: Ctx, condition, input=None, other=None, meta=None, **_):
     """where(c, x, y): elementwise choice with broadcasting; axes of full size are one channel across c, x, y; zero where x and y both are."""
+    if input is None and other is None:
+        # NB: torch.where(c) alone is nonzero(c, as_tuple=True) (an MoE's tokens per expert): positions
+        raise RuleDeclined("where(condition) alone gives the positions where it holds, not values")
     shape = _out_shape(meta)
     n = len(shape)
     vals = [v for v in (input, other)]

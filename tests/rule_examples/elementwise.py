@@ -229,6 +229,22 @@ def per_head_rms_norm_keeps_heads():
     return m, torch.randn(N, 5, 6)
 
 
+@example("singular", "binary", "reduce", frontend="export")
+def per_head_rms_norm_of_a_self_product_keeps_heads():
+    """litgpt's RMSNorm squares by ``x * x`` (the same tensor twice, non-negative): rsqrt(mean(x * x) + eps)
+    per head is positive by construction, so whole heads stay rows."""
+
+    def fwd(s, x):
+        _force_export(x)
+        q, k, v = (_heads(s, p(x), x) for p in (s.q, s.k, s.v))
+        q = q * torch.rsqrt(torch.mean(q * q, dim=-1, keepdim=True) + 1e-6) * s.qn
+        k = k * torch.rsqrt(torch.mean(k * k, dim=-1, keepdim=True) + 1e-6) * s.qn
+        return s.o(_merge(F.scaled_dot_product_attention(q, k, v), x))
+
+    m = Net(fwd, qn=nn.Parameter(torch.ones(4)), **_qkvo())
+    return m, torch.randn(N, 5, 6)
+
+
 @example("singular", pinned="singular at x = 0")
 def reciprocal_of_a_channel_pins_it():
     """1 / x of a channel that may be zero: removing it is not exact (1 / 0), so it is pinned."""
