@@ -1,4 +1,5 @@
-"""Indexing: narrow, slice, getitem (``x[...]``), index, select, roll, gather.
+"""Indexing: narrow, slice, getitem (``x[...]``), index, select, roll, gather, and writes by index
+(index_put and ``x[idx] = v``, index_add, index_copy: a mixture of experts' dispatch back into the stream).
 
 A slice keeps its slice of the axis ids (a channel keeps its row at a new offset, and the literal
 bounds are recounted in the rewrite; a step > 1 ties each aligned block of ``step`` positions, so that
@@ -6,6 +7,8 @@ the kept positions keep their residues and the same step selects them); an integ
 pins the axis it reads; ``None`` adds an axis that is not a channel.
 
 Internals:
+    * A write by index pins the written axis (the tokens; which positions is data) and ties every
+      other axis of the written tensor to the value's: the features pass, zero where both are.
     * gather's index must keep the input's size on every axis but the gathered one: an index that is
       an expand of a size-1 axis there (DeBERTa's relative positions, expanded over batch x heads)
       is constant along it, so the rewrite narrows it to the input's new size instead of pinning.
@@ -16,10 +19,11 @@ import operator
 
 import numpy as np
 import torch
+import torch.fx as fx
 
 from ..channels import AxisLabels, Ctx, SymSize, false_mask, labs_in, pinned_axis
 from ..registry import functions, methods, rule
-from .common import _ax, _ov, _out_shape, _passthrough
+from .common import _ax, _ov, _out_shape, _passthrough, _scalar_zero
 
 aten = torch.ops.aten
 
@@ -306,6 +310,121 @@ def index(ctx: Ctx, input, indices, meta=None, **_):
 
 
 functions("index", _ov(aten.index, "Tensor"))
+
+
+def _written_axes(ctx: Ctx, x: AxisLabels, values, lead: int) -> AxisLabels:
+    """The label of ``x`` after ``values`` is written (or added) at positions that index tensors pick
+    along its first ``lead`` axes: those axes are pinned; each later axis of ``x`` that ``values`` has
+    in full (aligned from the right, as broadcasting does) is tied to it, and a channel stays zero
+    where both ``x`` and ``values`` are zero; an axis ``values`` is broadcast over keeps ``x``'s ids
+    (a live size-1 channel of ``values`` broadcast is pinned)."""
+    shape = x.shape
+    n = len(shape)
+    ids, zero = [], []
+    for d in range(n):
+        if d < lead:
+            ctx.pin(x.ids[d], "written at positions an index tensor picks")
+            ids.append(x.ids[d])
+            zero.append(false_mask(shape[d]))
+            continue
+        if not isinstance(values, AxisLabels):  # a number written: zero stays zero when it is 0
+            ids.append(x.ids[d])
+            zero.append(x.zero[d] if _scalar_zero(values) else false_mask(shape[d]))
+            continue
+        vd = d - (n - values.ndim)
+        if vd >= values.ndim - (n - lead) and values.shape[vd] == shape[d]:
+            ctx.tie(x.ids[d], values.ids[vd])
+            ids.append(x.ids[d])
+            zero.append(x.zero[d] & values.zero[vd])
+            continue
+        if vd >= 0:
+            ctx.pin(values.ids[vd], "broadcast over an axis of another size")
+        ids.append(x.ids[d])
+        zero.append(false_mask(shape[d]))
+    if isinstance(values, AxisLabels):
+        for vd in range(max(0, values.ndim - (n - lead))):
+            ctx.pin(values.ids[vd], "written at positions an index tensor picks")
+    return AxisLabels(tuple(ids), tuple(zero))
+
+
+def _index_dtypes(ctx: Ctx, k: int) -> list | None:
+    """The dtypes of the index tensors in the node's argument ``k`` (off their meta), or None."""
+    node = ctx.node
+    got = node.args[k] if node is not None and len(node.args) > k else None
+    if isinstance(got, fx.Node):
+        got = [got]
+    if not isinstance(got, (list, tuple)):
+        return None
+    out = []
+    for i in got:
+        val = i.meta.get("val", i.meta.get("example_value")) if hasattr(i, "meta") else None
+        if not isinstance(val, torch.Tensor):
+            return None
+        out.append(val.dtype)
+    return out
+
+
+@rule("index_put", keeps_axes=True)
+def index_put(ctx: Ctx, input, indices, values, accumulate=False, meta=None, **_):
+    """x[idx_0, ..., idx_k] = v, or += with accumulate (MoE's ``y[token_idx] += w * expert(x[token_idx])``: index_put_ in an export graph, operator.setitem in dynamo's): the indexed leading axes are pinned, each later axis is tied to v's (right-aligned) and stays zero where x and v both are; other index forms pin."""
+    x = input
+    idx = list(indices) if isinstance(indices, (tuple, list)) else [indices]
+    while idx and (idx[-1] is Ellipsis or (isinstance(idx[-1], slice) and idx[-1] == slice(None))):
+        idx.pop()  # NB: x[idx, ...] = v, x[idx, :] = v (setitem)
+    dtypes = _index_dtypes(ctx, 1)
+    if isinstance(x, AxisLabels) and idx and all(isinstance(i, AxisLabels) for i in idx) and \
+            dtypes is not None and len(dtypes) >= len(idx):
+        lead = sum(i.ndim if dt == torch.bool else 1 for i, dt in zip(idx, dtypes))
+        if lead <= x.ndim:
+            ctx.pin(idx, "used as an index")
+            return _written_axes(ctx, x, values, lead)
+    ctx.pin([v for v in [x, values, *idx] if isinstance(v, AxisLabels)], "written through an index this rule does "
+            "not read (slices, None, or a mix of forms)")
+    return ctx.pinned_lab(x.shape) if isinstance(x, AxisLabels) else ctx.pinned_lab(_out_shape(meta))
+
+
+functions("index_put", [torch.index_put, torch.index_put_] + _ov(aten.index_put, "default")
+          + _ov(aten.index_put_, "default"), ("input", "indices", "values", "accumulate"))
+methods("index_put", ["index_put", "index_put_"], ("input", "indices", "values", "accumulate"))
+# NB: ``y[idx] += v`` in a dynamo graph: getitem, iadd, then operator.setitem(y, idx, v), which returns None
+# and writes y (nodes.mutates_input): its label is y's after the write
+functions("index_put", [operator.setitem], ("input", "indices", "values"))
+
+
+@rule("index_add", keeps_axes=True)
+def index_add(ctx: Ctx, input, dim, index, source, alpha=1, meta=None, **_):
+    """x.index_add(dim, idx, s) (and index_copy): rows of s are added (copied) into x at the positions idx picks along dim (pinned); every other axis is tied to s's and stays zero where x and s both are."""
+    x = input
+    d = _ax(dim, x.ndim)
+    if not isinstance(source, AxisLabels) or source.ndim != x.ndim:
+        ctx.pin([v for v in (x, source, index) if isinstance(v, AxisLabels)], "written by an index tensor")
+        return ctx.pinned_lab(_out_shape(meta))
+    ctx.pin(index, "used as an index")
+    ctx.pin(source.ids[d], "written at positions an index tensor picks")
+    shape = _out_shape(meta)
+    ids, zero = [], []
+    for a in range(x.ndim):
+        if a == d:
+            ctx.pin(x.ids[a], "written at positions an index tensor picks")
+            ids.append(x.ids[a])
+            zero.append(false_mask(shape[a]))
+        elif source.shape[a] == shape[a]:
+            ctx.tie(x.ids[a], source.ids[a])
+            ids.append(x.ids[a])
+            zero.append(x.zero[a] & source.zero[a])
+        else:
+            ctx.pin([x.ids[a], source.ids[a]], "broadcast over an axis of another size")
+            ids.append(x.ids[a])
+            zero.append(false_mask(shape[a]))
+    return AxisLabels(tuple(ids), tuple(zero))
+
+
+functions("index_add", [torch.index_add] + _ov(aten.index_add, "default") + _ov(aten.index_add_, "default"),
+          ("input", "dim", "index", "source", "alpha"))
+methods("index_add", ["index_add", "index_add_"], ("input", "dim", "index", "source", "alpha"))
+functions("index_add", [torch.index_copy] + _ov(aten.index_copy, "default") + _ov(aten.index_copy_, "default"),
+          ("input", "dim", "index", "source"))
+methods("index_add", ["index_copy", "index_copy_"], ("input", "dim", "index", "source"))
 
 
 @rule("select")

@@ -218,3 +218,59 @@ def pool_one_token_per_sample():
 @example("index", frontend="export")
 def pool_one_token_per_sample_exported():
     return _pool_by_token(True)
+
+
+def _dispatch(form: str, export: bool = False):
+    """A mixture of experts' dispatch: the tokens each expert takes (fixed here; picked by a router in a
+    real one) are written back into the stream's tokens by index (litgpt's ``y[idx] += w * e(x[idx])``,
+    Hugging Face's ``index_add_``); the features, which are the stream's channels, pass."""
+
+    def fwd(s, x):
+        if export:
+            _force_export(x)
+        h = torch.relu(s.inp(x)).reshape(-1, 8)  # [N * L, 8]
+        y = torch.zeros_like(h)
+        a, b = s.ea(h[s.first]), s.eb(h[s.second]) * 0.5
+        if form == "setitem":
+            y[s.first] += a
+            y[s.second] += b
+        elif form == "index_put":
+            y = y.index_put((s.first,), a, accumulate=True)
+            y = torch.index_put(y, (s.second,), b, True)
+        elif form == "index_add":
+            y = y.index_add(0, s.first, a)
+            y.index_add_(0, s.second, b, alpha=2.0)
+        else:  # index_copy: each token written once
+            y = torch.index_copy(y.index_copy(0, s.first, a), 0, s.third, b[:3])
+        return s.out((y + h).reshape(x.shape[0], x.shape[1], 8))
+
+    m = Net(fwd, inp=nn.Linear(6, 8), ea=nn.Linear(8, 8), eb=nn.Linear(8, 8), out=nn.Linear(8, 3))
+    m.register_buffer("first", torch.tensor([0, 2, 3, 7, 9]))
+    m.register_buffer("second", torch.tensor([1, 2, 5, 6, 7, 8]))
+    m.register_buffer("third", torch.tensor([4, 6, 8]))
+    return m, torch.randn(N, 5, 6)
+
+
+@example("index_put", frontend="export")
+def expert_dispatch_by_setitem_exported():
+    return _dispatch("setitem", export=True)
+
+
+@example("index_put")
+def expert_dispatch_by_index_put():
+    return _dispatch("index_put")
+
+
+@example("index_add")
+def expert_dispatch_by_index_add():
+    return _dispatch("index_add")
+
+
+@example("index_add", frontend="export")
+def expert_dispatch_by_index_add_exported():
+    return _dispatch("index_add", export=True)
+
+
+@example("index_add")
+def expert_dispatch_by_index_copy():
+    return _dispatch("index_copy")
