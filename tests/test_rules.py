@@ -12,6 +12,7 @@
 """
 from __future__ import annotations
 
+import operator
 import warnings
 
 import numpy as np
@@ -21,7 +22,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import otofx
-from helpers import assert_exact, build, fresh_like, n_params, randomize, snapshot, zero_random_rows, zero_rows
+from helpers import (assert_exact, build, fresh_like, max_rel_diff, n_params, randomize, snapshot, zero_random_rows,
+                     zero_rows)
 from rule_examples import EXAMPLES, HW, Net, conv, img
 import rule_examples as R
 
@@ -741,3 +743,58 @@ def test_functional_attention_pool_rows_are_heads_with_their_stream_block(factor
     small = oto.compress(form="module")
     assert small.pool.heads == 1 and small.c1.out_channels == 4
     assert_exact(model, oto, fresh_like(x, 3), small=small)
+
+
+@pytest.mark.parametrize("factory", ["expert_dispatch_by_setitem_exported", "expert_dispatch_by_index_put",
+                                     "expert_dispatch_by_index_add", "expert_dispatch_by_index_add_exported",
+                                     "expert_dispatch_by_index_copy"])
+def test_tokens_written_back_by_index_keep_their_features(factory):
+    """An MoE writes each expert's tokens back by index (``y[idx] += e(x[idx])``, index_put, index_add,
+    index_copy): the token axis is written at data-given positions, the features are one group with the
+    stream and both experts' outputs (8 rows; each expert's 8 output rows join it)."""
+    model, x = build(getattr(R, factory))
+    oto = otofx.OTO(model, x)
+    assert sorted(z.rows for z in oto.groups) == [8], [p.reason for p in oto.pinned]
+    (zig,) = oto.groups
+    assert {n for n, _, _ in zig.params} >= {"inp.weight", "ea.weight", "eb.weight", "out.weight"}
+    assert not any(p.op in ("index_put", "index_add") for p in oto.pinned if p.channels > 8), oto.pinned
+
+
+def test_expert_dispatch_by_setitem_in_a_dynamo_graph():
+    """dynamo records ``y[idx] += v`` as getitem, iadd and ``operator.setitem`` (which returns None and writes
+    y): the backend removes the stream's zero rows through it."""
+    import torch._dynamo
+
+    import otofx.backend as B
+
+    model, x = build(R.indexing.expert_dispatch_by_setitem_exported)
+    model = randomize(model.eval())
+    oto = otofx.OTO(model, x)
+    zero_random_rows(model, oto, seed=1)
+    with torch.no_grad():
+        ref = model(x)
+    torch._dynamo.reset()
+    B.clear_results()
+    graphs = []
+
+    def inner(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    try:
+        with torch.no_grad():
+            y = torch.compile(model, backend="otofx", options={"inner": inner})(x)
+        (res,) = B.results()
+    finally:
+        torch._dynamo.reset()
+    assert any(n.target is operator.setitem for g in graphs for n in g.graph.nodes)
+    assert res.pruned and res.rows_removed == 4, res.reason
+    assert max_rel_diff(ref, y) < 1e-4
+
+
+def test_rms_norm_of_a_self_product_per_head_keeps_heads_as_rows():
+    """rsqrt(mean(x * x) + eps) over each head's width cannot blow up on a removed head (x * x >= 0)."""
+    model, x = build(R.elementwise.per_head_rms_norm_of_a_self_product_keeps_heads)
+    oto = otofx.OTO(model, x)
+    assert sorted(z.rows for z in oto.groups) == [2], [p.reason for p in oto.pinned]
+    assert not any(p.op == "singular" for p in oto.pinned)
