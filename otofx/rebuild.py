@@ -30,7 +30,8 @@ Internals:
       (``passes.resize.STREAM_WIDTHS``) follow the embedding's new width, in the modules that hold
       a tensor of the stream.
     * Held sizes: an int attribute (or a tuple or list of ints) that gave the module's own forward
-      a literal size or position (a split's sizes, a slice's bound, a view's shape) takes the value
+      a literal size or position (a split's sizes, a slice's bound, a view's shape, an RMS norm's
+      ``normalized_shape``: torchtune's RMSNorm calls F.rms_norm with its own) takes the value
       the graph form's rewrite gives that literal (:func:`_follow_literals`, from
       ``passes.resize.literal_moves``): FasterNet's ``dim_conv3``/``dim_untouched``, InceptionNeXt's
       ``split_indexes``, MambaOut's ``split_indices``, Res2Net's ``width`` (an int split size whose
@@ -40,6 +41,13 @@ Internals:
       and tries it without them when it fails. Width attributes a module's forward checks rather
       than writes (``Upsample2D.channels``: ``passes.resize.IN_WIDTHS``/``OUT_WIDTHS``) follow the
       width of what the module reads or makes (:func:`_follow_io_widths`), with the literals.
+    * Records: a dataclass or namespace a module holds and reads sizes from in its forward
+      (litgpt's one ``Config`` that every block reads ``self.config.n_head`` off). Its size-named
+      fields whose value is a literal the graph form recounts in the module's forward take the value
+      under which the module's class, built again from the record on the meta device, has the copy's
+      shapes (:func:`_follow_records`: a head count of 4 that equals a rotary half-width of 4 is
+      told apart that way); a record other modules share is copied for the module first, so each
+      attention block holds its own head counts (``otofx.save`` stores them per module).
     * A wrapper child with no tensors of its own (a conv-norm ``Conv``) counts with the leaves it
       wraps when a module's head counts and widths are read off its children (:func:`_scope`).
     * The config: integer fields (and entries of per-layer lists of ints, and the fields of
@@ -108,7 +116,8 @@ from otofx.passes.resize import (IN_WIDTHS, OUT_WIDTHS, STREAM_WIDTHS, Change, R
                                  batch_stats_sites, standardised_module,
                                  stream_scale_sources, scale_parameter, tied_head_norms, weightless_sites,
                                  weightless_stream_fold, resize_weightless_norms, magnitude_folds, own_norm_sites,
-                                 own_norm_replacement, module_input_shapes)
+                                 own_norm_replacement, module_input_shapes, record_holders, record_ints,
+                                 set_attr_or_field)
 
 log = logging.getLogger("otofx")
 
@@ -247,7 +256,9 @@ def rebuild(model: nn.Module, plan: Plan, gm: torch.fx.GraphModule | None = None
     changed = _resize_modules(new, cuts, old_shapes, stream, groups, views)
     if gm is not None:
         _swap_own_layer_norms(new, model, gm, plan)
-        done = _follow_literals(new, model, literal_moves(gm, plan), changed) if follow_literals else []
+        moves = literal_moves(gm, plan) if follow_literals else {}
+        done = _follow_records(new, model, moves, changed) if follow_literals else []
+        done += _follow_literals(new, model, moves, changed) if follow_literals else []
         done += _follow_io_widths(new, model, gm, plan, changed) if follow_literals else []
         if moved is not None:
             moved += done
@@ -547,9 +558,12 @@ def _int_attrs(m: nn.Module, lists: bool = False) -> dict:
 
 def _move_attrs(news: dict, follow: list, changed: dict, why: str) -> None:
     """Set each ``(module, attribute, old value, new value)`` of ``follow`` on ``news`` (module name ->
-    module of the copy) and record it in ``changed``."""
+    module of the copy) and record it in ``changed``. An attribute ``"config.n_head"`` is a field of a
+    record the module holds (``passes.resize.is_record``): a record other modules hold too is copied
+    for this one first."""
+    shared = record_holders(news.values()) if any("." in k for _, k, _, _ in follow) else None
     for name, k, v, f in follow:
-        setattr(news[name], k, f)
+        set_attr_or_field(news[name], k, f, shared)
         changed.setdefault(name, {})[k] = f
         log.debug("otofx: %s.%s = %s (was %s), %s", name or "the model", k, f, v, why)
 
@@ -598,6 +612,141 @@ def _follow_literals(new: nn.Module, model: nn.Module, moves: dict, changed: dic
     return [(name, k) for name, k, _, _ in follow]
 
 
+def _follow_records(new: nn.Module, model: nn.Module, moves: dict, changed: dict) -> list:
+    """Fields of the records a module holds (``passes.resize.is_record``: litgpt's one ``Config`` that
+    every block reads its head counts from, ``self.config.n_head``) follow the module's new widths: a
+    field named as a size or count whose value is a literal the graph form recounts in the module's
+    forward (``moves``) takes, among its old value, those recounts and the new widths of the module's
+    tensor axes that had its value, the one under which the module's class, built again from the
+    record (on the meta device, its other constructor arguments from the module's attributes), has the
+    copy's tensor shapes (:func:`_fit_record`). The record is copied for the module first when other
+    modules share it (``set_attr_or_field``), so each attention block holds its own head counts.
+
+    # NB: a search, not a reading: a head count of 4 that equals a rotary half-width of 4 (the view
+    # moves one 4, the slice keeps the other) is told apart by what the class builds from each choice.
+    # A module whose class cannot be rebuilt that way follows the literals that moved one way only.
+    Returns ``(module, "attribute.field")`` of each move."""
+    olds, news = dict(model.named_modules()), dict(new.named_modules())
+    follow = []
+    for path, literals in moves.items():
+        m, old = news.get(path), olds.get(path)
+        if m is None or old is None or type(m) is not type(old):
+            continue
+        held = {k: v for k, v in record_ints(old).items() if _RECORD_SIZE.search(k.partition(".")[2])
+                and record_ints(m).get(k) == v}
+        options = {}
+        for k, v in held.items():
+            key = tuple(v) if isinstance(v, list) else v
+            found = literals.get(key, set()) - {key}
+            if found and type(v) is int:
+                options[k] = [v] + sorted(f for f in found if type(f) is int)
+        if not options:
+            continue
+        # NB: the widths the module's tensors changed from and to give the fields no literal names (a
+        # stream width the forward reads off its input)
+        was, now = _shapes_of(old), _shapes_of(m)
+        pairs = {(a, b) for n in now if n in was and len(was[n]) == len(now[n]) for a, b in zip(was[n], now[n])
+                 if a != b}
+        for k, v in held.items():
+            extra = sorted({b for a, b in pairs if a == v} - set(options.get(k, [v])))
+            if extra and type(v) is int:
+                options[k] = options.get(k, [v]) + extra
+        got = _fit_record(m, old, options)
+        if got is None:
+            # NB: no build to tell choices apart: the literals that moved one way only, all or none
+            moved = {k: literals.get(held[k], set()) for k in options}
+            moved = {k: f for k, f in moved.items() if f - {held[k]}}
+            plain = {k: next(iter(f)) for k, f in moved.items() if len(f) == 1}
+            got = plain if len(plain) == len(moved) else {}
+        follow += [(path, k, held[k], f) for k, f in got.items() if f != held[k]]
+    _move_attrs(news, follow, changed, "as the module's class builds its new shapes from it")
+    return [(name, k) for name, k, _, _ in follow]
+
+
+def _shapes_of(m: nn.Module) -> dict:
+    return {n: tuple(t.shape) for n, t in list(m.named_parameters()) + list(m.named_buffers())}
+
+
+def _build_like(m: nn.Module, records: dict):
+    """``type(m)`` built again on the meta device, its constructor's arguments named as ``m``'s records
+    taking ``records`` (attribute -> record) and the others ``m``'s attributes of those names (or their
+    defaults); None when the constructor takes something ``m`` does not hold, or fails."""
+    import inspect
+
+    try:
+        params = list(inspect.signature(type(m).__init__).parameters.values())[1:]
+    except (TypeError, ValueError):
+        return None
+    args, kwargs = [], {}
+    for p in params:
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            continue
+        if p.name in records:
+            v = records[p.name]
+        elif p.name in m.__dict__ and not isinstance(m.__dict__[p.name], (nn.Module, torch.Tensor)):
+            v = m.__dict__[p.name]
+        elif p.default is not p.empty:
+            continue
+        else:
+            return None
+        if p.kind == p.POSITIONAL_ONLY:
+            args.append(v)
+        else:
+            kwargs[p.name] = v
+    try:
+        with torch.device("meta"):
+            return type(m)(*args, **kwargs)
+    except Exception:  # noqa: BLE001 - a constructor otofx cannot call: no fit
+        return None
+
+
+def _dims_off(shapes: dict, want: dict) -> int | None:
+    """How many tensor dimensions differ between ``shapes`` and ``want`` (None: not the same tensors)."""
+    if set(shapes) != set(want):
+        return None
+    return sum(len(a) + len(b) if len(a) != len(b) else sum(x != y for x, y in zip(a, b))
+               for a, b in ((shapes[n], want[n]) for n in want))
+
+
+def _fit_record(m: nn.Module, old: nn.Module, options: dict) -> dict | None:
+    """``{"attribute.field": value}`` under which ``type(m)`` built from ``m``'s records has ``m``'s
+    tensor shapes, found greedily among ``options`` (field -> candidate values, the held value first):
+    each round takes the one change that leaves the fewest tensor dimensions off, until none are.
+    None when the class, built from the old records, does not have ``old``'s shapes (the constructor
+    is not what made the module), or no choice builds the new shapes."""
+    recs = {a: v for a, v in m.__dict__.items() if any(k.partition(".")[0] == a for k in options)}
+    base = _build_like(old, {a: old.__dict__[a] for a in recs})
+    if base is None or _dims_off(_shapes_of(base), _shapes_of(old)) != 0:
+        return None
+    want = _shapes_of(m)
+    choice = {k: opts[0] for k, opts in options.items()}
+
+    def off(ch: dict) -> int | None:
+        trial = {a: copy.copy(r) for a, r in recs.items()}
+        for k, v in ch.items():
+            a, _, f = k.partition(".")
+            object.__setattr__(trial[a], f, v)
+        built = _build_like(m, trial)
+        return None if built is None else _dims_off(_shapes_of(built), want)
+
+    now = off(choice)
+    for _ in range(len(options)):
+        if now == 0:
+            break
+        best = None
+        for k, opts in options.items():
+            for v in opts:
+                if v == choice[k]:
+                    continue
+                got = off({**choice, k: v})
+                if got is not None and (now is None or got < now) and (best is None or got < best[0]):
+                    best = (got, k, v)
+        if best is None:
+            break
+        now, choice[best[1]] = best[0], best[2]
+    return choice if now == 0 else None
+
+
 def _follow_io_widths(new: nn.Module, model: nn.Module, gm: torch.fx.GraphModule, plan: Plan, changed: dict) -> list:
     """Int attributes named as a module's input or output width (``IN_WIDTHS``, ``OUT_WIDTHS``) of the
     modules of the user's or a library's class (not torch.nn's, whose resizers own theirs) take the new
@@ -641,6 +790,8 @@ def _attribute_children(path: str, m: nn.Module, old: nn.Module) -> list:
 
 
 _SIZE_NAME = re.compile(r"size|dim|width|channel|feature|hidden|head|split|inner", re.IGNORECASE)
+# a record's fields followed as sizes (litgpt's Config: n_head, n_query_groups, n_embd, head_size)
+_RECORD_SIZE = re.compile(_SIZE_NAME.pattern + r"|group|embd|expert", re.IGNORECASE)
 
 
 def _literal_attrs(m: nn.Module, old: nn.Module, literals: dict, sizes_only: bool = False) -> list | None:

@@ -9,7 +9,9 @@ cannot be loaded into a freshly built instance, and ``torch.save`` of the whole 
   tensor attributes), each stored once: a tensor reachable under several names (GPT-2's
   ``lm_head.weight`` and ``transformer.wte.weight``) is stored under its first name;
 * ``otofx.json``: the model's class, per module its class, its simple attributes (ints, floats,
-  bools, strings, None, and tuples/lists of those), and per tensor its kind, shape, dtype,
+  bools, strings, None, and tuples/lists of those), the simple fields of the settings records it holds
+  (a dataclass or namespace its forward reads sizes from: litgpt's ``self.config``; a module whose
+  fields differ from the fresh instance's gets its own copy), and per tensor its kind, shape, dtype,
   ``requires_grad`` and, for a second name of one tensor, the name it is the same as;
 * ``config.json``: for a Hugging Face model (``transformers.PreTrainedModel``), its config.
 
@@ -39,6 +41,8 @@ Internals:
 """
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
 import logging
 import math
@@ -52,6 +56,7 @@ import torch.nn as nn
 
 from otofx import fxcompat
 from otofx.errors import InputError
+from otofx.passes.resize import is_record
 
 log = logging.getLogger("otofx")
 
@@ -141,6 +146,20 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+def _record_fields(rec) -> dict:
+    """The simple fields of a record (a dataclass or namespace a module reads sizes from: litgpt's
+    ``self.config``), encoded; the others (dicts, classes) are not stored."""
+    items = vars(rec).items() if hasattr(rec, "__dict__") else \
+        [(f.name, getattr(rec, f.name)) for f in dataclasses.fields(rec)]
+    out = {}
+    for k, v in items:
+        try:
+            out[k] = _encode(v)
+        except _NotSimple:
+            continue
+    return out
+
+
 def _describe(model: nn.Module):
     """(modules, tensors, blobs): the manifest's two lists and the tensors to write, by name."""
     rebuild = _rebuildable()
@@ -164,6 +183,9 @@ def _describe(model: nn.Module):
         entry = {"path": path, "type": list(_type_name(type(mod))), "attrs": {}}
         for key, value in vars(mod).items():
             if key in _MODULE_INTERNALS or isinstance(value, torch.Tensor):
+                continue
+            if is_record(value):
+                entry.setdefault("records", {})[key] = _record_fields(value)
                 continue
             try:
                 entry["attrs"][key] = _encode(value)
@@ -411,6 +433,17 @@ class _Plan:
                     raise InputError(f"module '{path}' ({saved[1]}) cannot be rebuilt from its saved arguments "
                                      f"{init}: {e}") from None
             mod = self.module(path, saved)
+            for key, fields in entry.get("records", {}).items():
+                rec = vars(mod).get(key)
+                if not is_record(rec):
+                    raise InputError(f"'{key}' of module '{path or '(root)'}' is a settings record in the saved "
+                                     f"model but {type(rec).__name__} in the given one: the model was not built like "
+                                     "the saved model's dense original")
+                missing = [f for f in fields if not hasattr(rec, f)]
+                if missing:
+                    raise InputError(f"the record '{key}' of module '{path or '(root)'}' has no field "
+                                     f"{missing[0]!r} in the given model: it was not built like the saved model's "
+                                     "dense original")
             for key in entry["attrs"]:
                 if key in mod._parameters or key in mod._buffers or key in mod._modules:
                     raise InputError(f"'{key}' of module '{path or '(root)'}' is a simple attribute in the saved model "
@@ -513,6 +546,16 @@ def load(path, model: nn.Module | None = None, *, device=None, dtype: torch.dtyp
             value = _decode(value)
             if key not in vars(mod) or not _same(getattr(mod, key), value):
                 setattr(mod, key, value)
+        for key, fields in entry.get("records", {}).items():
+            # NB: a record the module shares with others (litgpt's one Config) is copied for it when
+            # its saved fields differ (a block with fewer heads), as compress() left it
+            rec = vars(mod)[key]
+            diff = {f: _decode(v) for f, v in fields.items() if not _same(getattr(rec, f), _decode(v))}
+            if diff:
+                rec = copy.copy(rec)
+                for f, v in diff.items():
+                    object.__setattr__(rec, f, v)
+                mod.__dict__[key] = rec
     objects: dict[str, torch.Tensor] = {}
     for rec in manifest["tensors"]:
         mod = plan.module(rec["module"], None)

@@ -17,8 +17,11 @@ width and head-count attributes that attention and MLP blocks keep for their ``f
 changed under the module and the head blocks the analysis found.
 
 ``literal_moves(gm, plan)`` reads, per module, how the graph form's rewrite recounts the literal
-sizes its own forward wrote into the graph (split sizes, slice bounds, view shapes), for the rebuild's
-held sizes (``otofx.rebuild._follow_literals``).
+sizes its own forward wrote into the graph (split sizes, slice bounds, view shapes, an RMS norm's
+``normalized_shape``), for the rebuild's held sizes (``otofx.rebuild._follow_literals``). Records
+(:func:`is_record`: a dataclass or namespace a module reads sizes from, litgpt's ``self.config``)
+have their int fields read (:func:`record_ints`) and set per module (:func:`set_attr_or_field`, which
+copies a record other modules share) by ``otofx.rebuild._follow_records``.
 
 Internals:
     * A rule reads the new tensors on the module and the :class:`Change` (old shapes, kept
@@ -56,6 +59,10 @@ Internals:
 """
 from __future__ import annotations
 
+import argparse
+import copy
+import dataclasses
+import types
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable
@@ -615,11 +622,77 @@ def _resync_groups(module: nn.Module, done: dict) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# Records: settings objects a module reads sizes from in its forward (litgpt's self.config.n_head)
+# ---------------------------------------------------------------------------------------------
+
+
+def is_record(v) -> bool:
+    """Whether ``v`` is a plain settings object a module may read sizes from in its forward (litgpt's
+    ``self.config.n_head``, a model-args dataclass, a namespace): a dataclass instance or a namespace;
+    not a Hugging Face config (it has ``to_dict``; ``otofx.rebuild`` fits those as a whole)."""
+    if isinstance(v, (types.SimpleNamespace, argparse.Namespace)):
+        return True
+    return dataclasses.is_dataclass(v) and not isinstance(v, type) and not hasattr(v, "to_dict")
+
+
+def record_ints(m: nn.Module) -> dict:
+    """``{"attribute.field": value}`` of the int fields (and tuples or lists of ints, as lists) of the
+    records ``m`` holds (:func:`is_record`)."""
+    out = {}
+    for a, rec in m.__dict__.items():
+        if not is_record(rec):
+            continue
+        fields = vars(rec).items() if hasattr(rec, "__dict__") else \
+            [(f.name, getattr(rec, f.name)) for f in dataclasses.fields(rec)]
+        for f, v in fields:
+            if type(v) is int:
+                out[f"{a}.{f}"] = v
+            elif type(v) in (tuple, list) and v and all(type(e) is int for e in v):
+                out[f"{a}.{f}"] = list(v)
+    return out
+
+
+def get_attr_or_field(m: nn.Module, key: str):
+    """``m``'s attribute ``key``, or a field of a record it holds (``"config.n_head"``)."""
+    a, _, f = key.partition(".")
+    return getattr(m.__dict__[a], f) if f else m.__dict__[a]
+
+
+def set_attr_or_field(m: nn.Module, key: str, value, shared: Counter | None = None) -> None:
+    """Set ``m``'s attribute ``key``, or a field of a record it holds (``"config.n_head"``). A record
+    other modules hold too (``shared``: ``id(record)`` -> holders; litgpt's one Config for every
+    block) is copied first, so that only ``m`` sees the new value.
+
+    # NB: a shallow copy: the record's other fields (lists, dicts) stay shared, and only ints are set"""
+    a, _, f = key.partition(".")
+    if not f:
+        setattr(m, a, value)
+        return
+    rec = m.__dict__[a]
+    if shared is None or shared[id(rec)] != 1:
+        if shared is not None:
+            shared[id(rec)] -= 1
+        rec = copy.copy(rec)
+        m.__dict__[a] = rec
+        if shared is not None:
+            shared[id(rec)] = 1
+    if dataclasses.is_dataclass(rec) and getattr(type(rec), "__dataclass_params__").frozen:
+        object.__setattr__(rec, f, value)
+    else:
+        setattr(rec, f, value)
+
+
+def record_holders(modules) -> Counter:
+    """``id(record)`` -> how many of ``modules`` hold it (see :func:`set_attr_or_field`)."""
+    return Counter(id(v) for m in modules for v in m.__dict__.values() if is_record(v))
+
+
+# ---------------------------------------------------------------------------------------------
 # Literal sizes in a module's own forward (split sizes, slice bounds, view shapes)
 # ---------------------------------------------------------------------------------------------
 
 # the rules whose rewrite of the graph recounts literal sizes and positions
-LITERAL_RULES = ("split", "slice", "narrow", "getitem", "reshape", "shape_merge", "expand")
+LITERAL_RULES = ("split", "slice", "narrow", "getitem", "reshape", "shape_merge", "expand", "rms_norm")
 
 
 def _literal_pairs(old, new, out: set) -> None:
@@ -663,25 +736,29 @@ def literal_moves(gm: fx.GraphModule, plan) -> dict:
 
         def __init__(self, node, form, kw):
             super().__init__(plan, node, None, form)
-            self.kw, self.new = kw, {}
+            self.kw, self.moved = kw, {}  # NB: not ``new``: Site.new(value) is the new shape
 
         def set(self, name, value):
-            self.new[name] = value
+            self.moved[name] = value
 
         def set_varargs(self, name, values):  # NB: as Site.set_varargs: the shape as the node spells it
-            self.new[name] = tuple(values) if f"*{name}" in self.form.spec else (
+            self.moved[name] = tuple(values) if f"*{name}" in self.form.spec else (
                 values[0] if len(values) == 1 else tuple(values))
 
         def replace_call(self, target, args, kwargs):  # NB: the split's fix: torch.split(x, sizes, dim=d)
+            if "normalized_shape" in self.kw:  # NB: an RMS norm's fix: the kept-divisor call over the new width
+                self.moved["normalized_shape"] = type(self.kw["normalized_shape"])(args[1]) \
+                    if isinstance(self.kw["normalized_shape"], (list, tuple)) else args[1][0]
+                return
             name = next((k for k in ("split_size_or_sections", "split_sizes", "split_size") if k in self.kw), None)
             old = self.kw.get(name)
             pieces = [o[_axis(kwargs["dim"], len(o))] for o in self.out_old_list]
             # NB: the old sizes, not a count of chunks or the positions tensor_split cuts at
             if (isinstance(old, (list, tuple)) and list(old) == pieces) or (
                     type(old) is int and pieces and all(p == old for p in pieces[:-1]) and pieces[-1] <= old):
-                self.new[name] = args[1]
+                self.moved[name] = args[1]
             else:
-                self.new[name] = None  # NB: not sizes: nothing to read off it
+                self.moved[name] = None  # NB: not sizes: nothing to read off it
 
     out: dict = {}
     for node in gm.graph.nodes:
@@ -703,7 +780,7 @@ def literal_moves(gm: fx.GraphModule, plan) -> dict:
         # NB: every size the node holds, moved or not (an axis is no size: left out)
         for name, old in kw.items():
             if name not in _NOT_SIZES:
-                _literal_pairs(old, site.new.get(name, old), pairs)
+                _literal_pairs(old, site.moved.get(name, old), pairs)
         for old, new in pairs:
             out.setdefault(path, {}).setdefault(old, set()).add(new)
     return out
@@ -1966,4 +2043,5 @@ __all__ = ["Change", "Scope", "ResizeError", "RESIZERS", "resizer", "rule_for", 
            "norm_sites", "tied_head_norms", "stream_scale_sources", "constant_scale_sources", "scale_parameter",
            "WeightlessSite", "weightless_sites", "weightless_stream_fold", "resize_weightless_norms",
            "magnitude_folds", "OwnNormSite", "own_norm_sites", "module_input_shapes", "own_norm_replacement",
-           "inline_layer_norm_groups"]
+           "inline_layer_norm_groups", "is_record", "record_ints", "get_attr_or_field", "set_attr_or_field",
+           "record_holders"]
