@@ -207,12 +207,12 @@ LIBRARY_KEYS = ["model", "class", "front-end", "groups", "auto", "module", "kept
 
 
 def compressed_row(name: str, build: Callable[[], nn.Module], inputs: Callable[[int, int], dict], side: int,
-                   other_side: int) -> dict:
+                   other_side: int, more: Callable[[nn.Module, nn.Module], dict] | None = None) -> dict:
     """One row of a library sweep: ``build()`` (random weights, eval mode, norms and biases randomised as
     in the tests) at ``inputs(1, side)``, half (floor) of every group's rows zeroed, then ``compress()``,
     ``compress(form="module")`` (the own class) and ``compress(form="graph")``; the own class against the
     zeroed model at ``inputs(2, other_side)`` (a batch of 2 at another size); where it keeps rows, as its
-    warning names them."""
+    warning names them. ``more(zeroed, own class)`` adds columns (a library's own uses: generation, saving)."""
     import re
 
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
@@ -262,16 +262,23 @@ def compressed_row(name: str, build: Callable[[], nn.Module], inputs: Callable[[
             row["other input"] = "exact"
         except Exception as e:  # noqa: BLE001
             row["other input"] = f"{type(e).__name__}: {str(e)[:120]}"
+        if more is not None:
+            try:
+                row.update(more(m, small))
+            except Exception as e:  # noqa: BLE001 - the row says what failed
+                row["more"] = f"FAIL {type(e).__name__}: {str(e)[:120]}"
     return row
 
 
 def library_sweep(script: str, doc: str, models: Callable[[], dict], side: int, other_side: int,
-                  versions: Callable[[], str]) -> None:
+                  versions: Callable[[], str], more: Callable[[nn.Module, nn.Module], dict] | None = None,
+                  more_keys: tuple = ()) -> None:
     """The command line of a library sweep: ``models()`` is ``{name: (build, inputs)}``, each row
-    :func:`compressed_row` in its own process (``--timeout``); ``--only a,b`` picks names (a prefix will do)."""
+    :func:`compressed_row` in its own process (``--timeout``); ``--only a,b`` picks names (a prefix will do).
+    ``more`` and ``more_keys``: extra columns (:func:`compressed_row`)."""
     ap = argparse.ArgumentParser(description=doc.splitlines()[0])
     ap.add_argument("--only", default="", help="comma-separated model names (as in the table; a prefix will do)")
-    a = apart_args(ap, lambda name: compressed_row(name, *models()[name], side, other_side))
+    a = apart_args(ap, lambda name: compressed_row(name, *models()[name], side, other_side, more))
     if a is None:
         return
     names = list(models())
@@ -280,4 +287,5 @@ def library_sweep(script: str, doc: str, models: Callable[[], dict], side: int, 
         names = [n for n in names if any(n == w or n.startswith(w) for w in want)]
         if not names:
             raise SystemExit(f"--only: none of {a.only}; choose among {', '.join(models())}")
-    report_apart(script, names, a.timeout, LIBRARY_KEYS, versions())
+    report_apart(script, names, a.timeout, LIBRARY_KEYS[:-2] + list(more_keys) + LIBRARY_KEYS[-2:]
+                 + (["more"] if more else []), versions())
