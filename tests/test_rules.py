@@ -729,6 +729,14 @@ def test_tokens_picked_by_index_tensors_keep_their_features(factory):
     assert not any("indexed by" in p.reason or "advanced indexing" in p.reason for p in oto.pinned)
 
 
+@pytest.mark.parametrize("factory", ["pool_end_of_text_token", "pool_end_of_text_token_exported"])
+def test_end_of_text_token_taken_along_the_tokens_keeps_its_features(factory):
+    """take_along_dim with an index of size 1 off the token axis: the features pass, one group of 8."""
+    model, x = build(getattr(R, factory))
+    oto = otofx.OTO(model, x)
+    assert sorted(z.rows for z in oto.groups) == [8], [p.reason for p in oto.pinned]
+
+
 @pytest.mark.parametrize("factory", ["attention_pool_function", "attention_pool_function_packed"])
 def test_functional_attention_pool_rows_are_heads_with_their_stream_block(factory):
     """F.multi_head_attention_forward splits the query's width into heads: each row is one head with its block

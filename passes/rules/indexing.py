@@ -1,4 +1,4 @@
-"""Indexing: narrow, slice, getitem (``x[...]``), index, select, roll, gather, and writes by index
+"""Indexing: narrow, slice, getitem (``x[...]``), index, select, roll, gather, take_along_dim, and writes by index
 (index_put and ``x[idx] = v``, index_add, index_copy: a mixture of experts' dispatch back into the stream).
 
 A slice keeps its slice of the axis ids (a channel keeps its row at a new offset, and the literal
@@ -546,3 +546,32 @@ def gather(ctx: Ctx, input, dim, index, meta=None, **_):
 
 functions("gather", [torch.gather] + _ov(aten.gather, "default"), ("input", "dim", "index"))
 methods("gather", ["gather"], ("input", "dim", "index"))
+
+
+@rule("take_along_dim", keeps_axes=True)
+def take_along_dim(ctx: Ctx, input, indices, dim=None, meta=None, **_):
+    """x.take_along_dim(idx, dim) (CLIP's end-of-text pooling, idx of size 1 off dim): the gathered axis is pinned (its positions are data); an axis the index broadcasts over (size 1) passes with its ids and zeros; one the index spans is pinned."""
+    x, idx = input, indices
+    shape = _out_shape(meta)
+    if dim is None or not isinstance(x, AxisLabels) or not isinstance(idx, AxisLabels) or \
+            x.ndim != len(shape) or idx.ndim != x.ndim:
+        ctx.pin([v for v in (x, idx) if isinstance(v, AxisLabels)], "take_along_dim over the flattened tensor")
+        return ctx.pinned_lab(shape)
+    d = _ax(dim, x.ndim)
+    ctx.pin(x.ids[d], "gathered along this axis by an index tensor")
+    ctx.pin(idx, "used as an index")
+    ids, zero = [], []
+    for a, n in enumerate(shape):
+        if a != d and idx.shape[a] == 1 and x.shape[a] == n:
+            ids.append(x.ids[a])
+            zero.append(x.zero[a])
+            continue
+        if a != d:
+            ctx.pin(x.ids[a], "the index spans this axis")
+        ids.append(pinned_axis(n))
+        zero.append(false_mask(n))
+    return AxisLabels(tuple(ids), tuple(zero))
+
+
+functions("take_along_dim", [torch.take_along_dim] + _ov(aten.take_along_dim, "default"), ("input", "indices", "dim"))
+methods("take_along_dim", ["take_along_dim"], ("input", "indices", "dim"))

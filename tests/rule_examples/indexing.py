@@ -274,3 +274,29 @@ def expert_dispatch_by_index_add_exported():
 @example("index_add")
 def expert_dispatch_by_index_copy():
     return _dispatch("index_copy")
+
+
+def _pool_eot(export: bool):
+    """torchtune's CLIP text pooling: ``x.take_along_dim(eot_positions.view(-1, 1, 1), dim=1)`` picks each
+    sample's end-of-text token; the index broadcasts over the features, which pass."""
+
+    def fwd(s, x):
+        if export:
+            _force_export(x)
+        h = torch.relu(s.inp(x))  # [N, L, 8]
+        h = h + s.mix(h)
+        eot = x[..., 0].argmax(dim=-1)
+        return s.out(h.take_along_dim(eot.view(-1, 1, 1), dim=1).squeeze(1))
+
+    m = Net(fwd, inp=nn.Linear(6, 8), mix=nn.Linear(8, 8), out=nn.Linear(8, 3))
+    return m, torch.randn(N, 5, 6)
+
+
+@example("take_along_dim")
+def pool_end_of_text_token():
+    return _pool_eot(False)
+
+
+@example("take_along_dim", frontend="export")
+def pool_end_of_text_token_exported():
+    return _pool_eot(True)
