@@ -196,6 +196,7 @@ def report_apart(script: str, names: list, timeout: float, keys: list, versions:
     for row in rows_apart(script, names, timeout):
         print(json.dumps(row), flush=True)
         rows.append(row)
+    keys = [k for k in keys if k == keys[0] or any(r.get(k) not in (None, "") for r in rows)]  # NB: no empty columns
     print(tabulate([[r.get(k, "") for k in keys] for r in rows], headers=keys, tablefmt="github"))
     print(f"load average at the end {os.getloadavg()[0]:.2f}")
     return rows
