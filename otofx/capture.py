@@ -1579,22 +1579,14 @@ def capture(model: torch.nn.Module, example_inputs, frontend: str = "auto") -> C
             raise CaptureError(f"torch.export failed on {type(model).__name__}: {type(e).__name__}: {_first_line(e)}"
                                + (f"\n{hint}" if hint else "")) from e
     try:
+        gm = trace(model)
         nones = _none_arguments(model, args, kwargs)
-        try:
-            gm, first = trace(model), None
-        except Exception as e:  # noqa: BLE001 - the branch of an argument left None may be what failed
-            if not nones:
-                raise
-            gm, first = None, e
         if nones:
             # NB: a proxy is never None, so ``if mask is not None:`` traced the branch the example does not
-            # take (or failed in it: litgpt's key/value cache path, with no cache built); the graph is traced
-            # again with those arguments fixed at None (it raises on another value)
+            # take; the graph is traced again with those arguments fixed at None (it raises on another value)
             try:
                 gm = trace(model, nones)
             except Exception as e:  # noqa: BLE001 - the first graph stands
-                if gm is None:
-                    raise first from None
                 log.info("symbolic_trace with %s fixed at None failed (%s: %s)", ", ".join(nones), type(e).__name__,
                          _first_line(e))
         opaque = _opaque_calls(gm)

@@ -60,7 +60,7 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(c.n_embd, (c.n_head + 2 * c.n_query_groups) * c.head_size, bias=True)
         self.proj = nn.Linear(c.n_head * c.head_size, c.n_embd, bias=False)
         self.config, self.block_idx = config, block_idx
-        self.k_cache = self.v_cache = None
+        self.k_cache = self.v_cache = torch.zeros(0)  # NB: built by build_kv_cache
 
     def build_kv_cache(self, batch: int, length: int) -> None:
         c = self.config
