@@ -40,6 +40,21 @@ class ConvNeXtLayerNorm(nn.Module):
         return self.weight[:, None, None] * x + self.bias[:, None, None]
 
 
+class VarFirstLayerNorm(nn.Module):
+    """vit-pytorch's channel LayerNorm (CvT, Twins-SVT, ScalableViT): channels-first, ``var`` computed before
+    the mean it is centred by, parameters shaped [1, C, 1, 1]."""
+
+    def __init__(self, c, eps=1e-5):
+        super().__init__()
+        self.eps = eps
+        self.g, self.b = nn.Parameter(torch.ones(1, c, 1, 1)), nn.Parameter(torch.zeros(1, c, 1, 1))
+
+    def forward(self, x):
+        var = torch.var(x, dim=1, unbiased=False, keepdim=True)
+        mean = torch.mean(x, dim=1, keepdim=True)
+        return (x - mean) / (var + self.eps).sqrt() * self.g + self.b
+
+
 class VarLayerNorm(nn.Module):
     """Restormer's ``WithBias_LayerNorm`` (channels-last, ``var`` spelled out), its parameters named gamma/beta."""
 
@@ -153,6 +168,7 @@ VARIANTS = {
     "convnext": lambda: ConvNeXtish(),
     "var, gamma/beta": lambda: ConvNeXtish(inner=VarLayerNorm),
     "float32, no bias": lambda: ConvNeXtish(inner=Float32LayerNorm),
+    "var before mean, channels first": lambda: ConvNeXtish(first=VarFirstLayerNorm),
 }
 
 

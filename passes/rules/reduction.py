@@ -78,6 +78,24 @@ def _add_after(s, u, q: float):
     return total
 
 
+def _move_before(u: fx.Node, node: fx.Node) -> None:
+    """Put ``u`` before ``node`` when the graph computes it later (vit-pytorch's channel LayerNorm takes
+    ``var`` first, then ``mean``): its inputs, which ``node``'s input is among, come before ``node`` already."""
+    n = node.next
+    while n.op != "root" and n is not u:
+        n = n.next
+    if n is not u:
+        return  # NB: u is computed first already
+    placed = set()
+    m = node.graph._root.next
+    while m is not node:
+        placed.add(m)
+        m = m.next
+    if not all(a in placed for a in u.all_input_nodes):
+        raise RuleDeclined(f"{node.name}: the mean it is centred by is computed later, from values made after it")
+    node.prepend(u)
+
+
 def _variance_fix(site, ln, n_old: int, n_new: int) -> None:
     """``var``/``std`` of a layer norm written out over an axis narrowed from ``n_old`` to ``n_new``: the
     node becomes the old width's variance about the (kept-divisor) mean u, written as a centred layer
@@ -87,6 +105,7 @@ def _variance_fix(site, ln, n_old: int, n_new: int) -> None:
     x = node.args[0] if node.args else node.kwargs.get("input", node.kwargs.get("self"))
     if ln.correction >= n_old:
         raise RuleDeclined(f"{node.name}: a variance with correction {ln.correction} over {n_old} entries")
+    _move_before(ln.mean, node)
     with g.inserting_before(node):
         d = g.call_function(aten.sub.Tensor, (x, ln.mean))
         sq = g.call_function(aten.pow.Tensor_Scalar, (d, 2))
