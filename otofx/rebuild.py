@@ -171,8 +171,15 @@ def _stream_axes(plan: Plan, model: nn.Module) -> set:
 
 
 def _tensors(model: nn.Module) -> dict:
+    """Every parameter, buffer and plain tensor attribute of ``model``'s modules, by dotted name: the
+    analysis slices a plain attribute the graph reads with the rows it meets (vit-pytorch's SimpleViT
+    adds its sin-cos table, kept as ``self.pos_embedding``, to the stream)."""
     named = dict(model.named_parameters(remove_duplicate=False))
     named.update(model.named_buffers(remove_duplicate=False))
+    for path, m in model.named_modules(remove_duplicate=False):
+        for k, v in vars(m).items():
+            if isinstance(v, torch.Tensor) and not isinstance(v, nn.Parameter):
+                named.setdefault(f"{path}.{k}" if path else k, v)
     return named
 
 

@@ -279,9 +279,15 @@ def _fill_tensors(new: fx.GraphModule, originals: dict, plan: Plan) -> None:
             old = originals.get(key)
             if old is None:
                 # NB: GraphModule's deepcopy registers a plain tensor attribute that the graph reads
-                # (export's lifted constants) as a buffer: already a copy, never sliced; it moves
-                # with .to() as a buffer, and stays out of the state_dict as it was
+                # (export's lifted constants) as a buffer: already a copy; it moves with .to() as a
+                # buffer, and stays out of the state_dict as it was. One the analysis slices with a
+                # row (vit-pytorch's SimpleViT adds its sin-cos table, a plain attribute, to the
+                # stream) is sliced here
+                steps = next((cuts[n] for n in names if n in cuts), ())
+                data = take(get_path(new, names[0]).detach(), steps) if steps else None
                 for alias in names:
+                    if data is not None:
+                        set_path(new, alias, data)
                     mod_name, _, attr = alias.rpartition(".")
                     fxcompat.set_buffer_persistent(new.get_submodule(mod_name) if mod_name else new, attr, False)
                 continue

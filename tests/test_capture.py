@@ -577,3 +577,45 @@ def test_an_example_of_batch_1_whose_widened_capture_refuses_it(caplog):
     # the model's own class takes other batches too
     y = (torch.randn(3, 3, 8, 8, generator=g), torch.randn(3, 3, 8, 8, generator=g))
     assert_exact(model, oto, y, small=oto.compress(form="module"))
+
+
+class _PlainTable(nn.Module):
+    """vit-pytorch's SimpleViT: a sin-cos table kept as a plain tensor attribute (no buffer, no parameter) is
+    added to the stream; its columns go with the stream's rows, in the graph form and the own class."""
+
+    def __init__(self, check: bool):
+        super().__init__()
+        self.check = check
+        self.embed = nn.Linear(12, 16)
+        self.pos_embedding = torch.randn(4, 16)  # NB: plain: vit-pytorch's posemb_sincos_2d(...)
+        self.norm = nn.LayerNorm(16)
+        self.mlp = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 16))
+        self.head = nn.Linear(16, 5)
+
+    def forward(self, x):
+        if self.check and x.shape[-1] < 0:  # NB: symbolic_trace cannot take it; torch.export can
+            raise ValueError
+        h = self.embed(x)
+        h += self.pos_embedding.to(x.device, dtype=h.dtype)
+        h = h + self.mlp(self.norm(h))
+        return self.head(h.mean(1))
+
+
+@pytest.mark.parametrize("frontend", ["symbolic_trace", "export"])
+def test_a_plain_tensor_table_added_to_the_stream_is_sliced_with_it(frontend):
+    from helpers import max_rel_diff, n_params, randomize, zero_random_rows
+
+    model = randomize(_PlainTable(check=frontend == "export").eval())
+    x = torch.randn(2, 4, 12)
+    oto = otofx.OTO(model, x, frontend=frontend)
+    stream = [z for z in oto.groups if any(n == "embed.weight" and d == 0 for n, d, _ in z.params)]
+    assert stream and stream[0].rows == 16, oto.report()
+    zero_random_rows(model, oto, seed=1)
+    for form in ("graph", "module"):
+        small = oto.compress(form=form)
+        assert n_params(small) == n_params(oto.compress(form="graph")) < n_params(model)
+        with torch.no_grad():
+            other = torch.randn(3, 4, 12)
+            assert max_rel_diff(model(other), small(other)) < 1e-4
+    assert tuple(small.pos_embedding.shape) == (4, small.embed.out_features) and small.embed.out_features < 16
+    assert model.pos_embedding.shape == (4, 16)  # the user's model untouched
