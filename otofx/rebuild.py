@@ -48,6 +48,8 @@ Internals:
       shapes (:func:`_follow_records`: a head count of 4 that equals a rotary half-width of 4 is
       told apart that way); a record other modules share is copied for the module first, so each
       attention block holds its own head counts (``otofx.save`` stores them per module).
+    * einops' ``Rearrange``/``Reduce`` layers hold their axis lengths in a dict: a length the graph form
+      recounts in the layer's forward (a head count) follows it (:func:`_follow_einops`).
     * A wrapper child with no tensors of its own (a conv-norm ``Conv``) counts with the leaves it
       wraps when a module's head counts and widths are read off its children (:func:`_scope`).
     * The config: integer fields (and entries of per-layer lists of ints, and the fields of
@@ -266,6 +268,7 @@ def rebuild(model: nn.Module, plan: Plan, gm: torch.fx.GraphModule | None = None
         moves = literal_moves(gm, plan) if follow_literals else {}
         done = _follow_records(new, model, moves, changed) if follow_literals else []
         done += _follow_literals(new, model, moves, changed) if follow_literals else []
+        done += _follow_einops(new, model, moves, changed) if follow_literals else []
         done += _follow_io_widths(new, model, gm, plan, changed) if follow_literals else []
         if moved is not None:
             moved += done
@@ -617,6 +620,41 @@ def _follow_literals(new: nn.Module, model: nn.Module, moves: dict, changed: dic
               if all(f == got[0][1] for _, f in got)]
     _move_attrs(news, follow, changed, "as the graph form recounts the literal it gave")
     return [(name, k) for name, k, _, _ in follow]
+
+
+def _follow_einops(new: nn.Module, model: nn.Module, moves: dict, changed: dict) -> list:
+    """einops' ``Rearrange``/``Reduce`` layers (``Rearrange('b n (h d) -> b h n d', h=heads)``: vit-pytorch,
+    lucidrains' models) hold their axis lengths in a dict (``axes_lengths``, mirrored as the tuple
+    ``_axes_lengths`` their forward reads): a length that is a literal the graph form recounts in the
+    layer's forward, to one new value, takes it (a head count); one that moves two ways stays.
+    Returns ``(module, "axes_lengths.axis")`` of each move."""
+    olds, out = dict(model.named_modules()), []
+    for path, m in new.named_modules():
+        if _qualname(m) not in _EINOPS_LAYERS or path not in moves or type(olds.get(path)) is not type(m):
+            continue
+        lengths = dict(getattr(m, "axes_lengths", {}) or {})
+        literals, moved = moves[path], {}
+        for axis, v in lengths.items():
+            found = literals.get(v, set()) - {v} if type(v) is int else set()
+            if found and len(literals[v]) == 1 and type(next(iter(found))) is int:
+                moved[axis] = next(iter(found))
+        if not moved:
+            continue
+        m.axes_lengths = {**lengths, **moved}
+        m._axes_lengths = tuple(m.axes_lengths.items())
+        for axis, f in moved.items():
+            changed.setdefault(path, {})[f"axes_lengths.{axis}"] = f
+            log.debug("otofx: %s.axes_lengths[%r] = %d (was %d), as the graph form recounts it", path, axis, f,
+                      lengths[axis])
+            out.append((path, f"axes_lengths.{axis}"))
+    return out
+
+
+_EINOPS_LAYERS = ("einops.layers.torch.Rearrange", "einops.layers.torch.Reduce")
+
+
+def _qualname(m: nn.Module) -> str:
+    return f"{type(m).__module__}.{type(m).__qualname__}"
 
 
 def _follow_records(new: nn.Module, model: nn.Module, moves: dict, changed: dict) -> list:
