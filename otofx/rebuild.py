@@ -172,16 +172,21 @@ def _stream_axes(plan: Plan, model: nn.Module) -> set:
     return out
 
 
-def _tensors(model: nn.Module) -> dict:
+def _tensors(model: nn.Module, plain: dict | None = None) -> dict:
     """Every parameter, buffer and plain tensor attribute of ``model``'s modules, by dotted name: the
     analysis slices a plain attribute the graph reads with the rows it meets (vit-pytorch's SimpleViT
-    adds its sin-cos table, kept as ``self.pos_embedding``, to the stream)."""
+    adds its sin-cos table, kept as ``self.pos_embedding``, to the stream). With ``plain``, only the plain
+    attributes named there.
+
+    # NB: the copy takes only the plain attributes it slices; the others are deep-copied as they were
+    # (one may also sit in a list or a cache the copy must keep whole)"""
     named = dict(model.named_parameters(remove_duplicate=False))
     named.update(model.named_buffers(remove_duplicate=False))
     for path, m in model.named_modules(remove_duplicate=False):
         for k, v in vars(m).items():
-            if isinstance(v, torch.Tensor) and not isinstance(v, nn.Parameter):
-                named.setdefault(f"{path}.{k}" if path else k, v)
+            name = f"{path}.{k}" if path else k
+            if isinstance(v, torch.Tensor) and not isinstance(v, nn.Parameter) and (plain is None or name in plain):
+                named.setdefault(name, v)
     return named
 
 
@@ -198,7 +203,7 @@ def _sliced(t: torch.Tensor, cuts: dict | None) -> torch.Tensor:
 
 
 def _copy_with_slices(model: nn.Module, cuts: dict) -> nn.Module:
-    named = _tensors(model)
+    named = _tensors(model, plain=cuts)
     by_id: dict = {}
     for name, t in named.items():
         entry = by_id.setdefault(id(t), [t, None])
