@@ -7,6 +7,7 @@ and :func:`report_apart`'s table.
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import logging
 import os
@@ -272,11 +273,12 @@ def compressed_row(name: str, build: Callable[[], nn.Module], inputs: Callable[[
 
 
 def library_sweep(script: str, doc: str, models: Callable[[], dict], side: int, other_side: int,
-                  versions: Callable[[], str], more: Callable[[nn.Module, nn.Module], dict] | None = None,
+                  library: str, more: Callable[[nn.Module, nn.Module], dict] | None = None,
                   more_keys: tuple = ()) -> None:
     """The command line of a library sweep: ``models()`` is ``{name: (build, inputs)}``, each row
     :func:`compressed_row` in its own process (``--timeout``); ``--only a,b`` picks names (a prefix will do).
-    ``more`` and ``more_keys``: extra columns (:func:`compressed_row`)."""
+    ``library``: the distribution whose version the header prints beside torch's. ``more`` and
+    ``more_keys``: extra columns (:func:`compressed_row`)."""
     ap = argparse.ArgumentParser(description=doc.splitlines()[0])
     ap.add_argument("--only", default="", help="comma-separated model names (as in the table; a prefix will do)")
     a = apart_args(ap, lambda name: compressed_row(name, *models()[name], side, other_side, more))
@@ -289,4 +291,5 @@ def library_sweep(script: str, doc: str, models: Callable[[], dict], side: int, 
         if not names:
             raise SystemExit(f"--only: none of {a.only}; choose among {', '.join(models())}")
     report_apart(script, names, a.timeout, LIBRARY_KEYS[:-2] + list(more_keys) + LIBRARY_KEYS[-2:]
-                 + (["more"] if more else []), versions())
+                 + (["more"] if more else []),
+                 f"torch {torch.__version__}, {library} {importlib.metadata.version(library)}")

@@ -145,9 +145,7 @@ def _uses(zeroed, small) -> dict:
 def main() -> None:
     from _common import library_sweep
 
-    library_sweep(__file__, __doc__, _models, 16, 24,
-                  lambda: f"torch {__import__('torch').__version__}, litgpt "
-                          f"{__import__('importlib.metadata').metadata.version('litgpt')}",
+    library_sweep(__file__, __doc__, _models, 16, 24, "litgpt",
                   more=_uses, more_keys=("kv decode", "bf16", "bf16 dense vs fp32", "save/load"))
 
 

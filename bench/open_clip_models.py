@@ -73,8 +73,7 @@ SIDE, OTHER_SIDE = 0, 0  # NB: the towers' position tables fix the image and tex
 def main() -> None:
     from _common import library_sweep
 
-    library_sweep(__file__, __doc__, _models, SIDE, OTHER_SIDE,
-                  lambda: f"torch {__import__('torch').__version__}, open_clip {__import__('open_clip').__version__}")
+    library_sweep(__file__, __doc__, _models, SIDE, OTHER_SIDE, "open_clip_torch")
 
 
 if __name__ == "__main__":

@@ -51,9 +51,7 @@ SIDE, OTHER_SIDE = 32, 48
 def main() -> None:
     from _common import library_sweep
 
-    library_sweep(__file__, __doc__, _models, SIDE, OTHER_SIDE,
-                  lambda: f"torch {__import__('torch').__version__}, segmentation_models_pytorch "
-                          f"{__import__('segmentation_models_pytorch').__version__}")
+    library_sweep(__file__, __doc__, _models, SIDE, OTHER_SIDE, "segmentation_models_pytorch")
 
 
 if __name__ == "__main__":

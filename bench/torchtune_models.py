@@ -62,9 +62,7 @@ def _models() -> dict:
 def main() -> None:
     from _common import library_sweep
 
-    library_sweep(__file__, __doc__, _models, 16, 24,
-                  lambda: f"torch {__import__('torch').__version__}, torchtune "
-                          f"{__import__('importlib.metadata').metadata.version('torchtune')}")
+    library_sweep(__file__, __doc__, _models, 16, 24, "torchtune")
 
 
 if __name__ == "__main__":

@@ -94,9 +94,7 @@ def _models() -> dict:
 def main() -> None:
     from _common import library_sweep
 
-    library_sweep(__file__, __doc__, _models, 0, 0,
-                  lambda: f"torch {__import__('torch').__version__}, vit-pytorch "
-                          f"{__import__('importlib.metadata').metadata.version('vit-pytorch')}")
+    library_sweep(__file__, __doc__, _models, 0, 0, "vit-pytorch")
 
 
 if __name__ == "__main__":

@@ -194,16 +194,20 @@ def per_head_bias_table_gathered_by_index():
     return m, torch.randn(N, 5, 6)
 
 
-def _pool_by_token(export: bool):
-    """CLIP's text pooling: x[torch.arange(B), tokens.argmax(-1)] picks one token per sample; the features
-    (and the stream's channels) pass."""
+def _pool_by_token(export: bool, take_along: bool = False):
+    """CLIP's text pooling: x[torch.arange(B), tokens.argmax(-1)] picks one token per sample (``take_along``:
+    torchtune's ``h.take_along_dim(eot.view(-1, 1, 1), dim=1)``, the index broadcast over the features); the
+    features (and the stream's channels) pass."""
 
     def fwd(s, x):
         if export:
             _force_export(x)
         h = torch.relu(s.inp(x))  # [N, L, 8]
         h = h + s.mix(h)
-        pooled = h[torch.arange(h.shape[0]), x[..., 0].argmax(dim=-1)]  # [N, 8]
+        eot = x[..., 0].argmax(dim=-1)
+        if take_along:
+            return s.out(h.take_along_dim(eot.view(-1, 1, 1), dim=1).squeeze(1))
+        pooled = h[torch.arange(h.shape[0]), eot]  # [N, 8]
         return s.out(pooled)
 
     m = Net(fwd, inp=nn.Linear(6, 8), mix=nn.Linear(8, 8), out=nn.Linear(8, 3))
@@ -276,27 +280,12 @@ def expert_dispatch_by_index_copy():
     return _dispatch("index_copy")
 
 
-def _pool_eot(export: bool):
-    """torchtune's CLIP text pooling: ``x.take_along_dim(eot_positions.view(-1, 1, 1), dim=1)`` picks each
-    sample's end-of-text token; the index broadcasts over the features, which pass."""
-
-    def fwd(s, x):
-        if export:
-            _force_export(x)
-        h = torch.relu(s.inp(x))  # [N, L, 8]
-        h = h + s.mix(h)
-        eot = x[..., 0].argmax(dim=-1)
-        return s.out(h.take_along_dim(eot.view(-1, 1, 1), dim=1).squeeze(1))
-
-    m = Net(fwd, inp=nn.Linear(6, 8), mix=nn.Linear(8, 8), out=nn.Linear(8, 3))
-    return m, torch.randn(N, 5, 6)
-
-
 @example("take_along_dim")
 def pool_end_of_text_token():
-    return _pool_eot(False)
+    """torchtune's CLIP text pooling: ``h.take_along_dim(eot.view(-1, 1, 1), dim=1)``."""
+    return _pool_by_token(False, take_along=True)
 
 
 @example("take_along_dim", frontend="export")
 def pool_end_of_text_token_exported():
-    return _pool_eot(True)
+    return _pool_by_token(True, take_along=True)
