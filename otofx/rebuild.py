@@ -98,6 +98,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import inspect
 import logging
 import re
 
@@ -682,8 +683,9 @@ def _follow_records(new: nn.Module, model: nn.Module, moves: dict, changed: dict
         m, old = news.get(path), olds.get(path)
         if m is None or old is None or type(m) is not type(old):
             continue
+        now_ints = record_ints(m)
         held = {k: v for k, v in record_ints(old).items() if _RECORD_SIZE.search(k.partition(".")[2])
-                and record_ints(m).get(k) == v}
+                and now_ints.get(k) == v}
         options = {}
         for k, v in held.items():
             key = tuple(v) if isinstance(v, list) else v
@@ -721,8 +723,6 @@ def _build_like(m: nn.Module, records: dict):
     """``type(m)`` built again on the meta device, its constructor's arguments named as ``m``'s records
     taking ``records`` (attribute -> record) and the others ``m``'s attributes of those names (or their
     defaults); None when the constructor takes something ``m`` does not hold, or fails."""
-    import inspect
-
     try:
         params = list(inspect.signature(type(m).__init__).parameters.values())[1:]
     except (TypeError, ValueError):
@@ -743,11 +743,7 @@ def _build_like(m: nn.Module, records: dict):
             args.append(v)
         else:
             kwargs[p.name] = v
-    try:
-        with torch.device("meta"):
-            return type(m)(*args, **kwargs)
-    except Exception:  # noqa: BLE001 - a constructor otofx cannot call: no fit
-        return None
+    return _build(type(m), *args, **kwargs)
 
 
 def _dims_off(shapes: dict, want: dict) -> int | None:
@@ -965,11 +961,11 @@ def _want(new: nn.Module, model: nn.Module) -> _Want:
     return _Want(_shapes(new), attrs, olds, floats, classes)
 
 
-def _build(cls, config) -> nn.Module | None:
-    """``cls(config)`` on the meta device, or None when the config does not build."""
+def _build(cls, *args, **kwargs) -> nn.Module | None:
+    """``cls(*args, **kwargs)`` (a config) on the meta device, or None when they do not build it."""
     try:
         with torch.device("meta"):
-            return cls(config)
+            return cls(*args, **kwargs)
     except Exception:  # noqa: BLE001 - any error of the user's class
         return None
 

@@ -42,7 +42,6 @@ Internals:
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 import logging
 import math
@@ -56,7 +55,7 @@ import torch.nn as nn
 
 from otofx import fxcompat
 from otofx.errors import InputError
-from otofx.passes.resize import is_record
+from otofx.passes.resize import is_record, record_fields
 
 log = logging.getLogger("otofx")
 
@@ -149,10 +148,8 @@ def _dtype_name(dtype: torch.dtype) -> str:
 def _record_fields(rec) -> dict:
     """The simple fields of a record (a dataclass or namespace a module reads sizes from: litgpt's
     ``self.config``), encoded; the others (dicts, classes) are not stored."""
-    items = vars(rec).items() if hasattr(rec, "__dict__") else \
-        [(f.name, getattr(rec, f.name)) for f in dataclasses.fields(rec)]
     out = {}
-    for k, v in items:
+    for k, v in record_fields(rec):
         try:
             out[k] = _encode(v)
         except _NotSimple:

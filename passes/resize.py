@@ -635,6 +635,14 @@ def is_record(v) -> bool:
     return dataclasses.is_dataclass(v) and not isinstance(v, type) and not hasattr(v, "to_dict")
 
 
+def record_fields(rec) -> list:
+    """``(field, value)`` of a record: its instance attributes (litgpt's ``rope_n_elem``, set in
+    ``__post_init__``, is no dataclass field), or a slotted dataclass's fields."""
+    if hasattr(rec, "__dict__"):
+        return list(vars(rec).items())
+    return [(f.name, getattr(rec, f.name)) for f in dataclasses.fields(rec)]
+
+
 def record_ints(m: nn.Module) -> dict:
     """``{"attribute.field": value}`` of the int fields (and tuples or lists of ints, as lists) of the
     records ``m`` holds (:func:`is_record`)."""
@@ -642,20 +650,12 @@ def record_ints(m: nn.Module) -> dict:
     for a, rec in m.__dict__.items():
         if not is_record(rec):
             continue
-        fields = vars(rec).items() if hasattr(rec, "__dict__") else \
-            [(f.name, getattr(rec, f.name)) for f in dataclasses.fields(rec)]
-        for f, v in fields:
+        for f, v in record_fields(rec):
             if type(v) is int:
                 out[f"{a}.{f}"] = v
             elif type(v) in (tuple, list) and v and all(type(e) is int for e in v):
                 out[f"{a}.{f}"] = list(v)
     return out
-
-
-def get_attr_or_field(m: nn.Module, key: str):
-    """``m``'s attribute ``key``, or a field of a record it holds (``"config.n_head"``)."""
-    a, _, f = key.partition(".")
-    return getattr(m.__dict__[a], f) if f else m.__dict__[a]
 
 
 def set_attr_or_field(m: nn.Module, key: str, value, shared: Counter | None = None) -> None:
@@ -2043,5 +2043,5 @@ __all__ = ["Change", "Scope", "ResizeError", "RESIZERS", "resizer", "rule_for", 
            "norm_sites", "tied_head_norms", "stream_scale_sources", "constant_scale_sources", "scale_parameter",
            "WeightlessSite", "weightless_sites", "weightless_stream_fold", "resize_weightless_norms",
            "magnitude_folds", "OwnNormSite", "own_norm_sites", "module_input_shapes", "own_norm_replacement",
-           "inline_layer_norm_groups", "is_record", "record_ints", "get_attr_or_field", "set_attr_or_field",
+           "inline_layer_norm_groups", "is_record", "record_fields", "record_ints", "set_attr_or_field",
            "record_holders"]

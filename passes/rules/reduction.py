@@ -81,17 +81,10 @@ def _add_after(s, u, q: float):
 def _move_before(u: fx.Node, node: fx.Node) -> None:
     """Put ``u`` before ``node`` when the graph computes it later (vit-pytorch's channel LayerNorm takes
     ``var`` first, then ``mean``): its inputs, which ``node``'s input is among, come before ``node`` already."""
-    n = node.next
-    while n.op != "root" and n is not u:
-        n = n.next
-    if n is not u:
+    order = {n: i for i, n in enumerate(node.graph.nodes)}
+    if order[u] < order[node]:
         return  # NB: u is computed first already
-    placed = set()
-    m = node.graph._root.next
-    while m is not node:
-        placed.add(m)
-        m = m.next
-    if not all(a in placed for a in u.all_input_nodes):
+    if any(order[a] >= order[node] for a in u.all_input_nodes):
         raise RuleDeclined(f"{node.name}: the mean it is centred by is computed later, from values made after it")
     node.prepend(u)
 
