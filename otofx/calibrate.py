@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 
 from otofx.errors import InputError
+from otofx.verify import fresh_inputs
 
 log = logging.getLogger("otofx")
 
@@ -57,7 +58,7 @@ def reestimate_bn(model: nn.Module, loader: Iterable, batches: int | None = None
         for batch in loader:
             if batches is not None and used >= batches:
                 break
-            args, kwargs = batch_inputs(batch)
+            args, kwargs = fresh_inputs(*batch_inputs(batch))
             model(*args, **kwargs)
             used += 1
     finally:

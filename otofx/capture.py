@@ -76,6 +76,7 @@ from otofx.fxcompat import LazyGraphModule as _LazyGraphModule
 from otofx.passes.nodes import MADE_IN
 from otofx.passes.registry import FUNCTION_FORMS, MODULE_FORMS
 from otofx.passes.functionalize import functionalize_slice_writes
+from otofx.verify import fresh_inputs
 
 log = logging.getLogger("otofx")
 
@@ -1058,7 +1059,8 @@ def _spatial_capture(model, inputs, training: bool, budget: float, args, kwargs)
         return None, "no second image size can be formed"
     try:
         with torch.no_grad(), _mode(gm, False):
-            gm(*more[0], **more[1])
+            a, k = fresh_inputs(*more)
+            gm(*a, **k)
     except Exception as e:  # noqa: BLE001
         shapes = [tuple(t.shape) for t in tree_flatten(more)[0] if _is_image(t)]
         return None, f"its graph refuses the image size {shapes} ({type(e).__name__}: {_first_line(e)})"
@@ -1503,9 +1505,47 @@ def _finish(ep, model, captured_training: bool) -> fx.GraphModule:
     # NB: export keeps values nothing reads (nn.MultiheadAttention's head-averaged weights when
     # the caller drops them); an unused mean over heads must not pin the heads. The graph is
     # functional aten, so fx's purity check is sound here (asserts and guards are kept).
-    gm.graph.eliminate_dead_code()
+    keep = _dead_weight_reads(gm)
+    gm.graph.eliminate_dead_code(is_impure_node=lambda n: n in keep or n.is_impure())
     gm.recompile()
     return gm
+
+
+def _dead_weight_reads(gm: fx.GraphModule) -> set:
+    """The dead nodes of ``gm`` that read a parameter no live node reads, and the dead nodes they read.
+
+    # NB: a module whose result the forward drops (BertModel's pooler under sentence-transformers,
+    # which keeps the token states only) still runs in the model's own class: dropping its nodes
+    # would leave its parameters unread, at their old widths, and the re-sized model would fail
+    # there. Kept, the analysis sizes them with what they read (their results have no reader)."""
+    probe = fx.Graph(owning_module=gm)
+    probe.graph_copy(gm.graph, {})
+    probe.eliminate_dead_code()
+    live_names = {n.name for n in probe.nodes}
+    live = {n for n in gm.graph.nodes if n.name in live_names}
+    dead = [n for n in gm.graph.nodes if n not in live]
+    if not dead:
+        return set()
+    params = {n for n in gm.graph.nodes if n.op == "get_attr" and isinstance(_attr_of(gm, n.target), nn.Parameter)}
+    read_live = {p for p in params if any(u in live for u in p.users)}
+    keep: set = set()
+    todo = [n for n in dead if n.op != "get_attr" and any(a in params and a not in read_live for a in n.all_input_nodes)]
+    while todo:
+        n = todo.pop()
+        if n in keep or n in live:
+            continue
+        keep.add(n)
+        todo.extend(n.all_input_nodes)
+    if keep:
+        log.debug("keeping %d dead node(s) that read parameters nothing else reads", len(keep))
+    return keep
+
+
+def _attr_of(gm: fx.GraphModule, target: str):
+    try:
+        return gm.get_parameter(target)
+    except AttributeError:
+        return None
 
 
 def _training_capture_problem(gm: fx.GraphModule, model, args, kwargs) -> str | None:
@@ -1519,8 +1559,10 @@ def _training_capture_problem(gm: fx.GraphModule, model, args, kwargs) -> str | 
         log.debug("%s: on the meta device, the eval-mode comparison of the capture is skipped", type(model).__name__)
         return None
     with torch.no_grad(), _mode(model, False), _mode(gm, False):
-        ref = model(*args, **kwargs)
-        got = gm(*args, **kwargs)
+        a, k = fresh_inputs(args, kwargs)
+        ref = model(*a, **k)
+        a, k = fresh_inputs(args, kwargs)
+        got = gm(*a, **k)
     fr, fg = tree_flatten(ref)[0], tree_flatten(got)[0]
     if len(fr) != len(fg):
         return "returns other outputs than the eval-mode model"

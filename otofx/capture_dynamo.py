@@ -35,6 +35,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from otofx.capture import Captured, _no_kv_cache, normalize_inputs
 from otofx.errors import CaptureError, InputError
+from otofx.verify import fresh_inputs
 from otofx.fxcompat import FakeTensor, copy_graph, grapharg_source, keep_codegen
 from otofx.passes.nodes import get_path
 
@@ -312,7 +313,8 @@ def capture(model: torch.nn.Module, example_inputs) -> Captured:
     try:
         # NB: without a KV cache, as the other front-ends capture (a cache in the outputs pins every head)
         with _no_kv_cache(model, kwargs):
-            out = torch.compile(model, backend=grab, fullgraph=True, dynamic=False)(*args, **kwargs)
+            a, k = fresh_inputs(args, kwargs)
+            out = torch.compile(model, backend=grab, fullgraph=True, dynamic=False)(*a, **k)
     except Exception as e:  # noqa: BLE001 - dynamo raises many kinds; the message says what
         first = str(e).splitlines()[0] if str(e) else ""
         raise CaptureError(f"dynamo could not capture {type(model).__name__} as one graph: "

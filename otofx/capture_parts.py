@@ -38,7 +38,7 @@ from torch.utils._pytree import tree_flatten
 from otofx.errors import CaptureError
 from otofx.passes.nodes import MADE_IN
 from otofx.passes.shapes import spec_leaves
-from otofx.verify import eval_mode
+from otofx.verify import eval_mode, fresh_inputs
 
 log = logging.getLogger("otofx")
 
@@ -85,7 +85,8 @@ def _record_calls(model: torch.nn.Module, args: tuple, kwargs: dict) -> dict:
             handles.append(m.register_forward_pre_hook(pre, with_kwargs=True))
     try:
         with torch.no_grad(), eval_mode(model):
-            model(*args, **kwargs)
+            a, k = fresh_inputs(args, kwargs)
+            model(*a, **k)
     finally:
         for h in handles:
             h.remove()

@@ -62,16 +62,26 @@ def pin_names(pin, model: torch.nn.Module) -> tuple:
 # the outputs ``free_outputs="auto"`` frees: a Hugging Face encoder-decoder's encoder states (the
 # decoder reads them inside the model; the logits and every other output keep their widths)
 AUTO_FREE_OUTPUTS = ("encoder_last_hidden_state",)
+# ... and a sentence-transformers model's token states (what its pooling reads; the sentence
+# embedding keeps its width)
+AUTO_FREE_SENTENCE = ("token_embeddings",)
 
 
 def _is_transformers_model(model) -> bool:
     return any(c.__module__.startswith("transformers.") for c in type(model).__mro__)
 
 
+def _is_sentence_transformer(model) -> bool:
+    return any(c.__module__.startswith("sentence_transformers.") for c in type(model).__mro__)
+
+
 def free_output_names(free, model: torch.nn.Module | None, gm: torch.fx.GraphModule) -> tuple:
     """``free_outputs`` as keys of ``gm``'s output: ``"auto"`` is :data:`AUTO_FREE_OUTPUTS` for a Hugging
-    Face model (none for any other); a name or index the output lacks is an InputError."""
+    Face model, :data:`AUTO_FREE_SENTENCE` for a sentence-transformers one (none for any other); a name
+    or index the output lacks is an InputError."""
     if isinstance(free, str) and free == "auto":
+        if model is not None and _is_sentence_transformer(model):
+            return AUTO_FREE_SENTENCE
         return AUTO_FREE_OUTPUTS if model is not None and _is_transformers_model(model) else ()
     free = (free,) if isinstance(free, (str, int)) else tuple(free)
     keys = [k for k, _, _ in output_leaves(gm)]

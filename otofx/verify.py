@@ -7,6 +7,7 @@ OTO.md's exactness: a compressed model equals the full model with its removed ro
 rewrites with these helpers:
 
     run_eval(module, args, kwargs)      outputs in eval mode under no_grad (training flags restored)
+    fresh_inputs(args, kwargs)          new containers around the same tensors, for one call
     compare(ref, candidate, ...)        relative error; VerificationError past the tolerance
     compare_all(ref, candidate, sets)   compare on every input set (the example, a second shape)
     replay_decisions(ref, cand, ...)    equal once decisions on tied values are taken as the reference took them
@@ -50,7 +51,7 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten, tree_unflatten
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from otofx.errors import VerificationError
 from otofx.fxcompat import is_op_overload, op_schema
@@ -218,6 +219,16 @@ def _cuda_devices(module: torch.nn.Module, args: tuple, kwargs: dict | None) -> 
     return sorted({t.device.index or 0 for t in leaves if isinstance(t, torch.Tensor) and t.is_cuda})
 
 
+def fresh_inputs(args: tuple, kwargs: dict | None = None) -> tuple[tuple, dict]:
+    """``(args, kwargs)`` with every list, tuple and dict in them new, their tensors and other leaves the
+    same objects: what one call of a model may write into without changing the example.
+
+    # NB: a forward that adds its results to the dict it was given (sentence-transformers' modules
+    # ``features.update(...)``) would otherwise change the example for every later call: the exported
+    # graph then refuses the grown dict, and the user's own inputs come back changed"""
+    return tree_map(lambda t: t, tuple(args)), tree_map(lambda t: t, dict(kwargs or {}))
+
+
 def run_eval(module: torch.nn.Module, args: tuple, kwargs: dict | None = None):
     """``module(*args, **kwargs)`` in eval mode under ``no_grad`` (training flags restored), from the
     random state ``RUN_SEED`` on the devices it runs on (the caller's state is left as it was)."""
@@ -229,7 +240,8 @@ def run_eval(module: torch.nn.Module, args: tuple, kwargs: dict | None = None):
         for d in devices:
             with torch.cuda.device(d):
                 torch.cuda.manual_seed(RUN_SEED)
-        return module(*args, **(kwargs or {}))
+        args, kwargs = fresh_inputs(args, kwargs)
+        return module(*args, **kwargs)
 
 
 def narrow_outputs(ref, got, keep: dict | None):

@@ -619,3 +619,77 @@ def test_a_plain_tensor_table_added_to_the_stream_is_sliced_with_it(frontend):
             assert max_rel_diff(model(other), small(other)) < 1e-4
     assert tuple(small.pos_embedding.shape) == (4, small.embed.out_features) and small.embed.out_features < 16
     assert model.pos_embedding.shape == (4, 16)  # the user's model untouched
+
+
+class _WritesItsFeatures(nn.Module):
+    """sentence-transformers' way: each stage reads the features dict it is given and adds its results to
+    it (``features.update(...)``); here the token states and a pooled, normalised embedding."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(20, 16)
+        self.fc1, self.fc2 = nn.Linear(16, 24), nn.Linear(24, 16)
+        self.head = nn.Linear(16, 8)
+
+    def forward(self, features: dict):
+        h = self.embed(features["input_ids"])
+        h = h + self.fc2(torch.relu(self.fc1(h)))
+        features.update({"token_embeddings": h})
+        mask = features["attention_mask"].unsqueeze(-1).to(h.dtype)
+        pooled = (h * mask).sum(1) / mask.sum(1).clamp(min=1)
+        features["sentence_embedding"] = F.normalize(self.head(pooled), dim=-1)
+        return features
+
+
+def test_a_forward_that_writes_into_its_input_dict_is_captured_whole_and_leaves_the_example_alone():
+    from helpers import max_rel_diff, n_params
+
+    model = randomize(_WritesItsFeatures().eval())
+    feats = {"input_ids": torch.randint(0, 20, (2, 5)), "attention_mask": torch.ones(2, 5, dtype=torch.long)}
+    # NB: every call got the dict the last one had written into: the exported graph refused it, and the
+    # model was captured in parts with the stream whole
+    oto = otofx.OTO(model, (feats,), free_outputs=("token_embeddings",))
+    assert sorted(feats) == ["attention_mask", "input_ids"]
+    assert oto.frontend == "export", oto.frontend
+    assert any(n == "embed.weight" for z in oto.groups for n, _, _ in z.params), oto.report()
+    zero_random_rows(model, oto, seed=1)
+    small = oto.compress()
+    assert sorted(feats) == ["attention_mask", "input_ids"]
+    assert type(small) is _WritesItsFeatures and small.embed.embedding_dim < 16
+    other = {"input_ids": torch.randint(0, 20, (3, 7)), "attention_mask": torch.randint(0, 2, (3, 7))}
+    with torch.no_grad():
+        want, got = model(dict(other))["sentence_embedding"], small(dict(other))["sentence_embedding"]
+    assert max_rel_diff(want, got) < 1e-4 and n_params(small) < n_params(model)
+
+
+class _DropsAResult(nn.Module):
+    """A submodule that runs and whose result the forward drops (BertModel's pooler under
+    sentence-transformers): torch.export keeps its nodes, dead."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(6, 16), nn.Linear(16, 16)
+        self.pooler = nn.Linear(16, 16)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x):
+        h = self.fc2(torch.relu(self.fc1(x)))
+        pooled = torch.tanh(self.pooler(h[:, 0]))  # noqa: F841 - computed, then dropped
+        return self.head(h.mean(1))
+
+
+def test_a_module_whose_result_is_dropped_is_sized_with_what_it_reads():
+    from helpers import max_rel_diff, n_params
+
+    model = randomize(_DropsAResult().eval())
+    oto = otofx.OTO(model, torch.randn(2, 4, 6), frontend="export")
+    assert not oto.unread, oto.unread
+    stream = [z for z in oto.groups if any(n == "fc2.weight" and d == 0 for n, d, _ in z.params)]
+    assert stream and any(n == "pooler.weight" and d == 1 for n, d, _ in stream[0].params), oto.report()
+    zero_random_rows(model, oto, seed=1)
+    small = oto.compress(form="module")
+    assert type(small) is _DropsAResult and small.pooler.in_features == small.fc2.out_features < 16
+    assert n_params(small) == n_params(oto.compress(form="graph"))
+    with torch.no_grad():
+        x = torch.randn(3, 7, 6)
+        assert max_rel_diff(model(x), small(x)) < 1e-4

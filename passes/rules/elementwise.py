@@ -219,7 +219,7 @@ def _nonnegative(node, depth: int) -> bool:
         return False
     name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
     name = name.split(".")[0]
-    if name in ("abs", "relu", "square", "linalg_vector_norm", "norm", "sqrt"):
+    if name in ("abs", "relu", "square", "linalg_vector_norm", "linalg_norm", "norm", "sqrt"):
         return True
     if name in ("pow", "__pow__") and len(node.args) > 1 and node.args[1] == 2:
         return True

@@ -1,9 +1,10 @@
 """Reductions and normalising maps: sum, mean, var, max, norms, F.normalize, softmax, top-k and sort;
 scans along an axis: cumsum, cumprod, logcumsumexp, cummax, cummin, diff.
 
-A sum over an axis is a contraction: its channels must be zero with their rows. Every other
-reduction (mean, var, max, a norm) and every map that divides by something computed over an axis
-(softmax, normalize) counts all of that axis's channels, so the axis is pinned; except the mean of
+A sum over an axis is a contraction: its channels must be zero with their rows, and so must a p-norm's
+(p > 0, Frobenius) and F.normalize's, to which a zero entry adds nothing. Every other
+reduction (mean, var, max, a matrix or negative-order norm) and every map that divides by something
+computed over an axis (softmax) counts all of that axis's channels, so the axis is pinned; except the mean of
 an RMS norm written out by hand (and a mean over whole heads), the two means of squares of a
 magnitude match (Gemma 3n's AltUp: ``h * rms(g) / rms(h)``) and ConvNeXt V2's GRN channel mean of
 spatial 2-norms, whose rewrite keeps the old divisor; and the two means (or mean and ``var``/``std``)
@@ -115,11 +116,18 @@ def _variance_fix(site, ln, n_old: int, n_new: int) -> None:
 
 @rule("reduce", fix=_reduce_fix)
 def reduce(ctx: Ctx, input, dim=None, keepdim=False, kind="mean", meta=None, **_):
-    """sum over an axis is a contraction (its channels must be zero with their rows); mean, var and max over an axis pin it, except a mean of channels zero with their rows in an RMS norm, a magnitude match (h * rms(g) / rms(h)) or a GRN (ConvNeXt V2), or over rows of several positions each (whole heads): it keeps its old divisor in the rewrite; other axes keep their ids."""
+    """sum (and a p-norm, p > 0) over an axis is a contraction (its channels must be zero with their rows); mean, var and max over an axis pin it, except a mean of channels zero with their rows in an RMS norm, a magnitude match (h * rms(g) / rms(h)) or a GRN (ConvNeXt V2), or over rows of several positions each (whole heads): it keeps its old divisor in the rewrite; other axes keep their ids."""
     x = input
     if not isinstance(x, AxisLabels):
         return x
     axes = _reduce_axes(dim, x.ndim)
+    if kind in ("norm", "linalg_norm"):
+        # NB: a p-norm with p > 0 (inf too: |x| >= 0) adds nothing for a zero entry: over channels zero
+        # with their rows it is a sum; a negative p, -inf or a matrix norm (spectral, nuclear) is not.
+        # torch.norm flattens without dim; linalg.norm takes a numeric ord of a 2-D input as a matrix norm
+        order = _.get("p", _.get("ord"))
+        flat = dim is None and (kind == "norm" or order is None)
+        kind = "sum" if _norm_ignores_zeros(order, len(axes), flat) else "norm"
     ln = layer_norm_of(ctx.node) if ctx.node is not None and kind in ("mean", "var") and len(axes) == 1 else None
     for a in axes:
         # NB: a layer norm written out (ConvNeXt's channels-first LayerNorm, Cohere's): its mean u of channels
@@ -184,8 +192,18 @@ def reduce(ctx: Ctx, input, dim=None, keepdim=False, kind="mean", meta=None, **_
     return lab
 
 
+def _norm_ignores_zeros(order, n_axes: int, flattened: bool) -> bool:
+    """Whether the norm of order ``order`` over ``n_axes`` axes is unchanged by dropping zero entries:
+    a vector p-norm with p > 0 (``None``: 2), or the Frobenius norm of a matrix (``None``, "fro")."""
+    if order is None or order == "fro":
+        return True
+    if isinstance(order, str) or isinstance(order, bool) or not isinstance(order, (int, float)):
+        return False  # NB: "nuc" and anything unknown
+    return (n_axes == 1 or flattened) and order > 0
+
+
 for _kind, _fns in [("sum", ["sum", "nansum"]), ("mean", ["mean", "nanmean"]), ("var", ["var", "std"]),
-                    ("max", ["amax", "amin", "max", "min", "logsumexp", "norm", "prod"])]:
+                    ("max", ["amax", "amin", "max", "min", "logsumexp", "prod"]), ("norm", ["norm"])]:
     for _f in _fns:
         # NB: torch.norm and Tensor.norm take p before dim
         _spec = ("input", "p", "dim", "keepdim") if _f == "norm" else ("input", "dim", "keepdim")
@@ -197,16 +215,23 @@ for _kind, _fns in [("sum", ["sum", "nansum"]), ("mean", ["mean", "nanmean"]), (
 
 @rule("normalize", keeps_axes=True)
 def normalize(ctx: Ctx, input, p=2.0, dim=1, eps=1e-12, meta=None, **_):
-    """x / max(||x||_p over dim, eps): that axis is mixed (pinned); other axes keep their ids and zeros (0 / eps = 0)."""
+    """x / max(||x||_p over dim, eps): for p > 0 channels zero with their rows are free on dim (the norm adds nothing for them), the others pinned; other axes keep their ids and zeros (0 / eps = 0)."""
     x = input
     d = _ax(dim, x.ndim)
-    ctx.pin(x.ids[d], "normalised over this axis")
+    if _norm_ignores_zeros(p, 1, False):
+        bad = ~x.zero[d]
+        if bad.any():
+            ctx.pin(x.ids[d][bad], "normalised over channels that are not zero with their rows")
+    else:
+        ctx.pin(x.ids[d], "normalised over this axis")
     return x
 
 
 functions("normalize", [F.normalize], ("input", "p", "dim", "eps"))
 functions("reduce", [torch.linalg.vector_norm] + _ov(aten.linalg_vector_norm, "default"),
-          ("input", "ord", "dim", "keepdim"), kind="max")
+          ("input", "ord", "dim", "keepdim"), kind="norm")
+functions("reduce", [torch.linalg.norm] + _ov(aten.linalg_norm, "default"), ("input", "ord", "dim", "keepdim"),
+          kind="linalg_norm")
 
 
 @rule("softmax", keeps_axes=True)

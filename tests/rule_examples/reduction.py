@@ -174,6 +174,58 @@ def cosine_attention_heads():
     return Net(fwd, scale=nn.Parameter(torch.rand(H_, 1, 1)), **_qkvo()), torch.randn(N, 5, 6)
 
 
+@example("normalize")
+def normalized_hidden_read_by_a_linear():
+    """An embedding head (sentence-transformers' Normalize, CLIP's projections): fc1's width normalised by its
+    2-norm, then read by fc2: a zero channel adds nothing to the norm, so each is a row of fc1."""
+    m = Net(lambda s, x: s.fc2(F.normalize(torch.relu(s.fc1(x)), dim=-1)), fc1=nn.Linear(6, 8), fc2=nn.Linear(8, 3))
+    return m, torch.randn(N, 6)
+
+
+@example("normalize", pinned="normalised over this axis")
+def normalized_by_a_negative_order():
+    """F.normalize with p = -1: a zero entry's |0| ** -1 is infinite, so every channel counts: pinned."""
+    m = Net(lambda s, x: s.fc2(F.normalize(s.fc1(x) + 2, p=-1.0, dim=-1)), fc1=nn.Linear(6, 8), fc2=nn.Linear(8, 3))
+    return m, torch.randn(N, 6)
+
+
+@example("reduce")
+def vector_norms_of_a_hidden_width():
+    """p-norms of fc1's width (p = 2, 1, inf; torch.norm, Tensor.norm, linalg.vector_norm, linalg.norm) scale
+    fc2's output: zero channels add nothing to any of them, so each is a row of fc1."""
+
+    def fwd(s, x):
+        y = torch.relu(s.fc1(x))
+        n = (torch.linalg.vector_norm(y, dim=-1, keepdim=True) + y.norm(p=1, dim=-1, keepdim=True)
+             + torch.linalg.norm(y, ord=float("inf"), dim=-1, keepdim=True) + torch.norm(y, dim=-1, keepdim=True))
+        return s.fc2(y) * n
+
+    return Net(fwd, fc1=nn.Linear(6, 8), fc2=nn.Linear(8, 3)), torch.randn(N, 6)
+
+
+@example("reduce", frontend="export")
+def vector_norms_of_a_hidden_width_aten():
+    def fwd(s, x):
+        y = torch.relu(s.fc1(x))
+        _force_export(y)
+        n = torch.linalg.vector_norm(y, ord=3, dim=-1, keepdim=True) + torch.linalg.norm(y, dim=-1, keepdim=True)
+        return s.fc2(y) * n
+
+    return Net(fwd, fc1=nn.Linear(6, 8), fc2=nn.Linear(8, 3)), torch.randn(N, 6)
+
+
+@example("reduce", pinned="norm over this axis")
+def matrix_norm_over_two_axes():
+    """linalg.norm with a numeric ord over two axes is a matrix norm (ord=-2: the smallest singular value of
+    each sample's positions x width): not a sum over entries, so the width is pinned."""
+
+    def fwd(s, x):
+        y = s.fc1(x)  # [N, 5, 8]
+        return s.fc2(y) * torch.linalg.norm(y, ord=-2, dim=(1, 2)).view(-1, 1, 1)
+
+    return Net(fwd, fc1=nn.Linear(6, 8), fc2=nn.Linear(8, 3)), torch.randn(N, 5, 6)
+
+
 @example("select_k")
 def topk_and_sort_over_spatial():
     """top-k and sort over the flattened spatial axis (a router's top-k over experts): channels keep their rows."""
