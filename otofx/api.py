@@ -727,9 +727,11 @@ class OTO:
         except TypeError:  # NB: a class with __eq__ and no __hash__: verify() falls back on the zero rows
             pass
 
-    def _output_keep(self, small) -> dict | None:
-        """The kept positions of the free outputs in ``small`` (``passes.prune.output_keeps``): under
-        the plan it was made with, else the plan of the model's current zero rows; None without any."""
+    def output_keep(self, small) -> dict | None:
+        """The kept positions of the free outputs in ``small`` (``passes.prune.output_keeps``: flat output
+        index -> axis -> positions), under the plan it was made with, else the plan of the model's current
+        zero rows; None without free outputs. ``otofx.verify.narrow_outputs(full, got, keep)`` gives the
+        full model's outputs at those positions, to compare with ``small``'s."""
         if not self.zigset.free_outputs:
             return None
         plan = self._plan_of(small)
@@ -1271,7 +1273,7 @@ class OTO:
             try:
                 with _no_kv_cache(small, k):
                     got = run_eval(small, a, k)
-                ok, err = outputs_close(narrow_outputs(ref, got, self._output_keep(small)), got, rtol)
+                ok, err = outputs_close(narrow_outputs(ref, got, self.output_keep(small)), got, rtol)
             except Exception as e:  # noqa: BLE001 - the compressed class's forward at that size
                 return what, e, None
             if not ok:
@@ -1312,7 +1314,7 @@ class OTO:
                     worst = max(worst, compare(self.model, small, a, k, rtol, "the compressed model", name))
                 return worst
             sets = input_sets(self.state)
-            keep = self._output_keep(small)
+            keep = self.output_keep(small)
             if isinstance(small, fx.GraphModule):
                 return compare_all(self._sync(), small, sets, rtol, "the compressed model", keep)
             gm, worst = self._sync(), 0.0

@@ -621,6 +621,7 @@ def _export_program(model, args, kwargs):
             try:
                 with _quiet_torch(), _fixed_dims(fixed):
                     ep = torch.export.export(model, a, k, dynamic_shapes=shapes, strict=False)
+                _fix_packed_guards(ep, model)
             except Exception as e:  # noqa: BLE001
                 err = e
                 if _data_dependent(e):
@@ -786,6 +787,31 @@ def _no_expression_logs():
         sym_node.dtrace_structured = logged
 
 
+def _fix_packed_guards(ep, model) -> None:
+    """Name ``model.forward``'s ``*args``/``**kwargs`` inputs in ``ep``'s guards as the graph's inputs are
+    named, by position and keyword.
+
+    # NB: torch.export writes a guard on a ``**kwargs`` input as ``L['kwargs']['pixel_values']`` while the
+    # graph's inputs are flattened by keyword (``['pixel_values']``): the guard function it builds keeps
+    # ``L`` and raises NameError on every call (peft's ``PeftModel.forward(*args, **kwargs)``)"""
+    code = getattr(ep, "_guards_code", None)
+    if not code:
+        return
+    try:
+        params = inspect.signature(model.forward).parameters.values()
+    except (TypeError, ValueError):
+        return
+    packed = [p.name for p in params if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    if not packed:
+        return
+    fixed = []
+    for g in code:
+        for name in packed:
+            g = g.replace(f"L['{name}'][", "L[")
+        fixed.append(g)
+    ep._guards_code = fixed
+
+
 def _draft(model, args, kwargs, shapes, raised: list | None = None):
     """``torch.export.draft_export`` when its only issues are branches on data (else None); ``raised``,
     when given, gets the exception of a draft that raised."""
@@ -816,6 +842,7 @@ def _draft(model, args, kwargs, shapes, raised: list | None = None):
         if _how_checked(cond, by_symbol, by_expr, sizes, asserted) is None:
             log.info("torch.export.draft_export: the branch %s cannot be checked on this graph", cond)
             return None
+    _fix_packed_guards(ep, model)
     return ep
 
 
@@ -1040,6 +1067,7 @@ def _spatial_capture(model, inputs, training: bool, budget: float, args, kwargs)
             with _mode(model, training), _quiet_torch():
                 ep = torch.export.export(model, a, k, dynamic_shapes=_dynamic_shapes(model, a, k, "spatial"),
                                          strict=False)
+                _fix_packed_guards(ep, model)
     except _ExportTimeout:
         return None, f"torch.export with dynamic image sizes took more than {budget:.1f} s"
     except Exception as e:  # noqa: BLE001

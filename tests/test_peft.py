@@ -176,3 +176,20 @@ def test_sentence_transformer_hidden_width_and_pooler(tmp_path, dense):
     with torch.no_grad():
         assert max_rel_diff(model.encode(texts, convert_to_tensor=True),
                             small.encode(texts, convert_to_tensor=True)) < 1e-4
+
+
+def test_freed_sentence_embedding_keeps_every_similarity(tmp_path):
+    """Freeing the sentence embedding too (``free_outputs``) removes the hidden width where nothing else
+    reads it whole: the embeddings come back narrower, their removed entries were zero, so every dot
+    product and cosine similarity is the zeroed model's."""
+    model = _sentence_transformer(tmp_path, dense=False)
+    oto = otofx.OTO(model, (_features(model, ["w1 w2 w3 w4", "w5 w6"]),),
+                    free_outputs=("token_embeddings", "sentence_embedding"))
+    assert any(any(n.endswith("word_embeddings.weight") for n, _, _ in z.params) for z in oto.groups), oto.report()
+    zero_random_rows(model, oto, seed=1)
+    small = oto.compress()
+    texts = ["w7 w8 w9 w10 w11 w12", "w13", "w3 w3 w3 w40"]
+    with torch.no_grad():
+        a, b = model.encode(texts, convert_to_tensor=True), small.encode(texts, convert_to_tensor=True)
+    assert b.shape[-1] < a.shape[-1] == 32
+    assert (a @ a.T - b @ b.T).abs().max() < 1e-5
