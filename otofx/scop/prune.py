@@ -98,7 +98,7 @@ def check_structure(oto, small: torch.nn.Module) -> None:
     except Exception as e:  # noqa: BLE001
         raise VerificationError(f"the pruned model does not run on the example inputs: {type(e).__name__}: {e}") from e
     # NB: a free output (OTO(free_outputs=...)) is narrower by design: its kept channels are compared
-    full = narrow_outputs(full, got, oto._output_keep(small))
+    full = narrow_outputs(full, got, oto.output_keep(small))
     fa, sa = tree_flatten(full)
     fb, sb = tree_flatten(got)
     if sa != sb:
@@ -123,7 +123,7 @@ def prune_lowest(oto, scores, *, ratio: float = 0.5, per_group: bool = True, loa
         with _no_kv_cache(small, oto._kwargs):
             err = compare(zeroed_copy(oto, plan), small, oto._args, oto._kwargs, rtol,
                           "the pruned model (against the full model with those rows zeroed)",
-                          keep=oto._output_keep(small))
+                          keep=oto.output_keep(small))
         log.info("scop: pruned model equals the zeroed full model to %.2g (relative)", err)
     log.info("scop: removed %d of %d rows (%s)", plan.count, sum(z.rows for z in oto.groups),
              "per group" if per_group else "globally")
