@@ -502,10 +502,25 @@ class OTO:
         self.zigset: ZigSet = self.state.get(pipeline.ZIGSET)
         # NB: parameters the example input never reached (a vision tower under a text-only input):
         # no rule saw them, so the groups do not include them and compress() leaves them as they are
-        self.unread = unread_parameters(self.graph_module, model)
+        self.unread = unread_parameters(self.graph_module, model, also_read=self._mirrored(model))
         self._optimizers = []  # weak references to the DHSPG optimizers made by self.dhspg()
         # compressed model -> the plan it was made with (its free outputs' kept channels)
         self._plans = weakref.WeakKeyDictionary()
+
+    def _mirrored(self, model: torch.nn.Module) -> set:
+        """Parameters of saved originals (peft's ``modules_to_save``) that compress() slices as their copy
+        (``otofx.rebuild.mirrored_originals``): not unread, though the forward never calls them."""
+        from otofx.rebuild import mirrored_originals
+
+        dims: dict = {}
+        for z in self.zigset.zigs:
+            for name, dim, _ in z.params:
+                dims.setdefault(name, set()).add(dim)
+        out = set()
+        for weight in mirrored_originals(model, dims):
+            prefix = weight.rsplit(".", 1)[0]
+            out.update(f"{prefix}.{k}" for k, _ in model.get_submodule(prefix).named_parameters())
+        return out
 
     # -- analysis results -----------------------------------------------------------------------
     @property

@@ -142,6 +142,47 @@ def keep_indices(plan: Plan) -> dict:
     return out
 
 
+_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def saved_originals(model: nn.Module) -> dict:
+    """``{original's path: active copy's path}`` for each wrapper that keeps a module's original beside the
+    copy its forward calls (peft's ``ModulesToSaveWrapper``: ``original_module`` and
+    ``modules_to_save[active adapter]``; ``disable_adapter()`` and ``unload()`` go back to the original)."""
+    out = {}
+    for name, m in model.named_modules():
+        orig, copies = getattr(m, "original_module", None), getattr(m, "modules_to_save", None)
+        if not isinstance(orig, nn.Module) or not isinstance(copies, nn.ModuleDict):
+            continue
+        active = getattr(m, "active_adapter", None)
+        if isinstance(active, (list, tuple)) and len(active) == 1:
+            active = active[0]
+        if isinstance(active, str) and active in copies:
+            p = f"{name}." if name else ""
+            out[f"{p}original_module"] = f"{p}modules_to_save.{active}"
+    return out
+
+
+def mirrored_originals(model: nn.Module, sliced: dict) -> dict:
+    """``{original's weight name: copy's weight name}`` for the saved originals (:func:`saved_originals`)
+    that are sliced as their copy is: a linear or conv layer whose copy loses input channels only
+    (``sliced``: tensor name -> the dims it may lose).
+
+    # NB: the original reads what the copy reads, and the base model's rows are zero where those
+    # channels go, so the original's inputs are removable with the copy's, exactly, under
+    # ``disable_adapter()`` too; an original losing output rows would not be: they are not zero"""
+    out = {}
+    for orig, copy_ in saved_originals(model).items():
+        o, c = model.get_submodule(orig), model.get_submodule(copy_)
+        w = f"{copy_}.weight"
+        if not (isinstance(c, _LAYERS) and type(o) is type(c) and o.weight.shape == c.weight.shape) or w not in sliced:
+            continue
+        if f"{copy_}.bias" in sliced or 0 in sliced[w]:
+            continue
+        out[f"{orig}.weight"] = w
+    return out
+
+
 def _axis_groups(plan: Plan) -> dict:
     """``{(tensor name, dim): {(group index, entries per row)}}`` over every group."""
     out: dict = {}
@@ -257,6 +298,8 @@ def rebuild(model: nn.Module, plan: Plan, gm: torch.fx.GraphModule | None = None
     (``passes.prune.constant_fills``; ``fills``, a dict kept across calls on the same weights, keeps
     what its run read)."""
     cuts = keep_indices(plan)
+    for orig, copy_ in mirrored_originals(model, cuts).items():
+        cuts[orig] = cuts[copy_]
     named = _tensors(model)
     for name in cuts:
         if name not in named:

@@ -182,10 +182,11 @@ class Unread:
     numel: int
 
 
-def unread_parameters(gm: fx.GraphModule, model: torch.nn.Module) -> tuple:
+def unread_parameters(gm: fx.GraphModule, model: torch.nn.Module, also_read=()) -> tuple:
     """The :class:`Unread` modules of ``model``: parameters that no ``get_attr`` of ``gm`` names and
-    no called module of ``gm`` holds (a tensor tied under several names is read when one is)."""
-    read = {str(n.target) for n in gm.graph.nodes if n.op == "get_attr"}
+    no called module of ``gm`` holds (a tensor tied under several names is read when one is), nor
+    ``also_read`` names."""
+    read = {str(n.target) for n in gm.graph.nodes if n.op == "get_attr"} | set(also_read)
     for target in {str(n.target) for n in gm.graph.nodes if n.op == "call_module"}:
         read.update(f"{target}.{k}" for k, _ in module_tensors(gm.get_submodule(target)).params)
     named = dict(module_tensors(model).params)

@@ -4,7 +4,9 @@
   adapters' go together (a LoRA's ``lora_B`` rows join its base layer's, ``lora_A`` reads what the base
   reads) and the LoRA rank is a group of its own; the compressed model is a PeftModel that generates the
   same tokens, merges (``merge_and_unload``) to a plain Hugging Face model with the same outputs, saves its
-  adapter with ``save_pretrained`` and round-trips through ``otofx.save``/``otofx.load``. DoRA divides each
+  adapter with ``save_pretrained`` and round-trips through ``otofx.save``/``otofx.load``; a head saved with
+  ``modules_to_save`` keeps its original beside the trained copy, which is sliced as the copy is, so
+  ``disable_adapter()`` and ``unload()`` stay exact. DoRA divides each
   output row by the norm of its merged weight row, which is 0 / 0 for a zero row: those rows are pinned and
   the report says why.
 * sentence-transformers: each module adds its results to the features dict it was given, which made the
@@ -193,3 +195,32 @@ def test_freed_sentence_embedding_keeps_every_similarity(tmp_path):
         a, b = model.encode(texts, convert_to_tensor=True), small.encode(texts, convert_to_tensor=True)
     assert b.shape[-1] < a.shape[-1] == 32
     assert (a @ a.T - b @ b.T).abs().max() < 1e-5
+
+
+def test_saved_head_original_follows_its_copy_and_disable_adapter_is_exact():
+    """A classification task saves the head (``modules_to_save``): peft keeps the original beside the trained
+    copy, and ``disable_adapter()`` and ``unload()`` go back to it. The forward never calls it; it reads what
+    the copy reads, so its inputs go with the copy's and the adapter-free model stays exact too."""
+    from peft import LoraConfig, TaskType, get_peft_model
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    base = BertForSequenceClassification(BertConfig(vocab_size=100, hidden_size=32, intermediate_size=48,
+                                                    num_hidden_layers=2, num_attention_heads=4, num_labels=3))
+    model = randomize(get_peft_model(base, LoraConfig(task_type=TaskType.SEQ_CLS, r=4, init_lora_weights=False,
+                                                      target_modules=["query", "key", "value", "dense"])).eval())
+    oto = otofx.OTO(model, {"input_ids": _tokens(1, 16)})
+    assert not oto.unread, oto.unread
+    zero_random_rows(model, oto, seed=1)
+    small = oto.compress()
+    head = small.get_submodule("base_model.model.classifier")
+    assert head.original_module.in_features == head.modules_to_save["default"].in_features < 32
+    x = _tokens(2, 9, seed=2)
+    with torch.no_grad():
+        assert max_rel_diff(model(input_ids=x).logits, small(input_ids=x).logits) < 1e-4
+        with model.disable_adapter():
+            want = model(input_ids=x).logits
+        with small.disable_adapter():
+            got = small(input_ids=x).logits
+        assert max_rel_diff(want, got) < 1e-4
+        assert max_rel_diff(want, small.unload()(input_ids=x).logits) < 1e-4
