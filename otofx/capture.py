@@ -1547,7 +1547,7 @@ def _dead_weight_reads(gm: fx.GraphModule) -> set:
     # would leave its parameters unread, at their old widths, and the re-sized model would fail
     # there. Kept, the analysis sizes them with what they read (their results have no reader)."""
     probe = fx.Graph(owning_module=gm)
-    probe.graph_copy(gm.graph, {})
+    probe.output(probe.graph_copy(gm.graph, {}))  # NB: graph_copy leaves the output node out
     probe.eliminate_dead_code()
     live_names = {n.name for n in probe.nodes}
     live = {n for n in gm.graph.nodes if n.name in live_names}
