@@ -16,6 +16,7 @@ the sentence embedding is not that width itself (a Dense layer after the pooling
 """
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import tempfile
@@ -51,7 +52,7 @@ def _models() -> dict:
     def build(config, pooling, dense):
         def make():
             from sentence_transformers import SentenceTransformer
-            from transformers import AutoModel, BertTokenizer
+            from transformers import AutoModel
 
             try:  # NB: sentence-transformers 6 moved the modules (``models`` still imports, with a warning)
                 from sentence_transformers.sentence_transformer import modules as models
@@ -59,9 +60,7 @@ def _models() -> dict:
                 from sentence_transformers import models
 
             folder = tempfile.mkdtemp(prefix="otofx-st-")
-            with open(os.path.join(folder, "vocab.txt"), "w") as f:
-                f.write("\n".join(_WORDS))
-            BertTokenizer(os.path.join(folder, "vocab.txt")).save_pretrained(folder)
+            _tokenizer().save_pretrained(folder)
             AutoModel.from_config(config()).save_pretrained(folder)
             mods = [models.Transformer(folder), models.Pooling(32, pooling_mode=pooling)]
             width = 32
@@ -83,7 +82,10 @@ def _models() -> dict:
     return {name: (build(*c), features) for name, c in configs.items()}
 
 
+@functools.cache
 def _tokenizer():
+    """The word-piece tokenizer of ``_WORDS`` (one per process: each row builds its model folder from it and
+    tokenizes its inputs with it)."""
     from transformers import BertTokenizer
 
     folder = tempfile.mkdtemp(prefix="otofx-st-vocab-")

@@ -73,7 +73,7 @@ from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 from otofx.errors import CaptureError, InputError, ShapeError
 from otofx import fxcompat
 from otofx.fxcompat import LazyGraphModule as _LazyGraphModule
-from otofx.passes.nodes import MADE_IN
+from otofx.passes.nodes import MADE_IN, get_path
 from otofx.passes.registry import FUNCTION_FORMS, MODULE_FORMS
 from otofx.passes.functionalize import functionalize_slice_writes
 from otofx.verify import fresh_inputs
@@ -1554,7 +1554,7 @@ def _dead_weight_reads(gm: fx.GraphModule) -> set:
     dead = [n for n in gm.graph.nodes if n not in live]
     if not dead:
         return set()
-    params = {n for n in gm.graph.nodes if n.op == "get_attr" and isinstance(_attr_of(gm, n.target), nn.Parameter)}
+    params = {n for n in gm.graph.nodes if n.op == "get_attr" and isinstance(get_path(gm, n.target), nn.Parameter)}
     read_live = {p for p in params if any(u in live for u in p.users)}
     keep: set = set()
     todo = [n for n in dead if n.op != "get_attr" and any(a in params and a not in read_live for a in n.all_input_nodes)]
@@ -1567,13 +1567,6 @@ def _dead_weight_reads(gm: fx.GraphModule) -> set:
     if keep:
         log.debug("keeping %d dead node(s) that read parameters nothing else reads", len(keep))
     return keep
-
-
-def _attr_of(gm: fx.GraphModule, target: str):
-    try:
-        return gm.get_parameter(target)
-    except AttributeError:
-        return None
 
 
 def _training_capture_problem(gm: fx.GraphModule, model, args, kwargs) -> str | None:

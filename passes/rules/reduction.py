@@ -166,9 +166,7 @@ def reduce(ctx: Ctx, input, dim=None, keepdim=False, kind="mean", meta=None, **_
                 ctx.pin_unless_blocks(x.ids[a], WEIGHTLESS_READ)
             continue
         if kind == "sum":
-            bad = ~x.zero[a]
-            if bad.any():
-                ctx.pin(x.ids[a][bad], "sum over channels that are not zero with their rows")
+            _pin_nonzero(ctx, x, a, "sum over channels that are not zero with their rows")
         else:
             ctx.pin(x.ids[a], f"{kind} over this axis")
     shape = _out_shape(meta[0] if isinstance(meta, (tuple, list)) else meta)
@@ -192,12 +190,20 @@ def reduce(ctx: Ctx, input, dim=None, keepdim=False, kind="mean", meta=None, **_
     return lab
 
 
+def _pin_nonzero(ctx: Ctx, x: AxisLabels, axis: int, reason: str) -> None:
+    """Pin the channels of ``x`` on ``axis`` that are not zero with their rows (a sum over the axis: the
+    others add nothing to it)."""
+    bad = ~x.zero[axis]
+    if bad.any():
+        ctx.pin(x.ids[axis][bad], reason)
+
+
 def _norm_ignores_zeros(order, n_axes: int, flattened: bool) -> bool:
     """Whether the norm of order ``order`` over ``n_axes`` axes is unchanged by dropping zero entries:
     a vector p-norm with p > 0 (``None``: 2), or the Frobenius norm of a matrix (``None``, "fro")."""
     if order is None or order == "fro":
         return True
-    if isinstance(order, str) or isinstance(order, bool) or not isinstance(order, (int, float)):
+    if isinstance(order, bool) or not isinstance(order, (int, float)):
         return False  # NB: "nuc" and anything unknown
     return (n_axes == 1 or flattened) and order > 0
 
@@ -219,9 +225,7 @@ def normalize(ctx: Ctx, input, p=2.0, dim=1, eps=1e-12, meta=None, **_):
     x = input
     d = _ax(dim, x.ndim)
     if _norm_ignores_zeros(p, 1, False):
-        bad = ~x.zero[d]
-        if bad.any():
-            ctx.pin(x.ids[d][bad], "normalised over channels that are not zero with their rows")
+        _pin_nonzero(ctx, x, d, "normalised over channels that are not zero with their rows")
     else:
         ctx.pin(x.ids[d], "normalised over this axis")
     return x
